@@ -1,0 +1,319 @@
+"""Triton backend of block-sparse 3D attention: gating, forward, backward, torch.library ops.
+
+Entry points used by ``api.py``:
+
+- ``select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold)``
+  -> ``BlockSelection`` (pooling + scores in Triton, top-k / cdf in torch).
+- ``bsa_forward_triton(q, k, v, selection, scale)`` -> ``(out, lse)`` (no autograd).
+- ``block_sparse_attn_triton(q, k, v, selection, scale)`` -> ``out`` (autograd-aware).
+
+Registered ops (one boundary per call): ``longcat_kernels::bsa_fwd`` (with autograd) and
+``longcat_kernels::bsa_bwd``. Backward is deterministic by construction when
+``LONGCAT_KERNELS_DETERMINISTIC=1`` (dq from its own kernel, no atomics); otherwise dq is
+accumulated with fp32 atomics inside the dk/dv kernel when that is measured faster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from . import _triton_kernels as K
+
+_LOG2E = 1.4426950408889634
+
+# Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/bench_bsa_gpu_dev.py).
+# fwd: (blocks per iteration, num_warps, num_stages); bwd_dkdv / bwd_dq likewise.
+_CONFIG = {
+    "fwd": {64: (2, 4, 3), 128: (1, 8, 3)},
+    "dq": {64: (2, 4, 3), 128: (1, 8, 3)},
+    "dkdv": {64: (4, 3), 128: (8, 3)},
+    "atomic_dq": False,
+}
+_INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1)}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _geom(grid, chunk):
+    """(nT, nH, nW, padded block size, divisible-and-unpadded flag)."""
+    t, h, w = (int(x) for x in grid)
+    ct, ch, cw = (int(x) for x in chunk)
+    n = (-(-t // ct), -(-h // ch), -(-w // cw))
+    blk = ct * ch * cw
+    pb = _pow2(blk)
+    even = t % ct == 0 and h % ch == 0 and w % cw == 0 and pb == blk
+    return n, pb, even
+
+
+def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _fwd_cfg(kblk: int):
+    if _interpreting():
+        bpi, nw, ns = _INTERPRET_CONFIG["fwd"]
+    else:
+        bpi, nw, ns = _CONFIG["fwd"].get(kblk, (1, 4, 2))
+    # never exceed a 128-row key tile
+    while bpi > 1 and kblk * bpi > 128:
+        bpi //= 2
+    return bpi, nw, ns
+
+
+@triton_op("longcat_kernels::bsa_fwd", mutates_args=())
+def bsa_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+    grid_q: list[int], grid_k: list[int], chunk_q: list[int], chunk_k: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward. q [B,Sq,H,D], k/v [B,Sk,H,D] (any strides, last dim unit)
+    -> out [B,Sq,H,D] (q dtype, contiguous), lse [B,H,Sq] fp32 (natural log)."""
+    B, Sq, NH, D = q.shape
+    (nTq, nHq, nWq), bm, even_q = _geom(grid_q, chunk_q)
+    (nTk, nHk, nWk), bn, even_k = _geom(grid_k, chunk_k)
+    NQ = nTq * nHq * nWq
+    out = torch.empty((B, Sq, NH, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, NH, Sq), dtype=torch.float32, device=q.device)
+    bpi, nw, ns = _fwd_cfg(bn)
+    max_sel = indices.shape[-1]
+    wrap_triton(K.bsa_fwd_kernel)[(NQ, B * NH)](
+        q, k, v, out, lse, indices, counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NQ, max_sel,
+        NH, scale * _LOG2E,
+        CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
+        BLOCK_M=bm, KBLK=bn, BPI=bpi, D=D, EVEN_Q=even_q, EVEN_K=even_k,
+        IEEE=q.dtype == torch.float32, num_warps=nw, num_stages=ns,
+    )
+    return out, lse
+
+
+def transpose_selection(indices: torch.Tensor, counts: torch.Tensor, num_k_blocks: int):
+    """Key block -> query blocks that selected it, as CSR on the device (no host sync).
+
+    Returns ``offsets [B*H*Nk + 1] int32`` and ``q_blocks [B*H*Nq*max_sel] int32``: the query
+    blocks of key block ``kb`` of head ``bh`` are ``q_blocks[offsets[bh*Nk+kb] : offsets[...+1]]``,
+    ascending (stable sort, deterministic).
+    """
+    B, NH, NQ, S = indices.shape
+    dev = indices.device
+    nbh = B * NH
+    slot = torch.arange(S, device=dev, dtype=torch.int32)
+    valid = slot.view(1, 1, 1, S) < counts.unsqueeze(-1)
+    bh = torch.arange(nbh, device=dev, dtype=torch.int64).view(B, NH, 1, 1) * num_k_blocks
+    key = torch.where(valid, bh + indices.long(), nbh * num_k_blocks)
+    key_sorted, perm = torch.sort(key.flatten(), stable=True)
+    q_blocks = (perm // S) % NQ
+    offsets = torch.searchsorted(
+        key_sorted, torch.arange(nbh * num_k_blocks + 1, device=dev, dtype=torch.int64)
+    )
+    return offsets.to(torch.int32), q_blocks.to(torch.int32)
+
+
+@triton_op("longcat_kernels::bsa_bwd", mutates_args=())
+def bsa_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+    grid_q: list[int], grid_k: list[int], chunk_q: list[int], chunk_k: list[int], scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of bsa_fwd through the same selection (BSHD contiguous)."""
+    B, Sq, NH, D = q.shape
+    Sk = k.shape[1]
+    (nTq, nHq, nWq), bm, even_q = _geom(grid_q, chunk_q)
+    (nTk, nHk, nWk), bn, even_k = _geom(grid_k, chunk_k)
+    NQ = nTq * nHq * nWq
+    NK = nTk * nHk * nWk
+    ieee = q.dtype == torch.float32
+    delta = torch.empty((B, NH, Sq), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    wrap_triton(K.bsa_bwd_preprocess_kernel)[(triton_cdiv(Sq, pre_block), B * NH)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        Sq, NH, BLOCK=pre_block, D=D, num_warps=4,
+    )
+    t_off, t_q = transpose_selection(indices, counts, NK)
+    dk = torch.empty((B, Sk, NH, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Sk, NH, D), dtype=v.dtype, device=v.device)
+    atomic = bool(_CONFIG["atomic_dq"]) and not deterministic and not _interpreting()
+    if atomic:
+        dq_acc = torch.zeros((B, Sq, NH, D), dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = torch.empty((B, Sq, NH, D), dtype=q.dtype, device=q.device)
+    if _interpreting():
+        nw_kv, ns_kv = _INTERPRET_CONFIG["dkdv"]
+        bpi, nw_q, ns_q = _INTERPRET_CONFIG["dq"]
+    else:
+        nw_kv, ns_kv = _CONFIG["dkdv"].get(bn, (4, 2))
+        bpi, nw_q, ns_q = _CONFIG["dq"].get(bn, (1, 4, 2))
+    while bpi > 1 and bn * bpi > 128:
+        bpi //= 2
+    wrap_triton(K.bsa_bwd_dkdv_kernel)[(NK, B * NH)](
+        q, k, v, do, lse, delta, dq_acc, dk, dv, t_off, t_q,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NK,
+        NH, scale, scale * _LOG2E,
+        CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
+        BLOCK_M=bm, BLOCK_N=bn, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee, ATOMIC_DQ=atomic,
+        num_warps=nw_kv, num_stages=ns_kv,
+    )
+    if atomic:
+        dq = dq_acc.to(q.dtype)
+    else:
+        dq = dq_acc
+        max_sel = indices.shape[-1]
+        wrap_triton(K.bsa_bwd_dq_kernel)[(NQ, B * NH)](
+            q, k, v, do, lse, delta, dq, indices, counts,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NQ, max_sel,
+            NH, scale, scale * _LOG2E,
+            CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
+            BLOCK_M=bm, KBLK=bn, BPI=bpi, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee,
+            num_warps=nw_q, num_stages=ns_q,
+        )
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _deterministic() -> bool:
+    return os.environ.get("LONGCAT_KERNELS_DETERMINISTIC", "0") not in ("", "0")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices, counts)
+    ctx.geom = (list(grid_q), list(grid_k), list(chunk_q), list(chunk_k), float(scale))
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, indices, counts = ctx.saved_tensors
+    grid_q, grid_k, chunk_q, chunk_k, scale = ctx.geom
+    if grad_out is None:
+        return (None,) * 10
+    # lse is an auxiliary output: its gradient is not propagated (documented limitation)
+    dq, dk, dv = torch.ops.longcat_kernels.bsa_bwd(
+        _last_dim_contig(grad_out), q, k, v, out, lse, indices, counts,
+        grid_q, grid_k, chunk_q, chunk_k, scale, _deterministic(),
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("longcat_kernels::bsa_fwd", _backward, setup_context=_setup_context)
+
+
+def _prep(q, k, v, selection):
+    indices = selection.indices
+    counts = selection.counts
+    if indices.dtype != torch.int32 or not indices.is_contiguous():
+        indices = indices.to(torch.int32).contiguous()
+    if counts.dtype != torch.int32 or not counts.is_contiguous():
+        counts = counts.to(torch.int32).contiguous()
+    return (_last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v), indices, counts,
+            [int(x) for x in selection.grid_q], [int(x) for x in selection.grid_k],
+            [int(x) for x in selection.chunk_q], [int(x) for x in selection.chunk_k])
+
+
+def bsa_forward_triton(q, k, v, selection, scale):
+    """(out, lse) without autograd. Shapes as in ``bsa_fwd``."""
+    args = _prep(q, k, v, selection)
+    with torch.no_grad():
+        return torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
+
+
+def block_sparse_attn_triton(q, k, v, selection, scale):
+    """Autograd-aware block-sparse attention output [B,Sq,H,D]."""
+    args = _prep(q, k, v, selection)
+    return torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# gating
+# --------------------------------------------------------------------------------------------
+@triton_op("longcat_kernels::bsa_pool_scores", mutates_args=())
+def bsa_pool_scores(
+    q: torch.Tensor, k: torch.Tensor, grid_q: list[int], grid_k: list[int],
+    chunk_q: list[int], chunk_k: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean-pool q and k per block (fp32 accumulate, input dtype) and score them (fp32).
+
+    Returns pooled_q [B,H,Nq,D], pooled_k [B,H,Nk,D] (input dtype), scores [B,H,Nq,Nk] fp32.
+    """
+    B, Sq, NH, D = q.shape
+    pooled = []
+    for x, grid, chunk in ((q, grid_q, chunk_q), (k, grid_k, chunk_k)):
+        (nT, nH, nW), pb, even = _geom(grid, chunk)
+        N = nT * nH * nW
+        p = torch.empty((B, NH, N, D), dtype=x.dtype, device=x.device)
+        wrap_triton(K.bsa_pool_kernel)[(N, B * NH)](
+            x, p, x.stride(0), x.stride(1), x.stride(2), grid[0], grid[1], grid[2], nH, nW, N, NH,
+            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, num_warps=4,
+        )
+        pooled.append(p)
+    pq, pk = pooled
+    NQ, NKb = pq.shape[2], pk.shape[2]
+    scores = torch.empty((B, NH, NQ, NKb), dtype=torch.float32, device=q.device)
+    bmn = 64
+    wrap_triton(K.bsa_scores_kernel)[(triton_cdiv(NQ, bmn), triton_cdiv(NKb, bmn), B * NH)](
+        pq, pk, scores, NQ, NKb, BM=bmn, BN=bmn, D=D, IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return pq, pk, scores
+
+
+def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_threshold):
+    """(indices int32 [B,H,Nq,max_sel], counts int32 [B,H,Nq]) from fp32 block scores.
+
+    top-k keeps ``int((1 - sparsity) * Nk)`` blocks; cdf keeps the blocks whose cumulative
+    softmax(score / sqrt(D)) mass, in descending order, is <= threshold; both: the max count.
+    No host synchronisation: with a cdf rule ``max_sel`` is Nk.
+    """
+    B, NH, NQ, NKb = scores.shape
+    if cdf_threshold is None:
+        n = int((1.0 - float(sparsity)) * NKb)
+        if n <= 0:
+            idx = torch.full((B, NH, NQ, 1), -1, dtype=torch.int32, device=scores.device)
+            return idx, torch.zeros((B, NH, NQ), dtype=torch.int32, device=scores.device)
+        idx = torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
+        return idx, torch.full((B, NH, NQ), n, dtype=torch.int32, device=scores.device)
+    sorted_s, order = torch.sort(scores, dim=-1, descending=True)
+    p = torch.softmax(sorted_s / math.sqrt(head_dim), dim=-1)
+    cdf = torch.cumsum(p, dim=-1)
+    count = (cdf <= float(cdf_threshold)).sum(-1)
+    if sparsity is not None:
+        count = torch.clamp(count, min=int((1.0 - float(sparsity)) * NKb))
+    slot = torch.arange(NKb, device=scores.device)
+    idx = torch.where(slot < count.unsqueeze(-1), order, -1).to(torch.int32)
+    return idx, count.to(torch.int32)
+
+
+def select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold):
+    """Gating in Triton (pooling + scores) with torch top-k / cdf -> ``BlockSelection``."""
+    from .api import BlockSelection
+
+    grid_q = tuple(int(x) for x in grid_q)
+    grid_k = tuple(int(x) for x in grid_k)
+    chunk_q = tuple(int(x) for x in chunk_q)
+    chunk_k = tuple(int(x) for x in chunk_k)
+    _, _, scores = torch.ops.longcat_kernels.bsa_pool_scores(
+        _last_dim_contig(q), _last_dim_contig(k), list(grid_q), list(grid_k), list(chunk_q), list(chunk_k)
+    )
+    indices, counts = selection_from_scores(scores, q.shape[-1], sparsity, cdf_threshold)
+    return BlockSelection(indices=indices, counts=counts, grid_q=grid_q, grid_k=grid_k,
+                          chunk_q=chunk_q, chunk_k=chunk_k)
