@@ -1,0 +1,160 @@
+"""Flow-matching Euler schedule of LongCat-Video's video continuation (SPEC 7).
+
+Everything here is plain torch on CPU tensors (the schedule is a handful of floats); the
+denoising loop moves what it needs to its device.
+
+Schedules (``mode``):
+
+* ``"plain"``: base sigmas ``linspace(1, 0.001, N)``, shifted by
+  ``s' = shift * s / (1 + (shift - 1) * s)``; timesteps ``1000 * s'``.
+* ``"enhance_hf"`` (basic VC default): the plain timesteps above 500 are kept, then 10 uniform
+  timesteps ``linspace(500, 0, 10, endpoint=False)`` are appended; sigmas are ``t / 1000``.
+  With shift 12, 50 requested steps become 56.
+* ``"distill"`` (cfg-step LoRA): 50 distill indices ``round(arange(1, 51) * 20)``; the
+  ``floor(linspace(0, 50, N, endpoint=False))``-th of them in descending order, divided by 1000,
+  then shifted. With shift 12 and N = 16 the last timestep is ~510.6.
+
+Every schedule ends with a final sigma 0 (``len(sigmas) == len(timesteps) + 1``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Tuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SCHEDULE_MODES",
+    "vc_timesteps",
+    "shift_sigmas",
+    "read_scheduler_config",
+    "euler_step",
+    "cfg_zero",
+]
+
+SCHEDULE_MODES = ("enhance_hf", "distill", "plain")
+
+# Upstream constants (LongCat-Video pipeline): training timesteps, distill grid, enhance_hf tail.
+NUM_TRAIN_TIMESTEPS = 1000
+NUM_DISTILL_SAMPLE_STEPS = 50
+ENHANCE_HF_START = 500.0
+ENHANCE_HF_TAIL_STEPS = 10
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Flow-matching time shift ``s' = shift * s / (1 + (shift - 1) * s)`` in fp32."""
+    sigmas = sigmas.to(torch.float32)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _base_sigmas(num_steps: int, mode: str, num_train_timesteps: int) -> torch.Tensor:
+    if mode == "distill":
+        stride = num_train_timesteps // NUM_DISTILL_SAMPLE_STEPS
+        indices = torch.round(
+            torch.arange(1, NUM_DISTILL_SAMPLE_STEPS + 1, dtype=torch.float32) * stride
+        ).long()
+        # numpy's float64 linspace then floor, exactly as upstream picks them.
+        pick = np.floor(np.linspace(0, NUM_DISTILL_SAMPLE_STEPS, num=num_steps, endpoint=False))
+        pick = torch.from_numpy(pick.astype(np.int64))
+        return torch.flip(indices, [0])[pick].to(torch.float32) / num_train_timesteps
+    return torch.linspace(1.0, 0.001, num_steps, dtype=torch.float32)
+
+
+def vc_timesteps(
+    num_steps: int,
+    shift: float,
+    mode: str,
+    *,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps and sigmas of the VC sampler.
+
+    Args:
+        num_steps (int): requested number of steps (``enhance_hf`` may return more, see module doc).
+            For ``"distill"`` at most 50 (the distill grid has 50 points).
+        shift (float): flow-matching shift from ``scheduler/scheduler_config.json`` (12 upstream).
+        mode (str): ``"enhance_hf"``, ``"distill"`` or ``"plain"``.
+        num_train_timesteps (int): 1000 upstream.
+
+    Returns:
+        (timesteps, sigmas): ``timesteps [N']`` fp32 in ``(0, 1000]``, strictly decreasing, fed to
+        the DiT; ``sigmas [N'+1]`` fp32, ``sigmas[i]`` the noise level at step ``i`` and a final 0.
+    """
+    if mode not in SCHEDULE_MODES:
+        raise ValueError(f"vc_timesteps: mode must be one of {SCHEDULE_MODES}, got {mode!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise TypeError(f"vc_timesteps: num_steps must be an int, got {type(num_steps).__name__}")
+    if num_steps < 1:
+        raise ValueError(f"vc_timesteps: num_steps must be >= 1, got {num_steps}")
+    if mode == "distill" and num_steps > NUM_DISTILL_SAMPLE_STEPS:
+        raise ValueError(
+            f"vc_timesteps: distill mode supports at most {NUM_DISTILL_SAMPLE_STEPS} steps, got {num_steps}"
+        )
+    shift = float(shift)
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"vc_timesteps: shift must be a positive finite number, got {shift}")
+
+    sigmas = shift_sigmas(_base_sigmas(num_steps, mode, num_train_timesteps), shift)
+    timesteps = sigmas * num_train_timesteps
+    if mode == "enhance_hf":
+        kept = timesteps[timesteps > ENHANCE_HF_START]
+        tail = torch.linspace(ENHANCE_HF_START, 0.0, ENHANCE_HF_TAIL_STEPS + 1, dtype=torch.float64)[:-1]
+        timesteps = torch.cat([kept, tail.to(torch.float32)])
+        sigmas = timesteps / num_train_timesteps
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
+    return timesteps, sigmas
+
+
+def read_scheduler_config(path: str) -> dict:
+    """Read ``scheduler_config.json`` (a file or its folder) and return the dict.
+
+    Only ``shift`` (default 1.0 as in diffusers) and ``num_train_timesteps`` (default 1000) are used.
+    Raises ``FileNotFoundError`` naming the file, ``ValueError`` for bad JSON or a bad shift.
+    """
+    if os.path.isdir(path) or not path.endswith(".json"):
+        path = os.path.join(path, "scheduler_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"scheduler config not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    shift = cfg.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise ValueError(f"{path}: 'shift' must be a positive number, got {shift!r}")
+    if cfg.get("use_dynamic_shifting", False):
+        raise ValueError(f"{path}: use_dynamic_shifting=true is not used by LongCat-Video VC and not supported")
+    return cfg
+
+
+def euler_step(
+    sample: torch.Tensor, prediction: torch.Tensor, sigma: float, sigma_next: float
+) -> torch.Tensor:
+    """One Euler step in fp32: ``x + (sigma_next - sigma) * v`` with ``v = -prediction``.
+
+    The DiT predicts the negated velocity (SPEC 7); the result is fp32.
+    """
+    return sample.to(torch.float32) - (float(sigma_next) - float(sigma)) * prediction.to(torch.float32)
+
+
+def cfg_zero(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """CFG-zero guidance: ``uncond * st + g * (cond - uncond * st)`` with the per-sample
+    ``st = <cond, uncond> / (||uncond||^2 + 1e-8)`` over the flattened prediction.
+
+    Args:
+        uncond, cond (Tensor): ``[B, ...]`` predictions (fp32 in the pipeline).
+        guidance_scale (float): g.
+    """
+    b = cond.shape[0]
+    pos = cond.reshape(b, -1)
+    neg = uncond.reshape(b, -1)
+    st = (pos * neg).sum(dim=1, keepdim=True) / ((neg * neg).sum(dim=1, keepdim=True) + 1e-8)
+    st = st.view((b,) + (1,) * (cond.dim() - 1))
+    return uncond * st + guidance_scale * (cond - uncond * st)
