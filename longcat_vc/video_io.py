@@ -1,0 +1,375 @@
+"""Video reading and writing for the VC pipeline and the ``longcat-vc`` command.
+
+Reading: video files (mp4, webm, mov, mkv, avi, m4v, ... through PyAV's bundled FFmpeg), GIFs
+(Pillow) and folders of image frames (png/jpg/webp/bmp, natural sort order). Writing: H.264 mp4
+through PyAV (its wheels bundle libx264) or, without PyAV, the FFmpeg binary that the
+``imageio-ffmpeg`` wheel ships. No system ffmpeg is assumed.
+
+Writes are atomic: the file is encoded under a hidden temporary name in the target folder and
+renamed over the target only once it is complete, so an interrupted or failed run never leaves a
+truncated file under the requested name.
+
+Frames are always ``uint8 [F, H, W, 3]`` RGB numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "VideoFrames",
+    "VideoReadError",
+    "read_video",
+    "as_video_frames",
+    "subsample_stride",
+    "subsample_to_fps",
+    "write_video",
+    "VIDEO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+]
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class VideoReadError(ValueError):
+    """A video that cannot be read, is empty, or has inconsistent frames."""
+
+
+@dataclass
+class VideoFrames:
+    """Decoded frames plus their frame rate.
+
+    Attributes:
+        frames (np.ndarray): ``[F, H, W, 3]`` uint8 RGB.
+        fps (float | None): frames per second; None when unknown (frame folders, raw arrays).
+        source (str | None): where the frames came from (for messages).
+    """
+
+    frames: np.ndarray
+    fps: Optional[float] = None
+    source: Optional[str] = None
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[2])
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
+
+
+def _check_frames(frames: np.ndarray, source: str) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise VideoReadError(f"{source}: expected frames [F, H, W, 3], got shape {tuple(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise VideoReadError(f"{source}: the video has no frames")
+    if frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise VideoReadError(f"{source}: frames have an empty size {tuple(frames.shape[1:3])}")
+    return frames
+
+
+def _read_frame_folder(path: str) -> VideoFrames:
+    from PIL import Image
+
+    names = sorted(
+        (n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")),
+        key=_natural_key,
+    )
+    if not names:
+        raise VideoReadError(
+            f"{path}: folder holds no image frames (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    frames = []
+    size = None
+    for n in names:
+        fp = os.path.join(path, n)
+        try:
+            with Image.open(fp) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises many types for corrupt images
+            raise VideoReadError(f"{fp}: cannot read image frame: {e}") from None
+        if size is None:
+            size = arr.shape[:2]
+        elif arr.shape[:2] != size:
+            raise VideoReadError(
+                f"{path}: frames differ in size: {names[0]} is {size[1]}x{size[0]}, "
+                f"{n} is {arr.shape[1]}x{arr.shape[0]} (width x height)"
+            )
+        frames.append(arr)
+    return VideoFrames(_check_frames(np.stack(frames), path), None, path)
+
+
+def _read_gif(path: str) -> VideoFrames:
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            frames, durations = [], []
+            for fr in ImageSequence.Iterator(im):
+                frames.append(np.asarray(fr.convert("RGB")))
+                durations.append(fr.info.get("duration", 0) or 0)
+    except Exception as e:
+        raise VideoReadError(f"{path}: cannot read GIF: {e}") from None
+    if not frames:
+        raise VideoReadError(f"{path}: the video has no frames")
+    mean_ms = float(np.mean(durations)) if durations else 0.0
+    fps = 1000.0 / mean_ms if mean_ms > 0 else None
+    return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
+
+
+def _read_with_av(path: str) -> VideoFrames:
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else None
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except VideoReadError:
+        raise
+    except Exception as e:  # av.error.* (InvalidDataError, ...), OSError
+        raise VideoReadError(f"{path}: cannot read video: {e}") from None
+    if not frames:
+        raise VideoReadError(f"{path}: the video has no frames")
+    return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
+
+
+def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
+    except Exception as e:
+        raise VideoReadError(f"{path}: cannot read video: {e}") from None
+    if not frames:
+        raise VideoReadError(f"{path}: the video has no frames")
+    fps = meta.get("fps") or None
+    return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
+
+
+def read_video(path: Union[str, os.PathLike]) -> VideoFrames:
+    """Read every frame of a video file, a GIF or a folder of image frames.
+
+    Args:
+        path: a video file (mp4/webm/mov/...), a ``.gif``, a single image, or a folder of images.
+
+    Returns:
+        VideoFrames with ``frames [F, H, W, 3]`` uint8 and ``fps`` (None for folders and images).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        VideoReadError (a ValueError): unreadable, empty, or frames of different sizes.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input video not found: {path}")
+    if os.path.isdir(path):
+        return _read_frame_folder(path)
+    if os.path.getsize(path) == 0:
+        raise VideoReadError(f"{path}: the file is empty")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".gif":
+        return _read_gif(path)
+    if ext in IMAGE_EXTENSIONS:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise VideoReadError(f"{path}: cannot read image: {e}") from None
+        return VideoFrames(_check_frames(arr[None], path), None, path)
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return _read_with_imageio_ffmpeg(path)
+    return _read_with_av(path)
+
+
+def as_video_frames(video, *, name: str = "video") -> VideoFrames:
+    """Normalise the pipeline's accepted inputs to ``VideoFrames``.
+
+    Accepts a path (str / PathLike: read with ``read_video``), a ``VideoFrames``, a list of PIL
+    images, or an array ``[F, H, W, 3]`` uint8 (numpy or torch). Lists and arrays carry no frame
+    rate (``fps=None``).
+    """
+    if isinstance(video, VideoFrames):
+        return VideoFrames(_check_frames(np.asarray(video.frames), video.source or name), video.fps, video.source)
+    if isinstance(video, (str, os.PathLike)):
+        return read_video(video)
+    try:
+        import torch
+
+        if isinstance(video, torch.Tensor):
+            video = video.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(video, np.ndarray):
+        if video.dtype != np.uint8:
+            raise TypeError(f"{name}: frame array must be uint8 [F, H, W, 3], got dtype {video.dtype}")
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise ValueError(f"{name}: frame array must be [F, H, W, 3], got shape {tuple(video.shape)}")
+        return VideoFrames(_check_frames(video, name), None, None)
+    if isinstance(video, (list, tuple)):
+        if len(video) == 0:
+            raise VideoReadError(f"{name}: the list of frames is empty")
+        from PIL import Image
+
+        arrs = []
+        for i, im in enumerate(video):
+            if isinstance(im, Image.Image):
+                arrs.append(np.asarray(im.convert("RGB")))
+            elif isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3:
+                arrs.append(im)
+            else:
+                raise TypeError(
+                    f"{name}[{i}]: expected a PIL image or a uint8 [H, W, 3] array, got {type(im).__name__}"
+                )
+            if arrs[-1].shape != arrs[0].shape:
+                raise VideoReadError(
+                    f"{name}: frames differ in size: frame 0 is {arrs[0].shape[:2]}, frame {i} is {arrs[-1].shape[:2]}"
+                )
+        return VideoFrames(_check_frames(np.stack(arrs), name), None, None)
+    raise TypeError(
+        f"{name}: expected a path, a list of PIL images or a uint8 [F, H, W, 3] array, got {type(video).__name__}"
+    )
+
+
+def subsample_stride(src_fps: Optional[float], target_fps: float = 15.0) -> int:
+    """Frame stride that brings ``src_fps`` to about ``target_fps``: ``max(1, round(src / target))``.
+
+    Unknown fps (None) gives 1.
+    """
+    if src_fps is None or not np.isfinite(src_fps) or src_fps <= 0:
+        return 1
+    return max(1, int(round(src_fps / target_fps)))
+
+
+def subsample_to_fps(video: VideoFrames, target_fps: float = 15.0) -> Tuple[VideoFrames, int]:
+    """Keep every ``stride``-th frame (SPEC 7: stride = round(src_fps / 15)).
+
+    Returns the subsampled frames (fps divided by the stride) and the stride.
+    """
+    stride = subsample_stride(video.fps, target_fps)
+    if stride == 1:
+        return video, 1
+    fps = video.fps / stride if video.fps else None
+    return VideoFrames(video.frames[::stride], fps, video.source), stride
+
+
+def _temp_name(path: str) -> str:
+    folder, base = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(base)
+    return os.path.join(folder, f".{stem}.partial-{os.getpid()}{ext or '.mp4'}")
+
+
+def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
+    from fractions import Fraction
+
+    import av
+
+    h, w = frames.shape[1:3]
+    # yuv420p needs even sizes; odd sizes keep every pixel with 4:4:4 chroma (still H.264).
+    pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(tmp, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.options = {"crf": str(int(crf))}
+        for fr in frames:
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
+    import imageio_ffmpeg
+
+    h, w = frames.shape[1:3]
+    pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+    writer = imageio_ffmpeg.write_frames(
+        tmp,
+        (w, h),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_in="rgb24",
+        pix_fmt_out=pix_fmt,
+        output_params=["-crf", str(int(crf)), "-f", "mp4"],
+        macro_block_size=1,
+    )
+    writer.send(None)
+    for fr in frames:
+        writer.send(np.ascontiguousarray(fr))
+    writer.close()
+
+
+def write_video(
+    path: Union[str, os.PathLike],
+    frames,
+    fps: float = 15.0,
+    *,
+    crf: int = 18,
+    backend: str = "auto",
+) -> str:
+    """Encode frames as an H.264 mp4, atomically.
+
+    Args:
+        path: output file (``.mp4``); its folder must exist.
+        frames: ``[F, H, W, 3]`` uint8 array or a list of such frames / PIL images.
+        fps (float): frame rate (15 for LongCat-Video output).
+        crf (int): x264 constant rate factor (18 as upstream's demos).
+        backend (str): ``"av"``, ``"imageio-ffmpeg"`` or ``"auto"`` (PyAV if importable).
+
+    Returns:
+        The path written. On any failure the temporary file is removed and the target untouched.
+    """
+    path = os.fspath(path)
+    vf = as_video_frames(frames, name="frames")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    if not (isinstance(fps, (int, float)) and np.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if backend not in ("auto", "av", "imageio-ffmpeg"):
+        raise ValueError(f"backend must be 'auto', 'av' or 'imageio-ffmpeg', got {backend!r}")
+    if backend == "auto":
+        try:
+            import av  # noqa: F401
+
+            backend = "av"
+        except ImportError:
+            backend = "imageio-ffmpeg"
+    tmp = _temp_name(path)
+    try:
+        if backend == "av":
+            _write_av(tmp, vf.frames, float(fps), crf)
+        else:
+            _write_imageio_ffmpeg(tmp, vf.frames, float(fps), crf)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
