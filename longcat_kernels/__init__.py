@@ -1,0 +1,33 @@
+"""longcat-kernels: block-sparse 3D attention and cached-KV attention for LongCat-Video.
+
+Public API (tensors are BSHD ``[batch, seq, heads, head_dim]``, any strides):
+``block_sparse_attn``, ``select_blocks``, ``BlockSelection``, ``prefix_attn``,
+``attn_with_kv_cache``, ``BlockSparseParams``, ``Rope3D``, ``apply_rope_3d``, ``qk_norm_rope``,
+``available_backends``, ``BackendUnavailableError``. Backends: ``"torch"`` (reference, everywhere),
+``"triton"``, ``"cuda"`` (compiled extension), ``"auto"``. Importing this package needs neither
+triton nor CUDA; kernels are imported the first time their backend is used.
+"""
+
+from ._backend import BackendUnavailableError, available_backends
+from .grid import VideoGrid
+from .ops.block_sparse_attn.api import BlockSelection, block_sparse_attn, select_blocks
+from .ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache, prefix_attn
+from .ops.rope.api import Rope3D, apply_rope_3d, qk_norm_rope
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "available_backends",
+    "VideoGrid",
+    "BlockSelection",
+    "block_sparse_attn",
+    "select_blocks",
+    "BlockSparseParams",
+    "attn_with_kv_cache",
+    "prefix_attn",
+    "Rope3D",
+    "apply_rope_3d",
+    "qk_norm_rope",
+]

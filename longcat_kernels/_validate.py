@@ -1,0 +1,148 @@
+"""Shared argument checks for the public ops.
+
+Every check raises ``TypeError`` (wrong kind/dtype) or ``ValueError`` (wrong value/shape) with a
+message naming the argument, what was expected and what was given. All checks are skipped while
+``torch.compiler.is_compiling()`` (they are pure Python on metadata and would only add guards).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .grid import Triple, as_triple
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compiling() -> bool:
+    """True while torch.compile / dynamo traces the caller."""
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:
+    """``x`` is a floating tensor of rank ``ndim``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32; float64 on the torch backend), got {x.dtype}"
+        )
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {tuple(x.shape)}")
+
+
+def check_same_device(named: Sequence[tuple]) -> None:
+    """All given ``(name, tensor)`` pairs (None tensors ignored) are on one device."""
+    items = [(n, t) for n, t in named if t is not None]
+    if not items:
+        return
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{n}: expected a tensor on {n0}'s device {t0.device}, got {t.device}")
+
+
+def check_same_dtype(named: Sequence[tuple]) -> None:
+    items = [(n, t) for n, t in named if t is not None]
+    if not items:
+        return
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n}: expected dtype {t0.dtype} (same as {n0}), got {t.dtype}")
+
+
+def check_qkv(q, k, v, names=("q", "k", "v")) -> None:
+    """q, k, v are BSHD tensors with matching batch, heads, head_dim, dtype and device;
+    k and v have the same sequence length."""
+    if compiling():
+        return
+    nq, nk, nv = names
+    check_tensor(q, nq)
+    check_tensor(k, nk)
+    check_tensor(v, nv)
+    check_same_device([(nq, q), (nk, k), (nv, v)])
+    check_same_dtype([(nq, q), (nk, k), (nv, v)])
+    B, _, H, D = q.shape
+    for n, t in ((nk, k), (nv, v)):
+        if t.shape[0] != B:
+            raise ValueError(f"{n}: expected batch {B} (same as {nq}), got {t.shape[0]} (shape {tuple(t.shape)})")
+        if t.shape[2] != H:
+            raise ValueError(f"{n}: expected {H} heads (same as {nq}), got {t.shape[2]} (shape {tuple(t.shape)})")
+        if t.shape[3] != D:
+            raise ValueError(f"{n}: expected head_dim {D} (same as {nq}), got {t.shape[3]} (shape {tuple(t.shape)})")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{nv}: expected seq {k.shape[1]} (same as {nk}), got {v.shape[1]}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"{nq}/{nk}: expected non-empty sequences, got seq_q={q.shape[1]}, seq_k={k.shape[1]}")
+
+
+def check_scale(scale) -> None:
+    if scale is None or compiling():
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        raise ValueError(f"scale: expected a finite positive float, got {scale}")
+
+
+def check_grid(grid, seq_len: int, name: str, seq_name: str) -> Triple:
+    """``grid`` is 3 positive ints whose product equals ``seq_len``."""
+    g = as_triple(grid, name)
+    if g[0] * g[1] * g[2] != seq_len:
+        raise ValueError(
+            f"{name}: expected t*h*w == {seq_name} length {seq_len}, got {g} (product {g[0] * g[1] * g[2]})"
+        )
+    return g
+
+
+def check_chunk(chunk, grid: Triple, name: str, grid_name: str) -> Triple:
+    """``chunk`` is 3 positive ints, each at most the grid's extent on that axis."""
+    c = as_triple(chunk, name)
+    for axis, ci, gi in zip("thw", c, grid):
+        if ci > gi:
+            raise ValueError(f"{name}: expected each chunk size <= {grid_name} {grid}, got {c} ({axis}: {ci} > {gi})")
+    return c
+
+
+def check_sparsity(sparsity, cdf_threshold) -> None:
+    if sparsity is None and cdf_threshold is None:
+        raise ValueError(
+            "sparsity/cdf_threshold: expected at least one selection rule (sparsity for top-k, "
+            "cdf_threshold for cdf, or both), got sparsity=None and cdf_threshold=None"
+        )
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(f"sparsity: expected a float in [0, 1) or None, got {type(sparsity).__name__}")
+        if not (0.0 <= sparsity < 1.0):
+            raise ValueError(f"sparsity: expected a float in [0, 1), got {sparsity}")
+    if cdf_threshold is not None:
+        if isinstance(cdf_threshold, bool) or not isinstance(cdf_threshold, (int, float)):
+            raise TypeError(f"cdf_threshold: expected a float in [0, 1] or None, got {type(cdf_threshold).__name__}")
+        if not (0.0 <= cdf_threshold <= 1.0):
+            raise ValueError(f"cdf_threshold: expected a float in [0, 1], got {cdf_threshold}")
+
+
+def check_backend_name(backend) -> None:
+    from ._backend import BACKENDS  # noqa: PLC0415
+
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def check_no_grad(named: Sequence[tuple], op: str) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for n, t in named:
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{n}: {op} is forward-only (no backward); expected requires_grad=False, got True "
+                "(call it under torch.no_grad() or detach the input)"
+            )

@@ -1,0 +1,236 @@
+"""Block-sparse 3D attention (SPEC 3): public surface, validation, dispatch.
+
+Backend implementations (lazy, see ``_backend.py``) live in ``triton.py`` / ``cuda.py`` as:
+- ``select_blocks_<b>(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold) -> BlockSelection``
+- ``block_sparse_attn_<b>(q, k, v, selection, scale) -> out`` (differentiable where supported)
+- ``block_sparse_attn_fwd_<b>(q, k, v, selection, scale) -> (out, lse)`` (forward only)
+with arguments already validated and normalised (tuples, scale a float).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..._backend import get_impl, op_backend_status, resolve_backend
+from ..._validate import (
+    check_backend_name,
+    check_chunk,
+    check_grid,
+    check_qkv,
+    check_scale,
+    check_sparsity,
+    compiling,
+)
+from ...grid import Triple, as_triple, total_blocks
+from .reference import block_sparse_attn_reference
+from .selection import BlockSelection, select_blocks_reference
+
+__all__ = ["BlockSelection", "select_blocks", "block_sparse_attn"]
+
+DEFAULT_CHUNK: Triple = (4, 4, 4)
+DEFAULT_SPARSITY = 0.9375
+
+
+def _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k) -> Tuple[Triple, Triple, Triple, Triple]:
+    """Validated (grid_q, grid_k, chunk_q, chunk_k); grid_k defaults to grid_q's H, W with
+    Tk = Sk / (H*W); chunk_k defaults to chunk_q."""
+    if grid_q is None:
+        raise ValueError("grid_q: expected a tuple (t, h, w) with t*h*w == q's seq length, got None")
+    gq = check_grid(grid_q, q.shape[1], "grid_q", "q's seq")
+    Sk = k.shape[1]
+    if grid_k is None:
+        hw = gq[1] * gq[2]
+        if Sk % hw:
+            raise ValueError(
+                f"grid_k: k's seq length {Sk} is not a multiple of grid_q's H*W = {hw}; pass grid_k explicitly"
+            )
+        gk = (Sk // hw, gq[1], gq[2])
+    else:
+        gk = check_grid(grid_k, Sk, "grid_k", "k's seq")
+        if gk[1:] != gq[1:]:
+            raise ValueError(f"grid_k: expected the same (h, w) as grid_q {gq[1:]}, got {gk[1:]}")
+    cq = check_chunk(chunk_q, gq, "chunk_q", "grid_q")
+    ck = check_chunk(chunk_q if chunk_k is None else chunk_k, gk, "chunk_k", "grid_k")
+    return gq, gk, cq, ck
+
+
+def _check_selection(selection, q, k, grid_q, grid_k) -> None:
+    if not isinstance(selection, BlockSelection):
+        raise TypeError(f"selection: expected a BlockSelection, got {type(selection).__name__}")
+    B, Sq, H, _ = q.shape
+    gq, gk = selection.grid_q, selection.grid_k
+    if grid_q is not None and as_triple(grid_q, "grid_q") != gq:
+        raise ValueError(f"grid_q: expected {gq} (selection.grid_q), got {tuple(grid_q)}")
+    if grid_k is not None and as_triple(grid_k, "grid_k") != gk:
+        raise ValueError(f"grid_k: expected {gk} (selection.grid_k), got {tuple(grid_k)}")
+    if gq[0] * gq[1] * gq[2] != Sq:
+        raise ValueError(f"selection.grid_q: expected t*h*w == q's seq length {Sq}, got {gq}")
+    if gk[0] * gk[1] * gk[2] != k.shape[1]:
+        raise ValueError(f"selection.grid_k: expected t*h*w == k's seq length {k.shape[1]}, got {gk}")
+    Nq = total_blocks(gq, selection.chunk_q)
+    if tuple(selection.counts.shape) != (B, H, Nq):
+        raise ValueError(f"selection.counts: expected shape {(B, H, Nq)}, got {tuple(selection.counts.shape)}")
+    if selection.indices.dim() != 4 or tuple(selection.indices.shape[:3]) != (B, H, Nq):
+        raise ValueError(
+            f"selection.indices: expected shape {(B, H, Nq)} + (max_sel,), got {tuple(selection.indices.shape)}"
+        )
+    for name, t in (("selection.indices", selection.indices), ("selection.counts", selection.counts)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
+
+
+def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _gating_backend(backend: str, q: torch.Tensor) -> str:
+    """Gating follows an explicit attention backend when it implements select_blocks, else auto."""
+    if backend in ("auto", "torch"):
+        return backend
+    return backend if op_backend_status("select_blocks", backend, q) is None else "auto"
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    grid_q: Sequence[int],
+    grid_k: Optional[Sequence[int]] = None,
+    chunk_q: Sequence[int] = DEFAULT_CHUNK,
+    chunk_k: Optional[Sequence[int]] = None,
+    sparsity: Optional[float] = DEFAULT_SPARSITY,
+    cdf_threshold: Optional[float] = None,
+    backend: str = "auto",
+) -> BlockSelection:
+    """Gating of block-sparse attention: which key blocks each query block attends to.
+
+    Tokens are grouped in 3D blocks of ``chunk`` (partial blocks at the grid's edges hold only the
+    real tokens). q and k are mean-pooled per block (fp32 sums, rounded to the input dtype); the
+    block score is ``q_blk @ k_blk^T`` in fp32, unscaled. Rules (per batch, head and query block):
+
+    - top-k (``sparsity``): keep ``int((1 - sparsity) * Nk)`` highest-scoring key blocks;
+    - cdf (``cdf_threshold``): ``p = softmax(score / sqrt(D))`` sorted descending; keep the blocks
+      whose cumulative sum is ``<= cdf_threshold`` (may be none: those queries output zeros);
+    - both given: keep the max of the two counts (highest scores first).
+
+    Args:
+        q (Tensor): ``[batch, seq_q, heads, head_dim]``, any strides.
+        k (Tensor): ``[batch, seq_k, heads, head_dim]``.
+        grid_q (tuple): ``(Tq, H, W)`` with ``Tq*H*W == seq_q``.
+        grid_k (tuple | None): ``(Tk, H, W)``; default ``(seq_k // (H*W), H, W)``.
+        chunk_q (tuple): block shape of queries, each entry <= the grid's.
+        chunk_k (tuple | None): block shape of keys; default chunk_q.
+        sparsity (float | None): fraction of key blocks dropped by top-k, in [0, 1).
+        cdf_threshold (float | None): cumulative probability kept by the cdf rule, in [0, 1].
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        BlockSelection: ``indices [B, H, Nq, max_sel]`` int32 (-1 past ``counts``), ``counts [B, H, Nq]``.
+    """
+    if not compiling():
+        check_backend_name(backend)
+        check_qkv(q, k, k, names=("q", "k", "k"))
+        check_sparsity(sparsity, cdf_threshold)
+    gq, gk, cq, ck = _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k)
+    b = resolve_backend("select_blocks", backend, q, k)
+    if b != "torch":
+        return get_impl("select_blocks", b)(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
+    return select_blocks_reference(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
+
+
+def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend):
+    if not compiling():
+        check_backend_name(backend)
+        check_qkv(q, k, v)
+        check_scale(scale)
+        if selection is not None:
+            if cdf_threshold is not None or sparsity not in (None, DEFAULT_SPARSITY):
+                raise ValueError(
+                    "selection: expected either selection= or a selection rule (sparsity / cdf_threshold), got "
+                    f"both (sparsity={sparsity}, cdf_threshold={cdf_threshold})"
+                )
+            _check_selection(selection, q, k, grid_q, grid_k)
+        else:
+            check_sparsity(sparsity, cdf_threshold)
+    if selection is None:
+        gq, gk, cq, ck = _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k)
+        gb = _gating_backend(backend, q)
+        selection = select_blocks(
+            q, k, grid_q=gq, grid_k=gk, chunk_q=cq, chunk_k=ck, sparsity=sparsity, cdf_threshold=cdf_threshold,
+            backend=gb,
+        )
+    return selection, _default_scale(q, scale)
+
+
+def block_sparse_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid_q: Optional[Sequence[int]] = None,
+    grid_k: Optional[Sequence[int]] = None,
+    chunk_q: Sequence[int] = DEFAULT_CHUNK,
+    chunk_k: Optional[Sequence[int]] = None,
+    sparsity: Optional[float] = DEFAULT_SPARSITY,
+    cdf_threshold: Optional[float] = None,
+    selection: Optional[BlockSelection] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-sparse 3D attention over video token grids (LongCat BSA semantics).
+
+    ::
+
+        q blocks (3D chunks of grid_q)      key blocks of grid_k
+        qb0 ─ attends ─▶ [kb3, kb0, kb7]    (selected by select_blocks, or `selection`)
+        qb1 ─ attends ─▶ []                 -> output 0 for its tokens, no NaN
+
+    Every query token attends with one softmax to exactly the tokens of its block's selected key
+    blocks: ``out = softmax(q k_sel^T * scale) v_sel``.
+
+    Args:
+        q (Tensor): ``[batch, seq_q, heads, head_dim]``, bf16/fp16 on GPU, fp32 anywhere; any strides.
+        k, v (Tensor): ``[batch, seq_k, heads, head_dim]``, same dtype/device.
+        grid_q (tuple): ``(Tq, H, W)``; required unless ``selection`` is given.
+        grid_k, chunk_q, chunk_k, sparsity, cdf_threshold: gating, see ``select_blocks``.
+        selection (BlockSelection | None): precomputed gating (it carries grids and chunks; leave
+            sparsity/cdf_threshold at their defaults). Reuse it across heads' calls or steps.
+        scale (float | None): default ``head_dim ** -0.5``.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. Selects the attention kernel;
+            gating runs on the same backend when it implements ``select_blocks``, else on ``"auto"``.
+
+    Returns:
+        Tensor: ``[batch, seq_q, heads, head_dim]`` in q's dtype, contiguous.
+        Differentiable w.r.t. q, k, v on the torch and triton backends (the selection has no gradient).
+    """
+    selection, scale = _prepare(
+        q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend
+    )
+    b = resolve_backend("block_sparse_attn", backend, q, k, v)
+    if b != "torch":
+        return get_impl("block_sparse_attn", b)(q, k, v, selection, scale)
+    return block_sparse_attn_reference(q, k, v, selection, scale)[0]
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    scale: Optional[float],
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Internal: block-sparse forward returning ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``.
+
+    A query token whose block has no selected key block gives out = 0 and lse = -inf.
+    """
+    selection, scale = _prepare(q, k, v, None, None, None, None, None, None, selection, scale, backend)
+    b = resolve_backend("block_sparse_attn_fwd", backend, q, k, v)
+    if b != "torch":
+        return get_impl("block_sparse_attn_fwd", b)(q, k, v, selection, scale)
+    return block_sparse_attn_reference(q, k, v, selection, scale)
+

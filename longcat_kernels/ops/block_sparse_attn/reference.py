@@ -1,0 +1,101 @@
+"""Block-sparse attention, torch reference (SPEC 3 step 3, with autograd).
+
+Each query token attends, with an ordinary softmax, to exactly the tokens of its block's selected
+key blocks. Instead of a dense ``[Sq, Sk]`` mask this gathers, per group of query blocks, the key
+and value tokens of the selected blocks (``[B, H, G, max_sel*block, D]``) and masks padding slots
+and unselected entries, so memory stays bounded at 84k tokens. Matmuls run in the input dtype on
+CUDA (fp32 on CPU), softmax statistics in fp32. Differentiable w.r.t. q, k and v through plain
+torch ops (the selection has no gradient). Imports no triton.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ...grid import block_token_index, token_to_slot
+from .selection import BlockSelection
+
+__all__ = ["block_sparse_attn_reference"]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Matmul dtype of the reference: the input dtype on CUDA, at least fp32 on CPU."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.dtype
+    return x.dtype if x.is_cuda else torch.float32
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def block_sparse_attn_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: BlockSelection, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention over ``selection``; inputs already validated.
+
+    Args:
+        q (Tensor): ``[B, Sq, H, D]``; k, v (Tensor): ``[B, Sk, H, D]``; any strides.
+        selection (BlockSelection): over ``(grid_q, chunk_q)`` x ``(grid_k, chunk_k)``.
+        scale (float): softmax scale.
+
+    Returns:
+        (out ``[B, Sq, H, D]`` q.dtype contiguous, lse ``[B, H, Sq]`` fp32 natural log; a query
+        token with no selected key block gives out = 0 and lse = -inf).
+    """
+    B, Sq, H, D = q.shape
+    dev = q.device
+    cd, sd = compute_dtype(q), stats_dtype(q)
+    tq = block_token_index(selection.grid_q, selection.chunk_q, dev)  # [Nq, bq]
+    tk = block_token_index(selection.grid_k, selection.chunk_k, dev)  # [Nk, bk]
+    Nq, bq = tq.shape
+    bk = tk.shape[1]
+    counts = selection.counts.to(device=dev, dtype=torch.long)  # [B, H, Nq]
+    w = int(counts.max().item()) if counts.numel() else 0
+    # w >= 1 keeps one (fully masked) slot so empty selections flow through the same graph
+    w = max(1, min(w, selection.indices.shape[-1]))
+    idx = selection.indices[..., :w].to(device=dev, dtype=torch.long)  # [B, H, Nq, w]
+    sel_valid = torch.arange(w, device=dev) < counts[..., None]  # [B, H, Nq, w]
+    L = w * bk
+
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D] views
+    b_i = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h_i = torch.arange(H, device=dev).view(1, H, 1, 1)
+
+    # query blocks per step: keep scores [B,H,G,bq,L] and gathered K/V [B,H,G,L,D] near the budget
+    budget = (1 << 29) if q.is_cuda else (1 << 27)
+    per_block = B * H * L * (bq * 4 + 2 * D * torch.finfo(cd).bits // 8 + 8) + 1
+    G = max(1, min(Nq, budget // per_block))
+
+    outs, lses = [], []
+    for n0 in range(0, Nq, G):
+        n1 = min(Nq, n0 + G)
+        g = n1 - n0
+        qtok = tq[n0:n1].reshape(-1).clamp(min=0)  # padding slots compute garbage, dropped below
+        qb = qt[:, :, qtok].view(B, H, g, bq, D)
+        sel = idx[:, :, n0:n1].clamp(min=0)  # [B, H, g, w]
+        ktok = tk[sel]  # [B, H, g, w, bk]
+        kvalid = (ktok >= 0) & sel_valid[:, :, n0:n1, :, None]
+        ktok = ktok.clamp(min=0).view(B, H, g, L)
+        kb = kt[b_i, h_i, ktok]  # [B, H, g, L, D]
+        vb = vt[b_i, h_i, ktok]
+        s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
+        s = s.masked_fill(~kvalid.view(B, H, g, 1, L), float("-inf"))
+        m = s.amax(dim=-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(dim=-1, keepdim=True)
+        p = p / torch.where(den > 0, den, torch.ones_like(den))
+        o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
+        with torch.no_grad():
+            lse = (m + torch.log(den)).squeeze(-1)  # -inf where nothing is selected
+        outs.append(o.reshape(B, H, g * bq, D))
+        lses.append(lse.reshape(B, H, g * bq))
+    slot = token_to_slot(selection.grid_q, selection.chunk_q, dev)  # [Sq]
+    out = torch.cat(outs, dim=2)[:, :, slot]  # [B, H, Sq, D]
+    lse = torch.cat(lses, dim=2)[:, :, slot]
+    out = out.transpose(1, 2).to(q.dtype).contiguous()
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    return out, lse

@@ -1,0 +1,165 @@
+"""Block selection (gating) of block-sparse attention, torch implementation (SPEC 3 steps 1-2).
+
+Numerics (shared by every backend, DESIGN.md):
+- pooled block means over real tokens only, summed in fp32, divided in fp32, rounded to the input dtype;
+- score = pooled_q @ pooled_k^T accumulated and kept in fp32, unscaled;
+- top-k keeps ``int((1 - sparsity) * Nk)`` blocks; cdf keeps the number of entries ``<= threshold``
+  of the cumulative sum of ``softmax(score / sqrt(D))`` sorted descending (possibly 0); both: the max
+  of the two counts. Kept blocks are always the highest-scoring ones (stable sort: ties go to the
+  lower block id).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...grid import Triple, block_sizes, num_blocks, total_blocks
+
+__all__ = ["BlockSelection", "pool_blocks", "block_scores", "select_blocks_reference"]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSelection:
+    """Which key blocks each query block attends to.
+
+    Attributes:
+        indices (Tensor): ``[B, H, Nq, max_sel]`` int32; the first ``counts`` entries of each row are
+            unique key-block ids (highest score first for the torch gating, any order in general),
+            the rest are -1.
+        counts (Tensor): ``[B, H, Nq]`` int32, number of selected key blocks (may be 0).
+        grid_q, grid_k (tuple): ``(T, H, W)`` token grids of queries and keys.
+        chunk_q, chunk_k (tuple): ``(ct, ch, cw)`` block shapes.
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    grid_q: Triple
+    grid_k: Triple
+    chunk_q: Triple
+    chunk_k: Triple
+
+    @property
+    def num_q_blocks(self) -> int:
+        return total_blocks(self.grid_q, self.chunk_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return total_blocks(self.grid_k, self.chunk_k)
+
+    @property
+    def max_selected(self) -> int:
+        return int(self.indices.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    def to(self, device) -> "BlockSelection":
+        return BlockSelection(
+            self.indices.to(device), self.counts.to(device), self.grid_q, self.grid_k, self.chunk_q, self.chunk_k
+        )
+
+    def to_mask(self) -> torch.Tensor:
+        """Dense block mask ``[B, H, Nq, Nk]`` bool (True = attend), for tests and debugging."""
+        B, H, Nq, w = self.indices.shape
+        valid = torch.arange(w, device=self.indices.device) < self.counts[..., None].long()
+        mask = torch.zeros(B, H, Nq, self.num_k_blocks + 1, dtype=torch.bool, device=self.indices.device)
+        idx = torch.where(valid, self.indices.long(), torch.full_like(self.indices, self.num_k_blocks, dtype=torch.long))
+        mask.scatter_(-1, idx, True)
+        return mask[..., :-1]
+
+    def density(self) -> float:
+        """Mean fraction of key blocks kept."""
+        return float(self.counts.double().mean() / self.num_k_blocks)
+
+
+def pool_blocks(x: torch.Tensor, grid: Triple, chunk: Triple) -> torch.Tensor:
+    """Mean of ``x [B, S, H, D]`` over the real tokens of every block -> ``[B, H, N, D]`` in x's dtype.
+
+    Sums in fp32 over a zero-padded grid, divides by the real-token count in fp32, then rounds.
+    """
+    B, S, H, D = x.shape
+    T, Hg, Wg = grid
+    ct, ch, cw = chunk
+    nt, nh, nw = num_blocks(grid, chunk)
+    xg = x.reshape(B, T, Hg, Wg, H, D)
+    pt, ph, pw = nt * ct - T, nh * ch - Hg, nw * cw - Wg
+    if pt or ph or pw:
+        xg = F.pad(xg, (0, 0, 0, 0, 0, pw, 0, ph, 0, pt))
+    xg = xg.reshape(B, nt, ct, nh, ch, nw, cw, H, D)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = xg.sum(dim=(2, 4, 6), dtype=acc)  # [B, nt, nh, nw, H, D]
+    n = block_sizes(grid, chunk, x.device).to(acc).view(1, nt, nh, nw, 1, 1)
+    mean = (s / n).to(x.dtype)
+    return mean.reshape(B, nt * nh * nw, H, D).transpose(1, 2).contiguous()
+
+
+def block_scores(q_blk: torch.Tensor, k_blk: torch.Tensor) -> torch.Tensor:
+    """Unscaled ``q_blk @ k_blk^T`` in fp32 (fp64 for fp64 inputs): ``[B, H, Nq, Nk]``."""
+    acc = torch.float64 if q_blk.dtype == torch.float64 else torch.float32
+    return torch.matmul(q_blk.to(acc), k_blk.to(acc).transpose(-1, -2))
+
+
+def _select_rows(
+    score: torch.Tensor, head_dim: int, sparsity: Optional[float], cdf_threshold: Optional[float], max_sel: int
+):
+    """score ``[R, Nq, Nk]`` -> (indices ``[R, Nq, max_sel]`` int32, counts ``[R, Nq]`` int32)."""
+    Nk = score.shape[-1]
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    counts = torch.zeros(score.shape[:-1], dtype=torch.long, device=score.device)
+    if sparsity is not None:
+        counts = counts + int((1.0 - sparsity) * Nk)
+    if cdf_threshold is not None:
+        p = torch.softmax(score / math.sqrt(head_dim), dim=-1)
+        cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
+        # searchsorted(cdf, threshold, right=True) on a non-decreasing cdf
+        counts = torch.maximum(counts, (cdf <= cdf_threshold).sum(dim=-1))
+    idx = order[..., :max_sel]
+    keep = torch.arange(max_sel, device=score.device) < counts[..., None]
+    idx = torch.where(keep, idx, torch.full_like(idx, -1))
+    return idx.to(torch.int32), counts.to(torch.int32)
+
+
+@torch.no_grad()
+def select_blocks_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grid_q: Triple,
+    grid_k: Triple,
+    chunk_q: Triple,
+    chunk_k: Triple,
+    sparsity: Optional[float],
+    cdf_threshold: Optional[float],
+) -> BlockSelection:
+    """Torch gating; arguments already validated (see ``api.select_blocks``).
+
+    ``max_sel`` is ``max(1, int((1 - sparsity) * Nk))`` for top-k alone and ``Nk`` when a cdf rule is
+    involved (a static width, no device sync).
+    """
+    B, _, H, D = q.shape
+    q_blk = pool_blocks(q, grid_q, chunk_q)
+    k_blk = pool_blocks(k, grid_k, chunk_k)
+    Nq, Nk = q_blk.shape[2], k_blk.shape[2]
+    if cdf_threshold is None:
+        max_sel = max(1, int((1.0 - sparsity) * Nk))
+    else:
+        max_sel = Nk
+    q_rows = q_blk.reshape(B * H, Nq, D)
+    k_rows = k_blk.reshape(B * H, Nk, D)
+    # bound the [rows, Nq, Nk] score/sort temporaries (~64M elements per slice)
+    per_row = max(1, Nq * Nk)
+    step = max(1, (1 << 26) // per_row)
+    idx_parts, cnt_parts = [], []
+    for r0 in range(0, B * H, step):
+        s = block_scores(q_rows[r0 : r0 + step], k_rows[r0 : r0 + step])
+        i, c = _select_rows(s, D, sparsity, cdf_threshold, max_sel)
+        idx_parts.append(i)
+        cnt_parts.append(c)
+    indices = torch.cat(idx_parts).reshape(B, H, Nq, max_sel)
+    counts = torch.cat(cnt_parts).reshape(B, H, Nq)
+    return BlockSelection(indices, counts, tuple(grid_q), tuple(grid_k), tuple(chunk_q), tuple(chunk_k))

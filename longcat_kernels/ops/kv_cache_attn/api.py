@@ -1,0 +1,261 @@
+"""Cached-KV attention for video continuation and the cond/noisy prefix rule (SPEC 4).
+
+Backend implementations (lazy, see ``_backend.py``) live in ``triton.py`` / ``cuda.py`` as:
+- ``prefix_attn_<b>(q, k, v, prefix_len, scale) -> out``
+- ``attn_with_kv_cache_<b>(q, k, v, k_cache, v_cache, rope, scale, block_sparse) -> out``
+  (``block_sparse`` is a ``BlockSparseParams`` with ``frame_hw`` filled in, or None)
+with arguments already validated and normalised (scale a float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..._backend import get_impl, resolve_backend
+from ..._validate import (
+    check_backend_name,
+    check_chunk,
+    check_no_grad,
+    check_qkv,
+    check_same_device,
+    check_same_dtype,
+    check_scale,
+    check_sparsity,
+    check_tensor,
+    compiling,
+)
+from ...grid import Triple, as_triple
+from ..block_sparse_attn.api import _check_selection, select_blocks
+from ..block_sparse_attn.reference import block_sparse_attn_reference
+from ..block_sparse_attn.selection import BlockSelection
+from ..rope.api import Rope3D, apply_rope_3d
+from .reference import kv_cache_attn_reference, prefix_attn_reference
+
+__all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn"]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseParams:
+    """Block-sparse attention over [cache; fresh] keys inside ``attn_with_kv_cache``.
+
+    Attributes:
+        sparsity, cdf_threshold: selection rules (see ``select_blocks``).
+        chunk_q, chunk_k: block shapes (chunk_k defaults to chunk_q).
+        frame_hw: ``(H, W)`` tokens per frame; taken from ``rope.grid`` when None.
+        selection: a precomputed ``BlockSelection`` of q's grid ``(Tn, H, W)`` against the key grid
+            ``(c + Tn, H, W)`` (reuse it across steps); the rules are then ignored.
+    """
+
+    sparsity: Optional[float] = 0.9375
+    cdf_threshold: Optional[float] = None
+    chunk_q: Triple = (4, 4, 4)
+    chunk_k: Optional[Triple] = None
+    frame_hw: Optional[Tuple[int, int]] = None
+    selection: Optional[BlockSelection] = None
+
+
+def prefix_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: int,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention with LongCat's cond/noisy rule over one sequence, in one call.
+
+    ::
+
+                    keys [:p]   keys [p:]
+        q [:p]     |  attend  |  masked  |     cond tokens see only cond tokens
+        q [p:]     |  attend  |  attend  |     noisy tokens see everything
+
+    Args:
+        q, k, v (Tensor): ``[batch, seq, heads, head_dim]``, same shapes, any strides.
+        prefix_len (int): p, ``0 <= p <= seq`` (0 or seq: plain dense attention).
+        scale (float | None): default ``head_dim ** -0.5``.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        Tensor: ``[batch, seq, heads, head_dim]`` in q's dtype, contiguous.
+    """
+    if not compiling():
+        check_backend_name(backend)
+        check_qkv(q, k, v)
+        check_scale(scale)
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
+        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+            raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
+        if not 0 <= prefix_len <= q.shape[1]:
+            raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {prefix_len}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b = resolve_backend("prefix_attn", backend, q, k, v)
+    if b != "torch":
+        return get_impl("prefix_attn", b)(q, k, v, prefix_len, scale)
+    return prefix_attn_reference(q, k, v, prefix_len, scale)
+
+
+def _check_cache(q, k_cache, v_cache) -> None:
+    if (k_cache is None) != (v_cache is None):
+        raise ValueError(
+            "k_cache/v_cache: expected both or neither, got "
+            f"k_cache={'None' if k_cache is None else 'Tensor'}, v_cache={'None' if v_cache is None else 'Tensor'}"
+        )
+    if k_cache is None:
+        return
+    check_tensor(k_cache, "k_cache")
+    check_tensor(v_cache, "v_cache")
+    check_same_device([("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
+    check_same_dtype([("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
+    B, _, H, D = q.shape
+    for n, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.shape[0] not in (1, B):
+            raise ValueError(f"{n}: expected batch 1 or {B} (q's batch), got {t.shape[0]} (shape {tuple(t.shape)})")
+        if t.shape[2] != H:
+            raise ValueError(f"{n}: expected {H} heads (same as q), got {t.shape[2]}")
+        if t.shape[3] != D:
+            raise ValueError(f"{n}: expected head_dim {D} (same as q), got {t.shape[3]}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{n}: expected a non-empty cache (seq >= 1; pass None for no cache), got seq 0")
+    if v_cache.shape[:2] != k_cache.shape[:2]:
+        raise ValueError(
+            f"v_cache: expected batch and seq {tuple(k_cache.shape[:2])} (same as k_cache), got {tuple(v_cache.shape[:2])}"
+        )
+
+
+def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
+    """Validated BlockSparseParams with frame_hw filled in."""
+    if not isinstance(bs, BlockSparseParams):
+        raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
+    hw = bs.frame_hw
+    if hw is None:
+        if rope is None:
+            raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope=), got None")
+        hw = rope.frame_hw
+    if not isinstance(hw, (tuple, list)) or len(hw) != 2:
+        raise TypeError(f"block_sparse.frame_hw: expected a tuple (H, W), got {hw!r}")
+    Hf, Wf = as_triple((1, hw[0], hw[1]), "block_sparse.frame_hw")[1:]
+    if rope is not None and (Hf, Wf) != rope.frame_hw:
+        raise ValueError(f"block_sparse.frame_hw: expected {rope.frame_hw} (rope grid's H, W), got {(Hf, Wf)}")
+    n = Hf * Wf
+    Sn = q.shape[1]
+    if Sn % n or Sc % n:
+        raise ValueError(
+            f"block_sparse.frame_hw: expected fresh seq {Sn} and cache seq {Sc} to be multiples of H*W = {n}, "
+            f"got frame_hw={(Hf, Wf)}"
+        )
+    grid_q = (Sn // n, Hf, Wf)
+    grid_k = ((Sc + Sn) // n, Hf, Wf)
+    if bs.selection is None:
+        check_sparsity(bs.sparsity, bs.cdf_threshold)
+        cq = check_chunk(bs.chunk_q, grid_q, "block_sparse.chunk_q", "the fresh grid")
+        ck = check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
+    else:
+        cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
+        k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
+        _check_selection(bs.selection, q, k_all, grid_q, grid_k)
+    return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck)
+
+
+def attn_with_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: Optional[torch.Tensor] = None,
+    v_cache: Optional[torch.Tensor] = None,
+    *,
+    rope: Optional[Rope3D] = None,
+    scale: Optional[float] = None,
+    block_sparse: Optional[BlockSparseParams] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of fresh (noisy) tokens over ``[cache; fresh]`` keys, the VC hot path.
+
+    ``out = softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` where ``'`` is 3D RoPE at the fresh
+    tokens' grid frames ``c .. c+Tn-1`` (``c = Sc / (H*W)``) when ``rope`` is given. The cached K is
+    stored already rotated and is never touched. A batch-1 cache serves every batch entry (the CFG
+    batch) without being copied.
+
+    ::
+
+        keys:    [ k_cache (Bc, Sc): frames 0..c-1 | k (B, Sn): frames c..c+Tn-1 ]
+        queries: q (B, Sn) at frames c..c+Tn-1, attend to all keys (optionally block-sparse)
+
+    Args:
+        q, k, v (Tensor): ``[batch, seq_new, heads, head_dim]``, any strides.
+        k_cache, v_cache (Tensor | None): ``[Bc, seq_cache, heads, head_dim]``, Bc in {1, batch};
+            both or neither.
+        rope (Rope3D | None): tables for a grid covering cache + fresh frames.
+        scale (float | None): default ``head_dim ** -0.5``.
+        block_sparse (BlockSparseParams | None): block-sparse attention over the ``(c + Tn, H, W)``
+            key grid instead of dense.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        Tensor: ``[batch, seq_new, heads, head_dim]`` in q's dtype, contiguous.
+        Forward only: inputs requiring grad raise ``ValueError``.
+    """
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    if not compiling():
+        check_backend_name(backend)
+        check_qkv(q, k, v)
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
+        check_scale(scale)
+        _check_cache(q, k_cache, v_cache)
+        check_no_grad(
+            [("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)], "attn_with_kv_cache"
+        )
+        if rope is not None:
+            if not isinstance(rope, Rope3D):
+                raise TypeError(f"rope: expected a Rope3D or None, got {type(rope).__name__}")
+            hw = rope.tokens_per_frame
+            if Sc % hw:
+                raise ValueError(f"k_cache: expected seq to be a multiple of H*W = {hw} (rope grid {rope.grid}), got {Sc}")
+            if q.shape[1] % hw:
+                raise ValueError(f"q: expected seq to be a multiple of H*W = {hw} (rope grid {rope.grid}), got {q.shape[1]}")
+            if q.shape[3] != rope.head_dim:
+                raise ValueError(f"q: expected head_dim {rope.head_dim} (rope.head_dim), got {q.shape[3]}")
+            frames = (Sc + q.shape[1]) // hw
+            if frames > rope.grid[0]:
+                raise ValueError(
+                    f"rope: expected a grid of at least {frames} frames (cache {Sc // hw} + fresh {q.shape[1] // hw}), "
+                    f"got {rope.grid}"
+                )
+    if block_sparse is not None:
+        block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b = resolve_backend("attn_with_kv_cache", backend, q, k, v)
+    if b != "torch":
+        return get_impl("attn_with_kv_cache", b)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
+    with torch.no_grad():
+        if rope is not None:
+            c = Sc // rope.tokens_per_frame
+            q = apply_rope_3d(q, rope, frame_offset=c)
+            k = apply_rope_3d(k, rope, frame_offset=c)
+        if block_sparse is None:
+            return kv_cache_attn_reference(q, k, v, k_cache, v_cache, scale)
+        # reference BSA over the explicit concatenation (a batch-1 cache is expanded into it)
+        if k_cache is not None:
+            B = q.shape[0]
+            k_all = torch.cat([k_cache.expand(B, -1, -1, -1), k], dim=1)
+            v_all = torch.cat([v_cache.expand(B, -1, -1, -1), v], dim=1)
+        else:
+            k_all, v_all = k, v
+        sel = block_sparse.selection
+        if sel is None:
+            Hf, Wf = block_sparse.frame_hw
+            n = Hf * Wf
+            sel = select_blocks(
+                q, k_all, grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k_all.shape[1] // n, Hf, Wf),
+                chunk_q=block_sparse.chunk_q, chunk_k=block_sparse.chunk_k, sparsity=block_sparse.sparsity,
+                cdf_threshold=block_sparse.cdf_threshold, backend="torch",
+            )
+        return block_sparse_attn_reference(q, k_all, v_all, sel, scale)[0]

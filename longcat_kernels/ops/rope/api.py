@@ -1,0 +1,234 @@
+"""3D RoPE (LongCat convention, SPEC 5) and the fused q/k RMSNorm + RoPE prologue.
+
+Layout of one head (D = 128): ``[ t: 44 dims | h: 42 dims | w: 42 dims ]``; inside each part the
+angle ``pos * theta**(-2i/d)`` is repeated for the adjacent pair ``(2i, 2i+1)``, which rotates as
+``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`` (interleaved, GPT-J style). fp32 math.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..._backend import get_impl, resolve_backend
+from ..._validate import check_backend_name, check_same_device, check_tensor, compiling
+from ...grid import Triple, as_triple
+from . import reference as ref
+
+__all__ = ["Rope3D", "apply_rope_3d", "qk_norm_rope"]
+
+
+class Rope3D:
+    """Per-axis fp32 cos/sin tables for a latent grid.
+
+    Args:
+        grid: ``(T, H, W)`` latent grid (tokens after patching) that positions refer to.
+        head_dim: D, even; split into t/h/w parts of ``D - 4*(D//6)``, ``2*(D//6)``, ``2*(D//6)``.
+        theta: base of the inverse frequencies.
+        device: where the tables live.
+
+    Attributes:
+        cos_t, sin_t: ``[T, dt]``; cos_h, sin_h: ``[H, dh]``; cos_w, sin_w: ``[W, dw]`` (fp32).
+    """
+
+    def __init__(self, grid: Sequence[int], head_dim: int, theta: float = 10000.0, device=None):
+        self.grid: Triple = as_triple(grid, "grid")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+            raise TypeError(f"head_dim: expected an int, got {type(head_dim).__name__}")
+        if head_dim < 6 or head_dim % 2:
+            raise ValueError(f"head_dim: expected an even int >= 6, got {head_dim}")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"theta: expected a positive float, got {theta!r}")
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        self.dims = ref.rope_part_dims(head_dim)
+        T, H, W = self.grid
+        dt, dh, dw = self.dims
+        self.cos_t, self.sin_t = ref.axis_tables(T, dt, self.theta, device)
+        self.cos_h, self.sin_h = ref.axis_tables(H, dh, self.theta, device)
+        self.cos_w, self.sin_w = ref.axis_tables(W, dw, self.theta, device)
+        self._tables: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.cos_t.device
+
+    @property
+    def frame_hw(self) -> Tuple[int, int]:
+        return self.grid[1], self.grid[2]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    def to(self, device) -> "Rope3D":
+        """A copy of the tables on ``device`` (self if already there)."""
+        if torch.device(device) == self.device:
+            return self
+        return Rope3D(self.grid, self.head_dim, self.theta, device)
+
+    def tables(self, frame_offset: int = 0, num_frames: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Full-width token tables ``(cos, sin)``, each ``[num_frames*H*W, D]`` fp32.
+
+        Args:
+            frame_offset: first frame (grid position along t) covered.
+            num_frames: frames covered; default: the rest of the grid.
+        """
+        T = self.grid[0]
+        if num_frames is None:
+            num_frames = T - frame_offset
+        if frame_offset < 0 or num_frames < 0 or frame_offset + num_frames > T:
+            raise ValueError(
+                f"frame_offset/num_frames: expected 0 <= frame_offset and frame_offset + num_frames <= {T} "
+                f"(rope grid {self.grid}), got frame_offset={frame_offset}, num_frames={num_frames}"
+            )
+        key = (frame_offset, num_frames)
+        out = self._tables.get(key)
+        if out is None:
+            out = ref.full_tables(
+                self.cos_t, self.sin_t, self.cos_h, self.sin_h, self.cos_w, self.sin_w, frame_offset, num_frames
+            )
+            if len(self._tables) > 16:
+                self._tables.clear()
+            self._tables[key] = out
+        return out
+
+    def __repr__(self) -> str:
+        return f"Rope3D(grid={self.grid}, head_dim={self.head_dim}, theta={self.theta}, device={self.device})"
+
+
+def _rope_frames(x: torch.Tensor, rope: Rope3D, frame_offset: int, name: str) -> int:
+    """Frames held by ``x`` (validated against the rope grid)."""
+    if not isinstance(rope, Rope3D):
+        raise TypeError(f"rope: expected a Rope3D, got {type(rope).__name__}")
+    S, D = x.shape[1], x.shape[3]
+    if D != rope.head_dim:
+        raise ValueError(f"{name}: expected head_dim {rope.head_dim} (rope.head_dim), got {D}")
+    hw = rope.tokens_per_frame
+    if S % hw:
+        raise ValueError(
+            f"{name}: expected seq to be a multiple of H*W = {hw} (rope grid {rope.grid}), got seq {S}"
+        )
+    nf = S // hw
+    if isinstance(frame_offset, bool) or not isinstance(frame_offset, int):
+        raise TypeError(f"frame_offset: expected an int, got {type(frame_offset).__name__}")
+    if frame_offset < 0 or frame_offset + nf > rope.grid[0]:
+        raise ValueError(
+            f"frame_offset: expected 0 <= frame_offset <= {rope.grid[0] - nf} ({name} holds {nf} frames of the "
+            f"{rope.grid[0]}-frame rope grid), got {frame_offset}"
+        )
+    return nf
+
+
+def _tables_for(x: torch.Tensor, rope: Rope3D, frame_offset: int, nf: int):
+    cos, sin = rope.tables(frame_offset, nf)
+    if cos.device != x.device:
+        cos, sin = cos.to(x.device), sin.to(x.device)
+    return cos, sin
+
+
+def apply_rope_3d(x: torch.Tensor, rope: Rope3D, frame_offset: int = 0) -> torch.Tensor:
+    """Rotates ``x`` by 3D RoPE at its grid positions.
+
+    Args:
+        x (Tensor): ``[batch, seq, heads, head_dim]``, any float dtype, any strides; holds frames
+            ``frame_offset .. frame_offset + seq/(H*W) - 1`` of ``rope.grid`` in (t, h, w) order.
+        rope (Rope3D): tables for the grid.
+        frame_offset (int): grid frame of x's first token.
+
+    Returns:
+        Tensor: same shape and dtype as x (contiguous); math in fp32.
+    """
+    if not compiling():
+        check_tensor(x, "x")
+    nf = _rope_frames(x, rope, frame_offset, "x")
+    cos, sin = _tables_for(x, rope, frame_offset, nf)
+    return ref.apply_rope_reference(x, cos, sin)
+
+
+def _check_weight(w, name: str, D: int, like: torch.Tensor) -> None:
+    check_tensor(w, name, ndim=1, layout="[head_dim]")
+    if w.shape[0] != D:
+        raise ValueError(f"{name}: expected shape ({D},) (head_dim), got {tuple(w.shape)}")
+
+
+def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (same as {like_name}), got {tuple(out.shape)}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (same as {like_name}), got {out.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (same as {like_name}), got {out.device}")
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    rope: Optional[Rope3D] = None,
+    frame_offset: int = 0,
+    eps: float = 1e-6,
+    *,
+    out_q: Optional[torch.Tensor] = None,
+    out_k: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over head_dim on q and k, then (optionally) 3D RoPE: the attention prologue.
+
+    ``norm(x) = (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype) * weight.to(x.dtype)``, then
+    ``apply_rope_3d(norm(x), rope, frame_offset)``.
+
+    Args:
+        q (Tensor): ``[batch, seq, heads_q, head_dim]``, any strides.
+        k (Tensor): ``[batch, seq, heads_k, head_dim]``, same batch, seq, dtype and device as q.
+        q_weight, k_weight (Tensor): ``[head_dim]`` RMSNorm weights, shared by all heads.
+        rope (Rope3D | None): tables; q and k hold frames ``frame_offset ..`` of ``rope.grid``.
+        frame_offset (int): grid frame of the first token.
+        eps (float): RMSNorm epsilon.
+        out_q, out_k (Tensor | None): preallocated outputs (e.g. the tail of a [cache; fresh] key
+            buffer); written and returned when given.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        (Tensor, Tensor): normalised (and rotated) q and k in the input dtype.
+    """
+    if not compiling():
+        check_backend_name(backend)
+        check_tensor(q, "q")
+        check_tensor(k, "k")
+        check_same_device([("q", q), ("k", k), ("q_weight", q_weight), ("k_weight", k_weight)])
+        if k.dtype != q.dtype:
+            raise TypeError(f"k: expected dtype {q.dtype} (same as q), got {k.dtype}")
+        if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+            raise ValueError(
+                f"k: expected batch, seq and head_dim {(q.shape[0], q.shape[1], q.shape[3])} (same as q), "
+                f"got shape {tuple(k.shape)}"
+            )
+        D = q.shape[3]
+        _check_weight(q_weight, "q_weight", D, q)
+        _check_weight(k_weight, "k_weight", D, k)
+        _check_out(out_q, "out_q", q, "q")
+        _check_out(out_k, "out_k", k, "k")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    nf = None
+    if rope is not None:
+        nf = _rope_frames(q, rope, frame_offset, "q")
+    b = resolve_backend("qk_norm_rope", backend, q, k)
+    if b != "torch":
+        return get_impl("qk_norm_rope", b)(q, k, q_weight, k_weight, rope, frame_offset, eps, out_q, out_k)
+    tables = _tables_for(q, rope, frame_offset, nf) if rope is not None else None
+    qo, ko = ref.qk_norm_rope_reference(q, k, q_weight, k_weight, tables, eps)
+    if out_q is not None:
+        out_q.copy_(qo)
+        qo = out_q
+    if out_k is not None:
+        out_k.copy_(ko)
+        ko = out_k
+    return qo, ko

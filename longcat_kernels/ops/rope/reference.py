@@ -1,0 +1,68 @@
+"""Reference 3D RoPE and q/k RMSNorm (SPEC 5, SPEC 6 step 4). Pure torch, imports no triton."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def rope_part_dims(head_dim: int) -> Tuple[int, int, int]:
+    """(t, h, w) dims of the LongCat split: ``(D - 4*(D//6), 2*(D//6), 2*(D//6))``."""
+    dh = 2 * (head_dim // 6)
+    return head_dim - 2 * dh, dh, dh
+
+
+def axis_tables(n: int, dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[n, dim]`` fp32 for integer positions ``0..n-1``, each angle repeated for a pair."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    pos = torch.arange(n, dtype=torch.float32, device=device)
+    ang = torch.outer(pos, inv_freq).repeat_interleave(2, dim=1)
+    return ang.cos(), ang.sin()
+
+
+def full_tables(cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, frame_offset: int, num_frames: int):
+    """Token tables ``[num_frames*H*W, D]`` fp32 (concatenation [t | h | w] per token)."""
+    H, W = cos_h.shape[0], cos_w.shape[0]
+    T = num_frames
+    parts = []
+    for ct, ch, cw in ((cos_t, cos_h, cos_w), (sin_t, sin_h, sin_w)):
+        a = ct[frame_offset : frame_offset + T][:, None, None, :].expand(T, H, W, ct.shape[1])
+        b = ch[None, :, None, :].expand(T, H, W, ch.shape[1])
+        c = cw[None, None, :, :].expand(T, H, W, cw.shape[1])
+        parts.append(torch.cat([a, b, c], dim=-1).reshape(T * H * W, -1))
+    return parts[0], parts[1]
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotation of ``x [B, S, H, D]`` by token tables ``cos, sin [S, D]``; fp32 math."""
+    xf = x.float()
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]
+    c = cos[None, :, None, 0::2]
+    s = sin[None, :, None, 0::2]
+    out = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """SPEC 6: normalise in fp32, cast to the input dtype, multiply by the weight in that dtype."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return y * weight.to(x.dtype)
+
+
+def qk_norm_rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    tables: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    qn = rms_norm_reference(q, q_weight, eps)
+    kn = rms_norm_reference(k, k_weight, eps)
+    if tables is not None:
+        cos, sin = tables
+        qn = apply_rope_reference(qn, cos, sin)
+        kn = apply_rope_reference(kn, cos, sin)
+    return qn, kn

@@ -1,0 +1,325 @@
+"""Triton kernels for 3D RoPE and the fused q/k RMSNorm + RoPE prologue (SPEC 5, 6).
+
+One kernel family, `norm_rope_fwd_kernel`, covers three jobs chosen by constexpr flags:
+
+- `apply_rope_3d_triton`: RoPE only, one tensor.
+- `qk_norm_rope_triton`: RMSNorm (fp32 statistics, cast to the input dtype, times the weight in
+  the input dtype) then RoPE (fp32, cast back) of q and k in one launch, each written once.
+- `norm_rope_into_kv_buffer` (internal, used by the cached-KV "prologue + cuDNN" route): the same
+  for q and k plus a plain copy of v, with k and v written straight into the fresh part of a
+  preallocated `[B, Sc + Sn, H, D]` key/value buffer.
+
+RoPE tables are the per-axis fp32 tables of `Rope3D` (`cos_t/sin_t [T, dt]`, `cos_h/sin_h [H, dh]`,
+`cos_w/sin_w [W, dw]`, each angle repeated for its adjacent pair), so each program reads a few
+hundred bytes of tables per token from L2 instead of a full-width `[S, D]` table. Rotation pairs
+adjacent elements (interleaved / GPT-J style): the tile is split into even / odd lanes with
+`tl.reshape` + `tl.split`, rotated, and re-joined, so every load and store stays contiguous.
+
+All functions are forward only (RoPE/RMSNorm have no backward here); inputs requiring grad raise.
+Arbitrary strides are accepted for inputs and `out_*` buffers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _rope_rotate(x_e, x_o, pos, m_s, offs_p, COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
+                 GH, GW, DT: tl.constexpr, DH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotate the even/odd lanes `x_e, x_o` [BLOCK_S, BLOCK_D // 2] (fp32) of tokens at grid `pos`."""
+    # token (t, h, w) on the rope grid; pos is int64 [BLOCK_S]
+    hw = GH * GW
+    b_t = pos // hw
+    b_r = pos % hw
+    b_h = b_r // GW
+    b_w = b_r % GW
+    # column of the even lane; part boundaries DT, DT+DH are even so a pair never straddles parts
+    o_c = 2 * offs_p
+    DW = HEAD_DIM - DT - DH
+    m_t = o_c < DT
+    m_h = (o_c >= DT) & (o_c < DT + DH)
+    m_w = (o_c >= DT + DH) & (o_c < HEAD_DIM)
+    o_t = tl.where(m_t, o_c, 0)
+    o_h = tl.where(m_h, o_c - DT, 0)
+    o_w = tl.where(m_w, o_c - DT - DH, 0)
+    p_t = b_t[:, None] * DT + o_t[None, :]
+    p_h = b_h[:, None] * DH + o_h[None, :]
+    p_w = b_w[:, None] * DW + o_w[None, :]
+    mt = m_s[:, None] & m_t[None, :]
+    mh = m_s[:, None] & m_h[None, :]
+    mw = m_s[:, None] & m_w[None, :]
+    # [BLOCK_S, BLOCK_D // 2] fp32; the three masks are disjoint, so the sum selects one table
+    b_cos = (tl.load(COS_T + p_t, mask=mt, other=0.0) + tl.load(COS_H + p_h, mask=mh, other=0.0)
+             + tl.load(COS_W + p_w, mask=mw, other=0.0))
+    b_sin = (tl.load(SIN_T + p_t, mask=mt, other=0.0) + tl.load(SIN_H + p_h, mask=mh, other=0.0)
+             + tl.load(SIN_W + p_w, mask=mw, other=0.0))
+    y_e = x_e * b_cos - x_o * b_sin
+    y_o = x_o * b_cos + x_e * b_sin
+    return y_e, y_o
+
+
+@triton.jit
+def _norm_rope_tile(X, W, OUT, b, h, offs_s, offs_d, offs_p, S, eps, pos0,
+                    stride_xb, stride_xs, stride_xh, stride_xd,
+                    stride_ob, stride_os, stride_oh, stride_od,
+                    COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W, GH, GW,
+                    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                    DT: tl.constexpr, DH: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    m_s = offs_s < S
+    m_d = offs_d < HEAD_DIM
+    m = m_s[:, None] & m_d[None, :]
+    p_x = (X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs
+           + offs_d[None, :] * stride_xd)
+    b_x = tl.load(p_x, mask=m, other=0.0)  # [BLOCK_S, BLOCK_D], input dtype
+    if HAS_NORM:
+        b_xf = b_x.to(tl.float32)
+        b_rstd = 1.0 / tl.sqrt(tl.sum(b_xf * b_xf, axis=1) / HEAD_DIM + eps)  # [BLOCK_S]
+        b_w = tl.load(W + offs_d, mask=m_d, other=0.0)  # [BLOCK_D], input dtype
+        # SPEC 6: normalise in fp32, cast to the input dtype, then multiply by the weight in it
+        b_x = (b_xf * b_rstd[:, None]).to(b_x.dtype) * b_w[None, :]
+    if HAS_ROPE:
+        b_xf = tl.reshape(b_x.to(tl.float32), (BLOCK_S, BLOCK_D // 2, 2))
+        b_xe, b_xo = tl.split(b_xf)  # [BLOCK_S, BLOCK_D // 2] each
+        pos = pos0 + offs_s.to(tl.int64)
+        b_ye, b_yo = _rope_rotate(b_xe, b_xo, pos, m_s, offs_p, COS_T, SIN_T, COS_H, SIN_H,
+                                  COS_W, SIN_W, GH, GW, DT, DH, HEAD_DIM)
+        b_y = tl.reshape(tl.join(b_ye, b_yo), (BLOCK_S, BLOCK_D))
+        b_x = b_y.to(b_x.dtype)
+    p_o = (OUT + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os
+           + offs_d[None, :] * stride_od)
+    tl.store(p_o, b_x.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["S", "pos0", "GH", "GW"])
+def norm_rope_fwd_kernel(
+    Q, K, V, QW, KW, OUT_Q, OUT_K, OUT_V,
+    COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
+    S, H, eps, pos0, GH, GW,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_oqb, stride_oqs, stride_oqh, stride_oqd,
+    stride_okb, stride_oks, stride_okh, stride_okd,
+    stride_ovb, stride_ovs, stride_ovh, stride_ovd,
+    HAS_Q: tl.constexpr, HAS_K: tl.constexpr, COPY_V: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+    DT: tl.constexpr, DH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_S), H, B): one [BLOCK_S, D] tile of each of q, k (and v) per program."""
+    pid_s = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_D // 2)
+    if HAS_Q:
+        _norm_rope_tile(Q, QW, OUT_Q, b, h, offs_s, offs_d, offs_p, S, eps, pos0,
+                        stride_qb, stride_qs, stride_qh, stride_qd,
+                        stride_oqb, stride_oqs, stride_oqh, stride_oqd,
+                        COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W, GH, GW,
+                        HAS_NORM, HAS_ROPE, DT, DH, HEAD_DIM, BLOCK_S, BLOCK_D)
+    if HAS_K:
+        _norm_rope_tile(K, KW, OUT_K, b, h, offs_s, offs_d, offs_p, S, eps, pos0,
+                        stride_kb, stride_ks, stride_kh, stride_kd,
+                        stride_okb, stride_oks, stride_okh, stride_okd,
+                        COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W, GH, GW,
+                        HAS_NORM, HAS_ROPE, DT, DH, HEAD_DIM, BLOCK_S, BLOCK_D)
+    if COPY_V:
+        m = (offs_s < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        p_v = (V + b * stride_vb + h * stride_vh + offs_s[:, None] * stride_vs
+               + offs_d[None, :] * stride_vd)
+        p_ov = (OUT_V + b * stride_ovb + h * stride_ovh + offs_s[:, None] * stride_ovs
+                + offs_d[None, :] * stride_ovd)
+        tl.store(p_ov, tl.load(p_v, mask=m, other=0.0).to(OUT_V.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher (plain Python, no torch.library): shared by the registered ops below and by
+# ops/kv_cache_attn/triton.py
+# ----------------------------------------------------------------------------------------------
+
+def rope_parts(head_dim: int) -> tuple[int, int]:
+    """(dt, dh) split of head_dim for the t and h parts (SPEC 5); dw == dh."""
+    dh = 2 * (head_dim // 6)
+    return head_dim - 2 * dh, dh
+
+
+def rope_table_args(rope) -> tuple[list[torch.Tensor], int, int]:
+    """Per-axis fp32 tables of a `Rope3D` as contiguous tensors, plus the grid's (H, W)."""
+    tabs = [rope.cos_t, rope.sin_t, rope.cos_h, rope.sin_h, rope.cos_w, rope.sin_w]
+    tabs = [t.to(torch.float32).contiguous() for t in tabs]
+    _, gh, gw = rope.grid
+    return tabs, int(gh), int(gw)
+
+
+def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
+                     out_q=None, out_k=None, out_v=None, tables=None, gh=1, gw=1,
+                     frame_offset=0, eps=1e-6) -> None:
+    """Run `norm_rope_fwd_kernel` on whichever of q, k, v are given (same [B, S, H, D] shape).
+
+    `tables` (six per-axis fp32 tables) enables RoPE; `q_weight`/`k_weight` enable RMSNorm for that
+    tensor (both or neither). Writes out_q / out_k / out_v (any strides, preallocated).
+    """
+    ref = q if q is not None else (k if k is not None else v)
+    B, S, H, D = ref.shape
+    if B * S * H == 0:
+        return
+    has_norm = q_weight is not None or k_weight is not None
+    has_rope = tables is not None
+    if has_rope:
+        if D % 2:
+            raise ValueError(f"rope: head_dim must be even, got {D}")
+        dt, dh = rope_parts(D)
+        t_args = tables
+    else:
+        dt, dh = D, 0
+        t_args = [ref] * 6  # unused pointers
+    block_d = triton.next_power_of_2(D)
+    block_s = 16 if _INTERPRET else max(8, min(64, 8192 // block_d))
+    dummy = ref
+
+    def st(x):
+        return x.stride() if x is not None else (0, 0, 0, 0)
+
+    grid = (triton.cdiv(S, block_s), H, B)
+    norm_rope_fwd_kernel[grid](
+        q if q is not None else dummy, k if k is not None else dummy,
+        v if v is not None else dummy,
+        q_weight if q_weight is not None else dummy, k_weight if k_weight is not None else dummy,
+        out_q if out_q is not None else dummy, out_k if out_k is not None else dummy,
+        out_v if out_v is not None else dummy,
+        *t_args,
+        S, H, float(eps), int(frame_offset) * gh * gw, gh, gw,
+        *st(q), *st(k), *st(v), *st(out_q), *st(out_k), *st(out_v),
+        HAS_Q=q is not None, HAS_K=k is not None, COPY_V=v is not None,
+        HAS_NORM=has_norm, HAS_ROPE=has_rope, DT=dt, DH=dh,
+        HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def _check_no_grad(op: str, **tensors) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"{op}: the triton backend is forward only, but `{name}` requires grad; "
+                f"call it under torch.no_grad() or use backend='torch'")
+
+
+# ----------------------------------------------------------------------------------------------
+# registered ops (namespace longcat_kernels): mutate preallocated outputs, return nothing, so
+# the Python wrappers can hand back `out_k` that is a view into a caller's KV buffer
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("longcat_kernels::rope_3d", mutates_args=("out",))
+def _rope_3d_op(x: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor, cos_h: torch.Tensor,
+                sin_h: torch.Tensor, cos_w: torch.Tensor, sin_w: torch.Tensor, grid_h: int,
+                grid_w: int, frame_offset: int, out: torch.Tensor) -> None:
+    launch_norm_rope(q=x, out_q=out, tables=[cos_t, sin_t, cos_h, sin_h, cos_w, sin_w],
+                     gh=grid_h, gw=grid_w, frame_offset=frame_offset)
+
+
+@_rope_3d_op.register_fake
+def _(x, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, frame_offset, out):
+    return None
+
+
+@torch.library.custom_op("longcat_kernels::qk_norm_rope", mutates_args=("out_q", "out_k"))
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                     k_weight: torch.Tensor, cos_t: Optional[torch.Tensor],
+                     sin_t: Optional[torch.Tensor], cos_h: Optional[torch.Tensor],
+                     sin_h: Optional[torch.Tensor], cos_w: Optional[torch.Tensor],
+                     sin_w: Optional[torch.Tensor], grid_h: int, grid_w: int, frame_offset: int,
+                     eps: float, out_q: torch.Tensor, out_k: torch.Tensor) -> None:
+    tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+    if q.shape == k.shape:
+        launch_norm_rope(q=q, k=k, q_weight=q_weight, k_weight=k_weight, out_q=out_q, out_k=out_k,
+                         tables=tables, gh=grid_h, gw=grid_w, frame_offset=frame_offset, eps=eps)
+    else:
+        launch_norm_rope(q=q, q_weight=q_weight, out_q=out_q, tables=tables, gh=grid_h,
+                         gw=grid_w, frame_offset=frame_offset, eps=eps)
+        launch_norm_rope(k=k, k_weight=k_weight, out_k=out_k, tables=tables, gh=grid_h,
+                         gw=grid_w, frame_offset=frame_offset, eps=eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
+      frame_offset, eps, out_q, out_k):
+    return None
+
+
+def _check_rope_fits(op: str, x: torch.Tensor, rope, frame_offset: int) -> None:
+    if torch.compiler.is_compiling():
+        return
+    T, GH, GW = rope.grid
+    S = x.shape[1]
+    if x.shape[-1] != rope.head_dim:
+        raise ValueError(f"{op}: head_dim {x.shape[-1]} does not match rope.head_dim "
+                         f"{rope.head_dim}")
+    if S % (GH * GW):
+        raise ValueError(f"{op}: seq length {S} is not a whole number of frames of "
+                         f"{GH}x{GW} tokens (rope.grid={tuple(rope.grid)})")
+    if frame_offset < 0 or frame_offset + S // (GH * GW) > T:
+        raise ValueError(f"{op}: frames {frame_offset}..{frame_offset + S // (GH * GW) - 1} do "
+                         f"not fit in the rope grid of {T} frames")
+
+
+def apply_rope_3d_triton(x: torch.Tensor, rope, frame_offset: int = 0,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """3D RoPE (SPEC 5) of `x` [B, S, H, D] holding frames `frame_offset..` of `rope.grid`.
+
+    Forward only. Returns a new BSHD-contiguous tensor of x's dtype (or writes `out`).
+    """
+    _check_no_grad("apply_rope_3d", x=x)
+    _check_rope_fits("apply_rope_3d", x, rope, frame_offset)
+    tabs, gh, gw = rope_table_args(rope)
+    tabs = [t.to(x.device) for t in tabs]
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.longcat_kernels.rope_3d(x, *tabs, gh, gw, int(frame_offset), out)
+    return out
+
+
+def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                        k_weight: torch.Tensor, rope=None, frame_offset: int = 0,
+                        eps: float = 1e-6, out_q: Optional[torch.Tensor] = None,
+                        out_k: Optional[torch.Tensor] = None):
+    """Fused SPEC 6 q/k RMSNorm (over head_dim) then 3D RoPE, one launch, each output written once.
+
+    Args:
+        q (Tensor): [B, Sq, H, D], any strides. k (Tensor): [B, Sk, H, D].
+        q_weight, k_weight (Tensor): [D]; cast to q's / k's dtype.
+        rope (Rope3D | None): RoPE at frames `frame_offset..`; None = norm only.
+        out_q, out_k (Tensor | None): preallocated outputs (any strides, e.g. the tail of a
+            [cache; fresh] KV buffer); new BSHD-contiguous tensors when None.
+
+    Returns (out_q, out_k). Forward only.
+    """
+    _check_no_grad("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
+    if rope is not None:
+        _check_rope_fits("qk_norm_rope", q, rope, frame_offset)
+        _check_rope_fits("qk_norm_rope", k, rope, frame_offset)
+        tabs, gh, gw = rope_table_args(rope)
+        tabs = [t.to(q.device) for t in tabs]
+    else:
+        tabs, gh, gw = [None] * 6, 1, 1
+    qw = q_weight.to(device=q.device, dtype=q.dtype).contiguous()
+    kw = k_weight.to(device=k.device, dtype=k.dtype).contiguous()
+    if out_q is None:
+        out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out_k is None:
+        out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    torch.ops.longcat_kernels.qk_norm_rope(q, k, qw, kw, *tabs, gh, gw, int(frame_offset),
+                                           float(eps), out_q, out_k)
+    return out_q, out_k

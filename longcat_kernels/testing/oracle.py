@@ -1,0 +1,173 @@
+"""fp64 oracles, written independently of ``longcat_kernels.ops.*.reference`` and ``grid.py``.
+
+Dense ``[Sq, Sk]`` masks and fp64 einsums: for tiny test shapes only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "token_block_ids",
+    "bsa_token_mask",
+    "attention_oracle",
+    "attention_lowp",
+    "pooled_oracle",
+    "block_scores_oracle",
+    "selection_oracle",
+    "prefix_mask",
+    "rope_oracle",
+    "rms_norm_oracle",
+]
+
+
+def token_block_ids(grid: Sequence[int], chunk: Sequence[int]) -> torch.Tensor:
+    """Block id of every token of a ``(T, H, W)`` grid, by a plain Python loop. LongTensor [S]."""
+    T, H, W = grid
+    ct, ch, cw = chunk
+    nh, nw = math.ceil(H / ch), math.ceil(W / cw)
+    ids = []
+    for t in range(T):
+        for h in range(H):
+            for w in range(W):
+                ids.append(((t // ct) * nh + h // ch) * nw + w // cw)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def bsa_token_mask(block_mask: torch.Tensor, grid_q, grid_k, chunk_q, chunk_k) -> torch.Tensor:
+    """Token mask ``[B, H, Sq, Sk]`` bool from a block mask ``[B, H, Nq, Nk]``."""
+    bq = token_block_ids(grid_q, chunk_q).to(block_mask.device)
+    bk = token_block_ids(grid_k, chunk_k).to(block_mask.device)
+    return block_mask[:, :, bq][:, :, :, bk]
+
+
+def attention_oracle(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp64 attention on BSHD tensors (differentiable w.r.t. q, k, v).
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B or 1, Sk, H, D]``.
+        mask: bool, broadcastable to ``[B, H, Sq, Sk]`` (True = attend) or None.
+
+    Returns:
+        (out ``[B, Sq, H, D]`` fp64, lse ``[B, H, Sq]`` fp64); fully masked rows: out 0, lse -inf.
+    """
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    # differentiable in fp64 (no detach): gradients of the oracle come from autograd
+    qd, kd, vd = q.double(), k.double(), v.double()
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.expand(qd.shape[0], -1, -1, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    lse = (m + torch.log(den.detach())).squeeze(-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vd.expand(qd.shape[0], -1, -1, -1))
+    return out, lse
+
+
+def attention_lowp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The tolerance baseline: attention computed by torch in the inputs' own (low) precision.
+
+    Scores and ``p @ v`` in the input dtype, softmax in the input dtype (as eager PyTorch would);
+    fully masked rows give 0. ``[B, Sq, H, D]`` in q's dtype.
+    """
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    qd, kd, vd = q, k, v
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.expand(qd.shape[0], -1, -1, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vd.expand(qd.shape[0], -1, -1, -1))
+
+
+def prefix_mask(seq: int, prefix_len: int, device=None) -> torch.Tensor:
+    """``[S, S]`` bool: rows < p see columns < p; rows >= p see everything."""
+    r = torch.arange(seq, device=device)[:, None]
+    c = torch.arange(seq, device=device)[None, :]
+    return (r >= prefix_len) | (c < prefix_len)
+
+
+def pooled_oracle(x: torch.Tensor, grid, chunk) -> torch.Tensor:
+    """Block means over real tokens ``[B, H, N, D]``: fp32 sums, rounded to x's dtype (DESIGN)."""
+    B, S, H, D = x.shape
+    ids = token_block_ids(grid, chunk).to(x.device)
+    N = int(ids.max()) + 1
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(B, N, H, D, dtype=acc, device=x.device).index_add_(1, ids, x.detach().to(acc))
+    cnt = torch.bincount(ids, minlength=N).to(acc).view(1, N, 1, 1)
+    return (sums / cnt).to(x.dtype).transpose(1, 2)
+
+
+def block_scores_oracle(q, k, grid_q, grid_k, chunk_q, chunk_k) -> torch.Tensor:
+    """Unscaled block scores ``[B, H, Nq, Nk]`` in fp64 from the (rounded) pooled means."""
+    qb = pooled_oracle(q, grid_q, chunk_q).double()
+    kb = pooled_oracle(k, grid_k, chunk_k).double()
+    return qb @ kb.transpose(-1, -2)
+
+
+def selection_oracle(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold):
+    """(block mask ``[B, H, Nq, Nk]`` bool, scores fp64, counts long) by SPEC 3 in fp64."""
+    s = block_scores_oracle(q, k, grid_q, grid_k, chunk_q, chunk_k)
+    Nk = s.shape[-1]
+    D = q.shape[-1]
+    count = torch.zeros(s.shape[:-1], dtype=torch.long, device=s.device)
+    if sparsity is not None:
+        count += int((1 - sparsity) * Nk)
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)
+    if cdf_threshold is not None:
+        p = torch.softmax(s / math.sqrt(D), dim=-1)
+        cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
+        count = torch.maximum(count, torch.searchsorted(cdf, torch.full_like(cdf[..., :1], cdf_threshold), right=True)[..., 0])
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(Nk, device=s.device).expand_as(order))
+    return rank < count[..., None], s, count
+
+
+def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 10000.0) -> torch.Tensor:
+    """SPEC 5 written out longhand with Python math, fp64: ``[B, S, H, D]`` fp64."""
+    B, S, Hh, D = x.shape
+    T, H, W = grid
+    dh = 2 * (D // 6)
+    dims = [D - 2 * dh, dh, dh]
+    xd = x.detach().double().cpu()
+    out = torch.empty_like(xd)
+    hw = H * W
+    for s in range(S):
+        t, h, w = frame_offset + s // hw, (s % hw) // W, s % W
+        ang = []
+        for pos, d in zip((t, h, w), dims):
+            for i in range(d // 2):
+                a = pos * theta ** (-(2 * i) / d)
+                ang += [a, a]
+        c = torch.tensor([math.cos(a) for a in ang], dtype=torch.float64)
+        sn = torch.tensor([math.sin(a) for a in ang], dtype=torch.float64)
+        x0, x1 = xd[:, s, :, 0::2], xd[:, s, :, 1::2]
+        out[:, s, :, 0::2] = x0 * c[0::2] - x1 * sn[0::2]
+        out[:, s, :, 1::2] = x1 * c[1::2] + x0 * sn[1::2]
+    return out.to(x.device)
+
+
+def rms_norm_oracle(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fp64 RMSNorm over the last dim times weight."""
+    xd = x.detach().double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * weight.detach().double()

@@ -1,0 +1,109 @@
+"""Shared pytest setup.
+
+- ``torch.empty`` / ``torch.empty_like`` return NaN-filled float tensors during tests, so an output
+  a kernel forgets to write fails the parity check instead of passing by luck.
+- Markers (skip with a reason when the machine cannot run them):
+  ``cuda`` (a CUDA device), ``triton_gpu`` (CUDA + triton, compiled kernels), ``ext`` (CUDA + the
+  compiled extension), ``triton_interpret`` (Triton CPU interpreter: ``TRITON_INTERPRET=1``).
+- On a machine without CUDA, ``TRITON_INTERPRET=1`` is set before any test module (and therefore any
+  ``triton.py``) is imported, so ``backend="triton"`` runs CPU tensors in the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_orig_empty = torch.empty
+_orig_empty_like = torch.empty_like
+
+
+def _nan_empty(*args, **kwargs):
+    t = _orig_empty(*args, **kwargs)
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    return t
+
+
+def _nan_empty_like(*args, **kwargs):
+    t = _orig_empty_like(*args, **kwargs)
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", _nan_empty)
+    monkeypatch.setattr(torch, "empty_like", _nan_empty_like)
+    yield
+
+
+def _triton_reason():
+    from longcat_kernels._backend import triton_status
+
+    return triton_status()
+
+
+def _skip_reason(marker: str):
+    if marker == "cuda":
+        return None if torch.cuda.is_available() else "needs a CUDA device"
+    if marker == "triton_gpu":
+        if not torch.cuda.is_available():
+            return "needs a CUDA device (compiled Triton kernels)"
+        r = _triton_reason()
+        if r is not None:
+            return r
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return "TRITON_INTERPRET=1: compiled Triton kernels are not run in interpreter mode"
+        return None
+    if marker == "ext":
+        if not torch.cuda.is_available():
+            return "needs a CUDA device (compiled extension)"
+        from longcat_kernels._ext import extension_error
+
+        return extension_error()
+    if marker == "triton_interpret":
+        r = _triton_reason()
+        if r is not None:
+            return r
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "needs TRITON_INTERPRET=1 (set automatically on machines without CUDA)"
+        return None
+    return None
+
+
+MARKERS = {
+    "cuda": "needs a CUDA device",
+    "triton_gpu": "needs CUDA + triton (compiled kernels)",
+    "ext": "needs CUDA + the compiled longcat_kernels._C extension",
+    "triton_interpret": "Triton kernels in the CPU interpreter (TRITON_INTERPRET=1)",
+    "slow": "slow test (deselect with -m 'not slow')",
+}
+
+
+def pytest_configure(config):
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def pytest_collection_modifyitems(config, items):
+    cache = {}
+    for item in items:
+        for name in ("cuda", "triton_gpu", "ext", "triton_interpret"):
+            if item.get_closest_marker(name) is not None:
+                if name not in cache:
+                    cache[name] = _skip_reason(name)
+                if cache[name] is not None:
+                    item.add_marker(pytest.mark.skip(reason=f"[{name}] {cache[name]}"))
+
+
+@pytest.fixture
+def device():
+    """``"cuda"`` when available, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
