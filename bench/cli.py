@@ -1,0 +1,164 @@
+"""`python -m bench`: the cache on/off benchmark (default) and the kernel suites, as tables + files.
+
+Examples:
+    python -m bench                          # cache on/off, best device, embedded default config
+    python -m bench --suite all --plot       # every suite; PNG plots when matplotlib is installed
+    python -m bench --suite bsa --shapes 720p,480p --backends triton,cuda
+    python -m bench --quick                  # seconds-long smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import machine as _machine
+from bench import writer
+from bench.shapes import COND_FRAMES, SPARSITIES, parse_grids
+from bench.suites import SUITES, Context, load_suite, run_case
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def _csv(text: str | None, conv=str) -> list | None:
+    if not text:
+        return None
+    return [conv(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="LongCat-Video VC benchmarks: KV cache on/off speedup (measured vs ideal) and "
+        "our kernels vs PyTorch SDPA, with parity checked before every timing.",
+    )
+    p.add_argument("--suite", default="cache", help="cache | bsa | cached-attn | pipeline | all, or a "
+                   "comma-separated list (default: cache)")
+    p.add_argument("--shapes", default=None, help="comma-separated grids: presets 480p, 720p, cpu, tiny, "
+                   "bsa-cpu, bsa-tiny, or TxHxW (default: per suite and device)")
+    p.add_argument("--backends", default=None, help="comma-separated kernel backends to time: torch, triton, "
+                   "cuda, auto (default: every available one except the torch reference on GPU)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--depth", type=int, default=None, help="DiT depth for the cache/pipeline suites "
+                   "(default: 8 on GPU, 2 on CPU)")
+    p.add_argument("--cond-frames", default=None, help="comma-separated cond frame counts "
+                   f"(default: {','.join(map(str, COND_FRAMES))})")
+    p.add_argument("--sparsity", default=None, help="comma-separated sparsity levels for the bsa suite "
+                   f"(default: {','.join(map(str, SPARSITIES))})")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>/)")
+    p.add_argument("--no-write", action="store_true", help="print only, write no files")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke test)")
+    p.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale every case's timing budget (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _suites(arg: str) -> list[str]:
+    names = list(SUITES) if arg == "all" else [s.strip() for s in arg.split(",") if s.strip()]
+    for n in names:
+        if n not in SUITES:
+            raise SystemExit(f"--suite: expected one of {', '.join(SUITES)} or all, got {n!r}")
+    return names
+
+
+def _status_line(row: dict) -> str:
+    head = f"  {row['case']:<34} {row['backend']:<12}"
+    if row["status"] == "ok":
+        extra = f"  {row['tflops']:.3g} TFLOP/s" if row.get("tflops") else ""
+        return f"{head} {row['ms']:10.3f} ms  (n={row['runs']}, rel.L2 {row.get('rel_l2', float('nan')):.2g}){extra}"
+    return f"{head} {row['status'].upper()}: {row.get('reason', '')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    suites = _suites(args.suite)
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device: CUDA requested but torch.cuda.is_available() is False")
+        torch.cuda.set_device(device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        grids = parse_grids(args.shapes)
+        cond = tuple(_csv(args.cond_frames, int) or COND_FRAMES)
+        sparsities = tuple(_csv(args.sparsity, float) or SPARSITIES)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.depth is not None and args.depth < 1:
+        raise SystemExit(f"--depth: expected >= 1, got {args.depth}")
+
+    # fp32 means fp32 (no TF32) so CPU and GPU fp32 parity bounds agree
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    header = _machine.machine_header(device)
+    print(_machine.format_header(header), flush=True)
+    ctx = Context(device=device, dtype=dtype, quick=args.quick, grids=grids, backends=_csv(args.backends),
+                  depth=args.depth, cond_frames=cond, sparsities=sparsities, budget=args.budget, seed=args.seed)
+    if device.type == "cuda":
+        peak, t = _timing_peak(device)
+        ctx.peak_tflops = peak
+        header["matmul_peak_tflops"] = round(peak, 1)
+        print(f"ceiling: bf16 matmul 8192^3 {peak:.0f} TFLOP/s ({t.median_ms:.3f} ms, n={t.runs}), "
+              "the MFU denominator of this run", flush=True)
+
+    all_rows: list[dict] = []
+    bad = 0
+    t_start = time.perf_counter()
+    for name in suites:
+        mod = load_suite(name)
+        print(f"\n== suite {name} ({device}, {str(dtype).replace('torch.', '')}) ==", flush=True)
+        t0 = time.perf_counter()
+        rows = []
+        try:
+            cases = mod.cases(ctx)
+        except Exception as e:  # e.g. the model package is missing: the suite is reported, the run goes on
+            rows.append({"suite": name, "case": "-", "backend": "-", "status": "error",
+                         "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+            cases = []
+        for case in cases:
+            row = run_case(ctx, case)
+            rows.append(row)
+            print(_status_line(row), flush=True)
+        rows = mod.finish(ctx, rows) if cases else rows
+        ctx.free()
+        print(f"\n{mod.table(rows)}\n({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        bad += sum(r["status"] in ("parity-failed", "error") for r in rows)
+        all_rows += rows
+
+    config = {"suites": suites, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "quick": args.quick, "shapes": args.shapes, "backends": args.backends, "depth": args.depth,
+              "cond_frames": list(cond), "sparsities": list(sparsities), "budget": args.budget,
+              "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv),
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    if not args.no_write:
+        out_dir = Path(args.out) if args.out else writer.default_out_dir(header)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stem = f"bench-{'-'.join(suites)}{'-quick' if args.quick else ''}-{stamp}"
+        jpath, cpath = writer.write_results(out_dir, header, config, all_rows, stem)
+        print(f"wrote {jpath}\nwrote {cpath}")
+        if args.plot:
+            from bench import report
+
+            for p in report.plot_results(writer.load_results(jpath), out_dir, stem):
+                print(f"wrote {p}")
+    print(f"total {time.perf_counter() - t_start:.0f} s; "
+          + ("all cases passed parity" if bad == 0 else f"{bad} case(s) FAILED parity or errored"))
+    return 1 if bad else 0
+
+
+def _timing_peak(device):
+    from bench.timing import matmul_peak_tflops
+
+    return matmul_peak_tflops(device)

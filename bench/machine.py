@@ -1,0 +1,152 @@
+"""Machine header written with every result: GPU, driver, CUDA, torch, triton, commit, date."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Source folders hashed into `source_sha` (identifies the code when the copy has no .git, e.g. on the device).
+_SOURCE_DIRS = ("longcat_kernels", "longcat_vc", "csrc", "bench")
+_SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".cpp", ".h")
+
+
+def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """HEAD commit (+ "-dirty" when tracked files changed); env LONGCAT_KERNELS_BENCH_COMMIT wins."""
+    env = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT")
+    if env:
+        return env
+    head = _run(["git", "rev-parse", "HEAD"])
+    if head is None:
+        return None
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return head + ("-dirty" if dirty else "")
+
+
+def source_sha() -> str:
+    """sha256 (first 12 hex) over the project's source files, in path order."""
+    h = hashlib.sha256()
+    for d in _SOURCE_DIRS:
+        base = REPO_ROOT / d
+        if not base.is_dir():
+            continue
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and p.suffix in _SOURCE_SUFFIXES and "results" not in p.parts:
+                h.update(str(p.relative_to(REPO_ROOT)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text: str) -> str:
+    """Lower-case folder-safe name: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
+    text = re.sub(r"\b(nvidia|geforce|intel\(r\)|\(r\)|\(tm\)|cpu|@.*)", " ", text.lower())
+    text = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+    return text[:40] or "unknown"
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name under bench/results/ for results measured on ``device``."""
+    if device.type == "cuda":
+        return slug(torch.cuda.get_device_name(device))
+    return "cpu-" + slug(cpu_name())
+
+
+def _backends() -> dict[str, str | None] | None:
+    try:
+        import longcat_kernels
+
+        return dict(longcat_kernels.available_backends())
+    except Exception as e:  # the header must never stop a benchmark
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def machine_header(device: torch.device | str) -> dict:
+    """Everything needed to compare a result with another machine's."""
+    device = torch.device(device)
+    info: dict = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device_type": device.type,
+        "device_slug": device_slug(device),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton") or _version("pytorch-triton"),
+        "numpy": _version("numpy"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "commit": git_commit(),
+        "source_sha": source_sha(),
+        "longcat_kernels": _version("longcat-kernels") or _version("longcat_kernels"),
+        "backends": _backends(),
+    }
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        smi = _run(
+            ["nvidia-smi", f"--id={idx}", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+             "--format=csv,noheader,nounits"]
+        )
+        fields = [f.strip() for f in smi.split(",")] if smi else []
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            driver=fields[0] if fields else None,
+            sm_clock_max_mhz=fields[1] if len(fields) > 1 else None,
+            power_limit_w=fields[2] if len(fields) > 2 else None,
+        )
+    else:
+        info.update(gpu=None, driver=None)
+    return info
+
+
+def format_header(info: dict) -> str:
+    """The header as a few human-readable lines."""
+    dev = info.get("gpu") or f"CPU {info.get('cpu')} ({info.get('torch_threads')} threads)"
+    lines = [
+        f"device : {dev}" + (f", driver {info['driver']}" if info.get("driver") else "")
+        + (f", {info['gpu_memory_gib']} GiB, sm_{info['capability'].replace('.', '')}" if info.get("gpu") else ""),
+        f"stack  : torch {info['torch']}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, "
+        f"triton {info.get('triton')}, python {info['python']}",
+        f"source : commit {info.get('commit') or 'unknown'}, source_sha {info['source_sha']}, {info['date']}",
+    ]
+    be = info.get("backends")
+    if be:
+        lines.append("backends: " + ", ".join(f"{k}={'ok' if v is None else 'no'}" for k, v in be.items()))
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""README benchmark table and PNG plots, generated from the committed results (never typed by hand).
+
+    python -m bench.report            # print the markdown that goes between the README markers
+    python -m bench.report --write    # replace it in README.md
+    python -m bench.report --check    # exit 1 if README.md is out of date with bench/results/
+    python -m bench.report --plot     # PNGs next to each device's newest results (needs matplotlib)
+
+Quick (smoke) runs are never reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench import writer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def _f(v, spec=".2f", suffix=""):
+    if v is None or isinstance(v, str):
+        return "-" if v is None else v
+    return format(v, spec) + suffix
+
+
+def _md(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _device_name(doc: dict) -> str:
+    m = doc["machine"]
+    return m.get("gpu") or f"CPU {m.get('cpu')}"
+
+
+def _source(doc: dict) -> str:
+    m = doc["machine"]
+    rel = Path(doc["_path"]).resolve()
+    try:
+        rel = rel.relative_to(README.parent)
+    except ValueError:
+        pass
+    return (f"{_device_name(doc)}, torch {m.get('torch')}, CUDA {m.get('cuda')}, triton {m.get('triton')}, "
+            f"commit {str(m.get('commit') or 'unknown')[:12]}, {m.get('date')} ([{rel.name}]({rel.as_posix()}))")
+
+
+def _rows(doc: dict, suite: str) -> list[dict]:
+    return [r for r in doc["rows"] if r.get("suite") == suite]
+
+
+def cache_table(doc: dict) -> str:
+    rows = _rows(doc, "cache")
+    by: dict = {}
+    for r in rows:
+        by.setdefault(r.get("cond_latents"), {})[r.get("mode")] = r
+    body = []
+    cfg = ""
+    for c in sorted(k for k in by if k is not None):
+        off, on, bld = (by[c].get(m, {}) for m in ("off", "on", "build"))
+        any_r = off or on or bld
+        cfg = f"depth {any_r.get('depth')}, hidden {any_r.get('hidden')}, grid {any_r.get('grid')}, B{any_r.get('batch')}"
+
+        def ms(r, spec=".1f"):
+            return _f(r.get("ms"), spec) if r.get("status") == "ok" else (r.get("status") or "-")
+
+        body.append([str(any_r.get("cond_frames")), str(c), ms(off), ms(on), _f(on.get("speedup"), ".2f", "x"),
+                     _f(on.get("ideal_speedup"), ".2f", "x"), ms(bld), _f(bld.get("cache_mb"), ".0f"),
+                     _f(100 * off["mfu"] if off.get("mfu") else None, ".0f", "%"),
+                     _f(100 * on["mfu"] if on.get("mfu") else None, ".0f", "%")])
+    head = ["cond frames", "cond latents", "cache off ms/step", "cache on ms/step", "speedup", "ideal (FLOPs)",
+            "cache build ms", "cache MB", "MFU off", "MFU on"]
+    return f"DiT step, {cfg}, {doc['config'].get('dtype')}:\n\n" + _md(head, body)
+
+
+def bsa_table(doc: dict) -> str:
+    rows = [r for r in _rows(doc, "bsa") if r.get("status") == "ok" and r.get("kind") in ("dense", "gated")]
+    body = [[r.get("grid"), r.get("mode"), _f(r.get("sparsity"), "g"), r.get("chunk"), r.get("backend"),
+             _f(r.get("ms"), ".2f"), _f(r.get("tflops"), ".0f"), _f(r.get("speedup"), ".2f", "x")]
+            for r in rows]
+    head = ["grid", "pass", "sparsity", "chunk", "impl", "ms", "TFLOP/s (visited)", "vs dense"]
+    return ("Block-sparse attention (gating included), B1 H32 D128:\n\n" + _md(head, body)) if body else ""
+
+
+def cached_attn_table(doc: dict) -> str:
+    rows = [r for r in _rows(doc, "cached-attn") if r.get("status") == "ok"]
+    body = [[r.get("op"), str(r.get("cond_latents")), f"{r.get('seq_q')} x {r.get('seq_k')}", r.get("backend"),
+             _f(r.get("ms"), ".2f"), _f(r.get("tflops"), ".0f"), _f(r.get("speedup"), ".2f", "x"),
+             _f(r.get("vs_prebuilt"), ".2f", "x")] for r in rows]
+    head = ["op", "cond latents", "q x kv", "impl", "ms", "TFLOP/s", "vs unfused / 2 calls", "vs prebuilt"]
+    return ("Cached-KV attention, B2 H32 D128 (ours includes RoPE, no repeat, no concat):\n\n"
+            + _md(head, body)) if body else ""
+
+
+def pipeline_table(doc: dict) -> str:
+    rows = [r for r in _rows(doc, "pipeline") if r.get("status") == "ok"]
+    body = [[r.get("mode_name"), str(r.get("steps")), str(r.get("batch")), str(r.get("cond_frames")),
+             r.get("cache"), _f(r.get("ms"), ".0f"), _f(r.get("ms_per_step"), ".1f"),
+             _f(r.get("speedup"), ".2f", "x")] for r in rows]
+    head = ["mode", "steps", "batch", "cond frames", "cache", "denoise ms", "ms/step", "speedup"]
+    return ("Denoising loop (cache build included when on):\n\n" + _md(head, body)) if body else ""
+
+
+_TABLES = {"cache": cache_table, "bsa": bsa_table, "cached-attn": cached_attn_table, "pipeline": pipeline_table}
+
+
+def render(results_dir: Path | str = writer.RESULTS_DIR) -> str:
+    """Markdown for every device folder's newest non-quick result of each suite."""
+    latest = writer.latest_results_filtered(results_dir)
+    if not latest:
+        return "_No committed benchmark results yet: run `python -m bench --suite all` and commit bench/results/._"
+    parts = []
+    for dev, suites in latest.items():
+        for suite in ("cache", "cached-attn", "bsa", "pipeline"):
+            doc = suites.get(suite)
+            if doc is None:
+                continue
+            t = _TABLES[suite](doc)
+            if t:
+                parts.append(f"**{suite}** on {_source(doc)}\n\n{t}")
+    return "\n\n".join(parts)
+
+
+def update_readme(text: str, readme: Path = README) -> tuple[str, str]:
+    """(old, new) README contents with ``text`` between the markers."""
+    old = readme.read_text()
+    i, j = old.find(START), old.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"{readme}: expected the markers {START} ... {END}, not found")
+    new = old[: i + len(START)] + "\n" + text.strip() + "\n" + old[j:]
+    return old, new
+
+
+def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Path]:
+    """PNG plots of one result document: speedup vs cond frames, speedup vs sparsity."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    dev = _device_name(doc)
+    on = sorted((r for r in doc["rows"] if r.get("suite") == "cache" and r.get("mode") == "on"
+                 and r.get("status") == "ok" and r.get("speedup")), key=lambda r: r["cond_frames"])
+    if on:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = [r["cond_frames"] for r in on]
+        ax.plot(x, [r["speedup"] for r in on], "o-", label="measured")
+        ax.plot(x, [r.get("ideal_speedup") for r in on], "s--", label="ideal (FLOP ratio)")
+        ax.set_xlabel("conditioning frames (of 93)")
+        ax.set_ylabel("cache on / off speedup per DiT step")
+        ax.set_title(f"KV cache speedup, {dev}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        p = out_dir / f"{stem}-cache.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    sp = [r for r in doc["rows"] if r.get("suite") == "bsa" and r.get("kind") == "gated" and r.get("mode") == "fwd"
+          and r.get("chunk") == "4x4x4" and r.get("status") == "ok" and r.get("speedup")]
+    if sp:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in sorted({(r["grid"], r["backend"]) for r in sp}):
+            pts = sorted((r["sparsity"], r["speedup"]) for r in sp if (r["grid"], r["backend"]) == key)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{key[1]} {key[0]}")
+        xs = sorted({r["sparsity"] for r in sp})
+        ax.plot(xs, [1 / (1 - s) for s in xs], "k:", label="ideal 1/(1-s)")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speedup vs dense SDPA (fwd, gating incl.)")
+        ax.set_title(f"Block-sparse attention, {dev}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        p = out_dir / f"{stem}-bsa.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(writer.RESULTS_DIR), help="results folder (default bench/results)")
+    ap.add_argument("--readme", default=str(README))
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="replace the table in the README")
+    g.add_argument("--check", action="store_true", help="exit 1 if the README table is out of date")
+    ap.add_argument("--plot", action="store_true", help="write PNG plots beside each device's newest results")
+    args = ap.parse_args(argv)
+    text = render(args.results)
+    rc = 0
+    if args.write or args.check:
+        old, new = update_readme(text, Path(args.readme))
+        if args.write:
+            if new != old:
+                Path(args.readme).write_text(new)
+            print(f"{args.readme}: benchmark table {'updated' if new != old else 'already up to date'}")
+        elif new != old:
+            print(f"{args.readme}: benchmark table is out of date; run python -m bench.report --write")
+            rc = 1
+    else:
+        print(text)
+    if args.plot:
+        for dev, suites in writer.latest_results_filtered(args.results).items():
+            seen = set()
+            for doc in suites.values():
+                if doc["_path"] in seen:
+                    continue
+                seen.add(doc["_path"])
+                p = Path(doc["_path"])
+                for out in plot_results(doc, p.parent, p.stem):
+                    print(f"wrote {out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Timing: CUDA events after warm-up (GPU) or perf_counter (CPU), median of many runs, rotating inputs.
+
+The number of timed runs adapts to the measured cost of one call so that a whole suite fits a time
+budget: ``reps = clamp(budget_s / t_call, min_reps, max_reps)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call statistics in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    mean_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+    method: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long and how often to time one case."""
+
+    warmup: int = 2  # untimed calls before timing (compilation, autotuning, allocator warm-up)
+    min_reps: int = 5
+    max_reps: int = 100
+    budget_s: float = 2.0  # wall time to spend on timed runs of one case
+
+    def reps_for(self, est_s: float) -> int:
+        if est_s <= 0:
+            return self.max_reps
+        return max(self.min_reps, min(self.max_reps, int(self.budget_s / est_s)))
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float], method: str) -> Timing:
+    if not times_ms:
+        raise ValueError("times_ms: expected at least one measurement, got none")
+    s = sorted(float(t) for t in times_ms)
+    return Timing(
+        median_ms=statistics.median(s),
+        min_ms=s[0],
+        mean_ms=statistics.fmean(s),
+        p20_ms=_percentile(s, 0.2),
+        p80_ms=_percentile(s, 0.8),
+        runs=len(s),
+        method=method,
+    )
+
+
+def _time_once_s(fn: Callable, args: tuple, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn(*args)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure(
+    fn: Callable,
+    inputs: Sequence[tuple],
+    device: torch.device | str,
+    policy: TimingPolicy = TimingPolicy(),
+) -> Timing:
+    """Time ``fn(*inputs[i % len(inputs)])``; returns per-call statistics.
+
+    Args:
+        fn: the work to time; its result is discarded.
+        inputs: one or more argument tuples, rotated between calls so repeated runs do not measure a
+            warm cache holding the previous call's data.
+        device: where ``fn`` runs. CUDA: each call is bracketed by CUDA events (device time from the
+            first enqueued kernel to the last, host gaps included); CPU: ``time.perf_counter``.
+        policy: warm-up calls and the repetition budget.
+    """
+    if not inputs:
+        raise ValueError("inputs: expected at least one argument tuple, got an empty sequence")
+    device = torch.device(device)
+    n = len(inputs)
+    # warm-up: every input set at least once, the last call timed to size the repetitions
+    # warmup=0: the caller warmed up already (e.g. its parity check ran the same work)
+    est = 0.0
+    for i in range(max(policy.warmup, n) if policy.warmup > 0 else 0):
+        est = _time_once_s(fn, inputs[i % n], device)
+    reps = policy.reps_for(est)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        synchronize(device)
+        for i in range(reps):
+            args = inputs[i % n]
+            starts[i].record()
+            fn(*args)
+            ends[i].record()
+        synchronize(device)
+        return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
+    times = []
+    for i in range(reps):
+        args = inputs[i % n]
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return summarize(times, "perf_counter")
+
+
+def matmul_peak_tflops(
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    n: int = 8192,
+    policy: TimingPolicy = TimingPolicy(warmup=3, min_reps=10, max_reps=50, budget_s=1.0),
+) -> tuple[float, Timing]:
+    """Measured dense matmul rate ``2 n^3 / t`` (TFLOP/s), the MFU denominator of this run."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sets = [
+        (torch.randn(n, n, device=device, dtype=dtype, generator=gen),
+         torch.randn(n, n, device=device, dtype=dtype, generator=gen))
+        for _ in range(2)
+    ]
+    t = measure(torch.matmul, sets, device, policy)
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12, t

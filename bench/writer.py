@@ -1,0 +1,93 @@
+"""Results writer: one JSON (machine header + config + rows of every suite) and one CSV per run.
+
+Files land in ``bench/results/<device-slug>/`` unless ``--out`` names another folder; names are
+``bench-<suites>-<UTC timestamp>.json`` / ``.csv`` (ASCII, so they survive any copy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCHEMA = "longcat-bench/1"
+
+# CSV columns shown first when present; the rest follow in first-seen order.
+_LEAD_COLUMNS = ("suite", "case", "backend", "status", "grid", "cond_frames", "cond_latents", "sparsity",
+                 "ms", "ms_min", "runs", "tflops", "speedup", "ideal_speedup", "rel_l2", "tol")
+
+
+def _clean(v):
+    """JSON-safe value: non-finite floats become strings (JSON has no NaN/inf)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def default_out_dir(machine: dict) -> Path:
+    return RESULTS_DIR / machine["device_slug"]
+
+
+def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[dict], stem: str) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.csv`` under ``out_dir``; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
+    jpath = out_dir / f"{stem}.json"
+    jpath.write_text(json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
+
+    cols: list[str] = [c for c in _LEAD_COLUMNS if any(c in r for r in rows)]
+    for r in rows:
+        for k in r:
+            if k not in cols and not isinstance(r[k], (dict, list)):
+                cols.append(k)
+    cols += ["device", "commit", "date"]
+    cpath = out_dir / f"{stem}.csv"
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        dev = machine.get("gpu") or machine.get("cpu")
+        for r in rows:
+            w.writerow({**r, "device": dev, "commit": machine.get("commit"), "date": machine.get("date")})
+    return jpath, cpath
+
+
+def load_results(path: Path | str) -> dict:
+    doc = json.loads(Path(path).read_text())
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: expected schema {SCHEMA!r}, got {doc.get('schema')!r}")
+    return doc
+
+
+def latest_results_filtered(results_dir: Path | str = RESULTS_DIR) -> dict[str, dict[str, dict]]:
+    """``latest_results`` without quick (smoke) runs and without suites whose rows all failed."""
+    return latest_results(results_dir, skip_quick=True)
+
+
+def latest_results(results_dir: Path | str = RESULTS_DIR, skip_quick: bool = False) -> dict[str, dict[str, dict]]:
+    """For each device folder, each suite -> the newest result document that has rows for it."""
+    out: dict[str, dict[str, dict]] = {}
+    root = Path(results_dir)
+    if not root.is_dir():
+        return out
+    for dev_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for jp in sorted(dev_dir.glob("*.json")):
+            try:
+                doc = load_results(jp)
+            except (ValueError, json.JSONDecodeError):
+                continue
+            doc["_path"] = str(jp)
+            if skip_quick and doc.get("config", {}).get("quick"):
+                continue
+            ok_suites = {r.get("suite") for r in doc["rows"] if r.get("status") == "ok"}
+            for suite in ok_suites if skip_quick else {r.get("suite") for r in doc["rows"]}:
+                prev = out.setdefault(dev_dir.name, {}).get(suite)
+                if prev is None or doc["machine"]["date"] >= prev["machine"]["date"]:
+                    out[dev_dir.name][suite] = doc
+    return out
