@@ -1,0 +1,59 @@
+// Plain C++ interface of the attention forward kernels (no torch headers).
+// One kernel family serves three ops:
+//   * dense two-segment attention: keys/values = [seg0; seg1] along seq (cached-KV attention,
+//     seg0 = cache with batch stride 0 when broadcast, seg1 = fresh tokens);
+//   * block-sparse attention over 3D chunked blocks (BSA), keys again taken from [seg0; seg1]
+//     (seg0 empty for plain BSA), each query block walking its selected key blocks.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace longcat {
+
+enum class DType : int { kBF16 = 0, kFP16 = 1 };
+
+struct AttnFwdParams {
+  // queries [B, Sq, H, D]; strides in elements, last dim contiguous.
+  const void* q;
+  int64_t q_sb, q_ss, q_sh;
+  // key/value segment 0 ([B0, S0, H, D]; batch stride 0 broadcasts one cache over the batch).
+  const void* k0;
+  const void* v0;
+  int64_t k0_sb, k0_ss, k0_sh, v0_sb, v0_ss, v0_sh;
+  int s0;
+  // key/value segment 1 ([B, S1, H, D]).
+  const void* k1;
+  const void* v1;
+  int64_t k1_sb, k1_ss, k1_sh, v1_sb, v1_ss, v1_sh;
+  int s1;
+  // output [B, Sq, H, D] and lse [B, H, Sq] fp32 (natural log), row stride 1.
+  void* out;
+  int64_t o_sb, o_ss, o_sh;
+  float* lse;
+  int64_t lse_sb, lse_sh;
+  int batch, heads, sq;
+  // softmax scale times log2(e): the kernels work with exp2.
+  float scale_log2;
+  // Block-sparse geometry (unused in dense mode). Grids (T, H, W), chunks (ct, ch, cw),
+  // blocks per axis; the key grid covers [seg0; seg1] tokens.
+  int gq[3], cq[3], nbq[3];
+  int gk[3], ck[3], nbk[3];
+  // Selection: indices [B, H, Nq, max_sel] int32 and counts [B, H, Nq] int32 (strides in elements).
+  const int* sel_idx;
+  const int* sel_cnt;
+  int64_t si_sb, si_sh, si_sq;
+  int64_t sc_sb, sc_sh, sc_sq;
+  int num_q_blocks;
+  int max_sel;
+};
+
+// Launches the forward. head_dim in {64, 128}. Returns the launch error (cudaSuccess if none);
+// a bad configuration returns cudaErrorInvalidValue.
+cudaError_t attn_fwd_dense(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+cudaError_t attn_fwd_block_sparse(const AttnFwdParams& p, DType dtype, int head_dim,
+                                  cudaStream_t stream);
+
+// Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
+constexpr int kMaxBlockTokens = 1024;
+
+}  // namespace longcat

@@ -1,0 +1,72 @@
+"""CUDA backend (compiled ``csrc/`` extension) of cached-KV and prefix attention.
+
+``attn_with_kv_cache_cuda``: one registered op, ``longcat_kernels::kv_cache_attn_fwd_cuda``, which
+runs the csrc RoPE prologue (``csrc/rope3d.cu``: fresh q and k rotated in fp32 into temporaries;
+the cached K is never touched) and then the two-segment attention kernel
+(``csrc/attn_fwd_sm80.cu``), keys ``[k_cache; k]`` read from their own tensors, a batch-1 cache
+broadcast with batch stride 0 (no concat, no repeat). With ``block_sparse`` the same kernel family
+walks 3D blocks of the ``(c + Tn, H, W)`` key grid (``bsa_fwd_cuda`` with two key segments).
+Forward only. Fakes are registered in ``ops/block_sparse_attn/cuda.py`` (one place for all ops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..block_sparse_attn.cuda import _sel_args, bsa_forward_segments_cuda, ops, unsupported_reason
+
+__all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda", "unsupported_reason"]
+
+
+def _rope_args(rope):
+    if rope is None:
+        return [None] * 6, 0, 0
+    tabs = [rope.cos_t, rope.sin_t, rope.cos_h, rope.sin_h, rope.cos_w, rope.sin_w]
+    return tabs, int(rope.grid[1]), int(rope.grid[2])
+
+
+def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None):
+    """``softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` (SPEC 4), ``[B, Sn, H, D]``.
+
+    Args:
+        q, k, v (Tensor): ``[B, Sn, H, D]`` bf16/fp16 CUDA, last dim contiguous (any other strides).
+        k_cache, v_cache (Tensor | None): ``[Bc, Sc, H, D]``, Bc in {1, B}, K already rotated.
+        rope (Rope3D | None): fresh q/k rotated at frames ``Sc/(H*W) ..`` by the csrc prologue.
+        scale (float | None): default ``head_dim ** -0.5``.
+        block_sparse (BlockSparseParams | None): with ``frame_hw`` filled in (api.py does it).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    tabs, gh, gw = _rope_args(rope)
+    if block_sparse is None:
+        return ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale)[0]
+    return _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw)
+
+
+def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    if rope is not None:
+        f0 = Sc // (gh * gw)
+        q = ops().rope3d_cuda(q, *tabs, gh, gw, f0)
+        k = ops().rope3d_cuda(k, *tabs, gh, gw, f0)
+    sel = bs.selection
+    if sel is None:
+        # gating needs the pooled keys of [cache; fresh]: one concatenation, for the gating only
+        from ..block_sparse_attn.api import select_blocks  # noqa: PLC0415
+
+        Hf, Wf = bs.frame_hw
+        n = Hf * Wf
+        B = q.shape[0]
+        k_all = k if k_cache is None else torch.cat([k_cache.expand(B, -1, -1, -1), k], dim=1)
+        sel = select_blocks(
+            q, k_all, grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k_all.shape[1] // n, Hf, Wf),
+            chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
+        )
+    if k_cache is None:
+        return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), scale)[0]
+    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale)[0]
+
+
+def prefix_attn_cuda(q, k, v, prefix_len, scale=None) -> torch.Tensor:
+    """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale)[0]
