@@ -21,6 +21,7 @@ __all__ = [
     "prefix_mask",
     "rope_oracle",
     "rms_norm_oracle",
+    "check_selection",
 ]
 
 
@@ -171,3 +172,75 @@ def rms_norm_oracle(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) ->
     """fp64 RMSNorm over the last dim times weight."""
     xd = x.detach().double()
     return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * weight.detach().double()
+
+
+def check_selection(
+    selection,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sparsity,
+    cdf_threshold,
+    *,
+    score_rtol: Optional[float] = None,
+    cdf_atol: Optional[float] = None,
+) -> Optional[str]:
+    """None if ``selection`` (a BlockSelection) is a valid SPEC 3 selection for q, k, else why not.
+
+    Format: ``indices`` int32 with unique ids in ``[0, Nk)`` in the first ``counts`` entries of a
+    row and -1 after. Semantics against the fp64 oracle: counts equal (a cdf count may differ only
+    where the oracle's cumulative sum is within ``cdf_atol`` of the threshold at the boundary), and
+    every selected block scores at least every unselected one, up to ``score_rtol * max|score|``
+    (rounding of the pooled means in low precision can swap near-ties).
+    Defaults: exact up to 1e-6 for fp32/fp64 inputs; 2e-2 / 1e-2 for fp16/bf16.
+    """
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if score_rtol is None:
+        score_rtol = 2e-2 if half else 1e-6
+    if cdf_atol is None:
+        cdf_atol = 1e-2 if half else 1e-6
+    idx, cnt = selection.indices, selection.counts
+    if idx.dtype != torch.int32 or cnt.dtype != torch.int32:
+        return f"indices/counts: expected int32, got {idx.dtype}/{cnt.dtype}"
+    mask_e, s, cnt_e = selection_oracle(
+        q, k, selection.grid_q, selection.grid_k, selection.chunk_q, selection.chunk_k, sparsity, cdf_threshold
+    )
+    Nk = s.shape[-1]
+    if tuple(cnt.shape) != tuple(cnt_e.shape):
+        return f"counts: shape {tuple(cnt.shape)} != expected {tuple(cnt_e.shape)}"
+    w = idx.shape[-1]
+    pos = torch.arange(w, device=idx.device)
+    inside = pos < cnt[..., None].long()
+    if (cnt.long() > w).any():
+        return f"counts: some count exceeds indices width {w}"
+    if (idx[~inside] != -1).any():
+        return "indices: entries past counts must be -1"
+    if ((idx[inside] < 0) | (idx[inside] >= Nk)).any():
+        return f"indices: valid entries must be in [0, {Nk})"
+    mask_a = selection.to_mask().to(s.device)
+    if not torch.equal(mask_a.sum(-1), cnt.long().to(s.device)):
+        return "indices: duplicate block ids within a row"
+    cnt_a = cnt.long().to(s.device)
+    bad_cnt = cnt_a != cnt_e
+    if bad_cnt.any():
+        if cdf_threshold is None:
+            return f"counts: {int(bad_cnt.sum())} rows differ from the top-k count"
+        D = q.shape[-1]
+        p = torch.softmax(s / math.sqrt(D), dim=-1)
+        cdf = torch.cumsum(torch.sort(p, dim=-1, descending=True).values, dim=-1)
+        lo = torch.minimum(cnt_a, cnt_e).clamp(max=Nk - 1)
+        hi = torch.maximum(cnt_a, cnt_e).clamp(min=1) - 1
+        near = ((torch.gather(cdf, -1, lo[..., None]) - cdf_threshold).abs() <= cdf_atol) | (
+            (torch.gather(cdf, -1, hi[..., None]) - cdf_threshold).abs() <= cdf_atol
+        )
+        topk_floor = int((1 - sparsity) * Nk) if sparsity is not None else 0
+        allowed = near[..., 0] & (torch.minimum(cnt_a, cnt_e) >= topk_floor)
+        if (bad_cnt & ~allowed).any():
+            n = int((bad_cnt & ~allowed).sum())
+            return f"counts: {n} rows differ from the cdf/top-k count away from the threshold"
+    tol = score_rtol * float(s.abs().max().clamp(min=1e-30))
+    sel_min = torch.where(mask_a, s, torch.full_like(s, float("inf"))).amin(-1)
+    unsel_max = torch.where(~mask_a, s, torch.full_like(s, float("-inf"))).amax(-1)
+    bad = sel_min < unsel_max - tol
+    if bad.any():
+        return f"indices: {int(bad.sum())} rows keep a block scoring below an unselected one (tol {tol:.2e})"
+    return None

@@ -1,0 +1,193 @@
+"""Reference (torch) block-sparse attention and gating against the independent fp64 oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import longcat_kernels as lk
+from longcat_kernels.ops.block_sparse_attn.api import _forward
+from longcat_kernels.testing import (
+    assert_close,
+    attention_lowp,
+    attention_oracle,
+    bsa_token_mask,
+    check_selection,
+    make_qkv,
+    selection_oracle,
+)
+
+# (grid_q, grid_k or None, chunk_q, chunk_k or None): divisible, non-divisible (480p-like), odd,
+# Tq != Tk (noise queries vs cond+noise keys), different key chunk
+CASES = [
+    ((4, 8, 8), None, (4, 4, 4), None),
+    ((6, 6, 13), None, (4, 4, 4), None),
+    ((5, 7, 9), (7, 7, 9), (2, 4, 4), None),
+    ((3, 5, 6), (4, 5, 6), (2, 2, 4), (1, 2, 2)),
+]
+RULES = [(0.5, None), (None, 0.3), (0.75, 0.5), (0.9375, None)]
+
+
+def _numel(g):
+    return g[0] * g[1] * g[2]
+
+
+def _run(grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf, *, B=2, H=3, D=64, dtype=torch.float32, grad=False):
+    gk = grid_k or grid_q
+    q, k, v = make_qkv(B, _numel(grid_q), H, D, _numel(gk), dtype=dtype, permuted=True, requires_grad=grad)
+    sel = lk.select_blocks(
+        q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=chunk_q, chunk_k=chunk_k, sparsity=sparsity, cdf_threshold=cdf,
+        backend="torch",
+    )
+    msg = check_selection(sel, q, k, sparsity, cdf)
+    assert msg is None, msg
+    out = lk.block_sparse_attn(
+        q, k, v, grid_q=grid_q, grid_k=grid_k, chunk_q=chunk_q, chunk_k=chunk_k, sparsity=sparsity,
+        cdf_threshold=cdf, backend="torch",
+    )
+    mask = bsa_token_mask(sel.to_mask(), grid_q, gk, sel.chunk_q, sel.chunk_k)
+    return q, k, v, sel, out, mask
+
+
+@pytest.mark.parametrize("grid_q,grid_k,chunk_q,chunk_k", CASES)
+@pytest.mark.parametrize("sparsity,cdf", RULES)
+def test_bsa_forward_matches_oracle_fp32(grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf):
+    q, k, v, sel, out, mask = _run(grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf)
+    ref, _ = attention_oracle(q, k, v, mask)
+    assert out.dtype == q.dtype and out.is_contiguous() and out.shape == q.shape
+    assert_close(out, ref, name="out")
+
+
+def test_selection_equals_oracle_exactly_fp32():
+    grid_q, grid_k = (5, 7, 9), (7, 7, 9)
+    q, k, _ = make_qkv(2, _numel(grid_q), 3, 64, _numel(grid_k))
+    for sparsity, cdf in RULES + [(0.0, None), (None, 0.0)]:
+        sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=(2, 4, 4), sparsity=sparsity,
+                               cdf_threshold=cdf)
+        mask, _, counts = selection_oracle(q, k, grid_q, grid_k, (2, 4, 4), (2, 4, 4), sparsity, cdf)
+        assert torch.equal(sel.counts.long(), counts)
+        assert torch.equal(sel.to_mask(), mask)
+        assert sel.indices.dtype == torch.int32 and sel.counts.dtype == torch.int32
+        assert sel.grid_q == grid_q and sel.grid_k == grid_k and sel.chunk_k == (2, 4, 4)
+    # threshold 1.0 sits on the rounding boundary of the cumulative sum: semantic check only
+    sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=(2, 4, 4), sparsity=None, cdf_threshold=1.0)
+    assert check_selection(sel, q, k, None, 1.0) is None
+
+
+def test_selection_rule_counts():
+    grid = (8, 8, 12)  # 12 blocks of 4x4x4
+    q, k, _ = make_qkv(1, 768, 2, 64)
+    topk = lk.select_blocks(q, k, grid_q=grid, sparsity=0.75)
+    assert (topk.counts == 3).all() and topk.indices.shape[-1] == 3
+    cdf = lk.select_blocks(q, k, grid_q=grid, sparsity=None, cdf_threshold=0.5)
+    both = lk.select_blocks(q, k, grid_q=grid, sparsity=0.75, cdf_threshold=0.5)
+    assert torch.equal(both.counts, torch.maximum(topk.counts, cdf.counts))
+    # highest scores first: the top-k ids are a prefix of the combined selection
+    assert torch.equal(both.indices[..., :3], topk.indices)
+    assert (both.counts >= 3).all() and (cdf.counts < 12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
+def test_bsa_low_precision_tolerance_rule(case, dtype):
+    q, k, v, sel, out, mask = _run(*case, 0.5, None, dtype=dtype)
+    ref, _ = attention_oracle(q, k, v, mask)
+    assert out.dtype == dtype
+    assert_close(out, ref, attention_lowp(q, k, v, mask), name="out")
+
+
+@pytest.mark.parametrize("H,D", [(1, 128), (3, 64)])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+def test_bsa_gradients_match_oracle(case, H, D):
+    q, k, v, sel, out, mask = _run(*case, 0.5, 0.4, H=H, D=D, grad=True)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref, _ = attention_oracle(qd, kd, vd, mask)
+    exp = torch.autograd.grad(ref, (qd, kd, vd), g.double())
+    assert_close(out, ref, name="out")
+    for name, a, e in zip(("dq", "dk", "dv"), got, exp):
+        assert_close(a, e, factor=3.0, name=name)
+
+
+def test_forward_lse_matches_oracle():
+    grid_q, grid_k = (5, 7, 9), (7, 7, 9)
+    q, k, v = make_qkv(2, _numel(grid_q), 3, 64, _numel(grid_k), permuted=True)
+    sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=(2, 4, 4), sparsity=0.5, cdf_threshold=0.2)
+    out, lse = _forward(q, k, v, sel, None, "torch")
+    mask = bsa_token_mask(sel.to_mask(), grid_q, grid_k, (2, 4, 4), (2, 4, 4))
+    ref, lse_ref = attention_oracle(q, k, v, mask)
+    assert lse.shape == (2, 3, q.shape[1]) and lse.dtype == torch.float32
+    assert_close(out, ref, name="out")
+    assert_close(lse, lse_ref, name="lse")
+
+
+def test_sparsity_zero_equals_dense_sdpa():
+    grid = (6, 6, 13)
+    q, k, v = make_qkv(2, _numel(grid), 3, 64, permuted=True)
+    out = lk.block_sparse_attn(q, k, v, grid_q=grid, sparsity=0.0)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    ref, _ = attention_oracle(q, k, v)
+    assert_close(out, ref)
+    assert_close(out, sdpa, floor=2e-5)
+
+
+def test_empty_selection_gives_zeros_no_nan():
+    grid = (4, 8, 8)
+    q, k, v = make_qkv(1, 256, 2, 64, requires_grad=True)
+    # cdf threshold 0 keeps no block anywhere
+    out = lk.block_sparse_attn(q, k, v, grid_q=grid, sparsity=None, cdf_threshold=0.0)
+    assert torch.equal(out, torch.zeros_like(out))
+    out2, lse = _forward(q, k, v, lk.select_blocks(q, k, grid_q=grid, sparsity=None, cdf_threshold=0.0), None, "torch")
+    assert torch.equal(out2, torch.zeros_like(out2)) and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_partially_empty_selection_rows():
+    """Some query blocks select nothing (cdf), the others attend normally; no NaN anywhere."""
+    grid = (4, 8, 8)
+    q, k, v = make_qkv(1, 256, 2, 64)
+    sel = lk.select_blocks(q, k, grid_q=grid, sparsity=None, cdf_threshold=0.3)
+    counts = sel.counts.clone()
+    counts[0, 0, ::2] = 0  # hand-edit: empty rows in head 0
+    idx = torch.where(torch.arange(sel.max_selected) < counts[..., None], sel.indices, -1).to(torch.int32)
+    sel2 = lk.BlockSelection(idx, counts, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
+    out, lse = _forward(q, k, v, sel2, None, "torch")
+    ref, lse_ref = attention_oracle(q, k, v, bsa_token_mask(sel2.to_mask(), grid, grid, (4, 4, 4), (4, 4, 4)))
+    assert not torch.isnan(out).any()
+    assert_close(out, ref)
+    assert_close(lse, lse_ref, name="lse")
+
+
+def test_selection_reuse_and_scale():
+    grid = (3, 5, 6)
+    q, k, v = make_qkv(2, 90, 3, 64)
+    sel = lk.select_blocks(q, k, grid_q=grid, chunk_q=(2, 2, 4), sparsity=0.5)
+    a = lk.block_sparse_attn(q, k, v, selection=sel, scale=0.3)
+    b = lk.block_sparse_attn(q, k, v, grid_q=grid, chunk_q=(2, 2, 4), sparsity=0.5, scale=0.3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ref, _ = attention_oracle(q, k, v, bsa_token_mask(sel.to_mask(), grid, grid, (2, 2, 4), (2, 2, 4)), scale=0.3)
+    assert_close(a, ref)
+
+
+def test_permuted_strides_equal_contiguous():
+    grid = (6, 6, 13)
+    q, k, v = make_qkv(1, _numel(grid), 2, 64, permuted=True)
+    assert not q.is_contiguous()
+    a = lk.block_sparse_attn(q, k, v, grid_q=grid, sparsity=0.5)
+    b = lk.block_sparse_attn(q.contiguous(), k.contiguous(), v.contiguous(), grid_q=grid, sparsity=0.5)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_random_shape_sweep():
+    """Seeded sweep over random grids, chunks, rules (values fresh; shapes reproducible)."""
+    rng = torch.Generator().manual_seed(1234)
+    for _ in range(6):
+        g = tuple(int(x) for x in torch.randint(1, 7, (3,), generator=rng))
+        c = tuple(int(torch.randint(1, gi + 1, (1,), generator=rng)) for gi in g)
+        tk = g[0] + int(torch.randint(0, 3, (1,), generator=rng))
+        sp = float(torch.rand(1, generator=rng)) * 0.9
+        cdf = None if torch.rand(1, generator=rng) < 0.5 else float(torch.rand(1, generator=rng))
+        q, k, v, sel, out, mask = _run(g, (tk, g[1], g[2]), c, None, sp, cdf, B=1, H=2, D=64)
+        ref, _ = attention_oracle(q, k, v, mask)
+        assert_close(out, ref, name=f"out grid={g} chunk={c} Tk={tk} sparsity={sp:.3f} cdf={cdf}")
