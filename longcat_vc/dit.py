@@ -1,0 +1,359 @@
+"""The LongCat-Video DiT (SPEC 6), exact to the released checkpoints, with the conditioning KV cache.
+
+Usage::
+
+    dit = LongCatDiT.from_pretrained("LongCat-Video/dit", dtype=torch.bfloat16, device="cuda")
+    cache = dit.build_kv_cache(latents[:, :, :c])                    # once per video
+    v = dit(latents[:, :, c:], t, text, text_mask, kv_cache=cache)   # every step, CFG batch 2
+    v_off = dit(latents, t_with_zero_cond, text, text_mask, num_cond_latents=c)   # same result
+
+The state dict has exactly the upstream names and shapes (1022 tensors, 13,581,071,424 parameters
+for the released config). Attention runs through ``longcat_kernels`` with ``config.attn_backend``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import lora as _lora
+from .config import DiTConfig
+from .kv_cache import KVCache
+from .modules.attention import AttnPlan
+from .modules.block import LongCatBlock
+from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
+from .modules.final_layer import FinalLayer
+
+__all__ = ["LongCatDiT"]
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+class LongCatDiT(nn.Module):
+    """LongCat-Video single-stream DiT.
+
+    Args:
+        config (DiTConfig): hyper-parameters (upstream ``config.json`` names).
+        device, dtype: where and in which dtype the parameters are created (``device="meta"``
+            builds the skeleton without memory, as ``from_pretrained`` does).
+
+    State dict: ``x_embedder.proj.*``, ``t_embedder.mlp.{0,2}.*``, ``y_embedder.y_proj.{0,2}.*``,
+    ``blocks.{i}.*`` (``LongCatBlock``), ``final_layer.*`` (SPEC 6 table).
+    """
+
+    def __init__(self, config: DiTConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"LongCatDiT: config must be a DiTConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        kw = dict(device=device, dtype=dtype)
+        self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size, **kw)
+        self.t_embedder = TimestepEmbedder(c.adaln_tembed_dim, c.frequency_embedding_size, **kw)
+        self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, **kw)
+        self.blocks = nn.ModuleList(
+            [LongCatBlock(c.hidden_size, c.num_heads, c.ffn_hidden_size, c.adaln_tembed_dim, **kw) for _ in range(c.depth)]
+        )
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_volume, c.out_channels, c.adaln_tembed_dim, **kw)
+        self._ropes: Dict[Tuple, object] = {}
+        self._lora_names: List[str] = []
+        self._lora_active_names: List[str] = []
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def dtype(self) -> torch.dtype:
+        """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.proj.weight.device
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None, *, strict: bool = True,
+                        attn_backend: Optional[str] = None) -> "LongCatDiT":
+        """Loads an upstream ``dit/`` folder or a FastVideo ``transformer/`` folder (or a checkpoint
+        root holding one of them). See ``longcat_vc.loading.load_dit``."""
+        from .loading import load_dit
+
+        return load_dit(path, dtype=dtype, device=device, strict=strict, attn_backend=attn_backend, cls=cls)
+
+    # ------------------------------------------------------------------ helpers
+    def _rope(self, grid: Tuple[int, int, int], device: torch.device):
+        key = (tuple(grid), str(device))
+        rope = self._ropes.get(key)
+        if rope is None:
+            from longcat_kernels import Rope3D
+
+            if len(self._ropes) > 16:
+                self._ropes.clear()
+            rope = Rope3D(tuple(grid), self.config.head_dim, device=device)
+            self._ropes[key] = rope
+        return rope
+
+    def _check_latents(self, x, name: str) -> Tuple[int, int, int, int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a Tensor [B, {self.config.in_channels}, T, H, W], got {type(x).__name__}")
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"{name}: expected shape [B, {self.config.in_channels}, T, H, W], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating tensor, got {x.dtype}")
+        B, _, T, H, W = x.shape
+        _, ph, pw = self.config.patch_size
+        if B == 0 or T == 0 or H == 0 or W == 0:
+            raise ValueError(f"{name}: empty latent tensor, shape {list(x.shape)}")
+        if H % ph or W % pw:
+            raise ValueError(
+                f"{name}: latent height and width must be divisible by the patch ({ph}, {pw}), got H={H}, W={W}"
+            )
+        if x.device != self.device and not _compiling():
+            raise ValueError(f"{name}: on {x.device}, the model is on {self.device}")
+        return B, T, H, W, 0
+
+    def _embed_text(self, enc: torch.Tensor, mask: Optional[torch.Tensor], B: int):
+        """-> text states ``[B, L, C]`` and a key mask ``[B, L]`` bool or None (attend to all)."""
+        c = self.config
+        if not isinstance(enc, torch.Tensor):
+            raise TypeError(f"encoder_hidden_states: expected a Tensor [B, 1, L, {c.caption_channels}], got {type(enc).__name__}")
+        if enc.ndim == 3:
+            enc = enc.unsqueeze(1)
+        if enc.ndim != 4 or enc.shape[0] != B or enc.shape[1] != 1 or enc.shape[3] != c.caption_channels or enc.shape[2] == 0:
+            raise ValueError(
+                f"encoder_hidden_states: expected shape [{B}, 1, L, {c.caption_channels}], got {list(enc.shape)}"
+            )
+        L = enc.shape[2]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"encoder_attention_mask: expected a Tensor [B, L] or None, got {type(mask).__name__}")
+            if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
+                mask = mask[:, 0, 0]
+            if mask.ndim != 2 or tuple(mask.shape) != (B, L):
+                raise ValueError(f"encoder_attention_mask: expected shape [{B}, {L}], got {list(mask.shape)}")
+        y = self.y_embedder(enc.to(self.dtype)).view(B, L, -1)
+        if mask is None:
+            return y, None
+        if c.text_tokens_zero_pad:
+            # Padded tokens become zero vectors and all L tokens are attended (upstream).
+            return y * mask.to(y.dtype)[:, :, None], None
+        valid = mask != 0
+        if not _compiling():
+            counts = valid.sum(dim=1)
+            if bool((counts == 0).any()):
+                raise ValueError(
+                    "encoder_attention_mask: every sample needs at least one valid text token "
+                    f"(valid counts per sample: {counts.tolist()})"
+                )
+            if bool(valid.all()):
+                return y, None
+        return y, valid
+
+    def _embed_timestep(self, timestep, B: int, T: int) -> torch.Tensor:
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.as_tensor(timestep, device=self.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(B)
+        if timestep.ndim == 1:
+            if timestep.shape[0] != B:
+                raise ValueError(f"timestep: expected shape [{B}] or [{B}, {T}], got {list(timestep.shape)}")
+            timestep = timestep[:, None].expand(B, T)
+        elif timestep.ndim != 2 or tuple(timestep.shape) != (B, T):
+            raise ValueError(
+                f"timestep: expected shape [{B}] or [{B}, {T}] (one per latent frame of hidden_states), "
+                f"got {list(timestep.shape)}"
+            )
+        # Rounded to the weight dtype first (bf16 in practice), then embedded in fp32.
+        t = timestep.to(device=self.device).to(self.dtype)
+        return self.t_embedder(t.reshape(-1)).view(B, T, -1)
+
+    def unpatchify(self, x: torch.Tensor, T: int, Nh: int, Nw: int) -> torch.Tensor:
+        """``[B, N, pt*ph*pw*out]`` -> ``[B, out, T*pt, Nh*ph, Nw*pw]``; channel index
+        ``((i_t*ph + i_h)*pw + i_w)*out + c`` (output channels innermost)."""
+        B = x.shape[0]
+        pt, ph, pw = self.config.patch_size
+        co = self.config.out_channels
+        x = x.view(B, T, Nh, Nw, pt, ph, pw, co)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(B, co, T * pt, Nh * ph, Nw * pw)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        *,
+        num_cond_latents: int = 0,
+        kv_cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """Predicts the (negated) flow velocity.
+
+        Args:
+            hidden_states (Tensor): ``[B, 16, T, H, W]`` latents (any float dtype; cast to the
+                weight dtype). With ``kv_cache`` only the noisy latents (frames ``c..``).
+            timestep (Tensor): ``[B]`` or ``[B, T]`` (per latent frame), in [0, 1000]. Cache off
+                with cond latents: pass ``[B, T]`` with zeros on the cond frames (as the pipeline
+                does); the model uses the timesteps as given.
+            encoder_hidden_states (Tensor): ``[B, 1, L, caption_channels]`` text states.
+            encoder_attention_mask (Tensor): ``[B, L]`` (nonzero = valid token) or None.
+            num_cond_latents (int): cache off: the first ``c`` latent frames are clean conditioning
+                (cond queries see only cond keys, zero cross-attention output). With ``kv_cache``:
+                0 or ``kv_cache.num_frames``.
+            kv_cache (KVCache): from ``build_kv_cache`` on the same grid, dtype and device; batch 1
+                (shared by the CFG batch) or B. Noisy tokens then sit at frames ``c..c+T-1``.
+
+        Returns:
+            Tensor: ``[B, out_channels, T, H, W]`` fp32 (noisy frames only in cache mode).
+        """
+        cfg = self.config
+        check = not _compiling()
+        B, T, H, W, _ = self._check_latents(hidden_states, "hidden_states")
+        _, ph, pw = cfg.patch_size
+        Nh, Nw = H // ph, W // pw
+        if isinstance(num_cond_latents, bool) or not isinstance(num_cond_latents, int):
+            raise TypeError(f"num_cond_latents: expected an int, got {type(num_cond_latents).__name__}")
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"kv_cache: expected a KVCache, got {type(kv_cache).__name__}")
+            c = kv_cache.num_frames
+            if num_cond_latents not in (0, c):
+                raise ValueError(
+                    f"num_cond_latents: with a kv_cache of {c} frames expected 0 or {c}, got {num_cond_latents}"
+                )
+            if check:
+                self._check_cache(kv_cache, B, Nh, Nw)
+        elif not 0 <= num_cond_latents <= T:
+            raise ValueError(
+                f"num_cond_latents: expected 0 <= num_cond_latents <= T={T} latent frames, got {num_cond_latents}"
+            )
+
+        x = self.x_embedder(hidden_states.to(self.dtype))
+        t = self._embed_timestep(timestep, B, T)
+        y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
+
+        bsa = cfg.bsa_settings() if cfg.enable_bsa else {}
+        if kv_cache is not None:
+            c = kv_cache.num_frames
+            plan = AttnPlan(
+                mode="cache", grid=(T, Nh, Nw), rope=self._rope((c + T, Nh, Nw), x.device), frame_offset=c,
+                use_bsa=cfg.enable_bsa and T > 1, bsa=bsa, backend=cfg.attn_backend, cache=kv_cache.reader(),
+            )
+        else:
+            c = num_cond_latents
+            plan = AttnPlan(
+                mode="prefix" if c else "full", grid=(T, Nh, Nw), rope=self._rope((T, Nh, Nw), x.device),
+                prefix_tokens=c * Nh * Nw, use_bsa=cfg.enable_bsa and T > 1, bsa=bsa, backend=cfg.attn_backend,
+                skip_cross=(c == T),
+            )
+        for i, block in enumerate(self.blocks):
+            x = block(x, t, y, y_mask, plan, i)
+        out = self.final_layer(x, t, T)
+        return self.unpatchify(out, T, Nh, Nw).float()
+
+    def _check_cache(self, cache: KVCache, B: int, Nh: int, Nw: int) -> None:
+        cfg = self.config
+        problems = []
+        if cache.depth != cfg.depth:
+            problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
+        if tuple(cache.grid_hw) != (Nh, Nw):
+            problems.append(f"built for a token grid {tuple(cache.grid_hw)} per frame, hidden_states give {(Nh, Nw)}")
+        if cache.dtype != self.dtype:
+            problems.append(f"dtype {cache.dtype}, model dtype {self.dtype}")
+        if cache.device != self.device:
+            problems.append(f"device {cache.device}, model on {self.device}")
+        if cache.batch not in (1, B):
+            problems.append(f"batch {cache.batch}, expected 1 or {B}")
+        shape = (cache.batch, cache.num_frames * Nh * Nw, cfg.num_heads, cfg.head_dim)
+        if not problems and tuple(cache.keys[0].shape) != shape:
+            problems.append(f"tensors of shape {list(cache.keys[0].shape)}, expected {list(shape)}")
+        if problems:
+            raise ValueError("kv_cache: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ KV cache
+    @torch.no_grad()
+    def build_kv_cache(self, cond_latents: torch.Tensor, *, offload: bool = False) -> KVCache:
+        """One pass over the cond latents alone at timestep 0 without cross-attention, keeping
+        each block's rotated K and V of the cond tokens (SPEC 6, "KV cache build").
+
+        Args:
+            cond_latents (Tensor): ``[Bc, 16, c, H, W]`` clean cond latents, ``Bc`` = 1 (shared by
+                the CFG batch) or B.
+            offload (bool): keep the cache in pinned CPU memory; each forward copies it back one
+                block ahead of the compute on a side stream.
+
+        Returns:
+            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype.
+        """
+        cfg = self.config
+        Bc, c, H, W, _ = self._check_latents(cond_latents, "cond_latents")
+        _, ph, pw = cfg.patch_size
+        Nh, Nw = H // ph, W // pw
+        x = self.x_embedder(cond_latents.to(self.dtype))
+        t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
+        pin = offload and torch.cuda.is_available()
+        keys: List[Optional[torch.Tensor]] = [None] * cfg.depth
+        values: List[Optional[torch.Tensor]] = [None] * cfg.depth
+
+        def store(t_: torch.Tensor) -> torch.Tensor:
+            if offload:
+                dst = torch.empty(t_.shape, dtype=t_.dtype, device="cpu", pin_memory=pin)
+                dst.copy_(t_, non_blocking=pin)
+                return dst
+            return t_.contiguous()
+
+        def record(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            keys[layer], values[layer] = store(k), store(v)
+
+        plan = AttnPlan(
+            mode="build", grid=(c, Nh, Nw), rope=self._rope((c, Nh, Nw), x.device),
+            use_bsa=cfg.enable_bsa and c > 1, bsa=cfg.bsa_settings() if cfg.enable_bsa else {},
+            backend=cfg.attn_backend, record=record, skip_cross=True,
+        )
+        last = cfg.depth - 1
+        for i, block in enumerate(self.blocks):
+            if i == last:
+                block.forward_kv_only(x, t, plan, i)
+            else:
+                x = block(x, t, None, None, plan, i)
+        if pin and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
+                       device=self.device, offloaded=offload)
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, path: Union[str, os.PathLike], name: str, multiplier: float = 1.0) -> List[str]:
+        """Reads a LongCat or FastVideo LoRA file under ``name`` (see ``longcat_vc.lora``)."""
+        return _lora.load_lora(self, path, name, multiplier)
+
+    def enable_loras(self, names: Sequence[str]) -> None:
+        """Activates exactly the LoRAs ``names`` (their contributions add up)."""
+        _lora.enable_loras(self, names)
+
+    def disable_loras(self) -> None:
+        """Deactivates every LoRA (unfusing first if fused)."""
+        _lora.disable_loras(self)
+
+    def fuse_lora(self) -> None:
+        """Merges the active LoRAs into the weights (faster steps; ``unfuse_lora`` undoes it)."""
+        _lora.fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        _lora.unfuse_lora(self)
+
+    @property
+    def lora_names(self) -> List[str]:
+        """Loaded LoRA names."""
+        return list(self._lora_names)
+
+    @property
+    def active_loras(self) -> List[str]:
+        return list(self._lora_active_names)

@@ -1,0 +1,147 @@
+"""The conditioning KV cache of video continuation (SPEC 4).
+
+Cond tokens see only cond tokens, get timestep 0 and no cross-attention, so their self-attention
+keys and values are the same at every denoising step and in both CFG branches. ``LongCatDiT.
+build_kv_cache`` computes them once; this module holds them.
+
+Storage: per block ``k [Bc, Sc, H, D]`` (after RMSNorm and 3D RoPE at frames ``0..c-1``: the cache
+is stored rotated, never re-rotated) and ``v [Bc, Sc, H, D]``, ``Bc`` in {1, B} (1 = shared by the
+CFG batch without copying). With ``offload=True`` they live in pinned CPU memory and each forward
+streams them back block by block on a side CUDA stream, one block ahead of the compute (two device
+buffers, so device memory holds two blocks of cache instead of all of them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = ["KVCache"]
+
+
+@dataclass
+class KVCache:
+    """Per-block rotated K and V of the cond tokens.
+
+    Attributes:
+        keys, values: ``depth`` tensors ``[Bc, Sc, H, D]`` (``Sc = num_frames * H_tok * W_tok``),
+            model dtype; on ``device``, or pinned CPU memory when ``offloaded``.
+        num_frames: cond latent frames ``c``.
+        grid_hw: ``(H_tok, W_tok)`` token grid per frame (after the 2x2 patch).
+        dtype: dtype of the tensors (the model's weight dtype when built).
+        device: the compute device the cache is for (where the model runs).
+        offloaded: tensors kept in (pinned) CPU memory and copied back per block.
+    """
+
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    num_frames: int
+    grid_hw: Tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    offloaded: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.values) or not self.keys:
+            raise ValueError(
+                f"KVCache: expected the same non-zero number of key and value tensors, got "
+                f"{len(self.keys)} and {len(self.values)}"
+            )
+        self.device = torch.device(self.device)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def depth(self) -> int:
+        return len(self.keys)
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all K and V tensors."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return (
+            f"KVCache(depth={self.depth}, batch={self.batch}, frames={self.num_frames}, grid_hw={self.grid_hw}, "
+            f"tokens={self.num_tokens}, dtype={self.dtype}, device={self.device}, offloaded={self.offloaded}, "
+            f"{self.nbytes / 2**20:.1f} MiB)"
+        )
+
+    # ------------------------------------------------------------------ consumption
+    def reader(self) -> "_CacheReader":
+        """Per-forward accessor: ``get(i) -> (k, v)`` on ``device``; ``release(i)`` after use."""
+        if self.offloaded and self.device.type == "cuda":
+            return _PrefetchingReader(self)
+        return _DirectReader(self)
+
+
+class _DirectReader:
+    """Cache already on the compute device (or CPU-only runs): hands out the stored tensors."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        return c.keys[i].to(c.device, non_blocking=True), c.values[i].to(c.device, non_blocking=True)
+
+    def release(self, i: int) -> None:
+        pass
+
+
+class _PrefetchingReader:
+    """Offloaded cache on a CUDA model: block ``i+1`` is copied on a side stream while block ``i``
+    computes. Two device slots; a slot is overwritten only after the compute stream recorded that
+    the block using it is done (``release``)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        dev = cache.device
+        self.stream = torch.cuda.Stream(device=dev)
+        k0, v0 = cache.keys[0], cache.values[0]
+        self.slots = [
+            (torch.empty(k0.shape, dtype=k0.dtype, device=dev), torch.empty(v0.shape, dtype=v0.dtype, device=dev))
+            for _ in range(2)
+        ]
+        self.ready: List[Optional[torch.cuda.Event]] = [None] * cache.depth
+        self.free: List[Optional[torch.cuda.Event]] = [None, None]
+        # The fresh slots may reuse memory that queued compute-stream work still reads.
+        self.stream.wait_stream(torch.cuda.current_stream(dev))
+        self._issue(0)
+
+    def _issue(self, i: int) -> None:
+        if i >= self.cache.depth:
+            return
+        slot = i % 2
+        with torch.cuda.stream(self.stream):
+            if self.free[slot] is not None:
+                self.stream.wait_event(self.free[slot])
+            k, v = self.slots[slot]
+            k.copy_(self.cache.keys[i], non_blocking=True)
+            v.copy_(self.cache.values[i], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.ready[i] = ev
+
+    def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.ready[i] is None:
+            self._issue(i)
+        torch.cuda.current_stream(self.cache.device).wait_event(self.ready[i])
+        # Start the next copy now; it waits for the slot's previous user (block i-1) on its own.
+        if i + 1 < self.cache.depth and self.ready[i + 1] is None:
+            self._issue(i + 1)
+        return self.slots[i % 2]
+
+    def release(self, i: int) -> None:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.cache.device))
+        self.free[i % 2] = ev

@@ -1,0 +1,290 @@
+"""Loading the DiT from the released checkpoint layouts (SPEC 9), strictly and without a random model.
+
+Layouts:
+
+* upstream ``dit/``: ``config.json`` + ``diffusion_pytorch_model.safetensors`` or shards
+  ``diffusion_pytorch_model-0000k-of-0000n.safetensors`` with ``*.safetensors.index.json``
+  (``weight_map``: key -> shard file). Keys are exactly ``LongCatDiT.state_dict()``'s.
+* FastVideo ``transformer/``: ``config.json`` (``num_attention_heads``) + ``model.safetensors``
+  (or shards + index) with renamed keys and split fused projections (``attn.qkv`` ->
+  ``self_attn.to_q/to_k/to_v``, ``cross_attn.kv_linear`` -> ``cross_attn.to_k/to_v``); mapping in
+  ``fastvideo_sources``. Detected from the tensor names.
+
+The model skeleton is built on the meta device (no memory, no random init), every key is checked
+against the file headers before any tensor is read (missing, unexpected and shape-mismatched keys
+are listed by name in one ``CheckpointError``), then tensors are read one at a time, converted to
+the requested dtype/device and assigned. Peak host memory is one tensor (plus its fused partners).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+
+from .config import DiTConfig
+
+__all__ = [
+    "CheckpointError",
+    "load_dit",
+    "resolve_dit_dir",
+    "fastvideo_sources",
+    "to_fastvideo_state_dict",
+    "read_checkpoint_index",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded (message says what and where)."""
+
+
+def _safe_open(path: str):
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _get_tensor(handle, path: str, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
+
+
+def _open_safetensors_all(path: str) -> Dict[str, torch.Tensor]:
+    """All tensors of one safetensors file, with clear errors for missing/corrupt files."""
+    h = _safe_open(path)
+    return {k: _get_tensor(h, path, k) for k in h.keys()}
+
+
+# ---------------------------------------------------------------------- folder resolution
+def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
+    """The folder holding the DiT: ``path`` itself, or its ``dit/`` or ``transformer/`` subfolder."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+
+    def has_weights(d: str) -> bool:
+        return bool(glob.glob(os.path.join(d, "*.safetensors")))
+
+    if os.path.isfile(os.path.join(path, "config.json")) and has_weights(path):
+        return path
+    for sub in ("dit", "transformer"):
+        d = os.path.join(path, sub)
+        if os.path.isdir(d) and os.path.isfile(os.path.join(d, "config.json")) and has_weights(d):
+            return d
+    raise CheckpointError(
+        f"{path}: no DiT checkpoint here (expected config.json + *.safetensors in the folder, or in its "
+        f"dit/ or transformer/ subfolder)"
+    )
+
+
+def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], str]]:
+    """Key -> (file, shape, dtype string) from the safetensors headers (no tensor data read).
+
+    Uses ``*.safetensors.index.json`` when present (its ``weight_map`` must match the shards),
+    otherwise every ``*.safetensors`` file of the folder.
+    """
+    indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder}: several index files {[os.path.basename(i) for i in indexes]}; keep one")
+    if indexes:
+        try:
+            with open(indexes[0], "r", encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{indexes[0]}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        weight_map = None
+        files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors file")
+    out: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
+    for fname in files:
+        fpath = os.path.join(folder, fname)
+        h = _safe_open(fpath)
+        for k in h.keys():
+            if weight_map is not None and weight_map.get(k) != fname:
+                continue  # the index places this key elsewhere (or nowhere): the index wins
+            if k in out:
+                raise CheckpointError(f"{folder}: tensor {k!r} appears in both {out[k][0]} and {fname}")
+            try:
+                sl = h.get_slice(k)
+                out[k] = (fname, tuple(sl.get_shape()), str(sl.get_dtype()))
+            except Exception as e:
+                raise CheckpointError(f"{fpath}: bad header entry for {k!r} ({type(e).__name__}: {e})") from None
+    if weight_map is not None:
+        lost = sorted(k for k, f in weight_map.items() if k not in out)
+        if lost:
+            raise CheckpointError(
+                f"{indexes[0]}: {len(lost)} key(s) listed in the index are missing from their shard: "
+                + ", ".join(lost[:20]) + (" ..." if len(lost) > 20 else "")
+            )
+    return out
+
+
+# ---------------------------------------------------------------------- FastVideo names
+_FV_SIMPLE = [
+    (re.compile(r"^x_embedder\.(.*)$"), r"patch_embed.\1"),
+    (re.compile(r"^t_embedder\.mlp\.0\.(.*)$"), r"time_embedder.linear_1.\1"),
+    (re.compile(r"^t_embedder\.mlp\.2\.(.*)$"), r"time_embedder.linear_2.\1"),
+    (re.compile(r"^y_embedder\.y_proj\.0\.(.*)$"), r"caption_embedder.linear_1.\1"),
+    (re.compile(r"^y_embedder\.y_proj\.2\.(.*)$"), r"caption_embedder.linear_2.\1"),
+    (re.compile(r"^blocks\.(\d+)\.adaLN_modulation\.1\.(.*)$"), r"blocks.\1.adaln_linear_1.\2"),
+    (re.compile(r"^blocks\.(\d+)\.pre_crs_attn_norm\.(.*)$"), r"blocks.\1.norm_cross.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.proj\.(.*)$"), r"blocks.\1.self_attn.to_out.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.(q_norm|k_norm)\.(.*)$"), r"blocks.\1.self_attn.\2.\3"),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.q_linear\.(.*)$"), r"blocks.\1.cross_attn.to_q.\2"),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.proj\.(.*)$"), r"blocks.\1.cross_attn.to_out.\2"),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.(q_norm|k_norm)\.(.*)$"), r"blocks.\1.cross_attn.\2.\3"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.(w[123])\.(.*)$"), r"blocks.\1.ffn.\2.\3"),
+    (re.compile(r"^final_layer\.adaLN_modulation\.1\.(.*)$"), r"final_layer.adaln_linear.\1"),
+    (re.compile(r"^final_layer\.linear\.(.*)$"), r"final_layer.proj.\1"),
+]
+_FV_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_FV_KV = re.compile(r"^blocks\.(\d+)\.cross_attn\.kv_linear\.(weight|bias)$")
+
+
+def fastvideo_sources(key: str) -> List[str]:
+    """FastVideo tensor names whose row-concatenation (dim 0) is our tensor ``key`` (SPEC 9)."""
+    m = _FV_QKV.match(key)
+    if m:
+        b, p = m.groups()
+        return [f"blocks.{b}.self_attn.to_{x}.{p}" for x in ("q", "k", "v")]
+    m = _FV_KV.match(key)
+    if m:
+        b, p = m.groups()
+        return [f"blocks.{b}.cross_attn.to_{x}.{p}" for x in ("k", "v")]
+    for pattern, repl in _FV_SIMPLE:
+        if pattern.match(key):
+            return [pattern.sub(repl, key)]
+    raise KeyError(f"no FastVideo name for {key!r}")
+
+
+def to_fastvideo_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our (upstream) state dict -> FastVideo's converted layout (fused projections split)."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        srcs = fastvideo_sources(k)
+        for name, part in zip(srcs, torch.chunk(v, len(srcs), dim=0)):
+            out[name] = part.contiguous()
+    return out
+
+
+def _is_fastvideo(keys: Iterable[str]) -> bool:
+    return any(k.startswith(("patch_embed.", "time_embedder.", "caption_embedder.")) or ".self_attn." in k for k in keys)
+
+
+# ---------------------------------------------------------------------- loading
+def _list(names: List[str], limit: int = 30) -> str:
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
+             device: Union[str, torch.device, None] = None, *, strict: bool = True,
+             attn_backend: Optional[str] = None, cls: Optional[Type[nn.Module]] = None):
+    """Builds a ``LongCatDiT`` from a checkpoint folder.
+
+    Args:
+        path: an upstream ``dit/`` folder, a FastVideo ``transformer/`` folder, or a checkpoint root
+            holding one of them.
+        dtype: parameter dtype (e.g. ``torch.bfloat16``); None keeps the stored dtype.
+        device: where the parameters go (default CPU). Tensors are read one by one, converted and
+            placed: no random fp32 model is ever materialised.
+        strict: unexpected checkpoint keys are an error (True) or ignored (False). Missing and
+            shape-mismatched keys are always errors.
+        attn_backend: overrides ``config.attn_backend``.
+
+    Returns:
+        The model in eval mode with ``requires_grad=False`` parameters (inference).
+
+    Raises:
+        CheckpointError: missing folder/config/files, unreadable or corrupt safetensors, and
+            missing / unexpected / mismatched keys, each listed by name.
+    """
+    from .dit import LongCatDiT
+
+    cls = cls or LongCatDiT
+    folder = resolve_dit_dir(path)
+    try:
+        config = DiTConfig.from_json(os.path.join(folder, "config.json"))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from None
+    if attn_backend is not None:
+        config.attn_backend = attn_backend
+        config.__post_init__()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    model = cls(config, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    header = read_checkpoint_index(folder)
+    fastvideo = _is_fastvideo(header)
+    sources = {k: (fastvideo_sources(k) if fastvideo else [k]) for k in expected}
+
+    missing: List[str] = []
+    mismatched: List[str] = []
+    used = set()
+    for k, shape in expected.items():
+        srcs = sources[k]
+        absent = [s for s in srcs if s not in header]
+        if absent:
+            missing.extend(absent)
+            continue
+        used.update(srcs)
+        shapes = [header[s][1] for s in srcs]
+        if len(srcs) == 1:
+            got = shapes[0]
+        elif all(len(s) == len(shapes[0]) and s[1:] == shapes[0][1:] for s in shapes):
+            got = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+        else:
+            got = None
+        if got != shape:
+            desc = " + ".join(f"{s}{list(sh)}" for s, sh in zip(srcs, shapes)) if len(srcs) > 1 else f"{list(shapes[0])}"
+            mismatched.append(f"{srcs[0] if len(srcs) == 1 else k}: checkpoint {desc}, model {list(shape)}")
+    unexpected = sorted(k for k in header if k not in used)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_list(sorted(missing))}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape-mismatched key(s): {_list(mismatched)}")
+    if unexpected and strict:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
+    if problems:
+        layout = "FastVideo transformer/" if fastvideo else "upstream dit/"
+        raise CheckpointError(f"{folder} ({layout} layout) does not match the config: " + "; ".join(problems))
+
+    handles: Dict[str, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        fname = header[name][0]
+        if fname not in handles:
+            handles[fname] = _safe_open(os.path.join(folder, fname))
+        return _get_tensor(handles[fname], os.path.join(folder, fname), name)
+
+    for k in expected:
+        parts = [read(s) for s in sources[k]]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if device.type != "cpu":
+            t = t.to(device=device)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        mod_name, _, attr = k.rpartition(".")
+        module = model.get_submodule(mod_name)
+        module._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=False)
+        del parts, t
+    leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:  # pragma: no cover - guarded by the key check above
+        raise CheckpointError(f"{folder}: parameters left uninitialised: {_list(leftover)}")
+    model.eval()
+    return model

@@ -1,0 +1,487 @@
+"""LoRA adapters for the LongCat-Video DiT (SPEC 8): LongCat's own files and FastVideo's conversion.
+
+Math (both formats, per adapted ``nn.Linear`` ``y = W x + b``)::
+
+    y = W x + b + sum_j  P_j( up_j( down_j(x) ) ) * multiplier * scale_j
+
+where ``down`` is ``[R, in]``, its output is split into parts ``down_j`` (``R = sum r_j``), each
+part has an up matrix ``up_j [out_j, r_j]`` and writes the output rows ``P_j`` it owns. Several
+active adapters add up.
+
+LongCat format (``lora/cfg_step_lora.safetensors``, ``lora/refinement_lora.safetensors``), keys::
+
+    lora___lorahyphen___<module path with '.' -> '___lorahyphen___'>.lora_down.weight   [n*r, in]
+        ... .lora_up.weight                [out, n*r]      (plain, one part: n = 1)
+        ... .lora_up.blocks.{j}.weight     [out/n, r]      (split: part j = down rows j*r..,
+                                                              output rows j*out/n..)
+        ... .alpha_scale                   0-d             (scale of every part; 0.5 = 64/128)
+
+``alpha_scale`` read from the file wins; when a module has none, the upstream network default
+``alpha / rank = 64 / 128 = 0.5`` is used (upstream's strict ``load_state_dict`` would refuse such
+a file; we accept it).
+
+FastVideo format (what we found reading FastVideo's ``scripts/checkpoint_conversion/
+longcat_to_fastvideo.py`` and ``fastvideo/pipelines/lora_pipeline.py`` +
+``fastvideo/layers/lora/linear.py``): the converter writes, per FastVideo module path (SPEC 9
+names: ``blocks.i.self_attn.to_q/to_k/to_v/to_out``, ``blocks.i.cross_attn.to_q/to_k/to_v/
+to_out``, ``blocks.i.ffn.w1/w2/w3``, ``blocks.i.adaln_linear_1``, ``final_layer.adaln_linear``,
+``final_layer.proj``), the keys ``<path>.lora_A [r, in]``, ``<path>.lora_B [out, r]`` and
+``<path>.lora_alpha`` (0-d fp32, ``alpha = alpha_scale * r``). A fused LongCat target split in n
+(``attn.qkv``: n = 3, ``cross_attn.kv_linear``: n = 2) becomes n FastVideo targets, each with its
+slice of ``lora_down`` as ``lora_A`` and up block j as ``lora_B``; a split target that stays one
+module in FastVideo (``adaLN_modulation.1``, n = 6 / 2) gets the whole ``lora_down`` and a
+block-diagonal ``lora_B [out, n*r]``. FastVideo applies ``scale = lora_alpha / rank`` with
+``rank = lora_A.shape[0]`` (``scale = 1`` when ``lora_alpha`` is absent), strips a
+``diffusion_model.`` prefix and a trailing ``.weight`` from key names, and (in its merge path)
+truncates ``lora_alpha`` to an int; we keep the float (identical for the released files, where
+``alpha = 0.5 * 128 = 64``). Here each FastVideo target becomes one part of the LongCat module's
+adapter (``to_k`` of ``cross_attn`` -> output rows ``0..C`` of ``kv_linear``, ``to_v`` -> rows
+``C..2C``), so both formats run the same code and the same math.
+
+Why not ``peft``: wrapping a layer with peft renames its base weight to ``<module>.base_layer.weight``
+(the state dict must keep the upstream names exactly, SPEC 6), and the split form would have to
+be expanded to a dense block-diagonal ``up`` (n times the memory and FLOPs of the up projection for
+``attn.qkv``). The adapter here is a few lines on our own ``LoRALinear`` (a plain ``nn.Linear``
+subclass, so names and shapes of the state dict are untouched).
+
+Speed: ``fuse_lora`` merges the active adapters into the weights (no per-call LoRA matmuls);
+``unfuse_lora`` subtracts them again (exact in fp32; in bf16 the round trip can differ from the
+original weights by rounding, 1 ulp).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dit import LongCatDiT
+
+__all__ = [
+    "LoRALinear",
+    "LoRAAdapter",
+    "LoRAPart",
+    "LORA_PREFIX",
+    "LORA_HYPHEN",
+    "read_lora_file",
+    "load_lora",
+    "enable_loras",
+    "disable_loras",
+    "fuse_lora",
+    "unfuse_lora",
+    "longcat_lora_key",
+]
+
+LORA_PREFIX = "lora___lorahyphen___"
+LORA_HYPHEN = "___lorahyphen___"
+DEFAULT_ALPHA_SCALE = 0.5  # upstream network default alpha / rank = 64 / 128
+
+
+@dataclass
+class LoRAPart:
+    """One up projection of an adapter: ``y[..., out_start:out_end] += up @ down[rank_start:rank_end] x * scale``."""
+
+    out_start: int
+    out_end: int
+    rank_start: int
+    rank_end: int
+    up: torch.Tensor  # [out_end - out_start, rank_end - rank_start]
+    scale: float
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter on one ``LoRALinear``: ``down [R, in]`` shared by its parts."""
+
+    name: str
+    down: torch.Tensor  # [R, in]
+    parts: List[LoRAPart]
+    multiplier: float = 1.0
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``[out, in]`` update ``sum_j P_j up_j down_j * scale_j * multiplier`` (``dtype``)."""
+        out = max(p.out_end for p in self.parts)
+        d = torch.zeros(out, self.down.shape[1], dtype=dtype, device=self.down.device)
+        down = self.down.to(dtype)
+        for p in self.parts:
+            d[p.out_start:p.out_end] += (p.up.to(dtype) @ down[p.rank_start:p.rank_end]) * (p.scale * self.multiplier)
+        return d
+
+    def to_(self, device=None, dtype=None) -> "LoRAAdapter":
+        self.down = self.down.to(device=device, dtype=dtype)
+        for p in self.parts:
+            p.up = p.up.to(device=device, dtype=dtype)
+        return self
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adds the adapter's output to ``y`` (the base output, a fresh tensor) in place and returns it."""
+        h = F.linear(x, self.down.to(x.dtype))  # [..., R]
+        for p in self.parts:
+            d = F.linear(h[..., p.rank_start:p.rank_end], p.up.to(x.dtype))
+            y[..., p.out_start:p.out_end].add_(d, alpha=p.scale * self.multiplier)
+        return y
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` that can carry LoRA adapters without changing its state dict.
+
+    Forward: ``F.linear(x, W, b)`` computed in ``x.dtype`` (weights are cast when ``x`` has
+    another dtype, which is how the fp32 islands of SPEC 6 run on bf16 weights), plus the active
+    adapters unless they are fused into ``W``. Adapters live in plain attributes (not registered
+    buffers), so ``state_dict()`` is exactly ``weight`` (+ ``bias``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lora_adapters: Dict[str, LoRAAdapter] = {}
+        self.lora_active: List[LoRAAdapter] = []
+        self.lora_fused: List[LoRAAdapter] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+        y = F.linear(x, w, b)
+        if self.lora_active and not self.lora_fused:
+            for adapter in self.lora_active:
+                y = adapter.add_to(x, y)
+        return y
+
+    # -------------------------------------------------------------- fusing
+    @torch.no_grad()
+    def _fuse(self) -> None:
+        if self.lora_fused or not self.lora_active:
+            return
+        delta = sum(a.delta_weight(torch.float32) for a in self.lora_active)
+        self.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
+        self.lora_fused = list(self.lora_active)
+
+    @torch.no_grad()
+    def _unfuse(self) -> None:
+        if not self.lora_fused:
+            return
+        delta = sum(a.delta_weight(torch.float32) for a in self.lora_fused)
+        self.weight.copy_((self.weight.float() - delta.to(self.weight.device)).to(self.weight.dtype))
+        self.lora_fused = []
+
+
+# ====================================================================== file parsing
+def longcat_lora_key(module_path: str, suffix: str) -> str:
+    """LongCat key for ``module_path`` (e.g. ``blocks.0.attn.qkv``) and ``suffix`` (``lora_down.weight``...)."""
+    return LORA_PREFIX + module_path.replace(".", LORA_HYPHEN) + "." + suffix
+
+
+_FASTVIDEO_TO_LONGCAT: Sequence[Tuple[re.Pattern, str, Optional[Tuple[int, int]]]] = [
+    # (pattern on the FastVideo module path, LongCat module path, (part index, n parts) of rows)
+    (re.compile(r"^blocks\.(\d+)\.self_attn\.to_q$"), r"blocks.\1.attn.qkv", (0, 3)),
+    (re.compile(r"^blocks\.(\d+)\.self_attn\.to_k$"), r"blocks.\1.attn.qkv", (1, 3)),
+    (re.compile(r"^blocks\.(\d+)\.self_attn\.to_v$"), r"blocks.\1.attn.qkv", (2, 3)),
+    (re.compile(r"^blocks\.(\d+)\.self_attn\.to_out$"), r"blocks.\1.attn.proj", None),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.to_q$"), r"blocks.\1.cross_attn.q_linear", None),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.to_k$"), r"blocks.\1.cross_attn.kv_linear", (0, 2)),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.to_v$"), r"blocks.\1.cross_attn.kv_linear", (1, 2)),
+    (re.compile(r"^blocks\.(\d+)\.cross_attn\.to_out$"), r"blocks.\1.cross_attn.proj", None),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.(w[123])$"), r"blocks.\1.ffn.\2", None),
+    (re.compile(r"^blocks\.(\d+)\.adaln_linear_1$"), r"blocks.\1.adaLN_modulation.1", None),
+    (re.compile(r"^final_layer\.adaln_linear$"), r"final_layer.adaLN_modulation.1", None),
+    (re.compile(r"^final_layer\.proj$"), r"final_layer.linear", None),
+]
+
+
+def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]]]]:
+    for pattern, repl, rows in _FASTVIDEO_TO_LONGCAT:
+        if pattern.match(path):
+            return pattern.sub(repl, path), rows
+    return None
+
+
+@dataclass
+class _ModuleSpec:
+    """Adapter description of one LongCat module, before it is bound to the model."""
+
+    down: List[torch.Tensor] = field(default_factory=list)
+    # (part index, n parts or None for whole output, up, scale, rank of this part)
+    parts: List[Tuple[int, Optional[int], torch.Tensor, float]] = field(default_factory=list)
+    keys: List[str] = field(default_factory=list)
+
+
+def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch.Tensor]]:
+    """Reads a LoRA ``.safetensors`` file; returns ``(format, tensors)`` with format ``"longcat"``
+    or ``"fastvideo"``. Raises ``ValueError`` for an unreadable file or an unknown format."""
+    from .loading import _open_safetensors_all
+
+    tensors = _open_safetensors_all(os.fspath(path))
+    if not tensors:
+        raise ValueError(f"load_lora: {os.fspath(path)} holds no tensors")
+    keys = list(tensors)
+    if any(k.startswith(LORA_PREFIX) for k in keys):
+        return "longcat", tensors
+    if any(re.search(r"\.lora_[AB](\.weight)?$", k) for k in keys):
+        return "fastvideo", tensors
+    raise ValueError(
+        f"load_lora: {os.fspath(path)} is neither LongCat LoRA ('{LORA_PREFIX}...lora_down.weight') nor "
+        f"FastVideo LoRA ('<module>.lora_A/.lora_B'); first keys: {keys[:5]}"
+    )
+
+
+def _parse_longcat(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, dict], List[str]]:
+    per_module: Dict[str, dict] = {}
+    bad: List[str] = []
+    pat = re.compile(r"^(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(\d+)\.weight|alpha_scale)$")
+    for key, t in tensors.items():
+        if not key.startswith(LORA_PREFIX) or "." not in key:
+            bad.append(key)
+            continue
+        name, suffix = key.split(".", 1)
+        m = pat.match(suffix)
+        if m is None:
+            bad.append(key)
+            continue
+        module = name[len(LORA_PREFIX):].replace(LORA_HYPHEN, ".")
+        entry = per_module.setdefault(module, {"blocks": {}, "keys": []})
+        entry["keys"].append(key)
+        if suffix == "lora_down.weight":
+            entry["down"] = t
+        elif suffix == "lora_up.weight":
+            entry["up"] = t
+        elif suffix == "alpha_scale":
+            entry["alpha_scale"] = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float(t.float().mean())
+        else:
+            entry["blocks"][int(m.group(2))] = t
+    return per_module, bad
+
+
+def _parse_fastvideo(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, dict], List[str]]:
+    per_target: Dict[str, dict] = {}
+    bad: List[str] = []
+    for key, t in tensors.items():
+        name = key
+        for prefix in ("diffusion_model.", "transformer."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        if name.endswith(".weight"):
+            name = name[: -len(".weight")]
+        m = re.match(r"^(.*)\.(lora_A|lora_B|lora_alpha)$", name)
+        if m is None:
+            bad.append(key)
+            continue
+        entry = per_target.setdefault(m.group(1), {"keys": []})
+        entry["keys"].append(key)
+        if m.group(2) == "lora_alpha":
+            entry["alpha"] = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float(t.float().mean())
+        else:
+            entry[m.group(2)] = t
+    return per_target, bad
+
+
+def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor], name: str,
+                    multiplier: float, path: str) -> Dict[str, LoRAAdapter]:
+    """Turns a parsed file into ``{module path: LoRAAdapter}``; raises listing every problem."""
+    unmatched: List[str] = []
+    problems: List[str] = []
+    adapters: Dict[str, LoRAAdapter] = {}
+
+    def linear(module_path: str) -> Optional[LoRALinear]:
+        try:
+            mod = model.get_submodule(module_path)
+        except AttributeError:
+            return None
+        return mod if isinstance(mod, LoRALinear) else None
+
+    if fmt == "longcat":
+        per_module, bad = _parse_longcat(tensors)
+        unmatched.extend(bad)
+        for module_path, e in sorted(per_module.items()):
+            mod = linear(module_path)
+            if mod is None:
+                unmatched.extend(e["keys"])
+                continue
+            down = e.get("down")
+            if down is None:
+                problems.append(f"{module_path}: no lora_down.weight")
+                continue
+            if e.get("up") is not None and e["blocks"]:
+                problems.append(f"{module_path}: has both lora_up.weight and lora_up.blocks.*")
+                continue
+            scale = e.get("alpha_scale", DEFAULT_ALPHA_SCALE)
+            out_f, in_f = mod.out_features, mod.in_features
+            if down.ndim != 2 or down.shape[1] != in_f:
+                problems.append(f"{module_path}: lora_down.weight shape {tuple(down.shape)}, expected [R, {in_f}]")
+                continue
+            R = down.shape[0]
+            parts: List[LoRAPart] = []
+            if e["blocks"]:
+                n = len(e["blocks"])
+                if sorted(e["blocks"]) != list(range(n)):
+                    problems.append(f"{module_path}: lora_up.blocks indices {sorted(e['blocks'])} are not 0..{n - 1}")
+                    continue
+                if R % n or out_f % n:
+                    problems.append(
+                        f"{module_path}: {n} up blocks need rank {R} and out_features {out_f} divisible by {n}"
+                    )
+                    continue
+                r, o = R // n, out_f // n
+                ok = True
+                for j in range(n):
+                    up = e["blocks"][j]
+                    if tuple(up.shape) != (o, r):
+                        problems.append(
+                            f"{module_path}: lora_up.blocks.{j}.weight shape {tuple(up.shape)}, expected ({o}, {r})"
+                        )
+                        ok = False
+                        continue
+                    parts.append(LoRAPart(j * o, (j + 1) * o, j * r, (j + 1) * r, up, scale))
+                if not ok:
+                    continue
+            else:
+                up = e.get("up")
+                if up is None:
+                    problems.append(f"{module_path}: no lora_up.weight nor lora_up.blocks.*")
+                    continue
+                if tuple(up.shape) != (out_f, R):
+                    problems.append(f"{module_path}: lora_up.weight shape {tuple(up.shape)}, expected ({out_f}, {R})")
+                    continue
+                parts.append(LoRAPart(0, out_f, 0, R, up, scale))
+            adapters[module_path] = LoRAAdapter(name, down, parts, multiplier)
+    else:
+        per_target, bad = _parse_fastvideo(tensors)
+        unmatched.extend(bad)
+        grouped: Dict[str, List[Tuple[Optional[Tuple[int, int]], str, dict]]] = {}
+        for target, e in sorted(per_target.items()):
+            mapped = _fastvideo_module(target)
+            if mapped is None or linear(mapped[0]) is None:
+                unmatched.extend(e["keys"])
+                continue
+            grouped.setdefault(mapped[0], []).append((mapped[1], target, e))
+        for module_path, items in grouped.items():
+            mod = linear(module_path)
+            out_f, in_f = mod.out_features, mod.in_features
+            downs: List[torch.Tensor] = []
+            parts = []
+            rank0 = 0
+            seen_rows = set()
+            for rows, target, e in sorted(items, key=lambda it: (it[0] or (0, 1))[0]):
+                A, B = e.get("lora_A"), e.get("lora_B")
+                if A is None or B is None:
+                    problems.append(f"{target}: needs both lora_A and lora_B")
+                    continue
+                j, n = rows if rows is not None else (0, 1)
+                if out_f % n:
+                    problems.append(f"{target}: out_features {out_f} of {module_path} not divisible by {n}")
+                    continue
+                o = out_f // n
+                r = A.shape[0] if A.ndim == 2 else -1
+                if A.ndim != 2 or A.shape[1] != in_f:
+                    problems.append(f"{target}: lora_A shape {tuple(A.shape)}, expected [r, {in_f}]")
+                    continue
+                if tuple(B.shape) != (o, r):
+                    problems.append(f"{target}: lora_B shape {tuple(B.shape)}, expected ({o}, {r})")
+                    continue
+                if j in seen_rows:
+                    problems.append(f"{target}: duplicate target for {module_path}")
+                    continue
+                seen_rows.add(j)
+                alpha = e.get("alpha")
+                scale = 1.0 if not alpha else alpha / r
+                downs.append(A)
+                parts.append(LoRAPart(j * o, (j + 1) * o, rank0, rank0 + r, B, scale))
+                rank0 += r
+            if parts:
+                dt = downs[0].dtype
+                adapters[module_path] = LoRAAdapter(name, torch.cat([d.to(dt) for d in downs], 0), parts, multiplier)
+
+    if unmatched or problems:
+        lines = []
+        if unmatched:
+            show = sorted(unmatched)
+            lines.append(
+                f"{len(show)} key(s) match no Linear module of the model: "
+                + ", ".join(show[:20]) + (" ..." if len(show) > 20 else "")
+            )
+        if problems:
+            lines.append(f"{len(problems)} bad adapter(s): " + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
+        raise ValueError(f"load_lora({path!r}, name={name!r}): " + " | ".join(lines))
+    if not adapters:
+        raise ValueError(f"load_lora({path!r}): the file has no adapter for this model")
+    return adapters
+
+
+# ====================================================================== model-level API
+def _lora_linears(model: nn.Module) -> Iterable[Tuple[str, LoRALinear]]:
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield n, m
+
+
+def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multiplier: float = 1.0) -> List[str]:
+    """Reads a LoRA file (LongCat or FastVideo format) into ``model`` under ``name`` (not enabled).
+
+    Adapter tensors are stored in each target's weight dtype and device. Returns the adapted
+    module paths. Raises ``ValueError`` listing keys that match no module and bad shapes.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"load_lora: name must be a non-empty str, got {name!r}")
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+        raise TypeError(f"load_lora: multiplier must be a float, got {type(multiplier).__name__}")
+    fmt, tensors = read_lora_file(path)
+    adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
+    # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
+    was_active = name in getattr(model, "_lora_active_names", [])
+    if was_active:
+        unfuse_lora(model)
+    for _, mod in _lora_linears(model):
+        old = mod.lora_adapters.pop(name, None)
+        if old is not None:
+            mod.lora_active = [a for a in mod.lora_active if a is not old]
+    for module_path, adapter in adapters.items():
+        mod = model.get_submodule(module_path)
+        adapter.to_(device=mod.weight.device, dtype=mod.weight.dtype)
+        mod.lora_adapters[name] = adapter
+        if was_active:
+            mod.lora_active.append(adapter)
+    names = getattr(model, "_lora_names", [])
+    if name not in names:
+        names.append(name)
+    model._lora_names = names
+    return sorted(adapters)
+
+
+def enable_loras(model: nn.Module, names: Sequence[str]) -> None:
+    """Makes exactly ``names`` active (in that order; their outputs add up). Unfuses first."""
+    if isinstance(names, str):
+        names = [names]
+    known = getattr(model, "_lora_names", [])
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"enable_loras: unknown LoRA name(s) {missing}; loaded: {known}")
+    unfuse_lora(model)
+    for _, mod in _lora_linears(model):
+        mod.lora_active = [mod.lora_adapters[n] for n in names if n in mod.lora_adapters]
+    model._lora_active_names = list(names)
+
+
+def disable_loras(model: nn.Module) -> None:
+    """No adapter active (weights restored if they were fused)."""
+    unfuse_lora(model)
+    for _, mod in _lora_linears(model):
+        mod.lora_active = []
+    model._lora_active_names = []
+
+
+def fuse_lora(model: nn.Module) -> None:
+    """Merges the active adapters into the weights (``W += delta`` computed in fp32)."""
+    for _, mod in _lora_linears(model):
+        mod._fuse()
+
+
+def unfuse_lora(model: nn.Module) -> None:
+    """Undoes ``fuse_lora`` (``W -= delta``; exact in fp32, within rounding in bf16)."""
+    for _, mod in _lora_linears(model):
+        mod._unfuse()
