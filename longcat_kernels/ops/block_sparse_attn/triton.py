@@ -4,7 +4,7 @@ Entry points used by ``api.py``:
 
 - ``select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold)``
   -> ``BlockSelection`` (pooling + scores in Triton, top-k / cdf in torch).
-- ``bsa_forward_triton(q, k, v, selection, scale)`` -> ``(out, lse)`` (no autograd).
+- ``block_sparse_attn_fwd_triton(q, k, v, selection, scale)`` -> ``(out, lse)`` (no autograd).
 - ``block_sparse_attn_triton(q, k, v, selection, scale)`` -> ``out`` (autograd-aware).
 
 Registered ops (one boundary per call): ``longcat_kernels::bsa_fwd`` (with autograd) and
@@ -19,7 +19,6 @@ import math
 import os
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 from . import _triton_kernels as K
 
@@ -28,9 +27,9 @@ _LOG2E = 1.4426950408889634
 # Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/bench_bsa_gpu_dev.py).
 # fwd: (blocks per iteration, num_warps, num_stages); bwd_dkdv / bwd_dq likewise.
 _CONFIG = {
-    "fwd": {64: (2, 4, 3), 128: (1, 8, 3)},
-    "dq": {64: (2, 4, 3), 128: (1, 8, 3)},
-    "dkdv": {64: (4, 3), 128: (8, 3)},
+    "fwd": {64: (1, 4, 3), 128: (1, 8, 2)},
+    "dq": {64: (1, 4, 2), 128: (1, 8, 2)},
+    "dkdv": {64: (4, 2), 128: (8, 2)},
     "atomic_dq": False,
 }
 _INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1)}
@@ -70,7 +69,7 @@ def _fwd_cfg(kblk: int):
     return bpi, nw, ns
 
 
-@triton_op("longcat_kernels::bsa_fwd", mutates_args=())
+@torch.library.custom_op("longcat_kernels::bsa_fwd", mutates_args=())
 def bsa_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
     grid_q: list[int], grid_k: list[int], chunk_q: list[int], chunk_k: list[int], scale: float,
@@ -85,7 +84,7 @@ def bsa_fwd(
     lse = torch.empty((B, NH, Sq), dtype=torch.float32, device=q.device)
     bpi, nw, ns = _fwd_cfg(bn)
     max_sel = indices.shape[-1]
-    wrap_triton(K.bsa_fwd_kernel)[(NQ, B * NH)](
+    K.bsa_fwd_kernel[(NQ, B * NH)](
         q, k, v, out, lse, indices, counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -96,6 +95,12 @@ def bsa_fwd(
         IEEE=q.dtype == torch.float32, num_warps=nw, num_stages=ns,
     )
     return out, lse
+
+
+@bsa_fwd.register_fake
+def _bsa_fwd_fake(q, k, v, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
+    B, Sq, NH, D = q.shape
+    return q.new_empty((B, Sq, NH, D)), q.new_empty((B, NH, Sq), dtype=torch.float32)
 
 
 def transpose_selection(indices: torch.Tensor, counts: torch.Tensor, num_k_blocks: int):
@@ -120,7 +125,7 @@ def transpose_selection(indices: torch.Tensor, counts: torch.Tensor, num_k_block
     return offsets.to(torch.int32), q_blocks.to(torch.int32)
 
 
-@triton_op("longcat_kernels::bsa_bwd", mutates_args=())
+@torch.library.custom_op("longcat_kernels::bsa_bwd", mutates_args=())
 def bsa_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
@@ -137,7 +142,7 @@ def bsa_bwd(
     ieee = q.dtype == torch.float32
     delta = torch.empty((B, NH, Sq), dtype=torch.float32, device=q.device)
     pre_block = 64
-    wrap_triton(K.bsa_bwd_preprocess_kernel)[(triton_cdiv(Sq, pre_block), B * NH)](
+    K.bsa_bwd_preprocess_kernel[(triton_cdiv(Sq, pre_block), B * NH)](
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Sq, NH, BLOCK=pre_block, D=D, num_warps=4,
     )
@@ -157,7 +162,7 @@ def bsa_bwd(
         bpi, nw_q, ns_q = _CONFIG["dq"].get(bn, (1, 4, 2))
     while bpi > 1 and bn * bpi > 128:
         bpi //= 2
-    wrap_triton(K.bsa_bwd_dkdv_kernel)[(NK, B * NH)](
+    K.bsa_bwd_dkdv_kernel[(NK, B * NH)](
         q, k, v, do, lse, delta, dq_acc, dk, dv, t_off, t_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -174,7 +179,7 @@ def bsa_bwd(
     else:
         dq = dq_acc
         max_sel = indices.shape[-1]
-        wrap_triton(K.bsa_bwd_dq_kernel)[(NQ, B * NH)](
+        K.bsa_bwd_dq_kernel[(NQ, B * NH)](
             q, k, v, do, lse, delta, dq, indices, counts,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -186,6 +191,11 @@ def bsa_bwd(
             num_warps=nw_q, num_stages=ns_q,
         )
     return dq, dk, dv
+
+
+@bsa_bwd.register_fake
+def _bsa_bwd_fake(do, q, k, v, out, lse, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -238,6 +248,9 @@ def bsa_forward_triton(q, k, v, selection, scale):
         return torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
 
 
+block_sparse_attn_fwd_triton = bsa_forward_triton
+
+
 def block_sparse_attn_triton(q, k, v, selection, scale):
     """Autograd-aware block-sparse attention output [B,Sq,H,D]."""
     args = _prep(q, k, v, selection)
@@ -247,7 +260,7 @@ def block_sparse_attn_triton(q, k, v, selection, scale):
 # --------------------------------------------------------------------------------------------
 # gating
 # --------------------------------------------------------------------------------------------
-@triton_op("longcat_kernels::bsa_pool_scores", mutates_args=())
+@torch.library.custom_op("longcat_kernels::bsa_pool_scores", mutates_args=())
 def bsa_pool_scores(
     q: torch.Tensor, k: torch.Tensor, grid_q: list[int], grid_k: list[int],
     chunk_q: list[int], chunk_k: list[int],
@@ -262,7 +275,7 @@ def bsa_pool_scores(
         (nT, nH, nW), pb, even = _geom(grid, chunk)
         N = nT * nH * nW
         p = torch.empty((B, NH, N, D), dtype=x.dtype, device=x.device)
-        wrap_triton(K.bsa_pool_kernel)[(N, B * NH)](
+        K.bsa_pool_kernel[(N, B * NH)](
             x, p, x.stride(0), x.stride(1), x.stride(2), grid[0], grid[1], grid[2], nH, nW, N, NH,
             CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, num_warps=4,
         )
@@ -271,10 +284,20 @@ def bsa_pool_scores(
     NQ, NKb = pq.shape[2], pk.shape[2]
     scores = torch.empty((B, NH, NQ, NKb), dtype=torch.float32, device=q.device)
     bmn = 64
-    wrap_triton(K.bsa_scores_kernel)[(triton_cdiv(NQ, bmn), triton_cdiv(NKb, bmn), B * NH)](
+    K.bsa_scores_kernel[(triton_cdiv(NQ, bmn), triton_cdiv(NKb, bmn), B * NH)](
         pq, pk, scores, NQ, NKb, BM=bmn, BN=bmn, D=D, IEEE=q.dtype == torch.float32, num_warps=4,
     )
     return pq, pk, scores
+
+
+@bsa_pool_scores.register_fake
+def _bsa_pool_scores_fake(q, k, grid_q, grid_k, chunk_q, chunk_k):
+    B, _, NH, D = q.shape
+    (nTq, nHq, nWq), _, _ = _geom(grid_q, chunk_q)
+    (nTk, nHk, nWk), _, _ = _geom(grid_k, chunk_k)
+    nq, nk = nTq * nHq * nWq, nTk * nHk * nWk
+    return (q.new_empty((B, NH, nq, D)), k.new_empty((B, NH, nk, D)),
+            q.new_empty((B, NH, nq, nk), dtype=torch.float32))
 
 
 def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_threshold):
@@ -292,20 +315,15 @@ def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_thr
             return idx, torch.zeros((B, NH, NQ), dtype=torch.int32, device=scores.device)
         idx = torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
         return idx, torch.full((B, NH, NQ), n, dtype=torch.int32, device=scores.device)
-    sorted_s, order = torch.sort(scores, dim=-1, descending=True)
-    p = torch.softmax(sorted_s / math.sqrt(head_dim), dim=-1)
-    cdf = torch.cumsum(p, dim=-1)
-    count = (cdf <= float(cdf_threshold)).sum(-1)
-    if sparsity is not None:
-        count = torch.clamp(count, min=int((1.0 - float(sparsity)) * NKb))
-    slot = torch.arange(NKb, device=scores.device)
-    idx = torch.where(slot < count.unsqueeze(-1), order, -1).to(torch.int32)
-    return idx, count.to(torch.int32)
+    from .selection import _select_rows
+
+    idx, cnt = _select_rows(scores.reshape(B * NH, NQ, NKb), head_dim, sparsity, cdf_threshold, NKb)
+    return idx.reshape(B, NH, NQ, NKb), cnt.reshape(B, NH, NQ)
 
 
 def select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold):
     """Gating in Triton (pooling + scores) with torch top-k / cdf -> ``BlockSelection``."""
-    from .api import BlockSelection
+    from .selection import BlockSelection
 
     grid_q = tuple(int(x) for x in grid_q)
     grid_k = tuple(int(x) for x in grid_k)
