@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -52,8 +53,10 @@ PREFERENCE: Dict[str, Tuple[str, ...]] = {
     "select_blocks": ("triton", "cuda", "torch"),
     "block_sparse_attn": ("cuda", "triton", "torch"),
     "block_sparse_attn_fwd": ("cuda", "triton", "torch"),
-    "attn_with_kv_cache": ("cuda", "triton", "torch"),
-    "prefix_attn": ("cuda", "triton", "torch"),
+    # triton first: its auto route picks Triton prologue + cuDNN or the fused kernel (H100:
+    # 69 / 74 ms vs csrc v1 165 ms at cond 4, bench/results/h100/kv_cache_attn.json)
+    "attn_with_kv_cache": ("triton", "cuda", "torch"),
+    "prefix_attn": ("triton", "cuda", "torch"),
     "qk_norm_rope": ("triton", "cuda", "torch"),
 }
 
@@ -105,8 +108,13 @@ def _load_module(package: str, backend: str):
     key = (package, backend)
     if key not in _MODULES:
         name = f"longcat_kernels.ops.{package}.{backend}"
+        if name in sys.modules:
+            _MODULES[key] = (sys.modules[name], None)
+            return _MODULES[key]
         try:
             spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:
+            spec, err = None, None
         except Exception as e:  # noqa: BLE001
             spec, err = None, e
         else:
@@ -151,8 +159,10 @@ def _machine_reason(backend: str, device_type: Optional[str]) -> Optional[str]:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
-def op_backend_status(impl: str, backend: str, *tensors) -> Optional[str]:
-    """None if ``impl`` can run on ``backend`` for these tensors, else the reason."""
+def op_backend_status(impl: str, backend: str, *tensors, check_inputs: bool = True) -> Optional[str]:
+    """None if ``impl`` can run on ``backend`` for these tensors, else the reason.
+
+    ``check_inputs=False`` skips the module's ``unsupported_reason`` hook (machine-level check only)."""
     if backend == "torch":
         return None
     device_type = None
@@ -172,7 +182,7 @@ def op_backend_status(impl: str, backend: str, *tensors) -> Optional[str]:
     if not hasattr(module, fname):
         return f"not implemented ({module.__name__} has no {fname})"
     hook = getattr(module, "unsupported_reason", None)
-    if hook is not None and tensors:
+    if hook is not None and tensors and check_inputs:
         r = hook(impl, *tensors)
         if r is not None:
             return r
