@@ -245,13 +245,13 @@ class LongCatDiT(nn.Module):
             c = kv_cache.num_frames
             plan = AttnPlan(
                 mode="cache", grid=(T, Nh, Nw), rope=self._rope((c + T, Nh, Nw), x.device), frame_offset=c,
-                use_bsa=cfg.enable_bsa and T > 1, bsa=bsa, backend=cfg.attn_backend, cache=kv_cache.reader(),
+                use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend, cache=kv_cache.reader(),
             )
         else:
             c = num_cond_latents
             plan = AttnPlan(
                 mode="prefix" if c else "full", grid=(T, Nh, Nw), rope=self._rope((T, Nh, Nw), x.device),
-                prefix_tokens=c * Nh * Nw, use_bsa=cfg.enable_bsa and T > 1, bsa=bsa, backend=cfg.attn_backend,
+                prefix_tokens=c * Nh * Nw, use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend,
                 skip_cross=(c == T),
             )
         for i, block in enumerate(self.blocks):
@@ -315,7 +315,7 @@ class LongCatDiT(nn.Module):
 
         plan = AttnPlan(
             mode="build", grid=(c, Nh, Nw), rope=self._rope((c, Nh, Nw), x.device),
-            use_bsa=cfg.enable_bsa and c > 1, bsa=cfg.bsa_settings() if cfg.enable_bsa else {},
+            use_bsa=cfg.enable_bsa, bsa=cfg.bsa_settings() if cfg.enable_bsa else {},
             backend=cfg.attn_backend, record=record, skip_cross=True,
         )
         last = cfg.depth - 1

@@ -13,8 +13,10 @@ Self-attention of one block, by mode of the forward (``AttnPlan.mode``):
   recorded per block.
 
 q/k: fused RMSNorm + 3D RoPE (``qk_norm_rope``), positions on the full grid (cond frames first).
-BSA is used when ``enable_bsa`` and the latent grid of the call has more than one frame (as
-upstream, which skips BSA for images).
+With ``enable_bsa``, each attention call whose query grid has more than one frame is block-sparse
+(upstream skips BSA for single-frame grids; applying the rule per call, cond part and noisy part
+separately, keeps cache on == cache off). Chunk shapes are clamped to the grids (a chunk longer
+than the grid is one partial block, which is what the clamped chunk computes).
 """
 
 from __future__ import annotations
@@ -74,16 +76,21 @@ class AttnPlan:
         # best available backend. "torch"/"triton" are honoured for every op.
         return self.backend if self.backend in ("torch", "triton") else "auto"
 
-    def block_sparse_params(self):
-        lk = _kernels()
+    def bsa_kwargs(self, grid_q, grid_k):
+        """``chunk_q``, ``chunk_k``, ``sparsity``, ``cdf_threshold`` with chunks clamped to the grids."""
         s = self.bsa
-        return lk.BlockSparseParams(
+        return dict(
+            chunk_q=tuple(min(c, g) for c, g in zip(s["chunk_q"], grid_q)),
+            chunk_k=tuple(min(c, g) for c, g in zip(s["chunk_k"], grid_k)),
             sparsity=s["sparsity"],
             cdf_threshold=s["cdf_threshold"],
-            chunk_q=tuple(s["chunk_q"]),
-            chunk_k=tuple(s["chunk_k"]),
-            frame_hw=(self.grid[1], self.grid[2]),
         )
+
+    def block_sparse_params(self, q_frames: int, k_frames: int):
+        """``BlockSparseParams`` for ``q_frames`` fresh frames against ``k_frames`` key frames."""
+        _, H, W = self.grid
+        kw = self.bsa_kwargs((q_frames, H, W), (k_frames, H, W))
+        return _kernels().BlockSparseParams(frame_hw=(H, W), **kw)
 
 
 class Attention(nn.Module):
@@ -126,34 +133,36 @@ class Attention(nn.Module):
     def _attend(q, k, v, plan: AttnPlan, layer: int) -> torch.Tensor:
         lk = _kernels()
         be = plan.backend
+        T, H, W = plan.grid
         if plan.mode == "cache":
             kc, vc = plan.cache.get(layer)
-            bs = plan.block_sparse_params() if plan.use_bsa else None
+            c = kc.shape[1] // (H * W)
+            bs = plan.block_sparse_params(T, c + T) if plan.use_bsa and T > 1 else None
             out = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend=be)
             plan.cache.release(layer)
             return out
         P = plan.prefix_tokens
         if P == 0:
-            if plan.use_bsa:
-                s = plan.bsa
-                return lk.block_sparse_attn(
-                    q, k, v, grid_q=plan.grid, chunk_q=tuple(s["chunk_q"]), chunk_k=tuple(s["chunk_k"]),
-                    sparsity=s["sparsity"], cdf_threshold=s["cdf_threshold"], backend=be,
-                )
+            if plan.use_bsa and T > 1:
+                return lk.block_sparse_attn(q, k, v, grid_q=plan.grid, backend=be,
+                                            **plan.bsa_kwargs(plan.grid, plan.grid))
             return lk.attn_with_kv_cache(q, k, v, backend=be)
-        if plan.use_bsa:
-            s = plan.bsa
-            T, H, W = plan.grid
-            c = P // (H * W)
-            out_c = lk.block_sparse_attn(
-                q[:, :P], k[:, :P], v[:, :P], grid_q=(c, H, W), chunk_q=tuple(s["chunk_q"]),
-                chunk_k=tuple(s["chunk_k"]), sparsity=s["sparsity"], cdf_threshold=s["cdf_threshold"], backend=be,
-            )
-            out_n = lk.attn_with_kv_cache(
-                q[:, P:], k[:, P:], v[:, P:], k[:, :P], v[:, :P], block_sparse=plan.block_sparse_params(), backend=be,
-            )
-            return torch.cat([out_c, out_n], dim=1)
-        return lk.prefix_attn(q, k, v, P, backend=be)
+        c = P // (H * W)
+        if not plan.use_bsa or (c <= 1 and T - c <= 1):
+            return lk.prefix_attn(q, k, v, P, backend=be)
+        # Block-sparse cache-off path: the cond part over the cond grid, the noisy part over
+        # [cond; noisy] keys, exactly as the cache build and the cached steps compute them.
+        if c > 1:
+            grid_c = (c, H, W)
+            out_c = lk.block_sparse_attn(q[:, :P], k[:, :P], v[:, :P], grid_q=grid_c, backend=be,
+                                         **plan.bsa_kwargs(grid_c, grid_c))
+        else:
+            out_c = lk.attn_with_kv_cache(q[:, :P], k[:, :P], v[:, :P], backend=be)
+        if P == q.shape[1]:
+            return out_c
+        bs = plan.block_sparse_params(T - c, T) if T - c > 1 else None
+        out_n = lk.attn_with_kv_cache(q[:, P:], k[:, P:], v[:, P:], k[:, :P], v[:, :P], block_sparse=bs, backend=be)
+        return torch.cat([out_c, out_n], dim=1)
 
 
 class CrossAttention(nn.Module):

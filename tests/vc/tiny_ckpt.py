@@ -79,11 +79,11 @@ def random_state_dict(config: DiTConfig, seed: int = 0, dtype: torch.dtype = tor
 
 
 def model_from_state_dict(config: DiTConfig, state_dict: Dict[str, torch.Tensor], dtype=torch.float32):
-    """A ``LongCatDiT`` (eval, no grad) holding ``state_dict`` cast to ``dtype``."""
+    """A ``LongCatDiT`` (eval, no grad) holding a copy of ``state_dict`` cast to ``dtype``."""
     from longcat_vc.dit import LongCatDiT
 
     m = LongCatDiT(config, device="meta")
-    m.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    m.load_state_dict({k: v.to(dtype, copy=True) for k, v in state_dict.items()}, strict=True, assign=True)
     m.requires_grad_(False)
     return m.eval()
 
