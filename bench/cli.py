@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke test)")
     p.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
     p.add_argument("--budget", type=float, default=1.0, help="scale every case's timing budget (default 1)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; cases not started by then are "
+                   "reported as skipped (results are written after every suite either way)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -116,37 +118,45 @@ def main(argv: list[str] | None = None) -> int:
     all_rows: list[dict] = []
     bad = 0
     t_start = time.perf_counter()
+    config = {"suites": suites, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "quick": args.quick, "shapes": args.shapes, "backends": args.backends, "depth": args.depth,
+              "cond_frames": list(cond), "sparsities": list(sparsities), "budget": args.budget,
+              "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)}
+    out_dir = Path(args.out) if args.out else writer.default_out_dir(header)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"bench-{'-'.join(suites)}{'-quick' if args.quick else ''}-{stamp}"
+    jpath = cpath = None
     for name in suites:
-        mod = load_suite(name)
         print(f"\n== suite {name} ({device}, {str(dtype).replace('torch.', '')}) ==", flush=True)
         t0 = time.perf_counter()
         rows = []
         try:
+            mod = load_suite(name)
             cases = mod.cases(ctx)
+            for case in cases:
+                if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+                    row = {"suite": case.suite, "case": case.name, "backend": case.backend, **case.params,
+                           "status": "skipped", "reason": f"--time-limit {args.time_limit:g} s reached"}
+                else:
+                    row = run_case(ctx, case)
+                rows.append(row)
+                print(_status_line(row), flush=True)
+            rows = mod.finish(ctx, rows)
+            print(f"\n{mod.table(rows)}", flush=True)
         except Exception as e:  # e.g. the model package is missing: the suite is reported, the run goes on
             rows.append({"suite": name, "case": "-", "backend": "-", "status": "error",
                          "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
-            cases = []
-        for case in cases:
-            row = run_case(ctx, case)
-            rows.append(row)
-            print(_status_line(row), flush=True)
-        rows = mod.finish(ctx, rows) if cases else rows
+            print(_status_line(rows[-1]), flush=True)
         ctx.free()
-        print(f"\n{mod.table(rows)}\n({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
         bad += sum(r["status"] in ("parity-failed", "error") for r in rows)
         all_rows += rows
+        config["wall_s"] = round(time.perf_counter() - t_start, 1)
+        if not args.no_write:
+            # rewritten after every suite, so a run cut short still leaves its finished suites
+            jpath, cpath = writer.write_results(out_dir, header, config, all_rows, stem)
 
-    config = {"suites": suites, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-              "quick": args.quick, "shapes": args.shapes, "backends": args.backends, "depth": args.depth,
-              "cond_frames": list(cond), "sparsities": list(sparsities), "budget": args.budget,
-              "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv),
-              "wall_s": round(time.perf_counter() - t_start, 1)}
-    if not args.no_write:
-        out_dir = Path(args.out) if args.out else writer.default_out_dir(header)
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        stem = f"bench-{'-'.join(suites)}{'-quick' if args.quick else ''}-{stamp}"
-        jpath, cpath = writer.write_results(out_dir, header, config, all_rows, stem)
+    if jpath is not None:
         print(f"wrote {jpath}\nwrote {cpath}")
         if args.plot:
             from bench import report

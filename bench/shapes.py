@@ -73,7 +73,7 @@ class Grid:
 GRIDS = {
     "480p": Grid("480p", *latent_grid("480p")),  # 24 x 30 x 52 = 37,440 tokens
     "720p": Grid("720p", *latent_grid("720p")),  # 24 x 44 x 80 = 84,480 tokens
-    "cpu": Grid("cpu", 24, 6, 10),  # 24 frames so every cond length of COND_FRAMES fits
+    "cpu": Grid("cpu", 24, 4, 8),  # 24 frames so every cond length of COND_FRAMES fits
     "tiny": Grid("tiny", 24, 2, 4),
     # block-sparse grids: >= 16 key blocks so every sparsity level keeps >= 1 block; not divisible
     # by 4x4x4 on purpose (like 480p)

@@ -41,7 +41,7 @@ def default_config(ctx, *, batch: int = 2) -> DiTBenchConfig:
         cfg = DiTConfig.longcat_video(depth=ctx.depth or 8, attn_backend=backend)
         grid, text_len, name = GRIDS["480p"], 512, "gpu-default"
     else:
-        cfg = DiTConfig.tiny(hidden_size=256, num_heads=4, caption_channels=256, adaln_tembed_dim=128,
+        cfg = DiTConfig.tiny(hidden_size=128, num_heads=2, caption_channels=128, adaln_tembed_dim=64,
                              frequency_embedding_size=256, depth=ctx.depth or 2, attn_backend=backend,
                              text_tokens_zero_pad=True)
         grid, text_len, name = GRIDS["cpu"], 32, "cpu-default"
