@@ -13,11 +13,15 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.utils.checkpoint
 
 from ...grid import block_token_index, token_to_slot
 from .selection import BlockSelection
 
 __all__ = ["block_sparse_attn_reference"]
+
+# bytes of temporaries per query-block group on CPU (tests lower it to exercise grouping)
+CPU_BUDGET_BYTES = 1 << 27
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -64,14 +68,8 @@ def block_sparse_attn_reference(
     b_i = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h_i = torch.arange(H, device=dev).view(1, H, 1, 1)
 
-    # query blocks per step: keep scores [B,H,G,bq,L] and gathered K/V [B,H,G,L,D] near the budget
-    budget = (1 << 29) if q.is_cuda else (1 << 27)
-    per_block = B * H * L * (bq * 4 + 2 * D * torch.finfo(cd).bits // 8 + 8) + 1
-    G = max(1, min(Nq, budget // per_block))
-
-    outs, lses = [], []
-    for n0 in range(0, Nq, G):
-        n1 = min(Nq, n0 + G)
+    def group(qt, kt, vt, n0: int, n1: int):
+        """Attention of query blocks [n0, n1) -> (out [B, H, g*bq, D], lse [B, H, g*bq])."""
         g = n1 - n0
         qtok = tq[n0:n1].reshape(-1).clamp(min=0)  # padding slots compute garbage, dropped below
         qb = qt[:, :, qtok].view(B, H, g, bq, D)
@@ -91,8 +89,28 @@ def block_sparse_attn_reference(
         o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
         with torch.no_grad():
             lse = (m + torch.log(den)).squeeze(-1)  # -inf where nothing is selected
-        outs.append(o.reshape(B, H, g * bq, D))
-        lses.append(lse.reshape(B, H, g * bq))
+        return o.reshape(B, H, g * bq, D), lse.reshape(B, H, g * bq)
+
+    # query blocks per step: scores + softmax temporaries [B,H,G,bq,L] and gathered K/V [B,H,G,L,D]
+    if q.is_cuda:
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = min(max(free // 8, 1 << 28), 1 << 32)
+    else:
+        budget = CPU_BUDGET_BYTES
+    per_block = B * H * L * (bq * 4 * 4 + 2 * D * torch.finfo(cd).bits // 8 + 16) + 1
+    G = max(1, min(Nq, budget // per_block))
+    # under autograd, recompute each group in backward instead of keeping every group's scores
+    ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and G < Nq
+
+    outs, lses = [], []
+    for n0 in range(0, Nq, G):
+        n1 = min(Nq, n0 + G)
+        if ckpt:
+            o, lse = torch.utils.checkpoint.checkpoint(group, qt, kt, vt, n0, n1, use_reentrant=False)
+        else:
+            o, lse = group(qt, kt, vt, n0, n1)
+        outs.append(o)
+        lses.append(lse)
     slot = token_to_slot(selection.grid_q, selection.chunk_q, dev)  # [Sq]
     out = torch.cat(outs, dim=2)[:, :, slot]  # [B, H, Sq, D]
     lse = torch.cat(lses, dim=2)[:, :, slot]
