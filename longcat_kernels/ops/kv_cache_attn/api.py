@@ -97,6 +97,11 @@ def prefix_attn(
             raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {prefix_len}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b = resolve_backend("prefix_attn", backend, q, k, v)
+    if b == "triton" and backend == "auto":
+        # auto on CUDA: the measured-faster of the fused Triton kernel and cuDNN (triton.py table)
+        from .triton import auto_impl
+
+        return auto_impl("prefix_attn", q)(q, k, v, prefix_len, scale)
     if b != "torch":
         return get_impl("prefix_attn", b)(q, k, v, prefix_len, scale)
     return prefix_attn_reference(q, k, v, prefix_len, scale)
@@ -233,6 +238,15 @@ def attn_with_kv_cache(
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b = resolve_backend("attn_with_kv_cache", backend, q, k, v)
+    if b == "triton" and backend == "auto":
+        # auto on CUDA: fused Triton kernel or Triton prologue + cuDNN, whichever measured faster
+        # (triton.py table); None = block-sparse, not in the triton backend yet -> torch path
+        from .triton import auto_impl
+
+        impl = auto_impl("attn_with_kv_cache", q, block_sparse)
+        if impl is not None:
+            return impl(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
+        b = "torch"
     if b != "torch":
         return get_impl("attn_with_kv_cache", b)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     with torch.no_grad():

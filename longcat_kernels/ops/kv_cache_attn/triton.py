@@ -1,0 +1,455 @@
+"""Triton cached-KV attention (SPEC 4): two key/value segments, no concat, no repeat.
+
+One flash-attention forward kernel, `kv_cache_attn_fwd_kernel`, reads keys/values from two
+segments: segment 1 (`[B1, L1, H, D]`, batch stride 0 allowed, i.e. a batch-1 cache broadcast
+over the CFG batch) and segment 2 (`[B, L2, H, D]`). Query rows with index `< q_prefix` see
+segment 1 only; the others see both. That one rule serves both public ops:
+
+- `attn_with_kv_cache`: segment 1 = cache, segment 2 = fresh keys, `q_prefix = 0`.
+- `prefix_attn` (cache off, one launch): segment 1 = `k[:, :P]`, segment 2 = `k[:, P:]` (views),
+  `q_prefix = P`. A query block entirely below P never visits segment 2 (per-query-block key
+  range); a block that straddles P visits it with a row mask.
+
+```
+            keys:  [ segment 1 (cache / prefix) | segment 2 (fresh / rest) ]
+  q rows < q_prefix  ##########################  ..........................
+  q rows >= q_prefix ##########################  ##########################
+```
+
+Softmax: online, fp32 statistics, exp2 with `scale * log2(e)` folded into one multiply. With
+`rope`, fresh q is rotated at load inside the attention kernel (q is read once per program) and
+fresh k is rotated by the rope kernel into a temporary; cached keys are never touched.
+
+A second implementation of the same ops ("prologue + cuDNN", `*_cudnn` below): a Triton prologue
+rotates q/k and writes k, v straight into a preallocated `[B, Sc + Sn, H, D]` buffer whose cache
+part is filled by one copy, then cuDNN SDPA. `preferred_impl()` says which one is faster (table
+measured on the device, see bench/results/h100/).
+
+Forward only: inputs requiring grad raise. Outputs are BSHD-contiguous, q's dtype.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from longcat_kernels.ops.rope.triton import (
+    _check_no_grad, _rope_apply, _rope_cos_sin, launch_norm_rope, rope_parts, rope_table_args,
+)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_segment(acc, l_i, m_i, q, K, V, lo, hi, L, q_prefix, qk_scale, offs_m, offs_d, m_d,
+                  stride_kn, stride_kd, stride_vn, stride_vd,
+                  BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, MASK_ROW: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """Online-softmax update over key tiles [lo, hi) of one segment of length L."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASK_N:
+            m_n = offs_n < L
+            b_k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                          mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+        else:
+            b_k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                          mask=m_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        b_s = tl.dot(q, b_k, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASK_N:
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        if MASK_ROW:
+            # rows below q_prefix see segment 1 only; they already hold finite m_i from it
+            b_s = tl.where(offs_m[:, None] >= q_prefix, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))  # [BLOCK_M]
+        alpha = tl.math.exp2(m_i - m_new)
+        b_p = tl.math.exp2(b_s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        acc = acc * alpha[:, None]
+        if MASK_N:
+            b_v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                          mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        else:
+            b_v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                          mask=m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_D]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_two_masks(acc, l_i, m_i, q, K, V, L, q_prefix, qk_scale, offs_m, offs_d, m_d,
+                    stride_kn, stride_kd, stride_vn, stride_vd,
+                    BLOCK_N: tl.constexpr, MASK_ROW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Whole segment: full tiles unmasked, then the partial tail tile with a key mask."""
+    n_full = (L // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_segment(acc, l_i, m_i, q, K, V, 0, n_full, L, q_prefix, qk_scale,
+                                  offs_m, offs_d, m_d, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, BLOCK_N, False, MASK_ROW, DOT_PREC)
+    acc, l_i, m_i = _attn_segment(acc, l_i, m_i, q, K, V, n_full, L, L, q_prefix, qk_scale,
+                                  offs_m, offs_d, m_d, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, BLOCK_N, True, MASK_ROW, DOT_PREC)
+    return acc, l_i, m_i
+
+
+# Launch shape (BLOCK_M, BLOCK_N, num_warps, num_stages) on GPU, from the sweep in
+# bench/bench_kv_cache_gpu_dev.py on the H100 (bf16, D=128, both VC shapes). Fixed rather than
+# autotuned: an autotune pass over 70 ms launches is noisy and costs seconds at first call.
+ATTN_CONFIG = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+ATTN_CONFIG_SWEEP = [
+    (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 4, 3),
+    (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+]
+_CONFIG_OVERRIDE = None  # set by the bench sweep only
+
+
+def _attn_config(D: int):
+    if _INTERPRET:
+        return 16, 16, 4, 1
+    if _CONFIG_OVERRIDE is not None:
+        return _CONFIG_OVERRIDE
+    bd = triton.next_power_of_2(D)
+    if bd in ATTN_CONFIG:
+        return ATTN_CONFIG[bd]
+    return (64, 64, 4, 2) if bd > 128 else (128, 64, 4, 3)
+
+
+@triton.jit(do_not_specialize=["SQ", "L1", "L2", "q_prefix", "q_pos0", "GH", "GW"])
+def kv_cache_attn_fwd_kernel(
+    Q, K1, V1, K2, V2, O,
+    COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
+    H, SQ, L1, L2, q_prefix, qk_scale, q_pos0, GH, GW,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_k1b, stride_k1s, stride_k1h, stride_k1d,
+    stride_v1b, stride_v1s, stride_v1h, stride_v1d,
+    stride_k2b, stride_k2s, stride_k2h, stride_k2d,
+    stride_v2b, stride_v2s, stride_v2h, stride_v2d,
+    stride_ob, stride_os, stride_oh, stride_od,
+    ROPE_Q: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(SQ, BLOCK_M), B * H); query-block index varies fastest so concurrently running
+    programs share one head's keys/values in L2."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_m = offs_m < SQ
+    m_d = offs_d < HEAD_DIM
+    p_q = (Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
+           + offs_d[None, :] * stride_qd)
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if ROPE_Q:
+        b_cos, b_sin = _rope_cos_sin(q_pos0 + offs_m.to(tl.int64), m_m, tl.arange(0, BLOCK_D // 2),
+                                     COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W, GH, GW, DT, DH,
+                                     HEAD_DIM)  # [BLOCK_M, BLOCK_D // 2]
+        # round to the input dtype exactly like "rotate, cast, then attend"
+        b_q = _rope_apply(b_q, b_cos, b_sin, BLOCK_M, BLOCK_D).to(b_q.dtype)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # segment 1 (cache / prefix): seen by every query row
+    K1b = K1 + b * stride_k1b + h * stride_k1h
+    V1b = V1 + b * stride_v1b + h * stride_v1h
+    acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K1b, V1b, L1, q_prefix, qk_scale, offs_m,
+                                    offs_d, m_d, stride_k1s, stride_k1d, stride_v1s, stride_v1d,
+                                    BLOCK_N, False, DOT_PREC)
+    # segment 2 (fresh / rest): only rows >= q_prefix; skipped by blocks entirely below it
+    K2b = K2 + b * stride_k2b + h * stride_k2h
+    V2b = V2 + b * stride_v2b + h * stride_v2h
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_prefix:
+        acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K2b, V2b, L2, q_prefix, qk_scale,
+                                        offs_m, offs_d, m_d, stride_k2s, stride_k2d, stride_v2s,
+                                        stride_v2d, BLOCK_N, False, DOT_PREC)
+    elif m_start + BLOCK_M > q_prefix:
+        acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K2b, V2b, L2, q_prefix, qk_scale,
+                                        offs_m, offs_d, m_d, stride_k2s, stride_k2d, stride_v2s,
+                                        stride_v2d, BLOCK_N, True, DOT_PREC)
+
+    # rows that saw no key at all (only possible when L1 + L2 == 0) output 0, never NaN
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    p_o = (O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
+           + offs_d[None, :] * stride_od)
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+
+
+def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=1, q_frame=0):
+    """q [B,Sq,H,D]; segment 1 k1/v1 [B or 1, L1, H, D] (batch stride forced to 0 when 1);
+    segment 2 k2/v2 [B, L2, H, D]; writes out [B,Sq,H,D]."""
+    B, SQ, H, D = q.shape
+    if B * SQ * H == 0:
+        return
+    L1, L2 = k1.shape[1], k2.shape[1]
+
+    def st(x):
+        s = list(x.stride())
+        if x.shape[0] == 1:
+            s[0] = 0  # broadcast a batch-1 segment over the batch, no copy
+        return s
+
+    rope_q = tables is not None
+    if rope_q:
+        dt, dh = rope_parts(D)
+        t_args = tables
+    else:
+        dt, dh = D, 0
+        t_args = [q] * 6
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    bm, bn, warps, stages = _attn_config(D)
+    grid = (triton.cdiv(SQ, bm), B * H)
+    kv_cache_attn_fwd_kernel[grid](
+        q, k1, v1, k2, v2, out, *t_args,
+        H, SQ, L1, L2, int(q_prefix), float(scale) * _LOG2E, int(q_frame) * gh * gw, gh, gw,
+        *q.stride(), *st(k1), *st(v1), *st(k2), *st(v2), *out.stride(),
+        ROPE_Q=rope_q, DT=dt, DH=dh, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# registered ops
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("longcat_kernels::kv_cache_attn_fwd", mutates_args=())
+def _kv_cache_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
+                      cos_t: Optional[torch.Tensor], sin_t: Optional[torch.Tensor],
+                      cos_h: Optional[torch.Tensor], sin_h: Optional[torch.Tensor],
+                      cos_w: Optional[torch.Tensor], sin_w: Optional[torch.Tensor],
+                      grid_h: int, grid_w: int, scale: float) -> torch.Tensor:
+    B, Sn, H, D = q.shape
+    out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
+    if k_cache is None:
+        k_cache, v_cache = k[:, :0], v[:, :0]
+    tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+    frame = k_cache.shape[1] // (grid_h * grid_w) if tables is not None else 0
+    if tables is not None:
+        # cached keys are already rotated; only the fresh keys are, once, here
+        k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        launch_norm_rope(k=k, out_k=k_rot, tables=tables, gh=grid_h, gw=grid_w,
+                         frame_offset=frame)
+        k = k_rot
+    _launch_attn(q, k_cache, v_cache, k, v, out, 0, scale, tables, grid_h, grid_w, frame)
+    return out
+
+
+@_kv_cache_attn_op.register_fake
+def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
+      scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("longcat_kernels::prefix_attn_fwd", mutates_args=())
+def _prefix_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                    scale: float) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    P = int(prefix_len)
+    _launch_attn(q, k[:, :P], v[:, :P], k[:, P:], v[:, P:], out, P, scale)
+    return out
+
+
+@_prefix_attn_op.register_fake
+def _(q, k, v, prefix_len, scale):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry points called by api.py
+# ----------------------------------------------------------------------------------------------
+
+def _block_sparse_unavailable():
+    from longcat_kernels._backend import BackendUnavailableError
+    raise BackendUnavailableError(
+        "attn_with_kv_cache: backend 'triton' unavailable: block_sparse= over [cache; fresh] keys "
+        "is not implemented in the triton backend yet (use backend='torch')")
+
+
+def _rope_tables(rope, q, Sc):
+    if rope is None:
+        return [None] * 6, 1, 1
+    tabs, gh, gw = rope_table_args(rope)
+    if not torch.compiler.is_compiling():
+        T = rope.grid[0]
+        if Sc % (gh * gw) or q.shape[1] % (gh * gw):
+            raise ValueError(f"attn_with_kv_cache: cache length {Sc} and fresh length "
+                             f"{q.shape[1]} must be whole frames of {gh}x{gw} tokens")
+        if (Sc + q.shape[1]) // (gh * gw) > T:
+            raise ValueError(f"attn_with_kv_cache: {(Sc + q.shape[1]) // (gh * gw)} frames of "
+                             f"cache + fresh exceed rope.grid T={T}")
+    return [t.to(q.device) for t in tabs], gh, gw
+
+
+def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None,
+                              block_sparse=None):
+    """softmax(q' [k_cache; k']^T * scale) [v_cache; v] in one fused Triton kernel (SPEC 4).
+
+    Args:
+        q, k, v (Tensor): [B, Sn, H, D] fresh tokens, any strides, bf16/fp16/fp32.
+        k_cache, v_cache (Tensor | None): [Bc, Sc, H, D], Bc in {1, B}; Bc = 1 is broadcast
+            (batch stride 0), never repeated. Cached K must already be rotated.
+        rope (Rope3D | None): rotate fresh q, k at frames Sc/(H*W).. of rope.grid.
+        scale (float | None): default head_dim ** -0.5.
+        block_sparse: not supported by this backend (raises BackendUnavailableError).
+
+    Returns [B, Sn, H, D] BSHD-contiguous, q's dtype. Forward only.
+    """
+    if block_sparse is not None:
+        _block_sparse_unavailable()
+    _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    tabs, gh, gw = _rope_tables(rope, q, Sc)
+    return torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, k_cache, v_cache, *tabs, gh, gw,
+                                                       scale)
+
+
+def prefix_attn_triton(q, k, v, prefix_len, scale=None):
+    """Cache-off rule in one launch: queries [:P] attend keys [:P], the rest attend all keys.
+
+    q, k, v: [B, S, H, D], any strides. Returns [B, S, H, D] BSHD-contiguous. Forward only.
+    """
+    _check_no_grad("prefix_attn", q=q, k=k, v=v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, int(prefix_len), scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# alternative route: Triton prologue into a [cache; fresh] KV buffer + cuDNN SDPA
+# ----------------------------------------------------------------------------------------------
+
+def cudnn_available(q: torch.Tensor) -> bool:
+    """cuDNN SDPA usable for these inputs (CUDA, bf16/fp16, head_dim <= 128)."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128:
+        return False
+    try:
+        return bool(torch.backends.cudnn.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _sdpa_cudnn(q, k, v, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return o.transpose(1, 2)
+
+
+@torch.library.custom_op("longcat_kernels::kv_cache_attn_cudnn_fwd", mutates_args=())
+def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
+                            cos_t: Optional[torch.Tensor], sin_t: Optional[torch.Tensor],
+                            cos_h: Optional[torch.Tensor], sin_h: Optional[torch.Tensor],
+                            cos_w: Optional[torch.Tensor], sin_w: Optional[torch.Tensor],
+                            grid_h: int, grid_w: int, scale: float) -> torch.Tensor:
+    B, Sn, H, D = q.shape
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    kbuf = torch.empty((B, Sc + Sn, H, D), dtype=k.dtype, device=k.device)
+    vbuf = torch.empty((B, Sc + Sn, H, D), dtype=v.dtype, device=v.device)
+    if Sc:
+        # cache part: one broadcast copy (Bc = 1 expands without a repeat)
+        kbuf[:, :Sc].copy_(k_cache.expand(B, Sc, H, D))
+        vbuf[:, :Sc].copy_(v_cache.expand(B, Sc, H, D))
+    tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+    if tables is not None:
+        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        launch_norm_rope(q=q, k=k, v=v, out_q=q_rot, out_k=kbuf[:, Sc:], out_v=vbuf[:, Sc:],
+                         tables=tables, gh=grid_h, gw=grid_w, frame_offset=Sc // (grid_h * grid_w))
+        q = q_rot
+    else:
+        launch_norm_rope(k=k, v=v, out_k=kbuf[:, Sc:], out_v=vbuf[:, Sc:])
+    return _sdpa_cudnn(q, kbuf, vbuf, scale).contiguous()
+
+
+@_kv_cache_attn_cudnn_op.register_fake
+def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
+      scale):
+    return q.new_empty(q.shape)
+
+
+def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None,
+                             block_sparse=None):
+    """Same contract as `attn_with_kv_cache_triton`, via prologue + KV buffer + cuDNN SDPA.
+
+    Needs CUDA bf16/fp16 inputs and cuDNN; for callers that keep their own [cache; fresh] buffer
+    across steps, `qk_norm_rope(..., out_k=buf[:, Sc:])` + SDPA avoids even the cache copy.
+    """
+    if block_sparse is not None:
+        _block_sparse_unavailable()
+    if not cudnn_available(q):
+        from longcat_kernels._backend import BackendUnavailableError
+        raise BackendUnavailableError("attn_with_kv_cache: prologue + cuDNN route needs CUDA "
+                                      "bf16/fp16 inputs with head_dim <= 128 and cuDNN")
+    _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    tabs, gh, gw = _rope_tables(rope, q, Sc)
+    return torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v, k_cache, v_cache, *tabs, gh,
+                                                             gw, scale)
+
+
+@torch.library.custom_op("longcat_kernels::prefix_attn_cudnn_fwd", mutates_args=())
+def _prefix_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                          scale: float) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    P, S = int(prefix_len), q.shape[1]
+    if P > 0:
+        out[:, :P] = _sdpa_cudnn(q[:, :P], k[:, :P], v[:, :P], scale)
+    if P < S:
+        out[:, P:] = _sdpa_cudnn(q[:, P:], k, v, scale)
+    return out
+
+
+@_prefix_attn_cudnn_op.register_fake
+def _(q, k, v, prefix_len, scale):
+    return q.new_empty(q.shape)
+
+
+def prefix_attn_cudnn(q, k, v, prefix_len, scale=None):
+    """Same contract as `prefix_attn_triton`, as two cuDNN SDPA calls (cond rows, noisy rows)."""
+    if not cudnn_available(q):
+        from longcat_kernels._backend import BackendUnavailableError
+        raise BackendUnavailableError("prefix_attn: cuDNN route needs CUDA bf16/fp16 inputs with "
+                                      "head_dim <= 128 and cuDNN")
+    _check_no_grad("prefix_attn", q=q, k=k, v=v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale)
+
+
+# Measured on the H100 (bench/bench_kv_cache_gpu_dev.py, bench/results/h100/kv_cache_attn.json):
+# the faster implementation per op on CUDA, used by backend="auto".
+_FASTER_IMPL = {"attn_with_kv_cache": "cudnn", "prefix_attn": "cudnn"}
+
+
+def preferred_impl(op: str, q: torch.Tensor) -> str:
+    """'cudnn' (prologue + cuDNN SDPA) or 'triton' (one fused kernel) for `op` on these inputs."""
+    choice = _FASTER_IMPL.get(op, "triton")
+    if choice == "cudnn" and not cudnn_available(q):
+        return "triton"
+    return choice
+
+
+def auto_impl(op: str, q: torch.Tensor, block_sparse=None):
+    """Implementation for backend="auto" once it resolved to triton on CUDA tensors.
+
+    Returns the function to call, or None when the torch path must run (block-sparse, which the
+    triton backend does not implement yet). `LONGCAT_KERNELS_BACKEND=triton` forces the fused kernel.
+    """
+    if block_sparse is not None:
+        return None
+    forced = os.environ.get("LONGCAT_KERNELS_BACKEND", "").strip().lower() == "triton"
+    if not forced and preferred_impl(op, q) == "cudnn":
+        return attn_with_kv_cache_cudnn if op == "attn_with_kv_cache" else prefix_attn_cudnn
+    return attn_with_kv_cache_triton if op == "attn_with_kv_cache" else prefix_attn_triton
