@@ -1,0 +1,265 @@
+"""``longcat-vc``: continue a video with LongCat-Video from the command line.
+
+    longcat-vc continue INPUT --prompt TEXT --checkpoint DIR --out OUT.mp4 [--mode basic|distill]
+        [--steps N] [--guidance G] [--frames 93] [--cond-frames 13] [--resolution 480p|720p|HxW]
+        [--no-kv-cache] [--offload-kv-cache] [--bsa] [--seed S]
+    longcat-vc extend INPUT --prompt TEXT [--prompt TEXT ...] [--segments N] --checkpoint DIR
+        --out OUT.mp4 [same options]
+
+INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. The output is an
+H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
+ones, at the input's size. It is written under a temporary name and renamed when complete, so a
+failed or interrupted run never leaves a file that looks finished.
+
+Bad input gives one line on stderr and a non-zero exit status (2 for bad arguments, 1 for other
+errors, 130 when interrupted); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "longcat-vc"
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments (exit status 2)."""
+
+
+def _resolution(text: str):
+    if text in ("480p", "720p"):
+        return text
+    parts = text.lower().split("x")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return (int(parts[0]), int(parts[1]))
+    raise argparse.ArgumentTypeError(f"expected 480p, 720p or HEIGHTxWIDTH (e.g. 480x832), got {text!r}")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="LongCat-Video checkpoint folder (dit/, vae/, text_encoder/, tokenizer/, scheduler/, lora/)")
+    p.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="negative prompt when guidance > 1 (default: LongCat-Video's demo negative prompt)")
+    p.add_argument("--mode", choices=("basic", "distill"), default="basic",
+                   help="basic: 50 steps, guidance 4.0; distill: cfg-step LoRA, 16 steps, guidance 1.0")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default per mode)")
+    p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale >= 1 (default per mode)")
+    p.add_argument("--frames", type=int, default=93, metavar="F",
+                   help="frames per generated clip incl. the cond frames (4k+1, default 93)")
+    p.add_argument("--cond-frames", type=int, default=13, metavar="C",
+                   help="last input frames used as the condition (4k+1, default 13)")
+    p.add_argument("--resolution", type=_resolution, default="480p",
+                   help="480p, 720p (LongCat's aspect-ratio buckets) or HEIGHTxWIDTH (multiples of 16)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
+    p.add_argument("--offload-kv-cache", action="store_true", help="keep the KV cache in CPU memory")
+    p.add_argument("--bsa", action="store_true", help="block-sparse self-attention")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--input-fps", type=float, default=None, metavar="FPS",
+                   help="frame rate of the input (overrides the file's; frame folders have none: taken as 15)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better, default 18)")
+    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Continue a video with LongCat-Video (KV cache on by default)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{continue,extend}")
+    sub.required = True
+    pc = sub.add_parser("continue", help="generate one continuation clip",
+                        description="Continue INPUT by one clip of --frames frames.")
+    pc.add_argument("--prompt", required=True, metavar="TEXT", help="what happens next")
+    _add_common(pc)
+    pe = sub.add_parser("extend", help="long video: chain several continuation clips",
+                        description="Chain --segments continuations, each conditioned on the last "
+                                    "--cond-frames frames so far.")
+    pe.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                    help="prompt for all segments, or repeat once per segment")
+    pe.add_argument("--segments", type=int, default=None, metavar="N",
+                    help="number of segments (default: number of --prompt)")
+    _add_common(pe)
+    return parser
+
+
+def _fail_early(args) -> None:
+    """Cheap checks before the (slow) model load."""
+    if not os.path.exists(args.input):
+        raise FileNotFoundError(f"input not found: {args.input}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
+    if not args.out.lower().endswith(".mp4"):
+        raise UsageError(f"--out must be an .mp4 file, got {args.out}")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out is a folder: {args.out}")
+    for name, val in (("--frames", args.frames), ("--cond-frames", args.cond_frames)):
+        if val < 1:
+            raise UsageError(f"{name} must be >= 1, got {val}")
+    if (args.cond_frames - 1) % 4:
+        raise UsageError(f"--cond-frames must be 4k+1 (1, 5, 9, 13, ...), got {args.cond_frames}")
+    frames = (args.frames - 1) // 4 * 4 + 1
+    if frames <= args.cond_frames:
+        raise UsageError(f"--frames ({args.frames}) must be greater than --cond-frames ({args.cond_frames})")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not args.guidance >= 1.0:
+        raise UsageError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {args.guidance}")
+    if args.input_fps is not None and not args.input_fps > 0:
+        raise UsageError(f"--input-fps must be > 0, got {args.input_fps}")
+    if args.command == "extend":
+        if args.segments is not None and args.segments < 1:
+            raise UsageError(f"--segments must be >= 1, got {args.segments}")
+        n = args.segments if args.segments is not None else len(args.prompt)
+        if len(args.prompt) not in (1, n):
+            raise UsageError(f"got {len(args.prompt)} --prompt for --segments {n}: give 1 or {n}")
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def _summary(timings: dict, load_s: float, write_s: float) -> str:
+    steps = timings.get("steps", 0)
+    den = timings.get("denoise", 0.0)
+    per = den / steps if steps else 0.0
+    parts = [
+        f"load {_fmt_s(load_s)}",
+        f"text {_fmt_s(timings.get('text', 0.0))}",
+        f"vae encode {_fmt_s(timings.get('vae_encode', 0.0))}",
+        f"cache build {_fmt_s(timings.get('cache_build', 0.0))}",
+        f"denoise {_fmt_s(den)} ({steps} steps, {per:.3f} s/step)",
+        f"decode {_fmt_s(timings.get('decode', 0.0))}",
+        f"write {_fmt_s(write_s)}",
+        f"total {_fmt_s(load_s + timings.get('total', 0.0) + write_s)}",
+    ]
+    return "timings (s): " + " | ".join(parts)
+
+
+def _quiet_loaders() -> None:
+    """Our own progress bars only: silence the libraries' weight-loading bars and info logs."""
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - optional
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except Exception:  # pragma: no cover - optional
+        pass
+
+
+def _run(args) -> int:
+    _fail_early(args)
+    import torch
+
+    from .pipeline import VideoContinuationPipeline, check_checkpoint
+    from .video_io import VideoFrames, read_video, write_video
+
+    # Read the input before loading the model: a bad video fails in a second, not a minute.
+    video = read_video(args.input)
+    if args.input_fps is not None:
+        video = VideoFrames(video.frames, float(args.input_fps), video.source)
+    elif video.fps is None:
+        video = VideoFrames(video.frames, 15.0, video.source)
+    check_checkpoint(args.checkpoint, args.mode)
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+
+    log = sys.stderr
+    print(f"{PROG}: input {video.num_frames} frames {video.width}x{video.height}"
+          f"{f' at {video.fps:g} fps' if video.fps else ''}; seed {seed}", file=log, flush=True)
+    print(f"{PROG}: loading {args.checkpoint} ({args.mode}, {str(dtype).replace('torch.', '')}, {device})",
+          file=log, flush=True)
+    _quiet_loaders()
+    t0 = time.perf_counter()
+    pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device, mode=args.mode)
+    load_s = time.perf_counter() - t0
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    common = dict(
+        resolution=args.resolution,
+        num_frames=args.frames,
+        num_cond_frames=args.cond_frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        use_kv_cache=not args.no_kv_cache,
+        offload_kv_cache=args.offload_kv_cache,
+        use_bsa=args.bsa,
+        generator=generator,
+        progress=not args.no_progress,
+    )
+    if args.command == "continue":
+        out = pipe(video, args.prompt, args.negative_prompt, **common)
+    else:
+        out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
+
+    t1 = time.perf_counter()
+    write_video(args.out, out.frames, out.fps, crf=args.crf)
+    write_s = time.perf_counter() - t1
+    timings = dict(out.timings)
+    timings.update(load=load_s, write=write_s)
+    if args.timings_json:
+        with open(args.timings_json, "w", encoding="utf-8") as f:
+            json.dump({"seed": seed, "mode": args.mode, "size": list(out.size), "timings": timings}, f, indent=2)
+    h, w = out.frames.shape[1:3]
+    print(_summary(out.timings, load_s, write_s), file=log)
+    print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
+          f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
+          file=log, flush=True)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``longcat-vc`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (no output written)", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, no traceback, unless --debug
+        if args.debug:
+            raise
+        from .pipeline import _is_oom
+
+        if isinstance(e, UsageError):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        if _is_oom(e) and "offload" not in str(e):
+            msg = f"out of accelerator memory: {str(e).splitlines()[0]} (try --offload-kv-cache, a lower resolution or fewer frames)"
+        elif isinstance(e, (ValueError, TypeError, OSError, ImportError, RuntimeError)):
+            msg = str(e) or type(e).__name__
+        else:
+            msg = f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)"
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

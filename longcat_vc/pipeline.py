@@ -1,0 +1,928 @@
+"""LongCat-Video video continuation (VC): a video + a prompt -> its continuation (SPEC 7).
+
+    import torch
+    from longcat_vc import VideoContinuationPipeline
+    from longcat_vc.video_io import write_video
+
+    pipe = VideoContinuationPipeline.from_pretrained("LongCat-Video", mode="distill")
+    out = pipe("input.mp4", "A person rides a motorcycle along a coastal road ...",
+               generator=torch.Generator("cuda").manual_seed(42))
+    write_video("output.mp4", out.frames, out.fps)
+    print(out.timings)
+
+What one call does, in order (the order fixes the random stream):
+
+1. Read the video; a file's frames are subsampled to about 15 fps (stride round(fps / 15)).
+2. Pick the aspect-ratio bucket of the first frame (LongCat's 480p/720p tables); encode the
+   prompt (and the negative prompt when guidance > 1) with UMT5.
+3. Draw the noise latents ``[1, 16, (F-1)//4 + 1, h, w]`` from ``generator``; resize the last
+   ``num_cond_frames`` frames to the bucket, VAE-encode them and sample the posterior with the
+   same generator; normalise and write them into the first ``c = 1 + (num_cond_frames-1)//4``
+   latent frames.
+4. With the KV cache (default) run the DiT once over the cond latents and keep their keys and
+   values; then denoise only the noisy latents (flow-matching Euler, CFG-zero when guidance > 1).
+   Without the cache the DiT sees all latents every step, cond latents at timestep 0.
+5. Decode, keep the generated frames, resize them back to the input size (bicubic) and return the
+   input frames followed by the new ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .schedule import cfg_zero, euler_step, read_scheduler_config, vc_timesteps
+from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
+from .loading import CheckpointError
+from .video_io import VideoFrames, as_video_frames, subsample_to_fps
+
+__all__ = [
+    "VideoContinuationPipeline",
+    "VideoContinuationOutput",
+    "CheckpointError",
+    "VCOutOfMemoryError",
+    "BUCKETS",
+    "bucket_size",
+    "check_checkpoint",
+    "MODES",
+    "TARGET_FPS",
+]
+
+MODES = ("basic", "distill")
+TARGET_FPS = 15.0
+CFG_STEP_LORA = "cfg_step_lora"
+CFG_STEP_LORA_FILE = os.path.join("lora", "cfg_step_lora.safetensors")
+
+# Per mode: default steps, guidance, schedule.
+MODE_DEFAULTS = {
+    "basic": {"steps": 50, "guidance": 4.0, "schedule": "enhance_hf"},
+    "distill": {"steps": 16, "guidance": 1.0, "schedule": "distill"},
+}
+
+# LongCat-Video's aspect-ratio buckets for a spatial factor of 16 (VAE 8 x patch 2):
+# key = height / width, value = (height, width).
+BUCKETS: Dict[str, Dict[str, Tuple[int, int]]] = {
+    "480p": {
+        "0.26": (320, 1216), "0.31": (352, 1120), "0.38": (384, 1024), "0.43": (416, 960),
+        "0.52": (448, 864), "0.58": (480, 832), "0.67": (512, 768), "0.74": (544, 736),
+        "0.86": (576, 672), "0.95": (608, 640), "1.05": (640, 608), "1.17": (672, 576),
+        "1.29": (704, 544), "1.35": (736, 544), "1.50": (768, 512), "1.67": (800, 480),
+        "1.73": (832, 480), "2.00": (896, 448), "2.31": (960, 416), "2.58": (992, 384),
+        "2.75": (1056, 384), "3.09": (1088, 352), "3.70": (1184, 320), "3.80": (1216, 320),
+        "3.90": (1248, 320), "4.00": (1280, 320),
+    },
+    "720p": {
+        "0.25": (480, 1920), "0.29": (512, 1792), "0.32": (544, 1696), "0.36": (576, 1600),
+        "0.40": (608, 1504), "0.49": (672, 1376), "0.54": (704, 1312), "0.59": (736, 1248),
+        "0.69": (800, 1152), "0.74": (832, 1120), "0.82": (864, 1056), "0.88": (896, 1024),
+        "0.94": (928, 992), "1.00": (960, 960), "1.07": (992, 928), "1.14": (1024, 896),
+        "1.22": (1056, 864), "1.31": (1088, 832), "1.35": (1120, 832), "1.44": (1152, 800),
+        "1.70": (1248, 736), "2.00": (1344, 672), "2.05": (1376, 672), "2.47": (1504, 608),
+        "2.53": (1536, 608), "2.83": (1632, 576), "3.06": (1664, 544), "3.12": (1696, 544),
+        "3.62": (1856, 512), "3.93": (1888, 480), "4.00": (1920, 480),
+    },
+}
+
+
+class VCOutOfMemoryError(RuntimeError):
+    """The accelerator ran out of memory; the message says what to try."""
+
+
+def bucket_size(height: int, width: int, resolution: str) -> Tuple[int, int]:
+    """The (height, width) bucket of LongCat's table closest to ``height / width``.
+
+    Ties go to the first bucket of the table (upstream sorts the keys stably by distance).
+    """
+    if resolution not in BUCKETS:
+        raise ValueError(f"resolution must be one of {sorted(BUCKETS)} or (height, width), got {resolution!r}")
+    ratio = height / width
+    table = BUCKETS[resolution]
+    key = min(table, key=lambda k: abs(float(k) - ratio))
+    return table[key]
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint layout
+
+
+def _any_exists(folder: str, names: Sequence[str]) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in names)
+
+
+def _has_safetensors(folder: str) -> bool:
+    return os.path.isdir(folder) and any(
+        n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(folder)
+    )
+
+
+def check_checkpoint(checkpoint_dir: str, mode: str = "basic") -> None:
+    """Check that ``checkpoint_dir`` has every file the pipeline loads (upstream layout, SPEC 9).
+
+    Raises:
+        CheckpointError: naming every missing file (relative to ``checkpoint_dir``).
+    """
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
+    missing: List[str] = []
+
+    def need(sub: str, alternatives: Sequence[str], what: str) -> None:
+        if not _any_exists(os.path.join(checkpoint_dir, sub), alternatives):
+            shown = " or ".join(os.path.join(sub, a) for a in alternatives)
+            missing.append(f"{shown} ({what})")
+
+    need("dit", ["config.json"], "DiT config")
+    if not _has_safetensors(os.path.join(checkpoint_dir, "dit")):
+        missing.append("dit/*.safetensors (DiT weights)")
+    need("vae", ["config.json"], "VAE config")
+    need("vae", ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"], "VAE weights")
+    need("text_encoder", ["config.json"], "text encoder config")
+    need(
+        "text_encoder",
+        ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"],
+        "text encoder weights",
+    )
+    need("tokenizer", ["tokenizer.json", "spiece.model"], "tokenizer")
+    need("scheduler", ["scheduler_config.json"], "scheduler config")
+    if mode == "distill":
+        need("lora", ["cfg_step_lora.safetensors"], "cfg-step LoRA of distill mode")
+    if missing:
+        raise CheckpointError(
+            f"checkpoint folder {checkpoint_dir} is missing: " + "; ".join(missing)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+@dataclass
+class VideoContinuationOutput:
+    """What a continuation returns.
+
+    Attributes:
+        frames (np.ndarray | None): ``[F_in + F_new, H, W, 3]`` uint8, the input frames (after fps
+            subsampling) followed by the generated ones, at the input's size. None for
+            ``output_type="latent"``.
+        latents (Tensor | None): ``[1, 16, T, h, w]`` fp32 normalised latents (cond + generated)
+            of the (last) clip, on the pipeline's device; None from ``extend``.
+        fps (float): frame rate of ``frames`` (15, the model's rate).
+        num_input_frames (int): F_in.
+        num_new_frames (int): F_new.
+        size (tuple): the bucket (height, width) the model ran at.
+        timings (dict): seconds: ``text``, ``vae_encode``, ``cache_build``, ``denoise`` (sum),
+            ``denoise_steps`` (list, one per step), ``decode``, ``total``; plus ``steps``.
+            ``extend`` adds ``segments`` (one such dict per segment).
+    """
+
+    frames: Optional[np.ndarray]
+    latents: Optional[torch.Tensor]
+    fps: float
+    num_input_frames: int
+    num_new_frames: int
+    size: Tuple[int, int]
+    timings: Dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    if oom_types and isinstance(err, oom_types):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _resize_frames(frames: np.ndarray, size_hw: Tuple[int, int], resample) -> np.ndarray:
+    from PIL import Image
+
+    h, w = size_hw
+    if frames.shape[1:3] == (h, w):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), resample=resample)) for f in frames])
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class _Timer:
+    """Wall-clock sections, synchronising the accelerator so GPU work is attributed correctly."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline
+
+
+class VideoContinuationPipeline:
+    """LongCat-Video video continuation.
+
+    Args:
+        dit: ``longcat_vc.LongCatDiT`` (or a module with the same interface: ``forward(x, t,
+            text, mask, num_cond_latents=, kv_cache=)``, ``build_kv_cache``, ``config``).
+        vae: ``diffusers.AutoencoderKLWan``.
+        text_encoder: ``transformers.UMT5EncoderModel``.
+        tokenizer: its tokenizer.
+        scheduler_config (dict | str): the scheduler config dict, or the path of
+            ``scheduler_config.json`` (or its folder); ``shift`` is read from it.
+        mode (str): ``"basic"`` or ``"distill"``; sets the defaults of steps/guidance/schedule.
+            Distill mode expects the cfg-step LoRA loaded under the name ``"cfg_step_lora"``
+            (``from_pretrained`` and ``set_mode`` do that).
+        max_sequence_length (int): text tokens (512).
+    """
+
+    def __init__(
+        self,
+        dit,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler_config,
+        *,
+        mode: str = "basic",
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    ):
+        if isinstance(scheduler_config, (str, os.PathLike)):
+            scheduler_config = read_scheduler_config(os.fspath(scheduler_config))
+        if not isinstance(scheduler_config, dict):
+            raise TypeError(f"scheduler_config must be a dict or a path, got {type(scheduler_config).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.shift = float(self.scheduler_config.get("shift", 1.0))
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        self.max_sequence_length = int(max_sequence_length)
+        self._mode = mode
+
+        vcfg = vae.config
+        self.vae_scale_temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 4)
+        self.vae_scale_spatial = int(getattr(vcfg, "scale_factor_spatial", None) or 8)
+        patch = tuple(getattr(dit.config, "patch_size", (1, 2, 2)))
+        self.patch_size = patch
+        self.spatial_multiple = self.vae_scale_spatial * max(patch[1], patch[2])
+        z_dim = int(vcfg.z_dim)
+        in_ch = int(getattr(dit.config, "in_channels", z_dim))
+        if in_ch != z_dim:
+            raise ValueError(f"DiT in_channels ({in_ch}) must equal the VAE z_dim ({z_dim})")
+        d_model = getattr(getattr(text_encoder, "config", None), "d_model", None)
+        cap = getattr(dit.config, "caption_channels", None)
+        if d_model is not None and cap is not None and int(d_model) != int(cap):
+            raise ValueError(
+                f"text encoder width d_model ({d_model}) must equal the DiT caption_channels ({cap})"
+            )
+        self._latents_mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+        self._latents_std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint_dir: Union[str, os.PathLike],
+        dtype: torch.dtype = torch.bfloat16,
+        device: Optional[Union[str, torch.device]] = None,
+        mode: str = "basic",
+    ) -> "VideoContinuationPipeline":
+        """Load a LongCat-Video checkpoint folder (upstream layout, SPEC 9).
+
+        ``dit/`` (LongCatDiT), ``vae/`` (AutoencoderKLWan), ``text_encoder/`` (UMT5EncoderModel),
+        ``tokenizer/``, ``scheduler/scheduler_config.json`` and, for ``mode="distill"``,
+        ``lora/cfg_step_lora.safetensors`` (loaded and enabled).
+
+        Args:
+            checkpoint_dir: the folder.
+            dtype: weights dtype of every component (bf16 as upstream; fp32 for tests).
+            device: where to run (default: CUDA if available, else CPU).
+            mode: ``"basic"`` or ``"distill"``.
+
+        Raises:
+            CheckpointError: a component file is missing (named) or fails to load.
+        """
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_checkpoint(checkpoint_dir, mode)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+
+        def sub(name: str) -> str:
+            return os.path.join(checkpoint_dir, name)
+
+        def load(what: str, fn):
+            try:
+                return fn()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"failed to load the {what} from {checkpoint_dir}: {e}") from e
+
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        from .dit import LongCatDiT
+
+        scheduler_config = load("scheduler config", lambda: read_scheduler_config(sub("scheduler")))
+        tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
+        text_encoder = load(
+            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), dtype).to(device).eval()
+        )
+        vae = load(
+            "VAE", lambda: AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=dtype).to(device).eval()
+        )
+        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=device))
+        dit.eval()
+        pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config)
+        if mode == "distill":
+            pipe.set_mode("distill", lora_path=sub(CFG_STEP_LORA_FILE))
+        return pipe
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def set_mode(self, mode: str, lora_path: Optional[str] = None) -> None:
+        """Switch between ``"basic"`` (LoRAs disabled) and ``"distill"`` (cfg-step LoRA enabled).
+
+        For distill, ``lora_path`` loads the LoRA file first (name ``"cfg_step_lora"``); without it
+        the LoRA must already be loaded under that name.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "distill":
+            if lora_path is not None:
+                if not os.path.isfile(lora_path):
+                    raise CheckpointError(f"cfg-step LoRA file not found: {lora_path}")
+                try:
+                    self.dit.load_lora(lora_path, CFG_STEP_LORA)
+                except Exception as e:
+                    raise CheckpointError(f"failed to load the cfg-step LoRA {lora_path}: {e}") from e
+            self.dit.enable_loras([CFG_STEP_LORA])
+        else:
+            self.dit.disable_loras()
+        self._mode = mode
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.dit.parameters()).dtype
+
+    # ---------------------------------------------------------------- pieces
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """``(z - latents_mean) / latents_std`` per channel, fp32."""
+        mean = self._latents_mean.to(z.device)
+        std = self._latents_std.to(z.device)
+        return (z.float() - mean) / std
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``normalize_latents``, fp32."""
+        mean = self._latents_mean.to(z.device)
+        std = self._latents_std.to(z.device)
+        return z.float() * std + mean
+
+    def encode_text(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """UMT5 embeddings ``[B, 1, L, C]`` (DiT dtype) and mask ``[B, L]`` on the DiT's device."""
+        return encode_prompts(
+            self.tokenizer,
+            self.text_encoder,
+            prompts,
+            max_length=self.max_sequence_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def _target_size(self, frames: np.ndarray, resolution) -> Tuple[int, int]:
+        h, w = frames.shape[1:3]
+        if isinstance(resolution, str):
+            return bucket_size(h, w, resolution)
+        if (
+            isinstance(resolution, (tuple, list))
+            and len(resolution) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in resolution)
+        ):
+            th, tw = int(resolution[0]), int(resolution[1])
+            m = self.spatial_multiple
+            if th <= 0 or tw <= 0 or th % m or tw % m:
+                raise ValueError(
+                    f"resolution (height, width) must be positive multiples of {m}, got ({th}, {tw})"
+                )
+            return th, tw
+        raise ValueError(
+            f"resolution must be one of {sorted(BUCKETS)} or a (height, width) tuple, got {resolution!r}"
+        )
+
+    def _frames_to_pixels(self, frames: np.ndarray, size_hw: Tuple[int, int]) -> torch.Tensor:
+        """``[n, H, W, 3]`` uint8 -> ``[1, 3, n, h, w]`` in [-1, 1] (Lanczos resize as diffusers)."""
+        from PIL import Image
+
+        resized = _resize_frames(frames, size_hw, Image.LANCZOS)
+        x = torch.from_numpy(np.ascontiguousarray(resized)).float().div_(255.0).mul_(2.0).sub_(1.0)
+        return x.permute(3, 0, 1, 2).unsqueeze(0)
+
+    @torch.no_grad()
+    def prepare_latents(
+        self,
+        cond_frames: np.ndarray,
+        size_hw: Tuple[int, int],
+        num_frames: int,
+        num_cond_frames: int,
+        generator: Optional[torch.Generator],
+    ) -> torch.Tensor:
+        """Noise for all latent frames, then the encoded cond frames in the first c (SPEC 7).
+
+        Returns ``[1, 16, (num_frames-1)//4 + 1, h/8, w/8]`` fp32 (values rounded to the DiT dtype,
+        as upstream draws them in it).
+        """
+        device, dtype = self.device, self.dtype
+        h, w = size_hw
+        t_lat = (num_frames - 1) // self.vae_scale_temporal + 1
+        c = 1 + (num_cond_frames - 1) // self.vae_scale_temporal
+        shape = (1, int(self.vae.config.z_dim), t_lat, h // self.vae_scale_spatial, w // self.vae_scale_spatial)
+        gen_device = generator.device if generator is not None else device
+        latents = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+        pixels = self._frames_to_pixels(cond_frames[-num_cond_frames:], size_hw)
+        vae_param = next(self.vae.parameters())
+        pixels = pixels.to(device=vae_param.device, dtype=vae_param.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        z = posterior.sample(generator=generator)
+        if z.shape[2] != c:
+            raise RuntimeError(f"VAE encoded {num_cond_frames} frames to {z.shape[2]} latent frames, expected {c}")
+        cond = self.normalize_latents(z).to(device=device, dtype=dtype)
+        latents[:, :, :c] = cond
+        return latents.float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """``[1, 16, T, h, w]`` normalised latents -> ``[F, h*8, w*8, 3]`` uint8 (truncating as upstream)."""
+        vae_param = next(self.vae.parameters())
+        z = self.denormalize_latents(latents).to(device=vae_param.device, dtype=vae_param.dtype)
+        video = self.vae.decode(z, return_dict=False)[0]  # [1, 3, F, H, W]
+        video = (video[0].float() / 2 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)
+        return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+    @contextlib.contextmanager
+    def _bsa(self, use_bsa: bool):
+        cfg = self.dit.config
+        if not use_bsa:
+            yield
+            return
+        if not hasattr(cfg, "enable_bsa"):
+            raise ValueError("use_bsa=True: this DiT has no block-sparse attention (config.enable_bsa)")
+        old = cfg.enable_bsa
+        cfg.enable_bsa = True
+        try:
+            yield
+        finally:
+            cfg.enable_bsa = old
+
+    # ---------------------------------------------------------------- validation
+
+    def _resolve_args(
+        self,
+        num_frames,
+        num_cond_frames,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+    ) -> Tuple[int, int, int, float, str]:
+        defaults = MODE_DEFAULTS[self._mode]
+        num_frames = _check_int("num_frames", num_frames, 1)
+        num_cond_frames = _check_int("num_cond_frames", num_cond_frames, 1)
+        st = self.vae_scale_temporal
+        if (num_cond_frames - 1) % st:
+            raise ValueError(
+                f"num_cond_frames must be {st}k+1 (1, 5, 9, 13, ...) so the cond frames fill whole "
+                f"latent frames, got {num_cond_frames}"
+            )
+        if (num_frames - 1) % st:
+            rounded = (num_frames - 1) // st * st + 1
+            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}", stacklevel=3)
+            num_frames = rounded
+        if num_frames <= num_cond_frames:
+            raise ValueError(
+                f"num_frames ({num_frames}) must be greater than num_cond_frames ({num_cond_frames}): "
+                "nothing would be generated"
+            )
+        steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
+        steps = _check_int("num_inference_steps", steps, 1)
+        g = defaults["guidance"] if guidance_scale is None else guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+            raise TypeError(f"guidance_scale must be a finite number, got {g!r}")
+        if g < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 disables classifier-free guidance), got {g}")
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+        return num_frames, num_cond_frames, steps, float(g), output_type
+
+    def _load_video(self, video) -> Tuple[VideoFrames, str]:
+        vf = as_video_frames(video)
+        note = ""
+        if isinstance(video, (str, os.PathLike, VideoFrames)) and vf.fps:
+            sub, stride = subsample_to_fps(vf, TARGET_FPS)
+            if stride > 1:
+                note = f" (after subsampling {vf.fps:g} fps by {stride} to about {TARGET_FPS:g} fps)"
+            vf = sub
+        return vf, note
+
+    @staticmethod
+    def _generator(generator, device: torch.device) -> Optional[torch.Generator]:
+        if generator is None or isinstance(generator, torch.Generator):
+            return generator
+        if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            return torch.Generator(device=device).manual_seed(int(generator))
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+    # ---------------------------------------------------------------- the segment
+
+    @torch.no_grad()
+    def _segment(
+        self,
+        frames: np.ndarray,
+        size_hw: Tuple[int, int],
+        text: Tuple[torch.Tensor, torch.Tensor],
+        *,
+        num_frames: int,
+        num_cond_frames: int,
+        timesteps: torch.Tensor,
+        sigmas: torch.Tensor,
+        guidance_scale: float,
+        use_kv_cache: bool,
+        offload_kv_cache: bool,
+        generator: Optional[torch.Generator],
+        output_type: str,
+        progress: bool,
+        timer: _Timer,
+        timings: Dict[str, Any],
+        desc: str = "Denoising",
+    ):
+        """One continuation from ``frames`` (only their last ``num_cond_frames`` are used).
+
+        Returns ``(new_frames, latents)``: ``[num_frames - num_cond_frames, H, W, 3]`` uint8 at the
+        input's size (None for ``output_type="latent"``) and the ``[1, 16, T, h, w]`` fp32 latents.
+        """
+        from tqdm.auto import tqdm
+
+        device, dtype = self.device, self.dtype
+        embeds, mask = text
+        do_cfg = guidance_scale > 1.0
+        c = 1 + (num_cond_frames - 1) // self.vae_scale_temporal
+
+        t0 = timer.now()
+        latents = self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator)
+        t1 = timer.now()
+        timings["vae_encode"] = t1 - t0
+
+        kv_cache = None
+        if use_kv_cache:
+            cond = latents[:, :, :c]
+            try:
+                kv_cache = self.dit.build_kv_cache(cond.to(dtype), offload=offload_kv_cache)
+            except Exception as e:
+                if _is_oom(e):
+                    hint = (
+                        "retry with offload_kv_cache=True (--offload-kv-cache) to keep the cache in CPU memory"
+                        if not offload_kv_cache
+                        else "the cache is already offloaded; try a smaller resolution, fewer frames or fewer cond frames"
+                    )
+                    raise VCOutOfMemoryError(f"out of accelerator memory while building the KV cache: {hint}") from e
+                raise
+            x = latents[:, :, c:].clone()
+        else:
+            cond = None
+            x = latents
+        t2 = timer.now()
+        timings["cache_build"] = t2 - t1 if use_kv_cache else 0.0
+
+        step_times: List[float] = []
+        bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
+        try:
+            for i in range(len(timesteps)):
+                ts = time.perf_counter()
+                t = timesteps[i]
+                model_in = torch.cat([x, x]) if do_cfg else x
+                model_in = model_in.to(dtype)
+                b, _, t_in = model_in.shape[:3]
+                tstep = torch.full((b, t_in), float(t), device=device, dtype=dtype)
+                if not use_kv_cache:
+                    tstep[:, :c] = 0
+                pred = self.dit(
+                    model_in,
+                    tstep,
+                    embeds,
+                    mask,
+                    num_cond_latents=c,
+                    kv_cache=kv_cache,
+                )
+                pred = pred.float()
+                if do_cfg:
+                    uncond, condp = pred.chunk(2)
+                    pred = cfg_zero(uncond, condp, guidance_scale)
+                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+                if use_kv_cache:
+                    x = euler_step(x, pred, s, s_next)
+                else:
+                    x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
+                timer.sync()
+                step_times.append(time.perf_counter() - ts)
+                bar.update(1)
+        except Exception as e:
+            if _is_oom(e):
+                hint = (
+                    "retry with offload_kv_cache=True (--offload-kv-cache)"
+                    if use_kv_cache and not offload_kv_cache
+                    else "try a smaller resolution or fewer frames"
+                )
+                raise VCOutOfMemoryError(f"out of accelerator memory while denoising: {hint}") from e
+            raise
+        finally:
+            bar.close()
+        del kv_cache
+        timings["denoise_steps"] = step_times
+        timings["denoise"] = float(sum(step_times))
+        timings["steps"] = len(step_times)
+
+        full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
+        if output_type == "latent":
+            timings["decode"] = 0.0
+            return None, full
+        t3 = timer.now()
+        decoded = self.decode_latents(full)  # [F, h, w, 3]
+        from PIL import Image
+
+        new = _resize_frames(decoded[num_cond_frames:], frames.shape[1:3], Image.BICUBIC)
+        timings["decode"] = timer.now() - t3
+        return new, full
+
+    # ---------------------------------------------------------------- public calls
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        video,
+        prompt: str,
+        negative_prompt: Optional[str] = None,
+        *,
+        resolution: Union[str, Tuple[int, int]] = "480p",
+        num_frames: int = 93,
+        num_cond_frames: int = 13,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        use_kv_cache: bool = True,
+        offload_kv_cache: bool = False,
+        use_bsa: bool = False,
+        generator: Optional[Union[torch.Generator, int]] = None,
+        output_type: str = "np",
+        progress: bool = True,
+    ) -> VideoContinuationOutput:
+        """Continue ``video`` following ``prompt``.
+
+        Args:
+            video: a path (video file, GIF, frame folder; subsampled to ~15 fps), a
+                ``video_io.VideoFrames`` (subsampled by its fps), a list of PIL images or a
+                ``[F, H, W, 3]`` uint8 array (taken as already at ~15 fps).
+            prompt (str): what happens next.
+            negative_prompt (str | None): used when guidance > 1; None -> the negative prompt of
+                LongCat-Video's demos (``text.DEFAULT_NEGATIVE_PROMPT``); "" for an empty one.
+            resolution: "480p", "720p" (LongCat's aspect-ratio buckets), or an explicit
+                ``(height, width)``, multiples of 16.
+            num_frames (int): frames of the generated clip including the cond frames (93); rounded
+                down to 4k+1.
+            num_cond_frames (int): last input frames used as condition (13); 4k+1.
+            num_inference_steps (int | None): None -> 50 (basic, enhance_hf schedule: 56 DiT
+                steps with shift 12) or 16 (distill).
+            guidance_scale (float | None): None -> 4.0 (basic) or 1.0 (distill); >= 1.
+            use_kv_cache (bool): compute the cond tokens' keys/values once (default).
+            offload_kv_cache (bool): keep the cache in CPU memory between uses.
+            use_bsa (bool): block-sparse self-attention (``config.enable_bsa``) for this call.
+            generator: ``torch.Generator`` or an int seed; fixes noise and posterior sampling.
+            output_type (str): "np" (frames) or "latent" (latents, no decode).
+            progress (bool): show a progress bar.
+
+        Returns:
+            VideoContinuationOutput: frames (input + new, input size), timings, ...
+
+        Raises:
+            ValueError / TypeError: bad arguments (named); VideoReadError for bad videos;
+            VCOutOfMemoryError when the accelerator runs out of memory (with a hint).
+        """
+        timer = _Timer(self.device)
+        t_start = timer.now()
+        num_frames, num_cond_frames, steps, g, output_type = self._resolve_args(
+            num_frames, num_cond_frames, num_inference_steps, guidance_scale, output_type
+        )
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+        vf, note = self._load_video(video)
+        if vf.num_frames < num_cond_frames:
+            raise ValueError(
+                f"the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
+            )
+        size_hw = self._target_size(vf.frames, resolution)
+        generator = self._generator(generator, self.device)
+        timesteps, sigmas = vc_timesteps(
+            steps, self.shift, MODE_DEFAULTS[self._mode]["schedule"], num_train_timesteps=self.num_train_timesteps
+        )
+
+        timings: Dict[str, Any] = {}
+        t0 = timer.now()
+        text = self._encode_for(prompt, negative_prompt, g > 1.0)
+        timings["text"] = timer.now() - t0
+        with self._bsa(use_bsa):
+            new, latents = self._segment(
+                vf.frames,
+                size_hw,
+                text,
+                num_frames=num_frames,
+                num_cond_frames=num_cond_frames,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=g,
+                use_kv_cache=use_kv_cache,
+                offload_kv_cache=offload_kv_cache,
+                generator=generator,
+                output_type=output_type,
+                progress=progress,
+                timer=timer,
+                timings=timings,
+            )
+        timings["total"] = timer.now() - t_start
+        n_new = num_frames - num_cond_frames
+        frames = None if new is None else np.concatenate([vf.frames, new], axis=0)
+        return VideoContinuationOutput(frames, latents, TARGET_FPS, vf.num_frames, n_new, size_hw, timings)
+
+    def _encode_for(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, cache=None):
+        """Text embeddings for one call: ``[neg; pos]`` with CFG, ``[pos]`` without."""
+        if do_cfg:
+            neg = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            key = ("cfg", prompt, neg)
+            if cache is not None and key in cache:
+                return cache[key]
+            out = self.encode_text([neg, prompt])
+        else:
+            key = ("nocfg", prompt)
+            if cache is not None and key in cache:
+                return cache[key]
+            out = self.encode_text([prompt])
+        if cache is not None:
+            cache[key] = out
+        return out
+
+    @torch.no_grad()
+    def extend(
+        self,
+        video,
+        prompts: Union[str, Sequence[str]],
+        negative_prompt: Optional[str] = None,
+        *,
+        segments: Optional[int] = None,
+        resolution: Union[str, Tuple[int, int]] = "480p",
+        num_frames: int = 93,
+        num_cond_frames: int = 13,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        use_kv_cache: bool = True,
+        offload_kv_cache: bool = False,
+        use_bsa: bool = False,
+        generator: Optional[Union[torch.Generator, int]] = None,
+        progress: bool = True,
+    ) -> VideoContinuationOutput:
+        """Long video: chain ``segments`` continuations, each conditioned on the last
+        ``num_cond_frames`` frames of the video so far (the previous segment's output, at the
+        input's size, as LongCat-Video's long-video demo does).
+
+        Args:
+            prompts: one prompt for every segment, or a list with one prompt per segment.
+            segments (int | None): number of segments; default ``len(prompts)`` (1 for a str).
+            The other arguments are those of ``__call__`` and apply to every segment; the same
+            generator runs through all segments.
+
+        Returns:
+            VideoContinuationOutput: the input frames followed by ``segments * (num_frames -
+            num_cond_frames)`` new frames; ``timings["segments"]`` holds each segment's timings.
+
+        Reused across segments: the loaded components, the bucket size, the timestep schedule and
+        the text embeddings (each distinct prompt is encoded once). Recomputed per segment: the
+        VAE encoding of the new cond frames (they are new pixels), the KV cache (its keys/values
+        depend on those latents), the denoising loop and the VAE decode.
+        """
+        timer = _Timer(self.device)
+        t_start = timer.now()
+        num_frames, num_cond_frames, steps, g, _ = self._resolve_args(
+            num_frames, num_cond_frames, num_inference_steps, guidance_scale, "np"
+        )
+        if isinstance(prompts, str):
+            n = 1 if segments is None else _check_int("segments", segments, 1)
+            prompt_list = [prompts] * n
+        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+            n = len(prompts) if segments is None else _check_int("segments", segments, 1)
+            if len(prompts) == 1:
+                prompt_list = list(prompts) * n
+            elif len(prompts) == n:
+                prompt_list = list(prompts)
+            else:
+                raise ValueError(f"prompts has {len(prompts)} entries but segments={n}; give 1 or {n} prompts")
+        else:
+            raise TypeError("prompts must be a str or a non-empty list of str")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+
+        vf, note = self._load_video(video)
+        if vf.num_frames < num_cond_frames:
+            raise ValueError(
+                f"the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
+            )
+        size_hw = self._target_size(vf.frames, resolution)
+        generator = self._generator(generator, self.device)
+        timesteps, sigmas = vc_timesteps(
+            steps, self.shift, MODE_DEFAULTS[self._mode]["schedule"], num_train_timesteps=self.num_train_timesteps
+        )
+        from tqdm.auto import tqdm
+
+        text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
+        pieces = [vf.frames]
+        tail = vf.frames[-num_cond_frames:]
+        seg_timings = []
+        with self._bsa(use_bsa):
+            for k in tqdm(range(n), desc="Segments", disable=not progress or n == 1, unit="segment"):
+                timings: Dict[str, Any] = {}
+                t0 = timer.now()
+                text = self._encode_for(prompt_list[k], negative_prompt, g > 1.0, cache=text_cache)
+                timings["text"] = timer.now() - t0
+                new, _ = self._segment(
+                    tail,
+                    size_hw,
+                    text,
+                    num_frames=num_frames,
+                    num_cond_frames=num_cond_frames,
+                    timesteps=timesteps,
+                    sigmas=sigmas,
+                    guidance_scale=g,
+                    use_kv_cache=use_kv_cache,
+                    offload_kv_cache=offload_kv_cache,
+                    generator=generator,
+                    output_type="np",
+                    progress=progress,
+                    timer=timer,
+                    timings=timings,
+                    desc=f"Denoising {k + 1}/{n}",
+                )
+                pieces.append(new)
+                tail = np.concatenate([tail, new], axis=0)[-num_cond_frames:]
+                seg_timings.append(timings)
+        total: Dict[str, Any] = {
+            key: float(sum(t[key] for t in seg_timings))
+            for key in ("text", "vae_encode", "cache_build", "denoise", "decode")
+        }
+        total["steps"] = int(sum(t["steps"] for t in seg_timings))
+        total["denoise_steps"] = [s for t in seg_timings for s in t["denoise_steps"]]
+        total["segments"] = seg_timings
+        total["total"] = timer.now() - t_start
+        frames = np.concatenate(pieces, axis=0)
+        return VideoContinuationOutput(
+            frames, None, TARGET_FPS, vf.num_frames, n * (num_frames - num_cond_frames), size_hw, total
+        )
+
+
+def _load_umt5(cls, path: str, dtype: torch.dtype):
+    # transformers >= 4.56 names the argument `dtype`; older versions only know `torch_dtype`.
+    try:
+        return cls.from_pretrained(path, dtype=dtype)
+    except TypeError:
+        return cls.from_pretrained(path, torch_dtype=dtype)

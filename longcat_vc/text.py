@@ -1,0 +1,105 @@
+"""Prompt cleaning and UMT5 text encoding of the VC pipeline (SPEC 7).
+
+Cleaning follows LongCat-Video: ``ftfy.fix_text``, HTML-unescape twice, strip, collapse every run
+of whitespace to one space. Encoding pads to ``max_length`` (512) tokens and returns the UMT5
+encoder's last hidden state as ``[B, 1, L, C]`` plus the ``[B, L]`` attention mask.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["DEFAULT_NEGATIVE_PROMPT", "clean_prompt", "encode_prompts"]
+
+# The negative prompt LongCat-Video's demos pass for basic (CFG) continuation.
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+    "fused fingers, still picture, messy background, three legs, many people in the background, "
+    "walking backwards"
+)
+
+MAX_SEQUENCE_LENGTH = 512
+
+
+def _whitespace_re():
+    # `regex` (a transformers dependency) is what upstream uses; `re` matches the same \s set
+    # for the text we see, and is the fallback.
+    try:
+        import regex as re_mod
+    except ImportError:  # pragma: no cover - regex ships with transformers
+        import re as re_mod
+    return re_mod.compile(r"\s+")
+
+
+_WS = _whitespace_re()
+
+
+def clean_prompt(text: str) -> str:
+    """ftfy fix, HTML unescape twice, collapse whitespace, strip.
+
+    Raises:
+        TypeError: ``text`` is not a str.
+        ImportError: ``ftfy`` is not installed (``pip install ftfy`` or ``longcat-kernels[vc]``).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+    try:
+        import ftfy
+    except ImportError as e:
+        raise ImportError(
+            "prompt cleaning needs the 'ftfy' package: pip install ftfy (or longcat-kernels[vc])"
+        ) from e
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return _WS.sub(" ", text).strip()
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer,
+    text_encoder,
+    prompts: Union[str, Sequence[str]],
+    *,
+    max_length: int = MAX_SEQUENCE_LENGTH,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Clean, tokenize (pad/truncate to ``max_length``) and encode prompts with UMT5.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (UMT5's, from ``tokenizer/``).
+        text_encoder: ``transformers.UMT5EncoderModel`` (any module returning
+            ``.last_hidden_state [B, L, C]`` from ``(input_ids, attention_mask)``).
+        prompts (str | list[str]): B prompts.
+        max_length (int): padded length L (512 upstream).
+        device: where the results go (default: the encoder's device).
+        dtype: dtype of the embeddings (default: the encoder's dtype).
+
+    Returns:
+        (embeds, mask): ``embeds [B, 1, L, C]`` in ``dtype``, ``mask [B, L]`` int64 on ``device``.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts: List[str] = [clean_prompt(p) for p in prompts]
+    enc_param = next(text_encoder.parameters())
+    device = torch.device(device) if device is not None else enc_param.device
+    dtype = dtype or enc_param.dtype
+    tok = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    ids = tok.input_ids.to(enc_param.device)
+    mask = tok.attention_mask.to(enc_param.device)
+    hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
+    embeds = hidden.to(device=device, dtype=dtype).unsqueeze(1)  # [B, 1, L, C]
+    return embeds, mask.to(device=device, dtype=torch.int64)

@@ -1,0 +1,228 @@
+"""Tiny real components for the VC pipeline tests (no downloads).
+
+* a tiny ``diffusers.AutoencoderKLWan`` (real architecture: 8x spatial, 4x temporal, z_dim 16),
+* a tiny ``transformers.UMT5EncoderModel`` and a word-level tokenizer built here with
+  ``tokenizers`` (saved as ``tokenizer.json``, loaded back through ``AutoTokenizer``),
+* ``StandInDiT``: a small module obeying the LongCatDiT interface of DESIGN.md with the SPEC 4
+  cond/noisy attention rule, used to test the pipeline logic independently of the real DiT,
+* ``write_checkpoint``: the upstream checkpoint layout (dit/, vae/, text_encoder/, tokenizer/,
+  scheduler/, lora/), with the real tiny LongCatDiT when ``longcat_vc.dit`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WORDS = (
+    "a the an and of on in with to is cat dog person rides motorcycle road water forest hill "
+    "camera moves slowly fast red blue green sky car walks runs video scene bright static "
+    "overexposed blurred details subtitles style works paintings images overall gray worst "
+    "quality low jpeg compression residue ugly incomplete extra fingers poorly drawn hands faces "
+    "deformed disfigured misshapen limbs fused still picture messy background three legs many "
+    "people walking backwards tones"
+).split()
+
+TEXT_DIM = 32
+
+
+def build_tokenizer(folder: str):
+    """Word-level tokenizer (pad 0, eos 1, unk 2) saved to ``folder``; returns the loaded one."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_text_encoder(seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = UMT5Config(
+        vocab_size=len(WORDS) + 8,
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return UMT5EncoderModel(cfg).eval()
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+
+
+# ----------------------------------------------------------------------------- stand-in DiT
+
+
+class _StandInCache:
+    def __init__(self, k, v, num_frames, grid_hw):
+        self.k, self.v = k, v
+        self.num_frames = num_frames
+        self.grid_hw = grid_hw
+        self.dtype = k.dtype
+        self.device = k.device
+
+    @property
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class StandInDiT(nn.Module):
+    """Interface twin of ``LongCatDiT`` for pipeline tests: per-voxel tokens, one attention
+    layer with the SPEC 4 rule (cond queries see cond keys, noisy queries see all), cross-attention
+    for noisy tokens only, per-frame timestep embedding; cond tokens at timestep 0 give the cache."""
+
+    def __init__(self, hidden: int = 16, caption_channels: int = TEXT_DIM, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config = types.SimpleNamespace(
+            in_channels=16, out_channels=16, patch_size=(1, 2, 2), caption_channels=caption_channels,
+            enable_bsa=False,
+        )
+        self.inp = nn.Linear(16, hidden)
+        self.temb = nn.Linear(1, hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.txt = nn.Linear(caption_channels, hidden)
+        self.out = nn.Linear(hidden, 16)
+        self.lora = nn.Linear(hidden, 16, bias=False)
+        self.loras = {}
+        self.active = []
+        self.bsa_calls = 0
+        self.calls = []
+
+    def load_lora(self, path, name, multiplier=1.0):
+        from safetensors.torch import load_file
+
+        self.loras[name] = load_file(path)
+
+    def enable_loras(self, names):
+        for n in names:
+            if n not in self.loras:
+                raise KeyError(f"LoRA {n!r} not loaded")
+        self.active = list(names)
+
+    def disable_loras(self):
+        self.active = []
+
+    def _tokens(self, x, t):
+        b, _, T, H, W = x.shape
+        tok = x.permute(0, 2, 3, 4, 1).float()  # [B,T,H,W,16]
+        tt = t.float().view(b, T, 1, 1, 1) / 1000.0
+        h = self.inp(tok) + self.temb(tt.expand(b, T, H, W, 1))
+        return h.reshape(b, T * H * W, -1)
+
+    def build_kv_cache(self, cond_latents, *, offload=False):
+        b, _, c, H, W = cond_latents.shape
+        h = self._tokens(cond_latents, torch.zeros(b, c, device=cond_latents.device))
+        _, k, v = self.qkv(h).chunk(3, dim=-1)
+        if offload:
+            k, v = k.cpu(), v.cpu()
+        return _StandInCache(k, v, c, (H, W))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, *,
+                num_cond_latents=0, kv_cache=None):
+        x = hidden_states
+        b, _, T, H, W = x.shape
+        self.calls.append({"T": T, "cache": kv_cache is not None, "bsa": bool(self.config.enable_bsa)})
+        if timestep.dim() == 1:
+            timestep = timestep[:, None].expand(b, T)
+        h = self._tokens(x, timestep)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        hw = H * W
+        if kv_cache is not None:
+            kc, vc = kv_cache.k.to(h.device), kv_cache.v.to(h.device)
+            kc, vc = kc.expand(b, -1, -1), vc.expand(b, -1, -1)
+            attn = F.scaled_dot_product_attention(q, torch.cat([kc, k], 1), torch.cat([vc, v], 1))
+            n_cond_tok = 0
+        else:
+            n_cond_tok = num_cond_latents * hw
+            S = T * hw
+            mask = torch.ones(S, S, dtype=torch.bool, device=h.device)
+            mask[:n_cond_tok, n_cond_tok:] = False
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        txt = encoder_hidden_states[:, 0].float()
+        m = encoder_attention_mask.float() if encoder_attention_mask is not None else torch.ones(txt.shape[:2])
+        pooled = (txt * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+        cross = self.txt(pooled)[:, None, :].expand(b, h.shape[1], -1).clone()
+        cross[:, :n_cond_tok] = 0
+        y = h + attn + cross
+        out = self.out(y)
+        if self.active:
+            out = out + 0.5 * self.lora(y)
+        return out.reshape(b, T, H, W, 16).permute(0, 4, 1, 2, 3).float()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def have_real_dit() -> bool:
+    try:
+        import longcat_vc.dit  # noqa: F401
+        import tiny_ckpt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def write_lora_file(path: str) -> None:
+    """A placeholder LoRA file for the stand-in (any tensors)."""
+    from safetensors.torch import save_file
+
+    save_file({"dummy": torch.zeros(1)}, path)
+
+
+def write_common(ckpt: str, *, shift: float = 12.0, seed: int = 0):
+    """vae/, text_encoder/, tokenizer/, scheduler/ of the upstream layout; returns the modules."""
+    os.makedirs(ckpt, exist_ok=True)
+    vae = build_vae(seed)
+    vae.save_pretrained(os.path.join(ckpt, "vae"))
+    te = build_text_encoder(seed)
+    te.save_pretrained(os.path.join(ckpt, "text_encoder"))
+    tok = build_tokenizer(os.path.join(ckpt, "tokenizer"))
+    os.makedirs(os.path.join(ckpt, "scheduler"), exist_ok=True)
+    with open(os.path.join(ckpt, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}, f)
+    return vae, te, tok
+
+
+def write_full_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0, shards: int = 2):
+    """A complete tiny checkpoint in the upstream layout with the real ``LongCatDiT``
+    (``tiny_ckpt``: sharded ``dit/``), the common components and ``lora/cfg_step_lora.safetensors``
+    (LongCat format, split up-blocks, cfg-step targets). Returns the DiT config."""
+    from tiny_ckpt import LORA_TARGETS_CFG_STEP, tiny_config, write_checkpoint_root, write_longcat_lora
+
+    cfg = tiny_config(caption_channels=TEXT_DIM)
+    write_checkpoint_root(root, cfg, layout="upstream", seed=seed, shards=shards)
+    write_common(root, shift=shift, seed=seed)
+    os.makedirs(os.path.join(root, "lora"), exist_ok=True)
+    write_longcat_lora(os.path.join(root, "lora", "cfg_step_lora.safetensors"), cfg,
+                       targets=LORA_TARGETS_CFG_STEP, seed=seed + 1)
+    return cfg
