@@ -45,6 +45,15 @@ def build():
     return time.time() - t0
 
 
+IMPLS = ("sm90", "sm80")
+
+
+def set_impl(impl, warpgroups=2):
+    """Selects the csrc kernel family for the next calls (read by ops.cpp on every call)."""
+    os.environ["LONGCAT_KERNELS_CUDA_IMPL"] = impl
+    os.environ["LONGCAT_KERNELS_SM90_WARPGROUPS"] = str(warpgroups)
+
+
 def poison_allocator(numel, dtype=torch.bfloat16):
     """Leaves a NaN-filled block in the caching allocator so the op's next output lands on NaN."""
     x = torch.full((numel,), float("nan"), dtype=dtype, device="cuda")
@@ -153,6 +162,21 @@ def small_checks():
     from longcat_kernels.ops.kv_cache_attn.cuda import attn_with_kv_cache_cuda, prefix_attn_cuda
 
     ok = True
+    for impl in IMPLS:
+        set_impl(impl)
+        log(f"-- small checks, kernels {impl}")
+        ok &= _small_checks_one()
+    set_impl("sm90")
+    return ok
+
+
+def _small_checks_one():
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
+    from longcat_kernels.ops.kv_cache_attn.cuda import attn_with_kv_cache_cuda, prefix_attn_cuda
+
+    ok = True
     dev = "cuda"
     for dtype in (torch.bfloat16, torch.float16):
         for D in (64, 128):
@@ -224,21 +248,34 @@ def bsa_case(grid, results, do_time=True):
         sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.9375, backend="torch")
     torch.cuda.synchronize()
     log(f"bsa {grid}: selection {time.time() - t0:.2f}s, max_sel {sel.indices.shape[-1]}")
-    poison_allocator(q.numel())
-    out, lse = bsa_forward_cuda(q, k, v, sel, scale)
-    torch.cuda.synchronize()
     ro, rl = bsa_reference(q, k, v, sel, scale)
+    fin = torch.isfinite(rl)
     # what bf16 rounding of the output alone costs (lower bound of any bf16 kernel's error)
     e_round = rel_l2(ro.bfloat16(), ro)
-    e = rel_l2(out, ro)
-    fin = torch.isfinite(rl)
-    el = float((lse[fin] - rl[fin]).abs().max())
-    nan = bool(out.isnan().any())
-    ok = e < 1e-2 and el < 1e-2 and not nan
     row = {"op": "bsa_fwd", "grid": list(grid), "B": B, "H": H, "D": D, "chunk": list(chunk), "sparsity": 0.9375,
-           "rel_l2": e, "rel_l2_bf16_rounding": e_round, "lse_max_abs": el, "nan": nan, "parity_ok": ok}
-    log(f"bsa {grid} parity: relL2 {e:.2e} (bf16 rounding {e_round:.1e}) lse max abs {el:.1e} nan {nan} "
-        f"{'OK' if ok else 'FAIL'}")
+           "rel_l2_bf16_rounding": e_round}
+    ok_impl = {}
+    out = None
+    for impl in IMPLS:
+        set_impl(impl)
+        poison_allocator(q.numel())
+        o_i, l_i = bsa_forward_cuda(q, k, v, sel, scale)
+        torch.cuda.synchronize()
+        e = rel_l2(o_i, ro)
+        el = float((l_i[fin] - rl[fin]).abs().max())
+        inf_ok = bool(torch.equal(torch.isinf(l_i), torch.isinf(rl)))
+        nan = bool(o_i.isnan().any())
+        ok_impl[impl] = e < 1e-2 and el < 1e-2 and inf_ok and not nan
+        row[f"{impl}_rel_l2"] = e
+        row[f"{impl}_lse_max_abs"] = el
+        row[f"{impl}_parity_ok"] = ok_impl[impl]
+        log(f"bsa {grid} parity [{impl}]: relL2 {e:.2e} (bf16 rounding {e_round:.1e}) lse max abs {el:.1e} "
+            f"inf-match {inf_ok} nan {nan} {'OK' if ok_impl[impl] else 'FAIL'}")
+        if out is None and ok_impl[impl]:
+            out = o_i
+    ok = all(ok_impl.values())
+    row["parity_ok"] = ok
+    row["rel_l2"] = row.get("sm90_rel_l2", float("nan"))
     del ro, rl
     # effective FLOPs: real query tokens x real key tokens of visited blocks
     sq = block_sizes(sel.grid_q, sel.chunk_q, "cuda").double()
@@ -251,15 +288,21 @@ def bsa_case(grid, results, do_time=True):
     dense_flops = 4.0 * B * H * S * S * D
     row["effective_flops"] = flops
     row["density"] = flops / dense_flops
-    if ok and do_time:
-        ms, _ = time_ms(lambda: bsa_forward_cuda(q, k, v, sel, scale), reps=20)
-        row["cuda_ms"] = ms
-        row["cuda_tflops_effective"] = flops / ms / 1e9
+    if do_time:
+        for impl in IMPLS:
+            if not ok_impl[impl]:
+                continue
+            set_impl(impl)
+            ms, _ = time_ms(lambda: bsa_forward_cuda(q, k, v, sel, scale), reps=20)
+            row[f"{impl}_ms"] = ms
+            row[f"{impl}_tflops_effective"] = flops / ms / 1e9
+        set_impl("sm90")
         try:
             from longcat_kernels.ops.block_sparse_attn.triton import bsa_forward_triton
 
             ot, _ = bsa_forward_triton(q, k, v, sel, scale)
-            row["triton_vs_cuda_rel_l2"] = rel_l2(ot, out)
+            if out is not None:
+                row["triton_vs_cuda_rel_l2"] = rel_l2(ot, out)
             ms_t, _ = time_ms(lambda: bsa_forward_triton(q, k, v, sel, scale), reps=20)
             row["triton_ms"] = ms_t
             row["triton_tflops_effective"] = flops / ms_t / 1e9
@@ -268,7 +311,11 @@ def bsa_case(grid, results, do_time=True):
         ms_d, _ = time_ms(lambda: sdpa_cudnn(q, k, v, scale), reps=5, warmup=1)
         row["cudnn_dense_ms"] = ms_d
         row["cudnn_dense_tflops"] = dense_flops / ms_d / 1e9
-        row["cuda_speedup_vs_dense"] = ms_d / ms
+        best = min((row[f"{i}_ms"] for i in IMPLS if f"{i}_ms" in row), default=None)
+        if best is not None:
+            row["cuda_ms"] = best
+            row["cuda_tflops_effective"] = flops / best / 1e9
+            row["cuda_speedup_vs_dense"] = ms_d / best
     results.append(row)
     log(json.dumps(row))
     return ok
@@ -286,9 +333,6 @@ def kv_case(results, cond=4, do_time=True):
     rope = Rope3D((T, Hh, Ww), D, device="cuda")
     q, k, v = (torch.randn(B, Sn, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     kc, vc = (torch.randn(1, Sc, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    poison_allocator(q.numel())
-    out = attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None)
-    torch.cuda.synchronize()
     q_r = apply_rope_3d(q, rope, frame_offset=cond)
     k_r = apply_rope_3d(k, rope, frame_offset=cond)
     k_all = torch.cat([kc.expand(B, -1, -1, -1), k_r], 1)
@@ -296,28 +340,53 @@ def kv_case(results, cond=4, do_time=True):
     g = torch.Generator(device="cuda").manual_seed(int(time.time()))
     rows = torch.randperm(Sn, device="cuda", generator=g)[:2048].sort().values
     ro, _ = dense_reference_rows(q_r, k_all, v_all, rows, scale)
-    e = rel_l2(out[:, rows], ro)
     o_cudnn = sdpa_cudnn(q_r, k_all, v_all, scale)
     e_cudnn = rel_l2(o_cudnn[:, rows], ro)
-    nan = bool(out.isnan().any())
-    ok = e < 1e-2 and not nan
+    del o_cudnn
     row = {"op": "attn_with_kv_cache", "cond_latents": cond, "B": B, "H": H, "D": D, "Sq": Sn, "Skv": Sc + Sn,
-           "Bc": 1, "rope": True, "rel_l2": e, "rel_l2_cudnn_bf16": e_cudnn, "nan": nan, "parity_ok": ok,
-           "checked_rows": len(rows)}
-    log(f"kv-cache cond{cond} parity: relL2 {e:.2e} (cuDNN bf16 {e_cudnn:.2e}) nan {nan} {'OK' if ok else 'FAIL'}")
+           "Bc": 1, "rope": True, "rel_l2_cudnn_bf16": e_cudnn, "checked_rows": len(rows)}
+    variants = (("sm90", 2), ("sm90", 1), ("sm80", 2))
+    ok_v = {}
+    for impl, wgs in variants:
+        name = f"{impl}" if impl == "sm80" else f"{impl}_wg{wgs}"
+        set_impl(impl, wgs)
+        poison_allocator(q.numel())
+        out = attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None)
+        torch.cuda.synchronize()
+        e = rel_l2(out[:, rows], ro)
+        nan = bool(out.isnan().any())
+        ok_v[name] = (e < 1e-2 and not nan, impl, wgs)
+        row[f"{name}_rel_l2"] = e
+        row[f"{name}_parity_ok"] = ok_v[name][0]
+        log(f"kv-cache cond{cond} parity [{name}]: relL2 {e:.2e} (cuDNN bf16 {e_cudnn:.2e}) nan {nan} "
+            f"{'OK' if ok_v[name][0] else 'FAIL'}")
+        del out
+    ok = all(v[0] for v in ok_v.values())
+    row["parity_ok"] = ok
+    row["rel_l2"] = row.get("sm90_wg2_rel_l2", float("nan"))
     flops = 4.0 * B * H * Sn * (Sc + Sn) * D
     row["flops"] = flops
-    if ok and do_time:
-        ms, _ = time_ms(lambda: attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None), reps=10)
-        row["cuda_ms"] = ms
-        row["cuda_tflops"] = flops / ms / 1e9
-        # attention alone on pre-rotated inputs (no prologue): the kernel's own rate
+    if do_time:
         from longcat_kernels.ops.block_sparse_attn.cuda import ops
 
-        ms_a, _ = time_ms(lambda: ops().kv_cache_attn_fwd_cuda(q_r, k_r, v, kc, vc, *[None] * 6, 0, 0, scale),
-                          reps=10)
-        row["cuda_attn_only_ms"] = ms_a
-        row["cuda_attn_only_tflops"] = flops / ms_a / 1e9
+        for name, (good, impl, wgs) in ok_v.items():
+            if not good:
+                continue
+            set_impl(impl, wgs)
+            ms, _ = time_ms(lambda: attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None), reps=10)
+            row[f"{name}_ms"] = ms
+            row[f"{name}_tflops"] = flops / ms / 1e9
+            # attention alone on pre-rotated inputs (no prologue): the kernel's own rate
+            ms_a, _ = time_ms(
+                lambda: ops().kv_cache_attn_fwd_cuda(q_r, k_r, v, kc, vc, *[None] * 6, 0, 0, scale), reps=10)
+            row[f"{name}_attn_only_ms"] = ms_a
+            row[f"{name}_attn_only_tflops"] = flops / ms_a / 1e9
+        set_impl("sm90")
+        best = min((row[f"{n}_ms"] for n in ok_v if f"{n}_ms" in row), default=None)
+        if best is not None:
+            row["cuda_ms"] = best
+            row["cuda_tflops"] = flops / best / 1e9
+            row["cuda_attn_only_ms"] = min(row[f"{n}_attn_only_ms"] for n in ok_v if f"{n}_ms" in row)
         ms_d, _ = time_ms(lambda: sdpa_cudnn(q_r, k_all, v_all, scale), reps=10)
         row["cudnn_prebuilt_ms"] = ms_d
         row["cudnn_prebuilt_tflops"] = flops / ms_d / 1e9
@@ -357,8 +426,56 @@ def sanitize(out_dir):
     return res
 
 
+def profile(out_dir):
+    """Nsight Compute on one BSA launch (24x44x80) and one dense launch of the sm90 kernels."""
+    cmd = ["ncu", "--kernel-name", "regex:attn_fwd_sm90", "--launch-count", "2", "--section", "SpeedOfLight",
+           "--section", "Occupancy", "--section", "LaunchStats", "--section", "WarpStateStats",
+           "--section", "ComputeWorkloadAnalysis", "--section", "MemoryWorkloadAnalysis",
+           sys.executable, os.path.abspath(__file__), "--profile-target"]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        txt = p.stdout + p.stderr
+    except Exception as ex:  # noqa: BLE001
+        txt = f"ncu failed: {ex}"
+    with open(os.path.join(out_dir, "ncu_sm90.txt"), "w") as f:
+        f.write(txt)
+    log(f"ncu: {time.time() - t0:.0f}s, {len(txt)} chars -> ncu_sm90.txt")
+
+
+def profile_target():
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda, ops
+
+    set_impl("sm90")
+    grid = (24, 44, 80)
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, S, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sel = select_blocks(q, k, grid_q=grid, chunk_q=(4, 4, 4), sparsity=0.9375, backend="torch")
+    bsa_forward_cuda(q, k, v, sel, 128**-0.5)
+    Sn, Sc = 31200, 6240
+    q, k, v = (torch.randn(2, Sn, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (torch.randn(1, Sc, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ops().kv_cache_attn_fwd_cuda(q, k, v, kc, vc, *[None] * 6, 0, 0, 128**-0.5)
+    torch.cuda.synchronize()
+
+
 def tiny_checks():
     """Very small shapes for the sanitizer (each kernel variant launched once)."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+    from longcat_kernels.ops.kv_cache_attn.cuda import attn_with_kv_cache_cuda
+    from longcat_kernels.ops.rope.api import Rope3D
+
+    ok = True
+    for impl in IMPLS:
+        set_impl(impl)
+        ok &= _tiny_one()
+    log(f"tiny checks {'OK' if ok else 'FAIL'}")
+    return ok
+
+
+def _tiny_one():
     from longcat_kernels.ops.block_sparse_attn.api import select_blocks
     from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
     from longcat_kernels.ops.kv_cache_attn.cuda import attn_with_kv_cache_cuda
@@ -378,7 +495,6 @@ def tiny_checks():
     out = attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, 128**-0.5, None)
     ok &= not bool(out.isnan().any())
     torch.cuda.synchronize()
-    log(f"tiny checks {'OK' if ok else 'FAIL'}")
     return ok
 
 
@@ -390,12 +506,17 @@ def main():
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-target", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bt = build()
     if args.small and args.tiny:
         sys.exit(0 if tiny_checks() else 1)
+    if args.profile_target:
+        profile_target()
+        sys.exit(0)
     header = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "build_s": round(bt, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     try:
@@ -416,21 +537,26 @@ def main():
             bsa_case(grid, results, do_time=not args.no_time)
             torch.cuda.empty_cache()
         kv_case(results, cond=4, do_time=not args.no_time)
+    if args.profile:
+        profile(args.out)
     summary["rows"] = results
     with open(os.path.join(args.out, "cuda_ext_results.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    log("\n| op | shape | parity relL2 | cuda ms | cuda TFLOP/s | triton ms | cuDNN ms |")
-    log("|---|---|---|---|---|---|---|")
+    log("\n| op | shape | parity sm90 / sm80 | sm90 ms | sm80 ms | best TFLOP/s | triton ms | cuDNN ms |")
+    log("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in results:
         if r["op"] == "bsa_fwd":
-            log(f"| bsa_fwd | {r['grid']} | {r['rel_l2']:.2e} | {r.get('cuda_ms', float('nan')):.2f} | "
-                f"{r.get('cuda_tflops_effective', float('nan')):.0f} (eff.) | {r.get('triton_ms', float('nan')):.2f} | "
-                f"{r.get('cudnn_dense_ms', float('nan')):.1f} (dense) |")
+            log(f"| bsa_fwd | {r['grid']} | {r.get('sm90_rel_l2', nan):.1e} / {r.get('sm80_rel_l2', nan):.1e} | "
+                f"{r.get('sm90_ms', nan):.2f} | {r.get('sm80_ms', nan):.2f} | "
+                f"{r.get('cuda_tflops_effective', nan):.0f} (eff.) | {r.get('triton_ms', nan):.2f} | "
+                f"{r.get('cudnn_dense_ms', nan):.1f} (dense) |")
         else:
-            log(f"| kv_cache cond{r['cond_latents']} | {r['Sq']}x{r['Skv']} | {r['rel_l2']:.2e} | "
-                f"{r.get('cuda_ms', float('nan')):.2f} (attn only {r.get('cuda_attn_only_ms', float('nan')):.2f}) | "
-                f"{r.get('cuda_tflops', float('nan')):.0f} | {r.get('triton_ms', float('nan')):.2f} | "
-                f"{r.get('cudnn_prebuilt_ms', float('nan')):.2f} |")
+            log(f"| kv_cache cond{r['cond_latents']} | {r['Sq']}x{r['Skv']} | "
+                f"{r.get('sm90_wg2_rel_l2', nan):.1e} / {r.get('sm80_rel_l2', nan):.1e} | "
+                f"wg2 {r.get('sm90_wg2_ms', nan):.2f} wg1 {r.get('sm90_wg1_ms', nan):.2f} | {r.get('sm80_ms', nan):.2f} | "
+                f"{r.get('cuda_tflops', nan):.0f} | {r.get('triton_ms', nan):.2f} (prologue+cuDNN "
+                f"{r.get('triton_prologue_cudnn_ms', nan):.2f}) | {r.get('cudnn_prebuilt_ms', nan):.2f} |")
 
 
 if __name__ == "__main__":

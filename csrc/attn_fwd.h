@@ -53,6 +53,15 @@ cudaError_t attn_fwd_dense(const AttnFwdParams& p, DType dtype, int head_dim, cu
 cudaError_t attn_fwd_block_sparse(const AttnFwdParams& p, DType dtype, int head_dim,
                                   cudaStream_t stream);
 
+// Hopper path (csrc/attn_fwd_sm90.cu, wgmma): true when this binary holds sm_90a code and the
+// current device is compute capability 9.x. The *_sm90 launchers return cudaErrorNotSupported
+// otherwise. warpgroups (1 or 2) = 64-row query tiles per CTA of the dense kernel.
+bool attn_fwd_sm90_available();
+cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, int warpgroups,
+                                cudaStream_t stream);
+cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
+                                       cudaStream_t stream);
+
 // Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
 constexpr int kMaxBlockTokens = 1024;
 

@@ -9,6 +9,8 @@
 #include <Python.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -132,6 +134,38 @@ void check_launch(cudaError_t err, const char* op) {
               " (cudaErrorInvalidValue means an unsupported configuration)");
 }
 
+// Kernel family: "sm90" (wgmma, needs an sm_90a build on a Hopper GPU) or "sm80" (mma.sync).
+// LONGCAT_KERNELS_CUDA_IMPL = auto | sm80 | sm90 (default auto: sm90 where it can run).
+bool use_sm90() {
+  const char* env = std::getenv("LONGCAT_KERNELS_CUDA_IMPL");
+  if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
+  const bool ok = longcat::attn_fwd_sm90_available();
+  TORCH_CHECK(ok || env == nullptr || std::strcmp(env, "sm90") != 0,
+              "longcat_kernels (cuda): LONGCAT_KERNELS_CUDA_IMPL=sm90 but this build has no sm_90a "
+              "code for this device; rebuild with LONGCAT_KERNELS_CUDA_ARCHS including "
+              "-gencode=arch=compute_90a,code=sm_90a or unset the variable");
+  return ok;
+}
+
+// 64-row query tiles per CTA of the dense sm90 kernel (LONGCAT_KERNELS_SM90_WARPGROUPS, 1 or 2).
+int sm90_warpgroups() {
+  const char* env = std::getenv("LONGCAT_KERNELS_SM90_WARPGROUPS");
+  if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
+  return 2;
+}
+
+cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
+                         cudaStream_t stream) {
+  if (use_sm90()) return longcat::attn_fwd_dense_sm90(p, dtype, d, sm90_warpgroups(), stream);
+  return longcat::attn_fwd_dense(p, dtype, d, stream);
+}
+
+cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
+                          cudaStream_t stream) {
+  if (use_sm90()) return longcat::attn_fwd_block_sparse_sm90(p, dtype, d, stream);
+  return longcat::attn_fwd_block_sparse(p, dtype, d, stream);
+}
+
 std::tuple<Tensor, Tensor> alloc_out(const Tensor& q) {
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -246,7 +280,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   p.num_q_blocks = static_cast<int>(nq);
   p.max_sel = static_cast<int>(indices.size(3));
   if (q.numel() == 0) return {out, lse};
-  check_launch(longcat::attn_fwd_block_sparse(p, dtype, static_cast<int>(q.size(3)),
+  check_launch(launch_sparse(p, dtype, static_cast<int>(q.size(3)),
                                               c10::cuda::getCurrentCUDAStream()),
                "bsa_fwd_cuda");
   return {out, lse};
@@ -383,7 +417,7 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
   }
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   if (q.numel() == 0) return {out, lse};
-  check_launch(longcat::attn_fwd_dense(p, dtype, static_cast<int>(q.size(3)),
+  check_launch(launch_dense(p, dtype, static_cast<int>(q.size(3)),
                                        c10::cuda::getCurrentCUDAStream()),
                "kv_cache_attn_fwd_cuda");
   return {out, lse};
@@ -423,7 +457,7 @@ std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor
     set_seg0(p, k.narrow(1, 0, kl), v.narrow(1, 0, kl), q.size(0));
     set_seg1_empty(p);
     p.scale_log2 = static_cast<float>(scale * kLog2e);
-    check_launch(longcat::attn_fwd_dense(p, dtype, d, stream), "prefix_attn_fwd_cuda");
+    check_launch(launch_dense(p, dtype, d, stream), "prefix_attn_fwd_cuda");
   }
   return {out, lse};
 }

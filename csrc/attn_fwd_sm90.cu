@@ -1,0 +1,509 @@
+// Hopper (sm_90a) forward: wgmma for both products, same work split and gather loaders as the
+// sm80 kernel. One warpgroup owns 64 query rows: S = Q K^T with Q and K read by wgmma straight
+// from shared memory (128-byte swizzled, K-major), then P (registers) x V (shared memory,
+// transposed operand). Tiles arrive by cp.async (rows of a 3D chunk are not one box, so every row
+// is its own 16-byte gather) and are handed to the tensor cores after fence.proxy.async.
+// No torch headers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "attn_common.cuh"
+#include "attn_fwd.h"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LONGCAT_SM90_WGMMA 1
+#endif
+
+namespace longcat {
+namespace {
+
+using namespace detail;
+
+template <typename T, int D, int NWG, bool kSparse>
+struct K90 {
+  static constexpr int BM = 64 * NWG;
+  static constexpr int kThreads = 128 * NWG;
+  static constexpr int kCPR = D / 8;
+  static constexpr int kRowsPerPass = kThreads / kCPR;
+  static constexpr int kKPasses = kBN / kRowsPerPass;
+  static constexpr int kQPasses = BM / kRowsPerPass;
+  static constexpr int kTileQ = BM * D * 2;
+  static constexpr int kTileKV = kBN * D * 2;
+  static constexpr int kSmemTiles = kTileQ + 4 * kTileKV;
+  static int smem_bytes(int key_table_entries) {
+    return 1024 + kSmemTiles + 2 * kBN + BM * 4 + key_table_entries * 8;
+  }
+};
+
+#ifdef LONGCAT_SM90_WGMMA
+
+template <typename T>
+struct Wgmma;
+template <>
+struct Wgmma<__nv_bfloat16> {
+  // D[64x64] (+)= A[64x16] (smem, K-major) * B[16x64] (smem, K-major)
+  static __device__ __forceinline__ void ss(float (&d)[8][4], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(1));
+  }
+  // D[64x64] (+)= A[64x16] (registers) * B[16x64] (smem, MN-major: transposed)
+  static __device__ __forceinline__ void rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+};
+template <>
+struct Wgmma<__half> {
+  // D[64x64] (+)= A[64x16] (smem, K-major) * B[16x64] (smem, K-major)
+  static __device__ __forceinline__ void ss(float (&d)[8][4], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(1));
+  }
+  // D[64x64] (+)= A[64x16] (registers) * B[16x64] (smem, MN-major: transposed)
+  static __device__ __forceinline__ void rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  }
+};
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// keeps the compiler from moving register accesses across the asynchronous wgmma region
+__device__ __forceinline__ void fence_regs(float (&d)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+  }
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle. Both byte offsets are 1024 (one 8-row x
+// 128-byte swizzle atom): the instructions below use N = 64 (one atom wide along MN), so the
+// only stride that matters is between 8-row groups, whichever field the layout reads it from.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1024 >> 4) << 16;
+  d |= static_cast<uint64_t>(1024 >> 4) << 32;
+  d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+
+// Element offset of 16-byte chunk c of row r in an [R, D] tile stored as D/64 column panels of
+// [R, 64] with 128-byte rows, chunks XOR-swizzled by (r & 7) (the hardware's 128B pattern).
+template <int R>
+__device__ __forceinline__ int sw128(int r, int c) {
+  return (c >> 3) * (R * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+template <typename T, int D, int NWG, bool kSparse>
+__device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
+  using K = K90<T, D, NWG, kSparse>;
+  using M = MmaType<T>;
+  using W = Wgmma<T>;
+  constexpr int BM = K::BM;
+  constexpr int kThreads = K::kThreads;
+  constexpr int kCPR = K::kCPR;
+  constexpr int kRowsPerPass = K::kRowsPerPass;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // 1024-byte aligned tiles (swizzle atoms)
+  unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = reinterpret_cast<T*>(smem + K::kTileQ);
+  T* sV = reinterpret_cast<T*>(smem + K::kTileQ + 2 * K::kTileKV);
+  unsigned char* sFlag = smem + K::kSmemTiles;
+  int* sQTok = reinterpret_cast<int*>(sFlag + 2 * kBN);
+  int2* sKTab = reinterpret_cast<int2*>(sQTok + BM);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int wg = warp >> 2;
+  const int bh = blockIdx.y;
+  const int b = bh / p.heads;
+  const int h = bh % p.heads;
+
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* k0b = static_cast<const T*>(p.k0) + b * p.k0_sb + h * p.k0_sh;
+  const T* v0b = static_cast<const T*>(p.v0) + b * p.v0_sb + h * p.v0_sh;
+  const T* k1b = static_cast<const T*>(p.k1) + b * p.k1_sb + h * p.k1_sh;
+  const T* v1b = static_cast<const T*>(p.v1) + b * p.v1_sb + h * p.v1_sh;
+  const int s_total = p.s0 + p.s1;
+
+  int n_tiles;
+  int q_block = 0, q_sub = 0, lq = 0, lk = 0, k_subs = 1;
+  const int* sel = nullptr;
+  if constexpr (kSparse) {
+    lq = p.cq[0] * p.cq[1] * p.cq[2];
+    lk = p.ck[0] * p.ck[1] * p.ck[2];
+    const int q_subs = (lq + BM - 1) / BM;
+    q_block = blockIdx.x / q_subs;
+    q_sub = blockIdx.x % q_subs;
+    k_subs = (lk + kBN - 1) / kBN;
+    const int cnt = min(p.sel_cnt[b * p.sc_sb + h * p.sc_sh + q_block * p.sc_sq], p.max_sel);
+    sel = p.sel_idx + b * p.si_sb + h * p.si_sh + q_block * p.si_sq;
+    n_tiles = cnt * k_subs;
+    for (int r = tid; r < k_subs * kBN; r += kThreads) {
+      int2 e;
+      if (r < lk) {
+        const int dw = r % p.ck[2];
+        const int dh = (r / p.ck[2]) % p.ck[1];
+        const int dt = r / (p.ck[2] * p.ck[1]);
+        e.x = (dt * p.gk[1] + dh) * p.gk[2] + dw;
+        e.y = dt | (dh << 10) | (dw << 20);
+      } else {
+        e.x = 0;
+        e.y = 0x3FFFFFFF;
+      }
+      sKTab[r] = e;
+    }
+    const int bq_w = q_block % p.nbq[2];
+    const int bq_h = (q_block / p.nbq[2]) % p.nbq[1];
+    const int bq_t = q_block / (p.nbq[2] * p.nbq[1]);
+    for (int r = tid; r < BM; r += kThreads) {
+      const int slot = q_sub * BM + r;
+      sQTok[r] = slot < lq ? block_slot_token(slot, p.gq, p.cq, bq_t * p.cq[0], bq_h * p.cq[1],
+                                              bq_w * p.cq[2])
+                           : -1;
+    }
+  } else {
+    const int m0 = blockIdx.x * BM;
+    for (int r = tid; r < BM; r += kThreads) sQTok[r] = (m0 + r < p.sq) ? m0 + r : -1;
+    n_tiles = (s_total + kBN - 1) / kBN;
+  }
+  __syncthreads();
+
+  const int ld_c = tid % kCPR;
+  const int ld_r = tid / kCPR;
+
+  auto load_kv = [&](int j, int st) -> bool {
+    bool all_valid = true;
+    T* dK = sK + st * kBN * D;
+    T* dV = sV + st * kBN * D;
+    unsigned char* dF = sFlag + st * kBN;
+    int base = 0, et = 0, eh = 0, ew = 0, sub = 0;
+    bool blk_ok = true;
+    if constexpr (kSparse) {
+      int blk = sel[j / k_subs];
+      sub = j % k_subs;
+      blk_ok = blk >= 0 && blk < p.nbk[0] * p.nbk[1] * p.nbk[2];
+      if (!blk_ok) blk = 0;
+      const int bw = blk % p.nbk[2];
+      const int bhh = (blk / p.nbk[2]) % p.nbk[1];
+      const int bt = blk / (p.nbk[2] * p.nbk[1]);
+      const int t0 = bt * p.ck[0], h0 = bhh * p.ck[1], w0 = bw * p.ck[2];
+      et = min(p.ck[0], p.gk[0] - t0);
+      eh = min(p.ck[1], p.gk[1] - h0);
+      ew = min(p.ck[2], p.gk[2] - w0);
+      base = (t0 * p.gk[1] + h0) * p.gk[2] + w0;
+    }
+#pragma unroll
+    for (int i = 0; i < K::kKPasses; ++i) {
+      const int r = ld_r + i * kRowsPerPass;
+      int s;
+      bool valid;
+      if constexpr (kSparse) {
+        const int2 e = sKTab[sub * kBN + r];
+        const int dt = e.y & 1023, dh = (e.y >> 10) & 1023, dw = e.y >> 20;
+        valid = blk_ok && dt < et && dh < eh && dw < ew;
+        s = base + e.x;
+      } else {
+        s = j * kBN + r;
+        valid = s < s_total;
+      }
+      const T* pk;
+      const T* pv;
+      if (s < p.s0) {
+        pk = k0b + (int64_t)s * p.k0_ss;
+        pv = v0b + (int64_t)s * p.v0_ss;
+      } else {
+        pk = k1b + (int64_t)(s - p.s0) * p.k1_ss;
+        pv = v1b + (int64_t)(s - p.s0) * p.v1_ss;
+      }
+      if (!valid) pk = pv = k1b;
+      cp_async16(smem_u32(dK + sw128<kBN>(r, ld_c)), pk + ld_c * 8, valid);
+      cp_async16(smem_u32(dV + sw128<kBN>(r, ld_c)), pv + ld_c * 8, valid);
+      if (ld_c == 0) dF[r] = valid;
+      all_valid = all_valid && valid;
+    }
+    return all_valid;
+  };
+
+#pragma unroll
+  for (int i = 0; i < K::kQPasses; ++i) {
+    const int r = ld_r + i * kRowsPerPass;
+    const int s = sQTok[r];
+    const T* pq = s >= 0 ? qb + (int64_t)s * p.q_ss + ld_c * 8 : qb;
+    cp_async16(smem_u32(sQ + sw128<BM>(r, ld_c)), pq, s >= 0);
+  }
+  bool first_valid = true;
+  if (n_tiles > 0) first_valid = load_kv(0, 0);
+  cp_async_commit();
+  bool full_cur = __syncthreads_and(first_valid);
+
+  constexpr int kNH = D / 64;  // 64-wide column panels of O
+  float o[kNH][8][4];
+#pragma unroll
+  for (int hf = 0; hf < kNH; ++hf)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[hf][i][0] = o[hf][i][1] = o[hf][i][2] = o[hf][i][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY};
+  float l_r[2] = {0.f, 0.f};
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const int row0 = warp * 16;
+  const uint32_t q_base = smem_u32(sQ) + wg * 64 * 128;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int st = j & 1;
+    __syncthreads();
+    bool next_valid = true;
+    if (j + 1 < n_tiles) next_valid = load_kv(j + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    // cp.async wrote through the generic proxy; wgmma reads through the async proxy
+    fence_proxy_async();
+    const bool full_next = __syncthreads_and(next_valid);
+    const uint32_t k_base = smem_u32(sK + st * kBN * D);
+    const uint32_t v_base = smem_u32(sV + st * kBN * D);
+
+    // S = Q K^T  [64, 64] per warpgroup
+    float s[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    fence_regs(s);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk & 3) * 32;  // k16 step inside a 64-column panel
+      W::ss(s, desc_sw128(q_base + (kk >> 2) * (BM * 128) + off),
+            desc_sw128(k_base + (kk >> 2) * (kBN * 128) + off));
+    }
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(s);
+
+    if (!full_cur) {
+      const unsigned char* f = sFlag + st * kBN;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int c = i * 8 + 2 * tq;
+        if (!f[c]) s[i][0] = s[i][2] = -INFINITY;
+        if (!f[c + 1]) s[i][1] = s[i][3] = -INFINITY;
+      }
+    }
+
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float mx = m_r[e];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[i][2 * e] *= p.scale_log2;
+        s[i][2 * e + 1] *= p.scale_log2;
+        mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = fast_exp2(m_r[e] - m_use);
+      m_r[e] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[i][2 * e] = fast_exp2(s[i][2 * e] - m_use);
+        s[i][2 * e + 1] = fast_exp2(s[i][2 * e + 1] - m_use);
+        sum += s[i][2 * e] + s[i][2 * e + 1];
+      }
+      l_r[e] = l_r[e] * alpha + sum;
+#pragma unroll
+      for (int hf = 0; hf < kNH; ++hf) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          o[hf][i][2 * e] *= alpha;
+          o[hf][i][2 * e + 1] *= alpha;
+        }
+      }
+    }
+
+    // O += P V: P from registers (A), V transposed from shared memory (B)
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = M::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = M::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int hf = 0; hf < kNH; ++hf) fence_regs(o[hf]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int hf = 0; hf < kNH; ++hf) {
+        W::rs(o[hf], pa[kk], desc_sw128(v_base + hf * (kBN * 128) + kk * 16 * 128));
+      }
+    }
+    wg_commit();
+    wg_wait<0>();
+#pragma unroll
+    for (int hf = 0; hf < kNH; ++hf) fence_regs(o[hf]);
+    full_cur = full_next;
+  }
+  cp_async_wait<0>();
+
+  T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  float* lb = p.lse + b * p.lse_sb + h * p.lse_sh;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float l = l_r[e];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = row0 + g + 8 * e;
+    const int tok = sQTok[r];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (tok >= 0) {
+      T* po = ob + (int64_t)tok * p.o_ss;
+#pragma unroll
+      for (int hf = 0; hf < kNH; ++hf) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          M::store2(po + hf * 64 + i * 8 + 2 * tq, o[hf][i][2 * e] * inv, o[hf][i][2 * e + 1] * inv);
+        }
+      }
+      if (tq == 0) {
+        lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+      }
+    }
+  }
+}
+
+#endif  // LONGCAT_SM90_WGMMA
+
+template <typename T, int D, int NWG, bool kSparse>
+__global__ void __launch_bounds__(128 * NWG)
+    attn_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
+#ifdef LONGCAT_SM90_WGMMA
+  attn_fwd_sm90_body<T, D, NWG, kSparse>(p);
+#else
+  // built for another target: the host only launches this kernel from an sm_90a binary
+  __trap();
+#endif
+}
+
+template <typename T, int D, int NWG, bool kSparse>
+cudaError_t launch90(const AttnFwdParams& p, dim3 grid, int table_entries, cudaStream_t stream) {
+  using K = K90<T, D, NWG, kSparse>;
+  const int smem = K::smem_bytes(table_entries);
+  auto* fn = attn_fwd_sm90_kernel<T, D, NWG, kSparse>;
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  fn<<<grid, K::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t dense90(const AttnFwdParams& p, int nwg, cudaStream_t stream) {
+  if (nwg == 2) {
+    dim3 grid((p.sq + 127) / 128, p.batch * p.heads);
+    return launch90<T, D, 2, false>(p, grid, 0, stream);
+  }
+  dim3 grid((p.sq + 63) / 64, p.batch * p.heads);
+  return launch90<T, D, 1, false>(p, grid, 0, stream);
+}
+
+template <typename T, int D>
+cudaError_t sparse90(const AttnFwdParams& p, cudaStream_t stream) {
+  const int lq = p.cq[0] * p.cq[1] * p.cq[2];
+  const int lk = p.ck[0] * p.ck[1] * p.ck[2];
+  const int table = (lk + kBN - 1) / kBN * kBN;
+  dim3 grid(p.num_q_blocks * ((lq + 63) / 64), p.batch * p.heads);
+  return launch90<T, D, 1, true>(p, grid, table, stream);
+}
+
+// whether the sm_90a kernels of this binary can run on the current device
+bool sm90_ready() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    return false;
+  }
+  if (major != 9) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__nv_bfloat16, 128, 1, true>) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion == 90;
+}
+
+}  // namespace
+
+bool attn_fwd_sm90_available() {
+  static const bool ready = sm90_ready();
+  return ready;
+}
+
+cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, int warpgroups,
+                                cudaStream_t stream) {
+  if (!attn_fwd_sm90_available()) return cudaErrorNotSupported;
+  if (dtype == DType::kBF16) {
+    if (head_dim == 128) return dense90<__nv_bfloat16, 128>(p, warpgroups, stream);
+    if (head_dim == 64) return dense90<__nv_bfloat16, 64>(p, warpgroups, stream);
+  } else {
+    if (head_dim == 128) return dense90<__half, 128>(p, warpgroups, stream);
+    if (head_dim == 64) return dense90<__half, 64>(p, warpgroups, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
+                                       cudaStream_t stream) {
+  if (!attn_fwd_sm90_available()) return cudaErrorNotSupported;
+  for (int a = 0; a < 3; ++a) {
+    if (p.cq[a] <= 0 || p.ck[a] <= 0 || p.ck[a] >= 1024) return cudaErrorInvalidValue;
+  }
+  if (p.ck[0] * p.ck[1] * p.ck[2] > kMaxBlockTokens || p.cq[0] * p.cq[1] * p.cq[2] > kMaxBlockTokens) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == DType::kBF16) {
+    if (head_dim == 128) return sparse90<__nv_bfloat16, 128>(p, stream);
+    if (head_dim == 64) return sparse90<__nv_bfloat16, 64>(p, stream);
+  } else {
+    if (head_dim == 128) return sparse90<__half, 128>(p, stream);
+    if (head_dim == 64) return sparse90<__half, 64>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace longcat
