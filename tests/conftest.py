@@ -26,14 +26,16 @@ _orig_empty_like = torch.empty_like
 def _nan_empty(*args, **kwargs):
     t = _orig_empty(*args, **kwargs)
     if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # tensors created with requires_grad=True (e.g. by inductor)
+            t.fill_(float("nan"))
     return t
 
 
 def _nan_empty_like(*args, **kwargs):
     t = _orig_empty_like(*args, **kwargs)
     if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # tensors created with requires_grad=True (e.g. by inductor)
+            t.fill_(float("nan"))
     return t
 
 

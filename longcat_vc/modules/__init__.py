@@ -4,7 +4,7 @@ from .attention import Attention, AttnPlan, CrossAttention
 from .block import FeedForwardSwiGLU, LongCatBlock
 from .embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder, timestep_embedding
 from .final_layer import FinalLayer
-from .norms import FP32LayerNorm, RMSNorm, gated_residual, modulate, rms_norm
+from .norms import FP32LayerNorm, RMSNorm, gated_residual, layer_norm_fp32, modulate, rms_norm, silu_mul
 
 __all__ = [
     "Attention",
@@ -22,4 +22,6 @@ __all__ = [
     "gated_residual",
     "modulate",
     "rms_norm",
+    "layer_norm_fp32",
+    "silu_mul",
 ]

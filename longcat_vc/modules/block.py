@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..lora import LoRALinear
 from .attention import Attention, AttnPlan, CrossAttention
-from .norms import FP32LayerNorm, gated_residual, modulate
+from .norms import FP32LayerNorm, gated_residual, modulate, silu_mul
 
 __all__ = ["FeedForwardSwiGLU", "LongCatBlock"]
 
@@ -25,7 +25,7 @@ class FeedForwardSwiGLU(nn.Module):
         self.w3 = LoRALinear(dim, hidden_dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 class LongCatBlock(nn.Module):
