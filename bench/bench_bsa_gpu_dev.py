@@ -335,8 +335,31 @@ def time_case(grid, chunk, sparsity, sets_qkv, H, D, dense_fwd_ms, dense_fb_ms, 
         args = (go, q.detach(), k.detach(), v.detach(), out, lse, idx, cnt, list(grid), list(grid), list(chunk), list(chunk), scale)
         r["bwd_op_ms"] = bench_ms(lambda: torch.ops.longcat_kernels.bsa_bwd(*args, True), rep_ms=600)
         r["transpose_map_ms"] = bench_ms(lambda: T.transpose_selection(idx, cnt, tok.shape[0]))
+        r["profile"] = profile_step(fb_gate)
     log("time", json.dumps(r))
     return r
+
+
+def profile_step(fn, n=3):
+    """Per-kernel device time (ms per step) of ``fn`` with torch.profiler: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t > 0:
+            out[e.key[:60]] = round(t / n / 1000.0, 4)
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+    log("profile", json.dumps(out))
+    return out
 
 
 def dense_times(S, H, D, sets_qkv, do_bwd=True):
@@ -386,7 +409,7 @@ def sweep(sets_qkv, grid, chunk, sparsity, H, D, budget_s):
     table = {"fwd": {}, "dq": {}, "dkdv": {}}
     t_start = time.time()
     fwd_cands = [(1, 4, 3), (1, 4, 2), (1, 4, 4), (1, 8, 2), (1, 8, 3), (2, 4, 2), (2, 8, 2)] if kblk == 64 \
-        else [(1, 8, 2), (1, 8, 3), (1, 4, 2)]
+        else [(1, 8, 3), (1, 8, 2), (1, 8, 4)]
     for c in fwd_cands:
         if time.time() - t_start > budget_s:
             break
@@ -408,8 +431,8 @@ def sweep(sets_qkv, grid, chunk, sparsity, H, D, budget_s):
     (q, k, v), s = sets_qkv[0], sels[0]
     out, lse = T.bsa_forward_triton(q, k, v, s, scale)
     args = (go, q, k, v, out, lse, s.indices, s.counts, list(grid), list(grid), list(chunk), list(chunk), scale)
-    dkdv_cands = [(4, 2), (4, 3), (8, 2), (8, 3), (4, 1)]
-    dq_cands = [(1, 4, 2), (2, 4, 2), (2, 8, 2), (1, 4, 3), (2, 4, 3)] if kblk == 64 else [(1, 4, 2), (1, 8, 2), (1, 8, 3)]
+    dkdv_cands = [(4, 3), (4, 2), (8, 3), (8, 2)] if kblk == 64 else [(8, 3), (8, 2), (4, 2)]
+    dq_cands = [(1, 4, 3), (1, 4, 2), (1, 4, 4), (2, 4, 3)] if kblk == 64 else [(1, 8, 3), (1, 8, 2)]
     base_dq = T._CONFIG["dq"][kblk]
     for c in dkdv_cands:
         if time.time() - t_start > budget_s:
@@ -437,15 +460,26 @@ def sweep(sets_qkv, grid, chunk, sparsity, H, D, budget_s):
     else:
         T._CONFIG["dq"][kblk] = base_dq
     # atomic dq (non-deterministic) vs separate dq kernel
-    T._CONFIG["atomic_dq"] = True
-    try:
-        table["atomic_dq_ms"] = bench_ms(lambda: torch.ops.longcat_kernels.bsa_bwd(*args, False), rep_ms=300)
-    except Exception as e:  # noqa: BLE001
-        table["atomic_dq_ms"] = repr(e)[:200]
-    T._CONFIG["atomic_dq"] = False
     table["separate_dq_ms"] = bench_ms(lambda: torch.ops.longcat_kernels.bsa_bwd(*args, False), rep_ms=300)
-    if isinstance(table["atomic_dq_ms"], float) and table["atomic_dq_ms"] < table["separate_dq_ms"]:
+    best_kv = T._CONFIG["dkdv"][kblk]
+    T._CONFIG["atomic_dq"] = True
+    table["atomic"] = {}
+    for c in [best_kv, (4, 2), (8, 2), (4, 1)]:
+        if str(c) in table["atomic"]:
+            continue
+        T._CONFIG["dkdv"][kblk] = c
+        try:
+            table["atomic"][str(c)] = bench_ms(lambda: torch.ops.longcat_kernels.bsa_bwd(*args, False), rep_ms=300)
+        except Exception as e:  # noqa: BLE001
+            table["atomic"][str(c)] = repr(e)[:200]
+        log("sweep atomic dq, dkdv cfg", c, table["atomic"][str(c)])
+    ok = [(v, k) for k, v in table["atomic"].items() if isinstance(v, float)]
+    if ok and min(ok)[0] < table["separate_dq_ms"]:
+        T._CONFIG["dkdv"][kblk] = eval(min(ok)[1])
         T._CONFIG["atomic_dq"] = True
+    else:
+        T._CONFIG["dkdv"][kblk] = best_kv
+        T._CONFIG["atomic_dq"] = False
     table["chosen"] = {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in T._CONFIG.items()}
     log("sweep result", json.dumps(table))
     return table

@@ -247,6 +247,20 @@ def test_select_blocks_matches_torch(rule):
     assert torch.equal(a.to_mask(), b.to_mask().cpu())
 
 
+@pytest.mark.parametrize("nk,n", [(37, 5), (130, 17), (64, 64), (50, 1)])
+def test_topk_kernel_ties_to_lower_index(nk, n):
+    T = _T()
+    s = torch.randn(3, 4, nk, device=DEV)
+    s[0, 0, :10] = 1.5  # ties at the top
+    s[0, 1, :] = 0.0  # all equal
+    s[1, 0, 3] = -0.0  # -0.0 == +0.0
+    s[1, 1, :] = -2.0
+    idx = T.bsa_topk(s, n)
+    ref = torch.sort(s.cpu(), dim=-1, descending=True, stable=True).indices[..., :n].sort(-1).values
+    assert idx.dtype == torch.int32
+    assert torch.equal(idx.cpu().long(), ref)
+
+
 def test_api_dispatch_triton():
     from longcat_kernels import block_sparse_attn
 

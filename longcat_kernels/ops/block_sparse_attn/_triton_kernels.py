@@ -388,3 +388,33 @@ def bsa_scores_kernel(
     else:
         b_s = tl.dot(b_q, tl.trans(b_k))
     tl.store(s + (i_bh * NQ + o_m[:, None]) * NK + o_n[None, :], b_s, mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit(do_not_specialize=["NK", "N_SEL"])
+def bsa_topk_kernel(s, idx, NK, N_SEL, BLOCK: tl.constexpr):
+    """Top-``N_SEL`` of one row of fp32 scores, ties to the lower index (= stable descending sort).
+
+    Radix-style bisection on order-preserving uint32 keys finds the N_SEL-th largest key ``t``;
+    the row keeps every key > t and the first (in index order) keys == t. Output indices ascending.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BLOCK)
+    m = o < NK
+    # + 0.0 turns -0.0 into +0.0 (equal scores must get equal keys)
+    x = tl.load(s + row * NK + o, mask=m, other=0.0) + 0.0
+    u = x.to(tl.uint32, bitcast=True)
+    neg = (u >> 31) != 0
+    key = tl.where(neg, ~u, u | 0x80000000)
+    key = tl.where(m, key, 0)
+    t = tl.zeros([], dtype=tl.uint32)
+    for i in tl.static_range(32):
+        cand = t | (tl.full([], 1, tl.uint32) << (31 - i))
+        c = tl.sum((key >= cand).to(tl.int32), 0)
+        t = tl.where(c >= N_SEL, cand, t)
+    gt = (key > t) & m
+    eq = (key == t) & m
+    need = N_SEL - tl.sum(gt.to(tl.int32), 0)
+    eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
+    sel = gt | (eq & (eq_rank < need))
+    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(idx + row * N_SEL + pos, o, mask=sel)

@@ -27,12 +27,33 @@ _LOG2E = 1.4426950408889634
 # Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/bench_bsa_gpu_dev.py).
 # fwd: (blocks per iteration, num_warps, num_stages); bwd_dkdv / bwd_dq likewise.
 _CONFIG = {
-    "fwd": {64: (1, 4, 3), 128: (1, 8, 2)},
-    "dq": {64: (1, 4, 2), 128: (1, 8, 2)},
-    "dkdv": {64: (4, 2), 128: (8, 2)},
+    "fwd": {64: (1, 4, 2), 128: (1, 8, 3)},
+    "dq": {64: (1, 4, 3), 128: (1, 8, 3)},
+    "dkdv": {64: (4, 3), 128: (8, 3)},
     "atomic_dq": False,
 }
 _INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1)}
+
+
+_STAGES_OK: dict = {}
+
+
+def _launch(kernel, grid, *args, num_warps, num_stages, **meta):
+    """Launch; on a shared-memory OutOfResources retry with fewer pipeline stages (remembered)."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), num_warps, num_stages,
+           tuple(sorted((k, v) for k, v in meta.items())), tuple(str(a.dtype) for a in args if hasattr(a, "dtype")))
+    stages = _STAGES_OK.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **meta)
+            _STAGES_OK[key] = stages
+            return
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
 
 
 def _interpreting() -> bool:
@@ -84,7 +105,7 @@ def bsa_fwd(
     lse = torch.empty((B, NH, Sq), dtype=torch.float32, device=q.device)
     bpi, nw, ns = _fwd_cfg(bn)
     max_sel = indices.shape[-1]
-    K.bsa_fwd_kernel[(NQ, B * NH)](
+    _launch(K.bsa_fwd_kernel, (NQ, B * NH),
         q, k, v, out, lse, indices, counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -162,7 +183,7 @@ def bsa_bwd(
         bpi, nw_q, ns_q = _CONFIG["dq"].get(bn, (1, 4, 2))
     while bpi > 1 and bn * bpi > 128:
         bpi //= 2
-    K.bsa_bwd_dkdv_kernel[(NK, B * NH)](
+    _launch(K.bsa_bwd_dkdv_kernel, (NK, B * NH),
         q, k, v, do, lse, delta, dq_acc, dk, dv, t_off, t_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -179,7 +200,7 @@ def bsa_bwd(
     else:
         dq = dq_acc
         max_sel = indices.shape[-1]
-        K.bsa_bwd_dq_kernel[(NQ, B * NH)](
+        _launch(K.bsa_bwd_dq_kernel, (NQ, B * NH),
             q, k, v, do, lse, delta, dq, indices, counts,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -300,6 +321,27 @@ def _bsa_pool_scores_fake(q, k, grid_q, grid_k, chunk_q, chunk_k):
             q.new_empty((B, NH, nq, nk), dtype=torch.float32))
 
 
+_TOPK_MAX_ROW = 16384
+
+
+@torch.library.custom_op("longcat_kernels::bsa_topk", mutates_args=())
+def bsa_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [..., n] int32 (ascending) of the n highest of each row of fp32 ``scores [..., Nk]``;
+    ties go to the lower index, as a stable descending sort would."""
+    scores = scores.contiguous()
+    nk = scores.shape[-1]
+    rows = scores.numel() // nk
+    idx = torch.empty((*scores.shape[:-1], n), dtype=torch.int32, device=scores.device)
+    block = max(16, 1 << (nk - 1).bit_length())
+    K.bsa_topk_kernel[(rows,)](scores, idx, nk, n, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return idx
+
+
+@bsa_topk.register_fake
+def _bsa_topk_fake(scores, n):
+    return scores.new_empty((*scores.shape[:-1], n), dtype=torch.int32)
+
+
 def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_threshold):
     """(indices int32 [B,H,Nq,max_sel], counts int32 [B,H,Nq]) from fp32 block scores.
 
@@ -313,7 +355,10 @@ def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_thr
         if n <= 0:
             idx = torch.full((B, NH, NQ, 1), -1, dtype=torch.int32, device=scores.device)
             return idx, torch.zeros((B, NH, NQ), dtype=torch.int32, device=scores.device)
-        idx = torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
+        if NKb <= _TOPK_MAX_ROW:
+            idx = torch.ops.longcat_kernels.bsa_topk(scores, n)
+        else:
+            idx = torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
         return idx, torch.full((B, NH, NQ), n, dtype=torch.int32, device=scores.device)
     from .selection import _select_rows
 
