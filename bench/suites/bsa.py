@@ -69,7 +69,8 @@ def _dense_case(ctx, grid, bhd, impl: str, backward: bool) -> Case:
 
     B, H, D = bhd
     mode = "fwd+bwd" if backward else "fwd"
-    params = dict(grid=str(grid), tokens=grid.tokens, sparsity=0.0, chunk="-", mode=mode, kind="dense")
+    params = dict(grid=str(grid), tokens=grid.tokens, sparsity=0.0, chunk="-", mode=mode, kind="dense",
+                  batch=B, heads=H, head_dim=D)
 
     def prep():
         nbytes = 3 * B * grid.tokens * H * D * ctx.dtype.itemsize
@@ -109,7 +110,8 @@ def _sparse_case(ctx, grid, bhd, sparsity, backend, *, chunk=CHUNK, variant="gat
     B, H, D = bhd
     mode = "fwd+bwd" if backward else "fwd"
     cs = "x".join(map(str, chunk))
-    params = dict(grid=str(grid), tokens=grid.tokens, sparsity=sparsity, chunk=cs, mode=mode, kind=variant)
+    params = dict(grid=str(grid), tokens=grid.tokens, sparsity=sparsity, chunk=cs, mode=mode, kind=variant,
+                  batch=B, heads=H, head_dim=D)
     name = f"{grid.name}/s{sparsity:g}/{cs}/{variant}/{mode}"
 
     gate = _gating_backend(ctx, backend)

@@ -67,7 +67,8 @@ def _case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
     B, H, D = bhd
     hw = grid.frame_tokens
     Sc, Sn = c * hw, (grid.t - c) * hw
-    params = dict(grid=str(grid), cond_frames=frames, cond_latents=c, seq_q=Sn, seq_k=Sc + Sn, op="kv-cache")
+    params = dict(grid=str(grid), cond_frames=frames, cond_latents=c, seq_q=Sn, seq_k=Sc + Sn, op="kv-cache",
+                  batch=B, heads=H, head_dim=D)
 
     def prep():
         nbytes = (4 * B * Sn + 3 * Sc) * H * D * ctx.dtype.itemsize
@@ -123,7 +124,8 @@ def _prefix_case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
 
     B, H, D = bhd
     S, P = grid.tokens, c * grid.frame_tokens
-    params = dict(grid=str(grid), cond_frames=frames, cond_latents=c, seq_q=S, seq_k=S, op="prefix")
+    params = dict(grid=str(grid), cond_frames=frames, cond_latents=c, seq_q=S, seq_k=S, op="prefix",
+                  batch=B, heads=H, head_dim=D)
 
     def prep():
         gen = ctx.generator(50 + c)
@@ -215,9 +217,11 @@ def finish(ctx, rows: list[dict]) -> list[dict]:
             continue
         if ctx.peak_tflops and r.get("tflops"):
             r["mfu"] = r["tflops"] / ctx.peak_tflops
+        if is_baseline(r.get("backend", "")):
+            continue
         c = r.get("cond_latents")
         if r.get("op") == "prefix":
-            if c in two and r is not two[c]:
+            if c in two:
                 r["speedup"] = two[c]["ms"] / r["ms"]
                 r["baseline"] = two[c]["backend"]
             continue
@@ -227,6 +231,10 @@ def finish(ctx, rows: list[dict]) -> list[dict]:
             r["speedup"] = unf[c]["ms"] / r["ms"]
             r["baseline"] = "unfused"
     return rows
+
+
+def is_baseline(impl: str) -> bool:
+    return impl == "unfused" or impl.endswith("-prebuilt") or impl.endswith("-2call")
 
 
 def table(rows: list[dict]) -> str:
