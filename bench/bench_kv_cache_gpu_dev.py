@@ -289,7 +289,7 @@ def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, swee
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/h100/kv_cache_attn.json")
+    ap.add_argument("--out", default="bench/results/h100/kv_cache_attn_triton.json")
     ap.add_argument("--reps-ms", type=int, default=2000)
     ap.add_argument("--sweep-ms", type=int, default=400)
     args = ap.parse_args()

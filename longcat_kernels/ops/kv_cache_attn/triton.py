@@ -49,9 +49,9 @@ _LOG2E = 1.4426950408889634
 def _attn_segment(acc, l_i, m_i, q, K, V, lo, hi, L, q_prefix, qk_scale, offs_m, offs_d, m_d,
                   stride_kn, stride_kd, stride_vn, stride_vd,
                   BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, MASK_ROW: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, WS: tl.constexpr):
     """Online-softmax update over key tiles [lo, hi) of one segment of length L."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASK_N:
             m_n = offs_n < L
@@ -85,38 +85,57 @@ def _attn_segment(acc, l_i, m_i, q, K, V, lo, hi, L, q_prefix, qk_scale, offs_m,
 @triton.jit
 def _attn_two_masks(acc, l_i, m_i, q, K, V, L, q_prefix, qk_scale, offs_m, offs_d, m_d,
                     stride_kn, stride_kd, stride_vn, stride_vd,
-                    BLOCK_N: tl.constexpr, MASK_ROW: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MASK_ROW: tl.constexpr, DOT_PREC: tl.constexpr,
+                    WS: tl.constexpr):
     """Whole segment: full tiles unmasked, then the partial tail tile with a key mask."""
     n_full = (L // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attn_segment(acc, l_i, m_i, q, K, V, 0, n_full, L, q_prefix, qk_scale,
                                   offs_m, offs_d, m_d, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, BLOCK_N, False, MASK_ROW, DOT_PREC)
+                                  stride_vd, BLOCK_N, False, MASK_ROW, DOT_PREC, WS)
     acc, l_i, m_i = _attn_segment(acc, l_i, m_i, q, K, V, n_full, L, L, q_prefix, qk_scale,
                                   offs_m, offs_d, m_d, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, BLOCK_N, True, MASK_ROW, DOT_PREC)
+                                  stride_vd, BLOCK_N, True, MASK_ROW, DOT_PREC, WS)
     return acc, l_i, m_i
 
 
-# Launch shape (BLOCK_M, BLOCK_N, num_warps, num_stages) on GPU, from the sweep in
-# bench/bench_kv_cache_gpu_dev.py on the H100 (bf16, D=128, both VC shapes). Fixed rather than
-# autotuned: an autotune pass over 70 ms launches is noisy and costs seconds at first call.
-ATTN_CONFIG = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+# Launch shape (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) on GPU, from the sweep in
+# bench/bench_kv_cache_gpu_dev.py on the H100 (bf16, D=128, both VC shapes; per-config times in
+# bench/results/h100/kv_cache_attn_triton.json): 128x128, 8 warps, 3 stages was best or within 3%
+# at both shapes; warp specialisation gained 3% at cond 4 and lost 1.6% at cond 16, so it is used
+# on sm_90 only (where it was measured). Fixed rather than autotuned: an autotune pass over 70 ms
+# launches is noisy (it picked configs 6% apart in a first run) and costs seconds at first call.
+ATTN_CONFIG = {64: (128, 128, 8, 3, False), 128: (128, 128, 8, 3, False)}
 ATTN_CONFIG_SWEEP = [
-    (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 4, 3),
-    (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3),
+    (128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 4, False),
+    (128, 64, 4, 3, False), (128, 64, 4, 4, False), (128, 64, 8, 3, False),
+    (64, 128, 4, 3, False), (128, 128, 4, 3, True), (128, 128, 8, 3, True),
+    (128, 64, 4, 3, True), (128, 128, 4, 2, True),
 ]
 _CONFIG_OVERRIDE = None  # set by the bench sweep only
 
 
-def _attn_config(D: int):
+def _attn_config(D: int, device: torch.device):
     if _INTERPRET:
-        return 16, 16, 4, 1
+        return 16, 16, 4, 1, False
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
     bd = triton.next_power_of_2(D)
     if bd in ATTN_CONFIG:
-        return ATTN_CONFIG[bd]
-    return (64, 64, 4, 2) if bd > 128 else (128, 64, 4, 3)
+        bm, bn, w, st, _ = ATTN_CONFIG[bd]
+        return bm, bn, w, st, bd == 128 and _is_sm90(device)
+    return (64, 64, 4, 2, False) if bd > 128 else (128, 64, 4, 3, False)
+
+
+_SM90 = {}
+
+
+def _is_sm90(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM90:
+        _SM90[idx] = torch.cuda.get_device_capability(idx) == (9, 0)
+    return _SM90[idx]
 
 
 @triton.jit(do_not_specialize=["SQ", "L1", "L2", "q_prefix", "q_pos0", "GH", "GW"])
@@ -132,7 +151,7 @@ def kv_cache_attn_fwd_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     ROPE_Q: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
 ):
     """Grid (cdiv(SQ, BLOCK_M), B * H); query-block index varies fastest so concurrently running
     programs share one head's keys/values in L2."""
@@ -163,7 +182,7 @@ def kv_cache_attn_fwd_kernel(
     V1b = V1 + b * stride_v1b + h * stride_v1h
     acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K1b, V1b, L1, q_prefix, qk_scale, offs_m,
                                     offs_d, m_d, stride_k1s, stride_k1d, stride_v1s, stride_v1d,
-                                    BLOCK_N, False, DOT_PREC)
+                                    BLOCK_N, False, DOT_PREC, WS)
     # segment 2 (fresh / rest): only rows >= q_prefix; skipped by blocks entirely below it
     K2b = K2 + b * stride_k2b + h * stride_k2h
     V2b = V2 + b * stride_v2b + h * stride_v2h
@@ -171,11 +190,11 @@ def kv_cache_attn_fwd_kernel(
     if m_start >= q_prefix:
         acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K2b, V2b, L2, q_prefix, qk_scale,
                                         offs_m, offs_d, m_d, stride_k2s, stride_k2d, stride_v2s,
-                                        stride_v2d, BLOCK_N, False, DOT_PREC)
+                                        stride_v2d, BLOCK_N, False, DOT_PREC, WS)
     elif m_start + BLOCK_M > q_prefix:
         acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K2b, V2b, L2, q_prefix, qk_scale,
                                         offs_m, offs_d, m_d, stride_k2s, stride_k2d, stride_v2s,
-                                        stride_v2d, BLOCK_N, True, DOT_PREC)
+                                        stride_v2d, BLOCK_N, True, DOT_PREC, WS)
 
     # rows that saw no key at all (only possible when L1 + L2 == 0) output 0, never NaN
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -207,14 +226,15 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
         dt, dh = D, 0
         t_args = [q] * 6
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    bm, bn, warps, stages = _attn_config(D)
+    bm, bn, warps, stages, ws = _attn_config(D, q.device)
     grid = (triton.cdiv(SQ, bm), B * H)
     kv_cache_attn_fwd_kernel[grid](
         q, k1, v1, k2, v2, out, *t_args,
         H, SQ, L1, L2, int(q_prefix), float(scale) * _LOG2E, int(q_frame) * gh * gw, gh, gw,
         *q.stride(), *st(k1), *st(v1), *st(k2), *st(v2), *out.stride(),
         ROPE_Q=rope_q, DT=dt, DH=dh, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=warps,
+        num_stages=stages,
     )
 
 
