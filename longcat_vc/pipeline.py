@@ -178,7 +178,8 @@ class VideoContinuationOutput:
         num_new_frames (int): F_new.
         size (tuple): the bucket (height, width) the model ran at.
         timings (dict): seconds: ``text``, ``vae_encode``, ``cache_build``, ``denoise`` (sum),
-            ``denoise_steps`` (list, one per step), ``decode``, ``total``; plus ``steps``.
+            ``denoise_steps`` (list, one per step), ``decode``, ``total``; plus ``steps`` and
+            ``kv_cache_bytes`` (0 with the cache off).
             ``extend`` adds ``segments`` (one such dict per segment).
     """
 
@@ -627,6 +628,7 @@ class VideoContinuationPipeline:
             x = latents
         t2 = timer.now()
         timings["cache_build"] = t2 - t1 if use_kv_cache else 0.0
+        timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
 
         step_times: List[float] = []
         bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
@@ -911,6 +913,7 @@ class VideoContinuationPipeline:
             for key in ("text", "vae_encode", "cache_build", "denoise", "decode")
         }
         total["steps"] = int(sum(t["steps"] for t in seg_timings))
+        total["kv_cache_bytes"] = max(t["kv_cache_bytes"] for t in seg_timings)
         total["denoise_steps"] = [s for t in seg_timings for s in t["denoise_steps"]]
         total["segments"] = seg_timings
         total["total"] = timer.now() - t_start

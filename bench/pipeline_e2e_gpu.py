@@ -1,0 +1,355 @@
+"""One end-to-end video continuation at 480p, 93 frames, real DiT width, random weights.
+
+    PYTHONPATH=$PWD python bench/pipeline_e2e_gpu.py --out DIR --depth 2
+
+Runs ``longcat_vc.VideoContinuationPipeline`` exactly as a user does (text encoding, VAE encode of
+the cond frames, KV-cache build, denoising loop with CFG-zero, VAE decode, resize back), in both
+modes (basic: enhance_hf schedule, 50 requested -> 56 steps, guidance 4.0 with the CFG batch;
+distill: a random cfg-step LoRA in LongCat's file format, 16 steps, guidance 1.0), each with the KV
+cache on and off, and writes the timings as JSON to ``--out``.
+
+Components, all random (no downloads, no checkpoint):
+* DiT: ``DiTConfig.longcat_video(depth=--depth)``: hidden 4096, 32 heads, text_tokens_zero_pad,
+  weights ~ N(0, 1/fan_in) (nothing zero-initialised);
+* VAE: ``diffusers.AutoencoderKLWan`` with the Wan 2.1 VAE config (real compute; ``--vae tiny``
+  for a small one);
+* text: ``transformers.UMT5EncoderModel`` at the real width (d_model 4096, 64 heads, d_ff 10240)
+  with ``--text-layers`` layers (1) and a small vocabulary; a word-level tokenizer built here.
+
+Every configuration is first run once as a warm-up (Triton compilation, cuDNN autotuning), with
+the fewest steps its schedule allows; the reported run follows.
+
+Packages: the device image has torch/transformers but not diffusers or ftfy. Pure-Python wheels
+in ``.gpu_carry/vc_wheels/`` (carry that path) are put on ``sys.path`` automatically; without
+ftfy a stub ``fix_text`` (identity; the prompts here are plain ASCII) is used and recorded.
+
+``--smoke`` runs the same script on CPU with tiny everything (a test of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTES = []
+
+
+def _ensure_packages() -> None:
+    """Put carried pure-Python wheels on sys.path when diffusers/ftfy are not installed."""
+    wheels = sorted(glob.glob(os.path.join(REPO, ".gpu_carry", "vc_wheels", "*.whl")))
+    for mod in ("diffusers", "ftfy", "wcwidth"):
+        try:
+            __import__(mod)
+            continue
+        except ImportError:
+            pass
+        found = [w for w in wheels if os.path.basename(w).lower().startswith(mod + "-")]
+        if found:
+            sys.path.insert(0, found[-1])
+            NOTES.append(f"{mod} imported from carried wheel {os.path.basename(found[-1])}")
+    try:
+        import ftfy  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("ftfy")
+        stub.fix_text = lambda text, *a, **k: text
+        sys.modules["ftfy"] = stub
+        NOTES.append("ftfy not installed: identity fix_text stub (prompts are ASCII)")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        sys.exit(
+            f"pipeline_e2e_gpu: diffusers is needed for AutoencoderKLWan ({e}). Carry pure-Python wheels: "
+            "pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any "
+            "-d .gpu_carry/vc_wheels diffusers ftfy wcwidth   (and name .gpu_carry/vc_wheels in carry)"
+        )
+
+
+WORDS = ("a person rides motorcycle along long straight road between water and forested hillside "
+         "the rider accelerates scenery passes camera follows bright overexposed static blurred "
+         "details subtitles style worst low quality ugly").split()
+PROMPT = ("A person rides a motorcycle along a long straight road between the water and a forested "
+          "hillside; the camera follows the rider as the scenery passes")
+
+
+def build_tokenizer(folder):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=512).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def init_random_(model, seed):
+    """W ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), 1-D scales ~ 1 + N(0, 0.1^2)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            buf = torch.empty(p.shape, dtype=torch.float32, device=dev)
+            if p.dim() >= 2:
+                buf.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+            elif name.endswith("bias"):
+                buf.normal_(0.0, 0.02, generator=g)
+            else:
+                buf.normal_(1.0, 0.1, generator=g)
+            p.copy_(buf)
+
+
+def write_random_cfg_step_lora(path, config, rank, seed):
+    """cfg-step LoRA targets of every block in LongCat's format (SPEC 8), small random up weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, ffn = config.hidden_size, config.ffn_hidden_size
+    targets = [("attn.qkv", h, 3 * h, 3), ("attn.proj", h, h, 1), ("cross_attn.q_linear", h, h, 1),
+               ("cross_attn.kv_linear", h, 2 * h, 2), ("ffn.w1", h, ffn, 1), ("ffn.w3", h, ffn, 1),
+               ("ffn.w2", ffn, h, 1)]
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(config.depth):
+        for mod, fin, fout, n in targets:
+            key = "lora___lorahyphen___" + f"blocks.{i}.{mod}".replace(".", "___lorahyphen___")
+            out[key + ".lora_down.weight"] = (torch.randn(n * rank, fin, generator=g) * fin ** -0.5).to(torch.bfloat16)
+            if n > 1:
+                for j in range(n):
+                    out[key + f".lora_up.blocks.{j}.weight"] = (torch.randn(fout // n, rank, generator=g) * 1e-2).to(torch.bfloat16)
+            else:
+                out[key + ".lora_up.weight"] = (torch.randn(fout, rank, generator=g) * 1e-2).to(torch.bfloat16)
+            out[key + ".alpha_scale"] = torch.tensor(0.5)
+    save_file(out, path)
+
+
+def machine(device):
+    try:
+        sys.path.insert(0, REPO)
+        from bench.machine import machine_header
+
+        return machine_header(device)
+    except Exception as e:  # the header is informative only
+        import torch
+
+        info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "torch": torch.__version__, "header_error": str(e)}
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+        return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for the timings JSON")
+    p.add_argument("--depth", type=int, default=2, help="DiT blocks (48 in the released model)")
+    p.add_argument("--modes", default="basic,distill")
+    p.add_argument("--cache", default="on,off", help="on, off or on,off")
+    p.add_argument("--steps-basic", type=int, default=50)
+    p.add_argument("--steps-distill", type=int, default=16)
+    p.add_argument("--resolution", default="480p")
+    p.add_argument("--frames", type=int, default=93)
+    p.add_argument("--cond-frames", type=int, default=13)
+    p.add_argument("--input-frames", type=int, default=None, help="input clip length (default: cond frames)")
+    p.add_argument("--vae", choices=("real", "tiny"), default="real")
+    p.add_argument("--text-layers", type=int, default=1)
+    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--bsa", action="store_true", help="block-sparse attention in the DiT")
+    p.add_argument("--offload-kv-cache", action="store_true")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny components (tests the script)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _ensure_packages()
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    sys.path.insert(0, REPO)
+    from longcat_vc import DiTConfig, LongCatDiT
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    os.makedirs(args.out, exist_ok=True)
+    smoke = args.smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("pipeline_e2e_gpu: no CUDA device (use --smoke for the CPU check of the script)")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    torch.manual_seed(args.seed)
+
+    # ---- components
+    t0 = time.perf_counter()
+    if smoke:
+        dcfg = DiTConfig.tiny(depth=args.depth, attn_backend=args.attn_backend, text_tokens_zero_pad=True)
+        text_dim, t_heads, t_dkv, t_ff = dcfg.caption_channels, 4, 8, 64
+        resolution = (32, 48)
+    else:
+        dcfg = DiTConfig.longcat_video(depth=args.depth, attn_backend=args.attn_backend)
+        text_dim, t_heads, t_dkv, t_ff = 4096, 64, 64, 10240
+        resolution = args.resolution
+    dit = LongCatDiT(dcfg, device=device, dtype=dtype)
+    init_random_(dit, args.seed)
+    dit.eval()
+    if args.vae == "tiny" or smoke:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    else:
+        vae = AutoencoderKLWan()  # the Wan 2.1 VAE config (base_dim 96, dim_mult [1,2,4,4], 2 res blocks)
+    vae = vae.to(device=device, dtype=dtype).eval()
+    tcfg = UMT5Config(vocab_size=len(WORDS) + 8, d_model=text_dim, d_kv=t_dkv, d_ff=t_ff,
+                      num_layers=args.text_layers, num_heads=t_heads, feed_forward_proj="gated-gelu",
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128)
+    text_encoder = UMT5EncoderModel(tcfg).to(device=device, dtype=dtype).eval()
+    work = tempfile.mkdtemp(prefix="vc_e2e_")
+    tokenizer = build_tokenizer(os.path.join(work, "tokenizer"))
+    lora_path = os.path.join(work, "cfg_step_lora.safetensors")
+    write_random_cfg_step_lora(lora_path, dcfg, rank=8 if smoke else 128, seed=args.seed + 1)
+    pipe = VideoContinuationPipeline(dit, vae, text_encoder, tokenizer, {"shift": 12.0, "num_train_timesteps": 1000})
+    pipe.dit.load_lora(lora_path, "cfg_step_lora")
+    build_s = time.perf_counter() - t0
+
+    # ---- input clip, already at the bucket size (no resize)
+    if isinstance(resolution, str):
+        from longcat_vc.pipeline import BUCKETS
+
+        h, w = BUCKETS[resolution]["0.58"] if resolution == "480p" else BUCKETS[resolution]["0.54"]
+    else:
+        h, w = resolution
+    n_in = args.input_frames or args.cond_frames
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.stack([np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + i) % 256], -1)
+                       for i in range(n_in)]).astype(np.uint8)
+
+    modes = [m for m in args.modes.split(",") if m]
+    caches = [c == "on" for c in args.cache.split(",") if c]
+    frames_arg = min(args.frames, 13) if smoke else args.frames
+    cond_arg = min(args.cond_frames, 5) if smoke else args.cond_frames
+    steps = {"basic": args.steps_basic, "distill": args.steps_distill}
+    if smoke:
+        steps = {"basic": 1, "distill": 2}
+        frames = frames[:max(cond_arg, 5)]
+    common = dict(resolution=resolution, num_frames=frames_arg, num_cond_frames=cond_arg, use_bsa=args.bsa,
+                  offload_kv_cache=args.offload_kv_cache, progress=False)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    runs = []
+    latents = {}
+    first = True
+    for mode in modes:
+        pipe.set_mode(mode)
+        for cache in caches:
+            if not args.no_warmup:
+                sync()
+                tw = time.perf_counter()
+                pipe(frames, PROMPT, num_inference_steps=1, use_kv_cache=cache,
+                     generator=torch.Generator(device=device).manual_seed(args.seed),
+                     output_type="np" if first else "latent", **common)
+                sync()
+                print(f"warm-up {mode} cache={'on' if cache else 'off'}: {time.perf_counter() - tw:.1f} s", flush=True)
+                first = False
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            out = pipe(frames, PROMPT, num_inference_steps=steps[mode], use_kv_cache=cache,
+                       generator=torch.Generator(device=device).manual_seed(args.seed), **common)
+            t = dict(out.timings)
+            st = t.pop("denoise_steps")
+            row = {
+                "mode": mode,
+                "kv_cache": cache,
+                "guidance": 4.0 if mode == "basic" else 1.0,
+                "steps": t["steps"],
+                "size_hw": list(out.size),
+                "num_frames": frames_arg,
+                "num_cond_frames": cond_arg,
+                "batch": 2 if mode == "basic" else 1,
+                "seconds": {k: v for k, v in t.items() if isinstance(v, float)},
+                "step_s_median": statistics.median(st),
+                "step_s_first": st[0],
+                "step_s_min": min(st),
+                "kv_cache_bytes": t.get("kv_cache_bytes", 0),
+                "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+                "finite": bool(np.isfinite(out.frames).all()) and bool(torch.isfinite(out.latents).all()),
+                "output_frames": int(out.frames.shape[0]),
+            }
+            latents[(mode, cache)] = out.latents.float().cpu()
+            runs.append(row)
+            s = row["seconds"]
+            print(f"{mode:7s} cache={'on ' if cache else 'off'} steps {row['steps']:3d}  text {s['text']:.2f}  "
+                  f"vae-enc {s['vae_encode']:.2f}  cache {s['cache_build']:.2f}  denoise {s['denoise']:.2f} "
+                  f"({row['step_s_median'] * 1e3:.0f} ms/step median)  decode {s['decode']:.2f}  "
+                  f"total {s['total']:.2f} s  peak {row['peak_memory_gib'] or 0:.1f} GiB", flush=True)
+
+    summary = {}
+    for mode in modes:
+        on = next((r for r in runs if r["mode"] == mode and r["kv_cache"]), None)
+        off = next((r for r in runs if r["mode"] == mode and not r["kv_cache"]), None)
+        if on and off:
+            a, b = latents[(mode, True)], latents[(mode, False)]
+            summary[mode] = {
+                "denoise_speedup_cache": off["seconds"]["denoise"] / on["seconds"]["denoise"],
+                "step_speedup_cache_median": off["step_s_median"] / on["step_s_median"],
+                "total_speedup_cache": off["seconds"]["total"] / on["seconds"]["total"],
+                # guidance 1 (distill): same computation; basic: CFG-zero's scale covers the cond
+                # frames' predictions only with the cache off (upstream semantics), so not equal.
+                "latents_rel_l2_cache_on_vs_off": float((a - b).norm() / b.norm()),
+            }
+            print(f"{mode}: cache speedup denoise {summary[mode]['denoise_speedup_cache']:.3f}x, "
+                  f"per step {summary[mode]['step_speedup_cache_median']:.3f}x, end to end "
+                  f"{summary[mode]['total_speedup_cache']:.3f}x; latents rel. L2 on vs off "
+                  f"{summary[mode]['latents_rel_l2_cache_on_vs_off']:.2e}", flush=True)
+
+    doc = {
+        "benchmark": "pipeline_e2e",
+        "machine": machine(device),
+        "config": {
+            "dit": {"hidden_size": dcfg.hidden_size, "num_heads": dcfg.num_heads, "depth": dcfg.depth,
+                    "attn_backend": dcfg.attn_backend, "text_tokens_zero_pad": dcfg.text_tokens_zero_pad,
+                    "bsa": args.bsa},
+            "vae": "tiny" if (args.vae == "tiny" or smoke) else "Wan2.1 config, random weights",
+            "text_encoder": {"d_model": text_dim, "layers": args.text_layers, "heads": t_heads, "d_ff": t_ff},
+            "dtype": str(dtype).replace("torch.", ""),
+            "resolution": resolution if isinstance(resolution, str) else list(resolution),
+            "input_frames": int(frames.shape[0]),
+            "warmup": not args.no_warmup,
+            "offload_kv_cache": args.offload_kv_cache,
+            "smoke": smoke,
+        },
+        "build_s": build_s,
+        "notes": NOTES,
+        "runs": runs,
+        "summary": summary,
+    }
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(args.out, f"pipeline_e2e_depth{dcfg.depth}_{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, default=str)
+    print(f"wrote {path}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
