@@ -66,6 +66,7 @@ class LongCatDiT(nn.Module):
         self._ropes: Dict[Tuple, object] = {}
         self._lora_names: List[str] = []
         self._lora_active_names: List[str] = []
+        self._context_parallel = None
 
     # ------------------------------------------------------------------ facts
     @property
@@ -86,6 +87,25 @@ class LongCatDiT(nn.Module):
         from .loading import load_dit
 
         return load_dit(path, dtype=dtype, device=device, strict=strict, attn_backend=attn_backend, cls=cls)
+
+    # ------------------------------------------------------------------ context parallel
+    def enable_context_parallel(self, group=None, *, cfg_parallel: bool = False):
+        """Run ``forward`` and ``build_kv_cache`` across the ranks of ``group`` (None: the default
+        group), Ulysses-style; every rank calls them with the same arguments and gets the same
+        result. See ``longcat_vc.parallel``. Returns the ``ContextParallel`` handler."""
+        from .parallel import ContextParallel
+
+        self._context_parallel = ContextParallel(group, num_heads=self.config.num_heads,
+                                                 cfg_parallel=cfg_parallel, device=self.device)
+        return self._context_parallel
+
+    def disable_context_parallel(self) -> None:
+        self._context_parallel = None
+
+    @property
+    def context_parallel(self):
+        """The ``longcat_vc.parallel.ContextParallel`` handler, or None (single process)."""
+        return self._context_parallel
 
     # ------------------------------------------------------------------ helpers
     def _rope(self, grid: Tuple[int, int, int], device: torch.device):
@@ -131,6 +151,8 @@ class LongCatDiT(nn.Module):
                 f"encoder_hidden_states: expected shape [{B}, 1, L, {c.caption_channels}], got {list(enc.shape)}"
             )
         L = enc.shape[2]
+        if enc.device != self.device and not _compiling():
+            raise ValueError(f"encoder_hidden_states: on {enc.device}, the model is on {self.device}")
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"encoder_attention_mask: expected a Tensor [B, L] or None, got {type(mask).__name__}")
@@ -138,6 +160,7 @@ class LongCatDiT(nn.Module):
                 mask = mask[:, 0, 0]
             if mask.ndim != 2 or tuple(mask.shape) != (B, L):
                 raise ValueError(f"encoder_attention_mask: expected shape [{B}, {L}], got {list(mask.shape)}")
+            mask = mask.to(self.device)
         y = self.y_embedder(enc.to(self.dtype)).view(B, L, -1)
         if mask is None:
             return y, None
@@ -214,6 +237,11 @@ class LongCatDiT(nn.Module):
         Returns:
             Tensor: ``[B, out_channels, T, H, W]`` fp32 (noisy frames only in cache mode).
         """
+        if self._context_parallel is not None:
+            return self._context_parallel.forward(
+                self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                num_cond_latents=num_cond_latents, kv_cache=kv_cache,
+            )
         cfg = self.config
         check = not _compiling()
         B, T, H, W, _ = self._check_latents(hidden_states, "hidden_states")
@@ -293,6 +321,8 @@ class LongCatDiT(nn.Module):
         Returns:
             KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype.
         """
+        if self._context_parallel is not None:
+            return self._context_parallel.build_kv_cache(self, cond_latents, offload=offload)
         cfg = self.config
         Bc, c, H, W, _ = self._check_latents(cond_latents, "cond_latents")
         _, ph, pw = cfg.patch_size
