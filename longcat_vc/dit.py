@@ -13,6 +13,7 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -120,7 +121,7 @@ class LongCatDiT(nn.Module):
             self._ropes[key] = rope
         return rope
 
-    def _check_latents(self, x, name: str) -> Tuple[int, int, int, int, int]:
+    def _check_latents(self, x, name: str) -> Tuple[int, int, int, int]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a Tensor [B, {self.config.in_channels}, T, H, W], got {type(x).__name__}")
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
@@ -137,7 +138,7 @@ class LongCatDiT(nn.Module):
             )
         if x.device != self.device and not _compiling():
             raise ValueError(f"{name}: on {x.device}, the model is on {self.device}")
-        return B, T, H, W, 0
+        return B, T, H, W
 
     def _embed_text(self, enc: torch.Tensor, mask: Optional[torch.Tensor], B: int):
         """-> text states ``[B, L, C]`` and a key mask ``[B, L]`` bool or None (attend to all)."""
@@ -244,11 +245,12 @@ class LongCatDiT(nn.Module):
             )
         cfg = self.config
         check = not _compiling()
-        B, T, H, W, _ = self._check_latents(hidden_states, "hidden_states")
+        B, T, H, W = self._check_latents(hidden_states, "hidden_states")
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
-        if isinstance(num_cond_latents, bool) or not isinstance(num_cond_latents, int):
+        if isinstance(num_cond_latents, bool) or not isinstance(num_cond_latents, numbers.Integral):
             raise TypeError(f"num_cond_latents: expected an int, got {type(num_cond_latents).__name__}")
+        num_cond_latents = int(num_cond_latents)
         if kv_cache is not None:
             if not isinstance(kv_cache, KVCache):
                 raise TypeError(f"kv_cache: expected a KVCache, got {type(kv_cache).__name__}")
@@ -324,7 +326,7 @@ class LongCatDiT(nn.Module):
         if self._context_parallel is not None:
             return self._context_parallel.build_kv_cache(self, cond_latents, offload=offload)
         cfg = self.config
-        Bc, c, H, W, _ = self._check_latents(cond_latents, "cond_latents")
+        Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
         x = self.x_embedder(cond_latents.to(self.dtype))
