@@ -493,3 +493,25 @@ def test_bad_cache_raises(tiny):
             model(x[:, :, 1:], t, y, mask, kv_cache={0: None})
         with pytest.raises(ValueError, match="cond_latents: expected shape"):
             model.build_kv_cache(x[:1, :3, :1])
+
+
+# ====================================================================== FLOP formula
+def test_flops_reproduce_spec10_ideal_cache_speedups():
+    from longcat_vc import dit_forward_flops
+
+    cfg = DiTConfig.longcat_video()
+    hw = 30 * 52
+    n = 24 * hw
+    for c, ideal in zip((4, 8, 12, 16, 20), (1.09, 1.28, 1.65, 2.48, 5.17)):
+        off = dit_forward_flops(cfg, n, n, 512, 2, prefix_tokens=c * hw)
+        on = dit_forward_flops(cfg, n - c * hw, n, 512, 2)
+        assert abs(off / on - ideal) < 0.006, (c, off / on)
+    # one block's matmuls, counted by hand for a tiny config
+    t = tiny_config(depth=1)
+    C, Fh = 64, t.ffn_hidden_size
+    f = dit_forward_flops(t, 10, 10, 3, 1)
+    by_hand = 10 * (8 * C * C + 6 * C * Fh) + 4 * C * 100 + 10 * (4 * C * C + 4 * C * 3) + 3 * 4 * C * C
+    by_hand += 10 * 2 * C * 64 * 2 + 3 * 2 * (32 * C + C * C)
+    assert f == by_hand
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        dit_forward_flops(t, 10, 10, 3, 1, prefix_tokens=11)
