@@ -99,7 +99,8 @@ def machine_header():
     }
 
 
-def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, sweep_ms=400):
+def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, sweep_ms=400,
+             bsa=False):
     dev = "cuda"
     hw = GRID_HW[0] * GRID_HW[1]
     Sc, Sn = c * hw, (T_TOTAL - c) * hw
@@ -284,6 +285,34 @@ def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, swee
     out_case["attn_flops"] = flops
     out_case["prefix_flops"] = flops_prefix
     kvt._CONFIG_OVERRIDE = None
+    if bsa:
+        # block-sparse over [cache; fresh] (sparsity 0.9375, chunk 4x4x4): two-segment gating +
+        # kernel vs the BSA op on the explicit concatenation, same selection
+        from longcat_kernels import block_sparse_attn
+        gq, gk = (T_TOTAL - c, *GRID_HW), (T_TOTAL, *GRID_HW)
+        sel = kvt._select_two_segments(q_rot, k_rot, k_cache, gq, gk, (4, 4, 4), (4, 4, 4),
+                                       0.9375, None)
+        bsp = kvt._attn_with_kv_cache_bsa
+        from longcat_kernels.ops.kv_cache_attn.api import BlockSparseParams
+        bsp_sel = BlockSparseParams(frame_hw=GRID_HW, selection=sel)
+        bsp_gate = BlockSparseParams(sparsity=0.9375, frame_hw=GRID_HW)
+        o1 = bsp(q_rot, k_rot, v, k_cache, v_cache, None, scale, bsp_sel)
+        o2 = block_sparse_attn(q_rot, K, V, grid_q=gq, grid_k=gk, selection=sel, scale=scale,
+                               backend="triton")
+        e = rel(o1, o2)
+        print(f"  bsa {name} two-segment vs BSA-on-concat rel {e:.2e}", flush=True)
+        bt = {"rel_vs_bsa_on_concat": e, "density": sel.density()}
+        for label, fn in {
+            "kv_bsa_kernel": lambda: bsp(q_rot, k_rot, v, k_cache, v_cache, None, scale, bsp_sel),
+            "kv_bsa_with_gating": lambda: bsp(q_rot, k_rot, v, k_cache, v_cache, None, scale,
+                                              bsp_gate),
+            "bsa_on_concat_kernel": lambda: block_sparse_attn(q_rot, K, V, grid_q=gq, grid_k=gk,
+                                                              selection=sel, scale=scale,
+                                                              backend="triton"),
+        }.items():
+            bt[label] = do_bench(fn, warmup=100, rep=reps_ms, return_mode="median")
+            print(f"  time {name} {label:26s} {bt[label]:8.2f} ms", flush=True)
+        out_case["block_sparse"] = bt
     return out_case
 
 
@@ -292,13 +321,16 @@ def main():
     ap.add_argument("--out", default="bench/results/h100/kv_cache_attn_triton.json")
     ap.add_argument("--reps-ms", type=int, default=2000)
     ap.add_argument("--sweep-ms", type=int, default=400)
+    ap.add_argument("--bsa", action="store_true",
+                    help="also check/time the block-sparse option (not in the committed results)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     res = {"machine": machine_header(), "cases": {}}
     print(json.dumps(res["machine"]), flush=True)
     with torch.no_grad():
         for name, c in (("cond4", 4), ("cond16", 16)):
-            res["cases"][name] = run_case(name, c, reps_ms=args.reps_ms, sweep_ms=args.sweep_ms)
+            res["cases"][name] = run_case(name, c, reps_ms=args.reps_ms, sweep_ms=args.sweep_ms,
+                                         bsa=args.bsa)
             torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

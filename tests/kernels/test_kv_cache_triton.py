@@ -3,7 +3,8 @@
 CPU: Triton interpreter (TRITON_INTERPRET=1, set by conftest), fp32/fp16, tiny shapes with odd
 lengths and partial tiles (the interpreter runs 16x16 tiles). Outputs come from torch.empty, which
 conftest fills with NaN, so an unwritten row fails. GPU (marker triton_gpu): bf16 against the
-oracle, the prologue + cuDNN route and the public "auto" route.
+oracle, the prologue + cuDNN route and the public "auto" route. The block-sparse option over
+[cache; fresh] keys is tested here against the explicit concatenation + dense token mask.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 
 from longcat_kernels import (
-    BackendUnavailableError, BlockSparseParams, Rope3D, apply_rope_3d, attn_with_kv_cache,
-    prefix_attn,
+    BlockSparseParams, Rope3D, apply_rope_3d, attn_with_kv_cache, prefix_attn, select_blocks,
 )
 from longcat_kernels.testing import assert_close
 from longcat_kernels.testing.inputs import make_tensor
-from longcat_kernels.testing.oracle import attention_lowp, attention_oracle, prefix_mask
+from longcat_kernels.testing.oracle import (
+    attention_lowp, attention_oracle, bsa_token_mask, prefix_mask,
+)
 
 kt = pytest.importorskip("longcat_kernels.ops.kv_cache_attn.triton")
 
@@ -106,12 +108,9 @@ def test_prefix_equals_cache_split():
 
 
 @pytest.mark.triton_interpret
-def test_kv_cache_triton_forward_only_and_block_sparse():
+def test_kv_cache_triton_forward_only():
     B, S, H, D = 1, 16, 1, 32
     q, k, v = (make_tensor((B, S, H, D), torch.float32, DEV) for _ in range(3))
-    with pytest.raises(BackendUnavailableError, match="block_sparse"):
-        attn_with_kv_cache(q, k, v, k, v, backend="triton", block_sparse=BlockSparseParams(
-            frame_hw=(2, 2), chunk_q=(2, 2, 2)))
     qg = q.clone().requires_grad_(True)
     with pytest.raises(RuntimeError, match="forward only"):
         kt.attn_with_kv_cache_triton(qg, k, v, None, None, None, None, None)
@@ -119,6 +118,83 @@ def test_kv_cache_triton_forward_only_and_block_sparse():
         kt.prefix_attn_triton(qg, k, v, 3)
     with torch.no_grad():
         kt.prefix_attn_triton(qg, k, v, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# block-sparse over [cache; fresh]
+# ------------------------------------------------------------------------------------------------
+
+def _bsa_inputs(grid, c, Bc, dtype, H=2, D=32, B=2):
+    n = grid[1] * grid[2]
+    q, k, v = (make_tensor((B, (grid[0] - c) * n, H, D), dtype, DEV) for _ in range(3))
+    kc, vc = (make_tensor((Bc, c * n, H, D), dtype, DEV) for _ in range(2))
+    return q, k, v, kc, vc
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("grid,c,chunk,Bc,sparsity,cdf,dtype,use_rope", [
+    ((4, 3, 4), 1, (2, 2, 2), 1, 0.5, None, torch.float32, True),   # block straddles cache/fresh
+    ((4, 3, 4), 2, (2, 2, 4), 2, 0.7, None, torch.float16, False),  # partial edge blocks (W=4, H=3)
+    ((5, 2, 3), 2, (2, 2, 2), 1, None, 0.6, torch.float32, True),   # cdf rule, varying counts
+])
+def test_kv_cache_bsa_triton_matches_reference(grid, c, chunk, Bc, sparsity, cdf, dtype, use_rope):
+    q, k, v, kc, vc = _bsa_inputs(grid, c, Bc, dtype)
+    rope = Rope3D(grid, q.shape[-1], device=DEV) if use_rope else None
+    bs = BlockSparseParams(sparsity=sparsity, cdf_threshold=cdf, chunk_q=chunk,
+                           frame_hw=grid[1:])
+    out = attn_with_kv_cache(q, k, v, kc, vc, rope=rope, block_sparse=bs, backend="triton")
+    # oracle: explicit concatenation + the dense token mask of the torch gating's selection
+    if rope is not None:
+        q, k = apply_rope_3d(q, rope, c), apply_rope_3d(k, rope, c)
+    K, V = _cat(kc, k), _cat(vc, v)
+    n = grid[1] * grid[2]
+    sel = select_blocks(q, K, grid_q=(grid[0] - c, *grid[1:]), grid_k=grid, chunk_q=chunk,
+                        sparsity=sparsity, cdf_threshold=cdf, backend="torch")
+    m = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, chunk, chunk)
+    exp, _ = attention_oracle(q, K, V, mask=m)
+    assert_close(out, exp, baseline=attention_lowp(q, K, V, mask=m))
+    assert q.shape[1] == (grid[0] - c) * n
+
+
+@pytest.mark.triton_interpret
+def test_kv_cache_bsa_gating_matches_concat():
+    """Two-segment gating == select_blocks over the explicit [cache; fresh] keys."""
+    grid, c, chunk = (5, 3, 5), 3, (2, 2, 4)  # cache ends inside a 2-frame block
+    q, k, v, kc, vc = _bsa_inputs(grid, c, 1, torch.float32, H=3)
+    gq = (grid[0] - c, *grid[1:])
+    for sp, cdf in ((0.6, None), (None, 0.5), (0.8, 0.3)):
+        a = kt._select_two_segments(q, k, kc, gq, grid, chunk, chunk, sp, cdf)
+        b = select_blocks(q, _cat(kc, k), grid_q=gq, grid_k=grid, chunk_q=chunk, sparsity=sp,
+                          cdf_threshold=cdf, backend="torch")
+        assert torch.equal(a.counts, b.counts)
+        assert torch.equal(a.to_mask(), b.to_mask())
+
+
+@pytest.mark.triton_interpret
+def test_kv_cache_bsa_all_blocks_is_dense_and_empty_is_zero():
+    grid, c, chunk = (4, 3, 4), 2, (2, 2, 2)
+    q, k, v, kc, vc = _bsa_inputs(grid, c, 1, torch.float32)
+    dense = attn_with_kv_cache(q, k, v, kc, vc, backend="triton")
+    full = attn_with_kv_cache(q, k, v, kc, vc, backend="triton", block_sparse=BlockSparseParams(
+        sparsity=0.0, chunk_q=chunk, frame_hw=grid[1:]))
+    assert_close(full, dense.double(), floor=1e-6, name="all blocks == dense")
+    # cdf threshold 0 keeps no block: zeros, never NaN
+    empty = attn_with_kv_cache(q, k, v, kc, vc, backend="triton", block_sparse=BlockSparseParams(
+        sparsity=None, cdf_threshold=0.0, chunk_q=chunk, frame_hw=grid[1:]))
+    assert not torch.isnan(empty).any() and torch.count_nonzero(empty) == 0
+
+
+@pytest.mark.triton_interpret
+def test_kv_cache_bsa_precomputed_selection():
+    grid, c, chunk = (4, 3, 4), 1, (2, 2, 2)
+    q, k, v, kc, vc = _bsa_inputs(grid, c, 2, torch.float32)
+    gq = (grid[0] - c, *grid[1:])
+    sel = select_blocks(q, _cat(kc, k), grid_q=gq, grid_k=grid, chunk_q=chunk, sparsity=0.6,
+                        backend="torch")
+    bs = BlockSparseParams(frame_hw=grid[1:], selection=sel)
+    out = attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="triton")
+    ref = attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="torch")
+    assert_close(out, ref.double(), floor=1e-5)
 
 
 @pytest.mark.triton_interpret
@@ -133,6 +209,13 @@ def test_kv_cache_ops_opcheck():
     torch.library.opcheck(torch.ops.longcat_kernels.kv_cache_attn_fwd.default,
                           (q, k, v, None, None, *([None] * 6), 1, 1, 0.2))
     torch.library.opcheck(torch.ops.longcat_kernels.prefix_attn_fwd.default, (q, k, v, 5, 0.2))
+    # block-sparse: grid (3, 2, 3) of 18 tokens, cache = first frame (6 tokens), chunk (2, 2, 2)
+    q2, k2, v2 = (make_tensor((B, 12, H, D), torch.float32, DEV, permuted=True) for _ in range(3))
+    sel = select_blocks(q2, _cat(kc, k2), grid_q=(2, 2, 3), grid_k=(3, 2, 3), chunk_q=(2, 2, 2),
+                        sparsity=0.5, backend="torch")
+    torch.library.opcheck(torch.ops.longcat_kernels.kv_cache_bsa_fwd.default,
+                          (q2, k2, v2, kc, vc, sel.indices, sel.counts, [2, 2, 3], [3, 2, 3],
+                           [2, 2, 2], [2, 2, 2], 0.2))
 
 
 @pytest.mark.triton_interpret
@@ -192,3 +275,20 @@ def test_prefix_attn_triton_bf16_gpu(S, P):
     assert_close(prefix_attn(q, k, v, P, backend="triton"), exp, baseline=base, name="triton")
     assert_close(kt.prefix_attn_cudnn(q, k, v, P), exp, baseline=base, name="cuDNN route")
     assert_close(prefix_attn(q, k, v, P), exp, baseline=base, name="auto")
+
+
+@pytest.mark.triton_gpu
+@pytest.mark.parametrize("grid,c,chunk", [((6, 30, 52), 2, (4, 4, 4)), ((5, 7, 9), 3, (2, 4, 4))])
+def test_kv_cache_bsa_triton_bf16_gpu(grid, c, chunk):
+    B, H, D = 2, 4, 128
+    q, k, v, kc, vc = _bsa_inputs(grid, c, 1, torch.bfloat16, H=H, D=D, B=B)
+    rope = Rope3D(grid, D, device="cuda")
+    bs = BlockSparseParams(sparsity=0.75, chunk_q=chunk, frame_hw=grid[1:])
+    out = attn_with_kv_cache(q, k, v, kc, vc, rope=rope, block_sparse=bs, backend="triton")
+    q, k = apply_rope_3d(q, rope, c), apply_rope_3d(k, rope, c)
+    K, V = _cat(kc, k), _cat(vc, v)
+    sel = select_blocks(q, K, grid_q=(grid[0] - c, *grid[1:]), grid_k=grid, chunk_q=chunk,
+                        sparsity=0.75, backend="torch")
+    m = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, chunk, chunk)
+    exp, _ = attention_oracle(q, K, V, mask=m)
+    assert_close(out, exp, baseline=attention_lowp(q, K, V, mask=m))

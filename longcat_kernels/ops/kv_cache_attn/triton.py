@@ -239,6 +239,94 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
 
 
 # ----------------------------------------------------------------------------------------------
+# block-sparse variant over the same two segments (selection over the [cache; fresh] key grid)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _block_token(blk, r, T, HH, WW, nH, nW, CT: tl.constexpr, CH: tl.constexpr,
+                 CW: tl.constexpr):
+    """Sequence index and validity of slot r of 3D block blk (DESIGN.md, Geometry)."""
+    bw = blk % nW
+    bh = (blk // nW) % nH
+    bt = blk // (nW * nH)
+    t = bt * CT + r // (CH * CW)
+    hh = bh * CH + (r // CW) % CH
+    ww = bw * CW + r % CW
+    valid = (t < T) & (hh < HH) & (ww < WW) & (r < CT * CH * CW)
+    return (t * HH + hh) * WW + ww, valid
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "GH", "GW", "nHq", "nWq", "nHk", "nWk", "NQ",
+                               "MAX_SEL", "SC"])
+def kv_cache_bsa_fwd_kernel(
+    Q, K1, V1, K2, V2, O, IDX, CNT,
+    H, Tq, Tk, GH, GW, nHq, nWq, nHk, nWk, NQ, MAX_SEL, SC, qk_scale,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_k1b, stride_k1s, stride_k1h, stride_k1d,
+    stride_v1b, stride_v1s, stride_v1h, stride_v1d,
+    stride_k2b, stride_k2s, stride_k2h, stride_k2d,
+    stride_v2b, stride_v2s, stride_v2h, stride_v2d,
+    stride_ob, stride_os, stride_oh, stride_od,
+    CQT: tl.constexpr, CQH: tl.constexpr, CQW: tl.constexpr,
+    CKT: tl.constexpr, CKH: tl.constexpr, CKW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid (Nq, B * H): one 3D query block against its selected key blocks of the combined
+    [cache (SC tokens); fresh] grid; a key token at index < SC is read from segment 1 (batch
+    stride 0 for a broadcast cache), the others from segment 2 at index - SC."""
+    i_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_d = offs_d < HEAD_DIM
+    seq_q, m_q = _block_token(i_m, tl.arange(0, BLOCK_M), Tq, GH, GW, nHq, nWq, CQT, CQH, CQW)
+    seq_q = seq_q.to(tl.int64)
+    p_q = Q + b * stride_qb + h * stride_qh + seq_q[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    row = pid_bh.to(tl.int64) * NQ + i_m
+    n_sel = tl.load(CNT + row)
+    p_idx = IDX + row * MAX_SEL
+    K1b = K1 + b * stride_k1b + h * stride_k1h
+    V1b = V1 + b * stride_v1b + h * stride_v1h
+    K2b = K2 + b * stride_k2b + h * stride_k2h
+    V2b = V2 + b * stride_v2b + h * stride_v2h
+    offs_r = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(0, n_sel):
+        kb = tl.load(p_idx + j)
+        seq_k, m_k = _block_token(kb, offs_r, Tk, GH, GW, nHk, nWk, CKT, CKH, CKW)
+        seq_k = seq_k.to(tl.int64)
+        in1 = seq_k < SC
+        s1 = tl.where(in1, seq_k, 0)
+        s2 = tl.where(in1, 0, seq_k - SC)
+        p_k = tl.where(in1[:, None], K1b + s1[:, None] * stride_k1s,
+                       K2b + s2[:, None] * stride_k2s) + offs_d[None, :] * stride_k1d
+        b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        b_p = tl.math.exp2(b_s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        acc = acc * alpha[:, None]
+        p_v = tl.where(in1[:, None], V1b + s1[:, None] * stride_v1s,
+                       V2b + s2[:, None] * stride_v2s) + offs_d[None, :] * stride_v1d
+        b_v = tl.load(p_v, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    # a query block with no selected key block outputs zeros, never NaN
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    p_o = O + b * stride_ob + h * stride_oh + seq_q[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
 # registered ops
 # ----------------------------------------------------------------------------------------------
 
@@ -285,6 +373,128 @@ def _(q, k, v, prefix_len, scale):
     return q.new_empty(q.shape)
 
 
+def _nblk(grid, chunk):
+    return tuple(-(-g // c) for g, c in zip(grid, chunk))
+
+
+@torch.library.custom_op("longcat_kernels::kv_cache_bsa_fwd", mutates_args=())
+def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
+                     indices: torch.Tensor, counts: torch.Tensor, grid_q: list[int],
+                     grid_k: list[int], chunk_q: list[int], chunk_k: list[int],
+                     scale: float) -> torch.Tensor:
+    """q, k already rotated; selection over q's grid vs the [cache; fresh] key grid."""
+    B, Sn, H, D = q.shape
+    out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
+    if k_cache is None:
+        k_cache, v_cache = k[:, :0], v[:, :0]
+    Sc = k_cache.shape[1]
+    nq, nk = _nblk(grid_q, chunk_q), _nblk(grid_k, chunk_k)
+    NQ = nq[0] * nq[1] * nq[2]
+    if B * H * NQ == 0:
+        return out.zero_()
+    idx = indices.to(torch.int32).contiguous()
+    cnt = counts.to(torch.int32).contiguous()
+
+    def st(x):
+        s_ = list(x.stride())
+        if x.shape[0] == 1:
+            s_[0] = 0
+        return s_
+
+    bm = max(16, triton.next_power_of_2(chunk_q[0] * chunk_q[1] * chunk_q[2]))
+    bn = max(16, triton.next_power_of_2(chunk_k[0] * chunk_k[1] * chunk_k[2]))
+    bd = max(16, triton.next_power_of_2(D))
+    kv_cache_bsa_fwd_kernel[(NQ, B * H)](
+        q, k_cache, v_cache, k, v, out, idx, cnt,
+        H, grid_q[0], grid_k[0], grid_q[1], grid_q[2], nq[1], nq[2], nk[1], nk[2], NQ,
+        idx.shape[-1], Sc, float(scale) * _LOG2E,
+        *q.stride(), *st(k_cache), *st(v_cache), *st(k), *st(v), *out.stride(),
+        CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2],
+        CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=1 if _INTERPRET else 2,
+    )
+    return out
+
+
+@_kv_cache_bsa_op.register_fake
+def _(q, k, v, k_cache, v_cache, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
+    return q.new_empty(q.shape)
+
+
+def _block_sums(x, t0, grid_all, chunk, out):
+    """Add fp32 sums of x [B, Tx*H*W, Hh, D] (frames t0.. of grid_all) into out [B, nT, nH, nW, Hh, D]."""
+    B, S, Hh, D = x.shape
+    _, GH, GW = grid_all
+    ct, ch, cw = chunk
+    Tx = S // (GH * GW)
+    if Tx == 0:
+        return
+    nT, nH, nW = out.shape[1:4]
+    front = t0 % ct
+    back = (-(front + Tx)) % ct
+    xg = x.reshape(B, Tx, GH, GW, Hh, D).to(torch.float32)
+    xg = torch.nn.functional.pad(xg, (0, 0, 0, 0, 0, nW * cw - GW, 0, nH * ch - GH, front, back))
+    nt_x = (front + Tx + back) // ct
+    sums = xg.reshape(B, nt_x, ct, nH, ch, nW, cw, Hh, D).sum(dim=(2, 4, 6))
+    bt0 = t0 // ct
+    out[:, bt0:bt0 + nt_x] += sums
+
+
+def _select_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf):
+    """SPEC 3 gating of q against the [cache; fresh] keys without concatenating them: fp32 block
+    sums of each segment are added into the blocks of the combined key grid, then mean, rounding
+    and scores/selection exactly as the torch gating (selection.py)."""
+    from longcat_kernels.grid import block_sizes
+    from longcat_kernels.ops.block_sparse_attn.selection import (
+        BlockSelection, _select_rows, block_scores, pool_blocks,
+    )
+    B, _, H, D = q.shape
+    q_blk = pool_blocks(q, grid_q, chunk_q)  # [B, H, Nq, D]
+    nT, nH, nW = _nblk(grid_k, chunk_k)
+    sums = torch.zeros((B, nT, nH, nW, H, D), dtype=torch.float32, device=q.device)
+    c = 0
+    if k_cache is not None:
+        c = k_cache.shape[1] // (grid_k[1] * grid_k[2])
+        _block_sums(k_cache, 0, grid_k, chunk_k, sums)  # a batch-1 cache broadcasts in the add
+    _block_sums(k, c, grid_k, chunk_k, sums)
+    n = block_sizes(grid_k, chunk_k, q.device).to(torch.float32).view(1, nT, nH, nW, 1, 1)
+    k_blk = (sums / n).to(k.dtype).reshape(B, nT * nH * nW, H, D).transpose(1, 2)
+    Nq, Nk = q_blk.shape[2], k_blk.shape[2]
+    max_sel = max(1, int((1.0 - sparsity) * Nk)) if cdf is None else Nk
+    s_ = block_scores(q_blk.reshape(B * H, Nq, D), k_blk.reshape(B * H, Nk, D))
+    idx, cnt = _select_rows(s_, D, sparsity, cdf, max_sel)
+    return BlockSelection(idx.reshape(B, H, Nq, max_sel), cnt.reshape(B, H, Nq), tuple(grid_q),
+                          tuple(grid_k), tuple(chunk_q), tuple(chunk_k))
+
+
+def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs):
+    """Block-sparse attn_with_kv_cache: fresh q/k rotated once (rope kernel), gating over the
+    combined key grid (unless bs.selection is given), then the two-segment block-sparse kernel."""
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    Hf, Wf = bs.frame_hw
+    n = Hf * Wf
+    grid_q = (q.shape[1] // n, Hf, Wf)
+    grid_k = ((Sc + q.shape[1]) // n, Hf, Wf)
+    if rope is not None:
+        tabs, gh, gw = _rope_tables(rope, q, Sc)
+        q_r = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_r = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        launch_norm_rope(q=q, k=k, out_q=q_r, out_k=k_r, tables=tabs, gh=gh, gw=gw,
+                         frame_offset=Sc // n)
+        q, k = q_r, k_r
+    sel = bs.selection
+    if sel is None:
+        chunk_k = bs.chunk_q if bs.chunk_k is None else bs.chunk_k
+        sel = _select_two_segments(q, k, k_cache, grid_q, grid_k, tuple(bs.chunk_q),
+                                   tuple(chunk_k), bs.sparsity, bs.cdf_threshold)
+    return torch.ops.longcat_kernels.kv_cache_bsa_fwd(
+        q, k, v, k_cache, v_cache, sel.indices, sel.counts, list(sel.grid_q), list(sel.grid_k),
+        list(sel.chunk_q), list(sel.chunk_k), scale)
+
+
 # ----------------------------------------------------------------------------------------------
 # public entry points called by api.py
 # ----------------------------------------------------------------------------------------------
@@ -292,8 +502,8 @@ def _(q, k, v, prefix_len, scale):
 def _block_sparse_unavailable():
     from longcat_kernels._backend import BackendUnavailableError
     raise BackendUnavailableError(
-        "attn_with_kv_cache: backend 'triton' unavailable: block_sparse= over [cache; fresh] keys "
-        "is not implemented in the triton backend yet (use backend='torch')")
+        "attn_with_kv_cache: the prologue + cuDNN route has no block_sparse= option "
+        "(use attn_with_kv_cache_triton / backend='triton')")
 
 
 def _rope_tables(rope, q, Sc):
@@ -321,14 +531,17 @@ def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, sc
             (batch stride 0), never repeated. Cached K must already be rotated.
         rope (Rope3D | None): rotate fresh q, k at frames Sc/(H*W).. of rope.grid.
         scale (float | None): default head_dim ** -0.5.
-        block_sparse: not supported by this backend (raises BackendUnavailableError).
+        block_sparse (BlockSparseParams | None, frame_hw filled in): block-sparse attention over
+            the [cache; fresh] key grid: gating (unless `selection` is given) sums each segment's
+            blocks into the combined grid, then a block-sparse variant of the same two-segment
+            kernel reads the selected blocks from cache or fresh keys. Not yet timed on a GPU.
 
     Returns [B, Sn, H, D] BSHD-contiguous, q's dtype. Forward only.
     """
-    if block_sparse is not None:
-        _block_sparse_unavailable()
     _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if block_sparse is not None:
+        return _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tabs, gh, gw = _rope_tables(rope, q, Sc)
     return torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, k_cache, v_cache, *tabs, gh, gw,
