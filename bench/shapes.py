@@ -77,7 +77,7 @@ GRIDS = {
     "tiny": Grid("tiny", 24, 2, 4),
     # block-sparse grids: >= 16 key blocks so every sparsity level keeps >= 1 block; not divisible
     # by 4x4x4 on purpose (like 480p)
-    "bsa-cpu": Grid("bsa-cpu", 16, 14, 22),
+    "bsa-cpu": Grid("bsa-cpu", 12, 10, 18),
     "bsa-tiny": Grid("bsa-tiny", 8, 8, 14),
 }
 

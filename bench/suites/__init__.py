@@ -59,6 +59,8 @@ class Context:
     def policy(self, *, warmup: int = 2, min_reps: int = 5, max_reps: int = 100, budget_s: float = 1.0) -> TimingPolicy:
         if self.quick:
             return TimingPolicy(warmup=1, min_reps=2, max_reps=3, budget_s=0.05)
+        if not self.is_cuda:  # CPU runs are a demonstration: keep them near a minute per suite
+            min_reps, warmup = min(min_reps, 3), min(warmup, 1)
         return TimingPolicy(warmup=warmup, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s * self.budget)
 
     def generator(self, offset: int = 0) -> torch.Generator:

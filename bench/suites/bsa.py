@@ -273,7 +273,7 @@ def table(rows: list[dict]) -> str:
         body.append([
             r.get("grid", "-"), r.get("mode", "-"), r.get("kind", "-"), fmt(r.get("sparsity"), "g"),
             r.get("chunk", "-"), r.get("backend", "-"), fmt(r.get("ms"), ".3f") if ok else "-",
-            fmt(r.get("tflops"), ".0f") if ok else "-", fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
+            fmt(r.get("tflops"), ".3g") if ok else "-", fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
             fmt(r.get("rel_l2"), ".1e"), note,
         ])
     return render_table(["grid", "mode", "kind", "sparsity", "chunk", "backend", "ms", "TFLOP/s eff",
