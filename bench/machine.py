@@ -80,7 +80,8 @@ def slug(text: str) -> str:
 def device_slug(device: torch.device) -> str:
     """Folder name under bench/results/ for results measured on ``device``."""
     if device.type == "cuda":
-        return slug(torch.cuda.get_device_name(device))
+        # the GPU model alone ("h100"), the folder the team's other results use
+        return slug(torch.cuda.get_device_name(device)).split("-")[0]
     return "cpu-" + slug(cpu_name())
 
 
