@@ -60,8 +60,8 @@ def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[d
 
 def load_results(path: Path | str) -> dict:
     doc = json.loads(Path(path).read_text())
-    if doc.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: expected schema {SCHEMA!r}, got {doc.get('schema')!r}")
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: expected a {SCHEMA!r} document")
     return doc
 
 
@@ -80,7 +80,7 @@ def latest_results(results_dir: Path | str = RESULTS_DIR, skip_quick: bool = Fal
         for jp in sorted(dev_dir.glob("*.json")):
             try:
                 doc = load_results(jp)
-            except (ValueError, json.JSONDecodeError):
+            except (OSError, ValueError):  # another tool's JSON (JSONDecodeError is a ValueError)
                 continue
             doc["_path"] = str(jp)
             if skip_quick and doc.get("config", {}).get("quick"):
