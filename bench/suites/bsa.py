@@ -185,7 +185,7 @@ def _sparse_case(ctx, grid, bhd, sparsity, backend, *, chunk=CHUNK, variant="gat
             f = eff
         inputs = [(q, k, v, s) for (q, k, v), s in zip(sets, sels)]
         return Prepared(fn=fn, inputs=inputs, check=check, flops=f, extra=extra,
-                        policy=ctx.policy(warmup=2, min_reps=5, max_reps=50, budget_s=1.5))
+                        policy=ctx.policy(warmup=2, min_reps=5, max_reps=50, budget_s=1.0))
 
     return Case(NAME, name, backend, params, prep)
 
