@@ -515,3 +515,28 @@ def test_flops_reproduce_spec10_ideal_cache_speedups():
     assert f == by_hand
     with pytest.raises(ValueError, match="prefix_tokens"):
         dit_forward_flops(t, 10, 10, 3, 1, prefix_tokens=11)
+
+
+PUBLISHED_DIT_CONFIG = {  # LongCat-Video dit/config.json as published (diffusers 0.35.2)
+    "_class_name": "LongCatVideoTransformer3DModel", "_diffusers_version": "0.35.2",
+    "_name_or_path": "/somewhere/snapshots/x", "adaln_tembed_dim": 512,
+    "bsa_params": {"chunk_3d_shape_k": [4, 4, 4], "chunk_3d_shape_q": [4, 4, 4], "sparsity": 0.9375},
+    "caption_channels": 4096, "cp_split_hw": None, "depth": 48, "enable_bsa": False, "enable_flashattn2": True,
+    "enable_flashattn3": False, "enable_xformers": False, "frequency_embedding_size": 256, "hidden_size": 4096,
+    "in_channels": 16, "mlp_ratio": 4, "num_heads": 32, "out_channels": 16, "patch_size": [1, 2, 2],
+    "text_tokens_zero_pad": True,
+}
+
+
+@pytest.mark.parametrize("fastvideo", [False, True])
+def test_published_configs_build_the_13b_model(fastvideo):
+    d = dict(PUBLISHED_DIT_CONFIG)
+    if fastvideo:  # FastVideo's transformer/config.json
+        d["num_attention_heads"] = d.pop("num_heads")
+        d["_class_name"] = "LongCatTransformer3DModel"
+        d.pop("enable_xformers")
+    cfg = DiTConfig.from_dict(d)
+    assert cfg == DiTConfig.longcat_video(bsa_params=d["bsa_params"])
+    assert cfg.bsa_settings()["cdf_threshold"] is None
+    sd = LongCatDiT(cfg, device="meta").state_dict()
+    assert len(sd) == 1022 and sum(v.numel() for v in sd.values()) == 13_581_071_424
