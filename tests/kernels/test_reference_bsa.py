@@ -57,6 +57,13 @@ def test_bsa_forward_matches_oracle_fp32(grid_q, grid_k, chunk_q, chunk_k, spars
     assert_close(out, ref, name="out")
 
 
+@pytest.mark.parametrize("H,D", [(1, 64), (1, 128), (3, 128)])
+def test_bsa_head_configs(H, D):
+    q, k, v, sel, out, mask = _run((6, 6, 13), (7, 6, 13), (4, 4, 4), None, 0.5, 0.6, B=1, H=H, D=D)
+    ref, _ = attention_oracle(q, k, v, mask)
+    assert_close(out, ref)
+
+
 def test_selection_equals_oracle_exactly_fp32():
     grid_q, grid_k = (5, 7, 9), (7, 7, 9)
     q, k, _ = make_qkv(2, _numel(grid_q), 3, 64, _numel(grid_k))

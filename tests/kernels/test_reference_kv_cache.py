@@ -132,9 +132,9 @@ def test_kv_cache_block_sparse(Bc):
     assert_close(full, dense.double(), floor=2e-5)
 
 
-@pytest.mark.parametrize("S,p", [(37, 0), (37, 1), (37, 17), (37, 37), (59, 30)])
-def test_prefix_attn_matches_oracle(S, p):
-    q, k, v = make_qkv(2, S, 3, 64, permuted=True)
+@pytest.mark.parametrize("S,p,H,D", [(37, 0, 3, 64), (37, 1, 1, 128), (37, 17, 3, 64), (37, 37, 1, 64), (59, 30, 3, 128)])
+def test_prefix_attn_matches_oracle(S, p, H, D):
+    q, k, v = make_qkv(2, S, H, D, permuted=True)
     out = lk.prefix_attn(q, k, v, p)
     ref, _ = attention_oracle(q, k, v, prefix_mask(S, p))
     assert out.shape == q.shape and out.is_contiguous()
