@@ -1,6 +1,6 @@
 """Shared pytest setup.
 
-- ``torch.empty`` / ``torch.empty_like`` return NaN-filled float tensors during tests, so an output
+- ``torch.empty`` / ``empty_like`` / ``empty_strided`` / ``Tensor.new_empty`` return NaN-filled float tensors during tests, so an output
   a kernel forgets to write fails the parity check instead of passing by luck.
 - Markers (skip with a reason when the machine cannot run them):
   ``cuda`` (a CUDA device), ``triton_gpu`` (CUDA + triton, compiled kernels), ``ext`` (CUDA + the
@@ -21,6 +21,8 @@ if not torch.cuda.is_available():
 
 _orig_empty = torch.empty
 _orig_empty_like = torch.empty_like
+_orig_empty_strided = torch.empty_strided
+_orig_new_empty = torch.Tensor.new_empty
 
 
 def _nan_empty(*args, **kwargs):
@@ -39,10 +41,26 @@ def _nan_empty_like(*args, **kwargs):
     return t
 
 
+def _nan_empty_strided(*args, **kwargs):
+    t = _orig_empty_strided(*args, **kwargs)
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    return t
+
+
+def _nan_new_empty(self, *args, **kwargs):
+    t = _orig_new_empty(self, *args, **kwargs)
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    return t
+
+
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _nan_empty)
     monkeypatch.setattr(torch, "empty_like", _nan_empty_like)
+    monkeypatch.setattr(torch, "empty_strided", _nan_empty_strided)
+    monkeypatch.setattr(torch.Tensor, "new_empty", _nan_new_empty)
     yield
 
 

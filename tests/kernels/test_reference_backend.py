@@ -92,3 +92,9 @@ def test_missing_module_and_hook(fake_op):
         resolve_backend("missing_op", "triton", q)
     assert "not implemented" in lk.available_backends("missing_op", device="cpu")["triton"]
     assert lk.available_backends("fake_op", device="cpu")["triton"] is None
+
+
+def test_conftest_poisons_uninitialised_outputs():
+    assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.ones(2))).all()
+    assert torch.isnan(torch.empty_strided((2, 2), (2, 1))).all() and torch.isnan(torch.ones(1).new_empty(3)).all()
+    assert torch.empty(3, dtype=torch.int32).dtype == torch.int32
