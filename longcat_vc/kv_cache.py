@@ -13,8 +13,8 @@ buffers, so device memory holds two blocks of cache instead of all of them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -77,7 +77,7 @@ class KVCache:
         )
 
     # ------------------------------------------------------------------ consumption
-    def reader(self) -> "_CacheReader":
+    def reader(self) -> Union["_DirectReader", "_PrefetchingReader"]:
         """Per-forward accessor: ``get(i) -> (k, v)`` on ``device``; ``release(i)`` after use."""
         if self.offloaded and self.device.type == "cuda":
             return _PrefetchingReader(self)

@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..lora import LoRALinear
 from .attention import Attention, AttnPlan, CrossAttention

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from longcat_vc import KVCache
 from test_dit import lh_layernorm, lh_rms, lh_rope_angles, lh_rotate, lh_timestep_embedding, make_inputs, rel_l2
 from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
 

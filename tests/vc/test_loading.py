@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from longcat_vc import CheckpointError, LongCatDiT
 from longcat_vc.loading import fastvideo_sources, to_fastvideo_state_dict
-from test_dit import make_inputs, rel_l2
+from test_dit import make_inputs
 from tiny_ckpt import (
     model_from_state_dict,
     random_state_dict,
