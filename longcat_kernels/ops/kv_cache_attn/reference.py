@@ -76,7 +76,12 @@ def kv_cache_attn_reference(
     kT_c = kct.to(cd).transpose(-1, -2)  # [Bc, H, D, Sc] (no copy when cd == dtype)
     kT_f = kt.to(cd).transpose(-1, -2)
     vc_c, vf_c = vct.to(cd), vt.to(cd)
-    budget = (1 << 28) if q.is_cuda else (1 << 26)  # score elements per query chunk
+    # score elements per query chunk (fp32 scores, probabilities and their casts live at once)
+    if q.is_cuda:
+        free, _ = torch.cuda.mem_get_info(q.device)
+        budget = min(max(free // 32, 1 << 26), 1 << 30)
+    else:
+        budget = 1 << 26
     step = max(1, budget // max(1, B * H * (Sc + Sn)))
     outs = []
     for i0 in range(0, Sn, step):
