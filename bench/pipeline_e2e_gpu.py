@@ -172,6 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--attn-backend", default="auto")
     p.add_argument("--bsa", action="store_true", help="block-sparse attention in the DiT")
     p.add_argument("--offload-kv-cache", action="store_true")
+    p.add_argument("--fuse-lora", action="store_true", help="distill: merge the LoRA into the weights")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny components (tests the script)")
@@ -260,7 +261,7 @@ def main(argv=None):
     latents = {}
     first = True
     for mode in modes:
-        pipe.set_mode(mode)
+        pipe.set_mode(mode, fuse_lora=args.fuse_lora)
         for cache in caches:
             if not args.no_warmup:
                 sync()
@@ -336,6 +337,7 @@ def main(argv=None):
             "input_frames": int(frames.shape[0]),
             "warmup": not args.no_warmup,
             "offload_kv_cache": args.offload_kv_cache,
+            "fuse_lora": args.fuse_lora,
             "smoke": smoke,
         },
         "build_s": build_s,

@@ -63,6 +63,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
     p.add_argument("--offload-kv-cache", action="store_true", help="keep the KV cache in CPU memory")
     p.add_argument("--bsa", action="store_true", help="block-sparse self-attention")
+    p.add_argument("--fuse-lora", action="store_true", help="distill: merge the LoRA into the weights (faster)")
+    p.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                   help="attention kernels of the DiT (default: auto)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--input-fps", type=float, default=None, metavar="FPS",
                    help="frame rate of the input (overrides the file's; frame folders have none: taken as 15)")
@@ -197,7 +200,8 @@ def _run(args) -> int:
           file=log, flush=True)
     _quiet_loaders()
     t0 = time.perf_counter()
-    pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device, mode=args.mode)
+    pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device, mode=args.mode,
+                                                     fuse_lora=args.fuse_lora, attn_backend=args.attn_backend)
     load_s = time.perf_counter() - t0
 
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -313,6 +313,9 @@ class VideoContinuationPipeline:
         dtype: torch.dtype = torch.bfloat16,
         device: Optional[Union[str, torch.device]] = None,
         mode: str = "basic",
+        *,
+        fuse_lora: bool = False,
+        attn_backend: Optional[str] = None,
     ) -> "VideoContinuationPipeline":
         """Load a LongCat-Video checkpoint folder (upstream layout, SPEC 9).
 
@@ -325,6 +328,10 @@ class VideoContinuationPipeline:
             dtype: weights dtype of every component (bf16 as upstream; fp32 for tests).
             device: where to run (default: CUDA if available, else CPU).
             mode: ``"basic"`` or ``"distill"``.
+            fuse_lora: distill only: merge the LoRA into the DiT weights (faster steps; in bf16 the
+                merged weights round differently from upstream's separate LoRA matmuls).
+            attn_backend: the DiT's attention backend ("auto", "torch", "triton", "cuda"); None
+                keeps the checkpoint config's default.
 
         Raises:
             CheckpointError: a component file is missing (named) or fails to load.
@@ -361,22 +368,24 @@ class VideoContinuationPipeline:
         vae = load(
             "VAE", lambda: AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=dtype).to(device).eval()
         )
-        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=device))
+        dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
+        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=device, **dit_kw))
         dit.eval()
         pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config)
         if mode == "distill":
-            pipe.set_mode("distill", lora_path=sub(CFG_STEP_LORA_FILE))
+            pipe.set_mode("distill", lora_path=sub(CFG_STEP_LORA_FILE), fuse_lora=fuse_lora)
         return pipe
 
     @property
     def mode(self) -> str:
         return self._mode
 
-    def set_mode(self, mode: str, lora_path: Optional[str] = None) -> None:
+    def set_mode(self, mode: str, lora_path: Optional[str] = None, *, fuse_lora: bool = False) -> None:
         """Switch between ``"basic"`` (LoRAs disabled) and ``"distill"`` (cfg-step LoRA enabled).
 
         For distill, ``lora_path`` loads the LoRA file first (name ``"cfg_step_lora"``); without it
-        the LoRA must already be loaded under that name.
+        the LoRA must already be loaded under that name. ``fuse_lora`` merges it into the weights
+        (``set_mode("basic")`` unmerges).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -388,7 +397,10 @@ class VideoContinuationPipeline:
                     self.dit.load_lora(lora_path, CFG_STEP_LORA)
                 except Exception as e:
                     raise CheckpointError(f"failed to load the cfg-step LoRA {lora_path}: {e}") from e
+            self.dit.disable_loras()  # unfuses a previously fused LoRA before re-enabling
             self.dit.enable_loras([CFG_STEP_LORA])
+            if fuse_lora:
+                self.dit.fuse_lora()
         else:
             self.dit.disable_loras()
         self._mode = mode

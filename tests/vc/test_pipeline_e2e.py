@@ -128,3 +128,22 @@ def test_lora_changes_the_result_and_cfg_runs(ckpt, in_video):
     assert not torch.allclose(no_lora.latents[:, :, 2:], with_lora.latents[:, :, 2:], atol=1e-4)
     # the cond latents are the same either way
     torch.testing.assert_close(no_lora.latents[:, :, :2], with_lora.latents[:, :, :2])
+
+
+def test_bsa_fused_lora_and_backend(ckpt, in_video):
+    pipe = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", mode="distill",
+                                                     attn_backend="torch")
+    assert pipe.dit.config.attn_backend == "torch"
+    dense = _run(pipe, in_video, True, num_inference_steps=2, output_type="latent")
+    bsa_on = _run(pipe, in_video, True, num_inference_steps=2, use_bsa=True, output_type="latent")
+    bsa_off = _run(pipe, in_video, False, num_inference_steps=2, use_bsa=True, output_type="latent")
+    assert pipe.dit.config.enable_bsa is False  # only for the call
+    rel = ((bsa_on.latents - bsa_off.latents).norm() / bsa_off.latents.norm()).item()
+    assert rel < 1e-5, rel
+    assert not torch.allclose(bsa_on.latents, dense.latents, atol=1e-4)  # BSA really ran
+    pipe.set_mode("distill", fuse_lora=True)
+    fused = _run(pipe, in_video, True, num_inference_steps=2, output_type="latent")
+    rel = ((fused.latents - dense.latents).norm() / dense.latents.norm()).item()
+    assert rel < 1e-5, rel
+    pipe.set_mode("basic")
+    assert pipe.dit.active_loras == []
