@@ -25,14 +25,15 @@ from . import _triton_kernels as K
 _LOG2E = 1.4426950408889634
 
 # Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/bench_bsa_gpu_dev.py).
-# fwd: (blocks per iteration, num_warps, num_stages); bwd_dkdv / bwd_dq likewise.
+# fwd / dq: (key blocks per iteration, num_warps, num_stages); dkdv: (num_warps, num_stages, query
+# rows per slice).
 _CONFIG = {
     "fwd": {64: (1, 4, 2), 128: (1, 8, 3)},
     "dq": {64: (1, 4, 3), 128: (1, 8, 3)},
-    "dkdv": {64: (4, 3), 128: (8, 3)},
+    "dkdv": {64: (4, 3, 32), 128: (8, 2, 32)},
     "atomic_dq": False,
 }
-_INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1)}
+_INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1, 16)}
 
 
 _STAGES_OK: dict = {}
@@ -176,13 +177,14 @@ def bsa_bwd(
     else:
         dq_acc = torch.empty((B, Sq, NH, D), dtype=q.dtype, device=q.device)
     if _interpreting():
-        nw_kv, ns_kv = _INTERPRET_CONFIG["dkdv"]
+        nw_kv, ns_kv, msub = _INTERPRET_CONFIG["dkdv"]
         bpi, nw_q, ns_q = _INTERPRET_CONFIG["dq"]
     else:
-        nw_kv, ns_kv = _CONFIG["dkdv"].get(bn, (4, 2))
+        nw_kv, ns_kv, msub = _CONFIG["dkdv"].get(bn, (4, 2, 32))
         bpi, nw_q, ns_q = _CONFIG["dq"].get(bn, (1, 4, 2))
     while bpi > 1 and bn * bpi > 128:
         bpi //= 2
+    msub = max(16, min(msub, bm))
     _launch(K.bsa_bwd_dkdv_kernel, (NK, B * NH),
         q, k, v, do, lse, delta, dq_acc, dk, dv, t_off, t_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -192,7 +194,7 @@ def bsa_bwd(
         grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NK,
         NH, scale, scale * _LOG2E,
         CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
-        BLOCK_M=bm, BLOCK_N=bn, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee, ATOMIC_DQ=atomic,
+        BLOCK_M=bm, MSUB=msub, BLOCK_N=bn, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee, ATOMIC_DQ=atomic,
         num_warps=nw_kv, num_stages=ns_kv,
     )
     if atomic:
@@ -332,8 +334,10 @@ def bsa_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
     nk = scores.shape[-1]
     rows = scores.numel() // nk
     idx = torch.empty((*scores.shape[:-1], n), dtype=torch.int32, device=scores.device)
-    block = max(16, 1 << (nk - 1).bit_length())
-    K.bsa_topk_kernel[(rows,)](scores, idx, nk, n, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    block = max(32, 1 << (nk - 1).bit_length())
+    # one warp per row up to 4096 scores: the 32 bisection reductions stay in warp shuffles
+    nw = 1 if block <= 4096 else 4
+    K.bsa_topk_kernel[(rows,)](scores, idx, rows, nk, n, ROWS=1, BLOCK=block, num_warps=nw)
     return idx
 
 
