@@ -56,6 +56,8 @@ class AttnPlan:
         cache: per-forward reader of the ``KVCache`` (``"cache"`` mode).
         record: callback ``(layer, k, v)`` (``"build"`` mode).
         skip_cross: skip cross-attention (``"build"`` mode).
+        parallel: context-parallel hook (``longcat_vc.parallel``) when ``x`` is a token shard of
+            a multi-rank forward; None (single process) leaves everything as is.
     """
 
     mode: str
@@ -69,6 +71,7 @@ class AttnPlan:
     cache: Any = None
     record: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
     skip_cross: bool = False
+    parallel: Any = None
 
     @property
     def prologue_backend(self) -> str:
@@ -112,6 +115,8 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor, plan: AttnPlan) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x ``[B, N, C]`` -> normalised, rotated q, k and raw v, ``[B, N, H, D]`` each (v a view)."""
+        if plan.parallel is not None:
+            return plan.parallel.qkv_heads(self, x, plan)
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)
@@ -122,6 +127,8 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, plan: AttnPlan, layer: int) -> torch.Tensor:
+        if plan.parallel is not None:
+            return plan.parallel.self_attention(self, x, plan, layer)
         B, N, C = x.shape
         q, k, v = self.qkv_heads(x, plan)
         if plan.record is not None:
