@@ -59,7 +59,9 @@ def test_gpu_low_precision_auto_backend(dtype):
     assert rel_l2(off, r) < 1e-2
     assert rel_l2(on, r[:, :, c:]) < 1e-2
     assert rel_l2(on, off[:, :, c:]) < 1e-2
-    assert torch.equal(on_o, on)  # same values, streamed from pinned memory
+    # same values, streamed back from pinned memory block by block
+    assert all(torch.equal(a.cuda(), b) for a, b in zip(cache_o.keys + cache_o.values, cache.keys + cache.values))
+    assert rel_l2(on_o, on) < 1e-3
 
 
 def test_gpu_fused_islands_match_eager(monkeypatch):
