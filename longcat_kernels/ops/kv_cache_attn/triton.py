@@ -579,6 +579,8 @@ def cudnn_available(q: torch.Tensor) -> bool:
 
 def _sdpa_cudnn(q, k, v, scale):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    # cuDNN needs a unit stride on head_dim; any other BSHD/BHSD strides are taken as they are
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         o = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
