@@ -179,11 +179,13 @@ def _run(args) -> int:
     from .video_io import VideoFrames, read_video, write_video
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
-    video = read_video(args.input)
     if args.input_fps is not None:
+        video = read_video(args.input)
         video = VideoFrames(video.frames, float(args.input_fps), video.source)
-    elif video.fps is None:
-        video = VideoFrames(video.frames, 15.0, video.source)
+    else:
+        video = read_video(args.input, target_fps=15.0)  # subsampled while decoding
+        if video.fps is None:  # frame folders, single images: taken as 15 fps
+            video = VideoFrames(video.frames, 15.0, video.source)
     check_checkpoint(args.checkpoint, args.mode)
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,8 +196,9 @@ def _run(args) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     log = sys.stderr
+    sub = f" (every {video.stride}th frame of {video.fps * video.stride:g} fps)" if video.stride > 1 else ""
     print(f"{PROG}: input {video.num_frames} frames {video.width}x{video.height}"
-          f"{f' at {video.fps:g} fps' if video.fps else ''}; seed {seed}", file=log, flush=True)
+          f"{f' at {video.fps:g} fps' if video.fps else ''}{sub}; seed {seed}", file=log, flush=True)
     print(f"{PROG}: loading {args.checkpoint} ({args.mode}, {str(dtype).replace('torch.', '')}, {device})",
           file=log, flush=True)
     _quiet_loaders()

@@ -42,7 +42,7 @@ import torch
 from .schedule import cfg_zero, euler_step, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
-from .video_io import VideoFrames, as_video_frames, subsample_to_fps
+from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 
 __all__ = [
     "VideoContinuationPipeline",
@@ -563,13 +563,15 @@ class VideoContinuationPipeline:
         return num_frames, num_cond_frames, steps, float(g), output_type
 
     def _load_video(self, video) -> Tuple[VideoFrames, str]:
-        vf = as_video_frames(video)
+        if isinstance(video, (str, os.PathLike)):
+            vf = read_video(video, target_fps=TARGET_FPS)
+        else:
+            vf = as_video_frames(video)
+            if isinstance(video, VideoFrames) and vf.fps:
+                vf = subsample_to_fps(vf, TARGET_FPS)[0]
         note = ""
-        if isinstance(video, (str, os.PathLike, VideoFrames)) and vf.fps:
-            sub, stride = subsample_to_fps(vf, TARGET_FPS)
-            if stride > 1:
-                note = f" (after subsampling {vf.fps:g} fps by {stride} to about {TARGET_FPS:g} fps)"
-            vf = sub
+        if vf.stride > 1:
+            note = f" (after subsampling {vf.fps * vf.stride:g} fps by {vf.stride} to about {TARGET_FPS:g} fps)"
         return vf, note
 
     @staticmethod

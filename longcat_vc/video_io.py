@@ -49,11 +49,13 @@ class VideoFrames:
         frames (np.ndarray): ``[F, H, W, 3]`` uint8 RGB.
         fps (float | None): frames per second; None when unknown (frame folders, raw arrays).
         source (str | None): where the frames came from (for messages).
+        stride (int): source frames per kept frame when read with ``target_fps`` (1 otherwise).
     """
 
     frames: np.ndarray
     fps: Optional[float] = None
     source: Optional[str] = None
+    stride: int = 1
 
     @property
     def num_frames(self) -> int:
@@ -131,7 +133,7 @@ def _read_gif(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
 
 
-def _read_with_av(path: str) -> VideoFrames:
+def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
     import av
 
     try:
@@ -141,14 +143,16 @@ def _read_with_av(path: str) -> VideoFrames:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else None
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            stride = subsample_stride(fps, target_fps) if target_fps else 1
+            # decode every frame (inter-frame codecs need them) but convert only the kept ones
+            frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i % stride == 0]
     except VideoReadError:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, ...), OSError
         raise VideoReadError(f"{path}: cannot read video: {e}") from None
     if not frames:
         raise VideoReadError(f"{path}: the video has no frames")
-    return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
+    return VideoFrames(_check_frames(np.stack(frames), path), fps / stride if fps else None, path, stride)
 
 
 def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
@@ -167,11 +171,13 @@ def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
 
 
-def read_video(path: Union[str, os.PathLike]) -> VideoFrames:
-    """Read every frame of a video file, a GIF or a folder of image frames.
+def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = None) -> VideoFrames:
+    """Read the frames of a video file, a GIF or a folder of image frames.
 
     Args:
         path: a video file (mp4/webm/mov/...), a ``.gif``, a single image, or a folder of images.
+        target_fps: keep every ``round(fps / target_fps)``-th frame (``subsample_to_fps``), done
+            while decoding so a long high-rate video never sits in memory whole. None: all frames.
 
     Returns:
         VideoFrames with ``frames [F, H, W, 3]`` uint8 and ``fps`` (None for folders and images).
@@ -189,7 +195,8 @@ def read_video(path: Union[str, os.PathLike]) -> VideoFrames:
         raise VideoReadError(f"{path}: the file is empty")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".gif":
-        return _read_gif(path)
+        vf = _read_gif(path)
+        return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
     if ext in IMAGE_EXTENSIONS:
         from PIL import Image
 
@@ -202,8 +209,10 @@ def read_video(path: Union[str, os.PathLike]) -> VideoFrames:
     try:
         import av  # noqa: F401
     except ImportError:
-        return _read_with_imageio_ffmpeg(path)
-    return _read_with_av(path)
+        vf = _read_with_imageio_ffmpeg(path)
+    else:
+        return _read_with_av(path, target_fps)
+    return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
 
 
 def as_video_frames(video, *, name: str = "video") -> VideoFrames:
@@ -214,7 +223,8 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
     rate (``fps=None``).
     """
     if isinstance(video, VideoFrames):
-        return VideoFrames(_check_frames(np.asarray(video.frames), video.source or name), video.fps, video.source)
+        return VideoFrames(_check_frames(np.asarray(video.frames), video.source or name), video.fps, video.source,
+                           video.stride)
     if isinstance(video, (str, os.PathLike)):
         return read_video(video)
     try:
@@ -274,7 +284,7 @@ def subsample_to_fps(video: VideoFrames, target_fps: float = 15.0) -> Tuple[Vide
     if stride == 1:
         return video, 1
     fps = video.fps / stride if video.fps else None
-    return VideoFrames(video.frames[::stride], fps, video.source), stride
+    return VideoFrames(video.frames[::stride], fps, video.source, video.stride * stride), stride
 
 
 def _temp_name(path: str) -> str:

@@ -150,3 +150,20 @@ def test_pil_list_and_tensor_inputs():
     np.testing.assert_array_equal(v.frames, f)
     v = as_video_frames(torch.from_numpy(f))
     np.testing.assert_array_equal(v.frames, f)
+
+
+def test_read_with_target_fps_subsamples_while_decoding(tmp_path):
+    f = _frames(10)
+    path = str(tmp_path / "c.mp4")
+    write_video(path, f, fps=30)
+    full = read_video(path)
+    sub = read_video(path, target_fps=15)
+    assert sub.stride == 2 and sub.fps == 15.0 and sub.num_frames == 5
+    np.testing.assert_array_equal(sub.frames, full.frames[::2])
+    gif = str(tmp_path / "c.gif")
+    from PIL import Image
+
+    ims = [Image.fromarray(x) for x in f]
+    ims[0].save(gif, save_all=True, append_images=ims[1:], duration=20, loop=0)  # 50 fps -> stride 3
+    g = read_video(gif, target_fps=15)
+    assert g.stride == 3 and g.num_frames == 4
