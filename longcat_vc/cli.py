@@ -3,6 +3,7 @@
     longcat-vc continue INPUT --prompt TEXT --checkpoint DIR --out OUT.mp4 [--mode basic|distill]
         [--steps N] [--guidance G] [--frames 93] [--cond-frames 13] [--resolution 480p|720p|HxW]
         [--no-kv-cache] [--offload-kv-cache] [--bsa] [--seed S]
+        [--context-parallel N [--cfg-parallel]]   (under torchrun --nproc-per-node N)
     longcat-vc extend INPUT --prompt TEXT [--prompt TEXT ...] [--segments N] --checkpoint DIR
         --out OUT.mp4 [same options]
 
@@ -76,6 +77,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="run the DiT across N processes (sequence parallel, Ulysses); launch with "
+                        "torchrun --nproc-per-node N -m longcat_vc.cli ... (NCCL on CUDA, gloo on CPU)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="with --context-parallel N (even): the two CFG branches on two groups of N/2 processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +128,16 @@ def _fail_early(args) -> None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not args.guidance >= 1.0:
         raise UsageError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {args.guidance}")
+    if args.context_parallel < 1:
+        raise UsageError(f"--context-parallel must be >= 1, got {args.context_parallel}")
+    if args.cfg_parallel and (args.context_parallel < 2 or args.context_parallel % 2):
+        raise UsageError(f"--cfg-parallel needs --context-parallel N with an even N >= 2, got {args.context_parallel}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.context_parallel > 1 and world != args.context_parallel:
+        raise UsageError(
+            f"--context-parallel {args.context_parallel} needs {args.context_parallel} processes (WORLD_SIZE={world}): "
+            f"launch with torchrun --nproc-per-node {args.context_parallel} -m longcat_vc.cli ..."
+        )
     if args.input_fps is not None and not args.input_fps > 0:
         raise UsageError(f"--input-fps must be > 0, got {args.input_fps}")
     if args.command == "extend":
@@ -194,8 +210,16 @@ def _run(args) -> int:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    run = None
+    if args.context_parallel > 1:
+        from .parallel import init_distributed
 
-    log = sys.stderr
+        run = init_distributed(args.context_parallel, device)
+        device = run.device
+        seed = run.broadcast_object(seed)  # the same noise on every rank
+
+    main_rank = run is None or run.is_main
+    log = sys.stderr if main_rank else open(os.devnull, "w")
     sub = f" (every {video.stride}th frame of {video.fps * video.stride:g} fps)" if video.stride > 1 else ""
     print(f"{PROG}: input {video.num_frames} frames {video.width}x{video.height}"
           f"{f' at {video.fps:g} fps' if video.fps else ''}{sub}; seed {seed}", file=log, flush=True)
@@ -203,9 +227,14 @@ def _run(args) -> int:
           file=log, flush=True)
     _quiet_loaders()
     t0 = time.perf_counter()
-    pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device, mode=args.mode,
-                                                     fuse_lora=args.fuse_lora, attn_backend=args.attn_backend)
+    pipe = VideoContinuationPipeline.from_pretrained(
+        args.checkpoint, dtype=dtype, device=device, mode=args.mode,
+        process_group=None if run is None else run.group, cfg_parallel=args.cfg_parallel,
+        fuse_lora=args.fuse_lora, attn_backend=args.attn_backend,
+    )
     load_s = time.perf_counter() - t0
+    if run is not None:
+        print(f"{PROG}: {pipe.dit.context_parallel!r} ({run.backend})", file=log, flush=True)
 
     generator = torch.Generator(device=device).manual_seed(seed)
     common = dict(
@@ -218,13 +247,16 @@ def _run(args) -> int:
         offload_kv_cache=args.offload_kv_cache,
         use_bsa=args.bsa,
         generator=generator,
-        progress=not args.no_progress,
+        progress=not args.no_progress and main_rank,
     )
     if args.command == "continue":
         out = pipe(video, args.prompt, args.negative_prompt, **common)
     else:
         out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
 
+    if not main_rank:  # rank 0 writes the video and reports
+        run.close()
+        return 0
     t1 = time.perf_counter()
     write_video(args.out, out.frames, out.fps, crf=args.crf)
     write_s = time.perf_counter() - t1
@@ -238,6 +270,8 @@ def _run(args) -> int:
     print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
           f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
           file=log, flush=True)
+    if run is not None:
+        run.close()
     return 0
 
 

@@ -256,6 +256,10 @@ class VideoContinuationPipeline:
             Distill mode expects the cfg-step LoRA loaded under the name ``"cfg_step_lora"``
             (``from_pretrained`` and ``set_mode`` do that).
         max_sequence_length (int): text tokens (512).
+        process_group: a ``torch.distributed`` process group: run the DiT context-parallel across
+            its ranks (``dit.enable_context_parallel``; every rank runs the same calls, rank 0's
+            latents are used). None: single process.
+        cfg_parallel (bool): with ``process_group``: the CFG branches on two halves of the ranks.
     """
 
     def __init__(
@@ -268,6 +272,8 @@ class VideoContinuationPipeline:
         *,
         mode: str = "basic",
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        process_group=None,
+        cfg_parallel: bool = False,
     ):
         if isinstance(scheduler_config, (str, os.PathLike)):
             scheduler_config = read_scheduler_config(os.fspath(scheduler_config))
@@ -303,6 +309,10 @@ class VideoContinuationPipeline:
             )
         self._latents_mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
         self._latents_std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+        if process_group is not None:
+            dit.enable_context_parallel(process_group, cfg_parallel=cfg_parallel)
+        elif cfg_parallel:
+            raise ValueError("cfg_parallel=True needs a process_group")
 
     # ---------------------------------------------------------------- construction
 
@@ -313,6 +323,8 @@ class VideoContinuationPipeline:
         dtype: torch.dtype = torch.bfloat16,
         device: Optional[Union[str, torch.device]] = None,
         mode: str = "basic",
+        process_group=None,
+        cfg_parallel: bool = False,
         *,
         fuse_lora: bool = False,
         attn_backend: Optional[str] = None,
@@ -328,6 +340,8 @@ class VideoContinuationPipeline:
             dtype: weights dtype of every component (bf16 as upstream; fp32 for tests).
             device: where to run (default: CUDA if available, else CPU).
             mode: ``"basic"`` or ``"distill"``.
+            process_group, cfg_parallel: context parallelism (see the class); each rank passes
+                its own device (e.g. ``cuda:LOCAL_RANK``).
             fuse_lora: distill only: merge the LoRA into the DiT weights (faster steps; in bf16 the
                 merged weights round differently from upstream's separate LoRA matmuls).
             attn_backend: the DiT's attention backend ("auto", "torch", "triton", "cuda"); None
@@ -371,7 +385,8 @@ class VideoContinuationPipeline:
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
         dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=device, **dit_kw))
         dit.eval()
-        pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config)
+        pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config, process_group=process_group,
+                   cfg_parallel=cfg_parallel)
         if mode == "distill":
             pipe.set_mode("distill", lora_path=sub(CFG_STEP_LORA_FILE), fuse_lora=fuse_lora)
         return pipe
@@ -619,6 +634,9 @@ class VideoContinuationPipeline:
 
         t0 = timer.now()
         latents = self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator)
+        cp = getattr(self.dit, "context_parallel", None)
+        if cp is not None:  # context parallel: every rank denoises rank 0's latents and text states
+            latents, embeds = cp.broadcast(latents, embeds)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
 
