@@ -5,8 +5,8 @@ nvcc is found (``CUDA_HOME``/``nvcc`` on PATH). Otherwise the build prints one w
 installs the pure-Python package (Triton and PyTorch backends still work). Environment:
 
 - ``LONGCAT_KERNELS_SKIP_CUDA_BUILD=1``: never build the extension.
-- ``LONGCAT_KERNELS_CUDA_ARCHS``: arch list for nvcc (filled in with the csrc build).
-- ``MAX_JOBS``: parallel compile jobs (ninja).
+- ``LONGCAT_KERNELS_CUDA_ARCHS``: nvcc target flags, default ``-gencode=arch=compute_90a,code=sm_90a``.
+- ``MAX_JOBS``: parallel compile jobs (ninja); default from free RAM (about 4 GB a job).
 
 With pip's default build isolation torch is not importable while building; use
 ``pip install --no-build-isolation -e .`` on a CUDA machine to build the extension.
@@ -46,9 +46,42 @@ def _cuda_build_reason():
     return None
 
 
+def _max_jobs_from_ram() -> None:
+    """Sets MAX_JOBS from free RAM (about 4 GB per nvcc job) unless the user set it."""
+    if "MAX_JOBS" in os.environ:
+        return
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.split()}
+        free_gb = info.get("MemAvailable", info.get("MemFree", 0)) / 2**20
+    except (OSError, ValueError, IndexError):
+        return
+    jobs = max(1, min(os.cpu_count() or 1, int(free_gb // 4)))
+    os.environ["MAX_JOBS"] = str(jobs)
+
+
 def _csrc_extensions():
-    """The CUDAExtension list for csrc/ (filled in by the csrc build). Called only when buildable."""
-    return []
+    """The CUDAExtension list for csrc/. Called only when buildable.
+
+    Targets from ``LONGCAT_KERNELS_CUDA_ARCHS`` (nvcc flags, space separated), default
+    ``-gencode=arch=compute_90a,code=sm_90a`` (the wgmma kernels need the ``a`` target); add e.g.
+    ``-gencode=arch=compute_80,code=sm_80`` for the portable mma.sync kernels on Ampere.
+    """
+    from torch.utils.cpp_extension import CUDAExtension
+
+    _max_jobs_from_ram()
+    csrc = os.path.join(HERE, "csrc")
+    sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
+    archs = os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").split() or ["-gencode=arch=compute_90a,code=sm_90a"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + archs
+    return [
+        CUDAExtension(
+            name="longcat_kernels._C",
+            sources=sources,
+            include_dirs=[csrc],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc},
+        )
+    ]
 
 
 def cuda_extensions():
