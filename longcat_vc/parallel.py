@@ -46,7 +46,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
