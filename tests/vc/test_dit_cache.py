@@ -116,3 +116,62 @@ def test_explicit_torch_backend_cache_on_equals_off():
     model = model_from_state_dict(cfg, random_state_dict(cfg, seed=16))
     off, on, _ = _cache_off_on(model, cfg, 1)
     assert rel_l2(on, off[:, :, 1:]) < 1e-5
+
+
+def test_prefetching_reader_slot_protocol(monkeypatch):
+    """The offload reader's stream/event protocol, with CUDA streams and events faked on CPU:
+    block j is copied into slot j % 2 only after block j-2 released that slot, every block is
+    waited for before use, and block j+1's copy is started before block j is handed out."""
+    import contextlib
+
+    from longcat_vc import kv_cache as kvm
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self):
+            self.tag = None
+
+        def record(self, stream=None):
+            self.tag = (stream.name, len(log))
+            log.append(("record", stream.name, self))
+
+    class FakeStream:
+        def __init__(self, name="side", device=None):
+            self.name = name
+
+        def wait_event(self, ev):
+            assert ev is not None and ev.tag is not None, "waiting on an unrecorded event"
+            log.append(("wait", self.name, ev))
+
+        def wait_stream(self, other):
+            log.append(("wait_stream", self.name, other.name))
+
+    compute = FakeStream("compute")
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    depth = 5
+    keys = [torch.full((1, 6, 2, 4), float(i)) for i in range(depth)]
+    values = [torch.full((1, 6, 2, 4), float(-i)) for i in range(depth)]
+    cache = kvm.KVCache(keys, values, num_frames=1, grid_hw=(2, 3), dtype=torch.float32,
+                        device=torch.device("cpu"), offloaded=True)
+    reader = kvm._PrefetchingReader(cache)
+    releases = {}
+    for i in range(depth):
+        k, v = reader.get(i)
+        assert torch.equal(k, keys[i]) and torch.equal(v, values[i])
+        # the compute stream waited for block i's copy; block i+1's copy was issued already
+        assert reader.ready[i] is not None and ("wait", "compute", reader.ready[i]) in log
+        if i + 1 < depth:
+            assert reader.ready[i + 1] is not None
+        reader.release(i)
+        releases[i] = reader.free[i % 2]
+    # copies into a slot waited for the release of the block that used it two steps earlier
+    for j in range(2, depth):
+        rec = log.index(("record", "side", reader.ready[j]))
+        waits = [e for (op, s, e) in log[:rec] if op == "wait" and s == "side"]
+        assert waits and waits[-1] is releases[j - 2], f"block {j} copied before block {j - 2} released its slot"
+    assert cache.nbytes == 2 * depth * 6 * 2 * 4 * 4
