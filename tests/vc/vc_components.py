@@ -5,8 +5,8 @@
   ``tokenizers`` (saved as ``tokenizer.json``, loaded back through ``AutoTokenizer``),
 * ``StandInDiT``: a small module obeying the LongCatDiT interface of DESIGN.md with the SPEC 4
   cond/noisy attention rule, used to test the pipeline logic independently of the real DiT,
-* ``write_checkpoint``: the upstream checkpoint layout (dit/, vae/, text_encoder/, tokenizer/,
-  scheduler/, lora/), with the real tiny LongCatDiT when ``longcat_vc.dit`` exists.
+* ``write_full_checkpoint``: the upstream checkpoint layout (dit/, vae/, text_encoder/, tokenizer/,
+  scheduler/, lora/) with the real tiny LongCatDiT (``tiny_ckpt``) and a cfg-step LoRA file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import types
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -181,15 +180,6 @@ class StandInDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def have_real_dit() -> bool:
-    try:
-        import longcat_vc.dit  # noqa: F401
-        import tiny_ckpt  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def write_lora_file(path: str) -> None:
