@@ -433,7 +433,8 @@ def sweep(sets_qkv, grid, chunk, sparsity, H, D, budget_s):
     (q, k, v), s = sets_qkv[0], sels[0]
     out, lse = T.bsa_forward_triton(q, k, v, s, scale)
     args = (go, q, k, v, out, lse, s.indices, s.counts, list(grid), list(grid), list(chunk), list(chunk), scale)
-    dkdv_cands = [(4, 3, 32), (4, 2, 32), (4, 3, 64), (8, 3, 64)] if kblk == 64 else [(8, 2, 32), (8, 3, 32), (8, 2, 64)]
+    dkdv_cands = [(4, 3, 64, False), (4, 2, 32, True), (4, 3, 64, True)] if kblk == 64 \
+        else [(8, 2, 32, True), (8, 3, 32, True), (8, 3, 128, False)]
     dq_cands = [(1, 4, 2), (1, 4, 3)] if kblk == 64 else [(1, 8, 3)]
     base_dq = T._CONFIG["dq"][kblk]
     for c in dkdv_cands:

@@ -104,12 +104,13 @@ def test_forward_matches_oracle(case, dtype, layout):
 
 
 @pytest.mark.parametrize("case", [1, 2, 4])
-@pytest.mark.parametrize("bpi", [1, 2])
-def test_backward_matches_oracle_fp32(case, bpi, monkeypatch):
+@pytest.mark.parametrize("bpi,transposed", [(1, False), (2, True)])
+def test_backward_matches_oracle_fp32(case, bpi, transposed, monkeypatch):
     T = _T()
     if DEV == "cpu":
         monkeypatch.setitem(T._INTERPRET_CONFIG, "fwd", (bpi, 4, 1))
         monkeypatch.setitem(T._INTERPRET_CONFIG, "dq", (bpi, 4, 1))
+        monkeypatch.setitem(T._INTERPRET_CONFIG, "dkdv", (4, 1, 16, transposed))
     gq, gk, cq, ck = CASES[case]
     B, H, D = 2, 2, 16
     Sq, Sk = gq[0] * gq[1] * gq[2], gk[0] * gk[1] * gk[2]

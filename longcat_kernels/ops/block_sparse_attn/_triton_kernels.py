@@ -164,11 +164,13 @@ def bsa_bwd_dkdv_kernel(
     CKT: tl.constexpr, CKH: tl.constexpr, CKW: tl.constexpr,
     BLOCK_M: tl.constexpr, MSUB: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
     """One program per (key block, batch*head): walks the query blocks that selected it.
 
-    Transposed formulation (scores as [keys, queries]) so no register tile is transposed; each
-    query block is consumed in ``MSUB``-row slices to bound registers.
+    Each query block is consumed in ``MSUB``-row slices (bounds registers). ``TRANSPOSED`` computes
+    scores as [keys, queries] so no register tile is transposed (measured faster for 128-token key
+    blocks); otherwise as [queries, keys] (measured faster for 64-token blocks).
     """
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -217,31 +219,54 @@ def bsa_bwd_dkdv_kernel(
                 b_lse = tl.load(lse + row_base + seq_q, mask=m_q, other=0.0)
                 b_delta = tl.load(delta + row_base + seq_q, mask=m_q, other=0.0)
             # [MSUB, D], [MSUB]
-            if IEEE:
-                b_st = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")
+            if TRANSPOSED:
+                if IEEE:
+                    b_st = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")
+                else:
+                    b_st = tl.dot(b_k, tl.trans(b_q))
+                # [BLOCK_N, MSUB]
+                b_pt = tl.exp2(b_st * scale_log2 - (b_lse * 1.4426950408889634)[None, :])
+                if not (EVEN_Q and EVEN_K):
+                    b_pt = tl.where(m_k[:, None] & m_q[None, :], b_pt, 0.0)
+                if IEEE:
+                    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision="ieee")
+                    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")
+                else:
+                    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+                    b_dpt = tl.dot(b_v, tl.trans(b_do))
+                b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
+                # [BLOCK_N, MSUB]
+                if IEEE:
+                    b_dk += tl.dot(b_dst, b_q, input_precision="ieee")
+                else:
+                    b_dk += tl.dot(b_dst, b_q)
+                b_ds = tl.trans(b_dst)
             else:
-                b_st = tl.dot(b_k, tl.trans(b_q))
-            # [BLOCK_N, MSUB]
-            b_pt = tl.exp2(b_st * scale_log2 - (b_lse * 1.4426950408889634)[None, :])
-            if not (EVEN_Q and EVEN_K):
-                b_pt = tl.where(m_k[:, None] & m_q[None, :], b_pt, 0.0)
-            if IEEE:
-                b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision="ieee")
-                b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")
-            else:
-                b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-                b_dpt = tl.dot(b_v, tl.trans(b_do))
-            b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
-            # [BLOCK_N, MSUB]
-            if IEEE:
-                b_dk += tl.dot(b_dst, b_q, input_precision="ieee")
-            else:
-                b_dk += tl.dot(b_dst, b_q)
+                if IEEE:
+                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+                else:
+                    b_s = tl.dot(b_q, tl.trans(b_k))
+                # [MSUB, BLOCK_N]
+                b_p = tl.exp2(b_s * scale_log2 - (b_lse * 1.4426950408889634)[:, None])
+                if not (EVEN_Q and EVEN_K):
+                    b_p = tl.where(m_q[:, None] & m_k[None, :], b_p, 0.0)
+                if IEEE:
+                    b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision="ieee")
+                    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+                else:
+                    b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+                    b_dp = tl.dot(b_do, tl.trans(b_v))
+                b_ds = (b_p * (b_dp - b_delta[:, None])).to(b_q.dtype)
+                # [MSUB, BLOCK_N]
+                if IEEE:
+                    b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision="ieee")
+                else:
+                    b_dk += tl.dot(tl.trans(b_ds), b_q)
             if ATOMIC_DQ:
                 if IEEE:
-                    b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision="ieee") * scale
+                    b_dq = tl.dot(b_ds, b_k, input_precision="ieee") * scale
                 else:
-                    b_dq = tl.dot(tl.trans(b_dst), b_k) * scale
+                    b_dq = tl.dot(b_ds, b_k) * scale
                 p_dq = dq_base + seq_q[:, None] * s_dqs + o_d[None, :]
                 if EVEN_Q:
                     tl.atomic_add(p_dq, b_dq, sem="relaxed")
@@ -395,34 +420,31 @@ def bsa_scores_kernel(
     tl.store(s + (i_bh * NQ + o_m[:, None]) * NK + o_n[None, :], b_s, mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.jit(do_not_specialize=["R", "NK", "N_SEL"])
-def bsa_topk_kernel(s, idx, R, NK, N_SEL, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Top-``N_SEL`` of each row of fp32 scores, ties to the lower index (= stable descending sort).
+@triton.jit(do_not_specialize=["NK", "N_SEL"])
+def bsa_topk_kernel(s, idx, NK, N_SEL, BLOCK: tl.constexpr):
+    """Top-``N_SEL`` of one row of fp32 scores, ties to the lower index (= stable descending sort).
 
-    Bisection on order-preserving uint32 keys finds each row's N_SEL-th largest key ``t``; the row
-    keeps every key > t and the first (in index order) keys == t. Output indices ascending.
-    ``ROWS`` rows per program.
+    Radix-style bisection on order-preserving uint32 keys finds the N_SEL-th largest key ``t``;
+    the row keeps every key > t and the first (in index order) keys == t. Output indices ascending.
     """
-    o_row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    m_row = o_row < R
+    row = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK)
-    m = m_row[:, None] & (o < NK)[None, :]
+    m = o < NK
     # + 0.0 turns -0.0 into +0.0 (equal scores must get equal keys)
-    x = tl.load(s + o_row[:, None] * NK + o[None, :], mask=m, other=0.0) + 0.0
+    x = tl.load(s + row * NK + o, mask=m, other=0.0) + 0.0
     u = x.to(tl.uint32, bitcast=True)
     neg = (u >> 31) != 0
     key = tl.where(neg, ~u, u | 0x80000000)
     key = tl.where(m, key, 0)
-    # [ROWS, BLOCK]
-    t = tl.zeros([ROWS], dtype=tl.uint32)
+    t = tl.zeros([], dtype=tl.uint32)
     for i in tl.static_range(32):
-        cand = t | (tl.full([ROWS], 1, tl.uint32) << (31 - i))
-        c = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+        cand = t | (tl.full([], 1, tl.uint32) << (31 - i))
+        c = tl.sum((key >= cand).to(tl.int32), 0)
         t = tl.where(c >= N_SEL, cand, t)
-    gt = (key > t[:, None]) & m
-    eq = (key == t[:, None]) & m
-    need = N_SEL - tl.sum(gt.to(tl.int32), 1)
-    eq_rank = tl.cumsum(eq.to(tl.int32), 1) - 1
-    sel = gt | (eq & (eq_rank < need[:, None]))
-    pos = tl.cumsum(sel.to(tl.int32), 1) - 1
-    tl.store(idx + o_row[:, None] * N_SEL + pos, o[None, :] + tl.zeros([ROWS, BLOCK], tl.int32), mask=sel)
+    gt = (key > t) & m
+    eq = (key == t) & m
+    need = N_SEL - tl.sum(gt.to(tl.int32), 0)
+    eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
+    sel = gt | (eq & (eq_rank < need))
+    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(idx + row * N_SEL + pos, o, mask=sel)

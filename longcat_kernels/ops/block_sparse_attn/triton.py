@@ -26,14 +26,14 @@ _LOG2E = 1.4426950408889634
 
 # Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/bench_bsa_gpu_dev.py).
 # fwd / dq: (key blocks per iteration, num_warps, num_stages); dkdv: (num_warps, num_stages, query
-# rows per slice).
+# rows per slice, transposed formulation).
 _CONFIG = {
     "fwd": {64: (1, 4, 2), 128: (1, 8, 3)},
     "dq": {64: (1, 4, 3), 128: (1, 8, 3)},
-    "dkdv": {64: (4, 3, 32), 128: (8, 2, 32)},
+    "dkdv": {64: (4, 3, 64, False), 128: (8, 2, 32, True)},
     "atomic_dq": False,
 }
-_INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1, 16)}
+_INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1, 16, True)}
 
 
 _STAGES_OK: dict = {}
@@ -177,10 +177,10 @@ def bsa_bwd(
     else:
         dq_acc = torch.empty((B, Sq, NH, D), dtype=q.dtype, device=q.device)
     if _interpreting():
-        nw_kv, ns_kv, msub = _INTERPRET_CONFIG["dkdv"]
+        nw_kv, ns_kv, msub, transposed = _INTERPRET_CONFIG["dkdv"]
         bpi, nw_q, ns_q = _INTERPRET_CONFIG["dq"]
     else:
-        nw_kv, ns_kv, msub = _CONFIG["dkdv"].get(bn, (4, 2, 32))
+        nw_kv, ns_kv, msub, transposed = _CONFIG["dkdv"].get(bn, (4, 2, 32, True))
         bpi, nw_q, ns_q = _CONFIG["dq"].get(bn, (1, 4, 2))
     while bpi > 1 and bn * bpi > 128:
         bpi //= 2
@@ -195,7 +195,7 @@ def bsa_bwd(
         NH, scale, scale * _LOG2E,
         CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
         BLOCK_M=bm, MSUB=msub, BLOCK_N=bn, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee, ATOMIC_DQ=atomic,
-        num_warps=nw_kv, num_stages=ns_kv,
+        TRANSPOSED=transposed, num_warps=nw_kv, num_stages=ns_kv,
     )
     if atomic:
         dq = dq_acc.to(q.dtype)
@@ -335,9 +335,8 @@ def bsa_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
     rows = scores.numel() // nk
     idx = torch.empty((*scores.shape[:-1], n), dtype=torch.int32, device=scores.device)
     block = max(32, 1 << (nk - 1).bit_length())
-    # one warp per row up to 4096 scores: the 32 bisection reductions stay in warp shuffles
-    nw = 1 if block <= 4096 else 4
-    K.bsa_topk_kernel[(rows,)](scores, idx, rows, nk, n, ROWS=1, BLOCK=block, num_warps=nw)
+    # measured on H100: one row per program, 8 warps from 2048 scores (a warp per row was slower)
+    K.bsa_topk_kernel[(rows,)](scores, idx, nk, n, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return idx
 
 
