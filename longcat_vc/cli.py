@@ -124,6 +124,9 @@ def _fail_early(args) -> None:
     frames = (args.frames - 1) // 4 * 4 + 1
     if frames <= args.cond_frames:
         raise UsageError(f"--frames ({args.frames}) must be greater than --cond-frames ({args.cond_frames})")
+    if frames != args.frames:
+        print(f"{PROG}: --frames {args.frames} is not 4k+1; using {frames}", file=sys.stderr)
+        args.frames = frames
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not args.guidance >= 1.0:

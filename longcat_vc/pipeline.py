@@ -413,7 +413,13 @@ class VideoContinuationPipeline:
                 except Exception as e:
                     raise CheckpointError(f"failed to load the cfg-step LoRA {lora_path}: {e}") from e
             self.dit.disable_loras()  # unfuses a previously fused LoRA before re-enabling
-            self.dit.enable_loras([CFG_STEP_LORA])
+            try:
+                self.dit.enable_loras([CFG_STEP_LORA])
+            except (KeyError, ValueError) as e:
+                raise ValueError(
+                    f"distill mode needs the cfg-step LoRA loaded as {CFG_STEP_LORA!r}: pass "
+                    f"lora_path=<checkpoint>/{CFG_STEP_LORA_FILE} ({e})"
+                ) from e
             if fuse_lora:
                 self.dit.fuse_lora()
         else:

@@ -50,6 +50,9 @@ def test_continue_end_to_end(ckpt, in_video, tmp_path, capsys):
     assert v.frames.shape == (7 + 4, 36, 52, 3) and v.fps == 15.0
     assert "timings (s):" in err and "denoise" in err and "cache build" in err
     assert "wrote" in err and "11 frames (7 input + 4 new)" in err
+    rc, _, err = _main(capsys, ["continue", in_video, "--prompt", "a red car", "--checkpoint", ckpt, "--out", out]
+                       + FAST + ["--frames", "11"])
+    assert rc == 0 and "--frames 11 is not 4k+1; using 9" in err and "Warning" not in err
     t = json.load(open(tj))
     assert t["seed"] == 3 and t["timings"]["steps"] == 1 and t["size"] == [32, 48]
     assert sorted(os.listdir(tmp_path)) == ["out.mp4", "t.json"]  # no temporary files left

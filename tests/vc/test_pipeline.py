@@ -274,3 +274,15 @@ def test_offload_flag_reaches_cache(parts):
     pipe(video(9), "a", resolution=SIZE, num_frames=13, num_cond_frames=5, num_inference_steps=1,
          guidance_scale=4.0, offload_kv_cache=True, progress=False)
     assert got == [((1, 16, 2, 4, 6), True)]  # batch 1 regardless of CFG
+
+
+def test_unknown_mode(parts):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        VideoContinuationPipeline(StandInDiT(), parts["vae"], parts["te"], parts["tok"], {"shift": 12.0}, mode="turbo")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        VideoContinuationPipeline.from_pretrained("/nonexistent", mode="turbo")
+    pipe = make_pipe(parts)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pipe.set_mode("fast")
+    with pytest.raises(ValueError, match="distill mode needs the cfg-step LoRA"):
+        pipe.set_mode("distill")  # no LoRA loaded under that name
