@@ -43,8 +43,7 @@ def _launch(kernel, grid, *args, num_warps, num_stages, **meta):
     """Launch; on a shared-memory OutOfResources retry with fewer pipeline stages (remembered)."""
     from triton.runtime.errors import OutOfResources
 
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), num_warps, num_stages,
-           tuple(sorted((k, v) for k, v in meta.items())), tuple(str(a.dtype) for a in args if hasattr(a, "dtype")))
+    key = (id(kernel), num_warps, num_stages, args[0].dtype, *meta.values())
     stages = _STAGES_OK.get(key, num_stages)
     while True:
         try:
