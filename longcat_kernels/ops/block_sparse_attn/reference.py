@@ -16,7 +16,7 @@ import torch
 import torch.utils.checkpoint
 
 from ...grid import block_token_index, token_to_slot
-from .selection import BlockSelection
+from .selection import BlockSelection, ieee_fp32_matmul
 
 __all__ = ["block_sparse_attn_reference"]
 
@@ -79,14 +79,16 @@ def block_sparse_attn_reference(
         ktok = ktok.clamp(min=0).view(B, H, g, L)
         kb = kt[b_i, h_i, ktok]  # [B, H, g, L, D]
         vb = vt[b_i, h_i, ktok]
-        s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
+        with ieee_fp32_matmul(dev):  # an fp32 reference stays fp32 (no TF32) on GPU
+            s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
         s = s.masked_fill(~kvalid.view(B, H, g, 1, L), float("-inf"))
         m = s.amax(dim=-1, keepdim=True).detach()
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         den = p.sum(dim=-1, keepdim=True)
         p = p / torch.where(den > 0, den, torch.ones_like(den))
-        o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
+        with ieee_fp32_matmul(dev):
+            o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
         with torch.no_grad():
             lse = (m + torch.log(den)).squeeze(-1)  # -inf where nothing is selected
         return o.reshape(B, H, g * bq, D), lse.reshape(B, H, g * bq)

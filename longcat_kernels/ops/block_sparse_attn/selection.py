@@ -11,6 +11,7 @@ Numerics (shared by every backend, DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -20,7 +21,31 @@ import torch.nn.functional as F
 
 from ...grid import Triple, block_sizes, num_blocks, total_blocks
 
-__all__ = ["BlockSelection", "pool_blocks", "block_scores", "select_blocks_reference"]
+__all__ = ["BlockSelection", "pool_blocks", "block_scores", "select_blocks_reference", "ieee_fp32_matmul"]
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul(device: torch.device):
+    """fp32 matmuls on CUDA in full IEEE precision (no TF32) inside the block, whatever the global
+    setting (``torch.set_float32_matmul_precision``); a no-op elsewhere."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        prev = m.fp32_precision
+        m.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = prev
+    else:  # pragma: no cover - older torch
+        prev = m.allow_tf32
+        m.allow_tf32 = False
+        try:
+            yield
+        finally:
+            m.allow_tf32 = prev
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,7 +127,8 @@ def pool_blocks(x: torch.Tensor, grid: Triple, chunk: Triple) -> torch.Tensor:
 def block_scores(q_blk: torch.Tensor, k_blk: torch.Tensor) -> torch.Tensor:
     """Unscaled ``q_blk @ k_blk^T`` in fp32 (fp64 for fp64 inputs): ``[B, H, Nq, Nk]``."""
     acc = torch.float64 if q_blk.dtype == torch.float64 else torch.float32
-    return torch.matmul(q_blk.to(acc), k_blk.to(acc).transpose(-1, -2))
+    with ieee_fp32_matmul(q_blk.device):
+        return torch.matmul(q_blk.to(acc), k_blk.to(acc).transpose(-1, -2))
 
 
 def _select_rows(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_sparse_attn.reference import compute_dtype, stats_dtype
+from ..block_sparse_attn.selection import ieee_fp32_matmul
 
 __all__ = ["prefix_attn_reference", "kv_cache_attn_reference", "sdpa_bshd"]
 
@@ -84,15 +85,16 @@ def kv_cache_attn_reference(
         budget = 1 << 26
     step = max(1, budget // max(1, B * H * (Sc + Sn)))
     outs = []
-    for i0 in range(0, Sn, step):
-        qc = qt[:, :, i0 : i0 + step].to(cd)
-        s_c = _matmul_bcast(qc, kT_c).to(sd) * scale  # [B, H, m, Sc]
-        s_f = torch.matmul(qc, kT_f).to(sd) * scale  # [B, H, m, Sn]
-        m = torch.maximum(s_c.amax(dim=-1, keepdim=True), s_f.amax(dim=-1, keepdim=True))
-        p_c = torch.exp(s_c - m)
-        p_f = torch.exp(s_f - m)
-        den = p_c.sum(dim=-1, keepdim=True) + p_f.sum(dim=-1, keepdim=True)
-        o = _matmul_bcast(p_c.to(cd), vc_c).to(sd) + torch.matmul(p_f.to(cd), vf_c).to(sd)
-        outs.append(o / den)
+    with ieee_fp32_matmul(q.device):  # an fp32 reference stays fp32 (no TF32) on GPU
+        for i0 in range(0, Sn, step):
+            qc = qt[:, :, i0 : i0 + step].to(cd)
+            s_c = _matmul_bcast(qc, kT_c).to(sd) * scale  # [B, H, m, Sc]
+            s_f = torch.matmul(qc, kT_f).to(sd) * scale  # [B, H, m, Sn]
+            m = torch.maximum(s_c.amax(dim=-1, keepdim=True), s_f.amax(dim=-1, keepdim=True))
+            p_c = torch.exp(s_c - m)
+            p_f = torch.exp(s_f - m)
+            den = p_c.sum(dim=-1, keepdim=True) + p_f.sum(dim=-1, keepdim=True)
+            o = _matmul_bcast(p_c.to(cd), vc_c).to(sd) + torch.matmul(p_f.to(cd), vf_c).to(sd)
+            outs.append(o / den)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).to(q.dtype).contiguous()
