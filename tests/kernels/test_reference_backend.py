@@ -98,3 +98,16 @@ def test_conftest_poisons_uninitialised_outputs():
     assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.ones(2))).all()
     assert torch.isnan(torch.empty_strided((2, 2), (2, 1))).all() and torch.isnan(torch.ones(1).new_empty(3)).all()
     assert torch.empty(3, dtype=torch.int32).dtype == torch.int32
+
+
+def test_env_report(capsys):
+    import json
+
+    from longcat_kernels import env
+
+    assert env.main([]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "auto ->" in text and "block_sparse_attn" in text
+    assert env.main(["--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["torch"] is None and set(info["ops"]) == set(_backend.OPS)
