@@ -95,6 +95,12 @@ def compiled(fn: Callable) -> Callable:
 def _run(fn: Callable, x: torch.Tensor, *args):
     if not (_FUSE and x.is_cuda) or _compiling() or fn in _failed:
         return fn(x, *args)
+    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)):
+        # A view carries guards on its base's sizes/strides: every new base shape (batch 1 vs 2,
+        # each frame count) recompiled until the recompile limit was hit on the H100. Detached
+        # aliases have no base, so one dynamic-shape graph serves them all.
+        x = x.detach()
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         return compiled(fn)(x, *args)
     except Exception as e:  # compilation problems (no compiler, triton mismatch...): say so once
