@@ -48,10 +48,11 @@ def build():
 IMPLS = ("sm90", "sm80")
 
 
-def set_impl(impl, warpgroups=2):
+def set_impl(impl, warpgroups=2, bsa_stages=2):
     """Selects the csrc kernel family for the next calls (read by ops.cpp on every call)."""
     os.environ["LONGCAT_KERNELS_CUDA_IMPL"] = impl
     os.environ["LONGCAT_KERNELS_SM90_WARPGROUPS"] = str(warpgroups)
+    os.environ["LONGCAT_KERNELS_SM90_BSA_STAGES"] = str(bsa_stages)
 
 
 def poison_allocator(numel, dtype=torch.bfloat16):
@@ -296,6 +297,14 @@ def bsa_case(grid, results, do_time=True):
             ms, _ = time_ms(lambda: bsa_forward_cuda(q, k, v, sel, scale), reps=20)
             row[f"{impl}_ms"] = ms
             row[f"{impl}_tflops_effective"] = flops / ms / 1e9
+        if ok_impl.get("sm90"):
+            # variant: three key-tile stages (prefetch distance 2)
+            set_impl("sm90", bsa_stages=3)
+            o3, _ = bsa_forward_cuda(q, k, v, sel, scale)
+            row["sm90_ks3_vs_ks2_rel_l2"] = rel_l2(o3, out)
+            ms, _ = time_ms(lambda: bsa_forward_cuda(q, k, v, sel, scale), reps=20)
+            row["sm90_ks3_ms"] = ms
+            row["sm90_ks3_tflops_effective"] = flops / ms / 1e9
         set_impl("sm90")
         try:
             from longcat_kernels.ops.block_sparse_attn.triton import bsa_forward_triton
@@ -548,7 +557,7 @@ def main():
     for r in results:
         if r["op"] == "bsa_fwd":
             log(f"| bsa_fwd | {r['grid']} | {r.get('sm90_rel_l2', nan):.1e} / {r.get('sm80_rel_l2', nan):.1e} | "
-                f"{r.get('sm90_ms', nan):.2f} | {r.get('sm80_ms', nan):.2f} | "
+                f"{r.get('sm90_ms', nan):.2f} (3 stages {r.get('sm90_ks3_ms', nan):.2f}) | {r.get('sm80_ms', nan):.2f} | "
                 f"{r.get('cuda_tflops_effective', nan):.0f} (eff.) | {r.get('triton_ms', nan):.2f} | "
                 f"{r.get('cudnn_dense_ms', nan):.1f} (dense) |")
         else:

@@ -59,8 +59,9 @@ cudaError_t attn_fwd_block_sparse(const AttnFwdParams& p, DType dtype, int head_
 bool attn_fwd_sm90_available();
 cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, int warpgroups,
                                 cudaStream_t stream);
+// k_stages (2 or 3): shared-memory stages of key tiles (prefetch distance k_stages - 1).
 cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
-                                       cudaStream_t stream);
+                                       int k_stages, cudaStream_t stream);
 
 // Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
 constexpr int kMaxBlockTokens = 1024;

@@ -21,19 +21,17 @@ namespace {
 
 using namespace detail;
 
-template <typename T, int D, int NWG, bool kSparse>
+template <typename T, int D, int NWG, bool kSparse, int KS>
 struct K90 {
   static constexpr int BM = 64 * NWG;
   static constexpr int kThreads = 128 * NWG;
   static constexpr int kCPR = D / 8;
-  static constexpr int kRowsPerPass = kThreads / kCPR;
-  static constexpr int kKPasses = kBN / kRowsPerPass;
-  static constexpr int kQPasses = BM / kRowsPerPass;
   static constexpr int kTileQ = BM * D * 2;
   static constexpr int kTileKV = kBN * D * 2;
-  static constexpr int kSmemTiles = kTileQ + 4 * kTileKV;
+  // K tiles in KS stages (prefetch distance KS - 1), V tiles in 2 stages (distance 1)
+  static constexpr int kSmemTiles = kTileQ + (KS + 2) * kTileKV;
   static int smem_bytes(int key_table_entries) {
-    return 1024 + kSmemTiles + 2 * kBN + BM * 4 + key_table_entries * 8;
+    return 1024 + kSmemTiles + KS * kBN + BM * 4 + key_table_entries * 8;
   }
 };
 
@@ -122,24 +120,24 @@ __device__ __forceinline__ int sw128(int r, int c) {
   return (c >> 3) * (R * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
 
-template <typename T, int D, int NWG, bool kSparse>
+template <typename T, int D, int NWG, bool kSparse, int KS>
 __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
-  using K = K90<T, D, NWG, kSparse>;
+  using K = K90<T, D, NWG, kSparse, KS>;
+  static_assert(KS == 2 || KS == 3, "K stages");
   using M = MmaType<T>;
   using W = Wgmma<T>;
   constexpr int BM = K::BM;
   constexpr int kThreads = K::kThreads;
   constexpr int kCPR = K::kCPR;
-  constexpr int kRowsPerPass = K::kRowsPerPass;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // 1024-byte aligned tiles (swizzle atoms)
   unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = reinterpret_cast<T*>(smem + K::kTileQ);
-  T* sV = reinterpret_cast<T*>(smem + K::kTileQ + 2 * K::kTileKV);
+  T* sV = reinterpret_cast<T*>(smem + K::kTileQ + KS * K::kTileKV);
   unsigned char* sFlag = smem + K::kSmemTiles;
-  int* sQTok = reinterpret_cast<int*>(sFlag + 2 * kBN);
+  int* sQTok = reinterpret_cast<int*>(sFlag + KS * kBN);
   int2* sKTab = reinterpret_cast<int2*>(sQTok + BM);
 
   const int tid = threadIdx.x;
@@ -200,15 +198,51 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
   }
   __syncthreads();
 
-  const int ld_c = tid % kCPR;
-  const int ld_r = tid / kCPR;
+  // Loader mapping (one warpgroup): 8 consecutive threads share a row and take its 16-byte chunks
+  // lp, lp + 8, ...: one warp instruction covers whole 128-byte lines of 4 rows (few L2
+  // requests), and each thread does the row address math for kBN / kRPP rows only.
+  constexpr int kTPR = 8;
+  constexpr int kRPP = kThreads / kTPR;  // rows per pass
+  constexpr int kCPT = kCPR / kTPR;      // chunks per thread and row
+  static_assert(kBN % kRPP == 0 && kCPR % kTPR == 0, "loader mapping");
+  const int lr0 = tid / kTPR;
+  const int lp = tid % kTPR;
 
-  auto load_kv = [&](int j, int st) -> bool {
-    bool all_valid = true;
-    T* dK = sK + st * kBN * D;
-    T* dV = sV + st * kBN * D;
-    unsigned char* dF = sFlag + st * kBN;
-    int base = 0, et = 0, eh = 0, ew = 0, sub = 0;
+  // Gathers key tile j into dK (+ its row-valid flags into dF) and/or value tile j into dV
+  // (null: skip); returns whether every row this thread loaded is a real token.
+  auto load_tile = [&](int j, T* dK, T* dV, unsigned char* dF) -> bool {
+    if constexpr (NWG == 2) {
+      // dense two-warpgroup tiles: thread = one 16-byte chunk column of several rows (this
+      // mapping keeps the kernel within the 128 registers that two CTAs per SM allow)
+      static_assert(!kSparse, "the block-sparse kernel uses one warpgroup");
+      constexpr int kRPP2 = kThreads / kCPR;
+      const int c = tid % kCPR;
+      bool all_valid = true;
+#pragma unroll
+      for (int i = 0; i < kBN / kRPP2; ++i) {
+        const int r = tid / kCPR + i * kRPP2;
+        const int s = j * kBN + r;
+        const bool valid = s < s_total;
+        const T* pk;
+        const T* pv;
+        if (s < p.s0) {
+          pk = k0b + (int64_t)s * p.k0_ss;
+          pv = v0b + (int64_t)s * p.v0_ss;
+        } else {
+          pk = k1b + (int64_t)(s - p.s0) * p.k1_ss;
+          pv = v1b + (int64_t)(s - p.s0) * p.v1_ss;
+        }
+        if (!valid) pk = pv = k1b;
+        if (dK != nullptr) {
+          cp_async16(smem_u32(dK + sw128<kBN>(r, c)), pk + c * 8, valid);
+          if (c == 0) dF[r] = valid;
+        }
+        if (dV != nullptr) cp_async16(smem_u32(dV + sw128<kBN>(r, c)), pv + c * 8, valid);
+        all_valid = all_valid && valid;
+      }
+      return all_valid;
+    }
+    int t0 = 0, h0 = 0, w0 = 0, sub = 0;
     bool blk_ok = true;
     if constexpr (kSparse) {
       int blk = sel[j / k_subs];
@@ -218,24 +252,25 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
       const int bw = blk % p.nbk[2];
       const int bhh = (blk / p.nbk[2]) % p.nbk[1];
       const int bt = blk / (p.nbk[2] * p.nbk[1]);
-      const int t0 = bt * p.ck[0], h0 = bhh * p.ck[1], w0 = bw * p.ck[2];
-      et = min(p.ck[0], p.gk[0] - t0);
-      eh = min(p.ck[1], p.gk[1] - h0);
-      ew = min(p.ck[2], p.gk[2] - w0);
-      base = (t0 * p.gk[1] + h0) * p.gk[2] + w0;
+      t0 = bt * p.ck[0];
+      h0 = bhh * p.ck[1];
+      w0 = bw * p.ck[2];
     }
+    const int base = (t0 * p.gk[1] + h0) * p.gk[2] + w0;
+    bool all_valid = true;
 #pragma unroll
-    for (int i = 0; i < K::kKPasses; ++i) {
-      const int r = ld_r + i * kRowsPerPass;
+    for (int pass = 0; pass < kBN / kRPP; ++pass) {
+      const int lr = lr0 + pass * kRPP;
       int s;
       bool valid;
       if constexpr (kSparse) {
-        const int2 e = sKTab[sub * kBN + r];
+        const int2 e = sKTab[sub * kBN + lr];
         const int dt = e.y & 1023, dh = (e.y >> 10) & 1023, dw = e.y >> 20;
-        valid = blk_ok && dt < et && dh < eh && dw < ew;
+        // padding slots of the table carry dt = 1023 >= ct (chunks are < 1024 on each axis)
+        valid = blk_ok && dt < p.ck[0] && t0 + dt < p.gk[0] && h0 + dh < p.gk[1] && w0 + dw < p.gk[2];
         s = base + e.x;
       } else {
-        s = j * kBN + r;
+        s = j * kBN + lr;
         valid = s < s_total;
       }
       const T* pk;
@@ -248,25 +283,48 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
         pv = v1b + (int64_t)(s - p.s0) * p.v1_ss;
       }
       if (!valid) pk = pv = k1b;
-      cp_async16(smem_u32(dK + sw128<kBN>(r, ld_c)), pk + ld_c * 8, valid);
-      cp_async16(smem_u32(dV + sw128<kBN>(r, ld_c)), pv + ld_c * 8, valid);
-      if (ld_c == 0) dF[r] = valid;
+      if (dK != nullptr) {
+#pragma unroll
+        for (int i = 0; i < kCPT; ++i) {
+          const int c = i * kTPR + lp;
+          cp_async16(smem_u32(dK + sw128<kBN>(lr, c)), pk + c * 8, valid);
+        }
+        if (lp == 0) dF[lr] = valid;
+      }
+      if (dV != nullptr) {
+#pragma unroll
+        for (int i = 0; i < kCPT; ++i) {
+          const int c = i * kTPR + lp;
+          cp_async16(smem_u32(dV + sw128<kBN>(lr, c)), pv + c * 8, valid);
+        }
+      }
       all_valid = all_valid && valid;
     }
     return all_valid;
   };
 
+  {
+    // Q tile: BM rows over kThreads threads
+    constexpr int kQTPR = kThreads / BM;
+    constexpr int kQCPT = kCPR / kQTPR;
+    const int qr = tid / kQTPR;
+    const int qp = tid % kQTPR;
+    const int s = sQTok[qr];
+    const T* pq = s >= 0 ? qb + (int64_t)s * p.q_ss : qb;
 #pragma unroll
-  for (int i = 0; i < K::kQPasses; ++i) {
-    const int r = ld_r + i * kRowsPerPass;
-    const int s = sQTok[r];
-    const T* pq = s >= 0 ? qb + (int64_t)s * p.q_ss + ld_c * 8 : qb;
-    cp_async16(smem_u32(sQ + sw128<BM>(r, ld_c)), pq, s >= 0);
+    for (int i = 0; i < kQCPT; ++i) {
+      const int c = i * kQTPR + qp;
+      cp_async16(smem_u32(sQ + sw128<BM>(qr, c)), pq + (s >= 0 ? c * 8 : 0), s >= 0);
+    }
   }
-  bool first_valid = true;
-  if (n_tiles > 0) first_valid = load_kv(0, 0);
+  constexpr int kTile = kBN * D;
+  bool v0 = true, v1 = true;
+  if (n_tiles > 0) v0 = load_tile(0, sK, sV, sFlag);
+  if (KS == 3 && n_tiles > 1) v1 = load_tile(1, sK + kTile, nullptr, sFlag + kBN);
   cp_async_commit();
-  bool full_cur = __syncthreads_and(first_valid);
+  // whether a tile has no padding key (then its masking is skipped): tiles j and j+1
+  bool full_cur = __syncthreads_and(v0);
+  bool full_n1 = KS == 3 ? __syncthreads_and(v1) : true;
 
   constexpr int kNH = D / 64;  // 64-wide column panels of O
   float o[kNH][8][4];
@@ -282,17 +340,25 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
   const uint32_t q_base = smem_u32(sQ) + wg * 64 * 128;
 
   for (int j = 0; j < n_tiles; ++j) {
-    const int st = j & 1;
-    __syncthreads();
-    bool next_valid = true;
-    if (j + 1 < n_tiles) next_valid = load_kv(j + 1, st ^ 1);
+    const int sk = j % KS;
+    const int sv = j & 1;
+    __syncthreads();  // every warp is done with the stages the prefetches below overwrite
+    bool nv = true;
+    if constexpr (KS == 2) {
+      if (j + 1 < n_tiles) nv = load_tile(j + 1, sK + (sk ^ 1) * kTile, sV + (sv ^ 1) * kTile, sFlag + (sk ^ 1) * kBN);
+    } else {
+      const int sk2 = (j + 2) % 3;
+      if (j + 2 < n_tiles) nv = load_tile(j + 2, sK + sk2 * kTile, nullptr, sFlag + sk2 * kBN);
+      if (j + 1 < n_tiles) load_tile(j + 1, nullptr, sV + (sv ^ 1) * kTile, nullptr);
+    }
     cp_async_commit();
     cp_async_wait<1>();
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy
     fence_proxy_async();
-    const bool full_next = __syncthreads_and(next_valid);
-    const uint32_t k_base = smem_u32(sK + st * kBN * D);
-    const uint32_t v_base = smem_u32(sV + st * kBN * D);
+    const bool full_new = __syncthreads_and(nv);
+    const int st = sk;
+    const uint32_t k_base = smem_u32(sK + sk * kTile);
+    const uint32_t v_base = smem_u32(sV + sv * kTile);
 
     // S = Q K^T  [64, 64] per warpgroup
     float s[8][4];
@@ -320,34 +386,40 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
       }
     }
 
+    // online softmax, rows g (e=0) and g+8 (e=1); m_r in log2 units (scores x scale x log2 e)
+    const float c2 = p.scale_log2;
+    float alpha[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      float mx = m_r[e];
+      float mx = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        s[i][2 * e] *= p.scale_log2;
-        s[i][2 * e + 1] *= p.scale_log2;
-        mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
-      }
+      for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = fast_exp2(m_r[e] - m_use);
-      m_r[e] = mx;
+      const float m_new = fmaxf(m_r[e], mx * c2);
+      // a row with every key masked so far keeps m = -inf; use 0 so exp2 gives 0, not NaN
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[e] = fast_exp2(m_r[e] - m_use);
+      m_r[e] = m_new;
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        s[i][2 * e] = fast_exp2(s[i][2 * e] - m_use);
-        s[i][2 * e + 1] = fast_exp2(s[i][2 * e + 1] - m_use);
+        s[i][2 * e] = fast_exp2(fmaf(s[i][2 * e], c2, -m_use));
+        s[i][2 * e + 1] = fast_exp2(fmaf(s[i][2 * e + 1], c2, -m_use));
         sum += s[i][2 * e] + s[i][2 * e + 1];
       }
-      l_r[e] = l_r[e] * alpha + sum;
+      l_r[e] = l_r[e] * alpha[e] + sum;
+    }
+    // rescale O only when some row of the warp saw a new maximum (warp-uniform branch)
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int hf = 0; hf < kNH; ++hf) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          o[hf][i][2 * e] *= alpha;
-          o[hf][i][2 * e + 1] *= alpha;
+          o[hf][i][0] *= alpha[0];
+          o[hf][i][1] *= alpha[0];
+          o[hf][i][2] *= alpha[1];
+          o[hf][i][3] *= alpha[1];
         }
       }
     }
@@ -375,7 +447,12 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
     wg_wait<0>();
 #pragma unroll
     for (int hf = 0; hf < kNH; ++hf) fence_regs(o[hf]);
-    full_cur = full_next;
+    if constexpr (KS == 2) {
+      full_cur = full_new;
+    } else {
+      full_cur = full_n1;
+      full_n1 = full_new;
+    }
   }
   cp_async_wait<0>();
 
@@ -407,22 +484,22 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
 
 #endif  // LONGCAT_SM90_WGMMA
 
-template <typename T, int D, int NWG, bool kSparse>
-__global__ void __launch_bounds__(128 * NWG)
+template <typename T, int D, int NWG, bool kSparse, int KS>
+__global__ void __launch_bounds__(128 * NWG, NWG == 2 ? 2 : 1)
     attn_fwd_sm90_kernel(const __grid_constant__ AttnFwdParams p) {
 #ifdef LONGCAT_SM90_WGMMA
-  attn_fwd_sm90_body<T, D, NWG, kSparse>(p);
+  attn_fwd_sm90_body<T, D, NWG, kSparse, KS>(p);
 #else
   // built for another target: the host only launches this kernel from an sm_90a binary
   __trap();
 #endif
 }
 
-template <typename T, int D, int NWG, bool kSparse>
+template <typename T, int D, int NWG, bool kSparse, int KS>
 cudaError_t launch90(const AttnFwdParams& p, dim3 grid, int table_entries, cudaStream_t stream) {
-  using K = K90<T, D, NWG, kSparse>;
+  using K = K90<T, D, NWG, kSparse, KS>;
   const int smem = K::smem_bytes(table_entries);
-  auto* fn = attn_fwd_sm90_kernel<T, D, NWG, kSparse>;
+  auto* fn = attn_fwd_sm90_kernel<T, D, NWG, kSparse, KS>;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
@@ -434,19 +511,20 @@ template <typename T, int D>
 cudaError_t dense90(const AttnFwdParams& p, int nwg, cudaStream_t stream) {
   if (nwg == 2) {
     dim3 grid((p.sq + 127) / 128, p.batch * p.heads);
-    return launch90<T, D, 2, false>(p, grid, 0, stream);
+    return launch90<T, D, 2, false, 2>(p, grid, 0, stream);
   }
   dim3 grid((p.sq + 63) / 64, p.batch * p.heads);
-  return launch90<T, D, 1, false>(p, grid, 0, stream);
+  return launch90<T, D, 1, false, 2>(p, grid, 0, stream);
 }
 
 template <typename T, int D>
-cudaError_t sparse90(const AttnFwdParams& p, cudaStream_t stream) {
+cudaError_t sparse90(const AttnFwdParams& p, int k_stages, cudaStream_t stream) {
   const int lq = p.cq[0] * p.cq[1] * p.cq[2];
   const int lk = p.ck[0] * p.ck[1] * p.ck[2];
   const int table = (lk + kBN - 1) / kBN * kBN;
   dim3 grid(p.num_q_blocks * ((lq + 63) / 64), p.batch * p.heads);
-  return launch90<T, D, 1, true>(p, grid, table, stream);
+  if (k_stages == 2) return launch90<T, D, 1, true, 2>(p, grid, table, stream);
+  return launch90<T, D, 1, true, 3>(p, grid, table, stream);
 }
 
 // whether the sm_90a kernels of this binary can run on the current device
@@ -459,7 +537,7 @@ bool sm90_ready() {
   }
   if (major != 9) return false;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__nv_bfloat16, 128, 1, true>) !=
+  if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__nv_bfloat16, 128, 1, true, 3>) !=
       cudaSuccess) {
     cudaGetLastError();
     return false;
@@ -488,7 +566,7 @@ cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_di
 }
 
 cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
-                                       cudaStream_t stream) {
+                                       int k_stages, cudaStream_t stream) {
   if (!attn_fwd_sm90_available()) return cudaErrorNotSupported;
   for (int a = 0; a < 3; ++a) {
     if (p.cq[a] <= 0 || p.ck[a] <= 0 || p.ck[a] >= 1024) return cudaErrorInvalidValue;
@@ -497,11 +575,11 @@ cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int 
     return cudaErrorInvalidValue;
   }
   if (dtype == DType::kBF16) {
-    if (head_dim == 128) return sparse90<__nv_bfloat16, 128>(p, stream);
-    if (head_dim == 64) return sparse90<__nv_bfloat16, 64>(p, stream);
+    if (head_dim == 128) return sparse90<__nv_bfloat16, 128>(p, k_stages, stream);
+    if (head_dim == 64) return sparse90<__nv_bfloat16, 64>(p, k_stages, stream);
   } else {
-    if (head_dim == 128) return sparse90<__half, 128>(p, stream);
-    if (head_dim == 64) return sparse90<__half, 64>(p, stream);
+    if (head_dim == 128) return sparse90<__half, 128>(p, k_stages, stream);
+    if (head_dim == 64) return sparse90<__half, 64>(p, k_stages, stream);
   }
   return cudaErrorInvalidValue;
 }

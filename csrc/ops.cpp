@@ -9,6 +9,8 @@
 #include <Python.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -27,10 +29,49 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "longcat_kernels compiled CU
 
 constexpr double kLog2e = 1.4426950408889634;
 
+// Error messages are assembled here with std::to_string and passed to TORCH_CHECK as one C string:
+// streaming integers or IntArrayRefs into TORCH_CHECK from this library crashed in libstdc++'s
+// ostream inside a JIT build on the device (torch 2.11 wheel vs the local toolchain).
+std::string S(const char* v) { return v; }
+std::string S(const std::string& v) { return v; }
+std::string S(bool v) { return v ? "true" : "false"; }
+std::string S(int v) { return std::to_string(v); }
+std::string S(long v) { return std::to_string(v); }
+std::string S(long long v) { return std::to_string(v); }
+std::string S(size_t v) { return std::to_string(v); }
+std::string S(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+std::string S(c10::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
+}
+std::string S(const c10::Device& d) { return d.str(); }
+std::string S(at::ScalarType t) { return c10::toString(t); }
+
+template <typename... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::string msg;
+  ((msg += S(args)), ...);
+  TORCH_CHECK(false, msg.c_str());
+  std::abort();  // not reached
+}
+
+#define LK_CHECK(cond, ...)   \
+  do {                        \
+    if (!(cond)) {            \
+      fail(__VA_ARGS__);      \
+    }                         \
+  } while (0)
+
+
 longcat::DType to_dtype(const Tensor& t, const char* name) {
   if (t.scalar_type() == at::kBFloat16) return longcat::DType::kBF16;
   if (t.scalar_type() == at::kHalf) return longcat::DType::kFP16;
-  TORCH_CHECK(false, "longcat_kernels (cuda): ", name, " must be bfloat16 or float16, got ",
+  LK_CHECK(false, "longcat_kernels (cuda): ", name, " must be bfloat16 or float16, got ",
               t.scalar_type(), "; use backend='triton' or 'torch' for float32");
   return longcat::DType::kBF16;
 }
@@ -48,22 +89,22 @@ Tensor rows16(const Tensor& t) {
 }
 
 void check_bshd(const Tensor& t, const char* name, const Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "longcat_kernels (cuda): ", name, " must be a CUDA tensor, got ",
+  LK_CHECK(t.is_cuda(), "longcat_kernels (cuda): ", name, " must be a CUDA tensor, got ",
               t.device(), "; move it with .cuda() or use backend='torch'");
-  TORCH_CHECK(t.device() == q.device(), "longcat_kernels (cuda): ", name, " is on ", t.device(),
+  LK_CHECK(t.device() == q.device(), "longcat_kernels (cuda): ", name, " is on ", t.device(),
               " but q is on ", q.device(), "; put all inputs on one device");
-  TORCH_CHECK(t.dim() == 4, "longcat_kernels (cuda): ", name,
+  LK_CHECK(t.dim() == 4, "longcat_kernels (cuda): ", name,
               " must be [batch, seq, heads, head_dim] (4-D), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "longcat_kernels (cuda): ", name, " has dtype ",
+  LK_CHECK(t.scalar_type() == q.scalar_type(), "longcat_kernels (cuda): ", name, " has dtype ",
               t.scalar_type(), " but q has ", q.scalar_type(), "; cast all inputs to one dtype");
-  TORCH_CHECK(t.size(2) == q.size(2) && t.size(3) == q.size(3), "longcat_kernels (cuda): ", name,
+  LK_CHECK(t.size(2) == q.size(2) && t.size(3) == q.size(3), "longcat_kernels (cuda): ", name,
               " has heads x head_dim ", t.size(2), "x", t.size(3), " but q has ", q.size(2), "x",
               q.size(3));
 }
 
 void check_head_dim(const Tensor& q) {
   const int64_t d = q.size(3);
-  TORCH_CHECK(d == 64 || d == 128, "longcat_kernels (cuda): head_dim must be 64 or 128, got ", d,
+  LK_CHECK(d == 64 || d == 128, "longcat_kernels (cuda): head_dim must be 64 or 128, got ", d,
               "; use backend='triton' or 'torch' for other head dims");
 }
 
@@ -121,15 +162,20 @@ void check_kv_pair(const Tensor& k, const Tensor& v, const char* kn, const char*
                    const Tensor& q, bool allow_bcast) {
   check_bshd(k, kn, q);
   check_bshd(v, vn, q);
-  TORCH_CHECK(k.sizes() == v.sizes(), "longcat_kernels (cuda): ", kn, " and ", vn,
+  LK_CHECK(k.sizes() == v.sizes(), "longcat_kernels (cuda): ", kn, " and ", vn,
               " must have the same shape, got ", k.sizes(), " and ", v.sizes());
   const bool batch_ok = k.size(0) == q.size(0) || (allow_bcast && k.size(0) == 1);
-  TORCH_CHECK(batch_ok, "longcat_kernels (cuda): ", kn, " batch must be ",
+  LK_CHECK(batch_ok, "longcat_kernels (cuda): ", kn, " batch must be ",
               allow_bcast ? "1 or " : "", "q's batch ", q.size(0), ", got ", k.size(0));
 }
 
+void check_scale(double scale) {
+  LK_CHECK(scale > 0 && std::isfinite(scale), "longcat_kernels (cuda): scale must be a positive "
+              "finite number, got ", scale, "; use backend='torch' for other scales");
+}
+
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "longcat_kernels (cuda): ", op, " launch failed: ",
+  LK_CHECK(err == cudaSuccess, "longcat_kernels (cuda): ", op, " launch failed: ",
               cudaGetErrorString(err),
               " (cudaErrorInvalidValue means an unsupported configuration)");
 }
@@ -140,7 +186,7 @@ bool use_sm90() {
   const char* env = std::getenv("LONGCAT_KERNELS_CUDA_IMPL");
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
   const bool ok = longcat::attn_fwd_sm90_available();
-  TORCH_CHECK(ok || env == nullptr || std::strcmp(env, "sm90") != 0,
+  LK_CHECK(ok || env == nullptr || std::strcmp(env, "sm90") != 0,
               "longcat_kernels (cuda): LONGCAT_KERNELS_CUDA_IMPL=sm90 but this build has no sm_90a "
               "code for this device; rebuild with LONGCAT_KERNELS_CUDA_ARCHS including "
               "-gencode=arch=compute_90a,code=sm_90a or unset the variable");
@@ -162,7 +208,12 @@ cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, 
 
 cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                           cudaStream_t stream) {
-  if (use_sm90()) return longcat::attn_fwd_block_sparse_sm90(p, dtype, d, stream);
+  if (use_sm90()) {
+    // LONGCAT_KERNELS_SM90_BSA_STAGES: key-tile stages of the block-sparse kernel (2 or 3)
+    const char* env = std::getenv("LONGCAT_KERNELS_SM90_BSA_STAGES");
+    const int stages = (env != nullptr && std::strcmp(env, "3") == 0) ? 3 : 2;
+    return longcat::attn_fwd_block_sparse_sm90(p, dtype, d, stages, stream);
+  }
   return longcat::attn_fwd_block_sparse(p, dtype, d, stream);
 }
 
@@ -173,10 +224,10 @@ std::tuple<Tensor, Tensor> alloc_out(const Tensor& q) {
 }
 
 std::vector<int> three(c10::IntArrayRef a, const char* name) {
-  TORCH_CHECK(a.size() == 3, "longcat_kernels (cuda): ", name, " must have 3 entries (t, h, w), got ",
+  LK_CHECK(a.size() == 3, "longcat_kernels (cuda): ", name, " must have 3 entries (t, h, w), got ",
               a.size());
   for (auto x : a) {
-    TORCH_CHECK(x > 0, "longcat_kernels (cuda): ", name, " entries must be positive, got ", a);
+    LK_CHECK(x > 0, "longcat_kernels (cuda): ", name, " entries must be positive, got ", a);
   }
   return {static_cast<int>(a[0]), static_cast<int>(a[1]), static_cast<int>(a[2])};
 }
@@ -190,13 +241,13 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
                                         c10::IntArrayRef grid_q, c10::IntArrayRef grid_k,
                                         c10::IntArrayRef chunk_q, c10::IntArrayRef chunk_k,
                                         double scale) {
-  TORCH_CHECK(q_in.is_cuda() && q_in.dim() == 4,
+  LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
   const auto dtype = to_dtype(q_in, "q");
   check_head_dim(q_in);
   const bool two = k_fresh.has_value();
-  TORCH_CHECK(two == v_fresh.has_value(),
+  LK_CHECK(two == v_fresh.has_value(),
               "longcat_kernels (cuda): pass k_fresh and v_fresh together (or neither)");
   check_kv_pair(k_in, v_in, "k", "v", q_in, /*allow_bcast=*/two);
   if (two) check_kv_pair(*k_fresh, *v_fresh, "k_fresh", "v_fresh", q_in, false);
@@ -204,13 +255,13 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   auto gk = three(grid_k, "grid_k");
   auto cq = three(chunk_q, "chunk_q");
   auto ck = three(chunk_k, "chunk_k");
-  TORCH_CHECK(static_cast<int64_t>(gq[0]) * gq[1] * gq[2] == q_in.size(1),
+  LK_CHECK(static_cast<int64_t>(gq[0]) * gq[1] * gq[2] == q_in.size(1),
               "longcat_kernels (cuda): grid_q ", grid_q, " has ", gq[0] * gq[1] * gq[2],
               " tokens but q has seq ", q_in.size(1));
   const int64_t sk = k_in.size(1) + (two ? k_fresh->size(1) : 0);
-  TORCH_CHECK(static_cast<int64_t>(gk[0]) * gk[1] * gk[2] == sk, "longcat_kernels (cuda): grid_k ",
+  LK_CHECK(static_cast<int64_t>(gk[0]) * gk[1] * gk[2] == sk, "longcat_kernels (cuda): grid_k ",
               grid_k, " has ", gk[0] * gk[1] * gk[2], " tokens but the keys have seq ", sk);
-  TORCH_CHECK(cq[0] * cq[1] * cq[2] <= longcat::kMaxBlockTokens &&
+  LK_CHECK(cq[0] * cq[1] * cq[2] <= longcat::kMaxBlockTokens &&
                   ck[0] * ck[1] * ck[2] <= longcat::kMaxBlockTokens,
               "longcat_kernels (cuda): blocks of more than ", longcat::kMaxBlockTokens,
               " tokens are not supported (chunk_q ", chunk_q, ", chunk_k ", chunk_k,
@@ -221,18 +272,18 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
     nbk[a] = (gk[a] + ck[a] - 1) / ck[a];
   }
   const int64_t nq = static_cast<int64_t>(nbq[0]) * nbq[1] * nbq[2];
-  TORCH_CHECK(indices.is_cuda() && counts.is_cuda() && indices.device() == q_in.device() &&
+  LK_CHECK(indices.is_cuda() && counts.is_cuda() && indices.device() == q_in.device() &&
                   counts.device() == q_in.device(),
               "longcat_kernels (cuda): selection indices/counts must be on q's device ",
               q_in.device());
-  TORCH_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt,
+  LK_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt,
               "longcat_kernels (cuda): selection indices/counts must be int32, got ",
               indices.scalar_type(), "/", counts.scalar_type());
-  TORCH_CHECK(indices.dim() == 4 && counts.dim() == 3,
+  LK_CHECK(indices.dim() == 4 && counts.dim() == 3,
               "longcat_kernels (cuda): selection indices must be [B, H, Nq, max_sel] and counts "
               "[B, H, Nq], got ", indices.sizes(), " and ", counts.sizes());
   const int64_t B = q_in.size(0), H = q_in.size(2);
-  TORCH_CHECK((indices.size(0) == B || indices.size(0) == 1) && indices.size(1) == H &&
+  LK_CHECK((indices.size(0) == B || indices.size(0) == 1) && indices.size(1) == H &&
                   indices.size(2) == nq && counts.size(0) == indices.size(0) &&
                   counts.size(1) == H && counts.size(2) == nq,
               "longcat_kernels (cuda): selection shape ", indices.sizes(), " / ", counts.sizes(),
@@ -256,6 +307,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   } else {
     set_seg1_empty(p);
   }
+  check_scale(scale);
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   for (int a = 0; a < 3; ++a) {
     p.gq[a] = gq[a];
@@ -271,7 +323,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   p.si_sb = sel_bcast ? 0 : indices.stride(0);
   p.si_sh = indices.stride(1);
   p.si_sq = indices.stride(2);
-  TORCH_CHECK(indices.stride(3) == 1 || indices.size(3) <= 1,
+  LK_CHECK(indices.stride(3) == 1 || indices.size(3) <= 1,
               "longcat_kernels (cuda): selection indices must be contiguous in the last dim; "
               "call .contiguous()");
   p.sc_sb = sel_bcast ? 0 : counts.stride(0);
@@ -299,16 +351,16 @@ c10::optional<RopeTables> rope_tables(const c10::optional<Tensor>& cos_t,
   const int given = cos_t.has_value() + sin_t.has_value() + cos_h.has_value() +
                     sin_h.has_value() + cos_w.has_value() + sin_w.has_value();
   if (given == 0) return c10::nullopt;
-  TORCH_CHECK(given == 6, "longcat_kernels (cuda): pass all six rope tables (cos/sin for t, h, w) "
+  LK_CHECK(given == 6, "longcat_kernels (cuda): pass all six rope tables (cos/sin for t, h, w) "
               "or none, got ", given);
   auto prep = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 2, "longcat_kernels (cuda): rope table ", name, " must be [n, d], got ",
+    LK_CHECK(t.dim() == 2, "longcat_kernels (cuda): rope table ", name, " must be [n, d], got ",
                 t.sizes());
     return t.to(q.device(), at::kFloat).contiguous();
   };
   RopeTables r{prep(*cos_t, "cos_t"), prep(*sin_t, "sin_t"), prep(*cos_h, "cos_h"),
                prep(*sin_h, "sin_h"), prep(*cos_w, "cos_w"), prep(*sin_w, "sin_w")};
-  TORCH_CHECK(r.cos_t.size(1) + r.cos_h.size(1) + r.cos_w.size(1) == q.size(3),
+  LK_CHECK(r.cos_t.size(1) + r.cos_h.size(1) + r.cos_w.size(1) == q.size(3),
               "longcat_kernels (cuda): rope table widths ", r.cos_t.size(1), "+", r.cos_h.size(1),
               "+", r.cos_w.size(1), " must add up to head_dim ", q.size(3));
   return r;
@@ -318,9 +370,9 @@ c10::optional<RopeTables> rope_tables(const c10::optional<Tensor>& cos_t,
 Tensor apply_rope(const Tensor& x, const RopeTables& r, int64_t grid_h, int64_t grid_w,
                   int64_t frame_offset) {
   const int64_t hw = grid_h * grid_w;
-  TORCH_CHECK(hw > 0 && x.size(1) % hw == 0, "longcat_kernels (cuda): seq ", x.size(1),
+  LK_CHECK(hw > 0 && x.size(1) % hw == 0, "longcat_kernels (cuda): seq ", x.size(1),
               " must be whole frames of grid_h*grid_w = ", hw, " tokens");
-  TORCH_CHECK(r.cos_h.size(0) >= grid_h && r.cos_w.size(0) >= grid_w &&
+  LK_CHECK(r.cos_h.size(0) >= grid_h && r.cos_w.size(0) >= grid_w &&
                   r.cos_t.size(0) >= frame_offset + x.size(1) / hw,
               "longcat_kernels (cuda): rope tables (", r.cos_t.size(0), " frames, ", r.cos_h.size(0),
               "x", r.cos_w.size(0), ") do not cover frames ", frame_offset, "..",
@@ -359,7 +411,7 @@ Tensor apply_rope(const Tensor& x, const RopeTables& r, int64_t grid_h, int64_t 
 Tensor rope3d_cuda(const Tensor& x_in, const Tensor& cos_t, const Tensor& sin_t,
                    const Tensor& cos_h, const Tensor& sin_h, const Tensor& cos_w,
                    const Tensor& sin_w, int64_t grid_h, int64_t grid_w, int64_t frame_offset) {
-  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 4,
+  LK_CHECK(x_in.is_cuda() && x_in.dim() == 4,
               "longcat_kernels (cuda): x must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", x_in.sizes(), " on ", x_in.device());
   to_dtype(x_in, "x");
@@ -380,14 +432,14 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
                                                   const c10::optional<Tensor>& cos_w,
                                                   const c10::optional<Tensor>& sin_w,
                                                   int64_t grid_h, int64_t grid_w, double scale) {
-  TORCH_CHECK(q_in.is_cuda() && q_in.dim() == 4,
+  LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
   const auto dtype = to_dtype(q_in, "q");
   check_head_dim(q_in);
   check_kv_pair(k_in, v_in, "k", "v", q_in, false);
   const bool cached = k_cache.has_value();
-  TORCH_CHECK(cached == v_cache.has_value(),
+  LK_CHECK(cached == v_cache.has_value(),
               "longcat_kernels (cuda): pass k_cache and v_cache together (or neither)");
   if (cached) check_kv_pair(*k_cache, *v_cache, "k_cache", "v_cache", q_in, true);
 
@@ -397,7 +449,7 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
   auto rope = rope_tables(cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, q_in);
   if (rope) {
     const int64_t sc = cached ? k_cache->size(1) : 0;
-    TORCH_CHECK(grid_h > 0 && grid_w > 0 && sc % (grid_h * grid_w) == 0,
+    LK_CHECK(grid_h > 0 && grid_w > 0 && sc % (grid_h * grid_w) == 0,
                 "longcat_kernels (cuda): cache length ", sc, " must be whole frames of ", grid_h,
                 "x", grid_w, " tokens");
     const int64_t f0 = sc / (grid_h * grid_w);
@@ -415,6 +467,7 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
     set_seg0(p, k, v, q.size(0));
     set_seg1_empty(p);
   }
+  check_scale(scale);
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   if (q.numel() == 0) return {out, lse};
   check_launch(launch_dense(p, dtype, static_cast<int>(q.size(3)),
@@ -427,16 +480,16 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
 std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
                                                 const Tensor& v_in, int64_t prefix_len,
                                                 double scale) {
-  TORCH_CHECK(q_in.is_cuda() && q_in.dim() == 4,
+  LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
   const auto dtype = to_dtype(q_in, "q");
   check_head_dim(q_in);
   check_kv_pair(k_in, v_in, "k", "v", q_in, false);
-  TORCH_CHECK(k_in.size(1) == q_in.size(1), "longcat_kernels (cuda): prefix_attn needs q and k of "
+  LK_CHECK(k_in.size(1) == q_in.size(1), "longcat_kernels (cuda): prefix_attn needs q and k of "
               "the same seq, got ", q_in.size(1), " and ", k_in.size(1));
   const int64_t S = q_in.size(1);
-  TORCH_CHECK(prefix_len >= 0 && prefix_len <= S, "longcat_kernels (cuda): prefix_len must be in [0, ",
+  LK_CHECK(prefix_len >= 0 && prefix_len <= S, "longcat_kernels (cuda): prefix_len must be in [0, ",
               S, "], got ", prefix_len);
   c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = rows16(q_in), k = rows16(k_in), v = rows16(v_in);
@@ -456,7 +509,8 @@ std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor
     set_q_out(p, qs, os, ls);
     set_seg0(p, k.narrow(1, 0, kl), v.narrow(1, 0, kl), q.size(0));
     set_seg1_empty(p);
-    p.scale_log2 = static_cast<float>(scale * kLog2e);
+    check_scale(scale);
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
     check_launch(launch_dense(p, dtype, d, stream), "prefix_attn_fwd_cuda");
   }
   return {out, lse};

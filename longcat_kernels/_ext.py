@@ -51,7 +51,7 @@ def cuda_arch_flags(capability=None):
 
 
 # nvcc flags shared by setup.py and the JIT build
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def _load_jit():
@@ -90,7 +90,7 @@ def _load_jit():
     cpp_extension.load(
         name="longcat_kernels_C",
         sources=sources,
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
         extra_cuda_cflags=NVCC_FLAGS + arch,
         extra_include_paths=[src],
         build_directory=build_dir,

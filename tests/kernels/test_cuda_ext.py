@@ -194,21 +194,23 @@ def test_block_sparse_over_cache_and_fresh(impl):
 
 def test_public_api_dispatch_and_refusals():
     from longcat_kernels._backend import BackendUnavailableError, available_backends
-    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn
+    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
 
     assert available_backends("block_sparse_attn", "cuda")["cuda"] is None
     grid = (4, 8, 8)
     q, k, v = (_rand(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
     out = block_sparse_attn(q, k, v, grid_q=grid, sparsity=0.5, backend="cuda")
     assert out.shape == q.shape and not out.isnan().any()
+    sel = select_blocks(q, k, grid_q=grid, sparsity=0.5, backend="torch")
     with pytest.raises(BackendUnavailableError, match="float32"):
-        block_sparse_attn(q.float(), k.float(), v.float(), grid_q=grid, backend="cuda")
+        block_sparse_attn(q.float(), k.float(), v.float(), selection=sel, backend="cuda")
     qg = q.clone().requires_grad_(True)
     with pytest.raises(BackendUnavailableError, match="forward only"):
-        block_sparse_attn(qg, k, v, grid_q=grid, backend="cuda")
+        block_sparse_attn(qg, k, v, selection=sel, backend="cuda")
     q96 = _rand(1, 256, 2, 96, dtype=torch.bfloat16)
+    sel96 = select_blocks(q96, q96, grid_q=grid, sparsity=0.5, backend="torch")
     with pytest.raises(BackendUnavailableError, match="head_dim"):
-        block_sparse_attn(q96, q96, q96, grid_q=grid, backend="cuda")
+        block_sparse_attn(q96, q96, q96, selection=sel96, backend="cuda")
 
 
 def test_torch_check_messages():
@@ -250,6 +252,7 @@ def test_torch_compile_fullgraph():
     grid = (4, 8, 8)
     q, k, v = (_rand(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
     sel = select_blocks(q, k, grid_q=grid, sparsity=0.5, backend="torch")
+    bsa_forward_cuda(q, k, v, sel, 0.1)  # eager first: loads the extension and registers the fakes
     f = torch.compile(lambda a, b, c: bsa_forward_cuda(a, b, c, sel, 0.1)[0] * 2, fullgraph=True)
     torch.testing.assert_close(f(q, k, v), bsa_forward_cuda(q, k, v, sel, 0.1)[0] * 2)
     g = torch.compile(lambda a, b, c: attn_with_kv_cache_cuda(a, b, c, b[:, :64], c[:, :64], None, 0.1, None),

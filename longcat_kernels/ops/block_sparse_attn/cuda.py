@@ -58,7 +58,10 @@ def ops():
     """``torch.ops.longcat_kernels`` with the compiled ops loaded and their fakes registered.
 
     Raises ImportError with the reason when the extension is unavailable (never falls back).
+    Under ``torch.compile`` (after an eager call loaded it) this is a plain attribute lookup.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.longcat_kernels
     if not _FAKES["done"]:
         with _LOCK:
             if not _FAKES["done"]:
