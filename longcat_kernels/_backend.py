@@ -51,8 +51,10 @@ OPS: Dict[str, str] = {
 # "auto" preference on CUDA tensors, fastest first (update from bench/results).
 PREFERENCE: Dict[str, Tuple[str, ...]] = {
     "select_blocks": ("triton", "cuda", "torch"),
-    "block_sparse_attn": ("cuda", "triton", "torch"),
-    "block_sparse_attn_fwd": ("cuda", "triton", "torch"),
+    # triton first: H100 BSA fwd 24x44x80 B1 H32 D128, 0.9375: triton 21.4 ms vs csrc sm90 25.9 ms
+    # (bench/results/h100/cuda_ext.json); the cuda backend is forward only anyway
+    "block_sparse_attn": ("triton", "cuda", "torch"),
+    "block_sparse_attn_fwd": ("triton", "cuda", "torch"),
     # triton first: its auto route picks Triton prologue + cuDNN or the fused kernel (H100:
     # 69 / 74 ms vs csrc v1 165 ms at cond 4, bench/results/h100/kv_cache_attn.json)
     "attn_with_kv_cache": ("triton", "cuda", "torch"),
