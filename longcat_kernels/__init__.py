@@ -5,16 +5,21 @@ Public API (tensors are BSHD ``[batch, seq, heads, head_dim]``, any strides):
 ``attn_with_kv_cache``, ``BlockSparseParams``, ``Rope3D``, ``apply_rope_3d``, ``qk_norm_rope``,
 ``available_backends``, ``BackendUnavailableError``. Backends: ``"torch"`` (reference, everywhere),
 ``"triton"``, ``"cuda"`` (compiled extension), ``"auto"``. Importing this package needs neither
-triton nor CUDA; kernels are imported the first time their backend is used.
+triton nor CUDA; Triton kernels are imported at package import only where they can run (a CUDA
+device or ``TRITON_INTERPRET=1``), the compiled extension the first time the ``cuda`` backend is used.
 """
 
 from ._backend import BackendUnavailableError, available_backends
+from ._backend import preload_kernel_modules as _preload_kernel_modules
 from .grid import VideoGrid
 from .ops.block_sparse_attn.api import BlockSelection, block_sparse_attn, select_blocks
 from .ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache, prefix_attn
 from .ops.rope.api import Rope3D, apply_rope_3d, qk_norm_rope
 
 __version__ = "0.1.0"
+
+# Triton kernels are imported here only where they can run, so torch.compile never meets the lazy import.
+_preload_kernel_modules()
 
 __all__ = [
     "__version__",

@@ -34,6 +34,7 @@ __all__ = [
     "triton_status",
     "triton_interpret",
     "op_backend_status",
+    "preload_kernel_modules",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -130,6 +131,20 @@ def _load_module(package: str, backend: str):
             except Exception as e:  # noqa: BLE001 - keep the reason visible
                 _MODULES[key] = (None, f"import {name} failed: {type(e).__name__}: {e}")
     return _MODULES[key]
+
+
+def preload_kernel_modules() -> None:
+    """Imports the Triton backend modules now if they can run here (CUDA device or TRITON_INTERPRET=1).
+
+    ``torch.compile`` cannot trace ``importlib``: without this, the first call of an op inside a
+    ``fullgraph=True`` compiled function failed on the lazy import. Called once from
+    ``longcat_kernels/__init__.py``; a failure is recorded as that backend's reason, never raised, and
+    nothing happens on a machine without triton or without CUDA.
+    """
+    if not (triton_interpret() or torch.cuda.is_available()) or triton_status() is not None:
+        return
+    for package in sorted(set(OPS.values())):
+        _load_module(package, "triton")
 
 
 def _machine_reason(backend: str, device_type: Optional[str]) -> Optional[str]:
