@@ -292,3 +292,21 @@ def test_kv_cache_bsa_triton_bf16_gpu(grid, c, chunk):
     m = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, chunk, chunk)
     exp, _ = attention_oracle(q, K, V, mask=m)
     assert_close(out, exp, baseline=attention_lowp(q, K, V, mask=m))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_launch_shape_fits_shared_memory(monkeypatch, dtype, D):
+    """The GPU launch shape's pipelined K/V tiles + Q tile fit the H100's 227 KB of shared memory.
+
+    fp32 once got the bf16 tiles (128x128, 3 stages) and failed on the H100 with
+    'out of resource: shared memory, Required: 393216' (a DiT kept in fp32 on the auto backend)."""
+    pytest.importorskip("triton")
+    from longcat_kernels.ops.kv_cache_attn import triton as kv_triton
+
+    monkeypatch.setattr(kv_triton, "_INTERPRET", False)
+    monkeypatch.setattr(kv_triton, "_is_sm90", lambda device: True)
+    bm, bn, _warps, stages, _ws = kv_triton._attn_config(D, torch.device("cuda"), dtype)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    smem = stages * 2 * bn * D * esize + bm * D * esize
+    assert smem <= 227 * 1024, (dtype, D, (bm, bn, stages), smem)

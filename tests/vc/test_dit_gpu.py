@@ -15,7 +15,8 @@ pytestmark = pytest.mark.cuda
 
 def _cfg(**kw):
     # head_dim 128 as the real model; small width and depth
-    return tiny_config(hidden_size=256, num_heads=2, caption_channels=64, depth=3, **kw)
+    kw.setdefault("depth", 3)
+    return tiny_config(hidden_size=256, num_heads=2, caption_channels=64, **kw)
 
 
 def _inputs(cfg, c, T=6, H=16, W=20, dev="cuda"):

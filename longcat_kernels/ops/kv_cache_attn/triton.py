@@ -114,12 +114,20 @@ ATTN_CONFIG_SWEEP = [
 _CONFIG_OVERRIDE = None  # set by the bench sweep only
 
 
-def _attn_config(D: int, device: torch.device):
+# fp32 inputs (reference-precision runs, e.g. a DiT kept in fp32): the bf16 tiles above need
+# 384 KB of shared memory at 4 bytes an element (H100: 227 KB), so fp32 gets 64x64 tiles, 2 stages
+# (~160 KB at D=128).
+ATTN_CONFIG_FP32 = (64, 64, 4, 2, False)
+
+
+def _attn_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     if _INTERPRET:
         return 16, 16, 4, 1, False
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
     bd = triton.next_power_of_2(D)
+    if dtype == torch.float32 and bd <= 128:
+        return ATTN_CONFIG_FP32
     if bd in ATTN_CONFIG:
         bm, bn, w, st, _ = ATTN_CONFIG[bd]
         return bm, bn, w, st, bd == 128 and _is_sm90(device)
@@ -231,7 +239,7 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
         dt, dh = D, 0
         t_args = [q] * 6
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    bm, bn, warps, stages, ws = _attn_config(D, q.device)
+    bm, bn, warps, stages, ws = _attn_config(D, q.device, q.dtype)
     grid = (triton.cdiv(SQ, bm), B * H)
     kv_cache_attn_fwd_kernel[grid](
         q, k1, v1, k2, v2, out, *t_args,
