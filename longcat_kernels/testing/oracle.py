@@ -45,6 +45,18 @@ def bsa_token_mask(block_mask: torch.Tensor, grid_q, grid_k, chunk_q, chunk_k) -
     return block_mask[:, :, bq][:, :, :, bk]
 
 
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float]):
+    """Scaled scores ``[B, H, Sq, Sk]`` in q's dtype (k's batch of 1 broadcast), masked-out -> -inf.
+
+    Shared by ``attention_oracle`` (fp64) and ``attention_lowp`` (input dtype) so the oracle and the
+    tolerance baseline can never disagree on scale, broadcasting or mask semantics."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k.expand(q.shape[0], -1, -1, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    return s
+
+
 def attention_oracle(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,13 +73,9 @@ def attention_oracle(
     Returns:
         (out ``[B, Sq, H, D]`` fp64, lse ``[B, H, Sq]`` fp64); fully masked rows: out 0, lse -inf.
     """
-    D = q.shape[-1]
-    scale = D ** -0.5 if scale is None else scale
     # differentiable in fp64 (no detach): gradients of the oracle come from autograd
     qd, kd, vd = q.double(), k.double(), v.double()
-    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.expand(qd.shape[0], -1, -1, -1)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    s = _masked_scores(qd, kd, mask, scale)
     m = s.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
@@ -90,15 +98,10 @@ def attention_lowp(
     Scores and ``p @ v`` in the input dtype, softmax in the input dtype (as eager PyTorch would);
     fully masked rows give 0. ``[B, Sq, H, D]`` in q's dtype.
     """
-    D = q.shape[-1]
-    scale = D ** -0.5 if scale is None else scale
-    qd, kd, vd = q, k, v
-    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd.expand(qd.shape[0], -1, -1, -1)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    s = _masked_scores(q, k, mask, scale)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, vd.expand(qd.shape[0], -1, -1, -1))
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.expand(q.shape[0], -1, -1, -1))
 
 
 def prefix_mask(seq: int, prefix_len: int, device=None) -> torch.Tensor:
