@@ -86,6 +86,8 @@ def build_model(ctx, bc: DiTBenchConfig):
 
 def make_inputs(ctx, bc: DiTBenchConfig, num_cond: int, n_sets: int, offset: int = 0) -> list[dict]:
     """Random VC inputs: full latents (cond frames shared by the CFG batch), timesteps, text."""
+    from longcat_kernels.testing import make_tensor
+
     gen = ctx.generator(100 + offset)
     dev, dt = ctx.device, ctx.dtype
     T, H, W = bc.grid.shape
@@ -93,13 +95,13 @@ def make_inputs(ctx, bc: DiTBenchConfig, num_cond: int, n_sets: int, offset: int
     ph, pw = bc.dit.patch_size[1], bc.dit.patch_size[2]
     sets = []
     for _ in range(n_sets):
-        cond = torch.randn(1, C, num_cond, H * ph, W * pw, device=dev, generator=gen).to(dt)
-        noisy = torch.randn(B, C, T - num_cond, H * ph, W * pw, device=dev, generator=gen).to(dt)
+        cond = make_tensor((1, C, num_cond, H * ph, W * pw), dt, dev, generator=gen)
+        noisy = make_tensor((B, C, T - num_cond, H * ph, W * pw), dt, dev, generator=gen)
         latents = torch.cat([cond.expand(B, -1, -1, -1, -1), noisy], dim=2)
         t = torch.rand(B, 1, device=dev, generator=gen) * 800 + 100
         t_full = t.expand(B, T).clone()
         t_full[:, :num_cond] = 0  # cond frames are clean (timestep 0), as the cache assumes
-        text = torch.randn(B, 1, bc.text_len, bc.dit.caption_channels, device=dev, generator=gen).to(dt)
+        text = make_tensor((B, 1, bc.text_len, bc.dit.caption_channels), dt, dev, generator=gen)
         mask = torch.ones(B, bc.text_len, device=dev, dtype=torch.long)
         sets.append(dict(cond=cond, noisy=noisy, latents=latents, t_full=t_full,
                          t_noisy=t_full[:, num_cond:].contiguous(), text=text, mask=mask))

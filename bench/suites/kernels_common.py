@@ -50,5 +50,7 @@ def skipped(suite: str, name: str, backend: str, params: dict, reason: str) -> C
 
 
 def randn_bshd(ctx, b: int, s: int, h: int, d: int, gen: torch.Generator, requires_grad: bool = False):
-    x = torch.randn(b, s, h, d, device=ctx.device, generator=gen, dtype=torch.float32).to(ctx.dtype)
-    return x.requires_grad_(requires_grad)
+    """Random normal ``[b, s, h, d]`` in ``ctx.dtype``: the tests' input factory (drawn in fp32, cast)."""
+    from longcat_kernels.testing import make_tensor
+
+    return make_tensor((b, s, h, d), ctx.dtype, ctx.device, requires_grad=requires_grad, generator=gen)
