@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -248,6 +248,24 @@ class LongCatDiT(nn.Module):
         B, T, H, W = self._check_latents(hidden_states, "hidden_states")
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
+        num_cond_latents = self._check_num_cond(num_cond_latents, kv_cache, T)
+        if kv_cache is not None and check:
+            self._check_cache(kv_cache, B, Nh, Nw)
+
+        x = self.x_embedder(hidden_states.to(self.dtype))
+        t = self._embed_timestep(timestep, B, T)
+        y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
+
+        plan = self._step_plan((T, Nh, Nw), x.device, num_cond_latents, kv_cache)
+        for i, block in enumerate(self.blocks):
+            x = block(x, t, y, y_mask, plan, i)
+        out = self.final_layer(x, t, T)
+        return self.unpatchify(out, T, Nh, Nw).float()
+
+    @staticmethod
+    def _check_num_cond(num_cond_latents, kv_cache: Optional[KVCache], T: int) -> int:
+        """``num_cond_latents`` as an int, checked against ``kv_cache`` (0 or its frames) or
+        else against ``T`` latent frames. Raises TypeError / ValueError naming the argument."""
         if isinstance(num_cond_latents, bool) or not isinstance(num_cond_latents, numbers.Integral):
             raise TypeError(f"num_cond_latents: expected an int, got {type(num_cond_latents).__name__}")
         num_cond_latents = int(num_cond_latents)
@@ -259,39 +277,41 @@ class LongCatDiT(nn.Module):
                 raise ValueError(
                     f"num_cond_latents: with a kv_cache of {c} frames expected 0 or {c}, got {num_cond_latents}"
                 )
-            if check:
-                self._check_cache(kv_cache, B, Nh, Nw)
         elif not 0 <= num_cond_latents <= T:
             raise ValueError(
                 f"num_cond_latents: expected 0 <= num_cond_latents <= T={T} latent frames, got {num_cond_latents}"
             )
+        return num_cond_latents
 
-        x = self.x_embedder(hidden_states.to(self.dtype))
-        t = self._embed_timestep(timestep, B, T)
-        y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
-
+    def _step_plan(self, grid: Tuple[int, int, int], device: torch.device, num_cond_latents: int,
+                   kv_cache: Optional[KVCache]) -> AttnPlan:
+        """The attention plan of a denoising forward over the ``grid = (T, Nh, Nw)`` tokens: the
+        noisy frames after ``kv_cache`` (read from it), or else a cond prefix of
+        ``num_cond_latents`` frames (cond queries see only cond keys; no cross-attention when all
+        frames are cond)."""
+        cfg = self.config
+        T, Nh, Nw = grid
         bsa = cfg.bsa_settings() if cfg.enable_bsa else {}
         if kv_cache is not None:
             c = kv_cache.num_frames
-            plan = AttnPlan(
-                mode="cache", grid=(T, Nh, Nw), rope=self._rope((c + T, Nh, Nw), x.device), frame_offset=c,
+            return AttnPlan(
+                mode="cache", grid=grid, rope=self._rope((c + T, Nh, Nw), device), frame_offset=c,
                 use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend, cache=kv_cache.reader(),
             )
-        else:
-            c = num_cond_latents
-            plan = AttnPlan(
-                mode="prefix" if c else "full", grid=(T, Nh, Nw), rope=self._rope((T, Nh, Nw), x.device),
-                prefix_tokens=c * Nh * Nw, use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend,
-                skip_cross=(c == T),
-            )
-        for i, block in enumerate(self.blocks):
-            x = block(x, t, y, y_mask, plan, i)
-        out = self.final_layer(x, t, T)
-        return self.unpatchify(out, T, Nh, Nw).float()
+        c = num_cond_latents
+        return AttnPlan(
+            mode="prefix" if c else "full", grid=grid, rope=self._rope(grid, device),
+            prefix_tokens=c * Nh * Nw, use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend,
+            skip_cross=(c == T),
+        )
 
-    def _check_cache(self, cache: KVCache, B: int, Nh: int, Nw: int) -> None:
+    def _check_cache(self, cache: KVCache, B: int, Nh: int, Nw: int, *, heads: Optional[int] = None,
+                     problems: Sequence[str] = ()) -> None:
+        """ValueError listing every way ``cache`` does not fit this model and a batch of ``B`` on
+        an ``Nh x Nw`` token grid. ``heads``: the heads its tensors hold (default all);
+        ``problems``: ones the caller found already (listed first)."""
         cfg = self.config
-        problems = []
+        problems = list(problems)
         if cache.depth != cfg.depth:
             problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
         if tuple(cache.grid_hw) != (Nh, Nw):
@@ -302,7 +322,7 @@ class LongCatDiT(nn.Module):
             problems.append(f"device {cache.device}, model on {self.device}")
         if cache.batch not in (1, B):
             problems.append(f"batch {cache.batch}, expected 1 or {B}")
-        shape = (cache.batch, cache.num_frames * Nh * Nw, cfg.num_heads, cfg.head_dim)
+        shape = (cache.batch, cache.num_frames * Nh * Nw, cfg.num_heads if heads is None else heads, cfg.head_dim)
         if not problems and tuple(cache.keys[0].shape) != shape:
             problems.append(f"tensors of shape {list(cache.keys[0].shape)}, expected {list(shape)}")
         if problems:
@@ -331,6 +351,20 @@ class LongCatDiT(nn.Module):
         Nh, Nw = H // ph, W // pw
         x = self.x_embedder(cond_latents.to(self.dtype))
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
+        keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
+        return KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
+                       device=self.device, offloaded=offload)
+
+    def _record_kv(
+        self, x: torch.Tensor, t: torch.Tensor, grid: Tuple[int, int, int], offload: bool,
+        shard_plan: Optional[Callable[[AttnPlan], AttnPlan]] = None,
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Runs the blocks of a cache build over the embedded cond tokens ``x`` (``grid = (c, Nh,
+        Nw)``, timestep embedding ``t``) and returns each block's rotated K and V: contiguous on
+        the model's device, or copied to (pinned when CUDA is available) CPU memory when
+        ``offload``. The last block stops after its K and V. ``shard_plan`` maps the plan to the
+        one the blocks see (context parallel: a rank's shard)."""
+        cfg = self.config
         pin = offload and torch.cuda.is_available()
         keys: List[Optional[torch.Tensor]] = [None] * cfg.depth
         values: List[Optional[torch.Tensor]] = [None] * cfg.depth
@@ -346,10 +380,12 @@ class LongCatDiT(nn.Module):
             keys[layer], values[layer] = store(k), store(v)
 
         plan = AttnPlan(
-            mode="build", grid=(c, Nh, Nw), rope=self._rope((c, Nh, Nw), x.device),
+            mode="build", grid=grid, rope=self._rope(grid, x.device),
             use_bsa=cfg.enable_bsa, bsa=cfg.bsa_settings() if cfg.enable_bsa else {},
             backend=cfg.attn_backend, record=record, skip_cross=True,
         )
+        if shard_plan is not None:
+            plan = shard_plan(plan)
         last = cfg.depth - 1
         for i, block in enumerate(self.blocks):
             if i == last:
@@ -358,8 +394,7 @@ class LongCatDiT(nn.Module):
                 x = block(x, t, None, None, plan, i)
         if pin and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
-                       device=self.device, offloaded=offload)
+        return keys, values
 
     # ------------------------------------------------------------------ LoRA
     def load_lora(self, path: Union[str, os.PathLike], name: str, multiplier: float = 1.0) -> List[str]:

@@ -42,11 +42,10 @@ under ``torch.no_grad``).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -356,22 +355,7 @@ class ContextParallel:
                     f"sharded for sequence-parallel rank {cache.sp_rank} of {cache.sp_size}, this rank is "
                     f"{self.sp_rank} of {self.sp_size} (build the cache with the same context-parallel model)"
                 )
-            if cache.depth != cfg.depth:
-                problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
-            if tuple(cache.grid_hw) != (Nh, Nw):
-                problems.append(f"built for a token grid {tuple(cache.grid_hw)} per frame, hidden_states give {(Nh, Nw)}")
-            if cache.dtype != model.dtype:
-                problems.append(f"dtype {cache.dtype}, model dtype {model.dtype}")
-            if cache.device != model.device:
-                problems.append(f"device {cache.device}, model on {model.device}")
-            if cache.batch not in (1, B):
-                problems.append(f"batch {cache.batch}, expected 1 or {B}")
-            hl = cfg.num_heads // self.sp_size
-            shape = (cache.batch, cache.num_frames * Nh * Nw, hl, cfg.head_dim)
-            if not problems and tuple(cache.keys[0].shape) != shape:
-                problems.append(f"tensors of shape {list(cache.keys[0].shape)}, expected {list(shape)}")
-            if problems:
-                raise ValueError("kv_cache: " + "; ".join(problems))
+            model._check_cache(cache, B, Nh, Nw, heads=cfg.num_heads // self.sp_size, problems=problems)
             heads = slice(None)
         else:
             model._check_cache(cache, B, Nh, Nw)
@@ -388,27 +372,11 @@ class ContextParallel:
     def forward(self, model, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, *,
                 num_cond_latents: int = 0, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
         """``LongCatDiT.forward`` across the ranks (same arguments, same result on every rank)."""
-        from .modules.attention import AttnPlan
-
         cfg = model.config
         B, T, H, W = model._check_latents(hidden_states, "hidden_states")[:4]
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
-        if isinstance(num_cond_latents, bool) or not isinstance(num_cond_latents, numbers.Integral):
-            raise TypeError(f"num_cond_latents: expected an int, got {type(num_cond_latents).__name__}")
-        num_cond_latents = int(num_cond_latents)
-        if kv_cache is not None:
-            if not isinstance(kv_cache, KVCache):
-                raise TypeError(f"kv_cache: expected a KVCache, got {type(kv_cache).__name__}")
-            c = kv_cache.num_frames
-            if num_cond_latents not in (0, c):
-                raise ValueError(
-                    f"num_cond_latents: with a kv_cache of {c} frames expected 0 or {c}, got {num_cond_latents}"
-                )
-        elif not 0 <= num_cond_latents <= T:
-            raise ValueError(
-                f"num_cond_latents: expected 0 <= num_cond_latents <= T={T} latent frames, got {num_cond_latents}"
-            )
+        num_cond_latents = model._check_num_cond(num_cond_latents, kv_cache, T)
 
         # CFG split: with an even batch each CFG group runs its half.
         batch_split = self.cfg_size == 2 and B % 2 == 0
@@ -430,22 +398,8 @@ class ContextParallel:
         m = self.slots_per_frame(hw)
         x = self._shard_tokens(model.x_embedder(xs.to(model.dtype)), T, hw, m)
 
-        bsa = cfg.bsa_settings() if cfg.enable_bsa else {}
-        if kv_cache is not None:
-            c = kv_cache.num_frames
-            plan = AttnPlan(
-                mode="cache", grid=(T, Nh, Nw), rope=model._rope((c + T, Nh, Nw), x.device), frame_offset=c,
-                use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend, cache=cache_local.reader(),
-            )
-            c_local = 0
-        else:
-            c = num_cond_latents
-            plan = AttnPlan(
-                mode="prefix" if c else "full", grid=(T, Nh, Nw), rope=model._rope((T, Nh, Nw), x.device),
-                prefix_tokens=c * hw, use_bsa=cfg.enable_bsa, bsa=bsa, backend=cfg.attn_backend,
-                skip_cross=(c == T),
-            )
-            c_local = c
+        plan = model._step_plan((T, Nh, Nw), x.device, num_cond_latents, cache_local)
+        c_local = 0 if kv_cache is not None else num_cond_latents
         local = self._local_plan(plan, T, hw, m, c_local)
         for i, block in enumerate(model.blocks):
             x = block(x, t, y, y_mask, local, i)
@@ -464,8 +418,6 @@ class ContextParallel:
     @torch.no_grad()
     def build_kv_cache(self, model, cond_latents: torch.Tensor, *, offload: bool = False) -> ShardedKVCache:
         """``LongCatDiT.build_kv_cache`` across the SP group: each rank keeps its heads."""
-        from .modules.attention import AttnPlan
-
         cfg = model.config
         Bc, c, H, W = model._check_latents(cond_latents, "cond_latents")[:4]
         _, ph, pw = cfg.patch_size
@@ -474,34 +426,9 @@ class ContextParallel:
         m = self.slots_per_frame(hw)
         x = self._shard_tokens(model.x_embedder(cond_latents.to(model.dtype)), c, hw, m)
         t = model._embed_timestep(torch.zeros(Bc, c, device=model.device), Bc, c)
-        pin = offload and torch.cuda.is_available()
-        keys: List[Optional[torch.Tensor]] = [None] * cfg.depth
-        values: List[Optional[torch.Tensor]] = [None] * cfg.depth
-
-        def store(t_: torch.Tensor) -> torch.Tensor:
-            if offload:
-                dst = torch.empty(t_.shape, dtype=t_.dtype, device="cpu", pin_memory=pin)
-                dst.copy_(t_, non_blocking=pin)
-                return dst
-            return t_.contiguous()
-
-        def record(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            keys[layer], values[layer] = store(k), store(v)
-
-        plan = AttnPlan(
-            mode="build", grid=(c, Nh, Nw), rope=model._rope((c, Nh, Nw), x.device),
-            use_bsa=cfg.enable_bsa, bsa=cfg.bsa_settings() if cfg.enable_bsa else {},
-            backend=cfg.attn_backend, record=record, skip_cross=True,
+        keys, values = model._record_kv(
+            x, t, (c, Nh, Nw), offload, shard_plan=lambda plan: self._local_plan(plan, c, hw, m, 0)
         )
-        local = self._local_plan(plan, c, hw, m, 0)
-        last = cfg.depth - 1
-        for i, block in enumerate(model.blocks):
-            if i == last:
-                block.forward_kv_only(x, t, local, i)
-            else:
-                x = block(x, t, None, None, local, i)
-        if pin and model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
         h0, _ = self.head_range(cfg.num_heads)
         return ShardedKVCache(
             keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=model.dtype, device=model.device,
