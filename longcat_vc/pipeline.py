@@ -583,17 +583,29 @@ class VideoContinuationPipeline:
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
         return num_frames, num_cond_frames, steps, float(g), output_type
 
-    def _load_video(self, video) -> Tuple[VideoFrames, str]:
+    def _load_video(self, video, num_cond_frames: int) -> VideoFrames:
+        """The input clip at about ``TARGET_FPS``; ValueError when it has fewer than
+        ``num_cond_frames`` frames (after subsampling)."""
         if isinstance(video, (str, os.PathLike)):
             vf = read_video(video, target_fps=TARGET_FPS)
         else:
             vf = as_video_frames(video)
             if isinstance(video, VideoFrames) and vf.fps:
                 vf = subsample_to_fps(vf, TARGET_FPS)[0]
-        note = ""
-        if vf.stride > 1:
-            note = f" (after subsampling {vf.fps * vf.stride:g} fps by {vf.stride} to about {TARGET_FPS:g} fps)"
-        return vf, note
+        if vf.num_frames < num_cond_frames:
+            note = ""
+            if vf.stride > 1:
+                note = f" (after subsampling {vf.fps * vf.stride:g} fps by {vf.stride} to about {TARGET_FPS:g} fps)"
+            raise ValueError(
+                f"the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
+            )
+        return vf
+
+    def _schedule(self, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DiT timesteps and sigmas of ``steps`` denoising steps in the current mode's schedule."""
+        return vc_timesteps(
+            steps, self.shift, MODE_DEFAULTS[self._mode]["schedule"], num_train_timesteps=self.num_train_timesteps
+        )
 
     @staticmethod
     def _generator(generator, device: torch.device) -> Optional[torch.Generator]:
@@ -789,16 +801,10 @@ class VideoContinuationPipeline:
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        vf, note = self._load_video(video)
-        if vf.num_frames < num_cond_frames:
-            raise ValueError(
-                f"the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
-            )
+        vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         generator = self._generator(generator, self.device)
-        timesteps, sigmas = vc_timesteps(
-            steps, self.shift, MODE_DEFAULTS[self._mode]["schedule"], num_train_timesteps=self.num_train_timesteps
-        )
+        timesteps, sigmas = self._schedule(steps)
 
         timings: Dict[str, Any] = {}
         t0 = timer.now()
@@ -903,16 +909,10 @@ class VideoContinuationPipeline:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
 
-        vf, note = self._load_video(video)
-        if vf.num_frames < num_cond_frames:
-            raise ValueError(
-                f"the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
-            )
+        vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         generator = self._generator(generator, self.device)
-        timesteps, sigmas = vc_timesteps(
-            steps, self.shift, MODE_DEFAULTS[self._mode]["schedule"], num_train_timesteps=self.num_train_timesteps
-        )
+        timesteps, sigmas = self._schedule(steps)
         from tqdm.auto import tqdm
 
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
