@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
+    from bench.suites.dit_common import init_random_
     from longcat_vc import DiTConfig, LongCatDiT
     from longcat_vc.parallel import init_distributed, set_multigpu_env_defaults
 
@@ -121,16 +122,9 @@ def main(argv=None) -> int:
     model = LongCatDiT(cfg, device=device, dtype=dtype).eval().requires_grad_(False)
     g = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            buf = torch.empty(p.shape, dtype=torch.float32, device=device)
-            if p.dim() >= 2:
-                buf.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                buf.normal_(0.0, 0.02, generator=g)
-            else:
-                buf.normal_(1.0, 0.1, generator=g)
-            p.copy_(buf)
-            if run is not None:
+        init_random_(model, g)
+        if run is not None:
+            for p in model.parameters():
                 dist.broadcast(p.data, src=0)
         B = args.batch
         x = torch.randn(B, 16, t_lat - c, h, w, generator=g, device=device, dtype=torch.float32)

@@ -97,24 +97,6 @@ def build_tokenizer(folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def init_random_(model, seed):
-    """W ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), 1-D scales ~ 1 + N(0, 0.1^2)."""
-    import torch
-
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            buf = torch.empty(p.shape, dtype=torch.float32, device=dev)
-            if p.dim() >= 2:
-                buf.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                buf.normal_(0.0, 0.02, generator=g)
-            else:
-                buf.normal_(1.0, 0.1, generator=g)
-            p.copy_(buf)
-
-
 def write_random_cfg_step_lora(path, config, rank, seed):
     """cfg-step LoRA targets of every block in LongCat's format (SPEC 8), small random up weights."""
     import torch
@@ -188,6 +170,7 @@ def main(argv=None):
     from transformers import UMT5Config, UMT5EncoderModel
 
     sys.path.insert(0, REPO)
+    from bench.suites.dit_common import init_random_
     from longcat_vc import DiTConfig, LongCatDiT
     from longcat_vc.pipeline import VideoContinuationPipeline
 
@@ -210,7 +193,7 @@ def main(argv=None):
         text_dim, t_heads, t_dkv, t_ff = 4096, 64, 64, 10240
         resolution = args.resolution
     dit = LongCatDiT(dcfg, device=device, dtype=dtype)
-    init_random_(dit, args.seed)
+    init_random_(dit, torch.Generator(device=device).manual_seed(args.seed))
     dit.eval()
     if args.vae == "tiny" or smoke:
         vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
