@@ -81,22 +81,6 @@ PROMPT = ("A person rides a motorcycle along a long straight road between the wa
           "hillside; the camera follows the rider as the scenery passes")
 
 
-def build_tokenizer(folder):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                            model_max_length=512).save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
-
-
 def write_random_cfg_step_lora(path, config, rank, seed):
     """cfg-step LoRA targets of every block in LongCat's format (SPEC 8), small random up weights."""
     import torch
@@ -171,6 +155,7 @@ def main(argv=None):
 
     sys.path.insert(0, REPO)
     from bench.suites.dit_common import init_random_
+    from bench.word_tokenizer import build_word_tokenizer
     from longcat_vc import DiTConfig, LongCatDiT
     from longcat_vc.pipeline import VideoContinuationPipeline
 
@@ -206,7 +191,7 @@ def main(argv=None):
                       relative_attention_num_buckets=32, relative_attention_max_distance=128)
     text_encoder = UMT5EncoderModel(tcfg).to(device=device, dtype=dtype).eval()
     work = tempfile.mkdtemp(prefix="vc_e2e_")
-    tokenizer = build_tokenizer(os.path.join(work, "tokenizer"))
+    tokenizer = build_word_tokenizer(os.path.join(work, "tokenizer"), WORDS)
     lora_path = os.path.join(work, "cfg_step_lora.safetensors")
     write_random_cfg_step_lora(lora_path, dcfg, rank=8 if smoke else 128, seed=args.seed + 1)
     pipe = VideoContinuationPipeline(dit, vae, text_encoder, tokenizer, {"shift": 12.0, "num_train_timesteps": 1000})

@@ -32,22 +32,10 @@ TEXT_DIM = 32
 
 
 def build_tokenizer(folder: str):
-    """Word-level tokenizer (pad 0, eos 1, unk 2) saved to ``folder``; returns the loaded one."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """Word-level tokenizer over ``WORDS`` (pad 0, eos 1, unk 2) saved to ``folder``; returns the loaded one."""
+    from bench.word_tokenizer import build_word_tokenizer
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
-    )
-    fast.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return build_word_tokenizer(folder, WORDS)
 
 
 def build_text_encoder(seed: int = 0):
