@@ -36,6 +36,24 @@ def _block_rows(blk, r, T, HH, WW, nH, nW, CT: tl.constexpr, CH: tl.constexpr, C
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _selected_key_rows(p_idx, j, n_sel, o_slot, o_rk, Tk, HH, WW, nHk, nWk,
+                       CKT: tl.constexpr, CKH: tl.constexpr, CKW: tl.constexpr, BPI: tl.constexpr):
+    """Sequence rows (int64) and mask of the BPI selected key blocks from selection entry j on.
+
+    o_slot / o_rk: [BLOCK_N] block slot and row inside the block of each tile row; slots past
+    n_sel are masked. Shared by the forward and the dq kernels (same walk over the selection)."""
+    if BPI == 1:
+        kb = tl.load(p_idx + j)
+        seq_k, m_k = _block_rows(kb, o_rk, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
+    else:
+        m_sel = (j + o_slot) < n_sel
+        kb = tl.load(p_idx + j + o_slot, mask=m_sel, other=0)
+        seq_k, m_k = _block_rows(kb, o_rk, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
+        m_k = m_k & m_sel
+    return seq_k.to(tl.int64), m_k
+
+
 @triton.jit(do_not_specialize=["Tq", "Tk", "HH", "WW", "nHq", "nWq", "nHk", "nWk", "NQ", "MAX_SEL"])
 def bsa_fwd_kernel(
     q, k, v, o, lse, idx, cnt,
@@ -76,15 +94,8 @@ def bsa_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for j in range(0, n_sel, BPI):
-        if BPI == 1:
-            kb = tl.load(p_idx + j)
-            seq_k, m_k = _block_rows(kb, o_rk, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
-        else:
-            m_sel = (j + o_slot) < n_sel
-            kb = tl.load(p_idx + j + o_slot, mask=m_sel, other=0)
-            seq_k, m_k = _block_rows(kb, o_rk, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
-            m_k = m_k & m_sel
-        seq_k = seq_k.to(tl.int64)
+        seq_k, m_k = _selected_key_rows(p_idx, j, n_sel, o_slot, o_rk, Tk, HH, WW, nHk, nWk,
+                                        CKT, CKH, CKW, BPI)
         p_k = k_base + seq_k[:, None] * s_ks + o_d[None, :]
         p_v = v_base + seq_k[:, None] * s_vs + o_d[None, :]
         if EVEN_K and BPI == 1:
@@ -330,15 +341,8 @@ def bsa_bwd_dq_kernel(
     v_base = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
     b_dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for j in range(0, n_sel, BPI):
-        if BPI == 1:
-            kb = tl.load(p_idx + j)
-            seq_k, m_k = _block_rows(kb, o_rk, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
-        else:
-            m_sel = (j + o_slot) < n_sel
-            kb = tl.load(p_idx + j + o_slot, mask=m_sel, other=0)
-            seq_k, m_k = _block_rows(kb, o_rk, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
-            m_k = m_k & m_sel
-        seq_k = seq_k.to(tl.int64)
+        seq_k, m_k = _selected_key_rows(p_idx, j, n_sel, o_slot, o_rk, Tk, HH, WW, nHk, nWk,
+                                        CKT, CKH, CKW, BPI)
         p_k = k_base + seq_k[:, None] * s_ks + o_d[None, :]
         p_v = v_base + seq_k[:, None] * s_vs + o_d[None, :]
         if EVEN_K and BPI == 1:
