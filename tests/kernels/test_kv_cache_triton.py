@@ -278,13 +278,14 @@ def test_prefix_attn_triton_bf16_gpu(S, P):
 
 
 @pytest.mark.triton_gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
 @pytest.mark.parametrize("grid,c,chunk", [((6, 30, 52), 2, (4, 4, 4)), ((5, 7, 9), 3, (2, 4, 4))])
-def test_kv_cache_bsa_triton_bf16_gpu(grid, c, chunk):
+def test_kv_cache_bsa_triton_bf16_gpu(grid, c, chunk, backend):
     B, H, D = 2, 4, 128
     q, k, v, kc, vc = _bsa_inputs(grid, c, 1, torch.bfloat16, H=H, D=D, B=B)
     rope = Rope3D(grid, D, device="cuda")
     bs = BlockSparseParams(sparsity=0.75, chunk_q=chunk, frame_hw=grid[1:])
-    out = attn_with_kv_cache(q, k, v, kc, vc, rope=rope, block_sparse=bs, backend="triton")
+    out = attn_with_kv_cache(q, k, v, kc, vc, rope=rope, block_sparse=bs, backend=backend)
     q, k = apply_rope_3d(q, rope, c), apply_rope_3d(k, rope, c)
     K, V = _cat(kc, k), _cat(vc, v)
     sel = select_blocks(q, K, grid_q=(grid[0] - c, *grid[1:]), grid_k=grid, chunk_q=chunk,
@@ -292,6 +293,16 @@ def test_kv_cache_bsa_triton_bf16_gpu(grid, c, chunk):
     m = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, chunk, chunk)
     exp, _ = attention_oracle(q, K, V, mask=m)
     assert_close(out, exp, baseline=attention_lowp(q, K, V, mask=m))
+
+
+def test_auto_routes_block_sparse_to_the_triton_kernel():
+    """backend="auto" on CUDA with block_sparse= must take the Triton two-segment kernel, never the
+    torch reference (cuDNN has no block-sparse mode); the dense call keeps the measured choice."""
+    q = torch.empty(1, 4, 1, 8)
+    bs = BlockSparseParams(sparsity=0.5)
+    assert kt.auto_impl("attn_with_kv_cache", q, bs) is kt.attn_with_kv_cache_triton
+    with pytest.raises(ValueError, match="attn_with_kv_cache only"):
+        kt.auto_impl("prefix_attn", q, bs)
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -240,13 +240,10 @@ def attn_with_kv_cache(
     b = resolve_backend("attn_with_kv_cache", backend, q, k, v)
     if b == "triton" and backend == "auto":
         # auto on CUDA: fused Triton kernel or Triton prologue + cuDNN, whichever measured faster
-        # (triton.py table); None = block-sparse, not in the triton backend yet -> torch path
+        # (triton.py table); block-sparse always takes the Triton kernel over the two segments
         from .triton import auto_impl
 
-        impl = auto_impl("attn_with_kv_cache", q, block_sparse)
-        if impl is not None:
-            return impl(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
-        b = "torch"
+        return auto_impl("attn_with_kv_cache", q, block_sparse)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     if b != "torch":
         return get_impl("attn_with_kv_cache", b)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     with torch.no_grad():

@@ -692,11 +692,13 @@ def preferred_impl(op: str, q: torch.Tensor) -> str:
 def auto_impl(op: str, q: torch.Tensor, block_sparse=None):
     """Implementation for backend="auto" once it resolved to triton on CUDA tensors.
 
-    Returns the function to call, or None when the torch path must run (block-sparse, which the
-    triton backend does not implement yet). `LONGCAT_KERNELS_BACKEND=triton` forces the fused kernel.
+    Block-sparse calls always take the Triton kernel over the two segments (cuDNN has no
+    block-sparse mode). `LONGCAT_KERNELS_BACKEND=triton` forces the fused kernel.
     """
     if block_sparse is not None:
-        return None
+        if op != "attn_with_kv_cache":
+            raise ValueError(f"auto_impl: block_sparse applies to attn_with_kv_cache only, not {op}")
+        return attn_with_kv_cache_triton
     forced = os.environ.get("LONGCAT_KERNELS_BACKEND", "").strip().lower() == "triton"
     if not forced and preferred_impl(op, q) == "cudnn":
         return attn_with_kv_cache_cudnn if op == "attn_with_kv_cache" else prefix_attn_cudnn
