@@ -16,6 +16,7 @@ If compilation fails, a warning says why and the eager path is used from then on
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from typing import Callable, Dict, Optional
 
@@ -83,17 +84,35 @@ def _compiling() -> bool:
         return False
 
 
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=True, fullgraph=True)``, built once per function."""
-    c = _compiled.get(fn)
+def _signature(x: torch.Tensor, args: tuple) -> tuple:
+    """The dtypes (and non-tensor constants) of one call: one compiled copy per signature."""
+    return (x.dtype,) + tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def compiled(fn: Callable, signature: tuple = ()) -> Callable:
+    """``torch.compile(fn, dynamic=True, fullgraph=True)``, built once per (function, signature).
+
+    Dynamo keeps its compiled graphs, and its recompile limit (8), per *code object*. One graph per
+    dtype signature x {batch 1, batch >= 2} x {per-frame, per-video modulation} already adds up to
+    the limit in a process that runs fp32, bf16 and fp16 models (seen on the H100 in the GPU tests:
+    the limit was hit and the island fell back to eager). Each signature therefore compiles its own
+    copy of ``fn``'s code, so only the shape variants of one dtype signature share a limit.
+    """
+    key = (fn, signature)
+    c = _compiled.get(key)
     if c is None:
-        c = torch.compile(fn, dynamic=True, fullgraph=True)
-        _compiled[fn] = c
+        code = fn.__code__.replace()  # a new code object: its own dynamo cache
+        copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        c = torch.compile(copy, dynamic=True, fullgraph=True)
+        _compiled[key] = c
     return c
 
 
 def _run(fn: Callable, x: torch.Tensor, *args):
-    if not (_FUSE and x.is_cuda) or _compiling() or fn in _failed:
+    if not (_FUSE and x.is_cuda) or _compiling():
+        return fn(x, *args)
+    sig = _signature(x, args)
+    if (fn, sig) in _failed:
         return fn(x, *args)
     if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)):
         # A view carries guards on its base's sizes/strides: every new base shape (batch 1 vs 2,
@@ -102,12 +121,12 @@ def _run(fn: Callable, x: torch.Tensor, *args):
         x = x.detach()
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
-        return compiled(fn)(x, *args)
+        return compiled(fn, sig)(x, *args)
     except Exception as e:  # compilation problems (no compiler, triton mismatch...): say so once
-        _failed[fn] = f"{type(e).__name__}: {e}"
+        _failed[(fn, sig)] = f"{type(e).__name__}: {e}"
         warnings.warn(
-            f"longcat_vc: fused {fn.__name__.lstrip('_')} could not be compiled ({_failed[fn][:300]}); "
-            "using the eager fp32 path (set LONGCAT_KERNELS_FUSE_ISLANDS=0 to silence)",
+            f"longcat_vc: fused {fn.__name__.lstrip('_')} ({', '.join(map(str, sig))}) could not be compiled "
+            f"({_failed[(fn, sig)][:300]}); using the eager fp32 path (set LONGCAT_KERNELS_FUSE_ISLANDS=0 to silence)",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -35,3 +35,17 @@ def test_compiled_islands_equal_eager(dtype):
             fused = norms.compiled(fn)(*args)
             assert fused.dtype == eager.dtype == dtype, fn.__name__
             assert rel_l2(fused, eager) < tol, fn.__name__
+
+
+def test_each_dtype_signature_compiles_its_own_code_object():
+    """Dynamo's recompile limit is per code object: fp32/bf16/fp16 models in one process must not
+    share one (they did on the H100 and the island fell back to eager)."""
+    a = norms.compiled(norms._rms_norm, (torch.float32, torch.float32, 1e-6))
+    b = norms.compiled(norms._rms_norm, (torch.bfloat16, torch.bfloat16, 1e-6))
+    assert a is norms.compiled(norms._rms_norm, (torch.float32, torch.float32, 1e-6))
+    assert a is not b
+    fa, fb = (getattr(c, "_torchdynamo_orig_callable", None) for c in (a, b))
+    if fa is not None and fb is not None:
+        assert fa.__code__ is not fb.__code__ and fa.__code__ is not norms._rms_norm.__code__
+    x = torch.randn(2, 3, 8)
+    assert norms._signature(x, (torch.ones(8), 1e-6)) == (torch.float32, torch.float32, 1e-6)
