@@ -12,9 +12,12 @@ timings after warm-up, triton.testing.do_bench):
   unfused          repeat batch-1 cache + cat + fp32 eager RoPE over q and all keys + SDPA cuDNN
   triton_op        attn_with_kv_cache_triton(rope=rope): k rope kernel + fused attention (q rope
                    inside), on normed q/k
-  cudnn_op         attn_with_kv_cache_cudnn(rope=rope): rope prologue into a KV buffer + cuDNN
+  cudnn_op         attn_with_kv_cache_cudnn(rope=rope): rope prologue + two cuDNN calls (queries over
+                   the cache, over the fresh keys) merged by lse, no KV copy
+  cudnn_split_norm qk_norm_rope_triton + attn_with_kv_cache_cudnn(rope=None) (the DiT's path)
   triton_norm      qk_norm_rope_triton (RMSNorm+RoPE) + attn_with_kv_cache_triton(rope=None)
-  cudnn_norm       qk_norm_rope_triton writing k into the KV buffer tail + v/cache copies + cuDNN
+  cudnn_norm       qk_norm_rope_triton writing k into a KV buffer tail + v/cache copies + one cuDNN
+                   call (the previous route, for comparison)
   prefix_*         cache-off rule: prefix_attn_triton vs two cuDNN calls, S = cache + fresh
 Also sweeps the attention kernel's launch shapes and the prologue's tile shape (times per config
 in the JSON) and times the main table with the best ones.
@@ -153,6 +156,8 @@ def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, swee
     ok &= check("triton_op", o)
     o = kvt.attn_with_kv_cache_cudnn(qn, kn, v, k_cache, v_cache, rope, scale)
     ok &= check("cudnn_op", o)
+    o = kvt.attn_with_kv_cache_cudnn(q_rot, k_rot, v, k_cache, v_cache, None, scale)
+    ok &= check("cudnn_split", o)
     # prologue (norm + rope) parity against eager: should be exact up to rare 1-ulp roundings
     pq, pk = rpt.qk_norm_rope_triton(q_raw, k_raw, qw, kw, rope, c, 1e-6)
     par["prologue_q_vs_eager"] = rel(pq, q_rot)
@@ -250,6 +255,11 @@ def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, swee
         vbuf[:, Sc:].copy_(v)
         return sdpa_cudnn(qq, kbuf, vbuf, scale)
 
+    def cudnn_split_norm():
+        # what the DiT runs: qk_norm_rope, then the cuDNN route without rope (two calls + merge)
+        qq, kk = rpt.qk_norm_rope_triton(q_raw, k_raw, qw, kw, rope, c, 1e-6)
+        return kvt.attn_with_kv_cache_cudnn(qq, kk, v, k_cache, v_cache, None, scale)
+
     def triton_norm():
         qq, kk = rpt.qk_norm_rope_triton(q_raw, k_raw, qw, kw, rope, c, 1e-6)
         return kvt.attn_with_kv_cache_triton(qq, kk, v, k_cache, v_cache, None, scale)
@@ -267,6 +277,8 @@ def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, swee
         "prologue_only": lambda: rpt.qk_norm_rope_triton(q_raw, k_raw, qw, kw, rope, c, 1e-6),
         "triton_norm": triton_norm,
         "cudnn_norm": cudnn_norm,
+        "cudnn_split_norm": cudnn_split_norm,
+        "cudnn_split_attn_only": lambda: kvt.attn_with_kv_cache_cudnn(q_rot, k_rot, v, k_cache, v_cache, None, scale),
         "cudnn_norm_persistent_buf": cudnn_norm_persistent,
         "prefix_triton": lambda: kvt.prefix_attn_triton(qfull, K, V, Sc, scale),
         "prefix_cudnn_2calls": lambda: kvt.prefix_attn_cudnn(qfull, K, V, Sc, scale),

@@ -51,6 +51,30 @@ def _family(name: str) -> str:
     return "other"
 
 
+def _gaps(prof, path: str) -> dict:
+    """Idle time between consecutive GPU kernels of one profiled step (from the chrome trace)."""
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        ev = json.load(f)["traceEvents"]
+    os.remove(path)
+    ks = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in ev
+                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not ks:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "n_gaps_over_50us": 0, "largest": []}
+    gaps, busy, end = [], 0.0, ks[0][1]
+    busy = ks[0][1] - ks[0][0]
+    prev = ks[0][2]
+    for t0, t1, name in ks[1:]:
+        if t0 > end:
+            gaps.append(((t0 - end) / 1e3, prev, name))
+        busy += max(0.0, t1 - max(t0, end))
+        if t1 > end:
+            end, prev = t1, name
+    gaps.sort(reverse=True)
+    return {"span_ms": (end - ks[0][0]) / 1e3, "busy_ms": busy / 1e3, "idle_ms": sum(g[0] for g in gaps),
+            "n_gaps_over_50us": sum(1 for g in gaps if g[0] > 0.05), "largest": gaps[:10]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -110,6 +134,11 @@ def main() -> None:
                         f = _family(ev.key)
                         fam[f] = fam.get(f, 0.0) + t / 1e3
                     rows.sort(reverse=True)
+                    case[f"profile_{tag}_gaps"] = _gaps(prof, os.path.join(args.out, f"trace_{tag}_{c}.json"))
+                    g = case[f"profile_{tag}_gaps"]
+                    print(f"  {tag}: kernels span {g['span_ms']:.1f} ms, busy {g['busy_ms']:.1f} ms, idle "
+                          f"{g['idle_ms']:.1f} ms in {g['n_gaps_over_50us']} gaps > 50 us; largest: "
+                          + "; ".join(f"{x[0]:.2f} ms after {x[1][:40]} before {x[2][:40]}" for x in g["largest"][:4]))
                     case[f"profile_{tag}_families_ms"] = dict(sorted(fam.items(), key=lambda kv: -kv[1]))
                     case[f"profile_{tag}_top"] = rows[:25]
                     print(f"  {tag}: " + ", ".join(f"{k} {v:.1f}" for k, v in case[f"profile_{tag}_families_ms"].items()))

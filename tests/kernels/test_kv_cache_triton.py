@@ -295,6 +295,23 @@ def test_kv_cache_bsa_triton_bf16_gpu(grid, c, chunk, backend):
     assert_close(out, exp, baseline=attention_lowp(q, K, V, mask=m))
 
 
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("B,S,H,D,S1,S2", [(2, 37, 3, 64, 21, 50), (1, 5, 2, 32, 1, 7), (2, 16, 1, 48, 16, 16)])
+def test_merge_partial_attention_equals_attention_over_all_keys(dtype, B, S, H, D, S1, S2):
+    """The cuDNN route's merge: two attentions over disjoint key sets + their lse == one attention."""
+    q, k, v = (make_tensor((B, n, H, D), dtype) for n in (S, S1 + S2, S1 + S2))
+    o1, l1 = attention_oracle(q, k[:, :S1], v[:, :S1])
+    o2, l2 = attention_oracle(q, k[:, S1:], v[:, S1:])
+    # lse in [B, H, S]; o_i as strided views of a wider buffer (non-contiguous inputs)
+    wide = torch.empty(B, S, H, 2 * D, dtype=dtype)
+    wide[..., D:] = o2.to(dtype)
+    out = kt.merge_partial_attention(o1.to(dtype), l1.float(), wide[..., D:], l2.float().transpose(1, 2).contiguous().transpose(1, 2))
+    exp, _ = attention_oracle(q, k, v)
+    assert out.dtype == dtype and out.is_contiguous() and not out.isnan().any()
+    assert_close(out, exp, baseline=exp.to(dtype))
+
+
 def test_auto_routes_block_sparse_to_the_triton_kernel():
     """backend="auto" on CUDA with block_sparse= must take the Triton two-segment kernel, never the
     torch reference (cuDNN has no block-sparse mode); the dense call keeps the measured choice."""

@@ -21,8 +21,9 @@ Softmax: online, fp32 statistics, exp2 with `scale * log2(e)` folded into one mu
 fresh k is rotated by the rope kernel into a temporary; cached keys are never touched.
 
 A second implementation of the same ops ("prologue + cuDNN", `*_cudnn` below): a Triton prologue
-rotates q/k and writes k, v straight into a preallocated `[B, Sc + Sn, H, D]` buffer whose cache
-part is filled by one copy, then cuDNN SDPA. `preferred_impl()` says which one is faster (table
+rotates fresh q/k (when RoPE is asked for), then two cuDNN SDPA calls, queries over the cache (a
+batch-1 cache read once, the batch folded into the query rows) and over the fresh keys, merged by
+their log-sum-exp in one Triton pass; no concatenation, no copy of the cache. `preferred_impl()` says which one is faster (table
 measured on the device, see bench/results/h100/).
 
 Forward only: inputs requiring grad raise. Outputs are BSHD-contiguous, q's dtype.
@@ -595,6 +596,74 @@ def _sdpa_cudnn(q, k, v, scale):
     return o.transpose(1, 2)
 
 
+def _sdpa_cudnn_lse(q, k, v, scale):
+    """cuDNN SDPA on BSHD views -> (out ``[B, S, H, D]`` view, lse ``[B, H, S]`` fp32, natural log)."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
+    return res[0].transpose(1, 2), res[1]
+
+
+@triton.jit
+def _merge_two_kernel(o1, l1, o2, l2, out, S, H,
+                      s_o1b, s_o1s, s_o1h, s_o2b, s_o2s, s_o2h,
+                      s_l1b, s_l1h, s_l1s, s_l2b, s_l2h, s_l2s,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[b, s, h] = softmax-weighted sum of two partial attentions (o_i, lse_i) over disjoint keys."""
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    o_d = tl.arange(0, BLOCK_D)
+    m_s = o_s < S
+    m = m_s[:, None] & (o_d[None, :] < D)
+    a = tl.load(l1 + i_b * s_l1b + i_h * s_l1h + o_s * s_l1s, mask=m_s, other=0.0)
+    b = tl.load(l2 + i_b * s_l2b + i_h * s_l2h + o_s * s_l2s, mask=m_s, other=0.0)
+    mx = tl.maximum(a, b)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    wa = tl.exp(a - mx)
+    wb = tl.exp(b - mx)
+    inv = 1.0 / (wa + wb)
+    x1 = tl.load(o1 + i_b * s_o1b + i_h * s_o1h + o_s[:, None] * s_o1s + o_d[None, :], mask=m, other=0.0)
+    x2 = tl.load(o2 + i_b * s_o2b + i_h * s_o2h + o_s[:, None] * s_o2s + o_d[None, :], mask=m, other=0.0)
+    y = (x1.to(tl.float32) * (wa * inv)[:, None] + x2.to(tl.float32) * (wb * inv)[:, None])
+    p_out = out + ((i_b * S + o_s[:, None]) * H + i_h) * D + o_d[None, :]
+    tl.store(p_out, y.to(out.dtype.element_ty), mask=m)
+
+
+def merge_partial_attention(o1, lse1, o2, lse2) -> torch.Tensor:
+    """Combine two attentions of the same queries over disjoint key sets.
+
+    ``o_i [B, S, H, D]`` (any strides, unit last stride), ``lse_i [B, H, S]`` fp32 natural-log
+    (any strides) -> contiguous ``[B, S, H, D]`` in o1's dtype, weights computed in fp32.
+    """
+    B, S, H, D = o1.shape
+    out = torch.empty((B, S, H, D), dtype=o1.dtype, device=o1.device)
+    block_s = 16 if _INTERPRET else 32
+    grid = (triton.cdiv(S, block_s), B * H)
+    _merge_two_kernel[grid](
+        o1, lse1, o2, lse2, out, S, H,
+        o1.stride(0), o1.stride(1), o1.stride(2), o2.stride(0), o2.stride(1), o2.stride(2),
+        lse1.stride(0), lse1.stride(1), lse1.stride(2), lse2.stride(0), lse2.stride(1), lse2.stride(2),
+        D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=block_s, num_warps=4,
+    )
+    return out
+
+
+def _cache_part_cudnn(q, k_cache, v_cache, scale):
+    """Attention of fresh queries over the cache alone -> (out ``[B, Sn, H, D]``, lse ``[B, H, Sn]``).
+
+    A batch-1 cache shared by the batch is one call with the batch folded into the query rows
+    (``[1, B*Sn]`` queries against ``[1, Sc]`` keys): no repeat, no copy of the cache.
+    """
+    B, Sn, H, D = q.shape
+    if k_cache.shape[0] == B:
+        return _sdpa_cudnn_lse(q, k_cache, v_cache, scale)
+    o, lse = _sdpa_cudnn_lse(q.reshape(1, B * Sn, H, D), k_cache, v_cache, scale)
+    return o.reshape(B, Sn, H, D), lse.reshape(H, B, Sn).transpose(0, 1)
+
+
 @torch.library.custom_op("longcat_kernels::kv_cache_attn_cudnn_fwd", mutates_args=())
 def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
@@ -602,23 +671,26 @@ def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cos_h: Optional[torch.Tensor], sin_h: Optional[torch.Tensor],
                             cos_w: Optional[torch.Tensor], sin_w: Optional[torch.Tensor],
                             grid_h: int, grid_w: int, scale: float) -> torch.Tensor:
+    """Two cuDNN calls (fresh queries over the cache; over the fresh keys) merged by their lse.
+
+    Nothing is concatenated or copied: the cache is read where it lies (a batch-1 cache with the
+    batch folded into the query rows); with RoPE, a Triton prologue rotates fresh q and k into
+    temporaries first. v is used as given.
+    """
     B, Sn, H, D = q.shape
     Sc = 0 if k_cache is None else k_cache.shape[1]
-    kbuf = torch.empty((B, Sc + Sn, H, D), dtype=k.dtype, device=k.device)
-    vbuf = torch.empty((B, Sc + Sn, H, D), dtype=v.dtype, device=v.device)
-    if Sc:
-        # cache part: one broadcast copy (Bc = 1 expands without a repeat)
-        kbuf[:, :Sc].copy_(k_cache.expand(B, Sc, H, D))
-        vbuf[:, :Sc].copy_(v_cache.expand(B, Sc, H, D))
     tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
     if tables is not None:
         q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        launch_norm_rope(q=q, k=k, v=v, out_q=q_rot, out_k=kbuf[:, Sc:], out_v=vbuf[:, Sc:],
-                         tables=tables, gh=grid_h, gw=grid_w, frame_offset=Sc // (grid_h * grid_w))
-        q = q_rot
-    else:
-        launch_norm_rope(k=k, v=v, out_k=kbuf[:, Sc:], out_v=vbuf[:, Sc:])
-    return _sdpa_cudnn(q, kbuf, vbuf, scale).contiguous()
+        k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        launch_norm_rope(q=q, k=k, out_q=q_rot, out_k=k_rot, tables=tables, gh=grid_h, gw=grid_w,
+                         frame_offset=Sc // (grid_h * grid_w))
+        q, k = q_rot, k_rot
+    if Sc == 0:
+        return _sdpa_cudnn(q, k, v, scale).contiguous()
+    o_c, lse_c = _cache_part_cudnn(q, k_cache, v_cache, scale)
+    o_f, lse_f = _sdpa_cudnn_lse(q, k, v, scale)
+    return merge_partial_attention(o_c, lse_c, o_f, lse_f)
 
 
 @_kv_cache_attn_cudnn_op.register_fake
@@ -629,10 +701,10 @@ def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_
 
 def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None,
                              block_sparse=None):
-    """Same contract as `attn_with_kv_cache_triton`, via prologue + KV buffer + cuDNN SDPA.
+    """Same contract as `attn_with_kv_cache_triton`, via (RoPE prologue) + two cuDNN SDPA calls
+    (queries over the cache, over the fresh keys) merged by their log-sum-exp; no KV copy.
 
-    Needs CUDA bf16/fp16 inputs and cuDNN; for callers that keep their own [cache; fresh] buffer
-    across steps, `qk_norm_rope(..., out_k=buf[:, Sc:])` + SDPA avoids even the cache copy.
+    Needs CUDA bf16/fp16 inputs and cuDNN.
     """
     if block_sparse is not None:
         _block_sparse_unavailable()
