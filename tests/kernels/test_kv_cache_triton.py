@@ -171,6 +171,22 @@ def test_kv_cache_bsa_gating_matches_concat():
 
 
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("Bc", [1, 2])
+def test_kv_cache_bsa_triton_gating_matches_torch_gating(Bc):
+    """The CUDA default gating route (keys concatenated once, Triton pooling/scores/top-k) selects
+    the same blocks as the torch two-segment gating; a partial last block in every axis."""
+    grid, c, chunk = (6, 5, 7), 2, (2, 4, 4)
+    q, k, v, kc, vc = _bsa_inputs(grid, c, Bc, torch.float32, H=2)
+    gq = (grid[0] - c, *grid[1:])
+    a = kt.gate_two_segments(q, k, kc, gq, grid, chunk, chunk, 0.5, None, impl="triton")
+    b = kt.gate_two_segments(q, k, kc, gq, grid, chunk, chunk, 0.5, None, impl="torch")
+    assert torch.equal(a.counts, b.counts)
+    assert torch.equal(a.to_mask(), b.to_mask())
+    with pytest.raises(ValueError, match="impl"):
+        kt.gate_two_segments(q, k, kc, gq, grid, chunk, chunk, 0.5, None, impl="cuda")
+
+
+@pytest.mark.triton_interpret
 def test_kv_cache_bsa_all_blocks_is_dense_and_empty_is_zero():
     grid, c, chunk = (4, 3, 4), 2, (2, 2, 2)
     q, k, v, kc, vc = _bsa_inputs(grid, c, 1, torch.float32)
