@@ -45,14 +45,21 @@ def build():
     return time.time() - t0
 
 
-IMPLS = ("sm90", "sm80")
+IMPLS = ("sm90ws", "sm90", "sm80")
+# warp-specialised dense kernel variants (LONGCAT_KERNELS_SM90WS_VARIANT, csrc/attn_fwd.h)
+WS_VARIANTS = {0: "plain", 1: "intra-WG overlap", 2: "overlap + ping-pong", 3: "overlap + ping-pong, 3 stages",
+               4: "ping-pong only", 5: "intra-WG overlap, 3 stages",
+               6: "intra-WG overlap, O rescale between the GEMMs"}
+# impls whose BSA kernel is a distinct kernel (sm90ws takes the sm90 BSA kernel)
+BSA_IMPLS = ("sm90", "sm80")
 
 
-def set_impl(impl, warpgroups=2, bsa_stages=2):
+def set_impl(impl, warpgroups=2, bsa_stages=2, ws_variant=1):
     """Selects the csrc kernel family for the next calls (read by ops.cpp on every call)."""
     os.environ["LONGCAT_KERNELS_CUDA_IMPL"] = impl
     os.environ["LONGCAT_KERNELS_SM90_WARPGROUPS"] = str(warpgroups)
     os.environ["LONGCAT_KERNELS_SM90_BSA_STAGES"] = str(bsa_stages)
+    os.environ["LONGCAT_KERNELS_SM90WS_VARIANT"] = str(ws_variant)
 
 
 def poison_allocator(numel, dtype=torch.bfloat16):
@@ -257,7 +264,7 @@ def bsa_case(grid, results, do_time=True):
            "rel_l2_bf16_rounding": e_round}
     ok_impl = {}
     out = None
-    for impl in IMPLS:
+    for impl in BSA_IMPLS:
         set_impl(impl)
         poison_allocator(q.numel())
         o_i, l_i = bsa_forward_cuda(q, k, v, sel, scale)
@@ -290,7 +297,7 @@ def bsa_case(grid, results, do_time=True):
     row["effective_flops"] = flops
     row["density"] = flops / dense_flops
     if do_time:
-        for impl in IMPLS:
+        for impl in BSA_IMPLS:
             if not ok_impl[impl]:
                 continue
             set_impl(impl)
@@ -320,7 +327,7 @@ def bsa_case(grid, results, do_time=True):
         ms_d, _ = time_ms(lambda: sdpa_cudnn(q, k, v, scale), reps=5, warmup=1)
         row["cudnn_dense_ms"] = ms_d
         row["cudnn_dense_tflops"] = dense_flops / ms_d / 1e9
-        best = min((row[f"{i}_ms"] for i in IMPLS if f"{i}_ms" in row), default=None)
+        best = min((row[f"{i}_ms"] for i in BSA_IMPLS if f"{i}_ms" in row), default=None)
         if best is not None:
             row["cuda_ms"] = best
             row["cuda_tflops_effective"] = flops / best / 1e9
@@ -330,7 +337,7 @@ def bsa_case(grid, results, do_time=True):
     return ok
 
 
-def kv_case(results, cond=4, do_time=True):
+def kv_case(results, cond=4, do_time=True, with_sm80=True):
     from longcat_kernels.ops.kv_cache_attn.cuda import attn_with_kv_cache_cuda
     from longcat_kernels.ops.rope.api import Rope3D, apply_rope_3d
 
@@ -354,11 +361,13 @@ def kv_case(results, cond=4, do_time=True):
     del o_cudnn
     row = {"op": "attn_with_kv_cache", "cond_latents": cond, "B": B, "H": H, "D": D, "Sq": Sn, "Skv": Sc + Sn,
            "Bc": 1, "rope": True, "rel_l2_cudnn_bf16": e_cudnn, "checked_rows": len(rows)}
-    variants = (("sm90", 2), ("sm90", 1), ("sm80", 2))
+    variants = [("sm90ws", v) for v in WS_VARIANTS] + [("sm90", 2), ("sm90", 1)]
+    if with_sm80:
+        variants.append(("sm80", 2))
     ok_v = {}
     for impl, wgs in variants:
-        name = f"{impl}" if impl == "sm80" else f"{impl}_wg{wgs}"
-        set_impl(impl, wgs)
+        name = f"{impl}" if impl == "sm80" else (f"sm90ws_v{wgs}" if impl == "sm90ws" else f"{impl}_wg{wgs}")
+        set_impl(impl, wgs if impl != "sm90ws" else 2, ws_variant=wgs)
         poison_allocator(q.numel())
         out = attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None)
         torch.cuda.synchronize()
@@ -372,7 +381,7 @@ def kv_case(results, cond=4, do_time=True):
         del out
     ok = all(v[0] for v in ok_v.values())
     row["parity_ok"] = ok
-    row["rel_l2"] = row.get("sm90_wg2_rel_l2", float("nan"))
+    row["rel_l2"] = row.get("sm90ws_v1_rel_l2", float("nan"))
     flops = 4.0 * B * H * Sn * (Sc + Sn) * D
     row["flops"] = flops
     if do_time:
@@ -381,7 +390,7 @@ def kv_case(results, cond=4, do_time=True):
         for name, (good, impl, wgs) in ok_v.items():
             if not good:
                 continue
-            set_impl(impl, wgs)
+            set_impl(impl, wgs if impl != "sm90ws" else 2, ws_variant=wgs)
             ms, _ = time_ms(lambda: attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None), reps=10)
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = flops / ms / 1e9
@@ -390,12 +399,13 @@ def kv_case(results, cond=4, do_time=True):
                 lambda: ops().kv_cache_attn_fwd_cuda(q_r, k_r, v, kc, vc, *[None] * 6, 0, 0, scale), reps=10)
             row[f"{name}_attn_only_ms"] = ms_a
             row[f"{name}_attn_only_tflops"] = flops / ms_a / 1e9
-        set_impl("sm90")
+        set_impl("sm90ws")
         best = min((row[f"{n}_ms"] for n in ok_v if f"{n}_ms" in row), default=None)
         if best is not None:
             row["cuda_ms"] = best
             row["cuda_tflops"] = flops / best / 1e9
             row["cuda_attn_only_ms"] = min(row[f"{n}_attn_only_ms"] for n in ok_v if f"{n}_ms" in row)
+            row["cuda_best"] = min((n for n in ok_v if f"{n}_ms" in row), key=lambda n: row[f"{n}_ms"])
         ms_d, _ = time_ms(lambda: sdpa_cudnn(q_r, k_all, v_all, scale), reps=10)
         row["cudnn_prebuilt_ms"] = ms_d
         row["cudnn_prebuilt_tflops"] = flops / ms_d / 1e9
@@ -413,9 +423,90 @@ def kv_case(results, cond=4, do_time=True):
             row["triton_prologue_cudnn_ms"] = ms_c
         except Exception as ex:  # noqa: BLE001
             row["triton_prologue_cudnn_error"] = f"{type(ex).__name__}: {ex}"[:300]
+        try:
+            # what backend="triton" + "auto" runs today (fused Triton kernel or prologue + cuDNN)
+            from longcat_kernels.ops.kv_cache_attn.triton import auto_impl
+
+            fn = auto_impl("attn_with_kv_cache", q)
+            row["triton_auto_impl"] = fn.__name__
+            ms_a, _ = time_ms(lambda: fn(q, k, v, kc, vc, rope, scale, None), reps=10)
+            row["triton_auto_ms"] = ms_a
+        except Exception as ex:  # noqa: BLE001
+            row["triton_auto_error"] = f"{type(ex).__name__}: {ex}"[:300]
     results.append(row)
     log(json.dumps(row))
     return ok
+
+
+def ws_sweep(results, cond=4, rounds=3, reps=10, variants=None):
+    """Interleaved timing of every sm90ws variant vs cuDNN (pre-built inputs) and the triton auto
+    route at one cached-KV shape: ``rounds`` rounds over all entries, ``reps`` timed calls each;
+    per entry the median over all rounds (robust to clock drift between entries)."""
+    from longcat_kernels.ops.block_sparse_attn.cuda import ops
+    from longcat_kernels.ops.kv_cache_attn.cuda import attn_with_kv_cache_cuda
+    from longcat_kernels.ops.kv_cache_attn.triton import auto_impl
+    from longcat_kernels.ops.rope.api import Rope3D, apply_rope_3d
+
+    T, Hh, Ww = 24, 30, 52
+    B, H, D = 2, 32, 128
+    n = Hh * Ww
+    Sc, Sn = cond * n, (T - cond) * n
+    scale = D**-0.5
+    rope = Rope3D((T, Hh, Ww), D, device="cuda")
+    q, k, v = (torch.randn(B, Sn, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (torch.randn(1, Sc, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q_r = apply_rope_3d(q, rope, frame_offset=cond)
+    k_r = apply_rope_3d(k, rope, frame_offset=cond)
+    k_all = torch.cat([kc.expand(B, -1, -1, -1), k_r], 1)
+    v_all = torch.cat([vc.expand(B, -1, -1, -1), v], 1)
+    flops = 4.0 * B * H * Sn * (Sc + Sn) * D
+    tri = auto_impl("attn_with_kv_cache", q)
+    variants = list(WS_VARIANTS) if variants is None else variants
+    # parity of every variant at this shape first (2048 random query rows, fp32 reference)
+    g = torch.Generator(device="cuda").manual_seed(int(time.time()))
+    rows = torch.randperm(Sn, device="cuda", generator=g)[:2048].sort().values
+    ro, _ = dense_reference_rows(q_r, k_all, v_all, rows, scale)
+    parity = {}
+    for var in variants:
+        set_impl("sm90ws", ws_variant=var)
+        poison_allocator(q.numel())
+        out = attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None)
+        e = rel_l2(out[:, rows], ro)
+        parity[var] = (e, bool(out.isnan().any()))
+        log(f"sweep cond{cond} parity sm90ws v{var}: relL2 {e:.2e} nan {parity[var][1]}")
+        del out
+    del ro
+    entries = {}
+    for var in variants:
+        entries[f"sm90ws_v{var}"] = (var, lambda: attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, scale, None))
+        entries[f"sm90ws_v{var}_attn_only"] = (
+            var, lambda: ops().kv_cache_attn_fwd_cuda(q_r, k_r, v, kc, vc, *[None] * 6, 0, 0, scale))
+    entries["cudnn_prebuilt"] = (None, lambda: sdpa_cudnn(q_r, k_all, v_all, scale))
+    entries["triton_auto"] = (None, lambda: tri(q, k, v, kc, vc, rope, scale, None))
+    times = {name: [] for name in entries}
+    for _ in range(rounds):
+        for name, (var, fn) in entries.items():
+            if var is not None:
+                set_impl("sm90ws", ws_variant=var)
+            _, t = time_ms(fn, reps=reps, warmup=1)
+            times[name] += t
+    set_impl("sm90ws")
+    row = {"op": "ws_sweep", "cond_latents": cond, "Sq": Sn, "Skv": Sc + Sn, "B": B, "H": H, "D": D,
+           "rounds": rounds, "reps": reps, "flops": flops, "triton_auto_impl": tri.__name__}
+    for var, (e, nan) in parity.items():
+        row[f"sm90ws_v{var}_rel_l2"] = e
+        row[f"sm90ws_v{var}_parity_ok"] = e < 1e-2 and not nan
+    for name, t in times.items():
+        t = sorted(t)
+        row[f"{name}_ms"] = t[len(t) // 2]
+        row[f"{name}_min_ms"] = t[0]
+        row[f"{name}_tflops"] = flops / t[len(t) // 2] / 1e9
+    results.append(row)
+    log(json.dumps(row))
+    log(f"\n| cond{cond} sweep ({rounds}x{reps}) | median ms | min ms | TFLOP/s |")
+    log("|---|---|---|---|")
+    for name in times:
+        log(f"| {name} | {row[name + '_ms']:.2f} | {row[name + '_min_ms']:.2f} | {row[name + '_tflops']:.0f} |")
 
 
 def sanitize(out_dir):
@@ -503,6 +594,19 @@ def _tiny_one():
     kc, vc = (torch.randn(1, 60, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     out = attn_with_kv_cache_cuda(q, k, v, kc, vc, rope, 128**-0.5, None)
     ok &= not bool(out.isnan().any())
+    if os.environ.get("LONGCAT_KERNELS_CUDA_IMPL") == "sm90ws":
+        # every warp-specialised variant: partial cache tile (60 of 128), Sq 250 (2 q tiles)
+        q, k, v = (torch.randn(2, 250, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        k_all = torch.cat([kc.expand(2, -1, -1, -1), k], 1)
+        v_all = torch.cat([vc.expand(2, -1, -1, -1), v], 1)
+        ro, _ = dense_reference_rows(q, k_all, v_all, torch.arange(250, device="cuda"), 128**-0.5)
+        for var in WS_VARIANTS:
+            set_impl("sm90ws", ws_variant=var)
+            out = attn_with_kv_cache_cuda(q, k, v, kc, vc, None, 128**-0.5, None)
+            e = rel_l2(out, ro)
+            log(f"tiny sm90ws v{var}: relL2 {e:.2e}")
+            ok &= e < 1e-2
+        set_impl("sm90ws")
     torch.cuda.synchronize()
     return ok
 
@@ -517,6 +621,10 @@ def main():
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-target", action="store_true")
+    ap.add_argument("--kv-only", action="store_true", help="with --real: cached-KV cases only (cond 4 and 16)")
+    ap.add_argument("--no-sm80", action="store_true", help="skip the sm80 kernel in the cached-KV cases")
+    ap.add_argument("--ws-sweep", action="store_true", help="interleaved timing of the sm90ws variants (cond 4, 16)")
+    ap.add_argument("--sweep-variants", default=None, help="comma-separated sm90ws variants for --ws-sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -542,10 +650,18 @@ def main():
     if args.sanitize or args.all:
         summary["sanitizer"] = sanitize(args.out)
     if args.real or args.all:
-        for grid in ((24, 44, 80), (24, 30, 52)):
-            bsa_case(grid, results, do_time=not args.no_time)
+        if not args.kv_only:
+            for grid in ((24, 44, 80), (24, 30, 52)):
+                bsa_case(grid, results, do_time=not args.no_time)
+                torch.cuda.empty_cache()
+        for cond in (4, 16):
+            kv_case(results, cond=cond, do_time=not args.no_time, with_sm80=not args.no_sm80)
             torch.cuda.empty_cache()
-        kv_case(results, cond=4, do_time=not args.no_time)
+    if args.ws_sweep:
+        for cond in (4, 16):
+            vs = None if args.sweep_variants is None else [int(x) for x in args.sweep_variants.split(",")]
+            ws_sweep(results, cond=cond, variants=vs)
+            torch.cuda.empty_cache()
     if args.profile:
         profile(args.out)
     summary["rows"] = results
@@ -560,12 +676,23 @@ def main():
                 f"{r.get('sm90_ms', nan):.2f} (3 stages {r.get('sm90_ks3_ms', nan):.2f}) | {r.get('sm80_ms', nan):.2f} | "
                 f"{r.get('cuda_tflops_effective', nan):.0f} (eff.) | {r.get('triton_ms', nan):.2f} | "
                 f"{r.get('cudnn_dense_ms', nan):.1f} (dense) |")
-        else:
+        elif r["op"] == "attn_with_kv_cache":
             log(f"| kv_cache cond{r['cond_latents']} | {r['Sq']}x{r['Skv']} | "
                 f"{r.get('sm90_wg2_rel_l2', nan):.1e} / {r.get('sm80_rel_l2', nan):.1e} | "
                 f"wg2 {r.get('sm90_wg2_ms', nan):.2f} wg1 {r.get('sm90_wg1_ms', nan):.2f} | {r.get('sm80_ms', nan):.2f} | "
                 f"{r.get('cuda_tflops', nan):.0f} | {r.get('triton_ms', nan):.2f} (prologue+cuDNN "
                 f"{r.get('triton_prologue_cudnn_ms', nan):.2f}) | {r.get('cudnn_prebuilt_ms', nan):.2f} |")
+    log("\n| cached-KV | sm90ws variant | relL2 | ms (with RoPE) | TFLOP/s | attn only ms | TFLOP/s | cuDNN prebuilt ms | triton auto ms |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r["op"] != "attn_with_kv_cache":
+            continue
+        for var, what in WS_VARIANTS.items():
+            n = f"sm90ws_v{var}"
+            log(f"| cond{r['cond_latents']} | v{var} {what} | {r.get(n + '_rel_l2', nan):.2e} | {r.get(n + '_ms', nan):.2f} | "
+                f"{r.get(n + '_tflops', nan):.0f} | {r.get(n + '_attn_only_ms', nan):.2f} | "
+                f"{r.get(n + '_attn_only_tflops', nan):.0f} | {r.get('cudnn_prebuilt_ms', nan):.2f} | "
+                f"{r.get('triton_auto_ms', nan):.2f} |")
 
 
 if __name__ == "__main__":

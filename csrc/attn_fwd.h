@@ -63,6 +63,18 @@ cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_di
 cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
                                        int k_stages, cudaStream_t stream);
 
+// Warp-specialised Hopper forward (csrc/attn_fwd_sm90_ws.cu: TMA producer warpgroup + 2 wgmma
+// consumer warpgroups, FA3 structure), dense two-segment attention, head_dim 128 only.
+// supported: head_dim 128, sm_90a code on a 9.x device, the driver's tensor-map encoder found,
+// 16-byte aligned base pointers and strides that are multiples of 8 elements (TMA).
+// variant: 0 plain, 1 intra-warpgroup overlap (ops.cpp default), 2 overlap + ping-pong, 3 = 2 with 3
+// K/V stages, 4 ping-pong without overlap, 5 overlap with 3 K/V stages, 6 = 1 with the O
+// rescale of tile j-1 issued between the Q K_j^T and P_{j-1} V_{j-1} GEMMs (FA3 order). Returns cudaErrorNotSupported when not supported or
+// when the driver refuses a tensor map (the caller then takes attn_fwd_dense_sm90).
+bool attn_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
+cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant,
+                                  cudaStream_t stream);
+
 // Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
 constexpr int kMaxBlockTokens = 1024;
 

@@ -180,17 +180,41 @@ void check_launch(cudaError_t err, const char* op) {
               " (cudaErrorInvalidValue means an unsupported configuration)");
 }
 
-// Kernel family: "sm90" (wgmma, needs an sm_90a build on a Hopper GPU) or "sm80" (mma.sync).
-// LONGCAT_KERNELS_CUDA_IMPL = auto | sm80 | sm90 (default auto: sm90 where it can run).
+// Kernel family: "sm90ws" (warp-specialised TMA + wgmma, dense D=128 only), "sm90" (wgmma; both
+// need an sm_90a build on a Hopper GPU) or "sm80" (mma.sync).
+// LONGCAT_KERNELS_CUDA_IMPL = auto | sm90ws | sm90 | sm80 (default auto: sm90ws for dense
+// attention where it applies, else sm90 where it can run, else sm80). sm90ws asks for the
+// warp-specialised kernel where it applies (dense, head_dim 128, TMA-compatible strides) and
+// takes sm90 elsewhere; sm90 never takes sm90ws.
+const char* impl_env() { return std::getenv("LONGCAT_KERNELS_CUDA_IMPL"); }
+
 bool use_sm90() {
-  const char* env = std::getenv("LONGCAT_KERNELS_CUDA_IMPL");
+  const char* env = impl_env();
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
   const bool ok = longcat::attn_fwd_sm90_available();
-  LK_CHECK(ok || env == nullptr || std::strcmp(env, "sm90") != 0,
-              "longcat_kernels (cuda): LONGCAT_KERNELS_CUDA_IMPL=sm90 but this build has no sm_90a "
-              "code for this device; rebuild with LONGCAT_KERNELS_CUDA_ARCHS including "
-              "-gencode=arch=compute_90a,code=sm_90a or unset the variable");
+  const bool asked = env != nullptr && (std::strcmp(env, "sm90") == 0 || std::strcmp(env, "sm90ws") == 0);
+  LK_CHECK(ok || !asked, "longcat_kernels (cuda): LONGCAT_KERNELS_CUDA_IMPL=", env,
+              " but this build has no sm_90a code for this device; rebuild with "
+              "LONGCAT_KERNELS_CUDA_ARCHS including -gencode=arch=compute_90a,code=sm_90a or unset "
+              "the variable");
   return ok;
+}
+
+// Whether a dense launch may take the warp-specialised kernel (auto or sm90ws).
+bool allow_sm90ws() {
+  const char* env = impl_env();
+  return env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0 ||
+         std::strcmp(env, "sm90ws") == 0;
+}
+
+// Variant of the warp-specialised kernel (LONGCAT_KERNELS_SM90WS_VARIANT, see attn_fwd.h):
+// 0 plain, 1 intra-warpgroup overlap (default: fastest or tied in every H100 sweep, csrc/NOTES.md),
+// 2 overlap + ping-pong, 3 = 2 with 3 stages,
+// 4 ping-pong only, 5 overlap with 3 stages, 6 overlap with the O rescale between the GEMMs.
+int sm90ws_variant() {
+  const char* env = std::getenv("LONGCAT_KERNELS_SM90WS_VARIANT");
+  if (env != nullptr && env[0] >= '0' && env[0] <= '6' && env[1] == '\0') return env[0] - '0';
+  return 1;
 }
 
 // 64-row query tiles per CTA of the dense sm90 kernel (LONGCAT_KERNELS_SM90_WARPGROUPS, 1 or 2).
@@ -202,7 +226,14 @@ int sm90_warpgroups() {
 
 cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                          cudaStream_t stream) {
-  if (use_sm90()) return longcat::attn_fwd_dense_sm90(p, dtype, d, sm90_warpgroups(), stream);
+  if (use_sm90()) {
+    if (allow_sm90ws() && longcat::attn_fwd_sm90ws_supported(p, d)) {
+      // cudaErrorNotSupported: the driver refused a tensor map; the sm90 kernel takes the call
+      const cudaError_t err = longcat::attn_fwd_dense_sm90ws(p, dtype, d, sm90ws_variant(), stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
+    return longcat::attn_fwd_dense_sm90(p, dtype, d, sm90_warpgroups(), stream);
+  }
   return longcat::attn_fwd_dense(p, dtype, d, stream);
 }
 

@@ -65,6 +65,33 @@ PREFERENCE: Dict[str, Tuple[str, ...]] = {
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Per-shape exception to PREFERENCE (measured): these ops put "cuda" first where the csrc
+# warp-specialised Hopper kernel (csrc/attn_fwd_sm90_ws.cu) runs them: q head_dim 128, bf16/fp16,
+# a compute-capability 9.0 GPU, LONGCAT_KERNELS_CUDA_IMPL unset/auto/sm90ws. H100, cached-KV
+# B2 H32 D128 bf16 with RoPE, all work included, same run: cond 4 60.3 ms vs 69.6 ms for the
+# triton auto route (Triton prologue + cuDNN; cuDNN alone on pre-built inputs 67.1), cond 16
+# 24.4 vs 27.8 (27.8) (bench/results/h100/cuda_ext_v6_ws.json, run3).
+# Dense calls only: with block_sparse= the kv-cache api keeps the triton route.
+SM90WS_FIRST = ("attn_with_kv_cache",)
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+
+
+def _sm90ws_fits(tensors) -> bool:
+    q = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if q is None or q.device.type != "cuda" or q.dim() != 4 or q.shape[-1] != 128:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if os.environ.get("LONGCAT_KERNELS_CUDA_IMPL", "auto").strip() not in ("", "auto", "sm90ws"):
+        return False
+    idx = q.device.index
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        if compiling() or idx is None:  # eager calls fill the cache; a traced first call keeps PREFERENCE
+            return False
+        cap = _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return cap == (9, 0)
+
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run these inputs on this machine."""
@@ -236,7 +263,10 @@ def resolve_backend(op: str, requested: str, *tensors) -> str:
     device_type = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
     if device_type != "cuda":
         return "torch"
-    for b in PREFERENCE[op]:
+    order = PREFERENCE[op]
+    if op in SM90WS_FIRST and _sm90ws_fits(tensors):
+        order = ("cuda",) + tuple(b for b in order if b != "cuda")
+    for b in order:
         if op_backend_status(op, b, *tensors) is None:
             return b
     return "torch"

@@ -1,7 +1,8 @@
 """The compiled extension (backend "cuda"): parity, semantics, registration. Marked ``ext``.
 
-Both kernel families are exercised where the GPU can run them: ``sm90`` (wgmma, Hopper with an
-sm_90a build) and ``sm80`` (mma.sync), chosen per call by ``LONGCAT_KERNELS_CUDA_IMPL``.
+Every kernel family is exercised where the GPU can run it: ``sm90ws`` (warp-specialised TMA +
+wgmma, dense head_dim 128; sm90 elsewhere), ``sm90`` (wgmma, Hopper with an sm_90a build) and
+``sm80`` (mma.sync), chosen per call by ``LONGCAT_KERNELS_CUDA_IMPL``.
 The C++ ops allocate their outputs with ``at::empty``, which the NaN-poisoning ``torch.empty`` of
 conftest does not reach; ``_poison`` leaves a NaN block in the caching allocator right before each
 call so that an unwritten output shows up as NaN.
@@ -25,11 +26,12 @@ DEV = "cuda"
 def _impls():
     out = ["sm80"]
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
-        out.insert(0, "sm90")
+        out[:0] = ["sm90ws", "sm90"]
     return out
 
 
-@pytest.fixture(params=["sm90", "sm80"])
+# sm90ws: the warp-specialised dense kernel where it applies (D 128), sm90 elsewhere
+@pytest.fixture(params=["sm90ws", "sm90", "sm80"])
 def impl(request, monkeypatch):
     if request.param not in _impls():
         pytest.skip(f"kernel family {request.param} needs a Hopper GPU")
@@ -258,3 +260,115 @@ def test_torch_compile_fullgraph():
     g = torch.compile(lambda a, b, c: attn_with_kv_cache_cuda(a, b, c, b[:, :64], c[:, :64], None, 0.1, None),
                       fullgraph=True)
     torch.testing.assert_close(g(q, k, v), attn_with_kv_cache_cuda(q, k, v, k[:, :64], v[:, :64], None, 0.1, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# warp-specialised dense kernel (sm90ws): what is new there (TMA maps, partial tiles, variants)
+# ---------------------------------------------------------------------------------------------
+def _ws_or_skip(monkeypatch, variant):
+    if "sm90ws" not in _impls():
+        pytest.skip("sm90ws needs a Hopper GPU")
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90ws")
+    monkeypatch.setenv("LONGCAT_KERNELS_SM90WS_VARIANT", str(variant))
+
+
+def _dense_check(q, k, v, kc, vc, scale, name):
+    from longcat_kernels.ops.block_sparse_attn.cuda import ops
+
+    B = q.shape[0]
+    _poison(q)
+    out, lse = ops().kv_cache_attn_fwd_cuda(q, k, v, kc, vc, *[None] * 6, 0, 0, scale)
+    if kc is None:
+        k_all, v_all = k, v
+    else:
+        k_all = torch.cat([kc.expand(B, -1, -1, -1), k], 1)
+        v_all = torch.cat([vc.expand(B, -1, -1, -1), v], 1)
+    ref, ref_lse = attention_oracle(q, k_all, v_all, None, scale)
+    assert not out.isnan().any() and not lse.isnan().any(), name
+    assert_close(out, ref, attention_lowp(q, k_all, v_all, None, scale), name=name)
+    assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bc", [1, 2])
+def test_sm90ws_partial_tiles_broadcast(monkeypatch, variant, dtype, bc):
+    """Cache 200 (last cache tile 72 of 128 keys), fresh 300 (Sq not a multiple of 128)."""
+    _ws_or_skip(monkeypatch, variant)
+    B, H, D, Sc, Sn = 2, 3, 128, 200, 300
+    q, k, v = (_rand(B, Sn, H, D, dtype=dtype) for _ in range(3))
+    kc, vc = (_rand(bc, Sc, H, D, dtype=dtype) for _ in range(2))
+    _dense_check(q, k, v, kc, vc, D**-0.5, f"sm90ws v{variant} {dtype} Bc={bc}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm90ws_fused_qkv_views_and_odd_sizes(monkeypatch, dtype):
+    """q/k/v as slices of one fused [B, S, 3, H, D] projection (seq stride 3*H*D), a BHSD cache
+    viewed as BSHD, tiny and odd lengths."""
+    _ws_or_skip(monkeypatch, 2)
+    B, H, D = 2, 4, 128
+    for Sn, Sc in ((257, 129), (5, 1), (128, 128), (1, 300)):
+        qkv = _rand(B, Sn, 3, H, D, dtype=dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        kc, vc = (_rand(1, H, Sc, D, dtype=dtype).transpose(1, 2) for _ in range(2))
+        _dense_check(q, k, v, kc, vc, 0.07, f"fused qkv Sn={Sn} Sc={Sc}")
+
+
+def test_sm90ws_empty_cache_and_no_cache(monkeypatch):
+    _ws_or_skip(monkeypatch, 2)
+    B, H, D, Sn = 2, 2, 128, 190
+    q, k, v = (_rand(B, Sn, H, D, dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (_rand(1, 0, H, D, dtype=torch.bfloat16) for _ in range(2))
+    _dense_check(q, k, v, kc, vc, D**-0.5, "empty seg0 (cache of 0 tokens)")
+    _dense_check(q, k, v, None, None, D**-0.5, "no cache (seg1 empty)")
+
+
+def test_sm90ws_large_scores_and_prefix(monkeypatch):
+    """Large logits (the running max moves a lot: O rescaling) and the two-launch prefix op."""
+    from longcat_kernels.ops.kv_cache_attn.cuda import prefix_attn_cuda
+
+    _ws_or_skip(monkeypatch, 2)
+    B, H, D, Sn, Sc = 1, 2, 128, 260, 390
+    q, k, v = (_rand(B, Sn, H, D, dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (_rand(1, Sc, H, D, dtype=torch.bfloat16) for _ in range(2))
+    kc = kc * torch.linspace(0.1, 4.0, Sc, device=DEV).view(1, Sc, 1, 1).to(kc.dtype)
+    _dense_check(q, k, v, kc, vc, 0.5, "large scores")
+    S, P = 301, 130
+    q, k, v = (_rand(B, S, H, D, dtype=torch.bfloat16) for _ in range(3))
+    _poison(q)
+    out = prefix_attn_cuda(q, k, v, P, D**-0.5)
+    mask = prefix_mask(S, P, DEV)
+    ref, _ = attention_oracle(q, k, v, mask, D**-0.5)
+    assert_close(out, ref, attention_lowp(q, k, v, mask, D**-0.5), name="sm90ws prefix")
+
+
+def test_auto_routes_dense_kv_cache_to_sm90ws(monkeypatch):
+    """backend="auto": cached-KV attention goes to csrc where the sm90ws kernel runs it (D 128,
+    bf16/fp16, Hopper), to triton otherwise and always for block-sparse calls."""
+    from longcat_kernels import _backend
+    from longcat_kernels._backend import resolve_backend
+    from longcat_kernels.ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache
+
+    monkeypatch.delenv("LONGCAT_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL", raising=False)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    q = _rand(1, 64, 2, 128, dtype=torch.bfloat16)
+    expect = "cuda" if hopper else _backend.PREFERENCE["attn_with_kv_cache"][0]
+    assert resolve_backend("attn_with_kv_cache", "auto", q, q, q) == expect
+    q64 = _rand(1, 64, 2, 64, dtype=torch.bfloat16)
+    assert resolve_backend("attn_with_kv_cache", "auto", q64, q64, q64) != "cuda"
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90")
+    assert resolve_backend("attn_with_kv_cache", "auto", q, q, q) != "cuda"
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL")
+    # block-sparse through auto: the triton two-segment kernel, never the csrc BSA kernel
+    calls = []
+    import longcat_kernels.ops.kv_cache_attn.cuda as kc_cuda
+
+    real = kc_cuda.attn_with_kv_cache_cuda
+    monkeypatch.setattr(kc_cuda, "attn_with_kv_cache_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = (_rand(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+    out = attn_with_kv_cache(q, k, v, block_sparse=BlockSparseParams(sparsity=0.5, frame_hw=(8, 8)))
+    assert not calls and out.shape == q.shape and not out.isnan().any()
+    # and the dense call does take csrc on Hopper
+    attn_with_kv_cache(q, k, v)
+    assert len(calls) == (1 if hopper else 0)

@@ -238,6 +238,9 @@ def attn_with_kv_cache(
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b = resolve_backend("attn_with_kv_cache", backend, q, k, v)
+    if b == "cuda" and backend == "auto" and block_sparse is not None:
+        # csrc goes first for dense calls only (_backend.SM90WS_FIRST); block-sparse keeps triton
+        b = resolve_backend("block_sparse_attn", "auto", q, k, v)
     if b == "triton" and backend == "auto":
         # auto on CUDA: fused Triton kernel or Triton prologue + cuDNN, whichever measured faster
         # (triton.py table); block-sparse always takes the Triton kernel over the two segments

@@ -1,0 +1,692 @@
+// Hopper (sm_90a) warp-specialised forward for dense two-segment attention (FA3 structure), D = 128.
+//
+// CTA = 3 warpgroups (384 threads): warpgroup 0 is the producer (one thread issues TMA
+// `cp.async.bulk.tensor` loads, registers lowered with setmaxnreg), warpgroups 1 and 2 are the
+// consumers, 64 query rows each (BM = 128). Q is loaded once; K and V tiles of BN = 128 keys come
+// through an mbarrier ring of kStages stages (full barriers: TMA transaction bytes; empty barriers:
+// one arrive per consumer warp). Keys/values are [seg0; seg1] along seq, every tile lies in one
+// segment (seg0 tiles first); TMA zero-fills rows past a segment's end and those keys are masked.
+//
+// Per consumer warpgroup and key tile: S = Q K^T with wgmma m64n128k16 (Q, K from 128B-swizzled
+// smem, K-major), fp32 online softmax with exp2, O += P V with wgmma m64n128k16 (P from registers,
+// V from smem, MN-major). Variants (template flags, all exercised by bench/bench_cuda_gpu_dev.py):
+//   kOverlap:  issue S(j+1) = Q K(j+1)^T before the softmax of tile j... (precisely: at iteration j
+//              the warpgroup issues Q K_j^T and P_{j-1} V_{j-1} together, then does softmax(j) while
+//              P_{j-1} V_{j-1} runs on the tensor cores);
+//   kPingPong: the two consumer warpgroups take turns issuing their GEMMs (named barriers 1 and 2),
+//              so one warpgroup's softmax overlaps the other's GEMMs.
+// TMA tensor maps are built on the host with cuTensorMapEncodeTiled obtained through
+// cudaGetDriverEntryPointByVersion (no libcuda link). No torch headers.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <stdint.h>
+
+#include <cmath>
+#include <initializer_list>
+
+#include "attn_common.cuh"
+#include "attn_fwd.h"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LONGCAT_SM90WS 1
+#endif
+
+namespace longcat {
+namespace {
+
+using namespace detail;
+
+constexpr int kWsD = 128;   // head dim
+constexpr int kWsBM = 128;  // query rows per CTA (2 consumer warpgroups x 64)
+constexpr int kWsBN = 128;  // keys per tile
+constexpr int kWsThreads = 384;
+constexpr int kWsTileBytes = kWsBN * kWsD * 2;  // one K or V tile (= the Q tile)
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+
+struct WsParams {
+  CUtensorMap tq, tk0, tv0, tk1, tv1;  // dims {D, S, H, B}; seg0 maps have B = 1 when broadcast
+  float* lse;
+  void* out;
+  int64_t o_sb, o_ss, o_sh;
+  int64_t lse_sb, lse_sh;
+  int heads, sq, s0, s1;
+  int bcast0;  // seg0 broadcast over the batch (its maps have B = 1)
+  float scale_log2;
+};
+
+template <int kStages>
+struct WsSmem {
+  static constexpr int kQ = 0;
+  static constexpr int kK = kWsTileBytes;
+  static constexpr int kV = kK + kStages * kWsTileBytes;
+  static constexpr int kBar = kV + kStages * kWsTileBytes;
+  // barriers: q_full, k_full[S], k_empty[S], v_full[S], v_empty[S]
+  static constexpr int kBytes = kBar + 8 * (1 + 4 * kStages);
+  static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
+};
+
+#ifdef LONGCAT_SM90WS
+
+template <typename T>
+struct Wg128;
+template <>
+struct Wg128<__nv_bfloat16> {
+  // D[64x128] (+)= A[64x16] (smem, K-major) * B[16x128] (smem, K-major); scale_d 0 overwrites D
+  static __device__ __forceinline__ void ss(float (&d)[16][4], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(da), "l"(db), "r"(scale_d));
+  }
+  // D[64x128] += A[64x16] (registers) * B[16x128] (smem, MN-major: transposed)
+  static __device__ __forceinline__ void rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+  }
+};
+template <>
+struct Wg128<__half> {
+  // D[64x128] (+)= A[64x16] (smem, K-major) * B[16x128] (smem, K-major); scale_d 0 overwrites D
+  static __device__ __forceinline__ void ss(float (&d)[16][4], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(da), "l"(db), "r"(scale_d));
+  }
+  // D[64x128] += A[64x16] (registers) * B[16x128] (smem, MN-major: transposed)
+  static __device__ __forceinline__ void rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+  }
+};
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// keeps the compiler from moving accesses of these registers across the asynchronous wgmma region
+__device__ __forceinline__ void fence_acc(float (&d)[16][4]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+  }
+}
+__device__ __forceinline__ void fence_pa(uint32_t (&a)[8][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
+
+__device__ __forceinline__ void fence_f2(float (&a)[2]) {
+  asm volatile("" : "+f"(a[0]), "+f"(a[1])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle; lbo/sbo in bytes. K-major operands (Q, K):
+// sbo = 1024 between 8-row groups (lbo unused). MN-major V: lbo = bytes between 64-column panels,
+// sbo = 1024 between 8-key groups.
+__device__ __forceinline__ uint64_t desc128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
+  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+  d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void tma_load4(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                          int c3, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// Key tile j of [seg0; seg1]: segment, first row inside the segment, valid rows.
+struct TileRef {
+  int seg, row, valid;
+};
+__device__ __forceinline__ TileRef tile_ref(int j, int n0, int s0, int s1) {
+  TileRef t;
+  if (j < n0) {
+    t.seg = 0;
+    t.row = j * kWsBN;
+    t.valid = min(kWsBN, s0 - t.row);
+  } else {
+    t.seg = 1;
+    t.row = (j - n0) * kWsBN;
+    t.valid = min(kWsBN, s1 - t.row);
+  }
+  return t;
+}
+
+template <typename T, bool kOverlap, bool kPingPong, int kStages, bool kEarlyRescale>
+__device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) {
+  using Sm = WsSmem<kStages>;
+  using W = Wg128<T>;
+  using M = MmaType<T>;
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int m_tile = blockIdx.x;
+  const int h = blockIdx.y % p.heads;
+  const int b = blockIdx.y / p.heads;
+  const int n0 = (p.s0 + kWsBN - 1) / kWsBN;
+  const int n1 = (p.s1 + kWsBN - 1) / kWsBN;
+  const int n_tiles = n0 + n1;
+
+  const uint32_t sbase = smem_u32(smem);
+  const uint32_t sQ = sbase + Sm::kQ;
+  const uint32_t sK = sbase + Sm::kK;
+  const uint32_t sV = sbase + Sm::kV;
+  const uint32_t bar_q = sbase + Sm::kBar;
+  auto bar_kf = [&](int s) { return bar_q + 8 * (1 + s); };
+  auto bar_ke = [&](int s) { return bar_q + 8 * (1 + kStages + s); };
+  auto bar_vf = [&](int s) { return bar_q + 8 * (1 + 2 * kStages + s); };
+  auto bar_ve = [&](int s) { return bar_q + 8 * (1 + 3 * kStages + s); };
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_kf(s), 1);
+      mbar_init(bar_vf(s), 1);
+      mbar_init(bar_ke(s), 8);  // one arrive per consumer warp
+      mbar_init(bar_ve(s), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- producer ----------------
+    setmaxnreg_dec<kProducerRegs>();
+    if (tid == 0) {
+      prefetch_map(&p.tq);
+      prefetch_map(&p.tk0);
+      prefetch_map(&p.tv0);
+      prefetch_map(&p.tk1);
+      prefetch_map(&p.tv1);
+      const int b0 = p.bcast0 ? 0 : b;
+      mbar_expect_tx(bar_q, kWsTileBytes);
+      tma_load4(sQ, &p.tq, 0, m_tile * kWsBM, h, b, bar_q);
+      tma_load4(sQ + kWsBM * 128, &p.tq, 64, m_tile * kWsBM, h, b, bar_q);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % kStages;
+        const uint32_t par = ((j / kStages) & 1) ^ 1;
+        const TileRef t = tile_ref(j, n0, p.s0, p.s1);
+        const CUtensorMap* mk = t.seg == 0 ? &p.tk0 : &p.tk1;
+        const CUtensorMap* mv = t.seg == 0 ? &p.tv0 : &p.tv1;
+        const int bb = t.seg == 0 ? b0 : b;
+        if (j >= kStages) mbar_wait(bar_ke(s), par);
+        mbar_expect_tx(bar_kf(s), kWsTileBytes);
+        tma_load4(sK + s * kWsTileBytes, mk, 0, t.row, h, bb, bar_kf(s));
+        tma_load4(sK + s * kWsTileBytes + kWsBN * 128, mk, 64, t.row, h, bb, bar_kf(s));
+        if (j >= kStages) mbar_wait(bar_ve(s), par);
+        mbar_expect_tx(bar_vf(s), kWsTileBytes);
+        tma_load4(sV + s * kWsTileBytes, mv, 0, t.row, h, bb, bar_vf(s));
+        tma_load4(sV + s * kWsTileBytes + kWsBN * 128, mv, 64, t.row, h, bb, bar_vf(s));
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  setmaxnreg_inc<kConsumerRegs>();
+  const int cw = wg - 1;  // consumer warpgroup 0/1: query rows cw*64 .. cw*64+63
+  const int ctid = tid - 128;
+  const int warp = (ctid / 32) % 4;
+  const int lane = tid % 32;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const float c2 = p.scale_log2;
+
+  // ping-pong: warpgroup cw waits on barrier 1+cw before issuing its GEMMs, then lets the other go
+  auto sched_sync = [&]() {
+    if constexpr (kPingPong) named_sync(1 + cw, 256);
+  };
+  auto sched_arrive = [&](bool last) {
+    if constexpr (kPingPong) {
+      // warpgroup 1's final arrive would never be waited for: skip it (barriers balanced at exit)
+      if (!(last && cw == 1)) named_arrive(2 - cw, 256);
+    }
+  };
+  if constexpr (kPingPong) {
+    if (cw == 1) named_arrive(1, 256);  // warpgroup 0 goes first
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY};
+  float l_r[2] = {0.f, 0.f};
+  float s[16][4];
+  uint32_t pa[8][4];
+
+  const uint32_t q_base = sQ + cw * 64 * 128;
+  auto issue_qk = [&](int st) {
+    const uint32_t k_base = sK + st * kWsTileBytes;
+    fence_acc(s);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWsD / 16; ++kk) {
+      const uint32_t off = (kk & 3) * 32;  // k16 step inside a 64-column panel
+      W::ss(s, desc128(q_base + (kk >> 2) * (kWsBM * 128) + off, 16, 1024),
+            desc128(k_base + (kk >> 2) * (kWsBN * 128) + off, 16, 1024), kk > 0);
+    }
+    wg_commit();
+  };
+  auto issue_pv = [&](int st) {
+    const uint32_t v_base = sV + st * kWsTileBytes;
+    fence_acc(o);
+    fence_pa(pa);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWsBN / 16; ++kk) {
+      W::rs(o, pa[kk], desc128(v_base + kk * 16 * 128, kWsBN * 128, 1024));
+    }
+    wg_commit();
+  };
+  // masks keys >= valid of the current tile (only partial tiles at a segment's end)
+  auto mask = [&](int valid) {
+    if (valid < kWsBN) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int c = i * 8 + 2 * tq;
+        if (c >= valid) s[i][0] = s[i][2] = -INFINITY;
+        if (c + 1 >= valid) s[i][1] = s[i][3] = -INFINITY;
+      }
+    }
+  };
+  // online softmax of s (in place: s becomes P); returns the O rescale factors
+  auto softmax = [&](float (&alpha)[2]) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_r[e], mx * c2);
+      // a row with every key masked so far keeps m = -inf; use 0 so exp2 gives 0, not NaN
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[e] = fast_exp2(m_r[e] - m_use);
+      m_r[e] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        s[i][2 * e] = fast_exp2(fmaf(s[i][2 * e], c2, -m_use));
+        s[i][2 * e + 1] = fast_exp2(fmaf(s[i][2 * e + 1], c2, -m_use));
+        sum += s[i][2 * e] + s[i][2 * e + 1];
+      }
+      l_r[e] = l_r[e] * alpha[e] + sum;
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+    // warp-uniform branch: skip when no row of the warp saw a new maximum
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+      }
+    }
+  };
+  auto convert_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      pa[kk][0] = M::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = M::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) mbar_arrive(bar);
+  };
+
+  mbar_wait(bar_q, 0);
+  if (n_tiles > 0) {
+    if constexpr (kOverlap) {
+      // tile 0: S only
+      mbar_wait(bar_kf(0), 0);
+      sched_sync();
+      issue_qk(0);
+      sched_arrive(false);
+      wg_wait<0>();
+      fence_acc(s);
+      release(bar_ke(0));
+      mask(tile_ref(0, n0, p.s0, p.s1).valid);
+      float alpha[2];
+      softmax(alpha);  // O is zero: no rescale
+      convert_p();
+      bool resc_prev = false;  // kEarlyRescale: O still owes the rescale by alpha of tile j-1
+      for (int j = 1; j < n_tiles; ++j) {
+        const int st = j % kStages;
+        const int sp = (j - 1) % kStages;
+        mbar_wait(bar_kf(st), (j / kStages) & 1);
+        mbar_wait(bar_vf(sp), ((j - 1) / kStages) & 1);
+        sched_sync();
+        issue_qk(st);
+        if constexpr (kEarlyRescale) {
+          // O rescale of tile j-1 while Q K_j^T runs on the tensor cores (warp-uniform flag)
+          if (resc_prev) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              o[i][0] *= alpha[0];
+              o[i][1] *= alpha[0];
+              o[i][2] *= alpha[1];
+              o[i][3] *= alpha[1];
+            }
+          }
+        }
+        issue_pv(sp);
+        sched_arrive(false);
+        wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
+        fence_acc(s);
+        release(bar_ke(st));
+        mask(tile_ref(j, n0, p.s0, p.s1).valid);
+        softmax(alpha);
+        // The wait for P_{j-1} V_{j-1} sits behind a warp-uniform branch that depends on every
+        // softmax result (row sums included): ptxas otherwise hoists the wait above the softmax
+        // and serialises the two (seen in the SASS).
+        const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f ||
+                                                      !(l_r[0] >= 0.f) || !(l_r[1] >= 0.f));
+        if (resc) {
+          wg_wait<0>();
+          fence_acc(o);
+          fence_pa(pa);
+          if constexpr (!kEarlyRescale) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              o[i][0] *= alpha[0];
+              o[i][1] *= alpha[0];
+              o[i][2] *= alpha[1];
+              o[i][3] *= alpha[1];
+            }
+          }
+        } else {
+          wg_wait<0>();
+          fence_pa(pa);
+          fence_acc(o);
+        }
+        resc_prev = resc;
+        release(bar_ve(sp));
+        convert_p();
+      }
+      const int sl = (n_tiles - 1) % kStages;
+      mbar_wait(bar_vf(sl), ((n_tiles - 1) / kStages) & 1);
+      sched_sync();
+      if constexpr (kEarlyRescale) {
+        if (resc_prev) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            o[i][0] *= alpha[0];
+            o[i][1] *= alpha[0];
+            o[i][2] *= alpha[1];
+            o[i][3] *= alpha[1];
+          }
+        }
+      }
+      issue_pv(sl);
+      sched_arrive(true);
+      wg_wait<0>();
+      fence_acc(o);
+      release(bar_ve(sl));
+    } else {
+      for (int j = 0; j < n_tiles; ++j) {
+        const int st = j % kStages;
+        const uint32_t par = (j / kStages) & 1;
+        mbar_wait(bar_kf(st), par);
+        sched_sync();
+        issue_qk(st);
+        sched_arrive(j == n_tiles - 1);
+        wg_wait<0>();
+        fence_acc(s);
+        release(bar_ke(st));
+        mask(tile_ref(j, n0, p.s0, p.s1).valid);
+        float alpha[2];
+        softmax(alpha);
+        rescale_o(alpha);
+        convert_p();
+        mbar_wait(bar_vf(st), par);
+        issue_pv(st);
+        wg_wait<0>();
+        fence_acc(o);
+        fence_pa(pa);
+        release(bar_ve(st));
+      }
+    }
+  } else if constexpr (kPingPong) {
+    // no key tiles: balance the initial arrive (warpgroup 0 consumes it)
+    if (cw == 0) named_sync(1, 256);
+  }
+
+  // epilogue: O / l -> out (rows past sq are not stored), lse in natural log
+  T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
+  float* lb = p.lse + b * p.lse_sb + h * p.lse_sh;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float l = l_r[e];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int tok = m_tile * kWsBM + cw * 64 + warp * 16 + g + 8 * e;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (tok < p.sq) {
+      T* po = ob + (int64_t)tok * p.o_ss;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
+      if (tq == 0) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+    }
+  }
+}
+
+#endif  // LONGCAT_SM90WS
+
+template <typename T, bool kOverlap, bool kPingPong, int kStages, bool kEarlyRescale>
+__global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_sm90ws_kernel(const __grid_constant__ WsParams p) {
+#ifdef LONGCAT_SM90WS
+  extern __shared__ unsigned char ws_smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  ws_body<T, kOverlap, kPingPong, kStages, kEarlyRescale>(p, smem);
+#else
+  // built for another target: the host only launches this kernel from an sm_90a binary
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// [B, S, H, 128] view (element strides) as a 4D tensor map {D, S, H, B}, box {64, 128, 1, 1},
+// 128-byte swizzle, out-of-range rows zero-filled.
+bool make_map(CUtensorMap* map, const void* ptr, DType dt, int64_t batch, int64_t seq, int64_t heads,
+              int64_t sb, int64_t ss, int64_t sh) {
+  auto fn = encode_fn();
+  if (fn == nullptr) return false;
+  const int64_t es = 2;
+  if (sb == 0) sb = ss * seq;  // batch of 1: the stride is never used but must be valid
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(kWsD), static_cast<cuuint64_t>(seq),
+                        static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  cuuint64_t strides[3] = {static_cast<cuuint64_t>(ss * es), static_cast<cuuint64_t>(sh * es),
+                           static_cast<cuuint64_t>(sb * es)};
+  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(kWsBN), 1, 1};
+  cuuint32_t estr[4] = {1, 1, 1, 1};
+  const CUresult r = fn(map, dt == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                        4, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+template <typename T, bool kOverlap, bool kPingPong, int kStages, bool kEarlyRescale>
+cudaError_t launch_ws(const WsParams& wp, dim3 grid, cudaStream_t stream) {
+  auto* fn = attn_fwd_sm90ws_kernel<T, kOverlap, kPingPong, kStages, kEarlyRescale>;
+  const int smem = WsSmem<kStages>::kAlloc;
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  fn<<<grid, kWsThreads, smem, stream>>>(wp);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_ws(const WsParams& wp, dim3 grid, int variant, cudaStream_t stream) {
+  switch (variant) {
+    case 0: return launch_ws<T, false, false, 2, false>(wp, grid, stream);
+    case 1: return launch_ws<T, true, false, 2, false>(wp, grid, stream);
+    case 2: return launch_ws<T, true, true, 2, false>(wp, grid, stream);
+    case 3: return launch_ws<T, true, true, 3, false>(wp, grid, stream);
+    case 4: return launch_ws<T, false, true, 2, false>(wp, grid, stream);
+    case 5: return launch_ws<T, true, false, 3, false>(wp, grid, stream);
+    case 6: return launch_ws<T, true, false, 2, true>(wp, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if (s % 8 != 0 || s < 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool attn_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
+  if (head_dim != kWsD || !attn_fwd_sm90_available() || encode_fn() == nullptr) return false;
+  if (p.s0 < 0 || p.s1 < 0) return false;
+  bool ok = aligned16(p.q, {p.q_sb, p.q_ss, p.q_sh});
+  if (p.s0 > 0) ok = ok && aligned16(p.k0, {p.k0_sb, p.k0_ss, p.k0_sh}) && aligned16(p.v0, {p.v0_sb, p.v0_ss, p.v0_sh});
+  if (p.s1 > 0) ok = ok && aligned16(p.k1, {p.k1_sb, p.k1_ss, p.k1_sh}) && aligned16(p.v1, {p.v1_sb, p.v1_ss, p.v1_sh});
+  return ok;
+}
+
+cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant,
+                                  cudaStream_t stream) {
+  if (!attn_fwd_sm90ws_supported(p, head_dim)) return cudaErrorNotSupported;
+  if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0) return cudaSuccess;
+  WsParams wp{};
+  bool ok = make_map(&wp.tq, p.q, dtype, p.batch, p.sq, p.heads, p.q_sb, p.q_ss, p.q_sh);
+  const bool bc0 = p.k0_sb == 0 && p.v0_sb == 0;
+  const int64_t b0 = bc0 ? 1 : p.batch;
+  // an empty segment gets the other segment's maps (never read: it has no tiles)
+  const bool has0 = p.s0 > 0, has1 = p.s1 > 0;
+  if (has0) {
+    ok = ok && make_map(&wp.tk0, p.k0, dtype, b0, p.s0, p.heads, p.k0_sb, p.k0_ss, p.k0_sh) &&
+         make_map(&wp.tv0, p.v0, dtype, b0, p.s0, p.heads, p.v0_sb, p.v0_ss, p.v0_sh);
+  }
+  if (has1) {
+    ok = ok && make_map(&wp.tk1, p.k1, dtype, p.batch, p.s1, p.heads, p.k1_sb, p.k1_ss, p.k1_sh) &&
+         make_map(&wp.tv1, p.v1, dtype, p.batch, p.s1, p.heads, p.v1_sb, p.v1_ss, p.v1_sh);
+  }
+  if (!ok) return cudaErrorNotSupported;  // the caller falls back to the sm90 kernel
+  if (!has0 && has1) {
+    wp.tk0 = wp.tk1;
+    wp.tv0 = wp.tv1;
+  }
+  if (!has1 && has0) {
+    wp.tk1 = wp.tk0;
+    wp.tv1 = wp.tv0;
+  }
+  if (!has0 && !has1) {
+    wp.tk0 = wp.tv0 = wp.tk1 = wp.tv1 = wp.tq;
+  }
+  wp.lse = p.lse;
+  wp.out = p.out;
+  wp.o_sb = p.o_sb;
+  wp.o_ss = p.o_ss;
+  wp.o_sh = p.o_sh;
+  wp.lse_sb = p.lse_sb;
+  wp.lse_sh = p.lse_sh;
+  wp.heads = p.heads;
+  wp.sq = p.sq;
+  wp.s0 = p.s0;
+  wp.s1 = p.s1;
+  wp.bcast0 = bc0 ? 1 : 0;
+  wp.scale_log2 = p.scale_log2;
+  const int64_t gy = static_cast<int64_t>(p.batch) * p.heads;
+  if (gy > 65535) return cudaErrorNotSupported;
+  dim3 grid((p.sq + kWsBM - 1) / kWsBM, static_cast<unsigned>(gy));
+  if (dtype == DType::kBF16) return dispatch_ws<__nv_bfloat16>(wp, grid, variant, stream);
+  return dispatch_ws<__half>(wp, grid, variant, stream);
+}
+
+}  // namespace longcat
