@@ -248,18 +248,73 @@ def test_select_blocks_matches_torch(rule):
     assert torch.equal(a.to_mask(), b.to_mask().cpu())
 
 
-@pytest.mark.parametrize("nk,n", [(37, 5), (130, 17), (64, 64), (50, 1)])
+def _topk_ref(s, n):
+    """n highest of each row, ties to the lower index (stable descending sort), ascending."""
+    return torch.sort(s.cpu(), dim=-1, descending=True, stable=True).indices[..., :n].sort(-1).values
+
+
+def _hard_rows(rows, nk, device=DEV):
+    """Rows of fp32 scores that stress the exact top-k: random, many exact ties, +-0.0, a large
+    common offset, all equal, few distinct values, a tied block at the top."""
+    s = torch.randn(rows, nk, device=device)
+    s[1] = torch.randint(-3, 3, (nk,), device=device).float()  # few distinct values
+    s[2] = (s[2] * 4).round() / 4  # many exact ties
+    s[3] = 0.0
+    s[3, ::3] = -0.0  # -0.0 == +0.0: all equal
+    s[4] = 1000.0 + 1e-3 * torch.randn(nk, device=device)  # offset >> spread
+    s[5, : nk // 3] = s[5].max() + 1.0  # a tied block at the top
+    s[6] = torch.where(torch.rand(nk, device=device) < 0.5, 0.0, -0.0)
+    return s
+
+
+@pytest.mark.parametrize("nk,n", [(37, 5), (130, 17), (64, 64), (50, 1), (300, 20), (331, 37), (131, 131)])
 def test_topk_kernel_ties_to_lower_index(nk, n):
     T = _T()
-    s = torch.randn(3, 4, nk, device=DEV)
-    s[0, 0, :10] = 1.5  # ties at the top
-    s[0, 1, :] = 0.0  # all equal
-    s[1, 0, 3] = -0.0  # -0.0 == +0.0
-    s[1, 1, :] = -2.0
+    s = _hard_rows(8, nk).reshape(2, 4, nk)
     idx = T.bsa_topk(s, n)
-    ref = torch.sort(s.cpu(), dim=-1, descending=True, stable=True).indices[..., :n].sort(-1).values
-    assert idx.dtype == torch.int32
-    assert torch.equal(idx.cpu().long(), ref)
+    assert idx.dtype == torch.int32 and idx.shape == (2, 4, n)
+    assert torch.equal(idx.cpu().long(), _topk_ref(s, n))
+
+
+def test_topk_plan():
+    T = _T()
+    # LongCat 24x44x80 latents, 4x4x4 blocks: 1,320 key blocks at 0.9375 / 0.875
+    assert T._topk_plan(1320, 82) == (256, 256)
+    assert T._topk_plan(1320, 165) == (512, 512)
+    # n too large a share of the row: whole-row bisection
+    assert T._topk_plan(1320, 1320) is None and T._topk_plan(1320, 400) is None and T._topk_plan(50, 1) is None
+    assert T._topk_plan(64, 1) == (32, 32)
+
+
+@pytest.mark.parametrize("path", ["candidates", "whole_row"])
+@pytest.mark.parametrize("nk,n", [(300, 40), (257, 33), (1000, 1000 // 16)])
+def test_topk_candidate_kernel_both_paths(path, nk, n):
+    """bsa_topk_kernel with the candidate list (CAP >= Nk: every row fits) and with the whole-row
+    fallback (CAP = 32 < n <= candidates: no row fits), against a stable sort."""
+    from longcat_kernels.ops.block_sparse_attn import _triton_kernels as K
+
+    if path == "whole_row" and n <= 32:
+        pytest.skip("needs n > CAP")
+    g = max(32, 1 << (3 * n - 1).bit_length())
+    g = min(g, 1 << ((nk - 1).bit_length() - 1))  # G < Nk
+    cap = 1 << (nk - 1).bit_length() if path == "candidates" else 32
+    s = _hard_rows(7, nk)
+    idx = torch.full((7, n), -1, dtype=torch.int32, device=DEV)
+    scratch = torch.full((7, cap), -7, dtype=torch.int16, device=DEV)
+    K.bsa_topk_kernel[(7,)](s, idx, scratch, nk, n, G=g, CAP=cap, VEC=4 if nk % 4 == 0 else 1, LANES=32,
+                            num_warps=1)
+    assert torch.equal(idx.cpu().long(), _topk_ref(s, n))
+
+
+def test_topk_validation():
+    T = _T()
+    s = torch.randn(2, 40, device=DEV)
+    with pytest.raises(TypeError, match="float32"):
+        T.bsa_topk(s.half(), 3)
+    with pytest.raises(ValueError, match="n=0"):
+        T.bsa_topk(s, 0)
+    with pytest.raises(ValueError, match="n=41"):
+        T.bsa_topk(s, 41)
 
 
 def test_api_dispatch_triton():

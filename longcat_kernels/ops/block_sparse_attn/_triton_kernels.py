@@ -424,31 +424,180 @@ def bsa_scores_kernel(
     tl.store(s + (i_bh * NQ + o_m[:, None]) * NK + o_n[None, :], b_s, mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.jit(do_not_specialize=["NK", "N_SEL"])
-def bsa_topk_kernel(s, idx, NK, N_SEL, BLOCK: tl.constexpr):
-    """Top-``N_SEL`` of one row of fp32 scores, ties to the lower index (= stable descending sort).
+@triton.jit
+def _score_keys(x):
+    """Order-preserving uint32 keys of fp32 scores (+ 0.0 turns -0.0 into +0.0: equal scores,
+    equal keys)."""
+    u = (x + 0.0).to(tl.uint32, bitcast=True)
+    return tl.where((u >> 31) != 0, ~u, u | 0x80000000)
 
-    Radix-style bisection on order-preserving uint32 keys finds the N_SEL-th largest key ``t``;
-    the row keeps every key > t and the first (in index order) keys == t. Output indices ascending.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    o = tl.arange(0, BLOCK)
-    m = o < NK
-    # + 0.0 turns -0.0 into +0.0 (equal scores must get equal keys)
-    x = tl.load(s + row * NK + o, mask=m, other=0.0) + 0.0
-    u = x.to(tl.uint32, bitcast=True)
-    neg = (u >> 31) != 0
-    key = tl.where(neg, ~u, u | 0x80000000)
-    key = tl.where(m, key, 0)
-    t = tl.zeros([], dtype=tl.uint32)
-    for i in tl.static_range(32):
-        cand = t | (tl.full([], 1, tl.uint32) << (31 - i))
-        c = tl.sum((key >= cand).to(tl.int32), 0)
+
+@triton.jit
+def _bisect_start(lo, hi):
+    """Start of a bisection for a key known to lie in ``[lo, hi]``: ``(t, top)`` with ``t`` the
+    common prefix of lo and hi (which the key shares), bits ``top`` and below zero, and ``top``
+    the highest bit left to decide (-1: none)."""
+    d = lo ^ hi
+    # highest differing bit: the exponent of float(d) (rounding up only adds a step); d = 0: none
+    top = (d.to(tl.float32).to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127
+    top = tl.minimum(tl.maximum(top, -1), 31)
+    ones = tl.full([], 0xFFFFFFFF, tl.uint32)
+    t = lo & tl.where(top < 0, ones, (ones << tl.maximum(top, 0).to(tl.uint32)) << 1)
+    return t, top
+
+
+@triton.jit
+def _nth_key(key, N_SEL, lo, hi, STEPS: tl.constexpr):
+    """Largest ``t`` with ``count(key >= t) >= N_SEL`` among the keys that keep the common prefix
+    of ``lo`` and ``hi`` and zeros below the first ``STEPS`` bits after it, given that the
+    ``N_SEL``-th largest of ``key`` lies in ``[lo, hi]``.
+
+    ``key`` is a uint32 tile of any rank whose padding is 0 (never counted: every candidate tested
+    has a set bit). With ``STEPS = 32`` the result is the ``N_SEL``-th largest key; with fewer a
+    lower bound of it, exact to 2^-STEPS of the key span hi - lo (so the bound's quality does
+    not depend on an offset common to all scores). One whole-tile count per step."""
+    t, top = _bisect_start(lo, hi)
+    for i in range(0, tl.minimum(top + 1, STEPS)):
+        cand = t | (tl.full([], 1, tl.uint32) << (top - i).to(tl.uint32))
+        c = tl.sum((key >= cand).to(tl.int32))
         t = tl.where(c >= N_SEL, cand, t)
+    return t
+
+
+@triton.jit
+def _store_top(key, o_idx, m, t, N_SEL, p_out):
+    """Store, ascending, the indices ``o_idx`` (1D, ascending) of the keys > ``t`` and of the first
+    ``N_SEL - count(key > t)`` keys == ``t`` (ties to the lower index)."""
     gt = (key > t) & m
     eq = (key == t) & m
     need = N_SEL - tl.sum(gt.to(tl.int32), 0)
     eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
     sel = gt | (eq & (eq_rank < need))
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-    tl.store(idx + row * N_SEL + pos, o, mask=sel)
+    tl.store(p_out + pos, o_idx, mask=sel)
+
+
+@triton.jit
+def _chunk_keys(p_s, o, NK):
+    """Keys of scores ``p_s[o]`` (0 past NK) and the mask of real ones."""
+    m = o < NK
+    return tl.where(m, _score_keys(tl.load(p_s + o, mask=m, other=0.0)), 0), m
+
+
+@triton.jit(do_not_specialize=["NK", "N_SEL"])
+def bsa_topk_bisect_kernel(s, idx, NK, N_SEL, BLOCK: tl.constexpr):
+    """Top-``N_SEL`` of one row of fp32 scores, ties to the lower index (= stable descending sort).
+
+    Bisection on order-preserving uint32 keys over the whole row finds the N_SEL-th largest key
+    ``t``; the row keeps every key > t and the first (in index order) keys == t. Output indices
+    ascending. Used when ``N_SEL`` is too large a share of the row for ``bsa_topk_kernel``.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BLOCK)
+    key, m = _chunk_keys(s + row * NK, o, NK)
+    lo = tl.min(tl.where(m, key, tl.full([], 0xFFFFFFFF, tl.uint32)), 0)
+    t = _nth_key(key, N_SEL, lo, tl.max(key, 0), 32)
+    _store_top(key, o, m, t, N_SEL, idx + row * N_SEL)
+
+
+@triton.jit(do_not_specialize=["NK", "N_SEL"])
+def bsa_topk_kernel(
+    s, idx, scratch, NK, N_SEL,
+    G: tl.constexpr, CAP: tl.constexpr, VEC: tl.constexpr, LANES: tl.constexpr,
+):
+    """Top-``N_SEL`` of one row of fp32 scores, as ``bsa_topk_bisect_kernel`` (same result), with
+    the long bisection run on a short list of candidates instead of the whole row.
+
+    The row is read in chunks of G scores (G < NK); group g = {g, g+G, g+2G, ...}.
+    1. The N_SEL-th largest group maximum is <= the N_SEL-th largest score (N_SEL distinct groups
+       reach it; needs N_SEL <= G), so ``lo`` = that maximum, found to 12 bits below the group
+       maxima's common prefix (rounded down), is a lower bound of the threshold: every selected
+       score is >= lo.
+    2. The scores >= lo (a little more than N_SEL for G >= 3 N_SEL on unstructured rows) are
+       compacted in index order, as int16 indices, into this row's ``CAP`` scratch slots.
+    3. Bisection over those <= CAP candidates gives the exact threshold; ties and output as in the
+       bisect kernel. A row with more than CAP candidates (e.g. many equal scores) runs the
+       bisection over the whole row instead, chunk by chunk, so the result never depends on the
+       data. ``VEC`` (1 or 4) divides NK (aligned, vectorised chunk loads); LANES = 32 * num_warps
+       <= 128.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    NK = (NK // VEC) * VEC
+    p_s = s + row * NK
+    o_g = tl.arange(0, G)
+    n_chunks = tl.cdiv(NK, G)
+    gmax = tl.zeros([G], dtype=tl.uint32)
+    for j in range(0, n_chunks):
+        key, m = _chunk_keys(p_s, j * G + o_g, NK)
+        gmax = tl.maximum(gmax, key)
+    hi = tl.max(gmax, 0)
+    # every group holds a real score (G < NK), so min(gmax) <= the N_SEL-th largest maximum
+    lo = _nth_key(gmax, N_SEL, tl.min(gmax, 0), hi, 12)
+
+    # compaction, four LANES-score slices per step: one score per thread (the scan and the
+    # scattered store share one layout); the four slices' flags are packed in 8-bit fields so one
+    # scan and one sum serve them all (a field counts at most LANES <= 128)
+    p_scr = scratch + row * CAP
+    o_w = tl.arange(0, LANES)
+    n_cand = tl.zeros([], dtype=tl.int32)
+    for j in range(0, tl.cdiv(NK, 4 * LANES)):
+        o0 = j * (4 * LANES) + o_w
+        k0, m0 = _chunk_keys(p_s, o0, NK)
+        k1, m1 = _chunk_keys(p_s, o0 + LANES, NK)
+        k2, m2 = _chunk_keys(p_s, o0 + 2 * LANES, NK)
+        k3, m3 = _chunk_keys(p_s, o0 + 3 * LANES, NK)
+        c0 = (k0 >= lo) & m0
+        c1 = (k1 >= lo) & m1
+        c2 = (k2 >= lo) & m2
+        c3 = (k3 >= lo) & m3
+        packed = c0.to(tl.int32) | (c1.to(tl.int32) << 8) | (c2.to(tl.int32) << 16) | (c3.to(tl.int32) << 24)
+        scan = tl.cumsum(packed, 0)
+        tot = tl.sum(packed, 0)
+        # exclusive start of each slice
+        b1 = n_cand + (tot & 0xFF)
+        b2 = b1 + ((tot >> 8) & 0xFF)
+        b3 = b2 + ((tot >> 16) & 0xFF)
+        pos = n_cand + (scan & 0xFF) - 1
+        tl.store(p_scr + pos, o0.to(tl.int16), mask=c0 & (pos < CAP))
+        pos = b1 + ((scan >> 8) & 0xFF) - 1
+        tl.store(p_scr + pos, (o0 + LANES).to(tl.int16), mask=c1 & (pos < CAP))
+        pos = b2 + ((scan >> 16) & 0xFF) - 1
+        tl.store(p_scr + pos, (o0 + 2 * LANES).to(tl.int16), mask=c2 & (pos < CAP))
+        pos = b3 + ((scan >> 24) & 0xFF) - 1
+        tl.store(p_scr + pos, (o0 + 3 * LANES).to(tl.int16), mask=c3 & (pos < CAP))
+        n_cand = b3 + ((tot >> 24) & 0xFF)
+    p_out = idx + row * N_SEL
+    if n_cand <= CAP:
+        tl.debug_barrier()
+        o_c = tl.arange(0, CAP)
+        m_c = o_c < n_cand
+        b_i = tl.load(p_scr + o_c, mask=m_c, other=0).to(tl.int32)
+        b_key = tl.where(m_c, _score_keys(tl.load(p_s + b_i, mask=m_c, other=0.0)), 0)
+        # [CAP]
+        t = _nth_key(b_key, N_SEL, lo, hi, 32)
+        _store_top(b_key, b_i, m_c, t, N_SEL, p_out)
+    else:
+        # whole-row bisection, chunk by chunk
+        t, top = _bisect_start(lo, hi)
+        for i in range(0, top + 1):
+            cand_t = t | (tl.full([], 1, tl.uint32) << (top - i).to(tl.uint32))
+            c = tl.zeros([], dtype=tl.int32)
+            for j in range(0, n_chunks):
+                key, m = _chunk_keys(p_s, j * G + o_g, NK)
+                c += tl.sum((key >= cand_t).to(tl.int32), 0)
+            t = tl.where(c >= N_SEL, cand_t, t)
+        n_gt = tl.zeros([], dtype=tl.int32)
+        for j in range(0, n_chunks):
+            key, m = _chunk_keys(p_s, j * G + o_g, NK)
+            n_gt += tl.sum(((key > t) & m).to(tl.int32), 0)
+        need = N_SEL - n_gt
+        n_eq = tl.zeros([], dtype=tl.int32)
+        n_sel = tl.zeros([], dtype=tl.int32)
+        for j in range(0, n_chunks):
+            o = j * G + o_g
+            key, m = _chunk_keys(p_s, o, NK)
+            eq = (key == t) & m
+            sel = ((key > t) & m) | (eq & (n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1 < need))
+            tl.store(p_out + n_sel + tl.cumsum(sel.to(tl.int32), 0) - 1, o, mask=sel)
+            n_eq += tl.sum(eq.to(tl.int32), 0)
+            n_sel += tl.sum(sel.to(tl.int32), 0)

@@ -3,7 +3,7 @@
 Entry points used by ``api.py``:
 
 - ``select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold)``
-  -> ``BlockSelection`` (pooling + scores in Triton, top-k / cdf in torch).
+  -> ``BlockSelection`` (pooling, scores and top-k in Triton; cdf rules in torch).
 - ``block_sparse_attn_fwd_triton(q, k, v, selection, scale)`` -> ``(out, lse)`` (no autograd).
 - ``block_sparse_attn_triton(q, k, v, selection, scale)`` -> ``out`` (autograd-aware).
 
@@ -323,19 +323,48 @@ def _bsa_pool_scores_fake(q, k, grid_q, grid_k, chunk_q, chunk_k):
 
 
 _TOPK_MAX_ROW = 16384
+# top-k launch (measured on H100, bench/bench_bsa_gpu_dev.py): warps per row of the candidate
+# kernel, and of the whole-row bisection kernel for rows of >= 2048 / fewer scores
+_TOPK_WARPS = {"pruned": 1, "bisect": (8, 4)}
+
+
+def _topk_plan(nk: int, n: int):
+    """(G, CAP) of ``bsa_topk_kernel`` for rows of ``nk`` scores, or None for the whole-row
+    bisection: G (chunk = number of groups) the power of two >= 3 n, below nk, so few scores pass
+    the group-maximum bound; CAP >= 2 n candidate slots, at most half the row."""
+    g = max(32, 1 << (3 * n - 1).bit_length())
+    cap = max(32, 1 << (2 * n - 1).bit_length())
+    if g >= nk or 2 * cap > nk:
+        return None
+    return g, cap
 
 
 @torch.library.custom_op("longcat_kernels::bsa_topk", mutates_args=())
 def bsa_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Indices [..., n] int32 (ascending) of the n highest of each row of fp32 ``scores [..., Nk]``;
-    ties go to the lower index, as a stable descending sort would."""
-    scores = scores.contiguous()
+    ties go to the lower index, as a stable descending sort would (-0.0 == +0.0)."""
+    if scores.dtype != torch.float32:
+        raise TypeError(f"bsa_topk: scores must be float32, got {scores.dtype}")
     nk = scores.shape[-1]
+    if not 1 <= n <= nk or nk > _TOPK_MAX_ROW:
+        raise ValueError(f"bsa_topk: need 1 <= n <= Nk <= {_TOPK_MAX_ROW}, got n={n}, Nk={nk}")
+    scores = scores.contiguous()
     rows = scores.numel() // nk
     idx = torch.empty((*scores.shape[:-1], n), dtype=torch.int32, device=scores.device)
-    block = max(32, 1 << (nk - 1).bit_length())
-    # measured on H100: one row per program, 8 warps from 2048 scores (a warp per row was slower)
-    K.bsa_topk_kernel[(rows,)](scores, idx, nk, n, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    if rows == 0:
+        return idx
+    plan = _topk_plan(nk, n)
+    if plan is not None:
+        g, cap = plan
+        nw = _TOPK_WARPS["pruned"]
+        scratch = torch.empty((rows, cap), dtype=torch.int16, device=scores.device)
+        K.bsa_topk_kernel[(rows,)](scores, idx, scratch, nk, n, G=g, CAP=cap, VEC=4 if nk % 4 == 0 else 1,
+                                   LANES=32 * nw, num_warps=nw)
+    else:
+        block = max(32, 1 << (nk - 1).bit_length())
+        nw_big, nw_small = _TOPK_WARPS["bisect"]
+        K.bsa_topk_bisect_kernel[(rows,)](scores, idx, nk, n, BLOCK=block,
+                                          num_warps=nw_big if block >= 2048 else nw_small)
     return idx
 
 
@@ -369,7 +398,7 @@ def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_thr
 
 
 def select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold):
-    """Gating in Triton (pooling + scores) with torch top-k / cdf -> ``BlockSelection``."""
+    """Gating in Triton (pooling, scores, top-k; cdf rules through torch) -> ``BlockSelection``."""
     from .selection import BlockSelection
 
     grid_q = tuple(int(x) for x in grid_q)
