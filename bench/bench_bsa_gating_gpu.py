@@ -159,7 +159,7 @@ def main():
     device = "cpu" if args.smoke else "cuda"
     dev = "cpu-interpreter" if args.smoke else torch.cuda.get_device_name()
     res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
-           "commit": os.environ.get("GIT_COMMIT", "?"), "date": datetime.datetime.utcnow().isoformat() + "Z",
+           "commit": os.environ.get("GIT_COMMIT", "?"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "shape": {"grid": [24, 44, 80], "chunk": [4, 4, 4], "B": 1, "H": 32, "D": 128, "dtype": "bfloat16"},
            "method": "triton.testing.do_bench median (CUDA events, L2 flushed), 3 rotating input sets",
            "checks": {}, "candidates": {}, "ms": {}}
