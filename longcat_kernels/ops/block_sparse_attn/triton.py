@@ -282,6 +282,10 @@ def block_sparse_attn_triton(q, k, v, selection, scale):
 # --------------------------------------------------------------------------------------------
 # gating
 # --------------------------------------------------------------------------------------------
+# pooling grid order and scores tile (BM, BN, num_warps); bench/bench_bsa_gating_gpu.py times variants
+_GATING_CONFIG = {"pool_heads_first": False, "scores": (64, 64, 4)}
+
+
 @torch.library.custom_op("longcat_kernels::bsa_pool_scores", mutates_args=())
 def bsa_pool_scores(
     q: torch.Tensor, k: torch.Tensor, grid_q: list[int], grid_k: list[int],
@@ -297,17 +301,19 @@ def bsa_pool_scores(
         (nT, nH, nW), pb, even = _geom(grid, chunk)
         N = nT * nH * nW
         p = torch.empty((B, NH, N, D), dtype=x.dtype, device=x.device)
-        K.bsa_pool_kernel[(N, B * NH)](
+        heads_first = bool(_GATING_CONFIG["pool_heads_first"]) and N <= 65535
+        K.bsa_pool_kernel[(B * NH, N) if heads_first else (N, B * NH)](
             x, p, x.stride(0), x.stride(1), x.stride(2), grid[0], grid[1], grid[2], nH, nW, N, NH,
-            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, num_warps=4,
+            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, HEADS_FIRST=heads_first,
+            num_warps=4,
         )
         pooled.append(p)
     pq, pk = pooled
     NQ, NKb = pq.shape[2], pk.shape[2]
     scores = torch.empty((B, NH, NQ, NKb), dtype=torch.float32, device=q.device)
-    bmn = 64
-    K.bsa_scores_kernel[(triton_cdiv(NQ, bmn), triton_cdiv(NKb, bmn), B * NH)](
-        pq, pk, scores, NQ, NKb, BM=bmn, BN=bmn, D=D, IEEE=q.dtype == torch.float32, num_warps=4,
+    bm, bn, nw = _GATING_CONFIG["scores"]
+    K.bsa_scores_kernel[(triton_cdiv(NQ, bm), triton_cdiv(NKb, bn), B * NH)](
+        pq, pk, scores, NQ, NKb, BM=bm, BN=bn, D=D, IEEE=q.dtype == torch.float32, num_warps=nw,
     )
     return pq, pk, scores
 
