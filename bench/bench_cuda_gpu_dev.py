@@ -610,6 +610,129 @@ def _tiny_one():
     torch.cuda.synchronize()
     return ok
 
+# warp-specialised block-sparse kernel (csrc/bsa_fwd_sm90_ws.cu, LONGCAT_KERNELS_SM90WS_BSA_VARIANT)
+BSA_WS_VARIANTS = {0: "plain, 2 stages", 1: "intra-WG overlap, 2 stages", 2: "intra-WG overlap, 3 stages"}
+# --bsa-ws-diag: variants timed without a parity check (diagnostic kernels built temporarily for an
+# experiment, e.g. the loads-only run of csrc/NOTES.md v7; none is in the tree now)
+
+
+def set_bsa_ws(variant):
+    set_impl("sm90ws")
+    os.environ["LONGCAT_KERNELS_SM90WS_BSA_VARIANT"] = str(variant)
+
+
+def bsa_ws_case(grid, sparsity, results, rounds=3, reps=10, ref_heads=(0, 13, 31), variants=None, diag=()):
+    """sm90ws BSA variants vs the old sm90 kernel, the Triton forward and dense cuDNN, one run:
+    parity (fp32 gather reference on ref_heads) and interleaved timing (median of rounds x reps)."""
+    from longcat_kernels.grid import block_sizes
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+    from longcat_kernels.ops.block_sparse_attn.triton import bsa_forward_triton
+
+    B, H, D, chunk = 1, 32, 128, (4, 4, 4)
+    S = grid[0] * grid[1] * grid[2]
+    scale = D**-0.5
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=sparsity, backend="triton")
+    torch.cuda.synchronize()
+    hs = list(ref_heads)
+    ro, rl = bsa_reference(q, k, v, sel, scale, heads=hs)
+    ro, rl = ro[:, :, hs], rl[:, hs]
+    fin = torch.isfinite(rl)
+    row = {"op": "bsa_fwd_ws", "grid": list(grid), "B": B, "H": H, "D": D, "chunk": list(chunk), "sparsity": sparsity,
+           "ref_heads": hs, "rel_l2_bf16_rounding": rel_l2(ro.bfloat16(), ro)}
+    fns = {}
+    for var in (BSA_WS_VARIANTS if variants is None else variants):
+        fns[f"sm90ws_v{var}"] = (lambda var=var: set_bsa_ws(var), lambda: bsa_forward_cuda(q, k, v, sel, scale))
+    fns["sm90_old"] = (lambda: set_impl("sm90"), lambda: bsa_forward_cuda(q, k, v, sel, scale))
+    fns["triton"] = (lambda: None, lambda: bsa_forward_triton(q, k, v, sel, scale))
+    ok = {}
+    for name, (setup, fn) in fns.items():
+        setup()
+        poison_allocator(q.numel())
+        o, l = fn()
+        torch.cuda.synchronize()
+        o, l = o[:, :, hs], l[:, hs].float()
+        e = rel_l2(o, ro)
+        el = float((l[fin] - rl[fin]).abs().max()) if bool(fin.any()) else 0.0
+        inf_ok = bool(torch.equal(torch.isinf(l), torch.isinf(rl)))
+        nan = bool(o.isnan().any())
+        ok[name] = e < 1e-2 and el < 1e-2 and inf_ok and not nan
+        row[f"{name}_rel_l2"], row[f"{name}_lse_max_abs"], row[f"{name}_parity_ok"] = e, el, ok[name]
+        log(f"bsa {grid} sp {sparsity} parity [{name}]: relL2 {e:.2e} (bf16 rounding "
+            f"{row['rel_l2_bf16_rounding']:.1e}) lse {el:.1e} inf-match {inf_ok} nan {nan} {'OK' if ok[name] else 'FAIL'}")
+    del ro, rl
+    sq = block_sizes(sel.grid_q, sel.chunk_q, "cuda").double()
+    sk = block_sizes(sel.grid_k, sel.chunk_k, "cuda").double()
+    M = sel.indices.shape[-1]
+    valid = torch.arange(M, device="cuda") < sel.counts[..., None]
+    keys = torch.where(valid, sk[sel.indices.long().clamp(min=0)], torch.zeros((), device="cuda", dtype=torch.float64))
+    flops = 4.0 * D * float((keys.sum(-1) * sq).sum())
+    row["effective_tflop"] = flops / 1e12
+    times = {n: [] for n in fns if ok[n]}
+    for var in diag:
+        fns[f"diag_v{var}"] = (lambda var=var: set_bsa_ws(var), lambda: bsa_forward_cuda(q, k, v, sel, scale))
+        times[f"diag_v{var}"] = []
+    for _ in range(rounds):
+        for name in times:
+            fns[name][0]()
+            times[name] += time_ms(fns[name][1], reps=reps, warmup=2)[1]
+    for name, ts in times.items():
+        ts.sort()
+        row[f"{name}_ms"] = ts[len(ts) // 2]
+        row[f"{name}_min_ms"] = ts[0]
+        row[f"{name}_tflops_effective"] = flops / row[f"{name}_ms"] / 1e9
+    ms_d, _ = time_ms(lambda: sdpa_cudnn(q, k, v, scale), reps=3, warmup=1)
+    row["cudnn_dense_ms"] = ms_d
+    set_impl("sm90ws")
+    results.append(row)
+    log(json.dumps(row))
+    log(f"\n| {grid} sp {sparsity} | median ms | min ms | TF/s eff | x vs cuDNN dense {ms_d:.1f} ms |")
+    for name in times:
+        log(f"| {name} | {row[name + '_ms']:.2f} | {row[name + '_min_ms']:.2f} | "
+            f"{row[name + '_tflops_effective']:.0f} | {ms_d / row[name + '_ms']:.2f} |")
+    return all(ok.get(n, False) for n in fns if n.startswith("sm90ws"))
+
+
+def bsa_ws_tiny():
+    """Sanitizer target: every sm90ws BSA variant on small shapes (partial blocks, odd block count)."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+
+    ok = True
+    for grid, chunk in (((5, 6, 10), (4, 4, 4)), ((9, 9, 9), (4, 4, 4)), ((6, 5, 19), (2, 4, 8))):
+        S = grid[0] * grid[1] * grid[2]
+        q, k, v = (torch.randn(2, S, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
+        sel.counts[0, 1, 0] = 0
+        ro, _ = bsa_reference(q, k, v, sel, 128**-0.5)
+        for var in BSA_WS_VARIANTS:
+            set_bsa_ws(var)
+            out, _ = bsa_forward_cuda(q, k, v, sel, 128**-0.5)
+            e = rel_l2(out, ro)
+            log(f"tiny bsa sm90ws v{var} {grid} {chunk}: relL2 {e:.2e}")
+            ok &= e < 1e-2
+    torch.cuda.synchronize()
+    log(f"bsa ws tiny {'OK' if ok else 'FAIL'}")
+    return ok
+
+
+def sanitize_bsa_ws(out_dir):
+    res = {}
+    for tool in ("memcheck", "racecheck"):
+        cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9", sys.executable,
+               os.path.abspath(__file__), "--bsa-ws-tiny"]
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+        txt = p.stdout + p.stderr
+        with open(os.path.join(out_dir, f"sanitizer_bsa_ws_{tool}.log"), "w") as f:
+            f.write(txt)
+        summary = [ln for ln in txt.splitlines() if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln or "OK" in ln
+                   or "FAIL" in ln]
+        res[tool] = {"rc": p.returncode, "summary": summary, "s": round(time.time() - t0, 1)}
+        log(f"{tool}: rc {p.returncode} {summary} ({time.time() - t0:.0f}s)")
+    return res
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -625,10 +748,38 @@ def main():
     ap.add_argument("--no-sm80", action="store_true", help="skip the sm80 kernel in the cached-KV cases")
     ap.add_argument("--ws-sweep", action="store_true", help="interleaved timing of the sm90ws variants (cond 4, 16)")
     ap.add_argument("--sweep-variants", default=None, help="comma-separated sm90ws variants for --ws-sweep")
+    ap.add_argument("--bsa-ws", action="store_true", help="sm90ws BSA kernel: parity + timing at the real shapes")
+    ap.add_argument("--bsa-ws-tiny", action="store_true", help="sm90ws BSA sanitizer target")
+    ap.add_argument("--bsa-ws-sanitize", action="store_true", help="compute-sanitizer of --bsa-ws-tiny")
+    ap.add_argument("--bsa-ws-variants", default=None, help="comma-separated sm90ws BSA variants (default all)")
+    ap.add_argument("--bsa-ws-diag", default="", help="comma-separated diagnostic variants to time (8, 9)")
+    ap.add_argument("--bsa-ws-cases", default="24x44x80:0.9375,24x44x80:0.875,24x30x52:0.9375,24x30x52:0.875")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bt = build()
+    if args.bsa_ws_tiny:
+        sys.exit(0 if bsa_ws_tiny() else 1)
+    if args.bsa_ws or args.bsa_ws_sanitize:
+        summary = {"header": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "cuda": torch.version.cuda, "build_s": round(bt, 1),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, "rows": []}
+        log(json.dumps(summary["header"]))
+        if args.bsa_ws:
+            vs = None if args.bsa_ws_variants is None else [int(x) for x in args.bsa_ws_variants.split(",")]
+            dg = [int(x) for x in args.bsa_ws_diag.split(",") if x]
+            for case in args.bsa_ws_cases.split(","):
+                g, sp = case.split(":")
+                grid, sp = tuple(int(x) for x in g.split("x")), float(sp)
+                summary[f"ok_{g}_{sp}"] = bsa_ws_case(grid, sp, summary["rows"], variants=vs, diag=dg)
+                torch.cuda.empty_cache()
+                with open(os.path.join(args.out, "cuda_ext_v7_bsa_ws.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
+        if args.bsa_ws_sanitize:
+            summary["sanitizer"] = sanitize_bsa_ws(args.out)
+            with open(os.path.join(args.out, "cuda_ext_v7_bsa_ws_sanitizer.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        sys.exit(0)
     if args.small and args.tiny:
         sys.exit(0 if tiny_checks() else 1)
     if args.profile_target:

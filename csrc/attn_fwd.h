@@ -75,6 +75,16 @@ bool attn_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
 cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant,
                                   cudaStream_t stream);
 
+// Warp-specialised Hopper block-sparse forward (csrc/bsa_fwd_sm90_ws.cu: one TMA box per 3D key
+// chunk, producer warpgroup + 2 consumer warpgroups that each own one 64-token query block).
+// supported: head_dim 128, one key segment (s1 == 0), query and key chunk volume 64, sm_90a code
+// on a 9.x device, the tensor-map encoder found, 16-byte aligned pointers and strides that are
+// multiples of 8 elements. variant: 0 plain (2 K/V stages), 1 intra-warpgroup overlap (2 stages),
+// 2 overlap with 3 stages. Returns cudaErrorNotSupported when not supported or when the driver
+// refuses a tensor map (the caller then takes attn_fwd_block_sparse_sm90).
+bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant, cudaStream_t stream);
+
 // Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
 constexpr int kMaxBlockTokens = 1024;
 

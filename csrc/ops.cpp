@@ -184,8 +184,9 @@ void check_launch(cudaError_t err, const char* op) {
 // need an sm_90a build on a Hopper GPU) or "sm80" (mma.sync).
 // LONGCAT_KERNELS_CUDA_IMPL = auto | sm90ws | sm90 | sm80 (default auto: sm90ws for dense
 // attention where it applies, else sm90 where it can run, else sm80). sm90ws asks for the
-// warp-specialised kernel where it applies (dense, head_dim 128, TMA-compatible strides) and
-// takes sm90 elsewhere; sm90 never takes sm90ws.
+// warp-specialised kernels where they apply (dense: head_dim 128, TMA-compatible strides;
+// block-sparse: also one key segment and 64-token blocks, csrc/bsa_fwd_sm90_ws.cu) and takes sm90
+// elsewhere; sm90 never takes sm90ws.
 const char* impl_env() { return std::getenv("LONGCAT_KERNELS_CUDA_IMPL"); }
 
 bool use_sm90() {
@@ -237,9 +238,22 @@ cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, 
   return longcat::attn_fwd_dense(p, dtype, d, stream);
 }
 
+// Variant of the warp-specialised block-sparse kernel (LONGCAT_KERNELS_SM90WS_BSA_VARIANT, see
+// attn_fwd.h): 0 plain, 1 intra-warpgroup overlap (default), 2 overlap with 3 K/V stages.
+int sm90ws_bsa_variant() {
+  const char* env = std::getenv("LONGCAT_KERNELS_SM90WS_BSA_VARIANT");
+  if (env != nullptr && env[0] >= '0' && env[0] <= '2' && env[1] == '\0') return env[0] - '0';
+  return 1;
+}
+
 cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                           cudaStream_t stream) {
   if (use_sm90()) {
+    if (allow_sm90ws() && longcat::bsa_fwd_sm90ws_supported(p, d)) {
+      // cudaErrorNotSupported: the driver refused a tensor map; the sm90 kernel takes the call
+      const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, sm90ws_bsa_variant(), stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
     // LONGCAT_KERNELS_SM90_BSA_STAGES: key-tile stages of the block-sparse kernel (2 or 3)
     const char* env = std::getenv("LONGCAT_KERNELS_SM90_BSA_STAGES");
     const int stages = (env != nullptr && std::strcmp(env, "3") == 0) ? 3 : 2;

@@ -75,6 +75,15 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # cache-off rule: two launches of the same dense kernel into slices of one output) follows, so
 # that cache on and cache off both run the fastest kernel (timed in the bench's cached-attn suite).
 SM90WS_FIRST = ("attn_with_kv_cache", "prefix_attn")
+# Block-sparse forward: "cuda" first where the warp-specialised BSA kernel (csrc/bsa_fwd_sm90_ws.cu)
+# runs the call: the conditions above plus 64-token query and key blocks (the caller passes
+# block_tokens = (chunk_q volume, chunk_k volume); without it PREFERENCE holds). Calls that need
+# gradients still get triton: the cuda module refuses them (unsupported_reason), auto moves on.
+# H100, B1 H32 D128 bf16, chunk 4x4x4, csrc vs triton forward in the same runs (medians, runs 1 / 3
+# of bench/results/h100/cuda_ext_v7_bsa_ws.json): 24x44x80 at 0.9375 19.3 / 20.0 ms vs 21.5 / 21.8,
+# at 0.875 38.5 / 39.2 vs 43.4 / 43.8; 24x30x52 at 0.9375 4.47 / 4.50 vs 5.65 / 5.69, at 0.875
+# 8.72 / 8.89 vs 10.62 / 10.78.
+SM90WS_BSA_FIRST = ("block_sparse_attn", "block_sparse_attn_fwd")
 _CAPABILITY: Dict[int, Tuple[int, int]] = {}
 
 
@@ -235,13 +244,14 @@ def op_backend_status(impl: str, backend: str, *tensors, check_inputs: bool = Tr
     return None
 
 
-def resolve_backend(op: str, requested: str, *tensors) -> str:
+def resolve_backend(op: str, requested: str, *tensors, block_tokens: Optional[Tuple[int, int]] = None) -> str:
     """Picks the backend that will run ``op`` on ``tensors``.
 
     Args:
         op: an implementation name from ``OPS`` (e.g. ``"block_sparse_attn"``).
         requested: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         tensors: the op's tensor inputs (the first one decides the device and dtype).
+        block_tokens: block-sparse ops: (query block tokens, key block tokens) of the selection.
 
     Raises:
         BackendUnavailableError: an explicit backend (or ``LONGCAT_KERNELS_BACKEND``) cannot run.
@@ -266,7 +276,7 @@ def resolve_backend(op: str, requested: str, *tensors) -> str:
     if device_type != "cuda":
         return "torch"
     order = PREFERENCE[op]
-    if op in SM90WS_FIRST and _sm90ws_fits(tensors):
+    if (op in SM90WS_FIRST or (op in SM90WS_BSA_FIRST and block_tokens == (64, 64))) and _sm90ws_fits(tensors):
         order = ("cuda",) + tuple(b for b in order if b != "cuda")
     for b in order:
         if op_backend_status(op, b, *tensors) is None:

@@ -372,3 +372,120 @@ def test_auto_routes_dense_kv_cache_to_sm90ws(monkeypatch):
     # and the dense call does take csrc on Hopper
     attn_with_kv_cache(q, k, v)
     assert len(calls) == (1 if hopper else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# warp-specialised block-sparse kernel (sm90ws BSA, csrc/bsa_fwd_sm90_ws.cu): one TMA box per
+# 3D chunk of 64 tokens, D 128; partial edge blocks, odd block counts, strided views, variants
+# ---------------------------------------------------------------------------------------------
+def _bsa_ws_or_skip(monkeypatch, variant):
+    if "sm90ws" not in _impls():
+        pytest.skip("sm90ws needs a Hopper GPU")
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90ws")
+    monkeypatch.setenv("LONGCAT_KERNELS_SM90WS_BSA_VARIANT", str(variant))
+
+
+def _bsa_check(q, k, v, sel, scale, name):
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+
+    _poison(q)
+    out, lse = bsa_forward_cuda(q, k, v, sel, scale)
+    ref, ref_lse, base, _ = _bsa_oracle(q, k, v, sel, scale)
+    assert not out.isnan().any() and not lse.isnan().any(), name
+    assert_close(out, ref, base, name=name)
+    assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "grid,chunk",
+    [((8, 8, 12), (4, 4, 4)), ((5, 6, 10), (4, 4, 4)), ((9, 9, 9), (4, 4, 4)), ((6, 5, 19), (2, 4, 8)),
+     ((3, 10, 33), (1, 4, 16))],
+)
+def test_sm90ws_bsa_parity(monkeypatch, variant, dtype, grid, chunk):
+    """Divisible and partial grids, an odd number of query blocks (9x9x9: 27), non-cubic chunks."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+
+    _bsa_ws_or_skip(monkeypatch, variant)
+    B, H, D = 2, 3, 128
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v = (_rand(B, S, H, D, dtype=dtype) for _ in range(3))
+    sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=random.choice([0.25, 0.5, 0.75]), backend="torch")
+    _bsa_check(q, k, v, sel, D**-0.5, f"sm90ws bsa v{variant} {dtype} grid {grid} chunk {chunk}")
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_sm90ws_bsa_empty_shuffled_fused_views(monkeypatch, variant):
+    """Fused [B, S, 3, H, D] views, a batch-1 selection broadcast, selection lists in shuffled
+    order, empty lists (out 0, lse -inf), large logits (O rescaling)."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
+
+    _bsa_ws_or_skip(monkeypatch, variant)
+    grid, chunk, B, H, D = (5, 6, 10), (4, 4, 4), 2, 2, 128
+    S = 300
+    qkv = _rand(B, S, 3, H, D, dtype=torch.bfloat16)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    k = k * torch.linspace(0.1, 4.0, S, device=DEV).view(1, S, 1, 1).to(k.dtype)
+    sel = select_blocks(q[:1], k[:1], grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
+    idx = sel.indices.clone()
+    cnt = sel.counts.clone()
+    for hh in range(H):
+        for qb in range(idx.shape[2]):
+            n = int(cnt[0, hh, qb])
+            idx[0, hh, qb, :n] = idx[0, hh, qb, :n][torch.randperm(n, device=DEV)]
+    cnt[0, 1, 2] = 0
+    sel = BlockSelection(idx, cnt, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+
+    _poison(q)
+    out, lse = bsa_forward_cuda(q, k, v, sel, 0.3)
+    sel2 = BlockSelection(idx.expand(B, -1, -1, -1).contiguous(), cnt.expand(B, -1, -1).contiguous(),
+                          sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
+    ref, ref_lse, base, mask = _bsa_oracle(q, k, v, sel2, 0.3)
+    assert not out.isnan().any()
+    empty_rows = ~mask.any(-1)  # [B or 1, H, Sq]
+    assert bool(empty_rows.any())
+    assert torch.all(torch.isneginf(lse[empty_rows.expand_as(lse)]))
+    assert_close(out, ref, base, name=f"sm90ws bsa fused views v{variant}")
+    assert_close(lse[~empty_rows.expand_as(lse)], ref_lse.float()[~empty_rows.expand_as(lse)], floor=1e-5,
+                 name="lse")
+
+
+def test_auto_routes_bsa_forward_to_sm90ws(monkeypatch):
+    """backend="auto": block_sparse_attn goes to csrc where the sm90ws BSA kernel runs it (Hopper,
+    D 128, bf16/fp16, 64-token blocks, no gradient needed); triton otherwise."""
+    from longcat_kernels import _backend
+    from longcat_kernels._backend import resolve_backend
+    from longcat_kernels.ops.block_sparse_attn import cuda as bsa_cuda
+    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
+
+    monkeypatch.delenv("LONGCAT_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL", raising=False)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    first = _backend.PREFERENCE["block_sparse_attn"][0]
+    q = _rand(1, 256, 2, 128, dtype=torch.bfloat16)
+    assert resolve_backend("block_sparse_attn", "auto", q, q, q, block_tokens=(64, 64)) == ("cuda" if hopper else first)
+    assert resolve_backend("block_sparse_attn", "auto", q, q, q, block_tokens=(128, 128)) == first
+    assert resolve_backend("block_sparse_attn", "auto", q, q, q) == first  # no block sizes: PREFERENCE
+    q64 = _rand(1, 256, 2, 64, dtype=torch.bfloat16)
+    assert resolve_backend("block_sparse_attn", "auto", q64, q64, q64, block_tokens=(64, 64)) == first
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90")
+    assert resolve_backend("block_sparse_attn", "auto", q, q, q, block_tokens=(64, 64)) == first
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL")
+    # public api: forward-only calls take csrc, calls needing gradients take triton and backprop
+    calls = []
+    real = bsa_cuda.block_sparse_attn_cuda
+    monkeypatch.setattr(bsa_cuda, "block_sparse_attn_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    grid = (4, 8, 8)
+    q, k, v = (_rand(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+    sel = select_blocks(q, k, grid_q=grid, chunk_q=(4, 4, 4), sparsity=0.5, backend="torch")
+    out = block_sparse_attn(q, k, v, selection=sel)
+    assert len(calls) == (1 if hopper else 0) and not out.isnan().any()
+    ref, _, base, _ = _bsa_oracle(q, k, v, sel, 128**-0.5)
+    assert_close(out, ref, base, name="auto bsa")
+    qg = q.clone().requires_grad_(True)
+    out = block_sparse_attn(qg, k, v, selection=sel)
+    out.float().sum().backward()
+    assert len(calls) == (1 if hopper else 0) and qg.grad is not None and not qg.grad.isnan().any()

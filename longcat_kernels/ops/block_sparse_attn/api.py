@@ -210,10 +210,15 @@ def block_sparse_attn(
     selection, scale = _prepare(
         q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend
     )
-    b = resolve_backend("block_sparse_attn", backend, q, k, v)
+    b = resolve_backend("block_sparse_attn", backend, q, k, v, block_tokens=_block_tokens(selection))
     if b != "torch":
         return get_impl("block_sparse_attn", b)(q, k, v, selection, scale)
     return block_sparse_attn_reference(q, k, v, selection, scale)[0]
+
+
+def _block_tokens(sel: BlockSelection) -> Tuple[int, int]:
+    cq, ck = sel.chunk_q, sel.chunk_k
+    return (int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2]))
 
 
 def _forward(
@@ -229,7 +234,7 @@ def _forward(
     A query token whose block has no selected key block gives out = 0 and lse = -inf.
     """
     selection, scale = _prepare(q, k, v, None, None, None, None, None, None, selection, scale, backend)
-    b = resolve_backend("block_sparse_attn_fwd", backend, q, k, v)
+    b = resolve_backend("block_sparse_attn_fwd", backend, q, k, v, block_tokens=_block_tokens(selection))
     if b != "torch":
         return get_impl("block_sparse_attn_fwd", b)(q, k, v, selection, scale)
     return block_sparse_attn_reference(q, k, v, selection, scale)

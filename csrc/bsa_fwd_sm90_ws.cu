@@ -1,0 +1,655 @@
+// Hopper (sm_90a) warp-specialised forward for block-sparse attention over 3D chunks (BSA), D = 128,
+// 64-token query and key blocks (chunk volume 64), keys/values from one segment.
+//
+// Every key block is one TMA box: K (and V, Q) [B, S, H, 128] is viewed per batch as a 5D tensor
+// {D, heads, W, H, T} (strides: 1, sh, ss, ss*W, ss*W*H) and a block with origin (t0, h0, w0) is
+// the box {64, 1, cw, ch, ct} at {d0, head, w0, h0, t0} (two boxes, d0 = 0 and 64, for D = 128),
+// 128-byte swizzled: smem row r = (dt*ch + dh)*cw + dw, the block's slot order. Rows outside the
+// grid (partial edge blocks) are zero-filled by TMA and masked (-inf) from the block geometry.
+//
+// CTA = 3 warpgroups (384 threads). Warpgroup 0 = producer (setmaxnreg.dec): warp c (c = 0, 1)
+// serves consumer c; its lane 0 loads the consumer's query block once, then walks the consumer's
+// selection list and issues the K and V boxes into that consumer's own ring of kStages stages
+// (full barriers: TMA transaction bytes; empty barriers: one arrive per consumer warp).
+// Warpgroups 1, 2 = consumers (setmaxnreg.inc), each owning ONE query block (64 rows, its own
+// selection list): S = Q K^T with wgmma m64n64k16 (SS), fp32 online softmax with exp2,
+// O += P V with wgmma m64n128k16 (RS, V transposed from smem). kOverlap: at iteration j the
+// consumer issues Q K_j^T and P_{j-1} V_{j-1} together and does softmax(j) while P V runs (the
+// wait for P V sits behind a warp-uniform branch on the softmax results so that ptxas cannot
+// hoist it, as in attn_fwd_sm90_ws.cu). Selection entries outside [0, num key blocks) are
+// skipped by both sides (same result as the other kernels, which mask them). Batches are
+// separate launches (per-batch base pointers and tensor maps). No torch headers.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <stdint.h>
+
+#include <cmath>
+#include <initializer_list>
+
+#include "attn_common.cuh"
+#include "attn_fwd.h"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LONGCAT_BSA_WS 1
+#endif
+
+namespace longcat {
+namespace {
+
+using namespace detail;
+
+constexpr int kBD = 128;                    // head dim
+constexpr int kBRows = 64;                  // rows of a query block / key block (chunk volume)
+constexpr int kBTile = kBRows * kBD * 2;    // 16 KB: one Q, K or V tile (two 8 KB panels)
+constexpr int kBPanel = kBRows * 128;       // 8 KB: one [64 x 64] 128B-swizzled panel
+constexpr int kBThreads = 384;
+constexpr int kBProducerRegs = 40;
+constexpr int kBConsumerRegs = 232;
+
+struct BsaWsParams {
+  CUtensorMap tq, tk, tv;  // 5D {D, heads, W, H, T} of one batch; boxes {64, 1, cw, ch, ct}
+  void* out;               // batch base
+  float* lse;              // batch base
+  const int* sel_idx;      // batch base
+  const int* sel_cnt;      // batch base
+  int64_t o_ss, o_sh, lse_sh;
+  int64_t si_sh, si_sq, sc_sh, sc_sq;
+  int heads, nq, max_sel, nbk_total;
+  int gq[3], cq[3], nbq[3];
+  int gk[3], ck[3], nbk[3];
+  float scale_log2;
+};
+
+template <int kStages>
+struct BsaSmem {
+  // Q[2] | K[consumer][stage] | V[consumer][stage] | slot tables | barriers
+  static constexpr int kQ = 0;
+  static constexpr int kK = 2 * kBTile;
+  static constexpr int kV = kK + 2 * kStages * kBTile;
+  static constexpr int kTab = kV + 2 * kStages * kBTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
+  static constexpr int kBar = kTab + 2 * 64 * 4;
+  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty
+  static constexpr int kBytes = kBar + 8 * (2 + 2 * kStages * 4);
+  static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
+};
+
+#ifdef LONGCAT_BSA_WS
+
+template <typename T>
+struct BsaWg;
+template <>
+struct BsaWg<__nv_bfloat16> {
+  // S[64x64] (+)= A[64x16] (smem, K-major) * B[16x64] (smem, K-major); scale_d 0 overwrites S
+  static __device__ __forceinline__ void ss64(float (&d)[8][4], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(scale_d));
+  }
+  // O[64x128] += P[64x16] (registers) * V[16x128] (smem, MN-major: transposed)
+  static __device__ __forceinline__ void rs128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+  }
+};
+template <>
+struct BsaWg<__half> {
+  // S[64x64] (+)= A[64x16] (smem, K-major) * B[16x64] (smem, K-major); scale_d 0 overwrites S
+  static __device__ __forceinline__ void ss64(float (&d)[8][4], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(scale_d));
+  }
+  // O[64x128] += P[64x16] (registers) * V[16x128] (smem, MN-major: transposed)
+  static __device__ __forceinline__ void rs128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
+  }
+};
+
+__device__ __forceinline__ void b_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void b_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void b_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int R>
+__device__ __forceinline__ void b_fence_acc(float (&d)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+  }
+}
+__device__ __forceinline__ void b_fence_pa(uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
+// smem matrix descriptor, 128-byte swizzle, lbo/sbo in bytes
+__device__ __forceinline__ uint64_t b_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
+  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+  d |= static_cast<uint64_t>(1) << 62;
+  return d;
+}
+__device__ __forceinline__ void b_mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void b_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void b_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void b_mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void b_tma5(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                       int c4, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void b_prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void b_setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void b_setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// origin (t, h, w) of block `blk` on a grid with nb[] blocks of chunk c[] per axis
+__device__ __forceinline__ void b_origin(int blk, const int (&nb)[3], const int (&c)[3], int& t0, int& h0, int& w0) {
+  w0 = (blk % nb[2]) * c[2];
+  h0 = ((blk / nb[2]) % nb[1]) * c[1];
+  t0 = (blk / (nb[2] * nb[1])) * c[0];
+}
+
+template <typename T, bool kOverlap, int kStages>
+__device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
+  using Sm = BsaSmem<kStages>;
+  using W = BsaWg<T>;
+  using M = MmaType<T>;
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  // grid (query-block pairs, heads): co-resident CTAs share one head's K/V in L2 (a heads-fastest
+  // grid measured 2x slower)
+  const int h = blockIdx.y;
+  const int pair = blockIdx.x;
+
+  const uint32_t sbase = smem_u32(smem);
+  int* qtab = reinterpret_cast<int*>(smem + Sm::kTab);
+  int* ktab = qtab + 64;
+  const uint32_t bar0 = sbase + Sm::kBar;
+  auto bar_q = [&](int c) { return bar0 + 8 * c; };
+  auto bar_at = [&](int c, int s, int kind) { return bar0 + 8 * (2 + (c * kStages + s) * 4 + kind); };
+  // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
+  auto sK = [&](int c, int s) { return sbase + Sm::kK + (c * kStages + s) * kBTile; };
+  auto sV = [&](int c, int s) { return sbase + Sm::kV + (c * kStages + s) * kBTile; };
+
+  if (tid < 64) {
+    const int r = tid;
+    qtab[r] = (r / (p.cq[2] * p.cq[1])) | (((r / p.cq[2]) % p.cq[1]) << 8) | ((r % p.cq[2]) << 16);
+    ktab[r] = (r / (p.ck[2] * p.ck[1])) | (((r / p.ck[2]) % p.ck[1]) << 8) | ((r % p.ck[2]) << 16);
+  }
+  if (tid == 0) {
+    for (int c = 0; c < 2; ++c) {
+      b_mbar_init(bar_q(c), 1);
+      for (int s = 0; s < kStages; ++s) {
+        b_mbar_init(bar_at(c, s, 0), 1);
+        b_mbar_init(bar_at(c, s, 1), 4);  // one arrive per consumer warp
+        b_mbar_init(bar_at(c, s, 2), 1);
+        b_mbar_init(bar_at(c, s, 3), 4);
+      }
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- producer: warp c serves consumer c ----------------
+    b_setmaxnreg_dec<kBProducerRegs>();
+    const int c = tid / 32;
+    const int qb = pair * 2 + c;
+    if (c < 2 && (tid % 32) == 0 && qb < p.nq) {
+      b_prefetch_map(&p.tq);
+      b_prefetch_map(&p.tk);
+      b_prefetch_map(&p.tv);
+      int t0, h0, w0;
+      b_origin(qb, p.nbq, p.cq, t0, h0, w0);
+      const uint32_t dq = sbase + Sm::kQ + c * kBTile;
+      b_expect_tx(bar_q(c), kBTile);
+      b_tma5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
+      b_tma5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
+      const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
+      const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
+      int j = 0;
+      for (int i = 0; i < cnt; ++i) {
+        const int blk = sel[i];
+        if (blk < 0 || blk >= p.nbk_total) continue;
+        b_origin(blk, p.nbk, p.ck, t0, h0, w0);
+        const int s = j % kStages;
+        const uint32_t par = ((j / kStages) & 1) ^ 1;
+        if (j >= kStages) b_mbar_wait(bar_at(c, s, 1), par);
+        b_expect_tx(bar_at(c, s, 0), kBTile);
+        b_tma5(sK(c, s), &p.tk, 0, h, w0, h0, t0, bar_at(c, s, 0));
+        b_tma5(sK(c, s) + kBPanel, &p.tk, 64, h, w0, h0, t0, bar_at(c, s, 0));
+        if (j >= kStages) b_mbar_wait(bar_at(c, s, 3), par);
+        b_expect_tx(bar_at(c, s, 2), kBTile);
+        b_tma5(sV(c, s), &p.tv, 0, h, w0, h0, t0, bar_at(c, s, 2));
+        b_tma5(sV(c, s) + kBPanel, &p.tv, 64, h, w0, h0, t0, bar_at(c, s, 2));
+        ++j;
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  b_setmaxnreg_inc<kBConsumerRegs>();
+  const int cw = wg - 1;
+  const int qb = pair * 2 + cw;
+  if (qb >= p.nq) return;  // odd number of query blocks: the last CTA has one
+  const int ctid = tid - 128 * wg;
+  const int warp = ctid / 32;
+  const int lane = tid % 32;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const float c2 = p.scale_log2;
+
+  const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
+  const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
+  // valid entries (the producer issues exactly these)
+  int n_tiles = 0;
+  for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
+    const int i = i0 + lane;
+    const int blk = i < cnt ? sel[i] : -1;
+    n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY};
+  float l_r[2] = {0.f, 0.f};
+  float s[8][4];
+  uint32_t pa[4][4];
+
+  // key columns of this thread: 8 groups x 2 (c = i*8 + 2*tq + e); their slot geometry
+  const uint32_t q_base = sbase + Sm::kQ + cw * kBTile;
+  auto issue_qk = [&](int st) {
+    const uint32_t k_base = sK(cw, st);
+    b_fence_acc(s);
+    b_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBD / 16; ++kk) {
+      const uint32_t off = (kk >> 2) * kBPanel + (kk & 3) * 32;
+      W::ss64(s, b_desc(q_base + off, 16, 1024), b_desc(k_base + off, 16, 1024), kk > 0);
+    }
+    b_commit();
+  };
+  auto issue_pv = [&](int st) {
+    const uint32_t v_base = sV(cw, st);
+    b_fence_acc(o);
+    b_fence_pa(pa);
+    b_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBRows / 16; ++kk) {
+      W::rs128(o, pa[kk], b_desc(v_base + kk * 16 * 128, kBPanel, 1024));
+    }
+    b_commit();
+  };
+  // cursor over the selection list: block of the next valid entry
+  int cur = 0;
+  auto next_blk = [&]() -> int {
+    int blk = -1;
+    while (cur < cnt) {
+      blk = sel[cur++];
+      if (blk >= 0 && blk < p.nbk_total) break;
+      blk = -1;
+    }
+    return blk;
+  };
+  // masks the key slots of block blk that lie outside the key grid (partial edge blocks only)
+  auto mask = [&](int blk) {
+    int t0, h0, w0;
+    b_origin(blk, p.nbk, p.ck, t0, h0, w0);
+    const int lt = p.gk[0] - t0, lh = p.gk[1] - h0, lw = p.gk[2] - w0;
+    if (lt < p.ck[0] || lh < p.ck[1] || lw < p.ck[2]) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int r = ktab[i * 8 + 2 * tq + e];
+          if ((r & 255) >= lt || ((r >> 8) & 255) >= lh || (r >> 16) >= lw) s[i][e] = s[i][e + 2] = -INFINITY;
+        }
+      }
+    }
+  };
+  auto softmax = [&](float (&alpha)[2]) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_r[e], mx * c2);
+      // a row with every key masked so far keeps m = -inf; use 0 so exp2 gives 0, not NaN
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[e] = fast_exp2(m_r[e] - m_use);
+      m_r[e] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        s[i][2 * e] = fast_exp2(fmaf(s[i][2 * e], c2, -m_use));
+        s[i][2 * e + 1] = fast_exp2(fmaf(s[i][2 * e + 1], c2, -m_use));
+        sum += s[i][2 * e] + s[i][2 * e + 1];
+      }
+      l_r[e] = l_r[e] * alpha[e] + sum;
+    }
+  };
+  auto scale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
+    }
+  };
+  auto convert_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = M::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = M::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) b_arrive(bar);
+  };
+
+  // always wait for Q: no TMA may still be writing this CTA's smem when it exits
+  b_mbar_wait(bar_q(cw), 0);
+  if (n_tiles > 0) {
+    if constexpr (kOverlap) {
+      b_mbar_wait(bar_at(cw, 0, 0), 0);
+      issue_qk(0);
+      b_wait<0>();
+      b_fence_acc(s);
+      release(bar_at(cw, 0, 1));
+      mask(next_blk());
+      float alpha[2];
+      softmax(alpha);  // O is zero: no rescale
+      convert_p();
+      for (int j = 1; j < n_tiles; ++j) {
+        const int st = j % kStages;
+        const int sp = (j - 1) % kStages;
+        b_mbar_wait(bar_at(cw, st, 0), (j / kStages) & 1);
+        b_mbar_wait(bar_at(cw, sp, 2), ((j - 1) / kStages) & 1);
+        issue_qk(st);
+        issue_pv(sp);
+        b_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
+        b_fence_acc(s);
+        release(bar_at(cw, st, 1));
+        mask(next_blk());
+        softmax(alpha);
+        // the wait for P_{j-1} V_{j-1} behind a warp-uniform branch on every softmax result:
+        // keeps ptxas from hoisting it above the softmax
+        const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f || !(l_r[0] >= 0.f) ||
+                                                      !(l_r[1] >= 0.f));
+        if (resc) {
+          b_wait<0>();
+          b_fence_acc(o);
+          b_fence_pa(pa);
+          scale_o(alpha);
+        } else {
+          b_wait<0>();
+          b_fence_pa(pa);
+          b_fence_acc(o);
+        }
+        release(bar_at(cw, sp, 3));
+        convert_p();
+      }
+      const int sl = (n_tiles - 1) % kStages;
+      b_mbar_wait(bar_at(cw, sl, 2), ((n_tiles - 1) / kStages) & 1);
+      issue_pv(sl);
+      b_wait<0>();
+      b_fence_acc(o);
+      release(bar_at(cw, sl, 3));
+    } else {
+      for (int j = 0; j < n_tiles; ++j) {
+        const int st = j % kStages;
+        const uint32_t par = (j / kStages) & 1;
+        b_mbar_wait(bar_at(cw, st, 0), par);
+        issue_qk(st);
+        b_wait<0>();
+        b_fence_acc(s);
+        release(bar_at(cw, st, 1));
+        mask(next_blk());
+        float alpha[2];
+        softmax(alpha);
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_o(alpha);
+        convert_p();
+        b_mbar_wait(bar_at(cw, st, 2), par);
+        issue_pv(st);
+        b_wait<0>();
+        b_fence_acc(o);
+        b_fence_pa(pa);
+        release(bar_at(cw, st, 3));
+      }
+    }
+  }
+
+  // epilogue: O / l -> out for the block's real tokens, lse in natural log
+  int qt0, qh0, qw0;
+  b_origin(qb, p.nbq, p.cq, qt0, qh0, qw0);
+  T* ob = static_cast<T*>(p.out) + h * p.o_sh;
+  float* lb = p.lse + h * p.lse_sh;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float l = l_r[e];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = warp * 16 + g + 8 * e;
+    const int geo = qtab[r];
+    const int t = qt0 + (geo & 255), hh = qh0 + ((geo >> 8) & 255), w = qw0 + (geo >> 16);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (t < p.gq[0] && hh < p.gq[1] && w < p.gq[2]) {
+      const int tok = (t * p.gq[1] + hh) * p.gq[2] + w;
+      T* po = ob + (int64_t)tok * p.o_ss;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
+      if (tq == 0) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+    }
+  }
+}
+
+#endif  // LONGCAT_BSA_WS
+
+template <typename T, bool kOverlap, int kStages>
+__global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __grid_constant__ BsaWsParams p) {
+#ifdef LONGCAT_BSA_WS
+  extern __shared__ unsigned char bsa_ws_smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(bsa_ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  bsa_ws_body<T, kOverlap, kStages>(p, smem);
+#else
+  // built for another target: the host only launches this kernel from an sm_90a binary
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 bsa_encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// one batch of [S, H, 128] (element strides ss, sh) on grid g as {D, heads, W, H, T}, box chunk c
+bool make_map5(CUtensorMap* map, const void* ptr, DType dt, int64_t heads, int64_t ss, int64_t sh,
+               const int (&g)[3], const int (&c)[3]) {
+  auto fn = bsa_encode_fn();
+  if (fn == nullptr) return false;
+  const int64_t es = 2;
+  cuuint64_t dims[5] = {static_cast<cuuint64_t>(kBD), static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(g[2]),
+                        static_cast<cuuint64_t>(g[1]), static_cast<cuuint64_t>(g[0])};
+  cuuint64_t strides[4] = {static_cast<cuuint64_t>(sh * es), static_cast<cuuint64_t>(ss * es),
+                           static_cast<cuuint64_t>(ss * g[2] * es),
+                           static_cast<cuuint64_t>(ss * g[2] * g[1] * es)};
+  cuuint32_t box[5] = {64, 1, static_cast<cuuint32_t>(c[2]), static_cast<cuuint32_t>(c[1]),
+                       static_cast<cuuint32_t>(c[0])};
+  cuuint32_t estr[5] = {1, 1, 1, 1, 1};
+  const CUresult r = fn(map, dt == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                        5, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+template <typename T, bool kOverlap, int kStages>
+cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
+  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages>;
+  const int smem = BsaSmem<kStages>::kAlloc;
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  fn<<<grid, kBThreads, smem, stream>>>(bp);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, int variant, cudaStream_t stream) {
+  switch (variant) {
+    case 0: return launch_bsa_ws<T, false, 2>(bp, grid, stream);
+    case 1: return launch_bsa_ws<T, true, 2>(bp, grid, stream);
+    case 2: return launch_bsa_ws<T, true, 3>(bp, grid, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool bsa_aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if (s % 8 != 0 || s < 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
+  if (head_dim != kBD || !attn_fwd_sm90_available() || bsa_encode_fn() == nullptr) return false;
+  if (p.s1 != 0 || p.s0 <= 0) return false;  // one key segment only
+  int vq = 1, vk = 1;
+  for (int a = 0; a < 3; ++a) {
+    if (p.cq[a] <= 0 || p.ck[a] <= 0 || p.cq[a] > 64 || p.ck[a] > 64) return false;
+    vq *= p.cq[a];
+    vk *= p.ck[a];
+  }
+  if (vq != kBRows || vk != kBRows) return false;
+  if (static_cast<int64_t>(p.gk[0]) * p.gk[1] * p.gk[2] != p.s0) return false;
+  return bsa_aligned16(p.q, {p.q_sb, p.q_ss, p.q_sh}) && bsa_aligned16(p.k0, {p.k0_sb, p.k0_ss, p.k0_sh}) &&
+         bsa_aligned16(p.v0, {p.v0_sb, p.v0_ss, p.v0_sh});
+}
+
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant, cudaStream_t stream) {
+  if (!bsa_fwd_sm90ws_supported(p, head_dim)) return cudaErrorNotSupported;
+  if (variant < 0 || variant > 2) return cudaErrorInvalidValue;
+  if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0 || p.num_q_blocks <= 0) return cudaSuccess;
+  if (p.heads > 65535) return cudaErrorNotSupported;
+  const int es = 2;
+  for (int b = 0; b < p.batch; ++b) {
+    BsaWsParams bp{};
+    const char* qb = static_cast<const char*>(p.q) + b * p.q_sb * es;
+    const char* kb = static_cast<const char*>(p.k0) + b * p.k0_sb * es;
+    const char* vb = static_cast<const char*>(p.v0) + b * p.v0_sb * es;
+    const bool ok = make_map5(&bp.tq, qb, dtype, p.heads, p.q_ss, p.q_sh, p.gq, p.cq) &&
+                    make_map5(&bp.tk, kb, dtype, p.heads, p.k0_ss, p.k0_sh, p.gk, p.ck) &&
+                    make_map5(&bp.tv, vb, dtype, p.heads, p.v0_ss, p.v0_sh, p.gk, p.ck);
+    if (!ok) {
+      // the caller falls back to the sm90 kernel: only possible before anything was launched
+      if (b == 0) return cudaErrorNotSupported;
+      return cudaErrorInvalidValue;
+    }
+    bp.out = static_cast<char*>(p.out) + b * p.o_sb * es;
+    bp.lse = p.lse + b * p.lse_sb;
+    bp.sel_idx = p.sel_idx + b * p.si_sb;
+    bp.sel_cnt = p.sel_cnt + b * p.sc_sb;
+    bp.o_ss = p.o_ss;
+    bp.o_sh = p.o_sh;
+    bp.lse_sh = p.lse_sh;
+    bp.si_sh = p.si_sh;
+    bp.si_sq = p.si_sq;
+    bp.sc_sh = p.sc_sh;
+    bp.sc_sq = p.sc_sq;
+    bp.heads = p.heads;
+    bp.nq = p.num_q_blocks;
+    bp.max_sel = p.max_sel;
+    bp.nbk_total = p.nbk[0] * p.nbk[1] * p.nbk[2];
+    for (int a = 0; a < 3; ++a) {
+      bp.gq[a] = p.gq[a];
+      bp.cq[a] = p.cq[a];
+      bp.nbq[a] = p.nbq[a];
+      bp.gk[a] = p.gk[a];
+      bp.ck[a] = p.ck[a];
+      bp.nbk[a] = p.nbk[a];
+    }
+    bp.scale_log2 = p.scale_log2;
+    if ((p.num_q_blocks + 1) / 2 > 65535) return cudaErrorNotSupported;
+    dim3 grid((p.num_q_blocks + 1) / 2, p.heads);
+    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, variant, stream)
+                                                  : dispatch_bsa_ws<__half>(bp, grid, variant, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace longcat
