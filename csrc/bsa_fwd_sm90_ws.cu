@@ -31,6 +31,7 @@
 
 #include "attn_common.cuh"
 #include "attn_fwd.h"
+#include "sm90_ws_common.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LONGCAT_BSA_WS 1
@@ -123,75 +124,7 @@ struct BsaWg<__half> {
   }
 };
 
-__device__ __forceinline__ void b_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void b_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void b_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-template <int R>
-__device__ __forceinline__ void b_fence_acc(float (&d)[R][4]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
-  }
-}
-__device__ __forceinline__ void b_fence_pa(uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-  }
-}
-// smem matrix descriptor, 128-byte swizzle, lbo/sbo in bytes
-__device__ __forceinline__ uint64_t b_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
-  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
-__device__ __forceinline__ void b_mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void b_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void b_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void b_mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void b_tma5(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
-                                       int c4, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void b_prefetch_map(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void b_setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void b_setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
+using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
 // origin (t, h, w) of block `blk` on a grid with nb[] blocks of chunk c[] per axis
 __device__ __forceinline__ void b_origin(int blk, const int (&nb)[3], const int (&c)[3], int& t0, int& h0, int& w0) {
@@ -229,12 +162,12 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   }
   if (tid == 0) {
     for (int c = 0; c < 2; ++c) {
-      b_mbar_init(bar_q(c), 1);
+      mbar_init(bar_q(c), 1);
       for (int s = 0; s < kStages; ++s) {
-        b_mbar_init(bar_at(c, s, 0), 1);
-        b_mbar_init(bar_at(c, s, 1), 4);  // one arrive per consumer warp
-        b_mbar_init(bar_at(c, s, 2), 1);
-        b_mbar_init(bar_at(c, s, 3), 4);
+        mbar_init(bar_at(c, s, 0), 1);
+        mbar_init(bar_at(c, s, 1), 4);  // one arrive per consumer warp
+        mbar_init(bar_at(c, s, 2), 1);
+        mbar_init(bar_at(c, s, 3), 4);
       }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -243,19 +176,19 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   if (wg == 0) {
     // ---------------- producer: warp c serves consumer c ----------------
-    b_setmaxnreg_dec<kBProducerRegs>();
+    setmaxnreg_dec<kBProducerRegs>();
     const int c = tid / 32;
     const int qb = pair * 2 + c;
     if (c < 2 && (tid % 32) == 0 && qb < p.nq) {
-      b_prefetch_map(&p.tq);
-      b_prefetch_map(&p.tk);
-      b_prefetch_map(&p.tv);
+      prefetch_map(&p.tq);
+      prefetch_map(&p.tk);
+      prefetch_map(&p.tv);
       int t0, h0, w0;
       b_origin(qb, p.nbq, p.cq, t0, h0, w0);
       const uint32_t dq = sbase + Sm::kQ + c * kBTile;
-      b_expect_tx(bar_q(c), kBTile);
-      b_tma5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
-      b_tma5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
+      mbar_expect_tx(bar_q(c), kBTile);
+      tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
+      tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
       const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
       const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
       int j = 0;
@@ -265,14 +198,14 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
         b_origin(blk, p.nbk, p.ck, t0, h0, w0);
         const int s = j % kStages;
         const uint32_t par = ((j / kStages) & 1) ^ 1;
-        if (j >= kStages) b_mbar_wait(bar_at(c, s, 1), par);
-        b_expect_tx(bar_at(c, s, 0), kBTile);
-        b_tma5(sK(c, s), &p.tk, 0, h, w0, h0, t0, bar_at(c, s, 0));
-        b_tma5(sK(c, s) + kBPanel, &p.tk, 64, h, w0, h0, t0, bar_at(c, s, 0));
-        if (j >= kStages) b_mbar_wait(bar_at(c, s, 3), par);
-        b_expect_tx(bar_at(c, s, 2), kBTile);
-        b_tma5(sV(c, s), &p.tv, 0, h, w0, h0, t0, bar_at(c, s, 2));
-        b_tma5(sV(c, s) + kBPanel, &p.tv, 64, h, w0, h0, t0, bar_at(c, s, 2));
+        if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
+        mbar_expect_tx(bar_at(c, s, 0), kBTile);
+        tma_load5(sK(c, s), &p.tk, 0, h, w0, h0, t0, bar_at(c, s, 0));
+        tma_load5(sK(c, s) + kBPanel, &p.tk, 64, h, w0, h0, t0, bar_at(c, s, 0));
+        if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
+        mbar_expect_tx(bar_at(c, s, 2), kBTile);
+        tma_load5(sV(c, s), &p.tv, 0, h, w0, h0, t0, bar_at(c, s, 2));
+        tma_load5(sV(c, s) + kBPanel, &p.tv, 64, h, w0, h0, t0, bar_at(c, s, 2));
         ++j;
       }
     }
@@ -280,7 +213,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   }
 
   // ---------------- consumers ----------------
-  b_setmaxnreg_inc<kBConsumerRegs>();
+  setmaxnreg_inc<kBConsumerRegs>();
   const int cw = wg - 1;
   const int qb = pair * 2 + cw;
   if (qb >= p.nq) return;  // odd number of query blocks: the last CTA has one
@@ -313,25 +246,25 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   const uint32_t q_base = sbase + Sm::kQ + cw * kBTile;
   auto issue_qk = [&](int st) {
     const uint32_t k_base = sK(cw, st);
-    b_fence_acc(s);
-    b_fence();
+    fence_acc(s);
+    wg_fence();
 #pragma unroll
     for (int kk = 0; kk < kBD / 16; ++kk) {
       const uint32_t off = (kk >> 2) * kBPanel + (kk & 3) * 32;
-      W::ss64(s, b_desc(q_base + off, 16, 1024), b_desc(k_base + off, 16, 1024), kk > 0);
+      W::ss64(s, desc128(q_base + off, 16, 1024), desc128(k_base + off, 16, 1024), kk > 0);
     }
-    b_commit();
+    wg_commit();
   };
   auto issue_pv = [&](int st) {
     const uint32_t v_base = sV(cw, st);
-    b_fence_acc(o);
-    b_fence_pa(pa);
-    b_fence();
+    fence_acc(o);
+    fence_pa(pa);
+    wg_fence();
 #pragma unroll
     for (int kk = 0; kk < kBRows / 16; ++kk) {
-      W::rs128(o, pa[kk], b_desc(v_base + kk * 16 * 128, kBPanel, 1024));
+      W::rs128(o, pa[kk], desc128(v_base + kk * 16 * 128, kBPanel, 1024));
     }
-    b_commit();
+    wg_commit();
   };
   // cursor over the selection list: block of the next valid entry
   int cur = 0;
@@ -402,17 +335,17 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     }
   };
   auto release = [&](uint32_t bar) {
-    if (lane == 0) b_arrive(bar);
+    if (lane == 0) mbar_arrive(bar);
   };
 
   // always wait for Q: no TMA may still be writing this CTA's smem when it exits
-  b_mbar_wait(bar_q(cw), 0);
+  mbar_wait(bar_q(cw), 0);
   if (n_tiles > 0) {
     if constexpr (kOverlap) {
-      b_mbar_wait(bar_at(cw, 0, 0), 0);
+      mbar_wait(bar_at(cw, 0, 0), 0);
       issue_qk(0);
-      b_wait<0>();
-      b_fence_acc(s);
+      wg_wait<0>();
+      fence_acc(s);
       release(bar_at(cw, 0, 1));
       mask(next_blk());
       float alpha[2];
@@ -421,12 +354,12 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       for (int j = 1; j < n_tiles; ++j) {
         const int st = j % kStages;
         const int sp = (j - 1) % kStages;
-        b_mbar_wait(bar_at(cw, st, 0), (j / kStages) & 1);
-        b_mbar_wait(bar_at(cw, sp, 2), ((j - 1) / kStages) & 1);
+        mbar_wait(bar_at(cw, st, 0), (j / kStages) & 1);
+        mbar_wait(bar_at(cw, sp, 2), ((j - 1) / kStages) & 1);
         issue_qk(st);
         issue_pv(sp);
-        b_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
-        b_fence_acc(s);
+        wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
+        fence_acc(s);
         release(bar_at(cw, st, 1));
         mask(next_blk());
         softmax(alpha);
@@ -435,43 +368,43 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
         const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f || !(l_r[0] >= 0.f) ||
                                                       !(l_r[1] >= 0.f));
         if (resc) {
-          b_wait<0>();
-          b_fence_acc(o);
-          b_fence_pa(pa);
+          wg_wait<0>();
+          fence_acc(o);
+          fence_pa(pa);
           scale_o(alpha);
         } else {
-          b_wait<0>();
-          b_fence_pa(pa);
-          b_fence_acc(o);
+          wg_wait<0>();
+          fence_pa(pa);
+          fence_acc(o);
         }
         release(bar_at(cw, sp, 3));
         convert_p();
       }
       const int sl = (n_tiles - 1) % kStages;
-      b_mbar_wait(bar_at(cw, sl, 2), ((n_tiles - 1) / kStages) & 1);
+      mbar_wait(bar_at(cw, sl, 2), ((n_tiles - 1) / kStages) & 1);
       issue_pv(sl);
-      b_wait<0>();
-      b_fence_acc(o);
+      wg_wait<0>();
+      fence_acc(o);
       release(bar_at(cw, sl, 3));
     } else {
       for (int j = 0; j < n_tiles; ++j) {
         const int st = j % kStages;
         const uint32_t par = (j / kStages) & 1;
-        b_mbar_wait(bar_at(cw, st, 0), par);
+        mbar_wait(bar_at(cw, st, 0), par);
         issue_qk(st);
-        b_wait<0>();
-        b_fence_acc(s);
+        wg_wait<0>();
+        fence_acc(s);
         release(bar_at(cw, st, 1));
         mask(next_blk());
         float alpha[2];
         softmax(alpha);
         if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_o(alpha);
         convert_p();
-        b_mbar_wait(bar_at(cw, st, 2), par);
+        mbar_wait(bar_at(cw, st, 2), par);
         issue_pv(st);
-        b_wait<0>();
-        b_fence_acc(o);
-        b_fence_pa(pa);
+        wg_wait<0>();
+        fence_acc(o);
+        fence_pa(pa);
         release(bar_at(cw, st, 3));
       }
     }
