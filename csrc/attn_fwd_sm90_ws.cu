@@ -274,50 +274,12 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
     }
   };
   // online softmax of s (in place: s becomes P); returns the O rescale factors
-  auto softmax = [&](float (&alpha)[2]) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_r[e], mx * c2);
-      // a row with every key masked so far keeps m = -inf; use 0 so exp2 gives 0, not NaN
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[e] = fast_exp2(m_r[e] - m_use);
-      m_r[e] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        s[i][2 * e] = fast_exp2(fmaf(s[i][2 * e], c2, -m_use));
-        s[i][2 * e + 1] = fast_exp2(fmaf(s[i][2 * e + 1], c2, -m_use));
-        sum += s[i][2 * e] + s[i][2 * e + 1];
-      }
-      l_r[e] = l_r[e] * alpha[e] + sum;
-    }
-  };
+  auto softmax = [&](float (&alpha)[2]) { online_softmax(s, m_r, l_r, c2, alpha); };
   auto rescale_o = [&](const float (&alpha)[2]) {
     // warp-uniform branch: skip when no row of the warp saw a new maximum
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        o[i][0] *= alpha[0];
-        o[i][1] *= alpha[0];
-        o[i][2] *= alpha[1];
-        o[i][3] *= alpha[1];
-      }
-    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(o, alpha);
   };
-  auto convert_p = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      pa[kk][0] = M::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = M::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-  };
+  auto convert_p = [&]() { pack_p<M>(s, pa); };
   auto release = [&](uint32_t bar) {
     if (lane == 0) mbar_arrive(bar);
   };

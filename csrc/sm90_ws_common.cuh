@@ -1,11 +1,13 @@
 // Device helpers shared by the warp-specialised Hopper kernels (attn_fwd_sm90_ws.cu: dense two-segment
 // forward; bsa_fwd_sm90_ws.cu: block-sparse forward): wgmma fences/commit/wait, register fences, the
 // 128-byte-swizzle smem descriptor, mbarrier ring operations, TMA tile loads (4D and 5D), tensor-map
-// prefetch, named barriers and setmaxnreg. sm_90a only (wgmma, setmaxnreg): everything is compiled in
+// prefetch, named barriers, setmaxnreg, and the consumers' online softmax / O rescale / P packing. sm_90a only (wgmma, setmaxnreg): everything is compiled in
 // the device pass for that target and nowhere else. No torch headers.
 #pragma once
 #include <cuda.h>
 #include <stdint.h>
+
+#include "attn_common.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 namespace longcat {
@@ -106,6 +108,58 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// Online softmax of one S tile in the wgmma accumulator layout (R groups of 8 key columns; each
+// thread holds rows e = 0, 1 at columns i*8 + 2*tq + {0, 1}; a row spans the 4 threads of a quad).
+// s becomes P in place (exp2 of s*c2 - m); m_r, l_r are the running max (log2 units) and sum;
+// alpha receives the factors that rescale O. A row whose keys are all masked so far keeps
+// m = -inf and uses 0 as its offset, so exp2 gives 0 and never NaN.
+template <int R>
+__device__ __forceinline__ void online_softmax(float (&s)[R][4], float (&m_r)[2], float (&l_r)[2], float c2,
+                                               float (&alpha)[2]) {
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < R; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_r[e], mx * c2);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    alpha[e] = ::longcat::detail::fast_exp2(m_r[e] - m_use);
+    m_r[e] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      s[i][2 * e] = ::longcat::detail::fast_exp2(fmaf(s[i][2 * e], c2, -m_use));
+      s[i][2 * e + 1] = ::longcat::detail::fast_exp2(fmaf(s[i][2 * e + 1], c2, -m_use));
+      sum += s[i][2 * e] + s[i][2 * e + 1];
+    }
+    l_r[e] = l_r[e] * alpha[e] + sum;
+  }
+}
+// O (accumulator layout, R groups of 8 columns) times the per-row factors alpha
+template <int R>
+__device__ __forceinline__ void scale_rows(float (&o)[R][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    o[i][0] *= alpha[0];
+    o[i][1] *= alpha[0];
+    o[i][2] *= alpha[1];
+    o[i][3] *= alpha[1];
+  }
+}
+// P (fp32 accumulator layout, R groups of 8 keys) -> the A-operand registers of R/2 k16 steps
+template <typename M, int R>
+__device__ __forceinline__ void pack_p(const float (&s)[R][4], uint32_t (&pa)[R / 2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < R / 2; ++kk) {
+    pa[kk][0] = M::pack(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = M::pack(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
 }
 
 }  // namespace sm90ws
