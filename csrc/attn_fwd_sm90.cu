@@ -11,6 +11,7 @@
 
 #include "attn_common.cuh"
 #include "attn_fwd.h"
+#include "sm90_ws_common.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LONGCAT_SM90_WGMMA 1
@@ -82,14 +83,7 @@ struct Wgmma<__half> {
   }
 };
 
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
+using namespace sm90ws;  // wg_fence / wg_commit / wg_wait (sm90_ws_common.cuh)
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
