@@ -189,6 +189,14 @@ void check_launch(cudaError_t err, const char* op) {
 // elsewhere; sm90 never takes sm90ws.
 const char* impl_env() { return std::getenv("LONGCAT_KERNELS_CUDA_IMPL"); }
 
+// Tuning knob read from the environment: a single digit in [lo, hi], otherwise `fallback` (unset,
+// empty or anything else: the knobs are for measurements, never an error).
+int env_digit(const char* name, int lo, int hi, int fallback) {
+  const char* env = std::getenv(name);
+  if (env != nullptr && env[0] >= '0' + lo && env[0] <= '0' + hi && env[1] == '\0') return env[0] - '0';
+  return fallback;
+}
+
 bool use_sm90() {
   const char* env = impl_env();
   if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
@@ -212,18 +220,10 @@ bool allow_sm90ws() {
 // 0 plain, 1 intra-warpgroup overlap (default: fastest or tied in every H100 sweep, csrc/NOTES.md),
 // 2 overlap + ping-pong, 3 = 2 with 3 stages,
 // 4 ping-pong only, 5 overlap with 3 stages, 6 overlap with the O rescale between the GEMMs.
-int sm90ws_variant() {
-  const char* env = std::getenv("LONGCAT_KERNELS_SM90WS_VARIANT");
-  if (env != nullptr && env[0] >= '0' && env[0] <= '6' && env[1] == '\0') return env[0] - '0';
-  return 1;
-}
+int sm90ws_variant() { return env_digit("LONGCAT_KERNELS_SM90WS_VARIANT", 0, 6, 1); }
 
 // 64-row query tiles per CTA of the dense sm90 kernel (LONGCAT_KERNELS_SM90_WARPGROUPS, 1 or 2).
-int sm90_warpgroups() {
-  const char* env = std::getenv("LONGCAT_KERNELS_SM90_WARPGROUPS");
-  if (env != nullptr && std::strcmp(env, "1") == 0) return 1;
-  return 2;
-}
+int sm90_warpgroups() { return env_digit("LONGCAT_KERNELS_SM90_WARPGROUPS", 1, 2, 2); }
 
 cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                          cudaStream_t stream) {
@@ -240,11 +240,7 @@ cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, 
 
 // Variant of the warp-specialised block-sparse kernel (LONGCAT_KERNELS_SM90WS_BSA_VARIANT, see
 // attn_fwd.h): 0 plain, 1 intra-warpgroup overlap (default), 2 overlap with 3 K/V stages.
-int sm90ws_bsa_variant() {
-  const char* env = std::getenv("LONGCAT_KERNELS_SM90WS_BSA_VARIANT");
-  if (env != nullptr && env[0] >= '0' && env[0] <= '2' && env[1] == '\0') return env[0] - '0';
-  return 1;
-}
+int sm90ws_bsa_variant() { return env_digit("LONGCAT_KERNELS_SM90WS_BSA_VARIANT", 0, 2, 1); }
 
 cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                           cudaStream_t stream) {
@@ -255,8 +251,7 @@ cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype,
       if (err != cudaErrorNotSupported) return err;
     }
     // LONGCAT_KERNELS_SM90_BSA_STAGES: key-tile stages of the block-sparse kernel (2 or 3)
-    const char* env = std::getenv("LONGCAT_KERNELS_SM90_BSA_STAGES");
-    const int stages = (env != nullptr && std::strcmp(env, "3") == 0) ? 3 : 2;
+    const int stages = env_digit("LONGCAT_KERNELS_SM90_BSA_STAGES", 2, 3, 2);
     return longcat::attn_fwd_block_sparse_sm90(p, dtype, d, stages, stream);
   }
   return longcat::attn_fwd_block_sparse(p, dtype, d, stream);
