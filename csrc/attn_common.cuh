@@ -101,5 +101,60 @@ __device__ __forceinline__ int block_slot_token(int r, const int (&grid)[3], con
   return (t * grid[1] + h) * grid[2] + w;
 }
 
+// Work of one CTA of the sm80 / sm90 forward kernels (grid x: query tiles, y: batch*head).
+// Dense: query rows blockIdx.x*BM .. into sQTok (-1 past Sq), key tiles of kBN rows over
+// [seg0; seg1]. Block-sparse: query block and sub-tile from blockIdx.x, sQTok = the tile's token
+// ids (-1 for padding slots), sKTab[k_subs*kBN] = each key slot's offset from its block origin and
+// its packed (dt, dh, dw) (out of every extent for padding slots), tiles = selected blocks x k_subs.
+struct CtaWork {
+  int n_tiles;
+  int k_subs;
+  const int* sel;
+};
+template <bool kSparse, int BM, int kThreads, typename Params>
+__device__ __forceinline__ CtaWork cta_work(const Params& p, int b, int h, int s_total, int tid, int* sQTok,
+                                            int2* sKTab) {
+  CtaWork w{0, 1, nullptr};
+  if constexpr (kSparse) {
+    const int lq = p.cq[0] * p.cq[1] * p.cq[2];
+    const int lk = p.ck[0] * p.ck[1] * p.ck[2];
+    const int q_subs = (lq + BM - 1) / BM;
+    const int q_block = blockIdx.x / q_subs;
+    const int q_sub = blockIdx.x % q_subs;
+    w.k_subs = (lk + kBN - 1) / kBN;
+    const int cnt = min(p.sel_cnt[b * p.sc_sb + h * p.sc_sh + q_block * p.sc_sq], p.max_sel);
+    w.sel = p.sel_idx + b * p.si_sb + h * p.si_sh + q_block * p.si_sq;
+    w.n_tiles = cnt * w.k_subs;
+    for (int r = tid; r < w.k_subs * kBN; r += kThreads) {
+      int2 e;
+      if (r < lk) {
+        const int dw = r % p.ck[2];
+        const int dh = (r / p.ck[2]) % p.ck[1];
+        const int dt = r / (p.ck[2] * p.ck[1]);
+        e.x = (dt * p.gk[1] + dh) * p.gk[2] + dw;
+        e.y = dt | (dh << 10) | (dw << 20);
+      } else {
+        e.x = 0;
+        e.y = 0x3FFFFFFF;  // out of every extent
+      }
+      sKTab[r] = e;
+    }
+    const int bq_w = q_block % p.nbq[2];
+    const int bq_h = (q_block / p.nbq[2]) % p.nbq[1];
+    const int bq_t = q_block / (p.nbq[2] * p.nbq[1]);
+    for (int r = tid; r < BM; r += kThreads) {
+      const int slot = q_sub * BM + r;
+      sQTok[r] = slot < lq ? block_slot_token(slot, p.gq, p.cq, bq_t * p.cq[0], bq_h * p.cq[1],
+                                              bq_w * p.cq[2])
+                           : -1;
+    }
+  } else {
+    const int m0 = blockIdx.x * BM;
+    for (int r = tid; r < BM; r += kThreads) sQTok[r] = (m0 + r < p.sq) ? m0 + r : -1;
+    w.n_tiles = (s_total + kBN - 1) / kBN;
+  }
+  return w;
+}
+
 }  // namespace detail
 }  // namespace longcat

@@ -104,47 +104,10 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
   const T* v1b = static_cast<const T*>(p.v1) + b * p.v1_sb + h * p.v1_sh;
   const int s_total = p.s0 + p.s1;
 
-  int n_tiles;
-  int q_block = 0, q_sub = 0, lq = 0, lk = 0, k_subs = 1;
-  const int* sel = nullptr;
-  if constexpr (kSparse) {
-    lq = p.cq[0] * p.cq[1] * p.cq[2];
-    lk = p.ck[0] * p.ck[1] * p.ck[2];
-    const int q_subs = (lq + BM - 1) / BM;
-    q_block = blockIdx.x / q_subs;
-    q_sub = blockIdx.x % q_subs;
-    k_subs = (lk + kBN - 1) / kBN;
-    const int cnt = min(p.sel_cnt[b * p.sc_sb + h * p.sc_sh + q_block * p.sc_sq], p.max_sel);
-    sel = p.sel_idx + b * p.si_sb + h * p.si_sh + q_block * p.si_sq;
-    n_tiles = cnt * k_subs;
-    for (int r = tid; r < k_subs * kBN; r += kThreads) {
-      int2 e;
-      if (r < lk) {
-        const int dw = r % p.ck[2];
-        const int dh = (r / p.ck[2]) % p.ck[1];
-        const int dt = r / (p.ck[2] * p.ck[1]);
-        e.x = (dt * p.gk[1] + dh) * p.gk[2] + dw;
-        e.y = dt | (dh << 10) | (dw << 20);
-      } else {
-        e.x = 0;
-        e.y = 0x3FFFFFFF;
-      }
-      sKTab[r] = e;
-    }
-    const int bq_w = q_block % p.nbq[2];
-    const int bq_h = (q_block / p.nbq[2]) % p.nbq[1];
-    const int bq_t = q_block / (p.nbq[2] * p.nbq[1]);
-    for (int r = tid; r < BM; r += kThreads) {
-      const int slot = q_sub * BM + r;
-      sQTok[r] = slot < lq ? block_slot_token(slot, p.gq, p.cq, bq_t * p.cq[0], bq_h * p.cq[1],
-                                              bq_w * p.cq[2])
-                           : -1;
-    }
-  } else {
-    const int m0 = blockIdx.x * BM;
-    for (int r = tid; r < BM; r += kThreads) sQTok[r] = (m0 + r < p.sq) ? m0 + r : -1;
-    n_tiles = (s_total + kBN - 1) / kBN;
-  }
+  const CtaWork work = cta_work<kSparse, BM, kThreads>(p, b, h, s_total, tid, sQTok, sKTab);
+  int n_tiles = work.n_tiles;
+  int k_subs = work.k_subs;
+  const int* sel = work.sel;
   __syncthreads();
 
   // Loader mapping (one warpgroup): 8 consecutive threads share a row and take its 16-byte chunks
