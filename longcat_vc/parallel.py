@@ -392,7 +392,7 @@ class ContextParallel:
     def shard_cache(self, cache: KVCache) -> "ShardedKVCache":
         """``cache`` built on this rank (its heads of every block) labelled with the layout."""
         h0, _ = self.head_range(self.num_heads)
-        fields = {f.name: getattr(cache, f.name) for f in dataclasses.fields(KVCache)}
+        fields = {f.name: getattr(cache, f.name) for f in dataclasses.fields(KVCache) if f.init}
         return ShardedKVCache(**fields, num_heads=self.num_heads, head_start=h0, sp_size=self.sp_size,
                               sp_rank=self.sp_rank)
 
