@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -238,28 +238,38 @@ class LongCatDiT(nn.Module):
         Returns:
             Tensor: ``[B, out_channels, T, H, W]`` fp32 (noisy frames only in cache mode).
         """
-        if self._context_parallel is not None:
-            return self._context_parallel.forward(
-                self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
-                num_cond_latents=num_cond_latents, kv_cache=kv_cache,
-            )
+        cp = self._context_parallel  # None: single process, no hook runs
+        if cp is not None and torch.is_grad_enabled():
+            # The collectives carry no gradients: a context-parallel forward is inference only.
+            with torch.no_grad():
+                return self.forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                                    num_cond_latents=num_cond_latents, kv_cache=kv_cache)
         cfg = self.config
         check = not _compiling()
         B, T, H, W = self._check_latents(hidden_states, "hidden_states")
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
         num_cond_latents = self._check_num_cond(num_cond_latents, kv_cache, T)
-        if kv_cache is not None and check:
+        if cp is not None and kv_cache is not None:
+            kv_cache = cp.local_cache(self, kv_cache, B, Nh, Nw)  # checked; this rank's heads
+        elif kv_cache is not None and check:
             self._check_cache(kv_cache, B, Nh, Nw)
 
-        x = self.x_embedder(hidden_states.to(self.dtype))
+        # Text and timestep embeddings on the whole batch, so validation messages name B.
         t = self._embed_timestep(timestep, B, T)
         y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
+        if cp is not None:
+            hidden_states, t, y, y_mask = cp.split_batch(B, hidden_states, t, y, y_mask)  # CFG half
+        x = self.x_embedder(hidden_states.to(self.dtype))
 
         plan = self._step_plan((T, Nh, Nw), x.device, num_cond_latents, kv_cache)
+        if cp is not None:
+            x, plan = cp.shard_tokens(x, plan)
         for i, block in enumerate(self.blocks):
             x = block(x, t, y, y_mask, plan, i)
         out = self.final_layer(x, t, T)
+        if cp is not None:
+            out = cp.gather_tokens(out, B, (T, Nh, Nw))
         return self.unpatchify(out, T, Nh, Nw).float()
 
     @staticmethod
@@ -341,10 +351,9 @@ class LongCatDiT(nn.Module):
                 block ahead of the compute on a side stream.
 
         Returns:
-            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype.
+            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype
+            (context parallel: a ``ShardedKVCache`` of this rank's ``heads / P`` heads).
         """
-        if self._context_parallel is not None:
-            return self._context_parallel.build_kv_cache(self, cond_latents, offload=offload)
         cfg = self.config
         Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
         _, ph, pw = cfg.patch_size
@@ -352,18 +361,20 @@ class LongCatDiT(nn.Module):
         x = self.x_embedder(cond_latents.to(self.dtype))
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
-        return KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
-                       device=self.device, offloaded=offload)
+        cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
+                        device=self.device, offloaded=offload)
+        cp = self._context_parallel
+        # Context parallel: this rank recorded its heads of every block; the cache says which.
+        return cache if cp is None else cp.shard_cache(cache)
 
     def _record_kv(
         self, x: torch.Tensor, t: torch.Tensor, grid: Tuple[int, int, int], offload: bool,
-        shard_plan: Optional[Callable[[AttnPlan], AttnPlan]] = None,
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Runs the blocks of a cache build over the embedded cond tokens ``x`` (``grid = (c, Nh,
         Nw)``, timestep embedding ``t``) and returns each block's rotated K and V: contiguous on
         the model's device, or copied to (pinned when CUDA is available) CPU memory when
-        ``offload``. The last block stops after its K and V. ``shard_plan`` maps the plan to the
-        one the blocks see (context parallel: a rank's shard)."""
+        ``offload``. The last block stops after its K and V. Context parallel: the blocks run on
+        this rank's token shard and record its heads of the whole sequence."""
         cfg = self.config
         pin = offload and torch.cuda.is_available()
         keys: List[Optional[torch.Tensor]] = [None] * cfg.depth
@@ -384,8 +395,8 @@ class LongCatDiT(nn.Module):
             use_bsa=cfg.enable_bsa, bsa=cfg.bsa_settings() if cfg.enable_bsa else {},
             backend=cfg.attn_backend, record=record, skip_cross=True,
         )
-        if shard_plan is not None:
-            plan = shard_plan(plan)
+        if self._context_parallel is not None:
+            x, plan = self._context_parallel.shard_tokens(x, plan)
         last = cfg.depth - 1
         for i, block in enumerate(self.blocks):
             if i == last:

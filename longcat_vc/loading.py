@@ -193,8 +193,10 @@ def _list(names: List[str], limit: int = 30) -> str:
 
 def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
              device: Union[str, torch.device, None] = None, *, strict: bool = True,
-             attn_backend: Optional[str] = None, cls: Optional[Type[nn.Module]] = None):
-    """Builds a ``LongCatDiT`` from a checkpoint folder.
+             attn_backend: Optional[str] = None, cls: Type[nn.Module]):
+    """Builds a ``cls`` (``LongCatDiT``) from a checkpoint folder; ``LongCatDiT.from_pretrained``
+    is the entry point. The class is passed in so that this module never imports the model
+    (``dit`` imports ``loading``, not the other way round).
 
     Args:
         path: an upstream ``dit/`` folder, a FastVideo ``transformer/`` folder, or a checkpoint root
@@ -205,6 +207,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         strict: unexpected checkpoint keys are an error (True) or ignored (False). Missing and
             shape-mismatched keys are always errors.
         attn_backend: overrides ``config.attn_backend``.
+        cls: the model class (``LongCatDiT`` or a subclass), built as ``cls(config, device="meta")``.
 
     Returns:
         The model in eval mode with ``requires_grad=False`` parameters (inference).
@@ -213,9 +216,8 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         CheckpointError: missing folder/config/files, unreadable or corrupt safetensors, and
             missing / unexpected / mismatched keys, each listed by name.
     """
-    from .dit import LongCatDiT
-
-    cls = cls or LongCatDiT
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"load_dit: cls must be the model class (LongCatDiT or a subclass), got {cls!r}")
     folder = resolve_dit_dir(path)
     try:
         config = DiTConfig.from_json(os.path.join(folder, "config.json"))

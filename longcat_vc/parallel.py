@@ -37,6 +37,13 @@ whole batch (same result, no speed-up from the CFG split). Heads must divide by 
 The result of ``forward`` is gathered on every rank (``[B, 16, T, H, W]`` fp32), so a pipeline runs
 unchanged on every rank. Inference only: no autograd through the collectives (the forward runs
 under ``torch.no_grad``).
+
+How it runs: ``LongCatDiT.forward`` and ``build_kv_cache`` are the only forwards. With a
+``ContextParallel`` enabled they call its hooks: ``local_cache`` (this rank's heads of the cache),
+``split_batch`` (CFG half), ``shard_tokens`` after the patch embedding (the token shard, and a
+block plan whose ``AttnPlan.parallel`` makes ``Attention`` do the two all-to-alls around its own
+prologue and kernels), ``gather_tokens`` after the final layer, ``shard_cache`` on a built cache.
+Nothing here runs a model layer.
 """
 
 from __future__ import annotations
@@ -120,14 +127,20 @@ def _cache_view(cache: KVCache, heads: slice, batch: Optional[slice] = None) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# the per-forward attention hook
+# the per-forward attention hook (AttnPlan.parallel)
 
 
 class _ShardedAttention:
-    """Called by ``Attention`` when ``AttnPlan.parallel`` is set (one per forward).
+    """``AttnPlan.parallel`` of a token-sharded forward (one per forward, made by
+    ``ContextParallel.shard_tokens``).
 
-    Holds the global plan (whole grid, positions, cache reader) and the shard geometry:
-    ``T`` frames, ``hw`` real tokens per frame, ``m`` token slots per frame per rank.
+    ``Attention`` calls ``tokens_to_heads`` on its qkv projection and ``heads_to_tokens`` on the
+    attention output; in between it runs its own prologue and kernels with ``plan``, the plan of
+    the whole sequence (grid, positions, prefix rule, cache reader), on heads/P heads.
+
+    Attributes:
+        plan: the ``AttnPlan`` of the whole (unsharded) grid.
+        T, hw, m: frames, real tokens per frame, token slots per frame on each rank.
     """
 
     def __init__(self, cp: "ContextParallel", plan, T: int, hw: int, m: int) -> None:
@@ -135,10 +148,9 @@ class _ShardedAttention:
         self.plan = plan
         self.T, self.hw, self.m = T, hw, m
 
-    # tokens <-> heads -------------------------------------------------------------------
-    def _tokens_to_heads(self, t: torch.Tensor) -> torch.Tensor:
+    def tokens_to_heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, T*m, X, H, D]`` (local tokens, all heads) -> ``[B, T*hw, X, H/P, D]`` (all real
-        tokens, local heads)."""
+        tokens, local heads): the first all-to-all."""
         cp, T, hw, m = self.cp, self.T, self.hw, self.m
         P = cp.sp_size
         B, _, X, H, D = t.shape
@@ -157,9 +169,9 @@ class _ShardedAttention:
                 out[:, :, lo:lo + n] = recv[r, :, :, :n]
         return out.view(B, T * hw, X, Hl, D)
 
-    def _heads_to_tokens(self, o: torch.Tensor) -> torch.Tensor:
+    def heads_to_tokens(self, o: torch.Tensor) -> torch.Tensor:
         """``[B, T*hw, H/P, D]`` -> ``[B, T*m, H*D]`` (local token slots, all heads; zeros on
-        padded slots)."""
+        padded slots): the second all-to-all."""
         cp, T, hw, m = self.cp, self.T, self.hw, self.m
         P = cp.sp_size
         B, _, Hl, D = o.shape
@@ -176,31 +188,6 @@ class _ShardedAttention:
         cp._all_to_all(recv, send)
         # recv[g]: our token slots, heads of group g -> head index g*Hl + h.
         return recv.permute(1, 2, 3, 0, 4, 5).reshape(B, T * m, P * Hl * D)
-
-    # hooks called by Attention -----------------------------------------------------------
-    def qkv_heads(self, attn, x: torch.Tensor, plan) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, T*m, C]`` (shard) -> q, k (normalised, rotated at global positions), v, each
-        ``[B, T*hw, H/P, D]`` over the whole sequence."""
-        import longcat_kernels as lk
-
-        B, N, _ = x.shape
-        qkv = attn.qkv(x).view(B, N, 3, attn.num_heads, attn.head_dim)
-        q, k, v = self._tokens_to_heads(qkv).unbind(2)
-        g = self.plan
-        # RMSNorm weights are shared by the heads: nothing to slice for the local heads.
-        q, k = lk.qk_norm_rope(
-            q, k, attn.q_norm.weight, attn.k_norm.weight, rope=g.rope, frame_offset=g.frame_offset,
-            eps=attn.q_norm.eps, backend=g.prologue_backend,
-        )
-        return q, k, v
-
-    def self_attention(self, attn, x: torch.Tensor, plan, layer: int) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv_heads(attn, x, plan)
-        if plan.record is not None:
-            plan.record(layer, k, v)
-        out = attn._attend(q, k, v, self.plan, layer)
-        return attn.proj(self._heads_to_tokens(out).view(B, N, C))
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,22 +298,80 @@ class ContextParallel:
             out.append(t)
         return out[0] if len(out) == 1 else tuple(out)
 
-    # sharding --------------------------------------------------------------------------------
-    def _shard_tokens(self, x: torch.Tensor, T: int, hw: int, m: int) -> torch.Tensor:
-        """``[B, T*hw, C]`` -> this rank's ``[B, T*m, C]`` (zero-padded slots)."""
+    # hooks of LongCatDiT.forward and build_kv_cache ------------------------------------------
+    def batch_slice(self, B: int) -> Optional[slice]:
+        """The part of a batch of ``B`` this rank's CFG group runs: its half with cfg_parallel and
+        an even ``B``, else None (the whole batch)."""
+        if self.cfg_size == 2 and B % 2 == 0:
+            b = B // 2
+            return slice(self.cfg_rank * b, (self.cfg_rank + 1) * b)
+        return None
+
+    def split_batch(self, B: int, *tensors: Optional[torch.Tensor]):
+        """``tensors`` (batch first, ``B`` rows; None passes through) cut to ``batch_slice(B)``."""
+        batch = self.batch_slice(B)
+        if batch is None:
+            return tensors
+        return tuple(None if t is None else t[batch] for t in tensors)
+
+    def local_cache(self, model, cache: KVCache, B: int, Nh: int, Nw: int) -> KVCache:
+        """The part of ``cache`` this rank reads (its heads; its CFG half of a per-sample cache),
+        after checking it against ``model``, a batch of ``B`` and an ``Nh x Nw`` token grid.
+        A ``ShardedKVCache`` must be sharded as this rank is; a full ``KVCache`` is sliced."""
+        cfg = model.config
+        if isinstance(cache, ShardedKVCache):
+            problems = []
+            if cache.num_heads != cfg.num_heads:
+                problems.append(f"built for {cache.num_heads} heads, model has {cfg.num_heads}")
+            if (cache.sp_size, cache.sp_rank) != (self.sp_size, self.sp_rank):
+                problems.append(
+                    f"sharded for sequence-parallel rank {cache.sp_rank} of {cache.sp_size}, this rank is "
+                    f"{self.sp_rank} of {self.sp_size} (build the cache with the same context-parallel model)"
+                )
+            model._check_cache(cache, B, Nh, Nw, heads=cfg.num_heads // self.sp_size, problems=problems)
+            heads = slice(None)
+        else:
+            model._check_cache(cache, B, Nh, Nw)
+            h0, h1 = self.head_range(cfg.num_heads)
+            heads = slice(h0, h1)
+        batch = self.batch_slice(B)
+        if batch is not None and cache.batch == B and B > 1:
+            return _cache_view(cache, heads, batch)
+        if heads == slice(None):
+            return cache
+        return _cache_view(cache, heads)
+
+    def shard_tokens(self, x: torch.Tensor, plan):
+        """``[B, T*hw, C]`` tokens of ``plan.grid = (T, Nh, Nw)`` -> this rank's ``[B, T*m, C]``
+        (zero-padded slots) and the plan the blocks see on them: ``T`` frames of ``m`` slots, the
+        cond prefix of the shard, and the attention hook that holds ``plan``."""
+        T, Nh, Nw = plan.grid
+        hw = Nh * Nw
+        m = self.slots_per_frame(hw)
         B, _, C = x.shape
         lo, n = self.sp_rank * m, self.valid_slots(self.sp_rank, hw, m)
         xv = x.view(B, T, hw, C)
         if n == m:
-            return xv[:, :, lo:lo + m].reshape(B, T * m, C)
-        out = x.new_zeros((B, T, m, C))
-        if n > 0:
-            out[:, :, :n] = xv[:, :, lo:lo + n]
-        return out.view(B, T * m, C)
+            x = xv[:, :, lo:lo + m].reshape(B, T * m, C)
+        else:
+            x = x.new_zeros((B, T, m, C))
+            if n > 0:
+                x[:, :, :n] = xv[:, :, lo:lo + n]
+            x = x.view(B, T * m, C)
+        if self.sp_size == 1:
+            return x, plan  # a single-rank SP group holds the whole sequence
+        cond_frames = plan.prefix_tokens // hw
+        hook = _ShardedAttention(self, plan, T, hw, m)
+        return x, dataclasses.replace(plan, grid=(T, 1, m), prefix_tokens=cond_frames * m, cache=None, parallel=hook)
 
-    def _gather_tokens(self, out: torch.Tensor, B: int, T: int, hw: int, m: int, batch_split: bool) -> torch.Tensor:
-        """Local ``[b, T*m, X]`` of every rank -> ``[B, T*hw, X]`` on every rank."""
+    def gather_tokens(self, out: torch.Tensor, B: int, grid: Tuple[int, int, int]) -> torch.Tensor:
+        """Every rank's ``[b, T*m, X]`` (``b``: its CFG group's part of ``B``) -> ``[B, T*hw, X]``
+        on every rank, ``grid = (T, Nh, Nw)``."""
         dist = _dist()
+        T, Nh, Nw = grid
+        hw = Nh * Nw
+        m = self.slots_per_frame(hw)
+        batch_split = self.batch_slice(B) is not None
         b, _, X = out.shape
         out = out.contiguous()
         parts = [torch.empty_like(out) for _ in range(self.world_size)]
@@ -344,96 +389,12 @@ class ContextParallel:
             full[bs, :, r * m:r * m + n] = part.view(b, T, m, X)[:, :, :n]
         return full.view(B, T * hw, X)
 
-    def _local_cache(self, model, cache: KVCache, B: int, Nh: int, Nw: int, batch: Optional[slice]) -> KVCache:
-        cfg = model.config
-        if isinstance(cache, ShardedKVCache):
-            problems = []
-            if cache.num_heads != cfg.num_heads:
-                problems.append(f"built for {cache.num_heads} heads, model has {cfg.num_heads}")
-            if (cache.sp_size, cache.sp_rank) != (self.sp_size, self.sp_rank):
-                problems.append(
-                    f"sharded for sequence-parallel rank {cache.sp_rank} of {cache.sp_size}, this rank is "
-                    f"{self.sp_rank} of {self.sp_size} (build the cache with the same context-parallel model)"
-                )
-            model._check_cache(cache, B, Nh, Nw, heads=cfg.num_heads // self.sp_size, problems=problems)
-            heads = slice(None)
-        else:
-            model._check_cache(cache, B, Nh, Nw)
-            h0, h1 = self.head_range(cfg.num_heads)
-            heads = slice(h0, h1)
-        if batch is not None and cache.batch == B and B > 1:
-            return _cache_view(cache, heads, batch)
-        if heads == slice(None):
-            return cache
-        return _cache_view(cache, heads)
-
-    # the model's entry points ------------------------------------------------------------------
-    @torch.no_grad()
-    def forward(self, model, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, *,
-                num_cond_latents: int = 0, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """``LongCatDiT.forward`` across the ranks (same arguments, same result on every rank)."""
-        cfg = model.config
-        B, T, H, W = model._check_latents(hidden_states, "hidden_states")[:4]
-        _, ph, pw = cfg.patch_size
-        Nh, Nw = H // ph, W // pw
-        num_cond_latents = model._check_num_cond(num_cond_latents, kv_cache, T)
-
-        # CFG split: with an even batch each CFG group runs its half.
-        batch_split = self.cfg_size == 2 and B % 2 == 0
-        b = B // 2 if batch_split else B
-        bsl = slice(self.cfg_rank * b, (self.cfg_rank + 1) * b) if batch_split else None
-
-        # Text and timestep embeddings on the whole batch (validation messages name B), then cut.
-        t = model._embed_timestep(timestep, B, T)
-        y, y_mask = model._embed_text(encoder_hidden_states, encoder_attention_mask, B)
-        xs = hidden_states
-        if bsl is not None:
-            t, y, xs = t[bsl], y[bsl], xs[bsl]
-            y_mask = None if y_mask is None else y_mask[bsl]
-        cache_local = None
-        if kv_cache is not None:
-            cache_local = self._local_cache(model, kv_cache, B, Nh, Nw, bsl)
-
-        hw = Nh * Nw
-        m = self.slots_per_frame(hw)
-        x = self._shard_tokens(model.x_embedder(xs.to(model.dtype)), T, hw, m)
-
-        plan = model._step_plan((T, Nh, Nw), x.device, num_cond_latents, cache_local)
-        c_local = 0 if kv_cache is not None else num_cond_latents
-        local = self._local_plan(plan, T, hw, m, c_local)
-        for i, block in enumerate(model.blocks):
-            x = block(x, t, y, y_mask, local, i)
-        out = model.final_layer(x, t, T)  # [b, T*m, P*out] fp32
-        out = self._gather_tokens(out, B, T, hw, m, batch_split)
-        return model.unpatchify(out, T, Nh, Nw).float()
-
-    def _local_plan(self, plan, T: int, hw: int, m: int, c_local: int):
-        """The plan the blocks see on a shard: ``T`` frames of ``m`` slots, the cond prefix of the
-        shard, and the hook that runs self-attention on the whole sequence."""
-        if self.sp_size == 1:
-            return plan  # a single-rank SP group holds the whole sequence
-        hook = _ShardedAttention(self, plan, T, hw, m)
-        return dataclasses.replace(plan, grid=(T, 1, m), prefix_tokens=c_local * m, cache=None, parallel=hook)
-
-    @torch.no_grad()
-    def build_kv_cache(self, model, cond_latents: torch.Tensor, *, offload: bool = False) -> ShardedKVCache:
-        """``LongCatDiT.build_kv_cache`` across the SP group: each rank keeps its heads."""
-        cfg = model.config
-        Bc, c, H, W = model._check_latents(cond_latents, "cond_latents")[:4]
-        _, ph, pw = cfg.patch_size
-        Nh, Nw = H // ph, W // pw
-        hw = Nh * Nw
-        m = self.slots_per_frame(hw)
-        x = self._shard_tokens(model.x_embedder(cond_latents.to(model.dtype)), c, hw, m)
-        t = model._embed_timestep(torch.zeros(Bc, c, device=model.device), Bc, c)
-        keys, values = model._record_kv(
-            x, t, (c, Nh, Nw), offload, shard_plan=lambda plan: self._local_plan(plan, c, hw, m, 0)
-        )
-        h0, _ = self.head_range(cfg.num_heads)
-        return ShardedKVCache(
-            keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=model.dtype, device=model.device,
-            offloaded=offload, num_heads=cfg.num_heads, head_start=h0, sp_size=self.sp_size, sp_rank=self.sp_rank,
-        )
+    def shard_cache(self, cache: KVCache) -> "ShardedKVCache":
+        """``cache`` built on this rank (its heads of every block) labelled with the layout."""
+        h0, _ = self.head_range(self.num_heads)
+        fields = {f.name: getattr(cache, f.name) for f in dataclasses.fields(KVCache) if f.init}
+        return ShardedKVCache(**fields, num_heads=self.num_heads, head_start=h0, sp_size=self.sp_size,
+                              sp_rank=self.sp_rank)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,9 @@ class AttnPlan:
         record: callback ``(layer, k, v)`` (``"build"`` mode).
         skip_cross: skip cross-attention (``"build"`` mode).
         parallel: context-parallel hook (``longcat_vc.parallel``) when ``x`` is a token shard of
-            a multi-rank forward; None (single process) leaves everything as is.
+            a multi-rank forward: ``tokens_to_heads`` / ``heads_to_tokens`` (the two all-to-alls
+            around self-attention) and ``plan``, the plan of the whole sequence that attention
+            then runs with; None (single process) leaves everything as is.
     """
 
     mode: str
@@ -114,12 +116,16 @@ class Attention(nn.Module):
         self.proj = LoRALinear(dim, dim, bias=True, device=device, dtype=dtype)
 
     def qkv_heads(self, x: torch.Tensor, plan: AttnPlan) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, N, C]`` -> normalised, rotated q, k and raw v, ``[B, N, H, D]`` each (v a view)."""
-        if plan.parallel is not None:
-            return plan.parallel.qkv_heads(self, x, plan)
+        """x ``[B, N, C]`` -> normalised, rotated q, k and raw v, ``[B, N, H, D]`` each (v a view).
+
+        With ``plan.parallel`` (``x`` a token shard): ``[B, S, H/P, D]`` over the whole sequence
+        of ``S`` tokens, rotated at their global positions."""
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        if plan.parallel is not None:
+            qkv, plan = plan.parallel.tokens_to_heads(qkv), plan.parallel.plan
         q, k, v = qkv.unbind(2)
+        # RMSNorm weights are shared by the heads: the same for any subset of them.
         q, k = _kernels().qk_norm_rope(
             q, k, self.q_norm.weight, self.k_norm.weight, rope=plan.rope, frame_offset=plan.frame_offset,
             eps=self.q_norm.eps, backend=plan.prologue_backend,
@@ -127,13 +133,16 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, plan: AttnPlan, layer: int) -> torch.Tensor:
-        if plan.parallel is not None:
-            return plan.parallel.self_attention(self, x, plan, layer)
         B, N, C = x.shape
         q, k, v = self.qkv_heads(x, plan)
         if plan.record is not None:
             plan.record(layer, k, v)
-        out = self._attend(q, k, v, plan, layer)
+        cp = plan.parallel
+        if cp is None:
+            out = self._attend(q, k, v, plan, layer)
+        else:
+            # Whole sequence, heads/P: the plan of the whole grid, then back to token shards.
+            out = cp.heads_to_tokens(self._attend(q, k, v, cp.plan, layer))
         return self.proj(out.reshape(B, N, C))
 
     @staticmethod

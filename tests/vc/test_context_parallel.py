@@ -153,6 +153,31 @@ def test_heads_not_divisible_is_a_clear_error(run_world):
         assert "kv_cache" in res["layout_error"] and "sharded for sequence-parallel rank" in res["layout_error"]
 
 
+def test_the_dit_forward_is_the_only_forward():
+    """Context parallelism hooks into ``LongCatDiT.forward`` / ``build_kv_cache`` and
+    ``Attention``; ``longcat_vc.parallel`` defines no forward of its own and runs no model layer."""
+    import ast
+
+    import longcat_vc.parallel as par
+    from longcat_vc.parallel import ContextParallel, _ShardedAttention
+
+    for cls in (ContextParallel, _ShardedAttention):
+        for name in ("forward", "build_kv_cache", "self_attention", "qkv_heads", "_local_plan"):
+            assert not hasattr(cls, name), f"{cls.__name__}.{name}"
+    for name in ("shard_tokens", "gather_tokens", "local_cache", "split_batch", "shard_cache"):
+        assert callable(getattr(ContextParallel, name)), name
+    with open(par.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    layers = {"blocks", "x_embedder", "t_embedder", "y_embedder", "final_layer", "unpatchify", "qkv", "proj",
+              "q_norm", "k_norm", "cross_attn", "ffn", "_attend", "_embed_text", "_embed_timestep", "_step_plan",
+              "_record_kv"}
+    touched = sorted({n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & layers)
+    assert not touched, f"longcat_vc.parallel runs model layers itself: {touched}"
+    kernels = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+               and "longcat_kernels" in ((n.module or "") if isinstance(n, ast.ImportFrom) else n.names[0].name)]
+    assert not kernels, "longcat_vc.parallel calls attention kernels itself"
+
+
 def test_cli_rejects_context_parallel_without_torchrun(tmp_path, capsys, monkeypatch):
     from longcat_vc import cli
 
