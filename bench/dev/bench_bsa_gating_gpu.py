@@ -13,7 +13,7 @@ bf16, q/k/v views of one fused QKV buffer) this script
    (gating excluded) at both sparsities; first, pooling grid orders and scores tiles
    (``T._GATING_CONFIG``) are timed (the rest of the run uses the default config).
 
-Usage (device): PYTHONPATH=$PWD python bench/bench_bsa_gating_gpu.py --out $OUT
+Usage (device): PYTHONPATH=$PWD python bench/dev/bench_bsa_gating_gpu.py --out $OUT
 Writes ``bsa_gating_<gpu>.json`` and a log under --out; prints a table last.
 """
 

@@ -5,7 +5,7 @@ computation over gathered key blocks, NaN-poisoned outputs, gating scores and se
 times side by side in one run: dense cuDNN SDPA, our forward (gating included / excluded), and
 forward+backward, at the LongCat shape (grid 24x44x80, B1 H32 D128) and 480p (24x30x52).
 
-Usage (device): PYTHONPATH=$PWD python bench/bench_bsa_gpu_dev.py --out $OUT [--sweep]
+Usage (device): PYTHONPATH=$PWD python bench/dev/bench_bsa_gpu_dev.py --out $OUT [--sweep]
 Writes ``bsa_triton_<gpu>.json`` and a log under --out; prints a table last.
 """
 

@@ -9,7 +9,7 @@ One call on the lent GPU does everything, in this order, and refuses to time wha
      at B2 H32 D128, q 31,200 x kv 37,440, Bc = 1, with 3D RoPE;
   5. timing side by side: cuda vs triton vs cuDNN SDPA (dense), CUDA events, median.
 
-Usage (device): ``PYTHONPATH=$PWD python bench/bench_cuda_gpu_dev.py --all --out $OUT``.
+Usage (device): ``PYTHONPATH=$PWD python bench/dev/bench_cuda_gpu_dev.py --all --out $OUT``.
 Results: JSON under ``--out`` (copied to bench/results/h100/ by hand), table printed last.
 """
 
@@ -773,7 +773,7 @@ def main():
                 grid, sp = tuple(int(x) for x in g.split("x")), float(sp)
                 summary[f"ok_{g}_{sp}"] = bsa_ws_case(grid, sp, summary["rows"], variants=vs, diag=dg)
                 torch.cuda.empty_cache()
-                with open(os.path.join(args.out, "cuda_ext_v7_bsa_ws.json"), "w") as f:
+                with open(os.path.join(args.out, "cuda-ext-v7-bsa-ws_20261124.json"), "w") as f:
                     json.dump(summary, f, indent=1)
         if args.bsa_ws_sanitize:
             summary["sanitizer"] = sanitize_bsa_ws(args.out)
