@@ -1,5 +1,12 @@
 """Device check-and-time script for the compiled extension (backend "cuda").
 
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): it sweeps the csrc kernel
+families and variants through the LONGCAT_KERNELS_CUDA_IMPL / SM90WS_VARIANT / SM90WS_BSA_VARIANT /
+SM90_WARPGROUPS / SM90_BSA_STAGES environment variables, which issue 14 removes with the variants.
+Produced: cuda-ext-v5_20261124.json, cuda-ext-v6-ws_20261124.json, cuda-ext-v7-bsa-ws_20261124.json.
+To re-run, check out the commit that produced the result.
+
+
 One call on the lent GPU does everything, in this order, and refuses to time what failed parity:
   1. build csrc/ (JIT, ninja, cached build dir) and load ``torch.ops.longcat_kernels``;
   2. ``--small``: small-shape semantic checks (run again under compute-sanitizer by step 3);
@@ -847,4 +854,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(f"{__file__}: historical script, kept for the record of how its results were made; "
+             "see bench/dev/README.md")

@@ -1,5 +1,11 @@
 """GPU check-and-time script for cached-KV attention (issue 4), one call on the device.
 
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): it overwrites the private
+`_CONFIG_OVERRIDE` of longcat_kernels.ops.kv_cache_attn.triton. Produced: kv-cache-attn-triton-
+sweep_20261124_3f64ee5.json (commit 3f64ee5). To re-run, check out the commit that produced the
+result.
+
+
     PYTHONPATH=$PWD python bench/dev/bench_kv_cache_gpu_dev.py --out $OUT/kv_cache.json
 
 480p VC shapes (B2 = CFG, H32, D128, bf16, 1560 tokens per latent frame, 24 latent frames):
@@ -356,4 +362,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(f"{__file__}: historical script, kept for the record of how its results were made; "
+             "see bench/dev/README.md")
