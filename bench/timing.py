@@ -72,8 +72,8 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
 SPREAD_LIMIT = 0.10
 SPREAD_MARK = "~"
 SPREAD_LEGEND = (f"ms: median of the runs; {SPREAD_MARK} after a time: its spread (p80 - p20) / median is "
-                 f"above {SPREAD_LIMIT:.0%}, so the machine was noisy for that case (min and spread per row in "
-                 "the JSON/CSV)")
+                 f"above {SPREAD_LIMIT:.0%}, so differences of that size are noise (a loaded machine, clock "
+                 "changes); min and spread of every row are in the JSON/CSV")
 
 
 def _spread(median: float, p20: float, p80: float) -> float:
