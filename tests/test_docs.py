@@ -37,3 +37,20 @@ def test_spec_citations_name_existing_sections():
     assert cited, "no SPEC citations found: the pattern is wrong"
     missing = sorted((f, n) for f, n in cited if n not in sections)
     assert not missing, missing
+
+
+def test_cited_result_files_exist():
+    """Every ``bench/results/<device>/<file>`` named in the code, csrc or the documents exists."""
+    sources = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "csrc" / "NOTES.md",
+               ROOT / "longcat_kernels" / "DESIGN.md", ROOT / "bench" / "dev" / "README.md"]
+    for pattern in ("longcat_kernels/**/*.py", "longcat_vc/**/*.py", "bench/**/*.py", "csrc/*.c*", "csrc/*.h",
+                    "docs/*.md"):
+        sources += sorted(ROOT.glob(pattern))
+    missing, seen = [], 0
+    for src in sources:
+        for cited in re.findall(r"bench/results/[a-z0-9-]+/[A-Za-z0-9_.*-]*[A-Za-z0-9*]", src.read_text()):
+            seen += 1
+            if not list(ROOT.glob(cited)):
+                missing.append(f"{src.relative_to(ROOT)}: {cited}")
+    assert seen > 5, "no result citations found: the pattern is wrong"
+    assert not missing, missing
