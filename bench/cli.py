@@ -5,6 +5,9 @@ Examples:
     python -m bench --suite all --plot       # every suite; PNG plots when matplotlib is installed
     python -m bench --suite bsa --shapes 720p,480p --backends triton,cuda
     python -m bench --quick                  # seconds-long smoke run (CI)
+
+Results go to ./bench-results/<device>/ under the current directory (git-ignored in a checkout),
+or to --out; the committed results under bench/results/ are only ever changed by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from bench import machine as _machine
 from bench import writer
 from bench.shapes import COND_FRAMES, SPARSITIES, parse_grids
 from bench.suites import SUITES, Context, load_suite, run_case
+from bench.timing import SPREAD_LEGEND
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -52,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default=None, help="comma-separated sparsity levels for the bsa suite "
                    f"(default: {','.join(map(str, SPARSITIES))})")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>/)")
+    p.add_argument("--out", default=None, help="results folder (default: ./bench-results/<device>/ under the "
+                   "current directory)")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke test)")
-    p.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
+    p.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib: pip install "
+                   "'longcat-kernels[plot]')")
     p.add_argument("--budget", type=float, default=1.0, help="scale every case's timing budget (default 1)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; cases not started by then are "
                    "reported as skipped (results are written after every suite either way)")
@@ -75,13 +81,20 @@ def _status_line(row: dict) -> str:
     head = f"  {row['case']:<34} {row['backend']:<12}"
     if row["status"] == "ok":
         extra = f"  {row['tflops']:.3g} TFLOP/s" if row.get("tflops") else ""
-        return f"{head} {row['ms']:10.3f} ms  (n={row['runs']}, rel.L2 {row.get('rel_l2', float('nan')):.2g}){extra}"
+        spread = row.get("spread")
+        spread = f"{100 * spread:.0f}%" if spread is not None else "-"
+        return (f"{head} {row['ms']:10.3f} ms median  (min {row['ms_min']:.3f}, spread {spread}, n={row['runs']}, "
+                f"rel.L2 {row.get('rel_l2', float('nan')):.2g}){extra}")
     return f"{head} {row['status'].upper()}: {row.get('reason', '')}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     suites = _suites(args.suite)
+    if args.plot and not args.no_write:
+        from bench.report import require_matplotlib
+
+        require_matplotlib()  # before the run, not after it
     if args.device:
         device = torch.device(args.device)
     else:
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)}
     out_dir = Path(args.out) if args.out else writer.default_out_dir(header)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"bench-{'-'.join(suites)}{'-quick' if args.quick else ''}-{stamp}"
+    stem = writer.result_stem(suites, args.quick, stamp, header.get("commit"))
     jpath = cpath = None
     for name in suites:
         print(f"\n== suite {name} ({device}, {str(dtype).replace('torch.', '')}) ==", flush=True)
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(_status_line(row), flush=True)
             rows = mod.finish(ctx, rows)
-            print(f"\n{mod.table(rows)}", flush=True)
+            print(f"\n{mod.table(rows)}\n({SPREAD_LEGEND})", flush=True)
         except Exception as e:  # e.g. the model package is missing: the suite is reported, the run goes on
             rows.append({"suite": name, "case": "-", "backend": "-", "status": "error",
                          "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]})

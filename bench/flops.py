@@ -1,4 +1,4 @@
-"""FLOP counts used by every benchmark (TARGETS.md, SPEC 10), written once.
+"""FLOP counts used by every benchmark (SPEC 10 of docs/SEMANTICS.md), written once.
 
 - Attention: ``4 * B * H * Sq * Sk * D`` forward (QK^T and PV, 2 FLOPs per multiply-add); backward
   counts 2.5x the forward, so forward + backward is 3.5x.

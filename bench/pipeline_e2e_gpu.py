@@ -155,7 +155,7 @@ def main(argv=None):
 
     sys.path.insert(0, REPO)
     from bench.suites.dit_common import init_random_
-    from bench.word_tokenizer import build_word_tokenizer
+    from longcat_vc.testing import build_word_tokenizer
     from longcat_vc import DiTConfig, LongCatDiT
     from longcat_vc.pipeline import VideoContinuationPipeline
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from bench import writer
+from bench.timing import SPREAD_LEGEND, ms_cell
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -65,7 +66,7 @@ def cache_table(doc: dict) -> str:
         cfg = f"depth {any_r.get('depth')}, hidden {any_r.get('hidden')}, grid {any_r.get('grid')}, B{any_r.get('batch')}"
 
         def ms(r, spec=".1f"):
-            return _f(r.get("ms"), spec) if r.get("status") == "ok" else (r.get("status") or "-")
+            return ms_cell(r, spec) if r.get("status") == "ok" else (r.get("status") or "-")
 
         body.append([str(any_r.get("cond_frames")), str(c), ms(off), ms(on), _f(on.get("speedup"), ".2f", "x"),
                      _f(on.get("ideal_speedup"), ".2f", "x"), ms(bld), _f(bld.get("cache_mb"), ".0f"),
@@ -102,14 +103,14 @@ def bsa_table(doc: dict) -> str:
     by = {(r["grid"], r["mode"], r["chunk"], r["sparsity"], r["backend"]): r for r in sparse}
     base = {}
     for r in dense:
-        base.setdefault((r["grid"], r["mode"]), []).append(f"{r['backend']} {r['ms']:.2f}")
+        base.setdefault((r["grid"], r["mode"]), []).append(f"{r['backend']} {ms_cell(r)}")
     body = []
     for g, mode, chunk, sp in keys:
         cells = []
         for b in impls:
             r = by.get((g, mode, chunk, sp, b))
             cells.append("-" if r is None else
-                         f"{r['ms']:.2f} ms, {_f(r.get('speedup'), '.2f', 'x')}, {_f(r.get('tflops'), '.0f')} TF/s")
+                         f"{ms_cell(r)} ms, {_f(r.get('speedup'), '.2f', 'x')}, {_f(r.get('tflops'), '.0f')} TF/s")
         body.append([g, mode, chunk, _f(sp, "g"), ", ".join(base.get((g, mode), ["-"]))] + cells)
     head = ["grid", "pass", "chunk", "sparsity", "dense SDPA ms"] + [f"{b}: ms, vs dense, TFLOP/s (visited)" for b in impls]
     return f"Block-sparse attention (gating included), {_dims(rows)}, {doc['config'].get('dtype')}:\n\n" + _md(head, body)
@@ -125,7 +126,7 @@ def cached_attn_table(doc: dict) -> str:
     for op, c, sq, sk in keys:
         ours = [r for (o, cc, b), r in by.items() if o == op and cc == c and r.get("speedup") is not None]
         best = min(ours, key=lambda r: r["ms"]) if ours else None
-        cells = [_f(by[(op, c, b)]["ms"], ".2f") if (op, c, b) in by else "-" for b in impls]
+        cells = [ms_cell(by[(op, c, b)]) if (op, c, b) in by else "-" for b in impls]
         body.append([op, str(c), f"{sq} x {sk}"] + cells + [
             f"{best['backend']}: {_f(best.get('speedup'), '.2f', 'x')}" if best else "-",
             _f(best.get("vs_prebuilt"), ".2f", "x") if best else "-"])
@@ -138,7 +139,7 @@ def cached_attn_table(doc: dict) -> str:
 def pipeline_table(doc: dict) -> str:
     rows = [r for r in _rows(doc, "pipeline") if r.get("status") == "ok"]
     body = [[r.get("mode_name"), str(r.get("steps")), str(r.get("batch")), str(r.get("cond_frames")),
-             r.get("cache"), _f(r.get("ms"), ".0f"), _f(r.get("ms_per_step"), ".1f"),
+             r.get("cache"), ms_cell(r, ".0f"), ms_cell(r, ".1f", "ms_per_step"),
              _f(r.get("speedup"), ".2f", "x")] for r in rows]
     head = ["mode", "steps", "batch", "cond frames", "cache", "denoise ms", "ms/step", "speedup"]
     return ("Denoising loop (cache build included when on):\n\n" + _md(head, body)) if body else ""
@@ -161,7 +162,7 @@ def render(results_dir: Path | str = writer.RESULTS_DIR) -> str:
             t = _TABLES[suite](doc)
             if t:
                 parts.append(f"**{suite}** on {_source(doc)}\n\n{t}")
-    return "\n\n".join(parts)
+    return "\n\n".join([SPREAD_LEGEND + "."] + parts) if parts else ""
 
 
 def update_readme(text: str, readme: Path = README) -> tuple[str, str]:
@@ -174,16 +175,22 @@ def update_readme(text: str, readme: Path = README) -> tuple[str, str]:
     return old, new
 
 
-def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Path]:
-    """PNG plots of one result document: speedup vs cond frames, speedup vs sparsity."""
+def require_matplotlib():
+    """The ``matplotlib.pyplot`` module (Agg backend); SystemExit naming the extra when missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return []
+        raise SystemExit("--plot: matplotlib is not installed; install the plot extra: "
+                         "pip install 'longcat-kernels[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Path]:
+    """PNG plots of one result document: speedup vs cond frames, speedup vs sparsity."""
+    plt = require_matplotlib()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -200,7 +207,7 @@ def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Pa
         ax.set_title(f"KV cache speedup, {dev}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
-        p = out_dir / f"{stem}-cache.png"
+        p = out_dir / f"{stem}_plot-cache.png"
         fig.tight_layout()
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -220,7 +227,7 @@ def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Pa
         ax.set_title(f"Block-sparse attention, {dev}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        p = out_dir / f"{stem}-bsa.png"
+        p = out_dir / f"{stem}_plot-bsa.png"
         fig.tight_layout()
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--check", action="store_true", help="exit 1 if the README table is out of date")
     ap.add_argument("--plot", action="store_true", help="write PNG plots beside each device's newest results")
     args = ap.parse_args(argv)
+    if args.plot:
+        require_matplotlib()
     text = render(args.results)
     rc = 0
     if args.write or args.check:

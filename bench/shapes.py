@@ -69,7 +69,7 @@ class Grid:
         return f"{self.t}x{self.h}x{self.w}"
 
 
-# Named grids: the real ones (SPEC 10, TARGETS.md) and small ones for CPU runs and CI.
+# Named grids: the real ones (SPEC 10) and small ones for CPU runs and CI.
 GRIDS = {
     "480p": Grid("480p", *latent_grid("480p")),  # 24 x 30 x 52 = 37,440 tokens
     "720p": Grid("720p", *latent_grid("720p")),  # 24 x 44 x 80 = 84,480 tokens

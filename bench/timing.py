@@ -1,5 +1,10 @@
 """Timing: CUDA events after warm-up (GPU) or perf_counter (CPU), median of many runs, rotating inputs.
 
+Every timing reports its median, its minimum and its spread, ``(p80 - p20) / median`` (the width
+of the middle 60% of the runs relative to the median): on a loaded or clock-throttled machine the
+spread grows, and tables mark such a case (``SPREAD_MARK``) so that its noise is not read as a
+result.
+
 The number of timed runs adapts to the measured cost of one call so that a whole suite fits a time
 budget: ``reps = clamp(budget_s / t_call, min_reps, max_reps)``.
 """
@@ -25,6 +30,8 @@ class Timing:
     p80_ms: float
     runs: int
     method: str
+    spread: float  # (p80 - p20) / median; 0 for one run
+
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +67,37 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
+# A case whose spread is above this is marked in every table: its median moves by about as much
+# between runs as the differences the tables are read for (a few percent between backends).
+SPREAD_LIMIT = 0.10
+SPREAD_MARK = "~"
+SPREAD_LEGEND = (f"ms: median of the runs; {SPREAD_MARK} after a time: its spread (p80 - p20) / median is "
+                 f"above {SPREAD_LIMIT:.0%}, so differences of that size are noise (a loaded machine, clock "
+                 "changes); min and spread of every row are in the JSON/CSV")
+
+
+def _spread(median: float, p20: float, p80: float) -> float:
+    return (p80 - p20) / median if median > 0 else 0.0
+
+
+def row_spread(row: dict) -> float | None:
+    """The spread of a result row (``spread``, or from ``ms_p20``/``ms_p80`` of older files)."""
+    if row.get("spread") is not None:
+        return float(row["spread"])
+    if all(isinstance(row.get(k), (int, float)) for k in ("ms", "ms_p20", "ms_p80")):
+        return _spread(row["ms"], row["ms_p20"], row["ms_p80"])
+    return None
+
+
+def ms_cell(row: dict, spec: str = ".2f", key: str = "ms") -> str:
+    """``row[key]`` formatted, with ``SPREAD_MARK`` appended when the row's spread is large."""
+    v = row.get(key)
+    if not isinstance(v, (int, float)):
+        return "-"
+    sp = row_spread(row)
+    return format(v, spec) + (SPREAD_MARK if sp is not None and sp > SPREAD_LIMIT else "")
+
+
 def summarize(times_ms: Sequence[float], method: str) -> Timing:
     if not times_ms:
         raise ValueError("times_ms: expected at least one measurement, got none")
@@ -72,6 +110,7 @@ def summarize(times_ms: Sequence[float], method: str) -> Timing:
         p80_ms=_percentile(s, 0.8),
         runs=len(s),
         method=method,
+        spread=_spread(statistics.median(s), _percentile(s, 0.2), _percentile(s, 0.8)),
     )
 
 

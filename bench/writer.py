@@ -1,7 +1,13 @@
 """Results writer: one JSON (machine header + config + rows of every suite) and one CSV per run.
 
-Files land in ``bench/results/<device-slug>/`` unless ``--out`` names another folder; names are
-``bench-<suites>-<UTC timestamp>.json`` / ``.csv`` (ASCII, so they survive any copy).
+A run writes to ``./bench-results/<device-slug>/`` under the current directory unless ``--out``
+names another folder: never into the package (which may be installed read-only), and inside a
+checkout that folder is git-ignored, so ``python -m bench`` leaves ``git status`` clean.
+``bench/results/<device>/`` (``RESULTS_DIR``) holds the committed results the README table is
+generated from; a run is copied there by hand (bench/results/README.md).
+
+File names follow the one scheme of bench/results/: ``<topic>_<date>[_<commit>][_<part>].<ext>``,
+here ``bench-<suites>[-quick]_<YYYYMMDDTHHMMSSZ>[_<commit>].json`` / ``.csv`` (ASCII).
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ import math
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOCAL_DIR_NAME = "bench-results"  # under the current directory; listed in .gitignore
 SCHEMA = "longcat-bench/1"
 
 # CSV columns shown first when present; the rest follow in first-seen order.
 _LEAD_COLUMNS = ("suite", "case", "backend", "status", "grid", "cond_frames", "cond_latents", "sparsity",
-                 "ms", "ms_min", "runs", "tflops", "speedup", "ideal_speedup", "rel_l2", "tol")
+                 "ms", "ms_min", "spread", "runs", "tflops", "speedup", "ideal_speedup", "rel_l2", "tol")
 
 
 def _clean(v):
@@ -30,8 +37,17 @@ def _clean(v):
     return v
 
 
-def default_out_dir(machine: dict) -> Path:
-    return RESULTS_DIR / machine["device_slug"]
+def default_out_dir(machine: dict, cwd: Path | str | None = None) -> Path:
+    """``<cwd>/bench-results/<device-slug>``: where a run writes when ``--out`` is not given."""
+    return (Path.cwd() if cwd is None else Path(cwd)) / LOCAL_DIR_NAME / machine["device_slug"]
+
+
+def result_stem(suites: list[str], quick: bool, stamp: str, commit: str | None) -> str:
+    """``bench-<suites>[-quick]_<stamp>[_<commit>]`` (the bench/results naming scheme)."""
+    tail = ""
+    if commit and str(commit) not in ("None", "unknown"):
+        tail = f"_{str(commit)[:7]}" + ("-dirty" if str(commit).endswith("-dirty") else "")
+    return f"bench-{'-'.join(suites)}{'-quick' if quick else ''}_{stamp}{tail}"
 
 
 def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[dict], stem: str) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@
 //
 // Per consumer warpgroup and key tile: S = Q K^T with wgmma m64n128k16 (Q, K from 128B-swizzled
 // smem, K-major), fp32 online softmax with exp2, O += P V with wgmma m64n128k16 (P from registers,
-// V from smem, MN-major). Variants (template flags, all exercised by bench/bench_cuda_gpu_dev.py):
+// V from smem, MN-major). Variants (template flags, all exercised by bench/dev/bench_cuda_gpu_dev.py):
 //   kOverlap:  issue S(j+1) = Q K(j+1)^T before the softmax of tile j... (precisely: at iteration j
 //              the warpgroup issues Q K_j^T and P_{j-1} V_{j-1} together, then does softmax(j) while
 //              P_{j-1} V_{j-1} runs on the tensor cores);

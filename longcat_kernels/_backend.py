@@ -53,11 +53,12 @@ OPS: Dict[str, str] = {
 PREFERENCE: Dict[str, Tuple[str, ...]] = {
     "select_blocks": ("triton", "cuda", "torch"),
     # triton first: H100 BSA fwd 24x44x80 B1 H32 D128, 0.9375: triton 21.4 ms vs csrc sm90 25.9 ms
-    # (bench/results/h100/cuda_ext.json); the cuda backend is forward only anyway
+    # (bench/results/h100/cuda-ext-v5_20261124.json); the cuda backend is forward only anyway
     "block_sparse_attn": ("triton", "cuda", "torch"),
     "block_sparse_attn_fwd": ("triton", "cuda", "torch"),
     # triton first: its auto route picks Triton prologue + cuDNN or the fused kernel (H100:
-    # 69 / 74 ms vs csrc v1 165 ms at cond 4, bench/results/h100/kv_cache_attn.json)
+    # 67.7 / 73.6 ms vs csrc v1 89.7 ms at cond 4, session-1 run
+    # bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json)
     "attn_with_kv_cache": ("triton", "cuda", "torch"),
     "prefix_attn": ("triton", "cuda", "torch"),
     "qk_norm_rope": ("triton", "cuda", "torch"),
@@ -70,7 +71,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # a compute-capability 9.0 GPU, LONGCAT_KERNELS_CUDA_IMPL unset/auto/sm90ws. H100, cached-KV
 # B2 H32 D128 bf16 with RoPE, all work included, same run: cond 4 60.3 ms vs 69.6 ms for the
 # triton auto route (Triton prologue + cuDNN; cuDNN alone on pre-built inputs 67.1), cond 16
-# 24.4 vs 27.8 (27.8) (bench/results/h100/cuda_ext_v6_ws.json, run3).
+# 24.4 vs 27.8 (27.8) (bench/results/h100/cuda-ext-v6-ws_20261124.json, run3).
 # Dense calls only: with block_sparse= the kv-cache api keeps the triton route. prefix_attn (the
 # cache-off rule: two launches of the same dense kernel into slices of one output) follows, so
 # that cache on and cache off both run the fastest kernel (timed in the bench's cached-attn suite).
@@ -80,7 +81,7 @@ SM90WS_FIRST = ("attn_with_kv_cache", "prefix_attn")
 # block_tokens = (chunk_q volume, chunk_k volume); without it PREFERENCE holds). Calls that need
 # gradients still get triton: the cuda module refuses them (unsupported_reason), auto moves on.
 # H100, B1 H32 D128 bf16, chunk 4x4x4, csrc vs triton forward in the same runs (medians, runs 1 / 3
-# of bench/results/h100/cuda_ext_v7_bsa_ws.json): 24x44x80 at 0.9375 19.3 / 20.0 ms vs 21.5 / 21.8,
+# of bench/results/h100/cuda-ext-v7-bsa-ws_20261124.json): 24x44x80 at 0.9375 19.3 / 20.0 ms vs 21.5 / 21.8,
 # at 0.875 38.5 / 39.2 vs 43.4 / 43.8; 24x30x52 at 0.9375 4.47 / 4.50 vs 5.65 / 5.69, at 0.875
 # 8.72 / 8.89 vs 10.62 / 10.78.
 SM90WS_BSA_FIRST = ("block_sparse_attn", "block_sparse_attn_fwd")

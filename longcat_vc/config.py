@@ -10,6 +10,10 @@ spellings load.
 Our own field: ``attn_backend`` ("auto", "torch", "triton", "cuda"), passed to every
 ``longcat_kernels`` call. Block-sparse attention is switched by the upstream fields ``enable_bsa``
 + ``bsa_params`` (``sparsity``, ``cdf_threshold``, ``chunk_3d_shape_q``, ``chunk_3d_shape_k``).
+
+Not diffusers' ``ConfigMixin``/``register_to_config``: it records the arguments of a ``ModelMixin``
+subclass's ``__init__`` (our DiT is a plain ``nn.Module`` loading upstream names strictly) and would
+neither merge FastVideo's ``num_attention_heads`` spelling nor validate the fields.
 """
 
 from __future__ import annotations

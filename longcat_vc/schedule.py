@@ -15,6 +15,11 @@ Schedules (``mode``):
   then shifted. With shift 12 and N = 16 the last timestep is ~510.6.
 
 Every schedule ends with a final sigma 0 (``len(sigmas) == len(timesteps) + 1``).
+
+Not diffusers' ``FlowMatchEulerDiscreteScheduler``: given our base sigmas it yields the same plain
+and distill schedules bit for bit (tests/vc/test_schedule_vs_diffusers.py), but it shifts every
+sigma it is given, so enhance_hf's unshifted tail cannot be expressed, and its ``step`` casts the
+latents back to the prediction's dtype (bf16) where SPEC 7 keeps them in fp32.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ renamed over the target only once it is complete, so an interrupted or failed ru
 truncated file under the requested name.
 
 Frames are always ``uint8 [F, H, W, 3]`` RGB numpy arrays.
+
+Not ``diffusers.utils.load_video`` / ``export_to_video``: they return or take PIL frames without the
+subsampling, frame folders and fps bookkeeping the pipeline needs, and write in place (no atomic
+rename, quality scale instead of a CRF, and a resize to 16-pixel macroblocks unless told not to).
 """
 
 from __future__ import annotations

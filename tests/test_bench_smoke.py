@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,23 +102,45 @@ def test_case_refused_on_parity_failure_or_nan():
     assert run_case(ctx, broken)["status"] == "error"
 
 
+def _git_status() -> str | None:
+    try:
+        r = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
 def test_cli_quick_end_to_end(tmp_path):
-    """`python -m bench --quick --suite all` on CPU: parity passes, tables print, JSON + CSV written."""
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--suite", "all", "--out", str(tmp_path)],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    """`python -m bench --quick --suite all` on CPU, run from another directory with no --out: parity
+    passes, tables print, JSON + CSV land in ./bench-results/<device>/ there, the checkout's git
+    status does not change and the README table still matches the committed results."""
+    before = _git_status()
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--suite", "all"],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "ideal" in r.stdout and "all cases passed parity" in r.stdout
-    (jpath,) = tmp_path.glob("*.json")
+    assert "spread" in r.stdout and "min " in r.stdout
+    assert _git_status() == before
+    (jpath,) = tmp_path.glob("bench-results/*/*.json")
+    assert re.fullmatch(r"bench-cache-bsa-cached-attn-pipeline-quick_\d{8}T\d{6}Z(_[0-9a-f]{7}(-dirty)?)?\.json",
+                        jpath.name), jpath.name
     doc = json.loads(jpath.read_text())
+    assert jpath.parent.name == doc["machine"]["device_slug"]
     assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["date"]
     rows = doc["rows"]
     assert {r["suite"] for r in rows} == {"cache", "bsa", "cached-attn", "pipeline"}
     assert all(r["status"] in ("ok", "skipped") for r in rows)
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["ms_min"] <= r["ms"] and r["spread"] >= 0 and r["runs"] >= 1, r
     on = [r for r in rows if r["suite"] == "cache" and r.get("mode") == "on"]
     assert len(on) == 5 and all(math.isfinite(r["speedup"]) and r["ideal_speedup"] > 1 for r in on)
-    (cpath,) = tmp_path.glob("*.csv")
+    (cpath,) = tmp_path.glob("bench-results/*/*.csv")
     with cpath.open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    chk = subprocess.run([sys.executable, "-m", "bench.report", "--check"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert chk.returncode == 0, chk.stdout + chk.stderr
 
     # the README generator: quick runs are never reported; a full run is
     from bench import report
@@ -152,3 +175,70 @@ def test_pytest_benchmark_path(tmp_path):
     for suite in ("test_cache", "test_bsa", "test_cached_attn", "test_pipeline"):
         assert any(n.startswith(suite + "[") for n in names), (suite, sorted(names))
     assert all("rel_l2" in b["extra_info"] for b in doc["benchmarks"])
+
+
+def test_default_results_folder_is_git_ignored(tmp_path):
+    """Run from the checkout itself, the default folder (./bench-results/) is ignored by git."""
+    from bench import writer
+
+    out = writer.default_out_dir({"device_slug": "cpu-x"}, cwd=ROOT)
+    assert out == ROOT / "bench-results" / "cpu-x"
+    r = subprocess.run(["git", "check-ignore", "-q", str(out / "bench-cache_20260101T000000Z.json")], cwd=ROOT)
+    if r.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert r.returncode == 0, "bench-results/ is not git-ignored"
+    assert writer.result_stem(["cache"], False, "20260101T000000Z", "0123456789ab-dirty") == \
+        "bench-cache_20260101T000000Z_0123456-dirty"
+    assert writer.result_stem(["bsa", "cache"], True, "20260101T000000Z", None) == "bench-bsa-cache-quick_20260101T000000Z"
+
+
+def test_spread_is_reported_and_marked():
+    from bench.timing import SPREAD_LIMIT, SPREAD_MARK, ms_cell, row_spread, summarize
+
+    steady = summarize([10.0, 10.1, 10.0, 10.2, 10.1], "x")
+    noisy = summarize([10.0, 14.0, 10.0, 19.0, 12.0], "x")
+    assert steady.spread < SPREAD_LIMIT < noisy.spread
+    assert noisy.spread == pytest.approx((noisy.p80_ms - noisy.p20_ms) / noisy.median_ms)
+    assert summarize([5.0], "x").spread == 0.0
+    assert ms_cell({"ms": steady.median_ms, "spread": steady.spread}) == "10.10"
+    assert ms_cell({"ms": noisy.median_ms, "spread": noisy.spread}) == "12.00" + SPREAD_MARK
+    # files written before `spread` existed: from their p20/p80
+    assert row_spread({"ms": 10.0, "ms_p20": 9.0, "ms_p80": 12.0}) == pytest.approx(0.3)
+    assert ms_cell({"ms": 10.0, "ms_p20": 9.0, "ms_p80": 12.0}, ".1f") == "10.0" + SPREAD_MARK
+    assert ms_cell({"status": "error"}) == "-"
+
+
+def test_plot_without_matplotlib_fails_first_with_the_extra_named(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from bench.cli import main\n"
+            "main(['--quick', '--plot', '--out', sys.argv[1]])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "longcat-kernels[plot]" in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.iterdir())  # refused before timing anything
+
+
+def test_readme_table_matches_committed_results():
+    from bench import report
+
+    assert report.main(["--check"]) == 0
+
+
+RESULT_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*_\d{8}(T\d{6}Z)?(_[0-9a-f]{7,40})?(_[a-z0-9]+(-[a-z0-9]+)*)?"
+                         r"\.(json|csv|log|txt|md)")
+
+
+def test_committed_results_follow_the_scheme_and_are_indexed():
+    """Every committed result file follows the naming scheme and is listed (with what cites it) in
+    bench/results/README.md; every file the index lists exists."""
+    results = ROOT / "bench" / "results"
+    index = (results / "README.md").read_text()
+    table = index[index.index("## h100/"):index.index("## Renamed")]
+    listed = set(re.findall(r"`([^`/ ]+\.(?:json|csv|log|txt|md))`", table))
+    for stem in re.findall(r"`([^`/ ]+)\.json` \(\+ `\.csv`, `\.log`\)", table):
+        listed |= {f"{stem}.csv", f"{stem}.log"}
+    files = {p.name for p in (results / "h100").iterdir()}
+    assert all(p.is_file() for p in (results / "h100").iterdir())  # one flat folder per device
+    bad = sorted(f for f in files if not RESULT_NAME.fullmatch(f))
+    assert not bad, f"names outside the scheme: {bad}"
+    assert files == listed, f"not indexed: {sorted(files - listed)}; indexed but missing: {sorted(listed - files)}"

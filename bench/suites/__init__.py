@@ -131,7 +131,7 @@ def run_case(ctx: Context, case: Case, default_policy: TimingPolicy | None = Non
         policy = prepared.policy or default_policy or ctx.policy()
         t = measure(prepared.fn, prepared.inputs, ctx.device, policy)
         row.update(status="ok", ms=t.median_ms, ms_min=t.min_ms, ms_p20=t.p20_ms, ms_p80=t.p80_ms,
-                   runs=t.runs, timer=t.method)
+                   spread=t.spread, runs=t.runs, timer=t.method)
         if prepared.flops:
             row.update(gflop=prepared.flops / 1e9, tflops=prepared.flops / (t.median_ms * 1e-3) / 1e12)
         row.update(prepared.extra)

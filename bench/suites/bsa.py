@@ -18,6 +18,7 @@ from bench import flops as F
 from bench.shapes import GRIDS
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import kernels_common as kc
+from bench.timing import ms_cell
 
 NAME = "bsa"
 CHUNK = (4, 4, 4)
@@ -272,7 +273,7 @@ def table(rows: list[dict]) -> str:
             note = f"{100 * r['share_of_fwd']:.1f}% of the gated fwd"
         body.append([
             r.get("grid", "-"), r.get("mode", "-"), r.get("kind", "-"), fmt(r.get("sparsity"), "g"),
-            r.get("chunk", "-"), r.get("backend", "-"), fmt(r.get("ms"), ".3f") if ok else "-",
+            r.get("chunk", "-"), r.get("backend", "-"), ms_cell(r, ".3f") if ok else "-",
             fmt(r.get("tflops"), ".3g") if ok else "-", fmt(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
             fmt(r.get("rel_l2"), ".1e"), note,
         ])

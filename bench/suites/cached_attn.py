@@ -19,6 +19,7 @@ from bench import flops as F
 from bench.shapes import GRIDS, cond_latents_for
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import kernels_common as kc
+from bench.timing import ms_cell
 
 NAME = "cached-attn"
 
@@ -244,7 +245,7 @@ def table(rows: list[dict]) -> str:
         body.append([
             r.get("op", "-"), fmt(r.get("cond_frames")), fmt(r.get("cond_latents")),
             f"{r.get('seq_q', '-')} x {r.get('seq_k', '-')}", r.get("backend", "-"),
-            fmt(r.get("ms"), ".2f") if ok else r.get("status", "-").upper(), fmt(r.get("tflops"), ".3g"),
+            ms_cell(r, ".2f") if ok else r.get("status", "-").upper(), fmt(r.get("tflops"), ".3g"),
             fmt(r.get("speedup"), ".2f"), fmt(r.get("vs_prebuilt"), ".2f"), fmt(r.get("rel_l2"), ".1e"),
             "" if ok else str(r.get("reason", ""))[:60],
         ])

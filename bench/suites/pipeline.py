@@ -16,6 +16,7 @@ import torch
 from bench.shapes import cond_latents
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import dit_common as dc
+from bench.timing import ms_cell
 
 NAME = "pipeline"
 SHIFT = 12.0  # published scheduler config (SPEC 7)
@@ -124,8 +125,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ok = r.get("status") == "ok"
         body.append([r.get("mode_name", "-"), fmt(r.get("steps")), fmt(r.get("batch")), fmt(r.get("cond_frames")),
-                     r.get("cache", "-"), fmt(r.get("ms"), ".0f") if ok else r.get("status", "-").upper(),
-                     fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("speedup"), ".2f"), fmt(r.get("rel_l2"), ".1e"),
+                     r.get("cache", "-"), ms_cell(r, ".0f") if ok else r.get("status", "-").upper(),
+                     ms_cell(r, ".1f", "ms_per_step"), fmt(r.get("speedup"), ".2f"), fmt(r.get("rel_l2"), ".1e"),
                      "" if ok else str(r.get("reason", ""))[:60]])
     return render_table(["mode", "steps", "batch", "cond fr.", "cache", "total ms", "ms/step", "speedup",
                          "rel.L2", "note"], body)

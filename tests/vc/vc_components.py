@@ -33,7 +33,7 @@ TEXT_DIM = 32
 
 def build_tokenizer(folder: str):
     """Word-level tokenizer over ``WORDS`` (pad 0, eos 1, unk 2) saved to ``folder``; returns the loaded one."""
-    from bench.word_tokenizer import build_word_tokenizer
+    from longcat_vc.testing import build_word_tokenizer
 
     return build_word_tokenizer(folder, WORDS)
 

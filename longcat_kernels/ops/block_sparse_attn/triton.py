@@ -24,7 +24,7 @@ from . import _triton_kernels as K
 
 _LOG2E = 1.4426950408889634
 
-# Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/bench_bsa_gpu_dev.py).
+# Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/dev/bench_bsa_gpu_dev.py).
 # fwd / dq: (key blocks per iteration, num_warps, num_stages); dkdv: (num_warps, num_stages, query
 # rows per slice, transposed formulation).
 _CONFIG = {
@@ -282,7 +282,7 @@ def block_sparse_attn_triton(q, k, v, selection, scale):
 # --------------------------------------------------------------------------------------------
 # gating
 # --------------------------------------------------------------------------------------------
-# pooling grid order and scores tile (BM, BN, num_warps); bench/bench_bsa_gating_gpu.py times variants
+# pooling grid order and scores tile (BM, BN, num_warps); bench/dev/bench_bsa_gating_gpu.py times variants
 _GATING_CONFIG = {"pool_heads_first": False, "scores": (64, 64, 4)}
 
 
@@ -330,7 +330,7 @@ def _bsa_pool_scores_fake(q, k, grid_q, grid_k, chunk_q, chunk_k):
 
 _TOPK_MAX_ROW = 16384
 # top-k launch: warps per row of the candidate kernel (H100, 1,320-score rows, n = 82: 1 warp
-# 0.248 ms, 2 warps 0.291 ms; bench/bench_bsa_gating_gpu.py) and of the whole-row bisection
+# 0.248 ms, 2 warps 0.291 ms; bench/dev/bench_bsa_gating_gpu.py) and of the whole-row bisection
 # kernel for rows of >= 2048 / fewer scores
 _TOPK_WARPS = {"pruned": 1, "bisect": (8, 4)}
 

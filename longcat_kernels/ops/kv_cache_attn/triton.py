@@ -100,8 +100,8 @@ def _attn_two_masks(acc, l_i, m_i, q, K, V, L, q_prefix, qk_scale, offs_m, offs_
 
 
 # Launch shape (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) on GPU, from the sweep in
-# bench/bench_kv_cache_gpu_dev.py on the H100 (bf16, D=128, both VC shapes; per-config times in
-# bench/results/h100/kv_cache_attn_triton.json): 128x128, 8 warps, 3 stages was best or within 3%
+# bench/dev/bench_kv_cache_gpu_dev.py on the H100 (bf16, D=128, both VC shapes; per-config times in
+# bench/results/h100/kv-cache-attn-triton-sweep_20261124_3f64ee5.json): 128x128, 8 warps, 3 stages was best or within 3%
 # at both shapes; warp specialisation gained 3% at cond 4 and lost 1.6% at cond 16, so it is used
 # on sm_90 only (where it was measured). Fixed rather than autotuned: an autotune pass over 70 ms
 # launches is noisy (it picked configs 6% apart in a first run) and costs seconds at first call.
@@ -768,7 +768,7 @@ def prefix_attn_cudnn(q, k, v, prefix_len, scale=None):
     return torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale)
 
 
-# Measured on the H100 (bench/bench_kv_cache_gpu_dev.py, bench/results/h100/kv_cache_attn.json):
+# Measured on the H100 (bench/dev/bench_kv_cache_gpu_dev.py, bench/results/h100/kv-cache-attn-triton-sweep_20261124_3f64ee5.json):
 # the faster implementation per op on CUDA, used by backend="auto".
 _FASTER_IMPL = {"attn_with_kv_cache": "cudnn", "prefix_attn": "cudnn"}
 

@@ -1,5 +1,7 @@
-"""A small word-level tokenizer built on the spot, standing in for the UMT5 tokenizer where no
-checkpoint can be downloaded (``bench/pipeline_e2e_gpu.py``, ``tests/vc/vc_components.py``)."""
+"""Stand-ins for checkpoint parts when none can be downloaded: a small word-level tokenizer built on
+the spot in place of the UMT5 tokenizer. Used by the tests (``tests/vc/vc_components.py``) and the
+random-weight pipeline benchmark (``bench/pipeline_e2e_gpu.py``); like ``longcat_kernels.testing``,
+part of the package so that neither has to import the other."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ default. For each cond length: warm-up, then on/off steps timed *interleaved* (o
 with CUDA events so clock drift hits both alike; median of N pairs and the ratio. Then one torch
 profiler pass per case: CUDA time per kernel family, written as a table.
 
-    python bench/profile_dit_step_gpu.py --out $OUT/prof --cond 4,16 --pairs 10
+    python bench/dev/profile_dit_step_gpu.py --out $OUT/prof --cond 4,16 --pairs 10
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """GPU check-and-time script for the Triton block-sparse attention (issue 3).
 
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): its --sweep overwrites the
+private launch table `_CONFIG` of longcat_kernels.ops.block_sparse_attn.triton. Produced: the Triton
+BSA launch table in longcat_kernels/ops/block_sparse_attn/triton.py (runs at commits 14825cb,
+aadfa98). To re-run, check out the commit that produced the result.
+
+
 Checks first (bf16 parity of forward and backward against an independent fp32/fp64 torch
 computation over gathered key blocks, NaN-poisoned outputs, gating scores and selection), then
 times side by side in one run: dense cuDNN SDPA, our forward (gating included / excluded), and
 forward+backward, at the LongCat shape (grid 24x44x80, B1 H32 D128) and 480p (24x30x52).
 
-Usage (device): PYTHONPATH=$PWD python bench/bench_bsa_gpu_dev.py --out $OUT [--sweep]
+Usage (device): PYTHONPATH=$PWD python bench/dev/bench_bsa_gpu_dev.py --out $OUT [--sweep]
 Writes ``bsa_triton_<gpu>.json`` and a log under --out; prints a table last.
 """
 
@@ -623,4 +629,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(f"{__file__}: historical script, kept for the record of how its results were made; "
+             "see bench/dev/README.md")

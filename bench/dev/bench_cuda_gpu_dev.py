@@ -1,5 +1,12 @@
 """Device check-and-time script for the compiled extension (backend "cuda").
 
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): it sweeps the csrc kernel
+families and variants through the LONGCAT_KERNELS_CUDA_IMPL / SM90WS_VARIANT / SM90WS_BSA_VARIANT /
+SM90_WARPGROUPS / SM90_BSA_STAGES environment variables, which issue 14 removes with the variants.
+Produced: cuda-ext-v5_20261124.json, cuda-ext-v6-ws_20261124.json, cuda-ext-v7-bsa-ws_20261124.json.
+To re-run, check out the commit that produced the result.
+
+
 One call on the lent GPU does everything, in this order, and refuses to time what failed parity:
   1. build csrc/ (JIT, ninja, cached build dir) and load ``torch.ops.longcat_kernels``;
   2. ``--small``: small-shape semantic checks (run again under compute-sanitizer by step 3);
@@ -9,7 +16,7 @@ One call on the lent GPU does everything, in this order, and refuses to time wha
      at B2 H32 D128, q 31,200 x kv 37,440, Bc = 1, with 3D RoPE;
   5. timing side by side: cuda vs triton vs cuDNN SDPA (dense), CUDA events, median.
 
-Usage (device): ``PYTHONPATH=$PWD python bench/bench_cuda_gpu_dev.py --all --out $OUT``.
+Usage (device): ``PYTHONPATH=$PWD python bench/dev/bench_cuda_gpu_dev.py --all --out $OUT``.
 Results: JSON under ``--out`` (copied to bench/results/h100/ by hand), table printed last.
 """
 
@@ -773,7 +780,7 @@ def main():
                 grid, sp = tuple(int(x) for x in g.split("x")), float(sp)
                 summary[f"ok_{g}_{sp}"] = bsa_ws_case(grid, sp, summary["rows"], variants=vs, diag=dg)
                 torch.cuda.empty_cache()
-                with open(os.path.join(args.out, "cuda_ext_v7_bsa_ws.json"), "w") as f:
+                with open(os.path.join(args.out, "cuda-ext-v7-bsa-ws_20261124.json"), "w") as f:
                     json.dump(summary, f, indent=1)
         if args.bsa_ws_sanitize:
             summary["sanitizer"] = sanitize_bsa_ws(args.out)
@@ -847,4 +854,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(f"{__file__}: historical script, kept for the record of how its results were made; "
+             "see bench/dev/README.md")

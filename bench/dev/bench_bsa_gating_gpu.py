@@ -1,5 +1,11 @@
 """GPU check-and-time of the BSA gating (issue 3): is gating under 5% of the sparse forward?
 
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): it overwrites the private
+`_GATING_CONFIG` of longcat_kernels.ops.block_sparse_attn.triton and carries a copy of the top-k
+kernel of commit 2d79df0 (for a before/after timing). Produced: bsa-gating_20261124_7115ea8.json
+(commit 7115ea8). To re-run, check out the commit that produced the result.
+
+
 At the LongCat shape (grid 24x44x80 = 84,480 tokens, 4x4x4 blocks -> 1,320 blocks, B1 H32 D128
 bf16, q/k/v views of one fused QKV buffer) this script
 
@@ -13,7 +19,7 @@ bf16, q/k/v views of one fused QKV buffer) this script
    (gating excluded) at both sparsities; first, pooling grid orders and scores tiles
    (``T._GATING_CONFIG``) are timed (the rest of the run uses the default config).
 
-Usage (device): PYTHONPATH=$PWD python bench/bench_bsa_gating_gpu.py --out $OUT
+Usage (device): PYTHONPATH=$PWD python bench/dev/bench_bsa_gating_gpu.py --out $OUT
 Writes ``bsa_gating_<gpu>.json`` and a log under --out; prints a table last.
 """
 
@@ -334,4 +340,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(f"{__file__}: historical script, kept for the record of how its results were made; "
+             "see bench/dev/README.md")

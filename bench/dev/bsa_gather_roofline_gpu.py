@@ -14,7 +14,7 @@ MFLOP of tensor work, i.e. 64 FLOP per byte. This script times, side by side in 
 
 and reports bytes, TB/s, and the forward time implied by each bandwidth at the 13x target.
 
-    PYTHONPATH=$PWD python bench/bsa_gather_roofline_gpu.py --out $OUT/roofline.json
+    PYTHONPATH=$PWD python bench/dev/bsa_gather_roofline_gpu.py --out $OUT/roofline.json
 """
 
 from __future__ import annotations

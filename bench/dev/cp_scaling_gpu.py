@@ -1,8 +1,8 @@
 """Context-parallel scaling of the LongCat DiT: per-step time on 1, 2, 4, ... GPUs of one host.
 
     # one configuration per launch (N = 1, 2, 4, 8); rank 0 writes $OUT/cp_scaling_w{N}[_cfg].json
-    PYTHONPATH=$PWD torchrun --nproc-per-node N bench/cp_scaling_gpu.py --out $OUT [--cfg-parallel]
-    python bench/cp_scaling_gpu.py --summarize $OUT     # speedup and efficiency table (+ JSON)
+    PYTHONPATH=$PWD torchrun --nproc-per-node N bench/dev/cp_scaling_gpu.py --out $OUT [--cfg-parallel]
+    python bench/dev/cp_scaling_gpu.py --summarize $OUT     # speedup and efficiency table (+ JSON)
 
 What is timed: one DiT forward of a basic-mode step (CFG batch 2) with the KV cache on, 480p
 (480x832 -> 30x52 tokens per frame), 93 frames (24 latent frames: 4 cond + 20 noisy), the real
@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):

@@ -1,6 +1,12 @@
 """GPU check-and-time script for cached-KV attention (issue 4), one call on the device.
 
-    PYTHONPATH=$PWD python bench/bench_kv_cache_gpu_dev.py --out $OUT/kv_cache.json
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): it overwrites the private
+`_CONFIG_OVERRIDE` of longcat_kernels.ops.kv_cache_attn.triton. Produced: kv-cache-attn-triton-
+sweep_20261124_3f64ee5.json (commit 3f64ee5). To re-run, check out the commit that produced the
+result.
+
+
+    PYTHONPATH=$PWD python bench/dev/bench_kv_cache_gpu_dev.py --out $OUT/kv_cache.json
 
 480p VC shapes (B2 = CFG, H32, D128, bf16, 1560 tokens per latent frame, 24 latent frames):
   cond 4 : cache 6,240 (batch 1, broadcast) + fresh 31,200 keys, 31,200 queries
@@ -330,7 +336,7 @@ def run_case(name, c, B=2, H=32, D=128, dtype=torch.bfloat16, reps_ms=2000, swee
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/h100/kv_cache_attn_triton.json")
+    ap.add_argument("--out", default="bench/results/h100/kv-cache-attn-triton-sweep_20261124_3f64ee5.json")
     ap.add_argument("--reps-ms", type=int, default=2000)
     ap.add_argument("--sweep-ms", type=int, default=400)
     ap.add_argument("--bsa", action="store_true",
@@ -356,4 +362,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(f"{__file__}: historical script, kept for the record of how its results were made; "
+             "see bench/dev/README.md")
