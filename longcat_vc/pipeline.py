@@ -764,6 +764,8 @@ class VideoContinuationPipeline:
                     if use_kv_cache and not offload_kv_cache
                     else "try a smaller resolution or fewer frames"
                 )
+                if self._memory.name != "low":
+                    hint += "; or load with memory='low' (--memory low) to stream the DiT blocks from CPU memory"
                 raise VCOutOfMemoryError(f"out of accelerator memory while denoising: {hint}") from e
             raise
         finally:

@@ -229,22 +229,26 @@ def _video():
     return rng.integers(0, 256, (9, 40, 56, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["distill", "basic"])
-def test_every_mode_gives_the_resident_result(ckpt, mode):
+@pytest.mark.parametrize("fuse, guidance", [(False, 1.0), (True, 2.0)])
+def test_every_mode_gives_the_resident_result(ckpt, fuse, guidance):
+    """Distill mode (cfg-step LoRA unfused, no CFG; fused with a CFG batch of 2): latents and frames
+    of every memory mode equal the resident ones exactly."""
     from longcat_vc.pipeline import VideoContinuationPipeline
 
     video = _video()
     outs = {}
     for memory in MEMORY_MODES:
-        pipe = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", mode=mode,
-                                                         memory=memory)
+        pipe = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", mode="distill",
+                                                         memory=memory, fuse_lora=fuse)
         assert pipe.memory == memory
         assert (getattr(pipe.dit, "_block_streamer", None) is not None) == (memory != "resident")
+        calls, build = [], pipe.dit.build_kv_cache
+        pipe.dit.build_kv_cache = lambda cond, offload=False: (calls.append(offload), build(cond, offload=offload))[1]
         outs[memory] = pipe(video, "a person rides a motorcycle on the road", resolution=SIZE, num_frames=13,
-                            num_cond_frames=5, num_inference_steps=2 if mode == "distill" else 1,
-                            guidance_scale=None, generator=7, progress=False)
-        if memory == "low":
-            assert outs[memory].timings["kv_cache_bytes"] > 0
+                            num_cond_frames=5, num_inference_steps=2, guidance_scale=guidance, generator=7,
+                            progress=False)
+        assert outs[memory].timings["kv_cache_bytes"] > 0
+        assert calls == [memory == "low"]  # the low mode offloads the KV cache
     for memory in ("balanced", "low"):
         _nan_free_equal(outs["resident"].latents, outs[memory].latents)
         np.testing.assert_array_equal(outs["resident"].frames, outs[memory].frames)
@@ -257,3 +261,37 @@ def test_pipeline_rejects_bad_memory_and_fp8_on_cpu(ckpt):
         VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", memory="tiny")
     with pytest.raises(ValueError, match="compute capability >= 8.9"):
         VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", fp8=True)
+
+
+# ====================================================================== CLI
+def test_cli_memory_and_fp8_flags(ckpt, tmp_path, capsys, monkeypatch):
+    from longcat_vc import cli
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from longcat_vc.video_io import write_video
+
+    video = str(tmp_path / "in.mp4")
+    write_video(video, _video()[:7], fps=15)
+    fast = ["--mode", "distill", "--steps", "1", "--frames", "9", "--cond-frames", "5", "--resolution", "32x48",
+            "--dtype", "fp32", "--device", "cpu", "--no-progress", "--seed", "3"]
+    base = ["continue", video, "--prompt", "a red car", "--checkpoint", ckpt]
+    seen = {}
+    real = VideoContinuationPipeline.from_pretrained.__func__
+
+    def spy(cls, *a, **kw):
+        seen.update(kw)
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(VideoContinuationPipeline, "from_pretrained", classmethod(spy))
+    out = str(tmp_path / "low.mp4")
+    rc = cli.main(base + ["--out", out, "--memory", "low"] + fast)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert seen["memory"] == "low" and seen["fp8"] is False and "memory low" in err
+    rc = cli.main(base + ["--out", str(tmp_path / "f.mp4"), "--fp8"] + fast)
+    err = capsys.readouterr().err
+    assert rc == 1 and "compute capability >= 8.9" in err and "Traceback" not in err
+    rc = cli.main(base + ["--out", str(tmp_path / "c.mp4"), "--memory", "balanced", "--context-parallel", "2"] + fast)
+    assert rc == 2 and "--memory balanced is not supported with --context-parallel" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:
+        cli.main(base + ["--out", str(tmp_path / "x.mp4"), "--memory", "tiny"] + fast)
+    assert ei.value.code == 2
