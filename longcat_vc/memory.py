@@ -90,18 +90,26 @@ def memory_plan(mode: str) -> MemoryPlan:
 
 
 # ============================================================================ block streamer
-def _lora_tensors(block: nn.Module) -> List[Tuple[Any, str, torch.Tensor]]:
+def _lora_tensors(block: nn.Module, *, loaded: bool = False) -> List[Tuple[Any, str, torch.Tensor]]:
     """``(owner, attribute, tensor)`` of every LoRA tensor the block's forward reads: the ``down``
-    and ``up`` matrices of the active, unfused adapters (fused ones are inside the weights)."""
+    and ``up`` matrices of the active, unfused adapters (fused ones are inside the weights).
+    ``loaded``: of every loaded adapter instead (attach/detach move them all)."""
     from .lora import LoRALinear
 
     out: List[Tuple[Any, str, torch.Tensor]] = []
     for m in block.modules():
-        if isinstance(m, LoRALinear) and m.lora_active and not m.lora_fused:
-            for a in m.lora_active:
-                out.append((a, "down", a.down))
-                for p in a.parts:
-                    out.append((p, "up", p.up))
+        if not isinstance(m, LoRALinear):
+            continue
+        if loaded:
+            adapters = list(m.lora_adapters.values())
+        elif m.lora_active and not m.lora_fused:
+            adapters = m.lora_active
+        else:
+            adapters = []
+        for a in adapters:
+            out.append((a, "down", a.down))
+            for p in a.parts:
+                out.append((p, "up", p.up))
     return out
 
 
@@ -181,6 +189,8 @@ class BlockStreamer:
         for i, block in enumerate(blocks):
             for t in self._block_tensors(block).values():
                 t.data = self._home(t.data)
+            for owner, attr, t in _lora_tensors(block, loaded=True):
+                setattr(owner, attr, self._home(t))
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(block.register_forward_hook(self._make_post(i)))
             if hasattr(block, "forward_kv_only"):
@@ -202,8 +212,8 @@ class BlockStreamer:
             if "forward_kv_only" in block.__dict__:
                 del block.forward_kv_only
             block.to(target)
-            for a in _lora_tensors(block):
-                setattr(a[0], a[1], a[2].to(target))
+            for owner, attr, t in _lora_tensors(block, loaded=True):
+                setattr(owner, attr, t.to(target))
         self.dit._block_streamer = None
         self._attached = False
 

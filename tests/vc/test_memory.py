@@ -295,3 +295,28 @@ def test_cli_memory_and_fp8_flags(ckpt, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as ei:
         cli.main(base + ["--out", str(tmp_path / "x.mp4"), "--memory", "tiny"] + fast)
     assert ei.value.code == 2
+
+
+# ====================================================================== memory_report
+def test_memory_report_estimate_and_measured(tmp_path, capsys):
+    import json
+
+    from longcat_vc import memory_report
+
+    assert memory_report.main(["--depth", "48"]) == 0
+    out = capsys.readouterr().out
+    lines = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.split() and l.split()[0] in MEMORY_MODES}
+    assert set(lines) == set(MEMORY_MODES) and all(len(v) == 6 for v in lines.values())
+    est = estimate_peak_bytes(DiTConfig.longcat_video(), "low")
+    assert float(lines["low"][-1]) == pytest.approx(est["peak"] / GiB, abs=0.01)
+    path = tmp_path / "m.json"
+    row = {"text": 3.5, "vae_encode": 4.0, "cache_build": 5.0, "denoise": 9.25, "decode": 6.0, "peak": 9.25,
+           "s_per_step": 5.5}
+    path.write_text(json.dumps({"stage_table_gib": {"basic/low": row}}))
+    assert memory_report.main(["--measured", str(path)]) == 0
+    assert "basic/low" in capsys.readouterr().out
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="stage_table_gib"):
+        memory_report.main(["--measured", str(path)])
+    with pytest.raises(ValueError, match="--resolution"):
+        memory_report.main(["--resolution", "30x48"])
