@@ -320,3 +320,39 @@ def test_memory_report_estimate_and_measured(tmp_path, capsys):
         memory_report.main(["--measured", str(path)])
     with pytest.raises(ValueError, match="--resolution"):
         memory_report.main(["--resolution", "30x48"])
+
+
+# ====================================================================== GPU (skipped on CPU)
+@pytest.mark.cuda
+def test_streamer_cuda_streams_exact_and_two_blocks_on_device(tmp_path):
+    """Real side-stream copies: same result as resident bit for bit (KV cache resident and
+    offloaded, unfused LoRA), at most the attached block plus one prefetched block on the device,
+    device memory of the blocks returned after attach."""
+    cfg = tiny_config(depth=6, hidden_size=256, num_heads=2, attn_backend="torch")
+    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ()).item()))
+    ref = model_from_state_dict(cfg, sd).cuda()
+    model = model_from_state_dict(cfg, sd).cuda()
+    path = str(tmp_path / "l.safetensors")
+    write_longcat_lora(path, cfg, targets=LORA_TARGETS_REFINEMENT, seed=2)
+    for m in (ref, model):
+        m.load_lora(path, "r")
+        m.enable_loras(["r"])
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    streamer = BlockStreamer(model, "cuda").attach()
+    block_bytes = streamer.block_bytes()
+    assert torch.cuda.memory_allocated() < before - 4 * block_bytes
+    assert all(p.is_pinned() for p in model.blocks[0].parameters())
+    assert model.blocks[0].attn.qkv.lora_adapters["r"].down.is_pinned()
+    on_device = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda m, a: on_device.append(len(streamer._loaded) + len(streamer._active)))
+    x, t, y, mask = (v.cuda() for v in make_inputs(cfg, B=2, T=4, shared_cond=2))
+    for offload in (False, True):
+        _, on_r, off_r = _step(ref, cfg, x, t, y, mask, 2, offload=offload)
+        _, on_s, off_s = _step(model, cfg, x, t, y, mask, 2, offload=offload)
+        _nan_free_equal(on_r, on_s)
+        _nan_free_equal(off_r, off_s)
+    assert on_device and max(on_device) <= 2
+    streamer.detach()
+    assert model.blocks[0].attn.qkv.weight.is_cuda
