@@ -357,7 +357,14 @@ def offload_text_encoder(text_encoder: nn.Module, device) -> None:
     """Keeps ``text_encoder`` in CPU memory and streams it leaf module by leaf module to ``device``
     while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
     stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
-    from diffusers.hooks import apply_group_offloading
+    try:
+        import accelerate  # noqa: F401  (diffusers' group offloading moves inputs with it)
+        from diffusers.hooks import apply_group_offloading
+    except ImportError as e:
+        raise ImportError(
+            f"memory modes other than 'resident' stream the text encoder with diffusers' group offloading, "
+            f"which needs diffusers and accelerate (pip install accelerate): {e}"
+        ) from e
 
     device = torch.device(device)
     text_encoder.to("cpu")
