@@ -244,14 +244,15 @@ def test_every_mode_gives_the_resident_result(ckpt, fuse, guidance):
         assert (getattr(pipe.dit, "_block_streamer", None) is not None) == (memory != "resident")
         calls, build = [], pipe.dit.build_kv_cache
         pipe.dit.build_kv_cache = lambda cond, offload=False: (calls.append(offload), build(cond, offload=offload))[1]
-        outs[memory] = pipe(video, "a person rides a motorcycle on the road", resolution=SIZE, num_frames=13,
+        outs[memory] = pipe(video, "a person rides a motorcycle on the road", resolution=SIZE, num_frames=9,
                             num_cond_frames=5, num_inference_steps=2, guidance_scale=guidance, generator=7,
-                            progress=False)
+                            progress=False, output_type="latent" if fuse else "np")
         assert outs[memory].timings["kv_cache_bytes"] > 0
         assert calls == [memory == "low"]  # the low mode offloads the KV cache
     for memory in ("balanced", "low"):
         _nan_free_equal(outs["resident"].latents, outs[memory].latents)
-        np.testing.assert_array_equal(outs["resident"].frames, outs[memory].frames)
+        if not fuse:
+            np.testing.assert_array_equal(outs["resident"].frames, outs[memory].frames)
 
 
 def test_pipeline_rejects_bad_memory_and_fp8_on_cpu(ckpt):
