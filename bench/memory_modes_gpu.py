@@ -380,7 +380,7 @@ def vae_stage(b, out):
         vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
         sizes = {"480p": (32, 48)}
-        n_cond, n_frames = 5, 9
+        n_cond, n_frames = 5, 5
     else:
         vae = AutoencoderKLWan()
         sizes = {"480p": (480, 832)}
