@@ -19,7 +19,10 @@ does the same math): torchao stores the weight as a tensor subclass, which our `
 fuse/unfuse (in-place ``weight.copy_``) and the block streamer (``param.data`` swapped between
 pinned CPU and device copies, ``record_stream``) would have to special-case; and the GPU machine
 runs torch 2.11 without network, where a torchao wheel built for another torch release is an
-untested combination. The whole GEMM path is one ``torch._scaled_mm`` call plus the per-token
+untested combination. Tried here (torchao 0.18.0 wheel, torch 2.13 CPU): its compiled extensions
+(``_C_mxfp8``, ``_C_cutlass_90a``) fail to load against this torch, and ``quantize_`` with
+``Float8DynamicActivationFloat8WeightConfig`` refuses any device below sm89 outright, so nothing of
+it can be tested off the GPU. The whole GEMM path is one ``torch._scaled_mm`` call plus the per-token
 quantisation (``torch.compile``d into one kernel on CUDA), so a small class carries it.
 
 ``emulate=True`` computes the same quantised values with a dequantised fp32 matmul: CPU tests of
