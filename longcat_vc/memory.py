@@ -406,14 +406,15 @@ VAE_DECODE_BYTES_PER_PIXEL = 6 * 1024
 def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 832, num_frames: int = 93,
                         num_cond_frames: int = 13, batch: int = 2, dtype_bytes: int = 2,
                         text_encoder_params: int = UMT5_XXL_PARAMS, vae_params: int = WAN_VAE_PARAMS,
-                        lora_rank: int = 0) -> Dict[str, int]:
+                        lora_rank: int = 0, fp8: bool = False) -> Dict[str, int]:
     """Estimated peak accelerator bytes per stage of one VC call in ``mode``, from the config alone.
 
     Stages: ``text`` (encoder weights resident, or one streamed leaf), ``vae_encode`` /
     ``decode`` (VAE weights + decode working set), ``cache_build`` and ``denoise`` (DiT weights
     resident or two streamed blocks, KV cache resident or two streamed blocks, activations of
     ``batch x noisy tokens``). Resident weights of every component count in every stage; ``peak``
-    is the maximum. An estimate for the fit check, not a measurement.
+    is the maximum. ``fp8``: the blocks' large linears (~97% of a block) take 1 byte per weight.
+    An estimate for the fit check, not a measurement.
     """
     plan = memory_plan(mode)
     per_block, outside = dit_param_counts(config)
@@ -429,8 +430,8 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     noisy = (t_lat - c) * tok_frame
     cond = c * tok_frame
     b = dtype_bytes
-    dit_w = _params_bytes(per_block * depth + outside, b) if not plan.stream_dit_blocks else \
-        _params_bytes(per_block * 2 + outside, b)
+    block_b = per_block * b if not fp8 else int(per_block * (0.97 * 1 + 0.03 * b))
+    dit_w = (block_b * (depth if not plan.stream_dit_blocks else 2)) + _params_bytes(outside, b)
     cache_full = 2 * cond * C * b * depth
     cache = cache_full if not plan.offload_kv_cache else 2 * cache_full // depth
     act_denoise = int(ACTIVATION_FACTOR * batch * noisy * C * b)

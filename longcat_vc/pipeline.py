@@ -388,6 +388,10 @@ class VideoContinuationPipeline:
         from .memory import apply_memory_mode, check_memory_fits, memory_plan
 
         plan = memory_plan(memory)
+        if plan.name != "resident" and process_group is not None:
+            # Untested combination: every rank would stream its own copy of the blocks.
+            raise ValueError(f"memory={memory!r} is not supported with a process_group (context parallel); "
+                             "use memory='resident'")
         if not isinstance(fp8, bool):
             raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
         if device.type == "cuda":
@@ -396,7 +400,7 @@ class VideoContinuationPipeline:
 
             cfg = load("DiT config",
                        lambda: DiTConfig.from_json(os.path.join(resolve_dit_dir(checkpoint_dir), "config.json")))
-            check_memory_fits(cfg, plan.name, device, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+            check_memory_fits(cfg, plan.name, device, dtype_bytes=torch.empty(0, dtype=dtype).element_size(), fp8=fp8)
         # Streamed components load into CPU memory first and are placed by apply_memory_mode.
         load_device = device if plan.name == "resident" else torch.device("cpu")
 
