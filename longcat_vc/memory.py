@@ -192,7 +192,8 @@ class BlockStreamer:
             for owner, attr, t in _lora_tensors(block, loaded=True):
                 setattr(owner, attr, self._home(t))
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
-            self._handles.append(block.register_forward_hook(self._make_post(i)))
+            # always_call: a block that raises (e.g. out of memory) is still put back at home.
+            self._handles.append(block.register_forward_hook(self._make_post(i), always_call=True))
             if hasattr(block, "forward_kv_only"):
                 block.forward_kv_only = self._wrap_kv_only(block, i)
         self.dit._block_streamer = self
@@ -275,6 +276,10 @@ class BlockStreamer:
             self.log.append(("load", i))
 
     def _before(self, i: int) -> None:
+        # Blocks run one at a time: a block still attached here was left by an exception that
+        # skipped its post-hook (forward_kv_only's wrapper, or a hook run that raised).
+        for j in list(self._active):
+            self._after(j)
         block = self.dit.blocks[i]
         got = self._loaded.pop(i, None)
         if got is not None and got.signature != self._signature(block, _lora_tensors(block)):

@@ -111,6 +111,26 @@ def test_streamer_order_and_freeing():
     assert streamer.log[0] == ("attach", 0)
 
 
+def test_streamer_exception_in_a_block_leaves_blocks_at_home():
+    cfg, ref, model = _models()
+    streamer = BlockStreamer(model, "cpu").attach()
+    homes = [{n: p.data_ptr() for n, p in blk.named_parameters()} for blk in model.blocks]
+    x, t, y, mask = make_inputs(cfg, B=2, T=3)
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    model.blocks[1].ffn.forward = boom
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated"):
+        model(x, t, y, mask)
+    del model.blocks[1].ffn.forward
+    assert not streamer._active
+    for blk, home in zip(model.blocks, homes):
+        assert {n: p.data_ptr() for n, p in blk.named_parameters()} == home
+    with torch.no_grad():
+        _nan_free_equal(ref(x, t, y, mask), model(x, t, y, mask))
+
+
 def test_streamer_detach_restores_module():
     cfg, ref, model = _models()
     streamer = BlockStreamer(model, "cpu").attach()
