@@ -3,6 +3,7 @@
     longcat-vc continue INPUT --prompt TEXT --checkpoint DIR --out OUT.mp4 [--mode basic|distill]
         [--steps N] [--guidance G] [--frames 93] [--cond-frames 13] [--resolution 480p|720p|HxW]
         [--no-kv-cache] [--offload-kv-cache] [--bsa] [--seed S]
+        [--memory resident|balanced|low] [--fp8] [--vae-tiling]
         [--context-parallel N [--cfg-parallel]]   (under torchrun --nproc-per-node N)
     longcat-vc extend INPUT --prompt TEXT [--prompt TEXT ...] [--segments N] --checkpoint DIR
         --out OUT.mp4 [same options]
@@ -62,7 +63,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_resolution, default="480p",
                    help="480p, 720p (LongCat's aspect-ratio buckets) or HEIGHTxWIDTH (multiples of 16)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
-    p.add_argument("--offload-kv-cache", action="store_true", help="keep the KV cache in CPU memory")
+    p.add_argument("--offload-kv-cache", action="store_true",
+                   help="keep the KV cache in CPU memory (on by default with --memory low)")
+    p.add_argument("--memory", choices=("resident", "balanced", "low"), default="resident",
+                   help="resident: all on the GPU (480p needs ~45 GiB); balanced: DiT blocks streamed from "
+                        "pinned CPU memory, text encoder streamed while encoding; low: balanced + KV cache "
+                        "offloaded (same results in every mode)")
+    p.add_argument("--fp8", action="store_true",
+                   help="fp8 (e4m3) DiT block weights and GEMMs (sm89+: Ada, Hopper; faster, not exact)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="tiled VAE decode (less memory at 720p; pixels differ slightly)")
     p.add_argument("--bsa", action="store_true", help="block-sparse self-attention")
     p.add_argument("--fuse-lora", action="store_true", help="distill: merge the LoRA into the weights (faster)")
     p.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
@@ -131,6 +141,9 @@ def _fail_early(args) -> None:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not args.guidance >= 1.0:
         raise UsageError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {args.guidance}")
+    if args.memory != "resident" and args.context_parallel > 1:
+        # Block streaming under context parallelism is untested: every rank would stream its own copy.
+        raise UsageError(f"--memory {args.memory} is not supported with --context-parallel (use --memory resident)")
     if args.context_parallel < 1:
         raise UsageError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     if args.cfg_parallel and (args.context_parallel < 2 or args.context_parallel % 2):
@@ -226,14 +239,16 @@ def _run(args) -> int:
     sub = f" (every {video.stride}th frame of {video.fps * video.stride:g} fps)" if video.stride > 1 else ""
     print(f"{PROG}: input {video.num_frames} frames {video.width}x{video.height}"
           f"{f' at {video.fps:g} fps' if video.fps else ''}{sub}; seed {seed}", file=log, flush=True)
-    print(f"{PROG}: loading {args.checkpoint} ({args.mode}, {str(dtype).replace('torch.', '')}, {device})",
+    print(f"{PROG}: loading {args.checkpoint} ({args.mode}, {str(dtype).replace('torch.', '')}, {device}, "
+          f"memory {args.memory}{', fp8' if args.fp8 else ''})",
           file=log, flush=True)
     _quiet_loaders()
     t0 = time.perf_counter()
     pipe = VideoContinuationPipeline.from_pretrained(
         args.checkpoint, dtype=dtype, device=device, mode=args.mode,
         process_group=None if run is None else run.group, cfg_parallel=args.cfg_parallel,
-        fuse_lora=args.fuse_lora, attn_backend=args.attn_backend,
+        fuse_lora=args.fuse_lora, attn_backend=args.attn_backend, memory=args.memory, fp8=args.fp8,
+        vae_tiling=args.vae_tiling,
     )
     load_s = time.perf_counter() - t0
     if run is not None:
@@ -247,7 +262,7 @@ def _run(args) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         use_kv_cache=not args.no_kv_cache,
-        offload_kv_cache=args.offload_kv_cache,
+        offload_kv_cache=True if args.offload_kv_cache else None,  # None: as --memory says
         use_bsa=args.bsa,
         generator=generator,
         progress=not args.no_progress and main_rank,

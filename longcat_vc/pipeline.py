@@ -309,6 +309,9 @@ class VideoContinuationPipeline:
             )
         self._latents_mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
         self._latents_std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+        from .memory import memory_plan
+
+        self._memory = memory_plan("resident")  # apply_memory_mode replaces it
         if process_group is not None:
             dit.enable_context_parallel(process_group, cfg_parallel=cfg_parallel)
         elif cfg_parallel:
@@ -328,6 +331,9 @@ class VideoContinuationPipeline:
         *,
         fuse_lora: bool = False,
         attn_backend: Optional[str] = None,
+        memory: str = "resident",
+        fp8: bool = False,
+        vae_tiling: bool = False,
     ) -> "VideoContinuationPipeline":
         """Load a LongCat-Video checkpoint folder (upstream layout, SPEC 9).
 
@@ -346,9 +352,19 @@ class VideoContinuationPipeline:
                 merged weights round differently from upstream's separate LoRA matmuls).
             attn_backend: the DiT's attention backend ("auto", "torch", "triton", "cuda"); None
                 keeps the checkpoint config's default.
+            memory: ``"resident"`` (all on the device), ``"balanced"`` (DiT blocks streamed from
+                pinned CPU memory one block ahead, text encoder streamed while encoding) or
+                ``"low"`` (balanced + KV cache offloaded); all give the same results
+                (``longcat_vc.memory``). Checked against the free device memory before loading.
+            fp8: quantise the DiT blocks' large linears to fp8 (e4m3, per-channel scales;
+                ``longcat_vc.fp8``; needs compute capability >= 8.9; not exact).
+            vae_tiling: decode (and encode) with the VAE's spatial tiling (less memory at 720p;
+                the decoded pixels differ slightly from untiled ones).
 
         Raises:
             CheckpointError: a component file is missing (named) or fails to load.
+            MemoryModeError: ``memory`` cannot fit the device (names the GiB needed and a mode
+                that fits), raised before any weight is loaded.
         """
         checkpoint_dir = os.fspath(checkpoint_dir)
         if mode not in MODES:
@@ -369,6 +385,25 @@ class VideoContinuationPipeline:
             except Exception as e:
                 raise CheckpointError(f"failed to load the {what} from {checkpoint_dir}: {e}") from e
 
+        from .memory import apply_memory_mode, check_memory_fits, memory_plan
+
+        plan = memory_plan(memory)
+        if plan.name != "resident" and process_group is not None:
+            # Untested combination: every rank would stream its own copy of the blocks.
+            raise ValueError(f"memory={memory!r} is not supported with a process_group (context parallel); "
+                             "use memory='resident'")
+        if not isinstance(fp8, bool):
+            raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
+        if device.type == "cuda":
+            from .config import DiTConfig
+            from .loading import resolve_dit_dir
+
+            cfg = load("DiT config",
+                       lambda: DiTConfig.from_json(os.path.join(resolve_dit_dir(checkpoint_dir), "config.json")))
+            check_memory_fits(cfg, plan.name, device, dtype_bytes=torch.empty(0, dtype=dtype).element_size(), fp8=fp8)
+        # Streamed components load into CPU memory first and are placed by apply_memory_mode.
+        load_device = device if plan.name == "resident" else torch.device("cpu")
+
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -377,19 +412,31 @@ class VideoContinuationPipeline:
         scheduler_config = load("scheduler config", lambda: read_scheduler_config(sub("scheduler")))
         tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
         text_encoder = load(
-            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), dtype).to(device).eval()
+            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), dtype).to(load_device).eval()
         )
         vae = load(
             "VAE", lambda: AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=dtype).to(device).eval()
         )
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
-        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=device, **dit_kw))
+        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device, **dit_kw))
         dit.eval()
         pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config, process_group=process_group,
                    cfg_parallel=cfg_parallel)
         if mode == "distill":
             pipe.set_mode("distill", lora_path=sub(CFG_STEP_LORA_FILE), fuse_lora=fuse_lora)
+        if fp8:
+            from .fp8 import quantize_dit_fp8
+
+            quantize_dit_fp8(dit, device=device)  # after the LoRA fuse: the fused weights get quantised
+        apply_memory_mode(pipe, plan.name, device)
+        if vae_tiling:
+            vae.enable_tiling()
         return pipe
+
+    @property
+    def memory(self) -> str:
+        """The memory mode (``longcat_vc.memory``): "resident", "balanced" or "low"."""
+        return self._memory.name
 
     @property
     def mode(self) -> str:
@@ -648,6 +695,8 @@ class VideoContinuationPipeline:
         device, dtype = self.device, self.dtype
         embeds, mask = text
         do_cfg = guidance_scale > 1.0
+        if offload_kv_cache is None:
+            offload_kv_cache = self._memory.offload_kv_cache
         c = 1 + (num_cond_frames - 1) // self.vae_scale_temporal
 
         t0 = timer.now()
@@ -719,11 +768,16 @@ class VideoContinuationPipeline:
                     if use_kv_cache and not offload_kv_cache
                     else "try a smaller resolution or fewer frames"
                 )
+                if self._memory.name != "low":
+                    hint += "; or load with memory='low' (--memory low) to stream the DiT blocks from CPU memory"
                 raise VCOutOfMemoryError(f"out of accelerator memory while denoising: {hint}") from e
             raise
         finally:
             bar.close()
         del kv_cache
+        streamer = getattr(self.dit, "_block_streamer", None)
+        if streamer is not None:
+            streamer.release()  # the prefetched block 0 need not sit through the decode
         timings["denoise_steps"] = step_times
         timings["denoise"] = float(sum(step_times))
         timings["steps"] = len(step_times)
@@ -755,7 +809,7 @@ class VideoContinuationPipeline:
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         use_kv_cache: bool = True,
-        offload_kv_cache: bool = False,
+        offload_kv_cache: Optional[bool] = None,
         use_bsa: bool = False,
         generator: Optional[Union[torch.Generator, int]] = None,
         output_type: str = "np",
@@ -779,7 +833,8 @@ class VideoContinuationPipeline:
                 steps with shift 12) or 16 (distill).
             guidance_scale (float | None): None -> 4.0 (basic) or 1.0 (distill); >= 1.
             use_kv_cache (bool): compute the cond tokens' keys/values once (default).
-            offload_kv_cache (bool): keep the cache in CPU memory between uses.
+            offload_kv_cache (bool | None): keep the cache in CPU memory between uses; None: as the
+                memory mode says (on in ``"low"``).
             use_bsa (bool): block-sparse self-attention (``config.enable_bsa``) for this call.
             generator: ``torch.Generator`` or an int seed; fixes noise and posterior sampling.
             output_type (str): "np" (frames) or "latent" (latents, no decode).
@@ -864,7 +919,7 @@ class VideoContinuationPipeline:
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         use_kv_cache: bool = True,
-        offload_kv_cache: bool = False,
+        offload_kv_cache: Optional[bool] = None,
         use_bsa: bool = False,
         generator: Optional[Union[torch.Generator, int]] = None,
         progress: bool = True,

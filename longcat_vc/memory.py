@@ -1,0 +1,534 @@
+"""Memory modes of the VC pipeline: DiT blocks streamed from pinned CPU memory, the text encoder
+on the accelerator only while it encodes, the KV cache offloaded (issue 17).
+
+Modes (``VideoContinuationPipeline.from_pretrained(..., memory=...)``, CLI ``--memory``)::
+
+    resident  everything on the accelerator (fastest; 480p 93 frames needs ~45 GiB)
+    balanced  DiT blocks streamed one block ahead of the compute (``BlockStreamer``), the text
+              encoder streamed leaf by leaf while it encodes, KV cache resident
+    low       balanced + the KV cache in pinned CPU memory, streamed one block ahead
+
+Every mode computes with the same weights in the same order, so results equal ``resident`` bit
+for bit (tested on CPU; on CUDA the copies run on side streams and the compute stream waits for
+them, which changes no arithmetic). VAE tiling changes the decoded pixels, so it is not part of a
+mode: ``vae_tiling=True`` (``--vae-tiling``) turns it on separately.
+
+Why our own block streamer for the DiT and diffusers' ``apply_group_offloading`` for the text
+encoder: group offloading onloads the modules outside ``blocks`` from a hook on the root
+``forward``, but ``LongCatDiT.build_kv_cache`` calls the embedders and ``block.forward_kv_only``
+directly (no root forward, no block ``forward``), so the cache build would run on offloaded
+weights; and LoRA adapters live in plain attributes of ``LoRALinear`` (not parameters or buffers,
+to keep the upstream state dict), which group offloading does not move. The streamer here hooks
+``blocks[i]`` (forward pre/post hooks, plus a wrapper of ``forward_kv_only``), keeps the small
+non-block modules resident, streams the active LoRA tensors with the block and re-reads the
+CPU weights when they changed (``fuse_lora`` writes the fused weights into the CPU copies). The
+UMT5 encoder is a plain ``nn.Module`` called through ``forward``: group offloading fits it.
+
+Only on a GPU can one check that copies overlap compute and that peak memory follows the
+estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exactness.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "MEMORY_MODES",
+    "MemoryPlan",
+    "MemoryModeError",
+    "BlockStreamer",
+    "memory_plan",
+    "estimate_peak_bytes",
+    "dit_param_counts",
+    "check_memory_fits",
+    "apply_memory_mode",
+    "offload_text_encoder",
+]
+
+MEMORY_MODES = ("resident", "balanced", "low")
+GiB = float(2**30)
+
+
+class MemoryModeError(ValueError):
+    """A memory mode does not fit the accelerator; the message names what it needs and which mode fits."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a mode does.
+
+    Attributes:
+        name: the mode.
+        stream_dit_blocks: DiT blocks live in pinned CPU memory and are copied in one block ahead.
+        stream_text_encoder: the text encoder lives in CPU memory and is streamed while it encodes.
+        offload_kv_cache: the KV cache lives in pinned CPU memory (``build_kv_cache(offload=True)``).
+    """
+
+    name: str
+    stream_dit_blocks: bool
+    stream_text_encoder: bool
+    offload_kv_cache: bool
+
+
+_PLANS = {
+    "resident": MemoryPlan("resident", False, False, False),
+    "balanced": MemoryPlan("balanced", True, True, False),
+    "low": MemoryPlan("low", True, True, True),
+}
+
+
+def memory_plan(mode: str) -> MemoryPlan:
+    """The ``MemoryPlan`` of ``mode`` (one of ``MEMORY_MODES``); ValueError naming the choices."""
+    if not isinstance(mode, str) or mode not in _PLANS:
+        raise ValueError(f"memory: expected one of {MEMORY_MODES}, got {mode!r}")
+    return _PLANS[mode]
+
+
+# ============================================================================ block streamer
+def _lora_tensors(block: nn.Module, *, loaded: bool = False) -> List[Tuple[Any, str, torch.Tensor]]:
+    """``(owner, attribute, tensor)`` of every LoRA tensor the block's forward reads: the ``down``
+    and ``up`` matrices of the active, unfused adapters (fused ones are inside the weights).
+    ``loaded``: of every loaded adapter instead (attach/detach move them all)."""
+    from .lora import LoRALinear
+
+    out: List[Tuple[Any, str, torch.Tensor]] = []
+    for m in block.modules():
+        if not isinstance(m, LoRALinear):
+            continue
+        if loaded:
+            adapters = list(m.lora_adapters.values())
+        elif m.lora_active and not m.lora_fused:
+            adapters = m.lora_active
+        else:
+            adapters = []
+        for a in adapters:
+            out.append((a, "down", a.down))
+            for p in a.parts:
+                out.append((p, "up", p.up))
+    return out
+
+
+class _Loaded:
+    """One block's device copies: parameters/buffers by name and LoRA tensors by owner."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], lora: List[Tuple[Any, str, torch.Tensor]],
+                 signature: tuple, ready: Optional["torch.cuda.Event"]) -> None:
+        self.tensors = tensors
+        self.lora = lora
+        self.signature = signature
+        self.ready = ready
+
+
+class BlockStreamer:
+    """Streams ``dit.blocks`` from pinned CPU memory to ``device``, ``prefetch`` blocks ahead.
+
+    Attach with ``BlockStreamer(dit, device).attach()`` (``detach()`` undoes it). Afterwards the
+    blocks' parameters and buffers live in (pinned, when CUDA is available) CPU memory, the other
+    modules of ``dit`` (embedders, final layer) on ``device``. Per block call:
+
+    * pre-hook of block ``i``: make sure block ``i`` is loaded (issued earlier as a prefetch, or
+      now), make the compute stream wait for its copy, point the parameters (``.data``) and the
+      active LoRA tensors at the device copies, and issue the copies of the next ``prefetch``
+      blocks on a side stream (block 0 follows the last block: the next step starts loaded);
+    * post-hook: point everything back at the CPU copies and drop the device copies (with CUDA
+      the allocator keeps their memory until the compute stream has used them: ``record_stream``).
+
+    ``forward_kv_only`` (the last block of a cache build) is wrapped the same way. A prefetched
+    copy is re-issued when the CPU weights changed since (``param._version``: ``fuse_lora`` and
+    ``load_state_dict`` write in place) or the set of active LoRA tensors changed.
+
+    Args:
+        dit: a ``LongCatDiT`` (anything with ``blocks``, an ``nn.ModuleList``).
+        device: where the blocks compute.
+        prefetch (int): blocks copied ahead (>= 1 with CUDA; 1 keeps 2 blocks on the device).
+        pin (bool | None): pin the CPU copies (default: when CUDA is available).
+
+    Attributes:
+        log (list | None): set to a list to record ``("load", i)``, ``("attach", i)``,
+            ``("free", i)`` events (tests).
+    """
+
+    def __init__(self, dit: nn.Module, device, *, prefetch: int = 1, pin: Optional[bool] = None) -> None:
+        blocks = getattr(dit, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise TypeError(f"BlockStreamer: dit must have a non-empty nn.ModuleList 'blocks', got {type(blocks).__name__}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"BlockStreamer: prefetch must be an int >= 0, got {prefetch!r}")
+        self.dit = dit
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._loaded: Dict[int, _Loaded] = {}
+        self._active: Dict[int, _Loaded] = {}
+        self._handles: List[Any] = []
+        self._attached = False
+        self.log: Optional[List[Tuple[str, int]]] = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def depth(self) -> int:
+        return len(self.dit.blocks)
+
+    def attach(self) -> "BlockStreamer":
+        """Moves the blocks to (pinned) CPU memory, the rest of ``dit`` to ``device``, installs the hooks."""
+        if self._attached:
+            return self
+        if getattr(self.dit, "_block_streamer", None) is not None:
+            raise ValueError("BlockStreamer: this model already has a block streamer attached")
+        blocks = self.dit.blocks
+        for name, child in self.dit.named_children():
+            if child is not blocks:
+                child.to(self.device)
+        for i, block in enumerate(blocks):
+            for t in self._block_tensors(block).values():
+                t.data = self._home(t.data)
+            for owner, attr, t in _lora_tensors(block, loaded=True):
+                setattr(owner, attr, self._home(t))
+            self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
+            # always_call: a block that raises (e.g. out of memory) is still put back at home.
+            self._handles.append(block.register_forward_hook(self._make_post(i), always_call=True))
+            if hasattr(block, "forward_kv_only"):
+                block.forward_kv_only = self._wrap_kv_only(block, i)
+        self.dit._block_streamer = self
+        self._attached = True
+        return self
+
+    def detach(self, device=None) -> None:
+        """Removes the hooks and puts the blocks on ``device`` (default: the streamer's device)."""
+        if not self._attached:
+            return
+        self.release()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        target = self.device if device is None else torch.device(device)
+        for block in self.dit.blocks:
+            if "forward_kv_only" in block.__dict__:
+                del block.forward_kv_only
+            block.to(target)
+            for owner, attr, t in _lora_tensors(block, loaded=True):
+                setattr(owner, attr, t.to(target))
+        self.dit._block_streamer = None
+        self._attached = False
+
+    def release(self) -> None:
+        """Drops every prefetched device copy (e.g. before the VAE decode)."""
+        self._loaded.clear()
+
+    def _home(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as a CPU tensor (pinned when ``self.pin``), copied only when needed."""
+        if t.device.type == "cpu" and (not self.pin or t.is_pinned()):
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
+        out.copy_(t)
+        return out
+
+    @staticmethod
+    def _block_tensors(block: nn.Module) -> Dict[str, torch.Tensor]:
+        d: Dict[str, torch.Tensor] = dict(block.named_parameters())
+        d.update(dict(block.named_buffers()))
+        return d
+
+    def _signature(self, block: nn.Module, lora) -> tuple:
+        ts = self._block_tensors(block)
+        return (
+            # data_ptr: which CPU copy; the parameter's own version counter: in-place writes
+            # (``fuse_lora``'s ``weight.copy_``). ``t.data`` is a fresh alias on every access.
+            tuple((n, t.data_ptr(), t._version) for n, t in ts.items()),
+            tuple((id(o), a, id(t), t._version) for o, a, t in lora),
+        )
+
+    # ------------------------------------------------------------------ copies
+    def _issue(self, i: int) -> None:
+        block = self.dit.blocks[i]
+        lora = _lora_tensors(block)
+        # Pinned LoRA tensors: their copies can be asynchronous too.
+        if self.pin:
+            for o, a, t in lora:
+                if t.device.type == "cpu" and not t.is_pinned():
+                    setattr(o, a, self._home(t))
+            lora = _lora_tensors(block)
+        sig = self._signature(block, lora)
+        src = {n: t.data for n, t in self._block_tensors(block).items()}
+        if self.cuda:
+            # The side stream must not copy into memory that queued compute work still reads.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                dev = {n: t.to(self.device, non_blocking=True) for n, t in src.items()}
+                dev_lora = [(o, a, t.to(self.device, non_blocking=True)) for o, a, t in lora]
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+        else:
+            # CPU (tests) or another device without streams: a synchronous copy, kept distinct from
+            # the CPU storage so tests can tell a loaded block from a resident one.
+            dev = {n: t.to(self.device, copy=True) for n, t in src.items()}
+            dev_lora = [(o, a, t.to(self.device, copy=True)) for o, a, t in lora]
+            ev = None
+        self._loaded[i] = _Loaded(dev, dev_lora, sig, ev)
+        if self.log is not None:
+            self.log.append(("load", i))
+
+    def _before(self, i: int) -> None:
+        # Blocks run one at a time: a block still attached here was left by an exception that
+        # skipped its post-hook (forward_kv_only's wrapper, or a hook run that raised).
+        for j in list(self._active):
+            self._after(j)
+        block = self.dit.blocks[i]
+        got = self._loaded.pop(i, None)
+        if got is not None and got.signature != self._signature(block, _lora_tensors(block)):
+            got = None  # weights or active adapters changed since the prefetch: copy again
+        if got is None:
+            self._issue(i)
+            got = self._loaded.pop(i)
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(got.ready)
+            for t in got.tensors.values():
+                t.record_stream(cur)
+            for _, _, t in got.lora:
+                t.record_stream(cur)
+        homes = {}
+        for n, t in self._block_tensors(block).items():
+            homes[n] = t.data
+            t.data = got.tensors[n]
+        lora_homes = []
+        for o, a, t in got.lora:
+            lora_homes.append((o, a, getattr(o, a)))
+            setattr(o, a, t)
+        self._active[i] = _Loaded(homes, lora_homes, (), None)
+        if self.log is not None:
+            self.log.append(("attach", i))
+        for k in range(1, self.prefetch + 1):
+            j = (i + k) % self.depth
+            if j != i and j not in self._loaded and j not in self._active:
+                self._issue(j)
+
+    def _after(self, i: int) -> None:
+        homes = self._active.pop(i, None)
+        if homes is None:
+            return
+        block = self.dit.blocks[i]
+        for n, t in self._block_tensors(block).items():
+            t.data = homes.tensors[n]
+        for o, a, t in homes.lora:
+            setattr(o, a, t)
+        if self.log is not None:
+            self.log.append(("free", i))
+
+    def _make_pre(self, i: int) -> Callable:
+        def pre(module, args):
+            self._before(i)
+
+        return pre
+
+    def _make_post(self, i: int) -> Callable:
+        def post(module, args, output):
+            self._after(i)
+
+        return post
+
+    def _wrap_kv_only(self, block: nn.Module, i: int) -> Callable:
+        inner = type(block).forward_kv_only.__get__(block)
+
+        def forward_kv_only(*args, **kwargs):
+            self._before(i)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._after(i)
+
+        return forward_kv_only
+
+    # ------------------------------------------------------------------ facts
+    def block_bytes(self) -> int:
+        """Bytes of the largest block (its parameters, buffers and active LoRA tensors)."""
+        best = 0
+        for block in self.dit.blocks:
+            n = sum(t.numel() * t.element_size() for t in self._block_tensors(block).values())
+            n += sum(t.numel() * t.element_size() for _, _, t in _lora_tensors(block))
+            best = max(best, n)
+        return best
+
+
+# ============================================================================ text encoder
+def offload_text_encoder(text_encoder: nn.Module, device) -> None:
+    """Keeps ``text_encoder`` in CPU memory and streams it leaf module by leaf module to ``device``
+    while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
+    stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
+    try:
+        import accelerate  # noqa: F401  (diffusers' group offloading moves inputs with it)
+        from diffusers.hooks import apply_group_offloading
+    except ImportError as e:
+        raise ImportError(
+            f"memory modes other than 'resident' stream the text encoder with diffusers' group offloading, "
+            f"which needs diffusers and accelerate (pip install accelerate): {e}"
+        ) from e
+
+    device = torch.device(device)
+    text_encoder.to("cpu")
+    cuda = device.type == "cuda"
+    apply_group_offloading(text_encoder, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="leaf_level", use_stream=cuda, non_blocking=cuda)
+
+
+# ============================================================================ estimate
+def _params_bytes(n_params: int, nbytes: int) -> int:
+    return int(n_params) * int(nbytes)
+
+
+def dit_param_counts(config) -> Tuple[int, int]:
+    """``(per_block, outside_blocks)`` parameter counts of a ``LongCatDiT`` with ``config``
+    (built on the meta device: no memory)."""
+    from .dit import LongCatDiT
+
+    import dataclasses
+
+    m = LongCatDiT(dataclasses.replace(config, depth=1), device="meta")
+    per_block = sum(p.numel() for p in m.blocks[0].parameters())
+    outside = sum(p.numel() for p in m.parameters()) - per_block
+    return per_block, outside
+
+
+# Activation bytes of one DiT step as a multiple of one ``[tokens, hidden]`` tensor in the weight
+# dtype: calibrated on the H200 measurement of issue 17 (480p B2 c4 cache on: 35.7 GiB peak =
+# 25.3 weights + 4.6 cache + 5.8 rest, 62,400 tokens x 4096 x 2 B = 0.476 GiB -> 12.2), rounded up.
+ACTIVATION_FACTOR = 13.0
+# UMT5-XXL encoder parameters (the released text encoder) and the Wan VAE's.
+UMT5_XXL_PARAMS = 5_680_000_000
+WAN_VAE_PARAMS = 127_000_000
+# Decode peak of the Wan VAE per output pixel of one 4-frame chunk (upper guess; the bench
+# measures it): a few hundred bytes per pixel of the upsampling stages.
+VAE_DECODE_BYTES_PER_PIXEL = 6 * 1024
+
+
+def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 832, num_frames: int = 93,
+                        num_cond_frames: int = 13, batch: int = 2, dtype_bytes: int = 2,
+                        text_encoder_params: int = UMT5_XXL_PARAMS, vae_params: int = WAN_VAE_PARAMS,
+                        lora_rank: int = 0, fp8: bool = False) -> Dict[str, int]:
+    """Estimated peak accelerator bytes per stage of one VC call in ``mode``, from the config alone.
+
+    Stages: ``text`` (encoder weights resident, or one streamed leaf), ``vae_encode`` /
+    ``decode`` (VAE weights + decode working set), ``cache_build`` and ``denoise`` (DiT weights
+    resident or two streamed blocks, KV cache resident or two streamed blocks, activations of
+    ``batch x noisy tokens``). Resident weights of every component count in every stage; ``peak``
+    is the maximum. ``fp8``: the blocks' large linears (~97% of a block) take 1 byte per weight.
+    An estimate for the fit check, not a measurement.
+    """
+    plan = memory_plan(mode)
+    per_block, outside = dit_param_counts(config)
+    depth = config.depth
+    C = config.hidden_size
+    if lora_rank:
+        # Unfused LoRA on every linear of a block: about rank * (in + out) per linear; qkv, proj,
+        # kv, q, out, w1, w2, w3, adaLN: ~ 30 C in + out in total.
+        per_block += lora_rank * 30 * C
+    t_lat = (num_frames - 1) // 4 + 1
+    c = 1 + (num_cond_frames - 1) // 4
+    tok_frame = (height // 16) * (width // 16)
+    noisy = (t_lat - c) * tok_frame
+    cond = c * tok_frame
+    b = dtype_bytes
+    block_b = per_block * b if not fp8 else int(per_block * (0.97 * 1 + 0.03 * b))
+    dit_w = (block_b * (depth if not plan.stream_dit_blocks else 2)) + _params_bytes(outside, b)
+    cache_full = 2 * cond * C * b * depth
+    cache = cache_full if not plan.offload_kv_cache else 2 * cache_full // depth
+    act_denoise = int(ACTIVATION_FACTOR * batch * noisy * C * b)
+    act_build = int(ACTIVATION_FACTOR * cond * C * b)
+    te_w = _params_bytes(text_encoder_params, b)
+    # Streamed leaf by leaf: the largest leaf is UMT5's token embedding (256k x 4096, ~19% of it).
+    te = te_w if not plan.stream_text_encoder else te_w // 5
+    vae_w = _params_bytes(vae_params, b)
+    te_resident = 0 if plan.stream_text_encoder else te_w
+    decode_act = int(VAE_DECODE_BYTES_PER_PIXEL * height * width)
+    stages = {
+        "text": dit_w + te + vae_w,
+        "vae_encode": dit_w + te_resident + vae_w + decode_act,
+        "cache_build": dit_w + te_resident + vae_w + cache + act_build,
+        "denoise": dit_w + te_resident + vae_w + cache + act_denoise,
+        "decode": dit_w + te_resident + vae_w + decode_act,
+    }
+    stages["peak"] = max(stages.values())
+    return stages
+
+
+def _device_budget(device: torch.device) -> Tuple[int, int]:
+    """``(usable, total)`` bytes on ``device``: free memory, capped by the per-process fraction."""
+    free, total = torch.cuda.mem_get_info(device)
+    frac = 1.0
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        try:
+            frac = float(getter(device))
+        except Exception:  # pragma: no cover - older torch / allocator without the query
+            frac = 1.0
+    cap = int(total * frac) - torch.cuda.memory_reserved(device)
+    return max(0, min(free, cap)), total
+
+
+def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] = None, margin: float = 1.05,
+                      **shape) -> Dict[str, int]:
+    """Raises ``MemoryModeError`` before any weight is loaded when ``mode`` cannot fit ``device``.
+
+    Args:
+        config: the ``DiTConfig`` (read from ``dit/config.json``).
+        mode: the requested memory mode.
+        device: the accelerator; CPU devices are not checked.
+        budget_bytes: usable bytes (default: ``torch.cuda.mem_get_info`` free memory, capped by
+            ``set_per_process_memory_fraction``).
+        margin: the estimate is multiplied by this before comparing.
+        shape: passed to ``estimate_peak_bytes`` (height, width, num_frames, ...).
+
+    Returns:
+        the estimate of ``mode`` (``estimate_peak_bytes``).
+    """
+    memory_plan(mode)
+    device = torch.device(device)
+    est = estimate_peak_bytes(config, mode, **shape)
+    if budget_bytes is None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return est
+        budget_bytes, _ = _device_budget(device)
+    need = est["peak"] * margin
+    if need <= budget_bytes:
+        return est
+    fits = [m for m in MEMORY_MODES if estimate_peak_bytes(config, m, **shape)["peak"] * margin <= budget_bytes]
+    where = f"{device}" if device.type != "cuda" else f"{device} ({budget_bytes / GiB:.1f} GiB usable)"
+    stage = max((k for k in est if k != "peak"), key=lambda k: est[k])
+    if fits:
+        hint = f"memory={fits[0]!r} (--memory {fits[0]}) fits, estimated {estimate_peak_bytes(config, fits[0], **shape)['peak'] / GiB:.1f} GiB"
+    else:
+        low = estimate_peak_bytes(config, "low", **shape)["peak"]
+        hint = (f"no mode fits: even memory='low' needs about {low / GiB:.1f} GiB; try a lower resolution or "
+                "fewer frames")
+    raise MemoryModeError(
+        f"memory={mode!r} needs about {need / GiB:.1f} GiB on {where} (peak in stage {stage!r}); {hint}"
+    )
+
+
+# ============================================================================ apply
+def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
+    """Puts the components of ``pipe`` (loaded on the CPU, or anywhere) where ``mode`` wants them
+    and records the plan on ``pipe._memory``. Returns the plan."""
+    plan = memory_plan(mode)
+    device = torch.device(device)
+    dit = pipe.dit
+    if plan.stream_dit_blocks:
+        streamer = getattr(dit, "_block_streamer", None)
+        if streamer is None:
+            BlockStreamer(dit, device).attach()
+    else:
+        dit.to(device)
+    if plan.stream_text_encoder:
+        offload_text_encoder(pipe.text_encoder, device)
+    else:
+        pipe.text_encoder.to(device)
+    pipe.vae.to(device)
+    pipe._memory = plan
+    return plan
