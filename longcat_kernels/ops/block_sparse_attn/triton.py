@@ -225,7 +225,9 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _deterministic() -> bool:
-    return os.environ.get("LONGCAT_KERNELS_DETERMINISTIC", "0") not in ("", "0")
+    from ..._envvars import env_flag  # noqa: PLC0415
+
+    return env_flag("LONGCAT_KERNELS_DETERMINISTIC", False)
 
 
 def _setup_context(ctx, inputs, output):

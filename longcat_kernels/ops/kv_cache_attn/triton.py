@@ -23,8 +23,8 @@ fresh k is rotated by the rope kernel into a temporary; cached keys are never to
 A second implementation of the same ops ("prologue + cuDNN", `*_cudnn` below): a Triton prologue
 rotates fresh q/k (when RoPE is asked for), then two cuDNN SDPA calls, queries over the cache (a
 batch-1 cache read once, the batch folded into the query rows) and over the fresh keys, merged by
-their log-sum-exp in one Triton pass; no concatenation, no copy of the cache. `preferred_impl()` says which one is faster (table
-measured on the device, see bench/results/h100/).
+their log-sum-exp in one Triton pass; no concatenation, no copy of the cache. Which one runs is decided by `longcat_kernels.dispatch`
+(backend="triton" runs the fused kernel only; "auto" picks the cuDNN route where it measured faster).
 
 Forward only: inputs requiring grad raise. Outputs are BSHD-contiguous, q's dtype.
 """
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels.ops.rope.triton import (
-    _check_no_grad, _rope_apply, _rope_cos_sin, launch_norm_rope, rope_parts, rope_table_args,
+    check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_parts, rope_table_args,
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -106,13 +106,6 @@ def _attn_two_masks(acc, l_i, m_i, q, K, V, L, q_prefix, qk_scale, offs_m, offs_
 # on sm_90 only (where it was measured). Fixed rather than autotuned: an autotune pass over 70 ms
 # launches is noisy (it picked configs 6% apart in a first run) and costs seconds at first call.
 ATTN_CONFIG = {64: (128, 128, 8, 3, False), 128: (128, 128, 8, 3, False)}
-ATTN_CONFIG_SWEEP = [
-    (128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 4, False),
-    (128, 64, 4, 3, False), (128, 64, 4, 4, False), (128, 64, 8, 3, False),
-    (64, 128, 4, 3, False), (128, 128, 4, 3, True), (128, 128, 8, 3, True),
-    (128, 64, 4, 3, True), (128, 128, 4, 2, True),
-]
-_CONFIG_OVERRIDE = None  # set by the bench sweep only
 
 
 # fp32 inputs (reference-precision runs, e.g. a DiT kept in fp32): the bf16 tiles above need
@@ -124,8 +117,6 @@ ATTN_CONFIG_FP32 = (64, 64, 4, 2, False)
 def _attn_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     if _INTERPRET:
         return 16, 16, 4, 1, False
-    if _CONFIG_OVERRIDE is not None:
-        return _CONFIG_OVERRIDE
     bd = triton.next_power_of_2(D)
     if dtype == torch.float32 and bd <= 128:
         return ATTN_CONFIG_FP32
@@ -176,11 +167,11 @@ def kv_cache_attn_fwd_kernel(
            + offs_d[None, :] * stride_qd)
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     if ROPE_Q:
-        b_cos, b_sin = _rope_cos_sin(q_pos0 + offs_m.to(tl.int64), m_m, tl.arange(0, BLOCK_D // 2),
+        b_cos, b_sin = rope_cos_sin(q_pos0 + offs_m.to(tl.int64), m_m, tl.arange(0, BLOCK_D // 2),
                                      COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W, GH, GW, DT, DH,
                                      HEAD_DIM)  # [BLOCK_M, BLOCK_D // 2]
         # round to the input dtype exactly like "rotate, cast, then attend"
-        b_q = _rope_apply(b_q, b_cos, b_sin, BLOCK_M, BLOCK_D).to(b_q.dtype)
+        b_q = rope_apply(b_q, b_cos, b_sin, BLOCK_M, BLOCK_D).to(b_q.dtype)
     else:
         # an exact no-op select: q is then produced by an elementwise op rather than a load, so
         # the compiler feeds it to wgmma from registers instead of shared memory (seen in TTGIR;
@@ -534,7 +525,7 @@ def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs):
 # ----------------------------------------------------------------------------------------------
 
 def _block_sparse_unavailable():
-    from longcat_kernels._backend import BackendUnavailableError
+    from longcat_kernels.dispatch import BackendUnavailableError
     raise BackendUnavailableError(
         "attn_with_kv_cache: the prologue + cuDNN route has no block_sparse= option "
         "(use attn_with_kv_cache_triton / backend='triton')")
@@ -572,7 +563,7 @@ def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, sc
 
     Returns [B, Sn, H, D] BSHD-contiguous, q's dtype. Forward only.
     """
-    _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_sparse is not None:
         return _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
@@ -587,7 +578,7 @@ def prefix_attn_triton(q, k, v, prefix_len, scale=None):
 
     q, k, v: [B, S, H, D], any strides. Returns [B, S, H, D] BSHD-contiguous. Forward only.
     """
-    _check_no_grad("prefix_attn", q=q, k=k, v=v)
+    check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, int(prefix_len), scale)
 
@@ -729,10 +720,10 @@ def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, sca
     if block_sparse is not None:
         _block_sparse_unavailable()
     if not cudnn_available(q):
-        from longcat_kernels._backend import BackendUnavailableError
+        from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError("attn_with_kv_cache: prologue + cuDNN route needs CUDA "
                                       "bf16/fp16 inputs with head_dim <= 128 and cuDNN")
-    _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tabs, gh, gw = _rope_tables(rope, q, Sc)
@@ -760,38 +751,9 @@ def _(q, k, v, prefix_len, scale):
 def prefix_attn_cudnn(q, k, v, prefix_len, scale=None):
     """Same contract as `prefix_attn_triton`, as two cuDNN SDPA calls (cond rows, noisy rows)."""
     if not cudnn_available(q):
-        from longcat_kernels._backend import BackendUnavailableError
+        from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError("prefix_attn: cuDNN route needs CUDA bf16/fp16 inputs with "
                                       "head_dim <= 128 and cuDNN")
-    _check_no_grad("prefix_attn", q=q, k=k, v=v)
+    check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale)
-
-
-# Measured on the H100 (bench/bench_kv_cache_gpu_dev.py, bench/results/h100/kv_cache_attn.json):
-# the faster implementation per op on CUDA, used by backend="auto".
-_FASTER_IMPL = {"attn_with_kv_cache": "cudnn", "prefix_attn": "cudnn"}
-
-
-def preferred_impl(op: str, q: torch.Tensor) -> str:
-    """'cudnn' (prologue + cuDNN SDPA) or 'triton' (one fused kernel) for `op` on these inputs."""
-    choice = _FASTER_IMPL.get(op, "triton")
-    if choice == "cudnn" and not cudnn_available(q):
-        return "triton"
-    return choice
-
-
-def auto_impl(op: str, q: torch.Tensor, block_sparse=None):
-    """Implementation for backend="auto" once it resolved to triton on CUDA tensors.
-
-    Block-sparse calls always take the Triton kernel over the two segments (cuDNN has no
-    block-sparse mode). `LONGCAT_KERNELS_BACKEND=triton` forces the fused kernel.
-    """
-    if block_sparse is not None:
-        if op != "attn_with_kv_cache":
-            raise ValueError(f"auto_impl: block_sparse applies to attn_with_kv_cache only, not {op}")
-        return attn_with_kv_cache_triton
-    forced = os.environ.get("LONGCAT_KERNELS_BACKEND", "").strip().lower() == "triton"
-    if not forced and preferred_impl(op, q) == "cudnn":
-        return attn_with_kv_cache_cudnn if op == "attn_with_kv_cache" else prefix_attn_cudnn
-    return attn_with_kv_cache_triton if op == "attn_with_kv_cache" else prefix_attn_triton
