@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._envvars import backend_override
+from ._envvars import backend_override, check_removed
 
 __all__ = [
     "BACKENDS",
@@ -310,10 +310,26 @@ def _cudnn() -> bool:
         return False
 
 
+_MACHINE: Dict[Tuple[str, Optional[int]], Facts] = {}
+
+
 def machine_facts(device_type: str, device: Optional[torch.device] = None) -> Facts:
     """Facts of this machine for tensors on ``device_type`` (input facts left at defaults).
 
-    The compiled extension is loaded (or JIT-built) only for CUDA tensors."""
+    The compiled extension is loaded (or JIT-built) only for CUDA tensors. Eager calls read the
+    environment each time; inside ``torch.compile`` the facts of the last eager call are reused
+    (nothing to trace: the environment and the extension's lock stay out of the graph)."""
+    key = (device_type, None if device is None else device.index)
+    if torch.compiler.is_compiling() and key in _MACHINE:
+        return _MACHINE[key]
+    f = _machine_facts(device_type, device)
+    if not torch.compiler.is_compiling():
+        _MACHINE[key] = f
+    return f
+
+
+def _machine_facts(device_type: str, device: Optional[torch.device]) -> Facts:
+    check_removed()
     interpret = triton_interpret()
     triton_error = triton_status() if (device_type == "cuda" or interpret) else None
     if device_type == "cuda" and torch.cuda.is_available():

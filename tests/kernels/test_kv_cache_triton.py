@@ -329,13 +329,14 @@ def test_merge_partial_attention_equals_attention_over_all_keys(dtype, B, S, H, 
 
 
 def test_auto_routes_block_sparse_to_the_triton_kernel():
-    """backend="auto" on CUDA with block_sparse= must take the Triton two-segment kernel, never the
-    torch reference (cuDNN has no block-sparse mode); the dense call keeps the measured choice."""
-    q = torch.empty(1, 4, 1, 8)
-    bs = BlockSparseParams(sparsity=0.5)
-    assert kt.auto_impl("attn_with_kv_cache", q, bs) is kt.attn_with_kv_cache_triton
-    with pytest.raises(ValueError, match="attn_with_kv_cache only"):
-        kt.auto_impl("prefix_attn", q, bs)
+    """backend="auto" on CUDA with block_sparse= takes the fused Triton two-segment kernel, never the
+    torch reference nor cuDNN (no block-sparse mode); the dense call keeps the measured choice."""
+    from longcat_kernels.dispatch import Facts, choose_kernel
+
+    for facts in (Facts(), Facts(csrc_kernels=("sm80",)), Facts(ext_error="not built", csrc_kernels=())):
+        bs = choose_kernel("attn_with_kv_cache", facts._replace(block_sparse=True, block_tokens=(64, 64), key_segments=2))
+        assert bs.impl == "triton_fused", (facts, bs)
+    assert choose_kernel("attn_with_kv_cache", Facts(csrc_kernels=("sm80",))).impl == "triton_prologue_cudnn"
 
 
 @pytest.mark.parametrize("D", [64, 128])
