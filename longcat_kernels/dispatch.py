@@ -416,9 +416,9 @@ _REGISTRY: Dict[Tuple[str, str], Tuple[str, str, Optional[str]]] = {
     ("block_sparse_attn", "triton"): ("block_sparse_attn.triton", "block_sparse_attn_triton", None),
     ("block_sparse_attn_fwd", "triton"): ("block_sparse_attn.triton", "bsa_forward_triton", None),
     ("attn_with_kv_cache", "triton_fused"): ("kv_cache_attn.triton", "attn_with_kv_cache_triton", None),
-    ("attn_with_kv_cache", "triton_prologue_cudnn"): ("kv_cache_attn.triton", "attn_with_kv_cache_cudnn", None),
+    ("attn_with_kv_cache", "triton_prologue_cudnn"): ("kv_cache_attn.cudnn", "attn_with_kv_cache_cudnn", None),
     ("prefix_attn", "triton_fused"): ("kv_cache_attn.triton", "prefix_attn_triton", None),
-    ("prefix_attn", "triton_prologue_cudnn"): ("kv_cache_attn.triton", "prefix_attn_cudnn", None),
+    ("prefix_attn", "triton_prologue_cudnn"): ("kv_cache_attn.cudnn", "prefix_attn_cudnn", None),
     ("qk_norm_rope", "triton"): ("rope.triton", "qk_norm_rope_triton", None),
 }
 for _op, _fn in (
