@@ -115,12 +115,34 @@ def cuda_extensions():
     return _csrc_extensions()
 
 
+def _build_py_with_csrc():
+    """build_py that also copies csrc/ into the package (``longcat_kernels/_csrc``), so an installed
+    wheel built without the extension can JIT-build it at first use (``longcat_kernels/_ext.py``)."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithCsrc(build_py):
+        def run(self):
+            super().run()
+            src = os.path.join(HERE, "csrc")
+            if not os.path.isdir(src):
+                return
+            dst = os.path.join(self.build_lib, "longcat_kernels", "_csrc")
+            os.makedirs(dst, exist_ok=True)
+            for f in sorted(os.listdir(src)):
+                if f.endswith((".cu", ".cpp", ".h", ".cuh")):
+                    shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+
+    return BuildPyWithCsrc
+
+
 def _cmdclass(exts):
+    out = {"build_py": _build_py_with_csrc()}
     if not exts:
-        return {}
+        return out
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    out["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    return out
 
 
 _EXTS = cuda_extensions()

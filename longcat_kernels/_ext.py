@@ -31,10 +31,13 @@ def _load_prebuilt():
 
 
 def _csrc_dir():
-    """The csrc/ folder of a source checkout (None in an installed wheel)."""
+    """The kernel sources: ``csrc/`` of a source checkout (editable install), else the copy that
+    ``setup.py`` puts into an installed package (``longcat_kernels/_csrc``); None if neither."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(here), "csrc")
-    return path if os.path.isfile(os.path.join(path, "ops.cpp")) else None
+    for path in (os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "_csrc")):
+        if os.path.isfile(os.path.join(path, "ops.cpp")):
+            return path
+    return None
 
 
 def cuda_arch_flags(capability=None):
@@ -71,7 +74,8 @@ def _load_jit():
 
     src = _csrc_dir()
     if src is None:
-        raise ImportError("JIT build needs a source checkout (csrc/ not found next to the package)")
+        raise ImportError("JIT build needs the kernel sources (neither csrc/ next to the package nor "
+                          "longcat_kernels/_csrc found)")
     if torch.version.cuda is None:
         raise ImportError(f"JIT build needs a CUDA build of torch, got {torch.__version__}")
     if cpp_extension.CUDA_HOME is None:
