@@ -313,25 +313,27 @@ def _cudnn() -> bool:
 _MACHINE: Dict[Tuple[str, Optional[int]], Facts] = {}
 
 
-def machine_facts(device_type: str, device: Optional[torch.device] = None) -> Facts:
+def machine_facts(device_type: str, device: Optional[torch.device] = None, probe_triton: bool = True) -> Facts:
     """Facts of this machine for tensors on ``device_type`` (input facts left at defaults).
 
-    The compiled extension is loaded (or JIT-built) only for CUDA tensors. Eager calls read the
+    The compiled extension is loaded (or JIT-built) only for CUDA tensors; ``import triton`` is
+    tried for CUDA tensors, under ``TRITON_INTERPRET=1`` or when ``probe_triton`` (a plain CPU call
+    on "auto" runs the reference and never imports triton). Eager calls read the
     environment each time; inside ``torch.compile`` the facts of the last eager call are reused
     (nothing to trace: the environment and the extension's lock stay out of the graph)."""
-    key = (device_type, None if device is None else device.index)
+    key = (device_type, None if device is None else device.index, probe_triton)
     if torch.compiler.is_compiling() and key in _MACHINE:
         return _MACHINE[key]
-    f = _machine_facts(device_type, device)
+    f = _machine_facts(device_type, device, probe_triton)
     if not torch.compiler.is_compiling():
         _MACHINE[key] = f
     return f
 
 
-def _machine_facts(device_type: str, device: Optional[torch.device]) -> Facts:
+def _machine_facts(device_type: str, device: Optional[torch.device], probe_triton: bool) -> Facts:
     check_removed()
     interpret = triton_interpret()
-    triton_error = triton_status() if (device_type == "cuda" or interpret) else None
+    triton_error = triton_status() if (probe_triton or device_type == "cuda" or interpret) else None
     if device_type == "cuda" and torch.cuda.is_available():
         from ._ext import csrc_kernels, extension_error  # noqa: PLC0415
 
@@ -375,7 +377,9 @@ def choose(
     q = ts[0]
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-    f = machine_facts(q.device.type, q.device)._replace(
+    probe = requested == "triton" or (
+        requested == "auto" and not torch.compiler.is_compiling() and backend_override() == "triton")
+    f = machine_facts(q.device.type, q.device, probe_triton=probe)._replace(
         dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad),
         block_sparse=bool(block_sparse), block_tokens=block_tokens, key_segments=int(key_segments),
     )
