@@ -5,11 +5,15 @@ nvcc is found (``CUDA_HOME``/``nvcc`` on PATH). Otherwise the build prints one w
 installs the pure-Python package (Triton and PyTorch backends still work). Environment:
 
 - ``LONGCAT_KERNELS_SKIP_CUDA_BUILD=1``: never build the extension.
-- ``LONGCAT_KERNELS_CUDA_ARCHS``: nvcc target flags, default ``-gencode=arch=compute_90a,code=sm_90a``.
+- ``LONGCAT_KERNELS_CUDA_ARCHS``: targets, ``"9.0a;8.0"`` or nvcc ``-gencode`` flags; default: the
+  visible GPU's own target (``sm_90a`` on Hopper), ``sm_90a`` without a GPU.
+Both are parsed by ``longcat_kernels/_envvars.py`` (loaded by path: the package is not importable
+while building); a bad value stops the build with the variable's name.
 - ``MAX_JOBS``: parallel compile jobs (ninja); default from free RAM (about 4 GB a job).
 
-With pip's default build isolation torch is not importable while building; use
-``pip install --no-build-isolation -e .`` on a CUDA machine to build the extension.
+With pip's default build isolation torch is not importable while building; the package then
+JIT-builds the same sources at first use on a CUDA machine with nvcc (cached; one log line;
+``LONGCAT_KERNELS_JIT=0`` opts out), or use ``pip install --no-build-isolation -e .`` to build here.
 """
 
 import os
@@ -21,6 +25,18 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _envvars():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_lk_envvars", os.path.join(HERE, "longcat_kernels", "_envvars.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ENV = _envvars()
+
+
 def _warn(msg: str) -> None:
     print(f"WARNING: longcat-kernels: {msg}; the CUDA extension is skipped (triton/torch backends still work)",
           file=sys.stderr)
@@ -28,7 +44,7 @@ def _warn(msg: str) -> None:
 
 def _cuda_build_reason():
     """None if the CUDA extension can be built here, else why not."""
-    if os.environ.get("LONGCAT_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
+    if ENV.env_flag("LONGCAT_KERNELS_SKIP_CUDA_BUILD", False):
         return "LONGCAT_KERNELS_SKIP_CUDA_BUILD=1"
     try:
         import torch
@@ -63,16 +79,22 @@ def _max_jobs_from_ram() -> None:
 def _csrc_extensions():
     """The CUDAExtension list for csrc/. Called only when buildable.
 
-    Targets from ``LONGCAT_KERNELS_CUDA_ARCHS`` (nvcc flags, space separated), default
-    ``-gencode=arch=compute_90a,code=sm_90a`` (the wgmma kernels need the ``a`` target); add e.g.
-    ``-gencode=arch=compute_80,code=sm_80`` for the portable mma.sync kernels on Ampere.
+    Targets from ``LONGCAT_KERNELS_CUDA_ARCHS`` (e.g. ``"9.0a;8.0"``), default the visible GPU's
+    own (``sm_90a`` on Hopper: the wgmma kernels need the ``a`` target), ``sm_90a`` without a GPU.
     """
+    import torch
     from torch.utils.cpp_extension import CUDAExtension
 
     _max_jobs_from_ram()
     csrc = os.path.join(HERE, "csrc")
     sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
-    archs = os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").split() or ["-gencode=arch=compute_90a,code=sm_90a"]
+    archs = ENV.cuda_arch_flags_from_env()
+    if not archs:
+        archs = ["-gencode=arch=compute_90a,code=sm_90a"]
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            cc = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+            archs = [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + archs
     return [
         CUDAExtension(
@@ -93,12 +115,34 @@ def cuda_extensions():
     return _csrc_extensions()
 
 
+def _build_py_with_csrc():
+    """build_py that also copies csrc/ into the package (``longcat_kernels/_csrc``), so an installed
+    wheel built without the extension can JIT-build it at first use (``longcat_kernels/_ext.py``)."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithCsrc(build_py):
+        def run(self):
+            super().run()
+            src = os.path.join(HERE, "csrc")
+            if not os.path.isdir(src):
+                return
+            dst = os.path.join(self.build_lib, "longcat_kernels", "_csrc")
+            os.makedirs(dst, exist_ok=True)
+            for f in sorted(os.listdir(src)):
+                if f.endswith((".cu", ".cpp", ".h", ".cuh")):
+                    shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+
+    return BuildPyWithCsrc
+
+
 def _cmdclass(exts):
+    out = {"build_py": _build_py_with_csrc()}
     if not exts:
-        return {}
+        return out
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    out["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    return out
 
 
 _EXTS = cuda_extensions()

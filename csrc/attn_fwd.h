@@ -47,43 +47,41 @@ struct AttnFwdParams {
   int max_sel;
 };
 
-// Launches the forward. head_dim in {64, 128}. Returns the launch error (cudaSuccess if none);
-// a bad configuration returns cudaErrorInvalidValue.
+// Three kernel families; the caller (ops.cpp, told by longcat_kernels/dispatch.py) names the one
+// to run, and none of the launchers switches to another. Each returns the launch error
+// (cudaSuccess if none); a bad configuration returns cudaErrorInvalidValue, a kernel that cannot
+// run on this binary/device/inputs cudaErrorNotSupported.
+
+// sm80 (csrc/attn_fwd_sm80.cu, mma.sync): any sm_80+ GPU the binary has code for. head_dim 64/128.
+bool attn_fwd_sm80_available();
 cudaError_t attn_fwd_dense(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 cudaError_t attn_fwd_block_sparse(const AttnFwdParams& p, DType dtype, int head_dim,
                                   cudaStream_t stream);
 
-// Hopper path (csrc/attn_fwd_sm90.cu, wgmma): true when this binary holds sm_90a code and the
-// current device is compute capability 9.x. The *_sm90 launchers return cudaErrorNotSupported
-// otherwise. warpgroups (1 or 2) = 64-row query tiles per CTA of the dense kernel.
+// sm90 (csrc/attn_fwd_sm90.cu, wgmma): available when this binary holds sm_90a code and the
+// current device is compute capability 9.x. Dense: 2 warpgroups per CTA; block-sparse: 1
+// warpgroup, 2 key stages (the measured winners; NOTES.md has the lost configurations).
 bool attn_fwd_sm90_available();
-cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, int warpgroups,
-                                cudaStream_t stream);
-// k_stages (2 or 3): shared-memory stages of key tiles (prefetch distance k_stages - 1).
+cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
-                                       int k_stages, cudaStream_t stream);
+                                       cudaStream_t stream);
 
-// Warp-specialised Hopper forward (csrc/attn_fwd_sm90_ws.cu: TMA producer warpgroup + 2 wgmma
-// consumer warpgroups, FA3 structure), dense two-segment attention, head_dim 128 only.
-// supported: head_dim 128, sm_90a code on a 9.x device, the driver's tensor-map encoder found,
-// 16-byte aligned base pointers and strides that are multiples of 8 elements (TMA).
-// variant: 0 plain, 1 intra-warpgroup overlap (ops.cpp default), 2 overlap + ping-pong, 3 = 2 with 3
-// K/V stages, 4 ping-pong without overlap, 5 overlap with 3 K/V stages, 6 = 1 with the O
-// rescale of tile j-1 issued between the Q K_j^T and P_{j-1} V_{j-1} GEMMs (FA3 order). Returns cudaErrorNotSupported when not supported or
-// when the driver refuses a tensor map (the caller then takes attn_fwd_dense_sm90).
+// sm90_ws, dense (csrc/attn_fwd_sm90_ws.cu: TMA producer warpgroup + 2 wgmma consumer warpgroups,
+// FA3 structure, intra-warpgroup overlap, 2 K/V stages), head_dim 128 only.
+// available: sm90 available and the driver's tensor-map encoder found.
+// supported(p): also head_dim 128, 16-byte aligned base pointers and strides that are multiples
+// of 8 elements (TMA). cudaErrorNotSupported when not supported or the driver refuses a tensor map.
+bool attn_fwd_sm90ws_available();
 bool attn_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
-cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant,
-                                  cudaStream_t stream);
+cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 
-// Warp-specialised Hopper block-sparse forward (csrc/bsa_fwd_sm90_ws.cu: one TMA box per 3D key
-// chunk, producer warpgroup + 2 consumer warpgroups that each own one 64-token query block).
-// supported: head_dim 128, one key segment (s1 == 0), query and key chunk volume 64, sm_90a code
-// on a 9.x device, the tensor-map encoder found, 16-byte aligned pointers and strides that are
-// multiples of 8 elements. variant: 0 plain (2 K/V stages), 1 intra-warpgroup overlap (2 stages),
-// 2 overlap with 3 stages. Returns cudaErrorNotSupported when not supported or when the driver
-// refuses a tensor map (the caller then takes attn_fwd_block_sparse_sm90).
+// sm90_ws, block-sparse (csrc/bsa_fwd_sm90_ws.cu: one TMA box per 3D key chunk, producer warpgroup
+// + 2 consumer warpgroups that each own one 64-token query block; overlap, 2 K/V stages).
+// supported(p): head_dim 128, one key segment (s1 == 0), query and key chunk volume 64, sm90_ws
+// available, 16-byte aligned pointers and strides that are multiples of 8 elements.
+bool bsa_fwd_sm90ws_available();
 bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
-cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant, cudaStream_t stream);
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 
 // Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
 constexpr int kMaxBlockTokens = 1024;

@@ -344,6 +344,19 @@ bool sparse_config_ok(const AttnFwdParams& p) {
 
 }  // namespace
 
+bool attn_fwd_sm80_available() {
+  // whether this binary holds code (SASS or PTX) the current device can run
+  static const bool ready = [] {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, attn_fwd_kernel<__nv_bfloat16, 128, 128, false>) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return true;
+  }();
+  return ready;
+}
+
 cudaError_t attn_fwd_dense(const AttnFwdParams& p, DType dtype, int head_dim,
                            cudaStream_t stream) {
   if (dtype == DType::kBF16) {

@@ -419,24 +419,23 @@ cudaError_t launch90(const AttnFwdParams& p, dim3 grid, int table_entries, cudaS
   return cudaGetLastError();
 }
 
+// Dense: 2 warpgroups (128 query rows) per CTA, 2 key stages (1 warpgroup lost: cond 4 109.6 ms
+// vs 89.9 ms, NOTES.md v5).
 template <typename T, int D>
-cudaError_t dense90(const AttnFwdParams& p, int nwg, cudaStream_t stream) {
-  if (nwg == 2) {
-    dim3 grid((p.sq + 127) / 128, p.batch * p.heads);
-    return launch90<T, D, 2, false, 2>(p, grid, 0, stream);
-  }
-  dim3 grid((p.sq + 63) / 64, p.batch * p.heads);
-  return launch90<T, D, 1, false, 2>(p, grid, 0, stream);
+cudaError_t dense90(const AttnFwdParams& p, cudaStream_t stream) {
+  dim3 grid((p.sq + 127) / 128, p.batch * p.heads);
+  return launch90<T, D, 2, false, 2>(p, grid, 0, stream);
 }
 
+// Block-sparse: 1 warpgroup per CTA, 2 key stages (3 stages lost: 24x44x80 32.9 ms vs 25.9 ms,
+// NOTES.md v5).
 template <typename T, int D>
-cudaError_t sparse90(const AttnFwdParams& p, int k_stages, cudaStream_t stream) {
+cudaError_t sparse90(const AttnFwdParams& p, cudaStream_t stream) {
   const int lq = p.cq[0] * p.cq[1] * p.cq[2];
   const int lk = p.ck[0] * p.ck[1] * p.ck[2];
   const int table = (lk + kBN - 1) / kBN * kBN;
   dim3 grid(p.num_q_blocks * ((lq + 63) / 64), p.batch * p.heads);
-  if (k_stages == 2) return launch90<T, D, 1, true, 2>(p, grid, table, stream);
-  return launch90<T, D, 1, true, 3>(p, grid, table, stream);
+  return launch90<T, D, 1, true, 2>(p, grid, table, stream);
 }
 
 // whether the sm_90a kernels of this binary can run on the current device
@@ -449,7 +448,7 @@ bool sm90_ready() {
   }
   if (major != 9) return false;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__nv_bfloat16, 128, 1, true, 3>) !=
+  if (cudaFuncGetAttributes(&attr, attn_fwd_sm90_kernel<__nv_bfloat16, 128, 1, true, 2>) !=
       cudaSuccess) {
     cudaGetLastError();
     return false;
@@ -464,21 +463,20 @@ bool attn_fwd_sm90_available() {
   return ready;
 }
 
-cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, int warpgroups,
-                                cudaStream_t stream) {
+cudaError_t attn_fwd_dense_sm90(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream) {
   if (!attn_fwd_sm90_available()) return cudaErrorNotSupported;
   if (dtype == DType::kBF16) {
-    if (head_dim == 128) return dense90<__nv_bfloat16, 128>(p, warpgroups, stream);
-    if (head_dim == 64) return dense90<__nv_bfloat16, 64>(p, warpgroups, stream);
+    if (head_dim == 128) return dense90<__nv_bfloat16, 128>(p, stream);
+    if (head_dim == 64) return dense90<__nv_bfloat16, 64>(p, stream);
   } else {
-    if (head_dim == 128) return dense90<__half, 128>(p, warpgroups, stream);
-    if (head_dim == 64) return dense90<__half, 64>(p, warpgroups, stream);
+    if (head_dim == 128) return dense90<__half, 128>(p, stream);
+    if (head_dim == 64) return dense90<__half, 64>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int head_dim,
-                                       int k_stages, cudaStream_t stream) {
+                                       cudaStream_t stream) {
   if (!attn_fwd_sm90_available()) return cudaErrorNotSupported;
   for (int a = 0; a < 3; ++a) {
     if (p.cq[a] <= 0 || p.ck[a] <= 0 || p.ck[a] >= 1024) return cudaErrorInvalidValue;
@@ -487,11 +485,11 @@ cudaError_t attn_fwd_block_sparse_sm90(const AttnFwdParams& p, DType dtype, int 
     return cudaErrorInvalidValue;
   }
   if (dtype == DType::kBF16) {
-    if (head_dim == 128) return sparse90<__nv_bfloat16, 128>(p, k_stages, stream);
-    if (head_dim == 64) return sparse90<__nv_bfloat16, 64>(p, k_stages, stream);
+    if (head_dim == 128) return sparse90<__nv_bfloat16, 128>(p, stream);
+    if (head_dim == 64) return sparse90<__nv_bfloat16, 64>(p, stream);
   } else {
-    if (head_dim == 128) return sparse90<__half, 128>(p, k_stages, stream);
-    if (head_dim == 64) return sparse90<__half, 64>(p, k_stages, stream);
+    if (head_dim == 128) return sparse90<__half, 128>(p, stream);
+    if (head_dim == 64) return sparse90<__half, 64>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -9,7 +9,9 @@
 //
 // Per consumer warpgroup and key tile: S = Q K^T with wgmma m64n128k16 (Q, K from 128B-swizzled
 // smem, K-major), fp32 online softmax with exp2, O += P V with wgmma m64n128k16 (P from registers,
-// V from smem, MN-major). Variants (template flags, all exercised by bench/dev/bench_cuda_gpu_dev.py):
+// V from smem, MN-major). Template flags (the product instantiates only the measured winner,
+// kOverlap = true, kPingPong = false, 2 stages, kEarlyRescale = false = "variant 1"; the other
+// variants' numbers are in csrc/NOTES.md):
 //   kOverlap:  issue S(j+1) = Q K(j+1)^T before the softmax of tile j... (precisely: at iteration j
 //              the warpgroup issues Q K_j^T and P_{j-1} V_{j-1} together, then does softmax(j) while
 //              P_{j-1} V_{j-1} runs on the tensor cores);
@@ -440,17 +442,9 @@ cudaError_t launch_ws(const WsParams& wp, dim3 grid, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t dispatch_ws(const WsParams& wp, dim3 grid, int variant, cudaStream_t stream) {
-  switch (variant) {
-    case 0: return launch_ws<T, false, false, 2, false>(wp, grid, stream);
-    case 1: return launch_ws<T, true, false, 2, false>(wp, grid, stream);
-    case 2: return launch_ws<T, true, true, 2, false>(wp, grid, stream);
-    case 3: return launch_ws<T, true, true, 3, false>(wp, grid, stream);
-    case 4: return launch_ws<T, false, true, 2, false>(wp, grid, stream);
-    case 5: return launch_ws<T, true, false, 3, false>(wp, grid, stream);
-    case 6: return launch_ws<T, true, false, 2, true>(wp, grid, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t dispatch_ws(const WsParams& wp, dim3 grid, cudaStream_t stream) {
+  // variant 1 (intra-warpgroup overlap, 2 stages): fastest or tied in every H100 sweep (NOTES.md)
+  return launch_ws<T, true, false, 2, false>(wp, grid, stream);
 }
 
 bool aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
@@ -472,8 +466,9 @@ bool attn_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
   return ok;
 }
 
-cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant,
-                                  cudaStream_t stream) {
+bool attn_fwd_sm90ws_available() { return attn_fwd_sm90_available() && encode_fn() != nullptr; }
+
+cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream) {
   if (!attn_fwd_sm90ws_supported(p, head_dim)) return cudaErrorNotSupported;
   if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0) return cudaSuccess;
   WsParams wp{};
@@ -490,7 +485,7 @@ cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_
     ok = ok && make_map(&wp.tk1, p.k1, dtype, p.batch, p.s1, p.heads, p.k1_sb, p.k1_ss, p.k1_sh) &&
          make_map(&wp.tv1, p.v1, dtype, p.batch, p.s1, p.heads, p.v1_sb, p.v1_ss, p.v1_sh);
   }
-  if (!ok) return cudaErrorNotSupported;  // the caller falls back to the sm90 kernel
+  if (!ok) return cudaErrorNotSupported;  // the driver refused a tensor map: the caller raises
   if (!has0 && has1) {
     wp.tk0 = wp.tk1;
     wp.tv0 = wp.tv1;
@@ -518,8 +513,8 @@ cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_
   const int64_t gy = static_cast<int64_t>(p.batch) * p.heads;
   if (gy > 65535) return cudaErrorNotSupported;
   dim3 grid((p.sq + kWsBM - 1) / kWsBM, static_cast<unsigned>(gy));
-  if (dtype == DType::kBF16) return dispatch_ws<__nv_bfloat16>(wp, grid, variant, stream);
-  return dispatch_ws<__half>(wp, grid, variant, stream);
+  if (dtype == DType::kBF16) return dispatch_ws<__nv_bfloat16>(wp, grid, stream);
+  return dispatch_ws<__half>(wp, grid, stream);
 }
 
 }  // namespace longcat

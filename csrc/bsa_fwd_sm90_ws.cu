@@ -416,13 +416,9 @@ cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream)
 }
 
 template <typename T>
-cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, int variant, cudaStream_t stream) {
-  switch (variant) {
-    case 0: return launch_bsa_ws<T, false, 2>(bp, grid, stream);
-    case 1: return launch_bsa_ws<T, true, 2>(bp, grid, stream);
-    case 2: return launch_bsa_ws<T, true, 3>(bp, grid, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
+  // variant 1 (intra-warpgroup overlap, 2 K/V stages): the measured winner (NOTES.md, v7)
+  return launch_bsa_ws<T, true, 2>(bp, grid, stream);
 }
 
 bool bsa_aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
@@ -450,9 +446,10 @@ bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
          bsa_aligned16(p.v0, {p.v0_sb, p.v0_ss, p.v0_sh});
 }
 
-cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, int variant, cudaStream_t stream) {
+bool bsa_fwd_sm90ws_available() { return attn_fwd_sm90_available() && bsa_encode_fn() != nullptr; }
+
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream) {
   if (!bsa_fwd_sm90ws_supported(p, head_dim)) return cudaErrorNotSupported;
-  if (variant < 0 || variant > 2) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0 || p.num_q_blocks <= 0) return cudaSuccess;
   if (p.heads > 65535) return cudaErrorNotSupported;
   const int es = 2;
@@ -465,7 +462,7 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, in
                     make_map5(&bp.tk, kb, dtype, p.heads, p.k0_ss, p.k0_sh, p.gk, p.ck) &&
                     make_map5(&bp.tv, vb, dtype, p.heads, p.v0_ss, p.v0_sh, p.gk, p.ck);
     if (!ok) {
-      // the caller falls back to the sm90 kernel: only possible before anything was launched
+      // the driver refused a tensor map: the caller raises
       if (b == 0) return cudaErrorNotSupported;
       return cudaErrorInvalidValue;
     }
@@ -495,8 +492,8 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, in
     bp.scale_log2 = p.scale_log2;
     if ((p.num_q_blocks + 1) / 2 > 65535) return cudaErrorNotSupported;
     dim3 grid((p.num_q_blocks + 1) / 2, p.heads);
-    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, variant, stream)
-                                                  : dispatch_bsa_ws<__half>(bp, grid, variant, stream);
+    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, stream)
+                                                  : dispatch_bsa_ws<__half>(bp, grid, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -1,5 +1,7 @@
 // torch binding of the csrc kernels: validation, output allocation, stream, op registration.
-// Registers torch.ops.longcat_kernels.{bsa_fwd_cuda, kv_cache_attn_fwd_cuda, prefix_attn_fwd_cuda};
+// Registers torch.ops.longcat_kernels.{bsa_fwd_cuda, kv_cache_attn_fwd_cuda, prefix_attn_fwd_cuda,
+// rope3d_cuda, available_kernels}; the attention ops take `kernel` (the family to run, chosen in
+// longcat_kernels/dispatch.py) and raise if it cannot run the call;
 // the fake (meta) implementations live in longcat_kernels/ops/*/cuda.py (register_fake).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,7 +14,6 @@
 #include <cstdio>
 #include <string>
 #include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -180,80 +181,74 @@ void check_launch(cudaError_t err, const char* op) {
               " (cudaErrorInvalidValue means an unsupported configuration)");
 }
 
-// Kernel family: "sm90ws" (warp-specialised TMA + wgmma, dense D=128 only), "sm90" (wgmma; both
-// need an sm_90a build on a Hopper GPU) or "sm80" (mma.sync).
-// LONGCAT_KERNELS_CUDA_IMPL = auto | sm90ws | sm90 | sm80 (default auto: sm90ws for dense
-// attention where it applies, else sm90 where it can run, else sm80). sm90ws asks for the
-// warp-specialised kernels where they apply (dense: head_dim 128, TMA-compatible strides;
-// block-sparse: also one key segment and 64-token blocks, csrc/bsa_fwd_sm90_ws.cu) and takes sm90
-// elsewhere; sm90 never takes sm90ws.
-const char* impl_env() { return std::getenv("LONGCAT_KERNELS_CUDA_IMPL"); }
+// Kernel family, named by the caller (longcat_kernels/dispatch.py decides; nothing here reads the
+// environment or switches to another family): "sm90_ws" (warp-specialised TMA + wgmma), "sm90"
+// (wgmma) or "sm80" (mma.sync). A family that cannot run the call raises.
+enum class Family { kSm90Ws, kSm90, kSm80 };
 
-// Tuning knob read from the environment: a single digit in [lo, hi], otherwise `fallback` (unset,
-// empty or anything else: the knobs are for measurements, never an error).
-int env_digit(const char* name, int lo, int hi, int fallback) {
-  const char* env = std::getenv(name);
-  if (env != nullptr && env[0] >= '0' + lo && env[0] <= '0' + hi && env[1] == '\0') return env[0] - '0';
-  return fallback;
+Family parse_family(const std::string& kernel) {
+  if (kernel == "sm90_ws") return Family::kSm90Ws;
+  if (kernel == "sm90") return Family::kSm90;
+  if (kernel == "sm80") return Family::kSm80;
+  fail("longcat_kernels (cuda): kernel must be 'sm90_ws', 'sm90' or 'sm80', got '", kernel, "'");
 }
 
-bool use_sm90() {
-  const char* env = impl_env();
-  if (env != nullptr && std::strcmp(env, "sm80") == 0) return false;
-  const bool ok = longcat::attn_fwd_sm90_available();
-  const bool asked = env != nullptr && (std::strcmp(env, "sm90") == 0 || std::strcmp(env, "sm90ws") == 0);
-  LK_CHECK(ok || !asked, "longcat_kernels (cuda): LONGCAT_KERNELS_CUDA_IMPL=", env,
-              " but this build has no sm_90a code for this device; rebuild with "
-              "LONGCAT_KERNELS_CUDA_ARCHS including -gencode=arch=compute_90a,code=sm_90a or unset "
-              "the variable");
-  return ok;
+void check_family_available(Family f, const std::string& kernel) {
+  if (f == Family::kSm80) {
+    LK_CHECK(longcat::attn_fwd_sm80_available(), "longcat_kernels (cuda): kernel '", kernel,
+             "' has no code for this device in this build; rebuild with LONGCAT_KERNELS_CUDA_ARCHS "
+             "including this GPU's compute capability");
+    return;
+  }
+  LK_CHECK(longcat::attn_fwd_sm90_available(), "longcat_kernels (cuda): kernel '", kernel,
+           "' needs a compute capability 9.x GPU and sm_90a code in this build (rebuild with "
+           "LONGCAT_KERNELS_CUDA_ARCHS including 9.0a); use kernel 'sm80'");
 }
 
-// Whether a dense launch may take the warp-specialised kernel (auto or sm90ws).
-bool allow_sm90ws() {
-  const char* env = impl_env();
-  return env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0 ||
-         std::strcmp(env, "sm90ws") == 0;
+// The families this build can run on the current device, most specialised first ("sm90_ws,sm90,sm80").
+std::string available_kernels() {
+  std::string out;
+  if (longcat::attn_fwd_sm90ws_available() && longcat::bsa_fwd_sm90ws_available()) out += "sm90_ws,";
+  if (longcat::attn_fwd_sm90_available()) out += "sm90,";
+  if (longcat::attn_fwd_sm80_available()) out += "sm80,";
+  if (!out.empty()) out.pop_back();
+  return out;
 }
-
-// Variant of the warp-specialised kernel (LONGCAT_KERNELS_SM90WS_VARIANT, see attn_fwd.h):
-// 0 plain, 1 intra-warpgroup overlap (default: fastest or tied in every H100 sweep, csrc/NOTES.md),
-// 2 overlap + ping-pong, 3 = 2 with 3 stages,
-// 4 ping-pong only, 5 overlap with 3 stages, 6 overlap with the O rescale between the GEMMs.
-int sm90ws_variant() { return env_digit("LONGCAT_KERNELS_SM90WS_VARIANT", 0, 6, 1); }
-
-// 64-row query tiles per CTA of the dense sm90 kernel (LONGCAT_KERNELS_SM90_WARPGROUPS, 1 or 2).
-int sm90_warpgroups() { return env_digit("LONGCAT_KERNELS_SM90_WARPGROUPS", 1, 2, 2); }
 
 cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
-                         cudaStream_t stream) {
-  if (use_sm90()) {
-    if (allow_sm90ws() && longcat::attn_fwd_sm90ws_supported(p, d)) {
-      // cudaErrorNotSupported: the driver refused a tensor map; the sm90 kernel takes the call
-      const cudaError_t err = longcat::attn_fwd_dense_sm90ws(p, dtype, d, sm90ws_variant(), stream);
-      if (err != cudaErrorNotSupported) return err;
-    }
-    return longcat::attn_fwd_dense_sm90(p, dtype, d, sm90_warpgroups(), stream);
+                         const std::string& kernel, cudaStream_t stream) {
+  const Family f = parse_family(kernel);
+  check_family_available(f, kernel);
+  if (f == Family::kSm90Ws) {
+    LK_CHECK(longcat::attn_fwd_sm90ws_supported(p, d), "longcat_kernels (cuda): kernel 'sm90_ws' "
+             "cannot run this call (needs head_dim 128, got ", d, ", the driver's tensor-map encoder, "
+             "16-byte aligned rows); use kernel 'sm90'");
+    const cudaError_t err = longcat::attn_fwd_dense_sm90ws(p, dtype, d, stream);
+    LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel 'sm90_ws': the driver "
+             "refused a TMA tensor map or batch*heads exceeds 65535 (got ", p.batch * p.heads,
+             "); use kernel 'sm90'");
+    return err;
   }
+  if (f == Family::kSm90) return longcat::attn_fwd_dense_sm90(p, dtype, d, stream);
   return longcat::attn_fwd_dense(p, dtype, d, stream);
 }
 
-// Variant of the warp-specialised block-sparse kernel (LONGCAT_KERNELS_SM90WS_BSA_VARIANT, see
-// attn_fwd.h): 0 plain, 1 intra-warpgroup overlap (default), 2 overlap with 3 K/V stages.
-int sm90ws_bsa_variant() { return env_digit("LONGCAT_KERNELS_SM90WS_BSA_VARIANT", 0, 2, 1); }
-
 cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
-                          cudaStream_t stream) {
-  if (use_sm90()) {
-    if (allow_sm90ws() && longcat::bsa_fwd_sm90ws_supported(p, d)) {
-      // cudaErrorNotSupported: the driver refused a tensor map; the sm90 kernel takes the call
-      const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, sm90ws_bsa_variant(), stream);
-      if (err != cudaErrorNotSupported) return err;
-    }
-    // LONGCAT_KERNELS_SM90_BSA_STAGES: key-tile stages of the block-sparse kernel (2 or 3)
-    const int stages = env_digit("LONGCAT_KERNELS_SM90_BSA_STAGES", 2, 3, 2);
-    return longcat::attn_fwd_block_sparse_sm90(p, dtype, d, stages, stream);
+                          const std::string& kernel, cudaStream_t stream) {
+  const Family f = parse_family(kernel);
+  check_family_available(f, kernel);
+  if (f == Family::kSm90Ws) {
+    LK_CHECK(longcat::bsa_fwd_sm90ws_supported(p, d), "longcat_kernels (cuda): kernel 'sm90_ws' "
+             "cannot run this block-sparse call (needs head_dim 128, got ", d, ", one key segment, "
+             "query and key blocks of 64 tokens, got ", p.cq[0] * p.cq[1] * p.cq[2], " and ",
+             p.ck[0] * p.ck[1] * p.ck[2], "); use kernel 'sm90'");
+    const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, stream);
+    LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel 'sm90_ws': the driver "
+             "refused a TMA tensor map or the grid is too large (heads ", p.heads, ", query blocks ",
+             p.num_q_blocks, "); use kernel 'sm90'");
+    return err;
   }
+  if (f == Family::kSm90) return longcat::attn_fwd_block_sparse_sm90(p, dtype, d, stream);
   return longcat::attn_fwd_block_sparse(p, dtype, d, stream);
 }
 
@@ -280,7 +275,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
                                         const Tensor& indices, const Tensor& counts,
                                         c10::IntArrayRef grid_q, c10::IntArrayRef grid_k,
                                         c10::IntArrayRef chunk_q, c10::IntArrayRef chunk_k,
-                                        double scale) {
+                                        double scale, const std::string& kernel) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -372,8 +367,8 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   p.num_q_blocks = static_cast<int>(nq);
   p.max_sel = static_cast<int>(indices.size(3));
   if (q.numel() == 0) return {out, lse};
-  check_launch(launch_sparse(p, dtype, static_cast<int>(q.size(3)),
-                                              c10::cuda::getCurrentCUDAStream()),
+  check_launch(launch_sparse(p, dtype, static_cast<int>(q.size(3)), kernel,
+                             c10::cuda::getCurrentCUDAStream()),
                "bsa_fwd_cuda");
   return {out, lse};
 }
@@ -471,7 +466,8 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
                                                   const c10::optional<Tensor>& sin_h,
                                                   const c10::optional<Tensor>& cos_w,
                                                   const c10::optional<Tensor>& sin_w,
-                                                  int64_t grid_h, int64_t grid_w, double scale) {
+                                                  int64_t grid_h, int64_t grid_w, double scale,
+                                                  const std::string& kernel) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -510,8 +506,8 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
   check_scale(scale);
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   if (q.numel() == 0) return {out, lse};
-  check_launch(launch_dense(p, dtype, static_cast<int>(q.size(3)),
-                                       c10::cuda::getCurrentCUDAStream()),
+  check_launch(launch_dense(p, dtype, static_cast<int>(q.size(3)), kernel,
+                            c10::cuda::getCurrentCUDAStream()),
                "kv_cache_attn_fwd_cuda");
   return {out, lse};
 }
@@ -519,7 +515,7 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
 // Prefix attention: queries [:P] attend keys [:P], queries [P:] attend all keys.
 std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
                                                 const Tensor& v_in, int64_t prefix_len,
-                                                double scale) {
+                                                double scale, const std::string& kernel) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -550,8 +546,8 @@ std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor
     set_seg0(p, k.narrow(1, 0, kl), v.narrow(1, 0, kl), q.size(0));
     set_seg1_empty(p);
     check_scale(scale);
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-    check_launch(launch_dense(p, dtype, d, stream), "prefix_attn_fwd_cuda");
+    p.scale_log2 = static_cast<float>(scale * kLog2e);
+    check_launch(launch_dense(p, dtype, d, kernel, stream), "prefix_attn_fwd_cuda");
   }
   return {out, lse};
 }
@@ -564,17 +560,19 @@ TORCH_LIBRARY(longcat_kernels, m) {
   m.def(
       "bsa_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_fresh, Tensor? v_fresh, "
       "Tensor indices, Tensor counts, int[] grid_q, int[] grid_k, int[] chunk_q, int[] chunk_k, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, str kernel) -> (Tensor, Tensor)");
   m.def(
       "kv_cache_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, "
       "Tensor? cos_t, Tensor? sin_t, Tensor? cos_h, Tensor? sin_h, Tensor? cos_w, Tensor? sin_w, "
-      "int grid_h, int grid_w, float scale) -> (Tensor, Tensor)");
+      "int grid_h, int grid_w, float scale, str kernel) -> (Tensor, Tensor)");
   m.def(
       "rope3d_cuda(Tensor x, Tensor cos_t, Tensor sin_t, Tensor cos_h, Tensor sin_h, Tensor cos_w, "
       "Tensor sin_w, int grid_h, int grid_w, int frame_offset) -> Tensor");
   m.def(
-      "prefix_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, int prefix_len, float scale) "
+      "prefix_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, int prefix_len, float scale, str kernel) "
       "-> (Tensor, Tensor)");
+  // the kernel families this build can run on the current device, e.g. "sm90_ws,sm90,sm80"
+  m.def("available_kernels() -> str", &available_kernels);
 }
 
 TORCH_LIBRARY_IMPL(longcat_kernels, CUDA, m) {

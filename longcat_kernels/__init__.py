@@ -6,7 +6,8 @@ Public API (tensors are BSHD ``[batch, seq, heads, head_dim]``, any strides):
 ``available_backends``, ``BackendUnavailableError``. Backends: ``"torch"`` (reference, everywhere),
 ``"triton"``, ``"cuda"`` (compiled extension), ``"auto"``. Importing this package needs neither
 triton nor CUDA; Triton kernels are imported at package import only where they can run (a CUDA
-device or ``TRITON_INTERPRET=1``), the compiled extension the first time the ``cuda`` backend is used.
+device or ``TRITON_INTERPRET=1``), the compiled extension at the first call on CUDA tensors (JIT-built
+and cached when no prebuilt one exists). Which kernel runs a call: ``longcat_kernels.dispatch``.
 """
 
 from ._backend import BackendUnavailableError, available_backends

@@ -1,23 +1,27 @@
 """Loads the compiled extension ``longcat_kernels._C`` once and keeps the failure reason.
 
-Never imported at package import time: the first caller that needs the ``"cuda"`` backend (or
-``available_backends()``) triggers the load. A failed load is remembered with its reason so that
-``backend="cuda"`` raises it and ``available_backends()`` reports it; nothing falls back silently.
-
-The csrc engineer may add a JIT path (``torch.utils.cpp_extension.load``) in ``_load_jit`` for
-source checkouts; it is tried only when ``LONGCAT_KERNELS_JIT=1``.
+Never imported at package import time: the first call on CUDA tensors (the chooser needs to know
+which csrc kernels exist) triggers the load. Order: the prebuilt ``_C`` (built at install when the
+build saw a CUDA torch and nvcc); else, in a source checkout with nvcc, a JIT build of ``csrc/``
+cached under ``LONGCAT_KERNELS_CACHE`` (one log line; ``LONGCAT_KERNELS_JIT=0`` opts out). A failed
+load is remembered with its reason so that ``backend="cuda"`` raises it and
+``python -m longcat_kernels.env`` reports it (``extension_status()``: prebuilt, jit or skipped).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
-__all__ = ["load_extension", "extension_error", "extension"]
+from ._envvars import cache_dir, cuda_arch_flags_from_env, env_flag
 
+__all__ = ["load_extension", "extension_error", "extension", "extension_status", "csrc_kernels"]
+
+log = logging.getLogger("longcat_kernels")
 _LOCK = threading.Lock()
-_STATE = {"tried": False, "module": None, "error": None}
+_STATE = {"tried": False, "module": None, "error": None, "how": None, "kernels": None}
 
 
 def _load_prebuilt():
@@ -27,22 +31,24 @@ def _load_prebuilt():
 
 
 def _csrc_dir():
-    """The csrc/ folder of a source checkout (None in an installed wheel)."""
+    """The kernel sources: ``csrc/`` of a source checkout (editable install), else the copy that
+    ``setup.py`` puts into an installed package (``longcat_kernels/_csrc``); None if neither."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(here), "csrc")
-    return path if os.path.isfile(os.path.join(path, "ops.cpp")) else None
+    for path in (os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "_csrc")):
+        if os.path.isfile(os.path.join(path, "ops.cpp")):
+            return path
+    return None
 
 
 def cuda_arch_flags(capability=None):
     """nvcc target flags: ``LONGCAT_KERNELS_CUDA_ARCHS`` if set, else the device's own target.
 
     Hopper (9.0) builds for ``sm_90a`` (wgmma/setmaxnreg need the ``a`` target); other devices for
-    their own ``sm_XY``. ``LONGCAT_KERNELS_CUDA_ARCHS`` holds nvcc flags verbatim, e.g.
-    ``"-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_80,code=sm_80"``.
+    their own ``sm_XY``. ``LONGCAT_KERNELS_CUDA_ARCHS``: ``"9.0a;8.0"`` or nvcc flags verbatim.
     """
-    env = os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").strip()
+    env = cuda_arch_flags_from_env()
     if env:
-        return env.split()
+        return env
     if capability is None:
         return ["-gencode=arch=compute_90a,code=sm_90a"]
     major, minor = capability
@@ -68,7 +74,8 @@ def _load_jit():
 
     src = _csrc_dir()
     if src is None:
-        raise ImportError("JIT build needs a source checkout (csrc/ not found next to the package)")
+        raise ImportError("JIT build needs the kernel sources (neither csrc/ next to the package nor "
+                          "longcat_kernels/_csrc found)")
     if torch.version.cuda is None:
         raise ImportError(f"JIT build needs a CUDA build of torch, got {torch.__version__}")
     if cpp_extension.CUDA_HOME is None:
@@ -84,9 +91,12 @@ def _load_jit():
             digest.update(f.read())
     digest.update(" ".join(arch + NVCC_FLAGS).encode())
     tag = f"torch{torch.__version__}_cu{torch.version.cuda}".replace(".", "_").replace("+", "_")
-    root = os.environ.get("LONGCAT_KERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels"))
+    root = cache_dir()
     build_dir = os.path.join(root, "jit", f"{tag}_{digest.hexdigest()[:12]}")
     os.makedirs(build_dir, exist_ok=True)
+    log.warning(
+        "longcat_kernels: no prebuilt extension; JIT-building csrc/ into %s (cached; minutes the first "
+        "time; LONGCAT_KERNELS_JIT=0 skips it)", build_dir)
     cpp_extension.load(
         name="longcat_kernels_C",
         sources=sources,
@@ -95,13 +105,14 @@ def _load_jit():
         extra_include_paths=[src],
         build_directory=build_dir,
         is_python_module=False,
-        verbose=os.environ.get("LONGCAT_KERNELS_VERBOSE_BUILD", "0") == "1",
+        verbose=env_flag("LONGCAT_KERNELS_VERBOSE_BUILD", False),
     )
     return torch.ops.longcat_kernels
 
 
 def load_extension():
     """Returns the loaded extension module, or None (see ``extension_error()``)."""
+    jit = env_flag("LONGCAT_KERNELS_JIT", True)  # a bad value raises here, not as a load failure
     with _LOCK:
         if not _STATE["tried"]:
             _STATE["tried"] = True
@@ -112,16 +123,23 @@ def load_extension():
                     raise ImportError("no CUDA device (torch.cuda.is_available() is False)")
                 try:
                     _STATE["module"] = _load_prebuilt()
+                    _STATE["how"] = "prebuilt"
                 except ImportError as e:
-                    if os.environ.get("LONGCAT_KERNELS_JIT", "0") == "1":
-                        _STATE["module"] = _load_jit()
-                    else:
+                    if not jit:
                         raise ImportError(
-                            f"longcat_kernels._C is not built ({e}); build it with `pip install -e .` on a "
-                            "machine with nvcc and a CUDA torch, or set LONGCAT_KERNELS_JIT=1"
+                            f"longcat_kernels._C is not built ({e}) and LONGCAT_KERNELS_JIT=0 skips the JIT "
+                            "build; build it with `pip install --no-build-isolation -e .` on a machine with "
+                            "nvcc and a CUDA torch, or unset LONGCAT_KERNELS_JIT"
                         ) from e
+                    try:
+                        _STATE["module"] = _load_jit()
+                    except Exception as e2:
+                        raise ImportError(f"longcat_kernels._C is not built ({e}); JIT build failed: "
+                                          f"{type(e2).__name__}: {e2}") from e2
+                    _STATE["how"] = "jit"
             except Exception as e:  # noqa: BLE001 - any failure is kept as the reason
                 _STATE["module"] = None
+                _STATE["how"] = "skipped"
                 _STATE["error"] = f"{type(e).__name__}: {e}"
         return _STATE["module"]
 
@@ -138,3 +156,22 @@ def extension_error() -> Optional[str]:
     """None if the extension is loaded, else why not."""
     load_extension()
     return _STATE["error"]
+
+
+def extension_status() -> Tuple[str, Optional[str]]:
+    """(``"prebuilt"`` | ``"jit"`` | ``"skipped"``, reason when skipped)."""
+    load_extension()
+    return _STATE["how"], _STATE["error"]
+
+
+def csrc_kernels() -> Tuple[str, ...]:
+    """csrc kernel families the loaded extension can run on the current device, as it reports them
+    (``torch.ops.longcat_kernels.available_kernels()``: e.g. ``("sm90_ws", "sm90", "sm80")``)."""
+    if _STATE["kernels"] is None:
+        if load_extension() is None:
+            return ()
+        import torch  # noqa: PLC0415
+
+        names = torch.ops.longcat_kernels.available_kernels()
+        _STATE["kernels"] = tuple(n for n in names.split(",") if n)
+    return _STATE["kernels"]

@@ -1,7 +1,10 @@
 """Environment report: ``python -m longcat_kernels.env`` (add ``--json`` for machine-readable output).
 
-Prints Python/torch/CUDA/triton versions, whether the compiled extension loads (and why not), the
-``LONGCAT_KERNELS_*`` settings, and for every op which backends can run and what ``"auto"`` picks.
+Prints Python/torch/CUDA/triton versions, how the compiled extension was obtained (prebuilt at
+install, JIT-built at first use, or skipped and why), the ``LONGCAT_KERNELS_*`` settings, and for
+every op exactly what ``longcat_kernels.dispatch.choose_kernel`` answers for representative inputs
+of this machine (bf16 head_dim 128 on CUDA, fp32 on CPU): backend, implementation and reason, plus
+why each explicit backend could or could not run.
 """
 
 from __future__ import annotations
@@ -12,15 +15,36 @@ import platform
 import sys
 from typing import Any, Dict
 
-__all__ = ["report", "main"]
+__all__ = ["report", "op_choices", "main"]
+
+
+def op_choices(device_type: str) -> Dict[str, Any]:
+    """``{op: {"auto": KernelChoice as dict, "backends": {b: impl or "unavailable: ..."}}}``."""
+    from ._backend import representative_facts
+    from .dispatch import OPS, BackendUnavailableError, choose_kernel
+
+    facts = representative_facts(device_type)
+    out: Dict[str, Any] = {}
+    for op in OPS:
+        f = facts._replace(block_sparse=op.startswith("block_sparse"),
+                           block_tokens=(64, 64) if op.startswith("block_sparse") else None)
+        c = choose_kernel(op, f, "auto")
+        explicit = {}
+        for b in ("torch", "triton", "cuda"):
+            try:
+                explicit[b] = choose_kernel(op, f._replace(env_backend=None), b).impl
+            except BackendUnavailableError as e:
+                explicit[b] = "unavailable: " + str(e).split(": ", 2)[-1]
+        out[op] = {"auto": c._asdict(), "facts": f._asdict(), "backends": explicit}
+    return out
 
 
 def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._backend import OPS, PREFERENCE, available_backends, op_backend_status, triton_interpret, triton_status
-    from ._ext import extension_error
+    from ._envvars import KNOWN, REMOVED
+    from .dispatch import triton_interpret, triton_status
 
     cuda = torch.cuda.is_available()
     info: Dict[str, Any] = {
@@ -35,24 +59,23 @@ def report() -> Dict[str, Any]:
         "triton": None,
         "triton_error": triton_status(),
         "triton_interpret": triton_interpret(),
-        "extension_error": extension_error(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")},
-        "backends": available_backends(),
-        "ops": {},
     }
+    info["env_unknown"] = sorted(k for k in info["env"] if k not in KNOWN and k not in REMOVED)
+    if cuda:
+        from ._ext import csrc_kernels, extension_status
+
+        how, why = extension_status()
+        info["extension"] = {"how": how, "error": why, "kernels": list(csrc_kernels())}
+    else:
+        info["extension"] = {"how": "skipped", "error": "no CUDA device (torch.cuda.is_available() is False)",
+                             "kernels": []}
     if info["triton_error"] is None:
         import triton
 
         info["triton"] = triton.__version__
-    device = "cuda" if cuda else "cpu"
-    probe = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
-    for op in OPS:
-        status = {b: op_backend_status(op, b, probe, check_inputs=False) for b in ("torch", "triton", "cuda")}
-        if device == "cpu":
-            auto = "torch"
-        else:
-            auto = next((b for b in PREFERENCE[op] if status[b] is None), "torch")
-        info["ops"][op] = {"auto": auto, "backends": status}
+    info["inputs"] = "bf16, head_dim 128, CUDA" if cuda else "fp32, head_dim 128, CPU"
+    info["ops"] = op_choices("cuda" if cuda else "cpu")
     return info
 
 
@@ -67,15 +90,19 @@ def main(argv=None) -> int:
           + (f" (sm {info['capability']})" if info["capability"] else ""))
     print(f"triton {info['triton'] or '-'}" + (f"  [{info['triton_error']}]" if info["triton_error"] else "")
           + ("  TRITON_INTERPRET=1" if info["triton_interpret"] else ""))
-    print(f"extension longcat_kernels._C: {'loaded' if info['extension_error'] is None else info['extension_error']}")
+    ext = info["extension"]
+    line = {"prebuilt": "prebuilt (built at install)", "jit": "JIT-built at first use (cached)"}.get(
+        ext["how"], f"skipped: {ext['error']}")
+    kernels = f"; kernels: {', '.join(ext['kernels'])}" if ext["kernels"] else ""
+    print(f"extension longcat_kernels._C: {line}{kernels}")
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "(no LONGCAT_KERNELS_* set)"))
-    print("backends on this machine:")
-    for b, r in info["backends"].items():
-        print(f"  {b:7s} {'ok' if r is None else 'unavailable: ' + r}")
-    print(f"ops on {'cuda' if info['cuda_available'] else 'cpu'} tensors (auto -> chosen backend):")
+    if info["env_unknown"]:
+        print("  not product settings (ignored by longcat_kernels): " + ", ".join(info["env_unknown"]))
+    print(f"kernel choice per op for {info['inputs']} inputs (backend=auto; block-sparse: 64-token blocks):")
     for op, d in info["ops"].items():
-        line = ", ".join(f"{b}: {'ok' if r is None else r}" for b, r in d["backends"].items())
-        print(f"  {op:22s} auto -> {d['auto']:6s} | {line}")
+        a = d["auto"]
+        print(f"  {op:22s} auto -> {a['backend']:6s} {a['impl']:22s} ({a['reason']})")
+        print(f"  {'':22s} explicit: " + "; ".join(f"{b}: {r}" for b, r in d["backends"].items()))
     return 0
 
 

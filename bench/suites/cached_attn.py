@@ -92,7 +92,7 @@ def _case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
 
             inputs = sets
         elif impl == "triton+cudnn":
-            from longcat_kernels.ops.kv_cache_attn.triton import attn_with_kv_cache_cudnn
+            from longcat_kernels.ops.kv_cache_attn.cudnn import attn_with_kv_cache_cudnn
 
             def fn(q, k, v, k_cache, v_cache, k_cache_raw):
                 return attn_with_kv_cache_cudnn(q, k, v, k_cache, v_cache, rope=rope)
@@ -175,7 +175,7 @@ def cases(ctx) -> list[Case]:
     has_cudnn_route = False
     if ctx.is_cuda and any(b == "triton" and s is None for b, s in backends):
         try:
-            from longcat_kernels.ops.kv_cache_attn import triton as _t
+            from longcat_kernels.ops.kv_cache_attn import cudnn as _t
 
             has_cudnn_route = hasattr(_t, "attn_with_kv_cache_cudnn")
         except Exception:

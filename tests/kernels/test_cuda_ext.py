@@ -1,8 +1,10 @@
 """The compiled extension (backend "cuda"): parity, semantics, registration. Marked ``ext``.
 
-Every kernel family is exercised where the GPU can run it: ``sm90ws`` (warp-specialised TMA +
-wgmma, dense head_dim 128; sm90 elsewhere), ``sm90`` (wgmma, Hopper with an sm_90a build) and
-``sm80`` (mma.sync), chosen per call by ``LONGCAT_KERNELS_CUDA_IMPL``.
+Every kernel family is exercised where the GPU can run it: ``sm90_ws`` (warp-specialised TMA +
+wgmma where it applies: head_dim 128, BSA with 64-token blocks and one key segment; sm90
+elsewhere), ``sm90`` (wgmma, Hopper with an sm_90a build) and ``sm80`` (mma.sync). The fixture
+``impl`` restricts the families the extension reports (``_ext._STATE["kernels"]``), so the
+dispatcher (``kernel=None`` -> ``dispatch.choose(requested="cuda")``) picks the best of those.
 The C++ ops allocate their outputs with ``at::empty``, which the NaN-poisoning ``torch.empty`` of
 conftest does not reach; ``_poison`` leaves a NaN block in the caching allocator right before each
 call so that an unwritten output shows up as NaN.
@@ -24,19 +26,33 @@ DEV = "cuda"
 
 
 def _impls():
-    out = ["sm80"]
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
-        out[:0] = ["sm90ws", "sm90"]
-    return out
+    from longcat_kernels._ext import csrc_kernels
+
+    return list(csrc_kernels()) if torch.cuda.is_available() else []
 
 
-# sm90ws: the warp-specialised dense kernel where it applies (D 128), sm90 elsewhere
-@pytest.fixture(params=["sm90ws", "sm90", "sm80"])
+_FAMILIES = ("sm90_ws", "sm90", "sm80")
+
+
+def _restrict(monkeypatch, family):
+    """Let the dispatcher see only ``family`` and the simpler ones (as the old env knob did)."""
+    from longcat_kernels import _ext
+
+    if family not in _impls():
+        pytest.skip(f"kernel family {family} is not available here (needs a Hopper GPU / sm_90a build)")
+    monkeypatch.setitem(_ext._STATE, "kernels", _FAMILIES[_FAMILIES.index(family):])
+
+
+# sm90_ws: the warp-specialised kernels where they apply, sm90 elsewhere
+@pytest.fixture(params=list(_FAMILIES))
 def impl(request, monkeypatch):
-    if request.param not in _impls():
-        pytest.skip(f"kernel family {request.param} needs a Hopper GPU")
-    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", request.param)
+    _restrict(monkeypatch, request.param)
     return request.param
+
+
+def _family64():
+    """The family that runs head_dim 64 here (sm90 on Hopper, else sm80)."""
+    return "sm90" if "sm90" in _impls() else "sm80"
 
 
 def _poison(like: torch.Tensor):
@@ -221,16 +237,26 @@ def test_torch_check_messages():
     q = _rand(1, 64, 2, 128, dtype=torch.bfloat16)
     k = _rand(1, 64, 2, 128, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="cast all inputs to one dtype"):
-        ops().kv_cache_attn_fwd_cuda(q, k, k, None, None, *[None] * 6, 0, 0, 0.1)
+        ops().kv_cache_attn_fwd_cuda(q, k, k, None, None, *[None] * 6, 0, 0, 0.1, "sm80")
     with pytest.raises(RuntimeError, match="grid_q"):
         idx = torch.zeros(1, 2, 1, 1, dtype=torch.int32, device=DEV)
         cnt = torch.ones(1, 2, 1, dtype=torch.int32, device=DEV)
-        ops().bsa_fwd_cuda(q, q, q, None, None, idx, cnt, [1, 4, 8], [1, 8, 8], [4, 4, 4], [4, 4, 4], 0.1)
+        ops().bsa_fwd_cuda(q, q, q, None, None, idx, cnt, [1, 4, 8], [1, 8, 8], [4, 4, 4], [4, 4, 4], 0.1, "sm80")
+    # the kernel family is named by the caller: an unknown one, or one that cannot run the call, raises
+    with pytest.raises(RuntimeError, match="kernel must be 'sm90_ws', 'sm90' or 'sm80'"):
+        ops().kv_cache_attn_fwd_cuda(q, q, q, None, None, *[None] * 6, 0, 0, 0.1, "sm90ws")
+    q64 = _rand(1, 64, 2, 64, dtype=torch.bfloat16)
+    if "sm90_ws" in _impls():
+        with pytest.raises(RuntimeError, match="kernel 'sm90_ws' cannot run this call"):
+            ops().kv_cache_attn_fwd_cuda(q64, q64, q64, None, None, *[None] * 6, 0, 0, 0.1, "sm90_ws")
+    if "sm90" not in _impls():
+        with pytest.raises(RuntimeError, match="needs a compute capability 9.x GPU"):
+            ops().kv_cache_attn_fwd_cuda(q64, q64, q64, None, None, *[None] * 6, 0, 0, 0.1, "sm90")
 
 
 def test_opcheck_registered_ops():
     from longcat_kernels.ops.block_sparse_attn.api import select_blocks
-    from longcat_kernels.ops.block_sparse_attn.cuda import _sel_args, ops
+    from longcat_kernels.ops.block_sparse_attn.cuda import ops, selection_args
     from longcat_kernels.ops.rope.api import Rope3D
 
     grid = (4, 8, 8)
@@ -238,9 +264,11 @@ def test_opcheck_registered_ops():
     k, v = (_rand(1, 256, 2, 64, dtype=torch.bfloat16) for _ in range(2))
     sel = select_blocks(q, k, grid_q=grid, sparsity=0.5, backend="torch")
     o = ops()
-    torch.library.opcheck(o.bsa_fwd_cuda.default, (q, k, v, None, None, *_sel_args(sel), 0.125))
-    torch.library.opcheck(o.kv_cache_attn_fwd_cuda.default, (q, k, v, k[:, :64], v[:, :64], *[None] * 6, 0, 0, 0.125))
-    torch.library.opcheck(o.prefix_attn_fwd_cuda.default, (q, k, v, 100, 0.125))
+    fam = _family64()
+    torch.library.opcheck(o.bsa_fwd_cuda.default, (q, k, v, None, None, *selection_args(sel), 0.125, fam))
+    torch.library.opcheck(o.kv_cache_attn_fwd_cuda.default,
+                          (q, k, v, k[:, :64], v[:, :64], *[None] * 6, 0, 0, 0.125, fam))
+    torch.library.opcheck(o.prefix_attn_fwd_cuda.default, (q, k, v, 100, 0.125, fam))
     rope = Rope3D((4, 8, 8), 64, device=DEV)
     torch.library.opcheck(o.rope3d_cuda.default,
                           (k, rope.cos_t, rope.sin_t, rope.cos_h, rope.sin_h, rope.cos_w, rope.sin_w, 8, 8, 0))
@@ -265,11 +293,9 @@ def test_torch_compile_fullgraph():
 # ---------------------------------------------------------------------------------------------
 # warp-specialised dense kernel (sm90ws): what is new there (TMA maps, partial tiles, variants)
 # ---------------------------------------------------------------------------------------------
-def _ws_or_skip(monkeypatch, variant):
-    if "sm90ws" not in _impls():
-        pytest.skip("sm90ws needs a Hopper GPU")
-    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90ws")
-    monkeypatch.setenv("LONGCAT_KERNELS_SM90WS_VARIANT", str(variant))
+def _ws_or_skip(monkeypatch, variant=None):
+    # one variant is compiled now (1: overlap, 2 stages); the others' numbers are in csrc/NOTES.md
+    _restrict(monkeypatch, "sm90_ws")
 
 
 def _dense_check(q, k, v, kc, vc, scale, name):
@@ -277,7 +303,7 @@ def _dense_check(q, k, v, kc, vc, scale, name):
 
     B = q.shape[0]
     _poison(q)
-    out, lse = ops().kv_cache_attn_fwd_cuda(q, k, v, kc, vc, *[None] * 6, 0, 0, scale)
+    out, lse = ops().kv_cache_attn_fwd_cuda(q, k, v, kc, vc, *[None] * 6, 0, 0, scale, "sm90_ws")
     if kc is None:
         k_all, v_all = k, v
     else:
@@ -289,7 +315,7 @@ def _dense_check(q, k, v, kc, vc, scale, name):
     assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("variant", [1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bc", [1, 2])
 def test_sm90ws_partial_tiles_broadcast(monkeypatch, variant, dtype, bc):
@@ -343,46 +369,36 @@ def test_sm90ws_large_scores_and_prefix(monkeypatch):
 
 
 def test_auto_routes_dense_kv_cache_to_sm90ws(monkeypatch):
-    """backend="auto": cached-KV attention goes to csrc where the sm90ws kernel runs it (D 128,
-    bf16/fp16, Hopper), to triton otherwise and always for block-sparse calls."""
-    from longcat_kernels import _backend
-    from longcat_kernels._backend import resolve_backend
+    """backend="auto": cached-KV attention runs csrc_sm90_ws where it applies (D 128, bf16/fp16,
+    Hopper with the extension), the Triton prologue + cuDNN route otherwise, and the fused Triton
+    kernel for block-sparse calls; what ran is what the dispatcher recorded."""
+    from longcat_kernels.dispatch import record_choices
     from longcat_kernels.ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache
 
     monkeypatch.delenv("LONGCAT_KERNELS_BACKEND", raising=False)
-    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL", raising=False)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    q = _rand(1, 64, 2, 128, dtype=torch.bfloat16)
-    expect = "cuda" if hopper else _backend.PREFERENCE["attn_with_kv_cache"][0]
-    assert resolve_backend("attn_with_kv_cache", "auto", q, q, q) == expect
-    q64 = _rand(1, 64, 2, 64, dtype=torch.bfloat16)
-    assert resolve_backend("attn_with_kv_cache", "auto", q64, q64, q64) != "cuda"
-    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90")
-    assert resolve_backend("attn_with_kv_cache", "auto", q, q, q) != "cuda"
-    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL")
-    # block-sparse through auto: the triton two-segment kernel, never the csrc BSA kernel
-    calls = []
-    import longcat_kernels.ops.kv_cache_attn.cuda as kc_cuda
-
-    real = kc_cuda.attn_with_kv_cache_cuda
-    monkeypatch.setattr(kc_cuda, "attn_with_kv_cache_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ws = "sm90_ws" in _impls()
     q, k, v = (_rand(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
-    out = attn_with_kv_cache(q, k, v, block_sparse=BlockSparseParams(sparsity=0.5, frame_hw=(8, 8)))
-    assert not calls and out.shape == q.shape and not out.isnan().any()
-    # and the dense call does take csrc on Hopper
-    attn_with_kv_cache(q, k, v)
-    assert len(calls) == (1 if hopper else 0)
+    q64 = _rand(1, 256, 2, 64, dtype=torch.bfloat16)
+    with record_choices() as got:
+        attn_with_kv_cache(q, k, v)
+        attn_with_kv_cache(q64, q64, q64)
+        out = attn_with_kv_cache(q, k, v, block_sparse=BlockSparseParams(sparsity=0.5, frame_hw=(8, 8)))
+    impls = [c.impl for c in got if c.op == "attn_with_kv_cache"]
+    assert impls == ["csrc_sm90_ws" if ws else "triton_prologue_cudnn", "triton_prologue_cudnn", "triton_fused"]
+    assert out.shape == q.shape and not out.isnan().any()
+    _restrict(monkeypatch, "sm90")  # an extension without the warp-specialised kernels
+    with record_choices() as got:
+        attn_with_kv_cache(q, k, v)
+    assert got[-1].impl == "triton_prologue_cudnn"
 
 
 # ---------------------------------------------------------------------------------------------
 # warp-specialised block-sparse kernel (sm90ws BSA, csrc/bsa_fwd_sm90_ws.cu): one TMA box per
 # 3D chunk of 64 tokens, D 128; partial edge blocks, odd block counts, strided views, variants
 # ---------------------------------------------------------------------------------------------
-def _bsa_ws_or_skip(monkeypatch, variant):
-    if "sm90ws" not in _impls():
-        pytest.skip("sm90ws needs a Hopper GPU")
-    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90ws")
-    monkeypatch.setenv("LONGCAT_KERNELS_SM90WS_BSA_VARIANT", str(variant))
+def _bsa_ws_or_skip(monkeypatch, variant=None):
+    # one variant is compiled now (1: overlap, 2 stages); the others' numbers are in csrc/NOTES.md
+    _restrict(monkeypatch, "sm90_ws")
 
 
 def _bsa_check(q, k, v, sel, scale, name):
@@ -396,7 +412,7 @@ def _bsa_check(q, k, v, sel, scale, name):
     assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "grid,chunk",
@@ -415,7 +431,7 @@ def test_sm90ws_bsa_parity(monkeypatch, variant, dtype, grid, chunk):
     _bsa_check(q, k, v, sel, D**-0.5, f"sm90ws bsa v{variant} {dtype} grid {grid} chunk {chunk}")
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [1])
 def test_sm90ws_bsa_empty_shuffled_fused_views(monkeypatch, variant):
     """Fused [B, S, 3, H, D] views, a batch-1 selection broadcast, selection lists in shuffled
     order, empty lists (out 0, lse -inf), large logits (O rescaling)."""
@@ -454,38 +470,26 @@ def test_sm90ws_bsa_empty_shuffled_fused_views(monkeypatch, variant):
 
 
 def test_auto_routes_bsa_forward_to_sm90ws(monkeypatch):
-    """backend="auto": block_sparse_attn goes to csrc where the sm90ws BSA kernel runs it (Hopper,
-    D 128, bf16/fp16, 64-token blocks, no gradient needed); triton otherwise."""
-    from longcat_kernels import _backend
-    from longcat_kernels._backend import resolve_backend
-    from longcat_kernels.ops.block_sparse_attn import cuda as bsa_cuda
+    """backend="auto": block_sparse_attn runs csrc_sm90_ws where it applies (Hopper, D 128,
+    bf16/fp16, 64-token blocks, no gradient needed); triton otherwise (and gradients flow)."""
+    from longcat_kernels.dispatch import record_choices
     from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
 
     monkeypatch.delenv("LONGCAT_KERNELS_BACKEND", raising=False)
-    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL", raising=False)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    first = _backend.PREFERENCE["block_sparse_attn"][0]
-    q = _rand(1, 256, 2, 128, dtype=torch.bfloat16)
-    assert resolve_backend("block_sparse_attn", "auto", q, q, q, block_tokens=(64, 64)) == ("cuda" if hopper else first)
-    assert resolve_backend("block_sparse_attn", "auto", q, q, q, block_tokens=(128, 128)) == first
-    assert resolve_backend("block_sparse_attn", "auto", q, q, q) == first  # no block sizes: PREFERENCE
-    q64 = _rand(1, 256, 2, 64, dtype=torch.bfloat16)
-    assert resolve_backend("block_sparse_attn", "auto", q64, q64, q64, block_tokens=(64, 64)) == first
-    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_IMPL", "sm90")
-    assert resolve_backend("block_sparse_attn", "auto", q, q, q, block_tokens=(64, 64)) == first
-    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_IMPL")
-    # public api: forward-only calls take csrc, calls needing gradients take triton and backprop
-    calls = []
-    real = bsa_cuda.block_sparse_attn_cuda
-    monkeypatch.setattr(bsa_cuda, "block_sparse_attn_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ws = "sm90_ws" in _impls()
     grid = (4, 8, 8)
     q, k, v = (_rand(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
     sel = select_blocks(q, k, grid_q=grid, chunk_q=(4, 4, 4), sparsity=0.5, backend="torch")
-    out = block_sparse_attn(q, k, v, selection=sel)
-    assert len(calls) == (1 if hopper else 0) and not out.isnan().any()
+    sel8 = select_blocks(q, k, grid_q=grid, chunk_q=(4, 4, 8), sparsity=0.5, backend="torch")
+    with record_choices() as got:
+        out = block_sparse_attn(q, k, v, selection=sel)
+        block_sparse_attn(q, k, v, selection=sel8)
+        qg = q.clone().requires_grad_(True)
+        out_g = block_sparse_attn(qg, k, v, selection=sel)
+    impls = [c.impl for c in got if c.op == "block_sparse_attn"]
+    assert impls == ["csrc_sm90_ws" if ws else "triton", "triton", "triton"]
     ref, _, base, _ = _bsa_oracle(q, k, v, sel, 128**-0.5)
+    assert not out.isnan().any()
     assert_close(out, ref, base, name="auto bsa")
-    qg = q.clone().requires_grad_(True)
-    out = block_sparse_attn(qg, k, v, selection=sel)
-    out.float().sum().backward()
-    assert len(calls) == (1 if hopper else 0) and qg.grad is not None and not qg.grad.isnan().any()
+    out_g.float().sum().backward()
+    assert qg.grad is not None and not qg.grad.isnan().any()

@@ -21,6 +21,7 @@ from longcat_kernels.testing.oracle import (
 )
 
 kt = pytest.importorskip("longcat_kernels.ops.kv_cache_attn.triton")
+kcd = pytest.importorskip("longcat_kernels.ops.kv_cache_attn.cudnn")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -270,7 +271,7 @@ def test_kv_cache_triton_bf16_gpu(grid, c, Bc):
     kc, vc = (make_tensor((Bc, Sc, H, D), torch.bfloat16, "cuda") for _ in range(2))
     _check_kv(q, k, v, kc, vc, rope=rope)
     # the prologue + cuDNN route and the public auto route compute the same function
-    out_c = kt.attn_with_kv_cache_cudnn(q, k, v, kc, vc, rope, None)
+    out_c = kcd.attn_with_kv_cache_cudnn(q, k, v, kc, vc, rope, None)
     qr, kr = apply_rope_3d(q, rope, c), apply_rope_3d(k, rope, c)
     K, V = _cat(kc, kr), _cat(vc, v)
     exp, _ = attention_oracle(qr, K, V)
@@ -289,7 +290,7 @@ def test_prefix_attn_triton_bf16_gpu(S, P):
     exp, _ = attention_oracle(q, k, v, mask=m)
     base = attention_lowp(q, k, v, mask=m)
     assert_close(prefix_attn(q, k, v, P, backend="triton"), exp, baseline=base, name="triton")
-    assert_close(kt.prefix_attn_cudnn(q, k, v, P), exp, baseline=base, name="cuDNN route")
+    assert_close(kcd.prefix_attn_cudnn(q, k, v, P), exp, baseline=base, name="cuDNN route")
     assert_close(prefix_attn(q, k, v, P), exp, baseline=base, name="auto")
 
 
@@ -322,20 +323,21 @@ def test_merge_partial_attention_equals_attention_over_all_keys(dtype, B, S, H, 
     # lse in [B, H, S]; o_i as strided views of a wider buffer (non-contiguous inputs)
     wide = torch.empty(B, S, H, 2 * D, dtype=dtype)
     wide[..., D:] = o2.to(dtype)
-    out = kt.merge_partial_attention(o1.to(dtype), l1.float(), wide[..., D:], l2.float().transpose(1, 2).contiguous().transpose(1, 2))
+    out = kcd.merge_partial_attention(o1.to(dtype), l1.float(), wide[..., D:], l2.float().transpose(1, 2).contiguous().transpose(1, 2))
     exp, _ = attention_oracle(q, k, v)
     assert out.dtype == dtype and out.is_contiguous() and not out.isnan().any()
     assert_close(out, exp, baseline=exp.to(dtype))
 
 
 def test_auto_routes_block_sparse_to_the_triton_kernel():
-    """backend="auto" on CUDA with block_sparse= must take the Triton two-segment kernel, never the
-    torch reference (cuDNN has no block-sparse mode); the dense call keeps the measured choice."""
-    q = torch.empty(1, 4, 1, 8)
-    bs = BlockSparseParams(sparsity=0.5)
-    assert kt.auto_impl("attn_with_kv_cache", q, bs) is kt.attn_with_kv_cache_triton
-    with pytest.raises(ValueError, match="attn_with_kv_cache only"):
-        kt.auto_impl("prefix_attn", q, bs)
+    """backend="auto" on CUDA with block_sparse= takes the fused Triton two-segment kernel, never the
+    torch reference nor cuDNN (no block-sparse mode); the dense call keeps the measured choice."""
+    from longcat_kernels.dispatch import Facts, choose_kernel
+
+    for facts in (Facts(), Facts(csrc_kernels=("sm80",)), Facts(ext_error="not built", csrc_kernels=())):
+        bs = choose_kernel("attn_with_kv_cache", facts._replace(block_sparse=True, block_tokens=(64, 64), key_segments=2))
+        assert bs.impl == "triton_fused", (facts, bs)
+    assert choose_kernel("attn_with_kv_cache", Facts(csrc_kernels=("sm80",))).impl == "triton_prologue_cudnn"
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -1,10 +1,10 @@
 """Block-sparse 3D attention (SPEC 3): public surface, validation, dispatch.
 
-Backend implementations (lazy, see ``_backend.py``) live in ``triton.py`` / ``cuda.py`` as:
-- ``select_blocks_<b>(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold) -> BlockSelection``
-- ``block_sparse_attn_<b>(q, k, v, selection, scale) -> out`` (differentiable where supported)
-- ``block_sparse_attn_fwd_<b>(q, k, v, selection, scale) -> (out, lse)`` (forward only)
-with arguments already validated and normalised (tuples, scale a float).
+Which implementation runs is decided by ``longcat_kernels.dispatch.choose`` (one place for all ops);
+the implementations (registered there) take arguments already validated and normalised:
+- select_blocks: ``(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold) -> BlockSelection``
+- block_sparse_attn: ``(q, k, v, selection, scale) -> out`` (differentiable on triton)
+- block_sparse_attn_fwd: ``(q, k, v, selection, scale) -> (out, lse)`` (forward only)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..._backend import get_impl, op_backend_status, resolve_backend
+from ...dispatch import BackendUnavailableError, choose, impl_fn
 from ..._validate import (
     check_backend_name,
     check_chunk,
@@ -56,7 +56,8 @@ def _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k) -> Tuple[Triple, Trip
     return gq, gk, cq, ck
 
 
-def _check_selection(selection, q, k, grid_q, grid_k) -> None:
+def check_selection(selection, q, k, grid_q, grid_k) -> None:
+    """Raises if ``selection`` does not fit q ``[B, Sq, H, D]`` and keys of k's seq (and the grids)."""
     if not isinstance(selection, BlockSelection):
         raise TypeError(f"selection: expected a BlockSelection, got {type(selection).__name__}")
     B, Sq, H, _ = q.shape
@@ -87,11 +88,16 @@ def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _gating_backend(backend: str, q: torch.Tensor) -> str:
-    """Gating follows an explicit attention backend when it implements select_blocks, else auto."""
+def gating_backend(backend: str, q: torch.Tensor) -> str:
+    """Gating follows an explicit attention backend when that backend can run select_blocks on q
+    (torch, triton), else ``"auto"`` (the cuda backend has no gating kernel)."""
     if backend in ("auto", "torch"):
         return backend
-    return backend if op_backend_status("select_blocks", backend, q) is None else "auto"
+    try:
+        choose("select_blocks", q, requested=backend, needs_grad=False)
+    except BackendUnavailableError:
+        return "auto"
+    return backend
 
 
 def select_blocks(
@@ -136,9 +142,9 @@ def select_blocks(
         check_qkv(q, k, k, names=("q", "k", "k"))
         check_sparsity(sparsity, cdf_threshold)
     gq, gk, cq, ck = _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k)
-    b = resolve_backend("select_blocks", backend, q, k)
-    if b != "torch":
-        return get_impl("select_blocks", b)(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
+    c = choose("select_blocks", q, k, requested=backend, needs_grad=False)
+    if c.impl != "torch_reference":
+        return impl_fn("select_blocks", c.impl)(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
     return select_blocks_reference(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
 
 
@@ -153,12 +159,12 @@ def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold,
                     "selection: expected either selection= or a selection rule (sparsity / cdf_threshold), got "
                     f"both (sparsity={sparsity}, cdf_threshold={cdf_threshold})"
                 )
-            _check_selection(selection, q, k, grid_q, grid_k)
+            check_selection(selection, q, k, grid_q, grid_k)
         else:
             check_sparsity(sparsity, cdf_threshold)
     if selection is None:
         gq, gk, cq, ck = _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k)
-        gb = _gating_backend(backend, q)
+        gb = gating_backend(backend, q)
         selection = select_blocks(
             q, k, grid_q=gq, grid_k=gk, chunk_q=cq, chunk_k=ck, sparsity=sparsity, cdf_threshold=cdf_threshold,
             backend=gb,
@@ -210,13 +216,15 @@ def block_sparse_attn(
     selection, scale = _prepare(
         q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend
     )
-    b = resolve_backend("block_sparse_attn", backend, q, k, v, block_tokens=_block_tokens(selection))
-    if b != "torch":
-        return get_impl("block_sparse_attn", b)(q, k, v, selection, scale)
+    c = choose("block_sparse_attn", q, k, v, requested=backend, block_sparse=True,
+               block_tokens=block_tokens(selection))
+    if c.impl != "torch_reference":
+        return impl_fn("block_sparse_attn", c.impl)(q, k, v, selection, scale)
     return block_sparse_attn_reference(q, k, v, selection, scale)[0]
 
 
-def _block_tokens(sel: BlockSelection) -> Tuple[int, int]:
+def block_tokens(sel: BlockSelection) -> Tuple[int, int]:
+    """(tokens of a full query block, tokens of a full key block) of a selection."""
     cq, ck = sel.chunk_q, sel.chunk_k
     return (int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2]))
 
@@ -234,8 +242,9 @@ def _forward(
     A query token whose block has no selected key block gives out = 0 and lse = -inf.
     """
     selection, scale = _prepare(q, k, v, None, None, None, None, None, None, selection, scale, backend)
-    b = resolve_backend("block_sparse_attn_fwd", backend, q, k, v, block_tokens=_block_tokens(selection))
-    if b != "torch":
-        return get_impl("block_sparse_attn_fwd", b)(q, k, v, selection, scale)
+    c = choose("block_sparse_attn_fwd", q, k, v, requested=backend, block_sparse=True,
+               block_tokens=block_tokens(selection), needs_grad=False)
+    if c.impl != "torch_reference":
+        return impl_fn("block_sparse_attn_fwd", c.impl)(q, k, v, selection, scale)
     return block_sparse_attn_reference(q, k, v, selection, scale)
 

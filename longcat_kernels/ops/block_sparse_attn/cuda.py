@@ -1,14 +1,15 @@
 """CUDA backend (compiled ``csrc/`` extension) of block-sparse attention: op wrappers + fakes.
 
-The kernel (``csrc/attn_fwd_sm80.cu``) runs one CTA per (query block, batch*head), walks the
-selected key blocks of ``BlockSelection`` and gathers each block's tokens from the 3D geometry
-(partial edge blocks masked); online softmax in fp32; returns ``(out, lse)``. Forward only:
-``block_sparse_attn`` on inputs that require grad is refused (``unsupported_reason``), so
-``"auto"`` moves on to a differentiable backend and ``backend="cuda"`` raises.
+The kernels run one CTA per (query block, batch*head), walk the selected key blocks of
+``BlockSelection`` and gather each block's tokens from the 3D geometry (partial edge blocks
+masked); online softmax in fp32; return ``(out, lse)``. Forward only. ``kernel`` names the csrc
+kernel family (``"sm90_ws"``, ``"sm90"``, ``"sm80"``): ``longcat_kernels.dispatch`` decides it and
+the C++ side raises if it cannot run that kernel (no silent switch). ``kernel=None`` asks the
+dispatcher for the cuda backend's choice for these inputs.
 
 Registered op: ``torch.ops.longcat_kernels.bsa_fwd_cuda(q, k, v, k_fresh, v_fresh, indices, counts,
-grid_q, grid_k, chunk_q, chunk_k, scale) -> (out, lse)``; keys are ``[k; k_fresh]`` along seq
-(``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is given).
+grid_q, grid_k, chunk_q, chunk_k, scale, kernel) -> (out, lse)``; keys are ``[k; k_fresh]`` along
+seq (``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is given).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ __all__ = [
     "block_sparse_attn_fwd_cuda",
     "block_sparse_attn_cuda",
     "bsa_forward_segments_cuda",
-    "unsupported_reason",
+    "selection_args",
+    "csrc_kernel",
     "ops",
 ]
 
@@ -35,17 +37,17 @@ _FAKES = {"done": False}
 
 def _register_fakes() -> None:
     @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
-    def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
+    def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, kernel):
         B, Sq, H, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 
     @torch.library.register_fake("longcat_kernels::kv_cache_attn_fwd_cuda")
-    def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale):
+    def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale, kernel):
         B, Sq, H, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 
     @torch.library.register_fake("longcat_kernels::prefix_attn_fwd_cuda")
-    def _(q, k, v, prefix_len, scale):
+    def _(q, k, v, prefix_len, scale, kernel):
         B, Sq, H, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 
@@ -71,22 +73,17 @@ def ops():
     return torch.ops.longcat_kernels
 
 
-def unsupported_reason(impl: str, *tensors) -> Optional[str]:
-    """Why the cuda backend refuses these inputs (None if it accepts them)."""
-    q = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if q is None:
-        return None
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype} not supported (bf16/fp16 only; use 'triton' or 'torch' for fp32)"
-    if q.dim() == 4 and q.shape[-1] not in (64, 128):
-        return f"head_dim {q.shape[-1]} not supported (64 or 128)"
-    if impl in ("block_sparse_attn", "attn_with_kv_cache", "prefix_attn") and torch.is_grad_enabled():
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-            return "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
-    return None
+def csrc_kernel(op: str, kernel, q, *tensors, **facts) -> str:
+    """``kernel`` if given, else the family ``dispatch`` picks for backend ``"cuda"`` on these inputs."""
+    if kernel is not None:
+        return kernel
+    from ...dispatch import choose  # noqa: PLC0415
+
+    return choose(op, q, *tensors, requested="cuda", **facts).impl[len("csrc_"):]
 
 
-def _sel_args(selection):
+def selection_args(selection):
+    """(indices, counts, grid_q, grid_k, chunk_q, chunk_k) as the csrc ops take them."""
     indices, counts = selection.indices, selection.counts
     if indices.dtype != torch.int32 or indices.stride(-1) != 1:
         indices = indices.to(torch.int32).contiguous()
@@ -102,7 +99,12 @@ def _sel_args(selection):
     )
 
 
-def bsa_forward_cuda(q, k, v, selection, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+def _block_tokens(selection) -> Tuple[int, int]:
+    cq, ck = selection.chunk_q, selection.chunk_k
+    return (int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2]))
+
+
+def bsa_forward_cuda(q, k, v, selection, scale, *, kernel: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward: ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``; no autograd.
 
     Args:
@@ -110,26 +112,30 @@ def bsa_forward_cuda(q, k, v, selection, scale) -> Tuple[torch.Tensor, torch.Ten
         k, v (Tensor): ``[B, Sk, H, D]``.
         selection (BlockSelection): from ``select_blocks`` (batch 1 broadcasts over B).
         scale (float): softmax scale.
+        kernel (str | None): csrc kernel family; None: the dispatcher's choice.
     """
-    return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(selection), float(scale))
+    kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
+                         block_tokens=_block_tokens(selection), needs_grad=False)
+    return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel)
 
 
-def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale):
+def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, kernel: Optional[str] = None):
     """Block-sparse forward over keys ``[k_cache; k]`` (cache batch 1 or B), no concatenation."""
-    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *_sel_args(selection), float(scale))
+    kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
+                         block_tokens=_block_tokens(selection), key_segments=2, needs_grad=False)
+    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel)
 
 
-# names of the _backend convention (<impl>_cuda)
 block_sparse_attn_fwd_cuda = bsa_forward_cuda
 
 
-def block_sparse_attn_cuda(q, k, v, selection, scale) -> torch.Tensor:
+def block_sparse_attn_cuda(q, k, v, selection, scale, *, kernel: Optional[str] = None) -> torch.Tensor:
     """Block-sparse attention output ``[B,Sq,H,D]`` (forward only; refuses inputs needing grad)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        from ..._backend import BackendUnavailableError  # noqa: PLC0415
+        from ...dispatch import BackendUnavailableError  # noqa: PLC0415
 
         raise BackendUnavailableError(
             "block_sparse_attn: backend 'cuda' unavailable: forward only (no backward kernel); "
             "use backend='triton' or 'torch' for gradients"
         )
-    return bsa_forward_cuda(q, k, v, selection, scale)[0]
+    return bsa_forward_cuda(q, k, v, selection, scale, kernel=kernel)[0]

@@ -131,7 +131,7 @@ def block_scores(q_blk: torch.Tensor, k_blk: torch.Tensor) -> torch.Tensor:
         return torch.matmul(q_blk.to(acc), k_blk.to(acc).transpose(-1, -2))
 
 
-def _select_rows(
+def select_rows(
     score: torch.Tensor, head_dim: int, sparsity: Optional[float], cdf_threshold: Optional[float], max_sel: int
 ):
     """score ``[R, Nq, Nk]`` -> (indices ``[R, Nq, max_sel]`` int32, counts ``[R, Nq]`` int32)."""
@@ -183,7 +183,7 @@ def select_blocks_reference(
     idx_parts, cnt_parts = [], []
     for r0 in range(0, B * H, step):
         s = block_scores(q_rows[r0 : r0 + step], k_rows[r0 : r0 + step])
-        i, c = _select_rows(s, D, sparsity, cdf_threshold, max_sel)
+        i, c = select_rows(s, D, sparsity, cdf_threshold, max_sel)
         idx_parts.append(i)
         cnt_parts.append(c)
     indices = torch.cat(idx_parts).reshape(B, H, Nq, max_sel)

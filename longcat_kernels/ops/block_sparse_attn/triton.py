@@ -225,7 +225,9 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _deterministic() -> bool:
-    return os.environ.get("LONGCAT_KERNELS_DETERMINISTIC", "0") not in ("", "0")
+    from ..._envvars import env_flag  # noqa: PLC0415
+
+    return env_flag("LONGCAT_KERNELS_DETERMINISTIC", False)
 
 
 def _setup_context(ctx, inputs, output):
@@ -398,9 +400,9 @@ def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_thr
         else:
             idx = torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
         return idx, torch.full((B, NH, NQ), n, dtype=torch.int32, device=scores.device)
-    from .selection import _select_rows
+    from .selection import select_rows
 
-    idx, cnt = _select_rows(scores.reshape(B * NH, NQ, NKb), head_dim, sparsity, cdf_threshold, NKb)
+    idx, cnt = select_rows(scores.reshape(B * NH, NQ, NKb), head_dim, sparsity, cdf_threshold, NKb)
     return idx.reshape(B, NH, NQ, NKb), cnt.reshape(B, NH, NQ)
 
 

@@ -1,10 +1,10 @@
 """Cached-KV attention for video continuation and the cond/noisy prefix rule (SPEC 4).
 
-Backend implementations (lazy, see ``_backend.py``) live in ``triton.py`` / ``cuda.py`` as:
-- ``prefix_attn_<b>(q, k, v, prefix_len, scale) -> out``
-- ``attn_with_kv_cache_<b>(q, k, v, k_cache, v_cache, rope, scale, block_sparse) -> out``
+Which implementation runs is decided by ``longcat_kernels.dispatch.choose`` (one place for all ops);
+the implementations (registered there) take arguments already validated and normalised (scale a float):
+- prefix_attn: ``(q, k, v, prefix_len, scale) -> out``
+- attn_with_kv_cache: ``(q, k, v, k_cache, v_cache, rope, scale, block_sparse) -> out``
   (``block_sparse`` is a ``BlockSparseParams`` with ``frame_hw`` filled in, or None)
-with arguments already validated and normalised (scale a float).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..._backend import get_impl, resolve_backend
+from ...dispatch import choose, impl_fn
 from ..._validate import (
     check_backend_name,
     check_chunk,
@@ -30,7 +30,7 @@ from ..._validate import (
     compiling,
 )
 from ...grid import Triple, as_triple
-from ..block_sparse_attn.api import _check_selection, select_blocks
+from ..block_sparse_attn.api import check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
 from ..rope.api import Rope3D, apply_rope_3d
@@ -96,14 +96,9 @@ def prefix_attn(
         if not 0 <= prefix_len <= q.shape[1]:
             raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {prefix_len}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    b = resolve_backend("prefix_attn", backend, q, k, v)
-    if b == "triton" and backend == "auto":
-        # auto on CUDA: the measured-faster of the fused Triton kernel and cuDNN (triton.py table)
-        from .triton import auto_impl
-
-        return auto_impl("prefix_attn", q)(q, k, v, prefix_len, scale)
-    if b != "torch":
-        return get_impl("prefix_attn", b)(q, k, v, prefix_len, scale)
+    c = choose("prefix_attn", q, k, v, requested=backend)
+    if c.impl != "torch_reference":
+        return impl_fn("prefix_attn", c.impl)(q, k, v, prefix_len, scale)
     return prefix_attn_reference(q, k, v, prefix_len, scale)
 
 
@@ -165,7 +160,7 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     else:
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
-        _check_selection(bs.selection, q, k_all, grid_q, grid_k)
+        check_selection(bs.selection, q, k_all, grid_q, grid_k)
     return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck)
 
 
@@ -237,18 +232,17 @@ def attn_with_kv_cache(
     if block_sparse is not None:
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    b = resolve_backend("attn_with_kv_cache", backend, q, k, v)
-    if b == "cuda" and backend == "auto" and block_sparse is not None:
-        # csrc goes first for dense calls only (_backend.SM90WS_FIRST); block-sparse keeps triton
-        b = resolve_backend("block_sparse_attn", "auto", q, k, v)
-    if b == "triton" and backend == "auto":
-        # auto on CUDA: fused Triton kernel or Triton prologue + cuDNN, whichever measured faster
-        # (triton.py table); block-sparse always takes the Triton kernel over the two segments
-        from .triton import auto_impl
-
-        return auto_impl("attn_with_kv_cache", q, block_sparse)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
-    if b != "torch":
-        return get_impl("attn_with_kv_cache", b)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
+    if block_sparse is None:
+        c = choose("attn_with_kv_cache", q, k, v, k_cache, v_cache, requested=backend)
+    else:
+        cq, ck = block_sparse.chunk_q, block_sparse.chunk_k
+        c = choose(
+            "attn_with_kv_cache", q, k, v, k_cache, v_cache, requested=backend, block_sparse=True,
+            block_tokens=(int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2])),
+            key_segments=1 if k_cache is None else 2,
+        )
+    if c.impl != "torch_reference":
+        return impl_fn("attn_with_kv_cache", c.impl)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     with torch.no_grad():
         if rope is not None:
             c = Sc // rope.tokens_per_frame

@@ -2,8 +2,9 @@
 
 ``attn_with_kv_cache_cuda``: one registered op, ``longcat_kernels::kv_cache_attn_fwd_cuda``, which
 runs the csrc RoPE prologue (``csrc/rope3d.cu``: fresh q and k rotated in fp32 into temporaries;
-the cached K is never touched) and then the two-segment attention kernel
-(``csrc/attn_fwd_sm80.cu``), keys ``[k_cache; k]`` read from their own tensors, a batch-1 cache
+the cached K is never touched) and then the two-segment attention kernel of family ``kernel``
+(``"sm90_ws"``, ``"sm90"``, ``"sm80"``, decided by ``longcat_kernels.dispatch``; None: the
+dispatcher's cuda choice for these inputs), keys ``[k_cache; k]`` read from their own tensors, a batch-1 cache
 broadcast with batch stride 0 (no concat, no repeat). With ``block_sparse`` the same kernel family
 walks 3D blocks of the ``(c + Tn, H, W)`` key grid (``bsa_fwd_cuda`` with two key segments).
 Forward only. Fakes are registered in ``ops/block_sparse_attn/cuda.py`` (one place for all ops).
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from ..block_sparse_attn.cuda import _sel_args, bsa_forward_segments_cuda, ops, unsupported_reason
+from typing import Optional
 
-__all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda", "unsupported_reason"]
+from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, ops, selection_args
+
+__all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda"]
 
 
 def _rope_args(rope):
@@ -25,7 +28,8 @@ def _rope_args(rope):
     return tabs, int(rope.grid[1]), int(rope.grid[2])
 
 
-def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None):
+def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None, *,
+                            kernel: Optional[str] = None):
     """``softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` (SPEC 4), ``[B, Sn, H, D]``.
 
     Args:
@@ -34,15 +38,22 @@ def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scal
         rope (Rope3D | None): fresh q/k rotated at frames ``Sc/(H*W) ..`` by the csrc prologue.
         scale (float | None): default ``head_dim ** -0.5``.
         block_sparse (BlockSparseParams | None): with ``frame_hw`` filled in (api.py does it).
+        kernel (str | None): csrc kernel family; None: the dispatcher's choice.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tabs, gh, gw = _rope_args(rope)
     if block_sparse is None:
-        return ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale)[0]
-    return _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw)
+        kernel = csrc_kernel("attn_with_kv_cache", kernel, q, k, v, needs_grad=False)
+        return ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale, kernel)[0]
+    if kernel is None:
+        cq, ck = block_sparse.chunk_q, block_sparse.chunk_k or block_sparse.chunk_q
+        kernel = csrc_kernel("attn_with_kv_cache", None, q, k, v, needs_grad=False, block_sparse=True,
+                             block_tokens=(cq[0] * cq[1] * cq[2], ck[0] * ck[1] * ck[2]),
+                             key_segments=1 if k_cache is None else 2)
+    return _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw, kernel)
 
 
-def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
+def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kernel):
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if rope is not None:
         f0 = Sc // (gh * gw)
@@ -62,11 +73,12 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
         )
     if k_cache is None:
-        return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), scale)[0]
-    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale)[0]
+        return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(sel), scale, kernel)[0]
+    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale, kernel=kernel)[0]
 
 
-def prefix_attn_cuda(q, k, v, prefix_len, scale=None) -> torch.Tensor:
+def prefix_attn_cuda(q, k, v, prefix_len, scale=None, *, kernel: Optional[str] = None) -> torch.Tensor:
     """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale)[0]
+    kernel = csrc_kernel("prefix_attn", kernel, q, k, v, needs_grad=False)
+    return ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale, kernel)[0]

@@ -20,11 +20,9 @@ Softmax: online, fp32 statistics, exp2 with `scale * log2(e)` folded into one mu
 `rope`, fresh q is rotated at load inside the attention kernel (q is read once per program) and
 fresh k is rotated by the rope kernel into a temporary; cached keys are never touched.
 
-A second implementation of the same ops ("prologue + cuDNN", `*_cudnn` below): a Triton prologue
-rotates fresh q/k (when RoPE is asked for), then two cuDNN SDPA calls, queries over the cache (a
-batch-1 cache read once, the batch folded into the query rows) and over the fresh keys, merged by
-their log-sum-exp in one Triton pass; no concatenation, no copy of the cache. `preferred_impl()` says which one is faster (table
-measured on the device, see bench/results/h100/).
+A second implementation of the same ops, the Triton prologue + cuDNN route, is in `cudnn.py`.
+Which one runs is decided by `longcat_kernels.dispatch` (backend="triton" runs this fused kernel
+only; "auto" picks the cuDNN route where it measured faster).
 
 Forward only: inputs requiring grad raise. Outputs are BSHD-contiguous, q's dtype.
 """
@@ -39,7 +37,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels.ops.rope.triton import (
-    _check_no_grad, _rope_apply, _rope_cos_sin, launch_norm_rope, rope_parts, rope_table_args,
+    check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_parts, rope_table_args,
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -106,13 +104,6 @@ def _attn_two_masks(acc, l_i, m_i, q, K, V, L, q_prefix, qk_scale, offs_m, offs_
 # on sm_90 only (where it was measured). Fixed rather than autotuned: an autotune pass over 70 ms
 # launches is noisy (it picked configs 6% apart in a first run) and costs seconds at first call.
 ATTN_CONFIG = {64: (128, 128, 8, 3, False), 128: (128, 128, 8, 3, False)}
-ATTN_CONFIG_SWEEP = [
-    (128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 4, False),
-    (128, 64, 4, 3, False), (128, 64, 4, 4, False), (128, 64, 8, 3, False),
-    (64, 128, 4, 3, False), (128, 128, 4, 3, True), (128, 128, 8, 3, True),
-    (128, 64, 4, 3, True), (128, 128, 4, 2, True),
-]
-_CONFIG_OVERRIDE = None  # set by the bench sweep only
 
 
 # fp32 inputs (reference-precision runs, e.g. a DiT kept in fp32): the bf16 tiles above need
@@ -124,8 +115,6 @@ ATTN_CONFIG_FP32 = (64, 64, 4, 2, False)
 def _attn_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     if _INTERPRET:
         return 16, 16, 4, 1, False
-    if _CONFIG_OVERRIDE is not None:
-        return _CONFIG_OVERRIDE
     bd = triton.next_power_of_2(D)
     if dtype == torch.float32 and bd <= 128:
         return ATTN_CONFIG_FP32
@@ -176,11 +165,11 @@ def kv_cache_attn_fwd_kernel(
            + offs_d[None, :] * stride_qd)
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     if ROPE_Q:
-        b_cos, b_sin = _rope_cos_sin(q_pos0 + offs_m.to(tl.int64), m_m, tl.arange(0, BLOCK_D // 2),
+        b_cos, b_sin = rope_cos_sin(q_pos0 + offs_m.to(tl.int64), m_m, tl.arange(0, BLOCK_D // 2),
                                      COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W, GH, GW, DT, DH,
                                      HEAD_DIM)  # [BLOCK_M, BLOCK_D // 2]
         # round to the input dtype exactly like "rotate, cast, then attend"
-        b_q = _rope_apply(b_q, b_cos, b_sin, BLOCK_M, BLOCK_D).to(b_q.dtype)
+        b_q = rope_apply(b_q, b_cos, b_sin, BLOCK_M, BLOCK_D).to(b_q.dtype)
     else:
         # an exact no-op select: q is then produced by an elementwise op rather than a load, so
         # the compiler feeds it to wgmma from registers instead of shared memory (seen in TTGIR;
@@ -463,7 +452,7 @@ def _select_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsi
     and scores/selection exactly as the torch gating (selection.py)."""
     from longcat_kernels.grid import block_sizes
     from longcat_kernels.ops.block_sparse_attn.selection import (
-        BlockSelection, _select_rows, block_scores, pool_blocks,
+        BlockSelection, select_rows, block_scores, pool_blocks,
     )
     B, _, H, D = q.shape
     q_blk = pool_blocks(q, grid_q, chunk_q)  # [B, H, Nq, D]
@@ -479,7 +468,7 @@ def _select_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsi
     Nq, Nk = q_blk.shape[2], k_blk.shape[2]
     max_sel = max(1, int((1.0 - sparsity) * Nk)) if cdf is None else Nk
     s_ = block_scores(q_blk.reshape(B * H, Nq, D), k_blk.reshape(B * H, Nk, D))
-    idx, cnt = _select_rows(s_, D, sparsity, cdf, max_sel)
+    idx, cnt = select_rows(s_, D, sparsity, cdf, max_sel)
     return BlockSelection(idx.reshape(B, H, Nq, max_sel), cnt.reshape(B, H, Nq), tuple(grid_q),
                           tuple(grid_k), tuple(chunk_q), tuple(chunk_k))
 
@@ -513,7 +502,7 @@ def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs):
     grid_q = (q.shape[1] // n, Hf, Wf)
     grid_k = ((Sc + q.shape[1]) // n, Hf, Wf)
     if rope is not None:
-        tabs, gh, gw = _rope_tables(rope, q, Sc)
+        tabs, gh, gw = rope_tables_for(rope, q, Sc)
         q_r = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_r = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         launch_norm_rope(q=q, k=k, out_q=q_r, out_k=k_r, tables=tabs, gh=gh, gw=gw,
@@ -533,14 +522,9 @@ def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs):
 # public entry points called by api.py
 # ----------------------------------------------------------------------------------------------
 
-def _block_sparse_unavailable():
-    from longcat_kernels._backend import BackendUnavailableError
-    raise BackendUnavailableError(
-        "attn_with_kv_cache: the prologue + cuDNN route has no block_sparse= option "
-        "(use attn_with_kv_cache_triton / backend='triton')")
-
-
-def _rope_tables(rope, q, Sc):
+def rope_tables_for(rope, q, Sc):
+    """(six fp32 tables on q's device, grid_h, grid_w) for fresh tokens after ``Sc`` cached ones;
+    ([None] * 6, 1, 1) without rope. Raises if the cache/fresh lengths are not whole frames."""
     if rope is None:
         return [None] * 6, 1, 1
     tabs, gh, gw = rope_table_args(rope)
@@ -572,12 +556,12 @@ def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, sc
 
     Returns [B, Sn, H, D] BSHD-contiguous, q's dtype. Forward only.
     """
-    _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_sparse is not None:
         return _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     Sc = 0 if k_cache is None else k_cache.shape[1]
-    tabs, gh, gw = _rope_tables(rope, q, Sc)
+    tabs, gh, gw = rope_tables_for(rope, q, Sc)
     return torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, k_cache, v_cache, *tabs, gh, gw,
                                                        scale)
 
@@ -587,211 +571,6 @@ def prefix_attn_triton(q, k, v, prefix_len, scale=None):
 
     q, k, v: [B, S, H, D], any strides. Returns [B, S, H, D] BSHD-contiguous. Forward only.
     """
-    _check_no_grad("prefix_attn", q=q, k=k, v=v)
+    check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, int(prefix_len), scale)
-
-
-# ----------------------------------------------------------------------------------------------
-# alternative route: Triton prologue into a [cache; fresh] KV buffer + cuDNN SDPA
-# ----------------------------------------------------------------------------------------------
-
-def cudnn_available(q: torch.Tensor) -> bool:
-    """cuDNN SDPA usable for these inputs (CUDA, bf16/fp16, head_dim <= 128)."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128:
-        return False
-    try:
-        return bool(torch.backends.cudnn.is_available())
-    except Exception:  # pragma: no cover
-        return False
-
-
-def _sdpa_cudnn(q, k, v, scale):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    # cuDNN needs a unit stride on head_dim; any other BSHD/BHSD strides are taken as they are
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return o.transpose(1, 2)
-
-
-def _sdpa_cudnn_lse(q, k, v, scale):
-    """cuDNN SDPA on BSHD views -> (out ``[B, S, H, D]`` view, lse ``[B, H, S]`` fp32, natural log)."""
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
-    return res[0].transpose(1, 2), res[1]
-
-
-@triton.jit
-def _merge_two_kernel(o1, l1, o2, l2, out, S, H,
-                      s_o1b, s_o1s, s_o1h, s_o2b, s_o2s, s_o2h,
-                      s_l1b, s_l1h, s_l1s, s_l2b, s_l2h, s_l2s,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[b, s, h] = softmax-weighted sum of two partial attentions (o_i, lse_i) over disjoint keys."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    o_d = tl.arange(0, BLOCK_D)
-    m_s = o_s < S
-    m = m_s[:, None] & (o_d[None, :] < D)
-    a = tl.load(l1 + i_b * s_l1b + i_h * s_l1h + o_s * s_l1s, mask=m_s, other=0.0)
-    b = tl.load(l2 + i_b * s_l2b + i_h * s_l2h + o_s * s_l2s, mask=m_s, other=0.0)
-    mx = tl.maximum(a, b)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    wa = tl.exp(a - mx)
-    wb = tl.exp(b - mx)
-    inv = 1.0 / (wa + wb)
-    x1 = tl.load(o1 + i_b * s_o1b + i_h * s_o1h + o_s[:, None] * s_o1s + o_d[None, :], mask=m, other=0.0)
-    x2 = tl.load(o2 + i_b * s_o2b + i_h * s_o2h + o_s[:, None] * s_o2s + o_d[None, :], mask=m, other=0.0)
-    y = (x1.to(tl.float32) * (wa * inv)[:, None] + x2.to(tl.float32) * (wb * inv)[:, None])
-    p_out = out + ((i_b * S + o_s[:, None]) * H + i_h) * D + o_d[None, :]
-    tl.store(p_out, y.to(out.dtype.element_ty), mask=m)
-
-
-def merge_partial_attention(o1, lse1, o2, lse2) -> torch.Tensor:
-    """Combine two attentions of the same queries over disjoint key sets.
-
-    ``o_i [B, S, H, D]`` (any strides, unit last stride), ``lse_i [B, H, S]`` fp32 natural-log
-    (any strides) -> contiguous ``[B, S, H, D]`` in o1's dtype, weights computed in fp32.
-    """
-    B, S, H, D = o1.shape
-    out = torch.empty((B, S, H, D), dtype=o1.dtype, device=o1.device)
-    block_s = 16 if _INTERPRET else 32
-    grid = (triton.cdiv(S, block_s), B * H)
-    _merge_two_kernel[grid](
-        o1, lse1, o2, lse2, out, S, H,
-        o1.stride(0), o1.stride(1), o1.stride(2), o2.stride(0), o2.stride(1), o2.stride(2),
-        lse1.stride(0), lse1.stride(1), lse1.stride(2), lse2.stride(0), lse2.stride(1), lse2.stride(2),
-        D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=block_s, num_warps=4,
-    )
-    return out
-
-
-def _cache_part_cudnn(q, k_cache, v_cache, scale):
-    """Attention of fresh queries over the cache alone -> (out ``[B, Sn, H, D]``, lse ``[B, H, Sn]``).
-
-    A batch-1 cache shared by the batch is one call with the batch folded into the query rows
-    (``[1, B*Sn]`` queries against ``[1, Sc]`` keys): no repeat, no copy of the cache.
-    """
-    B, Sn, H, D = q.shape
-    if k_cache.shape[0] == B:
-        return _sdpa_cudnn_lse(q, k_cache, v_cache, scale)
-    o, lse = _sdpa_cudnn_lse(q.reshape(1, B * Sn, H, D), k_cache, v_cache, scale)
-    return o.reshape(B, Sn, H, D), lse.reshape(H, B, Sn).transpose(0, 1)
-
-
-@torch.library.custom_op("longcat_kernels::kv_cache_attn_cudnn_fwd", mutates_args=())
-def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
-                            cos_t: Optional[torch.Tensor], sin_t: Optional[torch.Tensor],
-                            cos_h: Optional[torch.Tensor], sin_h: Optional[torch.Tensor],
-                            cos_w: Optional[torch.Tensor], sin_w: Optional[torch.Tensor],
-                            grid_h: int, grid_w: int, scale: float) -> torch.Tensor:
-    """Two cuDNN calls (fresh queries over the cache; over the fresh keys) merged by their lse.
-
-    Nothing is concatenated or copied: the cache is read where it lies (a batch-1 cache with the
-    batch folded into the query rows); with RoPE, a Triton prologue rotates fresh q and k into
-    temporaries first. v is used as given.
-    """
-    B, Sn, H, D = q.shape
-    Sc = 0 if k_cache is None else k_cache.shape[1]
-    tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
-    if tables is not None:
-        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        launch_norm_rope(q=q, k=k, out_q=q_rot, out_k=k_rot, tables=tables, gh=grid_h, gw=grid_w,
-                         frame_offset=Sc // (grid_h * grid_w))
-        q, k = q_rot, k_rot
-    if Sc == 0:
-        return _sdpa_cudnn(q, k, v, scale).contiguous()
-    o_c, lse_c = _cache_part_cudnn(q, k_cache, v_cache, scale)
-    o_f, lse_f = _sdpa_cudnn_lse(q, k, v, scale)
-    return merge_partial_attention(o_c, lse_c, o_f, lse_f)
-
-
-@_kv_cache_attn_cudnn_op.register_fake
-def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
-      scale):
-    return q.new_empty(q.shape)
-
-
-def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None,
-                             block_sparse=None):
-    """Same contract as `attn_with_kv_cache_triton`, via (RoPE prologue) + two cuDNN SDPA calls
-    (queries over the cache, over the fresh keys) merged by their log-sum-exp; no KV copy.
-
-    Needs CUDA bf16/fp16 inputs and cuDNN.
-    """
-    if block_sparse is not None:
-        _block_sparse_unavailable()
-    if not cudnn_available(q):
-        from longcat_kernels._backend import BackendUnavailableError
-        raise BackendUnavailableError("attn_with_kv_cache: prologue + cuDNN route needs CUDA "
-                                      "bf16/fp16 inputs with head_dim <= 128 and cuDNN")
-    _check_no_grad("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    Sc = 0 if k_cache is None else k_cache.shape[1]
-    tabs, gh, gw = _rope_tables(rope, q, Sc)
-    return torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v, k_cache, v_cache, *tabs, gh,
-                                                             gw, scale)
-
-
-@torch.library.custom_op("longcat_kernels::prefix_attn_cudnn_fwd", mutates_args=())
-def _prefix_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                          scale: float) -> torch.Tensor:
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    P, S = int(prefix_len), q.shape[1]
-    if P > 0:
-        out[:, :P] = _sdpa_cudnn(q[:, :P], k[:, :P], v[:, :P], scale)
-    if P < S:
-        out[:, P:] = _sdpa_cudnn(q[:, P:], k, v, scale)
-    return out
-
-
-@_prefix_attn_cudnn_op.register_fake
-def _(q, k, v, prefix_len, scale):
-    return q.new_empty(q.shape)
-
-
-def prefix_attn_cudnn(q, k, v, prefix_len, scale=None):
-    """Same contract as `prefix_attn_triton`, as two cuDNN SDPA calls (cond rows, noisy rows)."""
-    if not cudnn_available(q):
-        from longcat_kernels._backend import BackendUnavailableError
-        raise BackendUnavailableError("prefix_attn: cuDNN route needs CUDA bf16/fp16 inputs with "
-                                      "head_dim <= 128 and cuDNN")
-    _check_no_grad("prefix_attn", q=q, k=k, v=v)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale)
-
-
-# Measured on the H100 (bench/dev/bench_kv_cache_gpu_dev.py, bench/results/h100/kv-cache-attn-triton-sweep_20261124_3f64ee5.json):
-# the faster implementation per op on CUDA, used by backend="auto".
-_FASTER_IMPL = {"attn_with_kv_cache": "cudnn", "prefix_attn": "cudnn"}
-
-
-def preferred_impl(op: str, q: torch.Tensor) -> str:
-    """'cudnn' (prologue + cuDNN SDPA) or 'triton' (one fused kernel) for `op` on these inputs."""
-    choice = _FASTER_IMPL.get(op, "triton")
-    if choice == "cudnn" and not cudnn_available(q):
-        return "triton"
-    return choice
-
-
-def auto_impl(op: str, q: torch.Tensor, block_sparse=None):
-    """Implementation for backend="auto" once it resolved to triton on CUDA tensors.
-
-    Block-sparse calls always take the Triton kernel over the two segments (cuDNN has no
-    block-sparse mode). `LONGCAT_KERNELS_BACKEND=triton` forces the fused kernel.
-    """
-    if block_sparse is not None:
-        if op != "attn_with_kv_cache":
-            raise ValueError(f"auto_impl: block_sparse applies to attn_with_kv_cache only, not {op}")
-        return attn_with_kv_cache_triton
-    forced = os.environ.get("LONGCAT_KERNELS_BACKEND", "").strip().lower() == "triton"
-    if not forced and preferred_impl(op, q) == "cudnn":
-        return attn_with_kv_cache_cudnn if op == "attn_with_kv_cache" else prefix_attn_cudnn
-    return attn_with_kv_cache_triton if op == "attn_with_kv_cache" else prefix_attn_triton

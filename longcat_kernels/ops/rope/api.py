@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..._backend import get_impl, resolve_backend
+from ...dispatch import choose, impl_fn
 from ..._validate import check_backend_name, check_same_device, check_tensor, compiling
 from ...grid import Triple, as_triple
 from . import reference as ref
@@ -220,9 +220,9 @@ def qk_norm_rope(
     nf = None
     if rope is not None:
         nf = _rope_frames(q, rope, frame_offset, "q")
-    b = resolve_backend("qk_norm_rope", backend, q, k)
-    if b != "torch":
-        return get_impl("qk_norm_rope", b)(q, k, q_weight, k_weight, rope, frame_offset, eps, out_q, out_k)
+    c = choose("qk_norm_rope", q, k, requested=backend)
+    if c.impl != "torch_reference":
+        return impl_fn("qk_norm_rope", c.impl)(q, k, q_weight, k_weight, rope, frame_offset, eps, out_q, out_k)
     tables = _tables_for(q, rope, frame_offset, nf) if rope is not None else None
     qo, ko = ref.qk_norm_rope_reference(q, k, q_weight, k_weight, tables, eps)
     if out_q is not None:

@@ -36,7 +36,7 @@ PROLOGUE_HEADS_PER_PROG = 1
 
 
 @triton.jit
-def _rope_cos_sin(pos, m_s, offs_p, COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
+def rope_cos_sin(pos, m_s, offs_p, COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
                   GH, GW, DT: tl.constexpr, DH: tl.constexpr, HEAD_DIM: tl.constexpr):
     """cos, sin [BLOCK_S, BLOCK_D // 2] fp32 of the even lanes of tokens at grid index `pos`."""
     # token (t, h, w) on the rope grid; pos is int64 [BLOCK_S]
@@ -69,7 +69,7 @@ def _rope_cos_sin(pos, m_s, offs_p, COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
 
 
 @triton.jit
-def _rope_apply(x, b_cos, b_sin, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def rope_apply(x, b_cos, b_sin, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rotate adjacent pairs of x [BLOCK_S, BLOCK_D] (any float dtype) -> fp32 [BLOCK_S, BLOCK_D]."""
     b_xe, b_xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_S, BLOCK_D // 2, 2)))
     b_ye = b_xe * b_cos - b_xo * b_sin
@@ -96,7 +96,7 @@ def _norm_rope_tile(X, W, OUT, b, h, offs_s, offs_d, S, eps, b_cos, b_sin,
         # SPEC 6: normalise in fp32, cast to the input dtype, then multiply by the weight in it
         b_x = (b_xf * b_rstd[:, None]).to(b_x.dtype) * b_w[None, :]
     if HAS_ROPE:
-        b_x = _rope_apply(b_x, b_cos, b_sin, BLOCK_S, BLOCK_D).to(b_x.dtype)
+        b_x = rope_apply(b_x, b_cos, b_sin, BLOCK_S, BLOCK_D).to(b_x.dtype)
     p_o = (OUT + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os
            + offs_d[None, :] * stride_od)
     tl.store(p_o, b_x.to(OUT.dtype.element_ty), mask=m)
@@ -141,7 +141,7 @@ def norm_rope_fwd_kernel(
     h0 = tl.program_id(1) * HEADS_PER_PROG
     if HAS_ROPE:
         # [BLOCK_S, BLOCK_D // 2] each, loaded once and shared by all heads of the program
-        b_cos, b_sin = _rope_cos_sin(pos0 + offs_s, offs_s < S, offs_p, COS_T, SIN_T, COS_H,
+        b_cos, b_sin = rope_cos_sin(pos0 + offs_s, offs_s < S, offs_p, COS_T, SIN_T, COS_H,
                                      SIN_H, COS_W, SIN_W, GH, GW, DT, DH, HEAD_DIM)
     else:
         b_cos = tl.zeros([BLOCK_S, BLOCK_D // 2], dtype=tl.float32)
@@ -232,7 +232,8 @@ def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
     )
 
 
-def _check_no_grad(op: str, **tensors) -> None:
+def check_no_grad_triton(op: str, **tensors) -> None:
+    """Raises if a named tensor requires grad (grad mode on): the Triton kernels here are forward only."""
     if not torch.is_grad_enabled():
         return
     for name, t in tensors.items():
@@ -306,7 +307,7 @@ def apply_rope_3d_triton(x: torch.Tensor, rope, frame_offset: int = 0,
 
     Forward only. Returns a new BSHD-contiguous tensor of x's dtype (or writes `out`).
     """
-    _check_no_grad("apply_rope_3d", x=x)
+    check_no_grad_triton("apply_rope_3d", x=x)
     _check_rope_fits("apply_rope_3d", x, rope, frame_offset)
     tabs, gh, gw = rope_table_args(rope)
     tabs = [t.to(x.device) for t in tabs]
@@ -331,7 +332,7 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
 
     Returns (out_q, out_k). Forward only.
     """
-    _check_no_grad("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
+    check_no_grad_triton("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
     if rope is not None:
         _check_rope_fits("qk_norm_rope", q, rope, frame_offset)
         _check_rope_fits("qk_norm_rope", k, rope, frame_offset)

@@ -1,0 +1,121 @@
+"""The product's environment variables, each read by one parser that raises on a bad value.
+
+=================================  ==============================================================
+``LONGCAT_KERNELS_BACKEND``        ``auto`` | ``torch`` | ``triton`` | ``cuda``: replaces ``"auto"``
+                                   (then treated as an explicit request: it never falls back)
+``LONGCAT_KERNELS_JIT``            ``1`` (default) | ``0``: JIT-build ``csrc/`` at first use when no
+                                   prebuilt extension is found (``0``: never)
+``LONGCAT_KERNELS_SKIP_CUDA_BUILD`` ``0`` (default) | ``1``: never build the extension at install
+``LONGCAT_KERNELS_CUDA_ARCHS``     targets of the extension build: ``"9.0a;8.0"`` (compute
+                                   capabilities, ``;``/``,``/space separated) or nvcc
+                                   ``-gencode=...`` flags verbatim; default: the device's own
+                                   (``sm_90a`` at install without a device)
+``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``)
+``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
+``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: deterministic BSA backward (dq without
+                                   atomics)
+=================================  ==============================================================
+
+Imports nothing but ``os`` and ``re``: ``setup.py`` loads this file by path at build time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import List, Optional
+
+__all__ = ["env_flag", "backend_override", "cuda_arch_flags_from_env", "cache_dir", "check_removed", "KNOWN", "REMOVED"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+KNOWN = (
+    "LONGCAT_KERNELS_BACKEND",
+    "LONGCAT_KERNELS_JIT",
+    "LONGCAT_KERNELS_SKIP_CUDA_BUILD",
+    "LONGCAT_KERNELS_CUDA_ARCHS",
+    "LONGCAT_KERNELS_CACHE",
+    "LONGCAT_KERNELS_VERBOSE_BUILD",
+    "LONGCAT_KERNELS_DETERMINISTIC",
+)
+
+# kernel-variant knobs that existed until the kernel choice moved into dispatch.py: the winners are
+# now fixed by the inputs, the losers left the build (numbers in csrc/NOTES.md). Setting one raises
+# rather than being ignored.
+REMOVED = (
+    "LONGCAT_KERNELS_CUDA_IMPL",
+    "LONGCAT_KERNELS_SM90WS_VARIANT",
+    "LONGCAT_KERNELS_SM90WS_BSA_VARIANT",
+    "LONGCAT_KERNELS_SM90_WARPGROUPS",
+    "LONGCAT_KERNELS_SM90_BSA_STAGES",
+)
+
+
+def check_removed() -> None:
+    """Raises ``ValueError`` if a removed kernel-variant variable (``REMOVED``) is set."""
+    for name in REMOVED:
+        if name in os.environ:
+            raise ValueError(
+                f"{name}: removed (set to {os.environ[name]!r}); the kernel follows from the inputs "
+                "(longcat_kernels/dispatch.py; pass backend= to choose a backend), the lost variants' numbers "
+                "are in csrc/NOTES.md. Unset it."
+            )
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """``name`` as a boolean: unset or empty -> ``default``; ``0``/``1`` (also false/true, no/yes,
+    off/on). Anything else raises ``ValueError`` naming the variable."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected 0 or 1, got {os.environ[name]!r}")
+
+
+def backend_override() -> Optional[str]:
+    """``LONGCAT_KERNELS_BACKEND`` (lower-cased), or None when unset/empty; raises on other names."""
+    raw = os.environ.get("LONGCAT_KERNELS_BACKEND", "").strip().lower()
+    if raw == "":
+        return None
+    if raw not in BACKENDS:
+        raise ValueError(f"LONGCAT_KERNELS_BACKEND: expected one of {BACKENDS}, got {os.environ['LONGCAT_KERNELS_BACKEND']!r}")
+    return raw
+
+
+_CAP = re.compile(r"^(\d+)\.(\d+)(a?)$")
+
+
+def cuda_arch_flags_from_env() -> Optional[List[str]]:
+    """nvcc target flags from ``LONGCAT_KERNELS_CUDA_ARCHS``, or None when unset/empty.
+
+    ``"9.0a;8.0"`` -> ``["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]``;
+    flags starting with ``-gencode``/``-arch``/``--generate-code`` pass verbatim. Raises ``ValueError``
+    on anything else.
+    """
+    raw = os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").strip()
+    if raw == "":
+        return None
+    flags_given = raw.split()
+    if all(t.startswith(("-gencode", "-arch", "--generate-code", "-code")) for t in flags_given):
+        return flags_given
+    toks = [t for t in re.split(r"[;,\s]+", raw) if t]
+    flags = []
+    for t in toks:
+        m = _CAP.match(t)
+        if m is None:
+            raise ValueError(
+                "LONGCAT_KERNELS_CUDA_ARCHS: expected compute capabilities like '9.0a;8.0' or nvcc "
+                f"-gencode flags, got {raw!r} (bad entry {t!r})"
+            )
+        cc = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+    return flags
+
+
+def cache_dir() -> str:
+    """JIT build cache root: ``LONGCAT_KERNELS_CACHE`` or ``~/.cache/longcat_kernels``."""
+    raw = os.environ.get("LONGCAT_KERNELS_CACHE", "").strip()
+    return raw or os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")

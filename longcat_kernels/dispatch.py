@@ -1,0 +1,481 @@
+"""Which kernel runs a call, and why: the one place where that is decided.
+
+Every public op does ``choice = choose(op, *tensors, requested=backend, **op facts)`` and then runs
+``impl_fn(op, choice.impl)``. ``choose`` collects the facts of the call and of this machine into a
+``Facts`` tuple and asks ``choose_kernel(op, facts, requested)``, a pure function of those facts
+(the whole table is unit-tested on CPU with fake facts). ``python -m longcat_kernels.env`` prints
+``choose_kernel``'s answer for representative inputs; ``last_choice(op)`` / ``record_choices()``
+return what actually ran, and each choice is logged at DEBUG on the ``longcat_kernels`` logger.
+
+Backends (user-facing names) and their implementations (``KernelChoice.impl``)::
+
+    backend  impl                    what runs
+    torch    torch_reference         ops/<op>/reference.py (SPEC semantics, any device and dtype)
+    triton   triton                  the op's Triton kernels (select_blocks, BSA, qk_norm_rope)
+    triton   triton_fused            cached-KV / prefix: one fused two-segment Triton kernel
+    triton   triton_prologue_cudnn   cached-KV / prefix: Triton RoPE prologue + cuDNN SDPA + Triton
+                                     lse merge. Only "auto" picks it; backend="triton" runs Triton
+                                     kernels only (triton_fused).
+    cuda     csrc_sm90_ws            csrc warp-specialised Hopper kernels (attn_fwd_sm90_ws.cu,
+                                     bsa_fwd_sm90_ws.cu): head_dim 128; BSA also one key segment
+                                     and 64-token query and key blocks
+    cuda     csrc_sm90               csrc wgmma kernel (attn_fwd_sm90.cu), any other Hopper call
+    cuda     csrc_sm80               csrc mma.sync kernel (attn_fwd_sm80.cu), non-Hopper GPUs or an
+                                     extension built without sm_90a code
+
+"auto" on CPU tensors runs the reference; on CUDA the measured-fastest implementation that can run
+(numbers next to the rules in ``choose_kernel``). An explicit backend (or ``LONGCAT_KERNELS_BACKEND``)
+never falls back: it raises ``BackendUnavailableError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from ._envvars import backend_override, check_removed
+
+__all__ = [
+    "BACKENDS",
+    "OPS",
+    "BackendUnavailableError",
+    "Facts",
+    "KernelChoice",
+    "choose_kernel",
+    "choose",
+    "machine_facts",
+    "impl_fn",
+    "last_choice",
+    "record_choices",
+]
+
+log = logging.getLogger("longcat_kernels")
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# public op name -> package under longcat_kernels.ops
+OPS: Dict[str, str] = {
+    "select_blocks": "block_sparse_attn",
+    "block_sparse_attn": "block_sparse_attn",
+    "block_sparse_attn_fwd": "block_sparse_attn",
+    "attn_with_kv_cache": "kv_cache_attn",
+    "prefix_attn": "kv_cache_attn",
+    "qk_norm_rope": "rope",
+}
+
+# ops the csrc extension implements (all forward only)
+CSRC_OPS = ("block_sparse_attn", "block_sparse_attn_fwd", "attn_with_kv_cache", "prefix_attn")
+KV_OPS = ("attn_with_kv_cache", "prefix_attn")
+BSA_OPS = ("block_sparse_attn", "block_sparse_attn_fwd")
+KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+# largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)
+CSRC_MAX_BLOCK_TOKENS = 1024
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs on this machine."""
+
+
+class Facts(NamedTuple):
+    """Everything the choice depends on (plain values: a test passes fake ones).
+
+    Attributes:
+        device_type: ``"cpu"``, ``"cuda"``, ... of the op's tensors.
+        dtype: e.g. ``"bfloat16"`` (``str(torch.dtype)`` without ``torch.``).
+        head_dim: last dim of q.
+        capability: ``(major, minor)`` of the CUDA device, None on CPU.
+        triton_error: None if ``import triton`` works, else why not.
+        interpret: ``TRITON_INTERPRET=1`` (Triton runs on CPU tensors in the interpreter).
+        ext_error: None if the compiled extension is loaded, else why not.
+        csrc_kernels: csrc kernel families this extension can run on this device
+            (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself).
+        cudnn: cuDNN usable.
+        requires_grad: some input requires grad and grad mode is on.
+        block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
+        block_tokens: block-sparse: (query block tokens, key block tokens); None if unknown.
+        key_segments: block-sparse: 1 (one key tensor) or 2 (``[cache; fresh]``).
+        env_backend: ``LONGCAT_KERNELS_BACKEND`` when set (replaces ``"auto"``), else None.
+    """
+
+    device_type: str = "cuda"
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    capability: Optional[Tuple[int, int]] = (9, 0)
+    triton_error: Optional[str] = None
+    interpret: bool = False
+    ext_error: Optional[str] = None
+    csrc_kernels: Tuple[str, ...] = ("sm90_ws", "sm90", "sm80")
+    cudnn: bool = True
+    requires_grad: bool = False
+    block_sparse: bool = False
+    block_tokens: Optional[Tuple[int, int]] = None
+    key_segments: int = 1
+    env_backend: Optional[str] = None
+
+
+class KernelChoice(NamedTuple):
+    """The decision: ``backend`` (user-facing name), ``impl`` (what runs), ``reason`` (why)."""
+
+    op: str
+    backend: str
+    impl: str
+    reason: str
+
+
+# ----------------------------------------------------------------------------------------------
+# the decision (pure)
+# ----------------------------------------------------------------------------------------------
+
+
+def _triton_reason(op: str, f: Facts) -> Optional[str]:
+    """Why the op's Triton kernels cannot run these inputs (None if they can)."""
+    if f.triton_error is not None:
+        return f.triton_error
+    if f.dtype not in KERNEL_DTYPES:
+        return f"dtype {f.dtype} is supported by the torch backend only"
+    if f.device_type == "cuda":
+        if f.interpret:
+            return "TRITON_INTERPRET=1 is set: Triton runs in the CPU interpreter, CUDA tensors are not supported"
+        return None
+    if f.device_type == "cpu":
+        return None if f.interpret else "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
+    return f"tensors on device type {f.device_type!r} are not supported"
+
+
+def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
+    """(csrc kernel family that runs the call or None, reason)."""
+    if op not in CSRC_OPS:
+        return None, f"{op} has no csrc kernel"
+    if f.device_type != "cuda":
+        return None, f"needs CUDA tensors, got tensors on {f.device_type}"
+    if f.ext_error is not None:
+        return None, f.ext_error
+    if f.dtype not in ("bfloat16", "float16"):
+        return None, f"dtype {f.dtype} not supported (bf16/fp16 only; use 'triton' or 'torch' for fp32)"
+    if f.head_dim not in (64, 128):
+        return None, f"head_dim {f.head_dim} not supported (64 or 128)"
+    if f.requires_grad:
+        return None, "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
+    if f.block_sparse and f.block_tokens is not None and max(f.block_tokens) > CSRC_MAX_BLOCK_TOKENS:
+        return None, (f"blocks of {f.block_tokens} tokens; the csrc kernels take at most "
+                      f"{CSRC_MAX_BLOCK_TOKENS} tokens per block")
+    ks = f.csrc_kernels
+    if "sm90_ws" in ks and f.head_dim == 128:
+        if not f.block_sparse:
+            return "sm90_ws", "Hopper, head_dim 128: warp-specialised dense kernel"
+        if f.key_segments == 1 and f.block_tokens == (64, 64):
+            return "sm90_ws", "Hopper, head_dim 128, 64-token blocks, one key segment: warp-specialised BSA kernel"
+    if "sm90" in ks:
+        why = "head_dim 64" if f.head_dim != 128 else (
+            "block-sparse over [cache; fresh] keys" if f.block_sparse and f.key_segments != 1
+            else f"blocks of {f.block_tokens} tokens (not 64/64)" if f.block_sparse
+            else "no warp-specialised kernel in this build")
+        return "sm90", f"Hopper wgmma kernel ({why}: the warp-specialised kernels do not apply)"
+    if "sm80" in ks:
+        return "sm80", "mma.sync kernel (no sm_90a code for this device in the extension)"
+    return None, "the extension reports no kernel that runs on this device"
+
+
+def _triton_impl(op: str) -> str:
+    return "triton_fused" if op in KV_OPS else "triton"
+
+
+def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
+    if op not in KV_OPS:
+        return f"{op} has no cuDNN route"
+    if f.block_sparse:
+        return "cuDNN has no block-sparse mode"
+    if f.device_type != "cuda" or f.dtype not in ("bfloat16", "float16") or f.head_dim > 128:
+        return "cuDNN SDPA needs CUDA bf16/fp16 inputs with head_dim <= 128"
+    if not f.cudnn:
+        return "cuDNN is not available"
+    return _triton_reason(op, f)  # the RoPE prologue and the lse merge are Triton kernels
+
+
+def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoice:
+    """The implementation that runs ``op`` for these facts, and why.
+
+    Args:
+        op: a public op name from ``OPS``.
+        facts: the call's and the machine's facts (``choose`` collects them).
+        requested: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Raises:
+        BackendUnavailableError: an explicit backend (or ``LONGCAT_KERNELS_BACKEND``) cannot run.
+        ValueError: unknown op or backend name.
+    """
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {sorted(OPS)}, got {op!r}")
+    if requested not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {requested!r}")
+    via = ""
+    if requested == "auto" and facts.env_backend not in (None, "auto"):
+        requested = facts.env_backend
+        via = f" (LONGCAT_KERNELS_BACKEND={requested})"
+
+    if requested == "torch":
+        return KernelChoice(op, "torch", "torch_reference", "backend='torch' requested" + via)
+    if requested == "triton":
+        r = _triton_reason(op, facts)
+        if r is not None:
+            raise BackendUnavailableError(f"{op}: backend 'triton' unavailable{via}: {r}")
+        return KernelChoice(op, "triton", _triton_impl(op), "backend='triton' requested" + via)
+    if requested == "cuda":
+        kernel, r = _csrc_kernel(op, facts)
+        if kernel is None:
+            raise BackendUnavailableError(f"{op}: backend 'cuda' unavailable{via}: {r}")
+        return KernelChoice(op, "cuda", f"csrc_{kernel}", f"backend='cuda' requested{via}; {r}")
+
+    # ---- auto ----
+    if facts.device_type != "cuda":
+        return KernelChoice(op, "torch", "torch_reference",
+                            f"auto on {facts.device_type} tensors runs the reference")
+    if facts.dtype not in KERNEL_DTYPES:
+        return KernelChoice(op, "torch", "torch_reference", f"dtype {facts.dtype}: only the reference takes it")
+    kernel, csrc_why = _csrc_kernel(op, facts)
+    triton_r = _triton_reason(op, facts)
+    # 1. csrc warp-specialised Hopper kernels where they apply (measured, H100, same runs):
+    #    cached-KV B2 H32 D128 bf16 with RoPE, all work: cond 4 60.3 ms vs 69.6 ms for the Triton
+    #    prologue + cuDNN route, cond 16 24.4 vs 27.8 (bench/results/h100/cuda-ext-v6-ws_20261124.json run 3);
+    #    prefix_attn is two launches of the same kernel. BSA B1 H32 D128 chunk 4x4x4: 24x44x80 at
+    #    0.9375 19.3 ms vs triton 21.5, 24x30x52 4.47 vs 5.65 (cuda_ext_v7_bsa_ws.json). Block-sparse
+    #    cached-KV calls are not timed on csrc: they keep the Triton kernel below.
+    if kernel == "sm90_ws" and not (op == "attn_with_kv_cache" and facts.block_sparse):
+        return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
+    # 2. dense cached-KV / prefix: Triton RoPE prologue + cuDNN (H100 cond 4: 69 ms vs 74 ms for the
+    #    fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json)
+    if op in KV_OPS and _cudnn_reason(op, facts) is None:
+        why = "Hopper warp-specialised csrc kernel not available: " + csrc_why if kernel is None else (
+            "csrc " + kernel + " kernel is slower")
+        return KernelChoice(op, "triton", "triton_prologue_cudnn",
+                            f"fastest measured where the warp-specialised csrc kernel does not run ({why})")
+    # 3. Triton: BSA 24x44x80 triton 21.4 ms vs csrc sm90 25.9 ms (bench/results/h100/cuda-ext-v5_20261124.json);
+    #    cached-KV fused kernel vs csrc sm80 v1 165 ms
+    if triton_r is None:
+        if op in CSRC_OPS:
+            why = f"csrc: {csrc_why}" if kernel is None else f"faster than csrc {kernel}"
+        else:
+            why = "no csrc kernel for this op"
+        return KernelChoice(op, "triton", _triton_impl(op), f"Triton kernel ({why})")
+    # 4. csrc without Triton
+    if kernel is not None:
+        return KernelChoice(op, "cuda", f"csrc_{kernel}", f"Triton unavailable ({triton_r}); {csrc_why}")
+    return KernelChoice(op, "torch", "torch_reference",
+                        f"no kernel backend can run (triton: {triton_r}; cuda: {csrc_why})")
+
+
+# ----------------------------------------------------------------------------------------------
+# facts of this machine and of a call
+# ----------------------------------------------------------------------------------------------
+
+_TRITON: Dict[str, Optional[str]] = {}
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+
+
+def triton_interpret() -> bool:
+    """True when ``TRITON_INTERPRET=1`` (Triton kernels run on CPU tensors, slowly)."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_status() -> Optional[str]:
+    """None if ``import triton`` works, else the reason. The import is attempted once."""
+    if "error" not in _TRITON:
+        try:
+            import triton  # noqa: F401, PLC0415
+
+            _TRITON["error"] = None
+        except Exception as e:  # noqa: BLE001 - any failure means unusable
+            _TRITON["error"] = f"import triton failed: {type(e).__name__}: {e}"
+    return _TRITON["error"]
+
+
+def _capability(device: torch.device) -> Tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return _CAPABILITY[idx]
+
+
+def _cudnn() -> bool:
+    try:
+        return bool(torch.backends.cudnn.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+_MACHINE: Dict[Tuple[str, Optional[int]], Facts] = {}
+
+
+def machine_facts(device_type: str, device: Optional[torch.device] = None, probe_triton: bool = True) -> Facts:
+    """Facts of this machine for tensors on ``device_type`` (input facts left at defaults).
+
+    The compiled extension is loaded (or JIT-built) only for CUDA tensors; ``import triton`` is
+    tried for CUDA tensors, under ``TRITON_INTERPRET=1`` or when ``probe_triton`` (a plain CPU call
+    on "auto" runs the reference and never imports triton). Eager calls read the
+    environment each time; inside ``torch.compile`` the facts of the last eager call are reused
+    (nothing to trace: the environment and the extension's lock stay out of the graph)."""
+    key = (device_type, None if device is None else device.index, probe_triton)
+    if torch.compiler.is_compiling() and key in _MACHINE:
+        return _MACHINE[key]
+    f = _machine_facts(device_type, device, probe_triton)
+    if not torch.compiler.is_compiling():
+        _MACHINE[key] = f
+    return f
+
+
+def _machine_facts(device_type: str, device: Optional[torch.device], probe_triton: bool) -> Facts:
+    check_removed()
+    interpret = triton_interpret()
+    triton_error = triton_status() if (probe_triton or device_type == "cuda" or interpret) else None
+    if device_type == "cuda" and torch.cuda.is_available():
+        from ._ext import csrc_kernels, extension_error  # noqa: PLC0415
+
+        cap = _capability(device if device is not None else torch.device("cuda"))
+        ext_error = extension_error()
+        ks = csrc_kernels() if ext_error is None else ()
+        return Facts("cuda", capability=cap, triton_error=triton_error, interpret=interpret,
+                     ext_error=ext_error, csrc_kernels=ks, cudnn=_cudnn(), env_backend=backend_override())
+    ext_error = "no CUDA device (torch.cuda.is_available() is False)"
+    return Facts(device_type, capability=None, triton_error=triton_error, interpret=interpret,
+                 ext_error=ext_error, csrc_kernels=(), cudnn=False, env_backend=backend_override())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+_LAST: Dict[str, KernelChoice] = {}
+_RECORDERS: List[List[KernelChoice]] = []
+
+
+def choose(
+    op: str,
+    *tensors,
+    requested: str = "auto",
+    block_sparse: bool = False,
+    block_tokens: Optional[Tuple[int, int]] = None,
+    key_segments: int = 1,
+    needs_grad: Optional[bool] = None,
+) -> KernelChoice:
+    """Collects the facts of this call (first tensor: device, dtype, head_dim) and decides.
+
+    Args:
+        op: public op name.
+        tensors: the op's tensor inputs (None entries ignored).
+        requested: the ``backend=`` argument.
+        block_sparse, block_tokens, key_segments: see ``Facts``.
+        needs_grad: override of ``requires_grad`` (default: any tensor requires grad, grad mode on).
+    """
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    q = ts[0]
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    probe = requested == "triton" or (
+        requested == "auto" and not torch.compiler.is_compiling() and backend_override() == "triton")
+    f = machine_facts(q.device.type, q.device, probe_triton=probe)._replace(
+        dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad),
+        block_sparse=bool(block_sparse), block_tokens=block_tokens, key_segments=int(key_segments),
+    )
+    choice = choose_kernel(op, f, requested)
+    if not torch.compiler.is_compiling():
+        _LAST[op] = choice
+        for rec in _RECORDERS:
+            rec.append(choice)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: backend=%s impl=%s (%s)", op, choice.backend, choice.impl, choice.reason)
+    return choice
+
+
+def last_choice(op: str) -> Optional[KernelChoice]:
+    """The last ``KernelChoice`` made for ``op`` in this process (eager calls), or None."""
+    return _LAST.get(op)
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[List[KernelChoice]]:
+    """``with record_choices() as got: ...``: ``got`` lists every choice made inside, in order."""
+    rec: List[KernelChoice] = []
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry: (op, impl) -> callable
+# ----------------------------------------------------------------------------------------------
+
+# Every implementation takes the op's normalised arguments (see each op's api.py docstring).
+# csrc impls are one function per op with kernel=<family>; the kernel is passed explicitly.
+_REGISTRY: Dict[Tuple[str, str], Tuple[str, str, Optional[str]]] = {
+    ("select_blocks", "triton"): ("block_sparse_attn.triton", "select_blocks_triton", None),
+    ("block_sparse_attn", "triton"): ("block_sparse_attn.triton", "block_sparse_attn_triton", None),
+    ("block_sparse_attn_fwd", "triton"): ("block_sparse_attn.triton", "bsa_forward_triton", None),
+    ("attn_with_kv_cache", "triton_fused"): ("kv_cache_attn.triton", "attn_with_kv_cache_triton", None),
+    ("attn_with_kv_cache", "triton_prologue_cudnn"): ("kv_cache_attn.cudnn", "attn_with_kv_cache_cudnn", None),
+    ("prefix_attn", "triton_fused"): ("kv_cache_attn.triton", "prefix_attn_triton", None),
+    ("prefix_attn", "triton_prologue_cudnn"): ("kv_cache_attn.cudnn", "prefix_attn_cudnn", None),
+    ("qk_norm_rope", "triton"): ("rope.triton", "qk_norm_rope_triton", None),
+}
+for _op, _fn in (
+    ("block_sparse_attn", "block_sparse_attn_cuda"),
+    ("block_sparse_attn_fwd", "bsa_forward_cuda"),
+    ("attn_with_kv_cache", "attn_with_kv_cache_cuda"),
+    ("prefix_attn", "prefix_attn_cuda"),
+):
+    _pkg = OPS[_op]
+    for _k in ("sm90_ws", "sm90", "sm80"):
+        _REGISTRY[(_op, f"csrc_{_k}")] = (f"{_pkg}.cuda", _fn, _k)
+
+_CALLABLES: Dict[Tuple[str, str], Callable] = {}
+
+
+def _bind(fn: Callable, kernel: Optional[str]) -> Callable:
+    if kernel is None:
+        return fn
+
+    def run(*args, **kwargs):
+        return fn(*args, kernel=kernel, **kwargs)
+
+    run.__name__ = f"{fn.__name__}[{kernel}]"
+    return run
+
+
+def impl_fn(op: str, impl: str) -> Callable:
+    """The callable registered for ``(op, impl)`` (``torch_reference`` is run by the op's api)."""
+    key = (op, impl)
+    fn = _CALLABLES.get(key)
+    if fn is None:
+        if key not in _REGISTRY:
+            raise KeyError(f"no implementation {impl!r} registered for {op!r}")
+        module, name, kernel = _REGISTRY[key]
+        full = f"longcat_kernels.ops.{module}"
+        mod = sys.modules.get(full)
+        if mod is None:
+            mod = importlib.import_module(full)
+        fn = _CALLABLES[key] = _bind(getattr(mod, name), kernel)
+    return fn
+
+
+def preload_kernel_modules() -> None:
+    """Imports the Triton modules now if they can run here (CUDA device or ``TRITON_INTERPRET=1``).
+
+    ``torch.compile`` cannot trace ``importlib``: the first call of an op inside a ``fullgraph=True``
+    compiled function would fail on the lazy import. Failures are left to the call that needs them.
+    """
+    if not (triton_interpret() or torch.cuda.is_available()) or triton_status() is not None:
+        return
+    for (op, impl), (module, _, _) in _REGISTRY.items():
+        if impl.startswith("triton"):
+            try:
+                impl_fn(op, impl)
+            except Exception as e:  # noqa: BLE001 - reported when the op is called
+                log.debug("preloading %s failed: %s", module, e)
