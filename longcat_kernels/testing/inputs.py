@@ -221,11 +221,12 @@ def selection_overlap(selection) -> Dict[str, float]:
 
     For every pair of query blocks adjacent along t, h or w (block raster over ``grid_q /
     chunk_q``), per batch and head: ``jaccard = |S_a & S_b| / |S_a | S_b|`` (1: same key blocks,
-    0: disjoint; pairs whose union is empty are skipped). And for the pairing a two-query-block
-    kernel would use (blocks ``2i`` and ``2i + 1`` of the raster, the same row when ``nw`` is
-    even): ``pair_load_ratio = sum |S_a | S_b| / sum (|S_a| + |S_b|)``, the fraction of key-block
-    loads left when each pair loads the union of its selections once (0.5: identical selections,
-    1.0: disjoint).
+    0: disjoint; pairs whose union is empty are skipped). And for the pairing of the two-query-block
+    kernel (``ops/block_sparse_attn/triton_pairs.py``: blocks ``(t, h, 2i)`` and ``(t, h, 2i + 1)``;
+    with an odd row length the last block of a row is alone):
+    ``pair_load_ratio = sum |S_a | S_b| / sum (|S_a| + |S_b|)``, the fraction of key-block loads
+    left when each pair loads the union of its selections once (0.5: identical selections, 1.0:
+    disjoint).
 
     Args:
         selection (BlockSelection): from ``select_blocks``.
@@ -269,14 +270,13 @@ def selection_overlap(selection) -> Dict[str, float]:
         out[f"jaccard_{name}"] = s / cnt if cnt else float("nan")
         tot_j, tot_n = tot_j + s, tot_n + cnt
     out["jaccard_mean"] = tot_j / tot_n if tot_n else float("nan")
-    P = Nq // 2
-    if P:
-        a, b = member[:, :, 0:2 * P:2], member[:, :, 1:2 * P:2]
-        union = (a | b).sum(-1).double().sum()
-        both = (a.sum(-1) + b.sum(-1)).double().sum()
-        out["pair_load_ratio"] = float(union / both) if both > 0 else float("nan")
-    else:
-        out["pair_load_ratio"] = float("nan")
+    a = grid_m[:, :, :, :, 0::2]  # first block of each pair along w
+    b = grid_m[:, :, :, :, 1::2]
+    if b.shape[4] < a.shape[4]:  # odd row length: the lone last block pairs with nothing
+        b = torch.cat([b, torch.zeros_like(a[:, :, :, :, :1])], dim=4)
+    union = (a | b).sum(-1).double().sum()
+    both = (a.sum(-1) + b.sum(-1)).double().sum()
+    out["pair_load_ratio"] = float(union / both) if both > 0 else float("nan")
     out["mean_selected"] = float(counts.double().mean())
     out["num_k_blocks"] = float(Nk)
     return out

@@ -100,3 +100,10 @@ def test_video_inputs_reject_bad_arguments(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         ti.make_video_qkv(**args)
+
+
+def test_overlap_pairs_follow_the_pairs_kernel_on_odd_rows():
+    # 3 blocks along w: pair (0, 1) loads {0} once for 2 selections; block 2 is alone
+    r = ti.selection_overlap(_sel([[[0], [0], [1]]], (1, 1, 3), (1, 1, 2)))
+    assert r["pair_load_ratio"] == pytest.approx(2 / 3)
+    assert r["jaccard_w"] == pytest.approx(0.5)
