@@ -68,7 +68,7 @@ def run_mode(args, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
     init_random_(dit, seed=1234)
     dit.requires_grad_(False)
     weights_bytes = sum(p.numel() * p.element_size() for p in dit.parameters())
-    model = tr.add_lora(dit, tr.lora_config(rank=args.rank, alpha=args.alpha))
+    model = tr.add_lora(dit, tr.lora_config(rank=args.rank, alpha=args.alpha), fp32_adapters=not args.lowp_adapters)
     model.train()
     if not args.no_checkpointing:
         tr.enable_activation_checkpointing(model)
@@ -126,7 +126,7 @@ def run_mode(args, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
         "hidden": cfg.hidden_size, "depth": cfg.depth, "heads": cfg.num_heads, "grid": list(args.grid),
         "batch": args.batch, "text_len": args.text_len, "dtype": str(dtype).replace("torch.", ""),
         "rank": args.rank, "alpha": args.alpha, "trainable_params": n_train,
-        "activation_checkpointing": not args.no_checkpointing,
+        "activation_checkpointing": not args.no_checkpointing, "fp32_adapters": not args.lowp_adapters,
         "step_ms_median": statistics.median(timed) * 1e3, "step_ms_all": [t * 1e3 for t in times],
         "peak_mem_gib": None if peak is None else peak / 2**30, "weights_gib": weights_bytes / 2**30,
         "losses": losses, "lora_file": path, "reload_max_rel_diff": reload_rel,
@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help="attn_backend (default: tiny torch, GPU auto)")
     p.add_argument("--overfit", action="store_true", help="fixed noise and sigmas (default with --tiny)")
     p.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations")
+    p.add_argument("--lowp-adapters", action="store_true",
+                   help="adapters in the weight dtype (bf16) instead of fp32 (peft's default)")
     p.add_argument("--out", default=None, help="folder for the saved adapters (default: a temp folder)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -114,9 +114,14 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
                               lora_dropout=float(dropout), bias="none", **kwargs)
 
 
-def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default"):
+def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32_adapters: bool = True):
     """Wraps ``dit`` (a ``LongCatDiT``) with ``peft.get_peft_model``: adapters on the targets of
     ``config`` (default ``lora_config()``), every other parameter frozen.
+
+    ``fp32_adapters`` (peft's ``autocast_adapter_dtype``): on a bf16/fp16 DiT, keep the adapter
+    weights in fp32 (optimizer updates are not rounded to bf16; peft then runs each adapter in
+    fp32, casting its input, which costs an fp32 copy of every adapted layer's input). False:
+    adapters in the weight dtype (less memory and time, coarser updates).
 
     Returns:
         peft.PeftModel: call it like the DiT; ``.get_base_model()`` is ``dit`` (modified in place).
@@ -132,7 +137,7 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default"):
     active = list(getattr(dit, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
-    return peft.get_peft_model(dit, config, adapter_name=adapter_name)
+    return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
 
 
 # ====================================================================== activation checkpointing
