@@ -10,8 +10,10 @@ and each (chunk, sparsity) case at the LongCat shape (grid 24x44x80, B1 H32 D128
 2. check: pairs output and lse vs the Triton forward's (bf16; max abs diff, relative L2; a case
    whose check fails is reported and not timed);
 3. time (``triton.testing.do_bench``, median, L2 flushed between reps): Triton forward, pairs
-   forward including its union build, the union build alone, pairs kernel alone for a few
-   (num_warps, num_stages), and the Triton forward+backward (the training path) on the same inputs.
+   forward (``split`` variant) including its union build, the union build alone, the pairs kernel
+   alone for both variants (``split``: per-block matmuls, union loads; ``masked``: one 2-block tile)
+   and a few (num_warps, num_stages), and the Triton forward+backward (the training path) on the
+   same inputs.
 
 Upstream's BSA is not installed on the device machine, so it is not timed here (issue 18 quotes
 H200 upstream: 27.82 ms forward, 95.23 ms forward+backward at 24x44x80, 0.9375).
@@ -39,6 +41,7 @@ from longcat_kernels.testing import make_qkv, make_video_qkv, selection_overlap
 # too large for registers at D=128, so 4x4x8 times only the dispatched Triton path
 CASES = [((4, 4, 4), 0.9375, True), ((4, 4, 4), 0.875, True), ((4, 4, 8), 0.9375, False), ((4, 4, 8), 0.875, False)]
 PAIR_CONFIGS = [(4, 2), (8, 2), (8, 3), (4, 3)]
+VARIANTS = ("split", "masked")
 
 
 def _ms(fn, quick: bool) -> float:
@@ -62,14 +65,19 @@ def run_case(kind: str, chunk, sparsity, args, pairs: bool = True) -> dict:
            "overlap": selection_overlap(sel)}
     # ---- check
     ref_out, ref_lse = T.bsa_forward_triton(q, k, v, sel, scale)
-    out, lse = P.bsa_forward_pairs(q, k, v, sel, scale) if pairs else (ref_out, ref_lse)
-    torch.cuda.synchronize()
-    diff = (out.float() - ref_out.float())
-    rel = float(diff.norm() / ref_out.float().norm().clamp_min(1e-12))
-    fin = torch.isfinite(ref_lse)
-    lse_diff = float((lse[fin] - ref_lse[fin]).abs().max()) if fin.any() else 0.0
-    ok = (not out.isnan().any().item()) and rel < 1e-2 and lse_diff < 1e-2 and torch.equal(torch.isfinite(lse), fin)
-    res["check"] = {"ok": bool(ok), "pairs_run": pairs, "out_rel_l2": rel, "out_max_abs": float(diff.abs().max()), "lse_max_abs": lse_diff}
+    checks, ok = {}, True
+    for variant in VARIANTS if pairs else ():
+        out, lse = P.bsa_forward_pairs(q, k, v, sel, scale, variant=variant)
+        torch.cuda.synchronize()
+        diff = (out.float() - ref_out.float())
+        rel = float(diff.norm() / ref_out.float().norm().clamp_min(1e-12))
+        fin = torch.isfinite(ref_lse)
+        lse_diff = float((lse[fin] - ref_lse[fin]).abs().max()) if fin.any() else 0.0
+        v_ok = (not out.isnan().any().item()) and rel < 1e-2 and lse_diff < 1e-2 and torch.equal(torch.isfinite(lse), fin)
+        checks[variant] = {"ok": bool(v_ok), "out_rel_l2": rel, "out_max_abs": float(diff.abs().max()),
+                           "lse_max_abs": lse_diff}
+        ok = ok and v_ok
+    res["check"] = {"ok": bool(ok), "pairs_run": pairs, "variants": checks}
     print(f"[{kind} chunk {chunk} s={sparsity}] overlap "
           f"{ {k_: round(v_, 3) for k_, v_ in res['overlap'].items()} } check {res['check']}", flush=True)
     if not ok:
@@ -83,15 +91,18 @@ def run_case(kind: str, chunk, sparsity, args, pairs: bool = True) -> dict:
     t["pair_union_build"] = _ms(lambda: P.pair_union(sel), args.quick) if pairs else None
     union = P.pair_union(sel) if pairs else None
     per_cfg = {}
-    for nw, ns in PAIR_CONFIGS if pairs else ():
-        try:
-            per_cfg[f"w{nw}s{ns}"] = _ms(lambda: P.bsa_forward_pairs(q, k, v, sel, scale, union=union, num_warps=nw,
-                                                                     num_stages=ns), args.quick)
-        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config
-            per_cfg[f"w{nw}s{ns}"] = f"failed: {type(e).__name__}: {e}"[:200]
+    for variant in VARIANTS if pairs else ():
+        for nw, ns in PAIR_CONFIGS:
+            try:
+                per_cfg[f"{variant}_w{nw}s{ns}"] = _ms(
+                    lambda: P.bsa_forward_pairs(q, k, v, sel, scale, union=union, variant=variant, num_warps=nw,
+                                                num_stages=ns), args.quick)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config
+                per_cfg[f"{variant}_w{nw}s{ns}"] = f"failed: {type(e).__name__}: {e}"[:200]
     t["fwd_pairs_kernel_by_config"] = per_cfg
-    good = [x for x in per_cfg.values() if isinstance(x, float)]
-    t["fwd_pairs_kernel_best"] = min(good) if good else None
+    for variant in VARIANTS:
+        good = [x for key, x in per_cfg.items() if key.startswith(variant + "_") and isinstance(x, float)]
+        t[f"fwd_pairs_kernel_best_{variant}"] = min(good) if good else None
     qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
     do = torch.randn_like(q)
 
@@ -103,7 +114,8 @@ def run_case(kind: str, chunk, sparsity, args, pairs: bool = True) -> dict:
     t["fwd_bwd_triton"] = _ms(fwd_bwd, args.quick)
     res["ms"] = t
     print(f"    ms: fwd triton {t['fwd_triton']:.2f} | pairs incl union {t['fwd_pairs_incl_union']} "
-          f"(union {t['pair_union_build']}, kernel best {t['fwd_pairs_kernel_best']}) | "
+          f"(union {t['pair_union_build']}, kernel best split {t['fwd_pairs_kernel_best_split']} / masked "
+          f"{t['fwd_pairs_kernel_best_masked']}) | "
           f"fwd+bwd triton {t['fwd_bwd_triton']:.2f} | gating {t['select_blocks_triton']:.2f}", flush=True)
     return res
 
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({"header": machine_header("cuda"), "results": results}, f, indent=2, default=str)
     print(f"\n{'inputs':7} {'chunk':8} {'sparsity':>8} {'pairload':>8} {'jacc':>6} {'fwd':>8} {'pairs':>8} "
-          f"{'kernel':>8} {'fwd+bwd':>8}  check")
+          f"{'k.split':>8} {'k.masked':>8} {'fwd+bwd':>8}  check")
     for r in results:
         if "error" in r:
             print(f"{r['inputs']:7} {str(r['chunk']):8} {r['sparsity']:8} ERROR")
@@ -146,7 +158,8 @@ def main(argv=None) -> int:
 
         print(f"{r['inputs']:7} {'x'.join(map(str, r['chunk'])):8} {r['sparsity']:8} {ov['pair_load_ratio']:8.3f} "
               f"{ov['jaccard_mean']:6.3f} {f(ms.get('fwd_triton'))} {f(ms.get('fwd_pairs_incl_union'))} "
-              f"{f(ms.get('fwd_pairs_kernel_best'))} {f(ms.get('fwd_bwd_triton'))}  {r['check']['ok']}")
+              f"{f(ms.get('fwd_pairs_kernel_best_split'))} {f(ms.get('fwd_pairs_kernel_best_masked'))} "
+              f"{f(ms.get('fwd_bwd_triton'))}  {r['check']['ok']}")
     print(f"wrote {path}")
     return 0
 

@@ -47,13 +47,17 @@ def test_pair_union_matches_python_sets():
                 assert bits == [(1 if x in sa else 0) | (2 if x in sb else 0) for x in ids]
 
 
+_PARTIAL = dict(grid_q=(3, 3, 6), grid_k=(3, 3, 6), chunk=(2, 2, 2), video=False)  # partial blocks, odd rows
+
+
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("case", [
-    dict(grid_q=(2, 4, 8), grid_k=(2, 4, 8), chunk=(1, 4, 4), video=False),   # divisible, even rows
-    dict(grid_q=(2, 4, 8), grid_k=(4, 4, 8), chunk=(1, 4, 4), video=True),    # Tq != Tk
-    dict(grid_q=(3, 3, 6), grid_k=(3, 3, 6), chunk=(2, 2, 2), video=False),   # partial blocks, odd rows
+@pytest.mark.parametrize("case, variant", [
+    (dict(grid_q=(2, 4, 8), grid_k=(2, 4, 8), chunk=(1, 4, 4), video=False), "split"),  # divisible, even rows
+    (dict(grid_q=(2, 4, 8), grid_k=(4, 4, 8), chunk=(1, 4, 4), video=True), "split"),   # Tq != Tk
+    (_PARTIAL, "split"),
+    (_PARTIAL, "masked"),
 ])
-def test_pairs_forward_matches_reference_fp32(case):
+def test_pairs_forward_matches_reference_fp32(case, variant):
     from longcat_kernels.ops.block_sparse_attn.triton_pairs import bsa_forward_pairs
 
     gq, gk, chunk = case["grid_q"], case["grid_k"], case["chunk"]
@@ -64,7 +68,7 @@ def test_pairs_forward_matches_reference_fp32(case):
     else:
         q, k, v = make_qkv(B, Sq, H, D, seq_k=Sk, permuted=True)
     sel = _with_empty_rows(select_blocks(q, k, grid_q=gq, grid_k=gk, chunk_q=chunk, sparsity=0.5, backend="torch"))
-    out, lse = bsa_forward_pairs(q, k, v, sel, scale=0.3)
+    out, lse = bsa_forward_pairs(q, k, v, sel, scale=0.3, variant=variant)
     ref_out, ref_lse = block_sparse_attn_reference(q.double(), k.double(), v.double(), sel, 0.3)
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
@@ -82,12 +86,16 @@ def test_pairs_forward_rejects_bad_shapes():
     sel = select_blocks(q, k, grid_q=(2, 4, 4), chunk_q=(1, 4, 4), sparsity=0.5, backend="torch")
     with pytest.raises(ValueError, match="head_dim"):
         bsa_forward_pairs(q, k, v, sel)
+    q, k, v = make_qkv(1, 32, 2, 16)
+    with pytest.raises(ValueError, match="variant"):
+        bsa_forward_pairs(q, k, v, sel, variant="fused")
 
 
 @pytest.mark.triton_gpu
+@pytest.mark.parametrize("variant", ["split", "masked"])
 @pytest.mark.parametrize("kind", ["random", "video"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_pairs_forward_gpu_matches_triton_forward(kind, dtype):
+def test_pairs_forward_gpu_matches_triton_forward(kind, dtype, variant):
     from longcat_kernels.ops.block_sparse_attn.triton import bsa_forward_triton
     from longcat_kernels.ops.block_sparse_attn.triton_pairs import bsa_forward_pairs
 
@@ -98,7 +106,7 @@ def test_pairs_forward_gpu_matches_triton_forward(kind, dtype):
     else:
         q, k, v = make_video_qkv(B, grid, H, D, dtype=dtype, device="cuda")
     sel = _with_empty_rows(select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.75, backend="triton"))
-    out, lse = bsa_forward_pairs(q, k, v, sel)
+    out, lse = bsa_forward_pairs(q, k, v, sel, variant=variant)
     ref_out, ref_lse = bsa_forward_triton(q, k, v, sel, D ** -0.5)
     ref64, _ = block_sparse_attn_reference(q.double(), k.double(), v.double(), sel, D ** -0.5)
     assert not out.isnan().any()

@@ -4,18 +4,22 @@ Why: at sparsity 0.9375 the forward is bound by gathering the selected K/V block
 14 ms of K/V gathers out of 20 at 24x44x80). On video, neighbouring query blocks select mostly the
 same key blocks (``testing.inputs.selection_overlap``), so one program that serves two query
 blocks and loads each key block of the *union* of their selections once moves fewer bytes:
-``|S_a | S_b|`` key-block loads instead of ``|S_a| + |S_b|``. The price: the tile of scores is
-``2 x`` taller, and a key block only one of the two selected is still multiplied against both
-query blocks (masked), so the matmul work is ``2 |S_a | S_b|`` block products instead of
-``|S_a| + |S_b|``. A win needs large overlap; random inputs (independent selections) lose.
+``|S_a | S_b|`` key-block loads instead of ``|S_a| + |S_b|``. Two variants:
+
+- ``split`` (default): the two query blocks keep their own tiles and softmax states; each union
+  key block is loaded once and multiplied only against the block(s) that selected it (uniform
+  branches on a 2-bit mask). Matmul work equals the per-block kernel's; only loads shrink.
+- ``masked``: one ``2 BM``-row tile against every union block, scores masked per half: fewer,
+  larger matmuls, and more work (``2 |S_a | S_b|`` block products instead of ``|S_a| + |S_b|``).
+
+Random inputs (independent selections) have little overlap: expect no gain there.
 
 Pairing: query blocks ``(bt, bh, 2i)`` and ``(bt, bh, 2i + 1)`` (neighbours along w in the same
 row; an odd row length leaves the last block of a row alone). ``pair_union`` builds, on the
 device and without host synchronisation, each pair's sorted union of key blocks with a 2-bit
 mask (bit 0: the first block selected it, bit 1: the second). ``bsa_forward_pairs`` then runs
-one program per (pair, batch*head): ``2 * BM`` query rows, online softmax over the union, each
-score masked to the key blocks its own query block selected. Output and lse are exactly those of
-the per-block forward (same math, different order of key blocks: sorted by id here).
+one program per (pair, batch*head) with an online softmax over the union. Output and lse are
+those of the per-block forward (same math; key blocks visited in ascending id order).
 """
 
 from __future__ import annotations
@@ -181,17 +185,122 @@ def bsa_fwd_pairs_kernel(
     tl.store(p_lse, b_lse, mask=m_q)
 
 
+@triton.jit
+def _attend_block(b_q, b_k, b_v, m_k, b_m, b_l, b_acc, scale_log2, IEEE: tl.constexpr):
+    """Online-softmax update of one query tile by one key block (masked key rows -> -inf)."""
+    if IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    b_s = tl.where(m_k[None, :], b_s * scale_log2, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_p = tl.exp2(b_s - b_ms[:, None])
+    b_alpha = tl.exp2(b_m - b_ms)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None]
+    if IEEE:
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision="ieee")
+    else:
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
+def _store_rows(o, lse, b_acc, b_m, b_l, seq_q, m_q, i_b, i_h, i_bh, s_ob, s_os, s_oh, S_Q, o_d):
+    m_empty = b_l == 0.0
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(tl.where(m_empty, 1.0, b_l))) * 0.6931471805599453)
+    b_o = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
+    p_o = o + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + seq_q[:, None] * s_os + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_q[:, None])
+    tl.store(lse + i_bh.to(tl.int64) * S_Q + seq_q, b_lse, mask=m_q)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tk", "HH", "WW", "nHq", "nWq", "nHk", "nWk", "NP", "NPW", "U"])
+def bsa_fwd_pairs_split_kernel(
+    q, k, v, o, lse, uidx, ubits, ucnt,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    Tq, Tk, HH, WW, nHq, nWq, nHk, nWk, NP, NPW, U,
+    NH, scale_log2,
+    CQT: tl.constexpr, CQH: tl.constexpr, CQW: tl.constexpr,
+    CKT: tl.constexpr, CKH: tl.constexpr, CKW: tl.constexpr,
+    BM: tl.constexpr, KBLK: tl.constexpr, D: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Like ``bsa_fwd_pairs_kernel`` but the two query blocks keep separate ``BM``-row tiles and
+    softmax states: each key block of the union is loaded once and multiplied only against the
+    query block(s) that selected it (uniform branches on its 2-bit mask), so the matmul work is
+    that of the per-block kernel and only the K/V loads shrink."""
+    i_p = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // NH
+    i_h = i_bh % NH
+    row = i_p // NPW
+    pw = i_p % NPW
+    blk_a = row * nWq + 2 * pw
+    has_b = 2 * pw + 1 < nWq
+    o_r = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    seq_a, m_a = _block_rows(blk_a, o_r, Tq, HH, WW, nHq, nWq, CQT, CQH, CQW)
+    seq_b, m_b = _block_rows(blk_a + 1, o_r, Tq, HH, WW, nHq, nWq, CQT, CQH, CQW)
+    m_b = m_b & (o_r < tl.where(has_b, BM, 0))  # a lone last block of a row: no second block
+    seq_a = tl.where(m_a, seq_a, 0).to(tl.int64)
+    seq_b = tl.where(m_b, seq_b, 0).to(tl.int64)
+    q_base = q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
+    b_qa = tl.load(q_base + seq_a[:, None] * s_qs + o_d[None, :], mask=m_a[:, None], other=0.0)
+    b_qb = tl.load(q_base + seq_b[:, None] * s_qs + o_d[None, :], mask=m_b[:, None], other=0.0)
+
+    prow = i_bh.to(tl.int64) * NP + i_p
+    n_u = tl.load(ucnt + prow)
+    p_idx = uidx + prow * U
+    p_bits = ubits + prow * U
+    o_c = tl.arange(0, KBLK)
+    k_base = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
+    v_base = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+
+    b_ma = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_la = tl.zeros([BM], dtype=tl.float32)
+    b_acca = tl.zeros([BM, D], dtype=tl.float32)
+    b_mb = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_lb = tl.zeros([BM], dtype=tl.float32)
+    b_accb = tl.zeros([BM, D], dtype=tl.float32)
+    for j in range(0, n_u):
+        kb = tl.load(p_idx + j)
+        bits = tl.load(p_bits + j)
+        seq_k, m_k = _block_rows(kb, o_c, Tk, HH, WW, nHk, nWk, CKT, CKH, CKW)
+        seq_k = seq_k.to(tl.int64)
+        if EVEN_K:
+            b_k = tl.load(k_base + seq_k[:, None] * s_ks + o_d[None, :])
+            b_v = tl.load(v_base + seq_k[:, None] * s_vs + o_d[None, :])
+        else:
+            b_k = tl.load(k_base + seq_k[:, None] * s_ks + o_d[None, :], mask=m_k[:, None], other=0.0)
+            b_v = tl.load(v_base + seq_k[:, None] * s_vs + o_d[None, :], mask=m_k[:, None], other=0.0)
+        if (bits & 1) != 0:
+            b_ma, b_la, b_acca = _attend_block(b_qa, b_k, b_v, m_k, b_ma, b_la, b_acca, scale_log2, IEEE)
+        if (bits & 2) != 0:
+            b_mb, b_lb, b_accb = _attend_block(b_qb, b_k, b_v, m_k, b_mb, b_lb, b_accb, scale_log2, IEEE)
+
+    S_Q = Tq * HH * WW
+    _store_rows(o, lse, b_acca, b_ma, b_la, seq_a, m_a, i_b, i_h, i_bh, s_ob, s_os, s_oh, S_Q, o_d)
+    _store_rows(o, lse, b_accb, b_mb, b_lb, seq_b, m_b, i_b, i_h, i_bh, s_ob, s_os, s_oh, S_Q, o_d)
+
+
 def bsa_forward_pairs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection, scale: Optional[float] = None, *,
-    union: Optional[PairUnion] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+    union: Optional[PairUnion] = None, variant: str = "split", num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward, one program per pair of query blocks: ``(out [B,Sq,H,D], lse [B,H,Sq] fp32)``.
 
     Same contract as ``block_sparse_attn_fwd_triton`` (inputs validated by the caller: BSHD,
     same dtype and device, a ``BlockSelection`` of these grids). ``union``: a ``pair_union`` of
     ``selection`` computed ahead (reuse across calls with the same selection); default computed
-    here. ``num_warps`` / ``num_stages``: launch overrides (default ``PAIRS_CONFIG``).
+    here. ``variant``: ``"split"`` (two query tiles, each multiplied only by the key blocks its
+    block selected: per-block matmul work, union loads) or ``"masked"`` (one ``2 BM``-row tile,
+    every union block against both, masked: fewer, larger matmuls). ``num_warps`` /
+    ``num_stages``: launch overrides (default ``PAIRS_CONFIG``).
     """
+    if variant not in ("split", "masked"):
+        raise ValueError(f"variant: expected 'split' or 'masked', got {variant!r}")
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q, k, v: expected [B,Sq,H,D], [B,Sk,H,D] x2, got {list(q.shape)}, {list(k.shape)}, "
                          f"{list(v.shape)}")
@@ -217,7 +326,8 @@ def bsa_forward_pairs(
         nw, ns = PAIRS_CONFIG.get(bn, (8, 2))
     nw = nw if num_warps is None else int(num_warps)
     ns = ns if num_stages is None else int(num_stages)
-    _launch(bsa_fwd_pairs_kernel, (NP, B * NH),
+    kernel = bsa_fwd_pairs_split_kernel if variant == "split" else bsa_fwd_pairs_kernel
+    _launch(kernel, (NP, B * NH),
         q, k, v, out, lse, union.indices, union.bits, union.counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
