@@ -16,6 +16,7 @@ from longcat_kernels.testing import make_qkv, make_video_qkv
 def _with_empty_rows(sel, frac=0.25):
     """Zero the selection of a random fraction of query blocks (they must output 0, lse -inf)."""
     drop = torch.rand(sel.counts.shape, device=sel.counts.device) < frac
+    drop.view(-1)[torch.randint(0, drop.numel(), ())] = True  # at least one empty row, every run
     return dataclasses.replace(
         sel, counts=torch.where(drop, torch.zeros_like(sel.counts), sel.counts),
         indices=torch.where(drop[..., None], torch.full_like(sel.indices, -1), sel.indices))

@@ -89,7 +89,8 @@ def pair_union(selection) -> PairUnion:
     same_next = val[..., 1:] == val[..., :-1]
     pad = torch.zeros_like(val[..., :1], dtype=torch.bool)
     first = ~torch.cat([pad, same_next], -1) & (val < Nk)
-    comb = bit + torch.where(torch.cat([same_next, pad], -1), torch.cat([bit[..., 1:], torch.zeros_like(bit[..., :1])], -1), 0)
+    next_bit = torch.cat([bit[..., 1:], torch.zeros_like(bit[..., :1])], -1)
+    comb = bit + torch.where(torch.cat([same_next, pad], -1), next_bit, 0)  # 3 when both selected it
     packed, _ = torch.where(first, val * 4 + comb, torch.full_like(val, Nk * 4)).sort(dim=-1)
     return PairUnion(
         indices=(packed >> 2).to(torch.int32).contiguous(),
