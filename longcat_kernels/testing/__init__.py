@@ -1,6 +1,16 @@
 """Shared test and benchmark helpers: tolerance rule, input factories, fp64 oracles."""
 
-from .inputs import LATENT_GRIDS, TEST_GRIDS, empty_poisoned, make_cache, make_qkv, make_tensor, poison_
+from .inputs import (
+    LATENT_GRIDS,
+    TEST_GRIDS,
+    empty_poisoned,
+    make_cache,
+    make_qkv,
+    make_tensor,
+    make_video_qkv,
+    poison_,
+    selection_overlap,
+)
 from .oracle import (
     attention_lowp,
     attention_oracle,
@@ -23,7 +33,9 @@ __all__ = [
     "make_cache",
     "make_qkv",
     "make_tensor",
+    "make_video_qkv",
     "poison_",
+    "selection_overlap",
     "attention_lowp",
     "attention_oracle",
     "block_scores_oracle",

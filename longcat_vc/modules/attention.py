@@ -162,6 +162,11 @@ class Attention(nn.Module):
             if plan.use_bsa and T > 1:
                 return lk.block_sparse_attn(q, k, v, grid_q=plan.grid, backend=be,
                                             **plan.bsa_kwargs(plan.grid, plan.grid))
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                # Training (longcat_vc.training): attn_with_kv_cache is forward only; SDPA has a
+                # backward (flash / memory-efficient kernels on GPU) and the same math.
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                return o.transpose(1, 2)
             return lk.attn_with_kv_cache(q, k, v, backend=be)
         c = P // (H * W)
         if not plan.use_bsa or (c <= 1 and T - c <= 1):

@@ -1,0 +1,316 @@
+"""LoRA fine-tuning of the LongCat-Video DiT with ``peft``, saved in LongCat's LoRA format (SPEC 8).
+
+Usage::
+
+    dit = LongCatDiT.from_pretrained(..., dtype=torch.bfloat16, device="cuda")   # enable_bsa in its config
+    model = add_lora(dit, lora_config(rank=128, alpha=64))     # peft.PeftModel, only adapters train
+    enable_activation_checkpointing(dit)                       # recompute each block in backward
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for latents, text, mask in data:
+        loss = flow_matching_loss(model, latents, text, mask)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    save_longcat_lora(model, "my_lora.safetensors")            # dit.load_lora(...) reads it back
+
+Adapters: ``peft.LoraConfig`` on the ``nn.Linear`` modules named in SPEC 8 (``attn.qkv``,
+``attn.proj``, ``cross_attn.q_linear``, ``cross_attn.kv_linear``, ``ffn.w1/w2/w3``; the refinement
+set adds ``adaLN_modulation.1`` and ``final_layer.linear``). peft wraps each target as
+``<path>.base_layer`` + ``<path>.lora_A/B``; nothing of that reaches a file: ``save_longcat_lora``
+writes the adapters under LongCat's keys and ``PeftModel.unload()`` gives back the DiT with its
+upstream state-dict names (SPEC 6). The DiT's own ``LoRALinear`` adapters (``load_lora``) are a
+separate, inference-side mechanism; leave them disabled while training.
+
+Attention in the loop: BSA when the config has ``enable_bsa`` (``block_sparse_attn`` is
+differentiable on the torch and triton backends; on CUDA ``"auto"`` takes triton because the csrc
+kernel is forward only), else dense SDPA (the DiT's dense path switches to SDPA when gradients
+are needed). Training covers the plain text-to-video forward (no cond latents, no KV cache):
+the cached and cond-prefix attention ops are forward only.
+
+Loss (rectified flow, LongCat's convention): ``x_s = (1 - s) x0 + s e``, timestep ``1000 s``; the
+DiT predicts the negated velocity, ``-(e - x0) = x0 - e`` (SPEC 7: the sampler steps with
+``v = -prediction``), so ``loss = mean((model(x_s, 1000 s) - (x0 - e))^2)`` in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
+
+__all__ = [
+    "LORA_TARGETS_CFG_STEP",
+    "LORA_TARGETS_REFINEMENT",
+    "lora_config",
+    "add_lora",
+    "enable_activation_checkpointing",
+    "disable_activation_checkpointing",
+    "sample_sigmas",
+    "flow_matching_loss",
+    "longcat_lora_state_dict",
+    "save_longcat_lora",
+]
+
+# peft target names (suffixes of module paths) of LongCat's released LoRAs (SPEC 8).
+LORA_TARGETS_CFG_STEP: Tuple[str, ...] = (
+    "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2", "ffn.w3",
+)
+# "adaLN_modulation.1" matches both blocks.i.adaLN_modulation.1 and final_layer.adaLN_modulation.1.
+LORA_TARGETS_REFINEMENT: Tuple[str, ...] = LORA_TARGETS_CFG_STEP + ("adaLN_modulation.1", "final_layer.linear")
+
+# Fused outputs that LongCat's files store split in n parts (``lora_up.blocks.{j}``), SPEC 8.
+_SPLIT_PARTS: Sequence[Tuple[re.Pattern, int]] = (
+    (re.compile(r"^blocks\.\d+\.attn\.qkv$"), 3),
+    (re.compile(r"^blocks\.\d+\.cross_attn\.kv_linear$"), 2),
+    (re.compile(r"^blocks\.\d+\.adaLN_modulation\.1$"), 6),
+    (re.compile(r"^final_layer\.adaLN_modulation\.1$"), 2),
+)
+
+
+def _split_parts(module_path: str) -> int:
+    for pattern, n in _SPLIT_PARTS:
+        if pattern.match(module_path):
+            return n
+    return 1
+
+
+def _peft():
+    try:
+        import peft  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - peft is a declared dependency
+        raise ImportError(f"longcat_vc.training needs peft (pip install peft): {e}") from None
+    return peft
+
+
+def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = LORA_TARGETS_CFG_STEP,
+                dropout: float = 0.0, **kwargs):
+    """A ``peft.LoraConfig`` for the LongCat DiT.
+
+    Args:
+        rank (int): adapter rank r (LongCat's released LoRAs: 128).
+        alpha (float): ``lora_alpha``; the adapter is scaled by ``alpha / rank`` (0.5 for 64 / 128),
+            which is what ``save_longcat_lora`` writes as ``alpha_scale``.
+        targets (sequence of str): module-path suffixes (``LORA_TARGETS_CFG_STEP`` /
+            ``LORA_TARGETS_REFINEMENT``).
+        dropout (float): ``lora_dropout`` (training only; not part of the saved adapter).
+        kwargs: further ``LoraConfig`` fields (e.g. ``init_lora_weights``).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise ValueError(f"lora_config: rank must be a positive int, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+        raise ValueError(f"lora_config: alpha must be a positive number, got {alpha!r}")
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"lora_config: targets must be a non-empty sequence of module names, got {targets!r}")
+    for bad in ("use_dora", "bias"):
+        if kwargs.get(bad) not in (None, False, "none"):
+            raise ValueError(f"lora_config: {bad}={kwargs[bad]!r} cannot be saved in LongCat's LoRA format")
+    return _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets),
+                              lora_dropout=float(dropout), bias="none", **kwargs)
+
+
+def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32_adapters: bool = True):
+    """Wraps ``dit`` (a ``LongCatDiT``) with ``peft.get_peft_model``: adapters on the targets of
+    ``config`` (default ``lora_config()``), every other parameter frozen.
+
+    ``fp32_adapters`` (peft's ``autocast_adapter_dtype``): on a bf16/fp16 DiT, keep the adapter
+    weights in fp32 (optimizer updates are not rounded to bf16; peft then runs each adapter in
+    fp32, casting its input, which costs an fp32 copy of every adapted layer's input). False:
+    adapters in the weight dtype (less memory and time, coarser updates).
+
+    Returns:
+        peft.PeftModel: call it like the DiT; ``.get_base_model()`` is ``dit`` (modified in place).
+
+    Raises:
+        ValueError: the DiT has LoRAs of its own (``load_lora``) active, or a target matches no
+            ``nn.Linear``.
+    """
+    peft = _peft()
+    config = lora_config() if config is None else config
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"add_lora: config must be a peft.LoraConfig, got {type(config).__name__}")
+    active = list(getattr(dit, "_lora_active_names", []) or [])
+    if active:
+        raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
+    return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
+
+
+# ====================================================================== activation checkpointing
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    if torch.is_grad_enabled():
+        # Non-reentrant: keeps the plan (non-tensor) arguments and works with frozen inputs.
+        return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+    return type(block).forward(block, *args, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recomputes each DiT block in the backward pass instead of keeping its activations.
+
+    The block's ``forward`` is replaced on the instance (module names, and so the state dict,
+    stay as they are). Under ``torch.no_grad()`` blocks run normally. ``model``: a ``LongCatDiT``
+    or a peft model around one. Returns the number of blocks.
+    """
+    dit = _base_dit(model)
+    for block in dit.blocks:
+        block.forward = functools.partial(_checkpointed_forward, block)
+    return len(dit.blocks)
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Undoes ``enable_activation_checkpointing``."""
+    for block in _base_dit(model).blocks:
+        block.__dict__.pop("forward", None)
+
+
+def _base_dit(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "blocks") or not isinstance(base.blocks, nn.ModuleList):
+        raise TypeError(f"expected a LongCatDiT (or a peft model around one), got {type(base).__name__}")
+    return base
+
+
+# ====================================================================== flow-matching loss
+def sample_sigmas(batch: int, *, shift: float = 1.0, generator: Optional[torch.Generator] = None,
+                  device=None, sigma_min: float = 1e-3) -> torch.Tensor:
+    """``[batch]`` fp32 noise levels: uniform in ``[sigma_min, 1]``, then the sampler's shift
+    ``s' = shift*s / (1 + (shift-1)*s)`` (SPEC 7; shift > 1 puts more steps at high noise)."""
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not shift > 0:
+        raise ValueError(f"sample_sigmas: shift must be a positive number, got {shift!r}")
+    s = torch.rand(batch, generator=generator, dtype=torch.float32)
+    s = sigma_min + (1.0 - sigma_min) * s
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    return s.to(device) if device is not None else s
+
+
+def flow_matching_loss(
+    model: nn.Module,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: Optional[torch.Tensor] = None,
+    *,
+    sigmas: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    shift: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Rectified-flow loss of one batch (module docstring), a 0-d fp32 tensor.
+
+    Args:
+        model: a ``LongCatDiT`` or a peft model around one.
+        latents (Tensor): ``[B, 16, T, H, W]`` clean latents ``x0`` (normalised as the VAE's).
+        encoder_hidden_states (Tensor): ``[B, 1, L, caption_channels]``.
+        encoder_attention_mask (Tensor | None): ``[B, L]``.
+        sigmas (Tensor | None): ``[B]`` noise levels in [0, 1]; default ``sample_sigmas``.
+        noise (Tensor | None): like ``latents``; default standard normal.
+        shift, generator: for the default sigmas and noise (``generator`` on the CPU).
+    """
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+        raise ValueError(
+            f"latents: expected a Tensor [B, C, T, H, W], got "
+            f"{list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}"
+        )
+    B = latents.shape[0]
+    x0 = latents.float()
+    if sigmas is None:
+        sigmas = sample_sigmas(B, shift=shift, generator=generator)
+    if not isinstance(sigmas, torch.Tensor) or tuple(sigmas.shape) != (B,):
+        raise ValueError(f"sigmas: expected a Tensor of shape [{B}], got "
+                         f"{list(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__}")
+    if bool(((sigmas < 0) | (sigmas > 1) | sigmas.isnan()).any()):
+        raise ValueError(f"sigmas: expected values in [0, 1], got {sigmas.tolist()}")
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    elif tuple(noise.shape) != tuple(latents.shape):
+        raise ValueError(f"noise: expected shape {list(latents.shape)}, got {list(noise.shape)}")
+    s = sigmas.to(device=x0.device, dtype=torch.float32).view(B, 1, 1, 1, 1)
+    noise = noise.to(device=x0.device, dtype=torch.float32)
+    x_s = (1.0 - s) * x0 + s * noise
+    pred = model(x_s, sigmas.to(x0.device).float() * 1000.0, encoder_hidden_states, encoder_attention_mask)
+    return F.mse_loss(pred.float(), x0 - noise)
+
+
+# ====================================================================== saving (LongCat format)
+def _lora_layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = []
+    for path, mod in base.named_modules():
+        if isinstance(mod, LoraLayer) and adapter_name in getattr(mod, "lora_A", {}):
+            layers.append((path, mod))
+    return layers
+
+
+@torch.no_grad()
+def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", split_fused: bool = True,
+                            dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """The peft adapter ``adapter_name`` of ``model`` as LongCat LoRA tensors (SPEC 8).
+
+    Per adapted module (path relative to the DiT, e.g. ``blocks.0.attn.qkv``) with peft's
+    ``A [r, in]``, ``B [out, r]`` and scaling ``s`` (``alpha / r``, or ``alpha / sqrt(r)`` with
+    rsLoRA): ``alpha_scale = s`` (0-d fp32) and
+
+    * ``split_fused`` and a fused output of n parts (``attn.qkv`` 3, ``cross_attn.kv_linear`` 2,
+      ``adaLN_modulation.1`` 6 in blocks / 2 in the final layer; the layout of LongCat's released
+      files): ``lora_down = [A; A; ...] [n*r, in]`` and ``lora_up.blocks.{j} = B[j*out/n ..] [out/n, r]``.
+      Exact: part j computes ``B_j A x``, the rows of ``B A x`` it owns (n times the down
+      rows on disk and at inference, which is what a split file costs anyway).
+    * otherwise ``lora_down = A``, ``lora_up.weight = B``.
+
+    ``dtype``: of the down/up tensors (default: the adapter's).
+    """
+    layers = _lora_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
+    out: Dict[str, torch.Tensor] = {}
+    for path, mod in layers:
+        if getattr(mod, "use_dora", {}).get(adapter_name, False):
+            raise ValueError(f"{path}: DoRA adapters cannot be saved in LongCat's LoRA format")
+        if getattr(mod, "lora_bias", {}).get(adapter_name, False):
+            raise ValueError(f"{path}: LoRA biases cannot be saved in LongCat's LoRA format")
+        base = mod.get_base_layer()
+        if not isinstance(base, nn.Linear) or getattr(mod, "fan_in_fan_out", False):
+            raise ValueError(f"{path}: only nn.Linear targets can be saved (got {type(base).__name__})")
+        A = mod.lora_A[adapter_name].weight
+        B = mod.lora_B[adapter_name].weight
+        dt = A.dtype if dtype is None else dtype
+        n = _split_parts(path) if split_fused else 1
+        if n > 1 and B.shape[0] % n:
+            raise ValueError(f"{path}: out_features {B.shape[0]} not divisible into {n} parts")
+        if n > 1:
+            o = B.shape[0] // n
+            out[longcat_lora_key(path, "lora_down.weight")] = A.to(dt).repeat(n, 1).contiguous()
+            for j in range(n):
+                out[longcat_lora_key(path, f"lora_up.blocks.{j}.weight")] = B[j * o:(j + 1) * o].to(dt).clone()
+        else:
+            out[longcat_lora_key(path, "lora_down.weight")] = A.to(dt).clone()
+            out[longcat_lora_key(path, "lora_up.weight")] = B.to(dt).clone()
+        scaling = float(mod.scaling[adapter_name])
+        out[longcat_lora_key(path, "alpha_scale")] = torch.tensor(scaling, dtype=torch.float32)
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapter_name: str = "default",
+                      split_fused: bool = True, dtype: Optional[torch.dtype] = None,
+                      metadata: Optional[Dict[str, str]] = None) -> List[str]:
+    """Writes ``longcat_lora_state_dict(model, ...)`` to a ``.safetensors`` file that
+    ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads.
+
+    Returns the adapted module paths (``blocks.0.attn.qkv``, ...).
+    """
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    tensors = longcat_lora_state_dict(model, adapter_name=adapter_name, split_fused=split_fused, dtype=dtype)
+    meta = {"format": "pt", "lora_format": "longcat"}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("save_longcat_lora: metadata must map str to str")
+        meta.update(metadata)
+    path = os.fspath(path)
+    save_file(tensors, path, metadata=meta)
+    return sorted({k[len(LORA_PREFIX):].split(".", 1)[0].replace(LORA_HYPHEN, ".") for k in tensors})
