@@ -73,6 +73,8 @@ CSRC_OPS = ("block_sparse_attn", "block_sparse_attn_fwd", "attn_with_kv_cache", 
 KV_OPS = ("attn_with_kv_cache", "prefix_attn")
 BSA_OPS = ("block_sparse_attn", "block_sparse_attn_fwd")
 KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+# ops whose Triton kernels have no backward
+TRITON_FORWARD_ONLY = ("qk_norm_rope",)
 # largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)
 CSRC_MAX_BLOCK_TOKENS = 1024
 
@@ -138,6 +140,9 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
         return f.triton_error
     if f.dtype not in KERNEL_DTYPES:
         return f"dtype {f.dtype} is supported by the torch backend only"
+    if f.requires_grad and op in TRITON_FORWARD_ONLY:
+        # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
+        return "forward only (no backward kernel); use backend='torch' for gradients"
     if f.device_type == "cuda":
         if f.interpret:
             return "TRITON_INTERPRET=1 is set: Triton runs in the CPU interpreter, CUDA tensors are not supported"

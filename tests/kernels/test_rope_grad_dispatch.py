@@ -1,6 +1,6 @@
-"""The Triton q/k prologue is forward only: it refuses inputs that need gradients through the
-backend hook (``unsupported_reason``), so ``"auto"`` can pass them to the torch reference during
-training while an explicit ``backend="triton"`` still raises with the reason."""
+"""The Triton q/k prologue is forward only: ``choose_kernel`` refuses it for inputs that need
+gradients, so ``"auto"`` passes them to the torch reference during training while an explicit
+``backend="triton"`` still raises with the reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longcat_kernels import Rope3D, qk_norm_rope
-from longcat_kernels._backend import BackendUnavailableError, op_backend_status
+from longcat_kernels.dispatch import BackendUnavailableError, Facts, choose, choose_kernel
 from longcat_kernels.testing import make_tensor
 
 
@@ -18,10 +18,15 @@ def test_triton_prologue_refuses_grad_and_torch_gives_grads():
     q = make_tensor((1, 8, 2, 32), requires_grad=True)
     k = make_tensor((1, 8, 2, 32), requires_grad=True)
     w = torch.ones(32)
-    assert "forward only" in (op_backend_status("qk_norm_rope", "triton", q, k) or "")
+    with pytest.raises(BackendUnavailableError, match="forward only"):
+        choose("qk_norm_rope", q, k, requested="triton")
     with torch.no_grad():
-        assert op_backend_status("qk_norm_rope", "triton", q, k) is None
-    assert op_backend_status("qk_norm_rope", "triton", q.detach(), k.detach()) is None
+        assert choose("qk_norm_rope", q, k, requested="triton").impl == "triton"
+    assert choose("qk_norm_rope", q.detach(), k.detach(), requested="triton").impl == "triton"
+    # on a GPU, "auto" with gradients takes the differentiable reference
+    gpu = Facts(requires_grad=True)
+    assert choose_kernel("qk_norm_rope", gpu, "auto").impl == "torch_reference"
+    assert choose_kernel("qk_norm_rope", gpu._replace(requires_grad=False), "auto").impl == "triton"
     with pytest.raises(BackendUnavailableError, match="forward only"):
         qk_norm_rope(q, k, w, w, rope=rope, backend="triton")
     qo, ko = qk_norm_rope(q, k, w, w, rope=rope, backend="torch")

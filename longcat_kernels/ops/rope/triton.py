@@ -243,15 +243,6 @@ def check_no_grad_triton(op: str, **tensors) -> None:
                 f"call it under torch.no_grad() or use backend='torch'")
 
 
-def unsupported_reason(impl: str, *tensors) -> Optional[str]:
-    """Refuses inputs that need gradients (these kernels have no backward), so that ``"auto"``
-    moves on to the differentiable torch reference instead of raising inside a training step;
-    an explicit ``backend="triton"`` still raises with this reason."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return "forward only (no backward kernel); use backend='torch' for gradients"
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # registered ops (namespace longcat_kernels): mutate preallocated outputs, return nothing, so
 # the Python wrappers can hand back `out_k` that is a view into a caller's KV buffer
