@@ -37,7 +37,7 @@ from .triton import _geom, _interpreting, _last_dim_contig, _launch, _LOG2E
 __all__ = ["PairUnion", "pair_union", "bsa_forward_pairs", "PAIRS_CONFIG"]
 
 # (num_warps, num_stages) keyed by padded key-block size; untuned first guesses (bench script
-# bench/bsa_pairs_gpu_dev.py sweeps them).
+# bench/dev/bsa_pairs_gpu_dev.py sweeps them).
 PAIRS_CONFIG = {64: (8, 2), 128: (8, 2)}
 
 
