@@ -111,15 +111,19 @@ def compiled(fn: Callable, signature: tuple = ()) -> Callable:
 def _run(fn: Callable, x: torch.Tensor, *args):
     if not (_FUSE and x.is_cuda) or _compiling():
         return fn(x, *args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)):
+        # Training (longcat_vc.training): the islands are an inference fusion. Under activation
+        # checkpointing the recompute stops early by raising inside the compiled region (seen on the
+        # H200: _StopRecomputationError, then a checkpoint assertion); eager autograd is exact.
+        return fn(x, *args)
     sig = _signature(x, args)
     if (fn, sig) in _failed:
         return fn(x, *args)
-    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)):
-        # A view carries guards on its base's sizes/strides: every new base shape (batch 1 vs 2,
-        # each frame count) recompiled until the recompile limit was hit on the H100. Detached
-        # aliases have no base, so one dynamic-shape graph serves them all.
-        x = x.detach()
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    # A view carries guards on its base's sizes/strides: every new base shape (batch 1 vs 2, each
+    # frame count) recompiled until the recompile limit was hit on the H100. Detached aliases have no
+    # base, so one dynamic-shape graph serves them all.
+    x = x.detach()
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         return compiled(fn, sig)(x, *args)
     except Exception as e:  # compilation problems (no compiler, triton mismatch...): say so once
