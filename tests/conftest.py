@@ -44,14 +44,16 @@ def _nan_empty_like(*args, **kwargs):
 def _nan_empty_strided(*args, **kwargs):
     t = _orig_empty_strided(*args, **kwargs)
     if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
+        with torch.no_grad():  # inductor creates requires_grad=True buffers this way
+            t.fill_(float("nan"))
     return t
 
 
 def _nan_new_empty(self, *args, **kwargs):
     t = _orig_new_empty(self, *args, **kwargs)
     if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
+        with torch.no_grad():
+            t.fill_(float("nan"))
     return t
 
 
