@@ -180,7 +180,8 @@ def block_sparse_attn(
     selection: Optional[BlockSelection] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Block-sparse 3D attention over video token grids (LongCat BSA semantics).
 
     ::
@@ -202,18 +203,26 @@ def block_sparse_attn(
         scale (float | None): default ``head_dim ** -0.5``.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. Selects the attention kernel;
             gating runs on the same backend when it implements ``select_blocks``, else on ``"auto"``.
+        return_lse (bool): also return the log-sum-exp (SPEC 12).
 
     Returns:
         Tensor: ``[batch, seq_q, heads, head_dim]`` in q's dtype, contiguous.
         Differentiable w.r.t. q, k, v on the torch and triton backends (the selection has no gradient).
+        With ``return_lse``: ``(out, lse)``, ``lse [batch, heads, seq_q]`` fp32, natural log of
+        ``sum(exp(q k^T * scale))`` over the selected keys, ``-inf`` for a query block with no selected
+        key block; lse carries no gradient. Two results over disjoint key sets merge exactly:
+        ``lse = logaddexp(l1, l2)``, ``out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse)``.
     """
     selection, scale = _prepare(
         q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend
     )
     b = resolve_backend("block_sparse_attn", backend, q, k, v, block_tokens=_block_tokens(selection))
     if b != "torch":
+        if return_lse:
+            return get_impl("block_sparse_attn", b)(q, k, v, selection, scale, return_lse=True)
         return get_impl("block_sparse_attn", b)(q, k, v, selection, scale)
-    return block_sparse_attn_reference(q, k, v, selection, scale)[0]
+    out, lse = block_sparse_attn_reference(q, k, v, selection, scale)
+    return (out, lse.detach()) if return_lse else out
 
 
 def _block_tokens(sel: BlockSelection) -> Tuple[int, int]:

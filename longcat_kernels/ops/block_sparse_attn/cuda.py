@@ -80,6 +80,9 @@ def unsupported_reason(impl: str, *tensors) -> Optional[str]:
         return f"dtype {q.dtype} not supported (bf16/fp16 only; use 'triton' or 'torch' for fp32)"
     if q.dim() == 4 and q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} not supported (64 or 128)"
+    heads = {t.shape[2] for t in tensors if isinstance(t, torch.Tensor) and t.dim() == 4}
+    if len(heads) > 1:
+        return f"GQA/MQA (head counts {sorted(heads)}) not supported by the csrc kernels; use 'triton' or 'torch'"
     if impl in ("block_sparse_attn", "attn_with_kv_cache", "prefix_attn") and torch.is_grad_enabled():
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
             return "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
@@ -123,8 +126,9 @@ def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale):
 block_sparse_attn_fwd_cuda = bsa_forward_cuda
 
 
-def block_sparse_attn_cuda(q, k, v, selection, scale) -> torch.Tensor:
-    """Block-sparse attention output ``[B,Sq,H,D]`` (forward only; refuses inputs needing grad)."""
+def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse=False):
+    """Block-sparse attention output ``[B,Sq,H,D]`` (forward only; refuses inputs needing grad);
+    with ``return_lse`` ``(out, lse [B,H,Sq] fp32)``."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         from ..._backend import BackendUnavailableError  # noqa: PLC0415
 
@@ -132,4 +136,5 @@ def block_sparse_attn_cuda(q, k, v, selection, scale) -> torch.Tensor:
             "block_sparse_attn: backend 'cuda' unavailable: forward only (no backward kernel); "
             "use backend='triton' or 'torch' for gradients"
         )
-    return bsa_forward_cuda(q, k, v, selection, scale)[0]
+    out, lse = bsa_forward_cuda(q, k, v, selection, scale)
+    return (out, lse) if return_lse else out

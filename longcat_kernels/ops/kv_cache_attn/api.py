@@ -36,7 +36,7 @@ from ..block_sparse_attn.selection import BlockSelection
 from ..rope.api import Rope3D, apply_rope_3d
 from .reference import kv_cache_attn_reference, prefix_attn_reference
 
-__all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn"]
+__all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn", "flash_attn_with_kvcache"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +67,8 @@ def prefix_attn(
     *,
     scale: Optional[float] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention with LongCat's cond/noisy rule over one sequence, in one call.
 
     ::
@@ -81,13 +82,15 @@ def prefix_attn(
         prefix_len (int): p, ``0 <= p <= seq`` (0 or seq: plain dense attention).
         scale (float | None): default ``head_dim ** -0.5``.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        return_lse (bool): also return ``lse [batch, heads, seq]`` fp32, natural log (SPEC 12).
 
     Returns:
-        Tensor: ``[batch, seq, heads, head_dim]`` in q's dtype, contiguous.
+        Tensor: ``[batch, seq, heads, head_dim]`` in q's dtype, contiguous; ``(out, lse)`` with
+        ``return_lse``.
     """
     if not compiling():
         check_backend_name(backend)
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, gqa=True)
         check_scale(scale)
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
@@ -97,17 +100,21 @@ def prefix_attn(
             raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {prefix_len}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b = resolve_backend("prefix_attn", backend, q, k, v)
-    if b == "triton" and backend == "auto":
+    if b == "triton" and backend == "auto" and k.shape[2] == q.shape[2]:
         # auto on CUDA: the measured-faster of the fused Triton kernel and cuDNN (triton.py table)
         from .triton import auto_impl
 
+        if return_lse:
+            return auto_impl("prefix_attn", q)(q, k, v, prefix_len, scale, return_lse=True)
         return auto_impl("prefix_attn", q)(q, k, v, prefix_len, scale)
     if b != "torch":
+        if return_lse:
+            return get_impl("prefix_attn", b)(q, k, v, prefix_len, scale, return_lse=True)
         return get_impl("prefix_attn", b)(q, k, v, prefix_len, scale)
-    return prefix_attn_reference(q, k, v, prefix_len, scale)
+    return prefix_attn_reference(q, k, v, prefix_len, scale, return_lse)
 
 
-def _check_cache(q, k_cache, v_cache) -> None:
+def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
     if (k_cache is None) != (v_cache is None):
         raise ValueError(
             "k_cache/v_cache: expected both or neither, got "
@@ -123,8 +130,8 @@ def _check_cache(q, k_cache, v_cache) -> None:
     for n, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.shape[0] not in (1, B):
             raise ValueError(f"{n}: expected batch 1 or {B} (q's batch), got {t.shape[0]} (shape {tuple(t.shape)})")
-        if t.shape[2] != H:
-            raise ValueError(f"{n}: expected {H} heads (same as q), got {t.shape[2]}")
+        if t.shape[2] != kv_heads:
+            raise ValueError(f"{n}: expected {kv_heads} heads (same as k), got {t.shape[2]}")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as q), got {t.shape[3]}")
         if t.shape[1] == 0:
@@ -180,7 +187,8 @@ def attn_with_kv_cache(
     scale: Optional[float] = None,
     block_sparse: Optional[BlockSparseParams] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of fresh (noisy) tokens over ``[cache; fresh]`` keys, the VC hot path.
 
     ``out = softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` where ``'`` is 3D RoPE at the fresh
@@ -202,19 +210,29 @@ def attn_with_kv_cache(
         block_sparse (BlockSparseParams | None): block-sparse attention over the ``(c + Tn, H, W)``
             key grid instead of dense.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        return_lse (bool): also return ``lse [batch, heads, seq_new]`` fp32: natural log of the
+            softmax denominator over all keys attended (``-inf`` for a query that attends to nothing,
+            possible only with ``block_sparse``), for merging with attention over other keys (SPEC 12).
 
     Returns:
-        Tensor: ``[batch, seq_new, heads, head_dim]`` in q's dtype, contiguous.
-        Forward only: inputs requiring grad raise ``ValueError``.
+        Tensor: ``[batch, seq_new, heads, head_dim]`` in q's dtype, contiguous; ``(out, lse)`` with
+        ``return_lse``. Forward only: inputs requiring grad raise ``ValueError``.
     """
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if not compiling():
         check_backend_name(backend)
-        check_qkv(q, k, v)
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
+        check_qkv(q, k, v, gqa=True)
+        if k.shape[2] != q.shape[2] and block_sparse is not None:
+            raise ValueError(
+                f"k: expected {q.shape[2]} heads (same as q) with block_sparse (GQA is dense only), got {k.shape[2]}"
+            )
+        # fresh keys are q's own tokens when they need q's grid positions (rope, block_sparse)
+        if k.shape[1] != q.shape[1] and (rope is not None or block_sparse is not None):
+            raise ValueError(
+                f"k: expected seq {q.shape[1]} (same as q, needed with rope/block_sparse), got {k.shape[1]}"
+            )
         check_scale(scale)
-        _check_cache(q, k_cache, v_cache)
+        _check_cache(q, k_cache, v_cache, k.shape[2])
         check_no_grad(
             [("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)], "attn_with_kv_cache"
         )
@@ -241,21 +259,28 @@ def attn_with_kv_cache(
     if b == "cuda" and backend == "auto" and block_sparse is not None:
         # csrc goes first for dense calls only (_backend.SM90WS_FIRST); block-sparse keeps triton
         b = resolve_backend("block_sparse_attn", "auto", q, k, v)
-    if b == "triton" and backend == "auto":
+    if b == "triton" and backend == "auto" and k.shape[2] == q.shape[2]:
         # auto on CUDA: fused Triton kernel or Triton prologue + cuDNN, whichever measured faster
-        # (triton.py table); block-sparse always takes the Triton kernel over the two segments
+        # (triton.py table); block-sparse always takes the Triton kernel over the two segments;
+        # GQA takes the fused kernel (it indexes kv heads, the cuDNN route would not)
         from .triton import auto_impl
 
-        return auto_impl("attn_with_kv_cache", q, block_sparse)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
-    if b != "torch":
-        return get_impl("attn_with_kv_cache", b)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
+        impl = auto_impl("attn_with_kv_cache", q, block_sparse)
+    elif b != "torch":
+        impl = get_impl("attn_with_kv_cache", b)
+    else:
+        impl = None
+    if impl is not None:
+        if return_lse:
+            return impl(q, k, v, k_cache, v_cache, rope, scale, block_sparse, return_lse=True)
+        return impl(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     with torch.no_grad():
         if rope is not None:
             c = Sc // rope.tokens_per_frame
             q = apply_rope_3d(q, rope, frame_offset=c)
             k = apply_rope_3d(k, rope, frame_offset=c)
         if block_sparse is None:
-            return kv_cache_attn_reference(q, k, v, k_cache, v_cache, scale)
+            return kv_cache_attn_reference(q, k, v, k_cache, v_cache, scale, return_lse)
         # reference BSA over the explicit concatenation (a batch-1 cache is expanded into it)
         if k_cache is not None:
             B = q.shape[0]
@@ -272,4 +297,96 @@ def attn_with_kv_cache(
                 chunk_q=block_sparse.chunk_q, chunk_k=block_sparse.chunk_k, sparsity=block_sparse.sparsity,
                 cdf_threshold=block_sparse.cdf_threshold, backend="torch",
             )
-        return block_sparse_attn_reference(q, k_all, v_all, sel, scale)[0]
+        out, lse = block_sparse_attn_reference(q, k_all, v_all, sel, scale)
+        return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    *,
+    softmax_scale: Optional[float] = None,
+    return_softmax_lse: bool = False,
+    rope: Optional[Rope3D] = None,
+    block_sparse: Optional[BlockSparseParams] = None,
+    backend: str = "auto",
+):
+    """flash-attn's ``flash_attn_with_kvcache`` argument order and names, over ``attn_with_kv_cache``.
+
+    ``out = softmax(q [k_cache; k]^T * softmax_scale) [v_cache; v]``. Unlike flash-attn the cache is
+    never written in place (no ``cache_seqlens``): the fresh ``k``/``v`` are read from their own
+    tensors as a second key segment, and the whole cache is attended. ``k=None``: attention over the
+    cache alone. With pre-rotated q/k (any RoPE convention applied by the caller) leave ``rope=None``.
+
+    ::
+
+        keys:    [ k_cache (Bc, Sc) | k (B, Sk) ]      Bc in {1, B}; a batch-1 cache is never copied
+        queries: q (B, Sq) attend to all keys (block-sparse over the 3D grid with block_sparse=)
+
+    Args:
+        q (Tensor): ``[batch, seq_q, heads, head_dim]``, any strides.
+        k_cache, v_cache (Tensor): ``[Bc, seq_cache, heads_kv, head_dim]``; heads_kv divides heads
+            (GQA/MQA: kv heads indexed in the kernel, no copy; dense attention only).
+        k, v (Tensor | None): ``[batch, seq_k, heads_kv, head_dim]`` fresh keys/values, both or
+            neither; ``seq_k`` must equal ``seq_q`` when rope or block_sparse is given.
+        softmax_scale (float | None): default ``head_dim ** -0.5``.
+        return_softmax_lse (bool): also return ``lse [batch, heads, seq_q]`` fp32, natural log.
+        rope (Rope3D | None): LongCat 3D RoPE of fresh q/k at frames ``Sc/(H*W)..`` (k required).
+        block_sparse (BlockSparseParams | None): block-sparse over the ``[cache; fresh]`` key grid.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        Tensor ``[batch, seq_q, heads, head_dim]`` (q's dtype), or ``(out, lse)`` with
+        ``return_softmax_lse``. Forward only.
+    """
+    if (k is None) != (v is None):
+        raise ValueError(
+            f"k/v: expected both or neither, got k={'None' if k is None else 'Tensor'}, "
+            f"v={'None' if v is None else 'Tensor'}"
+        )
+    if k is None:
+        if rope is not None:
+            raise ValueError("rope: expected None when k is None (rope rotates the fresh q/k), got a Rope3D")
+        if not compiling():
+            check_tensor(k_cache, "k_cache")
+            check_tensor(v_cache, "v_cache")
+            _check_cache(q, k_cache, v_cache, k_cache.shape[2])
+            B = q.shape[0]
+            check_qkv(q, k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1),
+                      names=("q", "k_cache", "v_cache"), gqa=block_sparse is None)
+        B = q.shape[0]
+        if block_sparse is not None:
+            # the cache is the whole key grid: fresh queries against (Sc / (H*W)) cached frames
+            if k_cache.shape[0] != B:
+                k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
+            k, v, k_cache, v_cache = k_cache, v_cache, None, None
+            return _cache_only_block_sparse(q, k, v, softmax_scale, block_sparse, backend, return_softmax_lse)
+        # the cache becomes the (only) key segment; a batch-1 cache is a stride-0 view, not a copy
+        k, v = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
+        k_cache = v_cache = None
+    return attn_with_kv_cache(
+        q, k, v, k_cache, v_cache, rope=rope, scale=softmax_scale, block_sparse=block_sparse, backend=backend,
+        return_lse=return_softmax_lse,
+    )
+
+
+def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
+    """Block-sparse attention of q against the cache alone (key grid = the cache's frames)."""
+    from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
+
+    if not isinstance(bs, BlockSparseParams) or bs.frame_hw is None:
+        raise ValueError("block_sparse.frame_hw: expected (H, W) when k is None, got None")
+    Hf, Wf = bs.frame_hw
+    n = Hf * Wf
+    if q.shape[1] % n or k.shape[1] % n:
+        raise ValueError(f"block_sparse.frame_hw: expected q seq {q.shape[1]} and cache seq {k.shape[1]} to be "
+                         f"multiples of H*W = {n}")
+    kw = dict(grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k.shape[1] // n, Hf, Wf), scale=scale, backend=backend,
+              return_lse=return_lse)
+    if bs.selection is not None:
+        return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
+    return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,
+                             cdf_threshold=bs.cdf_threshold, **kw)

@@ -25,7 +25,9 @@ def _rope_args(rope):
     return tabs, int(rope.grid[1]), int(rope.grid[2])
 
 
-def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None):
+def attn_with_kv_cache_cuda(
+    q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None, return_lse=False
+):
     """``softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` (SPEC 4), ``[B, Sn, H, D]``.
 
     Args:
@@ -34,12 +36,15 @@ def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scal
         rope (Rope3D | None): fresh q/k rotated at frames ``Sc/(H*W) ..`` by the csrc prologue.
         scale (float | None): default ``head_dim ** -0.5``.
         block_sparse (BlockSparseParams | None): with ``frame_hw`` filled in (api.py does it).
+        return_lse (bool): also return ``lse [B, H, Sn]`` fp32 (the kernels always write it).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tabs, gh, gw = _rope_args(rope)
     if block_sparse is None:
-        return ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale)[0]
-    return _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw)
+        res = ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale)
+    else:
+        res = _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw)
+    return (res[0], res[1]) if return_lse else res[0]
 
 
 def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
@@ -62,11 +67,13 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
         )
     if k_cache is None:
-        return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), scale)[0]
-    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale)[0]
+        return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), scale)
+    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale)
 
 
-def prefix_attn_cuda(q, k, v, prefix_len, scale=None) -> torch.Tensor:
-    """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``."""
+def prefix_attn_cuda(q, k, v, prefix_len, scale=None, return_lse=False):
+    """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``
+    (with ``return_lse``: ``(out, lse [B, H, S] fp32)``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale)[0]
+    out, lse = ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale)
+    return (out, lse) if return_lse else out
