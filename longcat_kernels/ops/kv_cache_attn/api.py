@@ -205,7 +205,8 @@ def attn_with_kv_cache(
         q, k, v (Tensor): ``[batch, seq_new, heads, head_dim]``, any strides.
         k_cache, v_cache (Tensor | None): ``[Bc, seq_cache, heads, head_dim]``, Bc in {1, batch};
             both or neither.
-        rope (Rope3D | None): tables for a grid covering cache + fresh frames.
+        rope (Rope3D | None): tables for a grid covering cache + fresh frames (fused into the
+            kernels for ``pairs="interleaved"``; ``pairs="half"`` rotates q/k in torch first).
         scale (float | None): default ``head_dim ** -0.5``.
         block_sparse (BlockSparseParams | None): block-sparse attention over the ``(c + Tn, H, W)``
             key grid instead of dense.
@@ -254,6 +255,12 @@ def attn_with_kv_cache(
                 )
     if block_sparse is not None:
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
+    if rope is not None and rope.pairs != "interleaved":
+        # the kernels' fused RoPE rotates interleaved pairs: rotate-half is applied here, in torch
+        with torch.no_grad():
+            c = Sc // rope.tokens_per_frame
+            q, k = apply_rope_3d(q, rope, frame_offset=c), apply_rope_3d(k, rope, frame_offset=c)
+        rope = None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b = resolve_backend("attn_with_kv_cache", backend, q, k, v)
     if b == "cuda" and backend == "auto" and block_sparse is not None:

@@ -247,7 +247,7 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
 
     rope_q = tables is not None
     if rope_q:
-        dt, dh = rope_parts(D)
+        dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])  # Rope3D.axis_dims
         t_args = tables
     else:
         dt, dh = D, 0
