@@ -192,3 +192,26 @@ def test_lse_gpu_all_ops(backend):
     _, lse = lk.prefix_attn(q, k, v, 3 * hw, backend=backend, return_lse=True)
     _, exp = lk.prefix_attn(q.float(), k.float(), v.float(), 3 * hw, backend="torch", return_lse=True)
     assert (lse - exp).abs().max() < 2e-2
+
+
+@pytest.mark.triton_interpret
+def test_return_lse_compiles_fullgraph():
+    B, H, D, grid, chunk = 1, 2, 32, (2, 4, 4), (2, 2, 2)
+    S = 32
+    q, k, v = (_rand(B, S, H, D) for _ in range(3))
+    kc, vc = _rand(1, 16, H, D), _rand(1, 16, H, D)
+    sel = lk.select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
+
+    def f(q, k, v, kc, vc):
+        a = lk.block_sparse_attn(q, k, v, selection=sel, backend="triton", return_lse=True)
+        b = lk.flash_attn_with_kvcache(q, kc, vc, k, v, return_softmax_lse=True, backend="triton")
+        c = lk.prefix_attn(q, k, v, 5, backend="triton", return_lse=True)
+        return a, b, c
+
+    with torch.no_grad():
+        eager = f(q, k, v, kc, vc)  # eager first: the resolver imports triton.py outside the graph
+        torch._dynamo.reset()
+        comp = torch.compile(f, fullgraph=True)(q, k, v, kc, vc)
+    for (eo, el), (co, cl) in zip(eager, comp):
+        torch.testing.assert_close(co, eo, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cl, el, atol=1e-5, rtol=1e-5)
