@@ -215,3 +215,23 @@ def test_return_lse_compiles_fullgraph():
     for (eo, el), (co, cl) in zip(eager, comp):
         torch.testing.assert_close(co, eo, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cl, el, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.ext
+def test_cuda_ops_skip_lse_when_not_asked():
+    """The csrc ops take return_lse (default True): False gives an empty lse and the same output."""
+    from longcat_kernels.ops.block_sparse_attn.cuda import _sel_args, ops
+
+    B, H, D, grid = 1, 2, 128, (4, 8, 8)
+    S = 256
+    q, k, v = (_rand(B, S, H, D, dtype=torch.bfloat16) for _ in range(3))
+    sel = lk.select_blocks(q, k, grid_q=grid, sparsity=0.5)
+    o1, l1 = ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), 0.1)
+    o0, l0 = ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), 0.1, False)
+    assert l1.shape == (B, H, S) and l0.numel() == 0 and torch.equal(o0, o1)
+    o1, l1 = ops().kv_cache_attn_fwd_cuda(q, k, v, k, v, *[None] * 6, 0, 0, 0.1)
+    o0, l0 = ops().kv_cache_attn_fwd_cuda(q, k, v, k, v, *[None] * 6, 0, 0, 0.1, False)
+    assert l1.shape == (B, H, S) and l0.numel() == 0 and torch.equal(o0, o1)
+    o1, l1 = ops().prefix_attn_fwd_cuda(q, k, v, 64, 0.1)
+    o0, l0 = ops().prefix_attn_fwd_cuda(q, k, v, 64, 0.1, False)
+    assert l1.shape == (B, H, S) and l0.numel() == 0 and torch.equal(o0, o1)

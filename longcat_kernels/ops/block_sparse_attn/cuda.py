@@ -34,20 +34,22 @@ _FAKES = {"done": False}
 
 
 def _register_fakes() -> None:
-    @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
-    def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
+    def lse_like(q, return_lse):
         B, Sq, H, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+        return q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
+
+    @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
+    def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, return_lse=True):
+        return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::kv_cache_attn_fwd_cuda")
-    def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale):
-        B, Sq, H, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+    def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale,
+          return_lse=True):
+        return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::prefix_attn_fwd_cuda")
-    def _(q, k, v, prefix_len, scale):
-        B, Sq, H, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+    def _(q, k, v, prefix_len, scale, return_lse=True):
+        return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::rope3d_cuda")
     def _(x, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, frame_offset):
@@ -136,5 +138,5 @@ def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse=False):
             "block_sparse_attn: backend 'cuda' unavailable: forward only (no backward kernel); "
             "use backend='triton' or 'torch' for gradients"
         )
-    out, lse = bsa_forward_cuda(q, k, v, selection, scale)
+    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(selection), float(scale), bool(return_lse))
     return (out, lse) if return_lse else out

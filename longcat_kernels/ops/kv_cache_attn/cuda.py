@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_sparse_attn.cuda import _sel_args, bsa_forward_segments_cuda, ops, unsupported_reason
+from ..block_sparse_attn.cuda import _sel_args, ops, unsupported_reason
 
 __all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda", "unsupported_reason"]
 
@@ -36,18 +36,18 @@ def attn_with_kv_cache_cuda(
         rope (Rope3D | None): fresh q/k rotated at frames ``Sc/(H*W) ..`` by the csrc prologue.
         scale (float | None): default ``head_dim ** -0.5``.
         block_sparse (BlockSparseParams | None): with ``frame_hw`` filled in (api.py does it).
-        return_lse (bool): also return ``lse [B, H, Sn]`` fp32 (the kernels always write it).
+        return_lse (bool): also return ``lse [B, H, Sn]`` fp32 (not asked: the kernels skip its store).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tabs, gh, gw = _rope_args(rope)
     if block_sparse is None:
-        res = ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale)
+        res = ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale, bool(return_lse))
     else:
-        res = _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw)
+        res = _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw, bool(return_lse))
     return (res[0], res[1]) if return_lse else res[0]
 
 
-def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
+def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, return_lse):
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if rope is not None:
         f0 = Sc // (gh * gw)
@@ -67,13 +67,13 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw):
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
         )
     if k_cache is None:
-        return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), scale)
-    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale)
+        return ops().bsa_fwd_cuda(q, k, v, None, None, *_sel_args(sel), scale, return_lse)
+    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *_sel_args(sel), scale, return_lse)
 
 
 def prefix_attn_cuda(q, k, v, prefix_len, scale=None, return_lse=False):
     """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``
     (with ``return_lse``: ``(out, lse [B, H, S] fp32)``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, lse = ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale)
+    out, lse = ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale, bool(return_lse))
     return (out, lse) if return_lse else out
