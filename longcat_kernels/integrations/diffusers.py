@@ -5,7 +5,8 @@
     transformer.forward(hidden_states [B, C, F, H, W], ...)
       └─ pre-forward hook (ours): grid = (F / p_t, H / p_h, W / p_w)  -> shared state
       └─ blocks[i].attn1 (self-attention)  processor swapped for BlockSparseWanAttnProcessor:
-             q/k/v projections, norm_q/norm_k over all heads, Wan RoPE  (as diffusers does)
+             q/k/v projections; norm_q/norm_k over all heads + Wan RoPE, either as diffusers does
+             or (fused_prologue, default on CUDA) in one lk.qk_norm_rope launch
              attention: lk.block_sparse_attn(q, k, v, grid_q=grid, ...)   (dense op at sparsity 0)
       └─ blocks[i].attn2 (text cross-attention, I2V image branch): untouched
 
@@ -23,6 +24,7 @@ import torch
 
 from ..ops.block_sparse_attn.api import block_sparse_attn
 from ..ops.kv_cache_attn.api import BlockSparseParams, flash_attn_with_kvcache
+from ..ops.rope.api import Rope3D, qk_norm_rope
 
 __all__ = ["apply_block_sparse_attention", "remove_block_sparse_attention", "BlockSparseWanAttnProcessor"]
 
@@ -34,6 +36,14 @@ class _GridState:
     """Post-patch latent grid ``(T, H, W)`` of the current forward, written by the pre-forward hook."""
 
     grid: Optional[Tuple[int, int, int]] = None
+    _rope: Optional[Rope3D] = None
+
+    def rope(self, head_dim: int, device) -> Rope3D:
+        """Rope3D of the current grid (Wan's convention is the default one), cached per grid."""
+        r = self._rope
+        if r is None or r.grid != self.grid or r.head_dim != head_dim or r.device != torch.device(device):
+            r = self._rope = Rope3D(self.grid, head_dim, device=device)
+        return r
 
 
 @dataclass
@@ -66,15 +76,21 @@ class BlockSparseWanAttnProcessor:
         backend (str): longcat-kernels backend.
         dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
             block-sparse kernel (same result, the faster kernel).
+        fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
+            ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
+            tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
+            the norms are ``torch.nn.RMSNorm`` over heads*head_dim and grad is disabled (inference),
+            else diffusers' path runs.
     """
 
     def __init__(self, state: _GridState, params: BlockSparseParams, original: Any, backend: str = "auto",
-                 dense_at_zero: bool = True):
+                 dense_at_zero: bool = True, fused_prologue: Optional[bool] = None):
         self.state = state
         self.params = params
         self.original = original
         self.backend = backend
         self.dense_at_zero = dense_at_zero
+        self.fused_prologue = fused_prologue
 
     def _dense(self) -> bool:
         p = self.params
@@ -98,13 +114,24 @@ class BlockSparseWanAttnProcessor:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        # Wan's qk-norm is one RMSNorm over all heads together (inner dim), before the head split
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        fused = hidden_states.is_cuda if self.fused_prologue is None else self.fused_prologue
+        # the fused prologue is forward only: training (grad enabled) keeps diffusers' ops
+        if fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1]):
+            query = query.unflatten(2, (attn.heads, -1))
+            key = key.unflatten(2, (attn.heads, -1))
+            eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+            rope = self.state.rope(query.shape[-1], query.device)
+            # [H*D] weights select the all-heads RMSNorm; Wan's RoPE is Rope3D's default convention
+            query, key = qk_norm_rope(query, key, attn.norm_q.weight, attn.norm_k.weight, rope, eps=eps,
+                                      backend=self.backend)
+        else:
+            # Wan's qk-norm is one RMSNorm over all heads together (inner dim), before the head split
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query = _wan_rope(query, *rotary_emb)
+                key = _wan_rope(key, *rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _wan_rope(query, *rotary_emb)
-            key = _wan_rope(key, *rotary_emb)
         if self._dense():
             out = flash_attn_with_kvcache(query, key, value, backend=self.backend)
         else:
@@ -116,6 +143,16 @@ class BlockSparseWanAttnProcessor:
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def _all_heads_rms(attn, inner: int) -> bool:
+    """norm_q / norm_k are torch RMSNorms with a weight over all heads (Wan's qk_norm default)."""
+    nq, nk = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    return all(
+        isinstance(n, torch.nn.RMSNorm) and n.weight is not None and n.weight.shape == (inner,)
+        and n.eps == nq.eps
+        for n in (nq, nk)
+    )
 
 
 def _check_transformer(transformer) -> None:
@@ -135,6 +172,7 @@ def apply_block_sparse_attention(
     layers: Optional[Iterable[int]] = None,
     backend: str = "auto",
     dense_at_zero: bool = True,
+    fused_prologue: Optional[bool] = None,
 ):
     """Swap the self-attention of Wan blocks for LongCat block-sparse 3D attention.
 
@@ -145,6 +183,7 @@ def apply_block_sparse_attention(
         layers (iterable of int | None): block indices to change; default all.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         dense_at_zero (bool): at sparsity 0 run the dense attention op (see the processor).
+        fused_prologue (bool | None): q/k norm + RoPE in one fused op (see the processor).
 
     Returns:
         The same transformer (modified in place). The grid of each forward comes from a pre-forward
@@ -181,7 +220,9 @@ def apply_block_sparse_attention(
     for i in idx:
         attn = transformer.blocks[i].attn1
         inst.originals[i] = attn.processor
-        attn.set_processor(BlockSparseWanAttnProcessor(state, params, attn.processor, backend, dense_at_zero))
+        attn.set_processor(
+            BlockSparseWanAttnProcessor(state, params, attn.processor, backend, dense_at_zero, fused_prologue)
+        )
     setattr(transformer, _ATTR, inst)
     return transformer
 

@@ -48,15 +48,15 @@ def _run(m, inp):
 
 
 @pytest.mark.parametrize("i2v", [False, True])
-@pytest.mark.parametrize("dense_at_zero", [True, False])
-def test_sparsity_zero_equals_diffusers_and_remove_restores(i2v, dense_at_zero):
+@pytest.mark.parametrize("dense_at_zero,fused", [(True, False), (False, True)])
+def test_sparsity_zero_equals_diffusers_and_remove_restores(i2v, dense_at_zero, fused):
     m = _model(i2v)
     inp = _inputs(i2v)
     ref = _run(m, inp)
     procs = [b.attn1.processor for b in m.blocks]
     procs2 = [b.attn2.processor for b in m.blocks]
     apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.0, chunk_q=(2, 2, 2)), backend="torch",
-                                 dense_at_zero=dense_at_zero)
+                                 dense_at_zero=dense_at_zero, fused_prologue=fused)
     assert all(isinstance(b.attn1.processor, BlockSparseWanAttnProcessor) for b in m.blocks)
     assert [b.attn2.processor for b in m.blocks] == procs2  # cross-attention / image branch untouched
     out = _run(m, inp)
@@ -79,7 +79,7 @@ def test_triton_backend_sparsity_zero_and_layers_subset():
     inp = _inputs(False, F=2, H=8, W=8)
     ref = _run(m, inp)
     apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.0, chunk_q=(2, 2, 2)), layers=[1],
-                                 backend="triton", dense_at_zero=False)
+                                 backend="triton", dense_at_zero=False, fused_prologue=True)
     assert not isinstance(m.blocks[0].attn1.processor, BlockSparseWanAttnProcessor)
     assert isinstance(m.blocks[1].attn1.processor, BlockSparseWanAttnProcessor)
     out = _run(m, inp)
