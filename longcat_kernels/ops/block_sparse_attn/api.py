@@ -2,7 +2,8 @@
 
 Backend implementations (lazy, see ``_backend.py``) live in ``triton.py`` / ``cuda.py`` as:
 - ``select_blocks_<b>(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold) -> BlockSelection``
-- ``block_sparse_attn_<b>(q, k, v, selection, scale) -> out`` (differentiable where supported)
+- ``block_sparse_attn_<b>(q, k, v, selection, scale, return_lse=False) -> out`` or ``(out, lse)``
+  (differentiable w.r.t. out where supported; lse carries no gradient)
 - ``block_sparse_attn_fwd_<b>(q, k, v, selection, scale) -> (out, lse)`` (forward only)
 with arguments already validated and normalised (tuples, scale a float).
 """

@@ -1,9 +1,10 @@
 """Cached-KV attention for video continuation and the cond/noisy prefix rule (SPEC 4).
 
 Backend implementations (lazy, see ``_backend.py``) live in ``triton.py`` / ``cuda.py`` as:
-- ``prefix_attn_<b>(q, k, v, prefix_len, scale) -> out``
-- ``attn_with_kv_cache_<b>(q, k, v, k_cache, v_cache, rope, scale, block_sparse) -> out``
-  (``block_sparse`` is a ``BlockSparseParams`` with ``frame_hw`` filled in, or None)
+- ``prefix_attn_<b>(q, k, v, prefix_len, scale, return_lse=False) -> out`` (``(out, lse)`` with return_lse)
+- ``attn_with_kv_cache_<b>(q, k, v, k_cache, v_cache, rope, scale, block_sparse, return_lse=False) -> out``
+  (``block_sparse`` is a ``BlockSparseParams`` with ``frame_hw`` filled in, or None; ``rope`` has
+  interleaved pairs: rotate-half is applied by this module first)
 with arguments already validated and normalised (scale a float).
 """
 
