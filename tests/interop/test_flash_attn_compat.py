@@ -71,3 +71,29 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="block_sparse"):
         lk.attn_with_kv_cache(q, _r(1, 8, 2, 32), _r(1, 8, 2, 32),
                               block_sparse=lk.BlockSparseParams(frame_hw=(2, 4), chunk_q=(1, 2, 2)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gqa_with_fused_rope(backend):
+    grid, H, Hkv, D = (3, 2, 4), 4, 2, 32
+    hw = grid[1] * grid[2]
+    rope = lk.Rope3D(grid, D)
+    q = _r(2, 2 * hw, H, D)
+    k, v = _r(2, 2 * hw, Hkv, D), _r(2, 2 * hw, Hkv, D)
+    kc, vc = _r(1, hw, Hkv, D), _r(1, hw, Hkv, D)
+    out = lk.flash_attn_with_kvcache(q, kc, vc, k, v, rope=rope, backend=backend)
+    rep = lambda x: x.repeat_interleave(H // Hkv, dim=2)  # noqa: E731
+    exp = lk.attn_with_kv_cache(q, rep(k), rep(v), rep(kc), rep(vc), rope=rope, backend="torch")
+    torch.testing.assert_close(out, exp, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_alone_block_sparse():
+    grid, H, D = (4, 4, 4), 2, 32
+    S = 64
+    q = _r(1, 32, H, D)
+    kc, vc = _r(1, S, H, D), _r(1, S, H, D)
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(2, 2, 2), frame_hw=(4, 4))
+    out, lse = lk.flash_attn_with_kvcache(q, kc, vc, block_sparse=bs, return_softmax_lse=True, backend="torch")
+    exp, e_lse = lk.block_sparse_attn(q, kc, vc, grid_q=(2, 4, 4), grid_k=grid, chunk_q=(2, 2, 2), sparsity=0.5,
+                                      backend="torch", return_lse=True)
+    assert torch.equal(out, exp) and torch.equal(lse, e_lse)
