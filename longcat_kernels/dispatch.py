@@ -24,7 +24,9 @@ Backends (user-facing names) and their implementations (``KernelChoice.impl``)::
                                      extension built without sm_90a code
 
 "auto" on CPU tensors runs the reference; on CUDA the measured-fastest implementation that can run
-(numbers next to the rules in ``choose_kernel``). An explicit backend (or ``LONGCAT_KERNELS_BACKEND``)
+(numbers next to the rules in ``choose_kernel``). GQA/MQA calls (``Facts.gqa``: k/v with fewer heads
+than q) run ``triton_fused`` (kv head ``h // group``): the csrc kernels and the cuDNN route take
+equal head counts only. Every implementation takes ``return_lse``. An explicit backend (or ``LONGCAT_KERNELS_BACKEND``)
 never falls back: it raises ``BackendUnavailableError`` with the reason.
 """
 

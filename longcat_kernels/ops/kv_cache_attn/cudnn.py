@@ -5,7 +5,9 @@ over the cache (a batch-1 cache read once, the batch folded into the query rows)
 keys, merged by their log-sum-exp in one Triton pass; no concatenation, no copy of the cache.
 ``backend="auto"`` picks it on CUDA where the csrc warp-specialised kernel does not run (H100 cond 4:
 69 ms vs 74 ms for the fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json); see
-``longcat_kernels/dispatch.py``. Same contract as the fused kernels in ``triton.py``. Forward only.
+``longcat_kernels/dispatch.py``. Same contract as the fused kernels in ``triton.py`` (``return_lse``
+included: the lse of the two calls merged by ``logaddexp``), except GQA/MQA: equal q and k/v head
+counts only (dispatch sends GQA calls to the fused Triton kernel). Forward only.
 """
 from __future__ import annotations
 
