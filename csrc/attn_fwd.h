@@ -26,7 +26,8 @@ struct AttnFwdParams {
   const void* v1;
   int64_t k1_sb, k1_ss, k1_sh, v1_sb, v1_ss, v1_sh;
   int s1;
-  // output [B, Sq, H, D] and lse [B, H, Sq] fp32 (natural log), row stride 1.
+  // output [B, Sq, H, D] and lse [B, H, Sq] fp32 (natural log), row stride 1; lse may be
+  // nullptr (not asked for): the kernels then skip its store.
   void* out;
   int64_t o_sb, o_ss, o_sh;
   float* lse;

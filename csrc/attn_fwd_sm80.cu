@@ -279,7 +279,8 @@ __global__ void __launch_bounds__(Kernel<T, D, BM, kSparse>::kThreads)
 
   // ---- epilogue: normalise, write out and lse ------------------------------------------------
   T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  float* lb = p.lse + b * p.lse_sb + h * p.lse_sh;
+  // lse is optional: a null pointer means the caller did not ask for it
+  float* lb = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb + h * p.lse_sh;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float l = l_r[e];
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(Kernel<T, D, BM, kSparse>::kThreads)
       for (int i = 0; i < kDT; ++i) {
         M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
       }
-      if (tq == 0) {
+      if (tq == 0 && lb != nullptr) {
         // m_r is in log2 units: lse = ln(2) * (m + log2(l)); -inf when nothing was visited.
         lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
       }

@@ -369,7 +369,8 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
   cp_async_wait<0>();
 
   T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  float* lb = p.lse + b * p.lse_sb + h * p.lse_sh;
+  // lse is optional: a null pointer means the caller did not ask for it
+  float* lb = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb + h * p.lse_sh;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float l = l_r[e];
@@ -387,7 +388,7 @@ __device__ __forceinline__ void attn_fwd_sm90_body(const AttnFwdParams& p) {
           M::store2(po + hf * 64 + i * 8 + 2 * tq, o[hf][i][2 * e] * inv, o[hf][i][2 * e + 1] * inv);
         }
       }
-      if (tq == 0) {
+      if (tq == 0 && lb != nullptr) {
         lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
       }
     }

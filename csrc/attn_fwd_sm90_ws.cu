@@ -360,7 +360,8 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
 
   // epilogue: O / l -> out (rows past sq are not stored), lse in natural log
   T* ob = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  float* lb = p.lse + b * p.lse_sb + h * p.lse_sh;
+  // lse is optional: a null pointer means the caller did not ask for it
+  float* lb = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb + h * p.lse_sh;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float l = l_r[e];
@@ -372,7 +373,7 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
       T* po = ob + (int64_t)tok * p.o_ss;
 #pragma unroll
       for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
-      if (tq == 0) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+      if (tq == 0 && lb != nullptr) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
     }
   }
 }

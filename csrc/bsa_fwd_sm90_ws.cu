@@ -331,7 +331,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   int qt0, qh0, qw0;
   b_origin(qb, p.nbq, p.cq, qt0, qh0, qw0);
   T* ob = static_cast<T*>(p.out) + h * p.o_sh;
-  float* lb = p.lse + h * p.lse_sh;
+  float* lb = p.lse == nullptr ? nullptr : p.lse + h * p.lse_sh;  // null: lse not asked for
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float l = l_r[e];
@@ -346,7 +346,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       T* po = ob + (int64_t)tok * p.o_ss;
 #pragma unroll
       for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
-      if (tq == 0) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+      if (tq == 0 && lb != nullptr) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
     }
   }
 }
@@ -467,7 +467,7 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cu
       return cudaErrorInvalidValue;
     }
     bp.out = static_cast<char*>(p.out) + b * p.o_sb * es;
-    bp.lse = p.lse + b * p.lse_sb;
+    bp.lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb;
     bp.sel_idx = p.sel_idx + b * p.si_sb;
     bp.sel_cnt = p.sel_cnt + b * p.sc_sb;
     bp.o_ss = p.o_ss;

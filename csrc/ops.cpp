@@ -118,9 +118,10 @@ void set_q_out(longcat::AttnFwdParams& p, const Tensor& q, const Tensor& out, co
   p.o_sb = out.stride(0);
   p.o_ss = out.stride(1);
   p.o_sh = out.stride(2);
-  p.lse = lse.data_ptr<float>();
-  p.lse_sb = lse.stride(0);
-  p.lse_sh = lse.stride(1);
+  const bool has_lse = lse.dim() == 3;
+  p.lse = has_lse ? lse.data_ptr<float>() : nullptr;
+  p.lse_sb = has_lse ? lse.stride(0) : 0;
+  p.lse_sh = has_lse ? lse.stride(1) : 0;
   p.batch = static_cast<int>(q.size(0));
   p.sq = static_cast<int>(q.size(1));
   p.heads = static_cast<int>(q.size(2));
@@ -252,9 +253,11 @@ cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype,
   return longcat::attn_fwd_block_sparse(p, dtype, d, stream);
 }
 
-std::tuple<Tensor, Tensor> alloc_out(const Tensor& q) {
+// lse [B, H, Sq] fp32 when asked for; otherwise an empty tensor and the kernels get a null pointer
+std::tuple<Tensor, Tensor> alloc_out(const Tensor& q, bool return_lse) {
   Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  Tensor lse = return_lse ? at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))
+                          : at::empty({0}, q.options().dtype(at::kFloat));
   return {out, lse};
 }
 
@@ -275,7 +278,8 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
                                         const Tensor& indices, const Tensor& counts,
                                         c10::IntArrayRef grid_q, c10::IntArrayRef grid_k,
                                         c10::IntArrayRef chunk_q, c10::IntArrayRef chunk_k,
-                                        double scale, const std::string& kernel) {
+                                        double scale, const std::string& kernel,
+                                        bool return_lse) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -332,7 +336,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
     kf = rows16(*k_fresh);
     vf = rows16(*v_fresh);
   }
-  auto [out, lse] = alloc_out(q);
+  auto [out, lse] = alloc_out(q, return_lse);
 
   longcat::AttnFwdParams p{};
   set_q_out(p, q, out, lse);
@@ -467,7 +471,8 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
                                                   const c10::optional<Tensor>& cos_w,
                                                   const c10::optional<Tensor>& sin_w,
                                                   int64_t grid_h, int64_t grid_w, double scale,
-                                                  const std::string& kernel) {
+                                                  const std::string& kernel,
+                                                  bool return_lse) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -492,7 +497,7 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
     q = apply_rope(q, *rope, grid_h, grid_w, f0);
     k = apply_rope(k, *rope, grid_h, grid_w, f0);
   }
-  auto [out, lse] = alloc_out(q);
+  auto [out, lse] = alloc_out(q, return_lse);
   longcat::AttnFwdParams p{};
   set_q_out(p, q, out, lse);
   if (cached) {
@@ -515,7 +520,8 @@ std::tuple<Tensor, Tensor> kv_cache_attn_fwd_cuda(const Tensor& q_in, const Tens
 // Prefix attention: queries [:P] attend keys [:P], queries [P:] attend all keys.
 std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in,
                                                 const Tensor& v_in, int64_t prefix_len,
-                                                double scale, const std::string& kernel) {
+                                                double scale, const std::string& kernel,
+                                                bool return_lse) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -529,7 +535,7 @@ std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor
               S, "], got ", prefix_len);
   c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = rows16(q_in), k = rows16(k_in), v = rows16(v_in);
-  auto [out, lse] = alloc_out(q);
+  auto [out, lse] = alloc_out(q, return_lse);
   const int d = static_cast<int>(q.size(3));
   auto stream = c10::cuda::getCurrentCUDAStream();
   // two launches into slices of one output: [prefix queries x prefix keys], [rest x all keys]
@@ -540,7 +546,7 @@ std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor
     if (q1 <= q0) continue;
     Tensor qs = q.narrow(1, q0, q1 - q0);
     Tensor os = out.narrow(1, q0, q1 - q0);
-    Tensor ls = lse.narrow(2, q0, q1 - q0);
+    Tensor ls = return_lse ? lse.narrow(2, q0, q1 - q0) : lse;
     longcat::AttnFwdParams p{};
     set_q_out(p, qs, os, ls);
     set_seg0(p, k.narrow(1, 0, kl), v.narrow(1, 0, kl), q.size(0));
@@ -560,17 +566,17 @@ TORCH_LIBRARY(longcat_kernels, m) {
   m.def(
       "bsa_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_fresh, Tensor? v_fresh, "
       "Tensor indices, Tensor counts, int[] grid_q, int[] grid_k, int[] chunk_q, int[] chunk_k, "
-      "float scale, str kernel) -> (Tensor, Tensor)");
+      "float scale, str kernel, bool return_lse=True) -> (Tensor, Tensor)");
   m.def(
       "kv_cache_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, "
       "Tensor? cos_t, Tensor? sin_t, Tensor? cos_h, Tensor? sin_h, Tensor? cos_w, Tensor? sin_w, "
-      "int grid_h, int grid_w, float scale, str kernel) -> (Tensor, Tensor)");
+      "int grid_h, int grid_w, float scale, str kernel, bool return_lse=True) -> (Tensor, Tensor)");
   m.def(
       "rope3d_cuda(Tensor x, Tensor cos_t, Tensor sin_t, Tensor cos_h, Tensor sin_h, Tensor cos_w, "
       "Tensor sin_w, int grid_h, int grid_w, int frame_offset) -> Tensor");
   m.def(
-      "prefix_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, int prefix_len, float scale, str kernel) "
-      "-> (Tensor, Tensor)");
+      "prefix_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, int prefix_len, float scale, str kernel, "
+      "bool return_lse=True) -> (Tensor, Tensor)");
   // the kernel families this build can run on the current device, e.g. "sm90_ws,sm90,sm80"
   m.def("available_kernels() -> str", &available_kernels);
 }

@@ -2,7 +2,7 @@
 
 Public API (tensors are BSHD ``[batch, seq, heads, head_dim]``, any strides):
 ``block_sparse_attn``, ``select_blocks``, ``BlockSelection``, ``prefix_attn``,
-``attn_with_kv_cache``, ``BlockSparseParams``, ``Rope3D``, ``apply_rope_3d``, ``qk_norm_rope``,
+``attn_with_kv_cache``, ``flash_attn_with_kvcache``, ``BlockSparseParams``, ``Rope3D``, ``apply_rope_3d``, ``qk_norm_rope``,
 ``available_backends``, ``BackendUnavailableError``. Backends: ``"torch"`` (reference, everywhere),
 ``"triton"``, ``"cuda"`` (compiled extension), ``"auto"``. Importing this package needs neither
 triton nor CUDA; Triton kernels are imported at package import only where they can run (a CUDA
@@ -14,7 +14,7 @@ from ._backend import BackendUnavailableError, available_backends
 from ._backend import preload_kernel_modules as _preload_kernel_modules
 from .grid import VideoGrid
 from .ops.block_sparse_attn.api import BlockSelection, block_sparse_attn, select_blocks
-from .ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache, prefix_attn
+from .ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache, flash_attn_with_kvcache, prefix_attn
 from .ops.rope.api import Rope3D, apply_rope_3d, qk_norm_rope
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "BlockSparseParams",
     "attn_with_kv_cache",
     "prefix_attn",
+    "flash_attn_with_kvcache",
     "Rope3D",
     "apply_rope_3d",
     "qk_norm_rope",

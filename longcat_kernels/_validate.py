@@ -57,9 +57,9 @@ def check_same_dtype(named: Sequence[tuple]) -> None:
             raise TypeError(f"{n}: expected dtype {t0.dtype} (same as {n0}), got {t.dtype}")
 
 
-def check_qkv(q, k, v, names=("q", "k", "v")) -> None:
+def check_qkv(q, k, v, names=("q", "k", "v"), gqa: bool = False) -> None:
     """q, k, v are BSHD tensors with matching batch, heads, head_dim, dtype and device;
-    k and v have the same sequence length."""
+    k and v have the same sequence length. ``gqa``: k/v may have fewer heads dividing q's."""
     if compiling():
         return
     nq, nk, nv = names
@@ -72,7 +72,12 @@ def check_qkv(q, k, v, names=("q", "k", "v")) -> None:
     for n, t in ((nk, k), (nv, v)):
         if t.shape[0] != B:
             raise ValueError(f"{n}: expected batch {B} (same as {nq}), got {t.shape[0]} (shape {tuple(t.shape)})")
-        if t.shape[2] != H:
+        if gqa and (t.shape[2] < 1 or H % t.shape[2] or t.shape[2] != k.shape[2]):
+            raise ValueError(
+                f"{n}: expected a number of heads dividing {nq}'s {H} heads (same for {nk} and {nv}), got {t.shape[2]} "
+                f"(shape {tuple(t.shape)})"
+            )
+        if not gqa and t.shape[2] != H:
             raise ValueError(f"{n}: expected {H} heads (same as {nq}), got {t.shape[2]} (shape {tuple(t.shape)})")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as {nq}), got {t.shape[3]} (shape {tuple(t.shape)})")

@@ -24,7 +24,9 @@ Backends (user-facing names) and their implementations (``KernelChoice.impl``)::
                                      extension built without sm_90a code
 
 "auto" on CPU tensors runs the reference; on CUDA the measured-fastest implementation that can run
-(numbers next to the rules in ``choose_kernel``). An explicit backend (or ``LONGCAT_KERNELS_BACKEND``)
+(numbers next to the rules in ``choose_kernel``). GQA/MQA calls (``Facts.gqa``: k/v with fewer heads
+than q) run ``triton_fused`` (kv head ``h // group``): the csrc kernels and the cuDNN route take
+equal head counts only. Every implementation takes ``return_lse``. An explicit backend (or ``LONGCAT_KERNELS_BACKEND``)
 never falls back: it raises ``BackendUnavailableError`` with the reason.
 """
 
@@ -101,6 +103,11 @@ class Facts(NamedTuple):
         block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
         block_tokens: block-sparse: (query block tokens, key block tokens); None if unknown.
         key_segments: block-sparse: 1 (one key tensor) or 2 (``[cache; fresh]``).
+        gqa: k/v have fewer heads than q (GQA/MQA): the fused Triton kernels index kv head
+            ``h // group``; the csrc kernels and the cuDNN route do not take it.
+        rope_pairs: ``qk_norm_rope``: ``"interleaved"`` or ``"half"`` (the Triton prologue rotates
+            interleaved pairs only).
+        norm_all_heads: ``qk_norm_rope``: RMSNorm over all heads (``[H*D]`` weight).
         env_backend: ``LONGCAT_KERNELS_BACKEND`` when set (replaces ``"auto"``), else None.
     """
 
@@ -117,6 +124,9 @@ class Facts(NamedTuple):
     block_sparse: bool = False
     block_tokens: Optional[Tuple[int, int]] = None
     key_segments: int = 1
+    gqa: bool = False
+    rope_pairs: str = "interleaved"
+    norm_all_heads: bool = False
     env_backend: Optional[str] = None
 
 
@@ -143,6 +153,10 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
     if f.requires_grad and op in TRITON_FORWARD_ONLY:
         # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
         return "forward only (no backward kernel); use backend='torch' for gradients"
+    if op == "qk_norm_rope" and f.rope_pairs != "interleaved":
+        return f"rope.pairs={f.rope_pairs!r} (the Triton prologue rotates interleaved pairs); use 'torch'"
+    if op == "qk_norm_rope" and f.norm_all_heads and f.gqa:
+        return "an all-heads norm with different q/k head counts; use 'torch'"
     if f.device_type == "cuda":
         if f.interpret:
             return "TRITON_INTERPRET=1 is set: Triton runs in the CPU interpreter, CUDA tensors are not supported"
@@ -166,6 +180,8 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
         return None, f"head_dim {f.head_dim} not supported (64 or 128)"
     if f.requires_grad:
         return None, "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
+    if f.gqa:
+        return None, "GQA/MQA (k/v with fewer heads than q) not supported by the csrc kernels; use 'triton' or 'torch'"
     if f.block_sparse and f.block_tokens is not None and max(f.block_tokens) > CSRC_MAX_BLOCK_TOKENS:
         return None, (f"blocks of {f.block_tokens} tokens; the csrc kernels take at most "
                       f"{CSRC_MAX_BLOCK_TOKENS} tokens per block")
@@ -195,6 +211,8 @@ def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
         return f"{op} has no cuDNN route"
     if f.block_sparse:
         return "cuDNN has no block-sparse mode"
+    if f.gqa:
+        return "the cuDNN route does not take GQA/MQA (the fused Triton kernel does)"
     if f.device_type != "cuda" or f.dtype not in ("bfloat16", "float16") or f.head_dim > 128:
         return "cuDNN SDPA needs CUDA bf16/fp16 inputs with head_dim <= 128"
     if not f.cudnn:
@@ -368,6 +386,9 @@ def choose(
     block_tokens: Optional[Tuple[int, int]] = None,
     key_segments: int = 1,
     needs_grad: Optional[bool] = None,
+    gqa: Optional[bool] = None,
+    rope_pairs: str = "interleaved",
+    norm_all_heads: bool = False,
 ) -> KernelChoice:
     """Collects the facts of this call (first tensor: device, dtype, head_dim) and decides.
 
@@ -375,18 +396,23 @@ def choose(
         op: public op name.
         tensors: the op's tensor inputs (None entries ignored).
         requested: the ``backend=`` argument.
-        block_sparse, block_tokens, key_segments: see ``Facts``.
+        block_sparse, block_tokens, key_segments, rope_pairs, norm_all_heads: see ``Facts``.
         needs_grad: override of ``requires_grad`` (default: any tensor requires grad, grad mode on).
+        gqa: override of ``Facts.gqa`` (default: some other 4-D tensor has a different head count
+            (dim 2) than the first).
     """
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     q = ts[0]
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    if gqa is None:
+        gqa = q.dim() == 4 and any(t.dim() == 4 and t.shape[2] != q.shape[2] for t in ts[1:])
     probe = requested == "triton" or (
         requested == "auto" and not torch.compiler.is_compiling() and backend_override() == "triton")
     f = machine_facts(q.device.type, q.device, probe_triton=probe)._replace(
         dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad),
         block_sparse=bool(block_sparse), block_tokens=block_tokens, key_segments=int(key_segments),
+        gqa=bool(gqa), rope_pairs=str(rope_pairs), norm_all_heads=bool(norm_all_heads),
     )
     choice = choose_kernel(op, f, requested)
     if not torch.compiler.is_compiling():

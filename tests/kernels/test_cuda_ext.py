@@ -269,6 +269,11 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(o.kv_cache_attn_fwd_cuda.default,
                           (q, k, v, k[:, :64], v[:, :64], *[None] * 6, 0, 0, 0.125, fam))
     torch.library.opcheck(o.prefix_attn_fwd_cuda.default, (q, k, v, 100, 0.125, fam))
+    # return_lse=False: an empty lse (the fakes must agree on its shape)
+    torch.library.opcheck(o.bsa_fwd_cuda.default, (q, k, v, None, None, *selection_args(sel), 0.125, fam, False))
+    torch.library.opcheck(o.kv_cache_attn_fwd_cuda.default,
+                          (q, k, v, k[:, :64], v[:, :64], *[None] * 6, 0, 0, 0.125, fam, False))
+    torch.library.opcheck(o.prefix_attn_fwd_cuda.default, (q, k, v, 100, 0.125, fam, False))
     rope = Rope3D((4, 8, 8), 64, device=DEV)
     torch.library.opcheck(o.rope3d_cuda.default,
                           (k, rope.cos_t, rope.sin_t, rope.cos_h, rope.sin_h, rope.cos_w, rope.sin_w, 8, 8, 0))
@@ -288,6 +293,25 @@ def test_torch_compile_fullgraph():
     g = torch.compile(lambda a, b, c: attn_with_kv_cache_cuda(a, b, c, b[:, :64], c[:, :64], None, 0.1, None),
                       fullgraph=True)
     torch.testing.assert_close(g(q, k, v), attn_with_kv_cache_cuda(q, k, v, k[:, :64], v[:, :64], None, 0.1, None))
+    h = torch.compile(lambda a, b, c: attn_with_kv_cache_cuda(a, b, c, None, None, None, 0.1, None, True), fullgraph=True)
+    (ho, hl), (eo, el) = h(q, k, v), attn_with_kv_cache_cuda(q, k, v, None, None, None, 0.1, None, True)
+    torch.testing.assert_close(ho, eo)
+    torch.testing.assert_close(hl, el)
+
+
+def test_gqa_refused_with_reason():
+    """csrc kernels take equal head counts: backend='cuda' refuses GQA/MQA with the reason, auto runs Triton."""
+    from longcat_kernels import BackendUnavailableError, attn_with_kv_cache, prefix_attn
+    from longcat_kernels.dispatch import last_choice
+
+    q = _rand(1, 128, 4, 128, dtype=torch.bfloat16)
+    k, v = (_rand(1, 128, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+    with pytest.raises(BackendUnavailableError, match="GQA"):
+        attn_with_kv_cache(q, k, v, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="GQA"):
+        prefix_attn(q, k, v, 64, backend="cuda")
+    attn_with_kv_cache(q, k, v)
+    assert last_choice("attn_with_kv_cache").impl == "triton_fused"
 
 
 # ---------------------------------------------------------------------------------------------

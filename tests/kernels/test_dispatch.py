@@ -26,6 +26,7 @@ CPU_INTERP = CPU._replace(interpret=True)
 BSA64 = dict(block_sparse=True, block_tokens=(64, 64), key_segments=1)
 BSA128 = dict(block_sparse=True, block_tokens=(128, 128), key_segments=1)
 KV_BSA_CACHE = dict(block_sparse=True, block_tokens=(64, 64), key_segments=2)
+GQA = dict(gqa=True)  # k/v with fewer heads than q (dense cached-KV / prefix)
 
 # (op, machine, extra facts) -> (backend, impl, a word of the reason): the auto table
 AUTO_TABLE = [
@@ -66,6 +67,17 @@ AUTO_TABLE = [
      "no kernel backend"),
     # CUDA tensors while TRITON_INTERPRET=1: no Triton on CUDA tensors
     ("attn_with_kv_cache", H100._replace(interpret=True), {"head_dim": 64}, "cuda", "csrc_sm90", "TRITON_INTERPRET"),
+    # GQA/MQA: no csrc kernel, no cuDNN route: the fused Triton kernel (it indexes kv head h // group)
+    ("attn_with_kv_cache", H100, GQA, "triton", "triton_fused", "GQA"),
+    ("prefix_attn", H100, GQA, "triton", "triton_fused", "GQA"),
+    ("attn_with_kv_cache", H100, dict(GQA, head_dim=64), "triton", "triton_fused", "GQA"),
+    ("attn_with_kv_cache", A100, GQA, "triton", "triton_fused", "GQA"),
+    ("attn_with_kv_cache", NO_TRITON, GQA, "torch", "torch_reference", "GQA"),
+    ("qk_norm_rope", H100, GQA, "triton", "triton", "no csrc kernel"),  # per-head norm takes GQA
+    # qk_norm_rope cases the Triton prologue does not take: the reference
+    ("qk_norm_rope", H100, {"rope_pairs": "half"}, "torch", "torch_reference", "interleaved"),
+    ("qk_norm_rope", H100, dict(GQA, norm_all_heads=True), "torch", "torch_reference", "all-heads"),
+    ("qk_norm_rope", H100, {"norm_all_heads": True}, "triton", "triton", "no csrc kernel"),
     # CPU: the reference, interpreter or not
     ("attn_with_kv_cache", CPU, {}, "torch", "torch_reference", "cpu"),
     ("block_sparse_attn", CPU_INTERP, BSA64, "torch", "torch_reference", "cpu"),
@@ -109,6 +121,13 @@ EXPLICIT_TABLE = [
     ("attn_with_kv_cache", CPU, {}, "triton", "need TRITON_INTERPRET=1"),
     ("attn_with_kv_cache", CPU, {}, "cuda", "needs CUDA tensors"),
     ("block_sparse_attn", CPU_INTERP, BSA64, "cuda", "needs CUDA tensors"),
+    ("attn_with_kv_cache", H100, GQA, "triton", "triton_fused"),
+    ("prefix_attn", CPU_INTERP, GQA, "triton", "triton_fused"),
+    ("attn_with_kv_cache", H100, GQA, "cuda", "GQA/MQA"),
+    ("prefix_attn", H100, GQA, "cuda", "GQA/MQA"),
+    ("qk_norm_rope", H100, {"rope_pairs": "half"}, "triton", "interleaved pairs"),
+    ("qk_norm_rope", CPU_INTERP, {"rope_pairs": "half"}, "triton", "interleaved pairs"),
+    ("qk_norm_rope", H100, dict(GQA, norm_all_heads=True), "triton", "all-heads norm"),
 ]
 
 
@@ -126,7 +145,8 @@ def test_explicit_table(op, machine, extra, requested, expect):
 MACHINES = [H100, H100_NO_EXT, H100_NO_WS, H100_SM80_BUILD, A100, NO_TRITON, CPU, CPU_INTERP,
             H100._replace(interpret=True), H100._replace(cudnn=False)]
 VARIANTS = [{}, {"head_dim": 64}, {"dtype": "float32"}, {"dtype": "float16"}, {"dtype": "float64"},
-            {"requires_grad": True}, BSA64, BSA128, KV_BSA_CACHE]
+            {"requires_grad": True}, BSA64, BSA128, KV_BSA_CACHE, GQA, {"rope_pairs": "half"},
+            dict(GQA, norm_all_heads=True)]
 
 
 def test_every_choice_is_registered_and_explicit_never_falls_back():
@@ -152,6 +172,9 @@ def test_every_choice_is_registered_and_explicit_never_falls_back():
             assert c.impl == "torch_reference"
         if c.impl == "triton_prologue_cudnn":
             assert req == "auto"  # only auto picks the cuDNN route
+            assert not f.gqa  # ... and never for GQA (it does not index kv heads)
+        if f.gqa:
+            assert not c.impl.startswith("csrc_"), c  # the csrc kernels take equal head counts
     assert n > 300
 
 
@@ -321,3 +344,26 @@ def test_gpu_what_runs_is_what_env_printed(monkeypatch):
         exp = call("torch")
         assert not out.float().isnan().any(), op
         torch.testing.assert_close(out.float(), exp.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_choose_derives_gqa_from_head_counts():
+    """``choose`` sets ``Facts.gqa`` from the tensors (k/v heads != q heads), so no caller forgets it."""
+    q = torch.randn(1, 8, 4, 16)
+    k = torch.randn(1, 8, 2, 16)
+    seen = {}
+    orig = dispatch.choose_kernel
+
+    def spy(op, facts, requested="auto"):
+        seen[op] = facts
+        return orig(op, facts, requested)
+
+    try:
+        dispatch.choose_kernel = spy
+        dispatch.choose("prefix_attn", q, k, k, requested="torch")
+        assert seen["prefix_attn"].gqa is True
+        dispatch.choose("prefix_attn", q, q, q, requested="torch")
+        assert seen["prefix_attn"].gqa is False
+        dispatch.choose("qk_norm_rope", q, q, requested="torch", rope_pairs="half", norm_all_heads=True)
+        assert (seen["qk_norm_rope"].rope_pairs, seen["qk_norm_rope"].norm_all_heads) == ("half", True)
+    finally:
+        dispatch.choose_kernel = orig

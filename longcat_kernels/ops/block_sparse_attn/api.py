@@ -3,7 +3,8 @@
 Which implementation runs is decided by ``longcat_kernels.dispatch.choose`` (one place for all ops);
 the implementations (registered there) take arguments already validated and normalised:
 - select_blocks: ``(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold) -> BlockSelection``
-- block_sparse_attn: ``(q, k, v, selection, scale) -> out`` (differentiable on triton)
+- block_sparse_attn: ``(q, k, v, selection, scale, return_lse=False) -> out`` or ``(out, lse)``
+  (differentiable w.r.t. out on triton; lse carries no gradient)
 - block_sparse_attn_fwd: ``(q, k, v, selection, scale) -> (out, lse)`` (forward only)
 """
 
@@ -186,7 +187,8 @@ def block_sparse_attn(
     selection: Optional[BlockSelection] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Block-sparse 3D attention over video token grids (LongCat BSA semantics).
 
     ::
@@ -208,10 +210,15 @@ def block_sparse_attn(
         scale (float | None): default ``head_dim ** -0.5``.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``. Selects the attention kernel;
             gating runs on the same backend when it implements ``select_blocks``, else on ``"auto"``.
+        return_lse (bool): also return the log-sum-exp (SPEC 12).
 
     Returns:
         Tensor: ``[batch, seq_q, heads, head_dim]`` in q's dtype, contiguous.
         Differentiable w.r.t. q, k, v on the torch and triton backends (the selection has no gradient).
+        With ``return_lse``: ``(out, lse)``, ``lse [batch, heads, seq_q]`` fp32, natural log of
+        ``sum(exp(q k^T * scale))`` over the selected keys, ``-inf`` for a query block with no selected
+        key block; lse carries no gradient. Two results over disjoint key sets merge exactly:
+        ``lse = logaddexp(l1, l2)``, ``out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse)``.
     """
     selection, scale = _prepare(
         q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend
@@ -219,8 +226,10 @@ def block_sparse_attn(
     c = choose("block_sparse_attn", q, k, v, requested=backend, block_sparse=True,
                block_tokens=block_tokens(selection))
     if c.impl != "torch_reference":
-        return impl_fn("block_sparse_attn", c.impl)(q, k, v, selection, scale)
-    return block_sparse_attn_reference(q, k, v, selection, scale)[0]
+        fn = impl_fn("block_sparse_attn", c.impl)
+        return fn(q, k, v, selection, scale, return_lse=True) if return_lse else fn(q, k, v, selection, scale)
+    out, lse = block_sparse_attn_reference(q, k, v, selection, scale)
+    return (out, lse.detach()) if return_lse else out
 
 
 def block_tokens(sel: BlockSelection) -> Tuple[int, int]:

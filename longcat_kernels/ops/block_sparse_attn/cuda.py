@@ -8,7 +8,8 @@ the C++ side raises if it cannot run that kernel (no silent switch). ``kernel=No
 dispatcher for the cuda backend's choice for these inputs.
 
 Registered op: ``torch.ops.longcat_kernels.bsa_fwd_cuda(q, k, v, k_fresh, v_fresh, indices, counts,
-grid_q, grid_k, chunk_q, chunk_k, scale, kernel) -> (out, lse)``; keys are ``[k; k_fresh]`` along
+grid_q, grid_k, chunk_q, chunk_k, scale, kernel, return_lse=True) -> (out, lse)`` (lse empty
+when ``return_lse`` is False: the kernels skip its store); keys are ``[k; k_fresh]`` along
 seq (``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is given).
 """
 
@@ -36,20 +37,23 @@ _FAKES = {"done": False}
 
 
 def _register_fakes() -> None:
-    @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
-    def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, kernel):
+    def lse_like(q, return_lse):
         B, Sq, H, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+        return q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
+
+    @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
+    def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, kernel,
+          return_lse=True):
+        return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::kv_cache_attn_fwd_cuda")
-    def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale, kernel):
-        B, Sq, H, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+    def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale,
+          kernel, return_lse=True):
+        return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::prefix_attn_fwd_cuda")
-    def _(q, k, v, prefix_len, scale, kernel):
-        B, Sq, H, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+    def _(q, k, v, prefix_len, scale, kernel, return_lse=True):
+        return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::rope3d_cuda")
     def _(x, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, frame_offset):
@@ -74,7 +78,8 @@ def ops():
 
 
 def csrc_kernel(op: str, kernel, q, *tensors, **facts) -> str:
-    """``kernel`` if given, else the family ``dispatch`` picks for backend ``"cuda"`` on these inputs."""
+    """``kernel`` if given, else the family ``dispatch`` picks for backend ``"cuda"`` on these inputs
+    (raises ``BackendUnavailableError`` with the reason for inputs the csrc kernels refuse, e.g. GQA)."""
     if kernel is not None:
         return kernel
     from ...dispatch import choose  # noqa: PLC0415
@@ -119,18 +124,22 @@ def bsa_forward_cuda(q, k, v, selection, scale, *, kernel: Optional[str] = None)
     return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel)
 
 
-def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, kernel: Optional[str] = None):
-    """Block-sparse forward over keys ``[k_cache; k]`` (cache batch 1 or B), no concatenation."""
+def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, kernel: Optional[str] = None,
+                              return_lse: bool = True):
+    """Block-sparse forward over keys ``[k_cache; k]`` (cache batch 1 or B), no concatenation;
+    ``(out, lse)`` with an empty lse when not ``return_lse``."""
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), key_segments=2, needs_grad=False)
-    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel)
+    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel,
+                              bool(return_lse))
 
 
 block_sparse_attn_fwd_cuda = bsa_forward_cuda
 
 
-def block_sparse_attn_cuda(q, k, v, selection, scale, *, kernel: Optional[str] = None) -> torch.Tensor:
-    """Block-sparse attention output ``[B,Sq,H,D]`` (forward only; refuses inputs needing grad)."""
+def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, *, kernel: Optional[str] = None):
+    """Block-sparse attention output ``[B,Sq,H,D]`` (forward only; refuses inputs needing grad);
+    with ``return_lse`` ``(out, lse [B,H,Sq] fp32)``."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         from ...dispatch import BackendUnavailableError  # noqa: PLC0415
 
@@ -138,4 +147,8 @@ def block_sparse_attn_cuda(q, k, v, selection, scale, *, kernel: Optional[str] =
             "block_sparse_attn: backend 'cuda' unavailable: forward only (no backward kernel); "
             "use backend='triton' or 'torch' for gradients"
         )
-    return bsa_forward_cuda(q, k, v, selection, scale, kernel=kernel)[0]
+    kernel = csrc_kernel("block_sparse_attn", kernel, q, k, v, block_sparse=True,
+                         block_tokens=_block_tokens(selection), needs_grad=False)
+    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel,
+                                  bool(return_lse))
+    return (out, lse) if return_lse else out

@@ -275,10 +275,12 @@ def bsa_forward_triton(q, k, v, selection, scale):
 block_sparse_attn_fwd_triton = bsa_forward_triton
 
 
-def block_sparse_attn_triton(q, k, v, selection, scale):
-    """Autograd-aware block-sparse attention output [B,Sq,H,D]."""
+def block_sparse_attn_triton(q, k, v, selection, scale, return_lse=False):
+    """Autograd-aware block-sparse attention output [B,Sq,H,D]; with return_lse (out, lse [B,H,Sq]
+    fp32), lse carrying no gradient."""
     args = _prep(q, k, v, selection)
-    return torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))[0]
+    out, lse = torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
+    return (out, lse.detach()) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------

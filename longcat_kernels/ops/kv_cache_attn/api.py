@@ -1,10 +1,12 @@
 """Cached-KV attention for video continuation and the cond/noisy prefix rule (SPEC 4).
 
-Which implementation runs is decided by ``longcat_kernels.dispatch.choose`` (one place for all ops);
-the implementations (registered there) take arguments already validated and normalised (scale a float):
-- prefix_attn: ``(q, k, v, prefix_len, scale) -> out``
-- attn_with_kv_cache: ``(q, k, v, k_cache, v_cache, rope, scale, block_sparse) -> out``
-  (``block_sparse`` is a ``BlockSparseParams`` with ``frame_hw`` filled in, or None)
+Which implementation runs is decided by ``longcat_kernels.dispatch.choose`` (one place for all ops;
+GQA/MQA calls, k/v with fewer heads than q, are a fact it uses); the implementations (registered
+there) take arguments already validated and normalised (scale a float):
+- prefix_attn: ``(q, k, v, prefix_len, scale, return_lse=False) -> out`` (``(out, lse)`` with return_lse)
+- attn_with_kv_cache: ``(q, k, v, k_cache, v_cache, rope, scale, block_sparse, return_lse=False) -> out``
+  (``block_sparse`` is a ``BlockSparseParams`` with ``frame_hw`` filled in, or None; ``rope`` has
+  interleaved pairs: rotate-half is applied by this module first)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..block_sparse_attn.selection import BlockSelection
 from ..rope.api import Rope3D, apply_rope_3d
 from .reference import kv_cache_attn_reference, prefix_attn_reference
 
-__all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn"]
+__all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn", "flash_attn_with_kvcache"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +69,8 @@ def prefix_attn(
     *,
     scale: Optional[float] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention with LongCat's cond/noisy rule over one sequence, in one call.
 
     ::
@@ -81,13 +84,15 @@ def prefix_attn(
         prefix_len (int): p, ``0 <= p <= seq`` (0 or seq: plain dense attention).
         scale (float | None): default ``head_dim ** -0.5``.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        return_lse (bool): also return ``lse [batch, heads, seq]`` fp32, natural log (SPEC 12).
 
     Returns:
-        Tensor: ``[batch, seq, heads, head_dim]`` in q's dtype, contiguous.
+        Tensor: ``[batch, seq, heads, head_dim]`` in q's dtype, contiguous; ``(out, lse)`` with
+        ``return_lse``.
     """
     if not compiling():
         check_backend_name(backend)
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, gqa=True)
         check_scale(scale)
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
@@ -98,11 +103,12 @@ def prefix_attn(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     c = choose("prefix_attn", q, k, v, requested=backend)
     if c.impl != "torch_reference":
-        return impl_fn("prefix_attn", c.impl)(q, k, v, prefix_len, scale)
-    return prefix_attn_reference(q, k, v, prefix_len, scale)
+        fn = impl_fn("prefix_attn", c.impl)
+        return fn(q, k, v, prefix_len, scale, return_lse=True) if return_lse else fn(q, k, v, prefix_len, scale)
+    return prefix_attn_reference(q, k, v, prefix_len, scale, return_lse)
 
 
-def _check_cache(q, k_cache, v_cache) -> None:
+def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
     if (k_cache is None) != (v_cache is None):
         raise ValueError(
             "k_cache/v_cache: expected both or neither, got "
@@ -118,8 +124,8 @@ def _check_cache(q, k_cache, v_cache) -> None:
     for n, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.shape[0] not in (1, B):
             raise ValueError(f"{n}: expected batch 1 or {B} (q's batch), got {t.shape[0]} (shape {tuple(t.shape)})")
-        if t.shape[2] != H:
-            raise ValueError(f"{n}: expected {H} heads (same as q), got {t.shape[2]}")
+        if t.shape[2] != kv_heads:
+            raise ValueError(f"{n}: expected {kv_heads} heads (same as k), got {t.shape[2]}")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as q), got {t.shape[3]}")
         if t.shape[1] == 0:
@@ -175,7 +181,8 @@ def attn_with_kv_cache(
     scale: Optional[float] = None,
     block_sparse: Optional[BlockSparseParams] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of fresh (noisy) tokens over ``[cache; fresh]`` keys, the VC hot path.
 
     ``out = softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` where ``'`` is 3D RoPE at the fresh
@@ -192,24 +199,35 @@ def attn_with_kv_cache(
         q, k, v (Tensor): ``[batch, seq_new, heads, head_dim]``, any strides.
         k_cache, v_cache (Tensor | None): ``[Bc, seq_cache, heads, head_dim]``, Bc in {1, batch};
             both or neither.
-        rope (Rope3D | None): tables for a grid covering cache + fresh frames.
+        rope (Rope3D | None): tables for a grid covering cache + fresh frames (fused into the
+            kernels for ``pairs="interleaved"``; ``pairs="half"`` rotates q/k in torch first).
         scale (float | None): default ``head_dim ** -0.5``.
         block_sparse (BlockSparseParams | None): block-sparse attention over the ``(c + Tn, H, W)``
             key grid instead of dense.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        return_lse (bool): also return ``lse [batch, heads, seq_new]`` fp32: natural log of the
+            softmax denominator over all keys attended (``-inf`` for a query that attends to nothing,
+            possible only with ``block_sparse``), for merging with attention over other keys (SPEC 12).
 
     Returns:
-        Tensor: ``[batch, seq_new, heads, head_dim]`` in q's dtype, contiguous.
-        Forward only: inputs requiring grad raise ``ValueError``.
+        Tensor: ``[batch, seq_new, heads, head_dim]`` in q's dtype, contiguous; ``(out, lse)`` with
+        ``return_lse``. Forward only: inputs requiring grad raise ``ValueError``.
     """
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if not compiling():
         check_backend_name(backend)
-        check_qkv(q, k, v)
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
+        check_qkv(q, k, v, gqa=True)
+        if k.shape[2] != q.shape[2] and block_sparse is not None:
+            raise ValueError(
+                f"k: expected {q.shape[2]} heads (same as q) with block_sparse (GQA is dense only), got {k.shape[2]}"
+            )
+        # fresh keys are q's own tokens when they need q's grid positions (rope, block_sparse)
+        if k.shape[1] != q.shape[1] and (rope is not None or block_sparse is not None):
+            raise ValueError(
+                f"k: expected seq {q.shape[1]} (same as q, needed with rope/block_sparse), got {k.shape[1]}"
+            )
         check_scale(scale)
-        _check_cache(q, k_cache, v_cache)
+        _check_cache(q, k_cache, v_cache, k.shape[2])
         check_no_grad(
             [("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)], "attn_with_kv_cache"
         )
@@ -231,6 +249,12 @@ def attn_with_kv_cache(
                 )
     if block_sparse is not None:
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
+    if rope is not None and rope.pairs != "interleaved":
+        # the kernels' fused RoPE rotates interleaved pairs: rotate-half is applied here, in torch
+        with torch.no_grad():
+            c = Sc // rope.tokens_per_frame
+            q, k = apply_rope_3d(q, rope, frame_offset=c), apply_rope_3d(k, rope, frame_offset=c)
+        rope = None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_sparse is None:
         c = choose("attn_with_kv_cache", q, k, v, k_cache, v_cache, requested=backend)
@@ -242,14 +266,17 @@ def attn_with_kv_cache(
             key_segments=1 if k_cache is None else 2,
         )
     if c.impl != "torch_reference":
-        return impl_fn("attn_with_kv_cache", c.impl)(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
+        fn = impl_fn("attn_with_kv_cache", c.impl)
+        if return_lse:
+            return fn(q, k, v, k_cache, v_cache, rope, scale, block_sparse, return_lse=True)
+        return fn(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
     with torch.no_grad():
         if rope is not None:
             c = Sc // rope.tokens_per_frame
             q = apply_rope_3d(q, rope, frame_offset=c)
             k = apply_rope_3d(k, rope, frame_offset=c)
         if block_sparse is None:
-            return kv_cache_attn_reference(q, k, v, k_cache, v_cache, scale)
+            return kv_cache_attn_reference(q, k, v, k_cache, v_cache, scale, return_lse)
         # reference BSA over the explicit concatenation (a batch-1 cache is expanded into it)
         if k_cache is not None:
             B = q.shape[0]
@@ -266,4 +293,96 @@ def attn_with_kv_cache(
                 chunk_q=block_sparse.chunk_q, chunk_k=block_sparse.chunk_k, sparsity=block_sparse.sparsity,
                 cdf_threshold=block_sparse.cdf_threshold, backend="torch",
             )
-        return block_sparse_attn_reference(q, k_all, v_all, sel, scale)[0]
+        out, lse = block_sparse_attn_reference(q, k_all, v_all, sel, scale)
+        return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    *,
+    softmax_scale: Optional[float] = None,
+    return_softmax_lse: bool = False,
+    rope: Optional[Rope3D] = None,
+    block_sparse: Optional[BlockSparseParams] = None,
+    backend: str = "auto",
+):
+    """flash-attn's ``flash_attn_with_kvcache`` argument order and names, over ``attn_with_kv_cache``.
+
+    ``out = softmax(q [k_cache; k]^T * softmax_scale) [v_cache; v]``. Unlike flash-attn the cache is
+    never written in place (no ``cache_seqlens``): the fresh ``k``/``v`` are read from their own
+    tensors as a second key segment, and the whole cache is attended. ``k=None``: attention over the
+    cache alone. With pre-rotated q/k (any RoPE convention applied by the caller) leave ``rope=None``.
+
+    ::
+
+        keys:    [ k_cache (Bc, Sc) | k (B, Sk) ]      Bc in {1, B}; a batch-1 cache is never copied
+        queries: q (B, Sq) attend to all keys (block-sparse over the 3D grid with block_sparse=)
+
+    Args:
+        q (Tensor): ``[batch, seq_q, heads, head_dim]``, any strides.
+        k_cache, v_cache (Tensor): ``[Bc, seq_cache, heads_kv, head_dim]``; heads_kv divides heads
+            (GQA/MQA: kv heads indexed in the kernel, no copy; dense attention only).
+        k, v (Tensor | None): ``[batch, seq_k, heads_kv, head_dim]`` fresh keys/values, both or
+            neither; ``seq_k`` must equal ``seq_q`` when rope or block_sparse is given.
+        softmax_scale (float | None): default ``head_dim ** -0.5``.
+        return_softmax_lse (bool): also return ``lse [batch, heads, seq_q]`` fp32, natural log.
+        rope (Rope3D | None): LongCat 3D RoPE of fresh q/k at frames ``Sc/(H*W)..`` (k required).
+        block_sparse (BlockSparseParams | None): block-sparse over the ``[cache; fresh]`` key grid.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        Tensor ``[batch, seq_q, heads, head_dim]`` (q's dtype), or ``(out, lse)`` with
+        ``return_softmax_lse``. Forward only.
+    """
+    if (k is None) != (v is None):
+        raise ValueError(
+            f"k/v: expected both or neither, got k={'None' if k is None else 'Tensor'}, "
+            f"v={'None' if v is None else 'Tensor'}"
+        )
+    if k is None:
+        if rope is not None:
+            raise ValueError("rope: expected None when k is None (rope rotates the fresh q/k), got a Rope3D")
+        if not compiling():
+            check_tensor(k_cache, "k_cache")
+            check_tensor(v_cache, "v_cache")
+            _check_cache(q, k_cache, v_cache, k_cache.shape[2])
+            B = q.shape[0]
+            check_qkv(q, k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1),
+                      names=("q", "k_cache", "v_cache"), gqa=block_sparse is None)
+        B = q.shape[0]
+        if block_sparse is not None:
+            # the cache is the whole key grid: fresh queries against (Sc / (H*W)) cached frames
+            if k_cache.shape[0] != B:
+                k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
+            k, v, k_cache, v_cache = k_cache, v_cache, None, None
+            return _cache_only_block_sparse(q, k, v, softmax_scale, block_sparse, backend, return_softmax_lse)
+        # the cache becomes the (only) key segment; a batch-1 cache is a stride-0 view, not a copy
+        k, v = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
+        k_cache = v_cache = None
+    return attn_with_kv_cache(
+        q, k, v, k_cache, v_cache, rope=rope, scale=softmax_scale, block_sparse=block_sparse, backend=backend,
+        return_lse=return_softmax_lse,
+    )
+
+
+def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
+    """Block-sparse attention of q against the cache alone (key grid = the cache's frames)."""
+    from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
+
+    if not isinstance(bs, BlockSparseParams) or bs.frame_hw is None:
+        raise ValueError("block_sparse.frame_hw: expected (H, W) when k is None, got None")
+    Hf, Wf = bs.frame_hw
+    n = Hf * Wf
+    if q.shape[1] % n or k.shape[1] % n:
+        raise ValueError(f"block_sparse.frame_hw: expected q seq {q.shape[1]} and cache seq {k.shape[1]} to be "
+                         f"multiples of H*W = {n}")
+    kw = dict(grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k.shape[1] // n, Hf, Wf), scale=scale, backend=backend,
+              return_lse=return_lse)
+    if bs.selection is not None:
+        return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
+    return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,
+                             cdf_threshold=bs.cdf_threshold, **kw)

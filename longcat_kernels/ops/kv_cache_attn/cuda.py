@@ -12,9 +12,9 @@ Forward only. Fakes are registered in ``ops/block_sparse_attn/cuda.py`` (one pla
 
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, ops, selection_args
 
@@ -28,8 +28,8 @@ def _rope_args(rope):
     return tabs, int(rope.grid[1]), int(rope.grid[2])
 
 
-def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None, *,
-                            kernel: Optional[str] = None):
+def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None,
+                            return_lse: bool = False, *, kernel: Optional[str] = None):
     """``softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` (SPEC 4), ``[B, Sn, H, D]``.
 
     Args:
@@ -38,22 +38,26 @@ def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scal
         rope (Rope3D | None): fresh q/k rotated at frames ``Sc/(H*W) ..`` by the csrc prologue.
         scale (float | None): default ``head_dim ** -0.5``.
         block_sparse (BlockSparseParams | None): with ``frame_hw`` filled in (api.py does it).
+        return_lse (bool): also return ``lse [B, H, Sn]`` fp32 (not asked: the kernels skip its store).
         kernel (str | None): csrc kernel family; None: the dispatcher's choice.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tabs, gh, gw = _rope_args(rope)
     if block_sparse is None:
-        kernel = csrc_kernel("attn_with_kv_cache", kernel, q, k, v, needs_grad=False)
-        return ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale, kernel)[0]
-    if kernel is None:
-        cq, ck = block_sparse.chunk_q, block_sparse.chunk_k or block_sparse.chunk_q
-        kernel = csrc_kernel("attn_with_kv_cache", None, q, k, v, needs_grad=False, block_sparse=True,
-                             block_tokens=(cq[0] * cq[1] * cq[2], ck[0] * ck[1] * ck[2]),
-                             key_segments=1 if k_cache is None else 2)
-    return _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw, kernel)
+        kernel = csrc_kernel("attn_with_kv_cache", kernel, q, k, v, k_cache, v_cache, needs_grad=False)
+        res = ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale, kernel, bool(return_lse))
+    else:
+        if kernel is None:
+            cq, ck = block_sparse.chunk_q, block_sparse.chunk_k or block_sparse.chunk_q
+            kernel = csrc_kernel("attn_with_kv_cache", None, q, k, v, k_cache, v_cache, needs_grad=False,
+                                 block_sparse=True, block_tokens=(cq[0] * cq[1] * cq[2], ck[0] * ck[1] * ck[2]),
+                                 key_segments=1 if k_cache is None else 2)
+        res = _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw, kernel,
+                            bool(return_lse))
+    return (res[0], res[1]) if return_lse else res[0]
 
 
-def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kernel):
+def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kernel, return_lse):
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if rope is not None:
         f0 = Sc // (gh * gw)
@@ -73,12 +77,14 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kern
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
         )
     if k_cache is None:
-        return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(sel), scale, kernel)[0]
-    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale, kernel=kernel)[0]
+        return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(sel), scale, kernel, return_lse)
+    return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale, kernel=kernel, return_lse=return_lse)
 
 
-def prefix_attn_cuda(q, k, v, prefix_len, scale=None, *, kernel: Optional[str] = None) -> torch.Tensor:
-    """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``."""
+def prefix_attn_cuda(q, k, v, prefix_len, scale=None, return_lse: bool = False, *, kernel: Optional[str] = None):
+    """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``
+    (with ``return_lse``: ``(out, lse [B, H, S] fp32)``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kernel = csrc_kernel("prefix_attn", kernel, q, k, v, needs_grad=False)
-    return ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale, kernel)[0]
+    out, lse = ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale, kernel, bool(return_lse))
+    return (out, lse) if return_lse else out

@@ -5,7 +5,9 @@ over the cache (a batch-1 cache read once, the batch folded into the query rows)
 keys, merged by their log-sum-exp in one Triton pass; no concatenation, no copy of the cache.
 ``backend="auto"`` picks it on CUDA where the csrc warp-specialised kernel does not run (H100 cond 4:
 69 ms vs 74 ms for the fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json); see
-``longcat_kernels/dispatch.py``. Same contract as the fused kernels in ``triton.py``. Forward only.
+``longcat_kernels/dispatch.py``. Same contract as the fused kernels in ``triton.py`` (``return_lse``
+included: the lse of the two calls merged by ``logaddexp``), except GQA/MQA: equal q and k/v head
+counts only (dispatch sends GQA calls to the fused Triton kernel). Forward only.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_kernels.ops.kv_cache_attn.triton import rope_tables_for
+from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -121,18 +123,28 @@ def _cache_part_cudnn(q, k_cache, v_cache, scale):
     return o.reshape(B, Sn, H, D), lse.reshape(H, B, Sn).transpose(0, 1)
 
 
+def _refuse_gqa(op: str, q, k) -> None:
+    # cuDNN SDPA here takes equal head counts; dispatch sends GQA/MQA calls to the fused Triton kernel
+    if k.shape[2] != q.shape[2]:
+        from longcat_kernels.dispatch import BackendUnavailableError
+        raise BackendUnavailableError(
+            f"{op}: the prologue + cuDNN route does not take GQA/MQA (q has {q.shape[2]} heads, "
+            f"k {k.shape[2]}); use attn_with_kv_cache_triton / backend='triton'")
+
+
 @torch.library.custom_op("longcat_kernels::kv_cache_attn_cudnn_fwd", mutates_args=())
 def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
                             cos_t: Optional[torch.Tensor], sin_t: Optional[torch.Tensor],
                             cos_h: Optional[torch.Tensor], sin_h: Optional[torch.Tensor],
                             cos_w: Optional[torch.Tensor], sin_w: Optional[torch.Tensor],
-                            grid_h: int, grid_w: int, scale: float) -> torch.Tensor:
+                            grid_h: int, grid_w: int, scale: float,
+                            return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Two cuDNN calls (fresh queries over the cache; over the fresh keys) merged by their lse.
 
     Nothing is concatenated or copied: the cache is read where it lies (a batch-1 cache with the
     batch folded into the query rows); with RoPE, a Triton prologue rotates fresh q and k into
-    temporaries first. v is used as given.
+    temporaries first. v is used as given. The lse is empty unless ``return_lse``.
     """
     B, Sn, H, D = q.shape
     Sc = 0 if k_cache is None else k_cache.shape[1]
@@ -144,24 +156,28 @@ def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          frame_offset=Sc // (grid_h * grid_w))
         q, k = q_rot, k_rot
     if Sc == 0:
-        return _sdpa_cudnn(q, k, v, scale).contiguous()
+        if not return_lse:
+            return _sdpa_cudnn(q, k, v, scale).contiguous(), new_lse(q, False)
+        o, lse = _sdpa_cudnn_lse(q, k, v, scale)
+        return o.contiguous(), lse.contiguous()
     o_c, lse_c = _cache_part_cudnn(q, k_cache, v_cache, scale)
     o_f, lse_f = _sdpa_cudnn_lse(q, k, v, scale)
-    return merge_partial_attention(o_c, lse_c, o_f, lse_f)
+    out = merge_partial_attention(o_c, lse_c, o_f, lse_f)
+    return out, (torch.logaddexp(lse_c, lse_f).contiguous() if return_lse else new_lse(q, False))
 
 
 @_kv_cache_attn_cudnn_op.register_fake
 def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
-      scale):
-    return q.new_empty(q.shape)
+      scale, return_lse=False):
+    return q.new_empty(q.shape), new_lse(q, return_lse)
 
 
 def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None,
-                             block_sparse=None):
+                             block_sparse=None, return_lse=False):
     """Same contract as `attn_with_kv_cache_triton`, via (RoPE prologue) + two cuDNN SDPA calls
     (queries over the cache, over the fresh keys) merged by their log-sum-exp; no KV copy.
 
-    Needs CUDA bf16/fp16 inputs and cuDNN.
+    Needs CUDA bf16/fp16 inputs, cuDNN and as many k/v heads as q heads (no GQA).
     """
     if block_sparse is not None:
         _block_sparse_unavailable()
@@ -169,37 +185,47 @@ def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, sca
         from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError("attn_with_kv_cache: prologue + cuDNN route needs CUDA "
                                       "bf16/fp16 inputs with head_dim <= 128 and cuDNN")
+    _refuse_gqa("attn_with_kv_cache", q, k)
     check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tabs, gh, gw = rope_tables_for(rope, q, Sc)
-    return torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v, k_cache, v_cache, *tabs, gh,
-                                                             gw, scale)
+    out, lse = torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v, k_cache, v_cache, *tabs, gh,
+                                                                 gw, scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
 @torch.library.custom_op("longcat_kernels::prefix_attn_cudnn_fwd", mutates_args=())
 def _prefix_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                          scale: float) -> torch.Tensor:
+                          scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_lse(q, return_lse)
     P, S = int(prefix_len), q.shape[1]
-    if P > 0:
-        out[:, :P] = _sdpa_cudnn(q[:, :P], k[:, :P], v[:, :P], scale)
-    if P < S:
-        out[:, P:] = _sdpa_cudnn(q[:, P:], k, v, scale)
-    return out
+    for q0, q1, kn in ((0, P, P), (P, S, S)):
+        if q1 <= q0:
+            continue
+        if return_lse:
+            o, ls = _sdpa_cudnn_lse(q[:, q0:q1], k[:, :kn], v[:, :kn], scale)
+            lse[:, :, q0:q1] = ls
+        else:
+            o = _sdpa_cudnn(q[:, q0:q1], k[:, :kn], v[:, :kn], scale)
+        out[:, q0:q1] = o
+    return out, lse
 
 
 @_prefix_attn_cudnn_op.register_fake
-def _(q, k, v, prefix_len, scale):
-    return q.new_empty(q.shape)
+def _(q, k, v, prefix_len, scale, return_lse=False):
+    return q.new_empty(q.shape), new_lse(q, return_lse)
 
 
-def prefix_attn_cudnn(q, k, v, prefix_len, scale=None):
+def prefix_attn_cudnn(q, k, v, prefix_len, scale=None, return_lse=False):
     """Same contract as `prefix_attn_triton`, as two cuDNN SDPA calls (cond rows, noisy rows)."""
     if not cudnn_available(q):
         from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError("prefix_attn: cuDNN route needs CUDA bf16/fp16 inputs with "
                                       "head_dim <= 128 and cuDNN")
+    _refuse_gqa("prefix_attn", q, k)
     check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale)
+    out, lse = torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale, return_lse)
+    return (out, lse) if return_lse else out

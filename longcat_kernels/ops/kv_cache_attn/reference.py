@@ -19,17 +19,37 @@ from ..block_sparse_attn.selection import ieee_fp32_matmul
 __all__ = ["prefix_attn_reference", "kv_cache_attn_reference", "sdpa_bshd"]
 
 
+def expand_heads(x: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor]:
+    """GQA/MQA in the reference: repeat each of x's ``heads / x.shape[2]`` kv heads (a copy)."""
+    if x is None or x.shape[2] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
 def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense SDPA on BSHD tensors -> ``[B, Sq, H, D]`` (a transposed view)."""
+    k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return o.transpose(1, 2)
 
 
 def prefix_attn_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float
-) -> torch.Tensor:
-    """Queries ``[:prefix_len]`` attend keys ``[:prefix_len]``; the rest attend all keys."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float, return_lse: bool = False
+):
+    """Queries ``[:prefix_len]`` attend keys ``[:prefix_len]``; the rest attend all keys.
+
+    With ``return_lse``: ``(out, lse [B, H, S])`` (fp32; fp64 for fp64 inputs).
+    """
     S = q.shape[1]
+    if return_lse:
+        parts = []
+        if prefix_len > 0:
+            parts.append(kv_cache_attn_reference(
+                q[:, :prefix_len], k[:, :prefix_len], v[:, :prefix_len], None, None, scale, True))
+        if prefix_len < S:
+            parts.append(kv_cache_attn_reference(q[:, prefix_len:], k, v, None, None, scale, True))
+        out = torch.cat([o for o, _ in parts], dim=1).contiguous()
+        return out, torch.cat([ls for _, ls in parts], dim=2).contiguous()
     parts = []
     if prefix_len > 0:
         parts.append(sdpa_bshd(q[:, :prefix_len], k[:, :prefix_len], v[:, :prefix_len], scale))
@@ -56,19 +76,27 @@ def kv_cache_attn_reference(
     k_cache: Optional[torch.Tensor],
     v_cache: Optional[torch.Tensor],
     scale: float,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """``softmax(q [k_cache; k]^T * scale) [v_cache; v]`` without concatenating or repeating.
 
     Args:
         q, k, v (Tensor): ``[B, Sn, H, D]`` (already rotated if RoPE applies).
         k_cache, v_cache (Tensor | None): ``[Bc, Sc, H, D]``, Bc in {1, B}.
         scale (float): softmax scale.
+        return_lse (bool): also return ``lse [B, H, Sn]`` (natural log of the softmax denominator
+            of the scaled scores; fp32, fp64 for fp64 inputs).
 
     Returns:
-        Tensor: ``[B, Sn, H, D]`` in q's dtype, contiguous.
+        Tensor: ``[B, Sn, H, D]`` in q's dtype, contiguous; ``(out, lse)`` with ``return_lse``.
     """
-    if k_cache is None:
+    H = q.shape[2]
+    k, v, k_cache, v_cache = (expand_heads(x, H) for x in (k, v, k_cache, v_cache))
+    if k_cache is None and not return_lse:
         return sdpa_bshd(q, k, v, scale).contiguous()
+    if k_cache is None:
+        # an empty cache segment: the joint softmax below then covers the fresh keys alone
+        k_cache, v_cache = k[:1, :0], v[:1, :0]
     B, Sn, H, D = q.shape
     Sc = k_cache.shape[1]
     cd, sd = compute_dtype(q), stats_dtype(q)
@@ -84,17 +112,23 @@ def kv_cache_attn_reference(
     else:
         budget = 1 << 26
     step = max(1, budget // max(1, B * H * (Sc + Sn)))
-    outs = []
+    outs, lses = [], []
     with ieee_fp32_matmul(q.device):  # an fp32 reference stays fp32 (no TF32) on GPU
         for i0 in range(0, Sn, step):
             qc = qt[:, :, i0 : i0 + step].to(cd)
             s_c = _matmul_bcast(qc, kT_c).to(sd) * scale  # [B, H, m, Sc]
             s_f = torch.matmul(qc, kT_f).to(sd) * scale  # [B, H, m, Sn]
-            m = torch.maximum(s_c.amax(dim=-1, keepdim=True), s_f.amax(dim=-1, keepdim=True))
+            m = s_f.amax(dim=-1, keepdim=True)
+            if Sc:
+                m = torch.maximum(s_c.amax(dim=-1, keepdim=True), m)
             p_c = torch.exp(s_c - m)
             p_f = torch.exp(s_f - m)
             den = p_c.sum(dim=-1, keepdim=True) + p_f.sum(dim=-1, keepdim=True)
             o = _matmul_bcast(p_c.to(cd), vc_c).to(sd) + torch.matmul(p_f.to(cd), vf_c).to(sd)
             outs.append(o / den)
+            lses.append((m + torch.log(den)).squeeze(-1))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).to(q.dtype).contiguous()
+    out = out.transpose(1, 2).to(q.dtype).contiguous()
+    if not return_lse:
+        return out
+    return out, torch.cat(lses, dim=2).contiguous()

@@ -138,9 +138,9 @@ def _is_sm90(device: torch.device) -> bool:
 
 @triton.jit(do_not_specialize=["SQ", "L1", "L2", "q_prefix", "q_pos0", "GH", "GW"])
 def kv_cache_attn_fwd_kernel(
-    Q, K1, V1, K2, V2, O,
+    Q, K1, V1, K2, V2, O, LSE,
     COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
-    H, SQ, L1, L2, q_prefix, qk_scale, q_pos0, GH, GW,
+    H, GROUP, SQ, L1, L2, q_prefix, qk_scale, q_pos0, GH, GW, stride_lb, stride_lh,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_k1b, stride_k1s, stride_k1h, stride_k1d,
     stride_v1b, stride_v1s, stride_v1h, stride_v1d,
@@ -149,14 +149,16 @@ def kv_cache_attn_fwd_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     ROPE_Q: tl.constexpr, DT: tl.constexpr, DH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Grid (cdiv(SQ, BLOCK_M), B * H); query-block index varies fastest so concurrently running
-    programs share one head's keys/values in L2."""
+    programs share one head's keys/values in L2. WRITE_LSE: also store lse [B, H, SQ] (natural log).
+    GROUP: query heads per key/value head (GQA/MQA; 1 for plain attention): K/V head h // GROUP."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_m = offs_m < SQ
@@ -181,14 +183,14 @@ def kv_cache_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # segment 1 (cache / prefix): seen by every query row
-    K1b = K1 + b * stride_k1b + h * stride_k1h
-    V1b = V1 + b * stride_v1b + h * stride_v1h
+    K1b = K1 + b * stride_k1b + hk * stride_k1h
+    V1b = V1 + b * stride_v1b + hk * stride_v1h
     acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K1b, V1b, L1, q_prefix, qk_scale, offs_m,
                                     offs_d, m_d, stride_k1s, stride_k1d, stride_v1s, stride_v1d,
                                     BLOCK_N, False, DOT_PREC, WS)
     # segment 2 (fresh / rest): only rows >= q_prefix; skipped by blocks entirely below it
-    K2b = K2 + b * stride_k2b + h * stride_k2h
-    V2b = V2 + b * stride_v2b + h * stride_v2h
+    K2b = K2 + b * stride_k2b + hk * stride_k2h
+    V2b = V2 + b * stride_v2b + hk * stride_v2h
     m_start = pid_m * BLOCK_M
     if m_start >= q_prefix:
         acc, l_i, m_i = _attn_two_masks(acc, l_i, m_i, b_q, K2b, V2b, L2, q_prefix, qk_scale,
@@ -205,11 +207,22 @@ def kv_cache_attn_fwd_kernel(
     p_o = (O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
            + offs_d[None, :] * stride_od)
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    if WRITE_LSE:
+        _store_lse(LSE + b * stride_lb + h * stride_lh + offs_m.to(tl.int64), m_i, l_i, m_m)
 
 
-def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=1, q_frame=0):
+@triton.jit
+def _store_lse(p_l, m_i, l_i, mask):
+    """lse = ln 2 * (m + log2 l) of an online softmax kept in log2 units; -inf where no key was seen."""
+    lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(p_l, lse, mask=mask)
+
+
+def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=1, q_frame=0, lse=None):
     """q [B,Sq,H,D]; segment 1 k1/v1 [B or 1, L1, H, D] (batch stride forced to 0 when 1);
-    segment 2 k2/v2 [B, L2, H, D]; writes out [B,Sq,H,D]."""
+    segment 2 k2/v2 [B, L2, H, D]; writes out [B,Sq,H,D] and, when given, lse [B,H,Sq] fp32
+    (unit stride along Sq)."""
     B, SQ, H, D = q.shape
     if B * SQ * H == 0:
         return
@@ -223,7 +236,7 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
 
     rope_q = tables is not None
     if rope_q:
-        dt, dh = rope_parts(D)
+        dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])  # Rope3D.axis_dims
         t_args = tables
     else:
         dt, dh = D, 0
@@ -231,12 +244,14 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bm, bn, warps, stages, ws = _attn_config(D, q.device, q.dtype)
     grid = (triton.cdiv(SQ, bm), B * H)
+    write_lse = lse is not None
     kv_cache_attn_fwd_kernel[grid](
-        q, k1, v1, k2, v2, out, *t_args,
-        H, SQ, L1, L2, int(q_prefix), float(scale) * _LOG2E, int(q_frame) * gh * gw, gh, gw,
+        q, k1, v1, k2, v2, out, lse if write_lse else out, *t_args,
+        H, H // k2.shape[2], SQ, L1, L2, int(q_prefix), float(scale) * _LOG2E, int(q_frame) * gh * gw, gh, gw,
+        lse.stride(0) if write_lse else 0, lse.stride(1) if write_lse else 0,
         *q.stride(), *st(k1), *st(v1), *st(k2), *st(v2), *out.stride(),
         ROPE_Q=rope_q, DT=dt, DH=dh, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn, WS=ws, num_warps=warps,
+        DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn, WS=ws, WRITE_LSE=write_lse, num_warps=warps,
         num_stages=stages,
     )
 
@@ -262,8 +277,8 @@ def _block_token(blk, r, T, HH, WW, nH, nW, CT: tl.constexpr, CH: tl.constexpr,
 @triton.jit(do_not_specialize=["Tq", "Tk", "GH", "GW", "nHq", "nWq", "nHk", "nWk", "NQ",
                                "MAX_SEL", "SC"])
 def kv_cache_bsa_fwd_kernel(
-    Q, K1, V1, K2, V2, O, IDX, CNT,
-    H, Tq, Tk, GH, GW, nHq, nWq, nHk, nWk, NQ, MAX_SEL, SC, qk_scale,
+    Q, K1, V1, K2, V2, O, LSE, IDX, CNT,
+    H, Tq, Tk, GH, GW, nHq, nWq, nHk, nWk, NQ, MAX_SEL, SC, qk_scale, stride_lb, stride_lh,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_k1b, stride_k1s, stride_k1h, stride_k1d,
     stride_v1b, stride_v1s, stride_v1h, stride_v1d,
@@ -273,7 +288,7 @@ def kv_cache_bsa_fwd_kernel(
     CQT: tl.constexpr, CQH: tl.constexpr, CQW: tl.constexpr,
     CKT: tl.constexpr, CKH: tl.constexpr, CKW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Grid (Nq, B * H): one 3D query block against its selected key blocks of the combined
     [cache (SC tokens); fresh] grid; a key token at index < SC is read from segment 1 (batch
@@ -327,6 +342,8 @@ def kv_cache_bsa_fwd_kernel(
     b_o = acc / l_safe[:, None]
     p_o = O + b * stride_ob + h * stride_oh + seq_q[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    if WRITE_LSE:
+        _store_lse(LSE + b * stride_lb + h * stride_lh + seq_q, m_i, l_i, m_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,9 +356,12 @@ def _kv_cache_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cos_t: Optional[torch.Tensor], sin_t: Optional[torch.Tensor],
                       cos_h: Optional[torch.Tensor], sin_h: Optional[torch.Tensor],
                       cos_w: Optional[torch.Tensor], sin_w: Optional[torch.Tensor],
-                      grid_h: int, grid_w: int, scale: float) -> torch.Tensor:
+                      grid_h: int, grid_w: int, scale: float,
+                      return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out [B,Sn,H,D], lse [B,H,Sn] fp32, or an empty tensor when return_lse is False)."""
     B, Sn, H, D = q.shape
     out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
+    lse = new_lse(q, return_lse)
     if k_cache is None:
         k_cache, v_cache = k[:, :0], v[:, :0]
     tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
@@ -352,28 +372,37 @@ def _kv_cache_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         launch_norm_rope(k=k, out_k=k_rot, tables=tables, gh=grid_h, gw=grid_w,
                          frame_offset=frame)
         k = k_rot
-    _launch_attn(q, k_cache, v_cache, k, v, out, 0, scale, tables, grid_h, grid_w, frame)
-    return out
+    _launch_attn(q, k_cache, v_cache, k, v, out, 0, scale, tables, grid_h, grid_w, frame,
+                 lse=lse if return_lse else None)
+    return out, lse
+
+
+def new_lse(q, return_lse: bool) -> torch.Tensor:
+    """lse buffer [B, H, Sq] fp32 when asked, else an empty placeholder (the kernel skips it)."""
+    if return_lse:
+        return torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    return torch.empty((0,), dtype=torch.float32, device=q.device)
 
 
 @_kv_cache_attn_op.register_fake
 def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
-      scale):
-    return q.new_empty(q.shape)
+      scale, return_lse=False):
+    return q.new_empty(q.shape), new_lse(q, return_lse)
 
 
 @torch.library.custom_op("longcat_kernels::prefix_attn_fwd", mutates_args=())
 def _prefix_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                    scale: float) -> torch.Tensor:
+                    scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_lse(q, return_lse)
     P = int(prefix_len)
-    _launch_attn(q, k[:, :P], v[:, :P], k[:, P:], v[:, P:], out, P, scale)
-    return out
+    _launch_attn(q, k[:, :P], v[:, :P], k[:, P:], v[:, P:], out, P, scale, lse=lse if return_lse else None)
+    return out, lse
 
 
 @_prefix_attn_op.register_fake
-def _(q, k, v, prefix_len, scale):
-    return q.new_empty(q.shape)
+def _(q, k, v, prefix_len, scale, return_lse=False):
+    return q.new_empty(q.shape), new_lse(q, return_lse)
 
 
 def _nblk(grid, chunk):
@@ -385,17 +414,18 @@ def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
                      indices: torch.Tensor, counts: torch.Tensor, grid_q: list[int],
                      grid_k: list[int], chunk_q: list[int], chunk_k: list[int],
-                     scale: float) -> torch.Tensor:
+                     scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k already rotated; selection over q's grid vs the [cache; fresh] key grid."""
     B, Sn, H, D = q.shape
     out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
+    lse = new_lse(q, return_lse)
     if k_cache is None:
         k_cache, v_cache = k[:, :0], v[:, :0]
     Sc = k_cache.shape[1]
     nq, nk = _nblk(grid_q, chunk_q), _nblk(grid_k, chunk_k)
     NQ = nq[0] * nq[1] * nq[2]
     if B * H * NQ == 0:
-        return out.zero_()
+        return out.zero_(), lse.fill_(float("-inf"))
     idx = indices.to(torch.int32).contiguous()
     cnt = counts.to(torch.int32).contiguous()
 
@@ -409,22 +439,23 @@ def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bn = max(16, triton.next_power_of_2(chunk_k[0] * chunk_k[1] * chunk_k[2]))
     bd = max(16, triton.next_power_of_2(D))
     kv_cache_bsa_fwd_kernel[(NQ, B * H)](
-        q, k_cache, v_cache, k, v, out, idx, cnt,
+        q, k_cache, v_cache, k, v, out, lse if return_lse else out, idx, cnt,
         H, grid_q[0], grid_k[0], grid_q[1], grid_q[2], nq[1], nq[2], nk[1], nk[2], NQ,
         idx.shape[-1], Sc, float(scale) * _LOG2E,
+        lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
         *q.stride(), *st(k_cache), *st(v_cache), *st(k), *st(v), *out.stride(),
         CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2],
         CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
         HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", WRITE_LSE=return_lse,
         num_warps=4, num_stages=1 if _INTERPRET else 2,
     )
-    return out
+    return out, lse
 
 
 @_kv_cache_bsa_op.register_fake
-def _(q, k, v, k_cache, v_cache, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
-    return q.new_empty(q.shape)
+def _(q, k, v, k_cache, v_cache, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, return_lse=False):
+    return q.new_empty(q.shape), new_lse(q, return_lse)
 
 
 def _block_sums(x, t0, grid_all, chunk, out):
@@ -493,7 +524,7 @@ def gate_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsity,
     return select_blocks_triton(q, k_all, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf)
 
 
-def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs):
+def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs, return_lse=False):
     """Block-sparse attn_with_kv_cache: fresh q/k rotated once (rope kernel), gating over the
     combined key grid (unless bs.selection is given), then the two-segment block-sparse kernel."""
     Sc = 0 if k_cache is None else k_cache.shape[1]
@@ -513,9 +544,10 @@ def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs):
         chunk_k = bs.chunk_q if bs.chunk_k is None else bs.chunk_k
         sel = gate_two_segments(q, k, k_cache, grid_q, grid_k, tuple(bs.chunk_q), tuple(chunk_k),
                                 bs.sparsity, bs.cdf_threshold)
-    return torch.ops.longcat_kernels.kv_cache_bsa_fwd(
+    out, lse = torch.ops.longcat_kernels.kv_cache_bsa_fwd(
         q, k, v, k_cache, v_cache, sel.indices, sel.counts, list(sel.grid_q), list(sel.grid_k),
-        list(sel.chunk_q), list(sel.chunk_k), scale)
+        list(sel.chunk_q), list(sel.chunk_k), scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +572,7 @@ def rope_tables_for(rope, q, Sc):
 
 
 def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None,
-                              block_sparse=None):
+                              block_sparse=None, return_lse=False):
     """softmax(q' [k_cache; k']^T * scale) [v_cache; v] in one fused Triton kernel (SPEC 4).
 
     Args:
@@ -554,23 +586,26 @@ def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, sc
             blocks into the combined grid, then a block-sparse variant of the same two-segment
             kernel reads the selected blocks from cache or fresh keys. Not yet timed on a GPU.
 
-    Returns [B, Sn, H, D] BSHD-contiguous, q's dtype. Forward only.
+    Returns [B, Sn, H, D] BSHD-contiguous, q's dtype (with return_lse: (out, lse [B, H, Sn] fp32)).
+    Forward only.
     """
     check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_sparse is not None:
-        return _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, block_sparse)
+        return _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, block_sparse, return_lse)
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tabs, gh, gw = rope_tables_for(rope, q, Sc)
-    return torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, k_cache, v_cache, *tabs, gh, gw,
-                                                       scale)
+    out, lse = torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, k_cache, v_cache, *tabs, gh, gw,
+                                                           scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
-def prefix_attn_triton(q, k, v, prefix_len, scale=None):
+def prefix_attn_triton(q, k, v, prefix_len, scale=None, return_lse=False):
     """Cache-off rule in one launch: queries [:P] attend keys [:P], the rest attend all keys.
 
     q, k, v: [B, S, H, D], any strides. Returns [B, S, H, D] BSHD-contiguous. Forward only.
     """
     check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, int(prefix_len), scale)
+    out, lse = torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, int(prefix_len), scale, return_lse)
+    return (out, lse) if return_lse else out

@@ -1,8 +1,11 @@
-"""3D RoPE (LongCat convention, SPEC 5) and the fused q/k RMSNorm + RoPE prologue.
+"""3D RoPE (SPEC 5, generalised per SPEC 12) and the fused q/k RMSNorm + RoPE prologue.
 
-Layout of one head (D = 128): ``[ t: 44 dims | h: 42 dims | w: 42 dims ]``; inside each part the
-angle ``pos * theta**(-2i/d)`` is repeated for the adjacent pair ``(2i, 2i+1)``, which rotates as
+Default (LongCat, and Wan 2.x, whose RoPE is the same): one head (D = 128) is
+``[ t: 44 dims | h: 42 dims | w: 42 dims ]``; inside each part the angle ``pos * theta**(-2i/d)``
+is repeated for the adjacent pair ``(2i, 2i+1)``, which rotates as
 ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`` (interleaved, GPT-J style). fp32 math.
+Options: ``axis_dims`` (any even split), ``theta``, and ``pairs="half"`` (rotate-half applied per
+axis part: lane j of a d-lane part pairs with lane j + d/2 of the same part).
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ class Rope3D:
 
     Args:
         grid: ``(T, H, W)`` latent grid (tokens after patching) that positions refer to.
-        head_dim: D, even; split into t/h/w parts of ``D - 4*(D//6)``, ``2*(D//6)``, ``2*(D//6)``.
-        theta: base of the inverse frequencies.
+        head_dim: D, even.
+        theta: base of the inverse frequencies (LongCat and Wan: 10000).
         device: where the tables live.
+        axis_dims: ``(dt, dh, dw)``, even, summing to D; default ``D - 4*(D//6), 2*(D//6), 2*(D//6)``
+            (LongCat's and Wan 2.x's split).
+        pairs: ``"interleaved"`` (default; LongCat, Wan: lanes 2i, 2i+1) or ``"half"`` (rotate-half
+            per axis part: lanes j, j + d/2 of each d-lane part). The Triton/CUDA kernels implement
+            ``"interleaved"``; with ``"half"`` rotation runs in torch.
 
     Attributes:
-        cos_t, sin_t: ``[T, dt]``; cos_h, sin_h: ``[H, dh]``; cos_w, sin_w: ``[W, dw]`` (fp32).
+        cos_t, sin_t: ``[T, dt]``; cos_h, sin_h: ``[H, dh]``; cos_w, sin_w: ``[W, dw]`` (fp32), each
+            angle repeated for its pair (lanes 2i, 2i+1 of the table whatever ``pairs`` is).
     """
 
-    def __init__(self, grid: Sequence[int], head_dim: int, theta: float = 10000.0, device=None):
+    def __init__(self, grid: Sequence[int], head_dim: int, theta: float = 10000.0, device=None, *,
+                 axis_dims: Optional[Sequence[int]] = None, pairs: str = "interleaved"):
         self.grid: Triple = as_triple(grid, "grid")
         if isinstance(head_dim, bool) or not isinstance(head_dim, int):
             raise TypeError(f"head_dim: expected an int, got {type(head_dim).__name__}")
@@ -40,9 +50,20 @@ class Rope3D:
             raise ValueError(f"head_dim: expected an even int >= 6, got {head_dim}")
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
             raise ValueError(f"theta: expected a positive float, got {theta!r}")
+        if pairs not in ("interleaved", "half"):
+            raise ValueError(f"pairs: expected 'interleaved' or 'half', got {pairs!r}")
+        if axis_dims is None:
+            dims = ref.rope_part_dims(head_dim)
+        else:
+            dims = tuple(axis_dims)
+            if (len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 or d % 2 for d in dims)
+                    or sum(dims) != head_dim):
+                raise ValueError(f"axis_dims: expected 3 even non-negative ints summing to head_dim {head_dim}, "
+                                 f"got {axis_dims!r}")
         self.head_dim = head_dim
         self.theta = float(theta)
-        self.dims = ref.rope_part_dims(head_dim)
+        self.pairs = pairs
+        self.dims = dims
         T, H, W = self.grid
         dt, dh, dw = self.dims
         self.cos_t, self.sin_t = ref.axis_tables(T, dt, self.theta, device)
@@ -66,7 +87,7 @@ class Rope3D:
         """A copy of the tables on ``device`` (self if already there)."""
         if torch.device(device) == self.device:
             return self
-        return Rope3D(self.grid, self.head_dim, self.theta, device)
+        return Rope3D(self.grid, self.head_dim, self.theta, device, axis_dims=self.dims, pairs=self.pairs)
 
     def tables(self, frame_offset: int = 0, num_frames: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Full-width token tables ``(cos, sin)``, each ``[num_frames*H*W, D]`` fp32.
@@ -95,7 +116,8 @@ class Rope3D:
         return out
 
     def __repr__(self) -> str:
-        return f"Rope3D(grid={self.grid}, head_dim={self.head_dim}, theta={self.theta}, device={self.device})"
+        return (f"Rope3D(grid={self.grid}, head_dim={self.head_dim}, theta={self.theta}, axis_dims={self.dims}, "
+                f"pairs={self.pairs!r}, device={self.device})")
 
 
 def _rope_frames(x: torch.Tensor, rope: Rope3D, frame_offset: int, name: str) -> int:
@@ -144,13 +166,17 @@ def apply_rope_3d(x: torch.Tensor, rope: Rope3D, frame_offset: int = 0) -> torch
         check_tensor(x, "x")
     nf = _rope_frames(x, rope, frame_offset, "x")
     cos, sin = _tables_for(x, rope, frame_offset, nf)
-    return ref.apply_rope_reference(x, cos, sin)
+    return ref.apply_rope_reference(x, cos, sin, rope.pairs, rope.dims)
 
 
 def _check_weight(w, name: str, D: int, like: torch.Tensor) -> None:
-    check_tensor(w, name, ndim=1, layout="[head_dim]")
-    if w.shape[0] != D:
-        raise ValueError(f"{name}: expected shape ({D},) (head_dim), got {tuple(w.shape)}")
+    check_tensor(w, name, ndim=1, layout="[head_dim] or [heads*head_dim]")
+    HD = like.shape[2] * D
+    if w.shape[0] not in (D, HD):
+        raise ValueError(
+            f"{name}: expected shape ({D},) (per-head norm) or ({HD},) (heads*head_dim, norm over all heads), "
+            f"got {tuple(w.shape)}"
+        )
 
 
 def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
@@ -179,15 +205,17 @@ def qk_norm_rope(
     out_k: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over head_dim on q and k, then (optionally) 3D RoPE: the attention prologue.
+    """RMSNorm on q and k, then (optionally) 3D RoPE: the attention prologue.
 
     ``norm(x) = (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype) * weight.to(x.dtype)``, then
-    ``apply_rope_3d(norm(x), rope, frame_offset)``.
+    ``apply_rope_3d(norm(x), rope, frame_offset)``. The weight's shape picks the norm: ``[head_dim]``
+    normalises each head (LongCat); ``[heads*head_dim]`` normalises all heads of a token together
+    (Wan's ``norm_q``/``norm_k`` over the inner dim; weight indexed ``h*head_dim + d``).
 
     Args:
         q (Tensor): ``[batch, seq, heads_q, head_dim]``, any strides.
         k (Tensor): ``[batch, seq, heads_k, head_dim]``, same batch, seq, dtype and device as q.
-        q_weight, k_weight (Tensor): ``[head_dim]`` RMSNorm weights, shared by all heads.
+        q_weight, k_weight (Tensor): ``[head_dim]`` (per head) or ``[heads*head_dim]`` (all heads).
         rope (Rope3D | None): tables; q and k hold frames ``frame_offset ..`` of ``rope.grid``.
         frame_offset (int): grid frame of the first token.
         eps (float): RMSNorm epsilon.
@@ -220,11 +248,17 @@ def qk_norm_rope(
     nf = None
     if rope is not None:
         nf = _rope_frames(q, rope, frame_offset, "q")
-    c = choose("qk_norm_rope", q, k, requested=backend)
+    # all-heads norm: a [heads*head_dim] weight (not [head_dim]; one head is both kinds at once)
+    all_heads = (q_weight.shape[0] != q.shape[3] or k_weight.shape[0] != k.shape[3]) and not (
+        q.shape[2] == 1 and k.shape[2] == 1)
+    c = choose("qk_norm_rope", q, k, requested=backend, norm_all_heads=all_heads,
+               rope_pairs=rope.pairs if rope is not None else "interleaved")
     if c.impl != "torch_reference":
         return impl_fn("qk_norm_rope", c.impl)(q, k, q_weight, k_weight, rope, frame_offset, eps, out_q, out_k)
     tables = _tables_for(q, rope, frame_offset, nf) if rope is not None else None
-    qo, ko = ref.qk_norm_rope_reference(q, k, q_weight, k_weight, tables, eps)
+    qo, ko = ref.qk_norm_rope_reference(
+        q, k, q_weight, k_weight, tables, eps, rope.pairs if rope is not None else "interleaved",
+        rope.dims if rope is not None else None)
     if out_q is not None:
         out_q.copy_(qo)
         qo = out_q

@@ -34,8 +34,18 @@ def full_tables(cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, frame_offset: int, num
     return parts[0], parts[1]
 
 
-def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved rotation of ``x [B, S, H, D]`` by token tables ``cos, sin [S, D]``; fp32 math."""
+def apply_rope_reference(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = "interleaved", dims=None
+) -> torch.Tensor:
+    """Rotation of ``x [B, S, H, D]`` by token tables ``cos, sin [S, D]`` (each angle at both lanes of
+    its pair, ``[t | h | w]``); fp32 math.
+
+    ``pairs="interleaved"``: lanes (2i, 2i+1) of the head. ``pairs="half"`` (rotate-half, per axis
+    part): inside each part of ``dims`` (d lanes), lane j < d/2 pairs with lane j + d/2, both at the
+    part's angle j: ``(a, b) -> (a cos - b sin, b cos + a sin)``.
+    """
+    if pairs == "half":
+        return _apply_rope_half(x, cos, sin, dims)
     xf = x.float()
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     c = cos[None, :, None, 0::2]
@@ -44,8 +54,28 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return out.to(x.dtype)
 
 
+def _apply_rope_half(x, cos, sin, dims):
+    xf = x.float()
+    outs, c0 = [], 0
+    for d in dims:
+        a, b = xf[..., c0 : c0 + d // 2], xf[..., c0 + d // 2 : c0 + d]
+        # the table holds angle i at lanes 2i and 2i+1 of the part
+        c = cos[None, :, None, c0 : c0 + d : 2]
+        s_ = sin[None, :, None, c0 : c0 + d : 2]
+        outs += [a * c - b * s_, b * c + a * s_]
+        c0 += d
+    return torch.cat(outs, dim=-1).to(x.dtype)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """SPEC 6: normalise in fp32, cast to the input dtype, multiply by the weight in that dtype."""
+    """SPEC 6: normalise in fp32, cast to the input dtype, multiply by the weight in that dtype.
+
+    ``weight [D]``: over each head (LongCat); ``weight [H*D]``: over all heads of a token together
+    (Wan's ``norm_q``/``norm_k`` over the inner dim), the weight indexed ``h*D + d``.
+    """
+    if weight.dim() == 1 and x.dim() == 4 and weight.shape[0] == x.shape[2] * x.shape[3] and x.shape[2] > 1:
+        B, S, H, D = x.shape
+        return rms_norm_reference(x.reshape(B, S, 1, H * D), weight, eps).view(B, S, H, D)
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return y * weight.to(x.dtype)
@@ -58,11 +88,13 @@ def qk_norm_rope_reference(
     k_weight: torch.Tensor,
     tables: Optional[Tuple[torch.Tensor, torch.Tensor]],
     eps: float,
+    pairs: str = "interleaved",
+    dims=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     qn = rms_norm_reference(q, q_weight, eps)
     kn = rms_norm_reference(k, k_weight, eps)
     if tables is not None:
         cos, sin = tables
-        qn = apply_rope_reference(qn, cos, sin)
-        kn = apply_rope_reference(kn, cos, sin)
+        qn = apply_rope_reference(qn, cos, sin, pairs, dims)
+        kn = apply_rope_reference(kn, cos, sin, pairs, dims)
     return qn, kn

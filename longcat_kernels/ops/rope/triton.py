@@ -78,10 +78,25 @@ def rope_apply(x, b_cos, b_sin, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_tile(X, W, OUT, b, h, offs_s, offs_d, S, eps, b_cos, b_sin,
+def _rstd_all_heads(X, b, offs_s, offs_d, S, H, eps,
+                    stride_xb, stride_xs, stride_xh, stride_xd,
+                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """1 / rms [BLOCK_S] fp32 of each token over all H heads together (Wan's inner-dim RMSNorm)."""
+    m = (offs_s < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for h in range(H):
+        p_x = (X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs
+               + offs_d[None, :] * stride_xd)
+        b_xf = tl.load(p_x, mask=m, other=0.0).to(tl.float32)  # [BLOCK_S, BLOCK_D]
+        acc += tl.sum(b_xf * b_xf, axis=1)
+    return 1.0 / tl.sqrt(acc / (H * HEAD_DIM) + eps)
+
+
+@triton.jit
+def _norm_rope_tile(X, W, OUT, b, h, offs_s, offs_d, S, eps, b_cos, b_sin, b_rstd_all,
                     stride_xb, stride_xs, stride_xh, stride_xd,
                     stride_ob, stride_os, stride_oh, stride_od,
-                    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                    HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, NORM_ALL: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     m_s = offs_s < S
     m_d = offs_d < HEAD_DIM
@@ -91,8 +106,13 @@ def _norm_rope_tile(X, W, OUT, b, h, offs_s, offs_d, S, eps, b_cos, b_sin,
     b_x = tl.load(p_x, mask=m, other=0.0)  # [BLOCK_S, BLOCK_D], input dtype
     if HAS_NORM:
         b_xf = b_x.to(tl.float32)
-        b_rstd = 1.0 / tl.sqrt(tl.sum(b_xf * b_xf, axis=1) / HEAD_DIM + eps)  # [BLOCK_S]
-        b_w = tl.load(W + offs_d, mask=m_d, other=0.0)  # [BLOCK_D], input dtype
+        if NORM_ALL:
+            # statistics over all heads (computed once per program); weight [H * HEAD_DIM]
+            b_rstd = b_rstd_all
+            b_w = tl.load(W + h * HEAD_DIM + offs_d, mask=m_d, other=0.0)  # [BLOCK_D]
+        else:
+            b_rstd = 1.0 / tl.sqrt(tl.sum(b_xf * b_xf, axis=1) / HEAD_DIM + eps)  # [BLOCK_S]
+            b_w = tl.load(W + offs_d, mask=m_d, other=0.0)  # [BLOCK_D], input dtype
         # SPEC 6: normalise in fp32, cast to the input dtype, then multiply by the weight in it
         b_x = (b_xf * b_rstd[:, None]).to(b_x.dtype) * b_w[None, :]
     if HAS_ROPE:
@@ -129,10 +149,12 @@ def norm_rope_fwd_kernel(
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEADS_PER_PROG: tl.constexpr,
+    HEADS_PER_PROG: tl.constexpr, NORM_ALL: tl.constexpr = False,
 ):
     """Grid (cdiv(S, BLOCK_S), cdiv(H, HEADS_PER_PROG), B): a [BLOCK_S, D] tile of q, k (and v)
-    for each of HEADS_PER_PROG heads; the RoPE tables of the tile's tokens are shared by them."""
+    for each of HEADS_PER_PROG heads; the RoPE tables of the tile's tokens are shared by them.
+    NORM_ALL (HEADS_PER_PROG == H): RMSNorm statistics over all heads of a token (Wan), one
+    extra read of the program's [BLOCK_S, H*D] rows (from L2) before the normalising pass."""
     pid_s = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     offs_s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -146,19 +168,28 @@ def norm_rope_fwd_kernel(
     else:
         b_cos = tl.zeros([BLOCK_S, BLOCK_D // 2], dtype=tl.float32)
         b_sin = b_cos
+    b_rq = tl.zeros([BLOCK_S], dtype=tl.float32)
+    b_rk = b_rq
+    if NORM_ALL:
+        if HAS_Q:
+            b_rq = _rstd_all_heads(Q, b, offs_s, offs_d, S, H, eps, stride_qb, stride_qs, stride_qh,
+                                   stride_qd, HEAD_DIM, BLOCK_S)
+        if HAS_K:
+            b_rk = _rstd_all_heads(K, b, offs_s, offs_d, S, H, eps, stride_kb, stride_ks, stride_kh,
+                                   stride_kd, HEAD_DIM, BLOCK_S)
     for i in range(HEADS_PER_PROG):
         h = (h0 + i).to(tl.int64)
         if h < H:
             if HAS_Q:
-                _norm_rope_tile(Q, QW, OUT_Q, b, h, offs_s, offs_d, S, eps, b_cos, b_sin,
+                _norm_rope_tile(Q, QW, OUT_Q, b, h, offs_s, offs_d, S, eps, b_cos, b_sin, b_rq,
                                 stride_qb, stride_qs, stride_qh, stride_qd,
                                 stride_oqb, stride_oqs, stride_oqh, stride_oqd,
-                                HAS_NORM, HAS_ROPE, HEAD_DIM, BLOCK_S, BLOCK_D)
+                                HAS_NORM, HAS_ROPE, NORM_ALL, HEAD_DIM, BLOCK_S, BLOCK_D)
             if HAS_K:
-                _norm_rope_tile(K, KW, OUT_K, b, h, offs_s, offs_d, S, eps, b_cos, b_sin,
+                _norm_rope_tile(K, KW, OUT_K, b, h, offs_s, offs_d, S, eps, b_cos, b_sin, b_rk,
                                 stride_kb, stride_ks, stride_kh, stride_kd,
                                 stride_okb, stride_oks, stride_okh, stride_okd,
-                                HAS_NORM, HAS_ROPE, HEAD_DIM, BLOCK_S, BLOCK_D)
+                                HAS_NORM, HAS_ROPE, NORM_ALL, HEAD_DIM, BLOCK_S, BLOCK_D)
             if COPY_V:
                 _copy_tile(V, OUT_V, b, h, offs_s, offs_d, S,
                            stride_vb, stride_vs, stride_vh, stride_vd,
@@ -197,11 +228,15 @@ def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
     if B * S * H == 0:
         return
     has_norm = q_weight is not None or k_weight is not None
+    w_ref = q_weight if q_weight is not None else k_weight
+    # a [H*D] weight: RMSNorm over all heads of a token (Wan); [D]: over each head (LongCat)
+    norm_all = has_norm and H > 1 and w_ref.numel() == H * D
     has_rope = tables is not None
     if has_rope:
         if D % 2:
             raise ValueError(f"rope: head_dim must be even, got {D}")
-        dt, dh = rope_parts(D)
+        # the split comes from the tables' widths (Rope3D.axis_dims), even so pairs never straddle
+        dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])
         t_args = tables
     else:
         dt, dh = D, 0
@@ -214,7 +249,7 @@ def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
         return x.stride() if x is not None else (0, 0, 0, 0)
 
     # heads per program: the tile's RoPE table loads (from L2) are shared by this many heads
-    hpp = 2 if _INTERPRET else min(H, PROLOGUE_HEADS_PER_PROG)
+    hpp = H if norm_all else (2 if _INTERPRET else min(H, PROLOGUE_HEADS_PER_PROG))
     grid = (triton.cdiv(S, block_s), triton.cdiv(H, hpp), B)
     norm_rope_fwd_kernel[grid](
         q if q is not None else dummy, k if k is not None else dummy,
@@ -227,7 +262,7 @@ def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
         *st(q), *st(k), *st(v), *st(out_q), *st(out_k), *st(out_v),
         HAS_Q=q is not None, HAS_K=k is not None, COPY_V=v is not None,
         HAS_NORM=has_norm, HAS_ROPE=has_rope, DT=dt, DH=dh,
-        HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, HEADS_PER_PROG=hpp,
+        HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, HEADS_PER_PROG=hpp, NORM_ALL=norm_all,
         num_warps=4,
     )
 
@@ -309,6 +344,10 @@ def apply_rope_3d_triton(x: torch.Tensor, rope, frame_offset: int = 0,
     """
     check_no_grad_triton("apply_rope_3d", x=x)
     _check_rope_fits("apply_rope_3d", x, rope, frame_offset)
+    if getattr(rope, "pairs", "interleaved") != "interleaved":
+        from longcat_kernels.dispatch import BackendUnavailableError
+        raise BackendUnavailableError(f"apply_rope_3d: the Triton kernel rotates interleaved pairs, got "
+                                      f"rope.pairs={rope.pairs!r}; use the torch path")
     tabs, gh, gw = rope_table_args(rope)
     tabs = [t.to(x.device) for t in tabs]
     if out is None:
@@ -325,7 +364,8 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
 
     Args:
         q (Tensor): [B, Sq, H, D], any strides. k (Tensor): [B, Sk, H, D].
-        q_weight, k_weight (Tensor): [D]; cast to q's / k's dtype.
+        q_weight, k_weight (Tensor): [D] (norm over each head) or [H*D] (over all heads of a token,
+            Wan's norm_q / norm_k); cast to q's / k's dtype.
         rope (Rope3D | None): RoPE at frames `frame_offset..`; None = norm only.
         out_q, out_k (Tensor | None): preallocated outputs (any strides, e.g. the tail of a
             [cache; fresh] KV buffer); new BSHD-contiguous tensors when None.
@@ -333,6 +373,13 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
     Returns (out_q, out_k). Forward only.
     """
     check_no_grad_triton("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
+    if rope is not None and getattr(rope, "pairs", "interleaved") != "interleaved":
+        from longcat_kernels.dispatch import BackendUnavailableError
+        raise BackendUnavailableError(f"qk_norm_rope: the Triton prologue rotates interleaved pairs, got "
+                                      f"rope.pairs={rope.pairs!r}; use backend='torch'")
+    if q_weight.numel() != k_weight.numel() and q.shape[2] > 1:
+        raise ValueError(f"k_weight: expected {q_weight.numel()} elements (same norm kind as q_weight), "
+                         f"got {k_weight.numel()}")
     if rope is not None:
         _check_rope_fits("qk_norm_rope", q, rope, frame_offset)
         _check_rope_fits("qk_norm_rope", k, rope, frame_offset)

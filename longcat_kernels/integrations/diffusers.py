@@ -1,0 +1,242 @@
+"""Block-sparse 3D attention in diffusers' Wan 2.1 / 2.2 transformer (``WanTransformer3DModel``).
+
+::
+
+    transformer.forward(hidden_states [B, C, F, H, W], ...)
+      └─ pre-forward hook (ours): grid = (F / p_t, H / p_h, W / p_w)  -> shared state
+      └─ blocks[i].attn1 (self-attention)  processor swapped for BlockSparseWanAttnProcessor:
+             q/k/v projections; norm_q/norm_k over all heads + Wan RoPE, either as diffusers does
+             or (fused_prologue, default on CUDA) in one lk.qk_norm_rope launch
+             attention: lk.block_sparse_attn(q, k, v, grid_q=grid, ...)   (dense op at sparsity 0)
+      └─ blocks[i].attn2 (text cross-attention, I2V image branch): untouched
+
+Attention processors are not given the video grid, hence the hook on the transformer's forward.
+``remove_block_sparse_attention`` puts the original processor objects back and removes the hook.
+diffusers is only needed by the caller (this module imports nothing from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from ..ops.block_sparse_attn.api import block_sparse_attn
+from ..ops.kv_cache_attn.api import BlockSparseParams, flash_attn_with_kvcache
+from ..ops.rope.api import Rope3D, qk_norm_rope
+
+__all__ = ["apply_block_sparse_attention", "remove_block_sparse_attention", "BlockSparseWanAttnProcessor"]
+
+_ATTR = "_longcat_block_sparse"
+
+
+@dataclass
+class _GridState:
+    """Post-patch latent grid ``(T, H, W)`` of the current forward, written by the pre-forward hook."""
+
+    grid: Optional[Tuple[int, int, int]] = None
+    _rope: Optional[Rope3D] = None
+
+    def rope(self, head_dim: int, device) -> Rope3D:
+        """Rope3D of the current grid (Wan's convention is the default one), cached per grid."""
+        r = self._rope
+        if r is None or r.grid != self.grid or r.head_dim != head_dim or r.device != torch.device(device):
+            r = self._rope = Rope3D(self.grid, head_dim, device=device)
+        return r
+
+
+@dataclass
+class _Installed:
+    state: _GridState
+    hook: Any
+    originals: Dict[int, Any] = field(default_factory=dict)  # block index -> original attn1 processor
+
+
+def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE as diffusers applies it: interleaved pairs (x0, x1) over the whole head, tables
+    ``[1, S, 1, D]`` with each angle repeated for its pair; computed in the tables' dtype (fp64 /
+    fp32), cast back to x's dtype."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class BlockSparseWanAttnProcessor:
+    """Self-attention processor of a ``WanAttention``: diffusers' projections, norms and RoPE, then
+    LongCat block-sparse attention over the video grid of the current forward.
+
+    Args:
+        state (_GridState): filled by the transformer's pre-forward hook.
+        params (BlockSparseParams): sparsity / cdf_threshold / chunk_q / chunk_k (``frame_hw`` and
+            ``selection`` must be None: the grid changes with the input).
+        original: the processor it replaces; calls it cannot serve (cross-attention, an attention
+            mask) go there unchanged.
+        backend (str): longcat-kernels backend.
+        dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
+            block-sparse kernel (same result, the faster kernel).
+        fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
+            ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
+            tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
+            the norms are ``torch.nn.RMSNorm`` over heads*head_dim and grad is disabled (inference),
+            else diffusers' path runs.
+    """
+
+    def __init__(self, state: _GridState, params: BlockSparseParams, original: Any, backend: str = "auto",
+                 dense_at_zero: bool = True, fused_prologue: Optional[bool] = None):
+        self.state = state
+        self.params = params
+        self.original = original
+        self.backend = backend
+        self.dense_at_zero = dense_at_zero
+        self.fused_prologue = fused_prologue
+
+    def _dense(self) -> bool:
+        p = self.params
+        return self.dense_at_zero and p.cdf_threshold is None and p.sparsity is not None and float(p.sparsity) == 0.0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        if (encoder_hidden_states is not None or attention_mask is not None or kwargs
+                or getattr(attn, "add_k_proj", None) is not None):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        grid = self.state.grid
+        if grid is None:
+            raise RuntimeError(
+                "BlockSparseWanAttnProcessor: no video grid; call the transformer itself (its pre-forward "
+                "hook records the grid), not the attention module alone"
+            )
+        S = hidden_states.shape[1]
+        if grid[0] * grid[1] * grid[2] != S:
+            raise ValueError(f"hidden_states: expected {grid[0] * grid[1] * grid[2]} tokens (grid {grid}), got {S}")
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        fused = hidden_states.is_cuda if self.fused_prologue is None else self.fused_prologue
+        # the fused prologue is forward only: training (grad enabled) keeps diffusers' ops
+        if fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1]):
+            query = query.unflatten(2, (attn.heads, -1))
+            key = key.unflatten(2, (attn.heads, -1))
+            eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+            rope = self.state.rope(query.shape[-1], query.device)
+            # [H*D] weights select the all-heads RMSNorm; Wan's RoPE is Rope3D's default convention
+            query, key = qk_norm_rope(query, key, attn.norm_q.weight, attn.norm_k.weight, rope, eps=eps,
+                                      backend=self.backend)
+        else:
+            # Wan's qk-norm is one RMSNorm over all heads together (inner dim), before the head split
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query = _wan_rope(query, *rotary_emb)
+                key = _wan_rope(key, *rotary_emb)
+        value = value.unflatten(2, (attn.heads, -1))
+        if self._dense():
+            out = flash_attn_with_kvcache(query, key, value, backend=self.backend)
+        else:
+            p = self.params
+            out = block_sparse_attn(
+                query, key, value, grid_q=grid, chunk_q=p.chunk_q, chunk_k=p.chunk_k, sparsity=p.sparsity,
+                cdf_threshold=p.cdf_threshold, backend=self.backend,
+            )
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _all_heads_rms(attn, inner: int) -> bool:
+    """norm_q / norm_k are torch RMSNorms with a weight over all heads (Wan's qk_norm default)."""
+    nq, nk = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    return all(
+        isinstance(n, torch.nn.RMSNorm) and n.weight is not None and n.weight.shape == (inner,)
+        and n.eps == nq.eps
+        for n in (nq, nk)
+    )
+
+
+def _check_transformer(transformer) -> None:
+    cfg = getattr(transformer, "config", None)
+    blocks = getattr(transformer, "blocks", None)
+    if cfg is None or blocks is None or not hasattr(cfg, "patch_size"):
+        raise TypeError(
+            "transformer: expected a diffusers WanTransformer3DModel (with .config.patch_size and .blocks), got "
+            f"{type(transformer).__name__}"
+        )
+
+
+def apply_block_sparse_attention(
+    transformer,
+    params: BlockSparseParams,
+    *,
+    layers: Optional[Iterable[int]] = None,
+    backend: str = "auto",
+    dense_at_zero: bool = True,
+    fused_prologue: Optional[bool] = None,
+):
+    """Swap the self-attention of Wan blocks for LongCat block-sparse 3D attention.
+
+    Args:
+        transformer: a diffusers ``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V or I2V).
+        params (BlockSparseParams): selection rule and chunks (``sparsity``, ``cdf_threshold``,
+            ``chunk_q``, ``chunk_k``); ``frame_hw`` and ``selection`` must be None.
+        layers (iterable of int | None): block indices to change; default all.
+        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        dense_at_zero (bool): at sparsity 0 run the dense attention op (see the processor).
+        fused_prologue (bool | None): q/k norm + RoPE in one fused op (see the processor).
+
+    Returns:
+        The same transformer (modified in place). The grid of each forward comes from a pre-forward
+        hook: ``(F / p_t, H / p_h, W / p_w)`` of ``hidden_states [B, C, F, H, W]``.
+    """
+    _check_transformer(transformer)
+    if not isinstance(params, BlockSparseParams):
+        raise TypeError(f"params: expected a longcat_kernels.BlockSparseParams, got {type(params).__name__}")
+    if params.frame_hw is not None or params.selection is not None:
+        raise ValueError(
+            "params: expected frame_hw=None and selection=None (the grid comes from each forward's input), got "
+            f"frame_hw={params.frame_hw}, selection={'set' if params.selection is not None else None}"
+        )
+    if getattr(transformer, _ATTR, None) is not None:
+        raise ValueError("transformer: block-sparse attention is already applied; call remove_block_sparse_attention first")
+    n = len(transformer.blocks)
+    idx = list(range(n)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad or len(set(idx)) != len(idx):
+        raise ValueError(f"layers: expected distinct block indices in [0, {n}), got {list(layers)}")
+    p_t, p_h, p_w = (int(x) for x in transformer.config.patch_size)
+    state = _GridState()
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if x is None or x.dim() != 5:
+            raise ValueError("hidden_states: expected [batch, channels, frames, height, width]")
+        _, _, F, H, W = x.shape
+        state.grid = (F // p_t, H // p_h, W // p_w)
+        return None
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    inst = _Installed(state=state, hook=handle)
+    for i in idx:
+        attn = transformer.blocks[i].attn1
+        inst.originals[i] = attn.processor
+        attn.set_processor(
+            BlockSparseWanAttnProcessor(state, params, attn.processor, backend, dense_at_zero, fused_prologue)
+        )
+    setattr(transformer, _ATTR, inst)
+    return transformer
+
+
+def remove_block_sparse_attention(transformer):
+    """Undo ``apply_block_sparse_attention``: the original processor objects back, the hook removed.
+
+    Returns the transformer; a transformer without our attention is returned unchanged.
+    """
+    inst = getattr(transformer, _ATTR, None)
+    if inst is None:
+        return transformer
+    for i, proc in inst.originals.items():
+        transformer.blocks[i].attn1.set_processor(proc)
+    inst.hook.remove()
+    delattr(transformer, _ATTR)
+    return transformer
