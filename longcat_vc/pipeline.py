@@ -60,6 +60,7 @@ MODES = ("basic", "distill")
 TARGET_FPS = 15.0
 CFG_STEP_LORA = "cfg_step_lora"
 CFG_STEP_LORA_FILE = os.path.join("lora", "cfg_step_lora.safetensors")
+REFINEMENT_LORA_FILE = os.path.join("lora", "refinement_lora.safetensors")
 
 # Per mode: default steps, guidance, schedule.
 MODE_DEFAULTS = {
@@ -177,6 +178,9 @@ class VideoContinuationOutput:
         num_input_frames (int): F_in.
         num_new_frames (int): F_new.
         size (tuple): the bucket (height, width) the model ran at.
+        model_frames (np.ndarray | None): ``[num_frames, h, w, 3]`` uint8, every decoded frame of
+            the (last) clip at the model's size, cond frames included (what ``refine`` takes as
+            stage 1); None for ``output_type="latent"`` and from ``extend``.
         timings (dict): seconds: ``text``, ``vae_encode``, ``cache_build``, ``denoise`` (sum),
             ``denoise_steps`` (list, one per step), ``decode``, ``total``; plus ``steps`` and
             ``kv_cache_bytes`` (0 with the cache off).
@@ -190,6 +194,7 @@ class VideoContinuationOutput:
     num_new_frames: int
     size: Tuple[int, int]
     timings: Dict[str, Any] = field(default_factory=dict)
+    model_frames: Optional[np.ndarray] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +295,9 @@ class VideoContinuationPipeline:
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         self.max_sequence_length = int(max_sequence_length)
         self._mode = mode
+        # lora/refinement_lora.safetensors of the checkpoint (set by from_pretrained); refine()
+        # loads it on first use.
+        self.refinement_lora_path: Optional[str] = None
 
         vcfg = vae.config
         self.vae_scale_temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 4)
@@ -389,6 +397,7 @@ class VideoContinuationPipeline:
                    cfg_parallel=cfg_parallel)
         if mode == "distill":
             pipe.set_mode("distill", lora_path=sub(CFG_STEP_LORA_FILE), fuse_lora=fuse_lora)
+        pipe.refinement_lora_path = sub(REFINEMENT_LORA_FILE)
         return pipe
 
     @property
@@ -731,14 +740,14 @@ class VideoContinuationPipeline:
         full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
         if output_type == "latent":
             timings["decode"] = 0.0
-            return None, full
+            return None, full, None
         t3 = timer.now()
         decoded = self.decode_latents(full)  # [F, h, w, 3]
         from PIL import Image
 
         new = _resize_frames(decoded[num_cond_frames:], frames.shape[1:3], Image.BICUBIC)
         timings["decode"] = timer.now() - t3
-        return new, full
+        return new, full, decoded
 
     # ---------------------------------------------------------------- public calls
 
@@ -811,7 +820,7 @@ class VideoContinuationPipeline:
         text = self._encode_for(prompt, negative_prompt, g > 1.0)
         timings["text"] = timer.now() - t0
         with self._bsa(use_bsa):
-            new, latents = self._segment(
+            new, latents, decoded = self._segment(
                 vf.frames,
                 size_hw,
                 text,
@@ -831,7 +840,68 @@ class VideoContinuationPipeline:
         timings["total"] = timer.now() - t_start
         n_new = num_frames - num_cond_frames
         frames = None if new is None else np.concatenate([vf.frames, new], axis=0)
-        return VideoContinuationOutput(frames, latents, TARGET_FPS, vf.num_frames, n_new, size_hw, timings)
+        return VideoContinuationOutput(frames, latents, TARGET_FPS, vf.num_frames, n_new, size_hw, timings,
+                                       model_frames=decoded)
+
+    @torch.no_grad()
+    def refine(
+        self,
+        stage1,
+        prompt: str = "",
+        *,
+        video=None,
+        num_cond_frames: Optional[int] = None,
+        resolution: Union[str, Tuple[int, int]] = "720p",
+        spatial_refine_only: bool = False,
+        t_thresh: float = 0.5,
+        num_inference_steps: int = 50,
+        generator: Optional[Union[torch.Generator, int]] = None,
+        use_kv_cache: bool = True,
+        output_type: str = "np",
+        progress: bool = True,
+    ) -> VideoContinuationOutput:
+        """Refine a 480p continuation to 720p (and 30 fps) with the refinement LoRA and BSA (SPEC 11).
+
+        Args:
+            stage1: a ``VideoContinuationOutput`` of ``__call__`` (its ``model_frames``: every
+                decoded frame at the model size, cond frames included, as upstream passes them),
+                or frames ``[F, H, W, 3]`` uint8 / a path, used as they are (no subsampling).
+            prompt (str): the prompt ("" as upstream's long-video refinement).
+            video: the original input (path, ``VideoFrames``, frames); a path or ``VideoFrames``
+                is re-subsampled to about 30 fps; its last ``num_cond_frames`` frames condition
+                the refinement. None: no cond frames.
+            num_cond_frames (int | None): the refine's cond frames; None -> 2 x the stage-1 count
+                (13 -> 26), the stage-1 count with ``spatial_refine_only``; 0 without ``video``.
+            resolution: "720p" (LongCat's F64 bucket table: 16:9 -> 704 x 1280) or
+                ``(height, width)``, multiples of 64.
+            spatial_refine_only (bool): keep the frame count (output at 15 fps).
+            t_thresh (float): in (0, 1]: the stage-1 latents are mixed with this much noise and
+                denoised from timestep ``1000 * t_thresh``.
+            num_inference_steps (int): steps of the base schedule (50 -> 5 DiT steps at 0.5).
+            generator: None: every draw from the global RNG in upstream's order (a fixed
+                ``torch.manual_seed`` reproduces upstream); a generator / int seed: every draw
+                from it, in the same order.
+            use_kv_cache (bool): serve the cond latents from a KV cache built once.
+            output_type (str): "np" or "latent".
+            progress (bool): progress bar.
+
+        Returns:
+            VideoContinuationOutput: ``frames`` = ``video`` at ~30 fps followed by the refined new
+            frames at the video's size; ``fps`` 30 (15); ``latents`` the whole padded latent tensor
+            the DiT denoised; ``model_frames`` the refined frames at the bucket size; timings.
+
+        Raises:
+            ValueError / TypeError: bad arguments, before any model work; CheckpointError: the
+            refinement LoRA file is missing. The previous LoRA/BSA state is restored in any case.
+        """
+        from .refine import run_refine
+
+        return run_refine(
+            self, stage1, prompt, video=video, num_cond_frames=num_cond_frames, resolution=resolution,
+            spatial_refine_only=spatial_refine_only, t_thresh=t_thresh,
+            num_inference_steps=num_inference_steps, generator=generator, use_kv_cache=use_kv_cache,
+            output_type=output_type, progress=progress, lora_path=self.refinement_lora_path,
+        )
 
     def _encode_for(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, cache=None):
         """Text embeddings for one call: ``[neg; pos]`` with CFG, ``[pos]`` without."""
@@ -925,7 +995,7 @@ class VideoContinuationPipeline:
                 t0 = timer.now()
                 text = self._encode_for(prompt_list[k], negative_prompt, g > 1.0, cache=text_cache)
                 timings["text"] = timer.now() - t0
-                new, _ = self._segment(
+                new, _, _ = self._segment(
                     tail,
                     size_hw,
                     text,
