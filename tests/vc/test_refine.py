@@ -173,3 +173,23 @@ def test_missing_refinement_lora_is_named(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="refinement_lora.safetensors"):
         p.refine(_frames(5, 36, 64, 0), video=_frames(12, 40, 72, 0), num_cond_frames=5, resolution=SIZE,
                  progress=False)
+
+
+def test_cli_refine(ckpt, tmp_path, capsys):
+    from longcat_vc.cli import main
+    from longcat_vc.video_io import read_video, write_video
+
+    s1, vid = str(tmp_path / "s1.mp4"), str(tmp_path / "in.mp4")
+    write_video(s1, _frames(6, 32, 64, 3), fps=15)
+    write_video(vid, _frames(24, 36, 64, 4), fps=60)  # -> 12 frames at 30 fps
+    out = str(tmp_path / "out.mp4")
+    base = ["refine", s1, "--video", vid, "--checkpoint", ckpt, "--out", out, "--dtype", "fp32", "--device", "cpu",
+            "--attn-backend", "torch", "--no-progress", "--seed", "1"]
+    assert main(base + ["--t-thresh", "0"]) == 2 and not os.path.exists(out)
+    assert "--t-thresh" in capsys.readouterr().err
+    assert main(base + ["--resolution", "64x64", "--cond-frames", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "timings (s)" in err and "30 fps" in err
+    got = read_video(out)
+    assert got.frames.shape[0] == 12 + 12 - 5 and got.frames.shape[1:3] == (36, 64)
+    assert abs(got.fps - 30) < 0.1
