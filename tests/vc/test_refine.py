@@ -193,3 +193,21 @@ def test_cli_refine(ckpt, tmp_path, capsys):
     got = read_video(out)
     assert got.frames.shape[0] == 12 + 12 - 5 and got.frames.shape[1:3] == (36, 64)
     assert abs(got.fps - 30) < 0.1
+
+
+@pytest.mark.skipif(not os.environ.get("LONGCAT_UPSTREAM_DIR"),
+                    reason="set LONGCAT_UPSTREAM_DIR to a LongCat-Video checkout (upstream code is not in CI)")
+def test_refine_matches_upstream_generate_refine(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = str(tmp_path / "parity.json")
+    r = subprocess.run([sys.executable, os.path.join(repo, "bench", "dev", "refine_upstream_parity.py"),
+                        "--upstream", os.environ["LONGCAT_UPSTREAM_DIR"], "--out", out],
+                       env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import json
+
+    rep = json.load(open(out))
+    assert rep["ok"] and rep["worst_max_abs"] < 1e-4
