@@ -938,6 +938,11 @@ class VideoContinuationPipeline:
         use_bsa: bool = False,
         generator: Optional[Union[torch.Generator, int]] = None,
         progress: bool = True,
+        refine: bool = False,
+        spatial_refine_only: bool = False,
+        t_thresh: float = 0.5,
+        refine_resolution: Union[str, Tuple[int, int]] = "720p",
+        refine_steps: int = 50,
     ) -> VideoContinuationOutput:
         """Long video: chain ``segments`` continuations, each conditioned on the last
         ``num_cond_frames`` frames of the video so far (the previous segment's output, at the
@@ -952,6 +957,16 @@ class VideoContinuationPipeline:
         Returns:
             VideoContinuationOutput: the input frames followed by ``segments * (num_frames -
             num_cond_frames)`` new frames; ``timings["segments"]`` holds each segment's timings.
+
+        With ``refine=True`` the generated video is then refined to 720p (SPEC 11, upstream's
+        long-video demo): sliding windows of ``num_frames`` stage-1 frames at the model size
+        (the first clip's decoded frames, cond frames included, then each segment's new ones),
+        start += ``num_frames - num_cond_frames``, prompt "", each window conditioned on the last
+        ``2 * num_cond_frames`` (``num_cond_frames`` with ``spatial_refine_only``) refined frames
+        of the previous window (none for the first). The result is the input at ~30 fps
+        followed by the refined new frames at the input's size, 30 fps (15); ``timings["refine"]``
+        holds each window's timings. ``refine_resolution``/``refine_steps``/``t_thresh`` are
+        ``refine``'s ``resolution``/``num_inference_steps``/``t_thresh``.
 
         Reused across segments: the loaded components, the bucket size, the timestep schedule and
         the text embeddings (each distinct prompt is encoded once). Recomputed per segment: the
@@ -979,11 +994,27 @@ class VideoContinuationPipeline:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
 
+        if not isinstance(refine, bool):
+            raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
+        if refine:
+            from .loading import CheckpointError as _CE
+            from .refine import REFINEMENT_LORA
+
+            if not isinstance(t_thresh, (int, float)) or isinstance(t_thresh, bool) or not 0.0 < t_thresh <= 1.0:
+                raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh!r}")
+            if not isinstance(spatial_refine_only, bool):
+                raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
+            _check_int("refine_steps", refine_steps, 1)
+            lp = self.refinement_lora_path
+            if REFINEMENT_LORA not in getattr(self.dit, "lora_names", []) and (lp is None or not os.path.isfile(lp)):
+                raise _CE(f"refinement LoRA file not found: {lp} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)")
         vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         generator = self._generator(generator, self.device)
         timesteps, sigmas = self._schedule(steps)
         from tqdm.auto import tqdm
+
+        stage1_frames: List[np.ndarray] = []
 
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         pieces = [vf.frames]
@@ -995,7 +1026,7 @@ class VideoContinuationPipeline:
                 t0 = timer.now()
                 text = self._encode_for(prompt_list[k], negative_prompt, g > 1.0, cache=text_cache)
                 timings["text"] = timer.now() - t0
-                new, _, _ = self._segment(
+                new, _, decoded = self._segment(
                     tail,
                     size_hw,
                     text,
@@ -1014,6 +1045,8 @@ class VideoContinuationPipeline:
                     desc=f"Denoising {k + 1}/{n}",
                 )
                 pieces.append(new)
+                if refine:
+                    stage1_frames.append(decoded if k == 0 else decoded[num_cond_frames:])
                 tail = np.concatenate([tail, new], axis=0)[-num_cond_frames:]
                 seg_timings.append(timings)
         total: Dict[str, Any] = {
@@ -1024,11 +1057,47 @@ class VideoContinuationPipeline:
         total["kv_cache_bytes"] = max(t["kv_cache_bytes"] for t in seg_timings)
         total["denoise_steps"] = [s for t in seg_timings for s in t["denoise_steps"]]
         total["segments"] = seg_timings
+        if refine:
+            return _refine_long_impl(self, video, vf, np.concatenate(stage1_frames, axis=0), n, num_frames,
+                                     num_cond_frames, spatial_refine_only, t_thresh, refine_resolution,
+                                     refine_steps, use_kv_cache, generator, progress, total, timer, t_start)
         total["total"] = timer.now() - t_start
         frames = np.concatenate(pieces, axis=0)
         return VideoContinuationOutput(
             frames, None, TARGET_FPS, vf.num_frames, n * (num_frames - num_cond_frames), size_hw, total
         )
+
+
+def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, spatial, t_thresh, resolution, steps,
+                      use_kv_cache, generator, progress, total, timer, t_start):
+    """Sliding-window refinement of ``extend(refine=True)`` (SPEC 11, long video)."""
+    from PIL import Image
+
+    from .refine import REFINE_FPS, _video_30fps, run_refine
+
+    rnc = num_cond_frames if spatial else 2 * num_cond_frames
+    prev = None
+    refined: List[np.ndarray] = []
+    win_timings = []
+    start = 0
+    for k in range(n):
+        window = all_gen[start:start + num_frames]
+        out = run_refine(pipe, window, "", video=prev, num_cond_frames=None if prev is None else rnc,
+                         resolution=resolution, spatial_refine_only=spatial, t_thresh=t_thresh,
+                         num_inference_steps=steps, generator=generator, use_kv_cache=use_kv_cache,
+                         progress=progress, lora_path=pipe.refinement_lora_path, desc=f"Refining {k + 1}/{n}")
+        refined.append(out.model_frames if prev is None else out.model_frames[rnc:])
+        prev = out.model_frames
+        win_timings.append(out.timings)
+        start += num_frames - num_cond_frames
+    video30 = _video_30fps(video) if not isinstance(video, VideoFrames) or video.fps else vf.frames
+    new = np.concatenate(refined, axis=0)[rnc:]
+    new = _resize_frames(new, video30.shape[1:3], Image.BICUBIC)
+    total["refine"] = win_timings
+    total["total"] = timer.now() - t_start
+    fps = REFINE_FPS / 2 if spatial else REFINE_FPS
+    return VideoContinuationOutput(np.concatenate([video30, new], axis=0), None, fps, int(video30.shape[0]),
+                                   int(new.shape[0]), tuple(prev.shape[1:3]), total)
 
 
 def _load_umt5(cls, path: str, dtype: torch.dtype):

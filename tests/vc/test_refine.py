@@ -211,3 +211,29 @@ def test_refine_matches_upstream_generate_refine(tmp_path):
 
     rep = json.load(open(out))
     assert rep["ok"] and rep["worst_max_abs"] < 1e-4
+
+
+def test_extend_refine_sliding_windows(ckpt, monkeypatch):
+    import longcat_vc.refine as rm
+
+    p = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", attn_backend="torch",
+                                                  mode="distill")
+    calls = []
+    real = rm.run_refine
+
+    def spy(pipe, stage1, prompt="", **kw):
+        calls.append((stage1.shape[0], prompt, None if kw["video"] is None else kw["video"].shape[0],
+                      kw["num_cond_frames"]))
+        return real(pipe, stage1, prompt, **kw)
+
+    monkeypatch.setattr(rm, "run_refine", spy)
+    vid = _frames(9, 40, 72, 9)
+    out = p.extend(vid, "a cat", segments=2, num_frames=9, num_cond_frames=5, resolution=(32, 64),
+                   num_inference_steps=1, generator=4, progress=False, refine=True, refine_resolution=SIZE)
+    # 2 windows of 9 stage-1 frames (start 0 and 4); the second conditioned on the first's 18 refined frames
+    assert calls == [(9, "", None, None), (9, "", 18, 10)]
+    assert out.fps == 30.0 and len(out.timings["refine"]) == 2
+    # refined frames: 18 (first window) + 8 (second, after its 10 cond) minus the 10 refined cond frames
+    assert out.frames.shape == (9 + 18 + 8 - 10, 40, 72, 3)
+    np.testing.assert_array_equal(out.frames[:9], vid)
+    assert _state(p) == (["cfg_step_lora"], False)
