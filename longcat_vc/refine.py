@@ -258,6 +258,14 @@ def _draw(shape, generator, device, dtype):
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def _normalize_as_upstream(pipe, z: torch.Tensor) -> torch.Tensor:
+    """``(z - mean) * (1 / std)`` in ``z``'s dtype (upstream's rounding: the reciprocal of the
+    std is taken after the cast, in bf16 for a bf16 VAE)."""
+    mean = pipe._latents_mean.to(z.device, z.dtype)
+    inv_std = 1.0 / pipe._latents_std.to(z.device, z.dtype)
+    return (z - mean) * inv_std
+
+
 @torch.no_grad()
 def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray], size: Tuple[int, int],
                            n_refine: int, nc: int, t_thresh: float, generator) -> Tuple[torch.Tensor, Dict[str, int]]:
@@ -277,8 +285,7 @@ def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray
     posterior = pipe.vae.encode(x.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
     z = posterior.sample(generator=generator)  # draw 1
     del x
-    # upstream normalises and mixes in the VAE dtype
-    zn = pipe.normalize_latents(z).to(z.dtype)
+    zn = _normalize_as_upstream(pipe, z)  # in the VAE dtype, as upstream normalises and mixes
     noise = _draw(zn.shape, generator, zn.device, zn.dtype)  # draw 2
     latents = ((1 - t_thresh) * zn + t_thresh * noise).to(device=device, dtype=torch.float32)
     if nc > 0:
@@ -289,7 +296,7 @@ def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray
         c = pad["cond_latents"]
         if zc.shape[2] != c:
             raise RuntimeError(f"VAE encoded {nc + pad['cond_added']} cond frames to {zc.shape[2]} latents, expected {c}")
-        latents[:, :, :c] = pipe.normalize_latents(zc.float()).to(device)
+        latents[:, :, :c] = _normalize_as_upstream(pipe, zc.float()).to(device)
     return latents, pad
 
 

@@ -237,3 +237,19 @@ def test_extend_refine_sliding_windows(ckpt, monkeypatch):
     assert out.frames.shape == (9 + 18 + 8 - 10, 40, 72, 3)
     np.testing.assert_array_equal(out.frames[:9], vid)
     assert _state(p) == (["cfg_step_lora"], False)
+
+
+def test_cli_missing_refinement_lora_before_load(ckpt, tmp_path, capsys):
+    from longcat_vc.cli import main
+    from longcat_vc.video_io import write_video
+
+    broken = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, broken)
+    os.remove(os.path.join(broken, "lora", "refinement_lora.safetensors"))
+    inp = str(tmp_path / "in.mp4")
+    write_video(inp, _frames(14, 36, 64, 5), fps=15)
+    out = str(tmp_path / "out.mp4")
+    for argv in (["refine", inp, "--video", inp], ["continue", inp, "--prompt", "a cat", "--refine"]):
+        assert main(argv + ["--checkpoint", broken, "--out", out, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "refinement_lora.safetensors" in err and not os.path.exists(out)
