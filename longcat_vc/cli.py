@@ -395,9 +395,11 @@ def _run(args) -> int:
         out = pipe(video, args.prompt, args.negative_prompt, **common)
         if getattr(args, "refine", False):
             stage1_timings = out.timings
-            video30 = read_video(args.input)
-            if args.input_fps is not None or video30.fps is None:
-                video30 = VideoFrames(video30.frames, float(args.input_fps or 15.0), video30.source)
+            if args.input_fps is not None:
+                video30 = read_video(args.input)
+                video30 = VideoFrames(video30.frames, float(args.input_fps), video30.source)
+            else:  # subsampled to ~30 fps while decoding; frame folders (no fps) are used as they are
+                video30 = read_video(args.input, target_fps=30.0)
             print("stage 1 (480p) " + _summary(stage1_timings, load_s, 0.0), file=log)
             out = pipe.refine(out, args.prompt, video=video30, spatial_refine_only=args.spatial_only,
                               t_thresh=args.t_thresh, generator=generator, use_kv_cache=not args.no_kv_cache,
