@@ -193,11 +193,17 @@ def main(argv=None):
                 "shape": list(a.shape), "max_abs": d.max().item(),
                 "rel_l2": ((a - b).norm() / b.norm()).item(), "finite": bool(torch.isfinite(a).all()),
             }
+        if nc == 10:  # the comparison can fail: another seed gives a different result
+            torch.manual_seed(args.seed + 1)
+            o = ours.refine(stage1, kw["prompt"], video=vid, num_cond_frames=nc, resolution=(h, w),
+                            spatial_refine_only=spatial_only, generator=None, output_type="latent", progress=False)
+            res["sanity_other_seed_max_abs"] = (o.latents.float() - up_lat.float()).abs().max().item()
         report["cases"].append(res)
         print(json.dumps(res))
     worst = max(c[k]["max_abs"] for c in report["cases"] for k in ("cache_on", "cache_off") if "max_abs" in c[k])
     report["worst_max_abs"] = worst
-    report["ok"] = bool(worst < 1e-4 and all("max_abs" in c[k] for c in report["cases"] for k in ("cache_on", "cache_off")))
+    sanity = report["cases"][0]["sanity_other_seed_max_abs"]
+    report["ok"] = bool(worst < 1e-4 and sanity > 1e-2 and all("max_abs" in c[k] for c in report["cases"] for k in ("cache_on", "cache_off")))
     report["patched"] = ["flash_attn -> SDPA stand-in", "bsa_interface.attn_fwd_bsa_varlen_triton -> masked dense torch",
                          "TORCHDYNAMO_DISABLE=1", "torch_gc no-op", "pipeline.device=cpu",
                          "get_condition_shape -> tiny (h, w)"]
