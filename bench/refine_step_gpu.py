@@ -3,6 +3,10 @@
     PYTHONPATH=$PWD python bench/refine_step_gpu.py --out $OUT/refine_step.json \\
         [--upstream .gpu_carry/upstream] [--depths 8[,48]] [--rounds 5] [--no-stage]
 
+Upstream: ``git --git-dir=<LongCat-Video mirror> archive HEAD longcat_video | tar -x -C
+.gpu_carry/upstream`` (ignored folder; carry it). Packages missing on the device (diffusers, ftfy,
+einops) are taken from pure-Python wheels in ``.gpu_carry/vc_wheels/`` (carry that too).
+
 1. Check (small shape, hidden 4096, depth 2, 8 latents of which 4 cond, 16x32 tokens per frame,
    BSA sparsity 0.5 so several blocks are kept): one refine DiT step with the KV cache vs without,
    in bf16 (auto backend) and fp32 (torch backend); the noise latents' predictions must agree
@@ -41,7 +45,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES = []
 
 
+def _ensure_packages():
+    """Carried pure-Python wheels (``.gpu_carry/vc_wheels/*.whl``: diffusers, ftfy, wcwidth, and
+    einops for upstream's code) go on sys.path when the package is not installed."""
+    import glob
+
+    wheels = sorted(glob.glob(os.path.join(REPO, ".gpu_carry", "vc_wheels", "*.whl")))
+    for mod in ("diffusers", "ftfy", "wcwidth", "einops"):
+        try:
+            __import__(mod)
+            continue
+        except ImportError:
+            pass
+        found = [w for w in wheels if os.path.basename(w).lower().startswith(mod + "-")]
+        if found:
+            sys.path.insert(0, found[-1])
+            NOTES.append(f"{mod} imported from carried wheel {os.path.basename(found[-1])}")
+
+
 def _ensure_text_deps():
+    _ensure_packages()
     try:
         import ftfy  # noqa: F401
     except ImportError:
@@ -169,7 +192,9 @@ def check(args, device):
         r = {"rel_l2_cache_on_vs_off": _rel(on, off[:, :, c:]), "rel_l2_bsa_vs_dense": _rel(off[:, :, c:], dense[:, :, c:]),
              "finite": bool(torch.isfinite(on).all() and torch.isfinite(off).all())}
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        r["ok"] = r["finite"] and r["rel_l2_cache_on_vs_off"] < tol and r["rel_l2_bsa_vs_dense"] > 10 * tol
+        # the comparison can fail: BSA must change the result by more than cache on/off does
+        r["ok"] = (r["finite"] and r["rel_l2_cache_on_vs_off"] < tol
+                   and r["rel_l2_bsa_vs_dense"] > max(1e-3, 3 * r["rel_l2_cache_on_vs_off"]))
         if args.upstream and dtype == torch.bfloat16:
             try:
                 up, flash = _upstream_dit(args.upstream, cfg, dit.state_dict(), device, dtype)
