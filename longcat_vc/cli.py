@@ -7,6 +7,10 @@
         [--context-parallel N [--cfg-parallel]]   (under torchrun --nproc-per-node N)
     longcat-vc extend INPUT --prompt TEXT [--prompt TEXT ...] [--segments N] --checkpoint DIR
         --out OUT.mp4 [same options]
+    longcat-vc continue ... --refine [--spatial-only] [--t-thresh 0.5]
+        (480p continuation, then 720p refinement: 30 fps output; SPEC 11)
+    longcat-vc refine STAGE1.mp4 --video INPUT --prompt TEXT --checkpoint DIR --out OUT.mp4
+        [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
 
 INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
@@ -98,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Continue a video with LongCat-Video (KV cache on by default)."
     )
-    sub = parser.add_subparsers(dest="command", metavar="{continue,extend}")
+    sub = parser.add_subparsers(dest="command", metavar="{continue,extend,refine}")
     sub.required = True
     pc = sub.add_parser("continue", help="generate one continuation clip",
                         description="Continue INPUT by one clip of --frames frames.")
     pc.add_argument("--prompt", required=True, metavar="TEXT", help="what happens next")
     _add_common(pc)
+    _add_refine_flags(pc, with_switch=True)
     pe = sub.add_parser("extend", help="long video: chain several continuation clips",
                         description="Chain --segments continuations, each conditioned on the last "
                                     "--cond-frames frames so far.")
@@ -112,7 +117,135 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--segments", type=int, default=None, metavar="N",
                     help="number of segments (default: number of --prompt)")
     _add_common(pe)
+    _add_refine_parser(sub)
     return parser
+
+
+# ------------------------------------------------------------------------------ refinement (SPEC 11)
+
+
+def _add_refine_flags(p: argparse.ArgumentParser, *, with_switch: bool) -> None:
+    if with_switch:
+        p.add_argument("--refine", action="store_true",
+                       help="then refine the clip to 720p / 30 fps (refinement LoRA + BSA, lora/refinement_lora.safetensors)")
+    p.add_argument("--spatial-only", action="store_true", help="refinement: keep the frame rate (15 fps output)")
+    p.add_argument("--t-thresh", type=float, default=0.5, metavar="T",
+                   help="refinement: noise level in (0, 1] the stage-1 latents are re-noised to (default 0.5)")
+
+
+def _add_refine_parser(sub) -> None:
+    pr = sub.add_parser("refine", help="refine a 480p continuation to 720p / 30 fps",
+                        description="Refine STAGE1 (every frame of a 480p continuation, cond frames included) to "
+                                    "720p with the refinement LoRA and block-sparse attention; the cond frames "
+                                    "come from --video, the original input, at about 30 fps.")
+    pr.add_argument("stage1", metavar="STAGE1.mp4", help="the stage-1 frames (video file or frame folder), used as they are")
+    pr.add_argument("--video", default=None, metavar="INPUT",
+                    help="the original input video (cond frames); omitted: refine without cond frames")
+    pr.add_argument("--prompt", default="", metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
+    pr.add_argument("--checkpoint", required=True, metavar="DIR", help="LongCat-Video checkpoint folder")
+    pr.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264)")
+    pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
+                    help="the refinement's cond frames (default 26, 13 with --spatial-only)")
+    pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
+    pr.add_argument("--resolution", type=_resolution, default="720p",
+                    help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
+    pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
+    pr.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None)
+    pr.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    pr.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    pr.add_argument("--device", default=None)
+    pr.add_argument("--crf", type=int, default=10, help="x264 quality (default 10, as upstream's refine demo)")
+    pr.add_argument("--timings-json", default=None, metavar="PATH")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("--debug", action="store_true")
+    _add_refine_flags(pr, with_switch=False)
+
+
+def _check_refine_args(args) -> None:
+    """Cheap checks of the refinement flags, before any model load."""
+    import math
+
+    from .loading import CheckpointError
+    from .refine import REFINEMENT_LORA_FILE
+
+    if not (math.isfinite(args.t_thresh) and 0.0 < args.t_thresh <= 1.0):
+        raise UsageError(f"--t-thresh must be in (0, 1], got {args.t_thresh}")
+    if getattr(args, "cond_frames", None) is not None and args.command == "refine" and args.cond_frames < 0:
+        raise UsageError(f"--cond-frames must be >= 0, got {args.cond_frames}")
+    lora = os.path.join(args.checkpoint, REFINEMENT_LORA_FILE)
+    if os.path.isdir(args.checkpoint) and not os.path.isfile(lora):
+        raise CheckpointError(f"checkpoint folder {args.checkpoint} is missing: {REFINEMENT_LORA_FILE} (refinement LoRA)")
+
+
+def _setup(args):
+    import torch
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    return device, dtype, seed
+
+
+def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Optional[dict] = None) -> None:
+    from .video_io import write_video
+
+    t1 = time.perf_counter()
+    write_video(args.out, out.frames, out.fps, crf=args.crf)
+    write_s = time.perf_counter() - t1
+    timings = dict(out.timings)
+    timings.update(load=load_s, write=write_s)
+    if args.timings_json:
+        with open(args.timings_json, "w", encoding="utf-8") as f:
+            json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
+    h, w = out.frames.shape[1:3]
+    print(f"{label} " + _summary(out.timings, load_s, write_s), file=log)
+    print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
+          f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
+          file=log, flush=True)
+
+
+def _run_refine(args) -> int:
+    """``longcat-vc refine``: stage-1 frames (+ the original video) -> 720p refinement."""
+    _check_refine_args(args)
+    for name, path in (("STAGE1", args.stage1), ("--video", args.video)):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"{name} not found: {path}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
+    if not args.out.lower().endswith(".mp4"):
+        raise UsageError(f"--out must be an .mp4 file, got {args.out}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    import torch
+
+    from .pipeline import VideoContinuationPipeline, check_checkpoint
+    from .video_io import read_video
+
+    stage1 = read_video(args.stage1).frames
+    video = None if args.video is None else read_video(args.video, target_fps=30.0)
+    if video is not None and video.fps is None:
+        video = video.frames
+    check_checkpoint(args.checkpoint, "basic")
+    device, dtype, seed = _setup(args)
+    print(f"{PROG}: stage 1 {stage1.shape[0]} frames {stage1.shape[2]}x{stage1.shape[1]}; seed {seed}",
+          file=sys.stderr, flush=True)
+    _quiet_loaders()
+    t0 = time.perf_counter()
+    pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device,
+                                                     attn_backend=args.attn_backend)
+    load_s = time.perf_counter() - t0
+    nc = args.cond_frames if video is not None else None
+    out = pipe.refine(stage1, args.prompt, video=video, num_cond_frames=nc, resolution=args.resolution,
+                      spatial_refine_only=args.spatial_only,
+                      t_thresh=args.t_thresh, num_inference_steps=args.steps,
+                      generator=torch.Generator(device=device).manual_seed(seed),
+                      use_kv_cache=not args.no_kv_cache, progress=not args.no_progress)
+    _write_out(args, out, load_s, seed, sys.stderr, "refine")
+    return 0
 
 
 def _fail_early(args) -> None:
@@ -204,7 +337,13 @@ def _quiet_loaders() -> None:
 
 
 def _run(args) -> int:
+    if args.command == "refine":
+        return _run_refine(args)
     _fail_early(args)
+    if getattr(args, "refine", False):
+        if args.context_parallel > 1:
+            raise UsageError("--refine does not run context-parallel yet; drop --context-parallel")
+        _check_refine_args(args)
     import torch
 
     from .pipeline import VideoContinuationPipeline, check_checkpoint
@@ -269,6 +408,18 @@ def _run(args) -> int:
     )
     if args.command == "continue":
         out = pipe(video, args.prompt, args.negative_prompt, **common)
+        if getattr(args, "refine", False):
+            stage1_timings = out.timings
+            if args.input_fps is not None:
+                video30 = read_video(args.input)
+                video30 = VideoFrames(video30.frames, float(args.input_fps), video30.source)
+            else:  # subsampled to ~30 fps while decoding; frame folders (no fps) are used as they are
+                video30 = read_video(args.input, target_fps=30.0)
+            print("stage 1 (480p) " + _summary(stage1_timings, load_s, 0.0), file=log)
+            out = pipe.refine(out, args.prompt, video=video30, spatial_refine_only=args.spatial_only,
+                              t_thresh=args.t_thresh, generator=generator, use_kv_cache=not args.no_kv_cache,
+                              progress=not args.no_progress and main_rank)
+            out.timings["stage1"] = stage1_timings
     else:
         out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
 

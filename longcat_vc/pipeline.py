@@ -60,6 +60,7 @@ MODES = ("basic", "distill")
 TARGET_FPS = 15.0
 CFG_STEP_LORA = "cfg_step_lora"
 CFG_STEP_LORA_FILE = os.path.join("lora", "cfg_step_lora.safetensors")
+REFINEMENT_LORA_FILE = os.path.join("lora", "refinement_lora.safetensors")
 
 # Per mode: default steps, guidance, schedule.
 MODE_DEFAULTS = {
@@ -177,6 +178,9 @@ class VideoContinuationOutput:
         num_input_frames (int): F_in.
         num_new_frames (int): F_new.
         size (tuple): the bucket (height, width) the model ran at.
+        model_frames (np.ndarray | None): ``[num_frames, h, w, 3]`` uint8, every decoded frame of
+            the (last) clip at the model's size, cond frames included (what ``refine`` takes as
+            stage 1); None for ``output_type="latent"`` and from ``extend``.
         timings (dict): seconds: ``text``, ``vae_encode``, ``cache_build``, ``denoise`` (sum),
             ``denoise_steps`` (list, one per step), ``decode``, ``total``; plus ``steps`` and
             ``kv_cache_bytes`` (0 with the cache off).
@@ -190,6 +194,7 @@ class VideoContinuationOutput:
     num_new_frames: int
     size: Tuple[int, int]
     timings: Dict[str, Any] = field(default_factory=dict)
+    model_frames: Optional[np.ndarray] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +295,9 @@ class VideoContinuationPipeline:
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         self.max_sequence_length = int(max_sequence_length)
         self._mode = mode
+        # lora/refinement_lora.safetensors of the checkpoint (set by from_pretrained); refine()
+        # loads it on first use.
+        self.refinement_lora_path: Optional[str] = None
 
         vcfg = vae.config
         self.vae_scale_temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 4)
@@ -431,6 +439,7 @@ class VideoContinuationPipeline:
         apply_memory_mode(pipe, plan.name, device)
         if vae_tiling:
             vae.enable_tiling()
+        pipe.refinement_lora_path = sub(REFINEMENT_LORA_FILE)
         return pipe
 
     @property
@@ -785,14 +794,14 @@ class VideoContinuationPipeline:
         full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
         if output_type == "latent":
             timings["decode"] = 0.0
-            return None, full
+            return None, full, None
         t3 = timer.now()
         decoded = self.decode_latents(full)  # [F, h, w, 3]
         from PIL import Image
 
         new = _resize_frames(decoded[num_cond_frames:], frames.shape[1:3], Image.BICUBIC)
         timings["decode"] = timer.now() - t3
-        return new, full
+        return new, full, decoded
 
     # ---------------------------------------------------------------- public calls
 
@@ -866,7 +875,7 @@ class VideoContinuationPipeline:
         text = self._encode_for(prompt, negative_prompt, g > 1.0)
         timings["text"] = timer.now() - t0
         with self._bsa(use_bsa):
-            new, latents = self._segment(
+            new, latents, decoded = self._segment(
                 vf.frames,
                 size_hw,
                 text,
@@ -886,7 +895,68 @@ class VideoContinuationPipeline:
         timings["total"] = timer.now() - t_start
         n_new = num_frames - num_cond_frames
         frames = None if new is None else np.concatenate([vf.frames, new], axis=0)
-        return VideoContinuationOutput(frames, latents, TARGET_FPS, vf.num_frames, n_new, size_hw, timings)
+        return VideoContinuationOutput(frames, latents, TARGET_FPS, vf.num_frames, n_new, size_hw, timings,
+                                       model_frames=decoded)
+
+    @torch.no_grad()
+    def refine(
+        self,
+        stage1,
+        prompt: str = "",
+        *,
+        video=None,
+        num_cond_frames: Optional[int] = None,
+        resolution: Union[str, Tuple[int, int]] = "720p",
+        spatial_refine_only: bool = False,
+        t_thresh: float = 0.5,
+        num_inference_steps: int = 50,
+        generator: Optional[Union[torch.Generator, int]] = None,
+        use_kv_cache: bool = True,
+        output_type: str = "np",
+        progress: bool = True,
+    ) -> VideoContinuationOutput:
+        """Refine a 480p continuation to 720p (and 30 fps) with the refinement LoRA and BSA (SPEC 11).
+
+        Args:
+            stage1: a ``VideoContinuationOutput`` of ``__call__`` (its ``model_frames``: every
+                decoded frame at the model size, cond frames included, as upstream passes them),
+                or frames ``[F, H, W, 3]`` uint8 / a path, used as they are (no subsampling).
+            prompt (str): the prompt ("" as upstream's long-video refinement).
+            video: the original input (path, ``VideoFrames``, frames); a path or ``VideoFrames``
+                is re-subsampled to about 30 fps; its last ``num_cond_frames`` frames condition
+                the refinement. None: no cond frames.
+            num_cond_frames (int | None): the refine's cond frames; None -> 2 x the stage-1 count
+                (13 -> 26), the stage-1 count with ``spatial_refine_only``; 0 without ``video``.
+            resolution: "720p" (LongCat's F64 bucket table: 16:9 -> 704 x 1280) or
+                ``(height, width)``, multiples of 64.
+            spatial_refine_only (bool): keep the frame count (output at 15 fps).
+            t_thresh (float): in (0, 1]: the stage-1 latents are mixed with this much noise and
+                denoised from timestep ``1000 * t_thresh``.
+            num_inference_steps (int): steps of the base schedule (50 -> 5 DiT steps at 0.5).
+            generator: None: every draw from the global RNG in upstream's order (a fixed
+                ``torch.manual_seed`` reproduces upstream); a generator / int seed: every draw
+                from it, in the same order.
+            use_kv_cache (bool): serve the cond latents from a KV cache built once.
+            output_type (str): "np" or "latent".
+            progress (bool): progress bar.
+
+        Returns:
+            VideoContinuationOutput: ``frames`` = ``video`` at ~30 fps followed by the refined new
+            frames at the video's size; ``fps`` 30 (15); ``latents`` the whole padded latent tensor
+            the DiT denoised; ``model_frames`` the refined frames at the bucket size; timings.
+
+        Raises:
+            ValueError / TypeError: bad arguments, before any model work; CheckpointError: the
+            refinement LoRA file is missing. The previous LoRA/BSA state is restored in any case.
+        """
+        from .refine import run_refine
+
+        return run_refine(
+            self, stage1, prompt, video=video, num_cond_frames=num_cond_frames, resolution=resolution,
+            spatial_refine_only=spatial_refine_only, t_thresh=t_thresh,
+            num_inference_steps=num_inference_steps, generator=generator, use_kv_cache=use_kv_cache,
+            output_type=output_type, progress=progress, lora_path=self.refinement_lora_path,
+        )
 
     def _encode_for(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, cache=None):
         """Text embeddings for one call: ``[neg; pos]`` with CFG, ``[pos]`` without."""
@@ -923,6 +993,11 @@ class VideoContinuationPipeline:
         use_bsa: bool = False,
         generator: Optional[Union[torch.Generator, int]] = None,
         progress: bool = True,
+        refine: bool = False,
+        spatial_refine_only: bool = False,
+        t_thresh: float = 0.5,
+        refine_resolution: Union[str, Tuple[int, int]] = "720p",
+        refine_steps: int = 50,
     ) -> VideoContinuationOutput:
         """Long video: chain ``segments`` continuations, each conditioned on the last
         ``num_cond_frames`` frames of the video so far (the previous segment's output, at the
@@ -937,6 +1012,16 @@ class VideoContinuationPipeline:
         Returns:
             VideoContinuationOutput: the input frames followed by ``segments * (num_frames -
             num_cond_frames)`` new frames; ``timings["segments"]`` holds each segment's timings.
+
+        With ``refine=True`` the generated video is then refined to 720p (SPEC 11, upstream's
+        long-video demo): sliding windows of ``num_frames`` stage-1 frames at the model size
+        (the first clip's decoded frames, cond frames included, then each segment's new ones),
+        start += ``num_frames - num_cond_frames``, prompt "", each window conditioned on the last
+        ``2 * num_cond_frames`` (``num_cond_frames`` with ``spatial_refine_only``) refined frames
+        of the previous window (none for the first). The result is the input at ~30 fps
+        followed by the refined new frames at the input's size, 30 fps (15); ``timings["refine"]``
+        holds each window's timings. ``refine_resolution``/``refine_steps``/``t_thresh`` are
+        ``refine``'s ``resolution``/``num_inference_steps``/``t_thresh``.
 
         Reused across segments: the loaded components, the bucket size, the timestep schedule and
         the text embeddings (each distinct prompt is encoded once). Recomputed per segment: the
@@ -964,11 +1049,27 @@ class VideoContinuationPipeline:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
 
+        if not isinstance(refine, bool):
+            raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
+        if refine:
+            from .loading import CheckpointError as _CE
+            from .refine import REFINEMENT_LORA
+
+            if not isinstance(t_thresh, (int, float)) or isinstance(t_thresh, bool) or not 0.0 < t_thresh <= 1.0:
+                raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh!r}")
+            if not isinstance(spatial_refine_only, bool):
+                raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
+            _check_int("refine_steps", refine_steps, 1)
+            lp = self.refinement_lora_path
+            if REFINEMENT_LORA not in getattr(self.dit, "lora_names", []) and (lp is None or not os.path.isfile(lp)):
+                raise _CE(f"refinement LoRA file not found: {lp} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)")
         vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         generator = self._generator(generator, self.device)
         timesteps, sigmas = self._schedule(steps)
         from tqdm.auto import tqdm
+
+        stage1_frames: List[np.ndarray] = []
 
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         pieces = [vf.frames]
@@ -980,7 +1081,7 @@ class VideoContinuationPipeline:
                 t0 = timer.now()
                 text = self._encode_for(prompt_list[k], negative_prompt, g > 1.0, cache=text_cache)
                 timings["text"] = timer.now() - t0
-                new, _ = self._segment(
+                new, _, decoded = self._segment(
                     tail,
                     size_hw,
                     text,
@@ -999,6 +1100,8 @@ class VideoContinuationPipeline:
                     desc=f"Denoising {k + 1}/{n}",
                 )
                 pieces.append(new)
+                if refine:
+                    stage1_frames.append(decoded if k == 0 else decoded[num_cond_frames:])
                 tail = np.concatenate([tail, new], axis=0)[-num_cond_frames:]
                 seg_timings.append(timings)
         total: Dict[str, Any] = {
@@ -1009,11 +1112,47 @@ class VideoContinuationPipeline:
         total["kv_cache_bytes"] = max(t["kv_cache_bytes"] for t in seg_timings)
         total["denoise_steps"] = [s for t in seg_timings for s in t["denoise_steps"]]
         total["segments"] = seg_timings
+        if refine:
+            return _refine_long_impl(self, video, vf, np.concatenate(stage1_frames, axis=0), n, num_frames,
+                                     num_cond_frames, spatial_refine_only, t_thresh, refine_resolution,
+                                     refine_steps, use_kv_cache, generator, progress, total, timer, t_start)
         total["total"] = timer.now() - t_start
         frames = np.concatenate(pieces, axis=0)
         return VideoContinuationOutput(
             frames, None, TARGET_FPS, vf.num_frames, n * (num_frames - num_cond_frames), size_hw, total
         )
+
+
+def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, spatial, t_thresh, resolution, steps,
+                      use_kv_cache, generator, progress, total, timer, t_start):
+    """Sliding-window refinement of ``extend(refine=True)`` (SPEC 11, long video)."""
+    from PIL import Image
+
+    from .refine import REFINE_FPS, _video_30fps, run_refine
+
+    rnc = num_cond_frames if spatial else 2 * num_cond_frames
+    prev = None
+    refined: List[np.ndarray] = []
+    win_timings = []
+    start = 0
+    for k in range(n):
+        window = all_gen[start:start + num_frames]
+        out = run_refine(pipe, window, "", video=prev, num_cond_frames=None if prev is None else rnc,
+                         resolution=resolution, spatial_refine_only=spatial, t_thresh=t_thresh,
+                         num_inference_steps=steps, generator=generator, use_kv_cache=use_kv_cache,
+                         progress=progress, lora_path=pipe.refinement_lora_path, desc=f"Refining {k + 1}/{n}")
+        refined.append(out.model_frames if prev is None else out.model_frames[rnc:])
+        prev = out.model_frames
+        win_timings.append(out.timings)
+        start += num_frames - num_cond_frames
+    video30 = _video_30fps(video) if not isinstance(video, VideoFrames) or video.fps else vf.frames
+    new = np.concatenate(refined, axis=0)[rnc:]
+    new = _resize_frames(new, video30.shape[1:3], Image.BICUBIC)
+    total["refine"] = win_timings
+    total["total"] = timer.now() - t_start
+    fps = REFINE_FPS / 2 if spatial else REFINE_FPS
+    return VideoContinuationOutput(np.concatenate([video30, new], axis=0), None, fps, int(video30.shape[0]),
+                                   int(new.shape[0]), tuple(prev.shape[1:3]), total)
 
 
 def _load_umt5(cls, path: str, dtype: torch.dtype):

@@ -5,6 +5,10 @@ latents with the benchmark DiT (random weights) in ``distill`` mode (16 steps, g
 CFG-zero with batch 2 runs for modes with guidance > 1, see ``MODES``). Cache on includes the
 cache build, as the pipeline does it once per video. Text encoding and VAE are not included (they
 are the same with and without the cache). Parity: final latents on vs off.
+
+``refine``: the 720p refinement stage's loop (SPEC 11): batch 1, guidance 1, BSA on, the
+``t_thresh`` 0.5 schedule (5 steps), on the refine grid (GPU: 48 latents of which 8 cond, 44x80
+tokens per frame; CPU: the CPU grid with 4 cond latents and BSA sparsity 0.5 so blocks are kept).
 """
 
 from __future__ import annotations
@@ -22,17 +26,31 @@ NAME = "pipeline"
 SHIFT = 12.0  # published scheduler config (SPEC 7)
 # basic mode (enhance_hf, 56 steps, guidance 4, CFG batch 2) would cost ~3.5 min at depth 8 on an
 # H100: add it here as dict(steps=50, guidance=4.0, schedule="enhance_hf") for a long run.
-MODES = {"distill": dict(steps=16, guidance=1.0, schedule="distill")}
+MODES = {"distill": dict(steps=16, guidance=1.0, schedule="distill"),
+         "refine": dict(steps=50, guidance=1.0, schedule="refine", t_thresh=0.5)}
 TOL = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}  # errors compound over steps
 
 
 def _schedule(mode: str, steps: int):
     from longcat_vc.schedule import vc_timesteps
 
+    if MODES[mode]["schedule"] == "refine":
+        from longcat_vc.refine import refine_timesteps
+
+        return refine_timesteps(SHIFT, steps, MODES[mode]["t_thresh"])
     return vc_timesteps(steps, SHIFT, MODES[mode]["schedule"])
 
 
-def _denoise(model, s, c, timesteps, sigmas, guidance, use_cache, dtype):
+def _denoise(model, s, c, timesteps, sigmas, guidance, use_cache, dtype, bsa=False):
+    old = model.config.enable_bsa
+    model.config.enable_bsa = bsa
+    try:
+        return _denoise_loop(model, s, c, timesteps, sigmas, guidance, use_cache, dtype)
+    finally:
+        model.config.enable_bsa = old
+
+
+def _denoise_loop(model, s, c, timesteps, sigmas, guidance, use_cache, dtype):
     from longcat_vc.schedule import cfg_zero, euler_step
 
     x = s["noisy"][:1].float()  # [1, 16, Tn, H, W]
@@ -61,41 +79,55 @@ def cases(ctx) -> list[Case]:
     base = dc.default_config(ctx, batch=2)
     frames = 13 if 13 in ctx.cond_frames else ctx.cond_frames[0]
     c = cond_latents(frames)
-    modes = ["distill"]
+    modes = ["distill", "refine"]
     steps_override = 2 if ctx.quick else (None if ctx.is_cuda else 4)
     ctx.log(base.describe() + f"; cond {frames} frames ({c} latents); modes {modes}"
             + (f", {steps_override} steps" if steps_override else ""))
     out = []
+    c_vc = c
     for mode in modes:
         m = MODES[mode]
-        steps = steps_override or m["steps"]
+        refine = m["schedule"] == "refine"
+        steps = m["steps"] if refine else (steps_override or m["steps"])
         timesteps, sigmas = _schedule(mode, steps)
         guidance = m["guidance"]
         B = 2 if guidance > 1 else 1
         bc = dataclasses.replace(base, batch=max(B, 1))
+        c = c_vc
+        if refine:
+            from bench.shapes import Grid
+
+            if ctx.is_cuda and not ctx.quick and not ctx.grids:
+                bc = dataclasses.replace(bc, grid=Grid("refine-720p", 48, 44, 80))
+                c = 8
+            else:
+                c = 4
+                bsa = dict(bc.dit.bsa_params or {}, sparsity=0.5)
+                bc = dataclasses.replace(bc, dit=dataclasses.replace(bc.dit, bsa_params=bsa))
         params = dict(grid=str(bc.grid), mode_name=mode, steps=len(timesteps), guidance=guidance, batch=B,
-                      cond_frames=frames, cond_latents=c, depth=bc.dit.depth, config=bc.name)
+                      cond_frames=(26 if c == 8 else frames) if refine else frames, cond_latents=c,
+                      depth=bc.dit.depth, config=bc.name, bsa=refine)
         key = ("pipe-check", mode)
 
-        def check(bc=bc, timesteps=timesteps, sigmas=sigmas, guidance=guidance, key=key):
+        def check(bc=bc, timesteps=timesteps, sigmas=sigmas, guidance=guidance, key=key, c=c, refine=refine):
             if key not in ctx.shared:
                 model = dc.build_model(ctx, bc)
                 s = dc.make_inputs(ctx, bc, c, 1, offset=21)[0]
                 with torch.no_grad():
-                    off = _denoise(model, s, c, timesteps, sigmas, guidance, False, ctx.dtype)
-                    on = _denoise(model, s, c, timesteps, sigmas, guidance, True, ctx.dtype)
+                    off = _denoise(model, s, c, timesteps, sigmas, guidance, False, ctx.dtype, refine)
+                    on = _denoise(model, s, c, timesteps, sigmas, guidance, True, ctx.dtype, refine)
                 ctx.shared[key] = (rel_l2(on, off), TOL.get(ctx.dtype, 3e-2))
             return ctx.shared[key]
 
         for use_cache in (False, True):
             def prep(bc=bc, timesteps=timesteps, sigmas=sigmas, guidance=guidance, use_cache=use_cache,
-                     check=check):
+                     check=check, c=c, refine=refine):
                 model = dc.build_model(ctx, bc)
                 sets = dc.make_inputs(ctx, bc, c, 1, offset=22)
 
                 def fn(s):
                     with torch.no_grad():
-                        _denoise(model, s, c, timesteps, sigmas, guidance, use_cache, ctx.dtype)
+                        _denoise(model, s, c, timesteps, sigmas, guidance, use_cache, ctx.dtype, refine)
 
                 # the parity check runs both loops once: that is the warm-up
                 pol = ctx.policy(warmup=0, min_reps=1, max_reps=3, budget_s=15.0)

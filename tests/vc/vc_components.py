@@ -204,3 +204,35 @@ def write_full_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0, shar
     write_longcat_lora(os.path.join(root, "lora", "cfg_step_lora.safetensors"), cfg,
                        targets=LORA_TARGETS_CFG_STEP, seed=seed + 1)
     return cfg
+
+
+REFINE_BSA_PARAMS = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [4, 4, 4],
+                     "chunk_3d_shape_k": [4, 4, 4]}
+
+
+def write_refinement_lora(root: str, config, *, seed: int = 7) -> str:
+    """``root/lora/refinement_lora.safetensors``: a random LongCat-format LoRA with the refinement
+    targets (cfg-step targets + adaLN of every block and of the final layer, final linear; split
+    up-blocks, alpha_scale 0.5). Returns the path."""
+    from tiny_ckpt import LORA_TARGETS_REFINEMENT, write_longcat_lora
+
+    path = os.path.join(root, "lora", "refinement_lora.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_longcat_lora(path, config, targets=LORA_TARGETS_REFINEMENT, seed=seed)
+    return path
+
+
+def write_refine_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0):
+    """``write_full_checkpoint`` whose DiT config carries ``bsa_params`` (sparsity 0.5 so that the
+    tiny grids keep some key blocks; chunks 4x4x4) plus the refinement LoRA. Returns the config."""
+    from tiny_ckpt import tiny_config
+
+    cfg = write_full_checkpoint(root, seed=seed, shift=shift)
+    path = os.path.join(root, "dit", "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["bsa_params"] = dict(REFINE_BSA_PARAMS)
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+    write_refinement_lora(root, cfg, seed=seed + 7)
+    return tiny_config(caption_channels=TEXT_DIM, bsa_params=dict(REFINE_BSA_PARAMS))

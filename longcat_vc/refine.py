@@ -1,0 +1,397 @@
+"""Refinement to 720p: stage 3 of LongCat-Video's VC flow (SPEC 11; upstream ``generate_refine``).
+
+``VideoContinuationPipeline.refine`` runs this module's ``run_refine``. One call, in order (the
+order fixes the random stream):
+
+1. Stage-1 frames ``[F, H, W, 3]`` (all decoded frames of the 480p result, cond frames included)
+   and the original video at about 30 fps (the cond frames; None: no cond frames). The bucket is
+   the 720p table for a spatial factor 64 (VAE 8 x patch 2 x BSA chunk 4): 16:9 -> 704 x 1280.
+2. Prompt embeddings without CFG (one DiT forward per step).
+3. Pixels: stage-1 frames bilinear-resized to the bucket (``align_corners=True``, in the DiT
+   dtype as upstream), scaled to [0, 1], trilinear x2 in time (x1 with ``spatial_refine_only``),
+   scaled to [-1, 1]; front-padded (copies of the first frame) and back-padded (copies of the last)
+   so that cond and noise latents are multiples of 4 latent frames (the BSA chunk in T).
+4. VAE encode, posterior sample (draw 1), normalise, ``z = (1-t) z + t * noise`` (draw 2); then the
+   last ``num_cond_frames`` frames of ``video`` (front-padded the same way) are encoded, sampled
+   (draw 3) and written into the cond latents. With ``generator=None`` the three draws come from the
+   global RNG exactly as upstream draws them; with a generator, all three come from it.
+5. Schedule: the plain 50-step schedule, then ``[t_thresh*1000] + [t < t_thresh*1000]``.
+6. Denoise with the refinement LoRA and BSA on; cond latents at timestep 0. With the KV cache
+   (default) the cond latents' keys/values are computed once (one BSA forward over the cond grid)
+   and each step runs the noise latents only against [cache; fresh] keys with BSA.
+7. Decode, drop the front padding, keep ``2F`` (``F``) frames; the output is the video followed by
+   the refined frames after the first ``num_cond_frames``, resized to the video's size.
+
+How upstream applies BSA with cond latents (``Attention.forward`` / ``_process_attn`` of
+``longcat_video/modules/attention.py``), and why the cache reproduces it exactly:
+
+* BSA is used when the forward's latent grid has more than one frame (``shape[0] > 1``, the
+  *whole* grid, cond + noise); the refine's grids always have >= 8 frames.
+* Cache off, with ``c`` cond latents, upstream makes two attention calls: the cond queries against
+  the cond keys only (``flash_attn_bsa_3d`` with ``latent_shape_q = latent_shape_k = (c, H, W)``),
+  and the noise queries against all keys, cond first (``latent_shape_q = (T - c, H, W)``,
+  ``latent_shape_k = (T, H, W)``). Blocks are 3D chunks of each call's own grid: query chunks
+  tile the noise grid from its first frame, key chunks tile the [cond; noise] grid from frame 0,
+  so with ``c`` a multiple of the chunk's 4 frames no key block straddles cond and noise. Gating
+  (mean-pooled block scores, top-k per query block) is per call over those blocks.
+* Our cache build is the first call (the ``"build"`` plan: ``block_sparse_attn`` over ``(c, H, W)``
+  with the same chunks), and each cached step is the second call
+  (``attn_with_kv_cache(q_noise, k, v, k_cache, v_cache, block_sparse=BlockSparseParams(...))``:
+  query grid ``(T-c, H, W)``, key grid ``(c + T - c, H, W)`` with the cache's blocks first). The
+  cond tokens' hidden states never depend on the noise tokens (cond queries see cond keys only,
+  cond cross-attention output is zero), so the cached keys/values equal those of every cache-off
+  step and the two paths agree to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .loading import CheckpointError
+from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
+
+__all__ = [
+    "REFINE_FPS",
+    "REFINEMENT_LORA",
+    "REFINEMENT_LORA_FILE",
+    "BUCKETS_720P_F64",
+    "refine_bucket",
+    "refine_timesteps",
+    "refine_padding",
+    "run_refine",
+]
+
+REFINE_FPS = 30.0
+REFINEMENT_LORA = "refinement_lora"
+REFINEMENT_LORA_FILE = os.path.join("lora", "refinement_lora.safetensors")
+BSA_LATENT_GRANULARITY = 4  # upstream pads cond and noise latents to multiples of the BSA chunk in T
+
+# LongCat-Video's 720p aspect-ratio buckets for a spatial factor of 64 (height / width -> (h, w)).
+BUCKETS_720P_F64: Dict[str, Tuple[int, int]] = {
+    "0.22": (448, 2048), "0.29": (512, 1792), "0.36": (576, 1600), "0.45": (640, 1408),
+    "0.55": (704, 1280), "0.63": (768, 1216), "0.76": (832, 1088), "0.88": (896, 1024),
+    "1.00": (960, 960), "1.14": (1024, 896), "1.31": (1088, 832), "1.50": (1152, 768),
+    "1.58": (1216, 768), "1.82": (1280, 704), "1.91": (1344, 704), "2.20": (1408, 640),
+    "2.30": (1472, 640), "2.67": (1536, 576), "2.89": (1664, 576), "3.62": (1856, 512),
+    "3.75": (1920, 512),
+}
+
+
+def refine_bucket(height: int, width: int) -> Tuple[int, int]:
+    """The (height, width) of the F64 720p bucket closest to ``height / width`` (first on ties)."""
+    ratio = height / width
+    key = min(BUCKETS_720P_F64, key=lambda k: abs(float(k) - ratio))
+    return BUCKETS_720P_F64[key]
+
+
+def refine_timesteps(shift: float, num_steps: int, t_thresh: float,
+                     num_train_timesteps: int = 1000) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps ``[t_thresh*1000] + [t < t_thresh*1000 of the plain schedule]`` (fp32) and their
+    sigmas ``t / 1000`` plus a final 0 (SPEC 11)."""
+    from .schedule import vc_timesteps
+
+    ts, _ = vc_timesteps(num_steps, shift, "plain", num_train_timesteps=num_train_timesteps)
+    th = torch.tensor(t_thresh * 1000, dtype=ts.dtype)
+    ts = torch.cat([th[None], ts[ts < th]])
+    sig = torch.cat([ts / 1000, torch.zeros(1, dtype=ts.dtype)])
+    return ts, sig
+
+
+def refine_padding(num_frames: int, num_cond_frames: int, temporal: int = 4) -> Dict[str, int]:
+    """Padding of ``num_frames`` refine frames whose first ``num_cond_frames`` are cond frames.
+
+    Returns ``cond_latents`` (multiple of 4, 0 without cond frames), ``cond_added`` (frames
+    copied in front), ``noise_latents`` (multiple of 4) and ``noise_added`` (frames copied at the
+    back).
+    """
+    g = BSA_LATENT_GRANULARITY
+    nc, added = num_cond_frames, 0
+    c_lat = 0
+    if nc > 0:
+        c_lat = 1 + math.ceil((nc - 1) / temporal)
+        c_lat = math.ceil(c_lat / g) * g
+        added = 1 + (c_lat - 1) * temporal - nc
+    n_noise = num_frames - num_cond_frames
+    n_lat = math.ceil(math.ceil(n_noise / temporal) / g) * g
+    return {"cond_latents": c_lat, "cond_added": added, "noise_latents": n_lat,
+            "noise_added": n_lat * temporal - n_noise}
+
+
+def _as_frames(x, name: str) -> np.ndarray:
+    if isinstance(x, (str, os.PathLike)):
+        return read_video(x).frames  # stage-1 frames are used as they are: no subsampling
+    return as_video_frames(x, name=name).frames
+
+
+def _video_30fps(video) -> np.ndarray:
+    if isinstance(video, (str, os.PathLike)):
+        return read_video(video, target_fps=REFINE_FPS).frames
+    vf = as_video_frames(video, name="video")
+    if isinstance(video, VideoFrames) and vf.fps:
+        vf = subsample_to_fps(vf, REFINE_FPS)[0]
+    return vf.frames
+
+
+@contextlib.contextmanager
+def refine_state(pipe, lora_path: Optional[str]):
+    """Refinement LoRA alone and BSA on for the body; the previous LoRA/fuse/BSA state after,
+    also when the body raises. Loads the LoRA on first use without touching any RNG."""
+    dit = pipe.dit
+    if REFINEMENT_LORA not in getattr(dit, "lora_names", []):
+        if lora_path is None or not os.path.isfile(lora_path):
+            raise CheckpointError(f"refinement LoRA file not found: {lora_path} ({REFINEMENT_LORA_FILE} of the checkpoint)")
+        devices = [dit.device] if getattr(dit, "device", torch.device("cpu")).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                dit.load_lora(lora_path, REFINEMENT_LORA)
+            except Exception as e:
+                raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
+    prev_active = list(getattr(dit, "active_loras", []))
+    prev_fused = any(bool(getattr(m, "lora_fused", None)) for m in dit.modules())
+    cfg = dit.config
+    prev_bsa = cfg.enable_bsa
+    try:
+        dit.disable_loras()
+        dit.enable_loras([REFINEMENT_LORA])
+        cfg.enable_bsa = True
+        yield
+    finally:
+        cfg.enable_bsa = prev_bsa
+        dit.disable_loras()
+        if prev_active:
+            dit.enable_loras(prev_active)
+            if prev_fused:
+                dit.fuse_lora()
+
+
+def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
+                        num_inference_steps, output_type):
+    """Every check that needs no model work. Returns a dict of resolved inputs."""
+    from .pipeline import VideoContinuationOutput, _check_int
+
+    if not isinstance(spatial_refine_only, bool):
+        raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
+    if isinstance(t_thresh, bool) or not isinstance(t_thresh, (int, float)) or not math.isfinite(t_thresh):
+        raise TypeError(f"t_thresh must be a finite number in (0, 1], got {t_thresh!r}")
+    if not 0.0 < t_thresh <= 1.0:
+        raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh}")
+    steps = _check_int("num_inference_steps", num_inference_steps, 1)
+    if output_type not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+
+    out_size = None
+    if isinstance(stage1, VideoContinuationOutput):
+        frames1 = getattr(stage1, "model_frames", None)
+        if frames1 is None:
+            if stage1.latents is None:
+                raise ValueError("stage1: this VideoContinuationOutput has neither model_frames nor latents "
+                                 "(extend's output): pass its frames instead")
+            frames1 = None  # decoded below from the latents (output_type="latent" stage 1)
+        if stage1.frames is not None:
+            out_size = tuple(stage1.frames.shape[1:3])
+    else:
+        frames1 = _as_frames(stage1, "stage1")
+        out_size = tuple(frames1.shape[1:3])
+    if frames1 is None:
+        frames1 = pipe.decode_latents(stage1.latents)
+        if out_size is None:
+            out_size = tuple(frames1.shape[1:3])
+
+    vid = None if video is None else _video_30fps(video)
+    base_nc = 13
+    if isinstance(stage1, VideoContinuationOutput):
+        # the stage-1 cond count: its generated clip minus its new frames
+        base_nc = max(1, int(frames1.shape[0]) - int(stage1.num_new_frames))
+    if vid is None:
+        if num_cond_frames not in (None, 0):
+            raise ValueError(f"num_cond_frames={num_cond_frames} needs video (the cond frames); "
+                             "video=None refines without cond frames")
+        nc = 0
+    elif num_cond_frames is None:
+        nc = base_nc if spatial_refine_only else 2 * base_nc
+    else:
+        nc = _check_int("num_cond_frames", num_cond_frames, 1)
+    f1 = int(frames1.shape[0])
+    n_refine = f1 if spatial_refine_only else 2 * f1
+    if vid is not None and vid.shape[0] < nc:
+        raise ValueError(f"video has {vid.shape[0]} frames at ~{REFINE_FPS:g} fps, fewer than num_cond_frames={nc}")
+    if n_refine <= nc:
+        raise ValueError(f"stage1 has {f1} frames ({n_refine} refine frames), not more than num_cond_frames={nc}: "
+                         "nothing would be refined")
+
+    if isinstance(resolution, str):
+        if resolution != "720p":
+            raise ValueError(f"resolution must be '720p' or (height, width), got {resolution!r}")
+        size = refine_bucket(*frames1.shape[1:3])
+        if vid is not None:
+            vsize = refine_bucket(*vid.shape[1:3])
+            if vsize != size:
+                raise ValueError(
+                    f"stage1 frames ({frames1.shape[2]}x{frames1.shape[1]}) map to the 720p bucket {size[1]}x{size[0]} "
+                    f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip?"
+                )
+    elif (isinstance(resolution, (tuple, list)) and len(resolution) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in resolution)):
+        m = pipe.vae_scale_spatial * 2 * BSA_LATENT_GRANULARITY
+        size = (int(resolution[0]), int(resolution[1]))
+        if size[0] <= 0 or size[1] <= 0 or size[0] % m or size[1] % m:
+            raise ValueError(f"resolution (height, width) must be positive multiples of {m}, got {size}")
+    else:
+        raise ValueError(f"resolution must be '720p' or a (height, width) tuple, got {resolution!r}")
+    if vid is not None:
+        out_size = tuple(vid.shape[1:3])
+    return dict(frames1=frames1, video=vid, nc=nc, n_refine=n_refine, size=size, out_size=out_size, steps=steps)
+
+
+def _draw(shape, generator, device, dtype):
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    gen_device = generator.device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _normalize_as_upstream(pipe, z: torch.Tensor) -> torch.Tensor:
+    """``(z - mean) * (1 / std)`` in ``z``'s dtype (upstream's rounding: the reciprocal of the
+    std is taken after the cast, in bf16 for a bf16 VAE)."""
+    mean = pipe._latents_mean.to(z.device, z.dtype)
+    inv_std = 1.0 / pipe._latents_std.to(z.device, z.dtype)
+    return (z - mean) * inv_std
+
+
+@torch.no_grad()
+def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray], size: Tuple[int, int],
+                           n_refine: int, nc: int, t_thresh: float, generator) -> Tuple[torch.Tensor, Dict[str, int]]:
+    """``[1, 16, c_lat + n_lat, h/8, w/8]`` fp32 latents of SPEC 11 and the padding dict."""
+    device, dtype = pipe.device, pipe.dtype
+    h, w = size
+    st = pipe.vae_scale_temporal
+    pad = refine_padding(n_refine, nc, st)
+    x = torch.from_numpy(np.ascontiguousarray(frames1)).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
+    x = x.permute(1, 0, 2, 3).unsqueeze(0) / 255.0
+    x = F.interpolate(x, size=(n_refine, h, w), mode="trilinear", align_corners=True)
+    x = x * 2 - 1
+    x = torch.cat([x[:, :, :1].repeat(1, 1, pad["cond_added"], 1, 1), x,
+                   x[:, :, -1:].repeat(1, 1, pad["noise_added"], 1, 1)], dim=2)
+    vae_param = next(pipe.vae.parameters())
+    posterior = pipe.vae.encode(x.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+    z = posterior.sample(generator=generator)  # draw 1
+    del x
+    zn = _normalize_as_upstream(pipe, z)  # in the VAE dtype, as upstream normalises and mixes
+    noise = _draw(zn.shape, generator, zn.device, zn.dtype)  # draw 2
+    latents = ((1 - t_thresh) * zn + t_thresh * noise).to(device=device, dtype=torch.float32)
+    if nc > 0:
+        cond = pipe._frames_to_pixels(video[-nc:], size)
+        cond = torch.cat([cond[:, :, :1].repeat(1, 1, pad["cond_added"], 1, 1), cond], dim=2)
+        post = pipe.vae.encode(cond.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        zc = post.sample(generator=generator)  # draw 3
+        c = pad["cond_latents"]
+        if zc.shape[2] != c:
+            raise RuntimeError(f"VAE encoded {nc + pad['cond_added']} cond frames to {zc.shape[2]} latents, expected {c}")
+        latents[:, :, :c] = _normalize_as_upstream(pipe, zc.float()).to(device)
+    return latents, pad
+
+
+@torch.no_grad()
+def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=None, resolution="720p",
+               spatial_refine_only: bool = False, t_thresh: float = 0.5, num_inference_steps: int = 50,
+               generator=None, use_kv_cache: bool = True, output_type: str = "np", progress: bool = True,
+               lora_path: Optional[str] = None, desc: str = "Refining"):
+    """See ``VideoContinuationPipeline.refine``."""
+    from tqdm.auto import tqdm
+
+    from .pipeline import VideoContinuationOutput, _resize_frames, _Timer
+    from .schedule import euler_step
+
+    timer = _Timer(pipe.device)
+    t_start = timer.now()
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not isinstance(use_kv_cache, bool):
+        raise TypeError(f"use_kv_cache must be a bool, got {type(use_kv_cache).__name__}")
+    if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
+        raise CheckpointError(
+            f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
+        )
+    a = resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
+                            num_inference_steps, output_type)
+    generator = pipe._generator(generator, pipe.device)
+    timesteps, sigmas = refine_timesteps(pipe.shift, a["steps"], float(t_thresh), pipe.num_train_timesteps)
+    device, dtype = pipe.device, pipe.dtype
+    timings: Dict[str, Any] = {}
+
+    with refine_state(pipe, lora_path):
+        t0 = timer.now()
+        embeds, mask = pipe.encode_text([prompt])
+        timings["text"] = timer.now() - t0
+
+        t0 = timer.now()
+        latents, pad = prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"], a["nc"],
+                                              float(t_thresh), generator)
+        t1 = timer.now()
+        timings["vae_encode"] = t1 - t0
+        c = pad["cond_latents"]
+        kv_cache = None
+        if use_kv_cache and c > 0:
+            kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype))
+            x = latents[:, :, c:].clone()
+        else:
+            x = latents
+        cached = kv_cache is not None
+        timings["cache_build"] = timer.now() - t1 if cached else 0.0
+        timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
+
+        steps: List[float] = []
+        bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
+        try:
+            for i in range(len(timesteps)):
+                ts = time.perf_counter()
+                model_in = x.to(dtype)
+                tstep = torch.full(model_in.shape[:1] + model_in.shape[2:3], float(timesteps[i]),
+                                   device=device, dtype=dtype)
+                if not cached:
+                    tstep[:, :c] = 0
+                pred = pipe.dit(model_in, tstep, embeds, mask, num_cond_latents=c, kv_cache=kv_cache).float()
+                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+                if cached:
+                    x = euler_step(x, pred, s, s_next)
+                else:
+                    x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
+                timer.sync()
+                steps.append(time.perf_counter() - ts)
+                bar.update(1)
+        finally:
+            bar.close()
+        del kv_cache
+        timings["denoise_steps"] = steps
+        timings["denoise"] = float(sum(steps))
+        timings["steps"] = len(steps)
+        full = torch.cat([latents[:, :, :c], x], dim=2) if cached else x
+
+    nc, n_refine = a["nc"], a["n_refine"]
+    fps = REFINE_FPS / 2 if spatial_refine_only else REFINE_FPS
+    vid = a["video"]
+    n_in = 0 if vid is None else int(vid.shape[0])
+    if output_type == "latent":
+        timings["decode"] = 0.0
+        timings["total"] = timer.now() - t_start
+        return VideoContinuationOutput(None, full, fps, n_in, n_refine - nc, a["size"], timings)
+    t3 = timer.now()
+    decoded = pipe.decode_latents(full)[pad["cond_added"]: pad["cond_added"] + n_refine]
+    from PIL import Image
+
+    new = _resize_frames(decoded[nc:], a["out_size"], Image.BICUBIC)
+    timings["decode"] = timer.now() - t3
+    frames = new if vid is None else np.concatenate([vid, new], axis=0)
+    timings["total"] = timer.now() - t_start
+    out = VideoContinuationOutput(frames, full, fps, n_in, n_refine - nc, a["size"], timings)
+    out.model_frames = decoded
+    return out
