@@ -291,6 +291,7 @@ def test_pipeline_rejects_bad_memory_and_fp8_on_cpu(ckpt):
 
 # ====================================================================== CLI
 def test_cli_memory_and_fp8_flags(ckpt, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("imageio_ffmpeg", reason="writes an mp4 (the vc extra installs imageio-ffmpeg)")
     from longcat_vc import cli
     from longcat_vc.pipeline import VideoContinuationPipeline
     from longcat_vc.video_io import write_video
