@@ -86,7 +86,7 @@ class Bench:
         self.args = args
         self.torch = torch
         self.smoke = args.smoke
-        self.device = torch.device("cpu" if self.smoke else "cuda")
+        self.device = torch.device("cpu") if self.smoke else torch.device("cuda", torch.cuda.current_device())
         self.dtype = torch.float32 if self.smoke else torch.bfloat16
         self.total = torch.cuda.get_device_properties(self.device).total_memory if not self.smoke else 0
 

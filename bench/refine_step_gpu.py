@@ -281,7 +281,7 @@ def time_stage(args, device, depth):
 
     import longcat_vc.refine as refine_mod
     from bench.suites.dit_common import init_random_
-    from bench.word_tokenizer import build_word_tokenizer
+    from longcat_vc.testing import build_word_tokenizer
     from longcat_vc import DiTConfig, LongCatDiT
     from longcat_vc.pipeline import VideoContinuationPipeline
 
