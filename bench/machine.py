@@ -36,8 +36,10 @@ def _version(dist: str) -> str | None:
 
 def git_commit() -> str | None:
     """HEAD commit (+ "-dirty" when tracked files changed); env LONGCAT_KERNELS_BENCH_COMMIT wins."""
-    env = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT")
+    env = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT", "").strip()
     if env:
+        if not re.fullmatch(r"[0-9a-fA-F]{7,40}", env):
+            raise ValueError(f"LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash (7-40 hex digits), got {env!r}")
         return env
     head = _run(["git", "rev-parse", "HEAD"])
     if head is None:

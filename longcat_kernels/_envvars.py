@@ -14,6 +14,10 @@
 ``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
 ``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: deterministic BSA backward (dq without
                                    atomics)
+``LONGCAT_KERNELS_FUSE_ISLANDS``   ``1`` (default) | ``0``: ``longcat_vc`` runs the DiT's fp32 elementwise
+                                   islands eagerly instead of ``torch.compile``-fused on CUDA
+``LONGCAT_KERNELS_BENCH_COMMIT``   ``bench`` only: the commit a results file records where the tree
+                                   has no ``.git`` (the device machine); hex, 7-40 digits
 =================================  ==============================================================
 
 Imports nothing but ``os`` and ``re``: ``setup.py`` loads this file by path at build time.
@@ -37,6 +41,8 @@ KNOWN = (
     "LONGCAT_KERNELS_CACHE",
     "LONGCAT_KERNELS_VERBOSE_BUILD",
     "LONGCAT_KERNELS_DETERMINISTIC",
+    "LONGCAT_KERNELS_FUSE_ISLANDS",
+    "LONGCAT_KERNELS_BENCH_COMMIT",
 )
 
 # kernel-variant knobs that existed until the kernel choice moved into dispatch.py: the winners are

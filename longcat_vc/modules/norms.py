@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longcat_kernels._envvars import env_flag
+
 __all__ = [
     "RMSNorm",
     "FP32LayerNorm",
@@ -67,7 +69,7 @@ def _silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- fusion switch
-_FUSE = os.environ.get("LONGCAT_KERNELS_FUSE_ISLANDS", "1") != "0"
+_FUSE = env_flag("LONGCAT_KERNELS_FUSE_ISLANDS", True)  # a bad value raises, naming the variable
 _compiled: Dict[Callable, Callable] = {}
 _failed: Dict[Callable, str] = {}
 

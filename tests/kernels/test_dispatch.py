@@ -256,14 +256,16 @@ def test_removed_kernel_knobs_raise(monkeypatch, name):
 
 
 def test_no_other_product_variables():
-    """Every LONGCAT_KERNELS_* the package reads is in _envvars.KNOWN (grep of the sources)."""
+    """Every LONGCAT_KERNELS_* the packages and the product bench read is in _envvars.KNOWN (grep)."""
     import pathlib
     import re
 
     root = pathlib.Path(lk.__file__).parent
     found = set()
     code = [p for p in (root.parent / "csrc").glob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")]
-    for p in list(root.rglob("*.py")) + code + [root.parent / "setup.py"]:
+    others = list((root.parent / "longcat_vc").rglob("*.py")) + [
+        p for p in (root.parent / "bench").rglob("*.py") if "dev" not in p.parts]
+    for p in list(root.rglob("*.py")) + others + code + [root.parent / "setup.py"]:
         if p.is_file():
             found |= set(re.findall(r"LONGCAT_KERNELS_[A-Z0-9_]+[A-Z0-9]", p.read_text(errors="ignore")))
     assert found - set(_envvars.KNOWN) - set(_envvars.REMOVED) == set()
