@@ -214,6 +214,22 @@ def _machine_reason(backend: str, device_type: Optional[str]) -> Optional[str]:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+# The Triton CPU interpreter emulates tensors with numpy, which has no bfloat16: bf16 loads, stores
+# and tl.dot come out as garbage instead of failing, so only these dtypes may run there.
+INTERPRETER_DTYPES = (torch.float16, torch.float32)
+
+
+def _interpreter_dtype_reason(tensors) -> Optional[str]:
+    """Why the Triton interpreter (CPU tensors) cannot compute these tensors' dtypes, or None."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in INTERPRETER_DTYPES:
+            return (
+                f"dtype {t.dtype} cannot be computed by the Triton CPU interpreter (fp32/fp16 only: numpy has "
+                "no bfloat16, results would be garbage); use backend='torch' or fp32/fp16 inputs"
+            )
+    return None
+
+
 def op_backend_status(impl: str, backend: str, *tensors, check_inputs: bool = True) -> Optional[str]:
     """None if ``impl`` can run on ``backend`` for these tensors, else the reason.
 
@@ -230,6 +246,10 @@ def op_backend_status(impl: str, backend: str, *tensors, check_inputs: bool = Tr
     r = _machine_reason(backend, device_type)
     if r is not None:
         return r
+    if backend == "triton" and device_type == "cpu":
+        r = _interpreter_dtype_reason(tensors)
+        if r is not None:
+            return r
     module, r = _load_module(OPS[impl], backend)
     if module is None:
         return r

@@ -76,6 +76,8 @@ def check_qkv(q, k, v, names=("q", "k", "v")) -> None:
             raise ValueError(f"{n}: expected {H} heads (same as {nq}), got {t.shape[2]} (shape {tuple(t.shape)})")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as {nq}), got {t.shape[3]} (shape {tuple(t.shape)})")
+    if D == 0:
+        raise ValueError(f"{nq}: expected head_dim >= 1, got 0 (shape {tuple(q.shape)})")
     if v.shape[1] != k.shape[1]:
         raise ValueError(f"{nv}: expected seq {k.shape[1]} (same as {nk}), got {v.shape[1]}")
     if q.shape[1] == 0 or k.shape[1] == 0:
