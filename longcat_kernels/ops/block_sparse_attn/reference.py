@@ -91,7 +91,7 @@ def block_sparse_attn_reference(
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         den = p.sum(dim=-1, keepdim=True)
-        p = p / torch.where(den > 0, den, torch.ones_like(den))
+        p = p / torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
         with ieee_fp32_matmul(dev):
             o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
         with torch.no_grad():
