@@ -167,9 +167,16 @@ def test_nonfinite_input_reaches_every_dependent_output_torch(case, rule, bad):
             assert bool(bad_out[b, :, h].all()), "NaN in k did not reach every output of its batch entry and head"
 
 
+# the interpreter runs each launch slowly (fwd + 3 backward kernels): two small fixed geometries
+TRITON_CASES = st.sampled_from([
+    ((2, 2, 4), (2, 2, 4), (1, 2, 2), (1, 2, 2), 1, 2, 16),
+    ((1, 3, 4), (2, 3, 4), (1, 2, 2), (1, 3, 2), 1, 1, 16),
+])
+
+
 @pytest.mark.triton_interpret
-@settings(max_examples=6, phases=NO_SHRINK)
-@given(case=bsa_case(max_tokens=32), rule=rules, bad=poison)
+@settings(max_examples=3, phases=NO_SHRINK)
+@given(case=TRITON_CASES, rule=rules, bad=poison)
 def test_nonfinite_forward_and_grads_agree_torch_vs_triton(case, rule, bad):
     gq, gk, cq, ck, B, H, D = case
     sparsity, cdf = rule
@@ -266,16 +273,16 @@ def test_rope_sequence_zero():
 
 
 @pytest.mark.triton_interpret
-@settings(max_examples=5, phases=NO_SHRINK)
+@settings(max_examples=3, phases=NO_SHRINK)
 @given(D=st.sampled_from([4, 8, 12, 24, 40]), rule=st.sampled_from([(0.5, None), (None, 0.8)]))
 def test_triton_bsa_any_head_dim_matches_torch_with_grads(D, rule):
-    g = (2, 4, 4)
+    g = (1, 4, 4)
     sparsity, cdf = rule
-    q0, k0, v0 = _qkv(1, 32, 32, 2, D)
+    q0, k0, v0 = _qkv(1, 16, 16, 1, D)
     res = {}
     for backend in ("torch", "triton"):
         q, k, v = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
-        out = lk.block_sparse_attn(q, k, v, grid_q=g, chunk_q=(2, 2, 2), sparsity=sparsity, cdf_threshold=cdf,
+        out = lk.block_sparse_attn(q, k, v, grid_q=g, chunk_q=(1, 2, 2), sparsity=sparsity, cdf_threshold=cdf,
                                    backend=backend)
         do = torch.randn_like(out) if backend == "torch" else res["torch"][-1]
         out.backward(do)
