@@ -40,7 +40,7 @@ def _resolution(text: str):
         return text
     parts = text.lower().split("x")
     if len(parts) == 2 and all(p.isdigit() for p in parts):
-        return (int(parts[0]), int(parts[1]))
+        return (int(parts[0]), int(parts[1]))  # range checked by _check_args_before_load (exit 2)
     raise argparse.ArgumentTypeError(f"expected 480p, 720p or HEIGHTxWIDTH (e.g. 480x832), got {text!r}")
 
 
@@ -105,17 +105,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail_early(args) -> None:
-    """Cheap checks before the (slow) model load."""
+def _same_path(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_out_path(out: str, inputs: Sequence[str] = (), *, flag: str = "--out", suffix: Optional[str] = ".mp4") -> None:
+    """An output path that can be written and destroys nothing: not an input (nor inside an input
+    folder of frames), not a folder, its folder exists and is writable (probed by creating and
+    removing a file there), the right extension. Raises UsageError / FileNotFoundError naming it."""
+    if suffix is not None and not out.lower().endswith(suffix):
+        raise UsageError(f"{flag} must be an {suffix} file, got {out}")
+    if os.path.isdir(out):
+        raise UsageError(f"{flag} is a folder: {out}")
+    for inp in inputs:
+        if _same_path(out, inp):
+            raise UsageError(f"{flag} {out} is the input {inp}: it would be overwritten; choose another path")
+        if os.path.isdir(inp) and os.path.abspath(out).startswith(os.path.abspath(inp) + os.sep):
+            raise UsageError(f"{flag} {out} is inside the input folder {inp}; choose another path")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"{flag}: output folder does not exist: {out_dir}")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise UsageError(f"{flag}: {out} exists and is not writable")
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".longcat-vc-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in {out_dir} ({e.strerror or e})") from None
+
+
+def _check_args_before_load(args) -> None:
+    """Every argument and path that can be checked without the model (commands sharing
+    ``_add_common``): paths, --crf, --timings-json. Called before any weights load."""
+    from .video_io import check_crf
+
     if not os.path.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
-    if not args.out.lower().endswith(".mp4"):
-        raise UsageError(f"--out must be an .mp4 file, got {args.out}")
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out is a folder: {args.out}")
+    _check_out_path(args.out, [args.input])
+    try:
+        check_crf(args.crf, "--crf")
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    res = getattr(args, "resolution", None)
+    if isinstance(res, tuple) and (res[0] <= 0 or res[1] <= 0 or res[0] % 16 or res[1] % 16):
+        raise UsageError(f"--resolution: expected HEIGHTxWIDTH as positive multiples of 16, got {res[0]}x{res[1]}")
+    if args.timings_json:
+        _check_out_path(args.timings_json, [args.input, args.out], flag="--timings-json", suffix=None)
+        if _same_path(args.timings_json, args.out):
+            raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
+
+
+def _check_input_frames(video, args) -> None:
+    """Enough input frames (after subsampling) for --cond-frames, with the input's path."""
+    if video.num_frames < args.cond_frames:
+        sub = f" (every {video.stride}th frame, about 15 fps)" if getattr(video, "stride", 1) > 1 else ""
+        raise UsageError(
+            f"{args.input}: {video.num_frames} frames{sub}, fewer than --cond-frames {args.cond_frames}"
+        )
+
+
+def _fail_early(args) -> None:
+    """Cheap checks before the (slow) model load."""
+    _check_args_before_load(args)
     for name, val in (("--frames", args.frames), ("--cond-frames", args.cond_frames)):
         if val < 1:
             raise UsageError(f"{name} must be >= 1, got {val}")
@@ -205,9 +263,13 @@ def _run(args) -> int:
         video = read_video(args.input, target_fps=15.0)  # subsampled while decoding
         if video.fps is None:  # frame folders, single images: taken as 15 fps
             video = VideoFrames(video.frames, 15.0, video.source)
+    _check_input_frames(video, args)
     check_checkpoint(args.checkpoint, args.mode)
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as e:
+        raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but CUDA is not available")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -266,7 +328,9 @@ def _run(args) -> int:
     timings = dict(out.timings)
     timings.update(load=load_s, write=write_s)
     if args.timings_json:
-        with open(args.timings_json, "w", encoding="utf-8") as f:
+        from .video_io import atomic_output
+
+        with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "mode": args.mode, "size": list(out.size), "timings": timings}, f, indent=2)
     h, w = out.frames.shape[1:3]
     print(_summary(out.timings, load_s, write_s), file=log)

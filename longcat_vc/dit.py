@@ -54,6 +54,8 @@ class LongCatDiT(nn.Module):
         super().__init__()
         if not isinstance(config, DiTConfig):
             raise TypeError(f"LongCatDiT: config must be a DiTConfig, got {type(config).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
         self.config = config
         c = config
         kw = dict(device=device, dtype=dtype)
@@ -68,8 +70,15 @@ class LongCatDiT(nn.Module):
         self._lora_names: List[str] = []
         self._lora_active_names: List[str] = []
         self._context_parallel = None
+        self._state_version = 0  # bumped by every LoRA change (longcat_vc.lora._bump_state)
 
     # ------------------------------------------------------------------ facts
+    def state_fingerprint(self) -> tuple:
+        """What a KV cache built now depends on: the LoRA state counter (enable, disable, fuse,
+        unfuse, load, multiplier) and, per parameter, its identity, storage and in-place version
+        (weight loads, ``load_state_dict``, edits). Python-only metadata: ~1k parameters of the
+        released model cost well under a millisecond, next to seconds per DiT step."""
+        return (self._state_version, hash(tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())))
     @property
     def dtype(self) -> torch.dtype:
         """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
@@ -238,6 +247,8 @@ class LongCatDiT(nn.Module):
         Returns:
             Tensor: ``[B, out_channels, T, H, W]`` fp32 (noisy frames only in cache mode).
         """
+        if kv_cache is not None and isinstance(kv_cache, KVCache) and not _compiling():
+            self._check_cache_fresh(kv_cache)
         if self._context_parallel is not None:
             return self._context_parallel.forward(
                 self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
@@ -328,6 +339,22 @@ class LongCatDiT(nn.Module):
         if problems:
             raise ValueError("kv_cache: " + "; ".join(problems))
 
+    def _check_cache_fresh(self, cache: KVCache) -> None:
+        """ValueError when ``cache`` was built from another state of this model (stale)."""
+        if cache.source is None:
+            return
+        now = self.state_fingerprint()
+        if cache.source == now:
+            return
+        what = []
+        if cache.source[0] != now[0]:
+            what.append("the LoRA state changed (enable/disable/fuse/unfuse/load/multiplier)")
+        if cache.source[1] != now[1]:
+            what.append("the weights changed (loaded, replaced or edited in place)")
+        raise ValueError(
+            "kv_cache: stale, built before " + " and ".join(what) + "; rebuild it with build_kv_cache()"
+        )
+
     # ------------------------------------------------------------------ KV cache
     @torch.no_grad()
     def build_kv_cache(self, cond_latents: torch.Tensor, *, offload: bool = False) -> KVCache:
@@ -353,7 +380,7 @@ class LongCatDiT(nn.Module):
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
         return KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
-                       device=self.device, offloaded=offload)
+                       device=self.device, offloaded=offload, source=self.state_fingerprint())
 
     def _record_kv(
         self, x: torch.Tensor, t: torch.Tensor, grid: Tuple[int, int, int], offload: bool,

@@ -33,6 +33,10 @@ class KVCache:
         dtype: dtype of the tensors (the model's weight dtype when built).
         device: the compute device the cache is for (where the model runs).
         offloaded: tensors kept in (pinned) CPU memory and copied back per block.
+        source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the LoRA state
+            counter and the identity/version of every parameter); ``forward`` refuses the cache once
+            the model's fingerprint differs (a LoRA enabled, disabled, fused, unfused or re-weighted,
+            weights loaded or edited in place). None: not checked (a hand-built cache).
     """
 
     keys: List[torch.Tensor]
@@ -42,6 +46,7 @@ class KVCache:
     dtype: torch.dtype
     device: torch.device
     offloaded: bool = False
+    source: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values) or not self.keys:

@@ -116,7 +116,7 @@ def _cache_view(cache: KVCache, heads: slice, batch: Optional[slice] = None) -> 
 
     return KVCache(keys=[cut(k) for k in cache.keys], values=[cut(v) for v in cache.values],
                    num_frames=cache.num_frames, grid_hw=tuple(cache.grid_hw), dtype=cache.dtype,
-                   device=cache.device, offloaded=cache.offloaded)
+                   device=cache.device, offloaded=cache.offloaded, source=cache.source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ class ContextParallel:
         h0, _ = self.head_range(cfg.num_heads)
         return ShardedKVCache(
             keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=model.dtype, device=model.device,
-            offloaded=offload, num_heads=cfg.num_heads, head_start=h0, sp_size=self.sp_size, sp_rank=self.sp_rank,
+            offloaded=offload, source=model.state_fingerprint(), num_heads=cfg.num_heads, head_start=h0, sp_size=self.sp_size, sp_rank=self.sp_rank,
         )
 
 
