@@ -259,6 +259,12 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
     if not tensors:
         raise ValueError(f"load_lora: {os.fspath(path)} holds no tensors")
     keys = list(tensors)
+    ints = sorted(f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point())
+    if ints:  # an integer up/down/alpha would be cast silently to the weight dtype
+        raise ValueError(
+            f"load_lora: {os.fspath(path)} holds non-floating tensor(s): " + ", ".join(ints[:10])
+            + (" ..." if len(ints) > 10 else "")
+        )
     if any(k.startswith(LORA_PREFIX) for k in keys):
         return "longcat", tensors
     if any(re.search(r"\.lora_[AB](\.weight)?$", k) for k in keys):

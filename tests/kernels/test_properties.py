@@ -353,3 +353,35 @@ def test_qk_norm_rope_refuses_bad_eps(eps):
     q = torch.randn(1, 16, 1, 16)
     with pytest.raises(ValueError, match="eps"):
         lk.qk_norm_rope(q, q, torch.ones(16), torch.ones(16), None, eps=eps)
+
+
+# ----------------------------------------------------------------------------- GPU: the same NaN rules on device
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.triton_gpu),
+                                     pytest.param("cuda", marks=pytest.mark.ext)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rule", [(0.5, None), (None, 0.9), (0.75, 0.5)])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_nonfinite_placement_matches_torch_on_gpu(backend, dtype, rule, which):
+    """Each GPU backend (fwd; triton also grads) puts NaN exactly where the torch reference does,
+    over the same selection, for a NaN at a random place of q, k or v."""
+    g, c = (4, 8, 8), (4, 4, 4)  # 64-token blocks, 4 key blocks
+    sparsity, cdf = rule
+    q0, k0, v0 = (torch.randn(1, 256, 2, 64, device="cuda", dtype=dtype) for _ in range(3))
+    t = {"q": q0, "k": k0, "v": v0}[which]
+    t.view(-1)[torch.randint(0, t.numel(), ()).item()] = float("nan")
+    sel = lk.select_blocks(q0, k0, grid_q=g, chunk_q=c, sparsity=sparsity, cdf_threshold=cdf, backend="torch")
+    res = {}
+    for b in ("torch", backend):
+        grad = b != "cuda"  # the cuda backend is forward only
+        q, k, v = (x.clone().requires_grad_(grad) for x in (q0, k0, v0))
+        out = lk.block_sparse_attn(q, k, v, selection=sel, backend=b)
+        if grad:
+            out.float().sum().backward()
+        res[b] = [out.detach()] + ([q.grad, k.grad, v.grad] if grad else [])
+    for name, x, y in zip(("out", "dq", "dk", "dv"), res["torch"], res[backend]):
+        assert torch.equal(torch.isnan(x), torch.isnan(y)), f"{backend} {name}: NaN placement differs from torch"
+    expect = _expected_nonfinite(sel.to("cpu"), q0.cpu(), k0.cpu(), v0.cpu())
+    assert torch.equal((~torch.isfinite(res[backend][0]).all(-1)).cpu(), expect), "NaN not exactly where it belongs"

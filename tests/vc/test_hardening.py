@@ -276,3 +276,15 @@ def test_write_video_refuses_bad_crf_before_writing(tmp_path):
         with pytest.raises((TypeError, ValueError), match="crf"):
             write_video(str(tmp_path / "o.mp4"), np.zeros((2, 16, 16, 3), np.uint8), 15, crf=crf)
     assert os.listdir(tmp_path) == []
+
+
+def test_lora_with_an_integer_tensor_is_refused(tmp_path, base):
+    cfg, sd = base
+    p = str(tmp_path / "a.safetensors")
+    t = write_longcat_lora(p, cfg, targets=LORA_TARGETS_CFG_STEP, rank=2, seed=4)
+    key = next(k for k in t if k.endswith("lora_down.weight"))
+    t[key] = (t[key] * 100).to(torch.int64)
+    save_file({k: v.contiguous() for k, v in t.items()}, p)
+    m = model_from_state_dict(cfg, sd)
+    with pytest.raises(ValueError, match="non-floating"):
+        m.load_lora(p, "a")
