@@ -385,3 +385,18 @@ def test_nonfinite_placement_matches_torch_on_gpu(backend, dtype, rule, which):
         assert torch.equal(torch.isnan(x), torch.isnan(y)), f"{backend} {name}: NaN placement differs from torch"
     expect = _expected_nonfinite(sel.to("cpu"), q0.cpu(), k0.cpu(), v0.cpu())
     assert torch.equal((~torch.isfinite(res[backend][0]).all(-1)).cpu(), expect), "NaN not exactly where it belongs"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)])
+@pytest.mark.parametrize("where", ["k_cache", "k"])
+def test_kv_cache_block_sparse_cdf_nan_in_keys_not_hidden(backend, where):
+    """attn_with_kv_cache gates [cache; fresh] keys on its own path (two-segment block sums):
+    a NaN key under the cdf rule must still reach every output of its head."""
+    Hf, Wf, c, tn = 4, 4, 2, 2
+    q, k, v = _qkv(1, tn * Hf * Wf, tn * Hf * Wf, 2, 16)
+    kc, vc = torch.randn(1, c * Hf * Wf, 2, 16), torch.randn(1, c * Hf * Wf, 2, 16)
+    {"k_cache": kc, "k": k}[where][0, 3, 1, 5] = float("nan")
+    bs = lk.BlockSparseParams(sparsity=None, cdf_threshold=0.6, chunk_q=(1, 2, 2), frame_hw=(Hf, Wf))
+    out = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend=backend)
+    assert bool(torch.isnan(out[:, :, 1]).all()), "NaN key hidden by the cdf gating"
+    assert bool(torch.isfinite(out[:, :, 0]).all())
