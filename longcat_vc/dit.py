@@ -13,6 +13,7 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -29,6 +30,8 @@ from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
 from .modules.final_layer import FinalLayer
 
 __all__ = ["LongCatDiT"]
+
+_MODEL_UIDS = itertools.count()
 
 
 def _compiling() -> bool:
@@ -71,6 +74,7 @@ class LongCatDiT(nn.Module):
         self._lora_active_names: List[str] = []
         self._context_parallel = None
         self._state_version = 0  # bumped by every LoRA change (longcat_vc.lora._bump_state)
+        self._uid = next(_MODEL_UIDS)  # which model a KV cache was built by (ids of dead objects repeat)
 
     # ------------------------------------------------------------------ facts
     def state_fingerprint(self) -> tuple:
@@ -78,7 +82,8 @@ class LongCatDiT(nn.Module):
         unfuse, load, multiplier) and, per parameter, its identity, storage and in-place version
         (weight loads, ``load_state_dict``, edits). Python-only metadata: ~1k parameters of the
         released model cost well under a millisecond, next to seconds per DiT step."""
-        return (self._state_version, hash(tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())))
+        return (self._uid, self._state_version,
+                hash(tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())))
     @property
     def dtype(self) -> torch.dtype:
         """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
@@ -247,8 +252,6 @@ class LongCatDiT(nn.Module):
         Returns:
             Tensor: ``[B, out_channels, T, H, W]`` fp32 (noisy frames only in cache mode).
         """
-        if kv_cache is not None and isinstance(kv_cache, KVCache) and not _compiling():
-            self._check_cache_fresh(kv_cache)
         if self._context_parallel is not None:
             return self._context_parallel.forward(
                 self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
@@ -338,18 +341,21 @@ class LongCatDiT(nn.Module):
             problems.append(f"tensors of shape {list(cache.keys[0].shape)}, expected {list(shape)}")
         if problems:
             raise ValueError("kv_cache: " + "; ".join(problems))
+        self._check_cache_fresh(cache)  # fits, but was it built from this state of the model?
 
     def _check_cache_fresh(self, cache: KVCache) -> None:
         """ValueError when ``cache`` was built from another state of this model (stale)."""
         if cache.source is None:
             return
         now = self.state_fingerprint()
-        if cache.source == now:
+        if cache.source == now or cache.source[0] != now[0]:
+            # built by another model instance (e.g. a single-process cache handed to a context-
+            # parallel copy): its shapes, dtype and device were checked; its weights cannot be
             return
         what = []
-        if cache.source[0] != now[0]:
-            what.append("the LoRA state changed (enable/disable/fuse/unfuse/load/multiplier)")
         if cache.source[1] != now[1]:
+            what.append("the LoRA state changed (enable/disable/fuse/unfuse/load/multiplier)")
+        if cache.source[2] != now[2]:
             what.append("the weights changed (loaded, replaced or edited in place)")
         raise ValueError(
             "kv_cache: stale, built before " + " and ".join(what) + "; rebuild it with build_kv_cache()"

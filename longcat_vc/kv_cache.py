@@ -33,10 +33,12 @@ class KVCache:
         dtype: dtype of the tensors (the model's weight dtype when built).
         device: the compute device the cache is for (where the model runs).
         offloaded: tensors kept in (pinned) CPU memory and copied back per block.
-        source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the LoRA state
-            counter and the identity/version of every parameter); ``forward`` refuses the cache once
-            the model's fingerprint differs (a LoRA enabled, disabled, fused, unfused or re-weighted,
-            weights loaded or edited in place). None: not checked (a hand-built cache).
+        source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the model
+            instance, its LoRA state counter and the identity/version of every parameter); that
+            model's ``forward`` refuses the cache once its fingerprint differs (a LoRA enabled,
+            disabled, fused, unfused or re-weighted, weights loaded or edited in place). Another
+            model instance cannot compare (shapes/dtype/device are still checked). None: not
+            checked (a hand-built cache).
     """
 
     keys: List[torch.Tensor]
