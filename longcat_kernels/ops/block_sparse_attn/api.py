@@ -90,6 +90,8 @@ def _check_selection_values(sel: BlockSelection) -> None:
     attend a block twice (a silently different softmax). One device sync, once per selection: the
     result is remembered on the object together with its tensors' versions (an in-place edit of
     ``indices``/``counts`` is checked again)."""
+    if compiling():  # traced calls: checked by the eager call that built or first used the selection
+        return
     stamp = (id(sel.indices), sel.indices._version, id(sel.counts), sel.counts._version)
     if getattr(sel, "_values_checked", None) == stamp:
         return
