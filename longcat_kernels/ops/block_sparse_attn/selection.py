@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -68,8 +70,19 @@ def warn_if_keeps_nothing(sparsity: Optional[float], cdf_threshold: Optional[flo
         f"and outputs zeros (upstream's formula). Use sparsity <= {1.0 - 1.0 / num_k_blocks:.4f} for this grid, "
         f"a smaller chunk (>= {need} key blocks needed), a cdf_threshold, or dense attention.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=_caller_level(),
     )
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside longcat_kernels and torch (the user's call)."""
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    level, f = 1, sys._getframe(1)  # level 1 = warn_if_keeps_nothing, the caller of warnings.warn
+    while f is not None and f.f_code.co_filename.startswith((pkg, torch_dir)):
+        f = f.f_back
+        level += 1
+    return level
 
 
 @contextlib.contextmanager
