@@ -79,10 +79,13 @@ class LongCatDiT(nn.Module):
     # ------------------------------------------------------------------ facts
     def state_fingerprint(self) -> tuple:
         """What a KV cache built now depends on: the LoRA state counter (enable, disable, fuse,
-        unfuse, load, multiplier) and, per parameter, its identity, storage and in-place version
-        (weight loads, ``load_state_dict``, edits). Python-only metadata: ~1k parameters of the
+        unfuse, load, multiplier), the block-sparse settings (they change the cond tokens' K/V)
+        and, per parameter, its identity, storage and in-place version (weight loads,
+        ``load_state_dict``, edits). Python-only metadata: ~1k parameters of the
         released model cost well under a millisecond, next to seconds per DiT step."""
-        return (self._uid, self._state_version,
+        cfg = self.config
+        attn = (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
+        return (self._uid, self._state_version, attn,
                 hash(tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())))
     @property
     def dtype(self) -> torch.dtype:
@@ -356,6 +359,9 @@ class LongCatDiT(nn.Module):
         if cache.source[1] != now[1]:
             what.append("the LoRA state changed (enable/disable/fuse/unfuse/load/multiplier)")
         if cache.source[2] != now[2]:
+            what.append("the attention configuration changed (config.enable_bsa / bsa_params: the cond "
+                        "tokens' K/V depend on it)")
+        if cache.source[3] != now[3]:
             what.append("the weights changed (loaded, replaced or edited in place)")
         raise ValueError(
             "kv_cache: stale, built before " + " and ".join(what) + "; rebuild it with build_kv_cache()"

@@ -5,6 +5,7 @@ space is wide (hypothesis, modest example counts; see tests/conftest.py)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -42,7 +43,7 @@ def base():
 
 
 CHANGES = ["enable", "disable", "fuse", "unfuse", "multiplier", "reload_lora", "load_state_dict", "edit_weight",
-           "replace_param"]
+           "replace_param", "bsa"]
 
 
 def _apply(change, m, lora, sd):
@@ -63,6 +64,9 @@ def _apply(change, m, lora, sd):
     elif change == "edit_weight":
         with torch.no_grad():
             m.final_layer.linear.weight.mul_(1.01)
+    elif change == "bsa":
+        m.config.enable_bsa = not m.config.enable_bsa
+        m.config.bsa_params = {"sparsity": 0.5, "chunk_3d_shape_q": [1, 2, 2]}
     else:
         m.final_layer.linear.weight = torch.nn.Parameter(m.final_layer.linear.weight.detach().clone())
 
@@ -73,7 +77,8 @@ def test_stale_kv_cache_is_refused_after_any_change(tmp_path_factory, base, chan
     cfg, sd = base
     lora = str(tmp_path_factory.mktemp("lora") / "a.safetensors")
     write_longcat_lora(lora, cfg, targets=LORA_TARGETS_CFG_STEP, rank=2, seed=5)
-    m = model_from_state_dict(cfg, sd)
+    m = model_from_state_dict(cfg, copy.deepcopy(sd))
+    m.config = copy.deepcopy(m.config)  # the "bsa" change edits it
     m.load_lora(lora, "a")
     m.enable_loras(["a"])
     if "unfuse" in changes[:1]:
@@ -90,6 +95,11 @@ def test_stale_kv_cache_is_refused_after_any_change(tmp_path_factory, base, chan
         out = m(x[:, :, 1:], t, y, mask, kv_cache=fresh)
         off = m(x, torch.stack([torch.zeros_like(t), t, t], 1), y, mask, num_cond_latents=1)[:, :, 1:]
     assert torch.allclose(out, off, atol=1e-4, rtol=1e-4), "rebuilt cache disagrees with cache off"
+
+
+for _change in CHANGES:  # every kind of change at least once, whatever hypothesis draws
+    test_stale_kv_cache_is_refused_after_any_change = example(changes=[_change])(
+        test_stale_kv_cache_is_refused_after_any_change)
 
 
 # ----------------------------------------------------------------------------- class 4: loaded files
