@@ -72,7 +72,8 @@ def check_qkv(q, k, v, names=("q", "k", "v"), gqa: bool = False) -> None:
     for n, t in ((nk, k), (nv, v)):
         if t.shape[0] != B:
             raise ValueError(f"{n}: expected batch {B} (same as {nq}), got {t.shape[0]} (shape {tuple(t.shape)})")
-        if gqa and (t.shape[2] < 1 or H % t.shape[2] or t.shape[2] != k.shape[2]):
+        # heads 0 on q, k and v: an empty result (nothing to compute), not a GQA error
+        if gqa and not (H == 0 and t.shape[2] == 0) and (t.shape[2] < 1 or H % t.shape[2] or t.shape[2] != k.shape[2]):
             raise ValueError(
                 f"{n}: expected a number of heads dividing {nq}'s {H} heads (same for {nk} and {nv}), got {t.shape[2]} "
                 f"(shape {tuple(t.shape)})"
@@ -81,6 +82,8 @@ def check_qkv(q, k, v, names=("q", "k", "v"), gqa: bool = False) -> None:
             raise ValueError(f"{n}: expected {H} heads (same as {nq}), got {t.shape[2]} (shape {tuple(t.shape)})")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as {nq}), got {t.shape[3]} (shape {tuple(t.shape)})")
+    if D == 0:
+        raise ValueError(f"{nq}: expected head_dim >= 1, got 0 (shape {tuple(q.shape)})")
     if v.shape[1] != k.shape[1]:
         raise ValueError(f"{nv}: expected seq {k.shape[1]} (same as {nk}), got {v.shape[1]}")
     if q.shape[1] == 0 or k.shape[1] == 0:

@@ -75,6 +75,9 @@ CSRC_OPS = ("block_sparse_attn", "block_sparse_attn_fwd", "attn_with_kv_cache", 
 KV_OPS = ("attn_with_kv_cache", "prefix_attn")
 BSA_OPS = ("block_sparse_attn", "block_sparse_attn_fwd")
 KERNEL_DTYPES = ("float16", "bfloat16", "float32")
+# The Triton CPU interpreter emulates tensors with numpy, which has no bfloat16: bf16 loads, stores
+# and tl.dot come out as garbage instead of failing, so only these dtypes may run there.
+INTERPRETER_DTYPES = ("float16", "float32")
 # ops whose Triton kernels have no backward
 TRITON_FORWARD_ONLY = ("qk_norm_rope",)
 # largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)
@@ -162,7 +165,12 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
             return "TRITON_INTERPRET=1 is set: Triton runs in the CPU interpreter, CUDA tensors are not supported"
         return None
     if f.device_type == "cpu":
-        return None if f.interpret else "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
+        if not f.interpret:
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
+        if f.dtype not in INTERPRETER_DTYPES:
+            return (f"dtype {f.dtype} cannot be computed by the Triton CPU interpreter (fp32/fp16 only: numpy has "
+                    "no bfloat16, results would be garbage); use backend='torch' or fp32/fp16 inputs")
+        return None
     return f"tensors on device type {f.device_type!r} are not supported"
 
 

@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser"]
 
@@ -45,7 +45,7 @@ def _resolution(text: str):
         return text
     parts = text.lower().split("x")
     if len(parts) == 2 and all(p.isdigit() for p in parts):
-        return (int(parts[0]), int(parts[1]))
+        return (int(parts[0]), int(parts[1]))  # range checked by _check_args_before_load (exit 2)
     raise argparse.ArgumentTypeError(f"expected 480p, 720p or HEIGHTxWIDTH (e.g. 480x832), got {text!r}")
 
 
@@ -180,9 +180,7 @@ def _check_refine_args(args) -> None:
 def _setup(args):
     import torch
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available")
+    device = _device(args)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -198,7 +196,9 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
     timings = dict(out.timings)
     timings.update(load=load_s, write=write_s)
     if args.timings_json:
-        with open(args.timings_json, "w", encoding="utf-8") as f:
+        from .video_io import atomic_output
+
+        with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
     h, w = out.frames.shape[1:3]
     print(f"{label} " + _summary(out.timings, load_s, write_s), file=log)
@@ -210,14 +210,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
 def _run_refine(args) -> int:
     """``longcat-vc refine``: stage-1 frames (+ the original video) -> 720p refinement."""
     _check_refine_args(args)
-    for name, path in (("STAGE1", args.stage1), ("--video", args.video)):
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f"{name} not found: {path}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
-    if not args.out.lower().endswith(".mp4"):
-        raise UsageError(f"--out must be an .mp4 file, got {args.out}")
+    _check_args_before_load(args)  # paths (out is no input), --crf, --resolution, --timings-json
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     import torch
@@ -248,17 +241,110 @@ def _run_refine(args) -> int:
     return 0
 
 
+def _same_path(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_out_path(out: str, inputs: Sequence[str] = (), *, flag: str = "--out", suffix: Optional[str] = ".mp4") -> None:
+    """An output path that can be written and destroys nothing: not an input (nor inside an input
+    folder of frames), not a folder, its folder exists and is writable (probed by creating and
+    removing a file there), the right extension. Raises UsageError / FileNotFoundError naming it."""
+    if suffix is not None and not out.lower().endswith(suffix):
+        raise UsageError(f"{flag} must be an {suffix} file, got {out}")
+    if os.path.isdir(out):
+        raise UsageError(f"{flag} is a folder: {out}")
+    for inp in inputs:
+        if _same_path(out, inp):
+            raise UsageError(f"{flag} {out} is the input {inp}: it would be overwritten; choose another path")
+        if os.path.isdir(inp) and os.path.abspath(out).startswith(os.path.abspath(inp) + os.sep):
+            raise UsageError(f"{flag} {out} is inside the input folder {inp}; choose another path")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"{flag}: output folder does not exist: {out_dir}")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise UsageError(f"{flag}: {out} exists and is not writable")
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".longcat-vc-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in {out_dir} ({e.strerror or e})") from None
+
+
+def _input_paths(args) -> List[Tuple[str, str]]:
+    """``(name, path)`` of what the command reads: the output may be none of them."""
+    if args.command == "refine":
+        return [(n, p) for n, p in (("STAGE1", args.stage1), ("--video", args.video)) if p is not None]
+    return [("input", args.input)]  # continue / extend (--refine re-reads the same input at ~30 fps)
+
+
+def _device(args):
+    """``--device`` (default: cuda when available) as a torch.device; UsageError naming the flag."""
+    import torch
+
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as e:
+        raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available")
+    return device
+
+
+def _check_args_before_load(args) -> None:
+    """Every argument and path that can be checked without the model, for every command
+    (continue, extend, refine; with --refine, --memory, --fp8, --vae-tiling): inputs exist, --out
+    (and --timings-json) destroy no input and can be written, --crf, --resolution, --device and
+    --fp8 on a device without fp8 GEMMs. Called before any weights load."""
+    from .video_io import check_crf
+
+    inputs = _input_paths(args)
+    for name, path in inputs:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name} not found: {path}")
+    paths = [p for _, p in inputs]
+    _check_out_path(args.out, paths)
+    try:
+        check_crf(args.crf, "--crf")
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    res = getattr(args, "resolution", None)
+    # refine: LongCat's F64 sizes (VAE 8 x patch 2 x BSA chunk 4); continue / extend: VAE 8 x patch 2
+    mult = 64 if args.command == "refine" else 16
+    if isinstance(res, tuple) and (res[0] <= 0 or res[1] <= 0 or res[0] % mult or res[1] % mult):
+        raise UsageError(
+            f"--resolution: expected HEIGHTxWIDTH as positive multiples of {mult}, got {res[0]}x{res[1]}")
+    if args.timings_json:
+        _check_out_path(args.timings_json, paths + [args.out], flag="--timings-json", suffix=None)
+        if _same_path(args.timings_json, args.out):
+            raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
+    device = _device(args)
+    if getattr(args, "fp8", False):
+        from .fp8 import fp8_supported
+
+        if not fp8_supported(device):
+            raise UsageError(f"--fp8: fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), "
+                             f"got device {device}")
+
+
+def _check_input_frames(video, args) -> None:
+    """Enough input frames (after subsampling) for --cond-frames, with the input's path."""
+    if video.num_frames < args.cond_frames:
+        sub = f" (every {video.stride}th frame, about 15 fps)" if getattr(video, "stride", 1) > 1 else ""
+        raise UsageError(
+            f"{args.input}: {video.num_frames} frames{sub}, fewer than --cond-frames {args.cond_frames}"
+        )
+
+
 def _fail_early(args) -> None:
     """Cheap checks before the (slow) model load."""
-    if not os.path.exists(args.input):
-        raise FileNotFoundError(f"input not found: {args.input}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
-    if not args.out.lower().endswith(".mp4"):
-        raise UsageError(f"--out must be an .mp4 file, got {args.out}")
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out is a folder: {args.out}")
+    _check_args_before_load(args)
     for name, val in (("--frames", args.frames), ("--cond-frames", args.cond_frames)):
         if val < 1:
             raise UsageError(f"{name} must be >= 1, got {val}")
@@ -357,14 +443,10 @@ def _run(args) -> int:
         video = read_video(args.input, target_fps=15.0)  # subsampled while decoding
         if video.fps is None:  # frame folders, single images: taken as 15 fps
             video = VideoFrames(video.frames, 15.0, video.source)
+    _check_input_frames(video, args)
     check_checkpoint(args.checkpoint, args.mode)
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available")
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtype = dtypes.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    device, dtype, seed = _setup(args)
     run = None
     if args.context_parallel > 1:
         from .parallel import init_distributed
@@ -432,7 +514,9 @@ def _run(args) -> int:
     timings = dict(out.timings)
     timings.update(load=load_s, write=write_s)
     if args.timings_json:
-        with open(args.timings_json, "w", encoding="utf-8") as f:
+        from .video_io import atomic_output
+
+        with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "mode": args.mode, "size": list(out.size), "timings": timings}, f, indent=2)
     h, w = out.frames.shape[1:3]
     print(_summary(out.timings, load_s, write_s), file=log)

@@ -13,6 +13,7 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -29,6 +30,8 @@ from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
 from .modules.final_layer import FinalLayer
 
 __all__ = ["LongCatDiT"]
+
+_MODEL_UIDS = itertools.count()
 
 
 def _compiling() -> bool:
@@ -54,6 +57,8 @@ class LongCatDiT(nn.Module):
         super().__init__()
         if not isinstance(config, DiTConfig):
             raise TypeError(f"LongCatDiT: config must be a DiTConfig, got {type(config).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
         self.config = config
         c = config
         kw = dict(device=device, dtype=dtype)
@@ -68,8 +73,36 @@ class LongCatDiT(nn.Module):
         self._lora_names: List[str] = []
         self._lora_active_names: List[str] = []
         self._context_parallel = None
+        self._state_version = 0  # bumped by LoRA changes (longcat_vc.lora._bump_state) and load_state_dict
+        self._uid = next(_MODEL_UIDS)  # which model a KV cache was built by (ids of dead objects repeat)
 
     # ------------------------------------------------------------------ facts
+    def state_fingerprint(self) -> tuple:
+        """What a KV cache built now depends on: the model-level state counter ``_state_version``
+        (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; and by
+        ``load_state_dict``), the block-sparse settings (they change the cond tokens' K/V) and, per
+        parameter and buffer, its identity and in-place version counter (a replaced parameter, e.g.
+        FP8 quantisation; in-place edits and optimizer steps).
+
+        Deliberately not the storage (``data_ptr``): the block streamer of the memory modes
+        (``longcat_vc.memory``) points ``.data`` at pinned CPU homes and device copies, and
+        ``.to()`` moves storage, without changing a value; ``.data`` assignment keeps the
+        parameter's identity and version counter, so streaming leaves the fingerprint unchanged.
+        Python-only metadata: ~1k tensors of the released model cost well under a millisecond,
+        next to seconds per DiT step."""
+        cfg = self.config
+        attn = (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
+        tensors = itertools.chain(self.parameters(), self.buffers())
+        return (self._uid, self._state_version, attn, hash(tuple((id(t), t._version) for t in tensors)))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; KV caches built before are stale afterwards (the state
+        counter is bumped even if every copy happened to keep the version counters)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._state_version += 1
+
     @property
     def dtype(self) -> torch.dtype:
         """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
@@ -337,6 +370,29 @@ class LongCatDiT(nn.Module):
             problems.append(f"tensors of shape {list(cache.keys[0].shape)}, expected {list(shape)}")
         if problems:
             raise ValueError("kv_cache: " + "; ".join(problems))
+        self._check_cache_fresh(cache)  # fits, but was it built from this state of the model?
+
+    def _check_cache_fresh(self, cache: KVCache) -> None:
+        """ValueError when ``cache`` was built from another state of this model (stale)."""
+        if cache.source is None:
+            return
+        now = self.state_fingerprint()
+        if cache.source == now or cache.source[0] != now[0]:
+            # built by another model instance (e.g. a single-process cache handed to a context-
+            # parallel copy): its shapes, dtype and device were checked; its weights cannot be
+            return
+        what = []
+        if cache.source[1] != now[1]:
+            what.append("the LoRA state or the loaded weights changed (LoRA enable/disable/fuse/unfuse/load/"
+                        "multiplier, load_state_dict)")
+        if cache.source[2] != now[2]:
+            what.append("the attention configuration changed (config.enable_bsa / bsa_params: the cond "
+                        "tokens' K/V depend on it)")
+        if cache.source[3] != now[3]:
+            what.append("the weights changed (loaded, replaced or edited in place)")
+        raise ValueError(
+            "kv_cache: stale, built before " + " and ".join(what) + "; rebuild it with build_kv_cache()"
+        )
 
     # ------------------------------------------------------------------ KV cache
     @torch.no_grad()
@@ -362,9 +418,10 @@ class LongCatDiT(nn.Module):
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
         cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
-                        device=self.device, offloaded=offload)
+                        device=self.device, offloaded=offload, source=self.state_fingerprint())
         cp = self._context_parallel
-        # Context parallel: this rank recorded its heads of every block; the cache says which.
+        # Context parallel: this rank recorded its heads of every block; the cache says which
+        # (shard_cache keeps every KVCache field, the fingerprint included).
         return cache if cp is None else cp.shard_cache(cache)
 
     def _record_kv(

@@ -33,6 +33,14 @@ class KVCache:
         dtype: dtype of the tensors (the model's weight dtype when built).
         device: the compute device the cache is for (where the model runs).
         offloaded: tensors kept in (pinned) CPU memory and copied back per block.
+        source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the model
+            instance, its state counter (LoRA APIs, ``load_state_dict``), the block-sparse
+            settings and the identity/in-place version of every parameter and buffer; not their
+            storage, which block streaming moves every step); that
+            model's ``forward`` refuses the cache once its fingerprint differs (a LoRA enabled,
+            disabled, fused, unfused or re-weighted, weights loaded or edited in place). Another
+            model instance cannot compare (shapes/dtype/device are still checked). None: not
+            checked (a hand-built cache).
     """
 
     keys: List[torch.Tensor]
@@ -42,6 +50,7 @@ class KVCache:
     dtype: torch.dtype
     device: torch.device
     offloaded: bool = False
+    source: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values) or not self.keys:

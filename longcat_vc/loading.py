@@ -79,10 +79,18 @@ def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
 
     if os.path.isfile(os.path.join(path, "config.json")) and has_weights(path):
         return path
-    for sub in ("dit", "transformer"):
-        d = os.path.join(path, sub)
-        if os.path.isdir(d) and os.path.isfile(os.path.join(d, "config.json")) and has_weights(d):
-            return d
+    found = [
+        os.path.join(path, sub) for sub in ("dit", "transformer")
+        if os.path.isdir(os.path.join(path, sub)) and os.path.isfile(os.path.join(path, sub, "config.json"))
+        and has_weights(os.path.join(path, sub))
+    ]
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{path}: holds both an upstream dit/ and a FastVideo transformer/ checkpoint; pass the one to load "
+            f"explicitly ({found[0]} or {found[1]})"
+        )
+    if found:
+        return found[0]
     raise CheckpointError(
         f"{path}: no DiT checkpoint here (expected config.json + *.safetensors in the folder, or in its "
         f"dit/ or transformer/ subfolder)"
@@ -191,6 +199,36 @@ def _list(names: List[str], limit: int = 30) -> str:
     return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+_FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def check_dtype(dtype, name: str = "dtype") -> None:
+    """``dtype`` is None or a floating ``torch.dtype`` (a string such as ``"bf16"`` is a TypeError
+    naming the argument, not a confusing "invalid device" later)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name}: expected a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+
+
+def _check_header_dtypes(folder: str, header: Dict[str, Tuple[str, Tuple[int, ...], str]],
+                         keys: Iterable[str]) -> None:
+    """Every tensor the model reads is floating and all share one dtype: an int64 tensor would
+    become an integer parameter and an fp16 one in an fp32 checkpoint a mixed-dtype model."""
+    keys = list(keys)
+    dts = {k: header[k][2] for k in keys}
+    bad = sorted(f"{k} ({d})" for k, d in dts.items() if d not in _FLOAT_DTYPES)
+    floats = [d for d in dts.values() if d in _FLOAT_DTYPES]
+    problems = []
+    if bad:
+        problems.append(f"{len(bad)} non-floating tensor(s): {_list(bad)}")
+    if floats:
+        main = max(set(floats), key=floats.count)
+        odd = sorted(f"{k} ({d})" for k, d in dts.items() if d in _FLOAT_DTYPES and d != main)
+        if odd:
+            problems.append(f"{len(odd)} tensor(s) not in the checkpoint's dtype {main}: {_list(odd)}")
+    if problems:
+        raise CheckpointError(f"{folder}: tensors of unexpected dtype: " + "; ".join(problems))
+
+
 def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
              device: Union[str, torch.device, None] = None, *, strict: bool = True,
              attn_backend: Optional[str] = None, cls: Type[nn.Module]):
@@ -218,6 +256,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"load_dit: cls must be the model class (LongCatDiT or a subclass), got {cls!r}")
+    check_dtype(dtype)
     folder = resolve_dit_dir(path)
     try:
         config = DiTConfig.from_json(os.path.join(folder, "config.json"))
@@ -266,6 +305,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         layout = "FastVideo transformer/" if fastvideo else "upstream dit/"
         raise CheckpointError(f"{folder} ({layout} layout) does not match the config: " + "; ".join(problems))
 
+    _check_header_dtypes(folder, header, sorted(used))
     handles: Dict[str, object] = {}
 
     def read(name: str) -> torch.Tensor:

@@ -51,8 +51,10 @@ original weights by rounding, 1 ulp).
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -100,6 +102,18 @@ class LoRAAdapter:
     down: torch.Tensor  # [R, in]
     parts: List[LoRAPart]
     multiplier: float = 1.0
+
+    def __setattr__(self, key, value) -> None:
+        # A KV cache built with this adapter active is stale once its multiplier (or tensors)
+        # change: tell the owning model (set by load_lora), whose state counter the cache records.
+        if key == "multiplier":
+            _check_multiplier(value, "multiplier")
+            value = float(value)
+        super().__setattr__(key, value)
+        owner = self.__dict__.get("_owner")
+        model = owner() if owner is not None else None
+        if model is not None and key in ("multiplier", "down", "parts"):
+            _bump_state(model)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense ``[out, in]`` update ``sum_j P_j up_j down_j * scale_j * multiplier`` (``dtype``)."""
@@ -169,6 +183,33 @@ class LoRALinear(nn.Linear):
         self.lora_fused = []
 
 
+def _check_multiplier(value, name: str = "multiplier") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a finite float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite float, got {value}")
+
+
+def _bump_state(model: nn.Module) -> None:
+    """Counts a change of what the model computes (LoRA state): KV caches built before are stale."""
+    try:
+        object.__setattr__(model, "_state_version", getattr(model, "_state_version", 0) + 1)
+    except AttributeError:  # pragma: no cover - exotic modules
+        pass
+
+
+def _scalar(t: torch.Tensor, key: str, problems: List[str]) -> Optional[float]:
+    """The value of a 0-d / 1-element finite tensor, else None with a problem recorded."""
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        problems.append(f"{key}: expected a scalar (0-d or 1 element), got shape {tuple(getattr(t, 'shape', ()))}")
+        return None
+    v = float(t.float().reshape(-1)[0])
+    if not math.isfinite(v):
+        problems.append(f"{key}: expected a finite value, got {v}")
+        return None
+    return v
+
+
 # ====================================================================== file parsing
 def longcat_lora_key(module_path: str, suffix: str) -> str:
     """LongCat key for ``module_path`` (e.g. ``blocks.0.attn.qkv``) and ``suffix`` (``lora_down.weight``...)."""
@@ -218,6 +259,12 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
     if not tensors:
         raise ValueError(f"load_lora: {os.fspath(path)} holds no tensors")
     keys = list(tensors)
+    ints = sorted(f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point())
+    if ints:  # an integer up/down/alpha would be cast silently to the weight dtype
+        raise ValueError(
+            f"load_lora: {os.fspath(path)} holds non-floating tensor(s): " + ", ".join(ints[:10])
+            + (" ..." if len(ints) > 10 else "")
+        )
     if any(k.startswith(LORA_PREFIX) for k in keys):
         return "longcat", tensors
     if any(re.search(r"\.lora_[AB](\.weight)?$", k) for k in keys):
@@ -249,7 +296,7 @@ def _parse_longcat(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, dict], L
         elif suffix == "lora_up.weight":
             entry["up"] = t
         elif suffix == "alpha_scale":
-            entry["alpha_scale"] = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float(t.float().mean())
+            entry["alpha_scale_tensor"] = t
         else:
             entry["blocks"][int(m.group(2))] = t
     return per_module, bad
@@ -272,7 +319,7 @@ def _parse_fastvideo(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, dict],
         entry = per_target.setdefault(m.group(1), {"keys": []})
         entry["keys"].append(key)
         if m.group(2) == "lora_alpha":
-            entry["alpha"] = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float(t.float().mean())
+            entry["alpha_tensor"] = t
         else:
             entry[m.group(2)] = t
     return per_target, bad
@@ -307,7 +354,11 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
             if e.get("up") is not None and e["blocks"]:
                 problems.append(f"{module_path}: has both lora_up.weight and lora_up.blocks.*")
                 continue
-            scale = e.get("alpha_scale", DEFAULT_ALPHA_SCALE)
+            scale = DEFAULT_ALPHA_SCALE
+            if "alpha_scale_tensor" in e:
+                scale = _scalar(e["alpha_scale_tensor"], f"{module_path}.alpha_scale", problems)
+                if scale is None:
+                    continue
             out_f, in_f = mod.out_features, mod.in_features
             if down.ndim != 2 or down.shape[1] != in_f:
                 problems.append(f"{module_path}: lora_down.weight shape {tuple(down.shape)}, expected [R, {in_f}]")
@@ -385,7 +436,11 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                     problems.append(f"{target}: duplicate target for {module_path}")
                     continue
                 seen_rows.add(j)
-                alpha = e.get("alpha")
+                alpha = None
+                if "alpha_tensor" in e:
+                    alpha = _scalar(e["alpha_tensor"], f"{target}.lora_alpha", problems)
+                    if alpha is None:
+                        continue
                 scale = 1.0 if not alpha else alpha / r
                 downs.append(A)
                 parts.append(LoRAPart(j * o, (j + 1) * o, rank0, rank0 + r, B, scale))
@@ -425,8 +480,7 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"load_lora: name must be a non-empty str, got {name!r}")
-    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
-        raise TypeError(f"load_lora: multiplier must be a float, got {type(multiplier).__name__}")
+    _check_multiplier(multiplier, "load_lora: multiplier")
     fmt, tensors = read_lora_file(path)
     adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
@@ -437,9 +491,11 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
         old = mod.lora_adapters.pop(name, None)
         if old is not None:
             mod.lora_active = [a for a in mod.lora_active if a is not old]
+    _bump_state(model)
     for module_path, adapter in adapters.items():
         mod = model.get_submodule(module_path)
         adapter.to_(device=mod.weight.device, dtype=mod.weight.dtype)
+        adapter.__dict__["_owner"] = weakref.ref(model)
         mod.lora_adapters[name] = adapter
         if was_active:
             mod.lora_active.append(adapter)
@@ -462,6 +518,7 @@ def enable_loras(model: nn.Module, names: Sequence[str]) -> None:
     for _, mod in _lora_linears(model):
         mod.lora_active = [mod.lora_adapters[n] for n in names if n in mod.lora_adapters]
     model._lora_active_names = list(names)
+    _bump_state(model)
 
 
 def disable_loras(model: nn.Module) -> None:
@@ -470,15 +527,18 @@ def disable_loras(model: nn.Module) -> None:
     for _, mod in _lora_linears(model):
         mod.lora_active = []
     model._lora_active_names = []
+    _bump_state(model)
 
 
 def fuse_lora(model: nn.Module) -> None:
     """Merges the active adapters into the weights (``W += delta`` computed in fp32)."""
     for _, mod in _lora_linears(model):
         mod._fuse()
+    _bump_state(model)
 
 
 def unfuse_lora(model: nn.Module) -> None:
     """Undoes ``fuse_lora`` (``W -= delta``; exact in fp32, within rounding in bf16)."""
     for _, mod in _lora_linears(model):
         mod._unfuse()
+    _bump_state(model)

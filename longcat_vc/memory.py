@@ -113,6 +113,13 @@ def _lora_tensors(block: nn.Module, *, loaded: bool = False) -> List[Tuple[Any, 
     return out
 
 
+def _move(owner: Any, attr: str, t: torch.Tensor) -> None:
+    """Points a LoRA tensor attribute at another copy of the same values (pinned home, device
+    copy). ``object.__setattr__``: ``LoRAAdapter.__setattr__`` counts a user's replacement of
+    ``down`` as a model state change (stale KV caches); the streamer's moves are not one."""
+    object.__setattr__(owner, attr, t)
+
+
 class _Loaded:
     """One block's device copies: parameters/buffers by name and LoRA tensors by owner."""
 
@@ -190,7 +197,7 @@ class BlockStreamer:
             for t in self._block_tensors(block).values():
                 t.data = self._home(t.data)
             for owner, attr, t in _lora_tensors(block, loaded=True):
-                setattr(owner, attr, self._home(t))
+                _move(owner, attr, self._home(t))
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
             # always_call: a block that raises (e.g. out of memory) is still put back at home.
             self._handles.append(block.register_forward_hook(self._make_post(i), always_call=True))
@@ -214,7 +221,7 @@ class BlockStreamer:
                 del block.forward_kv_only
             block.to(target)
             for owner, attr, t in _lora_tensors(block, loaded=True):
-                setattr(owner, attr, t.to(target))
+                _move(owner, attr, t.to(target))
         self.dit._block_streamer = None
         self._attached = False
 
@@ -253,7 +260,7 @@ class BlockStreamer:
         if self.pin:
             for o, a, t in lora:
                 if t.device.type == "cpu" and not t.is_pinned():
-                    setattr(o, a, self._home(t))
+                    _move(o, a, self._home(t))
             lora = _lora_tensors(block)
         sig = self._signature(block, lora)
         src = {n: t.data for n, t in self._block_tensors(block).items()}
@@ -301,7 +308,7 @@ class BlockStreamer:
         lora_homes = []
         for o, a, t in got.lora:
             lora_homes.append((o, a, getattr(o, a)))
-            setattr(o, a, t)
+            _move(o, a, t)
         self._active[i] = _Loaded(homes, lora_homes, (), None)
         if self.log is not None:
             self.log.append(("attach", i))
@@ -318,7 +325,7 @@ class BlockStreamer:
         for n, t in self._block_tensors(block).items():
             t.data = homes.tensors[n]
         for o, a, t in homes.lora:
-            setattr(o, a, t)
+            _move(o, a, t)
         if self.log is not None:
             self.log.append(("free", i))
 

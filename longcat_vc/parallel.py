@@ -123,7 +123,7 @@ def _cache_view(cache: KVCache, heads: slice, batch: Optional[slice] = None) -> 
 
     return KVCache(keys=[cut(k) for k in cache.keys], values=[cut(v) for v in cache.values],
                    num_frames=cache.num_frames, grid_hw=tuple(cache.grid_hw), dtype=cache.dtype,
-                   device=cache.device, offloaded=cache.offloaded)
+                   device=cache.device, offloaded=cache.offloaded, source=cache.source)
 
 
 # --------------------------------------------------------------------------------------------

@@ -377,6 +377,9 @@ class VideoContinuationPipeline:
         checkpoint_dir = os.fspath(checkpoint_dir)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        from .loading import check_dtype
+
+        check_dtype(dtype)
         check_checkpoint(checkpoint_dir, mode)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -652,8 +655,9 @@ class VideoContinuationPipeline:
             note = ""
             if vf.stride > 1:
                 note = f" (after subsampling {vf.fps * vf.stride:g} fps by {vf.stride} to about {TARGET_FPS:g} fps)"
+            src = f"{vf.source}: " if getattr(vf, "source", None) else ""
             raise ValueError(
-                f"the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
+                f"{src}the video has {vf.num_frames} frames{note}, fewer than num_cond_frames={num_cond_frames}"
             )
         return vf
 

@@ -18,8 +18,11 @@ rename, quality scale instead of a CRF, and a resize to 16-pixel macroblocks unl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -297,6 +300,55 @@ def _temp_name(path: str) -> str:
     return os.path.join(folder, f".{stem}.partial-{os.getpid()}{ext or '.mp4'}")
 
 
+CRF_RANGE = (0, 51)  # x264's constant rate factor
+
+
+def check_crf(crf, name: str = "crf") -> int:
+    """``crf`` as an int in x264's range [0, 51] (TypeError / ValueError naming ``name``)."""
+    if isinstance(crf, bool) or not isinstance(crf, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int in [{CRF_RANGE[0]}, {CRF_RANGE[1]}], got {crf!r}")
+    if not CRF_RANGE[0] <= int(crf) <= CRF_RANGE[1]:
+        raise ValueError(f"{name}: expected an int in [{CRF_RANGE[0]}, {CRF_RANGE[1]}] (x264), got {crf}")
+    return int(crf)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yields a temporary path in ``path``'s folder; renamed onto ``path`` (``os.replace``) when the
+    block completes. On an exception, and on SIGTERM / SIGINT / SIGHUP while inside, the temporary
+    file is removed first; a signal is then re-delivered with its previous handler (so the process
+    still ends, or the caller's handler still runs), leaving no partial file behind."""
+    tmp = _temp_name(path)
+    handlers = {}
+
+    def cleanup() -> None:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        cleanup()
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        handlers.clear()
+        os.kill(os.getpid(), signum)  # re-delivered to the restored handler
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                handlers[sig] = signal.signal(sig, on_signal)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        cleanup()
+        raise
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
 def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
     from fractions import Fraction
 
@@ -368,6 +420,7 @@ def write_video(
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if backend not in ("auto", "av", "imageio-ffmpeg"):
         raise ValueError(f"backend must be 'auto', 'av' or 'imageio-ffmpeg', got {backend!r}")
+    crf = check_crf(crf)
     if backend == "auto":
         try:
             import av  # noqa: F401
@@ -375,15 +428,9 @@ def write_video(
             backend = "av"
         except ImportError:
             backend = "imageio-ffmpeg"
-    tmp = _temp_name(path)
-    try:
+    with atomic_output(path) as tmp:
         if backend == "av":
             _write_av(tmp, vf.frames, float(fps), crf)
         else:
             _write_imageio_ffmpeg(tmp, vf.frames, float(fps), crf)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

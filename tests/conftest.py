@@ -19,6 +19,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:  # property tests (tests/kernels/test_properties.py, tests/vc/test_hardening.py)
+    from hypothesis import HealthCheck, settings
+
+    # "default": few tiny examples so the 2-core CPU CI stays fast (the Triton interpreter is slow);
+    # "slow": HYPOTHESIS_PROFILE=slow for a deeper sweep. No deadline: interpreter timings vary.
+    _hc = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    settings.register_profile("default", max_examples=12, deadline=None, suppress_health_check=_hc,
+                              derandomize=False, print_blob=True)
+    settings.register_profile("slow", max_examples=200, deadline=None, suppress_health_check=_hc,
+                              print_blob=True)
+    _profile = os.environ.get("HYPOTHESIS_PROFILE", "default")
+    if _profile not in ("default", "slow"):
+        raise ValueError(f"HYPOTHESIS_PROFILE: expected 'default' or 'slow', got {_profile!r}")
+    settings.load_profile(_profile)
+except ImportError:  # hypothesis is in the dev extra; tests that need it importorskip it
+    pass
+
 _orig_empty = torch.empty
 _orig_empty_like = torch.empty_like
 _orig_empty_strided = torch.empty_strided

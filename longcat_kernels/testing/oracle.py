@@ -80,7 +80,7 @@ def attention_oracle(
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     den = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    p = e / torch.where(den == 0, torch.ones_like(den), den)
     lse = (m + torch.log(den.detach())).squeeze(-1)
     out = torch.einsum("bhqk,bkhd->bqhd", p, vd.expand(qd.shape[0], -1, -1, -1))
     return out, lse

@@ -308,6 +308,20 @@ def test_explicit_triton_without_interpreter_raises(monkeypatch):
         lk.prefix_attn(q, q, q, 3, backend="triton")
 
 
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_interpreter_dtype_rule(op):
+    """The Triton CPU interpreter computes fp32/fp16 only (numpy has no bf16): bf16 is refused with a
+    reason naming the interpreter; auto runs the reference; CUDA bf16 is unaffected."""
+    for dt in ("float32", "float16"):
+        assert choose_kernel(op, CPU_INTERP._replace(dtype=dt), "triton").backend == "triton"
+    with pytest.raises(BackendUnavailableError, match=rf"{op}: backend 'triton' unavailable: .*CPU interpreter"):
+        choose_kernel(op, CPU_INTERP._replace(dtype="bfloat16"), "triton")
+    with pytest.raises(BackendUnavailableError, match="fp32/fp16"):
+        choose_kernel(op, CPU_INTERP._replace(dtype="bfloat16", env_backend="triton"), "auto")
+    assert choose_kernel(op, CPU_INTERP._replace(dtype="bfloat16"), "auto").impl == "torch_reference"
+    assert choose_kernel(op, H100._replace(dtype="bfloat16"), "triton").backend == "triton"
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: what runs is what env printed
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def test_bad_inputs(ckpt, in_video, tmp_path, capsys):
 
     short = str(tmp_path / "short.mp4")
     write_video(short, np.zeros((3, 32, 48, 3), np.uint8), fps=15)
-    assert "fewer than num_cond_frames=5" in _bad(capsys, ["continue", short] + base)
+    msg = _bad(capsys, ["continue", short] + base)  # found before the model loads, with the path
+    assert "fewer than --cond-frames 5" in msg and short in msg
 
     assert "--frames (5) must be greater than --cond-frames (5)" in _bad(
         capsys, ["continue", in_video] + base + ["--frames", "5"], code=2)

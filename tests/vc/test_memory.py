@@ -8,6 +8,8 @@ and exactness; the overlap of copies with compute and the peak memory are GPU fa
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -316,7 +318,9 @@ def test_cli_memory_and_fp8_flags(ckpt, tmp_path, capsys, monkeypatch):
     assert seen["memory"] == "low" and seen["fp8"] is False and "memory low" in err
     rc = cli.main(base + ["--out", str(tmp_path / "f.mp4"), "--fp8"] + fast)
     err = capsys.readouterr().err
-    assert rc == 1 and "compute capability >= 8.9" in err and "Traceback" not in err
+    # found before the model load (cli._check_args_before_load): a usage error, exit 2
+    assert rc == 2 and "compute capability >= 8.9" in err and "Traceback" not in err
+    assert "--fp8" in err and not os.path.exists(str(tmp_path / "f.mp4"))
     rc = cli.main(base + ["--out", str(tmp_path / "c.mp4"), "--memory", "balanced", "--context-parallel", "2"] + fast)
     assert rc == 2 and "--memory balanced is not supported with --context-parallel" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ei:

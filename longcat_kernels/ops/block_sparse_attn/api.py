@@ -83,6 +83,50 @@ def check_selection(selection, q, k, grid_q, grid_k) -> None:
             raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
+    _check_selection_values(selection)
+
+
+def _check_selection_values(sel: BlockSelection) -> None:
+    """Counts in ``[0, min(max_sel, Nk)]``; the first ``counts`` indices of a row distinct ids in
+    ``[0, Nk)``. A hand-built selection that breaks this would read out of bounds in a kernel or
+    attend a block twice (a silently different softmax). One device sync, once per selection: the
+    result is remembered on the object together with its tensors' versions (an in-place edit of
+    ``indices``/``counts`` is checked again)."""
+    if compiling():  # traced calls: checked by the eager call that built or first used the selection
+        return
+    stamp = (id(sel.indices), sel.indices._version, id(sel.counts), sel.counts._version)
+    if getattr(sel, "_values_checked", None) == stamp:
+        return
+    idx, cnt = sel.indices, sel.counts
+    Nk, w = sel.num_k_blocks, idx.shape[-1]
+    if idx.numel() and cnt.numel():
+        valid = torch.arange(w, device=idx.device) < cnt[..., None]
+        bad_cnt = (cnt < 0) | (cnt > min(w, Nk))
+        bad_idx = valid & ((idx < 0) | (idx >= Nk))
+        # duplicates among the valid entries: invalid slots get distinct out-of-range keys
+        keyed = torch.where(valid, idx.long(), Nk + torch.arange(w, device=idx.device))
+        srt = keyed.sort(dim=-1).values
+        dup = (srt[..., 1:] == srt[..., :-1]).any(dim=-1) if w > 1 else torch.zeros_like(bad_cnt)
+        flags = torch.stack([bad_cnt.any(), bad_idx.any(), dup.any()]).tolist()
+        if flags[0]:
+            pos = tuple(torch.nonzero(bad_cnt)[0].tolist())
+            raise ValueError(
+                f"selection.counts: expected values in [0, {min(w, Nk)}] (min of max_sel={w} and Nk={Nk}), got "
+                f"{int(cnt[pos])} at [b, h, q_block] = {list(pos)}"
+            )
+        if flags[1]:
+            pos = tuple(torch.nonzero(bad_idx)[0].tolist())
+            raise ValueError(
+                f"selection.indices: expected key-block ids in [0, {Nk}) in the first counts entries of each row, "
+                f"got {int(idx[pos])} at [b, h, q_block, slot] = {list(pos)}"
+            )
+        if flags[2]:
+            pos = tuple(torch.nonzero(dup)[0].tolist())
+            raise ValueError(
+                f"selection.indices: expected distinct key-block ids in each row, row [b, h, q_block] = {list(pos)} "
+                f"repeats one: {idx[pos][: int(cnt[pos])].tolist()}"
+            )
+    object.__setattr__(sel, "_values_checked", stamp)
 
 
 def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:

@@ -73,12 +73,22 @@ def block_sparse_attn_reference(
         g = n1 - n0
         qtok = tq[n0:n1].reshape(-1).clamp(min=0)  # padding slots compute garbage, dropped below
         qb = qt[:, :, qtok].view(B, H, g, bq, D)
+        # padding query slots gather token 0 too: zero them (through torch.where, whose backward
+        # gives the masked branch a zero gradient), or their dS, NaN wherever the block attends a
+        # NaN value (0 * NaN in dO @ v^T), would reach dq of token 0 through the gather
+        q_ok = (tq[n0:n1] >= 0).view(1, 1, g, bq, 1)
+        qb = torch.where(q_ok, qb, torch.zeros((), dtype=qb.dtype, device=dev))
         sel = idx[:, :, n0:n1].clamp(min=0)  # [B, H, g, w]
         ktok = tk[sel]  # [B, H, g, w, bk]
         kvalid = (ktok >= 0) & sel_valid[:, :, n0:n1, :, None]
         ktok = ktok.clamp(min=0).view(B, H, g, L)
         kb = kt[b_i, h_i, ktok]  # [B, H, g, L, D]
         vb = vt[b_i, h_i, ktok]
+        # padding and unselected slots gather token 0 (clamped): zero them, or a NaN/Inf there would
+        # leak into every query block through 0 * NaN (p @ v forward, ds @ k backward)
+        kv_ok = kvalid.view(B, H, g, L, 1)
+        kb = torch.where(kv_ok, kb, torch.zeros((), dtype=kb.dtype, device=dev))
+        vb = torch.where(kv_ok, vb, torch.zeros((), dtype=vb.dtype, device=dev))
         with ieee_fp32_matmul(dev):  # an fp32 reference stays fp32 (no TF32) on GPU
             s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
         s = s.masked_fill(~kvalid.view(B, H, g, 1, L), float("-inf"))
@@ -86,7 +96,7 @@ def block_sparse_attn_reference(
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
         den = p.sum(dim=-1, keepdim=True)
-        p = p / torch.where(den > 0, den, torch.ones_like(den))
+        p = p / torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
         with ieee_fp32_matmul(dev):
             o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
         with torch.no_grad():

@@ -7,12 +7,22 @@ Numerics (shared by every backend, DESIGN.md):
   of the cumulative sum of ``softmax(score / sqrt(D))`` sorted descending (possibly 0); both: the max
   of the two counts. Kept blocks are always the highest-scoring ones (stable sort: ties go to the
   lower block id).
+- NaN is never hidden: a row whose cdf probabilities hold a NaN (a NaN score, or a +Inf one, or a
+  row of -Inf) selects every key block under a cdf rule, so the NaN/Inf reaches that query block's
+  output through attention instead of an empty selection returning exact zeros. Under top-k alone
+  a NaN score sorts first (torch's sort and the Triton top-k agree), so NaN blocks are kept.
+- A top-k rule that keeps 0 blocks (``int((1 - sparsity) * Nk) == 0``, e.g. the default 0.9375 on
+  fewer than 16 key blocks) keeps upstream's semantics (all-zero output) but warns once per
+  (grid, chunk, sparsity).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +31,58 @@ import torch.nn.functional as F
 
 from ...grid import Triple, block_sizes, num_blocks, total_blocks
 
-__all__ = ["BlockSelection", "pool_blocks", "block_scores", "select_blocks_reference", "ieee_fp32_matmul"]
+__all__ = [
+    "BlockSelection",
+    "pool_blocks",
+    "block_scores",
+    "select_blocks_reference",
+    "ieee_fp32_matmul",
+    "warn_if_keeps_nothing",
+    "empty_selection",
+]
+
+_WARNED_EMPTY: set = set()
+
+
+def warn_if_keeps_nothing(sparsity: Optional[float], cdf_threshold: Optional[float], num_k_blocks: int,
+                          grid_k, chunk_k) -> None:
+    """Warns (once per grid/chunk/sparsity) when the top-k rule alone keeps no key block.
+
+    Upstream's count ``int((1 - sparsity) * Nk)`` is 0 for ``Nk < 1 / (1 - sparsity)`` (16 key
+    blocks at the default 0.9375): every query then outputs zeros. The semantics stay; the user is
+    told which grid hit it and how to get a non-empty selection.
+    """
+    if cdf_threshold is not None or sparsity is None or int((1.0 - sparsity) * num_k_blocks) > 0:
+        return
+    try:
+        if torch.compiler.is_compiling():
+            return
+    except AttributeError:  # pragma: no cover - old torch
+        pass
+    key = (tuple(grid_k), tuple(chunk_k), float(sparsity))
+    if key in _WARNED_EMPTY:
+        return
+    _WARNED_EMPTY.add(key)
+    need = math.ceil(1.0 / (1.0 - sparsity)) if sparsity < 1 else float("inf")
+    warnings.warn(
+        f"block-sparse gating: sparsity={sparsity} keeps int((1 - sparsity) * Nk) = 0 of the Nk={num_k_blocks} "
+        f"key blocks of grid_k={tuple(grid_k)} with chunk_k={tuple(chunk_k)}: every query block selects nothing "
+        f"and outputs zeros (upstream's formula). Use sparsity <= {1.0 - 1.0 / num_k_blocks:.4f} for this grid, "
+        f"a smaller chunk (>= {need} key blocks needed), a cdf_threshold, or dense attention.",
+        RuntimeWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside longcat_kernels and torch (the user's call)."""
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    level, f = 1, sys._getframe(1)  # level 1 = warn_if_keeps_nothing, the caller of warnings.warn
+    while f is not None and f.f_code.co_filename.startswith((pkg, torch_dir)):
+        f = f.f_back
+        level += 1
+    return level
 
 
 @contextlib.contextmanager
@@ -145,6 +206,8 @@ def select_rows(
         cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
         # searchsorted(cdf, threshold, right=True) on a non-decreasing cdf
         counts = torch.maximum(counts, (cdf <= cdf_threshold).sum(dim=-1))
+        # NaN/Inf in the row make p NaN and the count 0: select everything so the NaN reaches the output
+        counts = torch.where(torch.isnan(p).any(dim=-1), torch.full_like(counts, Nk), counts)
     idx = order[..., :max_sel]
     keep = torch.arange(max_sel, device=score.device) < counts[..., None]
     idx = torch.where(keep, idx, torch.full_like(idx, -1))
@@ -168,13 +231,16 @@ def select_blocks_reference(
     involved (a static width, no device sync).
     """
     B, _, H, D = q.shape
-    q_blk = pool_blocks(q, grid_q, chunk_q)
-    k_blk = pool_blocks(k, grid_k, chunk_k)
-    Nq, Nk = q_blk.shape[2], k_blk.shape[2]
+    Nq, Nk = total_blocks(grid_q, chunk_q), total_blocks(grid_k, chunk_k)
+    warn_if_keeps_nothing(sparsity, cdf_threshold, Nk, grid_k, chunk_k)
     if cdf_threshold is None:
         max_sel = max(1, int((1.0 - sparsity) * Nk))
     else:
         max_sel = Nk
+    if B * H == 0:
+        return empty_selection(B, H, grid_q, grid_k, chunk_q, chunk_k, max_sel, q.device)
+    q_blk = pool_blocks(q, grid_q, chunk_q)
+    k_blk = pool_blocks(k, grid_k, chunk_k)
     q_rows = q_blk.reshape(B * H, Nq, D)
     k_rows = k_blk.reshape(B * H, Nk, D)
     # bound the [rows, Nq, Nk] score/sort temporaries (~64M elements per slice)
@@ -189,3 +255,14 @@ def select_blocks_reference(
     indices = torch.cat(idx_parts).reshape(B, H, Nq, max_sel)
     counts = torch.cat(cnt_parts).reshape(B, H, Nq)
     return BlockSelection(indices, counts, tuple(grid_q), tuple(grid_k), tuple(chunk_q), tuple(chunk_k))
+
+
+def empty_selection(B: int, H: int, grid_q: Triple, grid_k: Triple, chunk_q: Triple, chunk_k: Triple,
+                    max_sel: int, device) -> BlockSelection:
+    """The selection of a batch or head count of 0: ``indices [B, H, Nq, max_sel]``, nothing selected."""
+    Nq = total_blocks(grid_q, chunk_q)
+    return BlockSelection(
+        torch.full((B, H, Nq, max(1, max_sel)), -1, dtype=torch.int32, device=device),
+        torch.zeros((B, H, Nq), dtype=torch.int32, device=device),
+        tuple(grid_q), tuple(grid_k), tuple(chunk_q), tuple(chunk_k),
+    )

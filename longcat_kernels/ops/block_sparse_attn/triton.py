@@ -265,11 +265,26 @@ def _prep(q, k, v, selection):
             [int(x) for x in selection.chunk_q], [int(x) for x in selection.chunk_k])
 
 
+def _pad_head_dim(*xs):
+    """The kernels index head_dim with ``tl.arange(0, D)`` (a power of two, >= 16 for ``tl.dot``):
+    other sizes are zero-padded, which leaves every dot product, block mean and softmax unchanged
+    (the caller passes ``scale`` for the true head_dim and slices the output back). ``F.pad`` is
+    differentiable, so gradients flow to the unpadded inputs."""
+    D = xs[0].shape[-1]
+    pd = max(16, 1 << (D - 1).bit_length())
+    if pd == D:
+        return xs
+    return tuple(torch.nn.functional.pad(x, (0, pd - D)) for x in xs)
+
+
 def bsa_forward_triton(q, k, v, selection, scale):
     """(out, lse) without autograd. Shapes as in ``bsa_fwd``."""
-    args = _prep(q, k, v, selection)
+    D = q.shape[-1]
+    qp, kp, vp = _pad_head_dim(q, k, v)
+    args = _prep(qp, kp, vp, selection)
     with torch.no_grad():
-        return torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
+        out, lse = torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
+    return (out if out.shape[-1] == D else out[..., :D].contiguous()), lse
 
 
 block_sparse_attn_fwd_triton = bsa_forward_triton
@@ -277,9 +292,13 @@ block_sparse_attn_fwd_triton = bsa_forward_triton
 
 def block_sparse_attn_triton(q, k, v, selection, scale, return_lse=False):
     """Autograd-aware block-sparse attention output [B,Sq,H,D]; with return_lse (out, lse [B,H,Sq]
-    fp32), lse carrying no gradient."""
-    args = _prep(q, k, v, selection)
+    fp32), lse carrying no gradient. A head_dim the kernels cannot index is zero-padded (``_pad_head_dim``)."""
+    D = q.shape[-1]
+    qp, kp, vp = _pad_head_dim(q, k, v)
+    args = _prep(qp, kp, vp, selection)
     out, lse = torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
+    if out.shape[-1] != D:
+        out = out[..., :D].contiguous()
     return (out, lse.detach()) if return_lse else out
 
 
@@ -410,14 +429,22 @@ def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_thr
 
 def select_blocks_triton(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold):
     """Gating in Triton (pooling, scores, top-k; cdf rules through torch) -> ``BlockSelection``."""
-    from .selection import BlockSelection
+    from ...grid import total_blocks
+    from .selection import BlockSelection, empty_selection, warn_if_keeps_nothing
 
     grid_q = tuple(int(x) for x in grid_q)
     grid_k = tuple(int(x) for x in grid_k)
     chunk_q = tuple(int(x) for x in chunk_q)
     chunk_k = tuple(int(x) for x in chunk_k)
+    nk = total_blocks(grid_k, chunk_k)
+    warn_if_keeps_nothing(sparsity, cdf_threshold, nk, grid_k, chunk_k)
+    B, _, NH, D = q.shape
+    if B * NH == 0:
+        max_sel = nk if cdf_threshold is not None else int((1.0 - float(sparsity)) * nk)
+        return empty_selection(B, NH, grid_q, grid_k, chunk_q, chunk_k, max_sel, q.device)
+    qp, kp = _pad_head_dim(q, k)
     _, _, scores = torch.ops.longcat_kernels.bsa_pool_scores(
-        _last_dim_contig(q), _last_dim_contig(k), list(grid_q), list(grid_k), list(chunk_q), list(chunk_k)
+        _last_dim_contig(qp), _last_dim_contig(kp), list(grid_q), list(grid_k), list(chunk_q), list(chunk_k)
     )
     indices, counts = selection_from_scores(scores, q.shape[-1], sparsity, cdf_threshold)
     return BlockSelection(indices=indices, counts=counts, grid_q=grid_q, grid_k=grid_k,

@@ -483,11 +483,12 @@ def _select_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsi
     and scores/selection exactly as the torch gating (selection.py)."""
     from longcat_kernels.grid import block_sizes
     from longcat_kernels.ops.block_sparse_attn.selection import (
-        BlockSelection, select_rows, block_scores, pool_blocks,
+        BlockSelection, select_rows, block_scores, pool_blocks, warn_if_keeps_nothing,
     )
     B, _, H, D = q.shape
-    q_blk = pool_blocks(q, grid_q, chunk_q)  # [B, H, Nq, D]
     nT, nH, nW = _nblk(grid_k, chunk_k)
+    warn_if_keeps_nothing(sparsity, cdf, nT * nH * nW, grid_k, chunk_k)
+    q_blk = pool_blocks(q, grid_q, chunk_q)  # [B, H, Nq, D]
     sums = torch.zeros((B, nT, nH, nW, H, D), dtype=torch.float32, device=q.device)
     c = 0
     if k_cache is not None:

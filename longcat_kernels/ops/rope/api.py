@@ -165,6 +165,8 @@ def apply_rope_3d(x: torch.Tensor, rope: Rope3D, frame_offset: int = 0) -> torch
     if not compiling():
         check_tensor(x, "x")
     nf = _rope_frames(x, rope, frame_offset, "x")
+    if x.numel() == 0:  # batch, seq or heads 0: nothing to rotate (the tables of 0 frames are empty)
+        return x.contiguous().clone()
     cos, sin = _tables_for(x, rope, frame_offset, nf)
     return ref.apply_rope_reference(x, cos, sin, rope.pairs, rope.dims)
 
@@ -243,11 +245,17 @@ def qk_norm_rope(
         _check_weight(k_weight, "k_weight", D, k)
         _check_out(out_q, "out_q", q, "q")
         _check_out(out_k, "out_k", k, "k")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+        if not (0 <= eps < float("inf")):  # NaN fails this too: it would turn every output into NaN
+            raise ValueError(f"eps: expected a finite non-negative float, got {eps!r}")
+        if D == 0:
+            raise ValueError(f"q: expected head_dim >= 1, got 0 (shape {tuple(q.shape)})")
     nf = None
     if rope is not None:
         nf = _rope_frames(q, rope, frame_offset, "q")
+    if q.numel() == 0 and k.numel() == 0:  # batch, seq or heads 0: nothing to compute (no 0-frame tables)
+        return (q.contiguous().clone() if out_q is None else out_q), (k.contiguous().clone() if out_k is None else out_k)
     # all-heads norm: a [heads*head_dim] weight (not [head_dim]; one head is both kinds at once)
     all_heads = (q_weight.shape[0] != q.shape[3] or k_weight.shape[0] != k.shape[3]) and not (
         q.shape[2] == 1 and k.shape[2] == 1)
