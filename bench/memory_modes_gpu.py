@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import glob
 import json
 import os
 import statistics
@@ -47,17 +46,9 @@ NOTES = []
 
 
 def _ensure_packages() -> None:
-    wheels = sorted(glob.glob(os.path.join(REPO, ".gpu_carry", "vc_wheels", "*.whl")))
-    for mod in ("diffusers", "accelerate"):
-        try:
-            __import__(mod)
-            continue
-        except ImportError:
-            pass
-        found = [w for w in wheels if os.path.basename(w).lower().startswith(mod + "-")]
-        if found:
-            sys.path.insert(0, found[-1])
-            NOTES.append(f"{mod} imported from carried wheel {os.path.basename(found[-1])}")
+    from bench.carried import use_carried_wheels
+
+    use_carried_wheels(("diffusers", "accelerate"), NOTES)
 
 
 def parse_args(argv=None):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import glob
 import json
 import math
 import os
@@ -46,17 +45,9 @@ NOTES = []
 
 def _ensure_packages() -> None:
     """Put carried pure-Python wheels on sys.path when diffusers/ftfy are not installed."""
-    wheels = sorted(glob.glob(os.path.join(REPO, ".gpu_carry", "vc_wheels", "*.whl")))
-    for mod in ("diffusers", "ftfy", "wcwidth"):
-        try:
-            __import__(mod)
-            continue
-        except ImportError:
-            pass
-        found = [w for w in wheels if os.path.basename(w).lower().startswith(mod + "-")]
-        if found:
-            sys.path.insert(0, found[-1])
-            NOTES.append(f"{mod} imported from carried wheel {os.path.basename(found[-1])}")
+    from bench.carried import use_carried_wheels
+
+    use_carried_wheels(("diffusers", "ftfy", "wcwidth"), NOTES)
     try:
         import ftfy  # noqa: F401
     except ImportError:

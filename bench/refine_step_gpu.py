@@ -48,19 +48,9 @@ NOTES = []
 def _ensure_packages():
     """Carried pure-Python wheels (``.gpu_carry/vc_wheels/*.whl``: diffusers, ftfy, wcwidth, and
     einops for upstream's code) go on sys.path when the package is not installed."""
-    import glob
+    from bench.carried import use_carried_wheels
 
-    wheels = sorted(glob.glob(os.path.join(REPO, ".gpu_carry", "vc_wheels", "*.whl")))
-    for mod in ("diffusers", "ftfy", "wcwidth", "einops"):
-        try:
-            __import__(mod)
-            continue
-        except ImportError:
-            pass
-        found = [w for w in wheels if os.path.basename(w).lower().startswith(mod + "-")]
-        if found:
-            sys.path.insert(0, found[-1])
-            NOTES.append(f"{mod} imported from carried wheel {os.path.basename(found[-1])}")
+    use_carried_wheels(("diffusers", "ftfy", "wcwidth", "einops"), NOTES)
 
 
 def _ensure_text_deps():

@@ -201,7 +201,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
         with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
     h, w = out.frames.shape[1:3]
-    print(f"{label} " + _summary(out.timings, load_s, write_s), file=log)
+    print((f"{label} " if label else "") + _summary(out.timings, load_s, write_s), file=log)
     print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
           f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
           file=log, flush=True)
@@ -508,21 +508,7 @@ def _run(args) -> int:
     if not main_rank:  # rank 0 writes the video and reports
         run.close()
         return 0
-    t1 = time.perf_counter()
-    write_video(args.out, out.frames, out.fps, crf=args.crf)
-    write_s = time.perf_counter() - t1
-    timings = dict(out.timings)
-    timings.update(load=load_s, write=write_s)
-    if args.timings_json:
-        from .video_io import atomic_output
-
-        with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"seed": seed, "mode": args.mode, "size": list(out.size), "timings": timings}, f, indent=2)
-    h, w = out.frames.shape[1:3]
-    print(_summary(out.timings, load_s, write_s), file=log)
-    print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
-          f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
-          file=log, flush=True)
+    _write_out(args, out, load_s, seed, log, "", extra={"mode": args.mode})
     if run is not None:
         run.close()
     return 0
