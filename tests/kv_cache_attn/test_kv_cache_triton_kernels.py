@@ -47,19 +47,6 @@ def _check_kv(q, k, v, kc, vc, rope=None, scale=None, backend="triton"):
 
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("Bc", [1, 2])
-@pytest.mark.parametrize("Sc,Sn,D", [(37, 29, 64), (16, 48, 32), (5, 17, 128), (0, 33, 64)])
-def test_kv_cache_triton_matches_oracle(dtype, Bc, Sc, Sn, D):
-    """Odd / tile-aligned / tiny lengths, batch-1 broadcast and per-batch cache, no cache."""
-    B, H = 2, 3
-    q, k, v = (make_tensor((B, Sn, H, D), dtype, DEV) for _ in range(3))
-    kc = make_tensor((Bc, Sc, H, D), dtype, DEV) if Sc else None
-    vc = make_tensor((Bc, Sc, H, D), dtype, DEV) if Sc else None
-    _check_kv(q, k, v, kc, vc)
-
-
-@pytest.mark.triton_interpret
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("grid,c", [((5, 3, 5), 2), ((3, 2, 3), 1), ((4, 3, 5), 0)])
 def test_kv_cache_triton_rope_matches_oracle(dtype, grid, c):
     """RoPE of fresh q/k fused (q inside the attention kernel), cache used as stored."""
@@ -81,31 +68,6 @@ def test_kv_cache_triton_strided_inputs():
     kc = make_tensor((1, Sc, H, D), torch.float32, DEV, permuted=True)
     vc = make_tensor((1, Sc, H, D), torch.float32, DEV, permuted=True)
     _check_kv(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], kc, vc)
-
-
-@pytest.mark.triton_interpret
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("S,P", [(45, 0), (45, 16), (45, 7), (45, 32), (45, 45), (48, 24),
-                                 (33, 1)])
-def test_prefix_attn_triton_matches_oracle(dtype, S, P):
-    """P on a tile boundary (16, 32), inside a tile (7, 24, 1), and the dense ends (0, S)."""
-    B, H, D = 2, 2, 64
-    q, k, v = (make_tensor((B, S, H, D), dtype, DEV) for _ in range(3))
-    out = prefix_attn(q, k, v, P, backend="triton")
-    assert out.shape == q.shape and out.is_contiguous()
-    m = prefix_mask(S, P)
-    exp, _ = attention_oracle(q, k, v, mask=m)
-    assert_close(out, exp, baseline=attention_lowp(q, k, v, mask=m))
-
-
-@pytest.mark.triton_interpret
-def test_prefix_equals_cache_split():
-    """prefix_attn's noisy rows == attn_with_kv_cache with the prefix as the cache."""
-    B, S, P, H, D = 1, 40, 13, 2, 32
-    q, k, v = (make_tensor((B, S, H, D), torch.float32, DEV) for _ in range(3))
-    a = prefix_attn(q, k, v, P, backend="triton")[:, P:]
-    b = attn_with_kv_cache(q[:, P:], k[:, P:], v[:, P:], k[:, :P], v[:, :P], backend="triton")
-    assert_close(a, b.double(), floor=1e-6)
 
 
 @pytest.mark.triton_interpret

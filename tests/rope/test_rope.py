@@ -1,9 +1,16 @@
-"""3D RoPE and the q/k RMSNorm + RoPE prologue against SPEC 5 written out longhand."""
+"""3D RoPE and the q/k RMSNorm + RoPE prologue against SPEC 5 written out longhand.
+
+What every backend of ``qk_norm_rope`` must do with caller buffers is one test parameterised over
+``backend`` (``torch``; ``triton``: the CPU interpreter without CUDA). Triton kernel tests (fp64
+oracle parity, opcheck, compile, bf16 on GPU) are in ``test_rope_triton_kernels.py``; other RoPE
+conventions (Wan, rotate-half, custom axis splits) in ``test_rope_conventions.py``.
+"""
 
 import math
 
 import pytest
 import torch
+from helpers import DEV, TRITON
 
 import longcat_kernels as lk
 from longcat_kernels.testing import assert_close, make_tensor, rms_norm_oracle, rope_oracle
@@ -82,14 +89,20 @@ def test_qk_norm_rope(use_rope, dtype):
     assert_close(ok, ek, floor=floor, name="k")
 
 
-def test_qk_norm_rope_out_buffers():
-    rope = lk.Rope3D((4, 2, 3), 64)
-    q, k = make_tensor((1, 12, 2, 64)), make_tensor((1, 12, 2, 64))
-    w = torch.ones(64)
-    buf = torch.full((1, 24 + 12, 2, 64), float("nan"))
-    out_k = buf[:, 24:]
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_qk_norm_rope_out_buffers(backend):
+    """out_q / out_k given (out_k = the fresh tail of a [cache; fresh] buffer), heads_q != heads_k:
+    results land in the buffers, the cache part stays untouched, values equal the fp64 oracle."""
+    grid, D, c = (4, 2, 3), 64, 2
+    rope = lk.Rope3D(grid, D, device=DEV)
+    q, k = make_tensor((2, 12, 4, D), device=DEV), make_tensor((2, 12, 2, D), device=DEV)
+    wq, wk = torch.randn(D, device=DEV), torch.randn(D, device=DEV)
+    Sc = c * 6
+    buf = torch.full((2, Sc + 12, 2, D), float("nan"), device=DEV)
+    out_k = buf[:, Sc:]
     out_q = torch.full_like(q, float("nan"))
-    rq, rk = lk.qk_norm_rope(q, k, w, w, rope, frame_offset=2, out_q=out_q, out_k=out_k)
+    rq, rk = lk.qk_norm_rope(q, k, wq, wk, rope, frame_offset=c, out_q=out_q, out_k=out_k, backend=backend)
     assert rq.data_ptr() == out_q.data_ptr() and rk.data_ptr() == out_k.data_ptr()
-    assert not torch.isnan(buf[:, 24:]).any() and torch.isnan(buf[:, :24]).all()
-    assert_close(rk, rope_oracle(rms_norm_oracle(k, w).float(), rope.grid, 2))
+    assert not torch.isnan(buf[:, Sc:]).any() and torch.isnan(buf[:, :Sc]).all(), "cache part of the buffer was touched"
+    assert_close(rk, rope_oracle(rms_norm_oracle(k, wk), grid, c), name="k into buffer")
+    assert_close(rq, rope_oracle(rms_norm_oracle(q, wq), grid, c), name="q")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import longcat_kernels as lk
+from helpers import CPU_BACKENDS, DEV
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)]
+import longcat_kernels as lk
 
 
 def _r(*s):

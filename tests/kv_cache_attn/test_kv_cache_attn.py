@@ -1,7 +1,17 @@
-"""Reference attn_with_kv_cache / prefix_attn against the explicit formulations and the fp64 oracle."""
+"""attn_with_kv_cache / prefix_attn against the explicit formulations and the fp64 oracle.
+
+Properties every backend must have (cache == explicit [cache; fresh] concatenation, prefix ==
+the oracle's prefix mask, prefix == two calls == a cache split) are one test parameterised over
+``backend`` (``torch``; ``triton``: the CPU interpreter without CUDA on the small cases, every case
+on a GPU; each param skips with a reason where it cannot run). The rest checks the torch reference
+in depth. Backend-specific: ``test_kv_cache_triton_kernels.py`` (Triton kernels, cuDNN route,
+block-sparse over [cache; fresh], launch shapes), ``test_kv_cache_cuda_kernels.py`` (csrc kernel
+families), ``test_flash_attn_compat.py``, ``test_attn_lse.py``.
+"""
 
 import pytest
 import torch
+from helpers import DEV, TRITON
 
 import longcat_kernels as lk
 from longcat_kernels.testing import (
@@ -32,18 +42,51 @@ def _explicit(q, k, v, kc, vc, rope, c):
     return q, ka, va
 
 
+def _backend_params(cases, interpret):
+    """``torch`` on every case; ``triton`` in the CPU interpreter on the ``interpret`` cases only (the
+    others run on a GPU: ``triton_gpu``)."""
+    out = []
+    for name in cases:
+        out.append(pytest.param("torch", name, id=f"torch-{name}"))
+        marks = TRITON.marks if name in interpret else pytest.mark.triton_gpu
+        out.append(pytest.param("triton", name, marks=marks, id=f"triton-{name}"))
+    return out
+
+
+# name: (use_rope, H, D, Sc, Sn, dtype, permuted q/k/v)
+KV_CASES = {
+    # 15 tokens per frame (odd), 2 cached frames, 3 fresh frames; RoPE of the fresh q/k in fp64 longhand
+    "rope-H1-D128": (True, 1, 128, 2 * HW, 3 * HW, torch.float32, True),
+    "rope-H3-D64": (True, 3, 64, 2 * HW, 3 * HW, torch.float32, True),
+    "H1-D128": (False, 1, 128, 2 * HW, 3 * HW, torch.float32, True),
+    "H3-D64": (False, 3, 64, 2 * HW, 3 * HW, torch.float32, True),
+}
+# odd / tile-aligned / tiny lengths and no cache (the interpreter runs 16x16 tiles)
+for _dt in (torch.float32, torch.float16):
+    for _Sc, _Sn, _D in [(37, 29, 64), (16, 48, 32), (5, 17, 128), (0, 33, 64)]:
+        KV_CASES[f"Sc{_Sc}-Sn{_Sn}-D{_D}-{str(_dt)[6:]}"] = (False, 3, _D, _Sc, _Sn, _dt, False)
+KV_INTERPRET = [n for n in KV_CASES if n.startswith("Sc")]
+
+
 @pytest.mark.parametrize("Bc", [1, 2])
-@pytest.mark.parametrize("use_rope", [False, True])
-@pytest.mark.parametrize("H,D", [(1, 128), (3, 64)])
-def test_kv_cache_equals_explicit_concat(Bc, use_rope, H, D):
-    c, tn = 2, 3
-    rope = lk.Rope3D((c + tn,) + GRID_HW, D) if use_rope else None
-    q, k, v = make_qkv(2, tn * HW, H, D, permuted=True)
-    kc, vc = make_cache(Bc, c * HW, H, D)
-    out = lk.attn_with_kv_cache(q, k, v, kc, vc, rope=rope, backend="torch")
-    ref, _ = attention_oracle(*_explicit(q, k, v, kc, vc, rope, c))
+@pytest.mark.parametrize("backend,case", _backend_params(KV_CASES, KV_INTERPRET))
+def test_kv_cache_equals_explicit_concat(backend, case, Bc):
+    """Batch-1 broadcast and per-batch caches, with and without the fused 3D RoPE, against attention
+    over the explicit [cache; fresh] concatenation (fp64)."""
+    use_rope, H, D, Sc, Sn, dtype, permuted = KV_CASES[case]
+    c, tn = Sc // HW, Sn // HW
+    rope = lk.Rope3D((c + tn,) + GRID_HW, D, device=DEV) if use_rope else None
+    q, k, v = make_qkv(2, Sn, H, D, dtype=dtype, permuted=permuted, device=DEV)
+    kc, vc = make_cache(Bc, Sc, H, D, dtype=dtype, device=DEV) if Sc else (None, None)
+    out = lk.attn_with_kv_cache(q, k, v, kc, vc, rope=rope, backend=backend)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert_close(out, ref)
+    ref, _ = attention_oracle(*_explicit(q, k, v, kc, vc, rope, c))
+    base = None
+    if dtype != torch.float32:  # no rope in the low-precision cases
+        K = k if kc is None else torch.cat([kc.expand(2, -1, -1, -1), k], 1)
+        V = v if vc is None else torch.cat([vc.expand(2, -1, -1, -1), v], 1)
+        base = attention_lowp(q, K, V)
+    assert_close(out, ref, base)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -132,22 +175,39 @@ def test_kv_cache_block_sparse(Bc):
     assert_close(full, dense.double(), floor=2e-5)
 
 
-@pytest.mark.parametrize("S,p,H,D", [(37, 0, 3, 64), (37, 1, 1, 128), (37, 17, 3, 64), (37, 37, 1, 64), (59, 30, 3, 128)])
-def test_prefix_attn_matches_oracle(S, p, H, D):
-    q, k, v = make_qkv(2, S, H, D, permuted=True)
-    out = lk.prefix_attn(q, k, v, p)
-    ref, _ = attention_oracle(q, k, v, prefix_mask(S, p))
-    assert out.shape == q.shape and out.is_contiguous()
-    assert_close(out, ref)
+# name: (S, P, H, D, dtype, permuted q/k/v)
+PREFIX_CASES = {f"S{S}-P{P}-H{H}-D{D}": (S, P, H, D, torch.float32, True)
+                for S, P, H, D in [(37, 0, 3, 64), (37, 1, 1, 128), (37, 17, 3, 64), (37, 37, 1, 64), (59, 30, 3, 128)]}
+# P on a tile boundary (16, 32), inside a tile (7, 24, 1), and the dense ends (0, S)
+for _dt in (torch.float32, torch.float16):
+    for _S, _P in [(45, 0), (45, 16), (45, 7), (45, 32), (45, 45), (48, 24), (33, 1)]:
+        PREFIX_CASES[f"S{_S}-P{_P}-{str(_dt)[6:]}"] = (_S, _P, 2, 64, _dt, False)
+PREFIX_INTERPRET = [n for n in PREFIX_CASES if n.endswith(("float32", "float16"))]
 
 
-def test_prefix_attn_equals_two_call_formulation():
-    S, p = 45, 15
-    q, k, v = make_qkv(2, S, 2, 128)
-    out = lk.prefix_attn(q, k, v, p, scale=0.1)
+@pytest.mark.parametrize("backend,case", _backend_params(PREFIX_CASES, PREFIX_INTERPRET))
+def test_prefix_attn_matches_oracle(backend, case):
+    S, P, H, D, dtype, permuted = PREFIX_CASES[case]
+    q, k, v = make_qkv(2, S, H, D, dtype=dtype, permuted=permuted, device=DEV)
+    out = lk.prefix_attn(q, k, v, P, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    m = prefix_mask(S, P, DEV)
+    ref, _ = attention_oracle(q, k, v, m)
+    assert_close(out, ref, attention_lowp(q, k, v, m) if dtype != torch.float32 else None)
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_prefix_equals_two_calls_and_cache_split(backend):
+    """prefix_attn == [prefix rows attend to the prefix; the rest attend to everything] (fp64), and
+    its noisy rows == attn_with_kv_cache with the prefix as the cache (same backend)."""
+    S, p = 45, 13
+    q, k, v = make_qkv(2, S, 2, 64, device=DEV)
+    out = lk.prefix_attn(q, k, v, p, scale=0.1, backend=backend)
     cond, _ = attention_oracle(q[:, :p], k[:, :p], v[:, :p], scale=0.1)
     noisy, _ = attention_oracle(q[:, p:], k, v, scale=0.1)
     assert_close(out, torch.cat([cond, noisy], dim=1))
+    b = lk.attn_with_kv_cache(q[:, p:], k[:, p:], v[:, p:], k[:, :p], v[:, :p], scale=0.1, backend=backend)
+    assert_close(out[:, p:], b.double(), floor=1e-6, name="noisy rows vs cache split")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

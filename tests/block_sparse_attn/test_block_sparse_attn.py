@@ -1,8 +1,19 @@
-"""Reference (torch) block-sparse attention and gating against the independent fp64 oracle."""
+"""Block-sparse attention and its gating against the independent fp64 oracle.
+
+Properties every backend must have (selection == oracle, all blocks kept == dense, empty selection
+== zeros / -inf lse / zero gradients) are one test parameterised over ``backend`` (``torch``, and
+``triton``: the CPU interpreter without CUDA, compiled kernels on a GPU; each param skips with a
+reason where it cannot run). The rest checks the torch reference in depth (gating rules, lse,
+low precision, gradients, the grouped/checkpointed path). Backend-specific tests live next to this
+file: ``test_bsa_triton_kernels.py`` (Triton kernels: launch configs, top-k, opcheck, compile),
+``test_bsa_cuda_kernels.py`` (csrc kernel families, forward only, bf16/fp16), ``test_bsa_lse.py``,
+``test_bsa_pairs_kernel.py``.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEV, TRITON, n_blocks
 
 import longcat_kernels as lk
 from longcat_kernels.ops.block_sparse_attn.api import _forward
@@ -25,6 +36,8 @@ CASES = [
     ((3, 5, 6), (4, 5, 6), (2, 2, 4), (1, 2, 2)),
 ]
 RULES = [(0.5, None), (None, 0.3), (0.75, 0.5), (0.9375, None)]
+# the cuda backend (forward only, bf16/fp16) is tested per kernel family in test_bsa_cuda_kernels.py
+BACKENDS = ["torch", TRITON]
 
 
 def _numel(g):
@@ -64,19 +77,38 @@ def test_bsa_head_configs(H, D):
     assert_close(out, ref)
 
 
-def test_selection_equals_oracle_exactly_fp32():
-    grid_q, grid_k = (5, 7, 9), (7, 7, 9)
-    q, k, _ = make_qkv(2, _numel(grid_q), 3, 64, _numel(grid_k))
-    for sparsity, cdf in RULES + [(0.0, None), (None, 0.0)]:
-        sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=(2, 4, 4), sparsity=sparsity,
-                               cdf_threshold=cdf)
-        mask, _, counts = selection_oracle(q, k, grid_q, grid_k, (2, 4, 4), (2, 4, 4), sparsity, cdf)
-        assert torch.equal(sel.counts.long(), counts)
-        assert torch.equal(sel.to_mask(), mask)
+# (grid_q, grid_k, chunk_q, chunk_k, B, H, D, rules): odd grids with the default chunk_k (= chunk_q),
+# and Tq != Tk with a different key chunk (the rules the Triton gating was first checked with)
+SEL_CASES = {
+    "odd_default_chunk_k": ((5, 7, 9), (7, 7, 9), (2, 4, 4), None, 2, 3, 64, RULES + [(0.0, None), (None, 0.0)]),
+    "key_chunk": ((3, 5, 6), (5, 5, 6), (2, 2, 4), (2, 2, 2), 1, 2, 16, [(0.5, None), (None, 0.6), (0.75, 0.3), (0.99, None)]),
+}
+SEL_PARAMS = [
+    pytest.param("torch", "odd_default_chunk_k", id="torch-odd_default_chunk_k"),
+    pytest.param("torch", "key_chunk", id="torch-key_chunk"),
+    pytest.param("triton", "key_chunk", marks=TRITON.marks, id="triton-key_chunk"),
+    # 315 x 441 tokens, 6 rules: too slow for the interpreter
+    pytest.param("triton", "odd_default_chunk_k", marks=pytest.mark.triton_gpu, id="triton-odd_default_chunk_k"),
+]
+
+
+@pytest.mark.parametrize("backend,case", SEL_PARAMS)
+def test_selection_equals_oracle_exactly_fp32(backend, case):
+    """Counts and block sets equal the oracle's exactly (random fp32 data: no ties) for every rule;
+    order within a row may differ between backends."""
+    grid_q, grid_k, chunk_q, chunk_k, B, H, D, rules = SEL_CASES[case]
+    q, k, _ = make_qkv(B, _numel(grid_q), H, D, _numel(grid_k), device=DEV)
+    for sparsity, cdf in rules:
+        sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=chunk_q, chunk_k=chunk_k,
+                               sparsity=sparsity, cdf_threshold=cdf, backend=backend)
+        mask, _, counts = selection_oracle(q.cpu(), k.cpu(), grid_q, grid_k, chunk_q, chunk_k or chunk_q, sparsity, cdf)
+        assert torch.equal(sel.counts.long().cpu(), counts), (sparsity, cdf)
+        assert torch.equal(sel.to_mask().cpu(), mask), (sparsity, cdf)
         assert sel.indices.dtype == torch.int32 and sel.counts.dtype == torch.int32
-        assert sel.grid_q == grid_q and sel.grid_k == grid_k and sel.chunk_k == (2, 4, 4)
+        assert sel.grid_q == grid_q and sel.grid_k == grid_k and sel.chunk_k == (chunk_k or chunk_q)
     # threshold 1.0 sits on the rounding boundary of the cumulative sum: semantic check only
-    sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=(2, 4, 4), sparsity=None, cdf_threshold=1.0)
+    sel = lk.select_blocks(q, k, grid_q=grid_q, grid_k=grid_k, chunk_q=chunk_q, chunk_k=chunk_k, sparsity=None,
+                           cdf_threshold=1.0, backend=backend)
     assert check_selection(sel, q, k, None, 1.0) is None
 
 
@@ -128,26 +160,47 @@ def test_forward_lse_matches_oracle():
     assert_close(lse, lse_ref, name="lse")
 
 
-def test_sparsity_zero_equals_dense_sdpa():
-    grid = (6, 6, 13)
-    q, k, v = make_qkv(2, _numel(grid), 3, 64, permuted=True)
-    out = lk.block_sparse_attn(q, k, v, grid_q=grid, sparsity=0.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_blocks_selected_equals_dense(backend):
+    """Every key block kept == dense attention: sparsity 0 through the op's own gating on permuted
+    (BHSD-strided) inputs, also against SDPA; and a hand-built full selection listed in reverse
+    order. Output and lse against the fp64 oracle."""
+    grid, chunk = (3, 5, 6), (2, 2, 4)  # partial edge blocks on every axis
+    S, H, D = _numel(grid), 2, 16
+    q, k, v = make_qkv(1, S, H, D, permuted=True, device=DEV)
+    out, lse = lk.block_sparse_attn(q, k, v, grid_q=grid, chunk_q=chunk, sparsity=0.0, backend=backend,
+                                    return_lse=True)
+    ref, lse_ref = attention_oracle(q, k, v)
+    assert_close(out, ref, name="sparsity 0")
+    assert_close(lse, lse_ref, name="sparsity 0 lse")
     sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    ref, _ = attention_oracle(q, k, v)
-    assert_close(out, ref)
     assert_close(out, sdpa, floor=2e-5)
+    q, k, v = make_qkv(1, S, H, D, device=DEV)
+    n = n_blocks(grid, chunk)
+    idx = torch.arange(n, dtype=torch.int32, device=DEV).flip(0).expand(1, H, n, n).contiguous()
+    sel = lk.BlockSelection(idx, torch.full((1, H, n), n, dtype=torch.int32, device=DEV), grid, grid, chunk, chunk)
+    out, lse = lk.block_sparse_attn(q, k, v, selection=sel, scale=D**-0.5, backend=backend, return_lse=True)
+    ref, lse_ref = attention_oracle(q, k, v, None, D**-0.5)
+    assert_close(out, ref, name="full selection, reversed")
+    assert_close(lse, lse_ref, name="full selection lse")
 
 
-def test_empty_selection_gives_zeros_no_nan():
-    grid = (4, 8, 8)
-    q, k, v = make_qkv(1, 256, 2, 64, requires_grad=True)
-    # cdf threshold 0 keeps no block anywhere
-    out = lk.block_sparse_attn(q, k, v, grid_q=grid, sparsity=None, cdf_threshold=0.0)
-    assert torch.equal(out, torch.zeros_like(out))
-    out2, lse = _forward(q, k, v, lk.select_blocks(q, k, grid_q=grid, sparsity=None, cdf_threshold=0.0), None, "torch")
-    assert torch.equal(out2, torch.zeros_like(out2)) and torch.isneginf(lse).all()
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_selection_gives_zeros_no_nan(backend):
+    """No key block anywhere: output 0, lse -inf, gradients 0, never NaN; through the op's gating
+    (cdf threshold 0 keeps nothing) and through a hand-built selection of -1 padding."""
+    grid, chunk = (2, 4, 4), (2, 2, 2)
+    q, k, v = make_qkv(1, 32, 2, 16, device=DEV, requires_grad=True)
+    n = n_blocks(grid, chunk)
+    hand = lk.BlockSelection(torch.full((1, 2, n, 1), -1, dtype=torch.int32, device=DEV),
+                             torch.zeros((1, 2, n), dtype=torch.int32, device=DEV), grid, grid, chunk, chunk)
+    for kw in (dict(grid_q=grid, chunk_q=chunk, sparsity=None, cdf_threshold=0.0), dict(selection=hand, scale=0.25)):
+        out, lse = lk.block_sparse_attn(q, k, v, backend=backend, return_lse=True, **kw)
+        assert torch.equal(out, torch.zeros_like(out)), kw
+        assert torch.isneginf(lse).all(), kw
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        for g in grads:
+            assert not torch.isnan(g).any() and torch.equal(g, torch.zeros_like(g)), kw
 
 
 def test_partially_empty_selection_rows():

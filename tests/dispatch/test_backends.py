@@ -1,5 +1,5 @@
 """Backend resolution seen from the public ops: explicit backends never fall back silently; auto
-picks torch on CPU. The full decision table is in test_dispatch.py."""
+picks torch on CPU. The full decision table is in tests/dispatch/test_dispatch.py."""
 
 import pytest
 import torch

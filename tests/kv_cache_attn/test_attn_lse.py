@@ -5,72 +5,19 @@ query attends to (built here from the op's own rule: dense, prefix, cache + fres
 blocks); rows that attend to nothing must give ``-inf`` (and output 0, never NaN). Merging two
 partial results over disjoint key sets reproduces attention over the union. CPU: torch backend and
 Triton interpreter, fp32; GPU (cuda/triton_gpu markers): bf16 on the triton and cuda backends.
+Cached-KV and prefix lse here, plus the cross-op checks (all ops on GPU, fullgraph compile of every
+lse path, csrc ops without lse); block-sparse lse is in ``tests/block_sparse_attn/test_bsa_lse.py``.
+The float64 references (``lse64``, ``out64``, ``check_lse``) are in ``tests/helpers.py``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CPU_BACKENDS, DEV, GPU_BACKENDS, check_lse, lse64, n_blocks, out64
+from helpers import randn as _rand
 
 import longcat_kernels as lk
 from longcat_kernels.testing.oracle import bsa_token_mask
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)]
-
-
-def _rand(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype, device=DEV)
-
-
-def _lse64(q, k, mask, scale):
-    """float64 logsumexp of q k^T * scale over keys where mask [Sq, Sk] (or [B,H,Sq,Sk]) holds."""
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.logsumexp(s, dim=-1)
-
-
-def _out64(q, k, v, mask, scale):
-    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.double())
-
-
-def _check_lse(lse, exp, B, H, S, tol=1e-4):
-    assert lse.shape == (B, H, S) and lse.dtype == torch.float32
-    assert not torch.isnan(lse).any(), "lse has NaN"
-    inf = torch.isinf(exp)
-    assert torch.equal(torch.isinf(lse) & (lse < 0), inf), "-inf rows differ"
-    err = (lse.double() - exp).abs()[~inf].max().item() if (~inf).any() else 0.0
-    assert err < tol, f"lse max abs err {err}"
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_bsa_lse_matches_fp64_and_empty_rows_are_minus_inf(backend):
-    B, H, D, grid, chunk = 1, 2, 32, (3, 5, 6), (2, 4, 4)
-    q, k, v = (_rand(B, 90, H, D) for _ in range(3))
-    sel = lk.select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
-    # empty every other query block of head 0 so -inf rows are exercised next to normal ones
-    counts = sel.counts.clone()
-    counts[:, 0, ::2] = 0
-    sel = lk.BlockSelection(sel.indices, counts, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
-    out, lse = lk.block_sparse_attn(q, k, v, selection=sel, backend=backend, return_lse=True)
-    bm = torch.zeros(B, H, sel.indices.shape[2], sel.indices.shape[2] * 0 + _nk(grid, chunk), dtype=torch.bool)
-    for b in range(B):
-        for h in range(H):
-            for i in range(bm.shape[2]):
-                bm[b, h, i, sel.indices[b, h, i, : counts[b, h, i]].long()] = True
-    mask = bsa_token_mask(bm, grid, grid, chunk, chunk).to(DEV)
-    _check_lse(lse, _lse64(q, k, mask, D**-0.5), B, H, 90)
-    assert not torch.isnan(out).any()
-    assert (out.transpose(1, 2)[torch.isinf(lse)] == 0).all()
-    torch.testing.assert_close(out.double(), _out64(q, k, v, mask, D**-0.5), atol=1e-4, rtol=1e-4)
-    # the plain call returns the same output
-    assert torch.equal(lk.block_sparse_attn(q, k, v, selection=sel, backend=backend), out)
-
-
-def _nk(grid, chunk):
-    return (-(-grid[0] // chunk[0])) * (-(-grid[1] // chunk[1])) * (-(-grid[2] // chunk[2]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -85,8 +32,8 @@ def test_kv_cache_lse_matches_fp64(backend, Bc, Sc):
     K = k if kc is None else torch.cat([kc.expand(B, -1, -1, -1), k], 1)
     V = v if vc is None else torch.cat([vc.expand(B, -1, -1, -1), v], 1)
     mask = torch.ones(Sn, K.shape[1], dtype=torch.bool, device=DEV)
-    _check_lse(lse, _lse64(q, K, mask, D**-0.5), B, H, Sn)
-    torch.testing.assert_close(out.double(), _out64(q, K, V, mask, D**-0.5), atol=1e-4, rtol=1e-4)
+    check_lse(lse, lse64(q, K, mask, D**-0.5), B, H, Sn)
+    torch.testing.assert_close(out.double(), out64(q, K, V, mask, D**-0.5), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -104,7 +51,7 @@ def test_kv_cache_block_sparse_lse_and_empty_rows(backend):
     out, lse = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend=backend, return_lse=True)
     K = torch.cat([kc, k], 1)
     mask = torch.ones(q.shape[1], K.shape[1], dtype=torch.bool, device=DEV)
-    _check_lse(lse, _lse64(q, K, mask, D**-0.5), B, H, q.shape[1])
+    check_lse(lse, lse64(q, K, mask, D**-0.5), B, H, q.shape[1])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -115,8 +62,8 @@ def test_prefix_lse_matches_fp64(backend, P):
     out, lse = lk.prefix_attn(q, k, v, P, backend=backend, return_lse=True)
     i = torch.arange(S, device=DEV)
     mask = (i[:, None] >= P) | (i[None, :] < P)
-    _check_lse(lse, _lse64(q, k, mask, D**-0.5), B, H, S)
-    torch.testing.assert_close(out.double(), _out64(q, k, v, mask, D**-0.5), atol=1e-4, rtol=1e-4)
+    check_lse(lse, lse64(q, k, mask, D**-0.5), B, H, S)
+    torch.testing.assert_close(out.double(), out64(q, k, v, mask, D**-0.5), atol=1e-4, rtol=1e-4)
 
 
 def merge(o1, l1, o2, l2):
@@ -139,15 +86,15 @@ def test_merge_of_disjoint_partials_is_full_attention(backend):
     o_txt, l_txt = lk.flash_attn_with_kvcache(q, kt, vt, return_softmax_lse=True, backend=backend)
     out, lse = merge(o_vid, l_vid, o_txt, l_txt)
     sel = lk.select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
-    bm = torch.zeros(B, H, sel.counts.shape[2], _nk(grid, chunk), dtype=torch.bool)
+    bm = torch.zeros(B, H, sel.counts.shape[2], n_blocks(grid, chunk), dtype=torch.bool)
     for h in range(H):
         for i in range(bm.shape[2]):
             bm[0, h, i, sel.indices[0, h, i, : sel.counts[0, h, i]].long()] = True
     mask = torch.cat([bsa_token_mask(bm, grid, grid, chunk, chunk).to(DEV),
                       torch.ones(B, H, S, 11, dtype=torch.bool, device=DEV)], -1)
     K, V = torch.cat([k, kt], 1), torch.cat([v, vt], 1)
-    torch.testing.assert_close(out, _out64(q, K, V, mask, D**-0.5), atol=1e-4, rtol=1e-4)
-    _check_lse(lse.float(), _lse64(q, K, mask, D**-0.5), B, H, S)
+    torch.testing.assert_close(out, out64(q, K, V, mask, D**-0.5), atol=1e-4, rtol=1e-4)
+    check_lse(lse.float(), lse64(q, K, mask, D**-0.5), B, H, S)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -165,9 +112,6 @@ def test_merge_split_cache(backend):
 
 
 # ---------------------------------------------------------------- GPU (bf16)
-GPU_BACKENDS = [pytest.param("triton", marks=pytest.mark.triton_gpu), pytest.param("cuda", marks=pytest.mark.ext)]
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_lse_gpu_all_ops(backend):
     B, H, D, grid, chunk = 2, 4, 128, (5, 9, 10), (4, 4, 4)

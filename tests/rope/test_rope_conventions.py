@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import longcat_kernels as lk
+from helpers import CPU_BACKENDS
 
-CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)]
+import longcat_kernels as lk
 
 
 def wan_rope(x, grid, theta=10000.0):

@@ -62,23 +62,6 @@ def test_qk_norm_rope_triton_matches_oracle(dtype, use_rope):
 
 
 @pytest.mark.triton_interpret
-def test_qk_norm_rope_triton_different_heads_and_out_buffer():
-    """heads_q != heads_k (two launches) and out_k = the fresh tail of a [cache; fresh] buffer."""
-    grid, D, c = (3, 2, 3), 64, 1
-    rope = Rope3D(grid, D, device=DEV)
-    q = _tt(grid, 2, 4, D, torch.float32)
-    k = _tt(grid, 2, 2, D, torch.float32)
-    qw, kw = torch.randn(D, device=DEV), torch.randn(D, device=DEV)
-    Sc = c * 6
-    buf = torch.full((2, Sc + k.shape[1], 2, D), 7.0, device=DEV)
-    oq, ok = qk_norm_rope(q, k, qw, kw, rope, c, out_k=buf[:, Sc:], backend="triton")
-    assert ok.data_ptr() == buf[:, Sc:].data_ptr()
-    assert torch.all(buf[:, :Sc] == 7.0), "cache part of the buffer was touched"
-    assert_close(ok, rope_oracle(rms_norm_oracle(k, kw), grid, c), name="k into buffer")
-    assert_close(oq, rope_oracle(rms_norm_oracle(q, qw), grid, c), name="q")
-
-
-@pytest.mark.triton_interpret
 def test_rope_triton_forward_only():
     rope = Rope3D((2, 2, 2), 64, device=DEV)
     x = _tt((2, 2, 2), 2, 1, 64, torch.float32).requires_grad_(True)
