@@ -175,7 +175,7 @@ def refine_state(pipe, lora_path: Optional[str]):
 def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                         num_inference_steps, output_type):
     """Every check that needs no model work. Returns a dict of resolved inputs."""
-    from .pipeline import VideoContinuationOutput, _check_int
+    from .stages import VideoContinuationOutput, _check_int
 
     if not isinstance(spatial_refine_only, bool):
         raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
@@ -308,7 +308,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .pipeline import VideoContinuationOutput, _resize_frames, _Timer
+    from .stages import VideoContinuationOutput, _resize_frames, _Timer
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
