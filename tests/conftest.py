@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-try:  # property tests (tests/kernels/test_properties.py, tests/vc/test_hardening.py)
+try:  # property tests (tests/test_properties.py, tests/vc/test_hardening.py)
     from hypothesis import HealthCheck, settings
 
     # "default": few tiny examples so the 2-core CPU CI stays fast (the Triton interpreter is slow);
