@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import types
 from typing import Iterable, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,3 +34,15 @@ def use_carried_wheels(modules: Iterable[str], notes: List[str]) -> None:
         if found:
             sys.path.insert(0, found[-1])
             notes.append(f"{mod} imported from carried wheel {os.path.basename(found[-1])}")
+
+
+def stub_ftfy_if_missing(notes: List[str]) -> None:
+    """The pipeline's prompt cleaning calls ``ftfy.fix_text``; where ftfy is neither installed nor
+    carried, an identity stand-in (the benches' prompts are ASCII) is registered and noted."""
+    try:
+        import ftfy  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("ftfy")
+        stub.fix_text = lambda text, *a, **k: text
+        sys.modules["ftfy"] = stub
+        notes.append("ftfy not installed: identity fix_text stub (ASCII prompts)")

@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES = []
@@ -47,14 +46,10 @@ def _ensure_packages() -> None:
     """Put carried pure-Python wheels on sys.path when diffusers/ftfy are not installed."""
     from bench.carried import use_carried_wheels
 
+    from bench.carried import stub_ftfy_if_missing
+
     use_carried_wheels(("diffusers", "ftfy", "wcwidth"), NOTES)
-    try:
-        import ftfy  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("ftfy")
-        stub.fix_text = lambda text, *a, **k: text
-        sys.modules["ftfy"] = stub
-        NOTES.append("ftfy not installed: identity fix_text stub (prompts are ASCII)")
+    stub_ftfy_if_missing(NOTES)
     try:
         import diffusers  # noqa: F401
     except ImportError as e:

@@ -54,14 +54,10 @@ def _ensure_packages():
 
 
 def _ensure_text_deps():
+    from bench.carried import stub_ftfy_if_missing
+
     _ensure_packages()
-    try:
-        import ftfy  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("ftfy")
-        stub.fix_text = lambda text, *a, **k: text
-        sys.modules["ftfy"] = stub
-        NOTES.append("ftfy not installed: identity fix_text stub (ASCII prompts)")
+    stub_ftfy_if_missing(NOTES)
 
 
 def _rel(a, b):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -26,18 +25,12 @@ import torch
 
 
 def _events_ms(fn, reps: int, warmup: int = 1):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts), ts
+    """Median CUDA-event ms of ``fn()`` over ``reps`` runs after ``warmup`` (``bench.timing.measure``),
+    and the run's statistics (min, p20/p80, spread)."""
+    from bench.timing import TimingPolicy, measure
+
+    t = measure(fn, [()], "cuda", TimingPolicy(warmup=warmup, min_reps=reps, max_reps=reps, budget_s=0.0))
+    return t.median_ms, t.as_dict()
 
 
 def to_dtype_like_diffusers(m, device, dtype):
@@ -113,13 +106,13 @@ def time_step(WanTransformer3DModel, lk, integ, layers, reps) -> dict:
         with torch.no_grad():
             m(**inp)
 
-    ms, all_ms = _events_ms(fwd, reps)
-    res["diffusers_default"] = {"ms": ms, "all_ms": all_ms}
+    ms, timing = _events_ms(fwd, reps)
+    res["diffusers_default"] = {"ms": ms, "timing": timing}
     for name, sp in (("ours_sparsity_0", 0.0), ("ours_sparsity_0.875", 0.875)):
         integ.apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=sp, chunk_q=(4, 4, 4)))
-        ms, all_ms = _events_ms(fwd, reps)
+        ms, timing = _events_ms(fwd, reps)
         integ.remove_block_sparse_attention(m)
-        res[name] = {"ms": ms, "all_ms": all_ms, "speedup_vs_diffusers": res["diffusers_default"]["ms"] / ms}
+        res[name] = {"ms": ms, "timing": timing, "speedup_vs_diffusers": res["diffusers_default"]["ms"] / ms}
     res["targets"] = {
         "sparse_0.875_speedup_ge_2.0": res["ours_sparsity_0.875"]["speedup_vs_diffusers"] >= 2.0,
         "dense_ratio_le_1.02": res["diffusers_default"]["ms"] and
