@@ -15,7 +15,11 @@ SCRIPT = textwrap.dedent(
     assert not torch.cuda.is_available(), "CUDA should be hidden"
     import longcat_kernels as lk
     assert "triton" not in sys.modules, "importing longcat_kernels imported triton"
-    from longcat_kernels.testing import attention_oracle, assert_close, bsa_token_mask, prefix_mask
+    from longcat_kernels.testing import (attention_lowp, attention_oracle, assert_close, bsa_token_mask,
+                                         prefix_mask)
+    # fp32 tolerance per the rule: 2 x torch's own fp32 error on this machine + floor (CPUs differ
+    # in fp32 matmul/exp precision; CI once measured 2.8e-5 here where this machine gives 2.5e-7)
+    cpu = torch.backends.cpu.get_cpu_capability()
 
     av = lk.available_backends()
     assert av["torch"] is None, av
@@ -26,9 +30,12 @@ SCRIPT = textwrap.dedent(
     q, k, v = (torch.randn(2, 60, 2, 64) for _ in range(3))
     sel = lk.select_blocks(q, k, grid_q=grid, chunk_q=(2, 2, 2), sparsity=0.5)
     out = lk.block_sparse_attn(q, k, v, selection=sel)
-    ref, _ = attention_oracle(q, k, v, bsa_token_mask(sel.to_mask(), grid, grid, (2, 2, 2), (2, 2, 2)))
-    assert_close(out, ref)
-    assert_close(lk.prefix_attn(q, k, v, 20), attention_oracle(q, k, v, prefix_mask(60, 20))[0])
+    mask = bsa_token_mask(sel.to_mask(), grid, grid, (2, 2, 2), (2, 2, 2))
+    ref, _ = attention_oracle(q, k, v, mask)
+    assert_close(out, ref, attention_lowp(q, k, v, mask), name=f"bsa (cpu capability {cpu})")
+    pm = prefix_mask(60, 20)
+    assert_close(lk.prefix_attn(q, k, v, 20), attention_oracle(q, k, v, pm)[0], attention_lowp(q, k, v, pm),
+                 name=f"prefix_attn (cpu capability {cpu})")
     rope = lk.Rope3D((5, 4, 5), 64)
     kc, vc = torch.randn(1, 40, 2, 64), torch.randn(1, 40, 2, 64)
     o = lk.attn_with_kv_cache(q, k, v, kc, vc, rope=rope)
