@@ -1,5 +1,6 @@
 // Hopper (sm_90a) warp-specialised forward for block-sparse attention over 3D chunks (BSA), D = 128,
-// 64-token query and key blocks (chunk volume 64), keys/values from one segment.
+// 64-token query and key blocks (chunk volume 64), keys/values from one segment or from two
+// ([cache; fresh], the second starting on a key-block boundary along t).
 //
 // Every key block is one TMA box: K (and V, Q) [B, S, H, 128] is viewed per batch as a 5D tensor
 // {D, heads, W, H, T} (strides: 1, sh, ss, ss*W, ss*W*H) and a block with origin (t0, h0, w0) is
@@ -52,6 +53,7 @@ constexpr int kBConsumerRegs = 232;
 
 struct BsaWsParams {
   CUtensorMap tq, tk, tv;  // 5D {D, heads, W, H, T} of one batch; boxes {64, 1, cw, ch, ct}
+  CUtensorMap tk1, tv1;    // second key segment (fresh tokens after a cache), frames >= split
   void* out;               // batch base
   float* lse;              // batch base
   const int* sel_idx;      // batch base
@@ -61,8 +63,15 @@ struct BsaWsParams {
   int heads, nq, max_sel, nbk_total;
   int gq[3], cq[3], nbq[3];
   int gk[3], ck[3], nbk[3];
+  // two key segments: key frames [0, split) from tk/tv, [split, gk[0]) from tk1/tv1 (at frame
+  // t - split); split is a multiple of ck[0], so no key block straddles the two. 0: one segment.
+  int split;
   float scale_log2;
 };
+
+// union walk: at most this many key blocks (2 bits each in a smem bitmap)
+constexpr int kUnionMaxKeyBlocks = 16384;
+constexpr int kUnionWords = kUnionMaxKeyBlocks / 16;
 
 template <int kStages>
 struct BsaSmem {
@@ -72,8 +81,11 @@ struct BsaSmem {
   static constexpr int kV = kK + 2 * kStages * kBTile;
   static constexpr int kTab = kV + 2 * kStages * kBTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
   static constexpr int kBar = kTab + 2 * 64 * 4;
-  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty
-  static constexpr int kBytes = kBar + 8 * (2 + 2 * kStages * 4);
+  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty (union
+  // walk: one shared ring of 2 * kStages stages in the same places)
+  static constexpr int kMap = kBar + 8 * (2 + 2 * kStages * 4);
+  // union walk: bitmap of the two consumers' selections, 2 bits per key block
+  static constexpr int kBytes = kMap + kUnionWords * 4;
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
 };
 
@@ -88,7 +100,27 @@ __device__ __forceinline__ void b_origin(int blk, const int (&nb)[3], const int 
   t0 = (blk / (nb[2] * nb[1])) * c[0];
 }
 
-template <typename T, bool kOverlap, int kStages>
+// Union walk (kUnion): the two consumers' selections as one bitmap in smem, 2 bits per key block
+// (bit 0: consumer 0 selected it, bit 1: consumer 1); every role walks the set blocks in ascending
+// id order with its own cursor. next() returns the next block and its 2-bit mask, -1 at the end.
+struct UnionCursor {
+  const uint32_t* map;
+  int nwords;
+  int w = -1;
+  uint32_t rem = 0;
+  __device__ __forceinline__ int next(int& bits) {
+    while (rem == 0) {
+      if (++w >= nwords) return -1;
+      rem = map[w];
+    }
+    const int slot = (__ffs(rem) - 1) >> 1;
+    bits = (rem >> (2 * slot)) & 3u;
+    rem &= ~(3u << (2 * slot));
+    return w * 16 + slot;
+  }
+};
+
+template <typename T, bool kOverlap, int kStages, bool kUnion>
 __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
   using Sm = BsaSmem<kStages>;
   using W = Wgmma<T>;
@@ -99,68 +131,137 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   // grid measured 2x slower)
   const int h = blockIdx.y;
   const int pair = blockIdx.x;
+  // consumers in this CTA (the last CTA of an odd number of query blocks has one)
+  const int n_cons = pair * 2 + 1 < p.nq ? 2 : 1;
 
   const uint32_t sbase = smem_u32(smem);
   int* qtab = reinterpret_cast<int*>(smem + Sm::kTab);
   int* ktab = qtab + 64;
+  uint32_t* umap = reinterpret_cast<uint32_t*>(smem + Sm::kMap);
+  const int nwords = (p.nbk_total + 15) / 16;
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
+  // private rings: consumer c, stage s < kStages; union walk: c = 0, s < 2 * kStages (same places)
   auto bar_at = [&](int c, int s, int kind) { return bar0 + 8 * (2 + (c * kStages + s) * 4 + kind); };
   // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
   auto sK = [&](int c, int s) { return sbase + Sm::kK + (c * kStages + s) * kBTile; };
   auto sV = [&](int c, int s) { return sbase + Sm::kV + (c * kStages + s) * kBTile; };
+  auto sel_count = [&](int qb) { return min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel); };
+  auto sel_list = [&](int qb) { return p.sel_idx + h * p.si_sh + qb * p.si_sq; };
 
   if (tid < 64) {
     const int r = tid;
     qtab[r] = (r / (p.cq[2] * p.cq[1])) | (((r / p.cq[2]) % p.cq[1]) << 8) | ((r % p.cq[2]) << 16);
     ktab[r] = (r / (p.ck[2] * p.ck[1])) | (((r / p.ck[2]) % p.ck[1]) << 8) | ((r % p.ck[2]) << 16);
   }
+  if constexpr (kUnion) {
+    for (int i = tid; i < nwords; i += kBThreads) umap[i] = 0u;
+  }
   if (tid == 0) {
     for (int c = 0; c < 2; ++c) {
       mbar_init(bar_q(c), 1);
       for (int s = 0; s < kStages; ++s) {
+        // empty barriers: one arrive per consumer warp (union walk: of every consumer)
+        const int empties = kUnion ? 4 * n_cons : 4;
         mbar_init(bar_at(c, s, 0), 1);
-        mbar_init(bar_at(c, s, 1), 4);  // one arrive per consumer warp
+        mbar_init(bar_at(c, s, 1), empties);
         mbar_init(bar_at(c, s, 2), 1);
-        mbar_init(bar_at(c, s, 3), 4);
+        mbar_init(bar_at(c, s, 3), empties);
       }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  if constexpr (kUnion) {
+    for (int c = 0; c < n_cons; ++c) {
+      const int qb = pair * 2 + c;
+      const int cnt = sel_count(qb);
+      const int* sel = sel_list(qb);
+      for (int i = tid; i < cnt; i += kBThreads) {
+        const int blk = sel[i];
+        if (blk >= 0 && blk < p.nbk_total) atomicOr(&umap[blk >> 4], 1u << (2 * (blk & 15) + c));
+      }
+    }
+    __syncthreads();
+  }
+
+  // one key block (K or V) as two TMA boxes, from the segment that holds it
+  auto load_block = [&](uint32_t dst, const CUtensorMap* m0, const CUtensorMap* m1, int blk, uint32_t bar) {
+    int t0, h0, w0;
+    b_origin(blk, p.nbk, p.ck, t0, h0, w0);
+    const CUtensorMap* m = m0;
+    if (p.split > 0 && t0 >= p.split) {
+      m = m1;
+      t0 -= p.split;
+    }
+    tma_load5(dst, m, 0, h, w0, h0, t0, bar);
+    tma_load5(dst + kBPanel, m, 64, h, w0, h0, t0, bar);
+  };
 
   if (wg == 0) {
-    // ---------------- producer: warp c serves consumer c ----------------
+    // ---------------- producer ----------------
+    // private rings: warp c serves consumer c; union walk: warp 0 loads both Q blocks and walks
+    // the union into the shared ring
     setmaxnreg_dec<kBProducerRegs>();
     const int c = tid / 32;
-    const int qb = pair * 2 + c;
-    if (c < 2 && (tid % 32) == 0 && qb < p.nq) {
-      prefetch_map(&p.tq);
-      prefetch_map(&p.tk);
-      prefetch_map(&p.tv);
+    if ((tid % 32) != 0 || c >= (kUnion ? 1 : 2)) return;
+    prefetch_map(&p.tq);
+    prefetch_map(&p.tk);
+    prefetch_map(&p.tv);
+    if (p.split > 0) {
+      prefetch_map(&p.tk1);
+      prefetch_map(&p.tv1);
+    }
+    for (int qc = 0; qc < 2; ++qc) {
+      if (!kUnion && qc != c) continue;
+      const int qb = pair * 2 + qc;
+      if (qb >= p.nq) continue;
       int t0, h0, w0;
       b_origin(qb, p.nbq, p.cq, t0, h0, w0);
-      const uint32_t dq = sbase + Sm::kQ + c * kBTile;
-      mbar_expect_tx(bar_q(c), kBTile);
-      tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
-      tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
-      const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
-      const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
+      const uint32_t dq = sbase + Sm::kQ + qc * kBTile;
+      mbar_expect_tx(bar_q(qc), kBTile);
+      tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(qc));
+      tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(qc));
+    }
+    if constexpr (kUnion) {
+      constexpr int kU = 2 * kStages;
+      UnionCursor cur{umap, nwords};
+      int bits = 0;
+      for (int u = 0;; ++u) {
+        const int blk = cur.next(bits);
+        if (blk < 0) break;
+        const int s = u % kU;
+        const uint32_t par = ((u / kU) & 1) ^ 1;
+        // a consumer whose selection lacks this block never sees it: its 4 warp arrivals on the
+        // empty barriers are made here, in the phase of this use (after the wait for the last)
+        const uint32_t skip = (bits ^ 3u) & (n_cons == 2 ? 3u : 1u);
+        const uint32_t behalf = 4u * __popc(skip);
+        if (u >= kU) mbar_wait(bar_at(0, s, 1), par);
+        mbar_expect_tx(bar_at(0, s, 0), kBTile);
+        load_block(sK(0, s), &p.tk, &p.tk1, blk, bar_at(0, s, 0));
+        if (behalf) mbar_arrive_cnt(bar_at(0, s, 1), behalf);
+        if (u >= kU) mbar_wait(bar_at(0, s, 3), par);
+        mbar_expect_tx(bar_at(0, s, 2), kBTile);
+        load_block(sV(0, s), &p.tv, &p.tv1, blk, bar_at(0, s, 2));
+        if (behalf) mbar_arrive_cnt(bar_at(0, s, 3), behalf);
+      }
+    } else {
+      const int qb = pair * 2 + c;
+      if (qb >= p.nq) return;
+      const int cnt = sel_count(qb);
+      const int* sel = sel_list(qb);
       int j = 0;
       for (int i = 0; i < cnt; ++i) {
         const int blk = sel[i];
         if (blk < 0 || blk >= p.nbk_total) continue;
-        b_origin(blk, p.nbk, p.ck, t0, h0, w0);
         const int s = j % kStages;
         const uint32_t par = ((j / kStages) & 1) ^ 1;
         if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
         mbar_expect_tx(bar_at(c, s, 0), kBTile);
-        tma_load5(sK(c, s), &p.tk, 0, h, w0, h0, t0, bar_at(c, s, 0));
-        tma_load5(sK(c, s) + kBPanel, &p.tk, 64, h, w0, h0, t0, bar_at(c, s, 0));
+        load_block(sK(c, s), &p.tk, &p.tk1, blk, bar_at(c, s, 0));
         if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
         mbar_expect_tx(bar_at(c, s, 2), kBTile);
-        tma_load5(sV(c, s), &p.tv, 0, h, w0, h0, t0, bar_at(c, s, 2));
-        tma_load5(sV(c, s) + kBPanel, &p.tv, 64, h, w0, h0, t0, bar_at(c, s, 2));
+        load_block(sV(c, s), &p.tv, &p.tv1, blk, bar_at(c, s, 2));
         ++j;
       }
     }
@@ -179,14 +280,16 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   const int tq = lane & 3;
   const float c2 = p.scale_log2;
 
-  const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
-  const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
-  // valid entries (the producer issues exactly these)
+  const int cnt = sel_count(qb);
+  const int* sel = sel_list(qb);
+  // valid entries (the producer issues exactly these); the union walk needs no count
   int n_tiles = 0;
-  for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
-    const int i = i0 + lane;
-    const int blk = i < cnt ? sel[i] : -1;
-    n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
+  if constexpr (!kUnion) {
+    for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
+      const int i = i0 + lane;
+      const int blk = i < cnt ? sel[i] : -1;
+      n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
+    }
   }
 
   float o[16][4];
@@ -199,8 +302,9 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   // key columns of this thread: 8 groups x 2 (c = i*8 + 2*tq + e); their slot geometry
   const uint32_t q_base = sbase + Sm::kQ + cw * kBTile;
+  const int ring = kUnion ? 0 : cw;  // the union walk has one shared ring
   auto issue_qk = [&](int st) {
-    const uint32_t k_base = sK(cw, st);
+    const uint32_t k_base = sK(ring, st);
     fence_acc(s);
     wg_fence();
 #pragma unroll
@@ -211,7 +315,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     wg_commit();
   };
   auto issue_pv = [&](int st) {
-    const uint32_t v_base = sV(cw, st);
+    const uint32_t v_base = sV(ring, st);
     fence_acc(o);
     fence_pa(pa);
     wg_fence();
@@ -257,7 +361,41 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   // always wait for Q: no TMA may still be writing this CTA's smem when it exits
   mbar_wait(bar_q(cw), 0);
-  if (n_tiles > 0) {
+  if constexpr (kUnion) {
+    // Shared ring of kU stages over the union of both consumers' selections, in ascending block
+    // order; each consumer runs its own tiles (the producer arrives on the empty barriers for a
+    // consumer that skips a tile, so a consumer never waits on tiles that are not its own). The
+    // plain order (S, softmax, P V per tile; no P V left in flight across tiles) so that no stage
+    // is held while the producer may need it for a tile of the other consumer: the overlapped
+    // order can deadlock here, and measured within noise of the plain one for BSA (NOTES.md, v7).
+    constexpr int kU = 2 * kStages;
+    UnionCursor cur{umap, nwords};
+    int bits = 0;
+    for (int u = 0;; ++u) {
+      const int blk = cur.next(bits);
+      // every thread reads the same bitmap; the votes make the branches provably warp-uniform
+      if (__any_sync(0xffffffffu, blk < 0)) break;
+      if (!__any_sync(0xffffffffu, (bits >> cw) & 1)) continue;
+      const int st = u % kU;
+      const uint32_t par = (u / kU) & 1;
+      mbar_wait(bar_at(0, st, 0), par);
+      issue_qk(st);
+      wg_wait<0>();
+      fence_acc(s);
+      release(bar_at(0, st, 1));
+      mask(blk);
+      float alpha[2];
+      softmax(alpha);
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_o(alpha);
+      convert_p();
+      mbar_wait(bar_at(0, st, 2), par);
+      issue_pv(st);
+      wg_wait<0>();
+      fence_acc(o);
+      fence_pa(pa);
+      release(bar_at(0, st, 3));
+    }
+  } else if (n_tiles > 0) {
     if constexpr (kOverlap) {
       mbar_wait(bar_at(cw, 0, 0), 0);
       issue_qk(0);
@@ -353,13 +491,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
 #endif  // LONGCAT_BSA_WS
 
-template <typename T, bool kOverlap, int kStages>
+template <typename T, bool kOverlap, int kStages, bool kUnion>
 __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __grid_constant__ BsaWsParams p) {
 #ifdef LONGCAT_BSA_WS
   extern __shared__ unsigned char bsa_ws_smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(bsa_ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  bsa_ws_body<T, kOverlap, kStages>(p, smem);
+  bsa_ws_body<T, kOverlap, kStages, kUnion>(p, smem);
 #else
   // built for another target: the host only launches this kernel from an sm_90a binary
   __trap();
@@ -405,9 +543,9 @@ bool make_map5(CUtensorMap* map, const void* ptr, DType dt, int64_t heads, int64
   return r == CUDA_SUCCESS;
 }
 
-template <typename T, bool kOverlap, int kStages>
+template <typename T, bool kOverlap, int kStages, bool kUnion>
 cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages>;
+  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages, kUnion>;
   const int smem = BsaSmem<kStages>::kAlloc;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -416,9 +554,11 @@ cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream)
 }
 
 template <typename T>
-cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  // variant 1 (intra-warpgroup overlap, 2 K/V stages): the measured winner (NOTES.md, v7)
-  return launch_bsa_ws<T, true, 2>(bp, grid, stream);
+cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, bool union_walk, cudaStream_t stream) {
+  // variant 1 (intra-warpgroup overlap, 2 K/V stages per consumer): the measured winner (NOTES.md,
+  // v7); the union walk uses the same smem as one shared ring of 4 stages
+  if (union_walk) return launch_bsa_ws<T, true, 2, true>(bp, grid, stream);
+  return launch_bsa_ws<T, true, 2, false>(bp, grid, stream);
 }
 
 bool bsa_aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
@@ -431,9 +571,20 @@ bool bsa_aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
 
 }  // namespace
 
+// frames of key segment 0 when the call has two key segments laid out along whole key blocks,
+// else 0 (one segment) or -1 (two segments this kernel cannot split)
+int bsa_ws_split(const AttnFwdParams& p) {
+  if (p.s1 == 0) return 0;
+  const int64_t hw = static_cast<int64_t>(p.gk[1]) * p.gk[2];
+  if (p.s0 <= 0 || hw <= 0 || p.s0 % hw != 0) return -1;
+  const int64_t frames0 = p.s0 / hw;
+  if (frames0 % p.ck[0] != 0 || frames0 >= p.gk[0]) return -1;
+  return static_cast<int>(frames0);
+}
+
 bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
   if (head_dim != kBD || !attn_fwd_sm90_available() || bsa_encode_fn() == nullptr) return false;
-  if (p.s1 != 0 || p.s0 <= 0) return false;  // one key segment only
+  if (p.s0 <= 0) return false;
   int vq = 1, vk = 1;
   for (int a = 0; a < 3; ++a) {
     if (p.cq[a] <= 0 || p.ck[a] <= 0 || p.cq[a] > 64 || p.ck[a] > 64) return false;
@@ -441,31 +592,53 @@ bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
     vk *= p.ck[a];
   }
   if (vq != kBRows || vk != kBRows) return false;
-  if (static_cast<int64_t>(p.gk[0]) * p.gk[1] * p.gk[2] != p.s0) return false;
+  if (static_cast<int64_t>(p.gk[0]) * p.gk[1] * p.gk[2] != static_cast<int64_t>(p.s0) + p.s1) return false;
+  // a second key segment ([cache; fresh]) must start on a key-block boundary along t
+  if (bsa_ws_split(p) < 0) return false;
+  if (p.s1 > 0 && !(bsa_aligned16(p.k1, {p.k1_sb, p.k1_ss, p.k1_sh}) && bsa_aligned16(p.v1, {p.v1_sb, p.v1_ss, p.v1_sh})))
+    return false;
   return bsa_aligned16(p.q, {p.q_sb, p.q_ss, p.q_sh}) && bsa_aligned16(p.k0, {p.k0_sb, p.k0_ss, p.k0_sh}) &&
          bsa_aligned16(p.v0, {p.v0_sb, p.v0_ss, p.v0_sh});
 }
 
+bool bsa_fwd_sm90ws_union_supported(const AttnFwdParams& p, int head_dim) {
+  return bsa_fwd_sm90ws_supported(p, head_dim) &&
+         static_cast<int64_t>(p.nbk[0]) * p.nbk[1] * p.nbk[2] <= kUnionMaxKeyBlocks;
+}
+
 bool bsa_fwd_sm90ws_available() { return attn_fwd_sm90_available() && bsa_encode_fn() != nullptr; }
 
-cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream) {
-  if (!bsa_fwd_sm90ws_supported(p, head_dim)) return cudaErrorNotSupported;
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, bool union_walk,
+                           cudaStream_t stream) {
+  if (!(union_walk ? bsa_fwd_sm90ws_union_supported(p, head_dim) : bsa_fwd_sm90ws_supported(p, head_dim)))
+    return cudaErrorNotSupported;
   if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0 || p.num_q_blocks <= 0) return cudaSuccess;
   if (p.heads > 65535) return cudaErrorNotSupported;
   const int es = 2;
+  const int split = bsa_ws_split(p);
+  // segment grids: one segment = the whole key grid; two = [split frames; the rest]
+  const int g0[3] = {split > 0 ? split : p.gk[0], p.gk[1], p.gk[2]};
+  const int g1[3] = {split > 0 ? p.gk[0] - split : 0, p.gk[1], p.gk[2]};
   for (int b = 0; b < p.batch; ++b) {
     BsaWsParams bp{};
     const char* qb = static_cast<const char*>(p.q) + b * p.q_sb * es;
     const char* kb = static_cast<const char*>(p.k0) + b * p.k0_sb * es;
     const char* vb = static_cast<const char*>(p.v0) + b * p.v0_sb * es;
-    const bool ok = make_map5(&bp.tq, qb, dtype, p.heads, p.q_ss, p.q_sh, p.gq, p.cq) &&
-                    make_map5(&bp.tk, kb, dtype, p.heads, p.k0_ss, p.k0_sh, p.gk, p.ck) &&
-                    make_map5(&bp.tv, vb, dtype, p.heads, p.v0_ss, p.v0_sh, p.gk, p.ck);
+    bool ok = make_map5(&bp.tq, qb, dtype, p.heads, p.q_ss, p.q_sh, p.gq, p.cq) &&
+              make_map5(&bp.tk, kb, dtype, p.heads, p.k0_ss, p.k0_sh, g0, p.ck) &&
+              make_map5(&bp.tv, vb, dtype, p.heads, p.v0_ss, p.v0_sh, g0, p.ck);
+    if (ok && split > 0) {
+      const char* kb1 = static_cast<const char*>(p.k1) + b * p.k1_sb * es;
+      const char* vb1 = static_cast<const char*>(p.v1) + b * p.v1_sb * es;
+      ok = make_map5(&bp.tk1, kb1, dtype, p.heads, p.k1_ss, p.k1_sh, g1, p.ck) &&
+           make_map5(&bp.tv1, vb1, dtype, p.heads, p.v1_ss, p.v1_sh, g1, p.ck);
+    }
     if (!ok) {
       // the driver refused a tensor map: the caller raises
       if (b == 0) return cudaErrorNotSupported;
       return cudaErrorInvalidValue;
     }
+    bp.split = split;
     bp.out = static_cast<char*>(p.out) + b * p.o_sb * es;
     bp.lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb;
     bp.sel_idx = p.sel_idx + b * p.si_sb;
@@ -492,8 +665,8 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cu
     bp.scale_log2 = p.scale_log2;
     if ((p.num_q_blocks + 1) / 2 > 65535) return cudaErrorNotSupported;
     dim3 grid((p.num_q_blocks + 1) / 2, p.heads);
-    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, stream)
-                                                  : dispatch_bsa_ws<__half>(bp, grid, stream);
+    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, union_walk, stream)
+                                                  : dispatch_bsa_ws<__half>(bp, grid, union_walk, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

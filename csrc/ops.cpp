@@ -185,13 +185,17 @@ void check_launch(cudaError_t err, const char* op) {
 // Kernel family, named by the caller (longcat_kernels/dispatch.py decides; nothing here reads the
 // environment or switches to another family): "sm90_ws" (warp-specialised TMA + wgmma), "sm90"
 // (wgmma) or "sm80" (mma.sync). A family that cannot run the call raises.
-enum class Family { kSm90Ws, kSm90, kSm80 };
+// "sm90_ws_union" (block-sparse only): sm90_ws where the two query blocks of a CTA load the union of
+// their selections once (csrc/bsa_fwd_sm90_ws.cu).
+enum class Family { kSm90Ws, kSm90WsUnion, kSm90, kSm80 };
 
 Family parse_family(const std::string& kernel) {
   if (kernel == "sm90_ws") return Family::kSm90Ws;
+  if (kernel == "sm90_ws_union") return Family::kSm90WsUnion;
   if (kernel == "sm90") return Family::kSm90;
   if (kernel == "sm80") return Family::kSm80;
-  fail("longcat_kernels (cuda): kernel must be 'sm90_ws', 'sm90' or 'sm80', got '", kernel, "'");
+  fail("longcat_kernels (cuda): kernel must be 'sm90_ws', 'sm90_ws_union' (block-sparse), 'sm90' or 'sm80', got '",
+       kernel, "'");
 }
 
 void check_family_available(Family f, const std::string& kernel) {
@@ -219,6 +223,8 @@ std::string available_kernels() {
 cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                          const std::string& kernel, cudaStream_t stream) {
   const Family f = parse_family(kernel);
+  LK_CHECK(f != Family::kSm90WsUnion, "longcat_kernels (cuda): kernel 'sm90_ws_union' is block-sparse only; "
+           "use 'sm90_ws' for dense attention");
   check_family_available(f, kernel);
   if (f == Family::kSm90Ws) {
     LK_CHECK(longcat::attn_fwd_sm90ws_supported(p, d), "longcat_kernels (cuda): kernel 'sm90_ws' "
@@ -238,13 +244,16 @@ cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype,
                           const std::string& kernel, cudaStream_t stream) {
   const Family f = parse_family(kernel);
   check_family_available(f, kernel);
-  if (f == Family::kSm90Ws) {
-    LK_CHECK(longcat::bsa_fwd_sm90ws_supported(p, d), "longcat_kernels (cuda): kernel 'sm90_ws' "
-             "cannot run this block-sparse call (needs head_dim 128, got ", d, ", one key segment, "
-             "query and key blocks of 64 tokens, got ", p.cq[0] * p.cq[1] * p.cq[2], " and ",
-             p.ck[0] * p.ck[1] * p.ck[2], "); use kernel 'sm90'");
-    const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, stream);
-    LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel 'sm90_ws': the driver "
+  if (f == Family::kSm90Ws || f == Family::kSm90WsUnion) {
+    const bool uni = f == Family::kSm90WsUnion;
+    LK_CHECK(uni ? longcat::bsa_fwd_sm90ws_union_supported(p, d) : longcat::bsa_fwd_sm90ws_supported(p, d),
+             "longcat_kernels (cuda): kernel '", kernel, "' cannot run this block-sparse call (needs head_dim "
+             "128, got ", d, "; query and key blocks of 64 tokens, got ", p.cq[0] * p.cq[1] * p.cq[2], " and ",
+             p.ck[0] * p.ck[1] * p.ck[2], "; a [cache; fresh] split on a key-block boundary along t (cache of ",
+             p.s0, " tokens, key chunk ", p.ck[0], " frames)", uni ? "; at most 16384 key blocks" : "",
+             "); use kernel 'sm90'");
+    const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, uni, stream);
+    LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel '", kernel, "': the driver "
              "refused a TMA tensor map or the grid is too large (heads ", p.heads, ", query blocks ",
              p.num_q_blocks, "); use kernel 'sm90'");
     return err;

@@ -3,7 +3,8 @@
 The kernels run one CTA per (query block, batch*head), walk the selected key blocks of
 ``BlockSelection`` and gather each block's tokens from the 3D geometry (partial edge blocks
 masked); online softmax in fp32; return ``(out, lse)``. Forward only. ``kernel`` names the csrc
-kernel family (``"sm90_ws"``, ``"sm90"``, ``"sm80"``): ``longcat_kernels.dispatch`` decides it and
+kernel family (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; experimental: ``"sm90_ws_union"``, the two
+query blocks of a CTA loading the union of their selections once): ``longcat_kernels.dispatch`` decides it and
 the C++ side raises if it cannot run that kernel (no silent switch). ``kernel=None`` asks the
 dispatcher for the cuda backend's choice for these inputs.
 
@@ -128,8 +129,11 @@ def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, ke
                               return_lse: bool = True):
     """Block-sparse forward over keys ``[k_cache; k]`` (cache batch 1 or B), no concatenation;
     ``(out, lse)`` with an empty lse when not ``return_lse``."""
+    gk, ck = selection.grid_k, selection.chunk_k
+    cache_frames = k_cache.shape[1] // (int(gk[1]) * int(gk[2]))
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
-                         block_tokens=_block_tokens(selection), key_segments=2, needs_grad=False)
+                         block_tokens=_block_tokens(selection), key_segments=2,
+                         key_split_aligned=cache_frames % int(ck[0]) == 0, needs_grad=False)
     return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel,
                               bool(return_lse))
 
