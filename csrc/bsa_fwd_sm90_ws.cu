@@ -232,18 +232,12 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
         if (blk < 0) break;
         const int s = u % kU;
         const uint32_t par = ((u / kU) & 1) ^ 1;
-        // a consumer whose selection lacks this block never sees it: its 4 warp arrivals on the
-        // empty barriers are made here, in the phase of this use (after the wait for the last)
-        const uint32_t skip = (bits ^ 3u) & (n_cons == 2 ? 3u : 1u);
-        const uint32_t behalf = 4u * __popc(skip);
         if (u >= kU) mbar_wait(bar_at(0, s, 1), par);
         mbar_expect_tx(bar_at(0, s, 0), kBTile);
         load_block(sK(0, s), &p.tk, &p.tk1, blk, bar_at(0, s, 0));
-        if (behalf) mbar_arrive_cnt(bar_at(0, s, 1), behalf);
         if (u >= kU) mbar_wait(bar_at(0, s, 3), par);
         mbar_expect_tx(bar_at(0, s, 2), kBTile);
         load_block(sV(0, s), &p.tv, &p.tv1, blk, bar_at(0, s, 2));
-        if (behalf) mbar_arrive_cnt(bar_at(0, s, 3), behalf);
       }
     } else {
       const int qb = pair * 2 + c;
@@ -363,11 +357,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   mbar_wait(bar_q(cw), 0);
   if constexpr (kUnion) {
     // Shared ring of kU stages over the union of both consumers' selections, in ascending block
-    // order; each consumer runs its own tiles (the producer arrives on the empty barriers for a
-    // consumer that skips a tile, so a consumer never waits on tiles that are not its own). The
-    // plain order (S, softmax, P V per tile; no P V left in flight across tiles) so that no stage
-    // is held while the producer may need it for a tile of the other consumer: the overlapped
-    // order can deadlock here, and measured within noise of the plain one for BSA (NOTES.md, v7).
+    // order. Both consumers wait for every tile and release it (a tile of the other consumer only
+    // is released at once): the full/empty phases then advance exactly as in a private ring, so a
+    // parity wait can never mistake a phase two uses back for the current one (a consumer that
+    // skipped tiles without waiting could run a whole phase ahead of a stage's full barrier). Own
+    // tiles run in the plain order (S, softmax, P V; nothing left in flight across tiles), so no
+    // stage is held while the producer may need it for the other consumer's tiles (the overlapped
+    // order deadlocks here; it measured within noise of the plain one for BSA, NOTES.md v7).
     constexpr int kU = 2 * kStages;
     UnionCursor cur{umap, nwords};
     int bits = 0;
@@ -375,9 +371,15 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       const int blk = cur.next(bits);
       // every thread reads the same bitmap; the votes make the branches provably warp-uniform
       if (__any_sync(0xffffffffu, blk < 0)) break;
-      if (!__any_sync(0xffffffffu, (bits >> cw) & 1)) continue;
       const int st = u % kU;
       const uint32_t par = (u / kU) & 1;
+      if (!__any_sync(0xffffffffu, (bits >> cw) & 1)) {
+        mbar_wait(bar_at(0, st, 0), par);
+        release(bar_at(0, st, 1));
+        mbar_wait(bar_at(0, st, 2), par);
+        release(bar_at(0, st, 3));
+        continue;
+      }
       mbar_wait(bar_at(0, st, 0), par);
       issue_qk(st);
       wg_wait<0>();
