@@ -32,6 +32,7 @@
 
 #include "attn_common.cuh"
 #include "attn_fwd.h"
+#include "bsa_ws_common.cuh"
 #include "sm90_ws_common.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -42,6 +43,7 @@ namespace longcat {
 namespace {
 
 using namespace detail;
+using namespace bsaws;
 
 constexpr int kBD = 128;                    // head dim
 constexpr int kBRows = 64;                  // rows of a query block / key block (chunk volume)
@@ -93,12 +95,6 @@ struct BsaSmem {
 
 using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
-// origin (t, h, w) of block `blk` on a grid with nb[] blocks of chunk c[] per axis
-__device__ __forceinline__ void b_origin(int blk, const int (&nb)[3], const int (&c)[3], int& t0, int& h0, int& w0) {
-  w0 = (blk % nb[2]) * c[2];
-  h0 = ((blk / nb[2]) % nb[1]) * c[1];
-  t0 = (blk / (nb[2] * nb[1])) * c[0];
-}
 
 // Union walk (kUnion): the two consumers' selections as one bitmap in smem, 2 bits per key block
 // (bit 0: consumer 0 selected it, bit 1: consumer 1); every role walks the set blocks in ascending
@@ -509,42 +505,6 @@ __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __gr
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-PFN_cuTensorMapEncodeTiled_v12000 bsa_encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-// one batch of [S, H, 128] (element strides ss, sh) on grid g as {D, heads, W, H, T}, box chunk c
-bool make_map5(CUtensorMap* map, const void* ptr, DType dt, int64_t heads, int64_t ss, int64_t sh,
-               const int (&g)[3], const int (&c)[3]) {
-  auto fn = bsa_encode_fn();
-  if (fn == nullptr) return false;
-  const int64_t es = 2;
-  cuuint64_t dims[5] = {static_cast<cuuint64_t>(kBD), static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(g[2]),
-                        static_cast<cuuint64_t>(g[1]), static_cast<cuuint64_t>(g[0])};
-  cuuint64_t strides[4] = {static_cast<cuuint64_t>(sh * es), static_cast<cuuint64_t>(ss * es),
-                           static_cast<cuuint64_t>(ss * g[2] * es),
-                           static_cast<cuuint64_t>(ss * g[2] * g[1] * es)};
-  cuuint32_t box[5] = {64, 1, static_cast<cuuint32_t>(c[2]), static_cast<cuuint32_t>(c[1]),
-                       static_cast<cuuint32_t>(c[0])};
-  cuuint32_t estr[5] = {1, 1, 1, 1, 1};
-  const CUresult r = fn(map, dt == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                        5, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS;
-}
-
 template <typename T, bool kOverlap, int kStages, bool kUnion>
 cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
   auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages, kUnion>;
@@ -563,13 +523,6 @@ cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, bool union_walk, c
   return launch_bsa_ws<T, true, 2, false>(bp, grid, stream);
 }
 
-bool bsa_aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (int64_t s : strides) {
-    if (s % 8 != 0 || s < 0) return false;
-  }
-  return true;
-}
 
 }  // namespace
 

@@ -190,8 +190,11 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
         return None, f"dtype {f.dtype} not supported (bf16/fp16 only; use 'triton' or 'torch' for fp32)"
     if f.head_dim not in (64, 128):
         return None, f"head_dim {f.head_dim} not supported (64 or 128)"
-    if f.requires_grad:
-        return None, "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
+    if f.requires_grad and not (op == "block_sparse_attn" and "sm90_ws" in f.csrc_kernels and f.head_dim == 128
+                                and f.block_tokens == (64, 64) and f.key_segments == 1
+                                and f.dtype in ("bfloat16", "float16")):
+        return None, ("forward only here (the csrc backward is block_sparse_attn on Hopper, head_dim 128, 64-token "
+                      "blocks); use backend='triton' or 'torch' for gradients")
     if f.gqa:
         return None, "GQA/MQA (k/v with fewer heads than q) not supported by the csrc kernels; use 'triton' or 'torch'"
     if f.block_sparse and f.block_tokens is not None and max(f.block_tokens) > CSRC_MAX_BLOCK_TOKENS:
@@ -284,7 +287,8 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    cached-KV calls ([cache; fresh] keys, the refine step): the same kernel with a second pair
     #    of tensor maps (wip/bsa-ws-union; to be timed by bench/dev/bsa_ws_union_gpu_dev.py before
     #    this rule may stand).
-    if kernel == "sm90_ws":
+    #    Training (gradients): the csrc backward (csrc/bsa_bwd_sm90_ws.cu, wip) is not timed yet: Triton.
+    if kernel == "sm90_ws" and not facts.requires_grad:
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
     # 2. dense cached-KV / prefix: Triton RoPE prologue + cuDNN (H100 cond 4: 69 ms vs 74 ms for the
     #    fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json)

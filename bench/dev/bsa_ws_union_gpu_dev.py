@@ -18,7 +18,8 @@ Cases (B1 H32 D128 bf16, top-k gating of ``select_blocks``):
    -inf rows), then time, interleaved over rounds: Triton / sm90_ws / sm90_ws_union forward on
    the selection, the public op under ``auto`` (gating + forward), upstream's
    ``flash_attn_bsa_3d`` (gating + forward, its own layout changes) with ``--upstream``, and
-   forward+backward of ours (``auto``: Triton) and of upstream.
+   forward+backward of ours (``auto``: Triton; ``cuda``: the sm90_ws forward + the csrc backward of
+   ``csrc/bsa_bwd_sm90_ws.cu``, its gradients checked against Triton's first) and of upstream.
 2. 24x44x80, chunk 4x4x8 (128-token blocks: Triton), both sparsities: ours vs upstream, forward
    and forward+backward.
 3. the refine step's attention call: 40 fresh frames against [8 cached; 40 fresh], 44x80, video
@@ -156,6 +157,28 @@ def case_plain(kind, chunk, sparsity, args, up):
         q.grad = k.grad = v.grad = None
 
     fb_fns, fb_in = {"fwd_bwd_ours_auto": ours_fb}, {"fwd_bwd_ours_auto": grads}
+    if ws:
+        # the csrc backward (csrc/bsa_bwd_sm90_ws.cu): gradients checked against Triton's first
+        sel0 = sels[0]
+        try:
+            gt = torch.autograd.grad(lk.block_sparse_attn(*grads[0], selection=sel0, backend="triton"), grads[0], do)
+            gc = torch.autograd.grad(lk.block_sparse_attn(*grads[0], selection=sel0, backend="cuda"), grads[0], do)
+            rels = {n: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                    for n, a, b in zip(("dq", "dk", "dv"), gc, gt)}
+            ok = all(r < 2e-2 for r in rels.values()) and not any(bool(g.isnan().any()) for g in gc)
+            res["check_backward_cuda_vs_triton"] = {"ok": ok, "rel_l2": rels}
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            res["check_backward_cuda_vs_triton"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        print(f"    check backward cuda vs triton: {res['check_backward_cuda_vs_triton']}", flush=True)
+        if ok:
+            def cuda_fb(q, k, v):
+                o = lk.block_sparse_attn(q, k, v, grid_q=GRID, chunk_q=chunk, sparsity=sparsity, backend="cuda")
+                o.backward(do)
+                q.grad = k.grad = v.grad = None
+
+            fb_fns["fwd_bwd_ours_cuda"] = cuda_fb
+            fb_in["fwd_bwd_ours_cuda"] = grads
     if up is not None:
         ug = [tuple(x.detach().clone().requires_grad_(True) for x in bhsd[0])]
         do_u = do.transpose(1, 2).contiguous()

@@ -344,3 +344,78 @@ def test_sm90ws_two_segments_straddling_cache(monkeypatch):
     assert [c_.impl for c_ in got] == ["csrc_sm90"]
     ref, _, base, _ = bsa_oracle(q, k_all, v_all, sel, D**-0.5)
     assert_close(out, ref, base, name="straddling cache via sm90")
+
+
+# ---------------------------------------------------------------------------------------------
+# sm90ws BSA backward (csrc/bsa_bwd_sm90_ws.cu): dK/dV over the transposed selection, dQ over the
+# selection; gradients against the fp64 oracle with the tolerance rule (3 x torch's own error)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "grid,chunk,video",
+    [((8, 8, 12), (4, 4, 4), True), ((5, 6, 10), (4, 4, 4), False), ((9, 9, 9), (4, 4, 4), False),
+     ((6, 5, 19), (2, 4, 8), True)],
+)
+def test_sm90ws_bsa_backward_matches_oracle(monkeypatch, dtype, grid, chunk, video):
+    """Partial edge blocks (5x6x10, 6x5x19), an odd number of query and key blocks (9x9x9), key blocks
+    that no query block selects (dK = dV = 0 there), batch 2 with a batch-1 selection broadcast."""
+    from longcat_kernels.dispatch import record_choices
+    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
+
+    restrict_family(monkeypatch, "sm90_ws")
+    B, H, D = 2, 2, 128
+    q0, k0, v0 = _qkv(B, grid, H, D, dtype, video)
+    sel = select_blocks(q0[:1], k0[:1], grid_q=grid, chunk_q=chunk, sparsity=random.choice([0.5, 0.75]),
+                        backend="torch")
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q0, k0, v0))
+    poison_allocator(q)
+    with record_choices() as got:
+        out = block_sparse_attn(q, k, v, selection=sel, backend="cuda")
+    assert [c.impl for c in got if c.op == "block_sparse_attn"] == ["csrc_sm90_ws"]
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
+
+    selB = BlockSelection(sel.indices.expand(B, -1, -1, -1), sel.counts.expand(B, -1, -1), sel.grid_q, sel.grid_k,
+                          sel.chunk_q, sel.chunk_k)
+    mask = bsa_oracle(q0, k0, v0, selB, D**-0.5)[3]
+    ref_in = [x.detach().double().requires_grad_() for x in (q0, k0, v0)]
+    ro, _ = attention_oracle(*ref_in, mask, D**-0.5)
+    ref = torch.autograd.grad(ro, ref_in, go.double())
+    low_in = [x.detach().clone().requires_grad_() for x in (q0, k0, v0)]
+    lo = attention_lowp(*low_in, mask, D**-0.5)
+    low = torch.autograd.grad(lo, low_in, go)
+    assert_close(out, ro, lo, name="out")
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref, low):
+        assert g.dtype == dtype and not g.isnan().any(), name
+        assert_close(g, r, b, factor=3.0, name=f"{name} {dtype} grid {grid} chunk {chunk}")
+    # key blocks nobody selected get exactly zero gradient
+    unselected = ~mask.any(dim=2)  # [B, H, Sk]
+    if bool(unselected.any()):
+        for g in grads[1:]:
+            assert torch.all(g.transpose(1, 2)[unselected] == 0)
+
+
+def test_sm90ws_bsa_backward_deterministic_and_empty(monkeypatch):
+    """Two backward runs are bitwise equal (no atomics); a head whose query blocks select nothing
+    gets zero dq, dk, dv (never NaN)."""
+    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
+    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
+
+    restrict_family(monkeypatch, "sm90_ws")
+    grid, chunk, D = (4, 8, 16), (4, 4, 4), 128
+    q0, k0, v0 = _qkv(1, grid, 2, D, torch.bfloat16, True)
+    sel = select_blocks(q0, k0, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
+    counts = sel.counts.clone()
+    counts[:, 1] = 0
+    sel = BlockSelection(sel.indices, counts, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
+    go = torch.randn_like(q0)
+    runs = []
+    for _ in range(2):
+        q, k, v = (x.detach().clone().requires_grad_(True) for x in (q0, k0, v0))
+        out = block_sparse_attn(q, k, v, selection=sel, backend="cuda")
+        runs.append(torch.autograd.grad(out, (q, k, v), go))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    for g in runs[0]:
+        assert not g.isnan().any() and torch.all(g[:, :, 1] == 0)
