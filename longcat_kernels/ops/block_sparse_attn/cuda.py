@@ -37,6 +37,7 @@ __all__ = [
 
 _LOCK = threading.Lock()
 _FAKES = {"done": False}
+_AUTOGRAD = {"error": None}  # why the csrc backward could not be registered, if it could not
 
 
 def _register_fakes() -> None:
@@ -62,7 +63,10 @@ def _register_fakes() -> None:
     def _(dout, q, k, v, lse, delta, indices, counts, t_off, t_q, grid_q, grid_k, chunk_q, chunk_k, scale, kernel):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    torch.library.register_autograd("longcat_kernels::bsa_fwd_cuda", _fwd_backward, setup_context=_fwd_setup)
+    try:
+        torch.library.register_autograd("longcat_kernels::bsa_fwd_cuda", _fwd_backward, setup_context=_fwd_setup)
+    except Exception as e:  # noqa: BLE001 - the forward ops must keep working; gradients then refuse
+        _AUTOGRAD["error"] = f"{type(e).__name__}: {e}"
 
     @torch.library.register_fake("longcat_kernels::rope3d_cuda")
     def _(x, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, frame_offset):
@@ -81,6 +85,9 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, grad_out, grad_lse):
     """Gradients of ``bsa_fwd_cuda``: the sm90_ws backward kernels (csrc/bsa_bwd_sm90_ws.cu)."""
     q, k, v, out, lse, indices, counts = ctx.saved_tensors
+    # one gradient per argument the dispatcher passed (it drops trailing arguments equal to their
+    # defaults, e.g. return_lse=True)
+    n_args = len(ctx.needs_input_grad)
     if ctx.two_segments or ctx.kernel != "sm90_ws":
         from ...dispatch import BackendUnavailableError  # noqa: PLC0415
 
@@ -89,12 +96,12 @@ def _fwd_backward(ctx, grad_out, grad_lse):
             f"(this forward ran kernel {ctx.kernel!r}{' over two key segments' if ctx.two_segments else ''}); "
             "use backend='triton' for gradients")
     if grad_out is None:
-        return (None,) * 14
+        return (None,) * n_args
     if lse.numel() == 0:
         raise RuntimeError("bsa_fwd_cuda: backward needs the forward's lse; call it with return_lse=True "
                            "(block_sparse_attn_cuda does when inputs require grad)")
     dq, dk, dv = bsa_backward_cuda(grad_out, q, k, v, out, lse, indices, counts, *ctx.geom)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * (n_args - 3)
 
 
 def bsa_backward_cuda(grad_out, q, k, v, out, lse, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
@@ -207,13 +214,15 @@ def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     kernel = csrc_kernel("block_sparse_attn", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), needs_grad=grad)
-    if grad and kernel != "sm90_ws":
-        from ...dispatch import BackendUnavailableError  # noqa: PLC0415
+    if grad:
+        ops()  # registers the backward (or records why it could not)
+        why = (f"no backward for kernel {kernel!r} (sm90_ws only)" if kernel != "sm90_ws"
+               else f"its backward could not be registered ({_AUTOGRAD['error']})" if _AUTOGRAD["error"] else None)
+        if why is not None:
+            from ...dispatch import BackendUnavailableError  # noqa: PLC0415
 
-        raise BackendUnavailableError(
-            f"block_sparse_attn: backend 'cuda' has no backward for kernel {kernel!r} (sm90_ws only); "
-            "use backend='triton' or 'torch' for gradients"
-        )
+            raise BackendUnavailableError(
+                f"block_sparse_attn: backend 'cuda': {why}; use backend='triton' or 'torch' for gradients")
     # the backward needs lse: always computed when gradients are wanted
     out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel,
                                   bool(return_lse or grad))
