@@ -20,8 +20,11 @@ bytes (said so in the JSON); streamed (diffusers group offloading, leaf level) i
 resident. VAE: the real Wan 2.1 VAE config with random weights: encode of 13 frames and decode of
 93 frames at 480p, decode at 720p (704x1280) untiled and tiled.
 
-Upstream is not runnable on the device (no network, no upstream checkout): its numbers from the
-issue (40.9 GiB for one 480p step) are recorded as a reference, not measured here.
+Upstream (``--upstream`` a carried LongCat-Video checkout, ``bench/upstream.py``): its own DiT with
+random weights, cache build and cached steps at the same shapes, everything resident as its
+pipeline keeps it (text and VAE stages counted as in our resident mode); the distill shape runs
+without its LoRA. Without ``--upstream`` the issue's figure (40.9 GiB for one 480p step) is
+recorded as a reference.
 
 Packages: diffusers and accelerate (for the VAE and the text encoder's group offloading) come from
 ``.gpu_carry/vc_wheels/*.whl`` when not installed (pure-Python wheels; carry that path).
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--vae", choices=("real", "none"), default="real")
     p.add_argument("--no-vae-720p", action="store_true")
     p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--upstream", default=None,
+                   help="a LongCat-Video checkout (the folder holding longcat_video): its DiT step measured too")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny everything (tests the script)")
     return p.parse_args(argv)
 
@@ -310,6 +315,81 @@ def dit_table(b, dit, out):
     return dit
 
 
+def upstream_table(b, out, path):
+    """Upstream's DiT (its own code, random weights, everything resident as its pipeline keeps it):
+    cache build (``return_kv=True, skip_crs_attn=True`` on the cond latents, batch 1, as upstream's
+    ``_cache_clean_latents``) and cached denoising steps, peak GiB and seconds, per variant shape
+    (basic: CFG batch 2; distill: batch 1, without its LoRA)."""
+    import torch
+
+    from bench.upstream import upstream_dit
+    from longcat_vc import DiTConfig
+
+    args = b.args
+    cfg = (DiTConfig.tiny(depth=args.depth, text_tokens_zero_pad=True) if b.smoke
+           else DiTConfig.longcat_video(depth=args.depth))
+    rows = []
+    try:
+        b.reset_peak()
+        up, note = upstream_dit(path, cfg, b.device, b.dtype, generator=torch.Generator(device=b.device).manual_seed(0))
+    except Exception as e:  # reported, our numbers stand
+        out["upstream"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+        print(f"[upstream] unavailable: {out['upstream']['error']}", flush=True)
+        return
+    out["upstream"] = {"note": note, "weights_gib": sum(p.numel() * p.element_size() for p in up.parameters()) / GiB}
+    for v in [v for v in args.variants.split(",") if v]:
+        cond, noisy, text, mask = make_inputs(b, cfg, 2 if v == "basic" else 1)
+        B, c, T = noisy.shape[0], cond.shape[2], noisy.shape[2]
+        rec = {"variant": v, "mode": "upstream", "fp8": False, "cap_gib": None}
+        try:
+            b.reset_peak()
+            base = b.allocated()
+            t0 = b.now()
+            empty = torch.zeros(1, 1, text.shape[2], cfg.caption_channels, device=b.device, dtype=b.dtype)
+            _, kv = up(hidden_states=cond, timestep=torch.zeros(1, c, device=b.device, dtype=b.dtype),
+                       encoder_hidden_states=empty, return_kv=True, skip_crs_attn=True)
+            build_s = b.now() - t0
+            build_peak = b.peak()
+            ts = torch.full((B, T), 700.0, device=b.device, dtype=b.dtype)
+            b.reset_peak()
+            times = []
+            for i in range(args.steps + 1):  # the first is a warm-up
+                t0 = b.now()
+                o = up(hidden_states=noisy.to(b.dtype), timestep=ts, encoder_hidden_states=text,
+                       encoder_attention_mask=mask, num_cond_latents=c, kv_cache_dict=kv)
+                if i:
+                    times.append(b.now() - t0)
+                finite = bool(torch.isfinite(o).all())
+                del o
+            rec.update({
+                "resident_before_gib": base / GiB,
+                "cache_build_peak_gib": build_peak / GiB,
+                "denoise_peak_gib": b.peak() / GiB,
+                "cache_build_s": build_s,
+                "s_per_step": statistics.median(times) if times else None,
+                "step_times_s": times,
+                "kv_cache_gib": sum(x.numel() * x.element_size() for pair in kv.values() for x in pair) / GiB,
+                "finite": finite,
+            })
+            del kv
+        except Exception as e:  # upstream's own limits (e.g. memory) are a result
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rec["traceback"] = traceback.format_exc(limit=4)
+        rows.append(rec)
+        print(f"[upstream] {json.dumps({k: v_ for k, v_ in rec.items() if k != 'traceback'})}", flush=True)
+    ours = {r["variant"]: r.get("s_per_step") for r in out.get("dit_rows", [])
+            if r["mode"] == "resident" and not r["fp8"]}
+    for r in rows:
+        if ours.get(r["variant"]) and r.get("s_per_step"):
+            r["ours_resident_speedup"] = r["s_per_step"] / ours[r["variant"]]
+    out["upstream"]["rows"] = rows
+    out.setdefault("dit_rows", []).extend(rows)
+    del up
+    gc.collect()
+    if not b.smoke:
+        torch.cuda.empty_cache()
+
+
 def text_stage(b, out):
     """Peak of encoding 2 prompts x 512 tokens above what was resident: resident vs streamed."""
     import torch
@@ -426,11 +506,13 @@ def stage_table(b, out):
             continue
         key = f"{r['variant']}/{r['mode']}{'/fp8' if r['fp8'] else ''}"
         dit_res = r["resident_before_gib"]  # DiT weights (all, or the non-block part) + inputs
-        text_res = 0.0 if r["mode"] != "resident" else text.get("weights_gib_scaled_24_layers", 0.0)
+        # upstream's pipeline keeps every component on the GPU: as our resident mode
+        resident_like = r["mode"] in ("resident", "upstream")
+        text_res = 0.0 if not resident_like else text.get("weights_gib_scaled_24_layers", 0.0)
         vae_w = vae.get("weights_gib", 0.0)
         # resident: the encoder's (scaled) weights sit there all along, plus its activations;
         # streamed: the measured peak includes the onloaded leaves.
-        t_peak = (text_res + text["resident_peak_above_gib"] if r["mode"] == "resident" and text
+        t_peak = (text_res + text["resident_peak_above_gib"] if resident_like and text
                   else text.get("streamed_peak_above_gib"))
         row = {
             "text": None if t_peak is None else dit_res + vae_w + t_peak,
@@ -490,6 +572,8 @@ def main(argv=None):
         gc.collect()
         if not args.smoke:
             torch.cuda.empty_cache()
+        if args.upstream:
+            upstream_table(b, out, args.upstream)
         text_stage(b, out)
         if args.vae == "real":
             vae_stage(b, out)

@@ -39,7 +39,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTES = []
@@ -100,50 +99,13 @@ def _inputs(cfg, T, c, th, tw, text_len, device, dtype, seed):
 
 
 def _upstream_dit(path, cfg, state_dict, device, dtype):
-    """Upstream's DiT with BSA on, loaded strictly with ``state_dict``."""
-    import torch
+    """Upstream's DiT with BSA on, loaded strictly with ``state_dict`` (``bench/upstream.py``)."""
+    from bench.upstream import upstream_dit
 
-    sys.path.insert(0, os.path.abspath(path))
-    try:
-        import flash_attn  # noqa: F401
-
-        flash = "flash_attn (installed)"
-    except ImportError:
-        import torch.nn.functional as F
-
-        import diffusers  # noqa: F401  (probes for flash_attn at import: before the stand-in)
-
-        fa = types.ModuleType("flash_attn")
-
-        def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, **_):
-            outs, cq, ck = [], cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-            for i in range(len(cq) - 1):
-                qi = q[cq[i]:cq[i + 1]].transpose(0, 1)[None]
-                ki, vi = (z[ck[i]:ck[i + 1]].transpose(0, 1)[None] for z in (k, v))
-                outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1))
-            return torch.cat(outs, 0)
-
-        def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, **_):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale)
-            return o.transpose(1, 2)
-
-        fa.flash_attn_func, fa.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
-        sys.modules["flash_attn"] = fa
-        flash = "SDPA stand-in for flash_attn (cross-attention only; self-attention is upstream's BSA)"
-    from longcat_video.modules.longcat_video_dit import LongCatVideoTransformer3DModel
-
-    with torch.device("meta"):
-        m = LongCatVideoTransformer3DModel(
-            in_channels=cfg.in_channels, out_channels=cfg.out_channels, hidden_size=cfg.hidden_size,
-            depth=cfg.depth, num_heads=cfg.num_heads, caption_channels=cfg.caption_channels,
-            mlp_ratio=cfg.mlp_ratio, adaln_tembed_dim=cfg.adaln_tembed_dim,
-            frequency_embedding_size=cfg.frequency_embedding_size, patch_size=tuple(cfg.patch_size),
-            enable_flashattn2=True, enable_bsa=True, bsa_params=dict(cfg.bsa_params), cp_split_hw=[1, 1],
-            text_tokens_zero_pad=cfg.text_tokens_zero_pad,
-        )
-    m.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
-    m = m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return m, flash
+    m, note = upstream_dit(path, cfg, device, dtype, state_dict=state_dict, enable_bsa=True)
+    if "stand-in" in note:
+        note += " (cross-attention only; self-attention is upstream's BSA)"
+    return m, note
 
 
 def check(args, device):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -31,3 +33,23 @@ def test_memory_modes_script_smoke(tmp_path):
     assert set(doc["stage_table_gib"]) == {"distill/resident", "distill/balanced", "distill/low",
                                            "distill/resident/fp8", "distill/low/fp8"}
     assert "decode_480p_s" in doc["vae"]
+
+
+@pytest.mark.skipif(not os.environ.get("LONGCAT_UPSTREAM_DIR"),
+                    reason="set LONGCAT_UPSTREAM_DIR to a LongCat-Video checkout (upstream code is not in CI)")
+def test_memory_modes_script_upstream_smoke(tmp_path):
+    """--upstream: upstream's own DiT (random weights) measured at the same shapes, rows in the table."""
+    out = tmp_path / "m.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "memory_modes_gpu.py"), "--out", str(out), "--smoke",
+         "--depth", "2", "--variants", "basic", "--modes", "resident", "--steps", "1", "--no-fp8",
+         "--upstream", os.environ["LONGCAT_UPSTREAM_DIR"]],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.load(open(out))
+    up = [x for x in doc["dit_rows"] if x["mode"] == "upstream"]
+    assert len(up) == 1 and "error" not in up[0] and up[0]["finite"], doc.get("upstream")
+    assert up[0]["ours_resident_speedup"] > 0
+    assert "basic/upstream" in doc["stage_table_gib"]
