@@ -21,6 +21,7 @@ import torch
 from ...dispatch import choose, impl_fn
 from ..._validate import (
     check_backend_name,
+    check_bool,
     check_chunk,
     check_no_grad,
     check_qkv,
@@ -31,7 +32,7 @@ from ..._validate import (
     check_tensor,
     compiling,
 )
-from ...grid import Triple, as_triple
+from ...grid import Triple
 from ..block_sparse_attn.api import check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
@@ -92,6 +93,7 @@ def prefix_attn(
     """
     if not compiling():
         check_backend_name(backend)
+        check_bool(return_lse, "return_lse")
         check_qkv(q, k, v, gqa=True)
         check_scale(scale)
         if k.shape[1] != q.shape[1]:
@@ -136,6 +138,17 @@ def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
         )
 
 
+def _frame_hw(hw) -> Tuple[int, int]:
+    """``block_sparse.frame_hw`` as two positive ints (a 0 would divide by zero, a float make a fractional grid)."""
+    bad = (not isinstance(hw, (tuple, list)) or len(hw) != 2
+           or any(isinstance(x, (bool, float)) or not hasattr(x, "__index__") for x in hw))
+    if bad:
+        raise TypeError(f"block_sparse.frame_hw: expected a tuple of 2 ints (H, W), got {hw!r}")
+    if not all(int(x) > 0 for x in hw):
+        raise ValueError(f"block_sparse.frame_hw: expected 2 positive ints (H, W), got {tuple(hw)!r}")
+    return int(hw[0]), int(hw[1])
+
+
 def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     """Validated BlockSparseParams with frame_hw filled in."""
     if not isinstance(bs, BlockSparseParams):
@@ -145,9 +158,7 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         if rope is None:
             raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope=), got None")
         hw = rope.frame_hw
-    if not isinstance(hw, (tuple, list)) or len(hw) != 2:
-        raise TypeError(f"block_sparse.frame_hw: expected a tuple (H, W), got {hw!r}")
-    Hf, Wf = as_triple((1, hw[0], hw[1]), "block_sparse.frame_hw")[1:]
+    Hf, Wf = _frame_hw(hw)
     if rope is not None and (Hf, Wf) != rope.frame_hw:
         raise ValueError(f"block_sparse.frame_hw: expected {rope.frame_hw} (rope grid's H, W), got {(Hf, Wf)}")
     n = Hf * Wf
@@ -216,6 +227,7 @@ def attn_with_kv_cache(
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if not compiling():
         check_backend_name(backend)
+        check_bool(return_lse, "return_lse")
         check_qkv(q, k, v, gqa=True)
         if k.shape[2] != q.shape[2] and block_sparse is not None:
             raise ValueError(
@@ -343,6 +355,13 @@ def flash_attn_with_kvcache(
             f"k/v: expected both or neither, got k={'None' if k is None else 'Tensor'}, "
             f"v={'None' if v is None else 'Tensor'}"
         )
+    if not compiling():
+        # checked here under this function's own names (attn_with_kv_cache calls them scale / return_lse)
+        check_tensor(q, "q")
+        check_scale(softmax_scale, "softmax_scale")
+        check_bool(return_softmax_lse, "return_softmax_lse")
+        if block_sparse is not None and not isinstance(block_sparse, BlockSparseParams):
+            raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(block_sparse).__name__}")
     if k is None:
         if rope is not None:
             raise ValueError("rope: expected None when k is None (rope rotates the fresh q/k), got a Rope3D")
@@ -373,9 +392,12 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     """Block-sparse attention of q against the cache alone (key grid = the cache's frames)."""
     from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
 
-    if not isinstance(bs, BlockSparseParams) or bs.frame_hw is None:
+    if not isinstance(bs, BlockSparseParams):
+        raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
+    hw = bs.frame_hw
+    if hw is None:
         raise ValueError("block_sparse.frame_hw: expected (H, W) when k is None, got None")
-    Hf, Wf = bs.frame_hw
+    Hf, Wf = _frame_hw(hw)
     n = Hf * Wf
     if q.shape[1] % n or k.shape[1] % n:
         raise ValueError(f"block_sparse.frame_hw: expected q seq {q.shape[1]} and cache seq {k.shape[1]} to be "
