@@ -105,3 +105,26 @@ def test_gqa_heads_that_do_not_divide_are_named():
         lk.flash_attn_with_kvcache(q, kc, vc)
     with pytest.raises(ValueError, match=r"^k: expected a number of heads dividing q's 4 heads"):
         lk.flash_attn_with_kvcache(q, kc, vc, _t(1, 8, 3, 16), _t(1, 8, 3, 16))
+
+
+def test_cache_only_grad_and_batch_errors_name_the_cache():
+    q = _t(1, 8, 2, 16)
+    kc, vc = _t(1, 8, 2, 16).requires_grad_(), _t(1, 8, 2, 16)
+    # was "k: attn_with_kv_cache is forward-only": neither the argument nor the function the user called
+    with pytest.raises(ValueError, match=r"^k_cache: flash_attn_with_kvcache is forward-only"):
+        lk.flash_attn_with_kvcache(q, kc, vc)
+    # was "expected batch 1 or 1"
+    with pytest.raises(ValueError, match=r"^k_cache: expected batch 1 \(q's batch 1\), got 2"):
+        lk.flash_attn_with_kvcache(q, _t(2, 8, 2, 16), _t(2, 8, 2, 16))
+
+
+@pytest.mark.parametrize("bs,msg", [
+    (lk.BlockSparseParams(sparsity=0.5, chunk_q=(4, 4, 4), frame_hw=(2, 4)), r"^block_sparse.chunk_q: expected"),
+    (lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 1, 1), chunk_k=(2, 1, 1), frame_hw=(2, 4)),
+     r"^block_sparse.chunk_k: expected"),
+    (lk.BlockSparseParams(sparsity=1.0, chunk_q=(1, 1, 1), frame_hw=(2, 4)), r"^sparsity: expected"),
+])
+def test_cache_only_block_sparse_names_match_the_fresh_kv_path(bs, msg):
+    q, kc, vc = _qkv()
+    with pytest.raises(ValueError, match=msg):
+        lk.flash_attn_with_kvcache(q, kc, vc, block_sparse=bs)

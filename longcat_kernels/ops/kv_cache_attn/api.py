@@ -125,7 +125,8 @@ def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
     B, _, H, D = q.shape
     for n, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.shape[0] not in (1, B):
-            raise ValueError(f"{n}: expected batch 1 or {B} (q's batch), got {t.shape[0]} (shape {tuple(t.shape)})")
+            want = "1" if B == 1 else f"1 or {B}"
+            raise ValueError(f"{n}: expected batch {want} (q's batch {B}), got {t.shape[0]} (shape {tuple(t.shape)})")
         if t.shape[2] != kv_heads:
             raise ValueError(f"{n}: expected {kv_heads} heads (same as k), got {t.shape[2]}")
         if t.shape[3] != D:
@@ -379,6 +380,9 @@ def flash_attn_with_kvcache(
                 k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
             k, v, k_cache, v_cache = k_cache, v_cache, None, None
             return _cache_only_block_sparse(q, k, v, softmax_scale, block_sparse, backend, return_softmax_lse)
+        if not compiling():
+            # named here: below the cache is passed on as attn_with_kv_cache's k / v
+            check_no_grad([("q", q), ("k_cache", k_cache), ("v_cache", v_cache)], "flash_attn_with_kvcache")
         # the cache becomes the (only) key segment; a batch-1 cache is a stride-0 view, not a copy
         k, v = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
         k_cache = v_cache = None
@@ -402,8 +406,13 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     if q.shape[1] % n or k.shape[1] % n:
         raise ValueError(f"block_sparse.frame_hw: expected q seq {q.shape[1]} and cache seq {k.shape[1]} to be "
                          f"multiples of H*W = {n}")
-    kw = dict(grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k.shape[1] // n, Hf, Wf), scale=scale, backend=backend,
-              return_lse=return_lse)
+    grid_q, grid_k = (q.shape[1] // n, Hf, Wf), (k.shape[1] // n, Hf, Wf)
+    if bs.selection is None and not compiling():
+        # the same names as with fresh k/v (_normalize_block_sparse), not block_sparse_attn's own
+        check_sparsity(bs.sparsity, bs.cdf_threshold)
+        check_chunk(bs.chunk_q, grid_q, "block_sparse.chunk_q", "the fresh grid")
+        check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
+    kw = dict(grid_q=grid_q, grid_k=grid_k, scale=scale, backend=backend, return_lse=return_lse)
     if bs.selection is not None:
         return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
     return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,
