@@ -310,6 +310,8 @@ class VideoContinuationPipeline:
             MemoryModeError: ``memory`` cannot fit the device (names the GiB needed and a mode
                 that fits), raised before any weight is loaded.
         """
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir: expected a str or os.PathLike folder, got {type(checkpoint_dir).__name__}")
         checkpoint_dir = os.fspath(checkpoint_dir)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -424,6 +426,10 @@ class VideoContinuationPipeline:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(fuse_lora, bool):  # a truthy "no" would merge the LoRA into the weights
+            raise TypeError(f"fuse_lora: expected a bool (True or False), got {type(fuse_lora).__name__} {fuse_lora!r}")
+        if lora_path is not None and not isinstance(lora_path, (str, os.PathLike)):
+            raise TypeError(f"lora_path: expected a str or os.PathLike file or None, got {type(lora_path).__name__}")
         if mode == "distill":
             if lora_path is not None:
                 if not os.path.isfile(lora_path):

@@ -39,6 +39,12 @@ def test_bad_arguments_are_named_before_the_checkpoint_is_read(kw, exc, msg):
         _load(**kw)
 
 
+def test_checkpoint_dir_of_the_wrong_type_is_named():
+    # was os.fspath's "expected str, bytes or os.PathLike object, not NoneType"
+    with pytest.raises(TypeError, match=r"^checkpoint_dir: expected a str or os.PathLike folder, got NoneType"):
+        _load(None)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 def test_cuda_device_without_cuda_is_named():
     with pytest.raises(ValueError, match=r"^device: expected an available device, got cuda"):
@@ -76,3 +82,12 @@ def test_real_checkpoint_loads_with_the_flags(ckpt):
     assert pipe.dit.config.attn_backend == "torch" and pipe.vae.use_tiling and pipe.memory == "resident"
     pipe = _load(ckpt, vae_tiling=False)
     assert not pipe.vae.use_tiling
+
+
+def test_set_mode_flags(ckpt):
+    pipe = _load(ckpt)
+    with pytest.raises(TypeError, match=r"^fuse_lora: expected a bool"):
+        pipe.set_mode("distill", fuse_lora="no")  # was truthy: the LoRA merged into the weights
+    with pytest.raises(TypeError, match=r"^lora_path: expected a str or os.PathLike"):
+        pipe.set_mode("distill", lora_path=3)
+    assert pipe.mode == "basic"
