@@ -128,3 +128,16 @@ def test_cache_only_block_sparse_names_match_the_fresh_kv_path(bs, msg):
     q, kc, vc = _qkv()
     with pytest.raises(ValueError, match=msg):
         lk.flash_attn_with_kvcache(q, kc, vc, block_sparse=bs)
+
+
+def test_new_checks_do_not_break_fullgraph_compile():
+    # the checks above are skipped while dynamo traces (a guard on every call would be the cost)
+    q, kc, vc = _qkv()
+
+    def f(q, kc, vc):
+        return lk.flash_attn_with_kvcache(q, kc, vc, return_softmax_lse=True, softmax_scale=0.3, backend="torch")
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(q, kc, vc)
+    for g, w in zip(got, f(q, kc, vc)):
+        assert not g.isnan().any()
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
