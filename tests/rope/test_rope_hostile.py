@@ -86,3 +86,19 @@ def test_one_head_weight_is_both_kinds_and_still_allowed():
     kn = (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + 1e-6) * wk).view(1, 6, 2, 16)
     torch.testing.assert_close(ko, lk.apply_rope_3d(kn, r), rtol=1e-5, atol=1e-5)
     assert torch.isfinite(qo).all()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("auto", marks=pytest.mark.cuda),
+                                     pytest.param("triton", marks=pytest.mark.triton_gpu),
+                                     pytest.param("cuda", marks=pytest.mark.ext)])
+def test_mixed_norm_kinds_raise_on_gpu_backends(backend):
+    q, k = torch.randn(1, 6, 2, 16, device="cuda"), torch.randn(1, 6, 2, 16, device="cuda")
+    r = lk.Rope3D((1, 2, 3), 16, device="cuda")
+    with pytest.raises(ValueError, match=r"^k_weight: expected the same norm kind as q_weight"):
+        lk.qk_norm_rope(q, k, torch.ones(16, device="cuda"), torch.ones(32, device="cuda"), r, backend=backend)
+    # the same all-heads weights on both still run (Wan's fused prologue)
+    w = torch.rand(32, device="cuda") + 0.5
+    qo, ko = lk.qk_norm_rope(q, k, w, w, r, backend=backend)
+    rq, rk = lk.qk_norm_rope(q, k, w, w, r, backend="torch")
+    torch.testing.assert_close(qo, rq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ko, rk, rtol=1e-5, atol=1e-5)
