@@ -107,7 +107,7 @@ def run_mode(args, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
     out_dir = args.out or tempfile.mkdtemp(prefix="longcat_lora_")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"lora_{mode}.safetensors")
-    tr.save_longcat_lora(model, path)
+    tr.save_longcat_lora(model, path, overwrite=True)  # a rerun with the same --out replaces it
     with torch.no_grad():
         s = fixed["sigmas"].to(device)
         x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * fixed["noise"].to(device)

@@ -90,13 +90,21 @@ def check_qkv(q, k, v, names=("q", "k", "v"), gqa: bool = False) -> None:
         raise ValueError(f"{nq}/{nk}: expected non-empty sequences, got seq_q={q.shape[1]}, seq_k={k.shape[1]}")
 
 
-def check_scale(scale) -> None:
+def check_scale(scale, name: str = "scale") -> None:
     if scale is None or compiling():
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        raise TypeError(f"{name}: expected a float or None, got {type(scale).__name__}")
     if not scale > 0 or scale != scale or scale == float("inf"):
-        raise ValueError(f"scale: expected a finite positive float, got {scale}")
+        raise ValueError(f"{name}: expected a finite positive float, got {scale}")
+
+
+def check_bool(value, name: str) -> None:
+    """``value`` is a Python bool: a truthy stand-in (``"no"``, ``1``, ``None``) would silently pick a branch."""
+    if compiling():
+        return
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def check_grid(grid, seq_len: int, name: str, seq_name: str) -> Triple:

@@ -310,16 +310,52 @@ class VideoContinuationPipeline:
             MemoryModeError: ``memory`` cannot fit the device (names the GiB needed and a mode
                 that fits), raised before any weight is loaded.
         """
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir: expected a str or os.PathLike folder, got {type(checkpoint_dir).__name__}")
         checkpoint_dir = os.fspath(checkpoint_dir)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        from .config import ATTN_BACKENDS
         from .loading import check_dtype
 
         check_dtype(dtype)
-        check_checkpoint(checkpoint_dir, mode)
+        # every argument is checked before anything loads: a truthy stand-in ("no", 1) would silently
+        # turn a feature on, and an error raised while loading would come back as a CheckpointError
+        for name, flag in (("cfg_parallel", cfg_parallel), ("fuse_lora", fuse_lora), ("fp8", fp8),
+                           ("vae_tiling", vae_tiling)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool (True or False), got {type(flag).__name__} {flag!r}")
+        if attn_backend is not None and (not isinstance(attn_backend, str) or attn_backend not in ATTN_BACKENDS):
+            raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS} or None, got {attn_backend!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device: expected a str or torch.device (e.g. 'cuda:0') or None, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r} ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: expected an available device, got {device} but CUDA is not available")
+        if fp8:
+            from .fp8 import fp8_supported
+
+            if not fp8_supported(device):
+                cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+                what = f"compute capability {cap[0]}.{cap[1]}" if cap else f"device {device}"
+                raise ValueError(f"fp8: fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), got "
+                                 f"{what}")
+        from .memory import apply_memory_mode, check_memory_fits, memory_plan
+
+        plan = memory_plan(memory)
+        if plan.name != "resident" and process_group is not None:
+            # Untested combination: every rank would stream its own copy of the blocks.
+            raise ValueError(f"memory={memory!r} is not supported with a process_group (context parallel); "
+                             "use memory='resident'")
+        if cfg_parallel and process_group is None:
+            raise ValueError("cfg_parallel: expected False without a process_group, got True (cfg_parallel=True needs "
+                             "a process_group)")
+        check_checkpoint(checkpoint_dir, mode)
 
         def sub(name: str) -> str:
             return os.path.join(checkpoint_dir, name)
@@ -332,15 +368,6 @@ class VideoContinuationPipeline:
             except Exception as e:
                 raise CheckpointError(f"failed to load the {what} from {checkpoint_dir}: {e}") from e
 
-        from .memory import apply_memory_mode, check_memory_fits, memory_plan
-
-        plan = memory_plan(memory)
-        if plan.name != "resident" and process_group is not None:
-            # Untested combination: every rank would stream its own copy of the blocks.
-            raise ValueError(f"memory={memory!r} is not supported with a process_group (context parallel); "
-                             "use memory='resident'")
-        if not isinstance(fp8, bool):
-            raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
         if device.type == "cuda":
             from .config import DiTConfig
             from .loading import resolve_dit_dir
@@ -399,6 +426,10 @@ class VideoContinuationPipeline:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(fuse_lora, bool):  # a truthy "no" would merge the LoRA into the weights
+            raise TypeError(f"fuse_lora: expected a bool (True or False), got {type(fuse_lora).__name__} {fuse_lora!r}")
+        if lora_path is not None and not isinstance(lora_path, (str, os.PathLike)):
+            raise TypeError(f"lora_path: expected a str or os.PathLike file or None, got {type(lora_path).__name__}")
         if mode == "distill":
             if lora_path is not None:
                 if not os.path.isfile(lora_path):

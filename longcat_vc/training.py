@@ -101,10 +101,19 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
         dropout (float): ``lora_dropout`` (training only; not part of the saved adapter).
         kwargs: further ``LoraConfig`` fields (e.g. ``init_lora_weights``).
     """
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"lora_config: rank must be a positive int, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"lora_config: alpha must be a positive number, got {alpha!r}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank: expected a positive int, got {type(rank).__name__} {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"rank: expected a positive int, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha: expected a finite positive number, got {type(alpha).__name__} {alpha!r}")
+    # inf would scale the adapter by inf (NaN outputs after the first step), NaN likewise
+    if not 0 < alpha < float("inf"):
+        raise ValueError(f"alpha: expected a finite positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout: expected a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0 <= dropout < 1:  # 1 would zero every adapter input
+        raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"lora_config: targets must be a non-empty sequence of module names, got {targets!r}")
     for bad in ("use_dora", "bias"):
@@ -127,13 +136,28 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
         peft.PeftModel: call it like the DiT; ``.get_base_model()`` is ``dit`` (modified in place).
 
     Raises:
-        ValueError: the DiT has LoRAs of its own (``load_lora``) active, or a target matches no
-            ``nn.Linear``.
+        ValueError: the DiT has LoRAs of its own (``load_lora``) active, already has peft adapters
+            (a second call would re-initialise the trained ones), or a target matches no ``nn.Linear``.
     """
     peft = _peft()
     config = lora_config() if config is None else config
     if not isinstance(config, peft.LoraConfig):
         raise TypeError(f"add_lora: config must be a peft.LoraConfig, got {type(config).__name__}")
+    if not isinstance(dit, nn.Module):
+        raise TypeError(f"dit: expected a LongCatDiT, got {type(dit).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"adapter_name: expected a non-empty str, got {adapter_name!r}")
+    if not isinstance(fp32_adapters, bool):
+        raise TypeError(f"fp32_adapters: expected a bool (True or False), got {type(fp32_adapters).__name__} "
+                        f"{fp32_adapters!r}")
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+    if isinstance(dit, peft.PeftModel) or any(isinstance(m, LoraLayer) for m in dit.modules()):
+        # peft would re-initialise an adapter of the same name in place: trained weights lost
+        raise ValueError(
+            "dit: expected a DiT without peft adapters, got one that already has them (add_lora was called on it "
+            "before); keep training the model add_lora returned, or save it and call .unload() first"
+        )
     active = list(getattr(dit, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
@@ -295,22 +319,62 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
+_SAVE_META = {"format": "pt", "lora_format": "longcat"}
+
+
 def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapter_name: str = "default",
                       split_fused: bool = True, dtype: Optional[torch.dtype] = None,
-                      metadata: Optional[Dict[str, str]] = None) -> List[str]:
+                      metadata: Optional[Dict[str, str]] = None, overwrite: bool = False) -> List[str]:
     """Writes ``longcat_lora_state_dict(model, ...)`` to a ``.safetensors`` file that
     ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads.
 
+    ``dtype``: a floating dtype or None; ``metadata``: extra str -> str header entries (not
+    ``format`` / ``lora_format``, which this writes); ``overwrite``: replace an existing file.
+
     Returns the adapted module paths (``blocks.0.attn.qkv``, ...).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False (nothing is written).
+        FileNotFoundError / IsADirectoryError: the folder of ``path`` is missing, or ``path`` is one.
+        OSError: the file could not be written (e.g. a read-only folder), naming ``path``.
+        ValueError / TypeError: bad arguments, or a model without the peft adapter.
     """
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    tensors = longcat_lora_state_dict(model, adapter_name=adapter_name, split_fused=split_fused, dtype=dtype)
-    meta = {"format": "pt", "lora_format": "longcat"}
-    if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError("save_longcat_lora: metadata must map str to str")
-        meta.update(metadata)
+    from .loading import check_dtype  # noqa: PLC0415
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
-    save_file(tensors, path, metadata=meta)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool (True or False), got {type(overwrite).__name__} {overwrite!r}")
+    if not isinstance(split_fused, bool):
+        raise TypeError(f"split_fused: expected a bool (True or False), got {type(split_fused).__name__} "
+                        f"{split_fused!r}")
+    # an int dtype would round every adapter weight to an integer without a word
+    check_dtype(dtype)
+    meta = dict(_SAVE_META)
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise TypeError(f"metadata: expected a dict of str -> str or None, got {metadata!r}")
+        clash = sorted(set(metadata) & set(_SAVE_META))
+        if clash:
+            raise ValueError(f"metadata: expected no keys {sorted(_SAVE_META)} (written by save_longcat_lora), "
+                             f"got {clash}")
+        meta.update(metadata)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: expected a file path, got the folder {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path: the folder {folder!r} of {path!r} does not exist")
+    # checked before the tensors are built, and so before anything is written
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"path: {path!r} exists; pass overwrite=True to replace it")
+    tensors = longcat_lora_state_dict(model, adapter_name=adapter_name, split_fused=split_fused, dtype=dtype)
+    try:
+        # safetensors writes a temporary file and renames it: a failed write leaves an old file intact
+        save_file(tensors, path, metadata=meta)
+    except Exception as e:
+        raise OSError(f"path: could not write {path!r}: {e}") from e
     return sorted({k[len(LORA_PREFIX):].split(".", 1)[0].replace(LORA_HYPHEN, ".") for k in tensors})

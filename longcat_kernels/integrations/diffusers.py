@@ -22,6 +22,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from .._validate import check_backend_name, check_bool, check_sparsity
+from ..grid import as_triple
 from ..ops.block_sparse_attn.api import block_sparse_attn
 from ..ops.kv_cache_attn.api import BlockSparseParams, flash_attn_with_kvcache
 from ..ops.rope.api import Rope3D, qk_norm_rope
@@ -136,13 +138,22 @@ class BlockSparseWanAttnProcessor:
             out = flash_attn_with_kvcache(query, key, value, backend=self.backend)
         else:
             p = self.params
+            cq, ck = _fit_chunk(p.chunk_q, grid), _fit_chunk(p.chunk_q if p.chunk_k is None else p.chunk_k, grid)
             out = block_sparse_attn(
-                query, key, value, grid_q=grid, chunk_q=p.chunk_q, chunk_k=p.chunk_k, sparsity=p.sparsity,
+                query, key, value, grid_q=grid, chunk_q=cq, chunk_k=ck, sparsity=p.sparsity,
                 cdf_threshold=p.cdf_threshold, backend=self.backend,
             )
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def _fit_chunk(chunk, grid: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """``chunk`` capped at the grid on each axis. The grid changes with every forward (1 latent frame
+    for an image, a smaller resolution) while the chunk is fixed at apply time; a chunk longer than
+    an axis tiles it with one partial block, which is the block of the axis' own length (same blocks,
+    same selection), and that is what block_sparse_attn (which rejects the longer chunk) is given."""
+    return tuple(min(int(c), g) for c, g in zip(chunk, grid))
 
 
 def _all_heads_rms(attn, inner: int) -> bool:
@@ -155,14 +166,43 @@ def _all_heads_rms(attn, inner: int) -> bool:
     )
 
 
-def _check_transformer(transformer) -> None:
+def _check_transformer(transformer) -> Tuple[int, int, int]:
+    """Wan-shaped: a 3D ``config.patch_size``, ``blocks`` whose ``attn1`` takes processors; returns the patch."""
     cfg = getattr(transformer, "config", None)
     blocks = getattr(transformer, "blocks", None)
-    if cfg is None or blocks is None or not hasattr(cfg, "patch_size"):
-        raise TypeError(
-            "transformer: expected a diffusers WanTransformer3DModel (with .config.patch_size and .blocks), got "
-            f"{type(transformer).__name__}"
-        )
+    want = "a diffusers WanTransformer3DModel (with .config.patch_size and .blocks[i].attn1)"
+    if (cfg is None or blocks is None or not hasattr(cfg, "patch_size") or not isinstance(transformer, torch.nn.Module)
+            or not hasattr(blocks, "__len__")):
+        raise TypeError(f"transformer: expected {want}, got {type(transformer).__name__}")
+    ps = cfg.patch_size
+    try:
+        patch = as_triple(tuple(ps) if isinstance(ps, list) else ps, "transformer.config.patch_size")
+    except (TypeError, ValueError):
+        raise TypeError(f"transformer: expected {want}; its config.patch_size is {ps!r}, not (p_t, p_h, p_w)") from None
+    # checked before anything is changed: a failure halfway would leave a hook nobody can remove
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn1", None)
+        if attn is None or not hasattr(attn, "processor") or not callable(getattr(attn, "set_processor", None)):
+            raise TypeError(
+                f"transformer: expected {want}; blocks[{i}] ({type(block).__name__}) has no attn1 with "
+                "processor / set_processor"
+            )
+    return patch
+
+
+def _check_layers(layers, n: int):
+    """Distinct block indices in [0, n) as a list (a float or a str would silently pick other blocks)."""
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers: expected an iterable of block indices (ints) or None, got {type(layers).__name__}")
+    given = list(layers)  # a generator is consumed once: keep it for the message
+    if any(isinstance(i, (bool, float)) or not hasattr(i, "__index__") for i in given):
+        raise TypeError(f"layers: expected block indices (ints), got {given!r}")
+    idx = [int(i) for i in given]
+    if any(not 0 <= i < n for i in idx) or len(set(idx)) != len(idx):
+        raise ValueError(f"layers: expected distinct block indices in [0, {n}), got {given}")
+    return idx
 
 
 def apply_block_sparse_attention(
@@ -179,17 +219,22 @@ def apply_block_sparse_attention(
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V or I2V).
         params (BlockSparseParams): selection rule and chunks (``sparsity``, ``cdf_threshold``,
-            ``chunk_q``, ``chunk_k``); ``frame_hw`` and ``selection`` must be None.
-        layers (iterable of int | None): block indices to change; default all.
+            ``chunk_q``, ``chunk_k``; checked here); ``frame_hw`` and ``selection`` must be None. A
+            chunk longer than a forward's grid axis (e.g. 1 latent frame) is capped at that axis.
+        layers (iterable of int | None): distinct block indices to change; default all.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         dense_at_zero (bool): at sparsity 0 run the dense attention op (see the processor).
         fused_prologue (bool | None): q/k norm + RoPE in one fused op (see the processor).
 
     Returns:
         The same transformer (modified in place). The grid of each forward comes from a pre-forward
-        hook: ``(F / p_t, H / p_h, W / p_w)`` of ``hidden_states [B, C, F, H, W]``.
+        hook: ``(F // p_t, H // p_h, W // p_w)`` of ``hidden_states [B, C, F, H, W]`` (floored, as
+        diffusers' patch embedding and RoPE floor them).
+
+    Raises:
+        TypeError / ValueError: naming the argument, before the model is changed.
     """
-    _check_transformer(transformer)
+    p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):
         raise TypeError(f"params: expected a longcat_kernels.BlockSparseParams, got {type(params).__name__}")
     if params.frame_hw is not None or params.selection is not None:
@@ -197,14 +242,29 @@ def apply_block_sparse_attention(
             "params: expected frame_hw=None and selection=None (the grid comes from each forward's input), got "
             f"frame_hw={params.frame_hw}, selection={'set' if params.selection is not None else None}"
         )
+    # the rule and chunks are checked now, not at the first forward (a str sparsity "0" would even pass
+    # the processor's dense-at-zero test); chunks vs each forward's grid are checked by block_sparse_attn
+    try:
+        check_sparsity(params.sparsity, params.cdf_threshold)
+        as_triple(params.chunk_q, "chunk_q")
+        if params.chunk_k is not None:
+            as_triple(params.chunk_k, "chunk_k")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"params.{e}") from None
+    check_backend_name(backend)
+    check_bool(dense_at_zero, "dense_at_zero")
+    if fused_prologue is not None:
+        check_bool(fused_prologue, "fused_prologue")
     if getattr(transformer, _ATTR, None) is not None:
         raise ValueError("transformer: block-sparse attention is already applied; call remove_block_sparse_attention first")
-    n = len(transformer.blocks)
-    idx = list(range(n)) if layers is None else [int(i) for i in layers]
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad or len(set(idx)) != len(idx):
-        raise ValueError(f"layers: expected distinct block indices in [0, {n}), got {list(layers)}")
-    p_t, p_h, p_w = (int(x) for x in transformer.config.patch_size)
+    if any(isinstance(b.attn1.processor, BlockSparseWanAttnProcessor) for b in transformer.blocks):
+        # e.g. a copy.deepcopy of an applied model: its processors share the original's grid state
+        raise ValueError(
+            "transformer: some blocks already have a BlockSparseWanAttnProcessor not installed by "
+            "apply_block_sparse_attention on this model (a copy of an applied model?); apply to the original "
+            "model, or remove first"
+        )
+    idx = _check_layers(layers, len(transformer.blocks))
     state = _GridState()
 
     def hook(module, args, kwargs):

@@ -20,6 +20,7 @@ from ..._validate import (
     check_chunk,
     check_grid,
     check_qkv,
+    check_bool,
     check_scale,
     check_sparsity,
     compiling,
@@ -264,6 +265,7 @@ def block_sparse_attn(
         key block; lse carries no gradient. Two results over disjoint key sets merge exactly:
         ``lse = logaddexp(l1, l2)``, ``out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse)``.
     """
+    check_bool(return_lse, "return_lse")
     selection, scale = _prepare(
         q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend
     )

@@ -21,6 +21,7 @@ import torch
 from ...dispatch import choose, impl_fn
 from ..._validate import (
     check_backend_name,
+    check_bool,
     check_chunk,
     check_no_grad,
     check_qkv,
@@ -31,7 +32,7 @@ from ..._validate import (
     check_tensor,
     compiling,
 )
-from ...grid import Triple, as_triple
+from ...grid import Triple
 from ..block_sparse_attn.api import check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
@@ -92,6 +93,7 @@ def prefix_attn(
     """
     if not compiling():
         check_backend_name(backend)
+        check_bool(return_lse, "return_lse")
         check_qkv(q, k, v, gqa=True)
         check_scale(scale)
         if k.shape[1] != q.shape[1]:
@@ -123,7 +125,8 @@ def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
     B, _, H, D = q.shape
     for n, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.shape[0] not in (1, B):
-            raise ValueError(f"{n}: expected batch 1 or {B} (q's batch), got {t.shape[0]} (shape {tuple(t.shape)})")
+            want = "1" if B == 1 else f"1 or {B}"
+            raise ValueError(f"{n}: expected batch {want} (q's batch {B}), got {t.shape[0]} (shape {tuple(t.shape)})")
         if t.shape[2] != kv_heads:
             raise ValueError(f"{n}: expected {kv_heads} heads (same as k), got {t.shape[2]}")
         if t.shape[3] != D:
@@ -145,6 +148,17 @@ def _split_aligned(k_cache, bs) -> bool:
     return (k_cache.shape[1] // (Hf * Wf)) % int(ck[0]) == 0
 
 
+def _frame_hw(hw) -> Tuple[int, int]:
+    """``block_sparse.frame_hw`` as two positive ints (a 0 would divide by zero, a float make a fractional grid)."""
+    bad = (not isinstance(hw, (tuple, list)) or len(hw) != 2
+           or any(isinstance(x, (bool, float)) or not hasattr(x, "__index__") for x in hw))
+    if bad:
+        raise TypeError(f"block_sparse.frame_hw: expected a tuple of 2 ints (H, W), got {hw!r}")
+    if not all(int(x) > 0 for x in hw):
+        raise ValueError(f"block_sparse.frame_hw: expected 2 positive ints (H, W), got {tuple(hw)!r}")
+    return int(hw[0]), int(hw[1])
+
+
 def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     """Validated BlockSparseParams with frame_hw filled in."""
     if not isinstance(bs, BlockSparseParams):
@@ -154,9 +168,7 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         if rope is None:
             raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope=), got None")
         hw = rope.frame_hw
-    if not isinstance(hw, (tuple, list)) or len(hw) != 2:
-        raise TypeError(f"block_sparse.frame_hw: expected a tuple (H, W), got {hw!r}")
-    Hf, Wf = as_triple((1, hw[0], hw[1]), "block_sparse.frame_hw")[1:]
+    Hf, Wf = _frame_hw(hw)
     if rope is not None and (Hf, Wf) != rope.frame_hw:
         raise ValueError(f"block_sparse.frame_hw: expected {rope.frame_hw} (rope grid's H, W), got {(Hf, Wf)}")
     n = Hf * Wf
@@ -225,6 +237,7 @@ def attn_with_kv_cache(
     Sc = 0 if k_cache is None else k_cache.shape[1]
     if not compiling():
         check_backend_name(backend)
+        check_bool(return_lse, "return_lse")
         check_qkv(q, k, v, gqa=True)
         if k.shape[2] != q.shape[2] and block_sparse is not None:
             raise ValueError(
@@ -353,6 +366,13 @@ def flash_attn_with_kvcache(
             f"k/v: expected both or neither, got k={'None' if k is None else 'Tensor'}, "
             f"v={'None' if v is None else 'Tensor'}"
         )
+    if not compiling():
+        # checked here under this function's own names (attn_with_kv_cache calls them scale / return_lse)
+        check_tensor(q, "q")
+        check_scale(softmax_scale, "softmax_scale")
+        check_bool(return_softmax_lse, "return_softmax_lse")
+        if block_sparse is not None and not isinstance(block_sparse, BlockSparseParams):
+            raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(block_sparse).__name__}")
     if k is None:
         if rope is not None:
             raise ValueError("rope: expected None when k is None (rope rotates the fresh q/k), got a Rope3D")
@@ -370,6 +390,9 @@ def flash_attn_with_kvcache(
                 k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
             k, v, k_cache, v_cache = k_cache, v_cache, None, None
             return _cache_only_block_sparse(q, k, v, softmax_scale, block_sparse, backend, return_softmax_lse)
+        if not compiling():
+            # named here: below the cache is passed on as attn_with_kv_cache's k / v
+            check_no_grad([("q", q), ("k_cache", k_cache), ("v_cache", v_cache)], "flash_attn_with_kvcache")
         # the cache becomes the (only) key segment; a batch-1 cache is a stride-0 view, not a copy
         k, v = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
         k_cache = v_cache = None
@@ -383,15 +406,23 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     """Block-sparse attention of q against the cache alone (key grid = the cache's frames)."""
     from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
 
-    if not isinstance(bs, BlockSparseParams) or bs.frame_hw is None:
+    if not isinstance(bs, BlockSparseParams):
+        raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
+    hw = bs.frame_hw
+    if hw is None:
         raise ValueError("block_sparse.frame_hw: expected (H, W) when k is None, got None")
-    Hf, Wf = bs.frame_hw
+    Hf, Wf = _frame_hw(hw)
     n = Hf * Wf
     if q.shape[1] % n or k.shape[1] % n:
         raise ValueError(f"block_sparse.frame_hw: expected q seq {q.shape[1]} and cache seq {k.shape[1]} to be "
                          f"multiples of H*W = {n}")
-    kw = dict(grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k.shape[1] // n, Hf, Wf), scale=scale, backend=backend,
-              return_lse=return_lse)
+    grid_q, grid_k = (q.shape[1] // n, Hf, Wf), (k.shape[1] // n, Hf, Wf)
+    if bs.selection is None and not compiling():
+        # the same names as with fresh k/v (_normalize_block_sparse), not block_sparse_attn's own
+        check_sparsity(bs.sparsity, bs.cdf_threshold)
+        check_chunk(bs.chunk_q, grid_q, "block_sparse.chunk_q", "the fresh grid")
+        check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
+    kw = dict(grid_q=grid_q, grid_k=grid_k, scale=scale, backend=backend, return_lse=return_lse)
     if bs.selection is not None:
         return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
     return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,

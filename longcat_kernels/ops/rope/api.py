@@ -48,13 +48,21 @@ class Rope3D:
             raise TypeError(f"head_dim: expected an int, got {type(head_dim).__name__}")
         if head_dim < 6 or head_dim % 2:
             raise ValueError(f"head_dim: expected an even int >= 6, got {head_dim}")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-            raise ValueError(f"theta: expected a positive float, got {theta!r}")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            raise TypeError(f"theta: expected a positive float, got {type(theta).__name__} {theta!r}")
+        # inf would make every frequency but the first 0 (no rotation), NaN every angle NaN
+        if not 0 < theta < float("inf"):
+            raise ValueError(f"theta: expected a finite positive float, got {theta!r}")
+        if not isinstance(pairs, str):
+            raise TypeError(f"pairs: expected 'interleaved' or 'half', got {type(pairs).__name__} {pairs!r}")
         if pairs not in ("interleaved", "half"):
             raise ValueError(f"pairs: expected 'interleaved' or 'half', got {pairs!r}")
         if axis_dims is None:
             dims = ref.rope_part_dims(head_dim)
         else:
+            if isinstance(axis_dims, (str, bytes)) or not hasattr(axis_dims, "__iter__"):
+                raise TypeError(f"axis_dims: expected a tuple of 3 even ints (dt, dh, dw), got "
+                                f"{type(axis_dims).__name__} {axis_dims!r}")
             dims = tuple(axis_dims)
             if (len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 or d % 2 for d in dims)
                     or sum(dims) != head_dim):
@@ -232,6 +240,8 @@ def qk_norm_rope(
         check_backend_name(backend)
         check_tensor(q, "q")
         check_tensor(k, "k")
+        check_tensor(q_weight, "q_weight", ndim=1, layout="[head_dim] or [heads*head_dim]")
+        check_tensor(k_weight, "k_weight", ndim=1, layout="[head_dim] or [heads*head_dim]")
         check_same_device([("q", q), ("k", k), ("q_weight", q_weight), ("k_weight", k_weight)])
         if k.dtype != q.dtype:
             raise TypeError(f"k: expected dtype {q.dtype} (same as q), got {k.dtype}")
@@ -243,6 +253,13 @@ def qk_norm_rope(
         D = q.shape[3]
         _check_weight(q_weight, "q_weight", D, q)
         _check_weight(k_weight, "k_weight", D, k)
+        # one norm kind for both: the fused kernels take a single kind; with one head a weight is both
+        q_all, k_all = q_weight.shape[0] != D, k_weight.shape[0] != D
+        if q_all != k_all and q.shape[2] > 1 and k.shape[2] > 1:
+            raise ValueError(
+                f"k_weight: expected the same norm kind as q_weight ({'all heads, shape ' + str((k.shape[2] * D,)) if q_all else 'per head, shape ' + str((D,))}), "
+                f"got shape {tuple(k_weight.shape)} with q_weight of shape {tuple(q_weight.shape)}"
+            )
         _check_out(out_q, "out_q", q, "q")
         _check_out(out_k, "out_k", k, "k")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
