@@ -152,9 +152,7 @@ def _frame_hw(hw) -> Tuple[int, int]:
 
 def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     """Validated BlockSparseParams with frame_hw filled in."""
-    if not isinstance(bs, BlockSparseParams):
-        raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
-    hw = bs.frame_hw
+    hw = bs.frame_hw  # bs: a BlockSparseParams (flash_attn_with_kvcache checked it)
     if hw is None:
         if rope is None:
             raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope=), got None")
