@@ -330,7 +330,6 @@ def upstream_table(b, out, path):
            else DiTConfig.longcat_video(depth=args.depth))
     rows = []
     try:
-        b.reset_peak()
         up, note = upstream_dit(path, cfg, b.device, b.dtype, generator=torch.Generator(device=b.device).manual_seed(0))
     except Exception as e:  # reported, our numbers stand
         out["upstream"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}

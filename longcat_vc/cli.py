@@ -326,11 +326,12 @@ def _check_args_before_load(args) -> None:
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
     device = _device(args)
     if getattr(args, "fp8", False):
-        from .fp8 import fp8_supported
+        from .fp8 import check_fp8_device
 
-        if not fp8_supported(device):
-            raise UsageError(f"--fp8: fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), "
-                             f"got device {device}")
+        try:
+            check_fp8_device(device)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None  # "--fp8: ...": the flag's name
 
 
 def _check_input_frames(video, args) -> None:

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from .lora import LoRALinear
 
-__all__ = ["Fp8Linear", "quantize_dit_fp8", "fp8_supported", "FP8_TARGETS", "E4M3_MAX", "quantize_rows"]
+__all__ = ["Fp8Linear", "quantize_dit_fp8", "fp8_supported", "check_fp8_device", "FP8_TARGETS", "E4M3_MAX",
+           "quantize_rows"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -55,6 +56,15 @@ def fp8_supported(device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def check_fp8_device(device) -> None:
+    """Raises ValueError naming the device when it has no fp8 tensor cores (``fp8_supported``)."""
+    device = torch.device(device)
+    if not fp8_supported(device):
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+        what = f"compute capability {cap[0]}.{cap[1]}" if cap else f"device {device}"
+        raise ValueError(f"fp8: fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), got {what}")
 
 
 def quantize_rows(x: torch.Tensor):
@@ -153,10 +163,8 @@ def quantize_dit_fp8(dit: nn.Module, *, device=None, emulate: bool = False) -> L
             ``in``/``out`` features are not multiples of 16 (``_scaled_mm``'s rule).
     """
     device = torch.device(device) if device is not None else dit.device
-    if not emulate and not fp8_supported(device):
-        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
-        what = f"compute capability {cap[0]}.{cap[1]}" if cap else f"device {device}"
-        raise ValueError(f"fp8: fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), got {what}")
+    if not emulate:
+        check_fp8_device(device)
     done: List[str] = []
     targets: Dict[str, LoRALinear] = {}
     for i, block in enumerate(dit.blocks):

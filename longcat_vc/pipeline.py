@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from longcat_kernels._validate import check_bool
+
 from .schedule import cfg_zero, euler_step, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
@@ -323,8 +325,7 @@ class VideoContinuationPipeline:
         # turn a feature on, and an error raised while loading would come back as a CheckpointError
         for name, flag in (("cfg_parallel", cfg_parallel), ("fuse_lora", fuse_lora), ("fp8", fp8),
                            ("vae_tiling", vae_tiling)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool (True or False), got {type(flag).__name__} {flag!r}")
+            check_bool(flag, name)
         if attn_backend is not None and (not isinstance(attn_backend, str) or attn_backend not in ATTN_BACKENDS):
             raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS} or None, got {attn_backend!r}")
         if device is None:
@@ -338,13 +339,9 @@ class VideoContinuationPipeline:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: expected an available device, got {device} but CUDA is not available")
         if fp8:
-            from .fp8 import fp8_supported
+            from .fp8 import check_fp8_device
 
-            if not fp8_supported(device):
-                cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-                what = f"compute capability {cap[0]}.{cap[1]}" if cap else f"device {device}"
-                raise ValueError(f"fp8: fp8 GEMMs need a CUDA GPU of compute capability >= 8.9 (Ada, Hopper), got "
-                                 f"{what}")
+            check_fp8_device(device)
         from .memory import apply_memory_mode, check_memory_fits, memory_plan
 
         plan = memory_plan(memory)
@@ -426,8 +423,7 @@ class VideoContinuationPipeline:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(fuse_lora, bool):  # a truthy "no" would merge the LoRA into the weights
-            raise TypeError(f"fuse_lora: expected a bool (True or False), got {type(fuse_lora).__name__} {fuse_lora!r}")
+        check_bool(fuse_lora, "fuse_lora")  # a truthy "no" would merge the LoRA into the weights
         if lora_path is not None and not isinstance(lora_path, (str, os.PathLike)):
             raise TypeError(f"lora_path: expected a str or os.PathLike file or None, got {type(lora_path).__name__}")
         if mode == "distill":

@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longcat_kernels._validate import check_bool
+
 from .lora import LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
 
 __all__ = [
@@ -147,9 +149,7 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
         raise TypeError(f"dit: expected a LongCatDiT, got {type(dit).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"adapter_name: expected a non-empty str, got {adapter_name!r}")
-    if not isinstance(fp32_adapters, bool):
-        raise TypeError(f"fp32_adapters: expected a bool (True or False), got {type(fp32_adapters).__name__} "
-                        f"{fp32_adapters!r}")
+    check_bool(fp32_adapters, "fp32_adapters")
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415
 
     if isinstance(dit, peft.PeftModel) or any(isinstance(m, LoraLayer) for m in dit.modules()):
@@ -346,11 +346,8 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite: expected a bool (True or False), got {type(overwrite).__name__} {overwrite!r}")
-    if not isinstance(split_fused, bool):
-        raise TypeError(f"split_fused: expected a bool (True or False), got {type(split_fused).__name__} "
-                        f"{split_fused!r}")
+    check_bool(overwrite, "overwrite")
+    check_bool(split_fused, "split_fused")
     # an int dtype would round every adapter weight to an integer without a word
     check_dtype(dtype)
     meta = dict(_SAVE_META)

@@ -406,9 +406,7 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     """Block-sparse attention of q against the cache alone (key grid = the cache's frames)."""
     from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
 
-    if not isinstance(bs, BlockSparseParams):
-        raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
-    hw = bs.frame_hw
+    hw = bs.frame_hw  # bs: a BlockSparseParams (flash_attn_with_kvcache, the only caller, checked it)
     if hw is None:
         raise ValueError("block_sparse.frame_hw: expected (H, W) when k is None, got None")
     Hf, Wf = _frame_hw(hw)
