@@ -81,50 +81,9 @@ cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_
 // supported(p): head_dim 128, query and key chunk volume 64, one key segment or two whose split
 // (s0 tokens) falls on a key-block boundary along t, sm90_ws available, 16-byte aligned pointers
 // and strides that are multiples of 8 elements.
-// union_walk: the two query blocks of a CTA load the union of their selections once into a shared
-// ring (fewer K/V loads where neighbouring blocks select the same key blocks); needs at most
-// 16384 key blocks (union_supported).
 bool bsa_fwd_sm90ws_available();
 bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
-bool bsa_fwd_sm90ws_union_supported(const AttnFwdParams& p, int head_dim);
-cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, bool union_walk,
-                           cudaStream_t stream);
-
-// sm90_ws, block-sparse BACKWARD (csrc/bsa_bwd_sm90_ws.cu): dK/dV per key block over the transposed
-// selection and dQ per query block over the selection, two launches per batch, no atomics
-// (deterministic); head_dim 128, query and key chunk volume 64, one key segment.
-struct BsaBwdParams {
-  // q [B, Sq, H, D], k/v [B, Sk, H, D], dout [B, Sq, H, D] (strides in elements, last dim contiguous)
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* dout;
-  int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, do_sb, do_ss, do_sh;
-  // lse (natural log, of the forward) and delta = rowsum(dout * out), [B, H, Sq] fp32, row stride 1
-  const float* lse;
-  const float* delta;
-  int64_t ls_sb, ls_sh;
-  // gradients, q's dtype, [B, S, H, D]
-  void* dq;
-  void* dk;
-  void* dv;
-  int64_t dq_sb, dq_ss, dq_sh, dk_sb, dk_ss, dk_sh, dv_sb, dv_ss, dv_sh;
-  int batch, heads, sq, sk;
-  float scale;
-  int gq[3], cq[3], nbq[3];
-  int gk[3], ck[3], nbk[3];
-  // selection [B, H, Nq, max_sel] / [B, H, Nq] int32 (batch stride 0 broadcasts)
-  const int* sel_idx;
-  const int* sel_cnt;
-  int64_t si_sb, si_sh, si_sq, sc_sb, sc_sh, sc_sq;
-  int num_q_blocks, max_sel;
-  // transposed selection as CSR over (b, h, key block): t_off [B*H*Nk + 1], t_q the query blocks
-  const int* t_off;
-  const int* t_q;
-  int num_k_blocks;
-};
-bool bsa_bwd_sm90ws_supported(const BsaBwdParams& p, int head_dim);
-cudaError_t bsa_bwd_sm90ws(const BsaBwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 
 // Largest 3D-chunk block (tokens) the block-sparse kernel accepts.
 constexpr int kMaxBlockTokens = 1024;

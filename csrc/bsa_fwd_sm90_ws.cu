@@ -71,10 +71,6 @@ struct BsaWsParams {
   float scale_log2;
 };
 
-// union walk: at most this many key blocks (2 bits each in a smem bitmap)
-constexpr int kUnionMaxKeyBlocks = 16384;
-constexpr int kUnionWords = kUnionMaxKeyBlocks / 16;
-
 template <int kStages>
 struct BsaSmem {
   // Q[2] | K[consumer][stage] | V[consumer][stage] | slot tables | barriers
@@ -83,11 +79,8 @@ struct BsaSmem {
   static constexpr int kV = kK + 2 * kStages * kBTile;
   static constexpr int kTab = kV + 2 * kStages * kBTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
   static constexpr int kBar = kTab + 2 * 64 * 4;
-  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty (union
-  // walk: one shared ring of 2 * kStages stages in the same places)
-  static constexpr int kMap = kBar + 8 * (2 + 2 * kStages * 4);
-  // union walk: bitmap of the two consumers' selections, 2 bits per key block
-  static constexpr int kBytes = kMap + kUnionWords * 4;
+  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty
+  static constexpr int kBytes = kBar + 8 * (2 + 2 * kStages * 4);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
 };
 
@@ -96,27 +89,7 @@ struct BsaSmem {
 using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
 
-// Union walk (kUnion): the two consumers' selections as one bitmap in smem, 2 bits per key block
-// (bit 0: consumer 0 selected it, bit 1: consumer 1); every role walks the set blocks in ascending
-// id order with its own cursor. next() returns the next block and its 2-bit mask, -1 at the end.
-struct UnionCursor {
-  const uint32_t* map;
-  int nwords;
-  int w = -1;
-  uint32_t rem = 0;
-  __device__ __forceinline__ int next(int& bits) {
-    while (rem == 0) {
-      if (++w >= nwords) return -1;
-      rem = map[w];
-    }
-    const int slot = (__ffs(rem) - 1) >> 1;
-    bits = (rem >> (2 * slot)) & 3u;
-    rem &= ~(3u << (2 * slot));
-    return w * 16 + slot;
-  }
-};
-
-template <typename T, bool kOverlap, int kStages, bool kUnion>
+template <typename T, bool kOverlap, int kStages>
 __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
   using Sm = BsaSmem<kStages>;
   using W = Wgmma<T>;
@@ -127,17 +100,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   // grid measured 2x slower)
   const int h = blockIdx.y;
   const int pair = blockIdx.x;
-  // consumers in this CTA (the last CTA of an odd number of query blocks has one)
-  const int n_cons = pair * 2 + 1 < p.nq ? 2 : 1;
 
   const uint32_t sbase = smem_u32(smem);
   int* qtab = reinterpret_cast<int*>(smem + Sm::kTab);
   int* ktab = qtab + 64;
-  uint32_t* umap = reinterpret_cast<uint32_t*>(smem + Sm::kMap);
-  const int nwords = (p.nbk_total + 15) / 16;
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
-  // private rings: consumer c, stage s < kStages; union walk: c = 0, s < 2 * kStages (same places)
+  // private rings: consumer c, stage s < kStages
   auto bar_at = [&](int c, int s, int kind) { return bar0 + 8 * (2 + (c * kStages + s) * 4 + kind); };
   // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
   auto sK = [&](int c, int s) { return sbase + Sm::kK + (c * kStages + s) * kBTile; };
@@ -150,37 +119,20 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     qtab[r] = (r / (p.cq[2] * p.cq[1])) | (((r / p.cq[2]) % p.cq[1]) << 8) | ((r % p.cq[2]) << 16);
     ktab[r] = (r / (p.ck[2] * p.ck[1])) | (((r / p.ck[2]) % p.ck[1]) << 8) | ((r % p.ck[2]) << 16);
   }
-  if constexpr (kUnion) {
-    for (int i = tid; i < nwords; i += kBThreads) umap[i] = 0u;
-  }
   if (tid == 0) {
     for (int c = 0; c < 2; ++c) {
       mbar_init(bar_q(c), 1);
       for (int s = 0; s < kStages; ++s) {
-        // empty barriers: one arrive per consumer warp (union walk: of every consumer)
-        const int empties = kUnion ? 4 * n_cons : 4;
+        // empty barriers: one arrive per consumer warp
         mbar_init(bar_at(c, s, 0), 1);
-        mbar_init(bar_at(c, s, 1), empties);
+        mbar_init(bar_at(c, s, 1), 4);
         mbar_init(bar_at(c, s, 2), 1);
-        mbar_init(bar_at(c, s, 3), empties);
+        mbar_init(bar_at(c, s, 3), 4);
       }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if constexpr (kUnion) {
-    for (int c = 0; c < n_cons; ++c) {
-      const int qb = pair * 2 + c;
-      const int cnt = sel_count(qb);
-      const int* sel = sel_list(qb);
-      for (int i = tid; i < cnt; i += kBThreads) {
-        const int blk = sel[i];
-        if (blk >= 0 && blk < p.nbk_total) atomicOr(&umap[blk >> 4], 1u << (2 * (blk & 15) + c));
-      }
-    }
-    __syncthreads();
-  }
-
   // one key block (K or V) as two TMA boxes, from the segment that holds it
   auto load_block = [&](uint32_t dst, const CUtensorMap* m0, const CUtensorMap* m1, int blk, uint32_t bar) {
     int t0, h0, w0;
@@ -196,11 +148,10 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   if (wg == 0) {
     // ---------------- producer ----------------
-    // private rings: warp c serves consumer c; union walk: warp 0 loads both Q blocks and walks
-    // the union into the shared ring
+    // private rings: warp c loads Q block c and serves consumer c
     setmaxnreg_dec<kBProducerRegs>();
     const int c = tid / 32;
-    if ((tid % 32) != 0 || c >= (kUnion ? 1 : 2)) return;
+    if ((tid % 32) != 0 || c >= 2) return;
     prefetch_map(&p.tq);
     prefetch_map(&p.tk);
     prefetch_map(&p.tv);
@@ -208,52 +159,31 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       prefetch_map(&p.tk1);
       prefetch_map(&p.tv1);
     }
-    for (int qc = 0; qc < 2; ++qc) {
-      if (!kUnion && qc != c) continue;
-      const int qb = pair * 2 + qc;
-      if (qb >= p.nq) continue;
+    const int qb = pair * 2 + c;
+    if (qb >= p.nq) return;
+    {
       int t0, h0, w0;
       b_origin(qb, p.nbq, p.cq, t0, h0, w0);
-      const uint32_t dq = sbase + Sm::kQ + qc * kBTile;
-      mbar_expect_tx(bar_q(qc), kBTile);
-      tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(qc));
-      tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(qc));
+      const uint32_t dq = sbase + Sm::kQ + c * kBTile;
+      mbar_expect_tx(bar_q(c), kBTile);
+      tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
+      tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
     }
-    if constexpr (kUnion) {
-      constexpr int kU = 2 * kStages;
-      UnionCursor cur{umap, nwords};
-      int bits = 0;
-      for (int u = 0;; ++u) {
-        const int blk = cur.next(bits);
-        if (blk < 0) break;
-        const int s = u % kU;
-        const uint32_t par = ((u / kU) & 1) ^ 1;
-        if (u >= kU) mbar_wait(bar_at(0, s, 1), par);
-        mbar_expect_tx(bar_at(0, s, 0), kBTile);
-        load_block(sK(0, s), &p.tk, &p.tk1, blk, bar_at(0, s, 0));
-        if (u >= kU) mbar_wait(bar_at(0, s, 3), par);
-        mbar_expect_tx(bar_at(0, s, 2), kBTile);
-        load_block(sV(0, s), &p.tv, &p.tv1, blk, bar_at(0, s, 2));
-      }
-    } else {
-      const int qb = pair * 2 + c;
-      if (qb >= p.nq) return;
-      const int cnt = sel_count(qb);
-      const int* sel = sel_list(qb);
-      int j = 0;
-      for (int i = 0; i < cnt; ++i) {
-        const int blk = sel[i];
-        if (blk < 0 || blk >= p.nbk_total) continue;
-        const int s = j % kStages;
-        const uint32_t par = ((j / kStages) & 1) ^ 1;
-        if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
-        mbar_expect_tx(bar_at(c, s, 0), kBTile);
-        load_block(sK(c, s), &p.tk, &p.tk1, blk, bar_at(c, s, 0));
-        if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
-        mbar_expect_tx(bar_at(c, s, 2), kBTile);
-        load_block(sV(c, s), &p.tv, &p.tv1, blk, bar_at(c, s, 2));
-        ++j;
-      }
+    const int cnt = sel_count(qb);
+    const int* sel = sel_list(qb);
+    int j = 0;
+    for (int i = 0; i < cnt; ++i) {
+      const int blk = sel[i];
+      if (blk < 0 || blk >= p.nbk_total) continue;
+      const int s = j % kStages;
+      const uint32_t par = ((j / kStages) & 1) ^ 1;
+      if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
+      mbar_expect_tx(bar_at(c, s, 0), kBTile);
+      load_block(sK(c, s), &p.tk, &p.tk1, blk, bar_at(c, s, 0));
+      if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
+      mbar_expect_tx(bar_at(c, s, 2), kBTile);
+      load_block(sV(c, s), &p.tv, &p.tv1, blk, bar_at(c, s, 2));
+      ++j;
     }
     return;
   }
@@ -272,14 +202,12 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   const int cnt = sel_count(qb);
   const int* sel = sel_list(qb);
-  // valid entries (the producer issues exactly these); the union walk needs no count
+  // valid entries (the producer issues exactly these)
   int n_tiles = 0;
-  if constexpr (!kUnion) {
-    for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
-      const int i = i0 + lane;
-      const int blk = i < cnt ? sel[i] : -1;
-      n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
-    }
+  for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
+    const int i = i0 + lane;
+    const int blk = i < cnt ? sel[i] : -1;
+    n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
   }
 
   float o[16][4];
@@ -292,9 +220,8 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   // key columns of this thread: 8 groups x 2 (c = i*8 + 2*tq + e); their slot geometry
   const uint32_t q_base = sbase + Sm::kQ + cw * kBTile;
-  const int ring = kUnion ? 0 : cw;  // the union walk has one shared ring
   auto issue_qk = [&](int st) {
-    const uint32_t k_base = sK(ring, st);
+    const uint32_t k_base = sK(cw, st);
     fence_acc(s);
     wg_fence();
 #pragma unroll
@@ -305,7 +232,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     wg_commit();
   };
   auto issue_pv = [&](int st) {
-    const uint32_t v_base = sV(ring, st);
+    const uint32_t v_base = sV(cw, st);
     fence_acc(o);
     fence_pa(pa);
     wg_fence();
@@ -351,49 +278,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   // always wait for Q: no TMA may still be writing this CTA's smem when it exits
   mbar_wait(bar_q(cw), 0);
-  if constexpr (kUnion) {
-    // Shared ring of kU stages over the union of both consumers' selections, in ascending block
-    // order. Both consumers wait for every tile and release it (a tile of the other consumer only
-    // is released at once): the full/empty phases then advance exactly as in a private ring, so a
-    // parity wait can never mistake a phase two uses back for the current one (a consumer that
-    // skipped tiles without waiting could run a whole phase ahead of a stage's full barrier). Own
-    // tiles run in the plain order (S, softmax, P V; nothing left in flight across tiles), so no
-    // stage is held while the producer may need it for the other consumer's tiles (the overlapped
-    // order deadlocks here; it measured within noise of the plain one for BSA, NOTES.md v7).
-    constexpr int kU = 2 * kStages;
-    UnionCursor cur{umap, nwords};
-    int bits = 0;
-    for (int u = 0;; ++u) {
-      const int blk = cur.next(bits);
-      // every thread reads the same bitmap; the votes make the branches provably warp-uniform
-      if (__any_sync(0xffffffffu, blk < 0)) break;
-      const int st = u % kU;
-      const uint32_t par = (u / kU) & 1;
-      if (!__any_sync(0xffffffffu, (bits >> cw) & 1)) {
-        mbar_wait(bar_at(0, st, 0), par);
-        release(bar_at(0, st, 1));
-        mbar_wait(bar_at(0, st, 2), par);
-        release(bar_at(0, st, 3));
-        continue;
-      }
-      mbar_wait(bar_at(0, st, 0), par);
-      issue_qk(st);
-      wg_wait<0>();
-      fence_acc(s);
-      release(bar_at(0, st, 1));
-      mask(blk);
-      float alpha[2];
-      softmax(alpha);
-      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_o(alpha);
-      convert_p();
-      mbar_wait(bar_at(0, st, 2), par);
-      issue_pv(st);
-      wg_wait<0>();
-      fence_acc(o);
-      fence_pa(pa);
-      release(bar_at(0, st, 3));
-    }
-  } else if (n_tiles > 0) {
+  if (n_tiles > 0) {
     if constexpr (kOverlap) {
       mbar_wait(bar_at(cw, 0, 0), 0);
       issue_qk(0);
@@ -489,13 +374,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
 #endif  // LONGCAT_BSA_WS
 
-template <typename T, bool kOverlap, int kStages, bool kUnion>
+template <typename T, bool kOverlap, int kStages>
 __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __grid_constant__ BsaWsParams p) {
 #ifdef LONGCAT_BSA_WS
   extern __shared__ unsigned char bsa_ws_smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(bsa_ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  bsa_ws_body<T, kOverlap, kStages, kUnion>(p, smem);
+  bsa_ws_body<T, kOverlap, kStages>(p, smem);
 #else
   // built for another target: the host only launches this kernel from an sm_90a binary
   __trap();
@@ -505,9 +390,9 @@ __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __gr
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool kOverlap, int kStages, bool kUnion>
+template <typename T, bool kOverlap, int kStages>
 cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages, kUnion>;
+  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages>;
   const int smem = BsaSmem<kStages>::kAlloc;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -516,11 +401,10 @@ cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream)
 }
 
 template <typename T>
-cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, bool union_walk, cudaStream_t stream) {
+cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
   // variant 1 (intra-warpgroup overlap, 2 K/V stages per consumer): the measured winner (NOTES.md,
-  // v7); the union walk uses the same smem as one shared ring of 4 stages
-  if (union_walk) return launch_bsa_ws<T, true, 2, true>(bp, grid, stream);
-  return launch_bsa_ws<T, true, 2, false>(bp, grid, stream);
+  // v7; the v8 union walk measured slower and was removed)
+  return launch_bsa_ws<T, true, 2>(bp, grid, stream);
 }
 
 
@@ -556,17 +440,10 @@ bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
          bsa_aligned16(p.v0, {p.v0_sb, p.v0_ss, p.v0_sh});
 }
 
-bool bsa_fwd_sm90ws_union_supported(const AttnFwdParams& p, int head_dim) {
-  return bsa_fwd_sm90ws_supported(p, head_dim) &&
-         static_cast<int64_t>(p.nbk[0]) * p.nbk[1] * p.nbk[2] <= kUnionMaxKeyBlocks;
-}
-
 bool bsa_fwd_sm90ws_available() { return attn_fwd_sm90_available() && bsa_encode_fn() != nullptr; }
 
-cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, bool union_walk,
-                           cudaStream_t stream) {
-  if (!(union_walk ? bsa_fwd_sm90ws_union_supported(p, head_dim) : bsa_fwd_sm90ws_supported(p, head_dim)))
-    return cudaErrorNotSupported;
+cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream) {
+  if (!bsa_fwd_sm90ws_supported(p, head_dim)) return cudaErrorNotSupported;
   if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0 || p.num_q_blocks <= 0) return cudaSuccess;
   if (p.heads > 65535) return cudaErrorNotSupported;
   const int es = 2;
@@ -620,8 +497,8 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, bo
     bp.scale_log2 = p.scale_log2;
     if ((p.num_q_blocks + 1) / 2 > 65535) return cudaErrorNotSupported;
     dim3 grid((p.num_q_blocks + 1) / 2, p.heads);
-    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, union_walk, stream)
-                                                  : dispatch_bsa_ws<__half>(bp, grid, union_walk, stream);
+    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, stream)
+                                                  : dispatch_bsa_ws<__half>(bp, grid, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -1,5 +1,5 @@
-// Helpers shared by the warp-specialised block-sparse kernels (bsa_fwd_sm90_ws.cu: forward;
-// bsa_bwd_sm90_ws.cu: backward): the 3D block geometry, and on the host the 5D TMA tensor map of one
+// Helpers of the warp-specialised block-sparse forward (bsa_fwd_sm90_ws.cu): the 3D block geometry,
+// and on the host the 5D TMA tensor map of one
 // batch of a [S, heads, 128] tensor whose boxes are 3D chunks. No torch headers.
 #pragma once
 #include <cuda.h>

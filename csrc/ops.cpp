@@ -185,17 +185,13 @@ void check_launch(cudaError_t err, const char* op) {
 // Kernel family, named by the caller (longcat_kernels/dispatch.py decides; nothing here reads the
 // environment or switches to another family): "sm90_ws" (warp-specialised TMA + wgmma), "sm90"
 // (wgmma) or "sm80" (mma.sync). A family that cannot run the call raises.
-// "sm90_ws_union" (block-sparse only): sm90_ws where the two query blocks of a CTA load the union of
-// their selections once (csrc/bsa_fwd_sm90_ws.cu).
-enum class Family { kSm90Ws, kSm90WsUnion, kSm90, kSm80 };
+enum class Family { kSm90Ws, kSm90, kSm80 };
 
 Family parse_family(const std::string& kernel) {
   if (kernel == "sm90_ws") return Family::kSm90Ws;
-  if (kernel == "sm90_ws_union") return Family::kSm90WsUnion;
   if (kernel == "sm90") return Family::kSm90;
   if (kernel == "sm80") return Family::kSm80;
-  fail("longcat_kernels (cuda): kernel must be 'sm90_ws', 'sm90_ws_union' (block-sparse), 'sm90' or 'sm80', got '",
-       kernel, "'");
+  fail("longcat_kernels (cuda): kernel must be 'sm90_ws', 'sm90' or 'sm80', got '", kernel, "'");
 }
 
 void check_family_available(Family f, const std::string& kernel) {
@@ -223,8 +219,6 @@ std::string available_kernels() {
 cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, int d,
                          const std::string& kernel, cudaStream_t stream) {
   const Family f = parse_family(kernel);
-  LK_CHECK(f != Family::kSm90WsUnion, "longcat_kernels (cuda): kernel 'sm90_ws_union' is block-sparse only; "
-           "use 'sm90_ws' for dense attention");
   check_family_available(f, kernel);
   if (f == Family::kSm90Ws) {
     LK_CHECK(longcat::attn_fwd_sm90ws_supported(p, d), "longcat_kernels (cuda): kernel 'sm90_ws' "
@@ -244,15 +238,13 @@ cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype,
                           const std::string& kernel, cudaStream_t stream) {
   const Family f = parse_family(kernel);
   check_family_available(f, kernel);
-  if (f == Family::kSm90Ws || f == Family::kSm90WsUnion) {
-    const bool uni = f == Family::kSm90WsUnion;
-    LK_CHECK(uni ? longcat::bsa_fwd_sm90ws_union_supported(p, d) : longcat::bsa_fwd_sm90ws_supported(p, d),
-             "longcat_kernels (cuda): kernel '", kernel, "' cannot run this block-sparse call (needs head_dim "
+  if (f == Family::kSm90Ws) {
+    LK_CHECK(longcat::bsa_fwd_sm90ws_supported(p, d),
+             "longcat_kernels (cuda): kernel 'sm90_ws' cannot run this block-sparse call (needs head_dim "
              "128, got ", d, "; query and key blocks of 64 tokens, got ", p.cq[0] * p.cq[1] * p.cq[2], " and ",
              p.ck[0] * p.ck[1] * p.ck[2], "; a [cache; fresh] split on a key-block boundary along t (cache of ",
-             p.s0, " tokens, key chunk ", p.ck[0], " frames)", uni ? "; at most 16384 key blocks" : "",
-             "); use kernel 'sm90'");
-    const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, uni, stream);
+             p.s0, " tokens, key chunk ", p.ck[0], " frames)); use kernel 'sm90'");
+    const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, stream);
     LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel '", kernel, "': the driver "
              "refused a TMA tensor map or the grid is too large (heads ", p.heads, ", query blocks ",
              p.num_q_blocks, "); use kernel 'sm90'");
@@ -567,120 +559,6 @@ std::tuple<Tensor, Tensor> prefix_attn_fwd_cuda(const Tensor& q_in, const Tensor
   return {out, lse};
 }
 
-// Block-sparse backward (sm90_ws only): gradients of bsa_fwd_cuda through the same selection, one
-// key segment. delta = rowsum(dout * out) [B, H, Sq] fp32 and the transposed selection (CSR:
-// t_off [B*H*Nk + 1], t_q) come from the caller (longcat_kernels/ops/block_sparse_attn/cuda.py).
-std::tuple<Tensor, Tensor, Tensor> bsa_bwd_cuda(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
-                                                const Tensor& v_in, const Tensor& lse_in, const Tensor& delta_in,
-                                                const Tensor& indices, const Tensor& counts, const Tensor& t_off,
-                                                const Tensor& t_q, c10::IntArrayRef grid_q, c10::IntArrayRef grid_k,
-                                                c10::IntArrayRef chunk_q, c10::IntArrayRef chunk_k, double scale,
-                                                const std::string& kernel) {
-  LK_CHECK(kernel == "sm90_ws", "longcat_kernels (cuda): the block-sparse backward has kernel 'sm90_ws' only, got '",
-           kernel, "'; use backend='triton' for gradients elsewhere");
-  LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
-           "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], got ", q_in.sizes(),
-           " on ", q_in.device());
-  const auto dtype = to_dtype(q_in, "q");
-  check_head_dim(q_in);
-  check_kv_pair(k_in, v_in, "k", "v", q_in, /*allow_bcast=*/false);
-  LK_CHECK(dout_in.sizes() == q_in.sizes() && dout_in.scalar_type() == q_in.scalar_type() &&
-               dout_in.device() == q_in.device(),
-           "longcat_kernels (cuda): grad_out must match q (", q_in.sizes(), ", ", q_in.scalar_type(), "), got ",
-           dout_in.sizes(), ", ", dout_in.scalar_type());
-  const int64_t B = q_in.size(0), Sq = q_in.size(1), H = q_in.size(2);
-  for (const Tensor* t : {&lse_in, &delta_in}) {
-    LK_CHECK(t->is_cuda() && t->device() == q_in.device() && t->scalar_type() == at::kFloat && t->dim() == 3 &&
-                 t->size(0) == B && t->size(1) == H && t->size(2) == Sq,
-             "longcat_kernels (cuda): lse and delta must be fp32 [B, H, Sq] = [", B, ", ", H, ", ", Sq,
-             "] on q's device, got ", t->sizes(), " ", t->scalar_type());
-  }
-  auto gq = three(grid_q, "grid_q");
-  auto gk = three(grid_k, "grid_k");
-  auto cq = three(chunk_q, "chunk_q");
-  auto ck = three(chunk_k, "chunk_k");
-  LK_CHECK(static_cast<int64_t>(gq[0]) * gq[1] * gq[2] == Sq && static_cast<int64_t>(gk[0]) * gk[1] * gk[2] == k_in.size(1),
-           "longcat_kernels (cuda): grid_q ", grid_q, " / grid_k ", grid_k, " do not match q seq ", Sq, " / k seq ",
-           k_in.size(1));
-  int nbq[3], nbk[3];
-  for (int a = 0; a < 3; ++a) {
-    nbq[a] = (gq[a] + cq[a] - 1) / cq[a];
-    nbk[a] = (gk[a] + ck[a] - 1) / ck[a];
-  }
-  const int64_t nq = static_cast<int64_t>(nbq[0]) * nbq[1] * nbq[2];
-  const int64_t nk = static_cast<int64_t>(nbk[0]) * nbk[1] * nbk[2];
-  LK_CHECK(indices.is_cuda() && counts.is_cuda() && t_off.is_cuda() && t_q.is_cuda() &&
-               indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt &&
-               t_off.scalar_type() == at::kInt && t_q.scalar_type() == at::kInt,
-           "longcat_kernels (cuda): selection tensors must be int32 CUDA tensors");
-  LK_CHECK(indices.dim() == 4 && counts.dim() == 3 && (indices.size(0) == B || indices.size(0) == 1) &&
-               indices.size(1) == H && indices.size(2) == nq && counts.size(0) == indices.size(0) &&
-               counts.size(1) == H && counts.size(2) == nq && (indices.stride(3) == 1 || indices.size(3) <= 1),
-           "longcat_kernels (cuda): selection shape ", indices.sizes(), " / ", counts.sizes(),
-           " does not match batch ", B, ", heads ", H, ", query blocks ", nq);
-  LK_CHECK(t_off.dim() == 1 && t_off.size(0) == B * H * nk + 1 && t_off.is_contiguous() && t_q.dim() == 1 &&
-               t_q.is_contiguous(),
-           "longcat_kernels (cuda): transposed selection must be CSR offsets [B*H*Nk + 1] = [", B * H * nk + 1,
-           "] and a flat query-block list, got ", t_off.sizes(), " / ", t_q.sizes());
-  check_scale(scale);
-
-  c10::cuda::CUDAGuard guard(q_in.device());
-  const Tensor q = rows16(q_in), k = rows16(k_in), v = rows16(v_in), dout = rows16(dout_in);
-  const Tensor lse = lse_in.contiguous(), delta = delta_in.contiguous();
-  Tensor dq = at::empty(q.sizes(), q.options());
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
-  if (q.numel() == 0 || k.numel() == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
-  longcat::BsaBwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.dout = dout.data_ptr();
-  p.q_sb = q.stride(0), p.q_ss = q.stride(1), p.q_sh = q.stride(2);
-  p.k_sb = k.stride(0), p.k_ss = k.stride(1), p.k_sh = k.stride(2);
-  p.v_sb = v.stride(0), p.v_ss = v.stride(1), p.v_sh = v.stride(2);
-  p.do_sb = dout.stride(0), p.do_ss = dout.stride(1), p.do_sh = dout.stride(2);
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.ls_sb = lse.stride(0), p.ls_sh = lse.stride(1);
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  p.dq_sb = dq.stride(0), p.dq_ss = dq.stride(1), p.dq_sh = dq.stride(2);
-  p.dk_sb = dk.stride(0), p.dk_ss = dk.stride(1), p.dk_sh = dk.stride(2);
-  p.dv_sb = dv.stride(0), p.dv_ss = dv.stride(1), p.dv_sh = dv.stride(2);
-  p.batch = static_cast<int>(B), p.heads = static_cast<int>(H);
-  p.sq = static_cast<int>(Sq), p.sk = static_cast<int>(k.size(1));
-  p.scale = static_cast<float>(scale);
-  for (int a = 0; a < 3; ++a) {
-    p.gq[a] = gq[a], p.gk[a] = gk[a], p.cq[a] = cq[a], p.ck[a] = ck[a], p.nbq[a] = nbq[a], p.nbk[a] = nbk[a];
-  }
-  const bool sel_bcast = indices.size(0) == 1 && B != 1;
-  p.sel_idx = indices.data_ptr<int>();
-  p.sel_cnt = counts.data_ptr<int>();
-  p.si_sb = sel_bcast ? 0 : indices.stride(0), p.si_sh = indices.stride(1), p.si_sq = indices.stride(2);
-  p.sc_sb = sel_bcast ? 0 : counts.stride(0), p.sc_sh = counts.stride(1), p.sc_sq = counts.stride(2);
-  p.num_q_blocks = static_cast<int>(nq);
-  p.max_sel = static_cast<int>(indices.size(3));
-  p.t_off = t_off.data_ptr<int>();
-  p.t_q = t_q.data_ptr<int>();
-  p.num_k_blocks = static_cast<int>(nk);
-  check_family_available(Family::kSm90Ws, kernel);
-  LK_CHECK(longcat::bsa_bwd_sm90ws_supported(p, static_cast<int>(q.size(3))),
-           "longcat_kernels (cuda): the sm90_ws block-sparse backward cannot run this call (needs head_dim 128, got ",
-           q.size(3), ", query and key blocks of 64 tokens, got ", cq[0] * cq[1] * cq[2], " and ",
-           ck[0] * ck[1] * ck[2], "); use backend='triton'");
-  const cudaError_t err = longcat::bsa_bwd_sm90ws(p, dtype, static_cast<int>(q.size(3)),
-                                                  c10::cuda::getCurrentCUDAStream());
-  LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): the sm90_ws block-sparse backward: the driver "
-           "refused a TMA tensor map or the grid is too large; use backend='triton'");
-  check_launch(err, "bsa_bwd_cuda");
-  return {dq, dk, dv};
-}
-
 }  // namespace
 
 extern "C" PyObject* PyInit__C() { return PyModule_Create(&kModule); }
@@ -700,17 +578,12 @@ TORCH_LIBRARY(longcat_kernels, m) {
   m.def(
       "prefix_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, int prefix_len, float scale, str kernel, "
       "bool return_lse=True) -> (Tensor, Tensor)");
-  m.def(
-      "bsa_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor indices, "
-      "Tensor counts, Tensor t_off, Tensor t_q, int[] grid_q, int[] grid_k, int[] chunk_q, int[] chunk_k, "
-      "float scale, str kernel) -> (Tensor, Tensor, Tensor)");
   // the kernel families this build can run on the current device, e.g. "sm90_ws,sm90,sm80"
   m.def("available_kernels() -> str", &available_kernels);
 }
 
 TORCH_LIBRARY_IMPL(longcat_kernels, CUDA, m) {
   m.impl("bsa_fwd_cuda", &bsa_fwd_cuda);
-  m.impl("bsa_bwd_cuda", &bsa_bwd_cuda);
   m.impl("kv_cache_attn_fwd_cuda", &kv_cache_attn_fwd_cuda);
   m.impl("prefix_attn_fwd_cuda", &prefix_attn_fwd_cuda);
   m.impl("rope3d_cuda", &rope3d_cuda);

@@ -190,11 +190,8 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
         return None, f"dtype {f.dtype} not supported (bf16/fp16 only; use 'triton' or 'torch' for fp32)"
     if f.head_dim not in (64, 128):
         return None, f"head_dim {f.head_dim} not supported (64 or 128)"
-    if f.requires_grad and not (op == "block_sparse_attn" and "sm90_ws" in f.csrc_kernels and f.head_dim == 128
-                                and f.block_tokens == (64, 64) and f.key_segments == 1
-                                and f.dtype in ("bfloat16", "float16")):
-        return None, ("forward only here (the csrc backward is block_sparse_attn on Hopper, head_dim 128, 64-token "
-                      "blocks); use backend='triton' or 'torch' for gradients")
+    if f.requires_grad:
+        return None, "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
     if f.gqa:
         return None, "GQA/MQA (k/v with fewer heads than q) not supported by the csrc kernels; use 'triton' or 'torch'"
     if f.block_sparse and f.block_tokens is not None and max(f.block_tokens) > CSRC_MAX_BLOCK_TOKENS:
@@ -284,11 +281,10 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    prologue + cuDNN route, cond 16 24.4 vs 27.8 (bench/results/h100/cuda-ext-v6-ws_20261124.json run 3);
     #    prefix_attn is two launches of the same kernel. BSA B1 H32 D128 chunk 4x4x4: 24x44x80 at
     #    0.9375 19.3 ms vs triton 21.5, 24x30x52 4.47 vs 5.65 (cuda_ext_v7_bsa_ws.json). Block-sparse
-    #    cached-KV calls ([cache; fresh] keys, the refine step): the same kernel with a second pair
-    #    of tensor maps (wip/bsa-ws-union; to be timed by bench/dev/bsa_ws_union_gpu_dev.py before
-    #    this rule may stand).
-    #    Training (gradients): the csrc backward (csrc/bsa_bwd_sm90_ws.cu, wip) is not timed yet: Triton.
-    if kernel == "sm90_ws" and not facts.requires_grad:
+    #    cached-KV calls ([cache; fresh] keys, the refine step's 40 fresh frames against 8 cached + 40,
+    #    44x80, 0.9375): the same kernel over two key segments 66.4 ms vs the Triton two-segment kernel
+    #    96.5 (H200, bench/results/h200/bsa-ws-v8_20261203.json).
+    if kernel == "sm90_ws":
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
     # 2. dense cached-KV / prefix: Triton RoPE prologue + cuDNN (H100 cond 4: 69 ms vs 74 ms for the
     #    fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json)
@@ -488,10 +484,6 @@ for _op, _fn in (
     _pkg = OPS[_op]
     for _k in ("sm90_ws", "sm90", "sm80"):
         _REGISTRY[(_op, f"csrc_{_k}")] = (f"{_pkg}.cuda", _fn, _k)
-    if _op.startswith("block_sparse_attn"):
-        # experimental (issue 18): the two query blocks of a CTA load the union of their
-        # selections once; reachable through impl_fn only until measured
-        _REGISTRY[(_op, "csrc_sm90_ws_union")] = (f"{_pkg}.cuda", _fn, "sm90_ws_union")
 
 _CALLABLES: Dict[Tuple[str, str], Callable] = {}
 

@@ -199,9 +199,8 @@ def test_auto_routes_bsa_forward_to_sm90ws(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# sm90ws BSA: the union walk ("sm90_ws_union": the two query blocks of a CTA load the union of
-# their selections once into a shared ring) and two key segments ([cache; fresh], split on a
-# key-block boundary along t)
+# sm90ws BSA on video-like and random inputs, hand-built selection lists, and two key segments
+# ([cache; fresh], split on a key-block boundary along t)
 # ---------------------------------------------------------------------------------------------
 def _qkv(B, grid, H, D, dtype, video, grid_k=None):
     from longcat_kernels.testing.inputs import make_video_qkv
@@ -213,14 +212,14 @@ def _qkv(B, grid, H, D, dtype, video, grid_k=None):
     return randn(B, Sq, H, D, dtype=dtype), randn(B, Sk, H, D, dtype=dtype), randn(B, Sk, H, D, dtype=dtype)
 
 
-@pytest.mark.parametrize("kernel", ["sm90_ws", "sm90_ws_union"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "grid,chunk,video",
     [((8, 8, 12), (4, 4, 4), True), ((5, 6, 10), (4, 4, 4), False), ((9, 9, 9), (4, 4, 4), True),
      ((6, 5, 19), (2, 4, 8), True), ((3, 10, 33), (1, 4, 16), False)],
 )
-def test_sm90ws_union_parity(monkeypatch, kernel, dtype, grid, chunk, video):
+def test_sm90ws_bsa_parity_inputs(monkeypatch, dtype, grid, chunk, video):
+    kernel = "sm90_ws"
     """Video-like inputs (neighbouring blocks share key blocks) and random ones (little sharing);
     partial edge blocks, an odd number of query blocks (9x9x9: the last CTA has one consumer)."""
     from longcat_kernels.ops.block_sparse_attn.api import select_blocks
@@ -240,11 +239,10 @@ def test_sm90ws_union_parity(monkeypatch, kernel, dtype, grid, chunk, video):
 
 
 @pytest.mark.parametrize("case", ["identical", "disjoint", "one_empty", "both_empty", "shuffled", "single"])
-def test_sm90ws_union_list_shapes(monkeypatch, case):
-    """Hand-built selections that stress the union walk: identical lists for the two blocks of a
-    CTA (every tile shared), disjoint lists (nothing shared: every tile skipped by one consumer),
-    one or both lists empty (out 0, lse -inf), lists in random order, a one-block selection; with a
-    batch-1 selection broadcast over batch 2 and more key blocks than the ring has stages."""
+def test_sm90ws_bsa_list_shapes(monkeypatch, case):
+    """Hand-built selections: identical or disjoint lists for the two query blocks of a CTA, one or
+    both lists empty (out 0, lse -inf), lists in random order, a one-block selection; with a batch-1
+    selection broadcast over batch 2 and more key blocks than the ring has stages."""
     from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
     from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
 
@@ -277,7 +275,7 @@ def test_sm90ws_union_list_shapes(monkeypatch, case):
     selB = BlockSelection(idx.expand(B, -1, -1, -1).contiguous().to(DEV), cnt.expand(B, -1, -1).contiguous().to(DEV),
                           grid, grid, chunk, chunk)
     ref, ref_lse, base, mask = bsa_oracle(q, k, v, selB, D**-0.5)
-    for kernel in ("sm90_ws", "sm90_ws_union"):
+    for kernel in ("sm90_ws",):
         poison_allocator(q)
         out, lse = bsa_forward_cuda(q, k, v, sel, D**-0.5, kernel=kernel)
         assert not out.isnan().any(), (kernel, case)
@@ -288,13 +286,12 @@ def test_sm90ws_union_list_shapes(monkeypatch, case):
         assert_close(lse[~empty], ref_lse.float()[~empty], floor=1e-5, name=f"{kernel} {case} lse")
 
 
-@pytest.mark.parametrize("kernel", ["sm90_ws", "sm90_ws_union"])
 @pytest.mark.parametrize("cache_batch", [1, 2])
 @pytest.mark.parametrize(
     "cache_frames,fresh_frames,hw,chunk",
     [(8, 12, (8, 12), (4, 4, 4)), (4, 5, (6, 10), (4, 4, 4)), (2, 6, (5, 19), (2, 4, 8))],
 )
-def test_sm90ws_bsa_two_segments(monkeypatch, kernel, cache_batch, cache_frames, fresh_frames, hw, chunk):
+def test_sm90ws_bsa_two_segments(monkeypatch, cache_batch, cache_frames, fresh_frames, hw, chunk):
     """BSA over [cache; fresh] keys (the refine step's cached-KV call): the warp-specialised kernel
     takes the second segment through its own tensor maps, no concatenation; the cache may be batch 1
     (broadcast over the CFG batch); partial edge blocks in the fresh segment (5 frames / chunk 4)."""
@@ -314,9 +311,9 @@ def test_sm90ws_bsa_two_segments(monkeypatch, kernel, cache_batch, cache_frames,
     sel = select_blocks(q, k_all, grid_q=grid_q, grid_k=grid_k, chunk_q=chunk, chunk_k=chunk, sparsity=0.5,
                         backend="torch")
     poison_allocator(q)
-    out, lse = bsa_forward_segments_cuda(q, kc, vc, k, v, sel, D**-0.5, kernel=kernel)
+    out, lse = bsa_forward_segments_cuda(q, kc, vc, k, v, sel, D**-0.5, kernel="sm90_ws")
     ref, ref_lse, base, _ = bsa_oracle(q, k_all, v_all, sel, D**-0.5)
-    name = f"{kernel} two segments c{cache_frames} cache batch {cache_batch}"
+    name = f"sm90_ws two segments c{cache_frames} cache batch {cache_batch}"
     assert not out.isnan().any(), name
     assert_close(out, ref, base, name=name)
     assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
@@ -344,78 +341,3 @@ def test_sm90ws_two_segments_straddling_cache(monkeypatch):
     assert [c_.impl for c_ in got] == ["csrc_sm90"]
     ref, _, base, _ = bsa_oracle(q, k_all, v_all, sel, D**-0.5)
     assert_close(out, ref, base, name="straddling cache via sm90")
-
-
-# ---------------------------------------------------------------------------------------------
-# sm90ws BSA backward (csrc/bsa_bwd_sm90_ws.cu): dK/dV over the transposed selection, dQ over the
-# selection; gradients against the fp64 oracle with the tolerance rule (3 x torch's own error)
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    "grid,chunk,video",
-    [((8, 8, 12), (4, 4, 4), True), ((5, 6, 10), (4, 4, 4), False), ((9, 9, 9), (4, 4, 4), False),
-     ((6, 5, 19), (2, 4, 8), True)],
-)
-def test_sm90ws_bsa_backward_matches_oracle(monkeypatch, dtype, grid, chunk, video):
-    """Partial edge blocks (5x6x10, 6x5x19), an odd number of query and key blocks (9x9x9), key blocks
-    that no query block selects (dK = dV = 0 there), batch 2 with a batch-1 selection broadcast."""
-    from longcat_kernels.dispatch import record_choices
-    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
-
-    restrict_family(monkeypatch, "sm90_ws")
-    B, H, D = 2, 2, 128
-    q0, k0, v0 = _qkv(B, grid, H, D, dtype, video)
-    sel = select_blocks(q0[:1], k0[:1], grid_q=grid, chunk_q=chunk, sparsity=random.choice([0.5, 0.75]),
-                        backend="torch")
-    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q0, k0, v0))
-    poison_allocator(q)
-    with record_choices() as got:
-        out = block_sparse_attn(q, k, v, selection=sel, backend="cuda")
-    assert [c.impl for c in got if c.op == "block_sparse_attn"] == ["csrc_sm90_ws"]
-    go = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), go)
-    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
-
-    selB = BlockSelection(sel.indices.expand(B, -1, -1, -1), sel.counts.expand(B, -1, -1), sel.grid_q, sel.grid_k,
-                          sel.chunk_q, sel.chunk_k)
-    mask = bsa_oracle(q0, k0, v0, selB, D**-0.5)[3]
-    ref_in = [x.detach().double().requires_grad_() for x in (q0, k0, v0)]
-    ro, _ = attention_oracle(*ref_in, mask, D**-0.5)
-    ref = torch.autograd.grad(ro, ref_in, go.double())
-    low_in = [x.detach().clone().requires_grad_() for x in (q0, k0, v0)]
-    lo = attention_lowp(*low_in, mask, D**-0.5)
-    low = torch.autograd.grad(lo, low_in, go)
-    assert_close(out, ro, lo, name="out")
-    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref, low):
-        assert g.dtype == dtype and not g.isnan().any(), name
-        assert_close(g, r, b, factor=3.0, name=f"{name} {dtype} grid {grid} chunk {chunk}")
-    # key blocks nobody selected get exactly zero gradient
-    unselected = ~mask.any(dim=2)  # [B, H, Sk]
-    if bool(unselected.any()):
-        for g in grads[1:]:
-            assert torch.all(g.transpose(1, 2)[unselected] == 0)
-
-
-def test_sm90ws_bsa_backward_deterministic_and_empty(monkeypatch):
-    """Two backward runs are bitwise equal (no atomics); a head whose query blocks select nothing
-    gets zero dq, dk, dv (never NaN)."""
-    from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
-    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
-
-    restrict_family(monkeypatch, "sm90_ws")
-    grid, chunk, D = (4, 8, 16), (4, 4, 4), 128
-    q0, k0, v0 = _qkv(1, grid, 2, D, torch.bfloat16, True)
-    sel = select_blocks(q0, k0, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
-    counts = sel.counts.clone()
-    counts[:, 1] = 0
-    sel = BlockSelection(sel.indices, counts, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
-    go = torch.randn_like(q0)
-    runs = []
-    for _ in range(2):
-        q, k, v = (x.detach().clone().requires_grad_(True) for x in (q0, k0, v0))
-        out = block_sparse_attn(q, k, v, selection=sel, backend="cuda")
-        runs.append(torch.autograd.grad(out, (q, k, v), go))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-    for g in runs[0]:
-        assert not g.isnan().any() and torch.all(g[:, :, 1] == 0)

@@ -45,8 +45,7 @@ AUTO_TABLE = [
     ("attn_with_kv_cache", H100, KV_BSA_STRADDLE, "triton", "triton_fused", "Triton"),
     ("attn_with_kv_cache", H100, BSA64, "cuda", "csrc_sm90_ws", "warp-specialised BSA"),
     ("block_sparse_attn", H100, BSA128, "triton", "triton", "faster than csrc sm90"),
-    # training: the csrc backward is not timed yet, auto keeps Triton
-    ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "triton", "triton", "faster than csrc sm90_ws"),
+    ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "triton", "triton", "forward only"),
     ("block_sparse_attn", H100, dict(BSA128, requires_grad=True), "triton", "triton", "forward only"),
     ("block_sparse_attn", H100, dict(BSA64, head_dim=64), "triton", "triton", "faster than csrc sm90"),
     ("attn_with_kv_cache", H100, {"dtype": "float32"}, "triton", "triton_fused", "bf16/fp16 only"),
@@ -108,13 +107,13 @@ EXPLICIT_TABLE = [
     ("attn_with_kv_cache", H100, BSA64, "cuda", "csrc_sm90_ws"),
     ("block_sparse_attn", H100, BSA128, "cuda", "csrc_sm90"),
     ("block_sparse_attn_fwd", H100, BSA64, "cuda", "csrc_sm90_ws"),
-    ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "cuda", "csrc_sm90_ws"),  # forward + backward
     ("block_sparse_attn", A100, BSA64, "cuda", "csrc_sm80"),
     ("prefix_attn", H100_SM80_BUILD, {}, "cuda", "csrc_sm80"),
     ("attn_with_kv_cache", H100, {"dtype": "float32"}, "torch", "torch_reference"),
     ("attn_with_kv_cache", CPU_INTERP, {}, "triton", "triton_fused"),
     ("qk_norm_rope", CPU_INTERP, {}, "triton", "triton"),
     # refusals
+    ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "cuda", "forward only"),
     ("block_sparse_attn", H100, dict(BSA128, requires_grad=True), "cuda", "forward only"),
     ("attn_with_kv_cache", H100, dict(BSA64, requires_grad=True), "cuda", "forward only"),
     ("attn_with_kv_cache", H100, {"dtype": "float32"}, "cuda", "bf16/fp16 only"),
