@@ -282,8 +282,8 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    prefix_attn is two launches of the same kernel. BSA B1 H32 D128 chunk 4x4x4: 24x44x80 at
     #    0.9375 19.3 ms vs triton 21.5, 24x30x52 4.47 vs 5.65 (cuda_ext_v7_bsa_ws.json). Block-sparse
     #    cached-KV calls ([cache; fresh] keys, the refine step's 40 fresh frames against 8 cached + 40,
-    #    44x80, 0.9375): the same kernel over two key segments 66.4 ms vs the Triton two-segment kernel
-    #    96.5 (H200, bench/results/h200/bsa-ws-v8_20261203.json).
+    #    44x80, 0.9375): the same kernel over two key segments 63.4 ms vs the Triton two-segment kernel
+    #    97.3 (H200, bench/results/h200/bsa-ws-v8_20261203_5004d75.json).
     if kernel == "sm90_ws":
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
     # 2. dense cached-KV / prefix: Triton RoPE prologue + cuDNN (H100 cond 4: 69 ms vs 74 ms for the
