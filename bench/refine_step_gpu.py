@@ -1,7 +1,8 @@
 """Refinement (SPEC 11) on the GPU: check, then time the refine step and the whole refine stage.
 
     PYTHONPATH=$PWD python bench/refine_step_gpu.py --out $OUT/refine_step.json \\
-        [--upstream .gpu_carry/upstream] [--depths 8[,48]] [--rounds 5] [--no-stage]
+        [--upstream .gpu_carry/upstream] [--depths 8[,48]] [--rounds 5] [--no-stage | --no-steps]
+        [--stage-depth N]
 
 Upstream: ``git --git-dir=<LongCat-Video mirror> archive HEAD longcat_video | tar -x -C
 .gpu_carry/upstream`` (ignored folder; carry it). Packages missing on the device (diffusers, ftfy,
@@ -315,6 +316,8 @@ def main(argv=None):
     p.add_argument("--depths", default="8", help="comma list, e.g. 8,48")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-stage", action="store_true", help="skip the whole-stage timing")
+    p.add_argument("--no-steps", action="store_true", help="skip the step timings (the stage runs at --stage-depth)")
+    p.add_argument("--stage-depth", type=int, default=None, help="DiT depth of the stage run (default: first of --depths)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     sys.path.insert(0, REPO)
@@ -337,25 +340,35 @@ def main(argv=None):
         machine = {"error": str(e)}
     doc = {"benchmark": "refine_step", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": machine,
            "smoke": args.smoke}
+    depths = [int(d) for d in args.depths.split(",") if d]
+    stage_depth = args.stage_depth if args.stage_depth is not None else (depths[0] if depths else 8)
+    if stage_depth < 1 or any(d < 1 for d in depths):
+        sys.exit("refine_step_gpu: depths must be >= 1")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():  # after every part: a time-out keeps what ran
+        doc["notes"] = NOTES
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=2, default=str)
+
     doc["check"] = check(args, device)
     doc["ok"] = all(r["ok"] for r in doc["check"].values())
+    save()
     if not doc["ok"]:
         print("CHECK FAILED: timings skipped", flush=True)
     else:
-        depths = [int(d) for d in args.depths.split(",") if d]
-        doc["steps"] = []
-        for d in depths:
-            try:
-                doc["steps"].append(time_steps(args, device, d))
-            except torch.cuda.OutOfMemoryError as e:
-                doc["steps"].append({"depth": d, "error": f"OOM: {e}"})
-                torch.cuda.empty_cache()
+        if not args.no_steps:
+            doc["steps"] = []
+            for d in depths:
+                try:
+                    doc["steps"].append(time_steps(args, device, d))
+                except torch.cuda.OutOfMemoryError as e:
+                    doc["steps"].append({"depth": d, "error": f"OOM: {e}"})
+                    torch.cuda.empty_cache()
+                save()
         if not args.no_stage:
-            doc["stage"] = time_stage(args, device, depths[0])
-    doc["notes"] = NOTES
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
+            doc["stage"] = time_stage(args, device, stage_depth)
+    save()
     print(f"wrote {args.out}; check {'ok' if doc['ok'] else 'FAILED'}")
     return 0 if doc["ok"] else 1
 

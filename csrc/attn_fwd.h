@@ -78,8 +78,9 @@ cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_
 
 // sm90_ws, block-sparse (csrc/bsa_fwd_sm90_ws.cu: one TMA box per 3D key chunk, producer warpgroup
 // + 2 consumer warpgroups that each own one 64-token query block; overlap, 2 K/V stages).
-// supported(p): head_dim 128, one key segment (s1 == 0), query and key chunk volume 64, sm90_ws
-// available, 16-byte aligned pointers and strides that are multiples of 8 elements.
+// supported(p): head_dim 128, query and key chunk volume 64, one key segment or two whose split
+// (s0 tokens) falls on a key-block boundary along t, sm90_ws available, 16-byte aligned pointers
+// and strides that are multiples of 8 elements.
 bool bsa_fwd_sm90ws_available();
 bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim);
 cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cudaStream_t stream);

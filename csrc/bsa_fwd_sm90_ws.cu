@@ -1,5 +1,6 @@
 // Hopper (sm_90a) warp-specialised forward for block-sparse attention over 3D chunks (BSA), D = 128,
-// 64-token query and key blocks (chunk volume 64), keys/values from one segment.
+// 64-token query and key blocks (chunk volume 64), keys/values from one segment or from two
+// ([cache; fresh], the second starting on a key-block boundary along t).
 //
 // Every key block is one TMA box: K (and V, Q) [B, S, H, 128] is viewed per batch as a 5D tensor
 // {D, heads, W, H, T} (strides: 1, sh, ss, ss*W, ss*W*H) and a block with origin (t0, h0, w0) is
@@ -31,6 +32,7 @@
 
 #include "attn_common.cuh"
 #include "attn_fwd.h"
+#include "bsa_ws_common.cuh"
 #include "sm90_ws_common.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -41,6 +43,7 @@ namespace longcat {
 namespace {
 
 using namespace detail;
+using namespace bsaws;
 
 constexpr int kBD = 128;                    // head dim
 constexpr int kBRows = 64;                  // rows of a query block / key block (chunk volume)
@@ -52,6 +55,7 @@ constexpr int kBConsumerRegs = 232;
 
 struct BsaWsParams {
   CUtensorMap tq, tk, tv;  // 5D {D, heads, W, H, T} of one batch; boxes {64, 1, cw, ch, ct}
+  CUtensorMap tk1, tv1;    // second key segment (fresh tokens after a cache), frames >= split
   void* out;               // batch base
   float* lse;              // batch base
   const int* sel_idx;      // batch base
@@ -61,6 +65,9 @@ struct BsaWsParams {
   int heads, nq, max_sel, nbk_total;
   int gq[3], cq[3], nbq[3];
   int gk[3], ck[3], nbk[3];
+  // two key segments: key frames [0, split) from tk/tv, [split, gk[0]) from tk1/tv1 (at frame
+  // t - split); split is a multiple of ck[0], so no key block straddles the two. 0: one segment.
+  int split;
   float scale_log2;
 };
 
@@ -81,12 +88,6 @@ struct BsaSmem {
 
 using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
-// origin (t, h, w) of block `blk` on a grid with nb[] blocks of chunk c[] per axis
-__device__ __forceinline__ void b_origin(int blk, const int (&nb)[3], const int (&c)[3], int& t0, int& h0, int& w0) {
-  w0 = (blk % nb[2]) * c[2];
-  h0 = ((blk / nb[2]) % nb[1]) * c[1];
-  t0 = (blk / (nb[2] * nb[1])) * c[0];
-}
 
 template <typename T, bool kOverlap, int kStages>
 __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
@@ -105,10 +106,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   int* ktab = qtab + 64;
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
+  // private rings: consumer c, stage s < kStages
   auto bar_at = [&](int c, int s, int kind) { return bar0 + 8 * (2 + (c * kStages + s) * 4 + kind); };
   // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
   auto sK = [&](int c, int s) { return sbase + Sm::kK + (c * kStages + s) * kBTile; };
   auto sV = [&](int c, int s) { return sbase + Sm::kV + (c * kStages + s) * kBTile; };
+  auto sel_count = [&](int qb) { return min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel); };
+  auto sel_list = [&](int qb) { return p.sel_idx + h * p.si_sh + qb * p.si_sq; };
 
   if (tid < 64) {
     const int r = tid;
@@ -119,8 +123,9 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     for (int c = 0; c < 2; ++c) {
       mbar_init(bar_q(c), 1);
       for (int s = 0; s < kStages; ++s) {
+        // empty barriers: one arrive per consumer warp
         mbar_init(bar_at(c, s, 0), 1);
-        mbar_init(bar_at(c, s, 1), 4);  // one arrive per consumer warp
+        mbar_init(bar_at(c, s, 1), 4);
         mbar_init(bar_at(c, s, 2), 1);
         mbar_init(bar_at(c, s, 3), 4);
       }
@@ -128,41 +133,57 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // one key block (K or V) as two TMA boxes, from the segment that holds it
+  auto load_block = [&](uint32_t dst, const CUtensorMap* m0, const CUtensorMap* m1, int blk, uint32_t bar) {
+    int t0, h0, w0;
+    b_origin(blk, p.nbk, p.ck, t0, h0, w0);
+    const CUtensorMap* m = m0;
+    if (p.split > 0 && t0 >= p.split) {
+      m = m1;
+      t0 -= p.split;
+    }
+    tma_load5(dst, m, 0, h, w0, h0, t0, bar);
+    tma_load5(dst + kBPanel, m, 64, h, w0, h0, t0, bar);
+  };
 
   if (wg == 0) {
-    // ---------------- producer: warp c serves consumer c ----------------
+    // ---------------- producer ----------------
+    // private rings: warp c loads Q block c and serves consumer c
     setmaxnreg_dec<kBProducerRegs>();
     const int c = tid / 32;
+    if ((tid % 32) != 0 || c >= 2) return;
+    prefetch_map(&p.tq);
+    prefetch_map(&p.tk);
+    prefetch_map(&p.tv);
+    if (p.split > 0) {
+      prefetch_map(&p.tk1);
+      prefetch_map(&p.tv1);
+    }
     const int qb = pair * 2 + c;
-    if (c < 2 && (tid % 32) == 0 && qb < p.nq) {
-      prefetch_map(&p.tq);
-      prefetch_map(&p.tk);
-      prefetch_map(&p.tv);
+    if (qb >= p.nq) return;
+    {
       int t0, h0, w0;
       b_origin(qb, p.nbq, p.cq, t0, h0, w0);
       const uint32_t dq = sbase + Sm::kQ + c * kBTile;
       mbar_expect_tx(bar_q(c), kBTile);
       tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
       tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
-      const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
-      const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
-      int j = 0;
-      for (int i = 0; i < cnt; ++i) {
-        const int blk = sel[i];
-        if (blk < 0 || blk >= p.nbk_total) continue;
-        b_origin(blk, p.nbk, p.ck, t0, h0, w0);
-        const int s = j % kStages;
-        const uint32_t par = ((j / kStages) & 1) ^ 1;
-        if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
-        mbar_expect_tx(bar_at(c, s, 0), kBTile);
-        tma_load5(sK(c, s), &p.tk, 0, h, w0, h0, t0, bar_at(c, s, 0));
-        tma_load5(sK(c, s) + kBPanel, &p.tk, 64, h, w0, h0, t0, bar_at(c, s, 0));
-        if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
-        mbar_expect_tx(bar_at(c, s, 2), kBTile);
-        tma_load5(sV(c, s), &p.tv, 0, h, w0, h0, t0, bar_at(c, s, 2));
-        tma_load5(sV(c, s) + kBPanel, &p.tv, 64, h, w0, h0, t0, bar_at(c, s, 2));
-        ++j;
-      }
+    }
+    const int cnt = sel_count(qb);
+    const int* sel = sel_list(qb);
+    int j = 0;
+    for (int i = 0; i < cnt; ++i) {
+      const int blk = sel[i];
+      if (blk < 0 || blk >= p.nbk_total) continue;
+      const int s = j % kStages;
+      const uint32_t par = ((j / kStages) & 1) ^ 1;
+      if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
+      mbar_expect_tx(bar_at(c, s, 0), kBTile);
+      load_block(sK(c, s), &p.tk, &p.tk1, blk, bar_at(c, s, 0));
+      if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
+      mbar_expect_tx(bar_at(c, s, 2), kBTile);
+      load_block(sV(c, s), &p.tv, &p.tv1, blk, bar_at(c, s, 2));
+      ++j;
     }
     return;
   }
@@ -179,8 +200,8 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   const int tq = lane & 3;
   const float c2 = p.scale_log2;
 
-  const int cnt = min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel);
-  const int* sel = p.sel_idx + h * p.si_sh + qb * p.si_sq;
+  const int cnt = sel_count(qb);
+  const int* sel = sel_list(qb);
   // valid entries (the producer issues exactly these)
   int n_tiles = 0;
   for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
@@ -369,42 +390,6 @@ __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __gr
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-PFN_cuTensorMapEncodeTiled_v12000 bsa_encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-// one batch of [S, H, 128] (element strides ss, sh) on grid g as {D, heads, W, H, T}, box chunk c
-bool make_map5(CUtensorMap* map, const void* ptr, DType dt, int64_t heads, int64_t ss, int64_t sh,
-               const int (&g)[3], const int (&c)[3]) {
-  auto fn = bsa_encode_fn();
-  if (fn == nullptr) return false;
-  const int64_t es = 2;
-  cuuint64_t dims[5] = {static_cast<cuuint64_t>(kBD), static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(g[2]),
-                        static_cast<cuuint64_t>(g[1]), static_cast<cuuint64_t>(g[0])};
-  cuuint64_t strides[4] = {static_cast<cuuint64_t>(sh * es), static_cast<cuuint64_t>(ss * es),
-                           static_cast<cuuint64_t>(ss * g[2] * es),
-                           static_cast<cuuint64_t>(ss * g[2] * g[1] * es)};
-  cuuint32_t box[5] = {64, 1, static_cast<cuuint32_t>(c[2]), static_cast<cuuint32_t>(c[1]),
-                       static_cast<cuuint32_t>(c[0])};
-  cuuint32_t estr[5] = {1, 1, 1, 1, 1};
-  const CUresult r = fn(map, dt == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                        5, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS;
-}
-
 template <typename T, bool kOverlap, int kStages>
 cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
   auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages>;
@@ -417,23 +402,28 @@ cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream)
 
 template <typename T>
 cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  // variant 1 (intra-warpgroup overlap, 2 K/V stages): the measured winner (NOTES.md, v7)
+  // variant 1 (intra-warpgroup overlap, 2 K/V stages per consumer): the measured winner (NOTES.md,
+  // v7; the v8 union walk measured slower and was removed)
   return launch_bsa_ws<T, true, 2>(bp, grid, stream);
 }
 
-bool bsa_aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (int64_t s : strides) {
-    if (s % 8 != 0 || s < 0) return false;
-  }
-  return true;
-}
 
 }  // namespace
 
+// frames of key segment 0 when the call has two key segments laid out along whole key blocks,
+// else 0 (one segment) or -1 (two segments this kernel cannot split)
+int bsa_ws_split(const AttnFwdParams& p) {
+  if (p.s1 == 0) return 0;
+  const int64_t hw = static_cast<int64_t>(p.gk[1]) * p.gk[2];
+  if (p.s0 <= 0 || hw <= 0 || p.s0 % hw != 0) return -1;
+  const int64_t frames0 = p.s0 / hw;
+  if (frames0 % p.ck[0] != 0 || frames0 >= p.gk[0]) return -1;
+  return static_cast<int>(frames0);
+}
+
 bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
   if (head_dim != kBD || !attn_fwd_sm90_available() || bsa_encode_fn() == nullptr) return false;
-  if (p.s1 != 0 || p.s0 <= 0) return false;  // one key segment only
+  if (p.s0 <= 0) return false;
   int vq = 1, vk = 1;
   for (int a = 0; a < 3; ++a) {
     if (p.cq[a] <= 0 || p.ck[a] <= 0 || p.cq[a] > 64 || p.ck[a] > 64) return false;
@@ -441,7 +431,11 @@ bool bsa_fwd_sm90ws_supported(const AttnFwdParams& p, int head_dim) {
     vk *= p.ck[a];
   }
   if (vq != kBRows || vk != kBRows) return false;
-  if (static_cast<int64_t>(p.gk[0]) * p.gk[1] * p.gk[2] != p.s0) return false;
+  if (static_cast<int64_t>(p.gk[0]) * p.gk[1] * p.gk[2] != static_cast<int64_t>(p.s0) + p.s1) return false;
+  // a second key segment ([cache; fresh]) must start on a key-block boundary along t
+  if (bsa_ws_split(p) < 0) return false;
+  if (p.s1 > 0 && !(bsa_aligned16(p.k1, {p.k1_sb, p.k1_ss, p.k1_sh}) && bsa_aligned16(p.v1, {p.v1_sb, p.v1_ss, p.v1_sh})))
+    return false;
   return bsa_aligned16(p.q, {p.q_sb, p.q_ss, p.q_sh}) && bsa_aligned16(p.k0, {p.k0_sb, p.k0_ss, p.k0_sh}) &&
          bsa_aligned16(p.v0, {p.v0_sb, p.v0_ss, p.v0_sh});
 }
@@ -453,19 +447,30 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cu
   if (p.batch <= 0 || p.heads <= 0 || p.sq <= 0 || p.num_q_blocks <= 0) return cudaSuccess;
   if (p.heads > 65535) return cudaErrorNotSupported;
   const int es = 2;
+  const int split = bsa_ws_split(p);
+  // segment grids: one segment = the whole key grid; two = [split frames; the rest]
+  const int g0[3] = {split > 0 ? split : p.gk[0], p.gk[1], p.gk[2]};
+  const int g1[3] = {split > 0 ? p.gk[0] - split : 0, p.gk[1], p.gk[2]};
   for (int b = 0; b < p.batch; ++b) {
     BsaWsParams bp{};
     const char* qb = static_cast<const char*>(p.q) + b * p.q_sb * es;
     const char* kb = static_cast<const char*>(p.k0) + b * p.k0_sb * es;
     const char* vb = static_cast<const char*>(p.v0) + b * p.v0_sb * es;
-    const bool ok = make_map5(&bp.tq, qb, dtype, p.heads, p.q_ss, p.q_sh, p.gq, p.cq) &&
-                    make_map5(&bp.tk, kb, dtype, p.heads, p.k0_ss, p.k0_sh, p.gk, p.ck) &&
-                    make_map5(&bp.tv, vb, dtype, p.heads, p.v0_ss, p.v0_sh, p.gk, p.ck);
+    bool ok = make_map5(&bp.tq, qb, dtype, p.heads, p.q_ss, p.q_sh, p.gq, p.cq) &&
+              make_map5(&bp.tk, kb, dtype, p.heads, p.k0_ss, p.k0_sh, g0, p.ck) &&
+              make_map5(&bp.tv, vb, dtype, p.heads, p.v0_ss, p.v0_sh, g0, p.ck);
+    if (ok && split > 0) {
+      const char* kb1 = static_cast<const char*>(p.k1) + b * p.k1_sb * es;
+      const char* vb1 = static_cast<const char*>(p.v1) + b * p.v1_sb * es;
+      ok = make_map5(&bp.tk1, kb1, dtype, p.heads, p.k1_ss, p.k1_sh, g1, p.ck) &&
+           make_map5(&bp.tv1, vb1, dtype, p.heads, p.v1_ss, p.v1_sh, g1, p.ck);
+    }
     if (!ok) {
       // the driver refused a tensor map: the caller raises
       if (b == 0) return cudaErrorNotSupported;
       return cudaErrorInvalidValue;
     }
+    bp.split = split;
     bp.out = static_cast<char*>(p.out) + b * p.o_sb * es;
     bp.lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb;
     bp.sel_idx = p.sel_idx + b * p.si_sb;

@@ -239,12 +239,13 @@ cudaError_t launch_sparse(const longcat::AttnFwdParams& p, longcat::DType dtype,
   const Family f = parse_family(kernel);
   check_family_available(f, kernel);
   if (f == Family::kSm90Ws) {
-    LK_CHECK(longcat::bsa_fwd_sm90ws_supported(p, d), "longcat_kernels (cuda): kernel 'sm90_ws' "
-             "cannot run this block-sparse call (needs head_dim 128, got ", d, ", one key segment, "
-             "query and key blocks of 64 tokens, got ", p.cq[0] * p.cq[1] * p.cq[2], " and ",
-             p.ck[0] * p.ck[1] * p.ck[2], "); use kernel 'sm90'");
+    LK_CHECK(longcat::bsa_fwd_sm90ws_supported(p, d),
+             "longcat_kernels (cuda): kernel 'sm90_ws' cannot run this block-sparse call (needs head_dim "
+             "128, got ", d, "; query and key blocks of 64 tokens, got ", p.cq[0] * p.cq[1] * p.cq[2], " and ",
+             p.ck[0] * p.ck[1] * p.ck[2], "; a [cache; fresh] split on a key-block boundary along t (cache of ",
+             p.s0, " tokens, key chunk ", p.ck[0], " frames)); use kernel 'sm90'");
     const cudaError_t err = longcat::bsa_fwd_sm90ws(p, dtype, d, stream);
-    LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel 'sm90_ws': the driver "
+    LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel '", kernel, "': the driver "
              "refused a TMA tensor map or the grid is too large (heads ", p.heads, ", query blocks ",
              p.num_q_blocks, "); use kernel 'sm90'");
     return err;

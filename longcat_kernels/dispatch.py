@@ -106,6 +106,9 @@ class Facts(NamedTuple):
         block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
         block_tokens: block-sparse: (query block tokens, key block tokens); None if unknown.
         key_segments: block-sparse: 1 (one key tensor) or 2 (``[cache; fresh]``).
+        key_split_aligned: block-sparse with 2 key segments: the cache ends on a key-block
+            boundary along t (cache frames a multiple of ``chunk_k[0]``), so that no key block
+            straddles the two segments (the warp-specialised BSA kernel needs it).
         gqa: k/v have fewer heads than q (GQA/MQA): the fused Triton kernels index kv head
             ``h // group``; the csrc kernels and the cuDNN route do not take it.
         rope_pairs: ``qk_norm_rope``: ``"interleaved"`` or ``"half"`` (the Triton prologue rotates
@@ -127,6 +130,7 @@ class Facts(NamedTuple):
     block_sparse: bool = False
     block_tokens: Optional[Tuple[int, int]] = None
     key_segments: int = 1
+    key_split_aligned: bool = True
     gqa: bool = False
     rope_pairs: str = "interleaved"
     norm_all_heads: bool = False
@@ -197,12 +201,14 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
     if "sm90_ws" in ks and f.head_dim == 128:
         if not f.block_sparse:
             return "sm90_ws", "Hopper, head_dim 128: warp-specialised dense kernel"
-        if f.key_segments == 1 and f.block_tokens == (64, 64):
-            return "sm90_ws", "Hopper, head_dim 128, 64-token blocks, one key segment: warp-specialised BSA kernel"
+        if f.block_tokens == (64, 64) and (f.key_segments == 1 or f.key_split_aligned):
+            segs = "one key segment" if f.key_segments == 1 else "[cache; fresh] split on a key-block boundary"
+            return "sm90_ws", f"Hopper, head_dim 128, 64-token blocks, {segs}: warp-specialised BSA kernel"
     if "sm90" in ks:
         why = "head_dim 64" if f.head_dim != 128 else (
-            "block-sparse over [cache; fresh] keys" if f.block_sparse and f.key_segments != 1
-            else f"blocks of {f.block_tokens} tokens (not 64/64)" if f.block_sparse
+            f"blocks of {f.block_tokens} tokens (not 64/64)" if f.block_sparse and f.block_tokens != (64, 64)
+            else "block-sparse over [cache; fresh] keys whose cache does not end on a key-block boundary"
+            if f.block_sparse
             else "no warp-specialised kernel in this build")
         return "sm90", f"Hopper wgmma kernel ({why}: the warp-specialised kernels do not apply)"
     if "sm80" in ks:
@@ -275,8 +281,10 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    prologue + cuDNN route, cond 16 24.4 vs 27.8 (bench/results/h100/cuda-ext-v6-ws_20261124.json run 3);
     #    prefix_attn is two launches of the same kernel. BSA B1 H32 D128 chunk 4x4x4: 24x44x80 at
     #    0.9375 19.3 ms vs triton 21.5, 24x30x52 4.47 vs 5.65 (cuda_ext_v7_bsa_ws.json). Block-sparse
-    #    cached-KV calls are not timed on csrc: they keep the Triton kernel below.
-    if kernel == "sm90_ws" and not (op == "attn_with_kv_cache" and facts.block_sparse):
+    #    cached-KV calls ([cache; fresh] keys, the refine step's 40 fresh frames against 8 cached + 40,
+    #    44x80, 0.9375): the same kernel over two key segments 63.4 ms vs the Triton two-segment kernel
+    #    97.3 (H200, bench/results/h200/bsa-ws-v8_20261203_5004d75.json).
+    if kernel == "sm90_ws":
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
     # 2. dense cached-KV / prefix: Triton RoPE prologue + cuDNN (H100 cond 4: 69 ms vs 74 ms for the
     #    fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json)
@@ -393,6 +401,7 @@ def choose(
     block_sparse: bool = False,
     block_tokens: Optional[Tuple[int, int]] = None,
     key_segments: int = 1,
+    key_split_aligned: bool = True,
     needs_grad: Optional[bool] = None,
     gqa: Optional[bool] = None,
     rope_pairs: str = "interleaved",
@@ -404,7 +413,8 @@ def choose(
         op: public op name.
         tensors: the op's tensor inputs (None entries ignored).
         requested: the ``backend=`` argument.
-        block_sparse, block_tokens, key_segments, rope_pairs, norm_all_heads: see ``Facts``.
+        block_sparse, block_tokens, key_segments, key_split_aligned, rope_pairs, norm_all_heads:
+            see ``Facts``.
         needs_grad: override of ``requires_grad`` (default: any tensor requires grad, grad mode on).
         gqa: override of ``Facts.gqa`` (default: some other 4-D tensor has a different head count
             (dim 2) than the first).
@@ -420,6 +430,7 @@ def choose(
     f = machine_facts(q.device.type, q.device, probe_triton=probe)._replace(
         dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad),
         block_sparse=bool(block_sparse), block_tokens=block_tokens, key_segments=int(key_segments),
+        key_split_aligned=bool(key_split_aligned),
         gqa=bool(gqa), rope_pairs=str(rope_pairs), norm_all_heads=bool(norm_all_heads),
     )
     choice = choose_kernel(op, f, requested)

@@ -32,9 +32,11 @@ import traceback
 import torch
 from triton.testing import do_bench
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bsa_pairs_triton as P  # noqa: E402 - the experimental kernel lives next to this script
+
 from longcat_kernels import select_blocks
 from longcat_kernels.ops.block_sparse_attn import triton as T
-from longcat_kernels.ops.block_sparse_attn import triton_pairs as P
 from longcat_kernels.testing import make_qkv, make_video_qkv, selection_overlap
 
 # (chunk, sparsity, run the pairs kernel): with 128-token query blocks a pair is a 256-row tile,

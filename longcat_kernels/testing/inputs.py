@@ -222,7 +222,7 @@ def selection_overlap(selection) -> Dict[str, float]:
     For every pair of query blocks adjacent along t, h or w (block raster over ``grid_q /
     chunk_q``), per batch and head: ``jaccard = |S_a & S_b| / |S_a | S_b|`` (1: same key blocks,
     0: disjoint; pairs whose union is empty are skipped). And for the pairing of the two-query-block
-    kernel (``ops/block_sparse_attn/triton_pairs.py``: blocks ``(t, h, 2i)`` and ``(t, h, 2i + 1)``;
+    kernel (``bench/dev/bsa_pairs_triton.py``, not in the product: blocks ``(t, h, 2i)`` and ``(t, h, 2i + 1)``;
     with an odd row length the last block of a row is alone):
     ``pair_load_ratio = sum |S_a | S_b| / sum (|S_a| + |S_b|)``, the fraction of key-block loads
     left when each pair loads the union of its selections once (0.5: identical selections, 1.0:

@@ -196,3 +196,148 @@ def test_auto_routes_bsa_forward_to_sm90ws(monkeypatch):
     assert_close(out, ref, base, name="auto bsa")
     out_g.float().sum().backward()
     assert qg.grad is not None and not qg.grad.isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# sm90ws BSA on video-like and random inputs, hand-built selection lists, and two key segments
+# ([cache; fresh], split on a key-block boundary along t)
+# ---------------------------------------------------------------------------------------------
+def _qkv(B, grid, H, D, dtype, video, grid_k=None):
+    from longcat_kernels.testing.inputs import make_video_qkv
+
+    if video:
+        return make_video_qkv(B, grid, H, D, grid_k=grid_k, dtype=dtype, device=DEV)
+    gk = grid if grid_k is None else grid_k
+    Sq, Sk = grid[0] * grid[1] * grid[2], gk[0] * gk[1] * gk[2]
+    return randn(B, Sq, H, D, dtype=dtype), randn(B, Sk, H, D, dtype=dtype), randn(B, Sk, H, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "grid,chunk,video",
+    [((8, 8, 12), (4, 4, 4), True), ((5, 6, 10), (4, 4, 4), False), ((9, 9, 9), (4, 4, 4), True),
+     ((6, 5, 19), (2, 4, 8), True), ((3, 10, 33), (1, 4, 16), False)],
+)
+def test_sm90ws_bsa_parity_inputs(monkeypatch, dtype, grid, chunk, video):
+    kernel = "sm90_ws"
+    """Video-like inputs (neighbouring blocks share key blocks) and random ones (little sharing);
+    partial edge blocks, an odd number of query blocks (9x9x9: the last CTA has one consumer)."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+
+    restrict_family(monkeypatch, "sm90_ws")
+    B, H, D = 2, 3, 128
+    q, k, v = _qkv(B, grid, H, D, dtype, video)
+    sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=random.choice([0.5, 0.75]), backend="torch")
+    poison_allocator(q)
+    out, lse = bsa_forward_cuda(q, k, v, sel, D**-0.5, kernel=kernel)
+    ref, ref_lse, base, _ = bsa_oracle(q, k, v, sel, D**-0.5)
+    name = f"{kernel} {dtype} grid {grid} chunk {chunk} video {video}"
+    assert not out.isnan().any() and not lse.isnan().any(), name
+    assert_close(out, ref, base, name=name)
+    assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
+
+
+@pytest.mark.parametrize("case", ["identical", "disjoint", "one_empty", "both_empty", "shuffled", "single"])
+def test_sm90ws_bsa_list_shapes(monkeypatch, case):
+    """Hand-built selections: identical or disjoint lists for the two query blocks of a CTA, one or
+    both lists empty (out 0, lse -inf), lists in random order, a one-block selection; with a batch-1
+    selection broadcast over batch 2 and more key blocks than the ring has stages."""
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
+    from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
+
+    restrict_family(monkeypatch, "sm90_ws")
+    grid, chunk, B, H, D = (8, 8, 16), (4, 4, 4), 2, 2, 128
+    q, k, v = _qkv(B, grid, H, D, torch.bfloat16, False)
+    nq = nk = 16
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    idx = torch.full((1, H, nq, nk), -1, dtype=torch.int32)
+    cnt = torch.zeros((1, H, nq), dtype=torch.int32)
+    for hh in range(H):
+        for p in range(0, nq, 2):
+            perm = torch.randperm(nk, generator=gen)
+            if case == "identical":
+                a = b = perm[:9]
+            elif case == "disjoint":
+                a, b = perm[:7], perm[7:14]
+            elif case == "one_empty":
+                a, b = perm[:9], perm[:0]
+            elif case == "both_empty":
+                a = b = perm[:0]
+            elif case == "shuffled":
+                a, b = perm[:10], torch.randperm(nk, generator=gen)[:6]
+            else:
+                a, b = perm[:1], perm[1:2]
+            for qb, lst in ((p, a), (p + 1, b)):
+                idx[0, hh, qb, : len(lst)] = lst.to(torch.int32)
+                cnt[0, hh, qb] = len(lst)
+    sel = BlockSelection(idx.to(DEV), cnt.to(DEV), grid, grid, chunk, chunk)
+    selB = BlockSelection(idx.expand(B, -1, -1, -1).contiguous().to(DEV), cnt.expand(B, -1, -1).contiguous().to(DEV),
+                          grid, grid, chunk, chunk)
+    ref, ref_lse, base, mask = bsa_oracle(q, k, v, selB, D**-0.5)
+    for kernel in ("sm90_ws",):
+        poison_allocator(q)
+        out, lse = bsa_forward_cuda(q, k, v, sel, D**-0.5, kernel=kernel)
+        assert not out.isnan().any(), (kernel, case)
+        empty = ~mask.any(-1).expand_as(lse)
+        assert torch.all(torch.isneginf(lse[empty])), (kernel, case)
+        assert torch.all(out.transpose(1, 2)[empty] == 0), (kernel, case)
+        assert_close(out, ref, base, name=f"{kernel} {case}")
+        assert_close(lse[~empty], ref_lse.float()[~empty], floor=1e-5, name=f"{kernel} {case} lse")
+
+
+@pytest.mark.parametrize("cache_batch", [1, 2])
+@pytest.mark.parametrize(
+    "cache_frames,fresh_frames,hw,chunk",
+    [(8, 12, (8, 12), (4, 4, 4)), (4, 5, (6, 10), (4, 4, 4)), (2, 6, (5, 19), (2, 4, 8))],
+)
+def test_sm90ws_bsa_two_segments(monkeypatch, cache_batch, cache_frames, fresh_frames, hw, chunk):
+    """BSA over [cache; fresh] keys (the refine step's cached-KV call): the warp-specialised kernel
+    takes the second segment through its own tensor maps, no concatenation; the cache may be batch 1
+    (broadcast over the CFG batch); partial edge blocks in the fresh segment (5 frames / chunk 4)."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_segments_cuda
+
+    restrict_family(monkeypatch, "sm90_ws")
+    B, H, D = 2, 2, 128
+    Hf, Wf = hw
+    grid_q, grid_k = (fresh_frames, Hf, Wf), (cache_frames + fresh_frames, Hf, Wf)
+    q, k_all, v_all = _qkv(B, grid_q, H, D, torch.bfloat16, True, grid_k=grid_k)
+    Sc = cache_frames * Hf * Wf
+    kc, vc = k_all[:cache_batch, :Sc], v_all[:cache_batch, :Sc]
+    k, v = k_all[:, Sc:], v_all[:, Sc:]
+    k_all = torch.cat([kc.expand(B, -1, -1, -1), k], dim=1)
+    v_all = torch.cat([vc.expand(B, -1, -1, -1), v], dim=1)
+    sel = select_blocks(q, k_all, grid_q=grid_q, grid_k=grid_k, chunk_q=chunk, chunk_k=chunk, sparsity=0.5,
+                        backend="torch")
+    poison_allocator(q)
+    out, lse = bsa_forward_segments_cuda(q, kc, vc, k, v, sel, D**-0.5, kernel="sm90_ws")
+    ref, ref_lse, base, _ = bsa_oracle(q, k_all, v_all, sel, D**-0.5)
+    name = f"sm90_ws two segments c{cache_frames} cache batch {cache_batch}"
+    assert not out.isnan().any(), name
+    assert_close(out, ref, base, name=name)
+    assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
+
+
+def test_sm90ws_two_segments_straddling_cache(monkeypatch):
+    """A cache that ends inside a key block (3 frames, chunk t 4): sm90_ws refuses with the reason,
+    the dispatcher picks sm90 for it, and attn_with_kv_cache under auto stays correct."""
+    from longcat_kernels.dispatch import record_choices
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_segments_cuda
+
+    restrict_family(monkeypatch, "sm90_ws")
+    B, H, D, Hf, Wf, c, T = 2, 2, 128, 8, 8, 3, 6
+    q, k_all, v_all = _qkv(B, (T, Hf, Wf), H, D, torch.bfloat16, True, grid_k=(c + T, Hf, Wf))
+    Sc = c * Hf * Wf
+    sel = select_blocks(q, k_all, grid_q=(T, Hf, Wf), grid_k=(c + T, Hf, Wf), chunk_q=(4, 4, 4), sparsity=0.5,
+                        backend="torch")
+    with pytest.raises(RuntimeError, match="key-block boundary"):
+        bsa_forward_segments_cuda(q, k_all[:, :Sc], v_all[:, :Sc], k_all[:, Sc:], v_all[:, Sc:], sel, D**-0.5,
+                                  kernel="sm90_ws")
+    with record_choices() as got:
+        out, _ = bsa_forward_segments_cuda(q, k_all[:, :Sc], v_all[:, :Sc], k_all[:, Sc:], v_all[:, Sc:], sel,
+                                           D**-0.5)
+    assert [c_.impl for c_ in got] == ["csrc_sm90"]
+    ref, _, base, _ = bsa_oracle(q, k_all, v_all, sel, D**-0.5)
+    assert_close(out, ref, base, name="straddling cache via sm90")

@@ -26,6 +26,8 @@ CPU_INTERP = CPU._replace(interpret=True)
 BSA64 = dict(block_sparse=True, block_tokens=(64, 64), key_segments=1)
 BSA128 = dict(block_sparse=True, block_tokens=(128, 128), key_segments=1)
 KV_BSA_CACHE = dict(block_sparse=True, block_tokens=(64, 64), key_segments=2)
+# a cache whose frame count is not a multiple of the key chunk's t: key blocks straddle the segments
+KV_BSA_STRADDLE = dict(block_sparse=True, block_tokens=(64, 64), key_segments=2, key_split_aligned=False)
 GQA = dict(gqa=True)  # k/v with fewer heads than q (dense cached-KV / prefix)
 
 # (op, machine, extra facts) -> (backend, impl, a word of the reason): the auto table
@@ -39,10 +41,12 @@ AUTO_TABLE = [
     # ... and not where they do not
     ("attn_with_kv_cache", H100, {"head_dim": 64}, "triton", "triton_prologue_cudnn", "slower"),
     ("prefix_attn", H100, {"head_dim": 64}, "triton", "triton_prologue_cudnn", "slower"),
-    ("attn_with_kv_cache", H100, KV_BSA_CACHE, "triton", "triton_fused", "Triton"),
-    ("attn_with_kv_cache", H100, BSA64, "triton", "triton_fused", "Triton"),
+    ("attn_with_kv_cache", H100, KV_BSA_CACHE, "cuda", "csrc_sm90_ws", "warp-specialised BSA"),
+    ("attn_with_kv_cache", H100, KV_BSA_STRADDLE, "triton", "triton_fused", "Triton"),
+    ("attn_with_kv_cache", H100, BSA64, "cuda", "csrc_sm90_ws", "warp-specialised BSA"),
     ("block_sparse_attn", H100, BSA128, "triton", "triton", "faster than csrc sm90"),
     ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "triton", "triton", "forward only"),
+    ("block_sparse_attn", H100, dict(BSA128, requires_grad=True), "triton", "triton", "forward only"),
     ("block_sparse_attn", H100, dict(BSA64, head_dim=64), "triton", "triton", "faster than csrc sm90"),
     ("attn_with_kv_cache", H100, {"dtype": "float32"}, "triton", "triton_fused", "bf16/fp16 only"),
     ("attn_with_kv_cache", H100, {"cudnn": False}, "cuda", "csrc_sm90_ws", "fastest"),
@@ -98,7 +102,8 @@ EXPLICIT_TABLE = [
     ("block_sparse_attn", H100, BSA64, "triton", "triton"),
     ("attn_with_kv_cache", H100, {}, "cuda", "csrc_sm90_ws"),
     ("attn_with_kv_cache", H100, {"head_dim": 64}, "cuda", "csrc_sm90"),
-    ("attn_with_kv_cache", H100, KV_BSA_CACHE, "cuda", "csrc_sm90"),
+    ("attn_with_kv_cache", H100, KV_BSA_CACHE, "cuda", "csrc_sm90_ws"),
+    ("attn_with_kv_cache", H100, KV_BSA_STRADDLE, "cuda", "csrc_sm90"),
     ("attn_with_kv_cache", H100, BSA64, "cuda", "csrc_sm90_ws"),
     ("block_sparse_attn", H100, BSA128, "cuda", "csrc_sm90"),
     ("block_sparse_attn_fwd", H100, BSA64, "cuda", "csrc_sm90_ws"),
@@ -109,6 +114,8 @@ EXPLICIT_TABLE = [
     ("qk_norm_rope", CPU_INTERP, {}, "triton", "triton"),
     # refusals
     ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "cuda", "forward only"),
+    ("block_sparse_attn", H100, dict(BSA128, requires_grad=True), "cuda", "forward only"),
+    ("attn_with_kv_cache", H100, dict(BSA64, requires_grad=True), "cuda", "forward only"),
     ("attn_with_kv_cache", H100, {"dtype": "float32"}, "cuda", "bf16/fp16 only"),
     ("attn_with_kv_cache", H100, {"head_dim": 96}, "cuda", "head_dim 96 not supported"),
     ("block_sparse_attn", H100, dict(BSA64, block_tokens=(2048, 64)), "cuda", "at most 1024"),
@@ -145,7 +152,7 @@ def test_explicit_table(op, machine, extra, requested, expect):
 MACHINES = [H100, H100_NO_EXT, H100_NO_WS, H100_SM80_BUILD, A100, NO_TRITON, CPU, CPU_INTERP,
             H100._replace(interpret=True), H100._replace(cudnn=False)]
 VARIANTS = [{}, {"head_dim": 64}, {"dtype": "float32"}, {"dtype": "float16"}, {"dtype": "float64"},
-            {"requires_grad": True}, BSA64, BSA128, KV_BSA_CACHE, GQA, {"rope_pairs": "half"},
+            {"requires_grad": True}, BSA64, BSA128, KV_BSA_CACHE, KV_BSA_STRADDLE, GQA, {"rope_pairs": "half"},
             dict(GQA, norm_all_heads=True)]
 
 

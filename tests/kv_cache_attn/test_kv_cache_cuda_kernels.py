@@ -175,8 +175,9 @@ def test_sm90ws_large_scores_and_prefix(monkeypatch):
 
 def test_auto_routes_dense_kv_cache_to_sm90ws(monkeypatch):
     """backend="auto": cached-KV attention runs csrc_sm90_ws where it applies (D 128, bf16/fp16,
-    Hopper with the extension), the Triton prologue + cuDNN route otherwise, and the fused Triton
-    kernel for block-sparse calls; what ran is what the dispatcher recorded."""
+    Hopper with the extension), the Triton prologue + cuDNN route otherwise; block-sparse calls with
+    64-token blocks run the warp-specialised BSA kernel where it applies, the fused Triton kernel
+    otherwise; what ran is what the dispatcher recorded."""
     from longcat_kernels.dispatch import record_choices
     from longcat_kernels.ops.kv_cache_attn.api import BlockSparseParams, attn_with_kv_cache
 
@@ -189,7 +190,8 @@ def test_auto_routes_dense_kv_cache_to_sm90ws(monkeypatch):
         attn_with_kv_cache(q64, q64, q64)
         out = attn_with_kv_cache(q, k, v, block_sparse=BlockSparseParams(sparsity=0.5, frame_hw=(8, 8)))
     impls = [c.impl for c in got if c.op == "attn_with_kv_cache"]
-    assert impls == ["csrc_sm90_ws" if ws else "triton_prologue_cudnn", "triton_prologue_cudnn", "triton_fused"]
+    assert impls == ["csrc_sm90_ws" if ws else "triton_prologue_cudnn", "triton_prologue_cudnn",
+                     "csrc_sm90_ws" if ws else "triton_fused"]
     assert out.shape == q.shape and not out.isnan().any()
     restrict_family(monkeypatch, "sm90")  # an extension without the warp-specialised kernels
     with record_choices() as got:

@@ -292,12 +292,16 @@ def test_merge_partial_attention_equals_attention_over_all_keys(dtype, B, S, H, 
 
 
 def test_auto_routes_block_sparse_to_the_triton_kernel():
-    """backend="auto" on CUDA with block_sparse= takes the fused Triton two-segment kernel, never the
-    torch reference nor cuDNN (no block-sparse mode); the dense call keeps the measured choice."""
+    """backend="auto" on CUDA with block_sparse= takes the fused Triton two-segment kernel where the
+    warp-specialised csrc BSA kernel does not run, never the torch reference nor cuDNN (no
+    block-sparse mode); the dense call keeps the measured choice."""
     from longcat_kernels.dispatch import Facts, choose_kernel
 
-    for facts in (Facts(), Facts(csrc_kernels=("sm80",)), Facts(ext_error="not built", csrc_kernels=())):
-        bs = choose_kernel("attn_with_kv_cache", facts._replace(block_sparse=True, block_tokens=(64, 64), key_segments=2))
+    kv_bsa = dict(block_sparse=True, block_tokens=(64, 64), key_segments=2)
+    assert choose_kernel("attn_with_kv_cache", Facts()._replace(**kv_bsa)).impl == "csrc_sm90_ws"
+    for facts in (Facts()._replace(key_split_aligned=False), Facts(csrc_kernels=("sm80",)),
+                  Facts(ext_error="not built", csrc_kernels=())):
+        bs = choose_kernel("attn_with_kv_cache", facts._replace(**kv_bsa))
         assert bs.impl == "triton_fused", (facts, bs)
     assert choose_kernel("attn_with_kv_cache", Facts(csrc_kernels=("sm80",))).impl == "triton_prologue_cudnn"
 

@@ -139,6 +139,15 @@ def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
         )
 
 
+def _split_aligned(k_cache, bs) -> bool:
+    """``[cache; fresh]`` keys: the cache ends on a key-block boundary along t (``Facts``)."""
+    if k_cache is None:
+        return True
+    Hf, Wf = bs.frame_hw
+    ck = bs.chunk_q if bs.chunk_k is None else bs.chunk_k
+    return (k_cache.shape[1] // (Hf * Wf)) % int(ck[0]) == 0
+
+
 def _frame_hw(hw) -> Tuple[int, int]:
     """``block_sparse.frame_hw`` as two positive ints (a 0 would divide by zero, a float make a fractional grid)."""
     bad = (not isinstance(hw, (tuple, list)) or len(hw) != 2
@@ -277,6 +286,7 @@ def attn_with_kv_cache(
             "attn_with_kv_cache", q, k, v, k_cache, v_cache, requested=backend, block_sparse=True,
             block_tokens=(int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2])),
             key_segments=1 if k_cache is None else 2,
+            key_split_aligned=_split_aligned(k_cache, block_sparse),
         )
     if c.impl != "torch_reference":
         fn = impl_fn("attn_with_kv_cache", c.impl)

@@ -1,4 +1,12 @@
-"""Experimental Triton BSA forward over pairs of neighbouring query blocks (not wired into dispatch).
+"""Experimental Triton BSA forward over pairs of neighbouring query blocks (lost; not in the product).
+
+Measured on the H200 (2026-12-03, bench/dev/bsa_pairs_gpu_dev.py, bench/results/h200/
+bsa-pairs_20261203_5004d75.json), 24x44x80, 4x4x4, B1 H32 D128 bf16: the best pair kernel
+(``split``) takes 25.0 ms on video-like inputs at 0.9375 (pair_load_ratio 0.67) and 30.1 ms on
+random ones, vs 20.6 / 21.0 ms for the dispatched Triton forward (and 19.2 for csrc sm90_ws); at
+0.875 50.0 / 58.4 vs 41.1 / 41.5. Fewer loads did not pay for the larger, branchier program. It
+moved from ``longcat_kernels/ops/block_sparse_attn/triton_pairs.py`` to here (its CPU parity test
+went with it: run this file's kernel through the dev script).
 
 Why: at sparsity 0.9375 the forward is bound by gathering the selected K/V blocks (issue 18: about
 14 ms of K/V gathers out of 20 at 24x44x80). On video, neighbouring query blocks select mostly the
@@ -31,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_kernels import _block_rows
-from .triton import _geom, _interpreting, _last_dim_contig, _launch, _LOG2E
+from longcat_kernels.ops.block_sparse_attn._triton_kernels import _block_rows
+from longcat_kernels.ops.block_sparse_attn.triton import _geom, _interpreting, _last_dim_contig, _launch, _LOG2E
 
 __all__ = ["PairUnion", "pair_union", "bsa_forward_pairs", "PAIRS_CONFIG"]
 
