@@ -215,7 +215,7 @@ def main(argv=None):
     latents = {}
     first = True
     for mode in modes:
-        pipe.set_mode(mode, fuse_lora=args.fuse_lora)
+        pipe.set_mode(mode, fuse_lora=args.fuse_lora and mode == "distill")
         for cache in caches:
             if not args.no_warmup:
                 sync()

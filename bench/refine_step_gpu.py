@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/refine_step_gpu.py --out $OUT/refine_step.json \\
         [--upstream .gpu_carry/upstream] [--depths 8[,48]] [--rounds 5] [--no-stage | --no-steps]
-        [--stage-depth N]
+        [--stage-depth N] [--stage-memory resident|balanced|low]
 
 Upstream: ``git --git-dir=<LongCat-Video mirror> archive HEAD longcat_video | tar -x -C
 .gpu_carry/upstream`` (ignored folder; carry it). Packages missing on the device (diffusers, ftfy,
@@ -262,6 +262,16 @@ def time_stage(args, device, depth):
     pipe = VideoContinuationPipeline(dit, vae.to(device=device, dtype=dtype).eval(),
                                      te.to(device=device, dtype=dtype).eval(), tok, {"shift": 12.0})
     pipe.refinement_lora_path = lora
+    if args.stage_memory != "resident":
+        # streamed modes (issue 17: 720p refinement within 48 GiB): components go back to the CPU and
+        # apply_memory_mode places them (DiT blocks streamed one ahead, text encoder while encoding)
+        from longcat_vc.memory import apply_memory_mode
+
+        dit.to("cpu")
+        te.to("cpu")
+        apply_memory_mode(pipe, args.stage_memory, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     yy, xx = np.mgrid[0:s1_hw[0], 0:s1_hw[1]]
     stage1 = np.stack([np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + i) % 256], -1)
                        for i in range(n1)]).astype(np.uint8)
@@ -304,7 +314,7 @@ def time_stage(args, device, depth):
         tm["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows[kind] = tm
         print(f"stage {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items() if isinstance(v, float)), flush=True)
-    return {"depth": depth, "warmup_s": warm_s, "num_cond_frames": nc, "stage1_frames": n1,
+    return {"depth": depth, "memory": args.stage_memory, "warmup_s": warm_s, "num_cond_frames": nc, "stage1_frames": n1,
             "runs": rows, "speedup_total": rows["dense"]["total"] / rows["ours"]["total"],
             "speedup_denoise": rows["dense"]["denoise"] / rows["ours"]["denoise"]}
 
@@ -318,6 +328,8 @@ def main(argv=None):
     p.add_argument("--no-stage", action="store_true", help="skip the whole-stage timing")
     p.add_argument("--no-steps", action="store_true", help="skip the step timings (the stage runs at --stage-depth)")
     p.add_argument("--stage-depth", type=int, default=None, help="DiT depth of the stage run (default: first of --depths)")
+    p.add_argument("--stage-memory", choices=("resident", "balanced", "low"), default="resident",
+                   help="memory mode of the stage run (longcat_vc.memory); peak GiB per run is reported")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     sys.path.insert(0, REPO)

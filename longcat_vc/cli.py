@@ -324,6 +324,8 @@ def _check_args_before_load(args) -> None:
         _check_out_path(args.timings_json, paths + [args.out], flag="--timings-json", suffix=None)
         if _same_path(args.timings_json, args.out):
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
+    if getattr(args, "fuse_lora", False) and getattr(args, "mode", "distill") != "distill":
+        raise UsageError(f"--fuse-lora applies to --mode distill (the cfg-step LoRA); --mode {args.mode} runs no LoRA")
     device = _device(args)
     if getattr(args, "fp8", False):
         from .fp8 import check_fp8_device

@@ -326,6 +326,8 @@ class VideoContinuationPipeline:
         for name, flag in (("cfg_parallel", cfg_parallel), ("fuse_lora", fuse_lora), ("fp8", fp8),
                            ("vae_tiling", vae_tiling)):
             check_bool(flag, name)
+        if fuse_lora and mode != "distill":
+            raise ValueError(f"fuse_lora=True applies to mode='distill' (the cfg-step LoRA); mode={mode!r} runs no LoRA")
         if attn_backend is not None and (not isinstance(attn_backend, str) or attn_backend not in ATTN_BACKENDS):
             raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS} or None, got {attn_backend!r}")
         if device is None:
@@ -424,6 +426,8 @@ class VideoContinuationPipeline:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_bool(fuse_lora, "fuse_lora")  # a truthy "no" would merge the LoRA into the weights
+        if fuse_lora and mode != "distill":
+            raise ValueError(f"fuse_lora=True applies to mode='distill' (the cfg-step LoRA); mode={mode!r} runs no LoRA")
         if lora_path is not None and not isinstance(lora_path, (str, os.PathLike)):
             raise TypeError(f"lora_path: expected a str or os.PathLike file or None, got {type(lora_path).__name__}")
         if mode == "distill":

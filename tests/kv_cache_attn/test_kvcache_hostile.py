@@ -141,3 +141,15 @@ def test_new_checks_do_not_break_fullgraph_compile():
     for g, w in zip(got, f(q, kc, vc)):
         assert not g.isnan().any()
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_cache_only_block_sparse_is_forward_only_too():
+    """k=None with block_sparse= runs block_sparse_attn, which is differentiable: the documented
+    forward-only contract held only on the dense path (gradients went through)."""
+    q, kc, vc = _t(1, 16, 2, 16), _t(1, 16, 2, 16), _t(1, 16, 2, 16)
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2), frame_hw=(4, 4))
+    with pytest.raises(ValueError, match=r"^q: flash_attn_with_kvcache is forward-only"):
+        lk.flash_attn_with_kvcache(q.requires_grad_(True), kc, vc, block_sparse=bs, backend="torch")
+    with torch.no_grad():
+        out = lk.flash_attn_with_kvcache(q, kc, vc, block_sparse=bs, backend="torch")
+    assert out.shape == q.shape and torch.isfinite(out).all()

@@ -102,3 +102,14 @@ def test_mixed_norm_kinds_raise_on_gpu_backends(backend):
     rq, rk = lk.qk_norm_rope(q, k, w, w, r, backend="torch")
     torch.testing.assert_close(qo, rq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ko, rk, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [3, -1, True, 1.0])
+def test_frame_offset_without_rope_is_refused(offset):
+    """frame_offset positions tokens on the rope grid; with rope=None it was dropped silently."""
+    q, k = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    w = torch.ones(16)
+    with pytest.raises(ValueError, match=r"^frame_offset: expected 0 without a rope"):
+        lk.qk_norm_rope(q, k, w, w, None, frame_offset=offset, backend="torch")
+    qo, _ = lk.qk_norm_rope(q, k, w, w, None, frame_offset=0, backend="torch")
+    assert torch.isfinite(qo).all()

@@ -110,6 +110,9 @@ def test_bad_inputs(ckpt, in_video, tmp_path, capsys):
     assert "--out must be an .mp4" in _bad(
         capsys, ["continue", in_video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.avi")] + FAST)
     assert "multiples of 16" in _bad(capsys, ["continue", in_video] + base + ["--resolution", "30x48"])
+    # --fuse-lora with --mode basic was ignored silently (basic runs no LoRA); refused before loading
+    assert "--fuse-lora applies to --mode distill" in _bad(
+        capsys, ["continue", in_video] + base + ["--mode", "basic", "--fuse-lora"], code=2)
 
     nock = tmp_path / "ck"
     nock.mkdir()

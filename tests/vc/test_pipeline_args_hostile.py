@@ -30,6 +30,7 @@ def _load(ckpt=MISSING, **kw):
     (dict(device=0.5), TypeError, "device: expected a str or torch.device"),
     (dict(fp8=True), ValueError, r"fp8: fp8 GEMMs need .* got device cpu"),    # was raised after loading
     (dict(mode="turbo"), ValueError, "mode must be one of"),
+    (dict(fuse_lora=True), ValueError, "fuse_lora=True applies to mode='distill'"),  # basic: was ignored silently
     (dict(cfg_parallel=True), ValueError, "cfg_parallel: expected False without a process_group"),
     (dict(memory="low", process_group=object()), ValueError, "memory='low' is not supported with a process_group"),
 ])
@@ -90,4 +91,7 @@ def test_set_mode_flags(ckpt):
         pipe.set_mode("distill", fuse_lora="no")  # was truthy: the LoRA merged into the weights
     with pytest.raises(TypeError, match=r"^lora_path: expected a str or os.PathLike"):
         pipe.set_mode("distill", lora_path=3)
+    assert pipe.mode == "basic"
+    with pytest.raises(ValueError, match=r"^fuse_lora=True applies to mode='distill'"):
+        pipe.set_mode("basic", fuse_lora=True)  # was accepted and ignored
     assert pipe.mode == "basic"

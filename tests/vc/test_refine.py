@@ -253,3 +253,27 @@ def test_cli_missing_refinement_lora_before_load(ckpt, tmp_path, capsys):
         assert main(argv + ["--checkpoint", broken, "--out", out, "--device", "cpu"]) == 1
         err = capsys.readouterr().err
         assert "refinement_lora.safetensors" in err and not os.path.exists(out)
+
+
+def test_refine_in_every_memory_mode_gives_the_resident_result(ckpt):
+    """Issue 17 (720p refinement within 48 GiB): the refine stage under the streamed memory modes
+    (DiT blocks streamed from CPU memory, text encoder streamed; ``low`` also offloads the KV cache)
+    equals the resident result exactly, with the refinement LoRA loaded into streamed blocks on first
+    use, and leaves the LoRA/BSA state as it found it."""
+    vid, s1 = _frames(12, 40, 72, 21), _frames(6, 36, 64, 22)
+    kw = dict(video=vid, num_cond_frames=5, resolution=SIZE, generator=5, output_type="latent", progress=False)
+    outs = {}
+    for memory in ("resident", "balanced", "low"):
+        p = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", attn_backend="torch",
+                                                      memory=memory)
+        assert p.memory == memory
+        before = _state(p)
+        outs[memory] = p.refine(s1, "a cat on a road", **kw).latents
+        assert _state(p) == before
+        assert torch.isfinite(outs[memory]).all()
+        if memory != "resident":
+            # a second refine reuses the loaded LoRA in the streamed blocks
+            again = p.refine(s1, "a cat on a road", **kw).latents
+            assert torch.equal(again, outs[memory])
+    for memory in ("balanced", "low"):
+        assert torch.equal(outs[memory], outs["resident"]), memory

@@ -384,15 +384,16 @@ def flash_attn_with_kvcache(
             check_qkv(q, k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1),
                       names=("q", "k_cache", "v_cache"), gqa=block_sparse is None)
         B = q.shape[0]
+        if not compiling():
+            # forward only, like the fresh-key path (block_sparse_attn below would pass gradients on);
+            # named here: below the cache is passed on as k / v
+            check_no_grad([("q", q), ("k_cache", k_cache), ("v_cache", v_cache)], "flash_attn_with_kvcache")
         if block_sparse is not None:
             # the cache is the whole key grid: fresh queries against (Sc / (H*W)) cached frames
             if k_cache.shape[0] != B:
                 k_cache, v_cache = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
             k, v, k_cache, v_cache = k_cache, v_cache, None, None
             return _cache_only_block_sparse(q, k, v, softmax_scale, block_sparse, backend, return_softmax_lse)
-        if not compiling():
-            # named here: below the cache is passed on as attn_with_kv_cache's k / v
-            check_no_grad([("q", q), ("k_cache", k_cache), ("v_cache", v_cache)], "flash_attn_with_kvcache")
         # the cache becomes the (only) key segment; a batch-1 cache is a stride-0 view, not a copy
         k, v = k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1)
         k_cache = v_cache = None

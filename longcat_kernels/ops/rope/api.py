@@ -271,6 +271,10 @@ def qk_norm_rope(
     nf = None
     if rope is not None:
         nf = _rope_frames(q, rope, frame_offset, "q")
+    elif not compiling() and (isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset != 0):
+        # the offset positions tokens on the rope grid: without a rope it would be dropped silently
+        raise ValueError(f"frame_offset: expected 0 without a rope (nothing is rotated), got {frame_offset!r}; "
+                         "pass rope=Rope3D(...) to rotate frames from that offset")
     if q.numel() == 0 and k.numel() == 0:  # batch, seq or heads 0: nothing to compute (no 0-frame tables)
         return (q.contiguous().clone() if out_q is None else out_q), (k.contiguous().clone() if out_k is None else out_k)
     # all-heads norm: a [heads*head_dim] weight (not [head_dim]; one head is both kinds at once)
