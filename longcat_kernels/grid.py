@@ -24,6 +24,7 @@ __all__ = [
     "as_triple",
     "num_blocks",
     "total_blocks",
+    "cache_split_aligned",
     "block_token_index",
     "block_sizes",
     "token_block_id",
@@ -94,6 +95,13 @@ def total_blocks(grid: Sequence[int], chunk: Sequence[int]) -> int:
 
 
 @functools.lru_cache(maxsize=64)
+def cache_split_aligned(cache_tokens: int, tokens_per_frame: int, chunk_t: int) -> bool:
+    """Keys ``[cache; fresh]``: True when the cache (``cache_tokens`` of whole frames of
+    ``tokens_per_frame``) ends on a key-block boundary along t, so that no key block straddles the
+    two segments (what the warp-specialised BSA kernel needs; ``dispatch.Facts.key_split_aligned``)."""
+    return (int(cache_tokens) // int(tokens_per_frame)) % int(chunk_t) == 0
+
+
 def _block_token_index_cpu(grid: Triple, chunk: Triple) -> torch.Tensor:
     T, H, W = grid
     ct, ch, cw = chunk

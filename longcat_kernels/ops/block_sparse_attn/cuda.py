@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..._ext import extension
+from ...grid import cache_split_aligned
 
 __all__ = [
     "bsa_forward_cuda",
@@ -128,11 +129,11 @@ def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, ke
                               return_lse: bool = True):
     """Block-sparse forward over keys ``[k_cache; k]`` (cache batch 1 or B), no concatenation;
     ``(out, lse)`` with an empty lse when not ``return_lse``."""
-    gk, ck = selection.grid_k, selection.chunk_k
-    cache_frames = k_cache.shape[1] // (int(gk[1]) * int(gk[2]))
+    gk = selection.grid_k
+    aligned = cache_split_aligned(k_cache.shape[1], int(gk[1]) * int(gk[2]), selection.chunk_k[0])
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), key_segments=2,
-                         key_split_aligned=cache_frames % int(ck[0]) == 0, needs_grad=False)
+                         key_split_aligned=aligned, needs_grad=False)
     return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel,
                               bool(return_lse))
 

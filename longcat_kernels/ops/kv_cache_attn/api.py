@@ -32,7 +32,7 @@ from ..._validate import (
     check_tensor,
     compiling,
 )
-from ...grid import Triple
+from ...grid import Triple, cache_split_aligned
 from ..block_sparse_attn.api import check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
@@ -145,7 +145,7 @@ def _split_aligned(k_cache, bs) -> bool:
         return True
     Hf, Wf = bs.frame_hw
     ck = bs.chunk_q if bs.chunk_k is None else bs.chunk_k
-    return (k_cache.shape[1] // (Hf * Wf)) % int(ck[0]) == 0
+    return cache_split_aligned(k_cache.shape[1], Hf * Wf, ck[0])
 
 
 def _frame_hw(hw) -> Tuple[int, int]:

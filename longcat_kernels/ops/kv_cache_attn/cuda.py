@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, ops, selection_args
+from .api import _split_aligned
 
 __all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda"]
 
@@ -52,8 +53,7 @@ def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scal
             kernel = csrc_kernel("attn_with_kv_cache", None, q, k, v, k_cache, v_cache, needs_grad=False,
                                  block_sparse=True, block_tokens=(cq[0] * cq[1] * cq[2], ck[0] * ck[1] * ck[2]),
                                  key_segments=1 if k_cache is None else 2,
-                                 key_split_aligned=k_cache is None or (
-                                     k_cache.shape[1] // (block_sparse.frame_hw[0] * block_sparse.frame_hw[1])) % ck[0] == 0)
+                                 key_split_aligned=_split_aligned(k_cache, block_sparse))
         res = _block_sparse(q, k, v, k_cache, v_cache, rope, scale, block_sparse, tabs, gh, gw, kernel,
                             bool(return_lse))
     return (res[0], res[1]) if return_lse else res[0]
