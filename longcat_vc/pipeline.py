@@ -1024,10 +1024,12 @@ class VideoContinuationPipeline:
             raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
         if refine:
             from .loading import CheckpointError as _CE
-            from .refine import REFINEMENT_LORA
+            from .refine import BSA_LATENT_GRANULARITY, REFINEMENT_LORA, check_refine_resolution, check_t_thresh
 
-            if not isinstance(t_thresh, (int, float)) or isinstance(t_thresh, bool) or not 0.0 < t_thresh <= 1.0:
-                raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh!r}")
+            check_t_thresh(t_thresh)
+            # checked here, not after the stage-1 segments have run
+            check_refine_resolution(refine_resolution, self.vae_scale_spatial * 2 * BSA_LATENT_GRANULARITY,
+                                    "refine_resolution")
             if not isinstance(spatial_refine_only, bool):
                 raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
             _check_int("refine_steps", refine_steps, 1)
