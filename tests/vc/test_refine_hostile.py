@@ -165,3 +165,26 @@ def test_cli_bad_refine_values_exit_2_before_load(clips, tmp_path, capsys, case,
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("longcat-vc: error:") and match in lines[0], err
     assert "Traceback" not in err and not os.path.exists(out)
+
+
+def test_cli_continue_refine_passes_the_30fps_input(clips, tmp_path, capsys, monkeypatch):
+    """``continue --refine`` reads the input at ~30 fps before the load (for the check above) and hands
+    that same video to ``refine`` (the refine itself is replaced: 720p on CPU would take minutes)."""
+    ck = str(tmp_path / "ckpt")
+    write_refine_checkpoint(ck)
+    seen = {}
+
+    def spy(self, stage1, prompt="", **kw):
+        seen.update(kw, prompt=prompt, stage1=stage1)
+        return stage1
+
+    monkeypatch.setattr(VideoContinuationPipeline, "refine", spy)
+    out = str(tmp_path / "out.mp4")
+    rc, err = _cli(["continue", clips["vid15"], "--prompt", "a cat", "--checkpoint", ck, "--out", out, "--device",
+                    "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
+                    "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--refine", "--t-thresh", "0.25",
+                    "--seed", "1"], capsys)
+    assert rc == 0, err
+    assert seen["t_thresh"] == 0.25 and seen["spatial_refine_only"] is False and seen["prompt"] == "a cat"
+    assert isinstance(seen["stage1"], VideoContinuationOutput)
+    assert seen["video"].frames.shape == (15, 32, 64, 3) and os.path.exists(out)
