@@ -107,6 +107,24 @@ def test_extend_refine_t_thresh_before_stage1(no_model, monkeypatch, t):
                         resolution=(32, 64), num_inference_steps=1, progress=False, refine=True, t_thresh=t)
 
 
+@pytest.mark.parametrize("kw", [dict(t_thresh=0.3), dict(spatial_refine_only=True), dict(refine_steps=10),
+                                dict(refine_resolution=(64, 64)), dict(spatial_refine_only=0)])
+def test_extend_refinement_options_without_refine(no_model, monkeypatch, kw):
+    # they were silently ignored: a user who forgot refine=True got an unrefined video
+    monkeypatch.setattr(no_model, "encode_text", _NoModel())
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}=.*refine=True"):
+        no_model.extend(_frames(9, 40, 72), "a cat", segments=2, num_frames=9, num_cond_frames=5,
+                        resolution=(32, 64), num_inference_steps=1, progress=False, **kw)
+
+
+def test_extend_refine_use_kv_cache_before_stage1(no_model, monkeypatch):
+    # run_refine's bool check came only after every stage-1 segment had run
+    monkeypatch.setattr(no_model, "encode_text", _NoModel())
+    with pytest.raises(TypeError, match="use_kv_cache must be a bool, got str"):
+        no_model.extend(_frames(9, 40, 72), "a cat", segments=2, num_frames=9, num_cond_frames=5,
+                        resolution=(32, 64), num_inference_steps=1, progress=False, refine=True, use_kv_cache="no")
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 
