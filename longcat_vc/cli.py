@@ -129,7 +129,7 @@ def _add_refine_flags(p: argparse.ArgumentParser, *, with_switch: bool) -> None:
         p.add_argument("--refine", action="store_true",
                        help="then refine the clip to 720p / 30 fps (refinement LoRA + BSA, lora/refinement_lora.safetensors)")
     p.add_argument("--spatial-only", action="store_true", help="refinement: keep the frame rate (15 fps output)")
-    p.add_argument("--t-thresh", type=float, default=0.5, metavar="T",
+    p.add_argument("--t-thresh", type=float, default=None, metavar="T",
                    help="refinement: noise level in (0, 1] the stage-1 latents are re-noised to (default 0.5)")
 
 
@@ -168,10 +168,16 @@ def _check_refine_args(args) -> None:
     from .loading import CheckpointError
     from .refine import REFINEMENT_LORA_FILE
 
+    if args.t_thresh is None:
+        args.t_thresh = 0.5  # default None only so that continue can tell it was given without --refine
     if not (math.isfinite(args.t_thresh) and 0.0 < args.t_thresh <= 1.0):
         raise UsageError(f"--t-thresh must be in (0, 1], got {args.t_thresh}")
-    if getattr(args, "cond_frames", None) is not None and args.command == "refine" and args.cond_frames < 0:
-        raise UsageError(f"--cond-frames must be >= 0, got {args.cond_frames}")
+    if args.command == "refine" and args.cond_frames is not None:
+        if args.video is None:
+            raise UsageError(f"--cond-frames {args.cond_frames} needs --video (the cond frames); "
+                             "without --video the refinement has no cond frames")
+        if args.cond_frames < 1:
+            raise UsageError(f"--cond-frames must be >= 1, got {args.cond_frames}")
     lora = os.path.join(args.checkpoint, REFINEMENT_LORA_FILE)
     if os.path.isdir(args.checkpoint) and not os.path.isfile(lora):
         raise CheckpointError(f"checkpoint folder {args.checkpoint} is missing: {REFINEMENT_LORA_FILE} (refinement LoRA)")
@@ -218,10 +224,21 @@ def _run_refine(args) -> int:
     from .pipeline import VideoContinuationPipeline, check_checkpoint
     from .video_io import read_video
 
+    from .refine import resolve_refine_args
+
     stage1 = read_video(args.stage1).frames
     video = None if args.video is None else read_video(args.video, target_fps=30.0)
     if video is not None and video.fps is None:
         video = video.frames
+    try:  # frame counts, the bucket pairing: exit 2 before the weights load, not 1 after
+        resolve_refine_args(None, stage1, video, args.cond_frames, args.resolution, args.spatial_only,
+                            args.t_thresh, args.steps, "np")
+    except (TypeError, ValueError) as e:
+        flags = (("num_cond_frames", "--cond-frames"), ("stage1", "STAGE1"), ("video", "--video"))
+        msg = str(e)
+        for k, v in flags:
+            msg = msg.replace(k, v)
+        raise UsageError(msg) from None
     check_checkpoint(args.checkpoint, "basic")
     device, dtype, seed = _setup(args)
     print(f"{PROG}: stage 1 {stage1.shape[0]} frames {stage1.shape[2]}x{stage1.shape[1]}; seed {seed}",
@@ -433,6 +450,10 @@ def _run(args) -> int:
         if args.context_parallel > 1:
             raise UsageError("--refine does not run context-parallel yet; drop --context-parallel")
         _check_refine_args(args)
+    elif args.command == "continue" and (args.spatial_only or args.t_thresh is not None):
+        # refinement flags without --refine would be silently ignored
+        flag = "--spatial-only" if args.spatial_only else "--t-thresh"
+        raise UsageError(f"{flag} applies to the refinement: add --refine")
     import torch
 
     from .pipeline import VideoContinuationPipeline, check_checkpoint
@@ -447,6 +468,22 @@ def _run(args) -> int:
         if video.fps is None:  # frame folders, single images: taken as 15 fps
             video = VideoFrames(video.frames, 15.0, video.source)
     _check_input_frames(video, args)
+    video30 = None
+    if getattr(args, "refine", False):
+        # the refinement's cond frames come from the input at ~30 fps: too few must fail now, not
+        # after the whole 480p stage has run
+        if args.input_fps is not None:
+            video30 = read_video(args.input)
+            video30 = VideoFrames(video30.frames, float(args.input_fps), video30.source)
+        else:  # subsampled to ~30 fps while decoding; frame folders (no fps) are used as they are
+            video30 = read_video(args.input, target_fps=30.0)
+        from .refine import _video_30fps
+
+        rnc = args.cond_frames if args.spatial_only else 2 * args.cond_frames
+        n30 = int(_video_30fps(video30).shape[0])
+        if n30 < rnc:
+            raise UsageError(f"{args.input}: {n30} frames at about 30 fps, fewer than the refinement's {rnc} cond "
+                             f"frames ({'' if args.spatial_only else '2 x '}--cond-frames {args.cond_frames})")
     check_checkpoint(args.checkpoint, args.mode)
 
     device, dtype, seed = _setup(args)
@@ -495,11 +532,6 @@ def _run(args) -> int:
         out = pipe(video, args.prompt, args.negative_prompt, **common)
         if getattr(args, "refine", False):
             stage1_timings = out.timings
-            if args.input_fps is not None:
-                video30 = read_video(args.input)
-                video30 = VideoFrames(video30.frames, float(args.input_fps), video30.source)
-            else:  # subsampled to ~30 fps while decoding; frame folders (no fps) are used as they are
-                video30 = read_video(args.input, target_fps=30.0)
             print("stage 1 (480p) " + _summary(stage1_timings, load_s, 0.0), file=log)
             out = pipe.refine(out, args.prompt, video=video30, spatial_refine_only=args.spatial_only,
                               t_thresh=args.t_thresh, generator=generator, use_kv_cache=not args.no_kv_cache,

@@ -1022,15 +1022,28 @@ class VideoContinuationPipeline:
 
         if not isinstance(refine, bool):
             raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
+        if not refine:
+            # the refinement's options would be silently ignored without it
+            given = [f"{k}={v!r}" for k, v, d in (("spatial_refine_only", spatial_refine_only, False),
+                                                  ("t_thresh", t_thresh, 0.5),
+                                                  ("refine_resolution", refine_resolution, "720p"),
+                                                  ("refine_steps", refine_steps, 50))
+                     if not (type(v) is type(d) and v == d)]
+            if given:
+                raise ValueError(f"{', '.join(given)} given with refine=False: the refinement options need refine=True")
         if refine:
             from .loading import CheckpointError as _CE
-            from .refine import REFINEMENT_LORA
+            from .refine import BSA_LATENT_GRANULARITY, REFINEMENT_LORA, check_refine_resolution, check_t_thresh
 
-            if not isinstance(t_thresh, (int, float)) or isinstance(t_thresh, bool) or not 0.0 < t_thresh <= 1.0:
-                raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh!r}")
+            check_t_thresh(t_thresh)
+            # checked here, not after the stage-1 segments have run
+            check_refine_resolution(refine_resolution, self.vae_scale_spatial * 2 * BSA_LATENT_GRANULARITY,
+                                    "refine_resolution")
             if not isinstance(spatial_refine_only, bool):
                 raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
             _check_int("refine_steps", refine_steps, 1)
+            if not isinstance(use_kv_cache, bool):  # run_refine's check would come after every segment
+                raise TypeError(f"use_kv_cache must be a bool, got {type(use_kv_cache).__name__}")
             lp = self.refinement_lora_path
             if REFINEMENT_LORA not in getattr(self.dit, "lora_names", []) and (lp is None or not os.path.isfile(lp)):
                 raise _CE(f"refinement LoRA file not found: {lp} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -66,6 +67,8 @@ __all__ = [
     "refine_bucket",
     "refine_timesteps",
     "refine_padding",
+    "check_t_thresh",
+    "check_refine_resolution",
     "run_refine",
 ]
 
@@ -172,46 +175,80 @@ def refine_state(pipe, lora_path: Optional[str]):
                 dit.fuse_lora()
 
 
+def check_t_thresh(t_thresh, name: str = "t_thresh") -> float:
+    """``t_thresh`` as a float in (0, 1] (SPEC 11); any real number type (numpy scalars too), no bool."""
+    if isinstance(t_thresh, bool) or not isinstance(t_thresh, numbers.Real) or not math.isfinite(t_thresh):
+        raise TypeError(f"{name} must be a finite number in (0, 1], got {t_thresh!r}")
+    if not 0.0 < t_thresh <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {t_thresh}")
+    return float(t_thresh)
+
+
+def check_refine_resolution(resolution, multiple: int, name: str = "resolution"):
+    """``'720p'`` or a ``(height, width)`` of positive multiples of ``multiple`` (VAE x patch x BSA
+    chunk); returns it (the tuple as ints). ValueError naming ``name`` otherwise."""
+    if isinstance(resolution, str):
+        if resolution != "720p":
+            raise ValueError(f"{name} must be '720p' or (height, width), got {resolution!r}")
+        return resolution
+    if (isinstance(resolution, (tuple, list)) and len(resolution) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in resolution)):
+        size = (int(resolution[0]), int(resolution[1]))
+        if size[0] <= 0 or size[1] <= 0 or size[0] % multiple or size[1] % multiple:
+            raise ValueError(f"{name} (height, width) must be positive multiples of {multiple}, got {size}")
+        return size
+    raise ValueError(f"{name} must be '720p' or a (height, width) tuple, got {resolution!r}")
+
+
 def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                         num_inference_steps, output_type):
-    """Every check that needs no model work. Returns a dict of resolved inputs."""
+    """Every check that needs no model work, all before any (a stage-1 output's latents are decoded
+    last). ``pipe=None`` (the CLI, before loading weights): checks only, with LongCat's VAE
+    factors; ``stage1`` must then be frames. Returns a dict of resolved inputs."""
     from .stages import VideoContinuationOutput, _check_int
 
     if not isinstance(spatial_refine_only, bool):
         raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
-    if isinstance(t_thresh, bool) or not isinstance(t_thresh, (int, float)) or not math.isfinite(t_thresh):
-        raise TypeError(f"t_thresh must be a finite number in (0, 1], got {t_thresh!r}")
-    if not 0.0 < t_thresh <= 1.0:
-        raise ValueError(f"t_thresh must be in (0, 1], got {t_thresh}")
+    check_t_thresh(t_thresh)
     steps = _check_int("num_inference_steps", num_inference_steps, 1)
     if output_type not in ("np", "latent"):
         raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+    vae_s = 8 if pipe is None else pipe.vae_scale_spatial
+    vae_t = 4 if pipe is None else pipe.vae_scale_temporal
+    resolution = check_refine_resolution(resolution, vae_s * 2 * BSA_LATENT_GRANULARITY)
 
     out_size = None
+    frames1 = None
     if isinstance(stage1, VideoContinuationOutput):
         frames1 = getattr(stage1, "model_frames", None)
         if frames1 is None:
-            if stage1.latents is None:
+            lat = stage1.latents
+            if lat is None:
                 raise ValueError("stage1: this VideoContinuationOutput has neither model_frames nor latents "
                                  "(extend's output): pass its frames instead")
-            frames1 = None  # decoded below from the latents (output_type="latent" stage 1)
+            if pipe is None:
+                raise ValueError("stage1: a VideoContinuationOutput without model_frames needs the pipeline")
+            if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[2] < 1:
+                raise ValueError(f"stage1.latents must be a [B, C, T, h, w] tensor, got "
+                                 f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}")
+            # decoded only after every check below: the frame count and size follow from the shape
+            shape1 = (1 + (int(lat.shape[2]) - 1) * vae_t, int(lat.shape[3]) * vae_s, int(lat.shape[4]) * vae_s)
         if stage1.frames is not None:
             out_size = tuple(stage1.frames.shape[1:3])
     else:
         frames1 = _as_frames(stage1, "stage1")
-        out_size = tuple(frames1.shape[1:3])
-    if frames1 is None:
-        frames1 = pipe.decode_latents(stage1.latents)
-        if out_size is None:
-            out_size = tuple(frames1.shape[1:3])
+    if frames1 is not None:
+        shape1 = tuple(int(v) for v in frames1.shape[:3])
+    if out_size is None:
+        out_size = shape1[1:3]
 
     vid = None if video is None else _video_30fps(video)
     base_nc = 13
     if isinstance(stage1, VideoContinuationOutput):
         # the stage-1 cond count: its generated clip minus its new frames
-        base_nc = max(1, int(frames1.shape[0]) - int(stage1.num_new_frames))
+        base_nc = max(1, shape1[0] - int(stage1.num_new_frames))
     if vid is None:
-        if num_cond_frames not in (None, 0):
+        if num_cond_frames is not None and _check_int("num_cond_frames", num_cond_frames, 0) != 0:
             raise ValueError(f"num_cond_frames={num_cond_frames} needs video (the cond frames); "
                              "video=None refines without cond frames")
         nc = 0
@@ -219,7 +256,7 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
         nc = base_nc if spatial_refine_only else 2 * base_nc
     else:
         nc = _check_int("num_cond_frames", num_cond_frames, 1)
-    f1 = int(frames1.shape[0])
+    f1 = shape1[0]
     n_refine = f1 if spatial_refine_only else 2 * f1
     if vid is not None and vid.shape[0] < nc:
         raise ValueError(f"video has {vid.shape[0]} frames at ~{REFINE_FPS:g} fps, fewer than num_cond_frames={nc}")
@@ -228,26 +265,20 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
                          "nothing would be refined")
 
     if isinstance(resolution, str):
-        if resolution != "720p":
-            raise ValueError(f"resolution must be '720p' or (height, width), got {resolution!r}")
-        size = refine_bucket(*frames1.shape[1:3])
+        size = refine_bucket(*shape1[1:3])
         if vid is not None:
             vsize = refine_bucket(*vid.shape[1:3])
             if vsize != size:
                 raise ValueError(
-                    f"stage1 frames ({frames1.shape[2]}x{frames1.shape[1]}) map to the 720p bucket {size[1]}x{size[0]} "
+                    f"stage1 frames ({shape1[2]}x{shape1[1]}) map to the 720p bucket {size[1]}x{size[0]} "
                     f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip?"
                 )
-    elif (isinstance(resolution, (tuple, list)) and len(resolution) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in resolution)):
-        m = pipe.vae_scale_spatial * 2 * BSA_LATENT_GRANULARITY
-        size = (int(resolution[0]), int(resolution[1]))
-        if size[0] <= 0 or size[1] <= 0 or size[0] % m or size[1] % m:
-            raise ValueError(f"resolution (height, width) must be positive multiples of {m}, got {size}")
     else:
-        raise ValueError(f"resolution must be '720p' or a (height, width) tuple, got {resolution!r}")
+        size = resolution
     if vid is not None:
         out_size = tuple(vid.shape[1:3])
+    if frames1 is None:
+        frames1 = pipe.decode_latents(stage1.latents)
     return dict(frames1=frames1, video=vid, nc=nc, n_refine=n_refine, size=size, out_size=out_size, steps=steps)
 
 
