@@ -303,10 +303,16 @@ def time_stage(args, device, depth):
     run("ours", steps=2, frames=stage1[: max(nc // 2 + 4, 9)])
     warm_s = time.perf_counter() - t
     rows = {}
-    for kind in ("ours", "dense"):
+    cap = None
+    if device.type == "cuda" and args.stage_cap_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = min(1.0, args.stage_cap_gib * 2**30 / total)
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(cap, device)
+    for kind in args.kinds:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        out = run(kind)
+        out = run(kind, steps=args.stage_steps)
         tm = {k: v for k, v in out.timings.items() if k != "denoise_steps"}
         tm["step_ms"] = [1e3 * x for x in out.timings["denoise_steps"]]
         tm["latent_shape"] = list(out.latents.shape)
@@ -314,9 +320,14 @@ def time_stage(args, device, depth):
         tm["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows[kind] = tm
         print(f"stage {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items() if isinstance(v, float)), flush=True)
-    return {"depth": depth, "memory": args.stage_memory, "warmup_s": warm_s, "num_cond_frames": nc, "stage1_frames": n1,
-            "runs": rows, "speedup_total": rows["dense"]["total"] / rows["ours"]["total"],
-            "speedup_denoise": rows["dense"]["denoise"] / rows["ours"]["denoise"]}
+    if cap is not None:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    res = {"depth": depth, "memory": args.stage_memory, "cap_gib": args.stage_cap_gib, "steps": args.stage_steps,
+           "warmup_s": warm_s, "num_cond_frames": nc, "stage1_frames": n1, "runs": rows}
+    if "ours" in rows and "dense" in rows:
+        res["speedup_total"] = rows["dense"]["total"] / rows["ours"]["total"]
+        res["speedup_denoise"] = rows["dense"]["denoise"] / rows["ours"]["denoise"]
+    return res
 
 
 def main(argv=None):
@@ -330,8 +341,21 @@ def main(argv=None):
     p.add_argument("--stage-depth", type=int, default=None, help="DiT depth of the stage run (default: first of --depths)")
     p.add_argument("--stage-memory", choices=("resident", "balanced", "low"), default="resident",
                    help="memory mode of the stage run (longcat_vc.memory); peak GiB per run is reported")
+    p.add_argument("--stage-steps", type=int, default=50,
+                   help="num_inference_steps of the stage runs (refinement runs the steps below t_thresh)")
+    p.add_argument("--stage-kinds", default="ours,dense", help="comma list of ours (BSA + KV cache), dense")
+    p.add_argument("--stage-cap-gib", type=float, default=None,
+                   help="cap the process at this many GiB during the stage (set_per_process_memory_fraction)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    kinds = [k for k in args.stage_kinds.split(",") if k]
+    if not kinds or any(k not in ("ours", "dense") for k in kinds):
+        p.error(f"--stage-kinds: expected a comma list of ours, dense; got {args.stage_kinds!r}")
+    if args.stage_steps < 1:
+        p.error(f"--stage-steps: expected >= 1, got {args.stage_steps}")
+    if args.stage_cap_gib is not None and args.stage_cap_gib <= 0:
+        p.error(f"--stage-cap-gib: expected > 0, got {args.stage_cap_gib}")
+    args.kinds = kinds
     sys.path.insert(0, REPO)
     _ensure_text_deps()
     import torch
