@@ -68,6 +68,7 @@ OPS: Dict[str, str] = {
     "attn_with_kv_cache": "kv_cache_attn",
     "prefix_attn": "kv_cache_attn",
     "qk_norm_rope": "rope",
+    "fp8_quantize": "fp8_quant",
 }
 
 # ops the csrc extension implements (all forward only)
@@ -79,7 +80,9 @@ KERNEL_DTYPES = ("float16", "bfloat16", "float32")
 # and tl.dot come out as garbage instead of failing, so only these dtypes may run there.
 INTERPRETER_DTYPES = ("float16", "float32")
 # ops whose Triton kernels have no backward
-TRITON_FORWARD_ONLY = ("qk_norm_rope",)
+TRITON_FORWARD_ONLY = ("qk_norm_rope", "fp8_quantize")
+# fp8_quantize: the Triton kernel keeps a whole row in registers
+FP8_MAX_COLS = 16384
 # largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)
 CSRC_MAX_BLOCK_TOKENS = 1024
 
@@ -94,7 +97,7 @@ class Facts(NamedTuple):
     Attributes:
         device_type: ``"cpu"``, ``"cuda"``, ... of the op's tensors.
         dtype: e.g. ``"bfloat16"`` (``str(torch.dtype)`` without ``torch.``).
-        head_dim: last dim of q.
+        head_dim: last dim of q (fp8_quantize: the row length K).
         capability: ``(major, minor)`` of the CUDA device, None on CPU.
         triton_error: None if ``import triton`` works, else why not.
         interpret: ``TRITON_INTERPRET=1`` (Triton runs on CPU tensors in the interpreter).
@@ -164,6 +167,12 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
         return f"rope.pairs={f.rope_pairs!r} (the Triton prologue rotates interleaved pairs); use 'torch'"
     if op == "qk_norm_rope" and f.norm_all_heads and f.gqa:
         return "an all-heads norm with different q/k head counts; use 'torch'"
+    if op == "fp8_quantize":
+        if f.head_dim > FP8_MAX_COLS:
+            return f"rows of {f.head_dim} elements (the Triton kernel holds a row of <= {FP8_MAX_COLS} in registers)"
+        if f.device_type == "cuda" and f.capability is not None and tuple(f.capability) < (8, 9):
+            return (f"float8 e4m3 conversion needs compute capability >= 8.9, got "
+                    f"{f.capability[0]}.{f.capability[1]}")
     if f.device_type == "cuda":
         if f.interpret:
             return "TRITON_INTERPRET=1 is set: Triton runs in the CPU interpreter, CUDA tensors are not supported"
@@ -474,6 +483,7 @@ _REGISTRY: Dict[Tuple[str, str], Tuple[str, str, Optional[str]]] = {
     ("prefix_attn", "triton_fused"): ("kv_cache_attn.triton", "prefix_attn_triton", None),
     ("prefix_attn", "triton_prologue_cudnn"): ("kv_cache_attn.cudnn", "prefix_attn_cudnn", None),
     ("qk_norm_rope", "triton"): ("rope.triton", "qk_norm_rope_triton", None),
+    ("fp8_quantize", "triton"): ("fp8_quant.triton", "fp8_quantize_triton", None),
 }
 for _op, _fn in (
     ("block_sparse_attn", "block_sparse_attn_cuda"),

@@ -1,25 +1,24 @@
-"""Issue 17: where the FP8 step's time goes, and which fusions close the gap to the GEMM bound.
+"""Issue 17: where the FP8 step's time goes, and what the fused quantisation and fast accumulation buy.
 
 One call, real width (hidden 4096, FFN 11008), ``--depth`` blocks (default 6), 480p 93 frames,
 13 cond frames (4 cond latents), B2 CFG, cache on, random weights:
 
 1. GEMMs alone at the step's shapes (M = 62,400): bf16 ``F.linear`` vs fp8 ``torch._scaled_mm``
-   row-wise (fast accumulation off / on), and the per-token activation quantisation kernel.
-2. The DiT step, median of ``--reps`` CUDA-event timings over two input sets, for
-   bf16 and the fp8 variants below (each checked: rel L2 of the step output vs bf16).
-3. One torch-profiler pass per chosen case: CUDA time by kernel family.
+   row-wise (fast accumulation off / on), and the activation quantisation kernel
+   (``longcat_kernels.fp8_quantize_rows``) at each GEMM's input.
+2. The DiT step, median of ``--reps`` CUDA-event timings over two input sets, each checked (rel L2
+   of the step output vs bf16):
+   ``bf16``; ``fp8`` (the product: quantisation fused into modulate / LayerNorm / SwiGLU gate,
+   ``use_fast_accum``); ``fp8 exact-accum`` (``longcat_vc.fp8.FAST_ACCUM = False``);
+   ``fp8 unfused`` (every ``Fp8Linear`` quantises its own input: the blocks' fusions off).
+3. One torch-profiler pass of the bf16 and the fp8 step: CUDA time by kernel family, top kernels.
 
-Variants (monkeypatched here; the winner moves into ``longcat_vc.fp8``):
-  ``fp8``          the product path at this commit (one compiled quantise per linear)
-  ``fp8+ffn``      FFN: one quantisation of x for w1 and w3, ``silu(a) * b`` fused with the
-                   quantisation of w2's input (the bf16 [M, F] product never written)
-  ``fp8+ffn+mod``  also adaLN ``modulate`` fused with the quantisation of the qkv and FFN inputs,
-                   and the cross-attention LayerNorm with q_linear's
-  ``... +fa``      the same with ``use_fast_accum=True`` (Hopper fp8 accumulation without the
-                   periodic fp32 promotion: faster, less exact)
+History: the first run (commit 69537f5, before the fused kernels existed) measured the fusions as
+monkeypatched variants over ``torch.compile``d quantisation: fp8 1.134x, +FFN sharing 1.141x,
++modulate fusion 1.157x, +fast accumulation 1.184x (``bench/results/h200/fp8-step_20261204_*``).
 
 Run: ``PYTHONPATH=$PWD python bench/dev/fp8_step_dev.py --out $OUT/fp8_step.json``;
-``--smoke`` runs the logic tiny on CPU (eager, emulated numbers, no timing meaning).
+``--smoke`` runs the logic tiny on CPU (emulated fp8, no timing meaning).
 """
 
 from __future__ import annotations
@@ -37,9 +36,6 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-E4M3 = torch.float8_e4m3fn
-QMAX = 448.0
-
 
 def parse_args():
     p = argparse.ArgumentParser()
@@ -51,39 +47,10 @@ def parse_args():
     return p.parse_args()
 
 
-# --------------------------------------------------------------------------- fused pieces
-def _q(y):
-    """fp32 rows -> (e4m3, fp32 scale [.., 1]) with the product's rule."""
-    amax = y.abs().amax(dim=-1, keepdim=True)
-    s = amax.clamp(min=1e-12) / QMAX
-    return (y / s).clamp(-QMAX, QMAX).to(E4M3), s
-
-
-def modulate_quant(x, shift, scale, eps: float, dt: torch.dtype):
-    y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
-    y = (y * (scale + 1) + shift).to(dt).float()  # rounded as the unfused path rounds
-    return _q(y)
-
-
-def layernorm_quant(x, w, b, eps: float, dt: torch.dtype):
-    y = F.layer_norm(x.float(), (x.shape[-1],), w.float(), b.float(), eps).to(dt).float()
-    return _q(y)
-
-
-def silu_mul_quant(a, b):
-    y = (F.silu(a) * b).float()  # silu_mul in the activation dtype, as the unfused path
-    return _q(y)
-
-
 def quant_rows(x):
-    return _q(x.float())
+    import longcat_kernels as lk
 
-
-class QAct:
-    """A pre-quantised activation: ``xq [M, K]`` e4m3, ``sx [M, 1]``, logical ``shape``."""
-
-    def __init__(self, xq, sx, shape):
-        self.xq, self.sx, self.shape = xq, sx, tuple(shape)
+    return lk.fp8_quantize_rows(x)
 
 
 def main():
@@ -100,8 +67,7 @@ def main():
     except ImportError:
         pass
 
-    comp = (lambda f: f) if smoke else (lambda f: torch.compile(f, dynamic=True, fullgraph=True))
-    MQ, LQ, SQ, XQ = comp(modulate_quant), comp(layernorm_quant), comp(silu_mul_quant), comp(quant_rows)
+    XQ = quant_rows
 
     def cuda_time(fn, sets, reps):
         if smoke:
@@ -132,7 +98,7 @@ def main():
     for name, (K, N) in shapes.items():
         xs = [torch.randn(M, K, device=dev, generator=g).to(dt) for _ in range(2)]
         w = (torch.randn(N, K, device=dev, generator=g) * K ** -0.5).to(dt)
-        wq, sw = _q(w.float())
+        wq, sw = quant_rows(w.float())
         sw = sw.view(1, -1)
         qs = [quant_rows(x) for x in xs]
         flops = 2 * M * K * N
@@ -159,7 +125,6 @@ def main():
     from longcat_vc import DiTConfig, LongCatDiT
     from longcat_vc import fp8 as F8
     from longcat_vc.modules import block as blk
-    from longcat_vc.modules.norms import gated_residual
 
     cfg = (DiTConfig.tiny(depth=args.depth, text_tokens_zero_pad=True) if smoke
            else DiTConfig.longcat_video(depth=args.depth))
@@ -203,73 +168,16 @@ def main():
     F8.quantize_dit_fp8(dit, device=dev, emulate=smoke)
     run_case("fp8", ref)
 
-    # ---- the patches
-    orig_lin_fwd = F8.Fp8Linear.forward
-    orig_ffn_fwd = blk.FeedForwardSwiGLU.forward
-    orig_block_fwd = blk.LongCatBlock.forward
-    state = {"fa": False}
-
-    def lin_forward(self, x):
-        if isinstance(x, QAct):
-            xq, sx, shp = x.xq, x.sx, x.shape
-        elif state["fa"]:
-            shp = x.shape
-            xq, sx = XQ(x.reshape(-1, shp[-1]))
-        else:
-            return orig_lin_fwd(self, x)
-        bias = None if self.bias is None else self.bias.to(dt)
-        if smoke:
-            y = F.linear(xq.float() * sx, self.dequantized_weight()).to(dt)
-            y = y if bias is None else y + bias
-        else:
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :], bias=bias,
-                                 out_dtype=dt, use_fast_accum=state["fa"])
-        return y.view(*shp[:-1], y.shape[-1])
-
-    def ffn_forward(self, x):
-        if isinstance(x, QAct):
-            q = x
-        else:
-            xq, sx = XQ(x.reshape(-1, x.shape[-1]))
-            q = QAct(xq, sx, x.shape)
-        a, b = self.w1(q), self.w3(q)
-        hq, sh = SQ(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
-        return self.w2(QAct(hq, sh, a.shape))
-
-    def block_forward(self, x, t, y, y_mask, plan, layer):
-        B, N, C = x.shape
-        T_ = plan.grid[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t)
-        xv = x.view(B, T_, -1, C)
-        xq, sx = MQ(xv, shift_msa, scale_msa, 1e-6, dt)
-        a = self.attn(QAct(xq.view(-1, C), sx.view(-1, 1), (B, N, C)), plan, layer)
-        x = gated_residual(xv, gate_msa, a.view(B, T_, -1, C)).view(B, N, C)
-        if not plan.skip_cross:
-            assert not plan.prefix_tokens
-            nrm = self.pre_crs_attn_norm
-            lq, ls = LQ(x, nrm.weight, nrm.bias, nrm.eps, dt)
-            x = x + self.cross_attn(QAct(lq.view(-1, C), ls.view(-1, 1), (B, N, C)), y, y_mask)
-        xv = x.view(B, T_, -1, C)
-        fq, fs = MQ(xv, shift_mlp, scale_mlp, 1e-6, dt)
-        f = self.ffn(QAct(fq.view(-1, C), fs.view(-1, 1), (B, N, C)))
-        return gated_residual(xv, gate_mlp, f.view(B, T_, -1, C)).view(B, N, C)
-
-    F8.Fp8Linear.forward = lin_forward
+    orig_kind = blk.fp8_input_kind
     try:
-        blk.FeedForwardSwiGLU.forward = ffn_forward
-        run_case("fp8+ffn", ref)
-        blk.LongCatBlock.forward = block_forward
-        run_case("fp8+ffn+mod", ref)
-        state["fa"] = True
-        run_case("fp8+ffn+mod+fa", ref)
-        blk.FeedForwardSwiGLU.forward = orig_ffn_fwd
-        blk.LongCatBlock.forward = orig_block_fwd
-        run_case("fp8+fa", ref)
-        state["fa"] = False
+        F8.FAST_ACCUM = False
+        run_case("fp8 exact-accum", ref)
+        F8.FAST_ACCUM = True
+        blk.fp8_input_kind = lambda *m: None
+        run_case("fp8 unfused", ref)
     finally:
-        F8.Fp8Linear.forward = orig_lin_fwd
-        blk.FeedForwardSwiGLU.forward = orig_ffn_fwd
-        blk.LongCatBlock.forward = orig_block_fwd
+        F8.FAST_ACCUM = True
+        blk.fp8_input_kind = orig_kind
     out["steps"] = results
     base = results["bf16"]["ms_per_step"]
     out["speedup_vs_bf16"] = {k: base / v["ms_per_step"] for k, v in results.items()}
@@ -312,20 +220,7 @@ def main():
             print("profile", label, json.dumps(fam), flush=True)
             return rec
 
-        prof_out = {}
-        prof_out["fp8"] = families("fp8", lambda: None, lambda: None)
-
-        def on():
-            F8.Fp8Linear.forward = lin_forward
-            blk.FeedForwardSwiGLU.forward = ffn_forward
-            blk.LongCatBlock.forward = block_forward
-
-        def off():
-            F8.Fp8Linear.forward = orig_lin_fwd
-            blk.FeedForwardSwiGLU.forward = orig_ffn_fwd
-            blk.LongCatBlock.forward = orig_block_fwd
-
-        prof_out["fp8+ffn+mod"] = families("fp8+ffn+mod", on, off)
+        prof_out = {"fp8": families("fp8", lambda: None, lambda: None)}
         out["profile"] = prof_out
 
     with open(args.out, "w") as f:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..fp8 import fp8_input_kind, layer_norm_fp8, modulate_fp8, silu_mul_fp8, to_fp8_activation
 from ..lora import LoRALinear
 from .attention import Attention, AttnPlan, CrossAttention
 from .norms import FP32LayerNorm, gated_residual, modulate, silu_mul
@@ -23,8 +24,13 @@ class FeedForwardSwiGLU(nn.Module):
         self.w2 = LoRALinear(hidden_dim, dim, bias=False, device=device, dtype=dtype)
         self.w3 = LoRALinear(dim, hidden_dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+    def forward(self, x) -> torch.Tensor:
+        """``x [..., C]`` in the model dtype, or (fp8 blocks) an ``Fp8Activation``."""
+        want_x = fp8_input_kind(self.w1, self.w3, self.w2)
+        if want_x is None:
+            return self.w2(silu_mul(self.w1(x), self.w3(x)))
+        x = to_fp8_activation(x, want_x)  # one quantisation for w1 and w3
+        return self.w2(silu_mul_fp8(self.w1(x), self.w3(x), want_x))
 
 
 class LongCatBlock(nn.Module):
@@ -59,7 +65,7 @@ class LongCatBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t)
 
         xv = x.view(B, T, -1, C)
-        a = self.attn(modulate(xv, shift_msa, scale_msa).view(B, N, C), plan, layer)
+        a = self.attn(self._modulated(xv, shift_msa, scale_msa, self.attn.qkv), plan, layer)
         x = gated_residual(xv, gate_msa, a.view(B, T, -1, C)).view(B, N, C)
 
         if not plan.skip_cross:
@@ -67,13 +73,29 @@ class LongCatBlock(nn.Module):
             if P:
                 # Cond tokens get exactly zero cross-attention output.
                 xn = x[:, P:]
-                x = torch.cat([x[:, :P], xn + self.cross_attn(self.pre_crs_attn_norm(xn), y, y_mask)], dim=1)
+                x = torch.cat([x[:, :P], xn + self.cross_attn(self._cross_normed(xn), y, y_mask)], dim=1)
             else:
-                x = x + self.cross_attn(self.pre_crs_attn_norm(x), y, y_mask)
+                x = x + self.cross_attn(self._cross_normed(x), y, y_mask)
 
         xv = x.view(B, T, -1, C)
-        f = self.ffn(modulate(xv, shift_mlp, scale_mlp).view(B, N, C))
+        f = self.ffn(self._modulated(xv, shift_mlp, scale_mlp, self.ffn.w1, self.ffn.w3))
         return gated_residual(xv, gate_mlp, f.view(B, T, -1, C)).view(B, N, C)
+
+    @staticmethod
+    def _modulated(xv: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *consumers):
+        """``modulate(xv)`` as ``[B, N, C]``; for fp8 consumers fused with their input quantisation."""
+        B, T, S, C = xv.shape
+        want_x = fp8_input_kind(*consumers)
+        if want_x is None:
+            return modulate(xv, shift, scale).view(B, T * S, C)
+        return modulate_fp8(xv, shift, scale, want_x)
+
+    def _cross_normed(self, x: torch.Tensor):
+        """The cross-attention pre-norm; for an fp8 ``q_linear`` fused with its input quantisation."""
+        want_x = fp8_input_kind(self.cross_attn.q_linear)
+        if want_x is None:
+            return self.pre_crs_attn_norm(x)
+        return layer_norm_fp8(x, self.pre_crs_attn_norm, want_x)
 
     def forward_kv_only(self, x: torch.Tensor, t: torch.Tensor, plan: AttnPlan, layer: int) -> None:
         """Cache build of the last block: only its K and V are needed (recorded by ``plan``)."""

@@ -54,6 +54,10 @@ AUTO_TABLE = [
     ("attn_with_kv_cache", H100, {"dtype": "float64"}, "torch", "torch_reference", "float64"),
     ("select_blocks", H100, {}, "triton", "triton", "no csrc kernel"),
     ("qk_norm_rope", H100, {}, "triton", "triton", "no csrc kernel"),
+    ("fp8_quantize", H100, {"head_dim": 4096}, "triton", "triton", "no csrc kernel"),
+    # fp8_quantize: no e4m3 conversion before sm89, rows too long for the register-resident kernel
+    ("fp8_quantize", A100, {"head_dim": 4096}, "torch", "torch_reference", "8.9"),
+    ("fp8_quantize", H100, {"head_dim": 32768}, "torch", "torch_reference", "16384"),
     # Hopper without the extension / without the warp-specialised kernels / an sm80-only build
     ("attn_with_kv_cache", H100_NO_EXT, {}, "triton", "triton_prologue_cudnn", "not built"),
     ("block_sparse_attn", H100_NO_EXT, BSA64, "triton", "triton", "not built"),
@@ -112,6 +116,7 @@ EXPLICIT_TABLE = [
     ("attn_with_kv_cache", H100, {"dtype": "float32"}, "torch", "torch_reference"),
     ("attn_with_kv_cache", CPU_INTERP, {}, "triton", "triton_fused"),
     ("qk_norm_rope", CPU_INTERP, {}, "triton", "triton"),
+    ("fp8_quantize", CPU_INTERP, {}, "triton", "triton"),
     # refusals
     ("block_sparse_attn", H100, dict(BSA64, requires_grad=True), "cuda", "forward only"),
     ("block_sparse_attn", H100, dict(BSA128, requires_grad=True), "cuda", "forward only"),
@@ -121,6 +126,9 @@ EXPLICIT_TABLE = [
     ("block_sparse_attn", H100, dict(BSA64, block_tokens=(2048, 64)), "cuda", "at most 1024"),
     ("select_blocks", H100, {}, "cuda", "has no csrc kernel"),
     ("qk_norm_rope", H100, {}, "cuda", "has no csrc kernel"),
+    ("fp8_quantize", H100, {}, "cuda", "has no csrc kernel"),
+    ("fp8_quantize", A100, {}, "triton", "compute capability >= 8.9"),
+    ("fp8_quantize", H100, {"head_dim": 20000}, "triton", "<= 16384"),
     ("attn_with_kv_cache", H100_NO_EXT, {}, "cuda", "not built"),
     ("attn_with_kv_cache", NO_TRITON, {}, "triton", "import triton failed"),
     ("attn_with_kv_cache", H100, {"dtype": "float64"}, "triton", "torch backend only"),
@@ -349,6 +357,7 @@ def _gpu_calls():
         "attn_with_kv_cache": lambda b: lk.attn_with_kv_cache(q, k, v, kc, vc, rope=rope, backend=b),
         "prefix_attn": lambda b: lk.prefix_attn(q, k, v, 100, backend=b),
         "qk_norm_rope": lambda b: lk.qk_norm_rope(q, k, w, w, rope=rope, backend=b)[0],
+        "fp8_quantize": lambda b: (lambda r: r[0].float() * r[1])(lk.fp8_quantize_rows(q, backend=b)),
     }
 
 

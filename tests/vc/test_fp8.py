@@ -122,3 +122,55 @@ def test_fp8_scaled_mm_matches_emulation_gpu():
     assert _rel(y.float(), y_emul.float()) < 1e-2
     exact = torch.nn.functional.linear(x.float(), ref_w, lin.bias.float())
     assert _rel(y.float(), exact) < 0.06
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("cache", [False, True])
+def test_fused_quantisation_equals_quantising_each_linear(tmp_path, monkeypatch, lora, cache):
+    """The blocks hand fp8 linears activations quantised inside the producing op (adaLN modulate,
+    cross-attention LayerNorm, SwiGLU gate; w1/w3 sharing one quantisation): the same values as
+    producing the activation in the model dtype and quantising it in each ``Fp8Linear``. With
+    unfused LoRA adapters the fused ops also return the activation for them."""
+    import longcat_kernels as lk
+    from longcat_vc.modules import block as block_mod
+
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ()).item()))
+    q = model_from_state_dict(cfg, sd)
+    if lora:
+        path = str(tmp_path / "l.safetensors")
+        write_longcat_lora(path, cfg, targets=LORA_TARGETS_REFINEMENT, seed=5)
+        q.load_lora(path, "r")
+        q.enable_loras(["r"])
+    quantize_dit_fp8(q, emulate=True)
+    x, t, y, mask = make_inputs(cfg, B=2, T=3)
+    c = 1
+
+    def run():
+        with torch.no_grad():
+            if cache:
+                return q(x[:, :, c:], t, y, mask, kv_cache=kv)
+            return q(x, t, y, mask)
+
+    calls = []
+    for name in ("fp8_modulate_quantize", "fp8_layer_norm_quantize", "fp8_silu_mul_quantize", "fp8_quantize_rows"):
+        orig = getattr(lk, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(f"longcat_vc.fp8.{name}", spy)
+    with torch.no_grad():
+        kv = q.build_kv_cache(x[:1, :, :c]) if cache else None
+    calls.clear()  # the step's calls only (the cache build runs the blocks without cross-attention)
+    fused = run()
+    per_block = {n: calls.count(n) / cfg.depth for n in set(calls)}
+    # per block: two modulates, one cross-attention LayerNorm, one gate; quantised on entry to their
+    # linear: attn.proj, cross_attn.kv_linear (text states), cross_attn.proj
+    assert per_block == {"fp8_modulate_quantize": 2, "fp8_layer_norm_quantize": 1, "fp8_silu_mul_quantize": 1,
+                         "fp8_quantize_rows": 3}, per_block
+    monkeypatch.setattr(block_mod, "fp8_input_kind", lambda *m: None)  # the blocks' plain path
+    plain = run()
+    assert torch.isfinite(fused).all()
+    assert torch.equal(fused, plain), _rel(fused, plain)
