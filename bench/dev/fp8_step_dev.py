@@ -15,7 +15,8 @@ One call, real width (hidden 4096, FFN 11008), ``--depth`` blocks (default 6), 4
 
 History: the first run (commit 69537f5, before the fused kernels existed) measured the fusions as
 monkeypatched variants over ``torch.compile``d quantisation: fp8 1.134x, +FFN sharing 1.141x,
-+modulate fusion 1.157x, +fast accumulation 1.184x (``bench/results/h200/fp8-step_20261204_*``).
++modulate fusion 1.157x, +fast accumulation 1.184x (H200, depth 6; the call's files were lost
+with the workstation before they were committed: the figures are from its printed output).
 
 Run: ``PYTHONPATH=$PWD python bench/dev/fp8_step_dev.py --out $OUT/fp8_step.json``;
 ``--smoke`` runs the logic tiny on CPU (emulated fp8, no timing meaning).
