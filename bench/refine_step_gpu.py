@@ -365,9 +365,10 @@ def main(argv=None):
     import diffusers.loaders.peft  # noqa: F401
     import diffusers.video_processor  # noqa: F401
 
-    device = torch.device("cpu" if args.smoke else "cuda")
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("refine_step_gpu: no CUDA device (--smoke runs the CPU check of the script)")
+    # an indexed device: torch.cuda.set_per_process_memory_fraction refuses a bare "cuda"
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     try:
         from bench.machine import machine_header
 
