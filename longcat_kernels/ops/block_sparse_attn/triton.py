@@ -26,11 +26,14 @@ _LOG2E = 1.4426950408889634
 
 # Launch configuration, keyed by padded key-block size. Tuned on H100 (bench/dev/bench_bsa_gpu_dev.py).
 # fwd / dq: (key blocks per iteration, num_warps, num_stages); dkdv: (num_warps, num_stages, query
-# rows per slice, transposed formulation).
+# rows per slice, transposed formulation). The backward entries were re-swept on the H200 with
+# Triton 3.6 (bench/dev/bsa_bwd_sweep_gpu.py, bench/results/h200/bsa-bwd-sweep_20261204_5043ac0.json;
+# 24x44x80, H32, 0.9375, video-like inputs): 64-token blocks kept (57.8 ms; best of 36 configs 57.5,
+# within noise; atomic dq 91.7); 128-token dkdv (8, 2, 32, True) -> (8, 3, 64, True): 53.3 -> 51.0 ms.
 _CONFIG = {
     "fwd": {64: (1, 4, 2), 128: (1, 8, 3)},
     "dq": {64: (1, 4, 3), 128: (1, 8, 3)},
-    "dkdv": {64: (4, 3, 64, False), 128: (8, 2, 32, True)},
+    "dkdv": {64: (4, 3, 64, False), 128: (8, 3, 64, True)},
     "atomic_dq": False,
 }
 _INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1, 16, True)}
