@@ -153,3 +153,22 @@ def format_header(info: dict) -> str:
     if be:
         lines.append("backends: " + ", ".join(f"{k}={'ok' if v is None else 'no'}" for k, v in be.items()))
     return "\n".join(lines)
+
+
+def cap_process_memory(gib: float | None, device: torch.device | str | int | None = None) -> float:
+    """Caps this process's CUDA caching allocator at ``gib`` GiB of ``device`` (None: uncapped) and
+    returns the fraction set. ``torch.cuda.set_per_process_memory_fraction`` refuses a bare
+    ``"cuda"``: the device is indexed here (the current device when it has no index)."""
+    if gib is not None and (isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0):
+        raise ValueError(f"gib: expected a number > 0 or None, got {gib!r}")
+    if device is None or isinstance(device, int):
+        index = torch.cuda.current_device() if device is None else device
+    else:
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"device: expected a CUDA device, got {dev}")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    frac = 1.0 if gib is None else min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(frac, index)
+    return frac

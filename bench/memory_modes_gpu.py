@@ -84,7 +84,6 @@ class Bench:
         self.smoke = args.smoke
         self.device = torch.device("cpu") if self.smoke else torch.device("cuda", torch.cuda.current_device())
         self.dtype = torch.float32 if self.smoke else torch.bfloat16
-        self.total = torch.cuda.get_device_properties(self.device).total_memory if not self.smoke else 0
 
     # ------------------------------------------------------------------ memory helpers
     def sync(self):
@@ -98,8 +97,9 @@ class Bench:
         torch = self.torch
         gc.collect()
         torch.cuda.empty_cache()
-        frac = 1.0 if gib is None else min(1.0, gib * GiB / self.total)
-        torch.cuda.set_per_process_memory_fraction(frac, self.device)
+        from bench.machine import cap_process_memory
+
+        cap_process_memory(gib, self.device)
 
     def reset_peak(self):
         if not self.smoke:

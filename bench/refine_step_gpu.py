@@ -305,10 +305,10 @@ def time_stage(args, device, depth):
     rows = {}
     cap = None
     if device.type == "cuda" and args.stage_cap_gib is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        cap = min(1.0, args.stage_cap_gib * 2**30 / total)
+        from bench.machine import cap_process_memory
+
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(cap, device)
+        cap = cap_process_memory(args.stage_cap_gib, device)
     for kind in args.kinds:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -321,7 +321,7 @@ def time_stage(args, device, depth):
         rows[kind] = tm
         print(f"stage {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items() if isinstance(v, float)), flush=True)
     if cap is not None:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        cap_process_memory(None, device)
     res = {"depth": depth, "memory": args.stage_memory, "cap_gib": args.stage_cap_gib, "steps": args.stage_steps,
            "warmup_s": warm_s, "num_cond_frames": nc, "stage1_frames": n1, "runs": rows}
     if "ours" in rows and "dense" in rows:

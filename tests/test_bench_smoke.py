@@ -242,3 +242,31 @@ def test_committed_results_follow_the_scheme_and_are_indexed():
     bad = sorted(f for f in files if not RESULT_NAME.fullmatch(f))
     assert not bad, f"names outside the scheme: {bad}"
     assert files == listed, f"not indexed: {sorted(files - listed)}; indexed but missing: {sorted(listed - files)}"
+
+
+def test_cap_process_memory_indexes_the_device(monkeypatch):
+    """torch refuses set_per_process_memory_fraction(frac, torch.device("cuda")): the helper the GPU
+    scripts share passes an index (a bare "cuda" killed a 720p refine run after its warm-up)."""
+    import torch
+
+    from bench.machine import cap_process_memory
+
+    calls = []
+
+    class Props:
+        total_memory = 100 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert cap_process_memory(48, torch.device("cuda")) == pytest.approx(0.48)
+    assert cap_process_memory(24, "cuda:1") == pytest.approx(0.24)
+    assert cap_process_memory(None, 2) == 1.0
+    assert cap_process_memory(500) == 1.0
+    assert calls == [(pytest.approx(0.48), 3), (pytest.approx(0.24), 1), (1.0, 2), (1.0, 3)]
+    assert all(isinstance(d, int) for _, d in calls)
+    for bad in (0, -1, True, "24"):
+        with pytest.raises(ValueError, match="gib"):
+            cap_process_memory(bad, 0)
+    with pytest.raises(ValueError, match="CUDA"):
+        cap_process_memory(24, "cpu")
