@@ -48,6 +48,27 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+def _profile(fn, dev, reps: int = 5) -> dict:
+    """Mean CUDA ms per call by kernel name over ``reps`` calls (after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if dev != "cuda":
+        return {"total": 0.0}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels only
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0
+        if t > 0:
+            out[e.key[:80]] = t / 1e3 / reps
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
+    out["total"] = sum(out.values())
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -55,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9375)
     p.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per config")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny grid, two configs (tests the script)")
+    p.add_argument("--profile-only", action="store_true",
+                   help="no sweep: CUDA time per kernel of the table's backward (torch.profiler), per case")
     args = p.parse_args(argv)
     t0 = time.time()
     dev = "cpu" if args.smoke else "cuda"
@@ -94,6 +117,11 @@ def main(argv=None) -> int:
         ref = [x.clone() for x in bwd()]
         case = {"chunk": list(chunk), "inputs": kind, "key_block": bn, "rows": []}
         doc["cases"].append(case)
+        if args.profile_only:
+            case["profile_ms"] = _profile(bwd, dev)
+            print(f"[{kind} {chunk}] profile {json.dumps(case['profile_ms'])}", flush=True)
+            save()
+            continue
         base_dkdv = T._CONFIG["dkdv"][bn]
         base_dq = T._CONFIG["dq"][bn]
 
