@@ -11,6 +11,7 @@
         (480p continuation, then 720p refinement: 30 fps output; SPEC 11)
     longcat-vc refine STAGE1.mp4 --video INPUT --prompt TEXT --checkpoint DIR --out OUT.mp4
         [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
+        [--memory resident|balanced|low] [--offload-kv-cache] [--fp8] [--vae-tiling]
 
 INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
@@ -49,6 +50,20 @@ def _resolution(text: str):
     raise argparse.ArgumentTypeError(f"expected 480p, 720p or HEIGHTxWIDTH (e.g. 480x832), got {text!r}")
 
 
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """GPU memory and precision flags, shared by continue / extend and refine."""
+    p.add_argument("--offload-kv-cache", action="store_true",
+                   help="keep the KV cache in CPU memory (on by default with --memory low)")
+    p.add_argument("--memory", choices=("resident", "balanced", "low"), default="resident",
+                   help="resident: all on the GPU (480p needs ~45 GiB); balanced: DiT blocks streamed from "
+                        "pinned CPU memory, text encoder streamed while encoding; low: balanced + KV cache "
+                        "offloaded (same results in every mode)")
+    p.add_argument("--fp8", action="store_true",
+                   help="fp8 (e4m3) DiT block weights and GEMMs (sm89+: Ada, Hopper; faster, not exact)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="tiled VAE decode (less memory at 720p; pixels differ slightly)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -67,16 +82,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=_resolution, default="480p",
                    help="480p, 720p (LongCat's aspect-ratio buckets) or HEIGHTxWIDTH (multiples of 16)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
-    p.add_argument("--offload-kv-cache", action="store_true",
-                   help="keep the KV cache in CPU memory (on by default with --memory low)")
-    p.add_argument("--memory", choices=("resident", "balanced", "low"), default="resident",
-                   help="resident: all on the GPU (480p needs ~45 GiB); balanced: DiT blocks streamed from "
-                        "pinned CPU memory, text encoder streamed while encoding; low: balanced + KV cache "
-                        "offloaded (same results in every mode)")
-    p.add_argument("--fp8", action="store_true",
-                   help="fp8 (e4m3) DiT block weights and GEMMs (sm89+: Ada, Hopper; faster, not exact)")
-    p.add_argument("--vae-tiling", action="store_true",
-                   help="tiled VAE decode (less memory at 720p; pixels differ slightly)")
+    _add_memory_flags(p)
     p.add_argument("--bsa", action="store_true", help="block-sparse self-attention")
     p.add_argument("--fuse-lora", action="store_true", help="distill: merge the LoRA into the weights (faster)")
     p.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
@@ -150,6 +156,7 @@ def _add_refine_parser(sub) -> None:
     pr.add_argument("--resolution", type=_resolution, default="720p",
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
     pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
+    _add_memory_flags(pr)
     pr.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None)
     pr.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     pr.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
@@ -246,14 +253,17 @@ def _run_refine(args) -> int:
     _quiet_loaders()
     t0 = time.perf_counter()
     pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device,
-                                                     attn_backend=args.attn_backend)
+                                                     attn_backend=args.attn_backend, memory=args.memory,
+                                                     fp8=args.fp8, vae_tiling=args.vae_tiling)
     load_s = time.perf_counter() - t0
     nc = args.cond_frames if video is not None else None
     out = pipe.refine(stage1, args.prompt, video=video, num_cond_frames=nc, resolution=args.resolution,
                       spatial_refine_only=args.spatial_only,
                       t_thresh=args.t_thresh, num_inference_steps=args.steps,
                       generator=torch.Generator(device=device).manual_seed(seed),
-                      use_kv_cache=not args.no_kv_cache, progress=not args.no_progress)
+                      use_kv_cache=not args.no_kv_cache,
+                      offload_kv_cache=True if args.offload_kv_cache else None,  # None: as --memory says
+                      progress=not args.no_progress)
     _write_out(args, out, load_s, seed, sys.stderr, "refine")
     return 0
 
@@ -535,7 +545,7 @@ def _run(args) -> int:
             print("stage 1 (480p) " + _summary(stage1_timings, load_s, 0.0), file=log)
             out = pipe.refine(out, args.prompt, video=video30, spatial_refine_only=args.spatial_only,
                               t_thresh=args.t_thresh, generator=generator, use_kv_cache=not args.no_kv_cache,
-                              progress=not args.no_progress and main_rank)
+                              offload_kv_cache=common["offload_kv_cache"], progress=not args.no_progress and main_rank)
             out.timings["stage1"] = stage1_timings
     else:
         out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
@@ -561,12 +571,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # one clear line, no traceback, unless --debug
         if args.debug:
             raise
-        from .pipeline import _is_oom
+        from .stages import VCOutOfMemoryError, _is_oom
 
         if isinstance(e, UsageError):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
-        if _is_oom(e) and "offload" not in str(e):
+        if _is_oom(e) and not isinstance(e, VCOutOfMemoryError):  # ours already says what to try
             msg = f"out of accelerator memory: {str(e).splitlines()[0]} (try --offload-kv-cache, a lower resolution or fewer frames)"
         elif isinstance(e, (ValueError, TypeError, OSError, ImportError, RuntimeError)):
             msg = str(e) or type(e).__name__

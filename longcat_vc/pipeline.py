@@ -45,7 +45,9 @@ from .schedule import cfg_zero, euler_step, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
-from .stages import VideoContinuationOutput, _check_int, _resize_frames, _Timer  # noqa: F401 (re-exported)
+from .stages import (  # noqa: F401 (re-exported)
+    VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _is_oom, _oom_error, _resize_frames, _Timer,
+)
 
 __all__ = [
     "VideoContinuationPipeline",
@@ -94,10 +96,6 @@ BUCKETS: Dict[str, Dict[str, Tuple[int, int]]] = {
         "3.62": (1856, 512), "3.93": (1888, 480), "4.00": (1920, 480),
     },
 }
-
-
-class VCOutOfMemoryError(RuntimeError):
-    """The accelerator ran out of memory; the message says what to try."""
 
 
 def bucket_size(height: int, width: int, resolution: str) -> Tuple[int, int]:
@@ -169,15 +167,6 @@ def check_checkpoint(checkpoint_dir: str, mode: str = "basic") -> None:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _is_oom(err: BaseException) -> bool:
-    oom_types = tuple(
-        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
-    )
-    if oom_types and isinstance(err, oom_types):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,12 +683,8 @@ class VideoContinuationPipeline:
                 kv_cache = self.dit.build_kv_cache(cond.to(dtype), offload=offload_kv_cache)
             except Exception as e:
                 if _is_oom(e):
-                    hint = (
-                        "retry with offload_kv_cache=True (--offload-kv-cache) to keep the cache in CPU memory"
-                        if not offload_kv_cache
-                        else "the cache is already offloaded; try a smaller resolution, fewer frames or fewer cond frames"
-                    )
-                    raise VCOutOfMemoryError(f"out of accelerator memory while building the KV cache: {hint}") from e
+                    raise _oom_error("building the KV cache", use_kv_cache=True, offload_kv_cache=offload_kv_cache,
+                                     memory=self._memory.name) from e
                 raise
             x = latents[:, :, c:].clone()
         else:
@@ -743,14 +728,8 @@ class VideoContinuationPipeline:
                 bar.update(1)
         except Exception as e:
             if _is_oom(e):
-                hint = (
-                    "retry with offload_kv_cache=True (--offload-kv-cache)"
-                    if use_kv_cache and not offload_kv_cache
-                    else "try a smaller resolution or fewer frames"
-                )
-                if self._memory.name != "low":
-                    hint += "; or load with memory='low' (--memory low) to stream the DiT blocks from CPU memory"
-                raise VCOutOfMemoryError(f"out of accelerator memory while denoising: {hint}") from e
+                raise _oom_error("denoising", use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
+                                 memory=self._memory.name) from e
             raise
         finally:
             bar.close()
@@ -836,6 +815,8 @@ class VideoContinuationPipeline:
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa=use_bsa,
+                     progress=progress)
         vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         generator = self._generator(generator, self.device)
@@ -883,6 +864,7 @@ class VideoContinuationPipeline:
         num_inference_steps: int = 50,
         generator: Optional[Union[torch.Generator, int]] = None,
         use_kv_cache: bool = True,
+        offload_kv_cache: Optional[bool] = None,
         output_type: str = "np",
         progress: bool = True,
     ) -> VideoContinuationOutput:
@@ -908,6 +890,9 @@ class VideoContinuationPipeline:
                 ``torch.manual_seed`` reproduces upstream); a generator / int seed: every draw
                 from it, in the same order.
             use_kv_cache (bool): serve the cond latents from a KV cache built once.
+            offload_kv_cache (bool | None): keep that cache in CPU memory between uses (exact; at
+                720p with 26 cond frames it holds ~20.6 GiB); None: as the memory mode says (on
+                with ``memory="low"``).
             output_type (str): "np" or "latent".
             progress (bool): progress bar.
 
@@ -926,7 +911,8 @@ class VideoContinuationPipeline:
             self, stage1, prompt, video=video, num_cond_frames=num_cond_frames, resolution=resolution,
             spatial_refine_only=spatial_refine_only, t_thresh=t_thresh,
             num_inference_steps=num_inference_steps, generator=generator, use_kv_cache=use_kv_cache,
-            output_type=output_type, progress=progress, lora_path=self.refinement_lora_path,
+            offload_kv_cache=offload_kv_cache, output_type=output_type, progress=progress,
+            lora_path=self.refinement_lora_path,
         )
 
     def _encode_for(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, cache=None):
@@ -1019,9 +1005,9 @@ class VideoContinuationPipeline:
             raise TypeError("prompts must be a str or a non-empty list of str")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa=use_bsa,
+                     progress=progress, refine=refine)
 
-        if not isinstance(refine, bool):
-            raise TypeError(f"refine must be a bool, got {type(refine).__name__}")
         if not refine:
             # the refinement's options would be silently ignored without it
             given = [f"{k}={v!r}" for k, v, d in (("spatial_refine_only", spatial_refine_only, False),
@@ -1042,8 +1028,6 @@ class VideoContinuationPipeline:
             if not isinstance(spatial_refine_only, bool):
                 raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
             _check_int("refine_steps", refine_steps, 1)
-            if not isinstance(use_kv_cache, bool):  # run_refine's check would come after every segment
-                raise TypeError(f"use_kv_cache must be a bool, got {type(use_kv_cache).__name__}")
             lp = self.refinement_lora_path
             if REFINEMENT_LORA not in getattr(self.dit, "lora_names", []) and (lp is None or not os.path.isfile(lp)):
                 raise _CE(f"refinement LoRA file not found: {lp} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)")
@@ -1099,7 +1083,8 @@ class VideoContinuationPipeline:
         if refine:
             return _refine_long_impl(self, video, vf, np.concatenate(stage1_frames, axis=0), n, num_frames,
                                      num_cond_frames, spatial_refine_only, t_thresh, refine_resolution,
-                                     refine_steps, use_kv_cache, generator, progress, total, timer, t_start)
+                                     refine_steps, use_kv_cache, offload_kv_cache, generator, progress, total, timer,
+                                     t_start)
         total["total"] = timer.now() - t_start
         frames = np.concatenate(pieces, axis=0)
         return VideoContinuationOutput(
@@ -1108,7 +1093,7 @@ class VideoContinuationPipeline:
 
 
 def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, spatial, t_thresh, resolution, steps,
-                      use_kv_cache, generator, progress, total, timer, t_start):
+                      use_kv_cache, offload_kv_cache, generator, progress, total, timer, t_start):
     """Sliding-window refinement of ``extend(refine=True)`` (SPEC 11, long video)."""
     from PIL import Image
 
@@ -1124,7 +1109,8 @@ def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, 
         out = run_refine(pipe, window, "", video=prev, num_cond_frames=None if prev is None else rnc,
                          resolution=resolution, spatial_refine_only=spatial, t_thresh=t_thresh,
                          num_inference_steps=steps, generator=generator, use_kv_cache=use_kv_cache,
-                         progress=progress, lora_path=pipe.refinement_lora_path, desc=f"Refining {k + 1}/{n}")
+                         offload_kv_cache=offload_kv_cache, progress=progress, lora_path=pipe.refinement_lora_path,
+                         desc=f"Refining {k + 1}/{n}")
         refined.append(out.model_frames if prev is None else out.model_frames[rnc:])
         prev = out.model_frames
         win_timings.append(out.timings)

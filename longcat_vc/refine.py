@@ -334,20 +334,23 @@ def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray
 @torch.no_grad()
 def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=None, resolution="720p",
                spatial_refine_only: bool = False, t_thresh: float = 0.5, num_inference_steps: int = 50,
-               generator=None, use_kv_cache: bool = True, output_type: str = "np", progress: bool = True,
-               lora_path: Optional[str] = None, desc: str = "Refining"):
+               generator=None, use_kv_cache: bool = True, offload_kv_cache: Optional[bool] = None,
+               output_type: str = "np", progress: bool = True, lora_path: Optional[str] = None,
+               desc: str = "Refining"):
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .stages import VideoContinuationOutput, _resize_frames, _Timer
+    from .stages import VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _resize_frames, _Timer
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
     t_start = timer.now()
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if not isinstance(use_kv_cache, bool):
-        raise TypeError(f"use_kv_cache must be a bool, got {type(use_kv_cache).__name__}")
+    _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
+    memory = getattr(getattr(pipe, "_memory", None), "name", "resident")
+    if offload_kv_cache is None:
+        offload_kv_cache = bool(getattr(getattr(pipe, "_memory", None), "offload_kv_cache", False))
     if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
         raise CheckpointError(
             f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
@@ -372,7 +375,13 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         c = pad["cond_latents"]
         kv_cache = None
         if use_kv_cache and c > 0:
-            kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype))
+            try:
+                kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype), offload=offload_kv_cache)
+            except Exception as e:
+                if _is_oom(e):
+                    raise _oom_error("building the refinement's KV cache", use_kv_cache=True,
+                                     offload_kv_cache=offload_kv_cache, memory=memory) from e
+                raise
             x = latents[:, :, c:].clone()
         else:
             x = latents
@@ -399,6 +408,11 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
                 timer.sync()
                 steps.append(time.perf_counter() - ts)
                 bar.update(1)
+        except Exception as e:
+            if _is_oom(e):
+                raise _oom_error("refining", use_kv_cache=cached, offload_kv_cache=offload_kv_cache,
+                                 memory=memory) from e
+            raise
         finally:
             bar.close()
         del kv_cache

@@ -59,6 +59,42 @@ def _resize_frames(frames: np.ndarray, size_hw: Tuple[int, int], resample) -> np
     return np.stack([np.asarray(Image.fromarray(f).resize((w, h), resample=resample)) for f in frames])
 
 
+class VCOutOfMemoryError(RuntimeError):
+    """The accelerator ran out of memory; the message says what to try."""
+
+
+def _oom_error(stage: str, *, use_kv_cache: bool, offload_kv_cache: bool, memory: str) -> VCOutOfMemoryError:
+    """The out-of-memory error of a denoising call (continuation or refinement), with what to try."""
+    hints = []
+    if use_kv_cache and not offload_kv_cache:
+        hints.append("retry with offload_kv_cache=True (--offload-kv-cache) to keep the KV cache in CPU memory")
+    if memory != "low":
+        hints.append("load with memory='low' (--memory low) to stream the DiT blocks from CPU memory")
+    hints.append("try a smaller resolution, fewer frames or fewer cond frames")
+    return VCOutOfMemoryError(f"out of accelerator memory while {stage}: " + "; or ".join(hints))
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    if oom_types and isinstance(err, oom_types):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _check_flags(**flags) -> None:
+    """Every flag a bool (``None`` allowed where the keyword ends in ``_opt``, e.g. ``offload_kv_cache_opt``):
+    a truthy string such as "no" must not switch a path on."""
+    for name, value in flags.items():
+        optional = name.endswith("_opt")
+        label = name[:-4] if optional else name
+        if optional and value is None:
+            continue
+        if not isinstance(value, bool):
+            raise TypeError(f"{label} must be a bool{' or None' if optional else ''}, got {type(value).__name__} {value!r}")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
