@@ -684,7 +684,7 @@ class VideoContinuationPipeline:
             except Exception as e:
                 if _is_oom(e):
                     raise _oom_error("building the KV cache", use_kv_cache=True, offload_kv_cache=offload_kv_cache,
-                                     memory=self._memory.name) from e
+                                     memory=self._memory.name, cause=e) from e
                 raise
             x = latents[:, :, c:].clone()
         else:
@@ -729,7 +729,7 @@ class VideoContinuationPipeline:
         except Exception as e:
             if _is_oom(e):
                 raise _oom_error("denoising", use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
-                                 memory=self._memory.name) from e
+                                 memory=self._memory.name, cause=e) from e
             raise
         finally:
             bar.close()

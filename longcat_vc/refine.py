@@ -380,7 +380,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
             except Exception as e:
                 if _is_oom(e):
                     raise _oom_error("building the refinement's KV cache", use_kv_cache=True,
-                                     offload_kv_cache=offload_kv_cache, memory=memory) from e
+                                     offload_kv_cache=offload_kv_cache, memory=memory, cause=e) from e
                 raise
             x = latents[:, :, c:].clone()
         else:
@@ -411,7 +411,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         except Exception as e:
             if _is_oom(e):
                 raise _oom_error("refining", use_kv_cache=cached, offload_kv_cache=offload_kv_cache,
-                                 memory=memory) from e
+                                 memory=memory, cause=e) from e
             raise
         finally:
             bar.close()

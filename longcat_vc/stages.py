@@ -7,6 +7,8 @@ other's internals (no import circle).
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -63,9 +65,27 @@ class VCOutOfMemoryError(RuntimeError):
     """The accelerator ran out of memory; the message says what to try."""
 
 
-def _oom_error(stage: str, *, use_kv_cache: bool, offload_kv_cache: bool, memory: str) -> VCOutOfMemoryError:
-    """The out-of-memory error of a denoising call (continuation or refinement), with what to try."""
+def _fragmented_gib(cause: Optional[BaseException]) -> float:
+    """GiB the caching allocator held "reserved but unallocated" when ``cause`` (a CUDA OOM) was raised,
+    read from torch's message (0 when it does not say)."""
+    m = re.search(r"([0-9.]+) ([KMG])iB is reserved by PyTorch but unallocated", str(cause or ""))
+    if not m:
+        return 0.0
+    return float(m.group(1)) / {"K": 2**20, "M": 2**10, "G": 1}[m.group(2)]
+
+
+def _oom_error(stage: str, *, use_kv_cache: bool, offload_kv_cache: bool, memory: str,
+               cause: Optional[BaseException] = None) -> VCOutOfMemoryError:
+    """The out-of-memory error of a denoising call (continuation or refinement), with what to try.
+
+    With ``cause`` (torch's OOM): when the allocator held >= 1 GiB reserved but unallocated
+    (fragmentation; a 720p refine in ``low`` under a 24 GiB cap failed with 12.5 GiB allocated and
+    10.4 GiB fragmented), that comes first, with torch's remedy (``expandable_segments``)."""
     hints = []
+    frag = _fragmented_gib(cause)
+    if frag >= 1.0 and "expandable_segments:true" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
+        hints.append(f"{frag:.1f} GiB were reserved but unallocated (fragmentation): set "
+                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the process starts")
     if use_kv_cache and not offload_kv_cache:
         hints.append("retry with offload_kv_cache=True (--offload-kv-cache) to keep the KV cache in CPU memory")
     if memory != "low":

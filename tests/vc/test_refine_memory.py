@@ -165,3 +165,34 @@ def test_cli_refine_takes_the_memory_flags(ckpt, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(common + ["--out", str(tmp_path / "bad.mp4"), "--memory", "tiny"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# torch's message of the OOM measured on the H200 (720p refine at depth 48, memory="low", 24 GiB cap)
+_TORCH_OOM = ("CUDA out of memory. Tried to allocate 2.89 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+              "115.99 GiB is free. Including non-PyTorch memory, this process has 23.68 GiB memory in use. 24.00 GiB "
+              "allowed; Of the allocated memory 12.53 GiB is allocated by PyTorch, and 10.41 GiB is reserved by "
+              "PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
+def test_refine_oom_from_fragmentation_names_the_allocator_setting(pipe, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError(_TORCH_OOM)
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(pipe, "_memory", memory_plan("low"))
+    monkeypatch.setattr(pipe.dit, "forward", oom)
+    with pytest.raises(VCOutOfMemoryError, match=r"10\.4 GiB were reserved but unallocated.*expandable_segments:True"):
+        _refine(pipe)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # already set: not offered again
+    with pytest.raises(VCOutOfMemoryError) as e:
+        _refine(pipe)
+    assert "expandable_segments" not in str(e.value)
+
+
+def test_fragmentation_is_read_in_any_unit():
+    from longcat_vc.stages import _fragmented_gib
+
+    assert _fragmented_gib(RuntimeError(_TORCH_OOM)) == pytest.approx(10.41)
+    assert _fragmented_gib(RuntimeError("and 512.00 MiB is reserved by PyTorch but unallocated")) == pytest.approx(0.5)
+    assert _fragmented_gib(RuntimeError("CUDA out of memory.")) == 0.0 and _fragmented_gib(None) == 0.0
