@@ -348,9 +348,9 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
-    memory = getattr(getattr(pipe, "_memory", None), "name", "resident")
-    if offload_kv_cache is None:
-        offload_kv_cache = bool(getattr(getattr(pipe, "_memory", None), "offload_kv_cache", False))
+    memory = pipe._memory.name
+    if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
+        offload_kv_cache = pipe._memory.offload_kv_cache
     if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
         raise CheckpointError(
             f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
