@@ -44,6 +44,10 @@ struct AttnFwdParams {
   const int* sel_cnt;
   int64_t si_sb, si_sh, si_sq;
   int64_t sc_sb, sc_sh, sc_sq;
+  // Optional pair-common counts [B, H, Nq] int32 (nullptr: none; read by the sm90_ws BSA kernel
+  // only): the first sel_common[.., 2i] entries of query blocks 2i and 2i+1 are the same.
+  const int* sel_common;
+  int64_t cm_sb, cm_sh, cm_sq;
   int num_q_blocks;
   int max_sel;
 };

@@ -280,7 +280,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
                                         c10::IntArrayRef grid_q, c10::IntArrayRef grid_k,
                                         c10::IntArrayRef chunk_q, c10::IntArrayRef chunk_k,
                                         double scale, const std::string& kernel,
-                                        bool return_lse) {
+                                        bool return_lse, const c10::optional<Tensor>& common) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -371,6 +371,23 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   p.sc_sq = counts.stride(2);
   p.num_q_blocks = static_cast<int>(nq);
   p.max_sel = static_cast<int>(indices.size(3));
+  // pair-common counts (pair_common_first in ops/block_sparse_attn/cuda.py): only the sm90_ws
+  // kernel reads them; it trusts the lists' heads to match and turns a mismatch into NaN output
+  p.sel_common = nullptr;
+  if (common.has_value()) {
+    const Tensor& cm = *common;
+    LK_CHECK(parse_family(kernel) == Family::kSm90Ws,
+             "longcat_kernels (cuda): pair-common counts are read by kernel 'sm90_ws' only, got kernel '",
+             kernel, "'");
+    LK_CHECK(cm.is_cuda() && cm.device() == q_in.device() && cm.scalar_type() == at::kInt &&
+                 cm.sizes() == counts.sizes(),
+             "longcat_kernels (cuda): pair-common counts must be int32 on q's device with the shape of "
+             "counts ", counts.sizes(), ", got ", cm.scalar_type(), " ", cm.sizes(), " on ", cm.device());
+    p.sel_common = cm.data_ptr<int>();
+    p.cm_sb = sel_bcast ? 0 : cm.stride(0);
+    p.cm_sh = cm.stride(1);
+    p.cm_sq = cm.stride(2);
+  }
   if (q.numel() == 0) return {out, lse};
   check_launch(launch_sparse(p, dtype, static_cast<int>(q.size(3)), kernel,
                              c10::cuda::getCurrentCUDAStream()),
@@ -567,7 +584,7 @@ TORCH_LIBRARY(longcat_kernels, m) {
   m.def(
       "bsa_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_fresh, Tensor? v_fresh, "
       "Tensor indices, Tensor counts, int[] grid_q, int[] grid_k, int[] chunk_q, int[] chunk_k, "
-      "float scale, str kernel, bool return_lse=True) -> (Tensor, Tensor)");
+      "float scale, str kernel, bool return_lse=True, Tensor? common=None) -> (Tensor, Tensor)");
   m.def(
       "kv_cache_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, "
       "Tensor? cos_t, Tensor? sin_t, Tensor? cos_h, Tensor? sin_h, Tensor? cos_w, Tensor? sin_w, "

@@ -286,6 +286,42 @@ def test_sm90ws_bsa_list_shapes(monkeypatch, case):
         assert_close(lse[~empty], ref_lse.float()[~empty], floor=1e-5, name=f"{kernel} {case} lse")
 
 
+def test_sm90ws_bsa_shared_ring_raw_op(monkeypatch):
+    """The raw op with and without pair-common counts (shared ring vs private rings only) on
+    video-like inputs where neighbouring query blocks share most key blocks; counts that claim a
+    common head the lists do not have make that block's output NaN (never a silent answer); other
+    kernels refuse the counts."""
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import kernel_selection_args, ops, selection_args
+
+    restrict_family(monkeypatch, "sm90_ws")
+    grid, chunk, B, H, D = (8, 16, 16), (4, 4, 4), 1, 2, 128
+    q, k, v = _qkv(B, grid, H, D, torch.bfloat16, True)
+    sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.75, backend="torch")
+    ref, ref_lse, base, _ = bsa_oracle(q, k, v, sel, D**-0.5)
+    args, common = kernel_selection_args(sel, "sm90_ws")
+    assert int(common.sum()) > 0.5 * int(sel.counts.sum())  # most tiles come through the shared ring
+    for name, a, c in (("shared ring", args, common), ("private rings", selection_args(sel), None)):
+        poison_allocator(q)
+        out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *a, D**-0.5, "sm90_ws", True, c)
+        assert not out.isnan().any() and not lse.isnan().any(), name
+        assert_close(out, ref, base, name=name)
+        assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
+    # a false claim: pair 0 of head 0 gets disjoint lists but a common count of 2
+    idx, cnt = args[0].clone(), args[1].clone()
+    idx[0, 0, 0, :2] = torch.tensor([0, 1], dtype=torch.int32)
+    idx[0, 0, 1, :2] = torch.tensor([2, 3], dtype=torch.int32)
+    cnt[0, 0, :2] = 2
+    bad = common.clone()
+    bad[0, 0, :2] = 2
+    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, idx, cnt, *args[2:], D**-0.5, "sm90_ws", True, bad)
+    blocks = out.view(B, 2, 4, 4, 4, 4, 4, H, D)  # [b, t blk, t, h blk, h, w blk, w, H, D]
+    assert blocks[0, 0, :, 0, :, 1, :, 0].isnan().all()  # query block 1 (w block 1) of head 0
+    assert not blocks[0, 0, :, 0, :, 0, :, 0].isnan().any()  # block 0 walks its own list
+    with pytest.raises(RuntimeError, match="sm90_ws' only"):
+        ops().bsa_fwd_cuda(q, k, v, None, None, *args, D**-0.5, "sm90", True, common)
+
+
 @pytest.mark.parametrize("cache_batch", [1, 2])
 @pytest.mark.parametrize(
     "cache_frames,fresh_frames,hw,chunk",

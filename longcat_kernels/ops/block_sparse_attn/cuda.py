@@ -8,9 +8,12 @@ the C++ side raises if it cannot run that kernel (no silent switch). ``kernel=No
 dispatcher for the cuda backend's choice for these inputs.
 
 Registered op: ``torch.ops.longcat_kernels.bsa_fwd_cuda(q, k, v, k_fresh, v_fresh, indices, counts,
-grid_q, grid_k, chunk_q, chunk_k, scale, kernel, return_lse=True) -> (out, lse)`` (lse empty
-when ``return_lse`` is False: the kernels skip its store); keys are ``[k; k_fresh]`` along
-seq (``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is given).
+grid_q, grid_k, chunk_q, chunk_k, scale, kernel, return_lse=True, common=None) -> (out, lse)``
+(lse empty when ``return_lse`` is False: the kernels skip its store); keys are ``[k; k_fresh]``
+along seq (``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is
+given). ``common`` (kernel ``"sm90_ws"`` only) are the pair-common counts of
+``pair_common_first``, which also reorders the lists: the kernel loads the key blocks that two
+neighbouring query blocks share once for both.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = [
     "block_sparse_attn_cuda",
     "bsa_forward_segments_cuda",
     "selection_args",
+    "kernel_selection_args",
+    "pair_common_first",
     "csrc_kernel",
     "ops",
 ]
@@ -44,7 +49,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
     def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, kernel,
-          return_lse=True):
+          return_lse=True, common=None):
         return q.new_empty(q.shape), lse_like(q, return_lse)
 
     @torch.library.register_fake("longcat_kernels::kv_cache_attn_fwd_cuda")
@@ -105,6 +110,63 @@ def selection_args(selection):
     )
 
 
+def pair_common_first(indices: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reorders the selection lists of each pair of neighbouring query blocks (2i, 2i+1) so that
+    both start with the key blocks they share, in the same (ascending) order, followed by their
+    own blocks (ascending); ``(indices, counts, common)`` with ``common [.., Nq]`` int32 = the
+    shared count, stored for both blocks of a pair (0 for the last block of an odd count).
+
+    The sm90_ws kernel then loads the shared head once per pair. Takes a validated selection
+    (``counts`` valid, distinct ids in the first ``counts`` entries); entries past ``counts`` come
+    back as -1. The set of blocks each query block attends is unchanged; only the order of the
+    online softmax changes (fp32 rounding).
+    """
+    idx = indices.long()
+    *lead, Nq, K = idx.shape
+    common = torch.zeros_like(counts, dtype=torch.int32)
+    P = Nq // 2
+    if P == 0 or K == 0:
+        return indices, counts, common
+    slot = torch.arange(K, device=idx.device)
+    valid = slot < counts[..., None].long()
+    # keys: valid ids as they are, invalid slots distinct and above every id
+    far = 1 << 40
+    keyed = torch.where(valid, idx, far + slot)
+    a, b = keyed[..., 0:2 * P:2, :].contiguous(), keyed[..., 1:2 * P:2, :].contiguous()
+    va, vb = valid[..., 0:2 * P:2, :], valid[..., 1:2 * P:2, :]
+    sa, sb = a.sort(dim=-1).values, b.sort(dim=-1).values
+
+    def member(x, vx, sorted_other):
+        pos = torch.searchsorted(sorted_other, x).clamp_(max=K - 1)
+        return vx & (sorted_other.gather(-1, pos) == x)
+
+    def reorder(x, vx, in_other):
+        # shared first, then own, then invalid; ascending inside each group
+        top = 1 << 32
+        key = torch.where(in_other, x, torch.where(vx, top + x, 2 * top + (x - far)))
+        key = key.sort(dim=-1).values
+        return torch.where(key < top, key, torch.where(key < 2 * top, key - top, torch.full_like(key, -1)))
+
+    in_b, in_a = member(a, va, sb), member(b, vb, sa)
+    out = idx.clone()
+    out[..., 0:2 * P:2, :] = reorder(a, va, in_b)
+    out[..., 1:2 * P:2, :] = reorder(b, vb, in_a)
+    nc = in_b.sum(dim=-1, dtype=torch.int32)
+    common[..., 0:2 * P:2] = nc
+    common[..., 1:2 * P:2] = nc
+    return out.to(torch.int32), counts, common
+
+
+def kernel_selection_args(selection, kernel: str):
+    """``(selection_args, common)`` for csrc kernel ``kernel``: for ``"sm90_ws"`` the lists come
+    reordered by ``pair_common_first`` with its counts, else as they are and ``None``."""
+    args = selection_args(selection)
+    if kernel != "sm90_ws":
+        return args, None
+    idx, cnt, common = pair_common_first(args[0], args[1])
+    return (idx, cnt) + args[2:], common
+
+
 def _block_tokens(selection) -> Tuple[int, int]:
     cq, ck = selection.chunk_q, selection.chunk_k
     return (int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2]))
@@ -122,7 +184,8 @@ def bsa_forward_cuda(q, k, v, selection, scale, *, kernel: Optional[str] = None)
     """
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), needs_grad=False)
-    return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel)
+    args, common = kernel_selection_args(selection, kernel)
+    return ops().bsa_fwd_cuda(q, k, v, None, None, *args, float(scale), kernel, True, common)
 
 
 def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, kernel: Optional[str] = None,
@@ -134,8 +197,8 @@ def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, ke
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), key_segments=2,
                          key_split_aligned=aligned, needs_grad=False)
-    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel,
-                              bool(return_lse))
+    args, common = kernel_selection_args(selection, kernel)
+    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *args, float(scale), kernel, bool(return_lse), common)
 
 
 block_sparse_attn_fwd_cuda = bsa_forward_cuda
@@ -153,6 +216,6 @@ def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, 
         )
     kernel = csrc_kernel("block_sparse_attn", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), needs_grad=False)
-    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel,
-                                  bool(return_lse))
+    args, common = kernel_selection_args(selection, kernel)
+    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *args, float(scale), kernel, bool(return_lse), common)
     return (out, lse) if return_lse else out
