@@ -108,6 +108,16 @@ def case_plain(kind, sparsity, args, up) -> dict:
     ref_out, ref_lse = tri(q, k, v, sels[0], scale)
     pre = [kernel_selection_args(s, "sm90_ws") for s in sels]
     plain = [selection_args(s) for s in sels]
+
+    def ascending(sel):
+        # each list sorted ascending (invalid slots last): the shared ring's order without sharing
+        a = selection_args(sel)
+        w = a[0].shape[-1]
+        valid = torch.arange(w, device=a[0].device) < a[1][..., None]
+        srt = torch.where(valid, a[0], torch.iinfo(torch.int32).max).sort(dim=-1).values
+        return (torch.where(srt == torch.iinfo(torch.int32).max, -1, srt),) + a[1:]
+
+    asc = [ascending(s) for s in sels]
     raw = ops().bsa_fwd_cuda
     checks = {}
     o1, l1 = raw(q, k, v, None, None, *pre[0][0], scale, "sm90_ws", True, pre[0][1])
@@ -128,7 +138,10 @@ def case_plain(kind, sparsity, args, up) -> dict:
                                [(0,), (1,)]),
         "kernel_private_rings": (lambda i: raw(*fwd_args[i], None, None, *plain[i], scale, "sm90_ws", False, None),
                                  [(0,), (1,)]),
+        "kernel_private_rings_ascending": (
+            lambda i: raw(*fwd_args[i], None, None, *asc[i], scale, "sm90_ws", False, None), [(0,), (1,)]),
         "reorder_only": (lambda i: pair_common_first(sels[i].indices, sels[i].counts), [(0,), (1,)]),
+        "ascending_sort_only": (lambda i: ascending(sels[i]), [(0,), (1,)]),
         "wrapper_reorder_plus_kernel": (lambda i: bsa_forward_cuda(*fwd_args[i], sels[i], scale, kernel="sm90_ws"),
                                         [(0,), (1,)]),
         "triton_fwd": (lambda i: tri(*fwd_args[i], sels[i], scale), [(0,), (1,)]),
@@ -182,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--upstream", default=None, help="a LongCat-Video checkout (its longcat_video package)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per implementation and round")
+    p.add_argument("--no-refine", action="store_true", help="skip the refine step's two-segment call")
+    p.add_argument("--no-upstream-timing", action="store_true", help="time ours only (the upstream checks stay off)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -190,7 +205,11 @@ def main(argv=None) -> int:
 
     up, up_note = _upstream_fn(args.upstream)
     print(f"upstream: {up_note}", flush=True)
-    plan = [("plain", kind, s) for s in (0.9375, 0.875) for kind in ("video", "random")] + [("refine",)]
+    if args.no_upstream_timing:
+        up, up_note = None, "not timed (--no-upstream-timing)"
+    plan = [("plain", kind, s) for s in (0.9375, 0.875) for kind in ("video", "random")]
+    if not args.no_refine:
+        plan.append(("refine",))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bsa_shared_ring.json")
     results = []

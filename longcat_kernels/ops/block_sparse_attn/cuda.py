@@ -121,40 +121,37 @@ def pair_common_first(indices: torch.Tensor, counts: torch.Tensor) -> Tuple[torc
     back as -1. The set of blocks each query block attends is unchanged; only the order of the
     online softmax changes (fp32 rounding).
     """
-    idx = indices.long()
-    *lead, Nq, K = idx.shape
+    *lead, Nq, K = indices.shape
     common = torch.zeros_like(counts, dtype=torch.int32)
     P = Nq // 2
     if P == 0 or K == 0:
         return indices, counts, common
-    slot = torch.arange(K, device=idx.device)
-    valid = slot < counts[..., None].long()
-    # keys: valid ids as they are, invalid slots distinct and above every id
-    far = 1 << 40
-    keyed = torch.where(valid, idx, far + slot)
-    a, b = keyed[..., 0:2 * P:2, :].contiguous(), keyed[..., 1:2 * P:2, :].contiguous()
-    va, vb = valid[..., 0:2 * P:2, :], valid[..., 1:2 * P:2, :]
-    sa, sb = a.sort(dim=-1).values, b.sort(dim=-1).values
+    # int32 throughout, no constant beyond int32 (inductor fuses these ops into int32 code)
+    top = torch.iinfo(torch.int32).max
+    valid = torch.arange(K, device=indices.device, dtype=torch.int32) < counts[..., None]
+    keyed = torch.where(valid, indices.to(torch.int32), top)
+    srt = keyed.sort(dim=-1).values  # ascending ids, invalid slots (top) last
+    a, b = srt[..., 0:2 * P:2, :].contiguous(), srt[..., 1:2 * P:2, :].contiguous()
 
-    def member(x, vx, sorted_other):
-        pos = torch.searchsorted(sorted_other, x).clamp_(max=K - 1)
-        return vx & (sorted_other.gather(-1, pos) == x)
+    def member(x, other):
+        pos = torch.searchsorted(other, x).clamp_(max=K - 1)
+        return (x != top) & (other.gather(-1, pos) == x)
 
-    def reorder(x, vx, in_other):
-        # shared first, then own, then invalid; ascending inside each group
-        top = 1 << 32
-        key = torch.where(in_other, x, torch.where(vx, top + x, 2 * top + (x - far)))
-        key = key.sort(dim=-1).values
-        return torch.where(key < top, key, torch.where(key < 2 * top, key - top, torch.full_like(key, -1)))
+    def reorder(x, in_other):
+        # stable sort of the ascending list by group: shared 0, own 1, invalid 2
+        group = torch.where(in_other, 0, torch.where(x != top, 1, 2)).to(torch.int32)
+        order = group.sort(dim=-1, stable=True).indices
+        y = x.gather(-1, order)
+        return torch.where(y == top, -1, y)
 
-    in_b, in_a = member(a, va, sb), member(b, vb, sa)
-    out = idx.clone()
-    out[..., 0:2 * P:2, :] = reorder(a, va, in_b)
-    out[..., 1:2 * P:2, :] = reorder(b, vb, in_a)
+    in_b, in_a = member(a, b), member(b, a)
+    out = indices.to(torch.int32).clone()
+    out[..., 0:2 * P:2, :] = reorder(a, in_b)
+    out[..., 1:2 * P:2, :] = reorder(b, in_a)
     nc = in_b.sum(dim=-1, dtype=torch.int32)
     common[..., 0:2 * P:2] = nc
     common[..., 1:2 * P:2] = nc
-    return out.to(torch.int32), counts, common
+    return out, counts, common
 
 
 def kernel_selection_args(selection, kernel: str):
