@@ -10,8 +10,9 @@ step's two-segment call):
   counts) vs Triton, rel. L2 and lse;
 - the share: fraction of tiles served from the shared ring, K/V tile loads per pair vs before;
 - times, interleaved rounds, medians: the kernel alone on pre-reordered lists, the kernel without
-  sharing, the reorder alone, the wrapper (reorder + kernel, what ``auto`` runs), Triton, the
-  public op with gating, and upstream's gating + forward when ``--upstream`` is given.
+  sharing (lists in gating order, and ascending: is a gain the sharing or the order?), the csrc
+  reorder alone and its torch reference, the wrapper (reorder + kernel, what ``auto`` runs),
+  Triton, the public op with gating, and upstream's gating + forward when ``--upstream`` is given.
 
     PYTHONPATH=$PWD python bench/dev/bsa_shared_ring_gpu.py --out $OUT [--upstream .gpu_carry/upstream]
 """
@@ -140,8 +141,9 @@ def case_plain(kind, sparsity, args, up) -> dict:
                                  [(0,), (1,)]),
         "kernel_private_rings_ascending": (
             lambda i: raw(*fwd_args[i], None, None, *asc[i], scale, "sm90_ws", False, None), [(0,), (1,)]),
-        "reorder_only": (lambda i: pair_common_first(sels[i].indices, sels[i].counts), [(0,), (1,)]),
-        "ascending_sort_only": (lambda i: ascending(sels[i]), [(0,), (1,)]),
+        "reorder_csrc_only": (lambda i: ops().bsa_pair_common_cuda(sels[i].indices, sels[i].counts,
+                                                                   sels[i].num_k_blocks), [(0,), (1,)]),
+        "reorder_torch_reference_only": (lambda i: pair_common_first(sels[i].indices, sels[i].counts), [(0,), (1,)]),
         "wrapper_reorder_plus_kernel": (lambda i: bsa_forward_cuda(*fwd_args[i], sels[i], scale, kernel="sm90_ws"),
                                         [(0,), (1,)]),
         "triton_fwd": (lambda i: tri(*fwd_args[i], sels[i], scale), [(0,), (1,)]),
@@ -179,7 +181,9 @@ def case_refine(args) -> dict:
     print(f"[refine] share {res['share']} check {res['check']}", flush=True)
     plain = selection_args(sel)
     raw = ops().bsa_fwd_cuda
+    pre = kernel_selection_args(sel, "sm90_ws")
     fns = {
+        "kernel_shared_ring": (lambda: raw(q, kc, vc, k, v, *pre[0], scale, "sm90_ws", False, pre[1]), [()]),
         "wrapper_shared_ring": (lambda: bsa_forward_segments_cuda(q, kc, vc, k, v, sel, scale, kernel="sm90_ws",
                                                                   return_lse=False), [()]),
         "kernel_private_rings": (lambda: raw(q, kc, vc, k, v, *plain, scale, "sm90_ws", False, None), [()]),

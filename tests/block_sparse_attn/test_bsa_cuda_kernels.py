@@ -286,6 +286,36 @@ def test_sm90ws_bsa_list_shapes(monkeypatch, case):
         assert_close(lse[~empty], ref_lse.float()[~empty], floor=1e-5, name=f"{kernel} {case} lse")
 
 
+@pytest.mark.parametrize("Nq,Nk,K", [(10, 23, 9), (7, 1320, 82), (5, 100_000, 40), (4, 500_000, 17), (1, 64, 8)])
+def test_pair_reorder_matches_reference(Nq, Nk, K):
+    """csrc pair reorder == pair_common_first on random lists with shared parts, garbage past the
+    counts, an odd number of query blocks, a broadcast (stride 0) counts view, and key-block
+    counts from one bitmap word to a bitmap that needs more than the default shared memory."""
+    from longcat_kernels.ops.block_sparse_attn.cuda import ops, pair_common_first
+
+    B, H = 2, 3
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    idx = torch.randint(0, Nk, (B, H, Nq, K), generator=gen, dtype=torch.int32)
+    cnt = torch.randint(0, K + 1, (1, H, Nq), generator=gen, dtype=torch.int32).expand(B, H, Nq)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Nq):
+                n = int(cnt[b, h, i])
+                row = torch.randperm(Nk, generator=gen)[:n]
+                if i % 2 and n:  # share about half of the partner's blocks
+                    prev = idx[b, h, i - 1, : int(cnt[b, h, i - 1])]
+                    keep = prev[: n // 2]
+                    rest = row[~torch.isin(row, keep)][: n - len(keep)]
+                    row = torch.cat([keep, rest])[torch.randperm(len(keep) + len(rest), generator=gen)]
+                    if len(row) < n:
+                        have = set(row.tolist())
+                        row = torch.cat([row, torch.tensor([x for x in range(Nk) if x not in have][: n - len(row)])])
+                idx[b, h, i, :n] = row.to(torch.int32)
+    ref_idx, ref_common = pair_common_first(idx, cnt)
+    out, common = ops().bsa_pair_common_cuda(idx.to(DEV), cnt[:1].to(DEV).expand(B, H, Nq), Nk)
+    assert torch.equal(out.cpu(), ref_idx) and torch.equal(common.cpu(), ref_common)
+
+
 def test_sm90ws_bsa_shared_ring_raw_op(monkeypatch):
     """The raw op with and without pair-common counts (shared ring vs private rings only) on
     video-like inputs where neighbouring query blocks share most key blocks; counts that claim a

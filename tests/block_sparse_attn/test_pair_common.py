@@ -42,22 +42,23 @@ def _random_selection(B, H, Nq, Nk, K, overlap):
 def test_reorder_keeps_each_set_and_puts_the_shared_head_first(Nq, overlap):
     B, H, Nk, K = 2, 3, 23, 9
     idx, cnt = _random_selection(B, H, Nq, Nk, K, overlap)
-    out, cnt2, common = pair_common_first(idx, cnt)
+    out, common = pair_common_first(idx, cnt)
     assert out.dtype == torch.int32 and common.dtype == torch.int32
-    assert out.shape == idx.shape and common.shape == cnt.shape and torch.equal(cnt2, cnt)
+    assert out.shape == idx.shape and common.shape == cnt.shape
     for b in range(B):
         for h in range(H):
             for i in range(Nq):
                 n = int(cnt[b, h, i])
                 row = out[b, h, i].tolist()
-                assert sorted(row[:n]) == sorted(idx[b, h, i, :n].tolist())
+                mine = set(idx[b, h, i, :n].tolist())
+                assert sorted(row[:n]) == sorted(mine)
+                assert all(x == -1 for x in row[n:])
                 nc = int(common[b, h, i])
                 if i == Nq - 1 and Nq % 2:
-                    assert nc == 0 and row == idx[b, h, i].tolist()  # unpaired: untouched
+                    assert nc == 0 and row[:n] == sorted(mine)  # unpaired: its blocks ascending
                     continue
-                assert all(x == -1 for x in row[n:])
                 j = i ^ 1
-                mine, other = set(idx[b, h, i, :n].tolist()), set(idx[b, h, j, : int(cnt[b, h, j])].tolist())
+                other = set(idx[b, h, j, : int(cnt[b, h, j])].tolist())
                 assert nc == len(mine & other) == int(common[b, h, j])
                 assert row[:nc] == out[b, h, j, :nc].tolist() == sorted(mine & other)
                 assert row[nc:n] == sorted(mine - other)
@@ -65,11 +66,11 @@ def test_reorder_keeps_each_set_and_puts_the_shared_head_first(Nq, overlap):
 
 def test_reorder_of_a_broadcast_batch_and_empty_shapes():
     idx, cnt = _random_selection(1, 2, 4, 10, 4, 0.5)
-    out, _, common = pair_common_first(idx, cnt)
+    out, common = pair_common_first(idx, cnt)
     assert out.shape == (1, 2, 4, 4) and common.shape == (1, 2, 4)
     e_idx = torch.zeros((1, 2, 4, 0), dtype=torch.int32)
     e_cnt = torch.zeros((1, 2, 4), dtype=torch.int32)
-    out, c2, common = pair_common_first(e_idx, e_cnt)
+    out, common = pair_common_first(e_idx, e_cnt)
     assert out.shape == e_idx.shape and torch.equal(common, torch.zeros_like(e_cnt))
 
 
@@ -80,7 +81,8 @@ def test_walk_of_the_kernel_attends_the_same_blocks():
     grid, chunk, H, D = (8, 8, 16), (4, 4, 4), 2, 32
     q, k, _ = ti.make_video_qkv(1, grid, H, D, dtype=torch.float32)
     sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.75, backend="torch")
-    (idx, cnt, *_), common = kernel_selection_args(sel, "sm90_ws")
+    idx, common = pair_common_first(sel.indices, sel.counts)
+    cnt = sel.counts
     shared = total = 0
     for h in range(H):
         for i in range(idx.shape[2]):
@@ -102,8 +104,8 @@ def test_reordered_selection_gives_the_same_attention():
     S = 4 * 8 * 8
     q, k, v = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(3))
     sel = select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
-    idx, cnt, _ = pair_common_first(sel.indices, sel.counts)
-    sel2 = BlockSelection(idx, cnt, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
+    idx, _ = pair_common_first(sel.indices, sel.counts)
+    sel2 = BlockSelection(idx, sel.counts, sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
     a = block_sparse_attn(q, k, v, selection=sel, backend="torch")
     b = block_sparse_attn(q, k, v, selection=sel2, backend="torch")
     assert not torch.isnan(a).any()

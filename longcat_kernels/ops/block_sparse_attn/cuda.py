@@ -52,6 +52,10 @@ def _register_fakes() -> None:
           return_lse=True, common=None):
         return q.new_empty(q.shape), lse_like(q, return_lse)
 
+    @torch.library.register_fake("longcat_kernels::bsa_pair_common_cuda")
+    def _(indices, counts, num_k_blocks):
+        return indices.new_empty(indices.shape, dtype=torch.int32), counts.new_empty(counts.shape, dtype=torch.int32)
+
     @torch.library.register_fake("longcat_kernels::kv_cache_attn_fwd_cuda")
     def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale,
           kernel, return_lse=True):
@@ -110,58 +114,56 @@ def selection_args(selection):
     )
 
 
-def pair_common_first(indices: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reorders the selection lists of each pair of neighbouring query blocks (2i, 2i+1) so that
-    both start with the key blocks they share, in the same (ascending) order, followed by their
-    own blocks (ascending); ``(indices, counts, common)`` with ``common [.., Nq]`` int32 = the
-    shared count, stored for both blocks of a pair (0 for the last block of an odd count).
+def pair_common_first(indices: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the csrc pair reorder (``csrc/bsa_pair_reorder.cu``) for the sm90_ws forward's
+    shared ring: ``(indices, common)``, both int32. For each pair of neighbouring query blocks
+    (2i, 2i+1) both lists become [the key blocks the two share, ascending; the block's own key
+    blocks, ascending; -1 ...]; ``common [.., Nq]`` holds the shared count for both blocks of a
+    pair (the last block of an odd count: its blocks ascending, common 0).
 
-    The sm90_ws kernel then loads the shared head once per pair. Takes a validated selection
-    (``counts`` valid, distinct ids in the first ``counts`` entries); entries past ``counts`` come
-    back as -1. The set of blocks each query block attends is unchanged; only the order of the
-    online softmax changes (fp32 rounding).
+    The forward then loads each pair's shared head once. For a validated selection (distinct ids
+    in ``[0, Nk)`` in the first ``counts`` entries; the csrc reorder drops other ids) each query
+    block attends the same key blocks as before, in another order (fp32 rounding of the online
+    softmax).
     """
-    *lead, Nq, K = indices.shape
-    common = torch.zeros_like(counts, dtype=torch.int32)
-    P = Nq // 2
-    if P == 0 or K == 0:
-        return indices, counts, common
+    *_, Nq, K = indices.shape
+    idx = indices.to(torch.int32)
+    common = torch.zeros(counts.shape, dtype=torch.int32, device=counts.device)
     # int32 throughout, no constant beyond int32 (inductor fuses these ops into int32 code)
     top = torch.iinfo(torch.int32).max
-    valid = torch.arange(K, device=indices.device, dtype=torch.int32) < counts[..., None]
-    keyed = torch.where(valid, indices.to(torch.int32), top)
-    srt = keyed.sort(dim=-1).values  # ascending ids, invalid slots (top) last
+    slot = torch.arange(K, device=idx.device, dtype=torch.int32)
+    srt = torch.where(slot < counts[..., None], idx, top).sort(dim=-1).values  # ascending, past count last
+    out = torch.where(srt == top, -1, srt)
+    P = Nq // 2
+    if P == 0 or K == 0:
+        return out, common
     a, b = srt[..., 0:2 * P:2, :].contiguous(), srt[..., 1:2 * P:2, :].contiguous()
 
     def member(x, other):
         pos = torch.searchsorted(other, x).clamp_(max=K - 1)
         return (x != top) & (other.gather(-1, pos) == x)
 
-    def reorder(x, in_other):
-        # stable sort of the ascending list by group: shared 0, own 1, invalid 2
-        group = torch.where(in_other, 0, torch.where(x != top, 1, 2)).to(torch.int32)
-        order = group.sort(dim=-1, stable=True).indices
-        y = x.gather(-1, order)
-        return torch.where(y == top, -1, y)
-
-    in_b, in_a = member(a, b), member(b, a)
-    out = indices.to(torch.int32).clone()
-    out[..., 0:2 * P:2, :] = reorder(a, in_b)
-    out[..., 1:2 * P:2, :] = reorder(b, in_a)
-    nc = in_b.sum(dim=-1, dtype=torch.int32)
+    for par, x, shared in ((0, a, member(a, b)), (1, b, member(b, a))):
+        # stable sort of the ascending list by group: shared 0, own 1, past count 2
+        group = torch.where(shared, 0, torch.where(x != top, 1, 2)).to(torch.int32)
+        y = x.gather(-1, group.sort(dim=-1, stable=True).indices)
+        out[..., par:2 * P:2, :] = torch.where(y == top, -1, y)
+        if par == 0:
+            nc = shared.sum(dim=-1, dtype=torch.int32)
     common[..., 0:2 * P:2] = nc
     common[..., 1:2 * P:2] = nc
-    return out, counts, common
+    return out, common
 
 
 def kernel_selection_args(selection, kernel: str):
     """``(selection_args, common)`` for csrc kernel ``kernel``: for ``"sm90_ws"`` the lists come
-    reordered by ``pair_common_first`` with its counts, else as they are and ``None``."""
+    reordered for its shared ring by the csrc pair reorder (``pair_common_first`` is its
+    reference) with the pair-common counts, else as they are and ``None``."""
     args = selection_args(selection)
     if kernel != "sm90_ws":
         return args, None
-    idx, cnt, common = pair_common_first(args[0], args[1])
-    return (idx, cnt) + args[2:], common
+    idx, common = ops().bsa_pair_common_cuda(args[0], args[1], int(selection.num_k_blocks))
+    return (idx,) + args[1:], common
 
 
 def _block_tokens(selection) -> Tuple[int, int]:
