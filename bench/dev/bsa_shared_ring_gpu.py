@@ -200,6 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per implementation and round")
     p.add_argument("--no-refine", action="store_true", help="skip the refine step's two-segment call")
+    p.add_argument("--ncu-target", action="store_true",
+                   help="run the kernel once with the shared ring and once without (video, 0.9375) and exit: "
+                        "the target of `ncu -k regex:bsa_fwd_sm90ws -c 2 ...`")
     p.add_argument("--no-upstream-timing", action="store_true", help="time ours only (the upstream checks stay off)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -207,6 +210,17 @@ def main(argv=None) -> int:
         return 2
     from bench.machine import machine_header
 
+    if args.ncu_target:
+        q, k, v = _inputs("video", GRID, 1)
+        sel = lk.select_blocks(q, k, grid_q=GRID, chunk_q=CHUNK, sparsity=0.9375)
+        pre = kernel_selection_args(sel, "sm90_ws")
+        plain = selection_args(sel)
+        torch.cuda.synchronize()
+        ops().bsa_fwd_cuda(q, k, v, None, None, *pre[0], D ** -0.5, "sm90_ws", False, pre[1])
+        ops().bsa_fwd_cuda(q, k, v, None, None, *plain, D ** -0.5, "sm90_ws", False, None)
+        torch.cuda.synchronize()
+        print("ncu target: shared ring, then private rings", flush=True)
+        return 0
     up, up_note = _upstream_fn(args.upstream)
     print(f"upstream: {up_note}", flush=True)
     if args.no_upstream_timing:
