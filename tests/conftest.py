@@ -83,6 +83,18 @@ def _poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _keep_allocator_env(monkeypatch):
+    """``longcat-vc``'s main sets PYTORCH_CUDA_ALLOC_CONF when it is absent; every test gets the
+    variables back as they were (setenv first so that monkeypatch records an absent one)."""
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+
 def _triton_reason():
     from longcat_kernels._backend import triton_status
 

@@ -176,3 +176,24 @@ def test_console_script_declared():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         proj = tomllib.load(f)
     assert proj["project"]["scripts"]["longcat-vc"] == "longcat_vc.cli:main"
+
+
+def test_allocator_default_respects_the_user():
+    """Expandable segments by default; a user's own allocator setting (either name) is kept."""
+    env = {}
+    cli._allocator_default(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:128"}
+        cli._allocator_default(env)
+        assert env == {name: "max_split_size_mb:128"}
+
+
+def test_main_sets_the_allocator_default(monkeypatch, capsys):
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # set first: teardown restores the original
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    rc, _, _ = _main(capsys, ["continue", "/nonexistent.mp4", "--prompt", "x", "--checkpoint", "/nonexistent",
+                              "--out", "/tmp/never.mp4"])
+    assert rc != 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
