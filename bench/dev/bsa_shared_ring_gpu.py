@@ -96,7 +96,8 @@ def _upstream_fn(path):
 
 
 def case_plain(kind, sparsity, args, up) -> dict:
-    res = {"case": "plain", "inputs": kind, "grid": list(GRID), "chunk": list(CHUNK), "sparsity": sparsity}
+    res = {"case": "plain", "inputs": kind, "grid": list(GRID), "chunk": list(CHUNK), "sparsity": sparsity,
+           "csrc_source": args.csrc_tag}
     sets = [_inputs(kind, GRID, seed) for seed in (1, 2)]
     scale = D ** -0.5
     sels = [lk.select_blocks(q, k, grid_q=GRID, chunk_q=CHUNK, sparsity=sparsity) for q, k, _ in sets]
@@ -155,6 +156,8 @@ def case_plain(kind, sparsity, args, up) -> dict:
         fns["upstream_gating_plus_fwd"] = (
             lambda i: up(*bhsd[i], GRID, GRID, sparsity=sparsity, cdf_threshold=None, chunk_3d_shape_q=list(CHUNK),
                          chunk_3d_shape_k=list(CHUNK)), [(0,), (1,)])
+    if args.ab:
+        fns = {k: fns[k] for k in ("kernel_shared_ring", "triton_fwd")}
     res["fwd"] = _interleaved(fns, args.rounds, args.budget)
     t = {k: v["median_ms"] for k, v in res["fwd"].items()}
     print("    ms: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()), flush=True)
@@ -200,10 +203,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per implementation and round")
     p.add_argument("--no-refine", action="store_true", help="skip the refine step's two-segment call")
+    p.add_argument("--ab", action="store_true",
+                   help="A/B mode: only the kernel with the shared ring and Triton, video and random at 0.9375 "
+                        "(run it from two checkouts in turn to compare two builds of the kernel)")
     p.add_argument("--ncu-target", action="store_true",
                    help="run the kernel once with the shared ring and once without (video, 0.9375) and exit: "
                         "the target of `ncu -k regex:bsa_fwd_sm90ws -c 2 ...`")
     p.add_argument("--no-upstream-timing", action="store_true", help="time ours only (the upstream checks stay off)")
+    p.add_argument("--csrc-tag", default="", help="a label of the kernel build, written into the results")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -226,10 +233,13 @@ def main(argv=None) -> int:
     if args.no_upstream_timing:
         up, up_note = None, "not timed (--no-upstream-timing)"
     plan = [("plain", kind, s) for s in (0.9375, 0.875) for kind in ("video", "random")]
+    if args.ab:
+        plan = [("plain", kind, 0.9375) for kind in ("video", "random")]
+        args.no_refine = True
     if not args.no_refine:
         plan.append(("refine",))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bsa_shared_ring.json")
+    path = os.path.join(args.out, f"bsa_shared_ring{'_' + args.csrc_tag if args.csrc_tag else ''}.json")
     results = []
     for item in plan:
         try:
