@@ -106,37 +106,6 @@ struct BsaSmem {
 using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
 
-// Online softmax over one 64x64 S tile with a lazy row max: the running max m_r moves only when a
-// tile's max exceeds it by more than kLazyMax (log2 units), so most tiles keep alpha = 1 and skip
-// the O rescale; exp2 values stay <= 2^kLazyMax (P in bf16/fp16 and l in fp32 hold that), and O / l
-// and lse = m_r + log2(l) are exact for any m_r the row used consistently.
-constexpr float kLazyMax = 8.f;
-__device__ __forceinline__ void online_softmax_lazy(float (&s)[8][4], float (&m_r)[2], float (&l_r)[2], float c2,
-                                                    float (&alpha)[2]) {
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * e], s[i][2 * e + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float cand = mx * c2;
-    // -inf running max (nothing seen yet): take any candidate; else only a jump beyond kLazyMax
-    const float m_new = (m_r[e] == -INFINITY || cand > m_r[e] + kLazyMax) ? fmaxf(m_r[e], cand) : m_r[e];
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    alpha[e] = m_new == m_r[e] ? 1.f : ::longcat::detail::fast_exp2(m_r[e] - m_use);
-    m_r[e] = m_new;
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      s[i][2 * e] = ::longcat::detail::fast_exp2(fmaf(s[i][2 * e], c2, -m_use));
-      s[i][2 * e + 1] = ::longcat::detail::fast_exp2(fmaf(s[i][2 * e + 1], c2, -m_use));
-      sum += s[i][2 * e] + s[i][2 * e + 1];
-    }
-    l_r[e] = l_r[e] * alpha[e] + sum;
-  }
-}
-
 template <typename T, int kStages>
 __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
   using Sm = BsaSmem<kStages>;
@@ -367,7 +336,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       }
     }
   };
-  auto softmax = [&](float (&alpha)[2]) { online_softmax_lazy(s, m_r, l_r, c2, alpha); };
+  auto softmax = [&](float (&alpha)[2]) { online_softmax(s, m_r, l_r, c2, alpha); };
   auto scale_o = [&](const float (&alpha)[2]) { scale_rows(o, alpha); };
   auto convert_p = [&]() { pack_p<M>(s, pa); };
   auto release = [&](uint32_t bar) {
@@ -377,17 +346,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   // always wait for Q: no TMA may still be writing this CTA's smem when it exits
   mbar_wait(bar_q(cw), 0);
   if (n_tiles > 0) {
-    // intra-warpgroup overlap: Q K_j^T and P_{j-1} V_{j-1} issued together, softmax(j) under P V.
-    // The block id of tile j+1 is read from the list while the wgmmas of tile j run (read after
-    // S_j, the global load sat in the dependent chain: ncu's long-scoreboard stalls).
-    int blk = next_blk();
+    // intra-warpgroup overlap: Q K_j^T and P_{j-1} V_{j-1} issued together, softmax(j) under P V
     mbar_wait(t_bar(0, 0), t_par(0));
     issue_qk(t_k(0));
-    int blk_next = next_blk();
     wg_wait<0>();
     fence_acc(s);
     release(t_bar(0, 1));
-    mask(blk);
+    mask(next_blk());
     float alpha[2];
     softmax(alpha);  // O is zero: no rescale
     convert_p();
@@ -396,12 +361,10 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       mbar_wait(t_bar(j - 1, 2), t_par(j - 1));
       issue_qk(t_k(j));
       issue_pv(t_v(j - 1));
-      blk = blk_next;
-      blk_next = next_blk();
       wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
       fence_acc(s);
       release(t_bar(j, 1));
-      mask(blk);
+      mask(next_blk());
       softmax(alpha);
       // the wait for P_{j-1} V_{j-1} behind a warp-uniform branch on every softmax result:
       // keeps ptxas from hoisting it above the softmax
