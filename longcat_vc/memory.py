@@ -46,6 +46,8 @@ __all__ = [
     "estimate_peak_bytes",
     "dit_param_counts",
     "check_memory_fits",
+    "device_bytes",
+    "usable_bytes",
     "apply_memory_mode",
     "offload_text_encoder",
 ]
@@ -418,7 +420,8 @@ VAE_DECODE_BYTES_PER_PIXEL = 6 * 1024
 def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 832, num_frames: int = 93,
                         num_cond_frames: int = 13, batch: int = 2, dtype_bytes: int = 2,
                         text_encoder_params: int = UMT5_XXL_PARAMS, vae_params: int = WAN_VAE_PARAMS,
-                        lora_rank: int = 0, fp8: bool = False) -> Dict[str, int]:
+                        lora_rank: int = 0, fp8: bool = False, offload_kv_cache: Optional[bool] = None,
+                        kv_cache: bool = True) -> Dict[str, int]:
     """Estimated peak accelerator bytes per stage of one VC call in ``mode``, from the config alone.
 
     Stages: ``text`` (encoder weights resident, or one streamed leaf), ``vae_encode`` /
@@ -426,9 +429,12 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     resident or two streamed blocks, KV cache resident or two streamed blocks, activations of
     ``batch x noisy tokens``). Resident weights of every component count in every stage; ``peak``
     is the maximum. ``fp8``: the blocks' large linears (~97% of a block) take 1 byte per weight.
-    An estimate for the fit check, not a measurement.
+    An estimate for the fit check, not a measurement. ``offload_kv_cache`` (None: as the mode
+    says) and ``kv_cache`` (False: no cache, every step runs cond and noisy tokens) follow the
+    call's options.
     """
     plan = memory_plan(mode)
+    offload = plan.offload_kv_cache if offload_kv_cache is None else bool(offload_kv_cache)
     per_block, outside = dit_param_counts(config)
     depth = config.depth
     C = config.hidden_size
@@ -444,9 +450,9 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     b = dtype_bytes
     block_b = per_block * b if not fp8 else int(per_block * (0.97 * 1 + 0.03 * b))
     dit_w = (block_b * (depth if not plan.stream_dit_blocks else 2)) + _params_bytes(outside, b)
-    cache_full = 2 * cond * C * b * depth
-    cache = cache_full if not plan.offload_kv_cache else 2 * cache_full // depth
-    act_denoise = int(ACTIVATION_FACTOR * batch * noisy * C * b)
+    cache_full = 2 * cond * C * b * depth if kv_cache else 0
+    cache = cache_full if not offload else 2 * cache_full // depth
+    act_denoise = int(ACTIVATION_FACTOR * batch * (noisy if kv_cache else noisy + cond) * C * b)
     act_build = int(ACTIVATION_FACTOR * cond * C * b)
     te_w = _params_bytes(text_encoder_params, b)
     # Streamed leaf by leaf: the largest leaf is UMT5's token embedding (256k x 4096, ~19% of it).
@@ -463,6 +469,43 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     }
     stages["peak"] = max(stages.values())
     return stages
+
+
+def device_bytes(modules, device) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (None entries skipped) that live on
+    ``device``, each storage counted once."""
+    device = torch.device(device)
+    seen, total = set(), 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def usable_bytes(device, own_bytes: int = 0) -> int:
+    """Bytes this process can still use on ``device`` plus ``own_bytes`` (what the caller already
+    holds there and counts in its estimate): the driver's free memory and the caching allocator's
+    reserved-but-unallocated blocks, capped by ``set_per_process_memory_fraction``."""
+    device = torch.device(device)
+    free, total = torch.cuda.mem_get_info(device)
+    frac = 1.0
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        try:
+            frac = float(getter(device))
+        except Exception:  # pragma: no cover - older torch / allocator without the query
+            frac = 1.0
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated
+    return max(0, min(free + cached, int(total * frac) - allocated)) + int(own_bytes)
 
 
 def _device_budget(device: torch.device) -> Tuple[int, int]:

@@ -1033,6 +1033,16 @@ class VideoContinuationPipeline:
                 raise _CE(f"refinement LoRA file not found: {lp} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)")
         vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
+        if refine:
+            # the refinement's memory, checked before the stage-1 segments run: windows after the
+            # first have cond frames (the largest), the first has none
+            from .refine import check_refine_fits, refine_bucket
+
+            r_size = refine_bucket(*size_hw) if isinstance(refine_resolution, str) else tuple(refine_resolution)
+            rnc = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
+            check_refine_fits(self, r_size, num_frames * (1 if spatial_refine_only else 2), rnc if n > 1 else 0,
+                              use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
+                              lora_path=self.refinement_lora_path)
         generator = self._generator(generator, self.device)
         timesteps, sigmas = self._schedule(steps)
         from tqdm.auto import tqdm

@@ -128,6 +128,87 @@ def refine_padding(num_frames: int, num_cond_frames: int, temporal: int = 4) -> 
             "noise_added": n_lat * temporal - n_noise}
 
 
+def _lora_rank_equivalent(path: Optional[str], config) -> int:
+    """The rank ``estimate_peak_bytes`` needs to count the LoRA file's parameters (it assumes about
+    ``rank * 30 * hidden`` per block); 0 without a readable file. Reads the header only."""
+    if path is None or not os.path.isfile(path):
+        return 0
+    try:
+        from safetensors import safe_open
+
+        numel = 0
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= int(d)
+                numel += n
+    except Exception:  # an unreadable file fails later with its own error, at the load
+        return 0
+    return int(math.ceil(numel / max(1, config.depth * 30 * config.hidden_size)))
+
+
+def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, use_kv_cache: bool = True,
+                      offload_kv_cache: Optional[bool] = None, lora_path: Optional[str] = None,
+                      budget_bytes: Optional[int] = None, margin: float = 1.05) -> Optional[Dict[str, int]]:
+    """Raises ``MemoryModeError`` before a refinement does any work when its estimated peak
+    (``memory.estimate_peak_bytes`` at the refine's latent grid, batch 1, the refinement LoRA, the
+    pipeline's memory mode and cache options) times ``margin`` exceeds what the device can hold:
+    its free memory and the caching allocator's free blocks plus what the pipeline's components
+    already hold there (the estimate counts them too). The message says what fits: offloading the
+    KV cache, a lower memory mode, or neither. Returns the estimate; None on a CPU device (no
+    check). ``budget_bytes`` replaces the device query (tests)."""
+    from .memory import MemoryModeError, device_bytes, estimate_peak_bytes, usable_bytes, GiB, MEMORY_MODES
+
+    device = pipe.device
+    if budget_bytes is None and (device.type != "cuda" or not torch.cuda.is_available()):
+        return None
+    cfg = pipe.dit.config
+    pad = refine_padding(n_refine, nc, pipe.vae_scale_temporal)
+    c = pad["cond_latents"]
+    t_lat = c + pad["noise_latents"]
+    mode = pipe._memory.name
+    offload = pipe._memory.offload_kv_cache if offload_kv_cache is None else bool(offload_kv_cache)
+    cached = bool(use_kv_cache) and c > 0
+    from .fp8 import Fp8Linear
+
+    shape = dict(height=int(size[0]), width=int(size[1]), num_frames=4 * (t_lat - 1) + 1,
+                 num_cond_frames=4 * (c - 1) + 1 if c > 0 else 0, batch=1,
+                 dtype_bytes=torch.empty(0, dtype=pipe.dtype).element_size(),
+                 lora_rank=_lora_rank_equivalent(lora_path, cfg),
+                 fp8=any(isinstance(m, Fp8Linear) for m in pipe.dit.modules()), kv_cache=cached)
+    est = estimate_peak_bytes(cfg, mode, offload_kv_cache=offload, **shape)
+    if budget_bytes is None:
+        own = device_bytes([pipe.dit, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None)], device)
+        budget_bytes = usable_bytes(device, own)
+    need = est["peak"] * margin
+    if need <= budget_bytes:
+        return est
+
+    def peak(m, off):
+        return estimate_peak_bytes(cfg, m, offload_kv_cache=off, **shape)["peak"] * margin
+
+    if cached and not offload and peak(mode, True) <= budget_bytes:
+        hint = (f"offloading its KV cache fits, estimated {peak(mode, True) / GiB:.1f} GiB: pass "
+                "offload_kv_cache=True (--offload-kv-cache)")
+    else:
+        lower = MEMORY_MODES[MEMORY_MODES.index(mode) + 1:]
+        fits = [m for m in lower if peak(m, None if offload_kv_cache is None else offload) <= budget_bytes]
+        if fits:
+            hint = (f"memory={fits[0]!r} fits, estimated {peak(fits[0], None) / GiB:.1f} GiB: load the pipeline "
+                    f"with memory={fits[0]!r} (--memory {fits[0]})")
+        else:
+            low = peak("low", True if cached else None)
+            hint = (f"even memory='low' needs about {low / GiB:.1f} GiB: refine at a lower resolution, fewer frames "
+                    "(spatial_refine_only=True, --spatial-only) or on a larger GPU")
+    stage = max((k for k in est if k != "peak"), key=lambda k: est[k])
+    raise MemoryModeError(
+        f"the refinement at {size[1]}x{size[0]} ({t_lat} latent frames, {c} of them cond) needs about "
+        f"{need / GiB:.1f} GiB in memory={mode!r} (peak in stage {stage!r}) but {device} has "
+        f"{budget_bytes / GiB:.1f} GiB usable for it; {hint}"
+    )
+
+
 def _as_frames(x, name: str) -> np.ndarray:
     if isinstance(x, (str, os.PathLike)):
         return read_video(x).frames  # stage-1 frames are used as they are: no subsampling
@@ -357,6 +438,9 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         )
     a = resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                             num_inference_steps, output_type)
+    # before any work of its own: a refinement that cannot fit fails here, with what would fit
+    check_refine_fits(pipe, a["size"], a["n_refine"], a["nc"], use_kv_cache=use_kv_cache,
+                      offload_kv_cache=offload_kv_cache, lora_path=lora_path)
     generator = pipe._generator(generator, pipe.device)
     timesteps, sigmas = refine_timesteps(pipe.shift, a["steps"], float(t_thresh), pipe.num_train_timesteps)
     device, dtype = pipe.device, pipe.dtype
