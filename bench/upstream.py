@@ -16,6 +16,20 @@ import types
 from typing import Optional, Tuple
 
 
+def upstream_bsa(path: Optional[str]):
+    """``(flash_attn_bsa_3d, note)`` of the checkout at ``path`` (upstream's gating + Triton BSA
+    forward/backward, [B, H, S, D] inputs), or ``(None, why)``."""
+    if not path:
+        return None, "no --upstream"
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        from longcat_video.block_sparse_attention.bsa_interface import flash_attn_bsa_3d
+
+        return flash_attn_bsa_3d, "longcat_video.block_sparse_attention.bsa_interface.flash_attn_bsa_3d"
+    except Exception as e:  # noqa: BLE001 - reported, the caller times the rest
+        return None, f"upstream import failed: {type(e).__name__}: {e}"
+
+
 def flash_attn_or_standin() -> str:
     """Imports ``flash_attn`` or installs the SDPA stand-in; returns which one upstream will use."""
     try:

@@ -490,19 +490,24 @@ def device_bytes(modules, device) -> int:
     return total
 
 
+def _memory_fraction(device) -> float:
+    """``set_per_process_memory_fraction``'s cap on ``device`` (1.0 where torch cannot say)."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is None:  # pragma: no cover - older torch
+        return 1.0
+    try:
+        return float(getter(device))
+    except Exception:  # pragma: no cover - an allocator without the query
+        return 1.0
+
+
 def usable_bytes(device, own_bytes: int = 0) -> int:
     """Bytes this process can still use on ``device`` plus ``own_bytes`` (what the caller already
     holds there and counts in its estimate): the driver's free memory and the caching allocator's
     reserved-but-unallocated blocks, capped by ``set_per_process_memory_fraction``."""
     device = torch.device(device)
     free, total = torch.cuda.mem_get_info(device)
-    frac = 1.0
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    if getter is not None:
-        try:
-            frac = float(getter(device))
-        except Exception:  # pragma: no cover - older torch / allocator without the query
-            frac = 1.0
+    frac = _memory_fraction(device)
     allocated = torch.cuda.memory_allocated(device)
     cached = torch.cuda.memory_reserved(device) - allocated
     return max(0, min(free + cached, int(total * frac) - allocated)) + int(own_bytes)
@@ -511,14 +516,7 @@ def usable_bytes(device, own_bytes: int = 0) -> int:
 def _device_budget(device: torch.device) -> Tuple[int, int]:
     """``(usable, total)`` bytes on ``device``: free memory, capped by the per-process fraction."""
     free, total = torch.cuda.mem_get_info(device)
-    frac = 1.0
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    if getter is not None:
-        try:
-            frac = float(getter(device))
-        except Exception:  # pragma: no cover - older torch / allocator without the query
-            frac = 1.0
-    cap = int(total * frac) - torch.cuda.memory_reserved(device)
+    cap = int(total * _memory_fraction(device)) - torch.cuda.memory_reserved(device)
     return max(0, min(free, cap)), total
 
 

@@ -270,3 +270,16 @@ def test_cap_process_memory_indexes_the_device(monkeypatch):
             cap_process_memory(bad, 0)
     with pytest.raises(ValueError, match="CUDA"):
         cap_process_memory(24, "cpu")
+
+
+def test_upstream_bsa_loader_reports_why(tmp_path, monkeypatch):
+    """``bench.upstream.upstream_bsa``: (None, reason) without a checkout or with a broken one (the
+    GPU scripts report it and time the rest)."""
+    import sys
+
+    from bench.upstream import upstream_bsa
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the loader prepends the checkout
+    assert upstream_bsa(None) == (None, "no --upstream")
+    fn, why = upstream_bsa(str(tmp_path))
+    assert fn is None and why.startswith("upstream import failed: ")

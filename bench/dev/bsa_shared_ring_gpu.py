@@ -30,6 +30,7 @@ import torch
 
 import longcat_kernels as lk
 from bench.timing import TimingPolicy, measure
+from bench.upstream import upstream_bsa
 from longcat_kernels.dispatch import impl_fn
 from longcat_kernels.ops.block_sparse_attn.cuda import (
     bsa_forward_cuda,
@@ -81,18 +82,6 @@ def _interleaved(fns: dict, rounds: int, budget: float) -> dict:
                 per[k].append(float("nan"))
                 print(f"    {k}: {type(e).__name__}: {e}"[:300], flush=True)
     return {k: {"median_ms": statistics.median(v), "rounds_ms": v} for k, v in per.items()}
-
-
-def _upstream_fn(path):
-    if not path:
-        return None, "no --upstream"
-    sys.path.insert(0, os.path.abspath(path))
-    try:
-        from longcat_video.block_sparse_attention.bsa_interface import flash_attn_bsa_3d
-
-        return flash_attn_bsa_3d, "longcat_video.block_sparse_attention.bsa_interface.flash_attn_bsa_3d"
-    except Exception as e:  # noqa: BLE001
-        return None, f"upstream import failed: {type(e).__name__}: {e}"
 
 
 def case_plain(kind, sparsity, args, up) -> dict:
@@ -228,7 +217,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         print("ncu target: shared ring, then private rings", flush=True)
         return 0
-    up, up_note = _upstream_fn(args.upstream)
+    up, up_note = upstream_bsa(args.upstream)
     print(f"upstream: {up_note}", flush=True)
     if args.no_upstream_timing:
         up, up_note = None, "not timed (--no-upstream-timing)"

@@ -43,6 +43,7 @@ import torch
 
 import longcat_kernels as lk
 from bench.timing import TimingPolicy, measure
+from bench.upstream import upstream_bsa
 from longcat_kernels.dispatch import impl_fn
 from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda, bsa_forward_segments_cuda
 from longcat_kernels.testing import make_qkv, make_video_qkv, selection_overlap
@@ -92,18 +93,6 @@ def _interleaved(fns: dict, inputs: dict, rounds: int, budget: float) -> dict:
                 spreads[k].append(f"{type(e).__name__}: {e}"[:200])
     return {k: {"median_ms": statistics.median(v) if v else None, "rounds_ms": v, "spreads": spreads[k]}
             for k, v in per.items()}
-
-
-def _upstream_fn(path):
-    if not path:
-        return None, "no --upstream"
-    sys.path.insert(0, os.path.abspath(path))
-    try:
-        from longcat_video.block_sparse_attention.bsa_interface import flash_attn_bsa_3d
-
-        return flash_attn_bsa_3d, "longcat_video.block_sparse_attention.bsa_interface.flash_attn_bsa_3d"
-    except Exception as e:  # noqa: BLE001
-        return None, f"upstream import failed: {type(e).__name__}: {e}"
 
 
 def case_plain(kind, chunk, sparsity, args, up):
@@ -251,7 +240,7 @@ def main(argv=None) -> int:
         return 2
     from bench.machine import machine_header
 
-    up, up_note = _upstream_fn(args.upstream)
+    up, up_note = upstream_bsa(args.upstream)
     print(f"upstream: {up_note}", flush=True)
     skip = set(filter(None, args.skip.split(",")))
     results = []
