@@ -44,27 +44,9 @@ struct AttnFwdParams {
   const int* sel_cnt;
   int64_t si_sb, si_sh, si_sq;
   int64_t sc_sb, sc_sh, sc_sq;
-  // Optional pair-common counts [B, H, Nq] int32 (nullptr: none; read by the sm90_ws BSA kernel
-  // only): the first sel_common[.., 2i] entries of query blocks 2i and 2i+1 are the same.
-  const int* sel_common;
-  int64_t cm_sb, cm_sh, cm_sq;
   int num_q_blocks;
   int max_sel;
 };
-
-// Pair reorder of a selection for the sm90_ws forward's shared ring (csrc/bsa_pair_reorder.cu):
-// indices [batch, heads, nq, max_sel] / counts [batch, heads, nq] (element strides) in; out
-// [batch, heads, nq, max_sel] and common [batch, heads, nq] contiguous int32 out.
-struct PairReorderParams {
-  const int* idx;
-  const int* cnt;
-  int64_t i_sb, i_sh, i_sq, c_sb, c_sh, c_sq;
-  int* out;
-  int* common;
-  int batch, heads, nq, max_sel, nbk;
-};
-cudaError_t bsa_pair_reorder(const PairReorderParams& p, cudaStream_t stream);
-int bsa_pair_reorder_max_key_blocks();
 
 // Three kernel families; the caller (ops.cpp, told by longcat_kernels/dispatch.py) names the one
 // to run, and none of the launchers switches to another. Each returns the launch error

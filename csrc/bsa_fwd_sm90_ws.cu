@@ -8,26 +8,18 @@
 // 128-byte swizzled: smem row r = (dt*ch + dh)*cw + dw, the block's slot order. Rows outside the
 // grid (partial edge blocks) are zero-filled by TMA and masked (-inf) from the block geometry.
 //
-// CTA = 3 warpgroups (384 threads) and two neighbouring query blocks. Warpgroup 0 = producer
-// (setmaxnreg.dec): warp c (c = 0, 1) serves consumer c: its lane 0 loads the consumer's query
-// block once, then walks the consumer's own key blocks and issues their K and V boxes into that
-// consumer's ring of kStages stages (full barriers: TMA transaction bytes; empty barriers: one
-// arrive per consumer warp). With pair-common counts (`sel_common`, from the wrapper's
-// pair_common_first: both lists of the pair start with the same nc key blocks in the same order),
-// warp 2 loads those nc blocks ONCE into a shared ring of kBShared stages that both consumers read
-// (empty barriers: 8 arrives) and warps 0, 1 load only the private tails: on video-like inputs,
-// where neighbouring query blocks select mostly the same key blocks, the K/V bytes per pair drop
-// to the union of the two selections (the forward sits at the L2 gather floor, NOTES.md v7/v9).
-// Each consumer keeps its own pipeline order (shared head, then private tail), so neither waits
-// on tiles it does not use (the v8 union walk did, and lost).
-// Warpgroups 1, 2 = consumers (setmaxnreg.inc), each owning ONE query block (64 rows):
-// S = Q K^T with wgmma m64n64k16 (SS), fp32 online softmax with exp2, O += P V with wgmma
-// m64n128k16 (RS, V transposed from smem); at iteration j the consumer issues Q K_j^T and
-// P_{j-1} V_{j-1} together and does softmax(j) while P V runs (the wait for P V sits behind a
-// warp-uniform branch on the softmax results so that ptxas cannot hoist it, as in
-// attn_fwd_sm90_ws.cu). Selection entries outside [0, num key blocks) are skipped by both sides
-// (same result as the other kernels, which mask them). Batches are separate launches (per-batch
-// base pointers and tensor maps). No torch headers.
+// CTA = 3 warpgroups (384 threads). Warpgroup 0 = producer (setmaxnreg.dec): warp c (c = 0, 1)
+// serves consumer c; its lane 0 loads the consumer's query block once, then walks the consumer's
+// selection list and issues the K and V boxes into that consumer's own ring of kStages stages
+// (full barriers: TMA transaction bytes; empty barriers: one arrive per consumer warp).
+// Warpgroups 1, 2 = consumers (setmaxnreg.inc), each owning ONE query block (64 rows, its own
+// selection list): S = Q K^T with wgmma m64n64k16 (SS), fp32 online softmax with exp2,
+// O += P V with wgmma m64n128k16 (RS, V transposed from smem). kOverlap: at iteration j the
+// consumer issues Q K_j^T and P_{j-1} V_{j-1} together and does softmax(j) while P V runs (the
+// wait for P V sits behind a warp-uniform branch on the softmax results so that ptxas cannot
+// hoist it, as in attn_fwd_sm90_ws.cu). Selection entries outside [0, num key blocks) are
+// skipped by both sides (same result as the other kernels, which mask them). Batches are
+// separate launches (per-batch base pointers and tensor maps). No torch headers.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -68,12 +60,8 @@ struct BsaWsParams {
   float* lse;              // batch base
   const int* sel_idx;      // batch base
   const int* sel_cnt;      // batch base
-  // pair-common counts [H, Nq] (batch base) or null: the first sel_common[2i] entries of query
-  // blocks 2i and 2i+1 are the same key blocks in the same order (pair_common_first in
-  // ops/block_sparse_attn/cuda.py); the CTA loads them once into its shared ring
-  const int* sel_common;
   int64_t o_ss, o_sh, lse_sh;
-  int64_t si_sh, si_sq, sc_sh, sc_sq, cm_sh, cm_sq;
+  int64_t si_sh, si_sq, sc_sh, sc_sq;
   int heads, nq, max_sel, nbk_total;
   int gq[3], cq[3], nbq[3];
   int gk[3], ck[3], nbk[3];
@@ -83,21 +71,16 @@ struct BsaWsParams {
   float scale_log2;
 };
 
-constexpr int kBShared = 2;  // stages of the shared ring (key blocks common to both query blocks)
-
 template <int kStages>
 struct BsaSmem {
-  // Q[2] | K[consumer][stage] | V[consumer][stage] | K, V shared [stage] | slot tables | barriers
+  // Q[2] | K[consumer][stage] | V[consumer][stage] | slot tables | barriers
   static constexpr int kQ = 0;
   static constexpr int kK = 2 * kBTile;
   static constexpr int kV = kK + 2 * kStages * kBTile;
-  static constexpr int kKs = kV + 2 * kStages * kBTile;
-  static constexpr int kVs = kKs + kBShared * kBTile;
-  static constexpr int kTab = kVs + kBShared * kBTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
+  static constexpr int kTab = kV + 2 * kStages * kBTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
   static constexpr int kBar = kTab + 2 * 64 * 4;
-  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty, then the
-  // same four per shared stage
-  static constexpr int kBytes = kBar + 8 * (2 + 2 * kStages * 4 + kBShared * 4);
+  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty
+  static constexpr int kBytes = kBar + 8 * (2 + 2 * kStages * 4);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
 };
 
@@ -106,7 +89,7 @@ struct BsaSmem {
 using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
 
-template <typename T, int kStages>
+template <typename T, bool kOverlap, int kStages>
 __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
   using Sm = BsaSmem<kStages>;
   using W = Wgmma<T>;
@@ -123,24 +106,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   int* ktab = qtab + 64;
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
-  // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
   // private rings: consumer c, stage s < kStages
   auto bar_at = [&](int c, int s, int kind) { return bar0 + 8 * (2 + (c * kStages + s) * 4 + kind); };
-  // shared ring: stage s < kBShared
-  auto bar_sh = [&](int s, int kind) { return bar0 + 8 * (2 + 2 * kStages * 4 + s * 4 + kind); };
+  // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
   auto sK = [&](int c, int s) { return sbase + Sm::kK + (c * kStages + s) * kBTile; };
   auto sV = [&](int c, int s) { return sbase + Sm::kV + (c * kStages + s) * kBTile; };
   auto sel_count = [&](int qb) { return min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel); };
   auto sel_list = [&](int qb) { return p.sel_idx + h * p.si_sh + qb * p.si_sq; };
-  auto valid = [&](int blk) { return blk >= 0 && blk < p.nbk_total; };
-  // entries [0, nc) of both lists of the pair are common (the list of the pair's first block is
-  // the one walked for them); 0 without the pair-common counts or without a second block
-  int nc = 0;
-  if (p.sel_common != nullptr && pair * 2 + 1 < p.nq) {
-    nc = p.sel_common[h * p.cm_sh + (pair * 2) * p.cm_sq];
-    nc = max(0, min(nc, min(sel_count(pair * 2), sel_count(pair * 2 + 1))));
-  }
-  const int* sel0 = sel_list(pair * 2);
 
   if (tid < 64) {
     const int r = tid;
@@ -157,13 +129,6 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
         mbar_init(bar_at(c, s, 2), 1);
         mbar_init(bar_at(c, s, 3), 4);
       }
-    }
-    for (int s = 0; s < kBShared; ++s) {
-      // shared stages: released by the 4 warps of both consumers
-      mbar_init(bar_sh(s, 0), 1);
-      mbar_init(bar_sh(s, 1), 8);
-      mbar_init(bar_sh(s, 2), 1);
-      mbar_init(bar_sh(s, 3), 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -183,36 +148,17 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   if (wg == 0) {
     // ---------------- producer ----------------
-    // warp c (0, 1) loads Q block c and the private tail of its list into consumer c's ring;
-    // warp 2 loads the common head of the pair's lists into the shared ring
+    // private rings: warp c loads Q block c and serves consumer c
     setmaxnreg_dec<kBProducerRegs>();
-    const int w = tid / 32;
-    if ((tid % 32) != 0 || w >= 3) return;
+    const int c = tid / 32;
+    if ((tid % 32) != 0 || c >= 2) return;
+    prefetch_map(&p.tq);
     prefetch_map(&p.tk);
     prefetch_map(&p.tv);
     if (p.split > 0) {
       prefetch_map(&p.tk1);
       prefetch_map(&p.tv1);
     }
-    if (w == 2) {
-      int j = 0;
-      for (int i = 0; i < nc; ++i) {
-        const int blk = sel0[i];
-        if (!valid(blk)) continue;
-        const int s = j % kBShared;
-        const uint32_t par = ((j / kBShared) & 1) ^ 1;
-        if (j >= kBShared) mbar_wait(bar_sh(s, 1), par);
-        mbar_expect_tx(bar_sh(s, 0), kBTile);
-        load_block(sbase + Sm::kKs + s * kBTile, &p.tk, &p.tk1, blk, bar_sh(s, 0));
-        if (j >= kBShared) mbar_wait(bar_sh(s, 3), par);
-        mbar_expect_tx(bar_sh(s, 2), kBTile);
-        load_block(sbase + Sm::kVs + s * kBTile, &p.tv, &p.tv1, blk, bar_sh(s, 2));
-        ++j;
-      }
-      return;
-    }
-    const int c = w;
-    prefetch_map(&p.tq);
     const int qb = pair * 2 + c;
     if (qb >= p.nq) return;
     {
@@ -226,9 +172,9 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     const int cnt = sel_count(qb);
     const int* sel = sel_list(qb);
     int j = 0;
-    for (int i = nc; i < cnt; ++i) {
+    for (int i = 0; i < cnt; ++i) {
       const int blk = sel[i];
-      if (!valid(blk)) continue;
+      if (blk < 0 || blk >= p.nbk_total) continue;
       const int s = j % kStages;
       const uint32_t par = ((j / kStages) & 1) ^ 1;
       if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
@@ -256,19 +202,12 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
   const int cnt = sel_count(qb);
   const int* sel = sel_list(qb);
-  // this consumer walks sel0[0, nc) (shared ring) then sel[nc, cnt) (its own ring), valid entries
-  // only (the producers issue exactly these). A common head that is not common (a raw op call
-  // with wrong counts) makes the block's output NaN instead of silently attending the partner's
-  // key blocks.
-  int n_sh = 0, n_tiles = 0;
-  bool bad_common = false;
+  // valid entries (the producer issues exactly these)
+  int n_tiles = 0;
   for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
     const int i = i0 + lane;
-    const int blk = i < cnt ? (i < nc ? sel0[i] : sel[i]) : -1;
-    const bool v = valid(blk);
-    n_tiles += __popc(__ballot_sync(0xffffffffu, v));
-    n_sh += __popc(__ballot_sync(0xffffffffu, v && i < nc));
-    bad_common |= __any_sync(0xffffffffu, i < nc && sel[i] != blk);
+    const int blk = i < cnt ? sel[i] : -1;
+    n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
   }
 
   float o[16][4];
@@ -279,16 +218,10 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   float s[8][4];
   uint32_t pa[4][4];
 
-  // tile j of this consumer: shared stage j % kBShared for j < n_sh, else private stage
-  auto t_k = [&](int j) { return j < n_sh ? sbase + Sm::kKs + (j % kBShared) * kBTile : sK(cw, (j - n_sh) % kStages); };
-  auto t_v = [&](int j) { return j < n_sh ? sbase + Sm::kVs + (j % kBShared) * kBTile : sV(cw, (j - n_sh) % kStages); };
-  auto t_bar = [&](int j, int kind) {
-    return j < n_sh ? bar_sh(j % kBShared, kind) : bar_at(cw, (j - n_sh) % kStages, kind);
-  };
-  auto t_par = [&](int j) -> uint32_t { return j < n_sh ? (j / kBShared) & 1 : ((j - n_sh) / kStages) & 1; };
-
+  // key columns of this thread: 8 groups x 2 (c = i*8 + 2*tq + e); their slot geometry
   const uint32_t q_base = sbase + Sm::kQ + cw * kBTile;
-  auto issue_qk = [&](uint32_t k_base) {
+  auto issue_qk = [&](int st) {
+    const uint32_t k_base = sK(cw, st);
     fence_acc(s);
     wg_fence();
 #pragma unroll
@@ -298,7 +231,8 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     }
     wg_commit();
   };
-  auto issue_pv = [&](uint32_t v_base) {
+  auto issue_pv = [&](int st) {
+    const uint32_t v_base = sV(cw, st);
     fence_acc(o);
     fence_pa(pa);
     wg_fence();
@@ -308,14 +242,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     }
     wg_commit();
   };
-  // cursor over the walked list: block of the next valid entry
+  // cursor over the selection list: block of the next valid entry
   int cur = 0;
   auto next_blk = [&]() -> int {
     int blk = -1;
     while (cur < cnt) {
-      blk = cur < nc ? sel0[cur] : sel[cur];
-      ++cur;
-      if (valid(blk)) break;
+      blk = sel[cur++];
+      if (blk >= 0 && blk < p.nbk_total) break;
       blk = -1;
     }
     return blk;
@@ -346,51 +279,74 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   // always wait for Q: no TMA may still be writing this CTA's smem when it exits
   mbar_wait(bar_q(cw), 0);
   if (n_tiles > 0) {
-    // intra-warpgroup overlap: Q K_j^T and P_{j-1} V_{j-1} issued together, softmax(j) under P V
-    mbar_wait(t_bar(0, 0), t_par(0));
-    issue_qk(t_k(0));
-    wg_wait<0>();
-    fence_acc(s);
-    release(t_bar(0, 1));
-    mask(next_blk());
-    float alpha[2];
-    softmax(alpha);  // O is zero: no rescale
-    convert_p();
-    for (int j = 1; j < n_tiles; ++j) {
-      mbar_wait(t_bar(j, 0), t_par(j));
-      mbar_wait(t_bar(j - 1, 2), t_par(j - 1));
-      issue_qk(t_k(j));
-      issue_pv(t_v(j - 1));
-      wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
+    if constexpr (kOverlap) {
+      mbar_wait(bar_at(cw, 0, 0), 0);
+      issue_qk(0);
+      wg_wait<0>();
       fence_acc(s);
-      release(t_bar(j, 1));
+      release(bar_at(cw, 0, 1));
       mask(next_blk());
-      softmax(alpha);
-      // the wait for P_{j-1} V_{j-1} behind a warp-uniform branch on every softmax result:
-      // keeps ptxas from hoisting it above the softmax
-      const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f || !(l_r[0] >= 0.f) ||
-                                                    !(l_r[1] >= 0.f));
-      if (resc) {
-        wg_wait<0>();
-        fence_acc(o);
-        fence_pa(pa);
-        scale_o(alpha);
-      } else {
-        wg_wait<0>();
-        fence_pa(pa);
-        fence_acc(o);
-      }
-      release(t_bar(j - 1, 3));
+      float alpha[2];
+      softmax(alpha);  // O is zero: no rescale
       convert_p();
+      for (int j = 1; j < n_tiles; ++j) {
+        const int st = j % kStages;
+        const int sp = (j - 1) % kStages;
+        mbar_wait(bar_at(cw, st, 0), (j / kStages) & 1);
+        mbar_wait(bar_at(cw, sp, 2), ((j - 1) / kStages) & 1);
+        issue_qk(st);
+        issue_pv(sp);
+        wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
+        fence_acc(s);
+        release(bar_at(cw, st, 1));
+        mask(next_blk());
+        softmax(alpha);
+        // the wait for P_{j-1} V_{j-1} behind a warp-uniform branch on every softmax result:
+        // keeps ptxas from hoisting it above the softmax
+        const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f || !(l_r[0] >= 0.f) ||
+                                                      !(l_r[1] >= 0.f));
+        if (resc) {
+          wg_wait<0>();
+          fence_acc(o);
+          fence_pa(pa);
+          scale_o(alpha);
+        } else {
+          wg_wait<0>();
+          fence_pa(pa);
+          fence_acc(o);
+        }
+        release(bar_at(cw, sp, 3));
+        convert_p();
+      }
+      const int sl = (n_tiles - 1) % kStages;
+      mbar_wait(bar_at(cw, sl, 2), ((n_tiles - 1) / kStages) & 1);
+      issue_pv(sl);
+      wg_wait<0>();
+      fence_acc(o);
+      release(bar_at(cw, sl, 3));
+    } else {
+      for (int j = 0; j < n_tiles; ++j) {
+        const int st = j % kStages;
+        const uint32_t par = (j / kStages) & 1;
+        mbar_wait(bar_at(cw, st, 0), par);
+        issue_qk(st);
+        wg_wait<0>();
+        fence_acc(s);
+        release(bar_at(cw, st, 1));
+        mask(next_blk());
+        float alpha[2];
+        softmax(alpha);
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_o(alpha);
+        convert_p();
+        mbar_wait(bar_at(cw, st, 2), par);
+        issue_pv(st);
+        wg_wait<0>();
+        fence_acc(o);
+        fence_pa(pa);
+        release(bar_at(cw, st, 3));
+      }
     }
-    const int jl = n_tiles - 1;
-    mbar_wait(t_bar(jl, 2), t_par(jl));
-    issue_pv(t_v(jl));
-    wg_wait<0>();
-    fence_acc(o);
-    release(t_bar(jl, 3));
   }
-  if (bad_common) l_r[0] = l_r[1] = NAN;
 
   // epilogue: O / l -> out for the block's real tokens, lse in natural log
   int qt0, qh0, qw0;
@@ -405,26 +361,26 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     const int r = warp * 16 + g + 8 * e;
     const int geo = qtab[r];
     const int t = qt0 + (geo & 255), hh = qh0 + ((geo >> 8) & 255), w = qw0 + (geo >> 16);
-    const float inv = l > 0.f ? 1.f / l : (l == l ? 0.f : l);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     if (t < p.gq[0] && hh < p.gq[1] && w < p.gq[2]) {
       const int tok = (t * p.gq[1] + hh) * p.gq[2] + w;
       T* po = ob + (int64_t)tok * p.o_ss;
 #pragma unroll
       for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
-      if (tq == 0 && lb != nullptr) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : (l == l ? -INFINITY : l);
+      if (tq == 0 && lb != nullptr) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
     }
   }
 }
 
 #endif  // LONGCAT_BSA_WS
 
-template <typename T, int kStages>
+template <typename T, bool kOverlap, int kStages>
 __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __grid_constant__ BsaWsParams p) {
 #ifdef LONGCAT_BSA_WS
   extern __shared__ unsigned char bsa_ws_smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(bsa_ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  bsa_ws_body<T, kStages>(p, smem);
+  bsa_ws_body<T, kOverlap, kStages>(p, smem);
 #else
   // built for another target: the host only launches this kernel from an sm_90a binary
   __trap();
@@ -434,10 +390,9 @@ __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __gr
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kStages>
+template <typename T, bool kOverlap, int kStages>
 cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  static_assert(BsaSmem<kStages>::kAlloc <= 227 * 1024, "more shared memory than a Hopper CTA can have");
-  auto* fn = bsa_fwd_sm90ws_kernel<T, kStages>;
+  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages>;
   const int smem = BsaSmem<kStages>::kAlloc;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -449,7 +404,7 @@ template <typename T>
 cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
   // variant 1 (intra-warpgroup overlap, 2 K/V stages per consumer): the measured winner (NOTES.md,
   // v7; the v8 union walk measured slower and was removed)
-  return launch_bsa_ws<T, 2>(bp, grid, stream);
+  return launch_bsa_ws<T, true, 2>(bp, grid, stream);
 }
 
 
@@ -520,9 +475,6 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cu
     bp.lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_sb;
     bp.sel_idx = p.sel_idx + b * p.si_sb;
     bp.sel_cnt = p.sel_cnt + b * p.sc_sb;
-    bp.sel_common = p.sel_common == nullptr ? nullptr : p.sel_common + b * p.cm_sb;
-    bp.cm_sh = p.cm_sh;
-    bp.cm_sq = p.cm_sq;
     bp.o_ss = p.o_ss;
     bp.o_sh = p.o_sh;
     bp.lse_sh = p.lse_sh;

@@ -1,5 +1,5 @@
 // torch binding of the csrc kernels: validation, output allocation, stream, op registration.
-// Registers torch.ops.longcat_kernels.{bsa_fwd_cuda, bsa_pair_common_cuda, kv_cache_attn_fwd_cuda, prefix_attn_fwd_cuda,
+// Registers torch.ops.longcat_kernels.{bsa_fwd_cuda, kv_cache_attn_fwd_cuda, prefix_attn_fwd_cuda,
 // rope3d_cuda, available_kernels}; the attention ops take `kernel` (the family to run, chosen in
 // longcat_kernels/dispatch.py) and raise if it cannot run the call;
 // the fake (meta) implementations live in longcat_kernels/ops/*/cuda.py (register_fake).
@@ -280,7 +280,7 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
                                         c10::IntArrayRef grid_q, c10::IntArrayRef grid_k,
                                         c10::IntArrayRef chunk_q, c10::IntArrayRef chunk_k,
                                         double scale, const std::string& kernel,
-                                        bool return_lse, const c10::optional<Tensor>& common) {
+                                        bool return_lse) {
   LK_CHECK(q_in.is_cuda() && q_in.dim() == 4,
               "longcat_kernels (cuda): q must be a 4-D CUDA tensor [batch, seq, heads, head_dim], "
               "got ", q_in.sizes(), " on ", q_in.device());
@@ -371,75 +371,11 @@ std::tuple<Tensor, Tensor> bsa_fwd_cuda(const Tensor& q_in, const Tensor& k_in, 
   p.sc_sq = counts.stride(2);
   p.num_q_blocks = static_cast<int>(nq);
   p.max_sel = static_cast<int>(indices.size(3));
-  // pair-common counts (pair_common_first in ops/block_sparse_attn/cuda.py): only the sm90_ws
-  // kernel reads them; it trusts the lists' heads to match and turns a mismatch into NaN output
-  p.sel_common = nullptr;
-  if (common.has_value()) {
-    const Tensor& cm = *common;
-    LK_CHECK(parse_family(kernel) == Family::kSm90Ws,
-             "longcat_kernels (cuda): pair-common counts are read by kernel 'sm90_ws' only, got kernel '",
-             kernel, "'");
-    LK_CHECK(cm.is_cuda() && cm.device() == q_in.device() && cm.scalar_type() == at::kInt &&
-                 cm.sizes() == counts.sizes(),
-             "longcat_kernels (cuda): pair-common counts must be int32 on q's device with the shape of "
-             "counts ", counts.sizes(), ", got ", cm.scalar_type(), " ", cm.sizes(), " on ", cm.device());
-    p.sel_common = cm.data_ptr<int>();
-    p.cm_sb = sel_bcast ? 0 : cm.stride(0);
-    p.cm_sh = cm.stride(1);
-    p.cm_sq = cm.stride(2);
-  }
   if (q.numel() == 0) return {out, lse};
   check_launch(launch_sparse(p, dtype, static_cast<int>(q.size(3)), kernel,
                              c10::cuda::getCurrentCUDAStream()),
                "bsa_fwd_cuda");
   return {out, lse};
-}
-
-// Pair reorder of a selection for the sm90_ws forward's shared ring (csrc/bsa_pair_reorder.cu):
-// (indices [B, H, Nq, max_sel], common [B, H, Nq]) int32, contiguous.
-std::tuple<Tensor, Tensor> bsa_pair_common_cuda(const Tensor& indices, const Tensor& counts, int64_t num_k_blocks) {
-  LK_CHECK(indices.is_cuda() && counts.is_cuda() && indices.device() == counts.device(),
-           "longcat_kernels (cuda): selection indices/counts must be CUDA tensors on one device, got ",
-           indices.device(), " and ", counts.device());
-  LK_CHECK(indices.scalar_type() == at::kInt && counts.scalar_type() == at::kInt,
-           "longcat_kernels (cuda): selection indices/counts must be int32, got ", indices.scalar_type(), "/",
-           counts.scalar_type());
-  LK_CHECK(indices.dim() == 4 && counts.dim() == 3 && counts.sizes() == indices.sizes().slice(0, 3),
-           "longcat_kernels (cuda): selection indices must be [B, H, Nq, max_sel] and counts [B, H, Nq], got ",
-           indices.sizes(), " and ", counts.sizes());
-  LK_CHECK(indices.stride(3) == 1 || indices.size(3) <= 1,
-           "longcat_kernels (cuda): selection indices must be contiguous in the last dim; call .contiguous()");
-  LK_CHECK(num_k_blocks > 0 && num_k_blocks <= longcat::bsa_pair_reorder_max_key_blocks(),
-           "longcat_kernels (cuda): the pair reorder takes 1 to ", longcat::bsa_pair_reorder_max_key_blocks(),
-           " key blocks (two bitmaps per warp in shared memory), got ", num_k_blocks, "; use kernel 'sm90'");
-  LK_CHECK(indices.size(0) * indices.size(1) <= INT32_MAX && indices.size(2) <= INT32_MAX &&
-               indices.size(3) <= INT32_MAX,
-           "longcat_kernels (cuda): selection too large: ", indices.sizes());
-  c10::cuda::CUDAGuard guard(indices.device());
-  Tensor out = at::empty(indices.sizes(), indices.options());
-  Tensor common = at::empty(counts.sizes(), counts.options());
-  if (indices.numel() == 0) {
-    common.zero_();
-    return {out, common};
-  }
-  longcat::PairReorderParams p{};
-  p.idx = indices.data_ptr<int>();
-  p.cnt = counts.data_ptr<int>();
-  p.i_sb = indices.stride(0);
-  p.i_sh = indices.stride(1);
-  p.i_sq = indices.stride(2);
-  p.c_sb = counts.stride(0);
-  p.c_sh = counts.stride(1);
-  p.c_sq = counts.stride(2);
-  p.out = out.data_ptr<int>();
-  p.common = common.data_ptr<int>();
-  p.batch = static_cast<int>(indices.size(0));
-  p.heads = static_cast<int>(indices.size(1));
-  p.nq = static_cast<int>(indices.size(2));
-  p.max_sel = static_cast<int>(indices.size(3));
-  p.nbk = static_cast<int>(num_k_blocks);
-  check_launch(longcat::bsa_pair_reorder(p, c10::cuda::getCurrentCUDAStream()), "bsa_pair_common_cuda");
-  return {out, common};
 }
 
 struct RopeTables {
@@ -631,8 +567,7 @@ TORCH_LIBRARY(longcat_kernels, m) {
   m.def(
       "bsa_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_fresh, Tensor? v_fresh, "
       "Tensor indices, Tensor counts, int[] grid_q, int[] grid_k, int[] chunk_q, int[] chunk_k, "
-      "float scale, str kernel, bool return_lse=True, Tensor? common=None) -> (Tensor, Tensor)");
-  m.def("bsa_pair_common_cuda(Tensor indices, Tensor counts, int num_k_blocks) -> (Tensor, Tensor)");
+      "float scale, str kernel, bool return_lse=True) -> (Tensor, Tensor)");
   m.def(
       "kv_cache_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? k_cache, Tensor? v_cache, "
       "Tensor? cos_t, Tensor? sin_t, Tensor? cos_h, Tensor? sin_h, Tensor? cos_w, Tensor? sin_w, "
@@ -649,7 +584,6 @@ TORCH_LIBRARY(longcat_kernels, m) {
 
 TORCH_LIBRARY_IMPL(longcat_kernels, CUDA, m) {
   m.impl("bsa_fwd_cuda", &bsa_fwd_cuda);
-  m.impl("bsa_pair_common_cuda", &bsa_pair_common_cuda);
   m.impl("kv_cache_attn_fwd_cuda", &kv_cache_attn_fwd_cuda);
   m.impl("prefix_attn_fwd_cuda", &prefix_attn_fwd_cuda);
   m.impl("rope3d_cuda", &rope3d_cuda);

@@ -1,5 +1,10 @@
 """Issue 18: the sm90_ws BSA forward with the shared ring (csrc/bsa_fwd_sm90_ws.cu, NOTES.md v9).
 
+HISTORICAL (kept for its numbers, not runnable; bench/dev/README.md): the shared ring, the pair
+reorder op ``bsa_pair_common_cuda``, ``pair_common_first`` and the ``common`` argument of
+``bsa_fwd_cuda`` were removed after an A/B against the v8 kernel showed the shared ring slower
+(bench/results/h200/bsa-shared-ring-vs-v8_20261204_cfd2754.log). To re-run, check out cfd2754.
+
 The two query blocks of a CTA load the key blocks their selections share once (a shared ring
 read by both consumers) and only their private tails into their own rings; the selection lists
 are reordered per pair by ``pair_common_first`` in the op wrapper. Per case (24x44x80, B1 H32
@@ -32,14 +37,17 @@ import longcat_kernels as lk
 from bench.timing import TimingPolicy, measure
 from bench.upstream import upstream_bsa
 from longcat_kernels.dispatch import impl_fn
-from longcat_kernels.ops.block_sparse_attn.cuda import (
-    bsa_forward_cuda,
-    bsa_forward_segments_cuda,
-    kernel_selection_args,
-    ops,
-    pair_common_first,
-    selection_args,
-)
+try:  # removed with the shared ring (HISTORICAL above)
+    from longcat_kernels.ops.block_sparse_attn.cuda import (
+        bsa_forward_cuda,
+        bsa_forward_segments_cuda,
+        kernel_selection_args,
+        ops,
+        pair_common_first,
+        selection_args,
+    )
+except ImportError:  # pragma: no cover - today's tree
+    kernel_selection_args = pair_common_first = None
 from longcat_kernels.testing import make_qkv, make_video_qkv, selection_overlap
 
 B, H, D = 1, 32, 128
@@ -201,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-upstream-timing", action="store_true", help="time ours only (the upstream checks stay off)")
     p.add_argument("--csrc-tag", default="", help="a label of the kernel build, written into the results")
     args = p.parse_args(argv)
+    if kernel_selection_args is None:
+        print("historical: the shared ring was removed (csrc/NOTES.md v9); check out cfd2754 to re-run", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
         return 2

@@ -36,24 +36,6 @@ def main() -> int:
         ok = r < 1e-2 and not out.isnan().any()
         bad += not ok
         print(f"{'OK' if ok else 'FAIL'} fwd {kern}: rel L2 {r:.2e}", flush=True)
-    # video-like inputs: the pair's shared head comes through the shared ring; the raw op without
-    # pair-common counts (private rings only) on the same call
-    from longcat_kernels.ops.block_sparse_attn.cuda import kernel_selection_args, ops, selection_args
-    from longcat_kernels.testing import make_video_qkv
-
-    gv = (8, 16, 16)
-    qv, kv_, vv = make_video_qkv(1, gv, H, D, dtype=dt, device=dev)
-    selv = lk.select_blocks(qv, kv_, grid_q=gv, chunk_q=(4, 4, 4), sparsity=0.75, backend="torch")
-    refv = lk.block_sparse_attn(qv, kv_, vv, selection=selv, backend="torch")
-    args, common = kernel_selection_args(selv, "sm90_ws")
-    for name, a, cm in (("shared ring", args, common), ("private rings", selection_args(selv), None)):
-        out, _ = ops().bsa_fwd_cuda(qv, kv_, vv, None, None, *a, D ** -0.5, "sm90_ws", True, cm)
-        torch.cuda.synchronize()
-        r = rel(out, refv)
-        ok = r < 1e-2 and not out.isnan().any()
-        bad += not ok
-        print(f"{'OK' if ok else 'FAIL'} video {name} (common {int(common.sum())} of {int(selv.counts.sum())}): "
-              f"rel L2 {r:.2e}", flush=True)
     # two key segments: a batch-1 cache of 4 frames + 5 fresh frames
     Hf, Wf, c, T = 6, 10, 4, 5
     qf = torch.randn(2, T * Hf * Wf, H, D, device=dev, dtype=dt)

@@ -78,13 +78,6 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(o.kv_cache_attn_fwd_cuda.default,
                           (q, k, v, k[:, :64], v[:, :64], *[None] * 6, 0, 0, 0.125, fam, False))
     torch.library.opcheck(o.prefix_attn_fwd_cuda.default, (q, k, v, 100, 0.125, fam, False))
-    torch.library.opcheck(o.bsa_pair_common_cuda.default, (sel.indices, sel.counts, sel.num_k_blocks))
-    if "sm90_ws" in csrc_impls():
-        q128, k128, v128 = (randn(1, 256, 2, 128, dtype=torch.bfloat16) for _ in range(3))
-        sel128 = select_blocks(q128, k128, grid_q=grid, sparsity=0.5, backend="torch")
-        idx, common = o.bsa_pair_common_cuda(sel128.indices, sel128.counts, sel128.num_k_blocks)
-        torch.library.opcheck(o.bsa_fwd_cuda.default, (q128, k128, v128, None, None, idx,
-                                                       *selection_args(sel128)[1:], 0.125, "sm90_ws", True, common))
     rope = Rope3D((4, 8, 8), 64, device=DEV)
     torch.library.opcheck(o.rope3d_cuda.default,
                           (k, rope.cos_t, rope.sin_t, rope.cos_h, rope.sin_h, rope.cos_w, rope.sin_w, 8, 8, 0))

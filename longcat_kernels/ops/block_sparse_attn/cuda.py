@@ -8,12 +8,9 @@ the C++ side raises if it cannot run that kernel (no silent switch). ``kernel=No
 dispatcher for the cuda backend's choice for these inputs.
 
 Registered op: ``torch.ops.longcat_kernels.bsa_fwd_cuda(q, k, v, k_fresh, v_fresh, indices, counts,
-grid_q, grid_k, chunk_q, chunk_k, scale, kernel, return_lse=True, common=None) -> (out, lse)``
-(lse empty when ``return_lse`` is False: the kernels skip its store); keys are ``[k; k_fresh]``
-along seq (``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is
-given). ``common`` (kernel ``"sm90_ws"`` only) are the pair-common counts of
-``pair_common_first``, which also reorders the lists: the kernel loads the key blocks that two
-neighbouring query blocks share once for both.
+grid_q, grid_k, chunk_q, chunk_k, scale, kernel, return_lse=True) -> (out, lse)`` (lse empty
+when ``return_lse`` is False: the kernels skip its store); keys are ``[k; k_fresh]`` along
+seq (``k_fresh=None`` for plain BSA, a batch-1 ``k`` is broadcast when ``k_fresh`` is given).
 """
 
 from __future__ import annotations
@@ -32,8 +29,6 @@ __all__ = [
     "block_sparse_attn_cuda",
     "bsa_forward_segments_cuda",
     "selection_args",
-    "kernel_selection_args",
-    "pair_common_first",
     "csrc_kernel",
     "ops",
 ]
@@ -49,12 +44,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("longcat_kernels::bsa_fwd_cuda")
     def _(q, k, v, k_fresh, v_fresh, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, kernel,
-          return_lse=True, common=None):
+          return_lse=True):
         return q.new_empty(q.shape), lse_like(q, return_lse)
-
-    @torch.library.register_fake("longcat_kernels::bsa_pair_common_cuda")
-    def _(indices, counts, num_k_blocks):
-        return indices.new_empty(indices.shape, dtype=torch.int32), counts.new_empty(counts.shape, dtype=torch.int32)
 
     @torch.library.register_fake("longcat_kernels::kv_cache_attn_fwd_cuda")
     def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, scale,
@@ -114,58 +105,6 @@ def selection_args(selection):
     )
 
 
-def pair_common_first(indices: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference of the csrc pair reorder (``csrc/bsa_pair_reorder.cu``) for the sm90_ws forward's
-    shared ring: ``(indices, common)``, both int32. For each pair of neighbouring query blocks
-    (2i, 2i+1) both lists become [the key blocks the two share, ascending; the block's own key
-    blocks, ascending; -1 ...]; ``common [.., Nq]`` holds the shared count for both blocks of a
-    pair (the last block of an odd count: its blocks ascending, common 0).
-
-    The forward then loads each pair's shared head once. For a validated selection (distinct ids
-    in ``[0, Nk)`` in the first ``counts`` entries; the csrc reorder drops other ids) each query
-    block attends the same key blocks as before, in another order (fp32 rounding of the online
-    softmax).
-    """
-    *_, Nq, K = indices.shape
-    idx = indices.to(torch.int32)
-    common = torch.zeros(counts.shape, dtype=torch.int32, device=counts.device)
-    # int32 throughout, no constant beyond int32 (inductor fuses these ops into int32 code)
-    top = torch.iinfo(torch.int32).max
-    slot = torch.arange(K, device=idx.device, dtype=torch.int32)
-    srt = torch.where(slot < counts[..., None], idx, top).sort(dim=-1).values  # ascending, past count last
-    out = torch.where(srt == top, -1, srt)
-    P = Nq // 2
-    if P == 0 or K == 0:
-        return out, common
-    a, b = srt[..., 0:2 * P:2, :].contiguous(), srt[..., 1:2 * P:2, :].contiguous()
-
-    def member(x, other):
-        pos = torch.searchsorted(other, x).clamp_(max=K - 1)
-        return (x != top) & (other.gather(-1, pos) == x)
-
-    for par, x, shared in ((0, a, member(a, b)), (1, b, member(b, a))):
-        # stable sort of the ascending list by group: shared 0, own 1, past count 2
-        group = torch.where(shared, 0, torch.where(x != top, 1, 2)).to(torch.int32)
-        y = x.gather(-1, group.sort(dim=-1, stable=True).indices)
-        out[..., par:2 * P:2, :] = torch.where(y == top, -1, y)
-        if par == 0:
-            nc = shared.sum(dim=-1, dtype=torch.int32)
-    common[..., 0:2 * P:2] = nc
-    common[..., 1:2 * P:2] = nc
-    return out, common
-
-
-def kernel_selection_args(selection, kernel: str):
-    """``(selection_args, common)`` for csrc kernel ``kernel``: for ``"sm90_ws"`` the lists come
-    reordered for its shared ring by the csrc pair reorder (``pair_common_first`` is its
-    reference) with the pair-common counts, else as they are and ``None``."""
-    args = selection_args(selection)
-    if kernel != "sm90_ws":
-        return args, None
-    idx, common = ops().bsa_pair_common_cuda(args[0], args[1], int(selection.num_k_blocks))
-    return (idx,) + args[1:], common
-
-
 def _block_tokens(selection) -> Tuple[int, int]:
     cq, ck = selection.chunk_q, selection.chunk_k
     return (int(cq[0] * cq[1] * cq[2]), int(ck[0] * ck[1] * ck[2]))
@@ -183,8 +122,7 @@ def bsa_forward_cuda(q, k, v, selection, scale, *, kernel: Optional[str] = None)
     """
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), needs_grad=False)
-    args, common = kernel_selection_args(selection, kernel)
-    return ops().bsa_fwd_cuda(q, k, v, None, None, *args, float(scale), kernel, True, common)
+    return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel)
 
 
 def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, kernel: Optional[str] = None,
@@ -196,8 +134,8 @@ def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, ke
     kernel = csrc_kernel("block_sparse_attn_fwd", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), key_segments=2,
                          key_split_aligned=aligned, needs_grad=False)
-    args, common = kernel_selection_args(selection, kernel)
-    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *args, float(scale), kernel, bool(return_lse), common)
+    return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel,
+                              bool(return_lse))
 
 
 block_sparse_attn_fwd_cuda = bsa_forward_cuda
@@ -215,6 +153,6 @@ def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, 
         )
     kernel = csrc_kernel("block_sparse_attn", kernel, q, k, v, block_sparse=True,
                          block_tokens=_block_tokens(selection), needs_grad=False)
-    args, common = kernel_selection_args(selection, kernel)
-    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *args, float(scale), kernel, bool(return_lse), common)
+    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel,
+                                  bool(return_lse))
     return (out, lse) if return_lse else out

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, kernel_selection_args, ops
+from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, ops, selection_args
 from .api import _split_aligned
 
 __all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda"]
@@ -79,8 +79,7 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kern
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
         )
     if k_cache is None:
-        args, common = kernel_selection_args(sel, kernel)
-        return ops().bsa_fwd_cuda(q, k, v, None, None, *args, scale, kernel, return_lse, common)
+        return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(sel), scale, kernel, return_lse)
     return bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, sel, scale, kernel=kernel, return_lse=return_lse)
 
 
