@@ -2,6 +2,7 @@
 
     python -m longcat_vc.memory_report                          # estimate, released model, 480p 93 frames
     python -m longcat_vc.memory_report --checkpoint DIR --resolution 720p --frames 185 --cond-frames 25 --batch 1
+    python -m longcat_vc.memory_report --refine                 # the 720p refinement of that clip (SPEC 11)
     python -m longcat_vc.memory_report --measured bench_out.json  # the table measured by bench/memory_modes_gpu.py
 
 The estimate is ``longcat_vc.memory.estimate_peak_bytes`` (the numbers the fit check of
@@ -72,6 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cond-frames", type=int, default=13)
     p.add_argument("--batch", type=int, default=2, help="DiT batch (2 with CFG, 1 without)")
     p.add_argument("--dtype-bytes", type=int, default=2, choices=(1, 2, 4))
+    p.add_argument("--refine", action="store_true",
+                   help="the 720p refinement of the clip instead (2x frames, 2x cond frames, batch 1, the refinement "
+                        "LoRA: the checkpoint's file, else rank 128)")
     p.add_argument("--measured", default=None, metavar="JSON", help="print the table measured by the GPU bench")
     args = p.parse_args(argv)
     if args.measured:
@@ -95,8 +99,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     h, w = _size(args.resolution)
     shape = dict(height=h, width=w, num_frames=args.frames, num_cond_frames=args.cond_frames, batch=args.batch,
                  dtype_bytes=args.dtype_bytes)
-    print(f"estimated peak GiB per stage: depth {cfg.depth}, {h}x{w}, {args.frames} frames, "
-          f"{args.cond_frames} cond frames, batch {args.batch}")
+    if args.refine:
+        from .refine import REFINEMENT_LORA_FILE, _lora_rank_equivalent, refine_bucket, refine_estimate_shape
+
+        rh, rw = refine_bucket(h, w)
+        lora = os.path.join(args.checkpoint, REFINEMENT_LORA_FILE) if args.checkpoint else None
+        rank = _lora_rank_equivalent(lora, cfg) if lora and os.path.isfile(lora) else 128
+        shape = refine_estimate_shape((rh, rw), 2 * args.frames, 2 * args.cond_frames, dtype_bytes=args.dtype_bytes,
+                                      lora_rank=rank)
+        t_lat, c = shape.pop("latents"), shape.pop("cond_latents")
+        print(f"estimated peak GiB per stage of the refinement: depth {cfg.depth}, {rh}x{rw}, "
+              f"{2 * args.frames} frames ({t_lat} latents, {c} cond), batch 1, LoRA rank ~{rank}")
+    else:
+        print(f"estimated peak GiB per stage: depth {cfg.depth}, {h}x{w}, {args.frames} frames, "
+              f"{args.cond_frames} cond frames, batch {args.batch}")
     print(_fmt_table(estimate_table(cfg, **shape), STAGES))
     import torch
 

@@ -148,6 +148,20 @@ def _lora_rank_equivalent(path: Optional[str], config) -> int:
     return int(math.ceil(numel / max(1, config.depth * 30 * config.hidden_size)))
 
 
+def refine_estimate_shape(size: Tuple[int, int], n_refine: int, nc: int, *, temporal: int = 4, dtype_bytes: int = 2,
+                          lora_rank: int = 0, fp8: bool = False, use_kv_cache: bool = True) -> Dict[str, Any]:
+    """Keyword arguments of ``memory.estimate_peak_bytes`` for a refinement of ``n_refine`` frames
+    (``nc`` of them cond) at ``size``: its padded latent grid expressed as the frame counts the
+    estimate takes, batch 1 (no CFG); plus ``latents`` / ``cond_latents`` (pop them before the call)."""
+    pad = refine_padding(n_refine, nc, temporal)
+    c = pad["cond_latents"]
+    t_lat = c + pad["noise_latents"]
+    return dict(height=int(size[0]), width=int(size[1]), num_frames=4 * (t_lat - 1) + 1,
+                num_cond_frames=4 * (c - 1) + 1 if c > 0 else 0, batch=1, dtype_bytes=dtype_bytes,
+                lora_rank=lora_rank, fp8=fp8, kv_cache=bool(use_kv_cache) and c > 0, latents=t_lat,
+                cond_latents=c)
+
+
 def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, use_kv_cache: bool = True,
                       offload_kv_cache: Optional[bool] = None, lora_path: Optional[str] = None,
                       budget_bytes: Optional[int] = None, margin: float = 1.05) -> Optional[Dict[str, int]]:
@@ -164,19 +178,17 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
     if budget_bytes is None and (device.type != "cuda" or not torch.cuda.is_available()):
         return None
     cfg = pipe.dit.config
-    pad = refine_padding(n_refine, nc, pipe.vae_scale_temporal)
-    c = pad["cond_latents"]
-    t_lat = c + pad["noise_latents"]
     mode = pipe._memory.name
     offload = pipe._memory.offload_kv_cache if offload_kv_cache is None else bool(offload_kv_cache)
-    cached = bool(use_kv_cache) and c > 0
     from .fp8 import Fp8Linear
 
-    shape = dict(height=int(size[0]), width=int(size[1]), num_frames=4 * (t_lat - 1) + 1,
-                 num_cond_frames=4 * (c - 1) + 1 if c > 0 else 0, batch=1,
-                 dtype_bytes=torch.empty(0, dtype=pipe.dtype).element_size(),
-                 lora_rank=_lora_rank_equivalent(lora_path, cfg),
-                 fp8=any(isinstance(m, Fp8Linear) for m in pipe.dit.modules()), kv_cache=cached)
+    shape = refine_estimate_shape(size, n_refine, nc, temporal=pipe.vae_scale_temporal,
+                                  dtype_bytes=torch.empty(0, dtype=pipe.dtype).element_size(),
+                                  lora_rank=_lora_rank_equivalent(lora_path, cfg),
+                                  fp8=any(isinstance(m, Fp8Linear) for m in pipe.dit.modules()),
+                                  use_kv_cache=use_kv_cache)
+    c, t_lat = shape.pop("cond_latents"), shape.pop("latents")
+    cached = shape["kv_cache"]
     est = estimate_peak_bytes(cfg, mode, offload_kv_cache=offload, **shape)
     if budget_bytes is None:
         own = device_bytes([pipe.dit, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None)], device)

@@ -353,6 +353,27 @@ def test_memory_report_estimate_and_measured(tmp_path, capsys):
         memory_report.main(["--resolution", "30x48"])
 
 
+def test_memory_report_refine(capsys):
+    """``--refine``: the 720p refinement of the 480p clip (bucket 704x1280, 2 x 93 frames = 48 latents of
+    which 8 cond, batch 1, rank-128 LoRA), the same numbers the refine fit check uses."""
+    from longcat_vc import memory_report
+    from longcat_vc.refine import refine_estimate_shape
+
+    assert memory_report.main(["--refine"]) == 0
+    out = capsys.readouterr().out
+    assert "704x1280, 186 frames (48 latents, 8 cond), batch 1, LoRA rank ~128" in out
+    lines = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.split() and l.split()[0] in MEMORY_MODES}
+    shape = refine_estimate_shape((704, 1280), 186, 26, lora_rank=128)
+    del shape["latents"], shape["cond_latents"]
+    for m in MEMORY_MODES:
+        est = estimate_peak_bytes(DiTConfig.longcat_video(), m, **shape)
+        assert float(lines[m][-1]) == pytest.approx(est["peak"] / GiB, abs=0.01)
+    # measured on the H200 at depth 48 (refine-stage_20261204_*): balanced 35.2 GiB, low 15.4: the
+    # estimate stays within 10% above
+    assert 35.2 <= float(lines["balanced"][-1]) <= 35.2 * 1.1
+    assert 15.4 <= float(lines["low"][-1]) <= 15.4 * 1.1
+
+
 # ====================================================================== GPU (skipped on CPU)
 @pytest.mark.cuda
 def test_streamer_cuda_streams_exact_and_two_blocks_on_device(tmp_path):
