@@ -25,14 +25,17 @@ def _codes(q):
     return q.view(torch.uint8).to(torch.int16)
 
 
-def _assert_same_quantisation(got, exp, *, exact: bool):
-    """Scales agree to fp32 rounding; codes agree exactly (``exact``) or, where the LayerNorm's fp32
-    reduction order moves an activation across an e4m3 rounding boundary, by one code in <= 1% of
-    the elements."""
+def _assert_same_quantisation(got, exp, *, exact: bool, dtype=torch.float32):
+    """Scales agree to fp32 rounding; codes agree exactly (``exact``) or, where the prologue's fp32
+    reduction order moves an activation across a rounding boundary, by one code in <= 1% of the
+    elements. Not exact, a row's largest activation may also round to the neighbouring value of a
+    half-precision ``dtype`` (the prologue's output is rounded to it before the amax), so the scale
+    may differ by one ulp of ``dtype`` (CI saw 9.1e-4 relative in fp16, ulp 9.8e-4)."""
     (qg, sg), (qe, se) = got[:2], exp[:2]
     assert qg.dtype == E4M3 and qg.shape == qe.shape and sg.shape == se.shape and sg.dtype == torch.float32
     assert not torch.isnan(sg).any() and not torch.isnan(qg.float()).any()
-    torch.testing.assert_close(sg, se, rtol=2e-6, atol=0)
+    half = dtype in (torch.float16, torch.bfloat16)
+    torch.testing.assert_close(sg, se, rtol=torch.finfo(dtype).eps if half and not exact else 2e-6, atol=0)
     d = (_codes(qg) - _codes(qe)).abs()
     if exact:
         assert int(d.max()) == 0, f"{int((d > 0).sum())} codes differ"
@@ -111,7 +114,7 @@ def test_triton_matches_reference(backend, dtype, K):
             got = call(backend, r)
             assert len(got) == (3 if r else 2), name
             # the exact class needs identical arithmetic: fp16/bf16 silu rounds after the same exp
-            _assert_same_quantisation(got, exp, exact=exact and dtype != torch.bfloat16)
+            _assert_same_quantisation(got, exp, exact=exact and dtype != torch.bfloat16, dtype=dtype)
             if r:
                 assert got[2].dtype == dtype and got[2].shape == exp[2].shape
                 tol = 0 if exact else (1e-5 if dtype == torch.float32 else 1e-2)
