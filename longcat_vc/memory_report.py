@@ -105,9 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rh, rw = refine_bucket(h, w)
         lora = os.path.join(args.checkpoint, REFINEMENT_LORA_FILE) if args.checkpoint else None
         rank = _lora_rank_equivalent(lora, cfg) if lora and os.path.isfile(lora) else 128
-        shape = refine_estimate_shape((rh, rw), 2 * args.frames, 2 * args.cond_frames, dtype_bytes=args.dtype_bytes,
-                                      lora_rank=rank)
-        t_lat, c = shape.pop("latents"), shape.pop("cond_latents")
+        shape, t_lat, c = refine_estimate_shape((rh, rw), 2 * args.frames, 2 * args.cond_frames,
+                                                dtype_bytes=args.dtype_bytes, lora_rank=rank)
         print(f"estimated peak GiB per stage of the refinement: depth {cfg.depth}, {rh}x{rw}, "
               f"{2 * args.frames} frames ({t_lat} latents, {c} cond), batch 1, LoRA rank ~{rank}")
     else:

@@ -149,17 +149,18 @@ def _lora_rank_equivalent(path: Optional[str], config) -> int:
 
 
 def refine_estimate_shape(size: Tuple[int, int], n_refine: int, nc: int, *, temporal: int = 4, dtype_bytes: int = 2,
-                          lora_rank: int = 0, fp8: bool = False, use_kv_cache: bool = True) -> Dict[str, Any]:
-    """Keyword arguments of ``memory.estimate_peak_bytes`` for a refinement of ``n_refine`` frames
-    (``nc`` of them cond) at ``size``: its padded latent grid expressed as the frame counts the
-    estimate takes, batch 1 (no CFG); plus ``latents`` / ``cond_latents`` (pop them before the call)."""
+                          lora_rank: int = 0, fp8: bool = False,
+                          use_kv_cache: bool = True) -> Tuple[Dict[str, Any], int, int]:
+    """``(kwargs, latents, cond_latents)`` for a refinement of ``n_refine`` frames (``nc`` of them
+    cond) at ``size``: the keyword arguments of ``memory.estimate_peak_bytes`` (its padded latent grid
+    expressed as the frame counts the estimate takes, batch 1: no CFG) and that grid's latent frames."""
     pad = refine_padding(n_refine, nc, temporal)
     c = pad["cond_latents"]
     t_lat = c + pad["noise_latents"]
-    return dict(height=int(size[0]), width=int(size[1]), num_frames=4 * (t_lat - 1) + 1,
-                num_cond_frames=4 * (c - 1) + 1 if c > 0 else 0, batch=1, dtype_bytes=dtype_bytes,
-                lora_rank=lora_rank, fp8=fp8, kv_cache=bool(use_kv_cache) and c > 0, latents=t_lat,
-                cond_latents=c)
+    kwargs = dict(height=int(size[0]), width=int(size[1]), num_frames=4 * (t_lat - 1) + 1,
+                  num_cond_frames=4 * (c - 1) + 1 if c > 0 else 0, batch=1, dtype_bytes=dtype_bytes,
+                  lora_rank=lora_rank, fp8=fp8, kv_cache=bool(use_kv_cache) and c > 0)
+    return kwargs, t_lat, c
 
 
 def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, use_kv_cache: bool = True,
@@ -182,12 +183,11 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
     offload = pipe._memory.offload_kv_cache if offload_kv_cache is None else bool(offload_kv_cache)
     from .fp8 import Fp8Linear
 
-    shape = refine_estimate_shape(size, n_refine, nc, temporal=pipe.vae_scale_temporal,
-                                  dtype_bytes=torch.empty(0, dtype=pipe.dtype).element_size(),
-                                  lora_rank=_lora_rank_equivalent(lora_path, cfg),
-                                  fp8=any(isinstance(m, Fp8Linear) for m in pipe.dit.modules()),
-                                  use_kv_cache=use_kv_cache)
-    c, t_lat = shape.pop("cond_latents"), shape.pop("latents")
+    shape, t_lat, c = refine_estimate_shape(size, n_refine, nc, temporal=pipe.vae_scale_temporal,
+                                            dtype_bytes=torch.empty(0, dtype=pipe.dtype).element_size(),
+                                            lora_rank=_lora_rank_equivalent(lora_path, cfg),
+                                            fp8=any(isinstance(m, Fp8Linear) for m in pipe.dit.modules()),
+                                            use_kv_cache=use_kv_cache)
     cached = shape["kv_cache"]
     est = estimate_peak_bytes(cfg, mode, offload_kv_cache=offload, **shape)
     if budget_bytes is None:
@@ -200,8 +200,9 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
     def peak(m, off):
         return estimate_peak_bytes(cfg, m, offload_kv_cache=off, **shape)["peak"] * margin
 
-    if cached and not offload and peak(mode, True) <= budget_bytes:
-        hint = (f"offloading its KV cache fits, estimated {peak(mode, True) / GiB:.1f} GiB: pass "
+    offloaded = peak(mode, True) if cached and not offload else None
+    if offloaded is not None and offloaded <= budget_bytes:
+        hint = (f"offloading its KV cache fits, estimated {offloaded / GiB:.1f} GiB: pass "
                 "offload_kv_cache=True (--offload-kv-cache)")
     else:
         lower = MEMORY_MODES[MEMORY_MODES.index(mode) + 1:]

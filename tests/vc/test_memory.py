@@ -363,8 +363,8 @@ def test_memory_report_refine(capsys):
     out = capsys.readouterr().out
     assert "704x1280, 186 frames (48 latents, 8 cond), batch 1, LoRA rank ~128" in out
     lines = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.split() and l.split()[0] in MEMORY_MODES}
-    shape = refine_estimate_shape((704, 1280), 186, 26, lora_rank=128)
-    del shape["latents"], shape["cond_latents"]
+    shape, t_lat, c = refine_estimate_shape((704, 1280), 186, 26, lora_rank=128)
+    assert (t_lat, c) == (48, 8)
     for m in MEMORY_MODES:
         est = estimate_peak_bytes(DiTConfig.longcat_video(), m, **shape)
         assert float(lines[m][-1]) == pytest.approx(est["peak"] / GiB, abs=0.01)
