@@ -8,18 +8,27 @@
 // 128-byte swizzled: smem row r = (dt*ch + dh)*cw + dw, the block's slot order. Rows outside the
 // grid (partial edge blocks) are zero-filled by TMA and masked (-inf) from the block geometry.
 //
-// CTA = 3 warpgroups (384 threads). Warpgroup 0 = producer (setmaxnreg.dec): warp c (c = 0, 1)
-// serves consumer c; its lane 0 loads the consumer's query block once, then walks the consumer's
-// selection list and issues the K and V boxes into that consumer's own ring of kStages stages
-// (full barriers: TMA transaction bytes; empty barriers: one arrive per consumer warp).
-// Warpgroups 1, 2 = consumers (setmaxnreg.inc), each owning ONE query block (64 rows, its own
-// selection list): S = Q K^T with wgmma m64n64k16 (SS), fp32 online softmax with exp2,
-// O += P V with wgmma m64n128k16 (RS, V transposed from smem). kOverlap: at iteration j the
-// consumer issues Q K_j^T and P_{j-1} V_{j-1} together and does softmax(j) while P V runs (the
-// wait for P V sits behind a warp-uniform branch on the softmax results so that ptxas cannot
-// hoist it, as in attn_fwd_sm90_ws.cu). Selection entries outside [0, num key blocks) are
-// skipped by both sides (same result as the other kernels, which mask them). Batches are
-// separate launches (per-batch base pointers and tensor maps). No torch headers.
+// CTA = 3 warpgroups (384 threads), two neighbouring query blocks (one per consumer warpgroup, each
+// with its own selection list). Each list (in list order) is cut into PAIR TILES of two key blocks
+// (the last of an odd count alone); S = Q K^T runs as one wgmma m64n128k16 (SS) over both blocks
+// and O += P V as m64n128k16 (RS, V transposed from smem), so a pair of key blocks costs one S
+// wait, one set of row reductions and one O rescale. The two lists' tiles interleave (tile k of
+// consumer c at ring position 2k + c while both have tiles, then the longer list's rest) in ONE
+// ring of kStages stages shared by both consumers (K and V 32 KB per stage: panel p at p * 16 KB,
+// block half b at b * 8 KB inside it). Warpgroup 0 = producer (setmaxnreg.dec): warp 0 issues the
+// K boxes, warp 1 the V boxes, warp 2 the two Q blocks; block ids are read one ring position
+// ahead. Full barriers are per (stage, consumer): a consumer waits only on the phases of its own
+// tiles (one full barrier per stage let a consumer see the other consumer's completed phase as its
+// own: phase aliasing). Empty barriers: 8 arrives (2 per consumer warp). Consumers read the block
+// ids of their next tile a tile ahead, so no dependent global load sits on the math chain. An
+// entry outside [0, key blocks) keeps its place in its tile: the producer loads block 0, the
+// consumer masks that half (-inf), the same result as the other kernels. A one-block tile loads
+// its block into both halves (finite data under the PV wgmma) and masks half 1. Overlap: at tile
+// j the consumer issues Q K_j^T and P_{j-1} V_{j-1} together and does softmax(j) while P V runs
+// (the wait for P V sits behind a warp-uniform branch on the softmax results so that ptxas cannot
+// hoist it, as in attn_fwd_sm90_ws.cu). Geometry masks (partial edge blocks, zero-filled by TMA)
+// only when the host says some key block reaches past the grid. Batches are separate launches
+// (per-batch base pointers and tensor maps). No torch headers.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,8 +56,11 @@ using namespace bsaws;
 
 constexpr int kBD = 128;                    // head dim
 constexpr int kBRows = 64;                  // rows of a query block / key block (chunk volume)
-constexpr int kBTile = kBRows * kBD * 2;    // 16 KB: one Q, K or V tile (two 8 KB panels)
+constexpr int kBTile = kBRows * kBD * 2;    // 16 KB: one Q tile or one key block of K or V
 constexpr int kBPanel = kBRows * 128;       // 8 KB: one [64 x 64] 128B-swizzled panel
+constexpr int kPTile = 2 * kBTile;          // 32 KB: K (or V) of a pair tile (two key blocks)
+constexpr int kPPanel = 2 * kBPanel;        // 16 KB: one [128 x 64] panel of a pair tile
+constexpr int kStages = 3;                  // pair tiles in flight (one ring shared by both consumers)
 constexpr int kBThreads = 384;
 constexpr int kBProducerRegs = 40;
 constexpr int kBConsumerRegs = 232;
@@ -68,19 +80,20 @@ struct BsaWsParams {
   // two key segments: key frames [0, split) from tk/tv, [split, gk[0]) from tk1/tv1 (at frame
   // t - split); split is a multiple of ck[0], so no key block straddles the two. 0: one segment.
   int split;
+  int partial;  // some key block reaches past the key grid (a chunk does not divide it): mask by geometry
   float scale_log2;
 };
 
-template <int kStages>
 struct BsaSmem {
-  // Q[2] | K[consumer][stage] | V[consumer][stage] | slot tables | barriers
+  // Q[2] | K[stage] | V[stage] (pair tiles) | slot tables | barriers
   static constexpr int kQ = 0;
   static constexpr int kK = 2 * kBTile;
-  static constexpr int kV = kK + 2 * kStages * kBTile;
-  static constexpr int kTab = kV + 2 * kStages * kBTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
+  static constexpr int kV = kK + kStages * kPTile;
+  static constexpr int kTab = kV + kStages * kPTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
   static constexpr int kBar = kTab + 2 * 64 * 4;
-  // barriers: q_full[2], then per consumer and stage: k_full, k_empty, v_full, v_empty
-  static constexpr int kBytes = kBar + 8 * (2 + 2 * kStages * 4);
+  // barriers: q_full[2], k_full[S][2], k_empty[S], v_full[S][2], v_empty[S] (full: one per slot and
+  // consumer, so that a consumer never waits on a phase of the other consumer's tile)
+  static constexpr int kBytes = kBar + 8 * (2 + 6 * kStages);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
 };
 
@@ -88,102 +101,157 @@ struct BsaSmem {
 
 using namespace sm90ws;  // wgmma, mbarrier, TMA and setmaxnreg helpers (sm90_ws_common.cuh)
 
+__device__ __forceinline__ void mbar_arrive_n(uint32_t bar, uint32_t n) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(n) : "memory");
+}
 
-template <typename T, bool kOverlap, int kStages>
+// The pair schedule of a CTA. Each query block's selection entries (in list order) are cut into
+// pair tiles of two key blocks (the last one of an odd count alone); the two lists' tiles
+// interleave in one ring: position 2k + c is tile k of query block c while both have tiles, then
+// the longer list's remaining tiles follow in order. Producer and consumers derive the same
+// positions from the two counts. An entry outside [0, key blocks) still takes its place in a tile:
+// the producer loads block 0 there and the consumer masks the whole half (-inf), the same result
+// as skipping it.
+struct PairSched {
+  int n0, n1;  // valid entries per query block
+  int m0, m1;  // pair tiles per query block
+  int mn, longer;
+  __device__ __forceinline__ void init(int a, int b) {
+    n0 = a;
+    n1 = b;
+    m0 = (a + 1) / 2;
+    m1 = (b + 1) / 2;
+    mn = min(m0, m1);
+    longer = m0 >= m1 ? 0 : 1;
+  }
+  __device__ __forceinline__ int total() const { return m0 + m1; }
+  __device__ __forceinline__ int tiles(int c) const { return c == 0 ? m0 : m1; }
+  __device__ __forceinline__ int owner(int p) const { return p < 2 * mn ? (p & 1) : longer; }
+  __device__ __forceinline__ int pos(int c, int k) const { return k < mn ? 2 * k + c : mn + k; }
+  // key blocks in tile k of query block c (1 or 2)
+  __device__ __forceinline__ int width(int c, int k) const { return 2 * k + 1 < (c == 0 ? n0 : n1) ? 2 : 1; }
+};
+
+template <typename T>
 __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char* smem) {
-  using Sm = BsaSmem<kStages>;
+  using Sm = BsaSmem;
   using W = Wgmma<T>;
   using M = MmaType<T>;
   const int tid = threadIdx.x;
   const int wg = tid / 128;
+  const int lane = tid % 32;
   // grid (query-block pairs, heads): co-resident CTAs share one head's K/V in L2 (a heads-fastest
   // grid measured 2x slower)
   const int h = blockIdx.y;
   const int pair = blockIdx.x;
+  const int qb0 = pair * 2;
+  const bool two = qb0 + 1 < p.nq;  // odd number of query blocks: the last CTA has one
 
   const uint32_t sbase = smem_u32(smem);
   int* qtab = reinterpret_cast<int*>(smem + Sm::kTab);
   int* ktab = qtab + 64;
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
-  // private rings: consumer c, stage s < kStages
-  auto bar_at = [&](int c, int s, int kind) { return bar0 + 8 * (2 + (c * kStages + s) * 4 + kind); };
-  // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty
-  auto sK = [&](int c, int s) { return sbase + Sm::kK + (c * kStages + s) * kBTile; };
-  auto sV = [&](int c, int s) { return sbase + Sm::kV + (c * kStages + s) * kBTile; };
+  // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty; full barriers per consumer c
+  auto bar_full = [&](int s, int kind, int c) { return bar0 + 8 * (2 + (kind == 0 ? 0 : 3) * kStages + 2 * s + c); };
+  auto bar_empty = [&](int s, int kind) { return bar0 + 8 * (2 + (kind == 1 ? 2 : 5) * kStages + s); };
+  auto sK = [&](int s) { return sbase + Sm::kK + s * kPTile; };
+  auto sV = [&](int s) { return sbase + Sm::kV + s * kPTile; };
   auto sel_count = [&](int qb) { return min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel); };
   auto sel_list = [&](int qb) { return p.sel_idx + h * p.si_sh + qb * p.si_sq; };
-
+  auto valid = [&](int blk) { return blk >= 0 && blk < p.nbk_total; };
   if (tid < 64) {
     const int r = tid;
     qtab[r] = (r / (p.cq[2] * p.cq[1])) | (((r / p.cq[2]) % p.cq[1]) << 8) | ((r % p.cq[2]) << 16);
     ktab[r] = (r / (p.ck[2] * p.ck[1])) | (((r / p.ck[2]) % p.ck[1]) << 8) | ((r % p.ck[2]) << 16);
   }
   if (tid == 0) {
-    for (int c = 0; c < 2; ++c) {
-      mbar_init(bar_q(c), 1);
-      for (int s = 0; s < kStages; ++s) {
-        // empty barriers: one arrive per consumer warp
-        mbar_init(bar_at(c, s, 0), 1);
-        mbar_init(bar_at(c, s, 1), 4);
-        mbar_init(bar_at(c, s, 2), 1);
-        mbar_init(bar_at(c, s, 3), 4);
+    mbar_init(bar_q(0), 1);
+    mbar_init(bar_q(1), 1);
+    for (int s = 0; s < kStages; ++s) {
+      // empty barriers: every tile is released by the 4 warps of its consumer, 2 arrives each
+      for (int c = 0; c < 2; ++c) {
+        mbar_init(bar_full(s, 0, c), 1);
+        mbar_init(bar_full(s, 2, c), 1);
       }
+      mbar_init(bar_empty(s, 1), 8);
+      mbar_init(bar_empty(s, 3), 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  // one key block (K or V) as two TMA boxes, from the segment that holds it
-  auto load_block = [&](uint32_t dst, const CUtensorMap* m0, const CUtensorMap* m1, int blk, uint32_t bar) {
-    int t0, h0, w0;
-    b_origin(blk, p.nbk, p.ck, t0, h0, w0);
-    const CUtensorMap* m = m0;
-    if (p.split > 0 && t0 >= p.split) {
-      m = m1;
-      t0 -= p.split;
-    }
-    tma_load5(dst, m, 0, h, w0, h0, t0, bar);
-    tma_load5(dst + kBPanel, m, 64, h, w0, h0, t0, bar);
-  };
 
   if (wg == 0) {
     // ---------------- producer ----------------
-    // private rings: warp c loads Q block c and serves consumer c
+    // warp 0 issues the K boxes, warp 1 the V boxes (both in ring order), warp 2 the two Q blocks
     setmaxnreg_dec<kBProducerRegs>();
-    const int c = tid / 32;
-    if ((tid % 32) != 0 || c >= 2) return;
-    prefetch_map(&p.tq);
-    prefetch_map(&p.tk);
-    prefetch_map(&p.tv);
-    if (p.split > 0) {
-      prefetch_map(&p.tk1);
-      prefetch_map(&p.tv1);
+    const int warp = tid / 32;
+    if (warp == 3) return;
+    if (warp == 2) {
+      if (lane != 0) return;
+      prefetch_map(&p.tq);
+      for (int c = 0; c < (two ? 2 : 1); ++c) {
+        int t0, h0, w0;
+        b_origin(qb0 + c, p.nbq, p.cq, t0, h0, w0);
+        const uint32_t dq = sbase + Sm::kQ + c * kBTile;
+        mbar_expect_tx(bar_q(c), kBTile);
+        tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
+        tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
+      }
+      return;
     }
-    const int qb = pair * 2 + c;
-    if (qb >= p.nq) return;
-    {
+    if (lane != 0) return;
+    PairSched sc;
+    sc.init(sel_count(qb0), two ? sel_count(qb0 + 1) : 0);
+    const bool is_v = warp == 1;
+    const CUtensorMap* m0 = is_v ? &p.tv : &p.tk;
+    const CUtensorMap* m1 = is_v ? &p.tv1 : &p.tk1;
+    prefetch_map(m0);
+    if (p.split > 0) prefetch_map(m1);
+    const int full = is_v ? 2 : 0;
+    // key block blk into half `half` of the pair tile at dst: two boxes (d0 = 0, 64)
+    auto load_block = [&](uint32_t dst, int half, int blk, uint32_t bar) {
       int t0, h0, w0;
-      b_origin(qb, p.nbq, p.cq, t0, h0, w0);
-      const uint32_t dq = sbase + Sm::kQ + c * kBTile;
-      mbar_expect_tx(bar_q(c), kBTile);
-      tma_load5(dq, &p.tq, 0, h, w0, h0, t0, bar_q(c));
-      tma_load5(dq + kBPanel, &p.tq, 64, h, w0, h0, t0, bar_q(c));
-    }
-    const int cnt = sel_count(qb);
-    const int* sel = sel_list(qb);
-    int j = 0;
-    for (int i = 0; i < cnt; ++i) {
-      const int blk = sel[i];
-      if (blk < 0 || blk >= p.nbk_total) continue;
-      const int s = j % kStages;
-      const uint32_t par = ((j / kStages) & 1) ^ 1;
-      if (j >= kStages) mbar_wait(bar_at(c, s, 1), par);
-      mbar_expect_tx(bar_at(c, s, 0), kBTile);
-      load_block(sK(c, s), &p.tk, &p.tk1, blk, bar_at(c, s, 0));
-      if (j >= kStages) mbar_wait(bar_at(c, s, 3), par);
-      mbar_expect_tx(bar_at(c, s, 2), kBTile);
-      load_block(sV(c, s), &p.tv, &p.tv1, blk, bar_at(c, s, 2));
-      ++j;
+      b_origin(blk, p.nbk, p.ck, t0, h0, w0);
+      const CUtensorMap* m = m0;
+      if (p.split > 0 && t0 >= p.split) {
+        m = m1;
+        t0 -= p.split;
+      }
+      tma_load5(dst + half * kBPanel, m, 0, h, w0, h0, t0, bar);
+      tma_load5(dst + kPPanel + half * kBPanel, m, 64, h, w0, h0, t0, bar);
+    };
+    const int* sel0 = sel_list(qb0);
+    const int* sel1 = sel_list(two ? qb0 + 1 : qb0);
+    int k0 = 0, k1 = 0;
+    // owner, width and block ids of ring position ps (in order); the ids are read one position
+    // ahead, so that their load overlaps the wait for the slot instead of following it
+    int c = 0, w = 0, b0 = 0, b1 = 0;
+    auto fetch = [&](int ps, int& oc, int& ow, int& ob0, int& ob1) {
+      oc = sc.owner(ps);
+      const int k = oc == 0 ? k0++ : k1++;
+      ow = sc.width(oc, k);
+      const int* sl = oc == 0 ? sel0 : sel1;
+      ob0 = sl[2 * k];
+      // a one-block tile loads its block into both halves: the unused half then holds finite
+      // data for the PV GEMM (its P is 0) instead of stale smem
+      ob1 = ow == 2 ? sl[2 * k + 1] : ob0;
+    };
+    int nc = 0, nw = 0, nb0 = 0, nb1 = 0;
+    if (sc.total() > 0) fetch(0, nc, nw, nb0, nb1);
+    for (int pos = 0; pos < sc.total(); ++pos) {
+      c = nc;
+      w = nw;
+      b0 = valid(nb0) ? nb0 : 0;
+      b1 = valid(nb1) ? nb1 : 0;
+      if (pos + 1 < sc.total()) fetch(pos + 1, nc, nw, nb0, nb1);
+      const int s = pos % kStages;
+      if (pos >= kStages) mbar_wait(bar_empty(s, full + 1), ((pos / kStages) & 1) ^ 1);
+      const uint32_t dst = is_v ? sV(s) : sK(s);
+      const uint32_t bf = bar_full(s, full, c);
+      mbar_expect_tx(bf, kPTile);
+      load_block(dst, 0, b0, bf);
+      load_block(dst, 1, b1, bf);
     }
     return;
   }
@@ -191,70 +259,59 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   // ---------------- consumers ----------------
   setmaxnreg_inc<kBConsumerRegs>();
   const int cw = wg - 1;
-  const int qb = pair * 2 + cw;
-  if (qb >= p.nq) return;  // odd number of query blocks: the last CTA has one
+  const int qb = qb0 + cw;
+  if (qb >= p.nq) return;
   const int ctid = tid - 128 * wg;
   const int warp = ctid / 32;
-  const int lane = tid % 32;
   const int g = lane >> 2;
   const int tq = lane & 3;
   const float c2 = p.scale_log2;
 
-  const int cnt = sel_count(qb);
+  PairSched sc;
+  sc.init(sel_count(qb0), two ? sel_count(qb0 + 1) : 0);
+  const int n_tiles = sc.tiles(cw);
+  const int cnt = cw == 0 ? sc.n0 : sc.n1;
   const int* sel = sel_list(qb);
-  // valid entries (the producer issues exactly these)
-  int n_tiles = 0;
-  for (int i0 = 0; i0 < cnt; i0 += 32) {  // warp-uniform rounds
-    const int i = i0 + lane;
-    const int blk = i < cnt ? sel[i] : -1;
-    n_tiles += __popc(__ballot_sync(0xffffffffu, blk >= 0 && blk < p.nbk_total));
-  }
 
   float o[16][4];
 #pragma unroll
   for (int i = 0; i < 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m_r[2] = {-INFINITY, -INFINITY};
   float l_r[2] = {0.f, 0.f};
-  float s[8][4];
-  uint32_t pa[4][4];
+  float s[16][4];
+  uint32_t pa[8][4];
 
-  // key columns of this thread: 8 groups x 2 (c = i*8 + 2*tq + e); their slot geometry
   const uint32_t q_base = sbase + Sm::kQ + cw * kBTile;
   auto issue_qk = [&](int st) {
-    const uint32_t k_base = sK(cw, st);
+    const uint32_t k_base = sK(st);
     fence_acc(s);
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < kBD / 16; ++kk) {
-      const uint32_t off = (kk >> 2) * kBPanel + (kk & 3) * 32;
-      W::ss64(s, desc128(q_base + off, 16, 1024), desc128(k_base + off, 16, 1024), kk > 0);
+      // a one-block tile holds its block twice: the second half's columns are set to -inf
+      W::ss128(s, desc128(q_base + (kk >> 2) * kBPanel + (kk & 3) * 32, 16, 1024),
+               desc128(k_base + (kk >> 2) * kPPanel + (kk & 3) * 32, 16, 1024), kk > 0);
     }
     wg_commit();
   };
   auto issue_pv = [&](int st) {
-    const uint32_t v_base = sV(cw, st);
+    const uint32_t v_base = sV(st);
     fence_acc(o);
     fence_pa(pa);
     wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBRows / 16; ++kk) {
-      W::rs128(o, pa[kk], desc128(v_base + kk * 16 * 128, kBPanel, 1024));
-    }
+    for (int kk = 0; kk < 8; ++kk) W::rs128(o, pa[kk], desc128(v_base + kk * 16 * 128, kPPanel, 1024));
     wg_commit();
   };
-  // cursor over the selection list: block of the next valid entry
-  int cur = 0;
-  auto next_blk = [&]() -> int {
-    int blk = -1;
-    while (cur < cnt) {
-      blk = sel[cur++];
-      if (blk >= 0 && blk < p.nbk_total) break;
-      blk = -1;
+  // masks the key slots of block blk (columns 64*half ..) that lie outside the key grid, or the
+  // whole half for an entry outside [0, key blocks)
+  auto mask_half = [&](int blk, int half) {
+    if (!valid(blk)) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[half * 8 + i][0] = s[half * 8 + i][1] = s[half * 8 + i][2] = s[half * 8 + i][3] = -INFINITY;
+      return;
     }
-    return blk;
-  };
-  // masks the key slots of block blk that lie outside the key grid (partial edge blocks only)
-  auto mask = [&](int blk) {
+    if (!p.partial) return;
     int t0, h0, w0;
     b_origin(blk, p.nbk, p.ck, t0, h0, w0);
     const int lt = p.gk[0] - t0, lh = p.gk[1] - h0, lw = p.gk[2] - w0;
@@ -264,88 +321,103 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int r = ktab[i * 8 + 2 * tq + e];
-          if ((r & 255) >= lt || ((r >> 8) & 255) >= lh || (r >> 16) >= lw) s[i][e] = s[i][e + 2] = -INFINITY;
+          if ((r & 255) >= lt || ((r >> 8) & 255) >= lh || (r >> 16) >= lw)
+            s[half * 8 + i][e] = s[half * 8 + i][e + 2] = -INFINITY;
         }
       }
     }
   };
-  auto softmax = [&](float (&alpha)[2]) { online_softmax(s, m_r, l_r, c2, alpha); };
-  auto scale_o = [&](const float (&alpha)[2]) { scale_rows(o, alpha); };
+  // block ids of the current tile and the next one (read a tile ahead: the load's latency stays
+  // off the S -> softmax chain)
+  int cb0 = -1, cb1 = -1, nb0 = -1, nb1 = -1;
+  auto fetch_ids = [&](int k, int& b0, int& b1) {
+    if (k < n_tiles) {
+      b0 = sel[2 * k];
+      b1 = 2 * k + 1 < cnt ? sel[2 * k + 1] : -1;
+    }
+  };
+  auto mask_tile = [&](int w) {
+    mask_half(cb0, 0);
+    if (w == 2) {
+      mask_half(cb1, 1);
+    } else {
+#pragma unroll
+      for (int i = 8; i < 16; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = -INFINITY;
+    }
+    cb0 = nb0;
+    cb1 = nb1;
+  };
+  // this consumer's full barrier of the slot of ring position ps; its phase parity per slot flips
+  // with every tile this consumer takes from the slot (bits of kph / vph). One full barrier per
+  // slot for both consumers would let a consumer whose slot's previous fill belongs to the other
+  // consumer (and has not landed) pass on the parity of the phase before.
+  uint32_t kph = 0, vph = 0;
+  auto wait_full = [&](int ps, int kind) {
+    const int st = ps % kStages;
+    uint32_t& ph = kind == 0 ? kph : vph;
+    mbar_wait(bar_full(st, kind, cw), (ph >> st) & 1);
+    ph ^= 1u << st;
+  };
   auto convert_p = [&]() { pack_p<M>(s, pa); };
   auto release = [&](uint32_t bar) {
-    if (lane == 0) mbar_arrive(bar);
+    if (lane == 0) mbar_arrive_n(bar, 2);
   };
 
   // always wait for Q: no TMA may still be writing this CTA's smem when it exits
   mbar_wait(bar_q(cw), 0);
   if (n_tiles > 0) {
-    if constexpr (kOverlap) {
-      mbar_wait(bar_at(cw, 0, 0), 0);
-      issue_qk(0);
-      wg_wait<0>();
+    fetch_ids(0, cb0, cb1);
+    fetch_ids(1, nb0, nb1);
+    int pos = sc.pos(cw, 0);
+    int w = sc.width(cw, 0);
+    wait_full(pos, 0);
+    issue_qk(pos % kStages);
+    wg_wait<0>();
+    fence_acc(s);
+    release(bar_empty(pos % kStages, 1));
+    mask_tile(w);
+    float alpha[2];
+    online_softmax(s, m_r, l_r, c2, alpha);  // O is zero: no rescale
+    convert_p();
+    for (int k = 1; k < n_tiles; ++k) {
+      const int pp = pos;
+      pos = sc.pos(cw, k);
+      w = sc.width(cw, k);
+      const int st = pos % kStages;
+      const int sp = pp % kStages;
+      fetch_ids(k + 1, nb0, nb1);
+      wait_full(pos, 0);
+      wait_full(pp, 2);
+      issue_qk(st);
+      issue_pv(sp);
+      wg_wait<1>();  // S_k ready, P_{k-1} V_{k-1} may still run
       fence_acc(s);
-      release(bar_at(cw, 0, 1));
-      mask(next_blk());
-      float alpha[2];
-      softmax(alpha);  // O is zero: no rescale
-      convert_p();
-      for (int j = 1; j < n_tiles; ++j) {
-        const int st = j % kStages;
-        const int sp = (j - 1) % kStages;
-        mbar_wait(bar_at(cw, st, 0), (j / kStages) & 1);
-        mbar_wait(bar_at(cw, sp, 2), ((j - 1) / kStages) & 1);
-        issue_qk(st);
-        issue_pv(sp);
-        wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
-        fence_acc(s);
-        release(bar_at(cw, st, 1));
-        mask(next_blk());
-        softmax(alpha);
-        // the wait for P_{j-1} V_{j-1} behind a warp-uniform branch on every softmax result:
-        // keeps ptxas from hoisting it above the softmax
-        const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f || !(l_r[0] >= 0.f) ||
-                                                      !(l_r[1] >= 0.f));
-        if (resc) {
-          wg_wait<0>();
-          fence_acc(o);
-          fence_pa(pa);
-          scale_o(alpha);
-        } else {
-          wg_wait<0>();
-          fence_pa(pa);
-          fence_acc(o);
-        }
-        release(bar_at(cw, sp, 3));
-        convert_p();
-      }
-      const int sl = (n_tiles - 1) % kStages;
-      mbar_wait(bar_at(cw, sl, 2), ((n_tiles - 1) / kStages) & 1);
-      issue_pv(sl);
-      wg_wait<0>();
-      fence_acc(o);
-      release(bar_at(cw, sl, 3));
-    } else {
-      for (int j = 0; j < n_tiles; ++j) {
-        const int st = j % kStages;
-        const uint32_t par = (j / kStages) & 1;
-        mbar_wait(bar_at(cw, st, 0), par);
-        issue_qk(st);
-        wg_wait<0>();
-        fence_acc(s);
-        release(bar_at(cw, st, 1));
-        mask(next_blk());
-        float alpha[2];
-        softmax(alpha);
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_o(alpha);
-        convert_p();
-        mbar_wait(bar_at(cw, st, 2), par);
-        issue_pv(st);
+      release(bar_empty(st, 1));
+      mask_tile(w);
+      online_softmax(s, m_r, l_r, c2, alpha);
+      // the wait for P_{k-1} V_{k-1} behind a warp-uniform branch on every softmax result:
+      // keeps ptxas from hoisting it above the softmax
+      const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f || !(l_r[0] >= 0.f) ||
+                                                    !(l_r[1] >= 0.f));
+      if (resc) {
         wg_wait<0>();
         fence_acc(o);
         fence_pa(pa);
-        release(bar_at(cw, st, 3));
+        scale_rows(o, alpha);
+      } else {
+        wg_wait<0>();
+        fence_pa(pa);
+        fence_acc(o);
       }
+      release(bar_empty(sp, 3));
+      convert_p();
     }
+    const int sl = pos % kStages;
+    wait_full(pos, 2);
+    issue_pv(sl);
+    wg_wait<0>();
+    fence_acc(o);
+    release(bar_empty(sl, 3));
   }
 
   // epilogue: O / l -> out for the block's real tokens, lse in natural log
@@ -374,13 +446,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
 
 #endif  // LONGCAT_BSA_WS
 
-template <typename T, bool kOverlap, int kStages>
+template <typename T>
 __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __grid_constant__ BsaWsParams p) {
 #ifdef LONGCAT_BSA_WS
   extern __shared__ unsigned char bsa_ws_smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(bsa_ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  bsa_ws_body<T, kOverlap, kStages>(p, smem);
+  bsa_ws_body<T>(p, smem);
 #else
   // built for another target: the host only launches this kernel from an sm_90a binary
   __trap();
@@ -390,23 +462,15 @@ __global__ void __launch_bounds__(kBThreads, 1) bsa_fwd_sm90ws_kernel(const __gr
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool kOverlap, int kStages>
+template <typename T>
 cudaError_t launch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  auto* fn = bsa_fwd_sm90ws_kernel<T, kOverlap, kStages>;
-  const int smem = BsaSmem<kStages>::kAlloc;
+  auto* fn = bsa_fwd_sm90ws_kernel<T>;
+  const int smem = BsaSmem::kAlloc;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   fn<<<grid, kBThreads, smem, stream>>>(bp);
   return cudaGetLastError();
 }
-
-template <typename T>
-cudaError_t dispatch_bsa_ws(const BsaWsParams& bp, dim3 grid, cudaStream_t stream) {
-  // variant 1 (intra-warpgroup overlap, 2 K/V stages per consumer): the measured winner (NOTES.md,
-  // v7; the v8 union walk measured slower and was removed)
-  return launch_bsa_ws<T, true, 2>(bp, grid, stream);
-}
-
 
 }  // namespace
 
@@ -495,10 +559,11 @@ cudaError_t bsa_fwd_sm90ws(const AttnFwdParams& p, DType dtype, int head_dim, cu
       bp.nbk[a] = p.nbk[a];
     }
     bp.scale_log2 = p.scale_log2;
+    bp.partial = (p.gk[0] % p.ck[0]) != 0 || (p.gk[1] % p.ck[1]) != 0 || (p.gk[2] % p.ck[2]) != 0;
     if ((p.num_q_blocks + 1) / 2 > 65535) return cudaErrorNotSupported;
     dim3 grid((p.num_q_blocks + 1) / 2, p.heads);
-    const cudaError_t err = dtype == DType::kBF16 ? dispatch_bsa_ws<__nv_bfloat16>(bp, grid, stream)
-                                                  : dispatch_bsa_ws<__half>(bp, grid, stream);
+    const cudaError_t err = dtype == DType::kBF16 ? launch_bsa_ws<__nv_bfloat16>(bp, grid, stream)
+                                                  : launch_bsa_ws<__half>(bp, grid, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -19,6 +19,8 @@ Backends (user-facing names) and their implementations (``KernelChoice.impl``)::
     cuda     csrc_sm90_ws            csrc warp-specialised Hopper kernels (attn_fwd_sm90_ws.cu,
                                      bsa_fwd_sm90_ws.cu): head_dim 128; BSA also one key segment
                                      and 64-token query and key blocks
+    cuda     csrc_sm90_ws_triton_bwd block_sparse_attn needing grad where csrc_sm90_ws applies: the
+                                     csrc forward with the Triton backward (only "auto" picks it)
     cuda     csrc_sm90               csrc wgmma kernel (attn_fwd_sm90.cu), any other Hopper call
     cuda     csrc_sm80               csrc mma.sync kernel (attn_fwd_sm80.cu), non-Hopper GPUs or an
                                      extension built without sm_90a code
@@ -295,6 +297,14 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    97.3 (H200, bench/results/h200/bsa-ws-v8_20261203_5004d75.json).
     if kernel == "sm90_ws":
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
+    # 1b. block_sparse_attn needing grad: the csrc forward where it applies, the Triton backward
+    #    (H200, 24x44x80 4x4x4 0.9375 B1 H32 D128 bf16: forward 17.7 ms vs Triton's 21.5, the
+    #    backward unchanged; to be measured)
+    if op == "block_sparse_attn" and facts.requires_grad and triton_r is None:
+        k_fwd, why_fwd = _csrc_kernel(op, facts._replace(requires_grad=False))
+        if k_fwd == "sm90_ws" and facts.key_segments == 1:
+            return KernelChoice(op, "cuda", "csrc_sm90_ws_triton_bwd",
+                                f"csrc forward ({why_fwd}), Triton backward: fastest measured for training")
     # 2. dense cached-KV / prefix: Triton RoPE prologue + cuDNN (H100 cond 4: 69 ms vs 74 ms for the
     #    fused Triton kernel, bench/results/h100/bench-cache-bsa-cached-attn_20261124T180012Z_5a35d2e.json)
     if op in KV_OPS and _cudnn_reason(op, facts) is None:
@@ -485,6 +495,8 @@ _REGISTRY: Dict[Tuple[str, str], Tuple[str, str, Optional[str]]] = {
     ("qk_norm_rope", "triton"): ("rope.triton", "qk_norm_rope_triton", None),
     ("fp8_quantize", "triton"): ("fp8_quant.triton", "fp8_quantize_triton", None),
 }
+_REGISTRY[("block_sparse_attn", "csrc_sm90_ws_triton_bwd")] = (
+    "block_sparse_attn.cuda", "block_sparse_attn_ws_train", None)
 for _op, _fn in (
     ("block_sparse_attn", "block_sparse_attn_cuda"),
     ("block_sparse_attn_fwd", "bsa_forward_cuda"),

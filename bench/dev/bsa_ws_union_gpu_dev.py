@@ -1,30 +1,25 @@
-"""GPU check-then-time (issues 15 and 18): the warp-specialised BSA kernel's union walk and its two
-key segments, against the kernels that run today and upstream's BSA, in one run.
+"""GPU check-then-time (issues 15 and 18): the warp-specialised BSA forward (``csrc/bsa_fwd_sm90_ws.cu``)
+and the training path against the Triton kernels and upstream's BSA, in one run.
 
-``csrc/bsa_fwd_sm90_ws.cu`` gained (branch wip/bsa-ws-union, written without a GPU):
-
-* ``sm90_ws_union``: the two query blocks of a CTA (neighbours along w) walk the union of their
-  selections in ascending block order through one shared ring of 4 stages; each key block is
-  loaded once for both (``testing.selection_overlap``'s ``pair_load_ratio`` = loads left). Each
-  consumer runs its own tiles in the plain order (S, softmax, P V; variant 0 of NOTES.md v7);
-* two key segments (``[cache; fresh]``, the refine step's cached-KV BSA call): a second pair of
-  tensor maps, the cache ending on a key-block boundary along t.
+History: written for the v8 union walk (``sm90_ws_union``) and a csrc backward, both removed after
+this script measured them slower (b6a71a2, csrc/NOTES.md v8); since then it times the kernels that
+ship. Today (v10, pair tiles) ``auto`` trains through the sm90_ws forward + the Triton backward
+(``csrc_sm90_ws_triton_bwd``), timed beside the all-Triton path (``backend="triton"``).
 
 Cases (B1 H32 D128 bf16, top-k gating of ``select_blocks``):
 
 1. 24x44x80, chunk 4x4x4, sparsity 0.9375 / 0.875, ``random`` (independent normal q/k/v) and
-   ``video`` (``testing.make_video_qkv``) inputs: check csrc ``sm90_ws`` and ``sm90_ws_union``
-   against the Triton forward on the same selection (rel L2 < 1e-2, lse max abs < 1e-2, the same
-   -inf rows), then time, interleaved over rounds: Triton / sm90_ws / sm90_ws_union forward on
-   the selection, the public op under ``auto`` (gating + forward), upstream's
-   ``flash_attn_bsa_3d`` (gating + forward, its own layout changes) with ``--upstream``, and
-   forward+backward of ours (``auto``: Triton; ``cuda``: the sm90_ws forward + the csrc backward of
-   ``csrc/bsa_bwd_sm90_ws.cu``, its gradients checked against Triton's first) and of upstream.
+   ``video`` (``testing.make_video_qkv``) inputs: check csrc ``sm90_ws`` against the Triton
+   forward on the same selection (rel L2 < 1e-2, lse max abs < 1e-2, the same -inf rows), then
+   time, interleaved over rounds: Triton / sm90_ws forward on the selection, the public op under
+   ``auto`` (gating + forward), upstream's ``flash_attn_bsa_3d`` (gating + forward, its own layout
+   changes) with ``--upstream``; forward+backward of ours under ``auto`` (its gradients checked
+   against the all-Triton path's first), under ``backend="triton"``, and upstream's.
 2. 24x44x80, chunk 4x4x8 (128-token blocks: Triton), both sparsities: ours vs upstream, forward
    and forward+backward.
 3. the refine step's attention call: 40 fresh frames against [8 cached; 40 fresh], 44x80, video
    inputs, 0.9375, 4x4x4: ``attn_with_kv_cache(block_sparse=)`` on the Triton two-segment kernel
-   vs csrc ``sm90_ws`` / ``sm90_ws_union`` over the two segments (checked against Triton first).
+   vs csrc ``sm90_ws`` over the two segments (checked against Triton first).
 
     PYTHONPATH=$PWD python bench/dev/bsa_ws_union_gpu_dev.py --out $OUT [--upstream .gpu_carry/upstream]
         [--rounds 3] [--budget 1.0]
@@ -113,7 +108,7 @@ def case_plain(kind, chunk, sparsity, args, up):
     if ws:
         q, k, v = sets[0]
         ref_out, ref_lse = tri(q, k, v, sels[0], scale)
-        for kern in ("sm90_ws", "sm90_ws_union"):
+        for kern in ("sm90_ws",):
             try:
                 out, lse = bsa_forward_cuda(q, k, v, sels[0], scale, kernel=kern)
                 torch.cuda.synchronize()
@@ -146,28 +141,34 @@ def case_plain(kind, chunk, sparsity, args, up):
         q.grad = k.grad = v.grad = None
 
     fb_fns, fb_in = {"fwd_bwd_ours_auto": ours_fb}, {"fwd_bwd_ours_auto": grads}
-    if ws:
-        # the csrc backward (csrc/bsa_bwd_sm90_ws.cu): gradients checked against Triton's first
-        sel0 = sels[0]
-        try:
-            gt = torch.autograd.grad(lk.block_sparse_attn(*grads[0], selection=sel0, backend="triton"), grads[0], do)
-            gc = torch.autograd.grad(lk.block_sparse_attn(*grads[0], selection=sel0, backend="cuda"), grads[0], do)
-            rels = {n: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
-                    for n, a, b in zip(("dq", "dk", "dv"), gc, gt)}
-            ok = all(r < 2e-2 for r in rels.values()) and not any(bool(g.isnan().any()) for g in gc)
-            res["check_backward_cuda_vs_triton"] = {"ok": ok, "rel_l2": rels}
-        except Exception as e:  # noqa: BLE001
-            ok = False
-            res["check_backward_cuda_vs_triton"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
-        print(f"    check backward cuda vs triton: {res['check_backward_cuda_vs_triton']}", flush=True)
-        if ok:
-            def cuda_fb(q, k, v):
-                o = lk.block_sparse_attn(q, k, v, grid_q=GRID, chunk_q=chunk, sparsity=sparsity, backend="cuda")
-                o.backward(do)
-                q.grad = k.grad = v.grad = None
+    # auto's gradients (on Hopper: the sm90_ws forward + the Triton backward) against the
+    # all-Triton path's, then both timed
+    sel0 = sels[0]
+    try:
+        from longcat_kernels.dispatch import record_choices
 
-            fb_fns["fwd_bwd_ours_cuda"] = cuda_fb
-            fb_in["fwd_bwd_ours_cuda"] = grads
+        gt = torch.autograd.grad(lk.block_sparse_attn(*grads[0], selection=sel0, backend="triton"), grads[0], do)
+        with record_choices() as got:
+            ga = torch.autograd.grad(lk.block_sparse_attn(*grads[0], selection=sel0), grads[0], do)
+        rels = {n: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+                for n, a, b in zip(("dq", "dk", "dv"), ga, gt)}
+        ok = all(r < 2e-2 for r in rels.values()) and not any(bool(g.isnan().any()) for g in ga)
+        res["check_backward_auto_vs_triton"] = {"ok": ok, "rel_l2": rels,
+                                                "auto_impl": [c.impl for c in got if c.op == "block_sparse_attn"]}
+    except Exception as e:  # noqa: BLE001
+        ok = False
+        res["check_backward_auto_vs_triton"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+    print(f"    check backward auto vs triton: {res['check_backward_auto_vs_triton']}", flush=True)
+    if not ok:
+        del fb_fns["fwd_bwd_ours_auto"], fb_in["fwd_bwd_ours_auto"]
+
+    def triton_fb(q, k, v):
+        o = lk.block_sparse_attn(q, k, v, grid_q=GRID, chunk_q=chunk, sparsity=sparsity, backend="triton")
+        o.backward(do)
+        q.grad = k.grad = v.grad = None
+
+    fb_fns["fwd_bwd_ours_triton"] = triton_fb
+    fb_in["fwd_bwd_ours_triton"] = grads
     if up is not None:
         ug = [tuple(x.detach().clone().requires_grad_(True) for x in bhsd[0])]
         do_u = do.transpose(1, 2).contiguous()
@@ -202,7 +203,7 @@ def case_refine_attention(args):
     ref_out, ref_lse = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="triton", return_lse=True)
     fns = {"triton_two_segment": lambda: lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="triton")}
     checks = {}
-    for kern in ("sm90_ws", "sm90_ws_union"):
+    for kern in ("sm90_ws",):
         try:
             out, lse = bsa_forward_segments_cuda(q, kc, vc, k, v, sel, scale, kernel=kern)
             torch.cuda.synchronize()

@@ -23,7 +23,7 @@ import pytest
 import torch
 from helpers import bsa_oracle, csrc_impls, impl, poison_allocator, randn, restrict_family  # noqa: F401 (impl: fixture)
 
-from longcat_kernels.testing.oracle import attention_lowp, attention_oracle
+from longcat_kernels.testing.oracle import attention_lowp, attention_oracle, bsa_token_mask
 from longcat_kernels.testing.tolerance import assert_close
 
 pytestmark = pytest.mark.ext
@@ -174,7 +174,8 @@ def test_sm90ws_bsa_empty_shuffled_fused_views(monkeypatch, variant):
 
 def test_auto_routes_bsa_forward_to_sm90ws(monkeypatch):
     """backend="auto": block_sparse_attn runs csrc_sm90_ws where it applies (Hopper, D 128,
-    bf16/fp16, 64-token blocks, no gradient needed); triton otherwise (and gradients flow)."""
+    bf16/fp16, 64-token blocks; with the Triton backward when a gradient is needed); triton
+    otherwise (and gradients flow)."""
     from longcat_kernels.dispatch import record_choices
     from longcat_kernels.ops.block_sparse_attn.api import block_sparse_attn, select_blocks
 
@@ -190,7 +191,7 @@ def test_auto_routes_bsa_forward_to_sm90ws(monkeypatch):
         qg = q.clone().requires_grad_(True)
         out_g = block_sparse_attn(qg, k, v, selection=sel)
     impls = [c.impl for c in got if c.op == "block_sparse_attn"]
-    assert impls == ["csrc_sm90_ws" if ws else "triton", "triton", "triton"]
+    assert impls == ["csrc_sm90_ws" if ws else "triton", "triton", "csrc_sm90_ws_triton_bwd" if ws else "triton"]
     ref, _, base, _ = bsa_oracle(q, k, v, sel, 128**-0.5)
     assert not out.isnan().any()
     assert_close(out, ref, base, name="auto bsa")
@@ -238,10 +239,12 @@ def test_sm90ws_bsa_parity_inputs(monkeypatch, dtype, grid, chunk, video):
     assert_close(lse, ref_lse.float(), floor=1e-5, name=name + " lse")
 
 
-@pytest.mark.parametrize("case", ["identical", "disjoint", "one_empty", "both_empty", "shuffled", "single"])
+@pytest.mark.parametrize(
+    "case", ["identical", "disjoint", "one_empty", "both_empty", "shuffled", "single", "uneven", "uneven_rev"])
 def test_sm90ws_bsa_list_shapes(monkeypatch, case):
     """Hand-built selections: identical or disjoint lists for the two query blocks of a CTA, one or
-    both lists empty (out 0, lse -inf), lists in random order, a one-block selection; with a batch-1
+    both lists empty (out 0, lse -inf), lists in random order, a one-block selection, lists of very
+    different lengths (either one longer: the pair schedule's tail); with a batch-1
     selection broadcast over batch 2 and more key blocks than the ring has stages."""
     from longcat_kernels.ops.block_sparse_attn.cuda import bsa_forward_cuda
     from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
@@ -264,6 +267,10 @@ def test_sm90ws_bsa_list_shapes(monkeypatch, case):
                 a, b = perm[:9], perm[:0]
             elif case == "both_empty":
                 a = b = perm[:0]
+            elif case == "uneven":
+                a, b = perm[:13], perm[13:15]
+            elif case == "uneven_rev":
+                a, b = perm[:3], perm[3:16]
             elif case == "shuffled":
                 a, b = perm[:10], torch.randperm(nk, generator=gen)[:6]
             else:
@@ -341,3 +348,44 @@ def test_sm90ws_two_segments_straddling_cache(monkeypatch):
     assert [c_.impl for c_ in got] == ["csrc_sm90"]
     ref, _, base, _ = bsa_oracle(q, k_all, v_all, sel, D**-0.5)
     assert_close(out, ref, base, name="straddling cache via sm90")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid,chunk", [((8, 8, 12), (4, 4, 4)), ((7, 9, 10), (4, 4, 4))])
+def test_ws_forward_triton_backward_gradients(monkeypatch, dtype, grid, chunk):
+    """csrc_sm90_ws_triton_bwd (what auto trains through on Hopper): out and dq/dk/dv against the
+    fp64 oracle (tolerance from the low-precision baseline), fresh inputs each run, a grid that the
+    chunks do not divide; the gradients equal the all-Triton path's to low-precision rounding (same
+    backward; the forward outputs differ by rounding only)."""
+    restrict_family(monkeypatch, "sm90_ws")
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+    from longcat_kernels.ops.block_sparse_attn.cuda import block_sparse_attn_ws_train
+    from longcat_kernels.ops.block_sparse_attn.triton import block_sparse_attn_triton
+
+    B, H, D = 2, 2, 128
+    S = grid[0] * grid[1] * grid[2]
+    q0, k0, v0 = (randn(B, S, H, D, dtype=dtype) for _ in range(3))
+    sel = select_blocks(q0, k0, grid_q=grid, chunk_q=chunk, sparsity=0.5, backend="torch")
+    scale = D ** -0.5
+    q, k, v = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
+    poison_allocator(q)
+    out = block_sparse_attn_ws_train(q, k, v, sel, scale)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    assert not out.isnan().any() and not any(g.isnan().any() for g in grads)
+    mask = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
+    ref_in = [x.detach().double().requires_grad_() for x in (q0, k0, v0)]
+    ro, _ = attention_oracle(*ref_in, mask, scale)
+    ref = torch.autograd.grad(ro, ref_in, go.double())
+    low_in = [x.detach().clone().requires_grad_() for x in (q0, k0, v0)]
+    lo = attention_lowp(*low_in, mask, scale)
+    low = torch.autograd.grad(lo, low_in, go)
+    assert_close(out, ro.detach(), lo.detach(), name="out")
+    for name, g, r, b in zip(("dq", "dk", "dv"), grads, ref, low):
+        assert g.dtype == dtype
+        assert_close(g, r, b, factor=3.0, name=name)
+    qt, kt, vt = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
+    gt = torch.autograd.grad(block_sparse_attn_triton(qt, kt, vt, sel, scale), (qt, kt, vt), go)
+    for name, g, t in zip(("dq", "dk", "dv"), grads, gt):
+        rel = float((g.float() - t.float()).norm() / t.float().norm().clamp_min(1e-12))
+        assert rel < 1e-2, (name, rel)

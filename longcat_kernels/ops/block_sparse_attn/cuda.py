@@ -2,7 +2,9 @@
 
 The kernels run one CTA per (query block, batch*head), walk the selected key blocks of
 ``BlockSelection`` and gather each block's tokens from the 3D geometry (partial edge blocks
-masked); online softmax in fp32; return ``(out, lse)``. Forward only. ``kernel`` names the csrc
+masked); online softmax in fp32; return ``(out, lse)``. Forward only, except
+``block_sparse_attn_ws_train``: the sm90_ws forward whose backward is the Triton one (what
+``"auto"`` runs for inputs that need grad on Hopper). ``kernel`` names the csrc
 kernel family (``"sm90_ws"``, ``"sm90"``, ``"sm80"``): ``longcat_kernels.dispatch`` decides it and
 the C++ side raises if it cannot run that kernel (no silent switch). ``kernel=None`` asks the
 dispatcher for the cuda backend's choice for these inputs.
@@ -27,6 +29,7 @@ __all__ = [
     "bsa_forward_cuda",
     "block_sparse_attn_fwd_cuda",
     "block_sparse_attn_cuda",
+    "block_sparse_attn_ws_train",
     "bsa_forward_segments_cuda",
     "selection_args",
     "csrc_kernel",
@@ -156,3 +159,56 @@ def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, 
     out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(selection), float(scale), kernel,
                                   bool(return_lse))
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------
+# training: the csrc sm90_ws forward, the Triton backward
+# ----------------------------------------------------------------------------------------------
+# The backward needs (q, k, v, out, lse) and the selection; the csrc forward returns the same
+# out and lse (natural log, -inf for a query block without selected key blocks) as the Triton
+# forward, so the Triton backward (`longcat_kernels::bsa_bwd`) takes them unchanged.
+
+
+@torch.library.custom_op("longcat_kernels::bsa_fwd_ws_train", mutates_args=())
+def bsa_fwd_ws_train(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+    grid_q: list[int], grid_k: list[int], chunk_q: list[int], chunk_k: list[int], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The csrc sm90_ws block-sparse forward as an op with a backward: same arguments and results
+    as ``longcat_kernels::bsa_fwd`` (Triton)."""
+    out, lse = ops().bsa_fwd_cuda(q, k, v, None, None, indices, counts, grid_q, grid_k, chunk_q, chunk_k,
+                                  float(scale), "sm90_ws", True)
+    return out, lse
+
+
+@bsa_fwd_ws_train.register_fake
+def _bsa_fwd_ws_train_fake(q, k, v, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale):
+    B, Sq, NH, D = q.shape
+    return q.new_empty((B, Sq, NH, D)), q.new_empty((B, NH, Sq), dtype=torch.float32)
+
+
+def _train_setup_context(ctx, inputs, output):
+    from . import triton as _tr  # noqa: PLC0415 - needs triton; the op is chosen only where it imports
+
+    _tr._setup_context(ctx, inputs, output)
+
+
+def _train_backward(ctx, grad_out, grad_lse):
+    from . import triton as _tr  # noqa: PLC0415
+
+    return _tr._backward(ctx, grad_out, grad_lse)
+
+
+torch.library.register_autograd("longcat_kernels::bsa_fwd_ws_train", _train_backward,
+                                setup_context=_train_setup_context)
+
+
+def block_sparse_attn_ws_train(q, k, v, selection, scale, return_lse: bool = False):
+    """Block-sparse attention for inputs that need grad: the csrc sm90_ws forward (one key segment,
+    64-token blocks, head_dim 128, bf16/fp16 on Hopper; ``dispatch`` checks) and the Triton backward
+    (dq, dk/dv over the transposed selection; ``LONGCAT_KERNELS_DETERMINISTIC`` as for Triton).
+    Output as ``block_sparse_attn_triton``; lse carries no gradient."""
+    from .triton import _prep  # noqa: PLC0415
+
+    out, lse = torch.ops.longcat_kernels.bsa_fwd_ws_train(*_prep(q, k, v, selection), float(scale))
+    return (out, lse.detach()) if return_lse else out
