@@ -294,12 +294,15 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    0.9375 19.3 ms vs triton 21.5, 24x30x52 4.47 vs 5.65 (cuda_ext_v7_bsa_ws.json). Block-sparse
     #    cached-KV calls ([cache; fresh] keys, the refine step's 40 fresh frames against 8 cached + 40,
     #    44x80, 0.9375): the same kernel over two key segments 63.4 ms vs the Triton two-segment kernel
-    #    97.3 (H200, bench/results/h200/bsa-ws-v8_20261203_5004d75.json).
+    #    97.3 (H200, bench/results/h200/bsa-ws-v8_20261203_5004d75.json). v10 (pair tiles, H200):
+    #    24x44x80 0.9375 17.9 ms vs Triton 21.1 (bsa-vs-upstream_20261205_ad7328a.json), refine
+    #    call 61.7 vs 96.9 (bsa-refine-call_20261205_08180d8.json).
     if kernel == "sm90_ws":
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
     # 1b. block_sparse_attn needing grad: the csrc forward where it applies, the Triton backward
-    #    (H200, 24x44x80 4x4x4 0.9375 B1 H32 D128 bf16: forward 17.7 ms vs Triton's 21.5, the
-    #    backward unchanged; to be measured)
+    #    (H200, 24x44x80 4x4x4 0.9375 B1 H32 D128 bf16: forward 17.9 ms vs Triton's 21.1, the
+    #    backward unchanged: fwd+bwd 75.9 ms vs 79.8 all-Triton, video 0.9375;
+    #    bench/results/h200/bsa-vs-upstream_20261205_ad7328a.log)
     if op == "block_sparse_attn" and facts.requires_grad and triton_r is None:
         k_fwd, why_fwd = _csrc_kernel(op, facts._replace(requires_grad=False))
         if k_fwd == "sm90_ws" and facts.key_segments == 1:
