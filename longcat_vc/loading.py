@@ -321,6 +321,11 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
             t = t.to(device=device)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
+        if t.data_ptr() == parts[0].data_ptr():
+            # still the file's mmapped bytes (CPU, dtype kept): an own, aligned copy. The view sits at
+            # the tensor's offset in the file, and CPU GEMM kernels take alignment-dependent paths,
+            # so it could round differently from any copy of it (the block streamer's, a reload).
+            t = t.clone()
         mod_name, _, attr = k.rpartition(".")
         module = model.get_submodule(mod_name)
         module._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=False)

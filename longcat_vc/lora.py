@@ -255,7 +255,10 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
     or ``"fastvideo"``. Raises ``ValueError`` for an unreadable file or an unknown format."""
     from .loading import _open_safetensors_all
 
-    tensors = _open_safetensors_all(os.fspath(path))
+    # own, aligned copies: safetensors hands out views of the file's bytes at arbitrary offsets, and
+    # CPU GEMM kernels pick alignment-dependent paths, so a misaligned adapter could round
+    # differently from its aligned copy (the block streamer's device copies: tests/vc/test_memory.py)
+    tensors = {k: t.clone() for k, t in _open_safetensors_all(os.fspath(path)).items()}
     if not tensors:
         raise ValueError(f"load_lora: {os.fspath(path)} holds no tensors")
     keys = list(tensors)
