@@ -224,27 +224,24 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     const int* sel0 = sel_list(qb0);
     const int* sel1 = sel_list(two ? qb0 + 1 : qb0);
     int k0 = 0, k1 = 0;
-    // owner, width and block ids of ring position ps (in order); the ids are read one position
-    // ahead, so that their load overlaps the wait for the slot instead of following it
-    int c = 0, w = 0, b0 = 0, b1 = 0;
-    auto fetch = [&](int ps, int& oc, int& ow, int& ob0, int& ob1) {
+    // owner and block ids of ring position ps (in order); the ids are read one position ahead,
+    // so that their load overlaps the wait for the slot instead of following it
+    auto fetch = [&](int ps, int& oc, int& ob0, int& ob1) {
       oc = sc.owner(ps);
       const int k = oc == 0 ? k0++ : k1++;
-      ow = sc.width(oc, k);
       const int* sl = oc == 0 ? sel0 : sel1;
       ob0 = sl[2 * k];
       // a one-block tile loads its block into both halves: the unused half then holds finite
       // data for the PV GEMM (its P is 0) instead of stale smem
-      ob1 = ow == 2 ? sl[2 * k + 1] : ob0;
+      ob1 = sc.width(oc, k) == 2 ? sl[2 * k + 1] : ob0;
     };
-    int nc = 0, nw = 0, nb0 = 0, nb1 = 0;
-    if (sc.total() > 0) fetch(0, nc, nw, nb0, nb1);
+    int nc = 0, nb0 = 0, nb1 = 0;
+    if (sc.total() > 0) fetch(0, nc, nb0, nb1);
     for (int pos = 0; pos < sc.total(); ++pos) {
-      c = nc;
-      w = nw;
-      b0 = valid(nb0) ? nb0 : 0;
-      b1 = valid(nb1) ? nb1 : 0;
-      if (pos + 1 < sc.total()) fetch(pos + 1, nc, nw, nb0, nb1);
+      const int c = nc;
+      const int b0 = valid(nb0) ? nb0 : 0;
+      const int b1 = valid(nb1) ? nb1 : 0;
+      if (pos + 1 < sc.total()) fetch(pos + 1, nc, nb0, nb1);
       const int s = pos % kStages;
       if (pos >= kStages) mbar_wait(bar_empty(s, full + 1), ((pos / kStages) & 1) ^ 1);
       const uint32_t dst = is_v ? sV(s) : sK(s);
