@@ -13,9 +13,13 @@
 // (the last of an odd count alone); S = Q K^T runs as one wgmma m64n128k16 (SS) over both blocks
 // and O += P V as m64n128k16 (RS, V transposed from smem), so a pair of key blocks costs one S
 // wait, one set of row reductions and one O rescale. The two lists' tiles interleave (tile k of
-// consumer c at ring position 2k + c while both have tiles, then the longer list's rest) in ONE
-// ring of kStages stages shared by both consumers (K and V 32 KB per stage: panel p at p * 16 KB,
-// block half b at b * 8 KB inside it). Warpgroup 0 = producer (setmaxnreg.dec): warp 0 issues the
+// consumer c at ring position 2k + c while both have tiles, then the longer list's rest) in one
+// K ring and one V ring shared by both consumers (32 KB per stage: panel p at p * 16 KB, block
+// half b at b * 8 KB inside it). K has 2 stages and V 4: a K slot is released right after its S,
+// a V slot only after its P V one tile later, so with 3 + 3 the V slot a consumer-1 tile reuses
+// was freed by consumer 0 at the end of the same step (no lead), while with 2 + 4 each consumer
+// reuses its own slots (position 2k + c: K slot c, V slot 2 (k % 2) + c), V a tile ahead and K
+// as far ahead as with 3 stages; same smem. Warpgroup 0 = producer (setmaxnreg.dec): warp 0 issues the
 // K boxes, warp 1 the V boxes, warp 2 the two Q blocks; block ids are read one ring position
 // ahead. Full barriers are per (stage, consumer): a consumer waits only on the phases of its own
 // tiles (one full barrier per stage let a consumer see the other consumer's completed phase as its
@@ -24,7 +28,8 @@
 // entry outside [0, key blocks) keeps its place in its tile: the producer loads block 0, the
 // consumer masks that half (-inf), the same result as the other kernels. A one-block tile loads
 // its block into both halves (finite data under the PV wgmma) and masks half 1. Overlap: at tile
-// j the consumer issues Q K_j^T and P_{j-1} V_{j-1} together and does softmax(j) while P V runs
+// j the consumer waits for K_j, issues Q K_j^T, then waits for V_{j-1} (so S runs during that
+// wait) and issues P_{j-1} V_{j-1}, and does softmax(j) while P V runs
 // (the wait for P V sits behind a warp-uniform branch on the softmax results so that ptxas cannot
 // hoist it, as in attn_fwd_sm90_ws.cu). Geometry masks (partial edge blocks, zero-filled by TMA)
 // only when the host says some key block reaches past the grid. Batches are separate launches
@@ -60,7 +65,9 @@ constexpr int kBTile = kBRows * kBD * 2;    // 16 KB: one Q tile or one key bloc
 constexpr int kBPanel = kBRows * 128;       // 8 KB: one [64 x 64] 128B-swizzled panel
 constexpr int kPTile = 2 * kBTile;          // 32 KB: K (or V) of a pair tile (two key blocks)
 constexpr int kPPanel = 2 * kBPanel;        // 16 KB: one [128 x 64] panel of a pair tile
-constexpr int kStages = 3;                  // pair tiles in flight (one ring shared by both consumers)
+// pair tiles in flight: K ring and V ring (shared by both consumers; see the header for why 2 / 4)
+constexpr int kKStages = 2;
+constexpr int kVStages = 4;
 constexpr int kBThreads = 384;
 constexpr int kBProducerRegs = 40;
 constexpr int kBConsumerRegs = 232;
@@ -88,12 +95,12 @@ struct BsaSmem {
   // Q[2] | K[stage] | V[stage] (pair tiles) | slot tables | barriers
   static constexpr int kQ = 0;
   static constexpr int kK = 2 * kBTile;
-  static constexpr int kV = kK + kStages * kPTile;
-  static constexpr int kTab = kV + kStages * kPTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
+  static constexpr int kV = kK + kKStages * kPTile;
+  static constexpr int kTab = kV + kVStages * kPTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
   static constexpr int kBar = kTab + 2 * 64 * 4;
-  // barriers: q_full[2], k_full[S][2], k_empty[S], v_full[S][2], v_empty[S] (full: one per slot and
+  // barriers: q_full[2], k_full[KS][2], k_empty[KS], v_full[VS][2], v_empty[VS] (full: one per slot and
   // consumer, so that a consumer never waits on a phase of the other consumer's tile)
-  static constexpr int kBytes = kBar + 8 * (2 + 6 * kStages);
+  static constexpr int kBytes = kBar + 8 * (2 + 3 * kKStages + 3 * kVStages);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
 };
 
@@ -153,8 +160,8 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
   // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty; full barriers per consumer c
-  auto bar_full = [&](int s, int kind, int c) { return bar0 + 8 * (2 + (kind == 0 ? 0 : 3) * kStages + 2 * s + c); };
-  auto bar_empty = [&](int s, int kind) { return bar0 + 8 * (2 + (kind == 1 ? 2 : 5) * kStages + s); };
+  auto bar_full = [&](int s, int kind, int c) { return bar0 + 8 * (2 + (kind == 0 ? 0 : 3 * kKStages) + 2 * s + c); };
+  auto bar_empty = [&](int s, int kind) { return bar0 + 8 * (2 + (kind == 1 ? 2 * kKStages : 3 * kKStages + 2 * kVStages) + s); };
   auto sK = [&](int s) { return sbase + Sm::kK + s * kPTile; };
   auto sV = [&](int s) { return sbase + Sm::kV + s * kPTile; };
   auto sel_count = [&](int qb) { return min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel); };
@@ -168,13 +175,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   if (tid == 0) {
     mbar_init(bar_q(0), 1);
     mbar_init(bar_q(1), 1);
-    for (int s = 0; s < kStages; ++s) {
-      // empty barriers: every tile is released by the 4 warps of its consumer, 2 arrives each
-      for (int c = 0; c < 2; ++c) {
-        mbar_init(bar_full(s, 0, c), 1);
-        mbar_init(bar_full(s, 2, c), 1);
-      }
+    // empty barriers: every tile is released by the 4 warps of its consumer, 2 arrives each
+    for (int s = 0; s < kKStages; ++s) {
+      for (int c = 0; c < 2; ++c) mbar_init(bar_full(s, 0, c), 1);
       mbar_init(bar_empty(s, 1), 8);
+    }
+    for (int s = 0; s < kVStages; ++s) {
+      for (int c = 0; c < 2; ++c) mbar_init(bar_full(s, 2, c), 1);
       mbar_init(bar_empty(s, 3), 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -209,6 +216,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     prefetch_map(m0);
     if (p.split > 0) prefetch_map(m1);
     const int full = is_v ? 2 : 0;
+    const int ns = is_v ? kVStages : kKStages;
     // key block blk into half `half` of the pair tile at dst: two boxes (d0 = 0, 64)
     auto load_block = [&](uint32_t dst, int half, int blk, uint32_t bar) {
       int t0, h0, w0;
@@ -242,8 +250,8 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       const int b0 = valid(nb0) ? nb0 : 0;
       const int b1 = valid(nb1) ? nb1 : 0;
       if (pos + 1 < sc.total()) fetch(pos + 1, nc, nb0, nb1);
-      const int s = pos % kStages;
-      if (pos >= kStages) mbar_wait(bar_empty(s, full + 1), ((pos / kStages) & 1) ^ 1);
+      const int s = pos % ns;
+      if (pos >= ns) mbar_wait(bar_empty(s, full + 1), ((pos / ns) & 1) ^ 1);
       const uint32_t dst = is_v ? sV(s) : sK(s);
       const uint32_t bf = bar_full(s, full, c);
       mbar_expect_tx(bf, kPTile);
@@ -350,7 +358,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   // consumer (and has not landed) pass on the parity of the phase before.
   uint32_t kph = 0, vph = 0;
   auto wait_full = [&](int ps, int kind) {
-    const int st = ps % kStages;
+    const int st = ps % (kind == 0 ? kKStages : kVStages);
     uint32_t& ph = kind == 0 ? kph : vph;
     mbar_wait(bar_full(st, kind, cw), (ph >> st) & 1);
     ph ^= 1u << st;
@@ -368,10 +376,10 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     int pos = sc.pos(cw, 0);
     int w = sc.width(cw, 0);
     wait_full(pos, 0);
-    issue_qk(pos % kStages);
+    issue_qk(pos % kKStages);
     wg_wait<0>();
     fence_acc(s);
-    release(bar_empty(pos % kStages, 1));
+    release(bar_empty(pos % kKStages, 1));
     mask_tile(w);
     float alpha[2];
     online_softmax(s, m_r, l_r, c2, alpha);  // O is zero: no rescale
@@ -380,12 +388,12 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       const int pp = pos;
       pos = sc.pos(cw, k);
       w = sc.width(cw, k);
-      const int st = pos % kStages;
-      const int sp = pp % kStages;
+      const int st = pos % kKStages;  // K slot of tile k
+      const int sp = pp % kVStages;   // V slot of tile k - 1
       fetch_ids(k + 1, nb0, nb1);
       wait_full(pos, 0);
-      wait_full(pp, 2);
       issue_qk(st);
+      wait_full(pp, 2);
       issue_pv(sp);
       wg_wait<1>();  // S_k ready, P_{k-1} V_{k-1} may still run
       fence_acc(s);
@@ -409,7 +417,7 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
       release(bar_empty(sp, 3));
       convert_p();
     }
-    const int sl = pos % kStages;
+    const int sl = pos % kVStages;
     wait_full(pos, 2);
     issue_pv(sl);
     wg_wait<0>();

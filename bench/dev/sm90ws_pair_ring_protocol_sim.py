@@ -65,20 +65,22 @@ def positions(n0, n1):
 
 
 def run(n0, n1, stages, seed, design):
+    """stages: {'K': ring stages of K, 'V': of V}"""
     rnd = random.Random(seed)
     order = positions(n0, n1)
     pos_of = {ck: p for p, ck in enumerate(order)}
     nb = 2 if design == "per_consumer" else 1
-    full = {kind: [[Bar(1) for _ in range(nb)] for _ in range(stages)] for kind in "KV"}
-    empty = {kind: [Bar(1) for _ in range(stages)] for kind in "KV"}  # the owner's arrives, as one
-    smem = {kind: [None] * stages for kind in "KV"}
+    full = {kind: [[Bar(1) for _ in range(nb)] for _ in range(stages[kind])] for kind in "KV"}
+    empty = {kind: [Bar(1) for _ in range(stages[kind])] for kind in "KV"}  # the owner's arrives, as one
+    smem = {kind: [None] * stages[kind] for kind in "KV"}
     inflight = []
 
     def producer(kind):
         for p, (c, _) in enumerate(order):
-            s = p % stages
-            if p >= stages:
-                while not empty[kind][s].try_wait(((p // stages) & 1) ^ 1):
+            ns = stages[kind]
+            s = p % ns
+            if p >= ns:
+                while not empty[kind][s].try_wait(((p // ns) & 1) ^ 1):
                     yield
             full[kind][s][c if nb == 2 else 0].expect_tx(1)
             smem[kind][s] = ("loading", p)
@@ -87,20 +89,20 @@ def run(n0, n1, stages, seed, design):
 
     def consumer(c):
         tiles = [k for (cc, k) in order if cc == c]
-        ph = {"K": [0] * stages, "V": [0] * stages}
+        ph = {kind: [0] * stages[kind] for kind in "KV"}
 
         def wait(kind, p):
-            s = p % stages
+            s = p % stages[kind]
             if nb == 2:
                 par = ph[kind][s]
                 ph[kind][s] ^= 1
             else:
-                par = (p // stages) & 1
+                par = (p // stages[kind]) & 1
             while not full[kind][s][c if nb == 2 else 0].try_wait(par):
                 yield
 
         def read(kind, p):
-            s = p % stages
+            s = p % stages[kind]
             assert smem[kind][s] == ("ready", p), (c, kind, p, smem[kind][s])
 
         prev = None
@@ -112,18 +114,18 @@ def run(n0, n1, stages, seed, design):
             read("K", p)
             yield
             read("K", p)
-            empty["K"][p % stages].arrive()
+            empty["K"][p % stages["K"]].arrive()
             if prev is not None:
                 read("V", prev)
                 yield
                 read("V", prev)
-                empty["V"][prev % stages].arrive()
+                empty["V"][prev % stages["V"]].arrive()
             prev = p
             yield
         if prev is not None:
             yield from wait("V", prev)
             read("V", prev)
-            empty["V"][prev % stages].arrive()
+            empty["V"][prev % stages["V"]].arrive()
 
     actors = [producer("K"), producer("V"), consumer(0), consumer(1)]
     live = list(range(len(actors)))
@@ -150,18 +152,20 @@ def main(argv=None) -> int:
     ap.add_argument("--design", choices=("per_consumer", "shared"), default="per_consumer")
     ap.add_argument("--schedules", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k-stages", type=int, default=2, help="K ring stages (the kernel: 2)")
+    ap.add_argument("--v-stages", type=int, default=4, help="V ring stages (the kernel: 4)")
     a = ap.parse_args(argv)
     rnd = random.Random(a.seed)
     fails = 0
     for i in range(a.schedules):
         n0, n1 = rnd.randint(0, 13), rnd.randint(0, 13)
         try:
-            run(n0, n1, 3, rnd.randrange(1 << 30), a.design)
+            run(n0, n1, {"K": a.k_stages, "V": a.v_stages}, rnd.randrange(1 << 30), a.design)
         except AssertionError as e:
             fails += 1
             if fails <= 3:
                 print(f"schedule {i} (lists {n0}, {n1}): {e}")
-    print(f"{a.design}: {a.schedules - fails} of {a.schedules} schedules clean")
+    print(f"{a.design}, K {a.k_stages} / V {a.v_stages} stages: {a.schedules - fails} of {a.schedules} schedules clean")
     return 1 if fails else 0
 
 
