@@ -296,7 +296,8 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     #    44x80, 0.9375): the same kernel over two key segments 63.4 ms vs the Triton two-segment kernel
     #    97.3 (H200, bench/results/h200/bsa-ws-v8_20261203_5004d75.json). v10 (pair tiles, H200):
     #    24x44x80 0.9375 17.9 ms vs Triton 21.1 (bsa-vs-upstream_20261205_ad7328a.json), refine
-    #    call 61.7 vs 96.9 (bsa-refine-call_20261205_08180d8.json).
+    #    call 61.7 vs 96.9 (bsa-refine-call_20261205_08180d8.json). v12 (K/V rings 2/4, H100):
+    #    17.1-17.7 ms vs v10 17.2-18.2 (bench/results/h100/bsa-ring-stages-ab_20261205_e9f67b6.json).
     if kernel == "sm90_ws":
         return KernelChoice(op, "cuda", "csrc_sm90_ws", f"fastest measured on H100 ({csrc_why})")
     # 1b. block_sparse_attn needing grad: the csrc forward where it applies, the Triton backward
