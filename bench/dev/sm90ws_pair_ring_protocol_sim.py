@@ -1,5 +1,6 @@
-"""Randomised schedules of the mbarrier protocol of the v10 sm90_ws BSA forward (pair tiles, one ring
-shared by both consumers; csrc/bsa_fwd_sm90_ws.cu, csrc/NOTES.md v10).
+"""Randomised schedules of the mbarrier protocol of the sm90_ws BSA forward (pair tiles, one K ring and
+one V ring shared by both consumers; csrc/bsa_fwd_sm90_ws.cu, csrc/NOTES.md v10 and v12: v10 had 3 + 3
+stages, v12 has K 2 / V 4, the defaults here; ``--k-stages/--v-stages`` model others).
 
 A model, not the kernel: a K producer and a V producer (warps 0 and 1) walk the ring positions of
 ``PairSched`` (tile k of consumer c at 2k + c while both lists have tiles, then the longer list's
@@ -17,6 +18,7 @@ kernel): full barriers per (stage, consumer), one parity bit per stage and consu
 the consumer's own tiles.
 
     python bench/dev/sm90ws_pair_ring_protocol_sim.py [--design per_consumer|shared] [--schedules 4000]
+        [--k-stages 2 --v-stages 4]
 """
 
 from __future__ import annotations
