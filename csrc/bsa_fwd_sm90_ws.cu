@@ -19,11 +19,11 @@
 // a V slot only after its P V one tile later, so with 3 + 3 the V slot a consumer-1 tile reuses
 // was freed by consumer 0 at the end of the same step (no lead), while with 2 + 4 each consumer
 // reuses its own slots (position 2k + c: K slot c, V slot 2 (k % 2) + c), V a tile ahead and K
-// as far ahead as with 3 stages; same smem. Warpgroup 0 = producer (setmaxnreg.dec): warp 0 issues the
-// K boxes, warp 1 the V boxes, warp 2 the two Q blocks; block ids are read one ring position
-// ahead. Full barriers are per (stage, consumer): a consumer waits only on the phases of its own
-// tiles (one full barrier per stage let a consumer see the other consumer's completed phase as its
-// own: phase aliasing). Empty barriers: 8 arrives (2 per consumer warp). Consumers read the block
+// as far ahead as with 3 stages; same smem. Warpgroup 0 = producer (setmaxnreg.dec): warp 0
+// issues the K boxes, warp 1 the V boxes, warp 2 the two Q blocks; block ids are read one ring
+// position ahead. Full barriers are per (stage, consumer): a consumer waits only on the phases of
+// its own tiles (one full barrier per stage let a consumer see the other consumer's completed
+// phase as its own: phase aliasing). Empty barriers: 8 arrives (2 per consumer warp). Consumers read the block
 // ids of their next tile a tile ahead, so no dependent global load sits on the math chain. An
 // entry outside [0, key blocks) keeps its place in its tile: the producer loads block 0, the
 // consumer masks that half (-inf), the same result as the other kernels. A one-block tile loads
@@ -98,9 +98,14 @@ struct BsaSmem {
   static constexpr int kV = kK + kKStages * kPTile;
   static constexpr int kTab = kV + kVStages * kPTile;  // int qtab[64], ktab[64]: dt | dh<<8 | dw<<16
   static constexpr int kBar = kTab + 2 * 64 * 4;
-  // barriers: q_full[2], k_full[KS][2], k_empty[KS], v_full[VS][2], v_empty[VS] (full: one per slot and
-  // consumer, so that a consumer never waits on a phase of the other consumer's tile)
-  static constexpr int kBytes = kBar + 8 * (2 + 3 * kKStages + 3 * kVStages);
+  // barriers (8 B each, indices): q_full[2], k_full[KS][2], k_empty[KS], v_full[VS][2], v_empty[VS]
+  // (full: one per slot and consumer, so that a consumer never waits on a phase of the other
+  // consumer's tile)
+  static constexpr int kKFull = 2;
+  static constexpr int kKEmpty = kKFull + 2 * kKStages;
+  static constexpr int kVFull = kKEmpty + kKStages;
+  static constexpr int kVEmpty = kVFull + 2 * kVStages;
+  static constexpr int kBytes = kBar + 8 * (kVEmpty + kVStages);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1024 B
 };
 
@@ -160,8 +165,8 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
   const uint32_t bar0 = sbase + Sm::kBar;
   auto bar_q = [&](int c) { return bar0 + 8 * c; };
   // kind: 0 k_full, 1 k_empty, 2 v_full, 3 v_empty; full barriers per consumer c
-  auto bar_full = [&](int s, int kind, int c) { return bar0 + 8 * (2 + (kind == 0 ? 0 : 3 * kKStages) + 2 * s + c); };
-  auto bar_empty = [&](int s, int kind) { return bar0 + 8 * (2 + (kind == 1 ? 2 * kKStages : 3 * kKStages + 2 * kVStages) + s); };
+  auto bar_full = [&](int s, int kind, int c) { return bar0 + 8 * ((kind == 0 ? Sm::kKFull : Sm::kVFull) + 2 * s + c); };
+  auto bar_empty = [&](int s, int kind) { return bar0 + 8 * ((kind == 1 ? Sm::kKEmpty : Sm::kVEmpty) + s); };
   auto sK = [&](int s) { return sbase + Sm::kK + s * kPTile; };
   auto sV = [&](int s) { return sbase + Sm::kV + s * kPTile; };
   auto sel_count = [&](int qb) { return min(p.sel_cnt[h * p.sc_sh + qb * p.sc_sq], p.max_sel); };
