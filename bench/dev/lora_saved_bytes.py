@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import sys
 
@@ -35,7 +36,8 @@ from longcat_vc.config import DiTConfig  # noqa: E402
 from longcat_vc.dit import LongCatDiT  # noqa: E402
 
 
-def census(fp32_adapters: bool, grid, text_len: int, top: int):
+def lora_block(fp32_adapters: bool):
+    """One real-width block (random weights, bf16) with rank-128 adapters, in training mode."""
     cfg = DiTConfig.longcat_video(depth=1, enable_bsa=False, attn_backend="torch")
     dit = LongCatDiT(cfg, device="cpu", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -44,6 +46,11 @@ def census(fp32_adapters: bool, grid, text_len: int, top: int):
     dit.requires_grad_(False)
     model = tr.add_lora(dit, tr.lora_config(rank=128, alpha=64), fp32_adapters=fp32_adapters)
     model.train()
+    return cfg, model
+
+
+def census(cfg, model, grid, text_len: int):
+    """Bytes saved for backward by one loss evaluation, per (dtype, shape)."""
     T, Nh, Nw = grid
     ph, pw = cfg.patch_size[1:]
     g = torch.Generator().manual_seed(0)
@@ -78,9 +85,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     # two grids: the difference is what grows with the video tokens (text-sized tensors cancel)
     g1, g2 = (2, 8, 12), (2, 8, 24)  # token counts unlike the head dim (128), see pack()
-    n1, n2 = 192, 384
+    n1, n2 = math.prod(g1), math.prod(g2)
     for fp32 in (True, False):
-        b1, b2 = census(fp32, g1, a.text_len, a.top), census(fp32, g2, a.text_len, a.top)
+        cfg, model = lora_block(fp32)
+        b1, b2 = census(cfg, model, g1, a.text_len), census(cfg, model, g2, a.text_len)
         t1, t2 = sum(b1.values()), sum(b2.values())
         per_tok = (t2 - t1) / (n2 - n1)
         fixed = t1 - n1 * per_tok
