@@ -9,14 +9,11 @@
 //
 // Per consumer warpgroup and key tile: S = Q K^T with wgmma m64n128k16 (Q, K from 128B-swizzled
 // smem, K-major), fp32 online softmax with exp2, O += P V with wgmma m64n128k16 (P from registers,
-// V from smem, MN-major). Template flags (the product instantiates only the measured winner,
-// kOverlap = true, kPingPong = false, 2 stages, kEarlyRescale = false = "variant 1"; the other
-// variants' numbers are in csrc/NOTES.md):
-//   kOverlap:  issue S(j+1) = Q K(j+1)^T before the softmax of tile j... (precisely: at iteration j
-//              the warpgroup issues Q K_j^T and P_{j-1} V_{j-1} together, then does softmax(j) while
-//              P_{j-1} V_{j-1} runs on the tensor cores);
-//   kPingPong: the two consumer warpgroups take turns issuing their GEMMs (named barriers 1 and 2),
-//              so one warpgroup's softmax overlaps the other's GEMMs.
+// V from smem, MN-major), with intra-warpgroup overlap: at key tile j the warpgroup issues
+// Q K_j^T and P_{j-1} V_{j-1} together, then does softmax(j) while P_{j-1} V_{j-1} runs on the
+// tensor cores. kStages = 2. Variants that measured slower or tied on the H100 (no overlap,
+// ping-pong of the two consumer warpgroups through named barriers, 3 stages, the O rescale
+// between the GEMM issues) were removed; their numbers are in csrc/NOTES.md (v6).
 // TMA tensor maps are built on the host with cuTensorMapEncodeTiled obtained through
 // cudaGetDriverEntryPointByVersion (no libcuda link). No torch headers.
 #include <cuda.h>
@@ -47,6 +44,7 @@ constexpr int kWsBM = 128;  // query rows per CTA (2 consumer warpgroups x 64)
 constexpr int kWsBN = 128;  // keys per tile
 constexpr int kWsThreads = 384;
 constexpr int kWsTileBytes = kWsBN * kWsD * 2;  // one K or V tile (= the Q tile)
+constexpr int kStages = 2;  // K and V ring depth (3 stages tied on the H100, NOTES.md v6)
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 
@@ -61,7 +59,6 @@ struct WsParams {
   float scale_log2;
 };
 
-template <int kStages>
 struct WsSmem {
   static constexpr int kQ = 0;
   static constexpr int kK = kWsTileBytes;
@@ -94,9 +91,9 @@ __device__ __forceinline__ TileRef tile_ref(int j, int n0, int s0, int s1) {
   return t;
 }
 
-template <typename T, bool kOverlap, bool kPingPong, int kStages, bool kEarlyRescale>
+template <typename T>
 __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) {
-  using Sm = WsSmem<kStages>;
+  using Sm = WsSmem;
   using W = Wgmma<T>;
   using M = MmaType<T>;
   const int tid = threadIdx.x;
@@ -173,20 +170,6 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
   const int tq = lane & 3;
   const float c2 = p.scale_log2;
 
-  // ping-pong: warpgroup cw waits on barrier 1+cw before issuing its GEMMs, then lets the other go
-  auto sched_sync = [&]() {
-    if constexpr (kPingPong) named_sync(1 + cw, 256);
-  };
-  auto sched_arrive = [&](bool last) {
-    if constexpr (kPingPong) {
-      // warpgroup 1's final arrive would never be waited for: skip it (barriers balanced at exit)
-      if (!(last && cw == 1)) named_arrive(2 - cw, 256);
-    }
-  };
-  if constexpr (kPingPong) {
-    if (cw == 1) named_arrive(1, 256);  // warpgroup 0 goes first
-  }
-
   float o[16][4];
 #pragma unroll
   for (int i = 0; i < 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
@@ -232,10 +215,6 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
   };
   // online softmax of s (in place: s becomes P); returns the O rescale factors
   auto softmax = [&](float (&alpha)[2]) { online_softmax(s, m_r, l_r, c2, alpha); };
-  auto rescale_o = [&](const float (&alpha)[2]) {
-    // warp-uniform branch: skip when no row of the warp saw a new maximum
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(o, alpha);
-  };
   auto convert_p = [&]() { pack_p<M>(s, pa); };
   auto release = [&](uint32_t bar) {
     if (lane == 0) mbar_arrive(bar);
@@ -243,119 +222,58 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
 
   mbar_wait(bar_q, 0);
   if (n_tiles > 0) {
-    if constexpr (kOverlap) {
-      // tile 0: S only
-      mbar_wait(bar_kf(0), 0);
-      sched_sync();
-      issue_qk(0);
-      sched_arrive(false);
-      wg_wait<0>();
+    // tile 0: S only
+    mbar_wait(bar_kf(0), 0);
+    issue_qk(0);
+    wg_wait<0>();
+    fence_acc(s);
+    release(bar_ke(0));
+    mask(tile_ref(0, n0, p.s0, p.s1).valid);
+    float alpha[2];
+    softmax(alpha);  // O is zero: no rescale
+    convert_p();
+    for (int j = 1; j < n_tiles; ++j) {
+      const int st = j % kStages;
+      const int sp = (j - 1) % kStages;
+      mbar_wait(bar_kf(st), (j / kStages) & 1);
+      mbar_wait(bar_vf(sp), ((j - 1) / kStages) & 1);
+      issue_qk(st);
+      issue_pv(sp);
+      wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
       fence_acc(s);
-      release(bar_ke(0));
-      mask(tile_ref(0, n0, p.s0, p.s1).valid);
-      float alpha[2];
-      softmax(alpha);  // O is zero: no rescale
-      convert_p();
-      bool resc_prev = false;  // kEarlyRescale: O still owes the rescale by alpha of tile j-1
-      for (int j = 1; j < n_tiles; ++j) {
-        const int st = j % kStages;
-        const int sp = (j - 1) % kStages;
-        mbar_wait(bar_kf(st), (j / kStages) & 1);
-        mbar_wait(bar_vf(sp), ((j - 1) / kStages) & 1);
-        sched_sync();
-        issue_qk(st);
-        if constexpr (kEarlyRescale) {
-          // O rescale of tile j-1 while Q K_j^T runs on the tensor cores (warp-uniform flag)
-          if (resc_prev) {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-              o[i][0] *= alpha[0];
-              o[i][1] *= alpha[0];
-              o[i][2] *= alpha[1];
-              o[i][3] *= alpha[1];
-            }
-          }
-        }
-        issue_pv(sp);
-        sched_arrive(false);
-        wg_wait<1>();  // S_j ready, P_{j-1} V_{j-1} may still run
-        fence_acc(s);
-        release(bar_ke(st));
-        mask(tile_ref(j, n0, p.s0, p.s1).valid);
-        softmax(alpha);
-        // The wait for P_{j-1} V_{j-1} sits behind a warp-uniform branch that depends on every
-        // softmax result (row sums included): ptxas otherwise hoists the wait above the softmax
-        // and serialises the two (seen in the SASS).
-        const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f ||
-                                                      !(l_r[0] >= 0.f) || !(l_r[1] >= 0.f));
-        if (resc) {
-          wg_wait<0>();
-          fence_acc(o);
-          fence_pa(pa);
-          if constexpr (!kEarlyRescale) {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-              o[i][0] *= alpha[0];
-              o[i][1] *= alpha[0];
-              o[i][2] *= alpha[1];
-              o[i][3] *= alpha[1];
-            }
-          }
-        } else {
-          wg_wait<0>();
-          fence_pa(pa);
-          fence_acc(o);
-        }
-        resc_prev = resc;
-        release(bar_ve(sp));
-        convert_p();
-      }
-      const int sl = (n_tiles - 1) % kStages;
-      mbar_wait(bar_vf(sl), ((n_tiles - 1) / kStages) & 1);
-      sched_sync();
-      if constexpr (kEarlyRescale) {
-        if (resc_prev) {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            o[i][0] *= alpha[0];
-            o[i][1] *= alpha[0];
-            o[i][2] *= alpha[1];
-            o[i][3] *= alpha[1];
-          }
-        }
-      }
-      issue_pv(sl);
-      sched_arrive(true);
-      wg_wait<0>();
-      fence_acc(o);
-      release(bar_ve(sl));
-    } else {
-      for (int j = 0; j < n_tiles; ++j) {
-        const int st = j % kStages;
-        const uint32_t par = (j / kStages) & 1;
-        mbar_wait(bar_kf(st), par);
-        sched_sync();
-        issue_qk(st);
-        sched_arrive(j == n_tiles - 1);
-        wg_wait<0>();
-        fence_acc(s);
-        release(bar_ke(st));
-        mask(tile_ref(j, n0, p.s0, p.s1).valid);
-        float alpha[2];
-        softmax(alpha);
-        rescale_o(alpha);
-        convert_p();
-        mbar_wait(bar_vf(st), par);
-        issue_pv(st);
+      release(bar_ke(st));
+      mask(tile_ref(j, n0, p.s0, p.s1).valid);
+      softmax(alpha);
+      // The wait for P_{j-1} V_{j-1} sits behind a warp-uniform branch that depends on every
+      // softmax result (row sums included): ptxas otherwise hoists the wait above the softmax
+      // and serialises the two (seen in the SASS).
+      const bool resc = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f ||
+                                                    !(l_r[0] >= 0.f) || !(l_r[1] >= 0.f));
+      if (resc) {
         wg_wait<0>();
         fence_acc(o);
         fence_pa(pa);
-        release(bar_ve(st));
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          o[i][0] *= alpha[0];
+          o[i][1] *= alpha[0];
+          o[i][2] *= alpha[1];
+          o[i][3] *= alpha[1];
+        }
+      } else {
+        wg_wait<0>();
+        fence_pa(pa);
+        fence_acc(o);
       }
+      release(bar_ve(sp));
+      convert_p();
     }
-  } else if constexpr (kPingPong) {
-    // no key tiles: balance the initial arrive (warpgroup 0 consumes it)
-    if (cw == 0) named_sync(1, 256);
+    const int sl = (n_tiles - 1) % kStages;
+    mbar_wait(bar_vf(sl), ((n_tiles - 1) / kStages) & 1);
+    issue_pv(sl);
+    wg_wait<0>();
+    fence_acc(o);
+    release(bar_ve(sl));
   }
 
   // epilogue: O / l -> out (rows past sq are not stored), lse in natural log
@@ -380,13 +298,13 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
 
 #endif  // LONGCAT_SM90WS
 
-template <typename T, bool kOverlap, bool kPingPong, int kStages, bool kEarlyRescale>
+template <typename T>
 __global__ void __launch_bounds__(kWsThreads, 1) attn_fwd_sm90ws_kernel(const __grid_constant__ WsParams p) {
 #ifdef LONGCAT_SM90WS
   extern __shared__ unsigned char ws_smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(ws_smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  ws_body<T, kOverlap, kPingPong, kStages, kEarlyRescale>(p, smem);
+  ws_body<T>(p, smem);
 #else
   // built for another target: the host only launches this kernel from an sm_90a binary
   __trap();
@@ -432,20 +350,14 @@ bool make_map(CUtensorMap* map, const void* ptr, DType dt, int64_t batch, int64_
   return r == CUDA_SUCCESS;
 }
 
-template <typename T, bool kOverlap, bool kPingPong, int kStages, bool kEarlyRescale>
+template <typename T>
 cudaError_t launch_ws(const WsParams& wp, dim3 grid, cudaStream_t stream) {
-  auto* fn = attn_fwd_sm90ws_kernel<T, kOverlap, kPingPong, kStages, kEarlyRescale>;
-  const int smem = WsSmem<kStages>::kAlloc;
+  auto* fn = attn_fwd_sm90ws_kernel<T>;
+  const int smem = WsSmem::kAlloc;
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   fn<<<grid, kWsThreads, smem, stream>>>(wp);
   return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t dispatch_ws(const WsParams& wp, dim3 grid, cudaStream_t stream) {
-  // variant 1 (intra-warpgroup overlap, 2 stages): fastest or tied in every H100 sweep (NOTES.md)
-  return launch_ws<T, true, false, 2, false>(wp, grid, stream);
 }
 
 bool aligned16(const void* ptr, std::initializer_list<int64_t> strides) {
@@ -514,8 +426,8 @@ cudaError_t attn_fwd_dense_sm90ws(const AttnFwdParams& p, DType dtype, int head_
   const int64_t gy = static_cast<int64_t>(p.batch) * p.heads;
   if (gy > 65535) return cudaErrorNotSupported;
   dim3 grid((p.sq + kWsBM - 1) / kWsBM, static_cast<unsigned>(gy));
-  if (dtype == DType::kBF16) return dispatch_ws<__nv_bfloat16>(wp, grid, stream);
-  return dispatch_ws<__half>(wp, grid, stream);
+  if (dtype == DType::kBF16) return launch_ws<__nv_bfloat16>(wp, grid, stream);
+  return launch_ws<__half>(wp, grid, stream);
 }
 
 }  // namespace longcat
