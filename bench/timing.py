@@ -168,6 +168,25 @@ def measure(
     return summarize(times, "perf_counter")
 
 
+def interleaved(
+    fns: dict[str, Callable],
+    inputs: Sequence[tuple],
+    device: torch.device | str,
+    policy: TimingPolicy,
+    rounds: int,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Time several functions side by side: each round times every function once (``measure``, in
+    order), so drift of the clock or of other load spreads over all of them; returns the median
+    over rounds of each function's median and the per-round medians, both keyed by name."""
+    if rounds < 1:
+        raise ValueError(f"rounds: expected >= 1, got {rounds}")
+    per: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(measure(fn, inputs, device, policy).median_ms)
+    return {name: statistics.median(v) for name, v in per.items()}, per
+
+
 def matmul_peak_tflops(
     device: torch.device | str,
     dtype: torch.dtype = torch.bfloat16,

@@ -84,6 +84,22 @@ def test_timing_statistics_and_rotation():
     assert t.runs == 4 and set(seen) == {0, 1, 2}  # warm-up visits every input set, then rotation
 
 
+def test_interleaved_rounds_order_and_medians():
+    from bench.timing import TimingPolicy, interleaved
+
+    calls = []
+    fns = {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}
+    pol = TimingPolicy(warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
+    ms, per = interleaved(fns, [(0,), (1,)], "cpu", pol, rounds=3)
+    assert set(ms) == set(per) == {"a", "b"} and all(len(v) == 3 for v in per.values())
+    assert all(ms[k] == sorted(per[k])[1] for k in ms)  # median of three rounds
+    names = [n for n, _ in calls]
+    # each round: a's warm-up + runs, then b's; three rounds
+    assert names == (["a"] * 4 + ["b"] * 4) * 3, names
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved(fns, [(0,)], "cpu", pol, rounds=0)
+
+
 def test_case_refused_on_parity_failure_or_nan():
     from bench.suites import Case, Context, Prepared, rel_l2, run_case
 

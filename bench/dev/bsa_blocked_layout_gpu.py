@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
 import longcat_kernels as lk
-from bench.timing import TimingPolicy, measure
+from bench.timing import TimingPolicy, interleaved
 from longcat_kernels.ops.block_sparse_attn.cuda import ops as cuda_ops
 from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
 from longcat_kernels.testing import make_qkv, make_video_qkv
@@ -119,11 +118,7 @@ def case(kind, sparsity, rounds, budget) -> dict:
         fns["csrc_fwd_blocked"] = lambda i: raw(a(i)["qb"], a(i)["kb"], a(i)["vb"], None, None,
                                                 *selection_args(a(i)["sel_b"]), scale, "sm90_ws", False)
     pol = TimingPolicy(warmup=2, min_reps=3, max_reps=30, budget_s=budget)
-    per = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            per[name].append(measure(fn, [(0,), (1,)], "cuda", pol).median_ms)
-    ms = {name: statistics.median(v) for name, v in per.items()}
+    ms, per = interleaved(fns, [(0,), (1,)], "cuda", pol, rounds)
     print(f"[{kind} s={sparsity}] check {check}", flush=True)
     print("    " + ", ".join(f"{n} {t:.2f}" for n, t in ms.items()), flush=True)
     return {"inputs": kind, "sparsity": sparsity, "check": check, "ms": ms, "rounds_ms": per}

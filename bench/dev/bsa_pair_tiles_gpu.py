@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
 import longcat_kernels as lk
-from bench.timing import TimingPolicy, measure
+from bench.timing import TimingPolicy, interleaved
 from longcat_kernels.dispatch import impl_fn
 from longcat_kernels.ops.block_sparse_attn.cuda import ops, selection_args
 from longcat_kernels.testing import make_qkv, make_video_qkv
@@ -65,11 +64,7 @@ def case(kind, sparsity, rounds, budget, triton_timed=True) -> dict:
     if not triton_timed:
         del fns["triton_fwd"]
     pol = TimingPolicy(warmup=2, min_reps=3, max_reps=50, budget_s=budget)
-    per = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            per[name].append(measure(fn, [(0,), (1,)], "cuda", pol).median_ms)
-    ms = {name: statistics.median(v) for name, v in per.items()}
+    ms, per = interleaved(fns, [(0,), (1,)], "cuda", pol, rounds)
     res = {"inputs": kind, "sparsity": sparsity, "check": check, "ms": ms, "rounds_ms": per}
     print(f"[{kind} s={sparsity}] check ok={check['ok']} rel={check['rel_l2_vs_triton']:.2e} "
           f"lse={check['lse_max_abs']:.1e} | kernel {ms['kernel_sm90_ws']:.2f} ms, triton {ms.get('triton_fwd', float('nan')):.2f} ms",

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.timing import TimingPolicy, measure
+from bench.timing import TimingPolicy, interleaved
 from longcat_kernels.ops.block_sparse_attn.cuda import ops
 
 B, H, D = 2, 32, 128
@@ -85,11 +84,7 @@ def case(c, rounds, budget, cudnn_timed=True) -> dict:
     if not cudnn_timed:
         del fns["cudnn_prebuilt"]
     pol = TimingPolicy(warmup=2, min_reps=3, max_reps=50, budget_s=budget)
-    per = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            per[name].append(measure(fn, [(0,), (1,)], "cuda", pol).median_ms)
-    ms = {name: statistics.median(v) for name, v in per.items()}
+    ms, per = interleaved(fns, [(0,), (1,)], "cuda", pol, rounds)
     name = "self" if c == 0 else f"kv-c{c}"
     res = {"case": name, "cond_latents": c, "sq": q.shape[1], "sk": pre[0][0].shape[1], "check": check, "ms": ms,
            "rounds_ms": per}
