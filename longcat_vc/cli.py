@@ -471,7 +471,7 @@ def _run(args) -> int:
     import torch
 
     from .pipeline import VideoContinuationPipeline, check_checkpoint
-    from .video_io import VideoFrames, read_video, write_video
+    from .video_io import VideoFrames, read_video
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
     if args.input_fps is not None:

@@ -30,7 +30,6 @@ estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 

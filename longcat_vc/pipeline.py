@@ -33,7 +33,6 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -15,7 +15,6 @@ If compilation fails, a warning says why and the eager path is used from then on
 
 from __future__ import annotations
 
-import os
 import types
 import warnings
 from typing import Callable, Dict, Optional

@@ -15,7 +15,6 @@ accumulated with fp32 atomics inside the dk/dv kernel when that is measured fast
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 

@@ -28,7 +28,6 @@ Forward only: inputs requiring grad raise. Outputs are BSHD-contiguous, q's dtyp
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -37,7 +36,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels.ops.rope.triton import (
-    check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_parts, rope_table_args,
+    check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
