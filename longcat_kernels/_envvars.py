@@ -29,7 +29,8 @@ import os
 import re
 from typing import List, Optional
 
-__all__ = ["env_flag", "backend_override", "cuda_arch_flags_from_env", "cache_dir", "check_removed", "KNOWN", "REMOVED"]
+__all__ = ["env_flag", "backend_override", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
+           "check_environment", "KNOWN", "REMOVED"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -66,6 +67,41 @@ def check_removed() -> None:
                 "(longcat_kernels/dispatch.py; pass backend= to choose a backend), the lost variants' numbers "
                 "are in csrc/NOTES.md. Unset it."
             )
+
+
+# the boolean knobs, with their defaults (each is also read where it is used)
+FLAGS = {
+    "LONGCAT_KERNELS_JIT": True,
+    "LONGCAT_KERNELS_SKIP_CUDA_BUILD": False,
+    "LONGCAT_KERNELS_VERBOSE_BUILD": False,
+    "LONGCAT_KERNELS_DETERMINISTIC": False,
+    "LONGCAT_KERNELS_FUSE_ISLANDS": True,
+}
+_LOOKALIKE = re.compile(r"^LONGCAT_?KERNELS?_")
+_scanned = False
+
+
+def check_environment() -> None:
+    """Run by the dispatcher on each eager call (a few microseconds): raises on a removed variable or
+    a bad value of any boolean knob or of the backend; the first call also warns about variables that
+    look like ours but are not (``LONGCAT_KERNEL_BACKEND``, a plural ``..._BACKENDS``): a misspelt
+    knob would otherwise be ignored without a word."""
+    global _scanned
+    check_removed()
+    for name, default in FLAGS.items():
+        env_flag(name, default)
+    backend_override()
+    if _scanned:
+        return
+    _scanned = True
+    unknown = sorted(k for k in os.environ if _LOOKALIKE.match(k) and k not in KNOWN and k not in REMOVED)
+    if unknown:
+        import warnings  # noqa: PLC0415 (this file imports only os and re at load: setup.py reads it)
+
+        warnings.warn(
+            f"{', '.join(unknown)}: not a longcat_kernels setting, ignored (misspelt?). Known: {', '.join(KNOWN)}",
+            UserWarning, stacklevel=3,
+        )
 
 
 def env_flag(name: str, default: bool) -> bool:

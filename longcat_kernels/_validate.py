@@ -97,6 +97,8 @@ def check_scale(scale, name: str = "scale") -> None:
         raise TypeError(f"{name}: expected a float or None, got {type(scale).__name__}")
     if not scale > 0 or scale != scale or scale == float("inf"):
         raise ValueError(f"{name}: expected a finite positive float, got {scale}")
+    if scale > 3.4028234663852886e38:  # kernels scale in fp32: a larger scale is inf there (all NaN out)
+        raise ValueError(f"{name}: expected at most the fp32 maximum 3.4028e38, got {scale}")
 
 
 def check_bool(value, name: str) -> None:

@@ -42,7 +42,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._envvars import backend_override, check_removed
+from ._envvars import backend_override, check_environment
 
 __all__ = [
     "BACKENDS",
@@ -393,7 +393,7 @@ def machine_facts(device_type: str, device: Optional[torch.device] = None, probe
 
 
 def _machine_facts(device_type: str, device: Optional[torch.device], probe_triton: bool) -> Facts:
-    check_removed()
+    check_environment()
     interpret = triton_interpret()
     triton_error = triton_status() if (probe_triton or device_type == "cuda" or interpret) else None
     if device_type == "cuda" and torch.cuda.is_available():

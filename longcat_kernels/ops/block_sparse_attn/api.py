@@ -58,16 +58,19 @@ def _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k) -> Tuple[Triple, Trip
     return gq, gk, cq, ck
 
 
-def check_selection(selection, q, k, grid_q, grid_k) -> None:
-    """Raises if ``selection`` does not fit q ``[B, Sq, H, D]`` and keys of k's seq (and the grids)."""
+def check_selection(selection, q, k, grid_q, grid_k, chunk_q=None, chunk_k=None, prefix: str = "") -> None:
+    """Raises if ``selection`` does not fit q ``[B, Sq, H, D]`` and keys of k's seq, or the grids and
+    chunks passed alongside it (None: not passed; a given chunk that differs would be ignored)."""
     if not isinstance(selection, BlockSelection):
         raise TypeError(f"selection: expected a BlockSelection, got {type(selection).__name__}")
     B, Sq, H, _ = q.shape
     gq, gk = selection.grid_q, selection.grid_k
-    if grid_q is not None and as_triple(grid_q, "grid_q") != gq:
-        raise ValueError(f"grid_q: expected {gq} (selection.grid_q), got {tuple(grid_q)}")
-    if grid_k is not None and as_triple(grid_k, "grid_k") != gk:
-        raise ValueError(f"grid_k: expected {gk} (selection.grid_k), got {tuple(grid_k)}")
+    for name, given, own in (("grid_q", grid_q, gq), ("grid_k", grid_k, gk),
+                             (prefix + "chunk_q", chunk_q, selection.chunk_q),
+                             (prefix + "chunk_k", chunk_k, selection.chunk_k)):
+        if given is not None and as_triple(given, name) != own:
+            raise ValueError(f"{name}: expected {own} (selection.{name.split('.')[-1]}) or nothing with selection=, "
+                             f"got {as_triple(given, name)}")
     if gq[0] * gq[1] * gq[2] != Sq:
         raise ValueError(f"selection.grid_q: expected t*h*w == q's seq length {Sq}, got {gq}")
     if gk[0] * gk[1] * gk[2] != k.shape[1]:
@@ -95,8 +98,10 @@ def _check_selection_values(sel: BlockSelection) -> None:
     ``indices``/``counts`` is checked again)."""
     if compiling():  # traced calls: checked by the eager call that built or first used the selection
         return
-    stamp = (id(sel.indices), sel.indices._version, id(sel.counts), sel.counts._version)
-    if getattr(sel, "_values_checked", None) == stamp:
+    # inference tensors (made under torch.inference_mode) have no version counter: checked every call
+    inference = sel.indices.is_inference() or sel.counts.is_inference()
+    stamp = None if inference else (id(sel.indices), sel.indices._version, id(sel.counts), sel.counts._version)
+    if stamp is not None and getattr(sel, "_values_checked", None) == stamp:
         return
     idx, cnt = sel.indices, sel.counts
     Nk, w = sel.num_k_blocks, idx.shape[-1]
@@ -127,7 +132,8 @@ def _check_selection_values(sel: BlockSelection) -> None:
                 f"selection.indices: expected distinct key-block ids in each row, row [b, h, q_block] = {list(pos)} "
                 f"repeats one: {idx[pos][: int(cnt[pos])].tolist()}"
             )
-    object.__setattr__(sel, "_values_checked", stamp)
+    if stamp is not None:
+        object.__setattr__(sel, "_values_checked", stamp)
 
 
 def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -166,7 +172,8 @@ def select_blocks(
 
     - top-k (``sparsity``): keep ``int((1 - sparsity) * Nk)`` highest-scoring key blocks;
     - cdf (``cdf_threshold``): ``p = softmax(score / sqrt(D))`` sorted descending; keep the blocks
-      whose cumulative sum is ``<= cdf_threshold`` (may be none: those queries output zeros);
+      whose cumulative sum is ``<= cdf_threshold`` (may be none: those queries output zeros;
+      ``1.0`` keeps every block);
     - both given: keep the max of the two counts (highest scores first).
 
     Args:
@@ -205,7 +212,10 @@ def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold,
                     "selection: expected either selection= or a selection rule (sparsity / cdf_threshold), got "
                     f"both (sparsity={sparsity}, cdf_threshold={cdf_threshold})"
                 )
-            check_selection(selection, q, k, grid_q, grid_k)
+            # chunk_q at its default counts as not passed (as sparsity does above)
+            check_selection(selection, q, k, grid_q, grid_k,
+                            None if chunk_q is None or as_triple(chunk_q, "chunk_q") == DEFAULT_CHUNK else chunk_q,
+                            chunk_k)
         else:
             check_sparsity(sparsity, cdf_threshold)
     if selection is None:

@@ -81,17 +81,17 @@ def block_sparse_attn_reference(
         sel = idx[:, :, n0:n1].clamp(min=0)  # [B, H, g, w]
         ktok = tk[sel]  # [B, H, g, w, bk]
         kvalid = (ktok >= 0) & sel_valid[:, :, n0:n1, :, None]
-        ktok = ktok.clamp(min=0).view(B, H, g, L)
+        ktok = ktok.clamp(min=0).reshape(B, H, g, L)  # any layout of selection.indices
         kb = kt[b_i, h_i, ktok]  # [B, H, g, L, D]
         vb = vt[b_i, h_i, ktok]
         # padding and unselected slots gather token 0 (clamped): zero them, or a NaN/Inf there would
         # leak into every query block through 0 * NaN (p @ v forward, ds @ k backward)
-        kv_ok = kvalid.view(B, H, g, L, 1)
+        kv_ok = kvalid.reshape(B, H, g, L, 1)
         kb = torch.where(kv_ok, kb, torch.zeros((), dtype=kb.dtype, device=dev))
         vb = torch.where(kv_ok, vb, torch.zeros((), dtype=vb.dtype, device=dev))
         with ieee_fp32_matmul(dev):  # an fp32 reference stays fp32 (no TF32) on GPU
             s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
-        s = s.masked_fill(~kvalid.view(B, H, g, 1, L), float("-inf"))
+        s = s.masked_fill(~kvalid.reshape(B, H, g, 1, L), float("-inf"))
         m = s.amax(dim=-1, keepdim=True).detach()
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)

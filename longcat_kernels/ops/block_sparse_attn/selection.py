@@ -205,7 +205,12 @@ def select_rows(
         p = torch.softmax(score / math.sqrt(head_dim), dim=-1)
         cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
         # searchsorted(cdf, threshold, right=True) on a non-decreasing cdf
-        counts = torch.maximum(counts, (cdf <= cdf_threshold).sum(dim=-1))
+        if cdf_threshold >= 1.0:
+            # the whole mass: every block, whatever the rounding of the cumulative sum (it can pass
+            # 1.0 a few blocks before the end, and differently per backend)
+            counts = torch.full_like(counts, Nk)
+        else:
+            counts = torch.maximum(counts, (cdf <= cdf_threshold).sum(dim=-1))
         # NaN/Inf in the row make p NaN and the count 0: select everything so the NaN reaches the output
         counts = torch.where(torch.isnan(p).any(dim=-1), torch.full_like(counts, Nk), counts)
     idx = order[..., :max_sel]

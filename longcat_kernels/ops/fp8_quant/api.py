@@ -58,7 +58,11 @@ def _check_flag(v, name: str) -> None:
 def _run(prologue: str, x: torch.Tensor, x2=None, shift=None, scale=None, weight=None, bias=None, eps: float = 0.0,
          return_input: bool = False, backend: str = "auto") -> Result:
     lead, K = tuple(x.shape[:-1]), x.shape[-1]
-    choice = choose("fp8_quantize", x, x2, shift, scale, weight, bias, requested=backend, needs_grad=False)
+    # only y (return_input) carries a gradient (q and s are not differentiable): the Triton kernel is
+    # forward only, so a y that needs one goes to the torch path (an explicit "triton" raises)
+    ts = [t for t in (x, x2, shift, scale, weight, bias) if t is not None]
+    needs_grad = return_input and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    choice = choose("fp8_quantize", x, x2, shift, scale, weight, bias, requested=backend, needs_grad=needs_grad)
     if choice.impl == "torch_reference":
         y = ref.prologue_reference(prologue, x, x2, shift, scale, weight, bias, eps)
         q, s = ref.quantize_rows_reference(y)

@@ -187,7 +187,9 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     else:
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
-        check_selection(bs.selection, q, k_all, grid_q, grid_k)
+        check_selection(bs.selection, q, k_all, grid_q, grid_k,
+                        None if tuple(bs.chunk_q) == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
+                        prefix="block_sparse.")
     return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck)
 
 
@@ -423,6 +425,10 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
         check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
     kw = dict(grid_q=grid_q, grid_k=grid_k, scale=scale, backend=backend, return_lse=return_lse)
     if bs.selection is not None:
+        if not compiling():
+            check_selection(bs.selection, q, k, grid_q, grid_k,
+                            None if tuple(bs.chunk_q) == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
+                            prefix="block_sparse.")
         return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
     return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,
                              cdf_threshold=bs.cdf_threshold, **kw)

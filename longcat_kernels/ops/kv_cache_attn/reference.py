@@ -66,7 +66,7 @@ def _matmul_bcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # fold the batch into the rows: [H, B*M, X] @ [H, X, N]
     a2 = a.transpose(0, 1).reshape(H, B * M, X)
     o = torch.matmul(a2, b[0])
-    return o.view(H, B, M, -1).transpose(0, 1)
+    return o.view(H, B, M, b.shape[-1]).transpose(0, 1)  # explicit N: -1 is ambiguous at batch 0
 
 
 def kv_cache_attn_reference(

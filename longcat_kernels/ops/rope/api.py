@@ -202,6 +202,48 @@ def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{name}: expected device {like.device} (same as {like_name}), got {out.device}")
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:  # empty tensors may all report data_ptr 0
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _same_storage(a, b) and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one contiguous range, in some dim order."""
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _check_outs_disjoint(out_q: Optional[torch.Tensor], out_k: Optional[torch.Tensor]) -> None:
+    """Raises when out_q and out_k share elements (the result would depend on the write order).
+
+    Exact for dense tensors; interleaved views of one buffer (q and k slices of a packed qkv tensor)
+    pass, as in ATen's own overlap check."""
+    if out_q is None or out_k is None or not _same_storage(out_q, out_k):
+        return
+    dense = _dense(out_q) and _dense(out_k)
+    if _same_view(out_q, out_k) or (dense and torch._C._overlaps(out_q, out_k)):
+        raise ValueError("out_q, out_k: expected disjoint output buffers, got overlapping views of one storage")
+
+
+def _needs_temporary(out: Optional[torch.Tensor], own: torch.Tensor, others) -> bool:
+    """True when ``out`` shares storage with an input other than as exactly ``own`` (in place): the
+    kernel could then read elements it already overwrote, so the result goes through a temporary."""
+    if out is None:
+        return False
+    if _same_storage(out, own) and not _same_view(out, own):
+        return True
+    return any(_same_storage(out, t) for t in others)
+
+
 def qk_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -262,6 +304,7 @@ def qk_norm_rope(
             )
         _check_out(out_q, "out_q", q, "q")
         _check_out(out_k, "out_k", k, "k")
+        _check_outs_disjoint(out_q, out_k)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
         if not (0 <= eps < float("inf")):  # NaN fails this too: it would turn every output into NaN
@@ -282,6 +325,16 @@ def qk_norm_rope(
         q.shape[2] == 1 and k.shape[2] == 1)
     c = choose("qk_norm_rope", q, k, requested=backend, norm_all_heads=all_heads,
                rope_pairs=rope.pairs if rope is not None else "interleaved")
+    if not compiling() and (
+        _needs_temporary(out_q, q, (k, q_weight, k_weight)) or _needs_temporary(out_k, k, (q, q_weight, k_weight))
+    ):
+        # an output aliases an input (other than in place): compute into fresh tensors, then copy
+        qo, ko = qk_norm_rope(q, k, q_weight, k_weight, rope, frame_offset, eps, backend=backend)
+        if out_q is not None:
+            qo = out_q.copy_(qo)
+        if out_k is not None:
+            ko = out_k.copy_(ko)
+        return qo, ko
     if c.impl != "torch_reference":
         return impl_fn("qk_norm_rope", c.impl)(q, k, q_weight, k_weight, rope, frame_offset, eps, out_q, out_k)
     tables = _tables_for(q, rope, frame_offset, nf) if rope is not None else None
