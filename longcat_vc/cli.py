@@ -392,8 +392,17 @@ def _fail_early(args) -> None:
         args.frames = frames
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance is not None and not args.guidance >= 1.0:
-        raise UsageError(f"--guidance must be >= 1 (1 disables classifier-free guidance), got {args.guidance}")
+    if args.guidance is not None and not (1.0 <= args.guidance < float("inf")):
+        raise UsageError(f"--guidance must be >= 1 and finite (1 disables classifier-free guidance), "
+                         f"got {args.guidance}")
+    g = args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
+    if args.negative_prompt is not None and g <= 1.0:
+        # it would be silently ignored (no classifier-free guidance at 1)
+        raise UsageError(f"--negative-prompt needs --guidance > 1 (it is {g:g} with --mode {args.mode})")
+    if args.offload_kv_cache and args.no_kv_cache:
+        raise UsageError("--offload-kv-cache needs the KV cache: drop --no-kv-cache or --offload-kv-cache")
+    if args.seed is not None and not -(2 ** 63) <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed must fit in 64 bits ([-2**63, 2**64)), got {args.seed}")
     if args.memory != "resident" and args.context_parallel > 1:
         # Block streaming under context parallelism is untested: every rank would stream its own copy.
         raise UsageError(f"--memory {args.memory} is not supported with --context-parallel (use --memory resident)")

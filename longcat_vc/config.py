@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -45,6 +46,23 @@ _IGNORED_KEYS = frozenset(
 )
 
 _BSA_KEYS = ("sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k")
+
+
+def _check_bsa_params(p: Dict[str, Any]) -> None:
+    """The values of ``bsa_params`` at load time (else a bad one fails only at the first BSA forward)."""
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    sp, cdf = p.get("sparsity"), p.get("cdf_threshold")
+    if sp is not None and not (real(sp) and 0 <= sp < 1):
+        raise ValueError(f"DiTConfig.bsa_params.sparsity: expected a number in [0, 1) or null, got {sp!r}")
+    if cdf is not None and not (real(cdf) and 0 <= cdf <= 1):
+        raise ValueError(f"DiTConfig.bsa_params.cdf_threshold: expected a number in [0, 1] or null, got {cdf!r}")
+    for key in ("chunk_3d_shape_q", "chunk_3d_shape_k"):
+        c = p.get(key)
+        if c is not None and not (isinstance(c, (list, tuple)) and len(c) == 3 and all(
+                isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in c)):
+            raise ValueError(f"DiTConfig.bsa_params.{key}: expected three positive ints or null, got {c!r}")
 
 
 @dataclass
@@ -87,7 +105,18 @@ class DiTConfig:
     attn_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        # config.json is user-editable: a "false" string is truthy, 2.7 would truncate to 2
+        ps = self.patch_size
+        if not isinstance(ps, (list, tuple)) or not all(
+                isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in ps):
+            raise ValueError(f"DiTConfig.patch_size: expected three ints (1, ph, pw), got {ps!r}")
+        self.patch_size = tuple(int(p) for p in ps)
+        for name in ("text_tokens_zero_pad", "enable_bsa"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"DiTConfig.{name}: expected a JSON bool (true/false), got {getattr(self, name)!r}")
+        mr = self.mlp_ratio
+        if isinstance(mr, bool) or not isinstance(mr, numbers.Real) or not (0 < mr < float("inf")):
+            raise ValueError(f"DiTConfig.mlp_ratio: expected a positive finite number, got {mr!r}")
         for name in ("in_channels", "out_channels", "hidden_size", "depth", "num_heads",
                      "caption_channels", "adaln_tembed_dim", "frequency_embedding_size"):
             value = getattr(self, name)
@@ -119,6 +148,7 @@ class DiTConfig:
             unknown = sorted(set(self.bsa_params) - set(_BSA_KEYS))
             if unknown:
                 raise ValueError(f"DiTConfig.bsa_params: unknown keys {unknown}; expected a subset of {list(_BSA_KEYS)}")
+            _check_bsa_params(self.bsa_params)
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -444,7 +444,12 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                     alpha = _scalar(e["alpha_tensor"], f"{target}.lora_alpha", problems)
                     if alpha is None:
                         continue
-                scale = 1.0 if not alpha else alpha / r
+                if alpha == 0:
+                    # alpha / rank would switch the adapter off, "0 = unset" would apply it fully:
+                    # neither reading is safe to pick silently
+                    problems.append(f"{target}.lora_alpha: 0 is ambiguous (scale 0, or unset = scale 1); refused")
+                    continue
+                scale = 1.0 if alpha is None else alpha / r
                 downs.append(A)
                 parts.append(LoRAPart(j * o, (j + 1) * o, rank0, rank0 + r, B, scale))
                 rank0 += r
@@ -484,7 +489,13 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     if not isinstance(name, str) or not name:
         raise TypeError(f"load_lora: name must be a non-empty str, got {name!r}")
     _check_multiplier(multiplier, "load_lora: multiplier")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_lora: path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     fmt, tensors = read_lora_file(path)
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"load_lora({os.fspath(path)!r}): non-finite values (NaN/Inf) in "
+                         + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
     adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
     was_active = name in getattr(model, "_lora_active_names", [])
@@ -517,6 +528,9 @@ def enable_loras(model: nn.Module, names: Sequence[str]) -> None:
     missing = [n for n in names if n not in known]
     if missing:
         raise ValueError(f"enable_loras: unknown LoRA name(s) {missing}; loaded: {known}")
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:  # each occurrence would add the adapter's output once more
+        raise ValueError(f"enable_loras: name(s) {dup} given more than once; got {list(names)}")
     unfuse_lora(model)
     for _, mod in _lora_linears(model):
         mod.lora_active = [mod.lora_adapters[n] for n in names if n in mod.lora_adapters]

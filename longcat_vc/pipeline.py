@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import time
 import warnings
@@ -45,7 +46,8 @@ from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
-    VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _is_oom, _oom_error, _resize_frames, _Timer,
+    VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
+    _resize_frames, _Timer,
 )
 
 __all__ = [
@@ -235,6 +237,9 @@ class VideoContinuationPipeline:
         in_ch = int(getattr(dit.config, "in_channels", z_dim))
         if in_ch != z_dim:
             raise ValueError(f"DiT in_channels ({in_ch}) must equal the VAE z_dim ({z_dim})")
+        out_ch = int(getattr(dit.config, "out_channels", z_dim))
+        if out_ch != z_dim:  # else the first denoising step fails on a shape mismatch
+            raise ValueError(f"DiT out_channels ({out_ch}) must equal the VAE z_dim ({z_dim})")
         d_model = getattr(getattr(text_encoder, "config", None), "d_model", None)
         cap = getattr(dit.config, "caption_channels", None)
         if d_model is not None and cap is not None and int(d_model) != int(cap):
@@ -589,8 +594,8 @@ class VideoContinuationPipeline:
         steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
         steps = _check_int("num_inference_steps", steps, 1)
         g = defaults["guidance"] if guidance_scale is None else guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
-            raise TypeError(f"guidance_scale must be a finite number, got {g!r}")
+        if isinstance(g, (bool, np.bool_)) or not isinstance(g, numbers.Real) or not math.isfinite(g):
+            raise TypeError(f"guidance_scale must be a finite real number, got {g!r}")
         if g < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables classifier-free guidance), got {g}")
         if output_type not in ("np", "latent"):
@@ -741,6 +746,12 @@ class VideoContinuationPipeline:
         timings["steps"] = len(step_times)
 
         full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
+        if not bool(torch.isfinite(full).all()):
+            # decoded, NaN would become black frames without a word
+            raise FloatingPointError(
+                "the denoised latents hold NaN/Inf (a non-finite weight in the checkpoint or a LoRA, or an "
+                "overflow in the model dtype); nothing was decoded"
+            )
         if output_type == "latent":
             timings["decode"] = 0.0
             return None, full, None
@@ -816,6 +827,7 @@ class VideoContinuationPipeline:
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
         _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa=use_bsa,
                      progress=progress)
+        _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
         vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         generator = self._generator(generator, self.device)
@@ -1006,6 +1018,7 @@ class VideoContinuationPipeline:
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
         _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa=use_bsa,
                      progress=progress, refine=refine)
+        _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
 
         if not refine:
             # the refinement's options would be silently ignored without it

@@ -115,6 +115,17 @@ def _check_flags(**flags) -> None:
             raise TypeError(f"{label} must be a bool{' or None' if optional else ''}, got {type(value).__name__} {value!r}")
 
 
+def _check_not_ignored(guidance: float, negative_prompt, use_kv_cache: bool, offload_kv_cache) -> None:
+    """Arguments that would be silently ignored raise (as the refinement's options do without refine)."""
+    if negative_prompt is not None and guidance <= 1.0:
+        raise ValueError(
+            "negative_prompt is used only with classifier-free guidance (guidance_scale > 1), got guidance_scale="
+            f"{guidance:g}: drop the negative prompt or raise the guidance"
+        )
+    if offload_kv_cache and not use_kv_cache:
+        raise ValueError("offload_kv_cache=True needs use_kv_cache=True: without the KV cache there is nothing to offload")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

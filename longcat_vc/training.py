@@ -121,8 +121,28 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
     for bad in ("use_dora", "bias"):
         if kwargs.get(bad) not in (None, False, "none"):
             raise ValueError(f"lora_config: {bad}={kwargs[bad]!r} cannot be saved in LongCat's LoRA format")
-    return _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets),
-                              lora_dropout=float(dropout), bias="none", **kwargs)
+    config = _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets),
+                                lora_dropout=float(dropout), bias="none", **kwargs)
+    _check_savable(config, "lora_config")
+    return config
+
+
+# initialisations that leave the base weights alone (pissa, olora, loftq, corda, eva rewrite them:
+# a file of the adapter alone, applied to the released DiT, would then give another model)
+_SAVABLE_INITS = (True, False, "gaussian")
+
+
+def _check_savable(config, where: str) -> None:
+    """Raises for peft settings whose training result LongCat's LoRA format cannot hold."""
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(f"{where}: modules_to_save={config.modules_to_save!r} trains whole modules, which LongCat's "
+                         "LoRA format cannot hold (the saved file would silently lack them)")
+    init = getattr(config, "init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in _SAVABLE_INITS):
+        raise ValueError(f"{where}: init_lora_weights={init!r} rewrites the base weights, so the saved adapter "
+                         f"would not reproduce the trained model on the released DiT; use one of {_SAVABLE_INITS}")
+    if getattr(config, "use_dora", False):
+        raise ValueError(f"{where}: use_dora=True cannot be saved in LongCat's LoRA format")
 
 
 def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32_adapters: bool = True):
@@ -145,6 +165,7 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
     config = lora_config() if config is None else config
     if not isinstance(config, peft.LoraConfig):
         raise TypeError(f"add_lora: config must be a peft.LoraConfig, got {type(config).__name__}")
+    _check_savable(config, "add_lora: config")
     if not isinstance(dit, nn.Module):
         raise TypeError(f"dit: expected a LongCatDiT, got {type(dit).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name:
@@ -291,6 +312,14 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
     layers = _lora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
+    cfg = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    if cfg is not None:  # a config made without lora_config() / add_lora()
+        _check_savable(cfg, "longcat_lora_state_dict")
+    from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415
+
+    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
+        raise ValueError("longcat_lora_state_dict: the model trains whole modules (peft modules_to_save), which "
+                         "LongCat's LoRA format cannot hold")
     out: Dict[str, torch.Tensor] = {}
     for path, mod in layers:
         if getattr(mod, "use_dora", {}).get(adapter_name, False):

@@ -19,6 +19,8 @@ rename, quality scale instead of a CRF, and a resize to 16-pixel macroblocks unl
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import re
 import signal
@@ -91,9 +93,47 @@ def _check_frames(frames: np.ndarray, source: str) -> np.ndarray:
     return frames
 
 
-def _read_frame_folder(path: str) -> VideoFrames:
+# PIL modes with 8 bits per channel: convert("RGB") maps them without loss of range.
+_EIGHT_BIT_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+
+
+def _image_to_rgb(im, where: str) -> np.ndarray:
+    """A PIL image as ``uint8 [H, W, 3]`` RGB.
+
+    8-bit modes go through ``convert("RGB")``. 16-bit grayscale (``I;16*``, or ``I`` as Pillow may
+    open a 16-bit PNG) is scaled from [0, 65535] to [0, 255] (``convert`` would clip it to white).
+    Other modes (``F`` float, ``I`` 32-bit int, ...) have no fixed range: VideoReadError naming
+    ``where`` and the mode.
+    """
+    mode = im.mode
+    if mode in _EIGHT_BIT_MODES:
+        return np.asarray(im.convert("RGB"))
+    if mode.startswith("I;16") or (mode == "I" and getattr(im, "format", None) == "PNG"):
+        g = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        g8 = ((g * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(g8[..., None], 3, axis=-1)
+    kind = {"F": "32-bit float", "I": "32-bit integer"}.get(mode, "not 8-bit")
+    raise VideoReadError(
+        f"{where}: unsupported image mode {mode!r} ({kind}, no fixed range to scale to uint8); expected an "
+        "8-bit image (L, LA, P, RGB, RGBA, ...) or 16-bit grayscale: convert it to 8-bit RGB first"
+    )
+
+
+def _read_image(fp: str, what: str) -> np.ndarray:
     from PIL import Image
 
+    try:
+        with Image.open(fp) as im:
+            return _image_to_rgb(im, fp)
+    except VideoReadError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt images
+        raise VideoReadError(f"{fp}: cannot read {what}: {e}") from None
+
+
+def _read_frame_folder(path: str) -> VideoFrames:
     names = sorted(
         (n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")),
         key=_natural_key,
@@ -105,12 +145,7 @@ def _read_frame_folder(path: str) -> VideoFrames:
     frames = []
     size = None
     for n in names:
-        fp = os.path.join(path, n)
-        try:
-            with Image.open(fp) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as e:  # PIL raises many types for corrupt images
-            raise VideoReadError(f"{fp}: cannot read image frame: {e}") from None
+        arr = _read_image(os.path.join(path, n), "image frame")
         if size is None:
             size = arr.shape[:2]
         elif arr.shape[:2] != size:
@@ -140,6 +175,20 @@ def _read_gif(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
 
 
+def _display_rotated(frame, path: str) -> np.ndarray:
+    """``frame`` (an ``av.VideoFrame``) as rgb24, turned by its display-rotation metadata (phone
+    clips store frames unrotated plus a display matrix) so it comes out as ffmpeg / players show it.
+    PyAV's ``frame.rotation`` is counter-clockwise degrees, as ``np.rot90``'s k quarter turns."""
+    arr = frame.to_ndarray(format="rgb24")
+    rotation = getattr(frame, "rotation", 0) or 0
+    quarter = int(round(rotation / 90.0))
+    if abs(rotation - 90.0 * quarter) > 1e-3:
+        raise VideoReadError(
+            f"{path}: unsupported display rotation {rotation:g} degrees (only multiples of 90 are supported)"
+        )
+    return np.ascontiguousarray(np.rot90(arr, quarter % 4)) if quarter % 4 else arr
+
+
 def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
     import av
 
@@ -152,7 +201,7 @@ def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
             fps = float(rate) if rate else None
             stride = subsample_stride(fps, target_fps) if target_fps else 1
             # decode every frame (inter-frame codecs need them) but convert only the kept ones
-            frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i % stride == 0]
+            frames = [_display_rotated(f, path) for i, f in enumerate(container.decode(stream)) if i % stride == 0]
     except VideoReadError:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, ...), OSError
@@ -178,6 +227,24 @@ def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
 
 
+def _as_real(value) -> Optional[float]:
+    """``value`` as a float when it is a real number (numpy scalars included) but not a bool, else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except (OverflowError, ValueError, TypeError):  # an int beyond float range, say
+        return None
+
+
+def _check_target_fps(target_fps) -> float:
+    """``target_fps`` as a positive finite float (ValueError naming it otherwise; bools refused)."""
+    value = _as_real(target_fps)
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"target_fps must be a positive finite number, got {target_fps!r}")
+    return value
+
+
 def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = None) -> VideoFrames:
     """Read the frames of a video file, a GIF or a folder of image frames.
 
@@ -192,7 +259,10 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
     Raises:
         FileNotFoundError: ``path`` does not exist.
         VideoReadError (a ValueError): unreadable, empty, or frames of different sizes.
+        ValueError: ``target_fps`` is neither None nor a positive finite number (checked first).
     """
+    if target_fps is not None:
+        target_fps = _check_target_fps(target_fps)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"input video not found: {path}")
@@ -205,13 +275,7 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
         vf = _read_gif(path)
         return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
     if ext in IMAGE_EXTENSIONS:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise VideoReadError(f"{path}: cannot read image: {e}") from None
+        arr = _read_image(path, "image")
         return VideoFrames(_check_frames(arr[None], path), None, path)
     try:
         import av  # noqa: F401
@@ -230,7 +294,10 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
     rate (``fps=None``).
     """
     if isinstance(video, VideoFrames):
-        return VideoFrames(_check_frames(np.asarray(video.frames), video.source or name), video.fps, video.source,
+        arr = np.asarray(video.frames)
+        if arr.dtype != np.uint8:  # float [0, 1] or uint16 frames would be read as near-black
+            raise TypeError(f"{name}: VideoFrames.frames must be uint8 [F, H, W, 3], got dtype {arr.dtype}")
+        return VideoFrames(_check_frames(arr, video.source or name), video.fps, video.source,
                            video.stride)
     if isinstance(video, (str, os.PathLike)):
         return read_video(video)
@@ -255,7 +322,7 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
         arrs = []
         for i, im in enumerate(video):
             if isinstance(im, Image.Image):
-                arrs.append(np.asarray(im.convert("RGB")))
+                arrs.append(_image_to_rgb(im, f"{name}[{i}]"))
             elif isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3:
                 arrs.append(im)
             else:
@@ -275,8 +342,9 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
 def subsample_stride(src_fps: Optional[float], target_fps: float = 15.0) -> int:
     """Frame stride that brings ``src_fps`` to about ``target_fps``: ``max(1, round(src / target))``.
 
-    Unknown fps (None) gives 1.
+    Unknown fps (None) gives 1. ``target_fps`` must be a positive finite number (ValueError).
     """
+    target_fps = _check_target_fps(target_fps)
     if src_fps is None or not np.isfinite(src_fps) or src_fps <= 0:
         return 1
     return max(1, int(round(src_fps / target_fps)))
@@ -349,15 +417,40 @@ def atomic_output(path: str):
             signal.signal(sig, old)
 
 
-def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
+_RATE_MAX_DENOMINATOR = 1001  # mp4 frame rates as fractions: 30000/1001 (29.97) and the like
+
+
+def _frame_rate(fps: float):
     from fractions import Fraction
 
+    return Fraction(fps).limit_denominator(_RATE_MAX_DENOMINATOR)
+
+
+def _check_write_fps(fps) -> float:
+    """``fps`` as a float: any real number (numpy scalars too) but bool, finite, positive, and close
+    (1%) to its frame-rate fraction (tiny rates such as 1e-4 round to 0, which PyAV would silently
+    replace with its default 24 fps). ValueError naming ``fps`` otherwise."""
+    value = _as_real(fps)
+    if value is None:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+    rate = _frame_rate(value)
+    if rate == 0 or abs(float(rate) - value) > 0.01 * value:
+        raise ValueError(
+            f"fps must be at least 1/{_RATE_MAX_DENOMINATOR} (the frame rate is stored as a fraction with a "
+            f"denominator of at most {_RATE_MAX_DENOMINATOR}), got {fps!r}"
+        )
+    return value
+
+
+def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
     import av
 
     h, w = frames.shape[1:3]
     # yuv420p needs even sizes; odd sizes keep every pixel with 4:4:4 chroma (still H.264).
     pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
-    rate = Fraction(fps).limit_denominator(1001)
+    rate = _frame_rate(fps)
     with av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
@@ -404,7 +497,8 @@ def write_video(
     Args:
         path: output file (``.mp4``); its folder must exist.
         frames: ``[F, H, W, 3]`` uint8 array or a list of such frames / PIL images.
-        fps (float): frame rate (15 for LongCat-Video output).
+        fps (float): frame rate (15 for LongCat-Video output); any real number >= 1/1001 (numpy
+            scalars too, not bool), else ValueError.
         crf (int): x264 constant rate factor (18 as upstream's demos).
         backend (str): ``"av"``, ``"imageio-ffmpeg"`` or ``"auto"`` (PyAV if importable).
 
@@ -416,8 +510,7 @@ def write_video(
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
-    if not (isinstance(fps, (int, float)) and np.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    fps = _check_write_fps(fps)
     if backend not in ("auto", "av", "imageio-ffmpeg"):
         raise ValueError(f"backend must be 'auto', 'av' or 'imageio-ffmpeg', got {backend!r}")
     crf = check_crf(crf)
@@ -430,7 +523,7 @@ def write_video(
             backend = "imageio-ffmpeg"
     with atomic_output(path) as tmp:
         if backend == "av":
-            _write_av(tmp, vf.frames, float(fps), crf)
+            _write_av(tmp, vf.frames, fps, crf)
         else:
-            _write_imageio_ffmpeg(tmp, vf.frames, float(fps), crf)
+            _write_imageio_ffmpeg(tmp, vf.frames, fps, crf)
     return path
