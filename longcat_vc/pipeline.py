@@ -632,6 +632,8 @@ class VideoContinuationPipeline:
         if generator is None or isinstance(generator, torch.Generator):
             return generator
         if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+            if not -(2 ** 63) <= int(generator) < 2 ** 64:  # torch's seed range (was "Overflow when unpacking")
+                raise ValueError(f"generator: an int seed must fit in 64 bits ([-2**63, 2**64)), got {generator}")
             return torch.Generator(device=device).manual_seed(int(generator))
         raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 

@@ -195,3 +195,18 @@ def test_video_frames_of_another_dtype_are_refused(parts, dtype):
     frames = (_video() / 255.0).astype(dtype) if dtype is np.float32 else _video().astype(dtype)
     with pytest.raises(TypeError, match=r"VideoFrames.frames must be uint8 \[F, H, W, 3\], got dtype"):
         _pipe(parts)(VideoFrames(frames, 15.0, None), "a cat", **RUN)
+
+
+def test_seed_beyond_64_bits_and_bad_sigma_ranges_are_named(parts):
+    with pytest.raises(ValueError, match=r"^generator: an int seed must fit in 64 bits"):
+        _pipe(parts)(_video(), "a cat", generator=2 ** 64, **RUN)
+    pytest.importorskip("peft")
+    from longcat_vc.training import sample_sigmas
+
+    for kw, msg in ((dict(shift=float("inf")), "shift must be a positive finite number"),
+                    (dict(sigma_min=2.0), r"sigma_min must be a number in \[0, 1\)"),
+                    (dict(sigma_min=-1.0), r"sigma_min must be a number in \[0, 1\)")):
+        with pytest.raises(ValueError, match=msg):
+            sample_sigmas(4, **kw)
+    s = sample_sigmas(64, shift=3.0)
+    assert bool(((s > 0) & (s <= 1)).all())
