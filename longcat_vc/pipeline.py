@@ -803,7 +803,10 @@ class VideoContinuationPipeline:
             num_inference_steps (int | None): None -> 50 (basic, enhance_hf schedule: 56 DiT
                 steps with shift 12) or 16 (distill).
             guidance_scale (float | None): None -> 4.0 (basic) or 1.0 (distill); >= 1.
-            use_kv_cache (bool): compute the cond tokens' keys/values once (default).
+            use_kv_cache (bool): compute the cond tokens' keys/values once (default). Not a pure
+                speed switch under guidance > 1: CFG-zero's scale is computed over the noisy frames
+                with the cache and over all frames without it, as upstream does (SPEC 7; a few % rel
+                L2 apart in the latents); at guidance 1 the two agree to fp32 rounding.
             offload_kv_cache (bool | None): keep the cache in CPU memory between uses; None: as the
                 memory mode says (on in ``"low"``).
             use_bsa (bool): block-sparse self-attention (``config.enable_bsa``) for this call.
@@ -902,7 +905,8 @@ class VideoContinuationPipeline:
             generator: None: every draw from the global RNG in upstream's order (a fixed
                 ``torch.manual_seed`` reproduces upstream); a generator / int seed: every draw
                 from it, in the same order.
-            use_kv_cache (bool): serve the cond latents from a KV cache built once.
+            use_kv_cache (bool): serve the cond latents from a KV cache built once (under guidance
+                > 1 not a pure speed switch: see ``__call__``).
             offload_kv_cache (bool | None): keep that cache in CPU memory between uses (exact; at
                 720p with 26 cond frames it holds ~20.6 GiB); None: as the memory mode says (on
                 with ``memory="low"``).
