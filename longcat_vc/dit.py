@@ -199,8 +199,9 @@ class LongCatDiT(nn.Module):
         if mask is None:
             return y, None
         if c.text_tokens_zero_pad:
-            # Padded tokens become zero vectors and all L tokens are attended (upstream).
-            return y * mask.to(y.dtype)[:, :, None], None
+            # Padded tokens become zero vectors and all L tokens are attended (upstream). Any
+            # non-zero entry is a valid token, as on the varlen path: a 2 or 0.5 must not scale y.
+            return y * (mask != 0).to(y.dtype)[:, :, None], None
         valid = mask != 0
         if not _compiling():
             counts = valid.sum(dim=1)

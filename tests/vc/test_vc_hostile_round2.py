@@ -210,3 +210,17 @@ def test_seed_beyond_64_bits_and_bad_sigma_ranges_are_named(parts):
             sample_sigmas(4, **kw)
     s = sample_sigmas(64, shift=3.0)
     assert bool(((s > 0) & (s <= 1)).all())
+
+
+@pytest.mark.parametrize("zero_pad", [True, False])
+def test_text_mask_values_other_than_one_mean_valid_on_both_paths(zero_pad):
+    from test_dit import make_inputs
+
+    cfg = tiny_config(text_tokens_zero_pad=zero_pad, attn_backend="torch")
+    m = model_from_state_dict(cfg, random_state_dict(cfg, seed=2)).eval()
+    x, t, y, mask = make_inputs(cfg, T=2)
+    assert bool((mask == 0).any())
+    with torch.no_grad():
+        ref = m(x, t, y, encoder_attention_mask=mask)
+        scaled = m(x, t, y, encoder_attention_mask=mask * 2.5)  # 2.5 scaled y by 2.5 with zero-pad
+    assert torch.equal(ref, scaled)
