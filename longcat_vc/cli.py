@@ -358,6 +358,12 @@ def _check_args_before_load(args) -> None:
     if getattr(args, "fuse_lora", False) and getattr(args, "mode", "distill") != "distill":
         raise UsageError(f"--fuse-lora applies to --mode distill (the cfg-step LoRA); --mode {args.mode} runs no LoRA")
     device = _device(args)
+    backend = getattr(args, "attn_backend", None)
+    if device.type == "cpu" and backend == "cuda":
+        raise UsageError("--attn-backend cuda needs a CUDA device (running on cpu); use auto, torch or triton")
+    if device.type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise UsageError("--attn-backend triton on cpu needs TRITON_INTERPRET=1 (the Triton CPU interpreter, slow); "
+                         "use auto or torch")
     if getattr(args, "fp8", False):
         from .fp8 import check_fp8_device
 

@@ -173,6 +173,7 @@ def in_video(tmp_path):
     (["--no-kv-cache", "--offload-kv-cache"], "--offload-kv-cache needs the KV cache"),
     (["--seed", str(2 ** 70)], "--seed must fit in 64 bits"),
     (["--guidance", "inf"], "--guidance must be >= 1 and finite"),
+    (["--device", "cpu", "--attn-backend", "cuda"], "--attn-backend cuda needs a CUDA device"),
 ])
 def test_cli_refuses_ignored_or_unusable_flags_before_loading(tmp_path, capsys, monkeypatch, in_video, extra, expect):
     from longcat_vc import pipeline
