@@ -491,6 +491,10 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     _check_multiplier(multiplier, "load_lora: multiplier")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_lora: path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        # its Linear layers are wrapped by peft: every key would "match no Linear module"
+        raise ValueError("load_lora: the model carries peft adapters (add_lora); save them with save_longcat_lora and "
+                         "load the file into a DiT without peft adapters (or unload them first)")
     fmt, tensors = read_lora_file(path)
     bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:

@@ -225,3 +225,15 @@ def test_text_mask_values_other_than_one_mean_valid_on_both_paths(zero_pad):
         ref = m(x, t, y, encoder_attention_mask=mask)
         scaled = m(x, t, y, encoder_attention_mask=mask * 2.5)  # 2.5 scaled y by 2.5 with zero-pad
     assert torch.equal(ref, scaled)
+
+
+def test_load_lora_on_a_peft_wrapped_dit_says_so(tmp_path, base):
+    pytest.importorskip("peft")
+    from longcat_vc import training as tr
+
+    cfg, sd = base
+    p = str(tmp_path / "l.safetensors")
+    write_longcat_lora(p, cfg, targets=LORA_TARGETS_REFINEMENT, rank=2)
+    m = tr.add_lora(model_from_state_dict(cfg, sd), tr.lora_config(rank=2, alpha=2))
+    with pytest.raises(ValueError, match=r"^load_lora: the model carries peft adapters"):
+        m.get_base_model().load_lora(p, "x")
