@@ -26,7 +26,7 @@ from .._validate import check_backend_name, check_bool, check_sparsity
 from ..grid import as_triple
 from ..ops.block_sparse_attn.api import block_sparse_attn
 from ..ops.kv_cache_attn.api import BlockSparseParams, flash_attn_with_kvcache
-from ..ops.rope.api import Rope3D, qk_norm_rope
+from ..ops.rope.api import Rope3D, apply_rope_3d, qk_norm_rope
 
 __all__ = ["apply_block_sparse_attention", "remove_block_sparse_attention", "BlockSparseWanAttnProcessor"]
 
@@ -39,6 +39,21 @@ class _GridState:
 
     grid: Optional[Tuple[int, int, int]] = None
     _rope: Optional[Rope3D] = None
+    # does the model's own rotary_emb equal Rope3D's tables on this forward? (None: not checked yet;
+    # reset by the hook: a model with another RoPE, e.g. ChronoEdit's temporal skip or another theta,
+    # must not get Rope3D's angles from the fused prologue)
+    rope_ok: Optional[bool] = None
+
+    def rope_matches(self, rotary_emb, head_dim: int, device) -> bool:
+        """Once per forward: rotate a probe with the model's tables and with Rope3D's, compare."""
+        if self.rope_ok is None:
+            cos = rotary_emb[0]
+            probe = torch.ones(1, cos.shape[1], 1, head_dim, dtype=torch.float32, device=device)
+            theirs = _wan_rope(probe, *rotary_emb)
+            ours = apply_rope_3d(probe, self.rope(head_dim, device))
+            self.rope_ok = tuple(theirs.shape) == tuple(ours.shape) and bool(
+                torch.allclose(theirs, ours, rtol=0, atol=1e-4))
+        return self.rope_ok
 
     def rope(self, head_dim: int, device) -> Rope3D:
         """Rope3D of the current grid (Wan's convention is the default one), cached per grid."""
@@ -118,7 +133,8 @@ class BlockSparseWanAttnProcessor:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         fused = hidden_states.is_cuda if self.fused_prologue is None else self.fused_prologue
         # the fused prologue is forward only: training (grad enabled) keeps diffusers' ops
-        if fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1]):
+        if (fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1])
+                and self.state.rope_matches(rotary_emb, query.shape[-1] // attn.heads, query.device)):
             query = query.unflatten(2, (attn.heads, -1))
             key = key.unflatten(2, (attn.heads, -1))
             eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
@@ -232,7 +248,13 @@ def apply_block_sparse_attention(
         diffusers' patch embedding and RoPE floor them).
 
     Raises:
-        TypeError / ValueError: naming the argument, before the model is changed.
+        TypeError / ValueError: naming the argument, before the model is changed; also for a block
+            whose ``attn1`` processor is not diffusers' own (it would be dropped silently) and for
+            Helios (history tokens).
+
+    A model whose RoPE differs from Wan's default (another theta, ChronoEdit's temporal skip) is
+    detected on each forward and keeps its own tables (the fused prologue is then skipped). A
+    ``copy.deepcopy`` of the applied model runs on its own grid state.
     """
     p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):
@@ -265,6 +287,21 @@ def apply_block_sparse_attention(
             "model, or remove first"
         )
     idx = _check_layers(layers, len(transformer.blocks))
+    for i in idx:
+        proc = transformer.blocks[i].attn1.processor
+        name = type(proc).__qualname__
+        if not (type(proc).__module__ or "").startswith("diffusers."):
+            # ours would replace it for plain self-attention and drop whatever it does
+            raise ValueError(
+                f"transformer.blocks[{i}].attn1: its processor {name} is not one of diffusers' own; block-sparse "
+                "attention would replace it and silently drop its behaviour (restore diffusers' processor, or leave "
+                "this block out with layers=)"
+            )
+        if "Helios" in name or "Helios" in type(transformer).__name__:
+            raise TypeError(
+                f"transformer: {type(transformer).__name__} is not supported (its attention passes history tokens "
+                "and extra arguments the Wan processor does not take)"
+            )
     state = _GridState()
 
     def hook(module, args, kwargs):
@@ -272,7 +309,11 @@ def apply_block_sparse_attention(
         if x is None or x.dim() != 5:
             raise ValueError("hidden_states: expected [batch, channels, frames, height, width]")
         _, _, F, H, W = x.shape
-        state.grid = (F // p_t, H // p_h, W // p_w)
+        # the module's own state, not the closure's: a copy.deepcopy of the model (e.g. an EMA copy)
+        # shares this hook function but has its own state and processors
+        st = getattr(module, _ATTR).state
+        st.grid = (F // p_t, H // p_h, W // p_w)
+        st.rope_ok = None
         return None
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)

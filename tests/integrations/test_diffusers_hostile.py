@@ -178,3 +178,54 @@ def test_chunk_longer_than_a_later_grid_axis_is_capped(cdf):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert _untouched(m)
+
+
+def test_fused_prologue_uses_the_models_own_rope():
+    # a model whose RoPE differs from Wan's default (another theta; ChronoEdit's temporal skip) got
+    # Rope3D's default angles from the fused prologue: rel error ~1e-2 at sparsity 0
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    m = _model()
+    m.rope = WanRotaryPosEmbed(HEAD_DIM, (1, 2, 2), 32, theta=1000.0)
+    ref = _run(m, 3, 8, 8, seed=1)
+    apply_block_sparse_attention(m, P(sparsity=0.0, chunk_q=(1, 2, 2)), backend="torch", fused_prologue=True)
+    torch.testing.assert_close(_run(m, 3, 8, 8, seed=1), ref, rtol=1e-4, atol=1e-4)
+    remove_block_sparse_attention(m)
+    m2 = _model()  # the default RoPE still takes the fused path (and agrees)
+    ref2 = _run(m2, 3, 8, 8, seed=1)
+    apply_block_sparse_attention(m2, P(sparsity=0.0, chunk_q=(1, 2, 2)), backend="torch", fused_prologue=True)
+    torch.testing.assert_close(_run(m2, 3, 8, 8, seed=1), ref2, rtol=1e-4, atol=1e-4)
+    assert m2._longcat_block_sparse.state.rope_ok is True
+
+
+def test_deepcopy_of_an_applied_model_uses_its_own_grid():
+    import copy
+
+    m = _model()
+    apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    _run(m, 2, 8, 12, seed=2)  # grid (2, 4, 6)
+    c = copy.deepcopy(m)  # e.g. an EMA copy
+    out = _run(c, 2, 12, 8, seed=3)  # grid (2, 6, 4): same token count, another grid
+    assert c._longcat_block_sparse.state.grid == (2, 6, 4)
+    assert m._longcat_block_sparse.state.grid == (2, 4, 6)  # the original's state untouched
+    fresh = copy.deepcopy(c)
+    remove_block_sparse_attention(fresh)
+    apply_block_sparse_attention(fresh, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    torch.testing.assert_close(out, _run(fresh, 2, 12, 8, seed=3), rtol=0, atol=0)
+
+
+def test_a_custom_attn1_processor_is_not_silently_replaced():
+    m = _model()
+
+    class Half:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *a, **k):
+            return self.inner(*a, **k) * 0.5
+
+    m.blocks[1].attn1.set_processor(Half(m.blocks[1].attn1.processor))
+    with pytest.raises(ValueError, match=r"^transformer.blocks\[1\].attn1: its processor .*Half is not one of diffusers"):
+        apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    assert _untouched(m)
+    apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch", layers=[0])  # left out: fine
