@@ -17,6 +17,7 @@ diffusers is only needed by the caller (this module imports nothing from it).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -221,6 +222,20 @@ def _check_layers(layers, n: int):
     return idx
 
 
+def _grid_hook(patch: Tuple[int, int, int], module, args, kwargs):
+    """Pre-forward hook: records the post-patch grid in the module's own state (not a closure's: a
+    ``copy.deepcopy`` of the model, e.g. an EMA copy, shares the hook but has its own state and
+    processors; a module-level function also lets ``torch.save(model)`` pickle it)."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if x is None or x.dim() != 5:
+        raise ValueError("hidden_states: expected [batch, channels, frames, height, width]")
+    _, _, F, H, W = x.shape
+    st = getattr(module, _ATTR).state
+    st.grid = (F // patch[0], H // patch[1], W // patch[2])
+    st.rope_ok = None
+    return None
+
+
 def apply_block_sparse_attention(
     transformer,
     params: BlockSparseParams,
@@ -304,19 +319,7 @@ def apply_block_sparse_attention(
             )
     state = _GridState()
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("hidden_states")
-        if x is None or x.dim() != 5:
-            raise ValueError("hidden_states: expected [batch, channels, frames, height, width]")
-        _, _, F, H, W = x.shape
-        # the module's own state, not the closure's: a copy.deepcopy of the model (e.g. an EMA copy)
-        # shares this hook function but has its own state and processors
-        st = getattr(module, _ATTR).state
-        st.grid = (F // p_t, H // p_h, W // p_w)
-        st.rope_ok = None
-        return None
-
-    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = transformer.register_forward_pre_hook(functools.partial(_grid_hook, (p_t, p_h, p_w)), with_kwargs=True)
     inst = _Installed(state=state, hook=handle)
     for i in idx:
         attn = transformer.blocks[i].attn1

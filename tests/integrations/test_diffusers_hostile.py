@@ -229,3 +229,16 @@ def test_a_custom_attn1_processor_is_not_silently_replaced():
         apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
     assert _untouched(m)
     apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch", layers=[0])  # left out: fine
+
+
+def test_torch_save_of_an_applied_model_round_trips(tmp_path):
+    # the hook was a closure: "Can't pickle local object 'apply_block_sparse_attention.<locals>.hook'"
+    m = _model()
+    apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    ref = _run(m, 2, 8, 12, seed=4)
+    torch.save(m, tmp_path / "m.pt")
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(_run(m2, 2, 12, 8, seed=5), _run(m, 2, 12, 8, seed=5), rtol=0, atol=0)
+    torch.testing.assert_close(_run(m2, 2, 8, 12, seed=4), ref, rtol=0, atol=0)
+    remove_block_sparse_attention(m2)
+    assert _untouched(m2)
