@@ -258,6 +258,8 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
     # own, aligned copies: safetensors hands out views of the file's bytes at arbitrary offsets, and
     # CPU GEMM kernels pick alignment-dependent paths, so a misaligned adapter could round
     # differently from its aligned copy (the block streamer's device copies: tests/vc/test_memory.py)
+    if not os.path.isfile(os.fspath(path)):  # else "checkpoint file not found" from the DiT loader
+        raise FileNotFoundError(f"LoRA file not found: {os.fspath(path)}")
     tensors = {k: t.clone() for k, t in _open_safetensors_all(os.fspath(path)).items()}
     if not tensors:
         raise ValueError(f"load_lora: {os.fspath(path)} holds no tensors")

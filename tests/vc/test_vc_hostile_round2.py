@@ -237,3 +237,9 @@ def test_load_lora_on_a_peft_wrapped_dit_says_so(tmp_path, base):
     m = tr.add_lora(model_from_state_dict(cfg, sd), tr.lora_config(rank=2, alpha=2))
     with pytest.raises(ValueError, match=r"^load_lora: the model carries peft adapters"):
         m.get_base_model().load_lora(p, "x")
+
+
+def test_missing_lora_file_is_named_as_a_lora(tmp_path, base):
+    cfg, sd = base
+    with pytest.raises(FileNotFoundError, match=r"^LoRA file not found: .*nope.safetensors"):
+        model_from_state_dict(cfg, sd).load_lora(str(tmp_path / "nope.safetensors"), "x")
