@@ -407,7 +407,9 @@ def _fail_early(args) -> None:
         raise UsageError(f"--negative-prompt needs --guidance > 1 (it is {g:g} with --mode {args.mode})")
     if args.offload_kv_cache and args.no_kv_cache:
         raise UsageError("--offload-kv-cache needs the KV cache: drop --no-kv-cache or --offload-kv-cache")
-    if args.seed is not None and not -(2 ** 63) <= args.seed < 2 ** 64:
+    from .stages import _seed_fits
+
+    if args.seed is not None and not _seed_fits(args.seed):
         raise UsageError(f"--seed must fit in 64 bits ([-2**63, 2**64)), got {args.seed}")
     if args.memory != "resident" and args.context_parallel > 1:
         # Block streaming under context parallelism is untested: every rank would stream its own copy.

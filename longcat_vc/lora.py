@@ -252,14 +252,15 @@ class _ModuleSpec:
 
 def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch.Tensor]]:
     """Reads a LoRA ``.safetensors`` file; returns ``(format, tensors)`` with format ``"longcat"``
-    or ``"fastvideo"``. Raises ``ValueError`` for an unreadable file or an unknown format."""
+    or ``"fastvideo"``. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for an
+    unreadable file, non-floating or non-finite tensors, or an unknown format."""
     from .loading import _open_safetensors_all
 
+    if not os.path.isfile(os.fspath(path)):  # else "checkpoint file not found" from the DiT loader
+        raise FileNotFoundError(f"LoRA file not found: {os.fspath(path)}")
     # own, aligned copies: safetensors hands out views of the file's bytes at arbitrary offsets, and
     # CPU GEMM kernels pick alignment-dependent paths, so a misaligned adapter could round
     # differently from its aligned copy (the block streamer's device copies: tests/vc/test_memory.py)
-    if not os.path.isfile(os.fspath(path)):  # else "checkpoint file not found" from the DiT loader
-        raise FileNotFoundError(f"LoRA file not found: {os.fspath(path)}")
     tensors = {k: t.clone() for k, t in _open_safetensors_all(os.fspath(path)).items()}
     if not tensors:
         raise ValueError(f"load_lora: {os.fspath(path)} holds no tensors")
@@ -270,6 +271,10 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
             f"load_lora: {os.fspath(path)} holds non-floating tensor(s): " + ", ".join(ints[:10])
             + (" ..." if len(ints) > 10 else "")
         )
+    bad = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if bad:  # a NaN adapter would turn every output of its module into NaN
+        raise ValueError(f"load_lora({os.fspath(path)!r}): non-finite values (NaN/Inf) in "
+                         + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
     if any(k.startswith(LORA_PREFIX) for k in keys):
         return "longcat", tensors
     if any(re.search(r"\.lora_[AB](\.weight)?$", k) for k in keys):
@@ -498,10 +503,6 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
         raise ValueError("load_lora: the model carries peft adapters (add_lora); save them with save_longcat_lora and "
                          "load the file into a DiT without peft adapters (or unload them first)")
     fmt, tensors = read_lora_file(path)
-    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-    if bad:
-        raise ValueError(f"load_lora({os.fspath(path)!r}): non-finite values (NaN/Inf) in "
-                         + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
     adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
     was_active = name in getattr(model, "_lora_active_names", [])

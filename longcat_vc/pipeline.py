@@ -47,7 +47,7 @@ from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
-    _resize_frames, _Timer,
+    _resize_frames, _seed_fits, _Timer,
 )
 
 __all__ = [
@@ -632,7 +632,7 @@ class VideoContinuationPipeline:
         if generator is None or isinstance(generator, torch.Generator):
             return generator
         if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-            if not -(2 ** 63) <= int(generator) < 2 ** 64:  # torch's seed range (was "Overflow when unpacking")
+            if not _seed_fits(generator):  # was torch's "Overflow when unpacking long long"
                 raise ValueError(f"generator: an int seed must fit in 64 bits ([-2**63, 2**64)), got {generator}")
             return torch.Generator(device=device).manual_seed(int(generator))
         raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")

@@ -126,6 +126,11 @@ def _check_not_ignored(guidance: float, negative_prompt, use_kv_cache: bool, off
         raise ValueError("offload_kv_cache=True needs use_kv_cache=True: without the KV cache there is nothing to offload")
 
 
+def _seed_fits(seed: int) -> bool:
+    """An int seed torch's ``manual_seed`` takes: 64 bits, signed or unsigned ``[-2**63, 2**64)``."""
+    return -(2 ** 63) <= int(seed) < 2 ** 64
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

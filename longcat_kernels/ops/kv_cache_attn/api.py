@@ -159,6 +159,14 @@ def _frame_hw(hw) -> Tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
+def _check_params_selection(bs: BlockSparseParams, q, k, grid_q, grid_k) -> None:
+    """``bs.selection`` against q, the key grid and ``bs``'s chunks (chunk_q at its default counts as
+    not given), with errors named ``block_sparse.*``."""
+    check_selection(bs.selection, q, k, grid_q, grid_k,
+                    None if tuple(bs.chunk_q) == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
+                    prefix="block_sparse.")
+
+
 def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     """Validated BlockSparseParams with frame_hw filled in."""
     if not isinstance(bs, BlockSparseParams):
@@ -187,9 +195,7 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     else:
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
-        check_selection(bs.selection, q, k_all, grid_q, grid_k,
-                        None if tuple(bs.chunk_q) == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
-                        prefix="block_sparse.")
+        _check_params_selection(bs, q, k_all, grid_q, grid_k)
     return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck)
 
 
@@ -426,9 +432,7 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     kw = dict(grid_q=grid_q, grid_k=grid_k, scale=scale, backend=backend, return_lse=return_lse)
     if bs.selection is not None:
         if not compiling():
-            check_selection(bs.selection, q, k, grid_q, grid_k,
-                            None if tuple(bs.chunk_q) == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
-                            prefix="block_sparse.")
+            _check_params_selection(bs, q, k, grid_q, grid_k)
         return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
     return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,
                              cdf_threshold=bs.cdf_threshold, **kw)
