@@ -187,6 +187,33 @@ def interleaved(
     return {name: statistics.median(v) for name, v in per.items()}, per
 
 
+def ab_parser(doc: str, *, budget: float, cases: str, cases_help: str | None = None):
+    """The options every side-by-side dev script (``bench/dev/*_gpu.py`` A/B runs) takes: ``--out``,
+    ``--rounds``, ``--budget`` (seconds per timed function per round), ``--cases``."""
+    import argparse  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget", type=float, default=budget, help="seconds per timed function per round")
+    p.add_argument("--cases", default=cases, help=cases_help)
+    return p
+
+
+def ab_results(shape: dict) -> dict | None:
+    """The results skeleton of such a script with ``bench.machine``'s header (date, commit,
+    versions, driver, clocks); None, after saying why on stderr, without a CUDA GPU."""
+    import sys  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return None
+    from bench.machine import machine_header  # noqa: PLC0415
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine_header("cuda"),
+            "shape": shape, "cases": []}
+
+
 def matmul_peak_tflops(
     device: torch.device | str,
     dtype: torch.dtype = torch.bfloat16,

@@ -14,14 +14,13 @@ one contiguous run of rows. This times both, plus the permutation passes a wrapp
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
 import longcat_kernels as lk
-from bench.timing import TimingPolicy, interleaved
+from bench.timing import TimingPolicy, ab_parser, ab_results, interleaved
 from longcat_kernels.ops.block_sparse_attn.cuda import ops as cuda_ops
 from longcat_kernels.ops.block_sparse_attn.selection import BlockSelection
 from longcat_kernels.testing import make_qkv, make_video_qkv
@@ -125,17 +124,10 @@ def case(kind, sparsity, rounds, budget) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget", type=float, default=0.5, help="seconds per timed function per round")
-    p.add_argument("--cases", default="video:0.9375,random:0.9375")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    args = ab_parser(__doc__, budget=0.5, cases="video:0.9375,random:0.9375").parse_args()
+    res = ab_results({"B": B, "H": H, "D": D, "grid": GRID, "chunk": CHUNK, "dtype": "bf16"})
+    if res is None:
         return 2
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": {
-        "B": B, "H": H, "D": D, "grid": GRID, "chunk": CHUNK, "dtype": "bf16"}, "cases": []}
     bad = 0
     for spec in args.cases.split(","):
         kind, s = spec.split(":")

@@ -11,14 +11,13 @@ interleaved rounds, medians. To compare two builds of the kernel, run it from tw
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 
 import longcat_kernels as lk
-from bench.timing import TimingPolicy, interleaved
+from bench.timing import TimingPolicy, ab_parser, ab_results, interleaved
 from longcat_kernels.dispatch import impl_fn
 from longcat_kernels.ops.block_sparse_attn.cuda import ops, selection_args
 from longcat_kernels.testing import make_qkv, make_video_qkv
@@ -73,18 +72,12 @@ def case(kind, sparsity, rounds, budget, triton_timed=True) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget", type=float, default=0.4, help="seconds per timed function per round")
+    p = ab_parser(__doc__, budget=0.4, cases="video:0.9375,random:0.9375,video:0.875,random:0.875")
     p.add_argument("--no-triton", action="store_true", help="time the csrc kernel only")
-    p.add_argument("--cases", default="video:0.9375,random:0.9375,video:0.875,random:0.875")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    res = ab_results({"B": B, "H": H, "D": D, "grid": GRID, "chunk": CHUNK, "dtype": "bf16"})
+    if res is None:
         return 2
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": {
-        "B": B, "H": H, "D": D, "grid": GRID, "chunk": CHUNK, "dtype": "bf16"}, "cases": []}
     bad = 0
     for spec in args.cases.split(","):
         kind, s = spec.split(":")

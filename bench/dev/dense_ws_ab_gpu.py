@@ -14,14 +14,13 @@ new, old, new, old); each prints one line per case.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.timing import TimingPolicy, interleaved
+from bench.timing import TimingPolicy, ab_parser, ab_results, interleaved
 from longcat_kernels.ops.block_sparse_attn.cuda import ops
 
 B, H, D = 2, 32, 128
@@ -94,18 +93,12 @@ def case(c, rounds, budget, cudnn_timed=True) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget", type=float, default=0.4, help="seconds per timed function per round")
+    p = ab_parser(__doc__, budget=0.4, cases="4,16,0", cases_help="cond latents per case (0: self-attention, no cache)")
     p.add_argument("--no-cudnn", action="store_true", help="time the csrc kernel only")
-    p.add_argument("--cases", default="4,16,0", help="cond latents per case (0: self-attention, no cache)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    res = ab_results({"B": B, "H": H, "D": D, "grid": [T, 30, 52], "dtype": "bf16"})
+    if res is None:
         return 2
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "shape": {"B": B, "H": H, "D": D, "grid": [T, 30, 52], "dtype": "bf16"}, "cases": []}
     bad = 0
     for c in (int(x) for x in args.cases.split(",")):
         r = case(c, args.rounds, args.budget, not args.no_cudnn)
