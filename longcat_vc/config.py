@@ -26,6 +26,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from longcat_kernels._validate import check_sparsity
+from longcat_kernels.grid import as_triple
+from longcat_kernels.ops.block_sparse_attn.api import DEFAULT_SPARSITY
+
 __all__ = ["DiTConfig", "ATTN_BACKENDS"]
 
 ATTN_BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -49,20 +53,15 @@ _BSA_KEYS = ("sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k"
 
 
 def _check_bsa_params(p: Dict[str, Any]) -> None:
-    """The values of ``bsa_params`` at load time (else a bad one fails only at the first BSA forward)."""
-    def real(v):
-        return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-    sp, cdf = p.get("sparsity"), p.get("cdf_threshold")
-    if sp is not None and not (real(sp) and 0 <= sp < 1):
-        raise ValueError(f"DiTConfig.bsa_params.sparsity: expected a number in [0, 1) or null, got {sp!r}")
-    if cdf is not None and not (real(cdf) and 0 <= cdf <= 1):
-        raise ValueError(f"DiTConfig.bsa_params.cdf_threshold: expected a number in [0, 1] or null, got {cdf!r}")
-    for key in ("chunk_3d_shape_q", "chunk_3d_shape_k"):
-        c = p.get(key)
-        if c is not None and not (isinstance(c, (list, tuple)) and len(c) == 3 and all(
-                isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in c)):
-            raise ValueError(f"DiTConfig.bsa_params.{key}: expected three positive ints or null, got {c!r}")
+    """The values of ``bsa_params`` at load time (else a bad one fails only at the first BSA forward):
+    the kernels' own checks, on the settings ``DiTConfig.bsa_settings`` will pass them."""
+    try:
+        check_sparsity(p.get("sparsity", DEFAULT_SPARSITY), p.get("cdf_threshold"))
+        for key in ("chunk_3d_shape_q", "chunk_3d_shape_k"):
+            if p.get(key) is not None:
+                as_triple(p[key], key)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"DiTConfig.bsa_params: {e}") from None
 
 
 @dataclass
@@ -170,7 +169,7 @@ class DiTConfig:
         p = dict(self.bsa_params or {})
         chunk_q = tuple(p.get("chunk_3d_shape_q") or (4, 4, 4))
         chunk_k = tuple(p.get("chunk_3d_shape_k") or chunk_q)
-        sparsity = p.get("sparsity", 0.9375)
+        sparsity = p.get("sparsity", DEFAULT_SPARSITY)
         cdf = p.get("cdf_threshold", None)
         return {"sparsity": sparsity, "cdf_threshold": cdf, "chunk_q": chunk_q, "chunk_k": chunk_k}
 

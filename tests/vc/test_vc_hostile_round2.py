@@ -83,9 +83,15 @@ def test_dit_out_channels_must_match_the_vae(parts):
     ("patch_size", [1, 2.7, 2], ValueError, "patch_size: expected three ints"),  # was truncated to 2
     ("mlp_ratio", "4", ValueError, "mlp_ratio: expected a positive finite number"),
     ("mlp_ratio", float("nan"), ValueError, "mlp_ratio: expected a positive finite number"),
-    ("bsa_params", {"sparsity": 1.5}, ValueError, r"bsa_params.sparsity: expected a number in \[0, 1\)"),
-    ("bsa_params", {"chunk_3d_shape_q": [0, 4, 4]}, ValueError, "bsa_params.chunk_3d_shape_q: expected three positive"),
-    ("bsa_params", {"cdf_threshold": "0.9"}, ValueError, r"bsa_params.cdf_threshold: expected a number in \[0, 1\]"),
+    # bsa_params go through the kernels' own checks at load time, on the settings the DiT will pass
+    ("bsa_params", {"sparsity": 1.5}, ValueError, r"bsa_params: sparsity: expected a float in \[0, 1\)"),
+    ("bsa_params", {"chunk_3d_shape_q": [0, 4, 4]}, ValueError, "bsa_params: chunk_3d_shape_q: expected 3 positive"),
+    ("bsa_params", {"chunk_3d_shape_k": [4, 4.0, 4]}, TypeError, "bsa_params: chunk_3d_shape_k: expected a tuple of 3"),
+    ("bsa_params", {"cdf_threshold": "0.9"}, TypeError, r"bsa_params: cdf_threshold: expected a float in \[0, 1\]"),
+    ("bsa_params", {"cdf_threshold": float("nan")}, ValueError, r"bsa_params: cdf_threshold: expected a float"),
+    # both rules off: was accepted at load and failed at the first BSA forward
+    ("bsa_params", {"sparsity": None, "cdf_threshold": None}, ValueError, "bsa_params: sparsity/cdf_threshold: "
+     "expected at least one selection rule"),
 ])
 def test_config_field_types(field, value, exc, msg):
     with pytest.raises(exc, match=rf"^DiTConfig.{msg}"):
