@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(Kernel<T, D, BM, kSparse>::kThreads)
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int r = row0 + g + 8 * e;
     const int tok = sQTok[r];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l == 0.f ? 0.f : 1.f / l;  // NaN l (a NaN reached the row) stays NaN
     if (tok >= 0) {
       T* po = ob + (int64_t)tok * p.o_ss;
 #pragma unroll
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(Kernel<T, D, BM, kSparse>::kThreads)
       }
       if (tq == 0 && lb != nullptr) {
         // m_r is in log2 units: lse = ln(2) * (m + log2(l)); -inf when nothing was visited.
-        lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+        lb[tok] = l == 0.f ? -INFINITY : 0.6931471805599453f * (m_r[e] + __log2f(l));
       }
     }
   }

@@ -286,12 +286,12 @@ __device__ __forceinline__ void ws_body(const WsParams& p, unsigned char* smem) 
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int tok = m_tile * kWsBM + cw * 64 + warp * 16 + g + 8 * e;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l == 0.f ? 0.f : 1.f / l;  // NaN l (a NaN reached the row) stays NaN
     if (tok < p.sq) {
       T* po = ob + (int64_t)tok * p.o_ss;
 #pragma unroll
       for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
-      if (tq == 0 && lb != nullptr) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+      if (tq == 0 && lb != nullptr) lb[tok] = l == 0.f ? -INFINITY : 0.6931471805599453f * (m_r[e] + __log2f(l));
     }
   }
 }

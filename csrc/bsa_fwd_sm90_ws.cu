@@ -443,13 +443,13 @@ __device__ __forceinline__ void bsa_ws_body(const BsaWsParams& p, unsigned char*
     const int r = warp * 16 + g + 8 * e;
     const int geo = qtab[r];
     const int t = qt0 + (geo & 255), hh = qh0 + ((geo >> 8) & 255), w = qw0 + (geo >> 16);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l == 0.f ? 0.f : 1.f / l;  // NaN l (a NaN reached the row) stays NaN
     if (t < p.gq[0] && hh < p.gq[1] && w < p.gq[2]) {
       const int tok = (t * p.gq[1] + hh) * p.gq[2] + w;
       T* po = ob + (int64_t)tok * p.o_ss;
 #pragma unroll
       for (int i = 0; i < 16; ++i) M::store2(po + i * 8 + 2 * tq, o[i][2 * e] * inv, o[i][2 * e + 1] * inv);
-      if (tq == 0 && lb != nullptr) lb[tok] = l > 0.f ? 0.6931471805599453f * (m_r[e] + __log2f(l)) : -INFINITY;
+      if (tq == 0 && lb != nullptr) lb[tok] = l == 0.f ? -INFINITY : 0.6931471805599453f * (m_r[e] + __log2f(l));
     }
   }
 }

@@ -185,3 +185,69 @@ def test_cuda_ops_skip_lse_when_not_asked(kernel):
     o1, l1 = ops().prefix_attn_fwd_cuda(q, k, v, 64, 0.1, kernel)
     o0, l0 = ops().prefix_attn_fwd_cuda(q, k, v, 64, 0.1, kernel, False)
     assert l1.shape == (B, H, S) and l0.numel() == 0 and torch.equal(o0, o1)
+
+
+# ---------------------------------------------------------------- a NaN reaching a row
+# NaN in, NaN out, in the lse too: the kernels used to call a NaN row sum "no key seen" (``l > 0``
+# false) and write lse = -inf, the value SPEC 12 gives rows that attend to nothing, so a ring
+# merge or a caller masking empty rows dropped the NaN (the output row was NaN either way).
+_NAN_ROW, _NAN_HEAD = 37, 1
+
+
+def _nan_q(B, S, H, D, dt):
+    q = _rand(B, S, H, D, dtype=dt)
+    q[0, _NAN_ROW, _NAN_HEAD, 3] = float("nan")
+    return q
+
+
+def _check_nan_row(out, lse, name):
+    assert out.shape[:3] == (lse.shape[0], lse.shape[2], lse.shape[1])
+    assert torch.isnan(lse[0, _NAN_HEAD, _NAN_ROW]), f"{name}: lse of the NaN row is {lse[0, _NAN_HEAD, _NAN_ROW]}"
+    assert torch.isnan(out[0, _NAN_ROW, _NAN_HEAD]).all(), name
+    ok = torch.ones(lse.shape, dtype=torch.bool, device=lse.device)
+    ok[0, _NAN_HEAD, _NAN_ROW] = False
+    assert torch.isfinite(lse[ok]).all(), f"{name}: other rows not finite"
+    assert torch.isfinite(out.transpose(1, 2)[ok]).all(), f"{name}: other rows not finite"
+
+
+def _nan_row_all_ops(backend, D, dt):
+    B, H, grid, hw = 1, 2, (4, 8, 8), (8, 8)
+    S = 256
+    q = _nan_q(B, S, H, D, dt)
+    k, v = _rand(B, S, H, D, dtype=dt), _rand(B, S, H, D, dtype=dt)
+    kc, vc = _rand(1, 128, H, D, dtype=dt), _rand(1, 128, H, D, dtype=dt)
+    _check_nan_row(*lk.attn_with_kv_cache(q, k, v, kc, vc, backend=backend, return_lse=True), "kv cache")
+    _check_nan_row(*lk.prefix_attn(q, k, v, 64, backend=backend, return_lse=True), "prefix")
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(4, 4, 4), frame_hw=hw)
+    _check_nan_row(*lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend=backend, return_lse=True),
+                   "kv cache, block-sparse")
+    _check_nan_row(*lk.block_sparse_attn(q, k, v, grid_q=grid, sparsity=0.5, backend=backend, return_lse=True),
+                   "block_sparse_attn")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_row_gives_nan_lse(backend):
+    _nan_row_all_ops(backend, 32, torch.float32)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_nan_row_gives_nan_lse_gpu(backend):
+    _nan_row_all_ops(backend, 128, torch.bfloat16)
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("kernel", ["sm90_ws", "sm90", "sm80"])
+def test_nan_row_gives_nan_lse_each_csrc_kernel(kernel):
+    """The raw csrc ops of every kernel family (``auto`` would pick one)."""
+    from longcat_kernels._ext import csrc_kernels
+    from longcat_kernels.ops.block_sparse_attn.cuda import ops, selection_args
+
+    if kernel not in csrc_kernels():
+        pytest.skip(f"kernel {kernel!r} not in this build/device ({csrc_kernels()})")
+    B, H, D, S, dt = 1, 2, 128, 256, torch.bfloat16
+    q = _nan_q(B, S, H, D, dt)
+    k, v = _rand(B, S, H, D, dtype=dt), _rand(B, S, H, D, dtype=dt)
+    sel = lk.select_blocks(q, k, grid_q=(4, 8, 8), sparsity=0.5)
+    _check_nan_row(*ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(sel), 0.1, kernel), f"bsa [{kernel}]")
+    _check_nan_row(*ops().kv_cache_attn_fwd_cuda(q, k, v, k, v, *[None] * 6, 0, 0, 0.1, kernel), f"kv [{kernel}]")
+    _check_nan_row(*ops().prefix_attn_fwd_cuda(q, k, v, 64, 0.1, kernel), f"prefix [{kernel}]")

@@ -78,7 +78,9 @@ def block_sparse_attn_reference(
         # NaN value (0 * NaN in dO @ v^T), would reach dq of token 0 through the gather
         q_ok = (tq[n0:n1] >= 0).view(1, 1, g, bq, 1)
         qb = torch.where(q_ok, qb, torch.zeros((), dtype=qb.dtype, device=dev))
-        sel = idx[:, :, n0:n1].clamp(min=0)  # [B, H, g, w]
+        # slots past a row's count are ignored whatever they hold (BlockSelection promises -1 there,
+        # a hand-built one may carry any id: the kernels never read them): gather block 0, masked
+        sel = torch.where(sel_valid[:, :, n0:n1], idx[:, :, n0:n1], 0).clamp(min=0)  # [B, H, g, w]
         ktok = tk[sel]  # [B, H, g, w, bk]
         kvalid = (ktok >= 0) & sel_valid[:, :, n0:n1, :, None]
         ktok = ktok.clamp(min=0).reshape(B, H, g, L)  # any layout of selection.indices

@@ -201,7 +201,7 @@ def kv_cache_attn_fwd_kernel(
                                         stride_v2d, BLOCK_N, True, DOT_PREC, WS)
 
     # rows that saw no key at all (only possible when L1 + L2 == 0) output 0, never NaN
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    l_safe = tl.where(l_i == 0, 1.0, l_i)  # a NaN l stays NaN
     b_o = acc / l_safe[:, None]
     p_o = (O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
            + offs_d[None, :] * stride_od)
@@ -212,9 +212,10 @@ def kv_cache_attn_fwd_kernel(
 
 @triton.jit
 def _store_lse(p_l, m_i, l_i, mask):
-    """lse = ln 2 * (m + log2 l) of an online softmax kept in log2 units; -inf where no key was seen."""
-    lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    """lse = ln 2 * (m + log2 l) of an online softmax kept in log2 units; -inf where no key was seen
+    (l == 0), NaN where a NaN reached the row (l NaN: ``l > 0`` would have called it empty)."""
+    lse = tl.where(l_i == 0, float("-inf"),
+                   (m_i + tl.math.log2(tl.where(l_i == 0, 1.0, l_i))) * 0.6931471805599453)
     tl.store(p_l, lse, mask=mask)
 
 
@@ -337,7 +338,7 @@ def kv_cache_bsa_fwd_kernel(
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
         m_i = m_new
     # a query block with no selected key block outputs zeros, never NaN
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    l_safe = tl.where(l_i == 0, 1.0, l_i)  # a NaN l stays NaN
     b_o = acc / l_safe[:, None]
     p_o = O + b * stride_ob + h * stride_oh + seq_q[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])

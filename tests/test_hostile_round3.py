@@ -1,0 +1,32 @@
+"""Hostile inputs found by the third audit (2026-12-06): each test fails on the code before its fix."""
+
+import pytest
+import torch
+
+import longcat_kernels as lk
+from longcat_kernels.testing import assert_close, attention_lowp, attention_oracle, bsa_token_mask
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selection_slots_past_counts_are_ignored(backend):
+    # a hand-built selection with junk (not -1) after each row's count: the kernels never read those
+    # slots, the torch reference gathered them (IndexError on CPU, a device assert on CUDA)
+    grid, chunk, B, H, D = (2, 4, 4), (1, 2, 2), 2, 2, 16
+    q, k, v = (torch.randn(B, 32, H, D) for _ in range(3))
+    nb, w = 8, 5
+    cnt = torch.randint(0, w + 1, (B, H, nb), dtype=torch.int32)
+    idx = torch.stack([torch.randperm(nb)[:w] for _ in range(B * H * nb)]).view(B, H, nb, w).int()
+    slot = torch.arange(w)
+    junk = torch.where(slot < cnt[..., None], idx, torch.randint(nb, 10**6, idx.shape, dtype=torch.int32))
+    clean = torch.where(slot < cnt[..., None], idx, -1)
+    sel_j = lk.BlockSelection(junk, cnt, grid, grid, chunk, chunk)
+    sel_c = lk.BlockSelection(clean, cnt, grid, grid, chunk, chunk)
+    out, lse = lk.block_sparse_attn(q, k, v, selection=sel_j, backend=backend, return_lse=True)
+    mask = bsa_token_mask(sel_c.to_mask(), grid, grid, chunk, chunk)
+    ref, ref_lse = attention_oracle(q, k, v, mask, D**-0.5)
+    assert_close(out, ref, attention_lowp(q, k, v, mask, D**-0.5), name=f"junk tail [{backend}]")
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
