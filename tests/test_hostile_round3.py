@@ -30,3 +30,38 @@ def test_selection_slots_past_counts_are_ignored(backend):
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
+
+
+def test_backend_env_cuda_leaves_gating_to_a_backend_that_has_it(monkeypatch):
+    # LONGCAT_KERNELS_BACKEND=cuda replaced the "auto" of the internal gating call too, and
+    # select_blocks has no csrc kernel: every block-sparse call without a selection failed there
+    from longcat_kernels.ops.block_sparse_attn.api import gating_backend
+
+    q = torch.randn(1, 64, 2, 16)
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "cuda")
+    assert gating_backend("auto", q) == "torch" and gating_backend("cuda", q) == "torch"
+    # the attention call now fails where it should: the cuda attention on CPU tensors, not the gating
+    with pytest.raises(lk.BackendUnavailableError, match="^block_sparse_attn"):
+        lk.block_sparse_attn(q, q, q, grid_q=(4, 4, 4), chunk_q=(2, 2, 2), sparsity=0.5)
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "torch")
+    assert gating_backend("auto", q) == "torch"
+    monkeypatch.delenv("LONGCAT_KERNELS_BACKEND")
+    assert gating_backend("auto", q) == "auto"
+
+
+@pytest.mark.ext
+def test_backend_env_cuda_runs_block_sparse_calls(monkeypatch):
+    from longcat_kernels.dispatch import last_choice
+
+    dev, dt, hw = "cuda", torch.bfloat16, (8, 8)
+    q, k, v = (torch.randn(1, 256, 2, 128, device=dev, dtype=dt) for _ in range(3))
+    kc, vc = (torch.randn(1, 128, 2, 128, device=dev, dtype=dt) for _ in range(2))
+    ref = lk.block_sparse_attn(q, k, v, grid_q=(4, 8, 8), sparsity=0.5, backend="cuda")
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(4, 4, 4), frame_hw=hw)
+    ref_kv = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="cuda")
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "cuda")
+    out = lk.block_sparse_attn(q, k, v, grid_q=(4, 8, 8), sparsity=0.5)
+    assert last_choice("block_sparse_attn").backend == "cuda"
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    out = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs)
+    torch.testing.assert_close(out, ref_kv, atol=0, rtol=0)
