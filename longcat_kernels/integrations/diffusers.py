@@ -93,7 +93,8 @@ class BlockSparseWanAttnProcessor:
             mask) go there unchanged.
         backend (str): longcat-kernels backend.
         dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
-            block-sparse kernel (same result, the faster kernel).
+            block-sparse kernel (same result, the faster kernel); PyTorch SDPA where gradients are
+            needed (the dense op is forward only).
         fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
             ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
             tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
@@ -151,7 +152,11 @@ class BlockSparseWanAttnProcessor:
                 query = _wan_rope(query, *rotary_emb)
                 key = _wan_rope(key, *rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
-        if self._dense():
+        if self._dense() and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            # training: the dense op is forward only; SDPA is the same attention with a backward
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
+        elif self._dense():
             out = flash_attn_with_kvcache(query, key, value, backend=self.backend)
         else:
             p = self.params

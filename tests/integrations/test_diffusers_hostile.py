@@ -242,3 +242,26 @@ def test_torch_save_of_an_applied_model_round_trips(tmp_path):
     torch.testing.assert_close(_run(m2, 2, 8, 12, seed=4), ref, rtol=0, atol=0)
     remove_block_sparse_attention(m2)
     assert _untouched(m2)
+
+
+def test_training_at_sparsity_zero_matches_diffusers_gradients():
+    # dense_at_zero sent training forwards to the forward-only dense op: backward raised
+    # "flash_attn_with_kvcache is forward-only" from a call the user never made
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    txt = torch.randn(1, 7, TEXT_DIM, generator=g)
+
+    def grads(m):
+        m.train()
+        out = m(hidden_states=x, timestep=torch.tensor([300]), encoder_hidden_states=txt, return_dict=False)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_out, ref = grads(_model())
+    m = _model()
+    apply_block_sparse_attention(m, P(sparsity=0.0, chunk_q=(1, 2, 2)), backend="torch")
+    out, got = grads(m)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert got.keys() == ref.keys() and any("attn1.to_q" in n for n in got)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
