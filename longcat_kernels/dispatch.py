@@ -81,8 +81,9 @@ KERNEL_DTYPES = ("float16", "bfloat16", "float32")
 # The Triton CPU interpreter emulates tensors with numpy, which has no bfloat16: bf16 loads, stores
 # and tl.dot come out as garbage instead of failing, so only these dtypes may run there.
 INTERPRETER_DTYPES = ("float16", "float32")
-# ops whose Triton kernels have no backward
-TRITON_FORWARD_ONLY = ("qk_norm_rope", "fp8_quantize")
+# ops whose Triton kernels (and csrc kernels) have no backward: "auto" takes the differentiable torch
+# reference when gradients are needed (attn_with_kv_cache refuses them in its API instead)
+TRITON_FORWARD_ONLY = ("qk_norm_rope", "fp8_quantize", "prefix_attn", "attn_with_kv_cache")
 # fp8_quantize: the Triton kernel keeps a whole row in registers
 FP8_MAX_COLS = 16384
 # largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)

@@ -65,3 +65,20 @@ def test_backend_env_cuda_runs_block_sparse_calls(monkeypatch):
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     out = lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs)
     torch.testing.assert_close(out, ref_kv, atol=0, rtol=0)
+
+
+def test_prefix_attn_needing_grad_takes_the_reference_under_auto():
+    # on CUDA, auto picked a forward-only kernel (triton_prologue_cudnn / triton_fused) for inputs
+    # that need grad, which then raised; on CPU auto ran the differentiable reference
+    from longcat_kernels.dispatch import Facts, choose_kernel
+
+    gpu = Facts(device_type="cuda", dtype="bfloat16", head_dim=128, cudnn=True, csrc_kernels=("sm90_ws", "sm90", "sm80"),
+                requires_grad=True)
+    assert choose_kernel("prefix_attn", gpu, "auto").impl == "torch_reference"
+    for be in ("triton", "cuda"):
+        with pytest.raises(lk.BackendUnavailableError, match="forward only"):
+            choose_kernel("prefix_attn", gpu, be)
+    assert choose_kernel("prefix_attn", gpu._replace(requires_grad=False), "auto").impl == "csrc_sm90_ws"
+    # and the gradient the reference gives is attention's (fp64 autograd on the oracle)
+    q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.autograd.gradcheck(lambda a, b, c: lk.prefix_attn(a, b, c, 5), (q, k, v))
