@@ -97,7 +97,12 @@ class LongCatDiT(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; KV caches built before are stale afterwards (the state
-        counter is bumped even if every copy happened to keep the version counters)."""
+        counter is bumped even if every copy happened to keep the version counters). Refused while
+        LoRAs are fused into the weights (the loaded weights would lose them while the model still
+        counted them as fused, and a later unfuse would subtract them from the loaded weights)."""
+        fused = sorted({a.name for m in self.modules() for a in getattr(m, "lora_fused", ())})
+        if fused:
+            raise RuntimeError(f"load_state_dict: LoRA {fused} fused into the weights; call unfuse_lora() first")
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:

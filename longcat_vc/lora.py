@@ -109,6 +109,11 @@ class LoRAAdapter:
         if key == "multiplier":
             _check_multiplier(value, "multiplier")
             value = float(value)
+        if key in ("multiplier", "down", "parts") and self.__dict__.get("_fused"):
+            # the weights hold W + delta(old value): unfusing would subtract delta(new value)
+            raise RuntimeError(
+                f"LoRA {self.name!r}: {key} cannot change while the adapter is fused into the weights; "
+                "call unfuse_lora() first (and fuse_lora() again after the change)")
         super().__setattr__(key, value)
         owner = self.__dict__.get("_owner")
         model = owner() if owner is not None else None
@@ -173,6 +178,8 @@ class LoRALinear(nn.Linear):
         delta = sum(a.delta_weight(torch.float32) for a in self.lora_active)
         self.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
         self.lora_fused = list(self.lora_active)
+        for a in self.lora_fused:
+            object.__setattr__(a, "_fused", True)
 
     @torch.no_grad()
     def _unfuse(self) -> None:
@@ -180,6 +187,8 @@ class LoRALinear(nn.Linear):
             return
         delta = sum(a.delta_weight(torch.float32) for a in self.lora_fused)
         self.weight.copy_((self.weight.float() - delta.to(self.weight.device)).to(self.weight.dtype))
+        for a in self.lora_fused:
+            object.__setattr__(a, "_fused", False)
         self.lora_fused = []
 
 

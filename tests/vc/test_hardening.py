@@ -48,6 +48,14 @@ CHANGES = ["enable", "disable", "fuse", "unfuse", "multiplier", "reload_lora", "
 
 
 def _apply(change, m, lora, sd):
+    if change in ("multiplier", "load_state_dict") and any(getattr(x, "lora_fused", None) for x in m.modules()):
+        # refused while fused (the unfuse would subtract another delta): unfuse, then change
+        with pytest.raises(RuntimeError, match="fused"):
+            if change == "multiplier":
+                m.blocks[0].attn.qkv.lora_adapters["a"].multiplier = 0.3
+            else:
+                m.load_state_dict(sd)
+        m.unfuse_lora()
     if change == "enable":
         m.enable_loras(["a"])
     elif change == "disable":
