@@ -9,6 +9,7 @@
         --out OUT.mp4 [same options]
     longcat-vc continue ... --refine [--spatial-only] [--t-thresh 0.5]
         (480p continuation, then 720p refinement: 30 fps output; SPEC 11)
+    longcat-vc continue ... --stage1-out STAGE1.mp4   (also write the generated clip for `refine`)
     longcat-vc refine STAGE1.mp4 --video INPUT --prompt TEXT --checkpoint DIR --out OUT.mp4
         [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
         [--memory resident|balanced|low] [--offload-kv-cache] [--fp8] [--vae-tiling]
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Continue INPUT by one clip of --frames frames.")
     pc.add_argument("--prompt", required=True, metavar="TEXT", help="what happens next")
     _add_common(pc)
+    pc.add_argument("--stage1-out", default=None, metavar="STAGE1.mp4",
+                    help="also write the generated clip as the model decoded it (its --frames frames, cond "
+                         "frames included, at the model's size): the STAGE1 that `longcat-vc refine` takes")
     _add_refine_flags(pc, with_switch=True)
     pe = sub.add_parser("extend", help="long video: chain several continuation clips",
                         description="Chain --segments continuations, each conditioned on the last "
@@ -145,10 +149,13 @@ def _add_refine_flags(p: argparse.ArgumentParser, *, with_switch: bool) -> None:
 
 def _add_refine_parser(sub) -> None:
     pr = sub.add_parser("refine", help="refine a 480p continuation to 720p / 30 fps",
-                        description="Refine STAGE1 (every frame of a 480p continuation, cond frames included) to "
-                                    "720p with the refinement LoRA and block-sparse attention; the cond frames "
-                                    "come from --video, the original input, at about 30 fps.")
-    pr.add_argument("stage1", metavar="STAGE1.mp4", help="the stage-1 frames (video file or frame folder), used as they are")
+                        description="Refine STAGE1 (every frame of a 480p continuation, cond frames included, "
+                                    "as `longcat-vc continue --stage1-out` writes it) to 720p with the refinement "
+                                    "LoRA and block-sparse attention; the cond frames come from --video, the "
+                                    "original input, at about 30 fps.")
+    pr.add_argument("stage1", metavar="STAGE1.mp4",
+                    help="the stage-1 clip (video file or frame folder), used as it is: `continue --stage1-out`, "
+                         "not `continue --out` (which holds the whole input before the new frames)")
     pr.add_argument("--video", default=None, metavar="INPUT",
                     help="the original input video (cond frames); omitted: refine without cond frames")
     pr.add_argument("--prompt", default="", metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
@@ -355,6 +362,12 @@ def _check_args_before_load(args) -> None:
         _check_out_path(args.timings_json, paths + [args.out], flag="--timings-json", suffix=None)
         if _same_path(args.timings_json, args.out):
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
+    stage1_out = getattr(args, "stage1_out", None)
+    if stage1_out is not None:
+        _check_out_path(stage1_out, paths, flag="--stage1-out")
+        for flag, other in (("--out", args.out), ("--timings-json", args.timings_json)):
+            if other and _same_path(stage1_out, other):
+                raise UsageError(f"--stage1-out {stage1_out} is the same file as {flag}")
     if getattr(args, "fuse_lora", False) and getattr(args, "mode", "distill") != "distill":
         raise UsageError(f"--fuse-lora applies to --mode distill (the cfg-step LoRA); --mode {args.mode} runs no LoRA")
     device = _device(args)
@@ -380,6 +393,15 @@ def _check_input_frames(video, args) -> None:
         raise UsageError(
             f"{args.input}: {video.num_frames} frames{sub}, fewer than --cond-frames {args.cond_frames}"
         )
+
+
+def _world_size() -> int:
+    """``WORLD_SIZE`` (set by torchrun; 1 when unset) as an int, or a UsageError naming it."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE: expected an int (torchrun sets it), got {raw!r}") from None
 
 
 def _fail_early(args) -> None:
@@ -418,7 +440,7 @@ def _fail_early(args) -> None:
         raise UsageError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     if args.cfg_parallel and (args.context_parallel < 2 or args.context_parallel % 2):
         raise UsageError(f"--cfg-parallel needs --context-parallel N with an even N >= 2, got {args.context_parallel}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size() if args.context_parallel > 1 else 1
     if args.context_parallel > 1 and world != args.context_parallel:
         raise UsageError(
             f"--context-parallel {args.context_parallel} needs {args.context_parallel} processes (WORLD_SIZE={world}): "
@@ -480,6 +502,11 @@ def _run(args) -> int:
     if getattr(args, "refine", False):
         if args.context_parallel > 1:
             raise UsageError("--refine does not run context-parallel yet; drop --context-parallel")
+        if args.fp8 and args.fuse_lora:
+            # the refinement swaps the distill LoRA for its own, which fp8 weights quantised with the
+            # distill LoRA fused in cannot do: it would fail after the whole 480p stage
+            raise UsageError("--fp8 with --fuse-lora quantises the distill LoRA into the weights, and --refine must "
+                             "swap it for the refinement LoRA: drop --fuse-lora (or --fp8)")
         _check_refine_args(args)
     elif args.command == "continue" and (args.spatial_only or args.t_thresh is not None):
         # refinement flags without --refine would be silently ignored
@@ -488,12 +515,14 @@ def _run(args) -> int:
     import torch
 
     from .pipeline import VideoContinuationPipeline, check_checkpoint
-    from .video_io import VideoFrames, read_video
+    from .video_io import VideoFrames, read_video, subsample_to_fps
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
     if args.input_fps is not None:
         video = read_video(args.input)
-        video = VideoFrames(video.frames, float(args.input_fps), video.source)
+        # subsampled to about 15 fps here, as the pipeline would: the frame-count check below sees
+        # what the model will get
+        video = subsample_to_fps(VideoFrames(video.frames, float(args.input_fps), video.source), 15.0)[0]
     else:
         video = read_video(args.input, target_fps=15.0)  # subsampled while decoding
         if video.fps is None:  # frame folders, single images: taken as 15 fps
@@ -561,6 +590,12 @@ def _run(args) -> int:
     )
     if args.command == "continue":
         out = pipe(video, args.prompt, args.negative_prompt, **common)
+        if args.stage1_out is not None and main_rank:
+            from .video_io import write_video
+
+            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf)
+            print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
+                  f"{out.size[1]}x{out.size[0]} (for `{PROG} refine`)", file=log, flush=True)
         if getattr(args, "refine", False):
             stage1_timings = out.timings
             print("stage 1 (480p) " + _summary(stage1_timings, load_s, 0.0), file=log)

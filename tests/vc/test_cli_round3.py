@@ -1,0 +1,115 @@
+"""``longcat-vc`` findings of the third audit (2026-12-06); each test fails on the code before.
+
+- ``continue`` wrote only the input + new frames at the input's size, so the README's two-step
+  flow (``continue``, then ``refine STAGE1 --video INPUT``) fed ``refine`` the whole input as "stage 1":
+  a wrong video. ``--stage1-out`` writes the clip ``refine`` takes.
+- ``--input-fps`` was checked against --cond-frames before the 15 fps subsampling: exit 1 after the load.
+- ``--fp8 --fuse-lora --refine`` failed after the whole 480p stage; a bad WORLD_SIZE gave a message
+  naming no variable.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from longcat_vc import cli
+from longcat_vc.pipeline import VideoContinuationOutput, VideoContinuationPipeline
+from longcat_vc.video_io import read_video, write_video
+from vc_components import write_refine_checkpoint
+
+RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
+       "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill", "--seed", "4"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    write_refine_checkpoint(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    # smooth frames: the H.264 round trip of the stage-1 file stays close to the decoded clip
+    t, y, x = np.meshgrid(np.arange(16), np.arange(36), np.arange(70), indexing="ij")
+    base = np.stack([(x * 3 + t * 5) % 256, (y * 5 + t * 3) % 256, (x + y + t * 7) % 256], -1)
+    path = str(tmp_path_factory.mktemp("in") / "in.mp4")
+    write_video(path, base.astype(np.uint8), fps=15)
+    return path
+
+
+def _cli(argv, capsys):
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_stage1_out_feeds_refine_the_clip_continue_refine_uses(ckpt, video, tmp_path, capsys, monkeypatch):
+    seen = []
+
+    def spy(self, stage1, prompt="", **kw):
+        seen.append((stage1, kw))
+        if isinstance(stage1, VideoContinuationOutput):
+            return stage1
+        return VideoContinuationOutput(frames=stage1, latents=None, fps=15.0, num_input_frames=0,
+                                       num_new_frames=stage1.shape[0], size=stage1.shape[1:3])
+
+    monkeypatch.setattr(VideoContinuationPipeline, "refine", spy)
+    s1 = str(tmp_path / "s1.mp4")
+    rc, err = _cli(["continue", video, "--prompt", "a cat", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                    "--stage1-out", s1, "--refine"] + RUN, capsys)
+    assert rc == 0, err
+    assert "the stage-1 clip, 9 frames at 64x32" in err
+    clip = seen[0][0].model_frames  # what `continue --refine` hands to refine
+    got = read_video(s1)
+    assert got.frames.shape == clip.shape == (9, 32, 64, 3) and got.fps == 15.0
+    # H.264 (crf 18) of the same frames, not the input: the input frames differ from the clip by far more
+    assert np.abs(got.frames.astype(float) - clip).mean() < 6.0
+    # the two-step flow: refine reads STAGE1 as that clip and the input for the cond frames
+    rc, err = _cli(["refine", s1, "--video", video, "--checkpoint", ckpt, "--out", str(tmp_path / "r.mp4"),
+                    "--cond-frames", "10", "--device", "cpu", "--dtype", "fp32", "--no-progress", "--resolution", "64x64"],
+                   capsys)
+    assert rc == 0, err
+    stage1, kw = seen[1]
+    assert stage1.shape == (9, 32, 64, 3) and np.array_equal(stage1, got.frames)
+    assert kw["video"].frames.shape[0] == 16 and kw["num_cond_frames"] == 10
+
+
+@pytest.mark.parametrize("flag", ["--out", "--timings-json"])
+def test_stage1_out_cannot_be_another_output(ckpt, video, tmp_path, capsys, flag):
+    same = str(tmp_path / "x.mp4")
+    argv = ["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--stage1-out", same] + RUN
+    argv += ["--out", same] if flag == "--out" else ["--out", str(tmp_path / "o.mp4"), "--timings-json", same]
+    rc, err = _cli(argv, capsys)
+    assert rc == 2 and f"--stage1-out {same} is the same file as {flag}" in err
+    rc, err = _cli(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                    "--stage1-out", video] + RUN, capsys)
+    assert rc == 2 and "is the input" in err
+
+
+def test_input_fps_counted_after_subsampling(ckpt, video, tmp_path, capsys):
+    # 16 frames declared at 60 fps: every 4th frame at 15 fps = 4 frames, fewer than 5 cond frames
+    out = str(tmp_path / "o.mp4")
+    rc, err = _cli(["continue", video, "--prompt", "a", "--checkpoint", str(tmp_path / "none"), "--out", out,
+                    "--input-fps", "60"] + RUN, capsys)
+    assert rc == 2, err
+    assert "4 frames (every 4th frame, about 15 fps), fewer than --cond-frames 5" in err and not os.path.exists(out)
+
+
+def test_fp8_fuse_lora_refine_refused_before_load(ckpt, video, tmp_path, capsys, monkeypatch):
+    import longcat_vc.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "check_fp8_device", lambda device: None)  # a CPU stands in for an fp8 GPU
+    rc, err = _cli(["continue", video, "--prompt", "a", "--checkpoint", str(tmp_path / "none"), "--out",
+                    str(tmp_path / "o.mp4"), "--fp8", "--fuse-lora", "--refine"] + RUN, capsys)
+    assert rc == 2 and "--fp8 with --fuse-lora quantises the distill LoRA" in err, err
+
+
+def test_bad_world_size_named(ckpt, video, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    argv = ["continue", video, "--prompt", "a", "--checkpoint", str(tmp_path / "none"), "--out",
+            str(tmp_path / "o.mp4")] + RUN
+    rc, err = _cli(argv + ["--context-parallel", "2"], capsys)
+    assert rc == 2 and "WORLD_SIZE: expected an int (torchrun sets it), got 'abc'" in err, err
+    rc, err = _cli(argv, capsys)  # not read without context parallelism: the run goes on to the load
+    assert "WORLD_SIZE" not in err and "not found" in err
