@@ -397,11 +397,12 @@ def _check_input_frames(video, args) -> None:
 
 def _world_size() -> int:
     """``WORLD_SIZE`` (set by torchrun; 1 when unset) as an int, or a UsageError naming it."""
-    raw = os.environ.get("WORLD_SIZE", "1")
+    from .parallel import _env_int
+
     try:
-        return int(raw)
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE: expected an int (torchrun sets it), got {raw!r}") from None
+        return _env_int("WORLD_SIZE", 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _fail_early(args) -> None:

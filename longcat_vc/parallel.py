@@ -432,6 +432,17 @@ class DistributedRun:
             self.owns_process_group = False
 
 
+def _env_int(name: str, default: int) -> int:
+    """A torchrun variable as an int (``default`` when unset), or a ValueError naming it."""
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected an int (torchrun sets it), got {raw!r}") from None
+
+
 def init_distributed(world_size: int, device=None, *, timeout_s: Optional[float] = None) -> DistributedRun:
     """Initialise torch.distributed from the torchrun environment for ``world_size`` ranks.
 
@@ -443,13 +454,13 @@ def init_distributed(world_size: int, device=None, *, timeout_s: Optional[float]
     """
     set_multigpu_env_defaults()
     dist = _dist()
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_world = _env_int("WORLD_SIZE", 1)
     if env_world != world_size:
         raise ValueError(
             f"--context-parallel {world_size} needs {world_size} processes, this run has WORLD_SIZE={env_world}: "
             f"launch with torchrun --nproc-per-node {world_size} -m longcat_vc.cli ..."
         )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = _env_int("LOCAL_RANK", 0)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

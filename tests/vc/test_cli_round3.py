@@ -113,3 +113,15 @@ def test_bad_world_size_named(ckpt, video, tmp_path, capsys, monkeypatch):
     assert rc == 2 and "WORLD_SIZE: expected an int (torchrun sets it), got 'abc'" in err, err
     rc, err = _cli(argv, capsys)  # not read without context parallelism: the run goes on to the load
     assert "WORLD_SIZE" not in err and "not found" in err
+
+
+def test_init_distributed_names_bad_torchrun_variables(monkeypatch):
+    from longcat_vc.parallel import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE: expected an int"):
+        init_distributed(2, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(ValueError, match="LOCAL_RANK: expected an int"):
+        init_distributed(2, "cpu")
