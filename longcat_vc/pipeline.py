@@ -1036,8 +1036,7 @@ class VideoContinuationPipeline:
             if given:
                 raise ValueError(f"{', '.join(given)} given with refine=False: the refinement options need refine=True")
         if refine:
-            from .loading import CheckpointError as _CE
-            from .refine import BSA_LATENT_GRANULARITY, REFINEMENT_LORA, check_refine_resolution, check_t_thresh
+            from .refine import BSA_LATENT_GRANULARITY, check_refine_lora, check_refine_resolution, check_t_thresh
 
             check_t_thresh(t_thresh)
             # checked here, not after the stage-1 segments have run
@@ -1046,9 +1045,7 @@ class VideoContinuationPipeline:
             if not isinstance(spatial_refine_only, bool):
                 raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
             _check_int("refine_steps", refine_steps, 1)
-            lp = self.refinement_lora_path
-            if REFINEMENT_LORA not in getattr(self.dit, "lora_names", []) and (lp is None or not os.path.isfile(lp)):
-                raise _CE(f"refinement LoRA file not found: {lp} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)")
+            check_refine_lora(self, self.refinement_lora_path)
         vf = self._load_video(video, num_cond_frames)
         size_hw = self._target_size(vf.frames, resolution)
         if refine:

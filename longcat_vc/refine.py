@@ -237,6 +237,22 @@ def _video_30fps(video) -> np.ndarray:
     return vf.frames
 
 
+def check_refine_lora(pipe, lora_path: Optional[str]) -> None:
+    """Before any refinement work: the refinement LoRA can be swapped in, i.e. it is loaded or its
+    file exists, and the DiT's LoRA is not fused into fp8 weights (those cannot be unfused: with
+    ``fp8=True, fuse_lora=True`` the refinement would fail only after the work before it)."""
+    from .fp8 import Fp8Linear
+
+    dit = pipe.dit
+    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
+        raise CheckpointError(
+            f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
+        )
+    if any(isinstance(m, Fp8Linear) and m.lora_fused for m in dit.modules()):
+        raise ValueError("refine: the DiT's fp8 weights were quantised with its LoRA fused in, and the refinement "
+                         "swaps in its own LoRA; load the pipeline without fuse_lora (or without fp8) to refine")
+
+
 @contextlib.contextmanager
 def refine_state(pipe, lora_path: Optional[str]):
     """Refinement LoRA alone and BSA on for the body; the previous LoRA/fuse/BSA state after,
@@ -445,10 +461,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     memory = pipe._memory.name
     if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
         offload_kv_cache = pipe._memory.offload_kv_cache
-    if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
-        raise CheckpointError(
-            f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
-        )
+    check_refine_lora(pipe, lora_path)
     a = resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                             num_inference_steps, output_type)
     # before any work of its own: a refinement that cannot fit fails here, with what would fit

@@ -125,3 +125,23 @@ def test_init_distributed_names_bad_torchrun_variables(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "x")
     with pytest.raises(ValueError, match="LOCAL_RANK: expected an int"):
         init_distributed(2, "cpu")
+
+
+def test_refine_with_lora_fused_into_fp8_weights_refused_before_work(ckpt):
+    import torch
+
+    from longcat_vc.fp8 import quantize_dit_fp8
+
+    pipe = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", mode="distill",
+                                                     fuse_lora=True)
+    quantize_dit_fp8(pipe.dit, emulate=True)  # what from_pretrained(fp8=True) does after the fuse, on a GPU
+    vid = np.random.default_rng(0).integers(0, 255, (26, 64, 64, 3), dtype=np.uint8)
+    calls = []
+    pipe.encode_text = lambda *a, **k: calls.append("encode_text")  # any work at all would call it first
+    match = "fp8 weights were quantised with its LoRA fused in"
+    with pytest.raises(ValueError, match=match):
+        pipe.extend(vid, "a cat", segments=2, resolution=(32, 32), num_frames=9, num_cond_frames=5,
+                    num_inference_steps=1, refine=True, refine_resolution=(64, 64), progress=False)
+    with pytest.raises(ValueError, match=match):
+        pipe.refine(vid[:9], "a cat", video=vid, resolution=(64, 64), num_inference_steps=1, progress=False)
+    assert calls == []
