@@ -82,3 +82,36 @@ def test_prefix_attn_needing_grad_takes_the_reference_under_auto():
     # and the gradient the reference gives is attention's (fp64 autograd on the oracle)
     q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     torch.autograd.gradcheck(lambda a, b, c: lk.prefix_attn(a, b, c, 5), (q, k, v))
+
+
+@pytest.mark.triton_gpu
+def test_direct_triton_launches_compile_fullgraph_gpu():
+    # the fp8 prologues and the block-sparse + RoPE cached-KV route launch Triton kernels directly
+    # (no custom op); under the CPU interpreter dynamo cannot trace that, on the GPU it must
+    dev = "cuda"
+    x = torch.randn(64, 256, device=dev, dtype=torch.bfloat16)
+    w, b = torch.randn(256, device=dev), torch.randn(256, device=dev)
+
+    def f8(x):
+        q1, s1 = lk.fp8_quantize_rows(x, backend="triton")
+        q2, s2 = lk.fp8_layer_norm_quantize(x, w, b, backend="triton")
+        return q1.float() * s1, q2.float() * s2
+
+    eager = f8(x)
+    torch._dynamo.reset()
+    comp = torch.compile(f8, fullgraph=True)(x)
+    for e, c in zip(eager, comp):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+    q, k, v = (torch.randn(1, 256, 2, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    kc, vc = (torch.randn(1, 128, 2, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    rope = lk.Rope3D((6, 8, 8), 128, device=dev)
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(4, 4, 4), frame_hw=(8, 8))
+
+    def fkv(q, k, v, kc, vc):
+        return lk.attn_with_kv_cache(q, k, v, kc, vc, rope=rope, block_sparse=bs, backend="triton")
+
+    with torch.no_grad():
+        eager = fkv(q, k, v, kc, vc)
+        torch._dynamo.reset()
+        comp = torch.compile(fkv, fullgraph=True)(q, k, v, kc, vc)
+    torch.testing.assert_close(comp, eager, rtol=0, atol=0)
