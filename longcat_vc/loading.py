@@ -61,6 +61,16 @@ def _get_tensor(handle, path: str, key: str) -> torch.Tensor:
         raise CheckpointError(f"{path}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
 
 
+def _has_non_finite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds NaN/Inf, at the cost of a sum: NaN and Inf always reach the
+    sum, and only a finite sum that overflows (rare; fp16) pays for the exact elementwise check.
+    On 2 CPU cores, per 4096 x 11008 fp32 tensor: sum ~5 ms, ``isfinite().all()`` ~130 ms, reading
+    it from a warm page cache ~80 ms."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return False
+    return not bool(torch.isfinite(t).all())
+
+
 def _open_safetensors_all(path: str) -> Dict[str, torch.Tensor]:
     """All tensors of one safetensors file, with clear errors for missing/corrupt files."""
     h = _safe_open(path)
@@ -251,8 +261,9 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         The model in eval mode with ``requires_grad=False`` parameters (inference).
 
     Raises:
-        CheckpointError: missing folder/config/files, unreadable or corrupt safetensors, and
-            missing / unexpected / mismatched keys, each listed by name.
+        CheckpointError: missing folder/config/files, unreadable or corrupt safetensors,
+            missing / unexpected / mismatched keys, each listed by name, and a tensor holding
+            NaN/Inf (named with its file).
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"load_dit: cls must be the model class (LongCatDiT or a subclass), got {cls!r}")
@@ -312,7 +323,10 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         fname = header[name][0]
         if fname not in handles:
             handles[fname] = _safe_open(os.path.join(folder, fname))
-        return _get_tensor(handles[fname], os.path.join(folder, fname), name)
+        t = _get_tensor(handles[fname], os.path.join(folder, fname), name)
+        if _has_non_finite(t):  # a NaN weight would turn every output into NaN (black frames)
+            raise CheckpointError(f"{os.path.join(folder, fname)}: non-finite values (NaN/Inf) in tensor {name!r}")
+        return t
 
     for k in expected:
         parts = [read(s) for s in sources[k]]

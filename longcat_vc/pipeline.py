@@ -47,7 +47,7 @@ from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
-    _resize_frames, _seed_fits, _Timer,
+    _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer,
 )
 
 __all__ = [
@@ -748,12 +748,7 @@ class VideoContinuationPipeline:
         timings["steps"] = len(step_times)
 
         full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
-        if not bool(torch.isfinite(full).all()):
-            # decoded, NaN would become black frames without a word
-            raise FloatingPointError(
-                "the denoised latents hold NaN/Inf (a non-finite weight in the checkpoint or a LoRA, or an "
-                "overflow in the model dtype); nothing was decoded"
-            )
+        _refuse_non_finite_latents(full)
         if output_type == "latent":
             timings["decode"] = 0.0
             return None, full, None

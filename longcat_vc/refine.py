@@ -434,7 +434,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .stages import VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _resize_frames, _Timer
+    from .stages import (VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _refuse_non_finite_latents,
+                         _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -517,6 +518,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         timings["denoise"] = float(sum(steps))
         timings["steps"] = len(steps)
         full = torch.cat([latents[:, :, :c], x], dim=2) if cached else x
+    _refuse_non_finite_latents(full, "refinement's denoised")
 
     nc, n_refine = a["nc"], a["n_refine"]
     fps = REFINE_FPS / 2 if spatial_refine_only else REFINE_FPS
