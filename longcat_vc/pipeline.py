@@ -41,7 +41,7 @@ import torch
 
 from longcat_kernels._validate import check_bool
 
-from .schedule import cfg_zero, euler_step, read_scheduler_config, vc_timesteps
+from .schedule import cfg_zero, check_scheduler_config, euler_step, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
@@ -184,7 +184,8 @@ class VideoContinuationPipeline:
         text_encoder: ``transformers.UMT5EncoderModel``.
         tokenizer: its tokenizer.
         scheduler_config (dict | str): the scheduler config dict, or the path of
-            ``scheduler_config.json`` (or its folder); ``shift`` is read from it.
+            ``scheduler_config.json`` (or its folder); ``shift`` and ``num_train_timesteps`` (1000)
+            are read from it (``schedule.check_scheduler_config``).
         mode (str): ``"basic"`` or ``"distill"``; sets the defaults of steps/guidance/schedule.
             Distill mode expects the cfg-step LoRA loaded under the name ``"cfg_step_lora"``
             (``from_pretrained`` and ``set_mode`` do that).
@@ -212,6 +213,7 @@ class VideoContinuationPipeline:
             scheduler_config = read_scheduler_config(os.fspath(scheduler_config))
         if not isinstance(scheduler_config, dict):
             raise TypeError(f"scheduler_config must be a dict or a path, got {type(scheduler_config).__name__}")
+        check_scheduler_config(scheduler_config, "scheduler_config")  # a dict passed in: not checked yet
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dit = dit

@@ -1,7 +1,9 @@
 """Hostile inputs of longcat_vc that used to pass silently or crash without naming the culprit (third
-audit, 2026-12-06): NaN latents decoded by the refinement, NaN weights in the DiT checkpoint."""
+audit, 2026-12-06): NaN latents decoded by the refinement, NaN weights in the DiT checkpoint, a
+num_train_timesteps the schedules cannot honour."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -11,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from longcat_vc import CheckpointError, LongCatDiT
 from longcat_vc.pipeline import VideoContinuationPipeline
-from longcat_vc.refine import REFINEMENT_LORA
+from longcat_vc.refine import REFINEMENT_LORA, refine_timesteps
+from longcat_vc.schedule import read_scheduler_config, vc_timesteps
 from tiny_ckpt import tiny_config, write_upstream_dit
 from vc_components import write_refine_checkpoint
 
@@ -95,3 +98,49 @@ def test_dit_checkpoint_large_finite_fp16_sum_loads(tmp_path):
     save_file(sd, path)
     model = LongCatDiT.from_pretrained(folder)
     assert torch.equal(model.state_dict()[key], sd[key])
+
+
+# ------------------------------------------------------------------ B: num_train_timesteps
+@pytest.mark.parametrize("ntt", [10, 0, -1000, 999, 2000, 1000.0, "1000", True, None])
+def test_scheduler_config_num_train_timesteps_named(tmp_path, ntt):
+    # 10 gave all-zero distill timesteps (the output was the initial noise), 0 NaN/inf sigmas
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"shift": 12.0, "num_train_timesteps": ntt}))
+    with pytest.raises(ValueError, match=rf"{path}: 'num_train_timesteps' must be 1000"):
+        read_scheduler_config(str(tmp_path))
+
+
+def test_scheduler_config_dict_checked_too(tmp_path):
+    from vc_components import StandInDiT, build_text_encoder, build_tokenizer, build_vae
+
+    tok = build_tokenizer(str(tmp_path / "tokenizer"))
+    for cfg, match in [({"shift": 12.0, "num_train_timesteps": 10}, "'num_train_timesteps' must be 1000"),
+                       ({"shift": float("inf")}, "'shift' must be a positive number")]:
+        with pytest.raises(ValueError, match=rf"^scheduler_config: {match}"):
+            VideoContinuationPipeline(StandInDiT().eval(), build_vae(), build_text_encoder(), tok, cfg)
+
+
+@pytest.mark.parametrize("ntt, exc", [(0, ValueError), (-5, ValueError), (10.0, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("mode", ["plain", "enhance_hf", "distill"])
+def test_vc_timesteps_num_train_timesteps_checked(ntt, exc, mode):
+    with pytest.raises(exc, match="num_train_timesteps must be a positive int"):
+        vc_timesteps(16, 12.0, mode, num_train_timesteps=ntt)
+
+
+@pytest.mark.parametrize("ntt", [10, 999])
+def test_vc_timesteps_distill_needs_a_multiple_of_50(ntt):
+    with pytest.raises(ValueError, match=f"distill mode needs num_train_timesteps a multiple of 50.*got {ntt}"):
+        vc_timesteps(16, 12.0, "distill", num_train_timesteps=ntt)
+
+
+@pytest.mark.parametrize("mode", ["plain", "enhance_hf", "distill"])
+def test_schedules_scale_with_num_train_timesteps(mode):
+    # every schedule is the 1000 one on another scale: same sigmas, timesteps * N / 1000
+    t_ref, s_ref = vc_timesteps(50 if mode != "distill" else 16, 12.0, mode)
+    t, s = vc_timesteps(50 if mode != "distill" else 16, 12.0, mode, num_train_timesteps=100)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(t, t_ref / 10)
+    rt, rs = refine_timesteps(12.0, 50, 0.5, num_train_timesteps=100)
+    rt_ref, rs_ref = refine_timesteps(12.0, 50, 0.5)
+    torch.testing.assert_close(rs, rs_ref)   # the threshold was t_thresh * 1000 whatever the scale
+    torch.testing.assert_close(rt, rt_ref / 10)
