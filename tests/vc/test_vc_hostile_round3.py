@@ -1,10 +1,12 @@
 """Hostile inputs of longcat_vc that used to pass silently or crash without naming the culprit (third
 audit, 2026-12-06): NaN latents decoded by the refinement, NaN weights in the DiT checkpoint, a
-num_train_timesteps the schedules cannot honour."""
+num_train_timesteps the schedules cannot honour, a bad LONGCAT_KERNELS_FUSE_ISLANDS failing the import."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from tiny_ckpt import tiny_config, write_upstream_dit
 from vc_components import write_refine_checkpoint
 
 REFINE_SIZE = (64, 64)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +147,29 @@ def test_schedules_scale_with_num_train_timesteps(mode):
     rt_ref, rs_ref = refine_timesteps(12.0, 50, 0.5)
     torch.testing.assert_close(rs, rs_ref)   # the threshold was t_thresh * 1000 whatever the scale
     torch.testing.assert_close(rt, rt_ref / 10)
+
+
+# ------------------------------------------------------------------ C: LONGCAT_KERNELS_FUSE_ISLANDS
+def test_bad_fuse_islands_value_does_not_break_import_or_cli_help():
+    # the flag was parsed at import of longcat_vc.modules.norms: "import longcat_vc" and even
+    # "longcat-vc --help" died with a traceback
+    env = dict(os.environ, LONGCAT_KERNELS_FUSE_ISLANDS="maybe",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", "import longcat_vc, longcat_vc.modules.norms"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "longcat_vc.cli", "--help"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "usage: longcat-vc" in r.stdout, r.stderr
+
+
+def test_fuse_islands_read_where_used(monkeypatch):
+    from longcat_vc.modules import norms
+
+    monkeypatch.setenv("LONGCAT_KERNELS_FUSE_ISLANDS", "maybe")
+    with pytest.raises(ValueError, match=r"^LONGCAT_KERNELS_FUSE_ISLANDS: expected 0 or 1, got 'maybe'"):
+        norms.fused_islands_enabled()
+    monkeypatch.setenv("LONGCAT_KERNELS_FUSE_ISLANDS", "0")
+    assert norms.fused_islands_enabled() is False
+    monkeypatch.delenv("LONGCAT_KERNELS_FUSE_ISLANDS")
+    assert norms.fused_islands_enabled() is True
