@@ -107,6 +107,37 @@ def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
     )
 
 
+def _read_weight_map(index_path: str) -> Dict[str, str]:
+    """The ``weight_map`` of a ``*.safetensors.index.json``: a non-empty object of tensor name -> file
+    name in the index's folder (a list, a null or list file, or a path leading out of the folder
+    crashed later with a TypeError naming no file, or opened a file elsewhere)."""
+    try:
+        with open(index_path, "r", encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index (expected a JSON object with a "
+                              f"'weight_map', got {type(index).__name__}"
+                              + (f" with keys {sorted(index)[:10]})" if isinstance(index, dict) else ")"))
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> shard file "
+                              f"name, got {type(weight_map).__name__} {_short(weight_map)}")
+    for k, v in weight_map.items():  # (keys: JSON object keys are always strings)
+        if not isinstance(v, str) or v in ("", ".", "..") or os.path.basename(v) != v:
+            raise CheckpointError(
+                f"{index_path}: 'weight_map' entry {k!r}: {_short(v)}: expected a tensor name -> the file name of a "
+                "shard in the index's folder (a string without a directory part)"
+            )
+    return weight_map
+
+
+def _short(value, limit: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], str]]:
     """Key -> (file, shape, dtype string) from the safetensors headers (no tensor data read).
 
@@ -117,11 +148,7 @@ def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], 
     if len(indexes) > 1:
         raise CheckpointError(f"{folder}: several index files {[os.path.basename(i) for i in indexes]}; keep one")
     if indexes:
-        try:
-            with open(indexes[0], "r", encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{indexes[0]}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        weight_map = _read_weight_map(indexes[0])
         files = sorted(set(weight_map.values()))
     else:
         weight_map = None

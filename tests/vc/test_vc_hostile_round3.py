@@ -1,6 +1,7 @@
 """Hostile inputs of longcat_vc that used to pass silently or crash without naming the culprit (third
-audit, 2026-12-06): NaN latents decoded by the refinement, NaN weights in the DiT checkpoint, a
-num_train_timesteps the schedules cannot honour, a bad LONGCAT_KERNELS_FUSE_ISLANDS failing the import."""
+audit, 2026-12-06), one section per finding: NaN latents decoded by the refinement and NaN weights in
+the DiT checkpoint (A), a num_train_timesteps the schedules cannot honour (B), a bad
+LONGCAT_KERNELS_FUSE_ISLANDS failing the import (C), a malformed checkpoint index (D)."""
 from __future__ import annotations
 
 import json
@@ -173,3 +174,44 @@ def test_fuse_islands_read_where_used(monkeypatch):
     assert norms.fused_islands_enabled() is False
     monkeypatch.delenv("LONGCAT_KERNELS_FUSE_ISLANDS")
     assert norms.fused_islands_enabled() is True
+
+
+# ------------------------------------------------------------------ D: malformed .index.json
+_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _first(wm):
+    return next(iter(wm))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda j: list(j["weight_map"].items()),
+     r"not a valid safetensors index \(expected a JSON object with a 'weight_map', got list"),
+    (lambda j: {"metadata": {}},
+     r"not a valid safetensors index \(expected a JSON object with a 'weight_map', got dict with keys \['metadata'\]"),
+    (lambda j: dict(j, weight_map=list(j["weight_map"].items())),
+     r"'weight_map' must be a non-empty object .* got list"),
+    (lambda j: dict(j, weight_map=None), r"'weight_map' must be a non-empty object .* got NoneType None"),
+    (lambda j: dict(j, weight_map={}), r"'weight_map' must be a non-empty object .* got dict \{\}"),
+    (lambda j: dict(j, weight_map={**j["weight_map"], _first(j["weight_map"]): None}),
+     r"'weight_map' entry 'x_embedder.proj.weight': None: expected a tensor name -> the file name of a shard"),
+    (lambda j: dict(j, weight_map={**j["weight_map"], _first(j["weight_map"]): ["x"]}),
+     r"'weight_map' entry 'x_embedder.proj.weight': \['x'\]"),
+    (lambda j: dict(j, weight_map={**j["weight_map"], _first(j["weight_map"]): 3}),
+     r"'weight_map' entry 'x_embedder.proj.weight': 3:"),
+    (lambda j: dict(j, weight_map={**j["weight_map"], _first(j["weight_map"]): "../../etc/passwd"}),
+     r"'weight_map' entry 'x_embedder.proj.weight': '../../etc/passwd'.*without a directory part"),
+    (lambda j: dict(j, weight_map={**j["weight_map"], _first(j["weight_map"]): "/etc/passwd"}),
+     r"'weight_map' entry 'x_embedder.proj.weight': '/etc/passwd'"),
+    (lambda j: dict(j, weight_map={**j["weight_map"], _first(j["weight_map"]): ".."}),
+     r"'weight_map' entry 'x_embedder.proj.weight': '..'"),
+])
+def test_malformed_index_named(tmp_path, edit, match):
+    # a list weight_map was an AttributeError, a null or list file name a TypeError, naming no file;
+    # a "../" file name opened a file outside the checkpoint
+    folder = tmp_path / "dit"
+    write_upstream_dit(str(folder), tiny_config(), seed=1, shards=2)
+    index = folder / _INDEX
+    index.write_text(json.dumps(edit(json.loads(index.read_text()))))
+    with pytest.raises(CheckpointError, match=rf"^{index}: {match}"):
+        LongCatDiT.from_pretrained(str(folder))
