@@ -1,7 +1,8 @@
 """Hostile inputs of longcat_vc that used to pass silently or crash without naming the culprit (third
 audit, 2026-12-06), one section per finding: NaN latents decoded by the refinement and NaN weights in
 the DiT checkpoint (A), a num_train_timesteps the schedules cannot honour (B), a bad
-LONGCAT_KERNELS_FUSE_ISLANDS failing the import (C), a malformed checkpoint index (D)."""
+LONGCAT_KERNELS_FUSE_ISLANDS failing the import (C), a malformed checkpoint index (D), rank-0 LoRA
+files (E)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from longcat_vc import CheckpointError, LongCatDiT
 from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.refine import REFINEMENT_LORA, refine_timesteps
 from longcat_vc.schedule import read_scheduler_config, vc_timesteps
-from tiny_ckpt import tiny_config, write_upstream_dit
+from longcat_vc.lora import longcat_lora_key
+from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config, write_upstream_dit
 from vc_components import write_refine_checkpoint
 
 REFINE_SIZE = (64, 64)
@@ -215,3 +217,45 @@ def test_malformed_index_named(tmp_path, edit, match):
     index.write_text(json.dumps(edit(json.loads(index.read_text()))))
     with pytest.raises(CheckpointError, match=rf"^{index}: {match}"):
         LongCatDiT.from_pretrained(str(folder))
+
+
+# ------------------------------------------------------------------ E: rank-0 LoRA
+@pytest.fixture(scope="module")
+def tiny_dit():
+    cfg = tiny_config()
+    return model_from_state_dict(cfg, random_state_dict(cfg, seed=5))
+
+
+def _rank0_cases(dit):
+    h = dit.config.hidden_size
+    w1 = dit.get_submodule("blocks.0.ffn.w1")
+    qkv = dit.get_submodule("blocks.0.attn.qkv")
+    ffn = w1.out_features
+    K = longcat_lora_key
+    return {
+        # lora_alpha / rank: a bare ZeroDivisionError
+        "fastvideo_alpha": ({"blocks.0.ffn.w1.lora_A": torch.zeros(0, h), "blocks.0.ffn.w1.lora_B": torch.zeros(ffn, 0),
+                             "blocks.0.ffn.w1.lora_alpha": torch.tensor(4.0)}, "blocks.0.ffn.w1: rank 0"),
+        # the rest loaded as adapters that change nothing, without a word
+        "fastvideo": ({"blocks.0.ffn.w1.lora_A": torch.zeros(0, h), "blocks.0.ffn.w1.lora_B": torch.zeros(ffn, 0)},
+                      "blocks.0.ffn.w1: rank 0"),
+        "fastvideo_one_split_part": (
+            {"blocks.0.self_attn.to_q.lora_A": torch.zeros(0, h), "blocks.0.self_attn.to_q.lora_B": torch.zeros(h, 0),
+             "blocks.0.self_attn.to_k.lora_A": torch.randn(2, h), "blocks.0.self_attn.to_k.lora_B": torch.randn(h, 2)},
+            "blocks.0.self_attn.to_q: rank 0"),
+        "longcat": ({K("blocks.0.ffn.w1", "lora_down.weight"): torch.zeros(0, h),
+                     K("blocks.0.ffn.w1", "lora_up.weight"): torch.zeros(ffn, 0)}, "blocks.0.ffn.w1: rank 0"),
+        "longcat_split": ({K("blocks.0.attn.qkv", "lora_down.weight"): torch.zeros(0, h),
+                           **{K("blocks.0.attn.qkv", f"lora_up.blocks.{j}.weight"): torch.zeros(qkv.out_features // 3, 0)
+                              for j in range(3)}}, "blocks.0.attn.qkv: rank 0"),
+    }
+
+
+@pytest.mark.parametrize("case", ["fastvideo_alpha", "fastvideo", "fastvideo_one_split_part", "longcat", "longcat_split"])
+def test_rank0_lora_refused_naming_module_and_file(tiny_dit, tmp_path, case):
+    tensors, what = _rank0_cases(tiny_dit)[case]
+    path = str(tmp_path / f"{case}.safetensors")
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=rf"^load_lora\('{path}', name='r0'\): .*{what}"):
+        tiny_dit.load_lora(path, "r0")
+    assert "r0" not in tiny_dit.lora_names
