@@ -27,6 +27,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
+from longcat_kernels._validate import check_bool
+
 from .config import DiTConfig
 
 __all__ = [
@@ -268,7 +270,7 @@ def _check_header_dtypes(folder: str, header: Dict[str, Tuple[str, Tuple[int, ..
 
 def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
              device: Union[str, torch.device, None] = None, *, strict: bool = True,
-             attn_backend: Optional[str] = None, cls: Type[nn.Module]):
+             attn_backend: Optional[str] = None, progress: bool = True, cls: Type[nn.Module]):
     """Builds a ``cls`` (``LongCatDiT``) from a checkpoint folder; ``LongCatDiT.from_pretrained``
     is the entry point. The class is passed in so that this module never imports the model
     (``dit`` imports ``loading``, not the other way round).
@@ -282,6 +284,8 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         strict: unexpected checkpoint keys are an error (True) or ignored (False). Missing and
             shape-mismatched keys are always errors.
         attn_backend: overrides ``config.attn_backend``.
+        progress: a progress bar over the tensors read (1022 for the released model: minutes),
+            like the pipeline's denoising bars (``progress=False``: none).
         cls: the model class (``LongCatDiT`` or a subclass), built as ``cls(config, device="meta")``.
 
     Returns:
@@ -295,6 +299,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"load_dit: cls must be the model class (LongCatDiT or a subclass), got {cls!r}")
     check_dtype(dtype)
+    check_bool(progress, "progress")
     folder = resolve_dit_dir(path)
     try:
         config = DiTConfig.from_json(os.path.join(folder, "config.json"))
@@ -355,7 +360,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
             raise CheckpointError(f"{os.path.join(folder, fname)}: non-finite values (NaN/Inf) in tensor {name!r}")
         return t
 
-    for k in expected:
+    def place(k: str) -> None:
         parts = [read(s) for s in sources[k]]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if device.type != "cpu":
@@ -370,7 +375,14 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         mod_name, _, attr = k.rpartition(".")
         module = model.get_submodule(mod_name)
         module._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=False)
-        del parts, t
+
+    from tqdm.auto import tqdm
+
+    # the released model: 1022 tensors, 54 GB in fp32, minutes to read
+    with tqdm(total=len(expected), desc="Loading DiT", disable=not progress, leave=False, unit="tensor") as bar:
+        for k in expected:
+            place(k)
+            bar.update(1)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:  # pragma: no cover - guarded by the key check above
         raise CheckpointError(f"{folder}: parameters left uninitialised: {_list(leftover)}")

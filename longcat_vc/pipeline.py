@@ -275,6 +275,7 @@ class VideoContinuationPipeline:
         memory: str = "resident",
         fp8: bool = False,
         vae_tiling: bool = False,
+        progress: bool = True,
     ) -> "VideoContinuationPipeline":
         """Load a LongCat-Video checkpoint folder (upstream layout, SPEC 9).
 
@@ -301,6 +302,8 @@ class VideoContinuationPipeline:
                 ``longcat_vc.fp8``; needs compute capability >= 8.9; not exact).
             vae_tiling: decode (and encode) with the VAE's spatial tiling (less memory at 720p;
                 the decoded pixels differ slightly from untiled ones).
+            progress (bool): a progress bar while the DiT weights load (minutes for the released
+                model), like the calls' denoising bars.
 
         Raises:
             CheckpointError: a component file is missing (named) or fails to load.
@@ -319,7 +322,7 @@ class VideoContinuationPipeline:
         # every argument is checked before anything loads: a truthy stand-in ("no", 1) would silently
         # turn a feature on, and an error raised while loading would come back as a CheckpointError
         for name, flag in (("cfg_parallel", cfg_parallel), ("fuse_lora", fuse_lora), ("fp8", fp8),
-                           ("vae_tiling", vae_tiling)):
+                           ("vae_tiling", vae_tiling), ("progress", progress)):
             check_bool(flag, name)
         if fuse_lora and mode != "distill":
             raise ValueError(f"fuse_lora=True applies to mode='distill' (the cfg-step LoRA); mode={mode!r} runs no LoRA")
@@ -386,7 +389,8 @@ class VideoContinuationPipeline:
             "VAE", lambda: AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=dtype).to(device).eval()
         )
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
-        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device, **dit_kw))
+        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device,
+                                                             progress=progress, **dit_kw))
         dit.eval()
         pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config, process_group=process_group,
                    cfg_parallel=cfg_parallel)

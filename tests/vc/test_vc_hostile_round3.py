@@ -2,7 +2,7 @@
 audit, 2026-12-06), one section per finding: NaN latents decoded by the refinement and NaN weights in
 the DiT checkpoint (A), a num_train_timesteps the schedules cannot honour (B), a bad
 LONGCAT_KERNELS_FUSE_ISLANDS failing the import (C), a malformed checkpoint index (D), rank-0 LoRA
-files (E)."""
+files (E), no progress shown while the DiT weights load (F)."""
 from __future__ import annotations
 
 import json
@@ -259,3 +259,25 @@ def test_rank0_lora_refused_naming_module_and_file(tiny_dit, tmp_path, case):
     with pytest.raises(ValueError, match=rf"^load_lora\('{path}', name='r0'\): .*{what}"):
         tiny_dit.load_lora(path, "r0")
     assert "r0" not in tiny_dit.lora_names
+
+
+# ------------------------------------------------------------------ F: progress while loading the DiT
+def test_dit_load_progress_bar(tmp_path, capsys):
+    folder = str(tmp_path / "dit")
+    write_upstream_dit(folder, tiny_config(), seed=2, shards=2)
+    n = len(LongCatDiT.from_pretrained(folder, progress=False).state_dict())
+    assert capsys.readouterr().err == ""
+    LongCatDiT.from_pretrained(folder)  # on by default, as the pipeline's bars
+    err = capsys.readouterr().err
+    assert "Loading DiT" in err and f"0/{n} " in err and "tensor/s" in err  # a bar over the tensors
+    with pytest.raises(TypeError, match=r"^progress: expected a bool \(True or False\), got str 'no'"):
+        LongCatDiT.from_pretrained(folder, progress="no")
+
+
+def test_pipeline_from_pretrained_progress_reaches_the_dit_loader(refine_ckpt, capsys):
+    VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu", progress=False)
+    assert "Loading DiT" not in capsys.readouterr().err
+    VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu")
+    assert "Loading DiT" in capsys.readouterr().err
+    with pytest.raises(TypeError, match=r"^progress: expected a bool"):
+        VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu", progress=0)
