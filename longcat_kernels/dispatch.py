@@ -103,7 +103,8 @@ class Facts(NamedTuple):
         head_dim: last dim of q (fp8_quantize: the row length K).
         capability: ``(major, minor)`` of the CUDA device, None on CPU.
         triton_error: None if ``import triton`` works, else why not.
-        interpret: ``TRITON_INTERPRET=1`` (Triton runs on CPU tensors in the interpreter).
+        interpret: ``TRITON_INTERPRET=1`` (Triton runs on CPU tensors in the interpreter;
+            ``triton_interpret()``).
         ext_error: None if the compiled extension is loaded, else why not.
         csrc_kernels: csrc kernel families this extension can run on this device
             (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself).
@@ -340,11 +341,32 @@ _TRITON: Dict[str, Optional[str]] = {}
 _CAPABILITY: Dict[int, Tuple[int, int]] = {}
 
 
+# Values of TRITON_INTERPRET that only some Triton versions read as on: 3.3+ (``knobs.runtime.interpret``;
+# 3.9: ``getenv_bool``) takes 1/true/on/yes/y, ASCII case-insensitive, nothing stripped; 3.0-3.2 (``jit``)
+# only "1". Every other value is off for all of them (" 1", "2", "enable" included).
+_TRITON_INTERPRET_WORDS = ("true", "on", "yes", "y")
+
+
 def triton_interpret() -> bool:
-    """True when ``TRITON_INTERPRET=1`` (Triton kernels run on CPU tensors, slowly)."""
+    """True when Triton runs its kernels in the CPU interpreter: ``TRITON_INTERPRET`` read the way the
+    installed Triton reads it (the one reader: the op modules, the env report and the dispatcher ask
+    this, so they never think kernels run interpreted while Triton compiles them, or the reverse).
+
+    ``"1"`` is on and anything outside 1/true/on/yes/y (any case) off without importing Triton; for
+    the words the installed Triton decides (imported then: the user is asking for it), off when it
+    cannot be imported.
+    """
     import os  # noqa: PLC0415
 
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    raw = os.environ.get("TRITON_INTERPRET", "")
+    if raw == "1":
+        return True
+    if not (raw.isascii() and raw.lower() in _TRITON_INTERPRET_WORDS) or triton_status() is not None:
+        return False
+    import triton  # noqa: PLC0415
+
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.3; before, jit() took "1" only
+    return bool(knobs.runtime.interpret) if knobs is not None else False
 
 
 def triton_status() -> Optional[str]:

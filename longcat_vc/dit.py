@@ -120,12 +120,14 @@ class LongCatDiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
                         device: Union[str, torch.device, None] = None, *, strict: bool = True,
-                        attn_backend: Optional[str] = None) -> "LongCatDiT":
+                        attn_backend: Optional[str] = None, progress: bool = True) -> "LongCatDiT":
         """Loads an upstream ``dit/`` folder or a FastVideo ``transformer/`` folder (or a checkpoint
-        root holding one of them). See ``longcat_vc.loading.load_dit``."""
+        root holding one of them), with a progress bar over the tensors unless ``progress=False``.
+        See ``longcat_vc.loading.load_dit``."""
         from .loading import load_dit
 
-        return load_dit(path, dtype=dtype, device=device, strict=strict, attn_backend=attn_backend, cls=cls)
+        return load_dit(path, dtype=dtype, device=device, strict=strict, attn_backend=attn_backend,
+                        progress=progress, cls=cls)
 
     # ------------------------------------------------------------------ context parallel
     def enable_context_parallel(self, group=None, *, cfg_parallel: bool = False):

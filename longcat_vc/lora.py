@@ -383,6 +383,9 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 problems.append(f"{module_path}: lora_down.weight shape {tuple(down.shape)}, expected [R, {in_f}]")
                 continue
             R = down.shape[0]
+            if R == 0:  # loaded, it would be an adapter that changes nothing, without a word
+                problems.append(f"{module_path}: rank 0 (lora_down.weight shape {tuple(down.shape)}); refused")
+                continue
             parts: List[LoRAPart] = []
             if e["blocks"]:
                 n = len(e["blocks"])
@@ -447,6 +450,9 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 r = A.shape[0] if A.ndim == 2 else -1
                 if A.ndim != 2 or A.shape[1] != in_f:
                     problems.append(f"{target}: lora_A shape {tuple(A.shape)}, expected [r, {in_f}]")
+                    continue
+                if r == 0:  # lora_alpha / 0 was a bare ZeroDivisionError; without alpha, a no-op adapter
+                    problems.append(f"{target}: rank 0 (lora_A shape {tuple(A.shape)}); refused")
                     continue
                 if tuple(B.shape) != (o, r):
                     problems.append(f"{target}: lora_B shape {tuple(B.shape)}, expected ({o}, {r})")

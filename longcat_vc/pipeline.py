@@ -41,13 +41,13 @@ import torch
 
 from longcat_kernels._validate import check_bool
 
-from .schedule import cfg_zero, euler_step, read_scheduler_config, vc_timesteps
+from .schedule import cfg_zero, check_scheduler_config, euler_step, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
-    _resize_frames, _seed_fits, _Timer,
+    _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer,
 )
 
 __all__ = [
@@ -184,7 +184,8 @@ class VideoContinuationPipeline:
         text_encoder: ``transformers.UMT5EncoderModel``.
         tokenizer: its tokenizer.
         scheduler_config (dict | str): the scheduler config dict, or the path of
-            ``scheduler_config.json`` (or its folder); ``shift`` is read from it.
+            ``scheduler_config.json`` (or its folder); ``shift`` and ``num_train_timesteps`` (1000)
+            are read from it (``schedule.check_scheduler_config``).
         mode (str): ``"basic"`` or ``"distill"``; sets the defaults of steps/guidance/schedule.
             Distill mode expects the cfg-step LoRA loaded under the name ``"cfg_step_lora"``
             (``from_pretrained`` and ``set_mode`` do that).
@@ -212,6 +213,7 @@ class VideoContinuationPipeline:
             scheduler_config = read_scheduler_config(os.fspath(scheduler_config))
         if not isinstance(scheduler_config, dict):
             raise TypeError(f"scheduler_config must be a dict or a path, got {type(scheduler_config).__name__}")
+        check_scheduler_config(scheduler_config, "scheduler_config")  # a dict passed in: not checked yet
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dit = dit
@@ -273,6 +275,7 @@ class VideoContinuationPipeline:
         memory: str = "resident",
         fp8: bool = False,
         vae_tiling: bool = False,
+        progress: bool = True,
     ) -> "VideoContinuationPipeline":
         """Load a LongCat-Video checkpoint folder (upstream layout, SPEC 9).
 
@@ -299,6 +302,8 @@ class VideoContinuationPipeline:
                 ``longcat_vc.fp8``; needs compute capability >= 8.9; not exact).
             vae_tiling: decode (and encode) with the VAE's spatial tiling (less memory at 720p;
                 the decoded pixels differ slightly from untiled ones).
+            progress (bool): a progress bar while the DiT weights load (minutes for the released
+                model), like the calls' denoising bars.
 
         Raises:
             CheckpointError: a component file is missing (named) or fails to load.
@@ -317,7 +322,7 @@ class VideoContinuationPipeline:
         # every argument is checked before anything loads: a truthy stand-in ("no", 1) would silently
         # turn a feature on, and an error raised while loading would come back as a CheckpointError
         for name, flag in (("cfg_parallel", cfg_parallel), ("fuse_lora", fuse_lora), ("fp8", fp8),
-                           ("vae_tiling", vae_tiling)):
+                           ("vae_tiling", vae_tiling), ("progress", progress)):
             check_bool(flag, name)
         if fuse_lora and mode != "distill":
             raise ValueError(f"fuse_lora=True applies to mode='distill' (the cfg-step LoRA); mode={mode!r} runs no LoRA")
@@ -384,7 +389,8 @@ class VideoContinuationPipeline:
             "VAE", lambda: AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=dtype).to(device).eval()
         )
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
-        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device, **dit_kw))
+        dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device,
+                                                             progress=progress, **dit_kw))
         dit.eval()
         pipe = cls(dit, vae, text_encoder, tokenizer, scheduler_config, process_group=process_group,
                    cfg_parallel=cfg_parallel)
@@ -748,12 +754,7 @@ class VideoContinuationPipeline:
         timings["steps"] = len(step_times)
 
         full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
-        if not bool(torch.isfinite(full).all()):
-            # decoded, NaN would become black frames without a word
-            raise FloatingPointError(
-                "the denoised latents hold NaN/Inf (a non-finite weight in the checkpoint or a LoRA, or an "
-                "overflow in the model dtype); nothing was decoded"
-            )
+        _refuse_non_finite_latents(full)
         if output_type == "latent":
             timings["decode"] = 0.0
             return None, full, None

@@ -15,7 +15,8 @@ order fixes the random stream):
    last ``num_cond_frames`` frames of ``video`` (front-padded the same way) are encoded, sampled
    (draw 3) and written into the cond latents. With ``generator=None`` the three draws come from the
    global RNG exactly as upstream draws them; with a generator, all three come from it.
-5. Schedule: the plain 50-step schedule, then ``[t_thresh*1000] + [t < t_thresh*1000]``.
+5. Schedule: the plain 50-step schedule, then ``[t_thresh*1000] + [t < t_thresh*1000]`` (1000: the
+   scheduler's ``num_train_timesteps``).
 6. Denoise with the refinement LoRA and BSA on; cond latents at timestep 0. With the KV cache
    (default) the cond latents' keys/values are computed once (one BSA forward over the cond grid)
    and each step runs the noise latents only against [cache; fresh] keys with BSA.
@@ -97,14 +98,14 @@ def refine_bucket(height: int, width: int) -> Tuple[int, int]:
 
 def refine_timesteps(shift: float, num_steps: int, t_thresh: float,
                      num_train_timesteps: int = 1000) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps ``[t_thresh*1000] + [t < t_thresh*1000 of the plain schedule]`` (fp32) and their
-    sigmas ``t / 1000`` plus a final 0 (SPEC 11)."""
+    """Timesteps ``[t_thresh*N] + [t < t_thresh*N of the plain schedule]`` (fp32) and their
+    sigmas ``t / N`` plus a final 0, ``N = num_train_timesteps`` (1000 upstream; SPEC 11)."""
     from .schedule import vc_timesteps
 
     ts, _ = vc_timesteps(num_steps, shift, "plain", num_train_timesteps=num_train_timesteps)
-    th = torch.tensor(t_thresh * 1000, dtype=ts.dtype)
+    th = torch.tensor(t_thresh * num_train_timesteps, dtype=ts.dtype)
     ts = torch.cat([th[None], ts[ts < th]])
-    sig = torch.cat([ts / 1000, torch.zeros(1, dtype=ts.dtype)])
+    sig = torch.cat([ts / num_train_timesteps, torch.zeros(1, dtype=ts.dtype)])
     return ts, sig
 
 
@@ -450,7 +451,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .stages import VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _resize_frames, _Timer
+    from .stages import (VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _refuse_non_finite_latents,
+                         _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -530,6 +532,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         timings["denoise"] = float(sum(steps))
         timings["steps"] = len(steps)
         full = torch.cat([latents[:, :, :c], x], dim=2) if cached else x
+    _refuse_non_finite_latents(full, "refinement's denoised")
 
     nc, n_refine = a["nc"], a["n_refine"]
     fps = REFINE_FPS / 2 if spatial_refine_only else REFINE_FPS

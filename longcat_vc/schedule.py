@@ -10,6 +10,11 @@ Schedules (``mode``):
 * ``"enhance_hf"`` (basic VC default): the plain timesteps above 500 are kept, then 10 uniform
   timesteps ``linspace(500, 0, 10, endpoint=False)`` are appended; sigmas are ``t / 1000``.
   With shift 12, 50 requested steps become 56.
+
+The numbers above are for ``num_train_timesteps = 1000`` (upstream's, and the only value the
+pipeline accepts: the DiT takes timesteps in [0, 1000]); ``vc_timesteps`` scales every one of them
+with ``num_train_timesteps`` (timesteps ``N * s'``, the enhance_hf tail from ``N / 2``, sigmas
+``t / N``), and its distill grid needs ``N`` a multiple of 50.
 * ``"distill"`` (cfg-step LoRA): 50 distill indices ``round(arange(1, 51) * 20)``; the
   ``floor(linspace(0, 50, N, endpoint=False))``-th of them in descending order, divided by 1000,
   then shifted. With shift 12 and N = 16 the last timestep is ~510.6.
@@ -37,6 +42,8 @@ __all__ = [
     "vc_timesteps",
     "shift_sigmas",
     "read_scheduler_config",
+    "check_scheduler_config",
+    "check_num_train_timesteps",
     "euler_step",
     "cfg_zero",
 ]
@@ -46,7 +53,7 @@ SCHEDULE_MODES = ("enhance_hf", "distill", "plain")
 # Upstream constants (LongCat-Video pipeline): training timesteps, distill grid, enhance_hf tail.
 NUM_TRAIN_TIMESTEPS = 1000
 NUM_DISTILL_SAMPLE_STEPS = 50
-ENHANCE_HF_START = 500.0
+ENHANCE_HF_START_FRACTION = 0.5  # of num_train_timesteps: 500 upstream
 ENHANCE_HF_TAIL_STEPS = 10
 
 
@@ -83,14 +90,21 @@ def vc_timesteps(
             For ``"distill"`` at most 50 (the distill grid has 50 points).
         shift (float): flow-matching shift from ``scheduler/scheduler_config.json`` (12 upstream).
         mode (str): ``"enhance_hf"``, ``"distill"`` or ``"plain"``.
-        num_train_timesteps (int): 1000 upstream.
+        num_train_timesteps (int): 1000 upstream; a positive int (a multiple of 50 for ``"distill"``).
 
     Returns:
-        (timesteps, sigmas): ``timesteps [N']`` fp32 in ``(0, 1000]``, strictly decreasing, fed to
+        (timesteps, sigmas): ``timesteps [N']`` fp32 in ``(0, num_train_timesteps]``, strictly decreasing, fed to
         the DiT; ``sigmas [N'+1]`` fp32, ``sigmas[i]`` the noise level at step ``i`` and a final 0.
     """
     if mode not in SCHEDULE_MODES:
         raise ValueError(f"vc_timesteps: mode must be one of {SCHEDULE_MODES}, got {mode!r}")
+    num_train_timesteps = check_num_train_timesteps(num_train_timesteps, "vc_timesteps: num_train_timesteps")
+    if mode == "distill" and num_train_timesteps % NUM_DISTILL_SAMPLE_STEPS:
+        # the grid's stride num_train_timesteps // 50 would floor: sigmas not starting at 1 (0 below 50)
+        raise ValueError(
+            f"vc_timesteps: distill mode needs num_train_timesteps a multiple of {NUM_DISTILL_SAMPLE_STEPS} "
+            f"(its grid has {NUM_DISTILL_SAMPLE_STEPS} points), got {num_train_timesteps}"
+        )
     if isinstance(num_steps, bool) or not isinstance(num_steps, int):
         raise TypeError(f"vc_timesteps: num_steps must be an int, got {type(num_steps).__name__}")
     if num_steps < 1:
@@ -106,19 +120,55 @@ def vc_timesteps(
     sigmas = shift_sigmas(_base_sigmas(num_steps, mode, num_train_timesteps), shift)
     timesteps = sigmas * num_train_timesteps
     if mode == "enhance_hf":
-        kept = timesteps[timesteps > ENHANCE_HF_START]
-        tail = torch.linspace(ENHANCE_HF_START, 0.0, ENHANCE_HF_TAIL_STEPS + 1, dtype=torch.float64)[:-1]
+        start = ENHANCE_HF_START_FRACTION * num_train_timesteps
+        kept = timesteps[timesteps > start]
+        tail = torch.linspace(start, 0.0, ENHANCE_HF_TAIL_STEPS + 1, dtype=torch.float64)[:-1]
         timesteps = torch.cat([kept, tail.to(torch.float32)])
         sigmas = timesteps / num_train_timesteps
     sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
     return timesteps, sigmas
 
 
+def check_num_train_timesteps(value, name: str = "num_train_timesteps") -> int:
+    """``value`` as an int if it is a positive int (a bool, a float or a string is an error naming ``name``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def check_scheduler_config(cfg: dict, where: str = "scheduler_config") -> dict:
+    """The fields the pipeline uses, checked; ``where`` (the file, or the argument) names the source.
+
+    ``shift``: a positive number (default 1.0 as in diffusers). ``num_train_timesteps``: 1000
+    (default 1000): the LongCat-Video DiT takes timesteps in [0, 1000] (its training, the distill
+    grid, the enhance_hf tail and the refinement's ``t_thresh`` are on that scale), so any other
+    value cannot be honoured (10 gave all-zero distill timesteps: the output was the initial noise;
+    0 gave NaN sigmas). ``use_dynamic_shifting``: false.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    shift = cfg.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{where}: 'shift' must be a positive number, got {shift!r}")
+    ntt = cfg.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
+    if isinstance(ntt, bool) or not isinstance(ntt, (int, np.integer)) or ntt != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"{where}: 'num_train_timesteps' must be {NUM_TRAIN_TIMESTEPS} (the LongCat-Video DiT takes timesteps in "
+            f"[0, {NUM_TRAIN_TIMESTEPS}]), got {ntt!r}"
+        )
+    if cfg.get("use_dynamic_shifting", False):
+        raise ValueError(f"{where}: use_dynamic_shifting=true is not used by LongCat-Video VC and not supported")
+    return cfg
+
+
 def read_scheduler_config(path: str) -> dict:
     """Read ``scheduler_config.json`` (a file or its folder) and return the dict.
 
     Only ``shift`` (default 1.0 as in diffusers) and ``num_train_timesteps`` (default 1000) are used.
-    Raises ``FileNotFoundError`` naming the file, ``ValueError`` for bad JSON or a bad shift.
+    Raises ``FileNotFoundError`` naming the file, ``ValueError`` for bad JSON or a bad field
+    (``check_scheduler_config``).
     """
     if os.path.isdir(path) or not path.endswith(".json"):
         path = os.path.join(path, "scheduler_config.json")
@@ -129,14 +179,7 @@ def read_scheduler_config(path: str) -> dict:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    shift = cfg.get("shift", 1.0)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
-        raise ValueError(f"{path}: 'shift' must be a positive number, got {shift!r}")
-    if cfg.get("use_dynamic_shifting", False):
-        raise ValueError(f"{path}: use_dynamic_shifting=true is not used by LongCat-Video VC and not supported")
-    return cfg
+    return check_scheduler_config(cfg, path)
 
 
 def euler_step(

@@ -126,6 +126,17 @@ def _check_not_ignored(guidance: float, negative_prompt, use_kv_cache: bool, off
         raise ValueError("offload_kv_cache=True needs use_kv_cache=True: without the KV cache there is nothing to offload")
 
 
+def _refuse_non_finite_latents(latents: torch.Tensor, stage: str = "denoised") -> None:
+    """Raise before decoding latents that hold NaN/Inf: decoded, NaN becomes black frames without a word.
+
+    ``stage`` names the latents in the message (``"denoised"``, ``"refinement's denoised"``)."""
+    if not bool(torch.isfinite(latents).all()):
+        raise FloatingPointError(
+            f"the {stage} latents hold NaN/Inf (a non-finite weight in the checkpoint or a LoRA, or an "
+            "overflow in the model dtype); nothing was decoded"
+        )
+
+
 def _seed_fits(seed: int) -> bool:
     """An int seed torch's ``manual_seed`` takes: 64 bits, signed or unsigned ``[-2**63, 2**64)``."""
     return -(2 ** 63) <= int(seed) < 2 ** 64

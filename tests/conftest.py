@@ -110,7 +110,9 @@ def _skip_reason(marker: str):
         r = _triton_reason()
         if r is not None:
             return r
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from longcat_kernels.dispatch import triton_interpret
+
+        if triton_interpret():
             return "TRITON_INTERPRET=1: compiled Triton kernels are not run in interpreter mode"
         return None
     if marker == "ext":
@@ -123,7 +125,9 @@ def _skip_reason(marker: str):
         r = _triton_reason()
         if r is not None:
             return r
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        from longcat_kernels.dispatch import triton_interpret
+
+        if not triton_interpret():
             return "needs TRITON_INTERPRET=1 (set automatically on machines without CUDA)"
         return None
     return None

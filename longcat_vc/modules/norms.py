@@ -9,7 +9,9 @@ shapes, so one compilation serves every token count) instead of 4-6 eager passes
 copies of the activations (about 20 GB of memory traffic per block at 480p B2 eagerly). The math
 is the same fp32 expression; only the order of the fp32 reduction inside the LayerNorm / RMSNorm
 differs, so results agree with the eager path to fp32 rounding (the numerics class of upstream).
-``LONGCAT_KERNELS_FUSE_ISLANDS=0`` keeps the eager path. CPU tensors always take the eager path.
+``LONGCAT_KERNELS_FUSE_ISLANDS=0`` keeps the eager path (read at each CUDA call, not at import: a
+bad value raises ``ValueError`` naming it there, and the import of the package never fails on it).
+CPU tensors always take the eager path.
 If compilation fails, a warning says why and the eager path is used from then on.
 """
 
@@ -68,14 +70,14 @@ def _silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- fusion switch
-_FUSE = env_flag("LONGCAT_KERNELS_FUSE_ISLANDS", True)  # a bad value raises, naming the variable
 _compiled: Dict[Callable, Callable] = {}
 _failed: Dict[Callable, str] = {}
 
 
 def fused_islands_enabled() -> bool:
-    """True when CUDA activations run the compiled (fused) islands."""
-    return _FUSE
+    """True when CUDA activations run the compiled (fused) islands (``LONGCAT_KERNELS_FUSE_ISLANDS``,
+    read now: a bad value raises ``ValueError`` naming the variable)."""
+    return env_flag("LONGCAT_KERNELS_FUSE_ISLANDS", True)
 
 
 def _compiling() -> bool:
@@ -110,7 +112,7 @@ def compiled(fn: Callable, signature: tuple = ()) -> Callable:
 
 
 def _run(fn: Callable, x: torch.Tensor, *args):
-    if not (_FUSE and x.is_cuda) or _compiling():
+    if not x.is_cuda or _compiling() or not fused_islands_enabled():
         return fn(x, *args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)):
         # Training (longcat_vc.training): the islands are an inference fusion. Under activation

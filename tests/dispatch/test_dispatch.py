@@ -329,6 +329,67 @@ def test_explicit_triton_without_interpreter_raises(monkeypatch):
         lk.prefix_attn(q, q, q, 3, backend="triton")
 
 
+# values Triton reads differently from a plain "== '1'" or a stripped, lower-cased match
+TRITON_INTERPRET_VALUES = ["1", "0", "", "true", "TRUE", "True", "on", "ON", "yes", "YeS", "y", "Y", "off", "false",
+                           "no", "n", "t", "2", "01", "enable", " 1", "1 ", "true ", "\t1", "yes\n"]
+
+
+@pytest.mark.parametrize("value", TRITON_INTERPRET_VALUES)
+def test_triton_interpret_reads_the_variable_as_triton_does(monkeypatch, value):
+    """We said "interpreter" for " 1" (Triton compiles) and the op modules "compiled" for "true"
+    (Triton 3.3+ interprets): one reader, which agrees with the installed Triton's own knob."""
+    pytest.importorskip("triton")
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    if hasattr(triton, "knobs"):  # Triton >= 3.3
+        expect = bool(triton.knobs.runtime.interpret)
+    else:  # 3.0-3.2: jit() tests os.getenv("TRITON_INTERPRET", "0") == "1"
+        expect = value == "1"
+    assert dispatch.triton_interpret() is expect
+
+
+def test_triton_interpret_has_one_reader():
+    """No module of the kernels package reads TRITON_INTERPRET but dispatch.triton_interpret (grep)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(lk.__file__).parent
+    readers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if re.search(r"environ[^\n]*TRITON_INTERPRET|getenv\([^\n]*TRITON_INTERPRET", p.read_text()))
+    assert readers == ["dispatch.py"]
+
+
+@pytest.mark.parametrize("value, interpreted", [("true", True), (" 1", False)])
+def test_op_modules_agree_with_the_kernels_triton_built(value, interpreted):
+    """The op modules' interpreter settings (tile sizes, stages) follow the kernels Triton decorated
+    at their import: InterpretedFunction under the interpreter, JITFunction when it compiles."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import longcat_kernels.dispatch as d\n"
+        "from longcat_kernels.ops.rope import triton as rt\n"
+        "from longcat_kernels.ops.kv_cache_attn import triton as kt\n"
+        "from longcat_kernels.ops.block_sparse_attn import triton as bt\n"
+        "from triton.runtime.interpreter import InterpretedFunction\n"
+        "print(isinstance(rt.rope_apply, InterpretedFunction), rt._INTERPRET, kt._INTERPRET, bt._interpreting(),"
+        " d.triton_interpret())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET=value, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import triton
+
+    if not hasattr(triton, "knobs") and value == "true":
+        interpreted = False  # Triton < 3.3: "1" only
+    assert r.stdout.split() == [str(interpreted)] * 5
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_interpreter_dtype_rule(op):
     """The Triton CPU interpreter computes fp32/fp16 only (numpy has no bf16): bf16 is refused with a

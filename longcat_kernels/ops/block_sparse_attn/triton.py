@@ -15,9 +15,9 @@ accumulated with fp32 atomics inside the dk/dv kernel when that is measured fast
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from longcat_kernels.dispatch import triton_interpret
 
 from . import _triton_kernels as K
 
@@ -59,7 +59,7 @@ def _launch(kernel, grid, *args, num_warps, num_stages, **meta):
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpret()
 
 
 def _pow2(n: int) -> int:

@@ -11,17 +11,17 @@ counts only (dispatch sends GQA calls to the fused Triton kernel). Forward only.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
 
 def _block_sparse_unavailable():
     from longcat_kernels.dispatch import BackendUnavailableError

@@ -28,18 +28,18 @@ Forward only: inputs requiring grad raise. Outputs are BSHD-contiguous, q's dtyp
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
 _LOG2E = 1.4426950408889634
 
 

@@ -20,14 +20,15 @@ Arbitrary strides are accepted for inputs and `out_*` buffers.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from longcat_kernels.dispatch import triton_interpret
+
+_INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
 # launch shape of the prologue (module-level so the GPU bench can sweep them). H100 sweep, B2 H32
 # D128 bf16: 16 tokens x 1 head per program ran at 2.8 TB/s (copy ceiling 2.97), 0.73 ms for q+k
 # at cond 4; sharing the table loads across 8 heads measured 2% slower.
