@@ -265,7 +265,8 @@ def _run_refine(args) -> int:
     t0 = time.perf_counter()
     pipe = VideoContinuationPipeline.from_pretrained(args.checkpoint, dtype=dtype, device=device,
                                                      attn_backend=args.attn_backend, memory=args.memory,
-                                                     fp8=args.fp8, vae_tiling=args.vae_tiling)
+                                                     fp8=args.fp8, vae_tiling=args.vae_tiling,
+                                                     progress=not args.no_progress)
     load_s = time.perf_counter() - t0
     nc = args.cond_frames if video is not None else None
     out = pipe.refine(stage1, args.prompt, video=video, num_cond_frames=nc, resolution=args.resolution,
@@ -335,6 +336,12 @@ def _device(args):
     return device
 
 
+def _triton_interpret() -> bool:
+    from longcat_kernels.dispatch import triton_interpret
+
+    return triton_interpret()
+
+
 def _check_args_before_load(args) -> None:
     """Every argument and path that can be checked without the model, for every command
     (continue, extend, refine; with --refine, --memory, --fp8, --vae-tiling): inputs exist, --out
@@ -374,7 +381,7 @@ def _check_args_before_load(args) -> None:
     backend = getattr(args, "attn_backend", None)
     if device.type == "cpu" and backend == "cuda":
         raise UsageError("--attn-backend cuda needs a CUDA device (running on cpu); use auto, torch or triton")
-    if device.type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if device.type == "cpu" and backend == "triton" and not _triton_interpret():
         raise UsageError("--attn-backend triton on cpu needs TRITON_INTERPRET=1 (the Triton CPU interpreter, slow); "
                          "use auto or torch")
     if getattr(args, "fp8", False):
@@ -570,7 +577,7 @@ def _run(args) -> int:
         args.checkpoint, dtype=dtype, device=device, mode=args.mode,
         process_group=None if run is None else run.group, cfg_parallel=args.cfg_parallel,
         fuse_lora=args.fuse_lora, attn_backend=args.attn_backend, memory=args.memory, fp8=args.fp8,
-        vae_tiling=args.vae_tiling,
+        vae_tiling=args.vae_tiling, progress=not args.no_progress and main_rank,
     )
     load_s = time.perf_counter() - t0
     if run is not None:

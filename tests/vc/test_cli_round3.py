@@ -145,3 +145,21 @@ def test_refine_with_lora_fused_into_fp8_weights_refused_before_work(ckpt):
     with pytest.raises(ValueError, match=match):
         pipe.refine(vid[:9], "a cat", video=vid, resolution=(64, 64), num_inference_steps=1, progress=False)
     assert calls == []
+
+
+@pytest.mark.parametrize("value, refused", [("true", False), ("1", False), ("0", True), ("", True)])
+def test_cli_triton_on_cpu_follows_tritons_reading_of_the_variable(ckpt, video, tmp_path, capsys, monkeypatch,
+                                                                   value, refused):
+    import longcat_kernels.dispatch as d
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    argv = ["continue", video, "--prompt", "a", "--checkpoint", str(tmp_path / "none"), "--out",
+            str(tmp_path / "o.mp4")] + RUN + ["--attn-backend", "triton"]
+    rc, err = _cli(argv, capsys)
+    assert ("needs TRITON_INTERPRET=1" in err) == refused == (not d.triton_interpret()), err
+
+
+def test_cli_no_progress_hides_the_loading_bar(ckpt, video, tmp_path, capsys):
+    rc, err = _cli(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4")] + RUN,
+                   capsys)
+    assert rc == 0 and "Loading DiT" not in err, err
