@@ -96,8 +96,13 @@ def test_mixed_norm_kinds_raise_on_gpu_backends(backend):
     r = lk.Rope3D((1, 2, 3), 16, device="cuda")
     with pytest.raises(ValueError, match=r"^k_weight: expected the same norm kind as q_weight"):
         lk.qk_norm_rope(q, k, torch.ones(16, device="cuda"), torch.ones(32, device="cuda"), r, backend=backend)
-    # the same all-heads weights on both still run (Wan's fused prologue)
+    # the same all-heads weights on both still run (Wan's fused prologue); the cuda backend has no
+    # qk_norm_rope kernel and says so
     w = torch.rand(32, device="cuda") + 0.5
+    if backend == "cuda":
+        with pytest.raises(lk.BackendUnavailableError, match="qk_norm_rope has no csrc kernel"):
+            lk.qk_norm_rope(q, k, w, w, r, backend=backend)
+        return
     qo, ko = lk.qk_norm_rope(q, k, w, w, r, backend=backend)
     rq, rk = lk.qk_norm_rope(q, k, w, w, r, backend="torch")
     torch.testing.assert_close(qo, rq, rtol=1e-5, atol=1e-5)
