@@ -16,7 +16,7 @@ import pytest
 from longcat_vc import cli
 from longcat_vc.pipeline import VideoContinuationOutput, VideoContinuationPipeline
 from longcat_vc.video_io import read_video, write_video
-from vc_components import write_refine_checkpoint
+from vc_components import refine_checkpoint_in
 
 RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
        "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill", "--seed", "4"]
@@ -24,10 +24,7 @@ RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-pr
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    pytest.importorskip("diffusers")  # the checkpoint's VAE (CI installs the vc extra; the GPU machine has none)
-    root = str(tmp_path_factory.mktemp("ckpt"))
-    write_refine_checkpoint(root)
-    return root
+    return refine_checkpoint_in(tmp_path_factory, "ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from longcat_vc.refine import REFINEMENT_LORA, refine_timesteps
 from longcat_vc.schedule import read_scheduler_config, vc_timesteps
 from longcat_vc.lora import longcat_lora_key
 from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config, write_upstream_dit
-from vc_components import write_refine_checkpoint
+from vc_components import refine_checkpoint_in
 
 REFINE_SIZE = (64, 64)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,10 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def refine_ckpt(tmp_path_factory):
-    pytest.importorskip("diffusers")  # the checkpoint's VAE (CI installs the vc extra; the GPU machine has none)
-    root = str(tmp_path_factory.mktemp("ckpt_round3"))
-    write_refine_checkpoint(root)
-    return root
+    return refine_checkpoint_in(tmp_path_factory, "ckpt_round3")
 
 
 def _frames(n, h, w, seed=0):

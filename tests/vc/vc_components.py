@@ -222,6 +222,17 @@ def write_refinement_lora(root: str, config, *, seed: int = 7) -> str:
     return path
 
 
+def refine_checkpoint_in(tmp_path_factory, name: str) -> str:
+    """A fresh ``write_refine_checkpoint`` folder for a module-scoped fixture; skips where diffusers
+    (the checkpoint's VAE) is missing: CI installs the vc extra, the GPU machine has none."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    root = str(tmp_path_factory.mktemp(name))
+    write_refine_checkpoint(root)
+    return root
+
+
 def write_refine_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0):
     """``write_full_checkpoint`` whose DiT config carries ``bsa_params`` (sparsity 0.5 so that the
     tiny grids keep some key blocks; chunks 4x4x4) plus the refinement LoRA. Returns the config."""
