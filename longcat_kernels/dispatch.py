@@ -204,7 +204,8 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
     if f.head_dim not in (64, 128):
         return None, f"head_dim {f.head_dim} not supported (64 or 128)"
     if f.requires_grad:
-        return None, "forward only (no backward kernel); use backend='triton' or 'torch' for gradients"
+        other = "'torch'" if op in TRITON_FORWARD_ONLY else "'triton' or 'torch'"
+        return None, f"forward only (no backward kernel); use backend={other} for gradients"
     if f.gqa:
         return None, "GQA/MQA (k/v with fewer heads than q) not supported by the csrc kernels; use 'triton' or 'torch'"
     if f.block_sparse and f.block_tokens is not None and max(f.block_tokens) > CSRC_MAX_BLOCK_TOKENS:
@@ -264,7 +265,12 @@ def choose_kernel(op: str, facts: Facts, requested: str = "auto") -> KernelChoic
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {requested!r}")
     via = ""
-    if requested == "auto" and facts.env_backend not in (None, "auto"):
+    # LONGCAT_KERNELS_BACKEND replaces "auto" for the ops that backend implements: with cuda, the ops
+    # without any csrc kernel (select_blocks, qk_norm_rope, fp8_quantize) keep auto's choice, or
+    # the variable would stop every model that calls them (the DiT's prologue, the gating inside a
+    # block-sparse call); an op it implements but cannot run for these inputs still raises
+    if requested == "auto" and facts.env_backend not in (None, "auto") and not (
+            facts.env_backend == "cuda" and op not in CSRC_OPS):
         requested = facts.env_backend
         via = f" (LONGCAT_KERNELS_BACKEND={requested})"
 

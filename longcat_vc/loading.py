@@ -376,13 +376,20 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         module = model.get_submodule(mod_name)
         module._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=False)
 
-    from tqdm.auto import tqdm
-
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with the vc extra; the DiT alone loads without it, with no bar
+        tqdm = None
     # the released model: 1022 tensors, 54 GB in fp32, minutes to read
-    with tqdm(total=len(expected), desc="Loading DiT", disable=not progress, leave=False, unit="tensor") as bar:
+    bar = tqdm(total=len(expected), desc="Loading DiT", leave=False, unit="tensor") if progress and tqdm else None
+    try:
         for k in expected:
             place(k)
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:  # pragma: no cover - guarded by the key check above
         raise CheckpointError(f"{folder}: parameters left uninitialised: {_list(leftover)}")

@@ -32,21 +32,31 @@ def test_selection_slots_past_counts_are_ignored(backend):
     assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-4
 
 
-def test_backend_env_cuda_leaves_gating_to_a_backend_that_has_it(monkeypatch):
-    # LONGCAT_KERNELS_BACKEND=cuda replaced the "auto" of the internal gating call too, and
-    # select_blocks has no csrc kernel: every block-sparse call without a selection failed there
-    from longcat_kernels.ops.block_sparse_attn.api import gating_backend
+def test_backend_env_cuda_keeps_auto_for_ops_without_a_csrc_kernel(monkeypatch):
+    # LONGCAT_KERNELS_BACKEND=cuda replaced "auto" for every op, and select_blocks, qk_norm_rope and
+    # fp8_quantize have no csrc kernel: every block-sparse call without a selection (its gating) and
+    # every DiT forward (its qk-norm + RoPE prologue) failed
+    from longcat_kernels.dispatch import Facts, choose_kernel
 
+    gpu = Facts(env_backend="cuda")
+    for op in ("select_blocks", "qk_norm_rope", "fp8_quantize"):
+        assert choose_kernel(op, gpu, "auto").backend == "triton", op
+        with pytest.raises(lk.BackendUnavailableError, match="has no csrc kernel"):
+            choose_kernel(op, gpu, "cuda")  # asked for by name: still refused
+    # the ops the extension implements still follow the variable, and never fall back
+    assert choose_kernel("prefix_attn", gpu, "auto").backend == "cuda"
+    with pytest.raises(lk.BackendUnavailableError, match=r"LONGCAT_KERNELS_BACKEND=cuda"):
+        choose_kernel("prefix_attn", gpu._replace(dtype="float32"), "auto")
     q = torch.randn(1, 64, 2, 16)
     monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "cuda")
-    assert gating_backend("auto", q) == "torch" and gating_backend("cuda", q) == "torch"
-    # the attention call now fails where it should: the cuda attention on CPU tensors, not the gating
+    sel = lk.select_blocks(q, q, grid_q=(4, 4, 4), chunk_q=(2, 2, 2), sparsity=0.5)  # auto: the reference on CPU
+    assert sel.counts.shape == (1, 2, 8)
+    # the attention call fails where it should: the cuda attention on CPU tensors, not the gating
     with pytest.raises(lk.BackendUnavailableError, match="^block_sparse_attn"):
         lk.block_sparse_attn(q, q, q, grid_q=(4, 4, 4), chunk_q=(2, 2, 2), sparsity=0.5)
-    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "torch")
-    assert gating_backend("auto", q) == "torch"
-    monkeypatch.delenv("LONGCAT_KERNELS_BACKEND")
-    assert gating_backend("auto", q) == "auto"
+    # a prefix op needing gradients is told to use torch (its Triton kernels are forward only too)
+    with pytest.raises(lk.BackendUnavailableError, match="use backend='torch' for gradients"):
+        choose_kernel("prefix_attn", Facts(requires_grad=True), "cuda")
 
 
 @pytest.mark.ext

@@ -273,6 +273,20 @@ def test_dit_load_progress_bar(tmp_path, capsys):
         LongCatDiT.from_pretrained(folder, progress="no")
 
 
+def test_dit_loads_without_tqdm(tmp_path, capsys, monkeypatch):
+    # tqdm comes with the vc extra only; the DiT alone (core install) loads without a bar
+    import sys
+
+    folder = str(tmp_path / "dit")
+    write_upstream_dit(folder, tiny_config(), seed=2, shards=1)
+    ref = LongCatDiT.from_pretrained(folder, progress=False).state_dict()
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    got = LongCatDiT.from_pretrained(folder).state_dict()
+    assert "Loading DiT" not in capsys.readouterr().err
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_pipeline_from_pretrained_progress_reaches_the_dit_loader(refine_ckpt, capsys):
     VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu", progress=False)
     assert "Loading DiT" not in capsys.readouterr().err

@@ -14,7 +14,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..._envvars import backend_override
 from ...dispatch import BackendUnavailableError, choose, impl_fn
 from ..._validate import (
     check_backend_name,
@@ -142,25 +141,16 @@ def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
 
 
 def gating_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend of the gating inside a block-sparse call whose attention runs on ``backend``:
-    that backend (for ``"auto"``: ``LONGCAT_KERNELS_BACKEND`` when set) where it can run
-    select_blocks on q, else auto's choice without the variable (the cuda backend has no gating
-    kernel: ``LONGCAT_KERNELS_BACKEND=cuda`` made every internal gating call fail)."""
-    want = (backend_override() or "auto") if backend == "auto" else backend
-    if want in ("auto", "torch"):
-        return want
+    """Gating follows an explicit attention backend when that backend can run select_blocks on q
+    (torch, triton), else ``"auto"`` (the cuda backend has no gating kernel; ``"auto"`` for
+    select_blocks keeps auto's choice under ``LONGCAT_KERNELS_BACKEND=cuda`` too: dispatch)."""
+    if backend in ("auto", "torch"):
+        return backend
     try:
-        choose("select_blocks", q, requested=want, needs_grad=False)
-        return want
+        choose("select_blocks", q, requested=backend, needs_grad=False)
     except BackendUnavailableError:
-        pass
-    if q.device.type != "cuda":  # auto's rule off CUDA: the reference
-        return "torch"
-    try:
-        choose("select_blocks", q, requested="triton", needs_grad=False)
-        return "triton"
-    except BackendUnavailableError:
-        return "torch"
+        return "auto"
+    return backend
 
 
 def select_blocks(
