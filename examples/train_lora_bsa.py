@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -100,6 +101,9 @@ def run_mode(args, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         print(f"  [{mode}] step {step}: loss {losses[-1]:.5f}  {times[-1] * 1e3:.1f} ms", flush=True)
+        if not math.isfinite(losses[-1]):
+            raise SystemExit(f"[{mode}] step {step}: the loss is {losses[-1]}: training diverged (lower --lr?); "
+                             "nothing saved")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     # Save in LongCat's format, reload through load_lora, compare with the peft model.
@@ -125,7 +129,7 @@ def run_mode(args, mode: str, device: torch.device, dtype: torch.dtype) -> dict:
         "bsa": cfg.bsa_settings() if cfg.enable_bsa else None,
         "hidden": cfg.hidden_size, "depth": cfg.depth, "heads": cfg.num_heads, "grid": list(args.grid),
         "batch": args.batch, "text_len": args.text_len, "dtype": str(dtype).replace("torch.", ""),
-        "rank": args.rank, "alpha": args.alpha, "trainable_params": n_train,
+        "rank": args.rank, "alpha": args.alpha, "lr": args.lr, "trainable_params": n_train,
         "activation_checkpointing": not args.no_checkpointing, "fp32_adapters": not args.lowp_adapters,
         "step_ms_median": statistics.median(timed) * 1e3, "step_ms_all": [t * 1e3 for t in times],
         "peak_mem_gib": None if peak is None else peak / 2**30, "weights_gib": weights_bytes / 2**30,
@@ -168,19 +172,31 @@ def main(argv=None) -> int:
             p.error("real width needs a CUDA device; use --tiny on the CPU")
         device, dtype = torch.device("cuda"), torch.bfloat16
     t = args.tiny
-    args.depth = args.depth or 2
-    args.grid = tuple(args.grid or ((4, 4, 4) if t else (24, 44, 80)))
-    args.chunk = tuple(args.chunk or ((2, 2, 2) if t else (4, 4, 4)))
-    args.sparsity = args.sparsity if args.sparsity is not None else (0.5 if t else 0.9375)
-    args.steps = args.steps or (6 if t else 4)
-    args.text_len = args.text_len or (7 if t else 512)
-    args.rank = args.rank or (4 if t else 128)
-    args.alpha = args.alpha if args.alpha is not None else args.rank / 2
-    args.lr = args.lr or (3e-3 if t else 1e-4)
-    args.backend = args.backend or ("torch" if t else "auto")
+    def default(v, d):  # None only: "--steps 0" is a value to refuse, not the default's cue
+        return d if v is None else v
+
+    args.depth = default(args.depth, 2)
+    args.grid = tuple(default(args.grid, (4, 4, 4) if t else (24, 44, 80)))
+    args.chunk = tuple(default(args.chunk, (2, 2, 2) if t else (4, 4, 4)))
+    args.sparsity = default(args.sparsity, 0.5 if t else 0.9375)
+    args.steps = default(args.steps, 6 if t else 4)
+    args.text_len = default(args.text_len, 7 if t else 512)
+    args.rank = default(args.rank, 4 if t else 128)
+    args.alpha = default(args.alpha, args.rank / 2)
+    args.lr = default(args.lr, 3e-3 if t else 1e-4)
+    args.backend = default(args.backend, "torch" if t else "auto")
     args.overfit = args.overfit or t
-    if min(args.depth, args.steps, args.batch, args.rank, *args.grid, *args.chunk) <= 0:
-        p.error("--depth, --steps, --batch, --rank, --grid and --chunk must be positive")
+    if min(args.depth, args.steps, args.batch, args.rank, args.text_len, *args.grid, *args.chunk) <= 0:
+        p.error("--depth, --steps, --batch, --rank, --text-len, --grid and --chunk must be positive")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite positive number, got {args.lr}")
+    # the outputs, before any training: a bad path used to fail after every mode had trained
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} exists and is not a folder")
+    if args.json is not None:
+        jdir = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(jdir) or os.path.isdir(args.json):
+            p.error(f"--json {args.json}: its folder does not exist or it is a folder")
 
     modes = ("bsa", "dense") if args.attn == "both" else (args.attn,)
     results = []

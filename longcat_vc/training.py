@@ -33,6 +33,7 @@ DiT predicts the negated velocity, ``-(e - x0) = x0 - e`` (SPEC 7: the sampler s
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 import re
@@ -121,6 +122,10 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
     for bad in ("use_dora", "bias"):
         if kwargs.get(bad) not in (None, False, "none"):
             raise ValueError(f"lora_config: {bad}={kwargs[bad]!r} cannot be saved in LongCat's LoRA format")
+    # per-module alphas as alpha itself (a NaN one gave a NaN loss from step 0, a 0 an inert adapter)
+    for name, a in dict(kwargs.get("alpha_pattern") or {}).items():
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a < float("inf"):
+            raise ValueError(f"lora_config: alpha_pattern[{name!r}]: expected a finite positive number, got {a!r}")
     config = _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets),
                                 lora_dropout=float(dropout), bias="none", **kwargs)
     _check_savable(config, "lora_config")
@@ -182,6 +187,14 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
     active = list(getattr(dit, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
+    targets = config.target_modules
+    if isinstance(targets, (list, tuple, set)):
+        # peft raises only when no target matches: a misspelt one beside good ones was dropped silently
+        linears = [n for n, m in dit.named_modules() if isinstance(m, nn.Linear)]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in linears))
+        if missing:
+            raise ValueError(f"add_lora: targets {missing} match no nn.Linear of the DiT (module paths end like "
+                             f"{sorted({n.split('.', 2)[-1] for n in linears})[:8]})")
     return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
 
 
@@ -346,6 +359,10 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
             out[longcat_lora_key(path, "lora_down.weight")] = A.to(dt).clone()
             out[longcat_lora_key(path, "lora_up.weight")] = B.to(dt).clone()
         scaling = float(mod.scaling[adapter_name])
+        if not (math.isfinite(scaling) and bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            # a diverged training run: the file would only be refused by load_lora, later
+            raise ValueError(f"{path}: the adapter holds NaN/Inf (lora_A, lora_B or its scaling); training "
+                             "diverged? nothing was saved")
         out[longcat_lora_key(path, "alpha_scale")] = torch.tensor(scaling, dtype=torch.float32)
     return {k: v.detach().cpu() for k, v in out.items()}
 
