@@ -445,6 +445,9 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     c = 1 + (num_cond_frames - 1) // 4
     tok_frame = (height // 16) * (width // 16)
     noisy = (t_lat - c) * tok_frame
+    if noisy <= 0:
+        raise ValueError(f"num_cond_frames={num_cond_frames} leaves no frame to generate in num_frames={num_frames} "
+                         f"({c} cond latents of {t_lat}); the estimate would be meaningless")
     cond = c * tok_frame
     b = dtype_bytes
     block_b = per_block * b if not fp8 else int(per_block * (0.97 * 1 + 0.03 * b))
@@ -565,6 +568,12 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
     and records the plan on ``pipe._memory``. Returns the plan."""
     plan = memory_plan(mode)
     device = torch.device(device)
+    prev = getattr(pipe, "_memory", None)
+    if prev is not None and ((prev.stream_dit_blocks and not plan.stream_dit_blocks)
+                             or (prev.stream_text_encoder and not plan.stream_text_encoder)):
+        # the streaming hooks of the previous mode would stay attached under a plan that says resident
+        raise ValueError(f"apply_memory_mode: the pipeline streams (memory={prev.name!r}); switching to {mode!r} "
+                         f"needs a fresh VideoContinuationPipeline.from_pretrained(..., memory={mode!r})")
     dit = pipe.dit
     if plan.stream_dit_blocks:
         streamer = getattr(dit, "_block_streamer", None)

@@ -43,11 +43,22 @@ def estimate_table(config, **shape) -> Dict[str, Dict[str, float]]:
 
 def measured_table(path: str) -> Dict[str, Dict[str, Optional[float]]]:
     """The ``stage_table_gib`` of a ``bench/memory_modes_gpu.py`` JSON."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if "stage_table_gib" not in data:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--measured: cannot read {path} ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--measured: {path} is not JSON ({e})") from None
+    table = data.get("stage_table_gib") if isinstance(data, dict) else None
+    if not isinstance(table, dict):
         raise ValueError(f"--measured: {path} has no 'stage_table_gib' (not a bench/memory_modes_gpu.py result)")
-    return data["stage_table_gib"]
+    for mode, row in table.items():
+        if not isinstance(row, dict) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in row.values()):
+            raise ValueError(f"--measured: {path}: stage_table_gib[{mode!r}] must map stages to numbers or null, "
+                             f"got {row!r}")
+    return table
 
 
 def _size(resolution: str):
@@ -78,24 +89,40 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "LoRA: the checkpoint's file, else rank 128)")
     p.add_argument("--measured", default=None, metavar="JSON", help="print the table measured by the GPU bench")
     args = p.parse_args(argv)
+    try:
+        return _report(p, args)
+    except (ValueError, OSError) as e:  # bad files and values: one line, no traceback
+        p.error(str(e))
+
+
+def _report(p, args) -> int:
     if args.measured:
+        table = measured_table(args.measured)
         print(f"measured peak GiB per stage ({args.measured}):")
-        print(_fmt_table(measured_table(args.measured), list(STAGES) + ["s_per_step"]))
+        print(_fmt_table(table, list(STAGES) + ["s_per_step"]))
         return 0
     from .config import DiTConfig
 
+    dit_dir = None
     if args.checkpoint:
         from .loading import resolve_dit_dir
 
-        cfg = DiTConfig.from_json(os.path.join(resolve_dit_dir(args.checkpoint), "config.json"))
+        dit_dir = resolve_dit_dir(args.checkpoint)
+        cfg = DiTConfig.from_json(os.path.join(dit_dir, "config.json"))
     else:
         cfg = DiTConfig.longcat_video()
     if args.depth is not None:
+        if args.depth < 1:
+            p.error(f"--depth must be >= 1, got {args.depth}")
         import dataclasses
 
         cfg = dataclasses.replace(cfg, depth=args.depth)
     if args.frames < 2 or args.cond_frames < 1 or args.batch < 1:
         p.error("--frames >= 2, --cond-frames >= 1 and --batch >= 1 are required")
+    if 1 + (args.cond_frames - 1) // 4 >= (args.frames - 1) // 4 + 1:
+        # no noisy latent left: the denoise estimate went negative
+        p.error(f"--cond-frames {args.cond_frames} leaves no frame to generate in --frames {args.frames} "
+                "(the cond latents must be fewer than the clip's latents)")
     h, w = _size(args.resolution)
     shape = dict(height=h, width=w, num_frames=args.frames, num_cond_frames=args.cond_frames, batch=args.batch,
                  dtype_bytes=args.dtype_bytes)
@@ -103,8 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .refine import REFINEMENT_LORA_FILE, _lora_rank_equivalent, refine_bucket, refine_estimate_shape
 
         rh, rw = refine_bucket(h, w)
-        lora = os.path.join(args.checkpoint, REFINEMENT_LORA_FILE) if args.checkpoint else None
-        rank = _lora_rank_equivalent(lora, cfg) if lora and os.path.isfile(lora) else 128
+        # the checkpoint root, also when --checkpoint names its dit/ folder
+        roots = [] if dit_dir is None else [args.checkpoint, os.path.dirname(os.path.abspath(dit_dir))]
+        lora = next((f for f in (os.path.join(r, REFINEMENT_LORA_FILE) for r in roots) if os.path.isfile(f)), None)
+        rank = _lora_rank_equivalent(lora, cfg) if lora else 128
+        if dit_dir is not None and lora is None:
+            print(f"no {REFINEMENT_LORA_FILE} next to {args.checkpoint}: LoRA rank 128 assumed")
         shape, t_lat, c = refine_estimate_shape((rh, rw), 2 * args.frames, 2 * args.cond_frames,
                                                 dtype_bytes=args.dtype_bytes, lora_rank=rank)
         print(f"estimated peak GiB per stage of the refinement: depth {cfg.depth}, {rh}x{rw}, "

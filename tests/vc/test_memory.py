@@ -347,10 +347,11 @@ def test_memory_report_estimate_and_measured(tmp_path, capsys):
     assert memory_report.main(["--measured", str(path)]) == 0
     assert "basic/low" in capsys.readouterr().out
     path.write_text("{}")
-    with pytest.raises(ValueError, match="stage_table_gib"):
-        memory_report.main(["--measured", str(path)])
-    with pytest.raises(ValueError, match="--resolution"):
-        memory_report.main(["--resolution", "30x48"])
+    # bad files and values: one line on stderr, exit 2 (argparse's error)
+    for argv, match in ((["--measured", str(path)], "stage_table_gib"), (["--resolution", "30x48"], "--resolution")):
+        with pytest.raises(SystemExit) as e:
+            memory_report.main(argv)
+        assert e.value.code == 2 and match in capsys.readouterr().err
 
 
 def test_memory_report_refine(capsys):
