@@ -63,4 +63,9 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
             out[b] = None
         except BackendUnavailableError as e:
             out[b] = str(e).split(": ", 2)[-1]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        # the facts describe CUDA inputs; without a device neither GPU backend runs (Triton's GPU
+        # kernels included: only the CPU interpreter runs without one, on CPU tensors)
+        for b in ("triton", "cuda"):
+            out[b] = out[b] or "no CUDA device on this machine"
     return out

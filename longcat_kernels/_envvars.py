@@ -29,7 +29,7 @@ import os
 import re
 from typing import List, Optional
 
-__all__ = ["env_flag", "backend_override", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
+__all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
            "check_environment", "KNOWN", "REMOVED"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -102,6 +102,25 @@ def check_environment() -> None:
             f"{', '.join(unknown)}: not a longcat_kernels setting, ignored (misspelt?). Known: {', '.join(KNOWN)}",
             UserWarning, stacklevel=3,
         )
+
+
+def setting_problems() -> dict:
+    """``{name: why}`` for each ``LONGCAT_KERNELS_*`` variable set to a value the package refuses (the
+    checks the readers run), for the environment report: it lists them instead of failing on the first."""
+    out = {}
+    for name in REMOVED:
+        if name in os.environ:
+            out[name] = "removed: unset it (the kernel follows from the inputs)"
+    checks = {name: (lambda n=name, d=default: env_flag(n, d)) for name, default in FLAGS.items()}
+    checks["LONGCAT_KERNELS_BACKEND"] = backend_override
+    checks["LONGCAT_KERNELS_CUDA_ARCHS"] = cuda_arch_flags_from_env
+    for name, check in checks.items():
+        if name in os.environ:
+            try:
+                check()
+            except ValueError as e:
+                out[name] = str(e)
+    return out
 
 
 def env_flag(name: str, default: bool) -> bool:

@@ -28,14 +28,17 @@ def op_choices(device_type: str) -> Dict[str, Any]:
     for op in OPS:
         f = facts._replace(block_sparse=op.startswith("block_sparse"),
                            block_tokens=(64, 64) if op.startswith("block_sparse") else None)
-        c = choose_kernel(op, f, "auto")
+        try:  # LONGCAT_KERNELS_BACKEND names a backend that cannot run here: say so, do not fail
+            auto = choose_kernel(op, f, "auto")._asdict()
+        except (BackendUnavailableError, ValueError) as e:
+            auto = {"op": op, "backend": "-", "impl": "unavailable", "reason": str(e)}
         explicit = {}
         for b in ("torch", "triton", "cuda"):
             try:
                 explicit[b] = choose_kernel(op, f._replace(env_backend=None), b).impl
             except BackendUnavailableError as e:
                 explicit[b] = "unavailable: " + str(e).split(": ", 2)[-1]
-        out[op] = {"auto": c._asdict(), "facts": f._asdict(), "backends": explicit}
+        out[op] = {"auto": auto, "facts": f._asdict(), "backends": explicit}
     return out
 
 
@@ -43,7 +46,7 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._envvars import KNOWN, REMOVED
+    from ._envvars import KNOWN, REMOVED, setting_problems
     from .dispatch import triton_interpret, triton_status
 
     cuda = torch.cuda.is_available()
@@ -62,11 +65,15 @@ def report() -> Dict[str, Any]:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")},
     }
     info["env_unknown"] = sorted(k for k in info["env"] if k not in KNOWN and k not in REMOVED)
-    if cuda:
+    info["env_invalid"] = setting_problems()
+    if cuda and not info["env_invalid"]:
         from ._ext import csrc_kernels, extension_status
 
         how, why = extension_status()
         info["extension"] = {"how": how, "error": why, "kernels": list(csrc_kernels())}
+    elif cuda:
+        info["extension"] = {"how": "skipped", "error": "invalid LONGCAT_KERNELS_* settings (listed above)",
+                             "kernels": []}
     else:
         info["extension"] = {"how": "skipped", "error": "no CUDA device (torch.cuda.is_available() is False)",
                              "kernels": []}
@@ -75,7 +82,13 @@ def report() -> Dict[str, Any]:
 
         info["triton"] = triton.__version__
     info["inputs"] = "bf16, head_dim 128, CUDA" if cuda else "fp32, head_dim 128, CPU"
-    info["ops"] = op_choices("cuda" if cuda else "cpu")
+    # every call checks the settings and would raise on the first invalid one: the report lists them
+    # (env_invalid) and shows the choices as if they were unset
+    saved = {k: os.environ.pop(k) for k in info["env_invalid"] if k in os.environ}
+    try:
+        info["ops"] = op_choices("cuda" if cuda else "cpu")
+    finally:
+        os.environ.update(saved)
     return info
 
 
@@ -96,6 +109,10 @@ def main(argv=None) -> int:
     kernels = f"; kernels: {', '.join(ext['kernels'])}" if ext["kernels"] else ""
     print(f"extension longcat_kernels._C: {line}{kernels}")
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "(no LONGCAT_KERNELS_* set)"))
+    for k, why in info["env_invalid"].items():
+        print(f"  INVALID {k}: {why}")
+    if info["env_invalid"]:
+        print("  (every op call raises until these are fixed; the choices below are as if they were unset)")
     if info["env_unknown"]:
         print("  not product settings (ignored by longcat_kernels): " + ", ".join(info["env_unknown"]))
     print(f"kernel choice per op for {info['inputs']} inputs (backend=auto; block-sparse: 64-token blocks):")

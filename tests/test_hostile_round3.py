@@ -127,3 +127,36 @@ def test_direct_triton_launches_compile_fullgraph_gpu():
         torch._dynamo.reset()
         comp = torch.compile(fkv, fullgraph=True, backend="aot_eager")(q, k, v, kc, vc)
     torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, value", [("LONGCAT_KERNELS_JIT", "maybe"), ("LONGCAT_KERNELS_BACKEND", "bogus"),
+                                         ("LONGCAT_KERNELS_CUDA_ARCHS", "sm_90"),
+                                         ("LONGCAT_KERNELS_SM90WS_VARIANT", "x")])
+def test_env_report_lists_invalid_settings_instead_of_failing(monkeypatch, capsys, name, value):
+    # the report crashed on the first invalid value (or printed it as a setting like any other)
+    from longcat_kernels import env
+
+    monkeypatch.setenv(name, value)
+    assert env.main([]) == 0
+    out = capsys.readouterr().out
+    assert f"INVALID {name}" in out and "kernel choice per op" in out
+    import os
+
+    assert os.environ[name] == value  # left as the user set it
+
+
+def test_env_report_with_a_backend_that_cannot_run_here(monkeypatch, capsys):
+    from longcat_kernels import env
+
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "cuda")
+    assert env.main([]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert "prefix_attn            auto -> -      unavailable" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_available_backends_for_cuda_without_a_device():
+    # said triton works for CUDA inputs on a machine without CUDA
+    got = lk.available_backends("attn_with_kv_cache", "cuda")
+    assert got["torch"] is None and got["triton"] and got["cuda"]
