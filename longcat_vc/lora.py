@@ -282,8 +282,11 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
         )
     bad = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
     if bad:  # a NaN adapter would turn every output of its module into NaN
+        def readable(k):  # LongCat keys spell the module path with '___lorahyphen___' for '.'
+            return k[len(LORA_PREFIX):].replace(LORA_HYPHEN, ".") if k.startswith(LORA_PREFIX) else k
+
         raise ValueError(f"load_lora({os.fspath(path)!r}): non-finite values (NaN/Inf) in "
-                         + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+                         + ", ".join(readable(k) for k in bad[:10]) + (" ..." if len(bad) > 10 else ""))
     if any(k.startswith(LORA_PREFIX) for k in keys):
         return "longcat", tensors
     if any(re.search(r"\.lora_[AB](\.weight)?$", k) for k in keys):

@@ -132,9 +132,10 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
     return config
 
 
-# initialisations that leave the base weights alone (pissa, olora, loftq, corda, eva rewrite them:
+# initialisations that leave the base weights alone (orthogonal sets A and B only; pissa, olora,
+# loftq, corda, eva rewrite them:
 # a file of the adapter alone, applied to the released DiT, would then give another model)
-_SAVABLE_INITS = (True, False, "gaussian")
+_SAVABLE_INITS = (True, False, "gaussian", "orthogonal")
 
 
 def _check_savable(config, where: str) -> None:
