@@ -1,8 +1,10 @@
 """The product's environment variables, each read by one parser that raises on a bad value.
 
 =================================  ==============================================================
-``LONGCAT_KERNELS_BACKEND``        ``auto`` | ``torch`` | ``triton`` | ``cuda``: replaces ``"auto"``
-                                   (then treated as an explicit request: it never falls back)
+``LONGCAT_KERNELS_BACKEND``        ``auto`` | ``torch`` | ``triton`` | ``cuda`` (any case, stripped; empty:
+                                   unset): replaces ``"auto"`` for the ops that backend implements
+                                   (``cuda``: not select_blocks / qk_norm_rope / fp8_quantize, which
+                                   keep auto's choice), then an explicit request: it never falls back
 ``LONGCAT_KERNELS_JIT``            ``1`` (default) | ``0``: JIT-build ``csrc/`` at first use when no
                                    prebuilt extension is found (``0``: never)
 ``LONGCAT_KERNELS_SKIP_CUDA_BUILD`` ``0`` (default) | ``1``: never build the extension at install
