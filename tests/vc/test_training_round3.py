@@ -70,3 +70,37 @@ def test_example_checks_outputs_before_training_and_stops_on_a_nan_loss(tmp_path
     r = _example("--steps", "2", "--json", str(tmp_path / "ok.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(tmp_path / "ok.json"))["results"][0]["lr"] == 3e-3
+
+
+def test_orthogonal_init_is_savable_and_round_trips(tmp_path):
+    # refused as "rewrites the base weights": peft's orthogonal init sets lora_A / lora_B only
+    dit = _dit()
+    base = {k: v.clone() for k, v in dit.state_dict().items()}
+    m = tr.add_lora(dit, tr.lora_config(rank=4, init_lora_weights="orthogonal")).eval()
+    assert all(torch.equal(v, base[k]) for k, v in m.get_base_model().state_dict().items() if k in base)
+    path = str(tmp_path / "o.safetensors")
+    tr.save_longcat_lora(m, path)
+    from test_dit import make_inputs
+
+    x, t, y, mask = make_inputs(m.get_base_model().config, B=1, T=2)
+    with torch.no_grad():
+        want = m(x, t, y, mask)
+        d = m.unload()
+        d.load_lora(path, "o")
+        d.enable_loras(["o"])
+        got = d(x, t, y, mask)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_load_lora_non_finite_error_names_the_module(tmp_path):
+    from safetensors.torch import save_file
+    from tiny_ckpt import write_longcat_lora
+
+    cfg = tiny_config()
+    p = str(tmp_path / "l.safetensors")
+    t = write_longcat_lora(p, cfg, rank=2)
+    key = next(k for k in t if k.endswith("lora_down.weight"))
+    t[key][0, 0] = float("nan")
+    save_file(t, p)
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN/Inf\) in blocks\.\d+\.[a-z_.0-9]+lora_down\.weight"):
+        model_from_state_dict(cfg, random_state_dict(cfg, seed=1)).load_lora(p, "x")
