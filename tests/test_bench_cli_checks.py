@@ -32,3 +32,69 @@ def test_git_commit_only_from_a_checkout_of_this_repo(tmp_path, monkeypatch):
     assert machine.git_commit() is None
     monkeypatch.setattr(machine, "REPO_ROOT", tmp_path)  # a checkout: its own commit
     assert machine.git_commit() == other
+
+
+# keeps a run that (wrongly) got past the checks short: one suite, one cond length, nothing started
+_CHEAP = ["--quick", "--suite", "cache", "--cond-frames", "13", "--time-limit", "1e-9", "--no-write"]
+
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--suite="], "--suite"),
+    (["--suite", " , "], "--suite"),
+    (["--suite", "cache,cache"], "--suite"),
+    (["--time-limit", "0"], "--time-limit"),
+    (["--time-limit", "-1"], "--time-limit"),
+    (["--time-limit", "nan"], "--time-limit"),
+    (["--budget", "0"], "--budget"),
+    (["--budget", "-1"], "--budget"),
+    (["--budget", "nan"], "--budget"),
+    (["--budget", "inf"], "--budget"),
+    (["--backends", "trton", "--suite", "bsa"], "--backends"),
+    (["--backends", ","], "--backends"),
+    (["--sparsity", "1.5", "--suite", "bsa"], "--sparsity"),
+    (["--sparsity", "nan", "--suite", "bsa"], "--sparsity"),
+    (["--sparsity=-0.5", "--suite", "bsa"], "--sparsity"),
+    (["--cond-frames", "0"], "--cond-frames"),
+    (["--cond-frames", "x"], "--cond-frames"),
+    (["--shapes="], "--shapes"),
+    (["--shapes", "3x5"], "--shapes"),
+    (["--device", "foo"], "--device"),
+    (["--device", "meta"], "--device"),
+    (["--plot"], "--no-write"),  # --plot with --no-write: plots are files
+])
+def test_cli_refuses_bad_arguments_before_running(argv, flag, capsys):
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(_CHEAP + argv)
+    assert flag in str(ei.value.code), ei.value.code
+    assert "== suite" not in capsys.readouterr().out  # refused before any suite started
+
+
+def test_cli_backend_names_are_the_kernel_package_names():
+    from bench.cli import KERNEL_BACKENDS
+    from longcat_kernels.dispatch import BACKENDS
+
+    assert set(KERNEL_BACKENDS) == set(BACKENDS)
+
+
+def test_cli_run_that_timed_nothing_fails(capsys):
+    from bench.cli import main
+
+    assert main(_CHEAP) == 1  # every case skipped by --time-limit
+    out = capsys.readouterr().out
+    assert "NO case was timed" in out and "all cases passed" not in out, out[-2000:]
+
+
+def test_cli_out_naming_a_file_fails_before_timing(tmp_path, capsys):
+    from bench.cli import main
+
+    f = tmp_path / "afile"
+    f.write_text("hi")
+    argv = ["--quick", "--suite", "cache", "--cond-frames", "13", "--out", str(f)]
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert "--out" in str(ei.value.code) and str(f) in str(ei.value.code), ei.value.code
+    assert "== suite" not in capsys.readouterr().out
+    assert f.read_text() == "hi"
