@@ -246,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.plot:
         require_matplotlib()
-    text = render(args.results)
+    try:
+        text = render(args.results)
+        if args.write or args.check:
+            old, new = update_readme(text, Path(args.readme))
+    except ValueError as e:  # a results file without a field the tables need, README markers missing
+        raise SystemExit(f"error: {e}") from None
     rc = 0
     if args.write or args.check:
-        old, new = update_readme(text, Path(args.readme))
         if args.write:
             if new != old:
                 Path(args.readme).write_text(new)

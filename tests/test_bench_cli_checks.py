@@ -7,7 +7,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from bench import machine
 
@@ -98,3 +97,28 @@ def test_cli_out_naming_a_file_fails_before_timing(tmp_path, capsys):
     assert "--out" in str(ei.value.code) and str(f) in str(ei.value.code), ei.value.code
     assert "== suite" not in capsys.readouterr().out
     assert f.read_text() == "hi"
+
+
+def _doc(date="2026-01-01T00:00:00Z"):
+    machine_ = {"device_slug": "cpu-x", "cpu": "x", "torch": "2", "commit": None}
+    if date is not None:
+        machine_["date"] = date
+    return {"schema": "longcat-bench/1", "machine": machine_, "config": {"quick": False, "dtype": "float32"},
+            "rows": [{"suite": "pipeline", "case": "distill/on", "backend": "torch", "status": "ok", "ms": 1.0,
+                      "mode_name": "distill", "cache": "on", "steps": 2, "batch": 1, "cond_frames": 13}]}
+
+
+def test_report_names_the_file_and_field_of_an_incomplete_result(tmp_path):
+    from bench import report
+
+    d = tmp_path / "cpu-x"
+    d.mkdir()
+    (d / "bench-pipeline_20260102T000000Z.json").write_text(json.dumps(_doc()))
+    (d / "other-tool.json").write_text(json.dumps({"not": "ours"}))  # another tool's JSON: ignored
+    assert "Denoising loop" in report.render(tmp_path)
+    bad = d / "bench-pipeline_20260101T000000Z.json"
+    bad.write_text(json.dumps(_doc(date=None)))
+    with pytest.raises(ValueError, match=r"bench-pipeline_20260101T000000Z\.json.*machine\.date"):
+        report.render(tmp_path)
+    with pytest.raises(SystemExit, match="machine.date"):
+        report.main(["--results", str(tmp_path)])
