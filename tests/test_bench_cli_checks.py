@@ -122,3 +122,85 @@ def test_report_names_the_file_and_field_of_an_incomplete_result(tmp_path):
         report.render(tmp_path)
     with pytest.raises(SystemExit, match="machine.date"):
         report.main(["--results", str(tmp_path)])
+
+
+def _ctx(**kw):
+    import torch
+
+    from bench.suites import Context
+
+    return Context(device=torch.device("cpu"), dtype=torch.float32, log=lambda msg: None, **kw)
+
+
+def test_dit_and_cached_attn_suites_run_every_shapes_grid():
+    """--shapes tiny,8x2x2: the cache, cached-attn and pipeline suites time both grids (the second
+    was dropped while the results' config listed it)."""
+    from bench.shapes import GRIDS, parse_grid
+    from bench.suites import cache, cached_attn, pipeline
+
+    grids = [GRIDS["tiny"], parse_grid("8x2x2")]
+    for mod in (cache, cached_attn, pipeline):
+        cs = mod.cases(_ctx(quick=True, grids=grids, cond_frames=(13,)))
+        assert {c.params["grid"] for c in cs} == {"24x2x4", "8x2x2"}, mod.NAME
+        assert len({c.id for c in cs}) == len(cs), mod.NAME  # names carry the grid
+
+
+def test_cache_finish_and_report_keep_grids_apart():
+    from bench import report
+    from bench.shapes import GRIDS, parse_grid
+    from bench.suites import cache
+
+    ctx = _ctx(quick=True, grids=[parse_grid("8x2x2"), GRIDS["tiny"]], cond_frames=(13,))
+    rows = [dict(suite="cache", case=c.name, backend=c.backend, status="ok", **c.params,
+                 ms=(2.0 if c.params["mode"] == "off" else 1.0) * (1 if c.params["grid"] == "8x2x2" else 3))
+            for c in cache.cases(ctx)]
+    rows = cache.finish(ctx, rows)
+    on = {r["grid"]: r for r in rows if r["mode"] == "on"}
+    assert on["8x2x2"]["speedup"] == on["24x2x4"]["speedup"] == 2.0
+    assert on["8x2x2"]["ideal_speedup"] != on["24x2x4"]["ideal_speedup"]  # each grid's own FLOPs
+    text = report.cache_table({"rows": rows, "config": {"dtype": "float32"}})
+    assert "grid 8x2x2" in text and "grid 24x2x4" in text
+
+
+def test_pipeline_refine_rows_label_what_ran():
+    """--cond-frames 77: the refine loop runs its own 4 cond latents (13 frames), not 77 frames."""
+    from bench.suites import pipeline
+
+    cs = pipeline.cases(_ctx(quick=True, cond_frames=(77,)))
+    for c in cs:
+        p = c.params
+        if p["mode_name"] == "refine":
+            assert (p["cond_frames"], p["cond_latents"]) == (13, 4), p
+        else:
+            assert (p["cond_frames"], p["cond_latents"]) == (77, 20), p
+
+
+def test_pipeline_refine_never_times_an_empty_selection(monkeypatch):
+    """The quick refine case keeps >= 1 key block in every block-sparse call (it kept 0 of the 1
+    block of its cond grid: attention output zeros and the row said ok); a refine case whose
+    selection would keep no block is skipped with the reason."""
+    from longcat_kernels.ops.block_sparse_attn import selection
+
+    from bench.suites import pipeline, run_case
+
+    empty = []
+    orig = selection.warn_if_keeps_nothing
+
+    def spy(sparsity, cdf, nk, grid_k, chunk_k):
+        if cdf is None and sparsity is not None and int((1 - sparsity) * nk) < 1:
+            empty.append((sparsity, nk, tuple(grid_k), tuple(chunk_k)))
+        return orig(sparsity, cdf, nk, grid_k, chunk_k)
+
+    monkeypatch.setattr(selection, "warn_if_keeps_nothing", spy)
+    ctx = _ctx(quick=True)
+    (case,) = [c for c in pipeline.cases(ctx) if c.name == "refine/on"]
+    assert case.skip is None
+    row = run_case(ctx, case)
+    assert row["status"] == "ok" and not empty, (row, empty)
+
+    # CPU default chunks (4x4x4) on the tiny grid: the 4x2x4 cond grid is one key block
+    from bench.shapes import GRIDS
+
+    refine = [c for c in pipeline.cases(_ctx(grids=[GRIDS["tiny"]])) if c.params["mode_name"] == "refine"]
+    assert refine and all(c.skip and "keeps no key block" in c.skip for c in refine), [c.skip for c in refine]
+    assert run_case(ctx, refine[0])["status"] == "skipped"
