@@ -255,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     idle = [n for n in suites if not any(r["status"] == "ok" for r in all_rows if r.get("suite") == n)]
     counts = f"{timed} case(s) timed, {skipped} skipped" + (f"; nothing timed in: {', '.join(idle)}" if idle else "")
     if timed == 0:
-        print(f"total {time.perf_counter() - t_start:.0f} s; NO case was timed ({counts}{'; ' if bad else ''}"
-              f"{f'{bad} FAILED parity or errored' if bad else ''}): this run measured nothing (see the "
-              "skip reasons above)")
+        failed = f"; {bad} FAILED parity or errored" if bad else ""
+        print(f"total {time.perf_counter() - t_start:.0f} s; NO case was timed ({counts}{failed}): this run "
+              "measured nothing (the reasons are above)")
         return 1
     print(f"total {time.perf_counter() - t_start:.0f} s; "
           + ("all cases passed parity" if bad == 0 else f"{bad} case(s) FAILED parity or errored") + f" ({counts})")
