@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,12 +24,14 @@ import torch
 
 from bench import machine as _machine
 from bench import writer
-from bench.shapes import COND_FRAMES, SPARSITIES, parse_grids
+from bench.shapes import COND_FRAMES, SPARSITIES, parse_grid
 from bench.suites import SUITES, Context, load_suite, run_case
 from bench.timing import SPREAD_LEGEND
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+# --backends names: longcat_kernels' backend names (longcat_kernels.dispatch.BACKENDS; a test keeps them equal)
+KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
 def _csv(text: str | None, conv=str) -> list | None:
@@ -70,11 +74,83 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _suites(arg: str) -> list[str]:
-    names = list(SUITES) if arg == "all" else [s.strip() for s in arg.split(",") if s.strip()]
+    names = list(SUITES) if arg.strip() == "all" else [s.strip() for s in arg.split(",") if s.strip()]
+    if not names:
+        raise SystemExit(f"--suite: expected one of {', '.join(SUITES)} or all (or a comma-separated list), "
+                         f"got {arg!r}")
     for n in names:
         if n not in SUITES:
             raise SystemExit(f"--suite: expected one of {', '.join(SUITES)} or all, got {n!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SystemExit(f"--suite: {', '.join(dup)} named more than once")
     return names
+
+
+def _list_arg(flag: str, text: str | None, conv=str) -> list | None:
+    """A comma-separated flag value; None when the flag is absent, SystemExit when given but empty."""
+    if text is None:
+        return None
+    try:
+        values = _csv(text, conv)
+    except ValueError as e:
+        raise SystemExit(f"{flag}: {e}") from None
+    if not values:
+        raise SystemExit(f"{flag}: got an empty list ({text!r}); leave the flag out for the default")
+    return values
+
+
+def _positive(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise SystemExit(f"{flag}: expected a finite number > 0, got {value:g}")
+
+
+def _device(arg: str | None) -> torch.device:
+    if not arg:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device: expected cpu, cuda or cuda:N, got {arg!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device: CUDA requested but torch.cuda.is_available() is False")
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise SystemExit(f"--device: {arg} requested but this machine has {n} CUDA device(s)")
+    return device
+
+
+def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, ...], list[str] | None]:
+    """Every flag checked before anything runs: (suites, grids, cond frames, sparsities, backends)."""
+    suites = _suites(args.suite)
+    if args.plot and args.no_write:
+        raise SystemExit("--plot: the plots are files written beside the results; it cannot be combined "
+                         "with --no-write")
+    _positive("--budget", args.budget)
+    _positive("--time-limit", args.time_limit)
+    if args.depth is not None and args.depth < 1:
+        raise SystemExit(f"--depth: expected >= 1, got {args.depth}")
+    try:
+        grids = [parse_grid(g) for g in _list_arg("--shapes", args.shapes) or ()] or None
+    except ValueError as e:
+        raise SystemExit(f"--shapes: {e}") from None
+    cond = tuple(_list_arg("--cond-frames", args.cond_frames, int) or COND_FRAMES)
+    bad = [f for f in cond if f < 1]
+    if bad:
+        raise SystemExit(f"--cond-frames: expected frame counts >= 1, got {bad[0]}")
+    sparsities = tuple(_list_arg("--sparsity", args.sparsity, float) or SPARSITIES)
+    bad = [s for s in sparsities if not 0 <= s < 1]  # NaN fails too
+    if bad:
+        raise SystemExit(f"--sparsity: expected levels in [0, 1) (the fraction of key blocks skipped), got {bad[0]:g}")
+    backends = _list_arg("--backends", args.backends)
+    for b in backends or ():
+        if b not in KERNEL_BACKENDS:
+            raise SystemExit(f"--backends: unknown backend {b!r}; expected a comma-separated list of "
+                             f"{', '.join(KERNEL_BACKENDS)}")
+    return suites, grids, cond, sparsities, backends
 
 
 def _status_line(row: dict) -> str:
@@ -90,37 +166,35 @@ def _status_line(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    suites = _suites(args.suite)
-    if args.plot and not args.no_write:
+    suites, grids, cond, sparsities, backends = _check_args(args)
+    if args.plot:
         from bench.report import require_matplotlib
 
         require_matplotlib()  # before the run, not after it
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device: CUDA requested but torch.cuda.is_available() is False")
-        if device.index is not None:
-            torch.cuda.set_device(device)
+    device = _device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        grids = parse_grids(args.shapes)
-        cond = tuple(_csv(args.cond_frames, int) or COND_FRAMES)
-        sparsities = tuple(_csv(args.sparsity, float) or SPARSITIES)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.depth is not None and args.depth < 1:
-        raise SystemExit(f"--depth: expected >= 1, got {args.depth}")
 
     # fp32 means fp32 (no TF32) so CPU and GPU fp32 parity bounds agree
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
     header = _machine.machine_header(device)
+    out_dir = Path(args.out) if args.out else writer.default_out_dir(header)
+    if not args.no_write:
+        # before anything is timed: a bad folder must not cost a suite's run
+        what = "--out" if args.out else "results folder (set another with --out)"
+        if out_dir.exists() and not out_dir.is_dir():
+            raise SystemExit(f"{what}: {out_dir} exists and is not a folder")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"{what}: cannot create {out_dir}: {e.strerror or e}") from None
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise SystemExit(f"{what}: {out_dir} is not writable")
     print(_machine.format_header(header), flush=True)
-    ctx = Context(device=device, dtype=dtype, quick=args.quick, grids=grids, backends=_csv(args.backends),
+    ctx = Context(device=device, dtype=dtype, quick=args.quick, grids=grids, backends=backends,
                   depth=args.depth, cond_frames=cond, sparsities=sparsities, budget=args.budget, seed=args.seed)
     if device.type == "cuda":
         peak, t = _timing_peak(device)
@@ -136,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
               "quick": args.quick, "shapes": args.shapes, "backends": args.backends, "depth": args.depth,
               "cond_frames": list(cond), "sparsities": list(sparsities), "budget": args.budget,
               "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)}
-    out_dir = Path(args.out) if args.out else writer.default_out_dir(header)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     stem = writer.result_stem(suites, args.quick, stamp, header.get("commit"))
     jpath = cpath = None
@@ -177,8 +250,17 @@ def main(argv: list[str] | None = None) -> int:
 
             for p in report.plot_results(writer.load_results(jpath), out_dir, stem):
                 print(f"wrote {p}")
+    timed = sum(r["status"] == "ok" for r in all_rows)
+    skipped = sum(r["status"] == "skipped" for r in all_rows)
+    idle = [n for n in suites if not any(r["status"] == "ok" for r in all_rows if r.get("suite") == n)]
+    counts = f"{timed} case(s) timed, {skipped} skipped" + (f"; nothing timed in: {', '.join(idle)}" if idle else "")
+    if timed == 0:
+        failed = f"; {bad} FAILED parity or errored" if bad else ""
+        print(f"total {time.perf_counter() - t_start:.0f} s; NO case was timed ({counts}{failed}): this run "
+              "measured nothing (the reasons are above)")
+        return 1
     print(f"total {time.perf_counter() - t_start:.0f} s; "
-          + ("all cases passed parity" if bad == 0 else f"{bad} case(s) FAILED parity or errored"))
+          + ("all cases passed parity" if bad == 0 else f"{bad} case(s) FAILED parity or errored") + f" ({counts})")
     return 1 if bad else 0
 
 

@@ -35,12 +35,23 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD commit (+ "-dirty" when tracked files changed); env LONGCAT_KERNELS_BENCH_COMMIT wins."""
+    """HEAD commit (+ "-dirty" when tracked files changed); env LONGCAT_KERNELS_BENCH_COMMIT wins.
+
+    Only a source checkout of this repository has a commit: when the bench package is installed
+    (e.g. into a virtual environment inside another git project), the git work tree around it is
+    not ours, and its commit would be recorded as the one measured; that gives None."""
     env = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT", "").strip()
     if env:
         if not re.fullmatch(r"[0-9a-fA-F]{7,40}", env):
             raise ValueError(f"LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash (7-40 hex digits), got {env!r}")
         return env
+    top = _run(["git", "rev-parse", "--show-toplevel"])
+    try:
+        ours = top is not None and Path(top).resolve() == REPO_ROOT.resolve()
+    except OSError:
+        ours = False
+    if not ours:
+        return None
     head = _run(["git", "rev-parse", "HEAD"])
     if head is None:
         return None

@@ -55,6 +55,13 @@ def _rows(doc: dict, suite: str) -> list[dict]:
 
 def cache_table(doc: dict) -> str:
     rows = _rows(doc, "cache")
+    grids = list(dict.fromkeys(r.get("grid") for r in rows if r.get("cond_latents") is not None))
+    if len(grids) > 1:  # --shapes with several grids: one table per grid
+        return "\n\n".join(_cache_grid_table(doc, [r for r in rows if r.get("grid") == g]) for g in grids)
+    return _cache_grid_table(doc, rows)
+
+
+def _cache_grid_table(doc: dict, rows: list[dict]) -> str:
     by: dict = {}
     for r in rows:
         by.setdefault(r.get("cond_latents"), {})[r.get("mode")] = r
@@ -120,17 +127,19 @@ def cached_attn_table(doc: dict) -> str:
     rows = [r for r in _rows(doc, "cached-attn") if r.get("status") == "ok"]
     if not rows:
         return ""
-    impls, keys = _pivot(rows, lambda r: (r["op"], r["cond_latents"], r.get("seq_q"), r.get("seq_k")), None)
-    by = {(r["op"], r["cond_latents"], r["backend"]): r for r in rows}
+    impls, keys = _pivot(rows, lambda r: (r.get("grid"), r["op"], r["cond_latents"], r.get("seq_q"), r.get("seq_k")),
+                         None)
+    by = {(r.get("grid"), r["op"], r["cond_latents"], r["backend"]): r for r in rows}
+    several = len({k[0] for k in keys}) > 1  # --shapes with several grids: a grid column
     body = []
-    for op, c, sq, sk in keys:
-        ours = [r for (o, cc, b), r in by.items() if o == op and cc == c and r.get("speedup") is not None]
+    for g, op, c, sq, sk in keys:
+        ours = [r for (gg, o, cc, b), r in by.items() if (gg, o, cc) == (g, op, c) and r.get("speedup") is not None]
         best = min(ours, key=lambda r: r["ms"]) if ours else None
-        cells = [ms_cell(by[(op, c, b)]) if (op, c, b) in by else "-" for b in impls]
-        body.append([op, str(c), f"{sq} x {sk}"] + cells + [
+        cells = [ms_cell(by[(g, op, c, b)]) if (g, op, c, b) in by else "-" for b in impls]
+        body.append(([str(g)] if several else []) + [op, str(c), f"{sq} x {sk}"] + cells + [
             f"{best['backend']}: {_f(best.get('speedup'), '.2f', 'x')}" if best else "-",
             _f(best.get("vs_prebuilt"), ".2f", "x") if best else "-"])
-    head = ["op", "cond latents", "q x kv"] + [f"{b} ms" for b in impls] + ["best vs unfused / 2 calls",
+    head = (["grid"] if several else []) + ["op", "cond latents", "q x kv"] + [f"{b} ms" for b in impls] + ["best vs unfused / 2 calls",
                                                                             "best vs prebuilt"]
     return (f"Cached-KV attention, {_dims(rows)}, {doc['config'].get('dtype')} (ours: RoPE fused, cache not "
             "repeated, no concatenation; prebuilt: SDPA alone on inputs built beforehand):\n\n" + _md(head, body))
@@ -246,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.plot:
         require_matplotlib()
-    text = render(args.results)
+    try:
+        text = render(args.results)
+        if args.write or args.check:
+            old, new = update_readme(text, Path(args.readme))
+    except ValueError as e:  # a results file without a field the tables need, README markers missing
+        raise SystemExit(f"error: {e}") from None
     rc = 0
     if args.write or args.check:
-        old, new = update_readme(text, Path(args.readme))
         if args.write:
             if new != old:
                 Path(args.readme).write_text(new)

@@ -74,11 +74,29 @@ def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[d
     return jpath, cpath
 
 
+def check_document(doc: dict, path: Path | str) -> dict:
+    """``doc`` (a parsed ``SCHEMA`` document) when it has the fields the report reads; else a
+    ValueError naming ``path`` and the field."""
+    for key, typ in (("machine", dict), ("config", dict), ("rows", list)):
+        if not isinstance(doc.get(key), typ):
+            got = "missing" if key not in doc else f"a {type(doc[key]).__name__}"
+            raise ValueError(f"{path}: field {key!r} must be a {'JSON object' if typ is dict else 'list'}, "
+                             f"got {got}")
+    date = doc["machine"].get("date")
+    if not isinstance(date, str) or not date:
+        raise ValueError(f"{path}: field 'machine.date' must be a non-empty string (YYYY-MM-DDTHH:MM:SSZ), got "
+                         f"{'missing' if 'date' not in doc['machine'] else repr(date)}")
+    for i, r in enumerate(doc["rows"]):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: rows[{i}] must be a JSON object, got a {type(r).__name__}")
+    return doc
+
+
 def load_results(path: Path | str) -> dict:
     doc = json.loads(Path(path).read_text())
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ValueError(f"{path}: expected a {SCHEMA!r} document")
-    return doc
+    return check_document(doc, path)
 
 
 def latest_results_filtered(results_dir: Path | str = RESULTS_DIR) -> dict[str, dict[str, dict]]:
@@ -95,9 +113,12 @@ def latest_results(results_dir: Path | str = RESULTS_DIR, skip_quick: bool = Fal
     for dev_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for jp in sorted(dev_dir.glob("*.json")):
             try:
-                doc = load_results(jp)
-            except (OSError, ValueError):  # another tool's JSON (JSONDecodeError is a ValueError)
+                doc = json.loads(jp.read_text())
+            except (OSError, ValueError):  # not JSON (JSONDecodeError is a ValueError)
                 continue
+            if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:  # another tool's JSON
+                continue
+            check_document(doc, jp)  # ours but incomplete: an error naming the file and field
             doc["_path"] = str(jp)
             if skip_quick and doc.get("config", {}).get("quick"):
                 continue

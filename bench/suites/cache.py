@@ -24,7 +24,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 def _check(ctx, bc, c: int):
     """On vs off on the same inputs, computed once per cond length and shared by its cases."""
-    key = ("cache-check", c)
+    key = ("cache-check", str(bc.grid), c)
     if key not in ctx.shared:
         model = dc.build_model(ctx, bc)
         s = dc.make_inputs(ctx, bc, c, 1, offset=7)[0]
@@ -38,9 +38,17 @@ def _check(ctx, bc, c: int):
 
 
 def cases(ctx) -> list[Case]:
-    bc = dc.default_config(ctx)
+    configs = dc.default_configs(ctx)
+    # the config of each grid (finish: ideal speedups); case names carry the grid when there are several
+    ctx.shared["cache-configs"] = {str(bc.grid): bc for bc in configs}
+    out = []
+    for bc in configs:
+        out += _grid_cases(ctx, bc, f"{bc.grid}/" if len(configs) > 1 else "")
+    return out
+
+
+def _grid_cases(ctx, bc, prefix: str) -> list[Case]:
     ctx.log(bc.describe())
-    ctx.shared["cache-config"] = bc
     pairs = cond_latents_for(bc.grid, ctx.cond_frames)
     if not pairs:
         raise ValueError(f"cond frames {ctx.cond_frames} leave no noisy latent on grid {bc.grid}")
@@ -94,13 +102,13 @@ def cases(ctx) -> list[Case]:
                             flops=dc.build_flops(bc, c), policy=pol, extra=extra)
 
         for mode, prep in (("off", prep_off), ("on", prep_on), ("build", prep_build)):
-            out.append(Case(NAME, f"c{c}/{mode}", backend, dict(params, mode=mode), prep))
+            out.append(Case(NAME, f"{prefix}c{c}/{mode}", backend, dict(params, mode=mode), prep))
     return out
 
 
 def finish(ctx, rows: list[dict]) -> list[dict]:
-    bc = ctx.shared.get("cache-config")
-    by = {(r.get("cond_latents"), r.get("mode")): r for r in rows}
+    configs = ctx.shared.get("cache-configs", {})
+    by = {(r.get("grid"), r.get("cond_latents"), r.get("mode")): r for r in rows}
     for r in rows:
         if r.get("status") != "ok":
             continue
@@ -108,7 +116,8 @@ def finish(ctx, rows: list[dict]) -> list[dict]:
             r["mfu"] = r["tflops"] / ctx.peak_tflops
         if r.get("mode") == "on":
             c = r["cond_latents"]
-            off = by.get((c, "off"))
+            off = by.get((r.get("grid"), c, "off"))
+            bc = configs.get(r.get("grid"))
             if bc is not None:
                 r["ideal_speedup"] = dc.step_flops(bc, c, cache=False) / dc.step_flops(bc, c, cache=True)
             if off is not None and off.get("status") == "ok":
@@ -119,10 +128,12 @@ def finish(ctx, rows: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
-        by.setdefault(r.get("cond_latents"), {})[r.get("mode")] = r
+        if r.get("cond_latents") is not None:
+            by.setdefault((r.get("grid"), r["cond_latents"]), {})[r.get("mode")] = r
+    grids = list(dict.fromkeys(g for g, _ in by))  # in run order
     body = []
-    for c in sorted(k for k in by if k is not None):
-        d = by[c]
+    for g, c in sorted(by, key=lambda k: (grids.index(k[0]), k[1])):
+        d = by[(g, c)]
         off, on, bld = d.get("off", {}), d.get("on", {}), d.get("build", {})
 
         def ms(r):
@@ -130,12 +141,12 @@ def table(rows: list[dict]) -> str:
 
         any_row = off or on or bld
         body.append([
-            str(any_row.get("cond_frames")), str(c), ms(off), ms(on), fmt(on.get("speedup"), ".2f", "-") + "x",
+            str(g), str(any_row.get("cond_frames")), str(c), ms(off), ms(on), fmt(on.get("speedup"), ".2f", "-") + "x",
             fmt(on.get("ideal_speedup"), ".2f") + "x", ms(bld), fmt(bld.get("cache_mb"), ".4g"),
             pct(off.get("mfu")), pct(on.get("mfu")),
             fmt(on.get("rel_l2"), ".1e"),
         ])
-    headers = ["cond frames", "cond lat.", "off ms/step", "on ms/step", "speedup", "ideal", "build ms",
+    headers = ["grid", "cond frames", "cond lat.", "off ms/step", "on ms/step", "speedup", "ideal", "build ms",
                "cache MB", "MFU off", "MFU on", "rel.L2 on/off"]
     errs = [f"  {r['case']}: {r.get('reason')}" for r in rows if r.get("status") in ("error", "parity-failed")]
     return render_table(headers, body) + ("\nproblems:\n" + "\n".join(errs) if errs else "")

@@ -61,7 +61,7 @@ def _reference(ctx, s, rope, hs):
     return lk.attn_with_kv_cache(q, k, v, k_cache, v_cache, rope=rope, backend="torch")
 
 
-def _case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
+def _case(ctx, grid, bhd, frames, c, impl: str, label: str, prefix: str = "") -> Case:
     import longcat_kernels as lk
     from longcat_kernels.testing import baselines as BL
 
@@ -116,10 +116,10 @@ def _case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
         return Prepared(fn=timed, inputs=inputs, check=check, flops=F.attn_flops(B, H, Sn, Sc + Sn, D),
                         policy=ctx.policy(warmup=2, min_reps=5, max_reps=50, budget_s=1.0))
 
-    return Case(NAME, f"c{c}/kv-cache", label, params, prep)
+    return Case(NAME, f"{prefix}c{c}/kv-cache", label, params, prep)
 
 
-def _prefix_case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
+def _prefix_case(ctx, grid, bhd, frames, c, impl: str, label: str, prefix: str = "") -> Case:
     import longcat_kernels as lk
     from longcat_kernels.testing import baselines as BL
 
@@ -157,14 +157,22 @@ def _prefix_case(ctx, grid, bhd, frames, c, impl: str, label: str) -> Case:
         return Prepared(fn=timed, inputs=sets, check=check, flops=F.prefix_attn_flops(B, H, S, P, D),
                         policy=ctx.policy(warmup=2, min_reps=5, max_reps=50, budget_s=1.0))
 
-    return Case(NAME, f"c{c}/prefix", label, params, prep)
+    return Case(NAME, f"{prefix}c{c}/prefix", label, params, prep)
 
 
 def cases(ctx) -> list[Case]:
     bhd, grid = _dims(ctx)
-    if ctx.grids:
-        grid = ctx.grids[0]
+    grids = ctx.grids or [grid]
+    out: list[Case] = []
+    for grid in grids:  # case names carry the grid when there are several
+        out += _grid_cases(ctx, grid, bhd, f"{grid}/" if len(grids) > 1 else "")
+    return out
+
+
+def _grid_cases(ctx, grid, bhd, prefix: str) -> list[Case]:
     pairs = cond_latents_for(grid, ctx.cond_frames)
+    if not pairs:
+        raise ValueError(f"cond frames {ctx.cond_frames} leave no noisy latent on grid {grid}")
     if ctx.quick and len(pairs) > 2:  # smoke run: shortest and longest conditioning
         pairs = [pairs[0], pairs[-1]]
     ctx.log(f"cached-attn: B{bhd[0]} H{bhd[1]} D{bhd[2]}, {ctx.dtype}, grid {grid}, cond latents "
@@ -183,23 +191,23 @@ def cases(ctx) -> list[Case]:
     out: list[Case] = []
     for frames, c in pairs:
         for impl in sdpa:
-            out.append(_case(ctx, grid, bhd, frames, c, f"prebuilt:{impl}", f"sdpa-{impl}-prebuilt"))
-        out.append(_case(ctx, grid, bhd, frames, c, "unfused", "unfused"))
+            out.append(_case(ctx, grid, bhd, frames, c, f"prebuilt:{impl}", f"sdpa-{impl}-prebuilt", prefix))
+        out.append(_case(ctx, grid, bhd, frames, c, "unfused", "unfused", prefix))
         for b, skip in backends:
             if skip:
-                out.append(kc.skipped(NAME, f"c{c}/kv-cache", b, dict(grid=str(grid), cond_frames=frames,
+                out.append(kc.skipped(NAME, f"{prefix}c{c}/kv-cache", b, dict(grid=str(grid), cond_frames=frames,
                                                                         cond_latents=c, op="kv-cache"), skip))
             else:
-                out.append(_case(ctx, grid, bhd, frames, c, b, b))
+                out.append(_case(ctx, grid, bhd, frames, c, b, b, prefix))
         if has_cudnn_route:
-            out.append(_case(ctx, grid, bhd, frames, c, "triton+cudnn", "triton+cudnn"))
+            out.append(_case(ctx, grid, bhd, frames, c, "triton+cudnn", "triton+cudnn", prefix))
     # the cache-off rule in one call, at the shortest and a long conditioning
     long_ = [p for p in pairs if p[1] == 16] or pairs[-1:]
     for frames, c in sorted({pairs[0], long_[0]}):
-        out.append(_prefix_case(ctx, grid, bhd, frames, c, f"sdpa:{sdpa[0]}", f"sdpa-{sdpa[0]}-2call"))
+        out.append(_prefix_case(ctx, grid, bhd, frames, c, f"sdpa:{sdpa[0]}", f"sdpa-{sdpa[0]}-2call", prefix))
         for b, skip in prefix_backends:
             if not skip:
-                out.append(_prefix_case(ctx, grid, bhd, frames, c, b, b))
+                out.append(_prefix_case(ctx, grid, bhd, frames, c, b, b, prefix))
     return out
 
 
@@ -207,11 +215,12 @@ def finish(ctx, rows: list[dict]) -> list[dict]:
     base = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("backend", "").endswith("-prebuilt"):
-            key = r["cond_latents"]
+            key = (r.get("grid"), r["cond_latents"])
             if key not in base or r["ms"] < base[key]["ms"]:
                 base[key] = r
-    unf = {r["cond_latents"]: r for r in rows if r.get("backend") == "unfused" and r.get("status") == "ok"}
-    two = {r["cond_latents"]: r for r in rows if r.get("op") == "prefix" and r.get("backend", "").endswith("2call")
+    unf = {(r.get("grid"), r["cond_latents"]): r for r in rows
+           if r.get("backend") == "unfused" and r.get("status") == "ok"}
+    two = {(r.get("grid"), r["cond_latents"]): r for r in rows if r.get("op") == "prefix" and r.get("backend", "").endswith("2call")
            and r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok":
@@ -220,7 +229,7 @@ def finish(ctx, rows: list[dict]) -> list[dict]:
             r["mfu"] = r["tflops"] / ctx.peak_tflops
         if is_baseline(r.get("backend", "")):
             continue
-        c = r.get("cond_latents")
+        c = (r.get("grid"), r.get("cond_latents"))
         if r.get("op") == "prefix":
             if c in two:
                 r["speedup"] = two[c]["ms"] / r["ms"]
@@ -243,11 +252,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ok = r.get("status") == "ok"
         body.append([
-            r.get("op", "-"), fmt(r.get("cond_frames")), fmt(r.get("cond_latents")),
+            r.get("grid", "-"), r.get("op", "-"), fmt(r.get("cond_frames")), fmt(r.get("cond_latents")),
             f"{r.get('seq_q', '-')} x {r.get('seq_k', '-')}", r.get("backend", "-"),
             ms_cell(r, ".2f") if ok else r.get("status", "-").upper(), fmt(r.get("tflops"), ".3g"),
             fmt(r.get("speedup"), ".2f"), fmt(r.get("vs_prebuilt"), ".2f"), fmt(r.get("rel_l2"), ".1e"),
             "" if ok else str(r.get("reason", ""))[:60],
         ])
-    return render_table(["op", "cond fr.", "cond lat.", "q x kv", "impl", "ms", "TFLOP/s", "vs unfused",
+    return render_table(["grid", "op", "cond fr.", "cond lat.", "q x kv", "impl", "ms", "TFLOP/s", "vs unfused",
                          "vs prebuilt", "rel.L2", "note"], body)

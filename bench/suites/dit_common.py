@@ -29,7 +29,21 @@ class DiTBenchConfig:
                 f"text {self.text_len} tokens, attn_backend {c.attn_backend!r}")
 
 
+def default_configs(ctx, *, batch: int = 2) -> list[DiTBenchConfig]:
+    """One config per ``--shapes`` grid (``ctx.grids``), else the one of ``default_config``."""
+    bc = _base_config(ctx, batch)
+    return [dataclasses.replace(bc, grid=g) for g in ctx.grids] if ctx.grids else [bc]
+
+
 def default_config(ctx, *, batch: int = 2) -> DiTBenchConfig:
+    """The config of a single-grid caller (``ctx.grids`` None or one grid); see ``default_configs``."""
+    if ctx.grids and len(ctx.grids) > 1:
+        raise ValueError(f"default_config: one grid expected, got {len(ctx.grids)} "
+                         f"({', '.join(map(str, ctx.grids))}); use default_configs")
+    return default_configs(ctx, batch=batch)[0]
+
+
+def _base_config(ctx, batch: int) -> DiTBenchConfig:
     """GPU: real width (hidden 4096, 32 heads), 480p 93 frames, depth 8; CPU: a small DiT; quick: tiny."""
     from longcat_vc import DiTConfig
 
@@ -45,8 +59,6 @@ def default_config(ctx, *, batch: int = 2) -> DiTBenchConfig:
                              frequency_embedding_size=256, depth=ctx.depth or 2, attn_backend=backend,
                              text_tokens_zero_pad=True)
         grid, text_len, name = GRIDS["cpu"], 32, "cpu-default"
-    if ctx.grids:
-        grid = ctx.grids[0]
     return DiTBenchConfig(dit=cfg, grid=grid, batch=batch, text_len=text_len, name=name)
 
 

@@ -8,7 +8,9 @@ are the same with and without the cache). Parity: final latents on vs off.
 
 ``refine``: the 720p refinement stage's loop (SPEC 11): batch 1, guidance 1, BSA on, the
 ``t_thresh`` 0.5 schedule (5 steps), on the refine grid (GPU: 48 latents of which 8 cond, 44x80
-tokens per frame; CPU: the CPU grid with 4 cond latents and BSA sparsity 0.5 so blocks are kept).
+tokens per frame; CPU: the CPU grid with 4 cond latents and BSA sparsity 0.5 so blocks are kept;
+quick: 2x2x2 chunks as well). A refine case whose selection would keep no key block (it would
+time an attention that outputs zeros) is skipped with the reason (``bsa_empty_selection``).
 """
 
 from __future__ import annotations
@@ -75,16 +77,59 @@ def _denoise_loop(model, s, c, timesteps, sigmas, guidance, use_cache, dtype):
     return x
 
 
+# Refine cond frames of the GPU refine grid: SPEC 11 doubles the stage-1 13 cond frames to 26, which
+# refine_padding pads to 8 cond latents.
+REFINE_COND_FRAMES_GPU = 26
+# The quick run's refine chunks: the tiny grid's 4 cond latents (4x2x4) are one 4x4x4 block, of which
+# no sparsity > 0 keeps a block; 2x2x2 chunks give 4 cond key blocks (2 kept at sparsity 0.5).
+QUICK_REFINE_CHUNK = [2, 2, 2]
+
+
+def bsa_empty_selection(bc, c: int) -> str | None:
+    """Why the block-sparse attention of ``bc`` with ``c`` cond latents keeps no key block in one of
+    its calls (the top-k count ``int((1 - sparsity) * Nk)`` is 0: that attention outputs zeros and a
+    timing of it measures nothing), or None. The calls are those of the DiT with ``enable_bsa``
+    (longcat_vc.modules.attention): the cond latents over the cond grid (cache build and cache off,
+    when ``c > 1``) and the noisy latents over all key frames (when more than one is noisy)."""
+    from longcat_kernels.grid import total_blocks
+
+    st = bc.dit.bsa_settings()
+    if st["cdf_threshold"] is not None or st["sparsity"] is None:
+        return None
+    T, H, W = bc.grid.shape
+    calls = []
+    if c > 1:
+        calls.append(("cond", (c, H, W)))
+    if T - c > 1:
+        calls.append(("noisy", (T, H, W)))
+    for what, grid_k in calls:
+        chunk = tuple(min(a, g) for a, g in zip(st["chunk_k"], grid_k))
+        nk = total_blocks(grid_k, chunk)
+        if int((1 - st["sparsity"]) * nk) < 1:
+            return (f"BSA sparsity {st['sparsity']:g} keeps no key block of the {what} attention "
+                    f"({nk} key block(s) of {'x'.join(map(str, grid_k))} with chunk {'x'.join(map(str, chunk))}): "
+                    "it would output zeros")
+    return None
+
+
 def cases(ctx) -> list[Case]:
-    base = dc.default_config(ctx, batch=2)
+    configs = dc.default_configs(ctx, batch=2)
+    out = []
+    for base in configs:  # case names carry the grid when there are several
+        out += _grid_cases(ctx, base, f"{base.grid}/" if len(configs) > 1 else "")
+    return out
+
+
+def _grid_cases(ctx, base, prefix: str) -> list[Case]:
+    from bench.shapes import Grid
+
     frames = 13 if 13 in ctx.cond_frames else ctx.cond_frames[0]
-    c = cond_latents(frames)
+    c_vc = cond_latents(frames)
     modes = ["distill", "refine"]
     steps_override = 2 if ctx.quick else (None if ctx.is_cuda else 4)
-    ctx.log(base.describe() + f"; cond {frames} frames ({c} latents); modes {modes}"
+    ctx.log(base.describe() + f"; cond {frames} frames ({c_vc} latents); modes {modes}"
             + (f", {steps_override} steps" if steps_override else ""))
     out = []
-    c_vc = c
     for mode in modes:
         m = MODES[mode]
         refine = m["schedule"] == "refine"
@@ -93,21 +138,26 @@ def cases(ctx) -> list[Case]:
         guidance = m["guidance"]
         B = 2 if guidance > 1 else 1
         bc = dataclasses.replace(base, batch=max(B, 1))
-        c = c_vc
-        if refine:
-            from bench.shapes import Grid
-
+        c, cond_frames = c_vc, frames
+        if refine:  # the refine stage's own conditioning, whatever --cond-frames says
             if ctx.is_cuda and not ctx.quick and not ctx.grids:
                 bc = dataclasses.replace(bc, grid=Grid("refine-720p", 48, 44, 80))
-                c = 8
+                c, cond_frames = 8, REFINE_COND_FRAMES_GPU
             else:
                 c = 4
+                cond_frames = 4 * (c - 1) + 1  # 13 frames = 4 latents
                 bsa = dict(bc.dit.bsa_params or {}, sparsity=0.5)
+                if ctx.quick:
+                    bsa.update(chunk_3d_shape_q=QUICK_REFINE_CHUNK, chunk_3d_shape_k=QUICK_REFINE_CHUNK)
                 bc = dataclasses.replace(bc, dit=dataclasses.replace(bc.dit, bsa_params=bsa))
         params = dict(grid=str(bc.grid), mode_name=mode, steps=len(timesteps), guidance=guidance, batch=B,
-                      cond_frames=(26 if c == 8 else frames) if refine else frames, cond_latents=c,
-                      depth=bc.dit.depth, config=bc.name, bsa=refine)
-        key = ("pipe-check", mode)
+                      cond_frames=cond_frames, cond_latents=c, depth=bc.dit.depth, config=bc.name, bsa=refine)
+        skip = None
+        if not 0 < c < bc.grid.t:
+            skip = f"{c} cond latents leave no noisy latent on grid {bc.grid}"
+        elif refine:
+            skip = bsa_empty_selection(bc, c)
+        key = ("pipe-check", str(bc.grid), mode)
 
         def check(bc=bc, timesteps=timesteps, sigmas=sigmas, guidance=guidance, key=key, c=c, refine=refine):
             if key not in ctx.shared:
@@ -135,18 +185,19 @@ def cases(ctx) -> list[Case]:
                 return Prepared(fn=fn, inputs=[(s,) for s in sets], check=check, policy=pol,
                                 extra=dict(steps=len(timesteps)))
 
-            name = f"{mode}/{'on' if use_cache else 'off'}"
-            out.append(Case(NAME, name, bc.dit.attn_backend, dict(params, cache="on" if use_cache else "off"), prep))
+            name = f"{prefix}{mode}/{'on' if use_cache else 'off'}"
+            out.append(Case(NAME, name, bc.dit.attn_backend, dict(params, cache="on" if use_cache else "off"), prep,
+                            skip=skip))
     return out
 
 
 def finish(ctx, rows: list[dict]) -> list[dict]:
-    by = {(r.get("mode_name"), r.get("cache")): r for r in rows if r.get("status") == "ok"}
+    by = {(r.get("grid"), r.get("mode_name"), r.get("cache")): r for r in rows if r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok":
             continue
         r["ms_per_step"] = r["ms"] / r["steps"]
-        off = by.get((r.get("mode_name"), "off"))
+        off = by.get((r.get("grid"), r.get("mode_name"), "off"))
         if r.get("cache") == "on" and off is not None:
             r["speedup"] = off["ms"] / r["ms"]
     return rows
@@ -156,9 +207,9 @@ def table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         ok = r.get("status") == "ok"
-        body.append([r.get("mode_name", "-"), fmt(r.get("steps")), fmt(r.get("batch")), fmt(r.get("cond_frames")),
+        body.append([r.get("grid", "-"), r.get("mode_name", "-"), fmt(r.get("steps")), fmt(r.get("batch")), fmt(r.get("cond_frames")),
                      r.get("cache", "-"), ms_cell(r, ".0f") if ok else r.get("status", "-").upper(),
                      ms_cell(r, ".1f", "ms_per_step"), fmt(r.get("speedup"), ".2f"), fmt(r.get("rel_l2"), ".1e"),
                      "" if ok else str(r.get("reason", ""))[:60]])
-    return render_table(["mode", "steps", "batch", "cond fr.", "cache", "total ms", "ms/step", "speedup",
+    return render_table(["grid", "mode", "steps", "batch", "cond fr.", "cache", "total ms", "ms/step", "speedup",
                          "rel.L2", "note"], body)
