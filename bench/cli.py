@@ -30,6 +30,8 @@ from bench.timing import SPREAD_LEGEND
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+# suites that time the whole DiT (one attention backend per run) rather than kernels per backend
+MODEL_SUITES = ("cache", "pipeline")
 # --backends names: longcat_kernels' backend names (longcat_kernels.dispatch.BACKENDS; a test keeps them equal)
 KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -150,6 +152,12 @@ def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, .
         if b not in KERNEL_BACKENDS:
             raise SystemExit(f"--backends: unknown backend {b!r}; expected a comma-separated list of "
                              f"{', '.join(KERNEL_BACKENDS)}")
+    model = [s for s in suites if s in MODEL_SUITES]
+    if backends and len(backends) > 1 and model:
+        # the DiT of these suites runs one attention backend (the first): the others would be dropped silently
+        raise SystemExit(f"--backends {','.join(backends)}: the {' and '.join(model)} suite(s) run the DiT with one "
+                         f"attention backend; give one backend, or run them apart from the kernel suites "
+                         f"(--suite {','.join(s for s in suites if s not in MODEL_SUITES) or 'bsa,cached-attn'})")
     return suites, grids, cond, sparsities, backends
 
 

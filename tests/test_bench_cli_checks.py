@@ -61,6 +61,9 @@ _CHEAP = ["--quick", "--suite", "cache", "--cond-frames", "13", "--time-limit", 
     (["--device", "foo"], "--device"),
     (["--device", "meta"], "--device"),
     (["--plot"], "--no-write"),  # --plot with --no-write: plots are files
+    # the DiT suites run one attention backend: the second name was dropped silently
+    (["--backends", "torch,triton", "--suite", "cache"], "--backends"),
+    (["--backends", "torch,triton", "--suite", "bsa,pipeline"], "--backends"),
 ])
 def test_cli_refuses_bad_arguments_before_running(argv, flag, capsys):
     from bench.cli import main
