@@ -91,16 +91,3 @@ def test_orthogonal_init_is_savable_and_round_trips(tmp_path):
         got = d(x, t, y, mask)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
-
-def test_load_lora_non_finite_error_names_the_module(tmp_path):
-    from safetensors.torch import save_file
-    from tiny_ckpt import write_longcat_lora
-
-    cfg = tiny_config()
-    p = str(tmp_path / "l.safetensors")
-    t = write_longcat_lora(p, cfg, rank=2)
-    key = next(k for k in t if k.endswith("lora_down.weight"))
-    t[key][0, 0] = float("nan")
-    save_file(t, p)
-    with pytest.raises(ValueError, match=r"non-finite values \(NaN/Inf\) in blocks\.\d+\.[a-z_.0-9]+lora_down\.weight"):
-        model_from_state_dict(cfg, random_state_dict(cfg, seed=1)).load_lora(p, "x")
