@@ -160,3 +160,19 @@ def test_available_backends_for_cuda_without_a_device():
     # said triton works for CUDA inputs on a machine without CUDA
     got = lk.available_backends("attn_with_kv_cache", "cuda")
     assert got["torch"] is None and got["triton"] and got["cuda"]
+
+
+def test_block_sparse_params_with_a_selection_and_a_rule_is_refused():
+    # BlockSparseParams(selection=..., sparsity=0.1) ignored the sparsity silently (block_sparse_attn refuses it)
+    hw, B, H, D = (4, 4), 1, 2, 16
+    q, k, v = (torch.randn(B, 32, H, D) for _ in range(3))
+    kc, vc = (torch.randn(1, 16, H, D) for _ in range(2))
+    k_all = torch.cat([kc, k], 1)
+    sel = lk.select_blocks(q, k_all, grid_q=(2, 4, 4), grid_k=(3, 4, 4), chunk_q=(1, 2, 2), sparsity=0.5)
+    for kw in (dict(sparsity=0.1), dict(cdf_threshold=0.9)):
+        bs = lk.BlockSparseParams(frame_hw=hw, chunk_q=(1, 2, 2), selection=sel, **kw)
+        with pytest.raises(ValueError, match="expected either selection= or a selection rule"):
+            lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="torch")
+    for kw in (dict(), dict(sparsity=None)):  # the defaults: the selection alone
+        bs = lk.BlockSparseParams(frame_hw=hw, chunk_q=(1, 2, 2), selection=sel, **kw)
+        lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="torch")

@@ -51,7 +51,8 @@ class BlockSparseParams:
         chunk_q, chunk_k: block shapes (chunk_k defaults to chunk_q).
         frame_hw: ``(H, W)`` tokens per frame; taken from ``rope.grid`` when None.
         selection: a precomputed ``BlockSelection`` of q's grid ``(Tn, H, W)`` against the key grid
-            ``(c + Tn, H, W)`` (reuse it across steps); the rules are then ignored.
+            ``(c + Tn, H, W)`` (reuse it across steps); the rules must then stay at their defaults
+            (a sparsity other than 0.9375 or None, or a cdf_threshold, raises: it would be ignored).
     """
 
     sparsity: Optional[float] = 0.9375
@@ -193,6 +194,11 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         cq = check_chunk(bs.chunk_q, grid_q, "block_sparse.chunk_q", "the fresh grid")
         ck = check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
     else:
+        # a rule passed beside the selection would be ignored (as block_sparse_attn refuses it)
+        if bs.cdf_threshold is not None or bs.sparsity not in (None, BlockSparseParams.sparsity):
+            raise ValueError(
+                "block_sparse: expected either selection= or a selection rule (sparsity / cdf_threshold), got both "
+                f"(sparsity={bs.sparsity}, cdf_threshold={bs.cdf_threshold})")
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
         _check_params_selection(bs, q, k_all, grid_q, grid_k)
