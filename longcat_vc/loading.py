@@ -366,7 +366,11 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         if device.type != "cpu":
             t = t.to(device=device)
         if dtype is not None and t.is_floating_point():
+            narrower = torch.finfo(dtype).max < torch.finfo(t.dtype).max
             t = t.to(dtype)
+            if narrower and _has_non_finite(t):  # e.g. fp32 weights above 65504 loaded as fp16
+                raise CheckpointError(f"{folder}: tensor {k!r} overflows {dtype} (finite in the checkpoint, "
+                                      f"Inf once converted); load it in a wider dtype (bfloat16 or float32)")
         if t.data_ptr() == parts[0].data_ptr():
             # still the file's mmapped bytes (CPU, dtype kept): an own, aligned copy. The view sits at
             # the tensor's offset in the file, and CPU GEMM kernels take alignment-dependent paths,

@@ -294,3 +294,20 @@ def test_pipeline_from_pretrained_progress_reaches_the_dit_loader(refine_ckpt, c
     assert "Loading DiT" in capsys.readouterr().err
     with pytest.raises(TypeError, match=r"^progress: expected a bool"):
         VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu", progress=0)
+
+
+def test_dit_weights_overflowing_the_load_dtype_are_refused(tmp_path):
+    # finite fp32 weights above 65504 became Inf when loaded as fp16, unchecked (the file's values were)
+    from tiny_ckpt import write_upstream_dit as _w
+
+    folder = str(tmp_path / "dit")
+    _w(folder, tiny_config(), seed=3, shards=1)
+    shard = next(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    t = load_file(shard)
+    key = next(k for k in t if k.endswith("ffn.w1.weight"))
+    t[key][0, 0] = 1e6
+    save_file(t, shard)
+    LongCatDiT.from_pretrained(folder, progress=False)  # fp32: fine
+    LongCatDiT.from_pretrained(folder, dtype=torch.bfloat16, progress=False)  # bf16 has fp32's range
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' overflows torch.float16"):
+        LongCatDiT.from_pretrained(folder, dtype=torch.float16, progress=False)
