@@ -336,12 +336,6 @@ def _device(args):
     return device
 
 
-def _triton_interpret() -> bool:
-    from longcat_kernels.dispatch import triton_interpret
-
-    return triton_interpret()
-
-
 def _check_args_before_load(args) -> None:
     """Every argument and path that can be checked without the model, for every command
     (continue, extend, refine; with --refine, --memory, --fp8, --vae-tiling): inputs exist, --out
@@ -381,7 +375,9 @@ def _check_args_before_load(args) -> None:
     backend = getattr(args, "attn_backend", None)
     if device.type == "cpu" and backend == "cuda":
         raise UsageError("--attn-backend cuda needs a CUDA device (running on cpu); use auto, torch or triton")
-    if device.type == "cpu" and backend == "triton" and not _triton_interpret():
+    from longcat_kernels.dispatch import triton_interpret
+
+    if device.type == "cpu" and backend == "triton" and not triton_interpret():
         raise UsageError("--attn-backend triton on cpu needs TRITON_INTERPRET=1 (the Triton CPU interpreter, slow); "
                          "use auto or torch")
     if getattr(args, "fp8", False):

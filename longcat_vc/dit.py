@@ -100,7 +100,7 @@ class LongCatDiT(nn.Module):
         counter is bumped even if every copy happened to keep the version counters). Refused while
         LoRAs are fused into the weights (the loaded weights would lose them while the model still
         counted them as fused, and a later unfuse would subtract them from the loaded weights)."""
-        fused = sorted({a.name for m in self.modules() for a in getattr(m, "lora_fused", ())})
+        fused = _lora.fused_loras(self)
         if fused:
             raise RuntimeError(f"load_state_dict: LoRA {fused} fused into the weights; call unfuse_lora() first")
         try:

@@ -263,7 +263,7 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
     """Reads a LoRA ``.safetensors`` file; returns ``(format, tensors)`` with format ``"longcat"``
     or ``"fastvideo"``. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for an
     unreadable file, non-floating or non-finite tensors, or an unknown format."""
-    from .loading import _open_safetensors_all
+    from .loading import _has_non_finite, _open_safetensors_all
 
     if not os.path.isfile(os.fspath(path)):  # else "checkpoint file not found" from the DiT loader
         raise FileNotFoundError(f"LoRA file not found: {os.fspath(path)}")
@@ -280,7 +280,7 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
             f"load_lora: {os.fspath(path)} holds non-floating tensor(s): " + ", ".join(ints[:10])
             + (" ..." if len(ints) > 10 else "")
         )
-    bad = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    bad = sorted(k for k, t in tensors.items() if _has_non_finite(t))
     if bad:  # a NaN adapter would turn every output of its module into NaN
         def readable(k):  # LongCat keys spell the module path with '___lorahyphen___' for '.'
             return k[len(LORA_PREFIX):].replace(LORA_HYPHEN, ".") if k.startswith(LORA_PREFIX) else k
@@ -503,6 +503,11 @@ def _lora_linears(model: nn.Module) -> Iterable[Tuple[str, LoRALinear]]:
     for n, m in model.named_modules():
         if isinstance(m, LoRALinear):
             yield n, m
+
+
+def fused_loras(model: nn.Module) -> List[str]:
+    """Names of the adapters fused into ``model``'s weights (``fuse_lora``), sorted; [] when none."""
+    return sorted({a.name for _, m in _lora_linears(model) for a in m.lora_fused})
 
 
 def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multiplier: float = 1.0) -> List[str]:

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import CheckpointError
+from .lora import fused_loras
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 
 __all__ = [
@@ -269,7 +270,7 @@ def refine_state(pipe, lora_path: Optional[str]):
             except Exception as e:
                 raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
     prev_active = list(getattr(dit, "active_loras", []))
-    prev_fused = any(bool(getattr(m, "lora_fused", None)) for m in dit.modules())
+    prev_fused = bool(fused_loras(dit))
     cfg = dit.config
     prev_bsa = cfg.enable_bsa
     try:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from longcat_kernels._validate import check_bool
 
+from .loading import _has_non_finite
 from .lora import LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
 
 __all__ = [
@@ -360,7 +361,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
             out[longcat_lora_key(path, "lora_down.weight")] = A.to(dt).clone()
             out[longcat_lora_key(path, "lora_up.weight")] = B.to(dt).clone()
         scaling = float(mod.scaling[adapter_name])
-        if not (math.isfinite(scaling) and bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        if not math.isfinite(scaling) or _has_non_finite(A) or _has_non_finite(B):
             # a diverged training run: the file would only be refused by load_lora, later
             raise ValueError(f"{path}: the adapter holds NaN/Inf (lora_A, lora_B or its scaling); training "
                              "diverged? nothing was saved")

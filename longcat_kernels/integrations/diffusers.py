@@ -152,12 +152,13 @@ class BlockSparseWanAttnProcessor:
                 query = _wan_rope(query, *rotary_emb)
                 key = _wan_rope(key, *rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
-        if self._dense() and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            # training: the dense op is forward only; SDPA is the same attention with a backward
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
-        elif self._dense():
-            out = flash_attn_with_kvcache(query, key, value, backend=self.backend)
+        if self._dense():
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+                # training: the dense op is forward only; SDPA is the same attention with a backward
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
+            else:
+                out = flash_attn_with_kvcache(query, key, value, backend=self.backend)
         else:
             p = self.params
             cq, ck = _fit_chunk(p.chunk_q, grid), _fit_chunk(p.chunk_q if p.chunk_k is None else p.chunk_k, grid)

@@ -140,6 +140,16 @@ def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def check_no_rule_beside_selection(sparsity, cdf_threshold, name: str) -> None:
+    """A precomputed selection replaces the rules: a sparsity other than the default (or None), or a
+    cdf_threshold, passed beside it would be ignored, so it raises (``name``: the argument named)."""
+    if cdf_threshold is not None or sparsity not in (None, DEFAULT_SPARSITY):
+        raise ValueError(
+            f"{name}: expected either selection= or a selection rule (sparsity / cdf_threshold), got "
+            f"both (sparsity={sparsity}, cdf_threshold={cdf_threshold})"
+        )
+
+
 def gating_backend(backend: str, q: torch.Tensor) -> str:
     """Gating follows an explicit attention backend when that backend can run select_blocks on q
     (torch, triton), else ``"auto"`` (the cuda backend has no gating kernel; ``"auto"`` for
@@ -208,11 +218,7 @@ def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold,
         check_qkv(q, k, v)
         check_scale(scale)
         if selection is not None:
-            if cdf_threshold is not None or sparsity not in (None, DEFAULT_SPARSITY):
-                raise ValueError(
-                    "selection: expected either selection= or a selection rule (sparsity / cdf_threshold), got "
-                    f"both (sparsity={sparsity}, cdf_threshold={cdf_threshold})"
-                )
+            check_no_rule_beside_selection(sparsity, cdf_threshold, "selection")
             # chunk_q at its default counts as not passed (as sparsity does above)
             check_selection(selection, q, k, grid_q, grid_k,
                             None if chunk_q is None or as_triple(chunk_q, "chunk_q") == DEFAULT_CHUNK else chunk_q,

@@ -33,7 +33,7 @@ from ..._validate import (
     compiling,
 )
 from ...grid import Triple, cache_split_aligned
-from ..block_sparse_attn.api import check_selection, select_blocks
+from ..block_sparse_attn.api import check_no_rule_beside_selection, check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
 from ..rope.api import Rope3D, apply_rope_3d
@@ -194,11 +194,7 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         cq = check_chunk(bs.chunk_q, grid_q, "block_sparse.chunk_q", "the fresh grid")
         ck = check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
     else:
-        # a rule passed beside the selection would be ignored (as block_sparse_attn refuses it)
-        if bs.cdf_threshold is not None or bs.sparsity not in (None, BlockSparseParams.sparsity):
-            raise ValueError(
-                "block_sparse: expected either selection= or a selection rule (sparsity / cdf_threshold), got both "
-                f"(sparsity={bs.sparsity}, cdf_threshold={bs.cdf_threshold})")
+        check_no_rule_beside_selection(bs.sparsity, bs.cdf_threshold, "block_sparse")
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
         _check_params_selection(bs, q, k_all, grid_q, grid_k)

@@ -68,7 +68,7 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kern
     sel = bs.selection
     if sel is None:
         # gating needs the pooled keys of [cache; fresh]: one concatenation, for the gating only
-        from ..block_sparse_attn.api import gating_backend, select_blocks  # noqa: PLC0415
+        from ..block_sparse_attn.api import select_blocks  # noqa: PLC0415
 
         Hf, Wf = bs.frame_hw
         n = Hf * Wf
@@ -77,7 +77,6 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kern
         sel = select_blocks(
             q, k_all, grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k_all.shape[1] // n, Hf, Wf),
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,
-            backend=gating_backend("cuda", q),
         )
     if k_cache is None:
         return ops().bsa_fwd_cuda(q, k, v, None, None, *selection_args(sel), scale, kernel, return_lse)
