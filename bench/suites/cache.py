@@ -18,8 +18,16 @@ from bench.suites import dit_common as dc
 from bench.timing import ms_cell
 
 NAME = "cache"
-# cache on == cache off; fp32 is exact up to summation order (upstream measured 1.6e-3 in bf16)
+# cache on == cache off; fp32 is exact up to summation order (upstream measured 1.6e-3 in bf16). In
+# half precision the two paths round differently in every layer and the difference grows with depth
+# like a random walk: rel. L2 6.2e-3 at depth 8, 1.3e-2 at depth 48 (random weights, 480p, H100), so
+# the half-precision bound is TOL at depth <= 8 times sqrt(depth / 8) above it.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def tolerance(dtype: torch.dtype, depth: int) -> float:
+    base = TOL.get(dtype, 1e-2)
+    return base if dtype == torch.float32 else base * math.sqrt(max(depth, 8) / 8)
 
 
 def _check(ctx, bc, c: int):
@@ -32,7 +40,7 @@ def _check(ctx, bc, c: int):
             off = dc.forward_off(model, s, c)[:, :, c:]
             cache = model.build_kv_cache(s["cond"])
             on = dc.forward_on(model, s, cache)
-        ctx.shared[key] = (rel_l2(on, off), TOL.get(ctx.dtype, 1e-2))
+        ctx.shared[key] = (rel_l2(on, off), tolerance(ctx.dtype, bc.dit.depth))
         del off, on, cache
     return ctx.shared[key]
 
