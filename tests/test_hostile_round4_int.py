@@ -1,0 +1,51 @@
+"""Round-4 hostile-user checks of the integrations: the diffusers processor, LoRA training with
+peft, and the bench CLI / report. Each test failed before its fix (the comment says how)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+# ---------------------------------------------------------------------- diffusers processor
+def _wan():
+    pytest.importorskip("diffusers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "integrations"))
+    import test_diffusers_hostile as h  # noqa: PLC0415
+
+    return h
+
+
+@pytest.mark.parametrize("shapes", [
+    [(2, 8, 12), (2, 12, 8)],   # same token count, another grid: silently wrong gradients
+    [(2, 8, 8), (1, 8, 8)],     # another token count: ValueError raised from inside backward
+])
+def test_gradient_checkpointing_recomputes_each_forward_with_its_own_grid(shapes):
+    # diffusers' enable_gradient_checkpointing recomputes every block in backward; the processor took
+    # the grid of the *last* forward, so two forwards before one backward (bucketed resolutions, a
+    # no-grad sample in between) gave gradients of the wrong grid
+    h = _wan()
+    from longcat_kernels.integrations.diffusers import apply_block_sparse_attention
+
+    def grads(ckpt):
+        m = h._model()
+        apply_block_sparse_attention(m, h.P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+        m.train()
+        if ckpt:
+            m.enable_gradient_checkpointing()
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for F, H, W in shapes:
+            x = torch.randn(1, 4, F, H, W, generator=g)
+            txt = torch.randn(1, 7, h.TEXT_DIM, generator=g)
+            out = m(hidden_states=x, timestep=torch.tensor([300]), encoder_hidden_states=txt, return_dict=False)[0]
+            losses.append((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum())
+        sum(losses).backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    want, got = grads(False), grads(True)
+    assert got.keys() == want.keys() and any("attn1.to_q" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
