@@ -308,6 +308,16 @@ def _lora_layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, nn.Modu
     return layers
 
 
+def _check_fits_dtype(path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raises when finite adapter weights overflow the narrower ``dtype`` they are saved in (fp32
+    above 65504 as fp16): the file would hold Inf/NaN that ``load_lora`` refuses."""
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if t.dtype != dtype and not _has_non_finite(t) and _has_non_finite(t.to(dtype)):
+            raise ValueError(f"dtype: {path}.{name} has values beyond the range of {dtype} "
+                             f"(max |value| {t.abs().max().item():.4g}); save with a wider dtype (e.g. torch.float32); "
+                             "nothing was saved")
+
+
 @torch.no_grad()
 def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", split_fused: bool = True,
                             dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
@@ -350,6 +360,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
         B = mod.lora_B[adapter_name].weight
         dt = A.dtype if dtype is None else dtype
         n = _split_parts(path) if split_fused else 1
+        _check_fits_dtype(path, A, B, dt)
         if n > 1 and B.shape[0] % n:
             raise ValueError(f"{path}: out_features {B.shape[0]} not divisible into {n} parts")
         if n > 1:

@@ -2,20 +2,28 @@
 peft, and the bench CLI / report. Each test failed before its fix (the comment says how)."""
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _helpers(folder: str, module: str):
+    """A helper module of another test folder (pytest puts only this file's folder on sys.path)."""
+    path = str(HERE / folder)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(module)
 
 
 # ---------------------------------------------------------------------- diffusers processor
 def _wan():
     pytest.importorskip("diffusers")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "integrations"))
-    import test_diffusers_hostile as h  # noqa: PLC0415
-
-    return h
+    return _helpers("integrations", "test_diffusers_hostile")
 
 
 @pytest.mark.parametrize("shapes", [
@@ -49,3 +57,30 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_grid(shapes
     assert got.keys() == want.keys() and any("attn1.to_q" in n for n in got)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=lambda s, n=n: f"{n}: {s}")
+
+
+# ---------------------------------------------------------------------- LoRA training (peft)
+def _peft_model(init=False):
+    pytest.importorskip("peft")
+    from longcat_vc import training as tr
+
+    tc = _helpers("vc", "tiny_ckpt")
+    cfg = tc.tiny_config(enable_bsa=False, attn_backend="torch")
+    dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3)).train()
+    return cfg, tr.add_lora(dit, tr.lora_config(rank=4, alpha=8, init_lora_weights=init))
+
+
+def test_saving_in_a_dtype_the_adapter_overflows_is_refused(tmp_path):
+    # finite fp32 adapter weights above 65504 saved with dtype=torch.float16 became Inf in the file:
+    # save_longcat_lora reported success, load_lora refused the file later
+    from longcat_vc import training as tr
+
+    _, model = _peft_model()
+    with torch.no_grad():
+        model.get_base_model().blocks[0].attn.proj.lora_B["default"].weight.fill_(1e5)
+    path = tmp_path / "lora.safetensors"
+    with pytest.raises(ValueError, match=r"^dtype: blocks\.0\.attn\.proj\.lora_B .*torch\.float16"):
+        tr.save_longcat_lora(model, path, dtype=torch.float16)
+    assert not path.exists()
+    tr.save_longcat_lora(model, path, dtype=torch.bfloat16)  # bf16 holds 1e5
+    assert path.exists()
