@@ -84,3 +84,43 @@ def test_saving_in_a_dtype_the_adapter_overflows_is_refused(tmp_path):
     assert not path.exists()
     tr.save_longcat_lora(model, path, dtype=torch.bfloat16)  # bf16 holds 1e5
     assert path.exists()
+
+
+# ---------------------------------------------------------------------- bench report / CLI
+def _result_doc(rows, date="2026-01-01T00:00:00Z"):
+    return {"schema": "longcat-bench/1", "config": {"quick": False, "dtype": "float32"}, "rows": rows,
+            "machine": {"device_slug": "cpu-x", "cpu": "x", "torch": "2", "commit": None, "date": date}}
+
+
+_BSA_ROW = {"suite": "bsa", "case": "s0.5/gated/fwd", "backend": "torch", "status": "ok", "ms": 1.0, "kind": "gated",
+            "grid": "8x8x14", "mode": "fwd", "chunk": "4x4x4", "sparsity": 0.5}
+
+
+@pytest.mark.parametrize("suite_row,field", [
+    (_BSA_ROW, "grid"),
+    (_BSA_ROW, "backend"),
+    ({"suite": "cached-attn", "case": "c4/fused", "backend": "torch", "status": "ok", "ms": 1.0, "cond_latents": 4,
+      "op": "fused"}, "op"),
+    ({"suite": "cache", "case": "c4/on", "backend": "auto", "status": "ok", "ms": 1.0, "mode": "on", "cond_frames": 13,
+      "cond_latents": 4, "speedup": 1.2}, "cond_frames"),
+])
+def test_report_names_the_file_row_and_field_a_timed_row_lacks(tmp_path, suite_row, field):
+    # a results file (of an older version, or edited by hand) whose timed row lacks a field the tables
+    # index by: a bare KeyError traceback naming neither the file nor the row (a cache row without
+    # cond_frames: "None" in the table, the KeyError from --plot)
+    import json
+
+    from bench import report
+
+    row = {k: v for k, v in suite_row.items() if k != field}
+    d = tmp_path / "cpu-x"
+    d.mkdir()
+    f = d / "bench-x_20260101T000000Z.json"
+    f.write_text(json.dumps(_result_doc([row])))
+    with pytest.raises(ValueError, match=rf"{f.name}: rows\[0\] \(suite '{row['suite']}'.*missing \['{field}'\]"):
+        report.render(tmp_path)
+    with pytest.raises(SystemExit, match=rf"missing \['{field}'\]"):
+        report.main(["--results", str(tmp_path)])
+    row["status"] = "error"  # rows that were not timed are not read by the tables
+    f.write_text(json.dumps(_result_doc([row, suite_row])))
+    assert report.render(tmp_path)
