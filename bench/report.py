@@ -244,15 +244,30 @@ def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Pa
     return written
 
 
+def _check_exists(flag: str, path: str, folder: bool) -> None:
+    """SystemExit unless ``path`` is an existing folder (``folder``) or file: a mistyped --results read as
+    "no results" and --write replaced the README's table with the placeholder."""
+    p = Path(path)
+    if not (p.is_dir() if folder else p.is_file()):
+        got = "a file" if p.is_file() else "a folder" if p.is_dir() else "nothing there"
+        raise SystemExit(f"{flag}: expected an existing {'folder' if folder else 'file'}, got {path} ({got})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=str(writer.RESULTS_DIR), help="results folder (default bench/results)")
+    ap.add_argument("--results", default=None, help="results folder (default bench/results)")
     ap.add_argument("--readme", default=str(README))
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--write", action="store_true", help="replace the table in the README")
     g.add_argument("--check", action="store_true", help="exit 1 if the README table is out of date")
     ap.add_argument("--plot", action="store_true", help="write PNG plots beside each device's newest results")
     args = ap.parse_args(argv)
+    if args.results is None:  # the package's own (absent from a non-editable install: no results yet)
+        args.results = str(writer.RESULTS_DIR)
+    else:
+        _check_exists("--results", args.results, folder=True)
+    if args.write or args.check:
+        _check_exists("--readme", args.readme, folder=False)
     if args.plot:
         require_matplotlib()
     try:

@@ -124,3 +124,24 @@ def test_report_names_the_file_row_and_field_a_timed_row_lacks(tmp_path, suite_r
     row["status"] = "error"  # rows that were not timed are not read by the tables
     f.write_text(json.dumps(_result_doc([row, suite_row])))
     assert report.render(tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--write", "--check", None])
+def test_report_refuses_a_results_folder_or_readme_that_does_not_exist(tmp_path, flag):
+    # a mistyped --results rendered "no results yet": --check said the table was out of date and
+    # --write replaced the README's whole table with that placeholder; a mistyped --readme was a
+    # FileNotFoundError traceback
+    from bench import report
+
+    readme = tmp_path / "README.md"
+    text = f"intro\n{report.START}\n| the table |\n{report.END}\n"
+    readme.write_text(text)
+    extra = [flag] if flag else []
+    with pytest.raises(SystemExit, match=r"^--results: expected an existing folder, got .*bench/result \(nothing there\)"):
+        report.main(["--results", str(HERE.parent / "bench" / "result"), "--readme", str(readme)] + extra)
+    assert readme.read_text() == text
+    with pytest.raises(SystemExit, match=r"^--results: expected an existing folder, got .* \(a file\)"):
+        report.main(["--results", str(readme), "--readme", str(readme)] + extra)
+    if flag:
+        with pytest.raises(SystemExit, match=r"^--readme: expected an existing file, got .*READM\.md \(nothing there\)"):
+            report.main(["--readme", str(tmp_path / "READM.md"), flag])
