@@ -253,6 +253,18 @@ def _check_exists(flag: str, path: str, folder: bool) -> None:
         raise SystemExit(f"{flag}: expected an existing {'folder' if folder else 'file'}, got {path} ({got})")
 
 
+def _check_has_results(folder: str) -> None:
+    """SystemExit unless ``folder`` has ``<device>/`` folders with result documents: a folder one level
+    off (``bench/results/h100``) also rendered the placeholder that --write put in the README."""
+    try:
+        found = writer.latest_results(folder)
+    except ValueError:  # ours but incomplete: reported by render, naming the file and field
+        return
+    if not found:
+        raise SystemExit(f"--results: expected a folder of <device>/ folders holding {writer.SCHEMA!r} result JSONs "
+                         f"(like bench/results), got {folder} with none")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=None, help="results folder (default bench/results)")
@@ -266,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         args.results = str(writer.RESULTS_DIR)
     else:
         _check_exists("--results", args.results, folder=True)
+        _check_has_results(args.results)
     if args.write or args.check:
         _check_exists("--readme", args.readme, folder=False)
     if args.plot:

@@ -145,3 +145,18 @@ def test_report_refuses_a_results_folder_or_readme_that_does_not_exist(tmp_path,
     if flag:
         with pytest.raises(SystemExit, match=r"^--readme: expected an existing file, got .*READM\.md \(nothing there\)"):
             report.main(["--readme", str(tmp_path / "READM.md"), flag])
+
+
+def test_report_refuses_a_results_folder_without_result_documents(tmp_path):
+    # --results bench/results/h100 (one level too deep: no <device>/ folders) rendered the "no results
+    # yet" placeholder, and --write put it in place of the README's table
+    from bench import report
+
+    readme = tmp_path / "README.md"
+    text = f"{report.START}\n| the table |\n{report.END}\n"
+    readme.write_text(text)
+    with pytest.raises(SystemExit, match=r"^--results: expected a folder of <device>/ folders .*h100 with none"):
+        report.main(["--results", str(HERE.parent / "bench" / "results" / "h100"), "--readme", str(readme), "--write"])
+    assert readme.read_text() == text
+    assert report.main(["--results", str(HERE.parent / "bench" / "results"), "--readme", str(readme), "--write"]) == 0
+    assert "bench-cache-bsa-cached-attn" in readme.read_text()
