@@ -160,3 +160,21 @@ def test_report_refuses_a_results_folder_without_result_documents(tmp_path):
     assert readme.read_text() == text
     assert report.main(["--results", str(HERE.parent / "bench" / "results"), "--readme", str(readme), "--write"]) == 0
     assert "bench-cache-bsa-cached-attn" in readme.read_text()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    # each was timed twice; the tables (keyed by the value) kept one row and paired an "on" row of one
+    # repeat with the "off" row of the other for its speedup
+    (["--cond-frames", "13,13"], "--cond-frames: expected distinct values, got 13 and 13"),
+    (["--cond-frames", "13,14"], "--cond-frames: expected distinct values, got 13 and 14 give the same conditioning"),
+    (["--shapes", "tiny,24x2x4"], "--shapes: expected distinct values, got tiny and 24x2x4 give the same grid"),
+    (["--sparsity", "0.5,0.50", "--suite", "bsa"], "--sparsity: expected distinct values, got 0.5 and 0.5"),
+    (["--backends", "torch,torch", "--suite", "bsa"], "--backends: expected distinct values, got torch and torch"),
+])
+def test_cli_refuses_a_list_flag_that_repeats_a_case(argv, msg, capsys):
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--quick", "--no-write", "--time-limit", "1e-9"] + argv)
+    assert str(ei.value.code).startswith(msg), ei.value.code
+    assert "== suite" not in capsys.readouterr().out
