@@ -150,6 +150,14 @@ def _check_savable(config, where: str) -> None:
                          f"would not reproduce the trained model on the released DiT; use one of {_SAVABLE_INITS}")
     if getattr(config, "use_dora", False):
         raise ValueError(f"{where}: use_dora=True cannot be saved in LongCat's LoRA format")
+    # a peft config made by hand: bias="all"/"lora_only" trains the base layers' biases, which the saved
+    # file silently lacked; lora_bias was refused only by the save, after the training
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        raise ValueError(f"{where}: bias={bias!r} trains the base layers' biases, which LongCat's LoRA format cannot "
+                         "hold (the saved file would silently lack them); use bias='none'")
+    if getattr(config, "lora_bias", False):
+        raise ValueError(f"{where}: lora_bias=True cannot be saved in LongCat's LoRA format")
 
 
 def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32_adapters: bool = True):
@@ -166,7 +174,9 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
 
     Raises:
         ValueError: the DiT has LoRAs of its own (``load_lora``) active, already has peft adapters
-            (a second call would re-initialise the trained ones), or a target matches no ``nn.Linear``.
+            (a second call would re-initialise the trained ones), a target matches no ``nn.Linear``, or
+            the config trains what LongCat's format cannot hold (``modules_to_save``, base biases,
+            ``lora_bias``, DoRA, an init that rewrites the base weights).
     """
     peft = _peft()
     config = lora_config() if config is None else config

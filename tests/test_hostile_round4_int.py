@@ -86,6 +86,29 @@ def test_saving_in_a_dtype_the_adapter_overflows_is_refused(tmp_path):
     assert path.exists()
 
 
+@pytest.mark.parametrize("kw,msg", [
+    # the base layers' biases trained and the file silently lacked them (reload off by ~3%)
+    (dict(bias="all"), "bias='all' trains the base layers' biases"),
+    (dict(bias="lora_only"), "bias='lora_only' trains the base layers' biases"),
+    # accepted until save_longcat_lora refused it, after the whole training
+    (dict(lora_bias=True), "lora_bias=True cannot be saved"),
+])
+def test_a_hand_made_peft_config_the_file_cannot_hold_is_refused_before_training(kw, msg):
+    peft = pytest.importorskip("peft")
+    from longcat_vc import training as tr
+
+    tc = _helpers("vc", "tiny_ckpt")
+    cfg = tc.tiny_config(enable_bsa=False, attn_backend="torch")
+    dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(tr.LORA_TARGETS_CFG_STEP), **kw)
+    with pytest.raises(ValueError, match=rf"^add_lora: config: {msg}"):
+        tr.add_lora(dit, config)
+    assert not any(type(m).__module__.startswith("peft.") for m in dit.modules())
+    if "lora_bias" in kw:
+        with pytest.raises(ValueError, match=rf"^lora_config: {msg}"):
+            tr.lora_config(rank=4, alpha=8, **kw)
+
+
 # ---------------------------------------------------------------------- bench report / CLI
 def _result_doc(rows, date="2026-01-01T00:00:00Z"):
     return {"schema": "longcat-bench/1", "config": {"quick": False, "dtype": "float32"}, "rows": rows,
