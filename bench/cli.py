@@ -120,6 +120,13 @@ def _positive(flag: str, value: float | None) -> None:
         raise SystemExit(f"{flag}: expected a finite number > 0, got {value:g}")
 
 
+def _check_seed(seed: int) -> None:
+    """A seed torch's generators take with the suites' small offsets added (beyond, every case errored
+    with "Overflow when unpacking long long")."""
+    if not -(2**63) <= seed < 2**63:
+        raise SystemExit(f"--seed: expected an int in [-2**63, 2**63), got {seed}")
+
+
 def _device(arg: str | None) -> torch.device:
     if not arg:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +155,7 @@ def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, .
     _positive("--time-limit", args.time_limit)
     if args.depth is not None and args.depth < 1:
         raise SystemExit(f"--depth: expected >= 1, got {args.depth}")
+    _check_seed(args.seed)
     try:
         grids = [parse_grid(g) for g in _list_arg("--shapes", args.shapes) or ()] or None
     except ValueError as e:

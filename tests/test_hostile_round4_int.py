@@ -193,8 +193,10 @@ def test_report_refuses_a_results_folder_without_result_documents(tmp_path):
     (["--shapes", "tiny,24x2x4"], "--shapes: expected distinct values, got tiny and 24x2x4 give the same grid"),
     (["--sparsity", "0.5,0.50", "--suite", "bsa"], "--sparsity: expected distinct values, got 0.5 and 0.5"),
     (["--backends", "torch,torch", "--suite", "bsa"], "--backends: expected distinct values, got torch and torch"),
+    # every case errored with "Overflow when unpacking long long" from torch's generator
+    (["--seed", str(2**64)], "--seed: expected an int in [-2**63, 2**63)"),
 ])
-def test_cli_refuses_a_list_flag_that_repeats_a_case(argv, msg, capsys):
+def test_cli_refuses_repeats_and_seeds_out_of_range_before_running(argv, msg, capsys):
     from bench.cli import main
 
     with pytest.raises(SystemExit) as ei:
