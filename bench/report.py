@@ -27,6 +27,14 @@ def _f(v, spec=".2f", suffix=""):
     return format(v, spec) + suffix
 
 
+def _pct(v) -> str:
+    """A fraction as a percentage cell; "-" when absent or 0, as written when not a number (the writer
+    stores NaN/Inf as strings: ``100 * "nan"`` was the string repeated 100 times)."""
+    if not v:
+        return "-"
+    return _f(100 * v if isinstance(v, (int, float)) else v, ".0f", "%")
+
+
 def _md(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -77,8 +85,7 @@ def _cache_grid_table(doc: dict, rows: list[dict]) -> str:
 
         body.append([str(any_r.get("cond_frames")), str(c), ms(off), ms(on), _f(on.get("speedup"), ".2f", "x"),
                      _f(on.get("ideal_speedup"), ".2f", "x"), ms(bld), _f(bld.get("cache_mb"), ".0f"),
-                     _f(100 * off["mfu"] if off.get("mfu") else None, ".0f", "%"),
-                     _f(100 * on["mfu"] if on.get("mfu") else None, ".0f", "%")])
+                     _pct(off.get("mfu")), _pct(on.get("mfu"))])
     head = ["cond frames", "cond latents", "cache off ms/step", "cache on ms/step", "speedup", "ideal (FLOPs)",
             "cache build ms", "cache MB", "MFU off", "MFU on"]
     return f"DiT step, {cfg}, {doc['config'].get('dtype')}:\n\n" + _md(head, body)

@@ -203,3 +203,16 @@ def test_cli_refuses_repeats_and_seeds_out_of_range_before_running(argv, msg, ca
         main(["--quick", "--no-write", "--time-limit", "1e-9"] + argv)
     assert str(ei.value.code).startswith(msg), ei.value.code
     assert "== suite" not in capsys.readouterr().out
+
+
+def test_report_shows_a_non_finite_mfu_as_written():
+    # the writer stores NaN/Inf floats as strings; the cache table computed 100 * "inf": a cell of
+    # "inf" repeated 100 times in the README
+    from bench import report
+
+    row = {"suite": "cache", "case": "c4/off", "backend": "auto", "status": "ok", "ms": 2.0, "mode": "off",
+           "cond_frames": 13, "cond_latents": 4, "grid": "24x2x4", "mfu": "inf"}
+    on = dict(row, case="c4/on", mode="on", mfu=0.25)
+    table = report.cache_table(_result_doc([row, on]))
+    assert "infinf" not in table
+    assert table.splitlines()[-1].endswith("| inf | 25% |"), table
