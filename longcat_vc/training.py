@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from longcat_kernels._validate import check_bool
 
 from .loading import _has_non_finite
-from .lora import LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
+from .lora import LORA_FILE_DTYPES, LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
 
 __all__ = [
     "LORA_TARGETS_CFG_STEP",
@@ -318,6 +318,13 @@ def _lora_layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, nn.Modu
     return layers
 
 
+def _check_file_dtype(dtype: Optional[torch.dtype]) -> None:
+    """``dtype`` is None or one ``load_lora`` reads (an fp8 file was written, then failed to load)."""
+    if dtype is not None and dtype not in LORA_FILE_DTYPES:
+        raise ValueError(f"dtype: expected None or one of {', '.join(map(str, LORA_FILE_DTYPES))} (what load_lora "
+                         f"reads), got {dtype}")
+
+
 def _check_fits_dtype(path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> None:
     """Raises when finite adapter weights overflow the narrower ``dtype`` they are saved in (fp32
     above 65504 as fp16): the file would hold Inf/NaN that ``load_lora`` refuses."""
@@ -346,6 +353,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
 
     ``dtype``: of the down/up tensors (default: the adapter's).
     """
+    _check_file_dtype(dtype)
     layers = _lora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
@@ -399,8 +407,9 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
     """Writes ``longcat_lora_state_dict(model, ...)`` to a ``.safetensors`` file that
     ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads.
 
-    ``dtype``: a floating dtype or None; ``metadata``: extra str -> str header entries (not
-    ``format`` / ``lora_format``, which this writes); ``overwrite``: replace an existing file.
+    ``dtype``: float16, bfloat16, float32, float64 (what ``load_lora`` reads) or None; ``metadata``:
+    extra str -> str header entries (not ``format`` / ``lora_format``, which this writes);
+    ``overwrite``: replace an existing file.
 
     Returns the adapted module paths (``blocks.0.attn.qkv``, ...).
 

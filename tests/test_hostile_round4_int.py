@@ -86,6 +86,27 @@ def test_saving_in_a_dtype_the_adapter_overflows_is_refused(tmp_path):
     assert path.exists()
 
 
+def test_an_fp8_lora_file_is_refused_when_saved_and_when_read(tmp_path):
+    # save_longcat_lora(dtype=torch.float8_e4m3fn) wrote a file that load_lora then failed on with
+    # NotImplementedError: "sum_cpu" not implemented for 'Float8_e4m3fn' (its non-finite check)
+    from safetensors.torch import save_file
+
+    from longcat_vc import training as tr
+
+    cfg, model = _peft_model()
+    path = tmp_path / "lora.safetensors"
+    with pytest.raises(ValueError, match=r"^dtype: expected None or one of .*got torch\.float8_e4m3fn"):
+        tr.save_longcat_lora(model, path, dtype=torch.float8_e4m3fn)
+    assert not path.exists()
+    sd = tr.longcat_lora_state_dict(model)
+    key = next(k for k in sd if k.endswith("lora_down.weight"))
+    save_file({k: v.to(torch.float8_e4m3fn) if k == key else v for k, v in sd.items()}, str(path))
+    tc = _helpers("vc", "tiny_ckpt")
+    dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3))
+    with pytest.raises(ValueError, match=rf"holds tensor\(s\) of a dtype other than .*{key} \(torch\.float8_e4m3fn\)"):
+        dit.load_lora(path, "x")
+
+
 @pytest.mark.parametrize("kw,msg", [
     # the base layers' biases trained and the file silently lacked them (reload off by ~3%)
     (dict(bias="all"), "bias='all' trains the base layers' biases"),
