@@ -174,7 +174,8 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
 
     Raises:
         ValueError: the DiT has LoRAs of its own (``load_lora``) active, already has peft adapters
-            (a second call would re-initialise the trained ones), a target matches no ``nn.Linear``, or
+            (a second call would re-initialise the trained ones), a target matches no ``nn.Linear`` (or
+            also a module that is not one, e.g. ``"proj"`` the Conv3d ``x_embedder.proj``), or
             the config trains what LongCat's format cannot hold (``modules_to_save``, base biases,
             ``lora_bias``, DoRA, an init that rewrites the base weights).
     """
@@ -207,7 +208,22 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
         if missing:
             raise ValueError(f"add_lora: targets {missing} match no nn.Linear of the DiT (module paths end like "
                              f"{sorted({n.split('.', 2)[-1] for n in linears})[:8]})")
+    _check_targets_are_linear(dit, config)
     return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
+
+
+def _check_targets_are_linear(dit: nn.Module, config) -> None:
+    """Every module the config's targets match (peft's own rule) is an ``nn.Linear``: ``"proj"`` also matched
+    ``x_embedder.proj`` (a Conv3d), which peft adapts and trains, and only the save refused it."""
+    from peft.tuners.tuners_utils import check_target_module_exists  # noqa: PLC0415
+
+    other = [f"{n} ({type(m).__name__})" for n, m in dit.named_modules()
+             if n and not isinstance(m, nn.Linear) and check_target_module_exists(config, n)]
+    if other:
+        t = config.target_modules
+        raise ValueError(f"add_lora: targets {sorted(t) if isinstance(t, (set, frozenset)) else t!r} also match {other}, "
+                         "which LongCat's LoRA format cannot hold (nn.Linear only); name the linears by a longer "
+                         "suffix (e.g. 'attn.proj') or leave these out with exclude_modules")
 
 
 # ====================================================================== activation checkpointing

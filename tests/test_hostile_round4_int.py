@@ -107,6 +107,26 @@ def test_an_fp8_lora_file_is_refused_when_saved_and_when_read(tmp_path):
         dit.load_lora(path, "x")
 
 
+def test_targets_that_also_match_a_non_linear_module_are_refused_before_training(tmp_path):
+    # "proj" (every projection) also matches x_embedder.proj, a Conv3d: peft adapted and trained it,
+    # and save_longcat_lora refused it only after the training ("only nn.Linear targets can be saved")
+    peft = pytest.importorskip("peft")
+    from longcat_vc import training as tr
+
+    tc = _helpers("vc", "tiny_ckpt")
+    cfg = tc.tiny_config(enable_bsa=False, attn_backend="torch")
+    dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3))
+    with pytest.raises(ValueError, match=r"^add_lora: targets \['proj'\] also match \['x_embedder\.proj \(Conv3d\)'\]"):
+        tr.add_lora(dit, tr.lora_config(rank=4, alpha=8, targets=["proj"]))
+    assert not any(type(m).__module__.startswith("peft.") for m in dit.modules())
+    with pytest.raises(ValueError, match=r"also match \['x_embedder\.proj \(Conv3d\)', 'y_embedder\.y_proj"):
+        tr.add_lora(dit, peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*proj"))  # a peft regex
+    # left out with exclude_modules: the linears are adapted and the file is written
+    model = tr.add_lora(dit, tr.lora_config(rank=4, alpha=8, targets=["proj"], exclude_modules=["x_embedder.proj"]))
+    paths = tr.save_longcat_lora(model, tmp_path / "lora.safetensors")
+    assert "blocks.0.attn.proj" in paths and "blocks.0.cross_attn.proj" in paths and "x_embedder.proj" not in paths
+
+
 @pytest.mark.parametrize("kw,msg", [
     # the base layers' biases trained and the file silently lacked them (reload off by ~3%)
     (dict(bias="all"), "bias='all' trains the base layers' biases"),
