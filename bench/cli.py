@@ -24,7 +24,7 @@ import torch
 
 from bench import machine as _machine
 from bench import writer
-from bench.shapes import COND_FRAMES, SPARSITIES, parse_grid
+from bench.shapes import COND_FRAMES, SPARSITIES, cond_latents, parse_grid
 from bench.suites import SUITES, Context, load_suite, run_case
 from bench.timing import SPREAD_LEGEND
 
@@ -102,9 +102,29 @@ def _list_arg(flag: str, text: str | None, conv=str) -> list | None:
     return values
 
 
+def _no_repeats(flag: str, values, key=lambda v: v, what: str = "") -> None:
+    """SystemExit when two values of a list flag are the same case (``key``): each would be timed again and
+    the tables, keyed by it, would keep one and pair the others' speedups across the repeats."""
+    seen: dict = {}
+    for v in values:
+        k = key(v)
+        if k in seen:
+            a, b = (getattr(x, "name", x) for x in (seen[k], v))  # a Grid by its preset name or TxHxW
+            same = f"{a} and {b}" + (f" give the same {what}" if what else " repeat a value")
+            raise SystemExit(f"{flag}: expected distinct values, got {same}")
+        seen[k] = v
+
+
 def _positive(flag: str, value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise SystemExit(f"{flag}: expected a finite number > 0, got {value:g}")
+
+
+def _check_seed(seed: int) -> None:
+    """A seed torch's generators take with the suites' small offsets added (beyond, every case errored
+    with "Overflow when unpacking long long")."""
+    if not -(2**63) <= seed < 2**63:
+        raise SystemExit(f"--seed: expected an int in [-2**63, 2**63), got {seed}")
 
 
 def _device(arg: str | None) -> torch.device:
@@ -135,23 +155,28 @@ def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, .
     _positive("--time-limit", args.time_limit)
     if args.depth is not None and args.depth < 1:
         raise SystemExit(f"--depth: expected >= 1, got {args.depth}")
+    _check_seed(args.seed)
     try:
         grids = [parse_grid(g) for g in _list_arg("--shapes", args.shapes) or ()] or None
     except ValueError as e:
         raise SystemExit(f"--shapes: {e}") from None
+    _no_repeats("--shapes", grids or (), key=lambda g: g.shape, what="grid")
     cond = tuple(_list_arg("--cond-frames", args.cond_frames, int) or COND_FRAMES)
     bad = [f for f in cond if f < 1]
     if bad:
         raise SystemExit(f"--cond-frames: expected frame counts >= 1, got {bad[0]}")
+    _no_repeats("--cond-frames", cond, key=cond_latents, what="conditioning latents (SPEC 7: 13 -> 4)")
     sparsities = tuple(_list_arg("--sparsity", args.sparsity, float) or SPARSITIES)
     bad = [s for s in sparsities if not 0 <= s < 1]  # NaN fails too
     if bad:
         raise SystemExit(f"--sparsity: expected levels in [0, 1) (the fraction of key blocks skipped), got {bad[0]:g}")
+    _no_repeats("--sparsity", sparsities)
     backends = _list_arg("--backends", args.backends)
     for b in backends or ():
         if b not in KERNEL_BACKENDS:
             raise SystemExit(f"--backends: unknown backend {b!r}; expected a comma-separated list of "
                              f"{', '.join(KERNEL_BACKENDS)}")
+    _no_repeats("--backends", backends or ())
     model = [s for s in suites if s in MODEL_SUITES]
     if backends and len(backends) > 1 and model:
         # the DiT of these suites runs one attention backend (the first): the others would be dropped silently

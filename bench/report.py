@@ -27,6 +27,14 @@ def _f(v, spec=".2f", suffix=""):
     return format(v, spec) + suffix
 
 
+def _pct(v) -> str:
+    """A fraction as a percentage cell; "-" when absent or 0, as written when not a number (the writer
+    stores NaN/Inf as strings: ``100 * "nan"`` was the string repeated 100 times)."""
+    if not v:
+        return "-"
+    return _f(100 * v if isinstance(v, (int, float)) else v, ".0f", "%")
+
+
 def _md(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -77,8 +85,7 @@ def _cache_grid_table(doc: dict, rows: list[dict]) -> str:
 
         body.append([str(any_r.get("cond_frames")), str(c), ms(off), ms(on), _f(on.get("speedup"), ".2f", "x"),
                      _f(on.get("ideal_speedup"), ".2f", "x"), ms(bld), _f(bld.get("cache_mb"), ".0f"),
-                     _f(100 * off["mfu"] if off.get("mfu") else None, ".0f", "%"),
-                     _f(100 * on["mfu"] if on.get("mfu") else None, ".0f", "%")])
+                     _pct(off.get("mfu")), _pct(on.get("mfu"))])
     head = ["cond frames", "cond latents", "cache off ms/step", "cache on ms/step", "speedup", "ideal (FLOPs)",
             "cache build ms", "cache MB", "MFU off", "MFU on"]
     return f"DiT step, {cfg}, {doc['config'].get('dtype')}:\n\n" + _md(head, body)
@@ -244,15 +251,43 @@ def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Pa
     return written
 
 
+def _check_exists(flag: str, path: str, folder: bool) -> None:
+    """SystemExit unless ``path`` is an existing folder (``folder``) or file: a mistyped --results read as
+    "no results" and --write replaced the README's table with the placeholder."""
+    p = Path(path)
+    if not (p.is_dir() if folder else p.is_file()):
+        got = "a file" if p.is_file() else "a folder" if p.is_dir() else "nothing there"
+        raise SystemExit(f"{flag}: expected an existing {'folder' if folder else 'file'}, got {path} ({got})")
+
+
+def _check_has_results(folder: str) -> None:
+    """SystemExit unless ``folder`` has ``<device>/`` folders with result documents: a folder one level
+    off (``bench/results/h100``) also rendered the placeholder that --write put in the README."""
+    try:
+        found = writer.latest_results(folder)
+    except ValueError:  # ours but incomplete: reported by render, naming the file and field
+        return
+    if not found:
+        raise SystemExit(f"--results: expected a folder of <device>/ folders holding {writer.SCHEMA!r} result JSONs "
+                         f"(like bench/results), got {folder} with none")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=str(writer.RESULTS_DIR), help="results folder (default bench/results)")
+    ap.add_argument("--results", default=None, help="results folder (default bench/results)")
     ap.add_argument("--readme", default=str(README))
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--write", action="store_true", help="replace the table in the README")
     g.add_argument("--check", action="store_true", help="exit 1 if the README table is out of date")
     ap.add_argument("--plot", action="store_true", help="write PNG plots beside each device's newest results")
     args = ap.parse_args(argv)
+    if args.results is None:  # the package's own (absent from a non-editable install: no results yet)
+        args.results = str(writer.RESULTS_DIR)
+    else:
+        _check_exists("--results", args.results, folder=True)
+        _check_has_results(args.results)
+    if args.write or args.check:
+        _check_exists("--readme", args.readme, folder=False)
     if args.plot:
         require_matplotlib()
     try:

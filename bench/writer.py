@@ -89,7 +89,27 @@ def check_document(doc: dict, path: Path | str) -> dict:
     for i, r in enumerate(doc["rows"]):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: rows[{i}] must be a JSON object, got a {type(r).__name__}")
+        _check_row_fields(r, i, path)
     return doc
+
+
+# fields the report's tables and plots index the timed rows of each suite by (a row without one was a
+# bare KeyError naming neither the file nor the row)
+_ROW_FIELDS = {
+    "cache": ("backend", "mode", "cond_frames", "cond_latents"),
+    "bsa": ("backend", "kind", "grid", "mode", "chunk", "sparsity"),
+    "cached-attn": ("backend", "op", "cond_latents"),
+}
+
+
+def _check_row_fields(row: dict, i: int, path: Path | str) -> None:
+    """A timed (``status`` ok) row has the fields the report reads for its suite."""
+    if row.get("status") != "ok":
+        return
+    missing = [k for k in _ROW_FIELDS.get(row.get("suite"), ()) if k not in row]
+    if missing:
+        raise ValueError(f"{path}: rows[{i}] (suite {row.get('suite')!r}, case {row.get('case')!r}): expected the "
+                         f"fields {list(_ROW_FIELDS[row['suite']])} that the report reads, missing {missing}")
 
 
 def load_results(path: Path | str) -> dict:

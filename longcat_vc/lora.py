@@ -77,6 +77,10 @@ __all__ = [
     "longcat_lora_key",
 ]
 
+# tensor dtypes of a LoRA file (those the DiT loader reads too); fp8 ones failed deep in the
+# non-finite check ('"sum_cpu" not implemented for Float8_e4m3fn')
+LORA_FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 LORA_PREFIX = "lora___lorahyphen___"
 LORA_HYPHEN = "___lorahyphen___"
 DEFAULT_ALPHA_SCALE = 0.5  # upstream network default alpha / rank = 64 / 128
@@ -279,6 +283,13 @@ def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch
         raise ValueError(
             f"load_lora: {os.fspath(path)} holds non-floating tensor(s): " + ", ".join(ints[:10])
             + (" ..." if len(ints) > 10 else "")
+        )
+    odd = sorted(f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in LORA_FILE_DTYPES)
+    if odd:
+        raise ValueError(
+            f"load_lora: {os.fspath(path)} holds tensor(s) of a dtype other than "
+            f"{', '.join(str(d).replace('torch.', '') for d in LORA_FILE_DTYPES)}: " + ", ".join(odd[:10])
+            + (" ..." if len(odd) > 10 else "")
         )
     bad = sorted(k for k, t in tensors.items() if _has_non_finite(t))
     if bad:  # a NaN adapter would turn every output of its module into NaN

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from longcat_kernels._validate import check_bool
 
 from .loading import _has_non_finite
-from .lora import LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
+from .lora import LORA_FILE_DTYPES, LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
 
 __all__ = [
     "LORA_TARGETS_CFG_STEP",
@@ -150,6 +150,14 @@ def _check_savable(config, where: str) -> None:
                          f"would not reproduce the trained model on the released DiT; use one of {_SAVABLE_INITS}")
     if getattr(config, "use_dora", False):
         raise ValueError(f"{where}: use_dora=True cannot be saved in LongCat's LoRA format")
+    # a peft config made by hand: bias="all"/"lora_only" trains the base layers' biases, which the saved
+    # file silently lacked; lora_bias was refused only by the save, after the training
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        raise ValueError(f"{where}: bias={bias!r} trains the base layers' biases, which LongCat's LoRA format cannot "
+                         "hold (the saved file would silently lack them); use bias='none'")
+    if getattr(config, "lora_bias", False):
+        raise ValueError(f"{where}: lora_bias=True cannot be saved in LongCat's LoRA format")
 
 
 def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32_adapters: bool = True):
@@ -166,7 +174,10 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
 
     Raises:
         ValueError: the DiT has LoRAs of its own (``load_lora``) active, already has peft adapters
-            (a second call would re-initialise the trained ones), or a target matches no ``nn.Linear``.
+            (a second call would re-initialise the trained ones), a target matches no ``nn.Linear`` (or
+            also a module that is not one, e.g. ``"proj"`` the Conv3d ``x_embedder.proj``), or
+            the config trains what LongCat's format cannot hold (``modules_to_save``, base biases,
+            ``lora_bias``, DoRA, an init that rewrites the base weights).
     """
     peft = _peft()
     config = lora_config() if config is None else config
@@ -197,7 +208,22 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
         if missing:
             raise ValueError(f"add_lora: targets {missing} match no nn.Linear of the DiT (module paths end like "
                              f"{sorted({n.split('.', 2)[-1] for n in linears})[:8]})")
+    _check_targets_are_linear(dit, config)
     return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
+
+
+def _check_targets_are_linear(dit: nn.Module, config) -> None:
+    """Every module the config's targets match (peft's own rule) is an ``nn.Linear``: ``"proj"`` also matched
+    ``x_embedder.proj`` (a Conv3d), which peft adapts and trains, and only the save refused it."""
+    from peft.tuners.tuners_utils import check_target_module_exists  # noqa: PLC0415
+
+    other = [f"{n} ({type(m).__name__})" for n, m in dit.named_modules()
+             if n and not isinstance(m, nn.Linear) and check_target_module_exists(config, n)]
+    if other:
+        t = config.target_modules
+        raise ValueError(f"add_lora: targets {sorted(t) if isinstance(t, (set, frozenset)) else t!r} also match {other}, "
+                         "which LongCat's LoRA format cannot hold (nn.Linear only); name the linears by a longer "
+                         "suffix (e.g. 'attn.proj') or leave these out with exclude_modules")
 
 
 # ====================================================================== activation checkpointing
@@ -308,6 +334,23 @@ def _lora_layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, nn.Modu
     return layers
 
 
+def _check_file_dtype(dtype: Optional[torch.dtype]) -> None:
+    """``dtype`` is None or one ``load_lora`` reads (an fp8 file was written, then failed to load)."""
+    if dtype is not None and dtype not in LORA_FILE_DTYPES:
+        raise ValueError(f"dtype: expected None or one of {', '.join(map(str, LORA_FILE_DTYPES))} (what load_lora "
+                         f"reads), got {dtype}")
+
+
+def _check_fits_dtype(path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raises when finite adapter weights overflow the narrower ``dtype`` they are saved in (fp32
+    above 65504 as fp16): the file would hold Inf/NaN that ``load_lora`` refuses."""
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if t.dtype != dtype and not _has_non_finite(t) and _has_non_finite(t.to(dtype)):
+            raise ValueError(f"dtype: {path}.{name} has values beyond the range of {dtype} "
+                             f"(max |value| {t.abs().max().item():.4g}); save with a wider dtype (e.g. torch.float32); "
+                             "nothing was saved")
+
+
 @torch.no_grad()
 def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", split_fused: bool = True,
                             dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
@@ -326,6 +369,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
 
     ``dtype``: of the down/up tensors (default: the adapter's).
     """
+    _check_file_dtype(dtype)
     layers = _lora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
@@ -350,6 +394,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
         B = mod.lora_B[adapter_name].weight
         dt = A.dtype if dtype is None else dtype
         n = _split_parts(path) if split_fused else 1
+        _check_fits_dtype(path, A, B, dt)
         if n > 1 and B.shape[0] % n:
             raise ValueError(f"{path}: out_features {B.shape[0]} not divisible into {n} parts")
         if n > 1:
@@ -378,8 +423,9 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
     """Writes ``longcat_lora_state_dict(model, ...)`` to a ``.safetensors`` file that
     ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads.
 
-    ``dtype``: a floating dtype or None; ``metadata``: extra str -> str header entries (not
-    ``format`` / ``lora_format``, which this writes); ``overwrite``: replace an existing file.
+    ``dtype``: float16, bfloat16, float32, float64 (what ``load_lora`` reads) or None; ``metadata``:
+    extra str -> str header entries (not ``format`` / ``lora_format``, which this writes);
+    ``overwrite``: replace an existing file.
 
     Returns the adapted module paths (``blocks.0.attn.qkv``, ...).
 

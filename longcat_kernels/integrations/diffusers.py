@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._validate import check_backend_name, check_bool, check_sparsity
 from ..grid import as_triple
@@ -44,6 +45,26 @@ class _GridState:
     # reset by the hook: a model with another RoPE, e.g. ChronoEdit's temporal skip or another theta,
     # must not get Rope3D's angles from the fused prologue)
     rope_ok: Optional[bool] = None
+    # the grid of each forward, keyed by its RoPE tables (new tensors per forward): blocks recomputed by
+    # activation checkpointing run in backward, possibly after forwards at other grids
+    _grids: Any = field(default_factory=WeakIdKeyDictionary, repr=False)
+
+    def __getstate__(self):  # torch.save / deepcopy of the model: the per-forward map stays behind
+        return {**self.__dict__, "_grids": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _grids=WeakIdKeyDictionary())
+
+    def grid_of(self, rotary_emb) -> Optional[Tuple[int, int, int]]:
+        """The grid of the forward that made ``rotary_emb``: the current one the first time its tables
+        are seen, the recorded one when a block of an earlier forward is recomputed."""
+        if rotary_emb is None or self.grid is None:
+            return self.grid
+        key = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
+        grid = self._grids.get(key)
+        if grid is None:
+            grid = self._grids[key] = self.grid
+        return grid
 
     def rope_matches(self, rotary_emb, head_dim: int, device) -> bool:
         """Once per forward: rotate a probe with the model's tables and with Rope3D's, compare."""
@@ -120,7 +141,7 @@ class BlockSparseWanAttnProcessor:
         if (encoder_hidden_states is not None or attention_mask is not None or kwargs
                 or getattr(attn, "add_k_proj", None) is not None):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        grid = self.state.grid
+        grid = self.state.grid_of(rotary_emb)
         if grid is None:
             raise RuntimeError(
                 "BlockSparseWanAttnProcessor: no video grid; call the transformer itself (its pre-forward "
@@ -275,7 +296,9 @@ def apply_block_sparse_attention(
 
     A model whose RoPE differs from Wan's default (another theta, ChronoEdit's temporal skip) is
     detected on each forward and keeps its own tables (the fused prologue is then skipped). A
-    ``copy.deepcopy`` of the applied model runs on its own grid state.
+    ``copy.deepcopy`` of the applied model runs on its own grid state. Blocks recomputed in backward
+    (``enable_gradient_checkpointing``) use the grid of their own forward, also after forwards at
+    other resolutions.
     """
     p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):
