@@ -452,8 +452,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .stages import (VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _refuse_non_finite_latents,
-                         _resize_frames, _Timer)
+    from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom, _oom_error,
+                         _refuse_non_finite_latents, _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -461,6 +461,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
+    _check_offload_needs_cache(use_kv_cache, offload_kv_cache)
     memory = pipe._memory.name
     if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
         offload_kv_cache = pipe._memory.offload_kv_cache

@@ -1,0 +1,87 @@
+"""Hostile inputs of longcat_vc that used to pass silently or crash without naming the culprit (fourth
+audit, 2026-12-06), one section per finding:
+
+A. ``refine(use_kv_cache=False, offload_kv_cache=True)`` (and ``longcat-vc refine --no-kv-cache
+   --offload-kv-cache``) silently ignored the offload, which ``__call__`` / ``extend`` refuse.
+B. ``longcat-vc refine --seed`` beyond 64 bits: torch's overflow after the weights had loaded.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from longcat_vc import cli
+from longcat_vc.pipeline import VideoContinuationPipeline
+from longcat_vc.video_io import write_video
+from vc_components import refine_checkpoint_in
+
+REFINE_SIZE = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def refine_ckpt(tmp_path_factory):
+    return refine_checkpoint_in(tmp_path_factory, "ckpt_round4")
+
+
+@pytest.fixture(scope="module")
+def refine_pipe(refine_ckpt):
+    return VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu",
+                                                     attn_backend="torch")
+
+
+class _NoModel:
+    def __getattr__(self, name):
+        raise AssertionError(f"model work before the input checks: {name}")
+
+    def __call__(self, *a, **k):
+        raise AssertionError("model work before the input checks: a forward")
+
+
+@pytest.fixture
+def no_model(refine_pipe, monkeypatch):
+    monkeypatch.setattr(refine_pipe, "vae", _NoModel())
+    monkeypatch.setattr(refine_pipe.dit, "forward", _NoModel())
+    monkeypatch.setattr(refine_pipe, "decode_latents", _NoModel())
+    return refine_pipe
+
+
+def _frames(n, h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stage1_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("s1") / "s1.mp4")
+    write_video(path, _frames(9, 32, 64), fps=15)
+    return path
+
+
+def _cli(argv, capsys):
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ A: the refine's offload without the cache
+def test_refine_offload_without_cache_is_refused(no_model):
+    with pytest.raises(ValueError, match=r"^offload_kv_cache=True needs use_kv_cache=True"):
+        no_model.refine(_frames(5, 36, 64), "a cat", video=_frames(12, 40, 72), num_cond_frames=5,
+                        resolution=REFINE_SIZE, num_inference_steps=2, use_kv_cache=False, offload_kv_cache=True,
+                        progress=False)
+
+
+def test_cli_refine_offload_without_cache_exits_2_before_load(stage1_file, tmp_path, capsys):
+    # a checkpoint folder that does not exist: reaching the load would exit 1, not 2
+    rc, err = _cli(["refine", stage1_file, "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o.mp4"),
+                    "--device", "cpu", "--no-kv-cache", "--offload-kv-cache"], capsys)
+    assert rc == 2 and "--offload-kv-cache needs the KV cache" in err, err
+
+
+# ------------------------------------------------------------------ B: the refine command's seed range
+@pytest.mark.parametrize("seed", [str(2 ** 64), str(-2 ** 63 - 1)])
+def test_cli_refine_seed_beyond_64_bits_exits_2_before_load(stage1_file, tmp_path, capsys, seed):
+    rc, err = _cli(["refine", stage1_file, "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o.mp4"),
+                    "--device", "cpu", "--seed", seed], capsys)
+    assert rc == 2 and "--seed must fit in 64 bits" in err, err
