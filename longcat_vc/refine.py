@@ -312,6 +312,20 @@ def check_refine_resolution(resolution, multiple: int, name: str = "resolution")
     raise ValueError(f"{name} must be '720p' or a (height, width) tuple, got {resolution!r}")
 
 
+def _check_stage1_latents(lat, z_dim: int) -> None:
+    """A stage-1 output's latents as ``__call__`` returns them: ``[1, z_dim, T, h, w]``, floating and
+    finite (another channel count failed deep in the VAE, a second sample was dropped silently, and
+    NaN decoded to black frames that were then refined)."""
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[2] < 1:
+        raise ValueError(f"stage1.latents must be a [B, C, T, h, w] tensor, got "
+                         f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}")
+    if lat.shape[0] != 1 or lat.shape[1] != z_dim or not lat.is_floating_point():
+        raise ValueError(f"stage1.latents: expected a floating [1, {z_dim}, T, h, w] tensor (one clip, the VAE's "
+                         f"z_dim channels), got {lat.dtype} {list(lat.shape)}")
+    if not bool(torch.isfinite(lat).all()):
+        raise ValueError("stage1.latents: expected finite values, got NaN/Inf (decoded, they become black frames)")
+
+
 def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                         num_inference_steps, output_type):
     """Every check that needs no model work, all before any (a stage-1 output's latents are decoded
@@ -340,9 +354,7 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
                                  "(extend's output): pass its frames instead")
             if pipe is None:
                 raise ValueError("stage1: a VideoContinuationOutput without model_frames needs the pipeline")
-            if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[2] < 1:
-                raise ValueError(f"stage1.latents must be a [B, C, T, h, w] tensor, got "
-                                 f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}")
+            _check_stage1_latents(lat, int(pipe._latents_mean.shape[1]))
             # decoded only after every check below: the frame count and size follow from the shape
             shape1 = (1 + (int(lat.shape[2]) - 1) * vae_t, int(lat.shape[3]) * vae_s, int(lat.shape[4]) * vae_s)
         if stage1.frames is not None:

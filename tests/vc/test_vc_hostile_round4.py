@@ -4,6 +4,9 @@ audit, 2026-12-06), one section per finding:
 A. ``refine(use_kv_cache=False, offload_kv_cache=True)`` (and ``longcat-vc refine --no-kv-cache
    --offload-kv-cache``) silently ignored the offload, which ``__call__`` / ``extend`` refuse.
 B. ``longcat-vc refine --seed`` beyond 64 bits: torch's overflow after the weights had loaded.
+C. ``refine`` of a stage-1 output whose latents are not ``[1, z_dim, T, h, w]`` finite floats: a
+   RuntimeError inside the VAE (channels), the second clip dropped silently (batch 2), NaN decoded to
+   black frames and refined.
 """
 from __future__ import annotations
 
@@ -85,3 +88,18 @@ def test_cli_refine_seed_beyond_64_bits_exits_2_before_load(stage1_file, tmp_pat
     rc, err = _cli(["refine", stage1_file, "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o.mp4"),
                     "--device", "cpu", "--seed", seed], capsys)
     assert rc == 2 and "--seed must fit in 64 bits" in err, err
+
+
+# ------------------------------------------------------------------ C: a stage-1 output's latents
+@pytest.mark.parametrize("latents, match", [
+    (torch.zeros(1, 8, 2, 4, 8), r"\[1, 16, T, h, w\].*\[1, 8, 2, 4, 8\]"),  # was a RuntimeError in the VAE
+    (torch.zeros(2, 16, 2, 4, 8), r"\[1, 16, T, h, w\].*\[2, 16, 2, 4, 8\]"),  # the second clip was dropped
+    (torch.zeros(1, 16, 2, 4, 8, dtype=torch.int64), "floating"),
+    (torch.full((1, 16, 2, 4, 8), float("nan")), "NaN"),  # decoded to black frames, then refined
+])
+def test_stage1_latents_checked_before_decode(no_model, latents, match):
+    from longcat_vc.pipeline import VideoContinuationOutput
+
+    st1 = VideoContinuationOutput(None, latents, 15.0, 12, 4, (32, 64), {})
+    with pytest.raises(ValueError, match="stage1.latents.*" + match):
+        no_model.refine(st1, video=None, resolution=REFINE_SIZE, num_inference_steps=2, progress=False)
