@@ -451,8 +451,8 @@ def _fail_early(args) -> None:
             f"--context-parallel {args.context_parallel} needs {args.context_parallel} processes (WORLD_SIZE={world}): "
             f"launch with torchrun --nproc-per-node {args.context_parallel} -m longcat_vc.cli ..."
         )
-    if args.input_fps is not None and not args.input_fps > 0:
-        raise UsageError(f"--input-fps must be > 0, got {args.input_fps}")
+    if args.input_fps is not None and not 0 < args.input_fps < float("inf"):  # inf: no subsampling, silently
+        raise UsageError(f"--input-fps must be a positive finite number, got {args.input_fps}")
     if args.command == "extend":
         if args.segments is not None and args.segments < 1:
             raise UsageError(f"--segments must be >= 1, got {args.segments}")

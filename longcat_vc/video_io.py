@@ -245,6 +245,18 @@ def _check_target_fps(target_fps) -> float:
     return value
 
 
+def _check_frames_fps(fps, name: str) -> Optional[float]:
+    """``VideoFrames.fps``: None (unknown) or a positive finite real number (a negative, zero, NaN or
+    infinite rate was taken as unknown without a word, so the frames were not subsampled; a string
+    failed inside numpy). ValueError naming ``name`` otherwise."""
+    if fps is None:
+        return None
+    value = _as_real(fps)
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: VideoFrames.fps must be None (unknown) or a positive finite number, got {fps!r}")
+    return value
+
+
 def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = None) -> VideoFrames:
     """Read the frames of a video file, a GIF or a folder of image frames.
 
@@ -297,8 +309,8 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
         arr = np.asarray(video.frames)
         if arr.dtype != np.uint8:  # float [0, 1] or uint16 frames would be read as near-black
             raise TypeError(f"{name}: VideoFrames.frames must be uint8 [F, H, W, 3], got dtype {arr.dtype}")
-        return VideoFrames(_check_frames(arr, video.source or name), video.fps, video.source,
-                           video.stride)
+        return VideoFrames(_check_frames(arr, video.source or name), _check_frames_fps(video.fps, name),
+                           video.source, video.stride)
     if isinstance(video, (str, os.PathLike)):
         return read_video(video)
     try:

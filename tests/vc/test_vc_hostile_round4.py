@@ -7,6 +7,8 @@ B. ``longcat-vc refine --seed`` beyond 64 bits: torch's overflow after the weigh
 C. ``refine`` of a stage-1 output whose latents are not ``[1, z_dim, T, h, w]`` finite floats: a
    RuntimeError inside the VAE (channels), the second clip dropped silently (batch 2), NaN decoded to
    black frames and refined.
+D. ``VideoFrames`` with a negative, zero, NaN or infinite fps was taken as "unknown" (no subsampling,
+   silently), a string fps failed inside numpy; ``--input-fps inf`` did the same.
 """
 from __future__ import annotations
 
@@ -103,3 +105,33 @@ def test_stage1_latents_checked_before_decode(no_model, latents, match):
     st1 = VideoContinuationOutput(None, latents, 15.0, 12, 4, (32, 64), {})
     with pytest.raises(ValueError, match="stage1.latents.*" + match):
         no_model.refine(st1, video=None, resolution=REFINE_SIZE, num_inference_steps=2, progress=False)
+
+
+# ------------------------------------------------------------------ D: VideoFrames.fps and --input-fps
+BAD_FPS = [-30.0, 0.0, float("nan"), float("inf"), "30", True]
+
+
+@pytest.mark.parametrize("fps", BAD_FPS)
+def test_video_frames_with_a_bad_fps_are_refused(no_model, fps):
+    from longcat_vc.video_io import VideoFrames
+
+    with pytest.raises(ValueError, match=r"VideoFrames.fps must be None \(unknown\) or a positive finite number"):
+        no_model(VideoFrames(_frames(12, 32, 64), fps), "a cat", resolution=(32, 64), num_frames=9,
+                 num_cond_frames=5, num_inference_steps=1, guidance_scale=1.0, progress=False)
+    with pytest.raises(ValueError, match=r"VideoFrames.fps must be None"):  # the refine's cond video too
+        no_model.refine(_frames(5, 36, 64), video=VideoFrames(_frames(12, 40, 72), fps), num_cond_frames=5,
+                        resolution=REFINE_SIZE, progress=False)
+
+
+def test_video_frames_with_a_good_fps_still_subsample():
+    from longcat_vc.video_io import VideoFrames, as_video_frames
+
+    assert as_video_frames(VideoFrames(_frames(2, 4, 4), np.float32(30.0))).fps == 30.0
+    assert as_video_frames(VideoFrames(_frames(2, 4, 4), None)).fps is None
+
+
+@pytest.mark.parametrize("fps", ["inf", "1e999"])
+def test_cli_input_fps_must_be_finite(stage1_file, tmp_path, capsys, fps):
+    rc, err = _cli(["continue", stage1_file, "--prompt", "a cat", "--checkpoint", str(tmp_path / "none"),
+                    "--out", str(tmp_path / "o.mp4"), "--device", "cpu", "--input-fps", fps], capsys)
+    assert rc == 2 and "--input-fps must be a positive finite number" in err, err
