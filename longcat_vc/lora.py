@@ -338,12 +338,14 @@ def _parse_fastvideo(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, dict],
         if m is None:
             bad.append(key)
             continue
-        entry = per_target.setdefault(m.group(1), {"keys": []})
+        entry = per_target.setdefault(m.group(1), {"keys": [], "sources": {}, "duplicates": []})
         entry["keys"].append(key)
-        if m.group(2) == "lora_alpha":
-            entry["alpha_tensor"] = t
-        else:
-            entry[m.group(2)] = t
+        slot = "alpha_tensor" if m.group(2) == "lora_alpha" else m.group(2)
+        if slot in entry["sources"]:  # e.g. "x.lora_A" and "diffusion_model.x.lora_A.weight": one would win silently
+            entry["duplicates"].append(f"{entry['sources'][slot]!r} and {key!r}")
+            continue
+        entry["sources"][slot] = key
+        entry[slot] = t
     return per_target, bad
 
 
@@ -441,6 +443,10 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
             rank0 = 0
             seen_rows = set()
             for rows, target, e in sorted(items, key=lambda it: (it[0] or (0, 1))[0]):
+                if e["duplicates"]:
+                    problems.append(f"{target}: " + ", ".join(e["duplicates"]) + " name the same tensor (a "
+                                    "'diffusion_model.'/'transformer.' prefix and a '.weight' suffix are dropped)")
+                    continue
                 A, B = e.get("lora_A"), e.get("lora_B")
                 if A is None or B is None:
                     problems.append(f"{target}: needs both lora_A and lora_B")

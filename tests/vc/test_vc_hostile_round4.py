@@ -9,6 +9,8 @@ C. ``refine`` of a stage-1 output whose latents are not ``[1, z_dim, T, h, w]`` 
    black frames and refined.
 D. ``VideoFrames`` with a negative, zero, NaN or infinite fps was taken as "unknown" (no subsampling,
    silently), a string fps failed inside numpy; ``--input-fps inf`` did the same.
+E. A FastVideo LoRA file naming one tensor twice (``x.lora_A`` and ``diffusion_model.x.lora_A`` or
+   ``x.lora_A.weight``, which FastVideo reads as the same name): the later key won silently.
 """
 from __future__ import annotations
 
@@ -135,3 +137,21 @@ def test_cli_input_fps_must_be_finite(stage1_file, tmp_path, capsys, fps):
     rc, err = _cli(["continue", stage1_file, "--prompt", "a cat", "--checkpoint", str(tmp_path / "none"),
                     "--out", str(tmp_path / "o.mp4"), "--device", "cpu", "--input-fps", fps], capsys)
     assert rc == 2 and "--input-fps must be a positive finite number" in err, err
+
+
+# ------------------------------------------------------------------ E: FastVideo LoRA keys naming one tensor twice
+@pytest.mark.parametrize("spelling", ["diffusion_model.{}", "transformer.{}", "{}.weight"])
+def test_fastvideo_lora_naming_a_tensor_twice_is_refused(tmp_path, spelling):
+    from safetensors.torch import save_file
+    from tiny_ckpt import fastvideo_lora_tensors, model_from_state_dict, random_state_dict, tiny_config, \
+        write_longcat_lora
+
+    cfg = tiny_config()
+    model = model_from_state_dict(cfg, random_state_dict(cfg))
+    fv = fastvideo_lora_tensors(write_longcat_lora(str(tmp_path / "lc.safetensors"), cfg))
+    fv = {k: v.clone().contiguous() for k, v in fv.items()}
+    fv[spelling.format("blocks.0.ffn.w1.lora_A")] = fv["blocks.0.ffn.w1.lora_A"] * 3
+    path = str(tmp_path / "fv.safetensors")
+    save_file(fv, path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.w1: .*lora_A.* name the same tensor"):
+        model.load_lora(path, "x")
