@@ -431,6 +431,13 @@ def _fail_early(args) -> None:
         args.frames = frames
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None and args.mode == "distill":  # else refused only after the load
+        from .schedule import check_distill_steps
+
+        try:
+            check_distill_steps(args.steps, "--steps")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.guidance is not None and not (1.0 <= args.guidance < float("inf")):
         raise UsageError(f"--guidance must be >= 1 and finite (1 disables classifier-free guidance), "
                          f"got {args.guidance}")

@@ -41,7 +41,8 @@ import torch
 
 from longcat_kernels._validate import check_bool
 
-from .schedule import cfg_zero, check_scheduler_config, euler_step, read_scheduler_config, vc_timesteps
+from .schedule import (cfg_zero, check_distill_steps, check_scheduler_config, euler_step, read_scheduler_config,
+                       vc_timesteps)
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
@@ -599,6 +600,8 @@ class VideoContinuationPipeline:
             )
         steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
         steps = _check_int("num_inference_steps", steps, 1)
+        if defaults["schedule"] == "distill":  # else vc_timesteps refuses it after the video is read
+            check_distill_steps(steps, "num_inference_steps")
         g = defaults["guidance"] if guidance_scale is None else guidance_scale
         if isinstance(g, (bool, np.bool_)) or not isinstance(g, numbers.Real) or not math.isfinite(g):
             raise TypeError(f"guidance_scale must be a finite real number, got {g!r}")

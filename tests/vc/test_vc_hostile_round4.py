@@ -11,6 +11,8 @@ D. ``VideoFrames`` with a negative, zero, NaN or infinite fps was taken as "unkn
    silently), a string fps failed inside numpy; ``--input-fps inf`` did the same.
 E. A FastVideo LoRA file naming one tensor twice (``x.lora_A`` and ``diffusion_model.x.lora_A`` or
    ``x.lora_A.weight``, which FastVideo reads as the same name): the later key won silently.
+F. Distill mode with more than 50 steps: refused by the schedule only after the video was read (the
+   CLI: after the weights had loaded), naming ``vc_timesteps: num_steps``.
 """
 from __future__ import annotations
 
@@ -155,3 +157,20 @@ def test_fastvideo_lora_naming_a_tensor_twice_is_refused(tmp_path, spelling):
     save_file(fv, path)
     with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.w1: .*lora_A.* name the same tensor"):
         model.load_lora(path, "x")
+
+
+# ------------------------------------------------------------------ F: distill steps beyond its 50-point grid
+def test_distill_steps_beyond_the_grid_named_before_the_video_is_read(refine_pipe, tmp_path):
+    p = refine_pipe
+    distill = VideoContinuationPipeline(p.dit, p.vae, p.text_encoder, p.tokenizer, {"shift": 12.0}, mode="distill")
+    missing = str(tmp_path / "not_there.mp4")  # reading it would raise FileNotFoundError first
+    with pytest.raises(ValueError, match=r"^num_inference_steps: distill mode supports at most 50 steps.*got 51"):
+        distill(missing, "a cat", num_inference_steps=51, progress=False)
+    with pytest.raises(ValueError, match=r"^num_inference_steps: distill mode supports at most 50"):
+        distill.extend(missing, "a cat", num_inference_steps=51, progress=False)
+
+
+def test_cli_distill_steps_beyond_the_grid_exit_2_before_load(stage1_file, tmp_path, capsys):
+    rc, err = _cli(["continue", stage1_file, "--prompt", "a cat", "--checkpoint", str(tmp_path / "none"),
+                    "--out", str(tmp_path / "o.mp4"), "--device", "cpu", "--mode", "distill", "--steps", "51"], capsys)
+    assert rc == 2 and "--steps: distill mode supports at most 50 steps" in err, err
