@@ -208,7 +208,20 @@ def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
         raise VideoReadError(f"{path}: cannot read video: {e}") from None
     if not frames:
         raise VideoReadError(f"{path}: the video has no frames")
+    _check_same_size(frames, path)
     return VideoFrames(_check_frames(np.stack(frames), path), fps / stride if fps else None, path, stride)
+
+
+def _check_same_size(frames, path: str) -> None:
+    """Decoded frames of one size (a stream whose resolution changes midway, e.g. concatenated MPEG-TS
+    segments, failed in ``np.stack`` with a message naming no file)."""
+    size = frames[0].shape[:2]
+    for i, fr in enumerate(frames):
+        if fr.shape[:2] != size:
+            raise VideoReadError(
+                f"{path}: the frame size changes within the video: decoded frame 0 is {size[1]}x{size[0]}, "
+                f"decoded frame {i} is {fr.shape[1]}x{fr.shape[0]} (width x height); re-encode it at one size"
+            )
 
 
 def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:

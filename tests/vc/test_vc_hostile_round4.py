@@ -13,6 +13,8 @@ E. A FastVideo LoRA file naming one tensor twice (``x.lora_A`` and ``diffusion_m
    ``x.lora_A.weight``, which FastVideo reads as the same name): the later key won silently.
 F. Distill mode with more than 50 steps: refused by the schedule only after the video was read (the
    CLI: after the weights had loaded), naming ``vc_timesteps: num_steps``.
+G. A video whose frame size changes midway (concatenated MPEG-TS segments): numpy's "all input
+   arrays must have the same shape", naming no file.
 """
 from __future__ import annotations
 
@@ -174,3 +176,27 @@ def test_cli_distill_steps_beyond_the_grid_exit_2_before_load(stage1_file, tmp_p
     rc, err = _cli(["continue", stage1_file, "--prompt", "a cat", "--checkpoint", str(tmp_path / "none"),
                     "--out", str(tmp_path / "o.mp4"), "--device", "cpu", "--mode", "distill", "--steps", "51"], capsys)
     assert rc == 2 and "--steps: distill mode supports at most 50 steps" in err, err
+
+
+# ------------------------------------------------------------------ G: a video whose frame size changes midway
+def test_video_with_a_size_change_midway_is_named(tmp_path):
+    av = pytest.importorskip("av")
+    from longcat_vc.video_io import VideoReadError, read_video
+
+    def segment(h, w, path):
+        with av.open(path, "w", format="mpegts") as c:
+            s = c.add_stream("libx264", rate=15)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            for fr in _frames(4, h, w):
+                for p in s.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        with open(path, "rb") as f:
+            return f.read()
+
+    path = str(tmp_path / "ab.ts")  # MPEG-TS segments concatenate byte-wise into one stream
+    with open(path, "wb") as f:
+        f.write(segment(32, 48, str(tmp_path / "a.ts")) + segment(48, 64, str(tmp_path / "b.ts")))
+    with pytest.raises(VideoReadError, match=r"ab\.ts: the frame size changes within the video: .* 48x32, .* 64x48"):
+        read_video(path)
