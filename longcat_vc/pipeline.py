@@ -171,6 +171,24 @@ def check_checkpoint(checkpoint_dir: str, mode: str = "basic") -> None:
 # helpers
 
 
+def _vae_latent_stats(vcfg, name: str, z_dim: int) -> torch.Tensor:
+    """The VAE config's ``latents_mean`` / ``latents_std`` as ``[1, z_dim, 1, 1, 1]`` fp32: ``z_dim``
+    finite numbers, the std's positive (another length failed in a bare ``view``; a zero std made every
+    latent Inf, reported at the end as a non-finite weight)."""
+    values = getattr(vcfg, name, None)
+    try:
+        t = torch.tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    positive = name == "latents_std"
+    if (t is None or tuple(t.shape) != (z_dim,) or not bool(torch.isfinite(t).all())
+            or (positive and bool((t <= 0).any()))):
+        shown = repr(values)
+        raise ValueError(f"VAE config {name}: expected {z_dim} (z_dim) finite{' positive' if positive else ''} "
+                         f"numbers, got {shown if len(shown) <= 120 else shown[:120] + '...'}")
+    return t.view(1, z_dim, 1, 1, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # pipeline
 
@@ -224,7 +242,8 @@ class VideoContinuationPipeline:
         self.scheduler_config = dict(scheduler_config)
         self.shift = float(self.scheduler_config.get("shift", 1.0))
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self.max_sequence_length = int(max_sequence_length)
+        # int() truncated 1.5 to a 1-token prompt without a word
+        self.max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 1)
         self._mode = mode
         # lora/refinement_lora.safetensors of the checkpoint (set by from_pretrained); refine()
         # loads it on first use.
@@ -249,8 +268,8 @@ class VideoContinuationPipeline:
             raise ValueError(
                 f"text encoder width d_model ({d_model}) must equal the DiT caption_channels ({cap})"
             )
-        self._latents_mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
-        self._latents_std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+        self._latents_mean = _vae_latent_stats(vcfg, "latents_mean", z_dim)
+        self._latents_std = _vae_latent_stats(vcfg, "latents_std", z_dim)
         from .memory import memory_plan
 
         self._memory = memory_plan("resident")  # apply_memory_mode replaces it

@@ -15,6 +15,9 @@ F. Distill mode with more than 50 steps: refused by the schedule only after the 
    CLI: after the weights had loaded), naming ``vc_timesteps: num_steps``.
 G. A video whose frame size changes midway (concatenated MPEG-TS segments): numpy's "all input
    arrays must have the same shape", naming no file.
+H. A VAE config whose ``latents_mean`` / ``latents_std`` do not hold z_dim finite numbers (std > 0):
+   a bare ``view`` error after every component had loaded, or (std 0) Inf latents reported at the
+   end as "a non-finite weight"; ``max_sequence_length=1.5`` became a 1-token prompt silently.
 """
 from __future__ import annotations
 
@@ -200,3 +203,30 @@ def test_video_with_a_size_change_midway_is_named(tmp_path):
         f.write(segment(32, 48, str(tmp_path / "a.ts")) + segment(48, 64, str(tmp_path / "b.ts")))
     with pytest.raises(VideoReadError, match=r"ab\.ts: the frame size changes within the video: .* 48x32, .* 64x48"):
         read_video(path)
+
+
+# ------------------------------------------------------------------ H: the pipeline's constructor arguments
+def _stand_in_parts(tmp_path):
+    from vc_components import StandInDiT, build_text_encoder, build_tokenizer, build_vae
+
+    return StandInDiT().eval(), build_vae(), build_text_encoder(), build_tokenizer(str(tmp_path / "tok"))
+
+
+@pytest.mark.parametrize("name, values, match", [
+    ("latents_mean", [0.0] * 15, "latents_mean: expected 16 .z_dim. finite numbers"),
+    ("latents_std", [1.0] * 15 + [0.0], "latents_std: expected 16 .z_dim. finite positive numbers"),
+    ("latents_std", [1.0] * 15 + [float("nan")], "latents_std: expected 16"),
+    ("latents_mean", None, "latents_mean: expected 16"),
+])
+def test_vae_latent_stats_checked_at_construction(tmp_path, name, values, match):
+    dit, vae, te, tok = _stand_in_parts(tmp_path)
+    vae.register_to_config(**{name: values})
+    with pytest.raises(ValueError, match="VAE config " + match):
+        VideoContinuationPipeline(dit, vae, te, tok, {"shift": 12.0})
+
+
+@pytest.mark.parametrize("value, exc", [(1.5, TypeError), (0, ValueError), (None, TypeError), ("512", TypeError)])
+def test_max_sequence_length_is_a_positive_int(tmp_path, value, exc):
+    dit, vae, te, tok = _stand_in_parts(tmp_path)
+    with pytest.raises(exc, match="max_sequence_length"):
+        VideoContinuationPipeline(dit, vae, te, tok, {"shift": 12.0}, max_sequence_length=value)
