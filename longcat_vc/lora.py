@@ -519,7 +519,8 @@ def fused_loras(model: nn.Module) -> List[str]:
 def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multiplier: float = 1.0) -> List[str]:
     """Reads a LoRA file (LongCat or FastVideo format) into ``model`` under ``name`` (not enabled).
 
-    Adapter tensors are stored in each target's weight dtype and device. Returns the adapted
+    Adapter tensors are stored in each target's compute dtype (``_adapter_dtype``) and on its weight's
+    device. Returns the adapted
     module paths. Raises ``ValueError`` listing keys that match no module and bad shapes.
     """
     if not isinstance(name, str) or not name:
@@ -533,6 +534,9 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
                          "load the file into a DiT without peft adapters (or unload them first)")
     fmt, tensors = read_lora_file(path)
     adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
+    for module_path, adapter in adapters.items():  # converted before the model changes: a refusal leaves it as it was
+        mod = model.get_submodule(module_path)
+        adapter.to_(device=mod.weight.device, dtype=_adapter_dtype(mod))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
     was_active = name in getattr(model, "_lora_active_names", [])
     if was_active:
@@ -544,7 +548,6 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     _bump_state(model)
     for module_path, adapter in adapters.items():
         mod = model.get_submodule(module_path)
-        adapter.to_(device=mod.weight.device, dtype=mod.weight.dtype)
         adapter.__dict__["_owner"] = weakref.ref(model)
         mod.lora_adapters[name] = adapter
         if was_active:
@@ -554,6 +557,13 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
         names.append(name)
     model._lora_names = names
     return sorted(adapters)
+
+
+def _adapter_dtype(mod: LoRALinear) -> torch.dtype:
+    """The dtype a module's adapter tensors are stored in: the dtype it computes in, i.e. its weight
+    dtype, or for an fp8 ``Fp8Linear`` its ``act_dtype`` (an adapter loaded after ``quantize_dit_fp8``,
+    as the refinement LoRA is, was cast to e4m3 without a scale: small values flushed to zero)."""
+    return getattr(mod, "act_dtype", None) or mod.weight.dtype
 
 
 def enable_loras(model: nn.Module, names: Sequence[str]) -> None:

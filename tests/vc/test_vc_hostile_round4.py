@@ -18,6 +18,9 @@ G. A video whose frame size changes midway (concatenated MPEG-TS segments): nump
 H. A VAE config whose ``latents_mean`` / ``latents_std`` do not hold z_dim finite numbers (std > 0):
    a bare ``view`` error after every component had loaded, or (std 0) Inf latents reported at the
    end as "a non-finite weight"; ``max_sequence_length=1.5`` became a 1-token prompt silently.
+I. A LoRA loaded after ``quantize_dit_fp8`` (the refinement LoRA of an ``fp8=True`` pipeline is
+   loaded on the first ``refine``) was cast to the e4m3 weight dtype without a scale: its small
+   values flushed to zero and the refinement ran with a degraded adapter, silently.
 """
 from __future__ import annotations
 
@@ -230,3 +233,30 @@ def test_max_sequence_length_is_a_positive_int(tmp_path, value, exc):
     dit, vae, te, tok = _stand_in_parts(tmp_path)
     with pytest.raises(exc, match="max_sequence_length"):
         VideoContinuationPipeline(dit, vae, te, tok, {"shift": 12.0}, max_sequence_length=value)
+
+
+# ------------------------------------------------------------------ I: a LoRA loaded into fp8 weights
+def test_lora_loaded_after_fp8_quantisation_keeps_the_compute_dtype(tmp_path):
+    from longcat_vc.fp8 import quantize_dit_fp8
+    from test_fp8 import make_inputs
+    from tiny_ckpt import LORA_TARGETS_REFINEMENT, model_from_state_dict, random_state_dict, tiny_config, \
+        write_longcat_lora
+
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=3)
+    path = str(tmp_path / "l.safetensors")
+    write_longcat_lora(path, cfg, targets=LORA_TARGETS_REFINEMENT, seed=5)
+    before = model_from_state_dict(cfg, sd)  # loaded, then quantised: the adapters stay fp32
+    before.load_lora(path, "r")
+    before.enable_loras(["r"])
+    quantize_dit_fp8(before, emulate=True)
+    after = model_from_state_dict(cfg, sd)  # quantised, then loaded: as refine() does with fp8=True
+    quantize_dit_fp8(after, emulate=True)
+    after.load_lora(path, "r")
+    after.enable_loras(["r"])
+    qkv = after.blocks[0].attn.qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    assert qkv.lora_adapters["r"].down.dtype == torch.float32 and qkv.lora_adapters["r"].parts[0].up.dtype == torch.float32
+    x, t, y, mask = make_inputs(cfg, B=2, T=3)
+    with torch.no_grad():
+        torch.testing.assert_close(after(x, t, y, mask), before(x, t, y, mask), rtol=0, atol=0)
