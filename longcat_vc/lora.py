@@ -520,8 +520,8 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     """Reads a LoRA file (LongCat or FastVideo format) into ``model`` under ``name`` (not enabled).
 
     Adapter tensors are stored in each target's compute dtype (``_adapter_dtype``) and on its weight's
-    device. Returns the adapted
-    module paths. Raises ``ValueError`` listing keys that match no module and bad shapes.
+    device. Returns the adapted module paths. Raises ``ValueError`` listing keys that match no module
+    and bad shapes, or naming modules whose values overflow that dtype.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"load_lora: name must be a non-empty str, got {name!r}")
@@ -537,6 +537,7 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     for module_path, adapter in adapters.items():  # converted before the model changes: a refusal leaves it as it was
         mod = model.get_submodule(module_path)
         adapter.to_(device=mod.weight.device, dtype=_adapter_dtype(mod))
+    _check_adapters_fit_dtype(adapters, os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
     was_active = name in getattr(model, "_lora_active_names", [])
     if was_active:
@@ -564,6 +565,20 @@ def _adapter_dtype(mod: LoRALinear) -> torch.dtype:
     dtype, or for an fp8 ``Fp8Linear`` its ``act_dtype`` (an adapter loaded after ``quantize_dit_fp8``,
     as the refinement LoRA is, was cast to e4m3 without a scale: small values flushed to zero)."""
     return getattr(mod, "act_dtype", None) or mod.weight.dtype
+
+
+def _check_adapters_fit_dtype(adapters: Dict[str, LoRAAdapter], path: str) -> None:
+    """ValueError naming the modules whose adapter tensors (finite in the file) became Inf once cast to
+    their dtype, e.g. an fp32 value above 65504 into an fp16 model: every output of the module would be
+    NaN, found only after a whole run as NaN latents."""
+    from .loading import _has_non_finite
+
+    bad = sorted(f"{module_path} ({a.down.dtype})" for module_path, a in adapters.items()
+                 if _has_non_finite(a.down) or any(_has_non_finite(p.up) for p in a.parts))
+    if bad:
+        raise ValueError(f"load_lora({path!r}): values overflow the model dtype (finite in the file, Inf once "
+                         "converted) in " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+                         + "; load the model in a wider dtype (bfloat16 or float32)")
 
 
 def enable_loras(model: nn.Module, names: Sequence[str]) -> None:

@@ -21,6 +21,8 @@ H. A VAE config whose ``latents_mean`` / ``latents_std`` do not hold z_dim finit
 I. A LoRA loaded after ``quantize_dit_fp8`` (the refinement LoRA of an ``fp8=True`` pipeline is
    loaded on the first ``refine``) was cast to the e4m3 weight dtype without a scale: its small
    values flushed to zero and the refinement ran with a degraded adapter, silently.
+J. An fp32 LoRA value beyond fp16's range loaded into an fp16 model became Inf silently (NaN outputs,
+   reported only after the whole run); the DiT loader refuses the same for weights.
 """
 from __future__ import annotations
 
@@ -260,3 +262,27 @@ def test_lora_loaded_after_fp8_quantisation_keeps_the_compute_dtype(tmp_path):
     x, t, y, mask = make_inputs(cfg, B=2, T=3)
     with torch.no_grad():
         torch.testing.assert_close(after(x, t, y, mask), before(x, t, y, mask), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ J: LoRA values overflowing the model dtype
+def test_lora_overflowing_the_model_dtype_is_refused_and_changes_nothing(tmp_path):
+    from safetensors.torch import save_file
+    from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
+    from longcat_vc.lora import longcat_lora_key
+
+    cfg = tiny_config()
+    model = model_from_state_dict(cfg, random_state_dict(cfg), dtype=torch.float16)
+    good = str(tmp_path / "good.safetensors")
+    lc = write_longcat_lora(good, cfg)
+    model.load_lora(good, "r")
+    big = {k: v.clone().contiguous() for k, v in lc.items()}
+    key = longcat_lora_key("blocks.1.ffn.w2", "lora_down.weight")
+    big[key][0, 0] = 1e6  # finite in fp32, Inf in fp16
+    bad = str(tmp_path / "big.safetensors")
+    save_file(big, bad)
+    with pytest.raises(ValueError, match=r"overflow the model dtype .* blocks\.1\.ffn\.w2 \(torch\.float16\)"):
+        model.load_lora(bad, "r")
+    # the adapters loaded before are untouched
+    assert torch.isfinite(model.blocks[1].ffn.w2.lora_adapters["r"].down).all()
+    model32 = model_from_state_dict(cfg, random_state_dict(cfg))  # fp32 holds it
+    model32.load_lora(bad, "r")
