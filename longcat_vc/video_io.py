@@ -509,6 +509,13 @@ def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int) ->
     writer.close()
 
 
+def _check_not_a_folder(path: str) -> None:
+    """The output is a file name: an existing folder (or a path ending in a separator) failed only after
+    the encode, in the rename, naming the temporary file (for "out/" one written beside "out")."""
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        raise IsADirectoryError(f"write_video: path must be a file, got the folder {path}")
+
+
 def write_video(
     path: Union[str, os.PathLike],
     frames,
@@ -532,6 +539,7 @@ def write_video(
     """
     path = os.fspath(path)
     vf = as_video_frames(frames, name="frames")
+    _check_not_a_folder(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")

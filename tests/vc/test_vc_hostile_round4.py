@@ -23,6 +23,8 @@ I. A LoRA loaded after ``quantize_dit_fp8`` (the refinement LoRA of an ``fp8=Tru
    values flushed to zero and the refinement ran with a degraded adapter, silently.
 J. An fp32 LoRA value beyond fp16's range loaded into an fp16 model became Inf silently (NaN outputs,
    reported only after the whole run); the DiT loader refuses the same for weights.
+K. ``write_video`` to a folder: the error came after the encode, from the rename, naming the temporary
+   file; with a trailing separator the temporary file was written beside the folder.
 """
 from __future__ import annotations
 
@@ -286,3 +288,18 @@ def test_lora_overflowing_the_model_dtype_is_refused_and_changes_nothing(tmp_pat
     assert torch.isfinite(model.blocks[1].ffn.w2.lora_adapters["r"].down).all()
     model32 = model_from_state_dict(cfg, random_state_dict(cfg))  # fp32 holds it
     model32.load_lora(bad, "r")
+
+
+# ------------------------------------------------------------------ K: write_video to a folder
+@pytest.mark.parametrize("trailing", [False, True])
+def test_write_video_to_a_folder_is_refused_before_encoding(tmp_path, monkeypatch, trailing):
+    from longcat_vc import video_io
+
+    folder = tmp_path / "out.mp4"
+    folder.mkdir()
+    monkeypatch.setattr(video_io, "_write_av", lambda *a, **k: pytest.fail("encoded before the path check"))
+    monkeypatch.setattr(video_io, "_write_imageio_ffmpeg", lambda *a, **k: pytest.fail("encoded before the path check"))
+    path = str(folder) + (os.sep if trailing else "")
+    with pytest.raises(IsADirectoryError, match=r"write_video: path must be a file, got the folder .*out\.mp4"):
+        video_io.write_video(path, _frames(3, 16, 16), 15)
+    assert sorted(os.listdir(tmp_path)) == ["out.mp4"] and os.listdir(folder) == []
