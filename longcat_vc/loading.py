@@ -242,10 +242,14 @@ _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": 
 
 
 def check_dtype(dtype, name: str = "dtype") -> None:
-    """``dtype`` is None or a floating ``torch.dtype`` (a string such as ``"bf16"`` is a TypeError
-    naming the argument, not a confusing "invalid device" later)."""
+    """``dtype`` is None or a floating ``torch.dtype`` of 16 bits or more (a string such as ``"bf16"`` is
+    a TypeError naming the argument, not a confusing "invalid device" later; an 8-bit float such as
+    ``torch.float8_e4m3fn`` failed deep in the loaders: fp8 weights are ``fp8=True``)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{name}: expected a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if dtype is not None and torch.finfo(dtype).bits < 16:
+        raise ValueError(f"{name}: expected a floating torch.dtype of 16 bits or more (bfloat16, float16, float32), "
+                         f"got {dtype}; for fp8 DiT weights load in bfloat16 with fp8=True (--fp8)")
 
 
 def _check_header_dtypes(folder: str, header: Dict[str, Tuple[str, Tuple[int, ...], str]],

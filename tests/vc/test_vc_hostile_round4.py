@@ -25,6 +25,8 @@ J. An fp32 LoRA value beyond fp16's range loaded into an fp16 model became Inf s
    reported only after the whole run); the DiT loader refuses the same for weights.
 K. ``write_video`` to a folder: the error came after the encode, from the rename, naming the temporary
    file; with a trailing separator the temporary file was written beside the folder.
+L. ``dtype=torch.float8_e4m3fn`` (for ``fp8=True``): "couldn't find storage object Float8_e4m3fnStorage"
+   from the text encoder's loader, or ``"sum_cpu" not implemented for 'Float8_e5m2'`` from the DiT's.
 """
 from __future__ import annotations
 
@@ -303,3 +305,14 @@ def test_write_video_to_a_folder_is_refused_before_encoding(tmp_path, monkeypatc
     with pytest.raises(IsADirectoryError, match=r"write_video: path must be a file, got the folder .*out\.mp4"):
         video_io.write_video(path, _frames(3, 16, 16), 15)
     assert sorted(os.listdir(tmp_path)) == ["out.mp4"] and os.listdir(folder) == []
+
+
+# ------------------------------------------------------------------ L: an 8-bit float as the load dtype
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_load_dtype_is_refused_with_the_fp8_switch_named(refine_ckpt, dtype):
+    from longcat_vc import LongCatDiT
+
+    with pytest.raises(ValueError, match=r"^dtype: expected a floating torch.dtype of 16 bits.*fp8=True"):
+        VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=dtype, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"^dtype: expected a floating torch.dtype of 16 bits"):
+        LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "dit"), dtype=dtype, progress=False)
