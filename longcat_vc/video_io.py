@@ -121,12 +121,21 @@ def _image_to_rgb(im, where: str) -> np.ndarray:
     )
 
 
+def _exif_upright(im):
+    """``im`` turned by its EXIF orientation tag (phone photos store the pixels unrotated plus the tag)
+    so it comes out as viewers show it, as the display rotation of video files is applied; without
+    the tag, ``im`` itself."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
+
+
 def _read_image(fp: str, what: str) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(fp) as im:
-            return _image_to_rgb(im, fp)
+            return _image_to_rgb(_exif_upright(im), fp)
     except VideoReadError:
         raise
     except Exception as e:  # PIL raises many types for corrupt images

@@ -27,6 +27,8 @@ K. ``write_video`` to a folder: the error came after the encode, from the rename
    file; with a trailing separator the temporary file was written beside the folder.
 L. ``dtype=torch.float8_e4m3fn`` (for ``fp8=True``): "couldn't find storage object Float8_e4m3fnStorage"
    from the text encoder's loader, or ``"sum_cpu" not implemented for 'Float8_e5m2'`` from the DiT's.
+M. An image (or a folder of image frames) with an EXIF orientation tag, as phone photos carry, was read
+   unrotated: a sideways clip, silently (the display rotation of video files is applied).
 """
 from __future__ import annotations
 
@@ -316,3 +318,27 @@ def test_fp8_load_dtype_is_refused_with_the_fp8_switch_named(refine_ckpt, dtype)
         VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=dtype, device="cpu", progress=False)
     with pytest.raises(ValueError, match=r"^dtype: expected a floating torch.dtype of 16 bits"):
         LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "dit"), dtype=dtype, progress=False)
+
+
+# ------------------------------------------------------------------ M: EXIF orientation of image inputs
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_exif_orientation_of_images_is_applied(tmp_path, as_folder):
+    from PIL import Image
+
+    from longcat_vc.video_io import read_video
+
+    pixels = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high; a red left column
+    pixels[:, :4] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(2 if as_folder else 1):
+        Image.fromarray(pixels).save(str(folder / f"f{i}.png"), exif=exif)
+    frames = read_video(str(folder) if as_folder else str(folder / "f0.png")).frames
+    expected = np.rot90(pixels, -1)  # clockwise: the left column becomes the top row
+    assert frames.shape[1:] == (40, 20, 3)
+    np.testing.assert_array_equal(frames[0], expected)
+    plain = tmp_path / "plain.png"  # no tag: as stored
+    Image.fromarray(pixels).save(str(plain))
+    np.testing.assert_array_equal(read_video(str(plain)).frames[0], pixels)
