@@ -336,7 +336,7 @@ class VideoContinuationPipeline:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         from .config import ATTN_BACKENDS
-        from .loading import check_dtype
+        from .loading import check_device, check_dtype
 
         check_dtype(dtype)
         # every argument is checked before anything loads: a truthy stand-in ("no", 1) would silently
@@ -350,14 +350,7 @@ class VideoContinuationPipeline:
             raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS} or None, got {attn_backend!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if not isinstance(device, (str, torch.device)):
-            raise TypeError(f"device: expected a str or torch.device (e.g. 'cuda:0') or None, got {type(device).__name__}")
-        try:
-            device = torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r} ({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: expected an available device, got {device} but CUDA is not available")
+        device = check_device(device)
         if fp8:
             from .fp8 import check_fp8_device
 

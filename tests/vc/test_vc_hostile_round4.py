@@ -29,6 +29,9 @@ L. ``dtype=torch.float8_e4m3fn`` (for ``fp8=True``): "couldn't find storage obje
    from the text encoder's loader, or ``"sum_cpu" not implemented for 'Float8_e5m2'`` from the DiT's.
 M. An image (or a folder of image frames) with an EXIF orientation tag, as phone photos carry, was read
    unrotated: a sideways clip, silently (the display rotation of video files is applied).
+N. ``LongCatDiT.from_pretrained(device=...)``: "meta" gave a CheckpointError blaming the checkpoint
+   ("parameters left uninitialised"), "cuda" without CUDA torch's AssertionError at the first tensor,
+   "gpu" torch's RuntimeError; the pipeline's device checks now serve both.
 """
 from __future__ import annotations
 
@@ -342,3 +345,21 @@ def test_exif_orientation_of_images_is_applied(tmp_path, as_folder):
     plain = tmp_path / "plain.png"  # no tag: as stored
     Image.fromarray(pixels).save(str(plain))
     np.testing.assert_array_equal(read_video(str(plain)).frames[0], pixels)
+
+
+# ------------------------------------------------------------------ N: the DiT loader's device
+@pytest.mark.parametrize("device, exc, match", [
+    ("meta", ValueError, r"^device: expected a device that holds data, got meta"),
+    ("gpu", ValueError, r"^device: expected a device such as 'cpu', 'cuda' or 'cuda:0', got 'gpu'"),
+    (0.5, TypeError, r"^device: expected a str or torch.device"),
+] + ([] if torch.cuda.is_available() else [
+    ("cuda", ValueError, r"^device: expected an available device, got cuda but CUDA is not available"),
+    (1, ValueError, r"^device: expected an available device, got cuda:1"),
+]))
+def test_dit_loader_device_is_checked_before_loading(refine_ckpt, device, exc, match):
+    from longcat_vc import LongCatDiT
+
+    with pytest.raises(exc, match=match):
+        LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "dit"), device=device, progress=False)
+    with pytest.raises(exc, match=match):  # before the folder is looked at
+        LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "not_there"), device=device, progress=False)
