@@ -1,7 +1,7 @@
 """Video reading and writing for the VC pipeline and the ``longcat-vc`` command.
 
-Reading: video files (mp4, webm, mov, mkv, avi, m4v, ... through PyAV's bundled FFmpeg), GIFs
-(Pillow) and folders of image frames (png/jpg/webp/bmp, natural sort order). Writing: H.264 mp4
+Reading: video files (mp4, webm, mov, mkv, avi, m4v, ... through PyAV's bundled FFmpeg), GIFs and
+animated PNG / WebP (Pillow) and folders of image frames (png/jpg/webp/bmp, natural sort order). Writing: H.264 mp4
 through PyAV (its wheels bundle libx264) or, without PyAV, the FFmpeg binary that the
 ``imageio-ffmpeg`` wheel ships. No system ffmpeg is assumed.
 
@@ -166,17 +166,32 @@ def _read_frame_folder(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), None, path)
 
 
-def _read_gif(path: str) -> VideoFrames:
+def _is_animated(path: str) -> bool:
+    """Whether the image file holds several frames (animated PNG / WebP); False when PIL cannot open
+    it (``_read_image`` then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1)) > 1
+    except Exception:
+        return False
+
+
+def _read_animated(path: str) -> VideoFrames:
+    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration."""
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
             frames, durations = [], []
-            for fr in ImageSequence.Iterator(im):
-                frames.append(np.asarray(fr.convert("RGB")))
+            for i, fr in enumerate(ImageSequence.Iterator(im)):
+                frames.append(_image_to_rgb(fr, f"{path} frame {i}"))
                 durations.append(fr.info.get("duration", 0) or 0)
+    except VideoReadError:
+        raise
     except Exception as e:
-        raise VideoReadError(f"{path}: cannot read GIF: {e}") from None
+        raise VideoReadError(f"{path}: cannot read the animated image: {e}") from None
     if not frames:
         raise VideoReadError(f"{path}: the video has no frames")
     mean_ms = float(np.mean(durations)) if durations else 0.0
@@ -283,7 +298,8 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
     """Read the frames of a video file, a GIF or a folder of image frames.
 
     Args:
-        path: a video file (mp4/webm/mov/...), a ``.gif``, a single image, or a folder of images.
+        path: a video file (mp4/webm/mov/...), a ``.gif`` or animated PNG / WebP, a single image, or
+            a folder of images.
         target_fps: keep every ``round(fps / target_fps)``-th frame (``subsample_to_fps``), done
             while decoding so a long high-rate video never sits in memory whole. None: all frames.
 
@@ -305,8 +321,8 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
     if os.path.getsize(path) == 0:
         raise VideoReadError(f"{path}: the file is empty")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".gif":
-        vf = _read_gif(path)
+    if ext == ".gif" or (ext in IMAGE_EXTENSIONS and _is_animated(path)):  # else only the first frame was read
+        vf = _read_animated(path)
         return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
     if ext in IMAGE_EXTENSIONS:
         arr = _read_image(path, "image")

@@ -32,6 +32,8 @@ M. An image (or a folder of image frames) with an EXIF orientation tag, as phone
 N. ``LongCatDiT.from_pretrained(device=...)``: "meta" gave a CheckpointError blaming the checkpoint
    ("parameters left uninitialised"), "cuda" without CUDA torch's AssertionError at the first tensor,
    "gpu" torch's RuntimeError; the pipeline's device checks now serve both.
+O. An animated PNG or WebP was read as a one-frame video (its first frame): with ``num_cond_frames=1``
+   the clip's first frame silently conditioned the continuation instead of its last.
 """
 from __future__ import annotations
 
@@ -363,3 +365,21 @@ def test_dit_loader_device_is_checked_before_loading(refine_ckpt, device, exc, m
         LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "dit"), device=device, progress=False)
     with pytest.raises(exc, match=match):  # before the folder is looked at
         LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "not_there"), device=device, progress=False)
+
+
+# ------------------------------------------------------------------ O: animated PNG / WebP
+@pytest.mark.parametrize("ext", [".png", ".webp"])
+def test_animated_png_and_webp_are_read_whole(tmp_path, ext):
+    from PIL import Image
+
+    from longcat_vc.video_io import read_video
+
+    frames = [np.full((16, 24, 3), 40 * i, np.uint8) for i in range(5)]
+    path = str(tmp_path / f"clip{ext}")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0,
+                   **({"lossless": True} if ext == ".webp" else {}))
+    vf = read_video(path)
+    assert vf.num_frames == 5 and vf.fps == pytest.approx(20.0)
+    np.testing.assert_array_equal(vf.frames[:, 0, 0, 0], [0, 40, 80, 120, 160])
+    assert read_video(path, target_fps=10.0).num_frames == 3  # subsampled by its frame rate (stride 2)
