@@ -496,6 +496,9 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         t0 = timer.now()
         latents, pad = prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"], a["nc"],
                                               float(t_thresh), generator)
+        cp = getattr(pipe.dit, "context_parallel", None)
+        if cp is not None:  # every rank denoises rank 0's latents (the ranks' RNGs may differ), as __call__ does
+            latents, embeds = cp.broadcast(latents, embeds)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
         c = pad["cond_latents"]

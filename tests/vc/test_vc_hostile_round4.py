@@ -34,10 +34,14 @@ N. ``LongCatDiT.from_pretrained(device=...)``: "meta" gave a CheckpointError bla
    "gpu" torch's RuntimeError; the pipeline's device checks now serve both.
 O. An animated PNG or WebP was read as a one-frame video (its first frame): with ``num_cond_frames=1``
    the clip's first frame silently conditioned the continuation instead of its last.
+P. ``refine`` on a context-parallel pipeline did not broadcast rank 0's latents (``__call__`` does): with
+   ``generator=None`` and ranks whose global RNGs differ, each rank denoised its own noise and the
+   sharded attention mixed them (rel. L2 0.31 / 1.10 from the single-process refine on 2 ranks).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -383,3 +387,56 @@ def test_animated_png_and_webp_are_read_whole(tmp_path, ext):
     assert vf.num_frames == 5 and vf.fps == pytest.approx(20.0)
     np.testing.assert_array_equal(vf.frames[:, 0, 0, 0], [0, 40, 80, 120, 160])
     assert read_video(path, target_fps=10.0).num_frames == 3  # subsampled by its frame rate (stride 2)
+
+
+# ------------------------------------------------------------------ P: refine under context parallelism
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.dirname(_HERE))
+
+
+def _cp_refine_worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
+    """One rank: the context-parallel refine with this rank's own global RNG state, and the
+    single-process refine with rank 0's; writes their rel. L2 distance."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    kw = dict(dtype=torch.float32, device="cpu", attn_backend="torch", progress=False)
+    cp = VideoContinuationPipeline.from_pretrained(ckpt, process_group=dist.group.WORLD, **kw)
+    args = dict(video=_frames(12, 40, 72, seed=1), num_cond_frames=5, resolution=REFINE_SIZE, num_inference_steps=2,
+                generator=None, output_type="latent", progress=False)
+    torch.manual_seed(100 + rank)  # the ranks' global RNGs differ
+    lat = cp.refine(_frames(5, 36, 64), "a cat", **args).latents
+    sp = VideoContinuationPipeline.from_pretrained(ckpt, **kw)
+    torch.manual_seed(100)  # rank 0's
+    ref = sp.refine(_frames(5, 36, 64), "a cat", **args).latents
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"rel": float((lat - ref).norm() / ref.norm())}, f)
+    dist.destroy_process_group()
+
+
+def test_context_parallel_refine_denoises_rank0s_latents(refine_ckpt, tmp_path):
+    import json
+    import subprocess
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([_ROOT, _HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
+                                                            else [])))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--cp-refine-worker", str(r), "2",
+                               str(tmp_path / "init"), str(tmp_path), refine_ckpt],
+                              env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    rel = [json.load(open(tmp_path / f"rank{r}.json"))["rel"] for r in range(2)]
+    assert max(rel) < 1e-5, rel
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--cp-refine-worker":
+    _cp_refine_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
