@@ -246,7 +246,13 @@ def check_refine_lora(pipe, lora_path: Optional[str]) -> None:
     from .fp8 import Fp8Linear
 
     dit = pipe.dit
-    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
+    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and lora_path is None:
+        # a pipeline built by hand: "file not found: None" said neither what is missing nor how to give it
+        raise CheckpointError(
+            f"refinement LoRA: none known to this pipeline (built without from_pretrained); set "
+            f"pipe.refinement_lora_path to the checkpoint's {REFINEMENT_LORA_FILE}, or load it with "
+            f"pipe.dit.load_lora(path, {REFINEMENT_LORA!r})")
+    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and not os.path.isfile(lora_path):
         raise CheckpointError(
             f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
         )

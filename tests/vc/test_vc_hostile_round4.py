@@ -37,6 +37,8 @@ O. An animated PNG or WebP was read as a one-frame video (its first frame): with
 P. ``refine`` on a context-parallel pipeline did not broadcast rank 0's latents (``__call__`` does): with
    ``generator=None`` and ranks whose global RNGs differ, each rank denoised its own noise and the
    sharded attention mixed them (rel. L2 0.31 / 1.10 from the single-process refine on 2 ranks).
+Q. ``refine`` on a pipeline built by hand (no ``from_pretrained``): "refinement LoRA file not found:
+   None", naming neither the missing piece nor how to give it.
 """
 from __future__ import annotations
 
@@ -436,6 +438,18 @@ def test_context_parallel_refine_denoises_rank0s_latents(refine_ckpt, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     rel = [json.load(open(tmp_path / f"rank{r}.json"))["rel"] for r in range(2)]
     assert max(rel) < 1e-5, rel
+
+
+# ------------------------------------------------------------------ Q: refine on a hand-built pipeline
+def test_refine_on_a_hand_built_pipeline_says_how_to_give_the_lora(refine_pipe):
+    from longcat_vc import CheckpointError
+
+    p = refine_pipe
+    hand = VideoContinuationPipeline(p.dit, p.vae, p.text_encoder, p.tokenizer, {"shift": 12.0})
+    assert hand.refinement_lora_path is None and "refinement_lora" not in p.dit.lora_names
+    with pytest.raises(CheckpointError, match=r"set pipe.refinement_lora_path .* or load it with "
+                                              r"pipe.dit.load_lora\(path, 'refinement_lora'\)"):
+        hand.refine(_frames(5, 36, 64), resolution=REFINE_SIZE, num_inference_steps=2, progress=False)
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--cp-refine-worker":
