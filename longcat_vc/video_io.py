@@ -248,6 +248,17 @@ def _check_same_size(frames, path: str) -> None:
             )
 
 
+def _have_pyav() -> bool:
+    """Whether PyAV imports (optional: without it the FFmpeg binary of ``imageio-ffmpeg`` is used)."""
+    import importlib
+
+    try:
+        importlib.import_module("av")
+    except ImportError:
+        return False
+    return True
+
+
 def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     import imageio_ffmpeg
 
@@ -327,12 +338,9 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
     if ext in IMAGE_EXTENSIONS:
         arr = _read_image(path, "image")
         return VideoFrames(_check_frames(arr[None], path), None, path)
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        vf = _read_with_imageio_ffmpeg(path)
-    else:
+    if _have_pyav():
         return _read_with_av(path, target_fps)
+    vf = _read_with_imageio_ffmpeg(path)
     return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
 
 
@@ -573,12 +581,7 @@ def write_video(
         raise ValueError(f"backend must be 'auto', 'av' or 'imageio-ffmpeg', got {backend!r}")
     crf = check_crf(crf)
     if backend == "auto":
-        try:
-            import av  # noqa: F401
-
-            backend = "av"
-        except ImportError:
-            backend = "imageio-ffmpeg"
+        backend = "av" if _have_pyav() else "imageio-ffmpeg"
     with atomic_output(path) as tmp:
         if backend == "av":
             _write_av(tmp, vf.frames, fps, crf)
