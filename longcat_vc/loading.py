@@ -324,6 +324,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         raise TypeError(f"load_dit: cls must be the model class (LongCatDiT or a subclass), got {cls!r}")
     check_dtype(dtype)
     check_bool(progress, "progress")
+    check_bool(strict, "strict")  # strict=None / 0 would ignore unexpected keys without a word
     if isinstance(device, int) and not isinstance(device, bool):
         device = f"cuda:{device}"  # an index, as torch.device reads one
     device = check_device(device) if device is not None else torch.device("cpu")

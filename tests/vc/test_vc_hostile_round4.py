@@ -39,6 +39,8 @@ P. ``refine`` on a context-parallel pipeline did not broadcast rank 0's latents 
    sharded attention mixed them (rel. L2 0.31 / 1.10 from the single-process refine on 2 ranks).
 Q. ``refine`` on a pipeline built by hand (no ``from_pretrained``): "refinement LoRA file not found:
    None", naming neither the missing piece nor how to give it.
+R. ``LongCatDiT.from_pretrained(strict=None)`` (or 0, "") ignored unexpected checkpoint keys silently,
+   as ``strict=False`` does; every other switch takes bools only.
 """
 from __future__ import annotations
 
@@ -450,6 +452,15 @@ def test_refine_on_a_hand_built_pipeline_says_how_to_give_the_lora(refine_pipe):
     with pytest.raises(CheckpointError, match=r"set pipe.refinement_lora_path .* or load it with "
                                               r"pipe.dit.load_lora\(path, 'refinement_lora'\)"):
         hand.refine(_frames(5, 36, 64), resolution=REFINE_SIZE, num_inference_steps=2, progress=False)
+
+
+# ------------------------------------------------------------------ R: the DiT loader's strict switch
+@pytest.mark.parametrize("strict", [None, 0, "", "no"])
+def test_dit_loader_strict_takes_a_bool(refine_ckpt, strict):
+    from longcat_vc import LongCatDiT
+
+    with pytest.raises(TypeError, match=r"strict"):
+        LongCatDiT.from_pretrained(os.path.join(refine_ckpt, "dit"), strict=strict, progress=False)
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--cp-refine-worker":
