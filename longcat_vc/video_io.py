@@ -167,13 +167,14 @@ def _read_frame_folder(path: str) -> VideoFrames:
 
 
 def _is_animated(path: str) -> bool:
-    """Whether the image file holds several frames (animated PNG / WebP); False when PIL cannot open
-    it (``_read_image`` then says why)."""
+    """Whether the image file is an animation (animated PNG / WebP). Other multi-image files are not:
+    a JPEG's second image (MPO: a phone's gain map or depth map) or a TIFF's pages are no frames of a
+    clip. False when PIL cannot open it (``_read_image`` then says why)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return int(getattr(im, "n_frames", 1)) > 1
+            return im.format in ("PNG", "WEBP") and int(getattr(im, "n_frames", 1)) > 1
     except Exception:
         return False
 

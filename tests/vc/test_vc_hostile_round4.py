@@ -393,6 +393,24 @@ def test_animated_png_and_webp_are_read_whole(tmp_path, ext):
     assert read_video(path, target_fps=10.0).num_frames == 3  # subsampled by its frame rate (stride 2)
 
 
+def test_multi_image_tiff_and_jpeg_are_still_one_image(tmp_path):
+    # not an animation: only PNG / WebP animations are read as clips (a JPEG's MPO gain map neither)
+    from PIL import Image
+
+    from longcat_vc.video_io import read_video
+
+    path = str(tmp_path / "pages.tif")
+    pages = [Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)) for i in range(3)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    assert Image.open(path).n_frames == 3
+    vf = read_video(path)
+    assert vf.num_frames == 1 and vf.frames[0, 0, 0, 0] == 0
+    mpo = str(tmp_path / "photo.jpg")  # a JPEG with a second image (as phones store a gain map)
+    pages[0].save(mpo, save_all=True, append_images=[Image.fromarray(np.zeros((4, 4, 3), np.uint8))], format="MPO")
+    assert Image.open(mpo).n_frames == 2
+    assert read_video(mpo).frames.shape == (1, 8, 8, 3)
+
+
 # ------------------------------------------------------------------ P: refine under context parallelism
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
