@@ -339,8 +339,9 @@ def _device(args):
 def _check_args_before_load(args) -> None:
     """Every argument and path that can be checked without the model, for every command
     (continue, extend, refine; with --refine, --memory, --fp8, --vae-tiling): inputs exist, --out
-    (and --timings-json) destroy no input and can be written, --crf, --resolution, --device and
-    --fp8 on a device without fp8 GEMMs. Called before any weights load."""
+    (and --timings-json) destroy no input and can be written, --crf, --resolution, --seed,
+    --offload-kv-cache without the cache, --device and --fp8 on a device without fp8 GEMMs. Called
+    before any weights load."""
     from .video_io import check_crf
 
     inputs = _input_paths(args)
@@ -369,6 +370,12 @@ def _check_args_before_load(args) -> None:
         for flag, other in (("--out", args.out), ("--timings-json", args.timings_json)):
             if other and _same_path(stage1_out, other):
                 raise UsageError(f"--stage1-out {stage1_out} is the same file as {flag}")
+    from .stages import _seed_fits
+
+    if args.seed is not None and not _seed_fits(args.seed):  # refine too: else torch's overflow after the load
+        raise UsageError(f"--seed must fit in 64 bits ([-2**63, 2**64)), got {args.seed}")
+    if args.offload_kv_cache and args.no_kv_cache:  # refine too: the offload would be silently ignored
+        raise UsageError("--offload-kv-cache needs the KV cache: drop --no-kv-cache or --offload-kv-cache")
     if getattr(args, "fuse_lora", False) and getattr(args, "mode", "distill") != "distill":
         raise UsageError(f"--fuse-lora applies to --mode distill (the cfg-step LoRA); --mode {args.mode} runs no LoRA")
     device = _device(args)
@@ -424,6 +431,13 @@ def _fail_early(args) -> None:
         args.frames = frames
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None and args.mode == "distill":  # else refused only after the load
+        from .schedule import check_distill_steps
+
+        try:
+            check_distill_steps(args.steps, "--steps")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.guidance is not None and not (1.0 <= args.guidance < float("inf")):
         raise UsageError(f"--guidance must be >= 1 and finite (1 disables classifier-free guidance), "
                          f"got {args.guidance}")
@@ -431,12 +445,6 @@ def _fail_early(args) -> None:
     if args.negative_prompt is not None and g <= 1.0:
         # it would be silently ignored (no classifier-free guidance at 1)
         raise UsageError(f"--negative-prompt needs --guidance > 1 (it is {g:g} with --mode {args.mode})")
-    if args.offload_kv_cache and args.no_kv_cache:
-        raise UsageError("--offload-kv-cache needs the KV cache: drop --no-kv-cache or --offload-kv-cache")
-    from .stages import _seed_fits
-
-    if args.seed is not None and not _seed_fits(args.seed):
-        raise UsageError(f"--seed must fit in 64 bits ([-2**63, 2**64)), got {args.seed}")
     if args.memory != "resident" and args.context_parallel > 1:
         # Block streaming under context parallelism is untested: every rank would stream its own copy.
         raise UsageError(f"--memory {args.memory} is not supported with --context-parallel (use --memory resident)")
@@ -450,8 +458,8 @@ def _fail_early(args) -> None:
             f"--context-parallel {args.context_parallel} needs {args.context_parallel} processes (WORLD_SIZE={world}): "
             f"launch with torchrun --nproc-per-node {args.context_parallel} -m longcat_vc.cli ..."
         )
-    if args.input_fps is not None and not args.input_fps > 0:
-        raise UsageError(f"--input-fps must be > 0, got {args.input_fps}")
+    if args.input_fps is not None and not 0 < args.input_fps < float("inf"):  # inf: no subsampling, silently
+        raise UsageError(f"--input-fps must be a positive finite number, got {args.input_fps}")
     if args.command == "extend":
         if args.segments is not None and args.segments < 1:
             raise UsageError(f"--segments must be >= 1, got {args.segments}")

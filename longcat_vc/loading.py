@@ -38,6 +38,7 @@ __all__ = [
     "fastvideo_sources",
     "to_fastvideo_state_dict",
     "read_checkpoint_index",
+    "check_device",
 ]
 
 
@@ -242,10 +243,32 @@ _FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": 
 
 
 def check_dtype(dtype, name: str = "dtype") -> None:
-    """``dtype`` is None or a floating ``torch.dtype`` (a string such as ``"bf16"`` is a TypeError
-    naming the argument, not a confusing "invalid device" later)."""
+    """``dtype`` is None or a floating ``torch.dtype`` of 16 bits or more (a string such as ``"bf16"`` is
+    a TypeError naming the argument, not a confusing "invalid device" later; an 8-bit float such as
+    ``torch.float8_e4m3fn`` failed deep in the loaders: fp8 weights are ``fp8=True``)."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{name}: expected a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if dtype is not None and torch.finfo(dtype).bits < 16:
+        raise ValueError(f"{name}: expected a floating torch.dtype of 16 bits or more (bfloat16, float16, float32), "
+                         f"got {dtype}; for fp8 DiT weights load in bfloat16 with fp8=True (--fp8)")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` (a str or ``torch.device``) as a ``torch.device`` that weights can be loaded onto:
+    parseable, CUDA available when asked for, not ``meta`` (torch's own errors named no argument:
+    an AssertionError "Torch not compiled with CUDA enabled" at the first tensor, and on ``meta`` a
+    CheckpointError blaming the checkpoint for parameters left uninitialised)."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name}: expected a str or torch.device (e.g. 'cuda:0') or None, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: expected an available device, got {device} but CUDA is not available")
+    if device.type == "meta":
+        raise ValueError(f"{name}: expected a device that holds data, got {device} (weights cannot be loaded onto it)")
+    return device
 
 
 def _check_header_dtypes(folder: str, header: Dict[str, Tuple[str, Tuple[int, ...], str]],
@@ -279,8 +302,9 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         path: an upstream ``dit/`` folder, a FastVideo ``transformer/`` folder, or a checkpoint root
             holding one of them.
         dtype: parameter dtype (e.g. ``torch.bfloat16``); None keeps the stored dtype.
-        device: where the parameters go (default CPU). Tensors are read one by one, converted and
-            placed: no random fp32 model is ever materialised.
+        device: where the parameters go (default CPU): a str, ``torch.device`` or CUDA index,
+            checked first (``check_device``: ValueError / TypeError naming it). Tensors are read
+            one by one, converted and placed: no random fp32 model is ever materialised.
         strict: unexpected checkpoint keys are an error (True) or ignored (False). Missing and
             shape-mismatched keys are always errors.
         attn_backend: overrides ``config.attn_backend``.
@@ -300,6 +324,10 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         raise TypeError(f"load_dit: cls must be the model class (LongCatDiT or a subclass), got {cls!r}")
     check_dtype(dtype)
     check_bool(progress, "progress")
+    check_bool(strict, "strict")  # strict=None / 0 would ignore unexpected keys without a word
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # an index, as torch.device reads one
+    device = check_device(device) if device is not None else torch.device("cpu")
     folder = resolve_dit_dir(path)
     try:
         config = DiTConfig.from_json(os.path.join(folder, "config.json"))
@@ -308,7 +336,6 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     if attn_backend is not None:
         config.attn_backend = attn_backend
         config.__post_init__()
-    device = torch.device(device) if device is not None else torch.device("cpu")
 
     model = cls(config, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -349,12 +349,14 @@ def _parse_fastvideo(tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, dict],
         if m is None:
             bad.append(key)
             continue
-        entry = per_target.setdefault(m.group(1), {"keys": []})
+        entry = per_target.setdefault(m.group(1), {"keys": [], "sources": {}, "duplicates": []})
         entry["keys"].append(key)
-        if m.group(2) == "lora_alpha":
-            entry["alpha_tensor"] = t
-        else:
-            entry[m.group(2)] = t
+        slot = "alpha_tensor" if m.group(2) == "lora_alpha" else m.group(2)
+        if slot in entry["sources"]:  # e.g. "x.lora_A" and "diffusion_model.x.lora_A.weight": one would win silently
+            entry["duplicates"].append(f"{entry['sources'][slot]!r} and {key!r}")
+            continue
+        entry["sources"][slot] = key
+        entry[slot] = t
     return per_target, bad
 
 
@@ -452,6 +454,10 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
             rank0 = 0
             seen_rows = set()
             for rows, target, e in sorted(items, key=lambda it: (it[0] or (0, 1))[0]):
+                if e["duplicates"]:
+                    problems.append(f"{target}: " + ", ".join(e["duplicates"]) + " name the same tensor (a "
+                                    "'diffusion_model.'/'transformer.' prefix and a '.weight' suffix are dropped)")
+                    continue
                 A, B = e.get("lora_A"), e.get("lora_B")
                 if A is None or B is None:
                     problems.append(f"{target}: needs both lora_A and lora_B")
@@ -524,8 +530,9 @@ def fused_loras(model: nn.Module) -> List[str]:
 def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multiplier: float = 1.0) -> List[str]:
     """Reads a LoRA file (LongCat or FastVideo format) into ``model`` under ``name`` (not enabled).
 
-    Adapter tensors are stored in each target's weight dtype and device. Returns the adapted
-    module paths. Raises ``ValueError`` listing keys that match no module and bad shapes.
+    Adapter tensors are stored in each target's compute dtype (``_adapter_dtype``) and on its weight's
+    device. Returns the adapted module paths. Raises ``ValueError`` listing keys that match no module
+    and bad shapes, or naming modules whose values overflow that dtype.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"load_lora: name must be a non-empty str, got {name!r}")
@@ -538,6 +545,10 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
                          "load the file into a DiT without peft adapters (or unload them first)")
     fmt, tensors = read_lora_file(path)
     adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
+    for module_path, adapter in adapters.items():  # converted before the model changes: a refusal leaves it as it was
+        mod = model.get_submodule(module_path)
+        adapter.to_(device=mod.weight.device, dtype=_adapter_dtype(mod))
+    _check_adapters_fit_dtype(adapters, os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
     was_active = name in getattr(model, "_lora_active_names", [])
     if was_active:
@@ -549,7 +560,6 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     _bump_state(model)
     for module_path, adapter in adapters.items():
         mod = model.get_submodule(module_path)
-        adapter.to_(device=mod.weight.device, dtype=mod.weight.dtype)
         adapter.__dict__["_owner"] = weakref.ref(model)
         mod.lora_adapters[name] = adapter
         if was_active:
@@ -559,6 +569,27 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
         names.append(name)
     model._lora_names = names
     return sorted(adapters)
+
+
+def _adapter_dtype(mod: LoRALinear) -> torch.dtype:
+    """The dtype a module's adapter tensors are stored in: the dtype it computes in, i.e. its weight
+    dtype, or for an fp8 ``Fp8Linear`` its ``act_dtype`` (an adapter loaded after ``quantize_dit_fp8``,
+    as the refinement LoRA is, was cast to e4m3 without a scale: small values flushed to zero)."""
+    return getattr(mod, "act_dtype", None) or mod.weight.dtype
+
+
+def _check_adapters_fit_dtype(adapters: Dict[str, LoRAAdapter], path: str) -> None:
+    """ValueError naming the modules whose adapter tensors (finite in the file) became Inf once cast to
+    their dtype, e.g. an fp32 value above 65504 into an fp16 model: every output of the module would be
+    NaN, found only after a whole run as NaN latents."""
+    from .loading import _has_non_finite
+
+    bad = sorted(f"{module_path} ({a.down.dtype})" for module_path, a in adapters.items()
+                 if _has_non_finite(a.down) or any(_has_non_finite(p.up) for p in a.parts))
+    if bad:
+        raise ValueError(f"load_lora({path!r}): values overflow the model dtype (finite in the file, Inf once "
+                         "converted) in " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+                         + "; load the model in a wider dtype (bfloat16 or float32)")
 
 
 def enable_loras(model: nn.Module, names: Sequence[str]) -> None:

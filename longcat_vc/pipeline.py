@@ -41,7 +41,8 @@ import torch
 
 from longcat_kernels._validate import check_bool
 
-from .schedule import cfg_zero, check_scheduler_config, euler_step, read_scheduler_config, vc_timesteps
+from .schedule import (cfg_zero, check_distill_steps, check_scheduler_config, euler_step, read_scheduler_config,
+                       vc_timesteps)
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
@@ -170,6 +171,24 @@ def check_checkpoint(checkpoint_dir: str, mode: str = "basic") -> None:
 # helpers
 
 
+def _vae_latent_stats(vcfg, name: str, z_dim: int) -> torch.Tensor:
+    """The VAE config's ``latents_mean`` / ``latents_std`` as ``[1, z_dim, 1, 1, 1]`` fp32: ``z_dim``
+    finite numbers, the std's positive (another length failed in a bare ``view``; a zero std made every
+    latent Inf, reported at the end as a non-finite weight)."""
+    values = getattr(vcfg, name, None)
+    try:
+        t = torch.tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    positive = name == "latents_std"
+    if (t is None or tuple(t.shape) != (z_dim,) or not bool(torch.isfinite(t).all())
+            or (positive and bool((t <= 0).any()))):
+        shown = repr(values)
+        raise ValueError(f"VAE config {name}: expected {z_dim} (z_dim) finite{' positive' if positive else ''} "
+                         f"numbers, got {shown if len(shown) <= 120 else shown[:120] + '...'}")
+    return t.view(1, z_dim, 1, 1, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # pipeline
 
@@ -223,7 +242,8 @@ class VideoContinuationPipeline:
         self.scheduler_config = dict(scheduler_config)
         self.shift = float(self.scheduler_config.get("shift", 1.0))
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self.max_sequence_length = int(max_sequence_length)
+        # int() truncated 1.5 to a 1-token prompt without a word
+        self.max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 1)
         self._mode = mode
         # lora/refinement_lora.safetensors of the checkpoint (set by from_pretrained); refine()
         # loads it on first use.
@@ -248,8 +268,8 @@ class VideoContinuationPipeline:
             raise ValueError(
                 f"text encoder width d_model ({d_model}) must equal the DiT caption_channels ({cap})"
             )
-        self._latents_mean = torch.tensor(vcfg.latents_mean, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
-        self._latents_std = torch.tensor(vcfg.latents_std, dtype=torch.float32).view(1, z_dim, 1, 1, 1)
+        self._latents_mean = _vae_latent_stats(vcfg, "latents_mean", z_dim)
+        self._latents_std = _vae_latent_stats(vcfg, "latents_std", z_dim)
         from .memory import memory_plan
 
         self._memory = memory_plan("resident")  # apply_memory_mode replaces it
@@ -316,7 +336,7 @@ class VideoContinuationPipeline:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         from .config import ATTN_BACKENDS
-        from .loading import check_dtype
+        from .loading import check_device, check_dtype
 
         check_dtype(dtype)
         # every argument is checked before anything loads: a truthy stand-in ("no", 1) would silently
@@ -330,14 +350,7 @@ class VideoContinuationPipeline:
             raise ValueError(f"attn_backend: expected one of {ATTN_BACKENDS} or None, got {attn_backend!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if not isinstance(device, (str, torch.device)):
-            raise TypeError(f"device: expected a str or torch.device (e.g. 'cuda:0') or None, got {type(device).__name__}")
-        try:
-            device = torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r} ({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: expected an available device, got {device} but CUDA is not available")
+        device = check_device(device)
         if fp8:
             from .fp8 import check_fp8_device
 
@@ -599,6 +612,8 @@ class VideoContinuationPipeline:
             )
         steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
         steps = _check_int("num_inference_steps", steps, 1)
+        if defaults["schedule"] == "distill":  # else vc_timesteps refuses it after the video is read
+            check_distill_steps(steps, "num_inference_steps")
         g = defaults["guidance"] if guidance_scale is None else guidance_scale
         if isinstance(g, (bool, np.bool_)) or not isinstance(g, numbers.Real) or not math.isfinite(g):
             raise TypeError(f"guidance_scale must be a finite real number, got {g!r}")

@@ -246,7 +246,13 @@ def check_refine_lora(pipe, lora_path: Optional[str]) -> None:
     from .fp8 import Fp8Linear
 
     dit = pipe.dit
-    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and (lora_path is None or not os.path.isfile(lora_path)):
+    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and lora_path is None:
+        # a pipeline built by hand: "file not found: None" said neither what is missing nor how to give it
+        raise CheckpointError(
+            f"refinement LoRA: none known to this pipeline (built without from_pretrained); set "
+            f"pipe.refinement_lora_path to the checkpoint's {REFINEMENT_LORA_FILE}, or load it with "
+            f"pipe.dit.load_lora(path, {REFINEMENT_LORA!r})")
+    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and not os.path.isfile(lora_path):
         raise CheckpointError(
             f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
         )
@@ -312,6 +318,20 @@ def check_refine_resolution(resolution, multiple: int, name: str = "resolution")
     raise ValueError(f"{name} must be '720p' or a (height, width) tuple, got {resolution!r}")
 
 
+def _check_stage1_latents(lat, z_dim: int) -> None:
+    """A stage-1 output's latents as ``__call__`` returns them: ``[1, z_dim, T, h, w]``, floating and
+    finite (another channel count failed deep in the VAE, a second sample was dropped silently, and
+    NaN decoded to black frames that were then refined)."""
+    if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[2] < 1:
+        raise ValueError(f"stage1.latents must be a [B, C, T, h, w] tensor, got "
+                         f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}")
+    if lat.shape[0] != 1 or lat.shape[1] != z_dim or not lat.is_floating_point():
+        raise ValueError(f"stage1.latents: expected a floating [1, {z_dim}, T, h, w] tensor (one clip, the VAE's "
+                         f"z_dim channels), got {lat.dtype} {list(lat.shape)}")
+    if not bool(torch.isfinite(lat).all()):
+        raise ValueError("stage1.latents: expected finite values, got NaN/Inf (decoded, they become black frames)")
+
+
 def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                         num_inference_steps, output_type):
     """Every check that needs no model work, all before any (a stage-1 output's latents are decoded
@@ -340,9 +360,7 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
                                  "(extend's output): pass its frames instead")
             if pipe is None:
                 raise ValueError("stage1: a VideoContinuationOutput without model_frames needs the pipeline")
-            if not isinstance(lat, torch.Tensor) or lat.ndim != 5 or lat.shape[2] < 1:
-                raise ValueError(f"stage1.latents must be a [B, C, T, h, w] tensor, got "
-                                 f"{tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__}")
+            _check_stage1_latents(lat, int(pipe._latents_mean.shape[1]))
             # decoded only after every check below: the frame count and size follow from the shape
             shape1 = (1 + (int(lat.shape[2]) - 1) * vae_t, int(lat.shape[3]) * vae_s, int(lat.shape[4]) * vae_s)
         if stage1.frames is not None:
@@ -452,8 +470,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .stages import (VideoContinuationOutput, _check_flags, _is_oom, _oom_error, _refuse_non_finite_latents,
-                         _resize_frames, _Timer)
+    from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom, _oom_error,
+                         _refuse_non_finite_latents, _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -461,6 +479,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
+    _check_offload_needs_cache(use_kv_cache, offload_kv_cache)
     memory = pipe._memory.name
     if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
         offload_kv_cache = pipe._memory.offload_kv_cache
@@ -483,6 +502,9 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         t0 = timer.now()
         latents, pad = prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"], a["nc"],
                                               float(t_thresh), generator)
+        cp = getattr(pipe.dit, "context_parallel", None)
+        if cp is not None:  # every rank denoises rank 0's latents (the ranks' RNGs may differ), as __call__ does
+            latents, embeds = cp.broadcast(latents, embeds)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
         c = pad["cond_latents"]

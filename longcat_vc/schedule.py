@@ -44,6 +44,7 @@ __all__ = [
     "read_scheduler_config",
     "check_scheduler_config",
     "check_num_train_timesteps",
+    "check_distill_steps",
     "euler_step",
     "cfg_zero",
 ]
@@ -109,10 +110,8 @@ def vc_timesteps(
         raise TypeError(f"vc_timesteps: num_steps must be an int, got {type(num_steps).__name__}")
     if num_steps < 1:
         raise ValueError(f"vc_timesteps: num_steps must be >= 1, got {num_steps}")
-    if mode == "distill" and num_steps > NUM_DISTILL_SAMPLE_STEPS:
-        raise ValueError(
-            f"vc_timesteps: distill mode supports at most {NUM_DISTILL_SAMPLE_STEPS} steps, got {num_steps}"
-        )
+    if mode == "distill":
+        check_distill_steps(num_steps, "vc_timesteps: num_steps")
     shift = float(shift)
     if not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"vc_timesteps: shift must be a positive finite number, got {shift}")
@@ -127,6 +126,15 @@ def vc_timesteps(
         sigmas = timesteps / num_train_timesteps
     sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
     return timesteps, sigmas
+
+
+def check_distill_steps(num_steps: int, name: str = "num_steps") -> None:
+    """Distill mode picks its steps from a grid of 50 points: more is a ValueError naming ``name``."""
+    if num_steps > NUM_DISTILL_SAMPLE_STEPS:
+        raise ValueError(
+            f"{name}: distill mode supports at most {NUM_DISTILL_SAMPLE_STEPS} steps (its grid has "
+            f"{NUM_DISTILL_SAMPLE_STEPS} points), got {num_steps}"
+        )
 
 
 def check_num_train_timesteps(value, name: str = "num_train_timesteps") -> int:

@@ -122,6 +122,11 @@ def _check_not_ignored(guidance: float, negative_prompt, use_kv_cache: bool, off
             "negative_prompt is used only with classifier-free guidance (guidance_scale > 1), got guidance_scale="
             f"{guidance:g}: drop the negative prompt or raise the guidance"
         )
+    _check_offload_needs_cache(use_kv_cache, offload_kv_cache)
+
+
+def _check_offload_needs_cache(use_kv_cache: bool, offload_kv_cache) -> None:
+    """``offload_kv_cache=True`` with ``use_kv_cache=False`` would be silently ignored: ValueError."""
     if offload_kv_cache and not use_kv_cache:
         raise ValueError("offload_kv_cache=True needs use_kv_cache=True: without the KV cache there is nothing to offload")
 

@@ -1,7 +1,7 @@
 """Video reading and writing for the VC pipeline and the ``longcat-vc`` command.
 
-Reading: video files (mp4, webm, mov, mkv, avi, m4v, ... through PyAV's bundled FFmpeg), GIFs
-(Pillow) and folders of image frames (png/jpg/webp/bmp, natural sort order). Writing: H.264 mp4
+Reading: video files (mp4, webm, mov, mkv, avi, m4v, ... through PyAV's bundled FFmpeg), GIFs and
+animated PNG / WebP (Pillow) and folders of image frames (png/jpg/webp/bmp, natural sort order). Writing: H.264 mp4
 through PyAV (its wheels bundle libx264) or, without PyAV, the FFmpeg binary that the
 ``imageio-ffmpeg`` wheel ships. No system ffmpeg is assumed.
 
@@ -121,12 +121,21 @@ def _image_to_rgb(im, where: str) -> np.ndarray:
     )
 
 
+def _exif_upright(im):
+    """``im`` turned by its EXIF orientation tag (phone photos store the pixels unrotated plus the tag)
+    so it comes out as viewers show it, as the display rotation of video files is applied; without
+    the tag, ``im`` itself."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
+
+
 def _read_image(fp: str, what: str) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(fp) as im:
-            return _image_to_rgb(im, fp)
+            return _image_to_rgb(_exif_upright(im), fp)
     except VideoReadError:
         raise
     except Exception as e:  # PIL raises many types for corrupt images
@@ -157,17 +166,33 @@ def _read_frame_folder(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), None, path)
 
 
-def _read_gif(path: str) -> VideoFrames:
+def _is_animated(path: str) -> bool:
+    """Whether the image file is an animation (animated PNG / WebP). Other multi-image files are not:
+    a JPEG's second image (MPO: a phone's gain map or depth map) or a TIFF's pages are no frames of a
+    clip. False when PIL cannot open it (``_read_image`` then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format in ("PNG", "WEBP") and int(getattr(im, "n_frames", 1)) > 1
+    except Exception:
+        return False
+
+
+def _read_animated(path: str) -> VideoFrames:
+    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration."""
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
             frames, durations = [], []
-            for fr in ImageSequence.Iterator(im):
-                frames.append(np.asarray(fr.convert("RGB")))
+            for i, fr in enumerate(ImageSequence.Iterator(im)):
+                frames.append(_image_to_rgb(fr, f"{path} frame {i}"))
                 durations.append(fr.info.get("duration", 0) or 0)
+    except VideoReadError:
+        raise
     except Exception as e:
-        raise VideoReadError(f"{path}: cannot read GIF: {e}") from None
+        raise VideoReadError(f"{path}: cannot read the animated image: {e}") from None
     if not frames:
         raise VideoReadError(f"{path}: the video has no frames")
     mean_ms = float(np.mean(durations)) if durations else 0.0
@@ -208,7 +233,31 @@ def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
         raise VideoReadError(f"{path}: cannot read video: {e}") from None
     if not frames:
         raise VideoReadError(f"{path}: the video has no frames")
+    _check_same_size(frames, path)
     return VideoFrames(_check_frames(np.stack(frames), path), fps / stride if fps else None, path, stride)
+
+
+def _check_same_size(frames, path: str) -> None:
+    """Decoded frames of one size (a stream whose resolution changes midway, e.g. concatenated MPEG-TS
+    segments, failed in ``np.stack`` with a message naming no file)."""
+    size = frames[0].shape[:2]
+    for i, fr in enumerate(frames):
+        if fr.shape[:2] != size:
+            raise VideoReadError(
+                f"{path}: the frame size changes within the video: decoded frame 0 is {size[1]}x{size[0]}, "
+                f"decoded frame {i} is {fr.shape[1]}x{fr.shape[0]} (width x height); re-encode it at one size"
+            )
+
+
+def _have_pyav() -> bool:
+    """Whether PyAV imports (optional: without it the FFmpeg binary of ``imageio-ffmpeg`` is used)."""
+    import importlib
+
+    try:
+        importlib.import_module("av")
+    except ImportError:
+        return False
+    return True
 
 
 def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
@@ -245,11 +294,24 @@ def _check_target_fps(target_fps) -> float:
     return value
 
 
+def _check_frames_fps(fps, name: str) -> Optional[float]:
+    """``VideoFrames.fps``: None (unknown) or a positive finite real number (a negative, zero, NaN or
+    infinite rate was taken as unknown without a word, so the frames were not subsampled; a string
+    failed inside numpy). ValueError naming ``name`` otherwise."""
+    if fps is None:
+        return None
+    value = _as_real(fps)
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: VideoFrames.fps must be None (unknown) or a positive finite number, got {fps!r}")
+    return value
+
+
 def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = None) -> VideoFrames:
     """Read the frames of a video file, a GIF or a folder of image frames.
 
     Args:
-        path: a video file (mp4/webm/mov/...), a ``.gif``, a single image, or a folder of images.
+        path: a video file (mp4/webm/mov/...), a ``.gif`` or animated PNG / WebP, a single image, or
+            a folder of images.
         target_fps: keep every ``round(fps / target_fps)``-th frame (``subsample_to_fps``), done
             while decoding so a long high-rate video never sits in memory whole. None: all frames.
 
@@ -271,18 +333,15 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
     if os.path.getsize(path) == 0:
         raise VideoReadError(f"{path}: the file is empty")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".gif":
-        vf = _read_gif(path)
+    if ext == ".gif" or (ext in IMAGE_EXTENSIONS and _is_animated(path)):  # else only the first frame was read
+        vf = _read_animated(path)
         return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
     if ext in IMAGE_EXTENSIONS:
         arr = _read_image(path, "image")
         return VideoFrames(_check_frames(arr[None], path), None, path)
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        vf = _read_with_imageio_ffmpeg(path)
-    else:
+    if _have_pyav():
         return _read_with_av(path, target_fps)
+    vf = _read_with_imageio_ffmpeg(path)
     return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
 
 
@@ -297,8 +356,8 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
         arr = np.asarray(video.frames)
         if arr.dtype != np.uint8:  # float [0, 1] or uint16 frames would be read as near-black
             raise TypeError(f"{name}: VideoFrames.frames must be uint8 [F, H, W, 3], got dtype {arr.dtype}")
-        return VideoFrames(_check_frames(arr, video.source or name), video.fps, video.source,
-                           video.stride)
+        return VideoFrames(_check_frames(arr, video.source or name), _check_frames_fps(video.fps, name),
+                           video.source, video.stride)
     if isinstance(video, (str, os.PathLike)):
         return read_video(video)
     try:
@@ -484,6 +543,13 @@ def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int) ->
     writer.close()
 
 
+def _check_not_a_folder(path: str) -> None:
+    """The output is a file name: an existing folder (or a path ending in a separator) failed only after
+    the encode, in the rename, naming the temporary file (for "out/" one written beside "out")."""
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        raise IsADirectoryError(f"write_video: path must be a file, got the folder {path}")
+
+
 def write_video(
     path: Union[str, os.PathLike],
     frames,
@@ -507,6 +573,7 @@ def write_video(
     """
     path = os.fspath(path)
     vf = as_video_frames(frames, name="frames")
+    _check_not_a_folder(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
@@ -515,12 +582,7 @@ def write_video(
         raise ValueError(f"backend must be 'auto', 'av' or 'imageio-ffmpeg', got {backend!r}")
     crf = check_crf(crf)
     if backend == "auto":
-        try:
-            import av  # noqa: F401
-
-            backend = "av"
-        except ImportError:
-            backend = "imageio-ffmpeg"
+        backend = "av" if _have_pyav() else "imageio-ffmpeg"
     with atomic_output(path) as tmp:
         if backend == "av":
             _write_av(tmp, vf.frames, fps, crf)
