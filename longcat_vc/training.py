@@ -444,7 +444,10 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
     path = os.fspath(path)
     check_bool(overwrite, "overwrite")
     check_bool(split_fused, "split_fused")
-    # an int dtype would round every adapter weight to an integer without a word
+    # a LoRA file takes the dtypes load_lora reads (check_dtype's fp8 hint is about DiT weights); an int
+    # dtype would round every adapter weight to an integer without a word
+    if isinstance(dtype, torch.dtype):
+        _check_file_dtype(dtype)
     check_dtype(dtype)
     meta = dict(_SAVE_META)
     if metadata is not None:
