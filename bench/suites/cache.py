@@ -21,13 +21,12 @@ NAME = "cache"
 # cache on == cache off; fp32 is exact up to summation order (upstream measured 1.6e-3 in bf16). In
 # half precision the two paths round differently in every layer and the difference grows with depth
 # like a random walk: rel. L2 6.2e-3 at depth 8, 1.3e-2 at depth 48 (random weights, 480p, H100), so
-# the half-precision bound is TOL at depth <= 8 times sqrt(depth / 8) above it.
+# the half-precision bound is TOL at depth <= 8 times sqrt(depth / 8) above it (dc.depth_scaled_bound).
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def tolerance(dtype: torch.dtype, depth: int) -> float:
-    base = TOL.get(dtype, 1e-2)
-    return base if dtype == torch.float32 else base * math.sqrt(max(depth, 8) / 8)
+    return dc.depth_scaled_bound(TOL.get(dtype, 1e-2), dtype, depth)
 
 
 def _check(ctx, bc, c: int):

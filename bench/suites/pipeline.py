@@ -166,7 +166,8 @@ def _grid_cases(ctx, base, prefix: str) -> list[Case]:
                 with torch.no_grad():
                     off = _denoise(model, s, c, timesteps, sigmas, guidance, False, ctx.dtype, refine)
                     on = _denoise(model, s, c, timesteps, sigmas, guidance, True, ctx.dtype, refine)
-                ctx.shared[key] = (rel_l2(on, off), TOL.get(ctx.dtype, 3e-2))
+                ctx.shared[key] = (rel_l2(on, off), dc.depth_scaled_bound(TOL.get(ctx.dtype, 3e-2), ctx.dtype,
+                                                                            bc.dit.depth))
             return ctx.shared[key]
 
         for use_cache in (False, True):
