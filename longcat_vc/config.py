@@ -19,10 +19,12 @@ neither merge FastVideo's ``num_attention_heads`` spelling nor validate the fiel
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -229,7 +231,14 @@ class DiTConfig:
                 kwargs[key] = value
             elif key not in _IGNORED_KEYS and not key.startswith("_"):
                 unknown.append(key)
-        # Unknown keys are ignored too (forward compatibility), but remembered for the curious.
+        # Unknown keys are ignored too (forward compatibility), but remembered for the curious; one that
+        # is a near miss of a field is most likely misspelt (the field would take its default silently).
+        near = {k: difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.85) for k in unknown}
+        near = {k: m[0] for k, m in near.items() if m and m[0] not in d}
+        if near:
+            warnings.warn("DiTConfig.from_dict: " + "; ".join(
+                f"unknown key {k!r} ignored (did you mean {m!r}? that field keeps its default)"
+                for k, m in sorted(near.items())), UserWarning, stacklevel=2)
         cfg = cls(**kwargs)
         cfg._ignored_keys = tuple(sorted(unknown))  # type: ignore[attr-defined]
         return cfg

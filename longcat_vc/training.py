@@ -446,7 +446,7 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
     check_bool(split_fused, "split_fused")
     # a LoRA file takes the dtypes load_lora reads (check_dtype's fp8 hint is about DiT weights); an int
     # dtype would round every adapter weight to an integer without a word
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         _check_file_dtype(dtype)
     check_dtype(dtype)
     meta = dict(_SAVE_META)

@@ -483,3 +483,23 @@ def test_dit_loader_strict_takes_a_bool(refine_ckpt, strict):
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--cp-refine-worker":
     _cp_refine_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+
+
+def test_a_near_miss_config_key_warns_naming_the_field():
+    # config.json with 'text_token_zero_pad' (misspelt): the key was ignored for forward compatibility and
+    # text_tokens_zero_pad silently kept its default (False; the released config says true)
+    import dataclasses
+    import warnings
+
+    from longcat_vc import DiTConfig
+
+    d = dataclasses.asdict(DiTConfig.tiny())
+    d.pop("attn_backend")
+    d.pop("text_tokens_zero_pad")
+    with pytest.warns(UserWarning, match=r"unknown key 'text_token_zero_pad' ignored \(did you mean 'text_tokens_zero_pad'"):
+        cfg = DiTConfig.from_dict(dict(d, text_token_zero_pad=True))
+    assert cfg._ignored_keys == ("text_token_zero_pad",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # upstream-only keys, diffusers' keys and far-off new keys stay quiet
+        DiTConfig.from_dict(dict(d, _class_name="LongCatVideoTransformer3DModel", enable_flashattn2=True,
+                                 cp_split_hw=[1, 1], some_future_switch=1))
