@@ -596,7 +596,7 @@ def _run(args) -> int:
         guidance_scale=args.guidance,
         use_kv_cache=not args.no_kv_cache,
         offload_kv_cache=True if args.offload_kv_cache else None,  # None: as --memory says
-        use_bsa=args.bsa,
+        use_bsa=True if args.bsa else None,  # without --bsa the checkpoint's config decides
         generator=generator,
         progress=not args.no_progress and main_rank,
     )

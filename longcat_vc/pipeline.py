@@ -568,15 +568,17 @@ class VideoContinuationPipeline:
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
     @contextlib.contextmanager
-    def _bsa(self, use_bsa: bool):
+    def _bsa(self, use_bsa: Optional[bool]):
+        """``config.enable_bsa`` set to ``use_bsa`` for the call and restored after; None leaves it (a
+        False default left a config's ``enable_bsa: true`` on, so ``use_bsa=False`` was ignored)."""
         cfg = self.dit.config
-        if not use_bsa:
+        if use_bsa is None:
             yield
             return
         if not hasattr(cfg, "enable_bsa"):
-            raise ValueError("use_bsa=True: this DiT has no block-sparse attention (config.enable_bsa)")
+            raise ValueError(f"use_bsa={use_bsa}: this DiT has no block-sparse attention switch (config.enable_bsa)")
         old = cfg.enable_bsa
-        cfg.enable_bsa = True
+        cfg.enable_bsa = use_bsa
         try:
             yield
         finally:
@@ -797,7 +799,7 @@ class VideoContinuationPipeline:
         guidance_scale: Optional[float] = None,
         use_kv_cache: bool = True,
         offload_kv_cache: Optional[bool] = None,
-        use_bsa: bool = False,
+        use_bsa: Optional[bool] = None,
         generator: Optional[Union[torch.Generator, int]] = None,
         output_type: str = "np",
         progress: bool = True,
@@ -825,7 +827,8 @@ class VideoContinuationPipeline:
                 L2 apart in the latents); at guidance 1 the two agree to fp32 rounding.
             offload_kv_cache (bool | None): keep the cache in CPU memory between uses; None: as the
                 memory mode says (on in ``"low"``).
-            use_bsa (bool): block-sparse self-attention (``config.enable_bsa``) for this call.
+            use_bsa (bool | None): block-sparse self-attention for this call: True on, False off, None
+                (default) as ``config.enable_bsa`` says.
             generator: ``torch.Generator`` or an int seed; fixes noise and posterior sampling.
             output_type (str): "np" (frames) or "latent" (latents, no decode).
             progress (bool): show a progress bar.
@@ -846,7 +849,7 @@ class VideoContinuationPipeline:
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa=use_bsa,
+        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,
                      progress=progress)
         _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
         vf = self._load_video(video, num_cond_frames)
@@ -980,7 +983,7 @@ class VideoContinuationPipeline:
         guidance_scale: Optional[float] = None,
         use_kv_cache: bool = True,
         offload_kv_cache: Optional[bool] = None,
-        use_bsa: bool = False,
+        use_bsa: Optional[bool] = None,
         generator: Optional[Union[torch.Generator, int]] = None,
         progress: bool = True,
         refine: bool = False,
@@ -1038,7 +1041,7 @@ class VideoContinuationPipeline:
             raise TypeError("prompts must be a str or a non-empty list of str")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa=use_bsa,
+        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,
                      progress=progress, refine=refine)
         _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
 

@@ -266,6 +266,20 @@ def test_bsa_flag_toggles_config_for_the_call(parts):
     assert pipe.dit.config.enable_bsa is False
 
 
+def test_bsa_flag_false_switches_a_config_bsa_off_and_none_keeps_it(parts):
+    # use_bsa defaulted to False and meant "leave it": a config with enable_bsa true ran block-sparse
+    # attention under use_bsa=False, silently
+    pipe = make_pipe(parts)
+    pipe.dit.config.enable_bsa = True
+    n = len(vc_timesteps(2, 12.0, "enhance_hf")[0])
+    for flag, want in ((False, False), (None, True)):
+        pipe.dit.calls.clear()
+        pipe(video(9), "a", resolution=SIZE, num_frames=13, num_cond_frames=5, num_inference_steps=2,
+             guidance_scale=1.0, use_bsa=flag, progress=False)
+        assert [c["bsa"] for c in pipe.dit.calls] == [want] * n
+        assert pipe.dit.config.enable_bsa is True
+
+
 def test_offload_flag_reaches_cache(parts):
     pipe = make_pipe(parts)
     got = []
