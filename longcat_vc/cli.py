@@ -569,7 +569,7 @@ def _run(args) -> int:
 
     main_rank = run is None or run.is_main
     log = sys.stderr if main_rank else open(os.devnull, "w")
-    sub = f" (every {video.stride}th frame of {video.fps * video.stride:g} fps)" if video.stride > 1 else ""
+    sub = f" (every {video.stride}th frame of {video.fps * video.stride:g} fps)" if video.stride > 1 and video.fps else ""
     print(f"{PROG}: input {video.num_frames} frames {video.width}x{video.height}"
           f"{f' at {video.fps:g} fps' if video.fps else ''}{sub}; seed {seed}", file=log, flush=True)
     print(f"{PROG}: loading {args.checkpoint} ({args.mode}, {str(dtype).replace('torch.', '')}, {device}, "

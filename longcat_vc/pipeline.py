@@ -636,7 +636,7 @@ class VideoContinuationPipeline:
                 vf = subsample_to_fps(vf, TARGET_FPS)[0]
         if vf.num_frames < num_cond_frames:
             note = ""
-            if vf.stride > 1:
+            if vf.stride > 1 and vf.fps:  # a hand-built VideoFrames may carry a stride without a rate
                 note = f" (after subsampling {vf.fps * vf.stride:g} fps by {vf.stride} to about {TARGET_FPS:g} fps)"
             src = f"{vf.source}: " if getattr(vf, "source", None) else ""
             raise ValueError(

@@ -356,8 +356,12 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
         arr = np.asarray(video.frames)
         if arr.dtype != np.uint8:  # float [0, 1] or uint16 frames would be read as near-black
             raise TypeError(f"{name}: VideoFrames.frames must be uint8 [F, H, W, 3], got dtype {arr.dtype}")
+        stride = video.stride
+        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+            raise ValueError(f"{name}: VideoFrames.stride must be an int >= 1 (source frames per kept frame), "
+                             f"got {stride!r}")
         return VideoFrames(_check_frames(arr, video.source or name), _check_frames_fps(video.fps, name),
-                           video.source, video.stride)
+                           video.source, int(stride))
     if isinstance(video, (str, os.PathLike)):
         return read_video(video)
     try:

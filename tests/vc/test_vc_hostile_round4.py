@@ -503,3 +503,28 @@ def test_a_near_miss_config_key_warns_naming_the_field():
         warnings.simplefilter("error")  # upstream-only keys, diffusers' keys and far-off new keys stay quiet
         DiTConfig.from_dict(dict(d, _class_name="LongCatVideoTransformer3DModel", enable_flashattn2=True,
                                  cp_split_hw=[1, 1], some_future_switch=1))
+
+
+def test_video_frames_stride_checked_and_a_stride_without_fps_does_not_break_the_message():
+    # VideoFrames(fps=None, stride=2) with too few frames raised TypeError (None * 2) inside the
+    # error message; stride 0 / a string passed through
+    import numpy as np
+
+    from longcat_vc.video_io import VideoFrames, as_video_frames
+
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    for bad in (0, -1, "2", 1.5, True):
+        with pytest.raises(ValueError, match=r"VideoFrames\.stride must be an int >= 1"):
+            as_video_frames(VideoFrames(frames, None, None, bad))
+    assert as_video_frames(VideoFrames(frames, None, None, np.int64(2))).stride == 2
+
+
+def test_too_short_video_frames_with_a_stride_but_no_fps_get_the_frame_count_message():
+    import numpy as np
+
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from longcat_vc.video_io import VideoFrames
+
+    pipe = VideoContinuationPipeline.__new__(VideoContinuationPipeline)  # _load_video reads no component
+    with pytest.raises(ValueError, match=r"the video has 3 frames, fewer than num_cond_frames=5"):
+        pipe._load_video(VideoFrames(np.zeros((3, 16, 16, 3), np.uint8), None, None, 2), 5)
