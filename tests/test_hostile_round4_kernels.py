@@ -30,3 +30,17 @@ def test_block_sparse_kv_cache_with_differently_strided_segments(backend):
                  (q, _head_dim_outer(k), _head_dim_outer(v), kc, vc)):
         out = lk.attn_with_kv_cache(*args, block_sparse=bs, backend=backend)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
+def test_qk_norm_rope_refuses_an_output_with_overlapping_elements(backend):
+    # an expanded out_q (stride 0) was written by the Triton kernel without a word (every token's
+    # result raced into one row); the torch path failed inside copy_ with torch's message
+    q, k = torch.randn(1, 32, 2, 16), torch.randn(1, 32, 2, 16)
+    w = torch.rand(16) + 0.5
+    rope = lk.Rope3D((2, 4, 4), 16)
+    over = torch.zeros(1, 1, 2, 16).expand(1, 32, 2, 16)
+    with pytest.raises(ValueError, match=r"^out_q: expected a tensor whose elements do not overlap"):
+        lk.qk_norm_rope(q, k, w, w, rope, out_q=over, backend=backend)
+    with pytest.raises(ValueError, match=r"^out_k: expected a tensor whose elements do not overlap"):
+        lk.qk_norm_rope(q, k, w, w, rope, out_k=torch.zeros(1, 32, 2, 1).expand(1, 32, 2, 16), backend=backend)

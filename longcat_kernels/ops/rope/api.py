@@ -200,6 +200,15 @@ def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
         raise TypeError(f"{name}: expected dtype {like.dtype} (same as {like_name}), got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{name}: expected device {like.device} (same as {like_name}), got {out.device}")
+    _check_no_internal_overlap(out, name)
+
+
+def _check_no_internal_overlap(out: torch.Tensor, name: str) -> None:
+    """``out`` has no two elements at one address (e.g. an ``expand``-ed view): the kernels would race
+    on them (torch's ``copy_`` refuses it). Metadata only; ATen's rule (undecidable layouts pass)."""
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"{name}: expected a tensor whose elements do not overlap, got strides {out.stride()} "
+                         f"for shape {tuple(out.shape)} (an expanded view?); pass a fresh tensor or None")
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
