@@ -44,3 +44,37 @@ def test_qk_norm_rope_refuses_an_output_with_overlapping_elements(backend):
         lk.qk_norm_rope(q, k, w, w, rope, out_q=over, backend=backend)
     with pytest.raises(ValueError, match=r"^out_k: expected a tensor whose elements do not overlap"):
         lk.qk_norm_rope(q, k, w, w, rope, out_k=torch.zeros(1, 32, 2, 1).expand(1, 32, 2, 16), backend=backend)
+
+
+def _qkv_sel(**kw):
+    q, k, v = (torch.randn(1, 32, 2, 16) for _ in range(3))
+    return q, k, v, lk.select_blocks(q, k, grid_q=(2, 4, 4), chunk_q=(2, 2, 2), sparsity=0.5, **kw)
+
+
+def test_hand_built_selection_with_list_grids_is_normalised():
+    # grids/chunks given as lists were kept as lists: the selection's own grid passed beside it was
+    # refused ("expected [2, 4, 4] ... got (2, 4, 4)"); a float grid failed far below, named "grid"
+    q, k, v, s = _qkv_sel()
+    s2 = lk.BlockSelection(s.indices, s.counts, list(s.grid_q), list(s.grid_k), list(s.chunk_q), list(s.chunk_k))
+    assert s2.grid_q == (2, 4, 4) and s2.chunk_k == (2, 2, 2)
+    out = lk.block_sparse_attn(q, k, v, selection=s2, grid_q=(2, 4, 4), chunk_q=(2, 2, 2), backend="torch")
+    torch.testing.assert_close(out, lk.block_sparse_attn(q, k, v, selection=s, backend="torch"), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"^selection.grid_q: expected a tuple of 3 ints"):
+        lk.BlockSelection(s.indices, s.counts, (2.0, 4, 4), s.grid_k, s.chunk_q, s.chunk_k)
+    with pytest.raises(ValueError, match=r"^selection.chunk_k: expected 3 positive ints"):
+        lk.BlockSelection(s.indices, s.counts, s.grid_q, s.grid_k, s.chunk_q, (0, 2, 2))
+    with pytest.raises(TypeError, match=r"^selection.indices: expected a torch.Tensor, got list"):
+        lk.BlockSelection(s.indices.tolist(), s.counts, s.grid_q, s.grid_k, s.chunk_q, s.chunk_k)
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
+def test_selection_of_width_zero(backend):
+    # indices [B, H, Nq, 0] with every count 0 is a valid selection (counts <= max_sel): Triton gave
+    # zeros, the torch reference failed with "shape '[1, 2, 4, 8]' is invalid for input of size 0"
+    q, k, v, s = _qkv_sel()
+    s0 = lk.BlockSelection(s.indices[..., :0], torch.zeros_like(s.counts), s.grid_q, s.grid_k, s.chunk_q, s.chunk_k)
+    qg = q.clone().requires_grad_()
+    out, lse = lk.block_sparse_attn(qg, k, v, selection=s0, backend=backend, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+    out.sum().backward()
+    assert torch.equal(qg.grad, torch.zeros_like(q))

@@ -61,6 +61,8 @@ def block_sparse_attn_reference(
     # w >= 1 keeps one (fully masked) slot so empty selections flow through the same graph
     w = max(1, min(w, selection.indices.shape[-1]))
     idx = selection.indices[..., :w].to(device=dev, dtype=torch.long)  # [B, H, Nq, w]
+    if idx.shape[-1] < w:  # a selection of width 0 (every count 0): the one masked slot
+        idx = torch.zeros((B, H, Nq, w), dtype=torch.long, device=dev)
     sel_valid = torch.arange(w, device=dev) < counts[..., None]  # [B, H, Nq, w]
     L = w * bk
 
