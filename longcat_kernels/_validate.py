@@ -24,6 +24,19 @@ def compiling() -> bool:
         return False
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """False for a tensor without data (a meta tensor, a FakeTensor outside torch.compile): value checks,
+    the value-sized shortcuts (``.item()``) and caches are skipped for it, shapes still flow. True while
+    dynamo traces (it stands for the real tensor of each call; dynamo cannot trace ``is_fake``)."""
+    if t.device.type == "meta":
+        return False
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
+
+    return not is_fake(t)
+
+
 def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:
     """``x`` is a floating tensor of rank ``ndim``."""
     if not isinstance(x, torch.Tensor):

@@ -78,3 +78,53 @@ def test_selection_of_width_zero(backend):
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
     out.sum().backward()
     assert torch.equal(qg.grad, torch.zeros_like(q))
+
+
+def test_rope_tables_traced_by_torch_export_are_not_cached():
+    # torch.export (non-strict: Python runs on FakeTensors) cached the Rope3D's token tables as
+    # FakeTensors: every later eager call (apply_rope_3d, qk_norm_rope, attn_with_kv_cache(rope=) on
+    # the torch path) returned a FakeTensor, a result without values, and no error
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    rope = lk.Rope3D((2, 4, 4), 16)
+    x = torch.randn(1, 32, 2, 16)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return lk.apply_rope_3d(x, rope)
+
+    torch.export.export(M(), (x,))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        lk.apply_rope_3d(mode.from_tensor(x), rope, frame_offset=0)
+    out = lk.apply_rope_3d(x, rope)
+    assert not isinstance(out, FakeTensor)
+    torch.testing.assert_close(out, lk.apply_rope_3d(x, lk.Rope3D((2, 4, 4), 16)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_block_sparse_ops_run_on_tensors_without_values(mode):
+    # shape-only tensors (meta, FakeTensorMode): the other ops ran, block-sparse attention on the torch
+    # path failed deep inside (Tensor.item() on meta, nonzero's data-dependent shape, the selection's
+    # value check copying out of a meta tensor)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q0 = torch.randn(1, 32, 2, 16)
+    s0 = lk.select_blocks(q0, q0, grid_q=(2, 4, 4), chunk_q=(2, 2, 2), sparsity=0.5)
+    kc0 = torch.randn(1, 16, 2, 16)
+    fake = FakeTensorMode() if mode == "fake" else None
+    import contextlib
+
+    def conv(t):
+        return t.to("meta") if fake is None else fake.from_tensor(t)
+
+    q, kc = conv(q0), conv(kc0)
+    s = lk.BlockSelection(conv(s0.indices), conv(s0.counts), s0.grid_q, s0.grid_k, s0.chunk_q, s0.chunk_k)
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2), frame_hw=(4, 4))
+    with fake if fake is not None else contextlib.nullcontext():
+        outs = [
+            lk.block_sparse_attn(q, q, q, grid_q=(2, 4, 4), chunk_q=(2, 2, 2), sparsity=0.5, backend="torch"),
+            lk.block_sparse_attn(q, q, q, selection=s, backend="torch"),
+            lk.attn_with_kv_cache(q, q, q, kc, kc, block_sparse=bs, backend="torch"),
+        ]
+    for out in outs:
+        assert out.shape == (1, 32, 2, 16)

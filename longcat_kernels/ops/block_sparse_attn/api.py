@@ -24,6 +24,7 @@ from ..._validate import (
     check_scale,
     check_sparsity,
     compiling,
+    has_values,
 )
 from ...grid import Triple, as_triple, total_blocks
 from .reference import block_sparse_attn_reference
@@ -97,6 +98,8 @@ def _check_selection_values(sel: BlockSelection) -> None:
     result is remembered on the object together with its tensors' versions (an in-place edit of
     ``indices``/``counts`` is checked again)."""
     if compiling():  # traced calls: checked by the eager call that built or first used the selection
+        return
+    if not (has_values(sel.indices) and has_values(sel.counts)):  # meta / fake tensors: no values to check
         return
     # inference tensors (made under torch.inference_mode) have no version counter: checked every call
     inference = sel.indices.is_inference() or sel.counts.is_inference()

@@ -15,6 +15,7 @@ from typing import Tuple
 import torch
 import torch.utils.checkpoint
 
+from ..._validate import has_values
 from ...grid import block_token_index, token_to_slot
 from .selection import BlockSelection, ieee_fp32_matmul
 
@@ -57,7 +58,9 @@ def block_sparse_attn_reference(
     Nq, bq = tq.shape
     bk = tk.shape[1]
     counts = selection.counts.to(device=dev, dtype=torch.long)  # [B, H, Nq]
-    w = int(counts.max().item()) if counts.numel() else 0
+    # the widest row bounds the gathered keys; a meta/fake selection (shapes only) takes the full width
+    w = (0 if not counts.numel() else int(counts.max().item()) if has_values(counts)
+         else selection.indices.shape[-1])
     # w >= 1 keeps one (fully masked) slot so empty selections flow through the same graph
     w = max(1, min(w, selection.indices.shape[-1]))
     idx = selection.indices[..., :w].to(device=dev, dtype=torch.long)  # [B, H, Nq, w]

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import check_backend_name, check_same_device, check_tensor, compiling
+from ..._validate import check_backend_name, check_same_device, check_tensor, compiling, has_values
 from ...grid import Triple, as_triple
 from . import reference as ref
 
@@ -118,6 +118,8 @@ class Rope3D:
             out = ref.full_tables(
                 self.cos_t, self.sin_t, self.cos_h, self.sin_h, self.cos_w, self.sin_w, frame_offset, num_frames
             )
+            if not has_values(out[0]):  # traced with fake tensors (torch.export, FakeTensorMode): not kept,
+                return out              # or every later eager call would get tables without values
             if len(self._tables) > 16:
                 self._tables.clear()
             self._tables[key] = out
