@@ -128,3 +128,14 @@ def test_block_sparse_ops_run_on_tensors_without_values(mode):
         ]
     for out in outs:
         assert out.shape == (1, 32, 2, 16)
+
+
+def test_env_report_refuses_unknown_arguments(capsys):
+    # python -m longcat_kernels.env --jsno printed the text report (any argument but --json was ignored)
+    from longcat_kernels import env
+
+    with pytest.raises(SystemExit) as e:
+        env.main(["--jsno"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --jsno" in capsys.readouterr().err
+    assert env.main(["--json"]) == 0
