@@ -7,6 +7,7 @@ message naming the argument, what was expected and what was given. All checks ar
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +36,15 @@ def has_values(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
 
     return not is_fake(t)
+
+
+def cache_mode():
+    """Context for building a cached tensor: outside ``torch.inference_mode`` even when the caller is in
+    it, so the cache holds normal tensors (an inference tensor breaks every later call that autograd
+    records: it cannot be saved for backward). A no-op while tracing (dynamo cannot ask the mode)."""
+    if compiling() or not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    return torch.inference_mode(False)
 
 
 def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:

@@ -141,9 +141,10 @@ def block_token_index(grid: Sequence[int], chunk: Sequence[int], device=None) ->
     if out is None:
         if len(_DEVICE_CACHE) > 64:
             _DEVICE_CACHE.clear()
-        out = cpu.to(device)
-        from ._validate import has_values  # noqa: PLC0415 (imports this module)
+        from ._validate import cache_mode, has_values  # noqa: PLC0415 (imports this module)
 
+        with cache_mode():
+            out = cpu.to(device)
         if not has_values(out):  # fake tensors (torch.export, FakeTensorMode): not kept for eager calls
             return out
         _DEVICE_CACHE[key] = out

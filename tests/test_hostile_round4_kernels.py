@@ -139,3 +139,33 @@ def test_env_report_refuses_unknown_arguments(capsys):
     assert e.value.code == 2
     assert "unrecognized arguments: --jsno" in capsys.readouterr().err
     assert env.main(["--json"]) == 0
+
+
+def test_rope_tables_first_built_under_inference_mode_serve_training():
+    # an evaluation under torch.inference_mode cached the Rope3D token tables as inference tensors:
+    # every later training call (apply_rope_3d, qk_norm_rope on the torch path) failed with
+    # "Inference tensors cannot be saved for backward", tensors the user never made
+    rope = lk.Rope3D((2, 4, 4), 16)
+    x = torch.randn(1, 32, 2, 16)
+    w = torch.rand(16) + 0.5
+    with torch.inference_mode():
+        lk.apply_rope_3d(x, rope)
+    xg = x.clone().requires_grad_()
+    (lk.apply_rope_3d(xg, rope).sum() + lk.qk_norm_rope(xg, x, w, w, rope, backend="torch")[0].sum()).backward()
+    assert torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_inference_mode_selection_and_geometry_serve_training(backend):
+    # a selection made under torch.inference_mode (gating once, reused): the torch reference trained
+    # with it, the Triton op failed saving it for backward; on CUDA the first inference-mode call also
+    # cached the block geometry (grid.block_token_index) as inference tensors for later training calls
+    from helpers import DEV
+
+    q, k, v = (torch.randn(1, 32, 2, 16, device=DEV) for _ in range(3))
+    with torch.inference_mode():
+        s = lk.select_blocks(q, k, grid_q=(2, 4, 4), chunk_q=(1, 4, 2), sparsity=0.5)
+        lk.block_sparse_attn(q, k, v, selection=s, backend=backend)
+    qg = q.clone().requires_grad_()
+    lk.block_sparse_attn(qg, k, v, selection=s, backend=backend).sum().backward()
+    assert torch.isfinite(qg.grad).all()

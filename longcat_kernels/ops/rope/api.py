@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import check_backend_name, check_same_device, check_tensor, compiling, has_values
+from ..._validate import cache_mode, check_backend_name, check_same_device, check_tensor, compiling, has_values
 from ...grid import Triple, as_triple
 from . import reference as ref
 
@@ -115,9 +115,12 @@ class Rope3D:
         key = (frame_offset, num_frames)
         out = self._tables.get(key)
         if out is None:
-            out = ref.full_tables(
-                self.cos_t, self.sin_t, self.cos_h, self.sin_h, self.cos_w, self.sin_w, frame_offset, num_frames
-            )
+            # kept tables are normal tensors whatever mode the first call ran in: made under
+            # torch.inference_mode they would break every later call that autograd records
+            with cache_mode():
+                out = ref.full_tables(
+                    self.cos_t, self.sin_t, self.cos_h, self.sin_h, self.cos_w, self.sin_w, frame_offset, num_frames
+                )
             if not has_values(out[0]):  # traced with fake tensors (torch.export, FakeTensorMode): not kept,
                 return out              # or every later eager call would get tables without values
             if len(self._tables) > 16:
