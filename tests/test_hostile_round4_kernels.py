@@ -169,3 +169,16 @@ def test_inference_mode_selection_and_geometry_serve_training(backend):
     qg = q.clone().requires_grad_()
     lk.block_sparse_attn(qg, k, v, selection=s, backend=backend).sum().backward()
     assert torch.isfinite(qg.grad).all()
+
+
+def test_hand_built_selection_with_another_key_frame_shape_is_refused():
+    # select_blocks refuses a grid_k with another (h, w) than grid_q, a hand-built selection carried
+    # one through: the Triton kernel placed key tokens with the query grid's (h, w) (NaN/garbage), the
+    # torch reference with the key grid's, and no error
+    q, k, v = (torch.randn(1, 32, 2, 16) for _ in range(3))
+    idx = torch.tensor([0, 1], dtype=torch.int32).expand(1, 2, 8, 2)
+    cnt = torch.full((1, 2, 8), 2, dtype=torch.int32)
+    s = lk.BlockSelection(idx, cnt, (2, 4, 4), (2, 2, 8), (1, 2, 2), (1, 2, 4))
+    with pytest.raises(ValueError, match=r"^selection.grid_k: expected the same \(h, w\) as selection.grid_q \(4, 4\), "
+                                         r"got \(2, 8\)"):
+        lk.block_sparse_attn(q, k, v, selection=s, backend="torch")

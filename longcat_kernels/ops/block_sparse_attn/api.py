@@ -76,6 +76,9 @@ def check_selection(selection, q, k, grid_q, grid_k, chunk_q=None, chunk_k=None,
         raise ValueError(f"selection.grid_q: expected t*h*w == q's seq length {Sq}, got {gq}")
     if gk[0] * gk[1] * gk[2] != k.shape[1]:
         raise ValueError(f"selection.grid_k: expected t*h*w == k's seq length {k.shape[1]}, got {gk}")
+    if tuple(gk[1:]) != tuple(gq[1:]):  # the kernels place key tokens with the query grid's (h, w)
+        raise ValueError(f"selection.grid_k: expected the same (h, w) as selection.grid_q {tuple(gq[1:])}, "
+                         f"got {tuple(gk[1:])}")
     Nq = total_blocks(gq, selection.chunk_q)
     if tuple(selection.counts.shape) != (B, H, Nq):
         raise ValueError(f"selection.counts: expected shape {(B, H, Nq)}, got {tuple(selection.counts.shape)}")
