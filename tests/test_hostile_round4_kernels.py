@@ -182,3 +182,16 @@ def test_hand_built_selection_with_another_key_frame_shape_is_refused():
     with pytest.raises(ValueError, match=r"^selection.grid_k: expected the same \(h, w\) as selection.grid_q \(4, 4\), "
                                          r"got \(2, 8\)"):
         lk.block_sparse_attn(q, k, v, selection=s, backend="torch")
+
+
+def test_cache_variable_with_a_quoted_tilde(monkeypatch):
+    # LONGCAT_KERNELS_CACHE="~/kcache" (quoted: the shell leaves the ~) built the extension into a
+    # folder literally named "~" under the working directory: a new JIT build per directory
+    import os
+
+    from longcat_kernels._envvars import cache_dir
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CACHE", "~/kcache")
+    assert cache_dir() == os.path.join(os.path.expanduser("~"), "kcache")
+    monkeypatch.setenv("LONGCAT_KERNELS_CACHE", " ")
+    assert cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")
