@@ -195,3 +195,20 @@ def test_cache_variable_with_a_quoted_tilde(monkeypatch):
     assert cache_dir() == os.path.join(os.path.expanduser("~"), "kcache")
     monkeypatch.setenv("LONGCAT_KERNELS_CACHE", " ")
     assert cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_qk_norm_rope_outputs_on_tensors_without_values(mode):
+    # every meta/fake storage reports data_ptr 0: two distinct out_q / out_k buffers were refused as
+    # "overlapping views of one storage"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import contextlib
+
+    fake = FakeTensorMode() if mode == "fake" else None
+    q0, w0 = torch.randn(1, 32, 2, 16), torch.rand(16) + 0.5
+    q, w = (t.to("meta") for t in (q0, w0)) if fake is None else (fake.from_tensor(t) for t in (q0, w0))
+    with fake if fake is not None else contextlib.nullcontext():
+        oq, ok = torch.empty_like(q), torch.empty_like(q)
+        a, b = lk.qk_norm_rope(q, q, w, w, out_q=oq, out_k=ok, backend="torch")
+    assert a is oq and b is ok

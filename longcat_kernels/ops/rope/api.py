@@ -219,6 +219,8 @@ def _check_no_internal_overlap(out: torch.Tensor, name: str) -> None:
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0:  # empty tensors may all report data_ptr 0
         return False
+    if not (has_values(a) and has_values(b)):  # meta / fake tensors: every storage reports data_ptr 0
+        return False
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
