@@ -212,3 +212,18 @@ def test_qk_norm_rope_outputs_on_tensors_without_values(mode):
         oq, ok = torch.empty_like(q), torch.empty_like(q)
         a, b = lk.qk_norm_rope(q, q, w, w, out_q=oq, out_k=ok, backend="torch")
     assert a is oq and b is ok
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
+def test_fp8_q_and_s_carry_no_gradient_on_any_backend(backend):
+    # q and s are documented as not differentiable (only y of return_input=True is): the torch path
+    # returned both with a graph (through the e4m3 cast and the row amax), the Triton kernel without,
+    # so a loss through q * s trained x on one backend and silently not on the other
+    x = torch.randn(2, 3, 4, 16, requires_grad=True)
+    sh = torch.zeros(2, 3, 1, 16)
+    for q, s in (lk.fp8_quantize_rows(x, backend=backend), lk.fp8_layer_norm_quantize(x, backend=backend),
+                 lk.fp8_modulate_quantize(x, sh, sh, backend=backend),
+                 lk.fp8_silu_mul_quantize(x, x.detach(), backend=backend)):
+        assert not q.requires_grad and not s.requires_grad
+    q, s, y = lk.fp8_layer_norm_quantize(x, return_input=True, backend="torch")  # y keeps its graph
+    assert y.requires_grad and not q.requires_grad and not s.requires_grad
