@@ -227,3 +227,21 @@ def test_fp8_q_and_s_carry_no_gradient_on_any_backend(backend):
         assert not q.requires_grad and not s.requires_grad
     q, s, y = lk.fp8_layer_norm_quantize(x, return_input=True, backend="torch")  # y keeps its graph
     assert y.requires_grad and not q.requires_grad and not s.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON_CPU])
+def test_block_sparse_row_whose_scores_are_all_minus_inf_is_not_hidden(backend):
+    # keys of -inf (an fp16 overflow upstream) make every score of a row -inf: the kernels and the
+    # dense/cached-KV references give NaN (0/0), the torch BSA reference gave 0 and lse -inf, the value
+    # reserved for "attends to nothing", hiding the non-finite input
+    q = torch.rand(1, 16, 1, 16) + 0.1
+    k = torch.full((1, 16, 1, 16), float("-inf"))
+    v = torch.randn(1, 16, 1, 16)
+    out, lse = lk.block_sparse_attn(q, k, v, grid_q=(1, 4, 4), chunk_q=(1, 2, 2), sparsity=0.0, backend=backend,
+                                    return_lse=True)
+    assert bool(torch.isnan(out).all()) and bool(torch.isnan(lse).all())
+    # a query block that selects nothing still gives 0 and -inf
+    s = lk.BlockSelection(torch.full((1, 1, 4, 1), -1, dtype=torch.int32), torch.zeros(1, 1, 4, dtype=torch.int32),
+                          (1, 4, 4), (1, 4, 4), (1, 2, 2), (1, 2, 2))
+    out, lse = lk.block_sparse_attn(q, k, v, selection=s, backend=backend, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
