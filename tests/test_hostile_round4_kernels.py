@@ -158,8 +158,8 @@ def test_rope_tables_first_built_under_inference_mode_serve_training():
 @pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_inference_mode_selection_and_geometry_serve_training(backend):
     # a selection made under torch.inference_mode (gating once, reused): the torch reference trained
-    # with it, the Triton op failed saving it for backward; on CUDA the first inference-mode call also
-    # cached the block geometry (grid.block_token_index) as inference tensors for later training calls
+    # with it, the Triton op failed saving it for backward (on CUDA the first inference-mode call also
+    # caches the block geometry, grid.block_token_index: now built as normal tensors, a precaution)
     from helpers import DEV
 
     q, k, v = (torch.randn(1, 32, 2, 16, device=DEV) for _ in range(3))
