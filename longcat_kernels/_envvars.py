@@ -179,6 +179,8 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
 
 
 def cache_dir() -> str:
-    """JIT build cache root: ``LONGCAT_KERNELS_CACHE`` or ``~/.cache/longcat_kernels``."""
+    """JIT build cache root: ``LONGCAT_KERNELS_CACHE`` (a leading ``~`` expanded: a quoted ``"~/x"``
+    reaches us unexpanded and built into a folder named ``~`` under the working directory, a new
+    minutes-long build per directory) or ``~/.cache/longcat_kernels``."""
     raw = os.environ.get("LONGCAT_KERNELS_CACHE", "").strip()
-    return raw or os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")
+    return os.path.expanduser(raw) if raw else os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")

@@ -7,6 +7,7 @@ message naming the argument, what was expected and what was given. All checks ar
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -22,6 +23,28 @@ def compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
         return False
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for a tensor without data (a meta tensor, a FakeTensor outside torch.compile): value checks,
+    the value-sized shortcuts (``.item()``) and caches are skipped for it, shapes still flow. True while
+    dynamo traces (it stands for the real tensor of each call; dynamo cannot trace ``is_fake``)."""
+    if t.device.type == "meta":
+        return False
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
+
+    return not is_fake(t)
+
+
+def cache_mode():
+    """Context for building a cached tensor: outside ``torch.inference_mode`` even when the caller is in
+    it, so the cache holds normal tensors (an inference tensor breaks every later call that autograd
+    records: it cannot be saved for backward). A no-op while tracing (dynamo cannot ask the mode)."""
+    if compiling() or not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    return torch.inference_mode(False)
 
 
 def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:

@@ -93,9 +93,15 @@ def report() -> Dict[str, Any]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m longcat_kernels.env",
+                                     description="What works here and which kernel each op runs.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # an unknown or misspelt flag exits 2 naming it (it was ignored: a text report for '--jsno')
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     info = report()
-    if "--json" in argv:
+    if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"longcat-kernels {info['longcat_kernels']}  python {info['python']}  ({info['platform']})")

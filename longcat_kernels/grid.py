@@ -141,7 +141,12 @@ def block_token_index(grid: Sequence[int], chunk: Sequence[int], device=None) ->
     if out is None:
         if len(_DEVICE_CACHE) > 64:
             _DEVICE_CACHE.clear()
-        out = cpu.to(device)
+        from ._validate import cache_mode, has_values  # noqa: PLC0415 (imports this module)
+
+        with cache_mode():
+            out = cpu.to(device)
+        if not has_values(out):  # fake tensors (torch.export, FakeTensorMode): not kept for eager calls
+            return out
         _DEVICE_CACHE[key] = out
     return out
 
@@ -173,7 +178,7 @@ def token_to_slot(grid: Sequence[int], chunk: Sequence[int], device=None) -> tor
     g = as_triple(grid, "grid")
     S = g[0] * g[1] * g[2]
     slots = torch.arange(idx.numel(), device=idx.device)
-    real = idx >= 0
-    out = torch.empty(S, dtype=torch.long, device=idx.device)
-    out[idx[real]] = slots[real]
-    return out
+    # a scatter, not boolean indexing (a sync on CUDA, impossible on meta/fake tensors): padding slots
+    # all land in a spare entry S, dropped
+    dest = torch.where(idx >= 0, idx, S)
+    return torch.empty(S + 1, dtype=torch.long, device=idx.device).scatter_(0, dest, slots)[:S]

@@ -24,6 +24,7 @@ from ..._validate import (
     check_scale,
     check_sparsity,
     compiling,
+    has_values,
 )
 from ...grid import Triple, as_triple, total_blocks
 from .reference import block_sparse_attn_reference
@@ -75,6 +76,9 @@ def check_selection(selection, q, k, grid_q, grid_k, chunk_q=None, chunk_k=None,
         raise ValueError(f"selection.grid_q: expected t*h*w == q's seq length {Sq}, got {gq}")
     if gk[0] * gk[1] * gk[2] != k.shape[1]:
         raise ValueError(f"selection.grid_k: expected t*h*w == k's seq length {k.shape[1]}, got {gk}")
+    if tuple(gk[1:]) != tuple(gq[1:]):  # the kernels place key tokens with the query grid's (h, w)
+        raise ValueError(f"selection.grid_k: expected the same (h, w) as selection.grid_q {tuple(gq[1:])}, "
+                         f"got {tuple(gk[1:])}")
     Nq = total_blocks(gq, selection.chunk_q)
     if tuple(selection.counts.shape) != (B, H, Nq):
         raise ValueError(f"selection.counts: expected shape {(B, H, Nq)}, got {tuple(selection.counts.shape)}")
@@ -97,6 +101,8 @@ def _check_selection_values(sel: BlockSelection) -> None:
     result is remembered on the object together with its tensors' versions (an in-place edit of
     ``indices``/``counts`` is checked again)."""
     if compiling():  # traced calls: checked by the eager call that built or first used the selection
+        return
+    if not (has_values(sel.indices) and has_values(sel.counts)):  # meta / fake tensors: no values to check
         return
     # inference tensors (made under torch.inference_mode) have no version counter: checked every call
     inference = sel.indices.is_inference() or sel.counts.is_inference()

@@ -15,6 +15,7 @@ from typing import Tuple
 import torch
 import torch.utils.checkpoint
 
+from ..._validate import has_values
 from ...grid import block_token_index, token_to_slot
 from .selection import BlockSelection, ieee_fp32_matmul
 
@@ -57,10 +58,14 @@ def block_sparse_attn_reference(
     Nq, bq = tq.shape
     bk = tk.shape[1]
     counts = selection.counts.to(device=dev, dtype=torch.long)  # [B, H, Nq]
-    w = int(counts.max().item()) if counts.numel() else 0
+    # the widest row bounds the gathered keys; a meta/fake selection (shapes only) takes the full width
+    w = (0 if not counts.numel() else int(counts.max().item()) if has_values(counts)
+         else selection.indices.shape[-1])
     # w >= 1 keeps one (fully masked) slot so empty selections flow through the same graph
     w = max(1, min(w, selection.indices.shape[-1]))
     idx = selection.indices[..., :w].to(device=dev, dtype=torch.long)  # [B, H, Nq, w]
+    if idx.shape[-1] < w:  # a selection of width 0 (every count 0): the one masked slot
+        idx = torch.zeros((B, H, Nq, w), dtype=torch.long, device=dev)
     sel_valid = torch.arange(w, device=dev) < counts[..., None]  # [B, H, Nq, w]
     L = w * bk
 
@@ -95,7 +100,11 @@ def block_sparse_attn_reference(
             s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
         s = s.masked_fill(~kvalid.reshape(B, H, g, 1, L), float("-inf"))
         m = s.amax(dim=-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        # a max of -inf: no selected key (out 0, lse -inf), unless the row has selected keys whose
+        # scores are all -inf (non-finite inputs): 0/0 there, NaN as in the kernels, never hidden
+        attends = kvalid.reshape(B, H, g, 1, L).any(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m,
+                        torch.where(attends & (m == float("-inf")), float("nan"), 0.0).to(m.dtype))
         p = torch.exp(s - m)
         den = p.sum(dim=-1, keepdim=True)
         p = p / torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)

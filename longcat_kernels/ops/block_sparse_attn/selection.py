@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...grid import Triple, block_sizes, num_blocks, total_blocks
+from ..._validate import compiling
+from ...grid import Triple, as_triple, block_sizes, num_blocks, total_blocks
 
 __all__ = [
     "BlockSelection",
@@ -128,6 +129,17 @@ class BlockSelection:
     grid_k: Triple
     chunk_q: Triple
     chunk_k: Triple
+
+    def __post_init__(self):
+        """Grids and chunks kept as tuples of 3 positive ints (a hand-built selection may pass lists,
+        which compared unequal to the same tuple passed beside it, or floats, refused far below)."""
+        if compiling():
+            return
+        for name in ("indices", "counts"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"selection.{name}: expected a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        for name in ("grid_q", "grid_k", "chunk_q", "chunk_k"):
+            object.__setattr__(self, name, as_triple(getattr(self, name), f"selection.{name}"))
 
     @property
     def num_q_blocks(self) -> int:

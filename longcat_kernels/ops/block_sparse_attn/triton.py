@@ -262,6 +262,11 @@ def _prep(q, k, v, selection):
         indices = indices.to(torch.int32).contiguous()
     if counts.dtype != torch.int32 or not counts.is_contiguous():
         counts = counts.to(torch.int32).contiguous()
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():  # dynamo cannot ask
+        # a selection made under torch.inference_mode: autograd cannot save inference tensors for
+        # backward (the torch reference takes them), normal copies of the small index tensors can be
+        indices = indices.clone() if indices.is_inference() else indices
+        counts = counts.clone() if counts.is_inference() else counts
     return (_last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v), indices, counts,
             [int(x) for x in selection.grid_q], [int(x) for x in selection.grid_k],
             [int(x) for x in selection.chunk_q], [int(x) for x in selection.chunk_k])

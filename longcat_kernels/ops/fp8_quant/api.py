@@ -65,7 +65,7 @@ def _run(prologue: str, x: torch.Tensor, x2=None, shift=None, scale=None, weight
     choice = choose("fp8_quantize", x, x2, shift, scale, weight, bias, requested=backend, needs_grad=needs_grad)
     if choice.impl == "torch_reference":
         y = ref.prologue_reference(prologue, x, x2, shift, scale, weight, bias, eps)
-        q, s = ref.quantize_rows_reference(y)
+        q, s = ref.quantize_rows_reference(y.detach())  # no gradient, as from the Triton kernel
         return (q, s, y) if return_input else (q, s)
     x2d = x.reshape(-1, K)
     if x2d.stride(-1) != 1:

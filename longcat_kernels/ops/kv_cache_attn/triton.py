@@ -322,8 +322,9 @@ def kv_cache_bsa_fwd_kernel(
         in1 = seq_k < SC
         s1 = tl.where(in1, seq_k, 0)
         s2 = tl.where(in1, 0, seq_k - SC)
-        p_k = tl.where(in1[:, None], K1b + s1[:, None] * stride_k1s,
-                       K2b + s2[:, None] * stride_k2s) + offs_d[None, :] * stride_k1d
+        # each segment with its own strides (head_dim included: the cache and the fresh keys may differ)
+        p_k = tl.where(in1[:, None], K1b + s1[:, None] * stride_k1s + offs_d[None, :] * stride_k1d,
+                       K2b + s2[:, None] * stride_k2s + offs_d[None, :] * stride_k2d)
         b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -332,8 +333,8 @@ def kv_cache_bsa_fwd_kernel(
         b_p = tl.math.exp2(b_s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(b_p, axis=1)
         acc = acc * alpha[:, None]
-        p_v = tl.where(in1[:, None], V1b + s1[:, None] * stride_v1s,
-                       V2b + s2[:, None] * stride_v2s) + offs_d[None, :] * stride_v1d
+        p_v = tl.where(in1[:, None], V1b + s1[:, None] * stride_v1s + offs_d[None, :] * stride_v1d,
+                       V2b + s2[:, None] * stride_v2s + offs_d[None, :] * stride_v2d)
         b_v = tl.load(p_v, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)
         m_i = m_new

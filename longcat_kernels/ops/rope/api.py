@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import check_backend_name, check_same_device, check_tensor, compiling
+from ..._validate import cache_mode, check_backend_name, check_same_device, check_tensor, compiling, has_values
 from ...grid import Triple, as_triple
 from . import reference as ref
 
@@ -115,9 +115,14 @@ class Rope3D:
         key = (frame_offset, num_frames)
         out = self._tables.get(key)
         if out is None:
-            out = ref.full_tables(
-                self.cos_t, self.sin_t, self.cos_h, self.sin_h, self.cos_w, self.sin_w, frame_offset, num_frames
-            )
+            # kept tables are normal tensors whatever mode the first call ran in: made under
+            # torch.inference_mode they would break every later call that autograd records
+            with cache_mode():
+                out = ref.full_tables(
+                    self.cos_t, self.sin_t, self.cos_h, self.sin_h, self.cos_w, self.sin_w, frame_offset, num_frames
+                )
+            if not has_values(out[0]):  # traced with fake tensors (torch.export, FakeTensorMode): not kept,
+                return out              # or every later eager call would get tables without values
             if len(self._tables) > 16:
                 self._tables.clear()
             self._tables[key] = out
@@ -200,10 +205,21 @@ def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
         raise TypeError(f"{name}: expected dtype {like.dtype} (same as {like_name}), got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{name}: expected device {like.device} (same as {like_name}), got {out.device}")
+    _check_no_internal_overlap(out, name)
+
+
+def _check_no_internal_overlap(out: torch.Tensor, name: str) -> None:
+    """``out`` has no two elements at one address (e.g. an ``expand``-ed view): the kernels would race
+    on them (torch's ``copy_`` refuses it). Metadata only; ATen's rule (undecidable layouts pass)."""
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"{name}: expected a tensor whose elements do not overlap, got strides {out.stride()} "
+                         f"for shape {tuple(out.shape)} (an expanded view?); pass a fresh tensor or None")
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0:  # empty tensors may all report data_ptr 0
+        return False
+    if not (has_values(a) and has_values(b)):  # meta / fake tensors: every storage reports data_ptr 0
         return False
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
