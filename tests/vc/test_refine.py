@@ -1,6 +1,5 @@
 """720p refinement (SPEC 11) on CPU with a tiny upstream-layout checkpoint and a tiny refinement LoRA."""
 
-import math
 import os
 import shutil
 
@@ -11,7 +10,7 @@ import torch
 from longcat_vc import CheckpointError
 from longcat_vc.pipeline import VideoContinuationOutput, VideoContinuationPipeline
 from longcat_vc.refine import REFINEMENT_LORA, refine_bucket, refine_padding, refine_timesteps, resolve_refine_args
-from vc_components import write_refine_checkpoint
+from vc_components import NoModel, write_refine_checkpoint
 
 SIZE = (64, 64)  # 4 x 4 tokens per latent frame (kept small: the VAE dominates on CPU)
 
@@ -132,11 +131,6 @@ def test_state_restored_when_refine_raises(pipe, monkeypatch):
     pipe.dit.disable_loras()
 
 
-class _NoModel:
-    def __getattr__(self, name):
-        raise AssertionError(f"model work before the input checks: {name}")
-
-
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
@@ -153,8 +147,8 @@ class _NoModel:
 def test_bad_input_before_model_work(pipe, monkeypatch, kwargs, err, match):
     args = dict(stage1=_frames(5, 36, 64, 0), video=_frames(12, 40, 72, 0), num_cond_frames=5, resolution=SIZE)
     args.update(kwargs)
-    monkeypatch.setattr(pipe, "vae", _NoModel())
-    monkeypatch.setattr(pipe.dit, "forward", _NoModel())
+    monkeypatch.setattr(pipe, "vae", NoModel())
+    monkeypatch.setattr(pipe.dit, "forward", NoModel())
     with pytest.raises(err, match=match):
         pipe.refine(args.pop("stage1"), progress=False, **args)
 

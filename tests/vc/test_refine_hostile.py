@@ -12,7 +12,7 @@ import torch
 
 from longcat_vc.pipeline import VideoContinuationOutput, VideoContinuationPipeline
 from longcat_vc.refine import check_t_thresh, resolve_refine_args
-from vc_components import write_refine_checkpoint
+from vc_components import NoModel, forbid_model_work, random_frames, write_refine_checkpoint
 
 SIZE = (64, 64)
 
@@ -24,24 +24,12 @@ def pipe(tmp_path_factory):
     return VideoContinuationPipeline.from_pretrained(root, dtype=torch.float32, device="cpu", attn_backend="torch")
 
 
-def _frames(n, h, w, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-
-
-class _NoModel:
-    def __getattr__(self, name):
-        raise AssertionError(f"model work before the input checks: {name}")
-
-    def __call__(self, *a, **k):
-        raise AssertionError("model work before the input checks: a forward")
+_frames = random_frames
 
 
 @pytest.fixture
 def no_model(pipe, monkeypatch):
-    monkeypatch.setattr(pipe, "vae", _NoModel())
-    monkeypatch.setattr(pipe.dit, "forward", _NoModel())
-    monkeypatch.setattr(pipe, "decode_latents", _NoModel())
-    return pipe
+    return forbid_model_work(pipe, monkeypatch)
 
 
 @pytest.mark.parametrize("nc", [False, 0.0, -1])
@@ -92,7 +80,7 @@ def test_latent_stage1_bad_latents_named(no_model):
                                         ((64.0, 64), "refine_resolution"), ((0, 64), "positive")])
 def test_extend_refine_resolution_checked_before_stage1(no_model, monkeypatch, res, match):
     # a bad refine_resolution surfaced only after every stage-1 segment had run
-    monkeypatch.setattr(no_model, "encode_text", _NoModel())
+    monkeypatch.setattr(no_model, "encode_text", NoModel())
     with pytest.raises(ValueError, match=match):
         no_model.extend(_frames(9, 40, 72), "a cat", segments=2, num_frames=9, num_cond_frames=5,
                         resolution=(32, 64), num_inference_steps=1, progress=False, refine=True,
@@ -101,7 +89,7 @@ def test_extend_refine_resolution_checked_before_stage1(no_model, monkeypatch, r
 
 @pytest.mark.parametrize("t", [np.float32(2.0), True, float("nan")])
 def test_extend_refine_t_thresh_before_stage1(no_model, monkeypatch, t):
-    monkeypatch.setattr(no_model, "encode_text", _NoModel())
+    monkeypatch.setattr(no_model, "encode_text", NoModel())
     with pytest.raises((TypeError, ValueError), match="t_thresh"):
         no_model.extend(_frames(9, 40, 72), "a cat", segments=2, num_frames=9, num_cond_frames=5,
                         resolution=(32, 64), num_inference_steps=1, progress=False, refine=True, t_thresh=t)
@@ -111,7 +99,7 @@ def test_extend_refine_t_thresh_before_stage1(no_model, monkeypatch, t):
                                 dict(refine_resolution=(64, 64)), dict(spatial_refine_only=0)])
 def test_extend_refinement_options_without_refine(no_model, monkeypatch, kw):
     # they were silently ignored: a user who forgot refine=True got an unrefined video
-    monkeypatch.setattr(no_model, "encode_text", _NoModel())
+    monkeypatch.setattr(no_model, "encode_text", NoModel())
     with pytest.raises(ValueError, match=f"{next(iter(kw))}=.*refine=True"):
         no_model.extend(_frames(9, 40, 72), "a cat", segments=2, num_frames=9, num_cond_frames=5,
                         resolution=(32, 64), num_inference_steps=1, progress=False, **kw)
@@ -119,7 +107,7 @@ def test_extend_refinement_options_without_refine(no_model, monkeypatch, kw):
 
 def test_extend_refine_use_kv_cache_before_stage1(no_model, monkeypatch):
     # run_refine's bool check came only after every stage-1 segment had run
-    monkeypatch.setattr(no_model, "encode_text", _NoModel())
+    monkeypatch.setattr(no_model, "encode_text", NoModel())
     with pytest.raises(TypeError, match="use_kv_cache must be a bool, got str"):
         no_model.extend(_frames(9, 40, 72), "a cat", segments=2, num_frames=9, num_cond_frames=5,
                         resolution=(32, 64), num_inference_steps=1, progress=False, refine=True, use_kv_cache="no")

@@ -12,7 +12,7 @@ import torch
 
 from longcat_vc.memory import memory_plan
 from longcat_vc.pipeline import VCOutOfMemoryError, VideoContinuationPipeline
-from vc_components import write_refine_checkpoint
+from vc_components import NoModel, write_refine_checkpoint
 
 RES = (64, 128)
 
@@ -98,11 +98,6 @@ def test_continuation_oom_hints_unchanged_in_substance(pipe):
              guidance_scale=1.0, progress=False)
 
 
-class _NoModel:
-    def __getattr__(self, name):
-        raise AssertionError(f"model work before the argument checks: {name}")
-
-
 _BAD = [(dict(use_bsa="no"), "use_bsa"), (dict(use_bsa=1), "use_bsa"), (dict(use_kv_cache="no"), "use_kv_cache"),
         (dict(offload_kv_cache="yes"), "offload_kv_cache"), (dict(offload_kv_cache=0), "offload_kv_cache"),
         (dict(progress="no"), "progress")]
@@ -112,8 +107,8 @@ _BAD = [(dict(use_bsa="no"), "use_bsa"), (dict(use_bsa=1), "use_bsa"), (dict(use
 @pytest.mark.parametrize("call, kw, name", [(c, kw, n) for c in ("call", "extend", "refine") for kw, n in _BAD
                                             if not (c == "refine" and n == "use_bsa")])
 def test_switches_take_bools_only(pipe, monkeypatch, call, kw, name):
-    monkeypatch.setattr(pipe, "vae", _NoModel())
-    monkeypatch.setattr(pipe, "encode_text", _NoModel())
+    monkeypatch.setattr(pipe, "vae", NoModel())
+    monkeypatch.setattr(pipe, "encode_text", NoModel())
     with pytest.raises(TypeError, match=f"{name} must be a bool"):
         if call == "call":
             pipe(_frames(9), "a cat", resolution=(32, 64), num_frames=13, num_cond_frames=5, **kw)

@@ -54,7 +54,7 @@ import torch
 from longcat_vc import cli
 from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.video_io import write_video
-from vc_components import refine_checkpoint_in
+from vc_components import forbid_model_work, random_frames, refine_checkpoint_in
 
 REFINE_SIZE = (64, 64)
 
@@ -70,24 +70,12 @@ def refine_pipe(refine_ckpt):
                                                      attn_backend="torch")
 
 
-class _NoModel:
-    def __getattr__(self, name):
-        raise AssertionError(f"model work before the input checks: {name}")
-
-    def __call__(self, *a, **k):
-        raise AssertionError("model work before the input checks: a forward")
-
-
 @pytest.fixture
 def no_model(refine_pipe, monkeypatch):
-    monkeypatch.setattr(refine_pipe, "vae", _NoModel())
-    monkeypatch.setattr(refine_pipe.dit, "forward", _NoModel())
-    monkeypatch.setattr(refine_pipe, "decode_latents", _NoModel())
-    return refine_pipe
+    return forbid_model_work(refine_pipe, monkeypatch)
 
 
-def _frames(n, h, w, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+_frames = random_frames
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Video reading/writing: formats, frame counts, sizes, fps subsampling, atomic writes, bad input."""
 
-import os
 
 import numpy as np
 import pytest

@@ -247,3 +247,28 @@ def write_refine_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0):
         json.dump(d, f, indent=2)
     write_refinement_lora(root, cfg, seed=seed + 7)
     return tiny_config(caption_channels=TEXT_DIM, bsa_params=dict(REFINE_BSA_PARAMS))
+
+
+class NoModel:
+    """Stands in for a model part in input-check tests: any use fails, naming what was reached."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"model work before the input checks: {name}")
+
+    def __call__(self, *a, **k):
+        raise AssertionError("model work before the input checks: a forward")
+
+
+def forbid_model_work(pipe, monkeypatch):
+    """``pipe`` with its VAE, DiT forward and decoder replaced by ``NoModel`` (restored by monkeypatch)."""
+    monkeypatch.setattr(pipe, "vae", NoModel())
+    monkeypatch.setattr(pipe.dit, "forward", NoModel())
+    monkeypatch.setattr(pipe, "decode_latents", NoModel())
+    return pipe
+
+
+def random_frames(n, h, w, seed=0):
+    """``[n, h, w, 3]`` uint8 frames of uniform noise."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
