@@ -98,8 +98,22 @@ def encode_prompts(
         return_attention_mask=True,
         return_tensors="pt",
     )
+    _warn_truncated(tokenizer, prompts, max_length)
     ids = tok.input_ids.to(enc_param.device)
     mask = tok.attention_mask.to(enc_param.device)
     hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
     embeds = hidden.to(device=device, dtype=dtype).unsqueeze(1)  # [B, 1, L, C]
     return embeds, mask.to(device=device, dtype=torch.int64)
+
+
+def _warn_truncated(tokenizer, prompts: List[str], max_length: int) -> None:
+    """Warn when a prompt is longer than ``max_length`` tokens: the encoder sees only its first
+    ``max_length`` (as upstream), and the dropped end of the prompt was lost without a word."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
+    long = [(i, n) for i, n in enumerate(lengths) if n > max_length]
+    if long:
+        import warnings  # noqa: PLC0415
+
+        which = ", ".join(f"prompt {i}: {n} tokens" for i, n in long)
+        warnings.warn(f"{which}; the text encoder takes {max_length} tokens, the rest is dropped (as upstream): "
+                      f"shorten the prompt", UserWarning, stacklevel=3)

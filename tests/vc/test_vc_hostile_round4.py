@@ -516,3 +516,19 @@ def test_too_short_video_frames_with_a_stride_but_no_fps_get_the_frame_count_mes
     pipe = VideoContinuationPipeline.__new__(VideoContinuationPipeline)  # _load_video reads no component
     with pytest.raises(ValueError, match=r"the video has 3 frames, fewer than num_cond_frames=5"):
         pipe._load_video(VideoFrames(np.zeros((3, 16, 16, 3), np.uint8), None, None, 2), 5)
+
+
+def test_a_prompt_longer_than_the_text_length_warns(tmp_path):
+    # a prompt beyond max_sequence_length tokens was cut to its first tokens (as upstream) without a word
+    import warnings
+
+    from longcat_vc.text import encode_prompts
+    from vc_components import build_text_encoder, build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    enc = build_text_encoder()
+    with pytest.warns(UserWarning, match=r"prompt 1: \d+ tokens; the text encoder takes 16 tokens"):
+        encode_prompts(tok, enc, ["a cat", " ".join(["the cat rides a red car"] * 5)], max_length=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompts(tok, enc, ["a cat on the road"], max_length=16)
