@@ -93,21 +93,51 @@ def _load_jit():
     tag = f"torch{torch.__version__}_cu{torch.version.cuda}".replace(".", "_").replace("+", "_")
     root = cache_dir()
     build_dir = os.path.join(root, "jit", f"{tag}_{digest.hexdigest()[:12]}")
-    os.makedirs(build_dir, exist_ok=True)
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        lock = open(os.path.join(build_dir, "longcat.lock"), "a")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise OSError(f"LONGCAT_KERNELS_CACHE: cannot write the JIT build folder {build_dir} under {root!r} "
+                      f"({type(e).__name__}: {e}); set LONGCAT_KERNELS_CACHE to a writable folder") from e
     log.warning(
         "longcat_kernels: no prebuilt extension; JIT-building csrc/ into %s (cached; minutes the first "
         "time; LONGCAT_KERNELS_JIT=0 skips it)", build_dir)
-    cpp_extension.load(
-        name="longcat_kernels_C",
-        sources=sources,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=NVCC_FLAGS + arch,
-        extra_include_paths=[src],
-        build_directory=build_dir,
-        is_python_module=False,
-        verbose=env_flag("LONGCAT_KERNELS_VERBOSE_BUILD", False),
-    )
+    with lock:
+        _lock_build_dir(lock, build_dir)
+        cpp_extension.load(
+            name="longcat_kernels_C",
+            sources=sources,
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=NVCC_FLAGS + arch,
+            extra_include_paths=[src],
+            build_directory=build_dir,
+            is_python_module=False,
+            verbose=env_flag("LONGCAT_KERNELS_VERBOSE_BUILD", False),
+        )
     return torch.ops.longcat_kernels
+
+
+def _lock_build_dir(lock, build_dir: str) -> None:
+    """Holds ``build_dir`` for this process (an ``flock`` on ``longcat.lock``, released by the OS when
+    the file closes or the process dies), then removes torch's own ``lock`` file if one is left.
+
+    ``cpp_extension.load`` guards a build folder with a plain ``lock`` file that only a clean exit
+    removes: after a build killed mid-way (SIGTERM/SIGKILL, a job time limit) every later process waited
+    on it forever, silently. Every loader of this folder takes the flock first, so a ``lock`` file seen
+    while holding it is a dead process's."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        return
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.warning("longcat_kernels: another process is building the extension in %s; waiting for it", build_dir)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    stale = os.path.join(build_dir, "lock")
+    if os.path.exists(stale):
+        log.warning("longcat_kernels: removing %s, left by a JIT build that was killed", stale)
+        os.remove(stale)
 
 
 def load_extension():
