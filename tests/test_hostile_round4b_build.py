@@ -136,3 +136,80 @@ def test_jit_build_with_an_unwritable_cache_names_the_variable(fake_jit, monkeyp
                                       r"LONGCAT_KERNELS_CACHE to a writable folder"):
         _ext._load_jit()
     assert fake_jit == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the testing helpers users call
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 6, 8), (1, 2, 3, 4, 5)])
+def test_make_tensor_permuted_needs_a_4d_shape(shape):
+    # permuted=True on another rank returned a contiguous tensor: a "strided inputs" test that
+    # tested contiguous ones
+    from longcat_kernels.testing import make_tensor
+
+    with pytest.raises(ValueError, match=r"^permuted: needs a 4-D \(B, S, H, D\) shape, got"):
+        make_tensor(shape, permuted=True)
+    assert not make_tensor((2, 6, 3, 8), permuted=True).is_contiguous()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(grid=(4.5, 4, 4)), r"^grid: expected \(t, h, w\) positive ints, got \(4.5, 4, 4\)"),
+    (dict(grid=(2, 4, 4), grid_k=(3.9, 4, 4)), r"^grid_k: expected \(Tk, 4, 4\) with Tk >= 2, got \(3.9, 4, 4\)"),
+    (dict(grid=(2, 4, 4), noise=float("inf")), r"^noise: expected a finite value >= 0, got inf"),
+    (dict(grid=(2, 4, 4), corr=(8.0, float("inf"), 4.0)), r"^corr: expected three positive finite"),
+])
+def test_make_video_qkv_refuses_values_it_silently_changed(kw, msg):
+    # a fractional grid was truncated to another grid; noise=inf gave all-NaN q, k, v
+    from longcat_kernels.testing import make_video_qkv
+
+    with pytest.raises(ValueError, match=msg):
+        make_video_qkv(1, heads=2, head_dim=8, **kw)
+
+
+@pytest.mark.parametrize("prefix_len,err", [(-2, ValueError), (13, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_prefix_attn_two_calls_refuses_a_prefix_the_op_refuses(prefix_len, err):
+    # -2 split at S - 2 (prefix queries over all but the last two keys); 2.5 ran as 2: a baseline
+    # that silently computed another rule than lk.prefix_attn (which refuses these)
+    import torch
+
+    import longcat_kernels as lk
+    from longcat_kernels.testing import make_qkv
+    from longcat_kernels.testing.baselines import prefix_attn_two_calls
+
+    q, k, v = make_qkv(1, 12, 2, 8)
+    with pytest.raises(err, match=r"^prefix_len: expected"):
+        prefix_attn_two_calls(q, k, v, prefix_len, impl="math")
+    with pytest.raises(err, match=r"^prefix_len: expected"):
+        lk.prefix_attn(q, k, v, prefix_len)
+    torch.testing.assert_close(prefix_attn_two_calls(q, k, v, 5, impl="math"), lk.prefix_attn(q, k, v, 5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_baselines_refuse_a_cache_of_a_partial_frame():
+    # prebuilt_kv_inputs rotated the fresh keys at frame Sc // hw: with a cache of 1.5 frames the
+    # baseline silently used the wrong positions
+    import torch
+
+    from longcat_kernels import Rope3D
+    from longcat_kernels.testing import make_qkv
+    from longcat_kernels.testing.baselines import prebuilt_kv_inputs, unfused_kv_cache_attn
+
+    rope = Rope3D((4, 2, 2), 12)
+    q, k, v = make_qkv(1, 8, 2, 12)
+    kc, vc = torch.randn(1, 6, 2, 12), torch.randn(1, 6, 2, 12)
+    with pytest.raises(ValueError, match=r"^k_cache, q: expected whole frames of 4 tokens .*got 6 cache and 8 fresh"):
+        prebuilt_kv_inputs(q, k, v, kc, vc, rope=rope)
+    with pytest.raises(ValueError, match=r"^k_cache, q: expected whole frames of 4 tokens"):
+        unfused_kv_cache_attn(q[:, :6], k[:, :6], v[:, :6], kc, vc, rope=rope, impl="math")
+    prebuilt_kv_inputs(q, k, v, kc[:, :4], vc[:, :4], rope=rope)  # whole frames still run
+
+
+def test_check_close_names_a_baseline_of_another_shape():
+    # a baseline of another shape was reported as "the baseline itself is NaN/inf"
+    import torch
+
+    from longcat_kernels.testing import check_close
+
+    e = torch.randn(2, 3, 4)
+    msg = check_close(e, e, torch.randn(2, 4, 3))
+    assert msg == "output: baseline shape (2, 4, 3) != expected (2, 3, 4)"

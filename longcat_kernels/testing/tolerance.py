@@ -83,6 +83,8 @@ def check_close(
     err = rel_l2(actual, expected)
     base = 0.0
     if baseline is not None:
+        if tuple(baseline.shape) != tuple(expected.shape):  # was reported as "the baseline itself is NaN/inf"
+            return f"{name}: baseline shape {tuple(baseline.shape)} != expected {tuple(expected.shape)}"
         base = rel_l2(baseline, expected)
         if base != base or base == float("inf"):
             return f"{name}: the baseline itself is NaN/inf against the reference (rel L2 {base})"
