@@ -213,3 +213,23 @@ def test_check_close_names_a_baseline_of_another_shape():
     e = torch.randn(2, 3, 4)
     msg = check_close(e, e, torch.randn(2, 4, 3))
     assert msg == "output: baseline shape (2, 4, 3) != expected (2, 3, 4)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the examples
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,msg", [(["--layers", "0"], "--layers: expected a positive number of blocks, got 0"),
+                                      (["--sparsity", "nan"], "--sparsity: expected a float in [0, 1), got nan")])
+def test_wan_example_refuses_bad_flags_before_running(args, msg):
+    # --layers 0 built the GPU model with no transformer block: "rel L2 0", equal step times, nothing
+    # measured; --sparsity 1.5 failed only after two full model runs
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("diffusers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "wan_diffusers_bsa.py"), *args],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and msg in r.stderr and "rel L2" not in r.stdout, (r.stdout + r.stderr)[-2000:]
