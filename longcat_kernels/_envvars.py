@@ -86,7 +86,9 @@ _scanned = False
 
 def check_environment() -> None:
     """Run by the dispatcher on each eager call (a few microseconds): raises on a removed variable or
-    a bad value of any boolean knob or of the backend; the first call also warns about variables that
+    a bad value of any boolean knob, of the backend or of the build targets (a bad
+    ``LONGCAT_KERNELS_CUDA_ARCHS`` was only a JIT load failure: ``auto`` then ran Triton without a word,
+    while the environment report said every call raises); the first call also warns about variables that
     look like ours but are not (``LONGCAT_KERNEL_BACKEND``, a plural ``..._BACKENDS``): a misspelt
     knob would otherwise be ignored without a word."""
     global _scanned
@@ -94,6 +96,8 @@ def check_environment() -> None:
     for name, default in FLAGS.items():
         env_flag(name, default)
     backend_override()
+    if "LONGCAT_KERNELS_CUDA_ARCHS" in os.environ:
+        cuda_arch_flags_from_env()
     if _scanned:
         return
     _scanned = True

@@ -233,3 +233,20 @@ def test_wan_example_refuses_bad_flags_before_running(args, msg):
     r = subprocess.run([sys.executable, os.path.join(root, "examples", "wan_diffusers_bsa.py"), *args],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2 and msg in r.stderr and "rel L2" not in r.stdout, (r.stdout + r.stderr)[-2000:]
+
+
+@pytest.mark.parametrize("value", ["hopper", "9.0"])
+def test_bad_cuda_archs_raises_on_any_call_as_the_report_says(monkeypatch, capsys, value):
+    # the report listed it as INVALID and said "every op call raises", but calls ran: on a GPU without
+    # a prebuilt extension the JIT build failed on it and auto ran Triton without a word
+    import torch
+
+    import longcat_kernels as lk
+    from longcat_kernels import env
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", value)
+    env.main([])
+    assert "every op call raises" in capsys.readouterr().out
+    q = torch.randn(1, 8, 1, 8)
+    with pytest.raises(ValueError, match=r"^LONGCAT_KERNELS_CUDA_ARCHS: "):
+        lk.prefix_attn(q, q, q, 0)
