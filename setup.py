@@ -63,8 +63,16 @@ def _cuda_build_reason():
 
 
 def _max_jobs_from_ram() -> None:
-    """Sets MAX_JOBS from free RAM (about 4 GB per nvcc job) unless the user set it."""
-    if "MAX_JOBS" in os.environ:
+    """Sets MAX_JOBS from free RAM (about 4 GB per nvcc job) unless the user set it (empty: unset).
+
+    torch reads MAX_JOBS only if ``str.isdigit()``: anything else (``" 4"``, ``"four"``) was dropped
+    without a word and ``0`` reached ninja as ``-j 0`` (no limit), so neither got the RAM-based default:
+    as many nvcc jobs as ninja likes, the memory this default exists to protect."""
+    raw = os.environ.get("MAX_JOBS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {os.environ['MAX_JOBS']!r}")
+        os.environ["MAX_JOBS"] = raw
         return
     try:
         with open("/proc/meminfo") as f:

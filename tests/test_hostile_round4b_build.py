@@ -250,3 +250,39 @@ def test_bad_cuda_archs_raises_on_any_call_as_the_report_says(monkeypatch, capsy
     q = torch.randn(1, 8, 1, 8)
     with pytest.raises(ValueError, match=r"^LONGCAT_KERNELS_CUDA_ARCHS: "):
         lk.prefix_attn(q, q, q, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup.py
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's globals, with setuptools.setup a no-op (this machine's torch has no CUDA: no build)."""
+    import os
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return runpy.run_path(os.path.join(root, "setup.py"))
+
+
+@pytest.mark.parametrize("value", ["0", "four", "-2"])
+def test_setup_refuses_a_max_jobs_torch_would_drop(setup_py, monkeypatch, value):
+    # torch ignores a MAX_JOBS that is not all digits and passes "0" to ninja as -j 0 (no limit): the
+    # RAM-based default was skipped too, so the nvcc jobs were as many as ninja likes
+    monkeypatch.setenv("MAX_JOBS", value)
+    with pytest.raises(ValueError, match=rf"^MAX_JOBS: expected a positive number of parallel compile jobs, got '{value}'"):
+        setup_py["_max_jobs_from_ram"]()
+
+
+def test_setup_max_jobs_blank_is_unset_and_spaces_are_stripped(setup_py, monkeypatch):
+    import os
+
+    monkeypatch.setenv("MAX_JOBS", " 3 ")
+    setup_py["_max_jobs_from_ram"]()
+    assert os.environ["MAX_JOBS"] == "3"  # torch's isdigit() test dropped " 3 "
+    monkeypatch.setenv("MAX_JOBS", "")
+    setup_py["_max_jobs_from_ram"]()
+    assert os.environ["MAX_JOBS"].isdigit() and int(os.environ["MAX_JOBS"]) >= 1
