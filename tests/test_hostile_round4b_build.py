@@ -286,3 +286,33 @@ def test_setup_max_jobs_blank_is_unset_and_spaces_are_stripped(setup_py, monkeyp
     monkeypatch.setenv("MAX_JOBS", "")
     setup_py["_max_jobs_from_ram"]()
     assert os.environ["MAX_JOBS"].isdigit() and int(os.environ["MAX_JOBS"]) >= 1
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(factor=float("nan")), r"^factor: expected a number >= 0, got nan"),
+                                    (dict(floor=float("nan")), r"^floor: expected a number >= 0, got nan"),
+                                    (dict(floor=-1e-3), r"^floor: expected a number >= 0, got -0.001")])
+def test_check_close_refuses_a_nan_or_negative_tolerance(kw, msg):
+    # a NaN tolerance failed every comparison as "rel L2 0.000e+00 > tol nan": an accuracy failure of
+    # the kernel under test, for a bad argument of the test
+    import torch
+
+    from longcat_kernels.testing import assert_close, check_close
+
+    e = torch.randn(3, 4)
+    for fn in (check_close, assert_close):
+        with pytest.raises(ValueError, match=msg):
+            fn(e, e, e, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int8", "bool"])
+def test_make_tensor_refuses_a_non_floating_dtype(dtype):
+    # normal samples cast to integers: a tensor of mostly zeros, -1 and 1
+    import torch
+
+    from longcat_kernels.testing import make_qkv, make_tensor
+
+    with pytest.raises(ValueError, match=rf"^dtype: expected a floating dtype, got torch.{dtype}"):
+        make_tensor((2, 3), getattr(torch, dtype))
+    with pytest.raises(ValueError, match="^dtype: expected a floating dtype"):
+        make_qkv(1, 4, 2, 8, dtype=getattr(torch, dtype))
+    assert make_tensor((2, 3), torch.float8_e4m3fn).dtype == torch.float8_e4m3fn

@@ -49,6 +49,8 @@ def make_tensor(
     """Random normal ``shape`` tensor. ``permuted=True`` returns a BSHD view of a BHSD buffer
     (non-contiguous strides, like ``x.transpose(1, 2)``)."""
     shape = tuple(shape)
+    if not dtype.is_floating_point:  # randn cast to an integer dtype: mostly zeros
+        raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
     if permuted and len(shape) != 4:
         # it used to return a contiguous tensor: a test of strided inputs that tested nothing
         raise ValueError(f"permuted: needs a 4-D (B, S, H, D) shape, got {shape}")

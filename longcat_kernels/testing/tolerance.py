@@ -71,6 +71,11 @@ def check_close(
     name: str = "output",
 ) -> Optional[str]:
     """None if ``actual`` passes the rule, else the failure message (see ``assert_close``)."""
+    # a NaN factor or floor made every check fail as "rel L2 ... > tol nan": reported as the kernel's
+    # inaccuracy, not the test's argument
+    for arg, val in (("factor", factor), ("floor", floor)):
+        if val is not None and not float(val) >= 0.0:
+            raise ValueError(f"{arg}: expected a number >= 0, got {val!r}")
     if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
         return f"{name}: expected tensors, got {type(actual).__name__} and {type(expected).__name__}"
     if tuple(actual.shape) != tuple(expected.shape):
