@@ -316,3 +316,17 @@ def test_make_tensor_refuses_a_non_floating_dtype(dtype):
     with pytest.raises(ValueError, match="^dtype: expected a floating dtype"):
         make_qkv(1, 4, 2, 8, dtype=getattr(torch, dtype))
     assert make_tensor((2, 3), torch.float8_e4m3fn).dtype == torch.float8_e4m3fn
+
+
+def test_bsa_token_mask_refuses_a_block_mask_of_other_grids():
+    # a block mask from other grids or chunks (more blocks than these give) was indexed by its first
+    # blocks: a token mask for another selection, and an oracle that silently tested something else
+    import torch
+
+    from longcat_kernels.testing import bsa_token_mask
+
+    grid, chunk = (2, 4, 4), (1, 2, 2)  # 8 blocks
+    ok = bsa_token_mask(torch.ones(1, 1, 8, 8, dtype=torch.bool), grid, grid, chunk, chunk)
+    assert ok.shape == (1, 1, 32, 32) and bool(ok.all())
+    with pytest.raises(ValueError, match=r"^block_mask: expected \[B, H, 8, 8\] blocks for grid_q \(2, 4, 4\)"):
+        bsa_token_mask(torch.ones(1, 1, 16, 8, dtype=torch.bool), grid, grid, chunk, chunk)
