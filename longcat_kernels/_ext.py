@@ -60,7 +60,7 @@ def cuda_arch_flags(capability=None):
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
-def _load_jit():
+def _load_jit(prebuilt_error: str = "not built"):
     """JIT-builds csrc/ with ``torch.utils.cpp_extension.load`` (ninja) and loads the ops.
 
     The build folder is cached per torch version, CUDA version, target flags and source hash under
@@ -99,9 +99,11 @@ def _load_jit():
     except OSError as e:
         raise OSError(f"LONGCAT_KERNELS_CACHE: cannot write the JIT build folder {build_dir} under {root!r} "
                       f"({type(e).__name__}: {e}); set LONGCAT_KERNELS_CACHE to a writable folder") from e
+    # the prebuilt's import error is named: one built for another torch fails with an undefined symbol,
+    # and "no prebuilt extension" sent the user looking for a build that is there
     log.warning(
-        "longcat_kernels: no prebuilt extension; JIT-building csrc/ into %s (cached; minutes the first "
-        "time; LONGCAT_KERNELS_JIT=0 skips it)", build_dir)
+        "longcat_kernels: no usable prebuilt extension (%s); JIT-building csrc/ into %s (cached; minutes the "
+        "first time; LONGCAT_KERNELS_JIT=0 skips it)", prebuilt_error, build_dir)
     with lock:
         _lock_build_dir(lock, build_dir)
         cpp_extension.load(
@@ -162,7 +164,7 @@ def load_extension():
                             "nvcc and a CUDA torch, or unset LONGCAT_KERNELS_JIT"
                         ) from e
                     try:
-                        _STATE["module"] = _load_jit()
+                        _STATE["module"] = _load_jit(f"{type(e).__name__}: {e}")
                     except Exception as e2:
                         raise ImportError(f"longcat_kernels._C is not built ({e}); JIT build failed: "
                                           f"{type(e2).__name__}: {e2}") from e2

@@ -330,3 +330,22 @@ def test_bsa_token_mask_refuses_a_block_mask_of_other_grids():
     assert ok.shape == (1, 1, 32, 32) and bool(ok.all())
     with pytest.raises(ValueError, match=r"^block_mask: expected \[B, H, 8, 8\] blocks for grid_q \(2, 4, 4\)"):
         bsa_token_mask(torch.ones(1, 1, 16, 8, dtype=torch.bool), grid, grid, chunk, chunk)
+
+
+def test_jit_log_names_why_the_prebuilt_extension_was_not_used(fake_jit, monkeypatch, caplog):
+    # a prebuilt _C built for another torch fails to import (undefined symbol); the JIT line said
+    # "no prebuilt extension", sending the user looking for a build that is there
+    import torch
+
+    from longcat_kernels import _ext
+
+    def broken():
+        raise ImportError("longcat_kernels/_C.so: undefined symbol: _ZN3c104impl")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_load_prebuilt", broken)
+    monkeypatch.setattr(_ext, "_STATE", {"tried": False, "module": None, "error": None, "how": None, "kernels": None})
+    with caplog.at_level("WARNING", logger="longcat_kernels"):
+        assert _ext.load_extension() is not None
+    assert _ext._STATE["how"] == "jit"
+    assert "no usable prebuilt extension (ImportError: longcat_kernels/_C.so: undefined symbol" in caplog.text
