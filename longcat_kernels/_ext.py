@@ -2,7 +2,8 @@
 
 Never imported at package import time: the first call on CUDA tensors (the chooser needs to know
 which csrc kernels exist) triggers the load. Order: the prebuilt ``_C`` (built at install when the
-build saw a CUDA torch and nvcc); else, in a source checkout with nvcc, a JIT build of ``csrc/``
+build saw a CUDA torch and nvcc; not loaded if the kernel sources changed since it was built, by the
+digest ``setup.py`` writes next to it: ``_C.csrc_sha1``); else, in a source checkout with nvcc, a JIT build of ``csrc/``
 cached under ``LONGCAT_KERNELS_CACHE`` (one log line; ``LONGCAT_KERNELS_JIT=0`` opts out). A failed
 load is remembered with its reason so that ``backend="cuda"`` raises it and
 ``python -m longcat_kernels.env`` reports it (``extension_status()``: prebuilt, jit or skipped).
@@ -24,7 +25,50 @@ _LOCK = threading.Lock()
 _STATE = {"tried": False, "module": None, "error": None, "how": None, "kernels": None}
 
 
+# written by setup.py next to the built _C: the digest of the csrc/ it was built from
+SOURCES_FILE = "_C.csrc_sha1"
+_SOURCE_SUFFIXES = (".cu", ".cpp", ".h", ".cuh")
+
+
+def csrc_digest(src: str) -> str:
+    """sha1 over the kernel sources in ``src`` (names and contents, by name); ``setup.py`` computes
+    the same (it cannot import the package while building)."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha1()
+    for name in sorted(f for f in os.listdir(src) if f.endswith(_SOURCE_SUFFIXES)):
+        with open(os.path.join(src, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+def _check_prebuilt_sources(so_path: str) -> None:
+    """Raises ImportError if the ``_C`` at ``so_path`` was built from other sources than the package's.
+
+    In a source checkout the built ``_C`` stays (ignored by git) while ``csrc/`` moves on: after a
+    pull or an edit without a rebuild the old kernels were loaded and ran, silently. A build without
+    the digest file (older setup.py) is not checked."""
+    side = os.path.join(os.path.dirname(so_path), SOURCES_FILE)
+    src = _csrc_dir()
+    if src is None or not os.path.isfile(side):
+        return
+    with open(side) as f:
+        built = f.read().strip()
+    if built != csrc_digest(src):
+        raise ImportError(
+            f"{so_path} was built from other kernel sources than {src} (changed since the build: "
+            f"{SOURCES_FILE} {built[:12]}, sources now {csrc_digest(src)[:12]}); rebuild it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+
+
 def _load_prebuilt():
+    import importlib.util  # noqa: PLC0415
+
+    # checked before the import: a loaded _C registers its ops, and the JIT build could not replace them
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is not None and spec.origin:
+        _check_prebuilt_sources(spec.origin)
     from . import _C  # noqa: PLC0415 - the compiled module registers torch.ops.longcat_kernels.*
 
     return _C

@@ -349,3 +349,49 @@ def test_jit_log_names_why_the_prebuilt_extension_was_not_used(fake_jit, monkeyp
         assert _ext.load_extension() is not None
     assert _ext._STATE["how"] == "jit"
     assert "no usable prebuilt extension (ImportError: longcat_kernels/_C.so: undefined symbol" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# a prebuilt _C from other sources (a checkout keeps the ignored build while csrc/ moves on)
+# ---------------------------------------------------------------------------------------------
+def test_setup_and_package_agree_on_the_sources_digest(setup_py, tmp_path):
+    import os
+
+    from longcat_kernels import _ext
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert setup_py["csrc_digest"](os.path.join(root, "csrc")) == _ext.csrc_digest(_ext._csrc_dir())
+    so = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"")
+    setup_py["write_sources_digest"](str(so))
+    assert (tmp_path / _ext.SOURCES_FILE).read_text().strip() == _ext.csrc_digest(_ext._csrc_dir())
+
+
+def test_prebuilt_extension_from_other_sources_is_not_loaded(monkeypatch, tmp_path):
+    # an editable install keeps longcat_kernels/_C*.so (git-ignored) while csrc/ changes with a pull or an
+    # edit: the old kernels were imported and ran, silently; now refused before the import (a loaded _C
+    # registers its ops), so the JIT build of the current sources takes over or the error says rebuild
+    import importlib.machinery
+    import importlib.util
+
+    from longcat_kernels import _ext
+
+    so = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"not a library")  # importing it would fail differently
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        if name == "longcat_kernels._C":
+            return importlib.machinery.ModuleSpec(name, None, origin=str(so))
+        return real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    (tmp_path / _ext.SOURCES_FILE).write_text("0" * 40 + "\n")
+    with pytest.raises(ImportError, match=r"was built from other kernel sources than .*rebuild it with "
+                                          r"`pip install --no-build-isolation -e .`"):
+        _ext._load_prebuilt()
+    # the digest of the current sources: the check passes and the import itself is attempted
+    (tmp_path / _ext.SOURCES_FILE).write_text(_ext.csrc_digest(_ext._csrc_dir()) + "\n")
+    with pytest.raises(ImportError) as e:
+        _ext._load_prebuilt()
+    assert "other kernel sources" not in str(e.value)
