@@ -177,9 +177,13 @@ def _lock_build_dir(lock, build_dir: str) -> None:
         return
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         log.warning("longcat_kernels: another process is building the extension in %s; waiting for it", build_dir)
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    except OSError as e:  # a file system without flock: torch's own lock file only, as before
+        log.warning("longcat_kernels: cannot lock %s (%s); a lock file left by a killed build is not cleared",
+                    build_dir, e)
+        return
     stale = os.path.join(build_dir, "lock")
     if os.path.exists(stale):
         log.warning("longcat_kernels: removing %s, left by a JIT build that was killed", stale)
