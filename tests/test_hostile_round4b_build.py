@@ -412,3 +412,15 @@ def test_jit_build_on_a_file_system_without_flock_still_builds(fake_jit, monkeyp
     with caplog.at_level("WARNING", logger="longcat_kernels"):
         _ext._load_jit()
     assert len(fake_jit) == 1 and "cannot lock" in caplog.text
+
+
+def test_check_close_says_when_the_reference_is_nan():
+    # a NaN in the oracle was reported as "rel L2 inf > tol ...": the kernel's error
+    import torch
+
+    from longcat_kernels.testing import check_close
+
+    a = torch.randn(2, 3)
+    e = a.double().clone()
+    e[0, 1] = float("nan")
+    assert check_close(a, e) == "output: the expected (reference) tensor has 1 NaN of 6 entries"
