@@ -424,3 +424,31 @@ def test_check_close_says_when_the_reference_is_nan():
     e = a.double().clone()
     e[0, 1] = float("nan")
     assert check_close(a, e) == "output: the expected (reference) tensor has 1 NaN of 6 entries"
+
+
+def test_sdist_ships_the_kernel_sources(tmp_path):
+    # `python -m build` (and `pip install` of an sdist) builds the wheel from the sdist, which had no
+    # csrc/: no extension at install ("no csrc/ directory") and none at first use ("JIT build needs the
+    # kernel sources"), from a checkout that has them
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(root, f), src / f)
+    for d in ("csrc", "longcat_kernels"):
+        shutil.copytree(os.path.join(root, d), src / d, ignore=shutil.ignore_patterns("__pycache__", "*.so", "_csrc"))
+    env = dict(os.environ, LONGCAT_KERNELS_SKIP_CUDA_BUILD="1")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=src,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    want = {f"csrc/{f}" for f in os.listdir(os.path.join(root, "csrc")) if f.endswith((".cu", ".cpp", ".h", ".cuh"))}
+    assert "csrc/ops.cpp" in want and want <= names, sorted(want - names)
