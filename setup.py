@@ -63,8 +63,16 @@ def _cuda_build_reason():
 
 
 def _max_jobs_from_ram() -> None:
-    """Sets MAX_JOBS from free RAM (about 4 GB per nvcc job) unless the user set it."""
-    if "MAX_JOBS" in os.environ:
+    """Sets MAX_JOBS from free RAM (about 4 GB per nvcc job) unless the user set it (empty: unset).
+
+    torch reads MAX_JOBS only if ``str.isdigit()``: anything else (``" 4"``, ``"four"``) was dropped
+    without a word and ``0`` reached ninja as ``-j 0`` (no limit), so neither got the RAM-based default:
+    as many nvcc jobs as ninja likes, the memory this default exists to protect."""
+    raw = os.environ.get("MAX_JOBS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {os.environ['MAX_JOBS']!r}")
+        os.environ["MAX_JOBS"] = raw
         return
     try:
         with open("/proc/meminfo") as f:
@@ -135,13 +143,41 @@ def _build_py_with_csrc():
     return BuildPyWithCsrc
 
 
+def csrc_digest(src: str) -> str:
+    """sha1 over the kernel sources (names and contents, by name): ``longcat_kernels._ext.csrc_digest``."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in sorted(f for f in os.listdir(src) if f.endswith((".cu", ".cpp", ".h", ".cuh"))):
+        with open(os.path.join(src, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+def write_sources_digest(ext_path: str) -> None:
+    """Writes ``_C.csrc_sha1`` next to a built ``_C``: the package refuses a ``_C`` whose sources have
+    changed since (a source checkout keeps the built file while csrc/ moves on)."""
+    with open(os.path.join(os.path.dirname(ext_path), "_C.csrc_sha1"), "w") as f:
+        f.write(csrc_digest(os.path.join(HERE, "csrc")) + "\n")
+
+
 def _cmdclass(exts):
     out = {"build_py": _build_py_with_csrc()}
     if not exts:
         return out
     from torch.utils.cpp_extension import BuildExtension
 
-    out["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtWithDigest(base):
+        def run(self):
+            super().run()
+            for ext in self.extensions:  # the file imported: in the source tree when built in place
+                path = self.get_ext_fullpath(ext.name)
+                if os.path.exists(path):
+                    write_sources_digest(path)
+
+    out["build_ext"] = BuildExtWithDigest
     return out
 
 

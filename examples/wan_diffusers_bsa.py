@@ -54,6 +54,12 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--sparsity", type=float, default=0.875)
     args = ap.parse_args()
+    # before building anything: --layers 0 built a GPU model without blocks (rel L2 0, same step time,
+    # nothing tested) and a bad --sparsity failed only after the dense and sparsity-0 runs
+    if args.layers < 1:
+        ap.error(f"--layers: expected a positive number of blocks, got {args.layers}")
+    if not 0.0 <= args.sparsity < 1.0:  # NaN too
+        ap.error(f"--sparsity: expected a float in [0, 1), got {args.sparsity}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     m = build(args, device, dtype).eval()

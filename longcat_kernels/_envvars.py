@@ -11,7 +11,8 @@
 ``LONGCAT_KERNELS_CUDA_ARCHS``     targets of the extension build: ``"9.0a;8.0"`` (compute
                                    capabilities, ``;``/``,``/space separated) or nvcc
                                    ``-gencode=...`` flags verbatim; default: the device's own
-                                   (``sm_90a`` at install without a device)
+                                   (``sm_90a`` at install without a device). Hopper is ``9.0a``:
+                                   a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap)
 ``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``)
 ``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
 ``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: deterministic BSA backward (dq without
@@ -85,7 +86,9 @@ _scanned = False
 
 def check_environment() -> None:
     """Run by the dispatcher on each eager call (a few microseconds): raises on a removed variable or
-    a bad value of any boolean knob or of the backend; the first call also warns about variables that
+    a bad value of any boolean knob, of the backend or of the build targets (a bad
+    ``LONGCAT_KERNELS_CUDA_ARCHS`` was only a JIT load failure: ``auto`` then ran Triton without a word,
+    while the environment report said every call raises); the first call also warns about variables that
     look like ours but are not (``LONGCAT_KERNEL_BACKEND``, a plural ``..._BACKENDS``): a misspelt
     knob would otherwise be ignored without a word."""
     global _scanned
@@ -93,6 +96,8 @@ def check_environment() -> None:
     for name, default in FLAGS.items():
         env_flag(name, default)
     backend_override()
+    if "LONGCAT_KERNELS_CUDA_ARCHS" in os.environ:
+        cuda_arch_flags_from_env()
     if _scanned:
         return
     _scanned = True
@@ -149,20 +154,53 @@ def backend_override() -> Optional[str]:
 
 
 _CAP = re.compile(r"^(\d+)\.(\d+)(a?)$")
+# nvcc target flags; given bare, the value is the next word ("-gencode arch=compute_90a,code=sm_90a")
+_FLAGS = ("-gencode", "-arch", "--generate-code", "-code")
+# Hopper without the arch-specific "a": the wgmma/setmaxnreg kernels compile to stubs that trap at
+# launch, while the extension reports them available on an H100 (its binary is sm_90)
+_PLAIN_SM90 = re.compile(r"(?:compute|sm)_90(?![0-9a-z])")
+
+
+def _plain_sm90_error(raw: str, entry: str) -> ValueError:
+    return ValueError(
+        f"LONGCAT_KERNELS_CUDA_ARCHS: Hopper needs the arch-specific target 9.0a (sm_90a): {entry!r} builds the "
+        f"wgmma kernels as stubs that trap at launch; expected e.g. '9.0a;8.0', got {raw!r}"
+    )
+
+
+def _verbatim_flags(raw: str) -> Optional[List[str]]:
+    """``raw`` split into nvcc target flags if every word is one (or the value of a bare one), else None."""
+    words = raw.split()
+    out: List[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if not w.startswith(_FLAGS):
+            return None
+        out.append(w)
+        if w in _FLAGS and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            out.append(words[i + 1])
+            i += 1
+        i += 1
+    return out
 
 
 def cuda_arch_flags_from_env() -> Optional[List[str]]:
     """nvcc target flags from ``LONGCAT_KERNELS_CUDA_ARCHS``, or None when unset/empty.
 
     ``"9.0a;8.0"`` -> ``["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]``;
-    flags starting with ``-gencode``/``-arch``/``--generate-code`` pass verbatim. Raises ``ValueError``
-    on anything else.
+    flags starting with ``-gencode``/``-arch``/``--generate-code`` pass verbatim (also nvcc's
+    ``-gencode arch=...,code=...`` with a space). Raises ``ValueError`` on anything else, and on a
+    plain Hopper target (``9.0``, ``sm_90``, ``compute_90``: the Hopper kernels need ``9.0a``).
     """
     raw = os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").strip()
     if raw == "":
         return None
-    flags_given = raw.split()
-    if all(t.startswith(("-gencode", "-arch", "--generate-code", "-code")) for t in flags_given):
+    flags_given = _verbatim_flags(raw)
+    if flags_given is not None:
+        for f in flags_given:
+            if _PLAIN_SM90.search(f):
+                raise _plain_sm90_error(raw, f)
         return flags_given
     toks = [t for t in re.split(r"[;,\s]+", raw) if t]
     flags = []
@@ -174,6 +212,8 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
                 f"-gencode flags, got {raw!r} (bad entry {t!r})"
             )
         cc = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        if cc == "90":
+            raise _plain_sm90_error(raw, t)
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
     return flags
 

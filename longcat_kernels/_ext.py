@@ -2,7 +2,8 @@
 
 Never imported at package import time: the first call on CUDA tensors (the chooser needs to know
 which csrc kernels exist) triggers the load. Order: the prebuilt ``_C`` (built at install when the
-build saw a CUDA torch and nvcc); else, in a source checkout with nvcc, a JIT build of ``csrc/``
+build saw a CUDA torch and nvcc; not loaded if the kernel sources changed since it was built, by the
+digest ``setup.py`` writes next to it: ``_C.csrc_sha1``); else, in a source checkout with nvcc, a JIT build of ``csrc/``
 cached under ``LONGCAT_KERNELS_CACHE`` (one log line; ``LONGCAT_KERNELS_JIT=0`` opts out). A failed
 load is remembered with its reason so that ``backend="cuda"`` raises it and
 ``python -m longcat_kernels.env`` reports it (``extension_status()``: prebuilt, jit or skipped).
@@ -24,7 +25,50 @@ _LOCK = threading.Lock()
 _STATE = {"tried": False, "module": None, "error": None, "how": None, "kernels": None}
 
 
+# written by setup.py next to the built _C: the digest of the csrc/ it was built from
+SOURCES_FILE = "_C.csrc_sha1"
+_SOURCE_SUFFIXES = (".cu", ".cpp", ".h", ".cuh")
+
+
+def csrc_digest(src: str) -> str:
+    """sha1 over the kernel sources in ``src`` (names and contents, by name); ``setup.py`` computes
+    the same (it cannot import the package while building)."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha1()
+    for name in sorted(f for f in os.listdir(src) if f.endswith(_SOURCE_SUFFIXES)):
+        with open(os.path.join(src, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+def _check_prebuilt_sources(so_path: str) -> None:
+    """Raises ImportError if the ``_C`` at ``so_path`` was built from other sources than the package's.
+
+    In a source checkout the built ``_C`` stays (ignored by git) while ``csrc/`` moves on: after a
+    pull or an edit without a rebuild the old kernels were loaded and ran, silently. A build without
+    the digest file (older setup.py) is not checked."""
+    side = os.path.join(os.path.dirname(so_path), SOURCES_FILE)
+    src = _csrc_dir()
+    if src is None or not os.path.isfile(side):
+        return
+    with open(side) as f:
+        built = f.read().strip()
+    if built != csrc_digest(src):
+        raise ImportError(
+            f"{so_path} was built from other kernel sources than {src} (changed since the build: "
+            f"{SOURCES_FILE} {built[:12]}, sources now {csrc_digest(src)[:12]}); rebuild it with "
+            "`pip install --no-build-isolation -e .`"
+        )
+
+
 def _load_prebuilt():
+    import importlib.util  # noqa: PLC0415
+
+    # checked before the import: a loaded _C registers its ops, and the JIT build could not replace them
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is not None and spec.origin:
+        _check_prebuilt_sources(spec.origin)
     from . import _C  # noqa: PLC0415 - the compiled module registers torch.ops.longcat_kernels.*
 
     return _C
@@ -60,7 +104,7 @@ def cuda_arch_flags(capability=None):
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
-def _load_jit():
+def _load_jit(prebuilt_error: str = "not built"):
     """JIT-builds csrc/ with ``torch.utils.cpp_extension.load`` (ninja) and loads the ops.
 
     The build folder is cached per torch version, CUDA version, target flags and source hash under
@@ -93,21 +137,57 @@ def _load_jit():
     tag = f"torch{torch.__version__}_cu{torch.version.cuda}".replace(".", "_").replace("+", "_")
     root = cache_dir()
     build_dir = os.path.join(root, "jit", f"{tag}_{digest.hexdigest()[:12]}")
-    os.makedirs(build_dir, exist_ok=True)
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        lock = open(os.path.join(build_dir, "longcat.lock"), "a")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise OSError(f"LONGCAT_KERNELS_CACHE: cannot write the JIT build folder {build_dir} under {root!r} "
+                      f"({type(e).__name__}: {e}); set LONGCAT_KERNELS_CACHE to a writable folder") from e
+    # the prebuilt's import error is named: one built for another torch fails with an undefined symbol,
+    # and "no prebuilt extension" sent the user looking for a build that is there
     log.warning(
-        "longcat_kernels: no prebuilt extension; JIT-building csrc/ into %s (cached; minutes the first "
-        "time; LONGCAT_KERNELS_JIT=0 skips it)", build_dir)
-    cpp_extension.load(
-        name="longcat_kernels_C",
-        sources=sources,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=NVCC_FLAGS + arch,
-        extra_include_paths=[src],
-        build_directory=build_dir,
-        is_python_module=False,
-        verbose=env_flag("LONGCAT_KERNELS_VERBOSE_BUILD", False),
-    )
+        "longcat_kernels: no usable prebuilt extension (%s); JIT-building csrc/ into %s (cached; minutes the "
+        "first time; LONGCAT_KERNELS_JIT=0 skips it)", prebuilt_error, build_dir)
+    with lock:
+        _lock_build_dir(lock, build_dir)
+        cpp_extension.load(
+            name="longcat_kernels_C",
+            sources=sources,
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=NVCC_FLAGS + arch,
+            extra_include_paths=[src],
+            build_directory=build_dir,
+            is_python_module=False,
+            verbose=env_flag("LONGCAT_KERNELS_VERBOSE_BUILD", False),
+        )
     return torch.ops.longcat_kernels
+
+
+def _lock_build_dir(lock, build_dir: str) -> None:
+    """Holds ``build_dir`` for this process (an ``flock`` on ``longcat.lock``, released by the OS when
+    the file closes or the process dies), then removes torch's own ``lock`` file if one is left.
+
+    ``cpp_extension.load`` guards a build folder with a plain ``lock`` file that only a clean exit
+    removes: after a build killed mid-way (SIGTERM/SIGKILL, a job time limit) every later process waited
+    on it forever, silently. Every loader of this folder takes the flock first, so a ``lock`` file seen
+    while holding it is a dead process's."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        return
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("longcat_kernels: another process is building the extension in %s; waiting for it", build_dir)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    except OSError as e:  # a file system without flock: torch's own lock file only, as before
+        log.warning("longcat_kernels: cannot lock %s (%s); a lock file left by a killed build is not cleared",
+                    build_dir, e)
+        return
+    stale = os.path.join(build_dir, "lock")
+    if os.path.exists(stale):
+        log.warning("longcat_kernels: removing %s, left by a JIT build that was killed", stale)
+        os.remove(stale)
 
 
 def load_extension():
@@ -132,7 +212,7 @@ def load_extension():
                             "nvcc and a CUDA torch, or unset LONGCAT_KERNELS_JIT"
                         ) from e
                     try:
-                        _STATE["module"] = _load_jit()
+                        _STATE["module"] = _load_jit(f"{type(e).__name__}: {e}")
                     except Exception as e2:
                         raise ImportError(f"longcat_kernels._C is not built ({e}); JIT build failed: "
                                           f"{type(e2).__name__}: {e2}") from e2

@@ -62,11 +62,19 @@ def rope_eager_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return (xf * cos[:, None, :] + rot * sin[:, None, :]).to(x.dtype)
 
 
+def _check_whole_frames(Sc: int, Sn: int, hw: int) -> None:
+    # a cache of a partial frame put the fresh tokens at the wrong frame (Sc // hw), silently
+    if Sc % hw or Sn % hw:
+        raise ValueError(f"k_cache, q: expected whole frames of {hw} tokens (rope.tokens_per_frame), got "
+                         f"{Sc} cache and {Sn} fresh tokens")
+
+
 def prebuilt_kv_inputs(q, k, v, k_cache, v_cache, *, rope):
     """``(q', K, V)`` for timing SDPA alone: rotated q, ``[cache; k']`` and ``[v_cache; v]``
     repeated to the batch and contiguous. ``k_cache`` is already rotated (our cache format)."""
     B, Sn = q.shape[:2]
     Sc = k_cache.shape[1]
+    _check_whole_frames(Sc, Sn, rope.tokens_per_frame)
     c = Sc // rope.tokens_per_frame
     cos, sin = (t.to(q.device) for t in rope.tables(c, Sn // rope.tokens_per_frame))
     K = torch.cat([k_cache.expand(B, -1, -1, -1), rope_eager_fp32(k, cos, sin)], dim=1).contiguous()
@@ -86,6 +94,7 @@ def unfused_kv_cache_attn(q, k, v, k_cache_raw, v_cache, *, rope, impl: str = "c
     B, Sn = q.shape[:2]
     Sc = k_cache_raw.shape[1]
     hw = rope.tokens_per_frame
+    _check_whole_frames(Sc, Sn, hw)
     reps = B // k_cache_raw.shape[0]
     K = torch.cat([k_cache_raw.repeat(reps, 1, 1, 1), k], dim=1)
     V = torch.cat([v_cache.repeat(reps, 1, 1, 1), v], dim=1)
@@ -98,7 +107,12 @@ def unfused_kv_cache_attn(q, k, v, k_cache_raw, v_cache, *, rope, impl: str = "c
 def prefix_attn_two_calls(q, k, v, prefix_len: int, *, impl: str = "cudnn", scale=None):
     """Cache-off rule (SPEC 4) as upstream computes it: prefix queries over prefix keys, the rest
     over all keys, two SDPA calls concatenated. ``q, k, v [B, S, H, D]``."""
-    P = int(prefix_len)
+    # int() truncated 2.5 to 2 and a negative or too long prefix sliced the wrong tokens, silently
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
+    P = prefix_len
+    if not 0 <= P <= q.shape[1]:
+        raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {P}")
     if P == 0:
         return sdpa_bshd(q, k, v, impl=impl, scale=scale)
     head = sdpa_bshd(q[:, :P], k[:, :P], v[:, :P], impl=impl, scale=scale)

@@ -49,7 +49,12 @@ def make_tensor(
     """Random normal ``shape`` tensor. ``permuted=True`` returns a BSHD view of a BHSD buffer
     (non-contiguous strides, like ``x.transpose(1, 2)``)."""
     shape = tuple(shape)
-    if permuted and len(shape) == 4:
+    if not dtype.is_floating_point:  # randn cast to an integer dtype: mostly zeros
+        raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
+    if permuted and len(shape) != 4:
+        # it used to return a contiguous tensor: a test of strided inputs that tested nothing
+        raise ValueError(f"permuted: needs a 4-D (B, S, H, D) shape, got {shape}")
+    if permuted:
         B, S, H, D = shape
         x = torch.randn((B, H, S, D), dtype=torch.float32, device=device, generator=generator) * std
         x = x.to(dtype).transpose(1, 2)
@@ -176,17 +181,20 @@ def make_video_qkv(
     """
     gq = tuple(int(g) for g in grid)
     gk = gq if grid_k is None else tuple(int(g) for g in grid_k)
-    if len(gq) != 3 or min(gq) <= 0:
+    # int() truncated a fractional size (4.5 -> 4) into a grid other than the one asked for
+    if len(gq) != 3 or min(gq) <= 0 or list(gq) != list(grid):
         raise ValueError(f"grid: expected (t, h, w) positive ints, got {tuple(grid)}")
-    if len(gk) != 3 or min(gk) <= 0 or gk[1:] != gq[1:] or gk[0] < gq[0]:
+    if (len(gk) != 3 or min(gk) <= 0 or gk[1:] != gq[1:] or gk[0] < gq[0]
+            or (grid_k is not None and list(gk) != list(grid_k))):
         raise ValueError(f"grid_k: expected (Tk, {gq[1]}, {gq[2]}) with Tk >= {gq[0]}, got {tuple(grid_k)}")
     corr = tuple(float(c) for c in corr)
-    if len(corr) != 3 or not all(c > 0 for c in corr):
-        raise ValueError(f"corr: expected three positive correlation lengths, got {corr}")
+    if len(corr) != 3 or not all(0 < c < math.inf for c in corr):
+        raise ValueError(f"corr: expected three positive finite correlation lengths, got {corr}")
     if not 0.0 <= float(qk_alignment) <= 1.0:
         raise ValueError(f"qk_alignment: expected a value in [0, 1], got {qk_alignment}")
-    if not float(noise) >= 0.0:
-        raise ValueError(f"noise: expected >= 0, got {noise}")
+    # inf passed ">= 0" and made every q, k, v NaN
+    if not 0.0 <= float(noise) < math.inf:
+        raise ValueError(f"noise: expected a finite value >= 0, got {noise}")
     for name, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("content_dim", content_dim)):
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             raise ValueError(f"{name}: expected a positive int, got {val!r}")

@@ -42,6 +42,12 @@ def bsa_token_mask(block_mask: torch.Tensor, grid_q, grid_k, chunk_q, chunk_k) -
     """Token mask ``[B, H, Sq, Sk]`` bool from a block mask ``[B, H, Nq, Nk]``."""
     bq = token_block_ids(grid_q, chunk_q).to(block_mask.device)
     bk = token_block_ids(grid_k, chunk_k).to(block_mask.device)
+    # a mask with more blocks than the grids give was indexed by its first ones: a wrong oracle, silently
+    want = (int(bq.max()) + 1, int(bk.max()) + 1)
+    if tuple(block_mask.shape[-2:]) != want:
+        raise ValueError(f"block_mask: expected [B, H, {want[0]}, {want[1]}] blocks for grid_q {tuple(grid_q)} / chunk_q "
+                         f"{tuple(chunk_q)} and grid_k {tuple(grid_k)} / chunk_k {tuple(chunk_k)}, got "
+                         f"{list(block_mask.shape)}")
     return block_mask[:, :, bq][:, :, :, bk]
 
 

@@ -71,6 +71,11 @@ def check_close(
     name: str = "output",
 ) -> Optional[str]:
     """None if ``actual`` passes the rule, else the failure message (see ``assert_close``)."""
+    # a NaN factor or floor made every check fail as "rel L2 ... > tol nan": reported as the kernel's
+    # inaccuracy, not the test's argument
+    for arg, val in (("factor", factor), ("floor", floor)):
+        if val is not None and not float(val) >= 0.0:
+            raise ValueError(f"{arg}: expected a number >= 0, got {val!r}")
     if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
         return f"{name}: expected tensors, got {type(actual).__name__} and {type(expected).__name__}"
     if tuple(actual.shape) != tuple(expected.shape):
@@ -78,11 +83,16 @@ def check_close(
     n_nan = int(torch.isnan(actual.detach()).sum())
     if n_nan:
         return f"{name}: {n_nan} NaN of {actual.numel()} entries (dtype {actual.dtype})"
+    n_nan = int(torch.isnan(expected.detach()).sum())
+    if n_nan:  # was "rel L2 inf > tol": the kernel blamed for the reference's NaN
+        return f"{name}: the expected (reference) tensor has {n_nan} NaN of {expected.numel()} entries"
     if floor is None:
         floor = floor_for(actual.dtype, tf32)
     err = rel_l2(actual, expected)
     base = 0.0
     if baseline is not None:
+        if tuple(baseline.shape) != tuple(expected.shape):  # was reported as "the baseline itself is NaN/inf"
+            return f"{name}: baseline shape {tuple(baseline.shape)} != expected {tuple(expected.shape)}"
         base = rel_l2(baseline, expected)
         if base != base or base == float("inf"):
             return f"{name}: the baseline itself is NaN/inf against the reference (rel L2 {base})"
