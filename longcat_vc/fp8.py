@@ -194,14 +194,20 @@ class Fp8Linear(LoRALinear):
         """``[N, K]`` fp32 ``Wq * s_w``."""
         return self.weight.float() * self.weight_scale[:, None]
 
-    def _fuse(self) -> None:
+    def _check_fuse(self) -> None:
         if self.lora_active and not self.lora_fused:
             raise ValueError("fuse_lora: the weights are fp8; fuse the LoRA before quantising (quantize_dit_fp8 after fuse_lora)")
 
-    def _unfuse(self) -> None:
+    def _check_unfuse(self) -> None:
         if self.lora_fused:
             raise ValueError("unfuse_lora: these fp8 weights were quantised with the LoRA fused in; reload the "
                              "model to change LoRAs")
+
+    def _fuse(self) -> None:
+        self._check_fuse()  # nothing to fuse otherwise: the LoRA is fused (before quantising) or inactive
+
+    def _unfuse(self) -> None:
+        self._check_unfuse()
 
 
 @torch.no_grad()
