@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import lora as _lora
 from .config import DiTConfig
+from .fp8 import check_fp8_state_dict
 from .kv_cache import KVCache
 from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
@@ -99,10 +100,13 @@ class LongCatDiT(nn.Module):
         """``nn.Module.load_state_dict``; KV caches built before are stale afterwards (the state
         counter is bumped even if every copy happened to keep the version counters). Refused while
         LoRAs are fused into the weights (the loaded weights would lose them while the model still
-        counted them as fused, and a later unfuse would subtract them from the loaded weights)."""
+        counted them as fused, and a later unfuse would subtract them from the loaded weights), and
+        refused (ValueError) where the state dict and the model disagree on fp8 quantisation
+        (``longcat_vc.fp8.check_fp8_state_dict``)."""
         fused = _lora.fused_loras(self)
         if fused:
             raise RuntimeError(f"load_state_dict: LoRA {fused} fused into the weights; call unfuse_lora() first")
+        check_fp8_state_dict(self, state_dict)
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:

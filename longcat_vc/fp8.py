@@ -65,7 +65,7 @@ E4M3_MAX = 448.0
 
 __all__ = ["Fp8Linear", "Fp8Activation", "quantize_dit_fp8", "fp8_supported", "check_fp8_device", "FP8_TARGETS",
            "E4M3_MAX", "quantize_rows", "fp8_input_kind", "modulate_fp8", "layer_norm_fp8", "silu_mul_fp8",
-           "to_fp8_activation"]
+           "to_fp8_activation", "check_fp8_state_dict"]
 
 FP8_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
                "ffn.w1", "ffn.w2", "ffn.w3")
@@ -208,6 +208,33 @@ class Fp8Linear(LoRALinear):
 
     def _unfuse(self) -> None:
         self._check_unfuse()
+
+
+def check_fp8_state_dict(model: nn.Module, state_dict) -> None:
+    """ValueError unless ``state_dict`` and ``model`` agree on which linears are fp8 (checked by
+    ``LongCatDiT.load_state_dict`` before anything is copied: ``Tensor.copy_`` casts across dtypes,
+    so an unquantised weight lands in an e4m3 parameter under the old scales, and an e4m3 weight in a
+    bf16 one without its scales; strict loading would report the keys only after copying).
+
+    Rule: an ``Fp8Linear`` takes its ``weight`` (float8_e4m3fn) and ``weight_scale`` together or
+    neither; any other module takes no ``weight_scale``."""
+    bad = []
+    for path, mod in model.named_modules():
+        pre = f"{path}." if path else ""
+        w, s = state_dict.get(pre + "weight"), state_dict.get(pre + "weight_scale")
+        if isinstance(mod, Fp8Linear):
+            if (w is None) != (s is None) or (w is not None and w.dtype != torch.float8_e4m3fn):
+                got = "no weight" if w is None else f"weight {w.dtype}"
+                bad.append(f"{path}: fp8 (quantize_dit_fp8) expects weight float8_e4m3fn with weight_scale, got "
+                           f"{got} {'with' if s is not None else 'without'} weight_scale")
+        elif s is not None:
+            bad.append(f"{path}: not fp8 ({type(mod).__name__}), got an fp8 weight_scale")
+    if bad:
+        raise ValueError(
+            "load_state_dict: the state dict and the model disagree on fp8 quantisation (load an unquantised "
+            "state dict into an unquantised model and quantise after, or a quantised one into a model quantised "
+            f"the same way): {'; '.join(bad[:3])}" + (f"; ... ({len(bad)} modules)" if len(bad) > 3 else "")
+        )
 
 
 @torch.no_grad()

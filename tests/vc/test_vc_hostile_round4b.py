@@ -4,6 +4,11 @@ silently or crash deep inside (audit 4b, 2026-12-06), one section per finding:
 A. ``fuse_lora`` / ``unfuse_lora`` (and ``enable_loras``, ``disable_loras``, ``set_mode``, which unfuse
    first) refused by an fp8 layer only after the LoRA linears before it (the adaLN linears come first
    in every block) had been fused or unfused: the refusal left the model half fused.
+B. ``load_state_dict`` of an unquantised state dict into an fp8-quantised DiT (or of a quantised one
+   into an unquantised DiT): ``copy_`` cast the bf16 weights into the e4m3 parameters under the old
+   scales (or the e4m3 values into bf16 without their scales). ``strict=False`` ran on with garbage
+   weights silently; ``strict=True`` reported the missing / unexpected ``weight_scale`` keys only
+   after the weights had been overwritten.
 """
 
 from __future__ import annotations
@@ -72,3 +77,48 @@ def test_fp8_unfuse_refusal_changes_no_module(tmp_path, base, call):
     assert all(mod.lora_fused for n, mod in m.named_modules() if n.endswith("adaLN_modulation.1"))
     with torch.no_grad():
         assert torch.equal(m(x, t, y, mask), out)
+
+
+# ----------------------------------------------------------------------------- B: load_state_dict vs fp8
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_unquantised_state_dict_into_fp8_model_is_refused_before_copying(base, strict):
+    cfg, sd = base
+    q = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(q, emulate=True)
+    before = _weights(q)
+    with pytest.raises(ValueError, match=r"load_state_dict: the state dict and the model disagree on fp8 "
+                                         r"quantisation.*blocks\.0\.attn\.qkv: fp8 \(quantize_dit_fp8\) expects "
+                                         r"weight float8_e4m3fn with weight_scale, got weight torch\.float32 without"):
+        q.load_state_dict(sd, strict=strict)
+    assert _same(_weights(q), before)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_quantised_state_dict_into_unquantised_model_is_refused_before_copying(base, strict):
+    cfg, sd = base
+    q = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(q, emulate=True)
+    m = model_from_state_dict(cfg, random_state_dict(cfg, seed=4))
+    before = _weights(m)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: not fp8 \(LoRALinear\), got an fp8 weight_scale"):
+        m.load_state_dict(q.state_dict(), strict=strict)
+    assert _same(_weights(m), before)
+
+
+def test_fp8_state_dict_loads_into_an_fp8_model_and_halves_are_refused(base):
+    cfg, sd = base
+    src = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(src, emulate=True)
+    dst = model_from_state_dict(cfg, random_state_dict(cfg, seed=4))
+    quantize_dit_fp8(dst, emulate=True)
+    qsd = src.state_dict()
+    half = {k: v for k, v in qsd.items() if not k.endswith("blocks.1.ffn.w2.weight_scale")}
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.w2: .*got weight torch\.float8_e4m3fn without weight_scale"):
+        dst.load_state_dict(half, strict=False)
+    dst.load_state_dict(qsd)
+    assert _same(_weights(dst), _weights(src))
+    x, t, y, mask = make_inputs(cfg, B=1, T=2)
+    with torch.no_grad():
+        assert torch.equal(dst(x, t, y, mask), src(x, t, y, mask))
