@@ -161,7 +161,8 @@ class Fp8Linear(LoRALinear):
 
     Built only by ``quantize_dit_fp8`` (which converts ``LoRALinear`` modules in place). ``forward``
     takes ``x [..., K]`` in the model dtype, or an ``Fp8Activation``, and returns ``[..., N]`` in the
-    model dtype (``act_dtype``, the weight's dtype before quantisation).
+    model dtype (``act_dtype``, the weight's dtype before quantisation; a later ``.to(dtype)`` of the
+    model sets it and keeps the e4m3 weight and fp32 scales).
     """
 
     emulate: bool = False
@@ -189,6 +190,19 @@ class Fp8Linear(LoRALinear):
             for adapter in self.lora_active:
                 y = adapter.add_to(act.x, y)
         return y
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)`` / ``.half()`` / ``.float()`` convert every floating tensor, the e4m3 weight and
+        # its fp32 scales too (rounded scales, then a dtype error inside the GEMM): they are kept, moved
+        # only, and the new dtype becomes the activation dtype, as it is the rest of the model's.
+        w, s = self.weight.data, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != w.dtype:
+            self.act_dtype = self.weight.dtype
+            self.weight.data = w.to(self.weight.device)
+        if self.weight_scale.dtype != s.dtype:
+            self.weight_scale = s.to(self.weight_scale.device)
+        return self
 
     def dequantized_weight(self) -> torch.Tensor:
         """``[N, K]`` fp32 ``Wq * s_w``."""

@@ -9,6 +9,10 @@ B. ``load_state_dict`` of an unquantised state dict into an fp8-quantised DiT (o
    scales (or the e4m3 values into bf16 without their scales). ``strict=False`` ran on with garbage
    weights silently; ``strict=True`` reported the missing / unexpected ``weight_scale`` keys only
    after the weights had been overwritten.
+C. ``.to(dtype)`` / ``.half()`` / ``.float()`` of an fp8-quantised DiT converted the e4m3 weights and
+   their fp32 scales to that dtype like any floating tensor: the scales were rounded (bf16) and the next
+   forward failed inside the GEMM (``expected m1 and m2 to have the same dtype``, or ``_scaled_mm``'s
+   "Invalid scaling configuration").
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from test_dit import make_inputs
 from tiny_ckpt import LORA_TARGETS_REFINEMENT, model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
 
-from longcat_vc.fp8 import quantize_dit_fp8
+from longcat_vc.fp8 import Fp8Linear, quantize_dit_fp8
 from longcat_vc.lora import fused_loras
 
 
@@ -122,3 +126,32 @@ def test_fp8_state_dict_loads_into_an_fp8_model_and_halves_are_refused(base):
     x, t, y, mask = make_inputs(cfg, B=1, T=2)
     with torch.no_grad():
         assert torch.equal(dst(x, t, y, mask), src(x, t, y, mask))
+
+
+# ----------------------------------------------------------------------------- C: .to(dtype) of an fp8 model
+
+
+@pytest.mark.parametrize("convert", ["to", "double"])
+def test_dtype_conversion_keeps_fp8_weights_and_scales(base, convert):
+    from test_dit import rel_l2
+
+    cfg, sd = base
+    q = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(q, emulate=True)
+    fp8 = {n: (m.weight.detach().clone(), m.weight_scale.clone()) for n, m in q.named_modules() if isinstance(m, Fp8Linear)}
+    x, t, y, mask = make_inputs(cfg, B=1, T=2)
+    with torch.no_grad():
+        ref = q(x, t, y, mask)
+    q.to(torch.float64) if convert == "to" else q.double()
+    assert q.dtype == torch.float64
+    for n, m in q.named_modules():
+        if isinstance(m, Fp8Linear):
+            w, s = fp8[n]
+            assert m.weight.dtype == torch.float8_e4m3fn and torch.equal(m.weight.float(), w.float()), n
+            assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, s), n
+            assert m.act_dtype == torch.float64, n
+    with torch.no_grad():
+        out = q(x.double(), t, y.double(), mask)
+    assert out.dtype == torch.float32 and rel_l2(out, ref) < 1e-5
+    q.to("cpu")  # a move only: nothing changes
+    assert all(m.act_dtype == torch.float64 for m in q.modules() if isinstance(m, Fp8Linear))
