@@ -80,8 +80,8 @@ class LongCatDiT(nn.Module):
     # ------------------------------------------------------------------ facts
     def state_fingerprint(self) -> tuple:
         """What a KV cache built now depends on: the model-level state counter ``_state_version``
-        (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; and by
-        ``load_state_dict``), the block-sparse settings (they change the cond tokens' K/V) and, per
+        (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; by
+        ``load_state_dict``; by a dtype conversion, ``.to(dtype)``), the block-sparse settings (they change the cond tokens' K/V) and, per
         parameter and buffer, its identity and in-place version counter (a replaced parameter, e.g.
         FP8 quantisation; in-place edits and optimizer steps).
 
@@ -111,6 +111,17 @@ class LongCatDiT(nn.Module):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:
             self._state_version += 1
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)`` / ``.half()`` / ``.float()`` keep each parameter's identity and version
+        # counter (``.data`` is swapped), so a KV cache would survive a round trip (fp32 -> bf16 ->
+        # fp32: rounded weights, same dtype): a dtype change counts as a state change. Device moves
+        # do not (exact; the cache's device is checked).
+        before = [t.dtype for t in itertools.chain(self.parameters(), self.buffers())]
+        out = super()._apply(fn, recurse)
+        if before != [t.dtype for t in itertools.chain(self.parameters(), self.buffers())]:
+            self._state_version += 1
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -396,7 +407,7 @@ class LongCatDiT(nn.Module):
         what = []
         if cache.source[1] != now[1]:
             what.append("the LoRA state or the loaded weights changed (LoRA enable/disable/fuse/unfuse/load/"
-                        "multiplier, load_state_dict)")
+                        "multiplier, load_state_dict, a dtype conversion)")
         if cache.source[2] != now[2]:
             what.append("the attention configuration changed (config.enable_bsa / bsa_params: the cond "
                         "tokens' K/V depend on it)")

@@ -13,6 +13,10 @@ C. ``.to(dtype)`` / ``.half()`` / ``.float()`` of an fp8-quantised DiT converted
    their fp32 scales to that dtype like any floating tensor: the scales were rounded (bf16) and the next
    forward failed inside the GEMM (``expected m1 and m2 to have the same dtype``, or ``_scaled_mm``'s
    "Invalid scaling configuration").
+D. A KV cache built before a dtype round trip of the DiT (``.to(torch.bfloat16).to(torch.float32)``,
+   ``.half().float()``: weights rounded, dtype as before) was accepted as fresh and mixed with the
+   rounded weights silently: ``.to()`` swaps ``.data``, which keeps the identity and version counter
+   the staleness fingerprint reads.
 """
 
 from __future__ import annotations
@@ -155,3 +159,25 @@ def test_dtype_conversion_keeps_fp8_weights_and_scales(base, convert):
     assert out.dtype == torch.float32 and rel_l2(out, ref) < 1e-5
     q.to("cpu")  # a move only: nothing changes
     assert all(m.act_dtype == torch.float64 for m in q.modules() if isinstance(m, Fp8Linear))
+
+
+# ----------------------------------------------------------------------------- D: KV cache after a dtype round trip
+
+
+@pytest.mark.parametrize("trip", ["bf16", "half"])
+def test_kv_cache_is_stale_after_a_dtype_round_trip(base, trip):
+    cfg, sd = base
+    m = model_from_state_dict(cfg, sd)
+    x, t, y, mask = make_inputs(cfg, B=1, T=3)
+    with torch.no_grad():
+        cache = m.build_kv_cache(x[:, :, :1])
+        m.to("cpu")  # a device move (exact) keeps it fresh
+        m(x[:, :, 1:], t, y, mask, kv_cache=cache)
+        if trip == "bf16":
+            m.to(torch.bfloat16).to(torch.float32)
+        else:
+            m.half().float()
+        with pytest.raises(ValueError, match=r"kv_cache: stale.*a dtype conversion"):
+            m(x[:, :, 1:], t, y, mask, kv_cache=cache)
+        fresh = m.build_kv_cache(x[:, :, :1])
+        m(x[:, :, 1:], t, y, mask, kv_cache=fresh)
