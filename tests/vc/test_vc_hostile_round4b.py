@@ -156,7 +156,8 @@ def test_dtype_conversion_keeps_fp8_weights_and_scales(base, convert):
             assert m.act_dtype == torch.float64, n
     with torch.no_grad():
         out = q(x.double(), t, y.double(), mask)
-    assert out.dtype == torch.float32 and rel_l2(out, ref) < 1e-5
+    # the activations are quantised from fp64 now: an e4m3 rounding boundary may fall differently
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and rel_l2(out, ref) < 0.02
     q.to("cpu")  # a move only: nothing changes
     assert all(m.act_dtype == torch.float64 for m in q.modules() if isinstance(m, Fp8Linear))
 
