@@ -17,6 +17,10 @@ D. A KV cache built before a dtype round trip of the DiT (``.to(torch.bfloat16).
    ``.half().float()``: weights rounded, dtype as before) was accepted as fresh and mixed with the
    rounded weights silently: ``.to()`` swaps ``.data``, which keeps the identity and version counter
    the staleness fingerprint reads.
+E. ``apply_memory_mode`` of a streaming pipeline (balanced -> low, as allowed) with another device:
+   the attached block streamer kept the DiT's blocks and embedders on the old device while the text
+   encoder and the VAE moved, and the next call failed deep inside on mixed devices (on CPU: diffusers'
+   "Device 'meta' does not have a corresponding module").
 """
 
 from __future__ import annotations
@@ -182,3 +186,24 @@ def test_kv_cache_is_stale_after_a_dtype_round_trip(base, trip):
             m(x[:, :, 1:], t, y, mask, kv_cache=cache)
         fresh = m.build_kv_cache(x[:, :, :1])
         m(x[:, :, 1:], t, y, mask, kv_cache=fresh)
+
+
+# ----------------------------------------------------------------------------- E: memory mode switch to another device
+
+
+def test_memory_mode_switch_keeps_the_streaming_device():
+    import types
+
+    import longcat_vc.memory as M
+    from longcat_vc.config import DiTConfig
+    from longcat_vc.dit import LongCatDiT
+
+    pytest.importorskip("accelerate")
+    dit = LongCatDiT(DiTConfig.tiny(depth=2))
+    pipe = types.SimpleNamespace(dit=dit, text_encoder=torch.nn.Linear(4, 4), vae=torch.nn.Linear(2, 2))
+    M.apply_memory_mode(pipe, "balanced", "cpu")
+    with pytest.raises(ValueError, match=r"apply_memory_mode: device: the DiT blocks stream to cpu, got meta"):
+        M.apply_memory_mode(pipe, "low", "meta")
+    assert pipe._memory.name == "balanced" and pipe.vae.weight.device.type == "cpu"
+    M.apply_memory_mode(pipe, "low", torch.device("cpu"))
+    assert pipe._memory.name == "low"
