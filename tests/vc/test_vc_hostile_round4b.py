@@ -21,6 +21,9 @@ E. ``apply_memory_mode`` of a streaming pipeline (balanced -> low, as allowed) w
    the attached block streamer kept the DiT's blocks and embedders on the old device while the text
    encoder and the VAE moved, and the next call failed deep inside on mixed devices (on CPU: diffusers'
    "Device 'meta' does not have a corresponding module").
+F. ``enable_context_parallel(cfg_parallel="no")`` (or ``0``/``1``, ``None``) took the truthiness:
+   ``"no"`` split the ranks into CFG groups (on an odd world: "cfg_parallel needs an even number of
+   ranks", about a flag the caller had said no to).
 """
 
 from __future__ import annotations
@@ -207,3 +210,17 @@ def test_memory_mode_switch_keeps_the_streaming_device():
     assert pipe._memory.name == "balanced" and pipe.vae.weight.device.type == "cpu"
     M.apply_memory_mode(pipe, "low", torch.device("cpu"))
     assert pipe._memory.name == "low"
+
+
+# ----------------------------------------------------------------------------- F: cfg_parallel must be a bool
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 1, None])
+def test_cfg_parallel_must_be_a_bool(flag):
+    from longcat_vc.config import DiTConfig
+    from longcat_vc.dit import LongCatDiT
+
+    m = LongCatDiT(DiTConfig.tiny(), device="meta")
+    with pytest.raises(TypeError, match=rf"cfg_parallel: expected a bool \(True or False\), got {type(flag).__name__}"):
+        m.enable_context_parallel(cfg_parallel=flag)
+    assert m.context_parallel is None
