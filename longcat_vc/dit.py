@@ -378,6 +378,11 @@ class LongCatDiT(nn.Module):
         ``problems``: ones the caller found already (listed first)."""
         cfg = self.config
         problems = list(problems)
+        if heads is None and getattr(cache, "sp_size", 1) > 1:
+            # a ShardedKVCache handed to this model after disable_context_parallel (or to another)
+            problems.append(f"sharded: heads {cache.head_start}..{cache.head_start + cache.heads_local - 1} of "
+                            f"{cache.num_heads}, built by context-parallel rank {cache.sp_rank} of {cache.sp_size}, "
+                            "and this model runs without context parallelism (rebuild it with build_kv_cache())")
         if cache.depth != cfg.depth:
             problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
         if tuple(cache.grid_hw) != (Nh, Nw):

@@ -24,6 +24,9 @@ E. ``apply_memory_mode`` of a streaming pipeline (balanced -> low, as allowed) w
 F. ``enable_context_parallel(cfg_parallel="no")`` (or ``0``/``1``, ``None``) took the truthiness:
    ``"no"`` split the ranks into CFG groups (on an odd world: "cfg_parallel needs an even number of
    ranks", about a flag the caller had said no to).
+G. A ``ShardedKVCache`` (a context-parallel rank's heads) given to the model after
+   ``disable_context_parallel()`` was refused as "tensors of shape [1, S, 1, D], expected [1, S, 2, D]",
+   which says nothing of the sharding; it is named now.
 """
 
 from __future__ import annotations
@@ -224,3 +227,28 @@ def test_cfg_parallel_must_be_a_bool(flag):
     with pytest.raises(TypeError, match=rf"cfg_parallel: expected a bool \(True or False\), got {type(flag).__name__}"):
         m.enable_context_parallel(cfg_parallel=flag)
     assert m.context_parallel is None
+
+
+# ----------------------------------------------------------------------------- G: a sharded cache without context parallelism
+
+
+def test_sharded_cache_on_a_model_without_context_parallel_is_named(base):
+    import dataclasses
+
+    from longcat_vc.kv_cache import KVCache
+    from longcat_vc.parallel import ShardedKVCache
+
+    cfg, sd = base
+    m = model_from_state_dict(cfg, sd)
+    x, t, y, mask = make_inputs(cfg, B=1, T=3)
+    with torch.no_grad():
+        full = m.build_kv_cache(x[:, :, :1])
+        fields = {f.name: getattr(full, f.name) for f in dataclasses.fields(KVCache)}
+        fields.update(keys=[k[:, :, 1:] for k in full.keys], values=[v[:, :, 1:] for v in full.values])
+        shard = ShardedKVCache(**fields, num_heads=2, head_start=1, sp_size=2, sp_rank=1)  # rank 1's half
+        with pytest.raises(ValueError, match=r"kv_cache: sharded: heads 1\.\.1 of 2, built by context-parallel rank 1 "
+                                             r"of 2, and this model runs without context parallelism"):
+            m(x[:, :, 1:], t, y, mask, kv_cache=shard)
+        whole = ShardedKVCache(**{f.name: getattr(full, f.name) for f in dataclasses.fields(KVCache)},
+                               num_heads=2, head_start=0, sp_size=1, sp_rank=0)  # cfg_parallel on 2 ranks: all heads
+        assert torch.equal(m(x[:, :, 1:], t, y, mask, kv_cache=whole), m(x[:, :, 1:], t, y, mask, kv_cache=full))
