@@ -30,6 +30,7 @@ estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exa
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -371,7 +372,7 @@ def offload_text_encoder(text_encoder: nn.Module, device) -> None:
     while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
     stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
     try:
-        import accelerate  # noqa: F401  (diffusers' group offloading moves inputs with it)
+        importlib.import_module("accelerate")  # diffusers' group offloading moves inputs with it
         from diffusers.hooks import apply_group_offloading
     except ImportError as e:
         raise ImportError(
