@@ -46,6 +46,7 @@ argument layout of the real call against the emulation.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -232,13 +233,15 @@ def check_fp8_state_dict(model: nn.Module, state_dict) -> None:
 
     Rule: an ``Fp8Linear`` takes its ``weight`` (float8_e4m3fn) and ``weight_scale`` together or
     neither; any other module takes no ``weight_scale``."""
+    if not isinstance(state_dict, Mapping):
+        return  # nn.Module.load_state_dict's own TypeError names it
     bad = []
     for path, mod in model.named_modules():
         pre = f"{path}." if path else ""
         w, s = state_dict.get(pre + "weight"), state_dict.get(pre + "weight_scale")
         if isinstance(mod, Fp8Linear):
-            if (w is None) != (s is None) or (w is not None and w.dtype != torch.float8_e4m3fn):
-                got = "no weight" if w is None else f"weight {w.dtype}"
+            if (w is None) != (s is None) or (w is not None and getattr(w, "dtype", None) != torch.float8_e4m3fn):
+                got = "no weight" if w is None else f"weight {getattr(w, 'dtype', type(w).__name__)}"
                 bad.append(f"{path}: fp8 (quantize_dit_fp8) expects weight float8_e4m3fn with weight_scale, got "
                            f"{got} {'with' if s is not None else 'without'} weight_scale")
         elif s is not None:

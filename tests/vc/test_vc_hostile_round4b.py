@@ -125,6 +125,15 @@ def test_quantised_state_dict_into_unquantised_model_is_refused_before_copying(b
     assert _same(_weights(m), before)
 
 
+def test_fp8_check_leaves_torchs_own_state_dict_errors():
+    from longcat_vc.config import DiTConfig
+    from longcat_vc.dit import LongCatDiT
+
+    m = LongCatDiT(DiTConfig.tiny(), device="meta")
+    with pytest.raises(TypeError, match="Expected state_dict to be dict-like"):
+        m.load_state_dict([("x_embedder.proj.weight", torch.zeros(1))])
+
+
 def test_fp8_state_dict_loads_into_an_fp8_model_and_halves_are_refused(base):
     cfg, sd = base
     src = model_from_state_dict(cfg, sd)
