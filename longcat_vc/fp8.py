@@ -66,7 +66,7 @@ E4M3_MAX = 448.0
 
 __all__ = ["Fp8Linear", "Fp8Activation", "quantize_dit_fp8", "fp8_supported", "check_fp8_device", "FP8_TARGETS",
            "E4M3_MAX", "quantize_rows", "fp8_input_kind", "modulate_fp8", "layer_norm_fp8", "silu_mul_fp8",
-           "to_fp8_activation", "check_fp8_state_dict"]
+           "to_fp8_activation", "check_fp8_state_dict", "check_fuse_before_quantising"]
 
 FP8_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
                "ffn.w1", "ffn.w2", "ffn.w3")
@@ -223,6 +223,14 @@ class Fp8Linear(LoRALinear):
 
     def _unfuse(self) -> None:
         self._check_unfuse()
+
+
+def check_fuse_before_quantising(model: nn.Module, what: str) -> None:
+    """ValueError naming ``what`` (a request to fuse a LoRA) when ``model`` is fp8-quantised: fp8
+    layers refuse ``fuse_lora``, so a caller that enables the LoRA first must ask before that."""
+    if any(isinstance(m, Fp8Linear) for m in model.modules()):
+        raise ValueError(f"{what}: the DiT's weights are fp8 (quantize_dit_fp8); a LoRA is fused before quantising "
+                         "(from_pretrained(..., fuse_lora=True, fp8=True) does so), or runs unfused beside fp8 weights")
 
 
 def check_fp8_state_dict(model: nn.Module, state_dict) -> None:

@@ -27,6 +27,9 @@ F. ``enable_context_parallel(cfg_parallel="no")`` (or ``0``/``1``, ``None``) too
 G. A ``ShardedKVCache`` (a context-parallel rank's heads) given to the model after
    ``disable_context_parallel()`` was refused as "tensors of shape [1, S, 1, D], expected [1, S, 2, D]",
    which says nothing of the sharding; it is named now.
+H. ``pipe.set_mode("distill", fuse_lora=True)`` on a pipeline whose DiT is fp8-quantised: the cfg-step
+   LoRA was enabled, then ``fuse_lora`` was refused by the fp8 layers with ``pipe.mode`` still "basic":
+   a later basic-mode call ran with the distill LoRA active, silently.
 """
 
 from __future__ import annotations
@@ -261,3 +264,29 @@ def test_sharded_cache_on_a_model_without_context_parallel_is_named(base):
         whole = ShardedKVCache(**{f.name: getattr(full, f.name) for f in dataclasses.fields(KVCache)},
                                num_heads=2, head_start=0, sp_size=1, sp_rank=0)  # cfg_parallel on 2 ranks: all heads
         assert torch.equal(m(x[:, :, 1:], t, y, mask, kv_cache=whole), m(x[:, :, 1:], t, y, mask, kv_cache=full))
+
+
+# ----------------------------------------------------------------------------- H: set_mode fuse on an fp8 pipeline
+
+
+def test_set_mode_fuse_on_an_fp8_pipeline_is_refused_before_enabling(tmp_path, base):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tiny_ckpt import LORA_TARGETS_CFG_STEP
+    from vc_components import build_text_encoder, build_tokenizer, build_vae
+
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    cfg, sd = base
+    lora = str(tmp_path / "cfg.safetensors")
+    write_longcat_lora(lora, cfg, targets=LORA_TARGETS_CFG_STEP, seed=5)
+    dit = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(dit, emulate=True)
+    pipe = VideoContinuationPipeline(dit, build_vae(), build_text_encoder(), build_tokenizer(str(tmp_path / "tok")),
+                                     {"shift": 12.0})
+    with pytest.raises(ValueError, match=r"set_mode: fuse_lora=True: the DiT's weights are fp8"):
+        pipe.set_mode("distill", lora_path=lora, fuse_lora=True)
+    assert pipe.mode == "basic" and dit.active_loras == []
+    assert not any(getattr(m, "lora_active", None) for m in dit.modules())
+    pipe.set_mode("distill", lora_path=lora)  # unfused beside the fp8 weights: fine
+    assert pipe.mode == "distill" and dit.active_loras == ["cfg_step_lora"]
