@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from . import lora as _lora
 from .config import DiTConfig
+from .fp8 import check_fp8_state_dict
 from .kv_cache import KVCache
 from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
@@ -79,8 +80,8 @@ class LongCatDiT(nn.Module):
     # ------------------------------------------------------------------ facts
     def state_fingerprint(self) -> tuple:
         """What a KV cache built now depends on: the model-level state counter ``_state_version``
-        (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; and by
-        ``load_state_dict``), the block-sparse settings (they change the cond tokens' K/V) and, per
+        (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; by
+        ``load_state_dict``; by a dtype conversion, ``.to(dtype)``), the block-sparse settings (they change the cond tokens' K/V) and, per
         parameter and buffer, its identity and in-place version counter (a replaced parameter, e.g.
         FP8 quantisation; in-place edits and optimizer steps).
 
@@ -99,14 +100,28 @@ class LongCatDiT(nn.Module):
         """``nn.Module.load_state_dict``; KV caches built before are stale afterwards (the state
         counter is bumped even if every copy happened to keep the version counters). Refused while
         LoRAs are fused into the weights (the loaded weights would lose them while the model still
-        counted them as fused, and a later unfuse would subtract them from the loaded weights)."""
+        counted them as fused, and a later unfuse would subtract them from the loaded weights), and
+        refused (ValueError) where the state dict and the model disagree on fp8 quantisation
+        (``longcat_vc.fp8.check_fp8_state_dict``)."""
         fused = _lora.fused_loras(self)
         if fused:
             raise RuntimeError(f"load_state_dict: LoRA {fused} fused into the weights; call unfuse_lora() first")
+        check_fp8_state_dict(self, state_dict)
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:
             self._state_version += 1
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)`` / ``.half()`` / ``.float()`` keep each parameter's identity and version
+        # counter (``.data`` is swapped), so a KV cache would survive a round trip (fp32 -> bf16 ->
+        # fp32: rounded weights, same dtype): a dtype change counts as a state change. Device moves
+        # do not (exact; the cache's device is checked).
+        before = [t.dtype for t in itertools.chain(self.parameters(), self.buffers())]
+        out = super()._apply(fn, recurse)
+        if before != [t.dtype for t in itertools.chain(self.parameters(), self.buffers())]:
+            self._state_version += 1
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -363,6 +378,11 @@ class LongCatDiT(nn.Module):
         ``problems``: ones the caller found already (listed first)."""
         cfg = self.config
         problems = list(problems)
+        if heads is None and getattr(cache, "sp_size", 1) > 1:
+            # a ShardedKVCache handed to this model after disable_context_parallel (or to another)
+            problems.append(f"sharded: heads {cache.head_start}..{cache.head_start + cache.heads_local - 1} of "
+                            f"{cache.num_heads}, built by context-parallel rank {cache.sp_rank} of {cache.sp_size}, "
+                            "and this model runs without context parallelism (rebuild it with build_kv_cache())")
         if cache.depth != cfg.depth:
             problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
         if tuple(cache.grid_hw) != (Nh, Nw):
@@ -392,7 +412,7 @@ class LongCatDiT(nn.Module):
         what = []
         if cache.source[1] != now[1]:
             what.append("the LoRA state or the loaded weights changed (LoRA enable/disable/fuse/unfuse/load/"
-                        "multiplier, load_state_dict)")
+                        "multiplier, load_state_dict, a dtype conversion)")
         if cache.source[2] != now[2]:
             what.append("the attention configuration changed (config.enable_bsa / bsa_params: the cond "
                         "tokens' K/V depend on it)")

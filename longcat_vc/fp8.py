@@ -46,6 +46,7 @@ argument layout of the real call against the emulation.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -65,7 +66,7 @@ E4M3_MAX = 448.0
 
 __all__ = ["Fp8Linear", "Fp8Activation", "quantize_dit_fp8", "fp8_supported", "check_fp8_device", "FP8_TARGETS",
            "E4M3_MAX", "quantize_rows", "fp8_input_kind", "modulate_fp8", "layer_norm_fp8", "silu_mul_fp8",
-           "to_fp8_activation"]
+           "to_fp8_activation", "check_fp8_state_dict", "check_fuse_before_quantising"]
 
 FP8_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
                "ffn.w1", "ffn.w2", "ffn.w3")
@@ -161,7 +162,8 @@ class Fp8Linear(LoRALinear):
 
     Built only by ``quantize_dit_fp8`` (which converts ``LoRALinear`` modules in place). ``forward``
     takes ``x [..., K]`` in the model dtype, or an ``Fp8Activation``, and returns ``[..., N]`` in the
-    model dtype (``act_dtype``, the weight's dtype before quantisation).
+    model dtype (``act_dtype``, the weight's dtype before quantisation; a later ``.to(dtype)`` of the
+    model sets it and keeps the e4m3 weight and fp32 scales).
     """
 
     emulate: bool = False
@@ -190,18 +192,74 @@ class Fp8Linear(LoRALinear):
                 y = adapter.add_to(act.x, y)
         return y
 
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)`` / ``.half()`` / ``.float()`` convert every floating tensor, the e4m3 weight and
+        # its fp32 scales too (rounded scales, then a dtype error inside the GEMM): they are kept, moved
+        # only, and the new dtype becomes the activation dtype, as it is the rest of the model's.
+        w, s = self.weight.data, self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight.dtype != w.dtype:
+            self.act_dtype = self.weight.dtype
+            self.weight.data = w.to(self.weight.device)
+        if self.weight_scale.dtype != s.dtype:
+            self.weight_scale = s.to(self.weight_scale.device)
+        return self
+
     def dequantized_weight(self) -> torch.Tensor:
         """``[N, K]`` fp32 ``Wq * s_w``."""
         return self.weight.float() * self.weight_scale[:, None]
 
-    def _fuse(self) -> None:
+    def _check_fuse(self) -> None:
         if self.lora_active and not self.lora_fused:
             raise ValueError("fuse_lora: the weights are fp8; fuse the LoRA before quantising (quantize_dit_fp8 after fuse_lora)")
 
-    def _unfuse(self) -> None:
+    def _check_unfuse(self) -> None:
         if self.lora_fused:
             raise ValueError("unfuse_lora: these fp8 weights were quantised with the LoRA fused in; reload the "
                              "model to change LoRAs")
+
+    def _fuse(self) -> None:
+        self._check_fuse()  # nothing to fuse otherwise: the LoRA is fused (before quantising) or inactive
+
+    def _unfuse(self) -> None:
+        self._check_unfuse()
+
+
+def check_fuse_before_quantising(model: nn.Module, what: str) -> None:
+    """ValueError naming ``what`` (a request to fuse a LoRA) when ``model`` is fp8-quantised: fp8
+    layers refuse ``fuse_lora``, so a caller that enables the LoRA first must ask before that."""
+    if any(isinstance(m, Fp8Linear) for m in model.modules()):
+        raise ValueError(f"{what}: the DiT's weights are fp8 (quantize_dit_fp8); a LoRA is fused before quantising "
+                         "(from_pretrained(..., fuse_lora=True, fp8=True) does so), or runs unfused beside fp8 weights")
+
+
+def check_fp8_state_dict(model: nn.Module, state_dict) -> None:
+    """ValueError unless ``state_dict`` and ``model`` agree on which linears are fp8 (checked by
+    ``LongCatDiT.load_state_dict`` before anything is copied: ``Tensor.copy_`` casts across dtypes,
+    so an unquantised weight lands in an e4m3 parameter under the old scales, and an e4m3 weight in a
+    bf16 one without its scales; strict loading would report the keys only after copying).
+
+    Rule: an ``Fp8Linear`` takes its ``weight`` (float8_e4m3fn) and ``weight_scale`` together or
+    neither; any other module takes no ``weight_scale``."""
+    if not isinstance(state_dict, Mapping):
+        return  # nn.Module.load_state_dict's own TypeError names it
+    bad = []
+    for path, mod in model.named_modules():
+        pre = f"{path}." if path else ""
+        w, s = state_dict.get(pre + "weight"), state_dict.get(pre + "weight_scale")
+        if isinstance(mod, Fp8Linear):
+            if (w is None) != (s is None) or (w is not None and getattr(w, "dtype", None) != torch.float8_e4m3fn):
+                got = "no weight" if w is None else f"weight {getattr(w, 'dtype', type(w).__name__)}"
+                bad.append(f"{path}: fp8 (quantize_dit_fp8) expects weight float8_e4m3fn with weight_scale, got "
+                           f"{got} {'with' if s is not None else 'without'} weight_scale")
+        elif s is not None:
+            bad.append(f"{path}: not fp8 ({type(mod).__name__}), got an fp8 weight_scale")
+    if bad:
+        raise ValueError(
+            "load_state_dict: the state dict and the model disagree on fp8 quantisation (load an unquantised "
+            "state dict into an unquantised model and quantise after, or a quantised one into a model quantised "
+            f"the same way): {'; '.join(bad[:3])}" + (f"; ... ({len(bad)} modules)" if len(bad) > 3 else "")
+        )
 
 
 @torch.no_grad()

@@ -175,6 +175,12 @@ class LoRALinear(nn.Linear):
         return y
 
     # -------------------------------------------------------------- fusing
+    def _check_fuse(self) -> None:
+        """Raises when ``_fuse`` cannot run (``fuse_lora`` asks every module before fusing any)."""
+
+    def _check_unfuse(self) -> None:
+        """Raises when ``_unfuse`` cannot run (``unfuse_lora`` asks every module before unfusing any)."""
+
     @torch.no_grad()
     def _fuse(self) -> None:
         if self.lora_fused or not self.lora_active:
@@ -620,14 +626,20 @@ def disable_loras(model: nn.Module) -> None:
 
 
 def fuse_lora(model: nn.Module) -> None:
-    """Merges the active adapters into the weights (``W += delta`` computed in fp32)."""
+    """Merges the active adapters into the weights (``W += delta`` computed in fp32). A refusal
+    (fp8 weights: ``longcat_vc.fp8``) comes before any module changed."""
+    for _, mod in _lora_linears(model):
+        mod._check_fuse()
     for _, mod in _lora_linears(model):
         mod._fuse()
     _bump_state(model)
 
 
 def unfuse_lora(model: nn.Module) -> None:
-    """Undoes ``fuse_lora`` (``W -= delta``; exact in fp32, within rounding in bf16)."""
+    """Undoes ``fuse_lora`` (``W -= delta``; exact in fp32, within rounding in bf16). A refusal
+    (fp8 weights quantised with the LoRA fused in) comes before any module changed."""
+    for _, mod in _lora_linears(model):
+        mod._check_unfuse()
     for _, mod in _lora_linears(model):
         mod._unfuse()
     _bump_state(model)

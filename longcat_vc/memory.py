@@ -30,6 +30,7 @@ estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exa
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -371,7 +372,7 @@ def offload_text_encoder(text_encoder: nn.Module, device) -> None:
     while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
     stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
     try:
-        import accelerate  # noqa: F401  (diffusers' group offloading moves inputs with it)
+        importlib.import_module("accelerate")  # diffusers' group offloading moves inputs with it
         from diffusers.hooks import apply_group_offloading
     except ImportError as e:
         raise ImportError(
@@ -563,6 +564,22 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
 
 
 # ============================================================================ apply
+def _device_key(device: torch.device) -> Tuple[str, Optional[int]]:
+    """``(type, index)`` with CUDA's current device for a bare ``cuda`` (the device it means)."""
+    if device.type == "cuda" and device.index is None:
+        return "cuda", torch.cuda.current_device()
+    return device.type, device.index
+
+
+def _check_stream_device(dit, device: torch.device) -> None:
+    """ValueError when ``dit`` already streams its blocks to another device than ``device``: the
+    attached streamer would keep them there while the rest of the pipeline moved."""
+    streamer = getattr(dit, "_block_streamer", None)
+    if streamer is not None and _device_key(streamer.device) != _device_key(device):
+        raise ValueError(f"apply_memory_mode: device: the DiT blocks stream to {streamer.device}, got {device}; "
+                         "a streaming pipeline stays on its device (load a fresh one for another device)")
+
+
 def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
     """Puts the components of ``pipe`` (loaded on the CPU, or anywhere) where ``mode`` wants them
     and records the plan on ``pipe._memory``. Returns the plan."""
@@ -575,6 +592,7 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
         raise ValueError(f"apply_memory_mode: the pipeline streams (memory={prev.name!r}); switching to {mode!r} "
                          f"needs a fresh VideoContinuationPipeline.from_pretrained(..., memory={mode!r})")
     dit = pipe.dit
+    _check_stream_device(dit, device)
     if plan.stream_dit_blocks:
         streamer = getattr(dit, "_block_streamer", None)
         if streamer is None:

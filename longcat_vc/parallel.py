@@ -194,6 +194,12 @@ class _ShardedAttention:
 # the model-level handler
 
 
+def _check_cfg_parallel(value) -> None:
+    """TypeError unless ``value`` is a bool: a truthy stand-in (``"no"``, ``1``) would split the ranks."""
+    if not isinstance(value, bool):
+        raise TypeError(f"cfg_parallel: expected a bool (True or False), got {type(value).__name__} {value!r}")
+
+
 class ContextParallel:
     """Context-parallel settings of one ``LongCatDiT`` (``dit.enable_context_parallel``).
 
@@ -206,12 +212,14 @@ class ContextParallel:
         device: the model's device (collective buffers live there; NCCL needs CUDA tensors).
 
     Raises:
+        TypeError: cfg_parallel is not a bool.
         RuntimeError: torch.distributed is not initialised.
         ValueError: heads not divisible by the SP size; cfg_parallel with an odd world or a
             group other than the whole world.
     """
 
     def __init__(self, group=None, *, num_heads: int, cfg_parallel: bool = False, device=None) -> None:
+        _check_cfg_parallel(cfg_parallel)
         dist = _dist()
         if not dist.is_initialized():
             raise RuntimeError(

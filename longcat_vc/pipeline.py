@@ -442,6 +442,11 @@ class VideoContinuationPipeline:
             raise ValueError(f"fuse_lora=True applies to mode='distill' (the cfg-step LoRA); mode={mode!r} runs no LoRA")
         if lora_path is not None and not isinstance(lora_path, (str, os.PathLike)):
             raise TypeError(f"lora_path: expected a str or os.PathLike file or None, got {type(lora_path).__name__}")
+        if fuse_lora:
+            from .fp8 import check_fuse_before_quantising
+
+            # refused by the fp8 layers only after the LoRA was enabled, with the mode still recorded as before
+            check_fuse_before_quantising(self.dit, "set_mode: fuse_lora=True")
         if mode == "distill":
             if lora_path is not None:
                 if not os.path.isfile(lora_path):
