@@ -193,6 +193,13 @@ def main(argv=None) -> int:
     # the outputs, before any training: a bad path used to fail after every mode had trained
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} exists and is not a folder")
+    if args.out is not None:  # made now: a missing or read-only parent failed after the training
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            p.error(f"--out {args.out}: cannot create the folder ({e.strerror or e})")
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            p.error(f"--out {args.out}: the folder is not writable")
     if args.json is not None:
         jdir = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(jdir) or os.path.isdir(args.json):

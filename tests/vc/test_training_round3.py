@@ -64,6 +64,9 @@ def test_example_checks_outputs_before_training_and_stops_on_a_nan_loss(tmp_path
     (tmp_path / "file").write_text("x")
     r = _example("--out", str(tmp_path / "file"), cwd=tmp_path)
     assert r.returncode == 2 and "--out" in r.stderr and "step 0" not in r.stdout
+    # a folder that cannot be created (its parent is a file) failed only when saving, after the training
+    r = _example("--out", str(tmp_path / "file" / "sub"), cwd=tmp_path)
+    assert r.returncode == 2 and "--out" in r.stderr and "cannot create" in r.stderr and "step 0" not in r.stdout
     r = _example("--lr", "1e30", "--steps", "3", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode != 0 and "training diverged" in r.stderr, (r.stdout[-1500:], r.stderr[-1500:])
     assert not os.path.exists(tmp_path / "o" / "lora_dense.safetensors")
