@@ -83,7 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--cond-frames", type=int, default=13)
     p.add_argument("--batch", type=int, default=2, help="DiT batch (2 with CFG, 1 without)")
-    p.add_argument("--dtype-bytes", type=int, default=2, choices=(1, 2, 4))
+    # 1 byte was offered and halved every component's estimate: no model dtype has it (fp8 quantises only
+    # the blocks' large linears: --fp8)
+    p.add_argument("--dtype-bytes", type=int, default=2, choices=(2, 4),
+                   help="bytes per weight and activation: 2 (bf16/fp16, default) or 4 (fp32)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the DiT blocks' large linears in fp8 (1 byte per weight), as the CLI's --fp8")
     p.add_argument("--refine", action="store_true",
                    help="the 720p refinement of the clip instead (2x frames, 2x cond frames, batch 1, the refinement "
                         "LoRA: the checkpoint's file, else rank 128)")
@@ -125,7 +130,7 @@ def _report(p, args) -> int:
                 "(the cond latents must be fewer than the clip's latents)")
     h, w = _size(args.resolution)
     shape = dict(height=h, width=w, num_frames=args.frames, num_cond_frames=args.cond_frames, batch=args.batch,
-                 dtype_bytes=args.dtype_bytes)
+                 dtype_bytes=args.dtype_bytes, fp8=args.fp8)
     if args.refine:
         from .refine import REFINEMENT_LORA_FILE, _lora_rank_equivalent, refine_bucket, refine_estimate_shape
 
@@ -137,7 +142,7 @@ def _report(p, args) -> int:
         if dit_dir is not None and lora is None:
             print(f"no {REFINEMENT_LORA_FILE} next to {args.checkpoint}: LoRA rank 128 assumed")
         shape, t_lat, c = refine_estimate_shape((rh, rw), 2 * args.frames, 2 * args.cond_frames,
-                                                dtype_bytes=args.dtype_bytes, lora_rank=rank)
+                                                dtype_bytes=args.dtype_bytes, lora_rank=rank, fp8=args.fp8)
         print(f"estimated peak GiB per stage of the refinement: depth {cfg.depth}, {rh}x{rw}, "
               f"{2 * args.frames} frames ({t_lat} latents, {c} cond), batch 1, LoRA rank ~{rank}")
     else:

@@ -409,3 +409,24 @@ def test_streamer_cuda_streams_exact_and_two_blocks_on_device(tmp_path):
     assert on_device and max(on_device) <= 2
     streamer.detach()
     assert model.blocks[0].attn.qkv.weight.is_cuda
+
+
+def test_memory_report_fp8_flag_and_no_one_byte_model(monkeypatch, capsys):
+    # --dtype-bytes 1 halved every component's estimate (no model dtype is 1 byte: fp8 quantises only
+    # the blocks' large linears), and fp8 could not be asked for at all
+    from longcat_vc import memory_report
+
+    with pytest.raises(SystemExit) as e:
+        memory_report.main(["--dtype-bytes", "1"])
+    assert e.value.code == 2 and "--dtype-bytes" in capsys.readouterr().err
+    seen = []
+    real = memory_report.estimate_table
+    monkeypatch.setattr(memory_report, "estimate_table", lambda cfg, **shape: (seen.append(shape), real(cfg, **shape))[1])
+    assert memory_report.main(["--depth", "48", "--fp8"]) == 0
+    assert memory_report.main(["--depth", "48"]) == 0
+    assert [s["fp8"] for s in seen] == [True, False]
+    from longcat_vc import DiTConfig
+
+    cfg = DiTConfig.longcat_video(depth=48)
+    # the 48 blocks' large linears at 1 byte instead of 2: about 12 GiB less DiT weight
+    assert real(cfg, **seen[0])["resident"]["denoise"] < real(cfg, **seen[1])["resident"]["denoise"] - 10
