@@ -367,10 +367,8 @@ class BlockStreamer:
 
 
 # ============================================================================ text encoder
-def offload_text_encoder(text_encoder: nn.Module, device) -> None:
-    """Keeps ``text_encoder`` in CPU memory and streams it leaf module by leaf module to ``device``
-    while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
-    stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
+def _group_offloading():
+    """diffusers' ``apply_group_offloading``, or ImportError naming what the streaming modes need."""
     try:
         importlib.import_module("accelerate")  # diffusers' group offloading moves inputs with it
         from diffusers.hooks import apply_group_offloading
@@ -379,7 +377,14 @@ def offload_text_encoder(text_encoder: nn.Module, device) -> None:
             f"memory modes other than 'resident' stream the text encoder with diffusers' group offloading, "
             f"which needs diffusers and accelerate (pip install accelerate): {e}"
         ) from e
+    return apply_group_offloading
 
+
+def offload_text_encoder(text_encoder: nn.Module, device) -> None:
+    """Keeps ``text_encoder`` in CPU memory and streams it leaf module by leaf module to ``device``
+    while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
+    stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
+    apply_group_offloading = _group_offloading()
     device = torch.device(device)
     text_encoder.to("cpu")
     cuda = device.type == "cuda"
@@ -593,6 +598,10 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
                          f"needs a fresh VideoContinuationPipeline.from_pretrained(..., memory={mode!r})")
     dit = pipe.dit
     _check_stream_device(dit, device)
+    if plan.stream_text_encoder:
+        # before anything moves: missing accelerate left the DiT's block streamer attached under the
+        # previous plan (recorded 'resident' while the blocks streamed)
+        _group_offloading()
     if plan.stream_dit_blocks:
         streamer = getattr(dit, "_block_streamer", None)
         if streamer is None:

@@ -79,3 +79,25 @@ def test_switching_from_a_streaming_mode_is_refused():
         M.apply_memory_mode(pipe, "resident", "cpu")
     assert pipe._memory.name == "balanced"
     M.apply_memory_mode(pipe, "low", "cpu")  # still streaming: allowed
+
+
+def test_a_streaming_mode_without_accelerate_changes_nothing(monkeypatch):
+    # the DiT's block streamer was attached before the text encoder's offloading found accelerate
+    # missing: the pipeline streamed its blocks while its recorded plan still said 'resident'
+    import importlib
+
+    dit = LongCatDiT(DiTConfig.tiny(depth=2))
+    te = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    pipe = types.SimpleNamespace(dit=dit, text_encoder=te, vae=torch.nn.Linear(2, 2))
+    M.apply_memory_mode(pipe, "resident", "cpu")
+    real = importlib.import_module
+
+    def no_accelerate(name, *a, **k):
+        if name == "accelerate":
+            raise ImportError("No module named 'accelerate'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(M.importlib, "import_module", no_accelerate)
+    with pytest.raises(ImportError, match="pip install accelerate"):
+        M.apply_memory_mode(pipe, "balanced", "cpu")
+    assert getattr(dit, "_block_streamer", None) is None and pipe._memory.name == "resident"
