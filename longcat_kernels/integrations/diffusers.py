@@ -235,7 +235,11 @@ def _check_transformer(transformer) -> Tuple[int, int, int]:
 
 
 def _check_layers(layers, n: int):
-    """Distinct block indices in [0, n) as a list (a float or a str would silently pick other blocks)."""
+    """Distinct block indices in [0, n) as a list, at least one (a float or a str would silently pick other
+    blocks; an empty list, or a model without blocks, installed nothing and reported success)."""
+    if n == 0:
+        raise ValueError("transformer.blocks: the model has no transformer blocks; there is no attention to make "
+                         "block-sparse")
     if layers is None:
         return list(range(n))
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
@@ -244,6 +248,8 @@ def _check_layers(layers, n: int):
     if any(isinstance(i, (bool, float)) or not hasattr(i, "__index__") for i in given):
         raise TypeError(f"layers: expected block indices (ints), got {given!r}")
     idx = [int(i) for i in given]
+    if not idx:
+        raise ValueError("layers: expected at least one block index, got an empty list (None: every block)")
     if any(not 0 <= i < n for i in idx) or len(set(idx)) != len(idx):
         raise ValueError(f"layers: expected distinct block indices in [0, {n}), got {given}")
     return idx

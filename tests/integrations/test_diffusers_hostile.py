@@ -265,3 +265,16 @@ def test_training_at_sparsity_zero_matches_diffusers_gradients():
     assert got.keys() == ref.keys() and any("attn1.to_q" in n for n in got)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_nothing_to_patch_is_refused_not_reported_as_applied():
+    # layers=[] (or a model without blocks) installed no processor, registered the grid hook and marked
+    # the model as block-sparse: a silent no-op
+    m = _model()
+    with pytest.raises(ValueError, match="layers: expected at least one block index"):
+        apply_block_sparse_attention(m, P(sparsity=0.5), layers=[])
+    assert not any(isinstance(b.attn1.processor, BlockSparseWanAttnProcessor) for b in m.blocks)
+    apply_block_sparse_attention(m, P(sparsity=0.5), layers=[0])  # not marked as applied by the refusal
+    empty = _model(num_layers=0)
+    with pytest.raises(ValueError, match="the model has no transformer blocks"):
+        apply_block_sparse_attention(empty, P(sparsity=0.5))
