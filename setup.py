@@ -63,25 +63,8 @@ def _cuda_build_reason():
 
 
 def _max_jobs_from_ram() -> None:
-    """Sets MAX_JOBS from free RAM (about 4 GB per nvcc job) unless the user set it (empty: unset).
-
-    torch reads MAX_JOBS only if ``str.isdigit()``: anything else (``" 4"``, ``"four"``) was dropped
-    without a word and ``0`` reached ninja as ``-j 0`` (no limit), so neither got the RAM-based default:
-    as many nvcc jobs as ninja likes, the memory this default exists to protect."""
-    raw = os.environ.get("MAX_JOBS", "").strip()
-    if raw:
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {os.environ['MAX_JOBS']!r}")
-        os.environ["MAX_JOBS"] = raw
-        return
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.split()}
-        free_gb = info.get("MemAvailable", info.get("MemFree", 0)) / 2**20
-    except (OSError, ValueError, IndexError):
-        return
-    jobs = max(1, min(os.cpu_count() or 1, int(free_gb // 4)))
-    os.environ["MAX_JOBS"] = str(jobs)
+    """Sets MAX_JOBS for the nvcc build (``_envvars.build_jobs``: the user's value checked, else from RAM)."""
+    os.environ["MAX_JOBS"] = str(ENV.build_jobs())
 
 
 def _csrc_extensions():

@@ -224,3 +224,26 @@ def cache_dir() -> str:
     minutes-long build per directory) or ``~/.cache/longcat_kernels``."""
     raw = os.environ.get("LONGCAT_KERNELS_CACHE", "").strip()
     return os.path.expanduser(raw) if raw else os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")
+
+
+def build_jobs() -> int:
+    """Parallel nvcc jobs for an extension build (``setup.py`` and the JIT build): ``MAX_JOBS`` if set
+    (blank: unset), else from available RAM (about 4 GB per nvcc job, at most one per core; all cores
+    when RAM cannot be read).
+
+    torch reads MAX_JOBS only if ``str.isdigit()``: anything else (``" 4"``, ``"four"``) was dropped
+    without a word and ``0`` reached ninja as ``-j 0`` (no limit), so neither got the RAM-based default:
+    as many nvcc jobs as ninja likes, the memory this default exists to protect."""
+    raw = os.environ.get("MAX_JOBS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {os.environ['MAX_JOBS']!r}")
+        return int(raw)
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.split()}
+        free_gb = info.get("MemAvailable", info.get("MemFree", 0)) / 2**20
+    except (OSError, ValueError, IndexError):
+        return cores
+    return max(1, min(cores, int(free_gb // 4)))

@@ -11,12 +11,13 @@ load is remembered with its reason so that ``backend="cuda"`` raises it and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from typing import Optional, Tuple
 
-from ._envvars import cache_dir, cuda_arch_flags_from_env, env_flag
+from ._envvars import build_jobs, cache_dir, cuda_arch_flags_from_env, env_flag
 
 __all__ = ["load_extension", "extension_error", "extension", "extension_status", "csrc_kernels"]
 
@@ -148,7 +149,8 @@ def _load_jit(prebuilt_error: str = "not built"):
     log.warning(
         "longcat_kernels: no usable prebuilt extension (%s); JIT-building csrc/ into %s (cached; minutes the "
         "first time; LONGCAT_KERNELS_JIT=0 skips it)", prebuilt_error, build_dir)
-    with lock:
+    jobs = build_jobs()  # a bad MAX_JOBS raises before the build; unset: from RAM (nvcc jobs take ~4 GB each)
+    with lock, _environ(MAX_JOBS=str(jobs)):
         _lock_build_dir(lock, build_dir)
         cpp_extension.load(
             name="longcat_kernels_C",
@@ -161,6 +163,22 @@ def _load_jit(prebuilt_error: str = "not built"):
             verbose=env_flag("LONGCAT_KERNELS_VERBOSE_BUILD", False),
         )
     return torch.ops.longcat_kernels
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    """``os.environ`` with ``values`` set for the block, restored after (the JIT build runs inside the
+    user's process: its MAX_JOBS must not leak into their later builds)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _lock_build_dir(lock, build_dir: str) -> None:

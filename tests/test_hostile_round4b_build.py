@@ -62,6 +62,7 @@ def fake_jit(monkeypatch, tmp_path):
     calls = []
 
     def load(**kw):
+        kw["MAX_JOBS"] = os.environ.get("MAX_JOBS")  # what torch's ninja call would read
         deadline = time.monotonic() + 5.0
         while os.path.exists(os.path.join(kw["build_directory"], "lock")):
             if time.monotonic() > deadline:
@@ -452,3 +453,22 @@ def test_sdist_ships_the_kernel_sources(tmp_path):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     want = {f"csrc/{f}" for f in os.listdir(os.path.join(root, "csrc")) if f.endswith((".cu", ".cpp", ".h", ".cuh"))}
     assert "csrc/ops.cpp" in want and want <= names, sorted(want - names)
+
+
+def test_jit_build_limits_nvcc_jobs_by_ram_and_checks_max_jobs(fake_jit, monkeypatch):
+    # the JIT build ran as many nvcc jobs as ninja likes (cores + 2, ~4 GB each): the RAM-based limit of
+    # setup.py did not apply to it, and a bad MAX_JOBS reached torch (dropped, or 0 = no limit)
+    import os
+
+    from longcat_kernels import _envvars, _ext
+
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    _ext._load_jit()
+    assert fake_jit[-1]["MAX_JOBS"] == str(_envvars.build_jobs())
+    assert "MAX_JOBS" not in os.environ  # set for the build only: the user's process keeps its environment
+    monkeypatch.setenv("MAX_JOBS", "0")
+    with pytest.raises(ValueError, match="MAX_JOBS: expected a positive number"):
+        _ext._load_jit()
+    monkeypatch.setenv("MAX_JOBS", " 3 ")
+    _ext._load_jit()
+    assert fake_jit[-1]["MAX_JOBS"] == "3" and os.environ["MAX_JOBS"] == " 3 "
