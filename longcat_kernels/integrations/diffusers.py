@@ -149,7 +149,11 @@ class BlockSparseWanAttnProcessor:
             )
         S = hidden_states.shape[1]
         if grid[0] * grid[1] * grid[2] != S:
-            raise ValueError(f"hidden_states: expected {grid[0] * grid[1] * grid[2]} tokens (grid {grid}), got {S}")
+            n = grid[0] * grid[1] * grid[2]
+            # a whole fraction of the grid: most likely diffusers' context parallelism sharding the sequence
+            hint = (f" (1/{n // S} of the grid: a sequence sharded by context parallelism? block-sparse attention "
+                    f"needs the whole sequence on each rank)" if 0 < S < n and n % S == 0 else "")
+            raise ValueError(f"hidden_states: expected {n} tokens (grid {grid}), got {S}{hint}")
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:

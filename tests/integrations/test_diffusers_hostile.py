@@ -278,3 +278,28 @@ def test_nothing_to_patch_is_refused_not_reported_as_applied():
     empty = _model(num_layers=0)
     with pytest.raises(ValueError, match="the model has no transformer blocks"):
         apply_block_sparse_attention(empty, P(sparsity=0.5))
+
+
+def test_a_sharded_sequence_is_named_as_such():
+    # diffusers' context parallelism hands each rank a slice of the sequence: the error said only
+    # "expected N tokens (grid ...), got N/2"
+    m = _model()
+    apply_block_sparse_attention(m, P(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    proc = m.blocks[0].attn1.processor
+    seen = {}
+    orig = type(proc).__call__
+
+    def spy(self, attn, hidden_states, *a, **k):
+        seen.setdefault("args", (attn, hidden_states, a, k))
+        return orig(self, attn, hidden_states, *a, **k)
+
+    type(proc).__call__ = spy
+    try:
+        _run(m, 2, 8, 8, 0)
+    finally:
+        type(proc).__call__ = orig
+    attn, hs, a, k = seen["args"]
+    with pytest.raises(ValueError, match=r"got 16 \(1/2 of the grid: a sequence sharded by context parallelism\?"):
+        proc(attn, hs[:, : hs.shape[1] // 2], *a, **k)
+    with pytest.raises(ValueError, match=r"got 31$"):
+        proc(attn, hs[:, :31], *a, **k)
