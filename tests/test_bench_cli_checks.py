@@ -221,3 +221,23 @@ def test_cache_parity_bound_scales_with_depth_in_half_precision_only():
     assert 1.3e-2 < tolerance(torch.bfloat16, 48) < 3e-2
     assert tolerance(torch.float16, 48) == tolerance(torch.bfloat16, 48)
     assert tolerance(torch.float32, 48) == tolerance(torch.float32, 2) == 1e-5
+
+
+def test_cache_onoff_accuracy_script_runs(tmp_path):
+    """bench/dev/cache_onoff_accuracy_gpu.py (to be run on a GPU) stays runnable: --smoke on CPU, tiny DiT;
+    float64 on == off (the reference is exact), both bf16 paths near float64."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "dev", "cache_onoff_accuracy_gpu.py"), "--smoke",
+                        "--out", str(tmp_path), "--depth", "2", "--grid", "4x4x4", "--cond", "2"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(tmp_path / "cache-onoff-accuracy_depth2.json"))
+    assert res["fp64_on_vs_off"] < 1e-5
+    for backend in ("auto", "torch"):
+        vals = res[backend]
+        assert set(vals) == {"off_vs_fp64", "on_vs_fp64", "on_vs_off"}
+        assert all(0 < v < 5e-2 for v in vals.values()), vals
