@@ -93,11 +93,9 @@ def check_environment() -> None:
     knob would otherwise be ignored without a word."""
     global _scanned
     check_removed()
-    for name, default in FLAGS.items():
-        env_flag(name, default)
-    backend_override()
-    if "LONGCAT_KERNELS_CUDA_ARCHS" in os.environ:
-        cuda_arch_flags_from_env()
+    for name, check in _setting_checks().items():
+        if name in os.environ:
+            check()
     if _scanned:
         return
     _scanned = True
@@ -111,6 +109,19 @@ def check_environment() -> None:
         )
 
 
+_CHECKS: dict = {}
+
+
+def _setting_checks() -> dict:
+    """``{name: check}`` for every setting whose value can be refused (the boolean knobs, the backend,
+    the build targets): the one table that ``check_environment`` runs and ``setting_problems`` reports."""
+    if not _CHECKS:
+        _CHECKS.update({name: (lambda n=name, d=default: env_flag(n, d)) for name, default in FLAGS.items()})
+        _CHECKS["LONGCAT_KERNELS_BACKEND"] = backend_override
+        _CHECKS["LONGCAT_KERNELS_CUDA_ARCHS"] = cuda_arch_flags_from_env
+    return _CHECKS
+
+
 def setting_problems() -> dict:
     """``{name: why}`` for each ``LONGCAT_KERNELS_*`` variable set to a value the package refuses (the
     checks the readers run), for the environment report: it lists them instead of failing on the first."""
@@ -118,10 +129,7 @@ def setting_problems() -> dict:
     for name in REMOVED:
         if name in os.environ:
             out[name] = "removed: unset it (the kernel follows from the inputs)"
-    checks = {name: (lambda n=name, d=default: env_flag(n, d)) for name, default in FLAGS.items()}
-    checks["LONGCAT_KERNELS_BACKEND"] = backend_override
-    checks["LONGCAT_KERNELS_CUDA_ARCHS"] = cuda_arch_flags_from_env
-    for name, check in checks.items():
+    for name, check in _setting_checks().items():
         if name in os.environ:
             try:
                 check()
