@@ -55,10 +55,11 @@ def _check_prebuilt_sources(so_path: str) -> None:
         return
     with open(side) as f:
         built = f.read().strip()
-    if built != csrc_digest(src):
+    now = csrc_digest(src)
+    if built != now:
         raise ImportError(
             f"{so_path} was built from other kernel sources than {src} (changed since the build: "
-            f"{SOURCES_FILE} {built[:12]}, sources now {csrc_digest(src)[:12]}); rebuild it with "
+            f"{SOURCES_FILE} {built[:12]}, sources now {now[:12]}); rebuild it with "
             "`pip install --no-build-isolation -e .`"
         )
 
