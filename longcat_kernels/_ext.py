@@ -129,13 +129,9 @@ def _load_jit(prebuilt_error: str = "not built"):
     sources = sorted(
         os.path.join(src, f) for f in os.listdir(src) if f.endswith((".cu", ".cpp"))
     )
-    headers = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith((".h", ".cuh")))
     arch = cuda_arch_flags(torch.cuda.get_device_capability())
-    digest = hashlib.sha1()
-    for path in sources + headers:
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    digest.update(" ".join(arch + NVCC_FLAGS).encode())
+    # the sources' digest (the one setup.py writes beside a prebuilt _C) and the target flags
+    digest = hashlib.sha1((csrc_digest(src) + " " + " ".join(arch + NVCC_FLAGS)).encode())
     tag = f"torch{torch.__version__}_cu{torch.version.cuda}".replace(".", "_").replace("+", "_")
     root = cache_dir()
     build_dir = os.path.join(root, "jit", f"{tag}_{digest.hexdigest()[:12]}")
