@@ -70,7 +70,7 @@ def test_example_checks_outputs_before_training_and_stops_on_a_nan_loss(tmp_path
     r = _example("--lr", "1e30", "--steps", "3", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode != 0 and "training diverged" in r.stderr, (r.stdout[-1500:], r.stderr[-1500:])
     assert not os.path.exists(tmp_path / "o" / "lora_dense.safetensors")
-    r = _example("--steps", "2", "--json", str(tmp_path / "ok.json"), cwd=tmp_path)
+    r = _example("--steps", "2", "--json", str(tmp_path / "ok.json"), "--out", str(tmp_path / "ok"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(tmp_path / "ok.json"))["results"][0]["lr"] == 3e-3
 
