@@ -6,7 +6,16 @@ A. A FastVideo checkpoint whose split parts have unequal rows (``to_q`` one row 
 B. A sharded checkpoint whose index and shards disagree (a shard key the index lists nowhere, or in
    another shard) was read with the key skipped: a model key was reported "missing" though the shard
    holds it, and an unlisted extra tensor passed ``strict=True`` without a word.
-C. An fp8 (``F8_E4M3``) tensor in a checkpoint was refused as "non-floating"."""
+C. An fp8 (``F8_E4M3``) tensor in a checkpoint was refused as "non-floating".
+D. A LongCat LoRA naming one up block twice (``lora_up.blocks.1`` and ``lora_up.blocks.01``) loaded
+   whichever was read last.
+E. ``.to(device)`` of a DiT with LoRAs loaded moved the weights and left the adapters behind (the
+   first forward failed deep in ``F.linear`` on mixed devices).
+F. ``enable_loras`` given a generator read it up in its checks and enabled nothing, silently.
+I. A peft adapter file (``PeftModel.save_pretrained``: ``base_model.model.<path>.lora_A.weight``, its
+   scale only in ``adapter_config.json``) given to ``load_lora`` was refused as keys that "match no
+   Linear module", with no word of ``save_longcat_lora``.
+"""
 
 from __future__ import annotations
 
@@ -87,3 +96,55 @@ def test_fp8_checkpoint_tensor_is_named_as_fp8(tmp_path, base):
                                               r"blocks\.0\.attn\.qkv\.weight \(F8_E4M3\)") as e:
         LongCatDiT.from_pretrained(str(tmp_path), progress=False)
     assert "non-floating" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- D
+def test_longcat_lora_up_block_spelt_twice_is_refused(tmp_path, base):
+    cfg, sd = base
+    t = longcat_lora_tensors(cfg, targets=LORA_TARGETS_CFG_STEP)
+    key = next(k for k in t if k.endswith("qkv.lora_up.blocks.1.weight"))
+    t[key.replace("blocks.1.weight", "blocks.01.weight")] = torch.zeros_like(t[key])
+    save_file(t, str(tmp_path / "l.safetensors"))
+    m = model_from_state_dict(cfg, sd)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: .*lora_up\.blocks\.01\.weight' and .*"
+                                         r"lora_up\.blocks\.1\.weight' name the same up block"):
+        m.load_lora(str(tmp_path / "l.safetensors"), "a")
+    assert m.lora_names == []
+
+
+# ---------------------------------------------------------------------------- E
+def test_lora_adapters_follow_the_weights_device(tmp_path, base):
+    cfg, sd = base
+    write_longcat_lora(str(tmp_path / "l.safetensors"), cfg)  # the refinement set: final_layer too
+    m = model_from_state_dict(cfg, sd)
+    m.load_lora(str(tmp_path / "l.safetensors"), "a")
+    m.enable_loras(["a"])
+    version = m._state_version
+    m.to("meta")  # (the CPU stand-in for .to("cuda"))
+    adapters = [a for mod in m.modules() for a in getattr(mod, "lora_adapters", {}).values()]
+    assert len(adapters) == 8 * cfg.depth + 2
+    assert {t.device.type for a in adapters for t in [a.down] + [p.up for p in a.parts]} == {"meta"}
+    assert m._state_version == version  # a device move is no state change (a KV cache stays valid)
+
+
+# ---------------------------------------------------------------------------- F
+def test_enable_loras_takes_any_iterable(tmp_path, base):
+    cfg, sd = base
+    write_longcat_lora(str(tmp_path / "l.safetensors"), cfg, targets=LORA_TARGETS_CFG_STEP)
+    m = model_from_state_dict(cfg, sd)
+    m.load_lora(str(tmp_path / "l.safetensors"), "a")
+    m.enable_loras(n for n in ["a"])
+    assert m.active_loras == ["a"] and len(m.blocks[0].attn.qkv.lora_active) == 1
+
+
+# ---------------------------------------------------------------------------- I
+def test_peft_adapter_file_points_to_save_longcat_lora(tmp_path, base):
+    pytest.importorskip("peft")
+    from longcat_vc.training import add_lora, lora_config
+
+    cfg, sd = base
+    add_lora(model_from_state_dict(cfg, sd), lora_config(rank=4, alpha=8)).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"match no Linear module .* \| this is a peft adapter file "
+                                         r"\(PeftModel\.save_pretrained\); write the adapter with "
+                                         r"longcat_vc\.training\.save_longcat_lora"):
+        model_from_state_dict(cfg, sd).load_lora(str(tmp_path / "adapter_model.safetensors"), "a")
