@@ -12,6 +12,8 @@ D. A LongCat LoRA naming one up block twice (``lora_up.blocks.1`` and ``lora_up.
 E. ``.to(device)`` of a DiT with LoRAs loaded moved the weights and left the adapters behind (the
    first forward failed deep in ``F.linear`` on mixed devices).
 F. ``enable_loras`` given a generator read it up in its checks and enabled nothing, silently.
+G. ``add_lora`` (peft training) on an fp8-quantised DiT: the fp8 linears quantise their input without a
+   gradient, so most adapters got a zero or no gradient while the loss still went down.
 I. A peft adapter file (``PeftModel.save_pretrained``: ``base_model.model.<path>.lora_A.weight``, its
    scale only in ``adapter_config.json``) given to ``load_lora`` was refused as keys that "match no
    Linear module", with no word of ``save_longcat_lora``.
@@ -148,3 +150,17 @@ def test_peft_adapter_file_points_to_save_longcat_lora(tmp_path, base):
                                          r"\(PeftModel\.save_pretrained\); write the adapter with "
                                          r"longcat_vc\.training\.save_longcat_lora"):
         model_from_state_dict(cfg, sd).load_lora(str(tmp_path / "adapter_model.safetensors"), "a")
+
+
+# ---------------------------------------------------------------------------- G
+def test_peft_training_on_an_fp8_dit_is_refused(base):
+    pytest.importorskip("peft")
+    from longcat_vc.training import add_lora, lora_config
+
+    cfg, sd = base
+    m = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(m, emulate=True)
+    with pytest.raises(ValueError, match=r"add_lora: the DiT's weights are fp8 .*no gradient flows; train on the "
+                                         r"unquantised DiT"):
+        add_lora(m, lora_config(rank=4, alpha=4))
+    assert not any(type(x).__module__.startswith("peft.") for x in m.modules())
