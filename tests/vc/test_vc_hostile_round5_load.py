@@ -14,6 +14,7 @@ E. ``.to(device)`` of a DiT with LoRAs loaded moved the weights and left the ada
 F. ``enable_loras`` given a generator read it up in its checks and enabled nothing, silently.
 G. ``add_lora`` (peft training) on an fp8-quantised DiT: the fp8 linears quantise their input without a
    gradient, so most adapters got a zero or no gradient while the loss still went down.
+H. ``quantize_dit_fp8(emulate="no")`` took the truthiness and emulated instead of refusing the device.
 I. A peft adapter file (``PeftModel.save_pretrained``: ``base_model.model.<path>.lora_A.weight``, its
    scale only in ``adapter_config.json``) given to ``load_lora`` was refused as keys that "match no
    Linear module", with no word of ``save_longcat_lora``.
@@ -164,3 +165,12 @@ def test_peft_training_on_an_fp8_dit_is_refused(base):
                                          r"unquantised DiT"):
         add_lora(m, lora_config(rank=4, alpha=4))
     assert not any(type(x).__module__.startswith("peft.") for x in m.modules())
+
+
+# ---------------------------------------------------------------------------- H
+def test_quantize_emulate_must_be_a_bool(base):
+    cfg, sd = base
+    m = model_from_state_dict(cfg, sd)
+    with pytest.raises(TypeError, match=r"emulate: expected a bool \(True or False\), got str 'no'"):
+        quantize_dit_fp8(m, emulate="no")
+    assert m.blocks[0].attn.qkv.weight.dtype == torch.float32
