@@ -59,6 +59,7 @@ from longcat_kernels import (
     fp8_quantize_rows,
     fp8_silu_mul_quantize,
 )
+from longcat_kernels._validate import check_bool
 
 from .lora import LoRALinear
 
@@ -295,6 +296,7 @@ def quantize_dit_fp8(dit: nn.Module, *, device=None, emulate: bool = False) -> L
         ValueError: the device has no fp8 tensor cores (and not ``emulate``), or a linear's
             ``in``/``out`` features are not multiples of 16 (``_scaled_mm``'s rule).
     """
+    check_bool(emulate, "emulate")  # a truthy "no" would emulate on a device without fp8 GEMMs, silently slow
     device = torch.device(device) if device is not None else dit.device
     if not emulate:
         check_fp8_device(device)

@@ -159,12 +159,18 @@ def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], 
         if not files:
             raise CheckpointError(f"{folder}: no *.safetensors file")
     out: Dict[str, Tuple[str, Tuple[int, ...], str]] = {}
+    stray: List[str] = []
     for fname in files:
         fpath = os.path.join(folder, fname)
         h = _safe_open(fpath)
         for k in h.keys():
             if weight_map is not None and weight_map.get(k) != fname:
-                continue  # the index places this key elsewhere (or nowhere): the index wins
+                # a shard key the index lists nowhere or in another shard: the index and the shards disagree
+                # (it was skipped: a model key was then reported "missing" although the shard holds it, and
+                # strict loading ignored an unlisted extra tensor)
+                where = f"the index places it in {weight_map[k]}" if k in weight_map else "the index does not list it"
+                stray.append(f"{k} in {fname} ({where})")
+                continue
             if k in out:
                 raise CheckpointError(f"{folder}: tensor {k!r} appears in both {out[k][0]} and {fname}")
             try:
@@ -178,6 +184,11 @@ def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], 
             raise CheckpointError(
                 f"{indexes[0]}: {len(lost)} key(s) listed in the index are missing from their shard: "
                 + ", ".join(lost[:20]) + (" ..." if len(lost) > 20 else "")
+            )
+        if stray:
+            raise CheckpointError(
+                f"{indexes[0]}: the index's weight_map does not match the shards: {len(stray)} tensor(s) "
+                f"not listed for the shard holding them: {_list(sorted(stray), 20)}"
             )
     return out
 
@@ -277,11 +288,15 @@ def _check_header_dtypes(folder: str, header: Dict[str, Tuple[str, Tuple[int, ..
     become an integer parameter and an fp16 one in an fp32 checkpoint a mixed-dtype model."""
     keys = list(keys)
     dts = {k: header[k][2] for k in keys}
-    bad = sorted(f"{k} ({d})" for k, d in dts.items() if d not in _FLOAT_DTYPES)
+    bad = sorted(f"{k} ({d})" for k, d in dts.items() if d not in _FLOAT_DTYPES and not d.startswith("F8"))
+    fp8 = sorted(f"{k} ({d})" for k, d in dts.items() if d.startswith("F8"))
     floats = [d for d in dts.values() if d in _FLOAT_DTYPES]
     problems = []
     if bad:
         problems.append(f"{len(bad)} non-floating tensor(s): {_list(bad)}")
+    if fp8:  # (were called "non-floating")
+        problems.append(f"{len(fp8)} 8-bit float tensor(s), which this loader does not read (for fp8 weights load the "
+                        f"bf16/fp32 checkpoint and quantise it: fp8=True / --fp8, or quantize_dit_fp8): {_list(fp8)}")
     if floats:
         main = max(set(floats), key=floats.count)
         odd = sorted(f"{k} ({d})" for k, d in dts.items() if d in _FLOAT_DTYPES and d != main)
@@ -356,13 +371,17 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         shapes = [header[s][1] for s in srcs]
         if len(srcs) == 1:
             got = shapes[0]
-        elif all(len(s) == len(shapes[0]) and s[1:] == shapes[0][1:] for s in shapes):
+        elif all(s == shapes[0] for s in shapes):
             got = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
         else:
+            # parts of unequal rows (to_q one row longer, to_k one shorter) summed to the fused shape and
+            # loaded with every row boundary between q/k/v shifted, silently
             got = None
         if got != shape:
             desc = " + ".join(f"{s}{list(sh)}" for s, sh in zip(srcs, shapes)) if len(srcs) > 1 else f"{list(shapes[0])}"
-            mismatched.append(f"{srcs[0] if len(srcs) == 1 else k}: checkpoint {desc}, model {list(shape)}")
+            part = (f" ({len(srcs)} equal parts of {[shape[0] // len(srcs)] + list(shape[1:])})"
+                    if len(srcs) > 1 and shape[0] % len(srcs) == 0 else "")
+            mismatched.append(f"{srcs[0] if len(srcs) == 1 else k}: checkpoint {desc}, model {list(shape)}{part}")
     unexpected = sorted(k for k in header if k not in used)
     problems = []
     if missing:

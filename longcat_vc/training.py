@@ -197,6 +197,15 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
             "dit: expected a DiT without peft adapters, got one that already has them (add_lora was called on it "
             "before); keep training the model add_lora returned, or save it and call .unload() first"
         )
+    from .fp8 import Fp8Linear  # noqa: PLC0415
+
+    fp8 = [n for n, m in dit.named_modules() if isinstance(m, Fp8Linear)]
+    if fp8:
+        # the fp8 linears quantise their input without a gradient: every adapter before the last one
+        # got a zero (or no) gradient, and the loss still went down through the rest, silently
+        raise ValueError(f"add_lora: the DiT's weights are fp8 (quantize_dit_fp8: {fp8[0]}, ... {len(fp8)} linears), "
+                         "through which no gradient flows; train on the unquantised DiT (bfloat16) and quantise "
+                         "for inference after")
     active = list(getattr(dit, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
