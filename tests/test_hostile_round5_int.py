@@ -1,0 +1,83 @@
+"""Hostile round 5 (interop and tools): a Wan-shaped diffusers model whose self-attention is not Wan's,
+processors set after apply, a bad bench commit in the environment report and bench, the
+LONGCAT_KERNELS_* settings a results file records, and a results file cut short."""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import longcat_kernels as lk
+from longcat_kernels.integrations.diffusers import (
+    BlockSparseWanAttnProcessor, apply_block_sparse_attention, remove_block_sparse_attention,
+)
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, processor):
+        super().__init__()
+        self.processor = processor
+
+    def set_processor(self, processor):
+        self.processor = processor
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, processor):
+        super().__init__()
+        self.attn1 = _Attn(processor)
+
+
+def _wan_shaped(processor_cls):
+    """A module with Wan's structure (3D patch_size, blocks[i].attn1 with processors), no diffusers needed."""
+    m = torch.nn.Module()
+    m.config = types.SimpleNamespace(patch_size=(1, 2, 2))
+    m.blocks = torch.nn.ModuleList([_Block(processor_cls()) for _ in range(2)])
+    return m
+
+
+def test_a_wan_shaped_model_with_another_self_attention_is_refused_at_apply():
+    # diffusers' AnyFlow has Wan's structure, but its RoPE tables come as a dict of complex tensors (and its
+    # input is [B, F, C, H, W]): apply accepted it and the first forward failed with "cannot create weak
+    # reference to 'dict' object"
+    AnyFlowAttnProcessor = type("AnyFlowAttnProcessor", (), {
+        "__module__": "diffusers.models.transformers.transformer_anyflow", "__call__": lambda self, *a, **k: None})
+    m = _wan_shaped(AnyFlowAttnProcessor)
+    with pytest.raises(TypeError, match=r"^transformer: Module is not supported: blocks\[0\]\.attn1 runs "
+                                        r"AnyFlowAttnProcessor, not the Wan self-attention"):
+        apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.5))
+    assert len(m._forward_pre_hooks) == 0 and not hasattr(m, "_longcat_block_sparse")
+    assert not any(isinstance(b.attn1.processor, BlockSparseWanAttnProcessor) for b in m.blocks)
+    # Wan's own processor (also SkyReels-V2's copy of it) is still taken
+    WanAttnProcessor = type("WanAttnProcessor", (), {
+        "__module__": "diffusers.models.transformers.transformer_wan", "__call__": lambda self, *a, **k: None})
+    apply_block_sparse_attention(_wan_shaped(WanAttnProcessor), lk.BlockSparseParams(sparsity=0.5))
+
+
+def test_the_real_anyflow_model_is_refused_before_it_is_changed():
+    mod = pytest.importorskip("diffusers.models.transformers.transformer_anyflow")
+    m = mod.AnyFlowTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      text_dim=24, freq_dim=16, ffn_dim=48, num_layers=1, rope_max_seq_len=32)
+    with pytest.raises(TypeError, match=r"AnyFlowTransformer3DModel is not supported.*AnyFlowAttnProcessor"):
+        apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.0, chunk_q=(1, 2, 2)), backend="torch")
+    assert len(m._forward_pre_hooks) == 0
+
+
+def test_remove_keeps_a_processor_set_after_apply():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    m = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=24, freq_dim=16, ffn_dim=48, num_layers=2, rope_max_seq_len=32)
+    original = m.blocks[0].attn1.processor
+    apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    mine = type(original)()  # the user's own choice for block 1, made after apply
+    m.blocks[1].attn1.set_processor(mine)
+    remove_block_sparse_attention(m)
+    # block 1's processor was replaced by the one apply had found there
+    assert m.blocks[1].attn1.processor is mine
+    assert m.blocks[0].attn1.processor is original
+    assert len(m._forward_pre_hooks) == 0 and not hasattr(m, "_longcat_block_sparse")
