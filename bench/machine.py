@@ -40,10 +40,10 @@ def git_commit() -> str | None:
     Only a source checkout of this repository has a commit: when the bench package is installed
     (e.g. into a virtual environment inside another git project), the git work tree around it is
     not ours, and its commit would be recorded as the one measured; that gives None."""
-    env = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT", "").strip()
+    from longcat_kernels._envvars import bench_commit
+
+    env = bench_commit()
     if env:
-        if not re.fullmatch(r"[0-9a-fA-F]{7,40}", env):
-            raise ValueError(f"LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash (7-40 hex digits), got {env!r}")
         return env
     top = _run(["git", "rev-parse", "--show-toplevel"])
     try:

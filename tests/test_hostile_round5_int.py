@@ -81,3 +81,22 @@ def test_remove_keeps_a_processor_set_after_apply():
     assert m.blocks[1].attn1.processor is mine
     assert m.blocks[0].attn1.processor is original
     assert len(m._forward_pre_hooks) == 0 and not hasattr(m, "_longcat_block_sparse")
+
+
+def test_a_bad_bench_commit_is_listed_by_the_report_and_stops_bench_with_its_message(monkeypatch, capsys):
+    from bench import cli
+    from longcat_kernels import _envvars, env
+
+    monkeypatch.setenv("LONGCAT_KERNELS_BENCH_COMMIT", "not-a-hash")
+    # the report showed it as a plain setting; bench then died with a traceback from the machine header
+    assert "LONGCAT_KERNELS_BENCH_COMMIT" in _envvars.setting_problems()
+    assert env.main([]) == 0
+    out = capsys.readouterr().out
+    assert "INVALID LONGCAT_KERNELS_BENCH_COMMIT: LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash" in out
+    assert "every op call raises" not in out  # a bench-only setting: the ops still run
+    q = torch.randn(1, 8, 1, 16)
+    lk.flash_attn_with_kvcache(q, q, q, backend="torch")
+    with pytest.raises(SystemExit, match=r"^LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash \(7-40 hex digits\), "
+                                         r"got 'not-a-hash'$"):
+        cli.main(["--suite", "bsa", "--quick", "--no-write"])
+    assert "== suite" not in capsys.readouterr().out  # refused before anything ran
