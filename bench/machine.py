@@ -127,6 +127,9 @@ def machine_header(device: torch.device | str) -> dict:
         "source_sha": source_sha(),
         "longcat_kernels": _version("longcat-kernels") or _version("longcat_kernels"),
         "backends": _backends(),
+        # LONGCAT_KERNELS_BACKEND changes what a backend "auto" row ran, DETERMINISTIC the backward kernel:
+        # a results file without them could not tell
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")},
     }
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -160,6 +163,8 @@ def format_header(info: dict) -> str:
         f"triton {info.get('triton')}, python {info['python']}",
         f"source : commit {info.get('commit') or 'unknown'}, source_sha {info['source_sha']}, {info['date']}",
     ]
+    if info.get("settings"):
+        lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
     be = info.get("backends")
     if be:
         lines.append("backends: " + ", ".join(f"{k}={'ok' if v is None else 'no'}" for k, v in be.items()))

@@ -100,3 +100,14 @@ def test_a_bad_bench_commit_is_listed_by_the_report_and_stops_bench_with_its_mes
                                          r"got 'not-a-hash'$"):
         cli.main(["--suite", "bsa", "--quick", "--no-write"])
     assert "== suite" not in capsys.readouterr().out  # refused before anything ran
+
+
+def test_results_record_the_longcat_kernels_settings(monkeypatch):
+    from bench import machine
+
+    # with LONGCAT_KERNELS_BACKEND=triton the cache suite's "auto" DiT ran Triton; nothing in the file said so
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "torch")
+    monkeypatch.setenv("LONGCAT_KERNELS_DETERMINISTIC", "1")
+    h = machine.machine_header("cpu")
+    assert h["settings"] == {"LONGCAT_KERNELS_BACKEND": "torch", "LONGCAT_KERNELS_DETERMINISTIC": "1"}
+    assert "settings: LONGCAT_KERNELS_BACKEND=torch, LONGCAT_KERNELS_DETERMINISTIC=1" in machine.format_header(h)
