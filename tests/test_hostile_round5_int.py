@@ -111,3 +111,45 @@ def test_results_record_the_longcat_kernels_settings(monkeypatch):
     h = machine.machine_header("cpu")
     assert h["settings"] == {"LONGCAT_KERNELS_BACKEND": "torch", "LONGCAT_KERNELS_DETERMINISTIC": "1"}
     assert "settings: LONGCAT_KERNELS_BACKEND=torch, LONGCAT_KERNELS_DETERMINISTIC=1" in machine.format_header(h)
+
+
+def _doc(date: str) -> dict:
+    from bench import writer
+
+    return {"schema": writer.SCHEMA, "machine": {"date": date, "cpu": "x", "device_slug": "cpu-x"},
+            "config": {"quick": False, "dtype": "float32"},
+            "rows": [{"suite": "pipeline", "case": "c", "backend": "torch", "status": "ok", "ms": 1.0}]}
+
+
+def test_report_refuses_a_results_file_cut_short(tmp_path):
+    from bench import writer
+
+    dev = tmp_path / "cpu-x"
+    dev.mkdir()
+    (dev / "bench-pipeline_20260101T000000Z.json").write_text(json.dumps(_doc("2026-01-01T00:00:00Z"), indent=1))
+    (dev / "notes.json").write_text("{not ours")  # another tool's broken JSON: still skipped
+    assert writer.latest_results(tmp_path)["cpu-x"]["pipeline"]["machine"]["date"].startswith("2026")
+    newer = json.dumps(_doc("2027-01-01T00:00:00Z"), indent=1)
+    cut = dev / "bench-pipeline_20270101T000000Z.json"
+    cut.write_text(newer[: len(newer) // 2])
+    # the newer, cut-short file was skipped without a word: the report showed the older run as the newest
+    with pytest.raises(ValueError, match=rf"^{cut}: a 'longcat-bench/1' results file that is not valid JSON"):
+        writer.latest_results(tmp_path)
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from bench import writer
+
+    jpath, _ = writer.write_results(tmp_path, _doc("d")["machine"], {}, [{"suite": "a", "status": "ok"}], "s")
+    before = jpath.read_text()
+    real = Path.write_text
+
+    def killed_halfway(self, text, *a, **k):  # the run dies while the file is written
+        real(self, text[: len(text) // 2], *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_results(tmp_path, _doc("d")["machine"], {}, [{"suite": "b", "status": "ok"}] * 50, "s")
+    monkeypatch.undo()
+    assert jpath.read_text() == before  # the previous suites' results, whole
