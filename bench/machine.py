@@ -40,10 +40,10 @@ def git_commit() -> str | None:
     Only a source checkout of this repository has a commit: when the bench package is installed
     (e.g. into a virtual environment inside another git project), the git work tree around it is
     not ours, and its commit would be recorded as the one measured; that gives None."""
-    env = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT", "").strip()
+    from longcat_kernels._envvars import bench_commit
+
+    env = bench_commit()
     if env:
-        if not re.fullmatch(r"[0-9a-fA-F]{7,40}", env):
-            raise ValueError(f"LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash (7-40 hex digits), got {env!r}")
         return env
     top = _run(["git", "rev-parse", "--show-toplevel"])
     try:
@@ -127,6 +127,9 @@ def machine_header(device: torch.device | str) -> dict:
         "source_sha": source_sha(),
         "longcat_kernels": _version("longcat-kernels") or _version("longcat_kernels"),
         "backends": _backends(),
+        # LONGCAT_KERNELS_BACKEND changes what a backend "auto" row ran, DETERMINISTIC the backward kernel:
+        # a results file without them could not tell
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")},
     }
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -160,6 +163,8 @@ def format_header(info: dict) -> str:
         f"triton {info.get('triton')}, python {info['python']}",
         f"source : commit {info.get('commit') or 'unknown'}, source_sha {info['source_sha']}, {info['date']}",
     ]
+    if info.get("settings"):
+        lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
     be = info.get("backends")
     if be:
         lines.append("backends: " + ", ".join(f"{k}={'ok' if v is None else 'no'}" for k, v in be.items()))

@@ -53,8 +53,10 @@ def _source(doc: dict) -> str:
         rel = rel.relative_to(README.parent)
     except ValueError:
         pass
+    settings = "".join(f", {k}={v}" for k, v in (m.get("settings") or {}).items())
     return (f"{_device_name(doc)}, torch {m.get('torch')}, CUDA {m.get('cuda')}, triton {m.get('triton')}, "
-            f"commit {str(m.get('commit') or 'unknown')[:12]}, {m.get('date')} ([{rel.name}]({rel.as_posix()}))")
+            f"commit {str(m.get('commit') or 'unknown')[:12]}{settings}, {m.get('date')} "
+            f"([{rel.name}]({rel.as_posix()}))")
 
 
 def _rows(doc: dict, suite: str) -> list[dict]:

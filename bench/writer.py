@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -56,7 +57,10 @@ def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[d
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
     jpath = out_dir / f"{stem}.json"
-    jpath.write_text(json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
+    # rewritten after every suite: a run killed mid-write must leave the previous whole file, not half of it
+    tmp = jpath.with_name(jpath.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, jpath)
 
     cols: list[str] = [c for c in _LEAD_COLUMNS if any(c in r for r in rows)]
     for r in rows:
@@ -119,6 +123,16 @@ def load_results(path: Path | str) -> dict:
     return check_document(doc, path)
 
 
+def _ours(path: Path) -> bool:
+    """Whether ``path`` starts like a document of ours (its schema field comes first)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return f'"schema": "{SCHEMA}"'.encode() in head
+
+
 def latest_results_filtered(results_dir: Path | str = RESULTS_DIR) -> dict[str, dict[str, dict]]:
     """``latest_results`` without quick (smoke) runs and without suites whose rows all failed."""
     return latest_results(results_dir, skip_quick=True)
@@ -133,8 +147,13 @@ def latest_results(results_dir: Path | str = RESULTS_DIR, skip_quick: bool = Fal
     for dev_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for jp in sorted(dev_dir.glob("*.json")):
             try:
-                doc = json.loads(jp.read_text())
+                text = jp.read_text()
+                doc = json.loads(text)
             except (OSError, ValueError):  # not JSON (JSONDecodeError is a ValueError)
+                if _ours(jp):
+                    # a results file cut short: skipping it silently reported the older file in its place
+                    raise ValueError(f"{jp}: a {SCHEMA!r} results file that is not valid JSON (cut short while "
+                                     "written?); fix or remove it") from None
                 continue
             if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:  # another tool's JSON
                 continue

@@ -33,7 +33,7 @@ import re
 from typing import List, Optional
 
 __all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
-           "check_environment", "KNOWN", "REMOVED"]
+           "check_environment", "bench_commit", "KNOWN", "REMOVED", "BENCH_ONLY"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -122,20 +122,38 @@ def _setting_checks() -> dict:
     return _CHECKS
 
 
+# read by ``bench`` alone: checked there and reported by ``setting_problems``, never by the op calls
+BENCH_ONLY = ("LONGCAT_KERNELS_BENCH_COMMIT",)
+
+
 def setting_problems() -> dict:
-    """``{name: why}`` for each ``LONGCAT_KERNELS_*`` variable set to a value the package refuses (the
-    checks the readers run), for the environment report: it lists them instead of failing on the first."""
+    """``{name: why}`` for each ``LONGCAT_KERNELS_*`` variable set to a value the package (or ``bench``,
+    ``BENCH_ONLY``) refuses (the checks the readers run), for the environment report: it lists them
+    instead of failing on the first."""
     out = {}
     for name in REMOVED:
         if name in os.environ:
             out[name] = "removed: unset it (the kernel follows from the inputs)"
-    for name, check in _setting_checks().items():
+    # a bad bench commit was not listed here: the report showed it as a setting, bench then raised
+    checks = {**_setting_checks(), "LONGCAT_KERNELS_BENCH_COMMIT": bench_commit}
+    for name, check in checks.items():
         if name in os.environ:
             try:
                 check()
             except ValueError as e:
                 out[name] = str(e)
     return out
+
+
+def bench_commit() -> Optional[str]:
+    """``LONGCAT_KERNELS_BENCH_COMMIT`` (stripped), or None when unset/empty; raises unless 7-40 hex digits."""
+    raw = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT", "").strip()
+    if raw == "":
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{7,40}", raw):
+        raise ValueError(f"LONGCAT_KERNELS_BENCH_COMMIT: expected a commit hash (7-40 hex digits), got "
+                         f"{os.environ['LONGCAT_KERNELS_BENCH_COMMIT']!r}")
+    return raw
 
 
 def env_flag(name: str, default: bool) -> bool:

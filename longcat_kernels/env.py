@@ -46,7 +46,7 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._envvars import KNOWN, REMOVED, setting_problems
+    from ._envvars import BENCH_ONLY, KNOWN, REMOVED, setting_problems
     from .dispatch import triton_interpret, triton_status
 
     cuda = torch.cuda.is_available()
@@ -66,7 +66,9 @@ def report() -> Dict[str, Any]:
     }
     info["env_unknown"] = sorted(k for k in info["env"] if k not in KNOWN and k not in REMOVED)
     info["env_invalid"] = setting_problems()
-    if cuda and not info["env_invalid"]:
+    # the settings the op calls check (a bad bench-only one stops only bench)
+    blocking = [k for k in info["env_invalid"] if k not in BENCH_ONLY]
+    if cuda and not blocking:
         from ._ext import csrc_kernels, extension_status
 
         how, why = extension_status()
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # an unknown or misspelt flag exits 2 naming it (it was ignored: a text report for '--jsno')
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from ._envvars import BENCH_ONLY
+
     info = report()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -117,8 +121,11 @@ def main(argv=None) -> int:
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "(no LONGCAT_KERNELS_* set)"))
     for k, why in info["env_invalid"].items():
         print(f"  INVALID {k}: {why}")
-    if info["env_invalid"]:
+    if any(k not in BENCH_ONLY for k in info["env_invalid"]):
         print("  (every op call raises until these are fixed; the choices below are as if they were unset)")
+    if any(k in BENCH_ONLY for k in info["env_invalid"]):
+        print("  (python -m bench refuses to run until " + ", ".join(k for k in BENCH_ONLY if k in info["env_invalid"])
+              + " is fixed)")
     if info["env_unknown"]:
         print("  not product settings (ignored by longcat_kernels): " + ", ".join(info["env_unknown"]))
     print(f"kernel choice per op for {info['inputs']} inputs (backend=auto; block-sparse: 64-token blocks):")

@@ -33,6 +33,10 @@ from ..ops.rope.api import Rope3D, apply_rope_3d, qk_norm_rope
 __all__ = ["apply_block_sparse_attention", "remove_block_sparse_attention", "BlockSparseWanAttnProcessor"]
 
 _ATTR = "_longcat_block_sparse"
+# diffusers' self-attention processors that compute what BlockSparseWanAttnProcessor does (Wan 2.x, VACE,
+# ChronoEdit and Wan-Animate use WanAttnProcessor, SkyReels-V2 a copy of it): q/k/v, norm_q/norm_k over all
+# heads, Wan's (cos, sin) RoPE on a [B, C, F, H, W] input's (F, H, W) token grid
+_WAN_SELF_ATTN = ("WanAttnProcessor", "SkyReelsV2AttnProcessor")
 
 
 @dataclass
@@ -301,8 +305,8 @@ def apply_block_sparse_attention(
 
     Raises:
         TypeError / ValueError: naming the argument, before the model is changed; also for a block
-            whose ``attn1`` processor is not diffusers' own (it would be dropped silently) and for
-            Helios (history tokens).
+            whose ``attn1`` processor is not diffusers' own (it would be dropped silently) or not Wan's
+            self-attention (Helios: history tokens; AnyFlow: another RoPE and input layout).
 
     A model whose RoPE differs from Wan's default (another theta, ChronoEdit's temporal skip) is
     detected on each forward and keeps its own tables (the fused prologue is then skipped). A
@@ -351,10 +355,12 @@ def apply_block_sparse_attention(
                 "attention would replace it and silently drop its behaviour (restore diffusers' processor, or leave "
                 "this block out with layers=)"
             )
-        if "Helios" in name or "Helios" in type(transformer).__name__:
+        if type(proc).__name__ not in _WAN_SELF_ATTN:
+            # another diffusers model with Wan's structure (AnyFlow: complex RoPE tables in a dict, [B, F, C, H, W]
+            # input; Helios: history tokens) passed every check above and failed or went wrong at its first forward
             raise TypeError(
-                f"transformer: {type(transformer).__name__} is not supported (its attention passes history tokens "
-                "and extra arguments the Wan processor does not take)"
+                f"transformer: {type(transformer).__name__} is not supported: blocks[{i}].attn1 runs {name}, not the "
+                f"Wan self-attention this processor reimplements (expected one of {', '.join(_WAN_SELF_ATTN)})"
             )
     state = _GridState()
 
@@ -373,13 +379,18 @@ def apply_block_sparse_attention(
 def remove_block_sparse_attention(transformer):
     """Undo ``apply_block_sparse_attention``: the original processor objects back, the hook removed.
 
+    A block whose processor was replaced after apply (``set_attn_processor``) keeps that processor.
     Returns the transformer; a transformer without our attention is returned unchanged.
     """
     inst = getattr(transformer, _ATTR, None)
     if inst is None:
         return transformer
     for i, proc in inst.originals.items():
-        transformer.blocks[i].attn1.set_processor(proc)
+        attn = transformer.blocks[i].attn1
+        cur = attn.processor
+        # only ours goes: a processor the user set since apply was silently replaced by diffusers' original
+        if isinstance(cur, BlockSparseWanAttnProcessor) and cur.state is inst.state:
+            attn.set_processor(proc)
     inst.hook.remove()
     delattr(transformer, _ATTR)
     return transformer
