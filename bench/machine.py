@@ -129,7 +129,9 @@ def machine_header(device: torch.device | str) -> dict:
         "backends": _backends(),
         # LONGCAT_KERNELS_BACKEND changes what a backend "auto" row ran, DETERMINISTIC the backward kernel:
         # a results file without them could not tell
-        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")},
+        # (BENCH_COMMIT is the "commit" field above)
+        "settings": {k: v for k, v in sorted(os.environ.items())
+                     if k.startswith("LONGCAT_KERNELS_") and k != "LONGCAT_KERNELS_BENCH_COMMIT"},
     }
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()

@@ -108,7 +108,9 @@ def test_results_record_the_longcat_kernels_settings(monkeypatch):
     # with LONGCAT_KERNELS_BACKEND=triton the cache suite's "auto" DiT ran Triton; nothing in the file said so
     monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "torch")
     monkeypatch.setenv("LONGCAT_KERNELS_DETERMINISTIC", "1")
+    monkeypatch.setenv("LONGCAT_KERNELS_BENCH_COMMIT", "abcdef1")  # recorded as the commit, not repeated here
     h = machine.machine_header("cpu")
+    assert h["commit"] == "abcdef1"
     assert h["settings"] == {"LONGCAT_KERNELS_BACKEND": "torch", "LONGCAT_KERNELS_DETERMINISTIC": "1"}
     assert "settings: LONGCAT_KERNELS_BACKEND=torch, LONGCAT_KERNELS_DETERMINISTIC=1" in machine.format_header(h)
 
