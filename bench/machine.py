@@ -27,6 +27,14 @@ def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _imported_version() -> str | None:
+    try:
+        import longcat_kernels
+    except Exception:  # noqa: BLE001 - a header field, the run reports the import failure itself
+        return None
+    return getattr(longcat_kernels, "__version__", None)
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -125,7 +133,9 @@ def machine_header(device: torch.device | str) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "commit": git_commit(),
         "source_sha": source_sha(),
-        "longcat_kernels": _version("longcat-kernels") or _version("longcat_kernels"),
+        # the imported package's version: the installed distribution's metadata named another copy when bench
+        # ran from a checkout beside a pip-installed release
+        "longcat_kernels": _imported_version(),
         "backends": _backends(),
         # LONGCAT_KERNELS_BACKEND changes what a backend "auto" row ran, DETERMINISTIC the backward kernel:
         # a results file without them could not tell

@@ -155,3 +155,13 @@ def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         writer.write_results(tmp_path, _doc("d")["machine"], {}, [{"suite": "b", "status": "ok"}] * 50, "s")
     monkeypatch.undo()
     assert jpath.read_text() == before  # the previous suites' results, whole
+
+
+def test_results_record_the_imported_package_version(monkeypatch):
+    # the version came from the installed distribution's metadata: bench run from a checkout beside a
+    # pip-installed release recorded the release's version for the checkout's code
+    import longcat_kernels
+    from bench import machine
+
+    monkeypatch.setattr(longcat_kernels, "__version__", "9.9.9-checkout")
+    assert machine.machine_header("cpu")["longcat_kernels"] == "9.9.9-checkout"
