@@ -204,9 +204,16 @@ def _verbatim_flags(raw: str) -> Optional[List[str]]:
         if not w.startswith(_FLAGS):
             return None
         out.append(w)
-        if w in _FLAGS and i + 1 < len(words) and not words[i + 1].startswith("-"):
+        if w in _FLAGS:
+            if i + 1 == len(words) or words[i + 1].startswith("-"):
+                # a bare flag without its value reached nvcc, which failed minutes into the build
+                raise ValueError(f"LONGCAT_KERNELS_CUDA_ARCHS: {w} needs a value (e.g. '-gencode arch=compute_90a,code=sm_90a' "
+                                 f"or '9.0a'), got {raw!r}")
             out.append(words[i + 1])
             i += 1
+        elif w.endswith("="):
+            raise ValueError(f"LONGCAT_KERNELS_CUDA_ARCHS: {w!r} has no value (e.g. '-gencode=arch=compute_90a,code=sm_90a' "
+                             f"or '9.0a'), got {raw!r}")
         i += 1
     return out
 

@@ -165,3 +165,20 @@ def test_results_record_the_imported_package_version(monkeypatch):
 
     monkeypatch.setattr(longcat_kernels, "__version__", "9.9.9-checkout")
     assert machine.machine_header("cpu")["longcat_kernels"] == "9.9.9-checkout"
+
+
+@pytest.mark.parametrize("value", ["-gencode", "-gencode=", "-arch", "-gencode -arch=sm_80", "9.0a -code"])
+def test_cuda_archs_flag_without_its_value_is_refused(monkeypatch, value):
+    # a bare "-gencode" passed the check and reached nvcc, which failed minutes into the build
+    from longcat_kernels._envvars import cuda_arch_flags_from_env
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", value)
+    with pytest.raises(ValueError, match="LONGCAT_KERNELS_CUDA_ARCHS: .*(needs a value|has no value|expected)"):
+        cuda_arch_flags_from_env()
+
+
+def test_cuda_archs_flags_with_values_still_pass(monkeypatch):
+    from longcat_kernels._envvars import cuda_arch_flags_from_env
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-gencode arch=compute_90a,code=sm_90a -arch=sm_80")
+    assert cuda_arch_flags_from_env() == ["-gencode", "arch=compute_90a,code=sm_90a", "-arch=sm_80"]
