@@ -5,6 +5,8 @@ A. ``refine`` without cond frames (``video=None``) of a stage-1 clip whose refin
    or 0 (mod 16) (e.g. 8 frames, or 16 with ``spatial_refine_only``): upstream's padding gives the VAE
    4 * n latent frames of which it encodes 1 + 4 (n - 1), so the last frames were never encoded; the
    output held 13 frames where ``num_new_frames`` said 16.
+B. ``write_video`` to ``out.gif`` / ``out.png`` / ``out.webm``: an H.264 mp4 under that name, silently
+   (``read_video`` could not read the .gif / .png back).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.refine import refine_padding
+from longcat_vc.video_io import read_video, write_video
 from vc_components import random_frames, refine_checkpoint_in
 
 
@@ -48,3 +51,21 @@ def test_refine_without_cond_returns_every_frame(refine_pipe):
                              generator=1, progress=False)
     assert out.num_new_frames == 16
     assert out.frames.shape == (16, 64, 64, 3) and out.model_frames.shape == (16, 64, 64, 3)
+
+
+# ------------------------------------------------------------------------------------------------ B
+
+
+@pytest.mark.parametrize("name", ["out.gif", "out.png", "out.webm", "out.avi"])
+def test_write_video_refuses_a_name_of_another_format(tmp_path, name):
+    path = tmp_path / name
+    with pytest.raises(ValueError, match=r"write_video: path must name an mp4 file .*out\."):
+        write_video(str(path), random_frames(3, 16, 16), 15)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["out.MP4", "out.mov", "out"])
+def test_write_video_mp4_names_still_written(tmp_path, name):
+    path = str(tmp_path / name)
+    write_video(path, random_frames(3, 16, 16), 15)
+    assert read_video(path).num_frames == 3
