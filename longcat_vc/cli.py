@@ -452,6 +452,10 @@ def _fail_early(args) -> None:
         raise UsageError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     if args.cfg_parallel and (args.context_parallel < 2 or args.context_parallel % 2):
         raise UsageError(f"--cfg-parallel needs --context-parallel N with an even N >= 2, got {args.context_parallel}")
+    if args.cfg_parallel and g <= 1.0:
+        # no CFG batch to split: both halves of the ranks would run the same branch, each on half the ranks
+        raise UsageError(f"--cfg-parallel needs --guidance > 1 (it is {g:g} with --mode {args.mode}): without "
+                         "classifier-free guidance there is one branch; drop --cfg-parallel")
     world = _world_size() if args.context_parallel > 1 else 1
     if args.context_parallel > 1 and world != args.context_parallel:
         raise UsageError(

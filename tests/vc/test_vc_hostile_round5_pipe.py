@@ -7,6 +7,9 @@ A. ``refine`` without cond frames (``video=None``) of a stage-1 clip whose refin
    output held 13 frames where ``num_new_frames`` said 16.
 B. ``write_video`` to ``out.gif`` / ``out.png`` / ``out.webm``: an H.264 mp4 under that name, silently
    (``read_video`` could not read the .gif / .png back).
+C. ``longcat-vc continue --context-parallel 2 --cfg-parallel --mode distill`` (guidance 1, no CFG batch):
+   accepted, and both halves of the ranks ran the same single branch, each sequence-parallel over half
+   the ranks (slower than plain context parallelism, without a word).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from longcat_vc import cli, pipeline
 from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.refine import refine_padding
 from longcat_vc.video_io import read_video, write_video
@@ -69,3 +73,31 @@ def test_write_video_mp4_names_still_written(tmp_path, name):
     path = str(tmp_path / name)
     write_video(path, random_frames(3, 16, 16), 15)
     assert read_video(path).num_frames == 3
+
+
+# ------------------------------------------------------------------------------------------------ C
+
+
+@pytest.fixture(scope="module")
+def in_video(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("in") / "in.mp4")
+    write_video(path, random_frames(9, 32, 48), fps=15)
+    return path
+
+
+def _cli_no_load(argv, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the argument error was found")
+
+    monkeypatch.setattr(pipeline.VideoContinuationPipeline, "from_pretrained", boom)
+    monkeypatch.setattr(pipeline, "check_checkpoint", lambda *a, **k: None)
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--mode", "distill"], ["--guidance", "1"]])
+def test_cli_cfg_parallel_without_guidance_exits_2(tmp_path, capsys, monkeypatch, in_video, extra):
+    argv = ["continue", in_video, "--prompt", "a", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o.mp4"),
+            "--cond-frames", "5", "--frames", "9", "--context-parallel", "2", "--cfg-parallel"] + extra
+    rc, err = _cli_no_load(argv, capsys, monkeypatch)
+    assert rc == 2 and "--cfg-parallel needs --guidance > 1" in err, err
