@@ -10,6 +10,9 @@ B. ``write_video`` to ``out.gif`` / ``out.png`` / ``out.webm``: an H.264 mp4 und
 C. ``longcat-vc continue --context-parallel 2 --cfg-parallel --mode distill`` (guidance 1, no CFG batch):
    accepted, and both halves of the ranks ran the same single branch, each sequence-parallel over half
    the ranks (slower than plain context parallelism, without a word).
+D. ``longcat-vc continue --resolution 832x480`` for a landscape input (WIDTHxHEIGHT, as ffmpeg writes
+   sizes, where the CLI reads HEIGHTxWIDTH): the model ran on the clip squashed to portrait and the
+   result was resized back, without a word; ``refine --resolution 1280x704`` the same.
 """
 from __future__ import annotations
 
@@ -101,3 +104,26 @@ def test_cli_cfg_parallel_without_guidance_exits_2(tmp_path, capsys, monkeypatch
             "--cond-frames", "5", "--frames", "9", "--context-parallel", "2", "--cfg-parallel"] + extra
     rc, err = _cli_no_load(argv, capsys, monkeypatch)
     assert rc == 2 and "--cfg-parallel needs --guidance > 1" in err, err
+
+
+# ------------------------------------------------------------------------------------------------ D
+
+
+@pytest.mark.parametrize("command, res", [("continue", "48x32"), ("continue", "96x32"), ("refine", "128x64")])
+def test_cli_resolution_of_the_other_orientation_exits_2(tmp_path, capsys, monkeypatch, in_video, command, res):
+    common = ["--checkpoint", str(tmp_path / "no_ckpt"), "--out", str(tmp_path / "o.mp4"), "--resolution", res]
+    if command == "continue":
+        argv = ["continue", in_video, "--prompt", "a", "--cond-frames", "5", "--frames", "9"] + common
+    else:
+        argv = ["refine", in_video] + common
+    rc, err = _cli_no_load(argv, capsys, monkeypatch)
+    h, w = res.split("x")
+    assert rc == 2 and f"--resolution {res} is HEIGHTxWIDTH" in err and f"did you mean {w}x{h}?" in err, err
+
+
+@pytest.mark.parametrize("res", ["32x48", "64x64", "48x64"])
+def test_cli_resolution_of_the_same_orientation_or_square_passes(tmp_path, capsys, monkeypatch, in_video, res):
+    argv = ["continue", in_video, "--prompt", "a", "--cond-frames", "5", "--frames", "9", "--checkpoint",
+            str(tmp_path), "--out", str(tmp_path / "o.mp4"), "--resolution", res, "--device", "cpu"]
+    with pytest.raises(AssertionError, match="weights were loaded"):  # every check passed
+        _cli_no_load(argv + ["--debug"], capsys, monkeypatch)
