@@ -245,6 +245,7 @@ def _run_refine(args) -> int:
     from .refine import resolve_refine_args
 
     stage1 = read_video(args.stage1).frames
+    _check_resolution_aspect(args.resolution, stage1.shape[1], stage1.shape[2], f"STAGE1 {args.stage1}")
     video = None if args.video is None else read_video(args.video, target_fps=30.0)
     if video is not None and video.fps is None:
         video = video.frames
@@ -396,6 +397,22 @@ def _check_args_before_load(args) -> None:
             raise UsageError(f"--{e}") from None  # "--fp8: ...": the flag's name
 
 
+def _check_resolution_aspect(res, height: int, width: int, what: str) -> None:
+    """``--resolution HxW`` of the other orientation than the input (portrait for a landscape clip or
+    the reverse, aspect ratios more than 1.5x apart): WIDTHxHEIGHT given for HEIGHTxWIDTH, as ffmpeg
+    writes sizes. The model ran on a squashed clip, resized back to the input's size without a word."""
+    import math
+
+    if not isinstance(res, tuple):
+        return
+    th, tw = res
+    off = math.log((th / tw) / (height / width))
+    if (th > tw) != (height > width) and th != tw and height != width and abs(off) > math.log(1.5):
+        raise UsageError(f"--resolution {th}x{tw} is HEIGHTxWIDTH: {tw} wide and {th} high, the other orientation "
+                         f"than {what} ({width}x{height}, width x height), which it would squash; did you mean "
+                         f"{tw}x{th}?")
+
+
 def _check_input_frames(video, args) -> None:
     """Enough input frames (after subsampling) for --cond-frames, with the input's path."""
     if video.num_frames < args.cond_frames:
@@ -452,6 +469,10 @@ def _fail_early(args) -> None:
         raise UsageError(f"--context-parallel must be >= 1, got {args.context_parallel}")
     if args.cfg_parallel and (args.context_parallel < 2 or args.context_parallel % 2):
         raise UsageError(f"--cfg-parallel needs --context-parallel N with an even N >= 2, got {args.context_parallel}")
+    if args.cfg_parallel and g <= 1.0:
+        # no CFG batch to split: both halves of the ranks would run the same branch, each on half the ranks
+        raise UsageError(f"--cfg-parallel needs --guidance > 1 (it is {g:g} with --mode {args.mode}): without "
+                         "classifier-free guidance there is one branch; drop --cfg-parallel")
     world = _world_size() if args.context_parallel > 1 else 1
     if args.context_parallel > 1 and world != args.context_parallel:
         raise UsageError(
@@ -540,6 +561,7 @@ def _run(args) -> int:
         if video.fps is None:  # frame folders, single images: taken as 15 fps
             video = VideoFrames(video.frames, 15.0, video.source)
     _check_input_frames(video, args)
+    _check_resolution_aspect(args.resolution, video.height, video.width, f"the input {args.input}")
     video30 = None
     if getattr(args, "refine", False):
         # the refinement's cond frames come from the input at ~30 fps: too few must fail now, not

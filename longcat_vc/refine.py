@@ -115,7 +115,8 @@ def refine_padding(num_frames: int, num_cond_frames: int, temporal: int = 4) -> 
 
     Returns ``cond_latents`` (multiple of 4, 0 without cond frames), ``cond_added`` (frames
     copied in front), ``noise_latents`` (multiple of 4) and ``noise_added`` (frames copied at the
-    back).
+    back). Upstream's rule, except without cond frames where it leaves fewer than ``num_frames``
+    frames to decode: then 4 more noise latents.
     """
     g = BSA_LATENT_GRANULARITY
     nc, added = num_cond_frames, 0
@@ -126,6 +127,10 @@ def refine_padding(num_frames: int, num_cond_frames: int, temporal: int = 4) -> 
         added = 1 + (c_lat - 1) * temporal - nc
     n_noise = num_frames - num_cond_frames
     n_lat = math.ceil(math.ceil(n_noise / temporal) / g) * g
+    if nc == 0 and 1 + (n_lat - 1) * temporal < n_noise:
+        # without cond frames the VAE keeps 1 + 4k of the 4 * n_lat padded frames: upstream's padding
+        # lost the last frames for 2F = 14, 15, 0 (mod 16), and the output had fewer than it reported
+        n_lat += g
     return {"cond_latents": c_lat, "cond_added": added, "noise_latents": n_lat,
             "noise_added": n_lat * temporal - n_noise}
 

@@ -547,6 +547,9 @@ def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int) ->
     writer.close()
 
 
+MP4_EXTENSIONS = (".mp4", ".m4v", ".mov")  # what write_video's mp4 container may be named
+
+
 def _check_not_a_folder(path: str) -> None:
     """The output is a file name: an existing folder (or a path ending in a separator) failed only after
     the encode, in the rename, naming the temporary file (for "out/" one written beside "out")."""
@@ -565,7 +568,8 @@ def write_video(
     """Encode frames as an H.264 mp4, atomically.
 
     Args:
-        path: output file (``.mp4``); its folder must exist.
+        path: output file (``.mp4``, ``.m4v``, ``.mov`` or no extension; another one is a ValueError: the
+            file is always an mp4); its folder must exist.
         frames: ``[F, H, W, 3]`` uint8 array or a list of such frames / PIL images.
         fps (float): frame rate (15 for LongCat-Video output); any real number >= 1/1001 (numpy
             scalars too, not bool), else ValueError.
@@ -578,6 +582,10 @@ def write_video(
     path = os.fspath(path)
     vf = as_video_frames(frames, name="frames")
     _check_not_a_folder(path)
+    ext = os.path.splitext(path)[1]
+    if ext and ext.lower() not in MP4_EXTENSIONS:  # an mp4 named .gif / .webm / .png was written without a word
+        raise ValueError(f"write_video: path must name an mp4 file ({', '.join(MP4_EXTENSIONS)}): H.264 is written "
+                         f"in an mp4 container, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
