@@ -51,3 +51,16 @@ def test_block_sparse_attn_torch_compiles_with_dynamic_shapes():
         mask = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
         torch.testing.assert_close(out.double(), _oracle(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, f(q, k, v)[1])
+
+
+@pytest.mark.parametrize("op", ["attn_with_kv_cache", "prefix_attn"])
+@pytest.mark.parametrize("head_dim", [60, 100, 36])
+def test_auto_sends_head_dims_cudnn_cannot_take_to_triton(op, head_dim):
+    # torch's cuDNN SDPA takes head_dim <= 128 in multiples of 8 only: "auto" on a Hopper/Ampere GPU
+    # chose the Triton prologue + cuDNN route for any head_dim <= 128 that the csrc kernels refuse
+    # (not 64/128), which then failed inside torch ("No available kernel") instead of running the
+    # fused Triton kernel that takes any head_dim
+    for facts in (dispatch.Facts(), dispatch.Facts(capability=(8, 0), csrc_kernels=("sm80",))):
+        c = dispatch.choose_kernel(op, facts._replace(head_dim=head_dim), "auto")
+        assert c.impl == "triton_fused", c
+    assert dispatch.choose_kernel(op, dispatch.Facts()._replace(head_dim=72), "auto").impl == "triton_prologue_cudnn"
