@@ -241,8 +241,10 @@ def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
         return "cuDNN has no block-sparse mode"
     if f.gqa:
         return "the cuDNN route does not take GQA/MQA (the fused Triton kernel does)"
-    if f.device_type != "cuda" or f.dtype not in ("bfloat16", "float16") or f.head_dim > 128:
-        return "cuDNN SDPA needs CUDA bf16/fp16 inputs with head_dim <= 128"
+    # torch's cuDNN SDPA takes head_dim <= 128 in multiples of 8 (sdp_utils check_cudnn_tensor_shapes);
+    # another head_dim there fails inside torch ("No available kernel") instead of running Triton
+    if f.device_type != "cuda" or f.dtype not in ("bfloat16", "float16") or f.head_dim > 128 or f.head_dim % 8:
+        return "cuDNN SDPA needs CUDA bf16/fp16 inputs with head_dim <= 128 and a multiple of 8"
     if not f.cudnn:
         return "cuDNN is not available"
     return _triton_reason(op, f)  # the RoPE prologue and the lse merge are Triton kernels

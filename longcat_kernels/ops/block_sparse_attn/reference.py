@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.utils.checkpoint
 
-from ..._validate import has_values
+from ..._validate import compiling, has_values
 from ...grid import block_token_index, token_to_slot
 from .selection import BlockSelection, ieee_fp32_matmul
 
@@ -58,8 +58,10 @@ def block_sparse_attn_reference(
     Nq, bq = tq.shape
     bk = tk.shape[1]
     counts = selection.counts.to(device=dev, dtype=torch.long)  # [B, H, Nq]
-    # the widest row bounds the gathered keys; a meta/fake selection (shapes only) takes the full width
-    w = (0 if not counts.numel() else int(counts.max().item()) if has_values(counts)
+    # the widest row bounds the gathered keys; a meta/fake selection (shapes only) takes the full width,
+    # and so does a traced call (a width read from the counts is data-dependent: torch.compile with
+    # dynamic shapes cannot size the query-block groups below from it)
+    w = (0 if not counts.numel() else int(counts.max().item()) if has_values(counts) and not compiling()
          else selection.indices.shape[-1])
     # w >= 1 keeps one (fully masked) slot so empty selections flow through the same graph
     w = max(1, min(w, selection.indices.shape[-1]))

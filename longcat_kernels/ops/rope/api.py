@@ -339,7 +339,8 @@ def qk_norm_rope(
     # all-heads norm: a [heads*head_dim] weight (not [head_dim]; one head is both kinds at once)
     all_heads = (q_weight.shape[0] != q.shape[3] or k_weight.shape[0] != k.shape[3]) and not (
         q.shape[2] == 1 and k.shape[2] == 1)
-    c = choose("qk_norm_rope", q, k, requested=backend, norm_all_heads=all_heads,
+    # the weights count for requires_grad too (trained norm weights): the Triton prologue is forward only
+    c = choose("qk_norm_rope", q, k, q_weight, k_weight, requested=backend, norm_all_heads=all_heads,
                rope_pairs=rope.pairs if rope is not None else "interleaved")
     if not compiling() and (
         _needs_temporary(out_q, q, (k, q_weight, k_weight)) or _needs_temporary(out_k, k, (q, q_weight, k_weight))
