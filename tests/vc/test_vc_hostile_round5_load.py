@@ -130,6 +130,23 @@ def test_lora_adapters_follow_the_weights_device(tmp_path, base):
     assert m._state_version == version  # a device move is no state change (a KV cache stays valid)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="[cuda] moves a DiT with LoRAs to a CUDA device")
+def test_lora_adapters_follow_the_weights_to_cuda_and_give_the_cpu_output(tmp_path, base):
+    from test_dit import make_inputs, rel_l2
+
+    cfg, sd = base
+    write_longcat_lora(str(tmp_path / "l.safetensors"), cfg)
+    m = model_from_state_dict(cfg, sd)
+    m.load_lora(str(tmp_path / "l.safetensors"), "a")
+    m.enable_loras(["a"])
+    x, t, y, mask = make_inputs(cfg, T=2)
+    with torch.no_grad():
+        want = m(x, t, y, mask)
+        m.to("cuda")
+        got = m(*(v.cuda() for v in (x, t, y, mask))).cpu()
+    assert torch.isfinite(got).all() and rel_l2(got, want) < 2e-3  # (fp32 kernels on the GPU may use tf32)
+
+
 # ---------------------------------------------------------------------------- F
 def test_enable_loras_takes_any_iterable(tmp_path, base):
     cfg, sd = base
