@@ -241,3 +241,18 @@ def test_cache_onoff_accuracy_script_runs(tmp_path):
         vals = res[backend]
         assert set(vals) == {"off_vs_fp64", "on_vs_fp64", "on_vs_off"}
         assert all(0 < v < 5e-2 for v in vals.values()), vals
+
+
+def test_head_dim_probe_script_runs(tmp_path):
+    """bench/dev/head_dim_probe_gpu.py (to be run on a GPU) stays runnable: --smoke on CPU, torch backend."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "dev", "head_dim_probe_gpu.py"), "--smoke",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(tmp_path / "head-dim-probe.json"))
+    assert len(res["rows"]) == 18 and res["bad"] == []
+    assert all(row["status"] == "ok" and row["finite"] for row in res["rows"])
