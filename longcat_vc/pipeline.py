@@ -706,6 +706,11 @@ class VideoContinuationPipeline:
         latents = self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator)
         cp = getattr(self.dit, "context_parallel", None)
         if cp is not None:  # context parallel: every rank denoises rank 0's latents and text states
+            if cp.cfg_parallel and not do_cfg:
+                # no CFG batch to split: both rank halves run the same branch, each over half the ranks
+                warnings.warn(f"cfg_parallel=True at guidance_scale {guidance_scale:g} (no CFG): both halves of the "
+                              "ranks run the same single branch, each over half of them, slower than context "
+                              "parallelism over all ranks (cfg_parallel=False)", stacklevel=3)
             latents, embeds = cp.broadcast(latents, embeds)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0

@@ -127,3 +127,26 @@ def test_cli_resolution_of_the_same_orientation_or_square_passes(tmp_path, capsy
             str(tmp_path), "--out", str(tmp_path / "o.mp4"), "--resolution", res, "--device", "cpu"]
     with pytest.raises(AssertionError, match="weights were loaded"):  # every check passed
         _cli_no_load(argv + ["--debug"], capsys, monkeypatch)
+
+
+def test_api_cfg_parallel_without_guidance_warns(refine_pipe, monkeypatch):
+    # the API side of C: cfg_parallel=True with guidance 1 ran both rank halves on the same branch
+    # without a word (the multi-process run is tests/vc/test_context_parallel.py's; here the pipeline's
+    # view of the DiT's context parallelism is a stand-in that only broadcasts)
+    class CP:
+        cfg_parallel = True
+
+        @staticmethod
+        def broadcast(*xs):
+            return xs
+
+    monkeypatch.setattr(type(refine_pipe.dit), "context_parallel", property(lambda self: CP()))
+    kw = dict(resolution=(32, 32), num_frames=9, num_cond_frames=5, num_inference_steps=1, generator=1,
+              progress=False)
+    with pytest.warns(UserWarning, match=r"cfg_parallel=True at guidance_scale 1 \(no CFG\)"):
+        refine_pipe(random_frames(5, 32, 32), "a cat", guidance_scale=1.0, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        refine_pipe(random_frames(5, 32, 32), "a cat", guidance_scale=2.0, **kw)
