@@ -191,3 +191,12 @@ def test_quantize_emulate_must_be_a_bool(base):
     with pytest.raises(TypeError, match=r"emulate: expected a bool \(True or False\), got str 'no'"):
         quantize_dit_fp8(m, emulate="no")
     assert m.blocks[0].attn.qkv.weight.dtype == torch.float32
+
+
+def test_config_whose_ffn_has_no_hidden_unit_is_refused():
+    # mlp_ratio 0.001 x hidden 64: int(2 * int(0.064) / 3) = 0 hidden units, accepted (every FFN added 0)
+    from longcat_vc.config import DiTConfig
+
+    with pytest.raises(ValueError, match=r"DiTConfig.mlp_ratio: 0.001 x hidden_size 64 gives a SwiGLU FFN of width 0"):
+        DiTConfig(**{**tiny_config().__dict__, "hidden_size": 64, "mlp_ratio": 0.001})
+    assert DiTConfig(**{**tiny_config().__dict__, "hidden_size": 64, "mlp_ratio": 0.05}).ffn_hidden_size == 256
