@@ -298,8 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"total {time.perf_counter() - t_start:.0f} s; NO case was timed ({counts}{failed}): this run "
               "measured nothing (the reasons are above)")
         return 1
+    # an explicit --backends whose kernels were all skipped (the cuda extension missing, a CPU machine):
+    # the baselines were timed and the run exited 0 as if it had measured what was asked
+    untimed = [b for b in (backends or ()) if not any(r.get("backend") == b and r["status"] == "ok" for r in all_rows)]
     print(f"total {time.perf_counter() - t_start:.0f} s; "
           + ("all cases passed parity" if bad == 0 else f"{bad} case(s) FAILED parity or errored") + f" ({counts})")
+    if untimed:
+        print(f"--backends {','.join(backends)}: NOTHING was timed for {', '.join(untimed)} (the reasons are above); "
+              "exit 1")
+        return 1
     return 1 if bad else 0
 
 

@@ -182,3 +182,15 @@ def test_cuda_archs_flags_with_values_still_pass(monkeypatch):
 
     monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-gencode arch=compute_90a,code=sm_90a -arch=sm_80")
     assert cuda_arch_flags_from_env() == ["-gencode", "arch=compute_90a,code=sm_90a", "-arch=sm_80"]
+
+
+def test_bench_exits_1_when_a_named_backend_timed_nothing(capsys):
+    # `--backends cuda` on a machine without the extension: the cuda cases were skipped, the SDPA
+    # baselines timed, and the run exited 0 as if it had measured what was asked
+    from bench import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine without CUDA (the cuda backend cannot run there)")
+    assert cli.main(["--suite", "bsa", "--quick", "--no-write", "--backends", "torch,cuda"]) == 1
+    assert "--backends torch,cuda: NOTHING was timed for cuda" in capsys.readouterr().out
+    assert cli.main(["--suite", "bsa", "--quick", "--no-write", "--backends", "torch"]) == 0
