@@ -292,7 +292,8 @@ def qk_norm_rope(
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        (Tensor, Tensor): normalised (and rotated) q and k in the input dtype.
+        (Tensor, Tensor): normalised (and rotated) q and k in the input dtype, new BSHD-contiguous
+        tensors (``out_q`` / ``out_k`` when given).
     """
     if not compiling():
         check_backend_name(backend)
@@ -358,6 +359,8 @@ def qk_norm_rope(
     qo, ko = ref.qk_norm_rope_reference(
         q, k, q_weight, k_weight, tables, eps, rope.pairs if rope is not None else "interleaved",
         rope.dims if rope is not None else None)
+    # BSHD-contiguous as from the Triton prologue (without a rope the norm kept a strided input's layout)
+    qo, ko = qo.contiguous(), ko.contiguous()
     if out_q is not None:
         out_q.copy_(qo)
         qo = out_q
