@@ -16,7 +16,8 @@
 
 INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
-ones, at the input's size. It is written under a temporary name and renamed when complete, so a
+ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
+refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
 failed or interrupted run never leaves a file that looks finished.
 
 On CUDA the command starts torch's caching allocator with expandable segments
@@ -66,7 +67,7 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true",
                    help="fp8 (e4m3) DiT block weights and GEMMs (sm89+: Ada, Hopper; faster, not exact)")
     p.add_argument("--vae-tiling", action="store_true",
-                   help="tiled VAE decode (less memory at 720p; pixels differ slightly)")
+                   help="tiled VAE encode and decode (less memory at 720p; pixels differ slightly)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -20,8 +20,9 @@ upstream state-dict names (SPEC 6). The DiT's own ``LoRALinear`` adapters (``loa
 separate, inference-side mechanism; leave them disabled while training.
 
 Attention in the loop: BSA when the config has ``enable_bsa`` (``block_sparse_attn`` is
-differentiable on the torch and triton backends; on CUDA ``"auto"`` takes triton because the csrc
-kernel is forward only), else dense SDPA (the DiT's dense path switches to SDPA when gradients
+differentiable on the torch and triton backends; the csrc kernel is forward only, so on CUDA ``"auto"``
+takes ``csrc_sm90_ws_triton_bwd``, the csrc forward with the Triton backward, where that forward
+applies (Hopper with the extension, head_dim 128, 64-token blocks), else Triton), else dense SDPA (the DiT's dense path switches to SDPA when gradients
 are needed). Training covers the plain text-to-video forward (no cond latents, no KV cache):
 the cached and cond-prefix attention ops are forward only.
 
