@@ -82,7 +82,8 @@ def prefix_attn(
         q [p:]     |  attend  |  attend  |     noisy tokens see everything
 
     Args:
-        q, k, v (Tensor): ``[batch, seq, heads, head_dim]``, same shapes, any strides.
+        q, k, v (Tensor): ``[batch, seq, heads, head_dim]``, any strides; k and v may have fewer heads
+            than q, dividing them (GQA/MQA: kv head ``h // group``), else the same shape as q.
         prefix_len (int): p, ``0 <= p <= seq`` (0 or seq: plain dense attention).
         scale (float | None): default ``head_dim ** -0.5``.
         backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
