@@ -4,7 +4,7 @@ Which implementation runs is decided by ``longcat_kernels.dispatch.choose`` (one
 the implementations (registered there) take arguments already validated and normalised:
 - select_blocks: ``(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold) -> BlockSelection``
 - block_sparse_attn: ``(q, k, v, selection, scale, return_lse=False) -> out`` or ``(out, lse)``
-  (differentiable w.r.t. out on triton; lse carries no gradient)
+  (differentiable on torch and triton, through out and lse alike)
 - block_sparse_attn_fwd: ``(q, k, v, selection, scale) -> (out, lse)`` (forward only)
 """
 
@@ -285,7 +285,8 @@ def block_sparse_attn(
         Differentiable w.r.t. q, k, v on the torch and triton backends (the selection has no gradient).
         With ``return_lse``: ``(out, lse)``, ``lse [batch, heads, seq_q]`` fp32, natural log of
         ``sum(exp(q k^T * scale))`` over the selected keys, ``-inf`` for a query block with no selected
-        key block; lse carries no gradient. Two results over disjoint key sets merge exactly:
+        key block; lse is differentiable too (a loss that merges partial results backpropagates through
+        it; its gradient is 0 where it is ``-inf``). Two results over disjoint key sets merge exactly:
         ``lse = logaddexp(l1, l2)``, ``out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse)``.
     """
     check_bool(return_lse, "return_lse")
@@ -298,7 +299,7 @@ def block_sparse_attn(
         fn = impl_fn("block_sparse_attn", c.impl)
         return fn(q, k, v, selection, scale, return_lse=True) if return_lse else fn(q, k, v, selection, scale)
     out, lse = block_sparse_attn_reference(q, k, v, selection, scale)
-    return (out, lse.detach()) if return_lse else out
+    return (out, lse) if return_lse else out
 
 
 def block_tokens(sel: BlockSelection) -> Tuple[int, int]:

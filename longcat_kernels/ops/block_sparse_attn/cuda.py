@@ -207,8 +207,8 @@ def block_sparse_attn_ws_train(q, k, v, selection, scale, return_lse: bool = Fal
     """Block-sparse attention for inputs that need grad: the csrc sm90_ws forward (one key segment,
     64-token blocks, head_dim 128, bf16/fp16 on Hopper; ``dispatch`` checks) and the Triton backward
     (dq, dk/dv over the transposed selection; ``LONGCAT_KERNELS_DETERMINISTIC`` as for Triton).
-    Output as ``block_sparse_attn_triton``; lse carries no gradient."""
+    Output as ``block_sparse_attn_triton`` (out and lse differentiable)."""
     from .triton import _prep  # noqa: PLC0415
 
     out, lse = torch.ops.longcat_kernels.bsa_fwd_ws_train(*_prep(q, k, v, selection), float(scale))
-    return (out, lse.detach()) if return_lse else out
+    return (out, lse) if return_lse else out

@@ -5,7 +5,7 @@ key blocks. Instead of a dense ``[Sq, Sk]`` mask this gathers, per group of quer
 and value tokens of the selected blocks (``[B, H, G, max_sel*block, D]``) and masks padding slots
 and unselected entries, so memory stays bounded at 84k tokens. Matmuls run in the input dtype on
 CUDA (fp32 on CPU), softmax statistics in fp32. Differentiable w.r.t. q, k and v through plain
-torch ops (the selection has no gradient). Imports no triton.
+torch ops, out and lse alike (the selection has no gradient). Imports no triton.
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ def block_sparse_attn_reference(
         p = p / torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
         with ieee_fp32_matmul(dev):
             o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
-        with torch.no_grad():
-            lse = (m + torch.log(den)).squeeze(-1)  # -inf where nothing is selected
+        # differentiable (d lse / d s = p, m being detached): a loss that uses lse (merging partial
+        # results, SPEC 12) gets its gradient; log(1) where nothing is selected keeps that branch finite
+        lse = torch.where(den == 0, float("-inf"), m + torch.log(torch.where(den == 0, torch.ones_like(den), den)))
+        lse = lse.squeeze(-1)  # -inf where nothing is selected
         return o.reshape(B, H, g * bq, D), lse.reshape(B, H, g * bq)
 
     # query blocks per step: scores + softmax temporaries [B,H,G,bq,L] and gathered K/V [B,H,G,L,D]

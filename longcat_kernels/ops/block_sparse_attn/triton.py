@@ -15,6 +15,8 @@ accumulated with fp32 atomics inside the dk/dv kernel when that is measured fast
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from longcat_kernels.dispatch import triton_interpret
@@ -153,9 +155,10 @@ def bsa_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
     grid_q: list[int], grid_k: list[int], chunk_q: list[int], chunk_k: list[int], scale: float,
-    deterministic: bool,
+    deterministic: bool, dlse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of bsa_fwd through the same selection (BSHD contiguous)."""
+    """Gradients (dq, dk, dv) of bsa_fwd through the same selection (BSHD contiguous); ``dlse``
+    ``[B,H,Sq]``: the gradient reaching lse too, if any."""
     B, Sq, NH, D = q.shape
     Sk = k.shape[1]
     (nTq, nHq, nWq), bm, even_q = _geom(grid_q, chunk_q)
@@ -169,6 +172,9 @@ def bsa_bwd(
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Sq, NH, BLOCK=pre_block, D=D, num_warps=4,
     )
+    if dlse is not None:
+        # d lse_i / d s_ij = P_ij, so dS = P * (dP - delta) + dlse * P = P * (dP - (delta - dlse))
+        delta = delta - dlse.to(torch.float32)
     t_off, t_q = transpose_selection(indices, counts, NK)
     dk = torch.empty((B, Sk, NH, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Sk, NH, D), dtype=v.dtype, device=v.device)
@@ -218,7 +224,8 @@ def bsa_bwd(
 
 
 @bsa_bwd.register_fake
-def _bsa_bwd_fake(do, q, k, v, out, lse, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, deterministic):
+def _bsa_bwd_fake(do, q, k, v, out, lse, indices, counts, grid_q, grid_k, chunk_q, chunk_k, scale, deterministic,
+                  dlse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -242,12 +249,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, indices, counts = ctx.saved_tensors
     grid_q, grid_k, chunk_q, chunk_k, scale = ctx.geom
-    if grad_out is None:
+    if grad_out is None and grad_lse is None:
         return (None,) * 10
-    # lse is an auxiliary output: its gradient is not propagated (documented limitation)
+    if grad_out is None:  # a loss through lse alone
+        grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.longcat_kernels.bsa_bwd(
         _last_dim_contig(grad_out), q, k, v, out, lse, indices, counts,
         grid_q, grid_k, chunk_q, chunk_k, scale, _deterministic(),
+        None if grad_lse is None else grad_lse.contiguous(),
     )
     return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -299,14 +308,14 @@ block_sparse_attn_fwd_triton = bsa_forward_triton
 
 def block_sparse_attn_triton(q, k, v, selection, scale, return_lse=False):
     """Autograd-aware block-sparse attention output [B,Sq,H,D]; with return_lse (out, lse [B,H,Sq]
-    fp32), lse carrying no gradient. A head_dim the kernels cannot index is zero-padded (``_pad_head_dim``)."""
+    fp32), both differentiable. A head_dim the kernels cannot index is zero-padded (``_pad_head_dim``)."""
     D = q.shape[-1]
     qp, kp, vp = _pad_head_dim(q, k, v)
     args = _prep(qp, kp, vp, selection)
     out, lse = torch.ops.longcat_kernels.bsa_fwd(*args, float(scale))
     if out.shape[-1] != D:
         out = out[..., :D].contiguous()
-    return (out, lse.detach()) if return_lse else out
+    return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ from typing import Optional, Tuple
 import torch
 
 
+def _math(x: torch.Tensor) -> torch.Tensor:
+    """x in the math dtype: fp32, or fp64 for fp64 inputs (never narrower than x)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rope_part_dims(head_dim: int) -> Tuple[int, int, int]:
     """(t, h, w) dims of the LongCat split: ``(D - 4*(D//6), 2*(D//6), 2*(D//6))``."""
     dh = 2 * (head_dim // 6)
@@ -38,7 +43,7 @@ def apply_rope_reference(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = "interleaved", dims=None
 ) -> torch.Tensor:
     """Rotation of ``x [B, S, H, D]`` by token tables ``cos, sin [S, D]`` (each angle at both lanes of
-    its pair, ``[t | h | w]``); fp32 math.
+    its pair, ``[t | h | w]``); fp32 math (fp64 for fp64 x; the tables stay fp32).
 
     ``pairs="interleaved"``: lanes (2i, 2i+1) of the head. ``pairs="half"`` (rotate-half, per axis
     part): inside each part of ``dims`` (d lanes), lane j < d/2 pairs with lane j + d/2, both at the
@@ -46,7 +51,7 @@ def apply_rope_reference(
     """
     if pairs == "half":
         return _apply_rope_half(x, cos, sin, dims)
-    xf = x.float()
+    xf = _math(x)
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     c = cos[None, :, None, 0::2]
     s = sin[None, :, None, 0::2]
@@ -55,7 +60,7 @@ def apply_rope_reference(
 
 
 def _apply_rope_half(x, cos, sin, dims):
-    xf = x.float()
+    xf = _math(x)
     outs, c0 = [], 0
     for d in dims:
         a, b = xf[..., c0 : c0 + d // 2], xf[..., c0 + d // 2 : c0 + d]
@@ -68,7 +73,7 @@ def _apply_rope_half(x, cos, sin, dims):
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """SPEC 6: normalise in fp32, cast to the input dtype, multiply by the weight in that dtype.
+    """SPEC 6: normalise in fp32 (fp64 for fp64 x), cast to the input dtype, multiply by the weight in that dtype.
 
     ``weight [D]``: over each head (LongCat); ``weight [H*D]``: over all heads of a token together
     (Wan's ``norm_q``/``norm_k`` over the inner dim), the weight indexed ``h*D + d``.
@@ -76,7 +81,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     if weight.dim() == 1 and x.dim() == 4 and weight.shape[0] == x.shape[2] * x.shape[3] and x.shape[2] > 1:
         B, S, H, D = x.shape
         return rms_norm_reference(x.reshape(B, S, 1, H * D), weight, eps).view(B, S, H, D)
-    xf = x.float()
+    xf = _math(x)
     y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
     return y * weight.to(x.dtype)
 
