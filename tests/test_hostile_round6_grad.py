@@ -102,3 +102,28 @@ def test_rope_and_qk_norm_keep_fp64(pairs):
         c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
         want = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
         torch.testing.assert_close(lk.apply_rope_3d(xd, rope, 1), want, atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="[cuda] bf16 gradient through lse on the GPU kernels")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bsa_gradient_through_lse_on_gpu_bf16(backend):
+    # auto on Hopper with the extension: the csrc forward + Triton backward (64-token blocks, head_dim 128)
+    from longcat_kernels.dispatch import choose
+
+    grid, B, H, D = (4, 8, 8), 1, 2, 128
+    x = [torch.randn(B, 256, H, D, device="cuda") for _ in range(3)]
+    sel = lk.select_blocks(x[0], x[1], grid_q=grid, sparsity=0.5, backend="torch")
+    mask = bsa_token_mask(sel.to_mask(), grid, grid, (4, 4, 4), (4, 4, 4)).cpu()
+    go, gl = torch.randn(B, 256, H, D, dtype=torch.float64), torch.randn(B, H, 256, dtype=torch.float64)
+    xb = [t.bfloat16().requires_grad_() for t in x]
+    c = choose("block_sparse_attn", *xb, requested=backend, block_sparse=True, block_tokens=(64, 64))
+    out, lse = lk.block_sparse_attn(*xb, selection=sel, backend=backend, return_lse=True)
+    loss = (lse.double().cpu() * gl).sum() + (out.double().cpu() * go).sum()
+    got = torch.autograd.grad(loss, xb)
+    x64 = [t.bfloat16().double().cpu().requires_grad_() for t in x]
+    o64, l64 = _oracle(*x64, mask, D**-0.5)
+    want = torch.autograd.grad((l64 * gl).sum() + (o64 * go).sum(), x64)
+    for name, g, w in zip("qkv", got, want):
+        g = g.double().cpu()
+        assert torch.isfinite(g).all(), (c.impl, name)
+        assert ((g - w).norm() / w.norm()).item() < 2e-2, (c.impl, name, ((g - w).norm() / w.norm()).item())
