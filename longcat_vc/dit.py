@@ -13,6 +13,7 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
 import os
@@ -33,6 +34,12 @@ from .modules.final_layer import FinalLayer
 __all__ = ["LongCatDiT"]
 
 _MODEL_UIDS = itertools.count()
+# What every rank of a context-parallel group must pass alike (checked before the first collective).
+_FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "num_cond_latents", "kv_cache frames",
+                   "kv_cache batch", "text tokens", "text mask given", "hidden_states (checksum)",
+                   "timestep (checksum of its embedding)", "encoder_hidden_states (checksum of its embedding)",
+                   "encoder_attention_mask (checksum)")
+_BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)")
 
 
 def _compiling() -> bool:
@@ -302,18 +309,31 @@ class LongCatDiT(nn.Module):
                                     num_cond_latents=num_cond_latents, kv_cache=kv_cache)
         cfg = self.config
         check = not _compiling()
-        B, T, H, W = self._check_latents(hidden_states, "hidden_states")
-        _, ph, pw = cfg.patch_size
-        Nh, Nw = H // ph, W // pw
-        num_cond_latents = self._check_num_cond(num_cond_latents, kv_cache, T)
-        if cp is not None and kv_cache is not None:
-            kv_cache = cp.local_cache(self, kv_cache, B, Nh, Nw)  # checked; this rank's heads
-        elif kv_cache is not None and check:
-            self._check_cache(kv_cache, B, Nh, Nw)
+        # Context parallel: an argument error on one rank, or other inputs than the others', raises
+        # on every rank here, before the first collective (else the others wait in it, or the
+        # result mixes the ranks' inputs without a word).
+        same = (contextlib.nullcontext() if cp is None or not check
+                else cp.same_call("forward", _FORWARD_FIELDS, self.device))
+        with same:
+            B, T, H, W = self._check_latents(hidden_states, "hidden_states")
+            _, ph, pw = cfg.patch_size
+            Nh, Nw = H // ph, W // pw
+            num_cond_latents = self._check_num_cond(num_cond_latents, kv_cache, T)
+            if cp is not None and kv_cache is not None:
+                kv_cache = cp.local_cache(self, kv_cache, B, Nh, Nw)  # checked; this rank's heads
+            elif kv_cache is not None and check:
+                self._check_cache(kv_cache, B, Nh, Nw)
 
-        # Text and timestep embeddings on the whole batch, so validation messages name B.
-        t = self._embed_timestep(timestep, B, T)
-        y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
+            # Text and timestep embeddings on the whole batch, so validation messages name B.
+            t = self._embed_timestep(timestep, B, T)
+            y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
+            if cp is not None and check:
+                from .parallel import checksum
+
+                same.record(B, T, H, W, num_cond_latents, -1 if kv_cache is None else kv_cache.num_frames,
+                            -1 if kv_cache is None else kv_cache.batch, y.shape[1], y_mask is not None,
+                            checksum(hidden_states), checksum(t), checksum(y),
+                            0 if y_mask is None else checksum(y_mask))
         if cp is not None:
             hidden_states, t, y, y_mask = cp.split_batch(B, hidden_states, t, y, y_mask)  # CFG half
         x = self.x_embedder(hidden_states.to(self.dtype))
@@ -439,7 +459,14 @@ class LongCatDiT(nn.Module):
             (context parallel: a ``ShardedKVCache`` of this rank's ``heads / P`` heads).
         """
         cfg = self.config
-        Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
+        cp = self._context_parallel
+        same = contextlib.nullcontext() if cp is None else cp.same_call("build_kv_cache", _BUILD_FIELDS, self.device)
+        with same:  # as in forward: every rank raises, before the first collective
+            Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
+            if cp is not None:
+                from .parallel import checksum
+
+                same.record(Bc, c, H, W, checksum(cond_latents))
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
         x = self.x_embedder(cond_latents.to(self.dtype))
@@ -447,7 +474,6 @@ class LongCatDiT(nn.Module):
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
         cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
                         device=self.device, offloaded=offload, source=self.state_fingerprint())
-        cp = self._context_parallel
         # Context parallel: this rank recorded its heads of every block; the cache says which
         # (shard_cache keeps every KVCache field, the fingerprint included).
         return cache if cp is None else cp.shard_cache(cache)

@@ -38,6 +38,11 @@ The result of ``forward`` is gathered on every rank (``[B, 16, T, H, W]`` fp32),
 unchanged on every rank. Inference only: no autograd through the collectives (the forward runs
 under ``torch.no_grad``).
 
+Every rank must make the same calls with the same inputs. ``forward``, ``build_kv_cache`` and the
+pipeline check it before their first collective (``ContextParallel.same_call``: one small all-gather
+of the shapes and value checksums): an argument error on one rank, or inputs that differ, raise on
+every rank instead of leaving the others waiting in a collective or mixing the ranks' inputs.
+
 How it runs: ``LongCatDiT.forward`` and ``build_kv_cache`` are the only forwards. With a
 ``ContextParallel`` enabled they call its hooks: ``local_cache`` (this rank's heads of the cache),
 ``split_batch`` (CFG half), ``shard_tokens`` after the patch embedding (the token shard, and a
@@ -191,6 +196,74 @@ class _ShardedAttention:
 
 
 # --------------------------------------------------------------------------------------------
+# every rank makes the same call
+
+
+def checksum(t: torch.Tensor) -> float:
+    """A cheap fingerprint of ``t``'s values (fp64 sum of each batch row, weighted by the row
+    number, so swapped rows differ too): equal tensors give equal numbers on every rank."""
+    rows = t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
+    return float((rows * torch.arange(1, t.shape[0] + 1, device=t.device, dtype=torch.float64)).sum())
+
+
+class _SameCall:
+    """``with cp.same_call(what, names, device) as call: ...; call.record(values)``: on leaving
+    the block every rank of the group learns whether any rank raised inside it or recorded other
+    ``values`` (one tiny all-gather), and then every rank raises: a rank that raised re-raises its
+    own error, the others a ``RuntimeError`` naming the failed ranks; different values give a
+    ``ValueError`` naming each differing field per rank. Without it the failing (or odd) rank
+    left, or sent tensors of another size, and the others waited in the next collective until the
+    process group's timeout (or gloo aborted the process)."""
+
+    def __init__(self, cp: "ContextParallel", what: str, names: Tuple[str, ...], device) -> None:
+        self.cp, self.what, self.names, self.device = cp, what, names, device
+        self.values: Optional[Tuple[float, ...]] = None
+
+    def __enter__(self) -> "_SameCall":
+        return self
+
+    def record(self, *values) -> None:
+        if len(values) != len(self.names):  # pragma: no cover - a programming error
+            raise AssertionError(f"{self.what}: {len(values)} values for {len(self.names)} names")
+        self.values = tuple(float(v) for v in values)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        failed = exc_type is not None or self.values is None
+        mine = [1.0] + [0.0] * len(self.names) if failed else [0.0] + list(self.values)
+        dev = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        if _dist().get_backend(self.cp.group) == "nccl" and dev.type != "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        buf = torch.tensor(mine, dtype=torch.float64, device=dev)
+        parts = [torch.empty_like(buf) for _ in range(self.cp.world_size)]
+        _dist().all_gather(parts, buf, group=self.cp.group)
+        # bitwise: NaN == NaN, -0.0 != 0.0 (the same inputs give the same bits)
+        rows = [p.view(torch.int64).cpu().tolist() for p in parts]
+        vals = [p.cpu().tolist() for p in parts]
+        bad = [r for r, v in enumerate(vals) if v[0] != 0.0]
+        if exc_type is not None:
+            return False  # this rank's own error propagates
+        if self.values is None:  # pragma: no cover - a programming error
+            raise AssertionError(f"{self.what}: nothing recorded")
+        if bad:
+            raise RuntimeError(
+                f"context parallel: rank(s) {bad} of the group raised in {self.what} (see their error); this rank "
+                "stops too instead of waiting for them in a collective"
+            )
+        diff = [i for i in range(len(self.names)) if len({row[i + 1] for row in rows}) > 1]
+        if diff:
+            def show(x: float) -> str:
+                return str(int(x)) if x == x and abs(x) < 2**53 and x == int(x) else repr(x)
+
+            what = "; ".join(f"{self.names[i]}: " + ", ".join(f"rank {r}: {show(v[i + 1])}" for r, v in enumerate(vals))
+                             for i in diff)
+            raise ValueError(
+                f"context parallel: the ranks called {self.what} with different arguments ({what}); every rank "
+                "of the group must pass the same inputs (broadcast them from one rank)"
+            )
+        return False
+
+
+# --------------------------------------------------------------------------------------------
 # the model-level handler
 
 
@@ -305,6 +378,11 @@ class ContextParallel:
                 t.copy_(buf)
             out.append(t)
         return out[0] if len(out) == 1 else tuple(out)
+
+    def same_call(self, what: str, names: Tuple[str, ...], device=None) -> _SameCall:
+        """A context manager checking, collectively, that no rank raised inside it and that every
+        rank recorded the same values (``_SameCall``); ``what`` names the call in the errors."""
+        return _SameCall(self, what, tuple(names), device if device is not None else self.device)
 
     # hooks of LongCatDiT.forward and build_kv_cache ------------------------------------------
     def batch_slice(self, B: int) -> Optional[slice]:

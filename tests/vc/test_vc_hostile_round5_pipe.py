@@ -140,6 +140,19 @@ def test_api_cfg_parallel_without_guidance_warns(refine_pipe, monkeypatch):
         def broadcast(*xs):
             return xs
 
+        class same_call:  # one process: nothing to agree on
+            def __init__(self, *args):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def record(self, *values):
+                pass
+
     monkeypatch.setattr(type(refine_pipe.dit), "context_parallel", property(lambda self: CP()))
     kw = dict(resolution=(32, 32), num_frames=9, num_cond_frames=5, num_inference_steps=1, generator=1,
               progress=False)
