@@ -86,6 +86,10 @@ INTERPRETER_DTYPES = ("float16", "float32")
 TRITON_FORWARD_ONLY = ("qk_norm_rope", "fp8_quantize", "prefix_attn", "attn_with_kv_cache")
 # fp8_quantize: the Triton kernel keeps a whole row in registers
 FP8_MAX_COLS = 16384
+# the Triton block-sparse backward's tiles at a head_dim padded past 256 need more shared memory than a
+# Hopper SM has (head_dim 512 on the H100: 270,336 B required, 232,448 available; 256 runs:
+# bench/dev/head_dim_probe_gpu.py, session 20); the forward runs at 512
+BSA_TRITON_BWD_MAX_HEAD_DIM = 256
 # largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)
 CSRC_MAX_BLOCK_TOKENS = 1024
 
@@ -167,6 +171,12 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
     if f.requires_grad and op in TRITON_FORWARD_ONLY:
         # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
         return "forward only (no backward kernel); use backend='torch' for gradients"
+    if op == "block_sparse_attn" and f.requires_grad and max(16, 1 << (f.head_dim - 1).bit_length()) > \
+            BSA_TRITON_BWD_MAX_HEAD_DIM:
+        # (the kernels pad head_dim to a power of two); "auto" then trains on the reference, explicit triton
+        # raises here instead of Triton's OutOfResources at the first backward
+        return (f"the backward kernel takes head_dim <= {BSA_TRITON_BWD_MAX_HEAD_DIM} (got {f.head_dim}: its tiles "
+                "exceed shared memory); use backend='torch' for gradients")
     if op == "qk_norm_rope" and f.rope_pairs != "interleaved":
         return f"rope.pairs={f.rope_pairs!r} (the Triton prologue rotates interleaved pairs); use 'torch'"
     if op == "qk_norm_rope" and f.norm_all_heads and f.gqa:

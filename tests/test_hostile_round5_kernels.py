@@ -64,3 +64,23 @@ def test_auto_sends_head_dims_cudnn_cannot_take_to_triton(op, head_dim):
         c = dispatch.choose_kernel(op, facts._replace(head_dim=head_dim), "auto")
         assert c.impl == "triton_fused", c
     assert dispatch.choose_kernel(op, dispatch.Facts()._replace(head_dim=72), "auto").impl == "triton_prologue_cudnn"
+
+
+@pytest.mark.parametrize("head_dim, triton_ok", [(256, True), (200, True), (257, False), (320, False), (512, False)])
+def test_bsa_training_past_the_triton_backward_head_dim_goes_to_the_reference(head_dim, triton_ok):
+    # found on the H100 by bench/dev/head_dim_probe_gpu.py: block_sparse_attn with grad at head_dim 512
+    # under "auto" ran the Triton backward, which raised Triton's OutOfResources (shared memory 270,336 B
+    # required, 232,448 available) at the first backward; the forward runs there
+    from longcat_kernels.dispatch import BackendUnavailableError, Facts, choose_kernel
+
+    f = Facts(head_dim=head_dim, requires_grad=True)
+    c = choose_kernel("block_sparse_attn", f)
+    if triton_ok:
+        assert choose_kernel("block_sparse_attn", f, "triton").backend == "triton"
+        assert c.backend != "torch", c
+    else:
+        assert c.backend == "torch", c
+        with pytest.raises(BackendUnavailableError, match=r"backward kernel takes head_dim <= 256 \(got %d" % head_dim):
+            choose_kernel("block_sparse_attn", f, "triton")
+    # inference keeps the Triton forward at any head_dim
+    assert choose_kernel("block_sparse_attn", Facts(head_dim=head_dim), "triton").backend == "triton"

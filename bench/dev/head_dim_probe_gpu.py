@@ -76,12 +76,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true", help="CPU, torch backend only, three head_dims")
+    p.add_argument("--head-dims", default=None, help="comma-separated head_dims (default: all of HEAD_DIMS)")
     args = p.parse_args()
     dev = torch.device("cpu" if args.smoke else "cuda")
     dt = torch.float32 if args.smoke else torch.bfloat16
     backends = ("torch",) if args.smoke else ("auto", "triton", "cuda")
     rows = []
-    for D in (HEAD_DIMS[:3] if args.smoke else HEAD_DIMS):
+    dims = tuple(int(d) for d in args.head_dims.split(",")) if args.head_dims else HEAD_DIMS
+    for D in (dims[:3] if args.smoke else dims):
         refs = _cases(D, dev, dt, upcast=True)  # the torch reference in fp32 on the same rounded inputs
         for op, fn in _cases(D, dev, dt).items():
             try:
