@@ -125,7 +125,7 @@ class DiTConfig:
                 raise ValueError(f"DiTConfig.{name}: expected a positive int, got {value!r}")
         if self.ffn_hidden_size < 1:  # (the SwiGLU FFN had no hidden unit: every block's FFN added 0)
             raise ValueError(f"DiTConfig.mlp_ratio: {mr!r} x hidden_size {self.hidden_size} gives a SwiGLU FFN of width "
-                             f"{self.ffn_hidden_size}; expected mlp_ratio * hidden_size >= 1.5")
+                             f"{self.ffn_hidden_size}; expected mlp_ratio * hidden_size >= 2")
         if len(self.patch_size) != 3 or self.patch_size[0] != 1 or min(self.patch_size) <= 0:
             raise ValueError(
                 f"DiTConfig.patch_size: expected (1, ph, pw) (no temporal patching), got {self.patch_size}"

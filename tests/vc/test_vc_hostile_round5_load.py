@@ -200,3 +200,7 @@ def test_config_whose_ffn_has_no_hidden_unit_is_refused():
     with pytest.raises(ValueError, match=r"DiTConfig.mlp_ratio: 0.001 x hidden_size 64 gives a SwiGLU FFN of width 0"):
         DiTConfig(**{**tiny_config().__dict__, "hidden_size": 64, "mlp_ratio": 0.001})
     assert DiTConfig(**{**tiny_config().__dict__, "hidden_size": 64, "mlp_ratio": 0.05}).ffn_hidden_size == 256
+    # the bound the message names is the real one: 1.9 x ... is refused (int(2 * 1 / 3) = 0), 2 x ... is not
+    with pytest.raises(ValueError, match=r"width 0; expected mlp_ratio \* hidden_size >= 2$"):
+        DiTConfig(**{**tiny_config().__dict__, "hidden_size": 64, "mlp_ratio": 1.9 / 64})
+    assert DiTConfig(**{**tiny_config().__dict__, "hidden_size": 64, "mlp_ratio": 2 / 64}).ffn_hidden_size == 256
