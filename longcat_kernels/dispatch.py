@@ -162,6 +162,12 @@ class KernelChoice(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
+def bsa_triton_head_dim(head_dim: int) -> int:
+    """The head_dim the Triton block-sparse kernels run at: the next power of two, at least 16 (they
+    index it with ``tl.arange`` and ``tl.dot``; other sizes are zero-padded to it)."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
 def _triton_reason(op: str, f: Facts) -> Optional[str]:
     """Why the op's Triton kernels cannot run these inputs (None if they can)."""
     if f.triton_error is not None:
@@ -171,10 +177,9 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
     if f.requires_grad and op in TRITON_FORWARD_ONLY:
         # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
         return "forward only (no backward kernel); use backend='torch' for gradients"
-    if op == "block_sparse_attn" and f.requires_grad and max(16, 1 << (f.head_dim - 1).bit_length()) > \
-            BSA_TRITON_BWD_MAX_HEAD_DIM:
-        # (the kernels pad head_dim to a power of two); "auto" then trains on the reference, explicit triton
-        # raises here instead of Triton's OutOfResources at the first backward
+    if op == "block_sparse_attn" and f.requires_grad and bsa_triton_head_dim(f.head_dim) > BSA_TRITON_BWD_MAX_HEAD_DIM:
+        # "auto" then trains on the reference, explicit triton raises here instead of Triton's
+        # OutOfResources at the first backward
         return (f"the backward kernel takes head_dim <= {BSA_TRITON_BWD_MAX_HEAD_DIM} (got {f.head_dim}: its tiles "
                 "exceed shared memory); use backend='torch' for gradients")
     if op == "qk_norm_rope" and f.rope_pairs != "interleaved":

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from longcat_kernels.dispatch import triton_interpret
+from longcat_kernels.dispatch import bsa_triton_head_dim, triton_interpret
 
 from . import _triton_kernels as K
 
@@ -287,7 +287,7 @@ def _pad_head_dim(*xs):
     (the caller passes ``scale`` for the true head_dim and slices the output back). ``F.pad`` is
     differentiable, so gradients flow to the unpadded inputs."""
     D = xs[0].shape[-1]
-    pd = max(16, 1 << (D - 1).bit_length())
+    pd = bsa_triton_head_dim(D)
     if pd == D:
         return xs
     return tuple(torch.nn.functional.pad(x, (0, pd - D)) for x in xs)
