@@ -117,6 +117,8 @@ def _backends() -> dict[str, str | None] | None:
 
 def machine_header(device: torch.device | str) -> dict:
     """Everything needed to compare a result with another machine's."""
+    from longcat_kernels._envvars import BENCH_ONLY, settings
+
     device = torch.device(device)
     info: dict = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -140,8 +142,7 @@ def machine_header(device: torch.device | str) -> dict:
         # LONGCAT_KERNELS_BACKEND changes what a backend "auto" row ran, DETERMINISTIC the backward kernel:
         # a results file without them could not tell
         # (BENCH_COMMIT is the "commit" field above)
-        "settings": {k: v for k, v in sorted(os.environ.items())
-                     if k.startswith("LONGCAT_KERNELS_") and k != "LONGCAT_KERNELS_BENCH_COMMIT"},
+        "settings": {k: v for k, v in settings().items() if k not in BENCH_ONLY},
     }
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()

@@ -33,7 +33,7 @@ import re
 from typing import List, Optional
 
 __all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
-           "check_environment", "bench_commit", "KNOWN", "REMOVED", "BENCH_ONLY"]
+           "check_environment", "bench_commit", "settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -124,6 +124,12 @@ def _setting_checks() -> dict:
 
 # read by ``bench`` alone: checked there and reported by ``setting_problems``, never by the op calls
 BENCH_ONLY = ("LONGCAT_KERNELS_BENCH_COMMIT",)
+
+
+def settings() -> dict:
+    """``{name: value}`` of the ``LONGCAT_KERNELS_*`` variables set, sorted by name (what the environment
+    report and the bench results record)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")}
 
 
 def setting_problems() -> dict:

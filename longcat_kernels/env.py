@@ -46,7 +46,7 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._envvars import BENCH_ONLY, KNOWN, REMOVED, setting_problems
+    from ._envvars import BENCH_ONLY, KNOWN, REMOVED, setting_problems, settings
     from .dispatch import triton_interpret, triton_status
 
     cuda = torch.cuda.is_available()
@@ -62,7 +62,7 @@ def report() -> Dict[str, Any]:
         "triton": None,
         "triton_error": triton_status(),
         "triton_interpret": triton_interpret(),
-        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LONGCAT_KERNELS_")},
+        "env": settings(),
     }
     info["env_unknown"] = sorted(k for k in info["env"] if k not in KNOWN and k not in REMOVED)
     info["env_invalid"] = setting_problems()
