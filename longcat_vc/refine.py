@@ -129,7 +129,7 @@ def refine_padding(num_frames: int, num_cond_frames: int, temporal: int = 4) -> 
     n_lat = math.ceil(math.ceil(n_noise / temporal) / g) * g
     if nc == 0 and 1 + (n_lat - 1) * temporal < n_noise:
         # without cond frames the VAE keeps 1 + 4k of the 4 * n_lat padded frames: upstream's padding
-        # lost the last frames for 2F = 14, 15, 0 (mod 16), and the output had fewer than it reported
+        # lost the last 1-3 frames of n = 14, 15, 0 (mod 16), and the output had fewer than it reported
         n_lat += g
     return {"cond_latents": c_lat, "cond_added": added, "noise_latents": n_lat,
             "noise_added": n_lat * temporal - n_noise}

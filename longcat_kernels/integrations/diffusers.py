@@ -11,7 +11,8 @@
       └─ blocks[i].attn2 (text cross-attention, I2V image branch): untouched
 
 Attention processors are not given the video grid, hence the hook on the transformer's forward.
-``remove_block_sparse_attention`` puts the original processor objects back and removes the hook.
+``remove_block_sparse_attention`` puts the original processor objects back (on the blocks still running
+ours) and removes the hook.
 diffusers is only needed by the caller (this module imports nothing from it).
 """
 
