@@ -249,6 +249,12 @@ def _triton_impl(op: str) -> str:
     return "triton_fused" if op in KV_OPS else "triton"
 
 
+def cudnn_sdpa_takes(device_type: str, dtype: str, head_dim: int) -> bool:
+    """Whether torch's cuDNN SDPA takes these inputs: CUDA, bf16/fp16, head_dim <= 128 and a multiple of 8
+    (sdp_utils check_cudnn_tensor_shapes; another head_dim fails inside torch with "No available kernel")."""
+    return device_type == "cuda" and dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
+
+
 def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
     if op not in KV_OPS:
         return f"{op} has no cuDNN route"
@@ -256,9 +262,8 @@ def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
         return "cuDNN has no block-sparse mode"
     if f.gqa:
         return "the cuDNN route does not take GQA/MQA (the fused Triton kernel does)"
-    # torch's cuDNN SDPA takes head_dim <= 128 in multiples of 8 (sdp_utils check_cudnn_tensor_shapes);
-    # another head_dim there fails inside torch ("No available kernel") instead of running Triton
-    if f.device_type != "cuda" or f.dtype not in ("bfloat16", "float16") or f.head_dim > 128 or f.head_dim % 8:
+    # another head_dim would fail inside torch instead of running Triton
+    if not cudnn_sdpa_takes(f.device_type, f.dtype, f.head_dim):
         return "cuDNN SDPA needs CUDA bf16/fp16 inputs with head_dim <= 128 and a multiple of 8"
     if not f.cudnn:
         return "cuDNN is not available"

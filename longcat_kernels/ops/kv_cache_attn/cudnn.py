@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_kernels.dispatch import triton_interpret
+from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
 
@@ -37,7 +37,7 @@ def _block_sparse_unavailable():
 
 def cudnn_available(q: torch.Tensor) -> bool:
     """cuDNN SDPA usable for these inputs (CUDA, bf16/fp16, head_dim <= 128 and a multiple of 8)."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128 or q.shape[-1] % 8:
+    if not cudnn_sdpa_takes(q.device.type, _dtype_name(q.dtype), int(q.shape[-1])):
         return False
     try:
         return bool(torch.backends.cudnn.is_available())
