@@ -106,6 +106,10 @@ def test_results_record_the_longcat_kernels_settings(monkeypatch):
     from bench import machine
 
     # with LONGCAT_KERNELS_BACKEND=triton the cache suite's "auto" DiT ran Triton; nothing in the file said so
+    import os
+
+    for k in [k for k in os.environ if k.startswith("LONGCAT_KERNELS_")]:  # (the caller's own settings)
+        monkeypatch.delenv(k)
     monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "torch")
     monkeypatch.setenv("LONGCAT_KERNELS_DETERMINISTIC", "1")
     monkeypatch.setenv("LONGCAT_KERNELS_BENCH_COMMIT", "abcdef1")  # recorded as the commit, not repeated here
