@@ -428,22 +428,12 @@ def _cp_refine_worker(rank: int, world: int, init: str, out: str, ckpt: str) -> 
 
 def test_context_parallel_refine_denoises_rank0s_latents(refine_ckpt, tmp_path):
     import json
-    import subprocess
 
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([_ROOT, _HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                                                            else [])))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--cp-refine-worker", str(r), "2",
-                               str(tmp_path / "init"), str(tmp_path), refine_ckpt],
-                              env=env, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    from vc_components import run_two_ranks
+
+    codes, logs = run_two_ranks(__file__, lambda r: ["--cp-refine-worker", str(r), "2", str(tmp_path / "init"),
+                                                     str(tmp_path), refine_ckpt], _ROOT, _HERE)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     rel = [json.load(open(tmp_path / f"rank{r}.json"))["rel"] for r in range(2)]
     assert max(rel) < 1e-5, rel
 

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from longcat_vc import cli, pipeline
 from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.refine import refine_padding
 from longcat_vc.video_io import read_video, write_video
-from vc_components import random_frames, refine_checkpoint_in
+from vc_components import random_frames, refine_checkpoint_in, run_cli_without_loading
 
 
 def _needs_video_backend():
@@ -99,13 +97,7 @@ def in_video(tmp_path_factory):
 
 
 def _cli_no_load(argv, capsys, monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("weights were loaded before the argument error was found")
-
-    monkeypatch.setattr(pipeline.VideoContinuationPipeline, "from_pretrained", boom)
-    monkeypatch.setattr(pipeline, "check_checkpoint", lambda *a, **k: None)
-    rc = cli.main(argv)
-    return rc, capsys.readouterr().err
+    return run_cli_without_loading(capsys, argv, monkeypatch)
 
 
 @pytest.mark.parametrize("extra", [["--mode", "distill"], ["--guidance", "1"]])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -92,25 +91,15 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from vc_components import write_full_checkpoint
+    from vc_components import run_two_ranks, write_full_checkpoint
 
     tmp = tmp_path_factory.mktemp("round6_cp")
     ckpt = str(tmp / "ckpt")
     write_full_checkpoint(ckpt, seed=4)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                                                          else [])))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(r), "2", str(tmp / "init"),
-                               str(tmp), ckpt], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes, logs = run_two_ranks(__file__, lambda r: ["--worker", str(r), "2", str(tmp / "init"), str(tmp), ckpt],
+                                ROOT, HERE)
     detail = "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
-    assert all(p.returncode == 0 for p in procs), detail
+    assert codes == [0, 0], detail
     return [json.load(open(tmp / f"rank{r}.json")) for r in range(2)]
 
 

@@ -272,3 +272,41 @@ def random_frames(n, h, w, seed=0):
     import numpy as np
 
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by the hostile-input test files
+
+
+def run_cli_without_loading(capsys, argv, monkeypatch):
+    """Runs the CLI with model loading made to fail loudly (every argument error must come first):
+    ``(exit code, stderr)``."""
+    from longcat_vc import cli, pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the argument error was found")
+
+    monkeypatch.setattr(pipeline.VideoContinuationPipeline, "from_pretrained", boom)
+    monkeypatch.setattr(pipeline, "check_checkpoint", lambda *a, **k: None)
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def run_two_ranks(script: str, args_for_rank, root: str, here: str, timeout: float = 240):
+    """Runs ``python script *args_for_rank(r)`` for ranks 0 and 1 on CPU (gloo workers), each killed
+    if still running after ``timeout`` s: ``(return codes, logs)``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, here] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
+                                                          else [])))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), *args_for_rank(r)], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], logs
