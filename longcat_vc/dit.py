@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from longcat_kernels._validate import check_bool
+
 from . import lora as _lora
 from .config import DiTConfig
 from .fp8 import check_fp8_state_dict
@@ -462,6 +464,8 @@ class LongCatDiT(nn.Module):
         cp = self._context_parallel
         same = contextlib.nullcontext() if cp is None else cp.same_call("build_kv_cache", _BUILD_FIELDS, self.device)
         with same:  # as in forward: every rank raises, before the first collective
+            # a truthy "no" offloaded the cache (and recorded offloaded="no"); None kept it, recording None
+            check_bool(offload, "offload")
             Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
             if cp is not None:
                 from .parallel import checksum

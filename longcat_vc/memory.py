@@ -203,6 +203,9 @@ class BlockStreamer:
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
             # always_call: a block that raises (e.g. out of memory) is still put back at home.
             self._handles.append(block.register_forward_hook(self._make_post(i), always_call=True))
+            # torch runs always_call hooks on Exception only: a KeyboardInterrupt left the block on its
+            # device copies, and a fuse_lora after it wrote into them (the LoRA lost, then subtracted)
+            block.forward = self._wrap_forward(block, i)
             if hasattr(block, "forward_kv_only"):
                 block.forward_kv_only = self._wrap_kv_only(block, i)
         self.dit._block_streamer = self
@@ -219,8 +222,9 @@ class BlockStreamer:
         self._handles.clear()
         target = self.device if device is None else torch.device(device)
         for block in self.dit.blocks:
-            if "forward_kv_only" in block.__dict__:
-                del block.forward_kv_only
+            for name in ("forward", "forward_kv_only"):
+                if name in block.__dict__:
+                    delattr(block, name)
             block.to(target)
             for owner, attr, t in _lora_tensors(block, loaded=True):
                 _move(owner, attr, t.to(target))
@@ -289,6 +293,14 @@ class BlockStreamer:
         # skipped its post-hook (forward_kv_only's wrapper, or a hook run that raised).
         for j in list(self._active):
             self._after(j)
+        try:
+            self._attach_block(i)
+        except BaseException:
+            # e.g. a KeyboardInterrupt while swapping or prefetching: no post-hook follows it
+            self._after(i)
+            raise
+
+    def _attach_block(self, i: int) -> None:
         block = self.dit.blocks[i]
         got = self._loaded.pop(i, None)
         if got is not None and got.signature != self._signature(block, _lora_tensors(block)):
@@ -303,15 +315,15 @@ class BlockStreamer:
                 t.record_stream(cur)
             for _, _, t in got.lora:
                 t.record_stream(cur)
-        homes = {}
-        for n, t in self._block_tensors(block).items():
-            homes[n] = t.data
+        tensors = self._block_tensors(block)
+        # recorded before the first swap, so that an interruption midway is undone by ``_after``
+        active = _Loaded({n: t.data for n, t in tensors.items()}, [(o, a, getattr(o, a)) for o, a, _ in got.lora],
+                         (), None)
+        self._active[i] = active
+        for n, t in tensors.items():
             t.data = got.tensors[n]
-        lora_homes = []
         for o, a, t in got.lora:
-            lora_homes.append((o, a, getattr(o, a)))
             _move(o, a, t)
-        self._active[i] = _Loaded(homes, lora_homes, (), None)
         if self.log is not None:
             self.log.append(("attach", i))
         for k in range(1, self.prefetch + 1):
@@ -342,6 +354,18 @@ class BlockStreamer:
             self._after(i)
 
         return post
+
+    def _wrap_forward(self, block: nn.Module, i: int) -> Callable:
+        inner = type(block).forward.__get__(block)
+
+        def forward(*args, **kwargs):
+            try:
+                return inner(*args, **kwargs)
+            except BaseException:
+                self._after(i)  # the post-hook follows an Exception, not a KeyboardInterrupt
+                raise
+
+        return forward
 
     def _wrap_kv_only(self, block: nn.Module, i: int) -> Callable:
         inner = type(block).forward_kv_only.__get__(block)

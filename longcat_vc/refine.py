@@ -219,8 +219,12 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
                     f"with memory={fits[0]!r} (--memory {fits[0]})")
         else:
             low = peak("low", True if cached else None)
-            hint = (f"even memory='low' needs about {low / GiB:.1f} GiB: refine at a lower resolution, fewer frames "
-                    "(spatial_refine_only=True, --spatial-only) or on a larger GPU")
+            if low <= budget_bytes:  # only the caller's offload_kv_cache=False kept 'low' from fitting
+                hint = (f"memory='low' with its KV cache offloaded fits, estimated {low / GiB:.1f} GiB: load the "
+                        "pipeline with memory='low' (--memory low) and leave offload_kv_cache unset (or True)")
+            else:
+                hint = (f"even memory='low' needs about {low / GiB:.1f} GiB: refine at a lower resolution, fewer "
+                        "frames (spatial_refine_only=True, --spatial-only) or on a larger GPU")
     stage = max((k for k in est if k != "peak"), key=lambda k: est[k])
     raise MemoryModeError(
         f"the refinement at {size[1]}x{size[0]} ({t_lat} latent frames, {c} of them cond) needs about "
@@ -486,14 +490,16 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
     _check_offload_needs_cache(use_kv_cache, offload_kv_cache)
     memory = pipe._memory.name
-    if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
-        offload_kv_cache = pipe._memory.offload_kv_cache
     check_refine_lora(pipe, lora_path)
     a = resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
                             num_inference_steps, output_type)
-    # before any work of its own: a refinement that cannot fit fails here, with what would fit
+    # before any work of its own: a refinement that cannot fit fails here, with what would fit. The caller's
+    # offload_kv_cache, None kept: resolved to this mode's False, 'low' was checked with its cache on the device
+    # and the hint said "even memory='low' needs" a size that fits
     check_refine_fits(pipe, a["size"], a["n_refine"], a["nc"], use_kv_cache=use_kv_cache,
                       offload_kv_cache=offload_kv_cache, lora_path=lora_path)
+    if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
+        offload_kv_cache = pipe._memory.offload_kv_cache
     generator = pipe._generator(generator, pipe.device)
     timesteps, sigmas = refine_timesteps(pipe.shift, a["steps"], float(t_thresh), pipe.num_train_timesteps)
     device, dtype = pipe.device, pipe.dtype
