@@ -4,7 +4,6 @@ runs it before the stage-1 segments."""
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -14,22 +13,16 @@ import torch.nn as nn
 from longcat_vc import memory as mem
 from longcat_vc import refine as rf
 from longcat_vc.config import DiTConfig
-from longcat_vc.memory import GiB, MemoryModeError, estimate_peak_bytes, memory_plan
+from longcat_vc.memory import GiB, MemoryModeError, estimate_peak_bytes
+from vc_components import released_pipeline_stand_in
 from longcat_vc.pipeline import VideoContinuationPipeline
 from vc_components import write_refine_checkpoint
 
 SIZE, N_REFINE, NC = (704, 1280), 186, 26  # 93 stage-1 frames -> 186 refine frames, 2 x 13 cond frames
 
 
-class _Dit(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.config = DiTConfig()  # the released model's width and depth
-
-
 def _fake(mode):
-    return types.SimpleNamespace(device=torch.device("cpu"), dit=_Dit(), _memory=memory_plan(mode),
-                                 vae_scale_temporal=4, dtype=torch.bfloat16)
+    return released_pipeline_stand_in(mode)
 
 
 def _est(mode, offload=None, kv_cache=True):

@@ -54,20 +54,11 @@ import torch
 from longcat_vc import cli
 from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.video_io import write_video
-from vc_components import forbid_model_work, random_frames, refine_checkpoint_in
+from vc_components import forbid_model_work, random_frames
 
 REFINE_SIZE = (64, 64)
 
 
-@pytest.fixture(scope="module")
-def refine_ckpt(tmp_path_factory):
-    return refine_checkpoint_in(tmp_path_factory, "ckpt_round4")
-
-
-@pytest.fixture(scope="module")
-def refine_pipe(refine_ckpt):
-    return VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu",
-                                                     attn_backend="torch")
 
 
 @pytest.fixture

@@ -23,29 +23,24 @@ I. A peft adapter file (``PeftModel.save_pretrained``: ``base_model.model.<path>
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_ckpt import (LORA_TARGETS_CFG_STEP, longcat_lora_tensors, model_from_state_dict, random_state_dict,
-                       tiny_config, write_fastvideo_transformer, write_longcat_lora, write_upstream_dit)
+from tiny_ckpt import (LORA_TARGETS_CFG_STEP, longcat_lora_tensors, model_from_state_dict, tiny_config,
+                       write_fastvideo_transformer, write_longcat_lora, write_upstream_dit)
 
 from longcat_vc.dit import LongCatDiT
 from longcat_vc.fp8 import quantize_dit_fp8
 from longcat_vc.loading import CheckpointError
 
 
-@pytest.fixture(scope="module")
-def base():
-    cfg = tiny_config()
-    return cfg, random_state_dict(cfg, seed=3)
 
 
 # ---------------------------------------------------------------------------- A
-def test_fastvideo_split_parts_of_unequal_rows_are_refused(tmp_path, base):
-    cfg, sd = base
+def test_fastvideo_split_parts_of_unequal_rows_are_refused(tmp_path, tiny_base):
+    cfg, sd = tiny_base
     write_fastvideo_transformer(str(tmp_path), cfg, sd)
     f = str(tmp_path / "model.safetensors")
     t = load_file(f)
@@ -63,8 +58,8 @@ SHARD1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
-def test_index_omitting_a_key_its_shard_holds_names_the_shard(tmp_path, base):
-    cfg, sd = base
+def test_index_omitting_a_key_its_shard_holds_names_the_shard(tmp_path, tiny_base):
+    cfg, sd = tiny_base
     write_upstream_dit(str(tmp_path), cfg, sd, shards=2)
     j = json.loads((tmp_path / INDEX).read_text())
     key = next(k for k, v in j["weight_map"].items() if v == SHARD1)
@@ -75,8 +70,8 @@ def test_index_omitting_a_key_its_shard_holds_names_the_shard(tmp_path, base):
 
 
 @pytest.mark.parametrize("listed_elsewhere", [False, True])
-def test_shard_tensor_the_index_does_not_place_there_is_refused(tmp_path, base, listed_elsewhere):
-    cfg, sd = base
+def test_shard_tensor_the_index_does_not_place_there_is_refused(tmp_path, tiny_base, listed_elsewhere):
+    cfg, sd = tiny_base
     write_upstream_dit(str(tmp_path), cfg, sd, shards=2)
     t = load_file(str(tmp_path / SHARD1))
     j = json.loads((tmp_path / INDEX).read_text())
@@ -91,8 +86,8 @@ def test_shard_tensor_the_index_does_not_place_there_is_refused(tmp_path, base, 
 
 
 # ---------------------------------------------------------------------------- C
-def test_fp8_checkpoint_tensor_is_named_as_fp8(tmp_path, base):
-    cfg, sd = base
+def test_fp8_checkpoint_tensor_is_named_as_fp8(tmp_path, tiny_base):
+    cfg, sd = tiny_base
     bad = dict(sd, **{"blocks.0.attn.qkv.weight": sd["blocks.0.attn.qkv.weight"].to(torch.float8_e4m3fn)})
     write_upstream_dit(str(tmp_path), cfg, bad, shards=1)
     with pytest.raises(CheckpointError, match=r"1 8-bit float tensor\(s\).*quantize_dit_fp8\): "
@@ -102,8 +97,8 @@ def test_fp8_checkpoint_tensor_is_named_as_fp8(tmp_path, base):
 
 
 # ---------------------------------------------------------------------------- D
-def test_longcat_lora_up_block_spelt_twice_is_refused(tmp_path, base):
-    cfg, sd = base
+def test_longcat_lora_up_block_spelt_twice_is_refused(tmp_path, tiny_base):
+    cfg, sd = tiny_base
     t = longcat_lora_tensors(cfg, targets=LORA_TARGETS_CFG_STEP)
     key = next(k for k in t if k.endswith("qkv.lora_up.blocks.1.weight"))
     t[key.replace("blocks.1.weight", "blocks.01.weight")] = torch.zeros_like(t[key])
@@ -116,8 +111,8 @@ def test_longcat_lora_up_block_spelt_twice_is_refused(tmp_path, base):
 
 
 # ---------------------------------------------------------------------------- E
-def test_lora_adapters_follow_the_weights_device(tmp_path, base):
-    cfg, sd = base
+def test_lora_adapters_follow_the_weights_device(tmp_path, tiny_base):
+    cfg, sd = tiny_base
     write_longcat_lora(str(tmp_path / "l.safetensors"), cfg)  # the refinement set: final_layer too
     m = model_from_state_dict(cfg, sd)
     m.load_lora(str(tmp_path / "l.safetensors"), "a")
@@ -131,10 +126,10 @@ def test_lora_adapters_follow_the_weights_device(tmp_path, base):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="[cuda] moves a DiT with LoRAs to a CUDA device")
-def test_lora_adapters_follow_the_weights_to_cuda_and_give_the_cpu_output(tmp_path, base):
+def test_lora_adapters_follow_the_weights_to_cuda_and_give_the_cpu_output(tmp_path, tiny_base):
     from test_dit import make_inputs, rel_l2
 
-    cfg, sd = base
+    cfg, sd = tiny_base
     write_longcat_lora(str(tmp_path / "l.safetensors"), cfg)
     m = model_from_state_dict(cfg, sd)
     m.load_lora(str(tmp_path / "l.safetensors"), "a")
@@ -148,8 +143,8 @@ def test_lora_adapters_follow_the_weights_to_cuda_and_give_the_cpu_output(tmp_pa
 
 
 # ---------------------------------------------------------------------------- F
-def test_enable_loras_takes_any_iterable(tmp_path, base):
-    cfg, sd = base
+def test_enable_loras_takes_any_iterable(tmp_path, tiny_base):
+    cfg, sd = tiny_base
     write_longcat_lora(str(tmp_path / "l.safetensors"), cfg, targets=LORA_TARGETS_CFG_STEP)
     m = model_from_state_dict(cfg, sd)
     m.load_lora(str(tmp_path / "l.safetensors"), "a")
@@ -158,11 +153,11 @@ def test_enable_loras_takes_any_iterable(tmp_path, base):
 
 
 # ---------------------------------------------------------------------------- I
-def test_peft_adapter_file_points_to_save_longcat_lora(tmp_path, base):
+def test_peft_adapter_file_points_to_save_longcat_lora(tmp_path, tiny_base):
     pytest.importorskip("peft")
     from longcat_vc.training import add_lora, lora_config
 
-    cfg, sd = base
+    cfg, sd = tiny_base
     add_lora(model_from_state_dict(cfg, sd), lora_config(rank=4, alpha=8)).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"match no Linear module .* \| this is a peft adapter file "
                                          r"\(PeftModel\.save_pretrained\); write the adapter with "
@@ -171,11 +166,11 @@ def test_peft_adapter_file_points_to_save_longcat_lora(tmp_path, base):
 
 
 # ---------------------------------------------------------------------------- G
-def test_peft_training_on_an_fp8_dit_is_refused(base):
+def test_peft_training_on_an_fp8_dit_is_refused(tiny_base):
     pytest.importorskip("peft")
     from longcat_vc.training import add_lora, lora_config
 
-    cfg, sd = base
+    cfg, sd = tiny_base
     m = model_from_state_dict(cfg, sd)
     quantize_dit_fp8(m, emulate=True)
     with pytest.raises(ValueError, match=r"add_lora: the DiT's weights are fp8 .*no gradient flows; train on the "
@@ -185,8 +180,8 @@ def test_peft_training_on_an_fp8_dit_is_refused(base):
 
 
 # ---------------------------------------------------------------------------- H
-def test_quantize_emulate_must_be_a_bool(base):
-    cfg, sd = base
+def test_quantize_emulate_must_be_a_bool(tiny_base):
+    cfg, sd = tiny_base
     m = model_from_state_dict(cfg, sd)
     with pytest.raises(TypeError, match=r"emulate: expected a bool \(True or False\), got str 'no'"):
         quantize_dit_fp8(m, emulate="no")

@@ -19,12 +19,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.refine import refine_padding
 from longcat_vc.video_io import read_video, write_video
-from vc_components import random_frames, refine_checkpoint_in, run_cli_without_loading
+from vc_components import random_frames, run_cli_without_loading
 
 
 def _needs_video_backend():
@@ -35,15 +33,6 @@ def _needs_video_backend():
         pytest.skip("needs a video backend (av or imageio-ffmpeg) to write an mp4")
 
 
-@pytest.fixture(scope="module")
-def refine_ckpt(tmp_path_factory):
-    return refine_checkpoint_in(tmp_path_factory, "ckpt_round5")
-
-
-@pytest.fixture(scope="module")
-def refine_pipe(refine_ckpt):
-    return VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu",
-                                                     attn_backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------ A

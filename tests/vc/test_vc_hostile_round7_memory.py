@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from longcat_vc import refine as rf
-from longcat_vc.config import DiTConfig
-from longcat_vc.memory import BlockStreamer, GiB, MemoryModeError, memory_plan
+from longcat_vc.memory import BlockStreamer, GiB, MemoryModeError
+from vc_components import released_pipeline_stand_in
 from test_dit import make_inputs
 from tiny_ckpt import LORA_TARGETS_REFINEMENT, model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
 
@@ -129,15 +129,8 @@ def test_build_kv_cache_offload_takes_a_bool(offload):
 SIZE, N_REFINE, NC = (704, 1280), 186, 26  # the 720p refinement of 93 stage-1 frames, 2 x 13 cond frames
 
 
-class _Dit(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.config = DiTConfig()  # the released model's width and depth
-
-
 def _released(mode):
-    return types.SimpleNamespace(device=torch.device("cpu"), dit=_Dit(), _memory=memory_plan(mode),
-                                 vae_scale_temporal=4, dtype=torch.bfloat16)
+    return released_pipeline_stand_in(mode)
 
 
 @pytest.fixture(scope="module")

@@ -310,3 +310,18 @@ def run_two_ranks(script: str, args_for_rank, root: str, here: str, timeout: flo
             if p.poll() is None:
                 p.kill()
     return [p.returncode for p in procs], logs
+
+
+def released_pipeline_stand_in(mode: str):
+    """What the refinement's fit check reads of a pipeline: the released model's config (width and
+    depth, no weights), the memory plan of ``mode``, CPU, bf16."""
+    from longcat_vc.config import DiTConfig
+    from longcat_vc.memory import memory_plan
+
+    class _Dit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = DiTConfig()
+
+    return types.SimpleNamespace(device=torch.device("cpu"), dit=_Dit(), _memory=memory_plan(mode),
+                                 vae_scale_temporal=4, dtype=torch.bfloat16)
