@@ -983,6 +983,21 @@ class VideoContinuationPipeline:
         return out
 
     @torch.no_grad()
+    def check_refine_fits_ahead(self, size_hw: Tuple[int, int], num_frames: int, num_cond_frames: int, *,
+                                with_cond: bool = True, spatial_refine_only: bool = False,
+                                refine_resolution="720p", use_kv_cache: bool = True,
+                                offload_kv_cache: Optional[bool] = None) -> None:
+        """Raises (``refine.check_refine_fits``) before a stage 1 of ``num_frames`` at ``size_hw`` whose
+        refinement (cond frames from the ~30 fps video when ``with_cond``) would not fit: the stage-1
+        minutes are not spent on a result that cannot be refined."""
+        from .refine import check_refine_fits, refine_bucket
+
+        r_size = refine_bucket(*size_hw) if isinstance(refine_resolution, str) else tuple(refine_resolution)
+        rnc = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
+        check_refine_fits(self, r_size, num_frames * (1 if spatial_refine_only else 2), rnc if with_cond else 0,
+                          use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
+                          lora_path=self.refinement_lora_path)
+
     def extend(
         self,
         video,
@@ -1084,13 +1099,9 @@ class VideoContinuationPipeline:
         if refine:
             # the refinement's memory, checked before the stage-1 segments run: windows after the
             # first have cond frames (the largest), the first has none
-            from .refine import check_refine_fits, refine_bucket
-
-            r_size = refine_bucket(*size_hw) if isinstance(refine_resolution, str) else tuple(refine_resolution)
-            rnc = num_cond_frames if spatial_refine_only else 2 * num_cond_frames
-            check_refine_fits(self, r_size, num_frames * (1 if spatial_refine_only else 2), rnc if n > 1 else 0,
-                              use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
-                              lora_path=self.refinement_lora_path)
+            self.check_refine_fits_ahead(size_hw, num_frames, num_cond_frames, with_cond=n > 1,
+                                         spatial_refine_only=spatial_refine_only, refine_resolution=refine_resolution,
+                                         use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache)
         generator = self._generator(generator, self.device)
         timesteps, sigmas = self._schedule(steps)
         from tqdm.auto import tqdm

@@ -161,3 +161,26 @@ def test_cli_no_progress_hides_the_loading_bar(ckpt, video, tmp_path, capsys):
     rc, err = _cli(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4")] + RUN,
                    capsys)
     assert rc == 0 and "Loading DiT" not in err, err
+
+
+def test_continue_refine_checks_the_refinements_memory_before_stage_1(ckpt, video, tmp_path, capsys, monkeypatch):
+    # `continue --refine` checked the refinement's fit only when the refinement started, after stage 1
+    from longcat_vc import refine as rf
+    from longcat_vc.memory import MemoryModeError
+
+    seen = []
+
+    def fits(pipe, size, n_refine, nc, **kw):
+        seen.append((size, n_refine, nc, kw["offload_kv_cache"]))
+        raise MemoryModeError("refine needs more memory (stand-in)")
+
+    def no_stage1(self, *a, **k):
+        raise AssertionError("stage 1 ran before the refinement's memory was checked")
+
+    monkeypatch.setattr(rf, "check_refine_fits", fits)
+    monkeypatch.setattr(VideoContinuationPipeline, "__call__", no_stage1)
+    rc, err = _cli(["continue", video, "--prompt", "a cat", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                    "--refine"] + RUN, capsys)
+    assert rc != 0 and "refine needs more memory (stand-in)" in err, err
+    # 9 stage-1 frames at 32x64 -> 18 refine frames, 2 x 5 cond frames from the ~30 fps input
+    assert seen == [(rf.refine_bucket(32, 64), 18, 10, None)]
