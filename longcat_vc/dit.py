@@ -160,6 +160,9 @@ class LongCatDiT(nn.Module):
         result. See ``longcat_vc.parallel``. Returns the ``ContextParallel`` handler."""
         from .parallel import ContextParallel
 
+        if getattr(self, "_block_streamer", None) is not None:  # (memory.refuse_streaming_with_context_parallel)
+            raise ValueError("enable_context_parallel: the DiT streams its blocks (memory='balanced' or 'low'), which is "
+                             "not supported with context parallel; use memory='resident'")
         self._context_parallel = ContextParallel(group, num_heads=self.config.num_heads,
                                                  cfg_parallel=cfg_parallel, device=self.device)
         return self._context_parallel

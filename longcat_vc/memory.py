@@ -609,6 +609,15 @@ def _check_stream_device(dit, device: torch.device) -> None:
                          "a streaming pipeline stays on its device (load a fresh one for another device)")
 
 
+def refuse_streaming_with_context_parallel(mode: str, what: str) -> None:
+    """Raises ``ValueError`` for a streaming memory mode together with context parallelism (``what``
+    names the other side): untested, every rank would stream its own copy of the blocks. For
+    ``from_pretrained`` and ``apply_memory_mode`` (a hand-built pipeline passed the latter;
+    ``LongCatDiT.enable_context_parallel`` refuses the other order)."""
+    if mode != "resident":
+        raise ValueError(f"memory={mode!r} is not supported with {what} (context parallel); use memory='resident'")
+
+
 def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
     """Puts the components of ``pipe`` (loaded on the CPU, or anywhere) where ``mode`` wants them
     and records the plan on ``pipe._memory``. Returns the plan."""
@@ -621,6 +630,8 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
         raise ValueError(f"apply_memory_mode: the pipeline streams (memory={prev.name!r}); switching to {mode!r} "
                          f"needs a fresh VideoContinuationPipeline.from_pretrained(..., memory={mode!r})")
     dit = pipe.dit
+    if getattr(dit, "context_parallel", None) is not None:
+        refuse_streaming_with_context_parallel(plan.name, "a DiT that runs context parallel")
     _check_stream_device(dit, device)
     if plan.stream_text_encoder:
         # before anything moves: missing accelerate left the DiT's block streamer attached under the

@@ -355,13 +355,11 @@ class VideoContinuationPipeline:
             from .fp8 import check_fp8_device
 
             check_fp8_device(device)
-        from .memory import apply_memory_mode, check_memory_fits, memory_plan
+        from .memory import apply_memory_mode, check_memory_fits, memory_plan, refuse_streaming_with_context_parallel
 
         plan = memory_plan(memory)
-        if plan.name != "resident" and process_group is not None:
-            # Untested combination: every rank would stream its own copy of the blocks.
-            raise ValueError(f"memory={memory!r} is not supported with a process_group (context parallel); "
-                             "use memory='resident'")
+        if process_group is not None:
+            refuse_streaming_with_context_parallel(plan.name, "a process_group")
         if cfg_parallel and process_group is None:
             raise ValueError("cfg_parallel: expected False without a process_group, got True (cfg_parallel=True needs "
                              "a process_group)")

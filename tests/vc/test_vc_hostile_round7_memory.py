@@ -13,6 +13,9 @@ C. ``refine`` resolved ``offload_kv_cache=None`` to its mode's value before the 
    resident pipeline that cannot hold the 720p refinement had ``memory='low'`` checked with its KV
    cache on the device and was told "even memory='low' needs about 17.0 GiB: refine at a lower
    resolution" on a 24 GiB device, where ``low`` fits.
+D. ``from_pretrained`` refused a streaming memory mode with a process_group, but a hand-built pipeline
+   took ``apply_memory_mode("balanced")`` on a context-parallel DiT (and ``enable_context_parallel``
+   on a streamed one) without a word: the untested combination the refusal exists for.
 """
 
 from __future__ import annotations
@@ -170,3 +173,22 @@ def test_refine_fit_hint_with_the_cache_kept_on_the_device_says_what_fits():
     assert "even memory='low'" not in msg and "memory='low' with its KV cache offloaded fits" in msg, msg
     with pytest.raises(MemoryModeError, match=r"even memory='low' needs about"):
         rf.check_refine_fits(_released("resident"), SIZE, N_REFINE, NC, offload_kv_cache=False, budget_bytes=8 * GiB)
+
+
+# ----------------------------------------------------------------------------- D: streaming x context parallel
+@pytest.mark.parametrize("mode", ["balanced", "low"])
+def test_streaming_mode_and_context_parallel_refused_in_either_order(tiny_base, mode):
+    from longcat_vc.memory import apply_memory_mode
+
+    cfg, sd = tiny_base
+    dit = model_from_state_dict(cfg, sd)
+    dit._context_parallel = object()  # (what enable_context_parallel sets; no process group needed here)
+    pipe = types.SimpleNamespace(dit=dit)
+    with pytest.raises(ValueError, match=f"memory='{mode}' is not supported with a DiT that runs context parallel"):
+        apply_memory_mode(pipe, mode, "cpu")
+    assert not hasattr(pipe, "_memory")
+    dit._context_parallel = None
+    dit._block_streamer = object()  # (what a streaming mode attaches)
+    with pytest.raises(ValueError, match="enable_context_parallel: the DiT streams its blocks"):
+        dit.enable_context_parallel(None)
+    assert dit.context_parallel is None
