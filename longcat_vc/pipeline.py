@@ -48,7 +48,8 @@ from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     _PIPELINE_FIELDS, VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored,
-    _is_oom, _oom_error, _pipeline_signature, _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer,
+    _is_oom, _oom_error, _pipeline_signature, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits,
+    _Timer,
 )
 
 __all__ = [
@@ -854,25 +855,27 @@ class VideoContinuationPipeline:
         """
         timer = _Timer(self.device)
         t_start = timer.now()
-        num_frames, num_cond_frames, steps, g, output_type = self._resolve_args(
-            num_frames, num_cond_frames, num_inference_steps, guidance_scale, output_type
-        )
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,
-                     progress=progress)
-        _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
-        vf = self._load_video(video, num_cond_frames)
-        size_hw = self._target_size(vf.frames, resolution)
-        generator = self._generator(generator, self.device)
-        timesteps, sigmas = self._schedule(steps)
-
         timings: Dict[str, Any] = {}
-        t0 = timer.now()
-        text = self._encode_for(prompt, negative_prompt, g > 1.0)
-        timings["text"] = timer.now() - t0
+        with _ranks_agree(self, "the pipeline's argument checks, video read and text encoding") as ok:
+            num_frames, num_cond_frames, steps, g, output_type = self._resolve_args(
+                num_frames, num_cond_frames, num_inference_steps, guidance_scale, output_type
+            )
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+            _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,
+                         progress=progress)
+            _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
+            vf = self._load_video(video, num_cond_frames)
+            size_hw = self._target_size(vf.frames, resolution)
+            generator = self._generator(generator, self.device)
+            timesteps, sigmas = self._schedule(steps)
+
+            t0 = timer.now()
+            text = self._encode_for(prompt, negative_prompt, g > 1.0)
+            timings["text"] = timer.now() - t0
+            ok.record()
         with self._bsa(use_bsa):
             new, latents, decoded = self._segment(
                 vf.frames,

@@ -480,24 +480,27 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     from tqdm.auto import tqdm
 
     from .stages import (_PIPELINE_FIELDS, VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom,
-                         _oom_error, _pipeline_signature, _refuse_non_finite_latents, _resize_frames, _Timer)
+                         _oom_error, _pipeline_signature, _ranks_agree, _refuse_non_finite_latents, _resize_frames,
+                         _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
     t_start = timer.now()
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
-    _check_offload_needs_cache(use_kv_cache, offload_kv_cache)
-    memory = pipe._memory.name
-    check_refine_lora(pipe, lora_path)
-    a = resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
-                            num_inference_steps, output_type)
-    # before any work of its own: a refinement that cannot fit fails here, with what would fit. The caller's
-    # offload_kv_cache, None kept: resolved to this mode's False, 'low' was checked with its cache on the device
-    # and the hint said "even memory='low' needs" a size that fits
-    check_refine_fits(pipe, a["size"], a["n_refine"], a["nc"], use_kv_cache=use_kv_cache,
-                      offload_kv_cache=offload_kv_cache, lora_path=lora_path)
+    with _ranks_agree(pipe, "refine's argument checks and video reads") as ok:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, progress=progress)
+        _check_offload_needs_cache(use_kv_cache, offload_kv_cache)
+        memory = pipe._memory.name
+        check_refine_lora(pipe, lora_path)
+        a = resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatial_refine_only, t_thresh,
+                                num_inference_steps, output_type)
+        # before any work of its own: a refinement that cannot fit fails here, with what would fit. The caller's
+        # offload_kv_cache, None kept: resolved to this mode's False, 'low' was checked with its cache on the
+        # device and the hint said "even memory='low' needs" a size that fits
+        check_refine_fits(pipe, a["size"], a["n_refine"], a["nc"], use_kv_cache=use_kv_cache,
+                          offload_kv_cache=offload_kv_cache, lora_path=lora_path)
+        ok.record()
     if offload_kv_cache is None:  # as the memory mode says (low: offloaded), like the continuation
         offload_kv_cache = pipe._memory.offload_kv_cache
     generator = pipe._generator(generator, pipe.device)

@@ -172,6 +172,28 @@ class _Timer:
 
 # What the ranks of a context-parallel pipeline must agree on before rank 0's latents and text states
 # are broadcast (the prompts and RNG states may differ: rank 0's win).
+class _NoRanks:
+    """``_ranks_agree`` without context parallelism: nothing to exchange."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def record(self, *values) -> None:
+        pass
+
+
+def _ranks_agree(pipe, what: str):
+    """``with _ranks_agree(pipe, what) as ok: <argument checks, video reads, text encoding>; ok.record()``:
+    with context parallelism, every rank learns whether one raised in the block (one tiny all-gather,
+    ``ContextParallel.same_call``) and stops too. A rank that failed there (a bad argument, a video only
+    rank 0 can read) left the others waiting in the next collective until the process group's timeout."""
+    cp = getattr(pipe.dit, "context_parallel", None)
+    return _NoRanks() if cp is None else cp.same_call(what, (), pipe.device)
+
+
 _PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "text batch (CFG)", "text tokens",
                     "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale", "use_kv_cache")
 

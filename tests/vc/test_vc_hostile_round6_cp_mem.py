@@ -82,6 +82,11 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
     res["rel_rank0_prompt"] = float((lat - ref).norm() / ref.norm())
     # 1 and 2 requested steps give the same enhance_hf schedule (11 DiT steps); 20 gives more
     attempt("steps_differ", lambda: cp(video, "a red car", num_inference_steps=1 + 19 * rank, **args))
+    # a video only rank 0 can read (rank 1 fails in the pipeline's argument phase, before any check of the
+    # denoising call): rank 0 waited in the next collective until the process group's timeout
+    missing = os.path.join(out, "only_on_rank0.mp4")
+    attempt("video_unreadable_on_one_rank", lambda: cp(video if rank == 0 else missing, "a red car",
+                                                       num_inference_steps=1, **args))
     dist.barrier()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
@@ -129,6 +134,12 @@ def test_pipeline_ranks_with_other_steps_raise_on_every_rank(results):
         msg = r["steps_differ"]
         assert msg.startswith("ValueError: context parallel: the ranks called the pipeline with different") \
             and "denoising steps: rank 0: 11, rank 1: " in msg, msg
+
+
+def test_an_error_before_the_denoising_call_on_one_rank_raises_on_every_rank(results):
+    r0, r1 = (r["video_unreadable_on_one_rank"] for r in results)
+    assert not r1.startswith("RuntimeError: context parallel") and r1 != "no error", r1
+    assert r0.startswith("RuntimeError: context parallel: rank(s) [1] of the group raised in "), r0
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
