@@ -1053,58 +1053,62 @@ class VideoContinuationPipeline:
         """
         timer = _Timer(self.device)
         t_start = timer.now()
-        num_frames, num_cond_frames, steps, g, _ = self._resolve_args(
-            num_frames, num_cond_frames, num_inference_steps, guidance_scale, "np"
-        )
-        if isinstance(prompts, str):
-            n = 1 if segments is None else _check_int("segments", segments, 1)
-            prompt_list = [prompts] * n
-        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
-            n = len(prompts) if segments is None else _check_int("segments", segments, 1)
-            if len(prompts) == 1:
-                prompt_list = list(prompts) * n
-            elif len(prompts) == n:
-                prompt_list = list(prompts)
+        with _ranks_agree(self, "extend's argument checks and video read") as ok:
+            num_frames, num_cond_frames, steps, g, _ = self._resolve_args(
+                num_frames, num_cond_frames, num_inference_steps, guidance_scale, "np"
+            )
+            if isinstance(prompts, str):
+                n = 1 if segments is None else _check_int("segments", segments, 1)
+                prompt_list = [prompts] * n
+            elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+                n = len(prompts) if segments is None else _check_int("segments", segments, 1)
+                if len(prompts) == 1:
+                    prompt_list = list(prompts) * n
+                elif len(prompts) == n:
+                    prompt_list = list(prompts)
+                else:
+                    raise ValueError(f"prompts has {len(prompts)} entries but segments={n}; give 1 or {n} prompts")
             else:
-                raise ValueError(f"prompts has {len(prompts)} entries but segments={n}; give 1 or {n} prompts")
-        else:
-            raise TypeError("prompts must be a str or a non-empty list of str")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,
-                     progress=progress, refine=refine)
-        _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
+                raise TypeError("prompts must be a str or a non-empty list of str")
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+            _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,
+                         progress=progress, refine=refine)
+            _check_not_ignored(g, negative_prompt, use_kv_cache, offload_kv_cache)
 
-        if not refine:
-            # the refinement's options would be silently ignored without it
-            given = [f"{k}={v!r}" for k, v, d in (("spatial_refine_only", spatial_refine_only, False),
-                                                  ("t_thresh", t_thresh, 0.5),
-                                                  ("refine_resolution", refine_resolution, "720p"),
-                                                  ("refine_steps", refine_steps, 50))
-                     if not (type(v) is type(d) and v == d)]
-            if given:
-                raise ValueError(f"{', '.join(given)} given with refine=False: the refinement options need refine=True")
-        if refine:
-            from .refine import BSA_LATENT_GRANULARITY, check_refine_lora, check_refine_resolution, check_t_thresh
+            if not refine:
+                # the refinement's options would be silently ignored without it
+                given = [f"{k}={v!r}" for k, v, d in (("spatial_refine_only", spatial_refine_only, False),
+                                                      ("t_thresh", t_thresh, 0.5),
+                                                      ("refine_resolution", refine_resolution, "720p"),
+                                                      ("refine_steps", refine_steps, 50))
+                         if not (type(v) is type(d) and v == d)]
+                if given:
+                    raise ValueError(f"{', '.join(given)} given with refine=False: the refinement options need "
+                                     "refine=True")
+            if refine:
+                from .refine import BSA_LATENT_GRANULARITY, check_refine_lora, check_refine_resolution, check_t_thresh
 
-            check_t_thresh(t_thresh)
-            # checked here, not after the stage-1 segments have run
-            check_refine_resolution(refine_resolution, self.vae_scale_spatial * 2 * BSA_LATENT_GRANULARITY,
-                                    "refine_resolution")
-            if not isinstance(spatial_refine_only, bool):
-                raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
-            _check_int("refine_steps", refine_steps, 1)
-            check_refine_lora(self, self.refinement_lora_path)
-        vf = self._load_video(video, num_cond_frames)
-        size_hw = self._target_size(vf.frames, resolution)
-        if refine:
-            # the refinement's memory, checked before the stage-1 segments run: windows after the
-            # first have cond frames (the largest), the first has none
-            self.check_refine_fits_ahead(size_hw, num_frames, num_cond_frames, with_cond=n > 1,
-                                         spatial_refine_only=spatial_refine_only, refine_resolution=refine_resolution,
-                                         use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache)
-        generator = self._generator(generator, self.device)
-        timesteps, sigmas = self._schedule(steps)
+                check_t_thresh(t_thresh)
+                # checked here, not after the stage-1 segments have run
+                check_refine_resolution(refine_resolution, self.vae_scale_spatial * 2 * BSA_LATENT_GRANULARITY,
+                                        "refine_resolution")
+                if not isinstance(spatial_refine_only, bool):
+                    raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
+                _check_int("refine_steps", refine_steps, 1)
+                check_refine_lora(self, self.refinement_lora_path)
+            vf = self._load_video(video, num_cond_frames)
+            size_hw = self._target_size(vf.frames, resolution)
+            if refine:
+                # the refinement's memory, checked before the stage-1 segments run: windows after the
+                # first have cond frames (the largest), the first has none
+                self.check_refine_fits_ahead(size_hw, num_frames, num_cond_frames, with_cond=n > 1,
+                                             spatial_refine_only=spatial_refine_only,
+                                             refine_resolution=refine_resolution, use_kv_cache=use_kv_cache,
+                                             offload_kv_cache=offload_kv_cache)
+            generator = self._generator(generator, self.device)
+            timesteps, sigmas = self._schedule(steps)
+            ok.record()
         from tqdm.auto import tqdm
 
         stage1_frames: List[np.ndarray] = []

@@ -87,6 +87,9 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
     missing = os.path.join(out, "only_on_rank0.mp4")
     attempt("video_unreadable_on_one_rank", lambda: cp(video if rank == 0 else missing, "a red car",
                                                        num_inference_steps=1, **args))
+    ext = {k: v for k, v in args.items() if k != "output_type"}
+    attempt("extend_video_unreadable_on_one_rank", lambda: cp.extend(video if rank == 0 else missing, "a red car",
+                                                                      num_inference_steps=1, **ext))
     dist.barrier()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
@@ -136,8 +139,9 @@ def test_pipeline_ranks_with_other_steps_raise_on_every_rank(results):
             and "denoising steps: rank 0: 11, rank 1: " in msg, msg
 
 
-def test_an_error_before_the_denoising_call_on_one_rank_raises_on_every_rank(results):
-    r0, r1 = (r["video_unreadable_on_one_rank"] for r in results)
+@pytest.mark.parametrize("key", ["video_unreadable_on_one_rank", "extend_video_unreadable_on_one_rank"])
+def test_an_error_before_the_denoising_call_on_one_rank_raises_on_every_rank(results, key):
+    r0, r1 = (r[key] for r in results)
     assert not r1.startswith("RuntimeError: context parallel") and r1 != "no error", r1
     assert r0.startswith("RuntimeError: context parallel: rank(s) [1] of the group raised in "), r0
 
