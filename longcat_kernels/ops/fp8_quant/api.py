@@ -15,7 +15,8 @@ so ``y ~= q * s`` row by row. Prologues, each fused into the same pass over the 
   (``[B, 1, 1, C]``) fp32 ``shift``/``scale``.
 - ``fp8_silu_mul_quantize(a, b)``: SwiGLU gate ``y = silu(a) * b`` in the activation dtype.
 
-A row holding NaN gets a NaN scale and NaN values (e4m3fn has NaN), never a clamped finite row.
+A row holding NaN or +-inf gets a NaN scale and NaN values (e4m3fn has NaN), never a clamped finite
+row; the scale is never 0 or inf.
 ``return_input=True`` also returns ``y`` (e.g. for LoRA adapters that run beside the fp8 GEMM).
 Forward only. Backends: ``torch`` (reference, any device), ``triton`` (CUDA sm89+, or the CPU
 interpreter in fp32/fp16); ``auto`` takes Triton on CUDA.

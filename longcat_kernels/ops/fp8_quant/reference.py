@@ -30,8 +30,11 @@ def prologue_reference(prologue: str, x: torch.Tensor, x2: Optional[torch.Tensor
 
 def quantize_rows_reference(y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``y [..., K]`` -> ``(q [..., K] e4m3, s [..., 1] fp32)``, ``s = max(amax_k |y|, 1e-12) / 448``,
-    ``q = e4m3(clamp(y / s, -448, 448))`` (round to nearest even)."""
+    ``q = e4m3(clamp(y / s, -448, 448))`` (round to nearest even); a row holding NaN or +-inf: NaN."""
     yf = y.float()
-    s = yf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / E4M3_MAX
-    q = (yf / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    amax = yf.abs().amax(dim=-1, keepdim=True)
+    # NaN propagates through amax; a row holding +-inf gets a NaN scale too (an inf one made 0 * inf)
+    s = torch.where(torch.isinf(amax), float("nan"), amax.clamp(min=MIN_AMAX) / E4M3_MAX)
+    # row-major as the Triton kernel's (torch._scaled_mm's mat1 must be): a transposed y gave a column-major q
+    q = (yf / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3, memory_format=torch.contiguous_format)
     return q, s

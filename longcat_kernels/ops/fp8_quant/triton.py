@@ -9,7 +9,8 @@ looped reductions that read each row two or three times: 2.1 ms for that shape v
 Prologues (constexpr ``PROLOGUE``): 0 none, 1 LayerNorm (optional affine), 2 adaLN modulate
 (LayerNorm without affine, ``* (1 + scale) + shift`` with per-frame fp32 rows), 3 ``silu(a) * b``.
 The activation is rounded to the input dtype before the scale is taken, as the unfused path does.
-NaN in a row makes its scale NaN and every element of the row NaN (never a clamped finite value).
+NaN or +-inf in a row makes its scale NaN and every element of the row NaN (never a clamped finite
+value, never an inf scale).
 
 In the Triton CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors) the kernel stores the clamped
 fp32 values and torch casts them to e4m3: the interpreter's own float8 conversion is wrong (triton
@@ -49,6 +50,9 @@ def fp8_rows_kernel(X, X2, SHIFT, SCALE, W, BIAS, Q, S, Y,
         mean = tl.sum(xf, axis=0) / C
         d = tl.where(m, xf - mean, 0.0)
         var = tl.sum(d * d, axis=0) / C
+        # a variance past fp32's range (|x - mean| ~ 1e19, bf16/fp32 rows) gave rsqrt 0 and a row of zeros
+        # (a finite row, scale 1e-12 / 448); NaN instead, as torch's layer_norm gives for it
+        var = tl.where(var == float("inf"), float("nan"), var)
         yn = d * tl.math.rsqrt(var + eps)
         if PROLOGUE == 1:
             if HAS_AFFINE:
@@ -68,6 +72,7 @@ def fp8_rows_kernel(X, X2, SHIFT, SCALE, W, BIAS, Q, S, Y,
     y = tl.where(m, y, 0.0)
     nan_row = tl.max((y != y).to(tl.int32), axis=0) > 0
     amax = tl.max(tl.abs(y), axis=0)
+    nan_row = nan_row | (amax == float("inf"))  # +-inf: a NaN scale too, never an inf one
     s = tl.maximum(amax, 1e-12) / 448.0
     s = tl.where(nan_row, float("nan"), s)
     r = tl.math.div_rn(y, tl.zeros_like(y) + s)
