@@ -127,3 +127,19 @@ def test_bsa_gradient_through_lse_on_gpu_bf16(backend):
         g = g.double().cpu()
         assert torch.isfinite(g).all(), (c.impl, name)
         assert ((g - w).norm() / w.norm()).item() < 2e-2, (c.impl, name, ((g - w).norm() / w.norm()).item())
+
+
+def test_rope_takes_a_numpy_frame_offset_as_the_grid_helpers_do():
+    # a numpy int frame offset (e.g. from an np.arange of segment starts) was refused with a TypeError
+    import numpy as np
+
+    rope = lk.Rope3D((3, 2, 3), 8)
+    x = torch.randn(1, 12, 2, 8)
+    want = lk.apply_rope_3d(x, rope, 1)
+    assert torch.equal(lk.apply_rope_3d(x, rope, np.int64(1)), want)
+    w = torch.ones(8)
+    a = lk.qk_norm_rope(x, x, w, w, rope, np.int32(1), backend="torch")
+    b = lk.qk_norm_rope(x, x, w, w, rope, 1, backend="torch")
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    with pytest.raises(TypeError, match="frame_offset: expected an int, got float"):
+        lk.apply_rope_3d(x, rope, 1.0)
