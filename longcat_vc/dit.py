@@ -465,12 +465,13 @@ class LongCatDiT(nn.Module):
         """
         cfg = self.config
         cp = self._context_parallel
-        same = contextlib.nullcontext() if cp is None else cp.same_call("build_kv_cache", _BUILD_FIELDS, self.device)
+        check = cp is not None and not _compiling()  # (as forward: a traced call skips the exchange)
+        same = cp.same_call("build_kv_cache", _BUILD_FIELDS, self.device) if check else contextlib.nullcontext()
         with same:  # as in forward: every rank raises, before the first collective
             # a truthy "no" offloaded the cache (and recorded offloaded="no"); None kept it, recording None
             check_bool(offload, "offload")
             Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
-            if cp is not None:
+            if check:
                 from .parallel import checksum
 
                 same.record(Bc, c, H, W, checksum(cond_latents))
