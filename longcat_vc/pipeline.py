@@ -983,7 +983,6 @@ class VideoContinuationPipeline:
             cache[key] = out
         return out
 
-    @torch.no_grad()
     def check_refine_fits_ahead(self, size_hw: Tuple[int, int], num_frames: int, num_cond_frames: int, *,
                                 with_cond: bool = True, spatial_refine_only: bool = False,
                                 refine_resolution="720p", use_kv_cache: bool = True,
@@ -999,6 +998,7 @@ class VideoContinuationPipeline:
                           use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
                           lora_path=self.refinement_lora_path)
 
+    @torch.no_grad()
     def extend(
         self,
         video,

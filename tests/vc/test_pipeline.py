@@ -169,12 +169,14 @@ def test_extend_chains_segments(parts):
     pipe = make_pipe(parts)
     calls = []
     orig = pipe.encode_text
-    pipe.encode_text = lambda p: (calls.append(p), orig(p))[1]
+    # (and under no_grad, as every pipeline call: a decorator moved off extend once, silently)
+    pipe.encode_text = lambda p: (calls.append((p, torch.is_grad_enabled())), orig(p))[1]
     kw = dict(resolution=SIZE, num_frames=13, num_cond_frames=5, num_inference_steps=3, progress=False)
     long = pipe.extend(video(9), "a cat", segments=2, generator=torch.Generator().manual_seed(5), **kw)
     assert long.frames.shape == (9 + 2 * 8, H, W, 3)
     assert len(long.timings["segments"]) == 2
     assert len(calls) == 1  # the prompt is encoded once and reused by segment 2
+    assert calls[0][1] is False  # without grad
     # == two chained calls with one generator
     g = torch.Generator().manual_seed(5)
     frames = video(9)
