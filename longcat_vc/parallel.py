@@ -236,9 +236,9 @@ class _SameCall:
         buf = torch.tensor(mine, dtype=torch.float64, device=dev)
         parts = [torch.empty_like(buf) for _ in range(self.cp.world_size)]
         _dist().all_gather(parts, buf, group=self.cp.group)
-        # bitwise: NaN == NaN, -0.0 != 0.0 (the same inputs give the same bits)
-        rows = [p.view(torch.int64).cpu().tolist() for p in parts]
-        vals = [p.cpu().tolist() for p in parts]
+        got = torch.stack(parts).cpu()  # one copy to the host (one sync), read two ways:
+        rows = got.view(torch.int64).tolist()  # bitwise: NaN == NaN, -0.0 != 0.0 (same inputs, same bits)
+        vals = got.tolist()
         bad = [r for r, v in enumerate(vals) if v[0] != 0.0]
         if exc_type is not None:
             return False  # this rank's own error propagates

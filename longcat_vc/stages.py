@@ -170,8 +170,6 @@ class _Timer:
         return time.perf_counter()
 
 
-# What the ranks of a context-parallel pipeline must agree on before rank 0's latents and text states
-# are broadcast (the prompts and RNG states may differ: rank 0's win).
 class _NoRanks:
     """``_ranks_agree`` without context parallelism: nothing to exchange."""
 
@@ -194,6 +192,8 @@ def _ranks_agree(pipe, what: str):
     return _NoRanks() if cp is None else cp.same_call(what, (), pipe.device)
 
 
+# What the ranks of a context-parallel pipeline must agree on before rank 0's latents and text states
+# are broadcast (the prompts and RNG states may differ: rank 0's win).
 _PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "text batch (CFG)", "text tokens",
                     "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale", "use_kv_cache")
 
