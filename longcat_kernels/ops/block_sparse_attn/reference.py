@@ -109,12 +109,13 @@ def block_sparse_attn_reference(
                         torch.where(attends & (m == float("-inf")), float("nan"), 0.0).to(m.dtype))
         p = torch.exp(s - m)
         den = p.sum(dim=-1, keepdim=True)
-        p = p / torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
+        safe = torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
+        p = p / safe
         with ieee_fp32_matmul(dev):
             o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
         # differentiable (d lse / d s = p, m being detached): a loss that uses lse (merging partial
         # results, SPEC 12) gets its gradient; log(1) where nothing is selected keeps that branch finite
-        lse = torch.where(den == 0, float("-inf"), m + torch.log(torch.where(den == 0, torch.ones_like(den), den)))
+        lse = torch.where(den == 0, float("-inf"), m + torch.log(safe))
         lse = lse.squeeze(-1)  # -inf where nothing is selected
         return o.reshape(B, H, g * bq, D), lse.reshape(B, H, g * bq)
 
