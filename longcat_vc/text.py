@@ -98,7 +98,8 @@ def encode_prompts(
         return_attention_mask=True,
         return_tensors="pt",
     )
-    _warn_truncated(tokenizer, prompts, max_length)
+    if bool((tok.attention_mask.sum(dim=1) >= max_length).any()):  # only a full row can have been cut
+        _warn_truncated(tokenizer, prompts, max_length)
     ids = tok.input_ids.to(enc_param.device)
     mask = tok.attention_mask.to(enc_param.device)
     hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
