@@ -627,10 +627,9 @@ def _run(args) -> int:
         if getattr(args, "refine", False):
             # the refinement's memory, checked before stage 1 (it was checked only when the refinement started,
             # after the stage-1 minutes)
-            frames = video.frames if hasattr(video, "frames") else video
-            pipe.check_refine_fits_ahead(pipe._target_size(frames, args.resolution), args.frames, args.cond_frames,
-                                         spatial_refine_only=args.spatial_only, use_kv_cache=not args.no_kv_cache,
-                                         offload_kv_cache=common["offload_kv_cache"])
+            size_hw = pipe._target_size(video.frames, args.resolution)
+            pipe.check_refine_fits_ahead(size_hw, args.frames, args.cond_frames, spatial_refine_only=args.spatial_only,
+                                         use_kv_cache=not args.no_kv_cache, offload_kv_cache=common["offload_kv_cache"])
         out = pipe(video, args.prompt, args.negative_prompt, **common)
         if args.stage1_out is not None and main_rank:
             from .video_io import write_video
