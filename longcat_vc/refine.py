@@ -406,8 +406,14 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
     if isinstance(resolution, str):
         size = refine_bucket(*shape1[1:3])
         if vid is not None:
-            vsize = refine_bucket(*vid.shape[1:3])
-            if vsize != size:
+            from .pipeline import BUCKETS, bucket_size
+
+            vh, vw = (int(d) for d in vid.shape[1:3])
+            vsize = refine_bucket(vh, vw)
+            # stage 1 ran at a bucket of the video's own table (480p by default): for 16:10, 2:1 and other
+            # ratios that bucket maps to another 720p bucket than the video's aspect itself does
+            paired = {vsize} | {refine_bucket(*bucket_size(vh, vw, r)) for r in BUCKETS}
+            if size not in paired:
                 raise ValueError(
                     f"stage1 frames ({shape1[2]}x{shape1[1]}) map to the 720p bucket {size[1]}x{size[0]} "
                     f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip?"

@@ -1,0 +1,35 @@
+"""Hostile inputs of the refinement (SPEC 11) found by the ninth audit: each test fails on the code
+before its fix.
+
+- The stage-1/video pairing check of ``refine`` compared the 720p bucket of the stage-1 frames with
+  the 720p bucket of the video's own aspect ratio. Stage 1 runs at the 480p bucket of the video, and
+  for a 16:10 clip (1920x1200: 480p bucket 832x480, whose 720p bucket is 1280x704, while 16:10
+  itself maps to 1216x768), 2:1 and other ratios the two differ: ``continue --refine``
+  and ``refine`` of a ``--stage1-out`` clip with its own input raised "not the same clip?" after
+  the whole 480p stage.
+"""
+
+import numpy as np
+import pytest
+
+from longcat_vc.pipeline import bucket_size
+from longcat_vc.refine import refine_bucket, resolve_refine_args
+
+
+def _frames(n, h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("hw", [(1200, 1920), (960, 1920), (1560, 1000), (920, 1000)])
+def test_refine_accepts_the_stage1_clip_of_its_own_video(hw):
+    h, w = hw
+    s1 = bucket_size(h, w, "480p")  # the size __call__ / continue ran stage 1 at
+    assert refine_bucket(*s1) != refine_bucket(h, w)  # the case: the two 720p buckets differ
+    video = _frames(4, h // 10, w // 10)  # the same aspect, smaller (the check reads the ratio only)
+    a = resolve_refine_args(None, _frames(3, *s1), video, 2, "720p", False, 0.5, 1, "np")
+    assert a["size"] == refine_bucket(*s1) and a["nc"] == 2
+
+
+def test_refine_still_refuses_a_video_of_another_clip():
+    with pytest.raises(ValueError, match="not the same clip"):
+        resolve_refine_args(None, _frames(3, 480, 832), _frames(4, 100, 100), 2, "720p", False, 0.5, 1, "np")
