@@ -640,8 +640,13 @@ def _run(args) -> int:
         if getattr(args, "refine", False):
             stage1_timings = out.timings
             print("stage 1 (480p) " + _summary(stage1_timings, load_s, 0.0), file=log)
-            out = pipe.refine(out, args.prompt, video=video30, spatial_refine_only=args.spatial_only,
-                              t_thresh=args.t_thresh, generator=generator, use_kv_cache=not args.no_kv_cache,
+            from .refine import refine_bucket
+
+            # the bucket of the stage-1 frames (upstream's generate_refine): with --resolution of another aspect
+            # than the input's, "720p" paired the input with another bucket and refused the run after stage 1
+            out = pipe.refine(out, args.prompt, video=video30, resolution=refine_bucket(*out.size),
+                              spatial_refine_only=args.spatial_only, t_thresh=args.t_thresh, generator=generator,
+                              use_kv_cache=not args.no_kv_cache,
                               offload_kv_cache=common["offload_kv_cache"], progress=not args.no_progress and main_rank)
             out.timings["stage1"] = stage1_timings
     else:

@@ -33,3 +33,37 @@ def test_refine_accepts_the_stage1_clip_of_its_own_video(hw):
 def test_refine_still_refuses_a_video_of_another_clip():
     with pytest.raises(ValueError, match="not the same clip"):
         resolve_refine_args(None, _frames(3, 480, 832), _frames(4, 100, 100), 2, "720p", False, 0.5, 1, "np")
+
+
+def test_cli_continue_refine_at_a_resolution_of_another_aspect(tmp_path, capsys, monkeypatch):
+    """``continue --refine --resolution HxW`` of the input's orientation but another aspect (accepted, the
+    model runs squashed): the refinement's pairing check refused the run after stage 1, since the stage-1
+    frames (HxW) and the input map to other 720p buckets. The CLI knows the pairing and refines at the
+    bucket of the stage-1 frames, as upstream's ``generate_refine`` does. The refine is replaced by its
+    argument resolution (720p on CPU would take minutes)."""
+    from longcat_vc.cli import main
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from longcat_vc.video_io import write_video
+    from vc_components import write_refine_checkpoint
+
+    ck = str(tmp_path / "ckpt")
+    write_refine_checkpoint(ck)
+    vid = str(tmp_path / "in.mp4")
+    write_video(vid, _frames(15, 32, 64, 4), fps=15)
+    seen = {}
+
+    def spy(self, stage1, prompt="", **kw):
+        seen.update(resolve_refine_args(self, stage1, kw["video"], kw.get("num_cond_frames"),
+                                        kw.get("resolution", "720p"), kw["spatial_refine_only"], kw["t_thresh"], 1,
+                                        "np"))
+        return stage1
+
+    monkeypatch.setattr(VideoContinuationPipeline, "refine", spy)
+    assert refine_bucket(48, 80) not in {refine_bucket(32, 64)} | {refine_bucket(*bucket_size(32, 64, "480p"))}
+    out = str(tmp_path / "out.mp4")
+    rc = main(["continue", vid, "--prompt", "a cat", "--checkpoint", ck, "--out", out, "--device", "cpu", "--dtype",
+               "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9", "--cond-frames", "5", "--steps",
+               "1", "--resolution", "48x80", "--refine", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert seen["size"] == refine_bucket(48, 80) and seen["nc"] == 10
