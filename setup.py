@@ -25,16 +25,20 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _envvars():
+def _package_module(name: str):
+    """``longcat_kernels/<name>.py`` loaded by path: the package is not importable while building."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_lk_envvars", os.path.join(HERE, "longcat_kernels", "_envvars.py"))
+    spec = importlib.util.spec_from_file_location(f"_lk{name}", os.path.join(HERE, "longcat_kernels", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-ENV = _envvars()
+ENV = _package_module("_envvars")
+DIGEST = _package_module("_digest")
+# sha1 over the kernel sources, as ``longcat_kernels._ext`` computes it for the installed package
+csrc_digest = DIGEST.csrc_digest
 
 
 def _warn(msg: str) -> None:
@@ -120,21 +124,10 @@ def _build_py_with_csrc():
             dst = os.path.join(self.build_lib, "longcat_kernels", "_csrc")
             os.makedirs(dst, exist_ok=True)
             for f in sorted(os.listdir(src)):
-                if f.endswith((".cu", ".cpp", ".h", ".cuh")):
+                if f.endswith(DIGEST.SOURCE_SUFFIXES):  # the sources the installed package digests
                     shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
 
     return BuildPyWithCsrc
-
-
-def csrc_digest(src: str) -> str:
-    """sha1 over the kernel sources (names and contents, by name): ``longcat_kernels._ext.csrc_digest``."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name in sorted(f for f in os.listdir(src) if f.endswith((".cu", ".cpp", ".h", ".cuh"))):
-        with open(os.path.join(src, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()
 
 
 def write_sources_digest(ext_path: str) -> None:

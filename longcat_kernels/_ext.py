@@ -17,6 +17,7 @@ import os
 import threading
 from typing import Optional, Tuple
 
+from ._digest import csrc_digest
 from ._envvars import build_jobs, cache_dir, cuda_arch_flags_from_env, env_flag
 
 __all__ = ["load_extension", "extension_error", "extension", "extension_status", "csrc_kernels"]
@@ -28,19 +29,6 @@ _STATE = {"tried": False, "module": None, "error": None, "how": None, "kernels":
 
 # written by setup.py next to the built _C: the digest of the csrc/ it was built from
 SOURCES_FILE = "_C.csrc_sha1"
-_SOURCE_SUFFIXES = (".cu", ".cpp", ".h", ".cuh")
-
-
-def csrc_digest(src: str) -> str:
-    """sha1 over the kernel sources in ``src`` (names and contents, by name); ``setup.py`` computes
-    the same (it cannot import the package while building)."""
-    import hashlib  # noqa: PLC0415
-
-    h = hashlib.sha1()
-    for name in sorted(f for f in os.listdir(src) if f.endswith(_SOURCE_SUFFIXES)):
-        with open(os.path.join(src, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()
 
 
 def _check_prebuilt_sources(so_path: str) -> None:

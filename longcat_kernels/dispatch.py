@@ -162,10 +162,11 @@ class KernelChoice(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def bsa_triton_head_dim(head_dim: int) -> int:
-    """The head_dim the Triton block-sparse kernels run at: the next power of two, at least 16 (they
-    index it with ``tl.arange`` and ``tl.dot``; other sizes are zero-padded to it)."""
-    return max(16, 1 << (int(head_dim) - 1).bit_length())
+def triton_tile_size(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 16: the size the Triton block-sparse kernels index
+    with ``tl.arange`` and ``tl.dot``. They run at ``triton_tile_size(head_dim)`` (other head dims are
+    zero-padded to it) and at ``triton_tile_size(tokens per block)`` rows per block (padded rows masked)."""
+    return max(16, 1 << (int(n) - 1).bit_length())
 
 
 def _triton_reason(op: str, f: Facts) -> Optional[str]:
@@ -177,7 +178,7 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
     if f.requires_grad and op in TRITON_FORWARD_ONLY:
         # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
         return "forward only (no backward kernel); use backend='torch' for gradients"
-    if op == "block_sparse_attn" and f.requires_grad and bsa_triton_head_dim(f.head_dim) > BSA_TRITON_BWD_MAX_HEAD_DIM:
+    if op == "block_sparse_attn" and f.requires_grad and triton_tile_size(f.head_dim) > BSA_TRITON_BWD_MAX_HEAD_DIM:
         # "auto" then trains on the reference, explicit triton raises here instead of Triton's
         # OutOfResources at the first backward
         return (f"the backward kernel takes head_dim <= {BSA_TRITON_BWD_MAX_HEAD_DIM} (got {f.head_dim}: its tiles "

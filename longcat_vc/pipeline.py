@@ -47,9 +47,8 @@ from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
-    _PIPELINE_FIELDS, VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored,
-    _is_oom, _oom_error, _pipeline_signature, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits,
-    _Timer,
+    VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
+    _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer,
 )
 
 __all__ = [
@@ -703,18 +702,16 @@ class VideoContinuationPipeline:
 
         t0 = timer.now()
         cp = getattr(self.dit, "context_parallel", None)
-        if cp is None:
-            latents = self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator)
-        else:  # context parallel: every rank denoises rank 0's latents and text states
-            if cp.cfg_parallel and not do_cfg:
-                # no CFG batch to split: both rank halves run the same branch, each over half the ranks
-                warnings.warn(f"cfg_parallel=True at guidance_scale {guidance_scale:g} (no CFG): both halves of the "
-                              "ranks run the same single branch, each over half of them, slower than context "
-                              "parallelism over all ranks (cfg_parallel=False)", stacklevel=3)
-            with cp.same_call("the pipeline", _PIPELINE_FIELDS, device) as same:
-                latents = self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator)
-                same.record(*_pipeline_signature(latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache))
-            latents, embeds, mask = cp.broadcast(latents, embeds, mask)
+        if cp is not None and cp.cfg_parallel and not do_cfg:
+            # no CFG batch to split: both rank halves run the same branch, each over half the ranks
+            warnings.warn(f"cfg_parallel=True at guidance_scale {guidance_scale:g} (no CFG): both halves of the "
+                          "ranks run the same single branch, each over half of them, slower than context "
+                          "parallelism over all ranks (cfg_parallel=False)", stacklevel=3)
+        # context parallel: every rank denoises rank 0's latents and text states
+        latents, _, embeds, mask = _rank0_latents(
+            self, "the pipeline",
+            lambda: (self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator), None),
+            embeds, mask, timesteps, sigmas, guidance_scale, use_kv_cache)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
 

@@ -485,9 +485,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     """See ``VideoContinuationPipeline.refine``."""
     from tqdm.auto import tqdm
 
-    from .stages import (_PIPELINE_FIELDS, VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom,
-                         _oom_error, _pipeline_signature, _ranks_agree, _refuse_non_finite_latents, _resize_frames,
-                         _Timer)
+    from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom, _oom_error,
+                         _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -520,16 +519,12 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         timings["text"] = timer.now() - t0
 
         t0 = timer.now()
-        cp = getattr(pipe.dit, "context_parallel", None)
-        if cp is None:
-            latents, pad = prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"], a["nc"],
-                                                  float(t_thresh), generator)
-        else:  # every rank denoises rank 0's latents (the ranks' RNGs may differ), as __call__ does
-            with cp.same_call("refine", _PIPELINE_FIELDS, device) as same:
-                latents, pad = prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"],
-                                                      a["nc"], float(t_thresh), generator)
-                same.record(*_pipeline_signature(latents, embeds, timesteps, sigmas, 1.0, use_kv_cache))
-            latents, embeds, mask = cp.broadcast(latents, embeds, mask)
+        # context parallel: every rank denoises rank 0's latents (the ranks' RNGs may differ), as __call__ does
+        latents, pad, embeds, mask = _rank0_latents(
+            pipe, "refine",
+            lambda: prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"], a["nc"],
+                                           float(t_thresh), generator),
+            embeds, mask, timesteps, sigmas, 1.0, use_kv_cache)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
         c = pad["cond_latents"]

@@ -204,3 +204,24 @@ def _pipeline_signature(latents, embeds, timesteps, sigmas, guidance_scale, use_
     sg = torch.as_tensor(sigmas, dtype=torch.float64).reshape(1, -1)
     return (*latents.shape[2:], embeds.shape[0], embeds.shape[2], ts.shape[1], float(ts.sum()), float(sg.sum()),
             float(guidance_scale), bool(use_kv_cache))
+
+
+def _rank0_latents(pipe, what: str, prepare, embeds, mask, timesteps, sigmas, guidance_scale,
+                   use_kv_cache) -> tuple:
+    """``prepare()`` -> ``(latents, extra)``; returns ``(latents, extra, embeds, mask)``.
+
+    Without context parallelism that is ``prepare()``'s answer and the text states as given. With it,
+    every rank prepares its own latents inside ``ContextParallel.same_call`` (``what`` names the call in
+    its errors), the ranks check they agree on ``_PIPELINE_FIELDS``, and every rank gets rank 0's
+    latents and text states (the ranks' prompts and RNG states may differ: rank 0's win). ``extra``
+    stays each rank's own.
+    """
+    cp = getattr(pipe.dit, "context_parallel", None)
+    if cp is None:
+        latents, extra = prepare()
+        return latents, extra, embeds, mask
+    with cp.same_call(what, _PIPELINE_FIELDS, pipe.device) as same:
+        latents, extra = prepare()
+        same.record(*_pipeline_signature(latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache))
+    latents, embeds, mask = cp.broadcast(latents, embeds, mask)
+    return latents, extra, embeds, mask

@@ -351,14 +351,25 @@ def _check_file_dtype(dtype: Optional[torch.dtype]) -> None:
                          f"reads), got {dtype}")
 
 
-def _check_fits_dtype(path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> None:
-    """Raises when finite adapter weights overflow the narrower ``dtype`` they are saved in (fp32
-    above 65504 as fp16): the file would hold Inf/NaN that ``load_lora`` refuses."""
+def _cast_adapter(path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
+    """``(A.to(dtype), B.to(dtype), non_finite)``: each cast once and the result scanned once.
+
+    Raises when finite adapter weights overflow the narrower ``dtype`` they are saved in (fp32 above
+    65504 as fp16): the file would hold Inf/NaN that ``load_lora`` refuses. ``non_finite``: the
+    adapter itself holds NaN/Inf (a cast keeps them, so only a non-finite cast looks at the original
+    to tell an overflow from a diverged adapter)."""
+    out, non_finite = [], False
     for name, t in (("lora_A", A), ("lora_B", B)):
-        if t.dtype != dtype and not _has_non_finite(t) and _has_non_finite(t.to(dtype)):
+        c = t.to(dtype)
+        out.append(c)
+        if not _has_non_finite(c):
+            continue
+        if t.dtype != dtype and not _has_non_finite(t):
             raise ValueError(f"dtype: {path}.{name} has values beyond the range of {dtype} "
                              f"(max |value| {t.abs().max().item():.4g}); save with a wider dtype (e.g. torch.float32); "
                              "nothing was saved")
+        non_finite = True
+    return out[0], out[1], non_finite
 
 
 @torch.no_grad()
@@ -404,22 +415,23 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
         B = mod.lora_B[adapter_name].weight
         dt = A.dtype if dtype is None else dtype
         n = _split_parts(path) if split_fused else 1
-        _check_fits_dtype(path, A, B, dt)
+        A_dt, B_dt, non_finite = _cast_adapter(path, A, B, dt)
         if n > 1 and B.shape[0] % n:
             raise ValueError(f"{path}: out_features {B.shape[0]} not divisible into {n} parts")
-        if n > 1:
-            o = B.shape[0] // n
-            out[longcat_lora_key(path, "lora_down.weight")] = A.to(dt).repeat(n, 1).contiguous()
-            for j in range(n):
-                out[longcat_lora_key(path, f"lora_up.blocks.{j}.weight")] = B[j * o:(j + 1) * o].to(dt).clone()
-        else:
-            out[longcat_lora_key(path, "lora_down.weight")] = A.to(dt).clone()
-            out[longcat_lora_key(path, "lora_up.weight")] = B.to(dt).clone()
         scaling = float(mod.scaling[adapter_name])
-        if not math.isfinite(scaling) or _has_non_finite(A) or _has_non_finite(B):
+        if not math.isfinite(scaling) or non_finite:
             # a diverged training run: the file would only be refused by load_lora, later
             raise ValueError(f"{path}: the adapter holds NaN/Inf (lora_A, lora_B or its scaling); training "
                              "diverged? nothing was saved")
+        if n > 1:
+            o = B.shape[0] // n
+            out[longcat_lora_key(path, "lora_down.weight")] = A_dt.repeat(n, 1).contiguous()
+            for j in range(n):
+                out[longcat_lora_key(path, f"lora_up.blocks.{j}.weight")] = B_dt[j * o:(j + 1) * o].clone()
+        else:
+            # own copies (the cast is the parameter itself when the dtype matches)
+            out[longcat_lora_key(path, "lora_down.weight")] = A_dt.clone()
+            out[longcat_lora_key(path, "lora_up.weight")] = B_dt.clone()
         out[longcat_lora_key(path, "alpha_scale")] = torch.tensor(scaling, dtype=torch.float32)
     return {k: v.detach().cpu() for k, v in out.items()}
 

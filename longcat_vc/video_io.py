@@ -286,23 +286,17 @@ def _as_real(value) -> Optional[float]:
         return None
 
 
-def _check_target_fps(target_fps) -> float:
-    """``target_fps`` as a positive finite float (ValueError naming it otherwise; bools refused)."""
-    value = _as_real(target_fps)
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"target_fps must be a positive finite number, got {target_fps!r}")
-    return value
-
-
-def _check_frames_fps(fps, name: str) -> Optional[float]:
-    """``VideoFrames.fps``: None (unknown) or a positive finite real number (a negative, zero, NaN or
-    infinite rate was taken as unknown without a word, so the frames were not subsampled; a string
-    failed inside numpy). ValueError naming ``name`` otherwise."""
-    if fps is None:
+def _check_fps(fps, what: str, *, optional: bool = False) -> Optional[float]:
+    """``fps`` as a positive finite float, or None when ``optional`` and ``fps`` is None; ValueError
+    naming ``what`` otherwise (bools and strings refused). Checks ``target_fps`` and ``VideoFrames.fps``
+    (optional: None means unknown; a negative, zero, NaN or infinite rate was taken as unknown without a
+    word, so the frames were not subsampled; a string failed inside numpy)."""
+    if optional and fps is None:
         return None
     value = _as_real(fps)
     if value is None or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: VideoFrames.fps must be None (unknown) or a positive finite number, got {fps!r}")
+        none = "None (unknown) or " if optional else ""
+        raise ValueError(f"{what} must be {none}a positive finite number, got {fps!r}")
     return value
 
 
@@ -324,7 +318,7 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
         ValueError: ``target_fps`` is neither None nor a positive finite number (checked first).
     """
     if target_fps is not None:
-        target_fps = _check_target_fps(target_fps)
+        target_fps = _check_fps(target_fps, "target_fps")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"input video not found: {path}")
@@ -360,8 +354,8 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
         if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
             raise ValueError(f"{name}: VideoFrames.stride must be an int >= 1 (source frames per kept frame), "
                              f"got {stride!r}")
-        return VideoFrames(_check_frames(arr, video.source or name), _check_frames_fps(video.fps, name),
-                           video.source, int(stride))
+        fps = _check_fps(video.fps, f"{name}: VideoFrames.fps", optional=True)
+        return VideoFrames(_check_frames(arr, video.source or name), fps, video.source, int(stride))
     if isinstance(video, (str, os.PathLike)):
         return read_video(video)
     try:
@@ -407,7 +401,7 @@ def subsample_stride(src_fps: Optional[float], target_fps: float = 15.0) -> int:
 
     Unknown fps (None) gives 1. ``target_fps`` must be a positive finite number (ValueError).
     """
-    target_fps = _check_target_fps(target_fps)
+    target_fps = _check_fps(target_fps, "target_fps")
     if src_fps is None or not np.isfinite(src_fps) or src_fps <= 0:
         return 1
     return max(1, int(round(src_fps / target_fps)))

@@ -18,17 +18,14 @@ Writes ``bsa_triton_<gpu>.json`` and a log under --out; prints a table last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from longcat_kernels.ops.block_sparse_attn import triton as T
@@ -516,18 +513,9 @@ def compile_check():
 
 
 def header():
-    p = torch.cuda.get_device_properties(0)
-    h = {"device": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__,
-         "triton": triton.__version__, "cuda": torch.version.cuda,
-         "cudnn": torch.backends.cudnn.version(),
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        h["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        h["driver"] = None
-    h["commit"] = os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT")
-    return h
+    from bench.machine import machine_header
+
+    return machine_header(torch.device("cuda", 0))
 
 
 def main():

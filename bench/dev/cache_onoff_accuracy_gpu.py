@@ -16,10 +16,10 @@ import argparse
 import dataclasses
 import json
 import os
-import time
 
 import torch
 
+from bench.machine import machine_header
 from bench.suites import rel_l2
 from bench.suites.dit_common import init_random_
 
@@ -65,10 +65,8 @@ def main() -> None:
         m.load_state_dict({k: v.to(dtype) for k, v in state.items()})
         return m.eval().requires_grad_(False)
 
-    res = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "torch_version": torch.__version__, "depth": args.depth,
-           "grid": [T, H, W], "cond_latents": c, "batch": B, "text_tokens": L,
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "commit": os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT")}
+    res = {"machine": machine_header(dev), "depth": args.depth, "grid": [T, H, W], "cond_latents": c, "batch": B,
+           "text_tokens": L}
     with torch.no_grad():
         ref_model = build(torch.float64, "torch")
         ref = ref_model(latents, t, text, mask, num_cond_latents=c)[:, :, c:].float()

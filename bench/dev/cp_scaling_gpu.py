@@ -24,7 +24,6 @@ gloo (a test of the script itself).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import glob
 import json
 import os
@@ -104,6 +103,9 @@ def main(argv=None) -> int:
     elif device is None:
         device = torch.device("cuda")
     rank = 0 if run is None else run.rank
+    from bench.machine import machine_header
+
+    machine = machine_header(device)  # before the timing: a bad LONGCAT_KERNELS_BENCH_COMMIT stops the run now
     smoke = args.smoke
     dtype = torch.float32 if smoke else torch.bfloat16
 
@@ -182,12 +184,8 @@ def main(argv=None) -> int:
 
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "torch": torch.__version__,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "commit": os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT")}
         res = {
-            "machine": info, "world_size": world, "cfg_parallel": bool(args.cfg_parallel and world > 1),
+            "machine": machine, "world_size": world, "cfg_parallel": bool(args.cfg_parallel and world > 1),
             "backend": None if run is None else run.backend, "smoke": smoke,
             "shape": {"batch": args.batch, "latent_frames": t_lat, "cond_latents": c, "tokens_per_frame": (h // 2) * (w // 2),
                       "noisy_tokens": (t_lat - c) * (h // 2) * (w // 2), "depth": cfg.depth, "hidden": cfg.hidden_size,

@@ -63,14 +63,9 @@ def main():
     smoke = args.smoke
     dev = torch.device("cpu" if smoke else "cuda")
     dt = torch.float32 if smoke else torch.bfloat16
-    out = {"device": "cpu" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "commit": os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT", "?"), "depth": args.depth}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
+    from bench.machine import machine_header
+
+    out = {"machine": machine_header(dev), "depth": args.depth}
 
     XQ = quant_rows
 

@@ -79,6 +79,9 @@ def main() -> None:
     p.add_argument("--head-dims", default=None, help="comma-separated head_dims (default: all of HEAD_DIMS)")
     args = p.parse_args()
     dev = torch.device("cpu" if args.smoke else "cuda")
+    from bench.machine import machine_header
+
+    machine = machine_header(dev)  # first: a bad LONGCAT_KERNELS_BENCH_COMMIT stops the probe before it runs
     dt = torch.float32 if args.smoke else torch.bfloat16
     backends = ("torch",) if args.smoke else ("auto", "triton", "cuda")
     rows = []
@@ -108,8 +111,7 @@ def main() -> None:
     bad = [r for r in rows if (r["backend"] == "auto" and r["status"] != "ok")
            or r["status"] not in ("ok", "BackendUnavailableError", "ValueError")
            or (r["status"] == "ok" and (not r["finite"] or r.get("rel_l2", 0) > 3e-2))]
-    info = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "commit": os.environ.get("LONGCAT_KERNELS_BENCH_COMMIT"), "rows": rows, "bad": bad}
+    info = {"machine": machine, "rows": rows, "bad": bad}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "head-dim-probe.json"), "w") as f:
         json.dump(info, f, indent=1)

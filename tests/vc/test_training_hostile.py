@@ -113,3 +113,24 @@ def test_save_a_model_without_lora(tmp_path):
     with pytest.raises(ValueError, match="no peft LoRA adapter named 'default'"):
         tr.save_longcat_lora(_dit(), path)
     assert not path.exists()
+
+
+def test_narrow_dtype_tells_an_overflow_from_a_diverged_adapter(tmp_path):
+    # the save casts each adapter tensor once and scans the cast: a finite adapter beyond fp16 is an overflow
+    # (save wider), a NaN one stays "diverged"
+    m = tr.add_lora(_dit(), tr.lora_config(rank=2, init_lora_weights=False))
+    sd = tr.longcat_lora_state_dict(m, dtype=torch.float16)
+    assert all(t.dtype == torch.float16 for k, t in sd.items() if not k.endswith("alpha_scale"))
+    b = next(p for n, p in m.named_parameters() if "lora_B" in n)
+    path = str(tmp_path / "a.safetensors")
+    with torch.no_grad():
+        b.fill_(1e6)
+    overflow = r"lora_B has values beyond the range of torch.float16 \(max \|value\| 1e\+06\)"
+    with pytest.raises(ValueError, match=overflow):
+        tr.save_longcat_lora(m, path, dtype=torch.float16)
+    assert not os.path.exists(path)
+    tr.save_longcat_lora(m, path, dtype=torch.float32)  # wider: saved
+    with torch.no_grad():
+        b.fill_(float("nan"))
+    with pytest.raises(ValueError, match="the adapter holds NaN/Inf"):
+        tr.save_longcat_lora(m, path, dtype=torch.float16, overwrite=True)

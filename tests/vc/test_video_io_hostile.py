@@ -11,6 +11,7 @@ import pytest
 from longcat_vc.video_io import (
     VideoFrames,
     VideoReadError,
+    as_video_frames,
     read_video,
     subsample_stride,
     subsample_to_fps,
@@ -167,7 +168,10 @@ def test_write_video_accepts_numpy_scalars(tmp_path, fps):
         assert subsample_to_fps(v, t)[1] == sub.stride
 
 
-@pytest.mark.parametrize("target_fps", [0, 0.0, -15, -math.inf, math.inf, math.nan, True, "15"])
+BAD_FPS = [0, 0.0, -15, -math.inf, math.inf, math.nan, True, "15"]
+
+
+@pytest.mark.parametrize("target_fps", BAD_FPS)
 def test_read_video_validates_target_fps_before_opening(tmp_path, target_fps):
     path = str(tmp_path / "c.mp4")
     write_video(path, _pattern(), fps=30)
@@ -182,3 +186,16 @@ def test_read_video_validates_target_fps_before_opening(tmp_path, target_fps):
         subsample_to_fps(vf, target_fps)
     with pytest.raises(ValueError, match=r"target_fps"):
         subsample_stride(30.0, target_fps)
+
+
+@pytest.mark.parametrize("fps", BAD_FPS)
+def test_video_frames_fps_refuses_what_target_fps_refuses(fps):
+    # one fps check serves both: VideoFrames.fps differs from target_fps only in that None (unknown) passes
+    msg = r"^clip: VideoFrames.fps must be None \(unknown\) or a positive finite number"
+    with pytest.raises(ValueError, match=msg):
+        as_video_frames(VideoFrames(_pattern(), fps, "x"), name="clip")
+    with pytest.raises(ValueError, match=r"^target_fps must be a positive finite number"):
+        subsample_stride(30.0, fps)
+    assert as_video_frames(VideoFrames(_pattern(), None, "x")).fps is None
+    with pytest.raises(ValueError, match=r"^target_fps must be a positive finite number, got None"):
+        subsample_stride(30.0, None)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from longcat_kernels.dispatch import bsa_triton_head_dim, triton_interpret
+from longcat_kernels.dispatch import triton_interpret, triton_tile_size
 
 from . import _triton_kernels as K
 
@@ -64,17 +64,13 @@ def _interpreting() -> bool:
     return triton_interpret()
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def _geom(grid, chunk):
     """(nT, nH, nW, padded block size, divisible-and-unpadded flag)."""
     t, h, w = (int(x) for x in grid)
     ct, ch, cw = (int(x) for x in chunk)
     n = (-(-t // ct), -(-h // ch), -(-w // cw))
     blk = ct * ch * cw
-    pb = _pow2(blk)
+    pb = triton_tile_size(blk)
     even = t % ct == 0 and h % ch == 0 and w % cw == 0 and pb == blk
     return n, pb, even
 
@@ -287,7 +283,7 @@ def _pad_head_dim(*xs):
     (the caller passes ``scale`` for the true head_dim and slices the output back). ``F.pad`` is
     differentiable, so gradients flow to the unpadded inputs."""
     D = xs[0].shape[-1]
-    pd = bsa_triton_head_dim(D)
+    pd = triton_tile_size(D)
     if pd == D:
         return xs
     return tuple(torch.nn.functional.pad(x, (0, pd - D)) for x in xs)
