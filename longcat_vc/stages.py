@@ -193,14 +193,16 @@ def _ranks_agree(pipe, what: str):
 
 
 # What the ranks of a context-parallel pipeline must agree on before rank 0's latents and text states
-# are broadcast (the prompts and RNG states may differ: rank 0's win).
-_PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "text batch (CFG)", "text tokens",
-                    "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale", "use_kv_cache")
+# are broadcast (the prompts and RNG states may differ: rank 0's win). The DiT's calls in the loop skip
+# their own check (``ContextParallel.checked_region``), so the cond latent count they took is here too.
+_PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "cond latent frames", "text batch (CFG)",
+                    "text tokens", "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale",
+                    "use_kv_cache")
 
 
-def _pipeline_signature(latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache) -> tuple:
-    """The ``_PIPELINE_FIELDS`` of one denoising call."""
+def _pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache) -> tuple:
+    """The ``_PIPELINE_FIELDS`` of one denoising call (``cond_latents``: how many latent frames condition)."""
     ts = torch.as_tensor(timesteps, dtype=torch.float64).reshape(1, -1)
     sg = torch.as_tensor(sigmas, dtype=torch.float64).reshape(1, -1)
-    return (*latents.shape[2:], embeds.shape[0], embeds.shape[2], ts.shape[1], float(ts.sum()), float(sg.sum()),
-            float(guidance_scale), bool(use_kv_cache))
+    return (*latents.shape[2:], int(cond_latents), embeds.shape[0], embeds.shape[2], ts.shape[1], float(ts.sum()),
+            float(sg.sum()), float(guidance_scale), bool(use_kv_cache))
