@@ -316,9 +316,10 @@ class LongCatDiT(nn.Module):
         check = not _compiling()
         # Context parallel: an argument error on one rank, or other inputs than the others', raises
         # on every rank here, before the first collective (else the others wait in it, or the
-        # result mixes the ranks' inputs without a word).
-        same = (contextlib.nullcontext() if cp is None or not check
-                else cp.same_call("forward", _FORWARD_FIELDS, self.device))
+        # result mixes the ranks' inputs without a word). Not inside a pipeline's checked_region:
+        # it checked its whole call once and every rank's inputs here derive from the same ones.
+        exchange = check and cp is not None and not cp.in_checked_region()
+        same = cp.same_call("forward", _FORWARD_FIELDS, self.device) if exchange else contextlib.nullcontext()
         with same:
             B, T, H, W = self._check_latents(hidden_states, "hidden_states")
             _, ph, pw = cfg.patch_size
@@ -332,7 +333,7 @@ class LongCatDiT(nn.Module):
             # Text and timestep embeddings on the whole batch, so validation messages name B.
             t = self._embed_timestep(timestep, B, T)
             y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
-            if cp is not None and check:
+            if exchange:
                 from .parallel import checksum
 
                 same.record(B, T, H, W, num_cond_latents, -1 if kv_cache is None else kv_cache.num_frames,
@@ -465,7 +466,8 @@ class LongCatDiT(nn.Module):
         """
         cfg = self.config
         cp = self._context_parallel
-        check = cp is not None and not _compiling()  # (as forward: a traced call skips the exchange)
+        # (as forward: a traced call, or one inside a pipeline's checked_region, skips the exchange)
+        check = cp is not None and not _compiling() and not cp.in_checked_region()
         same = cp.same_call("build_kv_cache", _BUILD_FIELDS, self.device) if check else contextlib.nullcontext()
         with same:  # as in forward: every rank raises, before the first collective
             # a truthy "no" offloaded the cache (and recorded offloaded="no"); None kept it, recording None

@@ -41,7 +41,11 @@ under ``torch.no_grad``).
 Every rank must make the same calls with the same inputs. ``forward``, ``build_kv_cache`` and the
 pipeline check it before their first collective (``ContextParallel.same_call``: one small all-gather
 of the shapes and value checksums): an argument error on one rank, or inputs that differ, raise on
-every rank instead of leaving the others waiting in a collective or mixing the ranks' inputs.
+every rank instead of leaving the others waiting in a collective or mixing the ranks' inputs. The
+pipeline and the refinement check their whole call once and then run their cache build and denoising
+loop inside ``ContextParallel.checked_region()``, where ``forward`` and ``build_kv_cache`` skip their
+own exchange (their inputs derive from the checked, broadcast ones: one all-gather per call, not one
+per step); a direct call of the model outside such a region is checked as before.
 
 How it runs: ``LongCatDiT.forward`` and ``build_kv_cache`` are the only forwards. With a
 ``ContextParallel`` enabled they call its hooks: ``local_cache`` (this rank's heads of the cache),
@@ -53,11 +57,13 @@ Nothing here runs a model layer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
@@ -341,6 +347,8 @@ class ContextParallel:
             self.sp_group = halves[self.cfg_rank]
         else:
             self.sp_group = self.group
+        # per thread: a pipeline's region on one thread leaves a direct call on another checked
+        self._region = threading.local()
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (f"ContextParallel(world={self.world_size}, rank={self.rank}, sp={self.sp_size}, "
@@ -383,6 +391,26 @@ class ContextParallel:
         """A context manager checking, collectively, that no rank raised inside it and that every
         rank recorded the same values (``_SameCall``); ``what`` names the call in the errors."""
         return _SameCall(self, what, tuple(names), device if device is not None else self.device)
+
+    @contextlib.contextmanager
+    def checked_region(self) -> Iterator["ContextParallel"]:
+        """``with cp.checked_region(): ...``: a caller that already checked its whole call
+        (``same_call``) and hands every rank the same (broadcast) inputs runs the model's calls
+        inside it; ``forward`` and ``build_kv_cache`` then skip their own ``same_call`` (one
+        all-gather and a few host syncs each). On this thread only; the previous state comes back on
+        leaving, an exception included. Inside, a rank that raises before the model's first
+        collective (only a resource error can: the inputs are the same) leaves the others waiting
+        in it until the process group's timeout, as an error inside the blocks always did."""
+        before = self.in_checked_region()
+        self._region.active = True
+        try:
+            yield self
+        finally:
+            self._region.active = before
+
+    def in_checked_region(self) -> bool:
+        """Whether this thread runs inside ``checked_region()`` (the model's calls skip their check)."""
+        return getattr(self._region, "active", False)
 
     # hooks of LongCatDiT.forward and build_kv_cache ------------------------------------------
     def batch_slice(self, B: int) -> Optional[slice]:

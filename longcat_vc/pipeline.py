@@ -48,7 +48,7 @@ from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
-    _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer,
+    _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer,
 )
 
 __all__ = [
@@ -710,68 +710,71 @@ class VideoContinuationPipeline:
         # context parallel: every rank denoises rank 0's latents and text states
         latents, _, embeds, mask = _rank0_latents(
             self, "the pipeline",
-            lambda: (self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator), None),
+            lambda: (self.prepare_latents(frames, size_hw, num_frames, num_cond_frames, generator), None, c),
             embeds, mask, timesteps, sigmas, guidance_scale, use_kv_cache)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
 
         kv_cache = None
-        if use_kv_cache:
-            cond = latents[:, :, :c]
+        # context parallel: the call was checked above and every rank holds rank 0's inputs, so the DiT's
+        # cache build and forwards skip their own check (one all-gather per call, not one per step)
+        with _checked_region(self):
+            if use_kv_cache:
+                cond = latents[:, :, :c]
+                try:
+                    kv_cache = self.dit.build_kv_cache(cond.to(dtype), offload=offload_kv_cache)
+                except Exception as e:
+                    if _is_oom(e):
+                        raise _oom_error("building the KV cache", use_kv_cache=True, offload_kv_cache=offload_kv_cache,
+                                         memory=self._memory.name, cause=e) from e
+                    raise
+                x = latents[:, :, c:].clone()
+            else:
+                cond = None
+                x = latents
+            t2 = timer.now()
+            timings["cache_build"] = t2 - t1 if use_kv_cache else 0.0
+            timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
+
+            step_times: List[float] = []
+            bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
             try:
-                kv_cache = self.dit.build_kv_cache(cond.to(dtype), offload=offload_kv_cache)
+                for i in range(len(timesteps)):
+                    ts = time.perf_counter()
+                    t = timesteps[i]
+                    model_in = torch.cat([x, x]) if do_cfg else x
+                    model_in = model_in.to(dtype)
+                    b, _, t_in = model_in.shape[:3]
+                    tstep = torch.full((b, t_in), float(t), device=device, dtype=dtype)
+                    if not use_kv_cache:
+                        tstep[:, :c] = 0
+                    pred = self.dit(
+                        model_in,
+                        tstep,
+                        embeds,
+                        mask,
+                        num_cond_latents=c,
+                        kv_cache=kv_cache,
+                    )
+                    pred = pred.float()
+                    if do_cfg:
+                        uncond, condp = pred.chunk(2)
+                        pred = cfg_zero(uncond, condp, guidance_scale)
+                    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+                    if use_kv_cache:
+                        x = euler_step(x, pred, s, s_next)
+                    else:
+                        x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
+                    timer.sync()
+                    step_times.append(time.perf_counter() - ts)
+                    bar.update(1)
             except Exception as e:
                 if _is_oom(e):
-                    raise _oom_error("building the KV cache", use_kv_cache=True, offload_kv_cache=offload_kv_cache,
+                    raise _oom_error("denoising", use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
                                      memory=self._memory.name, cause=e) from e
                 raise
-            x = latents[:, :, c:].clone()
-        else:
-            cond = None
-            x = latents
-        t2 = timer.now()
-        timings["cache_build"] = t2 - t1 if use_kv_cache else 0.0
-        timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
-
-        step_times: List[float] = []
-        bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
-        try:
-            for i in range(len(timesteps)):
-                ts = time.perf_counter()
-                t = timesteps[i]
-                model_in = torch.cat([x, x]) if do_cfg else x
-                model_in = model_in.to(dtype)
-                b, _, t_in = model_in.shape[:3]
-                tstep = torch.full((b, t_in), float(t), device=device, dtype=dtype)
-                if not use_kv_cache:
-                    tstep[:, :c] = 0
-                pred = self.dit(
-                    model_in,
-                    tstep,
-                    embeds,
-                    mask,
-                    num_cond_latents=c,
-                    kv_cache=kv_cache,
-                )
-                pred = pred.float()
-                if do_cfg:
-                    uncond, condp = pred.chunk(2)
-                    pred = cfg_zero(uncond, condp, guidance_scale)
-                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-                if use_kv_cache:
-                    x = euler_step(x, pred, s, s_next)
-                else:
-                    x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
-                timer.sync()
-                step_times.append(time.perf_counter() - ts)
-                bar.update(1)
-        except Exception as e:
-            if _is_oom(e):
-                raise _oom_error("denoising", use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
-                                 memory=self._memory.name, cause=e) from e
-            raise
-        finally:
-            bar.close()
+            finally:
+                bar.close()
         del kv_cache
         streamer = getattr(self.dit, "_block_streamer", None)
         if streamer is not None:

@@ -477,6 +477,12 @@ def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray
 
 
 @torch.no_grad()
+def _with_cond(prepared) -> tuple:
+    """``prepare_refine_latents``' answer as ``_rank0_latents`` takes it: ``(latents, pad, cond latents)``."""
+    latents, pad = prepared
+    return latents, pad, pad["cond_latents"]
+
+
 def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=None, resolution="720p",
                spatial_refine_only: bool = False, t_thresh: float = 0.5, num_inference_steps: int = 50,
                generator=None, use_kv_cache: bool = True, offload_kv_cache: Optional[bool] = None,
@@ -486,7 +492,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     from tqdm.auto import tqdm
 
     from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom, _oom_error,
-                         _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _Timer)
+                         _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -522,54 +528,57 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         # context parallel: every rank denoises rank 0's latents (the ranks' RNGs may differ), as __call__ does
         latents, pad, embeds, mask = _rank0_latents(
             pipe, "refine",
-            lambda: prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"], a["nc"],
-                                           float(t_thresh), generator),
+            lambda: _with_cond(prepare_refine_latents(pipe, a["frames1"], a["video"], a["size"], a["n_refine"],
+                                                      a["nc"], float(t_thresh), generator)),
             embeds, mask, timesteps, sigmas, 1.0, use_kv_cache)
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
         c = pad["cond_latents"]
         kv_cache = None
-        if use_kv_cache and c > 0:
+        # context parallel: the call was checked above and every rank holds rank 0's inputs, so the DiT's
+        # cache build and forwards skip their own check (one all-gather per call, not one per step)
+        with _checked_region(pipe):
+            if use_kv_cache and c > 0:
+                try:
+                    kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype), offload=offload_kv_cache)
+                except Exception as e:
+                    if _is_oom(e):
+                        raise _oom_error("building the refinement's KV cache", use_kv_cache=True,
+                                         offload_kv_cache=offload_kv_cache, memory=memory, cause=e) from e
+                    raise
+                x = latents[:, :, c:].clone()
+            else:
+                x = latents
+            cached = kv_cache is not None
+            timings["cache_build"] = timer.now() - t1 if cached else 0.0
+            timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
+
+            steps: List[float] = []
+            bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
             try:
-                kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype), offload=offload_kv_cache)
+                for i in range(len(timesteps)):
+                    ts = time.perf_counter()
+                    model_in = x.to(dtype)
+                    tstep = torch.full(model_in.shape[:1] + model_in.shape[2:3], float(timesteps[i]),
+                                       device=device, dtype=dtype)
+                    if not cached:
+                        tstep[:, :c] = 0
+                    pred = pipe.dit(model_in, tstep, embeds, mask, num_cond_latents=c, kv_cache=kv_cache).float()
+                    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+                    if cached:
+                        x = euler_step(x, pred, s, s_next)
+                    else:
+                        x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
+                    timer.sync()
+                    steps.append(time.perf_counter() - ts)
+                    bar.update(1)
             except Exception as e:
                 if _is_oom(e):
-                    raise _oom_error("building the refinement's KV cache", use_kv_cache=True,
-                                     offload_kv_cache=offload_kv_cache, memory=memory, cause=e) from e
+                    raise _oom_error("refining", use_kv_cache=cached, offload_kv_cache=offload_kv_cache,
+                                     memory=memory, cause=e) from e
                 raise
-            x = latents[:, :, c:].clone()
-        else:
-            x = latents
-        cached = kv_cache is not None
-        timings["cache_build"] = timer.now() - t1 if cached else 0.0
-        timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
-
-        steps: List[float] = []
-        bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
-        try:
-            for i in range(len(timesteps)):
-                ts = time.perf_counter()
-                model_in = x.to(dtype)
-                tstep = torch.full(model_in.shape[:1] + model_in.shape[2:3], float(timesteps[i]),
-                                   device=device, dtype=dtype)
-                if not cached:
-                    tstep[:, :c] = 0
-                pred = pipe.dit(model_in, tstep, embeds, mask, num_cond_latents=c, kv_cache=kv_cache).float()
-                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-                if cached:
-                    x = euler_step(x, pred, s, s_next)
-                else:
-                    x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
-                timer.sync()
-                steps.append(time.perf_counter() - ts)
-                bar.update(1)
-        except Exception as e:
-            if _is_oom(e):
-                raise _oom_error("refining", use_kv_cache=cached, offload_kv_cache=offload_kv_cache,
-                                 memory=memory, cause=e) from e
-            raise
-        finally:
-            bar.close()
+            finally:
+                bar.close()
         del kv_cache
         timings["denoise_steps"] = steps
         timings["denoise"] = float(sum(steps))

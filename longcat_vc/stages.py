@@ -7,6 +7,7 @@ other's internals (no import circle).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -193,22 +194,24 @@ def _ranks_agree(pipe, what: str):
 
 
 # What the ranks of a context-parallel pipeline must agree on before rank 0's latents and text states
-# are broadcast (the prompts and RNG states may differ: rank 0's win).
-_PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "text batch (CFG)", "text tokens",
-                    "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale", "use_kv_cache")
+# are broadcast (the prompts and RNG states may differ: rank 0's win). The DiT's calls in the loop skip
+# their own check (``ContextParallel.checked_region``), so the cond latent count they took is here too.
+_PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "cond latent frames", "text batch (CFG)",
+                    "text tokens", "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale",
+                    "use_kv_cache")
 
 
-def _pipeline_signature(latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache) -> tuple:
-    """The ``_PIPELINE_FIELDS`` of one denoising call."""
+def _pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache) -> tuple:
+    """The ``_PIPELINE_FIELDS`` of one denoising call (``cond_latents``: how many latent frames condition)."""
     ts = torch.as_tensor(timesteps, dtype=torch.float64).reshape(1, -1)
     sg = torch.as_tensor(sigmas, dtype=torch.float64).reshape(1, -1)
-    return (*latents.shape[2:], embeds.shape[0], embeds.shape[2], ts.shape[1], float(ts.sum()), float(sg.sum()),
-            float(guidance_scale), bool(use_kv_cache))
+    return (*latents.shape[2:], int(cond_latents), embeds.shape[0], embeds.shape[2], ts.shape[1], float(ts.sum()),
+            float(sg.sum()), float(guidance_scale), bool(use_kv_cache))
 
 
 def _rank0_latents(pipe, what: str, prepare, embeds, mask, timesteps, sigmas, guidance_scale,
                    use_kv_cache) -> tuple:
-    """``prepare()`` -> ``(latents, extra)``; returns ``(latents, extra, embeds, mask)``.
+    """``prepare()`` -> ``(latents, extra, cond_latents)``; returns ``(latents, extra, embeds, mask)``.
 
     Without context parallelism that is ``prepare()``'s answer and the text states as given. With it,
     every rank prepares its own latents inside ``ContextParallel.same_call`` (``what`` names the call in
@@ -218,10 +221,18 @@ def _rank0_latents(pipe, what: str, prepare, embeds, mask, timesteps, sigmas, gu
     """
     cp = getattr(pipe.dit, "context_parallel", None)
     if cp is None:
-        latents, extra = prepare()
+        latents, extra, _ = prepare()
         return latents, extra, embeds, mask
     with cp.same_call(what, _PIPELINE_FIELDS, pipe.device) as same:
-        latents, extra = prepare()
-        same.record(*_pipeline_signature(latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache))
+        latents, extra, cond_latents = prepare()
+        same.record(*_pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale,
+                                         use_kv_cache))
     latents, embeds, mask = cp.broadcast(latents, embeds, mask)
     return latents, extra, embeds, mask
+
+
+def _checked_region(pipe):
+    """Around a pipeline's cache build and denoising loop, after ``_rank0_latents`` checked the call:
+    ``ContextParallel.checked_region()`` (the DiT's calls skip their own check), else a no-op."""
+    cp = getattr(pipe.dit, "context_parallel", None)
+    return contextlib.nullcontext() if cp is None else cp.checked_region()

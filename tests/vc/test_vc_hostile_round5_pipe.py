@@ -16,6 +16,7 @@ D. ``longcat-vc continue --resolution 832x480`` for a landscape input (WIDTHxHEI
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -143,6 +144,10 @@ def test_api_cfg_parallel_without_guidance_warns(refine_pipe, monkeypatch):
 
             def record(self, *values):
                 pass
+
+        @staticmethod
+        def checked_region():
+            return contextlib.nullcontext()
 
     monkeypatch.setattr(type(refine_pipe.dit), "context_parallel", property(lambda self: CP()))
     kw = dict(resolution=(32, 32), num_frames=9, num_cond_frames=5, num_inference_steps=1, generator=1,
