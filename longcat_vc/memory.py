@@ -145,7 +145,8 @@ class BlockStreamer:
       active LoRA tensors at the device copies, and issue the copies of the next ``prefetch``
       blocks on a side stream (block 0 follows the last block: the next step starts loaded);
     * post-hook: point everything back at the CPU copies and drop the device copies (with CUDA
-      the allocator keeps their memory until the compute stream has used them: ``record_stream``).
+      the allocator keeps their memory until the compute stream has used them: ``record_stream``);
+      a block call that raises (e.g. out of memory) also drops the prefetched copies.
 
     ``forward_kv_only`` (the last block of a cache build) is wrapped the same way. A prefetched
     copy is re-issued when the CPU weights changed since (``param._version``: ``fuse_lora`` and
@@ -297,7 +298,7 @@ class BlockStreamer:
             self._attach_block(i)
         except BaseException:
             # e.g. a KeyboardInterrupt while swapping or prefetching: no post-hook follows it
-            self._after(i)
+            self._fail(i)
             raise
 
     def _attach_block(self, i: int) -> None:
@@ -343,6 +344,12 @@ class BlockStreamer:
         if self.log is not None:
             self.log.append(("free", i))
 
+    def _fail(self, i: int) -> None:
+        """Block ``i``'s call raised: puts it back at home and drops the prefetched copies too (after an
+        out-of-memory error the caller needs that memory back, not a block kept for a next call)."""
+        self._after(i)
+        self.release()
+
     def _make_pre(self, i: int) -> Callable:
         def pre(module, args):
             self._before(i)
@@ -362,7 +369,7 @@ class BlockStreamer:
             try:
                 return inner(*args, **kwargs)
             except BaseException:
-                self._after(i)  # the post-hook follows an Exception, not a KeyboardInterrupt
+                self._fail(i)  # the post-hook follows an Exception, not a KeyboardInterrupt
                 raise
 
         return forward
@@ -373,9 +380,12 @@ class BlockStreamer:
         def forward_kv_only(*args, **kwargs):
             self._before(i)
             try:
-                return inner(*args, **kwargs)
-            finally:
-                self._after(i)
+                out = inner(*args, **kwargs)
+            except BaseException:
+                self._fail(i)
+                raise
+            self._after(i)
+            return out
 
         return forward_kv_only
 

@@ -133,6 +133,36 @@ def test_streamer_exception_in_a_block_leaves_blocks_at_home():
         _nan_free_equal(ref(x, t, y, mask), model(x, t, y, mask))
 
 
+@pytest.mark.parametrize("where", ["forward", "forward_kv_only"])
+def test_streamer_exception_in_a_block_drops_the_prefetched_copies(where):
+    # an OOM in block 1 (or in the cache build's last block) left block 2 (block 0) prefetched on the
+    # device until the next call: the memory the caller needs to recover was still held
+    cfg, _, model = _models()
+    streamer = BlockStreamer(model, "cpu").attach()
+    x, t, y, mask = make_inputs(cfg, B=2, T=3)
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    broken = 1 if where == "forward" else 2
+    target = model.blocks[1].ffn if where == "forward" else model.blocks[2].adaLN_modulation
+    target.forward = boom
+    streamer.log = []
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated"):
+        if where == "forward":
+            model(x, t, y, mask)
+        else:
+            model.build_kv_cache(x[:1, :, :1])
+    del target.forward
+    prefetched = (broken + 1) % 3
+    assert ("load", prefetched) in streamer.log and streamer.log[-1] == ("free", broken)
+    assert not streamer._loaded and not streamer._active
+    streamer.log = []
+    with torch.no_grad():
+        model(x, t, y, mask)
+    assert streamer.log[0] == ("load", 0)
+
+
 def test_streamer_detach_restores_module():
     cfg, ref, model = _models()
     streamer = BlockStreamer(model, "cpu").attach()
