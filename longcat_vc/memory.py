@@ -31,6 +31,7 @@ estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exa
 from __future__ import annotations
 
 import importlib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -414,16 +415,31 @@ def _group_offloading():
     return apply_group_offloading
 
 
+# text encoders offloaded by ``offload_text_encoder`` -> their onload device
+_OFFLOADED_TEXT_ENCODERS: "weakref.WeakKeyDictionary[nn.Module, torch.device]" = weakref.WeakKeyDictionary()
+
+
 def offload_text_encoder(text_encoder: nn.Module, device) -> None:
     """Keeps ``text_encoder`` in CPU memory and streams it leaf module by leaf module to ``device``
     while it encodes, through diffusers' ``apply_group_offloading`` (leaf level; on CUDA with a side
-    stream and pinned copies so the next leaf's copy overlaps the current one's compute)."""
+    stream and pinned copies so the next leaf's copy overlaps the current one's compute).
+
+    Idempotent: a text encoder already offloaded to ``device`` is left as it is (``balanced`` ->
+    ``low``); ValueError for another device."""
     apply_group_offloading = _group_offloading()
     device = torch.device(device)
+    done = _OFFLOADED_TEXT_ENCODERS.get(text_encoder)
+    if done is not None:
+        # a second apply_group_offloading pins another copy of every weight and, with streams,
+        # raises on its already registered prefetch hook
+        if _device_key(done) != _device_key(device):
+            raise ValueError(f"offload_text_encoder: text_encoder: already offloaded to {done}, got {device}")
+        return
     text_encoder.to("cpu")
     cuda = device.type == "cuda"
     apply_group_offloading(text_encoder, onload_device=device, offload_device=torch.device("cpu"),
                            offload_type="leaf_level", use_stream=cuda, non_blocking=cuda)
+    _OFFLOADED_TEXT_ENCODERS[text_encoder] = device
 
 
 # ============================================================================ estimate

@@ -81,6 +81,30 @@ def test_switching_from_a_streaming_mode_is_refused():
     M.apply_memory_mode(pipe, "low", "cpu")  # still streaming: allowed
 
 
+def test_balanced_then_low_offloads_the_text_encoder_once(monkeypatch):
+    # balanced -> low applied diffusers' group offloading to the text encoder a second time: on CUDA
+    # (use_stream) that pins a second copy of every weight and then raises "Hook with name
+    # lazy_prefetch_group_offloading already exists"
+    pytest.importorskip("accelerate")
+    real = M._group_offloading()
+    calls = []
+
+    def spy(module, **kw):
+        calls.append(module)
+        return real(module, **kw)
+
+    monkeypatch.setattr(M, "_group_offloading", lambda: spy)
+    dit = LongCatDiT(DiTConfig.tiny(depth=2))
+    te = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    pipe = types.SimpleNamespace(dit=dit, text_encoder=te, vae=torch.nn.Linear(2, 2))
+    M.apply_memory_mode(pipe, "balanced", "cpu")
+    M.apply_memory_mode(pipe, "low", "cpu")
+    M.offload_text_encoder(te, "cpu")  # idempotent when called directly too
+    assert calls == [te] and pipe._memory.name == "low"
+    with pytest.raises(ValueError, match=r"text_encoder: already offloaded to cpu, got meta"):
+        M.offload_text_encoder(te, "meta")
+
+
 def test_a_streaming_mode_without_accelerate_changes_nothing(monkeypatch):
     # the DiT's block streamer was attached before the text encoder's offloading found accelerate
     # missing: the pipeline streamed its blocks while its recorded plan still said 'resident'
