@@ -62,7 +62,7 @@ def measured_table(path: str) -> Dict[str, Dict[str, Optional[float]]]:
 
 
 def _size(resolution: str):
-    from .pipeline import BUCKETS
+    from .stages import BUCKETS
 
     if resolution in BUCKETS:
         return {"480p": (480, 832), "720p": (704, 1280)}[resolution]

@@ -346,7 +346,7 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
     """Every check that needs no model work, all before any (a stage-1 output's latents are decoded
     last). ``pipe=None`` (the CLI, before loading weights): checks only, with LongCat's VAE
     factors; ``stage1`` must then be frames. Returns a dict of resolved inputs."""
-    from .stages import VideoContinuationOutput, _check_int
+    from .stages import BUCKETS, VideoContinuationOutput, _check_int, bucket_size
 
     if not isinstance(spatial_refine_only, bool):
         raise TypeError(f"spatial_refine_only must be a bool, got {type(spatial_refine_only).__name__}")
@@ -406,8 +406,6 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
     if isinstance(resolution, str):
         size = refine_bucket(*shape1[1:3])
         if vid is not None:
-            from .pipeline import BUCKETS, bucket_size
-
             vh, vw = (int(d) for d in vid.shape[1:3])
             vsize = refine_bucket(vh, vw)
             # stage 1 ran at a bucket of the video's own table (480p by default): for 16:10, 2:1 and other

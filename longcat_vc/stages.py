@@ -236,3 +236,41 @@ def _checked_region(pipe):
     ``ContextParallel.checked_region()`` (the DiT's calls skip their own check), else a no-op."""
     cp = getattr(pipe.dit, "context_parallel", None)
     return contextlib.nullcontext() if cp is None else cp.checked_region()
+
+
+# LongCat-Video's aspect-ratio buckets for a spatial factor of 16 (VAE 8 x patch 2):
+# key = height / width, value = (height, width).
+BUCKETS: Dict[str, Dict[str, Tuple[int, int]]] = {
+    "480p": {
+        "0.26": (320, 1216), "0.31": (352, 1120), "0.38": (384, 1024), "0.43": (416, 960),
+        "0.52": (448, 864), "0.58": (480, 832), "0.67": (512, 768), "0.74": (544, 736),
+        "0.86": (576, 672), "0.95": (608, 640), "1.05": (640, 608), "1.17": (672, 576),
+        "1.29": (704, 544), "1.35": (736, 544), "1.50": (768, 512), "1.67": (800, 480),
+        "1.73": (832, 480), "2.00": (896, 448), "2.31": (960, 416), "2.58": (992, 384),
+        "2.75": (1056, 384), "3.09": (1088, 352), "3.70": (1184, 320), "3.80": (1216, 320),
+        "3.90": (1248, 320), "4.00": (1280, 320),
+    },
+    "720p": {
+        "0.25": (480, 1920), "0.29": (512, 1792), "0.32": (544, 1696), "0.36": (576, 1600),
+        "0.40": (608, 1504), "0.49": (672, 1376), "0.54": (704, 1312), "0.59": (736, 1248),
+        "0.69": (800, 1152), "0.74": (832, 1120), "0.82": (864, 1056), "0.88": (896, 1024),
+        "0.94": (928, 992), "1.00": (960, 960), "1.07": (992, 928), "1.14": (1024, 896),
+        "1.22": (1056, 864), "1.31": (1088, 832), "1.35": (1120, 832), "1.44": (1152, 800),
+        "1.70": (1248, 736), "2.00": (1344, 672), "2.05": (1376, 672), "2.47": (1504, 608),
+        "2.53": (1536, 608), "2.83": (1632, 576), "3.06": (1664, 544), "3.12": (1696, 544),
+        "3.62": (1856, 512), "3.93": (1888, 480), "4.00": (1920, 480),
+    },
+}
+
+
+def bucket_size(height: int, width: int, resolution: str) -> Tuple[int, int]:
+    """The (height, width) bucket of LongCat's table closest to ``height / width``.
+
+    Ties go to the first bucket of the table (upstream sorts the keys stably by distance).
+    """
+    if resolution not in BUCKETS:
+        raise ValueError(f"resolution must be one of {sorted(BUCKETS)} or (height, width), got {resolution!r}")
+    ratio = height / width
+    table = BUCKETS[resolution]
+    key = min(table, key=lambda k: abs(float(k) - ratio))
+    return table[key]
