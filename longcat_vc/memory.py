@@ -179,6 +179,7 @@ class BlockStreamer:
         self._loaded: Dict[int, _Loaded] = {}
         self._active: Dict[int, _Loaded] = {}
         self._handles: List[Any] = []
+        self._own_attrs: List[Dict[str, Any]] = []  # per block: its own forward/forward_kv_only before attach()
         self._attached = False
         self.log: Optional[List[Tuple[str, int]]] = None
 
@@ -202,11 +203,16 @@ class BlockStreamer:
                 t.data = self._home(t.data)
             for owner, attr, t in _lora_tensors(block, loaded=True):
                 _move(owner, attr, self._home(t))
+            # Hooks (not a wrapper alone, as for forward_kv_only): they run from nn.Module.__call__, so they
+            # also hold when something replaces block.forward on the instance after attach() (activation
+            # checkpointing does), and forward pre-hooks registered later see the device copies.
             self._handles.append(block.register_forward_pre_hook(self._make_pre(i)))
             # always_call: a block that raises (e.g. out of memory) is still put back at home.
             self._handles.append(block.register_forward_hook(self._make_post(i), always_call=True))
             # torch runs always_call hooks on Exception only: a KeyboardInterrupt left the block on its
             # device copies, and a fuse_lora after it wrote into them (the LoRA lost, then subtracted)
+            # what the instance had before (activation checkpointing's forward, say): wrapped, put back by detach()
+            self._own_attrs.append({n: block.__dict__[n] for n in ("forward", "forward_kv_only") if n in block.__dict__})
             block.forward = self._wrap_forward(block, i)
             if hasattr(block, "forward_kv_only"):
                 block.forward_kv_only = self._wrap_kv_only(block, i)
@@ -223,13 +229,16 @@ class BlockStreamer:
             h.remove()
         self._handles.clear()
         target = self.device if device is None else torch.device(device)
-        for block in self.dit.blocks:
+        for block, own in zip(self.dit.blocks, self._own_attrs):
             for name in ("forward", "forward_kv_only"):
-                if name in block.__dict__:
+                if name in own:
+                    setattr(block, name, own[name])
+                elif name in block.__dict__:
                     delattr(block, name)
             block.to(target)
             for owner, attr, t in _lora_tensors(block, loaded=True):
                 _move(owner, attr, t.to(target))
+        self._own_attrs.clear()
         self.dit._block_streamer = None
         self._attached = False
 
@@ -364,7 +373,7 @@ class BlockStreamer:
         return post
 
     def _wrap_forward(self, block: nn.Module, i: int) -> Callable:
-        inner = type(block).forward.__get__(block)
+        inner = block.forward  # the instance's own (activation checkpointing's) or the class's
 
         def forward(*args, **kwargs):
             try:
@@ -376,7 +385,7 @@ class BlockStreamer:
         return forward
 
     def _wrap_kv_only(self, block: nn.Module, i: int) -> Callable:
-        inner = type(block).forward_kv_only.__get__(block)
+        inner = block.forward_kv_only
 
         def forward_kv_only(*args, **kwargs):
             self._before(i)

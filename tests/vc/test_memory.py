@@ -176,6 +176,37 @@ def test_streamer_detach_restores_module():
     assert not model.blocks[0]._forward_pre_hooks
 
 
+def test_streamer_keeps_and_restores_activation_checkpointing():
+    # checkpointing put its forward on the instance before attach(): the streamer wrapped the class's forward
+    # (checkpointing silently off while attached) and detach() deleted it (off for good)
+    from longcat_vc.training import enable_activation_checkpointing
+
+    cfg, ref, model = _models()
+    enable_activation_checkpointing(model)
+    own = [blk.__dict__["forward"] for blk in model.blocks]
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    streamer = BlockStreamer(model, "cpu").attach()
+    x, t, y, mask = make_inputs(cfg, B=1, T=3)
+    streamer.log = []
+    orig, torch.utils.checkpoint.checkpoint = torch.utils.checkpoint.checkpoint, counting
+    try:
+        out = model(x, t, y, mask)  # grad on: checkpointed blocks, streamed
+    finally:
+        torch.utils.checkpoint.checkpoint = orig
+    assert len(calls) == len(model.blocks)
+    assert [e for e in streamer.log if e[0] == "attach"] == [("attach", i) for i in range(len(model.blocks))]
+    with torch.no_grad():
+        _nan_free_equal(ref(x, t, y, mask), out.detach())
+    streamer.detach()
+    assert [blk.__dict__.get("forward") for blk in model.blocks] == own
+
+
 def test_streamer_bad_args():
     cfg, _, model = _models()
     with pytest.raises(ValueError, match="prefetch"):
