@@ -9,7 +9,8 @@ Entry points used by ``api.py``:
 
 Registered ops (one boundary per call): ``longcat_kernels::bsa_fwd`` (with autograd) and
 ``longcat_kernels::bsa_bwd``. Backward is deterministic by construction when
-``LONGCAT_KERNELS_DETERMINISTIC=1`` (dq from its own kernel, no atomics); otherwise dq is
+``LONGCAT_KERNELS_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)`` (dq from its own
+kernel, no atomics); otherwise dq is
 accumulated with fp32 atomics inside the dk/dv kernel when that is measured faster.
 """
 
@@ -230,9 +231,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _deterministic() -> bool:
+    """``LONGCAT_KERNELS_DETERMINISTIC=1``, or torch's own switch ``torch.use_deterministic_algorithms(True)``
+    (a training script's one call for reproducible gradients: dq's fp32 atomics would ignore it)."""
     from ..._envvars import env_flag  # noqa: PLC0415
 
-    return env_flag("LONGCAT_KERNELS_DETERMINISTIC", False)
+    return env_flag("LONGCAT_KERNELS_DETERMINISTIC", False) or torch.are_deterministic_algorithms_enabled()
 
 
 def _setup_context(ctx, inputs, output):
