@@ -49,7 +49,7 @@ from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
     BUCKETS, _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits,
-    _Timer, bucket_size,
+    _Timer, _release_streamed_blocks, bucket_size,
 )
 
 __all__ = [
@@ -738,10 +738,8 @@ class VideoContinuationPipeline:
                 raise
             finally:
                 bar.close()
+                _release_streamed_blocks(self)
         del kv_cache
-        streamer = getattr(self.dit, "_block_streamer", None)
-        if streamer is not None:
-            streamer.release()  # the prefetched block 0 need not sit through the decode
         timings["denoise_steps"] = step_times
         timings["denoise"] = float(sum(step_times))
         timings["steps"] = len(step_times)

@@ -490,7 +490,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
     from tqdm.auto import tqdm
 
     from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom, _oom_error,
-                         _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _Timer)
+                         _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents,
+                         _release_streamed_blocks, _resize_frames, _Timer)
     from .schedule import euler_step
 
     timer = _Timer(pipe.device)
@@ -577,6 +578,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
                 raise
             finally:
                 bar.close()
+                _release_streamed_blocks(pipe)
         del kv_cache
         timings["denoise_steps"] = steps
         timings["denoise"] = float(sum(steps))

@@ -238,6 +238,14 @@ def _checked_region(pipe):
     return contextlib.nullcontext() if cp is None else cp.checked_region()
 
 
+
+def _release_streamed_blocks(pipe) -> None:
+    """After a denoising loop, finished or raised: a block streamer's prefetched device copies (block 0,
+    for the next step) need not sit through the decode, or stay on the device after an error."""
+    streamer = getattr(pipe.dit, "_block_streamer", None)
+    if streamer is not None:
+        streamer.release()
+
 # LongCat-Video's aspect-ratio buckets for a spatial factor of 16 (VAE 8 x patch 2):
 # key = height / width, value = (height, width).
 BUCKETS: Dict[str, Dict[str, Tuple[int, int]]] = {

@@ -7,10 +7,13 @@ before its fix.
   itself maps to 1216x768), 2:1 and other ratios the two differ: ``continue --refine``
   and ``refine`` of a ``--stage1-out`` clip with its own input raised "not the same clip?" after
   the whole 480p stage.
+- A streamed model (``BlockStreamer``: memory="low") kept block 0's prefetched copy on the device after
+  ``refine`` and after a denoising loop that raised outside a block call.
 """
 
 import numpy as np
 import pytest
+import torch
 
 from longcat_vc.pipeline import bucket_size
 from longcat_vc.refine import refine_bucket, resolve_refine_args
@@ -67,3 +70,50 @@ def test_cli_continue_refine_at_a_resolution_of_another_aspect(tmp_path, capsys,
     err = capsys.readouterr().err
     assert rc == 0, err
     assert seen["size"] == refine_bucket(48, 80) and seen["nc"] == 10
+
+
+def _streamed(pipe):
+    from longcat_vc.memory import BlockStreamer
+
+    return BlockStreamer(pipe.dit, "cpu", pin=False).attach()
+
+
+def test_refine_releases_the_streamed_blocks(refine_pipe):
+    """A streamed refinement left block 0's prefetched copy loaded through the decode and after the call
+    (``__call__`` released it; ``refine`` did not)."""
+    streamer = _streamed(refine_pipe)
+    try:
+        out = refine_pipe.refine(_frames(5, 36, 64, 1), "a cat", video=_frames(12, 40, 72, 2), num_cond_frames=5,
+                                 resolution=(64, 64), generator=3, output_type="latent", progress=False)
+        assert torch.isfinite(out.latents).all()
+        assert streamer._loaded == {}
+    finally:
+        streamer.detach()
+
+
+@pytest.mark.parametrize("stage", ["continue", "refine"])
+def test_denoising_error_outside_a_block_releases_the_streamed_blocks(refine_pipe, monkeypatch, stage):
+    """An error in the loop outside a block call (here the final layer, as an out-of-memory there) left the
+    prefetched block 0 on the device until the next call."""
+    streamer = _streamed(refine_pipe)
+    calls = []
+    real = type(refine_pipe.dit.final_layer).forward
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in the final layer")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(refine_pipe.dit.final_layer), "forward", failing)
+    try:
+        with pytest.raises(RuntimeError, match="boom in the final layer"):
+            if stage == "refine":
+                refine_pipe.refine(_frames(5, 36, 64, 1), "a cat", video=_frames(12, 40, 72, 2), num_cond_frames=5,
+                                   resolution=(64, 64), generator=3, output_type="latent", progress=False)
+            else:
+                refine_pipe(_frames(5, 36, 64, 1), "a cat", num_frames=9, num_cond_frames=5, resolution=(32, 32),
+                            num_inference_steps=3, generator=3, output_type="latent", progress=False)
+        assert len(calls) == 2 and streamer._loaded == {}
+    finally:
+        streamer.detach()
