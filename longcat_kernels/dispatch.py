@@ -90,6 +90,9 @@ FP8_MAX_COLS = 16384
 # Hopper SM has (head_dim 512 on the H100: 270,336 B required, 232,448 available; 256 runs:
 # bench/dev/head_dim_probe_gpu.py, session 20); the forward runs at 512
 BSA_TRITON_BWD_MAX_HEAD_DIM = 256
+# the fused cached-KV / prefix Triton kernel likewise: head_dim 320 and 512 (tiles padded to 512) need
+# 327,680 B of shared memory on the H100 (232,448 available); 256 runs (head_dim_probe_gpu.py, session 21)
+KV_TRITON_MAX_HEAD_DIM = 256
 # largest 3D block (tokens) the csrc block-sparse kernels take (csrc/attn_fwd.h kMaxBlockTokens)
 CSRC_MAX_BLOCK_TOKENS = 1024
 
@@ -183,6 +186,10 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
         # OutOfResources at the first backward
         return (f"the backward kernel takes head_dim <= {BSA_TRITON_BWD_MAX_HEAD_DIM} (got {f.head_dim}: its tiles "
                 "exceed shared memory); use backend='torch' for gradients")
+    if op in KV_OPS and triton_tile_size(f.head_dim) > KV_TRITON_MAX_HEAD_DIM:
+        # "auto" then takes the reference (SDPA), explicit triton raises here instead of Triton's OutOfResources
+        return (f"the fused kernel takes head_dim <= {KV_TRITON_MAX_HEAD_DIM} (got {f.head_dim}: its tiles exceed "
+                "shared memory); use backend='torch'")
     if op == "qk_norm_rope" and f.rope_pairs != "interleaved":
         return f"rope.pairs={f.rope_pairs!r} (the Triton prologue rotates interleaved pairs); use 'torch'"
     if op == "qk_norm_rope" and f.norm_all_heads and f.gqa:

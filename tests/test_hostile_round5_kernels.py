@@ -84,3 +84,22 @@ def test_bsa_training_past_the_triton_backward_head_dim_goes_to_the_reference(he
             choose_kernel("block_sparse_attn", f, "triton")
     # inference keeps the Triton forward at any head_dim
     assert choose_kernel("block_sparse_attn", Facts(head_dim=head_dim), "triton").backend == "triton"
+
+
+@pytest.mark.parametrize("op", ["attn_with_kv_cache", "prefix_attn"])
+@pytest.mark.parametrize("head_dim, triton_ok", [(256, True), (200, True), (257, False), (320, False), (512, False)])
+def test_cached_kv_past_the_fused_kernel_head_dim_goes_to_the_reference(op, head_dim, triton_ok):
+    # found on the H100 by bench/dev/head_dim_probe_gpu.py (session 21): attn_with_kv_cache and prefix_attn at
+    # head_dim 320 and 512 under "auto" ran the fused Triton kernel, which raised Triton's OutOfResources
+    # (shared memory 327,680 B required, 232,448 available)
+    from longcat_kernels.dispatch import BackendUnavailableError, Facts, choose_kernel
+
+    f = Facts(head_dim=head_dim)
+    c = choose_kernel(op, f)
+    if triton_ok:
+        assert c.backend != "torch", c
+        assert choose_kernel(op, f, "triton").backend == "triton"
+    else:
+        assert c.backend == "torch", c
+        with pytest.raises(BackendUnavailableError, match=r"fused kernel takes head_dim <= 256 \(got %d" % head_dim):
+            choose_kernel(op, f, "triton")
