@@ -37,11 +37,18 @@ __all__ = ["LongCatDiT"]
 
 _MODEL_UIDS = itertools.count()
 # What every rank of a context-parallel group must pass alike (checked before the first collective).
+# Each checksummed input gives two values (``parallel.checksum``: row sums, position-weighted sum).
+# A full ``KVCache`` is checksummed too (a ``ShardedKVCache`` holds other heads on every rank).
 _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "num_cond_latents", "kv_cache frames",
-                   "kv_cache batch", "text tokens", "text mask given", "hidden_states (checksum)",
-                   "timestep (checksum of its embedding)", "encoder_hidden_states (checksum of its embedding)",
-                   "encoder_attention_mask (checksum)")
-_BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)")
+                   "kv_cache batch", "kv_cache sharded", "text tokens", "text mask given",
+                   "hidden_states (checksum)", "hidden_states (position checksum)",
+                   "timestep (checksum of its embedding)", "timestep (position checksum of its embedding)",
+                   "encoder_hidden_states (checksum of its embedding)",
+                   "encoder_hidden_states (position checksum of its embedding)",
+                   "encoder_attention_mask (checksum)", "encoder_attention_mask (position checksum)",
+                   "kv_cache keys and values (checksum)", "kv_cache keys and values (position checksum)")
+_BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)",
+                 "cond_latents (position checksum)")
 
 
 def _compiling() -> bool:
@@ -325,6 +332,7 @@ class LongCatDiT(nn.Module):
             _, ph, pw = cfg.patch_size
             Nh, Nw = H // ph, W // pw
             num_cond_latents = self._check_num_cond(num_cond_latents, kv_cache, T)
+            given_cache = kv_cache
             if cp is not None and kv_cache is not None:
                 kv_cache = cp.local_cache(self, kv_cache, B, Nh, Nw)  # checked; this rank's heads
             elif kv_cache is not None and check:
@@ -334,12 +342,16 @@ class LongCatDiT(nn.Module):
             t = self._embed_timestep(timestep, B, T)
             y, y_mask = self._embed_text(encoder_hidden_states, encoder_attention_mask, B)
             if exchange:
-                from .parallel import checksum
+                from .parallel import ShardedKVCache, checksum
 
+                sharded = isinstance(given_cache, ShardedKVCache)
+                # a full cache: one more read of it per direct call (a pipeline's loop skips this check)
+                cache_sums = ((0.0, 0.0) if given_cache is None or sharded
+                              else checksum(*given_cache.keys, *given_cache.values))
                 same.record(B, T, H, W, num_cond_latents, -1 if kv_cache is None else kv_cache.num_frames,
-                            -1 if kv_cache is None else kv_cache.batch, y.shape[1], y_mask is not None,
-                            checksum(hidden_states), checksum(t), checksum(y),
-                            0 if y_mask is None else checksum(y_mask))
+                            -1 if kv_cache is None else kv_cache.batch, sharded, y.shape[1], y_mask is not None,
+                            *checksum(hidden_states), *checksum(t), *checksum(y),
+                            *((0.0, 0.0) if y_mask is None else checksum(y_mask)), *cache_sums)
         if cp is not None:
             hidden_states, t, y, y_mask = cp.split_batch(B, hidden_states, t, y, y_mask)  # CFG half
         x = self.x_embedder(hidden_states.to(self.dtype))
@@ -476,7 +488,7 @@ class LongCatDiT(nn.Module):
             if check:
                 from .parallel import checksum
 
-                same.record(Bc, c, H, W, checksum(cond_latents))
+                same.record(Bc, c, H, W, *checksum(cond_latents))
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
         x = self.x_embedder(cond_latents.to(self.dtype))

@@ -27,7 +27,8 @@ all-to-all's unpacking and get a zero output) and are dropped from the result.
 
 KV cache: built sharded by heads (each rank keeps the rotated K and V of its ``heads / P`` heads
 for the whole cond sequence: cache memory per rank is divided by ``P``); a ``ShardedKVCache``
-records the layout. A full (unsharded) ``KVCache`` is accepted too (its heads are sliced).
+records the layout. A full (unsharded) ``KVCache`` is accepted too (its heads are sliced; a direct
+``forward`` checks that every rank passed the same one, one read of the cache per call).
 
 CFG parallel (``cfg_parallel=True``, the group must be the whole world, even size): the ranks
 split into two SP groups of ``P/2`` (ranks ``[0, P/2)`` and ``[P/2, P)``); with an even batch
@@ -205,11 +206,50 @@ class _ShardedAttention:
 # every rank makes the same call
 
 
-def checksum(t: torch.Tensor) -> float:
-    """A cheap fingerprint of ``t``'s values (fp64 sum of each batch row, weighted by the row
-    number, so swapped rows differ too): equal tensors give equal numbers on every rank."""
-    rows = t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
-    return float((rows * torch.arange(1, t.shape[0] + 1, device=t.device, dtype=torch.float64)).sum())
+# Elements per chunk of ``checksum``'s weighted sum (its fp64 weights: 2 MiB on CPU, where a larger
+# fresh buffer is page-faulted in on every call, 6x slower at 2**22; 32 MiB on an accelerator).
+_CHECKSUM_CHUNK = {"cpu": 2**18}
+_CHECKSUM_CHUNK_DEFAULT = 2**22
+# Weight of flat element i: frac((i + 1) * golden ratio), never periodic, never 0, distinct per i.
+_GOLDEN = 0.6180339887498949
+
+
+def checksum(*tensors: torch.Tensor) -> Tuple[float, float]:
+    """A cheap fingerprint of the values of ``tensors`` (one or more, each batch first): equal
+    inputs give bitwise equal numbers on every rank of one device type (NaN included).
+
+    Returns ``(rows, positions)``: ``rows`` is the fp64 sum of each batch row weighted by the row
+    number (swapped rows differ), summed over the tensors; ``positions`` the fp64 sum of every
+    element weighted by ``frac((i + 1) * golden ratio)`` of its flat index ``i``, counted on across
+    the tensors, so two values swapped inside a row (a flipped frame, permuted tokens) or a
+    ``+d``/``-d`` pair that leaves the sums unchanged change it too, save for measure-zero cases.
+    Two reads of each tensor on its own device, the second in chunks of ``_CHECKSUM_CHUNK``
+    elements (the fp64 weights of one chunk are the only extra memory; a non-contiguous tensor is
+    first copied contiguous in its dtype); one copy to the host per device. The chunking does not
+    change the result's meaning, only its bits: compare values made on one device type.
+    """
+    sums = {}  # device -> fp64 [rows, positions] there: one copy to the host per device at the end
+    start = 0
+    for t in tensors:
+        n = t.numel()
+        if n == 0:
+            continue
+        acc = sums.setdefault(t.device, torch.zeros(2, dtype=torch.float64, device=t.device))
+        rows = t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
+        acc[0] += (rows * torch.arange(1, t.shape[0] + 1, device=t.device, dtype=torch.float64)).sum()
+        flat = t.reshape(-1)
+        chunk = _CHECKSUM_CHUNK.get(t.device.type, _CHECKSUM_CHUNK_DEFAULT)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            w = torch.arange(start + lo + 1, start + hi + 1, device=t.device, dtype=torch.float64)
+            # in place: the chunk is read in its own dtype, only the weights take fp64 memory
+            acc[1] += w.mul_(_GOLDEN).frac_().mul_(flat[lo:hi]).sum()
+        start += n
+    total = torch.zeros(2, dtype=torch.float64)
+    for acc in sums.values():
+        total += acc.cpu()
+    a, b = total.tolist()
+    return a, b
 
 
 class _SameCall:
