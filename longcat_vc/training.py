@@ -159,6 +159,23 @@ def _check_savable(config, where: str) -> None:
                          "hold (the saved file would silently lack them); use bias='none'")
     if getattr(config, "lora_bias", False):
         raise ValueError(f"{where}: lora_bias=True cannot be saved in LongCat's LoRA format")
+    # peft's other LoRA variants change what the adapter computes (aLoRA applies it to part of the
+    # tokens, KaSA adds a singular-value diagonal and rewrites the base weights, BD-LoRA keeps block-diagonal
+    # factors, Arrow/MonteCLoRA route or sample): the file held plain B A and gave another model, or one
+    # load_lora refused, found after the training. VeLoRA only compresses the activations kept for backward.
+    for field in _variant_fields(config):
+        if field not in ("use_dora", "velora_config") and getattr(config, field, None):
+            raise ValueError(f"{where}: {field}={getattr(config, field)!r} (a peft LoRA variant) cannot be saved in "
+                             "LongCat's LoRA format (plain y = W x + B A x * alpha_scale); leave it unset")
+
+
+def _variant_fields(config) -> List[str]:
+    """Names of the ``LoraConfig`` fields peft marks as selecting a LoRA variant (``is_lora_variant``)."""
+    import dataclasses  # noqa: PLC0415
+
+    if not dataclasses.is_dataclass(config):
+        return []
+    return [f.name for f in dataclasses.fields(config) if f.metadata.get("is_lora_variant")]
 
 
 def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32_adapters: bool = True):
@@ -178,7 +195,7 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
             (a second call would re-initialise the trained ones), a target matches no ``nn.Linear`` (or
             also a module that is not one, e.g. ``"proj"`` the Conv3d ``x_embedder.proj``), or
             the config trains what LongCat's format cannot hold (``modules_to_save``, base biases,
-            ``lora_bias``, DoRA, an init that rewrites the base weights).
+            ``lora_bias``, DoRA or another peft LoRA variant but VeLoRA, an init that rewrites the base weights).
     """
     peft = _peft()
     config = lora_config() if config is None else config
@@ -408,6 +425,10 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
             raise ValueError(f"{path}: DoRA adapters cannot be saved in LongCat's LoRA format")
         if getattr(mod, "lora_bias", {}).get(adapter_name, False):
             raise ValueError(f"{path}: LoRA biases cannot be saved in LongCat's LoRA format")
+        variant = (getattr(mod, "lora_variant", None) or {}).get(adapter_name)
+        if variant is not None and type(variant).__name__ != "VeloraLinearVariant":
+            raise ValueError(f"{path}: a peft LoRA variant ({type(variant).__name__}) cannot be saved in LongCat's "
+                             "LoRA format")
         base = mod.get_base_layer()
         if not isinstance(base, nn.Linear) or getattr(mod, "fan_in_fan_out", False):
             raise ValueError(f"{path}: only nn.Linear targets can be saved (got {type(base).__name__})")
