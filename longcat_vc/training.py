@@ -342,11 +342,24 @@ def flow_matching_loss(
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     elif tuple(noise.shape) != tuple(latents.shape):
         raise ValueError(f"noise: expected shape {list(latents.shape)}, got {list(noise.shape)}")
+    if torch.is_grad_enabled():
+        _check_no_own_loras(model, "flow_matching_loss")
     s = sigmas.to(device=x0.device, dtype=torch.float32).view(B, 1, 1, 1, 1)
     noise = noise.to(device=x0.device, dtype=torch.float32)
     x_s = (1.0 - s) * x0 + s * noise
     pred = model(x_s, sigmas.to(x0.device).float() * 1000.0, encoder_hidden_states, encoder_attention_mask)
     return F.mse_loss(pred.float(), x0 - noise)
+
+
+def _check_no_own_loras(model: nn.Module, where: str) -> None:
+    """The DiT's own ``load_lora`` adapters are off: add_lora refused them, but enable_loras / fuse_lora after
+    it went through, and the peft adapter then trained on top of them (a file of it alone gave another model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    active = list(getattr(base, "_lora_active_names", []) or [])
+    if active:
+        raise ValueError(f"{where}: the DiT has its own LoRAs {active} active (load_lora / enable_loras); the peft "
+                         "adapter would be trained or saved on top of them, and a file of it alone would give another "
+                         "model; call disable_loras() on the DiT first")
 
 
 # ====================================================================== saving (LongCat format)
@@ -411,6 +424,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
     layers = _lora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
+    _check_no_own_loras(model, "longcat_lora_state_dict")
     cfg = (getattr(model, "peft_config", None) or {}).get(adapter_name)
     if cfg is not None:  # a config made without lora_config() / add_lora()
         _check_savable(cfg, "longcat_lora_state_dict")

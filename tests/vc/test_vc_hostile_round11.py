@@ -67,3 +67,30 @@ def test_velora_only_changes_the_backward_and_stays_savable(tmp_path):
     with torch.no_grad():
         got = fresh(x0, s * 1000, y, None)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_own_loras_enabled_after_add_lora_are_refused_by_the_loss_and_the_save(tmp_path):
+    cfg = tiny_config(attn_backend="torch")
+    sd = random_state_dict(cfg, seed=3)
+    m = tr.add_lora(model_from_state_dict(cfg, sd), tr.lora_config(rank=4, alpha=8, init_lora_weights=False))
+    own = tmp_path / "own.safetensors"
+    tr.save_longcat_lora(m, own)
+    dit = model_from_state_dict(cfg, sd)
+    dit.load_lora(own, "own")  # loaded but off: add_lora accepts it
+    model = tr.add_lora(dit, tr.lora_config(rank=4, alpha=8, init_lora_weights=False))
+    # enabled (or fused) after add_lora: the training and the save went on silently, and the file held the
+    # peft adapter alone, relative to base + "own"
+    dit.enable_loras(["own"])
+    g = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 1, 5, 32, generator=g)
+    with pytest.raises(ValueError, match=r"^flow_matching_loss: the DiT has its own LoRAs \['own'\] active"):
+        tr.flow_matching_loss(model, x0, y, generator=g)
+    with torch.no_grad():  # evaluating the combined model stays possible
+        assert torch.isfinite(tr.flow_matching_loss(model, x0, y, generator=g))
+    dit.fuse_lora()
+    with pytest.raises(ValueError, match=r"^longcat_lora_state_dict: the DiT has its own LoRAs \['own'\] active"):
+        tr.save_longcat_lora(model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    dit.disable_loras()
+    tr.save_longcat_lora(model, tmp_path / "x.safetensors")
+    tr.flow_matching_loss(model, x0, y, generator=g).backward()
