@@ -292,11 +292,14 @@ def sample_sigmas(batch: int, *, shift: float = 1.0, generator: Optional[torch.G
                   device=None, sigma_min: float = 1e-3) -> torch.Tensor:
     """``[batch]`` fp32 noise levels: uniform in ``[sigma_min, 1]``, then the sampler's shift
     ``s' = shift*s / (1 + (shift-1)*s)`` (SPEC 7; shift > 1 puts more steps at high noise)."""
+    # a bool / float was torch.rand's unnamed "invalid combination of arguments", 0 an empty tensor
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ValueError(f"sample_sigmas: batch must be a positive int, got {type(batch).__name__} {batch!r}")
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < float("inf"):
         raise ValueError(f"sample_sigmas: shift must be a positive finite number, got {shift!r}")
     if isinstance(sigma_min, bool) or not isinstance(sigma_min, numbers.Real) or not 0 <= sigma_min < 1:
         raise ValueError(f"sample_sigmas: sigma_min must be a number in [0, 1), got {sigma_min!r}")
-    s = torch.rand(batch, generator=generator, dtype=torch.float32)
+    s = torch.rand(int(batch), generator=generator, dtype=torch.float32)
     s = sigma_min + (1.0 - sigma_min) * s
     s = shift * s / (1.0 + (shift - 1.0) * s)
     return s.to(device) if device is not None else s

@@ -94,3 +94,10 @@ def test_own_loras_enabled_after_add_lora_are_refused_by_the_loss_and_the_save(t
     dit.disable_loras()
     tr.save_longcat_lora(model, tmp_path / "x.safetensors")
     tr.flow_matching_loss(model, x0, y, generator=g).backward()
+
+
+@pytest.mark.parametrize("batch", [0, -1, True, 2.0, "2"])
+def test_sample_sigmas_names_a_bad_batch(batch):
+    with pytest.raises(ValueError, match=r"^sample_sigmas: batch must be a positive int"):
+        tr.sample_sigmas(batch)
+
