@@ -197,16 +197,19 @@ def _ranks_agree(pipe, what: str):
 # are broadcast (the prompts and RNG states may differ: rank 0's win). The DiT's calls in the loop skip
 # their own check (``ContextParallel.checked_region``), so the cond latent count they took is here too.
 _PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "cond latent frames", "text batch (CFG)",
-                    "text tokens", "denoising steps", "timesteps (checksum)", "sigmas (checksum)", "guidance_scale",
-                    "use_kv_cache")
+                    "text tokens", "denoising steps", "timesteps (checksum)", "timesteps (position checksum)",
+                    "sigmas (checksum)", "sigmas (position checksum)", "guidance_scale", "use_kv_cache")
 
 
 def _pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache) -> tuple:
     """The ``_PIPELINE_FIELDS`` of one denoising call (``cond_latents``: how many latent frames condition)."""
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).reshape(1, -1)
-    sg = torch.as_tensor(sigmas, dtype=torch.float64).reshape(1, -1)
-    return (*latents.shape[2:], int(cond_latents), embeds.shape[0], embeds.shape[2], ts.shape[1], float(ts.sum()),
-            float(sg.sum()), float(guidance_scale), bool(use_kv_cache))
+    from .parallel import checksum  # (only context-parallel calls get here)
+
+    # on the CPU (the same device type on every rank); position-sensitive: a reordered schedule differs too
+    ts = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(1, -1)
+    sg = torch.as_tensor(sigmas, dtype=torch.float64).cpu().reshape(1, -1)
+    return (*latents.shape[2:], int(cond_latents), embeds.shape[0], embeds.shape[2], ts.shape[1], *checksum(ts),
+            *checksum(sg), float(guidance_scale), bool(use_kv_cache))
 
 
 def _rank0_latents(pipe, what: str, prepare, embeds, mask, timesteps, sigmas, guidance_scale,

@@ -188,3 +188,19 @@ def test_different_inputs_raise_on_every_rank_naming_the_field(results, key, fie
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+def test_pipeline_signature_sees_a_reordered_schedule():
+    # the pipeline's fields compared timesteps and sigmas by their plain sums: a rank with the same
+    # steps in another order passed the check
+    from longcat_vc.stages import _PIPELINE_FIELDS, _pipeline_signature
+
+    lat, emb = torch.zeros(1, 16, 3, 4, 4), torch.zeros(2, 1, 8, 32)
+    ts = torch.tensor([900.0, 700.0, 400.0, 100.0])
+    sg = torch.cat([ts / 1000, torch.zeros(1)])
+    a = _pipeline_signature(lat, 1, emb, ts, sg, 4.0, True)
+    b = _pipeline_signature(lat, 1, emb, ts.flip(0), torch.cat([sg[:-1].flip(0), sg[-1:]]), 4.0, True)
+    assert len(a) == len(_PIPELINE_FIELDS)
+    assert a == _pipeline_signature(lat, 1, emb, ts.clone(), sg.clone(), 4.0, True)
+    differ = {_PIPELINE_FIELDS[i] for i in range(len(a)) if a[i] != b[i]}
+    assert differ == {"timesteps (position checksum)", "sigmas (position checksum)"}
