@@ -98,13 +98,6 @@ def parse_grid(spec: str) -> Grid:
     return Grid(spec, t, h, w)
 
 
-def parse_grids(specs: str | None) -> list[Grid] | None:
-    """Comma-separated grid specs, or None when ``specs`` is None/empty."""
-    if not specs:
-        return None
-    return [parse_grid(s) for s in specs.split(",") if s.strip()]
-
-
 def cond_latents_for(grid: Grid, cond_frames: tuple[int, ...] = COND_FRAMES) -> list[tuple[int, int]]:
     """``(cond_frames, cond_latents)`` pairs that leave at least one noisy latent on ``grid``."""
     pairs = [(f, cond_latents(f)) for f in cond_frames]

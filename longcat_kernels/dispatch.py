@@ -76,7 +76,6 @@ OPS: Dict[str, str] = {
 # ops the csrc extension implements (all forward only)
 CSRC_OPS = ("block_sparse_attn", "block_sparse_attn_fwd", "attn_with_kv_cache", "prefix_attn")
 KV_OPS = ("attn_with_kv_cache", "prefix_attn")
-BSA_OPS = ("block_sparse_attn", "block_sparse_attn_fwd")
 KERNEL_DTYPES = ("float16", "bfloat16", "float32")
 # The Triton CPU interpreter emulates tensors with numpy, which has no bfloat16: bf16 loads, stores
 # and tl.dot come out as garbage instead of failing, so only these dtypes may run there.

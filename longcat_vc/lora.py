@@ -56,7 +56,7 @@ import math
 import os
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -272,16 +272,6 @@ def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]
         if pattern.match(path):
             return pattern.sub(repl, path), rows
     return None
-
-
-@dataclass
-class _ModuleSpec:
-    """Adapter description of one LongCat module, before it is bound to the model."""
-
-    down: List[torch.Tensor] = field(default_factory=list)
-    # (part index, n parts or None for whole output, up, scale, rank of this part)
-    parts: List[Tuple[int, Optional[int], torch.Tensor, float]] = field(default_factory=list)
-    keys: List[str] = field(default_factory=list)
 
 
 def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch.Tensor]]:

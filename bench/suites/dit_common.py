@@ -146,9 +146,5 @@ def depth_scaled_bound(base: float, dtype: torch.dtype, depth: int) -> float:
     return base if dtype == torch.float32 else base * math.sqrt(max(depth, 8) / 8)
 
 
-def replace_depth(cfg, depth: int):
-    return dataclasses.replace(cfg, depth=depth)
-
-
 def mem_mb(nbytes: float) -> float:
     return nbytes / 2**20 if nbytes is not None and math.isfinite(nbytes) else float("nan")

@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 @triton.jit

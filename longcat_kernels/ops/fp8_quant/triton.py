@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 PROLOGUES = {"none": 0, "layer_norm": 1, "modulate": 2, "silu_mul": 3}
-MAX_COLS = 16384  # the whole row lives in registers
 
 
 @triton.jit

@@ -202,12 +202,6 @@ def norm_rope_fwd_kernel(
 # ops/kv_cache_attn/triton.py
 # ----------------------------------------------------------------------------------------------
 
-def rope_parts(head_dim: int) -> tuple[int, int]:
-    """(dt, dh) split of head_dim for the t and h parts (SPEC 5); dw == dh."""
-    dh = 2 * (head_dim // 6)
-    return head_dim - 2 * dh, dh
-
-
 def rope_table_args(rope) -> tuple[list[torch.Tensor], int, int]:
     """Per-axis fp32 tables of a `Rope3D` as contiguous tensors, plus the grid's (H, W)."""
     tabs = [rope.cos_t, rope.sin_t, rope.cos_h, rope.sin_h, rope.cos_w, rope.sin_w]
