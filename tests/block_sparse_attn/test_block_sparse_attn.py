@@ -7,7 +7,8 @@ reason where it cannot run). The rest checks the torch reference in depth (gatin
 low precision, gradients, the grouped/checkpointed path). Backend-specific tests live next to this
 file: ``test_bsa_triton_kernels.py`` (Triton kernels: launch configs, top-k, opcheck, compile),
 ``test_bsa_cuda_kernels.py`` (csrc kernel families, forward only, bf16/fp16), ``test_bsa_lse.py``,
-``test_bsa_pairs_kernel.py``.
+``test_bsa_video_inputs.py`` (video-like inputs, selection overlap). The pair kernel's parity test left
+with the kernel (``bench/dev/bsa_pairs_triton.py``).
 """
 
 import pytest
