@@ -1,13 +1,14 @@
 """Triton kernels for 3D RoPE and the fused q/k RMSNorm + RoPE prologue (SPEC 5, 6).
 
-One kernel family, `norm_rope_fwd_kernel`, covers three jobs chosen by constexpr flags:
+One kernel family, `norm_rope_fwd_kernel`, covers the jobs chosen by constexpr flags:
 
 - `apply_rope_3d_triton`: RoPE only, one tensor.
 - `qk_norm_rope_triton`: RMSNorm (fp32 statistics, cast to the input dtype, times the weight in
   the input dtype) then RoPE (fp32, cast back) of q and k in one launch, each written once.
-- `norm_rope_into_kv_buffer` (internal, used by the cached-KV "prologue + cuDNN" route): the same
-  for q and k plus a plain copy of v, with k and v written straight into the fresh part of a
-  preallocated `[B, Sc + Sn, H, D]` key/value buffer.
+- `launch_norm_rope` (internal, also used by the cached-KV kernels' RoPE prologue): RoPE of q
+  and/or k into preallocated outputs of any strides. Its plain copy of v (`COPY_V`) has had no caller
+  since the prologue stopped writing into a `[cache; fresh]` key/value buffer; removing it waits for
+  a GPU check of the rewritten kernel (session 21 had no device time left).
 
 RoPE tables are the per-axis fp32 tables of `Rope3D` (`cos_t/sin_t [T, dt]`, `cos_h/sin_h [H, dh]`,
 `cos_w/sin_w [W, dw]`, each angle repeated for its adjacent pair), so each program reads a few
