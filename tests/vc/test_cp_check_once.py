@@ -25,18 +25,14 @@ SIZE = (32, 48)
 
 
 def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     from longcat_vc import parallel
     from longcat_vc.pipeline import VideoContinuationPipeline
     from test_dit import make_inputs
-    from vc_components import random_frames
+    from vc_components import error_text, init_gloo_rank, random_frames
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+    init_gloo_rank(rank, world, init, PG_TIMEOUT_S)
     res = {}
     checks = []  # the `what` of every same_call that ran its all-gather, in order
     exit_ = parallel._SameCall.__exit__
@@ -46,13 +42,7 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
         return exit_(self, *exc)
 
     parallel._SameCall.__exit__ = counted_exit
-
-    def attempt(fn) -> str:
-        try:
-            fn()
-            return "no error"
-        except Exception as e:  # noqa: BLE001 - the message is the result
-            return f"{type(e).__name__}: {e}"
+    attempt = error_text
 
     kw = dict(dtype=torch.float32, device="cpu", attn_backend="torch", progress=False)
     pipe = VideoContinuationPipeline.from_pretrained(ckpt, process_group=dist.group.WORLD, **kw)

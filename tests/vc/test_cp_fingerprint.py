@@ -108,22 +108,13 @@ def test_integer_bool_and_empty_inputs():
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    from datetime import timedelta
-
     import torch.distributed as dist
     from test_dit import make_inputs
     from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
+    from vc_components import error_text, init_gloo_rank
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
-
-    def attempt(fn) -> str:
-        try:
-            fn()
-            return "no error"
-        except Exception as e:  # noqa: BLE001 - the message is the result
-            return f"{type(e).__name__}: {e}"
+    init_gloo_rank(rank, world, init, PG_TIMEOUT_S)
+    attempt = error_text
 
     cfg = tiny_config(hidden_size=128, num_heads=4)
     sd = random_state_dict(cfg, seed=3)

@@ -312,6 +312,27 @@ def run_two_ranks(script: str, args_for_rank, root: str, here: str, timeout: flo
     return [p.returncode for p in procs], logs
 
 
+
+def init_gloo_rank(rank: int, world: int, init: str, timeout_s: float) -> None:
+    """In a ``run_two_ranks`` worker: one CPU thread, the gloo group through the file ``init``, a short
+    collective timeout (a rank left waiting fails fast instead of after the default 30 min)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def error_text(fn) -> str:
+    """``fn()``'s error as ``"Type: message"``, or ``"no error"`` (a worker's result, compared by the test)."""
+    try:
+        fn()
+        return "no error"
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+
 def released_pipeline_stand_in(mode: str):
     """What the refinement's fit check reads of a pipeline: the released model's config (width and
     depth, no weights), the memory plan of ``mode``, CPU, bf16."""
