@@ -10,7 +10,6 @@ for the cache build). Direct calls of the model outside a region stay checked. T
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -30,7 +29,7 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
     from longcat_vc import parallel
     from longcat_vc.pipeline import VideoContinuationPipeline
     from test_dit import make_inputs
-    from vc_components import error_text, init_gloo_rank, random_frames
+    from vc_components import error_text, finish_rank, init_gloo_rank, random_frames
 
     init_gloo_rank(rank, world, init, PG_TIMEOUT_S)
     res = {}
@@ -112,22 +111,14 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
     seen["after_outer"] = cp.in_checked_region()
     res["region"] = seen
 
-    dist.barrier()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.destroy_process_group()
+    finish_rank(res, out, rank)
 
 
 @pytest.fixture(scope="module")
 def results(refine_ckpt, tmp_path_factory):
-    from vc_components import run_two_ranks
+    from vc_components import two_rank_results
 
-    tmp = tmp_path_factory.mktemp("cp_check_once")
-    codes, logs = run_two_ranks(__file__, lambda r: ["--worker", str(r), "2", str(tmp / "init"), str(tmp),
-                                                     refine_ckpt], ROOT, HERE, timeout=420)
-    detail = "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
-    assert codes == [0, 0], detail
-    return [json.load(open(tmp / f"rank{r}.json")) for r in range(2)]
+    return two_rank_results(__file__, tmp_path_factory.mktemp("cp_check_once"), [refine_ckpt], ROOT, HERE, timeout=420)
 
 
 @pytest.mark.parametrize("key", ["call_cache_True", "call_cache_False"])

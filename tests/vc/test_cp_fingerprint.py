@@ -10,7 +10,6 @@ gloo ranks on CPU (this file run as a script, ``--worker``) for the forward.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
@@ -108,10 +107,9 @@ def test_integer_bool_and_empty_inputs():
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
     from test_dit import make_inputs
     from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
-    from vc_components import error_text, init_gloo_rank
+    from vc_components import error_text, finish_rank, init_gloo_rank
 
     init_gloo_rank(rank, world, init, PG_TIMEOUT_S)
     attempt = error_text
@@ -141,22 +139,14 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         res["sharded_cache"] = attempt(lambda: dit(x[:, :, 1:], t, y, mask, kv_cache=sharded))
         res["full_vs_sharded"] = attempt(lambda: dit(x[:, :, 1:], t, y, mask,
                                                      kv_cache=full if rank == 0 else sharded))
-    dist.barrier()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.destroy_process_group()
+    finish_rank(res, out, rank)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from vc_components import run_two_ranks
+    from vc_components import two_rank_results
 
-    tmp = tmp_path_factory.mktemp("cp_fingerprint")
-    codes, logs = run_two_ranks(__file__, lambda r: ["--worker", str(r), "2", str(tmp / "init"), str(tmp)],
-                                ROOT, HERE, timeout=240)
-    detail = "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
-    assert codes == [0, 0], detail
-    return [json.load(open(tmp / f"rank{r}.json")) for r in range(2)]
+    return two_rank_results(__file__, tmp_path_factory.mktemp("cp_fingerprint"), [], ROOT, HERE)
 
 
 @pytest.mark.parametrize("key", ["same", "same_full_cache", "sharded_cache"])

@@ -17,7 +17,6 @@ B. The context-parallel pipeline broadcast rank 0's latents and text states but 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -32,18 +31,14 @@ SIZE = (32, 48)
 
 
 def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     from longcat_vc.pipeline import VideoContinuationPipeline
     from test_dit import make_inputs
     from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
-    from vc_components import random_frames
+    from vc_components import finish_rank, init_gloo_rank, random_frames
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+    init_gloo_rank(rank, world, init, PG_TIMEOUT_S)
     res = {}
 
     def attempt(key, fn):
@@ -90,25 +85,18 @@ def _worker(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
     ext = {k: v for k, v in args.items() if k != "output_type"}
     attempt("extend_video_unreadable_on_one_rank", lambda: cp.extend(video if rank == 0 else missing, "a red car",
                                                                       num_inference_steps=1, **ext))
-    dist.barrier()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.destroy_process_group()
+    finish_rank(res, out, rank)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from vc_components import run_two_ranks, write_full_checkpoint
+    from vc_components import two_rank_results, write_full_checkpoint
 
     tmp = tmp_path_factory.mktemp("round6_cp")
     ckpt = str(tmp / "ckpt")
     write_full_checkpoint(ckpt, seed=4)
-    codes, logs = run_two_ranks(__file__, lambda r: ["--worker", str(r), "2", str(tmp / "init"), str(tmp), ckpt],
-                                ROOT, HERE)
-    detail = "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
-    assert codes == [0, 0], detail
-    return [json.load(open(tmp / f"rank{r}.json")) for r in range(2)]
+    return two_rank_results(__file__, tmp, [ckpt], ROOT, HERE)
 
 
 def test_an_argument_error_on_one_rank_raises_on_every_rank(results):

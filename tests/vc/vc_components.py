@@ -333,6 +333,31 @@ def error_text(fn) -> str:
     except Exception as e:  # noqa: BLE001 - the message is the result
         return f"{type(e).__name__}: {e}"
 
+
+def finish_rank(res: dict, out: str, rank: int) -> None:
+    """The end of a ``run_two_ranks`` worker: wait for the other rank, write ``res`` to
+    ``out/rank{rank}.json`` (read back by ``two_rank_results``), leave the group."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def two_rank_results(script: str, tmp, extra, root: str, here: str, timeout: float = 240) -> list:
+    """Runs ``script --worker RANK 2 tmp/init tmp *extra`` as two gloo ranks (``run_two_ranks``), checks
+    both exited 0 (else fails with their logs' tails) and returns their ``finish_rank`` results."""
+    import json
+
+    codes, logs = run_two_ranks(script, lambda r: ["--worker", str(r), "2", str(tmp / "init"), str(tmp), *extra],
+                                root, here, timeout=timeout)
+    detail = "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
+    assert codes == [0, 0], detail
+    return [json.load(open(tmp / f"rank{r}.json")) for r in range(2)]
+
 def released_pipeline_stand_in(mode: str):
     """What the refinement's fit check reads of a pipeline: the released model's config (width and
     depth, no weights), the memory plan of ``mode``, CPU, bf16."""
