@@ -32,7 +32,6 @@ import contextlib
 import math
 import numbers
 import os
-import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -41,15 +40,13 @@ import torch
 
 from longcat_kernels._validate import check_bool
 
-from .schedule import (cfg_zero, check_distill_steps, check_scheduler_config, euler_step, read_scheduler_config,
-                       vc_timesteps)
+from .schedule import check_distill_steps, check_scheduler_config, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
-    VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, _is_oom, _oom_error,
-    BUCKETS, _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits,
-    _Timer, _release_streamed_blocks, bucket_size,
+    VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, BUCKETS, _denoise,
+    _rank0_latents, _ranks_agree, _refuse_non_finite_latents, _resize_frames, _seed_fits, _Timer, bucket_size,
 )
 
 __all__ = [
@@ -654,9 +651,6 @@ class VideoContinuationPipeline:
         Returns ``(new_frames, latents)``: ``[num_frames - num_cond_frames, H, W, 3]`` uint8 at the
         input's size (None for ``output_type="latent"``) and the ``[1, 16, T, h, w]`` fp32 latents.
         """
-        from tqdm.auto import tqdm
-
-        device, dtype = self.device, self.dtype
         embeds, mask = text
         do_cfg = guidance_scale > 1.0
         if offload_kv_cache is None:
@@ -678,73 +672,10 @@ class VideoContinuationPipeline:
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
 
-        kv_cache = None
-        # context parallel: the call was checked above and every rank holds rank 0's inputs, so the DiT's
-        # cache build and forwards skip their own check (one all-gather per call, not one per step)
-        with _checked_region(self):
-            if use_kv_cache:
-                cond = latents[:, :, :c]
-                try:
-                    kv_cache = self.dit.build_kv_cache(cond.to(dtype), offload=offload_kv_cache)
-                except Exception as e:
-                    if _is_oom(e):
-                        raise _oom_error("building the KV cache", use_kv_cache=True, offload_kv_cache=offload_kv_cache,
-                                         memory=self._memory.name, cause=e) from e
-                    raise
-                x = latents[:, :, c:].clone()
-            else:
-                cond = None
-                x = latents
-            t2 = timer.now()
-            timings["cache_build"] = t2 - t1 if use_kv_cache else 0.0
-            timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
-
-            step_times: List[float] = []
-            bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
-            try:
-                for i in range(len(timesteps)):
-                    ts = time.perf_counter()
-                    t = timesteps[i]
-                    model_in = torch.cat([x, x]) if do_cfg else x
-                    model_in = model_in.to(dtype)
-                    b, _, t_in = model_in.shape[:3]
-                    tstep = torch.full((b, t_in), float(t), device=device, dtype=dtype)
-                    if not use_kv_cache:
-                        tstep[:, :c] = 0
-                    pred = self.dit(
-                        model_in,
-                        tstep,
-                        embeds,
-                        mask,
-                        num_cond_latents=c,
-                        kv_cache=kv_cache,
-                    )
-                    pred = pred.float()
-                    if do_cfg:
-                        uncond, condp = pred.chunk(2)
-                        pred = cfg_zero(uncond, condp, guidance_scale)
-                    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-                    if use_kv_cache:
-                        x = euler_step(x, pred, s, s_next)
-                    else:
-                        x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
-                    timer.sync()
-                    step_times.append(time.perf_counter() - ts)
-                    bar.update(1)
-            except Exception as e:
-                if _is_oom(e):
-                    raise _oom_error("denoising", use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
-                                     memory=self._memory.name, cause=e) from e
-                raise
-            finally:
-                bar.close()
-                _release_streamed_blocks(self)
-        del kv_cache
-        timings["denoise_steps"] = step_times
-        timings["denoise"] = float(sum(step_times))
-        timings["steps"] = len(step_times)
-
-        full = torch.cat([cond.float(), x], dim=2) if use_kv_cache else x
+        full = _denoise(self, latents, c, timesteps, sigmas, embeds, mask, use_kv_cache=use_kv_cache,
+                        offload_kv_cache=offload_kv_cache, guidance_scale=guidance_scale, do_cfg=do_cfg,
+                        memory=self._memory.name, desc=desc, progress=progress, timer=timer, timings=timings,
+                        t_start=t1)
         _refuse_non_finite_latents(full)
         if output_type == "latent":
             timings["decode"] = 0.0

@@ -50,8 +50,7 @@ import contextlib
 import math
 import numbers
 import os
-import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -487,12 +486,8 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
                output_type: str = "np", progress: bool = True, lora_path: Optional[str] = None,
                desc: str = "Refining"):
     """See ``VideoContinuationPipeline.refine``."""
-    from tqdm.auto import tqdm
-
-    from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _is_oom, _oom_error,
-                         _checked_region, _rank0_latents, _ranks_agree, _refuse_non_finite_latents,
-                         _release_streamed_blocks, _resize_frames, _Timer)
-    from .schedule import euler_step
+    from .stages import (VideoContinuationOutput, _check_flags, _check_offload_needs_cache, _denoise, _rank0_latents,
+                         _ranks_agree, _refuse_non_finite_latents, _resize_frames, _Timer)
 
     timer = _Timer(pipe.device)
     t_start = timer.now()
@@ -515,7 +510,6 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         offload_kv_cache = pipe._memory.offload_kv_cache
     generator = pipe._generator(generator, pipe.device)
     timesteps, sigmas = refine_timesteps(pipe.shift, a["steps"], float(t_thresh), pipe.num_train_timesteps)
-    device, dtype = pipe.device, pipe.dtype
     timings: Dict[str, Any] = {}
 
     with refine_state(pipe, lora_path):
@@ -533,57 +527,10 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
         t1 = timer.now()
         timings["vae_encode"] = t1 - t0
         c = pad["cond_latents"]
-        kv_cache = None
-        # context parallel: the call was checked above and every rank holds rank 0's inputs, so the DiT's
-        # cache build and forwards skip their own check (one all-gather per call, not one per step)
-        with _checked_region(pipe):
-            if use_kv_cache and c > 0:
-                try:
-                    kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype), offload=offload_kv_cache)
-                except Exception as e:
-                    if _is_oom(e):
-                        raise _oom_error("building the refinement's KV cache", use_kv_cache=True,
-                                         offload_kv_cache=offload_kv_cache, memory=memory, cause=e) from e
-                    raise
-                x = latents[:, :, c:].clone()
-            else:
-                x = latents
-            cached = kv_cache is not None
-            timings["cache_build"] = timer.now() - t1 if cached else 0.0
-            timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
-
-            steps: List[float] = []
-            bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
-            try:
-                for i in range(len(timesteps)):
-                    ts = time.perf_counter()
-                    model_in = x.to(dtype)
-                    tstep = torch.full(model_in.shape[:1] + model_in.shape[2:3], float(timesteps[i]),
-                                       device=device, dtype=dtype)
-                    if not cached:
-                        tstep[:, :c] = 0
-                    pred = pipe.dit(model_in, tstep, embeds, mask, num_cond_latents=c, kv_cache=kv_cache).float()
-                    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-                    if cached:
-                        x = euler_step(x, pred, s, s_next)
-                    else:
-                        x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
-                    timer.sync()
-                    steps.append(time.perf_counter() - ts)
-                    bar.update(1)
-            except Exception as e:
-                if _is_oom(e):
-                    raise _oom_error("refining", use_kv_cache=cached, offload_kv_cache=offload_kv_cache,
-                                     memory=memory, cause=e) from e
-                raise
-            finally:
-                bar.close()
-                _release_streamed_blocks(pipe)
-        del kv_cache
-        timings["denoise_steps"] = steps
-        timings["denoise"] = float(sum(steps))
-        timings["steps"] = len(steps)
-        full = torch.cat([latents[:, :, :c], x], dim=2) if cached else x
+        full = _denoise(pipe, latents, c, timesteps, sigmas, embeds, mask, use_kv_cache=use_kv_cache,
+                        offload_kv_cache=offload_kv_cache, guidance_scale=1.0, do_cfg=False, memory=memory,
+                        desc=desc, progress=progress, timer=timer, timings=timings, t_start=t1,
+                        names=("building the refinement's KV cache", "refining"))
     _refuse_non_finite_latents(full, "refinement's denoised")
 
     nc, n_refine = a["nc"], a["n_refine"]

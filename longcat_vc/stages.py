@@ -242,6 +242,77 @@ def _checked_region(pipe):
 
 
 
+
+def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_cache: bool, offload_kv_cache: bool,
+             guidance_scale: float, do_cfg: bool, memory: str, desc: str, progress: bool, timer, timings: dict,
+             t_start: float, names: Tuple[str, str] = ("building the KV cache", "denoising")) -> torch.Tensor:
+    """The denoising loop of a continuation segment and of the refinement: fp32 ``latents`` whose first
+    ``c`` latent frames condition, Euler steps over ``timesteps``/``sigmas`` (CFG-zero when ``do_cfg``:
+    the text batch holds the negative and the positive prompt). With ``use_kv_cache`` (and ``c > 0``) the
+    cond frames' K/V are built once and only the noisy frames run; else the whole clip runs with the cond
+    frames at timestep 0 and only the noisy frames step. Fills ``timings`` (cache build from ``t_start``,
+    steps); ``names`` word the out-of-memory errors of the cache build and the loop. Returns the fp32
+    latents of the whole clip, cond frames first."""
+    from tqdm.auto import tqdm
+
+    from .schedule import cfg_zero, euler_step
+
+    device, dtype = pipe.device, pipe.dtype
+    cached = bool(use_kv_cache) and c > 0
+    kv_cache = None
+    # context parallel: the call was checked before (_rank0_latents) and every rank holds rank 0's inputs, so
+    # the DiT's cache build and forwards skip their own check (one all-gather per call, not one per step)
+    with _checked_region(pipe):
+        if cached:
+            try:
+                kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype), offload=offload_kv_cache)
+            except Exception as e:
+                if _is_oom(e):
+                    raise _oom_error(names[0], use_kv_cache=True, offload_kv_cache=offload_kv_cache, memory=memory,
+                                     cause=e) from e
+                raise
+            x = latents[:, :, c:].clone()
+        else:
+            x = latents
+        timings["cache_build"] = timer.now() - t_start if cached else 0.0
+        timings["kv_cache_bytes"] = int(getattr(kv_cache, "nbytes", 0) or 0)
+
+        steps = []
+        bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, leave=False, unit="step")
+        try:
+            for i in range(len(timesteps)):
+                ts = time.perf_counter()
+                model_in = (torch.cat([x, x]) if do_cfg else x).to(dtype)
+                tstep = torch.full(model_in.shape[:1] + model_in.shape[2:3], float(timesteps[i]), device=device,
+                                   dtype=dtype)
+                if not cached:
+                    tstep[:, :c] = 0
+                pred = pipe.dit(model_in, tstep, embeds, mask, num_cond_latents=c, kv_cache=kv_cache).float()
+                if do_cfg:
+                    uncond, condp = pred.chunk(2)
+                    pred = cfg_zero(uncond, condp, guidance_scale)
+                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+                if cached:
+                    x = euler_step(x, pred, s, s_next)
+                else:
+                    x[:, :, c:] = euler_step(x[:, :, c:], pred[:, :, c:], s, s_next)
+                timer.sync()
+                steps.append(time.perf_counter() - ts)
+                bar.update(1)
+        except Exception as e:
+            if _is_oom(e):
+                raise _oom_error(names[1], use_kv_cache=cached, offload_kv_cache=offload_kv_cache, memory=memory,
+                                 cause=e) from e
+            raise
+        finally:
+            bar.close()
+            _release_streamed_blocks(pipe)
+    del kv_cache
+    timings["denoise_steps"] = steps
+    timings["denoise"] = float(sum(steps))
+    timings["steps"] = len(steps)
+    return torch.cat([latents[:, :, :c].float(), x], dim=2) if cached else x
+
 def _release_streamed_blocks(pipe) -> None:
     """After a denoising loop, finished or raised: a block streamer's prefetched device copies (block 0,
     for the next step) need not sit through the decode, or stay on the device after an error."""
