@@ -1,0 +1,44 @@
+"""Hostile-user round 12: extend, video_io and the schedule at their edges.
+
+* a scheduler shift outside what fp32 holds (1e39, 1e-50, 1e-7) gave NaN / infinite / off sigmas; the
+  enhance_hf schedule then dropped the NaN timesteps without a word and denoised from pure noise at
+  timestep 500, returning a half-noisy video.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from longcat_vc.schedule import check_scheduler_config, read_scheduler_config, vc_timesteps
+
+
+@pytest.mark.parametrize("shift", [1e39, 1e-50, 1e-7])
+@pytest.mark.parametrize("mode", ["enhance_hf", "plain", "distill"])
+def test_shift_outside_fp32_range_is_refused_not_nan(shift, mode):
+    with pytest.raises(ValueError, match="^" + re.escape(f"vc_timesteps: shift={shift!r} gives wrong sigmas in fp32")):
+        vc_timesteps(16, shift, mode)
+
+
+@pytest.mark.parametrize("shift", [True, "12"])
+def test_shift_of_another_type_is_refused(shift):
+    # True ran as shift 1.0, "12" as 12.0, without a word
+    with pytest.raises(TypeError, match=r"^vc_timesteps: shift must be a positive finite number"):
+        vc_timesteps(16, shift, "plain")
+
+
+def test_scheduler_config_with_an_fp32_overflowing_shift_is_refused(tmp_path):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"shift": 1e39, "num_train_timesteps": 1000}))
+    with pytest.raises(ValueError, match=r"scheduler_config.json: 'shift'=1e\+39 gives wrong sigmas"):
+        read_scheduler_config(str(tmp_path))
+    with pytest.raises(ValueError, match=r"^cfg: 'shift'=1e-07 gives wrong sigmas"):
+        check_scheduler_config({"shift": 1e-7}, "cfg")
+
+
+@pytest.mark.parametrize("shift", [1e-4, 0.01, 1.0, 12.0, 3e38])
+def test_shifts_fp32_can_hold_still_work(shift):
+    for mode in ("enhance_hf", "plain", "distill"):
+        t, s = vc_timesteps(16, shift, mode)
+        assert torch.isfinite(s).all() and (t > 0).all() and abs(float(s[0]) - 1) < 1e-3
