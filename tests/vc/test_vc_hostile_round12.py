@@ -42,3 +42,40 @@ def test_shifts_fp32_can_hold_still_work(shift):
     for mode in ("enhance_hf", "plain", "distill"):
         t, s = vc_timesteps(16, shift, mode)
         assert torch.isfinite(s).all() and (t > 0).all() and abs(float(s[0]) - 1) < 1e-3
+
+
+# ---- extend / __call__ on the tiny real VAE / UMT5 with the DiT's interface twin
+
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from vc_components import StandInDiT, build_text_encoder, build_tokenizer, build_vae  # noqa: E402
+
+SIZE = (32, 48)
+RUN = dict(resolution=SIZE, num_inference_steps=2, guidance_scale=1.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    tok = build_tokenizer(str(tmp_path_factory.mktemp("tok") / "tokenizer"))
+    return VideoContinuationPipeline(StandInDiT().eval(), build_vae(), build_text_encoder(), tok, {"shift": 12.0})
+
+
+def _video(n=9, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *SIZE, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("call", ["__call__", "extend"])
+def test_rounded_num_frames_error_names_the_given_value_and_warns_at_the_callers_line(pipe, call):
+    # num_frames=7 rounds to 5 == num_cond_frames: the error said "num_frames (5)", a value never passed,
+    # and the rounding warning pointed into torch/utils/_contextlib.py (torch.no_grad's wrapper)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"^num_frames \(7, rounded down to 4k\+1: 5\) must be greater than "
+                                             r"num_cond_frames \(5\)"):
+            getattr(pipe, call)(_video(), "a cat", num_frames=7, num_cond_frames=5, **RUN)
+    rounding = [x for x in w if "rounding down" in str(x.message)]
+    assert len(rounding) == 1 and rounding[0].filename == __file__, [(str(x.message), x.filename) for x in w]
