@@ -1034,7 +1034,12 @@ class VideoContinuationPipeline:
                 else:
                     raise ValueError(f"prompts has {len(prompts)} entries but segments={n}; give 1 or {n} prompts")
             else:
-                raise TypeError("prompts must be a str or a non-empty list of str")
+                # name the entry: ["a", None] was refused as a whole, leaving the user to find which one
+                bad = next(((i, p) for i, p in enumerate(prompts) if not isinstance(p, str)), None) \
+                    if isinstance(prompts, (list, tuple)) else None
+                got = (f"prompts[{bad[0]}] is {type(bad[1]).__name__} {bad[1]!r}" if bad is not None
+                       else f"got {type(prompts).__name__}" + (" (empty)" if isinstance(prompts, (list, tuple)) else ""))
+                raise TypeError(f"prompts must be a str or a non-empty list of str; {got}")
             if negative_prompt is not None and not isinstance(negative_prompt, str):
                 raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
             _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,

@@ -79,3 +79,11 @@ def test_rounded_num_frames_error_names_the_given_value_and_warns_at_the_callers
             getattr(pipe, call)(_video(), "a cat", num_frames=7, num_cond_frames=5, **RUN)
     rounding = [x for x in w if "rounding down" in str(x.message)]
     assert len(rounding) == 1 and rounding[0].filename == __file__, [(str(x.message), x.filename) for x in w]
+
+
+@pytest.mark.parametrize("prompts,got", [(["a cat", None], r"prompts\[1\] is NoneType None"),
+                                         (("a cat", b"a dog"), r"prompts\[1\] is bytes b'a dog'"),
+                                         ([], r"got list \(empty\)"), (None, "got NoneType")])
+def test_extend_names_the_bad_prompt_entry(pipe, prompts, got):
+    with pytest.raises(TypeError, match=rf"^prompts must be a str or a non-empty list of str; {got}$"):
+        pipe.extend(_video(), prompts, num_frames=13, num_cond_frames=5, **RUN)
