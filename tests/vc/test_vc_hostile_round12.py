@@ -87,3 +87,26 @@ def test_rounded_num_frames_error_names_the_given_value_and_warns_at_the_callers
 def test_extend_names_the_bad_prompt_entry(pipe, prompts, got):
     with pytest.raises(TypeError, match=rf"^prompts must be a str or a non-empty list of str; {got}$"):
         pipe.extend(_video(), prompts, num_frames=13, num_cond_frames=5, **RUN)
+
+
+# ---- video_io: refused frames say what they are
+
+from longcat_vc.video_io import as_video_frames  # noqa: E402
+
+
+def test_non_uint8_frame_tensor_is_refused_naming_its_dtype():
+    # bf16 failed inside .numpy() ("Got unsupported ScalarType BFloat16"), naming no argument
+    with pytest.raises(TypeError, match=r"^clip: frame tensor must be uint8 \[F, H, W, 3\], got dtype torch.bfloat16"):
+        as_video_frames(torch.zeros(2, 8, 8, 3, dtype=torch.bfloat16), name="clip")
+    assert as_video_frames(torch.zeros(2, 8, 8, 3, dtype=torch.uint8)).num_frames == 2
+
+
+@pytest.mark.parametrize("frame,what", [
+    (np.zeros((8, 8, 4), np.uint8), r"ndarray of dtype uint8 and shape \(8, 8, 4\)"),
+    (np.zeros((8, 8, 3), np.float32), r"ndarray of dtype float32 and shape \(8, 8, 3\)"),
+    (torch.zeros(8, 8, 3, dtype=torch.uint8), r"Tensor of dtype torch.uint8 and shape \(8, 8, 3\)"),
+])
+def test_refused_list_frame_names_its_dtype_and_shape(frame, what):
+    # the message said only "got ndarray": the RGBA / float frame looked like the accepted kind
+    with pytest.raises(TypeError, match=rf"^video\[0\]: expected a PIL image or a uint8 \[H, W, 3\] array, got {what}$"):
+        as_video_frames([frame])
