@@ -566,13 +566,17 @@ class VideoContinuationPipeline:
                 f"num_cond_frames must be {st}k+1 (1, 5, 9, 13, ...) so the cond frames fill whole "
                 f"latent frames, got {num_cond_frames}"
             )
+        given = num_frames
         if (num_frames - 1) % st:
             rounded = (num_frames - 1) // st * st + 1
-            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}", stacklevel=3)
+            # 4: past this, the caller (__call__ / extend) and torch.no_grad's wrapper, to the user's line
+            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}", stacklevel=4)
             num_frames = rounded
         if num_frames <= num_cond_frames:
+            # the given value too: "num_frames (5)" for num_frames=7 named a value the user never passed
+            shown = f"{num_frames}" if given == num_frames else f"{given}, rounded down to {st}k+1: {num_frames}"
             raise ValueError(
-                f"num_frames ({num_frames}) must be greater than num_cond_frames ({num_cond_frames}): "
+                f"num_frames ({shown}) must be greater than num_cond_frames ({num_cond_frames}): "
                 "nothing would be generated"
             )
         steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
@@ -961,7 +965,12 @@ class VideoContinuationPipeline:
                 else:
                     raise ValueError(f"prompts has {len(prompts)} entries but segments={n}; give 1 or {n} prompts")
             else:
-                raise TypeError("prompts must be a str or a non-empty list of str")
+                # name the entry: ["a", None] was refused as a whole, leaving the user to find which one
+                bad = next(((i, p) for i, p in enumerate(prompts) if not isinstance(p, str)), None) \
+                    if isinstance(prompts, (list, tuple)) else None
+                got = (f"prompts[{bad[0]}] is {type(bad[1]).__name__} {bad[1]!r}" if bad is not None
+                       else f"got {type(prompts).__name__}" + (" (empty)" if isinstance(prompts, (list, tuple)) else ""))
+                raise TypeError(f"prompts must be a str or a non-empty list of str; {got}")
             if negative_prompt is not None and not isinstance(negative_prompt, str):
                 raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
             _check_flags(use_kv_cache=use_kv_cache, offload_kv_cache_opt=offload_kv_cache, use_bsa_opt=use_bsa,

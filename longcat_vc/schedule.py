@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from typing import Tuple
 
@@ -45,6 +46,7 @@ __all__ = [
     "check_scheduler_config",
     "check_num_train_timesteps",
     "check_distill_steps",
+    "check_shift",
     "euler_step",
     "cfg_zero",
 ]
@@ -112,9 +114,7 @@ def vc_timesteps(
         raise ValueError(f"vc_timesteps: num_steps must be >= 1, got {num_steps}")
     if mode == "distill":
         check_distill_steps(num_steps, "vc_timesteps: num_steps")
-    shift = float(shift)
-    if not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"vc_timesteps: shift must be a positive finite number, got {shift}")
+    shift = check_shift(shift, "vc_timesteps: shift")
 
     sigmas = shift_sigmas(_base_sigmas(num_steps, mode, num_train_timesteps), shift)
     timesteps = sigmas * num_train_timesteps
@@ -126,6 +126,31 @@ def vc_timesteps(
         sigmas = timesteps / num_train_timesteps
     sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float32)])
     return timesteps, sigmas
+
+
+def check_shift(shift, name: str = "shift") -> float:
+    """``shift`` as a float if it is a positive finite real number (not a bool, not a string) whose fp32
+    shift of the base sigmas stays finite and positive; TypeError / ValueError naming ``name`` otherwise.
+
+    The shift is computed in fp32 (SPEC 7): past about 3e38 ``shift * s`` overflows and below about 6e-8
+    ``1 + (shift - 1) * s`` rounds to 0 at ``s = 1``, giving NaN or infinite sigmas (below about 1e-4 the
+    first sigma is already off 1 by more than 0.1%: 0.84 at 1e-7); enhance_hf then
+    dropped the NaN timesteps without a word (NaN > 500 is false), so the sampler started from pure
+    noise at timestep 500 and returned a half-noisy video.
+    """
+    if isinstance(shift, (bool, np.bool_)) or not isinstance(shift, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(shift).__name__} {shift!r}")
+    value = float(shift)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {shift!r}")
+    # the ends of every schedule's base sigmas (1 and plain's 0.001; distill's are in [0.02, 1])
+    probe = shift_sigmas(torch.tensor([1.0, 0.001]), value)
+    if not bool(torch.isfinite(probe).all()) or not bool((probe > 0).all()) or abs(float(probe[0]) - 1.0) > 1e-3:
+        raise ValueError(
+            f"{name}={shift!r} gives wrong sigmas in fp32 ({probe.tolist()} for base sigmas 1 and 0.001, expected "
+            "1 and a positive number); use a shift between 1e-4 and 1e38 (LongCat-Video's is 12)"
+        )
+    return value
 
 
 def check_distill_steps(num_steps: int, name: str = "num_steps") -> None:
@@ -160,6 +185,7 @@ def check_scheduler_config(cfg: dict, where: str = "scheduler_config") -> dict:
     shift = cfg.get("shift", 1.0)
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
         raise ValueError(f"{where}: 'shift' must be a positive number, got {shift!r}")
+    check_shift(shift, f"{where}: 'shift'")
     ntt = cfg.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
     if isinstance(ntt, bool) or not isinstance(ntt, (int, np.integer)) or ntt != NUM_TRAIN_TIMESTEPS:
         raise ValueError(

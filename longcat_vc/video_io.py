@@ -362,6 +362,8 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
         import torch
 
         if isinstance(video, torch.Tensor):
+            if video.dtype != torch.uint8:  # bf16 failed in .numpy() with "Got unsupported ScalarType BFloat16"
+                raise TypeError(f"{name}: frame tensor must be uint8 [F, H, W, 3], got dtype {video.dtype}")
             video = video.detach().cpu().numpy()
     except ImportError:  # pragma: no cover
         pass
@@ -383,9 +385,11 @@ def as_video_frames(video, *, name: str = "video") -> VideoFrames:
             elif isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[-1] == 3:
                 arrs.append(im)
             else:
-                raise TypeError(
-                    f"{name}[{i}]: expected a PIL image or a uint8 [H, W, 3] array, got {type(im).__name__}"
-                )
+                # "got ndarray" for a [H, W, 4] or float array named the one thing that was right
+                what = type(im).__name__
+                if hasattr(im, "dtype") and hasattr(im, "shape"):
+                    what += f" of dtype {im.dtype} and shape {tuple(im.shape)}"
+                raise TypeError(f"{name}[{i}]: expected a PIL image or a uint8 [H, W, 3] array, got {what}")
             if arrs[-1].shape != arrs[0].shape:
                 raise VideoReadError(
                     f"{name}: frames differ in size: frame 0 is {arrs[0].shape[:2]}, frame {i} is {arrs[-1].shape[:2]}"
