@@ -50,6 +50,9 @@ class _GridState:
     # reset by the hook: a model with another RoPE, e.g. ChronoEdit's temporal skip or another theta,
     # must not get Rope3D's angles from the fused prologue)
     rope_ok: Optional[bool] = None
+    # set by the hook, cleared by the first new RoPE tables of that forward: new tables with no hook call before
+    # them are a forward that skipped the hook (``transformer.forward(...)``) and would take the last grid
+    _fresh: bool = field(default=False, repr=False)
     # the grid of each forward, keyed by its RoPE tables (new tensors per forward): blocks recomputed by
     # activation checkpointing run in backward, possibly after forwards at other grids
     _grids: Any = field(default_factory=WeakIdKeyDictionary, repr=False)
@@ -68,6 +71,15 @@ class _GridState:
         key = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
         grid = self._grids.get(key)
         if grid is None:
+            # a reentrant checkpoint recomputes in backward with detached (new) tables: not a new forward
+            if (not self._fresh and not torch.compiler.is_compiling()
+                    and torch._C._current_graph_task_id() == -1):
+                raise RuntimeError(
+                    "BlockSparseWanAttnProcessor: RoPE tables of a forward the pre-forward hook did not see (the "
+                    f"transformer called as .forward(...)?); its grid is unknown (the last call's was {self.grid}). "
+                    "Call the transformer module itself: transformer(hidden_states, ...)"
+                )
+            self._fresh = False
             grid = self._grids[key] = self.grid
         return grid
 
@@ -275,6 +287,7 @@ def _grid_hook(patch: Tuple[int, int, int], module, args, kwargs):
     st = getattr(module, _ATTR).state
     st.grid = (F // patch[0], H // patch[1], W // patch[2])
     st.rope_ok = None
+    st._fresh = True
     return None
 
 
@@ -302,7 +315,8 @@ def apply_block_sparse_attention(
     Returns:
         The same transformer (modified in place). The grid of each forward comes from a pre-forward
         hook: ``(F // p_t, H // p_h, W // p_w)`` of ``hidden_states [B, C, F, H, W]`` (floored, as
-        diffusers' patch embedding and RoPE floor them).
+        diffusers' patch embedding and RoPE floor them). ``transformer.forward(...)`` skips the hook and
+        is refused at its first block (RuntimeError) rather than run on the previous call's grid.
 
     Raises:
         TypeError / ValueError: naming the argument, before the model is changed; also for a block
