@@ -98,6 +98,27 @@ class LoRAPart:
     up: torch.Tensor  # [out_end - out_start, rank_end - rank_start]
     scale: float
 
+    def __setattr__(self, key, value) -> None:
+        # As LoRAAdapter.multiplier: a new scale (or up matrix) changes what the model computes, so a
+        # KV cache built before is stale, and while fused the weights hold W + delta(old value) (an
+        # unfuse then subtracted delta(new value): the base weights were lost without a word).
+        # Device moves and the block streamer bypass this with object.__setattr__.
+        ref = self.__dict__.get("_adapter")
+        adapter = ref() if ref is not None else None
+        if key == "scale" and "scale" in self.__dict__:
+            _check_multiplier(value, "LoRAPart.scale")
+            value = float(value)
+        if adapter is not None and key in ("scale", "up"):
+            if adapter.__dict__.get("_fused"):
+                raise RuntimeError(
+                    f"LoRA {adapter.name!r}: a part's {key} cannot change while the adapter is fused into the "
+                    "weights; call unfuse_lora() first (and fuse_lora() again after the change)")
+        super().__setattr__(key, value)
+        owner = adapter.__dict__.get("_owner") if adapter is not None else None
+        model = owner() if owner is not None else None
+        if model is not None and key in ("scale", "up"):
+            _bump_state(model)
+
 
 @dataclass
 class LoRAAdapter:
@@ -120,6 +141,9 @@ class LoRAAdapter:
                 f"LoRA {self.name!r}: {key} cannot change while the adapter is fused into the weights; "
                 "call unfuse_lora() first (and fuse_lora() again after the change)")
         super().__setattr__(key, value)
+        if key == "parts":  # each part reports a change of its scale / up matrix (LoRAPart.__setattr__)
+            for p in value:
+                object.__setattr__(p, "_adapter", weakref.ref(self))
         owner = self.__dict__.get("_owner")
         model = owner() if owner is not None else None
         if model is not None and key in ("multiplier", "down", "parts"):
@@ -137,7 +161,7 @@ class LoRAAdapter:
     def to_(self, device=None, dtype=None) -> "LoRAAdapter":
         self.down = self.down.to(device=device, dtype=dtype)
         for p in self.parts:
-            p.up = p.up.to(device=device, dtype=dtype)
+            object.__setattr__(p, "up", p.up.to(device=device, dtype=dtype))
         return self
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -186,7 +210,7 @@ class LoRALinear(nn.Linear):
                 object.__setattr__(a, "down", a.down.to(dev))
             for p in a.parts:
                 if p.up.device != dev:
-                    p.up = p.up.to(dev)
+                    object.__setattr__(p, "up", p.up.to(dev))
         return self
 
     # -------------------------------------------------------------- fusing
