@@ -673,9 +673,31 @@ def fuse_lora(model: nn.Module) -> None:
     (fp8 weights: ``longcat_vc.fp8``) comes before any module changed."""
     for _, mod in _lora_linears(model):
         mod._check_fuse()
+    _check_fuse_fits_dtype(model)
     for _, mod in _lora_linears(model):
         mod._fuse()
     _bump_state(model)
+
+
+@torch.no_grad()
+def _check_fuse_fits_dtype(model: nn.Module) -> None:
+    """ValueError naming the modules whose fused weights ``W + delta`` would not be finite in the weight
+    dtype (e.g. multiplier 1e7 on an fp16 model): the fuse wrote Inf weights and ``unfuse_lora`` could
+    not take them back (Inf - delta = Inf), so the base weights were lost. Runs before any module
+    changes (one extra delta per module; fusing is done once)."""
+    bad = []
+    for path, mod in _lora_linears(model):
+        if mod.lora_fused or not mod.lora_active or mod.weight.dtype not in LORA_FILE_DTYPES:  # fp8: _check_fuse
+            continue
+        delta = sum(a.delta_weight(torch.float32) for a in mod.lora_active)
+        fused = (mod.weight.float() + delta.to(mod.weight.device)).to(mod.weight.dtype)
+        if not bool(torch.isfinite(fused).all()):
+            bad.append(f"{path} ({mod.weight.dtype}, multiplier(s) "
+                       + ", ".join(f"{a.name}={a.multiplier:g}" for a in mod.lora_active) + ")")
+    if bad:
+        raise ValueError("fuse_lora: the fused weights overflow the weight dtype (non-finite W + delta) in "
+                         + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+                         + "; nothing was fused: lower the multiplier or load the model in a wider dtype")
 
 
 def unfuse_lora(model: nn.Module) -> None:

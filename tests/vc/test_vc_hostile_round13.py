@@ -64,3 +64,24 @@ def test_a_non_finite_or_non_float_part_scale_is_refused(base, scale):
     part = _model(base).blocks[0].attn.qkv.lora_adapters["a"].parts[0]
     with pytest.raises((ValueError, TypeError), match="LoRAPart.scale"):
         part.scale = scale
+
+
+@pytest.mark.parametrize("dtype,multiplier", [(torch.float16, 1e7), (torch.float32, 3e38)])
+def test_a_fuse_overflowing_the_weight_dtype_is_refused_and_changes_nothing(base, dtype, multiplier):
+    # before: Inf weights, and unfuse_lora left them Inf (the base weights were gone)
+    m = _model(base, dtype=dtype, multiplier=multiplier)
+    with torch.no_grad():
+        m.blocks[0].attn.qkv.lora_adapters["a"].down.mul_(1e4)  # make fp32 overflow too
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"fuse_lora: .*overflow.*blocks\.0\.attn\.qkv.*a=") as e:
+        m.fuse_lora()
+    assert "nothing was fused" in str(e.value)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(mod.lora_fused for mod in m.modules() if hasattr(mod, "lora_fused"))
+
+
+def test_a_large_but_finite_fuse_still_works(base):
+    m = _model(base, dtype=torch.float16, multiplier=10.0)
+    m.fuse_lora()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
