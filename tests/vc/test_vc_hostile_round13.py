@@ -85,3 +85,35 @@ def test_a_large_but_finite_fuse_still_works(base):
     m = _model(base, dtype=torch.float16, multiplier=10.0)
     m.fuse_lora()
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("change", ["enable", "multiplier", "load_state_dict", "bsa"])
+def test_a_stale_cache_is_refused_by_a_compiled_model(base, change):
+    # forward skips its checks while traced: a stale cache was used without a word under torch.compile
+    cfg, sd, _ = base
+    m = _model(base)
+    m.config = copy.deepcopy(m.config)
+    m.disable_loras()
+    cm = torch.compile(m, backend="eager")
+    x, t, y, mask = make_inputs(cfg, B=1, T=3)
+    with torch.no_grad():
+        cache = m.build_kv_cache(x[:, :, :1])
+        cm(x[:, :, 1:], t, y, mask, kv_cache=cache)  # fresh: accepted
+        if change == "enable":
+            m.enable_loras(["a"])
+        elif change == "multiplier":
+            m.enable_loras(["a"])
+            cache = m.build_kv_cache(x[:, :, :1])
+            cm(x[:, :, 1:], t, y, mask, kv_cache=cache)
+            m.blocks[0].attn.qkv.lora_adapters["a"].multiplier = 0.25
+        elif change == "load_state_dict":
+            m.load_state_dict(copy.deepcopy(sd))
+        else:
+            m.config.enable_bsa = True
+            m.config.bsa_params = {"sparsity": 0.5, "chunk_3d_shape_q": [1, 2, 2]}
+        with pytest.raises(ValueError, match="kv_cache: stale"):
+            cm(x[:, :, 1:], t, y, mask, kv_cache=cache)
+        fresh = m.build_kv_cache(x[:, :, :1])
+        out = cm(x[:, :, 1:], t, y, mask, kv_cache=fresh)
+        ref = m(x[:, :, 1:], t, y, mask, kv_cache=fresh)
+    torch.testing.assert_close(out, ref)
