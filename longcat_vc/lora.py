@@ -670,7 +670,8 @@ def disable_loras(model: nn.Module) -> None:
 
 def fuse_lora(model: nn.Module) -> None:
     """Merges the active adapters into the weights (``W += delta`` computed in fp32). A refusal
-    (fp8 weights: ``longcat_vc.fp8``) comes before any module changed."""
+    (fp8 weights: ``longcat_vc.fp8``; merged weights not finite in the weight dtype) comes before
+    any module changed. While fused, ``state_dict()`` holds the merged weights under the base names."""
     for _, mod in _lora_linears(model):
         mod._check_fuse()
     _check_fuse_fits_dtype(model)
