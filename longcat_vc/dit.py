@@ -337,6 +337,11 @@ class LongCatDiT(nn.Module):
                 kv_cache = cp.local_cache(self, kv_cache, B, Nh, Nw)  # checked; this rank's heads
             elif kv_cache is not None and check:
                 self._check_cache(kv_cache, B, Nh, Nw)
+            elif kv_cache is not None and cp is None:
+                # traced (torch.compile): the full check is skipped, but a stale cache would be used
+                # silently; the model-level counter and the attention settings are plain Python
+                # values the trace guards on (a change re-traces and raises here)
+                self._check_cache_counter(kv_cache)
 
             # Text and timestep embeddings on the whole batch, so validation messages name B.
             t = self._embed_timestep(timestep, B, T)
@@ -437,6 +442,19 @@ class LongCatDiT(nn.Module):
         if problems:
             raise ValueError("kv_cache: " + "; ".join(problems))
         self._check_cache_fresh(cache)  # fits, but was it built from this state of the model?
+
+    def _check_cache_counter(self, cache: KVCache) -> None:
+        """The traceable part of ``_check_cache_fresh``: ValueError when ``cache`` was built by this
+        model before a LoRA / ``load_state_dict`` / dtype change or another block-sparse setting
+        (not the per-tensor versions: in-place weight edits are not seen under ``torch.compile``)."""
+        src = cache.source
+        if src is None or src[0] != self._uid:
+            return
+        cfg = self.config
+        attn = (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
+        if src[1] != self._state_version or src[2] != attn:
+            raise ValueError("kv_cache: stale, built before the LoRA state, the loaded weights, the dtype or "
+                             "the block-sparse settings changed (traced call); rebuild it with build_kv_cache()")
 
     def _check_cache_fresh(self, cache: KVCache) -> None:
         """ValueError when ``cache`` was built from another state of this model (stale)."""

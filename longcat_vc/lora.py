@@ -98,6 +98,27 @@ class LoRAPart:
     up: torch.Tensor  # [out_end - out_start, rank_end - rank_start]
     scale: float
 
+    def __setattr__(self, key, value) -> None:
+        # As LoRAAdapter.multiplier: a new scale (or up matrix) changes what the model computes, so a
+        # KV cache built before is stale, and while fused the weights hold W + delta(old value) (an
+        # unfuse then subtracted delta(new value): the base weights were lost without a word).
+        # Device moves and the block streamer bypass this with object.__setattr__.
+        ref = self.__dict__.get("_adapter")
+        adapter = ref() if ref is not None else None
+        if key == "scale" and "scale" in self.__dict__:
+            _check_multiplier(value, "LoRAPart.scale")
+            value = float(value)
+        if adapter is not None and key in ("scale", "up"):
+            if adapter.__dict__.get("_fused"):
+                raise RuntimeError(
+                    f"LoRA {adapter.name!r}: a part's {key} cannot change while the adapter is fused into the "
+                    "weights; call unfuse_lora() first (and fuse_lora() again after the change)")
+        super().__setattr__(key, value)
+        owner = adapter.__dict__.get("_owner") if adapter is not None else None
+        model = owner() if owner is not None else None
+        if model is not None and key in ("scale", "up"):
+            _bump_state(model)
+
 
 @dataclass
 class LoRAAdapter:
@@ -120,6 +141,9 @@ class LoRAAdapter:
                 f"LoRA {self.name!r}: {key} cannot change while the adapter is fused into the weights; "
                 "call unfuse_lora() first (and fuse_lora() again after the change)")
         super().__setattr__(key, value)
+        if key == "parts":  # each part reports a change of its scale / up matrix (LoRAPart.__setattr__)
+            for p in value:
+                object.__setattr__(p, "_adapter", weakref.ref(self))
         owner = self.__dict__.get("_owner")
         model = owner() if owner is not None else None
         if model is not None and key in ("multiplier", "down", "parts"):
@@ -137,7 +161,7 @@ class LoRAAdapter:
     def to_(self, device=None, dtype=None) -> "LoRAAdapter":
         self.down = self.down.to(device=device, dtype=dtype)
         for p in self.parts:
-            p.up = p.up.to(device=device, dtype=dtype)
+            object.__setattr__(p, "up", p.up.to(device=device, dtype=dtype))
         return self
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -186,7 +210,7 @@ class LoRALinear(nn.Linear):
                 object.__setattr__(a, "down", a.down.to(dev))
             for p in a.parts:
                 if p.up.device != dev:
-                    p.up = p.up.to(dev)
+                    object.__setattr__(p, "up", p.up.to(dev))
         return self
 
     # -------------------------------------------------------------- fusing
@@ -646,12 +670,35 @@ def disable_loras(model: nn.Module) -> None:
 
 def fuse_lora(model: nn.Module) -> None:
     """Merges the active adapters into the weights (``W += delta`` computed in fp32). A refusal
-    (fp8 weights: ``longcat_vc.fp8``) comes before any module changed."""
+    (fp8 weights: ``longcat_vc.fp8``; merged weights not finite in the weight dtype) comes before
+    any module changed. While fused, ``state_dict()`` holds the merged weights under the base names."""
     for _, mod in _lora_linears(model):
         mod._check_fuse()
+    _check_fuse_fits_dtype(model)
     for _, mod in _lora_linears(model):
         mod._fuse()
     _bump_state(model)
+
+
+@torch.no_grad()
+def _check_fuse_fits_dtype(model: nn.Module) -> None:
+    """ValueError naming the modules whose fused weights ``W + delta`` would not be finite in the weight
+    dtype (e.g. multiplier 1e7 on an fp16 model): the fuse wrote Inf weights and ``unfuse_lora`` could
+    not take them back (Inf - delta = Inf), so the base weights were lost. Runs before any module
+    changes (one extra delta per module; fusing is done once)."""
+    bad = []
+    for path, mod in _lora_linears(model):
+        if mod.lora_fused or not mod.lora_active or mod.weight.dtype not in LORA_FILE_DTYPES:  # fp8: _check_fuse
+            continue
+        delta = sum(a.delta_weight(torch.float32) for a in mod.lora_active)
+        fused = (mod.weight.float() + delta.to(mod.weight.device)).to(mod.weight.dtype)
+        if not bool(torch.isfinite(fused).all()):
+            bad.append(f"{path} ({mod.weight.dtype}, multiplier(s) "
+                       + ", ".join(f"{a.name}={a.multiplier:g}" for a in mod.lora_active) + ")")
+    if bad:
+        raise ValueError("fuse_lora: the fused weights overflow the weight dtype (non-finite W + delta) in "
+                         + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+                         + "; nothing was fused: lower the multiplier or load the model in a wider dtype")
 
 
 def unfuse_lora(model: nn.Module) -> None:
