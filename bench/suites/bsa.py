@@ -91,7 +91,9 @@ def _dense_case(ctx, grid, bhd, impl: str, backward: bool) -> Case:
             do = torch.randn_like(sets[0][0])
 
             def fn(q, k, v):
-                BL.sdpa_bshd(q, k, v, impl=impl).backward(do)
+                # gradients returned, not accumulated: .backward() added each call's gradients into
+                # q/k/v.grad, an extra read-modify-write of three [B, S, H, D] tensors per timed call
+                torch.autograd.grad(BL.sdpa_bshd(q, k, v, impl=impl), (q, k, v), do)
         else:
             def fn(q, k, v):
                 with torch.no_grad():
@@ -177,7 +179,8 @@ def _sparse_case(ctx, grid, bhd, sparsity, backend, *, chunk=CHUNK, variant="gat
             do = torch.randn_like(sets[0][0])
 
             def fn(q, k, v, sel):
-                lk.block_sparse_attn(q, k, v, backend=backend, **kw).backward(do)
+                # returned, not accumulated into .grad (see _dense_case)
+                torch.autograd.grad(lk.block_sparse_attn(q, k, v, backend=backend, **kw), (q, k, v), do)
             f = eff
         else:
             def fn(q, k, v, sel):
