@@ -89,7 +89,7 @@ def _cache_grid_table(doc: dict, rows: list[dict]) -> str:
                      _f(on.get("ideal_speedup"), ".2f", "x"), ms(bld), _f(bld.get("cache_mb"), ".0f"),
                      _pct(off.get("mfu")), _pct(on.get("mfu"))])
     head = ["cond frames", "cond latents", "cache off ms/step", "cache on ms/step", "speedup", "ideal (FLOPs)",
-            "cache build ms", "cache MB", "MFU off", "MFU on"]
+            "cache build ms", "cache MiB", "MFU off", "MFU on"]
     return f"DiT step, {cfg}, {doc['config'].get('dtype')}:\n\n" + _md(head, body)
 
 

@@ -95,7 +95,7 @@ def _grid_cases(ctx, bc, prefix: str) -> list[Case]:
             with torch.no_grad():
                 cache = model.build_kv_cache(sets[0]["cond"])
             extra["cache_mb"] = dc.mem_mb(cache.nbytes)
-            # per layer x 48 layers: the full model's cache at this grid (SPEC 10: 4.9 GB at 480p, c=4)
+            # per layer x 48 layers: the full model's cache at this grid, MiB (SPEC 10: 4.9 GB = 4,680 MiB at 480p, c=4)
             extra["cache_mb_48"] = extra["cache_mb"] / bc.dit.depth * 48
             if ctx.is_cuda:
                 extra["build_peak_mb"] = dc.mem_mb(torch.cuda.max_memory_allocated() - base)
@@ -154,7 +154,7 @@ def table(rows: list[dict]) -> str:
             fmt(on.get("rel_l2"), ".1e"),
         ])
     headers = ["grid", "cond frames", "cond lat.", "off ms/step", "on ms/step", "speedup", "ideal", "build ms",
-               "cache MB", "MFU off", "MFU on", "rel.L2 on/off"]
+               "cache MiB", "MFU off", "MFU on", "rel.L2 on/off"]
     errs = [f"  {r['case']}: {r.get('reason')}" for r in rows if r.get("status") in ("error", "parity-failed")]
     return render_table(headers, body) + ("\nproblems:\n" + "\n".join(errs) if errs else "")
 
