@@ -7,6 +7,7 @@ encoder's last hidden state as ``[B, 1, L, C]`` plus the ``[B, L]`` attention ma
 
 from __future__ import annotations
 
+import contextlib
 import html
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -82,6 +83,8 @@ def encode_prompts(
 
     Returns:
         (embeds, mask): ``embeds [B, 1, L, C]`` in ``dtype``, ``mask [B, L]`` int64 on ``device``.
+
+    The encoder runs in eval mode (no dropout) whatever mode it is in; its modes are restored after.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -102,9 +105,26 @@ def encode_prompts(
         _warn_truncated(tokenizer, prompts, max_length)
     ids = tok.input_ids.to(enc_param.device)
     mask = tok.attention_mask.to(enc_param.device)
-    hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
+    with _eval_mode(text_encoder):
+        hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
     embeds = hidden.to(device=device, dtype=dtype).unsqueeze(1)  # [B, 1, L, C]
     return embeds, mask.to(device=device, dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def _eval_mode(module):
+    """``module`` in eval mode inside, each submodule's own mode restored after: UMT5 built from a config
+    (or after ``.train()``) is in training mode, and its dropout (0.1) made the embeddings random."""
+    modes = [(m, m.training) for m in module.modules()] if hasattr(module, "modules") else []
+    if not any(training for _, training in modes):
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _warn_truncated(tokenizer, prompts: List[str], max_length: int) -> None:

@@ -1,0 +1,27 @@
+"""Hostile-user round 15: silently wrong results in the text / CFG path (a text encoder left in
+training mode, CFG-zero on mismatched or half-precision predictions, an empty prompt list)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat_vc.text import encode_prompts
+from vc_components import build_text_encoder, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_tokenizer(str(tmp_path_factory.mktemp("tok15") / "tokenizer"))
+
+
+def test_a_text_encoder_in_training_mode_encodes_without_dropout(tok):
+    # UMT5EncoderModel(config) is in training mode (dropout 0.1): the embeddings differed call to call
+    enc = build_text_encoder()
+    ref, _ = encode_prompts(tok, enc, ["a cat rides a red car"], max_length=16)
+    enc.train()
+    enc.encoder.block[0].eval()  # a mixed state must come back as it was
+    for _ in range(3):
+        e, _ = encode_prompts(tok, enc, ["a cat rides a red car"], max_length=16)
+        assert torch.equal(e, ref)
+    assert enc.training and not enc.encoder.block[0].training and enc.encoder.final_layer_norm.training
