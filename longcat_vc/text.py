@@ -89,6 +89,8 @@ def encode_prompts(
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts: List[str] = [clean_prompt(p) for p in prompts]
+    if not prompts:  # was an IndexError from inside the tokenizer
+        raise ValueError("prompts: expected at least one prompt (a str or a non-empty list of str), got none")
     enc_param = next(text_encoder.parameters())
     device = torch.device(device) if device is not None else enc_param.device
     dtype = dtype or enc_param.dtype

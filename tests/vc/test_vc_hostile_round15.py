@@ -25,3 +25,9 @@ def test_a_text_encoder_in_training_mode_encodes_without_dropout(tok):
         e, _ = encode_prompts(tok, enc, ["a cat rides a red car"], max_length=16)
         assert torch.equal(e, ref)
     assert enc.training and not enc.encoder.block[0].training and enc.encoder.final_layer_norm.training
+
+
+def test_an_empty_prompt_list_is_named(tok):
+    # was IndexError: list index out of range, from inside the tokenizer
+    with pytest.raises(ValueError, match=r"prompts: expected at least one prompt"):
+        encode_prompts(tok, build_text_encoder(), [], max_length=16)
