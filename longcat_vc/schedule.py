@@ -231,9 +231,17 @@ def cfg_zero(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) ->
     ``st = <cond, uncond> / (||uncond||^2 + 1e-8)`` over the flattened prediction.
 
     Args:
-        uncond, cond (Tensor): ``[B, ...]`` predictions (fp32 in the pipeline).
+        uncond, cond (Tensor): ``[B, ...]`` predictions of the same shape (fp32 in the pipeline).
         guidance_scale (float): g.
+
+    Raises:
+        ValueError: ``uncond`` and ``cond`` differ in shape (they broadcast to a wrong result otherwise).
     """
+    if uncond.shape != cond.shape and not torch.compiler.is_compiling():
+        # [2, 1, 4] against [2, 4] broadcast to a [2, 2, 4] result without a word
+        raise ValueError(
+            f"cfg_zero: uncond and cond must have the same shape, got {list(uncond.shape)} and {list(cond.shape)}"
+        )
     b = cond.shape[0]
     pos = cond.reshape(b, -1)
     neg = uncond.reshape(b, -1)

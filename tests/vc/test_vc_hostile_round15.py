@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longcat_vc.schedule import cfg_zero
 from longcat_vc.text import encode_prompts
 from vc_components import build_text_encoder, build_tokenizer
 
@@ -31,3 +32,11 @@ def test_an_empty_prompt_list_is_named(tok):
     # was IndexError: list index out of range, from inside the tokenizer
     with pytest.raises(ValueError, match=r"prompts: expected at least one prompt"):
         encode_prompts(tok, build_text_encoder(), [], max_length=16)
+
+
+@pytest.mark.parametrize("shapes", [((2, 1, 4), (2, 4)), ((2, 4), (2, 1, 4)), ((2, 4, 1), (2, 4, 3))])
+def test_cfg_zero_refuses_predictions_of_different_shapes(shapes):
+    # [2, 1, 4] against [2, 4] broadcast to a [2, 2, 4] result without a word
+    u, c = torch.randn(shapes[0]), torch.randn(shapes[1])
+    with pytest.raises(ValueError, match=r"cfg_zero: uncond and cond must have the same shape"):
+        cfg_zero(u, c, 4.0)
