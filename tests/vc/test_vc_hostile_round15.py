@@ -40,3 +40,19 @@ def test_cfg_zero_refuses_predictions_of_different_shapes(shapes):
     u, c = torch.randn(shapes[0]), torch.randn(shapes[1])
     with pytest.raises(ValueError, match=r"cfg_zero: uncond and cond must have the same shape"):
         cfg_zero(u, c, 4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cfg_zero_in_half_precision_keeps_fp32_statistics(dtype):
+    # fp16: the per-sample sums of 2*16*20*30*52 predictions overflowed to inf, st = inf/inf = NaN
+    torch.manual_seed(0)
+    u = torch.randn(2, 16, 20, 30, 52)
+    c = u + 0.1 * torch.randn_like(u)
+    u, c = u.to(dtype), c.to(dtype)
+    ref = cfg_zero(u.double(), c.double(), 4.0)
+    out = cfg_zero(u, c, 4.0)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    # as good as rounding the fp64 result (of the same inputs) to dtype, within 2x
+    err = (out.double() - ref).norm() / ref.norm()
+    floor = (ref.to(dtype).double() - ref).norm() / ref.norm()
+    assert err <= 2 * floor + 1e-6, (float(err), float(floor))
