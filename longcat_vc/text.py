@@ -69,6 +69,7 @@ def encode_prompts(
     max_length: int = MAX_SEQUENCE_LENGTH,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Clean, tokenize (pad/truncate to ``max_length``) and encode prompts with UMT5.
 
@@ -80,6 +81,8 @@ def encode_prompts(
         max_length (int): padded length L (512 upstream).
         device: where the results go (default: the encoder's device).
         dtype: dtype of the embeddings (default: the encoder's dtype).
+        names (list[str] | None): what the truncation warning calls each prompt (default
+            ``"prompt {i}"``), e.g. ``["negative_prompt", "prompt"]`` for a CFG batch.
 
     Returns:
         (embeds, mask): ``embeds [B, 1, L, C]`` in ``dtype``, ``mask [B, L]`` int64 on ``device``.
@@ -91,6 +94,10 @@ def encode_prompts(
     prompts: List[str] = [clean_prompt(p) for p in prompts]
     if not prompts:  # was an IndexError from inside the tokenizer
         raise ValueError("prompts: expected at least one prompt (a str or a non-empty list of str), got none")
+    if names is None:
+        names = [f"prompt {i}" for i in range(len(prompts))]
+    elif isinstance(names, str) or len(names) != len(prompts):
+        raise ValueError(f"names: expected a list of {len(prompts)} str (one per prompt), got {names!r}")
     enc_param = next(text_encoder.parameters())
     device = torch.device(device) if device is not None else enc_param.device
     dtype = dtype or enc_param.dtype
@@ -104,7 +111,7 @@ def encode_prompts(
         return_tensors="pt",
     )
     if bool((tok.attention_mask.sum(dim=1) >= max_length).any()):  # only a full row can have been cut
-        _warn_truncated(tokenizer, prompts, max_length)
+        _warn_truncated(tokenizer, prompts, max_length, names)
     ids = tok.input_ids.to(enc_param.device)
     mask = tok.attention_mask.to(enc_param.device)
     with _eval_mode(text_encoder):
@@ -129,7 +136,7 @@ def _eval_mode(module):
             m.training = training
 
 
-def _warn_truncated(tokenizer, prompts: List[str], max_length: int) -> None:
+def _warn_truncated(tokenizer, prompts: List[str], max_length: int, names: Sequence[str]) -> None:
     """Warn when a prompt is longer than ``max_length`` tokens: the encoder sees only its first
     ``max_length`` (as upstream), and the dropped end of the prompt was lost without a word."""
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
@@ -137,6 +144,6 @@ def _warn_truncated(tokenizer, prompts: List[str], max_length: int) -> None:
     if long:
         import warnings  # noqa: PLC0415
 
-        which = ", ".join(f"prompt {i}: {n} tokens" for i, n in long)
+        which = ", ".join(f"{names[i]}: {n} tokens" for i, n in long)
         warnings.warn(f"{which}; the text encoder takes {max_length} tokens, the rest is dropped (as upstream): "
                       f"shorten the prompt", UserWarning, stacklevel=3)

@@ -3,6 +3,7 @@ training mode, CFG-zero on mismatched or half-precision predictions, an empty pr
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,38 @@ def test_cfg_zero_in_half_precision_keeps_fp32_statistics(dtype):
     err = (out.double() - ref).norm() / ref.norm()
     floor = (ref.to(dtype).double() - ref).norm() / ref.norm()
     assert err <= 2 * floor + 1e-6, (float(err), float(floor))
+
+
+LONG = " ".join(["the cat rides a red car"] * 5)  # 31 tokens with </s>; the default negative prompt is longer than 16 too
+
+
+@pytest.fixture(scope="module")
+def small_pipe(tok):
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from vc_components import StandInDiT, build_vae
+
+    return VideoContinuationPipeline(StandInDiT().eval(), build_vae(), build_text_encoder(), tok, {"shift": 12.0},
+                                     max_sequence_length=16)
+
+
+def _clip():
+    return np.random.default_rng(0).integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("prompt, negative, expect", [
+    (LONG, "a dog", r"^prompt: 31 tokens; the text encoder takes 16"),
+    ("a cat", LONG, r"^negative_prompt: 31 tokens; the text encoder takes 16"),
+])
+def test_the_truncation_warning_names_the_prompt_the_user_gave(small_pipe, prompt, negative, expect):
+    # with CFG the text batch is [negative; prompt]: the warning said "prompt 1" for the user's only prompt
+    # and "prompt 0" for the negative prompt (which the user would take for the prompt)
+    with pytest.warns(UserWarning, match=expect):
+        small_pipe(_clip(), prompt, negative, resolution=(32, 48), num_frames=13, num_cond_frames=5,
+                   num_inference_steps=1, generator=0, output_type="latent", progress=False)
+
+
+def test_the_truncation_warning_of_extend_names_the_segments_prompt(small_pipe):
+    with pytest.warns(UserWarning, match=r"^prompts\[1\]: 31 tokens") as rec:
+        small_pipe.extend(_clip(), ["a cat", LONG], "a dog", resolution=(32, 48), num_frames=9, num_cond_frames=5,
+                          num_inference_steps=1, generator=0, progress=False)
+    assert not [w for w in rec if "tokens" in str(w.message) and "prompts[1]" not in str(w.message)]
