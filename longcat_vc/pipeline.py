@@ -449,8 +449,10 @@ class VideoContinuationPipeline:
         std = self._latents_std.to(z.device)
         return z.float() * std + mean
 
-    def encode_text(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """UMT5 embeddings ``[B, 1, L, C]`` (DiT dtype) and mask ``[B, L]`` on the DiT's device."""
+    def encode_text(self, prompts: Union[str, Sequence[str]],
+                    names: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """UMT5 embeddings ``[B, 1, L, C]`` (DiT dtype) and mask ``[B, L]`` on the DiT's device; ``names``:
+        what a truncation warning calls each prompt (``encode_prompts``)."""
         return encode_prompts(
             self.tokenizer,
             self.text_encoder,
@@ -458,6 +460,7 @@ class VideoContinuationPipeline:
             max_length=self.max_sequence_length,
             device=self.device,
             dtype=self.dtype,
+            names=names,
         )
 
     def _target_size(self, frames: np.ndarray, resolution) -> Tuple[int, int]:
@@ -862,19 +865,22 @@ class VideoContinuationPipeline:
             lora_path=self.refinement_lora_path,
         )
 
-    def _encode_for(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, cache=None):
-        """Text embeddings for one call: ``[neg; pos]`` with CFG, ``[pos]`` without."""
+    def _encode_for(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, cache=None,
+                    name: str = "prompt"):
+        """Text embeddings for one call: ``[neg; pos]`` with CFG, ``[pos]`` without. ``name``: what a
+        truncation warning calls ``prompt`` (it said "prompt 1", the CFG batch row, for the user's only
+        prompt and "prompt 0" for the negative prompt)."""
         if do_cfg:
             neg = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
             key = ("cfg", prompt, neg)
             if cache is not None and key in cache:
                 return cache[key]
-            out = self.encode_text([neg, prompt])
+            out = self.encode_text([neg, prompt], names=["negative_prompt", name])
         else:
             key = ("nocfg", prompt)
             if cache is not None and key in cache:
                 return cache[key]
-            out = self.encode_text([prompt])
+            out = self.encode_text([prompt], names=[name])
         if cache is not None:
             cache[key] = out
         return out
@@ -1022,7 +1028,8 @@ class VideoContinuationPipeline:
             for k in tqdm(range(n), desc="Segments", disable=not progress or n == 1, unit="segment"):
                 timings: Dict[str, Any] = {}
                 t0 = timer.now()
-                text = self._encode_for(prompt_list[k], negative_prompt, g > 1.0, cache=text_cache)
+                text = self._encode_for(prompt_list[k], negative_prompt, g > 1.0, cache=text_cache,
+                                        name="prompts" if isinstance(prompts, str) else f"prompts[{k % len(prompts)}]")
                 timings["text"] = timer.now() - t0
                 new, _, decoded = self._segment(
                     tail,

@@ -514,7 +514,7 @@ def run_refine(pipe, stage1, prompt: str = "", *, video=None, num_cond_frames=No
 
     with refine_state(pipe, lora_path):
         t0 = timer.now()
-        embeds, mask = pipe.encode_text([prompt])
+        embeds, mask = pipe.encode_text([prompt], names=["prompt"])
         timings["text"] = timer.now() - t0
 
         t0 = timer.now()

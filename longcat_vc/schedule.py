@@ -231,12 +231,27 @@ def cfg_zero(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) ->
     ``st = <cond, uncond> / (||uncond||^2 + 1e-8)`` over the flattened prediction.
 
     Args:
-        uncond, cond (Tensor): ``[B, ...]`` predictions (fp32 in the pipeline).
+        uncond, cond (Tensor): ``[B, ...]`` predictions of the same shape (fp32 in the pipeline).
         guidance_scale (float): g.
+
+    Returns:
+        Tensor: ``[B, ...]`` in the inputs' dtype, computed in fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: ``uncond`` and ``cond`` differ in shape (they broadcast to a wrong result otherwise).
     """
+    if uncond.shape != cond.shape and not torch.compiler.is_compiling():
+        # [2, 1, 4] against [2, 4] broadcast to a [2, 2, 4] result without a word
+        raise ValueError(
+            f"cfg_zero: uncond and cond must have the same shape, got {list(uncond.shape)} and {list(cond.shape)}"
+        )
     b = cond.shape[0]
-    pos = cond.reshape(b, -1)
-    neg = uncond.reshape(b, -1)
+    out_dtype = torch.result_type(uncond, cond)
+    # fp32 at least: in fp16 the per-sample sums overflowed (st = inf/inf = NaN); one rounding at the end
+    acc = torch.promote_types(out_dtype, torch.float32)
+    u, c = uncond.to(acc), cond.to(acc)
+    pos = c.reshape(b, -1)
+    neg = u.reshape(b, -1)
     st = (pos * neg).sum(dim=1, keepdim=True) / ((neg * neg).sum(dim=1, keepdim=True) + 1e-8)
     st = st.view((b,) + (1,) * (cond.dim() - 1))
-    return uncond * st + guidance_scale * (cond - uncond * st)
+    return (u * st + guidance_scale * (c - u * st)).to(out_dtype)

@@ -7,6 +7,7 @@ encoder's last hidden state as ``[B, 1, L, C]`` plus the ``[B, L]`` attention ma
 
 from __future__ import annotations
 
+import contextlib
 import html
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -68,6 +69,7 @@ def encode_prompts(
     max_length: int = MAX_SEQUENCE_LENGTH,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Clean, tokenize (pad/truncate to ``max_length``) and encode prompts with UMT5.
 
@@ -79,13 +81,23 @@ def encode_prompts(
         max_length (int): padded length L (512 upstream).
         device: where the results go (default: the encoder's device).
         dtype: dtype of the embeddings (default: the encoder's dtype).
+        names (list[str] | None): what the truncation warning calls each prompt (default
+            ``"prompt {i}"``), e.g. ``["negative_prompt", "prompt"]`` for a CFG batch.
 
     Returns:
         (embeds, mask): ``embeds [B, 1, L, C]`` in ``dtype``, ``mask [B, L]`` int64 on ``device``.
+
+    The encoder runs in eval mode (no dropout) whatever mode it is in; its modes are restored after.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts: List[str] = [clean_prompt(p) for p in prompts]
+    if not prompts:  # was an IndexError from inside the tokenizer
+        raise ValueError("prompts: expected at least one prompt (a str or a non-empty list of str), got none")
+    if names is None:
+        names = [f"prompt {i}" for i in range(len(prompts))]
+    elif isinstance(names, str) or len(names) != len(prompts):
+        raise ValueError(f"names: expected a list of {len(prompts)} str (one per prompt), got {names!r}")
     enc_param = next(text_encoder.parameters())
     device = torch.device(device) if device is not None else enc_param.device
     dtype = dtype or enc_param.dtype
@@ -99,15 +111,32 @@ def encode_prompts(
         return_tensors="pt",
     )
     if bool((tok.attention_mask.sum(dim=1) >= max_length).any()):  # only a full row can have been cut
-        _warn_truncated(tokenizer, prompts, max_length)
+        _warn_truncated(tokenizer, prompts, max_length, names)
     ids = tok.input_ids.to(enc_param.device)
     mask = tok.attention_mask.to(enc_param.device)
-    hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
+    with _eval_mode(text_encoder):
+        hidden = text_encoder(ids, mask).last_hidden_state  # [B, L, C]
     embeds = hidden.to(device=device, dtype=dtype).unsqueeze(1)  # [B, 1, L, C]
     return embeds, mask.to(device=device, dtype=torch.int64)
 
 
-def _warn_truncated(tokenizer, prompts: List[str], max_length: int) -> None:
+@contextlib.contextmanager
+def _eval_mode(module):
+    """``module`` in eval mode inside, each submodule's own mode restored after: UMT5 built from a config
+    (or after ``.train()``) is in training mode, and its dropout (0.1) made the embeddings random."""
+    modes = [(m, m.training) for m in module.modules()] if hasattr(module, "modules") else []
+    if not any(training for _, training in modes):
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _warn_truncated(tokenizer, prompts: List[str], max_length: int, names: Sequence[str]) -> None:
     """Warn when a prompt is longer than ``max_length`` tokens: the encoder sees only its first
     ``max_length`` (as upstream), and the dropped end of the prompt was lost without a word."""
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
@@ -115,6 +144,6 @@ def _warn_truncated(tokenizer, prompts: List[str], max_length: int) -> None:
     if long:
         import warnings  # noqa: PLC0415
 
-        which = ", ".join(f"prompt {i}: {n} tokens" for i, n in long)
+        which = ", ".join(f"{names[i]}: {n} tokens" for i, n in long)
         warnings.warn(f"{which}; the text encoder takes {max_length} tokens, the rest is dropped (as upstream): "
                       f"shorten the prompt", UserWarning, stacklevel=3)

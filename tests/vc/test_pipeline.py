@@ -170,7 +170,7 @@ def test_extend_chains_segments(parts):
     calls = []
     orig = pipe.encode_text
     # (and under no_grad, as every pipeline call: a decorator moved off extend once, silently)
-    pipe.encode_text = lambda p: (calls.append((p, torch.is_grad_enabled())), orig(p))[1]
+    pipe.encode_text = lambda p, **kw: (calls.append((p, torch.is_grad_enabled())), orig(p, **kw))[1]
     kw = dict(resolution=SIZE, num_frames=13, num_cond_frames=5, num_inference_steps=3, progress=False)
     long = pipe.extend(video(9), "a cat", segments=2, generator=torch.Generator().manual_seed(5), **kw)
     assert long.frames.shape == (9 + 2 * 8, H, W, 3)
