@@ -256,13 +256,16 @@ def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_c
     from tqdm.auto import tqdm
 
     from .schedule import cfg_zero, euler_step
+    from .text import _eval_mode
 
     device, dtype = pipe.device, pipe.dtype
     cached = bool(use_kv_cache) and c > 0
     kv_cache = None
     # context parallel: the call was checked before (_rank0_latents) and every rank holds rank 0's inputs, so
-    # the DiT's cache build and forwards skip their own check (one all-gather per call, not one per step)
-    with _checked_region(pipe):
+    # the DiT's cache build and forwards skip their own check (one all-gather per call, not one per step).
+    # Eval mode: a DiT left in training mode (after LoRA training with peft) kept lora_dropout on, and every
+    # denoising step dropped adapter activations at random; the modes are restored after.
+    with _checked_region(pipe), _eval_mode(pipe.dit):
         if cached:
             try:
                 kv_cache = pipe.dit.build_kv_cache(latents[:, :, :c].to(dtype), offload=offload_kv_cache)

@@ -92,3 +92,28 @@ def test_the_truncation_warning_of_extend_names_the_segments_prompt(small_pipe):
         small_pipe.extend(_clip(), ["a cat", LONG], "a dog", resolution=(32, 48), num_frames=9, num_cond_frames=5,
                           num_inference_steps=1, generator=0, progress=False)
     assert not [w for w in rec if "tokens" in str(w.message) and "prompts[1]" not in str(w.message)]
+
+
+@pytest.mark.parametrize("stage", ["continue", "refine"])
+def test_a_dit_left_in_training_mode_denoises_in_eval_mode(refine_pipe, stage):
+    """A DiT left in training mode (after LoRA training with peft: lora_dropout) denoised with its dropout on,
+    every step dropping adapter activations at random; the pipeline runs it in eval mode and restores the mode."""
+    from vc_components import random_frames
+
+    dit = refine_pipe.dit
+    seen = []
+    handle = dit.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    dit.train()
+    try:
+        if stage == "refine":
+            refine_pipe.refine(random_frames(5, 36, 64, 1), "a cat", video=random_frames(12, 40, 72, 2),
+                               num_cond_frames=5, resolution=(64, 64), generator=3, output_type="latent",
+                               progress=False)
+        else:
+            refine_pipe(random_frames(5, 36, 64, 1), "a cat", num_frames=9, num_cond_frames=5, resolution=(32, 32),
+                        num_inference_steps=2, generator=3, output_type="latent", progress=False)
+        assert seen and not any(seen), seen
+        assert dit.training and dit.blocks[0].training  # given back as it was
+    finally:
+        handle.remove()
+        dit.eval()
