@@ -98,7 +98,7 @@ def test_report_720p_uses_the_pipelines_16_9_bucket():
         main(["--resolution", "720p"])
     out = buf.getvalue()
     assert "704x1312" in out, out
-    # 44 x 82 = 3608 tokens per frame (the old 704x1280 counted 3520: 0.48 GiB less at resident)
+    # 44 x 82 = 3608 tokens per frame (the old 704x1280 counted 3520: 0.61 GiB less at resident)
     est = estimate_peak_bytes(DiTConfig.longcat_video(), "resident", height=704, width=1312)
     row = next(line for line in out.splitlines() if line.startswith("resident"))
     assert float(row.split()[-1]) == round(est["peak"] / GiB, 2)
