@@ -469,6 +469,19 @@ def dit_param_counts(config) -> Tuple[int, int]:
     return per_block, outside
 
 
+def _fp8_target_counts(config) -> Tuple[int, int]:
+    """``(weight numel, output channels)`` of one block's ``fp8.FP8_TARGETS`` linears: what
+    ``quantize_dit_fp8`` stores as e4m3 (1 byte each) with one fp32 scale per output channel."""
+    from .dit import LongCatDiT
+    from .fp8 import FP8_TARGETS
+
+    import dataclasses
+
+    block = LongCatDiT(dataclasses.replace(config, depth=1), device="meta").blocks[0]
+    weights = [block.get_submodule(name).weight for name in FP8_TARGETS]
+    return sum(w.numel() for w in weights), sum(w.shape[0] for w in weights)
+
+
 # Activation bytes of one DiT step as a multiple of one ``[tokens, hidden]`` tensor in the weight
 # dtype: calibrated on the H200 measurement of issue 17 (480p B2 c4 cache on: 35.7 GiB peak =
 # 25.3 weights + 4.6 cache + 5.8 rest, 62,400 tokens x 4096 x 2 B = 0.476 GiB -> 12.2), rounded up.
@@ -492,7 +505,8 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     ``decode`` (VAE weights + decode working set), ``cache_build`` and ``denoise`` (DiT weights
     resident or two streamed blocks, KV cache resident or two streamed blocks, activations of
     ``batch x noisy tokens``). Resident weights of every component count in every stage; ``peak``
-    is the maximum. ``fp8``: the blocks' large linears (~97% of a block) take 1 byte per weight.
+    is the maximum. ``fp8``: the blocks' large linears (``fp8.FP8_TARGETS``, ~95.5% of a block)
+    take 1 byte per weight plus an fp32 scale per output channel.
     An estimate for the fit check, not a measurement. ``offload_kv_cache`` (None: as the mode
     says) and ``kv_cache`` (False: no cache, every step runs cond and noisy tokens) follow the
     call's options.
@@ -502,10 +516,19 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     per_block, outside = dit_param_counts(config)
     depth = config.depth
     C = config.hidden_size
+    b = dtype_bytes
+    if fp8:
+        # e4m3 weights of the ``FP8_TARGETS`` linears + their fp32 per-channel scales; the rest of a
+        # block (adaLN, biases, norms: ~4.5% of it at the released config) stays in the model dtype
+        q_numel, q_rows = _fp8_target_counts(config)
+        block_b = q_numel + 4 * q_rows + (per_block - q_numel) * b
+    else:
+        block_b = per_block * b
     if lora_rank:
         # Unfused LoRA on every linear of a block: about rank * (in + out) per linear; qkv, proj,
-        # kv, q, out, w1, w2, w3, adaLN: ~ 30 C in + out in total.
-        per_block += lora_rank * 30 * C
+        # kv, q, out, w1, w2, w3, adaLN: ~ 30 C in + out in total. Stored in the compute dtype, also
+        # next to fp8 weights (``lora._adapter_dtype``).
+        block_b += lora_rank * 30 * C * b
     t_lat = (num_frames - 1) // 4 + 1
     c = 1 + (num_cond_frames - 1) // 4
     tok_frame = (height // 16) * (width // 16)
@@ -514,8 +537,6 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
         raise ValueError(f"num_cond_frames={num_cond_frames} leaves no frame to generate in num_frames={num_frames} "
                          f"({c} cond latents of {t_lat}); the estimate would be meaningless")
     cond = c * tok_frame
-    b = dtype_bytes
-    block_b = per_block * b if not fp8 else int(per_block * (0.97 * 1 + 0.03 * b))
     dit_w = (block_b * (depth if not plan.stream_dit_blocks else 2)) + _params_bytes(outside, b)
     cache_full = 2 * cond * C * b * depth if kv_cache else 0
     cache = cache_full if not offload else 2 * cache_full // depth

@@ -62,10 +62,11 @@ def measured_table(path: str) -> Dict[str, Dict[str, Optional[float]]]:
 
 
 def _size(resolution: str):
-    from .stages import BUCKETS
+    from .stages import BUCKETS, bucket_size
 
     if resolution in BUCKETS:
-        return {"480p": (480, 832), "720p": (704, 1280)}[resolution]
+        # the bucket the pipeline picks for a 16:9 video (480x832, 704x1312; 704x1280 is the refine's)
+        return bucket_size(9, 16, resolution)
     try:
         h, w = (int(v) for v in resolution.lower().split("x"))
     except ValueError:
@@ -79,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m longcat_vc.memory_report", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint root or dit/ folder (default: released config)")
     p.add_argument("--depth", type=int, default=None, help="override the DiT depth")
-    p.add_argument("--resolution", default="480p", help="480p, 720p or HxW")
+    p.add_argument("--resolution", default="480p", help="480p or 720p (the bucket of a 16:9 video) or HxW")
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--cond-frames", type=int, default=13)
     p.add_argument("--batch", type=int, default=2, help="DiT batch (2 with CFG, 1 without)")

@@ -212,9 +212,11 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
                 "offload_kv_cache=True (--offload-kv-cache)")
     else:
         lower = MEMORY_MODES[MEMORY_MODES.index(mode) + 1:]
-        fits = [m for m in lower if peak(m, None if offload_kv_cache is None else offload) <= budget_bytes]
+        lower_off = None if offload_kv_cache is None else offload
+        fits = [m for m in lower if peak(m, lower_off) <= budget_bytes]
         if fits:
-            hint = (f"memory={fits[0]!r} fits, estimated {peak(fits[0], None) / GiB:.1f} GiB: load the pipeline "
+            # the estimate the fit was decided on (the caller's offload_kv_cache, not the mode's default)
+            hint = (f"memory={fits[0]!r} fits, estimated {peak(fits[0], lower_off) / GiB:.1f} GiB: load the pipeline "
                     f"with memory={fits[0]!r} (--memory {fits[0]})")
         else:
             low = peak("low", True if cached else None)
