@@ -16,7 +16,7 @@ LongCat format (``lora/cfg_step_lora.safetensors``, ``lora/refinement_lora.safet
                                                               output rows j*out/n..)
         ... .alpha_scale                   0-d             (scale of every part; 0.5 = 64/128)
 
-``alpha_scale`` read from the file wins; when a module has none, the upstream network default
+``alpha_scale`` read from the file wins (0, an adapter that changes nothing, is refused); when a module has none, the upstream network default
 ``alpha / rank = 64 / 128 = 0.5`` is used (upstream's strict ``load_state_dict`` would refuse such
 a file; we accept it).
 
@@ -436,6 +436,10 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
             if "alpha_scale_tensor" in e:
                 scale = _scalar(e["alpha_scale_tensor"], f"{module_path}.alpha_scale", problems)
                 if scale is None:
+                    continue
+                if scale == 0:  # as rank 0: loaded, an adapter that changes nothing, without a word
+                    problems.append(f"{module_path}.alpha_scale: 0 switches the adapter off; refused "
+                                    "(use multiplier / disable_loras to switch a LoRA off)")
                     continue
             out_f, in_f = mod.out_features, mod.in_features
             if down.ndim != 2 or down.shape[1] != in_f:
