@@ -54,7 +54,22 @@ def _safe_open(path: str):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        hint = ""
+        if _looks_pickled(path):  # safetensors' own words ("header too large") did not say what the file is
+            hint = ("; it is a PyTorch pickle (torch.save / .bin / .pt), which is never unpickled here (unpickling "
+                    "runs code from the file): convert it to safetensors")
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}){hint}") from None
+
+
+def _looks_pickled(path: str) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file: a zip archive (default since torch 1.6) or a
+    raw pickle (protocol 2+ opcode ``\\x80``). Only the first bytes are read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _get_tensor(handle, path: str, key: str) -> torch.Tensor:
@@ -104,9 +119,14 @@ def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
         )
     if found:
         return found[0]
+    pickles = sorted(os.path.relpath(p, path) for d in (path, os.path.join(path, "dit"), os.path.join(path, "transformer"))
+                     for p in glob.glob(os.path.join(d, "*.bin")) + glob.glob(os.path.join(d, "*.pt"))
+                     + glob.glob(os.path.join(d, "*.pth")))
     raise CheckpointError(
         f"{path}: no DiT checkpoint here (expected config.json + *.safetensors in the folder, or in its "
         f"dit/ or transformer/ subfolder)"
+        + (f"; found PyTorch pickle file(s) {pickles[:5]}, which are never unpickled here (unpickling runs code "
+           "from the file): convert them to safetensors" if pickles else "")
     )
 
 
