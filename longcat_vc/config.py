@@ -254,10 +254,19 @@ class DiTConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"DiTConfig.from_json: no config file at {path}")
+        def no_duplicates(pairs):
+            # json keeps the last of a repeated key silently: {"text_tokens_zero_pad": true, ...,
+            # "text_tokens_zero_pad": false} built the varlen model without a word
+            seen = set()
+            dup = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+            if dup:
+                raise ValueError(f"DiTConfig.from_json: {path}: key(s) {dup} given more than once; keep one")
+            return dict(pairs)
+
         try:
             with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
+                data = json.load(f, object_pairs_hook=no_duplicates)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (a binary file's error named no file)
             raise ValueError(f"DiTConfig.from_json: {path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
 

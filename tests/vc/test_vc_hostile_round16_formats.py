@@ -6,6 +6,9 @@ A. A LongCat LoRA whose ``alpha_scale`` is 0 loaded as an adapter that changes n
 B. A PyTorch pickle (``torch.save``: a ``.bin`` LoRA, a pickle named ``.safetensors``, a ``dit/`` folder
    holding only ``pytorch_model.bin``) was refused (never unpickled) with safetensors' "header too
    large" or "no DiT checkpoint here", not saying what the file is or what to do.
+C. ``DiTConfig.from_json`` kept the last of a key repeated in ``config.json`` silently (a second
+   ``text_tokens_zero_pad`` switched the text masking without a word), and a non-UTF-8 file raised a
+   bare UnicodeDecodeError naming no file.
 """
 
 from __future__ import annotations
@@ -82,3 +85,23 @@ def test_dit_folder_with_only_bin_weights_names_them(tmp_path, tiny_base, monkey
     _never_unpickled(monkeypatch)
     with pytest.raises(CheckpointError, match=r"no DiT checkpoint here .*dit/pytorch_model\.bin.*never unpickled"):
         LongCatDiT.from_pretrained(str(tmp_path), progress=False)
+
+
+# ---------------------------------------------------------------------------- C
+def test_config_json_with_a_repeated_key_is_refused(tmp_path):
+    from longcat_vc.config import DiTConfig
+
+    f = tmp_path / "config.json"
+    f.write_text('{"hidden_size": 64, "num_heads": 2, "depth": 2, "text_tokens_zero_pad": true, '
+                 '"caption_channels": 32, "text_tokens_zero_pad": false}')
+    with pytest.raises(ValueError, match=r"config\.json: key\(s\) \['text_tokens_zero_pad'\] given more than once"):
+        DiTConfig.from_json(str(f))
+
+
+def test_config_json_not_utf8_names_the_file(tmp_path):
+    from longcat_vc.config import DiTConfig
+
+    f = tmp_path / "config.json"
+    f.write_bytes(b"\xff\xfe{\x00")
+    with pytest.raises(ValueError, match=r"DiTConfig\.from_json: .*config\.json is not valid JSON"):
+        DiTConfig.from_json(str(f))
