@@ -27,7 +27,7 @@ from longcat_kernels._validate import check_bool
 from . import lora as _lora
 from .config import DiTConfig
 from .fp8 import check_fp8_state_dict
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StateToken
 from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
 from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
@@ -90,8 +90,20 @@ class LongCatDiT(nn.Module):
         self._lora_names: List[str] = []
         self._lora_active_names: List[str] = []
         self._context_parallel = None
-        self._state_version = 0  # bumped by LoRA changes (longcat_vc.lora._bump_state) and load_state_dict
         self._uid = next(_MODEL_UIDS)  # which model a KV cache was built by (ids of dead objects repeat)
+        self._state_token = StateToken(self._uid)
+        self._state_version = 0  # bumped by LoRA changes (longcat_vc.lora._bump_state) and load_state_dict
+
+    @property
+    def _state_version(self) -> int:
+        return self._state_counter
+
+    @_state_version.setter
+    def _state_version(self, value: int) -> None:
+        # every move retires the token the caches built before hold (the traced check reads it)
+        self._state_counter = value
+        self._state_token.stale = True
+        self._state_token = StateToken(self._uid)
 
     # ------------------------------------------------------------------ facts
     def state_fingerprint(self) -> tuple:
@@ -192,6 +204,10 @@ class LongCatDiT(nn.Module):
             if len(self._ropes) > 16:
                 self._ropes.clear()
             rope = Rope3D(tuple(grid), self.config.head_dim, device=device)
+            if _compiling():
+                # kept only eagerly: an entry added by a trace fails that graph's "key absent" guard on
+                # the next call, so every new grid compiled the whole DiT twice
+                return rope
             self._ropes[key] = rope
         return rope
 
@@ -446,13 +462,17 @@ class LongCatDiT(nn.Module):
     def _check_cache_counter(self, cache: KVCache) -> None:
         """The traceable part of ``_check_cache_fresh``: ValueError when ``cache`` was built by this
         model before a LoRA / ``load_state_dict`` / dtype change or another block-sparse setting
-        (not the per-tensor versions: in-place weight edits are not seen under ``torch.compile``)."""
-        src = cache.source
-        if src is None or src[0] != self._uid:
+        (not the per-tensor versions: in-place weight edits are not seen under ``torch.compile``).
+
+        Reads the cache's ``StateToken`` (its ``stale`` flag), not the state counter: a guard on the
+        counter's value recompiled the compiled DiT after every LoRA change (each refine call, each
+        mode switch) until dynamo's recompile limit sent every step back to eager."""
+        tok = cache.state
+        if tok is None or tok.owner != self._uid:
             return
         cfg = self.config
         attn = (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
-        if src[1] != self._state_version or src[2] != attn:
+        if tok.stale or (cache.source is not None and cache.source[2] != attn):
             raise ValueError("kv_cache: stale, built before the LoRA state, the loaded weights, the dtype or "
                              "the block-sparse settings changed (traced call); rebuild it with build_kv_cache()")
 
@@ -513,7 +533,8 @@ class LongCatDiT(nn.Module):
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
         cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
-                        device=self.device, offloaded=offload, source=self.state_fingerprint())
+                        device=self.device, offloaded=offload, source=self.state_fingerprint(),
+                        state=self._state_token)
         # Context parallel: this rank recorded its heads of every block; the cache says which
         # (shard_cache keeps every KVCache field, the fingerprint included).
         return cache if cp is None else cp.shard_cache(cache)

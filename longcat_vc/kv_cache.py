@@ -18,7 +18,20 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "StateToken"]
+
+
+class StateToken:
+    """One state of a model (``LongCatDiT._state_version``): ``stale`` turns True when it moves on.
+
+    A traced forward reads ``owner`` (the model's uid) and ``stale``: two values that stay the same across
+    LoRA toggles and new caches, so the graph's guards hold (the counter itself changed every toggle)."""
+
+    __slots__ = ("owner", "stale")
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self.stale = False
 
 
 @dataclass
@@ -41,6 +54,9 @@ class KVCache:
             disabled, fused, unfused or re-weighted, weights loaded or edited in place). Another
             model instance cannot compare (shapes/dtype/device are still checked). None: not
             checked (a hand-built cache).
+        state: the building model's ``StateToken`` (set by ``build_kv_cache``): marked stale when that
+            model's state counter moves, so a ``torch.compile``d forward guards on one boolean instead
+            of on the counter's value (which recompiled after every LoRA toggle). None: not checked.
     """
 
     keys: List[torch.Tensor]
@@ -51,6 +67,7 @@ class KVCache:
     device: torch.device
     offloaded: bool = False
     source: Optional[tuple] = None
+    state: Optional["StateToken"] = None
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values) or not self.keys:

@@ -124,6 +124,10 @@ class Rope3D:
                 )
             if not has_values(out[0]):  # traced with fake tensors (torch.export, FakeTensorMode): not kept,
                 return out              # or every later eager call would get tables without values
+            if compiling():
+                # a dynamo trace: kept, the entry fails the graph's "key absent" guard on the next call
+                # (every new frame offset compiled the caller twice); the graph computes them instead
+                return out
             if len(self._tables) > 16:
                 self._tables.clear()
             self._tables[key] = out
