@@ -135,7 +135,7 @@ def _cache_view(cache: KVCache, heads: slice, batch: Optional[slice] = None) -> 
 
     return KVCache(keys=[cut(k) for k in cache.keys], values=[cut(v) for v in cache.values],
                    num_frames=cache.num_frames, grid_hw=tuple(cache.grid_hw), dtype=cache.dtype,
-                   device=cache.device, offloaded=cache.offloaded, source=cache.source)
+                   device=cache.device, offloaded=cache.offloaded, source=cache.source, state=cache.state)
 
 
 # --------------------------------------------------------------------------------------------
