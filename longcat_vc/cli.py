@@ -217,6 +217,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
 
     t1 = time.perf_counter()
     write_video(args.out, out.frames, out.fps, crf=args.crf)
+    args.out_written = True
     write_s = time.perf_counter() - t1
     timings = dict(out.timings)
     timings.update(load=load_s, write=write_s)
@@ -635,6 +636,7 @@ def _run(args) -> int:
             from .video_io import write_video
 
             write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf)
+            args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
                   f"{out.size[1]}x{out.size[0]} (for `{PROG} refine`)", file=log, flush=True)
         if getattr(args, "refine", False):
@@ -680,7 +682,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (no output written)", file=sys.stderr)
+        print(f"{PROG}: interrupted ({_kept_outputs(args) or 'no output written'})", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line, no traceback, unless --debug
         if args.debug:
@@ -696,8 +698,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             msg = str(e) or type(e).__name__
         else:
             msg = f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        kept = _kept_outputs(args)
+        print(f"{PROG}: error: {msg}" + (f" ({kept})" if kept else ""), file=sys.stderr)
         return 1
+
+
+def _kept_outputs(args) -> str:
+    """What a run that stopped early left behind: the --stage1-out clip is written (complete) before
+    stage 2 / the --out video, and stays; empty when nothing was written."""
+    if getattr(args, "stage1_written", False) and not getattr(args, "out_written", False):
+        return f"{args.out} not written; the stage-1 clip {args.stage1_out} is complete and kept"
+    return ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,14 +3,21 @@ disk); each test fails on the code before its fix.
 
 - ``--seed`` did not reproduce the output file: PyAV's libx264 with macroblock-tree rate control
   encoded the same frames to different bytes from run to run (decoded pixels up to 25 apart).
+- Ctrl-C (or an error) after ``--stage1-out`` was written said "interrupted (no output written)"
+  while the complete stage-1 clip was on disk.
 """
 
 import hashlib
+import os
 
 import numpy as np
+import pytest
 import torch
 
+from longcat_vc import cli
+from longcat_vc.pipeline import VideoContinuationPipeline
 from longcat_vc.video_io import read_video, write_video
+from vc_components import refine_checkpoint_in
 
 
 def _smooth(n=20, h=36, w=70):
@@ -28,3 +35,39 @@ def test_write_video_same_frames_same_bytes(tmp_path):
         digests.add(hashlib.md5(open(path, "rb").read()).hexdigest())
     assert len(digests) == 1, digests
     assert read_video(path).frames.shape == frames.shape
+
+
+# ---------------------------------------------------------------- Ctrl-C / failure after --stage1-out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return refine_checkpoint_in(tmp_path_factory, "ckpt4")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("in4") / "in put ü.mp4")  # a space and non-ASCII in the path
+    write_video(path, _smooth(16), fps=15)
+    return path
+
+
+RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
+       "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill", "--seed", "4"]
+
+
+@pytest.mark.parametrize("exc, rc", [(KeyboardInterrupt, 130), (RuntimeError("refine broke"), 1)])
+def test_stop_after_stage1_out_says_the_stage1_clip_was_kept(ckpt, video, tmp_path, capsys, monkeypatch, exc, rc):
+    # "interrupted (no output written)" while the complete --stage1-out clip was on disk
+    def stop(self, *a, **k):
+        raise exc
+
+    monkeypatch.setattr(VideoContinuationPipeline, "refine", stop)
+    s1, out = str(tmp_path / "s1.mp4"), str(tmp_path / "o.mp4")
+    got = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", out, "--stage1-out", s1,
+                    "--refine"] + RUN)
+    err = capsys.readouterr().err
+    assert got == rc, err
+    assert os.path.isfile(s1) and not os.path.exists(out)
+    assert "no output written" not in err
+    assert f"{out} not written; the stage-1 clip {s1} is complete and kept" in err.strip().splitlines()[-1]
