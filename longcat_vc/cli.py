@@ -18,7 +18,10 @@ INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. 
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
-failed or interrupted run never leaves a file that looks finished.
+failed or interrupted run never leaves a file that looks finished. An existing --out (--stage1-out,
+--timings-json) is replaced once the new one is written in full, and kept as it was when the run
+fails before that; an input is never overwritten (refused). Nothing is printed on stdout: messages, progress and the timing
+summary go to stderr (--timings-json for a machine-readable summary).
 
 On CUDA the command starts torch's caching allocator with expandable segments
 (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) unless that variable (or
@@ -74,7 +77,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="LongCat-Video checkpoint folder (dit/, vae/, text_encoder/, tokenizer/, scheduler/, lora/)")
-    p.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264)")
+    p.add_argument("--out", required=True, metavar="OUT.mp4",
+                   help="output mp4 (H.264); an existing file is replaced when the run completes")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="negative prompt when guidance > 1 (default: LongCat-Video's demo negative prompt)")
     p.add_argument("--mode", choices=("basic", "distill"), default="basic",
@@ -161,7 +165,8 @@ def _add_refine_parser(sub) -> None:
                     help="the original input video (cond frames); omitted: refine without cond frames")
     pr.add_argument("--prompt", default="", metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
     pr.add_argument("--checkpoint", required=True, metavar="DIR", help="LongCat-Video checkpoint folder")
-    pr.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264)")
+    pr.add_argument("--out", required=True, metavar="OUT.mp4",
+                    help="output mp4 (H.264); an existing file is replaced when the run completes")
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
                     help="the refinement's cond frames (default 26, 13 with --spatial-only)")
     pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")

@@ -71,3 +71,28 @@ def test_stop_after_stage1_out_says_the_stage1_clip_was_kept(ckpt, video, tmp_pa
     assert os.path.isfile(s1) and not os.path.exists(out)
     assert "no output written" not in err
     assert f"{out} not written; the stage-1 clip {s1} is complete and kept" in err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- an existing --out: documented, kept on failure
+
+
+@pytest.mark.parametrize("command", ["continue", "refine"])
+def test_help_says_an_existing_out_is_replaced(command, capsys):
+    # replacing an existing --out was nowhere documented (no refusal, no --overwrite flag)
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert "existing file is replaced when the run completes" in " ".join(capsys.readouterr().out.split())
+    assert "is replaced once the new one is written in full" in " ".join(cli.__doc__.split())
+
+
+def test_failed_run_keeps_an_existing_out(ckpt, video, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"the user's earlier result")
+
+    def boom(self, *a, **k):
+        raise RuntimeError("denoise broke")
+
+    monkeypatch.setattr(VideoContinuationPipeline, "__call__", boom)
+    rc = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(out)] + RUN)
+    assert rc == 1 and "denoise broke" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's earlier result" and os.listdir(tmp_path) == ["o.mp4"]
