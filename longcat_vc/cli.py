@@ -18,7 +18,10 @@ INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. 
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
-failed or interrupted run never leaves a file that looks finished.
+failed or interrupted run never leaves a file that looks finished. An existing --out (--stage1-out,
+--timings-json) is replaced once the new one is written in full, and kept as it was when the run
+fails before that; an input is never overwritten (refused). Nothing is printed on stdout: messages, progress and the timing
+summary go to stderr (--timings-json for a machine-readable summary).
 
 On CUDA the command starts torch's caching allocator with expandable segments
 (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) unless that variable (or
@@ -74,7 +77,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="LongCat-Video checkpoint folder (dit/, vae/, text_encoder/, tokenizer/, scheduler/, lora/)")
-    p.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264)")
+    p.add_argument("--out", required=True, metavar="OUT.mp4",
+                   help="output mp4 (H.264); an existing file is replaced when the run completes")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="negative prompt when guidance > 1 (default: LongCat-Video's demo negative prompt)")
     p.add_argument("--mode", choices=("basic", "distill"), default="basic",
@@ -161,7 +165,8 @@ def _add_refine_parser(sub) -> None:
                     help="the original input video (cond frames); omitted: refine without cond frames")
     pr.add_argument("--prompt", default="", metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
     pr.add_argument("--checkpoint", required=True, metavar="DIR", help="LongCat-Video checkpoint folder")
-    pr.add_argument("--out", required=True, metavar="OUT.mp4", help="output mp4 (H.264)")
+    pr.add_argument("--out", required=True, metavar="OUT.mp4",
+                    help="output mp4 (H.264); an existing file is replaced when the run completes")
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
                     help="the refinement's cond frames (default 26, 13 with --spatial-only)")
     pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
@@ -217,6 +222,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
 
     t1 = time.perf_counter()
     write_video(args.out, out.frames, out.fps, crf=args.crf)
+    args.out_written = True
     write_s = time.perf_counter() - t1
     timings = dict(out.timings)
     timings.update(load=load_s, write=write_s)
@@ -635,6 +641,7 @@ def _run(args) -> int:
             from .video_io import write_video
 
             write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf)
+            args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
                   f"{out.size[1]}x{out.size[0]} (for `{PROG} refine`)", file=log, flush=True)
         if getattr(args, "refine", False):
@@ -680,7 +687,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (no output written)", file=sys.stderr)
+        print(f"{PROG}: interrupted ({_kept_outputs(args) or 'no output written'})", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line, no traceback, unless --debug
         if args.debug:
@@ -696,8 +703,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             msg = str(e) or type(e).__name__
         else:
             msg = f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        kept = _kept_outputs(args)
+        print(f"{PROG}: error: {msg}" + (f" ({kept})" if kept else ""), file=sys.stderr)
         return 1
+
+
+def _kept_outputs(args) -> str:
+    """What a run that stopped early left behind: the --stage1-out clip is written (complete) before
+    stage 2 / the --out video, and stays; empty when nothing was written."""
+    if getattr(args, "stage1_written", False) and not getattr(args, "out_written", False):
+        return f"{args.out} not written; the stage-1 clip {args.stage1_out} is complete and kept"
+    return ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -515,7 +515,9 @@ def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
     with av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        stream.options = {"crf": str(int(crf))}
+        # mbtree off: with it PyAV's libx264 encoded the same frames to different bytes from run to
+        # run (decoded pixels up to 25 apart), so a fixed --seed did not reproduce the file
+        stream.options = {"crf": str(int(crf)), "x264-params": "mbtree=0"}
         for fr in frames:
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")
             for packet in stream.encode(vf):
