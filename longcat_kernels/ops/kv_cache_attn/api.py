@@ -152,8 +152,10 @@ def _split_aligned(k_cache, bs) -> bool:
 
 def _frame_hw(hw) -> Tuple[int, int]:
     """``block_sparse.frame_hw`` as two positive ints (a 0 would divide by zero, a float make a fractional grid)."""
+    # a SymInt first: dynamo cannot trace hasattr on one (a compiled DiT's grid after a new shape)
     bad = (not isinstance(hw, (tuple, list)) or len(hw) != 2
-           or any(isinstance(x, (bool, float)) or not hasattr(x, "__index__") for x in hw))
+           or any(isinstance(x, (bool, float)) or not (isinstance(x, (int, torch.SymInt)) or hasattr(x, "__index__"))
+                  for x in hw))
     if bad:
         raise TypeError(f"block_sparse.frame_hw: expected a tuple of 2 ints (H, W), got {hw!r}")
     if not all(int(x) > 0 for x in hw):
