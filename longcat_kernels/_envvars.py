@@ -84,19 +84,23 @@ _LOOKALIKE = re.compile(r"^LONGCAT_?KERNELS?_")
 _scanned = False
 
 
-def check_environment() -> None:
+def check_environment(scan: bool = True) -> None:
     """Run by the dispatcher on each eager call (a few microseconds): raises on a removed variable or
     a bad value of any boolean knob, of the backend or of the build targets (a bad
     ``LONGCAT_KERNELS_CUDA_ARCHS`` was only a JIT load failure: ``auto`` then ran Triton without a word,
     while the environment report said every call raises); the first call also warns about variables that
     look like ours but are not (``LONGCAT_KERNEL_BACKEND``, a plural ``..._BACKENDS``): a misspelt
-    knob would otherwise be ignored without a word."""
+    knob would otherwise be ignored without a word.
+
+    ``scan=False`` (the dispatcher inside a ``torch.compile`` trace) leaves the once-per-process flag
+    alone: a trace that read and flipped it left a graph whose guard on it failed on the next call
+    (the first compile of every process compiled twice); the first eager call scans instead."""
     global _scanned
     check_removed()
     for name, check in _setting_checks().items():
         if name in os.environ:
             check()
-    if _scanned:
+    if _scanned or not scan:
         return
     _scanned = True
     unknown = sorted(k for k in os.environ if _LOOKALIKE.match(k) and k not in KNOWN and k not in REMOVED)
@@ -286,3 +290,8 @@ def build_jobs() -> int:
     except (OSError, ValueError, IndexError):
         return cores
     return max(1, min(cores, int(free_gb // 4)))
+
+
+# filled at import rather than at first use: a torch.compile trace that filled it left a graph whose
+# guard on the empty table failed on the next call
+_setting_checks()

@@ -451,7 +451,8 @@ def machine_facts(device_type: str, device: Optional[torch.device] = None, probe
 
 
 def _machine_facts(device_type: str, device: Optional[torch.device], probe_triton: bool) -> Facts:
-    check_environment()
+    # a trace must not read or flip the scan's once-per-process flag (its guard failed on the next call)
+    check_environment(scan=not torch.compiler.is_compiling())
     interpret = triton_interpret()
     triton_error = triton_status() if (probe_triton or device_type == "cuda" or interpret) else None
     if device_type == "cuda" and torch.cuda.is_available():

@@ -466,3 +466,27 @@ def test_choose_derives_gqa_from_head_counts():
         assert (seen["qk_norm_rope"].rope_pairs, seen["qk_norm_rope"].norm_all_heads) == ("half", True)
     finally:
         dispatch.choose_kernel = orig
+
+
+def test_first_compile_in_a_process_compiles_once():
+    """An op compiled before any eager call traced the environment scan: the graph guarded on the
+    once-per-process flag (and the checks table) the trace itself flipped, so the next call compiled
+    again (2 graphs for the first torch.compile of every process). Fresh process: the flag is per process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, longcat_kernels as lk\n"
+        "from torch._dynamo.utils import counters\n"
+        "f = torch.compile(lambda q: lk.prefix_attn(q, q, q, 0), backend='eager', fullgraph=True)\n"
+        "q = torch.randn(1, 8, 1, 8)\n"
+        "f(q); f(q + 1)\n"
+        "print(counters['stats']['unique_graphs'])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LONGCAT_")}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "1", r.stdout + r.stderr
