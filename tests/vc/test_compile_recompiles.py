@@ -3,6 +3,7 @@ per step, per new cache, per model state change (LoRA toggle, ``load_state_dict`
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -80,3 +81,42 @@ def test_new_grid_compiles_once(compiled):
         assert _graphs(lambda: [cm(x5[:, :, 2:], t * 0.9 ** s, y, mask, kv_cache=cache) for s in range(3)]) == 1
         cache2 = model.build_kv_cache(torch.randn_like(x5[:1, :, :2]))  # new cache, new values: no graph
         assert _graphs(lambda: cm(x5[:, :, 2:], t, y, mask, kv_cache=cache2)) == 0
+
+
+@pytest.fixture
+def compiled_pipe(refine_ckpt):
+    """A distill-mode pipeline on the tiny refinement checkpoint whose DiT is ``compile``d (aot_eager);
+    the DiT is uncompiled again afterwards."""
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    torch._dynamo.reset()
+    pipe = VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu",
+                                                     attn_backend="torch", mode="distill")
+    pipe.dit.compile(backend="aot_eager")
+    yield pipe
+    pipe.dit._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def _frames(n, h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_refine_compiles_once(compiled_pipe):
+    """Each refine call toggles the refinement LoRA and loads a new stage-1 video: neither may compile
+    the DiT again (checked by hand in an audit; now pinned)."""
+    stage1 = _frames(6, 18, 32, 2)
+    kw = dict(video=_frames(9, 20, 36, 1), num_cond_frames=5, resolution=(64, 64), generator=3, progress=False,
+              output_type="latent", num_inference_steps=2)
+    assert _graphs(lambda: compiled_pipe.refine(stage1, "a cat", **kw)) == 1
+    assert _graphs(lambda: compiled_pipe.refine(stage1, "a dog", **dict(kw, generator=5))) == 0
+
+
+def test_extend_compiles_once(compiled_pipe):
+    """Each extend segment builds a new KV cache of the grown video: 3 segments make at most one graph,
+    a further extend none."""
+    kw = dict(segments=3, num_frames=9, num_cond_frames=5, resolution=(32, 64), num_inference_steps=2, generator=4,
+              progress=False)
+    video = _frames(9, 40, 72, 9)
+    assert _graphs(lambda: compiled_pipe.extend(video, "a cat", **kw)) <= 1
+    assert _graphs(lambda: compiled_pipe.extend(video, "a cat", **kw)) == 0
