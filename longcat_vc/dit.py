@@ -91,8 +91,9 @@ class LongCatDiT(nn.Module):
         self._lora_active_names: List[str] = []
         self._context_parallel = None
         self._uid = next(_MODEL_UIDS)  # which model a KV cache was built by (ids of dead objects repeat)
+        # _state_version (below): bumped by LoRA changes (longcat_vc.lora._bump_state) and load_state_dict
+        self._state_counter = 0
         self._state_token = StateToken(self._uid)
-        self._state_version = 0  # bumped by LoRA changes (longcat_vc.lora._bump_state) and load_state_dict
 
     @property
     def _state_version(self) -> int:
@@ -119,10 +120,14 @@ class LongCatDiT(nn.Module):
         parameter's identity and version counter, so streaming leaves the fingerprint unchanged.
         Python-only metadata: ~1k tensors of the released model cost well under a millisecond,
         next to seconds per DiT step."""
-        cfg = self.config
-        attn = (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
         tensors = itertools.chain(self.parameters(), self.buffers())
-        return (self._uid, self._state_version, attn, hash(tuple((id(t), t._version) for t in tensors)))
+        return (self._uid, self._state_version, self._attn_fingerprint(),
+                hash(tuple((id(t), t._version) for t in tensors)))
+
+    def _attn_fingerprint(self) -> tuple:
+        """The attention settings a cache's cond K/V depend on (``state_fingerprint``'s third entry)."""
+        cfg = self.config
+        return (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; KV caches built before are stale afterwards (the state
@@ -470,9 +475,7 @@ class LongCatDiT(nn.Module):
         tok = cache.state
         if tok is None or tok.owner != self._uid:
             return
-        cfg = self.config
-        attn = (True, repr(sorted(cfg.bsa_settings().items()))) if cfg.enable_bsa else (False,)
-        if tok.stale or (cache.source is not None and cache.source[2] != attn):
+        if tok.stale or (cache.source is not None and cache.source[2] != self._attn_fingerprint()):
             raise ValueError("kv_cache: stale, built before the LoRA state, the loaded weights, the dtype or "
                              "the block-sparse settings changed (traced call); rebuild it with build_kv_cache()")
 
