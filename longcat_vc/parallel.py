@@ -235,9 +235,9 @@ def checksum(*tensors: torch.Tensor) -> Tuple[float, float]:
         if n == 0:
             continue
         acc = sums.setdefault(t.device, torch.zeros(2, dtype=torch.float64, device=t.device))
-        rows = t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
+        flat = t.reshape(-1)  # one contiguous copy at most, read by both sums
+        rows = flat.view(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
         acc[0] += (rows * torch.arange(1, t.shape[0] + 1, device=t.device, dtype=torch.float64)).sum()
-        flat = t.reshape(-1)
         chunk = _CHECKSUM_CHUNK.get(t.device.type, _CHECKSUM_CHUNK_DEFAULT)
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
