@@ -30,6 +30,7 @@ estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exa
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import weakref
 from dataclasses import dataclass
@@ -474,8 +475,6 @@ def _fp8_target_counts(config) -> Tuple[int, int]:
     ``quantize_dit_fp8`` stores as e4m3 (1 byte each) with one fp32 scale per output channel."""
     from .dit import LongCatDiT
     from .fp8 import FP8_TARGETS
-
-    import dataclasses
 
     block = LongCatDiT(dataclasses.replace(config, depth=1), device="meta").blocks[0]
     weights = [block.get_submodule(name).weight for name in FP8_TARGETS]

@@ -241,8 +241,6 @@ def _checked_region(pipe):
     return contextlib.nullcontext() if cp is None else cp.checked_region()
 
 
-
-
 def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_cache: bool, offload_kv_cache: bool,
              guidance_scale: float, do_cfg: bool, memory: str, desc: str, progress: bool, timer, timings: dict,
              t_start: float, names: Tuple[str, str] = ("building the KV cache", "denoising")) -> torch.Tensor:
@@ -316,12 +314,14 @@ def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_c
     timings["steps"] = len(steps)
     return torch.cat([latents[:, :, :c].float(), x], dim=2) if cached else x
 
+
 def _release_streamed_blocks(pipe) -> None:
     """After a denoising loop, finished or raised: a block streamer's prefetched device copies (block 0,
     for the next step) need not sit through the decode, or stay on the device after an error."""
     streamer = getattr(pipe.dit, "_block_streamer", None)
     if streamer is not None:
         streamer.release()
+
 
 # LongCat-Video's aspect-ratio buckets for a spatial factor of 16 (VAE 8 x patch 2):
 # key = height / width, value = (height, width).
