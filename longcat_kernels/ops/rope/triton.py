@@ -6,9 +6,7 @@ One kernel family, `norm_rope_fwd_kernel`, covers the jobs chosen by constexpr f
 - `qk_norm_rope_triton`: RMSNorm (fp32 statistics, cast to the input dtype, times the weight in
   the input dtype) then RoPE (fp32, cast back) of q and k in one launch, each written once.
 - `launch_norm_rope` (internal, also used by the cached-KV kernels' RoPE prologue): RoPE of q
-  and/or k into preallocated outputs of any strides. Its plain copy of v (`COPY_V`) has had no caller
-  since the prologue stopped writing into a `[cache; fresh]` key/value buffer; removing it waits for
-  a GPU check of the rewritten kernel (session 21 had no device time left).
+  and/or k into preallocated outputs of any strides.
 
 RoPE tables are the per-axis fp32 tables of `Rope3D` (`cos_t/sin_t [T, dt]`, `cos_h/sin_h [H, dh]`,
 `cos_w/sin_w [W, dw]`, each angle repeated for its adjacent pair), so each program reads a few
@@ -124,36 +122,22 @@ def _norm_rope_tile(X, W, OUT, b, h, offs_s, offs_d, S, eps, b_cos, b_sin, b_rst
     tl.store(p_o, b_x.to(OUT.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _copy_tile(X, OUT, b, h, offs_s, offs_d, S,
-               stride_xb, stride_xs, stride_xh, stride_xd,
-               stride_ob, stride_os, stride_oh, stride_od, HEAD_DIM: tl.constexpr):
-    m = (offs_s < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    p_x = (X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs
-           + offs_d[None, :] * stride_xd)
-    p_o = (OUT + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os
-           + offs_d[None, :] * stride_od)
-    tl.store(p_o, tl.load(p_x, mask=m, other=0.0).to(OUT.dtype.element_ty), mask=m)
-
-
 @triton.jit(do_not_specialize=["S", "pos0", "GH", "GW"])
 def norm_rope_fwd_kernel(
-    Q, K, V, QW, KW, OUT_Q, OUT_K, OUT_V,
+    Q, K, QW, KW, OUT_Q, OUT_K,
     COS_T, SIN_T, COS_H, SIN_H, COS_W, SIN_W,
     S, H, eps, pos0, GH, GW,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
     stride_oqb, stride_oqs, stride_oqh, stride_oqd,
     stride_okb, stride_oks, stride_okh, stride_okd,
-    stride_ovb, stride_ovs, stride_ovh, stride_ovd,
-    HAS_Q: tl.constexpr, HAS_K: tl.constexpr, COPY_V: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
     DT: tl.constexpr, DH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr, NORM_ALL: tl.constexpr = False,
 ):
-    """Grid (cdiv(S, BLOCK_S), cdiv(H, HEADS_PER_PROG), B): a [BLOCK_S, D] tile of q, k (and v)
+    """Grid (cdiv(S, BLOCK_S), cdiv(H, HEADS_PER_PROG), B): a [BLOCK_S, D] tile of q and k
     for each of HEADS_PER_PROG heads; the RoPE tables of the tile's tokens are shared by them.
     NORM_ALL (HEADS_PER_PROG == H): RMSNorm statistics over all heads of a token (Wan), one
     extra read of the program's [BLOCK_S, H*D] rows (from L2) before the normalising pass."""
@@ -192,10 +176,6 @@ def norm_rope_fwd_kernel(
                                 stride_kb, stride_ks, stride_kh, stride_kd,
                                 stride_okb, stride_oks, stride_okh, stride_okd,
                                 HAS_NORM, HAS_ROPE, NORM_ALL, HEAD_DIM, BLOCK_S, BLOCK_D)
-            if COPY_V:
-                _copy_tile(V, OUT_V, b, h, offs_s, offs_d, S,
-                           stride_vb, stride_vs, stride_vh, stride_vd,
-                           stride_ovb, stride_ovs, stride_ovh, stride_ovd, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,15 +191,15 @@ def rope_table_args(rope) -> tuple[list[torch.Tensor], int, int]:
     return tabs, int(gh), int(gw)
 
 
-def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
-                     out_q=None, out_k=None, out_v=None, tables=None, gh=1, gw=1,
+def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
+                     out_q=None, out_k=None, tables=None, gh=1, gw=1,
                      frame_offset=0, eps=1e-6) -> None:
-    """Run `norm_rope_fwd_kernel` on whichever of q, k, v are given (same [B, S, H, D] shape).
+    """Run `norm_rope_fwd_kernel` on whichever of q, k are given (same [B, S, H, D] shape).
 
     `tables` (six per-axis fp32 tables) enables RoPE; `q_weight`/`k_weight` enable RMSNorm for that
-    tensor (both or neither). Writes out_q / out_k / out_v (any strides, preallocated).
+    tensor (both or neither). Writes out_q / out_k (any strides, preallocated).
     """
-    ref = q if q is not None else (k if k is not None else v)
+    ref = q if q is not None else k
     B, S, H, D = ref.shape
     if B * S * H == 0:
         return
@@ -249,14 +229,12 @@ def launch_norm_rope(*, q=None, k=None, v=None, q_weight=None, k_weight=None,
     grid = (triton.cdiv(S, block_s), triton.cdiv(H, hpp), B)
     norm_rope_fwd_kernel[grid](
         q if q is not None else dummy, k if k is not None else dummy,
-        v if v is not None else dummy,
         q_weight if q_weight is not None else dummy, k_weight if k_weight is not None else dummy,
         out_q if out_q is not None else dummy, out_k if out_k is not None else dummy,
-        out_v if out_v is not None else dummy,
         *t_args,
         S, H, float(eps), int(frame_offset) * gh * gw, gh, gw,
-        *st(q), *st(k), *st(v), *st(out_q), *st(out_k), *st(out_v),
-        HAS_Q=q is not None, HAS_K=k is not None, COPY_V=v is not None,
+        *st(q), *st(k), *st(out_q), *st(out_k),
+        HAS_Q=q is not None, HAS_K=k is not None,
         HAS_NORM=has_norm, HAS_ROPE=has_rope, DT=dt, DH=dh,
         HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, HEADS_PER_PROG=hpp, NORM_ALL=norm_all,
         num_warps=4,
