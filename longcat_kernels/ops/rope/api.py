@@ -54,6 +54,9 @@ class Rope3D:
         # inf would make every frequency but the first 0 (no rotation), NaN every angle NaN
         if not 0 < theta < float("inf"):
             raise ValueError(f"theta: expected a finite positive float, got {theta!r}")
+        # the tables are fp32: a theta past its maximum is inf there (no rotation, as theta=inf above)
+        if theta > 3.4028234663852886e38:
+            raise ValueError(f"theta: expected at most the fp32 maximum 3.4028e38 (the tables are fp32), got {theta!r}")
         if not isinstance(pairs, str):
             raise TypeError(f"pairs: expected 'interleaved' or 'half', got {type(pairs).__name__} {pairs!r}")
         if pairs not in ("interleaved", "half"):
@@ -78,6 +81,15 @@ class Rope3D:
         self.cos_t, self.sin_t = ref.axis_tables(T, dt, self.theta, device)
         self.cos_h, self.sin_h = ref.axis_tables(H, dh, self.theta, device)
         self.cos_w, self.sin_w = ref.axis_tables(W, dw, self.theta, device)
+        if self.theta < 1.0 and not compiling():
+            # a tiny theta overflows the fp32 angles (1 / theta**(2i/d), times the position): NaN tables,
+            # every rotated token NaN. Checked on the CPU (no device sync); theta >= 1 keeps angles <= position
+            for n, d in zip(self.grid, dims):
+                ang = ref.axis_angles(n, d, self.theta, "cpu")
+                if not bool(torch.isfinite(ang).all()):
+                    raise ValueError(
+                        f"theta: expected a theta whose fp32 angles are finite on grid {self.grid} with axis_dims "
+                        f"{tuple(dims)}, got {theta!r} (position * theta**(-2i/d) overflows fp32)")
         self._tables: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property

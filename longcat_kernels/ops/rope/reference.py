@@ -18,11 +18,16 @@ def rope_part_dims(head_dim: int) -> Tuple[int, int, int]:
     return head_dim - 2 * dh, dh, dh
 
 
-def axis_tables(n: int, dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[n, dim]`` fp32 for integer positions ``0..n-1``, each angle repeated for a pair."""
+def axis_angles(n: int, dim: int, theta: float, device=None) -> torch.Tensor:
+    """Angles ``[n, dim // 2]`` fp32: position ``0..n-1`` times ``theta ** (-2i / dim)``."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     pos = torch.arange(n, dtype=torch.float32, device=device)
-    ang = torch.outer(pos, inv_freq).repeat_interleave(2, dim=1)
+    return torch.outer(pos, inv_freq)
+
+
+def axis_tables(n: int, dim: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[n, dim]`` fp32 for integer positions ``0..n-1``, each angle repeated for a pair."""
+    ang = axis_angles(n, dim, theta, device).repeat_interleave(2, dim=1)
     return ang.cos(), ang.sin()
 
 
