@@ -72,6 +72,57 @@ def quantize(q, k, v, perm, vol, qdt, smooth_k=True):
     return q8, sq, k8, sk, v8t, sv.reshape(B * H, D).contiguous()
 
 
+@triton.jit
+def quant_kernel(x, s_b, s_s, s_h, mean, out, scl, T, HH, WW, nH, nW, NB, NH, FMAX,
+                 CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, VOL: tl.constexpr, D: tl.constexpr,
+                 SUB: tl.constexpr, PER_CHANNEL: tl.constexpr):
+    """One pass over one block of one (b, h): block-order e4m3 rows with per-token scales (q, k;
+    ``SUB``: minus the per-(b, h, d) mean), or ``PER_CHANNEL``: v times 1 / its per-(b, h, d) scale,
+    written transposed per block ``[D, VOL]``."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    o_r = tl.arange(0, VOL)
+    o_d = tl.arange(0, D)
+    seq, _ = _block_rows(i_blk, o_r, T, HH, WW, nH, nW, CT, CH, CW)
+    p_x = x + (i_bh // NH).to(tl.int64) * s_b + (i_bh % NH).to(tl.int64) * s_h + seq.to(tl.int64)[:, None] * s_s + o_d[None, :]
+    b_x = tl.load(p_x).to(tl.float32)
+    base = (i_bh.to(tl.int64) * NB + i_blk) * (VOL * D)
+    if PER_CHANNEL:
+        b_s = tl.load(scl + i_bh.to(tl.int64) * D + o_d)
+        b_y = b_x / b_s[None, :]
+        tl.store(out + base + o_d[None, :] * VOL + o_r[:, None], b_y.to(out.dtype.element_ty))
+    else:
+        if SUB:
+            b_x = b_x - tl.load(mean + i_bh.to(tl.int64) * D + o_d)[None, :]
+        b_s = tl.maximum(tl.max(tl.abs(b_x), 1) / FMAX, 1e-12)
+        b_y = b_x / b_s[:, None]
+        tl.store(out + base + o_r[:, None] * D + o_d[None, :], b_y.to(out.dtype.element_ty))
+        tl.store(scl + (i_bh.to(tl.int64) * NB + i_blk) * VOL + o_r, b_s)
+
+
+def quantize_fused(q, k, v, grid, chunk, qdt, smooth_k=True):
+    """``quantize``'s outputs from one Triton pass per tensor (plus torch's k mean and v amax)."""
+    B, S, H, D = q.shape
+    vol = chunk[0] * chunk[1] * chunk[2]
+    NB = S // vol
+    fmax = FP8_MAX if qdt == torch.float8_e4m3fn else 1.0
+    geo = (grid[0], grid[1], grid[2], grid[1] // chunk[1], grid[2] // chunk[2], NB, H, fmax)
+    meta = dict(CT=chunk[0], CH=chunk[1], CW=chunk[2], VOL=vol, D=D)
+    outs = []
+    for x, sub in ((q, False), (k, smooth_k)):
+        mean = x.float().mean(1).contiguous() if sub else x  # [B, H, D]
+        o8 = torch.empty((B * H, NB, vol, D), dtype=qdt, device=x.device)
+        sc = torch.empty((B * H, S), dtype=torch.float32, device=x.device)
+        quant_kernel[(NB, B * H)](x, x.stride(0), x.stride(1), x.stride(2), mean, o8, sc, *geo, **meta,
+                                  SUB=sub, PER_CHANNEL=False)
+        outs += [o8, sc]
+    sv = (v.float().abs().amax(1) / fmax).clamp_min(1e-12).reshape(B * H, D).contiguous()
+    v8t = torch.empty((B * H, NB, D, vol), dtype=qdt, device=v.device)
+    quant_kernel[(NB, B * H)](v, v.stride(0), v.stride(1), v.stride(2), v, v8t, sv, *geo, **meta,
+                              SUB=False, PER_CHANNEL=True)
+    return (*outs, v8t, sv)
+
+
 @triton.jit(do_not_specialize=["Tq", "HH", "WW", "nHq", "nWq", "NQ", "NK", "MAX_SEL"])
 def bsa_fp8_fwd_kernel(
     q8, sq, k8, sk, v8t, sv, o, lse, idx, cnt,
@@ -172,7 +223,11 @@ def cpu_check() -> int:
         sel = lk.select_blocks(q, k, grid_q=grid, chunk_q=chunk, sparsity=sp)
         ref, ref_lse = block_sparse_attn_reference(q.double(), k.double(), v.double(), sel, D ** -0.5)
         qz = quantize(q, k, v, block_perm(grid, chunk, "cpu"), vol, torch.float16)
-        out, lse = fp8_fwd(qz, sel, D ** -0.5, (B, S, H, D), torch.float32, bpi=bpi)
+        qf = quantize_fused(q, k, v, grid, chunk, torch.float16)
+        qdiff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(qz, qf))
+        print(f"fused quantisation vs torch: max abs {qdiff:.2e}")
+        bad += not qdiff < 2e-3
+        out, lse = fp8_fwd(qf, sel, D ** -0.5, (B, S, H, D), torch.float32, bpi=bpi)
         # smoothing k shifts each row's scores by q . mean(k): out is unchanged, lse moves by it
         r = _rel(out, ref)
         print(f"cpu check grid {grid} chunk {chunk} sparsity {sp} bpi {bpi}: rel L2 vs fp64 {r:.2e}, "
@@ -216,7 +271,10 @@ def gpu(args) -> int:
         ref, ref_lse = tri(q.float(), k.float(), v.float(), sel, scale)  # fp32 (ieee dots) on the same selection
         bf, _ = tri(q, k, v, sel, scale)
         qz = quantize(q, k, v, perm, vol, torch.float8_e4m3fn)
-        chk = {"bf16_triton_rel_l2_vs_fp32": _rel(bf, ref)}
+        qf = quantize_fused(q, k, v, grid, chunk, torch.float8_e4m3fn)
+        chk = {"bf16_triton_rel_l2_vs_fp32": _rel(bf, ref),
+               "fused_vs_torch_quant_max_abs": [float((a.float() - b.float()).abs().max()) for a, b in zip(qz, qf)]}
+        del qf
         configs = [(1, 4, 2), (1, 4, 3), (1, 8, 2), (2, 8, 2), (2, 4, 2)]
         good = []
         for bpi, nw, ns in configs:
@@ -249,6 +307,8 @@ def gpu(args) -> int:
             fns[name] = (lambda b_, w_, s_: lambda i: fp8_fwd(qzs[i], sets[i][3], scale, (B, S, H, D), torch.bfloat16,
                                                                b_, w_, s_))(bpi, nw, ns)
         fns["quantize_torch"] = lambda i: quantize(sets[i][0], sets[i][1], sets[i][2], perm, vol, torch.float8_e4m3fn)
+        fns["quantize_fused"] = lambda i: quantize_fused(sets[i][0], sets[i][1], sets[i][2], grid, chunk,
+                                                         torch.float8_e4m3fn)
         fns["gating"] = lambda i: lk.select_blocks(sets[i][0], sets[i][1], grid_q=grid, chunk_q=chunk, sparsity=sp)
         fns["op_auto_gating_plus_fwd"] = lambda i: lk.block_sparse_attn(sets[i][0], sets[i][1], sets[i][2],
                                                                         grid_q=grid, chunk_q=chunk, sparsity=sp)
