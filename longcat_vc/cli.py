@@ -232,7 +232,12 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
         with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
     h, w = out.frames.shape[1:3]
-    print((f"{label} " if label else "") + _summary(out.timings, load_s, write_s), file=log)
+    shown = out.timings
+    if isinstance(shown.get("stage1"), dict):
+        # continue --refine: the line's total is the run's (load + stage 1 + refinement + write); it was the
+        # refinement's alone, the 480p stage (most of the run) left out
+        shown = dict(shown, total=shown.get("total", 0.0) + shown["stage1"].get("total", 0.0))
+    print((f"{label} " if label else "") + _summary(shown, load_s, write_s), file=log)
     print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
           f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
           file=log, flush=True)
@@ -662,7 +667,8 @@ def _run(args) -> int:
     if not main_rank:  # rank 0 writes the video and reports
         run.close()
         return 0
-    _write_out(args, out, load_s, seed, log, "", extra={"mode": args.mode})
+    _write_out(args, out, load_s, seed, log, "refine (720p)" if getattr(args, "refine", False) else "",
+               extra={"mode": args.mode})
     if run is not None:
         run.close()
     return 0

@@ -249,6 +249,30 @@ def _video_30fps(video) -> np.ndarray:
     return vf.frames
 
 
+def _lora_file_id(path: str) -> tuple:
+    """What tells a LoRA file from another, or from itself rewritten: its absolute path, inode, size and
+    modification time (``os.stat``; the file is not read)."""
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _refinement_lora_to_load(pipe, lora_path: Optional[str]) -> bool:
+    """Whether ``refine_state`` loads the refinement LoRA from ``lora_path``: it is not loaded, or an earlier
+    refinement of this pipeline loaded it from another file, or from this one before it changed
+    (``pipe.refinement_lora_path`` set to a new file, or the file rewritten after more training: the first
+    call's LoRA stayed in use without a word). One the user loaded by hand is kept while the path and its
+    file stay as they were."""
+    if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []):
+        return True
+    source = getattr(pipe, "_refinement_lora_source", None)
+    if source is None or lora_path is None:
+        return False
+    try:
+        return _lora_file_id(lora_path) != source
+    except OSError:  # gone: check_refine_lora names it
+        return True
+
+
 def check_refine_lora(pipe, lora_path: Optional[str]) -> None:
     """Before any refinement work: the refinement LoRA can be swapped in, i.e. it is loaded or its
     file exists, and the DiT's LoRA is not fused into fp8 weights (those cannot be unfused: with
@@ -262,7 +286,7 @@ def check_refine_lora(pipe, lora_path: Optional[str]) -> None:
             f"refinement LoRA: none known to this pipeline (built without from_pretrained); set "
             f"pipe.refinement_lora_path to the checkpoint's {REFINEMENT_LORA_FILE}, or load it with "
             f"pipe.dit.load_lora(path, {REFINEMENT_LORA!r})")
-    if REFINEMENT_LORA not in getattr(dit, "lora_names", []) and not os.path.isfile(lora_path):
+    if _refinement_lora_to_load(pipe, lora_path) and not os.path.isfile(lora_path):
         raise CheckpointError(
             f"refinement LoRA file not found: {lora_path} (expected {REFINEMENT_LORA_FILE} in the checkpoint folder)"
         )
@@ -274,19 +298,23 @@ def check_refine_lora(pipe, lora_path: Optional[str]) -> None:
 @contextlib.contextmanager
 def refine_state(pipe, lora_path: Optional[str]):
     """Refinement LoRA alone and BSA on for the body; the previous LoRA/fuse/BSA state after,
-    also when the body raises. Loads the LoRA on first use without touching any RNG."""
+    also when the body raises. Loads the LoRA on first use (and again when ``lora_path`` names another file
+    than the one loaded, or that file changed: ``_refinement_lora_to_load``) without touching any RNG."""
     dit = pipe.dit
-    if REFINEMENT_LORA not in getattr(dit, "lora_names", []):
+    # before a (re)load: replacing an active LoRA of the same name unfuses the model
+    prev_active = list(getattr(dit, "active_loras", []))
+    prev_fused = bool(fused_loras(dit))
+    if _refinement_lora_to_load(pipe, lora_path):
         if lora_path is None or not os.path.isfile(lora_path):
             raise CheckpointError(f"refinement LoRA file not found: {lora_path} ({REFINEMENT_LORA_FILE} of the checkpoint)")
         devices = [dit.device] if getattr(dit, "device", torch.device("cpu")).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             try:
+                source = _lora_file_id(lora_path)
                 dit.load_lora(lora_path, REFINEMENT_LORA)
             except Exception as e:
                 raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
-    prev_active = list(getattr(dit, "active_loras", []))
-    prev_fused = bool(fused_loras(dit))
+        pipe._refinement_lora_source = source
     cfg = dit.config
     prev_bsa = cfg.enable_bsa
     try:
