@@ -119,6 +119,22 @@ def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return out.type_as(x)
 
 
+def _via_original(name: str) -> property:
+    """``name`` read from and written to the original processor. diffusers' ``set_attention_backend`` /
+    ``enable_parallelism`` write ``_attention_backend`` / ``_parallel_config`` onto each processor that has
+    the attribute: the original serves the calls passed on and is put back by ``remove_block_sparse_attention``,
+    so the setting must land there (a restored processor without the model's ``_parallel_config`` attends
+    over its rank's shard of the sequence only). No such attribute on the original: none here either."""
+
+    def get(self):
+        return getattr(self.original, name)
+
+    def set(self, value):
+        setattr(self.original, name, value)
+
+    return property(get, set, doc=f"The original processor's ``{name}``.")
+
+
 class BlockSparseWanAttnProcessor:
     """Self-attention processor of a ``WanAttention``: diffusers' projections, norms and RoPE, then
     LongCat block-sparse attention over the video grid of the current forward.
@@ -139,6 +155,9 @@ class BlockSparseWanAttnProcessor:
             the norms are ``torch.nn.RMSNorm`` over heads*head_dim and grad is disabled (inference),
             else diffusers' path runs.
     """
+
+    _attention_backend = _via_original("_attention_backend")
+    _parallel_config = _via_original("_parallel_config")
 
     def __init__(self, state: _GridState, params: BlockSparseParams, original: Any, backend: str = "auto",
                  dense_at_zero: bool = True, fused_prologue: Optional[bool] = None):
@@ -394,7 +413,9 @@ def apply_block_sparse_attention(
 def remove_block_sparse_attention(transformer):
     """Undo ``apply_block_sparse_attention``: the original processor objects back, the hook removed.
 
-    A block whose processor was replaced after apply (``set_attn_processor``) keeps that processor.
+    A block whose processor was replaced after apply (``set_attn_processor``) keeps that processor. Settings
+    diffusers made on the processors meanwhile (``set_attention_backend``, ``enable_parallelism``) reached the
+    originals, which carry them back.
     Returns the transformer; a transformer without our attention is returned unchanged.
     """
     inst = getattr(transformer, _ATTR, None)
