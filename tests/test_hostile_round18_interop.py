@@ -69,3 +69,21 @@ def test_a_processor_without_the_attribute_is_still_skipped_by_diffusers():
 
     p = BlockSparseWanAttnProcessor(None, lk.BlockSparseParams(), Plain())
     assert not hasattr(p, "_attention_backend") and not hasattr(p, "_parallel_config")
+
+
+def test_direct_forward_after_a_failed_call_is_refused_not_run_on_its_grid():
+    # the pre-forward hook marks "a forward began" (its grid is the next RoPE tables'); a call that raised
+    # before any block left the mark set, so a following transformer.forward(...) (no hook) took the failed
+    # call's grid: (2, 4, 6) for a (2, 6, 4) input of the same token count, no error (documented: refused)
+    m = _model()
+    apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2)), backend="torch")
+    t, txt = torch.tensor([300]), torch.randn(1, 7, 24)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            m(torch.randn(1, 4, 2, 8, 12), t, torch.randn(1, 7, 25))  # text_dim 24: fails before the blocks
+        with pytest.raises(RuntimeError, match=r"RoPE tables of a forward the pre-forward hook did not see"):
+            m.forward(torch.randn(1, 4, 2, 12, 8), t, txt)
+        out = m(torch.randn(1, 4, 2, 12, 8), t, txt, return_dict=False)[0]  # the module call still works
+    assert m._longcat_block_sparse.state.grid == (2, 6, 4) and torch.isfinite(out).all()
+    remove_block_sparse_attention(m)
+    assert not m._forward_hooks and not m._forward_pre_hooks

@@ -107,6 +107,7 @@ class _Installed:
     state: _GridState
     hook: Any
     originals: Dict[int, Any] = field(default_factory=dict)  # block index -> original attn1 processor
+    end_hook: Any = None  # the forward hook that clears _GridState._fresh
 
 
 def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -310,6 +311,16 @@ def _grid_hook(patch: Tuple[int, int, int], module, args, kwargs):
     return None
 
 
+def _end_hook(module, args, output):
+    """Forward hook, also run when the forward raised (``always_call``): the forward's mark goes. A call that
+    failed before its first block left it set, and a following ``transformer.forward(...)`` (no hook) took
+    that call's grid instead of being refused."""
+    inst = getattr(module, _ATTR, None)
+    if inst is not None:
+        inst.state._fresh = False
+    return None
+
+
 def apply_block_sparse_attention(
     transformer,
     params: BlockSparseParams,
@@ -399,7 +410,8 @@ def apply_block_sparse_attention(
     state = _GridState()
 
     handle = transformer.register_forward_pre_hook(functools.partial(_grid_hook, (p_t, p_h, p_w)), with_kwargs=True)
-    inst = _Installed(state=state, hook=handle)
+    inst = _Installed(state=state, hook=handle,
+                      end_hook=transformer.register_forward_hook(_end_hook, always_call=True))
     for i in idx:
         attn = transformer.blocks[i].attn1
         inst.originals[i] = attn.processor
@@ -428,5 +440,7 @@ def remove_block_sparse_attention(transformer):
         if isinstance(cur, BlockSparseWanAttnProcessor) and cur.state is inst.state:
             attn.set_processor(proc)
     inst.hook.remove()
+    if getattr(inst, "end_hook", None) is not None:  # an _Installed pickled before it had one
+        inst.end_hook.remove()
     delattr(transformer, _ATTR)
     return transformer
