@@ -107,6 +107,7 @@ class _Installed:
     state: _GridState
     hook: Any
     originals: Dict[int, Any] = field(default_factory=dict)  # block index -> original attn1 processor
+    end_hook: Any = None  # the forward hook that clears _GridState._fresh
 
 
 def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,22 @@ def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     c, s = cos[..., 0::2], sin[..., 1::2]
     out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     return out.type_as(x)
+
+
+def _via_original(name: str) -> property:
+    """``name`` read from and written to the original processor. diffusers' ``set_attention_backend`` /
+    ``enable_parallelism`` write ``_attention_backend`` / ``_parallel_config`` onto each processor that has
+    the attribute: the original serves the calls passed on and is put back by ``remove_block_sparse_attention``,
+    so the setting must land there (a restored processor without the model's ``_parallel_config`` attends
+    over its rank's shard of the sequence only). No such attribute on the original: none here either."""
+
+    def get(self):
+        return getattr(self.original, name)
+
+    def set(self, value):
+        setattr(self.original, name, value)
+
+    return property(get, set, doc=f"The original processor's ``{name}``.")
 
 
 class BlockSparseWanAttnProcessor:
@@ -139,6 +156,9 @@ class BlockSparseWanAttnProcessor:
             the norms are ``torch.nn.RMSNorm`` over heads*head_dim and grad is disabled (inference),
             else diffusers' path runs.
     """
+
+    _attention_backend = _via_original("_attention_backend")
+    _parallel_config = _via_original("_parallel_config")
 
     def __init__(self, state: _GridState, params: BlockSparseParams, original: Any, backend: str = "auto",
                  dense_at_zero: bool = True, fused_prologue: Optional[bool] = None):
@@ -291,6 +311,16 @@ def _grid_hook(patch: Tuple[int, int, int], module, args, kwargs):
     return None
 
 
+def _end_hook(module, args, output):
+    """Forward hook, also run when the forward raised (``always_call``): the forward's mark goes. A call that
+    failed before its first block left it set, and a following ``transformer.forward(...)`` (no hook) took
+    that call's grid instead of being refused."""
+    inst = getattr(module, _ATTR, None)
+    if inst is not None:
+        inst.state._fresh = False
+    return None
+
+
 def apply_block_sparse_attention(
     transformer,
     params: BlockSparseParams,
@@ -380,7 +410,8 @@ def apply_block_sparse_attention(
     state = _GridState()
 
     handle = transformer.register_forward_pre_hook(functools.partial(_grid_hook, (p_t, p_h, p_w)), with_kwargs=True)
-    inst = _Installed(state=state, hook=handle)
+    inst = _Installed(state=state, hook=handle,
+                      end_hook=transformer.register_forward_hook(_end_hook, always_call=True))
     for i in idx:
         attn = transformer.blocks[i].attn1
         inst.originals[i] = attn.processor
@@ -394,7 +425,9 @@ def apply_block_sparse_attention(
 def remove_block_sparse_attention(transformer):
     """Undo ``apply_block_sparse_attention``: the original processor objects back, the hook removed.
 
-    A block whose processor was replaced after apply (``set_attn_processor``) keeps that processor.
+    A block whose processor was replaced after apply (``set_attn_processor``) keeps that processor. Settings
+    diffusers made on the processors meanwhile (``set_attention_backend``, ``enable_parallelism``) reached the
+    originals, which carry them back.
     Returns the transformer; a transformer without our attention is returned unchanged.
     """
     inst = getattr(transformer, _ATTR, None)
@@ -407,5 +440,7 @@ def remove_block_sparse_attention(transformer):
         if isinstance(cur, BlockSparseWanAttnProcessor) and cur.state is inst.state:
             attn.set_processor(proc)
     inst.hook.remove()
+    if getattr(inst, "end_hook", None) is not None:  # an _Installed pickled before it had one
+        inst.end_hook.remove()
     delattr(transformer, _ATTR)
     return transformer
