@@ -128,6 +128,11 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
     for name, a in dict(kwargs.get("alpha_pattern") or {}).items():
         if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a < float("inf"):
             raise ValueError(f"lora_config: alpha_pattern[{name!r}]: expected a finite positive number, got {a!r}")
+    # per-module ranks as rank itself (a float failed deep in torch: "empty(): argument 'size' ...")
+    for name, r in dict(kwargs.get("rank_pattern") or {}).items():
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+            raise ValueError(f"lora_config: rank_pattern[{name!r}]: expected a positive int, got "
+                             f"{type(r).__name__} {r!r}")
     config = _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets),
                                 lora_dropout=float(dropout), bias="none", **kwargs)
     _check_savable(config, "lora_config")
@@ -280,8 +285,31 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
         block.__dict__.pop("forward", None)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The DiT inside ``model``: a ``LongCatDiT``, a peft model around one, or that inside a wrapper
+    (``DataParallel`` / ``DistributedDataParallel``'s ``.module``, peft's ``LoraModel`` at ``.base_model``).
+    Module paths, and so the saved LongCat keys, are relative to it: through a wrapper they started with
+    ``module.base_model.model.`` and the file matched no module of the DiT."""
+    from .dit import LongCatDiT  # noqa: PLC0415
+
+    if isinstance(model, nn.Module) and not isinstance(model, LongCatDiT):
+        dits = [m for m in model.modules() if isinstance(m, LongCatDiT)]
+        if len(dits) == 1:
+            return dits[0]
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _peft_configs(model: nn.Module) -> dict:
+    """``peft_config`` of the peft model in ``model`` (itself, or inside a wrapper); {} when none."""
+    for m in model.modules() if isinstance(model, nn.Module) else ():
+        cfg = getattr(m, "peft_config", None)
+        if isinstance(cfg, dict):
+            return cfg
+    return {}
+
+
 def _base_dit(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     if not hasattr(base, "blocks") or not isinstance(base.blocks, nn.ModuleList):
         raise TypeError(f"expected a LongCatDiT (or a peft model around one), got {type(base).__name__}")
     return base
@@ -357,7 +385,7 @@ def flow_matching_loss(
 def _check_no_own_loras(model: nn.Module, where: str) -> None:
     """The DiT's own ``load_lora`` adapters are off: add_lora refused them, but enable_loras / fuse_lora after
     it went through, and the peft adapter then trained on top of them (a file of it alone gave another model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     active = list(getattr(base, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"{where}: the DiT has its own LoRAs {active} active (load_lora / enable_loras); the peft "
@@ -369,7 +397,7 @@ def _check_no_own_loras(model: nn.Module, where: str) -> None:
 def _lora_layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     layers = []
     for path, mod in base.named_modules():
         if isinstance(mod, LoraLayer) and adapter_name in getattr(mod, "lora_A", {}):
@@ -428,7 +456,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
     if not layers:
         raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
     _check_no_own_loras(model, "longcat_lora_state_dict")
-    cfg = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    cfg = _peft_configs(model).get(adapter_name)
     if cfg is not None:  # a config made without lora_config() / add_lora()
         _check_savable(cfg, "longcat_lora_state_dict")
     from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415
