@@ -220,15 +220,7 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
             "dit: expected a DiT without peft adapters, got one that already has them (add_lora was called on it "
             "before); keep training the model add_lora returned, or save it and call .unload() first"
         )
-    from .fp8 import Fp8Linear  # noqa: PLC0415
-
-    fp8 = [n for n, m in dit.named_modules() if isinstance(m, Fp8Linear)]
-    if fp8:
-        # the fp8 linears quantise their input without a gradient: every adapter before the last one
-        # got a zero (or no) gradient, and the loss still went down through the rest, silently
-        raise ValueError(f"add_lora: the DiT's weights are fp8 (quantize_dit_fp8: {fp8[0]}, ... {len(fp8)} linears), "
-                         "through which no gradient flows; train on the unquantised DiT (bfloat16) and quantise "
-                         "for inference after")
+    _check_not_fp8(dit, "add_lora")
     active = list(getattr(dit, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
@@ -242,6 +234,19 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
                              f"{sorted({n.split('.', 2)[-1] for n in linears})[:8]})")
     _check_targets_are_linear(dit, config)
     return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
+
+
+def _check_not_fp8(model: nn.Module, where: str) -> None:
+    """ValueError when the DiT in ``model`` has fp8 linears (``quantize_dit_fp8``)."""
+    from .fp8 import Fp8Linear  # noqa: PLC0415
+
+    fp8 = [n for n, m in _unwrap(model).named_modules() if isinstance(m, Fp8Linear)]
+    if fp8:
+        # the fp8 linears quantise their input without a gradient: every adapter before the last one
+        # got a zero (or no) gradient, and the loss still went down through the rest, silently
+        raise ValueError(f"{where}: the DiT's weights are fp8 (quantize_dit_fp8: {fp8[0]}, ... {len(fp8)} linears), "
+                         "through which no gradient flows; train on the unquantised DiT (bfloat16) and quantise "
+                         "for inference after")
 
 
 def _check_targets_are_linear(dit: nn.Module, config) -> None:
@@ -375,6 +380,8 @@ def flow_matching_loss(
         raise ValueError(f"noise: expected shape {list(latents.shape)}, got {list(noise.shape)}")
     if torch.is_grad_enabled():
         _check_no_own_loras(model, "flow_matching_loss")
+        # add_lora refused an fp8 DiT, but quantize_dit_fp8 after it (or peft by hand) trained on silently
+        _check_not_fp8(model, "flow_matching_loss")
     s = sigmas.to(device=x0.device, dtype=torch.float32).view(B, 1, 1, 1, 1)
     noise = noise.to(device=x0.device, dtype=torch.float32)
     x_s = (1.0 - s) * x0 + s * noise

@@ -99,3 +99,41 @@ def test_int_rank_pattern_saves_per_layer_ranks_that_reload(tmp_path):
     with torch.no_grad():
         got = fresh(x, s, y)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def _fp8_setup():
+    cfg = tiny_config(attn_backend="torch")
+    sd = random_state_dict(cfg, seed=4)
+    g = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 1, 5, 32, generator=g)
+    return cfg, sd, x0, y
+
+
+@pytest.mark.parametrize("targets", [["adaLN_modulation.1"], ["ffn.w1"]])
+def test_quantising_a_dit_that_carries_peft_adapters_is_refused(targets):
+    from longcat_vc.fp8 import Fp8Linear, quantize_dit_fp8
+
+    cfg, sd, x0, y = _fp8_setup()
+    m = tr.add_lora(model_from_state_dict(cfg, sd), tr.lora_config(rank=4, alpha=8, targets=targets,
+                                                                    init_lora_weights=False))
+    # adapters beside the fp8 linears: quantised, then trained with 30-60% wrong adapter gradients (no
+    # gradient flows through the fp8 activations); on them: "blocks.0.ffn.w1 is a Linear, expected LoRALinear"
+    for what in (m.get_base_model(), m):
+        with pytest.raises(ValueError, match=r"^quantize_dit_fp8: dit: .*peft adapters \(add_lora\)"):
+            quantize_dit_fp8(what, emulate=True)
+    assert not any(isinstance(mod, Fp8Linear) for mod in m.modules())
+    tr.flow_matching_loss(m, x0, y).backward()
+
+
+def test_training_through_fp8_weights_is_refused_whatever_the_order():
+    from longcat_vc.fp8 import quantize_dit_fp8
+
+    cfg, sd, x0, y = _fp8_setup()
+    dit = model_from_state_dict(cfg, sd)
+    quantize_dit_fp8(dit, emulate=True)
+    # peft by hand around the quantised DiT (add_lora refuses it): the loss trained on, wrong gradients
+    m = peft.get_peft_model(dit, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["adaLN_modulation.1"]))
+    with pytest.raises(ValueError, match=r"^flow_matching_loss: the DiT's weights are fp8"):
+        tr.flow_matching_loss(m, x0, y)
+    with torch.no_grad():  # evaluating stays possible
+        assert torch.isfinite(tr.flow_matching_loss(m, x0, y))
