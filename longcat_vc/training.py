@@ -299,6 +299,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
     if isinstance(model, nn.Module) and not isinstance(model, LongCatDiT):
         dits = [m for m in model.modules() if isinstance(m, LongCatDiT)]
+        if len(dits) > 1:  # e.g. a student and a frozen teacher: the one with peft adapters
+            dits = [d for d in dits if any(type(m).__module__.startswith("peft.") for m in d.modules())]
         if len(dits) == 1:
             return dits[0]
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -137,3 +137,16 @@ def test_training_through_fp8_weights_is_refused_whatever_the_order():
         tr.flow_matching_loss(m, x0, y)
     with torch.no_grad():  # evaluating stays possible
         assert torch.isfinite(tr.flow_matching_loss(m, x0, y))
+
+
+def test_a_module_holding_the_trained_dit_and_a_frozen_teacher_saves_the_students_names():
+    cfg, sd, m = _setup()
+    want_keys = set(tr.longcat_lora_state_dict(m))
+
+    class Distill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = model_from_state_dict(cfg, sd)
+            self.student = m
+
+    assert set(tr.longcat_lora_state_dict(Distill())) == want_keys
