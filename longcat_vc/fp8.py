@@ -294,9 +294,16 @@ def quantize_dit_fp8(dit: nn.Module, *, device=None, emulate: bool = False) -> L
 
     Raises:
         ValueError: the device has no fp8 tensor cores (and not ``emulate``), or a linear's
-            ``in``/``out`` features are not multiples of 16 (``_scaled_mm``'s rule).
+            ``in``/``out`` features are not multiples of 16 (``_scaled_mm``'s rule), or the DiT
+            carries peft adapters (``longcat_vc.training.add_lora``: train unquantised, quantise after).
     """
     check_bool(emulate, "emulate")  # a truthy "no" would emulate on a device without fp8 GEMMs, silently slow
+    if any(type(m).__module__.startswith("peft.") for m in dit.modules()):
+        # peft adapters beside the fp8 linears trained on with wrong gradients (none flows through the fp8
+        # activations); on them, "blocks.0.ffn.w1 is a Linear, expected LoRALinear"
+        raise ValueError("quantize_dit_fp8: dit: expected a DiT without peft adapters, got one that carries peft "
+                         "adapters (add_lora); no gradient flows through fp8 weights: save the adapter "
+                         "(save_longcat_lora), unload() it, and quantise the DiT for inference after (load_lora)")
     device = torch.device(device) if device is not None else dit.device
     if not emulate:
         check_fp8_device(device)

@@ -128,6 +128,11 @@ def lora_config(rank: int = 128, alpha: float = 64.0, targets: Sequence[str] = L
     for name, a in dict(kwargs.get("alpha_pattern") or {}).items():
         if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a < float("inf"):
             raise ValueError(f"lora_config: alpha_pattern[{name!r}]: expected a finite positive number, got {a!r}")
+    # per-module ranks as rank itself (a float failed deep in torch: "empty(): argument 'size' ...")
+    for name, r in dict(kwargs.get("rank_pattern") or {}).items():
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+            raise ValueError(f"lora_config: rank_pattern[{name!r}]: expected a positive int, got "
+                             f"{type(r).__name__} {r!r}")
     config = _peft().LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(targets),
                                 lora_dropout=float(dropout), bias="none", **kwargs)
     _check_savable(config, "lora_config")
@@ -215,15 +220,7 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
             "dit: expected a DiT without peft adapters, got one that already has them (add_lora was called on it "
             "before); keep training the model add_lora returned, or save it and call .unload() first"
         )
-    from .fp8 import Fp8Linear  # noqa: PLC0415
-
-    fp8 = [n for n, m in dit.named_modules() if isinstance(m, Fp8Linear)]
-    if fp8:
-        # the fp8 linears quantise their input without a gradient: every adapter before the last one
-        # got a zero (or no) gradient, and the loss still went down through the rest, silently
-        raise ValueError(f"add_lora: the DiT's weights are fp8 (quantize_dit_fp8: {fp8[0]}, ... {len(fp8)} linears), "
-                         "through which no gradient flows; train on the unquantised DiT (bfloat16) and quantise "
-                         "for inference after")
+    _check_not_fp8(dit, "add_lora")
     active = list(getattr(dit, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"add_lora: the DiT has LoRAs {active} active; call dit.disable_loras() first")
@@ -237,6 +234,19 @@ def add_lora(dit: nn.Module, config=None, *, adapter_name: str = "default", fp32
                              f"{sorted({n.split('.', 2)[-1] for n in linears})[:8]})")
     _check_targets_are_linear(dit, config)
     return peft.get_peft_model(dit, config, adapter_name=adapter_name, autocast_adapter_dtype=bool(fp32_adapters))
+
+
+def _check_not_fp8(model: nn.Module, where: str) -> None:
+    """ValueError when the DiT in ``model`` has fp8 linears (``quantize_dit_fp8``)."""
+    from .fp8 import Fp8Linear  # noqa: PLC0415
+
+    fp8 = [n for n, m in _unwrap(model).named_modules() if isinstance(m, Fp8Linear)]
+    if fp8:
+        # the fp8 linears quantise their input without a gradient: every adapter before the last one
+        # got a zero (or no) gradient, and the loss still went down through the rest, silently
+        raise ValueError(f"{where}: the DiT's weights are fp8 (quantize_dit_fp8: {fp8[0]}, ... {len(fp8)} linears), "
+                         "through which no gradient flows; train on the unquantised DiT (bfloat16) and quantise "
+                         "for inference after")
 
 
 def _check_targets_are_linear(dit: nn.Module, config) -> None:
@@ -280,8 +290,33 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
         block.__dict__.pop("forward", None)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The DiT inside ``model``: a ``LongCatDiT``, a peft model around one, or that inside a wrapper
+    (``DataParallel`` / ``DistributedDataParallel``'s ``.module``, peft's ``LoraModel`` at ``.base_model``).
+    Module paths, and so the saved LongCat keys, are relative to it: through a wrapper they started with
+    ``module.base_model.model.`` and the file matched no module of the DiT."""
+    from .dit import LongCatDiT  # noqa: PLC0415
+
+    if isinstance(model, nn.Module) and not isinstance(model, LongCatDiT):
+        dits = [m for m in model.modules() if isinstance(m, LongCatDiT)]
+        if len(dits) > 1:  # e.g. a student and a frozen teacher: the one with peft adapters
+            dits = [d for d in dits if any(type(m).__module__.startswith("peft.") for m in d.modules())]
+        if len(dits) == 1:
+            return dits[0]
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _peft_configs(model: nn.Module) -> dict:
+    """``peft_config`` of the peft model in ``model`` (itself, or inside a wrapper); {} when none."""
+    for m in model.modules() if isinstance(model, nn.Module) else ():
+        cfg = getattr(m, "peft_config", None)
+        if isinstance(cfg, dict):
+            return cfg
+    return {}
+
+
 def _base_dit(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     if not hasattr(base, "blocks") or not isinstance(base.blocks, nn.ModuleList):
         raise TypeError(f"expected a LongCatDiT (or a peft model around one), got {type(base).__name__}")
     return base
@@ -347,6 +382,8 @@ def flow_matching_loss(
         raise ValueError(f"noise: expected shape {list(latents.shape)}, got {list(noise.shape)}")
     if torch.is_grad_enabled():
         _check_no_own_loras(model, "flow_matching_loss")
+        # add_lora refused an fp8 DiT, but quantize_dit_fp8 after it (or peft by hand) trained on silently
+        _check_not_fp8(model, "flow_matching_loss")
     s = sigmas.to(device=x0.device, dtype=torch.float32).view(B, 1, 1, 1, 1)
     noise = noise.to(device=x0.device, dtype=torch.float32)
     x_s = (1.0 - s) * x0 + s * noise
@@ -357,7 +394,7 @@ def flow_matching_loss(
 def _check_no_own_loras(model: nn.Module, where: str) -> None:
     """The DiT's own ``load_lora`` adapters are off: add_lora refused them, but enable_loras / fuse_lora after
     it went through, and the peft adapter then trained on top of them (a file of it alone gave another model)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     active = list(getattr(base, "_lora_active_names", []) or [])
     if active:
         raise ValueError(f"{where}: the DiT has its own LoRAs {active} active (load_lora / enable_loras); the peft "
@@ -369,7 +406,7 @@ def _check_no_own_loras(model: nn.Module, where: str) -> None:
 def _lora_layers(model: nn.Module, adapter_name: str) -> List[Tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     layers = []
     for path, mod in base.named_modules():
         if isinstance(mod, LoraLayer) and adapter_name in getattr(mod, "lora_A", {}):
@@ -428,7 +465,7 @@ def longcat_lora_state_dict(model: nn.Module, *, adapter_name: str = "default", 
     if not layers:
         raise ValueError(f"longcat_lora_state_dict: the model has no peft LoRA adapter named {adapter_name!r}")
     _check_no_own_loras(model, "longcat_lora_state_dict")
-    cfg = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    cfg = _peft_configs(model).get(adapter_name)
     if cfg is not None:  # a config made without lora_config() / add_lora()
         _check_savable(cfg, "longcat_lora_state_dict")
     from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415
