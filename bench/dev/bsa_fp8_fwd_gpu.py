@@ -35,23 +35,11 @@ import triton
 import triton.language as tl
 
 import longcat_kernels as lk
+from bench.dev.bsa_blocked_layout_gpu import block_perm
 from longcat_kernels.ops.block_sparse_attn._triton_kernels import _block_rows
 
 _LOG2E = 1.4426950408889634
 FP8_MAX = 448.0
-
-
-def block_perm(grid, chunk, device):
-    """perm[vol * b + r] = sequence index of slot r of block b (the kernels' slot order)."""
-    T, Hh, W = grid
-    ct, ch, cw = chunk
-    nH, nW = Hh // ch, W // cw
-    nb = (T // ct) * nH * nW
-    b = torch.arange(nb, device=device)[:, None]
-    r = torch.arange(ct * ch * cw, device=device)[None, :]
-    bt, bh, bw = b // (nW * nH), (b // nW) % nH, b % nW
-    dt, dh, dw = r // (ch * cw), (r // cw) % ch, r % cw
-    return (((bt * ct + dt) * Hh + bh * ch + dh) * W + bw * cw + dw).flatten()
 
 
 def quantize(q, k, v, perm, vol, qdt, smooth_k=True):
