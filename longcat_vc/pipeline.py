@@ -153,6 +153,17 @@ def _vae_latent_stats(vcfg, name: str, z_dim: int) -> torch.Tensor:
 # pipeline
 
 
+def _fit_shape(cfg, checkpoint_dir: str, mode: str, dtype: torch.dtype, fp8: bool) -> Dict[str, Any]:
+    """``from_pretrained``'s keyword arguments of ``check_memory_fits``: the weights' dtype, fp8, and in
+    distill mode the cfg-step LoRA it loads (sized from its file's header; it stays resident, also fused)."""
+    shape: Dict[str, Any] = dict(dtype_bytes=torch.empty(0, dtype=dtype).element_size(), fp8=fp8)
+    if mode == "distill":
+        from .refine import _lora_rank_equivalent  # noqa: PLC0415
+
+        shape["lora_rank"] = _lora_rank_equivalent(os.path.join(checkpoint_dir, CFG_STEP_LORA_FILE), cfg)
+    return shape
+
+
 class VideoContinuationPipeline:
     """LongCat-Video video continuation.
 
@@ -343,7 +354,7 @@ class VideoContinuationPipeline:
 
             cfg = load("DiT config",
                        lambda: DiTConfig.from_json(os.path.join(resolve_dit_dir(checkpoint_dir), "config.json")))
-            check_memory_fits(cfg, plan.name, device, dtype_bytes=torch.empty(0, dtype=dtype).element_size(), fp8=fp8)
+            check_memory_fits(cfg, plan.name, device, **_fit_shape(cfg, checkpoint_dir, mode, dtype, fp8))
         # Streamed components load into CPU memory first and are placed by apply_memory_mode.
         load_device = device if plan.name == "resident" else torch.device("cpu")
 
