@@ -28,3 +28,16 @@ def test_rope_thetas_with_finite_tables_still_work(theta):
     r = lk.Rope3D((3, 2, 3), 48, theta=theta)
     for t in (r.cos_t, r.sin_t, r.cos_h, r.sin_h, r.cos_w, r.sin_w):
         assert torch.isfinite(t).all()
+
+
+def test_prefix_attn_takes_a_numpy_prefix_len():
+    """A numpy int prefix_len (e.g. from an array of cond lengths) works as frame_offset's does; it was a
+    TypeError. Floats and bools are still refused."""
+    import numpy as np
+
+    q, k, v = (torch.randn(1, 12, 2, 8, dtype=torch.float64) for _ in range(3))
+    ref = lk.prefix_attn(q, k, v, 5, backend="torch")
+    torch.testing.assert_close(lk.prefix_attn(q, k, v, np.int64(5), backend="torch"), ref, rtol=0, atol=0)
+    for bad in (5.0, True, np.float32(5)):
+        with pytest.raises(TypeError, match="prefix_len: expected an int"):
+            lk.prefix_attn(q, k, v, bad, backend="torch")

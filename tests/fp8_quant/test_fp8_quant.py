@@ -166,8 +166,11 @@ def test_bad_inputs_are_named():
         lk.fp8_modulate_quantize(x, sh, sh[:, :1])
     with pytest.raises(ValueError, match=r"x: expected a 4-D tensor \[B, T, S, C\]"):
         lk.fp8_modulate_quantize(x[0], sh, sh)
-    for eps in (-1.0, float("nan"), float("inf"), True, "1e-6"):
+    for eps in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="eps: expected a finite float >= 0"):
+            lk.fp8_modulate_quantize(x, sh, sh, eps)
+    for eps in (True, "1e-6"):  # not a number: a TypeError, as qk_norm_rope's
+        with pytest.raises(TypeError, match="eps: expected a finite float >= 0"):
             lk.fp8_modulate_quantize(x, sh, sh, eps)
     with pytest.raises(ValueError, match="weight/bias: expected both or neither"):
         lk.fp8_layer_norm_quantize(x, torch.ones(16))

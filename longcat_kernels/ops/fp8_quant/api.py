@@ -46,7 +46,10 @@ def _check_x(x, name: str) -> None:
 
 
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        # a type error is a TypeError here as in qk_norm_rope (it was a ValueError)
+        raise TypeError(f"eps: expected a finite float >= 0, got {type(eps).__name__} {eps!r}")
+    if not 0 <= eps < float("inf"):
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     return float(eps)
 
