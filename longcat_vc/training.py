@@ -279,6 +279,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     or a peft model around one. Returns the number of blocks.
     """
     dit = _base_dit(model)
+    _refuse_streamer(dit, "enable_activation_checkpointing")
     for block in dit.blocks:
         block.forward = functools.partial(_checkpointed_forward, block)
     return len(dit.blocks)
@@ -286,8 +287,19 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 
 def disable_activation_checkpointing(model: nn.Module) -> None:
     """Undoes ``enable_activation_checkpointing``."""
-    for block in _base_dit(model).blocks:
+    dit = _base_dit(model)
+    _refuse_streamer(dit, "disable_activation_checkpointing")
+    for block in dit.blocks:
         block.__dict__.pop("forward", None)
+
+
+def _refuse_streamer(dit: nn.Module, where: str) -> None:
+    """ValueError while a ``BlockStreamer`` is attached: it wraps each block's forward and puts back, at
+    ``detach()``, the one it found; a switch in between replaced its wrapper (enable) or removed it (disable),
+    and detach then silently undid the switch (checkpointing off again, or back on)."""
+    if getattr(dit, "_block_streamer", None) is not None:
+        raise ValueError(f"{where}: the DiT has a block streamer attached (memory='balanced'/'low'); switch "
+                         "activation checkpointing before attaching it, or detach it first")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

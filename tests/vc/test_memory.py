@@ -492,3 +492,19 @@ def test_memory_report_fp8_flag_and_no_one_byte_model(monkeypatch, capsys):
     cfg = DiTConfig.longcat_video(depth=48)
     # the 48 blocks' large linears at 1 byte instead of 2: about 12 GiB less DiT weight
     assert real(cfg, **seen[0])["resident"]["denoise"] < real(cfg, **seen[1])["resident"]["denoise"] - 10
+
+
+def test_activation_checkpointing_switch_refused_while_streamed():
+    # the streamer wraps each block's forward and puts back, at detach(), the one it found: a switch while
+    # attached was undone by detach() without a word (enable: off again; disable: back on)
+    from longcat_vc.training import disable_activation_checkpointing, enable_activation_checkpointing
+
+    cfg, _, model = _models()
+    streamer = BlockStreamer(model, "cpu").attach()
+    for fn in (enable_activation_checkpointing, disable_activation_checkpointing):
+        with pytest.raises(ValueError, match="block streamer attached"):
+            fn(model)
+    streamer.detach()
+    assert enable_activation_checkpointing(model) == cfg.depth  # fine once detached
+    disable_activation_checkpointing(model)
+    assert all("forward" not in blk.__dict__ for blk in model.blocks)
