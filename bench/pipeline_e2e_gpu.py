@@ -127,7 +127,16 @@ def parse_args(argv=None):
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny components (tests the script)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # "--cache of" ran the cache-off run alone (any value but "on" was off), "--modes distil" failed after
+    # every component was built: both lists are checked here
+    for flag, value, allowed in (("--cache", args.cache, ("on", "off")), ("--modes", args.modes, ("basic", "distill"))):
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if not items or bad or len(set(items)) < len(items):
+            p.error(f"{flag}: expected a comma-separated list of distinct values from {', '.join(allowed)}, "
+                    f"got {value!r}")
+    return args
 
 
 def main(argv=None):
@@ -195,8 +204,8 @@ def main(argv=None):
     frames = np.stack([np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + i) % 256], -1)
                        for i in range(n_in)]).astype(np.uint8)
 
-    modes = [m for m in args.modes.split(",") if m]
-    caches = [c == "on" for c in args.cache.split(",") if c]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    caches = [c.strip() == "on" for c in args.cache.split(",") if c.strip()]
     frames_arg = min(args.frames, 13) if smoke else args.frames
     cond_arg = min(args.cond_frames, 5) if smoke else args.cond_frames
     steps = {"basic": args.steps_basic, "distill": args.steps_distill}

@@ -102,3 +102,11 @@ def cond_latents_for(grid: Grid, cond_frames: tuple[int, ...] = COND_FRAMES) -> 
     """``(cond_frames, cond_latents)`` pairs that leave at least one noisy latent on ``grid``."""
     pairs = [(f, cond_latents(f)) for f in cond_frames]
     return [(f, c) for f, c in pairs if 0 < c < grid.t]
+
+
+def cond_frames_left_out(grid: Grid, cond_frames: tuple[int, ...] = COND_FRAMES) -> list[tuple[int, int, str]]:
+    """``(cond_frames, cond_latents, reason)`` of the values ``cond_latents_for`` leaves out on ``grid``:
+    the suites report them as skipped (``--cond-frames 13,97`` timed 13 alone and exited 0, 97 unmentioned)."""
+    kept = cond_latents_for(grid, cond_frames)
+    return [(f, cond_latents(f), f"{f} cond frames = {cond_latents(f)} cond latents leave no noisy latent on grid "
+             f"{grid} ({grid.t} latent frames)") for f in cond_frames if (f, cond_latents(f)) not in kept]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from bench.shapes import cond_latents_for
+from bench.shapes import cond_frames_left_out, cond_latents_for
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import dit_common as dc
 from bench.timing import ms_cell
@@ -110,6 +110,11 @@ def _grid_cases(ctx, bc, prefix: str) -> list[Case]:
 
         for mode, prep in (("off", prep_off), ("on", prep_on), ("build", prep_build)):
             out.append(Case(NAME, f"{prefix}c{c}/{mode}", backend, dict(params, mode=mode), prep))
+    for frames, c, reason in cond_frames_left_out(bc.grid, ctx.cond_frames):
+        params = dict(grid=str(bc.grid), cond_frames=frames, cond_latents=c, batch=bc.batch,
+                      depth=bc.dit.depth, hidden=bc.dit.hidden_size, config=bc.name)
+        for mode in ("off", "on", "build"):
+            out.append(Case(NAME, f"{prefix}c{c}/{mode}", backend, dict(params, mode=mode), lambda: None, skip=reason))
     return out
 
 

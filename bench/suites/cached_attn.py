@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from bench import flops as F
-from bench.shapes import GRIDS, cond_latents_for
+from bench.shapes import GRIDS, cond_frames_left_out, cond_latents_for
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import kernels_common as kc
 from bench.timing import ms_cell
@@ -201,6 +201,9 @@ def _grid_cases(ctx, grid, bhd, prefix: str) -> list[Case]:
                 out.append(_case(ctx, grid, bhd, frames, c, b, b, prefix))
         if has_cudnn_route:
             out.append(_case(ctx, grid, bhd, frames, c, "triton+cudnn", "triton+cudnn", prefix))
+    for frames, c, reason in cond_frames_left_out(grid, ctx.cond_frames):
+        out.append(kc.skipped(NAME, f"{prefix}c{c}/kv-cache", "-", dict(grid=str(grid), cond_frames=frames,
+                                                                       cond_latents=c, op="kv-cache"), reason))
     # the cache-off rule in one call, at the shortest and a long conditioning
     long_ = [p for p in pairs if p[1] == 16] or pairs[-1:]
     for frames, c in sorted({pairs[0], long_[0]}):
