@@ -234,6 +234,15 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
         return None, (f"blocks of {f.block_tokens} tokens; the csrc kernels take at most "
                       f"{CSRC_MAX_BLOCK_TOKENS} tokens per block")
     ks = f.csrc_kernels
+    if f.capability is not None and f.capability[0] != 9 and any(k in ks for k in ("sm90_ws", "sm90")):
+        # csrc_kernels is what the extension reported for the device current when it was first asked;
+        # the sm_90a kernels run on compute capability 9.x only (on another GPU of the machine their
+        # build for that GPU is a __trap(): a sticky launch failure)
+        ks = tuple(k for k in ks if k not in ("sm90_ws", "sm90"))
+        if not ks:
+            return None, (f"the extension has sm_90a kernels only, this device has compute capability "
+                          f"{f.capability[0]}.{f.capability[1]}; rebuild with LONGCAT_KERNELS_CUDA_ARCHS "
+                          "including it")
     if "sm90_ws" in ks and f.head_dim == 128:
         if not f.block_sparse:
             return "sm90_ws", "Hopper, head_dim 128: warp-specialised dense kernel"
