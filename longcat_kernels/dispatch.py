@@ -113,7 +113,8 @@ class Facts(NamedTuple):
             ``triton_interpret()``).
         ext_error: None if the compiled extension is loaded, else why not.
         csrc_kernels: csrc kernel families this extension can run on this device
-            (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself).
+            (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself, once, for the
+            device current then: the sm90 families are used only where ``capability`` is 9.x).
         cudnn: cuDNN usable.
         requires_grad: some input requires grad and grad mode is on.
         block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
