@@ -336,7 +336,12 @@ bool make_map(CUtensorMap* map, const void* ptr, DType dt, int64_t batch, int64_
   auto fn = encode_fn();
   if (fn == nullptr) return false;
   const int64_t es = 2;
-  if (sb == 0) sb = ss * seq;  // batch of 1: the stride is never used but must be valid
+  if (sb == 0) {
+    // an expanded batch (stride 0) cannot be mapped: batch b would read b * seq rows past the start;
+    // segment 0 broadcast as a pair gets batch = 1 here (bcast0), the wrappers copy the others
+    if (batch > 1) return false;
+    sb = ss * seq;  // batch of 1: the stride is never used but must be valid
+  }
   cuuint64_t dims[4] = {static_cast<cuuint64_t>(kWsD), static_cast<cuuint64_t>(seq),
                         static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   cuuint64_t strides[3] = {static_cast<cuuint64_t>(ss * es), static_cast<cuuint64_t>(sh * es),

@@ -80,12 +80,17 @@ longcat::DType to_dtype(const Tensor& t, const char* name) {
 // The kernels copy 16-byte rows with cp.async: last dim contiguous, other strides multiples of
 // 8 elements, base pointer 16-byte aligned. Anything else is copied to a contiguous tensor
 // (correct, one extra pass over the tensor).
+bool rows16_ok(const Tensor& t) {
+  return t.stride(-1) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 Tensor rows16(const Tensor& t) {
-  const bool ok = t.stride(-1) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-                  t.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  if (ok) return t;
+  if (rows16_ok(t)) return t;
   Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = t.clone(at::MemoryFormat::Contiguous);
+  // contiguous() returns t itself when torch calls it contiguous: a misaligned start, or a size-1 dim
+  // whose stride is not a multiple of 8 (torch ignores those strides; the sm90_ws TMA maps do not)
+  if (!rows16_ok(c)) c = t.clone(at::MemoryFormat::Contiguous);
   return c;
 }
 
@@ -226,7 +231,9 @@ cudaError_t launch_dense(const longcat::AttnFwdParams& p, longcat::DType dtype, 
              "16-byte aligned rows); use kernel 'sm90'");
     const cudaError_t err = longcat::attn_fwd_dense_sm90ws(p, dtype, d, stream);
     LK_CHECK(err != cudaErrorNotSupported, "longcat_kernels (cuda): kernel 'sm90_ws': the driver "
-             "refused a TMA tensor map or batch*heads exceeds 65535 (got ", p.batch * p.heads,
+             "refused a TMA tensor map, an input has batch stride 0 (an expanded batch; only the first key "
+             "segment's k and v together may be: pass the others .contiguous()), or batch*heads exceeds "
+             "65535 (got ", p.batch * p.heads,
              "); use kernel 'sm90'");
     return err;
   }

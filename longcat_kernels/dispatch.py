@@ -113,7 +113,8 @@ class Facts(NamedTuple):
             ``triton_interpret()``).
         ext_error: None if the compiled extension is loaded, else why not.
         csrc_kernels: csrc kernel families this extension can run on this device
-            (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself).
+            (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself, once, for the
+            device current then: the sm90 families are used only where ``capability`` is 9.x).
         cudnn: cuDNN usable.
         requires_grad: some input requires grad and grad mode is on.
         block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
@@ -234,6 +235,15 @@ def _csrc_kernel(op: str, f: Facts) -> Tuple[Optional[str], str]:
         return None, (f"blocks of {f.block_tokens} tokens; the csrc kernels take at most "
                       f"{CSRC_MAX_BLOCK_TOKENS} tokens per block")
     ks = f.csrc_kernels
+    if f.capability is not None and f.capability[0] != 9 and any(k in ks for k in ("sm90_ws", "sm90")):
+        # csrc_kernels is what the extension reported for the device current when it was first asked;
+        # the sm_90a kernels run on compute capability 9.x only (on another GPU of the machine their
+        # build for that GPU is a __trap(): a sticky launch failure)
+        ks = tuple(k for k in ks if k not in ("sm90_ws", "sm90"))
+        if not ks:
+            return None, (f"the extension has sm_90a kernels only, this device has compute capability "
+                          f"{f.capability[0]}.{f.capability[1]}; rebuild with LONGCAT_KERNELS_CUDA_ARCHS "
+                          "including it")
     if "sm90_ws" in ks and f.head_dim == 128:
         if not f.block_sparse:
             return "sm90_ws", "Hopper, head_dim 128: warp-specialised dense kernel"

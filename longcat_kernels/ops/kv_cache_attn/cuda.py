@@ -29,6 +29,28 @@ def _rope_args(rope):
     return tabs, int(rope.grid[1]), int(rope.grid[2])
 
 
+def _expanded_batch(t) -> bool:
+    return t is not None and t.shape[0] > 1 and t.stride(0) == 0
+
+
+def _tma_batches(kernel, q, seg0, seg1=None):
+    """Inputs for the warp-specialised dense kernel (``sm90_ws``) without an expanded batch it cannot read.
+
+    Its TMA maps (csrc/attn_fwd_sm90_ws.cu ``make_map``) take a batch stride of 0 only for key segment 0 as
+    a pair (k and v both broadcast: one batch-1 map); q, the fresh segment beside a cache, or one of a
+    segment-0 pair with batch stride 0 (``x.expand(B, ...)``) would read other rows or past the tensor (the
+    op refuses them). Those are copied here; the other families read stride 0 by pointer arithmetic."""
+    if kernel != "sm90_ws":
+        return q, seg0, seg1
+    def fix(t):
+        return t.contiguous() if _expanded_batch(t) else t
+
+    k0, v0 = seg0
+    if not (_expanded_batch(k0) and _expanded_batch(v0)):
+        k0, v0 = fix(k0), fix(v0)
+    return fix(q), (k0, v0), None if seg1 is None else (fix(seg1[0]), fix(seg1[1]))
+
+
 def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scale=None, block_sparse=None,
                             return_lse: bool = False, *, kernel: Optional[str] = None):
     """``softmax(q' [k_cache; k']^T * scale) [v_cache; v]`` (SPEC 4), ``[B, Sn, H, D]``.
@@ -46,6 +68,10 @@ def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scal
     tabs, gh, gw = _rope_args(rope)
     if block_sparse is None:
         kernel = csrc_kernel("attn_with_kv_cache", kernel, q, k, v, k_cache, v_cache, needs_grad=False)
+        if k_cache is None:
+            q, (k, v), _ = _tma_batches(kernel, q, (k, v))
+        else:
+            q, (k_cache, v_cache), (k, v) = _tma_batches(kernel, q, (k_cache, v_cache), (k, v))
         res = ops().kv_cache_attn_fwd_cuda(q, k, v, k_cache, v_cache, *tabs, gh, gw, scale, kernel, bool(return_lse))
     else:
         if kernel is None:
@@ -88,5 +114,6 @@ def prefix_attn_cuda(q, k, v, prefix_len, scale=None, return_lse: bool = False, 
     (with ``return_lse``: ``(out, lse [B, H, S] fp32)``)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kernel = csrc_kernel("prefix_attn", kernel, q, k, v, needs_grad=False)
+    q, (k, v), _ = _tma_batches(kernel, q, (k, v))
     out, lse = ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale, kernel, bool(return_lse))
     return (out, lse) if return_lse else out
