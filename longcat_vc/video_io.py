@@ -236,12 +236,10 @@ def _main_video_stream(container):
     (cover art) while another video stream exists. ``streams.video[0]`` read a cover or a thumbnail
     track stored before the clip as a 1-frame "video", where ffmpeg and the imageio-ffmpeg fallback
     take the clip."""
-    import av
-
     videos = list(container.streams.video)
-    attached = int(av.stream.Disposition.attached_pic)
-    moving = [s for s in videos if not int(s.disposition) & attached] or videos
-    best = container.streams.best("video")
+    attached = 0x400  # AV_DISPOSITION_ATTACHED_PIC (PyAV's av.stream.Disposition.attached_pic)
+    moving = [s for s in videos if not int(getattr(s, "disposition", 0) or 0) & attached] or videos
+    best = container.streams.best("video") if hasattr(container.streams, "best") else None
     if best is not None and any(s.index == best.index for s in moving):
         return best
     return moving[0]
