@@ -368,9 +368,7 @@ class VideoContinuationPipeline:
         text_encoder = load(
             "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), dtype).to(load_device).eval()
         )
-        vae = load(
-            "VAE", lambda: AutoencoderKLWan.from_pretrained(sub("vae"), torch_dtype=dtype).to(device).eval()
-        )
+        vae = load("VAE", lambda: _load_vae(AutoencoderKLWan, sub("vae"), dtype).to(device).eval())
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
         dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device,
                                                              progress=progress, **dit_kw))
@@ -1122,6 +1120,25 @@ def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, 
 def _load_umt5(cls, path: str, dtype: torch.dtype):
     # transformers >= 4.56 names the argument `dtype`; older versions only know `torch_dtype`.
     try:
-        return cls.from_pretrained(path, dtype=dtype)
+        model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except TypeError:
-        return cls.from_pretrained(path, torch_dtype=dtype)
+        model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    _check_no_missing_tensors("text encoder", path, info)
+    return model
+
+
+def _load_vae(cls, path: str, dtype: torch.dtype):
+    model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    _check_no_missing_tensors("VAE", path, info)
+    return model
+
+
+def _check_no_missing_tensors(what: str, path: str, info) -> None:
+    """CheckpointError naming the model tensors ``path`` lacks (``from_pretrained``'s loading info):
+    transformers and diffusers initialise them at random with a log line (which the CLI silences), so
+    a text encoder or VAE folder of another model ran as a random one. The DiT loads strictly too."""
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+        raise CheckpointError(f"{path}: the {what} checkpoint lacks {len(missing)} tensor(s) of the model, which would "
+                              f"be initialised at random: {shown}")

@@ -80,7 +80,8 @@ class VideoFrames:
 
 
 def _natural_key(name: str):
-    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
+    # isdecimal, not isdigit: "²" is a digit to isdigit but no \d, and int("²") raised naming no file
+    return [int(p) if p.isdecimal() else p.lower() for p in re.split(r"(\d+)", name)]
 
 
 def _check_frames(frames: np.ndarray, source: str) -> np.ndarray:
@@ -151,6 +152,7 @@ def _read_frame_folder(path: str) -> VideoFrames:
         raise VideoReadError(
             f"{path}: folder holds no image frames (looked for {', '.join(IMAGE_EXTENSIONS)})"
         )
+    _check_one_image_per_frame(path, names)
     frames = []
     size = None
     for n in names:
@@ -164,6 +166,21 @@ def _read_frame_folder(path: str) -> VideoFrames:
             )
         frames.append(arr)
     return VideoFrames(_check_frames(np.stack(frames), path), None, path)
+
+
+def _check_one_image_per_frame(path: str, names) -> None:
+    """No two frame names with one sort key once the extension is dropped (``f_1.png`` and ``f_1.jpg``,
+    ``1.png`` and ``01.png``, ``A1.png`` and ``a1.png``): both were read, interleaved in an order that
+    the extension (or the listing) set, so every frame came twice or frames came in a chance order."""
+    seen = {}
+    for n in names:
+        key = tuple(_natural_key(os.path.splitext(n)[0]))
+        if key in seen:
+            raise VideoReadError(
+                f"{path}: {seen[key]} and {n} name the same frame (their names differ only in the extension, "
+                "letter case or leading zeros), so the frame order is ambiguous; keep one image per frame"
+            )
+        seen[key] = n
 
 
 def _is_animated(path: str) -> bool:
@@ -214,6 +231,20 @@ def _display_rotated(frame, path: str) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(arr, quarter % 4)) if quarter % 4 else arr
 
 
+def _main_video_stream(container):
+    """The video stream FFmpeg plays: ``av_find_best_stream``'s choice, never an attached picture
+    (cover art) while another video stream exists. ``streams.video[0]`` read a cover or a thumbnail
+    track stored before the clip as a 1-frame "video", where ffmpeg and the imageio-ffmpeg fallback
+    take the clip."""
+    videos = list(container.streams.video)
+    attached = 0x400  # AV_DISPOSITION_ATTACHED_PIC (PyAV's av.stream.Disposition.attached_pic)
+    moving = [s for s in videos if not int(getattr(s, "disposition", 0) or 0) & attached] or videos
+    best = container.streams.best("video") if hasattr(container.streams, "best") else None
+    if best is not None and any(s.index == best.index for s in moving):
+        return best
+    return moving[0]
+
+
 def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
     import av
 
@@ -221,7 +252,7 @@ def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: the file has no video stream")
-            stream = container.streams.video[0]
+            stream = _main_video_stream(container)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else None
             stride = subsample_stride(fps, target_fps) if target_fps else 1
