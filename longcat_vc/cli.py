@@ -102,7 +102,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="frame rate of the input (overrides the file's; frame folders have none: taken as 15)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; with "
+                   "--context-parallel no index: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better, default 18)")
     p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -344,6 +345,12 @@ def _device(args):
         device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError as e:
         raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r} ({e})") from None
+    cp = getattr(args, "context_parallel", 1)  # refine has no --context-parallel
+    if device.type == "cuda" and device.index is not None and cp > 1:
+        # torchrun gives every rank the same argv, and init_distributed keeps an explicit index: all the
+        # ranks landed on that one GPU (NCCL refuses two ranks on one device: "Duplicate GPU detected")
+        raise UsageError(f"--device {args.device} with --context-parallel {cp} puts every rank on {device}: pass "
+                         "--device cuda without an index; each rank takes cuda:LOCAL_RANK")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but CUDA is not available")
     return device

@@ -73,6 +73,7 @@ from .kv_cache import KVCache
 __all__ = [
     "ContextParallel",
     "ShardedKVCache",
+    "check_context_parallel",
     "DistributedRun",
     "init_distributed",
     "set_multigpu_env_defaults",
@@ -319,6 +320,71 @@ def _check_cfg_parallel(value) -> None:
         raise TypeError(f"cfg_parallel: expected a bool (True or False), got {type(value).__name__} {value!r}")
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What ``check_context_parallel`` found: the group, this rank's place, the CFG/SP split."""
+
+    group: Any
+    world_size: int
+    rank: int
+    cfg_size: int
+    cfg_rank: int
+    sp_size: int
+    sp_rank: int
+    num_heads: int
+
+
+def check_context_parallel(group=None, *, num_heads: int, cfg_parallel: bool = False) -> _Layout:
+    """The preconditions of ``ContextParallel(group, num_heads=..., cfg_parallel=...)`` that need
+    only the process group and the DiT config (its ``num_heads``), no weights and no collective:
+    ``VideoContinuationPipeline.from_pretrained`` calls it before it loads anything (a refusal came
+    after every rank had loaded the whole DiT), ``ContextParallel`` on construction.
+
+    Raises:
+        TypeError: cfg_parallel is not a bool.
+        RuntimeError: torch.distributed is not initialised.
+        ValueError: this process is not in ``group``; heads not divisible by the SP size;
+            cfg_parallel with an odd world or a group other than the whole world.
+    """
+    _check_cfg_parallel(cfg_parallel)
+    dist = _dist()
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "context parallel: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first (torchrun sets the environment)"
+        )
+    group = group if group is not None else dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("context parallel: this process is not a member of the given process group")
+    if cfg_parallel:
+        if world_size % 2:
+            raise ValueError(
+                f"context parallel: cfg_parallel needs an even number of ranks, got {world_size}"
+            )
+        if world_size != dist.get_world_size():
+            raise ValueError(
+                "context parallel: cfg_parallel builds its two sub-groups from the whole world; pass "
+                f"group=None (the default group), got a group of {world_size} of "
+                f"{dist.get_world_size()} ranks"
+            )
+        half = world_size // 2
+        cfg_size, cfg_rank, sp_size, sp_rank = 2, rank // half, half, rank % half
+    else:
+        cfg_size, cfg_rank, sp_size, sp_rank = 1, 0, world_size, rank
+    num_heads = int(num_heads)
+    if num_heads % sp_size:
+        extra = f" (world size {world_size} halved by cfg_parallel)" if cfg_parallel else ""
+        raise ValueError(
+            f"context parallel: num_heads={num_heads} must be divisible by the sequence-parallel "
+            f"size {sp_size}{extra}; use a number of ranks that divides the heads"
+            + ("" if cfg_parallel else " (or cfg_parallel=True to halve it)")
+        )
+    return _Layout(group=group, world_size=world_size, rank=rank, cfg_size=cfg_size, cfg_rank=cfg_rank,
+                   sp_size=sp_size, sp_rank=sp_rank, num_heads=num_heads)
+
+
 class ContextParallel:
     """Context-parallel settings of one ``LongCatDiT`` (``dit.enable_context_parallel``).
 
@@ -338,48 +404,16 @@ class ContextParallel:
     """
 
     def __init__(self, group=None, *, num_heads: int, cfg_parallel: bool = False, device=None) -> None:
-        _check_cfg_parallel(cfg_parallel)
+        layout = check_context_parallel(group, num_heads=num_heads, cfg_parallel=cfg_parallel)
         dist = _dist()
-        if not dist.is_initialized():
-            raise RuntimeError(
-                "context parallel: torch.distributed is not initialised; call "
-                "torch.distributed.init_process_group first (torchrun sets the environment)"
-            )
-        self.group = group if group is not None else dist.group.WORLD
-        self.world_size = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
-        if self.rank < 0:
-            raise ValueError("context parallel: this process is not a member of the given process group")
+        self.group = layout.group
+        self.world_size, self.rank = layout.world_size, layout.rank
         self.group_ranks = dist.get_process_group_ranks(self.group)
         self.cfg_parallel = bool(cfg_parallel)
         self.device = torch.device(device) if device is not None else None
-        if self.cfg_parallel:
-            if self.world_size % 2:
-                raise ValueError(
-                    f"context parallel: cfg_parallel needs an even number of ranks, got {self.world_size}"
-                )
-            if self.world_size != dist.get_world_size():
-                raise ValueError(
-                    "context parallel: cfg_parallel builds its two sub-groups from the whole world; pass "
-                    f"group=None (the default group), got a group of {self.world_size} of "
-                    f"{dist.get_world_size()} ranks"
-                )
-            half = self.world_size // 2
-            self.cfg_size = 2
-            self.cfg_rank = self.rank // half
-            self.sp_size = half
-            self.sp_rank = self.rank % half
-        else:
-            self.cfg_size, self.cfg_rank = 1, 0
-            self.sp_size, self.sp_rank = self.world_size, self.rank
-        self.num_heads = int(num_heads)
-        if self.num_heads % self.sp_size:
-            extra = f" (world size {self.world_size} halved by cfg_parallel)" if self.cfg_parallel else ""
-            raise ValueError(
-                f"context parallel: num_heads={self.num_heads} must be divisible by the sequence-parallel "
-                f"size {self.sp_size}{extra}; use a number of ranks that divides the heads"
-                + ("" if self.cfg_parallel else " (or cfg_parallel=True to halve it)")
-            )
+        self.cfg_size, self.cfg_rank = layout.cfg_size, layout.cfg_rank
+        self.sp_size, self.sp_rank = layout.sp_size, layout.sp_rank
+        self.num_heads = layout.num_heads
         if self.cfg_parallel:
             # new_group is collective over the world: every rank creates both halves.
             half = self.sp_size

@@ -301,6 +301,9 @@ class VideoContinuationPipeline:
             CheckpointError: a component file is missing (named) or fails to load.
             MemoryModeError: ``memory`` cannot fit the device (names the GiB needed and a mode
                 that fits), raised before any weight is loaded.
+            ValueError: with ``process_group``: the DiT config's heads do not divide by the
+                sequence-parallel size, or cfg_parallel on an odd world
+                (``parallel.check_context_parallel``), raised before any weight is loaded.
         """
         if not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"checkpoint_dir: expected a str or os.PathLike folder, got {type(checkpoint_dir).__name__}")
@@ -348,13 +351,20 @@ class VideoContinuationPipeline:
             except Exception as e:
                 raise CheckpointError(f"failed to load the {what} from {checkpoint_dir}: {e}") from e
 
-        if device.type == "cuda":
+        if device.type == "cuda" or process_group is not None:
             from .config import DiTConfig
             from .loading import resolve_dit_dir
 
             cfg = load("DiT config",
                        lambda: DiTConfig.from_json(os.path.join(resolve_dit_dir(checkpoint_dir), "config.json")))
-            check_memory_fits(cfg, plan.name, device, **_fit_shape(cfg, checkpoint_dir, mode, dtype, fp8))
+            if process_group is not None:
+                # what the DiT's enable_context_parallel would refuse (heads not divisible by the ranks,
+                # cfg_parallel on an odd world): now, not after every rank has loaded the whole DiT
+                from .parallel import check_context_parallel
+
+                check_context_parallel(process_group, num_heads=cfg.num_heads, cfg_parallel=cfg_parallel)
+            if device.type == "cuda":
+                check_memory_fits(cfg, plan.name, device, **_fit_shape(cfg, checkpoint_dir, mode, dtype, fp8))
         # Streamed components load into CPU memory first and are placed by apply_memory_mode.
         load_device = device if plan.name == "resident" else torch.device("cpu")
 
