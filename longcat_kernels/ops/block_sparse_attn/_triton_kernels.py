@@ -433,9 +433,11 @@ def bsa_scores_kernel(
 @triton.jit
 def _score_keys(x):
     """Order-preserving uint32 keys of fp32 scores (+ 0.0 turns -0.0 into +0.0: equal scores,
-    equal keys)."""
+    equal keys). Every NaN, whatever its sign and payload, gets the top key 0xFFFFFFFF: first and
+    tied, as in torch's descending sort (a sign-bit NaN, x86's inf - inf, keyed below -inf)."""
     u = (x + 0.0).to(tl.uint32, bitcast=True)
-    return tl.where((u >> 31) != 0, ~u, u | 0x80000000)
+    key = tl.where((u >> 31) != 0, ~u, u | 0x80000000)
+    return tl.where(x != x, tl.full([], 0xFFFFFFFF, tl.uint32), key)
 
 
 @triton.jit
