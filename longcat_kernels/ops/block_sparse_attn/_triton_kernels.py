@@ -437,7 +437,8 @@ def _score_keys(x):
     tied, as in torch's descending sort (a sign-bit NaN, x86's inf - inf, keyed below -inf)."""
     u = (x + 0.0).to(tl.uint32, bitcast=True)
     key = tl.where((u >> 31) != 0, ~u, u | 0x80000000)
-    return tl.where(x != x, tl.full([], 0xFFFFFFFF, tl.uint32), key)
+    # key | 0xFFFFFFFF: the same uint32-literal form as u | 0x80000000 above (compiled by triton 3.6 on the GPU)
+    return tl.where(x != x, key | 0xFFFFFFFF, key)
 
 
 @triton.jit
