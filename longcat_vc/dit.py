@@ -14,9 +14,11 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import numbers
 import os
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,6 +51,28 @@ _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "n
                    "kv_cache keys and values (checksum)", "kv_cache keys and values (position checksum)")
 _BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)",
                  "cond_latents (position checksum)")
+
+
+# ``state_fingerprint`` names each parameter and buffer by a stamp no other tensor object ever gets:
+# ``id()`` is handed to the next object once one is freed, so a weight replaced twice in a row
+# (``module.weight = nn.Parameter(...)``) could take the id the cache was built with, and the stale
+# cache was used. id -> (weak reference, stamp); the entry goes when its tensor is freed.
+_TENSOR_STAMPS: Dict[int, Tuple[weakref.ref, int]] = {}
+_STAMP_COUNTER = itertools.count()
+
+
+def _drop_stamp(key: int, ref: weakref.ref) -> None:
+    entry = _TENSOR_STAMPS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TENSOR_STAMPS[key]
+
+
+def _tensor_stamp(t: torch.Tensor) -> int:
+    key = id(t)
+    entry = _TENSOR_STAMPS.get(key)
+    if entry is None or entry[0]() is not t:
+        entry = _TENSOR_STAMPS[key] = (weakref.ref(t, functools.partial(_drop_stamp, key)), next(_STAMP_COUNTER))
+    return entry[1]
 
 
 def _compiling() -> bool:
@@ -110,9 +134,14 @@ class LongCatDiT(nn.Module):
     def state_fingerprint(self) -> tuple:
         """What a KV cache built now depends on: the model-level state counter ``_state_version``
         (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; by
-        ``load_state_dict``; by a dtype conversion, ``.to(dtype)``), the block-sparse settings (they change the cond tokens' K/V) and, per
-        parameter and buffer, its identity and in-place version counter (a replaced parameter, e.g.
-        FP8 quantisation; in-place edits and optimizer steps).
+        ``load_state_dict``; by a dtype conversion, ``.to(dtype)``), the block-sparse settings (they change the cond tokens' K/V),
+        per parameter and buffer, its identity (a stamp no other tensor object gets, not the ``id()``
+        CPython reuses) and in-place version counter (a replaced parameter, e.g. FP8 quantisation;
+        in-place edits and optimizer steps; not edits through ``.data``, which bypass the counter),
+        the state of peft adapters injected into the DiT (``longcat_vc.training.add_lora``: which
+        are active, disabled or merged, and their scaling) and the number of dropout modules in
+        training mode with ``p > 0`` (peft's ``lora_dropout``: ``build_kv_cache`` refuses them, a cache
+        would keep one random draw; a cache built in eval mode is stale once they are on).
 
         Deliberately not the storage (``data_ptr``): the block streamer of the memory modes
         (``longcat_vc.memory``) points ``.data`` at pinned CPU homes and device copies, and
@@ -120,9 +149,26 @@ class LongCatDiT(nn.Module):
         parameter's identity and version counter, so streaming leaves the fingerprint unchanged.
         Python-only metadata: ~1k tensors of the released model cost well under a millisecond,
         next to seconds per DiT step."""
-        tensors = itertools.chain(self.parameters(), self.buffers())
-        return (self._uid, self._state_version, self._attn_fingerprint(),
-                hash(tuple((id(t), t._version) for t in tensors)))
+        tensors, adapters, dropout = [], [], 0
+        for i, mod in enumerate(self.modules()):  # one pass (parameters() and buffers() walk the modules too)
+            for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
+                if t is not None:
+                    tensors.append((_tensor_stamp(t), t._version))
+            if type(mod).__module__.startswith("peft.") and hasattr(mod, "merged_adapters"):
+                adapters.append((i, *self._adapter_state(mod)))
+            elif isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
+                dropout += 1
+        return (self._uid, self._state_version, self._attn_fingerprint(), hash(tuple(tensors)), hash(tuple(adapters)),
+                dropout)
+
+    @staticmethod
+    def _adapter_state(mod: nn.Module) -> tuple:
+        """A peft-adapted layer (``longcat_vc.training.add_lora``; ``state_fingerprint``'s fifth entry):
+        whether its adapters are disabled (``disable_adapter()``), which are active (``set_adapter``),
+        which merged, and their scaling (``set_scale`` / ``scale_layer``). None of these touch a parameter."""
+        scaling = getattr(mod, "scaling", None)
+        return (bool(getattr(mod, "disable_adapters", False)), tuple(getattr(mod, "active_adapters", ())),
+                tuple(mod.merged_adapters), repr(sorted(scaling.items())) if isinstance(scaling, dict) else None)
 
     def _attn_fingerprint(self) -> tuple:
         """The attention settings a cache's cond K/V depend on (``state_fingerprint``'s third entry)."""
@@ -497,6 +543,11 @@ class LongCatDiT(nn.Module):
                         "tokens' K/V depend on it)")
         if cache.source[3] != now[3]:
             what.append("the weights changed (loaded, replaced or edited in place)")
+        if cache.source[4:5] != now[4:5]:
+            what.append("the peft adapters changed (enabled, disabled, switched, merged or rescaled)")
+        if cache.source[5:] != now[5:]:
+            what.append(f"dropout was switched on ({now[5]} dropout modules in training mode with p > 0, e.g. peft's "
+                        "lora_dropout after .train(): call .eval() first)")
         raise ValueError(
             "kv_cache: stale, built before " + " and ".join(what) + "; rebuild it with build_kv_cache()"
         )
@@ -526,6 +577,11 @@ class LongCatDiT(nn.Module):
             # a truthy "no" offloaded the cache (and recorded offloaded="no"); None kept it, recording None
             check_bool(offload, "offload")
             Bc, c, H, W = self._check_latents(cond_latents, "cond_latents")
+            source = self.state_fingerprint()
+            if source[5]:
+                # the cache would keep one random dropout draw for every later step
+                raise ValueError(f"build_kv_cache: dropout is active ({source[5]} dropout modules in training mode "
+                                 "with p > 0, e.g. peft's lora_dropout after .train()); call .eval() first")
             if check:
                 from .parallel import checksum
 
@@ -536,8 +592,7 @@ class LongCatDiT(nn.Module):
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
         cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
-                        device=self.device, offloaded=offload, source=self.state_fingerprint(),
-                        state=self._state_token)
+                        device=self.device, offloaded=offload, source=source, state=self._state_token)
         # Context parallel: this rank recorded its heads of every block; the cache says which
         # (shard_cache keeps every KVCache field, the fingerprint included).
         return cache if cp is None else cp.shard_cache(cache)

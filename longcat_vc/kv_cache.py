@@ -48,10 +48,11 @@ class KVCache:
         offloaded: tensors kept in (pinned) CPU memory and copied back per block.
         source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the model
             instance, its state counter (LoRA APIs, ``load_state_dict``), the block-sparse
-            settings and the identity/in-place version of every parameter and buffer; not their
-            storage, which block streaming moves every step); that
-            model's ``forward`` refuses the cache once its fingerprint differs (a LoRA enabled,
-            disabled, fused, unfused or re-weighted, weights loaded or edited in place). Another
+            settings, the identity/in-place version of every parameter and buffer (not their
+            storage, which block streaming moves every step), the state of peft adapters and
+            whether dropout is on); that model's ``forward`` refuses the cache once its
+            fingerprint differs (a LoRA or peft adapter enabled, disabled, fused, unfused or
+            re-weighted, weights loaded, replaced or edited in place, dropout switched on). Another
             model instance cannot compare (shapes/dtype/device are still checked). None: not
             checked (a hand-built cache).
         state: the building model's ``StateToken`` (set by ``build_kv_cache``): marked stale when that
