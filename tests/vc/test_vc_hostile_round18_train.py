@@ -26,6 +26,19 @@ def _inputs():
     return torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 1, 5, 32, generator=g), torch.tensor([500.0])
 
 
+def _assert_reloads(m, cfg, sd, path):
+    """The saved file, loaded into a fresh DiT of the same base weights, gives the trained model's output."""
+    x, y, s = _inputs()
+    with torch.no_grad():
+        want = m(x, s, y)
+    fresh = model_from_state_dict(cfg, sd)
+    fresh.load_lora(path, "saved")
+    fresh.enable_loras(["saved"])
+    with torch.no_grad():
+        got = fresh(x, s, y)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("wrap", ["data_parallel", "lora_model"])
 def test_a_wrapped_peft_model_saves_the_dits_module_names(tmp_path, wrap):
     cfg, sd, m = _setup()
@@ -35,15 +48,7 @@ def test_a_wrapped_peft_model_saves_the_dits_module_names(tmp_path, wrap):
     assert set(tr.longcat_lora_state_dict(wrapped)) == want_keys
     names = tr.save_longcat_lora(wrapped, tmp_path / "w.safetensors")
     assert names[0].startswith("blocks.")
-    x, y, s = _inputs()
-    with torch.no_grad():
-        want = m(x, s, y)
-    fresh = model_from_state_dict(cfg, sd)
-    fresh.load_lora(tmp_path / "w.safetensors", "w")
-    fresh.enable_loras(["w"])
-    with torch.no_grad():
-        got = fresh(x, s, y)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    _assert_reloads(m, cfg, sd, tmp_path / "w.safetensors")
 
 
 def test_a_wrapped_peft_model_with_own_loras_active_is_refused(tmp_path):
@@ -90,15 +95,7 @@ def test_int_rank_pattern_saves_per_layer_ranks_that_reload(tmp_path):
     key = "lora___lorahyphen___blocks___lorahyphen___{}___lorahyphen___attn___lorahyphen___qkv.lora_down.weight"
     assert d[key.format(0)].shape[0] == 12 and d[key.format(1)].shape[0] == 18
     tr.save_longcat_lora(m, tmp_path / "r.safetensors")
-    x, y, s = _inputs()
-    with torch.no_grad():
-        want = m(x, s, y)
-    fresh = model_from_state_dict(cfg, sd)
-    fresh.load_lora(tmp_path / "r.safetensors", "r")
-    fresh.enable_loras(["r"])
-    with torch.no_grad():
-        got = fresh(x, s, y)
-    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    _assert_reloads(m, cfg, sd, tmp_path / "r.safetensors")
 
 
 def _fp8_setup():
