@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda, auto (default: every available one except the torch reference on GPU)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--depth", type=int, default=None, help="DiT depth for the cache/pipeline suites "
-                   "(default: 8 on GPU, 2 on CPU)")
+                   "(default: 8 on GPU, 2 on CPU, 1 with --quick)")
     p.add_argument("--cond-frames", default=None, help="comma-separated cond frame counts "
                    f"(default: {','.join(map(str, COND_FRAMES))})")
     p.add_argument("--sparsity", default=None, help="comma-separated sparsity levels for the bsa suite "
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1.0, help="scale every case's timing budget (default 1)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; cases not started by then are "
                    "reported as skipped (results are written after every suite either way)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
     return p
 
 

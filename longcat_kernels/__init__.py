@@ -4,7 +4,8 @@ Public API (tensors are BSHD ``[batch, seq, heads, head_dim]``, any strides):
 ``block_sparse_attn``, ``select_blocks``, ``BlockSelection``, ``prefix_attn``,
 ``attn_with_kv_cache``, ``flash_attn_with_kvcache``, ``BlockSparseParams``, ``Rope3D``, ``apply_rope_3d``, ``qk_norm_rope``,
 ``fp8_quantize_rows`` / ``fp8_layer_norm_quantize`` / ``fp8_modulate_quantize`` / ``fp8_silu_mul_quantize``
-(row-wise e4m3 activations for fp8 GEMMs, fused with their producer), ``available_backends``,
+(row-wise e4m3 activations for fp8 GEMMs, fused with their producer), ``VideoGrid`` (3D block geometry),
+``available_backends``,
 ``BackendUnavailableError``. Backends: ``"torch"`` (reference, everywhere),
 ``"triton"``, ``"cuda"`` (compiled extension), ``"auto"``. Importing this package needs neither
 triton nor CUDA; Triton kernels are imported at package import only where they can run (a CUDA
