@@ -175,14 +175,16 @@ def _add_refine_parser(sub) -> None:
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
     pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
     _add_memory_flags(pr)
-    pr.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None)
+    pr.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                    help="attention kernels of the DiT (default: auto)")
     pr.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    pr.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
-    pr.add_argument("--device", default=None)
+    pr.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                    help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    pr.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     pr.add_argument("--crf", type=int, default=10, help="x264 quality (default 10, as upstream's refine demo)")
-    pr.add_argument("--timings-json", default=None, metavar="PATH")
-    pr.add_argument("--no-progress", action="store_true")
-    pr.add_argument("--debug", action="store_true")
+    pr.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_refine_flags(pr, with_switch=False)
 
 
