@@ -149,9 +149,17 @@ class LoRAAdapter:
         if model is not None and key in ("multiplier", "down", "parts"):
             _bump_state(model)
 
-    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense ``[out, in]`` update ``sum_j P_j up_j down_j * scale_j * multiplier`` (``dtype``)."""
+    def delta_weight(self, dtype: torch.dtype = torch.float32, out_features: Optional[int] = None) -> torch.Tensor:
+        """Dense ``[out, in]`` update ``sum_j P_j up_j down_j * scale_j * multiplier`` (``dtype``).
+
+        ``out_features``: the module's (default: the last row a part writes). A FastVideo file adapting
+        only some of a fused target's parts (``to_q``/``to_k`` of ``attn.qkv``) ends before the last row:
+        the module passes its own height so that ``W + delta`` lines up."""
         out = max(p.out_end for p in self.parts)
+        if out_features is not None:
+            if out_features < out:
+                raise ValueError(f"LoRA {self.name!r}: parts write rows up to {out}, beyond out_features={out_features}")
+            out = out_features
         d = torch.zeros(out, self.down.shape[1], dtype=dtype, device=self.down.device)
         down = self.down.to(dtype)
         for p in self.parts:
@@ -224,7 +232,7 @@ class LoRALinear(nn.Linear):
     def _fuse(self) -> None:
         if self.lora_fused or not self.lora_active:
             return
-        delta = sum(a.delta_weight(torch.float32) for a in self.lora_active)
+        delta = sum(a.delta_weight(torch.float32, self.out_features) for a in self.lora_active)
         self.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
         self.lora_fused = list(self.lora_active)
         for a in self.lora_fused:
@@ -234,7 +242,7 @@ class LoRALinear(nn.Linear):
     def _unfuse(self) -> None:
         if not self.lora_fused:
             return
-        delta = sum(a.delta_weight(torch.float32) for a in self.lora_fused)
+        delta = sum(a.delta_weight(torch.float32, self.out_features) for a in self.lora_fused)
         self.weight.copy_((self.weight.float() - delta.to(self.weight.device)).to(self.weight.dtype))
         for a in self.lora_fused:
             object.__setattr__(a, "_fused", False)
@@ -694,7 +702,7 @@ def _check_fuse_fits_dtype(model: nn.Module) -> None:
     for path, mod in _lora_linears(model):
         if mod.lora_fused or not mod.lora_active or mod.weight.dtype not in LORA_FILE_DTYPES:  # fp8: _check_fuse
             continue
-        delta = sum(a.delta_weight(torch.float32) for a in mod.lora_active)
+        delta = sum(a.delta_weight(torch.float32, mod.out_features) for a in mod.lora_active)
         fused = (mod.weight.float() + delta.to(mod.weight.device)).to(mod.weight.dtype)
         if not bool(torch.isfinite(fused).all()):
             bad.append(f"{path} ({mod.weight.dtype}, multiplier(s) "
