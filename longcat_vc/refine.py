@@ -304,20 +304,23 @@ def refine_state(pipe, lora_path: Optional[str]):
     # before a (re)load: replacing an active LoRA of the same name unfuses the model
     prev_active = list(getattr(dit, "active_loras", []))
     prev_fused = bool(fused_loras(dit))
-    if _refinement_lora_to_load(pipe, lora_path):
-        if lora_path is None or not os.path.isfile(lora_path):
-            raise CheckpointError(f"refinement LoRA file not found: {lora_path} ({REFINEMENT_LORA_FILE} of the checkpoint)")
-        devices = [dit.device] if getattr(dit, "device", torch.device("cpu")).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            try:
-                source = _lora_file_id(lora_path)
-                dit.load_lora(lora_path, REFINEMENT_LORA)
-            except Exception as e:
-                raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
-        pipe._refinement_lora_source = source
     cfg = dit.config
     prev_bsa = cfg.enable_bsa
     try:
+        # inside the try: a reload that fails after replacing an active adapter (which unfuses the model)
+        # still gets the previous LoRA/fuse state back
+        if _refinement_lora_to_load(pipe, lora_path):
+            if lora_path is None or not os.path.isfile(lora_path):
+                raise CheckpointError(f"refinement LoRA file not found: {lora_path} ({REFINEMENT_LORA_FILE} of the "
+                                      "checkpoint)")
+            devices = [dit.device] if getattr(dit, "device", torch.device("cpu")).type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                try:
+                    source = _lora_file_id(lora_path)
+                    dit.load_lora(lora_path, REFINEMENT_LORA)
+                except Exception as e:
+                    raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
+            pipe._refinement_lora_source = source
         dit.disable_loras()
         dit.enable_loras([REFINEMENT_LORA])
         cfg.enable_bsa = True

@@ -91,6 +91,34 @@ def test_a_refinement_lora_reload_restores_the_fused_state_before_it(refine_ckpt
     assert fused_loras(pipe.dit) == ["refinement_lora"]
 
 
+def test_a_failed_refinement_lora_reload_restores_the_state_before_it(refine_ckpt, tmp_path, monkeypatch):
+    """A reload that fails after replacing the active (fused) adapter, which unfuses the model, gets the previous
+    LoRA/fuse state back: the reload ran before the block that restores it."""
+    from longcat_vc.loading import CheckpointError
+    from longcat_vc.lora import fused_loras
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    pipe = VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu",
+                                                     attn_backend="torch", progress=False)
+    _refine(pipe)  # loads the checkpoint's refinement LoRA
+    pipe.dit.enable_loras(["refinement_lora"])
+    pipe.dit.fuse_lora()
+    weights = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    pipe.refinement_lora_path = _other_lora(tmp_path / "other", seed=99)
+
+    def failing_load(path, name):
+        pipe.dit.disable_loras()  # what replacing the active adapter does first
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(pipe.dit, "load_lora", failing_load)
+    with pytest.raises(CheckpointError, match="failed to load the refinement LoRA"):
+        _refine(pipe)
+    assert pipe.dit.active_loras == ["refinement_lora"]
+    assert fused_loras(pipe.dit) == ["refinement_lora"]
+    for k, v in pipe.dit.state_dict().items():
+        torch.testing.assert_close(v, weights[k], rtol=1e-6, atol=1e-6)
+
+
 def test_cli_continue_refine_summary_total_counts_both_stages(tmp_path, capsys, monkeypatch):
     """``continue --refine`` printed the refinement's summary as the run's last, unlabelled "timings (s): ...
     total T" line, T = load + refinement + write: the 480p stage (most of the run) was left out. The refine is a
