@@ -277,7 +277,10 @@ class VideoContinuationPipeline:
 
         Args:
             checkpoint_dir: the folder.
-            dtype: weights dtype of every component (bf16 as upstream; fp32 for tests).
+            dtype: weights dtype of every component (bf16 as upstream; fp32 for tests), except that
+                with fp16 the UMT5 text encoder loads in bf16 (T5 activations overflow fp16, which
+                transformers clamps without a word; upstream runs it in bf16); its embeddings are
+                cast to fp16 for the DiT.
             device: where to run (default: CUDA if available, else CPU).
             mode: ``"basic"`` or ``"distill"``.
             process_group, cfg_parallel: context parallelism (see the class); each rank passes
@@ -376,7 +379,8 @@ class VideoContinuationPipeline:
         scheduler_config = load("scheduler config", lambda: read_scheduler_config(sub("scheduler")))
         tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
         text_encoder = load(
-            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), dtype).to(load_device).eval()
+            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), _text_encoder_dtype(dtype))
+            .to(load_device).eval()
         )
         vae = load("VAE", lambda: _load_vae(AutoencoderKLWan, sub("vae"), dtype).to(device).eval())
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
@@ -1125,6 +1129,12 @@ def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, 
     fps = REFINE_FPS / 2 if spatial else REFINE_FPS
     return VideoContinuationOutput(np.concatenate([video30, new], axis=0), None, fps, int(video30.shape[0]),
                                    int(new.shape[0]), tuple(prev.shape[1:3]), total)
+
+
+def _text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The UMT5 encoder's weights dtype for a pipeline of ``dtype``: bf16 for fp16 (T5 activations overflow
+    fp16's range; transformers clamps them silently, degrading the embeddings), else ``dtype``."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 def _load_umt5(cls, path: str, dtype: torch.dtype):
