@@ -152,7 +152,9 @@ class BlockStreamer:
 
     ``forward_kv_only`` (the last block of a cache build) is wrapped the same way. A prefetched
     copy is re-issued when the CPU weights changed since (``param._version``: ``fuse_lora`` and
-    ``load_state_dict`` write in place) or the set of active LoRA tensors changed.
+    ``load_state_dict`` write in place; peft's ``merge_adapter``: its ``merged_adapters``), or the set
+    of active LoRA tensors changed. A write through ``param.data`` bumps no version counter: after
+    one of your own, call ``release()`` (the prefetched block 0 would be the old weights).
 
     Args:
         dit: a ``LongCatDiT`` (anything with ``blocks``, an ``nn.ModuleList``).
@@ -268,6 +270,10 @@ class BlockStreamer:
             # (``fuse_lora``'s ``weight.copy_``). ``t.data`` is a fresh alias on every access.
             tuple((n, t.data_ptr(), t._version) for n, t in ts.items()),
             tuple((id(o), a, id(t), t._version) for o, a, t in lora),
+            # peft's merge_adapter / unmerge_adapter write ``weight.data += delta``: no version counter
+            # sees that, but its record of the merged adapters changes with it
+            tuple((n, tuple(m.merged_adapters)) for n, m in block.named_modules()
+                  if isinstance(getattr(m, "merged_adapters", None), list)),
         )
 
     # ------------------------------------------------------------------ copies
