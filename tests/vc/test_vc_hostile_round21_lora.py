@@ -20,6 +20,16 @@ def _fastvideo_qkv_targets(path, model, names, r=2, seed=0):
     return qkv
 
 
+def _assert_fuse_keeps_output(model, qkv):
+    """``fuse_lora`` leaves the module's output as it was unfused."""
+    x = torch.randn(5, qkv.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unfused = qkv(x)
+        model.fuse_lora()
+        fused = qkv(x)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
 def test_fuse_of_a_fastvideo_lora_on_part_of_a_split_target(tmp_path):
     """A FastVideo LoRA adapting to_q and to_k only (peft's target_modules may leave out to_v) is one
     adapter on the fused ``attn.qkv`` whose parts end before its last output row: its dense delta was
@@ -32,12 +42,7 @@ def test_fuse_of_a_fastvideo_lora_on_part_of_a_split_target(tmp_path):
     model.load_lora(path, "a")
     w0 = qkv.weight.detach().clone()
     model.enable_loras(["a"])
-    x = torch.randn(5, qkv.in_features, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        unfused = qkv(x)
-        model.fuse_lora()
-        fused = qkv(x)
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    _assert_fuse_keeps_output(model, qkv)
     # the rows of to_v are untouched by the fuse
     o = qkv.out_features // 3
     assert torch.equal(qkv.weight[2 * o:], w0[2 * o:])
@@ -56,9 +61,4 @@ def test_fuse_of_two_loras_covering_different_parts(tmp_path):
     model.load_lora(pa, "a")
     model.load_lora(pb, "b")
     model.enable_loras(["a", "b"])
-    x = torch.randn(5, qkv.in_features, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        unfused = qkv(x)
-        model.fuse_lora()
-        fused = qkv(x)
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    _assert_fuse_keeps_output(model, qkv)
