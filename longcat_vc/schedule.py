@@ -171,6 +171,12 @@ def check_num_train_timesteps(value, name: str = "num_train_timesteps") -> int:
     return int(value)
 
 
+# FlowMatchEulerDiscreteScheduler fields that, when truthy, change its sigmas (shift_terminal, invert_sigmas,
+# karras / exponential / beta sigmas) or its step (stochastic_sampling).
+_SCHEDULE_CHANGING_FIELDS = ("shift_terminal", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
+                             "use_beta_sigmas", "stochastic_sampling")
+
+
 def check_scheduler_config(cfg: dict, where: str = "scheduler_config") -> dict:
     """The fields the pipeline uses, checked; ``where`` (the file, or the argument) names the source.
 
@@ -178,7 +184,9 @@ def check_scheduler_config(cfg: dict, where: str = "scheduler_config") -> dict:
     (default 1000): the LongCat-Video DiT takes timesteps in [0, 1000] (its training, the distill
     grid, the enhance_hf tail and the refinement's ``t_thresh`` are on that scale), so any other
     value cannot be honoured (10 gave all-zero distill timesteps: the output was the initial noise;
-    0 gave NaN sigmas). ``use_dynamic_shifting``: false.
+    0 gave NaN sigmas). ``use_dynamic_shifting``: false. ``shift_terminal``, ``invert_sigmas``,
+    ``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``, ``stochastic_sampling``:
+    absent, null or false (diffusers would change the sigmas or the step; a ValueError, not ignored).
     """
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
@@ -194,6 +202,13 @@ def check_scheduler_config(cfg: dict, where: str = "scheduler_config") -> dict:
         )
     if cfg.get("use_dynamic_shifting", False):
         raise ValueError(f"{where}: use_dynamic_shifting=true is not used by LongCat-Video VC and not supported")
+    for key in _SCHEDULE_CHANGING_FIELDS:
+        # diffusers' scheduler (upstream's) applies these when truthy; the SPEC 7 schedule here does not
+        if cfg.get(key):
+            raise ValueError(
+                f"{where}: {key}={cfg[key]!r} changes diffusers' sigmas or step, which LongCat-Video VC does not use "
+                f"(SPEC 7 schedule); not supported: set it to {'null' if key == 'shift_terminal' else 'false'}"
+            )
     return cfg
 
 
