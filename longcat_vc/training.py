@@ -400,6 +400,10 @@ def flow_matching_loss(
     noise = noise.to(device=x0.device, dtype=torch.float32)
     x_s = (1.0 - s) * x0 + s * noise
     pred = model(x_s, sigmas.to(x0.device).float() * 1000.0, encoder_hidden_states, encoder_attention_mask)
+    if tuple(pred.shape) != tuple(x0.shape):
+        # mse_loss broadcast a 1-channel prediction against the target with only a UserWarning
+        raise ValueError(f"flow_matching_loss: the model's prediction {list(pred.shape)} is not shaped like the latents "
+                         f"{list(x0.shape)}; the velocity target needs a DiT with out_channels == in_channels")
     return F.mse_loss(pred.float(), x0 - noise)
 
 
