@@ -557,7 +557,7 @@ def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
             container.mux(packet)
 
 
-def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
+def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int, target: Optional[str] = None) -> None:
     import imageio_ffmpeg
 
     h, w = frames.shape[1:3]
@@ -576,6 +576,16 @@ def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int) ->
     for fr in frames:
         writer.send(np.ascontiguousarray(fr))
     writer.close()
+    # imageio-ffmpeg does not check ffmpeg's exit status: an ffmpeg that failed part way (full disk, size
+    # limit) left a truncated mp4 that was renamed over the output with no error. Check the file is whole.
+    what = f"write_video: {target or tmp}: ffmpeg (imageio-ffmpeg) failed (full disk?), the output is left as it was"
+    try:
+        n, _ = imageio_ffmpeg.count_frames_and_secs(tmp)
+    except Exception as e:
+        last = [ln for ln in str(e).splitlines() if ln.strip()][-1:]
+        raise OSError(f"{what}: its file does not read back{': ' + last[0] if last else ''}") from None
+    if n != len(frames):
+        raise OSError(f"{what}: its file holds {n} of the {len(frames)} frames")
 
 
 MP4_EXTENSIONS = (".mp4", ".m4v", ".mov")  # what write_video's mp4 container may be named
@@ -630,5 +640,5 @@ def write_video(
         if backend == "av":
             _write_av(tmp, vf.frames, fps, crf)
         else:
-            _write_imageio_ffmpeg(tmp, vf.frames, fps, crf)
+            _write_imageio_ffmpeg(tmp, vf.frames, fps, crf, target=path)
     return path
