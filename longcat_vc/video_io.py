@@ -569,7 +569,8 @@ def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int, ta
         codec="libx264",
         pix_fmt_in="rgb24",
         pix_fmt_out=pix_fmt,
-        output_params=["-crf", str(int(crf)), "-f", "mp4"],
+        # mbtree off as in the PyAV writer: the two backends encode with the same x264 settings
+        output_params=["-crf", str(int(crf)), "-x264-params", "mbtree=0", "-f", "mp4"],
         macro_block_size=1,
     )
     writer.send(None)
