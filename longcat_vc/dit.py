@@ -14,11 +14,9 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import numbers
 import os
-import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,7 +27,7 @@ from longcat_kernels._validate import check_bool
 from . import lora as _lora
 from .config import DiTConfig
 from .fp8 import check_fp8_state_dict
-from .kv_cache import KVCache, StateToken
+from .kv_cache import KVCache, StateToken, tensor_stamp
 from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
 from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
@@ -51,28 +49,6 @@ _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "n
                    "kv_cache keys and values (checksum)", "kv_cache keys and values (position checksum)")
 _BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)",
                  "cond_latents (position checksum)")
-
-
-# ``state_fingerprint`` names each parameter and buffer by a stamp no other tensor object ever gets:
-# ``id()`` is handed to the next object once one is freed, so a weight replaced twice in a row
-# (``module.weight = nn.Parameter(...)``) could take the id the cache was built with, and the stale
-# cache was used. id -> (weak reference, stamp); the entry goes when its tensor is freed.
-_TENSOR_STAMPS: Dict[int, Tuple[weakref.ref, int]] = {}
-_STAMP_COUNTER = itertools.count()
-
-
-def _drop_stamp(key: int, ref: weakref.ref) -> None:
-    entry = _TENSOR_STAMPS.get(key)
-    if entry is not None and entry[0] is ref:
-        del _TENSOR_STAMPS[key]
-
-
-def _tensor_stamp(t: torch.Tensor) -> int:
-    key = id(t)
-    entry = _TENSOR_STAMPS.get(key)
-    if entry is None or entry[0]() is not t:
-        entry = _TENSOR_STAMPS[key] = (weakref.ref(t, functools.partial(_drop_stamp, key)), next(_STAMP_COUNTER))
-    return entry[1]
 
 
 def _compiling() -> bool:
@@ -153,7 +129,7 @@ class LongCatDiT(nn.Module):
         for i, mod in enumerate(self.modules()):  # one pass (parameters() and buffers() walk the modules too)
             for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
                 if t is not None:
-                    tensors.append((_tensor_stamp(t), t._version))
+                    tensors.append((tensor_stamp(t), t._version))
             if type(mod).__module__.startswith("peft.") and hasattr(mod, "merged_adapters"):
                 adapters.append((i, *self._adapter_state(mod)))
             elif isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:

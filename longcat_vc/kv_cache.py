@@ -13,10 +13,37 @@ buffers, so device memory holds two blocks of cache instead of all of them).
 
 from __future__ import annotations
 
+import functools
+import itertools
+import weakref
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+
+
+# A stamp no other tensor object ever gets, for the checks that tell a tensor from its replacement
+# (``LongCatDiT.state_fingerprint``, ``memory.BlockStreamer``'s prefetch signature): ``id()`` is handed
+# to the next object once one is freed, so a weight replaced twice in a row (``module.weight =
+# nn.Parameter(...)``) could take the id the cache was built with, and the stale cache was used.
+# id -> (weak reference, stamp); the entry goes when its tensor is freed.
+_TENSOR_STAMPS: Dict[int, Tuple[weakref.ref, int]] = {}
+_STAMP_COUNTER = itertools.count()
+
+
+def _drop_stamp(key: int, ref: weakref.ref) -> None:
+    entry = _TENSOR_STAMPS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TENSOR_STAMPS[key]
+
+
+def tensor_stamp(t: torch.Tensor) -> int:
+    """``t``'s stamp (see above): equal for the same tensor object, never for another."""
+    key = id(t)
+    entry = _TENSOR_STAMPS.get(key)
+    if entry is None or entry[0]() is not t:
+        entry = _TENSOR_STAMPS[key] = (weakref.ref(t, functools.partial(_drop_stamp, key)), next(_STAMP_COUNTER))
+    return entry[1]
 
 __all__ = ["KVCache", "StateToken"]
 

@@ -39,6 +39,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .kv_cache import tensor_stamp
+
 __all__ = [
     "MEMORY_MODES",
     "MemoryPlan",
@@ -269,7 +271,8 @@ class BlockStreamer:
             # data_ptr: which CPU copy; the parameter's own version counter: in-place writes
             # (``fuse_lora``'s ``weight.copy_``). ``t.data`` is a fresh alias on every access.
             tuple((n, t.data_ptr(), t._version) for n, t in ts.items()),
-            tuple((id(o), a, id(t), t._version) for o, a, t in lora),
+            # a LoRA reloaded under its name gets new tensors, which may take freed ids: stamps, not id()
+            tuple((id(o), a, tensor_stamp(t), t._version) for o, a, t in lora),
             # peft's merge_adapter / unmerge_adapter write ``weight.data += delta``: no version counter
             # sees that, but its record of the merged adapters changes with it
             tuple((n, tuple(m.merged_adapters)) for n, m in block.named_modules()
