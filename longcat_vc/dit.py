@@ -130,7 +130,7 @@ class LongCatDiT(nn.Module):
             for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
                 if t is not None:
                     tensors.append((tensor_stamp(t), t._version))
-            if type(mod).__module__.startswith("peft.") and hasattr(mod, "merged_adapters"):
+            if _lora.is_peft_module(mod) and hasattr(mod, "merged_adapters"):
                 adapters.append((i, *self._adapter_state(mod)))
             elif isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:
                 dropout += 1

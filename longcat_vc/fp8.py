@@ -61,7 +61,7 @@ from longcat_kernels import (
 )
 from longcat_kernels._validate import check_bool
 
-from .lora import LoRALinear
+from .lora import LoRALinear, carries_peft_adapters
 
 E4M3_MAX = 448.0
 
@@ -298,7 +298,7 @@ def quantize_dit_fp8(dit: nn.Module, *, device=None, emulate: bool = False) -> L
             carries peft adapters (``longcat_vc.training.add_lora``: train unquantised, quantise after).
     """
     check_bool(emulate, "emulate")  # a truthy "no" would emulate on a device without fp8 GEMMs, silently slow
-    if any(type(m).__module__.startswith("peft.") for m in dit.modules()):
+    if carries_peft_adapters(dit):
         # peft adapters beside the fp8 linears trained on with wrong gradients (none flows through the fp8
         # activations); on them, "blocks.0.ffn.w1 is a Linear, expected LoRALinear"
         raise ValueError("quantize_dit_fp8: dit: expected a DiT without peft adapters, got one that carries peft "

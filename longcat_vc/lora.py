@@ -586,6 +586,17 @@ def fused_loras(model: nn.Module) -> List[str]:
     return sorted({a.name for _, m in _lora_linears(model) for a in m.lora_fused})
 
 
+def is_peft_module(m: nn.Module) -> bool:
+    """A module of peft's (an injected adapter layer or peft's model wrapper), told by its class's module
+    so that nothing here imports peft."""
+    return type(m).__module__.startswith("peft.")
+
+
+def carries_peft_adapters(model: nn.Module) -> bool:
+    """``model`` holds peft modules (``longcat_vc.training.add_lora``)."""
+    return any(is_peft_module(m) for m in model.modules())
+
+
 def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multiplier: float = 1.0) -> List[str]:
     """Reads a LoRA file (LongCat or FastVideo format) into ``model`` under ``name`` (not enabled).
 
@@ -598,7 +609,7 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
     _check_multiplier(multiplier, "load_lora: multiplier")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_lora: path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
-    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+    if carries_peft_adapters(model):
         # its Linear layers are wrapped by peft: every key would "match no Linear module"
         raise ValueError("load_lora: the model carries peft adapters (add_lora); save them with save_longcat_lora and "
                          "load the file into a DiT without peft adapters (or unload them first)")

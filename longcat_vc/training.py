@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from longcat_kernels._validate import check_bool
 
 from .loading import _has_non_finite
-from .lora import LORA_FILE_DTYPES, LORA_HYPHEN, LORA_PREFIX, longcat_lora_key
+from .lora import LORA_FILE_DTYPES, LORA_HYPHEN, LORA_PREFIX, carries_peft_adapters, longcat_lora_key
 
 __all__ = [
     "LORA_TARGETS_CFG_STEP",
@@ -312,7 +312,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.Module) and not isinstance(model, LongCatDiT):
         dits = [m for m in model.modules() if isinstance(m, LongCatDiT)]
         if len(dits) > 1:  # e.g. a student and a frozen teacher: the one with peft adapters
-            dits = [d for d in dits if any(type(m).__module__.startswith("peft.") for m in d.modules())]
+            dits = [d for d in dits if carries_peft_adapters(d)]
         if len(dits) == 1:
             return dits[0]
     return model.get_base_model() if hasattr(model, "get_base_model") else model
