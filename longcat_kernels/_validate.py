@@ -8,6 +8,7 @@ message naming the argument, what was expected and what was given. All checks ar
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -45,6 +46,14 @@ def cache_mode():
     if compiling() or not torch.is_inference_mode_enabled():
         return contextlib.nullcontext()
     return torch.inference_mode(False)
+
+
+def plain_int(value):
+    """A numpy (or other ``numbers.Integral``) integer as a Python int, as the grid helpers take it;
+    anything else (bool, float, a Python int) unchanged, for the check that names it."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    return value
 
 
 def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:

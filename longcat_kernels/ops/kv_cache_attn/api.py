@@ -12,7 +12,6 @@ there) take arguments already validated and normalised (scale a float):
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -32,6 +31,7 @@ from ..._validate import (
     check_sparsity,
     check_tensor,
     compiling,
+    plain_int,
 )
 from ...grid import Triple, cache_split_aligned
 from ..block_sparse_attn.api import check_no_rule_beside_selection, check_selection, select_blocks
@@ -94,8 +94,7 @@ def prefix_attn(
         Tensor: ``[batch, seq, heads, head_dim]`` in q's dtype, contiguous; ``(out, lse)`` with
         ``return_lse``.
     """
-    if isinstance(prefix_len, numbers.Integral) and not isinstance(prefix_len, (bool, int)):
-        prefix_len = int(prefix_len)  # a numpy int, as frame_offset takes it (it was a TypeError)
+    prefix_len = plain_int(prefix_len)  # a numpy int, as frame_offset takes it (it was a TypeError)
     if not compiling():
         check_backend_name(backend)
         check_bool(return_lse, "return_lse")

@@ -10,13 +10,13 @@ axis part: lane j of a d-lane part pairs with lane j + d/2 of the same part).
 
 from __future__ import annotations
 
-import numbers
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import cache_mode, check_backend_name, check_same_device, check_tensor, compiling, has_values
+from ..._validate import (cache_mode, check_backend_name, check_same_device, check_tensor, compiling, has_values,
+                          plain_int)
 from ...grid import Triple, as_triple
 from . import reference as ref
 
@@ -150,14 +150,6 @@ class Rope3D:
                 f"pairs={self.pairs!r}, device={self.device})")
 
 
-def _offset_int(frame_offset):
-    """A numpy (or other ``numbers.Integral``) frame offset as a Python int, as the grid helpers take it
-    (it was refused with a TypeError here); anything else unchanged for the checks that name it."""
-    if isinstance(frame_offset, numbers.Integral) and not isinstance(frame_offset, (bool, int)):
-        return int(frame_offset)
-    return frame_offset
-
-
 def _rope_frames(x: torch.Tensor, rope: Rope3D, frame_offset: int, name: str) -> int:
     """Frames held by ``x`` (validated against the rope grid)."""
     if not isinstance(rope, Rope3D):
@@ -202,7 +194,7 @@ def apply_rope_3d(x: torch.Tensor, rope: Rope3D, frame_offset: int = 0) -> torch
     """
     if not compiling():
         check_tensor(x, "x")
-    frame_offset = _offset_int(frame_offset)
+    frame_offset = plain_int(frame_offset)  # a numpy int as the grid helpers take it
     nf = _rope_frames(x, rope, frame_offset, "x")
     if x.numel() == 0:  # batch, seq or heads 0: nothing to rotate (the tables of 0 frames are empty)
         return x.contiguous().clone()
@@ -355,7 +347,7 @@ def qk_norm_rope(
         if D == 0:
             raise ValueError(f"q: expected head_dim >= 1, got 0 (shape {tuple(q.shape)})")
     nf = None
-    frame_offset = _offset_int(frame_offset)
+    frame_offset = plain_int(frame_offset)  # a numpy int as the grid helpers take it
     if rope is not None:
         nf = _rope_frames(q, rope, frame_offset, "q")
     elif not compiling() and (isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset != 0):
