@@ -73,6 +73,21 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
                    help="tiled VAE encode and decode (less memory at 720p; pixels differ slightly)")
 
 
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--attn-backend and --dtype, the same for every command that loads the model."""
+    p.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                   help="attention kernels of the DiT (default: auto)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+
+
+def _add_report_flags(p: argparse.ArgumentParser) -> None:
+    """--timings-json, --no-progress and --debug, the same for every command that runs the model."""
+    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -95,19 +110,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     _add_memory_flags(p)
     p.add_argument("--bsa", action="store_true", help="block-sparse self-attention")
     p.add_argument("--fuse-lora", action="store_true", help="distill: merge the LoRA into the weights (faster)")
-    p.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
-                   help="attention kernels of the DiT (default: auto)")
+    _add_model_flags(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     p.add_argument("--input-fps", type=float, default=None, metavar="FPS",
                    help="frame rate of the input (overrides the file's; frame folders have none: taken as 15)")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; with "
                    "--context-parallel no index: each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better, default 18)")
-    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_report_flags(p)
     p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="run the DiT across N processes (sequence parallel, Ulysses); launch with "
                         "torchrun --nproc-per-node N -m longcat_vc.cli ... (NCCL on CUDA, gloo on CPU)")
@@ -175,16 +185,11 @@ def _add_refine_parser(sub) -> None:
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
     pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
     _add_memory_flags(pr)
-    pr.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default=None,
-                    help="attention kernels of the DiT (default: auto)")
+    _add_model_flags(pr)
     pr.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    pr.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                    help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     pr.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     pr.add_argument("--crf", type=int, default=10, help="x264 quality (default 10, as upstream's refine demo)")
-    pr.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pr.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_report_flags(pr)
     _add_refine_flags(pr, with_switch=False)
 
 
