@@ -407,6 +407,12 @@ c10::optional<RopeTables> rope_tables(const c10::optional<Tensor>& cos_t,
   };
   RopeTables r{prep(*cos_t, "cos_t"), prep(*sin_t, "sin_t"), prep(*cos_h, "cos_h"),
                prep(*sin_h, "sin_h"), prep(*cos_w, "cos_w"), prep(*sin_w, "sin_w")};
+  // each sin table is read with its cos table's sizes: a smaller one was read out of bounds
+  LK_CHECK(r.sin_t.sizes() == r.cos_t.sizes() && r.sin_h.sizes() == r.cos_h.sizes() &&
+               r.sin_w.sizes() == r.cos_w.sizes(),
+           "longcat_kernels (cuda): each rope sin table must have its cos table's shape, got sin_t ",
+           r.sin_t.sizes(), " vs cos_t ", r.cos_t.sizes(), ", sin_h ", r.sin_h.sizes(), " vs cos_h ",
+           r.cos_h.sizes(), ", sin_w ", r.sin_w.sizes(), " vs cos_w ", r.cos_w.sizes());
   LK_CHECK(r.cos_t.size(1) + r.cos_h.size(1) + r.cos_w.size(1) == q.size(3),
               "longcat_kernels (cuda): rope table widths ", r.cos_t.size(1), "+", r.cos_h.size(1),
               "+", r.cos_w.size(1), " must add up to head_dim ", q.size(3));
@@ -416,6 +422,9 @@ c10::optional<RopeTables> rope_tables(const c10::optional<Tensor>& cos_t,
 // Rotates x ([B, S, H, D], frames frame_offset.. of the rope grid) into a new contiguous tensor.
 Tensor apply_rope(const Tensor& x, const RopeTables& r, int64_t grid_h, int64_t grid_w,
                   int64_t frame_offset) {
+  // two negative sizes multiply to a positive hw and a negative offset passed the coverage test below
+  LK_CHECK(grid_h > 0 && grid_w > 0 && frame_offset >= 0, "longcat_kernels (cuda): rope grid_h ", grid_h,
+           ", grid_w ", grid_w, " must be positive and frame_offset ", frame_offset, " >= 0");
   const int64_t hw = grid_h * grid_w;
   LK_CHECK(hw > 0 && x.size(1) % hw == 0, "longcat_kernels (cuda): seq ", x.size(1),
               " must be whole frames of grid_h*grid_w = ", hw, " tokens");
