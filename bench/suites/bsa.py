@@ -132,7 +132,9 @@ def _sparse_case(ctx, grid, bhd, sparsity, backend, *, chunk=CHUNK, variant="gat
             sels = [lk.select_blocks(q, k, backend=gate, **kw) for q, k, _ in sets]
         hs = kc.heads_for_check(ctx, H)
         sel0 = sels[0]
-        eff = F.bsa_effective_flops(sel0, D, grid.shape, chunk, backward=backward)
+        # the mean over the rotated sets, whose median time it divides: on a grid the chunk does not divide,
+        # each set's selection visits another number of tokens (edge blocks), the first set's was off by ~5%
+        eff = sum(F.bsa_effective_flops(s, D, grid.shape, chunk, backward=backward) for s in sels) / len(sels)
         extra = dict(density=sel0.density(), gflop_dense=F.attn_flops(B, H, grid.tokens, grid.tokens, D,
                                                                       backward=backward) / 1e9)
 
