@@ -99,3 +99,33 @@ def test_bsa_effective_flops_are_those_of_the_timed_input_sets():
     assert max(per_set) != min(per_set), "the sets' selections visit the same number of tokens: no test"
     expect = sum(per_set) / len(per_set)
     assert prep.flops == pytest.approx(expect, rel=1e-12)
+
+
+def _ctx(**kw):
+    from bench.suites import Context
+
+    return Context(device=torch.device("cpu"), dtype=torch.float32, log=lambda m: None, **kw)
+
+
+def test_quick_bsa_runs_every_sparsity_named():
+    """--quick --suite bsa --sparsity 0.5,0.75 timed 0.75 alone: the smoke run's trim to LongCat's level
+    (meant for the default levels) dropped an explicitly named level without a row or a word."""
+    from bench.suites import bsa
+
+    names = [c.name for c in bsa.cases(_ctx(quick=True, sparsities=(0.5, 0.75)))]
+    assert any("/s0.5/" in n for n in names) and any("/s0.75/" in n for n in names), names
+    # the default levels are still trimmed to 0.9375 in a smoke run
+    names = [c.name for c in bsa.cases(_ctx(quick=True))]
+    assert any("/s0.9375/" in n for n in names) and not any("/s0.5/" in n for n in names), names
+
+
+def test_quick_cached_attn_runs_every_cond_frames_named():
+    """--quick --suite cached-attn --cond-frames 13,29,45 timed 13 and 45 only: 29 dropped without a row,
+    while the cache suite ran all three in the same run."""
+    from bench.suites import cached_attn
+
+    cs = cached_attn.cases(_ctx(quick=True, cond_frames=(13, 29, 45)))
+    lat = {c.params.get("cond_latents") for c in cs if c.params.get("op") == "kv-cache"}
+    assert lat == {4, 8, 12}, lat
+    cs = cached_attn.cases(_ctx(quick=True))  # defaults: shortest and longest
+    assert {c.params.get("cond_latents") for c in cs if c.params.get("op") == "kv-cache"} == {4, 20}

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from bench import flops as F
-from bench.shapes import GRIDS
+from bench.shapes import GRIDS, SPARSITIES
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import kernels_common as kc
 from bench.timing import ms_cell
@@ -200,7 +200,7 @@ def cases(ctx) -> list[Case]:
     bhd, grids = _dims(ctx)
     grids = ctx.grids or grids
     levels = tuple(ctx.sparsities)
-    if ctx.quick:  # smoke run: LongCat's level only
+    if ctx.quick and levels == SPARSITIES:  # smoke run: LongCat's level only (levels --sparsity names all run)
         levels = tuple(s for s in levels if s == 0.9375) or levels[-1:]
     ctx.log(f"bsa: B{bhd[0]} H{bhd[1]} D{bhd[2]}, {ctx.dtype}, grids {', '.join(map(str, grids))}, "
             f"sparsity {levels}")
