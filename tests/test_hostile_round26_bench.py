@@ -129,3 +129,21 @@ def test_quick_cached_attn_runs_every_cond_frames_named():
     assert lat == {4, 8, 12}, lat
     cs = cached_attn.cases(_ctx(quick=True))  # defaults: shortest and longest
     assert {c.params.get("cond_latents") for c in cs if c.params.get("op") == "kv-cache"} == {4, 20}
+
+
+def test_report_names_a_timed_cached_attn_row_without_its_time(tmp_path):
+    """A timed cached-attn row without "ms" (a file edited by hand, an older writer) was a bare
+    KeyError('ms') traceback from the table's best-of pick, naming neither the file nor the row."""
+    from bench import report
+
+    base = {"suite": "cached-attn", "case": "c4/kv-cache", "status": "ok", "op": "kv-cache", "cond_latents": 4,
+            "grid": "24x2x4", "seq_q": 160, "seq_k": 192, "batch": 2, "heads": 2, "head_dim": 32}
+    rows = [dict(base, backend="unfused", ms=2.0), dict(base, backend="torch", speedup=2.0)]
+    doc = _doc(slug="cpu-x", gpu=None)
+    doc["machine"]["cpu"] = "x"
+    doc["rows"] = rows
+    _write(tmp_path / "cpu-x", "a.json", doc)
+    with pytest.raises(ValueError, match=r"a\.json: rows\[1\].*missing \['ms'\]"):
+        report.render(tmp_path)
+    with pytest.raises(SystemExit, match=r"missing \['ms'\]"):
+        report.main(["--results", str(tmp_path)])
