@@ -147,3 +147,16 @@ def test_report_names_a_timed_cached_attn_row_without_its_time(tmp_path):
         report.render(tmp_path)
     with pytest.raises(SystemExit, match=r"missing \['ms'\]"):
         report.main(["--results", str(tmp_path)])
+
+
+def test_cached_attn_reports_a_named_backend_that_cannot_run_prefix_attn():
+    """--backends torch,cuda without the extension: the kv-cache cases of cuda were reported skipped with
+    the reason, its prefix_attn cases were left out without a row (the table had no trace of them)."""
+    from bench.suites import cached_attn
+
+    cs = cached_attn.cases(_ctx(quick=True, backends=["torch", "cuda"], cond_frames=(13,)))
+    prefix = [c for c in cs if c.name.endswith("/prefix")]
+    by = {c.backend: c for c in prefix}
+    assert "torch" in by and by["torch"].skip is None
+    assert "cuda" in by and by["cuda"].skip, [(c.backend, c.skip) for c in prefix]
+    assert by["cuda"].params.get("op") == "prefix"

@@ -210,7 +210,10 @@ def _grid_cases(ctx, grid, bhd, prefix: str) -> list[Case]:
     for frames, c in sorted({pairs[0], long_[0]}):
         out.append(_prefix_case(ctx, grid, bhd, frames, c, f"sdpa:{sdpa[0]}", f"sdpa-{sdpa[0]}-2call", prefix))
         for b, skip in prefix_backends:
-            if not skip:
+            if skip:  # a backend --backends names: reported, as its kv-cache cases are
+                out.append(kc.skipped(NAME, f"{prefix}c{c}/prefix", b, dict(grid=str(grid), cond_frames=frames,
+                                                                      cond_latents=c, op="prefix"), skip))
+            else:
                 out.append(_prefix_case(ctx, grid, bhd, frames, c, b, b, prefix))
     return out
 
