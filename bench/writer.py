@@ -13,6 +13,7 @@ here ``bench-<suites>[-quick]_<YYYYMMDDTHHMMSSZ>[_<commit>].json`` / ``.csv`` (A
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
 import math
 import os
@@ -87,9 +88,15 @@ def check_document(doc: dict, path: Path | str) -> dict:
             raise ValueError(f"{path}: field {key!r} must be a {'JSON object' if typ is dict else 'list'}, "
                              f"got {got}")
     date = doc["machine"].get("date")
-    if not isinstance(date, str) or not date:
-        raise ValueError(f"{path}: field 'machine.date' must be a non-empty string (YYYY-MM-DDTHH:MM:SSZ), got "
+    if not _is_utc_stamp(date):
+        # the newest file of a suite is picked by comparing these strings: "unknown" (or any other text)
+        # sorted after every real date and shadowed the newer runs
+        raise ValueError(f"{path}: field 'machine.date' must be a UTC time YYYY-MM-DDTHH:MM:SSZ, got "
                          f"{'missing' if 'date' not in doc['machine'] else repr(date)}")
+    if not isinstance(doc["config"].get("quick"), bool):
+        # missing read as a full run (a smoke run's numbers in the README); "false" as a quick one
+        raise ValueError(f"{path}: field 'config.quick' must be true or false, got "
+                         f"{'missing' if 'quick' not in doc['config'] else repr(doc['config']['quick'])}")
     for i, r in enumerate(doc["rows"]):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: rows[{i}] must be a JSON object, got a {type(r).__name__}")
@@ -99,10 +106,12 @@ def check_document(doc: dict, path: Path | str) -> dict:
 
 # fields the report's tables and plots index the timed rows of each suite by (a row without one was a
 # bare KeyError naming neither the file nor the row)
+# (and the time: the cached-attn table picks its best row by "ms", a KeyError without it)
 _ROW_FIELDS = {
-    "cache": ("backend", "mode", "cond_frames", "cond_latents"),
-    "bsa": ("backend", "kind", "grid", "mode", "chunk", "sparsity"),
-    "cached-attn": ("backend", "op", "cond_latents"),
+    "cache": ("backend", "mode", "cond_frames", "cond_latents", "ms"),
+    "bsa": ("backend", "kind", "grid", "mode", "chunk", "sparsity", "ms"),
+    "cached-attn": ("backend", "op", "cond_latents", "ms"),
+    "pipeline": ("ms",),
 }
 
 
@@ -114,6 +123,17 @@ def _check_row_fields(row: dict, i: int, path: Path | str) -> None:
     if missing:
         raise ValueError(f"{path}: rows[{i}] (suite {row.get('suite')!r}, case {row.get('case')!r}): expected the "
                          f"fields {list(_ROW_FIELDS[row['suite']])} that the report reads, missing {missing}")
+
+
+def _is_utc_stamp(date) -> bool:
+    """Whether ``date`` is a ``YYYY-MM-DDTHH:MM:SSZ`` time (the machine header's format), which orders as text."""
+    if not isinstance(date, str) or len(date) != 20 or not date.endswith("Z"):
+        return False
+    try:
+        _dt.datetime.strptime(date, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return False
+    return True
 
 
 def load_results(path: Path | str) -> dict:
@@ -158,6 +178,11 @@ def latest_results(results_dir: Path | str = RESULTS_DIR, skip_quick: bool = Fal
             if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:  # another tool's JSON
                 continue
             check_document(doc, jp)  # ours but incomplete: an error naming the file and field
+            slug = doc["machine"].get("device_slug")
+            if slug is not None and slug != dev_dir.name:
+                # another device's run (newer) replaced this device's table, labelled with the other device
+                raise ValueError(f"{jp}: a run on device {slug!r} in the folder {dev_dir.name!r}; move it to "
+                                 f"{slug}/ beside it")
             doc["_path"] = str(jp)
             if skip_quick and doc.get("config", {}).get("quick"):
                 continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from bench import flops as F
-from bench.shapes import GRIDS, cond_frames_left_out, cond_latents_for
+from bench.shapes import COND_FRAMES, GRIDS, cond_frames_left_out, cond_latents_for
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import kernels_common as kc
 from bench.timing import ms_cell
@@ -173,7 +173,8 @@ def _grid_cases(ctx, grid, bhd, prefix: str) -> list[Case]:
     pairs = cond_latents_for(grid, ctx.cond_frames)
     if not pairs:
         raise ValueError(f"cond frames {ctx.cond_frames} leave no noisy latent on grid {grid}")
-    if ctx.quick and len(pairs) > 2:  # smoke run: shortest and longest conditioning
+    if ctx.quick and len(pairs) > 2 and tuple(ctx.cond_frames) == COND_FRAMES:
+        # smoke run: shortest and longest conditioning (the values --cond-frames names all run)
         pairs = [pairs[0], pairs[-1]]
     ctx.log(f"cached-attn: B{bhd[0]} H{bhd[1]} D{bhd[2]}, {ctx.dtype}, grid {grid}, cond latents "
             f"{[c for _, c in pairs]}")
@@ -209,7 +210,10 @@ def _grid_cases(ctx, grid, bhd, prefix: str) -> list[Case]:
     for frames, c in sorted({pairs[0], long_[0]}):
         out.append(_prefix_case(ctx, grid, bhd, frames, c, f"sdpa:{sdpa[0]}", f"sdpa-{sdpa[0]}-2call", prefix))
         for b, skip in prefix_backends:
-            if not skip:
+            if skip:  # a backend --backends names: reported, as its kv-cache cases are
+                out.append(kc.skipped(NAME, f"{prefix}c{c}/prefix", b, dict(grid=str(grid), cond_frames=frames,
+                                                                      cond_latents=c, op="prefix"), skip))
+            else:
                 out.append(_prefix_case(ctx, grid, bhd, frames, c, b, b, prefix))
     return out
 
