@@ -68,3 +68,41 @@ def test_registered_rope_3d_op_with_an_output_shifted_over_its_input():
     ref = lk.apply_rope_3d(x.double(), rope, 0)
     torch.ops.longcat_kernels.rope_3d(x, *tabs, gh, gw, 0, out)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def _bsa_inputs(strided: bool):
+    """q, k, v [1, 32, 2, 16] on a (2, 4, 4) grid; strided: every other element of a [.., 32] last dim."""
+    qkv = [torch.randn(1, 32, 2, 32)[..., ::2] for _ in range(3)]
+    return qkv if strided else [t.contiguous() for t in qkv]
+
+
+@pytest.mark.triton_interpret
+def test_registered_bsa_ops_take_a_last_dim_stride_other_than_one():
+    """``torch.ops.longcat_kernels.bsa_fwd`` / ``bsa_bwd`` / ``bsa_pool_scores`` index head_dim as if its
+    stride were 1 (the public functions made it so, the registered ops did not): a q/k/v/grad view with a
+    last-dim stride of 2 gave silently wrong outputs, gradients and block scores (errors of order 1).
+    Non-contiguous ``indices``/``counts``/``lse`` were read as contiguous the same way."""
+    o = torch.ops.longcat_kernels
+    G, C = [2, 4, 4], [1, 2, 2]
+    torch.manual_seed(0)
+    q, k, v = _bsa_inputs(strided=True)
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    sel = lk.select_blocks(qc, kc, grid_q=G, chunk_q=C, sparsity=0.5, backend="torch")
+    # the same selection (and lse below) as stride-2 views
+    cnt_t = torch.stack([sel.counts, sel.counts], -1)[..., 0]
+    idx_t = torch.stack([sel.indices, sel.indices], -1)[..., 0]
+    assert not cnt_t.is_contiguous() and not idx_t.is_contiguous()
+    want_o, want_l = o.bsa_fwd(qc, kc, vc, sel.indices, sel.counts, G, G, C, C, 0.25)
+    got_o, got_l = o.bsa_fwd(q, k, v, idx_t, cnt_t, G, G, C, C, 0.25)
+    torch.testing.assert_close(got_o, want_o)
+    torch.testing.assert_close(got_l, want_l)
+    do = torch.randn(1, 32, 2, 32)[..., ::2]
+    lse_t = torch.stack([want_l, want_l], -1)[..., 0]
+    want = o.bsa_bwd(do.contiguous(), qc, kc, vc, want_o, want_l, sel.indices, sel.counts, G, G, C, C, 0.25, True)
+    got = o.bsa_bwd(do, q, k, v, want_o.transpose(1, 2).contiguous().transpose(1, 2), lse_t, idx_t, cnt_t,
+                    G, G, C, C, 0.25, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    want_s = o.bsa_pool_scores(qc, kc, G, G, C, C)[2]
+    got_s = o.bsa_pool_scores(q, k, G, G, C, C)[2]
+    torch.testing.assert_close(got_s, want_s)
