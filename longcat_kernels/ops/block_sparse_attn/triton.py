@@ -98,6 +98,10 @@ def bsa_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward. q [B,Sq,H,D], k/v [B,Sk,H,D] (any strides, last dim unit)
     -> out [B,Sq,H,D] (q dtype, contiguous), lse [B,H,Sq] fp32 (natural log)."""
+    # the kernels index head_dim, indices and counts with unit strides (the public functions pass them
+    # so; a direct torch.ops call may not): a copy only where a stride differs
+    q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+    indices, counts = indices.contiguous(), counts.contiguous()
     B, Sq, NH, D = q.shape
     (nTq, nHq, nWq), bm, even_q = _geom(grid_q, chunk_q)
     (nTk, nHk, nWk), bn, even_k = _geom(grid_k, chunk_k)
@@ -156,6 +160,8 @@ def bsa_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of bsa_fwd through the same selection (BSHD contiguous); ``dlse``
     ``[B,H,Sq]``: the gradient reaching lse too, if any."""
+    do, q, k, v, out = (_last_dim_contig(x) for x in (do, q, k, v, out))  # unit strides, as in bsa_fwd
+    lse, indices, counts = lse.contiguous(), indices.contiguous(), counts.contiguous()
     B, Sq, NH, D = q.shape
     Sk = k.shape[1]
     (nTq, nHq, nWq), bm, even_q = _geom(grid_q, chunk_q)
@@ -333,6 +339,7 @@ def bsa_pool_scores(
 
     Returns pooled_q [B,H,Nq,D], pooled_k [B,H,Nk,D] (input dtype), scores [B,H,Nq,Nk] fp32.
     """
+    q, k = _last_dim_contig(q), _last_dim_contig(k)  # the kernel indexes head_dim with unit stride
     B, Sq, NH, D = q.shape
     pooled = []
     for x, grid, chunk in ((q, grid_q, chunk_q), (k, grid_k, chunk_k)):

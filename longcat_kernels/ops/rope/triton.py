@@ -261,8 +261,14 @@ def check_no_grad_triton(op: str, **tensors) -> None:
 def _rope_3d_op(x: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor, cos_h: torch.Tensor,
                 sin_h: torch.Tensor, cos_w: torch.Tensor, sin_w: torch.Tensor, grid_h: int,
                 grid_w: int, frame_offset: int, out: torch.Tensor) -> None:
-    launch_norm_rope(q=x, out_q=out, tables=[cos_t, sin_t, cos_h, sin_h, cos_w, sin_w],
+    from .api import _needs_temporary  # noqa: PLC0415 (api imports the dispatch that imports this module)
+
+    # an out over x other than exactly x (in place) is read after other programs wrote it: a temporary
+    dst = torch.empty(x.shape, dtype=x.dtype, device=x.device) if _needs_temporary(out, x, ()) else out
+    launch_norm_rope(q=x, out_q=dst, tables=[cos_t, sin_t, cos_h, sin_h, cos_w, sin_w],
                      gh=grid_h, gw=grid_w, frame_offset=frame_offset)
+    if dst is not out:
+        out.copy_(dst)
 
 
 @_rope_3d_op.register_fake
@@ -278,6 +284,18 @@ def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
                      sin_w: Optional[torch.Tensor], grid_h: int, grid_w: int, frame_offset: int,
                      eps: float, out_q: torch.Tensor, out_k: torch.Tensor) -> None:
     tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+    from .api import _needs_temporary  # noqa: PLC0415 (api imports the dispatch that imports this module)
+
+    # qk_norm_rope routes outputs over its inputs through temporaries, but not while dynamo traces: a graph
+    # run without functionalization (torch.compile(backend="eager")) or a direct call reaches here with them
+    if _needs_temporary(out_q, q, (k, q_weight, k_weight)) or _needs_temporary(out_k, k, (q, q_weight, k_weight)):
+        tq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        tk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        _qk_norm_rope_op(q, k, q_weight, k_weight, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w,
+                         frame_offset, eps, tq, tk)
+        out_q.copy_(tq)
+        out_k.copy_(tk)
+        return
     if q.shape == k.shape:
         launch_norm_rope(q=q, k=k, q_weight=q_weight, k_weight=k_weight, out_q=out_q, out_k=out_k,
                          tables=tables, gh=grid_h, gw=grid_w, frame_offset=frame_offset, eps=eps)
