@@ -52,6 +52,7 @@ about a third of the entries, max 3e-8 in fp32 and 2e-3 in bf16; further round t
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -148,6 +149,23 @@ class LoRAAdapter:
         model = owner() if owner is not None else None
         if model is not None and key in ("multiplier", "down", "parts"):
             _bump_state(model)
+
+    def __deepcopy__(self, memo) -> "LoRAAdapter":
+        # ``copy.deepcopy`` keeps weak references as they are: a copied model's parts asked the original
+        # adapter whether they were fused (the copy's unfuse then subtracted another delta) and its changes
+        # bumped the original model (the copy's KV caches stayed "fresh"). Point them at the copies.
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_owner":
+                owner = value()
+                value = weakref.ref(memo[id(owner)]) if owner is not None and id(owner) in memo else value
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        for p in new.parts:
+            object.__setattr__(p, "_adapter", weakref.ref(new))
+        return new
 
     def delta_weight(self, dtype: torch.dtype = torch.float32, out_features: Optional[int] = None) -> torch.Tensor:
         """Dense ``[out, in]`` update ``sum_j P_j up_j down_j * scale_j * multiplier`` (``dtype``).

@@ -1,0 +1,58 @@
+"""Round 26 (weights in and out: checkpoint loading, LoRA files, fuse/unfuse, fp8): hostile inputs that gave
+silently wrong results."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tiny_ckpt import LORA_TARGETS_CFG_STEP, model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
+
+QKV = "blocks.0.attn.qkv"
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+@pytest.fixture
+def lora_model(tmp_path):
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=_seed())
+    path = str(tmp_path / "a.safetensors")
+    write_longcat_lora(path, cfg, targets=LORA_TARGETS_CFG_STEP, rank=2, seed=_seed())
+    m = model_from_state_dict(cfg, sd)
+    m.load_lora(path, "a")
+    m.enable_loras(["a"])
+    return m, sd
+
+
+def test_deepcopied_model_guards_its_own_fused_adapters(lora_model):
+    """``copy.deepcopy`` of a DiT with a LoRA (a teacher / EMA copy) kept the adapters' weak references
+    (copied as they are): each copied part still pointed at the ORIGINAL adapter, so a part's scale could
+    change while the COPY was fused (the guard asked the original, unfused one) and the copy's unfuse then
+    subtracted another delta than it had added: its base weights were lost without a word."""
+    m, sd = lora_model
+    c = copy.deepcopy(m)
+    c.fuse_lora()
+    part = c.get_submodule(QKV).lora_adapters["a"].parts[0]
+    with pytest.raises(RuntimeError, match="cannot change while the adapter is fused"):
+        part.scale = part.scale * 3.0
+    c.unfuse_lora()
+    torch.testing.assert_close(c.get_submodule(QKV).weight, sd[QKV + ".weight"], rtol=0, atol=1e-5)
+    # the original was never fused and may still change
+    m.get_submodule(QKV).lora_adapters["a"].parts[0].scale = 0.25
+
+
+def test_deepcopied_model_counts_its_own_lora_changes(lora_model):
+    """A multiplier change on the copy's adapter bumped the ORIGINAL model's state counter and not the
+    copy's: a KV cache the copy built before the change was still taken as fresh (stale K/V, silently)."""
+    m, _ = lora_model
+    c = copy.deepcopy(m)
+    before_m, before_c = m._state_version, c._state_version
+    c.get_submodule(QKV).lora_adapters["a"].multiplier = 0.3
+    assert c._state_version > before_c
+    assert m._state_version == before_m
+    assert m.get_submodule(QKV).lora_adapters["a"].multiplier == 1.0
