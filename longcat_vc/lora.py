@@ -53,6 +53,7 @@ about a third of the entries, max 3e-8 in fp32 and 2e-3 in bf16; further round t
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import re
@@ -569,7 +570,8 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 parts.append(LoRAPart(j * o, (j + 1) * o, rank0, rank0 + r, B, scale))
                 rank0 += r
             if parts:
-                dt = downs[0].dtype
+                # the widest of the parts' dtypes (the first one's rounded the others: fp32 parts to fp16)
+                dt = functools.reduce(torch.promote_types, [d.dtype for d in downs])
                 adapters[module_path] = LoRAAdapter(name, torch.cat([d.to(dt) for d in downs], 0), parts, multiplier)
 
     if unmatched or problems:

@@ -56,3 +56,30 @@ def test_deepcopied_model_counts_its_own_lora_changes(lora_model):
     assert c._state_version > before_c
     assert m._state_version == before_m
     assert m.get_submodule(QKV).lora_adapters["a"].multiplier == 1.0
+
+
+def test_fastvideo_parts_of_mixed_dtypes_keep_their_precision(tmp_path):
+    """A FastVideo file whose ``to_q.lora_A`` is fp16 and ``to_k``/``to_v``'s fp32 (files merged from
+    several sources): the parts' down matrices were concatenated in the FIRST part's dtype, so the fp32
+    parts were rounded to fp16 on an fp32 model (and an fp32 value above 65504 became Inf, refused as an
+    overflow of "the model dtype" although the model is fp32)."""
+    from safetensors.torch import save_file
+
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=_seed())
+    m = model_from_state_dict(cfg, sd)
+    qkv = m.get_submodule(QKV)
+    C, o, r = qkv.in_features, qkv.out_features // 3, 2
+    g = torch.Generator().manual_seed(_seed())
+    t, ref = {}, torch.zeros(qkv.out_features, C, dtype=torch.float64)
+    for j, (nm, dt) in enumerate((("to_q", torch.float16), ("to_k", torch.float32), ("to_v", torch.float32))):
+        A = (0.2 * torch.randn(r, C, generator=g)).to(dt)
+        A[0, 0] = 1.0 + 2.0 ** -20  # not an fp16 value
+        B = 0.2 * torch.randn(o, r, generator=g)
+        t[f"blocks.0.self_attn.{nm}.lora_A"], t[f"blocks.0.self_attn.{nm}.lora_B"] = A, B
+        ref[j * o:(j + 1) * o] = B.double() @ A.double()
+    path = str(tmp_path / "fv.safetensors")
+    save_file(t, path)
+    m.load_lora(path, "a")
+    delta = qkv.lora_adapters["a"].delta_weight(torch.float64, qkv.out_features)
+    torch.testing.assert_close(delta, ref, rtol=0, atol=1e-12)
