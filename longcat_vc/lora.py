@@ -121,6 +121,13 @@ class LoRAPart:
         if model is not None and key in ("scale", "up"):
             _bump_state(model)
 
+    def __getstate__(self) -> dict:
+        # a weak reference cannot be pickled (torch.save of a model with a LoRA loaded failed with
+        # "cannot pickle 'weakref.ReferenceType' object"); the adapter links its parts again
+        state = dict(self.__dict__)
+        state.pop("_adapter", None)
+        return state
+
 
 @dataclass
 class LoRAAdapter:
@@ -150,6 +157,18 @@ class LoRAAdapter:
         model = owner() if owner is not None else None
         if model is not None and key in ("multiplier", "down", "parts"):
             _bump_state(model)
+
+    def __getstate__(self) -> dict:
+        # (pickling, as LoRAPart.__getstate__) without the owner: a module pickled alone would drag the whole
+        # model along; a LongCatDiT links its adapters again when it is unpickled (LongCatDiT.__setstate__)
+        state = dict(self.__dict__)
+        state.pop("_owner", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for p in self.parts:
+            object.__setattr__(p, "_adapter", weakref.ref(self))
 
     def __deepcopy__(self, memo) -> "LoRAAdapter":
         # ``copy.deepcopy`` keeps weak references as they are: a copied model's parts asked the original
@@ -599,6 +618,14 @@ def _lora_linears(model: nn.Module) -> Iterable[Tuple[str, LoRALinear]]:
     for n, m in model.named_modules():
         if isinstance(m, LoRALinear):
             yield n, m
+
+
+def relink_adapters(model: nn.Module) -> None:
+    """Makes ``model`` the owner of the adapters its modules carry (after unpickling, which drops the
+    weak references): their multiplier/scale changes bump its state counter again."""
+    for _, mod in _lora_linears(model):
+        for a in mod.lora_adapters.values():
+            a.__dict__["_owner"] = weakref.ref(model)
 
 
 def fused_loras(model: nn.Module) -> List[str]:

@@ -83,3 +83,29 @@ def test_fastvideo_parts_of_mixed_dtypes_keep_their_precision(tmp_path):
     m.load_lora(path, "a")
     delta = qkv.lora_adapters["a"].delta_weight(torch.float64, qkv.out_features)
     torch.testing.assert_close(delta, ref, rtol=0, atol=1e-12)
+
+
+def test_a_model_with_a_lora_pickles_and_keeps_its_guards(lora_model):
+    """``torch.save(model)`` (and any pickling: multiprocessing) of a DiT with a LoRA loaded failed with
+    "cannot pickle 'weakref.ReferenceType' object", naming neither the LoRA nor a way out. The loaded copy
+    computes what the original does, and its adapters still guard fuses and report changes to it."""
+    import io
+
+    m, _ = lora_model
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    c = torch.load(buf, weights_only=False)
+    cfg = m.config
+    x = torch.randn(1, cfg.in_channels, 2, 4, 4)
+    t = torch.rand(1) * 1000
+    y = torch.randn(1, 1, 5, cfg.caption_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, t, y), m(x, t, y), rtol=0, atol=0)
+    ad = c.get_submodule(QKV).lora_adapters["a"]
+    before = c._state_version
+    ad.multiplier = 0.5
+    assert c._state_version > before
+    c.fuse_lora()
+    with pytest.raises(RuntimeError, match="cannot change while the adapter is fused"):
+        ad.parts[0].scale = 2.0
