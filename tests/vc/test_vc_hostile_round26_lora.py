@@ -109,3 +109,38 @@ def test_a_model_with_a_lora_pickles_and_keeps_its_guards(lora_model):
     c.fuse_lora()
     with pytest.raises(RuntimeError, match="cannot change while the adapter is fused"):
         ad.parts[0].scale = 2.0
+
+
+def test_a_hand_loaded_refinement_lora_gives_way_to_a_new_path(refine_ckpt, tmp_path):
+    """A refinement LoRA loaded by hand under its name before any ``refine`` is kept "while the path and its
+    file stay as they were" (refine_state). Set ``pipe.refinement_lora_path`` to another file afterwards and
+    the hand-loaded LoRA stayed in use, without a word: with no refine before the hand load, no path had been
+    recorded to compare with."""
+    import os
+
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from vc_components import TEXT_DIM, random_frames, write_refinement_lora
+
+    def fresh():
+        return VideoContinuationPipeline.from_pretrained(refine_ckpt, dtype=torch.float32, device="cpu",
+                                                         attn_backend="torch", progress=False)
+
+    def refine(pipe):
+        return pipe.refine(random_frames(5, 36, 64, 1), "a cat", video=random_frames(12, 40, 72, 2),
+                           num_cond_frames=5, resolution=(64, 64), generator=3, output_type="latent",
+                           progress=False).latents
+
+    os.makedirs(tmp_path / "hand")
+    os.makedirs(tmp_path / "other")
+    hand = write_refinement_lora(str(tmp_path / "hand"), tiny_config(caption_channels=TEXT_DIM), seed=_seed())
+    other = write_refinement_lora(str(tmp_path / "other"), tiny_config(caption_channels=TEXT_DIM), seed=_seed())
+    ref = fresh()
+    ref.refinement_lora_path = other
+    expected = refine(ref)
+
+    pipe = fresh()
+    pipe.dit.load_lora(hand, "refinement_lora")
+    with_hand = refine(pipe)  # the hand-loaded LoRA, as documented
+    assert not torch.equal(with_hand, expected)
+    pipe.refinement_lora_path = other
+    assert torch.equal(refine(pipe), expected)
