@@ -55,6 +55,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import os
 import re
 import weakref
@@ -288,7 +289,8 @@ class LoRALinear(nn.Linear):
 
 
 def _check_multiplier(value, name: str = "multiplier") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # any real number (numpy scalars too: np.float32 is no float subclass), as guidance_scale; not a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a finite float, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite float, got {value}")

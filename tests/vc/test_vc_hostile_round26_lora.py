@@ -144,3 +144,23 @@ def test_a_hand_loaded_refinement_lora_gives_way_to_a_new_path(refine_ckpt, tmp_
     assert not torch.equal(with_hand, expected)
     pipe.refinement_lora_path = other
     assert torch.equal(refine(pipe), expected)
+
+
+def test_a_numpy_multiplier_is_taken_like_a_float(lora_model, tmp_path):
+    """A LoRA multiplier read from a numpy array or config (``np.float32(0.5)``) was a TypeError "expected a
+    finite float, got float32", although it is one (the pipeline's guidance_scale takes it); now it applies
+    as the float: the adapter's delta scales by it, at load and when set."""
+    import numpy as np
+
+    m, _ = lora_model
+    ad = m.get_submodule(QKV).lora_adapters["a"]
+    d1 = ad.delta_weight(torch.float64)
+    mult = float(np.float32(torch.rand(()).item() + 0.25))
+    ad.multiplier = np.float32(mult)
+    assert type(ad.multiplier) is float
+    torch.testing.assert_close(ad.delta_weight(torch.float64), d1 * mult, rtol=1e-12, atol=1e-12)
+    path = str(tmp_path / "b.safetensors")
+    write_longcat_lora(path, m.config, targets=LORA_TARGETS_CFG_STEP, rank=2, seed=_seed())
+    m.load_lora(path, "b", multiplier=np.float64(mult))
+    with pytest.raises(TypeError):
+        ad.multiplier = np.bool_(True)
