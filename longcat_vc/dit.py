@@ -183,6 +183,12 @@ class LongCatDiT(nn.Module):
         """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
         return self.x_embedder.proj.weight.dtype
 
+    def __setstate__(self, state) -> None:
+        # unpickled (torch.save of the whole model): its LoRA adapters report their changes to it again
+        # (a pickle holds no weak references: LoRAAdapter.__getstate__)
+        super().__setstate__(state)
+        _lora.relink_adapters(self)
+
     @property
     def device(self) -> torch.device:
         return self.x_embedder.proj.weight.device

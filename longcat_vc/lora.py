@@ -52,7 +52,10 @@ about a third of the entries, max 3e-8 in fp32 and 2e-3 in bf16; further round t
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import numbers
 import os
 import re
 import weakref
@@ -119,6 +122,13 @@ class LoRAPart:
         if model is not None and key in ("scale", "up"):
             _bump_state(model)
 
+    def __getstate__(self) -> dict:
+        # a weak reference cannot be pickled (torch.save of a model with a LoRA loaded failed with
+        # "cannot pickle 'weakref.ReferenceType' object"); the adapter links its parts again
+        state = dict(self.__dict__)
+        state.pop("_adapter", None)
+        return state
+
 
 @dataclass
 class LoRAAdapter:
@@ -148,6 +158,35 @@ class LoRAAdapter:
         model = owner() if owner is not None else None
         if model is not None and key in ("multiplier", "down", "parts"):
             _bump_state(model)
+
+    def __getstate__(self) -> dict:
+        # (pickling, as LoRAPart.__getstate__) without the owner: a module pickled alone would drag the whole
+        # model along; a LongCatDiT links its adapters again when it is unpickled (LongCatDiT.__setstate__)
+        state = dict(self.__dict__)
+        state.pop("_owner", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for p in self.parts:
+            object.__setattr__(p, "_adapter", weakref.ref(self))
+
+    def __deepcopy__(self, memo) -> "LoRAAdapter":
+        # ``copy.deepcopy`` keeps weak references as they are: a copied model's parts asked the original
+        # adapter whether they were fused (the copy's unfuse then subtracted another delta) and its changes
+        # bumped the original model (the copy's KV caches stayed "fresh"). Point them at the copies.
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_owner":
+                owner = value()
+                value = weakref.ref(memo[id(owner)]) if owner is not None and id(owner) in memo else value
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        for p in new.parts:
+            object.__setattr__(p, "_adapter", weakref.ref(new))
+        return new
 
     def delta_weight(self, dtype: torch.dtype = torch.float32, out_features: Optional[int] = None) -> torch.Tensor:
         """Dense ``[out, in]`` update ``sum_j P_j up_j down_j * scale_j * multiplier`` (``dtype``).
@@ -250,7 +289,8 @@ class LoRALinear(nn.Linear):
 
 
 def _check_multiplier(value, name: str = "multiplier") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # any real number (numpy scalars too: np.float32 is no float subclass), as guidance_scale; not a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a finite float, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite float, got {value}")
@@ -551,7 +591,8 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 parts.append(LoRAPart(j * o, (j + 1) * o, rank0, rank0 + r, B, scale))
                 rank0 += r
             if parts:
-                dt = downs[0].dtype
+                # the widest of the parts' dtypes (the first one's rounded the others: fp32 parts to fp16)
+                dt = functools.reduce(torch.promote_types, [d.dtype for d in downs])
                 adapters[module_path] = LoRAAdapter(name, torch.cat([d.to(dt) for d in downs], 0), parts, multiplier)
 
     if unmatched or problems:
@@ -579,6 +620,14 @@ def _lora_linears(model: nn.Module) -> Iterable[Tuple[str, LoRALinear]]:
     for n, m in model.named_modules():
         if isinstance(m, LoRALinear):
             yield n, m
+
+
+def relink_adapters(model: nn.Module) -> None:
+    """Makes ``model`` the owner of the adapters its modules carry (after unpickling, which drops the
+    weak references): their multiplier/scale changes bump its state counter again."""
+    for _, mod in _lora_linears(model):
+        for a in mod.lora_adapters.values():
+            a.__dict__["_owner"] = weakref.ref(model)
 
 
 def fused_loras(model: nn.Module) -> List[str]:

@@ -321,6 +321,13 @@ def refine_state(pipe, lora_path: Optional[str]):
                 except Exception as e:
                     raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
             pipe._refinement_lora_source = source
+        elif getattr(pipe, "_refinement_lora_source", None) is None and lora_path is not None:
+            # one loaded by hand before any refinement: kept while the path and its file stay as they are now
+            # (with nothing recorded, a later pipe.refinement_lora_path was ignored without a word)
+            try:
+                pipe._refinement_lora_source = _lora_file_id(lora_path)
+            except OSError:  # no such file: the hand-loaded LoRA is used; a path set later is compared then
+                pass
         dit.disable_loras()
         dit.enable_loras([REFINEMENT_LORA])
         cfg.enable_bsa = True
