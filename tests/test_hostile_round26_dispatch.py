@@ -102,3 +102,35 @@ def test_corrupt_sources_digest_is_a_stale_build_not_a_decode_error(tmp_path, co
     (tmp_path / _ext.SOURCES_FILE).write_bytes(content)
     with pytest.raises(ImportError, match=r"was built from other kernel sources"):
         _ext._check_prebuilt_sources(str(so))
+
+
+def test_setup_on_a_pre_ampere_gpu_skips_the_extension(monkeypatch, tmp_path):
+    """``pip install --no-build-isolation .`` on a T4 / V100 with nvcc built the extension for the visible
+    GPU's own sm_75 / sm_70 and failed the whole install minutes into nvcc; now the extension is skipped
+    with the one warning line (the triton/torch backends run there), unless LONGCAT_KERNELS_CUDA_ARCHS
+    asks for other targets."""
+    import os
+    import runpy
+
+    import setuptools
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("LONGCAT_KERNELS_SKIP_CUDA_BUILD", "1")  # loading setup.py builds nothing
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    g = runpy.run_path(os.path.join(root, "setup.py"))
+    monkeypatch.delenv("LONGCAT_KERNELS_SKIP_CUDA_BUILD")
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_ARCHS", raising=False)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    reason = g["_cuda_build_reason"]()
+    assert reason is not None and "compute capability 7.5" in reason and "8.0" in reason
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "8.0")  # building for another GPU is still possible
+    assert g["_cuda_build_reason"]() is None
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_ARCHS")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    assert g["_cuda_build_reason"]() is None
