@@ -81,7 +81,8 @@ FLAGS = {
     "LONGCAT_KERNELS_DETERMINISTIC": False,
     "LONGCAT_KERNELS_FUSE_ISLANDS": True,
 }
-_LOOKALIKE = re.compile(r"^LONGCAT_?KERNELS?_")
+# any case: names are case-sensitive, a lower-case longcat_kernels_backend set nothing without a word
+_LOOKALIKE = re.compile(r"^LONGCAT_?KERNELS?_", re.IGNORECASE)
 _scanned = False
 
 

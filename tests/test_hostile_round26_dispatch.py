@@ -134,3 +134,17 @@ def test_setup_on_a_pre_ampere_gpu_skips_the_extension(monkeypatch, tmp_path):
     monkeypatch.delenv("LONGCAT_KERNELS_CUDA_ARCHS")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
     assert g["_cuda_build_reason"]() is None
+
+
+@pytest.mark.parametrize("name", ["longcat_kernels_backend", "Longcat_Kernels_JIT"])
+def test_wrong_case_setting_warns_like_a_misspelt_one(monkeypatch, name):
+    """Environment names are case-sensitive: ``longcat_kernels_backend=torch`` set nothing, and unlike a
+    misspelt ``LONGCAT_KERNEL_BACKEND`` it was not even warned about (the look-alike scan matched upper
+    case only): the user's backend choice was ignored without a word."""
+    import longcat_kernels as lk
+
+    monkeypatch.setenv(name, "torch")
+    monkeypatch.setattr(_envvars, "_scanned", False)
+    q = torch.randn(1, 8, 1, 8)
+    with pytest.warns(UserWarning, match=rf"{name}: not a longcat_kernels setting"):
+        lk.prefix_attn(q, q, q, 0)
