@@ -63,6 +63,13 @@ def _cuda_build_reason():
         return "nvcc not found (set CUDA_HOME)"
     if not os.path.isdir(os.path.join(HERE, "csrc")):
         return "no csrc/ directory"
+    if not ENV.cuda_arch_flags_from_env() and torch.cuda.is_available():
+        # the default target is the visible GPU's own: sm_70/sm_75 failed the whole install minutes into
+        # nvcc (mma.sync bf16, cp.async need sm_80), while the triton/torch backends run there
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 0):
+            return (f"the visible GPU has compute capability {major}.{minor}, the csrc kernels need 8.0 or newer "
+                    "(LONGCAT_KERNELS_CUDA_ARCHS builds for another GPU)")
     return None
 
 

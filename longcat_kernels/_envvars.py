@@ -12,7 +12,8 @@
                                    capabilities, ``;``/``,``/space separated) or nvcc
                                    ``-gencode=...`` flags verbatim; default: the device's own
                                    (``sm_90a`` at install without a device). Hopper is ``9.0a``:
-                                   a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap)
+                                   a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap), so are
+                                   targets before 8.0 and an ``a`` target before Hopper (no build)
 ``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``)
 ``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
 ``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: deterministic BSA backward (dq without
@@ -80,7 +81,8 @@ FLAGS = {
     "LONGCAT_KERNELS_DETERMINISTIC": False,
     "LONGCAT_KERNELS_FUSE_ISLANDS": True,
 }
-_LOOKALIKE = re.compile(r"^LONGCAT_?KERNELS?_")
+# any case: names are case-sensitive, a lower-case longcat_kernels_backend set nothing without a word
+_LOOKALIKE = re.compile(r"^LONGCAT_?KERNELS?_", re.IGNORECASE)
 _scanned = False
 
 
@@ -197,6 +199,24 @@ _FLAGS = ("-gencode", "-arch", "--generate-code", "-code")
 _PLAIN_SM90 = re.compile(r"(?:compute|sm)_90(?![0-9a-z])")
 
 
+# a target in a verbatim flag: compute_80, sm_90a, sm_100a (the number is major * 10 + minor)
+_TARGET = re.compile(r"(?:compute|sm)_(\d+)([a-z]?)(?![0-9a-z])")
+
+
+def _unbuildable(raw: str, entry: str, cc: int, arch_specific: bool) -> Optional[ValueError]:
+    """Why the kernels cannot be built for target ``cc`` (``major * 10 + minor``), else None: nvcc failed
+    on it minutes into the build (a JIT build then left the extension skipped and "auto" ran Triton)."""
+    if cc < 80:
+        return ValueError(
+            f"LONGCAT_KERNELS_CUDA_ARCHS: the kernels need compute capability 8.0 or newer (mma.sync bf16, "
+            f"cp.async): {entry!r} cannot be built; expected e.g. '9.0a;8.0', got {raw!r}")
+    if arch_specific and cc < 90:
+        return ValueError(
+            f"LONGCAT_KERNELS_CUDA_ARCHS: {entry!r}: arch-specific ('a') targets start with Hopper (9.0a); "
+            f"expected e.g. '9.0a;8.0', got {raw!r}")
+    return None
+
+
 def _plain_sm90_error(raw: str, entry: str) -> ValueError:
     return ValueError(
         f"LONGCAT_KERNELS_CUDA_ARCHS: Hopper needs the arch-specific target 9.0a (sm_90a): {entry!r} builds the "
@@ -244,6 +264,10 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
         for f in flags_given:
             if _PLAIN_SM90.search(f):
                 raise _plain_sm90_error(raw, f)
+            for m in _TARGET.finditer(f):
+                err = _unbuildable(raw, f, int(m.group(1)), m.group(2) == "a")
+                if err is not None:
+                    raise err
         return flags_given
     toks = [t for t in re.split(r"[;,\s]+", raw) if t]
     flags = []
@@ -257,6 +281,9 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
         cc = f"{m.group(1)}{m.group(2)}{m.group(3)}"
         if cc == "90":
             raise _plain_sm90_error(raw, t)
+        err = _unbuildable(raw, t, int(m.group(1)) * 10 + int(m.group(2)), m.group(3) == "a")
+        if err is not None:
+            raise err
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
     return flags
 

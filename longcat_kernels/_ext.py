@@ -41,8 +41,10 @@ def _check_prebuilt_sources(so_path: str) -> None:
     src = _csrc_dir()
     if src is None or not os.path.isfile(side):
         return
-    with open(side) as f:
-        built = f.read().strip()
+    # bytes: a digest file that is not text (a truncated copy) is a mismatch, not a UnicodeDecodeError that
+    # was no ImportError (the JIT build never took over) and did not name the file
+    with open(side, "rb") as f:
+        built = f.read().decode("ascii", "replace").strip()
     now = csrc_digest(src)
     if built != now:
         raise ImportError(
@@ -117,7 +119,12 @@ def _load_jit(prebuilt_error: str = "not built"):
     sources = sorted(
         os.path.join(src, f) for f in os.listdir(src) if f.endswith((".cu", ".cpp"))
     )
-    arch = cuda_arch_flags(torch.cuda.get_device_capability())
+    cap = tuple(torch.cuda.get_device_capability())
+    if cap < (8, 0):
+        # the device's own target (sm_70/sm_75) failed minutes into the build: mma.sync bf16, cp.async
+        raise ImportError(f"the csrc kernels need a GPU of compute capability 8.0 or newer, this one has "
+                          f"{cap[0]}.{cap[1]} (the triton and torch backends run here)")
+    arch = cuda_arch_flags(cap)
     # the sources' digest (the one setup.py writes beside a prebuilt _C) and the target flags
     digest = hashlib.sha1((csrc_digest(src) + " " + " ".join(arch + NVCC_FLAGS)).encode())
     tag = f"torch{torch.__version__}_cu{torch.version.cuda}".replace(".", "_").replace("+", "_")

@@ -266,10 +266,14 @@ def _triton_impl(op: str) -> str:
     return "triton_fused" if op in KV_OPS else "triton"
 
 
-def cudnn_sdpa_takes(device_type: str, dtype: str, head_dim: int) -> bool:
+def cudnn_sdpa_takes(device_type: str, dtype: str, head_dim: int,
+                     capability: Optional[Tuple[int, int]] = None) -> bool:
     """Whether torch's cuDNN SDPA takes these inputs: CUDA, bf16/fp16, head_dim <= 128 and a multiple of 8
-    (sdp_utils check_cudnn_tensor_shapes; another head_dim fails inside torch with "No available kernel")."""
-    return device_type == "cuda" and dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
+    (sdp_utils check_cudnn_tensor_shapes; another head_dim fails inside torch with "No available kernel"),
+    on a GPU of compute capability 8.0 or newer when ``capability`` is known (check_cudnn_hardware_support:
+    on a T4/V100 the forced cuDNN backend failed with "No available kernel" too)."""
+    return (device_type == "cuda" and dtype in ("bfloat16", "float16") and head_dim <= 128 and head_dim % 8 == 0
+            and (capability is None or tuple(capability) >= (8, 0)))
 
 
 def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
@@ -282,6 +286,9 @@ def _cudnn_reason(op: str, f: Facts) -> Optional[str]:
     # another head_dim would fail inside torch instead of running Triton
     if not cudnn_sdpa_takes(f.device_type, f.dtype, f.head_dim):
         return "cuDNN SDPA needs CUDA bf16/fp16 inputs with head_dim <= 128 and a multiple of 8"
+    if not cudnn_sdpa_takes(f.device_type, f.dtype, f.head_dim, f.capability):
+        return (f"cuDNN SDPA needs compute capability 8.0 or newer, got "
+                f"{f.capability[0]}.{f.capability[1]}")
     if not f.cudnn:
         return "cuDNN is not available"
     return _triton_reason(op, f)  # the RoPE prologue and the lse merge are Triton kernels

@@ -36,8 +36,13 @@ def _block_sparse_unavailable():
 # ----------------------------------------------------------------------------------------------
 
 def cudnn_available(q: torch.Tensor) -> bool:
-    """cuDNN SDPA usable for these inputs (CUDA, bf16/fp16, head_dim <= 128 and a multiple of 8)."""
+    """cuDNN SDPA usable for these inputs (CUDA, bf16/fp16, head_dim <= 128 and a multiple of 8, compute
+    capability 8.0+)."""
     if not cudnn_sdpa_takes(q.device.type, _dtype_name(q.dtype), int(q.shape[-1])):
+        return False
+    from longcat_kernels import dispatch  # noqa: PLC0415 - its per-device cache of the capability
+
+    if not cudnn_sdpa_takes(q.device.type, _dtype_name(q.dtype), int(q.shape[-1]), dispatch._capability(q.device)):
         return False
     try:
         return bool(torch.backends.cudnn.is_available())
@@ -184,7 +189,8 @@ def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, sca
     if not cudnn_available(q):
         from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError("attn_with_kv_cache: prologue + cuDNN route needs CUDA "
-                                      "bf16/fp16 inputs with head_dim <= 128 (a multiple of 8) and cuDNN")
+                                      "bf16/fp16 inputs with head_dim <= 128 (a multiple of 8), cuDNN and a GPU "
+                                      "of compute capability 8.0+")
     _refuse_gqa("attn_with_kv_cache", q, k)
     check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -223,7 +229,7 @@ def prefix_attn_cudnn(q, k, v, prefix_len, scale=None, return_lse=False):
     if not cudnn_available(q):
         from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError("prefix_attn: cuDNN route needs CUDA bf16/fp16 inputs with "
-                                      "head_dim <= 128 (a multiple of 8) and cuDNN")
+                                      "head_dim <= 128 (a multiple of 8), cuDNN and a GPU of compute capability 8.0+")
     _refuse_gqa("prefix_attn", q, k)
     check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
