@@ -98,7 +98,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="negative prompt when guidance > 1 (default: LongCat-Video's demo negative prompt)")
     p.add_argument("--mode", choices=("basic", "distill"), default="basic",
                    help="basic: 50 steps, guidance 4.0; distill: cfg-step LoRA, 16 steps, guidance 1.0")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default per mode)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default per mode; basic runs more DiT steps, its enhance_hf schedule: 56 for 50)")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale >= 1 (default per mode)")
     p.add_argument("--frames", type=int, default=93, metavar="F",
                    help="frames per generated clip incl. the cond frames (4k+1, default 93)")
