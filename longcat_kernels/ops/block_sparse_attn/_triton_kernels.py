@@ -380,18 +380,12 @@ def bsa_pool_kernel(
     x, out, s_xb, s_xs, s_xh,
     T, HH, WW, nH, nW, N, NH,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    EVEN: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """out[b, h, blk, :] = mean over the block's real tokens (fp32 accumulate, stored in out's dtype).
-
-    ``HEADS_FIRST``: grid (B*H, N) instead of (N, B*H), so programs launched together read the
-    neighbouring heads of the same tokens."""
-    if HEADS_FIRST:
-        i_bh = tl.program_id(0)
-        i_n = tl.program_id(1)
-    else:
-        i_n = tl.program_id(0)
-        i_bh = tl.program_id(1)
+    Grid (N, B*H)."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
     i_b = i_bh // NH
     i_h = i_bh % NH
     o_r = tl.arange(0, BLOCK)

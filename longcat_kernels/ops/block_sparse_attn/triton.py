@@ -326,8 +326,9 @@ def block_sparse_attn_triton(q, k, v, selection, scale, return_lse=False):
 # --------------------------------------------------------------------------------------------
 # gating
 # --------------------------------------------------------------------------------------------
-# pooling grid order and scores tile (BM, BN, num_warps); bench/dev/bench_bsa_gating_gpu.py times variants
-_GATING_CONFIG = {"pool_heads_first": False, "scores": (64, 64, 4)}
+# scores tile (BM, BN, num_warps); bench/dev/bench_bsa_gating_gpu.py timed the variants (heads-first pooling
+# within noise of blocks-first: bench/results/h100/bsa-gating_20261124_notes.md; removed)
+_GATING_CONFIG = {"scores": (64, 64, 4)}
 
 
 @torch.library.custom_op("longcat_kernels::bsa_pool_scores", mutates_args=())
@@ -346,11 +347,9 @@ def bsa_pool_scores(
         (nT, nH, nW), pb, even = _geom(grid, chunk)
         N = nT * nH * nW
         p = torch.empty((B, NH, N, D), dtype=x.dtype, device=x.device)
-        heads_first = bool(_GATING_CONFIG["pool_heads_first"]) and N <= 65535
-        K.bsa_pool_kernel[(B * NH, N) if heads_first else (N, B * NH)](
+        K.bsa_pool_kernel[(N, B * NH)](
             x, p, x.stride(0), x.stride(1), x.stride(2), grid[0], grid[1], grid[2], nH, nW, N, NH,
-            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, HEADS_FIRST=heads_first,
-            num_warps=4,
+            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, num_warps=4,
         )
         pooled.append(p)
     pq, pk = pooled
