@@ -98,7 +98,7 @@ def _dims(rows: list[dict]) -> str:
     return f"B{r['batch']} H{r['heads']} D{r['head_dim']}" if r else ""
 
 
-def _pivot(rows: list[dict], key, cell) -> tuple[list[str], list[tuple]]:
+def _pivot(rows: list[dict], key) -> tuple[list[str], list[tuple]]:
     """Implementations (in order of appearance) and row keys (in order of appearance)."""
     impls, keys = [], []
     for r in rows:
@@ -115,7 +115,7 @@ def bsa_table(doc: dict) -> str:
         return ""
     dense = [r for r in rows if r["kind"] == "dense"]
     sparse = [r for r in rows if r["kind"] != "dense"]
-    impls, keys = _pivot(sparse, lambda r: (r["grid"], r["mode"], r["chunk"], r["sparsity"]), None)
+    impls, keys = _pivot(sparse, lambda r: (r["grid"], r["mode"], r["chunk"], r["sparsity"]))
     by = {(r["grid"], r["mode"], r["chunk"], r["sparsity"], r["backend"]): r for r in sparse}
     base = {}
     for r in dense:
@@ -136,8 +136,7 @@ def cached_attn_table(doc: dict) -> str:
     rows = [r for r in _rows(doc, "cached-attn") if r.get("status") == "ok"]
     if not rows:
         return ""
-    impls, keys = _pivot(rows, lambda r: (r.get("grid"), r["op"], r["cond_latents"], r.get("seq_q"), r.get("seq_k")),
-                         None)
+    impls, keys = _pivot(rows, lambda r: (r.get("grid"), r["op"], r["cond_latents"], r.get("seq_q"), r.get("seq_k")))
     by = {(r.get("grid"), r["op"], r["cond_latents"], r["backend"]): r for r in rows}
     several = len({k[0] for k in keys}) > 1  # --shapes with several grids: a grid column
     body = []

@@ -16,8 +16,9 @@
                                    targets before 8.0 and an ``a`` target before Hopper (no build)
 ``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``)
 ``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
-``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: deterministic BSA backward (dq without
-                                   atomics; also on under ``torch.use_deterministic_algorithms(True)``)
+``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: asks for a deterministic BSA backward (as does
+                                   ``torch.use_deterministic_algorithms(True)``); the shipped backward
+                                   has no atomics and is deterministic either way (value still checked)
 ``LONGCAT_KERNELS_FUSE_ISLANDS``   ``1`` (default) | ``0``: ``longcat_vc`` runs the DiT's fp32 elementwise
                                    islands eagerly instead of ``torch.compile``-fused on CUDA
 ``LONGCAT_KERNELS_BENCH_COMMIT``   ``bench`` only: the commit a results file records where the tree

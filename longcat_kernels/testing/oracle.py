@@ -210,7 +210,7 @@ def check_selection(
     idx, cnt = selection.indices, selection.counts
     if idx.dtype != torch.int32 or cnt.dtype != torch.int32:
         return f"indices/counts: expected int32, got {idx.dtype}/{cnt.dtype}"
-    mask_e, s, cnt_e = selection_oracle(
+    _, s, cnt_e = selection_oracle(
         q, k, selection.grid_q, selection.grid_k, selection.chunk_q, selection.chunk_k, sparsity, cdf_threshold
     )
     Nk = s.shape[-1]

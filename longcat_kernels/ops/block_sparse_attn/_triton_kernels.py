@@ -165,15 +165,15 @@ def bsa_bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "HH", "WW", "nHq", "nWq", "nHk", "nWk", "NK"])
 def bsa_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dq, dk, dv, t_off, t_q,
+    q, k, v, do, lse, delta, dk, dv, t_off, t_q,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
-    s_dqb, s_dqs, s_dqh, s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh,
+    s_dkb, s_dks, s_dkh, s_dvb, s_dvs, s_dvh,
     Tq, Tk, HH, WW, nHq, nWq, nHk, nWk, NK,
     NH, scale, scale_log2,
     CQT: tl.constexpr, CQH: tl.constexpr, CQW: tl.constexpr,
     CKT: tl.constexpr, CKH: tl.constexpr, CKW: tl.constexpr,
     BLOCK_M: tl.constexpr, MSUB: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     TRANSPOSED: tl.constexpr,
 ):
     """One program per (key block, batch*head): walks the query blocks that selected it.
@@ -206,7 +206,6 @@ def bsa_bwd_dkdv_kernel(
     Sq = Tq * HH * WW
     q_base = q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh
     do_base = do + i_b.to(tl.int64) * s_db + i_h.to(tl.int64) * s_dh
-    dq_base = dq + i_b.to(tl.int64) * s_dqb + i_h.to(tl.int64) * s_dqh
     row_base = i_bh.to(tl.int64) * Sq
     pos = i_bh.to(tl.int64) * NK + i_n
     start = tl.load(t_off + pos)
@@ -250,7 +249,6 @@ def bsa_bwd_dkdv_kernel(
                     b_dk += tl.dot(b_dst, b_q, input_precision="ieee")
                 else:
                     b_dk += tl.dot(b_dst, b_q)
-                b_ds = tl.trans(b_dst)
             else:
                 if IEEE:
                     b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
@@ -272,16 +270,6 @@ def bsa_bwd_dkdv_kernel(
                     b_dk += tl.dot(tl.trans(b_ds), b_q, input_precision="ieee")
                 else:
                     b_dk += tl.dot(tl.trans(b_ds), b_q)
-            if ATOMIC_DQ:
-                if IEEE:
-                    b_dq = tl.dot(b_ds, b_k, input_precision="ieee") * scale
-                else:
-                    b_dq = tl.dot(b_ds, b_k) * scale
-                p_dq = dq_base + seq_q[:, None] * s_dqs + o_d[None, :]
-                if EVEN_Q:
-                    tl.atomic_add(p_dq, b_dq, sem="relaxed")
-                else:
-                    tl.atomic_add(p_dq, b_dq, mask=m_q[:, None], sem="relaxed")
 
     p_dk = dk + i_b.to(tl.int64) * s_dkb + i_h.to(tl.int64) * s_dkh + seq_k[:, None] * s_dks + o_d[None, :]
     p_dv = dv + i_b.to(tl.int64) * s_dvb + i_h.to(tl.int64) * s_dvh + seq_k[:, None] * s_dvs + o_d[None, :]
@@ -380,18 +368,12 @@ def bsa_pool_kernel(
     x, out, s_xb, s_xs, s_xh,
     T, HH, WW, nH, nW, N, NH,
     CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    EVEN: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """out[b, h, blk, :] = mean over the block's real tokens (fp32 accumulate, stored in out's dtype).
-
-    ``HEADS_FIRST``: grid (B*H, N) instead of (N, B*H), so programs launched together read the
-    neighbouring heads of the same tokens."""
-    if HEADS_FIRST:
-        i_bh = tl.program_id(0)
-        i_n = tl.program_id(1)
-    else:
-        i_n = tl.program_id(0)
-        i_bh = tl.program_id(1)
+    Grid (N, B*H)."""
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
     i_b = i_bh // NH
     i_h = i_bh % NH
     o_r = tl.arange(0, BLOCK)

@@ -8,10 +8,9 @@ Entry points used by ``api.py``:
 - ``block_sparse_attn_triton(q, k, v, selection, scale)`` -> ``out`` (autograd-aware).
 
 Registered ops (one boundary per call): ``longcat_kernels::bsa_fwd`` (with autograd) and
-``longcat_kernels::bsa_bwd``. Backward is deterministic by construction when
-``LONGCAT_KERNELS_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)`` (dq from its own
-kernel, no atomics); otherwise dq is
-accumulated with fp32 atomics inside the dk/dv kernel when that is measured faster.
+``longcat_kernels::bsa_bwd``. The backward is deterministic: dk/dv from one kernel over the transposed
+selection, dq from its own kernel, no atomics (dq accumulated with fp32 atomics inside the dk/dv
+kernel lost: 91.7 ms vs 57.8, ``bench/dev/bsa_bwd_sweep_gpu.py``; removed).
 """
 
 from __future__ import annotations
@@ -31,12 +30,11 @@ _LOG2E = 1.4426950408889634
 # rows per slice, transposed formulation). The backward entries were re-swept on the H200 with
 # Triton 3.6 (bench/dev/bsa_bwd_sweep_gpu.py, bench/results/h200/bsa-bwd-sweep_20261204_5043ac0.json;
 # 24x44x80, H32, 0.9375, video-like inputs): 64-token blocks kept (57.8 ms; best of 36 configs 57.5,
-# within noise; atomic dq 91.7); 128-token dkdv (8, 2, 32, True) -> (8, 3, 64, True): 53.3 -> 51.0 ms.
+# within noise; atomic dq 91.7, since removed); 128-token dkdv (8, 2, 32, True) -> (8, 3, 64, True): 53.3 -> 51.0 ms.
 _CONFIG = {
     "fwd": {64: (1, 4, 2), 128: (1, 8, 3)},
     "dq": {64: (1, 4, 3), 128: (1, 8, 3)},
     "dkdv": {64: (4, 3, 64, False), 128: (8, 3, 64, True)},
-    "atomic_dq": False,
 }
 _INTERPRET_CONFIG = {"fwd": (2, 4, 1), "dq": (2, 4, 1), "dkdv": (4, 1, 16, True)}
 
@@ -159,7 +157,8 @@ def bsa_bwd(
     deterministic: bool, dlse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of bsa_fwd through the same selection (BSHD contiguous); ``dlse``
-    ``[B,H,Sq]``: the gradient reaching lse too, if any."""
+    ``[B,H,Sq]``: the gradient reaching lse too, if any. ``deterministic``: the caller's request
+    (``_deterministic``); every launch here is deterministic, so it changes nothing."""
     do, q, k, v, out = (_last_dim_contig(x) for x in (do, q, k, v, out))  # unit strides, as in bsa_fwd
     lse, indices, counts = lse.contiguous(), indices.contiguous(), counts.contiguous()
     B, Sq, NH, D = q.shape
@@ -181,11 +180,7 @@ def bsa_bwd(
     t_off, t_q = transpose_selection(indices, counts, NK)
     dk = torch.empty((B, Sk, NH, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Sk, NH, D), dtype=v.dtype, device=v.device)
-    atomic = bool(_CONFIG["atomic_dq"]) and not deterministic and not _interpreting()
-    if atomic:
-        dq_acc = torch.zeros((B, Sq, NH, D), dtype=torch.float32, device=q.device)
-    else:
-        dq_acc = torch.empty((B, Sq, NH, D), dtype=q.dtype, device=q.device)
+    dq = torch.empty((B, Sq, NH, D), dtype=q.dtype, device=q.device)
     if _interpreting():
         nw_kv, ns_kv, msub, transposed = _INTERPRET_CONFIG["dkdv"]
         bpi, nw_q, ns_q = _INTERPRET_CONFIG["dq"]
@@ -196,33 +191,29 @@ def bsa_bwd(
         bpi //= 2
     msub = max(16, min(msub, bm))
     _launch(K.bsa_bwd_dkdv_kernel, (NK, B * NH),
-        q, k, v, do, lse, delta, dq_acc, dk, dv, t_off, t_q,
+        q, k, v, do, lse, delta, dk, dv, t_off, t_q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NK,
         NH, scale, scale * _LOG2E,
         CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
-        BLOCK_M=bm, MSUB=msub, BLOCK_N=bn, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee, ATOMIC_DQ=atomic,
+        BLOCK_M=bm, MSUB=msub, BLOCK_N=bn, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee,
         TRANSPOSED=transposed, num_warps=nw_kv, num_stages=ns_kv,
     )
-    if atomic:
-        dq = dq_acc.to(q.dtype)
-    else:
-        dq = dq_acc
-        max_sel = indices.shape[-1]
-        _launch(K.bsa_bwd_dq_kernel, (NQ, B * NH),
-            q, k, v, do, lse, delta, dq, indices, counts,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NQ, max_sel,
-            NH, scale, scale * _LOG2E,
-            CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
-            BLOCK_M=bm, KBLK=bn, BPI=bpi, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee,
-            num_warps=nw_q, num_stages=ns_q,
-        )
+    max_sel = indices.shape[-1]
+    _launch(K.bsa_bwd_dq_kernel, (NQ, B * NH),
+        q, k, v, do, lse, delta, dq, indices, counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        grid_q[0], grid_k[0], grid_q[1], grid_q[2], nHq, nWq, nHk, nWk, NQ, max_sel,
+        NH, scale, scale * _LOG2E,
+        CQT=chunk_q[0], CQH=chunk_q[1], CQW=chunk_q[2], CKT=chunk_k[0], CKH=chunk_k[1], CKW=chunk_k[2],
+        BLOCK_M=bm, KBLK=bn, BPI=bpi, D=D, EVEN_Q=even_q, EVEN_K=even_k, IEEE=ieee,
+        num_warps=nw_q, num_stages=ns_q,
+    )
     return dq, dk, dv
 
 
@@ -238,7 +229,8 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _deterministic() -> bool:
     """``LONGCAT_KERNELS_DETERMINISTIC=1``, or torch's own switch ``torch.use_deterministic_algorithms(True)``
-    (a training script's one call for reproducible gradients: dq's fp32 atomics would ignore it)."""
+    (a training script's one call for reproducible gradients), passed to ``bsa_bwd``; since dq's fp32
+    atomics were removed the backward is deterministic either way."""
     from ..._envvars import env_flag  # noqa: PLC0415
 
     return env_flag("LONGCAT_KERNELS_DETERMINISTIC", False) or torch.are_deterministic_algorithms_enabled()
@@ -326,8 +318,9 @@ def block_sparse_attn_triton(q, k, v, selection, scale, return_lse=False):
 # --------------------------------------------------------------------------------------------
 # gating
 # --------------------------------------------------------------------------------------------
-# pooling grid order and scores tile (BM, BN, num_warps); bench/dev/bench_bsa_gating_gpu.py times variants
-_GATING_CONFIG = {"pool_heads_first": False, "scores": (64, 64, 4)}
+# scores tile (BM, BN, num_warps); bench/dev/bench_bsa_gating_gpu.py timed the variants (heads-first pooling
+# within noise of blocks-first: bench/results/h100/bsa-gating_20261124_notes.md; removed)
+_GATING_CONFIG = {"scores": (64, 64, 4)}
 
 
 @torch.library.custom_op("longcat_kernels::bsa_pool_scores", mutates_args=())
@@ -346,11 +339,9 @@ def bsa_pool_scores(
         (nT, nH, nW), pb, even = _geom(grid, chunk)
         N = nT * nH * nW
         p = torch.empty((B, NH, N, D), dtype=x.dtype, device=x.device)
-        heads_first = bool(_GATING_CONFIG["pool_heads_first"]) and N <= 65535
-        K.bsa_pool_kernel[(B * NH, N) if heads_first else (N, B * NH)](
+        K.bsa_pool_kernel[(N, B * NH)](
             x, p, x.stride(0), x.stride(1), x.stride(2), grid[0], grid[1], grid[2], nH, nW, N, NH,
-            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, HEADS_FIRST=heads_first,
-            num_warps=4,
+            CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, num_warps=4,
         )
         pooled.append(p)
     pq, pk = pooled

@@ -96,13 +96,13 @@ def _attn_two_masks(acc, l_i, m_i, q, K, V, L, q_prefix, qk_scale, offs_m, offs_
     return acc, l_i, m_i
 
 
-# Launch shape (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) on GPU, from the sweep in
+# Launch shape (BLOCK_M, BLOCK_N, num_warps, num_stages) on GPU, from the sweep in
 # bench/dev/bench_kv_cache_gpu_dev.py on the H100 (bf16, D=128, both VC shapes; per-config times in
 # bench/results/h100/kv-cache-attn-triton-sweep_20261124_3f64ee5.json): 128x128, 8 warps, 3 stages was best or within 3%
-# at both shapes; warp specialisation gained 3% at cond 4 and lost 1.6% at cond 16, so it is used
-# on sm_90 only (where it was measured). Fixed rather than autotuned: an autotune pass over 70 ms
+# at both shapes; warp specialisation gained 3% at cond 4 and lost 1.6% at cond 16, so `_attn_config`
+# turns it on for head_dim 128 on sm_90 only (where it was measured). Fixed rather than autotuned: an autotune pass over 70 ms
 # launches is noisy (it picked configs 6% apart in a first run) and costs seconds at first call.
-ATTN_CONFIG = {64: (128, 128, 8, 3, False), 128: (128, 128, 8, 3, False)}
+ATTN_CONFIG = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
 
 
 # fp32 inputs (reference-precision runs, e.g. a DiT kept in fp32): the bf16 tiles above need
@@ -118,7 +118,7 @@ def _attn_config(D: int, device: torch.device, dtype: torch.dtype = torch.bfloat
     if dtype == torch.float32 and bd <= 128:
         return ATTN_CONFIG_FP32
     if bd in ATTN_CONFIG:
-        bm, bn, w, st, _ = ATTN_CONFIG[bd]
+        bm, bn, w, st = ATTN_CONFIG[bd]
         return bm, bn, w, st, bd == 128 and _is_sm90(device)
     return (64, 64, 4, 2, False) if bd > 128 else (128, 64, 4, 3, False)
 
