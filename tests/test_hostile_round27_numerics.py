@@ -50,3 +50,41 @@ def test_scale_that_overflows_the_kernels_log2_scale_raises(op, scale):
     for be in ("torch", "triton"):
         with pytest.raises(ValueError, match=r"^scale: expected at most the fp32 maximum / log2\(e\) = 2\.3587e\+38"):
             _calls(q, k, v, scale)[op](be)
+
+
+def test_reference_computes_fp16_scores_in_fp32_on_cuda():
+    """The torch reference (block-sparse and cached-KV) ran fp16 matmuls in fp16 on CUDA: a dot product past
+    65504 before the scale (entries ~30 at head_dim 128) became inf, every such row NaN, while the Triton and
+    csrc kernels (fp32 scores) gave the fp64 answer. fp16 now computes in fp32 there (bf16 keeps bf16)."""
+    from types import SimpleNamespace
+
+    from longcat_kernels.ops.block_sparse_attn.reference import compute_dtype
+
+    assert compute_dtype(SimpleNamespace(dtype=torch.float16, is_cuda=True)) == torch.float32
+    assert compute_dtype(SimpleNamespace(dtype=torch.float16, is_cuda=False)) == torch.float32
+    assert compute_dtype(SimpleNamespace(dtype=torch.bfloat16, is_cuda=True)) == torch.bfloat16
+
+
+def _fp16_overflowing_qk(device):
+    D, S = 32, 32
+    base = torch.randn(1, S, 2, D, device=device)
+    q = (base * 150).half()
+    k = (base * 150 + torch.randn_like(base) * 15).half()  # q.k up to ~1e6 > 65504 before the scale
+    return q, k, torch.randn(1, S, 2, D, device=device).half()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fp16_dot_products_past_65504_match_fp64_on_every_backend(device):
+    """Same finding end to end: fp16 q/k whose dot products exceed fp16's max before scaling (scaled scores
+    finite), torch and Triton agree with the fp64 oracle (on CUDA the reference gave NaN rows)."""
+    q, k, v = _fp16_overflowing_qk(device)
+    scale = 1e-3
+    ref, lref = _oracle(q, k, v, scale)
+    for be in ("torch", "triton"):
+        o1 = lk.block_sparse_attn(q, k, v, grid_q=(2, 4, 4), chunk_q=(1, 2, 4), sparsity=0.0, scale=scale,
+                                  backend=be)
+        o2, l2 = lk.attn_with_kv_cache(q[:, 16:], k[:, 16:], v[:, 16:], k[:, :16], v[:, :16], scale=scale,
+                                       backend=be, return_lse=True)
+        torch.testing.assert_close(o1.double(), ref, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(o2.double(), ref[:, 16:], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(l2.double(), lref[..., 16:], atol=1e-2, rtol=1e-4)
