@@ -16,8 +16,9 @@ import torch
 from .grid import Triple, as_triple
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP32_MAX = 3.4028234663852886e38
 # the largest softmax scale: the kernels multiply by scale * log2(e) in fp32 (2.3587e38)
-MAX_SCALE = 3.4028234663852886e38 / 1.4426950408889634
+MAX_SCALE = FP32_MAX / 1.4426950408889634
 
 
 def compiling() -> bool:

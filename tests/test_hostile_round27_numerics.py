@@ -88,3 +88,22 @@ def test_fp16_dot_products_past_65504_match_fp64_on_every_backend(device):
         torch.testing.assert_close(o1.double(), ref, atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(o2.double(), ref[:, 16:], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(l2.double(), lref[..., 16:], atol=1e-2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_norm_eps_past_fp32_max_raises(backend):
+    """qk_norm_rope and fp8_layer_norm_quantize accepted an eps past fp32's maximum (e.g. 1e39): the norms add
+    eps in fp32, so it became inf and every row came out exactly 0 on every backend (fp64: ~x / sqrt(eps), not
+    0). Now a ValueError; the fp32 maximum itself still gives the fp64 answer."""
+    D = 24
+    x = torch.randn(1, 8, 1, D) * 1e18
+    w = torch.ones(D)
+    with pytest.raises(ValueError, match=r"^eps: expected at most the fp32 maximum"):
+        lk.qk_norm_rope(x, x, w, w, None, 0, eps=1e39, backend=backend)
+    with pytest.raises(ValueError, match=r"^eps: expected at most the fp32 maximum"):
+        lk.fp8_layer_norm_quantize(x.view(8, D), eps=1e39, backend=backend)
+    eps = 3e38
+    out = lk.qk_norm_rope(x, x, w, w, None, 0, eps=eps, backend=backend)[0]
+    xd = x.double()
+    exp = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    torch.testing.assert_close(out.double(), exp, rtol=1e-5, atol=0)
