@@ -16,6 +16,9 @@ import torch
 from .grid import Triple, as_triple
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP32_MAX = 3.4028234663852886e38
+# the largest softmax scale: the kernels multiply by scale * log2(e) in fp32 (2.3587e38)
+MAX_SCALE = FP32_MAX / 1.4426950408889634
 
 
 def compiling() -> bool:
@@ -129,8 +132,11 @@ def check_scale(scale, name: str = "scale") -> None:
         raise TypeError(f"{name}: expected a float or None, got {type(scale).__name__}")
     if not scale > 0 or scale != scale or scale == float("inf"):
         raise ValueError(f"{name}: expected a finite positive float, got {scale}")
-    if scale > 3.4028234663852886e38:  # kernels scale in fp32: a larger scale is inf there (all NaN out)
-        raise ValueError(f"{name}: expected at most the fp32 maximum 3.4028e38, got {scale}")
+    # the kernels fold log2(e) into the scale in fp32 (Triton, csrc: exp2(s * scale * log2 e)): a scale past
+    # fp32 max / log2(e) is inf there, every output NaN while the torch reference gave finite ones
+    if scale > MAX_SCALE:
+        raise ValueError(f"{name}: expected at most the fp32 maximum / log2(e) = {MAX_SCALE:.5g} (the kernels scale "
+                         f"by scale * log2(e) in fp32), got {scale}")
 
 
 def check_bool(value, name: str) -> None:

@@ -3,9 +3,10 @@
 Each query token attends, with an ordinary softmax, to exactly the tokens of its block's selected
 key blocks. Instead of a dense ``[Sq, Sk]`` mask this gathers, per group of query blocks, the key
 and value tokens of the selected blocks (``[B, H, G, max_sel*block, D]``) and masks padding slots
-and unselected entries, so memory stays bounded at 84k tokens. Matmuls run in the input dtype on
-CUDA (fp32 on CPU), softmax statistics in fp32. Differentiable w.r.t. q, k and v through plain
-torch ops, out and lse alike (the selection has no gradient). Imports no triton.
+and unselected entries, so memory stays bounded at 84k tokens. Matmuls run in bf16 for bf16 inputs on
+CUDA, else in fp32 (fp16 scores would overflow past 65504), softmax statistics in fp32.
+Differentiable w.r.t. q, k and v through plain torch ops, out and lse alike (the selection has no
+gradient). Imports no triton.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ CPU_BUDGET_BYTES = 1 << 27
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Matmul dtype of the reference: the input dtype on CUDA, at least fp32 on CPU."""
+    """Matmul dtype of the reference: bf16 on CUDA for bf16 inputs, else at least fp32.
+
+    fp16 computes in fp32 on CUDA too: fp16 scores overflow to inf past 65504 (|q.k| before the scale,
+    e.g. entries ~30 at head_dim 128), which made every such row NaN on the reference while the kernels,
+    accumulating and keeping scores in fp32, gave the right answer."""
     if x.dtype in (torch.float32, torch.float64):
         return x.dtype
-    return x.dtype if x.is_cuda else torch.float32
+    return x.dtype if x.is_cuda and x.dtype == torch.bfloat16 else torch.float32
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:

@@ -29,7 +29,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import check_backend_name, check_same_device, check_tensor, compiling
+from ..._validate import FP32_MAX, check_backend_name, check_same_device, check_tensor, compiling
 from . import reference as ref
 
 __all__ = ["fp8_quantize_rows", "fp8_layer_norm_quantize", "fp8_modulate_quantize", "fp8_silu_mul_quantize",
@@ -51,6 +51,8 @@ def _check_eps(eps) -> float:
         raise TypeError(f"eps: expected a finite float >= 0, got {type(eps).__name__} {eps!r}")
     if not 0 <= eps < float("inf"):
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if eps > FP32_MAX:  # the LayerNorm adds eps in fp32: inf there, every row silently 0 (scale 1e-12 / 448)
+        raise ValueError(f"eps: expected at most the fp32 maximum 3.4028e38 (the LayerNorm is fp32), got {eps!r}")
     return float(eps)
 
 
