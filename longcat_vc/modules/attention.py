@@ -98,6 +98,13 @@ class AttnPlan:
         return _kernels().BlockSparseParams(frame_hw=(H, W), **kw)
 
 
+def _refuse_grad(q, k, v, message: str) -> None:
+    """ValueError(message) when this attention call needs gradients (metadata only): a forward-only op
+    below raised its own "call it under torch.no_grad()", naming an op the DiT's caller never called."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError(message)
+
+
 class Attention(nn.Module):
     """Self-attention: ``qkv`` (rows q, k, v; head h = rows h*D..), q/k RMSNorm, 3D RoPE, ``proj``.
 
@@ -151,6 +158,8 @@ class Attention(nn.Module):
         be = plan.backend
         T, H, W = plan.grid
         if plan.mode == "cache":
+            _refuse_grad(q, k, v, "kv_cache: a forward with a KV cache is inference only (attn_with_kv_cache has no "
+                                  "backward); train without kv_cache, or run this forward under torch.no_grad()")
             kc, vc = plan.cache.get(layer)
             c = kc.shape[1] // (H * W)
             bs = plan.block_sparse_params(T, c + T) if plan.use_bsa and T > 1 else None
@@ -173,6 +182,11 @@ class Attention(nn.Module):
             return lk.prefix_attn(q, k, v, P, backend=be)
         # Block-sparse cache-off path: the cond part over the cond grid, the noisy part over
         # [cond; noisy] keys, exactly as the cache build and the cached steps compute them.
+        if P != q.shape[1]:  # all cond frames: block_sparse_attn alone, which has a backward
+            _refuse_grad(q, k, v, f"num_cond_latents={c} with block-sparse attention (enable_bsa) is inference only (the "
+                                  "cond/noisy parts run attn_with_kv_cache, which has no backward); train with "
+                                  "num_cond_latents=0 (flow_matching_loss), enable_bsa=False, or run this forward "
+                                  "under torch.no_grad()")
         if c > 1:
             grid_c = (c, H, W)
             out_c = lk.block_sparse_attn(q[:, :P], k[:, :P], v[:, :P], grid_q=grid_c, backend=be,
