@@ -16,7 +16,9 @@ Adapters: ``peft.LoraConfig`` on the ``nn.Linear`` modules named in SPEC 8 (``at
 set adds ``adaLN_modulation.1`` and ``final_layer.linear``). peft wraps each target as
 ``<path>.base_layer`` + ``<path>.lora_A/B``; nothing of that reaches a file: ``save_longcat_lora``
 writes the adapters under LongCat's keys and ``PeftModel.unload()`` gives back the DiT with its
-upstream state-dict names (SPEC 6). The DiT's own ``LoRALinear`` adapters (``load_lora``) are a
+upstream state-dict names (SPEC 6); after peft's ``merge_adapter()`` call ``unmerge_adapter()`` first:
+``unload()`` keeps merged weights, and ``load_lora`` of the saved file on that DiT then applies the
+adapter twice (the file itself is the same either way). The DiT's own ``LoRALinear`` adapters (``load_lora``) are a
 separate, inference-side mechanism; leave them disabled while training.
 
 Attention in the loop: BSA when the config has ``enable_bsa`` (``block_sparse_attn`` is
