@@ -137,6 +137,37 @@ class _Loaded:
         self.ready = ready
 
 
+class _AttachUndo:
+    """What a ``BlockStreamer.attach`` changed so far, and ``run()`` to put it back (an error midway)."""
+
+    def __init__(self, streamer: "BlockStreamer") -> None:
+        self.streamer = streamer
+        self.children: List[Tuple[nn.Module, Optional[torch.device]]] = []  # non-block modules, their device
+        self.tensors: List[Tuple[torch.Tensor, torch.Tensor]] = []  # block parameters/buffers, their data
+        self.lora: List[Tuple[Any, str, torch.Tensor]] = []  # LoRA tensors, the tensor before
+
+    def run(self) -> None:
+        s = self.streamer
+        for h in s._handles:
+            h.remove()
+        s._handles.clear()
+        for block, own in zip(s.dit.blocks, s._own_attrs):
+            for name in ("forward", "forward_kv_only"):
+                if name in own:
+                    setattr(block, name, own[name])
+                elif name in block.__dict__:
+                    delattr(block, name)
+        s._own_attrs.clear()
+        s.release()
+        for owner, attr, t in reversed(self.lora):
+            _move(owner, attr, t)
+        for t, data in reversed(self.tensors):
+            t.data = data
+        for child, device in self.children:
+            if device is not None:
+                child.to(device)
+
+
 class BlockStreamer:
     """Streams ``dit.blocks`` from pinned CPU memory to ``device``, ``prefetch`` blocks ahead.
 
@@ -200,13 +231,32 @@ class BlockStreamer:
         if getattr(self.dit, "_block_streamer", None) is not None:
             raise ValueError("BlockStreamer: this model already has a block streamer attached")
         blocks = self.dit.blocks
-        for name, child in self.dit.named_children():
-            if child is not blocks:
-                child.to(self.device)
+        # what attach() changes, so that an error midway (pinned memory or device memory running out,
+        # a KeyboardInterrupt while tens of GiB are pinned) undoes it: the hooks of the blocks done so far
+        # stayed registered with no streamer recorded, a retry stacked a second set on them (its detach
+        # left the first) and the non-block modules stayed on the device
+        undo = _AttachUndo(self)
+        try:
+            for name, child in self.dit.named_children():
+                if child is not blocks:
+                    first = next(iter(list(child.parameters()) + list(child.buffers())), None)
+                    undo.children.append((child, None if first is None else first.device))
+                    child.to(self.device)
+            self._attach_blocks(blocks, undo)
+        except BaseException:
+            undo.run()
+            raise
+        self.dit._block_streamer = self
+        self._attached = True
+        return self
+
+    def _attach_blocks(self, blocks: nn.ModuleList, undo: "_AttachUndo") -> None:
         for i, block in enumerate(blocks):
             for t in self._block_tensors(block).values():
+                undo.tensors.append((t, t.data))
                 t.data = self._home(t.data)
             for owner, attr, t in _lora_tensors(block, loaded=True):
+                undo.lora.append((owner, attr, t))
                 _move(owner, attr, self._home(t))
             # Hooks (not a wrapper alone, as for forward_kv_only): they run from nn.Module.__call__, so they
             # also hold when something replaces block.forward on the instance after attach() (activation
@@ -221,9 +271,6 @@ class BlockStreamer:
             block.forward = self._wrap_forward(block, i)
             if hasattr(block, "forward_kv_only"):
                 block.forward_kv_only = self._wrap_kv_only(block, i)
-        self.dit._block_streamer = self
-        self._attached = True
-        return self
 
     def detach(self, device=None) -> None:
         """Removes the hooks and puts the blocks on ``device`` (default: the streamer's device)."""

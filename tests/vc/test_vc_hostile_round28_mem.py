@@ -1,0 +1,79 @@
+"""Round 28 (memory modes): a block streamer whose ``attach()`` fails midway undoes what it did; the fit
+check's default budget counts the caching allocator's free blocks (as the refine's does); the fit check
+and the estimate refuse budgets, margins and shapes that made them answer nonsense."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import longcat_vc.memory as mem
+from longcat_vc.memory import BlockStreamer
+from test_dit import make_inputs
+from tiny_ckpt import LORA_TARGETS_REFINEMENT, model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
+
+GiB = 2**30
+
+
+def _models(depth=3):
+    cfg = tiny_config(depth=depth)
+    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ()).item()))
+    return cfg, model_from_state_dict(cfg, sd), model_from_state_dict(cfg, sd)
+
+
+def _hooks(model):
+    return [(len(b._forward_pre_hooks), len(b._forward_hooks), "forward" in b.__dict__,
+             "forward_kv_only" in b.__dict__) for b in model.blocks]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_attach_that_fails_midway_leaves_the_model_as_it_was(tmp_path, exc):
+    """An attach() that raised at block 2 (pinning tens of GiB ran out of host memory, or a Ctrl-C) left
+    blocks 0 and 1 hooked and wrapped with no streamer recorded: a retry stacked a second set of hooks
+    (its post-hook put block 0 back onto the first streamer's copy), and its detach() left the first set,
+    which kept copying the blocks on every call. Now the hooks, wrappers, tensors and LoRA tensors are
+    put back and a retry gives exactly the plain model's result."""
+    cfg, ref, model = _models()
+    path = str(tmp_path / "lora.safetensors")
+    write_longcat_lora(path, cfg, targets=LORA_TARGETS_REFINEMENT, seed=int(torch.randint(0, 999, ()).item()))
+    for m in (ref, model):
+        m.load_lora(path, "r")
+        m.enable_loras(["r"])
+    before_hooks = _hooks(model)
+    ptrs = [{n: t.data_ptr() for n, t in BlockStreamer._block_tensors(b).items()} for b in model.blocks]
+    lora = [[id(t) for _, _, t in mem._lora_tensors(b, loaded=True)] for b in model.blocks]
+    streamer = BlockStreamer(model, "cpu", pin=False)
+    # _home's calls per block: its parameters and buffers, then its loaded LoRA tensors
+    per_block = len(BlockStreamer._block_tensors(model.blocks[0])) + len(lora[0])
+    assert lora[0], "the LoRA must reach block 0"
+    calls = [0]
+    home = streamer._home
+
+    def failing_home(t):
+        calls[0] += 1
+        if calls[0] > 2 * per_block + 1:  # within block 2, after blocks 0 and 1 were hooked
+            raise exc("simulated: cudaHostAlloc failed")
+        return home(t)
+
+    streamer._home = failing_home
+    with pytest.raises(exc, match="simulated"):
+        streamer.attach()
+    assert _hooks(model) == before_hooks
+    assert getattr(model, "_block_streamer", None) is None and not streamer._attached
+    assert [{n: t.data_ptr() for n, t in BlockStreamer._block_tensors(b).items()} for b in model.blocks] == ptrs
+    assert [[id(t) for _, _, t in mem._lora_tensors(b, loaded=True)] for b in model.blocks] == lora
+    assert not streamer._loaded and not streamer._active
+    # a retry, then detach: no hooks left, results exact
+    x, t, y, mask = make_inputs(cfg, B=2, T=3)
+    retry = BlockStreamer(model, "cpu", pin=False).attach()
+    retry.log = []
+    with torch.no_grad():
+        got = model(x, t, y, mask)
+        want = ref(x, t, y, mask)
+    assert torch.isfinite(want).all() and torch.equal(got, want)
+    assert retry.log[:2] == [("load", 0), ("attach", 0)]
+    retry.detach()
+    assert _hooks(model) == before_hooks
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, mask), want)
