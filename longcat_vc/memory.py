@@ -748,16 +748,25 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
         # before anything moves: missing accelerate left the DiT's block streamer attached under the
         # previous plan (recorded 'resident' while the blocks streamed)
         _group_offloading()
+    attached = None
     if plan.stream_dit_blocks:
-        streamer = getattr(dit, "_block_streamer", None)
-        if streamer is None:
-            BlockStreamer(dit, device).attach()
+        if getattr(dit, "_block_streamer", None) is None:
+            # where the blocks were: an error in the text encoder's offloading (its pinned copies running
+            # out of host memory, a KeyboardInterrupt) or the VAE's move left the blocks streaming under the
+            # previous plan ('resident'), which then let a switch back to 'resident' keep the hooks
+            before = next(iter(dit.blocks.parameters()), torch.empty(0)).device
+            attached = BlockStreamer(dit, device).attach()
     else:
         dit.to(device)
-    if plan.stream_text_encoder:
-        offload_text_encoder(pipe.text_encoder, device)
-    else:
-        pipe.text_encoder.to(device)
-    pipe.vae.to(device)
+    try:
+        if plan.stream_text_encoder:
+            offload_text_encoder(pipe.text_encoder, device)
+        else:
+            pipe.text_encoder.to(device)
+        pipe.vae.to(device)
+    except BaseException:
+        if attached is not None:
+            attached.detach(before)
+        raise
     pipe._memory = plan
     return plan

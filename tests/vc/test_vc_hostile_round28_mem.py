@@ -77,3 +77,33 @@ def test_attach_that_fails_midway_leaves_the_model_as_it_was(tmp_path, exc):
     assert _hooks(model) == before_hooks
     with torch.no_grad():
         assert torch.equal(model(x, t, y, mask), want)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_apply_memory_mode_that_fails_after_the_streamer_attached_detaches_it(monkeypatch, exc):
+    """apply_memory_mode(pipe, 'balanced') attached the DiT's block streamer, then the text encoder's group
+    offloading raised (its pinned copies ran out of host memory, or a Ctrl-C): the pipeline kept streaming
+    its blocks under the recorded plan 'resident', and a switch 'back' to 'resident' was allowed and kept the
+    hooks. Now the streamer is detached and the blocks are where they were."""
+    import types
+
+    cfg, ref, dit = _models(depth=2)
+    te = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    pipe = types.SimpleNamespace(dit=dit, text_encoder=te, vae=torch.nn.Linear(2, 2))
+    mem.apply_memory_mode(pipe, "resident", "cpu")
+    before_hooks = _hooks(dit)
+
+    def failing_offloading(module, **kw):
+        raise exc("simulated: pinning the text encoder failed")
+
+    monkeypatch.setattr(mem, "_group_offloading", lambda: failing_offloading)
+    with pytest.raises(exc, match="simulated"):
+        mem.apply_memory_mode(pipe, "balanced", "cpu")
+    assert pipe._memory.name == "resident"
+    assert getattr(dit, "_block_streamer", None) is None and _hooks(dit) == before_hooks
+    mem.apply_memory_mode(pipe, "resident", "cpu")
+    assert _hooks(dit) == before_hooks
+    x, t, y, mask = make_inputs(cfg, B=2, T=3)
+    with torch.no_grad():
+        want = ref(x, t, y, mask)
+        assert torch.isfinite(want).all() and torch.equal(dit(x, t, y, mask), want)
