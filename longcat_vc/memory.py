@@ -656,13 +656,6 @@ def usable_bytes(device, own_bytes: int = 0) -> int:
     return max(0, min(free + cached, int(total * frac) - allocated)) + int(own_bytes)
 
 
-def _device_budget(device: torch.device) -> Tuple[int, int]:
-    """``(usable, total)`` bytes on ``device``: free memory, capped by the per-process fraction."""
-    free, total = torch.cuda.mem_get_info(device)
-    cap = int(total * _memory_fraction(device)) - torch.cuda.memory_reserved(device)
-    return max(0, min(free, cap)), total
-
-
 def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] = None, margin: float = 1.05,
                       **shape) -> Dict[str, int]:
     """Raises ``MemoryModeError`` before any weight is loaded when ``mode`` cannot fit ``device``.
@@ -671,8 +664,8 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
         config: the ``DiTConfig`` (read from ``dit/config.json``).
         mode: the requested memory mode.
         device: the accelerator; CPU devices are not checked.
-        budget_bytes: usable bytes (default: ``torch.cuda.mem_get_info`` free memory, capped by
-            ``set_per_process_memory_fraction``).
+        budget_bytes: usable bytes (default: ``usable_bytes(device)``: the free memory and the caching
+            allocator's free blocks, capped by ``set_per_process_memory_fraction``, as the refine's check).
         margin: the estimate is multiplied by this before comparing.
         shape: passed to ``estimate_peak_bytes`` (height, width, num_frames, ...).
 
@@ -685,7 +678,9 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
     if budget_bytes is None:
         if device.type != "cuda" or not torch.cuda.is_available():
             return est
-        budget_bytes, _ = _device_budget(device)
+        # the allocator's free blocks count: a pipeline deleted in this process left its memory reserved
+        # (not free to the driver), and the driver's free memory alone refused a mode that fits
+        budget_bytes = usable_bytes(device)
     need = est["peak"] * margin
     if need <= budget_bytes:
         return est

@@ -107,3 +107,25 @@ def test_apply_memory_mode_that_fails_after_the_streamer_attached_detaches_it(mo
     with torch.no_grad():
         want = ref(x, t, y, mask)
         assert torch.isfinite(want).all() and torch.equal(dit(x, t, y, mask), want)
+
+
+def test_fit_check_counts_the_allocators_free_blocks(monkeypatch):
+    """from_pretrained's fit check took the driver's free memory (capped at the fraction minus the reserved
+    bytes) as its budget: after a pipeline was deleted in the same process (a notebook), its memory stayed
+    reserved by the caching allocator, free to this process but not to the driver, and memory='resident'
+    was refused ("needs about 49 GiB ... 10 GiB usable") on an 80 GiB card holding nothing. The refine's
+    check (usable_bytes) counted those blocks; now the load's check does too."""
+    from longcat_vc.config import DiTConfig
+
+    cfg = DiTConfig.longcat_video()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (10 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 1.0, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 50 * GiB)
+    est = mem.check_memory_fits(cfg, "resident", "cuda:0")
+    assert 40 * GiB < est["peak"] < 50 * GiB
+    # still refused when the fraction caps the process below the need
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 0.5, raising=False)
+    with pytest.raises(mem.MemoryModeError, match=r"40\.0 GiB usable"):
+        mem.check_memory_fits(cfg, "resident", "cuda:0")
