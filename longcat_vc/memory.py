@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from longcat_kernels._validate import check_bool, plain_int
 
 from .kv_cache import tensor_stamp
 
@@ -549,6 +553,32 @@ WAN_VAE_PARAMS = 127_000_000
 VAE_DECODE_BYTES_PER_PIXEL = 6 * 1024
 
 
+def _check_count(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (numpy ints taken); TypeError / ValueError naming ``name``."""
+    value = plain_int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_budget_args(budget_bytes, margin) -> None:
+    """The fit checks' ``budget_bytes`` (None, or a finite number of bytes >= 0: a string such as
+    ``"24GiB"`` failed deep in a comparison, NaN refused every mode as 'nan GiB usable') and ``margin``
+    (a finite number > 0: 0 or a negative one let every mode fit, NaN refused them all)."""
+    if budget_bytes is not None:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real):
+            raise TypeError(f"budget_bytes: expected a number of bytes or None (24 GiB: 24 * 2**30), "
+                            f"got {type(budget_bytes).__name__} {budget_bytes!r}")
+        if not math.isfinite(budget_bytes) or budget_bytes < 0:
+            raise ValueError(f"budget_bytes: expected a finite number of bytes >= 0, got {budget_bytes!r}")
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin: expected a finite number > 0, got {type(margin).__name__} {margin!r}")
+    if not math.isfinite(margin) or not margin > 0:
+        raise ValueError(f"margin: expected a finite number > 0 (the estimate is multiplied by it), got {margin!r}")
+
+
 def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 832, num_frames: int = 93,
                         num_cond_frames: int = 13, batch: int = 2, dtype_bytes: int = 2,
                         text_encoder_params: int = UMT5_XXL_PARAMS, vae_params: int = WAN_VAE_PARAMS,
@@ -567,7 +597,20 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     call's options.
     """
     plan = memory_plan(mode)
-    offload = plan.offload_kv_cache if offload_kv_cache is None else bool(offload_kv_cache)
+    # a float, negative or zero size, batch, rank or byte count gave a float, shrunken or negative estimate
+    # without a word (a frame smaller than a 16-pixel patch was blamed on num_cond_frames)
+    height, width = _check_count(height, "height", 16), _check_count(width, "width", 16)
+    num_frames = _check_count(num_frames, "num_frames", 1)
+    num_cond_frames = _check_count(num_cond_frames, "num_cond_frames", 0)
+    batch, dtype_bytes = _check_count(batch, "batch", 1), _check_count(dtype_bytes, "dtype_bytes", 1)
+    lora_rank = _check_count(lora_rank, "lora_rank", 0)
+    text_encoder_params = _check_count(text_encoder_params, "text_encoder_params", 0)
+    vae_params = _check_count(vae_params, "vae_params", 0)
+    check_bool(fp8, "fp8")
+    check_bool(kv_cache, "kv_cache")
+    if offload_kv_cache is not None:
+        check_bool(offload_kv_cache, "offload_kv_cache")
+    offload = plan.offload_kv_cache if offload_kv_cache is None else offload_kv_cache
     per_block, outside = dit_param_counts(config)
     depth = config.depth
     C = config.hidden_size
@@ -673,6 +716,7 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
         the estimate of ``mode`` (``estimate_peak_bytes``).
     """
     memory_plan(mode)
+    check_budget_args(budget_bytes, margin)
     device = torch.device(device)
     est = estimate_peak_bytes(config, mode, **shape)
     if budget_bytes is None:

@@ -129,3 +129,79 @@ def test_fit_check_counts_the_allocators_free_blocks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 0.5, raising=False)
     with pytest.raises(mem.MemoryModeError, match=r"40\.0 GiB usable"):
         mem.check_memory_fits(cfg, "resident", "cuda:0")
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(budget_bytes="24GiB"), TypeError, r"budget_bytes: expected a number of bytes or None \(24 GiB: 24 \* 2\*\*30\)"),
+    (dict(budget_bytes=True), TypeError, "budget_bytes"),
+    (dict(budget_bytes=float("nan")), ValueError, "budget_bytes: expected a finite"),
+    (dict(budget_bytes=float("inf")), ValueError, "budget_bytes: expected a finite"),
+    (dict(budget_bytes=-5), ValueError, "budget_bytes: expected a finite"),
+    (dict(budget_bytes=24 * GiB, margin=0), ValueError, "margin: expected a finite number > 0"),
+    (dict(budget_bytes=24 * GiB, margin=-1.0), ValueError, "margin: expected a finite number > 0"),
+    (dict(budget_bytes=24 * GiB, margin=float("nan")), ValueError, "margin: expected a finite number > 0"),
+    (dict(budget_bytes=24 * GiB, margin="1.05"), TypeError, "margin"),
+])
+def test_fit_check_refuses_bad_budgets_and_margins(kw, err, match):
+    """check_memory_fits took any budget_bytes and margin: '24GiB' failed deep in a '<=' between float and
+    str, NaN refused every mode as 'nan GiB usable ... no mode fits', and margin=0 or a negative margin let
+    memory='resident' fit any budget (a 47 GiB need 'fit' 1 byte). Now each is refused, named."""
+    from longcat_vc.config import DiTConfig
+
+    cfg = DiTConfig.longcat_video()
+    with pytest.raises(err, match=match):
+        mem.check_memory_fits(cfg, "resident", "cuda:0", **kw)
+    # the refine's fit check takes the same two knobs
+    from longcat_vc import refine as rf
+
+    with pytest.raises(err, match=match):
+        rf.check_refine_fits(object(), (704, 1280), 186, 26, **kw)
+
+
+def test_fit_check_good_budgets_still_decide():
+    from longcat_vc.config import DiTConfig
+
+    cfg = DiTConfig.longcat_video()
+    need = mem.estimate_peak_bytes(cfg, "low")["peak"]
+    assert mem.check_memory_fits(cfg, "low", "cuda:0", budget_bytes=need, margin=1)["peak"] == need
+    with pytest.raises(mem.MemoryModeError):
+        mem.check_memory_fits(cfg, "low", "cuda:0", budget_bytes=need - 1, margin=1)
+    with pytest.raises(mem.MemoryModeError, match="0.0 GiB usable"):
+        mem.check_memory_fits(cfg, "low", "cuda:0", budget_bytes=0)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(batch=0), ValueError, "batch: expected an int >= 1"),
+    (dict(batch=-2), ValueError, "batch: expected an int >= 1"),
+    (dict(height=8), ValueError, "height: expected an int >= 16"),
+    (dict(height=480.5), TypeError, "height: expected an int"),
+    (dict(width="832"), TypeError, "width: expected an int"),
+    (dict(dtype_bytes=0), ValueError, "dtype_bytes"),
+    (dict(lora_rank=-4), ValueError, "lora_rank: expected an int >= 0"),
+    (dict(num_frames=0), ValueError, "num_frames"),
+    (dict(text_encoder_params=-1), ValueError, "text_encoder_params"),
+    (dict(vae_params=1.5), TypeError, "vae_params"),
+    (dict(fp8="no"), TypeError, "fp8: expected a bool"),
+    (dict(kv_cache="no"), TypeError, "kv_cache: expected a bool"),
+    (dict(offload_kv_cache="no"), TypeError, "offload_kv_cache: expected a bool"),
+])
+def test_estimate_refuses_bad_shapes(kw, err, match):
+    """estimate_peak_bytes (public; the fit checks' and the report's numbers) took any size: batch 0 or -2
+    dropped or subtracted the activations, a negative lora_rank shrank the weights, a float height gave a
+    float 'bytes' estimate, fp8='no' counted fp8 weights, and a frame smaller than a 16-pixel patch was
+    blamed on num_cond_frames. Each is now refused, named."""
+    from longcat_vc.config import DiTConfig
+
+    with pytest.raises(err, match=match):
+        mem.estimate_peak_bytes(DiTConfig.longcat_video(), "low", **kw)
+
+
+def test_estimate_takes_numpy_ints_and_gives_ints():
+    import numpy as np
+
+    from longcat_vc.config import DiTConfig
+
+    cfg = DiTConfig.longcat_video()
+    a = mem.estimate_peak_bytes(cfg, "balanced", height=np.int64(480), batch=np.int32(2), num_cond_frames=0)
+    b = mem.estimate_peak_bytes(cfg, "balanced", height=480, batch=2, num_cond_frames=0)
+    assert a == b and all(type(v) is int for v in a.values())
