@@ -806,6 +806,7 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
     except BaseException:
         if attached is not None:
             attached.detach(before)
+            dit.to(before)  # attach() moved the non-block modules to ``device``
         raise
     pipe._memory = plan
     return plan
