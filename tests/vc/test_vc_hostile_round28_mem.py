@@ -205,3 +205,26 @@ def test_estimate_takes_numpy_ints_and_gives_ints():
     a = mem.estimate_peak_bytes(cfg, "balanced", height=np.int64(480), batch=np.int32(2), num_cond_frames=0)
     b = mem.estimate_peak_bytes(cfg, "balanced", height=480, batch=2, num_cond_frames=0)
     assert a == b and all(type(v) is int for v in a.values())
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--cap-gib", "nan"], "--cap-gib: expected a finite number of GiB > 0"),
+    (["--cap-gib", "-1"], "--cap-gib: expected a finite number of GiB > 0"),
+    (["--cap-low-gib", "0"], "--cap-low-gib: expected a finite number of GiB > 0"),
+    (["--cap-gib", "inf"], "--cap-gib: expected a finite number of GiB > 0"),
+    (["--modes", "resident,lo"], "--modes: expected a comma-separated subset of resident,balanced,low"),
+    (["--variants", "basic,distil"], "--variants: expected a comma-separated subset of basic,distill"),
+    (["--variants", ","], "--variants"),
+])
+def test_memory_bench_checks_its_flags_up_front(argv, match, capsys):
+    """bench/memory_modes_gpu.py took any --modes, --variants and caps: an unknown mode raised a KeyError on
+    its cap only after the resident mode had run on the GPU, 'distil' ran (and was reported) as the basic
+    variant under its own name, and a NaN / zero / negative cap raised in cap_process_memory mid-run (with
+    --smoke it was silently recorded as the cap). Now parse_args refuses them."""
+    from bench.memory_modes_gpu import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x.json", *argv])
+    assert match in capsys.readouterr().err
+    args = parse_args(["--out", "x.json", "--modes", "low,resident", "--variants", "distill", "--cap-gib", "12.5"])
+    assert args.cap_gib == 12.5
