@@ -213,7 +213,9 @@ class BlockStreamer:
         self.dit = dit
         self.device = torch.device(device)
         self.prefetch = prefetch
-        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
+        if pin is not None:
+            check_bool(pin, "BlockStreamer: pin")  # pin="no" pinned every block (tens of GiB of page-locked memory)
+        self.pin = torch.cuda.is_available() if pin is None else pin
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._loaded: Dict[int, _Loaded] = {}

@@ -228,3 +228,14 @@ def test_memory_bench_checks_its_flags_up_front(argv, match, capsys):
     assert match in capsys.readouterr().err
     args = parse_args(["--out", "x.json", "--modes", "low,resident", "--variants", "distill", "--cap-gib", "12.5"])
     assert args.cap_gib == 12.5
+
+
+@pytest.mark.parametrize("pin", ["no", 0, 1.0])
+def test_streamer_pin_takes_a_bool(pin):
+    """BlockStreamer(pin=...) took bool(pin): pin='no' pinned every block's CPU copy (on a CUDA machine tens
+    of GiB of page-locked host memory the user had asked not to lock). Now a non-bool is refused."""
+    _, _, model = _models(depth=2)
+    with pytest.raises(TypeError, match="pin: expected a bool"):
+        BlockStreamer(model, "cpu", pin=pin)
+    assert BlockStreamer(model, "cpu", pin=False).pin is False
+    assert BlockStreamer(model, "cpu").pin is torch.cuda.is_available()
