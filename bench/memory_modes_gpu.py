@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -72,7 +73,19 @@ def parse_args(argv=None):
     p.add_argument("--upstream", default=None,
                    help="a LongCat-Video checkout (the folder holding longcat_video): its DiT step measured too")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny everything (tests the script)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked now, not minutes into the run: an unknown mode failed on its cap after resident had run, an
+    # unknown variant ('distil') ran as basic under its own name, and a NaN, zero or negative cap raised in
+    # cap_process_memory after resident (and was silently recorded with --smoke)
+    for flag, given, known in (("--variants", args.variants, ("basic", "distill")),
+                               ("--modes", args.modes, ("resident", "balanced", "low"))):
+        bad = [v for v in given.split(",") if v and v not in known]
+        if bad or not any(given.split(",")):
+            p.error(f"{flag}: expected a comma-separated subset of {','.join(known)}, got {given!r}")
+    for flag, gib in (("--cap-gib", args.cap_gib), ("--cap-low-gib", args.cap_low_gib)):
+        if not (math.isfinite(gib) and gib > 0):
+            p.error(f"{flag}: expected a finite number of GiB > 0, got {gib}")
+    return args
 
 
 class Bench:

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from longcat_kernels._validate import check_bool, plain_int
 
 from .kv_cache import tensor_stamp
 
@@ -137,6 +141,37 @@ class _Loaded:
         self.ready = ready
 
 
+class _AttachUndo:
+    """What a ``BlockStreamer.attach`` changed so far, and ``run()`` to put it back (an error midway)."""
+
+    def __init__(self, streamer: "BlockStreamer") -> None:
+        self.streamer = streamer
+        self.children: List[Tuple[nn.Module, Optional[torch.device]]] = []  # non-block modules, their device
+        self.tensors: List[Tuple[torch.Tensor, torch.Tensor]] = []  # block parameters/buffers, their data
+        self.lora: List[Tuple[Any, str, torch.Tensor]] = []  # LoRA tensors, the tensor before
+
+    def run(self) -> None:
+        s = self.streamer
+        for h in s._handles:
+            h.remove()
+        s._handles.clear()
+        for block, own in zip(s.dit.blocks, s._own_attrs):
+            for name in ("forward", "forward_kv_only"):
+                if name in own:
+                    setattr(block, name, own[name])
+                elif name in block.__dict__:
+                    delattr(block, name)
+        s._own_attrs.clear()
+        s.release()
+        for owner, attr, t in reversed(self.lora):
+            _move(owner, attr, t)
+        for t, data in reversed(self.tensors):
+            t.data = data
+        for child, device in self.children:
+            if device is not None:
+                child.to(device)
+
+
 class BlockStreamer:
     """Streams ``dit.blocks`` from pinned CPU memory to ``device``, ``prefetch`` blocks ahead.
 
@@ -178,7 +213,9 @@ class BlockStreamer:
         self.dit = dit
         self.device = torch.device(device)
         self.prefetch = prefetch
-        self.pin = torch.cuda.is_available() if pin is None else bool(pin)
+        if pin is not None:
+            check_bool(pin, "BlockStreamer: pin")  # pin="no" pinned every block (tens of GiB of page-locked memory)
+        self.pin = torch.cuda.is_available() if pin is None else pin
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self._loaded: Dict[int, _Loaded] = {}
@@ -200,13 +237,32 @@ class BlockStreamer:
         if getattr(self.dit, "_block_streamer", None) is not None:
             raise ValueError("BlockStreamer: this model already has a block streamer attached")
         blocks = self.dit.blocks
-        for name, child in self.dit.named_children():
-            if child is not blocks:
-                child.to(self.device)
+        # what attach() changes, so that an error midway (pinned memory or device memory running out,
+        # a KeyboardInterrupt while tens of GiB are pinned) undoes it: the hooks of the blocks done so far
+        # stayed registered with no streamer recorded, a retry stacked a second set on them (its detach
+        # left the first) and the non-block modules stayed on the device
+        undo = _AttachUndo(self)
+        try:
+            for name, child in self.dit.named_children():
+                if child is not blocks:
+                    first = next(iter(list(child.parameters()) + list(child.buffers())), None)
+                    undo.children.append((child, None if first is None else first.device))
+                    child.to(self.device)
+            self._attach_blocks(blocks, undo)
+        except BaseException:
+            undo.run()
+            raise
+        self.dit._block_streamer = self
+        self._attached = True
+        return self
+
+    def _attach_blocks(self, blocks: nn.ModuleList, undo: "_AttachUndo") -> None:
         for i, block in enumerate(blocks):
             for t in self._block_tensors(block).values():
+                undo.tensors.append((t, t.data))
                 t.data = self._home(t.data)
             for owner, attr, t in _lora_tensors(block, loaded=True):
+                undo.lora.append((owner, attr, t))
                 _move(owner, attr, self._home(t))
             # Hooks (not a wrapper alone, as for forward_kv_only): they run from nn.Module.__call__, so they
             # also hold when something replaces block.forward on the instance after attach() (activation
@@ -221,9 +277,6 @@ class BlockStreamer:
             block.forward = self._wrap_forward(block, i)
             if hasattr(block, "forward_kv_only"):
                 block.forward_kv_only = self._wrap_kv_only(block, i)
-        self.dit._block_streamer = self
-        self._attached = True
-        return self
 
     def detach(self, device=None) -> None:
         """Removes the hooks and puts the blocks on ``device`` (default: the streamer's device)."""
@@ -502,6 +555,32 @@ WAN_VAE_PARAMS = 127_000_000
 VAE_DECODE_BYTES_PER_PIXEL = 6 * 1024
 
 
+def _check_count(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (numpy ints taken); TypeError / ValueError naming ``name``."""
+    value = plain_int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_budget_args(budget_bytes, margin) -> None:
+    """The fit checks' ``budget_bytes`` (None, or a finite number of bytes >= 0: a string such as
+    ``"24GiB"`` failed deep in a comparison, NaN refused every mode as 'nan GiB usable') and ``margin``
+    (a finite number > 0: 0 or a negative one let every mode fit, NaN refused them all)."""
+    if budget_bytes is not None:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real):
+            raise TypeError(f"budget_bytes: expected a number of bytes or None (24 GiB: 24 * 2**30), "
+                            f"got {type(budget_bytes).__name__} {budget_bytes!r}")
+        if not math.isfinite(budget_bytes) or budget_bytes < 0:
+            raise ValueError(f"budget_bytes: expected a finite number of bytes >= 0, got {budget_bytes!r}")
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin: expected a finite number > 0, got {type(margin).__name__} {margin!r}")
+    if not math.isfinite(margin) or not margin > 0:
+        raise ValueError(f"margin: expected a finite number > 0 (the estimate is multiplied by it), got {margin!r}")
+
+
 def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 832, num_frames: int = 93,
                         num_cond_frames: int = 13, batch: int = 2, dtype_bytes: int = 2,
                         text_encoder_params: int = UMT5_XXL_PARAMS, vae_params: int = WAN_VAE_PARAMS,
@@ -520,7 +599,20 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     call's options.
     """
     plan = memory_plan(mode)
-    offload = plan.offload_kv_cache if offload_kv_cache is None else bool(offload_kv_cache)
+    # a float, negative or zero size, batch, rank or byte count gave a float, shrunken or negative estimate
+    # without a word (a frame smaller than a 16-pixel patch was blamed on num_cond_frames)
+    height, width = _check_count(height, "height", 16), _check_count(width, "width", 16)
+    num_frames = _check_count(num_frames, "num_frames", 1)
+    num_cond_frames = _check_count(num_cond_frames, "num_cond_frames", 0)
+    batch, dtype_bytes = _check_count(batch, "batch", 1), _check_count(dtype_bytes, "dtype_bytes", 1)
+    lora_rank = _check_count(lora_rank, "lora_rank", 0)
+    text_encoder_params = _check_count(text_encoder_params, "text_encoder_params", 0)
+    vae_params = _check_count(vae_params, "vae_params", 0)
+    check_bool(fp8, "fp8")
+    check_bool(kv_cache, "kv_cache")
+    if offload_kv_cache is not None:
+        check_bool(offload_kv_cache, "offload_kv_cache")
+    offload = plan.offload_kv_cache if offload_kv_cache is None else offload_kv_cache
     per_block, outside = dit_param_counts(config)
     depth = config.depth
     C = config.hidden_size
@@ -609,13 +701,6 @@ def usable_bytes(device, own_bytes: int = 0) -> int:
     return max(0, min(free + cached, int(total * frac) - allocated)) + int(own_bytes)
 
 
-def _device_budget(device: torch.device) -> Tuple[int, int]:
-    """``(usable, total)`` bytes on ``device``: free memory, capped by the per-process fraction."""
-    free, total = torch.cuda.mem_get_info(device)
-    cap = int(total * _memory_fraction(device)) - torch.cuda.memory_reserved(device)
-    return max(0, min(free, cap)), total
-
-
 def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] = None, margin: float = 1.05,
                       **shape) -> Dict[str, int]:
     """Raises ``MemoryModeError`` before any weight is loaded when ``mode`` cannot fit ``device``.
@@ -624,8 +709,8 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
         config: the ``DiTConfig`` (read from ``dit/config.json``).
         mode: the requested memory mode.
         device: the accelerator; CPU devices are not checked.
-        budget_bytes: usable bytes (default: ``torch.cuda.mem_get_info`` free memory, capped by
-            ``set_per_process_memory_fraction``).
+        budget_bytes: usable bytes (default: ``usable_bytes(device)``: the free memory and the caching
+            allocator's free blocks, capped by ``set_per_process_memory_fraction``, as the refine's check).
         margin: the estimate is multiplied by this before comparing.
         shape: passed to ``estimate_peak_bytes`` (height, width, num_frames, ...).
 
@@ -633,12 +718,15 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
         the estimate of ``mode`` (``estimate_peak_bytes``).
     """
     memory_plan(mode)
+    check_budget_args(budget_bytes, margin)
     device = torch.device(device)
     est = estimate_peak_bytes(config, mode, **shape)
     if budget_bytes is None:
         if device.type != "cuda" or not torch.cuda.is_available():
             return est
-        budget_bytes, _ = _device_budget(device)
+        # the allocator's free blocks count: a pipeline deleted in this process left its memory reserved
+        # (not free to the driver), and the driver's free memory alone refused a mode that fits
+        budget_bytes = usable_bytes(device)
     need = est["peak"] * margin
     if need <= budget_bytes:
         return est
@@ -701,16 +789,26 @@ def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
         # before anything moves: missing accelerate left the DiT's block streamer attached under the
         # previous plan (recorded 'resident' while the blocks streamed)
         _group_offloading()
+    attached = None
     if plan.stream_dit_blocks:
-        streamer = getattr(dit, "_block_streamer", None)
-        if streamer is None:
-            BlockStreamer(dit, device).attach()
+        if getattr(dit, "_block_streamer", None) is None:
+            # where the blocks were: an error in the text encoder's offloading (its pinned copies running
+            # out of host memory, a KeyboardInterrupt) or the VAE's move left the blocks streaming under the
+            # previous plan ('resident'), which then let a switch back to 'resident' keep the hooks
+            before = next(iter(dit.blocks.parameters()), torch.empty(0)).device
+            attached = BlockStreamer(dit, device).attach()
     else:
         dit.to(device)
-    if plan.stream_text_encoder:
-        offload_text_encoder(pipe.text_encoder, device)
-    else:
-        pipe.text_encoder.to(device)
-    pipe.vae.to(device)
+    try:
+        if plan.stream_text_encoder:
+            offload_text_encoder(pipe.text_encoder, device)
+        else:
+            pipe.text_encoder.to(device)
+        pipe.vae.to(device)
+    except BaseException:
+        if attached is not None:
+            attached.detach(before)
+            dit.to(before)  # attach() moved the non-block modules to ``device``
+        raise
     pipe._memory = plan
     return plan

@@ -292,7 +292,8 @@ class VideoContinuationPipeline:
             memory: ``"resident"`` (all on the device), ``"balanced"`` (DiT blocks streamed from
                 pinned CPU memory one block ahead, text encoder streamed while encoding) or
                 ``"low"`` (balanced + KV cache offloaded); all give the same results
-                (``longcat_vc.memory``). Checked against the free device memory before loading.
+                (``longcat_vc.memory``). Checked against the usable device memory (free, plus the
+                allocator's free blocks) before loading.
             fp8: quantise the DiT blocks' large linears to fp8 (e4m3, per-channel scales;
                 ``longcat_vc.fp8``; needs compute capability >= 8.9; not exact).
             vae_tiling: decode (and encode) with the VAE's spatial tiling (less memory at 720p;

@@ -179,8 +179,10 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
     already hold there (the estimate counts them too). The message says what fits: offloading the
     KV cache, a lower memory mode, or neither. Returns the estimate; None on a CPU device (no
     check). ``budget_bytes`` replaces the device query (tests)."""
-    from .memory import MemoryModeError, device_bytes, estimate_peak_bytes, usable_bytes, GiB, MEMORY_MODES
+    from .memory import (MemoryModeError, check_budget_args, device_bytes, estimate_peak_bytes, usable_bytes, GiB,
+                         MEMORY_MODES)
 
+    check_budget_args(budget_bytes, margin)
     device = pipe.device
     if budget_bytes is None and (device.type != "cuda" or not torch.cuda.is_available()):
         return None
