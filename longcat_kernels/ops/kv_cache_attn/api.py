@@ -439,6 +439,8 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     kw = dict(grid_q=grid_q, grid_k=grid_k, scale=scale, backend=backend, return_lse=return_lse)
     if bs.selection is not None:
         if not compiling():
+            # as with fresh k/v (_normalize_block_sparse): a rule beside the selection would be dropped
+            check_no_rule_beside_selection(bs.sparsity, bs.cdf_threshold, "block_sparse")
             _check_params_selection(bs, q, k, grid_q, grid_k)
         return block_sparse_attn(q, k, v, selection=bs.selection, **kw)
     return block_sparse_attn(q, k, v, chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity,

@@ -1,0 +1,29 @@
+"""Round 29 (interop): what another DiT codebase calls (flash-attn style cache entry, lse merges,
+torch.compile of a user model calling the ops, diffusers' Wan processor)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longcat_kernels as lk
+
+
+def _r(*s):
+    return torch.randn(*s)
+
+
+@pytest.mark.parametrize("rule", [dict(sparsity=0.5), dict(sparsity=None, cdf_threshold=0.9)])
+def test_cache_only_block_sparse_refuses_a_rule_beside_a_selection(rule):
+    """flash_attn_with_kvcache(k=None, block_sparse=BlockSparseParams(selection=sel, sparsity=0.5)):
+    the rule was silently dropped (the selection ran), while the same params with fresh k/v raise
+    (BlockSparseParams: a rule beside a selection "would be ignored, so it raises")."""
+    q, kc, vc = _r(1, 32, 2, 16), _r(1, 64, 2, 16), _r(1, 64, 2, 16)
+    sel = lk.select_blocks(q, kc, grid_q=(2, 4, 4), grid_k=(4, 4, 4), chunk_q=(2, 2, 2), sparsity=0.75)
+    bs = lk.BlockSparseParams(selection=sel, frame_hw=(4, 4), **rule)
+    with pytest.raises(ValueError, match="block_sparse: expected either selection= or a selection rule"):
+        lk.flash_attn_with_kvcache(q, kc, vc, block_sparse=bs, backend="torch")
+    # the default rule beside a selection still runs it, equal to block_sparse_attn with that selection
+    out = lk.flash_attn_with_kvcache(q, kc, vc, block_sparse=lk.BlockSparseParams(selection=sel, frame_hw=(4, 4)),
+                                     backend="torch")
+    ref = lk.block_sparse_attn(q.double(), kc.double(), vc.double(), selection=sel, backend="torch")
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
