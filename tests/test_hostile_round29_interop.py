@@ -27,3 +27,15 @@ def test_cache_only_block_sparse_refuses_a_rule_beside_a_selection(rule):
                                      backend="torch")
     ref = lk.block_sparse_attn(q.double(), kc.double(), vc.double(), selection=sel, backend="torch")
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("sel", ["x", 3])
+def test_a_selection_that_is_not_a_block_selection_is_named(fresh, sel):
+    """BlockSparseParams(selection=<not a BlockSelection>) through flash_attn_with_kvcache with fresh k/v
+    (attn_with_kv_cache) crashed with "AttributeError: 'str' object has no attribute 'chunk_q'"; both
+    paths now raise a TypeError naming block_sparse.selection."""
+    q, kc, vc, k, v = _r(1, 32, 2, 16), _r(1, 64, 2, 16), _r(1, 64, 2, 16), _r(1, 32, 2, 16), _r(1, 32, 2, 16)
+    bs = lk.BlockSparseParams(selection=sel, sparsity=None, frame_hw=(4, 4))
+    with pytest.raises(TypeError, match=r"block_sparse\.selection: expected a BlockSelection, got"):
+        lk.flash_attn_with_kvcache(q, kc, vc, *((k, v) if fresh else ()), block_sparse=bs, backend="torch")

@@ -63,7 +63,7 @@ def check_selection(selection, q, k, grid_q, grid_k, chunk_q=None, chunk_k=None,
     """Raises if ``selection`` does not fit q ``[B, Sq, H, D]`` and keys of k's seq, or the grids and
     chunks passed alongside it (None: not passed; a given chunk that differs would be ignored)."""
     if not isinstance(selection, BlockSelection):
-        raise TypeError(f"selection: expected a BlockSelection, got {type(selection).__name__}")
+        raise TypeError(f"{prefix}selection: expected a BlockSelection, got {type(selection).__name__}")
     B, Sq, H, _ = q.shape
     gq, gk = selection.grid_q, selection.grid_k
     for name, given, own in (("grid_q", grid_q, gq), ("grid_k", grid_k, gk),

@@ -200,9 +200,9 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         ck = check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
     else:
         check_no_rule_beside_selection(bs.sparsity, bs.cdf_threshold, "block_sparse")
-        cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
-        _check_params_selection(bs, q, k_all, grid_q, grid_k)
+        _check_params_selection(bs, q, k_all, grid_q, grid_k)  # first: it checks selection's type
+        cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
     return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck)
 
 
