@@ -243,6 +243,14 @@ class DiTConfig:
                 f"unknown key {k!r} ignored (did you mean {m!r}? that field keeps its default)"
                 for k, m in sorted(near.items())), UserWarning, stacklevel=2)
         cfg = cls(**kwargs)
+        # FastVideo's redundant sizes: ignored, but not when they contradict the model built (a config
+        # without hidden_size built the default 4096-wide model, failing only at the state dict's shapes)
+        for key, value, what in (
+                ("attention_head_dim", cfg.head_dim,
+                 f"head_dim = hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} = {cfg.head_dim}"),
+                ("num_channels_latents", cfg.in_channels, f"in_channels={cfg.in_channels}")):
+            if key in d and d[key] != value:
+                raise ValueError(f"DiTConfig.from_dict: {key}={d[key]!r} contradicts {what}")
         cfg._ignored_keys = tuple(sorted(unknown))  # type: ignore[attr-defined]
         return cfg
 
