@@ -157,3 +157,34 @@ def test_general_patch_matches_fp64_longhand(patch, out_channels, zero_pad):
             out = model(x, ts, y, mask, num_cond_latents=c)
         assert rel_l2(out, _lh_forward(sd, cfg, x, ts, y, mask, c)) < 1e-5, c
     assert math.isfinite(float(out.sum()))
+
+
+# ---------------------------------------------------------------------- config mutated after construction
+@pytest.mark.parametrize("field", ["enable_bsa", "text_tokens_zero_pad"])
+@pytest.mark.parametrize("value", ["false", "no", 1, None])
+def test_bool_config_fields_are_checked_when_assigned(field, value):
+    """``model.config.enable_bsa`` is a documented switch (the KV cache fingerprint and the pipeline's
+    BSA toggle change it on a built model), but only ``__post_init__`` checked the bool fields:
+    ``model.config.enable_bsa = "false"`` (truthy) switched block-sparse attention ON and
+    ``text_tokens_zero_pad = "no"`` switched zero padding ON, silently. Assignment now checks them."""
+    cfg = tiny_config(attn_backend="torch")
+    with pytest.raises(TypeError, match=field):
+        setattr(cfg, field, value)
+    assert getattr(cfg, field) is False
+    setattr(cfg, field, True)  # real bools still switch
+    assert getattr(cfg, field) is True
+
+
+def test_model_output_follows_a_valid_bool_switch_only(tiny):
+    """The forward with ``enable_bsa`` set to False equals the forward before (a refused assignment left
+    the config as it was)."""
+    cfg = tiny_config(attn_backend="torch", bsa_params={"sparsity": 0.5, "chunk_3d_shape_q": [2, 2, 2]})
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=_seed()))
+    x, y = _inputs(cfg, B=1, T=4, H=8, W=8)
+    with torch.no_grad():
+        dense = model(x, 500.0, y)
+        with pytest.raises(TypeError):
+            model.config.enable_bsa = "false"
+        assert torch.equal(model(x, 500.0, y), dense)
+        model.config.enable_bsa = True
+        assert not torch.equal(model(x, 500.0, y), dense)
