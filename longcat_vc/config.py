@@ -298,5 +298,6 @@ class DiTConfig:
             d["_class_name"] = "LongCatTransformer3DModel"
         else:
             d["_class_name"] = "LongCatVideoTransformer3DModel"
+        text = json.dumps(d, indent=2)  # first: a value JSON cannot write left the old file truncated
         with open(os.fspath(path), "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=2)
+            f.write(text)

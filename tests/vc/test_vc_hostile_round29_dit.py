@@ -188,3 +188,20 @@ def test_model_output_follows_a_valid_bool_switch_only(tiny):
         assert torch.equal(model(x, 500.0, y), dense)
         model.config.enable_bsa = True
         assert not torch.equal(model(x, 500.0, y), dense)
+
+
+def test_to_json_failing_on_a_value_leaves_the_existing_file_intact(tmp_path):
+    """``DiTConfig.to_json`` streamed ``json.dump`` into the opened file: a value JSON cannot write (a
+    numpy int in ``bsa_params["chunk_3d_shape_q"]``, which the config accepts) raised half-way and left
+    the previous, valid ``config.json`` truncated mid-object. Now the text is built first: the
+    TypeError comes before the file is opened."""
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "config.json"
+    good = tiny_config()
+    good.to_json(path)
+    before = path.read_text()
+    bad = tiny_config(bsa_params={"sparsity": 0.5, "chunk_3d_shape_q": [np.int64(2), 2, 2]})
+    with pytest.raises(TypeError):
+        bad.to_json(path)
+    assert path.read_text() == before
+    assert DiTConfig.from_json(path) == good
