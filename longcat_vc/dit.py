@@ -261,6 +261,9 @@ class LongCatDiT(nn.Module):
             )
         if x.device != self.device and not _compiling():
             raise ValueError(f"{name}: on {x.device}, the model is on {self.device}")
+        if self.dtype.itemsize < 2:  # .to(float8) converts every weight; the forward failed deep in GELU
+            raise TypeError(f"LongCatDiT: weights are {self.dtype} (a .to() of the whole model); activations need "
+                            "bfloat16/float16/float32 weights, fp8 GEMMs come from longcat_vc.fp8.quantize_dit_fp8")
         return B, T, H, W
 
     def _embed_text(self, enc: torch.Tensor, mask: Optional[torch.Tensor], B: int):

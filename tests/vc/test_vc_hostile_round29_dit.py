@@ -205,3 +205,18 @@ def test_to_json_failing_on_a_value_leaves_the_existing_file_intact(tmp_path):
         bad.to_json(path)
     assert path.read_text() == before
     assert DiTConfig.from_json(path) == good
+
+
+def test_model_converted_to_an_8bit_float_says_so_at_the_forward():
+    """``model.to(torch.float8_e4m3fn)`` (or ``.to(dtype)`` with any 8-bit float) converts every weight;
+    the forward then failed deep in the caption MLP ("GeluKernelImpl" not implemented for
+    'Float8_e4m3fn') and ``build_kv_cache`` likewise. Now a TypeError naming the weight dtype and the fp8
+    path (``longcat_vc.fp8``), before any work."""
+    cfg = tiny_config(attn_backend="torch")
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=_seed())).to(torch.float8_e4m3fn)
+    x, y = _inputs(cfg, B=1)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="float8_e4m3fn.*fp8"):
+            model(x, 500.0, y)
+        with pytest.raises(TypeError, match="float8_e4m3fn.*fp8"):
+            model.build_kv_cache(x)
