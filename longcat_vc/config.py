@@ -51,6 +51,7 @@ _IGNORED_KEYS = frozenset(
     }
 )
 
+_BOOL_FIELDS = frozenset({"text_tokens_zero_pad", "enable_bsa"})
 _BSA_KEYS = ("sparsity", "cdf_threshold", "chunk_3d_shape_q", "chunk_3d_shape_k")
 
 
@@ -105,6 +106,13 @@ class DiTConfig:
     bsa_params: Optional[Dict[str, Any]] = None
     attn_backend: str = "auto"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The bool switches are also flipped on a built model (model.config.enable_bsa = ..., as the
+        # pipeline's BSA toggle does): a truthy "false" switched block-sparse attention / zero padding on.
+        if name in _BOOL_FIELDS and not isinstance(value, bool):
+            raise TypeError(f"DiTConfig.{name}: expected a JSON bool (true/false), got {value!r}")
+        super().__setattr__(name, value)
+
     def __post_init__(self) -> None:
         # config.json is user-editable: a "false" string is truthy, 2.7 would truncate to 2
         ps = self.patch_size
@@ -112,9 +120,6 @@ class DiTConfig:
                 isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in ps):
             raise ValueError(f"DiTConfig.patch_size: expected three ints (1, ph, pw), got {ps!r}")
         self.patch_size = tuple(int(p) for p in ps)
-        for name in ("text_tokens_zero_pad", "enable_bsa"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"DiTConfig.{name}: expected a JSON bool (true/false), got {getattr(self, name)!r}")
         mr = self.mlp_ratio
         if isinstance(mr, bool) or not isinstance(mr, numbers.Real) or not (0 < mr < float("inf")):
             raise ValueError(f"DiTConfig.mlp_ratio: expected a positive finite number, got {mr!r}")
@@ -243,6 +248,14 @@ class DiTConfig:
                 f"unknown key {k!r} ignored (did you mean {m!r}? that field keeps its default)"
                 for k, m in sorted(near.items())), UserWarning, stacklevel=2)
         cfg = cls(**kwargs)
+        # FastVideo's redundant sizes: ignored, but not when they contradict the model built (a config
+        # without hidden_size built the default 4096-wide model, failing only at the state dict's shapes)
+        for key, value, what in (
+                ("attention_head_dim", cfg.head_dim,
+                 f"head_dim = hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} = {cfg.head_dim}"),
+                ("num_channels_latents", cfg.in_channels, f"in_channels={cfg.in_channels}")):
+            if key in d and d[key] != value:
+                raise ValueError(f"DiTConfig.from_dict: {key}={d[key]!r} contradicts {what}")
         cfg._ignored_keys = tuple(sorted(unknown))  # type: ignore[attr-defined]
         return cfg
 
@@ -285,5 +298,6 @@ class DiTConfig:
             d["_class_name"] = "LongCatTransformer3DModel"
         else:
             d["_class_name"] = "LongCatVideoTransformer3DModel"
+        text = json.dumps(d, indent=2)  # first: a value JSON cannot write left the old file truncated
         with open(os.fspath(path), "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=2)
+            f.write(text)

@@ -28,6 +28,7 @@ from . import lora as _lora
 from .config import DiTConfig
 from .fp8 import check_fp8_state_dict
 from .kv_cache import KVCache, StateToken, tensor_stamp
+from .loading import check_dtype
 from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
 from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
@@ -74,8 +75,7 @@ class LongCatDiT(nn.Module):
         super().__init__()
         if not isinstance(config, DiTConfig):
             raise TypeError(f"LongCatDiT: config must be a DiTConfig, got {type(config).__name__}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+        check_dtype(dtype)  # (an 8-bit float failed in torch's initialiser, or on meta at the first forward)
         self.config = config
         c = config
         kw = dict(device=device, dtype=dtype)
@@ -261,6 +261,9 @@ class LongCatDiT(nn.Module):
             )
         if x.device != self.device and not _compiling():
             raise ValueError(f"{name}: on {x.device}, the model is on {self.device}")
+        if self.dtype.itemsize < 2:  # .to(float8) converts every weight; the forward failed deep in GELU
+            raise TypeError(f"LongCatDiT: weights are {self.dtype} (a .to() of the whole model); activations need "
+                            "bfloat16/float16/float32 weights, fp8 GEMMs come from longcat_vc.fp8.quantize_dit_fp8")
         return B, T, H, W
 
     def _embed_text(self, enc: torch.Tensor, mask: Optional[torch.Tensor], B: int):
@@ -268,6 +271,8 @@ class LongCatDiT(nn.Module):
         c = self.config
         if not isinstance(enc, torch.Tensor):
             raise TypeError(f"encoder_hidden_states: expected a Tensor [B, 1, L, {c.caption_channels}], got {type(enc).__name__}")
+        if not enc.is_floating_point():  # (token ids or a mask in this slot ran as embeddings)
+            raise TypeError(f"encoder_hidden_states: expected floating text states, got {enc.dtype}")
         if enc.ndim == 3:
             enc = enc.unsqueeze(1)
         if enc.ndim != 4 or enc.shape[0] != B or enc.shape[1] != 1 or enc.shape[3] != c.caption_channels or enc.shape[2] == 0:
@@ -307,6 +312,9 @@ class LongCatDiT(nn.Module):
     def _embed_timestep(self, timestep, B: int, T: int) -> torch.Tensor:
         if not isinstance(timestep, torch.Tensor):
             timestep = torch.as_tensor(timestep, device=self.device)
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            # (a bool ran as t = 1 / 0, a complex one lost its imaginary part with only a warning)
+            raise TypeError(f"timestep: expected real (int or float) timesteps in [0, 1000], got {timestep.dtype}")
         if timestep.ndim == 0:
             timestep = timestep.expand(B)
         if timestep.ndim == 1:
