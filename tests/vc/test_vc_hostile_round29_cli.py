@@ -1,0 +1,59 @@
+"""Round 29: the ``longcat-vc`` command and video input/output on odd inputs (non-square pixels, ...)."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from longcat_vc.video_io import read_video, write_video
+
+
+def _ffmpeg():
+    try:
+        import imageio_ffmpeg
+
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as e:  # not installed, or its binary is missing
+        pytest.skip(f"needs the imageio-ffmpeg ffmpeg binary: {e}")
+    if not exe or not os.path.exists(exe):
+        pytest.skip("needs the imageio-ffmpeg ffmpeg binary (not found)")
+    return exe
+
+
+def _smooth_frames(rng, n, h, w):
+    """Smooth random frames (low-frequency), so resampling them compares well across scalers."""
+    small = rng.integers(0, 256, (n, 4, 5, 3)).astype(np.float64)
+    yy = np.linspace(0, 3, h)[:, None]
+    xx = np.linspace(0, 4, w)[None, :]
+    y0, x0 = np.floor(yy).astype(int).clip(0, 2), np.floor(xx).astype(int).clip(0, 3)
+    fy, fx = (yy - y0)[..., None], (xx - x0)[..., None]
+    out = (small[:, y0, x0] * (1 - fy) * (1 - fx) + small[:, y0 + 1, x0] * fy * (1 - fx)
+           + small[:, y0, x0 + 1] * (1 - fy) * fx + small[:, y0 + 1, x0 + 1] * fy * fx)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("sar", ["2/1", "8/9"])
+def test_non_square_pixels_are_read_at_the_display_aspect(tmp_path, sar):
+    """A clip with a sample aspect ratio other than 1 (anamorphic DVD / HDV / broadcast) was read at its
+    stored size, its pixels taken as square: the model's bucket came from the wrong aspect, the model saw a
+    squashed (or stretched) picture and the output mp4 (SAR 1) showed the input part squashed too. Frames
+    now come out as players show them, width scaled by the SAR (ffmpeg's scale=iw*sar:ih)."""
+    ffmpeg = _ffmpeg()
+    rng = np.random.default_rng()
+    h, w = 48, 72
+    src = str(tmp_path / "square.mp4")
+    write_video(src, _smooth_frames(rng, 6, h, w), fps=15, crf=0)
+    ana = str(tmp_path / "anamorphic.mp4")
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", src, "-vf", f"setsar={sar}", "-c:v", "libx264",
+                    "-crf", "0", "-pix_fmt", "yuv444p", ana], check=True)
+    num, den = map(int, sar.split("/"))
+    dw = int(round(w * num / den))
+    raw = subprocess.run([ffmpeg, "-loglevel", "error", "-i", ana, "-vf", "scale=iw*sar:ih:flags=bicubic",
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+    ref = np.frombuffer(raw, np.uint8).reshape(-1, h, dw, 3).astype(np.float64)
+    got = read_video(ana)
+    assert got.frames.shape == (6, h, dw, 3), f"read at the stored size {got.frames.shape[1:3]}, shown {h}x{dw}"
+    assert np.abs(got.frames.astype(np.float64) - ref).mean() < 2.0
+    # square pixels: unchanged, the stored size
+    assert read_video(src).frames.shape == (6, h, w, 3)
