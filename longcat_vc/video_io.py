@@ -304,7 +304,9 @@ def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     import imageio_ffmpeg
 
     try:
-        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+        # non-square pixels scaled to the display aspect (as the PyAV reader does); square ones pass unscaled
+        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24",
+                                            output_params=["-vf", "scale=round(iw*sar):ih:flags=bicubic,setsar=1"])
         meta = next(reader)
         w, h = meta["size"]
         frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]

@@ -57,3 +57,27 @@ def test_non_square_pixels_are_read_at_the_display_aspect(tmp_path, sar):
     assert np.abs(got.frames.astype(np.float64) - ref).mean() < 2.0
     # square pixels: unchanged, the stored size
     assert read_video(src).frames.shape == (6, h, w, 3)
+
+
+@pytest.mark.parametrize("sar", ["2/1", "8/9", "1/1"])
+def test_non_square_pixels_imageio_ffmpeg_fallback_agrees_with_pyav(tmp_path, monkeypatch, sar):
+    """Without PyAV the imageio-ffmpeg reader is used: it read non-square-pixel clips at their stored size
+    too. Both readers now give the same display-size frames (square pixels: the stored frames, unscaled)."""
+    from longcat_vc import video_io
+
+    ffmpeg = _ffmpeg()
+    rng = np.random.default_rng()
+    h, w = 48, 72
+    src = str(tmp_path / "square.mp4")
+    write_video(src, _smooth_frames(rng, 5, h, w), fps=15, crf=0)
+    ana = str(tmp_path / "anamorphic.mp4")
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", src, "-vf", f"setsar={sar}", "-c:v", "libx264",
+                    "-crf", "0", "-pix_fmt", "yuv444p", ana], check=True)
+    via_av = read_video(ana)
+    monkeypatch.setattr(video_io, "_have_pyav", lambda: False)
+    via_ffmpeg = read_video(ana)
+    assert via_ffmpeg.frames.shape == via_av.frames.shape
+    assert np.abs(via_ffmpeg.frames.astype(np.float64) - via_av.frames.astype(np.float64)).mean() < 2.0
+    if sar == "1/1":
+        assert via_ffmpeg.frames.shape == (5, h, w, 3)
+        assert np.array_equal(via_ffmpeg.frames, via_av.frames)
