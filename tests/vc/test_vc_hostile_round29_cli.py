@@ -81,3 +81,34 @@ def test_non_square_pixels_imageio_ffmpeg_fallback_agrees_with_pyav(tmp_path, mo
     if sar == "1/1":
         assert via_ffmpeg.frames.shape == (5, h, w, 3)
         assert np.array_equal(via_ffmpeg.frames, via_av.frames)
+
+
+def test_timings_json_total_of_continue_refine_counts_stage1_as_the_line_does(tmp_path, capsys):
+    """``continue --refine --timings-json``: the printed line's total counts the 480p stage 1 (load + stage 1 +
+    refinement + write), but the JSON's ``timings.total`` was the refinement's alone, so load + total + write
+    from the JSON fell short of the run by the whole stage 1 (most of it) without a word. The JSON's total now
+    counts stage 1 too, as the line; the stage-1 and refinement parts stay under their own keys."""
+    import argparse
+    import json
+    import re
+
+    from longcat_vc import cli
+    from longcat_vc.stages import VideoContinuationOutput
+
+    rng = np.random.default_rng()
+    s1 = {k: float(rng.uniform(1, 5)) for k in ("text", "vae_encode", "cache_build", "denoise", "decode")}
+    s1["steps"], s1["total"] = 2, float(rng.uniform(50, 90))
+    ref = {k: float(rng.uniform(1, 5)) for k in ("text", "vae_encode", "cache_build", "denoise", "decode")}
+    ref["steps"], ref["total"] = 5, float(rng.uniform(10, 20))
+    ref["stage1"] = s1
+    frames = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    out = VideoContinuationOutput(frames, None, 30.0, 4, 2, (64, 64), ref)
+    args = argparse.Namespace(out=str(tmp_path / "o.mp4"), crf=18, timings_json=str(tmp_path / "t.json"))
+    load = 3.0
+    cli._write_out(args, out, load, 1, __import__("sys").stderr, "refine (720p)", extra={"mode": "distill"})
+    err = capsys.readouterr().err
+    line_total = float(re.search(r"total ([0-9.]+)", err).group(1))
+    t = json.load(open(args.timings_json))["timings"]
+    assert abs(t["load"] + t["total"] + t["write"] - line_total) < 0.02, (t["total"], line_total)
+    assert abs(t["total"] - (s1["total"] + ref["total"])) < 1e-9
+    assert t["stage1"]["total"] == s1["total"] and t["denoise"] == ref["denoise"]
