@@ -325,6 +325,8 @@ def _check_out_path(out: str, inputs: Sequence[str] = (), *, flag: str = "--out"
         if os.path.isdir(inp) and os.path.abspath(out).startswith(os.path.abspath(inp) + os.sep):
             raise UsageError(f"{flag} {out} is inside the input folder {inp}; choose another path")
     out_dir = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # "in.mp4/out.mp4": it exists, as a file
+        raise UsageError(f"{flag}: {out_dir} is a file, not a folder, so {out} cannot be written there")
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{flag}: output folder does not exist: {out_dir}")
     if os.path.exists(out) and not os.access(out, os.W_OK):

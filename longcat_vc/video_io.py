@@ -640,6 +640,8 @@ def write_video(
         raise ValueError(f"write_video: path must name an mp4 file ({', '.join(MP4_EXTENSIONS)}): H.264 is written "
                          f"in an mp4 container, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):  # "in.mp4/out.mp4": it exists, as a file
+        raise NotADirectoryError(f"write_video: {folder} is a file, not a folder, so {path} cannot be written there")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
     fps = _check_write_fps(fps)
