@@ -304,9 +304,12 @@ def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     import imageio_ffmpeg
 
     try:
-        # non-square pixels scaled to the display aspect (as the PyAV reader does); square ones pass unscaled
+        # non-square pixels scaled to the display aspect (as the PyAV reader does); square ones pass unscaled.
+        # -fps_mode passthrough: every decoded frame once, as PyAV gives them; ffmpeg's default for this output
+        # resampled a variable-frame-rate clip to a constant rate (30 frames came out as 72, duplicates included)
         reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24",
-                                            output_params=["-vf", "scale=round(iw*sar):ih:flags=bicubic,setsar=1"])
+                                            output_params=["-vf", "scale=round(iw*sar):ih:flags=bicubic,setsar=1",
+                                                           "-fps_mode", "passthrough"])
         meta = next(reader)
         w, h = meta["size"]
         frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]

@@ -138,3 +138,32 @@ def test_an_output_under_a_file_is_named_as_such_not_as_a_missing_folder(tmp_pat
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         write_video(under, rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8), fps=15)
     assert read_video(inp).num_frames == 6  # the input untouched
+
+
+def test_imageio_ffmpeg_fallback_reads_each_frame_of_a_variable_rate_clip_once(tmp_path, monkeypatch):
+    """Without PyAV the imageio-ffmpeg reader let ffmpeg resample a variable-frame-rate clip (phones, screen
+    recordings) to a constant rate: a 24-frame clip came back with duplicated frames (more than it holds) while
+    its fps said the average rate, so the model got stretched (slowed) motion and the output repeated frames,
+    and the two backends disagreed. Every decoded frame now comes once, as with PyAV."""
+    from longcat_vc import video_io
+
+    ffmpeg = _ffmpeg()
+    rng = np.random.default_rng()
+    n = 24
+    frames = _smooth_frames(rng, n, 32, 48)
+    frames[:, :8, :8] = (np.arange(n) * 10)[:, None, None, None]  # a per-frame grey mark: duplicates show
+    src = str(tmp_path / "cfr.mp4")
+    write_video(src, frames, fps=30, crf=0)
+    vfr = str(tmp_path / "vfr.mp4")
+    # the first half at 30 fps, the second at 7.5 fps (each frame held 4/30 s)
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", src, "-vf",
+                    f"setpts='if(lt(N,{n // 2}),N,{n // 2}+(N-{n // 2})*4)/(30*TB)'", "-fps_mode", "vfr",
+                    "-c:v", "libx264", "-crf", "0", "-pix_fmt", "yuv444p", vfr], check=True)
+    via_av = read_video(vfr)
+    monkeypatch.setattr(video_io, "_have_pyav", lambda: False)
+    via_ffmpeg = read_video(vfr)
+    assert via_av.num_frames == n
+    assert via_ffmpeg.num_frames == n, f"{via_ffmpeg.num_frames} frames read from a {n}-frame clip"
+    marks = via_ffmpeg.frames[:, 2:6, 2:6].astype(np.float64).mean(axis=(1, 2, 3))  # inside the mark
+    assert np.abs(marks - np.arange(n) * 10).max() < 5  # a repeated or skipped frame is 10 off
+    assert abs(via_ffmpeg.fps - via_av.fps) < 0.01 * via_av.fps
