@@ -232,7 +232,13 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
     write_video(args.out, out.frames, out.fps, crf=args.crf)
     args.out_written = True
     write_s = time.perf_counter() - t1
-    timings = dict(out.timings)
+    shown = out.timings
+    if isinstance(shown.get("stage1"), dict):
+        # continue --refine: the total is the run's (load + stage 1 + refinement + write), on the line and in
+        # --timings-json alike; it was the refinement's alone, the 480p stage (most of the run) left out (the
+        # JSON kept that after the line was fixed)
+        shown = dict(shown, total=shown.get("total", 0.0) + shown["stage1"].get("total", 0.0))
+    timings = dict(shown)
     timings.update(load=load_s, write=write_s)
     if args.timings_json:
         from .video_io import atomic_output
@@ -240,11 +246,6 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
         with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
     h, w = out.frames.shape[1:3]
-    shown = out.timings
-    if isinstance(shown.get("stage1"), dict):
-        # continue --refine: the line's total is the run's (load + stage 1 + refinement + write); it was the
-        # refinement's alone, the 480p stage (most of the run) left out
-        shown = dict(shown, total=shown.get("total", 0.0) + shown["stage1"].get("total", 0.0))
     print((f"{label} " if label else "") + _summary(shown, load_s, write_s), file=log)
     print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
           f"{out.num_new_frames} new), {w}x{h}, {out.fps:g} fps (model ran at {out.size[1]}x{out.size[0]})",
@@ -324,6 +325,8 @@ def _check_out_path(out: str, inputs: Sequence[str] = (), *, flag: str = "--out"
         if os.path.isdir(inp) and os.path.abspath(out).startswith(os.path.abspath(inp) + os.sep):
             raise UsageError(f"{flag} {out} is inside the input folder {inp}; choose another path")
     out_dir = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # "in.mp4/out.mp4": it exists, as a file
+        raise UsageError(f"{flag}: {out_dir} is a file, not a folder, so {out} cannot be written there")
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{flag}: output folder does not exist: {out_dir}")
     if os.path.exists(out) and not os.access(out, os.W_OK):

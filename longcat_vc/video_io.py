@@ -217,11 +217,19 @@ def _read_animated(path: str) -> VideoFrames:
     return VideoFrames(_check_frames(np.stack(frames), path), fps, path)
 
 
-def _display_rotated(frame, path: str) -> np.ndarray:
+def _display_rotated(frame, path: str, sar=None) -> np.ndarray:
     """``frame`` (an ``av.VideoFrame``) as rgb24, turned by its display-rotation metadata (phone
     clips store frames unrotated plus a display matrix) so it comes out as ffmpeg / players show it.
-    PyAV's ``frame.rotation`` is counter-clockwise degrees, as ``np.rot90``'s k quarter turns."""
-    arr = frame.to_ndarray(format="rgb24")
+    PyAV's ``frame.rotation`` is counter-clockwise degrees, as ``np.rot90``'s k quarter turns.
+    A sample aspect ratio ``sar`` other than 1 (anamorphic DVD / HDV / broadcast sources: non-square
+    pixels) is applied first, as players do, by resizing the width to ``round(width * sar)`` (ffmpeg's
+    ``scale=iw*sar:ih``): the stored pixels were taken as square, so the model saw (and the output kept)
+    a squashed or stretched picture."""
+    if sar and sar != 1:
+        width = max(1, int(round(frame.width * float(sar))))
+        arr = frame.to_ndarray(format="rgb24", width=width, height=frame.height, interpolation="BICUBIC")
+    else:
+        arr = frame.to_ndarray(format="rgb24")
     rotation = getattr(frame, "rotation", 0) or 0
     quarter = int(round(rotation / 90.0))
     if abs(rotation - 90.0 * quarter) > 1e-3:
@@ -257,7 +265,8 @@ def _read_with_av(path: str, target_fps: Optional[float]) -> VideoFrames:
             fps = float(rate) if rate else None
             stride = subsample_stride(fps, target_fps) if target_fps else 1
             # decode every frame (inter-frame codecs need them) but convert only the kept ones
-            frames = [_display_rotated(f, path) for i, f in enumerate(container.decode(stream)) if i % stride == 0]
+            sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio  # None or 0: unknown (square)
+            frames = [_display_rotated(f, path, sar) for i, f in enumerate(container.decode(stream)) if i % stride == 0]
     except VideoReadError:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, ...), OSError
@@ -295,7 +304,12 @@ def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     import imageio_ffmpeg
 
     try:
-        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+        # non-square pixels scaled to the display aspect (as the PyAV reader does); square ones pass unscaled.
+        # -fps_mode passthrough: every decoded frame once, as PyAV gives them; ffmpeg's default for this output
+        # resampled a variable-frame-rate clip to a constant rate (30 frames came out as 72, duplicates included)
+        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24",
+                                            output_params=["-vf", "scale=round(iw*sar):ih:flags=bicubic,setsar=1",
+                                                           "-fps_mode", "passthrough"])
         meta = next(reader)
         w, h = meta["size"]
         frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
@@ -629,6 +643,8 @@ def write_video(
         raise ValueError(f"write_video: path must name an mp4 file ({', '.join(MP4_EXTENSIONS)}): H.264 is written "
                          f"in an mp4 container, got {path}")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):  # "in.mp4/out.mp4": it exists, as a file
+        raise NotADirectoryError(f"write_video: {folder} is a file, not a folder, so {path} cannot be written there")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"output folder does not exist: {folder}")
     fps = _check_write_fps(fps)

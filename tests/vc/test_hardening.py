@@ -256,7 +256,7 @@ def test_cli_finds_bad_arguments_before_loading(tmp_path, capsys, monkeypatch, v
             # root ignores permission bits: a path under a regular file is unwritable for anyone
             (tmp_path / "file").write_text("x")
             argv[argv.index(out)] = str(tmp_path / "file" / "o.mp4")
-            expect = "folder does not exist"
+            expect = "is a file, not a folder"  # round 29: was "folder does not exist", for a path that exists
         else:
             ro.chmod(0o500)
             argv[argv.index(out)] = str(ro / "o.mp4")
