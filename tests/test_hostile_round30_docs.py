@@ -52,3 +52,24 @@ def test_rope_tables_take_numpy_ints():
     rope = lk.Rope3D((3, 4, 5), 64)
     c, _ = rope.tables(np.int64(1), np.int32(2))
     assert torch.equal(c, rope.tables(1, 2)[0])
+
+
+def test_fp8_forward_only_rule_is_about_y_as_the_readme_says():
+    """README (Backends, "auto"): the fp8 ops with gradients take the torch reference and an explicit
+    ``triton`` raises "forward only". That holds only when ``return_input=True`` asks for a ``y`` that
+    needs gradients: ``q``/``s`` carry none, so without ``y`` Triton runs (the README said it always
+    raised). Pins both halves and that ``y``'s gradient is silu(a) * b's."""
+    a = torch.randn(6, 48, dtype=torch.float64).float().requires_grad_()
+    b = torch.randn(6, 48)
+    if lk.available_backends("fp8_quantize")["triton"] is None:
+        q, s = lk.fp8_silu_mul_quantize(a, b, backend="triton")
+        assert not q.requires_grad and not s.requires_grad
+        with pytest.raises(BackendUnavailableError, match="forward only"):
+            lk.fp8_silu_mul_quantize(a, b, return_input=True, backend="triton")
+    _, _, y = lk.fp8_silu_mul_quantize(a, b, return_input=True)
+    g = torch.randn_like(y)
+    (ga,) = torch.autograd.grad(y, a, g)
+    a64 = a.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.nn.functional.silu(a64) * b.double(), a64, g.double())
+    torch.testing.assert_close(ga.double(), ref, rtol=1e-5, atol=1e-6)
+    assert re.search(r"`return_input=True` asks for a `y` that needs gradients", README)
