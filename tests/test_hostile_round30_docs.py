@@ -73,3 +73,16 @@ def test_fp8_forward_only_rule_is_about_y_as_the_readme_says():
     (ref,) = torch.autograd.grad(torch.nn.functional.silu(a64) * b.double(), a64, g.double())
     torch.testing.assert_close(ga.double(), ref, rtol=1e-5, atol=1e-6)
     assert re.search(r"`return_input=True` asks for a `y` that needs gradients", README)
+
+
+def test_fp8_layer_norm_weight_only_is_refused_as_the_docstring_says():
+    """The docstring read "``weight``/``bias [K]`` or None", which reads as either one alone; a
+    weight-only call (``nn.LayerNorm(bias=False)``) is refused with ValueError. The docstring now says
+    both or neither; the affine result with both matches an fp64 LayerNorm."""
+    assert "both or neither" in lk.fp8_layer_norm_quantize.__doc__
+    x, w, b = torch.randn(5, 40), torch.randn(40), torch.randn(40)
+    with pytest.raises(ValueError, match="both or neither"):
+        lk.fp8_layer_norm_quantize(x, w)
+    _, _, y = lk.fp8_layer_norm_quantize(x, w, b, return_input=True)
+    ref = torch.nn.functional.layer_norm(x.double(), (40,), w.double(), b.double(), eps=1e-5)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
