@@ -112,7 +112,8 @@ def fp8_quantize_rows(x: torch.Tensor, *, return_input: bool = False, backend: s
 
 def fp8_layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                             eps: float = 1e-5, *, return_input: bool = False, backend: str = "auto") -> Result:
-    """LayerNorm over the last dim in fp32 (``weight``/``bias [K]`` or None), cast to ``x.dtype``, then
+    """LayerNorm over the last dim in fp32 (``weight`` and ``bias [K]``, both or neither: a weight-only
+    LayerNorm is refused), cast to ``x.dtype``, then
     row-wise e4m3 quantisation. Returns ``(q, s)`` or ``(q, s, y)``."""
     if not compiling():
         check_backend_name(backend)

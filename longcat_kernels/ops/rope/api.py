@@ -118,6 +118,11 @@ class Rope3D:
             num_frames: frames covered; default: the rest of the grid.
         """
         T = self.grid[0]
+        frame_offset, num_frames = plain_int(frame_offset), plain_int(num_frames)
+        for name, val in (("frame_offset", frame_offset), ("num_frames", num_frames)):
+            if (val is not None or name == "frame_offset") and (isinstance(val, bool) or not isinstance(val, int)):
+                # a float offset failed in slicing ("slice indices must be integers") without naming it
+                raise TypeError(f"{name}: expected an int, got {type(val).__name__} {val!r}")
         if num_frames is None:
             num_frames = T - frame_offset
         if frame_offset < 0 or num_frames < 0 or frame_offset + num_frames > T:

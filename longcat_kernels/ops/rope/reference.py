@@ -40,7 +40,8 @@ def full_tables(cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, frame_offset: int, num
         a = ct[frame_offset : frame_offset + T][:, None, None, :].expand(T, H, W, ct.shape[1])
         b = ch[None, :, None, :].expand(T, H, W, ch.shape[1])
         c = cw[None, None, :, :].expand(T, H, W, cw.shape[1])
-        parts.append(torch.cat([a, b, c], dim=-1).reshape(T * H * W, -1))
+        # the width spelt out: -1 cannot be inferred for 0 frames (tables(frame_offset=T) crashed in reshape)
+        parts.append(torch.cat([a, b, c], dim=-1).reshape(T * H * W, a.shape[-1] + b.shape[-1] + c.shape[-1]))
     return parts[0], parts[1]
 
 
