@@ -135,7 +135,7 @@ class LongCatDiT(nn.Module):
                 # the active adapters' down / up matrices: plain attributes, not parameters (an in-place
                 # edit changed the output and the cache stayed "fresh"); fused ones are in the weight
                 for a in mod.lora_active:
-                    tensors.extend((tensor_stamp(u), tensor_version(u)) for u in (a.down, *(p.up for p in a.parts)))
+                    tensors.extend((tensor_stamp(u), tensor_version(u)) for u in _lora._adapter_tensors(a))
             if _lora.is_peft_module(mod) and hasattr(mod, "merged_adapters"):
                 adapters.append((i, *self._adapter_state(mod)))
             elif isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:

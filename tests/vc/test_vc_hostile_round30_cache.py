@@ -5,7 +5,9 @@
   "Inference tensors do not track version counter." (the pipeline's default ``use_kv_cache`` too);
 * LoRA adapter tensors (``down`` / ``up``, plain attributes, not parameters) edited in place were
   not part of the fingerprint: the cache built before the edit was used silently (the cache-off
-  forward sees the edited adapter, the cached one the old K/V).
+  forward sees the edited adapter, the cached one the old K/V);
+* the same in-place edit while the LoRA was fused into the weights (assignment is refused then):
+  ``unfuse_lora`` subtracted another delta than the fuse added, and the base weights were lost.
 """
 
 from __future__ import annotations
@@ -99,3 +101,24 @@ def test_lora_cache_stays_fresh_without_edits(lora_model):
         for _ in range(2):
             assert rel_l2(m(x[:, :, 2:], t, y, mask, kv_cache=cache), off) < 1e-5
 
+
+
+def test_unfuse_refuses_after_an_in_place_edit_of_a_fused_lora(lora_model):
+    """``fuse_lora(); adapter.down.mul_(3); unfuse_lora()`` left base weights off by the difference of the
+    two deltas (no error); now unfuse raises before any module changed, and an untouched fuse/unfuse
+    round trip still gives the base weights back."""
+    cfg, m = lora_model
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    m.fuse_lora()
+    m.unfuse_lora()
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=1e-5)
+    m.fuse_lora()
+    fused = {k: v.clone() for k, v in m.state_dict().items()}
+    mod = next(mod for mod in m.modules() if isinstance(mod, LoRALinear) and mod.lora_fused)
+    with torch.no_grad():
+        mod.lora_fused[0].down.mul_(3)
+    with pytest.raises(RuntimeError, match="edited in place while fused"):
+        m.unfuse_lora()
+    for k, v in m.state_dict().items():  # nothing was unfused
+        assert torch.equal(v, fused[k]), k
