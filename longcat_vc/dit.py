@@ -27,7 +27,7 @@ from longcat_kernels._validate import check_bool
 from . import lora as _lora
 from .config import DiTConfig
 from .fp8 import check_fp8_state_dict
-from .kv_cache import KVCache, StateToken, tensor_stamp
+from .kv_cache import KVCache, StateToken, tensor_stamp, tensor_version
 from .loading import check_dtype
 from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
@@ -111,9 +111,10 @@ class LongCatDiT(nn.Module):
         """What a KV cache built now depends on: the model-level state counter ``_state_version``
         (bumped by the LoRA APIs: load, enable, disable, fuse, unfuse, a multiplier change; by
         ``load_state_dict``; by a dtype conversion, ``.to(dtype)``), the block-sparse settings (they change the cond tokens' K/V),
-        per parameter and buffer, its identity (a stamp no other tensor object gets, not the ``id()``
-        CPython reuses) and in-place version counter (a replaced parameter, e.g. FP8 quantisation;
-        in-place edits and optimizer steps; not edits through ``.data``, which bypass the counter),
+        per parameter and buffer (and ``down`` / ``up`` tensor of an active, unfused LoRA adapter), its identity
+        (a stamp no other tensor object gets, not the ``id()`` CPython reuses) and in-place version counter (a replaced parameter, e.g. FP8 quantisation;
+        in-place edits and optimizer steps; not edits through ``.data``, which bypass the counter, nor those of
+        inference tensors, which have none),
         the state of peft adapters injected into the DiT (``longcat_vc.training.add_lora``: which
         are active, disabled or merged, and their scaling) and the number of dropout modules in
         training mode with ``p > 0`` (peft's ``lora_dropout``: ``build_kv_cache`` refuses them, a cache
@@ -129,7 +130,12 @@ class LongCatDiT(nn.Module):
         for i, mod in enumerate(self.modules()):  # one pass (parameters() and buffers() walk the modules too)
             for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
                 if t is not None:
-                    tensors.append((tensor_stamp(t), t._version))
+                    tensors.append((tensor_stamp(t), tensor_version(t)))
+            if isinstance(mod, _lora.LoRALinear) and mod.lora_active and not mod.lora_fused:
+                # the active adapters' down / up matrices: plain attributes, not parameters (an in-place
+                # edit changed the output and the cache stayed "fresh"); fused ones are in the weight
+                for a in mod.lora_active:
+                    tensors.extend((tensor_stamp(u), tensor_version(u)) for u in _lora._adapter_tensors(a))
             if _lora.is_peft_module(mod) and hasattr(mod, "merged_adapters"):
                 adapters.append((i, *self._adapter_state(mod)))
             elif isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and mod.p > 0:

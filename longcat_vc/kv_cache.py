@@ -45,6 +45,12 @@ def tensor_stamp(t: torch.Tensor) -> int:
         entry = _TENSOR_STAMPS[key] = (weakref.ref(t, functools.partial(_drop_stamp, key)), next(_STAMP_COUNTER))
     return entry[1]
 
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``, or -1 for an inference tensor (made under ``torch.inference_mode()``: torch keeps
+    no version counter for it and ``_version`` raises; its in-place edits are not seen, as ``.data`` ones)."""
+    return -1 if t.is_inference() else t._version
+
 __all__ = ["KVCache", "StateToken"]
 
 

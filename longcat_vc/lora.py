@@ -66,6 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kv_cache import tensor_version
+
 __all__ = [
     "LoRALinear",
     "LoRAAdapter",
@@ -164,6 +166,7 @@ class LoRAAdapter:
         # model along; a LongCatDiT links its adapters again when it is unpickled (LongCatDiT.__setstate__)
         state = dict(self.__dict__)
         state.pop("_owner", None)
+        state.pop("_fused_tensors", None)  # weak references (the unpickled tensors are new objects anyway)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -265,7 +268,18 @@ class LoRALinear(nn.Linear):
         """Raises when ``_fuse`` cannot run (``fuse_lora`` asks every module before fusing any)."""
 
     def _check_unfuse(self) -> None:
-        """Raises when ``_unfuse`` cannot run (``unfuse_lora`` asks every module before unfusing any)."""
+        """Raises when ``_unfuse`` cannot run (``unfuse_lora`` asks every module before unfusing any):
+        a fused adapter's ``down`` / ``up`` edited in place since ``_fuse`` (assignment is refused while
+        fused; ``down.mul_(3)`` was not, and the unfuse subtracted another delta than the fuse added:
+        the base weights were lost without a word). Tensors moved since (device, block streamer) are
+        other objects and not compared."""
+        for a in self.lora_fused:
+            for (ref, version), u in zip(a.__dict__.get("_fused_tensors", ()), _adapter_tensors(a)):
+                if ref() is u and tensor_version(u) != version:
+                    raise RuntimeError(
+                        f"unfuse_lora: LoRA {a.name!r}'s tensors were edited in place while fused into the weights: "
+                        "unfusing would subtract another update than the one fused in; reload the model (or its "
+                        "state dict) and the LoRA")
 
     @torch.no_grad()
     def _fuse(self) -> None:
@@ -276,6 +290,8 @@ class LoRALinear(nn.Linear):
         self.lora_fused = list(self.lora_active)
         for a in self.lora_fused:
             object.__setattr__(a, "_fused", True)
+            # what _check_unfuse compares: an in-place edit while fused
+            object.__setattr__(a, "_fused_tensors", tuple((weakref.ref(u), tensor_version(u)) for u in _adapter_tensors(a)))
 
     @torch.no_grad()
     def _unfuse(self) -> None:
@@ -286,6 +302,11 @@ class LoRALinear(nn.Linear):
         for a in self.lora_fused:
             object.__setattr__(a, "_fused", False)
         self.lora_fused = []
+
+
+def _adapter_tensors(a: "LoRAAdapter") -> Tuple[torch.Tensor, ...]:
+    """``a.down`` and the ``up`` of each of its parts."""
+    return (a.down, *(p.up for p in a.parts))
 
 
 def _check_multiplier(value, name: str = "multiplier") -> None:

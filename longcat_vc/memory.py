@@ -340,7 +340,9 @@ class BlockStreamer:
         if self.pin:
             for o, a, t in lora:
                 if t.device.type == "cpu" and not t.is_pinned():
-                    _move(o, a, self._home(t))
+                    # ``.data``: the same tensor object and version counter, so a KV cache built before
+                    # (``LongCatDiT.state_fingerprint`` holds the active LoRA tensors) stays fresh
+                    t.data = self._home(t)
             lora = _lora_tensors(block)
         sig = self._signature(block, lora)
         src = {n: t.data for n, t in self._block_tensors(block).items()}
