@@ -300,16 +300,31 @@ def _have_pyav() -> bool:
     return True
 
 
+def _passthrough_option(version: str) -> list:
+    """ffmpeg's option for "every decoded frame once" in the given ``ffmpeg -version`` string: ``-fps_mode``
+    from 5.1 on (newer builds no longer know its older name, ``-vsync``), ``-vsync`` before (4.x, e.g. a
+    system ffmpeg through ``IMAGEIO_FFMPEG_EXE``: "Unrecognized option 'fps_mode'", every read failed). An
+    unparsed version (a git build, "N-1234-g...") is taken as new."""
+    m = re.match(r"n?(\d+)\.(\d+)", version or "")
+    if m and (int(m.group(1)), int(m.group(2))) < (5, 1):
+        return ["-vsync", "passthrough"]
+    return ["-fps_mode", "passthrough"]
+
+
 def _read_with_imageio_ffmpeg(path: str) -> VideoFrames:
     import imageio_ffmpeg
 
     try:
+        try:
+            version = imageio_ffmpeg.get_ffmpeg_version()
+        except Exception:  # no binary: read_frames below says so
+            version = ""
         # non-square pixels scaled to the display aspect (as the PyAV reader does); square ones pass unscaled.
-        # -fps_mode passthrough: every decoded frame once, as PyAV gives them; ffmpeg's default for this output
+        # passthrough: every decoded frame once, as PyAV gives them; ffmpeg's default for this output
         # resampled a variable-frame-rate clip to a constant rate (30 frames came out as 72, duplicates included)
         reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24",
                                             output_params=["-vf", "scale=round(iw*sar):ih:flags=bicubic,setsar=1",
-                                                           "-fps_mode", "passthrough"])
+                                                           *_passthrough_option(version)])
         meta = next(reader)
         w, h = meta["size"]
         frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
