@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from longcat_kernels._validate import check_bool, plain_int
 
-from .kv_cache import tensor_stamp
+from .kv_cache import tensor_stamp, tensor_version
 
 __all__ = [
     "MEMORY_MODES",
@@ -322,10 +322,11 @@ class BlockStreamer:
         ts = self._block_tensors(block)
         return (
             # data_ptr: which CPU copy; the parameter's own version counter: in-place writes
-            # (``fuse_lora``'s ``weight.copy_``). ``t.data`` is a fresh alias on every access.
-            tuple((n, t.data_ptr(), t._version) for n, t in ts.items()),
+            # (``fuse_lora``'s ``weight.copy_``). ``t.data`` is a fresh alias on every access. tensor_version:
+            # a model made under torch.inference_mode() has no counters (``_version`` raised at the first step)
+            tuple((n, t.data_ptr(), tensor_version(t)) for n, t in ts.items()),
             # a LoRA reloaded under its name gets new tensors, which may take freed ids: stamps, not id()
-            tuple((id(o), a, tensor_stamp(t), t._version) for o, a, t in lora),
+            tuple((id(o), a, tensor_stamp(t), tensor_version(t)) for o, a, t in lora),
             # peft's merge_adapter / unmerge_adapter write ``weight.data += delta``: no version counter
             # sees that, but its record of the merged adapters changes with it
             tuple((n, tuple(m.merged_adapters)) for n, m in block.named_modules()
