@@ -222,3 +222,36 @@ def test_extend_refine_windows_bookkeeping(pipe, monkeypatch, spatial):
     assert out.num_new_frames == n * (N - nc) * (1 if spatial else 2) == ref.shape[0] - vid.shape[0]
     assert out.fps == (15.0 if spatial else 30.0)
     np.testing.assert_array_equal(out.frames, ref)
+
+
+def test_extend_checks_the_first_windows_refinement_too(pipe, monkeypatch):
+    """extend(refine=True, segments>1) checked, before the stage-1 segments, only a window with cond frames,
+    on the premise that it is the largest. With the KV cache offloaded it is not: the first window (no cond
+    frames: 48 noise latents against 40 + an offloaded cache at 720p) needs more, so a budget between the two
+    passed the early check, ran every stage-1 segment, and refused the refinement only then. Both windows are
+    now checked up front."""
+    from longcat_vc import refine as rf
+    from longcat_vc.memory import MemoryModeError
+    from vc_components import released_pipeline_stand_in
+
+    stand = released_pipeline_stand_in("resident")
+    real = rf.check_refine_fits
+    cond = real(stand, (704, 1280), 186, 26, offload_kv_cache=True, budget_bytes=10**15)["peak"]
+    first = real(stand, (704, 1280), 186, 0, offload_kv_cache=True, budget_bytes=10**15)["peak"]
+    assert first > cond  # the premise "windows with cond frames are the largest" fails when offloaded
+    budget = int(cond * 1.05) + 1
+    assert first * 1.05 > budget
+    seen = []
+
+    def at_720p(p, size, n_refine, nc, **kw):  # the tiny pipeline's windows, priced at the released geometry
+        seen.append(nc)
+        return real(stand, (704, 1280), 186, 26 if nc else 0, **dict(kw, budget_bytes=budget, lora_path=None))
+
+    monkeypatch.setattr(rf, "check_refine_fits", at_720p)
+    monkeypatch.setattr(pipe, "_segment", lambda *a, **k: pytest.fail("stage 1 ran before a refusal it could know"))
+    vid = np.random.default_rng().integers(0, 256, (11, 40, 72, 3), dtype=np.uint8)
+    with pytest.raises(MemoryModeError, match="0 of them cond"):
+        pipe.extend(vid, "a cat", segments=2, num_frames=9, num_cond_frames=5, resolution=(32, 64),
+                    num_inference_steps=1, progress=False, refine=True, refine_resolution=SIZE, refine_steps=2,
+                    offload_kv_cache=True)
+    assert sorted(seen) == [0, 10]
