@@ -1033,11 +1033,13 @@ class VideoContinuationPipeline:
             size_hw = self._target_size(vf.frames, resolution)
             if refine:
                 # the refinement's memory, checked before the stage-1 segments run: windows after the
-                # first have cond frames (the largest), the first has none
-                self.check_refine_fits_ahead(size_hw, num_frames, num_cond_frames, with_cond=n > 1,
-                                             spatial_refine_only=spatial_refine_only,
-                                             refine_resolution=refine_resolution, use_kv_cache=use_kv_cache,
-                                             offload_kv_cache=offload_kv_cache)
+                # first have cond frames, the first has none. Either can be the larger (the first, with
+                # the KV cache offloaded: more noise latents, no cache on the device), so both are checked
+                for with_cond in ((True, False) if n > 1 else (False,)):
+                    self.check_refine_fits_ahead(size_hw, num_frames, num_cond_frames, with_cond=with_cond,
+                                                 spatial_refine_only=spatial_refine_only,
+                                                 refine_resolution=refine_resolution, use_kv_cache=use_kv_cache,
+                                                 offload_kv_cache=offload_kv_cache)
             generator = self._generator(generator, self.device)
             timesteps, sigmas = self._schedule(steps)
             ok.record()

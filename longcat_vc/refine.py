@@ -90,7 +90,11 @@ BUCKETS_720P_F64: Dict[str, Tuple[int, int]] = {
 
 
 def refine_bucket(height: int, width: int) -> Tuple[int, int]:
-    """The (height, width) of the F64 720p bucket closest to ``height / width`` (first on ties)."""
+    """The (height, width) of the F64 720p bucket closest to ``height / width`` (first on ties).
+    ValueError for a size that is not positive (0 or negative mapped to the widest bucket, width 0 raised
+    ZeroDivisionError)."""
+    if not (height > 0 and width > 0):
+        raise ValueError(f"refine_bucket: height and width must be positive, got {height} x {width}")
     ratio = height / width
     key = min(BUCKETS_720P_F64, key=lambda k: abs(float(k) - ratio))
     return BUCKETS_720P_F64[key]
@@ -102,6 +106,8 @@ def refine_timesteps(shift: float, num_steps: int, t_thresh: float,
     sigmas ``t / N`` plus a final 0, ``N = num_train_timesteps`` (1000 upstream; SPEC 11)."""
     from .schedule import vc_timesteps
 
+    # (0, 1] as refine() takes it: 1.5 gave a first sigma above pure noise, 0 a lone no-op step at t=0
+    t_thresh = check_t_thresh(t_thresh)
     ts, _ = vc_timesteps(num_steps, shift, "plain", num_train_timesteps=num_train_timesteps)
     th = torch.tensor(t_thresh * num_train_timesteps, dtype=ts.dtype)
     ts = torch.cat([th[None], ts[ts < th]])
@@ -115,8 +121,18 @@ def refine_padding(num_frames: int, num_cond_frames: int, temporal: int = 4) -> 
     Returns ``cond_latents`` (multiple of 4, 0 without cond frames), ``cond_added`` (frames
     copied in front), ``noise_latents`` (multiple of 4) and ``noise_added`` (frames copied at the
     back). Upstream's rule, except without cond frames where it leaves fewer than ``num_frames``
-    frames to decode: then 4 more noise latents.
+    frames to decode: then 4 more noise latents. Ints with ``0 <= num_cond_frames < num_frames`` and
+    ``temporal >= 1`` (TypeError / ValueError: a count refine() never allows gave no noise latents or
+    fractional frame counts).
     """
+    from .stages import _check_int
+
+    num_frames = _check_int("refine_padding: num_frames", num_frames, 1)
+    num_cond_frames = _check_int("refine_padding: num_cond_frames", num_cond_frames, 0)
+    temporal = _check_int("refine_padding: temporal", temporal, 1)
+    if num_cond_frames >= num_frames:
+        raise ValueError(f"refine_padding: num_cond_frames={num_cond_frames} must be less than "
+                         f"num_frames={num_frames} (nothing would be refined)")
     g = BSA_LATENT_GRANULARITY
     nc, added = num_cond_frames, 0
     c_lat = 0
