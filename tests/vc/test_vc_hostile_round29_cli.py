@@ -7,18 +7,7 @@ import numpy as np
 import pytest
 
 from longcat_vc.video_io import read_video, write_video
-
-
-def _ffmpeg():
-    try:
-        import imageio_ffmpeg
-
-        exe = imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception as e:  # not installed, or its binary is missing
-        pytest.skip(f"needs the imageio-ffmpeg ffmpeg binary: {e}")
-    if not exe or not os.path.exists(exe):
-        pytest.skip("needs the imageio-ffmpeg ffmpeg binary (not found)")
-    return exe
+from test_video_io_hostile import _ffmpeg  # tests/vc is on sys.path (pytest's default prepend import mode)
 
 
 def _smooth_frames(rng, n, h, w):
