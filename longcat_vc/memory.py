@@ -152,16 +152,7 @@ class _AttachUndo:
 
     def run(self) -> None:
         s = self.streamer
-        for h in s._handles:
-            h.remove()
-        s._handles.clear()
-        for block, own in zip(s.dit.blocks, s._own_attrs):
-            for name in ("forward", "forward_kv_only"):
-                if name in own:
-                    setattr(block, name, own[name])
-                elif name in block.__dict__:
-                    delattr(block, name)
-        s._own_attrs.clear()
+        s._unhook(lambda block: None)
         s.release()
         for owner, attr, t in reversed(self.lora):
             _move(owner, attr, t)
@@ -283,21 +274,30 @@ class BlockStreamer:
         if not self._attached:
             return
         self.release()
+        target = self.device if device is None else torch.device(device)
+
+        def home(block):
+            block.to(target)
+            for owner, attr, t in _lora_tensors(block, loaded=True):
+                _move(owner, attr, t.to(target))
+
+        self._unhook(home)
+        self.dit._block_streamer = None
+
+    def _unhook(self, each_block) -> None:
+        """Removes the hooks and the forward wrappers of the blocks attached so far, calling
+        ``each_block(block)`` after each (``detach`` and an ``attach`` undone midway)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        target = self.device if device is None else torch.device(device)
         for block, own in zip(self.dit.blocks, self._own_attrs):
             for name in ("forward", "forward_kv_only"):
                 if name in own:
                     setattr(block, name, own[name])
                 elif name in block.__dict__:
                     delattr(block, name)
-            block.to(target)
-            for owner, attr, t in _lora_tensors(block, loaded=True):
-                _move(owner, attr, t.to(target))
+            each_block(block)
         self._own_attrs.clear()
-        self.dit._block_streamer = None
         self._attached = False
 
     def release(self) -> None:
