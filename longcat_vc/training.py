@@ -27,8 +27,9 @@ takes ``csrc_sm90_ws_triton_bwd``, the csrc forward with the Triton backward, wh
 applies (Hopper with the extension, head_dim 128, 64-token blocks), else Triton), else dense SDPA (the DiT's dense path switches to SDPA when gradients
 are needed). Training covers the plain text-to-video forward (no cond latents, no KV cache):
 the cached and cond-prefix attention ops are forward only (with gradients on, a forward with a
-``kv_cache``, or with ``num_cond_latents`` and BSA, raises ValueError; the dense cond-prefix path of the
-torch backend has a backward).
+``kv_cache``, or with ``num_cond_latents`` and BSA over more than one cond and one noisy latent frame,
+raises ValueError; the dense cond-prefix path, which takes those small BSA grids too, runs ``prefix_attn``
+on the torch backend, which has a backward, wherever gradients are needed under ``auto``).
 
 Loss (rectified flow, LongCat's convention): ``x_s = (1 - s) x0 + s e``, timestep ``1000 s``; the
 DiT predicts the negated velocity, ``-(e - x0) = x0 - e`` (SPEC 7: the sampler steps with
