@@ -22,6 +22,17 @@ def _smooth_frames(rng, n, h, w):
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def _square_and_anamorphic(ffmpeg, tmp_path, n, h, w, sar):
+    """Paths of a square-pixel clip of n random smooth frames and of the same clip re-tagged with ``sar``
+    (lossless yuv444, so only the pixel aspect differs)."""
+    src = str(tmp_path / "square.mp4")
+    write_video(src, _smooth_frames(np.random.default_rng(), n, h, w), fps=15, crf=0)
+    ana = str(tmp_path / "anamorphic.mp4")
+    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", src, "-vf", f"setsar={sar}", "-c:v", "libx264",
+                    "-crf", "0", "-pix_fmt", "yuv444p", ana], check=True)
+    return src, ana
+
+
 @pytest.mark.parametrize("sar", ["2/1", "8/9"])
 def test_non_square_pixels_are_read_at_the_display_aspect(tmp_path, sar):
     """A clip with a sample aspect ratio other than 1 (anamorphic DVD / HDV / broadcast) was read at its
@@ -29,13 +40,8 @@ def test_non_square_pixels_are_read_at_the_display_aspect(tmp_path, sar):
     squashed (or stretched) picture and the output mp4 (SAR 1) showed the input part squashed too. Frames
     now come out as players show them, width scaled by the SAR (ffmpeg's scale=iw*sar:ih)."""
     ffmpeg = _ffmpeg()
-    rng = np.random.default_rng()
     h, w = 48, 72
-    src = str(tmp_path / "square.mp4")
-    write_video(src, _smooth_frames(rng, 6, h, w), fps=15, crf=0)
-    ana = str(tmp_path / "anamorphic.mp4")
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", src, "-vf", f"setsar={sar}", "-c:v", "libx264",
-                    "-crf", "0", "-pix_fmt", "yuv444p", ana], check=True)
+    src, ana = _square_and_anamorphic(ffmpeg, tmp_path, 6, h, w, sar)
     num, den = map(int, sar.split("/"))
     dw = int(round(w * num / den))
     raw = subprocess.run([ffmpeg, "-loglevel", "error", "-i", ana, "-vf", "scale=iw*sar:ih:flags=bicubic",
@@ -55,13 +61,8 @@ def test_non_square_pixels_imageio_ffmpeg_fallback_agrees_with_pyav(tmp_path, mo
     from longcat_vc import video_io
 
     ffmpeg = _ffmpeg()
-    rng = np.random.default_rng()
     h, w = 48, 72
-    src = str(tmp_path / "square.mp4")
-    write_video(src, _smooth_frames(rng, 5, h, w), fps=15, crf=0)
-    ana = str(tmp_path / "anamorphic.mp4")
-    subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-i", src, "-vf", f"setsar={sar}", "-c:v", "libx264",
-                    "-crf", "0", "-pix_fmt", "yuv444p", ana], check=True)
+    src, ana = _square_and_anamorphic(ffmpeg, tmp_path, 5, h, w, sar)
     via_av = read_video(ana)
     monkeypatch.setattr(video_io, "_have_pyav", lambda: False)
     via_ffmpeg = read_video(ana)
