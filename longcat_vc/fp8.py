@@ -241,7 +241,9 @@ def check_fp8_state_dict(model: nn.Module, state_dict) -> None:
     bf16 one without its scales; strict loading would report the keys only after copying).
 
     Rule: an ``Fp8Linear`` takes its ``weight`` (float8_e4m3fn) and ``weight_scale`` together or
-    neither; any other module takes no ``weight_scale``."""
+    neither; any other module takes no ``weight_scale``, and no other key an 8-bit float tensor (an
+    e4m3 weight whose ``weight_scale`` keys were dropped loaded into an unquantised model, strict
+    included, as the raw e4m3 values without their scales)."""
     if not isinstance(state_dict, Mapping):
         return  # nn.Module.load_state_dict's own TypeError names it
     bad = []
@@ -255,6 +257,13 @@ def check_fp8_state_dict(model: nn.Module, state_dict) -> None:
                            f"{got} {'with' if s is not None else 'without'} weight_scale")
         elif s is not None:
             bad.append(f"{path}: not fp8 ({type(mod).__name__}), got an fp8 weight_scale")
+    fp8_weights = {(f"{n}." if n else "") + "weight" for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    for key, t in state_dict.items():
+        dt = getattr(t, "dtype", None)
+        if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize == 1 and key not in fp8_weights \
+                and key + "_scale" not in state_dict:  # (with its scale: named above)
+            bad.append(f"{key}: {dt} outside an fp8 (quantize_dit_fp8) weight with its weight_scale (it would load "
+                       "as its raw values, unscaled)")
     if bad:
         raise ValueError(
             "load_state_dict: the state dict and the model disagree on fp8 quantisation (load an unquantised "
