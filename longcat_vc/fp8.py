@@ -38,6 +38,9 @@ untested combination. Tried here (torchao 0.18.0 wheel, torch 2.13 CPU): its com
 ``Float8DynamicActivationFloat8WeightConfig`` refuses any device below sm89 outright, so nothing of
 it can be tested off the GPU; nor does it fuse the quantisation into the producers above.
 
+Inference only: the quantised activations carry no gradient, so the fp8 layers refuse an input that
+requires grad while grad is enabled (a backward through them missed every fp8 path, silently).
+
 ``emulate=True`` computes the same quantised values with a dequantised fp32 matmul: CPU tests of
 the numerics, and no speed. Without it, quantising refuses devices without fp8 tensor cores. (torch
 2.13's CPU build runs ``torch._scaled_mm`` row-wise too, slowly: the tests use it to check the
@@ -129,10 +132,22 @@ def fp8_input_kind(*linears: nn.Module) -> Optional[bool]:
     return need
 
 
+def _check_no_grad(what: str, *ts) -> None:
+    """RuntimeError when a gradient would have to flow through fp8 quantisation (metadata only): the
+    quantised activation carries none, so a backward through an fp8 DiT (e.g. to its input latents, or
+    to parameters before an fp8 linear) missed every path through the fp8 linears, silently (40% wrong
+    on the tiny DiT)."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
+        raise RuntimeError(f"{what}: an input requires grad, but no gradient flows through fp8 quantisation "
+                           "(quantize_dit_fp8 is for inference): run under torch.no_grad(), or use the "
+                           "unquantised DiT for gradients")
+
+
 def modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, want_x: bool, eps: float = 1e-6,
                  ) -> Fp8Activation:
     """adaLN ``modulate`` (``x [B, T, S, C]``, fp32 ``shift/scale [B, T|1, 1, C]``) fused with the
     quantisation; the activation comes back flattened to ``[B, T*S, C]``."""
+    _check_no_grad("fp8 modulate", x, shift, scale)
     B, T, S, C = x.shape
     r = fp8_modulate_quantize(x, shift, scale, eps, return_input=want_x)
     return Fp8Activation(r[0].view(B, T * S, C), r[1].view(B, T * S, 1), r[2].view(B, T * S, C) if want_x else None)
@@ -140,12 +155,14 @@ def modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, want
 
 def layer_norm_fp8(x: torch.Tensor, norm: nn.Module, want_x: bool) -> Fp8Activation:
     """``norm`` (an affine fp32 LayerNorm with ``weight``, ``bias``, ``eps``) fused with the quantisation."""
+    _check_no_grad("fp8 layer_norm", x, norm.weight, norm.bias)
     r = fp8_layer_norm_quantize(x, norm.weight, norm.bias, norm.eps, return_input=want_x)
     return Fp8Activation(r[0], r[1], r[2] if want_x else None)
 
 
 def silu_mul_fp8(a: torch.Tensor, b: torch.Tensor, want_x: bool) -> Fp8Activation:
     """The SwiGLU gate ``silu(a) * b`` fused with the quantisation."""
+    _check_no_grad("fp8 silu_mul", a, b)
     r = fp8_silu_mul_quantize(a, b, return_input=want_x)
     return Fp8Activation(r[0], r[1], r[2] if want_x else None)
 
@@ -154,6 +171,7 @@ def to_fp8_activation(x, want_x: bool) -> Fp8Activation:
     """``x`` as an ``Fp8Activation`` (quantised here unless it already is one)."""
     if isinstance(x, Fp8Activation):
         return x
+    _check_no_grad("Fp8Linear", x)
     q, s = fp8_quantize_rows(x)
     return Fp8Activation(q, s, x if want_x else None)
 
