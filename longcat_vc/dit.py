@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import numbers
 import os
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -47,9 +48,10 @@ _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "n
                    "encoder_hidden_states (checksum of its embedding)",
                    "encoder_hidden_states (position checksum of its embedding)",
                    "encoder_attention_mask (checksum)", "encoder_attention_mask (position checksum)",
-                   "kv_cache keys and values (checksum)", "kv_cache keys and values (position checksum)")
+                   "kv_cache keys and values (checksum)", "kv_cache keys and values (position checksum)",
+                   "model state (dtype, attention settings, LoRA; rank_state)")
 _BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)",
-                 "cond_latents (position checksum)")
+                 "cond_latents (position checksum)", "model state (dtype, attention settings, LoRA; rank_state)")
 
 
 def _compiling() -> bool:
@@ -142,6 +144,24 @@ class LongCatDiT(nn.Module):
                 dropout += 1
         return (self._uid, self._state_version, self._attn_fingerprint(), hash(tuple(tensors)), hash(tuple(adapters)),
                 dropout)
+
+    def rank_state(self) -> int:
+        """What the ranks of a context-parallel run must share besides their inputs, as one number that
+        is the same on every process for the same state (a CRC-32, not Python's per-process ``hash``):
+        the dtype, the block-sparse settings and the LoRA state (per adapted layer
+        its active or fused adapters with their multipliers and part scales; peft adapters' state).
+        The forward, ``build_kv_cache`` and the pipeline compare it across the ranks: a LoRA enabled, or
+        given another multiplier, on one rank only mixed two models' outputs without a word (each rank
+        computes its tokens' projections with its own weights). Metadata only, not the weights' values."""
+        state = [str(self.dtype), self._attn_fingerprint()]
+        for path, mod in self.named_modules():
+            if isinstance(mod, _lora.LoRALinear) and (mod.lora_active or mod.lora_fused):
+                # fused or not: the same model (one rank may fuse, another run the adapters unfused)
+                adapters = mod.lora_fused or mod.lora_active
+                state.append((path, [(a.name, a.multiplier, [p.scale for p in a.parts]) for a in adapters]))
+            elif _lora.is_peft_module(mod) and hasattr(mod, "merged_adapters"):
+                state.append((path, *self._adapter_state(mod)))
+        return zlib.crc32(repr(state).encode())
 
     @staticmethod
     def _adapter_state(mod: nn.Module) -> tuple:
@@ -419,7 +439,7 @@ class LongCatDiT(nn.Module):
                 same.record(B, T, H, W, num_cond_latents, -1 if kv_cache is None else kv_cache.num_frames,
                             -1 if kv_cache is None else kv_cache.batch, sharded, y.shape[1], y_mask is not None,
                             *checksum(hidden_states), *checksum(t), *checksum(y),
-                            *((0.0, 0.0) if y_mask is None else checksum(y_mask)), *cache_sums)
+                            *((0.0, 0.0) if y_mask is None else checksum(y_mask)), *cache_sums, self.rank_state())
         if cp is not None:
             hidden_states, t, y, y_mask = cp.split_batch(B, hidden_states, t, y, y_mask)  # CFG half
         x = self.x_embedder(hidden_states.to(self.dtype))
@@ -581,7 +601,7 @@ class LongCatDiT(nn.Module):
             if check:
                 from .parallel import checksum
 
-                same.record(Bc, c, H, W, *checksum(cond_latents))
+                same.record(Bc, c, H, W, *checksum(cond_latents), self.rank_state())
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
         x = self.x_embedder(cond_latents.to(self.dtype))

@@ -198,18 +198,21 @@ def _ranks_agree(pipe, what: str):
 # their own check (``ContextParallel.checked_region``), so the cond latent count they took is here too.
 _PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "cond latent frames", "text batch (CFG)",
                     "text tokens", "denoising steps", "timesteps (checksum)", "timesteps (position checksum)",
-                    "sigmas (checksum)", "sigmas (position checksum)", "guidance_scale", "use_kv_cache")
+                    "sigmas (checksum)", "sigmas (position checksum)", "guidance_scale", "use_kv_cache",
+                    "model state (dtype, attention settings, LoRA; LongCatDiT.rank_state)")
 
 
-def _pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache) -> tuple:
-    """The ``_PIPELINE_FIELDS`` of one denoising call (``cond_latents``: how many latent frames condition)."""
+def _pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache,
+                        dit=None) -> tuple:
+    """The ``_PIPELINE_FIELDS`` of one denoising call (``cond_latents``: how many latent frames condition;
+    ``dit``: the model whose ``rank_state`` is compared, 0 without one)."""
     from .parallel import checksum  # (only context-parallel calls get here)
 
     # on the CPU (the same device type on every rank); position-sensitive: a reordered schedule differs too
     ts = torch.as_tensor(timesteps, dtype=torch.float64).cpu().reshape(1, -1)
     sg = torch.as_tensor(sigmas, dtype=torch.float64).cpu().reshape(1, -1)
     return (*latents.shape[2:], int(cond_latents), embeds.shape[0], embeds.shape[2], ts.shape[1], *checksum(ts),
-            *checksum(sg), float(guidance_scale), bool(use_kv_cache))
+            *checksum(sg), float(guidance_scale), bool(use_kv_cache), 0 if dit is None else dit.rank_state())
 
 
 def _rank0_latents(pipe, what: str, prepare, embeds, mask, timesteps, sigmas, guidance_scale,
@@ -229,7 +232,7 @@ def _rank0_latents(pipe, what: str, prepare, embeds, mask, timesteps, sigmas, gu
     with cp.same_call(what, _PIPELINE_FIELDS, pipe.device) as same:
         latents, extra, cond_latents = prepare()
         same.record(*_pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale,
-                                         use_kv_cache))
+                                         use_kv_cache, pipe.dit))
     latents, embeds, mask = cp.broadcast(latents, embeds, mask)
     return latents, extra, embeds, mask
 
