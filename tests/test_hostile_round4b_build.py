@@ -289,9 +289,9 @@ def test_setup_max_jobs_blank_is_unset_and_spaces_are_stripped(setup_py, monkeyp
     assert os.environ["MAX_JOBS"].isdigit() and int(os.environ["MAX_JOBS"]) >= 1
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(factor=float("nan")), r"^factor: expected a number >= 0, got nan"),
-                                    (dict(floor=float("nan")), r"^floor: expected a number >= 0, got nan"),
-                                    (dict(floor=-1e-3), r"^floor: expected a number >= 0, got -0.001")])
+@pytest.mark.parametrize("kw,msg", [(dict(factor=float("nan")), r"^factor: expected a finite number >= 0, got nan"),
+                                    (dict(floor=float("nan")), r"^floor: expected a finite number >= 0, got nan"),
+                                    (dict(floor=-1e-3), r"^floor: expected a finite number >= 0, got -0.001")])
 def test_check_close_refuses_a_nan_or_negative_tolerance(kw, msg):
     # a NaN tolerance failed every comparison as "rel L2 0.000e+00 > tol nan": an accuracy failure of
     # the kernel under test, for a bad argument of the test

@@ -125,10 +125,13 @@ def _smooth_field(
     """``[B, C, T, H, W]`` fp32 Gaussian field, smooth over ``(t, h, w)`` with correlation lengths
     ``corr`` (tokens), unit variance per element: trilinear upsampling of white noise drawn on a
     coarse lattice of spacing ``corr``."""
-    coarse = [max(2, math.ceil(g / c) + 1) for g, c in zip(grid, corr)]
+    # Upsample so that one coarse cell spans `corr` (rounded) tokens; crop to the grid. The lattice
+    # was sized by the unrounded `corr`: with round(c) < c (1.4, 2.5) it came out shorter than the
+    # grid and q, k, v had fewer tokens than the grid, silently.
+    step = [max(1, round(c)) for c in corr]
+    coarse = [max(2, math.ceil(g / st) + 1) for g, st in zip(grid, step)]
     noise = torch.randn((*shape_bc, *coarse), dtype=torch.float32, generator=generator, device=device)
-    # Upsample so that one coarse cell spans `corr` tokens; crop to the grid.
-    size = [(n - 1) * max(1, round(c)) + 1 for n, c in zip(coarse, corr)]
+    size = [(n - 1) * st + 1 for n, st in zip(coarse, step)]
     field = F.interpolate(noise, size=size, mode="trilinear", align_corners=True)
     field = field[:, :, : grid[0], : grid[1], : grid[2]]
     return field / field.std().clamp_min(1e-12)

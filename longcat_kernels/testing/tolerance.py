@@ -73,9 +73,10 @@ def check_close(
     """None if ``actual`` passes the rule, else the failure message (see ``assert_close``)."""
     # a NaN factor or floor made every check fail as "rel L2 ... > tol nan": reported as the kernel's
     # inaccuracy, not the test's argument
+    # an inf factor or floor made the tolerance inf: every finite output passed, silently
     for arg, val in (("factor", factor), ("floor", floor)):
-        if val is not None and not float(val) >= 0.0:
-            raise ValueError(f"{arg}: expected a number >= 0, got {val!r}")
+        if val is not None and not 0.0 <= float(val) < float("inf"):
+            raise ValueError(f"{arg}: expected a finite number >= 0, got {val!r}")
     if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
         return f"{name}: expected tensors, got {type(actual).__name__} and {type(expected).__name__}"
     if tuple(actual.shape) != tuple(expected.shape):
@@ -96,6 +97,10 @@ def check_close(
         base = rel_l2(baseline, expected)
         if base != base or base == float("inf"):
             return f"{name}: the baseline itself is NaN/inf against the reference (rel L2 {base})"
+        # a baseline that computes something else (wrong mask, zeros) made tol >= 1: an all-zero output passed
+        if factor * base >= 1.0:
+            return (f"{name}: the baseline is too far from the reference (rel L2 {base:.3e}; {factor} x it >= 1 "
+                    f"would pass an all-zero output): it does not compute the same thing")
     tol = factor * base + floor
     if not err <= tol:
         return (
