@@ -68,3 +68,31 @@ def test_video_qkv_has_the_grid_s_token_count_for_fractional_correlation_lengths
     assert q.shape == (1, math.prod(grid), 2, 8)
     assert k.shape == v.shape == (1, math.prod(grid_k), 2, 8)
     assert torch.isfinite(q).all() and abs(float(q.float().std()) - 1.0) < 1e-3
+
+
+def test_check_selection_refuses_a_cdf_count_far_past_the_threshold():
+    """A cdf count that differs from the oracle's was allowed when EITHER end of the gap was within
+    cdf_atol of the threshold: a selection of all 8 key blocks passed where the oracle keeps 1 (its
+    2nd cumulative sum being near the threshold). Now the whole gap must lie within cdf_atol."""
+    import longcat_kernels as lk
+    from longcat_kernels.testing import check_selection, selection_oracle
+
+    gq, gk, ch = (2, 2, 2), (16, 2, 2), (2, 2, 2)
+    while True:
+        q = torch.randn(1, 8, 1, 16)
+        k = torch.randn(1, 64, 1, 16)
+        _, s, _ = selection_oracle(q, k, gq, gk, ch, ch, None, None)
+        cdf = torch.cumsum(torch.softmax(s / 4.0, -1).sort(-1, descending=True).values, -1).flatten()
+        if cdf[1] - cdf[0] > 0.02 and cdf[2] - cdf[1] > 0.02:
+            break
+    thr = float(cdf[1]) - 0.004  # the oracle keeps 1 block; the 2nd is within cdf_atol of the threshold
+    kw = dict(grid_q=gq, grid_k=gk, chunk_q=ch, chunk_k=ch)
+    assert int(selection_oracle(q, k, gq, gk, ch, ch, None, thr)[2]) == 1
+    every = lk.select_blocks(q, k, sparsity=None, cdf_threshold=1.0, backend="torch", **kw)
+    assert int(every.counts) == 8
+    msg = check_selection(every, q, k, None, thr, cdf_atol=1e-2)
+    assert msg is not None and "counts" in msg
+    two = lk.select_blocks(q, k, sparsity=0.75, backend="torch", **kw)  # the top 2: a near-threshold count
+    assert int(two.counts) == 2 and check_selection(two, q, k, None, thr, cdf_atol=1e-2) is None
+    one = lk.select_blocks(q, k, sparsity=None, cdf_threshold=thr, backend="torch", **kw)
+    assert check_selection(one, q, k, None, thr, cdf_atol=1e-2) is None

@@ -205,7 +205,7 @@ def check_selection(
 
     Format: ``indices`` int32 with unique ids in ``[0, Nk)`` in the first ``counts`` entries of a
     row and -1 after. Semantics against the fp64 oracle: counts equal (a cdf count may differ only
-    where the oracle's cumulative sum is within ``cdf_atol`` of the threshold at the boundary), and
+    where the oracle's cumulative sums between the two counts are all within ``cdf_atol`` of the threshold), and
     every selected block scores at least every unselected one, up to ``score_rtol * max|score|``
     (rounding of the pooled means in low precision can swap near-ties).
     Defaults: exact up to 1e-6 for fp32/fp64 inputs; 2e-2 / 1e-2 for fp16/bf16.
@@ -246,7 +246,9 @@ def check_selection(
         cdf = torch.cumsum(torch.sort(p, dim=-1, descending=True).values, dim=-1)
         lo = torch.minimum(cnt_a, cnt_e).clamp(max=Nk - 1)
         hi = torch.maximum(cnt_a, cnt_e).clamp(min=1) - 1
-        near = ((torch.gather(cdf, -1, lo[..., None]) - cdf_threshold).abs() <= cdf_atol) | (
+        # the whole gap between the two counts must sit at the threshold: with "either end" (|) a
+        # count of every block passed where the oracle keeps 1 and only its 2nd cdf entry was near
+        near = ((torch.gather(cdf, -1, lo[..., None]) - cdf_threshold).abs() <= cdf_atol) & (
             (torch.gather(cdf, -1, hi[..., None]) - cdf_threshold).abs() <= cdf_atol
         )
         topk_floor = int((1 - sparsity) * Nk) if sparsity is not None else 0
