@@ -159,3 +159,83 @@ def test_wan_step_script_makes_its_out_folder_before_timing(tmp_path, monkeypatc
     with pytest.raises(Stop):
         _script("wan_step_gpu").main(["--out", str(out)])
     assert out.parent.is_dir()
+
+
+def test_refine_stage_warms_up_every_kind_it_times(monkeypatch):
+    """The stage warm-up ran "ours" (BSA + KV cache) alone: the dense path's attention kernels were
+    compiled inside its timed run, so speedup_total / speedup_denoise (dense / ours) carried the
+    dense path's first-call cost in our favour. Each timed kind now has an untimed warm-up first."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    import torch
+
+    import longcat_vc.refine as refine_mod
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    mod = _script("refine_step_gpu")
+    real_state = refine_mod.refine_state
+    calls = []
+
+    class Out:
+        def __init__(self, steps):
+            self.timings = {"denoise_steps": [0.1] * steps, "total": 1.0, "denoise": 0.5}
+            self.latents = torch.zeros(1, 16, 2, 4, 4)
+            self.frames = np.zeros((5, 8, 8, 3), np.uint8)
+
+    def fake_refine(self, frames, prompt, **kw):
+        kind = "ours" if kw["use_kv_cache"] else ("dense" if refine_mod.refine_state is not real_state else "other")
+        calls.append((kind, kw["num_inference_steps"]))
+        return Out(kw["num_inference_steps"])
+
+    monkeypatch.setattr(VideoContinuationPipeline, "refine", fake_refine)
+    args = argparse.Namespace(smoke=True, stage_memory="resident", stage_cap_gib=None, kinds=["ours", "dense"],
+                              stage_steps=3)
+    res = mod.time_stage(args, torch.device("cpu"), 1)
+    timed = [k for k, n in calls if n == 3]  # --stage-steps 3; warm-ups run 2 steps
+    assert timed == ["ours", "dense"] and calls[-2:] == [("ours", 3), ("dense", 3)], calls
+    assert {k for k, n in calls[:-2] if n == 2} == {"ours", "dense"}, calls
+    assert set(res["runs"]) == {"ours", "dense"}
+
+
+def _standin(monkeypatch):
+    from bench.upstream import flash_attn_or_standin
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # "not installed"; restored after the test
+    assert "stand-in" in flash_attn_or_standin()
+    return sys.modules["flash_attn"]
+
+
+def _ref_attn(q, k, v, scale):
+    """fp64 softmax attention, [S, H, D] in and out."""
+    q, k, v = (z.double().transpose(0, 1) for z in (q, k, v))
+    return (((q @ k.transpose(-1, -2)) * scale).softmax(-1) @ v).transpose(0, 1)
+
+
+def test_flash_attn_standin_honours_softmax_scale_in_varlen(monkeypatch):
+    """The varlen stand-in took softmax_scale into **kwargs and ran SDPA at 1/sqrt(D): a caller's
+    scale was dropped and upstream's output was that of another attention, without a word."""
+    import torch
+
+    fa = _standin(monkeypatch)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    q, k, v = (torch.randn(11, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    out = fa.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, softmax_scale=0.05)
+    ref = torch.cat([_ref_attn(q[a:b], k[a:b], v[a:b], 0.05) for a, b in ((0, 4), (4, 11))])
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(4, 0)), dict(softcap=30.0), dict(dropout_p=0.1)])
+def test_flash_attn_standin_refuses_options_it_cannot_honour(monkeypatch, kw):
+    """causal=True (and windows, softcap, dropout) went into **kwargs: the stand-in returned full
+    non-causal attention as if the option had been applied."""
+    import torch
+
+    fa = _standin(monkeypatch)
+    q = torch.randn(1, 6, 2, 8)
+    with pytest.raises(NotImplementedError, match=next(iter(kw))):
+        fa.flash_attn_func(q, q, q, **kw)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match=next(iter(kw))):
+        fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 6, 6, **kw)
+    fa.flash_attn_func(q, q, q, causal=False, window_size=(-1, -1), dropout_p=0.0)  # defaults pass
