@@ -85,6 +85,13 @@ def parse_args(argv=None):
     for flag, gib in (("--cap-gib", args.cap_gib), ("--cap-low-gib", args.cap_low_gib)):
         if not (math.isfinite(gib) and gib > 0):
             p.error(f"{flag}: expected a finite number of GiB > 0, got {gib}")
+    # --short-steps 0 compared the untouched noise with itself (fp8 vs bf16 rel L2 0.0: "identical"),
+    # --text-layers 30 scaled the resident text weights to 24 layers by -6 layers (0: IndexError after
+    # the DiT table), --steps -1 ran as 0: refused here (--steps 0: memory only, no seconds per step)
+    for flag, n, lo, hi in (("--depth", args.depth, 1, None), ("--steps", args.steps, 0, None),
+                            ("--short-steps", args.short_steps, 1, None), ("--text-layers", args.text_layers, 1, 24)):
+        if n < lo or (hi is not None and n > hi):
+            p.error(f"{flag}: expected an integer >= {lo}" + (f" and <= {hi}" if hi else "") + f", got {n}")
     return args
 
 
@@ -231,7 +238,10 @@ def dit_table(b, dit, out):
 
     args = b.args
     variants = [v for v in args.variants.split(",") if v]
-    modes = [m for m in args.modes.split(",") if m]
+    # resident first (given order of --modes notwithstanding): the streamed modes' "equal to resident"
+    # check needs its output, and was left out without a word when resident came later
+    given = args.modes.split(",")
+    modes = [m for m in ("resident", "balanced", "low") if m in given]
     caps = {"resident": None, "balanced": args.cap_gib, "low": args.cap_low_gib}
     cfg = dit.config
     lora_path = None

@@ -114,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default="on,off", help="on, off or on,off")
     p.add_argument("--steps-basic", type=int, default=50)
     p.add_argument("--steps-distill", type=int, default=16)
-    p.add_argument("--resolution", default="480p")
+    p.add_argument("--resolution", choices=("480p", "720p"), default="480p")
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--cond-frames", type=int, default=13)
     p.add_argument("--input-frames", type=int, default=None, help="input clip length (default: cond frames)")
@@ -136,6 +136,14 @@ def parse_args(argv=None):
         if not items or bad or len(set(items)) < len(items):
             p.error(f"{flag}: expected a comma-separated list of distinct values from {', '.join(allowed)}, "
                     f"got {value!r}")
+    # the counts too: --steps-basic 0, --depth 0, --resolution 1080p, --input-frames 5 with 13 cond frames
+    # failed (or a bare KeyError) only after every full-width component was built
+    for flag, n in (("--depth", args.depth), ("--steps-basic", args.steps_basic), ("--steps-distill", args.steps_distill),
+                    ("--frames", args.frames), ("--cond-frames", args.cond_frames), ("--text-layers", args.text_layers)):
+        if n < 1:
+            p.error(f"{flag}: expected an integer >= 1, got {n}")
+    if args.input_frames is not None and args.input_frames < args.cond_frames:
+        p.error(f"--input-frames: expected >= --cond-frames ({args.cond_frames}), got {args.input_frames}")
     return args
 
 

@@ -86,6 +86,23 @@ class _Timer:
         return out, (time.perf_counter() - t) * 1e3
 
 
+def _reset_peak(device):
+    """Starts a peak-memory window (no-op off CUDA): a part's peak is its own, not the check's or an
+    earlier depth's."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device):
+    """``max_memory_allocated`` since the last ``_reset_peak`` in GiB (None off CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def _inputs(cfg, T, c, th, tw, text_len, device, dtype, seed):
     import torch
 
@@ -174,6 +191,9 @@ def time_steps(args, device, depth):
     else:
         cfg = DiTConfig.longcat_video(depth=depth, enable_bsa=True)
         T, c, th, tw, L = 48, 8, 44, 80, 512
+    # the peak of this depth alone: without a reset it was the maximum since the process started (the
+    # check's models, an earlier and deeper depth's steps)
+    _reset_peak(device)
     dit = LongCatDiT(cfg, device=device, dtype=dtype).eval().requires_grad_(False)
     init_random_(dit, torch.Generator(device=device).manual_seed(11))
     s = _inputs(cfg, T, c, th, tw, L, device, dtype, 5)
@@ -212,7 +232,7 @@ def time_steps(args, device, depth):
     if "upstream" in med:
         row["speedup_vs_upstream"] = {k: med["upstream"] / med[k] for k in ("ours_cache_off", "ours_cache_on")}
     if device.type == "cuda":
-        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_memory_gib"] = _peak_gib(device)
     print(f"depth {depth}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
           + (f"; vs upstream {row['speedup_vs_upstream']}" if "speedup_vs_upstream" in row else "")
           + (f" ({up_note})" if up_note else ""), flush=True)
@@ -299,8 +319,11 @@ def time_stage(args, device, depth):
 
     t = time.perf_counter()
     # warm-up on a short clip: the VAE's per-chunk conv shapes (it runs frame chunk by frame chunk)
-    # and the text encoder; the DiT kernels at the full shape were warmed by the step timings
-    run("ours", steps=2, frames=stage1[: max(nc // 2 + 4, 9)])
+    # and the text encoder; the DiT kernels at the full shape were warmed by the step timings (BSA with the
+    # cache, unless --no-steps). Every timed kind is warmed: the dense path (prefix attention, no BSA, no
+    # cache) ran its kernels' first-call compilation inside its timed run, inflating the speedups
+    for kind in args.kinds:
+        run(kind, steps=2, frames=stage1[: max(nc // 2 + 4, 9)])
     warm_s = time.perf_counter() - t
     rows = {}
     cap = None
@@ -353,8 +376,20 @@ def main(argv=None):
         p.error(f"--stage-kinds: expected a comma list of ours, dense; got {args.stage_kinds!r}")
     if args.stage_steps < 1:
         p.error(f"--stage-steps: expected >= 1, got {args.stage_steps}")
-    if args.stage_cap_gib is not None and args.stage_cap_gib <= 0:
+    if args.stage_cap_gib is not None and not args.stage_cap_gib > 0:
         p.error(f"--stage-cap-gib: expected > 0, got {args.stage_cap_gib}")
+    # checked before the check run and the model builds: --rounds 0 ended in statistics.median([]) after
+    # them, "--depths 8,x" in a bare int() traceback
+    if args.rounds < 1:
+        p.error(f"--rounds: expected >= 1, got {args.rounds}")
+    try:
+        args.depth_list = [int(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        p.error(f"--depths: expected a comma list of integers >= 1, got {args.depths!r}")
+    if (not args.depth_list and not args.no_steps) or any(d < 1 for d in args.depth_list):
+        p.error(f"--depths: expected a comma list of integers >= 1, got {args.depths!r}")
+    if args.stage_depth is not None and args.stage_depth < 1:
+        p.error(f"--stage-depth: expected >= 1, got {args.stage_depth}")
     args.kinds = kinds
     sys.path.insert(0, REPO)
     _ensure_text_deps()
@@ -377,10 +412,8 @@ def main(argv=None):
         machine = {"error": str(e)}
     doc = {"benchmark": "refine_step", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": machine,
            "smoke": args.smoke}
-    depths = [int(d) for d in args.depths.split(",") if d]
+    depths = args.depth_list
     stage_depth = args.stage_depth if args.stage_depth is not None else (depths[0] if depths else 8)
-    if stage_depth < 1 or any(d < 1 for d in depths):
-        sys.exit("refine_step_gpu: depths must be >= 1")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save():  # after every part: a time-out keeps what ran

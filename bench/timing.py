@@ -191,11 +191,26 @@ def ab_parser(doc: str, *, budget: float, cases: str, cases_help: str | None = N
     """The options every side-by-side dev script (``bench/dev/*_gpu.py`` A/B runs) takes: ``--out``,
     ``--rounds``, ``--budget`` (seconds per timed function per round), ``--cases``."""
     import argparse  # noqa: PLC0415
+    import math  # noqa: PLC0415
+
+    # refused at parse time: --rounds 0 raised in interleaved() after the inputs were built, a NaN budget
+    # in int() inside reps_for after the warm-up
+    def rounds_type(text):
+        n = int(text)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+        return n
+
+    def budget_type(text):
+        x = float(text)
+        if not (math.isfinite(x) and x >= 0):
+            raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+        return x
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget", type=float, default=budget, help="seconds per timed function per round")
+    p.add_argument("--rounds", type=rounds_type, default=3)
+    p.add_argument("--budget", type=budget_type, default=budget, help="seconds per timed function per round")
     p.add_argument("--cases", default=cases, help=cases_help)
     return p
 

@@ -50,15 +50,26 @@ def flash_attn_or_standin() -> str:
     # find_spec) see a module, find no installed distribution, and report it unavailable
     fa.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
 
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, **_):
+    def unsupported(kw):
+        # the stand-in is plain non-causal softmax attention: an option that changes the result (causal,
+        # a window, ALiBi, softcap, dropout) was swallowed by **kwargs and upstream measured as something else
+        bad = {k: v for k, v in kw.items() if k in ("causal", "window_size", "alibi_slopes", "softcap", "dropout_p")
+               and v not in (False, None, 0, 0.0, (-1, -1), [-1, -1])}
+        if bad:
+            raise NotImplementedError(f"flash_attn SDPA stand-in (bench/upstream.py): {bad} not supported")
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                               dropout_p=0.0, softmax_scale=None, **kw):
+        unsupported(dict(kw, dropout_p=dropout_p))
         outs, cq, ck = [], cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         for i in range(len(cq) - 1):
             qi = q[cq[i]:cq[i + 1]].transpose(0, 1)[None]
             ki, vi = (z[ck[i]:ck[i + 1]].transpose(0, 1)[None] for z in (k, v))
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1))
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, scale=softmax_scale)[0].transpose(0, 1))
         return torch.cat(outs, 0)
 
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, **_):
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, **kw):
+        unsupported(dict(kw, dropout_p=dropout_p))
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale)
         return o.transpose(1, 2)
 

@@ -166,6 +166,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.layers < 1 or args.reps < 1:
         raise SystemExit(f"--layers/--reps: expected >= 1, got {args.layers}/{args.reps}")
+    # the JSON is written after minutes of timing: a missing --out folder was a FileNotFoundError then,
+    # with every number lost
+    import os  # noqa: PLC0415
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from diffusers import WanTransformer3DModel
 
     import longcat_kernels as lk
