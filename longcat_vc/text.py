@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -92,6 +93,15 @@ def encode_prompts(
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts: List[str] = [clean_prompt(p) for p in prompts]
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        # (True ran as 1 token; None and floats failed inside the tokenizer without naming it)
+        raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+    if max_length < 1:  # (0 ran untruncated: the tokenizer reads it as "no limit")
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    max_length = int(max_length)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        # (an integer dtype cast the embeddings to integers)
+        raise TypeError(f"dtype: expected a floating torch.dtype for the text embeddings, got {dtype!r}")
     if not prompts:  # was an IndexError from inside the tokenizer
         raise ValueError("prompts: expected at least one prompt (a str or a non-empty list of str), got none")
     if names is None:
@@ -146,4 +156,4 @@ def _warn_truncated(tokenizer, prompts: List[str], max_length: int, names: Seque
 
         which = ", ".join(f"{names[i]}: {n} tokens" for i, n in long)
         warnings.warn(f"{which}; the text encoder takes {max_length} tokens, the rest is dropped (as upstream): "
-                      f"shorten the prompt", UserWarning, stacklevel=3)
+                      f"shorten the prompt", UserWarning, stacklevel=4)  # (past no_grad's wrapper)
