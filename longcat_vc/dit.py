@@ -316,6 +316,12 @@ class LongCatDiT(nn.Module):
             if mask.ndim != 2 or tuple(mask.shape) != (B, L):
                 raise ValueError(f"encoder_attention_mask: expected shape [{B}, {L}], got {list(mask.shape)}")
             mask = mask.to(self.device)
+            if mask.is_floating_point() and not _compiling() and bool(((mask < 0) | mask.isnan()).any()):
+                # nonzero = valid: an additive mask (0 valid, -inf padded: diffusers' convention) read upside
+                # down, padding attended and the prompt dropped. One sync, for floating masks only (the
+                # pipeline's tokenizer masks are int64: nothing to check on its steps)
+                raise ValueError("encoder_attention_mask: expected a 0/1 (bool, int or float) mask, nonzero = valid "
+                                 "token; got negative or NaN entries (an additive 0 / -inf mask? pass mask == 0)")
         y = self.y_embedder(enc.to(self.dtype)).view(B, L, -1)
         if mask is None:
             return y, None
@@ -386,7 +392,8 @@ class LongCatDiT(nn.Module):
                 with cond latents: pass ``[B, T]`` with zeros on the cond frames (as the pipeline
                 does); the model uses the timesteps as given.
             encoder_hidden_states (Tensor): ``[B, 1, L, caption_channels]`` text states.
-            encoder_attention_mask (Tensor): ``[B, L]`` (nonzero = valid token) or None.
+            encoder_attention_mask (Tensor): ``[B, L]`` (nonzero = valid token; a floating mask with negative
+                or NaN entries, e.g. an additive 0 / -inf one, is refused) or None.
             num_cond_latents (int): cache off: the first ``c`` latent frames are clean conditioning
                 (cond queries see only cond keys, zero cross-attention output). With ``kv_cache``:
                 0 or ``kv_cache.num_frames``.
