@@ -42,7 +42,7 @@ def as_triple(value, name: str = "grid") -> Triple:
         raise TypeError(f"{name}: expected a tuple of 3 ints (t, h, w), got {value!r}")
     out = []
     for v in value:
-        if isinstance(v, bool) or isinstance(v, float):
+        if isinstance(v, (bool, float)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
             raise TypeError(f"{name}: expected a tuple of 3 ints (t, h, w), got {value!r}")
         try:
             v = operator.index(v)
@@ -63,7 +63,10 @@ class VideoGrid:
     w: int
 
     def __post_init__(self):
-        as_triple((self.t, self.h, self.w), "VideoGrid")
+        """Fields kept as plain ints (a numpy or 0-d tensor t stayed as given: ``num_tokens`` was a
+        tensor, ``shape`` held it, and the grid hashed unlike the equal ``VideoGrid(2, h, w)``)."""
+        for name, v in zip(("t", "h", "w"), as_triple((self.t, self.h, self.w), "VideoGrid")):
+            object.__setattr__(self, name, v)
 
     @property
     def shape(self) -> Triple:

@@ -158,12 +158,20 @@ class BlockSelection:
         return self.indices.device
 
     def to(self, device) -> "BlockSelection":
+        device = torch.device(device)  # a dtype here would have made the int32 indices float / int64
         return BlockSelection(
             self.indices.to(device), self.counts.to(device), self.grid_q, self.grid_k, self.chunk_q, self.chunk_k
         )
 
+    def _check_values(self) -> None:
+        from .api import _check_selection_values  # noqa: PLC0415 (api imports this module)
+
+        _check_selection_values(self)
+
     def to_mask(self) -> torch.Tensor:
-        """Dense block mask ``[B, H, Nq, Nk]`` bool (True = attend), for tests and debugging."""
+        """Dense block mask ``[B, H, Nq, Nk]`` bool (True = attend), for tests and debugging.
+        Raises on contents the kernels refuse (an id ``Nk`` was dropped, ``counts > max_sel`` crashed)."""
+        self._check_values()
         B, H, Nq, w = self.indices.shape
         valid = torch.arange(w, device=self.indices.device) < self.counts[..., None].long()
         mask = torch.zeros(B, H, Nq, self.num_k_blocks + 1, dtype=torch.bool, device=self.indices.device)
@@ -172,7 +180,8 @@ class BlockSelection:
         return mask[..., :-1]
 
     def density(self) -> float:
-        """Mean fraction of key blocks kept."""
+        """Mean fraction of key blocks kept (raises on invalid counts: they gave a density > 1)."""
+        self._check_values()
         return float(self.counts.double().mean() / self.num_k_blocks)
 
 
