@@ -109,3 +109,17 @@ def test_to_refuses_a_dtype():
 
 def test_num_blocks_of_video_grid():
     assert num_blocks(VideoGrid(5, 5, 5), (2, 2, 2)) == (3, 3, 3)
+
+
+def test_params_selection_bad_chunk_q_names_it():
+    """BlockSparseParams(chunk_q=4, selection=...) failed with "'int' object is not iterable"."""
+    import longcat_kernels as lk
+    from longcat_kernels.ops.block_sparse_attn.api import select_blocks
+
+    q = torch.randn(1, 32, 1, 8)
+    kc = torch.randn(1, 16, 1, 8)
+    s = select_blocks(q, torch.cat([kc, q], 1), grid_q=(2, 4, 4), grid_k=(3, 4, 4), chunk_q=(1, 2, 2), sparsity=0.5)
+    with pytest.raises(TypeError, match="block_sparse.chunk_q"):
+        lk.attn_with_kv_cache(q, q, q, kc, kc, block_sparse=lk.BlockSparseParams(chunk_q=4, frame_hw=(4, 4), selection=s))
+    out = lk.attn_with_kv_cache(q, q, q, kc, kc, block_sparse=lk.BlockSparseParams(frame_hw=(4, 4), selection=s))
+    assert out.shape == q.shape

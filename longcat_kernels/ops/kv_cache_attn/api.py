@@ -33,7 +33,7 @@ from ..._validate import (
     compiling,
     plain_int,
 )
-from ...grid import Triple, cache_split_aligned
+from ...grid import Triple, as_triple, cache_split_aligned
 from ..block_sparse_attn.api import check_no_rule_beside_selection, check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
@@ -169,7 +169,7 @@ def _check_params_selection(bs: BlockSparseParams, q, k, grid_q, grid_k) -> None
     """``bs.selection`` against q, the key grid and ``bs``'s chunks (chunk_q at its default counts as
     not given), with errors named ``block_sparse.*``."""
     check_selection(bs.selection, q, k, grid_q, grid_k,
-                    None if tuple(bs.chunk_q) == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
+                    None if as_triple(bs.chunk_q, "block_sparse.chunk_q") == BlockSparseParams.chunk_q else bs.chunk_q, bs.chunk_k,
                     prefix="block_sparse.")
 
 
