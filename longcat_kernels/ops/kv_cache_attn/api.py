@@ -395,6 +395,12 @@ def flash_attn_with_kvcache(
             check_tensor(k_cache, "k_cache")
             check_tensor(v_cache, "v_cache")
             _check_cache(q, k_cache, v_cache, k_cache.shape[2])
+            if block_sparse is not None and k_cache.shape[2] != q.shape[2]:
+                # as with fresh k/v, and with the cache's own shape (check_qkv below sees it expanded)
+                raise ValueError(
+                    f"k_cache: expected {q.shape[2]} heads (same as q) with block_sparse (GQA is dense only), "
+                    f"got {k_cache.shape[2]} (shape {tuple(k_cache.shape)})"
+                )
             B = q.shape[0]
             check_qkv(q, k_cache.expand(B, -1, -1, -1), v_cache.expand(B, -1, -1, -1),
                       names=("q", "k_cache", "v_cache"), gqa=block_sparse is None)
