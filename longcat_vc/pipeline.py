@@ -149,6 +149,29 @@ def _vae_latent_stats(vcfg, name: str, z_dim: int) -> torch.Tensor:
     return t.view(1, z_dim, 1, 1, 1)
 
 
+def _vae_scale_factors(vcfg) -> Tuple[int, int]:
+    """The VAE config's ``(scale_factor_temporal, scale_factor_spatial)`` (4, 8 when absent), checked
+    against its architecture where the config has one (AutoencoderKLWan: ``2**sum(temperal_downsample)``
+    and ``2**len(temperal_downsample) * patch_size``): the latents are sized with them, so a config
+    saying 2 for a 4x VAE planned twice the latent frames, and a 0 silently became the default."""
+    down = getattr(vcfg, "temperal_downsample", None)
+    arch = {}
+    if isinstance(down, (list, tuple)):
+        arch["scale_factor_temporal"] = 2 ** sum(bool(d) for d in down)
+        arch["scale_factor_spatial"] = 2 ** len(down) * int(getattr(vcfg, "patch_size", None) or 1)
+    out = []
+    for name, default in (("scale_factor_temporal", 4), ("scale_factor_spatial", 8)):
+        value = getattr(vcfg, name, None)
+        if value is None:
+            value = arch.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value != arch.get(name, value):
+            raise ValueError(f"VAE config {name}: expected a positive int"
+                             + (f" matching the VAE's architecture ({arch[name]})" if name in arch else "")
+                             + f", got {value!r}")
+        out.append(value)
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------------------------
 # pipeline
 
@@ -222,8 +245,7 @@ class VideoContinuationPipeline:
         self._refinement_lora_source: Optional[tuple] = None  # the file refine() loaded it from (refine_state)
 
         vcfg = vae.config
-        self.vae_scale_temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 4)
-        self.vae_scale_spatial = int(getattr(vcfg, "scale_factor_spatial", None) or 8)
+        self.vae_scale_temporal, self.vae_scale_spatial = _vae_scale_factors(vcfg)
         patch = tuple(getattr(dit.config, "patch_size", (1, 2, 2)))
         self.patch_size = patch
         self.spatial_multiple = self.vae_scale_spatial * max(patch[1], patch[2])
@@ -1146,7 +1168,7 @@ def _load_umt5(cls, path: str, dtype: torch.dtype):
         model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except TypeError:
         model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
-    _check_no_missing_tensors("text encoder", path, info)
+    _check_no_missing_tensors("text encoder", path, info, unused_ok=("decoder.",))  # an encoder-decoder's decoder
     return model
 
 
@@ -1156,12 +1178,20 @@ def _load_vae(cls, path: str, dtype: torch.dtype):
     return model
 
 
-def _check_no_missing_tensors(what: str, path: str, info) -> None:
+def _check_no_missing_tensors(what: str, path: str, info, unused_ok: Tuple[str, ...] = ()) -> None:
     """CheckpointError naming the model tensors ``path`` lacks (``from_pretrained``'s loading info):
     transformers and diffusers initialise them at random with a log line (which the CLI silences), so
-    a text encoder or VAE folder of another model ran as a random one. The DiT loads strictly too."""
+    a text encoder or VAE folder of another model ran as a random one. Likewise for checkpoint tensors
+    the model has no place for (prefixes ``unused_ok`` excepted): a 2-layer encoder under a 1-layer
+    config.json loaded as the 1-layer one, the rest dropped. The DiT loads strictly too."""
+    def shown(keys):
+        return ", ".join(keys[:20]) + (f" ... (+{len(keys) - 20} more)" if len(keys) > 20 else "")
+
     missing = sorted((info or {}).get("missing_keys") or [])
     if missing:
-        shown = ", ".join(missing[:20]) + (f" ... (+{len(missing) - 20} more)" if len(missing) > 20 else "")
         raise CheckpointError(f"{path}: the {what} checkpoint lacks {len(missing)} tensor(s) of the model, which would "
-                              f"be initialised at random: {shown}")
+                              f"be initialised at random: {shown(missing)}")
+    unexpected = sorted(k for k in (info or {}).get("unexpected_keys") or [] if not k.startswith(unused_ok))
+    if unexpected:
+        raise CheckpointError(f"{path}: the {what} checkpoint holds {len(unexpected)} tensor(s) not in the model built "
+                              f"from its config.json, which would be dropped: {shown(unexpected)}")
