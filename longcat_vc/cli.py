@@ -59,6 +59,18 @@ def _resolution(text: str):
     raise argparse.ArgumentTypeError(f"expected 480p, 720p or HEIGHTxWIDTH (e.g. 480x832), got {text!r}")
 
 
+def _refine_resolution(text: str):
+    """``refine --resolution``: 720p or HEIGHTxWIDTH; 480p (continue's, shared parser type) was taken and
+    refused after the parse with "resolution must be '720p' ...", naming no flag."""
+    if text != "480p":
+        try:
+            return _resolution(text)
+        except argparse.ArgumentTypeError:
+            pass
+    raise argparse.ArgumentTypeError(f"refine runs at 720p: expected 720p or HEIGHTxWIDTH (multiples of 64, "
+                                     f"e.g. 704x1280), got {text!r}")
+
+
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     """GPU memory and precision flags, shared by continue / extend and refine."""
     p.add_argument("--offload-kv-cache", action="store_true",
@@ -181,7 +193,7 @@ def _add_refine_parser(sub) -> None:
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
                     help="the refinement's cond frames (default 26, 13 with --spatial-only)")
     pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
-    pr.add_argument("--resolution", type=_resolution, default="720p",
+    pr.add_argument("--resolution", type=_refine_resolution, default="720p",
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
     pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
     _add_memory_flags(pr)
@@ -245,6 +257,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
 
         with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
+        args.timings_written = True
     h, w = out.frames.shape[1:3]
     print((f"{label} " if label else "") + _summary(shown, load_s, write_s), file=log)
     print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
@@ -733,9 +746,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _kept_outputs(args) -> str:
     """What a run that stopped early left behind: the --stage1-out clip is written (complete) before
-    stage 2 / the --out video, and stays; empty when nothing was written."""
+    stage 2 / the --out video, and stays; --out before --timings-json; empty when nothing was written."""
     if getattr(args, "stage1_written", False) and not getattr(args, "out_written", False):
         return f"{args.out} not written; the stage-1 clip {args.stage1_out} is complete and kept"
+    if getattr(args, "out_written", False):
+        # --out is renamed into place before --timings-json is written: a stop there said "no output written"
+        tj = args.timings_json
+        return f"{args.out} was written" + (f"; --timings-json {tj} was not" if tj and not
+                                             getattr(args, "timings_written", False) else "")
     return ""
 
 
