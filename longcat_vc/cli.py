@@ -71,6 +71,19 @@ def _refine_resolution(text: str):
                                      f"e.g. 704x1280), got {text!r}")
 
 
+class _Once(argparse.Action):
+    """A flag that may be given once: ``extend`` takes --prompt once per segment, and a repeated --prompt to
+    ``continue`` / ``refine`` kept the last one without a word (argparse's default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            raise argparse.ArgumentError(self, "given more than once: this command takes one "
+                                               "(`extend` takes one per segment)")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     """GPU memory and precision flags, shared by continue / extend and refine."""
     p.add_argument("--offload-kv-cache", action="store_true",
@@ -145,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     pc = sub.add_parser("continue", help="generate one continuation clip",
                         description="Continue INPUT by one clip of --frames frames.")
-    pc.add_argument("--prompt", required=True, metavar="TEXT", help="what happens next")
+    pc.add_argument("--prompt", required=True, action=_Once, metavar="TEXT", help="what happens next")
     _add_common(pc)
     pc.add_argument("--stage1-out", default=None, metavar="STAGE1.mp4",
                     help="also write the generated clip as the model decoded it (its --frames frames, cond "
@@ -186,7 +199,7 @@ def _add_refine_parser(sub) -> None:
                          "not `continue --out` (which holds the whole input before the new frames)")
     pr.add_argument("--video", default=None, metavar="INPUT",
                     help="the original input video (cond frames); omitted: refine without cond frames")
-    pr.add_argument("--prompt", default="", metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
+    pr.add_argument("--prompt", default="", action=_Once, metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
     pr.add_argument("--checkpoint", required=True, metavar="DIR", help="LongCat-Video checkpoint folder")
     pr.add_argument("--out", required=True, metavar="OUT.mp4",
                     help="output mp4 (H.264); an existing file is replaced when the run completes")

@@ -64,3 +64,33 @@ def test_refine_resolution_480p_is_refused_naming_the_flag(video, tmp_path, caps
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "--resolution" in err and "720p or HEIGHTxWIDTH" in err and "480p, 720p" not in err, err
+
+
+@pytest.mark.parametrize("command", ["continue", "refine"])
+def test_a_repeated_prompt_is_refused_where_one_is_taken(video, tmp_path, capsys, monkeypatch, command):
+    """``extend`` takes --prompt once per segment; ``continue`` and ``refine`` take one, and a repeated
+    --prompt (the extend habit, or a script adding its own) kept the last one and dropped the others
+    without a word. It is now a usage error (exit 2) naming the flag; one --prompt still runs."""
+    words = [f"w{i}" for i in np.random.default_rng().permutation(9)[:2]]
+    base = [command, video, "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "o.mp4"), "--device", "cpu"]
+    if command == "continue":
+        base += ["--cond-frames", "5", "--frames", "9"]
+    with pytest.raises(SystemExit) as e:
+        run_cli_without_loading(capsys, base + ["--prompt", words[0], "--prompt", words[1]], monkeypatch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--prompt" in err and "once" in err, err
+    seen = []
+    from longcat_vc import pipeline
+
+    def spy(*a, **k):
+        seen.append(1)
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(pipeline.VideoContinuationPipeline, "from_pretrained", spy)
+    monkeypatch.setattr(pipeline, "check_checkpoint", lambda *a, **k: None)
+    if command == "refine":
+        os.makedirs(tmp_path / "ck" / "lora", exist_ok=True)
+        (tmp_path / "ck" / "lora" / "refinement_lora.safetensors").write_bytes(b"")
+        base += ["--resolution", "64x128"]
+    assert cli.main(base + ["--prompt", words[0]]) == 1 and seen == [1], capsys.readouterr().err
