@@ -59,6 +59,31 @@ def _resolution(text: str):
     raise argparse.ArgumentTypeError(f"expected 480p, 720p or HEIGHTxWIDTH (e.g. 480x832), got {text!r}")
 
 
+def _refine_resolution(text: str):
+    """``refine --resolution``: 720p or HEIGHTxWIDTH; 480p (continue's, shared parser type) was taken and
+    refused after the parse with "resolution must be '720p' ...", naming no flag."""
+    if text != "480p":
+        try:
+            return _resolution(text)
+        except argparse.ArgumentTypeError:
+            pass
+    raise argparse.ArgumentTypeError(f"refine runs at 720p: expected 720p or HEIGHTxWIDTH (multiples of 64, "
+                                     f"e.g. 704x1280), got {text!r}")
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: ``extend`` takes --prompt once per segment, and a repeated --prompt to
+    ``continue`` / ``refine`` kept the last one without a word (argparse's default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            raise argparse.ArgumentError(self, "given more than once: this command takes one "
+                                               "(`extend` takes one per segment)")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     """GPU memory and precision flags, shared by continue / extend and refine."""
     p.add_argument("--offload-kv-cache", action="store_true",
@@ -133,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     pc = sub.add_parser("continue", help="generate one continuation clip",
                         description="Continue INPUT by one clip of --frames frames.")
-    pc.add_argument("--prompt", required=True, metavar="TEXT", help="what happens next")
+    pc.add_argument("--prompt", required=True, action=_Once, metavar="TEXT", help="what happens next")
     _add_common(pc)
     pc.add_argument("--stage1-out", default=None, metavar="STAGE1.mp4",
                     help="also write the generated clip as the model decoded it (its --frames frames, cond "
@@ -174,14 +199,14 @@ def _add_refine_parser(sub) -> None:
                          "not `continue --out` (which holds the whole input before the new frames)")
     pr.add_argument("--video", default=None, metavar="INPUT",
                     help="the original input video (cond frames); omitted: refine without cond frames")
-    pr.add_argument("--prompt", default="", metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
+    pr.add_argument("--prompt", default="", action=_Once, metavar="TEXT", help="prompt (default empty, as upstream's long-video refine)")
     pr.add_argument("--checkpoint", required=True, metavar="DIR", help="LongCat-Video checkpoint folder")
     pr.add_argument("--out", required=True, metavar="OUT.mp4",
                     help="output mp4 (H.264); an existing file is replaced when the run completes")
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
                     help="the refinement's cond frames (default 26, 13 with --spatial-only)")
     pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
-    pr.add_argument("--resolution", type=_resolution, default="720p",
+    pr.add_argument("--resolution", type=_refine_resolution, default="720p",
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
     pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
     _add_memory_flags(pr)
@@ -245,6 +270,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
 
         with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
+        args.timings_written = True
     h, w = out.frames.shape[1:3]
     print((f"{label} " if label else "") + _summary(shown, load_s, write_s), file=log)
     print(f"{PROG}: wrote {args.out}: {out.frames.shape[0]} frames ({out.num_input_frames} input + "
@@ -733,9 +759,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _kept_outputs(args) -> str:
     """What a run that stopped early left behind: the --stage1-out clip is written (complete) before
-    stage 2 / the --out video, and stays; empty when nothing was written."""
+    stage 2 / the --out video, and stays; --out before --timings-json; empty when nothing was written."""
     if getattr(args, "stage1_written", False) and not getattr(args, "out_written", False):
         return f"{args.out} not written; the stage-1 clip {args.stage1_out} is complete and kept"
+    if getattr(args, "out_written", False):
+        # --out is renamed into place before --timings-json is written: a stop there said "no output written"
+        tj = args.timings_json
+        return f"{args.out} was written" + (f"; --timings-json {tj} was not" if tj and not
+                                             getattr(args, "timings_written", False) else "")
     return ""
 
 
