@@ -22,6 +22,14 @@ def _script(name):
     return mod
 
 
+def _refused(call, argv, flag, capsys):
+    """``call(argv)`` exits 2 (argparse) with ``flag`` named on stderr."""
+    with pytest.raises(SystemExit) as e:
+        call(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 def test_refine_step_timings_reset_the_peak_before_each_depth(monkeypatch):
     """time_steps read torch.cuda.max_memory_allocated without a reset: each depth's "peak_memory_gib"
     was the maximum since the process started (the check's models, an earlier deeper depth), so
@@ -56,11 +64,7 @@ def test_refine_step_timings_reset_the_peak_before_each_depth(monkeypatch):
     (["--stage-cap-gib", "nan"], "--stage-cap-gib"),  # NaN <= 0 is False: failed in the stage, after the steps
 ])
 def test_refine_step_script_refuses_bad_values_up_front(argv, flag, capsys, tmp_path):
-    mod = _script("refine_step_gpu")
-    with pytest.raises(SystemExit) as e:
-        mod.main(["--out", str(tmp_path / "r.json")] + argv)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _refused(_script("refine_step_gpu").main, ["--out", str(tmp_path / "r.json")] + argv, flag, capsys)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -72,11 +76,7 @@ def test_refine_step_script_refuses_bad_values_up_front(argv, flag, capsys, tmp_
     (["--depth", "0"], "--depth"),
 ])
 def test_memory_modes_script_refuses_counts_that_void_its_numbers(argv, flag, capsys):
-    mod = _script("memory_modes_gpu")
-    with pytest.raises(SystemExit) as e:
-        mod.parse_args(["--out", "x.json"] + argv)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _refused(_script("memory_modes_gpu").parse_args, ["--out", "x.json"] + argv, flag, capsys)
 
 
 def test_memory_modes_script_takes_edge_counts():
@@ -108,11 +108,7 @@ def test_memory_modes_checks_streamed_modes_whatever_the_modes_order(tmp_path):
     (["--cond-frames", "13", "--input-frames", "5"], "--input-frames"),
 ])
 def test_pipeline_e2e_script_refuses_bad_counts_up_front(argv, flag, capsys):
-    mod = _script("pipeline_e2e_gpu")
-    with pytest.raises(SystemExit) as e:
-        mod.parse_args(["--out", "x"] + argv)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _refused(_script("pipeline_e2e_gpu").parse_args, ["--out", "x"] + argv, flag, capsys)
 
 
 def test_pipeline_e2e_script_takes_good_counts():
@@ -129,10 +125,7 @@ def test_pipeline_e2e_script_takes_good_counts():
 def test_ab_parser_refuses_bad_rounds_and_budget(argv, flag, capsys):
     from bench.timing import ab_parser
 
-    with pytest.raises(SystemExit) as e:
-        ab_parser("doc", budget=1.0, cases="a").parse_args(["--out", "x"] + argv)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _refused(ab_parser("doc", budget=1.0, cases="a").parse_args, ["--out", "x"] + argv, flag, capsys)
 
 
 def test_ab_parser_takes_good_values():
