@@ -139,6 +139,18 @@ def check_scale(scale, name: str = "scale") -> None:
                          f"by scale * log2(e) in fp32), got {scale}")
 
 
+def check_eps(eps, norm: str) -> float:
+    """A norm's ``eps`` as a float: a real number (no bool), finite, >= 0 (NaN would turn every output into
+    NaN) and at most the fp32 maximum (the ``norm`` adds it in fp32: inf there, every row silently 0)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a finite float >= 0, got {type(eps).__name__} {eps!r}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if eps > FP32_MAX:
+        raise ValueError(f"eps: expected at most the fp32 maximum 3.4028e38 (the {norm} is fp32), got {eps!r}")
+    return float(eps)
+
+
 def check_bool(value, name: str) -> None:
     """``value`` is a Python bool: a truthy stand-in (``"no"``, ``1``, ``None``) would silently pick a branch."""
     if compiling():

@@ -29,7 +29,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import FP32_MAX, check_backend_name, check_same_device, check_tensor, compiling
+from ..._validate import check_backend_name, check_eps, check_same_device, check_tensor, compiling
 from . import reference as ref
 
 __all__ = ["fp8_quantize_rows", "fp8_layer_norm_quantize", "fp8_modulate_quantize", "fp8_silu_mul_quantize",
@@ -43,17 +43,6 @@ def _check_x(x, name: str) -> None:
     check_tensor(x, name, ndim=None)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name}: expected a tensor [..., K] with K >= 1, got shape {tuple(x.shape)}")
-
-
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        # a type error is a TypeError here as in qk_norm_rope (it was a ValueError)
-        raise TypeError(f"eps: expected a finite float >= 0, got {type(eps).__name__} {eps!r}")
-    if not 0 <= eps < float("inf"):
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
-    if eps > FP32_MAX:  # the LayerNorm adds eps in fp32: inf there, every row silently 0 (scale 1e-12 / 448)
-        raise ValueError(f"eps: expected at most the fp32 maximum 3.4028e38 (the LayerNorm is fp32), got {eps!r}")
-    return float(eps)
 
 
 def _check_flag(v, name: str) -> None:
@@ -128,7 +117,7 @@ def fp8_layer_norm_quantize(x: torch.Tensor, weight: Optional[torch.Tensor] = No
                 if t.shape[0] != K:
                     raise ValueError(f"{n}: expected shape ({K},) (x's last dim), got {tuple(t.shape)}")
         check_same_device([("x", x), ("weight", weight), ("bias", bias)])
-    return _run("layer_norm", x, weight=weight, bias=bias, eps=_check_eps(eps), return_input=return_input,
+    return _run("layer_norm", x, weight=weight, bias=bias, eps=check_eps(eps, "LayerNorm"), return_input=return_input,
                 backend=backend)
 
 
@@ -159,7 +148,7 @@ def fp8_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Ten
         if shift.shape[1] != scale.shape[1]:
             raise ValueError(f"scale: expected the same frames as shift ({shift.shape[1]}), got {scale.shape[1]}")
         check_same_device([("x", x), ("shift", shift), ("scale", scale)])
-    return _run("modulate", x, shift=shift, scale=scale, eps=_check_eps(eps), return_input=return_input,
+    return _run("modulate", x, shift=shift, scale=scale, eps=check_eps(eps, "LayerNorm"), return_input=return_input,
                 backend=backend)
 
 

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import (FP32_MAX, cache_mode, check_backend_name, check_same_device, check_tensor, compiling,
+from ..._validate import (cache_mode, check_backend_name, check_eps, check_same_device, check_tensor, compiling,
                           has_values, plain_int)
 from ...grid import Triple, as_triple
 from . import reference as ref
@@ -345,12 +345,7 @@ def qk_norm_rope(
         _check_out(out_q, "out_q", q, "q")
         _check_out(out_k, "out_k", k, "k")
         _check_outs_disjoint(out_q, out_k)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-        if not (0 <= eps < float("inf")):  # NaN fails this too: it would turn every output into NaN
-            raise ValueError(f"eps: expected a finite non-negative float, got {eps!r}")
-        if eps > FP32_MAX:  # the norm adds eps in fp32: inf there, every normalised row silently 0
-            raise ValueError(f"eps: expected at most the fp32 maximum 3.4028e38 (the norm is fp32), got {eps!r}")
+        check_eps(eps, "norm")
         if D == 0:
             raise ValueError(f"q: expected head_dim >= 1, got 0 (shape {tuple(q.shape)})")
     nf = None
