@@ -364,16 +364,9 @@ def qk_norm_rope(
     # the weights count for requires_grad too (trained norm weights): the Triton prologue is forward only
     c = choose("qk_norm_rope", q, k, q_weight, k_weight, requested=backend, norm_all_heads=all_heads,
                rope_pairs=rope.pairs if rope is not None else "interleaved")
-    if not compiling() and (
-        _needs_temporary(out_q, q, (k, q_weight, k_weight)) or _needs_temporary(out_k, k, (q, q_weight, k_weight))
-    ):
-        # an output aliases an input (other than in place): compute into fresh tensors, then copy
-        qo, ko = qk_norm_rope(q, k, q_weight, k_weight, rope, frame_offset, eps, backend=backend)
-        if out_q is not None:
-            qo = out_q.copy_(qo)
-        if out_k is not None:
-            ko = out_k.copy_(ko)
-        return qo, ko
+    # outputs over the inputs (other than in place): the Triton op computes into temporaries itself
+    # (_qk_norm_rope_op, also for torch.ops callers and unfunctionalised graphs); the reference below
+    # computes both results before it copies either into an output
     if c.impl != "torch_reference":
         return impl_fn("qk_norm_rope", c.impl)(q, k, q_weight, k_weight, rope, frame_offset, eps, out_q, out_k)
     tables = _tables_for(q, rope, frame_offset, nf) if rope is not None else None
