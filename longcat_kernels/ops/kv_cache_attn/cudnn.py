@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longcat_kernels import dispatch
 from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
@@ -38,11 +39,8 @@ def _block_sparse_unavailable():
 def cudnn_available(q: torch.Tensor) -> bool:
     """cuDNN SDPA usable for these inputs (CUDA, bf16/fp16, head_dim <= 128 and a multiple of 8, compute
     capability 8.0+)."""
-    if not cudnn_sdpa_takes(q.device.type, _dtype_name(q.dtype), int(q.shape[-1])):
-        return False
-    from longcat_kernels import dispatch  # noqa: PLC0415 - its per-device cache of the capability
-
-    if not cudnn_sdpa_takes(q.device.type, _dtype_name(q.dtype), int(q.shape[-1]), dispatch._capability(q.device)):
+    cap = dispatch._capability(q.device) if q.device.type == "cuda" else None  # its per-device cache
+    if not cudnn_sdpa_takes(q.device.type, _dtype_name(q.dtype), int(q.shape[-1]), cap):
         return False
     try:
         return bool(torch.backends.cudnn.is_available())
