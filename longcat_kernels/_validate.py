@@ -139,6 +139,15 @@ def check_scale(scale, name: str = "scale") -> None:
                          f"by scale * log2(e) in fp32), got {scale}")
 
 
+def check_prefix_len(prefix_len, seq: int) -> None:
+    """The cond/noisy prefix rule's ``prefix_len``: an int (no bool, no float: 2.5 truncated to 2 sliced
+    the wrong tokens) with ``0 <= prefix_len <= seq`` (outside it gave plain attention, silently)."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
+    if not 0 <= prefix_len <= seq:
+        raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {seq}, got {prefix_len}")
+
+
 def check_eps(eps, norm: str) -> float:
     """A norm's ``eps`` as a float: a real number (no bool), finite, >= 0 (NaN would turn every output into
     NaN) and at most the fp32 maximum (the ``norm`` adds it in fp32: inf there, every row silently 0)."""

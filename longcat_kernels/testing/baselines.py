@@ -107,12 +107,10 @@ def unfused_kv_cache_attn(q, k, v, k_cache_raw, v_cache, *, rope, impl: str = "c
 def prefix_attn_two_calls(q, k, v, prefix_len: int, *, impl: str = "cudnn", scale=None):
     """Cache-off rule (SPEC 4) as upstream computes it: prefix queries over prefix keys, the rest
     over all keys, two SDPA calls concatenated. ``q, k, v [B, S, H, D]``."""
-    # int() truncated 2.5 to 2 and a negative or too long prefix sliced the wrong tokens, silently
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
-        raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
+    from .._validate import check_prefix_len  # noqa: PLC0415
+
+    check_prefix_len(prefix_len, q.shape[1])  # int() truncated 2.5 to 2; a prefix outside sliced wrong tokens
     P = prefix_len
-    if not 0 <= P <= q.shape[1]:
-        raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {P}")
     if P == 0:
         return sdpa_bshd(q, k, v, impl=impl, scale=scale)
     head = sdpa_bshd(q[:, :P], k[:, :P], v[:, :P], impl=impl, scale=scale)

@@ -113,13 +113,10 @@ def attention_lowp(
 def prefix_mask(seq: int, prefix_len: int, device=None) -> torch.Tensor:
     """``[S, S]`` bool: rows < p see columns < p; rows >= p see everything (``0 <= p <= S``)."""
     # a negative or too long prefix gave an all-True mask, a fractional one a mask no rule gives, silently
-    from .._validate import plain_int  # noqa: PLC0415
+    from .._validate import check_prefix_len, plain_int  # noqa: PLC0415
 
     prefix_len = plain_int(prefix_len)
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
-        raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
-    if not 0 <= prefix_len <= seq:
-        raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {seq}, got {prefix_len}")
+    check_prefix_len(prefix_len, seq)
     r = torch.arange(seq, device=device)[:, None]
     c = torch.arange(seq, device=device)[None, :]
     return (r >= prefix_len) | (c < prefix_len)

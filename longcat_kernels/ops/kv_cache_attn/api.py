@@ -24,6 +24,7 @@ from ..._validate import (
     check_bool,
     check_chunk,
     check_no_grad,
+    check_prefix_len,
     check_qkv,
     check_same_device,
     check_same_dtype,
@@ -102,10 +103,7 @@ def prefix_attn(
         check_scale(scale)
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
-        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
-            raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
-        if not 0 <= prefix_len <= q.shape[1]:
-            raise ValueError(f"prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {prefix_len}")
+        check_prefix_len(prefix_len, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     c = choose("prefix_attn", q, k, v, requested=backend)
     if c.impl != "torch_reference":
