@@ -214,6 +214,12 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+def needs_grad(*ts) -> bool:
+    """Grad mode is on and some tensor among ``ts`` (others: None, numbers, ignored) requires grad: the
+    call would need a backward (metadata only)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
 def check_no_grad(named: Sequence[tuple], op: str) -> None:
     if not torch.is_grad_enabled():
         return

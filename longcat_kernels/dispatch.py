@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from ._envvars import backend_override, check_environment
+from ._validate import needs_grad as _needs_grad
 
 __all__ = [
     "BACKENDS",
@@ -521,7 +522,7 @@ def choose(
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     q = ts[0]
     if needs_grad is None:
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+        needs_grad = _needs_grad(*ts)
     if gqa is None:
         gqa = q.dim() == 4 and any(t.dim() == 4 and t.shape[2] != q.shape[2] for t in ts[1:])
     probe = requested == "triton" or (

@@ -62,7 +62,7 @@ from longcat_kernels import (
     fp8_quantize_rows,
     fp8_silu_mul_quantize,
 )
-from longcat_kernels._validate import check_bool
+from longcat_kernels._validate import check_bool, needs_grad
 
 from .lora import LoRALinear, carries_peft_adapters
 
@@ -137,7 +137,7 @@ def _check_no_grad(what: str, *ts) -> None:
     quantised activation carries none, so a backward through an fp8 DiT (e.g. to its input latents, or
     to parameters before an fp8 linear) missed every path through the fp8 linears, silently (40% wrong
     on the tiny DiT)."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
+    if needs_grad(*ts):
         raise RuntimeError(f"{what}: an input requires grad, but no gradient flows through fp8 quantisation "
                            "(quantize_dit_fp8 is for inference): run under torch.no_grad(), or use the "
                            "unquantised DiT for gradients")

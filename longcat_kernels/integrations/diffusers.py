@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._validate import check_backend_name, check_bool, check_sparsity
+from .._validate import check_backend_name, check_bool, check_sparsity, needs_grad
 from ..grid import as_triple
 from ..ops.block_sparse_attn.api import block_sparse_attn
 from ..ops.kv_cache_attn.api import BlockSparseParams, flash_attn_with_kvcache
@@ -215,7 +215,7 @@ class BlockSparseWanAttnProcessor:
                 key = _wan_rope(key, *rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
         if self._dense():
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            if needs_grad(query, key, value):
                 # training: the dense op is forward only; SDPA is the same attention with a backward
                 out = torch.nn.functional.scaled_dot_product_attention(
                     query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)

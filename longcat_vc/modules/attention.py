@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longcat_kernels._validate import needs_grad
+
 from ..lora import LoRALinear
 from .norms import RMSNorm
 
@@ -101,7 +103,7 @@ class AttnPlan:
 def _refuse_grad(q, k, v, message: str) -> None:
     """ValueError(message) when this attention call needs gradients (metadata only): a forward-only op
     below raised its own "call it under torch.no_grad()", naming an op the DiT's caller never called."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         raise ValueError(message)
 
 
@@ -171,7 +173,7 @@ class Attention(nn.Module):
             if plan.use_bsa and T > 1:
                 return lk.block_sparse_attn(q, k, v, grid_q=plan.grid, backend=be,
                                             **plan.bsa_kwargs(plan.grid, plan.grid))
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            if needs_grad(q, k, v):
                 # Training (longcat_vc.training): attn_with_kv_cache is forward only; SDPA has a
                 # backward (flash / memory-efficient kernels on GPU) and the same math.
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

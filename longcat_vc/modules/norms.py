@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longcat_kernels._envvars import env_flag
+from longcat_kernels._validate import needs_grad
 
 __all__ = [
     "RMSNorm",
@@ -114,7 +115,7 @@ def compiled(fn: Callable, signature: tuple = ()) -> Callable:
 def _run(fn: Callable, x: torch.Tensor, *args):
     if not x.is_cuda or _compiling() or not fused_islands_enabled():
         return fn(x, *args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)):
+    if needs_grad(x, *args):
         # Training (longcat_vc.training): the islands are an inference fusion. Under activation
         # checkpointing the recompute stops early by raising inside the compiled region (seen on the
         # H200: _StopRecomputationError, then a checkpoint assertion); eager autograd is exact.

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..._ext import extension
+from ..._validate import needs_grad
 from ...grid import cache_split_aligned
 
 __all__ = [
@@ -147,7 +148,7 @@ block_sparse_attn_fwd_cuda = bsa_forward_cuda
 def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, *, kernel: Optional[str] = None):
     """Block-sparse attention output ``[B,Sq,H,D]`` (forward only; refuses inputs needing grad);
     with ``return_lse`` ``(out, lse [B,H,Sq] fp32)``."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if needs_grad(q, k, v):
         from ...dispatch import BackendUnavailableError  # noqa: PLC0415
 
         raise BackendUnavailableError(

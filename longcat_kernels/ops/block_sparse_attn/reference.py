@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 import torch.utils.checkpoint
 
-from ..._validate import compiling, has_values
+from ..._validate import compiling, has_values, needs_grad
 from ...grid import block_token_index, token_to_slot
 from .selection import BlockSelection, ieee_fp32_matmul
 
@@ -133,7 +133,7 @@ def block_sparse_attn_reference(
     per_block = B * H * L * (bq * 4 * 4 + 2 * D * torch.finfo(cd).bits // 8 + 16) + 1
     G = max(1, min(Nq, budget // per_block))
     # under autograd, recompute each group in backward instead of keeping every group's scores
-    ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and G < Nq
+    ckpt = needs_grad(q, k, v) and G < Nq
 
     outs, lses = [], []
     for n0 in range(0, Nq, G):

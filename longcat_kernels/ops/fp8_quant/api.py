@@ -30,6 +30,7 @@ import torch
 
 from ...dispatch import choose, impl_fn
 from ..._validate import check_backend_name, check_eps, check_same_device, check_tensor, compiling
+from ..._validate import needs_grad as _needs_grad
 from . import reference as ref
 
 __all__ = ["fp8_quantize_rows", "fp8_layer_norm_quantize", "fp8_modulate_quantize", "fp8_silu_mul_quantize",
@@ -56,7 +57,7 @@ def _run(prologue: str, x: torch.Tensor, x2=None, shift=None, scale=None, weight
     # only y (return_input) carries a gradient (q and s are not differentiable): the Triton kernel is
     # forward only, so a y that needs one goes to the torch path (an explicit "triton" raises)
     ts = [t for t in (x, x2, shift, scale, weight, bias) if t is not None]
-    needs_grad = return_input and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    needs_grad = return_input and _needs_grad(*ts)
     choice = choose("fp8_quantize", x, x2, shift, scale, weight, bias, requested=backend, needs_grad=needs_grad)
     if choice.impl == "torch_reference":
         y = ref.prologue_reference(prologue, x, x2, shift, scale, weight, bias, eps)
