@@ -41,6 +41,7 @@ _MODEL_UIDS = itertools.count()
 # What every rank of a context-parallel group must pass alike (checked before the first collective).
 # Each checksummed input gives two values (``parallel.checksum``: row sums, position-weighted sum).
 # A full ``KVCache`` is checksummed too (a ``ShardedKVCache`` holds other heads on every rank).
+_RANK_STATE_FIELD = "model state (dtype, attention settings, LoRA; rank_state)"
 _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "num_cond_latents", "kv_cache frames",
                    "kv_cache batch", "kv_cache sharded", "text tokens", "text mask given",
                    "hidden_states (checksum)", "hidden_states (position checksum)",
@@ -49,9 +50,9 @@ _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "n
                    "encoder_hidden_states (position checksum of its embedding)",
                    "encoder_attention_mask (checksum)", "encoder_attention_mask (position checksum)",
                    "kv_cache keys and values (checksum)", "kv_cache keys and values (position checksum)",
-                   "model state (dtype, attention settings, LoRA; rank_state)")
+                   _RANK_STATE_FIELD)
 _BUILD_FIELDS = ("batch", "cond latent frames", "latent height", "latent width", "cond_latents (checksum)",
-                 "cond_latents (position checksum)", "model state (dtype, attention settings, LoRA; rank_state)")
+                 "cond_latents (position checksum)", _RANK_STATE_FIELD)
 
 
 def _compiling() -> bool:
