@@ -229,3 +229,100 @@ def check_no_grad(named: Sequence[tuple], op: str) -> None:
                 f"{n}: {op} is forward-only (no backward); expected requires_grad=False, got True "
                 "(call it under torch.no_grad() or detach the input)"
             )
+
+
+# --- registered Triton ops (torch.ops.longcat_kernels.*): shape-only checks of what their launchers index ---
+# The public functions pass valid arguments; a direct torch.ops call (or a hand-written graph) may not, and
+# the kernels then read and write out of bounds (a segfault or heap corruption under the interpreter, wrong
+# memory on a GPU). The csrc twins check the same in csrc/ops.cpp. Metadata only: no device sync.
+
+def _op_triple(op: str, value, name: str) -> Triple:
+    if len(value) != 3 or any(isinstance(x, bool) or int(x) <= 0 for x in value):
+        raise ValueError(f"{op}: {name}: expected 3 positive ints (t, h, w), got {list(value)}")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def check_op_kv(op: str, q: torch.Tensor, pairs: Sequence[tuple], gqa: bool = False) -> None:
+    """Each ``(k_name, k, v_name, v, batch_one_ok)`` of ``pairs`` (k None: skipped): k and v of one shape,
+    batch q's (or 1 where ``batch_one_ok``), heads q's (or dividing them with ``gqa``, the same for every
+    pair) and head_dim q's."""
+    B, _, H, D = q.shape
+    kv_heads = None
+    for kn, k, vn, v, batch_one_ok in pairs:
+        if k is None:
+            continue
+        if k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"{op}: {vn}: expected a 4-D tensor of {kn}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        if k.shape[0] != B and not (batch_one_ok and k.shape[0] == 1):
+            raise ValueError(f"{op}: {kn}: expected batch {'1 or ' if batch_one_ok else ''}{B} (q's), got shape "
+                             f"{tuple(k.shape)}")
+        h = k.shape[2]
+        # heads 0 on q and k/v: an empty result (nothing to compute), as in check_qkv
+        gqa_bad = gqa and not (H == 0 and h == 0) and (h < 1 or H % h)
+        if (h != H and not gqa) or gqa_bad or (kv_heads is not None and h != kv_heads):
+            raise ValueError(f"{op}: {kn}: expected {H} heads (q's{', or a divisor of them' if gqa else ''}), got shape "
+                             f"{tuple(k.shape)}")
+        kv_heads = h
+        if k.shape[3] != D:
+            raise ValueError(f"{op}: {kn}: expected head_dim {D} (q's), got shape {tuple(k.shape)}")
+
+
+def check_op_block_geometry(op: str, q: torch.Tensor, seq_k: int, grid_q, grid_k, chunk_q, chunk_k,
+                            indices: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None) -> None:
+    """Grids and chunks of 3 positive ints, ``grid_q`` covering q's seq and ``grid_k`` the ``seq_k`` keys with
+    grid_q's (h, w) (the kernels place key tokens with it), and ``indices [B, H, Nq, max_sel]`` /
+    ``counts [B, H, Nq]`` of that geometry."""
+    gq, gk = _op_triple(op, grid_q, "grid_q"), _op_triple(op, grid_k, "grid_k")
+    cq, _ = _op_triple(op, chunk_q, "chunk_q"), _op_triple(op, chunk_k, "chunk_k")
+    if gq[0] * gq[1] * gq[2] != q.shape[1]:
+        raise ValueError(f"{op}: grid_q: expected t*h*w == q's seq {q.shape[1]}, got {list(gq)}")
+    if gk[0] * gk[1] * gk[2] != seq_k:
+        raise ValueError(f"{op}: grid_k: expected t*h*w == the keys' seq {seq_k}, got {list(gk)}")
+    if gk[1:] != gq[1:]:
+        raise ValueError(f"{op}: grid_k: expected grid_q's (h, w) {list(gq[1:])}, got {list(gk)}")
+    if indices is None:
+        return
+    B, _, H, _ = q.shape
+    nq = 1
+    for g, c in zip(gq, cq):
+        nq *= -(-g // c)
+    if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, nq):
+        raise ValueError(f"{op}: indices: expected shape [{B}, {H}, {nq}, max_sel] (batch, heads, query blocks of "
+                         f"grid_q {list(gq)} / chunk_q {list(cq)}), got {list(indices.shape)}")
+    if tuple(counts.shape) != (B, H, nq):
+        raise ValueError(f"{op}: counts: expected shape [{B}, {H}, {nq}], got {list(counts.shape)}")
+
+
+def check_op_rope_tables(op: str, x: torch.Tensor, tables: Optional[Sequence], grid_h: int, grid_w: int,
+                         frame_offset: int, name: str = "x") -> None:
+    """Six 2-D rope tables (cos/sin of t, h, w; each sin of its cos's shape) whose widths add up to
+    head_dim and which cover frames ``frame_offset ..`` of ``x`` on a ``grid_h x grid_w`` grid."""
+    if tables is None:
+        return
+    names = ("cos_t", "sin_t", "cos_h", "sin_h", "cos_w", "sin_w")
+    if any(t is None for t in tables):
+        raise ValueError(f"{op}: {'/'.join(names)}: expected all six rope tables or none, got "
+                         f"{[n for n, t in zip(names, tables) if t is None]} missing")
+    for n, t in zip(names, tables):
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {n}: expected a 2-D table [positions, dims], got shape {list(t.shape)}")
+    for i in (0, 2, 4):
+        if tables[i + 1].shape != tables[i].shape:
+            raise ValueError(f"{op}: {names[i + 1]}: expected {names[i]}'s shape {list(tables[i].shape)}, got "
+                             f"{list(tables[i + 1].shape)}")
+    D = x.shape[3]
+    if tables[0].shape[1] + tables[2].shape[1] + tables[4].shape[1] != D:
+        raise ValueError(f"{op}: cos_t/cos_h/cos_w: expected widths adding up to {name}'s head_dim {D}, got "
+                         f"{tables[0].shape[1]}+{tables[2].shape[1]}+{tables[4].shape[1]}")
+    if grid_h <= 0 or grid_w <= 0 or frame_offset < 0:
+        raise ValueError(f"{op}: grid_h/grid_w/frame_offset: expected positive grid_h, grid_w and frame_offset >= 0, "
+                         f"got {grid_h}, {grid_w}, {frame_offset}")
+    hw = grid_h * grid_w
+    if x.shape[1] % hw:
+        raise ValueError(f"{op}: {name}: expected seq to be whole frames of grid_h*grid_w = {hw} tokens, got seq "
+                         f"{x.shape[1]}")
+    last = frame_offset + x.shape[1] // hw
+    if tables[0].shape[0] < last or tables[2].shape[0] < grid_h or tables[4].shape[0] < grid_w:
+        raise ValueError(f"{op}: cos_t/cos_h/cos_w: expected tables covering frames {frame_offset}..{last - 1} of a "
+                         f"{grid_h}x{grid_w} grid, got {tables[0].shape[0]} frames, {tables[2].shape[0]}x"
+                         f"{tables[4].shape[0]}")

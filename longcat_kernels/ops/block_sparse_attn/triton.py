@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from longcat_kernels._validate import check_op_block_geometry, check_op_kv
 from longcat_kernels.dispatch import triton_interpret, triton_tile_size
 
 from . import _triton_kernels as K
@@ -96,6 +97,8 @@ def bsa_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward. q [B,Sq,H,D], k/v [B,Sk,H,D] (any strides, last dim unit)
     -> out [B,Sq,H,D] (q dtype, contiguous), lse [B,H,Sq] fp32 (natural log)."""
+    check_op_kv("bsa_fwd", q, [("k", k, "v", v, False)])
+    check_op_block_geometry("bsa_fwd", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k, indices, counts)
     # the kernels index head_dim, indices and counts with unit strides (the public functions pass them
     # so; a direct torch.ops call may not): a copy only where a stride differs
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
@@ -159,6 +162,8 @@ def bsa_bwd(
     """Gradients (dq, dk, dv) of bsa_fwd through the same selection (BSHD contiguous); ``dlse``
     ``[B,H,Sq]``: the gradient reaching lse too, if any. ``deterministic``: the caller's request
     (``_deterministic``); every launch here is deterministic, so it changes nothing."""
+    check_op_kv("bsa_bwd", q, [("k", k, "v", v, False)])
+    check_op_block_geometry("bsa_bwd", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k, indices, counts)
     do, q, k, v, out = (_last_dim_contig(x) for x in (do, q, k, v, out))  # unit strides, as in bsa_fwd
     lse, indices, counts = lse.contiguous(), indices.contiguous(), counts.contiguous()
     B, Sq, NH, D = q.shape
@@ -332,6 +337,8 @@ def bsa_pool_scores(
 
     Returns pooled_q [B,H,Nq,D], pooled_k [B,H,Nk,D] (input dtype), scores [B,H,Nq,Nk] fp32.
     """
+    check_op_kv("bsa_pool_scores", q, [("k", k, "k", k, False)])
+    check_op_block_geometry("bsa_pool_scores", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k)
     q, k = _last_dim_contig(q), _last_dim_contig(k)  # the kernel indexes head_dim with unit stride
     B, Sq, NH, D = q.shape
     pooled = []

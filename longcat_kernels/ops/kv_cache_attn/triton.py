@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longcat_kernels._validate import check_op_block_geometry, check_op_kv, check_op_rope_tables
 from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
@@ -360,6 +361,17 @@ def _kv_cache_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       grid_h: int, grid_w: int, scale: float,
                       return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [B,Sn,H,D], lse [B,H,Sn] fp32, or an empty tensor when return_lse is False)."""
+    check_op_kv("kv_cache_attn_fwd", q, [("k", k, "v", v, False), ("k_cache", k_cache, "v_cache", v_cache, True)],
+                gqa=True)
+    if cos_t is not None or sin_t is not None:
+        Sc = 0 if k_cache is None else k_cache.shape[1]
+        if grid_h <= 0 or grid_w <= 0 or Sc % (grid_h * grid_w):
+            raise ValueError(f"kv_cache_attn_fwd: k_cache: expected whole frames of grid_h*grid_w = {grid_h}x{grid_w} "
+                             f"tokens, got seq {Sc}")
+        frame = Sc // (grid_h * grid_w)
+        tabs = [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+        check_op_rope_tables("kv_cache_attn_fwd", q, tabs, grid_h, grid_w, frame, "q")
+        check_op_rope_tables("kv_cache_attn_fwd", k, tabs, grid_h, grid_w, frame, "k")
     B, Sn, H, D = q.shape
     out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)
@@ -394,9 +406,15 @@ def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_
 @torch.library.custom_op("longcat_kernels::prefix_attn_fwd", mutates_args=())
 def _prefix_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
                     scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    check_op_kv("prefix_attn_fwd", q, [("k", k, "v", v, False)], gqa=True)
+    P = int(prefix_len)
+    # k[:, :P] / k[:, P:] are Python slices: a P outside [0, seq] gave plain attention, silently
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"prefix_attn_fwd: k: expected seq {q.shape[1]} (q's), got shape {tuple(k.shape)}")
+    if not 0 <= P <= q.shape[1]:
+        raise ValueError(f"prefix_attn_fwd: prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {P}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)
-    P = int(prefix_len)
     _launch_attn(q, k[:, :P], v[:, :P], k[:, P:], v[:, P:], out, P, scale, lse=lse if return_lse else None)
     return out, lse
 
@@ -417,6 +435,9 @@ def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      grid_k: list[int], chunk_q: list[int], chunk_k: list[int],
                      scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k already rotated; selection over q's grid vs the [cache; fresh] key grid."""
+    check_op_kv("kv_cache_bsa_fwd", q, [("k", k, "v", v, False), ("k_cache", k_cache, "v_cache", v_cache, True)])
+    check_op_block_geometry("kv_cache_bsa_fwd", q, k.shape[1] + (0 if k_cache is None else k_cache.shape[1]),
+                            grid_q, grid_k, chunk_q, chunk_k, indices, counts)
     B, Sn, H, D = q.shape
     out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longcat_kernels._validate import check_op_rope_tables
 from longcat_kernels.dispatch import triton_interpret
 
 _INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
@@ -263,6 +264,7 @@ def _rope_3d_op(x: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor, cos_h
                 grid_w: int, frame_offset: int, out: torch.Tensor) -> None:
     from .api import _needs_temporary  # noqa: PLC0415 (api imports the dispatch that imports this module)
 
+    check_op_rope_tables("rope_3d", x, [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w], grid_h, grid_w, frame_offset)
     # an out over x other than exactly x (in place) is read after other programs wrote it: a temporary
     dst = torch.empty(x.shape, dtype=x.dtype, device=x.device) if _needs_temporary(out, x, ()) else out
     launch_norm_rope(q=x, out_q=dst, tables=[cos_t, sin_t, cos_h, sin_h, cos_w, sin_w],
@@ -285,6 +287,9 @@ def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
                      eps: float, out_q: torch.Tensor, out_k: torch.Tensor) -> None:
     tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
     from .api import _needs_temporary  # noqa: PLC0415 (api imports the dispatch that imports this module)
+
+    check_op_rope_tables("qk_norm_rope", q, tables, grid_h, grid_w, frame_offset, "q")
+    check_op_rope_tables("qk_norm_rope", k, tables, grid_h, grid_w, frame_offset, "k")
 
     # qk_norm_rope routes outputs over its inputs through temporaries, but not while dynamo traces: a graph
     # run without functionalization (torch.compile(backend="eager")) or a direct call reaches here with them
