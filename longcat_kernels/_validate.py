@@ -59,6 +59,15 @@ def plain_int(value):
     return value
 
 
+def plain_float(value):
+    """A numpy float32 (or other non-``float`` ``numbers.Real``, not an integer) as a Python float, as
+    ``plain_int`` does for integers: it was a TypeError where numpy float64 (a ``float`` subclass) passed,
+    and kept as float32 it would compute ``1 - sparsity`` in float32. Anything else unchanged, for the check."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, float, numbers.Integral)):
+        return float(value)
+    return value
+
+
 def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:
     """``x`` is a floating tensor of rank ``ndim``."""
     if not isinstance(x, torch.Tensor):
@@ -128,6 +137,7 @@ def check_qkv(q, k, v, names=("q", "k", "v"), gqa: bool = False) -> None:
 def check_scale(scale, name: str = "scale") -> None:
     if scale is None or compiling():
         return
+    scale = plain_float(scale)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name}: expected a float or None, got {type(scale).__name__}")
     if not scale > 0 or scale != scale or scale == float("inf"):
@@ -151,6 +161,7 @@ def check_prefix_len(prefix_len, seq: int) -> None:
 def check_eps(eps, norm: str) -> float:
     """A norm's ``eps`` as a float: a real number (no bool), finite, >= 0 (NaN would turn every output into
     NaN) and at most the fp32 maximum (the ``norm`` adds it in fp32: inf there, every row silently 0)."""
+    eps = plain_float(eps)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps: expected a finite float >= 0, got {type(eps).__name__} {eps!r}")
     if not 0 <= eps < float("inf"):
@@ -193,6 +204,7 @@ def check_sparsity(sparsity, cdf_threshold) -> None:
             "sparsity/cdf_threshold: expected at least one selection rule (sparsity for top-k, "
             "cdf_threshold for cdf, or both), got sparsity=None and cdf_threshold=None"
         )
+    sparsity, cdf_threshold = plain_float(sparsity), plain_float(cdf_threshold)
     if sparsity is not None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise TypeError(f"sparsity: expected a float in [0, 1) or None, got {type(sparsity).__name__}")

@@ -176,3 +176,51 @@ def test_registered_qk_norm_rope_and_cached_attention_ops_refuse_uncovered_table
     tabs3, _, _ = rope_table_args(rope3)
     out, _ = L.kv_cache_attn_fwd(q, k, v, k, v, *tabs3, gh, gw, 0.25)
     torch.testing.assert_close(out, lk.attn_with_kv_cache(q, k, v, k, v, rope=rope3, scale=0.25, backend="torch"))
+
+
+def test_numpy_float32_scalars_are_taken_as_the_numpy_ints_are():
+    """A numpy float32 sparsity / cdf_threshold / scale / softmax_scale / eps / theta (e.g. read from an
+    ``np.float32`` array of settings) was a TypeError ("expected a float, got float32") while numpy ints
+    (prefix_len, frame_offset, grids) and numpy float64 were taken; now each is used as the Python float of
+    its value, giving exactly the result of that float."""
+    np = pytest.importorskip("numpy")
+    f32 = np.float32
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 24, 2, 16, generator=g) for _ in range(3))
+    kc, vc = (torch.randn(1, 12, 2, 16, generator=g) for _ in range(2))
+    kw = dict(grid_q=(2, 3, 4), chunk_q=(1, 2, 2), backend="torch")
+    for sp, cdf in ((f32(0.5), None), (None, f32(0.7)), (f32(0.75), f32(0.3))):
+        want = lk.block_sparse_attn(q, k, v, sparsity=None if sp is None else float(sp),
+                                    cdf_threshold=None if cdf is None else float(cdf), scale=float(f32(0.3)), **kw)
+        torch.testing.assert_close(lk.block_sparse_attn(q, k, v, sparsity=sp, cdf_threshold=cdf, scale=f32(0.3), **kw),
+                                   want, rtol=0, atol=0)
+        sel = lk.select_blocks(q, k, sparsity=sp, cdf_threshold=cdf, **kw)
+        assert torch.equal(sel.counts, lk.select_blocks(q, k, sparsity=None if sp is None else float(sp),
+                                                        cdf_threshold=None if cdf is None else float(cdf),
+                                                        **kw).counts)
+        bs = lk.BlockSparseParams(sparsity=sp, cdf_threshold=cdf, chunk_q=(1, 2, 2), frame_hw=(3, 4))
+        bs_f = lk.BlockSparseParams(sparsity=None if sp is None else float(sp),
+                                    cdf_threshold=None if cdf is None else float(cdf), chunk_q=(1, 2, 2), frame_hw=(3, 4))
+        torch.testing.assert_close(lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs, backend="torch"),
+                                   lk.attn_with_kv_cache(q, k, v, kc, vc, block_sparse=bs_f, backend="torch"),
+                                   rtol=0, atol=0)
+    s = float(f32(0.3))
+    torch.testing.assert_close(lk.prefix_attn(q, k, v, 5, scale=f32(0.3)), lk.prefix_attn(q, k, v, 5, scale=s))
+    torch.testing.assert_close(lk.attn_with_kv_cache(q, k, v, kc, vc, scale=f32(0.3)),
+                               lk.attn_with_kv_cache(q, k, v, kc, vc, scale=s))
+    torch.testing.assert_close(lk.flash_attn_with_kvcache(q, kc, vc, k, v, softmax_scale=f32(0.3)),
+                               lk.flash_attn_with_kvcache(q, kc, vc, k, v, softmax_scale=s))
+    rope = lk.Rope3D((4, 3, 4), np.int64(16), theta=f32(10000))
+    assert rope.theta == 10000.0 and rope.head_dim == 16 and type(rope.head_dim) is int
+    w = torch.ones(16)
+    for a, b in zip(lk.qk_norm_rope(q, k, w, w, rope, 1, eps=f32(1e-6), backend="torch"),
+                    lk.qk_norm_rope(q, k, w, w, rope, 1, eps=float(f32(1e-6)), backend="torch")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x = torch.randn(4, 32, generator=g)
+    for a, b in zip(lk.fp8_layer_norm_quantize(x, eps=f32(1e-5)), lk.fp8_layer_norm_quantize(x, eps=float(f32(1e-5)))):
+        assert torch.equal(a.float(), b.float())
+    # still refused: bools and non-numbers, named
+    with pytest.raises(TypeError, match="sparsity"):
+        lk.select_blocks(q, k, sparsity=np.bool_(True), **kw)
+    with pytest.raises(TypeError, match="scale"):
+        lk.prefix_attn(q, k, v, 5, scale="0.3")

@@ -25,6 +25,7 @@ from ..._validate import (
     check_sparsity,
     compiling,
     has_values,
+    plain_float,
 )
 from ...grid import Triple, as_triple, total_blocks
 from .reference import block_sparse_attn_reference
@@ -207,6 +208,8 @@ def select_blocks(
     Returns:
         BlockSelection: ``indices [B, H, Nq, max_sel]`` int32 (-1 past ``counts``), ``counts [B, H, Nq]``.
     """
+    # a numpy float32 rule as the Python float of its value (its 1 - sparsity would be float32 math)
+    sparsity, cdf_threshold = plain_float(sparsity), plain_float(cdf_threshold)
     if not compiling():
         check_backend_name(backend)
         check_qkv(q, k, k, names=("q", "k", "k"))

@@ -32,6 +32,7 @@ from ..._validate import (
     check_sparsity,
     check_tensor,
     compiling,
+    plain_float,
     plain_int,
 )
 from ...grid import Triple, as_triple, cache_split_aligned
@@ -201,7 +202,9 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
         _check_params_selection(bs, q, k_all, grid_q, grid_k)  # first: it checks selection's type
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
-    return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck)
+    # a numpy float32 rule as the Python float of its value (the Triton gating computes 1 - sparsity with it)
+    return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck, sparsity=plain_float(bs.sparsity),
+                               cdf_threshold=plain_float(bs.cdf_threshold))
 
 
 def attn_with_kv_cache(

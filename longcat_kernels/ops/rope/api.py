@@ -16,7 +16,7 @@ import torch
 
 from ...dispatch import choose, impl_fn
 from ..._validate import (cache_mode, check_backend_name, check_eps, check_same_device, check_tensor, compiling,
-                          has_values, plain_int)
+                          has_values, plain_float, plain_int)
 from ...grid import Triple, as_triple
 from . import reference as ref
 
@@ -45,6 +45,8 @@ class Rope3D:
     def __init__(self, grid: Sequence[int], head_dim: int, theta: float = 10000.0, device=None, *,
                  axis_dims: Optional[Sequence[int]] = None, pairs: str = "interleaved"):
         self.grid: Triple = as_triple(grid, "grid")
+        # numpy scalars (a head_dim or theta read from an array) as the Python numbers of their values
+        head_dim, theta = plain_int(head_dim), plain_float(theta)
         if isinstance(head_dim, bool) or not isinstance(head_dim, int):
             raise TypeError(f"head_dim: expected an int, got {type(head_dim).__name__}")
         if head_dim < 6 or head_dim % 2:
