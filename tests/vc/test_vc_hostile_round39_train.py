@@ -71,3 +71,33 @@ def test_noise_that_is_not_a_tensor_is_named(noise):
     bad = n.tolist() if noise == "list" else n.numpy()
     with pytest.raises(TypeError, match=r"^noise: expected a Tensor"):
         tr.flow_matching_loss(model, x0, y, sigmas=s, noise=bad)
+
+
+def test_a_distill_pipeline_enables_the_cfg_step_lora_it_was_given_loaded(tmp_path):
+    """``VideoContinuationPipeline(dit, ..., mode="distill")`` with the cfg-step LoRA loaded under
+    ``"cfg_step_lora"`` (what the docstring asks for) left it disabled: the 16-step distill schedule at
+    guidance 1 ran on the base model without a word. Now it is enabled as ``set_mode("distill")`` does; one
+    already enabled (and fused) is left as it is."""
+    from longcat_vc.lora import fused_loras
+    from longcat_vc.pipeline import CFG_STEP_LORA, VideoContinuationPipeline
+    from tiny_ckpt import LORA_TARGETS_CFG_STEP
+    from vc_components import build_text_encoder, build_tokenizer, build_vae
+
+    cfg = tiny_config(attn_backend="torch")
+    path = os.fspath(tmp_path / "cfg_step_lora.safetensors")
+    write_longcat_lora(path, cfg, targets=LORA_TARGETS_CFG_STEP)
+    parts = (build_vae(), build_text_encoder(), build_tokenizer(os.fspath(tmp_path / "tok")), {"shift": 12.0})
+    dit = model_from_state_dict(cfg, random_state_dict(cfg, seed=1))
+    dit.load_lora(path, CFG_STEP_LORA)
+    VideoContinuationPipeline(dit, *parts, mode="distill")
+    assert dit.active_loras == [CFG_STEP_LORA]
+    dit.fuse_lora()
+    VideoContinuationPipeline(dit, *parts, mode="distill")
+    assert dit.active_loras == [CFG_STEP_LORA] and fused_loras(dit) == [CFG_STEP_LORA]
+    plain = model_from_state_dict(cfg, random_state_dict(cfg, seed=1))  # e.g. merged weights: runs as it is
+    VideoContinuationPipeline(plain, *parts, mode="distill")
+    assert plain.active_loras == []
+    basic = model_from_state_dict(cfg, random_state_dict(cfg, seed=1))
+    basic.load_lora(path, CFG_STEP_LORA)
+    VideoContinuationPipeline(basic, *parts, mode="basic")
+    assert basic.active_loras == []
