@@ -377,10 +377,17 @@ def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]
 
 def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch.Tensor]]:
     """Reads a LoRA ``.safetensors`` file; returns ``(format, tensors)`` with format ``"longcat"``
-    or ``"fastvideo"``. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for an
+    or ``"fastvideo"``. Raises ``FileNotFoundError`` for a missing file, ``IsADirectoryError`` for a
+    folder (naming the ``.safetensors`` files in it), ``ValueError`` for an
     unreadable file, non-floating or non-finite tensors, or an unknown format."""
     from .loading import _has_non_finite, _open_safetensors_all
 
+    if os.path.isdir(os.fspath(path)):
+        # FastVideo's converter writes each LoRA into a folder (lora/distilled/) and its scripts pass the folder:
+        # that was "LoRA file not found" for a path that exists
+        inside = sorted(f for f in os.listdir(os.fspath(path)) if f.endswith(".safetensors"))
+        raise IsADirectoryError(f"LoRA file: {os.fspath(path)} is a folder; pass the .safetensors file in it "
+                                f"(found: {', '.join(inside[:5]) if inside else 'none'})")
     if not os.path.isfile(os.fspath(path)):  # else "checkpoint file not found" from the DiT loader
         raise FileNotFoundError(f"LoRA file not found: {os.fspath(path)}")
     # own, aligned copies: safetensors hands out views of the file's bytes at arbitrary offsets, and

@@ -101,3 +101,21 @@ def test_a_distill_pipeline_enables_the_cfg_step_lora_it_was_given_loaded(tmp_pa
     basic.load_lora(path, CFG_STEP_LORA)
     VideoContinuationPipeline(basic, *parts, mode="basic")
     assert basic.active_loras == []
+
+
+def test_a_lora_folder_is_named_as_a_folder(tmp_path):
+    """``dit.load_lora("<root>/lora/distilled", ...)`` (FastVideo's converter writes each LoRA into such a folder,
+    and its scripts pass the folder) said "LoRA file not found" for a path that exists. Now an
+    IsADirectoryError naming the .safetensors file(s) in it; a missing path is still FileNotFoundError."""
+    cfg = tiny_config(attn_backend="torch")
+    folder = tmp_path / "distilled"
+    folder.mkdir()
+    write_longcat_lora(os.fspath(folder / "cfg_step_lora.safetensors"), cfg)
+    dit = model_from_state_dict(cfg, random_state_dict(cfg, seed=1))
+    with pytest.raises(IsADirectoryError, match=r"is a folder; pass the .safetensors file in it \(found: "
+                                                 r"cfg_step_lora.safetensors\)"):
+        dit.load_lora(folder, "distilled")
+    with pytest.raises(FileNotFoundError, match="LoRA file not found"):
+        dit.load_lora(tmp_path / "missing.safetensors", "distilled")
+    assert dit.lora_names == []
+    dit.load_lora(folder / "cfg_step_lora.safetensors", "distilled")
