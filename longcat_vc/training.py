@@ -547,7 +547,9 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
                       split_fused: bool = True, dtype: Optional[torch.dtype] = None,
                       metadata: Optional[Dict[str, str]] = None, overwrite: bool = False) -> List[str]:
     """Writes ``longcat_lora_state_dict(model, ...)`` to a ``.safetensors`` file that
-    ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads.
+    ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads. Upstream's ``load_lora`` builds every
+    module at one rank, ``lora_network_dim`` (default 128), and loads strictly: pass it the adapter's rank; a file
+    with per-module ranks (``rank_pattern``) only ``LongCatDiT.load_lora`` reads.
 
     ``dtype``: float16, bfloat16, float32, float64 (what ``load_lora`` reads) or None; ``metadata``:
     extra str -> str header entries (not ``format`` / ``lora_format``, which this writes);
