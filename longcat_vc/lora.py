@@ -285,8 +285,9 @@ class LoRALinear(nn.Linear):
     def _fuse(self) -> None:
         if self.lora_fused or not self.lora_active:
             return
-        delta = sum(a.delta_weight(torch.float32, self.out_features) for a in self.lora_active)
-        self.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
+        acc = _merge_dtype(self.weight.dtype)
+        delta = sum(a.delta_weight(acc, self.out_features) for a in self.lora_active)
+        self.weight.copy_((self.weight.to(acc) + delta.to(self.weight.device)).to(self.weight.dtype))
         self.lora_fused = list(self.lora_active)
         for a in self.lora_fused:
             object.__setattr__(a, "_fused", True)
@@ -297,11 +298,18 @@ class LoRALinear(nn.Linear):
     def _unfuse(self) -> None:
         if not self.lora_fused:
             return
-        delta = sum(a.delta_weight(torch.float32, self.out_features) for a in self.lora_fused)
-        self.weight.copy_((self.weight.float() - delta.to(self.weight.device)).to(self.weight.dtype))
+        acc = _merge_dtype(self.weight.dtype)
+        delta = sum(a.delta_weight(acc, self.out_features) for a in self.lora_fused)
+        self.weight.copy_((self.weight.to(acc) - delta.to(self.weight.device)).to(self.weight.dtype))
         for a in self.lora_fused:
             object.__setattr__(a, "_fused", False)
         self.lora_fused = []
+
+
+def _merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``W + delta`` is computed in: float32, or the weight's own when wider (float64: a float32
+    merge rounded every fused and unfused weight to float32, about 3e8 fp64 ulps off)."""
+    return torch.promote_types(weight_dtype, torch.float32)
 
 
 def _adapter_tensors(a: "LoRAAdapter") -> Tuple[torch.Tensor, ...]:
@@ -369,10 +377,17 @@ def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]
 
 def read_lora_file(path: "str | os.PathLike[str]") -> Tuple[str, Dict[str, torch.Tensor]]:
     """Reads a LoRA ``.safetensors`` file; returns ``(format, tensors)`` with format ``"longcat"``
-    or ``"fastvideo"``. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for an
+    or ``"fastvideo"``. Raises ``FileNotFoundError`` for a missing file, ``IsADirectoryError`` for a
+    folder (naming the ``.safetensors`` files in it), ``ValueError`` for an
     unreadable file, non-floating or non-finite tensors, or an unknown format."""
     from .loading import _has_non_finite, _open_safetensors_all
 
+    if os.path.isdir(os.fspath(path)):
+        # FastVideo's converter writes each LoRA into a folder (lora/distilled/) and its scripts pass the folder:
+        # that was "LoRA file not found" for a path that exists
+        inside = sorted(f for f in os.listdir(os.fspath(path)) if f.endswith(".safetensors"))
+        raise IsADirectoryError(f"LoRA file: {os.fspath(path)} is a folder; pass the .safetensors file in it "
+                                f"(found: {', '.join(inside[:5]) if inside else 'none'})")
     if not os.path.isfile(os.fspath(path)):  # else "checkpoint file not found" from the DiT loader
         raise FileNotFoundError(f"LoRA file not found: {os.fspath(path)}")
     # own, aligned copies: safetensors hands out views of the file's bytes at arbitrary offsets, and
@@ -762,9 +777,9 @@ def disable_loras(model: nn.Module) -> None:
 
 
 def fuse_lora(model: nn.Module) -> None:
-    """Merges the active adapters into the weights (``W += delta`` computed in fp32). A refusal
-    (fp8 weights: ``longcat_vc.fp8``; merged weights not finite in the weight dtype) comes before
-    any module changed. While fused, ``state_dict()`` holds the merged weights under the base names."""
+    """Merges the active adapters into the weights (``W += delta`` computed in fp32, in fp64 for fp64
+    weights). A refusal (fp8 weights: ``longcat_vc.fp8``; merged weights not finite in the weight dtype)
+    comes before any module changed. While fused, ``state_dict()`` holds the merged weights under the base names."""
     for _, mod in _lora_linears(model):
         mod._check_fuse()
     _check_fuse_fits_dtype(model)
@@ -783,8 +798,9 @@ def _check_fuse_fits_dtype(model: nn.Module) -> None:
     for path, mod in _lora_linears(model):
         if mod.lora_fused or not mod.lora_active or mod.weight.dtype not in LORA_FILE_DTYPES:  # fp8: _check_fuse
             continue
-        delta = sum(a.delta_weight(torch.float32, mod.out_features) for a in mod.lora_active)
-        fused = (mod.weight.float() + delta.to(mod.weight.device)).to(mod.weight.dtype)
+        acc = _merge_dtype(mod.weight.dtype)
+        delta = sum(a.delta_weight(acc, mod.out_features) for a in mod.lora_active)
+        fused = (mod.weight.to(acc) + delta.to(mod.weight.device)).to(mod.weight.dtype)
         if not bool(torch.isfinite(fused).all()):
             bad.append(f"{path} ({mod.weight.dtype}, multiplier(s) "
                        + ", ".join(f"{a.name}={a.multiplier:g}" for a in mod.lora_active) + ")")

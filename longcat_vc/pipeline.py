@@ -201,7 +201,9 @@ class VideoContinuationPipeline:
             are read from it (``schedule.check_scheduler_config``).
         mode (str): ``"basic"`` or ``"distill"``; sets the defaults of steps/guidance/schedule.
             Distill mode expects the cfg-step LoRA loaded under the name ``"cfg_step_lora"``
-            (``from_pretrained`` and ``set_mode`` do that).
+            (``from_pretrained`` and ``set_mode`` do that); loaded but not enabled, it is enabled
+            here as ``set_mode("distill")`` does (the only active LoRA). A DiT without it runs as it is
+            (e.g. weights with the LoRA merged in).
         max_sequence_length (int): text tokens (512).
         process_group: a ``torch.distributed`` process group: run the DiT context-parallel across
             its ranks (``dit.enable_context_parallel``; every rank runs the same calls, rank 0's
@@ -271,6 +273,11 @@ class VideoContinuationPipeline:
             dit.enable_context_parallel(process_group, cfg_parallel=cfg_parallel)
         elif cfg_parallel:
             raise ValueError("cfg_parallel=True needs a process_group")
+        loaded, active = getattr(dit, "lora_names", None), getattr(dit, "active_loras", None)
+        if mode == "distill" and loaded is not None and active is not None and CFG_STEP_LORA in loaded \
+                and CFG_STEP_LORA not in active:
+            # loaded as documented but not enabled: the 16-step distill schedule ran on the base model
+            self.set_mode("distill")
 
     # ---------------------------------------------------------------- construction
 

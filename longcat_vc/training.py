@@ -377,7 +377,8 @@ def flow_matching_loss(
         encoder_attention_mask (Tensor | None): ``[B, L]``.
         sigmas (Tensor | None): ``[B]`` noise levels in [0, 1]; default ``sample_sigmas``.
         noise (Tensor | None): like ``latents``; default standard normal.
-        shift, generator: for the default sigmas and noise (``generator`` on the CPU).
+        shift, generator: for the default sigmas and noise (``generator`` on the CPU); a shift other than
+            1.0 beside given ``sigmas`` raises ValueError (it would be ignored).
     """
     if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
         raise ValueError(
@@ -386,6 +387,10 @@ def flow_matching_loss(
         )
     B = latents.shape[0]
     x0 = latents.float()
+    if sigmas is not None and shift != 1.0:
+        # the shift only shapes the default sigmas: given ones were used unshifted, without a word
+        raise ValueError(f"shift={shift!r} is used only for the default sigmas (sigmas=None); apply it to the given "
+                         "sigmas yourself (s' = shift*s / (1 + (shift-1)*s)) or leave shift at 1.0")
     if sigmas is None:
         sigmas = sample_sigmas(B, shift=shift, generator=generator)
     if not isinstance(sigmas, torch.Tensor) or tuple(sigmas.shape) != (B,):
@@ -395,6 +400,9 @@ def flow_matching_loss(
         raise ValueError(f"sigmas: expected values in [0, 1], got {sigmas.tolist()}")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    elif not isinstance(noise, torch.Tensor):  # a list / numpy array was an AttributeError on '.shape' / '.to'
+        raise TypeError(f"noise: expected a Tensor shaped like the latents {list(latents.shape)} or None, got "
+                        f"{type(noise).__name__}")
     elif tuple(noise.shape) != tuple(latents.shape):
         raise ValueError(f"noise: expected shape {list(latents.shape)}, got {list(noise.shape)}")
     if torch.is_grad_enabled():
@@ -539,7 +547,9 @@ def save_longcat_lora(model: nn.Module, path: "str | os.PathLike[str]", *, adapt
                       split_fused: bool = True, dtype: Optional[torch.dtype] = None,
                       metadata: Optional[Dict[str, str]] = None, overwrite: bool = False) -> List[str]:
     """Writes ``longcat_lora_state_dict(model, ...)`` to a ``.safetensors`` file that
-    ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads.
+    ``LongCatDiT.load_lora`` (and upstream LongCat-Video's LoRA loader) reads. Upstream's ``load_lora`` builds every
+    module at one rank, ``lora_network_dim`` (default 128), and loads strictly: pass it the adapter's rank; a file
+    with per-module ranks (``rank_pattern``) only ``LongCatDiT.load_lora`` reads.
 
     ``dtype``: float16, bfloat16, float32, float64 (what ``load_lora`` reads) or None; ``metadata``:
     extra str -> str header entries (not ``format`` / ``lora_format``, which this writes);
