@@ -59,7 +59,7 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
     out: Dict[str, Optional[str]] = {}
     for b in ("torch", "triton", "cuda"):
         try:
-            choose_kernel(op or "attn_with_kv_cache", f, b)
+            choose_kernel("attn_with_kv_cache" if op is None else op, f, b)
             out[b] = None
         except BackendUnavailableError as e:
             out[b] = str(e).split(": ", 2)[-1]

@@ -35,7 +35,7 @@ import re
 from typing import List, Optional
 
 __all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
-           "check_environment", "bench_commit", "settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
+           "check_environment", "bench_commit", "settings", "unknown_settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -106,7 +106,7 @@ def check_environment(scan: bool = True) -> None:
     if _scanned or not scan:
         return
     _scanned = True
-    unknown = sorted(k for k in os.environ if _LOOKALIKE.match(k) and k not in KNOWN and k not in REMOVED)
+    unknown = unknown_settings()
     if unknown:
         import warnings  # noqa: PLC0415 (this file imports only os and re at load: setup.py reads it)
 
@@ -114,6 +114,12 @@ def check_environment(scan: bool = True) -> None:
             f"{', '.join(unknown)}: not a longcat_kernels setting, ignored (misspelt?). Known: {', '.join(KNOWN)}",
             UserWarning, stacklevel=3,
         )
+
+
+def unknown_settings() -> List[str]:
+    """The variables set that look like ours but are not (``LONGCAT_KERNEL_BACKEND``, ``..._BACKENDS``, any
+    case), sorted: what ``check_environment`` warns about and the environment report lists."""
+    return sorted(k for k in os.environ if _LOOKALIKE.match(k) and k not in KNOWN and k not in REMOVED)
 
 
 _CHECKS: dict = {}
