@@ -101,8 +101,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(str(e))
 
 
+# the flags of the estimate (argparse dests), none of which the --measured table reads
+_ESTIMATE_FLAGS = ("checkpoint", "depth", "resolution", "frames", "cond_frames", "batch", "dtype_bytes", "fp8", "refine")
+
+
 def _report(p, args) -> int:
-    if args.measured:
+    for flag, path in (("--checkpoint", args.checkpoint), ("--measured", args.measured)):
+        if path is not None and not path.strip():
+            # read as "not given": the released model's estimate was printed for either
+            p.error(f"{flag}: expected a path, got {path!r}")
+    if args.measured is not None:
+        # the measured table is the bench file's: an estimate flag beside it was ignored without a word
+        given = [f"--{d.replace('_', '-')}" for d in _ESTIMATE_FLAGS if getattr(args, d) != p.get_default(d)]
+        if given:
+            p.error(f"--measured prints the table of its file; {', '.join(given)} only shape the estimate: "
+                    "drop them (or --measured)")
         table = measured_table(args.measured)
         print(f"measured peak GiB per stage ({args.measured}):")
         print(_fmt_table(table, list(STAGES) + ["s_per_step"]))
@@ -110,7 +123,7 @@ def _report(p, args) -> int:
     from .config import DiTConfig
 
     dit_dir = None
-    if args.checkpoint:
+    if args.checkpoint is not None:
         from .loading import resolve_dit_dir
 
         dit_dir = resolve_dit_dir(args.checkpoint)
