@@ -371,6 +371,9 @@ def main(argv=None):
                    help="cap the process at this many GiB during the stage (set_per_process_memory_fraction)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    # the JSON is written at the end of the run: "" or a folder failed there, every number lost
+    if not args.out.strip() or os.path.isdir(args.out):
+        p.error(f"--out: expected a JSON file path, got {args.out!r}" + (" (a folder)" if args.out.strip() else ""))
     kinds = [k for k in args.stage_kinds.split(",") if k]
     if not kinds or any(k not in ("ours", "dense") for k in kinds):
         p.error(f"--stage-kinds: expected a comma list of ours, dense; got {args.stage_kinds!r}")
