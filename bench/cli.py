@@ -149,10 +149,8 @@ def _device(arg: str | None) -> torch.device:
 
 def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, ...], list[str] | None]:
     """Every flag checked before anything runs: (suites, grids, cond frames, sparsities, backends)."""
-    from longcat_kernels._envvars import bench_commit
-
-    try:  # the commit the results record: a bad value was a traceback from the machine header
-        bench_commit()
+    try:  # the commit the results record (a bad value was a traceback from the machine header), the knobs
+        _machine.check_settings()
     except ValueError as e:
         raise SystemExit(str(e)) from None
     suites = _suites(args.suite)

@@ -78,6 +78,14 @@ def parse_args(argv=None):
     # the JSON is written at the end of the run: "" or a folder failed there, every number lost
     if not args.out.strip() or os.path.isdir(args.out):
         p.error(f"--out: expected a JSON file path, got {args.out!r}" + (" (a folder)" if args.out.strip() else ""))
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from bench.machine import check_settings
+
+    try:  # a bad LONGCAT_KERNELS_BENCH_COMMIT cost the results their machine header, found at the end
+        check_settings()
+    except ValueError as e:
+        p.error(str(e))
     # checked now, not minutes into the run: an unknown mode failed on its cap after resident had run, an
     # unknown variant ('distil') ran as basic under its own name, and a NaN, zero or negative cap raised in
     # cap_process_memory after resident (and was silently recorded with --smoke)

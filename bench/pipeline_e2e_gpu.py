@@ -131,6 +131,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.out.strip():  # os.makedirs("") was a bare FileNotFoundError
         p.error(f"--out: expected a folder for the timings JSON, got {args.out!r}")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from bench.machine import check_settings
+
+    try:  # a bad LONGCAT_KERNELS_BENCH_COMMIT cost the results their machine header, found at the end
+        check_settings()
+    except ValueError as e:
+        p.error(str(e))
     # "--cache of" ran the cache-off run alone (any value but "on" was off), "--modes distil" failed after
     # every component was built: both lists are checked here
     for flag, value, allowed in (("--cache", args.cache, ("on", "off")), ("--modes", args.modes, ("basic", "distill"))):

@@ -216,3 +216,34 @@ def test_memory_report_refuses_estimate_flags_beside_measured(extra, flag, tmp_p
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
     assert memory_report.main(["--measured", str(path)]) == 0
+
+
+@pytest.mark.parametrize("script, call, argv", [
+    ("memory_modes_gpu", "parse_args", ["--out", "x.json"]),
+    ("pipeline_e2e_gpu", "parse_args", ["--out", "x"]),
+    ("refine_step_gpu", "main", ["--out", "x.json"]),
+])
+@pytest.mark.parametrize("name, value", [("LONGCAT_KERNELS_BENCH_COMMIT", "not-a-sha"),
+                                         ("LONGCAT_KERNELS_BACKEND", "trtion")])
+def test_gpu_scripts_check_the_settings_up_front(script, call, argv, name, value, monkeypatch, capsys):
+    """A bad LONGCAT_KERNELS_BENCH_COMMIT made the machine header raise, which these scripts catch as
+    "informative only": the run went on and its JSON recorded {"error": ...} instead of the machine and
+    commit. A bad package knob failed at the first kernel call, after the models were built. Both are
+    refused by the parser now, naming the variable (as ``python -m bench`` does)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as e:
+        getattr(_script(script), call)(argv)
+    assert e.value.code == 2
+    assert name in capsys.readouterr().err
+
+
+def test_bench_cli_checks_the_package_settings_up_front(monkeypatch, capsys):
+    """``LONGCAT_KERNELS_BACKEND=trtion python -m bench``: every suite ran its setup (on a GPU the matmul
+    ceiling first) and each reported its first case as an error; refused before anything runs now."""
+    from bench.cli import main
+
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "trtion")
+    with pytest.raises(SystemExit) as ei:
+        main(_CHEAP + ["--suite", "bsa"])
+    assert "LONGCAT_KERNELS_BACKEND" in str(ei.value.code)
+    assert "== suite" not in capsys.readouterr().out
