@@ -247,3 +247,18 @@ def test_bench_cli_checks_the_package_settings_up_front(monkeypatch, capsys):
         main(_CHEAP + ["--suite", "bsa"])
     assert "LONGCAT_KERNELS_BACKEND" in str(ei.value.code)
     assert "== suite" not in capsys.readouterr().out
+
+
+def test_bench_pipeline_reports_the_cond_frames_it_does_not_run():
+    """``--suite pipeline --cond-frames 5,9``: the suite runs one conditioning (13 when named, else the
+    first) and 9 was dropped without a row, while the results' config listed it. It is a skipped row
+    with the reason now."""
+    import torch
+
+    from bench.suites import Context, load_suite
+
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, log=lambda m: None, quick=True, cond_frames=(5, 9))
+    cs = load_suite("pipeline").cases(ctx)
+    left = [c for c in cs if c.params.get("cond_frames") == 9]
+    assert left and all(c.skip and "one conditioning" in c.skip for c in left), [(c.name, c.skip) for c in cs]
+    assert any(c.params.get("cond_frames") == 5 and not c.skip for c in cs)
