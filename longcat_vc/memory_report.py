@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resolution", default="480p", help="480p or 720p (the bucket of a 16:9 video) or HxW")
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--cond-frames", type=int, default=13)
-    p.add_argument("--batch", type=int, default=2, help="DiT batch (2 with CFG, 1 without)")
+    p.add_argument("--batch", type=int, default=None, help="DiT batch (default 2: with CFG; 1 without; --refine: 1)")
     # 1 byte was offered and halved every component's estimate: no model dtype has it (fp8 quantises only
     # the blocks' large linears: --fp8)
     p.add_argument("--dtype-bytes", type=int, default=2, choices=(2, 4),
@@ -136,6 +136,11 @@ def _report(p, args) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, depth=args.depth)
+    if args.refine and args.batch not in (None, 1):
+        # the refinement runs batch 1 (guidance 1): a given --batch was replaced by 1 without a word
+        p.error(f"--batch {args.batch}: the refinement runs batch 1 (no CFG); drop --batch with --refine")
+    if args.batch is None:
+        args.batch = 1 if args.refine else 2
     if args.frames < 2 or args.cond_frames < 1 or args.batch < 1:
         p.error("--frames >= 2, --cond-frames >= 1 and --batch >= 1 are required")
     if 1 + (args.cond_frames - 1) // 4 >= (args.frames - 1) // 4 + 1:

@@ -262,3 +262,17 @@ def test_bench_pipeline_reports_the_cond_frames_it_does_not_run():
     left = [c for c in cs if c.params.get("cond_frames") == 9]
     assert left and all(c.skip and "one conditioning" in c.skip for c in left), [(c.name, c.skip) for c in cs]
     assert any(c.params.get("cond_frames") == 5 and not c.skip for c in cs)
+
+
+def test_memory_report_refuses_a_batch_the_refinement_does_not_run(capsys):
+    """``--refine --batch 4`` printed the refinement's batch-1 table ("batch 1" in its title line) without
+    a word about the --batch it replaced. Refused now; ``--refine --batch 1`` and ``--refine`` still run."""
+    from longcat_vc import memory_report
+
+    with pytest.raises(SystemExit) as e:
+        memory_report.main(["--refine", "--batch", "4", "--depth", "2"])
+    assert e.value.code == 2 and "--batch" in capsys.readouterr().err
+    for extra in ([], ["--batch", "1"]):
+        assert memory_report.main(["--refine", "--depth", "2"] + extra) == 0
+    assert memory_report.main(["--depth", "2"]) == 0
+    assert "batch 2" in capsys.readouterr().out  # the default without --refine is unchanged
