@@ -86,6 +86,10 @@ def parse_args(argv=None):
         check_settings()
     except ValueError as e:
         p.error(str(e))
+    if args.upstream is not None and not os.path.isdir(os.path.join(args.upstream, "longcat_video")):
+        # "" was taken as "not given" (no upstream numbers, without a word); a wrong folder was reported
+        # as "upstream unavailable" only after our own timings
+        p.error(f"--upstream: expected a LongCat-Video checkout (the folder holding longcat_video/), got {args.upstream!r}")
     # checked now, not minutes into the run: an unknown mode failed on its cap after resident had run, an
     # unknown variant ('distil') ran as basic under its own name, and a NaN, zero or negative cap raised in
     # cap_process_memory after resident (and was silently recorded with --smoke)

@@ -382,6 +382,10 @@ def main(argv=None):
         check_settings()
     except ValueError as e:
         p.error(str(e))
+    if args.upstream is not None and not os.path.isdir(os.path.join(args.upstream, "longcat_video")):
+        # "" was taken as "not given" (no upstream numbers, without a word); a wrong folder was reported
+        # as "upstream unavailable" only after our own timings
+        p.error(f"--upstream: expected a LongCat-Video checkout (the folder holding longcat_video/), got {args.upstream!r}")
     kinds = [k for k in args.stage_kinds.split(",") if k]
     if not kinds or any(k not in ("ours", "dense") for k in kinds):
         p.error(f"--stage-kinds: expected a comma list of ours, dense; got {args.stage_kinds!r}")

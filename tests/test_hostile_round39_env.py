@@ -276,3 +276,18 @@ def test_memory_report_refuses_a_batch_the_refinement_does_not_run(capsys):
         assert memory_report.main(["--refine", "--depth", "2"] + extra) == 0
     assert memory_report.main(["--depth", "2"]) == 0
     assert "batch 2" in capsys.readouterr().out  # the default without --refine is unchanged
+
+
+@pytest.mark.parametrize("script, call, out", [("memory_modes_gpu", "parse_args", "x.json"),
+                                               ("refine_step_gpu", "main", "x.json")])
+def test_gpu_scripts_check_the_upstream_folder_up_front(script, call, out, tmp_path, capsys):
+    """``--upstream ""`` was read as "not given": the run had no upstream numbers and said nothing; a folder
+    without ``longcat_video/`` was found only after our own timings (reported "unavailable")."""
+    for bad in ("", str(tmp_path)):
+        with pytest.raises(SystemExit) as e:
+            getattr(_script(script), call)(["--out", out, "--upstream", bad])
+        assert e.value.code == 2
+        assert "--upstream" in capsys.readouterr().err
+    (tmp_path / "longcat_video").mkdir()
+    if call == "parse_args":  # a checkout is taken
+        assert _script(script).parse_args(["--out", out, "--upstream", str(tmp_path)]).upstream == str(tmp_path)
