@@ -55,7 +55,15 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    f = representative_facts(torch.device(device).type)._replace(env_backend=None)
+    try:
+        dev_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        dev_type = None
+    if dev_type not in ("cuda", "cpu"):
+        # "" was torch's "Device string must not be empty", naming no argument; "meta" answered for tensors
+        # no op computes on (torch "usable")
+        raise ValueError(f"device: expected 'cuda' or 'cpu' (or None: this machine's), got {device!r}")
+    f = representative_facts(dev_type)._replace(env_backend=None)
     out: Dict[str, Optional[str]] = {}
     for b in ("torch", "triton", "cuda"):
         try:
@@ -63,7 +71,7 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
             out[b] = None
         except BackendUnavailableError as e:
             out[b] = str(e).split(": ", 2)[-1]
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if dev_type == "cuda" and not torch.cuda.is_available():
         # the facts describe CUDA inputs; without a device neither GPU backend runs (Triton's GPU
         # kernels included: only the CPU interpreter runs without one, on CPU tensors)
         for b in ("triton", "cuda"):

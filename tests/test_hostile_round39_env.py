@@ -291,3 +291,18 @@ def test_gpu_scripts_check_the_upstream_folder_up_front(script, call, out, tmp_p
     (tmp_path / "longcat_video").mkdir()
     if call == "parse_args":  # a checkout is taken
         assert _script(script).parse_args(["--out", out, "--upstream", str(tmp_path)]).upstream == str(tmp_path)
+
+
+@pytest.mark.parametrize("device", ["", "meta", "mps"])
+def test_available_backends_refuses_a_device_it_cannot_describe(device):
+    """``available_backends(device="")`` raised torch's "Device string must not be empty" (naming no
+    argument), ``device="meta"`` answered "torch: usable" for tensors no op computes on. A ValueError
+    naming ``device`` now; "cpu", "cuda", "cuda:0" and a torch.device still answer."""
+    import torch
+
+    import longcat_kernels as lk
+
+    with pytest.raises(ValueError, match="device"):
+        lk.available_backends(device=device)
+    for ok in ("cpu", "cuda", "cuda:0", torch.device("cpu")):
+        assert set(lk.available_backends(device=ok)) == {"torch", "triton", "cuda"}
