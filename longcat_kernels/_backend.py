@@ -52,6 +52,9 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
     Returns:
         ``{backend: None if usable else the reason}`` for ``"torch"``, ``"triton"``, ``"cuda"``, for
         representative inputs (bf16 head_dim 128 on CUDA, fp32 on CPU).
+
+    Raises:
+        ValueError: ``op`` is not an op name (``""`` too), or ``device`` is not cuda/cpu.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
