@@ -10,7 +10,7 @@
 ``LONGCAT_KERNELS_SKIP_CUDA_BUILD`` ``0`` (default) | ``1``: never build the extension at install
 ``LONGCAT_KERNELS_CUDA_ARCHS``     targets of the extension build: ``"9.0a;8.0"`` (compute
                                    capabilities, ``;``/``,``/space separated) or nvcc
-                                   ``-gencode=...`` flags verbatim; default: the device's own
+                                   ``-gencode=...`` flags verbatim (``;``/space separated); default: the device's own
                                    (``sm_90a`` at install without a device). Hopper is ``9.0a``:
                                    a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap), so are
                                    targets before 8.0 and an ``a`` target before Hopper (no build)
@@ -232,8 +232,11 @@ def _plain_sm90_error(raw: str, entry: str) -> ValueError:
 
 
 def _verbatim_flags(raw: str) -> Optional[List[str]]:
-    """``raw`` split into nvcc target flags if every word is one (or the value of a bare one), else None."""
-    words = raw.split()
+    """``raw`` split into nvcc target flags if every word is one (or the value of a bare one), else None.
+
+    ``;`` separates flags as it separates capabilities: no nvcc flag contains one, and two ``;``-joined
+    ``-gencode=...`` reached nvcc as one flag, a JIT build failure after which ``auto`` ran Triton."""
+    words = raw.replace(";", " ").split()
     out: List[str] = []
     i = 0
     while i < len(words):

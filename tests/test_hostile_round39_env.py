@@ -306,3 +306,19 @@ def test_available_backends_refuses_a_device_it_cannot_describe(device):
         lk.available_backends(device=device)
     for ok in ("cpu", "cuda", "cuda:0", torch.device("cpu")):
         assert set(lk.available_backends(device=ok)) == {"torch", "triton", "cuda"}
+
+
+def test_cuda_archs_splits_verbatim_flags_on_semicolons(monkeypatch):
+    """``LONGCAT_KERNELS_CUDA_ARCHS="-gencode=arch=compute_90a,code=sm_90a;-gencode=arch=compute_80,code=sm_80"``
+    (``;`` separates the capability form) passed as ONE flag to nvcc, which refused it: the JIT build failed
+    and ``auto`` ran Triton. ``;`` now separates flags too; a flag and a capability mixed is refused."""
+    from longcat_kernels import _envvars as E
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-gencode=arch=compute_90a,code=sm_90a;-gencode=arch=compute_80,code=sm_80")
+    assert E.cuda_arch_flags_from_env() == ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-gencode=arch=compute_90a,code=sm_90a;8.0")
+    with pytest.raises(ValueError, match="LONGCAT_KERNELS_CUDA_ARCHS"):
+        E.cuda_arch_flags_from_env()
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-gencode=arch=compute_90a,code=sm_90a;-arch=sm_90")
+    with pytest.raises(ValueError, match="9.0a"):  # the plain-Hopper check sees the second flag
+        E.cuda_arch_flags_from_env()
