@@ -322,3 +322,15 @@ def test_cuda_archs_splits_verbatim_flags_on_semicolons(monkeypatch):
     monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-gencode=arch=compute_90a,code=sm_90a;-arch=sm_90")
     with pytest.raises(ValueError, match="9.0a"):  # the plain-Hopper check sees the second flag
         E.cuda_arch_flags_from_env()
+
+
+def test_bench_report_refuses_readme_without_write_or_check(tmp_path, capsys):
+    """``python -m bench.report --readme docs/X.md`` printed the table to stdout and left X untouched without
+    a word (--readme is read by --write / --check alone): a user who meant to update X thought it done."""
+    from bench import report
+
+    readme = tmp_path / "X.md"
+    readme.write_text("x\n")
+    with pytest.raises(SystemExit) as e:
+        report.main(["--readme", str(readme)])
+    assert e.value.code == 2 and "--readme" in capsys.readouterr().err
