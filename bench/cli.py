@@ -183,6 +183,8 @@ def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, .
             raise SystemExit(f"--backends: unknown backend {b!r}; expected a comma-separated list of "
                              f"{', '.join(KERNEL_BACKENDS)}")
     _no_repeats("--backends", backends or ())
+    if args.out is not None and args.no_write:
+        raise SystemExit(f"--out {args.out}: --no-write writes no files; drop one of them")
     if args.out is not None and not args.out.strip():
         # an empty folder read as "not given": the results went to the default folder without a word
         raise SystemExit(f"--out: expected a results folder, got {args.out!r}; leave the flag out for the default")

@@ -334,3 +334,14 @@ def test_bench_report_refuses_readme_without_write_or_check(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         report.main(["--readme", str(readme)])
     assert e.value.code == 2 and "--readme" in capsys.readouterr().err
+
+
+def test_bench_refuses_out_with_no_write(tmp_path, capsys):
+    """``--out DIR --no-write`` printed the tables and wrote nothing to DIR without a word (as --plot with
+    --no-write, refused since round 19, would have)."""
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(_CHEAP + ["--suite", "cache", "--out", str(tmp_path / "r")])
+    assert "--out" in str(ei.value.code) and "--no-write" in str(ei.value.code), ei.value.code
+    assert "== suite" not in capsys.readouterr().out
