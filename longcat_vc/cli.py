@@ -462,6 +462,10 @@ def _check_args_before_load(args) -> None:
     if device.type == "cpu" and backend == "triton" and not triton_interpret():
         raise UsageError(f"{via} on cpu needs TRITON_INTERPRET=1 (the Triton CPU interpreter, slow); "
                          "use auto or torch")
+    if device.type == "cpu" and backend == "triton" and getattr(args, "dtype", "auto") == "bf16":
+        # the interpreter has no bfloat16 (numpy): the first attention call refused it, after the load
+        raise UsageError(f"{via} on cpu runs the Triton CPU interpreter, which has no bfloat16: use --dtype fp32 "
+                         "(or fp16), or --attn-backend torch")
     if getattr(args, "fp8", False):
         from .fp8 import check_fp8_device
 

@@ -349,3 +349,20 @@ def test_bench_refuses_out_with_no_write(tmp_path, capsys):
         main(_CHEAP + ["--suite", "cache", "--out", str(tmp_path / "r")])
     assert "--out" in str(ei.value.code) and "--no-write" in str(ei.value.code), ei.value.code
     assert "== suite" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_refuses_triton_bf16_on_cpu_before_loading(video, tmp_path, monkeypatch, capsys, how):
+    """``--device cpu --dtype bf16 --attn-backend triton`` (TRITON_INTERPRET=1): the Triton CPU interpreter
+    has no bfloat16, which the first attention call refused after the weights had loaded. Exit 2 before."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    extra = ["--device", "cpu", "--dtype", "bf16"]
+    if how == "flag":
+        extra += ["--attn-backend", "triton"]
+    else:
+        monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "triton")
+    rc, err = _cli_without_loading(monkeypatch, capsys, _continue(video, tmp_path, *extra))
+    assert rc == 2 and "bfloat16" in err and "weights were loaded" not in err, err
+    rc, err = _cli_without_loading(monkeypatch, capsys, _continue(video, tmp_path, "--device", "cpu", "--dtype", "fp32",
+                                                                  "--attn-backend", "triton"))
+    assert rc == 1 and "weights were loaded" in err, err  # fp32 passes every check
