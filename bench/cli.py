@@ -32,6 +32,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "fp32": torch.float32, "float32": torch.float32}
 # suites that time the whole DiT (one attention backend per run) rather than kernels per backend
 MODEL_SUITES = ("cache", "pipeline")
+# the suites that read each per-suite flag (--shapes, --backends, --dtype: every suite)
+SUITE_READERS = {"--sparsity": ("bsa",), "--depth": MODEL_SUITES, "--cond-frames": ("cache", "cached-attn", "pipeline")}
 # --backends names: longcat_kernels' backend names (longcat_kernels.dispatch.BACKENDS; a test keeps them equal)
 KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -128,7 +130,7 @@ def _check_seed(seed: int) -> None:
 
 
 def _device(arg: str | None) -> torch.device:
-    if not arg:
+    if arg is None:  # "" is refused below: it ran on the default device as if the flag were left out
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(arg)
@@ -147,10 +149,8 @@ def _device(arg: str | None) -> torch.device:
 
 def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, ...], list[str] | None]:
     """Every flag checked before anything runs: (suites, grids, cond frames, sparsities, backends)."""
-    from longcat_kernels._envvars import bench_commit
-
-    try:  # the commit the results record: a bad value was a traceback from the machine header
-        bench_commit()
+    try:  # the commit the results record (a bad value was a traceback from the machine header), the knobs
+        _machine.check_settings()
     except ValueError as e:
         raise SystemExit(str(e)) from None
     suites = _suites(args.suite)
@@ -183,12 +183,24 @@ def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, .
             raise SystemExit(f"--backends: unknown backend {b!r}; expected a comma-separated list of "
                              f"{', '.join(KERNEL_BACKENDS)}")
     _no_repeats("--backends", backends or ())
+    if args.out is not None and args.no_write:
+        raise SystemExit(f"--out {args.out}: --no-write writes no files; drop one of them")
+    if args.out is not None and not args.out.strip():
+        # an empty folder read as "not given": the results went to the default folder without a word
+        raise SystemExit(f"--out: expected a results folder, got {args.out!r}; leave the flag out for the default")
     model = [s for s in suites if s in MODEL_SUITES]
     if backends and len(backends) > 1 and model:
         # the DiT of these suites runs one attention backend (the first): the others would be dropped silently
         raise SystemExit(f"--backends {','.join(backends)}: the {' and '.join(model)} suite(s) run the DiT with one "
                          f"attention backend; give one backend, or run them apart from the kernel suites "
                          f"(--suite {','.join(s for s in suites if s not in MODEL_SUITES) or 'bsa,cached-attn'})")
+    # a flag no selected suite reads was recorded in the results' config and ignored without a word
+    for flag, given, readers in (("--sparsity", args.sparsity, SUITE_READERS["--sparsity"]),
+                                 ("--depth", args.depth, SUITE_READERS["--depth"]),
+                                 ("--cond-frames", args.cond_frames, SUITE_READERS["--cond-frames"])):
+        if given is not None and not any(s in readers for s in suites):
+            raise SystemExit(f"{flag}: read by the {', '.join(readers)} suite(s) only, none of which runs "
+                             f"(--suite {','.join(suites)}); drop {flag} or add one of them to --suite")
     return suites, grids, cond, sparsities, backends
 
 

@@ -115,6 +115,17 @@ def _backends() -> dict[str, str | None] | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def check_settings() -> None:
+    """Raises ``ValueError`` naming the variable on a ``LONGCAT_KERNELS_*`` value a run would trip over later:
+    a bad ``LONGCAT_KERNELS_BENCH_COMMIT`` (the header, which the GPU scripts take as informative, was
+    replaced by an error and the results recorded no commit) or a bad knob of the package (every case errored
+    after the setup). Run by ``python -m bench`` and the GPU scripts before anything is built."""
+    from longcat_kernels._envvars import bench_commit, check_environment
+
+    bench_commit()
+    check_environment()
+
+
 def machine_header(device: torch.device | str) -> dict:
     """Everything needed to compare a result with another machine's."""
     from longcat_kernels._envvars import BENCH_ONLY, settings

@@ -120,7 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--input-frames", type=int, default=None, help="input clip length (default: cond frames)")
     p.add_argument("--vae", choices=("real", "tiny"), default="real")
     p.add_argument("--text-layers", type=int, default=1)
-    p.add_argument("--attn-backend", default="auto")
+    # free text failed in DiTConfig after the text encoder and the VAE were built
+    p.add_argument("--attn-backend", choices=("auto", "torch", "triton", "cuda"), default="auto")
     p.add_argument("--bsa", action="store_true", help="block-sparse attention in the DiT")
     p.add_argument("--offload-kv-cache", action="store_true")
     p.add_argument("--fuse-lora", action="store_true", help="distill: merge the LoRA into the weights")
@@ -128,6 +129,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny components (tests the script)")
     args = p.parse_args(argv)
+    if not args.out.strip():  # os.makedirs("") was a bare FileNotFoundError
+        p.error(f"--out: expected a folder for the timings JSON, got {args.out!r}")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from bench.machine import check_settings
+
+    try:  # a bad LONGCAT_KERNELS_BENCH_COMMIT cost the results their machine header, found at the end
+        check_settings()
+    except ValueError as e:
+        p.error(str(e))
     # "--cache of" ran the cache-off run alone (any value but "on" was off), "--modes distil" failed after
     # every component was built: both lists are checked here
     for flag, value, allowed in (("--cache", args.cache, ("on", "off")), ("--modes", args.modes, ("basic", "distill"))):

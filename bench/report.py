@@ -276,7 +276,7 @@ def _check_has_results(folder: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=None, help="results folder (default bench/results)")
-    ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--readme", default=None, help="the README --write / --check update (default: the repository's)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--write", action="store_true", help="replace the table in the README")
     g.add_argument("--check", action="store_true", help="exit 1 if the README table is out of date")
@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _check_exists("--results", args.results, folder=True)
         _check_has_results(args.results)
+    if args.readme is not None and not (args.write or args.check):
+        # read by --write / --check alone: "--readme X" printed the table to stdout, X untouched, without a word
+        ap.error(f"--readme {args.readme}: only --write and --check use it; add one of them (or drop --readme)")
+    if args.readme is None:
+        args.readme = str(README)
     if args.write or args.check:
         _check_exists("--readme", args.readme, folder=False)
     if args.plot:

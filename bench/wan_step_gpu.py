@@ -167,8 +167,11 @@ def main(argv=None) -> int:
     if args.layers < 1 or args.reps < 1:
         raise SystemExit(f"--layers/--reps: expected >= 1, got {args.layers}/{args.reps}")
     # the JSON is written after minutes of timing: a missing --out folder was a FileNotFoundError then,
-    # with every number lost
+    # with every number lost (so were "" and a folder, IsADirectoryError)
     import os  # noqa: PLC0415
+
+    if not args.out.strip() or os.path.isdir(args.out):
+        ap.error(f"--out: expected a JSON file path, got {args.out!r}" + (" (a folder)" if args.out.strip() else ""))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from diffusers import WanTransformer3DModel

@@ -52,18 +52,29 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
     Returns:
         ``{backend: None if usable else the reason}`` for ``"torch"``, ``"triton"``, ``"cuda"``, for
         representative inputs (bf16 head_dim 128 on CUDA, fp32 on CPU).
+
+    Raises:
+        ValueError: ``op`` is not an op name (``""`` too), or ``device`` is not cuda/cpu.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    f = representative_facts(torch.device(device).type)._replace(env_backend=None)
+    try:
+        dev_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        dev_type = None
+    if dev_type not in ("cuda", "cpu"):
+        # "" was torch's "Device string must not be empty", naming no argument; "meta" answered for tensors
+        # no op computes on (torch "usable")
+        raise ValueError(f"device: expected 'cuda' or 'cpu' (or None: this machine's), got {device!r}")
+    f = representative_facts(dev_type)._replace(env_backend=None)
     out: Dict[str, Optional[str]] = {}
     for b in ("torch", "triton", "cuda"):
         try:
-            choose_kernel(op or "attn_with_kv_cache", f, b)
+            choose_kernel("attn_with_kv_cache" if op is None else op, f, b)
             out[b] = None
         except BackendUnavailableError as e:
             out[b] = str(e).split(": ", 2)[-1]
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if dev_type == "cuda" and not torch.cuda.is_available():
         # the facts describe CUDA inputs; without a device neither GPU backend runs (Triton's GPU
         # kernels included: only the CPU interpreter runs without one, on CPU tensors)
         for b in ("triton", "cuda"):

@@ -10,7 +10,7 @@
 ``LONGCAT_KERNELS_SKIP_CUDA_BUILD`` ``0`` (default) | ``1``: never build the extension at install
 ``LONGCAT_KERNELS_CUDA_ARCHS``     targets of the extension build: ``"9.0a;8.0"`` (compute
                                    capabilities, ``;``/``,``/space separated) or nvcc
-                                   ``-gencode=...`` flags verbatim; default: the device's own
+                                   ``-gencode=...`` flags verbatim (``;``/space separated); default: the device's own
                                    (``sm_90a`` at install without a device). Hopper is ``9.0a``:
                                    a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap), so are
                                    targets before 8.0 and an ``a`` target before Hopper (no build)
@@ -35,7 +35,7 @@ import re
 from typing import List, Optional
 
 __all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
-           "check_environment", "bench_commit", "settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
+           "check_environment", "bench_commit", "settings", "unknown_settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -106,7 +106,7 @@ def check_environment(scan: bool = True) -> None:
     if _scanned or not scan:
         return
     _scanned = True
-    unknown = sorted(k for k in os.environ if _LOOKALIKE.match(k) and k not in KNOWN and k not in REMOVED)
+    unknown = unknown_settings()
     if unknown:
         import warnings  # noqa: PLC0415 (this file imports only os and re at load: setup.py reads it)
 
@@ -114,6 +114,12 @@ def check_environment(scan: bool = True) -> None:
             f"{', '.join(unknown)}: not a longcat_kernels setting, ignored (misspelt?). Known: {', '.join(KNOWN)}",
             UserWarning, stacklevel=3,
         )
+
+
+def unknown_settings() -> List[str]:
+    """The variables set that look like ours but are not (``LONGCAT_KERNEL_BACKEND``, ``..._BACKENDS``, any
+    case), sorted: what ``check_environment`` warns about and the environment report lists."""
+    return sorted(k for k in os.environ if _LOOKALIKE.match(k) and k not in KNOWN and k not in REMOVED)
 
 
 _CHECKS: dict = {}
@@ -226,8 +232,11 @@ def _plain_sm90_error(raw: str, entry: str) -> ValueError:
 
 
 def _verbatim_flags(raw: str) -> Optional[List[str]]:
-    """``raw`` split into nvcc target flags if every word is one (or the value of a bare one), else None."""
-    words = raw.split()
+    """``raw`` split into nvcc target flags if every word is one (or the value of a bare one), else None.
+
+    ``;`` separates flags as it separates capabilities: no nvcc flag contains one, and two ``;``-joined
+    ``-gencode=...`` reached nvcc as one flag, a JIT build failure after which ``auto`` ran Triton."""
+    words = raw.replace(";", " ").split()
     out: List[str] = []
     i = 0
     while i < len(words):

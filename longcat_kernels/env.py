@@ -46,7 +46,7 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._envvars import BENCH_ONLY, KNOWN, REMOVED, setting_problems, settings
+    from ._envvars import BENCH_ONLY, setting_problems, settings, unknown_settings
     from .dispatch import triton_interpret, triton_status
 
     cuda = torch.cuda.is_available()
@@ -64,7 +64,9 @@ def report() -> Dict[str, Any]:
         "triton_interpret": triton_interpret(),
         "env": settings(),
     }
-    info["env_unknown"] = sorted(k for k in info["env"] if k not in KNOWN and k not in REMOVED)
+    # every look-alike name (LONGCAT_KERNEL_BACKEND, a lower-case one), as the op calls' warning: the exact
+    # LONGCAT_KERNELS_ prefix alone left a misspelt prefix out of the report run to see what is set
+    info["env_unknown"] = unknown_settings()
     info["env_invalid"] = setting_problems()
     # the settings the op calls check (a bad bench-only one stops only bench)
     blocking = [k for k in info["env_invalid"] if k not in BENCH_ONLY]

@@ -377,10 +377,13 @@ def _device(args):
     """``--device`` (default: cuda when available) as a torch.device; UsageError naming the flag."""
     import torch
 
-    try:
-        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # "" is refused (torch: "must not be empty"): it ran on the default device as if --device were left out
+        device = (torch.device(args.device) if args.device is not None
+                  else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r} ({e})") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, ...: taken, then failed after the weights load
+        raise UsageError(f"--device: expected cuda, cuda:N or cpu, got {args.device!r}")
     cp = getattr(args, "context_parallel", 1)  # refine has no --context-parallel
     if device.type == "cuda" and device.index is not None and cp > 1:
         # torchrun gives every rank the same argv, and init_distributed keeps an explicit index: all the
@@ -396,8 +399,9 @@ def _check_args_before_load(args) -> None:
     """Every argument and path that can be checked without the model, for every command
     (continue, extend, refine; with --refine, --memory, --fp8, --vae-tiling): inputs exist, --out
     (and --timings-json) destroy no input and can be written, --crf, --resolution, --seed,
-    --offload-kv-cache without the cache, --device and --fp8 on a device without fp8 GEMMs. Called
-    before any weights load."""
+    --offload-kv-cache without the cache, --device, the LONGCAT_KERNELS_* settings, the attention backend
+    (--attn-backend or LONGCAT_KERNELS_BACKEND) on the device, and --fp8 on a device without fp8 GEMMs.
+    Called before any weights load."""
     from .video_io import check_crf
 
     inputs = _input_paths(args)
@@ -416,6 +420,9 @@ def _check_args_before_load(args) -> None:
     if isinstance(res, tuple) and (res[0] <= 0 or res[1] <= 0 or res[0] % mult or res[1] % mult):
         raise UsageError(
             f"--resolution: expected HEIGHTxWIDTH as positive multiples of {mult}, got {res[0]}x{res[1]}")
+    if args.timings_json is not None and not args.timings_json.strip():
+        # an empty path read as "not given": no timings written, without a word
+        raise UsageError(f"--timings-json: expected a file path, got {args.timings_json!r}")
     if args.timings_json:
         _check_out_path(args.timings_json, paths + [args.out], flag="--timings-json", suffix=None)
         if _same_path(args.timings_json, args.out):
@@ -434,15 +441,31 @@ def _check_args_before_load(args) -> None:
         raise UsageError("--offload-kv-cache needs the KV cache: drop --no-kv-cache or --offload-kv-cache")
     if getattr(args, "fuse_lora", False) and getattr(args, "mode", "distill") != "distill":
         raise UsageError(f"--fuse-lora applies to --mode distill (the cfg-step LoRA); --mode {args.mode} runs no LoRA")
+    from longcat_kernels._envvars import backend_override, check_environment
+
+    try:  # the LONGCAT_KERNELS_* values: a bad one raised in the first kernel call, after the weights load
+        check_environment()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     device = _device(args)
     backend = getattr(args, "attn_backend", None)
+    via = f"--attn-backend {backend}"
+    if backend in (None, "auto") and backend_override() not in (None, "auto"):
+        # the environment's backend replaces auto (the default): on a device it cannot run, the first
+        # attention call raised after the load
+        backend = backend_override()
+        via = f"LONGCAT_KERNELS_BACKEND={os.environ['LONGCAT_KERNELS_BACKEND']} (replaces --attn-backend auto)"
     if device.type == "cpu" and backend == "cuda":
-        raise UsageError("--attn-backend cuda needs a CUDA device (running on cpu); use auto, torch or triton")
+        raise UsageError(f"{via} needs a CUDA device (running on cpu); use auto, torch or triton")
     from longcat_kernels.dispatch import triton_interpret
 
     if device.type == "cpu" and backend == "triton" and not triton_interpret():
-        raise UsageError("--attn-backend triton on cpu needs TRITON_INTERPRET=1 (the Triton CPU interpreter, slow); "
+        raise UsageError(f"{via} on cpu needs TRITON_INTERPRET=1 (the Triton CPU interpreter, slow); "
                          "use auto or torch")
+    if device.type == "cpu" and backend == "triton" and getattr(args, "dtype", "auto") == "bf16":
+        # the interpreter has no bfloat16 (numpy): the first attention call refused it, after the load
+        raise UsageError(f"{via} on cpu runs the Triton CPU interpreter, which has no bfloat16: use --dtype fp32 "
+                         "(or fp16), or --attn-backend torch")
     if getattr(args, "fp8", False):
         from .fp8 import check_fp8_device
 

@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resolution", default="480p", help="480p or 720p (the bucket of a 16:9 video) or HxW")
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--cond-frames", type=int, default=13)
-    p.add_argument("--batch", type=int, default=2, help="DiT batch (2 with CFG, 1 without)")
+    p.add_argument("--batch", type=int, default=None, help="DiT batch (default 2: with CFG; 1 without; --refine: 1)")
     # 1 byte was offered and halved every component's estimate: no model dtype has it (fp8 quantises only
     # the blocks' large linears: --fp8)
     p.add_argument("--dtype-bytes", type=int, default=2, choices=(2, 4),
@@ -101,8 +101,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(str(e))
 
 
+# the flags of the estimate (argparse dests), none of which the --measured table reads
+_ESTIMATE_FLAGS = ("checkpoint", "depth", "resolution", "frames", "cond_frames", "batch", "dtype_bytes", "fp8", "refine")
+
+
 def _report(p, args) -> int:
-    if args.measured:
+    for flag, path in (("--checkpoint", args.checkpoint), ("--measured", args.measured)):
+        if path is not None and not path.strip():
+            # read as "not given": the released model's estimate was printed for either
+            p.error(f"{flag}: expected a path, got {path!r}")
+    if args.measured is not None:
+        # the measured table is the bench file's: an estimate flag beside it was ignored without a word
+        given = [f"--{d.replace('_', '-')}" for d in _ESTIMATE_FLAGS if getattr(args, d) != p.get_default(d)]
+        if given:
+            p.error(f"--measured prints the table of its file; {', '.join(given)} only shape the estimate: "
+                    "drop them (or --measured)")
         table = measured_table(args.measured)
         print(f"measured peak GiB per stage ({args.measured}):")
         print(_fmt_table(table, list(STAGES) + ["s_per_step"]))
@@ -110,7 +123,7 @@ def _report(p, args) -> int:
     from .config import DiTConfig
 
     dit_dir = None
-    if args.checkpoint:
+    if args.checkpoint is not None:
         from .loading import resolve_dit_dir
 
         dit_dir = resolve_dit_dir(args.checkpoint)
@@ -123,6 +136,11 @@ def _report(p, args) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, depth=args.depth)
+    if args.refine and args.batch not in (None, 1):
+        # the refinement runs batch 1 (guidance 1): a given --batch was replaced by 1 without a word
+        p.error(f"--batch {args.batch}: the refinement runs batch 1 (no CFG); drop --batch with --refine")
+    if args.batch is None:
+        args.batch = 1 if args.refine else 2
     if args.frames < 2 or args.cond_frames < 1 or args.batch < 1:
         p.error("--frames >= 2, --cond-frames >= 1 and --batch >= 1 are required")
     if 1 + (args.cond_frames - 1) // 4 >= (args.frames - 1) // 4 + 1:

@@ -11,6 +11,9 @@ are the same with and without the cache). Parity: final latents on vs off.
 tokens per frame; CPU: the CPU grid with 4 cond latents and BSA sparsity 0.5 so blocks are kept;
 quick: 2x2x2 chunks as well). A refine case whose selection would keep no key block (it would
 time an attention that outputs zeros) is skipped with the reason (``bsa_empty_selection``).
+
+The distill loop runs one conditioning: 13 frames when ``--cond-frames`` names it, else the first value;
+each other value it names is reported as a skipped row with that reason.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import dataclasses
 
 import torch
 
-from bench.shapes import cond_latents
+from bench.shapes import COND_FRAMES, cond_latents
 from bench.suites import Case, Prepared, fmt, rel_l2, render_table
 from bench.suites import dit_common as dc
 from bench.timing import ms_cell
@@ -189,6 +192,15 @@ def _grid_cases(ctx, base, prefix: str) -> list[Case]:
             name = f"{prefix}{mode}/{'on' if use_cache else 'off'}"
             out.append(Case(NAME, name, bc.dit.attn_backend, dict(params, cache="on" if use_cache else "off"), prep,
                             skip=skip))
+    # the other values --cond-frames names (not the default list, of which it runs 13 by design): dropped
+    # without a row, while the results' config listed them
+    named = () if tuple(ctx.cond_frames) == COND_FRAMES else ctx.cond_frames
+    for other in dict.fromkeys(f for f in named if f != frames):
+        params = dict(grid=str(base.grid), mode_name="distill", cond_frames=other, cond_latents=cond_latents(other),
+                      depth=base.dit.depth, config=base.name, bsa=False)
+        out.append(Case(NAME, f"{prefix}distill/c{other}", base.dit.attn_backend, params, lambda: None,
+                        skip=f"the pipeline suite runs one conditioning ({frames} frames: 13 when --cond-frames "
+                             f"names it, else the first); run --cond-frames {other} on its own for this one"))
     return out
 
 
