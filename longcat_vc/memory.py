@@ -588,7 +588,7 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
                         num_cond_frames: int = 13, batch: int = 2, dtype_bytes: int = 2,
                         text_encoder_params: int = UMT5_XXL_PARAMS, vae_params: int = WAN_VAE_PARAMS,
                         lora_rank: int = 0, fp8: bool = False, offload_kv_cache: Optional[bool] = None,
-                        kv_cache: bool = True) -> Dict[str, int]:
+                        kv_cache: bool = True, sp_size: int = 1, cfg_parallel: bool = False) -> Dict[str, int]:
     """Estimated peak accelerator bytes per stage of one VC call in ``mode``, from the config alone.
 
     Stages: ``text`` (encoder weights resident, or one streamed leaf), ``vae_encode`` /
@@ -599,7 +599,10 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     take 1 byte per weight plus an fp32 scale per output channel.
     An estimate for the fit check, not a measurement. ``offload_kv_cache`` (None: as the mode
     says) and ``kv_cache`` (False: no cache, every step runs cond and noisy tokens) follow the
-    call's options.
+    call's options. Context parallel (``longcat_vc.parallel``, resident only): ``sp_size`` ranks of a
+    sequence-parallel group each hold ``ceil(tokens per frame / sp_size)`` token slots of every frame
+    (their activations) and ``1 / sp_size`` of the KV cache's heads; with ``cfg_parallel`` an even
+    ``batch`` is halved per rank. Weights, text encoder and VAE are whole on every rank.
     """
     plan = memory_plan(mode)
     # a float, negative or zero size, batch, rank or byte count gave a float, shrunken or negative estimate
@@ -613,6 +616,8 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
     vae_params = _check_count(vae_params, "vae_params", 0)
     check_bool(fp8, "fp8")
     check_bool(kv_cache, "kv_cache")
+    sp_size = _check_count(sp_size, "sp_size", 1)
+    check_bool(cfg_parallel, "cfg_parallel")
     if offload_kv_cache is not None:
         check_bool(offload_kv_cache, "offload_kv_cache")
     offload = plan.offload_kv_cache if offload_kv_cache is None else offload_kv_cache
@@ -641,10 +646,14 @@ def estimate_peak_bytes(config, mode: str, *, height: int = 480, width: int = 83
                          f"({c} cond latents of {t_lat}); the estimate would be meaningless")
     cond = c * tok_frame
     dit_w = (block_b * (depth if not plan.stream_dit_blocks else 2)) + _params_bytes(outside, b)
-    cache_full = 2 * cond * C * b * depth if kv_cache else 0
+    # context parallel: each rank's heads of the cache, its token slots of every frame, its CFG half
+    cache_full = 2 * cond * C * b * depth // sp_size if kv_cache else 0
     cache = cache_full if not offload else 2 * cache_full // depth
-    act_denoise = int(ACTIVATION_FACTOR * batch * (noisy if kv_cache else noisy + cond) * C * b)
-    act_build = int(ACTIVATION_FACTOR * cond * C * b)
+    slots = -(-tok_frame // sp_size)
+    noisy_local, cond_local = (t_lat - c) * slots, c * slots
+    batch_local = batch // 2 if cfg_parallel and batch % 2 == 0 else batch
+    act_denoise = int(ACTIVATION_FACTOR * batch_local * (noisy_local if kv_cache else noisy_local + cond_local) * C * b)
+    act_build = int(ACTIVATION_FACTOR * cond_local * C * b)
     te_w = _params_bytes(text_encoder_params, b)
     # Streamed leaf by leaf: the largest leaf is UMT5's token embedding (256k x 4096, ~19% of it).
     te = te_w if not plan.stream_text_encoder else te_w // 5
@@ -705,7 +714,7 @@ def usable_bytes(device, own_bytes: int = 0) -> int:
 
 
 def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] = None, margin: float = 1.05,
-                      **shape) -> Dict[str, int]:
+                      context_parallel: bool = False, **shape) -> Dict[str, int]:
     """Raises ``MemoryModeError`` before any weight is loaded when ``mode`` cannot fit ``device``.
 
     Args:
@@ -715,6 +724,9 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
         budget_bytes: usable bytes (default: ``usable_bytes(device)``: the free memory and the caching
             allocator's free blocks, capped by ``set_per_process_memory_fraction``, as the refine's check).
         margin: the estimate is multiplied by this before comparing.
+        context_parallel: the pipeline runs context parallel, where only ``resident`` is supported
+            (``refuse_streaming_with_context_parallel``): the hint names no streaming mode. Pass the
+            layout in ``shape`` (``sp_size``, ``cfg_parallel``).
         shape: passed to ``estimate_peak_bytes`` (height, width, num_frames, ...).
 
     Returns:
@@ -722,6 +734,7 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
     """
     memory_plan(mode)
     check_budget_args(budget_bytes, margin)
+    check_bool(context_parallel, "context_parallel")
     device = torch.device(device)
     est = estimate_peak_bytes(config, mode, **shape)
     if budget_bytes is None:
@@ -733,11 +746,16 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
     need = est["peak"] * margin
     if need <= budget_bytes:
         return est
-    fits = [m for m in MEMORY_MODES if estimate_peak_bytes(config, m, **shape)["peak"] * margin <= budget_bytes]
+    # context parallel: the streaming modes are refused (a hint naming one sent the user to that refusal)
+    modes = ("resident",) if context_parallel else MEMORY_MODES
+    fits = [m for m in modes if estimate_peak_bytes(config, m, **shape)["peak"] * margin <= budget_bytes]
     where = f"{device}" if device.type != "cuda" else f"{device} ({budget_bytes / GiB:.1f} GiB usable)"
     stage = max((k for k in est if k != "peak"), key=lambda k: est[k])
     if fits:
         hint = f"memory={fits[0]!r} (--memory {fits[0]}) fits, estimated {estimate_peak_bytes(config, fits[0], **shape)['peak'] / GiB:.1f} GiB"
+    elif context_parallel:
+        hint = ("context parallel runs memory='resident' only (every rank holds the whole DiT, text encoder and VAE); "
+                "use more ranks, a lower resolution or fewer frames")
     else:
         low = estimate_peak_bytes(config, "low", **shape)["peak"]
         hint = (f"no mode fits: even memory='low' needs about {low / GiB:.1f} GiB; try a lower resolution or "

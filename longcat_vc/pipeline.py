@@ -395,9 +395,14 @@ class VideoContinuationPipeline:
                 # cfg_parallel on an odd world): now, not after every rank has loaded the whole DiT
                 from .parallel import check_context_parallel
 
-                check_context_parallel(process_group, num_heads=cfg.num_heads, cfg_parallel=cfg_parallel)
+                layout = check_context_parallel(process_group, num_heads=cfg.num_heads, cfg_parallel=cfg_parallel)
             if device.type == "cuda":
-                check_memory_fits(cfg, plan.name, device, **_fit_shape(cfg, checkpoint_dir, mode, dtype, fp8))
+                shape = _fit_shape(cfg, checkpoint_dir, mode, dtype, fp8)
+                if process_group is not None:
+                    # each rank holds its token shard's activations and its heads of the KV cache: the
+                    # single-GPU estimate refused runs that fit, and named a streaming mode (refused with CP)
+                    shape.update(sp_size=layout.sp_size, cfg_parallel=layout.cfg_size == 2)
+                check_memory_fits(cfg, plan.name, device, context_parallel=process_group is not None, **shape)
         # Streamed components load into CPU memory first and are placed by apply_memory_mode.
         load_device = device if plan.name == "resident" else torch.device("cpu")
 

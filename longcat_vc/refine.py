@@ -193,8 +193,9 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
     pipeline's memory mode and cache options) times ``margin`` exceeds what the device can hold:
     its free memory and the caching allocator's free blocks plus what the pipeline's components
     already hold there (the estimate counts them too). The message says what fits: offloading the
-    KV cache, a lower memory mode, or neither. Returns the estimate; None on a CPU device (no
-    check). ``budget_bytes`` replaces the device query (tests)."""
+    KV cache, a lower memory mode, or neither. Context parallel: per rank (its token shard, its heads
+    of the cache), and no lower mode is named (only ``resident`` runs context parallel). Returns the
+    estimate; None on a CPU device (no check). ``budget_bytes`` replaces the device query (tests)."""
     from .memory import (MemoryModeError, check_budget_args, device_bytes, estimate_peak_bytes, usable_bytes, GiB,
                          MEMORY_MODES)
 
@@ -213,6 +214,10 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
                                             fp8=any(isinstance(m, Fp8Linear) for m in pipe.dit.modules()),
                                             use_kv_cache=use_kv_cache)
     cached = shape["kv_cache"]
+    cp = getattr(pipe.dit, "context_parallel", None)
+    if cp is not None:
+        # each rank holds its token shard's activations and its heads of the KV cache (batch 1: no CFG split)
+        shape["sp_size"] = cp.sp_size
     est = estimate_peak_bytes(cfg, mode, offload_kv_cache=offload, **shape)
     if budget_bytes is None:
         own = device_bytes([pipe.dit, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None)], device)
@@ -228,6 +233,10 @@ def check_refine_fits(pipe, size: Tuple[int, int], n_refine: int, nc: int, *, us
     if offloaded is not None and offloaded <= budget_bytes:
         hint = (f"offloading its KV cache fits, estimated {offloaded / GiB:.1f} GiB: pass "
                 "offload_kv_cache=True (--offload-kv-cache)")
+    elif cp is not None:
+        # the streaming modes are refused with context parallel: a hint naming one sent the user to that refusal
+        hint = ("context parallel runs memory='resident' only: use more ranks, refine at a lower resolution or "
+                "fewer frames (spatial_refine_only=True, --spatial-only)")
     else:
         lower = MEMORY_MODES[MEMORY_MODES.index(mode) + 1:]
         lower_off = None if offload_kv_cache is None else offload

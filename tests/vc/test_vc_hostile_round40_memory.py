@@ -1,0 +1,90 @@
+"""Hostile round 40 (memory and precision modes): the fit checks under context parallelism, ..."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from longcat_vc import memory as mem
+from longcat_vc import refine as rf
+from longcat_vc.config import DiTConfig
+from longcat_vc.memory import GiB, MemoryModeError, check_memory_fits, estimate_peak_bytes
+from vc_components import released_pipeline_stand_in
+
+# 720p (the pipeline's 16:9 bucket) 185 frames, 25 cond frames, CFG batch 2: ~83 GiB in 'resident' on one GPU
+LONG_720P = dict(height=704, width=1312, num_frames=185, num_cond_frames=25)
+
+
+def test_fit_check_under_context_parallel_counts_each_ranks_share_and_names_no_streaming_mode():
+    """The fit check of from_pretrained(process_group=...) estimated the single-GPU peak (the whole KV cache
+    and every token's activations on each rank): 720p 185 frames on 8 ranks was refused at 83.2 GiB on an
+    80 GiB GPU (each rank needs ~39 GiB), and the hint named memory='balanced', which context parallel refuses."""
+    cfg = DiTConfig.longcat_video()
+    single = estimate_peak_bytes(cfg, "resident", **LONG_720P)
+    per_rank = estimate_peak_bytes(cfg, "resident", sp_size=8, **LONG_720P)
+    assert single["peak"] / GiB > 80 > per_rank["peak"] / GiB
+    # what stays whole on every rank: weights, text encoder, VAE
+    assert per_rank["text"] == single["text"] and per_rank["decode"] == single["decode"]
+    # the cache is split by heads: exactly 1/8 of it per rank
+    cache = single["cache_build"] - estimate_peak_bytes(cfg, "resident", kv_cache=False, **LONG_720P)["cache_build"]
+    no_cache = estimate_peak_bytes(cfg, "resident", sp_size=8, kv_cache=False, **LONG_720P)
+    assert per_rank["cache_build"] - no_cache["cache_build"] == cache // 8
+    # cfg_parallel halves the CFG batch of a rank's denoising step
+    cfgp = estimate_peak_bytes(cfg, "resident", sp_size=4, cfg_parallel=True, **LONG_720P)
+    sp4 = estimate_peak_bytes(cfg, "resident", sp_size=4, **LONG_720P)
+    assert cfgp["denoise"] < sp4["denoise"] and cfgp["cache_build"] == sp4["cache_build"]
+    assert check_memory_fits(cfg, "resident", "cpu", budget_bytes=80 * GiB, context_parallel=True,
+                             sp_size=8, **LONG_720P) == per_rank
+    with pytest.raises(MemoryModeError) as e:
+        check_memory_fits(cfg, "resident", "cpu", budget_bytes=40 * GiB, context_parallel=True, sp_size=8, **LONG_720P)
+    assert "balanced" not in str(e.value) and "context parallel runs memory='resident' only" in str(e.value)
+    # without context parallel the hint still names the streaming mode that fits
+    with pytest.raises(MemoryModeError, match="memory='balanced'"):
+        check_memory_fits(cfg, "resident", "cpu", budget_bytes=60 * GiB, **LONG_720P)
+    for kw, err in ((dict(sp_size=0), ValueError), (dict(sp_size=2.0), TypeError), (dict(cfg_parallel="no"), TypeError)):
+        with pytest.raises(err, match=next(iter(kw))):
+            estimate_peak_bytes(cfg, "resident", **kw)
+
+
+def test_from_pretrained_fit_check_gets_the_context_parallel_layout(tmp_path, monkeypatch):
+    """from_pretrained passed no layout to the fit check (single-GPU estimate for each rank, see above)."""
+    from longcat_vc import loading, parallel
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from vc_components import write_full_checkpoint
+
+    ckpt = str(tmp_path / "ckpt")
+    write_full_checkpoint(ckpt)
+    monkeypatch.setattr(loading, "check_device", lambda d, name="device": torch.device("cuda", 0))
+    layout = types.SimpleNamespace(sp_size=4, cfg_size=2)
+    monkeypatch.setattr(parallel, "check_context_parallel", lambda *a, **k: layout)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fits(cfg, mode, device, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(mem, "check_memory_fits", fits)
+    with pytest.raises(Stop):
+        VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, process_group=object(),
+                                                  cfg_parallel=True, progress=False)
+    assert seen["sp_size"] == 4 and seen["cfg_parallel"] is True and seen["context_parallel"] is True
+
+
+def test_refine_fit_check_under_context_parallel_is_per_rank_and_names_no_streaming_mode():
+    """check_refine_fits under context parallel estimated the whole refinement on each rank and, when that did
+    not fit, told the user to load the pipeline with memory='balanced' / 'low' (refused with a process_group)."""
+    size, n, nc = (704, 1280), 186, 26
+    pipe = released_pipeline_stand_in("resident")
+    single = rf.check_refine_fits(pipe, size, n, nc, offload_kv_cache=True, budget_bytes=10**15)
+    pipe.dit.context_parallel = types.SimpleNamespace(sp_size=8, cfg_size=1)
+    per_rank = rf.check_refine_fits(pipe, size, n, nc, offload_kv_cache=True, budget_bytes=10**15)
+    assert per_rank["denoise"] < single["denoise"]
+    with pytest.raises(MemoryModeError) as e:
+        rf.check_refine_fits(pipe, size, n, nc, offload_kv_cache=True, budget_bytes=int(per_rank["peak"] * 0.9))
+    assert "memory='balanced'" not in str(e.value) and "memory='low'" not in str(e.value)
+    assert "context parallel runs memory='resident' only" in str(e.value)
