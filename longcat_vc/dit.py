@@ -27,7 +27,7 @@ from longcat_kernels._validate import check_bool
 
 from . import lora as _lora
 from .config import DiTConfig
-from .fp8 import check_fp8_state_dict
+from .fp8 import Fp8Linear, check_fp8_state_dict
 from .kv_cache import KVCache, StateToken, tensor_stamp, tensor_version
 from .loading import check_dtype
 from .modules.attention import AttnPlan
@@ -41,7 +41,7 @@ _MODEL_UIDS = itertools.count()
 # What every rank of a context-parallel group must pass alike (checked before the first collective).
 # Each checksummed input gives two values (``parallel.checksum``: row sums, position-weighted sum).
 # A full ``KVCache`` is checksummed too (a ``ShardedKVCache`` holds other heads on every rank).
-_RANK_STATE_FIELD = "model state (dtype, attention settings, LoRA; rank_state)"
+_RANK_STATE_FIELD = "model state (dtype, attention settings, LoRA, fp8 linears; rank_state)"
 _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "num_cond_latents", "kv_cache frames",
                    "kv_cache batch", "kv_cache sharded", "text tokens", "text mask given",
                    "hidden_states (checksum)", "hidden_states (position checksum)",
@@ -149,12 +149,14 @@ class LongCatDiT(nn.Module):
     def rank_state(self) -> int:
         """What the ranks of a context-parallel run must share besides their inputs, as one number that
         is the same on every process for the same state (a CRC-32, not Python's per-process ``hash``):
-        the dtype, the block-sparse settings and the LoRA state (per adapted layer
-        its active or fused adapters with their multipliers and part scales; peft adapters' state).
-        The forward, ``build_kv_cache`` and the pipeline compare it across the ranks: a LoRA enabled, or
-        given another multiplier, on one rank only mixed two models' outputs without a word (each rank
-        computes its tokens' projections with its own weights). Metadata only, not the weights' values."""
-        state = [str(self.dtype), self._attn_fingerprint()]
+        the dtype, the block-sparse settings, which linears are fp8 (``quantize_dit_fp8``) and the LoRA
+        state (per adapted layer its active or fused adapters with their multipliers and part scales; peft
+        adapters' state). The forward, ``build_kv_cache`` and the pipeline compare it across the ranks: a
+        LoRA enabled, or given another multiplier, or the fp8 quantisation, on one rank only mixed two
+        models' outputs without a word (each rank computes its tokens' projections with its own weights).
+        Metadata only, not the weights' values."""
+        state = [str(self.dtype), self._attn_fingerprint(),
+                 [path for path, mod in self.named_modules() if isinstance(mod, Fp8Linear)]]
         for path, mod in self.named_modules():
             if isinstance(mod, _lora.LoRALinear) and (mod.lora_active or mod.lora_fused):
                 # fused or not: the same model (one rank may fuse, another run the adapters unfused)

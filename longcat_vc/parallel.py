@@ -41,8 +41,8 @@ under ``torch.no_grad``).
 
 Every rank must make the same calls with the same inputs. ``forward``, ``build_kv_cache`` and the
 pipeline check it before their first collective (``ContextParallel.same_call``: one small all-gather
-of the shapes and value checksums, and of ``LongCatDiT.rank_state()``: dtype, block-sparse settings, LoRA
-state): an argument error on one rank, or inputs or a LoRA state that differ, raise on every rank instead of
+of the shapes and value checksums, and of ``LongCatDiT.rank_state()``: dtype, block-sparse settings, fp8
+linears, LoRA state): an argument error on one rank, or inputs or a LoRA state that differ, raise on every rank instead of
 leaving the others waiting in a collective or mixing the ranks' inputs (or models). The weights' values are
 not compared: ranks must load the same checkpoint. The
 pipeline and the refinement check their whole call once and then run their cache build and denoising

@@ -199,7 +199,7 @@ def _ranks_agree(pipe, what: str):
 _PIPELINE_FIELDS = ("latent frames", "latent height", "latent width", "cond latent frames", "text batch (CFG)",
                     "text tokens", "denoising steps", "timesteps (checksum)", "timesteps (position checksum)",
                     "sigmas (checksum)", "sigmas (position checksum)", "guidance_scale", "use_kv_cache",
-                    "model state (dtype, attention settings, LoRA; LongCatDiT.rank_state)")
+                    "model state (dtype, attention settings, LoRA, fp8 linears; LongCatDiT.rank_state)")
 
 
 def _pipeline_signature(latents, cond_latents, embeds, timesteps, sigmas, guidance_scale, use_kv_cache,

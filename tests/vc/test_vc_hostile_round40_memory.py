@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 
 import pytest
@@ -12,6 +14,9 @@ from longcat_vc import refine as rf
 from longcat_vc.config import DiTConfig
 from longcat_vc.memory import GiB, MemoryModeError, check_memory_fits, estimate_peak_bytes
 from vc_components import released_pipeline_stand_in
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # 720p (the pipeline's 16:9 bucket) 185 frames, 25 cond frames, CFG batch 2: ~83 GiB in 'resident' on one GPU
 LONG_720P = dict(height=704, width=1312, num_frames=185, num_cond_frames=25)
@@ -88,3 +93,49 @@ def test_refine_fit_check_under_context_parallel_is_per_rank_and_names_no_stream
         rf.check_refine_fits(pipe, size, n, nc, offload_kv_cache=True, budget_bytes=int(per_rank["peak"] * 0.9))
     assert "memory='balanced'" not in str(e.value) and "memory='low'" not in str(e.value)
     assert "context parallel runs memory='resident' only" in str(e.value)
+
+
+def _fp8_worker(rank: int, world: int, init: str, out: str) -> None:
+    """Rank 0 quantises its DiT to fp8 (emulated), rank 1 does not; both run it context parallel."""
+    from longcat_vc.fp8 import quantize_dit_fp8
+    from test_dit import make_inputs
+    from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
+    from vc_components import error_text, finish_rank, init_gloo_rank
+
+    init_gloo_rank(rank, world, init, 20)
+    cfg = tiny_config(hidden_size=128, num_heads=4)
+    m = model_from_state_dict(cfg, random_state_dict(cfg, seed=5))
+    if rank == 0:
+        quantize_dit_fp8(m, emulate=True)
+    m.enable_context_parallel()
+    x, t, y, mask = make_inputs(cfg, B=2, T=3, H=6, W=6, seed=1, shared_cond=1)
+    res = {}
+    with torch.no_grad():
+        res["forward"] = error_text(lambda: m(x, t, y, mask))
+        res["build_kv_cache"] = error_text(lambda: m.build_kv_cache(x[:1, :, :1]))
+    finish_rank(res, out, rank)
+
+
+def test_fp8_on_one_rank_only_is_refused_not_mixed(tmp_path):
+    """rank_state (what the context-parallel ranks compare besides their inputs) did not cover fp8: a DiT
+    quantised on one rank only ran, each rank's tokens through its own weights, and every rank got one
+    output mixing the two models (rel. L2 0.028 from the unquantised model, 0.029 from the fp8 one)
+    without a word; now every rank raises naming the model state."""
+    from longcat_vc.fp8 import quantize_dit_fp8
+    from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
+    from vc_components import two_rank_results
+
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=1)
+    a, b, q = (model_from_state_dict(cfg, sd) for _ in range(3))
+    quantize_dit_fp8(q, emulate=True)
+    assert a.rank_state() == b.rank_state() != q.rank_state()
+    quantize_dit_fp8(b, emulate=True)
+    assert b.rank_state() == q.rank_state()
+    for r in two_rank_results(os.path.abspath(__file__), tmp_path, ["fp8"], ROOT, HERE, timeout=180):
+        for call in ("forward", "build_kv_cache"):
+            assert r[call].startswith("ValueError: context parallel: the ranks called") and "fp8 linears" in r[call], r
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    _fp8_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
