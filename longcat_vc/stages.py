@@ -76,8 +76,9 @@ def _fragmented_gib(cause: Optional[BaseException]) -> float:
 
 
 def _oom_error(stage: str, *, use_kv_cache: bool, offload_kv_cache: bool, memory: str,
-               cause: Optional[BaseException] = None) -> VCOutOfMemoryError:
-    """The out-of-memory error of a denoising call (continuation or refinement), with what to try.
+               cause: Optional[BaseException] = None, context_parallel: bool = False) -> VCOutOfMemoryError:
+    """The out-of-memory error of a denoising call (continuation or refinement), with what to try
+    (``context_parallel``: no streaming mode, which context parallelism refuses, but more ranks).
 
     With ``cause`` (torch's OOM): when the allocator held >= 1 GiB reserved but unallocated
     (fragmentation; a 720p refine in ``low`` under a 24 GiB cap failed with 12.5 GiB allocated and
@@ -89,7 +90,10 @@ def _oom_error(stage: str, *, use_kv_cache: bool, offload_kv_cache: bool, memory
                      "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the process starts")
     if use_kv_cache and not offload_kv_cache:
         hints.append("retry with offload_kv_cache=True (--offload-kv-cache) to keep the KV cache in CPU memory")
-    if memory != "low":
+    if context_parallel:
+        hints.append("run on more ranks (context parallel runs memory='resident' only: each rank holds a shard of the "
+                     "tokens and of the KV cache)")
+    elif memory != "low":
         hints.append("load with memory='low' (--memory low) to stream the DiT blocks from CPU memory")
     hints.append("try a smaller resolution, fewer frames or fewer cond frames")
     return VCOutOfMemoryError(f"out of accelerator memory while {stage}: " + "; or ".join(hints))
@@ -262,6 +266,7 @@ def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_c
     device, dtype = pipe.device, pipe.dtype
     cached = bool(use_kv_cache) and c > 0
     kv_cache = None
+    cp_run = getattr(pipe.dit, "context_parallel", None) is not None
     # context parallel: the call was checked before (_rank0_latents) and every rank holds rank 0's inputs, so
     # the DiT's cache build and forwards skip their own check (one all-gather per call, not one per step).
     # Eval mode: a DiT left in training mode (after LoRA training with peft) kept lora_dropout on, and every
@@ -273,7 +278,7 @@ def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_c
             except Exception as e:
                 if _is_oom(e):
                     raise _oom_error(names[0], use_kv_cache=True, offload_kv_cache=offload_kv_cache, memory=memory,
-                                     cause=e) from e
+                                     cause=e, context_parallel=cp_run) from e
                 raise
             x = latents[:, :, c:].clone()
         else:
@@ -306,7 +311,7 @@ def _denoise(pipe, latents, c: int, timesteps, sigmas, embeds, mask, *, use_kv_c
         except Exception as e:
             if _is_oom(e):
                 raise _oom_error(names[1], use_kv_cache=cached, offload_kv_cache=offload_kv_cache, memory=memory,
-                                 cause=e) from e
+                                 cause=e, context_parallel=cp_run) from e
             raise
         finally:
             bar.close()

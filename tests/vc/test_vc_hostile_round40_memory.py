@@ -139,3 +139,40 @@ def test_fp8_on_one_rank_only_is_refused_not_mixed(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     _fp8_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+@pytest.mark.parametrize("where", ["build_kv_cache", "forward"])
+def test_out_of_memory_under_context_parallel_names_no_streaming_mode(tmp_path, monkeypatch, where):
+    """An out-of-memory error in a context-parallel pipeline's cache build or denoising said "load with
+    memory='low' (--memory low)", which from_pretrained refuses with a process_group; now it says to use more
+    ranks."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import torch.distributed as dist
+
+    from longcat_vc.pipeline import VCOutOfMemoryError, VideoContinuationPipeline
+    from vc_components import random_frames, write_full_checkpoint
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    ckpt = str(tmp_path / "ckpt")
+    write_full_checkpoint(ckpt)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        pipe = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu",
+                                                         process_group=dist.group.WORLD, progress=False)
+        assert pipe.dit.context_parallel is not None
+
+        def oom(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+        if where == "forward":
+            monkeypatch.setattr(pipe.dit, "forward", oom)
+        else:
+            monkeypatch.setattr(pipe.dit, "build_kv_cache", oom)
+        with pytest.raises(VCOutOfMemoryError) as e:
+            pipe(random_frames(9, 32, 48), "a", resolution=(32, 48), num_frames=13, num_cond_frames=5,
+                 num_inference_steps=1, guidance_scale=1.0, progress=False)
+        assert "memory='low'" not in str(e.value) and "more ranks" in str(e.value), str(e.value)
+    finally:
+        dist.destroy_process_group()
