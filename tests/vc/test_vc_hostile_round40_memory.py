@@ -1,4 +1,4 @@
-"""Hostile round 40 (memory and precision modes): the fit checks under context parallelism, ..."""
+"""Hostile round 40 (memory and precision modes): fit checks, OOM hints and rank_state under context parallelism."""
 
 from __future__ import annotations
 
