@@ -25,7 +25,8 @@ longcat_to_fastvideo.py`` and ``fastvideo/pipelines/lora_pipeline.py`` +
 ``fastvideo/layers/lora/linear.py``): the converter writes, per FastVideo module path (SPEC 9
 names: ``blocks.i.self_attn.to_q/to_k/to_v/to_out``, ``blocks.i.cross_attn.to_q/to_k/to_v/
 to_out``, ``blocks.i.ffn.w1/w2/w3``, ``blocks.i.adaln_linear_1``, ``final_layer.adaln_linear``,
-``final_layer.proj``), the keys ``<path>.lora_A [r, in]``, ``<path>.lora_B [out, r]`` and
+``final_layer.proj``; read too: ``time_embedder.linear_1/2``, ``caption_embedder.linear_1/2``),
+the keys ``<path>.lora_A [r, in]``, ``<path>.lora_B [out, r]`` and
 ``<path>.lora_alpha`` (0-d fp32, ``alpha = alpha_scale * r``). A fused LongCat target split in n
 (``attn.qkv``: n = 3, ``cross_attn.kv_linear``: n = 2) becomes n FastVideo targets, each with its
 slice of ``lora_down`` as ``lora_A`` and up block j as ``lora_B``; a split target that stays one
@@ -365,6 +366,11 @@ _FASTVIDEO_TO_LONGCAT: Sequence[Tuple[re.Pattern, str, Optional[Tuple[int, int]]
     (re.compile(r"^blocks\.(\d+)\.adaln_linear_1$"), r"blocks.\1.adaLN_modulation.1", None),
     (re.compile(r"^final_layer\.adaln_linear$"), r"final_layer.adaLN_modulation.1", None),
     (re.compile(r"^final_layer\.proj$"), r"final_layer.linear", None),
+    # the embedders' Linears (SPEC 9 names; their FastVideo keys were refused as matching no Linear module)
+    (re.compile(r"^time_embedder\.linear_1$"), r"t_embedder.mlp.0", None),
+    (re.compile(r"^time_embedder\.linear_2$"), r"t_embedder.mlp.2", None),
+    (re.compile(r"^caption_embedder\.linear_1$"), r"y_embedder.y_proj.0", None),
+    (re.compile(r"^caption_embedder\.linear_2$"), r"y_embedder.y_proj.2", None),
 ]
 
 

@@ -1,0 +1,118 @@
+"""Round 40 (hostile audit, loading): DiT checkpoint folders, LoRA files and the pipeline's VAE, one test
+per finding:
+
+A. A FastVideo LoRA adapting ``time_embedder.linear_1/2`` or ``caption_embedder.linear_1/2`` (the
+   FastVideo names, SPEC 9, of ``t_embedder.mlp.0/2`` and ``y_embedder.y_proj.0/2``, Linear modules the
+   LongCat format adapts) was refused as keys that "match no Linear module of the model".
+B. A VAE whose decoder weights hold NaN loaded without a word: the DiT latents stay finite (the NaN
+   check before decoding passes), and the decoded NaN pixels became black frames.
+C. ``strict=False`` (unexpected keys ignored) on an upstream checkpoint holding one extra tensor whose
+   name looks FastVideo (``...self_attn...``, ``patch_embed...``) read the whole folder as the FastVideo
+   layout and refused it, listing every model key as "missing".
+D. ``from_pretrained`` given the checkpoint's ``.safetensors`` or ``config.json`` file said "checkpoint
+   folder not found" for a path that exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny_ckpt import model_from_state_dict, write_upstream_dit
+
+from longcat_vc.dit import LongCatDiT
+from longcat_vc.loading import CheckpointError
+
+
+# ---------------------------------------------------------------------------- A
+def test_fastvideo_lora_on_the_embedders_loads_as_its_longcat_twin(tmp_path, tiny_base):
+    """FastVideo LoRA keys of ``time_embedder.linear_1`` / ``caption_embedder.linear_2`` were refused as
+    matching no Linear module; they adapt ``t_embedder.mlp.0`` / ``y_embedder.y_proj.2`` (SPEC 9 names)."""
+    from longcat_vc.lora import longcat_lora_key
+
+    cfg, sd = tiny_base
+    g = torch.Generator().manual_seed(5)
+    r = 4
+    targets = {"t_embedder.mlp.0": "time_embedder.linear_1", "t_embedder.mlp.2": "time_embedder.linear_2",
+               "y_embedder.y_proj.0": "caption_embedder.linear_1", "y_embedder.y_proj.2": "caption_embedder.linear_2"}
+    ref = model_from_state_dict(cfg, sd)
+    longcat, fastvideo = {}, {}
+    for ours, theirs in targets.items():
+        lin = ref.get_submodule(ours)
+        down = 0.2 * torch.randn(r, lin.in_features, generator=g)
+        up = 0.2 * torch.randn(lin.out_features, r, generator=g)
+        longcat[longcat_lora_key(ours, "lora_down.weight")] = down
+        longcat[longcat_lora_key(ours, "lora_up.weight")] = up
+        longcat[longcat_lora_key(ours, "alpha_scale")] = torch.tensor(0.5)
+        fastvideo[f"{theirs}.lora_A"] = down
+        fastvideo[f"{theirs}.lora_B"] = up
+        fastvideo[f"{theirs}.lora_alpha"] = torch.tensor(0.5 * r)
+    save_file(longcat, str(tmp_path / "lc.safetensors"))
+    save_file(fastvideo, str(tmp_path / "fv.safetensors"))
+    assert sorted(ref.load_lora(str(tmp_path / "lc.safetensors"), "x")) == sorted(targets)
+    ref.enable_loras(["x"])
+    ref.fuse_lora()
+    got = model_from_state_dict(cfg, sd)
+    assert sorted(got.load_lora(str(tmp_path / "fv.safetensors"), "x")) == sorted(targets)
+    got.enable_loras(["x"])
+    got.fuse_lora()
+    for ours in targets:
+        w = ours + ".weight"
+        assert not torch.equal(got.state_dict()[w], sd[w])
+        torch.testing.assert_close(got.state_dict()[w], ref.state_dict()[w], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- B
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    from vc_components import write_full_checkpoint
+
+    root = str(tmp_path_factory.mktemp("r40ckpt"))
+    write_full_checkpoint(root)
+    return root
+
+
+def test_vae_with_a_nan_decoder_weight_is_refused_at_load(ckpt_root, tmp_path):
+    """A NaN in the VAE decoder's weights loaded silently (only the decoded frames, black, showed it)."""
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    root = str(tmp_path / "ck")
+    shutil.copytree(ckpt_root, root)
+    path = os.path.join(root, "vae", "diffusion_pytorch_model.safetensors")
+    sd = load_file(path)
+    key = "decoder.conv_out.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[3] = float("nan")
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"(?s)vae.*non-finite.*decoder\.conv_out\.weight"):
+        VideoContinuationPipeline.from_pretrained(root, dtype=torch.float32, device="cpu", attn_backend="torch",
+                                                  progress=False)
+
+
+# ---------------------------------------------------------------------------- C
+@pytest.mark.parametrize("extra", ["extra.self_attn.scale", "patch_embed.proj.weight"])
+def test_strict_false_ignores_a_stray_fastvideo_looking_key_of_an_upstream_checkpoint(tmp_path, tiny_base, extra):
+    """One unexpected tensor named like a FastVideo key made the loader read an upstream checkpoint as
+    FastVideo's layout and refuse it (every model key "missing") although strict=False ignores extras."""
+    cfg, sd = tiny_base
+    write_upstream_dit(str(tmp_path), cfg, {**sd, extra: torch.zeros(3)}, shards=1)
+    model = LongCatDiT.from_pretrained(str(tmp_path), strict=False, progress=False)
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match=rf"upstream dit/ layout.*1 unexpected key.*{extra}"):
+        LongCatDiT.from_pretrained(str(tmp_path), progress=False)
+
+
+# ---------------------------------------------------------------------------- D
+@pytest.mark.parametrize("fname", ["diffusion_pytorch_model.safetensors", "config.json"])
+def test_a_file_given_for_the_checkpoint_folder_is_named_as_a_file(tmp_path, tiny_base, fname):
+    """A checkpoint file given for the folder was "checkpoint folder not found" though the path exists."""
+    cfg, sd = tiny_base
+    write_upstream_dit(str(tmp_path), cfg, sd, shards=1)
+    path = str(tmp_path / fname)
+    with pytest.raises(CheckpointError, match=rf"{fname} is a file.*pass the folder holding it \({tmp_path}\)"):
+        LongCatDiT.from_pretrained(path, progress=False)
