@@ -261,7 +261,18 @@ def to_fastvideo_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, to
     return out
 
 
-def _is_fastvideo(keys: Iterable[str]) -> bool:
+def _is_fastvideo(keys: Iterable[str], expected: Optional[Iterable[str]] = None) -> bool:
+    """Whether the checkpoint ``keys`` are FastVideo's names: those of more of the model's ``expected``
+    keys than the upstream names are (one extra tensor named like FastVideo's, ignored with
+    ``strict=False``, made a whole upstream checkpoint FastVideo's and refused: every key "missing").
+    Without ``expected``, or when neither layout names any model key, by the FastVideo-only prefixes."""
+    keys = set(keys)
+    if expected is not None:
+        expected = list(expected)
+        upstream = sum(k in keys for k in expected)
+        fastvideo = sum(s in keys for k in expected for s in fastvideo_sources(k))
+        if upstream or fastvideo:
+            return fastvideo > upstream
     return any(k.startswith(("patch_embed.", "time_embedder.", "caption_embedder.")) or ".self_attn." in k for k in keys)
 
 
@@ -375,7 +386,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     model = cls(config, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     header = read_checkpoint_index(folder)
-    fastvideo = _is_fastvideo(header)
+    fastvideo = _is_fastvideo(header, expected)
     sources = {k: (fastvideo_sources(k) if fastvideo else [k]) for k in expected}
 
     missing: List[str] = []
