@@ -99,6 +99,9 @@ def _open_safetensors_all(path: str) -> Dict[str, torch.Tensor]:
 def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
     """The folder holding the DiT: ``path`` itself, or its ``dit/`` or ``transformer/`` subfolder."""
     path = os.fspath(path)
+    if os.path.isfile(path):  # (was "checkpoint folder not found" for a file that exists)
+        raise CheckpointError(f"checkpoint folder: {path} is a file; pass the folder holding it "
+                              f"({os.path.dirname(os.path.abspath(path))})")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder not found: {path}")
 

@@ -93,6 +93,9 @@ def check_checkpoint(checkpoint_dir: str, mode: str = "basic") -> None:
     Raises:
         CheckpointError: naming every missing file (relative to ``checkpoint_dir``).
     """
+    if os.path.isfile(checkpoint_dir):  # (was "checkpoint folder not found" for a file that exists)
+        raise CheckpointError(f"checkpoint folder: {checkpoint_dir} is a file; pass the checkpoint root folder "
+                              "(holding dit/, vae/, text_encoder/, tokenizer/, scheduler/)")
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
     missing: List[str] = []

@@ -116,3 +116,13 @@ def test_a_file_given_for_the_checkpoint_folder_is_named_as_a_file(tmp_path, tin
     path = str(tmp_path / fname)
     with pytest.raises(CheckpointError, match=rf"{fname} is a file.*pass the folder holding it \({tmp_path}\)"):
         LongCatDiT.from_pretrained(path, progress=False)
+
+
+def test_a_file_given_for_the_pipeline_checkpoint_root_is_named_as_a_file(tmp_path):
+    """The pipeline's check said "checkpoint folder not found" for a file given as the checkpoint root."""
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"config\.json is a file; pass the checkpoint root folder"):
+        VideoContinuationPipeline.from_pretrained(str(path), dtype=torch.float32, device="cpu", progress=False)
