@@ -5,7 +5,8 @@ A. A FastVideo LoRA adapting ``time_embedder.linear_1/2`` or ``caption_embedder.
    FastVideo names, SPEC 9, of ``t_embedder.mlp.0/2`` and ``y_embedder.y_proj.0/2``, Linear modules the
    LongCat format adapts) was refused as keys that "match no Linear module of the model".
 B. A VAE whose decoder weights hold NaN loaded without a word: the DiT latents stay finite (the NaN
-   check before decoding passes), and the decoded NaN pixels became black frames.
+   check before decoding passes), and the decoded NaN pixels became black frames (a NaN text encoder
+   weight was found only after the whole denoising run, as NaN latents).
 C. ``strict=False`` (unexpected keys ignored) on an upstream checkpoint holding one extra tensor whose
    name looks FastVideo (``...self_attn...``, ``patch_embed...``) read the whole folder as the FastVideo
    layout and refused it, listing every model key as "missing".
@@ -76,19 +77,23 @@ def ckpt_root(tmp_path_factory):
     return root
 
 
-def test_vae_with_a_nan_decoder_weight_is_refused_at_load(ckpt_root, tmp_path):
-    """A NaN in the VAE decoder's weights loaded silently (only the decoded frames, black, showed it)."""
+@pytest.mark.parametrize("sub,fname,key", [
+    ("vae", "diffusion_pytorch_model.safetensors", "decoder.conv_out.weight"),
+    ("text_encoder", "model.safetensors", "encoder.block.0.layer.1.DenseReluDense.wo.weight"),
+])
+def test_vae_or_text_encoder_with_a_nan_weight_is_refused_at_load(ckpt_root, tmp_path, sub, fname, key):
+    """A NaN in the VAE decoder's weights loaded silently (only the decoded frames, black, showed it); one in
+    the text encoder was found only after the whole denoising, as NaN latents."""
     from longcat_vc.pipeline import VideoContinuationPipeline
 
     root = str(tmp_path / "ck")
     shutil.copytree(ckpt_root, root)
-    path = os.path.join(root, "vae", "diffusion_pytorch_model.safetensors")
+    path = os.path.join(root, sub, fname)
     sd = load_file(path)
-    key = "decoder.conv_out.weight"
     sd[key] = sd[key].clone()
     sd[key].view(-1)[3] = float("nan")
     save_file(sd, path, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"(?s)vae.*non-finite.*decoder\.conv_out\.weight"):
+    with pytest.raises(CheckpointError, match=rf"(?s){sub}.*non-finite.*{key}"):
         VideoContinuationPipeline.from_pretrained(root, dtype=torch.float32, device="cpu", attn_backend="torch",
                                                   progress=False)
 
