@@ -300,9 +300,10 @@ def check_dtype(dtype, name: str = "dtype") -> None:
 
 def check_device(device, name: str = "device") -> torch.device:
     """``device`` (a str or ``torch.device``) as a ``torch.device`` that weights can be loaded onto:
-    parseable, CUDA available when asked for, not ``meta`` (torch's own errors named no argument:
-    an AssertionError "Torch not compiled with CUDA enabled" at the first tensor, and on ``meta`` a
-    CheckpointError blaming the checkpoint for parameters left uninitialised)."""
+    parseable, CUDA available when asked for and its index visible, not ``meta`` (torch's own errors
+    named no argument: an AssertionError "Torch not compiled with CUDA enabled" at the first tensor,
+    "invalid device ordinal" for ``cuda:1`` on one GPU, and on ``meta`` a CheckpointError blaming the
+    checkpoint for parameters left uninitialised)."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"{name}: expected a str or torch.device (e.g. 'cuda:0') or None, got {type(device).__name__}")
     try:
@@ -311,6 +312,11 @@ def check_device(device, name: str = "device") -> torch.device:
         raise ValueError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: expected an available device, got {device} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # (passed, then torch's "invalid device ordinal" at the first tensor, which the pipeline blamed on a component)
+        n = torch.cuda.device_count()
+        raise ValueError(f"{name}: expected a visible CUDA device (cuda:0 .. cuda:{n - 1}), got {device} with {n} "
+                         "visible (CUDA_VISIBLE_DEVICES renumbers them from 0)")
     if device.type == "meta":
         raise ValueError(f"{name}: expected a device that holds data, got {device} (weights cannot be loaded onto it)")
     return device

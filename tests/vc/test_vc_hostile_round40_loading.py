@@ -11,7 +11,9 @@ C. ``strict=False`` (unexpected keys ignored) on an upstream checkpoint holding 
    name looks FastVideo (``...self_attn...``, ``patch_embed...``) read the whole folder as the FastVideo
    layout and refused it, listing every model key as "missing".
 D. ``from_pretrained`` given the checkpoint's ``.safetensors`` or ``config.json`` file said "checkpoint
-   folder not found" for a path that exists.
+   folder not found" for a path that exists (the pipeline's checkpoint root too).
+E. ``device="cuda:1"`` on a one-GPU machine passed the device check and failed at the first tensor with
+   torch's "invalid device ordinal".
 """
 
 from __future__ import annotations
@@ -131,3 +133,21 @@ def test_a_file_given_for_the_pipeline_checkpoint_root_is_named_as_a_file(tmp_pa
     path.write_text("{}")
     with pytest.raises(CheckpointError, match=r"config\.json is a file; pass the checkpoint root folder"):
         VideoContinuationPipeline.from_pretrained(str(path), dtype=torch.float32, device="cpu", progress=False)
+
+
+# ---------------------------------------------------------------------------- E
+def test_a_cuda_index_past_the_visible_devices_is_refused_naming_the_device(monkeypatch, tmp_path, tiny_base):
+    """``device="cuda:1"`` on a one-GPU machine passed ``check_device`` (CUDA is available) and failed at the
+    first tensor with torch's "invalid device ordinal" (in the pipeline: a CheckpointError blaming a component)."""
+    from longcat_vc.loading import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    assert check_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"device: expected a visible CUDA device .*cuda:0.*got cuda:1 with 1 visible"):
+        check_device("cuda:1")
+    cfg, sd = tiny_base
+    write_upstream_dit(str(tmp_path), cfg, sd, shards=1)
+    with pytest.raises(ValueError, match=r"device: .*got cuda:3"):
+        LongCatDiT.from_pretrained(str(tmp_path), device=3, progress=False)
