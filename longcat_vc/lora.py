@@ -374,6 +374,10 @@ _FASTVIDEO_TO_LONGCAT: Sequence[Tuple[re.Pattern, str, Optional[Tuple[int, int]]
 ]
 
 
+def _short_list(names: List[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]]]]:
     for pattern, repl, rows in _FASTVIDEO_TO_LONGCAT:
         if pattern.match(path):
@@ -574,6 +578,7 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 parts.append(LoRAPart(0, out_f, 0, R, up, scale))
             adapters[module_path] = LoRAAdapter(name, down, parts, multiplier)
     else:
+        upstream_named: List[str] = []  # targets spelt with our (upstream) module names, not FastVideo's
         per_target, bad = _parse_fastvideo(tensors)
         unmatched.extend(bad)
         grouped: Dict[str, List[Tuple[Optional[Tuple[int, int]], str, dict]]] = {}
@@ -581,6 +586,8 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
             mapped = _fastvideo_module(target)
             if mapped is None or linear(mapped[0]) is None:
                 unmatched.extend(e["keys"])
+                if linear(target) is not None:
+                    upstream_named.append(target)
                 continue
             grouped.setdefault(mapped[0], []).append((mapped[1], target, e))
         for module_path, items in grouped.items():
@@ -645,6 +652,13 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 f"{len(show)} key(s) match no Linear module of the model: "
                 + ", ".join(show[:20]) + (" ..." if len(show) > 20 else "")
             )
+            if fmt != "longcat" and upstream_named:
+                # (the message said only "match no Linear module", of a module the model has under that name)
+                one = len(upstream_named) == 1
+                lines.append(f"{_short_list(upstream_named)} {'is' if one else 'are'} this model's (upstream) module "
+                             f"name{'' if one else 's'}; lora_A/lora_B files are read with FastVideo's module names (SPEC 9: attn.qkv -> self_attn.to_q/to_k/"
+                             "to_v, attn.proj -> self_attn.to_out, ...); for upstream names use the LongCat format "
+                             f"({LORA_PREFIX}<path>.lora_down.weight / .lora_up.weight / .alpha_scale)")
             if any(k.startswith("base_model.model.") for k in show):
                 # its scale (lora_alpha / r) is in adapter_config.json beside it, not in the file
                 lines.append("this is a peft adapter file (PeftModel.save_pretrained); write the adapter with "

@@ -14,6 +14,8 @@ D. ``from_pretrained`` given the checkpoint's ``.safetensors`` or ``config.json`
    folder not found" for a path that exists (the pipeline's checkpoint root too).
 E. ``device="cuda:1"`` on a one-GPU machine passed the device check and failed at the first tensor with
    torch's "invalid device ordinal".
+F. A lora_A/lora_B LoRA naming the model's own (upstream) modules (``blocks.0.attn.qkv``) was refused as
+   keys that "match no Linear module of the model", with no word of the names such files are read with.
 """
 
 from __future__ import annotations
@@ -151,3 +153,18 @@ def test_a_cuda_index_past_the_visible_devices_is_refused_naming_the_device(monk
     write_upstream_dit(str(tmp_path), cfg, sd, shards=1)
     with pytest.raises(ValueError, match=r"device: .*got cuda:3"):
         LongCatDiT.from_pretrained(str(tmp_path), device=3, progress=False)
+
+
+# ---------------------------------------------------------------------------- F
+def test_lora_a_b_file_with_upstream_module_names_says_which_names_it_expects(tmp_path, tiny_base):
+    """A lora_A/lora_B file naming the model's own (upstream) modules (``blocks.0.attn.qkv``) was refused as
+    keys that "match no Linear module of the model", although the model has exactly that Linear."""
+    cfg, sd = tiny_base
+    model = model_from_state_dict(cfg, sd)
+    qkv = model.get_submodule("blocks.0.attn.qkv")
+    save_file({"diffusion_model.blocks.0.attn.qkv.lora_A.weight": torch.randn(4, qkv.in_features),
+               "diffusion_model.blocks.0.attn.qkv.lora_B.weight": torch.randn(qkv.out_features, 4)},
+              str(tmp_path / "l.safetensors"))
+    with pytest.raises(ValueError, match=r"(?s)blocks\.0\.attn\.qkv is this model's \(upstream\) module name;.*"
+                                         r"FastVideo's module names.*self_attn\.to_q.*LongCat format"):
+        model.load_lora(str(tmp_path / "l.safetensors"), "x")
