@@ -16,6 +16,9 @@ E. ``device="cuda:1"`` on a one-GPU machine passed the device check and failed a
    torch's "invalid device ordinal".
 F. A lora_A/lora_B LoRA naming the model's own (upstream) modules (``blocks.0.attn.qkv``) was refused as
    keys that "match no Linear module of the model", with no word of the names such files are read with.
+G. ``encode_prompts`` given a dict encoded its keys; bytes failed as "prompt must be a str, got int".
+H. ``encode_prompts(dtype=torch.float8_e4m3fn)`` cast the embeddings to e4m3 without a word.
+I. ``encode_prompts(device=...)`` was read by torch only after the encoder ran, naming no argument.
 """
 
 from __future__ import annotations
@@ -168,3 +171,43 @@ def test_lora_a_b_file_with_upstream_module_names_says_which_names_it_expects(tm
     with pytest.raises(ValueError, match=r"(?s)blocks\.0\.attn\.qkv is this model's \(upstream\) module name;.*"
                                          r"FastVideo's module names.*self_attn\.to_q.*LongCat format"):
         model.load_lora(str(tmp_path / "l.safetensors"), "x")
+
+
+# ---------------------------------------------------------------------------- G, H, I (text.encode_prompts)
+@pytest.fixture(scope="module")
+def tok_enc(tmp_path_factory):
+    from vc_components import build_text_encoder, build_tokenizer
+
+    return build_tokenizer(str(tmp_path_factory.mktemp("r40tok"))), build_text_encoder()
+
+
+@pytest.mark.parametrize("prompts", [{"prompt": "a cat"}, b"a cat", None, ["a cat", b"a dog"]])
+def test_encode_prompts_refuses_prompts_that_are_no_str_or_list_of_str(tok_enc, prompts):
+    """A dict was encoded as its keys (the literal word "prompt"), bytes as "prompt must be a str, got int"
+    (its bytes iterated), None as a bare "'NoneType' object is not iterable"."""
+    from longcat_vc.text import encode_prompts
+
+    tok, enc = tok_enc
+    with pytest.raises(TypeError, match=r"^prompts: expected a str or a list of str, got "):
+        encode_prompts(tok, enc, prompts, max_length=8)
+
+
+def test_encode_prompts_refuses_an_8_bit_dtype(tok_enc):
+    """``dtype=torch.float8_e4m3fn`` cast the embeddings to e4m3 (3 mantissa bits: up to 6% off each) silently."""
+    from longcat_vc.text import encode_prompts
+
+    tok, enc = tok_enc
+    with pytest.raises(ValueError, match=r"^dtype: expected a floating torch.dtype of 16 bits or more"):
+        encode_prompts(tok, enc, "a cat", max_length=8, dtype=torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("device,exc", [("cuda", ValueError), ("gpu", ValueError), (0, ValueError), (1.5, TypeError)])
+def test_encode_prompts_checks_its_device_before_encoding(tok_enc, monkeypatch, device, exc):
+    """``device`` was read by torch only after the encoder ran: "Torch not compiled with CUDA enabled"
+    (AssertionError), "Expected one of cpu, cuda, ..." (RuntimeError), naming no argument."""
+    from longcat_vc.text import encode_prompts
+
+    tok, enc = tok_enc
+    monkeypatch.setattr(enc, "forward", lambda *a, **k: pytest.fail("encoded before checking the device"))
+    with pytest.raises(exc, match=r"^device: expected"):
+        encode_prompts(tok, enc, "a cat", max_length=8, device=device)
