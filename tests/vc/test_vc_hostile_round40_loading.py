@@ -19,6 +19,8 @@ F. A lora_A/lora_B LoRA naming the model's own (upstream) modules (``blocks.0.at
 G. ``encode_prompts`` given a dict encoded its keys; bytes failed as "prompt must be a str, got int".
 H. ``encode_prompts(dtype=torch.float8_e4m3fn)`` cast the embeddings to e4m3 without a word.
 I. ``encode_prompts(device=...)`` was read by torch only after the encoder ran, naming no argument.
+J. A config.json of another model (``vae/``'s, a Wan transformer's) given to the DiT loader failed on a
+   field it does not have, or on every key "missing", never saying it is another model's config.
 """
 
 from __future__ import annotations
@@ -211,3 +213,22 @@ def test_encode_prompts_checks_its_device_before_encoding(tok_enc, monkeypatch, 
     monkeypatch.setattr(enc, "forward", lambda *a, **k: pytest.fail("encoded before checking the device"))
     with pytest.raises(exc, match=r"^device: expected"):
         encode_prompts(tok, enc, "a cat", max_length=8, device=device)
+
+
+# ---------------------------------------------------------------------------- J
+def test_a_config_of_another_model_class_is_named_as_such(tmp_path):
+    """The DiT loader pointed at ``vae/`` (or a Wan transformer) built a DiTConfig from a foreign config.json
+    and failed on a field that file does not even have ("patch_size: expected three ints, got None",
+    "hidden_size: expected a multiple of num_heads=12, got 4096"), or on every key "missing"."""
+    from longcat_vc.config import DiTConfig
+    from vc_components import write_full_checkpoint
+
+    for cls_name, extra in (("WanTransformer3DModel", {"num_attention_heads": 12, "num_layers": 30}),
+                            ("AutoencoderKLWan", {"patch_size": None, "z_dim": 16})):
+        with pytest.raises(ValueError, match=rf"_class_name {cls_name!r} is not a LongCat-Video DiT"):
+            DiTConfig.from_dict({"_class_name": cls_name, **extra})
+    for ok in ("LongCatVideoTransformer3DModel", "LongCatTransformer3DModel"):
+        assert DiTConfig.from_dict({"_class_name": ok}).hidden_size == 4096
+    write_full_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"vae.config\.json.*'AutoencoderKLWan' is not a LongCat-Video DiT"):
+        LongCatDiT.from_pretrained(str(tmp_path / "vae"), progress=False)
