@@ -391,10 +391,10 @@ class VideoContinuationPipeline:
 
         if device.type == "cuda" or process_group is not None:
             from .config import DiTConfig
-            from .loading import resolve_dit_dir
 
-            cfg = load("DiT config",
-                       lambda: DiTConfig.from_json(os.path.join(resolve_dit_dir(checkpoint_dir), "config.json")))
+            # dit/'s, the folder loaded below (resolve_dit_dir(root) refused a root holding a FastVideo
+            # transformer/ beside it, on CUDA only)
+            cfg = load("DiT config", lambda: DiTConfig.from_json(sub("dit")))
             if process_group is not None:
                 # what the DiT's enable_context_parallel would refuse (heads not divisible by the ranks,
                 # cfg_parallel on an odd world): now, not after every rank has loaded the whole DiT

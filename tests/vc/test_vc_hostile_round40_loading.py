@@ -21,6 +21,8 @@ H. ``encode_prompts(dtype=torch.float8_e4m3fn)`` cast the embeddings to e4m3 wit
 I. ``encode_prompts(device=...)`` was read by torch only after the encoder ran, naming no argument.
 J. A config.json of another model (``vae/``'s, a Wan transformer's) given to the DiT loader failed on a
    field it does not have, or on every key "missing", never saying it is another model's config.
+K. The pipeline on CUDA (or with a process group) refused a checkpoint root holding a FastVideo
+   ``transformer/`` beside ``dit/`` ("pass the one to load explicitly"), though it always loads ``dit/``.
 """
 
 from __future__ import annotations
@@ -232,3 +234,33 @@ def test_a_config_of_another_model_class_is_named_as_such(tmp_path):
     write_full_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match=r"vae.config\.json.*'AutoencoderKLWan' is not a LongCat-Video DiT"):
         LongCatDiT.from_pretrained(str(tmp_path / "vae"), progress=False)
+
+
+# ---------------------------------------------------------------------------- K
+def test_pipeline_on_cuda_sizes_the_dit_it_loads_from_dit_even_beside_a_transformer_folder(tmp_path, monkeypatch):
+    """On CUDA (or with a process group) the pipeline read the DiT config through ``resolve_dit_dir(root)``, which
+    refuses a root holding both ``dit/`` and a FastVideo ``transformer/`` ("pass the one to load explicitly"),
+    although the pipeline always loads ``dit/`` (and on CPU did so without a word)."""
+    import longcat_vc.memory as memory
+    from tiny_ckpt import tiny_config, write_fastvideo_transformer
+    from vc_components import write_full_checkpoint
+
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    write_full_checkpoint(str(tmp_path))
+    write_fastvideo_transformer(str(tmp_path / "transformer"), tiny_config(depth=1))
+    seen = []
+
+    class Sized(Exception):
+        pass
+
+    def fits(cfg, *a, **k):
+        seen.append(cfg)
+        raise Sized
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(memory, "check_memory_fits", fits)
+    with pytest.raises(Sized):
+        VideoContinuationPipeline.from_pretrained(str(tmp_path), dtype=torch.float32, device="cuda", progress=False)
+    assert seen[0].depth == LongCatDiT.from_pretrained(str(tmp_path / "dit"), progress=False).config.depth != 1
