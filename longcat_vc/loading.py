@@ -106,7 +106,9 @@ def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
         raise CheckpointError(f"checkpoint folder not found: {path}")
 
     def has_weights(d: str) -> bool:
-        return bool(glob.glob(os.path.join(d, "*.safetensors")))
+        # an index counts (its shards all missing, a partial download: read_checkpoint_index names them)
+        return bool(glob.glob(os.path.join(d, "*.safetensors"))
+                    or glob.glob(os.path.join(d, "*.safetensors.index.json")))
 
     if os.path.isfile(os.path.join(path, "config.json")) and has_weights(path):
         return path
@@ -176,6 +178,10 @@ def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], 
     if indexes:
         weight_map = _read_weight_map(indexes[0])
         files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if absent:  # (one at a time, as "checkpoint file not found" for the first)
+            raise CheckpointError(f"{indexes[0]}: {len(absent)} of the {len(files)} shard file(s) it lists are missing "
+                                  f"from {folder} (an interrupted download?): {_list(absent, 20)}")
     else:
         weight_map = None
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))

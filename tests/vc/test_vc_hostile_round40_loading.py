@@ -23,6 +23,8 @@ J. A config.json of another model (``vae/``'s, a Wan transformer's) given to the
    field it does not have, or on every key "missing", never saying it is another model's config.
 K. The pipeline on CUDA (or with a process group) refused a checkpoint root holding a FastVideo
    ``transformer/`` beside ``dit/`` ("pass the one to load explicitly"), though it always loads ``dit/``.
+L. Shards an index lists but the folder lacks (an interrupted download) were named one at a time, or, with
+   none left, reported as "no DiT checkpoint here".
 """
 
 from __future__ import annotations
@@ -264,3 +266,21 @@ def test_pipeline_on_cuda_sizes_the_dit_it_loads_from_dit_even_beside_a_transfor
     with pytest.raises(Sized):
         VideoContinuationPipeline.from_pretrained(str(tmp_path), dtype=torch.float32, device="cuda", progress=False)
     assert seen[0].depth == LongCatDiT.from_pretrained(str(tmp_path / "dit"), progress=False).config.depth != 1
+
+
+# ---------------------------------------------------------------------------- L
+@pytest.mark.parametrize("keep", [(), (0,)])
+def test_a_partial_download_names_every_missing_shard(tmp_path, tiny_base, keep):
+    """Shards the index lists but the folder lacks (an interrupted download) were reported one at a time
+    ("checkpoint file not found" for the first), or, with none left, as "no DiT checkpoint here" without a
+    word of the index and the shards it expects."""
+    cfg, sd = tiny_base
+    write_upstream_dit(str(tmp_path), cfg, sd, shards=3)
+    shards = sorted(f for f in os.listdir(tmp_path) if f.endswith("-of-00003.safetensors"))
+    for i, f in enumerate(shards):
+        if i not in keep:
+            os.remove(tmp_path / f)
+    gone = [f for i, f in enumerate(shards) if i not in keep]
+    with pytest.raises(CheckpointError, match=rf"(?s){len(gone)} of the 3 shard file\(s\) .* missing.*"
+                                              + ".*".join(g.replace(".", r"\.") for g in gone)):
+        LongCatDiT.from_pretrained(str(tmp_path), progress=False)
