@@ -3,7 +3,8 @@
 ``DiTConfig`` carries the field names of the upstream ``dit/config.json`` so a released config
 loads as is; keys the upstream model uses only for its own attention switches
 (``enable_flashattn2``, ``enable_flashattn3``, ``enable_xformers``, ``cp_split_hw``) or that
-diffusers writes (``_class_name``, ``_diffusers_version``) are accepted and ignored. FastVideo's
+diffusers writes (``_class_name``, ``_diffusers_version``) are accepted and ignored (a ``_class_name``
+without "LongCat" in it, another model's config, is refused). FastVideo's
 converted ``transformer/config.json`` renames ``num_heads`` to ``num_attention_heads``; both
 spellings load.
 
@@ -224,6 +225,13 @@ class DiTConfig:
         if not isinstance(d, dict):
             raise TypeError(f"DiTConfig.from_dict: expected a dict, got {type(d).__name__}")
         d = dict(d)
+        cls_name = d.get("_class_name")
+        if isinstance(cls_name, str) and "longcat" not in cls_name.lower():
+            # another model's config.json (the VAE's, a Wan transformer's) failed on a field it does not have
+            # ("patch_size: expected three ints, got None") or built the default model: every key "missing"
+            raise ValueError(f"DiTConfig.from_dict: _class_name {cls_name!r} is not a LongCat-Video DiT (expected "
+                             "LongCatVideoTransformer3DModel, or FastVideo's LongCatTransformer3DModel); is this the "
+                             "config.json of another component or model?")
         if "num_attention_heads" in d:
             heads = d.pop("num_attention_heads")
             if "num_heads" in d and d["num_heads"] != heads:

@@ -99,11 +99,16 @@ def _open_safetensors_all(path: str) -> Dict[str, torch.Tensor]:
 def resolve_dit_dir(path: Union[str, os.PathLike]) -> str:
     """The folder holding the DiT: ``path`` itself, or its ``dit/`` or ``transformer/`` subfolder."""
     path = os.fspath(path)
+    if os.path.isfile(path):  # (was "checkpoint folder not found" for a file that exists)
+        raise CheckpointError(f"checkpoint folder: {path} is a file; pass the folder holding it "
+                              f"({os.path.dirname(os.path.abspath(path))})")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint folder not found: {path}")
 
     def has_weights(d: str) -> bool:
-        return bool(glob.glob(os.path.join(d, "*.safetensors")))
+        # an index counts (its shards all missing, a partial download: read_checkpoint_index names them)
+        return bool(glob.glob(os.path.join(d, "*.safetensors"))
+                    or glob.glob(os.path.join(d, "*.safetensors.index.json")))
 
     if os.path.isfile(os.path.join(path, "config.json")) and has_weights(path):
         return path
@@ -173,6 +178,10 @@ def read_checkpoint_index(folder: str) -> Dict[str, Tuple[str, Tuple[int, ...], 
     if indexes:
         weight_map = _read_weight_map(indexes[0])
         files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if absent:  # (one at a time, as "checkpoint file not found" for the first)
+            raise CheckpointError(f"{indexes[0]}: {len(absent)} of the {len(files)} shard file(s) it lists are missing "
+                                  f"from {folder} (an interrupted download?): {_list(absent, 20)}")
     else:
         weight_map = None
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
@@ -261,7 +270,18 @@ def to_fastvideo_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, to
     return out
 
 
-def _is_fastvideo(keys: Iterable[str]) -> bool:
+def _is_fastvideo(keys: Iterable[str], expected: Optional[Iterable[str]] = None) -> bool:
+    """Whether the checkpoint ``keys`` are FastVideo's names: those of more of the model's ``expected``
+    keys than the upstream names are (one extra tensor named like FastVideo's, ignored with
+    ``strict=False``, made a whole upstream checkpoint FastVideo's and refused: every key "missing").
+    Without ``expected``, or when neither layout names any model key, by the FastVideo-only prefixes."""
+    keys = set(keys)
+    if expected is not None:
+        expected = list(expected)
+        upstream = sum(k in keys for k in expected)
+        fastvideo = sum(s in keys for k in expected for s in fastvideo_sources(k))
+        if upstream or fastvideo:
+            return fastvideo > upstream
     return any(k.startswith(("patch_embed.", "time_embedder.", "caption_embedder.")) or ".self_attn." in k for k in keys)
 
 
@@ -286,9 +306,10 @@ def check_dtype(dtype, name: str = "dtype") -> None:
 
 def check_device(device, name: str = "device") -> torch.device:
     """``device`` (a str or ``torch.device``) as a ``torch.device`` that weights can be loaded onto:
-    parseable, CUDA available when asked for, not ``meta`` (torch's own errors named no argument:
-    an AssertionError "Torch not compiled with CUDA enabled" at the first tensor, and on ``meta`` a
-    CheckpointError blaming the checkpoint for parameters left uninitialised)."""
+    parseable, CUDA available when asked for and its index visible, not ``meta`` (torch's own errors
+    named no argument: an AssertionError "Torch not compiled with CUDA enabled" at the first tensor,
+    "invalid device ordinal" for ``cuda:1`` on one GPU, and on ``meta`` a CheckpointError blaming the
+    checkpoint for parameters left uninitialised)."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"{name}: expected a str or torch.device (e.g. 'cuda:0') or None, got {type(device).__name__}")
     try:
@@ -297,6 +318,11 @@ def check_device(device, name: str = "device") -> torch.device:
         raise ValueError(f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:0', got {device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: expected an available device, got {device} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # (passed, then torch's "invalid device ordinal" at the first tensor, which the pipeline blamed on a component)
+        n = torch.cuda.device_count()
+        raise ValueError(f"{name}: expected a visible CUDA device (cuda:0 .. cuda:{n - 1}), got {device} with {n} "
+                         "visible (CUDA_VISIBLE_DEVICES renumbers them from 0)")
     if device.type == "meta":
         raise ValueError(f"{name}: expected a device that holds data, got {device} (weights cannot be loaded onto it)")
     return device
@@ -375,7 +401,7 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     model = cls(config, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     header = read_checkpoint_index(folder)
-    fastvideo = _is_fastvideo(header)
+    fastvideo = _is_fastvideo(header, expected)
     sources = {k: (fastvideo_sources(k) if fastvideo else [k]) for k in expected}
 
     missing: List[str] = []

@@ -25,7 +25,8 @@ longcat_to_fastvideo.py`` and ``fastvideo/pipelines/lora_pipeline.py`` +
 ``fastvideo/layers/lora/linear.py``): the converter writes, per FastVideo module path (SPEC 9
 names: ``blocks.i.self_attn.to_q/to_k/to_v/to_out``, ``blocks.i.cross_attn.to_q/to_k/to_v/
 to_out``, ``blocks.i.ffn.w1/w2/w3``, ``blocks.i.adaln_linear_1``, ``final_layer.adaln_linear``,
-``final_layer.proj``), the keys ``<path>.lora_A [r, in]``, ``<path>.lora_B [out, r]`` and
+``final_layer.proj``; read too: ``time_embedder.linear_1/2``, ``caption_embedder.linear_1/2``),
+the keys ``<path>.lora_A [r, in]``, ``<path>.lora_B [out, r]`` and
 ``<path>.lora_alpha`` (0-d fp32, ``alpha = alpha_scale * r``). A fused LongCat target split in n
 (``attn.qkv``: n = 3, ``cross_attn.kv_linear``: n = 2) becomes n FastVideo targets, each with its
 slice of ``lora_down`` as ``lora_A`` and up block j as ``lora_B``; a split target that stays one
@@ -365,7 +366,16 @@ _FASTVIDEO_TO_LONGCAT: Sequence[Tuple[re.Pattern, str, Optional[Tuple[int, int]]
     (re.compile(r"^blocks\.(\d+)\.adaln_linear_1$"), r"blocks.\1.adaLN_modulation.1", None),
     (re.compile(r"^final_layer\.adaln_linear$"), r"final_layer.adaLN_modulation.1", None),
     (re.compile(r"^final_layer\.proj$"), r"final_layer.linear", None),
+    # the embedders' Linears (SPEC 9 names; their FastVideo keys were refused as matching no Linear module)
+    (re.compile(r"^time_embedder\.linear_1$"), r"t_embedder.mlp.0", None),
+    (re.compile(r"^time_embedder\.linear_2$"), r"t_embedder.mlp.2", None),
+    (re.compile(r"^caption_embedder\.linear_1$"), r"y_embedder.y_proj.0", None),
+    (re.compile(r"^caption_embedder\.linear_2$"), r"y_embedder.y_proj.2", None),
 ]
+
+
+def _short_list(names: List[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]]]]:
@@ -568,6 +578,7 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 parts.append(LoRAPart(0, out_f, 0, R, up, scale))
             adapters[module_path] = LoRAAdapter(name, down, parts, multiplier)
     else:
+        upstream_named: List[str] = []  # targets spelt with our (upstream) module names, not FastVideo's
         per_target, bad = _parse_fastvideo(tensors)
         unmatched.extend(bad)
         grouped: Dict[str, List[Tuple[Optional[Tuple[int, int]], str, dict]]] = {}
@@ -575,6 +586,8 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
             mapped = _fastvideo_module(target)
             if mapped is None or linear(mapped[0]) is None:
                 unmatched.extend(e["keys"])
+                if linear(target) is not None:
+                    upstream_named.append(target)
                 continue
             grouped.setdefault(mapped[0], []).append((mapped[1], target, e))
         for module_path, items in grouped.items():
@@ -639,6 +652,13 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
                 f"{len(show)} key(s) match no Linear module of the model: "
                 + ", ".join(show[:20]) + (" ..." if len(show) > 20 else "")
             )
+            if fmt != "longcat" and upstream_named:
+                # (the message said only "match no Linear module", of a module the model has under that name)
+                one = len(upstream_named) == 1
+                lines.append(f"{_short_list(upstream_named)} {'is' if one else 'are'} this model's (upstream) module "
+                             f"name{'' if one else 's'}; lora_A/lora_B files are read with FastVideo's module names (SPEC 9: attn.qkv -> self_attn.to_q/to_k/"
+                             "to_v, attn.proj -> self_attn.to_out, ...); for upstream names use the LongCat format "
+                             f"({LORA_PREFIX}<path>.lora_down.weight / .lora_up.weight / .alpha_scale)")
             if any(k.startswith("base_model.model.") for k in show):
                 # its scale (lora_alpha / r) is in adapter_config.json beside it, not in the file
                 lines.append("this is a peft adapter file (PeftModel.save_pretrained); write the adapter with "

@@ -29,6 +29,7 @@ What one call does, in order (the order fixes the random stream):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import os
@@ -93,6 +94,9 @@ def check_checkpoint(checkpoint_dir: str, mode: str = "basic") -> None:
     Raises:
         CheckpointError: naming every missing file (relative to ``checkpoint_dir``).
     """
+    if os.path.isfile(checkpoint_dir):  # (was "checkpoint folder not found" for a file that exists)
+        raise CheckpointError(f"checkpoint folder: {checkpoint_dir} is a file; pass the checkpoint root folder "
+                              "(holding dit/, vae/, text_encoder/, tokenizer/, scheduler/)")
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointError(f"checkpoint folder not found: {checkpoint_dir}")
     missing: List[str] = []
@@ -331,7 +335,8 @@ class VideoContinuationPipeline:
                 model), like the calls' denoising bars.
 
         Raises:
-            CheckpointError: a component file is missing (named) or fails to load.
+            CheckpointError: a component file is missing (named) or fails to load, or a component
+                (DiT, VAE, text encoder) holds NaN/Inf weights (named).
             MemoryModeError: ``memory`` cannot fit the device (names the GiB needed and a mode
                 that fits), raised before any weight is loaded.
             ValueError: with ``process_group``: the DiT config's heads do not divide by the
@@ -386,10 +391,10 @@ class VideoContinuationPipeline:
 
         if device.type == "cuda" or process_group is not None:
             from .config import DiTConfig
-            from .loading import resolve_dit_dir
 
-            cfg = load("DiT config",
-                       lambda: DiTConfig.from_json(os.path.join(resolve_dit_dir(checkpoint_dir), "config.json")))
+            # dit/'s, the folder loaded below (resolve_dit_dir(root) refused a root holding a FastVideo
+            # transformer/ beside it, on CUDA only)
+            cfg = load("DiT config", lambda: DiTConfig.from_json(sub("dit")))
             if process_group is not None:
                 # what the DiT's enable_context_parallel would refuse (heads not divisible by the ranks,
                 # cfg_parallel on an odd world): now, not after every rank has loaded the whole DiT
@@ -1181,13 +1186,27 @@ def _load_umt5(cls, path: str, dtype: torch.dtype):
     except TypeError:
         model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
     _check_no_missing_tensors("text encoder", path, info, unused_ok=("decoder.", "lm_head."))  # a full UMT5's decoder and head
+    _check_finite_weights("text encoder", path, model)
     return model
 
 
 def _load_vae(cls, path: str, dtype: torch.dtype):
     model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
     _check_no_missing_tensors("VAE", path, info)
+    _check_finite_weights("VAE", path, model)
     return model
+
+
+def _check_finite_weights(what: str, path: str, model: torch.nn.Module) -> None:
+    """CheckpointError naming the ``model`` tensors that hold NaN/Inf, as the DiT loader does (a NaN in
+    the VAE decoder loaded silently: the latents stay finite, so the check before decoding passed,
+    and the NaN pixels became black frames). Runs once at load, on the CPU copy; a sum per tensor."""
+    from .loading import _has_non_finite
+
+    bad = sorted(n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if _has_non_finite(t))
+    if bad:
+        raise CheckpointError(f"{path}: the {what} checkpoint holds non-finite values (NaN/Inf) in "
+                              + ", ".join(bad[:10]) + (f" ... (+{len(bad) - 10} more)" if len(bad) > 10 else ""))
 
 
 def _check_no_missing_tensors(what: str, path: str, info, unused_ok: Tuple[str, ...] = ()) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import html
 import numbers
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -80,8 +80,9 @@ def encode_prompts(
             ``.last_hidden_state [B, L, C]`` from ``(input_ids, attention_mask)``).
         prompts (str | list[str]): B prompts.
         max_length (int): padded length L (512 upstream).
-        device: where the results go (default: the encoder's device).
-        dtype: dtype of the embeddings (default: the encoder's dtype).
+        device: where the results go (default: the encoder's device): a str, ``torch.device`` or CUDA
+            index, checked first (``loading.check_device``).
+        dtype: dtype of the embeddings (default: the encoder's dtype), floating, 16 bits or more.
         names (list[str] | None): what the truncation warning calls each prompt (default
             ``"prompt {i}"``), e.g. ``["negative_prompt", "prompt"]`` for a CFG batch.
 
@@ -92,6 +93,13 @@ def encode_prompts(
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    elif prompts is None or isinstance(prompts, (bytes, bytearray, Mapping)) or not isinstance(prompts, Iterable):
+        # (a dict was encoded as its keys, bytes as their ints: "prompt must be a str, got int")
+        raise TypeError(f"prompts: expected a str or a list of str, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    odd = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if odd:
+        raise TypeError(f"prompts: expected a str or a list of str, got a list holding {odd[0]}")
     prompts: List[str] = [clean_prompt(p) for p in prompts]
     if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
         # (True ran as 1 token; None and floats failed inside the tokenizer without naming it)
@@ -102,6 +110,13 @@ def encode_prompts(
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         # (an integer dtype cast the embeddings to integers)
         raise TypeError(f"dtype: expected a floating torch.dtype for the text embeddings, got {dtype!r}")
+    if dtype is not None and torch.finfo(dtype).bits < 16:  # (e4m3 embeddings: 3 mantissa bits, up to 6% off)
+        raise ValueError(f"dtype: expected a floating torch.dtype of 16 bits or more for the text embeddings, "
+                         f"got {dtype}")
+    if device is not None:  # checked before encoding (torch read it only after the encoder ran, naming no argument)
+        from .loading import check_device
+
+        device = check_device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)
     if not prompts:  # was an IndexError from inside the tokenizer
         raise ValueError("prompts: expected at least one prompt (a str or a non-empty list of str), got none")
     if names is None:
@@ -109,7 +124,7 @@ def encode_prompts(
     elif isinstance(names, str) or len(names) != len(prompts):
         raise ValueError(f"names: expected a list of {len(prompts)} str (one per prompt), got {names!r}")
     enc_param = next(text_encoder.parameters())
-    device = torch.device(device) if device is not None else enc_param.device
+    device = device if device is not None else enc_param.device
     dtype = dtype or enc_param.dtype
     tok = tokenizer(
         prompts,
