@@ -35,7 +35,8 @@ def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = 
     """Dense attention ``softmax(q k^T * scale) v`` through PyTorch SDPA.
 
     Args:
-        q (Tensor): ``[batch, seq_q, heads, head_dim]``; k, v (Tensor): ``[batch, seq_k, heads, head_dim]``.
+        q (Tensor): ``[batch, seq_q, heads, head_dim]``; k, v (Tensor): ``[batch, seq_k, heads or kv_heads,
+            head_dim]`` (GQA/MQA: ``kv_heads`` divides ``heads``; repeated).
         impl (str): ``"default"`` (PyTorch's choice), ``"cudnn"``, ``"flash"``, ``"efficient"`` or
             ``"math"``; a named one that cannot run raises (no silent fallback).
         scale (float | None): default ``head_dim ** -0.5``.
@@ -45,6 +46,10 @@ def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = 
     """
     if impl not in SDPA_IMPLS:
         raise ValueError(f"impl: expected one of {SDPA_IMPLS}, got {impl!r}")
+    from .oracle import kv_heads_like_q  # noqa: PLC0415
+
+    # GQA/MQA: kv heads repeated (SDPA's enable_gqa needs torch >= 2.5 and not every SDPA backend takes it)
+    k, v = kv_heads_like_q(k, q.shape[2], "k"), kv_heads_like_q(v, q.shape[2], "v")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if impl == "default":
         return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)

@@ -51,12 +51,26 @@ def bsa_token_mask(block_mask: torch.Tensor, grid_q, grid_k, chunk_q, chunk_k) -
     return block_mask[:, :, bq][:, :, :, bk]
 
 
+def kv_heads_like_q(x: torch.Tensor, heads: int, name: str = "k") -> torch.Tensor:
+    """``x [B, S, Hkv, D]`` with its kv heads repeated to ``heads`` (GQA/MQA: query head h reads kv head
+    ``h // (heads // Hkv)``, as the ops and SDPA's ``enable_gqa`` do); raises naming ``name`` if they do not divide."""
+    hkv = x.shape[2]
+    if hkv == heads:
+        return x
+    if hkv <= 0 or heads % hkv:
+        raise ValueError(f"{name}: expected a number of heads that divides the {heads} query heads (GQA/MQA), "
+                         f"got {hkv} (shape {tuple(x.shape)})")
+    return x.repeat_interleave(heads // hkv, dim=2)
+
+
 def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float]):
-    """Scaled scores ``[B, H, Sq, Sk]`` in q's dtype (k's batch of 1 broadcast), masked-out -> -inf.
+    """Scaled scores ``[B, H, Sq, Sk]`` in q's dtype (k's batch of 1 broadcast, its GQA heads repeated),
+    masked-out -> -inf.
 
     Shared by ``attention_oracle`` (fp64) and ``attention_lowp`` (input dtype) so the oracle and the
     tolerance baseline can never disagree on scale, broadcasting or mask semantics."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = kv_heads_like_q(k, q.shape[2], "k")
     s = torch.einsum("bqhd,bkhd->bhqk", q, k.expand(q.shape[0], -1, -1, -1)) * scale
     if mask is not None:
         s = s.masked_fill(~mask.to(s.device), float("-inf"))
@@ -73,7 +87,8 @@ def attention_oracle(
     """fp64 attention on BSHD tensors (differentiable w.r.t. q, k, v).
 
     Args:
-        q: ``[B, Sq, H, D]``; k, v: ``[B or 1, Sk, H, D]``.
+        q: ``[B, Sq, H, D]``; k, v: ``[B or 1, Sk, H or Hkv, D]`` (GQA/MQA: ``Hkv`` divides ``H``; query head
+            h attends with kv head ``h // (H // Hkv)``).
         mask: bool, broadcastable to ``[B, H, Sq, Sk]`` (True = attend) or None.
 
     Returns:
@@ -88,6 +103,7 @@ def attention_oracle(
     den = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(den == 0, torch.ones_like(den), den)
     lse = (m + torch.log(den.detach())).squeeze(-1)
+    vd = kv_heads_like_q(vd, qd.shape[2], "v")
     out = torch.einsum("bhqk,bkhd->bqhd", p, vd.expand(qd.shape[0], -1, -1, -1))
     return out, lse
 
@@ -107,6 +123,7 @@ def attention_lowp(
     s = _masked_scores(q, k, mask, scale)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)
+    v = kv_heads_like_q(v, q.shape[2], "v")
     return torch.einsum("bhqk,bkhd->bqhd", p, v.expand(q.shape[0], -1, -1, -1))
 
 
