@@ -66,14 +66,15 @@ class _GridState:
     def grid_of(self, rotary_emb) -> Optional[Tuple[int, int, int]]:
         """The grid of the forward that made ``rotary_emb``: the current one the first time its tables
         are seen, the recorded one when a block of an earlier forward is recomputed."""
-        if rotary_emb is None or self.grid is None:
+        # torch.compile (diffusers' compile_repeated_blocks(fullgraph=True)): dynamo cannot trace the weak map;
+        # the grid is the current forward's, guarded on by dynamo (a new grid recompiles)
+        if rotary_emb is None or self.grid is None or torch.compiler.is_compiling():
             return self.grid
         key = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
         grid = self._grids.get(key)
         if grid is None:
             # a reentrant checkpoint recomputes in backward with detached (new) tables: not a new forward
-            if (not self._fresh and not torch.compiler.is_compiling()
-                    and torch._C._current_graph_task_id() == -1):
+            if not self._fresh and torch._C._current_graph_task_id() == -1:
                 raise RuntimeError(
                     "BlockSparseWanAttnProcessor: RoPE tables of a forward the pre-forward hook did not see (the "
                     f"transformer called as .forward(...)?); its grid is unknown (the last call's was {self.grid}). "
@@ -84,7 +85,11 @@ class _GridState:
         return grid
 
     def rope_matches(self, rotary_emb, head_dim: int, device) -> bool:
-        """Once per forward: rotate a probe with the model's tables and with Rope3D's, compare."""
+        """Once per forward: rotate a probe with the model's tables and with Rope3D's, compare. False while
+        torch.compile traces a forward whose tables were not compared yet (the comparison is a data-dependent
+        branch, a graph break under fullgraph): diffusers' norm and RoPE ops run then."""
+        if self.rope_ok is None and torch.compiler.is_compiling():
+            return False
         if self.rope_ok is None:
             cos = rotary_emb[0]
             probe = torch.ones(1, cos.shape[1], 1, head_dim, dtype=torch.float32, device=device)
@@ -357,7 +362,8 @@ def apply_block_sparse_attention(
     detected on each forward and keeps its own tables (the fused prologue is then skipped). A
     ``copy.deepcopy`` of the applied model runs on its own grid state. Blocks recomputed in backward
     (``enable_gradient_checkpointing``) use the grid of their own forward, also after forwards at
-    other resolutions.
+    other resolutions (eager blocks only: a block compiled by ``torch.compile`` / ``compile_repeated_blocks``,
+    ``fullgraph=True`` included, reads the current forward's grid and runs diffusers' norm and RoPE ops).
     """
     p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):
