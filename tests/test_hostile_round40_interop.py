@@ -72,3 +72,17 @@ def test_compile_repeated_blocks_fullgraph_with_the_processor(fused):
     comp.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
     for fhw in ((2, 8, 8), (2, 4, 16), (3, 8, 12)):
         torch.testing.assert_close(_wan_run(comp, *fhw), _wan_run(eager, *fhw), atol=1e-5, rtol=1e-5)
+
+
+def test_processor_takes_the_chunk_types_apply_accepted():
+    """apply_block_sparse_attention accepted ``chunk_q=VideoGrid(1, 2, 2)`` (as block_sparse_attn does), then the first
+    forward crashed in the processor with "TypeError: 'VideoGrid' object is not iterable"; it now runs the chunk."""
+    pytest.importorskip("diffusers")
+    from longcat_kernels.integrations.diffusers import apply_block_sparse_attention
+
+    a, b = _wan_model(), _wan_model()
+    apply_block_sparse_attention(a, lk.BlockSparseParams(sparsity=0.5, chunk_q=lk.VideoGrid(1, 2, 2),
+                                                         chunk_k=lk.VideoGrid(2, 2, 2)), backend="torch")
+    apply_block_sparse_attention(b, lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2), chunk_k=(2, 2, 2)),
+                                 backend="torch")
+    assert torch.equal(_wan_run(a, 2, 8, 8), _wan_run(b, 2, 8, 8))

@@ -243,7 +243,7 @@ def _fit_chunk(chunk, grid: Tuple[int, int, int]) -> Tuple[int, int, int]:
     for an image, a smaller resolution) while the chunk is fixed at apply time; a chunk longer than
     an axis tiles it with one partial block, which is the block of the axis' own length (same blocks,
     same selection), and that is what block_sparse_attn (which rejects the longer chunk) is given."""
-    return tuple(min(int(c), g) for c, g in zip(chunk, grid))
+    return tuple(min(c, g) for c, g in zip(as_triple(chunk, "chunk"), grid))  # a VideoGrid chunk too
 
 
 def _all_heads_rms(attn, inner: int) -> bool:
