@@ -86,3 +86,21 @@ def test_processor_takes_the_chunk_types_apply_accepted():
     apply_block_sparse_attention(b, lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2), chunk_k=(2, 2, 2)),
                                  backend="torch")
     assert torch.equal(_wan_run(a, 2, 8, 8), _wan_run(b, 2, 8, 8))
+
+
+def test_fused_prologue_under_offloading_hooks_uses_the_norm_modules():
+    """With accelerate's sequential offload (``pipe.enable_sequential_cpu_offload()``: norm weights on meta, loaded
+    by a hook when the module runs) the fused prologue read ``norm_q.weight`` without calling the module and raised
+    "q_weight: expected a tensor on q's device cpu, got meta" (on a GPU: cuda vs meta; diffusers' leaf-level group
+    offloading likewise). Norms whose forward is hooked now run as modules (diffusers' path): equal to the
+    untouched model at sparsity 0."""
+    pytest.importorskip("diffusers")
+    accelerate = pytest.importorskip("accelerate")
+    from longcat_kernels.integrations.diffusers import apply_block_sparse_attention
+
+    ref = _wan_run(_wan_model(), 2, 8, 8)
+    m = _wan_model()
+    apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.0, chunk_q=(1, 2, 2)), backend="torch",
+                                 fused_prologue=True)
+    accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
+    torch.testing.assert_close(_wan_run(m, 2, 8, 8), ref, atol=1e-5, rtol=1e-5)

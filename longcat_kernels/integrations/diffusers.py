@@ -158,7 +158,8 @@ class BlockSparseWanAttnProcessor:
         fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
             ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
             tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
-            the norms are ``torch.nn.RMSNorm`` over heads*head_dim and grad is disabled (inference),
+            the norms are ``torch.nn.RMSNorm`` over heads*head_dim on the inputs' device without hooks
+            (offloading hooks bring weights in when the module runs) and grad is disabled (inference),
             else diffusers' path runs.
     """
 
@@ -202,7 +203,7 @@ class BlockSparseWanAttnProcessor:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         fused = hidden_states.is_cuda if self.fused_prologue is None else self.fused_prologue
         # the fused prologue is forward only: training (grad enabled) keeps diffusers' ops
-        if (fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1])
+        if (fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1], query.device)
                 and self.state.rope_matches(rotary_emb, query.shape[-1] // attn.heads, query.device)):
             query = query.unflatten(2, (attn.heads, -1))
             key = key.unflatten(2, (attn.heads, -1))
@@ -246,12 +247,15 @@ def _fit_chunk(chunk, grid: Tuple[int, int, int]) -> Tuple[int, int, int]:
     return tuple(min(c, g) for c, g in zip(as_triple(chunk, "chunk"), grid))  # a VideoGrid chunk too
 
 
-def _all_heads_rms(attn, inner: int) -> bool:
-    """norm_q / norm_k are torch RMSNorms with a weight over all heads (Wan's qk_norm default)."""
+def _all_heads_rms(attn, inner: int, device) -> bool:
+    """norm_q / norm_k are torch RMSNorms with a weight over all heads (Wan's qk_norm default), on ``device``
+    and not hooked: offloading (accelerate's ``cpu_offload``, diffusers' group offloading) keeps the weight
+    elsewhere (meta, CPU) and brings it in only when the module itself runs, which the fused prologue skips."""
     nq, nk = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
     return all(
         isinstance(n, torch.nn.RMSNorm) and n.weight is not None and n.weight.shape == (inner,)
-        and n.eps == nq.eps
+        and n.eps == nq.eps and n.weight.device == device
+        and not (n._forward_pre_hooks or n._forward_hooks or "forward" in vars(n))
         for n in (nq, nk)
     )
 
