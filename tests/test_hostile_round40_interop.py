@@ -104,3 +104,23 @@ def test_fused_prologue_under_offloading_hooks_uses_the_norm_modules():
                                  fused_prologue=True)
     accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
     torch.testing.assert_close(_wan_run(m, 2, 8, 8), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pairs", ["interleaved", "half"])
+def test_rope_oracle_speaks_spec12_conventions(pairs):
+    """rope_oracle (the fp64 oracle the tests and other codebases' parity tests use) knew only LongCat's split and
+    interleaved pairs: a Rope3D(axis_dims=(8, 12, 12), pairs="half") (SPEC 12; HunyuanVideo-style rotate-half) had
+    no oracle (TypeError: unexpected keyword 'axis_dims'). It now takes axis_dims and pairs."""
+    from longcat_kernels.testing import rope_oracle
+
+    grid, dims, theta = (3, 2, 4), (8, 12, 12), 700.0
+    x = torch.randn(2, 24, 2, 32, dtype=torch.float64)
+    rope = lk.Rope3D(grid, 32, theta, axis_dims=dims, pairs=pairs)
+    torch.testing.assert_close(lk.apply_rope_3d(x.float(), rope).double(),
+                               rope_oracle(x, grid, theta=theta, axis_dims=dims, pairs=pairs), atol=2e-5, rtol=1e-5)
+    # the defaults are unchanged: LongCat's split, interleaved
+    torch.testing.assert_close(rope_oracle(x, grid), rope_oracle(x, grid, axis_dims=(12, 10, 10)))
+    with pytest.raises(ValueError, match="pairs"):
+        rope_oracle(x, grid, pairs="rotate_half")
+    with pytest.raises(ValueError, match="axis_dims"):
+        rope_oracle(x, grid, axis_dims=(8, 12, 10))

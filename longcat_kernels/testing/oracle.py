@@ -175,12 +175,29 @@ def selection_oracle(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_thres
     return rank < count[..., None], s, count
 
 
-def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 10000.0) -> torch.Tensor:
-    """SPEC 5 written out longhand with Python math, fp64: ``[B, S, H, D]`` fp64."""
+def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 10000.0, *,
+                axis_dims: Optional[Sequence[int]] = None, pairs: str = "interleaved") -> torch.Tensor:
+    """SPEC 5 (SPEC 12's conventions too) written out longhand with Python math, fp64: ``[B, S, H, D]`` fp64.
+
+    ``axis_dims`` ``(dt, dh, dw)``: default ``D - 4*(D//6), 2*(D//6), 2*(D//6)``. ``pairs``: ``"interleaved"``
+    (lanes 2i, 2i+1 of the head) or ``"half"`` (rotate-half inside each axis part: lanes j, j + d/2 of its d lanes),
+    angle ``pos * theta**(-2i/d)`` for pair i of a d-lane part either way."""
     B, S, Hh, D = x.shape
     T, H, W = grid
     dh = 2 * (D // 6)
-    dims = [D - 2 * dh, dh, dh]
+    dims = [D - 2 * dh, dh, dh] if axis_dims is None else [int(d) for d in axis_dims]
+    if len(dims) != 3 or sum(dims) != D or any(d < 0 or d % 2 for d in dims):
+        raise ValueError(f"axis_dims: expected 3 even ints summing to head_dim {D}, got {axis_dims!r}")
+    if pairs not in ("interleaved", "half"):
+        raise ValueError(f"pairs: expected 'interleaved' or 'half', got {pairs!r}")
+    # lane pairs (a, b) and their angle index, in the order the angles are listed below
+    lanes, c0 = [], 0
+    for d in dims:
+        for i in range(d // 2):
+            lanes.append((c0 + 2 * i, c0 + 2 * i + 1) if pairs == "interleaved" else (c0 + i, c0 + d // 2 + i))
+        c0 += d
+    ia = torch.tensor([a for a, _ in lanes], dtype=torch.long)
+    ib = torch.tensor([b for _, b in lanes], dtype=torch.long)
     xd = x.detach().double().cpu()
     out = torch.empty_like(xd)
     hw = H * W
@@ -189,13 +206,12 @@ def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 100
         ang = []
         for pos, d in zip((t, h, w), dims):
             for i in range(d // 2):
-                a = pos * theta ** (-(2 * i) / d)
-                ang += [a, a]
-        c = torch.tensor([math.cos(a) for a in ang], dtype=torch.float64)
-        sn = torch.tensor([math.sin(a) for a in ang], dtype=torch.float64)
-        x0, x1 = xd[:, s, :, 0::2], xd[:, s, :, 1::2]
-        out[:, s, :, 0::2] = x0 * c[0::2] - x1 * sn[0::2]
-        out[:, s, :, 1::2] = x1 * c[1::2] + x0 * sn[1::2]
+                ang.append(pos * theta ** (-(2 * i) / d))
+        c = torch.tensor([math.cos(g) for g in ang], dtype=torch.float64)
+        sn = torch.tensor([math.sin(g) for g in ang], dtype=torch.float64)
+        x0, x1 = xd[:, s, :, ia], xd[:, s, :, ib]
+        out[:, s, :, ia] = x0 * c - x1 * sn
+        out[:, s, :, ib] = x1 * c + x0 * sn
     return out.to(x.device)
 
 
