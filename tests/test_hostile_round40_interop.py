@@ -124,3 +124,32 @@ def test_rope_oracle_speaks_spec12_conventions(pairs):
         rope_oracle(x, grid, pairs="rotate_half")
     with pytest.raises(ValueError, match="axis_dims"):
         rope_oracle(x, grid, axis_dims=(8, 12, 10))
+
+
+def test_cuda_backend_keeps_the_fused_prologue_on_a_backend_that_has_it(monkeypatch):
+    """``apply_block_sparse_attention(..., backend="cuda")`` passed "cuda" on to the fused q/k-norm+RoPE prologue
+    (default on CUDA inputs), which has no csrc kernel: the first forward raised "qk_norm_rope: backend 'cuda'
+    unavailable: qk_norm_rope has no csrc kernel". As in longcat_vc (``prologue_backend``), the prologue now runs
+    on "auto" unless "torch"/"triton" was named; the attention keeps "cuda". (On this CPU machine the attention
+    ops are redirected to the torch backend to reach the prologue.)"""
+    pytest.importorskip("diffusers")
+    import longcat_kernels.integrations.diffusers as D
+
+    seen = {}
+
+    def as_torch(fn, name):
+        def call(*a, **kw):
+            seen.setdefault(name, kw.get("backend"))
+            return fn(*a, **{**kw, "backend": "torch"})
+        return call
+
+    monkeypatch.setattr(D, "block_sparse_attn", as_torch(D.block_sparse_attn, "attention"))
+    monkeypatch.setattr(D, "flash_attn_with_kvcache", as_torch(D.flash_attn_with_kvcache, "attention"))
+    prologue = D.qk_norm_rope
+    monkeypatch.setattr(D, "qk_norm_rope", lambda *a, **kw: seen.setdefault("prologue", kw["backend"]) and prologue(*a, **kw))
+    ref = _wan_run(_wan_model(), 2, 8, 8)
+    m = _wan_model()
+    D.apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.0, chunk_q=(1, 2, 2)), backend="cuda",
+                                   fused_prologue=True)
+    torch.testing.assert_close(_wan_run(m, 2, 8, 8), ref, atol=1e-5, rtol=1e-5)
+    assert seen == {"prologue": "auto", "attention": "cuda"}

@@ -151,7 +151,8 @@ class BlockSparseWanAttnProcessor:
             ``selection`` must be None: the grid changes with the input).
         original: the processor it replaces; calls it cannot serve (cross-attention, an attention
             mask) go there unchanged.
-        backend (str): longcat-kernels backend.
+        backend (str): longcat-kernels backend of the attention (and of the fused prologue when "torch" or
+            "triton"; with "cuda" the prologue, which has no csrc kernel, runs on "auto").
         dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
             block-sparse kernel (same result, the faster kernel); PyTorch SDPA where gradients are
             needed (the dense op is forward only).
@@ -210,8 +211,9 @@ class BlockSparseWanAttnProcessor:
             eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
             rope = self.state.rope(query.shape[-1], query.device)
             # [H*D] weights select the all-heads RMSNorm; Wan's RoPE is Rope3D's default convention
+            # the prologue has no csrc kernel: "cuda" (attention) leaves it to auto, as longcat_vc's prologue_backend
             query, key = qk_norm_rope(query, key, attn.norm_q.weight, attn.norm_k.weight, rope, eps=eps,
-                                      backend=self.backend)
+                                      backend=self.backend if self.backend in ("torch", "triton") else "auto")
         else:
             # Wan's qk-norm is one RMSNorm over all heads together (inner dim), before the head split
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
