@@ -153,3 +153,14 @@ def test_cuda_backend_keeps_the_fused_prologue_on_a_backend_that_has_it(monkeypa
                                    fused_prologue=True)
     torch.testing.assert_close(_wan_run(m, 2, 8, 8), ref, atol=1e-5, rtol=1e-5)
     assert seen == {"prologue": "auto", "attention": "cuda"}
+
+
+def test_make_video_qkv_takes_video_grids():
+    """make_video_qkv(grid=VideoGrid(...)) crashed with "TypeError: 'VideoGrid' object is not iterable" (grid_k too),
+    while the ops and the other helpers take a VideoGrid; it now builds the same inputs as for the tuple."""
+    from longcat_kernels.testing import make_video_qkv
+
+    a = make_video_qkv(1, lk.VideoGrid(2, 4, 4), 2, 8, grid_k=lk.VideoGrid(3, 4, 4),
+                       generator=torch.Generator().manual_seed(3))
+    b = make_video_qkv(1, (2, 4, 4), 2, 8, grid_k=(3, 4, 4), generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
