@@ -164,3 +164,17 @@ def test_make_video_qkv_takes_video_grids():
                        generator=torch.Generator().manual_seed(3))
     b = make_video_qkv(1, (2, 4, 4), 2, 8, grid_k=(3, 4, 4), generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_bench_bsa_skips_a_grid_shorter_than_its_chunk():
+    """``python -m bench --suite bsa --shapes 2x3x5`` (a 5-frame video: 2 latent frames) errored every sparse case
+    with "ValueError: chunk_q: expected each chunk size <= grid_q" (and exit 1 as a failure), where a sparsity that
+    keeps no block is reported SKIPPED with its reason. The 4x4x4 chunk longer than the grid is now a named skip."""
+    from bench.shapes import parse_grid
+    from bench.suites import Context, bsa
+
+    ctx = Context(device=torch.device("cpu"), dtype=torch.float32, log=lambda m: None, quick=True,
+                  grids=[parse_grid("2x3x5")], sparsities=(0.5,), backends=["torch"])
+    sparse = [c for c in bsa.cases(ctx) if c.params.get("kind") != "dense"]
+    assert sparse and all(c.skip and "chunk 4x4x4" in c.skip and "2x3x5" in c.skip for c in sparse), \
+        [(c.name, c.skip) for c in sparse]
