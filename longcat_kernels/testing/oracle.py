@@ -169,7 +169,12 @@ def selection_oracle(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_thres
     if cdf_threshold is not None:
         p = torch.softmax(s / math.sqrt(D), dim=-1)
         cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
-        count = torch.maximum(count, torch.searchsorted(cdf, torch.full_like(cdf[..., :1], cdf_threshold), right=True)[..., 0])
+        n = torch.searchsorted(cdf, torch.full_like(cdf[..., :1], cdf_threshold), right=True)[..., 0]
+        if cdf_threshold >= 1.0:
+            # in exact arithmetic every cumulative sum of a softmax is <= 1: all blocks (the fp64 sum ends a few
+            # ulps above 1.0 and searchsorted stopped short of the last blocks)
+            n = torch.full_like(n, Nk)
+        count = torch.maximum(count, n)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(Nk, device=s.device).expand_as(order))
     return rank < count[..., None], s, count
