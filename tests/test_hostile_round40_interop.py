@@ -194,3 +194,16 @@ def test_selection_oracle_keeps_every_block_at_cdf_threshold_one():
     exp, _ = attention_oracle(q, k, v, bsa_token_mask(mask, g, g, c, c))
     out = lk.block_sparse_attn(q, k, v, grid_q=g, chunk_q=c, sparsity=None, cdf_threshold=1.0, backend="torch")
     torch.testing.assert_close(out.double(), exp, atol=1e-5, rtol=1e-5)
+
+
+def test_unfused_kv_cache_baseline_refuses_a_cache_batch_the_ops_refuse():
+    """baselines.unfused_kv_cache_attn tiled a cache of batch 2 over a batch of 4 (sample 2 used sample 0's cache:
+    a result no op computes; the ops raise "k_cache: expected batch 1 or 4") and crashed on batch 3 vs 2 with
+    "Sizes of tensors must match ... Expected size 0"; it now raises naming k_cache_raw as the ops do."""
+    from longcat_kernels.testing.baselines import unfused_kv_cache_attn
+
+    rope = lk.Rope3D((3, 2, 2), 16)
+    for B, Bc in ((4, 2), (2, 3)):
+        q, kc = torch.randn(B, 8, 2, 16), torch.randn(Bc, 4, 2, 16)
+        with pytest.raises(ValueError, match=rf"^k_cache_raw: expected batch 1 or {B}.*got {Bc}"):
+            unfused_kv_cache_attn(q, q, q, kc, kc, rope=rope, impl="default")

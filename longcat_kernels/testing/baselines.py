@@ -100,6 +100,9 @@ def unfused_kv_cache_attn(q, k, v, k_cache_raw, v_cache, *, rope, impl: str = "c
     Sc = k_cache_raw.shape[1]
     hw = rope.tokens_per_frame
     _check_whole_frames(Sc, Sn, hw)
+    for name, c in (("k_cache_raw", k_cache_raw), ("v_cache", v_cache)):
+        if c.shape[0] not in (1, B):  # B // Bc tiled another batch's cache (or none, for Bc > B)
+            raise ValueError(f"{name}: expected batch 1 or {B} (q's batch {B}), got {c.shape[0]} (shape {tuple(c.shape)})")
     reps = B // k_cache_raw.shape[0]
     K = torch.cat([k_cache_raw.repeat(reps, 1, 1, 1), k], dim=1)
     V = torch.cat([v_cache.repeat(reps, 1, 1, 1), v], dim=1)
