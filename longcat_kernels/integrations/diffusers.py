@@ -66,14 +66,15 @@ class _GridState:
     def grid_of(self, rotary_emb) -> Optional[Tuple[int, int, int]]:
         """The grid of the forward that made ``rotary_emb``: the current one the first time its tables
         are seen, the recorded one when a block of an earlier forward is recomputed."""
-        if rotary_emb is None or self.grid is None:
+        # torch.compile (diffusers' compile_repeated_blocks(fullgraph=True)): dynamo cannot trace the weak map;
+        # the grid is the current forward's, guarded on by dynamo (a new grid recompiles)
+        if rotary_emb is None or self.grid is None or torch.compiler.is_compiling():
             return self.grid
         key = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
         grid = self._grids.get(key)
         if grid is None:
             # a reentrant checkpoint recomputes in backward with detached (new) tables: not a new forward
-            if (not self._fresh and not torch.compiler.is_compiling()
-                    and torch._C._current_graph_task_id() == -1):
+            if not self._fresh and torch._C._current_graph_task_id() == -1:
                 raise RuntimeError(
                     "BlockSparseWanAttnProcessor: RoPE tables of a forward the pre-forward hook did not see (the "
                     f"transformer called as .forward(...)?); its grid is unknown (the last call's was {self.grid}). "
@@ -84,7 +85,11 @@ class _GridState:
         return grid
 
     def rope_matches(self, rotary_emb, head_dim: int, device) -> bool:
-        """Once per forward: rotate a probe with the model's tables and with Rope3D's, compare."""
+        """Once per forward: rotate a probe with the model's tables and with Rope3D's, compare. False while
+        torch.compile traces a forward whose tables were not compared yet (the comparison is a data-dependent
+        branch, a graph break under fullgraph): diffusers' norm and RoPE ops run then."""
+        if self.rope_ok is None and torch.compiler.is_compiling():
+            return False
         if self.rope_ok is None:
             cos = rotary_emb[0]
             probe = torch.ones(1, cos.shape[1], 1, head_dim, dtype=torch.float32, device=device)
@@ -146,14 +151,16 @@ class BlockSparseWanAttnProcessor:
             ``selection`` must be None: the grid changes with the input).
         original: the processor it replaces; calls it cannot serve (cross-attention, an attention
             mask) go there unchanged.
-        backend (str): longcat-kernels backend.
+        backend (str): longcat-kernels backend of the attention (and of the fused prologue when "torch" or
+            "triton"; with "cuda" the prologue, which has no csrc kernel, runs on "auto").
         dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
             block-sparse kernel (same result, the faster kernel); PyTorch SDPA where gradients are
             needed (the dense op is forward only).
         fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
             ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
             tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
-            the norms are ``torch.nn.RMSNorm`` over heads*head_dim and grad is disabled (inference),
+            the norms are ``torch.nn.RMSNorm`` over heads*head_dim on the inputs' device without hooks
+            (offloading hooks bring weights in when the module runs) and grad is disabled (inference),
             else diffusers' path runs.
     """
 
@@ -197,15 +204,16 @@ class BlockSparseWanAttnProcessor:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         fused = hidden_states.is_cuda if self.fused_prologue is None else self.fused_prologue
         # the fused prologue is forward only: training (grad enabled) keeps diffusers' ops
-        if (fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1])
+        if (fused and rotary_emb is not None and not torch.is_grad_enabled() and _all_heads_rms(attn, query.shape[-1], query.device)
                 and self.state.rope_matches(rotary_emb, query.shape[-1] // attn.heads, query.device)):
             query = query.unflatten(2, (attn.heads, -1))
             key = key.unflatten(2, (attn.heads, -1))
             eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
             rope = self.state.rope(query.shape[-1], query.device)
             # [H*D] weights select the all-heads RMSNorm; Wan's RoPE is Rope3D's default convention
+            # the prologue has no csrc kernel: "cuda" (attention) leaves it to auto, as longcat_vc's prologue_backend
             query, key = qk_norm_rope(query, key, attn.norm_q.weight, attn.norm_k.weight, rope, eps=eps,
-                                      backend=self.backend)
+                                      backend=self.backend if self.backend in ("torch", "triton") else "auto")
         else:
             # Wan's qk-norm is one RMSNorm over all heads together (inner dim), before the head split
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
@@ -238,15 +246,18 @@ def _fit_chunk(chunk, grid: Tuple[int, int, int]) -> Tuple[int, int, int]:
     for an image, a smaller resolution) while the chunk is fixed at apply time; a chunk longer than
     an axis tiles it with one partial block, which is the block of the axis' own length (same blocks,
     same selection), and that is what block_sparse_attn (which rejects the longer chunk) is given."""
-    return tuple(min(int(c), g) for c, g in zip(chunk, grid))
+    return tuple(min(c, g) for c, g in zip(as_triple(chunk, "chunk"), grid))  # a VideoGrid chunk too
 
 
-def _all_heads_rms(attn, inner: int) -> bool:
-    """norm_q / norm_k are torch RMSNorms with a weight over all heads (Wan's qk_norm default)."""
+def _all_heads_rms(attn, inner: int, device) -> bool:
+    """norm_q / norm_k are torch RMSNorms with a weight over all heads (Wan's qk_norm default), on ``device``
+    and not hooked: offloading (accelerate's ``cpu_offload``, diffusers' group offloading) keeps the weight
+    elsewhere (meta, CPU) and brings it in only when the module itself runs, which the fused prologue skips."""
     nq, nk = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
     return all(
         isinstance(n, torch.nn.RMSNorm) and n.weight is not None and n.weight.shape == (inner,)
-        and n.eps == nq.eps
+        and n.eps == nq.eps and n.weight.device == device
+        and not (n._forward_pre_hooks or n._forward_hooks or "forward" in vars(n))
         for n in (nq, nk)
     )
 
@@ -357,7 +368,8 @@ def apply_block_sparse_attention(
     detected on each forward and keeps its own tables (the fused prologue is then skipped). A
     ``copy.deepcopy`` of the applied model runs on its own grid state. Blocks recomputed in backward
     (``enable_gradient_checkpointing``) use the grid of their own forward, also after forwards at
-    other resolutions.
+    other resolutions (eager blocks only: a block compiled by ``torch.compile`` / ``compile_repeated_blocks``,
+    ``fullgraph=True`` included, reads the current forward's grid and runs diffusers' norm and RoPE ops).
     """
     p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):

@@ -35,7 +35,8 @@ def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = 
     """Dense attention ``softmax(q k^T * scale) v`` through PyTorch SDPA.
 
     Args:
-        q (Tensor): ``[batch, seq_q, heads, head_dim]``; k, v (Tensor): ``[batch, seq_k, heads, head_dim]``.
+        q (Tensor): ``[batch, seq_q, heads, head_dim]``; k, v (Tensor): ``[batch, seq_k, heads or kv_heads,
+            head_dim]`` (GQA/MQA: ``kv_heads`` divides ``heads``; repeated).
         impl (str): ``"default"`` (PyTorch's choice), ``"cudnn"``, ``"flash"``, ``"efficient"`` or
             ``"math"``; a named one that cannot run raises (no silent fallback).
         scale (float | None): default ``head_dim ** -0.5``.
@@ -45,6 +46,10 @@ def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str = 
     """
     if impl not in SDPA_IMPLS:
         raise ValueError(f"impl: expected one of {SDPA_IMPLS}, got {impl!r}")
+    from .oracle import kv_heads_like_q  # noqa: PLC0415
+
+    # GQA/MQA: kv heads repeated (SDPA's enable_gqa needs torch >= 2.5 and not every SDPA backend takes it)
+    k, v = kv_heads_like_q(k, q.shape[2], "k"), kv_heads_like_q(v, q.shape[2], "v")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if impl == "default":
         return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
@@ -95,6 +100,9 @@ def unfused_kv_cache_attn(q, k, v, k_cache_raw, v_cache, *, rope, impl: str = "c
     Sc = k_cache_raw.shape[1]
     hw = rope.tokens_per_frame
     _check_whole_frames(Sc, Sn, hw)
+    for name, c in (("k_cache_raw", k_cache_raw), ("v_cache", v_cache)):
+        if c.shape[0] not in (1, B):  # B // Bc tiled another batch's cache (or none, for Bc > B)
+            raise ValueError(f"{name}: expected batch 1 or {B} (q's batch {B}), got {c.shape[0]} (shape {tuple(c.shape)})")
     reps = B // k_cache_raw.shape[0]
     K = torch.cat([k_cache_raw.repeat(reps, 1, 1, 1), k], dim=1)
     V = torch.cat([v_cache.repeat(reps, 1, 1, 1), v], dim=1)

@@ -170,8 +170,8 @@ def make_video_qkv(
 
     Args:
         batch, heads, head_dim: sizes.
-        grid (tuple): ``(Tq, H, W)`` query token grid.
-        grid_k (tuple | None): ``(Tk, H, W)`` key grid, ``Tk >= Tq``, same ``(H, W)``; queries are
+        grid (tuple | VideoGrid): ``(Tq, H, W)`` query token grid.
+        grid_k (tuple | VideoGrid | None): ``(Tk, H, W)`` key grid, ``Tk >= Tq``, same ``(H, W)``; queries are
             the last ``Tq`` frames of it (noisy frames after cond frames). Default ``grid``.
         corr (tuple): correlation lengths in tokens along ``(t, h, w)``, each > 0.
         content_dim (int): width of the shared content field.
@@ -182,6 +182,10 @@ def make_video_qkv(
     Returns:
         (q, k, v).
     """
+    from ..grid import VideoGrid  # noqa: PLC0415
+
+    grid = grid.shape if isinstance(grid, VideoGrid) else grid
+    grid_k = grid_k.shape if isinstance(grid_k, VideoGrid) else grid_k
     gq = tuple(int(g) for g in grid)
     gk = gq if grid_k is None else tuple(int(g) for g in grid_k)
     # int() truncated a fractional size (4.5 -> 4) into a grid other than the one asked for

@@ -51,12 +51,26 @@ def bsa_token_mask(block_mask: torch.Tensor, grid_q, grid_k, chunk_q, chunk_k) -
     return block_mask[:, :, bq][:, :, :, bk]
 
 
+def kv_heads_like_q(x: torch.Tensor, heads: int, name: str = "k") -> torch.Tensor:
+    """``x [B, S, Hkv, D]`` with its kv heads repeated to ``heads`` (GQA/MQA: query head h reads kv head
+    ``h // (heads // Hkv)``, as the ops and SDPA's ``enable_gqa`` do); raises naming ``name`` if they do not divide."""
+    hkv = x.shape[2]
+    if hkv == heads:
+        return x
+    if hkv <= 0 or heads % hkv:
+        raise ValueError(f"{name}: expected a number of heads that divides the {heads} query heads (GQA/MQA), "
+                         f"got {hkv} (shape {tuple(x.shape)})")
+    return x.repeat_interleave(heads // hkv, dim=2)
+
+
 def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float]):
-    """Scaled scores ``[B, H, Sq, Sk]`` in q's dtype (k's batch of 1 broadcast), masked-out -> -inf.
+    """Scaled scores ``[B, H, Sq, Sk]`` in q's dtype (k's batch of 1 broadcast, its GQA heads repeated),
+    masked-out -> -inf.
 
     Shared by ``attention_oracle`` (fp64) and ``attention_lowp`` (input dtype) so the oracle and the
     tolerance baseline can never disagree on scale, broadcasting or mask semantics."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = kv_heads_like_q(k, q.shape[2], "k")
     s = torch.einsum("bqhd,bkhd->bhqk", q, k.expand(q.shape[0], -1, -1, -1)) * scale
     if mask is not None:
         s = s.masked_fill(~mask.to(s.device), float("-inf"))
@@ -73,7 +87,8 @@ def attention_oracle(
     """fp64 attention on BSHD tensors (differentiable w.r.t. q, k, v).
 
     Args:
-        q: ``[B, Sq, H, D]``; k, v: ``[B or 1, Sk, H, D]``.
+        q: ``[B, Sq, H, D]``; k, v: ``[B or 1, Sk, H or Hkv, D]`` (GQA/MQA: ``Hkv`` divides ``H``; query head
+            h attends with kv head ``h // (H // Hkv)``).
         mask: bool, broadcastable to ``[B, H, Sq, Sk]`` (True = attend) or None.
 
     Returns:
@@ -88,6 +103,7 @@ def attention_oracle(
     den = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(den == 0, torch.ones_like(den), den)
     lse = (m + torch.log(den.detach())).squeeze(-1)
+    vd = kv_heads_like_q(vd, qd.shape[2], "v")
     out = torch.einsum("bhqk,bkhd->bqhd", p, vd.expand(qd.shape[0], -1, -1, -1))
     return out, lse
 
@@ -107,6 +123,7 @@ def attention_lowp(
     s = _masked_scores(q, k, mask, scale)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)
+    v = kv_heads_like_q(v, q.shape[2], "v")
     return torch.einsum("bhqk,bkhd->bqhd", p, v.expand(q.shape[0], -1, -1, -1))
 
 
@@ -152,18 +169,40 @@ def selection_oracle(q, k, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_thres
     if cdf_threshold is not None:
         p = torch.softmax(s / math.sqrt(D), dim=-1)
         cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
-        count = torch.maximum(count, torch.searchsorted(cdf, torch.full_like(cdf[..., :1], cdf_threshold), right=True)[..., 0])
+        n = torch.searchsorted(cdf, torch.full_like(cdf[..., :1], cdf_threshold), right=True)[..., 0]
+        if cdf_threshold >= 1.0:
+            # in exact arithmetic every cumulative sum of a softmax is <= 1: all blocks (the fp64 sum ends a few
+            # ulps above 1.0 and searchsorted stopped short of the last blocks)
+            n = torch.full_like(n, Nk)
+        count = torch.maximum(count, n)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(Nk, device=s.device).expand_as(order))
     return rank < count[..., None], s, count
 
 
-def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 10000.0) -> torch.Tensor:
-    """SPEC 5 written out longhand with Python math, fp64: ``[B, S, H, D]`` fp64."""
+def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 10000.0, *,
+                axis_dims: Optional[Sequence[int]] = None, pairs: str = "interleaved") -> torch.Tensor:
+    """SPEC 5 (SPEC 12's conventions too) written out longhand with Python math, fp64: ``[B, S, H, D]`` fp64.
+
+    ``axis_dims`` ``(dt, dh, dw)``: default ``D - 4*(D//6), 2*(D//6), 2*(D//6)``. ``pairs``: ``"interleaved"``
+    (lanes 2i, 2i+1 of the head) or ``"half"`` (rotate-half inside each axis part: lanes j, j + d/2 of its d lanes),
+    angle ``pos * theta**(-2i/d)`` for pair i of a d-lane part either way."""
     B, S, Hh, D = x.shape
     T, H, W = grid
     dh = 2 * (D // 6)
-    dims = [D - 2 * dh, dh, dh]
+    dims = [D - 2 * dh, dh, dh] if axis_dims is None else [int(d) for d in axis_dims]
+    if len(dims) != 3 or sum(dims) != D or any(d < 0 or d % 2 for d in dims):
+        raise ValueError(f"axis_dims: expected 3 even ints summing to head_dim {D}, got {axis_dims!r}")
+    if pairs not in ("interleaved", "half"):
+        raise ValueError(f"pairs: expected 'interleaved' or 'half', got {pairs!r}")
+    # lane pairs (a, b) and their angle index, in the order the angles are listed below
+    lanes, c0 = [], 0
+    for d in dims:
+        for i in range(d // 2):
+            lanes.append((c0 + 2 * i, c0 + 2 * i + 1) if pairs == "interleaved" else (c0 + i, c0 + d // 2 + i))
+        c0 += d
+    ia = torch.tensor([a for a, _ in lanes], dtype=torch.long)
+    ib = torch.tensor([b for _, b in lanes], dtype=torch.long)
     xd = x.detach().double().cpu()
     out = torch.empty_like(xd)
     hw = H * W
@@ -172,13 +211,12 @@ def rope_oracle(x: torch.Tensor, grid, frame_offset: int = 0, theta: float = 100
         ang = []
         for pos, d in zip((t, h, w), dims):
             for i in range(d // 2):
-                a = pos * theta ** (-(2 * i) / d)
-                ang += [a, a]
-        c = torch.tensor([math.cos(a) for a in ang], dtype=torch.float64)
-        sn = torch.tensor([math.sin(a) for a in ang], dtype=torch.float64)
-        x0, x1 = xd[:, s, :, 0::2], xd[:, s, :, 1::2]
-        out[:, s, :, 0::2] = x0 * c[0::2] - x1 * sn[0::2]
-        out[:, s, :, 1::2] = x1 * c[1::2] + x0 * sn[1::2]
+                ang.append(pos * theta ** (-(2 * i) / d))
+        c = torch.tensor([math.cos(g) for g in ang], dtype=torch.float64)
+        sn = torch.tensor([math.sin(g) for g in ang], dtype=torch.float64)
+        x0, x1 = xd[:, s, :, ia], xd[:, s, :, ib]
+        out[:, s, :, ia] = x0 * c - x1 * sn
+        out[:, s, :, ib] = x1 * c + x0 * sn
     return out.to(x.device)
 
 
