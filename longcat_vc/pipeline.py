@@ -328,7 +328,8 @@ class VideoContinuationPipeline:
             vae_tiling: decode (and encode) with the VAE's spatial tiling (less memory at 720p;
                 the decoded pixels differ slightly from untiled ones).
             progress (bool): a progress bar while the DiT weights load (minutes for the released
-                model), like the calls' denoising bars.
+                model), like the calls' denoising bars; False also silences the loading bars of
+                transformers and diffusers (text encoder, VAE).
 
         Raises:
             CheckpointError: a component file is missing (named) or fails to load.
@@ -407,12 +408,14 @@ class VideoContinuationPipeline:
         from .dit import LongCatDiT
 
         scheduler_config = load("scheduler config", lambda: read_scheduler_config(sub("scheduler")))
-        tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
-        text_encoder = load(
-            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), _text_encoder_dtype(dtype))
-            .to(load_device).eval()
-        )
-        vae = load("VAE", lambda: _load_vae(AutoencoderKLWan, sub("vae"), dtype).to(device).eval())
+        # progress=False: transformers' / diffusers' own loading bars too (the text encoder's drew one)
+        with _library_progress_bars(progress):
+            tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
+            text_encoder = load(
+                "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), _text_encoder_dtype(dtype))
+                .to(load_device).eval()
+            )
+            vae = load("VAE", lambda: _load_vae(AutoencoderKLWan, sub("vae"), dtype).to(device).eval())
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
         dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device,
                                                              progress=progress, **dit_kw))
@@ -1161,6 +1164,31 @@ def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, 
     fps = REFINE_FPS / 2 if spatial else REFINE_FPS
     return VideoContinuationOutput(np.concatenate([video30, new], axis=0), None, fps, int(video30.shape[0]),
                                    int(new.shape[0]), tuple(prev.shape[1:3]), total)
+
+
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """transformers' and diffusers' progress bars off inside when not ``enabled`` (each library's setting
+    restored after); on, as they are."""
+    if enabled:
+        yield
+        return
+    import importlib
+
+    saved = []
+    for mod in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            lib = importlib.import_module(mod)
+            saved.append((lib, lib.is_progress_bar_enabled()))
+            lib.disable_progress_bar()
+        except (ImportError, AttributeError):  # pragma: no cover - a library without the switch
+            pass
+    try:
+        yield
+    finally:
+        for lib, was in saved:
+            if was:
+                lib.enable_progress_bar()
 
 
 def _text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
