@@ -468,10 +468,15 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
             # stage 1 ran at a bucket of the video's own table (480p by default): for 16:10, 2:1 and other
             # ratios that bucket maps to another 720p bucket than the video's aspect itself does
             paired = {vsize} | {refine_bucket(*bucket_size(vh, vw, r)) for r in BUCKETS}
-            if size not in paired:
+            # a continuation's output holds its input frames at the input's size: one of the video's size is
+            # its clip, whatever resolution stage 1 ran at (an explicit (h, w) of another aspect was refused)
+            own_input = (isinstance(stage1, VideoContinuationOutput) and stage1.frames is not None
+                         and tuple(stage1.frames.shape[1:3]) == (vh, vw))
+            if size not in paired and not own_input:
                 raise ValueError(
                     f"stage1 frames ({shape1[2]}x{shape1[1]}) map to the 720p bucket {size[1]}x{size[0]} "
-                    f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip?"
+                    f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip? "
+                    f"(if it is, pass resolution=(height, width))"
                 )
     else:
         size = resolution
