@@ -709,11 +709,13 @@ class VideoContinuationPipeline:
         timer: _Timer,
         timings: Dict[str, Any],
         desc: str = "Denoising",
+        out_hw: Optional[Tuple[int, int]] = None,
     ):
         """One continuation from ``frames`` (only their last ``num_cond_frames`` are used).
 
-        Returns ``(new_frames, latents)``: ``[num_frames - num_cond_frames, H, W, 3]`` uint8 at the
-        input's size (None for ``output_type="latent"``) and the ``[1, 16, T, h, w]`` fp32 latents.
+        Returns ``(new_frames, latents, decoded)``: ``[num_frames - num_cond_frames, H, W, 3]`` uint8 at
+        ``out_hw`` (default: the size of ``frames``; None for ``output_type="latent"``), the ``[1, 16, T, h, w]``
+        fp32 latents and every decoded frame at the model size.
         """
         embeds, mask = text
         do_cfg = guidance_scale > 1.0
@@ -748,7 +750,7 @@ class VideoContinuationPipeline:
         decoded = self.decode_latents(full)  # [F, h, w, 3]
         from PIL import Image
 
-        new = _resize_frames(decoded[num_cond_frames:], frames.shape[1:3], Image.BICUBIC)
+        new = _resize_frames(decoded[num_cond_frames:], out_hw or frames.shape[1:3], Image.BICUBIC)
         timings["decode"] = timer.now() - t3
         return new, full, decoded
 
@@ -982,8 +984,9 @@ class VideoContinuationPipeline:
         refine_steps: int = 50,
     ) -> VideoContinuationOutput:
         """Long video: chain ``segments`` continuations, each conditioned on the last
-        ``num_cond_frames`` frames of the video so far (the previous segment's output, at the
-        input's size, as LongCat-Video's long-video demo does).
+        ``num_cond_frames`` frames of the video so far at the model size (the previous segment's
+        decoded frames, as LongCat-Video's long-video demo chains them; SPEC 7), the new frames of
+        each segment resized to the input's size for the output.
 
         Args:
             prompts: one prompt for every segment, or a list with one prompt per segment.
@@ -1081,7 +1084,13 @@ class VideoContinuationPipeline:
 
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         pieces = [vf.frames]
-        tail = vf.frames[-num_cond_frames:]
+        from PIL import Image
+
+        # the cond frames at the model size (SPEC 7: "the last num_cond_frames decoded frames of the previous
+        # one", as upstream's long-video demo chains them): the input's resized as prepare_latents resizes them,
+        # then each segment's decoded frames. Taken at the input's size, the decoded frames went through a
+        # bicubic resize to the input and back every segment (a half-size input lost their detail)
+        tail = _resize_frames(vf.frames[-num_cond_frames:], size_hw, Image.LANCZOS)
         seg_timings = []
         with self._bsa(use_bsa):
             for k in tqdm(range(n), desc="Segments", disable=not progress or n == 1, unit="segment"):
@@ -1107,11 +1116,12 @@ class VideoContinuationPipeline:
                     timer=timer,
                     timings=timings,
                     desc=f"Denoising {k + 1}/{n}",
+                    out_hw=vf.frames.shape[1:3],
                 )
                 pieces.append(new)
                 if refine:
                     stage1_frames.append(decoded if k == 0 else decoded[num_cond_frames:])
-                tail = np.concatenate([tail, new], axis=0)[-num_cond_frames:]
+                tail = np.concatenate([tail, decoded[num_cond_frames:]], axis=0)[-num_cond_frames:]
                 seg_timings.append(timings)
         total: Dict[str, Any] = {
             key: float(sum(t[key] for t in seg_timings))
