@@ -422,8 +422,11 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
         if frames1 is None:
             lat = stage1.latents
             if lat is None:
+                # (its frames hold the whole input before the new frames, not one clip starting with its cond
+                # frames: refined with video=, the first frames were conditioned on the input's last ones)
                 raise ValueError("stage1: this VideoContinuationOutput has neither model_frames nor latents "
-                                 "(extend's output): pass its frames instead")
+                                 "(extend's output, a long video): refine it with extend(..., refine=True), which "
+                                 "refines it window by window")
             if pipe is None:
                 raise ValueError("stage1: a VideoContinuationOutput without model_frames needs the pipeline")
             _check_stage1_latents(lat, int(pipe._latents_mean.shape[1]))

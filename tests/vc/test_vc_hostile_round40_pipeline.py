@@ -87,3 +87,16 @@ def test_extend_conditions_each_segment_on_the_decoded_frames_at_the_model_size(
     expected = np.concatenate([fr, o1.frames[9:], _resize_frames(o2.model_frames[5:], (16, 24), Image.BICUBIC)])
     assert ext.frames.shape == expected.shape == (9 + 16, 16, 24, 3)
     np.testing.assert_array_equal(ext.frames, expected)
+
+
+def test_refine_of_an_extend_output_points_to_extend_refine(pipe):
+    """refine(extend_output) said "pass its frames instead": extend's frames hold the whole input before the new
+    frames, not one stage-1 clip starting with its cond frames, so following the advice with video= conditioned
+    the refinement's first frames on the input's last ones (a silently wrong video). The error now points to
+    extend(..., refine=True), which refines a long video window by window."""
+    kw = dict(resolution=(32, 48), num_frames=9, num_cond_frames=5, guidance_scale=1.0, num_inference_steps=1,
+              progress=False)
+    ext = pipe.extend(random_frames(9, 32, 48), "a cat", segments=2, generator=1, **kw)
+    with pytest.raises(ValueError, match=r"extend\(\.\.\., refine=True\)") as ei:
+        pipe.refine(ext, "a cat", progress=False)
+    assert "pass its frames instead" not in str(ei.value)
