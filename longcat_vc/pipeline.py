@@ -545,7 +545,8 @@ class VideoContinuationPipeline:
         from PIL import Image
 
         resized = _resize_frames(frames, size_hw, Image.LANCZOS)
-        x = torch.from_numpy(np.ascontiguousarray(resized)).float().div_(255.0).mul_(2.0).sub_(1.0)
+        # np.require: a read-only array (a user's, or frames at the model size) is copied, not handed to torch as is
+        x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).float().div_(255.0).mul_(2.0).sub_(1.0)
         return x.permute(3, 0, 1, 2).unsqueeze(0)
 
     @torch.no_grad()

@@ -513,7 +513,9 @@ def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray
     h, w = size
     st = pipe.vae_scale_temporal
     pad = refine_padding(n_refine, nc, st)
-    x = torch.from_numpy(np.ascontiguousarray(frames1)).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
+    # np.require: a read-only array is copied (torch warns of undefined behaviour for one)
+    x = torch.from_numpy(np.require(frames1, requirements=["C", "W"]))
+    x = x.permute(0, 3, 1, 2).to(device=device, dtype=dtype)
     x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
     x = x.permute(1, 0, 2, 3).unsqueeze(0) / 255.0
     x = F.interpolate(x, size=(n_refine, h, w), mode="trilinear", align_corners=True)

@@ -100,3 +100,28 @@ def test_refine_of_an_extend_output_points_to_extend_refine(pipe):
     with pytest.raises(ValueError, match=r"extend\(\.\.\., refine=True\)") as ei:
         pipe.refine(ext, "a cat", progress=False)
     assert "pass its frames instead" not in str(ei.value)
+
+
+def test_read_only_frames_give_no_torch_undefined_behaviour_warning(pipe, tmp_path):
+    """A single image (read_video returned it read-only, unlike every other input) or a read-only array at the
+    model's size reached torch.from_numpy as is: torch warned "The given NumPy array is not writable ...
+    undefined behavior" from the pipeline's internals (the refinement's stage-1 frames likewise). read_video's
+    image frames are now writable and the pipeline copies a read-only array before handing it to torch."""
+    import warnings
+
+    from PIL import Image
+
+    from longcat_vc.refine import prepare_refine_latents
+    from longcat_vc.video_io import read_video
+
+    path = str(tmp_path / "one.png")
+    Image.fromarray(random_frames(1, 32, 48)[0]).save(path)
+    assert read_video(path).frames.flags.writeable
+    ro = random_frames(5, 32, 48)
+    ro.setflags(write=False)
+    kw = dict(resolution=(32, 48), num_frames=9, num_cond_frames=5, guidance_scale=1.0, num_inference_steps=1,
+              progress=False, output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pipe(ro, "a cat", generator=1, **kw)
+        prepare_refine_latents(pipe, ro, None, (64, 64), 10, 0, 0.5, torch.Generator().manual_seed(0))
