@@ -985,9 +985,10 @@ class VideoContinuationPipeline:
         refine_steps: int = 50,
     ) -> VideoContinuationOutput:
         """Long video: chain ``segments`` continuations, each conditioned on the last
-        ``num_cond_frames`` frames of the video so far at the model size (the previous segment's
-        decoded frames, as LongCat-Video's long-video demo chains them; SPEC 7), the new frames of
-        each segment resized to the input's size for the output.
+        ``num_cond_frames`` decoded frames of the segment before (at the model size, its reconstructed
+        cond frames included when it generates fewer new frames than that; the first segment: the
+        input's last frames), as LongCat-Video's long-video demo chains them (SPEC 7); each segment's
+        new frames are resized to the input's size for the output.
 
         Args:
             prompts: one prompt for every segment, or a list with one prompt per segment.
@@ -1085,13 +1086,11 @@ class VideoContinuationPipeline:
 
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         pieces = [vf.frames]
-        from PIL import Image
-
-        # the cond frames at the model size (SPEC 7: "the last num_cond_frames decoded frames of the previous
-        # one", as upstream's long-video demo chains them): the input's resized as prepare_latents resizes them,
-        # then each segment's decoded frames. Taken at the input's size, the decoded frames went through a
-        # bicubic resize to the input and back every segment (a half-size input lost their detail)
-        tail = _resize_frames(vf.frames[-num_cond_frames:], size_hw, Image.LANCZOS)
+        # the cond frames: the input's last ones, then the last decoded frames of the segment before, at the model
+        # size (SPEC 7: "the last num_cond_frames decoded frames of the previous one", as upstream's long-video
+        # demo chains them). Taken at the input's size, they went through a bicubic resize to the input and back
+        # every segment (a half-size input lost their detail)
+        tail = vf.frames[-num_cond_frames:]
         seg_timings = []
         with self._bsa(use_bsa):
             for k in tqdm(range(n), desc="Segments", disable=not progress or n == 1, unit="segment"):
@@ -1122,7 +1121,7 @@ class VideoContinuationPipeline:
                 pieces.append(new)
                 if refine:
                     stage1_frames.append(decoded if k == 0 else decoded[num_cond_frames:])
-                tail = np.concatenate([tail, decoded[num_cond_frames:]], axis=0)[-num_cond_frames:]
+                tail = decoded[-num_cond_frames:]
                 seg_timings.append(timings)
         total: Dict[str, Any] = {
             key: float(sum(t[key] for t in seg_timings))

@@ -58,12 +58,15 @@ def test_refine_of_a_continuation_at_an_explicit_resolution_of_another_aspect(pi
         pipe.refine(out, "a cat", video=other, num_inference_steps=2, progress=False, output_type="latent")
 
 
-def test_extend_conditions_each_segment_on_the_decoded_frames_at_the_model_size(pipe):
+@pytest.mark.parametrize("num_frames", [13, 9])  # 9: fewer new frames (4) than cond frames (5)
+def test_extend_conditions_each_segment_on_the_decoded_frames_at_the_model_size(pipe, num_frames):
     """extend() conditioned segment k+1 on segment k's new frames after their resize to the input's size,
     resized back to the bucket for the VAE: a bicubic down/up round trip per segment (for an input at half the
     bucket size the cond pixels were 39% (rel. L2 of their variation) off the decoded frames, mean |diff| 5.3
-    levels). SPEC 7 and upstream's long-video demo condition on the decoded frames themselves; extend now
-    equals chaining __call__ on the previous call's model_frames (the output still at the input's size)."""
+    levels), and with fewer new frames than cond frames on the original input frame where upstream takes the
+    segment's reconstruction of it. SPEC 7 and upstream's long-video demo condition on the last decoded frames;
+    extend now equals chaining __call__ on the previous call's model_frames (the output still at the input's
+    size)."""
     from PIL import Image
 
     from longcat_vc.stages import _resize_frames
@@ -71,8 +74,9 @@ def test_extend_conditions_each_segment_on_the_decoded_frames_at_the_model_size(
     yy, xx = np.mgrid[0:16, 0:24]
     fr = np.stack([np.stack([(xx * 9 + i * 5) % 256, (yy * 13) % 256, ((xx + yy) * 7 + i) % 256], -1)
                    for i in range(9)]).astype(np.uint8)
-    kw = dict(resolution=(32, 48), num_frames=13, num_cond_frames=5, guidance_scale=1.0, num_inference_steps=2,
-              progress=False)
+    kw = dict(resolution=(32, 48), num_frames=num_frames, num_cond_frames=5, guidance_scale=1.0,
+              num_inference_steps=2, progress=False)
+    new = num_frames - 5
     seen = []
     orig = pipe.prepare_latents
     pipe.prepare_latents = lambda frames, *a, **k: (seen.append(frames[-5:].copy()), orig(frames, *a, **k))[1]
@@ -85,7 +89,7 @@ def test_extend_conditions_each_segment_on_the_decoded_frames_at_the_model_size(
     o2 = pipe(o1.model_frames, "a cat", generator=g, **kw)
     np.testing.assert_array_equal(_resize_frames(seen[1], (32, 48), Image.LANCZOS), o1.model_frames[-5:])
     expected = np.concatenate([fr, o1.frames[9:], _resize_frames(o2.model_frames[5:], (16, 24), Image.BICUBIC)])
-    assert ext.frames.shape == expected.shape == (9 + 16, 16, 24, 3)
+    assert ext.frames.shape == expected.shape == (9 + 2 * new, 16, 24, 3)
     np.testing.assert_array_equal(ext.frames, expected)
 
 
