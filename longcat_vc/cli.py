@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refine_flags(pc, with_switch=True)
     pe = sub.add_parser("extend", help="long video: chain several continuation clips",
                         description="Chain --segments continuations, each conditioned on the last "
-                                    "--cond-frames frames so far.")
+                                    "--cond-frames frames of the clip before it (the input's for the first).")
     pe.add_argument("--prompt", required=True, action="append", metavar="TEXT",
                     help="prompt for all segments, or repeat once per segment")
     pe.add_argument("--segments", type=int, default=None, metavar="N",

@@ -332,7 +332,8 @@ class VideoContinuationPipeline:
             vae_tiling: decode (and encode) with the VAE's spatial tiling (less memory at 720p;
                 the decoded pixels differ slightly from untiled ones).
             progress (bool): a progress bar while the DiT weights load (minutes for the released
-                model), like the calls' denoising bars.
+                model), like the calls' denoising bars; False also silences the loading bars of
+                transformers and diffusers (text encoder, VAE).
 
         Raises:
             CheckpointError: a component file is missing (named) or fails to load, or a component
@@ -417,12 +418,14 @@ class VideoContinuationPipeline:
         from .dit import LongCatDiT
 
         scheduler_config = load("scheduler config", lambda: read_scheduler_config(sub("scheduler")))
-        tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
-        text_encoder = load(
-            "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), _text_encoder_dtype(dtype))
-            .to(load_device).eval()
-        )
-        vae = load("VAE", lambda: _load_vae(AutoencoderKLWan, sub("vae"), dtype).to(device).eval())
+        # progress=False: transformers' / diffusers' own loading bars too (the text encoder's drew one)
+        with _library_progress_bars(progress):
+            tokenizer = load("tokenizer", lambda: AutoTokenizer.from_pretrained(sub("tokenizer")))
+            text_encoder = load(
+                "text encoder", lambda: _load_umt5(UMT5EncoderModel, sub("text_encoder"), _text_encoder_dtype(dtype))
+                .to(load_device).eval()
+            )
+            vae = load("VAE", lambda: _load_vae(AutoencoderKLWan, sub("vae"), dtype).to(device).eval())
         dit_kw = {} if attn_backend is None else {"attn_backend": attn_backend}
         dit = load("DiT", lambda: LongCatDiT.from_pretrained(sub("dit"), dtype=dtype, device=load_device,
                                                              progress=progress, **dit_kw))
@@ -552,7 +555,8 @@ class VideoContinuationPipeline:
         from PIL import Image
 
         resized = _resize_frames(frames, size_hw, Image.LANCZOS)
-        x = torch.from_numpy(np.ascontiguousarray(resized)).float().div_(255.0).mul_(2.0).sub_(1.0)
+        # np.require: a read-only array (a user's, or frames at the model size) is copied, not handed to torch as is
+        x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).float().div_(255.0).mul_(2.0).sub_(1.0)
         return x.permute(3, 0, 1, 2).unsqueeze(0)
 
     @torch.no_grad()
@@ -716,11 +720,13 @@ class VideoContinuationPipeline:
         timer: _Timer,
         timings: Dict[str, Any],
         desc: str = "Denoising",
+        out_hw: Optional[Tuple[int, int]] = None,
     ):
         """One continuation from ``frames`` (only their last ``num_cond_frames`` are used).
 
-        Returns ``(new_frames, latents)``: ``[num_frames - num_cond_frames, H, W, 3]`` uint8 at the
-        input's size (None for ``output_type="latent"``) and the ``[1, 16, T, h, w]`` fp32 latents.
+        Returns ``(new_frames, latents, decoded)``: ``[num_frames - num_cond_frames, H, W, 3]`` uint8 at
+        ``out_hw`` (default: the size of ``frames``; None for ``output_type="latent"``), the ``[1, 16, T, h, w]``
+        fp32 latents and every decoded frame at the model size.
         """
         embeds, mask = text
         do_cfg = guidance_scale > 1.0
@@ -755,7 +761,7 @@ class VideoContinuationPipeline:
         decoded = self.decode_latents(full)  # [F, h, w, 3]
         from PIL import Image
 
-        new = _resize_frames(decoded[num_cond_frames:], frames.shape[1:3], Image.BICUBIC)
+        new = _resize_frames(decoded[num_cond_frames:], out_hw or frames.shape[1:3], Image.BICUBIC)
         timings["decode"] = timer.now() - t3
         return new, full, decoded
 
@@ -989,8 +995,10 @@ class VideoContinuationPipeline:
         refine_steps: int = 50,
     ) -> VideoContinuationOutput:
         """Long video: chain ``segments`` continuations, each conditioned on the last
-        ``num_cond_frames`` frames of the video so far (the previous segment's output, at the
-        input's size, as LongCat-Video's long-video demo does).
+        ``num_cond_frames`` decoded frames of the segment before (at the model size, its reconstructed
+        cond frames included when it generates fewer new frames than that; the first segment: the
+        input's last frames), as LongCat-Video's long-video demo chains them (SPEC 7); each segment's
+        new frames are resized to the input's size for the output.
 
         Args:
             prompts: one prompt for every segment, or a list with one prompt per segment.
@@ -1088,6 +1096,10 @@ class VideoContinuationPipeline:
 
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         pieces = [vf.frames]
+        # the cond frames: the input's last ones, then the last decoded frames of the segment before, at the model
+        # size (SPEC 7: "the last num_cond_frames decoded frames of the previous one", as upstream's long-video
+        # demo chains them). Taken at the input's size, they went through a bicubic resize to the input and back
+        # every segment (a half-size input lost their detail)
         tail = vf.frames[-num_cond_frames:]
         seg_timings = []
         with self._bsa(use_bsa):
@@ -1114,11 +1126,12 @@ class VideoContinuationPipeline:
                     timer=timer,
                     timings=timings,
                     desc=f"Denoising {k + 1}/{n}",
+                    out_hw=vf.frames.shape[1:3],
                 )
                 pieces.append(new)
                 if refine:
                     stage1_frames.append(decoded if k == 0 else decoded[num_cond_frames:])
-                tail = np.concatenate([tail, new], axis=0)[-num_cond_frames:]
+                tail = decoded[-num_cond_frames:]
                 seg_timings.append(timings)
         total: Dict[str, Any] = {
             key: float(sum(t[key] for t in seg_timings))
@@ -1171,6 +1184,31 @@ def _refine_long_impl(pipe, video, vf, all_gen, n, num_frames, num_cond_frames, 
     fps = REFINE_FPS / 2 if spatial else REFINE_FPS
     return VideoContinuationOutput(np.concatenate([video30, new], axis=0), None, fps, int(video30.shape[0]),
                                    int(new.shape[0]), tuple(prev.shape[1:3]), total)
+
+
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """transformers' and diffusers' progress bars off inside when not ``enabled`` (each library's setting
+    restored after); on, as they are."""
+    if enabled:
+        yield
+        return
+    import importlib
+
+    saved = []
+    for mod in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            lib = importlib.import_module(mod)
+            saved.append((lib, lib.is_progress_bar_enabled()))
+            lib.disable_progress_bar()
+        except (ImportError, AttributeError):  # pragma: no cover - a library without the switch
+            pass
+    try:
+        yield
+    finally:
+        for lib, was in saved:
+            if was:
+                lib.enable_progress_bar()
 
 
 def _text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:

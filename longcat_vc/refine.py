@@ -431,8 +431,11 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
         if frames1 is None:
             lat = stage1.latents
             if lat is None:
+                # (its frames hold the whole input before the new frames, not one clip starting with its cond
+                # frames: refined with video=, the first frames were conditioned on the input's last ones)
                 raise ValueError("stage1: this VideoContinuationOutput has neither model_frames nor latents "
-                                 "(extend's output): pass its frames instead")
+                                 "(extend's output, a long video): refine it with extend(..., refine=True), which "
+                                 "refines it window by window")
             if pipe is None:
                 raise ValueError("stage1: a VideoContinuationOutput without model_frames needs the pipeline")
             _check_stage1_latents(lat, int(pipe._latents_mean.shape[1]))
@@ -477,10 +480,15 @@ def resolve_refine_args(pipe, stage1, video, num_cond_frames, resolution, spatia
             # stage 1 ran at a bucket of the video's own table (480p by default): for 16:10, 2:1 and other
             # ratios that bucket maps to another 720p bucket than the video's aspect itself does
             paired = {vsize} | {refine_bucket(*bucket_size(vh, vw, r)) for r in BUCKETS}
-            if size not in paired:
+            # a continuation's output holds its input frames at the input's size: one of the video's size is
+            # its clip, whatever resolution stage 1 ran at (an explicit (h, w) of another aspect was refused)
+            own_input = (isinstance(stage1, VideoContinuationOutput) and stage1.frames is not None
+                         and tuple(stage1.frames.shape[1:3]) == (vh, vw))
+            if size not in paired and not own_input:
                 raise ValueError(
                     f"stage1 frames ({shape1[2]}x{shape1[1]}) map to the 720p bucket {size[1]}x{size[0]} "
-                    f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip?"
+                    f"but video ({vid.shape[2]}x{vid.shape[1]}) maps to {vsize[1]}x{vsize[0]}: not the same clip? "
+                    f"(if it is, pass resolution=(height, width))"
                 )
     else:
         size = resolution
@@ -514,7 +522,9 @@ def prepare_refine_latents(pipe, frames1: np.ndarray, video: Optional[np.ndarray
     h, w = size
     st = pipe.vae_scale_temporal
     pad = refine_padding(n_refine, nc, st)
-    x = torch.from_numpy(np.ascontiguousarray(frames1)).permute(0, 3, 1, 2).to(device=device, dtype=dtype)
+    # np.require: a read-only array is copied (torch warns of undefined behaviour for one)
+    x = torch.from_numpy(np.require(frames1, requirements=["C", "W"]))
+    x = x.permute(0, 3, 1, 2).to(device=device, dtype=dtype)
     x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=True)
     x = x.permute(1, 0, 2, 3).unsqueeze(0) / 255.0
     x = F.interpolate(x, size=(n_refine, h, w), mode="trilinear", align_corners=True)

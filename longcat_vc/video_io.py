@@ -110,7 +110,8 @@ def _image_to_rgb(im, where: str) -> np.ndarray:
     """
     mode = im.mode
     if mode in _EIGHT_BIT_MODES:
-        return np.asarray(im.convert("RGB"))
+        # np.array: writable, as the frames of every other input (np.asarray of an image is read-only)
+        return np.array(im.convert("RGB"))
     if mode.startswith("I;16") or (mode == "I" and getattr(im, "format", None) == "PNG"):
         g = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
         g8 = ((g * 255 + 32767) // 65535).astype(np.uint8)
