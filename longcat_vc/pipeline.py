@@ -997,7 +997,9 @@ class VideoContinuationPipeline:
         """Long video: chain ``segments`` continuations, each conditioned on the last
         ``num_cond_frames`` decoded frames of the segment before (at the model size, its reconstructed
         cond frames included when it generates fewer new frames than that; the first segment: the
-        input's last frames), as LongCat-Video's long-video demo chains them (SPEC 7); each segment's
+        input's last frames), as SPEC 7 says. Upstream's long-video demo resizes each segment's output to
+        its first video's size and passes that on; there the first video is a t2v output at the model size,
+        so the two agree; for an input of another size ours skips the resize round trip. Each segment's
         new frames are resized to the input's size for the output.
 
         Args:
@@ -1097,8 +1099,8 @@ class VideoContinuationPipeline:
         text_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor]] = {}
         pieces = [vf.frames]
         # the cond frames: the input's last ones, then the last decoded frames of the segment before, at the model
-        # size (SPEC 7: "the last num_cond_frames decoded frames of the previous one", as upstream's long-video
-        # demo chains them). Taken at the input's size, they went through a bicubic resize to the input and back
+        # size (SPEC 7: "the last num_cond_frames decoded frames of the previous one"; upstream's demo, whose first
+        # video is at the model size, resizes them to that size: the same frames). Taken at the input's size, they went through a bicubic resize to the input and back
         # every segment (a half-size input lost their detail)
         tail = vf.frames[-num_cond_frames:]
         seg_timings = []
