@@ -129,6 +129,9 @@ def _build_py_with_csrc():
             if not os.path.isdir(src):
                 return
             dst = os.path.join(self.build_lib, "longcat_kernels", "_csrc")
+            # emptied first: build/lib is reused between builds, and a kernel file removed from csrc/ since
+            # stayed in the wheel (compiled by the JIT build; a digest that refused the prebuilt _C)
+            shutil.rmtree(dst, ignore_errors=True)
             os.makedirs(dst, exist_ok=True)
             for f in sorted(os.listdir(src)):
                 if f.endswith(DIGEST.SOURCE_SUFFIXES):  # the sources the installed package digests

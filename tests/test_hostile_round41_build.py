@@ -1,0 +1,30 @@
+"""Hostile-user round 41: the build (setup.py, the wheel's kernel sources), the JIT loader and the report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_build_drops_kernel_sources_removed_since_the_last_build(tmp_path):
+    """A kernel file deleted from csrc/ (bsa_bwd_sm90_ws.cu went in 5004d75) stayed in the reused build/lib
+    copy (pip builds in-tree, setuptools keeps build/lib) and was shipped in longcat_kernels/_csrc: the
+    installed sources then differed from the prebuilt _C's digest (prebuilt refused, a JIT build every time)
+    and the JIT build compiled the stale file."""
+    csrc = tmp_path / "lib" / "longcat_kernels" / "_csrc"
+    csrc.mkdir(parents=True)
+    (csrc / "bsa_bwd_sm90_ws.cu").write_text("// a kernel file removed from csrc/ since the last build\n")
+    env = dict(os.environ, LONGCAT_KERNELS_SKIP_CUDA_BUILD="1")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path / "lib")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from longcat_kernels._digest import SOURCE_SUFFIXES, csrc_digest
+
+    want = sorted(f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(SOURCE_SUFFIXES))
+    assert sorted(os.listdir(csrc)) == want
+    assert csrc_digest(str(csrc)) == csrc_digest(os.path.join(ROOT, "csrc"))
