@@ -13,7 +13,8 @@
                                    ``-gencode=...`` flags verbatim (``;``/space separated); default: the device's own
                                    (``sm_90a`` at install without a device). Hopper is ``9.0a``:
                                    a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap), so are
-                                   targets before 8.0 and an ``a`` target before Hopper (no build)
+                                   targets before 8.0, an ``a`` target before Hopper (no build) and
+                                   nvcc's ``-arch=native``/``all``/``all-major`` (plain sm_90, sm_75)
 ``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``)
 ``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
 ``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: asks for a deterministic BSA backward (as does
@@ -206,6 +207,8 @@ _FLAGS = ("-gencode", "-arch", "--generate-code", "-code")
 _PLAIN_SM90 = re.compile(r"(?:compute|sm)_90(?![0-9a-z])")
 
 
+# nvcc's target shorthands (-arch=native, -arch all-major): no number for the checks to read
+_SHORTHAND = re.compile(r"^(?:-arch=)?(native|all|all-major)$")
 # a target in a verbatim flag: compute_80, sm_90a, sm_100a (the number is major * 10 + minor)
 _TARGET = re.compile(r"(?:compute|sm)_(\d+)([a-z]?)(?![0-9a-z])")
 
@@ -272,6 +275,15 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
     flags_given = _verbatim_flags(raw)
     if flags_given is not None:
         for f in flags_given:
+            m = _SHORTHAND.match(f)
+            if m is not None:
+                # no number for the checks below: native is sm_90 (no "a") on an H100 and sm_75 without a GPU,
+                # all/all-major include sm_75 and plain sm_90
+                raise ValueError(
+                    f"LONGCAT_KERNELS_CUDA_ARCHS: {m.group(1)!r} builds targets the kernels cannot use (native: "
+                    f"sm_90 without the 'a' on Hopper, sm_75 without a GPU; all/all-major: sm_75 and plain sm_90); "
+                    f"unset it for the visible GPU's own target (9.0a on Hopper) or list targets, e.g. '9.0a;8.0', "
+                    f"got {raw!r}")
             if _PLAIN_SM90.search(f):
                 raise _plain_sm90_error(raw, f)
             for m in _TARGET.finditer(f):

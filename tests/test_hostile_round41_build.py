@@ -28,3 +28,19 @@ def test_wheel_build_drops_kernel_sources_removed_since_the_last_build(tmp_path)
     want = sorted(f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(SOURCE_SUFFIXES))
     assert sorted(os.listdir(csrc)) == want
     assert csrc_digest(str(csrc)) == csrc_digest(os.path.join(ROOT, "csrc"))
+
+
+@pytest.mark.parametrize("value,entry", [
+    ("-arch=native", "native"), ("-arch native", "native"), ("-arch=all", "all"), ("-arch=all-major", "all-major"),
+    ("-gencode=arch=compute_80,code=sm_80 -arch=all-major", "all-major"),
+])
+def test_cuda_archs_refuses_nvcc_target_shorthands_that_bypass_its_checks(monkeypatch, value, entry):
+    """-arch=native/all/all-major passed verbatim: on an H100 native is sm_90 without the 'a' (the wgmma kernels
+    built as stubs that trap at launch, the very target '9.0'/'sm_90' is refused for), without a GPU it is
+    sm_75, and all/all-major include sm_75 and plain sm_90 (nvcc 13.0 --dryrun): the checks never saw a number."""
+    from longcat_kernels import _envvars
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", value)
+    with pytest.raises(ValueError, match=rf"^LONGCAT_KERNELS_CUDA_ARCHS: {entry!r} .*got {value!r}"):
+        _envvars.cuda_arch_flags_from_env()
+    assert "LONGCAT_KERNELS_CUDA_ARCHS" in _envvars.setting_problems()
