@@ -1,7 +1,7 @@
 """Build script: pure Python package plus, when possible, the CUDA extension ``longcat_kernels._C``.
 
 The extension is built only when a CUDA-enabled torch is importable in the build environment and
-nvcc is found (``CUDA_HOME``/``nvcc`` on PATH). Otherwise the build prints one warning line and
+nvcc of torch's CUDA major version is found (``CUDA_HOME``/``nvcc`` on PATH). Otherwise the build prints one warning line and
 installs the pure-Python package (Triton and PyTorch backends still work). Environment:
 
 - ``LONGCAT_KERNELS_SKIP_CUDA_BUILD=1``: never build the extension.
@@ -46,6 +46,19 @@ def _warn(msg: str) -> None:
           file=sys.stderr)
 
 
+def _nvcc_release(nvcc: str):
+    """The CUDA release of ``nvcc`` (``"13.0"``), None if ``nvcc --version`` does not say."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def _cuda_build_reason():
     """None if the CUDA extension can be built here, else why not."""
     if ENV.env_flag("LONGCAT_KERNELS_SKIP_CUDA_BUILD", False):
@@ -61,6 +74,12 @@ def _cuda_build_reason():
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else shutil.which("nvcc")
     if not nvcc or not os.path.exists(nvcc):
         return "nvcc not found (set CUDA_HOME)"
+    release = _nvcc_release(nvcc)
+    if release is not None and release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch's BuildExtension raises on it (a message with its %s unfilled): the whole install failed
+        return (f"nvcc {nvcc} is CUDA {release}, torch {torch.__version__} was built with CUDA {torch.version.cuda} "
+                f"(torch builds no extension across CUDA major versions); set CUDA_HOME to a CUDA "
+                f"{torch.version.cuda.split('.')[0]}.x toolkit")
     if not os.path.isdir(os.path.join(HERE, "csrc")):
         return "no csrc/ directory"
     if not ENV.cuda_arch_flags_from_env() and torch.cuda.is_available():

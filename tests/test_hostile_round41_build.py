@@ -44,3 +44,41 @@ def test_cuda_archs_refuses_nvcc_target_shorthands_that_bypass_its_checks(monkey
     with pytest.raises(ValueError, match=rf"^LONGCAT_KERNELS_CUDA_ARCHS: {entry!r} .*got {value!r}"):
         _envvars.cuda_arch_flags_from_env()
     assert "LONGCAT_KERNELS_CUDA_ARCHS" in _envvars.setting_problems()
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's globals, with setuptools.setup a no-op (this machine's torch has no CUDA: no build)."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    return runpy.run_path(os.path.join(ROOT, "setup.py"))
+
+
+def _fake_cuda_home(tmp_path, release):
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    nvcc.chmod(0o755)
+    return str(tmp_path / "cuda")
+
+
+def test_setup_skips_the_extension_when_nvcc_and_torch_cuda_majors_differ(setup_py, monkeypatch, tmp_path):
+    """torch cu128 with nvcc 13.0 (this machine's /usr/local/cuda) passed the build checks, then torch's
+    BuildExtension raised RuntimeError('The detected CUDA version (%s) mismatches ...', '13.0', '12.8') (its
+    %s never filled in): the whole install failed on the optional extension instead of the documented
+    warning line and a pure-Python install."""
+    import torch
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("LONGCAT_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_ARCHS", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_cuda_home(tmp_path, "13.0"))
+    reason = setup_py["_cuda_build_reason"]()
+    assert reason is not None and "CUDA 13.0" in reason and "CUDA 12.8" in reason and "CUDA_HOME" in reason
+    # a minor mismatch is a warning in torch: still built
+    monkeypatch.setattr(torch.version, "cuda", "13.1")
+    assert setup_py["_cuda_build_reason"]() is None
