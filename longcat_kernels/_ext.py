@@ -231,6 +231,11 @@ def load_extension():
                 _STATE["module"] = None
                 _STATE["how"] = "skipped"
                 _STATE["error"] = f"{type(e).__name__}: {e}"
+            except BaseException:
+                # Ctrl-C (or SystemExit) during the minutes-long JIT build is no result: it left "tried" with
+                # neither module nor error (taken as loaded, "ImportError: None"), never built again
+                _STATE["tried"] = False
+                raise
         return _STATE["module"]
 
 

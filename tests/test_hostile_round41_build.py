@@ -82,3 +82,30 @@ def test_setup_skips_the_extension_when_nvcc_and_torch_cuda_majors_differ(setup_
     # a minor mismatch is a warning in torch: still built
     monkeypatch.setattr(torch.version, "cuda", "13.1")
     assert setup_py["_cuda_build_reason"]() is None
+
+
+def test_an_interrupted_jit_build_is_tried_again_not_reported_as_loaded(monkeypatch):
+    """Ctrl-C during the minutes-long first-use JIT build (a notebook's first CUDA call) left the loader 'tried'
+    with no module and no error: every later call in the process got extension_error() None (the dispatcher
+    then took the extension as loaded with no kernels), extension() raised 'ImportError: None', the report said
+    'skipped: None', and the build was never tried again."""
+    import torch
+
+    from longcat_kernels import _ext
+
+    def no_prebuilt():
+        raise ImportError("No module named 'longcat_kernels._C'")
+
+    def interrupted(why):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "_load_prebuilt", no_prebuilt)
+    monkeypatch.setattr(_ext, "_load_jit", interrupted)
+    monkeypatch.setattr(_ext, "_STATE", {"tried": False, "module": None, "error": None, "how": None, "kernels": None})
+    with pytest.raises(KeyboardInterrupt):
+        _ext.load_extension()
+    built = object()
+    monkeypatch.setattr(_ext, "_load_jit", lambda why: built)
+    assert _ext.load_extension() is built
+    assert _ext.extension_status() == ("jit", None)
