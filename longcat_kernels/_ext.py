@@ -116,6 +116,12 @@ def _load_jit(prebuilt_error: str = "not built"):
         raise ImportError(f"JIT build needs a CUDA build of torch, got {torch.__version__}")
     if cpp_extension.CUDA_HOME is None:
         raise ImportError("JIT build needs nvcc: CUDA_HOME not found (set CUDA_HOME)")
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    if not os.path.isfile(nvcc):
+        # a CUDA runtime image has /usr/local/cuda (which torch takes) without the compiler: the build failed
+        # inside ninja, minutes after the log line, with torch's "Error building extension"
+        raise ImportError(f"JIT build needs nvcc: {nvcc} not found (CUDA_HOME={cpp_extension.CUDA_HOME!r} has no "
+                          "compiler, e.g. a CUDA runtime image); set CUDA_HOME to a CUDA toolkit")
     sources = sorted(
         os.path.join(src, f) for f in os.listdir(src) if f.endswith((".cu", ".cpp"))
     )

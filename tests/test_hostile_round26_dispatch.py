@@ -74,7 +74,9 @@ def test_jit_build_on_a_pre_ampere_device_is_refused_before_compiling(monkeypatc
 
     calls = []
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)  # the JIT build checks for bin/nvcc (not run here)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     monkeypatch.setenv("LONGCAT_KERNELS_CACHE", str(tmp_path / "cache"))

@@ -109,3 +109,33 @@ def test_an_interrupted_jit_build_is_tried_again_not_reported_as_loaded(monkeypa
     monkeypatch.setattr(_ext, "_load_jit", lambda why: built)
     assert _ext.load_extension() is built
     assert _ext.extension_status() == ("jit", None)
+
+
+def test_jit_build_with_a_cuda_home_without_nvcc_says_so_before_building(monkeypatch, tmp_path, caplog):
+    """A CUDA runtime image (/usr/local/cuda with libraries, no bin/nvcc) passed the JIT check (torch finds that
+    CUDA_HOME), logged 'JIT-building csrc/ ... minutes the first time' and failed inside ninja: the kept reason
+    was torch's 'Error building extension', not the missing compiler that setup.py names ('nvcc not found')."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from longcat_kernels import _ext
+
+    calls = []
+    home = tmp_path / "cuda"
+    (home / "lib64").mkdir(parents=True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("LONGCAT_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_ARCHS", raising=False)
+    with caplog.at_level("WARNING", logger="longcat_kernels"), \
+            pytest.raises(ImportError, match=r"JIT build needs nvcc: .*bin.nvcc not found.*CUDA_HOME"):
+        _ext._load_jit()
+    assert calls == [] and "JIT-building" not in caplog.text
+    nvcc = home / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    _ext._load_jit()
+    assert len(calls) == 1

@@ -71,7 +71,9 @@ def fake_jit(monkeypatch, tmp_path):
         calls.append(kw)
 
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)  # the JIT build checks for bin/nvcc (not run here)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
     monkeypatch.setattr(cpp_extension, "load", load)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setenv("LONGCAT_KERNELS_CACHE", str(tmp_path / "cache"))
