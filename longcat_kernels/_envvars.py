@@ -10,7 +10,7 @@
 ``LONGCAT_KERNELS_SKIP_CUDA_BUILD`` ``0`` (default) | ``1``: never build the extension at install
 ``LONGCAT_KERNELS_CUDA_ARCHS``     targets of the extension build: ``"9.0a;8.0"`` (compute
                                    capabilities, ``;``/``,``/space separated) or nvcc
-                                   ``-gencode=...`` flags verbatim (``;``/space separated); default: the device's own
+                                   ``-gencode=...`` flags verbatim (``;``/space separated; one ``-arch`` at most); default: the device's own
                                    (``sm_90a`` at install without a device). Hopper is ``9.0a``:
                                    a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap), so are
                                    targets before 8.0, an ``a`` target before Hopper (no build) and
@@ -274,6 +274,13 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
         return None
     flags_given = _verbatim_flags(raw)
     if flags_given is not None:
+        archs = [f for f in flags_given if f == "-arch" or f.startswith("-arch=")]
+        if len(archs) > 1:
+            # nvcc warns "incompatible redefinition for option 'gpu-architecture'" (hidden in a JIT build) and
+            # builds the last alone: an A100 listed first got no kernels
+            raise ValueError(
+                f"LONGCAT_KERNELS_CUDA_ARCHS: nvcc keeps only the last -arch of {len(archs)}; list several targets "
+                f"as capabilities, e.g. '9.0a;8.0', or -gencode flags, got {raw!r}")
         for f in flags_given:
             m = _SHORTHAND.match(f)
             if m is not None:

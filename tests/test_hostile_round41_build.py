@@ -139,3 +139,17 @@ def test_jit_build_with_a_cuda_home_without_nvcc_says_so_before_building(monkeyp
     nvcc.chmod(0o755)
     _ext._load_jit()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("value", ["-arch=sm_80 -arch=sm_90a", "-arch=sm_80;-arch=sm_90a", "-arch sm_80 -arch=sm_120"])
+def test_cuda_archs_refuses_a_second_arch_flag_nvcc_would_drop(monkeypatch, value):
+    """nvcc keeps the last -arch of several ('incompatible redefinition for option gpu-architecture, the last value
+    of this option was used', nvcc 13.0, a warning the JIT build does not show): '-arch=sm_80;-arch=sm_90a' built
+    sm_90a alone, and on an A100 the extension had no kernels (auto ran Triton) for a target the user listed."""
+    from longcat_kernels import _envvars
+
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", value)
+    with pytest.raises(ValueError, match=r"^LONGCAT_KERNELS_CUDA_ARCHS: nvcc keeps only the last -arch"):
+        _envvars.cuda_arch_flags_from_env()
+    monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-arch=sm_90a -gencode=arch=compute_80,code=sm_80")
+    assert _envvars.cuda_arch_flags_from_env() == ["-arch=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
