@@ -67,7 +67,10 @@ def _cuda_build_reason():
         import torch
         from torch.utils import cpp_extension
     except Exception as e:  # noqa: BLE001
-        return f"torch is not importable in the build environment ({type(e).__name__}); use --no-build-isolation"
+        if isinstance(e, ModuleNotFoundError) and (e.name or "torch").split(".")[0] == "torch":
+            return f"torch is not importable in the build environment ({type(e).__name__}); use --no-build-isolation"
+        # an installed torch that fails to load (a missing CUDA library): the cause, not the isolation advice
+        return f"torch failed to import in the build environment ({type(e).__name__}: {e})"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is not a CUDA build"
     cuda_home = cpp_extension.CUDA_HOME

@@ -153,3 +153,30 @@ def test_cuda_archs_refuses_a_second_arch_flag_nvcc_would_drop(monkeypatch, valu
         _envvars.cuda_arch_flags_from_env()
     monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "-arch=sm_90a -gencode=arch=compute_80,code=sm_80")
     assert _envvars.cuda_arch_flags_from_env() == ["-arch=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
+
+
+def test_setup_names_why_an_installed_torch_failed_to_import(setup_py, monkeypatch):
+    """A torch that is installed but fails to import (OSError: a missing libcudnn / libcudart) was reported as
+    'torch is not importable in the build environment (OSError); use --no-build-isolation': the cause dropped
+    and the advice wrong (the build already saw the environment's site-packages)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *a, **kw):
+        if name == "torch" or name.startswith("torch."):
+            raise OSError("libcudnn.so.9: cannot open shared object file: No such file or directory")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.delenv("LONGCAT_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    reason = setup_py["_cuda_build_reason"]()
+    assert "libcudnn.so.9: cannot open shared object file" in reason and "--no-build-isolation" not in reason
+
+    def missing(name, *a, **kw):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", missing)
+    assert "--no-build-isolation" in setup_py["_cuda_build_reason"]()
