@@ -139,14 +139,22 @@ def cuda_extensions():
     return _csrc_extensions()
 
 
-def _build_py_with_csrc():
+def _build_py_with_csrc(with_ext: bool = True):
     """build_py that also copies csrc/ into the package (``longcat_kernels/_csrc``), so an installed
-    wheel built without the extension can JIT-build it at first use (``longcat_kernels/_ext.py``)."""
+    wheel built without the extension can JIT-build it at first use (``longcat_kernels/_ext.py``).
+    Without the extension (``with_ext`` False) it removes a ``_C`` that an earlier build left in build/lib."""
     from setuptools.command.build_py import build_py
 
     class BuildPyWithCsrc(build_py):
         def run(self):
             super().run()
+            pkg = os.path.join(self.build_lib, "longcat_kernels")
+            if not with_ext and os.path.isdir(pkg):
+                # build/lib is reused: an earlier build's _C (another torch, other targets) went into this pure
+                # wheel and was loaded instead of the JIT build of the device's own target
+                for f in os.listdir(pkg):
+                    if f.startswith("_C.") and (f.endswith((".so", ".pyd")) or f == "_C.csrc_sha1"):
+                        os.remove(os.path.join(pkg, f))
             src = os.path.join(HERE, "csrc")
             if not os.path.isdir(src):
                 return
@@ -170,7 +178,7 @@ def write_sources_digest(ext_path: str) -> None:
 
 
 def _cmdclass(exts):
-    out = {"build_py": _build_py_with_csrc()}
+    out = {"build_py": _build_py_with_csrc(with_ext=bool(exts))}
     if not exts:
         return out
     from torch.utils.cpp_extension import BuildExtension

@@ -180,3 +180,20 @@ def test_setup_names_why_an_installed_torch_failed_to_import(setup_py, monkeypat
 
     monkeypatch.setattr(builtins, "__import__", missing)
     assert "--no-build-isolation" in setup_py["_cuda_build_reason"]()
+
+
+def test_wheel_built_without_the_extension_drops_an_earlier_builds_extension(tmp_path):
+    """A wheel built without the extension (LONGCAT_KERNELS_SKIP_CUDA_BUILD=1, build isolation, a CPU node) from a
+    tree whose reused build/lib held an earlier build's _C*.so and _C.csrc_sha1 shipped both in the
+    py3-none-any wheel: installed, that binary (another torch, other targets: sm_80 alone on an H100) was loaded
+    instead of the JIT build of the device's own target."""
+    pkg = tmp_path / "lib" / "longcat_kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"an earlier build")
+    (pkg / "_C.csrc_sha1").write_text("0" * 40 + "\n")
+    env = dict(os.environ, LONGCAT_KERNELS_SKIP_CUDA_BUILD="1")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path / "lib")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in pkg.glob("_C.*")) == []
+    assert (pkg / "_ext.py").is_file() and (pkg / "_csrc" / "ops.cpp").is_file()
