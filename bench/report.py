@@ -155,11 +155,14 @@ def cached_attn_table(doc: dict) -> str:
 
 def pipeline_table(doc: dict) -> str:
     rows = [r for r in _rows(doc, "pipeline") if r.get("status") == "ok"]
-    body = [[r.get("mode_name"), str(r.get("steps")), str(r.get("batch")), str(r.get("cond_frames")),
-             r.get("cache"), ms_cell(r, ".0f"), ms_cell(r, ".1f", "ms_per_step"),
+    # the grid of each row: the refine rows run their own grid, and --shapes runs several (rows told apart by nothing)
+    body = [[str(r.get("grid", "-")), r.get("mode_name"), str(r.get("steps")), str(r.get("batch")),
+             str(r.get("cond_frames")), r.get("cache"), ms_cell(r, ".0f"), ms_cell(r, ".1f", "ms_per_step"),
              _f(r.get("speedup"), ".2f", "x")] for r in rows]
-    head = ["mode", "steps", "batch", "cond frames", "cache", "denoise ms", "ms/step", "speedup"]
-    return ("Denoising loop (cache build included when on):\n\n" + _md(head, body)) if body else ""
+    head = ["grid", "mode", "steps", "batch", "cond frames", "cache", "denoise ms", "ms/step", "speedup"]
+    depths = ", ".join(str(d) for d in dict.fromkeys(r.get("depth") for r in rows))
+    return (f"Denoising loop, DiT depth {depths}, {doc['config'].get('dtype')} (cache build included when on):\n\n"
+            + _md(head, body)) if body else ""
 
 
 _TABLES = {"cache": cache_table, "bsa": bsa_table, "cached-attn": cached_attn_table, "pipeline": pipeline_table}

@@ -45,3 +45,25 @@ def test_dense_fwd_bwd_baseline_refused_with_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(BL, "sdpa_bshd", real)
     row = run_case(ctx, _dense_bwd_case(ctx))
     assert row["status"] == "ok" and row["rel_l2"] < 1e-5, row
+
+
+def test_report_pipeline_table_names_the_grid_of_each_row():
+    """The README pipeline table had no grid (nor depth): a --shapes tiny,6x2x2 run rendered two
+    "distill | off" rows of different times that nothing told apart (and a GPU run's 48x44x80 refine
+    rows read as if on the 480p grid of its distill rows). Each row now names its grid, the caption
+    the depth."""
+    from bench import report
+
+    def row(grid, mode, cache, ms):
+        return dict(suite="pipeline", case=f"{grid}/{mode}/{cache}", backend="auto", status="ok", grid=grid,
+                    mode_name=mode, steps=2, batch=1, cond_frames=13, cond_latents=4, depth=1, cache=cache,
+                    ms=ms, ms_per_step=ms / 2)
+
+    rows = [row("24x2x4", "distill", "off", 100.0), row("24x2x4", "distill", "on", 50.0),
+            row("6x2x2", "distill", "off", 10.0), row("6x2x2", "distill", "on", 8.0)]
+    doc = {"machine": {}, "config": {"dtype": "float32"}, "rows": rows}
+    text = report.pipeline_table(doc)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "distill" in ln]
+    assert len(lines) == 4
+    assert all("24x2x4" in ln for ln in lines[:2]) and all("6x2x2" in ln for ln in lines[2:]), text
+    assert "depth 1" in text, text
