@@ -67,3 +67,25 @@ def test_report_pipeline_table_names_the_grid_of_each_row():
     assert len(lines) == 4
     assert all("24x2x4" in ln for ln in lines[:2]) and all("6x2x2" in ln for ln in lines[2:]), text
     assert "depth 1" in text, text
+
+
+def test_measure_without_warmup_keeps_to_its_budget():
+    """measure() with warmup=0 (the pipeline suite: its parity check is the warm-up) sized the repetitions
+    from an estimate of 0 s, i.e. always max_reps: the suite's 15 s budget and --budget were ignored (3
+    whole denoising loops per case whatever they cost). The first timed run now sizes the rest."""
+    import time
+
+    from bench.timing import TimingPolicy, measure
+
+    calls = []
+
+    def slow(x):
+        calls.append(x)
+        time.sleep(0.05)
+
+    t = measure(slow, [(0,), (1,)], "cpu", TimingPolicy(warmup=0, min_reps=1, max_reps=3, budget_s=0.01))
+    assert t.runs == 1 and len(calls) == 1, (t, calls)
+    calls.clear()
+    t = measure(slow, [(0,), (1,)], "cpu", TimingPolicy(warmup=0, min_reps=1, max_reps=3, budget_s=10.0))
+    assert t.runs == 3 and calls == [0, 1, 0], (t, calls)  # the first run is one of the samples, inputs rotate
+    assert t.min_ms >= 50
