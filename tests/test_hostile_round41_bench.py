@@ -89,3 +89,21 @@ def test_measure_without_warmup_keeps_to_its_budget():
     t = measure(slow, [(0,), (1,)], "cpu", TimingPolicy(warmup=0, min_reps=1, max_reps=3, budget_s=10.0))
     assert t.runs == 3 and calls == [0, 1, 0], (t, calls)  # the first run is one of the samples, inputs rotate
     assert t.min_ms >= 50
+
+
+def test_cached_attn_table_labels_the_prefix_speedup_baseline():
+    """The printed cached-attn table put the prefix rows' speedup (vs the two-call SDPA) under the column
+    "vs unfused": "c4/prefix torch 0.85" read as 0.85x of the unfused kv-cache path. The column now
+    names both baselines, as the README table does ("vs unfused / 2 calls")."""
+    from bench.suites import cached_attn
+
+    rows = [dict(suite="cached-attn", case="c4/prefix", backend="sdpa-default-2call", status="ok", grid="24x2x4",
+                 op="prefix", cond_frames=13, cond_latents=4, seq_q=192, seq_k=192, ms=2.0),
+            dict(suite="cached-attn", case="c4/prefix", backend="torch", status="ok", grid="24x2x4", op="prefix",
+                 cond_frames=13, cond_latents=4, seq_q=192, seq_k=192, ms=4.0)]
+    from bench.suites import Context
+
+    rows = cached_attn.finish(Context(device=torch.device("cpu"), dtype=torch.float32), rows)
+    assert rows[1]["speedup"] == 0.5 and rows[1]["baseline"] == "sdpa-default-2call"
+    header = cached_attn.table(rows).splitlines()[0]
+    assert "vs unfused / 2call" in header, header
