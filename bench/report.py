@@ -115,6 +115,14 @@ def bsa_table(doc: dict) -> str:
         return ""
     dense = [r for r in rows if r["kind"] == "dense"]
     sparse = [r for r in rows if r["kind"] != "dense"]
+    if not sparse:
+        # the dense baselines timed, no block-sparse case (all failed parity, errored or were skipped): the
+        # table was its headers alone, without the dense times or a word of what happened
+        untimed = [r.get("status") for r in _rows(doc, "bsa") if r.get("kind") not in (None, "dense")]
+        what = ", ".join(f"{untimed.count(st)} {st}" for st in dict.fromkeys(untimed)) or "none in this run"
+        base = "; ".join(f"{r['grid']} {r['mode']} {r['backend']} {ms_cell(r)} ms" for r in dense)
+        return (f"Block-sparse attention, {_dims(rows)}, {doc['config'].get('dtype')}: no block-sparse case was "
+                f"timed ({what}; the reasons are in the results file); dense SDPA: {base}")
     impls, keys = _pivot(sparse, lambda r: (r["grid"], r["mode"], r["chunk"], r["sparsity"]))
     by = {(r["grid"], r["mode"], r["chunk"], r["sparsity"], r["backend"]): r for r in sparse}
     base = {}

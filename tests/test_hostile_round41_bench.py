@@ -107,3 +107,19 @@ def test_cached_attn_table_labels_the_prefix_speedup_baseline():
     assert rows[1]["speedup"] == 0.5 and rows[1]["baseline"] == "sdpa-default-2call"
     header = cached_attn.table(rows).splitlines()[0]
     assert "vs unfused / 2call" in header, header
+
+
+def test_report_bsa_table_says_when_no_block_sparse_case_was_timed():
+    """A bsa run whose block-sparse cases all failed parity (or were skipped: a grid smaller than the
+    chunk) but whose dense SDPA baselines were timed rendered a README table of headers alone: no row,
+    no dense time, no word of the failures. It now says what happened to the block-sparse cases."""
+    from bench import report
+
+    common = dict(suite="bsa", grid="8x8x14", tokens=896, mode="fwd", batch=1, heads=2, head_dim=32)
+    rows = [dict(common, case="dense", backend="sdpa-default", status="ok", kind="dense", chunk="-", sparsity=0.0,
+                 ms=8.0),
+            dict(common, case="s0.9375/gated", backend="triton", status="parity-failed", kind="gated",
+                 chunk="4x4x4", sparsity=0.9375, reason="rel. L2 0.01 > tol 0.0001")]
+    doc = {"machine": {}, "config": {"dtype": "float32"}, "rows": rows}
+    text = report.bsa_table(doc)
+    assert "parity-failed" in text and "sdpa-default 8.00" in text, text
