@@ -1,5 +1,6 @@
 """Round 41 (bench audit, CPU): a dense fwd+bwd baseline timed with a wrong gradient, the README
-pipeline table without the grid of its rows."""
+pipeline table without the grid of its rows, a timing budget ignored without warm-up, a speedup column
+named after the wrong baseline, a README bsa table of headers alone."""
 
 from __future__ import annotations
 
