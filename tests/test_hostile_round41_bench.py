@@ -124,3 +124,26 @@ def test_report_bsa_table_says_when_no_block_sparse_case_was_timed():
     doc = {"machine": {}, "config": {"dtype": "float32"}, "rows": rows}
     text = report.bsa_table(doc)
     assert "parity-failed" in text and "sdpa-default 8.00" in text, text
+
+
+def test_cli_refuses_budget_with_quick(capsys):
+    """--quick --budget 20 ran the smoke run's fixed 2-3 runs per case and recorded budget 20 in the results'
+    config: the flag was read by nothing (as --sparsity without the bsa suite, which is refused)."""
+    import pytest
+
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--budget", "20", "--no-write", "--suite", "bsa"])
+    assert "--budget" in str(e.value) and "--quick" in str(e.value), e.value
+
+
+def test_cli_budget_default_still_one():
+    """Without --budget the run's config records (and the policies use) a budget of 1."""
+    from bench.cli import build_parser
+
+    args = build_parser().parse_args([])
+    from bench import cli
+
+    assert cli._budget(args) == 1.0
+    assert cli._budget(build_parser().parse_args(["--budget", "2.5"])) == 2.5
