@@ -227,9 +227,14 @@ def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Pa
                  and r.get("status") == "ok" and r.get("speedup")), key=lambda r: r["cond_frames"])
     if on:
         fig, ax = plt.subplots(figsize=(6, 4))
-        x = [r["cond_frames"] for r in on]
-        ax.plot(x, [r["speedup"] for r in on], "o-", label="measured")
-        ax.plot(x, [r.get("ideal_speedup") for r in on], "s--", label="ideal (FLOP ratio)")
+        # one line per grid (--shapes with several: one line zig-zagged between the grids' speedups)
+        grids = list(dict.fromkeys(r.get("grid") for r in on))
+        for g in grids:
+            pts = [r for r in on if r.get("grid") == g]
+            tag = f", {g}" if len(grids) > 1 else ""
+            x = [r["cond_frames"] for r in pts]
+            ax.plot(x, [r["speedup"] for r in pts], "o-", label=f"measured{tag}")
+            ax.plot(x, [r.get("ideal_speedup") for r in pts], "s--", label=f"ideal (FLOP ratio){tag}")
         ax.set_xlabel("conditioning frames (of 93)")
         ax.set_ylabel("cache on / off speedup per DiT step")
         ax.set_title(f"KV cache speedup, {dev}", fontsize=10)

@@ -147,3 +147,48 @@ def test_cli_budget_default_still_one():
 
     assert cli._budget(args) == 1.0
     assert cli._budget(build_parser().parse_args(["--budget", "2.5"])) == 2.5
+
+
+def test_cache_plot_draws_one_line_per_grid(monkeypatch, tmp_path):
+    """The cache speedup plot drew the "on" rows of every grid as one line sorted by cond frames: a
+    --shapes 480p,720p run zig-zagged between the two grids' speedups under one "measured" label. Each
+    grid is now its own line (the bsa plot already keyed its lines by grid)."""
+    from bench import report
+
+    lines = []
+
+    class _Ax:
+        def plot(self, x, y, *a, label=None, **k):
+            lines.append((label, list(x), list(y)))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    class _Fig:
+        def tight_layout(self):
+            pass
+
+        def savefig(self, p, **k):
+            open(p, "wb").close()
+
+    class _Plt:
+        def subplots(self, **k):
+            return _Fig(), _Ax()
+
+        def close(self, fig):
+            pass
+
+    monkeypatch.setattr(report, "require_matplotlib", lambda: _Plt())
+
+    def on(grid, frames, c, sp):
+        return dict(suite="cache", case=f"{grid}/c{c}/on", backend="auto", status="ok", mode="on", grid=grid,
+                    cond_frames=frames, cond_latents=c, ms=1.0, speedup=sp, ideal_speedup=sp)
+
+    rows = [on("24x30x52", 13, 4, 1.1), on("24x30x52", 61, 16, 2.5), on("24x44x80", 13, 4, 1.2),
+            on("24x44x80", 61, 16, 2.6)]
+    doc = {"machine": {"gpu": "X"}, "config": {}, "rows": rows}
+    report.plot_results(doc, tmp_path)
+    measured = [ln for ln in lines if ln[0].startswith("measured")]
+    assert len(measured) == 2, lines
+    assert sorted(m[2] for m in measured) == [[1.1, 2.5], [1.2, 2.6]], measured
+    assert all("24x" in m[0] for m in measured), measured
