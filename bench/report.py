@@ -173,6 +173,17 @@ def pipeline_table(doc: dict) -> str:
             + _md(head, body)) if body else ""
 
 
+def _failed_note(doc: dict, suite: str) -> str:
+    """The cases of ``suite`` that failed parity or errored, under its table: the tables show timed rows only,
+    and a backend that failed vanished from them without a word (its column gone, another named the best)."""
+    bad = [r for r in _rows(doc, suite) if r.get("status") in ("parity-failed", "error")]
+    if not bad:
+        return ""
+    names = [f"{r.get('case')} {r.get('backend')}: {r.get('status')}" for r in bad]
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return f"\n\nNot timed in this run (see the results file): {'; '.join(names[:8])}{more}."
+
+
 _TABLES = {"cache": cache_table, "bsa": bsa_table, "cached-attn": cached_attn_table, "pipeline": pipeline_table}
 
 
@@ -189,7 +200,7 @@ def render(results_dir: Path | str = writer.RESULTS_DIR) -> str:
                 continue
             t = _TABLES[suite](doc)
             if t:
-                parts.append(f"**{suite}** on {_source(doc)}\n\n{t}")
+                parts.append(f"**{suite}** on {_source(doc)}\n\n{t}" + _failed_note(doc, suite))
     return "\n\n".join([SPREAD_LEGEND + "."] + parts) if parts else ""
 
 

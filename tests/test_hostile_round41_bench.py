@@ -192,3 +192,28 @@ def test_cache_plot_draws_one_line_per_grid(monkeypatch, tmp_path):
     assert len(measured) == 2, lines
     assert sorted(m[2] for m in measured) == [[1.1, 2.5], [1.2, 2.6]], measured
     assert all("24x" in m[0] for m in measured), measured
+
+
+def test_report_names_the_cases_a_table_leaves_out_for_failing(tmp_path):
+    """The README tables show timed rows only: a run where the cuda kernel failed parity rendered the
+    cached-attn table without its "cuda ms" column and named triton the best, with no word that cuda had
+    failed (the newest run of a suite replaces the older table). The cases that failed parity or errored
+    are now listed under the table."""
+    import json
+
+    from bench import report, writer
+
+    machine = {"date": "2026-01-01T00:00:00Z", "device_slug": "dev", "gpu": "X"}
+    common = dict(suite="cached-attn", grid="24x2x4", op="kv-cache", cond_frames=13, cond_latents=4, seq_q=160,
+                  seq_k=192, batch=2, heads=2, head_dim=32)
+    rows = [dict(common, case="c4/kv-cache", backend="unfused", status="ok", ms=2.0),
+            dict(common, case="c4/kv-cache", backend="triton", status="ok", ms=1.0, speedup=2.0),
+            dict(common, case="c4/kv-cache", backend="cuda", status="parity-failed",
+                 reason="rel. L2 0.3 > tol 0.01")]
+    (tmp_path / "dev").mkdir()
+    doc = {"schema": writer.SCHEMA, "machine": machine, "config": {"quick": False, "dtype": "bfloat16"},
+           "rows": rows}
+    (tmp_path / "dev" / "r.json").write_text(json.dumps(doc))
+    text = report.render(tmp_path)
+    assert "cuda ms" not in text
+    assert "c4/kv-cache cuda: parity-failed" in text, text
