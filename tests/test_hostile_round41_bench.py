@@ -1,6 +1,8 @@
 """Round 41 (bench audit, CPU): a dense fwd+bwd baseline timed with a wrong gradient, the README
 pipeline table without the grid of its rows, a timing budget ignored without warm-up, a speedup column
-named after the wrong baseline, a README bsa table of headers alone."""
+named after the wrong baseline, a README bsa table of headers alone, --budget read by nothing under
+--quick, a cache plot line zig-zagging between grids, failing backends vanishing from the README tables,
+a gating check 16x too loose at sparsity 0.9375."""
 
 from __future__ import annotations
 
