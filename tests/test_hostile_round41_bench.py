@@ -254,3 +254,33 @@ def test_bsa_gating_check_refuses_wrong_blocks_at_high_sparsity(monkeypatch):
     for case in gating:
         row = run_case(ctx, case)
         assert row["status"] == "ok" and row["rel_l2"] == 0, row
+
+
+def test_csv_rewrite_cut_short_leaves_the_previous_whole_file(tmp_path, monkeypatch):
+    """The results are rewritten after every suite; the JSON through a temporary file, the CSV in place: a
+    run killed while writing it (after its second suite) left a CSV cut short, the first suite's rows lost.
+    The CSV is now replaced whole as well."""
+    import csv
+
+    import pytest
+
+    from bench import writer
+
+    machine = {"date": "2026-01-01T00:00:00Z", "device_slug": "cpu-x", "cpu": "x"}
+    rows = [dict(suite="bsa", case=f"c{i}", backend="torch", status="ok", ms=1.0 + i) for i in range(3)]
+    _, cpath = writer.write_results(tmp_path, machine, {"quick": True}, rows[:2], "run")
+    before = cpath.read_text()
+
+    real = csv.DictWriter.writerow
+    n = {"rows": 0}
+
+    def killed(self, row):
+        n["rows"] += 1
+        if n["rows"] > 1:
+            raise KeyboardInterrupt
+        return real(self, row)
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_results(tmp_path, machine, {"quick": True}, rows, "run")
+    assert cpath.read_text() == before
