@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (smoke test)")
     p.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib: pip install "
                    "'longcat-kernels[plot]')")
-    p.add_argument("--budget", type=float, default=1.0, help="scale every case's timing budget (default 1)")
+    p.add_argument("--budget", type=float, default=None, help="scale every case's timing budget (default 1; not "
+                   "with --quick, whose cases run a fixed 2-3 times)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; cases not started by then are "
                    "reported as skipped (results are written after every suite either way)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights (default 0)")
@@ -122,6 +123,11 @@ def _positive(flag: str, value: float | None) -> None:
         raise SystemExit(f"{flag}: expected a finite number > 0, got {value:g}")
 
 
+def _budget(args) -> float:
+    """The --budget of the run (1 when the flag is left out)."""
+    return 1.0 if args.budget is None else args.budget
+
+
 def _check_seed(seed: int) -> None:
     """A seed torch's generators take with the suites' small offsets added (beyond, every case errored
     with "Overflow when unpacking long long")."""
@@ -158,6 +164,10 @@ def _check_args(args) -> tuple[list[str], tuple, tuple[int, ...], tuple[float, .
         raise SystemExit("--plot: the plots are files written beside the results; it cannot be combined "
                          "with --no-write")
     _positive("--budget", args.budget)
+    if args.budget is not None and args.quick:
+        # the smoke run's policy is fixed: the budget was read by nothing and recorded in the results' config
+        raise SystemExit(f"--budget {args.budget:g}: --quick times every case a fixed 2-3 times and reads no "
+                         "budget; drop one of them")
     _positive("--time-limit", args.time_limit)
     if args.depth is not None and args.depth < 1:
         raise SystemExit(f"--depth: expected >= 1, got {args.depth}")
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{what}: {out_dir} is not writable")
     print(_machine.format_header(header), flush=True)
     ctx = Context(device=device, dtype=dtype, quick=args.quick, grids=grids, backends=backends,
-                  depth=args.depth, cond_frames=cond, sparsities=sparsities, budget=args.budget, seed=args.seed)
+                  depth=args.depth, cond_frames=cond, sparsities=sparsities, budget=_budget(args), seed=args.seed)
     if device.type == "cuda":
         # in the dtype the suites run: a bf16 ceiling under --dtype fp32 read an fp32 step at its own peak as ~7% MFU
         peak, t = _timing_peak(device, dtype)
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     config = {"suites": suites, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "quick": args.quick, "shapes": args.shapes, "backends": args.backends, "depth": args.depth,
-              "cond_frames": list(cond), "sparsities": list(sparsities), "budget": args.budget,
+              "cond_frames": list(cond), "sparsities": list(sparsities), "budget": _budget(args),
               "seed": args.seed, "argv": sys.argv[1:] if argv is None else list(argv)}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     stem = writer.result_stem(suites, args.quick, stamp, header.get("commit"))

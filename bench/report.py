@@ -115,6 +115,14 @@ def bsa_table(doc: dict) -> str:
         return ""
     dense = [r for r in rows if r["kind"] == "dense"]
     sparse = [r for r in rows if r["kind"] != "dense"]
+    if not sparse:
+        # the dense baselines timed, no block-sparse case (all failed parity, errored or were skipped): the
+        # table was its headers alone, without the dense times or a word of what happened
+        untimed = [r.get("status") for r in _rows(doc, "bsa") if r.get("kind") not in (None, "dense")]
+        what = ", ".join(f"{untimed.count(st)} {st}" for st in dict.fromkeys(untimed)) or "none in this run"
+        base = "; ".join(f"{r['grid']} {r['mode']} {r['backend']} {ms_cell(r)} ms" for r in dense)
+        return (f"Block-sparse attention, {_dims(rows)}, {doc['config'].get('dtype')}: no block-sparse case was "
+                f"timed ({what}; the reasons are in the results file); dense SDPA: {base}")
     impls, keys = _pivot(sparse, lambda r: (r["grid"], r["mode"], r["chunk"], r["sparsity"]))
     by = {(r["grid"], r["mode"], r["chunk"], r["sparsity"], r["backend"]): r for r in sparse}
     base = {}
@@ -155,11 +163,25 @@ def cached_attn_table(doc: dict) -> str:
 
 def pipeline_table(doc: dict) -> str:
     rows = [r for r in _rows(doc, "pipeline") if r.get("status") == "ok"]
-    body = [[r.get("mode_name"), str(r.get("steps")), str(r.get("batch")), str(r.get("cond_frames")),
-             r.get("cache"), ms_cell(r, ".0f"), ms_cell(r, ".1f", "ms_per_step"),
+    # the grid of each row: the refine rows run their own grid, and --shapes runs several (rows told apart by nothing)
+    body = [[str(r.get("grid", "-")), r.get("mode_name"), str(r.get("steps")), str(r.get("batch")),
+             str(r.get("cond_frames")), r.get("cache"), ms_cell(r, ".0f"), ms_cell(r, ".1f", "ms_per_step"),
              _f(r.get("speedup"), ".2f", "x")] for r in rows]
-    head = ["mode", "steps", "batch", "cond frames", "cache", "denoise ms", "ms/step", "speedup"]
-    return ("Denoising loop (cache build included when on):\n\n" + _md(head, body)) if body else ""
+    head = ["grid", "mode", "steps", "batch", "cond frames", "cache", "denoise ms", "ms/step", "speedup"]
+    depths = ", ".join(str(d) for d in dict.fromkeys(r.get("depth") for r in rows))
+    return (f"Denoising loop, DiT depth {depths}, {doc['config'].get('dtype')} (cache build included when on):\n\n"
+            + _md(head, body)) if body else ""
+
+
+def _failed_note(doc: dict, suite: str) -> str:
+    """The cases of ``suite`` that failed parity or errored, under its table: the tables show timed rows only,
+    and a backend that failed vanished from them without a word (its column gone, another named the best)."""
+    bad = [r for r in _rows(doc, suite) if r.get("status") in ("parity-failed", "error")]
+    if not bad:
+        return ""
+    names = [f"{r.get('case')} {r.get('backend')}: {r.get('status')}" for r in bad]
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return f"\n\nNot timed in this run (see the results file): {'; '.join(names[:8])}{more}."
 
 
 _TABLES = {"cache": cache_table, "bsa": bsa_table, "cached-attn": cached_attn_table, "pipeline": pipeline_table}
@@ -178,7 +200,7 @@ def render(results_dir: Path | str = writer.RESULTS_DIR) -> str:
                 continue
             t = _TABLES[suite](doc)
             if t:
-                parts.append(f"**{suite}** on {_source(doc)}\n\n{t}")
+                parts.append(f"**{suite}** on {_source(doc)}\n\n{t}" + _failed_note(doc, suite))
     return "\n\n".join([SPREAD_LEGEND + "."] + parts) if parts else ""
 
 
@@ -216,9 +238,14 @@ def plot_results(doc: dict, out_dir: Path | str, stem: str = "bench") -> list[Pa
                  and r.get("status") == "ok" and r.get("speedup")), key=lambda r: r["cond_frames"])
     if on:
         fig, ax = plt.subplots(figsize=(6, 4))
-        x = [r["cond_frames"] for r in on]
-        ax.plot(x, [r["speedup"] for r in on], "o-", label="measured")
-        ax.plot(x, [r.get("ideal_speedup") for r in on], "s--", label="ideal (FLOP ratio)")
+        # one line per grid (--shapes with several: one line zig-zagged between the grids' speedups)
+        grids = list(dict.fromkeys(r.get("grid") for r in on))
+        for g in grids:
+            pts = [r for r in on if r.get("grid") == g]
+            tag = f", {g}" if len(grids) > 1 else ""
+            x = [r["cond_frames"] for r in pts]
+            ax.plot(x, [r["speedup"] for r in pts], "o-", label=f"measured{tag}")
+            ax.plot(x, [r.get("ideal_speedup") for r in pts], "s--", label=f"ideal (FLOP ratio){tag}")
         ax.set_xlabel("conditioning frames (of 93)")
         ax.set_ylabel("cache on / off speedup per DiT step")
         ax.set_title(f"KV cache speedup, {dev}", fontsize=10)

@@ -142,26 +142,44 @@ def measure(
         raise ValueError("inputs: expected at least one argument tuple, got an empty sequence")
     device = torch.device(device)
     n = len(inputs)
+    cuda = device.type == "cuda"
     # warm-up: every input set at least once, the last call timed to size the repetitions
-    # warmup=0: the caller warmed up already (e.g. its parity check ran the same work)
+    # warmup=0: the caller warmed up already (e.g. its parity check ran the same work); the first timed
+    # run sizes the repetitions (an estimate of 0 s gave max_reps whatever a call cost: the budget ignored)
     est = 0.0
     for i in range(max(policy.warmup, n) if policy.warmup > 0 else 0):
         est = _time_once_s(fn, inputs[i % n], device)
-    reps = policy.reps_for(est)
-    if device.type == "cuda":
+    first: list[float] = []
+    if policy.warmup <= 0:
+        synchronize(device)
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn(*inputs[0])
+            e.record()
+            synchronize(device)
+            first.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn(*inputs[0])
+            first.append((time.perf_counter() - t0) * 1e3)
+        est = first[0] * 1e-3
+    done = len(first)
+    reps = policy.reps_for(est) - done
+    if cuda:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         synchronize(device)
         for i in range(reps):
-            args = inputs[i % n]
+            args = inputs[(i + done) % n]
             starts[i].record()
             fn(*args)
             ends[i].record()
         synchronize(device)
-        return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
-    times = []
+        return summarize(first + [s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda-events")
+    times = list(first)
     for i in range(reps):
-        args = inputs[i % n]
+        args = inputs[(i + done) % n]
         t0 = time.perf_counter()
         fn(*args)
         times.append((time.perf_counter() - t0) * 1e3)

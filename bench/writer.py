@@ -70,12 +70,14 @@ def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[d
                 cols.append(k)
     cols += ["device", "commit", "date"]
     cpath = out_dir / f"{stem}.csv"
-    with cpath.open("w", newline="") as f:
+    ctmp = cpath.with_name(cpath.name + ".tmp")  # replaced whole, as the JSON (it was cut short in place)
+    with ctmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         dev = machine.get("gpu") or machine.get("cpu")
         for r in rows:
             w.writerow({**r, "device": dev, "commit": machine.get("commit"), "date": machine.get("date")})
+    os.replace(ctmp, cpath)
     return jpath, cpath
 
 

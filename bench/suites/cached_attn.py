@@ -265,5 +265,5 @@ def table(rows: list[dict]) -> str:
             fmt(r.get("speedup"), ".2f"), fmt(r.get("vs_prebuilt"), ".2f"), fmt(r.get("rel_l2"), ".1e"),
             "" if ok else str(r.get("reason", ""))[:60],
         ])
-    return render_table(["grid", "op", "cond fr.", "cond lat.", "q x kv", "impl", "ms", "TFLOP/s", "vs unfused",
+    return render_table(["grid", "op", "cond fr.", "cond lat.", "q x kv", "impl", "ms", "TFLOP/s", "vs unfused / 2call",
                          "vs prebuilt", "rel.L2", "note"], body)
