@@ -546,10 +546,25 @@ class LongCatDiT(nn.Module):
         mode switch) until dynamo's recompile limit sent every step back to eager."""
         tok = cache.state
         if tok is None or tok.owner != self._uid:
+            self._check_foreign_attn(cache)
             return
         if tok.stale or (cache.source is not None and cache.source[2] != self._attn_fingerprint()):
             raise ValueError("kv_cache: stale, built before the LoRA state, the loaded weights, the dtype or "
                              "the block-sparse settings changed (traced call); rebuild it with build_kv_cache()")
+
+    def _check_foreign_attn(self, cache: KVCache) -> None:
+        """ValueError when ``cache`` (built by another model instance) was built with other block-sparse
+        settings than this model's: the cond tokens' K/V depend on them (a dense model's cache used by a
+        block-sparse one ran the continuation against other conditioning without a word)."""
+        if cache.source is None or cache.source[2] == self._attn_fingerprint():
+            return
+
+        def says(fp):
+            return f"enable_bsa=True, {fp[1]}" if fp[0] else "enable_bsa=False"
+
+        raise ValueError(f"kv_cache: built by another model instance with other block-sparse settings ({says(cache.source[2])}) "
+                         f"than this model's ({says(self._attn_fingerprint())}); the cond tokens' K/V depend on them: "
+                         "rebuild it with this model's build_kv_cache()")
 
     def _check_cache_fresh(self, cache: KVCache) -> None:
         """ValueError when ``cache`` was built from another state of this model (stale)."""
@@ -558,7 +573,9 @@ class LongCatDiT(nn.Module):
         now = self.state_fingerprint()
         if cache.source == now or cache.source[0] != now[0]:
             # built by another model instance (e.g. a single-process cache handed to a context-
-            # parallel copy): its shapes, dtype and device were checked; its weights cannot be
+            # parallel copy): its shapes, dtype and device were checked; its weights cannot be, its
+            # block-sparse settings can
+            self._check_foreign_attn(cache)
             return
         what = []
         if cache.source[1] != now[1]:

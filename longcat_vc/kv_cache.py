@@ -86,7 +86,8 @@ class KVCache:
             whether dropout is on); that model's ``forward`` refuses the cache once its
             fingerprint differs (a LoRA or peft adapter enabled, disabled, fused, unfused or
             re-weighted, weights loaded, replaced or edited in place, dropout switched on). Another
-            model instance cannot compare (shapes/dtype/device are still checked). None: not
+            model instance cannot compare its weights (shapes/dtype/device are still checked, and
+            its block-sparse settings: another ``enable_bsa`` / ``bsa_params`` is refused). None: not
             checked (a hand-built cache).
         state: the building model's ``StateToken`` (set by ``build_kv_cache``): marked stale when that
             model's state counter moves, so a ``torch.compile``d forward guards on one boolean instead

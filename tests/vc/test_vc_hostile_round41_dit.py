@@ -1,0 +1,42 @@
+"""Round 41 (the DiT core: ``LongCatDiT``, its modules and the KV cache) hostile audit.
+
+* a KV cache built by another model instance with other block-sparse settings (``enable_bsa`` /
+  ``bsa_params``) was used without a word: the cond tokens' K/V depend on them, so the continuation
+  was computed against another model's conditioning (cache on != cache off);
+* a KV cache built under ``torch.autocast`` held bf16 K/V but said ``dtype=torch.float32`` (the weight
+  dtype); used outside autocast (or an fp32 cache used inside it) the forward failed deep in the kernel
+  with "k_cache: expected dtype ... (same as q)", an argument the caller never passed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_dit import make_inputs, rel_l2
+from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config
+
+_BSA = {"sparsity": 0.5, "cdf_threshold": None, "chunk_3d_shape_q": [2, 2, 2], "chunk_3d_shape_k": [2, 2, 2]}
+
+
+@pytest.mark.parametrize("builder_bsa, user_bsa", [(False, True), (True, False),
+                                                   (True, {**_BSA, "sparsity": 0.0})])
+def test_cache_of_another_instance_with_other_block_sparse_settings_is_refused(builder_bsa, user_bsa):
+    """Was: accepted (only shapes/dtype/device are compared across instances) and wrong: rel err 0.011 (cache
+    of a dense model used by a block-sparse one), 0.0035 (the other way round)."""
+    def model(bsa):
+        cfg = tiny_config(enable_bsa=True, bsa_params=bsa if isinstance(bsa, dict) else _BSA) if bsa else tiny_config()
+        return model_from_state_dict(cfg, sd)
+
+    sd = random_state_dict(tiny_config(), seed=41)
+    builder, user = model(builder_bsa), model(user_bsa)
+    c, T = 2, 5
+    x, t, y, mask = make_inputs(user.config, B=2, T=T, shared_cond=c)
+    with torch.no_grad():
+        cache = builder.build_kv_cache(x[:1, :, :c])
+        with pytest.raises(ValueError, match="kv_cache: built by another model instance with other block-sparse"):
+            user(x[:, :, c:], t, y, mask, kv_cache=cache)
+        # the same settings on another instance: still accepted, and equal to the user's own cache
+        twin = model(user_bsa)
+        own = user(x[:, :, c:], t, y, mask, kv_cache=user.build_kv_cache(x[:1, :, :c]))
+        assert rel_l2(user(x[:, :, c:], t, y, mask, kv_cache=twin.build_kv_cache(x[:1, :, :c])), own) < 1e-6
