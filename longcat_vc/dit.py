@@ -212,6 +212,17 @@ class LongCatDiT(nn.Module):
         """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
         return self.x_embedder.proj.weight.dtype
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the attention runs in: the weight dtype, or ``torch.autocast``'s where it is on for the
+        model's device (it casts the projections' inputs; fp64 weights it leaves alone)."""
+        dev = self.device.type
+        try:
+            if self.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+                return torch.get_autocast_dtype(dev)
+        except RuntimeError:  # a device type autocast does not know
+            pass
+        return self.dtype
+
     def __setstate__(self, state) -> None:
         # unpickled (torch.save of the whole model): its LoRA adapters report their changes to it again
         # (a pickle holds no weak references: LoRAAdapter.__getstate__)
@@ -400,7 +411,8 @@ class LongCatDiT(nn.Module):
             num_cond_latents (int): cache off: the first ``c`` latent frames are clean conditioning
                 (cond queries see only cond keys, zero cross-attention output). With ``kv_cache``:
                 0 or ``kv_cache.num_frames``.
-            kv_cache (KVCache): from ``build_kv_cache`` on the same grid, dtype and device; batch 1
+            kv_cache (KVCache): from ``build_kv_cache`` on the same grid, dtype (and ``torch.autocast``
+                setting) and device; batch 1
                 (shared by the CFG batch) or B. Noisy tokens then sit at frames ``c..c+T-1``.
 
         Returns:
@@ -523,8 +535,11 @@ class LongCatDiT(nn.Module):
             problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
         if tuple(cache.grid_hw) != (Nh, Nw):
             problems.append(f"built for a token grid {tuple(cache.grid_hw)} per frame, hidden_states give {(Nh, Nw)}")
-        if cache.dtype != self.dtype:
-            problems.append(f"dtype {cache.dtype}, model dtype {self.dtype}")
+        want = self._compute_dtype()
+        if cache.dtype != want:
+            problems.append(f"dtype {cache.dtype}, model dtype {self.dtype}"
+                            + (f" under torch.autocast({want})" if want != self.dtype else "")
+                            + " (a cache is used under the torch.autocast setting it was built under)")
         if cache.device != self.device:
             problems.append(f"device {cache.device}, model on {self.device}")
         if cache.batch not in (1, B):
@@ -608,7 +623,8 @@ class LongCatDiT(nn.Module):
                 block ahead of the compute on a side stream.
 
         Returns:
-            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype
+            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype (under
+            ``torch.autocast``: its dtype; the forwards that use it then run under the same autocast)
             (context parallel: a ``ShardedKVCache`` of this rank's ``heads / P`` heads).
         """
         cfg = self.config
@@ -634,7 +650,8 @@ class LongCatDiT(nn.Module):
         x = self.x_embedder(cond_latents.to(self.dtype))
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
-        cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
+        # the tensors' dtype: under torch.autocast the K/V are in its dtype, not the weights'
+        cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=keys[0].dtype,
                         device=self.device, offloaded=offload, source=source, state=self._state_token)
         # Context parallel: this rank recorded its heads of every block; the cache says which
         # (shard_cache keeps every KVCache field, the fingerprint included).

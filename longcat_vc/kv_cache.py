@@ -76,7 +76,8 @@ class KVCache:
             model dtype; on ``device``, or pinned CPU memory when ``offloaded``.
         num_frames: cond latent frames ``c``.
         grid_hw: ``(H_tok, W_tok)`` token grid per frame (after the 2x2 patch).
-        dtype: dtype of the tensors (the model's weight dtype when built).
+        dtype: dtype of the tensors (the model's weight dtype when built; ``torch.autocast``'s dtype when
+            built under it, and then used under the same autocast).
         device: the compute device the cache is for (where the model runs).
         offloaded: tensors kept in (pinned) CPU memory and copied back per block.
         source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the model

@@ -40,3 +40,29 @@ def test_cache_of_another_instance_with_other_block_sparse_settings_is_refused(b
         twin = model(user_bsa)
         own = user(x[:, :, c:], t, y, mask, kv_cache=user.build_kv_cache(x[:1, :, :c]))
         assert rel_l2(user(x[:, :, c:], t, y, mask, kv_cache=twin.build_kv_cache(x[:1, :, :c])), own) < 1e-6
+
+
+def test_kv_cache_built_under_autocast_says_its_dtype_and_a_mismatch_names_autocast():
+    """Was: the cache said float32 while holding bf16 K/V; a mismatch failed in the kernel ("k_cache: expected
+    dtype torch.float32 (same as q), got torch.bfloat16"), naming an argument the caller never passed."""
+    cfg = tiny_config()
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=42))
+    c, T = 1, 3
+    x, t, y, mask = make_inputs(cfg, B=2, T=T, shared_cond=c)
+    ts = t[:, None].repeat(1, T)
+    ts[:, :c] = 0
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model.build_kv_cache(x[:1, :, :c])
+            off = model(x, ts, y, mask, num_cond_latents=c)
+            on = model(x[:, :, c:], t, y, mask, kv_cache=auto)  # same autocast: still works
+        assert auto.keys[0].dtype == torch.bfloat16 and auto.dtype == torch.bfloat16
+        assert rel_l2(on, off[:, :, c:]) < 2e-2
+        with pytest.raises(ValueError, match=r"kv_cache: dtype torch.bfloat16, model dtype torch.float32.*autocast"):
+            model(x[:, :, c:], t, y, mask, kv_cache=auto)
+        plain = model.build_kv_cache(x[:1, :, :c])
+        assert plain.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(ValueError, match=r"kv_cache: dtype torch.float32, model dtype torch.float32 under "
+                                                 r"torch.autocast\(torch.bfloat16\)"):
+                model(x[:, :, c:], t, y, mask, kv_cache=plain)
