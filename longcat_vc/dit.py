@@ -224,9 +224,13 @@ class LongCatDiT(nn.Module):
         return self.dtype
 
     def __setstate__(self, state) -> None:
-        # unpickled (torch.save of the whole model): its LoRA adapters report their changes to it again
+        # unpickled (torch.save of the whole model) or deep-copied: its LoRA adapters report their changes to it again
         # (a pickle holds no weak references: LoRAAdapter.__getstate__)
         super().__setstate__(state)
+        # a copy is another model: its own id, so the caches each one builds
+        # are checked as another instance's by the other, not as stale ones of its own
+        self._uid = next(_MODEL_UIDS)
+        self._state_token = StateToken(self._uid)
         _lora.relink_adapters(self)
 
     @property

@@ -5,7 +5,9 @@
   was computed against another model's conditioning (cache on != cache off);
 * a KV cache built under ``torch.autocast`` held bf16 K/V but said ``dtype=torch.float32`` (the weight
   dtype); used outside autocast (or an fp32 cache used inside it) the forward failed deep in the kernel
-  with "k_cache: expected dtype ... (same as q)", an argument the caller never passed.
+  with "k_cache: expected dtype ... (same as q)", an argument the caller never passed;
+* ``copy.deepcopy`` / ``torch.save`` + ``torch.load`` of a model kept its instance id: a cache of the original
+  used on the copy (same weights) was refused as stale ("the weights changed"), which nothing had done.
 """
 
 from __future__ import annotations
@@ -66,3 +68,30 @@ def test_kv_cache_built_under_autocast_says_its_dtype_and_a_mismatch_names_autoc
             with pytest.raises(ValueError, match=r"kv_cache: dtype torch.float32, model dtype torch.float32 under "
                                                  r"torch.autocast\(torch.bfloat16\)"):
                 model(x[:, :, c:], t, y, mask, kv_cache=plain)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_model_is_another_instance_for_the_kv_cache(how, tmp_path):
+    """Was: ``copy.deepcopy`` / ``torch.save`` + ``torch.load`` kept the model's instance id, so a cache of the
+    original used on the copy (same weights) was refused as stale with "the weights changed (loaded, replaced or
+    edited in place)", which nothing had done; other instances are accepted after the shape checks."""
+    import copy
+
+    cfg = tiny_config()
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=43))
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "m.pt")
+        twin = torch.load(tmp_path / "m.pt", weights_only=False)
+    c = 1
+    x, t, y, mask = make_inputs(cfg, B=2, T=3, shared_cond=c)
+    with torch.no_grad():
+        mine, theirs = model.build_kv_cache(x[:1, :, :c]), twin.build_kv_cache(x[:1, :, :c])
+        ref = twin(x[:, :, c:], t, y, mask, kv_cache=theirs)
+        assert torch.equal(twin(x[:, :, c:], t, y, mask, kv_cache=mine), ref)
+        assert torch.equal(model(x[:, :, c:], t, y, mask, kv_cache=theirs), ref)
+        twin.load_state_dict(twin.state_dict())  # the copy's own caches still go stale with it
+        with pytest.raises(ValueError, match="kv_cache: stale"):
+            twin(x[:, :, c:], t, y, mask, kv_cache=theirs)
+        model(x[:, :, c:], t, y, mask, kv_cache=mine)  # ... and the original's do not
