@@ -34,6 +34,7 @@ from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
 from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
 from .modules.final_layer import FinalLayer
+from .modules.norms import autocast_off
 
 __all__ = ["LongCatDiT"]
 
@@ -378,7 +379,8 @@ class LongCatDiT(nn.Module):
             )
         # Rounded to the weight dtype first (bf16 in practice), then embedded in fp32.
         t = timestep.to(device=self.device).to(self.dtype)
-        return self.t_embedder(t.reshape(-1)).view(B, T, -1)
+        with autocast_off(self.device):  # fp32 also under torch.autocast (upstream: an fp32 autocast)
+            return self.t_embedder(t.reshape(-1)).view(B, T, -1)
 
     def unpatchify(self, x: torch.Tensor, T: int, Nh: int, Nw: int) -> torch.Tensor:
         """``[B, N, pt*ph*pw*out]`` -> ``[B, out, T*pt, Nh*ph, Nw*pw]``; channel index

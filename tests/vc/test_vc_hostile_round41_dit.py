@@ -7,7 +7,9 @@
   dtype); used outside autocast (or an fp32 cache used inside it) the forward failed deep in the kernel
   with "k_cache: expected dtype ... (same as q)", an argument the caller never passed;
 * ``copy.deepcopy`` / ``torch.save`` + ``torch.load`` of a model kept its instance id: a cache of the original
-  used on the copy (same weights) was refused as stale ("the weights changed"), which nothing had done.
+  used on the copy (same weights) was refused as stale ("the weights changed"), which nothing had done;
+* under ``torch.autocast(bfloat16)`` the timestep embedding, the adaLN modulations and the final projection ran
+  in bf16, where SPEC 6 (and upstream, with an fp32 autocast around them) computes them in fp32.
 """
 
 from __future__ import annotations
@@ -95,3 +97,35 @@ def test_a_copied_model_is_another_instance_for_the_kv_cache(how, tmp_path):
         with pytest.raises(ValueError, match="kv_cache: stale"):
             twin(x[:, :, c:], t, y, mask, kv_cache=theirs)
         model(x[:, :, c:], t, y, mask, kv_cache=mine)  # ... and the original's do not
+
+
+def test_timestep_embedding_modulation_and_final_projection_stay_fp32_under_autocast():
+    """Was: under ``torch.autocast(bfloat16)`` (an fp32 checkpoint run in mixed precision) the timestep embedding,
+    every adaLN modulation and the final projection ran in bf16 (timestep embedding rel err 0.004 against fp64),
+    where SPEC 6 computes them in fp32 (upstream wraps them in an fp32 autocast)."""
+    cfg = tiny_config()
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=44))
+    x, _, y, mask = make_inputs(cfg, B=2, T=3)
+    ts = torch.tensor([[0.0, 999.0, 999.0], [0.0, 3.0, 3.0]])
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            seen.setdefault(name, []).append(out)
+        return hook
+
+    hooks = [model.t_embedder.register_forward_hook(keep("temb")),
+             model.blocks[1].adaLN_modulation.register_forward_hook(keep("mod")),
+             model.final_layer.register_forward_hook(keep("final"))]
+    with torch.no_grad():
+        model(x, ts, y, mask, num_cond_latents=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, ts, y, mask, num_cond_latents=1)
+            model.build_kv_cache(x[:1, :, :1])  # the build's last block (forward_kv_only) too
+    for h in hooks:
+        h.remove()
+    assert all(o.dtype == torch.float32 for outs in seen.values() for o in outs)
+    plain, auto = seen["temb"][:2]
+    assert torch.equal(auto, plain)
+    assert torch.equal(seen["mod"][1], seen["mod"][0])
+    assert len(seen["temb"]) == 3 and len(seen["mod"]) == 3
