@@ -344,11 +344,13 @@ class LongCatDiT(nn.Module):
         y = self.y_embedder(enc.to(self.dtype)).view(B, L, -1)
         if mask is None:
             return y, None
-        if c.text_tokens_zero_pad:
-            # Padded tokens become zero vectors and all L tokens are attended (upstream). Any
-            # non-zero entry is a valid token, as on the varlen path: a 2 or 0.5 must not scale y.
-            return y * (mask != 0).to(y.dtype)[:, :, None], None
         valid = mask != 0
+        # Padded tokens are never read: zero vectors (a where, not a product: 0 * NaN / inf is NaN, and a
+        # collated batch may leave its padding uninitialised). Any non-zero entry is a valid token.
+        y = torch.where(valid[:, :, None], y, 0)
+        if c.text_tokens_zero_pad:
+            # and all L tokens are attended (upstream)
+            return y, None
         if not _compiling():
             counts = valid.sum(dim=1)
             if bool((counts == 0).any()):
@@ -358,6 +360,7 @@ class LongCatDiT(nn.Module):
                 )
             if bool(valid.all()):
                 return y, None
+        # varlen: the padded keys are masked out (upstream drops them)
         return y, valid
 
     def _embed_timestep(self, timestep, B: int, T: int) -> torch.Tensor:

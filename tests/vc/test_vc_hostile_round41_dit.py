@@ -9,7 +9,8 @@
 * ``copy.deepcopy`` / ``torch.save`` + ``torch.load`` of a model kept its instance id: a cache of the original
   used on the copy (same weights) was refused as stale ("the weights changed"), which nothing had done;
 * under ``torch.autocast(bfloat16)`` the timestep embedding, the adaLN modulations and the final projection ran
-  in bf16, where SPEC 6 (and upstream, with an fp32 autocast around them) computes them in fp32.
+  in bf16, where SPEC 6 (and upstream, with an fp32 autocast around them) computes them in fp32;
+* NaN / inf text states at masked-out positions made every output NaN (both text-mask modes).
 """
 
 from __future__ import annotations
@@ -129,3 +130,24 @@ def test_timestep_embedding_modulation_and_final_projection_stay_fp32_under_auto
     assert torch.equal(auto, plain)
     assert torch.equal(seen["mod"][1], seen["mod"][0])
     assert len(seen["temb"]) == 3 and len(seen["mod"]) == 3
+
+
+@pytest.mark.parametrize("zero_pad", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_text_states_at_padded_positions_are_never_read(zero_pad, bad):
+    """Was: NaN / inf text states at masked-out positions (uninitialised padding of a collated batch) made every
+    output NaN: the varlen path attends to valid tokens only (upstream drops the padded ones), the zero-pad path's
+    padded tokens are zero vectors (SPEC 6 step 3), yet 0 * NaN and a -inf score + NaN still reached the output."""
+    cfg = tiny_config(text_tokens_zero_pad=zero_pad)
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=45))
+    x, t, y, _ = make_inputs(cfg, B=2, T=3, L=6, shared_cond=1)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    poisoned = y.clone()
+    poisoned[0, :, 4:] = bad
+    ts = t[:, None].repeat(1, 3)
+    ts[:, :1] = 0
+    with torch.no_grad():
+        cache = model.build_kv_cache(x[:1, :, :1])
+        for kw, xs, tt in (({}, x, t), ({"num_cond_latents": 1}, x, ts), ({"kv_cache": cache}, x[:, :, 1:], t)):
+            assert torch.equal(model(xs, tt, poisoned, mask, **kw), model(xs, tt, y, mask, **kw)), kw
