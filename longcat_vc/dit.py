@@ -34,6 +34,7 @@ from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
 from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
 from .modules.final_layer import FinalLayer
+from .modules.norms import autocast_off
 
 __all__ = ["LongCatDiT"]
 
@@ -212,10 +213,25 @@ class LongCatDiT(nn.Module):
         """Weight dtype (the dtype activations run in; timesteps are rounded to it)."""
         return self.x_embedder.proj.weight.dtype
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the attention runs in: the weight dtype, or ``torch.autocast``'s where it is on for the
+        model's device (it casts the projections' inputs; fp64 weights it leaves alone)."""
+        dev = self.device.type
+        try:
+            if self.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+                return torch.get_autocast_dtype(dev)
+        except RuntimeError:  # a device type autocast does not know
+            pass
+        return self.dtype
+
     def __setstate__(self, state) -> None:
-        # unpickled (torch.save of the whole model): its LoRA adapters report their changes to it again
+        # unpickled (torch.save of the whole model) or deep-copied: its LoRA adapters report their changes to it again
         # (a pickle holds no weak references: LoRAAdapter.__getstate__)
         super().__setstate__(state)
+        # a copy is another model: its own id, so the caches each one builds
+        # are checked as another instance's by the other, not as stale ones of its own
+        self._uid = next(_MODEL_UIDS)
+        self._state_token = StateToken(self._uid)
         _lora.relink_adapters(self)
 
     @property
@@ -328,11 +344,13 @@ class LongCatDiT(nn.Module):
         y = self.y_embedder(enc.to(self.dtype)).view(B, L, -1)
         if mask is None:
             return y, None
-        if c.text_tokens_zero_pad:
-            # Padded tokens become zero vectors and all L tokens are attended (upstream). Any
-            # non-zero entry is a valid token, as on the varlen path: a 2 or 0.5 must not scale y.
-            return y * (mask != 0).to(y.dtype)[:, :, None], None
         valid = mask != 0
+        # Padded tokens are never read: zero vectors (a where, not a product: 0 * NaN / inf is NaN, and a
+        # collated batch may leave its padding uninitialised). Any non-zero entry is a valid token.
+        y = torch.where(valid[:, :, None], y, 0)
+        if c.text_tokens_zero_pad:
+            # and all L tokens are attended (upstream)
+            return y, None
         if not _compiling():
             counts = valid.sum(dim=1)
             if bool((counts == 0).any()):
@@ -342,6 +360,7 @@ class LongCatDiT(nn.Module):
                 )
             if bool(valid.all()):
                 return y, None
+        # varlen: the padded keys are masked out (upstream drops them)
         return y, valid
 
     def _embed_timestep(self, timestep, B: int, T: int) -> torch.Tensor:
@@ -363,7 +382,8 @@ class LongCatDiT(nn.Module):
             )
         # Rounded to the weight dtype first (bf16 in practice), then embedded in fp32.
         t = timestep.to(device=self.device).to(self.dtype)
-        return self.t_embedder(t.reshape(-1)).view(B, T, -1)
+        with autocast_off(self.device):  # fp32 also under torch.autocast (upstream: an fp32 autocast)
+            return self.t_embedder(t.reshape(-1)).view(B, T, -1)
 
     def unpatchify(self, x: torch.Tensor, T: int, Nh: int, Nw: int) -> torch.Tensor:
         """``[B, N, pt*ph*pw*out]`` -> ``[B, out, T*pt, Nh*ph, Nw*pw]``; channel index
@@ -400,7 +420,8 @@ class LongCatDiT(nn.Module):
             num_cond_latents (int): cache off: the first ``c`` latent frames are clean conditioning
                 (cond queries see only cond keys, zero cross-attention output). With ``kv_cache``:
                 0 or ``kv_cache.num_frames``.
-            kv_cache (KVCache): from ``build_kv_cache`` on the same grid, dtype and device; batch 1
+            kv_cache (KVCache): from ``build_kv_cache`` on the same grid, dtype (and ``torch.autocast``
+                setting) and device; batch 1
                 (shared by the CFG batch) or B. Noisy tokens then sit at frames ``c..c+T-1``.
 
         Returns:
@@ -523,8 +544,11 @@ class LongCatDiT(nn.Module):
             problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
         if tuple(cache.grid_hw) != (Nh, Nw):
             problems.append(f"built for a token grid {tuple(cache.grid_hw)} per frame, hidden_states give {(Nh, Nw)}")
-        if cache.dtype != self.dtype:
-            problems.append(f"dtype {cache.dtype}, model dtype {self.dtype}")
+        want = self._compute_dtype()
+        if cache.dtype != want:
+            problems.append(f"dtype {cache.dtype}, model dtype {self.dtype}"
+                            + (f" under torch.autocast({want})" if want != self.dtype else "")
+                            + " (a cache is used under the torch.autocast setting it was built under)")
         if cache.device != self.device:
             problems.append(f"device {cache.device}, model on {self.device}")
         if cache.batch not in (1, B):
@@ -546,10 +570,25 @@ class LongCatDiT(nn.Module):
         mode switch) until dynamo's recompile limit sent every step back to eager."""
         tok = cache.state
         if tok is None or tok.owner != self._uid:
+            self._check_foreign_attn(cache)
             return
         if tok.stale or (cache.source is not None and cache.source[2] != self._attn_fingerprint()):
             raise ValueError("kv_cache: stale, built before the LoRA state, the loaded weights, the dtype or "
                              "the block-sparse settings changed (traced call); rebuild it with build_kv_cache()")
+
+    def _check_foreign_attn(self, cache: KVCache) -> None:
+        """ValueError when ``cache`` (built by another model instance) was built with other block-sparse
+        settings than this model's: the cond tokens' K/V depend on them (a dense model's cache used by a
+        block-sparse one ran the continuation against other conditioning without a word)."""
+        if cache.source is None or cache.source[2] == self._attn_fingerprint():
+            return
+
+        def says(fp):
+            return f"enable_bsa=True, {fp[1]}" if fp[0] else "enable_bsa=False"
+
+        raise ValueError(f"kv_cache: built by another model instance with other block-sparse settings ({says(cache.source[2])}) "
+                         f"than this model's ({says(self._attn_fingerprint())}); the cond tokens' K/V depend on them: "
+                         "rebuild it with this model's build_kv_cache()")
 
     def _check_cache_fresh(self, cache: KVCache) -> None:
         """ValueError when ``cache`` was built from another state of this model (stale)."""
@@ -558,7 +597,9 @@ class LongCatDiT(nn.Module):
         now = self.state_fingerprint()
         if cache.source == now or cache.source[0] != now[0]:
             # built by another model instance (e.g. a single-process cache handed to a context-
-            # parallel copy): its shapes, dtype and device were checked; its weights cannot be
+            # parallel copy): its shapes, dtype and device were checked; its weights cannot be, its
+            # block-sparse settings can
+            self._check_foreign_attn(cache)
             return
         what = []
         if cache.source[1] != now[1]:
@@ -591,7 +632,8 @@ class LongCatDiT(nn.Module):
                 block ahead of the compute on a side stream.
 
         Returns:
-            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype
+            KVCache: ``depth`` blocks of ``k, v [Bc, c*H/2*W/2, heads, head_dim]`` in the model dtype (under
+            ``torch.autocast``: its dtype; the forwards that use it then run under the same autocast)
             (context parallel: a ``ShardedKVCache`` of this rank's ``heads / P`` heads).
         """
         cfg = self.config
@@ -617,7 +659,8 @@ class LongCatDiT(nn.Module):
         x = self.x_embedder(cond_latents.to(self.dtype))
         t = self._embed_timestep(torch.zeros(Bc, c, device=self.device), Bc, c)
         keys, values = self._record_kv(x, t, (c, Nh, Nw), offload)
-        cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=self.dtype,
+        # the tensors' dtype: under torch.autocast the K/V are in its dtype, not the weights'
+        cache = KVCache(keys=keys, values=values, num_frames=c, grid_hw=(Nh, Nw), dtype=keys[0].dtype,
                         device=self.device, offloaded=offload, source=source, state=self._state_token)
         # Context parallel: this rank recorded its heads of every block; the cache says which
         # (shard_cache keeps every KVCache field, the fingerprint included).

@@ -76,7 +76,8 @@ class KVCache:
             model dtype; on ``device``, or pinned CPU memory when ``offloaded``.
         num_frames: cond latent frames ``c``.
         grid_hw: ``(H_tok, W_tok)`` token grid per frame (after the 2x2 patch).
-        dtype: dtype of the tensors (the model's weight dtype when built).
+        dtype: dtype of the tensors (the model's weight dtype when built; ``torch.autocast``'s dtype when
+            built under it, and then used under the same autocast).
         device: the compute device the cache is for (where the model runs).
         offloaded: tensors kept in (pinned) CPU memory and copied back per block.
         source: what the cache was built from (``LongCatDiT.state_fingerprint()``: the model
@@ -86,7 +87,8 @@ class KVCache:
             whether dropout is on); that model's ``forward`` refuses the cache once its
             fingerprint differs (a LoRA or peft adapter enabled, disabled, fused, unfused or
             re-weighted, weights loaded, replaced or edited in place, dropout switched on). Another
-            model instance cannot compare (shapes/dtype/device are still checked). None: not
+            model instance cannot compare its weights (shapes/dtype/device are still checked, and
+            its block-sparse settings: another ``enable_bsa`` / ``bsa_params`` is refused). None: not
             checked (a hand-built cache).
         state: the building model's ``StateToken`` (set by ``build_kv_cache``): marked stale when that
             model's state counter moves, so a ``torch.compile``d forward guards on one boolean instead

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..fp8 import fp8_input_kind, layer_norm_fp8, modulate_fp8, silu_mul_fp8, to_fp8_activation
 from ..lora import LoRALinear
 from .attention import Attention, AttnPlan, CrossAttention
-from .norms import FP32LayerNorm, gated_residual, modulate, silu_mul
+from .norms import FP32LayerNorm, autocast_off, gated_residual, modulate, silu_mul
 
 __all__ = ["FeedForwardSwiGLU", "LongCatBlock"]
 
@@ -54,8 +54,10 @@ class LongCatBlock(nn.Module):
         self.ffn = FeedForwardSwiGLU(hidden_size, ffn_hidden, device=device, dtype=dtype)
 
     def modulation(self, t: torch.Tensor):
-        """t ``[B, T, D_t]`` fp32 -> six ``[B, T, 1, C]`` fp32 tensors (shift/scale/gate msa, mlp)."""
-        return self.adaLN_modulation(t).unsqueeze(2).chunk(6, dim=-1)
+        """t ``[B, T, D_t]`` fp32 -> six ``[B, T, 1, C]`` fp32 tensors (shift/scale/gate msa, mlp), fp32 also
+        under ``torch.autocast``."""
+        with autocast_off(t.device):
+            return self.adaLN_modulation(t).unsqueeze(2).chunk(6, dim=-1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor], y_mask: Optional[torch.Tensor],
                 plan: AttnPlan, layer: int) -> torch.Tensor:
@@ -101,7 +103,7 @@ class LongCatBlock(nn.Module):
         """Cache build of the last block: only its K and V are needed (recorded by ``plan``)."""
         B, N, C = x.shape
         T = plan.grid[0]
-        shift_msa, scale_msa = self.adaLN_modulation(t).unsqueeze(2).chunk(6, dim=-1)[:2]
+        shift_msa, scale_msa = self.modulation(t)[:2]
         xm = modulate(x.view(B, T, -1, C), shift_msa, scale_msa).view(B, N, C)
         _, k, v = self.attn.qkv_heads(xm, plan)
         plan.record(layer, k, v)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..lora import LoRALinear
-from .norms import modulate
+from .norms import autocast_off, modulate
 
 __all__ = ["FinalLayer"]
 
@@ -29,7 +29,8 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x ``[B, N, C]`` (weight dtype), t ``[B, T, D_t]`` fp32 -> ``[B, N, P*out]`` fp32."""
         B, N, C = x.shape
-        shift, scale = self.adaLN_modulation(t).unsqueeze(2).chunk(2, dim=-1)
-        xm = modulate(x.view(B, num_frames, -1, C), shift, scale).view(B, N, C)
-        # Upstream runs this Linear under fp32 autocast: bf16-rounded input, fp32 matmul.
-        return self.linear(xm.float())
+        with autocast_off(x.device):  # fp32 also under torch.autocast
+            shift, scale = self.adaLN_modulation(t).unsqueeze(2).chunk(2, dim=-1)
+            xm = modulate(x.view(B, num_frames, -1, C), shift, scale).view(B, N, C)
+            # Upstream runs this Linear under fp32 autocast: bf16-rounded input, fp32 matmul.
+            return self.linear(xm.float())
