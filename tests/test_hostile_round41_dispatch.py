@@ -87,3 +87,61 @@ def test_fp8_quantize_rows_op_opcheck(return_input, rows):
                           (x, None, None, None, w, b, "layer_norm", 1e-5, return_input))
     torch.library.opcheck(torch.ops.longcat_kernels.fp8_quantize_rows.default,
                           (x, torch.randn_like(x), None, None, None, None, "silu_mul", 0.0, return_input))
+
+
+def _cpu_sdpa_for_cudnn(monkeypatch):
+    """The cuDNN route's two SDPA helpers on CPU (math SDPA plus its lse): what the ops compute around them."""
+    from longcat_kernels.ops.kv_cache_attn import cudnn
+
+    def sdpa_lse(q, k, v, scale):
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+        return o, lse
+
+    monkeypatch.setattr(cudnn, "_sdpa_cudnn_lse", sdpa_lse)
+    monkeypatch.setattr(cudnn, "_sdpa_cudnn", lambda q, k, v, scale: sdpa_lse(q, k, v, scale)[0])
+    return cudnn
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("prefix_len", [-2, 9])
+def test_prefix_attn_cudnn_op_refuses_prefix_len_outside_seq(monkeypatch, prefix_len):
+    """``longcat_kernels::prefix_attn_cudnn_fwd`` (the "auto" route on Ampere+ for dense prefix attention)
+    sliced with an unchecked ``prefix_len``: -2 wrote only the last 2 query rows and returned the rest of
+    ``torch.empty`` (garbage; NaN under the test poison), 9 > seq ran plain attention for every row. The
+    Triton and csrc ops raise; a compiled graph skips the API's checks (README), so the op must check."""
+    _cpu_sdpa_for_cudnn(monkeypatch)
+    q, k, v = (torch.randn(1, 6, 2, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="prefix_len"):
+        torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, prefix_len, 0.25, True)
+    # in range it still runs: equal to the Triton op
+    out, lse = torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, 2, 0.25, True)
+    want, wlse = torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, 2, 0.25, True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, wlse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.triton_interpret
+def test_kv_cache_cudnn_op_refuses_a_cache_of_partial_frames(monkeypatch):
+    """``longcat_kernels::kv_cache_attn_cudnn_fwd`` with RoPE took the fresh frames' offset as
+    ``Sc // (grid_h * grid_w)`` without checking: a cache of 5 tokens on a 2x2 grid rotated the fresh
+    q/k at frame 1 silently (wrong positions), where the Triton op raises. Mismatched k/v shapes
+    likewise reached SDPA unchecked."""
+    cudnn = _cpu_sdpa_for_cudnn(monkeypatch)
+    rope = lk.Rope3D((4, 2, 2), 16)
+    from longcat_kernels.ops.kv_cache_attn.triton import rope_table_args
+
+    tabs, gh, gw = rope_table_args(rope)
+    q, k, v = (torch.randn(2, 4, 2, 16) for _ in range(3))
+    kc, vc = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    with pytest.raises(ValueError, match="k_cache"):
+        torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v, kc, vc, *tabs, gh, gw, 0.25, False)
+    with pytest.raises(ValueError, match="v"):
+        torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v[:, :3], None, None, *([None] * 6), 1, 1, 0.25)
+    # whole frames still run, equal to the fused Triton op
+    kc, vc = kc[:, :4], vc[:, :4]
+    got = cudnn._kv_cache_attn_cudnn_op(q, k, v, kc, vc, *tabs, gh, gw, 0.25, True)
+    want = torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, kc, vc, *tabs, gh, gw, 0.25, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
