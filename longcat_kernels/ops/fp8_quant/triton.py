@@ -96,6 +96,9 @@ def fp8_quantize_triton(prologue: str, x: torch.Tensor, x2: Optional[torch.Tenso
 
     One registered op, ``longcat_kernels::fp8_quantize_rows`` (a fake beside it), so that
     ``torch.compile`` keeps the call as one op instead of tracing into the launcher."""
+    # no output carries a gradient here (a y that needs one goes to the torch path): detached inputs, or the op
+    # (no autograd registered) would hand back outputs whose backward raises
+    x, x2, shift, scale, weight, bias = (None if t is None else t.detach() for t in (x, x2, shift, scale, weight, bias))
     q, s, y = torch.ops.longcat_kernels.fp8_quantize_rows(x, x2, shift, scale, weight, bias, prologue, float(eps),
                                                           bool(return_input))
     return q, s, (y if return_input else None)
