@@ -145,3 +145,23 @@ def test_kv_cache_cudnn_op_refuses_a_cache_of_partial_frames(monkeypatch):
     want = torch.ops.longcat_kernels.kv_cache_attn_fwd(q, k, v, kc, vc, *tabs, gh, gw, 0.25, True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_attn_with_kv_cache_does_not_drop_gradients(fullgraph):
+    """``attn_with_kv_cache`` is forward only and refuses inputs that need grad, but only outside
+    ``torch.compile`` (the check sat among the skipped argument checks): compiled, "auto" / "torch" ran the
+    reference under ``no_grad`` and returned an output with ``requires_grad=False``: the gradient through
+    attention was silently lost (a loss that also used q backpropagated only the rest)."""
+    q, k, v = (torch.randn(1, 8, 2, 16, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return lk.attn_with_kv_cache(q, k, v, backend="torch")
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="forward-only"):
+        torch.compile(f, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
+    # without grad it still compiles and runs
+    with torch.no_grad():
+        out = torch.compile(f, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(out, f(q.detach(), k.detach(), v.detach()))
