@@ -165,3 +165,29 @@ def test_compiled_attn_with_kv_cache_does_not_drop_gradients(fullgraph):
     with torch.no_grad():
         out = torch.compile(f, fullgraph=fullgraph, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(out, f(q.detach(), k.detach(), v.detach()))
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("head_dim", [48, 24])
+def test_bsa_ops_called_directly_name_the_head_dim_they_take(head_dim):
+    """``torch.ops.longcat_kernels.bsa_fwd`` / ``bsa_bwd`` / ``bsa_pool_scores`` index head_dim with
+    ``tl.arange``: a head_dim of 48 or 24 (which the public functions zero-pad) failed inside Triton
+    ("arange's range must be a power of 2"), naming no argument."""
+    from longcat_kernels.ops.block_sparse_attn import triton as bt
+
+    q, k, v = (torch.randn(1, 16, 2, head_dim, device=DEV, dtype=DT) for _ in range(3))
+    geo = ([1, 4, 4], [1, 4, 4], [1, 2, 2], [1, 2, 2])
+    sel = lk.select_blocks(q, k, grid_q=(1, 4, 4), chunk_q=(1, 2, 2), sparsity=0.5, backend="torch")
+    idx, cnt = bt._prep(q, k, v, sel)[3:5]
+    O = torch.ops.longcat_kernels
+    with pytest.raises(ValueError, match="bsa_fwd: q: expected head_dim a power of two"):
+        O.bsa_fwd(q, k, v, idx, cnt, *geo, 0.25)
+    with pytest.raises(ValueError, match="bsa_pool_scores: q: expected head_dim a power of two"):
+        O.bsa_pool_scores(q, k, *geo)
+    lse = torch.zeros(1, 2, 16, device=DEV)
+    with pytest.raises(ValueError, match="bsa_bwd: q: expected head_dim a power of two"):
+        O.bsa_bwd(q, q, k, v, q, lse, idx, cnt, *geo, 0.25, False)
+    # the public function pads and runs
+    out = lk.block_sparse_attn(q, k, v, selection=sel, backend="triton")
+    torch.testing.assert_close(out, lk.block_sparse_attn(q, k, v, selection=sel, backend="torch"),
+                               atol=2e-3 if DT == torch.float16 else 1e-5, rtol=1e-3)
