@@ -191,3 +191,28 @@ def test_bsa_ops_called_directly_name_the_head_dim_they_take(head_dim):
     out = lk.block_sparse_attn(q, k, v, selection=sel, backend="triton")
     torch.testing.assert_close(out, lk.block_sparse_attn(q, k, v, selection=sel, backend="torch"),
                                atol=2e-3 if DT == torch.float16 else 1e-5, rtol=1e-3)
+
+
+@pytest.mark.triton_interpret
+def test_fp8_quantize_rows_op_checks_what_the_kernel_indexes():
+    """The registered fp8 op (new this round) called directly: rows that do not split into the shift's
+    B*F frames, a strided row, or a missing x2 would make the kernel read out of bounds; each is a
+    ValueError naming the argument. Empty inputs (batch 0) still run."""
+    from longcat_kernels.ops.fp8_quant import triton as _fp8_triton
+
+    assert _fp8_triton.PROLOGUES
+    op = torch.ops.longcat_kernels.fp8_quantize_rows
+    x = torch.randn(6, 32, device=DEV, dtype=DT)
+    sh = torch.randn(1, 4, 32, device=DEV)
+    with pytest.raises(ValueError, match="x: expected rows a multiple of B\\*F = 4"):
+        op(x, None, sh, sh, None, None, "modulate", 1e-6, False)
+    with pytest.raises(ValueError, match="x: expected \\[M, C\\] with unit stride"):
+        op(torch.randn(32, 6, device=DEV, dtype=DT).t(), None, None, None, None, None, "none", 0.0, False)
+    with pytest.raises(ValueError, match="x2: expected a tensor"):
+        op(x, None, None, None, None, None, "silu_mul", 0.0, False)
+    with pytest.raises(ValueError, match="prologue"):
+        op(x, None, None, None, None, None, "gelu", 0.0, False)
+    # batch 0 through the public function
+    q, s = lk.fp8_modulate_quantize(torch.randn(0, 4, 3, 32, device=DEV, dtype=DT), torch.randn(0, 4, 1, 32, device=DEV),
+                                    torch.randn(0, 4, 1, 32, device=DEV), backend="triton")
+    assert q.shape == (0, 4, 3, 32) and s.shape == (0, 4, 3, 1)
