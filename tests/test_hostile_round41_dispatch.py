@@ -216,3 +216,28 @@ def test_fp8_quantize_rows_op_checks_what_the_kernel_indexes():
     q, s = lk.fp8_modulate_quantize(torch.randn(0, 4, 3, 32, device=DEV, dtype=DT), torch.randn(0, 4, 1, 32, device=DEV),
                                     torch.randn(0, 4, 1, 32, device=DEV), backend="triton")
     assert q.shape == (0, 4, 3, 32) and s.shape == (0, 4, 3, 1)
+
+
+@pytest.mark.triton_interpret
+def test_fresh_compile_follows_triton_interpret_changed_since_the_last_eager_call(monkeypatch):
+    """A trace reused the machine facts of the last eager call whatever the environment was then: after a
+    call with ``TRITON_INTERPRET`` unset (refused: "CPU tensors need TRITON_INTERPRET=1"), setting it and
+    calling ``torch._dynamo.reset()`` as the README says still failed every fresh compile with the stale
+    refusal, until some eager call happened (an order-dependent failure of
+    test_hostile_round26_ops.py::test_qk_norm_rope_swapped_outputs_under_compile_eager_backend)."""
+    from longcat_kernels import BackendUnavailableError
+
+    rope = lk.Rope3D((2, 2, 2), 16)
+    q, w = torch.randn(1, 8, 2, 16), torch.ones(16)
+
+    def f(q, k):
+        return lk.qk_norm_rope(q, k, w, w, rope, backend="triton")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        f(q, q)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, q)
+    want = lk.qk_norm_rope(q, q, w, w, rope, backend="torch")
+    torch.testing.assert_close(got, want)
