@@ -448,7 +448,16 @@ def _cudnn() -> bool:
         return False
 
 
-_MACHINE: Dict[Tuple[str, Optional[int]], Facts] = {}
+_MACHINE: Dict[tuple, Tuple[Facts, Tuple[str, str]]] = {}
+# the variables the facts read that a user flips between calls (README: after changing one, reset dynamo or
+# compile again): a trace reuses the last eager call's facts only if these are unchanged since
+_FACT_VARS = ("TRITON_INTERPRET", "LONGCAT_KERNELS_BACKEND")
+
+
+def _fact_env() -> Tuple[str, str]:
+    import os  # noqa: PLC0415
+
+    return tuple(os.environ.get(n, "") for n in _FACT_VARS)
 
 
 def machine_facts(device_type: str, device: Optional[torch.device] = None, probe_triton: bool = True) -> Facts:
@@ -458,13 +467,18 @@ def machine_facts(device_type: str, device: Optional[torch.device] = None, probe
     tried for CUDA tensors, under ``TRITON_INTERPRET=1`` or when ``probe_triton`` (a plain CPU call
     on "auto" runs the reference and never imports triton). Eager calls read the
     environment each time; inside ``torch.compile`` the facts of the last eager call are reused
-    (nothing to trace: the environment and the extension's lock stay out of the graph)."""
+    (nothing to trace: the environment and the extension's lock stay out of the graph) while
+    ``TRITON_INTERPRET`` and ``LONGCAT_KERNELS_BACKEND`` are as they were then (else read anew)."""
     key = (device_type, None if device is None else device.index, probe_triton)
-    if torch.compiler.is_compiling() and key in _MACHINE:
-        return _MACHINE[key]
+    if torch.compiler.is_compiling():
+        hit = _MACHINE.get(key)
+        # facts cached under other settings (an eager call before TRITON_INTERPRET or the backend was changed)
+        # made a fresh compile, after torch._dynamo.reset() too, keep the old choice: traced anew then
+        if hit is not None and hit[1] == _fact_env():
+            return hit[0]
     f = _machine_facts(device_type, device, probe_triton)
     if not torch.compiler.is_compiling():
-        _MACHINE[key] = f
+        _MACHINE[key] = (f, _fact_env())
     return f
 
 

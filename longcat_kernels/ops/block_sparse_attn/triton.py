@@ -75,6 +75,16 @@ def _geom(grid, chunk):
     return n, pb, even
 
 
+def _check_tile_head_dim(op: str, q: torch.Tensor) -> None:
+    """The kernels index head_dim with ``tl.arange(0, D)``: a power of two (and >= 16 for ``tl.dot`` on a GPU).
+    The public functions zero-pad other sizes (``_pad_head_dim``); a direct ``torch.ops`` call failed inside
+    Triton ("arange's range must be a power of 2")."""
+    D = q.shape[-1]
+    if D < 1 or D & (D - 1):
+        raise ValueError(f"{op}: q: expected head_dim a power of two (pad it with zeros to "
+                         f"{triton_tile_size(max(D, 1))}, as block_sparse_attn does), got shape {tuple(q.shape)}")
+
+
 def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -99,6 +109,7 @@ def bsa_fwd(
     -> out [B,Sq,H,D] (q dtype, contiguous), lse [B,H,Sq] fp32 (natural log)."""
     check_op_kv("bsa_fwd", q, [("k", k, "v", v, False)])
     check_op_block_geometry("bsa_fwd", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k, indices, counts)
+    _check_tile_head_dim("bsa_fwd", q)
     # the kernels index head_dim, indices and counts with unit strides (the public functions pass them
     # so; a direct torch.ops call may not): a copy only where a stride differs
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
@@ -164,6 +175,7 @@ def bsa_bwd(
     (``_deterministic``); every launch here is deterministic, so it changes nothing."""
     check_op_kv("bsa_bwd", q, [("k", k, "v", v, False)])
     check_op_block_geometry("bsa_bwd", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k, indices, counts)
+    _check_tile_head_dim("bsa_bwd", q)
     do, q, k, v, out = (_last_dim_contig(x) for x in (do, q, k, v, out))  # unit strides, as in bsa_fwd
     lse, indices, counts = lse.contiguous(), indices.contiguous(), counts.contiguous()
     B, Sq, NH, D = q.shape
@@ -339,6 +351,7 @@ def bsa_pool_scores(
     """
     check_op_kv("bsa_pool_scores", q, [("k", k, "k", k, False)])
     check_op_block_geometry("bsa_pool_scores", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k)
+    _check_tile_head_dim("bsa_pool_scores", q)
     q, k = _last_dim_contig(q), _last_dim_contig(k)  # the kernel indexes head_dim with unit stride
     B, Sq, NH, D = q.shape
     pooled = []

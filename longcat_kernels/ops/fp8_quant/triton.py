@@ -92,12 +92,64 @@ def fp8_quantize_triton(prologue: str, x: torch.Tensor, x2: Optional[torch.Tenso
                         eps: float, return_input: bool):
     """``x [M, C]`` (rows contiguous along C), ``x2 [M, C]`` (silu_mul), ``shift/scale [B, T', C]`` with
     ``M = B * frames * rows_per_frame`` (modulate; the api passes ``frames`` and ``rows_per_frame``
-    through ``shift``'s view, see api.py) -> ``(q [M, C] e4m3, s [M, 1] fp32, y [M, C] or None)``."""
+    through ``shift``'s view, see api.py) -> ``(q [M, C] e4m3, s [M, 1] fp32, y [M, C] or None)``.
+
+    One registered op, ``longcat_kernels::fp8_quantize_rows`` (a fake beside it), so that
+    ``torch.compile`` keeps the call as one op instead of tracing into the launcher."""
+    # no output carries a gradient here (a y that needs one goes to the torch path): detached inputs, or the op
+    # (no autograd registered) would hand back outputs whose backward raises
+    x, x2, shift, scale, weight, bias = (None if t is None else t.detach() for t in (x, x2, shift, scale, weight, bias))
+    q, s, y = torch.ops.longcat_kernels.fp8_quantize_rows(x, x2, shift, scale, weight, bias, prologue, float(eps),
+                                                          bool(return_input))
+    return q, s, (y if return_input else None)
+
+
+def _check_op_args(x, x2, shift, scale, weight, bias, prologue) -> None:
+    """Shape-only checks of what the kernel indexes (the public functions pass valid arguments; a direct
+    ``torch.ops`` call may not, and the kernel would read out of bounds): rows with a unit last stride."""
+    op = "fp8_quantize_rows"
+    if prologue not in PROLOGUES:
+        raise ValueError(f"{op}: prologue: expected one of {sorted(PROLOGUES)}, got {prologue!r}")
+    if x.dim() != 2 or (x.numel() and x.stride(1) != 1):
+        raise ValueError(f"{op}: x: expected [M, C] with unit stride along C, got shape {tuple(x.shape)}, "
+                         f"strides {x.stride()}")
+    M, C = x.shape
+    need = {"silu_mul": ("x2",), "modulate": ("shift", "scale")}.get(prologue, ())
+    given = {"x2": x2, "shift": shift, "scale": scale}
+    for n, t in given.items():
+        if (t is not None) != (n in need):
+            raise ValueError(f"{op}: {n}: expected {'a tensor' if n in need else 'None'} with prologue "
+                             f"{prologue!r}, got {'None' if t is None else 'a tensor'}")
+    if x2 is not None and (x2.shape != x.shape or (x2.numel() and x2.stride(1) != 1)):
+        raise ValueError(f"{op}: x2: expected x's shape {tuple(x.shape)} with unit stride along C, got shape "
+                         f"{tuple(x2.shape)}, strides {x2.stride()}")
+    if shift is not None:
+        for n, t in (("shift", shift), ("scale", scale)):
+            if t.dim() != 3 or t.shape[2] != C or t.shape != shift.shape or t.stride(2) != 1:
+                raise ValueError(f"{op}: {n}: expected [B, F, {C}] (shift's shape) with unit stride along C, got "
+                                 f"shape {tuple(t.shape)}")
+        bf = shift.shape[0] * shift.shape[1]
+        if (M % bf) if bf else M:
+            raise ValueError(f"{op}: x: expected rows a multiple of B*F = {shift.shape[0] * shift.shape[1]} "
+                             f"(shift {tuple(shift.shape)}), got {M}")
+    if (weight is None) != (bias is None) or (weight is not None and prologue != "layer_norm"):
+        raise ValueError(f"{op}: weight/bias: expected both (prologue 'layer_norm') or neither")
+    for n, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != C or t.stride(0) != 1):
+            raise ValueError(f"{op}: {n}: expected a contiguous [{C}], got shape {tuple(t.shape)}")
+
+
+@torch.library.custom_op("longcat_kernels::fp8_quantize_rows", mutates_args=())
+def _fp8_quantize_rows_op(x: torch.Tensor, x2: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                          scale: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                          prologue: str, eps: float, return_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(q [M, C] e4m3, s [M, 1] fp32, y [M, C] in x's dtype, or an empty tensor when not return_input)``."""
+    _check_op_args(x, x2, shift, scale, weight, bias, prologue)
     M, C = x.shape
     interp = x.device.type == "cpu"  # the interpreter: fp32 values, cast by torch below
     q = torch.empty((M, C), device=x.device, dtype=torch.float32 if interp else torch.float8_e4m3fn)
     s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
-    y = torch.empty((M, C), device=x.device, dtype=x.dtype) if return_input else None
+    y = torch.empty((M, C) if return_input else (0,), device=x.device, dtype=x.dtype)
     if M == 0:
         return q.to(torch.float8_e4m3fn), s, y
     rows_per_frame, frames = 1, 1
@@ -114,8 +166,8 @@ def fp8_quantize_triton(prologue: str, x: torch.Tensor, x2: Optional[torch.Tenso
     fp8_rows_kernel[(M,)](
         x, x2 if x2 is not None else dummy, shift if shift is not None else dummy,
         scale if scale is not None else dummy, weight if weight is not None else dummy,
-        bias if bias is not None else dummy, q, s, y if y is not None else dummy,
-        C, x.stride(0), x2.stride(0) if x2 is not None else 0, q.stride(0), y.stride(0) if y is not None else 0,
+        bias if bias is not None else dummy, q, s, y if return_input else dummy,
+        C, x.stride(0), x2.stride(0) if x2 is not None else 0, q.stride(0), y.stride(0) if return_input else 0,
         rows_per_frame, frames, sh_b, sh_t, sc_b, sc_t, float(eps),
         PROLOGUE=PROLOGUES[prologue], HAS_AFFINE=weight is not None, WRITE_Y=return_input,
         BLOCK=block, num_warps=_num_warps(block),
@@ -123,3 +175,10 @@ def fp8_quantize_triton(prologue: str, x: torch.Tensor, x2: Optional[torch.Tenso
     if interp:
         q = q.to(torch.float8_e4m3fn)
     return q, s, y
+
+
+@_fp8_quantize_rows_op.register_fake
+def _(x, x2, shift, scale, weight, bias, prologue, eps, return_input):
+    M, C = x.shape
+    return (x.new_empty((M, C), dtype=torch.float8_e4m3fn), x.new_empty((M, 1), dtype=torch.float32),
+            x.new_empty((M, C) if return_input else (0,)))

@@ -266,9 +266,6 @@ def attn_with_kv_cache(
             )
         check_scale(scale)
         _check_cache(q, k_cache, v_cache, k.shape[2])
-        check_no_grad(
-            [("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)], "attn_with_kv_cache"
-        )
         if rope is not None:
             if not isinstance(rope, Rope3D):
                 raise TypeError(f"rope: expected a Rope3D or None, got {type(rope).__name__}")
@@ -285,6 +282,9 @@ def attn_with_kv_cache(
                     f"rope: expected a grid of at least {frames} frames (cache {Sc // hw} + fresh {q.shape[1] // hw}), "
                     f"got {rope.grid}"
                 )
+    # metadata only, so also while torch.compile traces: skipped there, the torch path (run under no_grad)
+    # returned an output without a gradient, silently
+    check_no_grad([("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)], "attn_with_kv_cache")
     if block_sparse is not None:
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
     if rope is not None and rope.pairs != "interleaved":

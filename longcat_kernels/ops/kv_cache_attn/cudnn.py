@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels import dispatch
+from longcat_kernels._validate import check_op_kv, check_op_rope_tables
 from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
@@ -149,9 +150,20 @@ def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch folded into the query rows); with RoPE, a Triton prologue rotates fresh q and k into
     temporaries first. v is used as given. The lse is empty unless ``return_lse``.
     """
+    # the same op-level checks as the fused Triton op (a compiled graph skips the API's): a cache of partial
+    # frames gave the fresh tokens a floored frame offset, mismatched k/v reached SDPA
+    check_op_kv("kv_cache_attn_cudnn_fwd", q, [("k", k, "v", v, False), ("k_cache", k_cache, "v_cache", v_cache, True)])
     B, Sn, H, D = q.shape
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+    if cos_t is not None or sin_t is not None:
+        if grid_h <= 0 or grid_w <= 0 or Sc % (grid_h * grid_w):
+            raise ValueError(f"kv_cache_attn_cudnn_fwd: k_cache: expected whole frames of grid_h*grid_w = "
+                             f"{grid_h}x{grid_w} tokens, got seq {Sc}")
+        frame = Sc // (grid_h * grid_w)
+        tabs = [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
+        check_op_rope_tables("kv_cache_attn_cudnn_fwd", q, tabs, grid_h, grid_w, frame, "q")
+        check_op_rope_tables("kv_cache_attn_cudnn_fwd", k, tabs, grid_h, grid_w, frame, "k")
     if tables is not None:
         q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -202,9 +214,16 @@ def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, sca
 @torch.library.custom_op("longcat_kernels::prefix_attn_cudnn_fwd", mutates_args=())
 def _prefix_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
                           scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    check_op_kv("prefix_attn_cudnn_fwd", q, [("k", k, "v", v, False)])
+    P, S = int(prefix_len), q.shape[1]
+    # q[:, :P] / k[:, :P] are Python slices: a P outside [0, seq] left rows of `out` unwritten (P < 0) or
+    # ran plain attention (P > seq), silently; the Triton and csrc ops raise too
+    if k.shape[1] != S:
+        raise ValueError(f"prefix_attn_cudnn_fwd: k: expected seq {S} (q's), got shape {tuple(k.shape)}")
+    if not 0 <= P <= S:
+        raise ValueError(f"prefix_attn_cudnn_fwd: prefix_len: expected 0 <= prefix_len <= seq = {S}, got {P}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)
-    P, S = int(prefix_len), q.shape[1]
     for q0, q1, kn in ((0, P, P), (P, S, S)):
         if q1 <= q0:
             continue

@@ -559,8 +559,9 @@ def _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, bs, return_l
         tabs, gh, gw = rope_tables_for(rope, q, Sc)
         q_r = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_r = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        launch_norm_rope(q=q, k=k, out_q=q_r, out_k=k_r, tables=tabs, gh=gh, gw=gw,
-                         frame_offset=Sc // n)
+        # through the registered op (a bare launch here was traced into by torch.compile: no op boundary)
+        torch.ops.longcat_kernels.rope_3d(q, *tabs, gh, gw, Sc // n, q_r)
+        torch.ops.longcat_kernels.rope_3d(k, *tabs, gh, gw, Sc // n, k_r)
         q, k = q_r, k_r
     sel = bs.selection
     if sel is None:
