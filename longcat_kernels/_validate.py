@@ -17,7 +17,8 @@ from .grid import Triple, as_triple
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP32_MAX = 3.4028234663852886e38
-# the largest softmax scale: the kernels multiply by scale * log2(e) in fp32 (2.3587e38)
+# the largest softmax scale: the kernels multiply by scale * log2(e) in fp32 (2.358648e38; printed in
+# full by the error: rounded up to 5 digits, 2.3587e38, it read as a bound that 2.3587e38 meets)
 MAX_SCALE = FP32_MAX / 1.4426950408889634
 
 
@@ -117,6 +118,10 @@ def check_qkv(q, k, v, names=("q", "k", "v"), gqa: bool = False) -> None:
         if t.shape[0] != B:
             raise ValueError(f"{n}: expected batch {B} (same as {nq}), got {t.shape[0]} (shape {tuple(t.shape)})")
         # heads 0 on q, k and v: an empty result (nothing to compute), not a GQA error
+        if gqa and t is v and v.shape[2] != k.shape[2] and k.shape[2] >= 1 and H % k.shape[2] == 0:
+            # k's count is valid: name it (the message below read "dividing q's 4 heads, got 4" for v)
+            raise ValueError(f"{n}: expected {k.shape[2]} heads (same as {nk}: GQA shares each k/v head), got "
+                             f"{t.shape[2]} (shape {tuple(t.shape)})")
         if gqa and not (H == 0 and t.shape[2] == 0) and (t.shape[2] < 1 or H % t.shape[2] or t.shape[2] != k.shape[2]):
             raise ValueError(
                 f"{n}: expected a number of heads dividing {nq}'s {H} heads (same for {nk} and {nv}), got {t.shape[2]} "
@@ -145,7 +150,7 @@ def check_scale(scale, name: str = "scale") -> None:
     # the kernels fold log2(e) into the scale in fp32 (Triton, csrc: exp2(s * scale * log2 e)): a scale past
     # fp32 max / log2(e) is inf there, every output NaN while the torch reference gave finite ones
     if scale > MAX_SCALE:
-        raise ValueError(f"{name}: expected at most the fp32 maximum / log2(e) = {MAX_SCALE:.5g} (the kernels scale "
+        raise ValueError(f"{name}: expected at most the fp32 maximum / log2(e) = {MAX_SCALE!r} (the kernels scale "
                          f"by scale * log2(e) in fp32), got {scale}")
 
 

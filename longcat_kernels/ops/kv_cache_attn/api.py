@@ -113,7 +113,8 @@ def prefix_attn(
     return prefix_attn_reference(q, k, v, prefix_len, scale, return_lse)
 
 
-def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
+def _check_cache(q, k_cache, v_cache, kv_heads: int, kv_name: str = "k") -> None:
+    """``kv_name``: the tensor whose head count ``kv_heads`` is (``k``; ``k_cache`` when it is the only keys)."""
     if (k_cache is None) != (v_cache is None):
         raise ValueError(
             "k_cache/v_cache: expected both or neither, got "
@@ -131,7 +132,7 @@ def _check_cache(q, k_cache, v_cache, kv_heads: int) -> None:
             want = "1" if B == 1 else f"1 or {B}"
             raise ValueError(f"{n}: expected batch {want} (q's batch {B}), got {t.shape[0]} (shape {tuple(t.shape)})")
         if t.shape[2] != kv_heads:
-            raise ValueError(f"{n}: expected {kv_heads} heads (same as k), got {t.shape[2]}")
+            raise ValueError(f"{n}: expected {kv_heads} heads (same as {kv_name}), got {t.shape[2]}")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as q), got {t.shape[3]}")
         if t.shape[1] == 0:
@@ -395,7 +396,7 @@ def flash_attn_with_kvcache(
         if not compiling():
             check_tensor(k_cache, "k_cache")
             check_tensor(v_cache, "v_cache")
-            _check_cache(q, k_cache, v_cache, k_cache.shape[2])
+            _check_cache(q, k_cache, v_cache, k_cache.shape[2], "k_cache")
             if block_sparse is not None and k_cache.shape[2] != q.shape[2]:
                 # as with fresh k/v, and with the cache's own shape (check_qkv below sees it expanded)
                 raise ValueError(
