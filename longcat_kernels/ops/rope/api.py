@@ -28,7 +28,7 @@ class Rope3D:
 
     Args:
         grid: ``(T, H, W)`` latent grid (tokens after patching) that positions refer to.
-        head_dim: D, even.
+        head_dim: D, even, >= 6 (each of the t/h/w parts of the default split holds a pair).
         theta: base of the inverse frequencies (LongCat and Wan: 10000).
         device: where the tables live.
         axis_dims: ``(dt, dh, dw)``, even, summing to D; default ``D - 4*(D//6), 2*(D//6), 2*(D//6)``
@@ -314,7 +314,8 @@ def qk_norm_rope(
         eps (float): RMSNorm epsilon.
         out_q, out_k (Tensor | None): preallocated outputs (e.g. the tail of a [cache; fresh] key
             buffer); written and returned when given.
-        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (``"cuda"`` raises
+            ``BackendUnavailableError``: no csrc kernel for this op).
 
     Returns:
         (Tensor, Tensor): normalised (and rotated) q and k in the input dtype, new BSHD-contiguous
