@@ -77,12 +77,15 @@ def test_architecture_names_kernel_choice_fields_as_the_code_has_them():
     assert "KernelChoice(backend, impl, reason)" not in ARCHITECTURE
 
 
-def test_qk_norm_rope_docstring_does_not_offer_a_cuda_backend_it_lacks():
-    """``qk_norm_rope``'s docstring listed ``"cuda"`` among its backends as if it ran; it raises
-    ``BackendUnavailableError`` ("no csrc kernel") on every machine. The docstring now says so."""
-    x = torch.randn(1, 4, 1, 8)
+@pytest.mark.parametrize("op", ["qk_norm_rope", "select_blocks"])
+def test_docstrings_do_not_offer_a_cuda_backend_the_op_lacks(op):
+    """``qk_norm_rope``'s and ``select_blocks``' docstrings listed ``"cuda"`` among their backends as if
+    it ran; both raise ``BackendUnavailableError`` ("no csrc kernel") on every machine. They now say so."""
+    x = torch.randn(1, 8, 1, 8)
+    call = {"qk_norm_rope": lambda: lk.qk_norm_rope(x, x, torch.ones(8), torch.ones(8), backend="cuda"),
+            "select_blocks": lambda: lk.select_blocks(x, x, grid_q=(2, 2, 2), chunk_q=(1, 1, 1), backend="cuda")}
     with pytest.raises(lk.BackendUnavailableError, match="no csrc kernel"):
-        lk.qk_norm_rope(x, x, torch.ones(8), torch.ones(8), backend="cuda")
-    doc = " ".join(lk.qk_norm_rope.__doc__.split())
+        call[op]()
+    doc = " ".join(getattr(lk, op).__doc__.split())
     assert re.search(r'backend \(str\): ``"auto"``, ``"torch"`` or ``"triton"``', doc)
-    assert "no csrc kernel" in doc
+    assert "no csrc" in doc

@@ -203,7 +203,9 @@ def select_blocks(
         chunk_k (tuple | None): block shape of keys; default chunk_q.
         sparsity (float | None): fraction of key blocks dropped by top-k, in [0, 1).
         cdf_threshold (float | None): cumulative probability kept by the cdf rule, in [0, 1].
-        backend (str): ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend (str): ``"auto"``, ``"torch"`` or ``"triton"`` (``"cuda"`` raises
+            ``BackendUnavailableError``: no csrc gating kernel; ``block_sparse_attn(backend="cuda")``
+            gates on ``"auto"``).
 
     Returns:
         BlockSelection: ``indices [B, H, Nq, max_sel]`` int32 (-1 past ``counts``), ``counts [B, H, Nq]``.
