@@ -42,11 +42,25 @@ def representative_facts(device_type: str):
     return f._replace(dtype="float32", head_dim=128)
 
 
+# public functions whose dispatch name differs (the user knows the former: ``available_backends("fp8_quantize_rows")``
+# was a ValueError listing only the internal names)
+_PUBLIC_ALIASES = {
+    "fp8_quantize_rows": "fp8_quantize",
+    "fp8_layer_norm_quantize": "fp8_quantize",
+    "fp8_modulate_quantize": "fp8_quantize",
+    "fp8_silu_mul_quantize": "fp8_quantize",
+    "flash_attn_with_kvcache": "attn_with_kv_cache",
+}
+
+
 def available_backends(op: Optional[str] = None, device: Optional[str] = None) -> Dict[str, Optional[str]]:
     """What works on this machine.
 
     Args:
-        op: the op to ask about (default ``"attn_with_kv_cache"``: the op every backend implements).
+        op: the op to ask about (default ``"attn_with_kv_cache"``: the op every backend implements): a
+            dispatch name (``dispatch.choose_kernel``'s) or a public function that dispatches as one
+            (``fp8_quantize_rows`` and the other fp8 prologues: ``fp8_quantize``;
+            ``flash_attn_with_kvcache``: ``attn_with_kv_cache``).
         device: ``"cuda"`` or ``"cpu"``; default: cuda if available else cpu.
 
     Returns:
@@ -67,6 +81,7 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
         # no op computes on (torch "usable")
         raise ValueError(f"device: expected 'cuda' or 'cpu' (or None: this machine's), got {device!r}")
     f = representative_facts(dev_type)._replace(env_backend=None)
+    op = _PUBLIC_ALIASES.get(op, op) if isinstance(op, str) else op
     out: Dict[str, Optional[str]] = {}
     for b in ("torch", "triton", "cuda"):
         try:

@@ -89,3 +89,19 @@ def test_docstrings_do_not_offer_a_cuda_backend_the_op_lacks(op):
     doc = " ".join(getattr(lk, op).__doc__.split())
     assert re.search(r'backend \(str\): ``"auto"``, ``"torch"`` or ``"triton"``', doc)
     assert "no csrc" in doc
+
+
+@pytest.mark.parametrize("public,dispatch_name", [
+    ("fp8_quantize_rows", "fp8_quantize"), ("fp8_layer_norm_quantize", "fp8_quantize"),
+    ("fp8_modulate_quantize", "fp8_quantize"), ("fp8_silu_mul_quantize", "fp8_quantize"),
+    ("flash_attn_with_kvcache", "attn_with_kv_cache"),
+])
+def test_available_backends_takes_the_public_op_names(public, dispatch_name):
+    """``available_backends(op)`` ("op: the op to ask about") refused the public names ``fp8_quantize_rows``,
+    ``fp8_layer_norm_quantize``, ... and ``flash_attn_with_kvcache`` with ValueError ("expected one of
+    [..., 'fp8_quantize', ...]"): only the dispatcher's internal names passed. They now answer as the op they
+    dispatch as."""
+    for device in ("cpu", "cuda"):
+        assert lk.available_backends(public, device) == lk.available_backends(dispatch_name, device)
+    with pytest.raises(ValueError, match="op: expected one of"):
+        lk.available_backends("apply_rope_3d")  # no backend choice: still not an op name here
