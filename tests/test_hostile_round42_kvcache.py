@@ -99,3 +99,50 @@ def test_a_numpy_bool_flag_is_not_called_a_bool():
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=r"^return_lse: expected a bool \(True or False\), got numpy\.bool"):
         lk.attn_with_kv_cache(q, k, v, return_lse=np.bool_(True))
+
+
+def _fake_cudnn_aten(monkeypatch):
+    """``aten._scaled_dot_product_cudnn_attention`` on CPU: math SDPA, with the lse shaped as torch itself
+    declares it (its meta kernel: ``[B, H, S, 1]``, as the CUDA kernel of recent torch allocates it)."""
+    from longcat_kernels.ops.kv_cache_attn import cudnn
+
+    real = torch.ops.aten._scaled_dot_product_cudnn_attention
+    x = torch.empty(2, 3, 5, 16, device="meta", dtype=torch.float16)
+    meta = real(x, x, x, None, True, 0.0, False, False, scale=0.25)
+    assert meta[1].shape[:3] == (2, 3, 5)  # [B, H, S] or [B, H, S, 1]
+
+    def fake(q, k, v, bias, compute_lse, dropout, causal, debug, scale=None):
+        s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, dim=-1), v.float()).to(q.dtype)
+        return (o, lse.reshape(lse.shape + meta[1].shape[3:])) + tuple(meta[2:])
+
+    fake.default = real.default  # torch's own lazy registrations look it up
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", fake)
+    return cudnn
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("Bc", [1, 2])
+def test_cudnn_route_lse_is_three_dimensional(monkeypatch, Bc):
+    """The cuDNN route (``auto`` on CUDA without the compiled extension) took the lse of
+    ``aten._scaled_dot_product_cudnn_attention`` as ``[B, H, S]``; torch declares (meta kernel) and
+    allocates it as ``[B, H, S, 1]``. So ``return_lse=True`` gave a 4-D lse (no cache, or a batch-B
+    cache), broadcast ``logaddexp([B,H,S], [B,H,S,1])`` (a batch-1 cache) and made the prefix op's
+    ``lse[:, :, a:b] = ls`` raise. Now the trailing 1 is dropped: lse ``[B, H, S]`` everywhere."""
+    cudnn = _fake_cudnn_aten(monkeypatch)
+    q, k, v = _qkv(B=2, S=4, H=3, D=16)
+    kc, vc = k[:Bc] * 0.5, v[:Bc] + 1
+    for cache in ((kc, vc), (None, None)):
+        got, glse = cudnn._kv_cache_attn_cudnn_op(q, k, v, *cache, *([None] * 6), 1, 1, 0.25, True)
+        ks, vs = ([kc, k], [vc, v]) if cache[0] is not None else ([k], [v])
+        o64, l64 = _oracle(q, ks, vs, 0.25)
+        assert glse.shape == (2, 3, 4)
+        torch.testing.assert_close(got.double(), o64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(glse.double(), l64, atol=1e-5, rtol=1e-5)
+    out, lse = cudnn._prefix_attn_cudnn_op(q, k, v, 2, 0.25, True)
+    want, wlse = torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, 2, 0.25, True)
+    assert lse.shape == (2, 3, 4)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, wlse, atol=1e-5, rtol=1e-5)
