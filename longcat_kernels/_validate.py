@@ -181,7 +181,10 @@ def check_bool(value, name: str) -> None:
     if compiling():
         return
     if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r}")
+        t = type(value)
+        # numpy's bool class is also named "bool": "expected a bool, got bool" contradicted itself
+        tn = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+        raise TypeError(f"{name}: expected a bool (True or False), got {tn} {value!r}")
 
 
 def check_grid(grid, seq_len: int, name: str, seq_name: str) -> Triple:

@@ -113,12 +113,17 @@ def prefix_attn(
     return prefix_attn_reference(q, k, v, prefix_len, scale, return_lse)
 
 
+def _type_name(x) -> str:
+    """``x``'s type for "both or neither" errors (a list passed for a tensor was called a Tensor)."""
+    return "None" if x is None else type(x).__name__
+
+
 def _check_cache(q, k_cache, v_cache, kv_heads: int, kv_name: str = "k") -> None:
     """``kv_name``: the tensor whose head count ``kv_heads`` is (``k``; ``k_cache`` when it is the only keys)."""
     if (k_cache is None) != (v_cache is None):
         raise ValueError(
-            "k_cache/v_cache: expected both or neither, got "
-            f"k_cache={'None' if k_cache is None else 'Tensor'}, v_cache={'None' if v_cache is None else 'Tensor'}"
+            f"k_cache/v_cache: expected both or neither, got k_cache={_type_name(k_cache)}, "
+            f"v_cache={_type_name(v_cache)}"
         )
     if k_cache is None:
         return
@@ -135,8 +140,6 @@ def _check_cache(q, k_cache, v_cache, kv_heads: int, kv_name: str = "k") -> None
             raise ValueError(f"{n}: expected {kv_heads} heads (same as {kv_name}), got {t.shape[2]}")
         if t.shape[3] != D:
             raise ValueError(f"{n}: expected head_dim {D} (same as q), got {t.shape[3]}")
-        if t.shape[1] == 0:
-            raise ValueError(f"{n}: expected a non-empty cache (seq >= 1; pass None for no cache), got seq 0")
     if v_cache.shape[:2] != k_cache.shape[:2]:
         raise ValueError(
             f"v_cache: expected batch and seq {tuple(k_cache.shape[:2])} (same as k_cache), got {tuple(v_cache.shape[:2])}"
@@ -236,7 +239,7 @@ def attn_with_kv_cache(
     Args:
         q, k, v (Tensor): ``[batch, seq_new, heads, head_dim]``, any strides.
         k_cache, v_cache (Tensor | None): ``[Bc, seq_cache, heads, head_dim]``, Bc in {1, batch};
-            both or neither.
+            both or neither; ``seq_cache`` 0 is the same as no cache.
         rope (Rope3D | None): tables for a grid covering cache + fresh frames (fused into the
             kernels for ``pairs="interleaved"``; ``pairs="half"`` rotates q/k in torch first).
         scale (float | None): default ``head_dim ** -0.5``.
@@ -251,7 +254,8 @@ def attn_with_kv_cache(
         Tensor: ``[batch, seq_new, heads, head_dim]`` in q's dtype, contiguous; ``(out, lse)`` with
         ``return_lse``. Forward only: inputs requiring grad raise ``ValueError``.
     """
-    Sc = 0 if k_cache is None else k_cache.shape[1]
+    # a non-tensor cache is named by _check_cache below (reading its .shape first was an AttributeError)
+    Sc = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) else 0
     if not compiling():
         check_backend_name(backend)
         check_bool(return_lse, "return_lse")
@@ -286,6 +290,9 @@ def attn_with_kv_cache(
     # metadata only, so also while torch.compile traces: skipped there, the torch path (run under no_grad)
     # returned an output without a gradient, silently
     check_no_grad([("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)], "attn_with_kv_cache")
+    if Sc == 0:
+        # an empty cache (Sc = 0, SPEC 4 allows it) is no cache: no kernel sees an empty segment
+        k_cache = v_cache = None
     if block_sparse is not None:
         block_sparse = _normalize_block_sparse(block_sparse, q, k, Sc, rope)
     if rope is not None and rope.pairs != "interleaved":
@@ -365,7 +372,8 @@ def flash_attn_with_kvcache(
     Args:
         q (Tensor): ``[batch, seq_q, heads, head_dim]``, any strides.
         k_cache, v_cache (Tensor): ``[Bc, seq_cache, heads_kv, head_dim]``; heads_kv divides heads
-            (GQA/MQA: kv heads indexed in the kernel, no copy; dense attention only).
+            (GQA/MQA: kv heads indexed in the kernel, no copy; dense attention only); ``seq_cache``
+            0 is no cache (k/v then needed).
         k, v (Tensor | None): ``[batch, seq_k, heads_kv, head_dim]`` fresh keys/values, both or
             neither; ``seq_k`` must equal ``seq_q`` when rope or block_sparse is given.
         softmax_scale (float | None): default ``head_dim ** -0.5``.
@@ -379,10 +387,7 @@ def flash_attn_with_kvcache(
         ``return_softmax_lse``. Forward only.
     """
     if (k is None) != (v is None):
-        raise ValueError(
-            f"k/v: expected both or neither, got k={'None' if k is None else 'Tensor'}, "
-            f"v={'None' if v is None else 'Tensor'}"
-        )
+        raise ValueError(f"k/v: expected both or neither, got k={_type_name(k)}, v={_type_name(v)}")
     if not compiling():
         # checked here under this function's own names (attn_with_kv_cache calls them scale / return_lse)
         check_tensor(q, "q")
@@ -392,7 +397,7 @@ def flash_attn_with_kvcache(
             raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(block_sparse).__name__}")
     if k is None:
         if rope is not None:
-            raise ValueError("rope: expected None when k is None (rope rotates the fresh q/k), got a Rope3D")
+            raise ValueError(f"rope: expected None when k is None (rope rotates the fresh q/k), got {_type_name(rope)}")
         if not compiling():
             check_tensor(k_cache, "k_cache")
             check_tensor(v_cache, "v_cache")

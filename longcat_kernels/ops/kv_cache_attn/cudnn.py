@@ -64,7 +64,12 @@ def _sdpa_cudnn_lse(q, k, v, scale):
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
-    return res[0].transpose(1, 2), res[1]
+    lse = res[1]
+    # recent torch allocates (and its meta kernel declares) the lse as [B, H, S, 1]: taken as [B, H, S],
+    # it came back 4-D, broadcast wrongly in logaddexp and failed the prefix op's slice assignment
+    if lse.dim() == 4:
+        lse = lse.squeeze(-1)
+    return res[0].transpose(1, 2), lse
 
 
 @triton.jit
