@@ -166,6 +166,17 @@ class BlockSelection:
     def _check_values(self) -> None:
         from .api import _check_selection_values  # noqa: PLC0415 (api imports this module)
 
+        # shapes against the selection's own grids (block_sparse_attn checks them against q): a
+        # hand-built one that did not fit gave a density over the wrong rows or a wrongly shaped mask
+        if self.indices.dim() != 4:
+            raise ValueError(f"selection.indices: expected a 4-D tensor [B, H, Nq, max_sel], got shape "
+                             f"{tuple(self.indices.shape)}")
+        if tuple(self.counts.shape) != tuple(self.indices.shape[:3]):
+            raise ValueError(f"selection.counts: expected shape {tuple(self.indices.shape[:3])} (indices' first "
+                             f"three dims), got {tuple(self.counts.shape)}")
+        if self.counts.shape[2] != self.num_q_blocks:
+            raise ValueError(f"selection.counts: expected [B, H, Nq] with Nq = {self.num_q_blocks} query blocks of "
+                             f"grid_q={self.grid_q}, chunk_q={self.chunk_q}, got shape {tuple(self.counts.shape)}")
         _check_selection_values(self)
 
     def to_mask(self) -> torch.Tensor:

@@ -52,7 +52,8 @@ class BlockSparseParams:
     Attributes:
         sparsity, cdf_threshold: selection rules (see ``select_blocks``).
         chunk_q, chunk_k: block shapes (chunk_k defaults to chunk_q).
-        frame_hw: ``(H, W)`` tokens per frame; taken from ``rope.grid`` when None.
+        frame_hw: ``(H, W)`` tokens per frame; taken from ``rope.grid`` when None, else from
+            ``selection.grid_q``.
         selection: a precomputed ``BlockSelection`` of q's grid ``(Tn, H, W)`` against the key grid
             ``(c + Tn, H, W)`` (reuse it across steps); the rules must then stay at their defaults
             (a sparsity other than 0.9375 or None, or a cdf_threshold, raises: it would be ignored).
@@ -182,9 +183,12 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
     hw = bs.frame_hw
     if hw is None:
-        if rope is None:
-            raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope=), got None")
-        hw = rope.frame_hw
+        if rope is not None:
+            hw = rope.frame_hw
+        elif isinstance(bs.selection, BlockSelection):
+            hw = as_triple(bs.selection.grid_q, "block_sparse.selection.grid_q")[1:]
+        else:
+            raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope= or selection=), got None")
     Hf, Wf = _frame_hw(hw)
     if rope is not None and (Hf, Wf) != rope.frame_hw:
         raise ValueError(f"block_sparse.frame_hw: expected {rope.frame_hw} (rope grid's H, W), got {(Hf, Wf)}")
@@ -436,8 +440,10 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
 
     hw = bs.frame_hw  # bs: a BlockSparseParams (flash_attn_with_kvcache, the only caller, checked it)
+    if hw is None and isinstance(bs.selection, BlockSelection):
+        hw = as_triple(bs.selection.grid_q, "block_sparse.selection.grid_q")[1:]
     if hw is None:
-        raise ValueError("block_sparse.frame_hw: expected (H, W) when k is None, got None")
+        raise ValueError("block_sparse.frame_hw: expected (H, W) (or selection=) when k is None, got None")
     Hf, Wf = _frame_hw(hw)
     n = Hf * Wf
     if q.shape[1] % n or k.shape[1] % n:
