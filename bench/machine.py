@@ -126,6 +126,29 @@ def check_settings() -> None:
     check_environment()
 
 
+def check_script_args(parser, args, *, out: str = "file", upstream: bool = False) -> None:
+    """The up-front checks of the GPU scripts (memory_modes, pipeline_e2e, refine_step, wan_step), through
+    ``parser.error`` (exit 2) before anything is built: ``args.out`` a JSON file path (``out="file"``: they
+    write it at the end of the run, where "" or a folder failed with every number lost) or a folder
+    (``out="folder"``: ``os.makedirs("")`` was a bare FileNotFoundError); ``check_settings``; with
+    ``upstream``, ``args.upstream`` None or a LongCat-Video checkout ("" was taken as "not given", a wrong
+    folder reported as "upstream unavailable" only after our own timings)."""
+    import os  # noqa: PLC0415
+
+    if out not in ("file", "folder"):
+        raise ValueError(f"out: expected 'file' or 'folder', got {out!r}")
+    if not args.out.strip() or (out == "file" and os.path.isdir(args.out)):
+        what = "a JSON file path" if out == "file" else "a folder for the timings JSON"
+        parser.error(f"--out: expected {what}, got {args.out!r}" + (" (a folder)" if args.out.strip() else ""))
+    try:  # a bad LONGCAT_KERNELS_BENCH_COMMIT cost the results their machine header, found at the end
+        check_settings()
+    except ValueError as e:
+        parser.error(str(e))
+    if upstream and args.upstream is not None and not os.path.isdir(os.path.join(args.upstream, "longcat_video")):
+        parser.error(f"--upstream: expected a LongCat-Video checkout (the folder holding longcat_video/), got "
+                     f"{args.upstream!r}")
+
+
 def machine_header(device: torch.device | str) -> dict:
     """Everything needed to compare a result with another machine's."""
     from longcat_kernels._envvars import BENCH_ONLY, settings

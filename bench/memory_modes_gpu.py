@@ -75,21 +75,11 @@ def parse_args(argv=None):
                    help="a LongCat-Video checkout (the folder holding longcat_video): its DiT step measured too")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny everything (tests the script)")
     args = p.parse_args(argv)
-    # the JSON is written at the end of the run: "" or a folder failed there, every number lost
-    if not args.out.strip() or os.path.isdir(args.out):
-        p.error(f"--out: expected a JSON file path, got {args.out!r}" + (" (a folder)" if args.out.strip() else ""))
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    from bench.machine import check_settings
+    from bench.machine import check_script_args
 
-    try:  # a bad LONGCAT_KERNELS_BENCH_COMMIT cost the results their machine header, found at the end
-        check_settings()
-    except ValueError as e:
-        p.error(str(e))
-    if args.upstream is not None and not os.path.isdir(os.path.join(args.upstream, "longcat_video")):
-        # "" was taken as "not given" (no upstream numbers, without a word); a wrong folder was reported
-        # as "upstream unavailable" only after our own timings
-        p.error(f"--upstream: expected a LongCat-Video checkout (the folder holding longcat_video/), got {args.upstream!r}")
+    check_script_args(p, args, out="file", upstream=True)
     # checked now, not minutes into the run: an unknown mode failed on its cap after resident had run, an
     # unknown variant ('distil') ran as basic under its own name, and a NaN, zero or negative cap raised in
     # cap_process_memory after resident (and was silently recorded with --smoke)

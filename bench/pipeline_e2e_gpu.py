@@ -129,16 +129,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny components (tests the script)")
     args = p.parse_args(argv)
-    if not args.out.strip():  # os.makedirs("") was a bare FileNotFoundError
-        p.error(f"--out: expected a folder for the timings JSON, got {args.out!r}")
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    from bench.machine import check_settings
+    from bench.machine import check_script_args
 
-    try:  # a bad LONGCAT_KERNELS_BENCH_COMMIT cost the results their machine header, found at the end
-        check_settings()
-    except ValueError as e:
-        p.error(str(e))
+    check_script_args(p, args, out="folder")
     # "--cache of" ran the cache-off run alone (any value but "on" was off), "--modes distil" failed after
     # every component was built: both lists are checked here
     for flag, value, allowed in (("--cache", args.cache, ("on", "off")), ("--modes", args.modes, ("basic", "distill"))):

@@ -170,8 +170,9 @@ def main(argv=None) -> int:
     # with every number lost (so were "" and a folder, IsADirectoryError)
     import os  # noqa: PLC0415
 
-    if not args.out.strip() or os.path.isdir(args.out):
-        ap.error(f"--out: expected a JSON file path, got {args.out!r}" + (" (a folder)" if args.out.strip() else ""))
+    from bench.machine import check_script_args
+
+    check_script_args(ap, args, out="file")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from diffusers import WanTransformer3DModel

@@ -346,3 +346,18 @@ def check_op_rope_tables(op: str, x: torch.Tensor, tables: Optional[Sequence], g
         raise ValueError(f"{op}: cos_t/cos_h/cos_w: expected tables covering frames {frame_offset}..{last - 1} of a "
                          f"{grid_h}x{grid_w} grid, got {tables[0].shape[0]} frames, {tables[2].shape[0]}x"
                          f"{tables[4].shape[0]}")
+
+
+def check_op_cache_rope(op: str, q: torch.Tensor, k: torch.Tensor, k_cache: Optional[torch.Tensor],
+                        tables: Optional[Sequence], grid_h: int, grid_w: int) -> None:
+    """The cached-KV ops' rope checks (``tables`` None: no rope): the cache is whole frames of a
+    ``grid_h x grid_w`` grid (the fresh tokens start at the frame after it) and the tables cover q's and k's
+    frames from there (``check_op_rope_tables``)."""
+    if tables is None or all(t is None for t in tables):
+        return
+    Sc = 0 if k_cache is None else k_cache.shape[1]
+    if grid_h <= 0 or grid_w <= 0 or Sc % (grid_h * grid_w):
+        raise ValueError(f"{op}: k_cache: expected whole frames of grid_h*grid_w = {grid_h}x{grid_w} tokens, got seq {Sc}")
+    frame = Sc // (grid_h * grid_w)
+    check_op_rope_tables(op, q, tables, grid_h, grid_w, frame, "q")
+    check_op_rope_tables(op, k, tables, grid_h, grid_w, frame, "k")

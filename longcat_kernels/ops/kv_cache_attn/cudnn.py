@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels import dispatch
-from longcat_kernels._validate import check_op_kv, check_op_rope_tables
+from longcat_kernels._validate import check_op_cache_rope, check_op_kv
 from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
@@ -161,14 +161,7 @@ def _kv_cache_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, Sn, H, D = q.shape
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tables = None if cos_t is None else [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
-    if cos_t is not None or sin_t is not None:
-        if grid_h <= 0 or grid_w <= 0 or Sc % (grid_h * grid_w):
-            raise ValueError(f"kv_cache_attn_cudnn_fwd: k_cache: expected whole frames of grid_h*grid_w = "
-                             f"{grid_h}x{grid_w} tokens, got seq {Sc}")
-        frame = Sc // (grid_h * grid_w)
-        tabs = [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
-        check_op_rope_tables("kv_cache_attn_cudnn_fwd", q, tabs, grid_h, grid_w, frame, "q")
-        check_op_rope_tables("kv_cache_attn_cudnn_fwd", k, tabs, grid_h, grid_w, frame, "k")
+    check_op_cache_rope("kv_cache_attn_cudnn_fwd", q, k, k_cache, tables, grid_h, grid_w)
     if tables is not None:
         q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_rot = torch.empty(k.shape, dtype=k.dtype, device=k.device)

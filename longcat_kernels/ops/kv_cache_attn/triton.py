@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_kernels._validate import check_op_block_geometry, check_op_kv, check_op_rope_tables
+from longcat_kernels._validate import check_op_block_geometry, check_op_cache_rope, check_op_kv
 from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
@@ -363,15 +363,7 @@ def _kv_cache_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """-> (out [B,Sn,H,D], lse [B,H,Sn] fp32, or an empty tensor when return_lse is False)."""
     check_op_kv("kv_cache_attn_fwd", q, [("k", k, "v", v, False), ("k_cache", k_cache, "v_cache", v_cache, True)],
                 gqa=True)
-    if cos_t is not None or sin_t is not None:
-        Sc = 0 if k_cache is None else k_cache.shape[1]
-        if grid_h <= 0 or grid_w <= 0 or Sc % (grid_h * grid_w):
-            raise ValueError(f"kv_cache_attn_fwd: k_cache: expected whole frames of grid_h*grid_w = {grid_h}x{grid_w} "
-                             f"tokens, got seq {Sc}")
-        frame = Sc // (grid_h * grid_w)
-        tabs = [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w]
-        check_op_rope_tables("kv_cache_attn_fwd", q, tabs, grid_h, grid_w, frame, "q")
-        check_op_rope_tables("kv_cache_attn_fwd", k, tabs, grid_h, grid_w, frame, "k")
+    check_op_cache_rope("kv_cache_attn_fwd", q, k, k_cache, [cos_t, sin_t, cos_h, sin_h, cos_w, sin_w], grid_h, grid_w)
     B, Sn, H, D = q.shape
     out = torch.empty((B, Sn, H, D), dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)
