@@ -21,7 +21,8 @@ refined new frames; 15 fps with --spatial-only). It is written under a temporary
 failed or interrupted run never leaves a file that looks finished. An existing --out (--stage1-out,
 --timings-json) is replaced once the new one is written in full, and kept as it was when the run
 fails before that; an input is never overwritten (refused). Nothing is printed on stdout: messages, progress and the timing
-summary go to stderr (--timings-json for a machine-readable summary).
+summary go to stderr (--timings-json for a machine-readable summary; ``--timings-json -`` prints it on stdout,
+and a FIFO or terminal, e.g. /dev/stdout, is written into, not replaced).
 
 On CUDA the command starts torch's caching allocator with expandable segments
 (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) unless that variable (or
@@ -37,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import stat
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
@@ -108,7 +110,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_report_flags(p: argparse.ArgumentParser) -> None:
     """--timings-json, --no-progress and --debug, the same for every command that runs the model."""
-    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
+    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON (- for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -268,8 +270,17 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
     if args.timings_json:
         from .video_io import atomic_output
 
-        with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
+        doc = {"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}
+        if args.timings_json == "-":
+            json.dump(doc, sys.stdout, indent=2)
+            print(file=sys.stdout, flush=True)
+        elif _is_stream(args.timings_json):
+            # a FIFO, a terminal: written into; a file renamed over it replaced it and its reader got nothing
+            with open(args.timings_json, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+        else:
+            with atomic_output(_timings_target(args.timings_json)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
         args.timings_written = True
     h, w = out.frames.shape[1:3]
     print((f"{label} " if label else "") + _summary(shown, load_s, write_s), file=log)
@@ -326,6 +337,25 @@ def _run_refine(args) -> int:
                       progress=not args.no_progress)
     _write_out(args, out, load_s, seed, sys.stderr, "refine")
     return 0
+
+
+def _is_stream(path: str) -> bool:
+    """``--timings-json``: ``-`` (stdout) or an existing path that is neither a regular file nor a folder (a FIFO,
+    ``/dev/stdout`` of a pipe or a terminal, ``>(jq .)``'s ``/dev/fd/N``): written into in place, never through a
+    temporary file renamed over it."""
+    if path == "-":
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _timings_target(path: str) -> str:
+    """The file ``--timings-json`` replaces: a symlink's target (``/dev/stdout`` redirected to a file), not the
+    link, which the atomic rename replaced (as root, ``/dev/stdout`` itself)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -423,8 +453,11 @@ def _check_args_before_load(args) -> None:
     if args.timings_json is not None and not args.timings_json.strip():
         # an empty path read as "not given": no timings written, without a word
         raise UsageError(f"--timings-json: expected a file path, got {args.timings_json!r}")
-    if args.timings_json:
-        _check_out_path(args.timings_json, paths + [args.out], flag="--timings-json", suffix=None)
+    if args.timings_json and _is_stream(args.timings_json):
+        if args.timings_json != "-" and not os.access(args.timings_json, os.W_OK):
+            raise UsageError(f"--timings-json: {args.timings_json} is not writable")
+    elif args.timings_json:
+        _check_out_path(_timings_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
         if _same_path(args.timings_json, args.out):
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
     stage1_out = getattr(args, "stage1_out", None)

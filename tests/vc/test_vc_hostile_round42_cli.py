@@ -1,0 +1,93 @@
+"""Round 42: the ``longcat-vc`` command and its outputs end to end on a tiny random checkpoint, under hostile
+use; each test fails on the code before."""
+
+import json
+import os
+import stat
+import threading
+
+import numpy as np
+import pytest
+
+from longcat_vc import cli
+from longcat_vc.video_io import write_video
+from vc_components import refine_checkpoint_in
+
+RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
+       "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return refine_checkpoint_in(tmp_path_factory, "ckpt")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    frames = np.random.default_rng().integers(0, 256, (16, 36, 70, 3), dtype=np.uint8)
+    path = str(tmp_path_factory.mktemp("in") / "in.mp4")
+    write_video(path, frames, fps=15)
+    return path
+
+
+def _seed():
+    return str(np.random.default_rng().integers(0, 2**31))
+
+
+def test_timings_json_dash_goes_to_stdout(ckpt, video, tmp_path, capsys, monkeypatch):
+    """``--timings-json -`` (the usual "stdout" path; stdout otherwise stays empty, so ``... | jq`` is the natural
+    use) wrote a file named "-" in the working folder and nothing on stdout, without a word. It now writes the
+    JSON on stdout, and no file."""
+    monkeypatch.chdir(tmp_path)
+    seed = _seed()
+    rc = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", "o.mp4",
+                   "--timings-json", "-", "--seed", seed] + RUN)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert sorted(os.listdir(tmp_path)) == ["o.mp4"]
+    got = json.loads(cap.out)
+    assert got["seed"] == int(seed) and got["timings"]["steps"] == 1 and got["size"] == [32, 64]
+
+
+def test_timings_json_into_a_fifo_is_written_into_it_not_replaced(ckpt, video, tmp_path, capsys):
+    """``--timings-json`` naming a FIFO (``mkfifo``, or the ``/dev/stdout`` of a pipe): the atomic write renamed a
+    regular file over it, so the reader got nothing (blocked for ever) and the FIFO was gone. A path that exists
+    and is no regular file (FIFO, character device) is now written into, in place."""
+    fifo = str(tmp_path / "timings.fifo")
+    os.mkfifo(fifo)
+    got = {}
+
+    def reader():
+        with open(fifo, encoding="utf-8") as f:
+            got["text"] = f.read()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    seed = _seed()
+    rc = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                   "--timings-json", fifo, "--seed", seed] + RUN)
+    err = capsys.readouterr().err
+    if t.is_alive():  # unblock the reader so that the test process can end
+        with open(fifo, "w"):
+            pass
+    t.join(10)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert json.loads(got.get("text") or "null")["seed"] == int(seed)
+
+
+def test_timings_json_through_a_symlink_replaces_its_target_not_the_link(ckpt, video, tmp_path, capsys):
+    """``--timings-json`` naming a symlink (``/dev/stdout`` when stdout is redirected to a file): the atomic rename
+    replaced the link itself with a regular file (as root, ``/dev/stdout`` of the whole container) and left the
+    file it pointed to as it was. The link's target is now replaced, and the link kept."""
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    os.symlink(target, link)
+    seed = _seed()
+    rc = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                   "--timings-json", str(link), "--seed", seed] + RUN)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert os.path.islink(link), "the symlink was replaced by a regular file"
+    assert json.loads(target.read_text())["seed"] == int(seed)
