@@ -46,6 +46,7 @@ from typing import List, Optional, Sequence, Tuple
 __all__ = ["main", "build_parser"]
 
 PROG = "longcat-vc"
+STAGE1_TAG = "longcat-vc stage1 cond_frames="  # the mp4 comment of a --stage1-out clip: its cond frame count
 
 
 class UsageError(ValueError):
@@ -206,7 +207,8 @@ def _add_refine_parser(sub) -> None:
     pr.add_argument("--out", required=True, metavar="OUT.mp4",
                     help="output mp4 (H.264); an existing file is replaced when the run completes")
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
-                    help="the refinement's cond frames (default 26, 13 with --spatial-only)")
+                    help="the refinement's cond frames (default: twice the stage-1 clip's, once with --spatial-only, "
+                         "as `continue --stage1-out` records them in the file; 26 (13) for another clip)")
     pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
     pr.add_argument("--resolution", type=_refine_resolution, default="720p",
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
@@ -303,6 +305,13 @@ def _run_refine(args) -> int:
     from .refine import resolve_refine_args
 
     stage1 = read_video(args.stage1).frames
+    nc1 = _stage1_cond_frames(args.stage1)
+    if nc1 is not None and args.cond_frames is None and args.video is not None:
+        # the refinement's default was 2 x 13 whatever stage 1 used: with another --cond-frames its cond frames
+        # covered generated frames, which were dropped from the output
+        args.cond_frames = nc1 if args.spatial_only else 2 * nc1
+        print(f"{PROG}: STAGE1 {args.stage1} was generated with {nc1} cond frames: refining with --cond-frames "
+              f"{args.cond_frames}", file=sys.stderr, flush=True)
     _check_resolution_aspect(args.resolution, stage1.shape[1], stage1.shape[2], f"STAGE1 {args.stage1}")
     video = None if args.video is None else read_video(args.video, target_fps=30.0)
     if video is not None and video.fps is None:
@@ -356,6 +365,17 @@ def _timings_target(path: str) -> str:
     """The file ``--timings-json`` replaces: a symlink's target (``/dev/stdout`` redirected to a file), not the
     link, which the atomic rename replaced (as root, ``/dev/stdout`` itself)."""
     return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _stage1_cond_frames(path: str) -> Optional[int]:
+    """The stage-1 cond frame count ``continue --stage1-out`` records in its clip, None for another clip."""
+    from .video_io import read_video_tags
+
+    comment = str(read_video_tags(path).get("comment", ""))
+    if comment.startswith(STAGE1_TAG) and comment[len(STAGE1_TAG):].isdecimal():
+        n = int(comment[len(STAGE1_TAG):])
+        return n if n >= 1 else None
+    return None
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -744,7 +764,10 @@ def _run(args) -> int:
         if args.stage1_out is not None and main_rank:
             from .video_io import write_video
 
-            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf)
+            # the stage-1 cond count, for refine's default --cond-frames (2x it, as continue --refine takes)
+            nc1 = int(out.model_frames.shape[0]) - int(out.num_new_frames)
+            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf,
+                        tags={"comment": f"{STAGE1_TAG}{nc1}"})
             args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
                   f"{out.size[1]}x{out.size[0]} (for `{PROG} refine`)", file=log, flush=True)

@@ -91,3 +91,27 @@ def test_timings_json_through_a_symlink_replaces_its_target_not_the_link(ckpt, v
     assert rc == 0, err
     assert os.path.islink(link), "the symlink was replaced by a regular file"
     assert json.loads(target.read_text())["seed"] == int(seed)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_refine_takes_the_stage1_cond_frames_from_the_stage1_file(ckpt, video, tmp_path, capsys, spatial):
+    """``continue --cond-frames 5 --stage1-out S`` then ``refine S --video IN`` (the README's two-run workflow):
+    refine took 26 cond frames (2 x the default 13) whatever stage 1 used, so the refinement's cond frames from
+    the input were laid over 2 x 13 - 2 x 5 = 16 refined frames of generated content (8 with --spatial-only)
+    and those frames were dropped from the output, without a word (here 24 frames written instead of 40).
+    ``continue --stage1-out`` now records the stage-1 cond count in the file, and refine's default is twice it
+    (once with --spatial-only), as ``continue --refine`` does in one run."""
+    from longcat_vc.video_io import read_video
+
+    s1, out = str(tmp_path / "s1.mp4"), str(tmp_path / "r.mp4")
+    run = [a if a != "9" else "17" for a in RUN]  # 17 frames: 34 refine frames, more than 26
+    rc = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                   "--stage1-out", s1, "--seed", _seed()] + run)
+    assert rc == 0, capsys.readouterr().err
+    rc = cli.main(["refine", s1, "--video", video, "--checkpoint", ckpt, "--out", out, "--seed", _seed(),
+                   "--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--steps", "2",
+                   "--resolution", "64x128"] + (["--spatial-only"] if spatial else []))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    n_refined, nc = (17, 5) if spatial else (34, 10)
+    assert read_video(out).num_frames == 16 + n_refined - nc, err
