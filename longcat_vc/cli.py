@@ -14,7 +14,7 @@
         [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
         [--memory resident|balanced|low] [--offload-kv-cache] [--fp8] [--vae-tiling]
 
-INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. The output is an
+INPUT is a video file (mp4, webm, mov, ...), a GIF, a folder of image frames or a pipe (/dev/stdin, read once). The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
@@ -349,9 +349,9 @@ def _run_refine(args) -> int:
 
 
 def _is_stream(path: str) -> bool:
-    """``--timings-json``: ``-`` (stdout) or an existing path that is neither a regular file nor a folder (a FIFO,
-    ``/dev/stdout`` of a pipe or a terminal, ``>(jq .)``'s ``/dev/fd/N``): written into in place, never through a
-    temporary file renamed over it."""
+    """``-`` (stdout) or an existing path that is neither a regular file nor a folder (a FIFO, ``/dev/stdin`` or
+    ``/dev/stdout`` of a pipe or a terminal, ``>(jq .)``'s ``/dev/fd/N``): ``--timings-json`` is written into it in
+    place, never through a temporary file renamed over it; an input is read once."""
     if path == "-":
         return True
     try:
@@ -682,13 +682,17 @@ def _run(args) -> int:
     from .video_io import VideoFrames, read_video, subsample_to_fps
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
+    # --refine reads it at two rates: a pipe (/dev/stdin) is read once, it holds nothing for a second read
+    full = None
+    if args.input_fps is not None or (getattr(args, "refine", False) and _is_stream(args.input)):
+        full = read_video(args.input)
     if args.input_fps is not None:
-        video = read_video(args.input)
         # subsampled to about 15 fps here, as the pipeline would: the frame-count check below sees
         # what the model will get
-        video = subsample_to_fps(VideoFrames(video.frames, float(args.input_fps), video.source), 15.0)[0]
+        video = subsample_to_fps(VideoFrames(full.frames, float(args.input_fps), full.source), 15.0)[0]
     else:
-        video = read_video(args.input, target_fps=15.0)  # subsampled while decoding
+        # subsampled while decoding (from the one read of a pipe)
+        video = read_video(args.input, target_fps=15.0) if full is None else subsample_to_fps(full, 15.0)[0]
         if video.fps is None:  # frame folders, single images: taken as 15 fps
             video = VideoFrames(video.frames, 15.0, video.source)
     _check_input_frames(video, args)
@@ -698,8 +702,9 @@ def _run(args) -> int:
         # the refinement's cond frames come from the input at ~30 fps: too few must fail now, not
         # after the whole 480p stage has run
         if args.input_fps is not None:
-            video30 = read_video(args.input)
-            video30 = VideoFrames(video30.frames, float(args.input_fps), video30.source)
+            video30 = VideoFrames(full.frames, float(args.input_fps), full.source)
+        elif full is not None:  # a pipe's one read
+            video30 = subsample_to_fps(full, 30.0)[0]
         else:  # subsampled to ~30 fps while decoding; frame folders (no fps) are used as they are
             video30 = read_video(args.input, target_fps=30.0)
         from .refine import _video_30fps

@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import signal
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -386,7 +387,8 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
         raise FileNotFoundError(f"input video not found: {path}")
     if os.path.isdir(path):
         return _read_frame_folder(path)
-    if os.path.getsize(path) == 0:
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # a pipe (/dev/stdin) has size 0 and is read as a stream
         raise VideoReadError(f"{path}: the file is empty")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".gif" or (ext in IMAGE_EXTENSIONS and _is_animated(path)):  # else only the first frame was read

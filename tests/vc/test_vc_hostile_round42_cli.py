@@ -115,3 +115,49 @@ def test_refine_takes_the_stage1_cond_frames_from_the_stage1_file(ckpt, video, t
     assert rc == 0, err
     n_refined, nc = (17, 5) if spatial else (34, 10)
     assert read_video(out).num_frames == 16 + n_refined - nc, err
+
+
+def _pipe_path(data: bytes) -> str:
+    """A ``/dev/fd/N`` path of a pipe fed ``data`` by a thread (as ``cat in.mp4 | longcat-vc ... /dev/stdin``)."""
+    r, w = os.pipe()
+
+    def feed():
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return f"/dev/fd/{r}"
+
+
+def test_a_video_piped_in_is_read_not_called_empty(video):
+    """``read_video("/dev/stdin")`` of a piped video (``cat in.mp4 | longcat-vc continue /dev/stdin ...``):
+    a pipe's size is 0, so "the file is empty" refused it before any byte was read; PyAV reads it. The empty-file
+    check now applies to regular files only."""
+    from longcat_vc.video_io import read_video
+
+    with open(video, "rb") as f:
+        data = f.read()
+    got = read_video(_pipe_path(data), target_fps=15.0)
+    assert got.frames.shape == (16, 36, 70, 3) and got.fps == 15.0
+
+
+def test_continue_refine_reads_a_piped_input_once(ckpt, video, tmp_path, capsys, monkeypatch):
+    """``continue --refine`` read the input twice (at ~15 fps for stage 1, at ~30 fps for the refinement's cond
+    frames): a piped input is gone after the first read, so the second failed with "cannot read video: Invalid
+    data". A piped input is now read once and subsampled to both rates."""
+    from longcat_vc import pipeline
+
+    with open(video, "rb") as f:
+        path = _pipe_path(f.read())
+    seen = {}
+
+    def stop(self, video, *a, **k):  # stage 1 and the refinement need no run here: the reads are what is tested
+        seen["frames"] = video.num_frames
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.VideoContinuationPipeline, "__call__", stop)
+    monkeypatch.setattr(pipeline.VideoContinuationPipeline, "check_refine_fits_ahead", lambda *a, **k: None)
+    rc = cli.main(["continue", path, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4"),
+                   "--refine", "--seed", _seed()] + RUN)
+    err = capsys.readouterr().err
+    assert rc == 130 and seen.get("frames") == 16, err
