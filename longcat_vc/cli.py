@@ -14,14 +14,15 @@
         [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
         [--memory resident|balanced|low] [--offload-kv-cache] [--fp8] [--vae-tiling]
 
-INPUT is a video file (mp4, webm, mov, ...), a GIF or a folder of image frames. The output is an
+INPUT is a video file (mp4, webm, mov, ...), a GIF, a folder of image frames or a pipe (/dev/stdin, read once). The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
 failed or interrupted run never leaves a file that looks finished. An existing --out (--stage1-out,
 --timings-json) is replaced once the new one is written in full, and kept as it was when the run
 fails before that; an input is never overwritten (refused). Nothing is printed on stdout: messages, progress and the timing
-summary go to stderr (--timings-json for a machine-readable summary).
+summary go to stderr (--timings-json for a machine-readable summary; ``--timings-json -`` prints it on stdout,
+and a FIFO or terminal, e.g. /dev/stdout, is written into, not replaced).
 
 On CUDA the command starts torch's caching allocator with expandable segments
 (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) unless that variable (or
@@ -37,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import stat
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
@@ -44,6 +46,7 @@ from typing import List, Optional, Sequence, Tuple
 __all__ = ["main", "build_parser"]
 
 PROG = "longcat-vc"
+STAGE1_TAG = "longcat-vc stage1 cond_frames="  # the mp4 comment of a --stage1-out clip: its cond frame count
 
 
 class UsageError(ValueError):
@@ -108,7 +111,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_report_flags(p: argparse.ArgumentParser) -> None:
     """--timings-json, --no-progress and --debug, the same for every command that runs the model."""
-    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON")
+    p.add_argument("--timings-json", default=None, metavar="PATH", help="also write the timings as JSON (- for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -204,7 +207,8 @@ def _add_refine_parser(sub) -> None:
     pr.add_argument("--out", required=True, metavar="OUT.mp4",
                     help="output mp4 (H.264); an existing file is replaced when the run completes")
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
-                    help="the refinement's cond frames (default 26, 13 with --spatial-only)")
+                    help="the refinement's cond frames (default: twice the stage-1 clip's, once with --spatial-only, "
+                         "as `continue --stage1-out` records them in the file; 26 (13) for another clip)")
     pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
     pr.add_argument("--resolution", type=_refine_resolution, default="720p",
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
@@ -268,8 +272,17 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
     if args.timings_json:
         from .video_io import atomic_output
 
-        with atomic_output(args.timings_json) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}, f, indent=2)
+        doc = {"seed": seed, "size": list(out.size), "timings": timings, **(extra or {})}
+        if args.timings_json == "-":
+            json.dump(doc, sys.stdout, indent=2)
+            print(file=sys.stdout, flush=True)
+        elif _is_stream(args.timings_json):
+            # a FIFO, a terminal: written into; a file renamed over it replaced it and its reader got nothing
+            with open(args.timings_json, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+        else:
+            with atomic_output(_timings_target(args.timings_json)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
         args.timings_written = True
     h, w = out.frames.shape[1:3]
     print((f"{label} " if label else "") + _summary(shown, load_s, write_s), file=log)
@@ -292,6 +305,13 @@ def _run_refine(args) -> int:
     from .refine import resolve_refine_args
 
     stage1 = read_video(args.stage1).frames
+    nc1 = _stage1_cond_frames(args.stage1)
+    if nc1 is not None and args.cond_frames is None and args.video is not None:
+        # the refinement's default was 2 x 13 whatever stage 1 used: with another --cond-frames its cond frames
+        # covered generated frames, which were dropped from the output
+        args.cond_frames = nc1 if args.spatial_only else 2 * nc1
+        print(f"{PROG}: STAGE1 {args.stage1} was generated with {nc1} cond frames: refining with --cond-frames "
+              f"{args.cond_frames}", file=sys.stderr, flush=True)
     _check_resolution_aspect(args.resolution, stage1.shape[1], stage1.shape[2], f"STAGE1 {args.stage1}")
     video = None if args.video is None else read_video(args.video, target_fps=30.0)
     if video is not None and video.fps is None:
@@ -326,6 +346,36 @@ def _run_refine(args) -> int:
                       progress=not args.no_progress)
     _write_out(args, out, load_s, seed, sys.stderr, "refine")
     return 0
+
+
+def _is_stream(path: str) -> bool:
+    """``-`` (stdout) or an existing path that is neither a regular file nor a folder (a FIFO, ``/dev/stdin`` or
+    ``/dev/stdout`` of a pipe or a terminal, ``>(jq .)``'s ``/dev/fd/N``): ``--timings-json`` is written into it in
+    place, never through a temporary file renamed over it; an input is read once."""
+    if path == "-":
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _timings_target(path: str) -> str:
+    """The file ``--timings-json`` replaces: a symlink's target (``/dev/stdout`` redirected to a file), not the
+    link, which the atomic rename replaced (as root, ``/dev/stdout`` itself)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _stage1_cond_frames(path: str) -> Optional[int]:
+    """The stage-1 cond frame count ``continue --stage1-out`` records in its clip, None for another clip."""
+    from .video_io import read_video_tags
+
+    comment = str(read_video_tags(path).get("comment", ""))
+    if comment.startswith(STAGE1_TAG) and comment[len(STAGE1_TAG):].isdecimal():
+        n = int(comment[len(STAGE1_TAG):])
+        return n if n >= 1 else None
+    return None
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -423,8 +473,11 @@ def _check_args_before_load(args) -> None:
     if args.timings_json is not None and not args.timings_json.strip():
         # an empty path read as "not given": no timings written, without a word
         raise UsageError(f"--timings-json: expected a file path, got {args.timings_json!r}")
-    if args.timings_json:
-        _check_out_path(args.timings_json, paths + [args.out], flag="--timings-json", suffix=None)
+    if args.timings_json and _is_stream(args.timings_json):
+        if args.timings_json != "-" and not os.access(args.timings_json, os.W_OK):
+            raise UsageError(f"--timings-json: {args.timings_json} is not writable")
+    elif args.timings_json:
+        _check_out_path(_timings_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
         if _same_path(args.timings_json, args.out):
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
     stage1_out = getattr(args, "stage1_out", None)
@@ -629,13 +682,17 @@ def _run(args) -> int:
     from .video_io import VideoFrames, read_video, subsample_to_fps
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
+    # --refine reads it at two rates: a pipe (/dev/stdin) is read once, it holds nothing for a second read
+    full = None
+    if args.input_fps is not None or (getattr(args, "refine", False) and _is_stream(args.input)):
+        full = read_video(args.input)
     if args.input_fps is not None:
-        video = read_video(args.input)
         # subsampled to about 15 fps here, as the pipeline would: the frame-count check below sees
         # what the model will get
-        video = subsample_to_fps(VideoFrames(video.frames, float(args.input_fps), video.source), 15.0)[0]
+        video = subsample_to_fps(VideoFrames(full.frames, float(args.input_fps), full.source), 15.0)[0]
     else:
-        video = read_video(args.input, target_fps=15.0)  # subsampled while decoding
+        # subsampled while decoding (from the one read of a pipe)
+        video = read_video(args.input, target_fps=15.0) if full is None else subsample_to_fps(full, 15.0)[0]
         if video.fps is None:  # frame folders, single images: taken as 15 fps
             video = VideoFrames(video.frames, 15.0, video.source)
     _check_input_frames(video, args)
@@ -645,8 +702,9 @@ def _run(args) -> int:
         # the refinement's cond frames come from the input at ~30 fps: too few must fail now, not
         # after the whole 480p stage has run
         if args.input_fps is not None:
-            video30 = read_video(args.input)
-            video30 = VideoFrames(video30.frames, float(args.input_fps), video30.source)
+            video30 = VideoFrames(full.frames, float(args.input_fps), full.source)
+        elif full is not None:  # a pipe's one read
+            video30 = subsample_to_fps(full, 30.0)[0]
         else:  # subsampled to ~30 fps while decoding; frame folders (no fps) are used as they are
             video30 = read_video(args.input, target_fps=30.0)
         from .refine import _video_30fps
@@ -711,7 +769,10 @@ def _run(args) -> int:
         if args.stage1_out is not None and main_rank:
             from .video_io import write_video
 
-            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf)
+            # the stage-1 cond count, for refine's default --cond-frames (2x it, as continue --refine takes)
+            nc1 = int(out.model_frames.shape[0]) - int(out.num_new_frames)
+            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf,
+                        tags={"comment": f"{STAGE1_TAG}{nc1}"})
             args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
                   f"{out.size[1]}x{out.size[0]} (for `{PROG} refine`)", file=log, flush=True)

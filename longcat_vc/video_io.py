@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import signal
+import stat
 import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -34,6 +35,7 @@ __all__ = [
     "VideoFrames",
     "VideoReadError",
     "read_video",
+    "read_video_tags",
     "as_video_frames",
     "subsample_stride",
     "subsample_to_fps",
@@ -385,7 +387,8 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
         raise FileNotFoundError(f"input video not found: {path}")
     if os.path.isdir(path):
         return _read_frame_folder(path)
-    if os.path.getsize(path) == 0:
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # a pipe (/dev/stdin) has size 0 and is read as a stream
         raise VideoReadError(f"{path}: the file is empty")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".gif" or (ext in IMAGE_EXTENSIONS and _is_animated(path)):  # else only the first frame was read
@@ -398,6 +401,21 @@ def read_video(path: Union[str, os.PathLike], *, target_fps: Optional[float] = N
         return _read_with_av(path, target_fps)
     vf = _read_with_imageio_ffmpeg(path)
     return subsample_to_fps(vf, target_fps)[0] if target_fps else vf
+
+
+def read_video_tags(path: Union[str, os.PathLike]) -> dict:
+    """The container metadata of a video file (``write_video(tags=...)``), ``{}`` for a folder, an image, a
+    file PyAV cannot open, or without PyAV."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS + (".gif",) or not _have_pyav():
+        return {}
+    import av
+
+    try:
+        with av.open(path) as container:
+            return dict(container.metadata)
+    except Exception:  # unreadable: read_video says why
+        return {}
 
 
 def as_video_frames(video, *, name: str = "video") -> VideoFrames:
@@ -566,7 +584,7 @@ def _check_write_fps(fps) -> float:
     return value
 
 
-def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
+def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int, tags: Optional[dict] = None) -> None:
     import av
 
     h, w = frames.shape[1:3]
@@ -574,6 +592,7 @@ def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
     pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
     rate = _frame_rate(fps)
     with av.open(tmp, mode="w", format="mp4") as container:
+        container.metadata.update(tags or {})
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         # mbtree off: with it PyAV's libx264 encoded the same frames to different bytes from run to
@@ -587,7 +606,8 @@ def _write_av(tmp: str, frames: np.ndarray, fps: float, crf: int) -> None:
             container.mux(packet)
 
 
-def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int, target: Optional[str] = None) -> None:
+def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int, target: Optional[str] = None,
+                          tags: Optional[dict] = None) -> None:
     import imageio_ffmpeg
 
     h, w = frames.shape[1:3]
@@ -600,7 +620,8 @@ def _write_imageio_ffmpeg(tmp: str, frames: np.ndarray, fps: float, crf: int, ta
         pix_fmt_in="rgb24",
         pix_fmt_out=pix_fmt,
         # mbtree off as in the PyAV writer: the two backends encode with the same x264 settings
-        output_params=["-crf", str(int(crf)), "-x264-params", "mbtree=0", "-f", "mp4"],
+        output_params=["-crf", str(int(crf)), "-x264-params", "mbtree=0", "-f", "mp4",
+                       *[a for k, v in (tags or {}).items() for a in ("-metadata", f"{k}={v}")]],
         macro_block_size=1,
     )
     writer.send(None)
@@ -636,6 +657,7 @@ def write_video(
     *,
     crf: int = 18,
     backend: str = "auto",
+    tags: Optional[dict] = None,
 ) -> str:
     """Encode frames as an H.264 mp4, atomically.
 
@@ -647,6 +669,8 @@ def write_video(
             scalars too, not bool), else ValueError.
         crf (int): x264 constant rate factor (18 as upstream's demos).
         backend (str): ``"av"``, ``"imageio-ffmpeg"`` or ``"auto"`` (PyAV if importable).
+        tags (dict | None): container metadata, ``{"comment": "..."}`` (mp4 keeps the standard keys:
+            title, comment, ...); read back with ``read_video_tags``.
 
     Returns:
         The path written. On any failure the temporary file is removed and the target untouched.
@@ -670,8 +694,9 @@ def write_video(
     if backend == "auto":
         backend = "av" if _have_pyav() else "imageio-ffmpeg"
     with atomic_output(path) as tmp:
+        extra = {"tags": dict(tags)} if tags else {}
         if backend == "av":
-            _write_av(tmp, vf.frames, fps, crf)
+            _write_av(tmp, vf.frames, fps, crf, **extra)
         else:
-            _write_imageio_ffmpeg(tmp, vf.frames, fps, crf, target=path)
+            _write_imageio_ffmpeg(tmp, vf.frames, fps, crf, target=path, **extra)
     return path
