@@ -144,7 +144,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="frame rate of the input (overrides the file's; frame folders have none: taken as 15)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; with "
                    "--context-parallel no index: each rank takes cuda:LOCAL_RANK)")
-    p.add_argument("--crf", type=int, default=18, help="x264 quality (lower is better, default 18)")
+    p.add_argument("--crf", type=int, default=None,
+                   help="x264 quality (lower is better; default 18, and 10 for the 720p output of --refine as "
+                        "upstream's demo and `refine` write it; --stage1-out keeps 18 unless --crf is given)")
     _add_report_flags(p)
     p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="run the DiT across N processes (sequence parallel, Ulysses); launch with "
@@ -460,6 +462,8 @@ def _check_args_before_load(args) -> None:
             raise FileNotFoundError(f"{name} not found: {path}")
     paths = [p for _, p in inputs]
     _check_out_path(args.out, paths)
+    if args.crf is None:  # continue / extend: 18; continue --refine writes its 720p output at 10 (upstream, refine)
+        args.crf_given, args.crf = False, (10 if getattr(args, "refine", False) else 18)
     try:
         check_crf(args.crf, "--crf")
     except (TypeError, ValueError) as e:
@@ -771,7 +775,7 @@ def _run(args) -> int:
 
             # the stage-1 cond count, for refine's default --cond-frames (2x it, as continue --refine takes)
             nc1 = int(out.model_frames.shape[0]) - int(out.num_new_frames)
-            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf,
+            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf if getattr(args, "crf_given", True) else 18,
                         tags={"comment": f"{STAGE1_TAG}{nc1}"})
             args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
