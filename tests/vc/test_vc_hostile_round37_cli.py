@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 
 from longcat_vc import cli
-from longcat_vc.video_io import write_video
-from vc_components import refine_checkpoint_in, run_cli_without_loading
-
-RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
-       "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill"]
+from vc_components import CLI_RUN as RUN, cli_input_video, refine_checkpoint_in, run_cli_without_loading
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +17,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
-    frames = np.random.default_rng().integers(0, 256, (16, 36, 70, 3), dtype=np.uint8)
-    path = str(tmp_path_factory.mktemp("in") / "in.mp4")
-    write_video(path, frames, fps=15)
-    return path
+    return cli_input_video(tmp_path_factory)
 
 
 @pytest.mark.parametrize("exc, rc", [(KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 1)])

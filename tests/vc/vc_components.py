@@ -233,6 +233,23 @@ def refine_checkpoint_in(tmp_path_factory, name: str) -> str:
     return root
 
 
+# the flags of a cheap ``longcat-vc`` run on the refine checkpoint (tiny sizes, one step, the torch path)
+CLI_RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
+           "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill"]
+
+
+def cli_input_video(tmp_path_factory) -> str:
+    """A 16-frame 36x70 random mp4 at 15 fps (fresh every run), the input of the CLI tests."""
+    import numpy as np
+
+    from longcat_vc.video_io import write_video
+
+    frames = np.random.default_rng().integers(0, 256, (16, 36, 70, 3), dtype=np.uint8)
+    path = str(tmp_path_factory.mktemp("in") / "in.mp4")
+    write_video(path, frames, fps=15)
+    return path
+
+
 def write_refine_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0):
     """``write_full_checkpoint`` whose DiT config carries ``bsa_params`` (sparsity 0.5 so that the
     tiny grids keep some key blocks; chunks 4x4x4) plus the refinement LoRA. Returns the config."""
