@@ -2,7 +2,9 @@
 
 CPU (no arguments): a tiny random ``WanTransformer3DModel``; prints the difference to the untouched
 model at sparsity 0 and at 0.875. GPU: Wan2.1-T2V-14B's config with random weights (``--layers`` of
-its 40 blocks, 720p 81 frames), or real weights with ``--model-id Wan-AI/Wan2.1-T2V-14B-Diffusers``.
+its 40 blocks, default 4; 720p 81 frames), or real weights with ``--model-id Wan-AI/Wan2.1-T2V-14B-Diffusers``
+(all of its blocks: ``--layers`` is refused with it). On the CPU ``--layers`` sets the tiny model's
+blocks (default 2).
 
     PYTHONPATH=$PWD python examples/wan_diffusers_bsa.py
     PYTHONPATH=$PWD python examples/wan_diffusers_bsa.py --layers 4          # on a GPU
@@ -37,9 +39,11 @@ def build(args, device, dtype):
     if args.model_id:
         return WanTransformer3DModel.from_pretrained(args.model_id, subfolder="transformer", torch_dtype=dtype).to(device)
     if device.type == "cuda":  # Wan2.1-T2V-14B dims, fewer blocks, random weights
-        cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096, num_layers=args.layers)
-    else:
-        cfg = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=32, num_layers=2)
+        cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
+                   num_layers=4 if args.layers is None else args.layers)
+    else:  # --layers counts here too (it was ignored: always 2 blocks)
+        cfg = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=32,
+                   num_layers=2 if args.layers is None else args.layers)
     torch.manual_seed(0)
     m = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, **cfg)
     with torch.no_grad():
@@ -51,13 +55,17 @@ def build(args, device, dtype):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-id", default=None)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="blocks of the random-weight model (default: GPU 4 of Wan2.1-14B's 40, CPU 2)")
     ap.add_argument("--sparsity", type=float, default=0.875)
     args = ap.parse_args()
     # before building anything: --layers 0 built a GPU model without blocks (rel L2 0, same step time,
     # nothing tested) and a bad --sparsity failed only after the dense and sparsity-0 runs
-    if args.layers < 1:
+    if args.layers is not None and args.layers < 1:
         ap.error(f"--layers: expected a positive number of blocks, got {args.layers}")
+    if args.layers is not None and args.model_id:  # was ignored: from_pretrained loads every block
+        ap.error(f"--layers {args.layers}: applies to the random-weight model only; --model-id loads all of "
+                 "the model's blocks")
     if not 0.0 <= args.sparsity < 1.0:  # NaN too
         ap.error(f"--sparsity: expected a float in [0, 1), got {args.sparsity}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
