@@ -69,7 +69,8 @@ class Rope3D:
             if isinstance(axis_dims, (str, bytes)) or not hasattr(axis_dims, "__iter__"):
                 raise TypeError(f"axis_dims: expected a tuple of 3 even ints (dt, dh, dw), got "
                                 f"{type(axis_dims).__name__} {axis_dims!r}")
-            dims = tuple(axis_dims)
+            # numpy ints (an axis split read from an array) as Python ints, as head_dim takes them
+            dims = tuple(plain_int(d) for d in axis_dims)
             if (len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 or d % 2 for d in dims)
                     or sum(dims) != head_dim):
                 raise ValueError(f"axis_dims: expected 3 even non-negative ints summing to head_dim {head_dim}, "

@@ -1,0 +1,19 @@
+"""Round 43 hostile audit of 3D RoPE / the fused q/k norm + RoPE (SPEC 5): Rope3D arguments."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import longcat_kernels as lk
+
+
+def test_axis_dims_numpy_ints_accepted():
+    """axis_dims of numpy ints (e.g. read from an array / config) were refused with "expected 3 even
+    non-negative ints summing to head_dim 16" although they are exactly that; head_dim, theta, grid and
+    frame_offset already take numpy scalars."""
+    ref = lk.Rope3D((2, 2, 3), 16, axis_dims=(4, 6, 6))
+    for dims in ((np.int64(4), np.int32(6), 6), np.array([4, 6, 6]), [np.int16(4), 6, np.uint8(6)]):
+        r = lk.Rope3D((2, 2, 3), 16, axis_dims=dims)
+        assert r.dims == (4, 6, 6) and all(type(d) is int for d in r.dims)
+        x = torch.randn(1, 12, 2, 16)
+        torch.testing.assert_close(lk.apply_rope_3d(x, r), lk.apply_rope_3d(x, ref), rtol=0, atol=0)
