@@ -17,3 +17,16 @@ def test_axis_dims_numpy_ints_accepted():
         assert r.dims == (4, 6, 6) and all(type(d) is int for d in r.dims)
         x = torch.randn(1, 12, 2, 16)
         torch.testing.assert_close(lk.apply_rope_3d(x, r), lk.apply_rope_3d(x, ref), rtol=0, atol=0)
+
+
+def test_apply_rope_half_output_contiguous_for_any_input_layout():
+    """apply_rope_3d promises a contiguous result for any strides, but with pairs="half" an x laid out
+    [B, H, D, S] in memory (channels_last strides of the 4-D view) came back with strides
+    (576, 1, 192, 12): torch.cat kept the input's memory format; .view(B, S, -1) then raised."""
+    x = torch.randn(2, 3, 16, 12).permute(0, 3, 1, 2)  # [B, S, H, D] over [B, H, D, S] memory
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    for pairs in ("interleaved", "half"):
+        r = lk.Rope3D((2, 2, 3), 16, pairs=pairs)
+        y = lk.apply_rope_3d(x, r)
+        assert y.is_contiguous(), (pairs, y.stride())
+        torch.testing.assert_close(y, lk.apply_rope_3d(x.contiguous(), r), rtol=0, atol=0)

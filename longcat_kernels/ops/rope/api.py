@@ -207,7 +207,8 @@ def apply_rope_3d(x: torch.Tensor, rope: Rope3D, frame_offset: int = 0) -> torch
     if x.numel() == 0:  # batch, seq or heads 0: nothing to rotate (the tables of 0 frames are empty)
         return x.contiguous().clone()
     cos, sin = _tables_for(x, rope, frame_offset, nf)
-    return ref.apply_rope_reference(x, cos, sin, rope.pairs, rope.dims)
+    # contiguous as documented: pairs="half" concatenates, which keeps a channels_last-like x's layout
+    return ref.apply_rope_reference(x, cos, sin, rope.pairs, rope.dims).contiguous()
 
 
 def _check_weight(w, name: str, D: int, like: torch.Tensor) -> None:
