@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import longcat_kernels as lk
@@ -30,3 +31,21 @@ def test_apply_rope_half_output_contiguous_for_any_input_layout():
         y = lk.apply_rope_3d(x, r)
         assert y.is_contiguous(), (pairs, y.stride())
         torch.testing.assert_close(y, lk.apply_rope_3d(x.contiguous(), r), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton_interpret)])
+def test_qk_norm_rope_disjoint_outputs_of_one_buffer_accepted(backend):
+    """out_q / out_k as two disjoint dense views of one buffer (buf[0], buf[1] of a stacked [2, B, S, H, D]
+    buffer, or two token ranges of one) were refused as "overlapping views of one storage":
+    torch._C._overlaps is True for any two views of one storage, even 1000s of bytes apart."""
+    q, k = torch.randn(1, 32, 2, 32), torch.randn(1, 32, 2, 32)
+    w, rope = torch.rand(32) + 0.5, lk.Rope3D((2, 4, 4), 32)
+    rq, rk = lk.qk_norm_rope(q, k, w, w, rope, backend="torch")
+    buf, seq = torch.empty(2, 1, 32, 2, 32), torch.empty(1, 64, 2, 32)
+    for oq, ok in ((buf[0], buf[1]), (buf[1], buf[0]), (seq[:, 32:], seq[:, :32])):
+        a, b = lk.qk_norm_rope(q, k, w, w, rope, out_q=oq, out_k=ok, backend=backend)
+        assert a is oq and b is ok
+        torch.testing.assert_close(oq, rq, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ok, rk, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^out_q, out_k: expected disjoint output buffers"):  # still refused
+        lk.qk_norm_rope(q, k, w, w, rope, out_q=seq[:, 31:63], out_k=seq[:, :32], backend=backend)

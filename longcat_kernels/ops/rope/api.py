@@ -265,6 +265,13 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _byte_ranges_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The byte ranges of dense ``a`` and ``b`` intersect (exact for dense tensors; torch._C._overlaps
+    is True for any two views of one storage, so it refused disjoint halves of one buffer)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _check_outs_disjoint(out_q: Optional[torch.Tensor], out_k: Optional[torch.Tensor]) -> None:
     """Raises when out_q and out_k share elements (the result would depend on the write order).
 
@@ -273,7 +280,7 @@ def _check_outs_disjoint(out_q: Optional[torch.Tensor], out_k: Optional[torch.Te
     if out_q is None or out_k is None or not _same_storage(out_q, out_k):
         return
     dense = _dense(out_q) and _dense(out_k)
-    if _same_view(out_q, out_k) or (dense and torch._C._overlaps(out_q, out_k)):
+    if _same_view(out_q, out_k) or (dense and _byte_ranges_meet(out_q, out_k)):
         raise ValueError("out_q, out_k: expected disjoint output buffers, got overlapping views of one storage")
 
 
