@@ -69,7 +69,8 @@ class Rope3D:
             if isinstance(axis_dims, (str, bytes)) or not hasattr(axis_dims, "__iter__"):
                 raise TypeError(f"axis_dims: expected a tuple of 3 even ints (dt, dh, dw), got "
                                 f"{type(axis_dims).__name__} {axis_dims!r}")
-            dims = tuple(axis_dims)
+            # numpy ints (an axis split read from an array) as Python ints, as head_dim takes them
+            dims = tuple(plain_int(d) for d in axis_dims)
             if (len(dims) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 or d % 2 for d in dims)
                     or sum(dims) != head_dim):
                 raise ValueError(f"axis_dims: expected 3 even non-negative ints summing to head_dim {head_dim}, "
@@ -206,7 +207,8 @@ def apply_rope_3d(x: torch.Tensor, rope: Rope3D, frame_offset: int = 0) -> torch
     if x.numel() == 0:  # batch, seq or heads 0: nothing to rotate (the tables of 0 frames are empty)
         return x.contiguous().clone()
     cos, sin = _tables_for(x, rope, frame_offset, nf)
-    return ref.apply_rope_reference(x, cos, sin, rope.pairs, rope.dims)
+    # contiguous as documented: pairs="half" concatenates, which keeps a channels_last-like x's layout
+    return ref.apply_rope_reference(x, cos, sin, rope.pairs, rope.dims).contiguous()
 
 
 def _check_weight(w, name: str, D: int, like: torch.Tensor) -> None:
@@ -263,6 +265,13 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _byte_ranges_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The byte ranges of dense ``a`` and ``b`` intersect (exact for dense tensors; torch._C._overlaps
+    is True for any two views of one storage, so it refused disjoint halves of one buffer)."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _check_outs_disjoint(out_q: Optional[torch.Tensor], out_k: Optional[torch.Tensor]) -> None:
     """Raises when out_q and out_k share elements (the result would depend on the write order).
 
@@ -271,7 +280,7 @@ def _check_outs_disjoint(out_q: Optional[torch.Tensor], out_k: Optional[torch.Te
     if out_q is None or out_k is None or not _same_storage(out_q, out_k):
         return
     dense = _dense(out_q) and _dense(out_k)
-    if _same_view(out_q, out_k) or (dense and torch._C._overlaps(out_q, out_k)):
+    if _same_view(out_q, out_k) or (dense and _byte_ranges_meet(out_q, out_k)):
         raise ValueError("out_q, out_k: expected disjoint output buffers, got overlapping views of one storage")
 
 
