@@ -361,3 +361,15 @@ def check_op_cache_rope(op: str, q: torch.Tensor, k: torch.Tensor, k_cache: Opti
     frame = Sc // (grid_h * grid_w)
     check_op_rope_tables(op, q, tables, grid_h, grid_w, frame, "q")
     check_op_rope_tables(op, k, tables, grid_h, grid_w, frame, "k")
+
+
+def check_op_prefix(op: str, q: torch.Tensor, k: torch.Tensor, prefix_len: int) -> int:
+    """The prefix ops' (Triton and cuDNN) ``prefix_len`` as an int: k of q's seq and ``0 <= prefix_len <= seq``
+    (the kernels slice k[:, :P] / k[:, P:] as Python slices: outside it, rows were left unwritten or plain
+    attention ran, silently; the csrc op raises too)."""
+    P, S = int(prefix_len), q.shape[1]
+    if k.shape[1] != S:
+        raise ValueError(f"{op}: k: expected seq {S} (q's), got shape {tuple(k.shape)}")
+    if not 0 <= P <= S:
+        raise ValueError(f"{op}: prefix_len: expected 0 <= prefix_len <= seq = {S}, got {P}")
+    return P

@@ -177,17 +177,21 @@ def _check_params_selection(bs: BlockSparseParams, q, k, grid_q, grid_k) -> None
                     prefix="block_sparse.")
 
 
+def _selection_frame_hw(bs) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of ``bs.selection``'s query grid (the default ``frame_hw`` without rope), None without one."""
+    if not isinstance(bs.selection, BlockSelection):
+        return None
+    return as_triple(bs.selection.grid_q, "block_sparse.selection.grid_q")[1:]
+
+
 def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
     """Validated BlockSparseParams with frame_hw filled in."""
     if not isinstance(bs, BlockSparseParams):
         raise TypeError(f"block_sparse: expected a BlockSparseParams or None, got {type(bs).__name__}")
     hw = bs.frame_hw
     if hw is None:
-        if rope is not None:
-            hw = rope.frame_hw
-        elif isinstance(bs.selection, BlockSelection):
-            hw = as_triple(bs.selection.grid_q, "block_sparse.selection.grid_q")[1:]
-        else:
+        hw = rope.frame_hw if rope is not None else _selection_frame_hw(bs)
+        if hw is None:
             raise ValueError("block_sparse.frame_hw: expected (H, W) (or pass rope= or selection=), got None")
     Hf, Wf = _frame_hw(hw)
     if rope is not None and (Hf, Wf) != rope.frame_hw:
@@ -439,9 +443,8 @@ def _cache_only_block_sparse(q, k, v, scale, bs, backend, return_lse):
     """Block-sparse attention of q against the cache alone (key grid = the cache's frames)."""
     from ..block_sparse_attn.api import block_sparse_attn  # noqa: PLC0415
 
-    hw = bs.frame_hw  # bs: a BlockSparseParams (flash_attn_with_kvcache, the only caller, checked it)
-    if hw is None and isinstance(bs.selection, BlockSelection):
-        hw = as_triple(bs.selection.grid_q, "block_sparse.selection.grid_q")[1:]
+    # bs: a BlockSparseParams (flash_attn_with_kvcache, the only caller, checked it)
+    hw = bs.frame_hw if bs.frame_hw is not None else _selection_frame_hw(bs)
     if hw is None:
         raise ValueError("block_sparse.frame_hw: expected (H, W) (or selection=) when k is None, got None")
     Hf, Wf = _frame_hw(hw)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels import dispatch
-from longcat_kernels._validate import check_op_cache_rope, check_op_kv
+from longcat_kernels._validate import check_op_cache_rope, check_op_kv, check_op_prefix
 from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
@@ -213,13 +213,7 @@ def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, sca
 def _prefix_attn_cudnn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
                           scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     check_op_kv("prefix_attn_cudnn_fwd", q, [("k", k, "v", v, False)])
-    P, S = int(prefix_len), q.shape[1]
-    # q[:, :P] / k[:, :P] are Python slices: a P outside [0, seq] left rows of `out` unwritten (P < 0) or
-    # ran plain attention (P > seq), silently; the Triton and csrc ops raise too
-    if k.shape[1] != S:
-        raise ValueError(f"prefix_attn_cudnn_fwd: k: expected seq {S} (q's), got shape {tuple(k.shape)}")
-    if not 0 <= P <= S:
-        raise ValueError(f"prefix_attn_cudnn_fwd: prefix_len: expected 0 <= prefix_len <= seq = {S}, got {P}")
+    P, S = check_op_prefix("prefix_attn_cudnn_fwd", q, k, prefix_len), q.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)
     for q0, q1, kn in ((0, P, P), (P, S, S)):

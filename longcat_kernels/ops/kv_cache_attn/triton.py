@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_kernels._validate import check_op_block_geometry, check_op_cache_rope, check_op_kv
+from longcat_kernels._validate import check_op_block_geometry, check_op_cache_rope, check_op_kv, check_op_prefix
 from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
@@ -399,12 +399,7 @@ def _(q, k, v, k_cache, v_cache, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_
 def _prefix_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
                     scale: float, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     check_op_kv("prefix_attn_fwd", q, [("k", k, "v", v, False)], gqa=True)
-    P = int(prefix_len)
-    # k[:, :P] / k[:, P:] are Python slices: a P outside [0, seq] gave plain attention, silently
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"prefix_attn_fwd: k: expected seq {q.shape[1]} (q's), got shape {tuple(k.shape)}")
-    if not 0 <= P <= q.shape[1]:
-        raise ValueError(f"prefix_attn_fwd: prefix_len: expected 0 <= prefix_len <= seq = {q.shape[1]}, got {P}")
+    P = check_op_prefix("prefix_attn_fwd", q, k, prefix_len)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = new_lse(q, return_lse)
     _launch_attn(q, k[:, :P], v[:, :P], k[:, P:], v[:, P:], out, P, scale, lse=lse if return_lse else None)
