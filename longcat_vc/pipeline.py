@@ -1100,8 +1100,8 @@ class VideoContinuationPipeline:
         pieces = [vf.frames]
         # the cond frames: the input's last ones, then the last decoded frames of the segment before, at the model
         # size (SPEC 7: "the last num_cond_frames decoded frames of the previous one"; upstream's demo, whose first
-        # video is at the model size, resizes them to that size: the same frames). Taken at the input's size, they went through a bicubic resize to the input and back
-        # every segment (a half-size input lost their detail)
+        # video is at the model size, resizes them to that size: the same frames). Taken at the input's size,
+        # they went through a bicubic resize to the input and back every segment (a half-size input lost detail)
         tail = vf.frames[-num_cond_frames:]
         seg_timings = []
         with self._bsa(use_bsa):
