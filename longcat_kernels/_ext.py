@@ -209,6 +209,7 @@ def _lock_build_dir(lock, build_dir: str) -> None:
 def load_extension():
     """Returns the loaded extension module, or None (see ``extension_error()``)."""
     jit = env_flag("LONGCAT_KERNELS_JIT", True)  # a bad value raises here, not as a load failure
+    refused = None
     with _LOCK:
         if not _STATE["tried"]:
             _STATE["tried"] = True
@@ -228,12 +229,22 @@ def load_extension():
                             "nvcc and a CUDA torch, or unset LONGCAT_KERNELS_JIT"
                         ) from e
                     try:
+                        # a bad MAX_JOBS raises here, naming it, as setup.py does: kept as a JIT build failure
+                        # it left the extension skipped and "auto" ran Triton for the process without a word
+                        build_jobs()
+                    except ValueError as bad:
+                        refused = bad
+                        raise
+                    try:
                         _STATE["module"] = _load_jit(f"{type(e).__name__}: {e}")
                     except Exception as e2:
                         raise ImportError(f"longcat_kernels._C is not built ({e}); JIT build failed: "
                                           f"{type(e2).__name__}: {e2}") from e2
                     _STATE["how"] = "jit"
             except Exception as e:  # noqa: BLE001 - any failure is kept as the reason
+                if e is refused:  # not a load failure: raised on every call until fixed, then built
+                    _STATE["tried"] = False
+                    raise
                 _STATE["module"] = None
                 _STATE["how"] = "skipped"
                 _STATE["error"] = f"{type(e).__name__}: {e}"

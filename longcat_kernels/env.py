@@ -70,11 +70,18 @@ def report() -> Dict[str, Any]:
     info["env_invalid"] = setting_problems()
     # the settings the op calls check (a bad bench-only one stops only bench)
     blocking = [k for k in info["env_invalid"] if k not in BENCH_ONLY]
+    refused = None
     if cuda and not blocking:
         from ._ext import csrc_kernels, extension_status
 
-        how, why = extension_status()
-        info["extension"] = {"how": how, "error": why, "kernels": list(csrc_kernels())}
+        try:
+            how, why = extension_status()
+        except ValueError as e:  # a bad MAX_JOBS where the extension must be JIT-built: every CUDA call raises it
+            refused = e
+            info["env_invalid"]["MAX_JOBS"] = str(e)
+            info["extension"] = {"how": "skipped", "error": f"JIT build refused: {e}", "kernels": []}
+        else:
+            info["extension"] = {"how": how, "error": why, "kernels": list(csrc_kernels())}
     elif cuda:
         info["extension"] = {"how": "skipped", "error": "invalid LONGCAT_KERNELS_* settings (listed above)",
                              "kernels": []}
@@ -88,9 +95,10 @@ def report() -> Dict[str, Any]:
     info["inputs"] = "bf16, head_dim 128, CUDA" if cuda else "fp32, head_dim 128, CPU"
     # every call checks the settings and would raise on the first invalid one: the report lists them
     # (env_invalid) and shows the choices as if they were unset
-    saved = {k: os.environ.pop(k) for k in info["env_invalid"] if k in os.environ}
+    saved = {k: os.environ.pop(k) for k in info["env_invalid"] if k in os.environ and k != "MAX_JOBS"}
     try:
-        info["ops"] = op_choices("cuda" if cuda else "cpu")
+        # with MAX_JOBS refused the CUDA choices cannot be known (each would raise it): none shown
+        info["ops"] = {} if refused is not None else op_choices("cuda" if cuda else "cpu")
     finally:
         os.environ.update(saved)
     return info
@@ -123,13 +131,17 @@ def main(argv=None) -> int:
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "(no LONGCAT_KERNELS_* set)"))
     for k, why in info["env_invalid"].items():
         print(f"  INVALID {k}: {why}")
-    if any(k not in BENCH_ONLY for k in info["env_invalid"]):
+    if "MAX_JOBS" in info["env_invalid"]:
+        print("  (every op call on CUDA raises until MAX_JOBS is fixed: the extension must be JIT-built here)")
+    if any(k not in BENCH_ONLY and k != "MAX_JOBS" for k in info["env_invalid"]):
         print("  (every op call raises until these are fixed; the choices below are as if they were unset)")
     if any(k in BENCH_ONLY for k in info["env_invalid"]):
         print("  (python -m bench refuses to run until " + ", ".join(k for k in BENCH_ONLY if k in info["env_invalid"])
               + " is fixed)")
     if info["env_unknown"]:
         print("  not product settings (ignored by longcat_kernels): " + ", ".join(info["env_unknown"]))
+    if not info["ops"]:
+        return 0
     print(f"kernel choice per op for {info['inputs']} inputs (backend=auto; block-sparse: 64-token blocks):")
     for op, d in info["ops"].items():
         a = d["auto"]
