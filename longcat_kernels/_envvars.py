@@ -15,7 +15,8 @@
                                    a plain ``9.0``/``sm_90`` is refused (its wgmma kernels trap), so are
                                    targets before 8.0, an ``a`` target before Hopper (no build) and
                                    nvcc's ``-arch=native``/``all``/``all-major`` (plain sm_90, sm_75)
-``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``)
+``LONGCAT_KERNELS_CACHE``          JIT build cache folder (default ``~/.cache/longcat_kernels``; a relative
+                                   one is resolved against the working directory where first read)
 ``LONGCAT_KERNELS_VERBOSE_BUILD``  ``0`` (default) | ``1``: verbose JIT build
 ``LONGCAT_KERNELS_DETERMINISTIC``  ``0`` (default) | ``1``: asks for a deterministic BSA backward (as does
                                    ``torch.use_deterministic_algorithms(True)``); the shipped backward
@@ -317,12 +318,23 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
     return flags
 
 
+# LONGCAT_KERNELS_CACHE value -> the absolute folder it was resolved to when first read in this process
+_CACHE_RESOLVED: dict = {}
+
+
 def cache_dir() -> str:
-    """JIT build cache root: ``LONGCAT_KERNELS_CACHE`` (a leading ``~`` expanded: a quoted ``"~/x"``
-    reaches us unexpanded and built into a folder named ``~`` under the working directory, a new
-    minutes-long build per directory) or ``~/.cache/longcat_kernels``."""
+    """JIT build cache root, an absolute path: ``LONGCAT_KERNELS_CACHE`` (a leading ``~`` expanded: a quoted
+    ``"~/x"`` reaches us unexpanded and built into a folder named ``~`` under the working directory, a new
+    minutes-long build per directory) or ``~/.cache/longcat_kernels``. A relative value is resolved against
+    the working directory where this process first reads it (it was returned relative: the build folder
+    moved with every ``os.chdir``); another process started elsewhere resolves it elsewhere (the environment
+    report shows the folder)."""
     raw = os.environ.get("LONGCAT_KERNELS_CACHE", "").strip()
-    return os.path.expanduser(raw) if raw else os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")
+    if not raw:
+        return os.path.join(os.path.expanduser("~"), ".cache", "longcat_kernels")
+    if raw not in _CACHE_RESOLVED:
+        _CACHE_RESOLVED[raw] = os.path.abspath(os.path.expanduser(raw))
+    return _CACHE_RESOLVED[raw]
 
 
 def build_jobs() -> int:

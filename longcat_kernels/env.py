@@ -46,7 +46,7 @@ def report() -> Dict[str, Any]:
     import torch
 
     from . import __version__
-    from ._envvars import BENCH_ONLY, setting_problems, settings, unknown_settings
+    from ._envvars import BENCH_ONLY, cache_dir, setting_problems, settings, unknown_settings
     from .dispatch import triton_interpret, triton_status
 
     cuda = torch.cuda.is_available()
@@ -67,6 +67,10 @@ def report() -> Dict[str, Any]:
     # every look-alike name (LONGCAT_KERNEL_BACKEND, a lower-case one), as the op calls' warning: the exact
     # LONGCAT_KERNELS_ prefix alone left a misspelt prefix out of the report run to see what is set
     info["env_unknown"] = unknown_settings()
+    # the JIT build folder's root, absolute: a relative LONGCAT_KERNELS_CACHE follows the working directory
+    raw_cache = os.environ.get("LONGCAT_KERNELS_CACHE", "").strip()
+    info["jit_cache"] = cache_dir()
+    info["jit_cache_relative"] = bool(raw_cache) and not os.path.isabs(os.path.expanduser(raw_cache))
     info["env_invalid"] = setting_problems()
     # the settings the op calls check (a bad bench-only one stops only bench)
     blocking = [k for k in info["env_invalid"] if k not in BENCH_ONLY]
@@ -128,6 +132,9 @@ def main(argv=None) -> int:
         ext["how"], f"skipped: {ext['error']}")
     kernels = f"; kernels: {', '.join(ext['kernels'])}" if ext["kernels"] else ""
     print(f"extension longcat_kernels._C: {line}{kernels}")
+    print(f"JIT build cache: {info['jit_cache']}" + (
+        " (LONGCAT_KERNELS_CACHE is relative: resolved against this working directory; a process started "
+        "elsewhere uses another cache)" if info["jit_cache_relative"] else ""))
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "(no LONGCAT_KERNELS_* set)"))
     for k, why in info["env_invalid"].items():
         print(f"  INVALID {k}: {why}")
