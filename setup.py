@@ -9,6 +9,8 @@ installs the pure-Python package (Triton and PyTorch backends still work). Envir
   visible GPU's own target (``sm_90a`` on Hopper), ``sm_90a`` without a GPU.
 Both are parsed by ``longcat_kernels/_envvars.py`` (loaded by path: the package is not importable
 while building); a bad value stops the build with the variable's name.
+- ``TORCH_CUDA_ARCH_LIST`` (torch's own) is not read: the build passes its own targets; one warning line
+  when it is set and ``LONGCAT_KERNELS_CUDA_ARCHS`` is not.
 - ``MAX_JOBS``: parallel compile jobs (ninja); default from free RAM (about 4 GB a job).
 
 With pip's default build isolation torch is not importable while building; the package then
@@ -100,6 +102,14 @@ def _max_jobs_from_ram() -> None:
     os.environ["MAX_JOBS"] = str(ENV.build_jobs())
 
 
+def _warn_torch_arch_list() -> None:
+    """One warning line when TORCH_CUDA_ARCH_LIST is set and LONGCAT_KERNELS_CUDA_ARCHS is not: our -gencode flags
+    make torch drop it, so its targets were ignored without a word."""
+    msg = ENV.torch_arch_list_ignored()
+    if msg:
+        print(f"WARNING: longcat-kernels: {msg}", file=sys.stderr)
+
+
 def _csrc_extensions():
     """The CUDAExtension list for csrc/. Called only when buildable.
 
@@ -110,6 +120,7 @@ def _csrc_extensions():
     from torch.utils.cpp_extension import CUDAExtension
 
     _max_jobs_from_ram()
+    _warn_torch_arch_list()
     csrc = os.path.join(HERE, "csrc")
     sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
     archs = ENV.cuda_arch_flags_from_env()

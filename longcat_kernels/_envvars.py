@@ -37,6 +37,7 @@ import re
 from typing import List, Optional
 
 __all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
+           "torch_arch_list_ignored",
            "check_environment", "bench_commit", "settings", "unknown_settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -316,6 +317,17 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
             raise err
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
     return flags
+
+
+def torch_arch_list_ignored() -> Optional[str]:
+    """The warning to give when ``TORCH_CUDA_ARCH_LIST`` is set and ``LONGCAT_KERNELS_CUDA_ARCHS`` is not, else
+    None: torch's extension builds read it, ours pass ``-gencode`` flags (torch then drops its list), so a
+    user's ``TORCH_CUDA_ARCH_LIST="8.0"`` built the visible GPU's own target without a word."""
+    torch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not torch_list or os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").strip():
+        return None
+    return (f"TORCH_CUDA_ARCH_LIST={torch_list!r} is ignored by the longcat_kernels extension build; set "
+            f"LONGCAT_KERNELS_CUDA_ARCHS (e.g. '9.0a;8.0') to choose its targets (default: the visible GPU's own)")
 
 
 # LONGCAT_KERNELS_CACHE value -> the absolute folder it was resolved to when first read in this process

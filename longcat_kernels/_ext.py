@@ -18,7 +18,7 @@ import threading
 from typing import Optional, Tuple
 
 from ._digest import csrc_digest
-from ._envvars import build_jobs, cache_dir, cuda_arch_flags_from_env, env_flag
+from ._envvars import build_jobs, cache_dir, cuda_arch_flags_from_env, env_flag, torch_arch_list_ignored
 
 __all__ = ["load_extension", "extension_error", "extension", "extension_status", "csrc_kernels"]
 
@@ -147,6 +147,9 @@ def _load_jit(prebuilt_error: str = "not built"):
     log.warning(
         "longcat_kernels: no usable prebuilt extension (%s); JIT-building csrc/ into %s (cached; minutes the "
         "first time; LONGCAT_KERNELS_JIT=0 skips it)", prebuilt_error, build_dir)
+    ignored = torch_arch_list_ignored()
+    if ignored:
+        log.warning("longcat_kernels: %s", ignored)
     jobs = build_jobs()  # a bad MAX_JOBS raises before the build; unset: from RAM (nvcc jobs take ~4 GB each)
     with lock, _environ(MAX_JOBS=str(jobs)):
         _lock_build_dir(lock, build_dir)
