@@ -73,7 +73,17 @@ def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor
     k = kv_heads_like_q(k, q.shape[2], "k")
     s = torch.einsum("bqhd,bkhd->bhqk", q, k.expand(q.shape[0], -1, -1, -1)) * scale
     if mask is not None:
-        s = s.masked_fill(~mask.to(s.device), float("-inf"))
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a Tensor or None, got {type(mask).__name__}")
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask.to(s.device), float("-inf"))
+        elif mask.is_floating_point():
+            # SDPA's attn_mask convention (diffusers builds these: 0 attend, -inf masked): added to the scores
+            s = s + mask.to(device=s.device, dtype=s.dtype)
+        else:
+            # a 0/1 int mask went through bitwise not (1 -> -2) and crashed in masked_fill
+            raise TypeError(f"mask: expected a bool (True = attend) or floating (additive, as SDPA's attn_mask) "
+                            f"mask, got {mask.dtype} (a 0/1 mask: pass mask.bool())")
     return s
 
 
@@ -89,7 +99,8 @@ def attention_oracle(
     Args:
         q: ``[B, Sq, H, D]``; k, v: ``[B or 1, Sk, H or Hkv, D]`` (GQA/MQA: ``Hkv`` divides ``H``; query head
             h attends with kv head ``h // (H // Hkv)``).
-        mask: bool, broadcastable to ``[B, H, Sq, Sk]`` (True = attend) or None.
+        mask: broadcastable to ``[B, H, Sq, Sk]`` as SDPA's ``attn_mask``: bool (True = attend), floating
+            (added to the scaled scores: 0 attend, -inf masked, as diffusers builds them), or None.
 
     Returns:
         (out ``[B, Sq, H, D]`` fp64, lse ``[B, H, Sq]`` fp64); fully masked rows: out 0, lse -inf.
@@ -118,7 +129,7 @@ def attention_lowp(
     """The tolerance baseline: attention computed by torch in the inputs' own (low) precision.
 
     Scores and ``p @ v`` in the input dtype, softmax in the input dtype (as eager PyTorch would);
-    fully masked rows give 0. ``[B, Sq, H, D]`` in q's dtype.
+    fully masked rows give 0; ``mask`` as in ``attention_oracle``. ``[B, Sq, H, D]`` in q's dtype.
     """
     s = _masked_scores(q, k, mask, scale)
     p = torch.softmax(s, dim=-1)
