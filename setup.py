@@ -10,7 +10,7 @@ installs the pure-Python package (Triton and PyTorch backends still work). Envir
 Both are parsed by ``longcat_kernels/_envvars.py`` (loaded by path: the package is not importable
 while building); a bad value stops the build with the variable's name.
 - ``TORCH_CUDA_ARCH_LIST`` (torch's own) is not read: the build passes its own targets; one warning line
-  when it is set and ``LONGCAT_KERNELS_CUDA_ARCHS`` is not.
+  when it names other targets and ``LONGCAT_KERNELS_CUDA_ARCHS`` is not set.
 - ``MAX_JOBS``: parallel compile jobs (ninja); default from free RAM (about 4 GB a job).
 
 With pip's default build isolation torch is not importable while building; the package then
@@ -70,7 +70,10 @@ def _cuda_build_reason():
         from torch.utils import cpp_extension
     except Exception as e:  # noqa: BLE001
         if isinstance(e, ModuleNotFoundError) and (e.name or "torch").split(".")[0] == "torch":
-            return f"torch is not importable in the build environment ({type(e).__name__}); use --no-build-isolation"
+            # the interpreter named: `pip` of another Python than the one with torch gave the same advice to a
+            # user who had passed --no-build-isolation (the H100 machine: `pip` is not its torch venv's)
+            return (f"torch is not importable in the build environment ({sys.executable}: {type(e).__name__}); "
+                    "use --no-build-isolation, with the pip of the Python that has torch (`python -m pip`)")
         # an installed torch that fails to load (a missing CUDA library): the cause, not the isolation advice
         return f"torch failed to import in the build environment ({type(e).__name__}: {e})"
     if torch.version.cuda is None:
@@ -102,10 +105,11 @@ def _max_jobs_from_ram() -> None:
     os.environ["MAX_JOBS"] = str(ENV.build_jobs())
 
 
-def _warn_torch_arch_list() -> None:
-    """One warning line when TORCH_CUDA_ARCH_LIST is set and LONGCAT_KERNELS_CUDA_ARCHS is not: our -gencode flags
-    make torch drop it, so its targets were ignored without a word."""
-    msg = ENV.torch_arch_list_ignored()
+def _warn_torch_arch_list(archs=None) -> None:
+    """One warning line when TORCH_CUDA_ARCH_LIST is set to other targets than ``archs`` (the build's) and
+    LONGCAT_KERNELS_CUDA_ARCHS is not: our -gencode flags make torch drop it, so its targets were ignored
+    without a word."""
+    msg = ENV.torch_arch_list_ignored(archs)
     if msg:
         print(f"WARNING: longcat-kernels: {msg}", file=sys.stderr)
 
@@ -120,7 +124,6 @@ def _csrc_extensions():
     from torch.utils.cpp_extension import CUDAExtension
 
     _max_jobs_from_ram()
-    _warn_torch_arch_list()
     csrc = os.path.join(HERE, "csrc")
     sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
     archs = ENV.cuda_arch_flags_from_env()
@@ -130,6 +133,7 @@ def _csrc_extensions():
             major, minor = torch.cuda.get_device_capability()
             cc = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
             archs = [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+        _warn_torch_arch_list(archs)
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + archs
     return [
         CUDAExtension(

@@ -319,13 +319,26 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
     return flags
 
 
-def torch_arch_list_ignored() -> Optional[str]:
+def torch_arch_list_ignored(built: Optional[List[str]] = None) -> Optional[str]:
     """The warning to give when ``TORCH_CUDA_ARCH_LIST`` is set and ``LONGCAT_KERNELS_CUDA_ARCHS`` is not, else
     None: torch's extension builds read it, ours pass ``-gencode`` flags (torch then drops its list), so a
-    user's ``TORCH_CUDA_ARCH_LIST="8.0"`` built the visible GPU's own target without a word."""
+    user's ``TORCH_CUDA_ARCH_LIST="8.0"`` built the visible GPU's own target without a word. ``built``: the
+    ``-gencode`` flags the build passes; a list naming exactly those targets (``"9.0a"`` on an H100, as
+    NVIDIA's containers set it) is not warned about."""
     torch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if not torch_list or os.environ.get("LONGCAT_KERNELS_CUDA_ARCHS", "").strip():
         return None
+    if built is not None:
+        wanted = set()
+        for t in (t for t in re.split(r"[;,\s]+", torch_list) if t):
+            m = _CAP.match(t[:-4] if t.endswith("+PTX") else t)
+            if m is None:
+                wanted = None
+                break
+            cc = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+            wanted.add(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if wanted == set(built):
+            return None
     return (f"TORCH_CUDA_ARCH_LIST={torch_list!r} is ignored by the longcat_kernels extension build; set "
             f"LONGCAT_KERNELS_CUDA_ARCHS (e.g. '9.0a;8.0') to choose its targets (default: the visible GPU's own)")
 

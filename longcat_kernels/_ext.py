@@ -147,7 +147,7 @@ def _load_jit(prebuilt_error: str = "not built"):
     log.warning(
         "longcat_kernels: no usable prebuilt extension (%s); JIT-building csrc/ into %s (cached; minutes the "
         "first time; LONGCAT_KERNELS_JIT=0 skips it)", prebuilt_error, build_dir)
-    ignored = torch_arch_list_ignored()
+    ignored = torch_arch_list_ignored(arch)
     if ignored:
         log.warning("longcat_kernels: %s", ignored)
     jobs = build_jobs()  # a bad MAX_JOBS raises before the build; unset: from RAM (nvcc jobs take ~4 GB each)

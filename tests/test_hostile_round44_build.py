@@ -106,3 +106,44 @@ def test_torch_cuda_arch_list_is_named_as_ignored(monkeypatch, caplog, no_prebui
     assert "TORCH_CUDA_ARCH_LIST" in capsys.readouterr().err
     monkeypatch.setenv("LONGCAT_KERNELS_CUDA_ARCHS", "8.0")  # ours set: it decides, nothing to say
     assert _envvars.torch_arch_list_ignored() is None
+
+
+def test_torch_arch_list_naming_the_built_targets_is_not_warned(monkeypatch):
+    """NVIDIA's containers set TORCH_CUDA_ARCH_LIST to the GPU's own target ('9.0a' on the H100 machine):
+    the warning fired on every JIT build although the list named exactly what was built."""
+    from longcat_kernels import _envvars
+
+    monkeypatch.delenv("LONGCAT_KERNELS_CUDA_ARCHS", raising=False)
+    built = ["-gencode=arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert _envvars.torch_arch_list_ignored(built) is None
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a+PTX")
+    assert _envvars.torch_arch_list_ignored(built) is None
+    for other in ("8.0", "9.0", "8.0;9.0a", "native", "9.0a 10.0"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", other)
+        assert "TORCH_CUDA_ARCH_LIST" in _envvars.torch_arch_list_ignored(built), other
+
+
+def test_setup_torch_missing_names_the_build_interpreter(monkeypatch, capsys):
+    """`pip install --no-build-isolation -e .` with a `pip` of another Python than torch's (the H100 machine's
+    PATH) was told 'use --no-build-isolation', the flag it had passed; the warning now names the interpreter
+    that ran the build and points to `python -m pip`."""
+    import builtins
+    import runpy
+    import sys
+
+    import setuptools
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *a, **k):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.delenv("LONGCAT_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    runpy.run_path(os.path.join(ROOT, "setup.py"))
+    err = capsys.readouterr().err
+    assert sys.executable in err and "python -m pip" in err, err
