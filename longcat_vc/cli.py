@@ -481,9 +481,9 @@ def _check_args_before_load(args) -> None:
         if args.timings_json != "-" and not os.access(args.timings_json, os.W_OK):
             raise UsageError(f"--timings-json: {args.timings_json} is not writable")
     elif args.timings_json:
-        _check_out_path(_timings_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
-        if _same_path(args.timings_json, args.out):
+        if _same_path(_timings_target(args.timings_json), args.out):  # before the check below, which called it "the input"
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
+        _check_out_path(_timings_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
     stage1_out = getattr(args, "stage1_out", None)
     if stage1_out is not None:
         _check_out_path(stage1_out, paths, flag="--stage1-out")
