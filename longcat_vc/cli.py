@@ -14,7 +14,7 @@
         [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
         [--memory resident|balanced|low] [--offload-kv-cache] [--fp8] [--vae-tiling]
 
-INPUT is a video file (mp4, webm, mov, ...), a GIF, a folder of image frames or a pipe (/dev/stdin, read once). The output is an
+INPUT is a video file (mp4, webm, mov, ...), a GIF, a folder of image frames or a pipe (- or /dev/stdin, read once). The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
@@ -117,7 +117,7 @@ def _add_report_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
+    p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...), folder of image frames, or - (stdin)")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="LongCat-Video checkpoint folder (dit/, vae/, text_encoder/, tokenizer/, scheduler/, lora/)")
     p.add_argument("--out", required=True, metavar="OUT.mp4",
@@ -393,6 +393,9 @@ def _check_out_path(out: str, inputs: Sequence[str] = (), *, flag: str = "--out"
     """An output path that can be written and destroys nothing: not an input (nor inside an input
     folder of frames), not a folder, its folder exists and is writable (probed by creating and
     removing a file there), the right extension. Raises UsageError / FileNotFoundError naming it."""
+    if suffix == ".mp4" and _is_stream(out):  # "-": was "must be an .mp4 file, got -", as if a suffix were missing
+        raise UsageError(f"{flag} {out}: an mp4 cannot be written to stdout or a pipe (it is finished by seeking "
+                         "back); give a file path")
     if suffix is not None and not out.lower().endswith(suffix):
         raise UsageError(f"{flag} must be an {suffix} file, got {out}")
     if os.path.isdir(out):
@@ -456,8 +459,14 @@ def _check_args_before_load(args) -> None:
     Called before any weights load."""
     from .video_io import check_crf
 
+    if args.command != "refine" and args.input == "-":  # stdin, as ffmpeg reads "-" (was "input not found: -")
+        if os.isatty(0):
+            raise UsageError("input -: stdin is a terminal; pipe a video in (... | longcat-vc continue - ...)")
+        args.input = "/dev/stdin"  # read once (continue --refine too)
     inputs = _input_paths(args)
     for name, path in inputs:
+        if path == "-":  # refine reads STAGE1 twice (its frames, then its tags)
+            raise UsageError(f"{name} -: refine reads files, not stdin; give a path")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name} not found: {path}")
     paths = [p for _, p in inputs]
