@@ -6,7 +6,8 @@
         [--memory resident|balanced|low] [--fp8] [--vae-tiling]
         [--context-parallel N [--cfg-parallel]]   (under torchrun --nproc-per-node N)
     longcat-vc extend INPUT --prompt TEXT [--prompt TEXT ...] [--segments N] --checkpoint DIR
-        --out OUT.mp4 [same options]
+        --out OUT.mp4 [same options] [--refine [--spatial-only] [--t-thresh 0.5]]
+        (--refine: the long video refined to 720p by sliding windows, SPEC 11)
     longcat-vc continue ... --refine [--spatial-only] [--t-thresh 0.5]
         (480p continuation, then 720p refinement: 30 fps output; SPEC 11)
     longcat-vc continue ... --stage1-out STAGE1.mp4   (also write the generated clip for `refine`)
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--segments", type=int, default=None, metavar="N",
                     help="number of segments (default: number of --prompt)")
     _add_common(pe)
+    _add_refine_flags(pe, with_switch=True)
     _add_refine_parser(sub)
     return parser
 
@@ -685,7 +687,7 @@ def _run(args) -> int:
             raise UsageError("--fp8 with --fuse-lora quantises the distill LoRA into the weights, and --refine must "
                              "swap it for the refinement LoRA: drop --fuse-lora (or --fp8)")
         _check_refine_args(args)
-    elif args.command == "continue" and (args.spatial_only or args.t_thresh is not None):
+    elif args.spatial_only or args.t_thresh is not None:  # continue / extend
         # refinement flags without --refine would be silently ignored
         flag = "--spatial-only" if args.spatial_only else "--t-thresh"
         raise UsageError(f"{flag} applies to the refinement: add --refine")
@@ -696,8 +698,11 @@ def _run(args) -> int:
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
     # --refine reads it at two rates: a pipe (/dev/stdin) is read once, it holds nothing for a second read
+    # extend --refine: the input at its own rate, which the pipeline takes to ~15 fps (stage 1) and ~30 fps (the
+    # written input part)
+    refine = getattr(args, "refine", False)
     full = None
-    if args.input_fps is not None or (getattr(args, "refine", False) and _is_stream(args.input)):
+    if args.input_fps is not None or (refine and (_is_stream(args.input) or args.command == "extend")):
         full = read_video(args.input)
     if args.input_fps is not None:
         # subsampled to about 15 fps here, as the pipeline would: the frame-count check below sees
@@ -711,7 +716,10 @@ def _run(args) -> int:
     _check_input_frames(video, args)
     _check_resolution_aspect(args.resolution, video.height, video.width, f"the input {args.input}")
     video30 = None
-    if getattr(args, "refine", False):
+    if refine and args.command == "extend":  # its first window has no cond frames: no count to check here
+        fps = args.input_fps if args.input_fps is not None else (full.fps or 15.0)  # frame folders: as they are
+        video30 = VideoFrames(full.frames, float(fps), full.source)
+    elif refine:
         # the refinement's cond frames come from the input at ~30 fps: too few must fail now, not
         # after the whole 480p stage has run
         if args.input_fps is not None:
@@ -802,7 +810,11 @@ def _run(args) -> int:
                               offload_kv_cache=common["offload_kv_cache"], progress=not args.no_progress and main_rank)
             out.timings["stage1"] = stage1_timings
     else:
-        out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
+        if refine:  # SPEC 11's long video: sliding windows over the segments
+            out = pipe.extend(video30, args.prompt, args.negative_prompt, segments=args.segments, refine=True,
+                              spatial_refine_only=args.spatial_only, t_thresh=args.t_thresh, **common)
+        else:
+            out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
 
     if not main_rank:  # rank 0 writes the video and reports
         run.close()
