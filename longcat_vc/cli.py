@@ -20,7 +20,7 @@ H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) follow
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
 failed or interrupted run never leaves a file that looks finished. An existing --out (--stage1-out,
---timings-json) is replaced once the new one is written in full, and kept as it was when the run
+--timings-json; through a symlink: its target) is replaced once the new one is written in full, and kept as it was when the run
 fails before that; an input is never overwritten (refused). Nothing is printed on stdout: messages, progress and the timing
 summary go to stderr (--timings-json for a machine-readable summary; ``--timings-json -`` prints it on stdout,
 and a FIFO or terminal, e.g. /dev/stdout, is written into, not replaced).
@@ -262,7 +262,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
     from .video_io import write_video
 
     t1 = time.perf_counter()
-    write_video(args.out, out.frames, out.fps, crf=args.crf)
+    write_video(_output_target(args.out), out.frames, out.fps, crf=args.crf)
     args.out_written = True
     write_s = time.perf_counter() - t1
     shown = out.timings
@@ -285,7 +285,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
             with open(args.timings_json, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)
         else:
-            with atomic_output(_timings_target(args.timings_json)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            with atomic_output(_output_target(args.timings_json)) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)
         args.timings_written = True
     h, w = out.frames.shape[1:3]
@@ -365,9 +365,10 @@ def _is_stream(path: str) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def _timings_target(path: str) -> str:
-    """The file ``--timings-json`` replaces: a symlink's target (``/dev/stdout`` redirected to a file), not the
-    link, which the atomic rename replaced (as root, ``/dev/stdout`` itself)."""
+def _output_target(path: str) -> str:
+    """The file an output (``--out``, ``--stage1-out``, ``--timings-json``) replaces: a symlink's target
+    (``/dev/stdout`` redirected to a file), not the link, which the atomic rename replaced (as root,
+    ``/dev/stdout`` itself; for --out, the link became the new video and its target kept the old one)."""
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
@@ -472,7 +473,7 @@ def _check_args_before_load(args) -> None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name} not found: {path}")
     paths = [p for _, p in inputs]
-    _check_out_path(args.out, paths)
+    _check_out_path(_output_target(args.out), paths)
     if args.crf is None:  # continue / extend: 18; continue --refine writes its 720p output at 10 (upstream, refine)
         args.crf_given, args.crf = False, (10 if getattr(args, "refine", False) else 18)
     try:
@@ -492,12 +493,12 @@ def _check_args_before_load(args) -> None:
         if args.timings_json != "-" and not os.access(args.timings_json, os.W_OK):
             raise UsageError(f"--timings-json: {args.timings_json} is not writable")
     elif args.timings_json:
-        if _same_path(_timings_target(args.timings_json), args.out):  # before the check below, which called it "the input"
+        if _same_path(_output_target(args.timings_json), args.out):  # before the check below, which called it "the input"
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
-        _check_out_path(_timings_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
+        _check_out_path(_output_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
     stage1_out = getattr(args, "stage1_out", None)
     if stage1_out is not None:
-        _check_out_path(stage1_out, paths, flag="--stage1-out")
+        _check_out_path(_output_target(stage1_out), paths, flag="--stage1-out")
         for flag, other in (("--out", args.out), ("--timings-json", args.timings_json)):
             if other and _same_path(stage1_out, other):
                 raise UsageError(f"--stage1-out {stage1_out} is the same file as {flag}")
@@ -792,7 +793,7 @@ def _run(args) -> int:
 
             # the stage-1 cond count, for refine's default --cond-frames (2x it, as continue --refine takes)
             nc1 = int(out.model_frames.shape[0]) - int(out.num_new_frames)
-            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf if getattr(args, "crf_given", True) else 18,
+            write_video(_output_target(args.stage1_out), out.model_frames, out.fps, crf=args.crf if getattr(args, "crf_given", True) else 18,
                         tags={"comment": f"{STAGE1_TAG}{nc1}"})
             args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "

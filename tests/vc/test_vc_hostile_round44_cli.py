@@ -107,3 +107,19 @@ def test_refine_dash_is_refused_naming_stdin(ckpt, video, tmp_path, capsys):
                    "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "STAGE1 -" in err and "stdin" in err, err
+
+
+def test_out_through_a_symlink_replaces_its_target_not_the_link(ckpt, video, tmp_path, capsys):
+    """``--out LINK.mp4`` (a symlink to the real file): the atomic rename replaced the link with a regular file and
+    left the file it pointed to as it was (round 42 fixed this for --timings-json only). The target is now
+    replaced and the link kept, as for --timings-json."""
+    target = tmp_path / "real.mp4"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.mp4"
+    os.symlink(target, link)
+    rc = cli.main(["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(link),
+                   "--seed", _seed()] + RUN)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert os.path.islink(link), "the link was replaced by a regular file"
+    assert read_video(str(target)).num_frames == 16 + 4
