@@ -6,7 +6,8 @@
         [--memory resident|balanced|low] [--fp8] [--vae-tiling]
         [--context-parallel N [--cfg-parallel]]   (under torchrun --nproc-per-node N)
     longcat-vc extend INPUT --prompt TEXT [--prompt TEXT ...] [--segments N] --checkpoint DIR
-        --out OUT.mp4 [same options]
+        --out OUT.mp4 [same options] [--refine [--spatial-only] [--t-thresh 0.5]]
+        (--refine: the long video refined to 720p by sliding windows, SPEC 11)
     longcat-vc continue ... --refine [--spatial-only] [--t-thresh 0.5]
         (480p continuation, then 720p refinement: 30 fps output; SPEC 11)
     longcat-vc continue ... --stage1-out STAGE1.mp4   (also write the generated clip for `refine`)
@@ -14,12 +15,12 @@
         [--spatial-only] [--t-thresh 0.5] [--no-kv-cache] [--seed S]
         [--memory resident|balanced|low] [--offload-kv-cache] [--fp8] [--vae-tiling]
 
-INPUT is a video file (mp4, webm, mov, ...), a GIF, a folder of image frames or a pipe (/dev/stdin, read once). The output is an
+INPUT is a video file (mp4, webm, mov, ...), a GIF, a folder of image frames or a pipe (- or /dev/stdin, read once). The output is an
 H.264 mp4 at 15 fps holding the input frames (subsampled to about 15 fps) followed by the new
 ones, at the input's size (after a refinement: 30 fps, the input at about 30 fps followed by the
 refined new frames; 15 fps with --spatial-only). It is written under a temporary name and renamed when complete, so a
 failed or interrupted run never leaves a file that looks finished. An existing --out (--stage1-out,
---timings-json) is replaced once the new one is written in full, and kept as it was when the run
+--timings-json; through a symlink: its target) is replaced once the new one is written in full, and kept as it was when the run
 fails before that; an input is never overwritten (refused). Nothing is printed on stdout: messages, progress and the timing
 summary go to stderr (--timings-json for a machine-readable summary; ``--timings-json -`` prints it on stdout,
 and a FIFO or terminal, e.g. /dev/stdout, is written into, not replaced).
@@ -117,7 +118,7 @@ def _add_report_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...) or folder of image frames")
+    p.add_argument("input", help="input video file (mp4, webm, mov, gif, ...), folder of image frames, or - (stdin)")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="LongCat-Video checkpoint folder (dit/, vae/, text_encoder/, tokenizer/, scheduler/, lora/)")
     p.add_argument("--out", required=True, metavar="OUT.mp4",
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--segments", type=int, default=None, metavar="N",
                     help="number of segments (default: number of --prompt)")
     _add_common(pe)
+    _add_refine_flags(pe, with_switch=True)
     _add_refine_parser(sub)
     return parser
 
@@ -260,7 +262,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
     from .video_io import write_video
 
     t1 = time.perf_counter()
-    write_video(args.out, out.frames, out.fps, crf=args.crf)
+    write_video(_output_target(args.out), out.frames, out.fps, crf=args.crf)
     args.out_written = True
     write_s = time.perf_counter() - t1
     shown = out.timings
@@ -283,7 +285,7 @@ def _write_out(args, out, load_s: float, seed: int, log, label: str, extra: Opti
             with open(args.timings_json, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)
         else:
-            with atomic_output(_timings_target(args.timings_json)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            with atomic_output(_output_target(args.timings_json)) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)
         args.timings_written = True
     h, w = out.frames.shape[1:3]
@@ -363,9 +365,10 @@ def _is_stream(path: str) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def _timings_target(path: str) -> str:
-    """The file ``--timings-json`` replaces: a symlink's target (``/dev/stdout`` redirected to a file), not the
-    link, which the atomic rename replaced (as root, ``/dev/stdout`` itself)."""
+def _output_target(path: str) -> str:
+    """The file an output (``--out``, ``--stage1-out``, ``--timings-json``) replaces: a symlink's target
+    (``/dev/stdout`` redirected to a file), not the link, which the atomic rename replaced (as root,
+    ``/dev/stdout`` itself; for --out, the link became the new video and its target kept the old one)."""
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
@@ -393,6 +396,9 @@ def _check_out_path(out: str, inputs: Sequence[str] = (), *, flag: str = "--out"
     """An output path that can be written and destroys nothing: not an input (nor inside an input
     folder of frames), not a folder, its folder exists and is writable (probed by creating and
     removing a file there), the right extension. Raises UsageError / FileNotFoundError naming it."""
+    if suffix == ".mp4" and _is_stream(out):  # "-": was "must be an .mp4 file, got -", as if a suffix were missing
+        raise UsageError(f"{flag} {out}: an mp4 cannot be written to stdout or a pipe (it is finished by seeking "
+                         "back); give a file path")
     if suffix is not None and not out.lower().endswith(suffix):
         raise UsageError(f"{flag} must be an {suffix} file, got {out}")
     if os.path.isdir(out):
@@ -456,12 +462,18 @@ def _check_args_before_load(args) -> None:
     Called before any weights load."""
     from .video_io import check_crf
 
+    if args.command != "refine" and args.input == "-":  # stdin, as ffmpeg reads "-" (was "input not found: -")
+        if os.isatty(0):
+            raise UsageError("input -: stdin is a terminal; pipe a video in (... | longcat-vc continue - ...)")
+        args.input = "/dev/stdin"  # read once (continue --refine too)
     inputs = _input_paths(args)
     for name, path in inputs:
+        if path == "-":  # refine reads STAGE1 twice (its frames, then its tags)
+            raise UsageError(f"{name} -: refine reads files, not stdin; give a path")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name} not found: {path}")
     paths = [p for _, p in inputs]
-    _check_out_path(args.out, paths)
+    _check_out_path(_output_target(args.out), paths)
     if args.crf is None:  # continue / extend: 18; continue --refine writes its 720p output at 10 (upstream, refine)
         args.crf_given, args.crf = False, (10 if getattr(args, "refine", False) else 18)
     try:
@@ -481,12 +493,12 @@ def _check_args_before_load(args) -> None:
         if args.timings_json != "-" and not os.access(args.timings_json, os.W_OK):
             raise UsageError(f"--timings-json: {args.timings_json} is not writable")
     elif args.timings_json:
-        _check_out_path(_timings_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
-        if _same_path(args.timings_json, args.out):
+        if _same_path(_output_target(args.timings_json), args.out):  # before the check below, which called it "the input"
             raise UsageError(f"--timings-json {args.timings_json} is the same file as --out")
+        _check_out_path(_output_target(args.timings_json), paths + [args.out], flag="--timings-json", suffix=None)
     stage1_out = getattr(args, "stage1_out", None)
     if stage1_out is not None:
-        _check_out_path(stage1_out, paths, flag="--stage1-out")
+        _check_out_path(_output_target(stage1_out), paths, flag="--stage1-out")
         for flag, other in (("--out", args.out), ("--timings-json", args.timings_json)):
             if other and _same_path(stage1_out, other):
                 raise UsageError(f"--stage1-out {stage1_out} is the same file as {flag}")
@@ -676,7 +688,7 @@ def _run(args) -> int:
             raise UsageError("--fp8 with --fuse-lora quantises the distill LoRA into the weights, and --refine must "
                              "swap it for the refinement LoRA: drop --fuse-lora (or --fp8)")
         _check_refine_args(args)
-    elif args.command == "continue" and (args.spatial_only or args.t_thresh is not None):
+    elif args.spatial_only or args.t_thresh is not None:  # continue / extend
         # refinement flags without --refine would be silently ignored
         flag = "--spatial-only" if args.spatial_only else "--t-thresh"
         raise UsageError(f"{flag} applies to the refinement: add --refine")
@@ -687,8 +699,11 @@ def _run(args) -> int:
 
     # Read the input before loading the model: a bad video fails in a second, not a minute.
     # --refine reads it at two rates: a pipe (/dev/stdin) is read once, it holds nothing for a second read
+    # extend --refine: the input at its own rate, which the pipeline takes to ~15 fps (stage 1) and ~30 fps (the
+    # written input part)
+    refine = getattr(args, "refine", False)
     full = None
-    if args.input_fps is not None or (getattr(args, "refine", False) and _is_stream(args.input)):
+    if args.input_fps is not None or (refine and (_is_stream(args.input) or args.command == "extend")):
         full = read_video(args.input)
     if args.input_fps is not None:
         # subsampled to about 15 fps here, as the pipeline would: the frame-count check below sees
@@ -702,7 +717,10 @@ def _run(args) -> int:
     _check_input_frames(video, args)
     _check_resolution_aspect(args.resolution, video.height, video.width, f"the input {args.input}")
     video30 = None
-    if getattr(args, "refine", False):
+    if refine and args.command == "extend":  # its first window has no cond frames: no count to check here
+        fps = args.input_fps if args.input_fps is not None else (full.fps or 15.0)  # frame folders: as they are
+        video30 = VideoFrames(full.frames, float(fps), full.source)
+    elif refine:
         # the refinement's cond frames come from the input at ~30 fps: too few must fail now, not
         # after the whole 480p stage has run
         if args.input_fps is not None:
@@ -775,7 +793,7 @@ def _run(args) -> int:
 
             # the stage-1 cond count, for refine's default --cond-frames (2x it, as continue --refine takes)
             nc1 = int(out.model_frames.shape[0]) - int(out.num_new_frames)
-            write_video(args.stage1_out, out.model_frames, out.fps, crf=args.crf if getattr(args, "crf_given", True) else 18,
+            write_video(_output_target(args.stage1_out), out.model_frames, out.fps, crf=args.crf if getattr(args, "crf_given", True) else 18,
                         tags={"comment": f"{STAGE1_TAG}{nc1}"})
             args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
@@ -793,7 +811,11 @@ def _run(args) -> int:
                               offload_kv_cache=common["offload_kv_cache"], progress=not args.no_progress and main_rank)
             out.timings["stage1"] = stage1_timings
     else:
-        out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
+        if refine:  # SPEC 11's long video: sliding windows over the segments
+            out = pipe.extend(video30, args.prompt, args.negative_prompt, segments=args.segments, refine=True,
+                              spatial_refine_only=args.spatial_only, t_thresh=args.t_thresh, **common)
+        else:
+            out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
 
     if not main_rank:  # rank 0 writes the video and reports
         run.close()
