@@ -86,28 +86,37 @@ def _caller_level() -> int:
     return level
 
 
+def _autocast_available(dev_type: str) -> bool:
+    avail = getattr(torch.amp, "is_autocast_available", None)
+    return avail(dev_type) if avail is not None else dev_type in ("cpu", "cuda")
+
+
 @contextlib.contextmanager
 def ieee_fp32_matmul(device: torch.device):
-    """fp32 matmuls on CUDA in full IEEE precision (no TF32) inside the block, whatever the global
-    setting (``torch.set_float32_matmul_precision``); a no-op elsewhere."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        prev = m.fp32_precision
-        m.fp32_precision = "ieee"
-        try:
+    """Matmuls inside the block in the dtype they are given: autocast off for the device (an fp32
+    reference inside ``torch.autocast`` ran its matmuls in bf16, unlike the kernels, which autocast
+    never reaches) and, on CUDA, fp32 in full IEEE precision (no TF32) whatever the global setting
+    (``torch.set_float32_matmul_precision``)."""
+    dev_type = torch.device(device).type
+    with torch.autocast(dev_type, enabled=False) if _autocast_available(dev_type) else contextlib.nullcontext():
+        if dev_type != "cuda":
             yield
-        finally:
-            m.fp32_precision = prev
-    else:  # pragma: no cover - older torch
-        prev = m.allow_tf32
-        m.allow_tf32 = False
-        try:
-            yield
-        finally:
-            m.allow_tf32 = prev
+            return
+        m = torch.backends.cuda.matmul
+        if hasattr(m, "fp32_precision"):
+            prev = m.fp32_precision
+            m.fp32_precision = "ieee"
+            try:
+                yield
+            finally:
+                m.fp32_precision = prev
+        else:  # pragma: no cover - older torch
+            prev = m.allow_tf32
+            m.allow_tf32 = False
+            try:
+                yield
+            finally:
+                m.allow_tf32 = prev
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,7 +29,8 @@ def expand_heads(x: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor
 def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Dense SDPA on BSHD tensors -> ``[B, Sq, H, D]`` (a transposed view)."""
     k, v = expand_heads(k, q.shape[2]), expand_heads(v, q.shape[2])
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    with ieee_fp32_matmul(q.device):  # q's dtype, also inside torch.autocast
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return o.transpose(1, 2)
 
 

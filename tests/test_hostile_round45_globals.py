@@ -1,0 +1,59 @@
+"""Round 45 hostile audit: torch's process-wide state (default dtype/device, autocast, grad modes,
+threads) as it reaches the kernels package."""
+from __future__ import annotations
+
+import torch
+
+import longcat_kernels as lk
+
+
+def _qkv(S=32, H=2, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, S, H, D, generator=g) for _ in range(3)]
+
+
+def test_torch_reference_attention_stays_fp32_inside_autocast():
+    """Inside ``torch.autocast("cpu", bfloat16)`` the torch reference ran its fp32 matmuls in bf16
+    (abs err up to 0.013 on fp32 inputs for block_sparse_attn / prefix_attn / attn_with_kv_cache,
+    lse too), while the Triton/CUDA kernels ignore autocast: the same fp32 call gave a different
+    answer per backend. The reference promises fp32 scores and statistics for fp32 inputs."""
+    q, k, v = _qkv()
+    grid = (2, 4, 4)
+    calls = {
+        "bsa": lambda: lk.block_sparse_attn(q, k, v, grid_q=grid, chunk_q=(1, 2, 2), sparsity=0.5,
+                                            backend="torch", return_lse=True),
+        "prefix": lambda: lk.prefix_attn(q, k, v, 16, backend="torch", return_lse=True),
+        "prefix_nolse": lambda: lk.prefix_attn(q, k, v, 16, backend="torch"),
+        "kv": lambda: lk.attn_with_kv_cache(q[:, 16:], k[:, 16:], v[:, 16:], k[:, :16], v[:, :16],
+                                            backend="torch", return_lse=True),
+        "kv_nocache": lambda: lk.attn_with_kv_cache(q, k, v, backend="torch"),
+        "flash": lambda: lk.flash_attn_with_kvcache(q[:, 16:], k[:, :16], v[:, :16], k[:, 16:], v[:, 16:],
+                                                    return_softmax_lse=True),
+    }
+    for name, call in calls.items():
+        ref = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = got if isinstance(got, tuple) else (got,)
+        for r, g_ in zip(ref, got):
+            assert g_.dtype == r.dtype, name
+            torch.testing.assert_close(g_, r, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_torch_selection_scores_stay_fp32_inside_autocast():
+    """select_blocks (torch backend) promises block scores in fp32, but inside
+    ``torch.autocast("cpu", bfloat16)`` its block-mean matmul ran in bf16: two key blocks whose
+    scores differ by 0.1% (below bf16's resolution) tied, and the stable sort kept the wrong one."""
+    D = 8
+    q = torch.zeros(1, 4, 1, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 4, 1, D)
+    # key blocks (1 token each, grid (1, 1, 4)): scores 1.000, 1.001, 0.5, 0.25
+    k[0, :, 0, 0] = torch.tensor([1.0, 1.001, 0.5, 0.25])
+    kw = dict(grid_q=(1, 1, 4), chunk_q=(1, 1, 1), sparsity=0.75, backend="torch")
+    ref = lk.select_blocks(q, k, **kw)
+    assert int(ref.indices[0, 0, 0, 0]) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lk.select_blocks(q, k, **kw)
+    torch.testing.assert_close(got.indices, ref.indices, rtol=0, atol=0)
