@@ -2,6 +2,7 @@
 threads) as it reaches the kernels package."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import longcat_kernels as lk
@@ -57,3 +58,25 @@ def test_torch_selection_scores_stay_fp32_inside_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lk.select_blocks(q, k, **kw)
     torch.testing.assert_close(got.indices, ref.indices, rtol=0, atol=0)
+
+
+def test_rope_built_under_meta_device_context_fails_clearly_on_real_tensors():
+    """A Rope3D built inside ``with torch.device("meta")`` (a model skeleton made on meta, then
+    loaded) keeps tables without values; apply_rope_3d / qk_norm_rope / attn_with_kv_cache on real
+    CPU tensors then failed deep inside with torch's "Cannot copy out of meta tensor; no data!"."""
+    with torch.device("meta"):
+        rope = lk.Rope3D((2, 4, 4), 32)
+    assert rope.device.type == "meta"
+    q, k, v = _qkv()
+    w = torch.ones(32)
+    calls = [lambda: lk.apply_rope_3d(q, rope),
+             lambda: lk.qk_norm_rope(q, k, w, w, rope=rope, backend="torch"),
+             lambda: lk.attn_with_kv_cache(q, k, v, rope=rope, backend="torch")]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"rope: .*meta device.*rope\.to"):
+            call()
+    # on meta tensors (shape-only use) the meta tables are fine; rope.to(cpu) rebuilds real tables
+    qm = torch.empty(1, 32, 2, 32, device="meta")
+    assert lk.apply_rope_3d(qm, rope).device.type == "meta"
+    torch.testing.assert_close(lk.apply_rope_3d(q, rope.to("cpu")), lk.apply_rope_3d(q, lk.Rope3D((2, 4, 4), 32)),
+                               rtol=0, atol=0)

@@ -39,7 +39,7 @@ from ...grid import Triple, as_triple, cache_split_aligned
 from ..block_sparse_attn.api import check_no_rule_beside_selection, check_selection, select_blocks
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
-from ..rope.api import Rope3D, apply_rope_3d
+from ..rope.api import Rope3D, apply_rope_3d, check_rope_device
 from .reference import kv_cache_attn_reference, prefix_attn_reference
 
 __all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn", "flash_attn_with_kvcache"]
@@ -282,6 +282,7 @@ def attn_with_kv_cache(
         if rope is not None:
             if not isinstance(rope, Rope3D):
                 raise TypeError(f"rope: expected a Rope3D or None, got {type(rope).__name__}")
+            check_rope_device(rope, q, "q")
             hw = rope.tokens_per_frame
             if Sc % hw:
                 raise ValueError(f"k_cache: expected seq to be a multiple of H*W = {hw} (rope grid {rope.grid}), got {Sc}")

@@ -158,10 +158,21 @@ class Rope3D:
                 f"pairs={self.pairs!r}, device={self.device})")
 
 
+def check_rope_device(rope: Rope3D, x: torch.Tensor, name: str) -> None:
+    """Tables without values (a Rope3D built under ``with torch.device("meta")``) cannot serve real
+    tensors: copying them out failed with torch's "Cannot copy out of meta tensor; no data!"."""
+    if rope.device.type == "meta" and x.device.type != "meta":
+        raise ValueError(
+            f"rope: expected tables that can be copied to {name}'s device {x.device}, got tables on the meta device "
+            f"(built under torch.device('meta')?); use rope.to({name}.device) or build it with device="
+        )
+
+
 def _rope_frames(x: torch.Tensor, rope: Rope3D, frame_offset: int, name: str) -> int:
     """Frames held by ``x`` (validated against the rope grid)."""
     if not isinstance(rope, Rope3D):
         raise TypeError(f"rope: expected a Rope3D, got {type(rope).__name__}")
+    check_rope_device(rope, x, name)
     S, D = x.shape[1], x.shape[3]
     if D != rope.head_dim:
         raise ValueError(f"{name}: expected head_dim {rope.head_dim} (rope.head_dim), got {D}")
