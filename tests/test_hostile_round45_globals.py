@@ -80,3 +80,48 @@ def test_rope_built_under_meta_device_context_fails_clearly_on_real_tensors():
     assert lk.apply_rope_3d(qm, rope).device.type == "meta"
     torch.testing.assert_close(lk.apply_rope_3d(q, rope.to("cpu")), lk.apply_rope_3d(q, lk.Rope3D((2, 4, 4), 32)),
                                rtol=0, atol=0)
+
+
+def test_ieee_fp32_matmul_overlapping_threads_restore_the_users_setting():
+    """ieee_fp32_matmul (around every fp32 matmul of the torch references and gating on CUDA) saved
+    and restored the process-wide TF32 setting per thread: two threads whose blocks overlapped
+    (A enters, B enters and saves "ieee", A restores "tf32", B restores "ieee") left the user's
+    ``fp32_precision = "tf32"`` replaced by "ieee" for the rest of the process."""
+    import threading
+
+    from longcat_kernels.ops.block_sparse_attn.selection import ieee_fp32_matmul
+
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("torch without backends.cuda.matmul.fp32_precision")
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        a_in, b_in = threading.Event(), threading.Event()
+        seen = []
+
+        def a():
+            with ieee_fp32_matmul(torch.device("cuda")):
+                a_in.set()
+                b_in.wait(5)
+                seen.append(m.fp32_precision)
+
+        def b():
+            a_in.wait(5)
+            with ieee_fp32_matmul(torch.device("cuda")):
+                b_in.set()
+                for _ in range(50):  # until A has left
+                    if len(seen):
+                        break
+                    threading.Event().wait(0.01)
+                seen.append(m.fp32_precision)  # A left, B still inside: still ieee
+
+        ts = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert seen == ["ieee", "ieee"]
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = old

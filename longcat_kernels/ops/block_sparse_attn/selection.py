@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -91,32 +92,53 @@ def _autocast_available(dev_type: str) -> bool:
     return avail(dev_type) if avail is not None else dev_type in ("cpu", "cuda")
 
 
+# threads inside ieee_fp32_matmul on CUDA, and the precision setting the first of them found: the last
+# one out restores it (each thread restoring what it found left "ieee" behind when two overlapped)
+_IEEE_LOCK = threading.Lock()
+_IEEE_STATE = {"depth": 0, "prev": None}
+
+
+def _cuda_fp32_setting(value=None):
+    m = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"  # older torch: allow_tf32
+    if value is None:
+        return getattr(m, attr)
+    setattr(m, attr, value)
+    return value
+
+
 @contextlib.contextmanager
 def ieee_fp32_matmul(device: torch.device):
     """Matmuls inside the block in the dtype they are given: autocast off for the device (an fp32
     reference inside ``torch.autocast`` ran its matmuls in bf16, unlike the kernels, which autocast
     never reaches) and, on CUDA, fp32 in full IEEE precision (no TF32) whatever the global setting
-    (``torch.set_float32_matmul_precision``)."""
+    (``torch.set_float32_matmul_precision``), restored when the last thread inside leaves."""
     dev_type = torch.device(device).type
     with torch.autocast(dev_type, enabled=False) if _autocast_available(dev_type) else contextlib.nullcontext():
         if dev_type != "cuda":
             yield
             return
-        m = torch.backends.cuda.matmul
-        if hasattr(m, "fp32_precision"):
-            prev = m.fp32_precision
-            m.fp32_precision = "ieee"
+        ieee = "ieee" if hasattr(torch.backends.cuda.matmul, "fp32_precision") else False
+        if compiling():  # traced as before: no lock in the graph
+            prev = _cuda_fp32_setting()
+            _cuda_fp32_setting(ieee)
             try:
                 yield
             finally:
-                m.fp32_precision = prev
-        else:  # pragma: no cover - older torch
-            prev = m.allow_tf32
-            m.allow_tf32 = False
-            try:
-                yield
-            finally:
-                m.allow_tf32 = prev
+                _cuda_fp32_setting(prev)
+            return
+        with _IEEE_LOCK:
+            if _IEEE_STATE["depth"] == 0:
+                _IEEE_STATE["prev"] = _cuda_fp32_setting()
+            _IEEE_STATE["depth"] += 1
+            _cuda_fp32_setting(ieee)
+        try:
+            yield
+        finally:
+            with _IEEE_LOCK:
+                _IEEE_STATE["depth"] -= 1
+                if _IEEE_STATE["depth"] == 0:
+                    _cuda_fp32_setting(_IEEE_STATE["prev"])
 
 
 @dataclass(frozen=True, eq=False)
