@@ -109,12 +109,13 @@ def _block_token_index_cpu(grid: Triple, chunk: Triple) -> torch.Tensor:
     T, H, W = grid
     ct, ch, cw = chunk
     nt, nh, nw = num_blocks(grid, chunk)
-    bt = torch.arange(nt).view(nt, 1, 1, 1, 1, 1)
-    bh = torch.arange(nh).view(1, nh, 1, 1, 1, 1)
-    bw = torch.arange(nw).view(1, 1, nw, 1, 1, 1)
-    dt = torch.arange(ct).view(1, 1, 1, ct, 1, 1)
-    dh = torch.arange(ch).view(1, 1, 1, 1, ch, 1)
-    dw = torch.arange(cw).view(1, 1, 1, 1, 1, cw)
+    # on the CPU whatever torch.set_default_device says (the name promises it; callers .to() their device)
+    bt = torch.arange(nt, device="cpu").view(nt, 1, 1, 1, 1, 1)
+    bh = torch.arange(nh, device="cpu").view(1, nh, 1, 1, 1, 1)
+    bw = torch.arange(nw, device="cpu").view(1, 1, nw, 1, 1, 1)
+    dt = torch.arange(ct, device="cpu").view(1, 1, 1, ct, 1, 1)
+    dh = torch.arange(ch, device="cpu").view(1, 1, 1, 1, ch, 1)
+    dw = torch.arange(cw, device="cpu").view(1, 1, 1, 1, 1, cw)
     t = bt * ct + dt
     h = bh * ch + dh
     w = bw * cw + dw

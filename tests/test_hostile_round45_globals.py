@@ -125,3 +125,34 @@ def test_ieee_fp32_matmul_overlapping_threads_restore_the_users_setting():
         assert m.fp32_precision == "tf32"
     finally:
         m.fp32_precision = old
+
+
+def test_block_geometry_ignores_the_default_device():
+    """With ``torch.set_default_device`` naming another device than the inputs' (e.g. "cuda" in
+    an LLM-style script, then CPU tensors; "meta" here), grid's "CPU" block-token table was built on
+    the default device: select_blocks, block_sparse_attn and attn_with_kv_cache(block_sparse=) on
+    CPU tensors raised "Tensor on device meta is not on the expected device cpu!"."""
+    q, k, v = _qkv()
+    grid = (2, 4, 4)
+    rope = lk.Rope3D(grid, 32)
+    bs = lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2))
+    calls = {
+        "select": lambda: lk.select_blocks(q, k, grid_q=grid, chunk_q=(1, 2, 2), sparsity=0.5,
+                                           backend="torch").indices,
+        "bsa": lambda: lk.block_sparse_attn(q, k, v, grid_q=grid, chunk_q=(1, 2, 2), sparsity=0.5,
+                                            backend="torch", return_lse=True),
+        "kv_bsa": lambda: lk.attn_with_kv_cache(q[:, 16:], k[:, 16:], v[:, 16:], k[:, :16], v[:, :16], rope=rope,
+                                                block_sparse=bs, backend="torch", return_lse=True),
+    }
+    ref = {n: c() for n, c in calls.items()}
+    torch.set_default_device("meta")
+    try:
+        got = {n: c() for n, c in calls.items()}
+    finally:
+        torch.set_default_device(None)
+    for n in calls:
+        r = ref[n] if isinstance(ref[n], tuple) else (ref[n],)
+        g = got[n] if isinstance(got[n], tuple) else (got[n],)
+        for a, b in zip(g, r):
+            assert a.device == b.device, n
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
