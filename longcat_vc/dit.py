@@ -365,7 +365,13 @@ class LongCatDiT(nn.Module):
 
     def _embed_timestep(self, timestep, B: int, T: int) -> torch.Tensor:
         if not isinstance(timestep, torch.Tensor):
-            timestep = torch.as_tensor(timestep, device=self.device)
+            given = timestep
+            timestep = torch.as_tensor(given, device=self.device)
+            if timestep.is_floating_point():
+                # Python floats became torch's default dtype: under set_default_dtype(torch.bfloat16) an fp32
+                # DiT saw 987.654 as 988. float64 (on the CPU: not every device has it) holds every Python /
+                # numpy float exactly; rounded once, to the weight dtype, as below
+                timestep = torch.as_tensor(given, dtype=torch.float64).to(self.dtype).to(self.device)
         if timestep.dtype == torch.bool or timestep.is_complex():
             # (a bool ran as t = 1 / 0, a complex one lost its imaginary part with only a warning)
             raise TypeError(f"timestep: expected real (int or float) timesteps in [0, 1000], got {timestep.dtype}")

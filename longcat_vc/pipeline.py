@@ -29,11 +29,14 @@ What one call does, in order (the order fixes the random stream):
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import numbers
 import os
+import threading
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -76,6 +79,35 @@ MODE_DEFAULTS = {
 
 # --------------------------------------------------------------------------------------------
 # checkpoint layout
+
+
+# One lock per DiT: a call flips state of the DiT for its length (``use_bsa``, refine's LoRA/BSA swap,
+# ``set_mode``, the eval-mode switch), so a second call on the same DiT from another thread (the same
+# pipeline, or another one built on that DiT) ran with the first one's settings and returned other
+# latents without a word. Calls on one DiT run one after the other; an RLock: ``extend`` refines inside.
+_DIT_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DIT_LOCKS_GUARD = threading.Lock()
+_FALLBACK_LOCK = threading.RLock()  # a DiT that cannot be weakly referenced
+
+
+def _dit_lock(dit) -> "threading.RLock":
+    with _DIT_LOCKS_GUARD:
+        try:
+            lock = _DIT_LOCKS.get(dit)
+            if lock is None:
+                lock = _DIT_LOCKS[dit] = threading.RLock()
+        except TypeError:
+            lock = _FALLBACK_LOCK
+    return lock
+
+
+def _one_call_per_dit(fn):
+    """Runs the pipeline method holding its DiT's lock (see ``_dit_lock``)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with _dit_lock(self.dit):
+            return fn(self, *args, **kwargs)
+    return wrapper
 
 
 def _any_exists(folder: str, names: Sequence[str]) -> bool:
@@ -453,6 +485,7 @@ class VideoContinuationPipeline:
     def mode(self) -> str:
         return self._mode
 
+    @_one_call_per_dit
     def set_mode(self, mode: str, lora_path: Optional[str] = None, *, fuse_lora: bool = False) -> None:
         """Switch between ``"basic"`` (LoRAs disabled) and ``"distill"`` (cfg-step LoRA enabled).
 
@@ -767,6 +800,7 @@ class VideoContinuationPipeline:
 
     # ---------------------------------------------------------------- public calls
 
+    @_one_call_per_dit
     @torch.no_grad()
     def __call__(
         self,
@@ -869,6 +903,7 @@ class VideoContinuationPipeline:
         return VideoContinuationOutput(frames, latents, TARGET_FPS, vf.num_frames, n_new, size_hw, timings,
                                        model_frames=decoded)
 
+    @_one_call_per_dit
     @torch.no_grad()
     def refine(
         self,
@@ -970,6 +1005,7 @@ class VideoContinuationPipeline:
                           use_kv_cache=use_kv_cache, offload_kv_cache=offload_kv_cache,
                           lora_path=self.refinement_lora_path)
 
+    @_one_call_per_dit
     @torch.no_grad()
     def extend(
         self,
