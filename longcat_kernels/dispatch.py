@@ -564,7 +564,10 @@ def last_choice(op: str) -> Optional[KernelChoice]:
 
 @contextlib.contextmanager
 def record_choices() -> Iterator[List[KernelChoice]]:
-    """``with record_choices() as got: ...``: ``got`` lists every choice made inside, in order."""
+    """``with record_choices() as got: ...``: ``got`` lists every choice made inside, in order, by any thread
+    of the process (the recorders are process-wide: another thread's op calls during the block are listed
+    too; a per-thread list would need thread-local state, which ``torch.compile`` traces of ``choose``
+    would have to guard on)."""
     rec: List[KernelChoice] = []
     _RECORDERS.append(rec)
     try:
