@@ -306,9 +306,9 @@ class VideoContinuationPipeline:
         self.max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 1)
         self._mode = mode
         # lora/refinement_lora.safetensors of the checkpoint (set by from_pretrained); refine()
-        # loads it on first use, and again once it names another file or its file changed
+        # loads it on first use, and again once it names another file than the DiT's came from or its file
+        # changed (refine._refinement_lora_to_load)
         self.refinement_lora_path: Optional[str] = None
-        self._refinement_lora_source: Optional[tuple] = None  # the file refine() loaded it from (refine_state)
 
         vcfg = vae.config
         self.vae_scale_temporal, self.vae_scale_spatial = _vae_scale_factors(vcfg)

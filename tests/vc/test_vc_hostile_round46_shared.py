@@ -122,3 +122,34 @@ def test_a_fused_lora_that_another_pipeline_cannot_run_with_is_refused(ckpt):
         _run(basic)
     basic.set_mode("basic")  # taking the DiT back explicitly works
     _run(basic)
+
+
+def test_two_pipelines_on_one_dit_refine_with_their_own_refinement_lora(tmp_path):
+    """Two pipelines on one DiT, each with its own ``refinement_lora_path``: the second's refine found the
+    DiT's ``refinement_lora`` (the first pipeline's file) loaded, took it for one loaded by hand and refined
+    with the other file's LoRA without a word. Which file the DiT's refinement LoRA came from is now
+    recorded on the DiT, so each pipeline's refine loads its own file where the DiT holds another."""
+    from vc_components import write_refine_checkpoint, write_refinement_lora
+
+    root = str(tmp_path / "ckpt")
+    cfg = write_refine_checkpoint(root)
+    other_file = write_refinement_lora(str(tmp_path / "other"), cfg, seed=99)
+    a = VideoContinuationPipeline.from_pretrained(root, dtype=torch.float32, device="cpu", attn_backend="torch",
+                                                  progress=False)
+    b = _other(a, "basic")
+    b.refinement_lora_path = other_file
+    s1 = np.random.default_rng(2).integers(0, 256, (6, 36, 64, 3), dtype=np.uint8)
+    kw = dict(num_cond_frames=0, resolution=(64, 64), spatial_refine_only=True, num_inference_steps=2, generator=3,
+              progress=False, output_type="latent")
+
+    def alone(path):
+        dit = copy.deepcopy(a.dit)
+        p = VideoContinuationPipeline(dit, a.vae, a.text_encoder, a.tokenizer, {"shift": a.shift})
+        p.refinement_lora_path = path
+        return p.refine(s1, "a cat", **kw).latents
+
+    ref_a, ref_b = alone(a.refinement_lora_path), alone(other_file)
+    assert not torch.allclose(ref_a, ref_b)
+    torch.testing.assert_close(a.refine(s1, "a cat", **kw).latents, ref_a, rtol=0, atol=0)
+    torch.testing.assert_close(b.refine(s1, "a cat", **kw).latents, ref_b, rtol=0, atol=0)
+    torch.testing.assert_close(a.refine(s1, "a cat", **kw).latents, ref_a, rtol=0, atol=0)
