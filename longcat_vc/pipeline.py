@@ -293,9 +293,9 @@ class VideoContinuationPipeline:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dit = dit
-        # the LoRA state of the DiT this pipeline's calls run with, recorded when another pipeline on the
-        # same DiT takes it over (_take_dit); None: the DiT's state as it is
-        self._saved_lora_state: Optional[Tuple[Tuple[str, ...], bool]] = None
+        # (the DiT, the LoRA state of it this pipeline's calls run with), recorded when another pipeline on
+        # the same DiT takes it over (_take_dit); None: the DiT's state as it is
+        self._saved_lora_state: Optional[tuple] = None
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -533,19 +533,21 @@ class VideoContinuationPipeline:
         last call, that state is recorded for the other pipeline and this one's enabled again (``restore``).
         A switch that would fuse or unfuse a LoRA (not exact in the weight dtype, and a full weight pass) is
         refused with a RuntimeError."""
-        state = _lora_state(self.dit)
-        if state is None:
-            return
         try:
             ref = _DIT_LORA_OWNERS.get(self.dit)
         except TypeError:
             return
         owner = ref() if ref is not None else None
-        if owner is self:
+        if owner is self:  # (the usual case: one pipeline per DiT, nothing to compare)
+            return
+        state = _lora_state(self.dit)
+        if state is None:
             return
         if owner is not None:
-            owner._saved_lora_state = state
-        mine = self._saved_lora_state
+            owner._saved_lora_state = (weakref.ref(self.dit), state)
+        saved = self._saved_lora_state
+        # (one saved for another DiT, were pipe.dit replaced since, is not this one's)
+        mine = saved[1] if saved is not None and saved[0]() is self.dit else None
         if restore and mine is not None and mine != state:
             if mine[1] or state[1]:
                 raise RuntimeError(
