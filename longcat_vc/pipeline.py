@@ -332,7 +332,11 @@ class VideoContinuationPipeline:
         self._latents_std = _vae_latent_stats(vcfg, "latents_std", z_dim)
         from .memory import memory_plan
 
-        self._memory = memory_plan("resident")  # apply_memory_mode replaces it
+        # apply_memory_mode replaces it. A DiT that already streams its blocks (another pipeline's, built with
+        # memory="balanced"/"low"): "resident" was recorded, so refine's fit check counted the whole DiT on the
+        # device and apply_memory_mode(pipe, "resident") moved the streamed blocks instead of refusing
+        streams = getattr(dit, "_block_streamer", None) is not None
+        self._memory = memory_plan("balanced" if streams else "resident")
         if process_group is not None:
             dit.enable_context_parallel(process_group, cfg_parallel=cfg_parallel)
         elif cfg_parallel:

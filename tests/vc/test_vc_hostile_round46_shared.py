@@ -153,3 +153,20 @@ def test_two_pipelines_on_one_dit_refine_with_their_own_refinement_lora(tmp_path
     torch.testing.assert_close(a.refine(s1, "a cat", **kw).latents, ref_a, rtol=0, atol=0)
     torch.testing.assert_close(b.refine(s1, "a cat", **kw).latents, ref_b, rtol=0, atol=0)
     torch.testing.assert_close(a.refine(s1, "a cat", **kw).latents, ref_a, rtol=0, atol=0)
+
+
+def test_a_pipeline_built_on_a_streaming_dit_records_a_streaming_memory_mode(ckpt):
+    """A second pipeline built on the DiT of a ``memory="balanced"`` one recorded ``memory == "resident"``
+    while the DiT's blocks streamed: refine's fit check estimated the whole DiT resident, and
+    ``apply_memory_mode(pipe, "resident")`` moved the streamed blocks under the attached hooks instead of
+    refusing the switch (as it does for the pipeline that streams)."""
+    pytest.importorskip("accelerate")
+    from longcat_vc.memory import apply_memory_mode
+
+    a = VideoContinuationPipeline.from_pretrained(ckpt, dtype=torch.float32, device="cpu", attn_backend="torch",
+                                                  memory="balanced", progress=False)
+    b = _other(a, "basic")
+    assert b.memory == "balanced"
+    with pytest.raises(ValueError, match="switching to 'resident' needs a fresh"):
+        apply_memory_mode(b, "resident", "cpu")
+    torch.testing.assert_close(_run(b), _run(a), rtol=0, atol=0)
