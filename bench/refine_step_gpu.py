@@ -152,9 +152,9 @@ def check(args, device):
             off = dit(s["x"], s["t"], s["text"], s["mask"], num_cond_latents=c)
             cache = dit.build_kv_cache(s["x"][:, :, :c])
             on = dit(s["x"][:, :, c:], s["t"][:, c:], s["text"], s["mask"], kv_cache=cache)
-            cfg.enable_bsa = False
+            dit.config.enable_bsa = False
             dense = dit(s["x"], s["t"], s["text"], s["mask"], num_cond_latents=c)
-            cfg.enable_bsa = True
+            dit.config.enable_bsa = True
         r = {"rel_l2_cache_on_vs_off": _rel(on, off[:, :, c:]), "rel_l2_bsa_vs_dense": _rel(off[:, :, c:], dense[:, :, c:]),
              "finite": bool(torch.isfinite(on).all() and torch.isfinite(off).all())}
         tol = 1e-5 if dtype == torch.float32 else 2e-2

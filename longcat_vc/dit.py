@@ -14,6 +14,7 @@ for the released config). Attention runs through ``longcat_kernels`` with ``conf
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import numbers
 import os
@@ -67,7 +68,9 @@ class LongCatDiT(nn.Module):
     """LongCat-Video single-stream DiT.
 
     Args:
-        config (DiTConfig): hyper-parameters (upstream ``config.json`` names).
+        config (DiTConfig): hyper-parameters (upstream ``config.json`` names). The model keeps a copy
+            (``model.config``): switches flipped on a built model (``model.config.enable_bsa = True``) act on
+            that model only, not on ``config`` nor on other models built from it.
         device, dtype: where and in which dtype the parameters are created (``device="meta"``
             builds the skeleton without memory, as ``from_pretrained`` does).
 
@@ -80,7 +83,9 @@ class LongCatDiT(nn.Module):
         if not isinstance(config, DiTConfig):
             raise TypeError(f"LongCatDiT: config must be a DiTConfig, got {type(config).__name__}")
         check_dtype(dtype)  # (an 8-bit float failed in torch's initialiser, or on meta at the first forward)
-        self.config = config
+        # its own copy (as diffusers' ConfigMixin models hold their own config): two models built from one
+        # DiTConfig shared it, and ``config.enable_bsa = True`` on one (the pipeline's ``use_bsa``) switched the other
+        self.config = config = copy.deepcopy(config)
         c = config
         kw = dict(device=device, dtype=dtype)
         self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size, **kw)

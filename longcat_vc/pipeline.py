@@ -47,6 +47,7 @@ from longcat_kernels._validate import check_bool
 from .schedule import check_distill_steps, check_scheduler_config, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError
+from .lora import fused_loras
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, BUCKETS, _denoise,
@@ -101,13 +102,37 @@ def _dit_lock(dit) -> "threading.RLock":
     return lock
 
 
-def _one_call_per_dit(fn):
-    """Runs the pipeline method holding its DiT's lock (see ``_dit_lock``)."""
+def _one_call_per_dit(fn, take_dit: bool = True):
+    """Runs the pipeline method holding its DiT's lock (see ``_dit_lock``), with the DiT in this pipeline's
+    LoRA state (``take_dit``: ``VideoContinuationPipeline._take_dit``)."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with _dit_lock(self.dit):
+            if take_dit:
+                self._take_dit()
             return fn(self, *args, **kwargs)
     return wrapper
+
+
+# Which pipeline's LoRA state a DiT holds (several pipelines may be built on one DiT, in different modes):
+# a pipeline's calls set its own state again where another pipeline changed it since (``_take_dit``), as
+# the basic-mode calls otherwise ran with the cfg-step LoRA a distill pipeline on the same DiT had enabled.
+_DIT_LORA_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _lora_state(dit) -> Optional[Tuple[Tuple[str, ...], bool]]:
+    """(active LoRA names, whether they are fused) of ``dit``; None for a DiT without the LoRA API."""
+    active = getattr(dit, "active_loras", None)
+    if active is None or not isinstance(dit, torch.nn.Module):
+        return None
+    return tuple(active), bool(fused_loras(dit))
+
+
+def _describe_lora_state(state: Tuple[Tuple[str, ...], bool]) -> str:
+    names, fused = state
+    if not names:
+        return "no LoRA"
+    return f"LoRA {list(names)} " + ("fused into the weights" if fused else "enabled")
 
 
 def _any_exists(folder: str, names: Sequence[str]) -> bool:
@@ -268,6 +293,9 @@ class VideoContinuationPipeline:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dit = dit
+        # (the DiT, the LoRA state of it this pipeline's calls run with), recorded when another pipeline on
+        # the same DiT takes it over (_take_dit); None: the DiT's state as it is
+        self._saved_lora_state: Optional[tuple] = None
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -278,9 +306,9 @@ class VideoContinuationPipeline:
         self.max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 1)
         self._mode = mode
         # lora/refinement_lora.safetensors of the checkpoint (set by from_pretrained); refine()
-        # loads it on first use, and again once it names another file or its file changed
+        # loads it on first use, and again once it names another file than the DiT's came from or its file
+        # changed (refine._refinement_lora_to_load)
         self.refinement_lora_path: Optional[str] = None
-        self._refinement_lora_source: Optional[tuple] = None  # the file refine() loaded it from (refine_state)
 
         vcfg = vae.config
         self.vae_scale_temporal, self.vae_scale_spatial = _vae_scale_factors(vcfg)
@@ -304,16 +332,34 @@ class VideoContinuationPipeline:
         self._latents_std = _vae_latent_stats(vcfg, "latents_std", z_dim)
         from .memory import memory_plan
 
-        self._memory = memory_plan("resident")  # apply_memory_mode replaces it
+        # apply_memory_mode replaces it. A DiT that already streams its blocks (another pipeline's, built with
+        # memory="balanced"/"low"): "resident" was recorded, so refine's fit check counted the whole DiT on the
+        # device and apply_memory_mode(pipe, "resident") moved the streamed blocks instead of refusing
+        streams = getattr(dit, "_block_streamer", None) is not None
+        self._memory = memory_plan("balanced" if streams else "resident")
         if process_group is not None:
             dit.enable_context_parallel(process_group, cfg_parallel=cfg_parallel)
         elif cfg_parallel:
             raise ValueError("cfg_parallel=True needs a process_group")
-        loaded, active = getattr(dit, "lora_names", None), getattr(dit, "active_loras", None)
-        if mode == "distill" and loaded is not None and active is not None and CFG_STEP_LORA in loaded \
-                and CFG_STEP_LORA not in active:
-            # loaded as documented but not enabled: the 16-step distill schedule ran on the base model
-            self.set_mode("distill")
+        with _dit_lock(dit):
+            state = _lora_state(dit)
+            shared = self._dit_owner() is not None  # another pipeline (alive) is built on this DiT
+            if shared and mode == "basic" and state is not None and CFG_STEP_LORA in state[0] and state[1]:
+                raise ValueError(
+                    f"mode='basic': another pipeline on this DiT fused its cfg-step LoRA {CFG_STEP_LORA!r} into the "
+                    "weights (distill, fuse_lora=True); a basic-mode pipeline runs without it, and unfusing it for "
+                    "this pipeline's calls would not be exact: build this pipeline on its own DiT, or the distill "
+                    "one without fuse_lora")
+            self._take_dit(restore=False)
+            loaded, active = getattr(dit, "lora_names", None), getattr(dit, "active_loras", None)
+            if mode == "distill" and loaded is not None and active is not None and CFG_STEP_LORA in loaded \
+                    and CFG_STEP_LORA not in active:
+                # loaded as documented but not enabled: the 16-step distill schedule ran on the base model
+                self.set_mode("distill")
+            elif shared and mode == "basic" and active is not None and CFG_STEP_LORA in active:
+                # the distill pipeline's LoRA on the shared DiT: basic mode runs without it (that pipeline's
+                # next call enables it again)
+                dit.enable_loras([n for n in active if n != CFG_STEP_LORA])
 
     # ---------------------------------------------------------------- construction
 
@@ -476,6 +522,49 @@ class VideoContinuationPipeline:
         pipe.refinement_lora_path = sub(REFINEMENT_LORA_FILE)
         return pipe
 
+    def _dit_owner(self) -> Optional["VideoContinuationPipeline"]:
+        """The other pipeline (alive) whose LoRA state the DiT holds, or None."""
+        try:
+            ref = _DIT_LORA_OWNERS.get(self.dit)
+        except TypeError:  # a DiT that cannot be weakly referenced
+            return None
+        owner = ref() if ref is not None else None
+        return None if owner is self else owner
+
+    def _take_dit(self, restore: bool = True) -> None:
+        """Makes the DiT hold this pipeline's LoRA state (called under the DiT's lock, at the start of each
+        call and by ``set_mode``): where another pipeline on the same DiT set its own since this pipeline's
+        last call, that state is recorded for the other pipeline and this one's enabled again (``restore``).
+        A switch that would fuse or unfuse a LoRA (not exact in the weight dtype, and a full weight pass) is
+        refused with a RuntimeError."""
+        try:
+            ref = _DIT_LORA_OWNERS.get(self.dit)
+        except TypeError:
+            return
+        owner = ref() if ref is not None else None
+        if owner is self:  # (the usual case: one pipeline per DiT, nothing to compare)
+            return
+        state = _lora_state(self.dit)
+        if state is None:
+            return
+        if owner is not None:
+            owner._saved_lora_state = (weakref.ref(self.dit), state)
+        saved = self._saved_lora_state
+        # (one saved for another DiT, were pipe.dit replaced since, is not this one's)
+        mine = saved[1] if saved is not None and saved[0]() is self.dit else None
+        if restore and mine is not None and mine != state:
+            if mine[1] or state[1]:
+                raise RuntimeError(
+                    f"this {self._mode}-mode pipeline runs with {_describe_lora_state(mine)} on its DiT, but another "
+                    f"pipeline on the same DiT set {_describe_lora_state(state)}; a LoRA fused into the weights is "
+                    "not switched per call (un/fusing is not exact): build the pipelines on separate DiTs, or call "
+                    "set_mode() on this pipeline to take the DiT over")
+            if mine[0]:
+                self.dit.enable_loras(list(mine[0]))
+            else:
+                self.dit.disable_loras()
+        _DIT_LORA_OWNERS[self.dit] = weakref.ref(self)
+
     @property
     def memory(self) -> str:
         """The memory mode (``longcat_vc.memory``): "resident", "balanced" or "low"."""
@@ -485,7 +574,7 @@ class VideoContinuationPipeline:
     def mode(self) -> str:
         return self._mode
 
-    @_one_call_per_dit
+    @functools.partial(_one_call_per_dit, take_dit=False)  # takes the DiT over as it is (the mode sets its LoRAs)
     def set_mode(self, mode: str, lora_path: Optional[str] = None, *, fuse_lora: bool = False) -> None:
         """Switch between ``"basic"`` (LoRAs disabled) and ``"distill"`` (cfg-step LoRA enabled).
 
@@ -505,6 +594,7 @@ class VideoContinuationPipeline:
 
             # refused by the fp8 layers only after the LoRA was enabled, with the mode still recorded as before
             check_fuse_before_quantising(self.dit, "set_mode: fuse_lora=True")
+        self._take_dit(restore=False)  # the DiT's LoRA state is this pipeline's from now on
         if mode == "distill":
             if lora_path is not None:
                 if not os.path.isfile(lora_path):
@@ -673,8 +763,9 @@ class VideoContinuationPipeline:
         given = num_frames
         if (num_frames - 1) % st:
             rounded = (num_frames - 1) // st * st + 1
-            # 4: past this, the caller (__call__ / extend) and torch.no_grad's wrapper, to the user's line
-            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}", stacklevel=4)
+            # 5: past this, the caller (__call__ / extend), torch.no_grad's wrapper and _one_call_per_dit's,
+            # to the user's line
+            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}", stacklevel=5)
             num_frames = rounded
         if num_frames <= num_cond_frames:
             # the given value too: "num_frames (5)" for num_frames=7 named a value the user never passed

@@ -276,6 +276,10 @@ def _video_30fps(video) -> np.ndarray:
     return vf.frames
 
 
+# the DiT attribute naming the file its refinement LoRA was loaded from (``_lora_file_id``; refine_state)
+_REFINEMENT_SOURCE = "_refinement_lora_source"
+
+
 def _lora_file_id(path: str) -> tuple:
     """What tells a LoRA file from another, or from itself rewritten: its absolute path, inode, size and
     modification time (``os.stat``; the file is not read)."""
@@ -285,13 +289,14 @@ def _lora_file_id(path: str) -> tuple:
 
 def _refinement_lora_to_load(pipe, lora_path: Optional[str]) -> bool:
     """Whether ``refine_state`` loads the refinement LoRA from ``lora_path``: it is not loaded, or an earlier
-    refinement of this pipeline loaded it from another file, or from this one before it changed
-    (``pipe.refinement_lora_path`` set to a new file, or the file rewritten after more training: the first
-    call's LoRA stayed in use without a word). One the user loaded by hand is kept while the path and its
-    file stay as they were."""
+    refinement loaded it from another file, or from this one before it changed (``pipe.refinement_lora_path``
+    set to a new file, or the file rewritten after more training: the first call's LoRA stayed in use without
+    a word). One the user loaded by hand is kept while the path and its file stay as they were. The file the
+    loaded LoRA came from is recorded on the DiT (``_REFINEMENT_SOURCE``), not on the pipeline: a second
+    pipeline on the same DiT with another ``refinement_lora_path`` refined with the first one's LoRA."""
     if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []):
         return True
-    source = getattr(pipe, "_refinement_lora_source", None)
+    source = getattr(pipe.dit, _REFINEMENT_SOURCE, None)
     if source is None or lora_path is None:
         return False
     try:
@@ -347,12 +352,12 @@ def refine_state(pipe, lora_path: Optional[str]):
                     dit.load_lora(lora_path, REFINEMENT_LORA)
                 except Exception as e:
                     raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
-            pipe._refinement_lora_source = source
-        elif getattr(pipe, "_refinement_lora_source", None) is None and lora_path is not None:
+            setattr(dit, _REFINEMENT_SOURCE, source)
+        elif getattr(dit, _REFINEMENT_SOURCE, None) is None and lora_path is not None:
             # one loaded by hand before any refinement: kept while the path and its file stay as they are now
             # (with nothing recorded, a later pipe.refinement_lora_path was ignored without a word)
             try:
-                pipe._refinement_lora_source = _lora_file_id(lora_path)
+                setattr(dit, _REFINEMENT_SOURCE, _lora_file_id(lora_path))
             except OSError:  # no such file: the hand-loaded LoRA is used; a path set later is compared then
                 pass
         dit.disable_loras()
