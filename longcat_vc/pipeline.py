@@ -506,6 +506,13 @@ class VideoContinuationPipeline:
             # refused by the fp8 layers only after the LoRA was enabled, with the mode still recorded as before
             check_fuse_before_quantising(self.dit, "set_mode: fuse_lora=True")
         if mode == "distill":
+            from .lora import fused_loras
+
+            # before a reload (which unfuses an active LoRA of that name): a fuse that fails (fuse_lora's
+            # overflow refusal, an interrupt) left the cfg-step LoRA enabled with the mode still recorded
+            # as before, and later basic calls ran the distill LoRA; the previous LoRA state is put back
+            prev_active = list(getattr(self.dit, "active_loras", []))
+            prev_fused = bool(fused_loras(self.dit))
             if lora_path is not None:
                 if not os.path.isfile(lora_path):
                     raise CheckpointError(f"cfg-step LoRA file not found: {lora_path}")
@@ -513,16 +520,24 @@ class VideoContinuationPipeline:
                     self.dit.load_lora(lora_path, CFG_STEP_LORA)
                 except Exception as e:
                     raise CheckpointError(f"failed to load the cfg-step LoRA {lora_path}: {e}") from e
-            self.dit.disable_loras()  # unfuses a previously fused LoRA before re-enabling
             try:
-                self.dit.enable_loras([CFG_STEP_LORA])
-            except (KeyError, ValueError) as e:
-                raise ValueError(
-                    f"distill mode needs the cfg-step LoRA loaded as {CFG_STEP_LORA!r}: pass "
-                    f"lora_path=<checkpoint>/{CFG_STEP_LORA_FILE} ({e})"
-                ) from e
-            if fuse_lora:
-                self.dit.fuse_lora()
+                self.dit.disable_loras()  # unfuses a previously fused LoRA before re-enabling
+                try:
+                    self.dit.enable_loras([CFG_STEP_LORA])
+                except (KeyError, ValueError) as e:
+                    raise ValueError(
+                        f"distill mode needs the cfg-step LoRA loaded as {CFG_STEP_LORA!r}: pass "
+                        f"lora_path=<checkpoint>/{CFG_STEP_LORA_FILE} ({e})"
+                    ) from e
+                if fuse_lora:
+                    self.dit.fuse_lora()
+            except BaseException:
+                self.dit.disable_loras()
+                if prev_active:
+                    self.dit.enable_loras(prev_active)
+                    if prev_fused:
+                        self.dit.fuse_lora()
+                raise
         else:
             self.dit.disable_loras()
         self._mode = mode
