@@ -491,7 +491,8 @@ class VideoContinuationPipeline:
 
         For distill, ``lora_path`` loads the LoRA file first (name ``"cfg_step_lora"``); without it
         the LoRA must already be loaded under that name. ``fuse_lora`` merges it into the weights
-        (``set_mode("basic")`` unmerges).
+        (``set_mode("basic")`` unmerges). A switch that fails (an exception or an interrupt) leaves the mode
+        and the previous LoRA/fuse state as they were (a LoRA file given by ``lora_path`` stays loaded).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
