@@ -38,6 +38,7 @@ import contextlib
 import importlib
 import logging
 import sys
+import threading
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -506,6 +507,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 _LAST: Dict[str, KernelChoice] = {}
 _RECORDERS: List[List[KernelChoice]] = []
+_RECORDERS_LOCK = threading.Lock()  # registering / unregistering a recorder from several threads
 
 
 def choose(
@@ -569,11 +571,15 @@ def record_choices() -> Iterator[List[KernelChoice]]:
     too; a per-thread list would need thread-local state, which ``torch.compile`` traces of ``choose``
     would have to guard on)."""
     rec: List[KernelChoice] = []
-    _RECORDERS.append(rec)
+    with _RECORDERS_LOCK:
+        _RECORDERS.append(rec)
     try:
         yield rec
     finally:
-        _RECORDERS.remove(rec)
+        # by identity: ``list.remove`` compares by equality, and a nested recorder that saw the same choices
+        # as the outer one removed the outer list (which then missed the later choices; its own exit raised)
+        with _RECORDERS_LOCK:
+            _RECORDERS[:] = [r for r in _RECORDERS if r is not rec]
 
 
 # ----------------------------------------------------------------------------------------------

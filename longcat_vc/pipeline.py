@@ -580,7 +580,8 @@ class VideoContinuationPipeline:
 
         For distill, ``lora_path`` loads the LoRA file first (name ``"cfg_step_lora"``); without it
         the LoRA must already be loaded under that name. ``fuse_lora`` merges it into the weights
-        (``set_mode("basic")`` unmerges).
+        (``set_mode("basic")`` unmerges). A switch that fails (an exception or an interrupt) leaves the mode
+        and the previous LoRA/fuse state as they were (a LoRA file given by ``lora_path`` stays loaded).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -596,6 +597,13 @@ class VideoContinuationPipeline:
             check_fuse_before_quantising(self.dit, "set_mode: fuse_lora=True")
         self._take_dit(restore=False)  # the DiT's LoRA state is this pipeline's from now on
         if mode == "distill":
+            from .lora import fused_loras
+
+            # before a reload (which unfuses an active LoRA of that name): a fuse that fails (fuse_lora's
+            # overflow refusal, an interrupt) left the cfg-step LoRA enabled with the mode still recorded
+            # as before, and later basic calls ran the distill LoRA; the previous LoRA state is put back
+            prev_active = list(getattr(self.dit, "active_loras", []))
+            prev_fused = bool(fused_loras(self.dit))
             if lora_path is not None:
                 if not os.path.isfile(lora_path):
                     raise CheckpointError(f"cfg-step LoRA file not found: {lora_path}")
@@ -603,16 +611,24 @@ class VideoContinuationPipeline:
                     self.dit.load_lora(lora_path, CFG_STEP_LORA)
                 except Exception as e:
                     raise CheckpointError(f"failed to load the cfg-step LoRA {lora_path}: {e}") from e
-            self.dit.disable_loras()  # unfuses a previously fused LoRA before re-enabling
             try:
-                self.dit.enable_loras([CFG_STEP_LORA])
-            except (KeyError, ValueError) as e:
-                raise ValueError(
-                    f"distill mode needs the cfg-step LoRA loaded as {CFG_STEP_LORA!r}: pass "
-                    f"lora_path=<checkpoint>/{CFG_STEP_LORA_FILE} ({e})"
-                ) from e
-            if fuse_lora:
-                self.dit.fuse_lora()
+                self.dit.disable_loras()  # unfuses a previously fused LoRA before re-enabling
+                try:
+                    self.dit.enable_loras([CFG_STEP_LORA])
+                except (KeyError, ValueError) as e:
+                    raise ValueError(
+                        f"distill mode needs the cfg-step LoRA loaded as {CFG_STEP_LORA!r}: pass "
+                        f"lora_path=<checkpoint>/{CFG_STEP_LORA_FILE} ({e})"
+                    ) from e
+                if fuse_lora:
+                    self.dit.fuse_lora()
+            except BaseException:
+                self.dit.disable_loras()
+                if prev_active:
+                    self.dit.enable_loras(prev_active)
+                    if prev_fused:
+                        self.dit.fuse_lora()
+                raise
         else:
             self.dit.disable_loras()
         self._mode = mode
