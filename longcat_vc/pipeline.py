@@ -597,8 +597,6 @@ class VideoContinuationPipeline:
             check_fuse_before_quantising(self.dit, "set_mode: fuse_lora=True")
         self._take_dit(restore=False)  # the DiT's LoRA state is this pipeline's from now on
         if mode == "distill":
-            from .lora import fused_loras
-
             # before a reload (which unfuses an active LoRA of that name): a fuse that fails (fuse_lora's
             # overflow refusal, an interrupt) left the cfg-step LoRA enabled with the mode still recorded
             # as before, and later basic calls ran the distill LoRA; the previous LoRA state is put back
