@@ -19,6 +19,7 @@ import itertools
 import numbers
 import os
 import zlib
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -192,15 +193,57 @@ class LongCatDiT(nn.Module):
         LoRAs are fused into the weights (the loaded weights would lose them while the model still
         counted them as fused, and a later unfuse would subtract them from the loaded weights), and
         refused (ValueError) where the state dict and the model disagree on fp8 quantisation
-        (``longcat_vc.fp8.check_fp8_state_dict``)."""
+        (``longcat_vc.fp8.check_fp8_state_dict``). A state dict ``nn.Module.load_state_dict`` would refuse
+        (a key of another shape, a value that is not a tensor; with ``strict``, a missing or unexpected key)
+        is refused (RuntimeError) before anything is copied: torch raises only after copying every other
+        tensor, which left a refused load half-applied."""
         fused = _lora.fused_loras(self)
         if fused:
+            if any(isinstance(m, Fp8Linear) and m.lora_fused for m in self.modules()):
+                # unfuse_lora refuses these layers: "call unfuse_lora() first" led nowhere
+                raise RuntimeError(
+                    f"load_state_dict: LoRA {fused} fused into the weights before fp8 quantisation, which "
+                    "unfuse_lora() cannot take out again; load the state dict into a DiT quantised with "
+                    "quantize_dit_fp8 without fusing a LoRA (a fused LoRA is in the state dict's weights)")
             raise RuntimeError(f"load_state_dict: LoRA {fused} fused into the weights; call unfuse_lora() first")
         check_fp8_state_dict(self, state_dict)
+        self._check_loadable(state_dict, strict)
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         finally:
             self._state_version += 1
+
+    def _check_loadable(self, state_dict, strict: bool) -> None:
+        """RuntimeError (torch's words, plus "nothing was loaded") for what ``nn.Module.load_state_dict``
+        would refuse only after its copies. Skipped where load or state-dict hooks may rename keys."""
+        if not isinstance(state_dict, Mapping) or any(
+                m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks or m._state_dict_hooks
+                or m._state_dict_pre_hooks for m in self.modules()):
+            return  # torch's own TypeError / the hooks' keys: nn.Module.load_state_dict decides
+        expected = {k: v.shape for k, v in self.state_dict(keep_vars=True).items()}
+        errors = []
+        if strict:
+            unexpected = [k for k in state_dict if k not in expected]
+            missing = [k for k in expected if k not in state_dict]
+            if unexpected:
+                errors.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected[:10])
+                              + (f" ... ({len(unexpected)} keys)" if len(unexpected) > 10 else ""))
+            if missing:
+                errors.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing[:10])
+                              + (f" ... ({len(missing)} keys)" if len(missing) > 10 else ""))
+        for k, shape in expected.items():
+            if k not in state_dict:
+                continue
+            v = state_dict[k]
+            if not torch.overrides.is_tensor_like(v):
+                errors.append(f'While copying the parameter named "{k}", expected torch.Tensor or Tensor-like '
+                              f"object from checkpoint but received {type(v)}")
+            elif v.shape != shape and not (len(shape) == 0 and v.shape == (1,)):  # (torch takes a [1] for a 0-d)
+                errors.append(f"size mismatch for {k}: copying a param with shape {v.shape} from checkpoint, "
+                              f"the shape in current model is {shape}.")
+        if errors:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} (nothing was loaded):\n\t"
+                               + "\n\t".join(errors))
 
     def _apply(self, fn, recurse=True):
         # ``.to(dtype)`` / ``.half()`` / ``.float()`` keep each parameter's identity and version
@@ -228,6 +271,21 @@ class LongCatDiT(nn.Module):
         except RuntimeError:  # a device type autocast does not know
             pass
         return self.dtype
+
+    def __getstate__(self) -> dict:
+        # what copy.deepcopy and pickling (torch.save of the whole model) read. A block streamer's hooks and
+        # forward wrappers are closures over the original blocks: a deep copy ran the original's blocks with
+        # its own embedders, silently, and a pickle failed on a local function; a context-parallel handler
+        # holds a process group, which neither can copy ("cannot pickle ... ProcessGroup")
+        if self.__dict__.get("_block_streamer") is not None:
+            raise ValueError("LongCatDiT: cannot copy or pickle a DiT with a block streamer attached (memory='balanced'"
+                             " or 'low'): detach() it first (dit._block_streamer.detach()), then copy, and attach a "
+                             "BlockStreamer to each model")
+        if self.__dict__.get("_context_parallel") is not None:
+            raise ValueError("LongCatDiT: cannot copy or pickle a DiT that runs context parallel (its process group "
+                             "cannot be copied): call disable_context_parallel() first, then copy, and "
+                             "enable_context_parallel() on each model")
+        return super().__getstate__()
 
     def __setstate__(self, state) -> None:
         # unpickled (torch.save of the whole model) or deep-copied: its LoRA adapters report their changes to it again
