@@ -38,6 +38,12 @@ untested combination. Tried here (torchao 0.18.0 wheel, torch 2.13 CPU): its com
 ``Float8DynamicActivationFloat8WeightConfig`` refuses any device below sm89 outright, so nothing of
 it can be tested off the GPU; nor does it fuse the quantisation into the producers above.
 
+State dict: each converted linear holds ``weight`` float8_e4m3fn ``[N, K]`` and the buffer ``weight_scale``
+``[N]`` fp32, so a quantised DiT's state dict is not the official layout (``from_pretrained`` refuses it:
+unexpected ``weight_scale`` keys). Saved (``safetensors`` or ``torch.save``), it loads back bit for bit with
+``load_state_dict`` into a DiT quantised the same way (``quantize_dit_fp8`` first, no LoRA fused); an
+unquantised DiT refuses it (``check_fp8_state_dict``).
+
 Inference only: the quantised activations carry no gradient, so the fp8 layers refuse an input that
 requires grad while grad is enabled (a backward through them missed every fp8 path, silently).
 
