@@ -210,9 +210,10 @@ def _normalize_block_sparse(bs, q, k, Sc: int, rope) -> BlockSparseParams:
         cq = check_chunk(bs.chunk_q, grid_q, "block_sparse.chunk_q", "the fresh grid")
         ck = check_chunk(bs.chunk_q if bs.chunk_k is None else bs.chunk_k, grid_k, "block_sparse.chunk_k", "the key grid")
     else:
-        check_no_rule_beside_selection(bs.sparsity, bs.cdf_threshold, "block_sparse")
-        k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
-        _check_params_selection(bs, q, k_all, grid_q, grid_k)  # first: it checks selection's type
+        if not compiling():  # skipped while traced, as the other checks (dynamo cannot build a SimpleNamespace)
+            check_no_rule_beside_selection(bs.sparsity, bs.cdf_threshold, "block_sparse")
+            k_all = SimpleNamespace(shape=(q.shape[0], Sc + Sn) + tuple(q.shape[2:]))
+            _check_params_selection(bs, q, k_all, grid_q, grid_k)  # first: it checks selection's type
         cq, ck = bs.selection.chunk_q, bs.selection.chunk_k
     # a numpy float32 rule as the Python float of its value (the Triton gating computes 1 - sparsity with it)
     return dataclasses.replace(bs, frame_hw=(Hf, Wf), chunk_q=cq, chunk_k=ck, sparsity=plain_float(bs.sparsity),
