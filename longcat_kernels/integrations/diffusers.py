@@ -4,15 +4,18 @@
 
     transformer.forward(hidden_states [B, C, F, H, W], ...)
       └─ pre-forward hook (ours): grid = (F / p_t, H / p_h, W / p_w)  -> shared state
+      └─ rope(hidden_states) -> (cos, sin)   forward hook (ours): the grid tagged onto cos
       └─ blocks[i].attn1 (self-attention)  processor swapped for BlockSparseWanAttnProcessor:
              q/k/v projections; norm_q/norm_k over all heads + Wan RoPE, either as diffusers does
              or (fused_prologue, default on CUDA) in one lk.qk_norm_rope launch
              attention: lk.block_sparse_attn(q, k, v, grid_q=grid, ...)   (dense op at sparsity 0)
       └─ blocks[i].attn2 (text cross-attention, I2V image branch): untouched
 
-Attention processors are not given the video grid, hence the hook on the transformer's forward.
+Attention processors are not given the video grid, hence the hooks: the tables carry the grid of the
+forward that made them (read by eager and compiled blocks alike, also when activation checkpointing
+recomputes a block in backward after forwards at other grids).
 ``remove_block_sparse_attention`` puts the original processor objects back (on the blocks still running
-ours) and removes the hook.
+ours) and removes the hooks.
 diffusers is only needed by the caller (this module imports nothing from it).
 """
 
@@ -38,6 +41,9 @@ _ATTR = "_longcat_block_sparse"
 # ChronoEdit and Wan-Animate use WanAttnProcessor, SkyReels-V2 a copy of it): q/k/v, norm_q/norm_k over all
 # heads, Wan's (cos, sin) RoPE on a [B, C, F, H, W] input's (F, H, W) token grid
 _WAN_SELF_ATTN = ("WanAttnProcessor", "SkyReelsV2AttnProcessor")
+# attribute of the RoPE cos table holding the grid of the forward that made it (a Python attribute of the tensor:
+# torch.compile reads and guards on it, a weak map it cannot trace)
+_GRID_TAG = "_longcat_grid"
 
 
 @dataclass
@@ -66,11 +72,19 @@ class _GridState:
     def grid_of(self, rotary_emb) -> Optional[Tuple[int, int, int]]:
         """The grid of the forward that made ``rotary_emb``: the current one the first time its tables
         are seen, the recorded one when a block of an earlier forward is recomputed."""
-        # torch.compile (diffusers' compile_repeated_blocks(fullgraph=True)): dynamo cannot trace the weak map;
-        # the grid is the current forward's, guarded on by dynamo (a new grid recompiles)
-        if rotary_emb is None or self.grid is None or torch.compiler.is_compiling():
+        if rotary_emb is None:
             return self.grid
         key = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
+        # tagged by the hook on the model's rope module: exact, and traced by torch.compile (guarded: a block
+        # recomputed in backward after a forward at another grid runs the graph of its own grid); read before
+        # self.grid, which a compiled block would guard on as well (twice the recompiles)
+        grid = getattr(key, _GRID_TAG, None)
+        if grid is not None:
+            return grid
+        # torch.compile of the whole model (tables made inside the graph, untagged) or a model without a rope
+        # module: dynamo cannot trace the weak map; the grid is the current forward's, guarded on by dynamo
+        if self.grid is None or torch.compiler.is_compiling():
+            return self.grid
         grid = self._grids.get(key)
         if grid is None:
             # a reentrant checkpoint recomputes in backward with detached (new) tables: not a new forward
@@ -113,6 +127,7 @@ class _Installed:
     hook: Any
     originals: Dict[int, Any] = field(default_factory=dict)  # block index -> original attn1 processor
     end_hook: Any = None  # the forward hook that clears _GridState._fresh
+    rope_hook: Any = None  # the forward hook on transformer.rope that tags the tables with their grid
 
 
 def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -322,6 +337,28 @@ def _grid_hook(patch: Tuple[int, int, int], module, args, kwargs):
     return None
 
 
+def _rope_hook(patch: Tuple[int, int, int], state: _GridState, module, args, output):
+    """Forward hook on the model's ``rope`` (WanRotaryPosEmbed: ``(cos, sin)`` of the 5-D input's grid, new tensors
+    per call): the grid of the input is tagged onto cos, and the transformer's mark is consumed here, where the
+    forward's tables are made, rather than at the first block (a call stopped in between, e.g. by a
+    KeyboardInterrupt, which always_call hooks do not see, left the mark to a later ``transformer.forward(...)``).
+    Tables of a call the pre-forward hook did not mark stay untagged: refused at the first block."""
+    x = args[0] if args else None
+    cos = output[0] if isinstance(output, (tuple, list)) and output else None
+    # torch.compile of the whole model: no attribute on a traced tensor; its blocks read the current grid
+    if (torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.dim() != 5
+            or not isinstance(cos, torch.Tensor)):
+        return None
+    if state._fresh:
+        _, _, F, H, W = x.shape
+        grid = (F // patch[0], H // patch[1], W // patch[2])
+        if grid != state.grid:  # the rope's own input rules (equal to the pre-forward hook's in diffusers' models)
+            state.grid, state.rope_ok = grid, None
+        setattr(cos, _GRID_TAG, grid)
+        state._fresh = False
+    return None
+
+
 def _end_hook(module, args, output):
     """Forward hook, also run when the forward raised (``always_call``): the forward's mark goes. A call that
     failed before its first block left it set, and a following ``transformer.forward(...)`` (no hook) took
@@ -368,8 +405,11 @@ def apply_block_sparse_attention(
     detected on each forward and keeps its own tables (the fused prologue is then skipped). A
     ``copy.deepcopy`` of the applied model runs on its own grid state. Blocks recomputed in backward
     (``enable_gradient_checkpointing``) use the grid of their own forward, also after forwards at
-    other resolutions (eager blocks only: a block compiled by ``torch.compile`` / ``compile_repeated_blocks``,
-    ``fullgraph=True`` included, reads the current forward's grid and runs diffusers' norm and RoPE ops).
+    other resolutions: a hook on the model's ``rope`` module tags each forward's RoPE tables with its grid,
+    which eager blocks and blocks compiled by ``compile_repeated_blocks`` (``fullgraph=True`` included; they
+    run diffusers' norm and RoPE ops) both read. ``torch.compile`` of the whole transformer makes the tables
+    inside the graph, untagged: its blocks read the current forward's grid, and a recompute is part of that
+    forward's compiled graph.
     """
     p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):
@@ -424,6 +464,9 @@ def apply_block_sparse_attention(
     handle = transformer.register_forward_pre_hook(functools.partial(_grid_hook, (p_t, p_h, p_w)), with_kwargs=True)
     inst = _Installed(state=state, hook=handle,
                       end_hook=transformer.register_forward_hook(_end_hook, always_call=True))
+    rope = getattr(transformer, "rope", None)
+    if isinstance(rope, torch.nn.Module):  # every model of _WAN_SELF_ATTN has one, called on hidden_states
+        inst.rope_hook = rope.register_forward_hook(functools.partial(_rope_hook, (p_t, p_h, p_w), state))
     for i in idx:
         attn = transformer.blocks[i].attn1
         inst.originals[i] = attn.processor
@@ -452,7 +495,8 @@ def remove_block_sparse_attention(transformer):
         if isinstance(cur, BlockSparseWanAttnProcessor) and cur.state is inst.state:
             attn.set_processor(proc)
     inst.hook.remove()
-    if getattr(inst, "end_hook", None) is not None:  # an _Installed pickled before it had one
-        inst.end_hook.remove()
+    for h in (getattr(inst, "end_hook", None), getattr(inst, "rope_hook", None)):
+        if h is not None:  # an _Installed pickled before it had one
+            h.remove()
     delattr(transformer, _ATTR)
     return transformer
