@@ -11,30 +11,19 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from longcat_vc.pipeline import VideoContinuationPipeline
-from vc_components import write_full_checkpoint
+from vc_components import full_checkpoint_in, tiny_vc_latents, tiny_vc_video
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ckpt46"))
-    write_full_checkpoint(root)
-    return root
+    return full_checkpoint_in(tmp_path_factory, "ckpt46")
 
 
-def _video():
-    return np.random.default_rng(0).integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
-
-
-def _run(pipe, **kw):
-    args = dict(resolution=(32, 48), num_frames=13, num_cond_frames=5, guidance_scale=1.0, num_inference_steps=2,
-                progress=False, output_type="latent", generator=torch.Generator().manual_seed(11))
-    args.update(kw)
-    return pipe(_video(), "a person rides a motorcycle", **args).latents
+_video, _run = tiny_vc_video, tiny_vc_latents
 
 
 def _pipe(ckpt, mode):

@@ -234,6 +234,31 @@ def refine_checkpoint_in(tmp_path_factory, name: str) -> str:
 
 
 # the flags of a cheap ``longcat-vc`` run on the refine checkpoint (tiny sizes, one step, the torch path)
+def full_checkpoint_in(tmp_path_factory, name: str) -> str:
+    """A fresh ``write_full_checkpoint`` folder for a module-scoped fixture."""
+    root = str(tmp_path_factory.mktemp(name))
+    write_full_checkpoint(root)
+    return root
+
+
+def tiny_vc_video():
+    """9 random frames of 32x48, the same every call (the small pipeline tests' input)."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
+
+
+def tiny_vc_latents(pipe, **kw):
+    """The latents of one small seeded pipeline call on ``tiny_vc_video()`` (13 frames, 5 cond, 2 steps, guidance 1);
+    ``kw`` overrides the call's arguments."""
+    import torch
+
+    args = dict(resolution=(32, 48), num_frames=13, num_cond_frames=5, guidance_scale=1.0, num_inference_steps=2,
+                progress=False, output_type="latent", generator=torch.Generator().manual_seed(11))
+    args.update(kw)
+    return pipe(tiny_vc_video(), "a person rides a motorcycle", **args).latents
+
+
 CLI_RUN = ["--device", "cpu", "--dtype", "fp32", "--attn-backend", "torch", "--no-progress", "--frames", "9",
            "--cond-frames", "5", "--steps", "1", "--resolution", "32x64", "--mode", "distill"]
 
