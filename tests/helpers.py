@@ -99,3 +99,19 @@ def bsa_oracle(q, k, v, sel, scale):
     mask = bsa_token_mask(sel.to_mask(), sel.grid_q, sel.grid_k, sel.chunk_q, sel.chunk_k)
     out, lse = attention_oracle(q, k, v, mask, scale)
     return out, lse, attention_lowp(q, k, v, mask, scale), mask
+
+
+def tiny_wan(num_layers: int = 2):
+    """A tiny random diffusers ``WanTransformer3DModel``, fp32, eval (2 heads x 16, text dim 24, patch 1x2x2);
+    every parameter randomised (zero-initialised norm biases would hide mistakes). Needs diffusers."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=24, freq_dim=16, ffn_dim=48, num_layers=num_layers, rope_max_seq_len=32,
+    ).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return m

@@ -5,22 +5,14 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import WanTransformer3DModel  # noqa: E402
+from helpers import tiny_wan  # noqa: E402
 
 import longcat_kernels as lk  # noqa: E402
 from longcat_kernels.integrations.diffusers import apply_block_sparse_attention  # noqa: E402
 
 
 def _model():
-    torch.manual_seed(0)
-    m = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=24, freq_dim=16, ffn_dim=48, num_layers=2, rope_max_seq_len=32,
-    ).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return m
+    return tiny_wan()
 
 
 def _inputs(F, H, W):

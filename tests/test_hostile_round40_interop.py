@@ -8,6 +8,7 @@ import torch
 import longcat_kernels as lk
 from longcat_kernels.testing import attention_lowp, attention_oracle
 from longcat_kernels.testing.baselines import sdpa_bshd
+from helpers import tiny_wan
 
 
 @pytest.mark.parametrize("hkv", [1, 2])
@@ -35,17 +36,7 @@ def test_oracles_and_sdpa_baseline_take_gqa_kv(hkv):
 
 def _wan_model(num_layers=2):
     """A tiny random diffusers WanTransformer3DModel, fp32 (2 heads x 16, text dim 24)."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    m = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=24, freq_dim=16, ffn_dim=48, num_layers=num_layers, rope_max_seq_len=32,
-    ).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return m
+    return tiny_wan(num_layers)
 
 
 def _wan_run(m, F, H, W, batch=1, seed=1):
