@@ -222,7 +222,8 @@ def _read_animated(path: str) -> VideoFrames:
 
 def _display_rotated(frame, path: str, sar=None) -> np.ndarray:
     """``frame`` (an ``av.VideoFrame``) as rgb24, turned by its display-rotation metadata (phone
-    clips store frames unrotated plus a display matrix) so it comes out as ffmpeg / players show it.
+    clips store frames unrotated plus a display matrix) so it comes out as ffmpeg / players show it:
+    quarter turns and mirrors (hflip / vflip) of the matrix are applied, other angles refused.
     PyAV's ``frame.rotation`` is counter-clockwise degrees, as ``np.rot90``'s k quarter turns.
     A sample aspect ratio ``sar`` other than 1 (anamorphic DVD / HDV / broadcast sources: non-square
     pixels) is applied first, as players do, by resizing the width to ``round(width * sar)`` (ffmpeg's
@@ -239,7 +240,33 @@ def _display_rotated(frame, path: str, sar=None) -> np.ndarray:
         raise VideoReadError(
             f"{path}: unsupported display rotation {rotation:g} degrees (only multiples of 90 are supported)"
         )
-    return np.ascontiguousarray(np.rot90(arr, quarter % 4)) if quarter % 4 else arr
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return np.ascontiguousarray(np.rot90(arr, quarter % 4)) if quarter % 4 else arr
+    # the matrix maps a stored pixel (x, y) to the displayed (a*x + c*y, b*x + d*y) (libavutil/display.h);
+    # a quarter-turn multiple makes it a signed permutation: a transpose or not, then a flip per axis.
+    # ``frame.rotation`` alone missed a mirror: an hflip read as a half turn, a vflip not at all
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    if abs(a) + abs(d) >= abs(b) + abs(c):
+        out = arr[::-1 if d < 0 else 1, ::-1 if a < 0 else 1]
+    else:
+        out = np.swapaxes(arr, 0, 1)[::-1 if b < 0 else 1, ::-1 if c < 0 else 1]
+    return np.ascontiguousarray(out)
+
+
+def _display_matrix(frame):
+    """The frame's display matrix (9 int32, 16.16 fixed point) or None: none attached, or a PyAV without
+    frame side data (its ``frame.rotation`` is then all that is applied)."""
+    try:
+        from av.sidedata.sidedata import Type
+
+        data = frame.side_data.get(Type.DISPLAYMATRIX)
+        if data is None:
+            return None
+        matrix = np.frombuffer(bytes(data), dtype=np.int32)
+    except Exception:
+        return None
+    return matrix if matrix.size == 9 else None
 
 
 def _main_video_stream(container):
