@@ -199,16 +199,22 @@ def _is_animated(path: str) -> bool:
         return False
 
 
+_GIF_DEFAULT_DELAY_MS = 100  # ffmpeg's gif demuxer default_delay (10 cs) for a frame of delay 0
+
+
 def _read_animated(path: str) -> VideoFrames:
-    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration."""
+    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration. A GIF
+    frame without a delay (0) lasts 100 ms, as ffmpeg's GIF demuxer (the imageio-ffmpeg reader) and
+    browsers show it: counted as 0 ms it raised the rate (one among 40 ms frames: 30 fps, not 20)."""
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
+            gif = im.format == "GIF"
             frames, durations = [], []
             for i, fr in enumerate(ImageSequence.Iterator(im)):
                 frames.append(_image_to_rgb(fr, f"{path} frame {i}"))
-                durations.append(fr.info.get("duration", 0) or 0)
+                durations.append(fr.info.get("duration", 0) or (_GIF_DEFAULT_DELAY_MS if gif else 0))
     except VideoReadError:
         raise
     except Exception as e:

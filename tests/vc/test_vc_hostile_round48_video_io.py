@@ -34,3 +34,31 @@ def test_display_matrix_with_a_mirror_is_applied_like_ffmpeg(tmp_path, opts):
     assert np.abs(v.frames.astype(int) - ref.astype(int)).mean() < 1
     sub = read_video(path, target_fps=7.5)  # subsampling while decoding keeps the transform
     np.testing.assert_array_equal(sub.frames, v.frames[::2])
+
+
+def _gif(tmp_path, durations, n=6):
+    from PIL import Image
+
+    ims = [Image.fromarray(f) for f in _pattern(n)]
+    path = str(tmp_path / "clip.gif")
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=durations, loop=0)
+    return path
+
+
+def test_gif_frames_of_zero_delay_count_as_ffmpeg_counts_them(tmp_path):
+    """A GIF frame with a delay of 0 (no delay set: ffmpeg, the imageio-ffmpeg reader and browsers show it
+    for 100 ms) was counted as lasting 0 ms: one such frame among 40 ms ones gave 30 fps where ffmpeg reads
+    20 fps, so target_fps=15 kept every 2nd frame (3 of 6) instead of all 6."""
+    path = _gif(tmp_path, [0, 40, 40, 40, 40, 40])
+    v = read_video(path)
+    assert v.num_frames == 6 and v.fps == pytest.approx(20.0)
+    assert read_video(path, target_fps=15.0).num_frames == 6
+
+
+def test_gif_of_only_zero_delays_is_read_at_ffmpegs_10_fps(tmp_path):
+    """A GIF whose frames all have delay 0 had no frame rate (taken as 15 fps by the command), while ffmpeg
+    and browsers play it at 10 fps (100 ms a frame): the continuation came out 1.5x too fast. Nonzero
+    delays are kept as stored (10 ms: 100 fps, as ffmpeg reads it)."""
+    assert read_video(_gif(tmp_path, 0)).fps == pytest.approx(10.0)
+    assert read_video(_gif(tmp_path, 10)).fps == pytest.approx(100.0)
+    assert read_video(_gif(tmp_path, 50)).fps == pytest.approx(20.0)
