@@ -199,22 +199,25 @@ def _is_animated(path: str) -> bool:
         return False
 
 
-_GIF_DEFAULT_DELAY_MS = 100  # ffmpeg's gif demuxer default_delay (10 cs) for a frame of delay 0
+# how long a frame of delay 0 lasts, as ffmpeg's demuxers read it: gif default_delay (10 cs, browsers too),
+# apng default_fps (15). WebP: none (0 ms, as before)
+_ZERO_DELAY_MS = {"GIF": 100.0, "PNG": 1000.0 / 15}
 
 
 def _read_animated(path: str) -> VideoFrames:
-    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration. A GIF
-    frame without a delay (0) lasts 100 ms, as ffmpeg's GIF demuxer (the imageio-ffmpeg reader) and
-    browsers show it: counted as 0 ms it raised the rate (one among 40 ms frames: 30 fps, not 20)."""
+    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration. A frame
+    without a delay (0) lasts as ffmpeg's demuxers (the imageio-ffmpeg reader) take it: 100 ms in a GIF (as
+    browsers show it), 1/15 s in an APNG; counted as 0 ms it raised the rate (a GIF with one among 40 ms
+    frames: 30 fps, not 20)."""
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
-            gif = im.format == "GIF"
+            zero_delay = _ZERO_DELAY_MS.get(im.format, 0)
             frames, durations = [], []
             for i, fr in enumerate(ImageSequence.Iterator(im)):
                 frames.append(_image_to_rgb(fr, f"{path} frame {i}"))
-                durations.append(fr.info.get("duration", 0) or (_GIF_DEFAULT_DELAY_MS if gif else 0))
+                durations.append(fr.info.get("duration", 0) or zero_delay)
     except VideoReadError:
         raise
     except Exception as e:

@@ -62,3 +62,16 @@ def test_gif_of_only_zero_delays_is_read_at_ffmpegs_10_fps(tmp_path):
     assert read_video(_gif(tmp_path, 0)).fps == pytest.approx(10.0)
     assert read_video(_gif(tmp_path, 10)).fps == pytest.approx(100.0)
     assert read_video(_gif(tmp_path, 50)).fps == pytest.approx(20.0)
+
+
+def test_apng_frames_of_zero_delay_count_as_ffmpeg_counts_them(tmp_path):
+    """An animated PNG frame of delay 0 counted as 0 ms: one among 40 ms frames gave 30 fps where ffmpeg's
+    APNG demuxer (a zero delay lasts 1/15 s) reads 22.5 fps; all-zero delays gave no rate (ffmpeg: 15 fps)."""
+    from PIL import Image
+
+    ims = [Image.fromarray(f) for f in _pattern(6)]
+    path = str(tmp_path / "clip.png")
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=[0, 40, 40, 40, 40, 40], loop=0)
+    assert read_video(path).fps == pytest.approx(22.5)
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=0, loop=0)
+    assert read_video(path).fps == pytest.approx(15.0)
