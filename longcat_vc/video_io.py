@@ -199,16 +199,25 @@ def _is_animated(path: str) -> bool:
         return False
 
 
+# how long a frame of delay 0 lasts, as ffmpeg's demuxers read it: gif default_delay (10 cs, browsers too),
+# apng default_fps (15). WebP: none (0 ms, as before)
+_ZERO_DELAY_MS = {"GIF": 100.0, "PNG": 1000.0 / 15}
+
+
 def _read_animated(path: str) -> VideoFrames:
-    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration."""
+    """The frames of a GIF or an animated PNG / WebP, with the frame rate of their mean duration. A frame
+    without a delay (0) lasts as ffmpeg's demuxers (the imageio-ffmpeg reader) take it: 100 ms in a GIF (as
+    browsers show it), 1/15 s in an APNG; counted as 0 ms it raised the rate (a GIF with one among 40 ms
+    frames: 30 fps, not 20)."""
     from PIL import Image, ImageSequence
 
     try:
         with Image.open(path) as im:
+            zero_delay = _ZERO_DELAY_MS.get(im.format, 0)
             frames, durations = [], []
             for i, fr in enumerate(ImageSequence.Iterator(im)):
                 frames.append(_image_to_rgb(fr, f"{path} frame {i}"))
-                durations.append(fr.info.get("duration", 0) or 0)
+                durations.append(fr.info.get("duration", 0) or zero_delay)
     except VideoReadError:
         raise
     except Exception as e:
@@ -222,7 +231,8 @@ def _read_animated(path: str) -> VideoFrames:
 
 def _display_rotated(frame, path: str, sar=None) -> np.ndarray:
     """``frame`` (an ``av.VideoFrame``) as rgb24, turned by its display-rotation metadata (phone
-    clips store frames unrotated plus a display matrix) so it comes out as ffmpeg / players show it.
+    clips store frames unrotated plus a display matrix) so it comes out as ffmpeg / players show it:
+    quarter turns and mirrors (hflip / vflip) of the matrix are applied, other angles refused.
     PyAV's ``frame.rotation`` is counter-clockwise degrees, as ``np.rot90``'s k quarter turns.
     A sample aspect ratio ``sar`` other than 1 (anamorphic DVD / HDV / broadcast sources: non-square
     pixels) is applied first, as players do, by resizing the width to ``round(width * sar)`` (ffmpeg's
@@ -239,7 +249,33 @@ def _display_rotated(frame, path: str, sar=None) -> np.ndarray:
         raise VideoReadError(
             f"{path}: unsupported display rotation {rotation:g} degrees (only multiples of 90 are supported)"
         )
-    return np.ascontiguousarray(np.rot90(arr, quarter % 4)) if quarter % 4 else arr
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return np.ascontiguousarray(np.rot90(arr, quarter % 4)) if quarter % 4 else arr
+    # the matrix maps a stored pixel (x, y) to the displayed (a*x + c*y, b*x + d*y) (libavutil/display.h);
+    # a quarter-turn multiple makes it a signed permutation: a transpose or not, then a flip per axis.
+    # ``frame.rotation`` alone missed a mirror: an hflip read as a half turn, a vflip not at all
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    if abs(a) + abs(d) >= abs(b) + abs(c):
+        out = arr[::-1 if d < 0 else 1, ::-1 if a < 0 else 1]
+    else:
+        out = np.swapaxes(arr, 0, 1)[::-1 if b < 0 else 1, ::-1 if c < 0 else 1]
+    return np.ascontiguousarray(out)
+
+
+def _display_matrix(frame):
+    """The frame's display matrix (9 int32, 16.16 fixed point) or None: none attached, or a PyAV without
+    frame side data (its ``frame.rotation`` is then all that is applied)."""
+    try:
+        from av.sidedata.sidedata import Type
+
+        data = frame.side_data.get(Type.DISPLAYMATRIX)
+        if data is None:
+            return None
+        matrix = np.frombuffer(bytes(data), dtype=np.int32)
+    except Exception:
+        return None
+    return matrix if matrix.size == 9 else None
 
 
 def _main_video_stream(container):
