@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,3 +28,45 @@ def test_grid_has_no_unused_token_block_id():
 
     assert not hasattr(grid, "token_block_id")
     assert "token_block_id" not in grid.__all__
+
+
+_REPO_PATH = re.compile(r"`((?:longcat_kernels|longcat_vc|bench|tests|csrc|docs|examples)/[A-Za-z0-9_./-]*)`")
+
+
+def test_backticked_repo_paths_in_readme_and_architecture_exist():
+    """Guard: every backticked repository path (`longcat_kernels/...py`, `bench/...`, `tests/...`) named in
+    README.md and ARCHITECTURE.md exists (a `<placeholder>` or `*` pattern is skipped)."""
+    seen, missing = 0, []
+    for doc in ("README.md", "ARCHITECTURE.md"):
+        for path in _REPO_PATH.findall(_source(doc)):
+            path = path.rstrip(".,:")
+            if "<" in path or "*" in path:
+                continue
+            seen += 1
+            if not (ROOT / path).exists():
+                missing.append(f"{doc}: {path}")
+    assert seen > 20, "no paths found: the pattern is wrong"
+    assert not missing, missing
+
+
+def _private_kernel_imports() -> set:
+    """(module, name) that longcat_vc imports from longcat_kernels other than its public API."""
+    found = set()
+    for p in sorted((ROOT / "longcat_vc").rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("longcat_kernels."):
+                found |= {(node.module, a.name) for a in node.names}
+    return found
+
+
+def test_architecture_lists_every_private_kernel_helper_longcat_vc_imports():
+    """ARCHITECTURE said longcat_vc imports, beside the public API, `_envvars.env_flag` only from `_envvars`;
+    `cli.py` also imports `backend_override` and `check_environment` (its early check of LONGCAT_KERNELS_*)."""
+    text = " ".join(_source("ARCHITECTURE.md").split())
+    para = text[text.index("`longcat_vc` calls the ops only"):text.index("`config.py` (DiTConfig")]
+    found = _private_kernel_imports()
+    assert ("longcat_kernels._envvars", "env_flag") in found
+    # the argument checks are named as a module (`_validate.py`), every other helper by name
+    missing = sorted(f"{m}.{n}" for m, n in found
+                     if not (m == "longcat_kernels._validate" and "`_validate.py`" in para) and f"{n}`" not in para)
+    assert not missing, f"ARCHITECTURE's longcat_vc paragraph misses {missing}"
