@@ -70,3 +70,12 @@ def test_architecture_lists_every_private_kernel_helper_longcat_vc_imports():
     missing = sorted(f"{m}.{n}" for m, n in found
                      if not (m == "longcat_kernels._validate" and "`_validate.py`" in para) and f"{n}`" not in para)
     assert not missing, f"ARCHITECTURE's longcat_vc paragraph misses {missing}"
+
+
+def test_video_io_has_no_unused_video_extensions():
+    """`video_io.VIDEO_EXTENSIONS` was exported since the module was written and never read: `read_video` opens
+    any container PyAV/ffmpeg can decode, so the list only suggested a restriction that does not exist."""
+    import longcat_vc.video_io as vio
+
+    assert not hasattr(vio, "VIDEO_EXTENSIONS") and "VIDEO_EXTENSIONS" not in vio.__all__
+    assert ".png" in vio.IMAGE_EXTENSIONS  # the image list is used (frame folders, stills)
