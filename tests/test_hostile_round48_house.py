@@ -79,3 +79,16 @@ def test_video_io_has_no_unused_video_extensions():
 
     assert not hasattr(vio, "VIDEO_EXTENSIONS") and "VIDEO_EXTENSIONS" not in vio.__all__
     assert ".png" in vio.IMAGE_EXTENSIONS  # the image list is used (frame folders, stills)
+
+
+def test_dev_index_names_every_script_that_times_with_bench_timing():
+    """bench/dev/README.md said "Seven scripts time with `bench/timing.py`" and left out
+    `fp8_op_overhead_gpu.py` (`TimingPolicy`, `measure`): the closing paragraph names each such script."""
+    index = _source("bench/dev/README.md")
+    para = " ".join(index[index.rindex("time with `bench/timing.py` itself"):].split())
+    users = sorted(p.name for p in (ROOT / "bench" / "dev").glob("*.py")
+                   if re.search(r"^from bench\.timing import|^import bench\.timing", p.read_text(), re.M))
+    assert len(users) >= 7
+    assert not [u for u in users if f"`{u}`" not in para], users
+    words = {7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
+    assert f"{words[len(users)]} scripts time with" in " ".join(index.split())
