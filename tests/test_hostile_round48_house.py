@@ -87,7 +87,7 @@ def test_dev_index_names_every_script_that_times_with_bench_timing():
     index = _source("bench/dev/README.md")
     para = " ".join(index[index.rindex("time with `bench/timing.py` itself"):].split())
     users = sorted(p.name for p in (ROOT / "bench" / "dev").glob("*.py")
-                   if re.search(r"^from bench\.timing import|^import bench\.timing", p.read_text(), re.M))
+                   if re.search(r"^\s*(from bench\.timing import|import bench\.timing)", p.read_text(), re.M))
     assert len(users) >= 7
     assert not [u for u in users if f"`{u}`" not in para], users
     words = {7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
