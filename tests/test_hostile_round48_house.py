@@ -92,3 +92,19 @@ def test_dev_index_names_every_script_that_times_with_bench_timing():
     assert not [u for u in users if f"`{u}`" not in para], users
     words = {7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
     assert f"{words[len(users)]} scripts time with" in " ".join(index.split())
+
+
+def test_dev_index_names_the_private_helpers_the_pairs_kernel_imports():
+    """bench/dev/README.md called `bsa_pairs_gpu_dev.py` "public API + the kernel beside it", but the script calls
+    the Triton backend module's entry points and `bsa_pairs_triton.py` imports private helpers of
+    `ops/block_sparse_attn` (`_geom`, `_launch`, ...): a rename there breaks it, and the index now says which."""
+    index = _source("bench/dev/README.md")
+    row = next(line for line in index.splitlines() if line.startswith("| `bsa_pairs_gpu_dev.py`"))
+    state = row.split(" | ")[2]
+    private = set()
+    for p in ("bench/dev/bsa_pairs_triton.py", "bench/dev/bsa_pairs_gpu_dev.py"):
+        for node in ast.walk(ast.parse(_source(p))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("longcat_kernels.ops."):
+                private |= {a.name for a in node.names if a.name.startswith("_")}
+    assert private, "the pairs kernel imports no private helper any more: update this test"
+    assert not [n for n in sorted(private) if f"`{n}`" not in state and f".{n}`" not in state], state
