@@ -27,7 +27,6 @@ __all__ = [
     "cache_split_aligned",
     "block_token_index",
     "block_sizes",
-    "token_block_id",
     "token_to_slot",
 ]
 
@@ -158,19 +157,6 @@ def block_token_index(grid: Sequence[int], chunk: Sequence[int], device=None) ->
 def block_sizes(grid: Sequence[int], chunk: Sequence[int], device=None) -> torch.Tensor:
     """Number of real tokens per block, LongTensor ``[num_blocks]``."""
     return (block_token_index(grid, chunk, device) >= 0).sum(dim=1)
-
-
-def token_block_id(grid: Sequence[int], chunk: Sequence[int], device=None) -> torch.Tensor:
-    """Block id of every token, LongTensor ``[S]``."""
-    g = as_triple(grid, "grid")
-    c = as_triple(chunk, "chunk")
-    T, H, W = g
-    ct, ch, cw = c
-    _, nh, nw = num_blocks(g, c)
-    t = torch.arange(T, device=device).view(T, 1, 1) // ct
-    h = torch.arange(H, device=device).view(1, H, 1) // ch
-    w = torch.arange(W, device=device).view(1, 1, W) // cw
-    return ((t * nh + h) * nw + w).reshape(-1)
 
 
 def token_to_slot(grid: Sequence[int], chunk: Sequence[int], device=None) -> torch.Tensor:

@@ -40,11 +40,9 @@ __all__ = [
     "subsample_stride",
     "subsample_to_fps",
     "write_video",
-    "VIDEO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
 ]
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 

@@ -28,7 +28,6 @@ from ...grid import cache_split_aligned
 
 __all__ = [
     "bsa_forward_cuda",
-    "block_sparse_attn_fwd_cuda",
     "block_sparse_attn_cuda",
     "block_sparse_attn_ws_train",
     "bsa_forward_segments_cuda",
@@ -140,9 +139,6 @@ def bsa_forward_segments_cuda(q, k_cache, v_cache, k, v, selection, scale, *, ke
                          key_split_aligned=aligned, needs_grad=False)
     return ops().bsa_fwd_cuda(q, k_cache, v_cache, k, v, *selection_args(selection), float(scale), kernel,
                               bool(return_lse))
-
-
-block_sparse_attn_fwd_cuda = bsa_forward_cuda
 
 
 def block_sparse_attn_cuda(q, k, v, selection, scale, return_lse: bool = False, *, kernel: Optional[str] = None):
