@@ -438,7 +438,14 @@ def load_dit(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         problems.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
     if problems:
         layout = "FastVideo transformer/" if fastvideo else "upstream dit/"
-        raise CheckpointError(f"{folder} ({layout} layout) does not match the config: " + "; ".join(problems))
+        hint = ""
+        if any(k.endswith(".weight_scale") for k in unexpected):
+            # the state dict of a quantised DiT (longcat_vc.fp8: e4m3 weights + per-row scales), saved and given
+            # as a checkpoint: "unexpected key(s) ...weight_scale" did not say what the file was
+            hint = (" (the '.weight_scale' keys are those of a DiT quantised with longcat_vc.fp8.quantize_dit_fp8: "
+                    "load the bf16 checkpoint and quantise it, or load this state dict into a DiT quantised the "
+                    "same way with load_state_dict)")
+        raise CheckpointError(f"{folder} ({layout} layout) does not match the config: " + "; ".join(problems) + hint)
 
     _check_header_dtypes(folder, header, sorted(used))
     handles: Dict[str, object] = {}

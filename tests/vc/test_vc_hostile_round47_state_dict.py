@@ -147,3 +147,20 @@ def test_load_state_dict_into_fp8_with_a_fused_lora_names_a_way_that_works(tmp_p
     quantize_dit_fp8(fresh, emulate=True)
     fresh.load_state_dict(qsd)
     assert _same(_weights(fresh), qsd)
+
+
+def test_from_pretrained_of_a_saved_fp8_state_dict_says_what_it_is(tmp_path):
+    """A quantised DiT's state dict saved as a dit/ folder was refused with "16 unexpected key(s) ...weight_scale"
+    and nothing saying the file holds an fp8-quantised model (round 47's note); the error now says so."""
+    from longcat_vc import LongCatDiT
+    from longcat_vc.loading import CheckpointError
+    from tiny_ckpt import write_upstream_dit
+
+    cfg = tiny_config()
+    m = model_from_state_dict(cfg, random_state_dict(cfg, seed=_seed()))
+    quantize_dit_fp8(m, emulate=True)
+    folder = os.fspath(tmp_path / "dit")
+    os.makedirs(folder)
+    write_upstream_dit(folder, cfg, {k: v.contiguous() for k, v in m.state_dict().items()}, shards=1)
+    with pytest.raises(CheckpointError, match=r"unexpected key.*weight_scale.*quantize_dit_fp8"):
+        LongCatDiT.from_pretrained(folder, progress=False)
