@@ -127,7 +127,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="negative prompt when guidance > 1 (default: LongCat-Video's demo negative prompt)")
     p.add_argument("--mode", choices=("basic", "distill"), default="basic",
                    help="basic: 50 steps, guidance 4.0; distill: cfg-step LoRA, 16 steps, guidance 1.0")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default per mode; basic runs more DiT steps, its enhance_hf schedule: 56 for 50)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps (default per mode; basic runs more DiT steps, its enhance_hf schedule: 56 for "
+                        "50); with --refine stage 1's only: the refinement runs its own 50-step schedule from "
+                        "--t-thresh (5 DiT steps at 0.5), which `longcat-vc refine --steps` sets")
     p.add_argument("--guidance", type=float, default=None, metavar="G", help="guidance scale >= 1 (default per mode)")
     p.add_argument("--frames", type=int, default=93, metavar="F",
                    help="frames per generated clip incl. the cond frames (4k+1, default 93)")
@@ -213,7 +216,10 @@ def _add_refine_parser(sub) -> None:
     pr.add_argument("--cond-frames", type=int, default=None, metavar="C",
                     help="the refinement's cond frames (default: twice the stage-1 clip's, once with --spatial-only, "
                          "as `continue --stage1-out` records them in the file; 26 (13) for another clip)")
-    pr.add_argument("--steps", type=int, default=50, metavar="N", help="base schedule steps (default 50)")
+    pr.add_argument("--steps", type=int, default=50, metavar="N",
+                    help="steps of the base (shifted) schedule the refinement enters at --t-thresh: it runs the "
+                         "first step at --t-thresh and those below it (default 50: 5 DiT steps at --t-thresh 0.5, "
+                         "as upstream)")
     pr.add_argument("--resolution", type=_refine_resolution, default="720p",
                     help="720p (LongCat's F64 buckets: 16:9 -> 704x1280) or HEIGHTxWIDTH (multiples of 64)")
     pr.add_argument("--no-kv-cache", action="store_true", help="recompute the cond tokens every step")
@@ -560,13 +566,107 @@ def _check_resolution_aspect(res, height: int, width: int, what: str) -> None:
                          f"{tw}x{th}?")
 
 
+def _every(stride: int) -> str:
+    """``every 4th frame``; a huge stride (``--input-fps 1e300``: 6.7e298) in 3 digits, not 300."""
+    return f"every {stride}th frame" if stride < 10**6 else f"1 frame in {float(stride):.3g}"
+
+
 def _check_input_frames(video, args) -> None:
     """Enough input frames (after subsampling) for --cond-frames, with the input's path."""
     if video.num_frames < args.cond_frames:
-        sub = f" (every {video.stride}th frame, about 15 fps)" if getattr(video, "stride", 1) > 1 else ""
+        stride = getattr(video, "stride", 1)
+        sub = f" ({_every(stride)}, about 15 fps)" if stride > 1 else ""
+        # the likely culprit: --input-fps 1e300 kept 1 frame
+        given = f" at --input-fps {args.input_fps:g}" if stride > 1 and args.input_fps is not None else ""
         raise UsageError(
-            f"{args.input}: {video.num_frames} frames{sub}, fewer than --cond-frames {args.cond_frames}"
+            f"{args.input}: {video.num_frames} frames{sub}, fewer than --cond-frames {args.cond_frames}{given}"
         )
+
+
+def _available_host_bytes() -> Optional[int]:
+    """The host memory a new allocation can take now (``MemAvailable`` of /proc/meminfo, else the free pages);
+    None where the system cannot say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _run_bytes(cfg, args, video, size_hw, frames: int, segments: int, on_cpu: bool, dtype_bytes: int) -> int:
+    """Shape-dependent bytes of a run (weights left out): the output frames in host memory (the input and every
+    new frame at the input's size, a copy while they are joined; the model-size clip), and on CPU, where the
+    device is the host, the DiT's activations and KV cache (``memory.estimate_peak_bytes`` without weights) and
+    the decoded clip before its conversion to uint8."""
+    from .memory import estimate_peak_bytes
+
+    h, w = size_hw
+    new = segments * (frames - args.cond_frames) * (2 if getattr(args, "refine", False) else 1)
+    host = 2 * (video.num_frames + new) * video.height * video.width * 3 + frames * h * w * 3
+    if not on_cpu:
+        return host
+    g = args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
+    est = estimate_peak_bytes(cfg, "resident", height=h, width=w, num_frames=frames, num_cond_frames=args.cond_frames,
+                              batch=2 if g > 1.0 else 1, dtype_bytes=dtype_bytes, text_encoder_params=0,
+                              vae_params=0, kv_cache=not args.no_kv_cache)
+    act = est["peak"] - est["text"]  # "text" is the DiT's weights alone here
+    return host + act + frames * 3 * h * w * 4
+
+
+def _check_run_size(args, video) -> None:
+    """``--frames`` / ``--segments`` / ``--resolution`` whose run cannot fit the host memory available now, refused
+    before the weights load (``--frames 2000001`` on cpu loaded the weights and ran for minutes before failing):
+    the DiT has no positional limit (its 3D RoPE is computed for any grid), so the bound is memory. Counts only
+    what grows with the run (``_run_bytes``), never the weights: lenient, it refuses the absurd, not a tight fit.
+    CUDA runs: host memory of the output frames only (the GPU's fit is checked as the weights load)."""
+    from .config import DiTConfig
+    from .stages import bucket_size
+
+    avail = _available_host_bytes()
+    if avail is None:
+        return
+    try:  # an unreadable config: check_checkpoint says what is wrong, next
+        cfg = DiTConfig.from_json(os.path.join(args.checkpoint, "dit"))
+    except Exception:
+        return
+    res = args.resolution
+    size_hw = res if isinstance(res, tuple) else bucket_size(video.height, video.width, res)
+    on_cpu = _device(args).type == "cpu"
+    dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}.get(args.dtype, 2 if not on_cpu else 4)
+    segments = args.segments if args.command == "extend" and args.segments is not None else (
+        len(args.prompt) if args.command == "extend" else 1)
+
+    def need(frames: int, segs: int = segments) -> int:
+        return _run_bytes(cfg, args, video, size_hw, frames, segs, on_cpu, dtype_bytes)
+
+    got = need(args.frames)
+    if got <= avail:
+        return
+    gib = 1024 ** 3
+    what = f"--frames {args.frames}" + (f" x --segments {segments}" if args.command == "extend" else "")
+    lo = args.cond_frames + 4  # the fewest frames a clip can have; then the most that fit, by bisection in 4k+1
+    if need(lo) > avail:
+        s_lo, s_hi = 0, segments  # fewer segments of the shortest clip
+        while s_hi - s_lo > 1:
+            mid = (s_lo + s_hi) // 2
+            s_lo, s_hi = (mid, s_hi) if need(lo, mid) <= avail else (s_lo, mid)
+        hint = (f"at most --segments {s_lo} fit" if args.command == "extend" and s_lo >= 1
+                else "no --frames fits: use a lower --resolution")
+    else:
+        k_lo, k_hi = (lo - 1) // 4, (args.frames - 1) // 4
+        while k_hi - k_lo > 1:
+            mid = (k_lo + k_hi) // 2
+            k_lo, k_hi = (mid, k_hi) if need(4 * mid + 1) <= avail else (k_lo, mid)
+        hint = f"at most --frames {4 * k_lo + 1} fits" + (" with these --segments" if args.command == "extend" else "")
+    where = "host memory on cpu (activations, KV cache and frames)" if on_cpu else "host memory for the frames"
+    raise UsageError(f"{what} at {size_hw[0]}x{size_hw[1]} needs about {got / gib:.1f} GiB of {where}, more than "
+                     f"the {avail / gib:.1f} GiB available: {hint}")
 
 
 def _world_size() -> int:
@@ -736,6 +836,7 @@ def _run(args) -> int:
         if n30 < rnc:
             raise UsageError(f"{args.input}: {n30} frames at about 30 fps, fewer than the refinement's {rnc} cond "
                              f"frames ({'' if args.spatial_only else '2 x '}--cond-frames {args.cond_frames})")
+    _check_run_size(args, video)
     check_checkpoint(args.checkpoint, args.mode)
 
     device, dtype, seed = _setup(args)
@@ -749,7 +850,7 @@ def _run(args) -> int:
 
     main_rank = run is None or run.is_main
     log = sys.stderr if main_rank else open(os.devnull, "w")
-    sub = f" (every {video.stride}th frame of {video.fps * video.stride:g} fps)" if video.stride > 1 and video.fps else ""
+    sub = f" ({_every(video.stride)} of {video.fps * video.stride:g} fps)" if video.stride > 1 and video.fps else ""
     print(f"{PROG}: input {video.num_frames} frames {video.width}x{video.height}"
           f"{f' at {video.fps:g} fps' if video.fps else ''}{sub}; seed {seed}", file=log, flush=True)
     print(f"{PROG}: loading {args.checkpoint} ({args.mode}, {str(dtype).replace('torch.', '')}, {device}, "
