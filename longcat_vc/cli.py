@@ -620,53 +620,70 @@ def _run_bytes(cfg, args, video, size_hw, frames: int, segments: int, on_cpu: bo
 
 
 def _check_run_size(args, video) -> None:
-    """``--frames`` / ``--segments`` / ``--resolution`` whose run cannot fit the host memory available now, refused
-    before the weights load (``--frames 2000001`` on cpu loaded the weights and ran for minutes before failing):
-    the DiT has no positional limit (its 3D RoPE is computed for any grid), so the bound is memory. Counts only
-    what grows with the run (``_run_bytes``), never the weights: lenient, it refuses the absurd, not a tight fit.
-    CUDA runs: host memory of the output frames only (the GPU's fit is checked as the weights load)."""
+    """``--frames`` / ``--segments`` / ``--resolution`` whose run cannot fit, refused before the weights load
+    (``--frames 2000001`` on cpu loaded the weights and ran for minutes before failing): the DiT has no positional
+    limit (its 3D RoPE is computed for any grid), so the bound is memory. Host memory available now against what
+    grows with the run (``_run_bytes``: frames; on cpu also activations and KV cache), never the weights; on CUDA
+    also the GPU's total memory against ``memory='low'``'s estimate at the run's shape (the load-time fit check
+    sees 480p / 93 frames only). Lenient: it refuses the absurd, not a tight fit."""
     from .config import DiTConfig
+    from .memory import estimate_peak_bytes
     from .stages import bucket_size
 
-    avail = _available_host_bytes()
-    if avail is None:
-        return
     try:  # an unreadable config: check_checkpoint says what is wrong, next
         cfg = DiTConfig.from_json(os.path.join(args.checkpoint, "dit"))
     except Exception:
         return
     res = args.resolution
     size_hw = res if isinstance(res, tuple) else bucket_size(video.height, video.width, res)
-    on_cpu = _device(args).type == "cpu"
+    device = _device(args)
+    on_cpu = device.type == "cpu"
     dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}.get(args.dtype, 2 if not on_cpu else 4)
     segments = args.segments if args.command == "extend" and args.segments is not None else (
         len(args.prompt) if args.command == "extend" else 1)
+    budgets = []  # (bytes needed for (frames, segments), bytes there, what they are)
+    avail = _available_host_bytes()
+    if avail is not None:
+        budgets.append((lambda f, n: _run_bytes(cfg, args, video, size_hw, f, n, on_cpu, dtype_bytes), avail,
+                        "host memory on cpu (activations, KV cache and frames)" if on_cpu
+                        else "host memory for the frames"))
+    if device.type == "cuda":
+        import torch
 
-    def need(frames: int, segs: int = segments) -> int:
-        return _run_bytes(cfg, args, video, size_hw, frames, segs, on_cpu, dtype_bytes)
+        g = args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
+        cp = getattr(args, "context_parallel", 1)
 
-    got = need(args.frames)
-    if got <= avail:
-        return
+        def on_gpu(f: int, n: int) -> int:
+            return estimate_peak_bytes(cfg, "low", height=size_hw[0], width=size_hw[1], num_frames=f,
+                                       num_cond_frames=args.cond_frames, batch=2 if g > 1.0 else 1,
+                                       dtype_bytes=dtype_bytes, fp8=args.fp8, kv_cache=not args.no_kv_cache,
+                                       sp_size=cp, cfg_parallel=args.cfg_parallel)["peak"]
+
+        budgets.append((on_gpu, torch.cuda.get_device_properties(device).total_memory,
+                        f"{device} memory even in --memory low"))
     gib = 1024 ** 3
     what = f"--frames {args.frames}" + (f" x --segments {segments}" if args.command == "extend" else "")
-    lo = args.cond_frames + 4  # the fewest frames a clip can have; then the most that fit, by bisection in 4k+1
-    if need(lo) > avail:
-        s_lo, s_hi = 0, segments  # fewer segments of the shortest clip
-        while s_hi - s_lo > 1:
-            mid = (s_lo + s_hi) // 2
-            s_lo, s_hi = (mid, s_hi) if need(lo, mid) <= avail else (s_lo, mid)
-        hint = (f"at most --segments {s_lo} fit" if args.command == "extend" and s_lo >= 1
-                else "no --frames fits: use a lower --resolution")
-    else:
-        k_lo, k_hi = (lo - 1) // 4, (args.frames - 1) // 4
-        while k_hi - k_lo > 1:
-            mid = (k_lo + k_hi) // 2
-            k_lo, k_hi = (mid, k_hi) if need(4 * mid + 1) <= avail else (k_lo, mid)
-        hint = f"at most --frames {4 * k_lo + 1} fits" + (" with these --segments" if args.command == "extend" else "")
-    where = "host memory on cpu (activations, KV cache and frames)" if on_cpu else "host memory for the frames"
-    raise UsageError(f"{what} at {size_hw[0]}x{size_hw[1]} needs about {got / gib:.1f} GiB of {where}, more than "
-                     f"the {avail / gib:.1f} GiB available: {hint}")
+    for need, have, where in budgets:
+        got = need(args.frames, segments)
+        if got <= have:
+            continue
+        lo = args.cond_frames + 4  # the fewest frames a clip can have; then the most that fit, by bisection in 4k+1
+        if need(lo, segments) > have:
+            s_lo, s_hi = 0, segments  # fewer segments of the shortest clip
+            while s_hi - s_lo > 1:
+                mid = (s_lo + s_hi) // 2
+                s_lo, s_hi = (mid, s_hi) if need(lo, mid) <= have else (s_lo, mid)
+            hint = (f"at most --segments {s_lo} fit" if args.command == "extend" and s_lo >= 1
+                    else "no --frames fits: use a lower --resolution")
+        else:
+            k_lo, k_hi = (lo - 1) // 4, (args.frames - 1) // 4
+            while k_hi - k_lo > 1:
+                mid = (k_lo + k_hi) // 2
+                k_lo, k_hi = (mid, k_hi) if need(4 * mid + 1, segments) <= have else (k_lo, mid)
+            hint = (f"at most --frames {4 * k_lo + 1} fits"
+                    + (" with these --segments" if args.command == "extend" else ""))
+        raise UsageError(f"{what} at {size_hw[0]}x{size_hw[1]} needs about {got / gib:.1f} GiB of {where}, more "
+                         f"than the {have / gib:.1f} GiB {'available' if 'host' in where else 'it has'}: {hint}")
 
 
 def _world_size() -> int:

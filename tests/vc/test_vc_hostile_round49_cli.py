@@ -94,3 +94,31 @@ def test_steps_help_says_refine_sets_only_stage_1():
         assert "--refine" in h and "refine --steps" in h, h
     h = next(a.help for a in subs["refine"]._actions if a.dest == "steps")
     assert "--t-thresh" in h and "5 DiT steps" in h, h
+
+
+def test_frames_beyond_the_gpu_refused_before_the_load(ckpt, video, tmp_path, capsys, monkeypatch):
+    """``--frames 2000001`` on CUDA: the load-time fit check estimates 480p / 93 frames whatever --frames says, so
+    the weights loaded and the run ran out of GPU memory after the load; a run whose ``memory='low'`` estimate at
+    its own shape exceeds the GPU's total memory is now refused before the load, naming the most frames that fit.
+    (A CPU stands in for a 12 GiB GPU.)"""
+    import torch
+
+    monkeypatch.setattr(cli, "_device", lambda args: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=12 * GiB))
+    monkeypatch.setattr(cli, "_available_host_bytes", lambda: 1024 * GiB)  # the host has room: the GPU is the bound
+    argv = ["continue", video, "--prompt", "a", "--checkpoint", ckpt, "--out", str(tmp_path / "o.mp4")]
+    rc, err = run_cli_without_loading(capsys, argv + _with(RUN, "--frames", "2000001"), monkeypatch)
+    assert rc == 2 and "--frames 2000001" in err and "cuda memory even in --memory low" in err, err
+    most = int(re.search(r"at most --frames (\d+) fits", err).group(1))
+    rc, err = run_cli_without_loading(capsys, argv + _with(RUN, "--frames", str(most)), monkeypatch)
+    assert rc == 1 and "weights were loaded" in err, err
+
+
+def test_upstream_shapes_fit_a_24_gib_gpu_in_low():
+    """Guard: the GPU bound (``memory='low'`` at the run's shape) keeps 480p / 720p at 93 frames, 13 cond, CFG,
+    far inside a 24 GiB card."""
+    from longcat_vc.config import DiTConfig
+    from longcat_vc.memory import estimate_peak_bytes
+
+    for hw in ((480, 832), (704, 1280)):
+        assert estimate_peak_bytes(DiTConfig(), "low", height=hw[0], width=hw[1])["peak"] < 20 * GiB
