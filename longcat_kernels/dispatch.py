@@ -54,6 +54,7 @@ __all__ = [
     "KernelChoice",
     "choose_kernel",
     "choose",
+    "choose_dense_grad",
     "machine_facts",
     "impl_fn",
     "last_choice",
@@ -557,6 +558,22 @@ def choose(
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: backend=%s impl=%s (%s)", op, choice.backend, choice.impl, choice.reason)
     return choice
+
+
+def choose_dense_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: str) -> Optional[KernelChoice]:
+    """Dense self-attention needing gradients (training): ``attn_with_kv_cache`` is forward only, so its callers
+    (``longcat_vc``'s self-attention, the diffusers processor) run PyTorch SDPA, which has a backward. This
+    decides whether they may: ``"auto"`` may (None returned, nothing recorded: what ``"auto"`` runs is
+    unchanged, also under ``LONGCAT_KERNELS_BACKEND``), ``"torch"`` does (the op's ``torch_reference``, SDPA,
+    recorded), ``"triton"`` / ``"cuda"`` raise ``BackendUnavailableError`` with the reason (forward-only kernels)
+    instead of being replaced by SDPA without a word."""
+    if requested == "auto":
+        return None
+    c = choose("attn_with_kv_cache", q, k, v, requested=requested)
+    if c.impl != "torch_reference":  # not reached today: no kernel of the op has a backward
+        raise BackendUnavailableError(f"attn_with_kv_cache: backend {requested!r} unavailable: dense attention "
+                                      f"needing gradients runs SDPA, not {c.impl}")
+    return c
 
 
 def last_choice(op: str) -> Optional[KernelChoice]:
