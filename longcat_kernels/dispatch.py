@@ -523,6 +523,7 @@ def choose(
     gqa: Optional[bool] = None,
     rope_pairs: str = "interleaved",
     norm_all_heads: bool = False,
+    record: bool = True,
 ) -> KernelChoice:
     """Collects the facts of this call (first tensor: device, dtype, head_dim) and decides.
 
@@ -535,6 +536,8 @@ def choose(
         needs_grad: override of ``requires_grad`` (default: any tensor requires grad, grad mode on).
         gqa: override of ``Facts.gqa`` (default: some other 4-D tensor has a different head count
             (dim 2) than the first).
+        record: False for a question that runs nothing (whether a backend could run the op): the answer
+            is not logged, nor seen by ``last_choice`` / ``record_choices``, which list what ran.
     """
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     q = ts[0]
@@ -551,7 +554,7 @@ def choose(
         gqa=bool(gqa), rope_pairs=str(rope_pairs), norm_all_heads=bool(norm_all_heads),
     )
     choice = choose_kernel(op, f, requested)
-    if not torch.compiler.is_compiling():
+    if record and not torch.compiler.is_compiling():
         _LAST[op] = choice
         for rec in _RECORDERS:
             rec.append(choice)

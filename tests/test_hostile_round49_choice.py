@@ -64,3 +64,15 @@ def test_diffusers_dense_at_zero_training_refuses_an_explicit_kernel_backend(bac
     x = torch.randn(1, 8, 32)
     with pytest.raises(lk.BackendUnavailableError, match=f"backend '{backend}' unavailable"):
         proc(attn, x)
+
+
+@pytest.mark.triton_interpret
+def test_block_sparse_attn_triton_records_its_gating_once():
+    """block_sparse_attn(backend="triton") asked dispatch whether Triton can gate (gating_backend) through
+    choose(), which records: record_choices() / last_choice listed select_blocks twice for one gating that ran
+    once ([select_blocks, select_blocks, block_sparse_attn]). The probe no longer records."""
+    q, k, v = _qkv(grad=False)
+    for be in ("triton", "torch"):
+        with dispatch.record_choices() as got:
+            lk.block_sparse_attn(q, k, v, grid_q=(2, 2, 2), chunk_q=(1, 2, 2), sparsity=0.5, backend=be)
+        assert [c.op for c in got] == ["select_blocks", "block_sparse_attn"], (be, got)
