@@ -566,13 +566,16 @@ def choose(
 def choose_dense_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: str) -> Optional[KernelChoice]:
     """Dense self-attention needing gradients (training): ``attn_with_kv_cache`` is forward only, so its callers
     (``longcat_vc``'s self-attention, the diffusers processor) run PyTorch SDPA, which has a backward. This
-    decides whether they may: ``"auto"`` may (None returned, nothing recorded: what ``"auto"`` runs is
-    unchanged, also under ``LONGCAT_KERNELS_BACKEND``), ``"torch"`` does (the op's ``torch_reference``, SDPA,
-    recorded), ``"triton"`` / ``"cuda"`` raise ``BackendUnavailableError`` with the reason (forward-only kernels)
-    instead of being replaced by SDPA without a word."""
-    if requested == "auto":
-        return None
-    c = choose("attn_with_kv_cache", q, k, v, requested=requested)
+    decides whether they may, and records it as the op's ``torch_reference`` (SDPA): ``"auto"`` and ``"torch"``
+    do; ``"triton"`` / ``"cuda"`` raise ``BackendUnavailableError`` with the reason (forward-only kernels)
+    instead of being replaced by SDPA without a word. Under ``LONGCAT_KERNELS_BACKEND=triton``/``cuda`` (which
+    would refuse the forward-only op) ``"auto"`` still runs SDPA, unrecorded (None returned)."""
+    try:
+        c = choose("attn_with_kv_cache", q, k, v, requested=requested)
+    except BackendUnavailableError:
+        if requested == "auto":  # only the variable's backend raises here: auto's SDPA is kept
+            return None
+        raise
     if c.impl != "torch_reference":  # not reached today: no kernel of the op has a backward
         raise BackendUnavailableError(f"attn_with_kv_cache: backend {requested!r} unavailable: dense attention "
                                       f"needing gradients runs SDPA, not {c.impl}")

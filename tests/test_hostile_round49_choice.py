@@ -76,3 +76,17 @@ def test_block_sparse_attn_triton_records_its_gating_once():
         with dispatch.record_choices() as got:
             lk.block_sparse_attn(q, k, v, grid_q=(2, 2, 2), chunk_q=(1, 2, 2), sparsity=0.5, backend=be)
         assert [c.op for c in got] == ["select_blocks", "block_sparse_attn"], (be, got)
+
+
+def test_vc_dense_training_on_auto_is_recorded(monkeypatch):
+    """On "auto", training's dense self-attention ran SDPA without asking dispatch: record_choices() /
+    last_choice / the DEBUG log (documented as listing what ran) showed nothing for it. It is now the op's
+    torch_reference choice (SDPA), recorded; under LONGCAT_KERNELS_BACKEND=cuda (which would refuse the
+    forward-only op) it still runs SDPA, unrecorded, as before."""
+    q, k, v = _qkv()
+    plan = AttnPlan(mode="full", grid=(2, 2, 2), rope=None, backend="auto")
+    with dispatch.record_choices() as got:
+        out = Attention._attend(q, k, v, plan, 0)
+    assert [(c.op, c.impl) for c in got] == [("attn_with_kv_cache", "torch_reference")], got
+    monkeypatch.setenv("LONGCAT_KERNELS_BACKEND", "cuda")
+    torch.testing.assert_close(Attention._attend(q, k, v, plan, 0), out, rtol=0, atol=0)
