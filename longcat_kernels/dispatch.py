@@ -54,6 +54,7 @@ __all__ = [
     "KernelChoice",
     "choose_kernel",
     "choose",
+    "choose_dense_grad",
     "machine_facts",
     "impl_fn",
     "last_choice",
@@ -522,6 +523,7 @@ def choose(
     gqa: Optional[bool] = None,
     rope_pairs: str = "interleaved",
     norm_all_heads: bool = False,
+    record: bool = True,
 ) -> KernelChoice:
     """Collects the facts of this call (first tensor: device, dtype, head_dim) and decides.
 
@@ -534,6 +536,8 @@ def choose(
         needs_grad: override of ``requires_grad`` (default: any tensor requires grad, grad mode on).
         gqa: override of ``Facts.gqa`` (default: some other 4-D tensor has a different head count
             (dim 2) than the first).
+        record: False for a question that runs nothing (whether a backend could run the op): the answer
+            is not logged, nor seen by ``last_choice`` / ``record_choices``, which list what ran.
     """
     ts = [t for t in tensors if isinstance(t, torch.Tensor)]
     q = ts[0]
@@ -550,13 +554,32 @@ def choose(
         gqa=bool(gqa), rope_pairs=str(rope_pairs), norm_all_heads=bool(norm_all_heads),
     )
     choice = choose_kernel(op, f, requested)
-    if not torch.compiler.is_compiling():
+    if record and not torch.compiler.is_compiling():
         _LAST[op] = choice
         for rec in _RECORDERS:
             rec.append(choice)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: backend=%s impl=%s (%s)", op, choice.backend, choice.impl, choice.reason)
     return choice
+
+
+def choose_dense_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: str) -> Optional[KernelChoice]:
+    """Dense self-attention needing gradients (training): ``attn_with_kv_cache`` is forward only, so its callers
+    (``longcat_vc``'s self-attention, the diffusers processor) run PyTorch SDPA, which has a backward. This
+    decides whether they may, and records it as the op's ``torch_reference`` (SDPA): ``"auto"`` and ``"torch"``
+    do; ``"triton"`` / ``"cuda"`` raise ``BackendUnavailableError`` with the reason (forward-only kernels)
+    instead of being replaced by SDPA without a word. Under ``LONGCAT_KERNELS_BACKEND=triton``/``cuda`` (which
+    would refuse the forward-only op) ``"auto"`` still runs SDPA, unrecorded (None returned)."""
+    try:
+        c = choose("attn_with_kv_cache", q, k, v, requested=requested)
+    except BackendUnavailableError:
+        if requested == "auto":  # only the variable's backend raises here: auto's SDPA is kept
+            return None
+        raise
+    if c.impl != "torch_reference":  # not reached today: no kernel of the op has a backward
+        raise BackendUnavailableError(f"attn_with_kv_cache: backend {requested!r} unavailable: dense attention "
+                                      f"needing gradients runs SDPA, not {c.impl}")
+    return c
 
 
 def last_choice(op: str) -> Optional[KernelChoice]:

@@ -29,6 +29,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._validate import check_backend_name, check_bool, check_sparsity, needs_grad
+from ..dispatch import choose_dense_grad
 from ..grid import as_triple
 from ..ops.block_sparse_attn.api import block_sparse_attn
 from ..ops.kv_cache_attn.api import BlockSparseParams, flash_attn_with_kvcache
@@ -170,7 +171,8 @@ class BlockSparseWanAttnProcessor:
             "triton"; with "cuda" the prologue, which has no csrc kernel, runs on "auto").
         dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
             block-sparse kernel (same result, the faster kernel); PyTorch SDPA where gradients are
-            needed (the dense op is forward only).
+            needed (the dense op is forward only) on ``"auto"`` and ``"torch"``, while ``"triton"`` and
+            ``"cuda"`` raise ``BackendUnavailableError`` there (``dispatch.choose_dense_grad``).
         fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
             ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
             tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
@@ -240,6 +242,8 @@ class BlockSparseWanAttnProcessor:
         if self._dense():
             if needs_grad(query, key, value):
                 # training: the dense op is forward only; SDPA is the same attention with a backward
+                # (an explicit "triton"/"cuda" raises there instead of being replaced)
+                choose_dense_grad(query, key, value, self.backend)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
             else:

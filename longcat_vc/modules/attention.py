@@ -175,7 +175,9 @@ class Attention(nn.Module):
                                             **plan.bsa_kwargs(plan.grid, plan.grid))
             if needs_grad(q, k, v):
                 # Training (longcat_vc.training): attn_with_kv_cache is forward only; SDPA has a
-                # backward (flash / memory-efficient kernels on GPU) and the same math.
+                # backward (flash / memory-efficient kernels on GPU) and the same math. An explicit
+                # "triton"/"cuda" raises there (forward-only kernels) instead of being replaced.
+                lk.dispatch.choose_dense_grad(q, k, v, be)
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
                 return o.transpose(1, 2)
             return lk.attn_with_kv_cache(q, k, v, backend=be)

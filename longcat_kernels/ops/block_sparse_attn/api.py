@@ -164,7 +164,8 @@ def gating_backend(backend: str, q: torch.Tensor) -> str:
     if backend in ("auto", "torch"):
         return backend
     try:
-        choose("select_blocks", q, requested=backend, needs_grad=False)
+        # a question only: the select_blocks call that runs records its own choice
+        choose("select_blocks", q, requested=backend, needs_grad=False, record=False)
     except BackendUnavailableError:
         return "auto"
     return backend
