@@ -46,24 +46,50 @@ def test_vc_dense_training_torch_and_auto_run_sdpa_with_gradients(backend):
         assert [(c.op, c.impl) for c in got] == [("attn_with_kv_cache", "torch_reference")]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_diffusers_dense_at_zero_training_refuses_an_explicit_kernel_backend(backend):
-    """apply_block_sparse_attention(..., backend="triton"/"cuda") at sparsity 0 (dense_at_zero) ran SDPA for a
-    training forward, ignoring the backend; now BackendUnavailableError names it (auto/torch keep SDPA: the
-    existing test_training_at_sparsity_zero_matches_diffusers_gradients)."""
-    pytest.importorskip("diffusers")
-    from longcat_kernels.integrations.diffusers import BlockSparseWanAttnProcessor, _GridState
-
-    proc = BlockSparseWanAttnProcessor(_GridState(grid=(2, 2, 2)), lk.BlockSparseParams(sparsity=0.0),
-                                       original=None, backend=backend, fused_prologue=False)
+def _wan_like_attn():
     lin = torch.nn.Linear(32, 32)
     attn = torch.nn.Module()
     attn.heads, attn.to_q, attn.to_k, attn.to_v = 2, lin, lin, lin
     attn.norm_q = attn.norm_k = torch.nn.Identity()
-    attn.to_out = torch.nn.ModuleList([torch.nn.Linear(32, 32), torch.nn.Identity()])
-    x = torch.randn(1, 8, 32)
-    with pytest.raises(lk.BackendUnavailableError, match=f"backend '{backend}' unavailable"):
-        proc(attn, x)
+    attn.to_out = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    return attn
+
+
+def test_diffusers_dense_at_zero_training_refuses_explicit_cuda():
+    """apply_block_sparse_attention(..., backend="cuda") at sparsity 0 (dense_at_zero) ran SDPA for a training
+    forward, ignoring the backend; now BackendUnavailableError names it (auto/torch keep SDPA: the existing
+    test_training_at_sparsity_zero_matches_diffusers_gradients)."""
+    pytest.importorskip("diffusers")
+    from longcat_kernels.integrations.diffusers import BlockSparseWanAttnProcessor, _GridState
+
+    proc = BlockSparseWanAttnProcessor(_GridState(grid=(2, 2, 2)), lk.BlockSparseParams(sparsity=0.0),
+                                       original=None, backend="cuda", fused_prologue=False)
+    with pytest.raises(lk.BackendUnavailableError, match="backend 'cuda' unavailable"):
+        proc(_wan_like_attn(), torch.randn(1, 8, 32))
+
+
+@pytest.mark.triton_interpret
+def test_diffusers_dense_at_zero_training_on_triton_runs_the_triton_kernel():
+    """backend="triton" training at sparsity 0 ran SDPA without a word (then, for a while, was refused); the
+    block-sparse Triton kernel at sparsity 0 (every block) has a backward: it runs, equal to SDPA, gradients too."""
+    pytest.importorskip("diffusers")
+    from longcat_kernels import dispatch
+    from longcat_kernels.integrations.diffusers import BlockSparseWanAttnProcessor, _GridState
+
+    proc = BlockSparseWanAttnProcessor(_GridState(grid=(2, 2, 2)), lk.BlockSparseParams(sparsity=0.0, chunk_q=(1, 2, 2)),
+                                       original=None, backend="triton", fused_prologue=False)
+    attn = _wan_like_attn()
+    x = torch.randn(1, 8, 32, requires_grad=True)
+    with dispatch.record_choices() as got:
+        out = proc(attn, x)
+    assert ("block_sparse_attn", "triton") in [(c.op, c.backend) for c in got]
+    q = attn.to_q(x).unflatten(2, (2, -1)).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out)
+    gx, = torch.autograd.grad(out, x, g)
+    gr, = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(gx, gr, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.triton_interpret

@@ -171,8 +171,9 @@ class BlockSparseWanAttnProcessor:
             "triton"; with "cuda" the prologue, which has no csrc kernel, runs on "auto").
         dense_at_zero (bool): at sparsity 0 (no cdf rule) run the dense attention op instead of the
             block-sparse kernel (same result, the faster kernel); PyTorch SDPA where gradients are
-            needed (the dense op is forward only) on ``"auto"`` and ``"torch"``, while ``"triton"`` and
-            ``"cuda"`` raise ``BackendUnavailableError`` there (``dispatch.choose_dense_grad``).
+            needed (the dense op is forward only) on ``"auto"`` and ``"torch"``; ``"triton"`` runs the
+            block-sparse kernel there (sparsity 0 keeps every block; it has a Triton backward) and ``"cuda"``
+            raises ``BackendUnavailableError`` (``dispatch.choose_dense_grad``).
         fused_prologue (bool | None): norm_q/norm_k (RMSNorm over all heads) and Wan's RoPE in one
             ``qk_norm_rope`` call (fp32 statistics and angles; diffusers applies RoPE with fp64
             tables) instead of diffusers' separate ops; None: on CUDA inputs only. Used only where
@@ -239,10 +240,13 @@ class BlockSparseWanAttnProcessor:
                 query = _wan_rope(query, *rotary_emb)
                 key = _wan_rope(key, *rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
-        if self._dense():
-            if needs_grad(query, key, value):
+        grad = needs_grad(query, key, value)
+        # training on an explicit "triton": the block-sparse kernel at sparsity 0 (every block kept: the dense
+        # attention) has a Triton backward, where the dense op is forward only
+        if self._dense() and not (grad and self.backend == "triton"):
+            if grad:
                 # training: the dense op is forward only; SDPA is the same attention with a backward
-                # (an explicit "triton"/"cuda" raises there instead of being replaced)
+                # (an explicit "cuda" raises there instead of being replaced)
                 choose_dense_grad(query, key, value, self.backend)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
