@@ -7,17 +7,10 @@ import numpy as np
 import pytest
 
 from longcat_vc import cli
-from vc_components import CLI_RUN as RUN, cli_input_video, refine_checkpoint_in, run_cli_without_loading
+from vc_components import CLI_RUN as RUN, cli_fixtures, run_cli_without_loading
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return refine_checkpoint_in(tmp_path_factory, "ckpt")
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    return cli_input_video(tmp_path_factory)
+ckpt, video = cli_fixtures()
 
 
 @pytest.mark.parametrize("exc, rc", [(KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 1)])

@@ -6,25 +6,16 @@ import os
 import stat
 import threading
 
-import numpy as np
 import pytest
 
 from longcat_vc import cli
-from vc_components import CLI_RUN as RUN, cli_input_video, refine_checkpoint_in
+from vc_components import CLI_RUN as RUN, cli_fixtures, cli_seed
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return refine_checkpoint_in(tmp_path_factory, "ckpt")
+ckpt, video = cli_fixtures()
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    return cli_input_video(tmp_path_factory)
-
-
-def _seed():
-    return str(np.random.default_rng().integers(0, 2**31))
+_seed = cli_seed
 
 
 def test_timings_json_dash_goes_to_stdout(ckpt, video, tmp_path, capsys, monkeypatch):

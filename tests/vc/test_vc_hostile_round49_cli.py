@@ -7,19 +7,12 @@ import types
 import pytest
 
 from longcat_vc import cli
-from vc_components import CLI_RUN as RUN, cli_input_video, refine_checkpoint_in, run_cli_without_loading
+from vc_components import CLI_RUN as RUN, cli_fixtures, run_cli_without_loading
 
 GiB = 1024 ** 3
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return refine_checkpoint_in(tmp_path_factory, "ckpt")
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    return cli_input_video(tmp_path_factory)
+ckpt, video = cli_fixtures()
 
 
 def _with(run, flag, value):

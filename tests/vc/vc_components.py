@@ -275,6 +275,29 @@ def cli_input_video(tmp_path_factory) -> str:
     return path
 
 
+def cli_fixtures():
+    """The module-scoped ``ckpt`` (a refine checkpoint) and ``video`` (an input file) fixtures of the CLI test
+    modules: ``ckpt, video = cli_fixtures()`` at module level."""
+    import pytest
+
+    @pytest.fixture(scope="module", name="ckpt")
+    def _ckpt(tmp_path_factory):
+        return refine_checkpoint_in(tmp_path_factory, "ckpt")
+
+    @pytest.fixture(scope="module", name="video")
+    def _video(tmp_path_factory):
+        return cli_input_video(tmp_path_factory)
+
+    return _ckpt, _video
+
+
+def cli_seed() -> str:
+    """A fresh random ``--seed`` value."""
+    import numpy as np
+
+    return str(np.random.default_rng().integers(0, 2**31))
+
+
 def write_refine_checkpoint(root: str, *, seed: int = 0, shift: float = 12.0):
     """``write_full_checkpoint`` whose DiT config carries ``bsa_params`` (sparsity 0.5 so that the
     tiny grids keep some key blocks; chunks 4x4x4) plus the refinement LoRA. Returns the config."""
