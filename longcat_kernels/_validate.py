@@ -30,6 +30,27 @@ def compiling() -> bool:
         return False
 
 
+def _autocast_on(dev_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(dev_type)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+def autocast_dtype(device) -> Optional[torch.dtype]:
+    """``torch.autocast``'s dtype for ``device``'s type while it is on there, else None."""
+    dev_type = torch.device(device).type
+    return torch.get_autocast_dtype(dev_type) if _autocast_on(dev_type) else None
+
+
+def autocast_off(device):
+    """A context turning ``torch.autocast`` off for ``device``'s type while it is on (else a no-op): work that
+    must run in the dtype it is given (the fp32 references, the DiT's fp32 timestep embedding, adaLN
+    modulations and final projection) under an outer bf16 autocast."""
+    dev_type = torch.device(device).type
+    return torch.autocast(dev_type, enabled=False) if _autocast_on(dev_type) else contextlib.nullcontext()
+
+
 def has_values(t: torch.Tensor) -> bool:
     """False for a tensor without data (a meta tensor, a FakeTensor outside torch.compile): value checks,
     the value-sized shortcuts (``.item()``) and caches are skipped for it, shapes still flow. True while

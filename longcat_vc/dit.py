@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from longcat_kernels._validate import check_bool
+from longcat_kernels._validate import autocast_dtype, autocast_off, check_bool
 
 from . import lora as _lora
 from .config import DiTConfig
@@ -36,7 +36,6 @@ from .modules.attention import AttnPlan
 from .modules.block import LongCatBlock
 from .modules.embedders import CaptionEmbedder, PatchEmbed3D, TimestepEmbedder
 from .modules.final_layer import FinalLayer
-from .modules.norms import autocast_off
 
 __all__ = ["LongCatDiT"]
 
@@ -264,13 +263,8 @@ class LongCatDiT(nn.Module):
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the attention runs in: the weight dtype, or ``torch.autocast``'s where it is on for the
         model's device (it casts the projections' inputs; fp64 weights it leaves alone)."""
-        dev = self.device.type
-        try:
-            if self.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-                return torch.get_autocast_dtype(dev)
-        except RuntimeError:  # a device type autocast does not know
-            pass
-        return self.dtype
+        ac = autocast_dtype(self.device)
+        return ac if ac is not None and self.dtype != torch.float64 else self.dtype
 
     def __getstate__(self) -> dict:
         # what copy.deepcopy and pickling (torch.save of the whole model) read. A block streamer's hooks and

@@ -7,10 +7,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from longcat_kernels._validate import autocast_off
+
 from ..fp8 import fp8_input_kind, layer_norm_fp8, modulate_fp8, silu_mul_fp8, to_fp8_activation
 from ..lora import LoRALinear
 from .attention import Attention, AttnPlan, CrossAttention
-from .norms import FP32LayerNorm, autocast_off, gated_residual, modulate, silu_mul
+from .norms import FP32LayerNorm, gated_residual, modulate, silu_mul
 
 __all__ = ["FeedForwardSwiGLU", "LongCatBlock"]
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from longcat_kernels._validate import autocast_off
+
 from ..lora import LoRALinear
-from .norms import autocast_off, modulate
+from .norms import modulate
 
 __all__ = ["FinalLayer"]
 

@@ -17,7 +17,6 @@ If compilation fails, a warning says why and the eager path is used from then on
 
 from __future__ import annotations
 
-import contextlib
 import types
 import warnings
 from typing import Callable, Dict, Optional
@@ -38,7 +37,6 @@ __all__ = [
     "layer_norm_fp32",
     "silu_mul",
     "fused_islands_enabled",
-    "autocast_off",
 ]
 
 
@@ -144,18 +142,6 @@ def _run(fn: Callable, x: torch.Tensor, *args):
 
 
 # ---------------------------------------------------------------------- public helpers
-def autocast_off(device: torch.device):
-    """A context turning ``torch.autocast`` off for ``device``'s type while it is on (else a no-op): the
-    timestep embedding, the adaLN modulations and the final projection are fp32 (upstream runs them under
-    an fp32 autocast), and an outer bf16 autocast must not lower them."""
-    try:
-        on = torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know
-        on = False
-    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
-
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``(x / rms(x))`` in fp32, cast to ``x.dtype``, then times ``weight`` (in ``x.dtype``)."""
     return _run(_rms_norm, x, weight, eps)

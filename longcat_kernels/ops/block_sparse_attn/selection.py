@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..._validate import compiling
+from ..._validate import autocast_off, compiling
 from ...grid import Triple, as_triple, block_sizes, num_blocks, total_blocks
 
 __all__ = [
@@ -87,11 +87,6 @@ def _caller_level() -> int:
     return level
 
 
-def _autocast_available(dev_type: str) -> bool:
-    avail = getattr(torch.amp, "is_autocast_available", None)
-    return avail(dev_type) if avail is not None else dev_type in ("cpu", "cuda")
-
-
 # threads inside ieee_fp32_matmul on CUDA, and the precision setting the first of them found: the last
 # one out restores it (each thread restoring what it found left "ieee" behind when two overlapped)
 _IEEE_LOCK = threading.Lock()
@@ -114,7 +109,7 @@ def ieee_fp32_matmul(device: torch.device):
     never reaches) and, on CUDA, fp32 in full IEEE precision (no TF32) whatever the global setting
     (``torch.set_float32_matmul_precision``), restored when the last thread inside leaves."""
     dev_type = torch.device(device).type
-    with torch.autocast(dev_type, enabled=False) if _autocast_available(dev_type) else contextlib.nullcontext():
+    with autocast_off(dev_type):
         if dev_type != "cuda":
             yield
             return
