@@ -128,6 +128,27 @@ def _lora_state(dit) -> Optional[Tuple[Tuple[str, ...], bool]]:
     return tuple(active), bool(fused_loras(dit))
 
 
+def _apply_lora_state(dit, state: Tuple[Tuple[str, ...], bool]) -> None:
+    """Puts ``dit`` back in a ``_lora_state``: exactly those LoRAs active (``enable_loras`` unfuses first), fused
+    again if they were."""
+    names, fused = state
+    if names:
+        dit.enable_loras(list(names))
+        if fused:
+            dit.fuse_lora()
+    else:
+        dit.disable_loras()
+
+
+def _lora_owner(dit) -> Optional["VideoContinuationPipeline"]:
+    """The pipeline (alive) whose LoRA state ``dit`` holds (``_DIT_LORA_OWNERS``), or None."""
+    try:
+        ref = _DIT_LORA_OWNERS.get(dit)
+    except TypeError:  # a DiT that cannot be weakly referenced
+        return None
+    return ref() if ref is not None else None
+
+
 def _describe_lora_state(state: Tuple[Tuple[str, ...], bool]) -> str:
     names, fused = state
     if not names:
@@ -524,11 +545,7 @@ class VideoContinuationPipeline:
 
     def _dit_owner(self) -> Optional["VideoContinuationPipeline"]:
         """The other pipeline (alive) whose LoRA state the DiT holds, or None."""
-        try:
-            ref = _DIT_LORA_OWNERS.get(self.dit)
-        except TypeError:  # a DiT that cannot be weakly referenced
-            return None
-        owner = ref() if ref is not None else None
+        owner = _lora_owner(self.dit)
         return None if owner is self else owner
 
     def _take_dit(self, restore: bool = True) -> None:
@@ -537,15 +554,11 @@ class VideoContinuationPipeline:
         last call, that state is recorded for the other pipeline and this one's enabled again (``restore``).
         A switch that would fuse or unfuse a LoRA (not exact in the weight dtype, and a full weight pass) is
         refused with a RuntimeError."""
-        try:
-            ref = _DIT_LORA_OWNERS.get(self.dit)
-        except TypeError:
-            return
-        owner = ref() if ref is not None else None
+        owner = _lora_owner(self.dit)
         if owner is self:  # (the usual case: one pipeline per DiT, nothing to compare)
             return
         state = _lora_state(self.dit)
-        if state is None:
+        if state is None:  # (a DiT without the LoRA API: not tracked)
             return
         if owner is not None:
             owner._saved_lora_state = (weakref.ref(self.dit), state)
@@ -559,10 +572,7 @@ class VideoContinuationPipeline:
                     f"pipeline on the same DiT set {_describe_lora_state(state)}; a LoRA fused into the weights is "
                     "not switched per call (un/fusing is not exact): build the pipelines on separate DiTs, or call "
                     "set_mode() on this pipeline to take the DiT over")
-            if mine[0]:
-                self.dit.enable_loras(list(mine[0]))
-            else:
-                self.dit.disable_loras()
+            _apply_lora_state(self.dit, mine)
         _DIT_LORA_OWNERS[self.dit] = weakref.ref(self)
 
     @property
@@ -600,8 +610,7 @@ class VideoContinuationPipeline:
             # before a reload (which unfuses an active LoRA of that name): a fuse that fails (fuse_lora's
             # overflow refusal, an interrupt) left the cfg-step LoRA enabled with the mode still recorded
             # as before, and later basic calls ran the distill LoRA; the previous LoRA state is put back
-            prev_active = list(getattr(self.dit, "active_loras", []))
-            prev_fused = bool(fused_loras(self.dit))
+            prev = _lora_state(self.dit)
             if lora_path is not None:
                 if not os.path.isfile(lora_path):
                     raise CheckpointError(f"cfg-step LoRA file not found: {lora_path}")
@@ -621,11 +630,8 @@ class VideoContinuationPipeline:
                 if fuse_lora:
                     self.dit.fuse_lora()
             except BaseException:
-                self.dit.disable_loras()
-                if prev_active:
-                    self.dit.enable_loras(prev_active)
-                    if prev_fused:
-                        self.dit.fuse_lora()
+                if prev is not None:
+                    _apply_lora_state(self.dit, prev)
                 raise
         else:
             self.dit.disable_loras()
