@@ -599,6 +599,17 @@ def _available_host_bytes() -> Optional[int]:
         return None
 
 
+def _guidance(args) -> float:
+    """``--guidance``, or its default for ``--mode`` (``pipeline.MODE_DEFAULTS``: 4.0 basic, 1.0 distill; not
+    imported: the parser runs without torch)."""
+    return args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
+
+
+def _cfg_batch(args) -> int:
+    """The DiT's batch per step: 2 under classifier-free guidance (``--guidance`` > 1), else 1."""
+    return 2 if _guidance(args) > 1.0 else 1
+
+
 def _run_bytes(cfg, args, video, size_hw, frames: int, segments: int, on_cpu: bool, dtype_bytes: int) -> int:
     """Shape-dependent bytes of a run (weights left out): the output frames in host memory (the input and every
     new frame at the input's size, a copy while they are joined; the model-size clip), and on CPU, where the
@@ -611,9 +622,8 @@ def _run_bytes(cfg, args, video, size_hw, frames: int, segments: int, on_cpu: bo
     host = 2 * (video.num_frames + new) * video.height * video.width * 3 + frames * h * w * 3
     if not on_cpu:
         return host
-    g = args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
     est = estimate_peak_bytes(cfg, "resident", height=h, width=w, num_frames=frames, num_cond_frames=args.cond_frames,
-                              batch=2 if g > 1.0 else 1, dtype_bytes=dtype_bytes, text_encoder_params=0,
+                              batch=_cfg_batch(args), dtype_bytes=dtype_bytes, text_encoder_params=0,
                               vae_params=0, kv_cache=not args.no_kv_cache)
     act = est["peak"] - est["text"]  # "text" is the DiT's weights alone here
     return host + act + frames * 3 * h * w * 4
@@ -639,8 +649,7 @@ def _check_run_size(args, video) -> None:
     device = _device(args)
     on_cpu = device.type == "cpu"
     dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}.get(args.dtype, 2 if not on_cpu else 4)
-    segments = args.segments if args.command == "extend" and args.segments is not None else (
-        len(args.prompt) if args.command == "extend" else 1)
+    segments = 1 if args.command != "extend" else (args.segments if args.segments is not None else len(args.prompt))
     budgets = []  # (bytes needed for (frames, segments), bytes there, what they are)
     avail = _available_host_bytes()
     if avail is not None:
@@ -650,12 +659,11 @@ def _check_run_size(args, video) -> None:
     if device.type == "cuda":
         import torch
 
-        g = args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
         cp = getattr(args, "context_parallel", 1)
 
         def on_gpu(f: int, n: int) -> int:
             return estimate_peak_bytes(cfg, "low", height=size_hw[0], width=size_hw[1], num_frames=f,
-                                       num_cond_frames=args.cond_frames, batch=2 if g > 1.0 else 1,
+                                       num_cond_frames=args.cond_frames, batch=_cfg_batch(args),
                                        dtype_bytes=dtype_bytes, fp8=args.fp8, kv_cache=not args.no_kv_cache,
                                        sp_size=cp, cfg_parallel=args.cfg_parallel)["peak"]
 
@@ -722,7 +730,7 @@ def _fail_early(args) -> None:
     if args.guidance is not None and not (1.0 <= args.guidance < float("inf")):
         raise UsageError(f"--guidance must be >= 1 and finite (1 disables classifier-free guidance), "
                          f"got {args.guidance}")
-    g = args.guidance if args.guidance is not None else (1.0 if args.mode == "distill" else 4.0)
+    g = _guidance(args)
     if args.negative_prompt is not None and g <= 1.0:
         # it would be silently ignored (no classifier-free guidance at 1)
         raise UsageError(f"--negative-prompt needs --guidance > 1 (it is {g:g} with --mode {args.mode})")
