@@ -919,7 +919,8 @@ def _run(args) -> int:
 
             # the stage-1 cond count, for refine's default --cond-frames (2x it, as continue --refine takes)
             nc1 = int(out.model_frames.shape[0]) - int(out.num_new_frames)
-            write_video(_output_target(args.stage1_out), out.model_frames, out.fps, crf=args.crf if getattr(args, "crf_given", True) else 18,
+            crf = args.crf if getattr(args, "crf_given", True) else 18
+            write_video(_output_target(args.stage1_out), out.model_frames, out.fps, crf=crf,
                         tags={"comment": f"{STAGE1_TAG}{nc1}"})
             args.stage1_written = True  # an interruption or error from here on says it was kept
             print(f"{PROG}: wrote {args.stage1_out}: the stage-1 clip, {out.model_frames.shape[0]} frames at "
@@ -937,11 +938,10 @@ def _run(args) -> int:
                               offload_kv_cache=common["offload_kv_cache"], progress=not args.no_progress and main_rank)
             out.timings["stage1"] = stage1_timings
     else:
-        if refine:  # SPEC 11's long video: sliding windows over the segments
-            out = pipe.extend(video30, args.prompt, args.negative_prompt, segments=args.segments, refine=True,
-                              spatial_refine_only=args.spatial_only, t_thresh=args.t_thresh, **common)
-        else:
-            out = pipe.extend(video, args.prompt, args.negative_prompt, segments=args.segments, **common)
+        # --refine: SPEC 11's long video, sliding windows over the segments (the input at its own rate)
+        ref = dict(refine=True, spatial_refine_only=args.spatial_only, t_thresh=args.t_thresh) if refine else {}
+        out = pipe.extend(video30 if refine else video, args.prompt, args.negative_prompt, segments=args.segments,
+                          **ref, **common)
 
     if not main_rank:  # rank 0 writes the video and reports
         run.close()
