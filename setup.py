@@ -126,15 +126,9 @@ def _csrc_extensions():
     _max_jobs_from_ram()
     csrc = os.path.join(HERE, "csrc")
     sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp")))
-    archs = ENV.cuda_arch_flags_from_env()
-    if not archs:
-        archs = ["-gencode=arch=compute_90a,code=sm_90a"]
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            cc = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
-            archs = [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
-        _warn_torch_arch_list(archs)
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + archs
+    archs = ENV.cuda_arch_flags(torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+    _warn_torch_arch_list(archs)
+    nvcc = ENV.NVCC_FLAGS + archs
     return [
         CUDAExtension(
             name="longcat_kernels._C",

@@ -36,7 +36,8 @@ import os
 import re
 from typing import List, Optional
 
-__all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cache_dir", "check_removed",
+__all__ = ["env_flag", "backend_override", "setting_problems", "cuda_arch_flags_from_env", "cuda_arch_flags", "NVCC_FLAGS",
+           "cache_dir", "check_removed",
            "torch_arch_list_ignored",
            "check_environment", "bench_commit", "settings", "unknown_settings", "KNOWN", "REMOVED", "BENCH_ONLY"]
 
@@ -315,8 +316,33 @@ def cuda_arch_flags_from_env() -> Optional[List[str]]:
         err = _unbuildable(raw, t, int(m.group(1)) * 10 + int(m.group(2)), m.group(3) == "a")
         if err is not None:
             raise err
-        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        flags.append(_gencode(cc))
     return flags
+
+
+def _gencode(cc: str) -> str:
+    """nvcc's flag building target ``cc`` (``"90a"``, ``"80"``) as its own SASS."""
+    return f"-gencode=arch=compute_{cc},code=sm_{cc}"
+
+
+def cuda_arch_flags(capability=None) -> List[str]:
+    """nvcc target flags of the extension build (setup.py and the JIT build): ``LONGCAT_KERNELS_CUDA_ARCHS`` if
+    set, else the device's own target; ``sm_90a`` without a device (``capability`` None).
+
+    Hopper (9.0) builds for ``sm_90a`` (wgmma/setmaxnreg need the ``a`` target); other devices for
+    their own ``sm_XY``. ``LONGCAT_KERNELS_CUDA_ARCHS``: ``"9.0a;8.0"`` or nvcc flags verbatim.
+    """
+    env = cuda_arch_flags_from_env()
+    if env:
+        return env
+    if capability is None:
+        return [_gencode("90a")]
+    major, minor = capability
+    return [_gencode(f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else ""))]
+
+
+# nvcc flags of the extension build besides its targets, shared by setup.py and the JIT build
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def torch_arch_list_ignored(built: Optional[List[str]] = None) -> Optional[str]:
@@ -335,8 +361,7 @@ def torch_arch_list_ignored(built: Optional[List[str]] = None) -> Optional[str]:
             if m is None:
                 wanted = None
                 break
-            cc = f"{m.group(1)}{m.group(2)}{m.group(3)}"
-            wanted.add(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+            wanted.add(_gencode(f"{m.group(1)}{m.group(2)}{m.group(3)}"))
         if wanted == set(built):
             return None
     return (f"TORCH_CUDA_ARCH_LIST={torch_list!r} is ignored by the longcat_kernels extension build; set "

@@ -18,7 +18,7 @@ import threading
 from typing import Optional, Tuple
 
 from ._digest import csrc_digest
-from ._envvars import build_jobs, cache_dir, cuda_arch_flags_from_env, env_flag, torch_arch_list_ignored
+from ._envvars import NVCC_FLAGS, build_jobs, cache_dir, cuda_arch_flags, env_flag, torch_arch_list_ignored
 
 __all__ = ["load_extension", "extension_error", "extension", "extension_status", "csrc_kernels"]
 
@@ -74,26 +74,6 @@ def _csrc_dir():
         if os.path.isfile(os.path.join(path, "ops.cpp")):
             return path
     return None
-
-
-def cuda_arch_flags(capability=None):
-    """nvcc target flags: ``LONGCAT_KERNELS_CUDA_ARCHS`` if set, else the device's own target.
-
-    Hopper (9.0) builds for ``sm_90a`` (wgmma/setmaxnreg need the ``a`` target); other devices for
-    their own ``sm_XY``. ``LONGCAT_KERNELS_CUDA_ARCHS``: ``"9.0a;8.0"`` or nvcc flags verbatim.
-    """
-    env = cuda_arch_flags_from_env()
-    if env:
-        return env
-    if capability is None:
-        return ["-gencode=arch=compute_90a,code=sm_90a"]
-    major, minor = capability
-    suffix = "a" if (major, minor) == (9, 0) else ""
-    return [f"-gencode=arch=compute_{major}{minor}{suffix},code=sm_{major}{minor}{suffix}"]
-
-
-# nvcc flags shared by setup.py and the JIT build
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def _load_jit(prebuilt_error: str = "not built"):
