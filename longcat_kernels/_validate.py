@@ -286,12 +286,18 @@ def _op_triple(op: str, value, name: str) -> Triple:
 def check_op_kv(op: str, q: torch.Tensor, pairs: Sequence[tuple], gqa: bool = False) -> None:
     """Each ``(k_name, k, v_name, v, batch_one_ok)`` of ``pairs`` (k None: skipped): k and v of one shape,
     batch q's (or 1 where ``batch_one_ok``), heads q's (or dividing them with ``gqa``, the same for every
-    pair) and head_dim q's."""
+    pair), head_dim, dtype and device q's (the kernels mix no dtypes: a direct ``torch.ops`` call with, say,
+    fp16 v and fp32 q ran silently in mixed precision, or failed inside Triton)."""
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"{op}: q: expected a floating dtype, got {q.dtype}")
     B, _, H, D = q.shape
     kv_heads = None
     for kn, k, vn, v, batch_one_ok in pairs:
         if k is None:
             continue
+        for n, t in ((kn, k), (vn, v)):
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{op}: {n}: expected q's dtype {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
         if k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
             raise ValueError(f"{op}: {vn}: expected a 4-D tensor of {kn}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
         if k.shape[0] != B and not (batch_one_ok and k.shape[0] == 1):
@@ -323,6 +329,10 @@ def check_op_block_geometry(op: str, q: torch.Tensor, seq_k: int, grid_q, grid_k
         raise ValueError(f"{op}: grid_k: expected grid_q's (h, w) {list(gq[1:])}, got {list(gk)}")
     if indices is None:
         return
+    for n, t in (("indices", indices), ("counts", counts)):
+        # block ids as integers (a float tensor failed inside Triton: "unexpected type fp32")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{op}: {n}: expected an integer dtype (torch.int32), got {t.dtype}")
     B, _, H, _ = q.shape
     nq = 1
     for g, c in zip(gq, cq):
