@@ -108,10 +108,12 @@ def vc_timesteps(
             f"vc_timesteps: distill mode needs num_train_timesteps a multiple of {NUM_DISTILL_SAMPLE_STEPS} "
             f"(its grid has {NUM_DISTILL_SAMPLE_STEPS} points), got {num_train_timesteps}"
         )
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+    # a numpy int was refused as "must be an int, got int64" (check_num_train_timesteps takes it)
+    if isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer)):
         raise TypeError(f"vc_timesteps: num_steps must be an int, got {type(num_steps).__name__}")
     if num_steps < 1:
         raise ValueError(f"vc_timesteps: num_steps must be >= 1, got {num_steps}")
+    num_steps = int(num_steps)
     if mode == "distill":
         check_distill_steps(num_steps, "vc_timesteps: num_steps")
     shift = check_shift(shift, "vc_timesteps: shift")
@@ -191,7 +193,10 @@ def check_scheduler_config(cfg: dict, where: str = "scheduler_config") -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     shift = cfg.get("shift", 1.0)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+    # numbers.Real as check_shift: a dict passed in with np.float32(12.0) was refused as "must be a positive
+    # number, got np.float32(12.0)"
+    if isinstance(shift, (bool, np.bool_)) or not isinstance(shift, numbers.Real) \
+            or not (math.isfinite(shift) and shift > 0):
         raise ValueError(f"{where}: 'shift' must be a positive number, got {shift!r}")
     check_shift(shift, f"{where}: 'shift'")
     ntt = cfg.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
