@@ -261,7 +261,39 @@ def needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
+def func_differentiated(*ts) -> bool:
+    """Some tensor among ``ts`` is differentiated by a ``torch.func`` transform (``grad``, ``jacrev``,
+    ``jvp``, ...: a functorch grad wrapper that requires grad or has a tangent anywhere in its wrapping,
+    so also inside ``vmap``, where the outer ``requires_grad`` reads False) or carries a forward-mode AD tangent (``torch.autograd.forward_ad``).
+    The torch.library ops have no rule for either (functorch raised an unrelated error, jvp got a zero
+    tangent), and ``requires_grad`` alone misses both (metadata only)."""
+    if compiling():  # dynamo cannot trace the functorch queries (metadata only, like requires_grad there)
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is None and torch.autograd.forward_ad._current_level < 0:
+        return False
+    for t in ts:
+        if not isinstance(t, torch.Tensor):
+            continue
+        x = t
+        while True:
+            # a constant lifted into the transform is wrapped too, but neither requires grad nor has a tangent
+            if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+                return True
+            if not torch._C._functorch.is_functorch_wrapped_tensor(x):
+                break
+            if torch._C._functorch.is_gradtrackingtensor(x) and x.requires_grad and torch.is_grad_enabled():
+                return True
+            x = torch._C._functorch.get_unwrapped(x)
+    return False
+
+
 def check_no_grad(named: Sequence[tuple], op: str) -> None:
+    for n, t in named:
+        if t is not None and func_differentiated(t):
+            raise ValueError(
+                f"{n}: {op} is forward-only (no backward); expected no torch.func grad/jvp transform or forward-mode "
+                "AD over it, got one (call it on detached inputs, or outside the transform)"
+            )
     if not torch.is_grad_enabled():
         return
     for n, t in named:

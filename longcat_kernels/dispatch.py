@@ -44,6 +44,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from ._envvars import backend_override, check_environment
+from ._validate import func_differentiated as _func_differentiated
 from ._validate import needs_grad as _needs_grad
 
 __all__ = [
@@ -119,7 +120,9 @@ class Facts(NamedTuple):
             (``"sm90_ws"``, ``"sm90"``, ``"sm80"``; reported by the extension itself, once, for the
             device current then: the sm90 families are used only where ``capability`` is 9.x).
         cudnn: cuDNN usable.
-        requires_grad: some input requires grad and grad mode is on.
+        requires_grad: some input requires grad and grad mode is on (or ``func_transform``).
+        func_transform: a ``torch.func`` grad/jvp transform or forward-mode AD differentiates some input
+            (``_validate.func_differentiated``): the Triton and csrc ops have no rule for them.
         block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
         block_tokens: block-sparse: (query block tokens, key block tokens); None if unknown.
         key_segments: block-sparse: 1 (one key tensor) or 2 (``[cache; fresh]``).
@@ -144,6 +147,7 @@ class Facts(NamedTuple):
     csrc_kernels: Tuple[str, ...] = ("sm90_ws", "sm90", "sm80")
     cudnn: bool = True
     requires_grad: bool = False
+    func_transform: bool = False
     block_sparse: bool = False
     block_tokens: Optional[Tuple[int, int]] = None
     key_segments: int = 1
@@ -181,6 +185,10 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
         return f.triton_error
     if f.dtype not in KERNEL_DTYPES:
         return f"dtype {f.dtype} is supported by the torch backend only"
+    if f.func_transform:
+        # the autograd rules are registered with torch.library, which torch.func (grad, jacrev, jvp) and
+        # forward-mode AD cannot run: an unrelated functorch error, or a zero jvp tangent, silently
+        return "torch.func grad/jvp transforms and forward-mode AD cannot differentiate the Triton kernels; use backend='torch'"
     if f.requires_grad and op in TRITON_FORWARD_ONLY:
         # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
         return "forward only (no backward kernel); use backend='torch' for gradients"
@@ -543,12 +551,14 @@ def choose(
     q = ts[0]
     if needs_grad is None:
         needs_grad = _needs_grad(*ts)
+    func_transform = _func_differentiated(*ts)
     if gqa is None:
         gqa = q.dim() == 4 and any(t.dim() == 4 and t.shape[2] != q.shape[2] for t in ts[1:])
     probe = requested == "triton" or (
         requested == "auto" and not torch.compiler.is_compiling() and backend_override() == "triton")
     f = machine_facts(q.device.type, q.device, probe_triton=probe)._replace(
-        dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad),
+        dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad) or func_transform,
+        func_transform=func_transform,
         block_sparse=bool(block_sparse), block_tokens=block_tokens, key_segments=int(key_segments),
         key_split_aligned=bool(key_split_aligned),
         gqa=bool(gqa), rope_pairs=str(rope_pairs), norm_all_heads=bool(norm_all_heads),

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from longcat_kernels._validate import check_op_block_geometry, check_op_kv
+from longcat_kernels._validate import check_op_block_geometry, check_op_kv, needs_grad
 from longcat_kernels.dispatch import triton_interpret, triton_tile_size
 
 from . import _triton_kernels as K
@@ -290,6 +290,10 @@ def _prep(q, k, v, selection):
         # backward (the torch reference takes them), normal copies of the small index tensors can be
         indices = indices.clone() if indices.is_inference() else indices
         counts = counts.clone() if counts.is_inference() else counts
+        if needs_grad(q, k, v):
+            # the same for q/k/v made there (e.g. keys of a frozen encoder) beside a q that trains: autograd
+            # saves all three for the backward, the torch reference saves none of them as given
+            q, k, v = (x.clone() if x.is_inference() else x for x in (q, k, v))
     return (_last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v), indices, counts,
             [int(x) for x in selection.grid_q], [int(x) for x in selection.grid_k],
             [int(x) for x in selection.chunk_q], [int(x) for x in selection.chunk_k])
