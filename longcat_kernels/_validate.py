@@ -269,6 +269,13 @@ def func_differentiated(*ts) -> bool:
     tangent), and ``requires_grad`` alone misses both (metadata only)."""
     if compiling():  # dynamo cannot trace the functorch queries (metadata only, like requires_grad there)
         return False
+    try:
+        return _func_differentiated(ts)
+    except AttributeError:  # private functorch / forward-AD queries moved in another torch: as before them
+        return False
+
+
+def _func_differentiated(ts) -> bool:
     if torch._C._functorch.peek_interpreter_stack() is None and torch.autograd.forward_ad._current_level < 0:
         return False
     for t in ts:
