@@ -58,7 +58,7 @@ def available_backends(op: Optional[str] = None, device: Optional[str] = None) -
 
     Args:
         op: the op to ask about (default ``"attn_with_kv_cache"``: the op every backend implements): a
-            dispatch name (``dispatch.choose_kernel``'s) or a public function that dispatches as one
+            dispatch name (``dispatch.choose_kernel``'s) or the name (a str) of a public function that dispatches as one
             (``fp8_quantize_rows`` and the other fp8 prologues: ``fp8_quantize``;
             ``flash_attn_with_kvcache``: ``attn_with_kv_cache``).
         device: ``"cuda"`` or ``"cpu"``; default: cuda if available else cpu.

@@ -443,6 +443,9 @@ class LongCatDiT(nn.Module):
                 f"timestep: expected shape [{B}] or [{B}, {T}] (one per latent frame of hidden_states), "
                 f"got {list(timestep.shape)}"
             )
+        if timestep.is_floating_point() and not _compiling() and not bool(timestep.isfinite().all()):
+            # (a NaN/inf timestep embedded to NaN: the whole prediction came back NaN without an error)
+            raise ValueError(f"timestep: expected finite timesteps in [0, 1000], got {timestep.flatten().tolist()[:8]}")
         # Rounded to the weight dtype first (bf16 in practice), then embedded in fp32.
         t = timestep.to(device=self.device).to(self.dtype)
         with autocast_off(self.device):  # fp32 also under torch.autocast (upstream: an fp32 autocast)
@@ -787,6 +790,7 @@ class LongCatDiT(nn.Module):
         _lora.fuse_lora(self)
 
     def unfuse_lora(self) -> None:
+        """Restores the base weights after ``fuse_lora`` (no-op when nothing is fused)."""
         _lora.unfuse_lora(self)
 
     @property

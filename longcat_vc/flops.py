@@ -12,6 +12,8 @@ Per block, per query token: ``qkv 6C^2 + proj 2C^2 + FFN 6CF`` and self-attentio
 
 from __future__ import annotations
 
+import numbers
+
 from .config import DiTConfig
 
 __all__ = ["dit_forward_flops"]
@@ -42,6 +44,13 @@ def dit_forward_flops(config: DiTConfig, tokens_q: int, tokens_kv: int, text_len
     C = config.hidden_size
     F = config.ffn_hidden_size
     pv = config.patch_volume
+    for name, n in (("tokens_q", tokens_q), ("tokens_kv", tokens_kv), ("text_len", text_len), ("batch", batch),
+                    ("prefix_tokens", prefix_tokens)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
+    if isinstance(self_attn_density, bool) or not isinstance(self_attn_density, numbers.Real) \
+            or not 0.0 <= self_attn_density <= 1.0:
+        raise ValueError(f"self_attn_density: expected a fraction in [0, 1], got {self_attn_density!r}")
     if not 0 <= prefix_tokens <= tokens_q:
         raise ValueError(f"prefix_tokens: expected 0 <= prefix_tokens <= tokens_q={tokens_q}, got {prefix_tokens}")
     noisy = tokens_q - prefix_tokens
