@@ -108,10 +108,11 @@ def block_sparse_attn_reference(
         s = s.masked_fill(~kvalid.reshape(B, H, g, 1, L), float("-inf"))
         m = s.amax(dim=-1, keepdim=True).detach()
         # a max of -inf: no selected key (out 0, lse -inf), unless the row has selected keys whose
-        # scores are all -inf (non-finite inputs): 0/0 there, NaN as in the kernels, never hidden
+        # scores are all -inf (non-finite inputs): 0/0 there, NaN as in the kernels, never hidden; a max of
+        # +inf (an Inf input) is NaN too: taken as 0 it gave lse = log(inf) = +inf where the kernels give NaN
         attends = kvalid.reshape(B, H, g, 1, L).any(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m,
-                        torch.where(attends & (m == float("-inf")), float("nan"), 0.0).to(m.dtype))
+                        torch.where(~attends & (m == float("-inf")), 0.0, float("nan")).to(m.dtype))
         p = torch.exp(s - m)
         den = p.sum(dim=-1, keepdim=True)
         safe = torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
