@@ -60,14 +60,44 @@ class StateToken:
     A traced forward reads ``owner`` (the model's uid) and ``stale``: two values that stay the same across
     LoRA toggles and new caches, so the graph's guards hold (the counter itself changed every toggle)."""
 
-    __slots__ = ("owner", "stale")
+    __slots__ = ("owner", "stale", "serial", "__weakref__")
 
     def __init__(self, owner: int) -> None:
         self.owner = owner
         self.stale = False
+        self.serial = next(_TOKEN_SERIALS)
+        _LIVE_TOKENS[self.serial] = self
+
+    # A copied or pickled cache keeps the model's token itself: a copy of the token was never marked
+    # stale, so a deepcopied or unpickled cache was used silently by a traced forward after a LoRA
+    # toggle / load_state_dict. A token this process no longer holds (its model moved on, or it was
+    # pickled elsewhere) comes back stale.
+    def __copy__(self) -> "StateToken":
+        return self
+
+    def __deepcopy__(self, memo) -> "StateToken":
+        return self
+
+    def __reduce__(self):
+        return _restore_token, (self.owner, self.serial, self.stale)
 
 
-@dataclass
+_TOKEN_SERIALS = itertools.count()
+_LIVE_TOKENS: "weakref.WeakValueDictionary[int, StateToken]" = weakref.WeakValueDictionary()
+
+
+def _restore_token(owner: int, serial: int, stale: bool) -> StateToken:
+    tok = _LIVE_TOKENS.get(serial)
+    if tok is not None and tok.owner == owner:
+        return tok
+    tok = StateToken(owner)
+    tok.stale = True
+    return tok
+
+
+# eq=False: compared (and hashed) by identity, as tensors and modules; the generated ``__eq__`` compared
+# the tensor lists and raised "Boolean value of Tensor ... is ambiguous" for two distinct caches
+@dataclass(eq=False)
 class KVCache:
     """Per-block rotated K and V of the cond tokens.
 

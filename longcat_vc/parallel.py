@@ -108,7 +108,7 @@ def _dist():
 # the sharded KV cache
 
 
-@dataclass
+@dataclass(eq=False)
 class ShardedKVCache(KVCache):
     """A ``KVCache`` holding heads ``[head_start, head_start + heads_local)`` of every block
     (``keys[i], values[i]`` are ``[Bc, Sc, heads_local, D]``), built by a context-parallel DiT.
