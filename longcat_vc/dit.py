@@ -42,7 +42,8 @@ __all__ = ["LongCatDiT"]
 _MODEL_UIDS = itertools.count()
 # What every rank of a context-parallel group must pass alike (checked before the first collective).
 # Each checksummed input gives two values (``parallel.checksum``: row sums, position-weighted sum).
-# A full ``KVCache`` is checksummed too (a ``ShardedKVCache`` holds other heads on every rank).
+# A full ``KVCache`` is checksummed too (a ``ShardedKVCache`` holds other heads on every rank: the
+# checksum of the cond latents it was built from, kept in it, stands in).
 _RANK_STATE_FIELD = "model state (dtype, attention settings, LoRA, fp8 linears; rank_state)"
 _FORWARD_FIELDS = ("batch", "latent frames", "latent height", "latent width", "num_cond_latents", "kv_cache frames",
                    "kv_cache batch", "kv_cache sharded", "text tokens", "text mask given",
@@ -530,8 +531,9 @@ class LongCatDiT(nn.Module):
                 from .parallel import ShardedKVCache, checksum
 
                 sharded = isinstance(given_cache, ShardedKVCache)
-                # a full cache: one more read of it per direct call (a pipeline's loop skips this check)
-                cache_sums = ((0.0, 0.0) if given_cache is None or sharded
+                # a full cache: one more read of it per direct call (a pipeline's loop skips this check);
+                # a sharded one holds other heads on every rank: the checksum of its cond latents
+                cache_sums = ((0.0, 0.0) if given_cache is None else given_cache.cond_checksum if sharded
                               else checksum(*given_cache.keys, *given_cache.values))
                 same.record(B, T, H, W, num_cond_latents, -1 if kv_cache is None else kv_cache.num_frames,
                             -1 if kv_cache is None else kv_cache.batch, sharded, y.shape[1], y_mask is not None,
@@ -716,10 +718,13 @@ class LongCatDiT(nn.Module):
                 # the cache would keep one random dropout draw for every later step
                 raise ValueError(f"build_kv_cache: dropout is active ({source[5]} dropout modules in training mode "
                                  "with p > 0, e.g. peft's lora_dropout after .train()); call .eval() first")
-            if check:
+            if cp is not None:
                 from .parallel import checksum
 
-                same.record(Bc, c, H, W, *checksum(cond_latents), self.rank_state())
+                # kept in the sharded cache too: a direct forward compares it across the ranks
+                cond_sums = checksum(cond_latents)
+            if check:
+                same.record(Bc, c, H, W, *cond_sums, self.rank_state())
         _, ph, pw = cfg.patch_size
         Nh, Nw = H // ph, W // pw
         x = self.x_embedder(cond_latents.to(self.dtype))
@@ -730,7 +735,7 @@ class LongCatDiT(nn.Module):
                         device=self.device, offloaded=offload, source=source, state=self._state_token)
         # Context parallel: this rank recorded its heads of every block; the cache says which
         # (shard_cache keeps every KVCache field, the fingerprint included).
-        return cache if cp is None else cp.shard_cache(cache)
+        return cache if cp is None else cp.shard_cache(cache, cond_sums)
 
     def _record_kv(
         self, x: torch.Tensor, t: torch.Tensor, grid: Tuple[int, int, int], offload: bool,

@@ -117,12 +117,15 @@ class ShardedKVCache(KVCache):
         num_heads: heads of the model (all ranks together).
         head_start: first head held here.
         sp_size, sp_rank: the sequence-parallel group size and this rank's place in it.
+        cond_checksum: ``checksum`` of the cond latents it was built from, the same on every rank
+            (a direct ``forward`` compares it: the ranks' own heads differ, their cond latents must not).
     """
 
     num_heads: int = 0
     head_start: int = 0
     sp_size: int = 1
     sp_rank: int = 0
+    cond_checksum: Tuple[float, float] = (0.0, 0.0)
 
     @property
     def heads_local(self) -> int:
@@ -579,12 +582,13 @@ class ContextParallel:
             full[bs, :, r * m:r * m + n] = part.view(b, T, m, X)[:, :, :n]
         return full.view(B, T * hw, X)
 
-    def shard_cache(self, cache: KVCache) -> "ShardedKVCache":
-        """``cache`` built on this rank (its heads of every block) labelled with the layout."""
+    def shard_cache(self, cache: KVCache, cond_checksum: Tuple[float, float]) -> "ShardedKVCache":
+        """``cache`` built on this rank (its heads of every block) labelled with the layout and the
+        ``checksum`` of the cond latents it was built from."""
         h0, _ = self.head_range(self.num_heads)
         fields = {f.name: getattr(cache, f.name) for f in dataclasses.fields(KVCache) if f.init}
         return ShardedKVCache(**fields, num_heads=self.num_heads, head_start=h0, sp_size=self.sp_size,
-                              sp_rank=self.sp_rank)
+                              sp_rank=self.sp_rank, cond_checksum=tuple(cond_checksum))
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,14 +644,19 @@ def init_distributed(world_size: int, device=None, *, timeout_s: Optional[float]
     NVLS/multicast environment defaults first (``set_multigpu_env_defaults``).
 
     Raises:
-        ValueError: the environment (``WORLD_SIZE``) does not match ``world_size``.
+        ValueError: the process group already initialised (else the environment's ``WORLD_SIZE``)
+            does not have ``world_size`` ranks.
     """
     set_multigpu_env_defaults()
     dist = _dist()
-    env_world = _env_int("WORLD_SIZE", 1)
-    if env_world != world_size:
+    if dist.is_initialized():
+        # the group that will run (the environment may be unset or stale when the caller made it)
+        have, where = dist.get_world_size(), "the initialised process group has {} ranks"
+    else:
+        have, where = _env_int("WORLD_SIZE", 1), "this run has WORLD_SIZE={}"
+    if have != world_size:
         raise ValueError(
-            f"--context-parallel {world_size} needs {world_size} processes, this run has WORLD_SIZE={env_world}: "
+            f"--context-parallel {world_size} needs {world_size} processes, {where.format(have)}: "
             f"launch with torchrun --nproc-per-node {world_size} -m longcat_vc.cli ..."
         )
     local_rank = _env_int("LOCAL_RANK", 0)
