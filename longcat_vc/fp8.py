@@ -45,7 +45,9 @@ unexpected ``weight_scale`` keys). Saved (``safetensors`` or ``torch.save``), it
 unquantised DiT refuses it (``check_fp8_state_dict``).
 
 Inference only: the quantised activations carry no gradient, so the fp8 layers refuse an input that
-requires grad while grad is enabled (a backward through them missed every fp8 path, silently).
+requires grad while grad is enabled, or that a ``torch.func`` transform or forward-mode AD differentiates
+(a backward or a jvp through them missed every fp8 path, silently), and an ``Fp8Linear`` whose own
+``weight``, ``weight_scale`` or ``bias`` requires grad.
 
 ``emulate=True`` computes the same quantised values with a dequantised fp32 matmul: CPU tests of
 the numerics, and no speed. Without it, quantising refuses devices without fp8 tensor cores. (torch
@@ -68,7 +70,7 @@ from longcat_kernels import (
     fp8_quantize_rows,
     fp8_silu_mul_quantize,
 )
-from longcat_kernels._validate import check_bool, needs_grad
+from longcat_kernels._validate import check_bool, func_differentiated, needs_grad
 
 from .lora import LoRALinear, carries_peft_adapters
 
@@ -142,9 +144,11 @@ def _check_no_grad(what: str, *ts) -> None:
     """RuntimeError when a gradient would have to flow through fp8 quantisation (metadata only): the
     quantised activation carries none, so a backward through an fp8 DiT (e.g. to its input latents, or
     to parameters before an fp8 linear) missed every path through the fp8 linears, silently (40% wrong
-    on the tiny DiT)."""
-    if needs_grad(*ts):
-        raise RuntimeError(f"{what}: an input requires grad, but no gradient flows through fp8 quantisation "
+    on the tiny DiT). A ``torch.func`` transform or forward-mode AD over them too: a ``jvp`` of the DiT
+    through its text states came back as an all-zero tangent, through its timestep a partial one."""
+    if needs_grad(*ts) or func_differentiated(*ts):
+        raise RuntimeError(f"{what}: an input requires grad (or is differentiated by torch.func / forward-mode AD), "
+                           "but no gradient flows through fp8 quantisation "
                            "(quantize_dit_fp8 is for inference): run under torch.no_grad(), or use the "
                            "unquantised DiT for gradients")
 
@@ -195,6 +199,12 @@ class Fp8Linear(LoRALinear):
     act_dtype: torch.dtype = torch.bfloat16
 
     def forward(self, x) -> torch.Tensor:
+        for name in ("weight", "weight_scale", "bias"):
+            # a weight set to require grad got an e4m3 gradient in the emulation, and "derivative for
+            # aten::_scaled_mm is not implemented" on the GPU
+            if needs_grad(getattr(self, name)) or func_differentiated(getattr(self, name)):
+                raise RuntimeError(f"Fp8Linear: {name} requires grad, but fp8 layers are for inference "
+                                   "(quantize_dit_fp8): run under torch.no_grad(), or train the unquantised DiT")
         lora = bool(self.lora_active and not self.lora_fused)
         act = to_fp8_activation(x, lora)
         K = act.q.shape[-1]
