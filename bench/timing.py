@@ -11,6 +11,7 @@ budget: ``reps = clamp(budget_s / t_call, min_reps, max_reps)``.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,22 @@ class TimingPolicy:
     min_reps: int = 5
     max_reps: int = 100
     budget_s: float = 2.0  # wall time to spend on timed runs of one case
+
+    def __post_init__(self):
+        # min_reps 0 timed no run once a call outlasted the budget: a ValueError about "times_ms" after the
+        # work; max_reps < min_reps ran min_reps; a NaN budget raised in int() after the warm-up
+        for name in ("warmup", "min_reps", "max_reps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name}: expected an int, got {v!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup: expected >= 0 (0: the caller warmed up already), got {self.warmup}")
+        if self.min_reps < 1:
+            raise ValueError(f"min_reps: expected >= 1 timed run, got {self.min_reps}")
+        if self.max_reps < self.min_reps:
+            raise ValueError(f"max_reps: expected >= min_reps ({self.min_reps}), got {self.max_reps}")
+        if not (isinstance(self.budget_s, (int, float)) and math.isfinite(self.budget_s) and self.budget_s >= 0):
+            raise ValueError(f"budget_s: expected a finite number of seconds >= 0, got {self.budget_s!r}")
 
     def reps_for(self, est_s: float) -> int:
         if est_s <= 0:

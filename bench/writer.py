@@ -99,11 +99,82 @@ def check_document(doc: dict, path: Path | str) -> dict:
         # missing read as a full run (a smoke run's numbers in the README); "false" as a quick one
         raise ValueError(f"{path}: field 'config.quick' must be true or false, got "
                          f"{'missing' if 'quick' not in doc['config'] else repr(doc['config']['quick'])}")
+    _check_device(doc["machine"], path)
+    seen: dict = {}
     for i, r in enumerate(doc["rows"]):
         if not isinstance(r, dict):
             raise ValueError(f"{path}: rows[{i}] must be a JSON object, got a {type(r).__name__}")
         _check_row_fields(r, i, path)
+        _check_row_times(r, i, path)
+        # the tables key their cells by the case: a repeated row (a hand merge) showed one of them, unsaid
+        key = tuple(r.get(k) for k in ("suite", "case", "backend", "grid"))
+        if key in seen:
+            raise ValueError(f"{path}: rows[{i}] repeats rows[{seen[key]}] (suite {key[0]!r}, case {key[1]!r}, "
+                             f"backend {key[2]!r}); keep one of them")
+        seen[key] = i
+    _check_cache_speedups(doc["rows"], path)
     return doc
+
+
+def _check_cache_speedups(rows: list[dict], path: Path | str) -> None:
+    """A cache suite's ``speedup`` is its cache-off row's ``ms`` over its own (bench.suites.cache.finish): one
+    edited by hand, or left from before its times were, went into the README table as measured."""
+    off = {(r.get("grid"), r.get("cond_latents")): r for r in rows
+           if r.get("suite") == "cache" and r.get("mode") == "off" and r.get("status") == "ok"}
+    for i, r in enumerate(rows):
+        if r.get("suite") != "cache" or r.get("mode") != "on" or r.get("speedup") is None:
+            continue
+        base = off.get((r.get("grid"), r.get("cond_latents")))
+        sp = r["speedup"]
+        want = base["ms"] / r["ms"] if base is not None and r.get("status") == "ok" else None
+        if want is None or not (isinstance(sp, (int, float)) and math.isclose(sp, want, rel_tol=1e-6)):
+            got = "no timed cache-off row to compute it from" if want is None else f"off/on ms = {want:.6g}"
+            raise ValueError(f"{path}: rows[{i}] (suite 'cache', case {r.get('case')!r}): field 'speedup' is "
+                             f"{sp!r} but {got}")
+
+
+def _check_device(m: dict, path: Path | str) -> None:
+    """The device folder the header names (``device_slug``) is that of the device it ran on: an edited
+    ``gpu`` (an H200 run relabelled for h100/) was reported as measured there."""
+    given = m.get("device_slug")
+    if given is not None and not (isinstance(given, str) and given):
+        raise ValueError(f"{path}: field 'machine.device_slug' must be a non-empty string, got {given!r}")
+    want = device_folder(m)
+    if given is not None and want is not None and given != want:
+        what = f"gpu {m['gpu']!r}" if m.get("gpu") else f"cpu {m['cpu']!r}"
+        raise ValueError(f"{path}: field 'machine.device_slug' is {given!r} but the run's {what} belongs in "
+                         f"{want!r}")
+
+
+def device_folder(m: dict) -> str | None:
+    """The results folder of the device a machine header names (``bench.machine.device_slug``), or None."""
+    from bench.machine import slug  # noqa: PLC0415
+
+    if m.get("gpu"):
+        return slug(str(m["gpu"])).split("-")[0]
+    return "cpu-" + slug(str(m["cpu"])) if m.get("cpu") else None
+
+
+def _finite_time(v, zero: bool = False) -> bool:
+    """``v`` a finite number of milliseconds, > 0 (>= 0 with ``zero``)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if zero else v > 0)
+
+
+def _check_row_times(row: dict, i: int, path: Path | str) -> None:
+    """A timed row's median and minimum are finite times > 0 (min <= median) from >= 1 run: the writer stores
+    NaN/inf as strings, which the tables printed as "-" or "nan" and ordered by (a TypeError)."""
+    if row.get("status") != "ok":
+        return
+    where = f"{path}: rows[{i}] (suite {row.get('suite')!r}, case {row.get('case')!r})"
+    if "ms" in row and not _finite_time(row["ms"]):
+        raise ValueError(f"{where}: field 'ms' must be a finite time > 0, got {row['ms']!r}")
+    if "ms_min" in row and not _finite_time(row["ms_min"], zero=True):
+        raise ValueError(f"{where}: field 'ms_min' must be a finite time >= 0, got {row['ms_min']!r}")
+    if "ms_min" in row and row["ms_min"] > row.get("ms", math.inf):
+        raise ValueError(f"{where}: field 'ms_min' {row['ms_min']!r} is above the median 'ms' {row['ms']!r}")
+    runs = row.get("runs")
+    if "runs" in row and not (isinstance(runs, int) and not isinstance(runs, bool) and runs >= 1):
+        raise ValueError(f"{where}: field 'runs' must be an integer >= 1, got {runs!r}")
 
 
 # fields the report's tables and plots index the timed rows of each suite by (a row without one was a
@@ -180,7 +251,7 @@ def latest_results(results_dir: Path | str = RESULTS_DIR, skip_quick: bool = Fal
             if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:  # another tool's JSON
                 continue
             check_document(doc, jp)  # ours but incomplete: an error naming the file and field
-            slug = doc["machine"].get("device_slug")
+            slug = doc["machine"].get("device_slug") or device_folder(doc["machine"])
             if slug is not None and slug != dev_dir.name:
                 # another device's run (newer) replaced this device's table, labelled with the other device
                 raise ValueError(f"{jp}: a run on device {slug!r} in the folder {dev_dir.name!r}; move it to "

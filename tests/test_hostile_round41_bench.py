@@ -205,17 +205,17 @@ def test_report_names_the_cases_a_table_leaves_out_for_failing(tmp_path):
 
     from bench import report, writer
 
-    machine = {"date": "2026-01-01T00:00:00Z", "device_slug": "dev", "gpu": "X"}
+    machine = {"date": "2026-01-01T00:00:00Z", "device_slug": "x", "gpu": "X"}
     common = dict(suite="cached-attn", grid="24x2x4", op="kv-cache", cond_frames=13, cond_latents=4, seq_q=160,
                   seq_k=192, batch=2, heads=2, head_dim=32)
     rows = [dict(common, case="c4/kv-cache", backend="unfused", status="ok", ms=2.0),
             dict(common, case="c4/kv-cache", backend="triton", status="ok", ms=1.0, speedup=2.0),
             dict(common, case="c4/kv-cache", backend="cuda", status="parity-failed",
                  reason="rel. L2 0.3 > tol 0.01")]
-    (tmp_path / "dev").mkdir()
+    (tmp_path / "x").mkdir()
     doc = {"schema": writer.SCHEMA, "machine": machine, "config": {"quick": False, "dtype": "bfloat16"},
            "rows": rows}
-    (tmp_path / "dev" / "r.json").write_text(json.dumps(doc))
+    (tmp_path / "x" / "r.json").write_text(json.dumps(doc))
     text = report.render(tmp_path)
     assert "cuda ms" not in text
     assert "c4/kv-cache cuda: parity-failed" in text, text
