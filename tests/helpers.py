@@ -6,6 +6,8 @@ Not part of the product: nothing under ``longcat_kernels`` imports this."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -101,17 +103,20 @@ def bsa_oracle(q, k, v, sel, scale):
     return out, lse, attention_lowp(q, k, v, mask, scale), mask
 
 
-def tiny_wan(num_layers: int = 2):
-    """A tiny random diffusers ``WanTransformer3DModel``, fp32, eval (2 heads x 16, text dim 24, patch 1x2x2);
-    every parameter randomised (zero-initialised norm biases would hide mistakes). Needs diffusers."""
+def tiny_wan(num_layers: int = 2, head_dim: int = 16, ffn_dim: int = 48, rope_max_seq_len: int = 32,
+             scale: float = 0.2, seed: Optional[int] = 0):
+    """A tiny random diffusers ``WanTransformer3DModel``, fp32, eval (2 heads x ``head_dim``, text dim 24, patch
+    1x2x2); every parameter randomised (zero-initialised norm biases would hide mistakes), ``* scale``; drawn
+    after ``torch.manual_seed(seed)`` (None: from the RNG as it stands). Needs diffusers."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
+    if seed is not None:
+        torch.manual_seed(seed)
     m = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=24, freq_dim=16, ffn_dim=48, num_layers=num_layers, rope_max_seq_len=32,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        text_dim=24, freq_dim=16, ffn_dim=ffn_dim, num_layers=num_layers, rope_max_seq_len=rope_max_seq_len,
     ).eval()
     with torch.no_grad():
         for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
+            p.copy_(torch.randn_like(p) * scale)
     return m

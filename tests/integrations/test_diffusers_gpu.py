@@ -20,6 +20,8 @@ from longcat_kernels.integrations.diffusers import (  # noqa: E402
 )
 from longcat_kernels.testing.tolerance import rel_l2  # noqa: E402
 
+from helpers import tiny_wan  # noqa: E402
+
 pytestmark = pytest.mark.triton_gpu
 
 CHUNK = (4, 4, 4)  # 64 tokens: the block size of the csrc block-sparse kernel
@@ -27,14 +29,7 @@ CHUNK = (4, 4, 4)  # 64 tokens: the block size of the csrc block-sparse kernel
 
 def _model(layers: int = 2) -> WanTransformer3DModel:
     torch.seed()  # fresh weights every run
-    m = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
-        text_dim=24, freq_dim=16, ffn_dim=96, num_layers=layers, rope_max_seq_len=64,
-    ).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    return m
+    return tiny_wan(num_layers=layers, head_dim=64, ffn_dim=96, rope_max_seq_len=64, scale=0.1, seed=None)
 
 
 def _bf16(m: WanTransformer3DModel) -> WanTransformer3DModel:

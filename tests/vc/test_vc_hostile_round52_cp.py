@@ -4,12 +4,9 @@ given different inputs, and a process group of another size than the one asked f
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -154,36 +151,10 @@ def _worker(rank: int, world: int, init: str, out: str, seed: str) -> None:
 
 
 def _launch(tmp, timeout: float = 150) -> list:
-    seed = random.randrange(2**31)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([ROOT, HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    env.pop("WORLD_SIZE", None)
-    procs, logs = [], []
-    for r in range(WORLD):
-        log = open(tmp / f"log{r}.txt", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(r), str(WORLD),
-                                       str(tmp / "init"), str(tmp), str(seed)],
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            break
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    texts = []
-    for log in logs:
-        log.seek(0)
-        texts.append(log.read())
-        log.close()
-    detail = f"seed {seed}\n" + "\n".join(f"--- rank {r} (rc {p.returncode})\n{t[-3000:]}"
-                                           for r, (p, t) in enumerate(zip(procs, texts)))
-    assert all(p.returncode == 0 for p in procs), detail
-    return [json.load(open(tmp / f"rank{r}.json")) for r in range(WORLD)]
+    from vc_components import two_rank_results
+
+    return two_rank_results(os.path.abspath(__file__), tmp, [str(random.randrange(2**31))], ROOT, HERE, timeout=timeout,
+                            world=WORLD)
 
 
 @pytest.fixture(scope="module")

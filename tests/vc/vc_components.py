@@ -357,25 +357,28 @@ def run_cli_without_loading(capsys, argv, monkeypatch):
     return rc, capsys.readouterr().err
 
 
-def run_two_ranks(script: str, args_for_rank, root: str, here: str, timeout: float = 240):
-    """Runs ``python script *args_for_rank(r)`` for ranks 0 and 1 on CPU (gloo workers), each killed
-    if still running after ``timeout`` s: ``(return codes, logs)``."""
+def run_two_ranks(script: str, args_for_rank, root: str, here: str, timeout: float = 240, world: int = 2):
+    """Runs ``python script *args_for_rank(r)`` for ranks 0 .. world-1 (default 2) on CPU (gloo workers,
+    Triton in the interpreter, no ``WORLD_SIZE`` inherited), each killed if still running after ``timeout``
+    s: ``(return codes, logs)``."""
     import subprocess
     import sys
 
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([root, here] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
                                                           else [])))
+    env.setdefault("TRITON_INTERPRET", "1")
+    env.pop("WORLD_SIZE", None)
     procs = [subprocess.Popen([sys.executable, os.path.abspath(script), *args_for_rank(r)], env=env, cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     try:
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     return [p.returncode for p in procs], logs
-
 
 
 def init_gloo_rank(rank: int, world: int, init: str, timeout_s: float) -> None:
@@ -412,16 +415,19 @@ def finish_rank(res: dict, out: str, rank: int) -> None:
     dist.destroy_process_group()
 
 
-def two_rank_results(script: str, tmp, extra, root: str, here: str, timeout: float = 240) -> list:
-    """Runs ``script --worker RANK 2 tmp/init tmp *extra`` as two gloo ranks (``run_two_ranks``), checks
-    both exited 0 (else fails with their logs' tails) and returns their ``finish_rank`` results."""
+def two_rank_results(script: str, tmp, extra, root: str, here: str, timeout: float = 240, world: int = 2) -> list:
+    """Runs ``script --worker RANK WORLD tmp/init tmp *extra`` as ``world`` (default 2) gloo ranks
+    (``run_two_ranks``), checks every one exited 0 (else fails with their logs' tails) and returns their
+    ``finish_rank`` results."""
     import json
 
-    codes, logs = run_two_ranks(script, lambda r: ["--worker", str(r), "2", str(tmp / "init"), str(tmp), *extra],
-                                root, here, timeout=timeout)
-    detail = "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs))
-    assert codes == [0, 0], detail
-    return [json.load(open(tmp / f"rank{r}.json")) for r in range(2)]
+    codes, logs = run_two_ranks(script, lambda r: ["--worker", str(r), str(world), str(tmp / "init"), str(tmp), *extra],
+                                root, here, timeout=timeout, world=world)
+    detail = " ".join(map(str, extra)) + "\n" + "\n".join(f"--- rank {r} (rc {c})\n{log[-3000:]}"
+                                                           for r, (c, log) in enumerate(zip(codes, logs)))
+    assert codes == [0] * world, detail
+    return [json.load(open(tmp / f"rank{r}.json")) for r in range(world)]
+
 
 def released_pipeline_stand_in(mode: str):
     """What the refinement's fit check reads of a pipeline: the released model's config (width and
