@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -28,6 +30,20 @@ def compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
         return False
+
+
+_TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
+
+
+def user_stacklevel(*package_dirs: str) -> int:
+    """``warnings.warn``'s ``stacklevel`` for the function calling this one that names the first frame outside
+    ``package_dirs`` and torch (its ``no_grad`` wrappers): the line of the user's code that led to the warning,
+    however deep inside the package the warning is raised."""
+    own = tuple(os.path.join(os.path.abspath(d), "") for d in package_dirs) + (_TORCH_DIR,)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(own):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _autocast_on(dev_type: str) -> bool:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from longcat_kernels._validate import check_bool
+from longcat_kernels._validate import check_bool, user_stacklevel
 
 from .schedule import check_distill_steps, check_scheduler_config, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
@@ -783,9 +783,9 @@ class VideoContinuationPipeline:
         given = num_frames
         if (num_frames - 1) % st:
             rounded = (num_frames - 1) // st * st + 1
-            # 5: past this, the caller (__call__ / extend), torch.no_grad's wrapper and _one_call_per_dit's,
-            # to the user's line
-            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}", stacklevel=5)
+            # at the user's line, past the caller (__call__ / extend) and torch.no_grad's and _one_call_per_dit's wrappers
+            warnings.warn(f"num_frames={num_frames} is not {st}k+1; rounding down to {rounded}",
+                          stacklevel=user_stacklevel(os.path.dirname(__file__)))
             num_frames = rounded
         if num_frames <= num_cond_frames:
             # the given value too: "num_frames (5)" for num_frames=7 named a value the user never passed

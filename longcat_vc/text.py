@@ -11,10 +11,11 @@ import contextlib
 import html
 import numbers
 import os
-import sys
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from longcat_kernels._validate import user_stacklevel
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "clean_prompt", "encode_prompts"]
 
@@ -175,16 +176,5 @@ def _warn_truncated(tokenizer, prompts: List[str], max_length: int, names: Seque
         # attributed to the user's line: a fixed stacklevel (past no_grad's wrapper) pointed at
         # pipeline.py when the pipeline encoded, so a filter on the caller's module missed it
         warnings.warn(f"{which}; the text encoder takes {max_length} tokens, the rest is dropped (as upstream): "
-                      f"shorten the prompt", UserWarning, stacklevel=_caller_stacklevel())
+                      f"shorten the prompt", UserWarning, stacklevel=user_stacklevel(os.path.dirname(__file__)))
 
-
-_OWN_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
-
-
-def _caller_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel, seen from the function calling this one, of the first frame outside
-    longcat_vc and torch (its ``no_grad`` wrappers): the line of the user's code that led to the warning."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level

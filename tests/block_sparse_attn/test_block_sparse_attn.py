@@ -272,3 +272,16 @@ def test_grouped_and_checkpointed_path(monkeypatch):
     exp = torch.autograd.grad(ref, (q, k, v), g.double())
     for name, a, e in zip(("dq", "dk", "dv"), got, exp):
         assert_close(a, e, factor=3.0, name=name)
+
+
+def test_keeps_nothing_warning_points_at_the_callers_line():
+    """The shared ``_validate.user_stacklevel`` attributes the gating's keeps-nothing warning to this file,
+    past the op's dispatch and the custom op wrappers."""
+    import warnings
+
+    q = torch.randn(1, 64, 1, 16)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        lk.block_sparse_attn(q, q, q, grid_q=(1, 8, 8), chunk_q=(1, 4, 4), sparsity=0.9, backend="torch")
+    hits = [x for x in w if "keeps int((1 - sparsity) * Nk) = 0" in str(x.message)]
+    assert len(hits) == 1 and hits[0].filename == __file__, [(str(x.message)[:60], x.filename) for x in w]

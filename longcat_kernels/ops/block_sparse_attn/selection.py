@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..._validate import autocast_off, compiling
+from ..._validate import autocast_off, compiling, user_stacklevel
 from ...grid import Triple, as_triple, block_sizes, num_blocks, total_blocks
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # longcat_kernels/
 
 __all__ = [
     "BlockSelection",
@@ -72,19 +73,8 @@ def warn_if_keeps_nothing(sparsity: Optional[float], cdf_threshold: Optional[flo
         f"and outputs zeros (upstream's formula). Use sparsity <= {1.0 - 1.0 / num_k_blocks:.4f} for this grid, "
         f"a smaller chunk (>= {need} key blocks needed), a cdf_threshold, or dense attention.",
         RuntimeWarning,
-        stacklevel=_caller_level(),
+        stacklevel=user_stacklevel(_PACKAGE_DIR),
     )
-
-
-def _caller_level() -> int:
-    """``stacklevel`` of the first frame outside longcat_kernels and torch (the user's call)."""
-    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    level, f = 1, sys._getframe(1)  # level 1 = warn_if_keeps_nothing, the caller of warnings.warn
-    while f is not None and f.f_code.co_filename.startswith((pkg, torch_dir)):
-        f = f.f_back
-        level += 1
-    return level
 
 
 # threads inside ieee_fp32_matmul on CUDA, and the precision setting the first of them found: the last
