@@ -199,12 +199,14 @@ class Fp8Linear(LoRALinear):
     act_dtype: torch.dtype = torch.bfloat16
 
     def forward(self, x) -> torch.Tensor:
-        for name in ("weight", "weight_scale", "bias"):
-            # a weight set to require grad got an e4m3 gradient in the emulation, and "derivative for
-            # aten::_scaled_mm is not implemented" on the GPU
-            if needs_grad(getattr(self, name)) or func_differentiated(getattr(self, name)):
-                raise RuntimeError(f"Fp8Linear: {name} requires grad, but fp8 layers are for inference "
-                                   "(quantize_dit_fp8): run under torch.no_grad(), or train the unquantised DiT")
+        own = (self.weight, self.weight_scale, self.bias)
+        # a weight set to require grad got an e4m3 gradient in the emulation, and "derivative for
+        # aten::_scaled_mm is not implemented" on the GPU (one check of the three per call: the name on failure)
+        if needs_grad(*own) or func_differentiated(*own):
+            name = next(n for n, t in zip(("weight", "weight_scale", "bias"), own)
+                        if needs_grad(t) or func_differentiated(t))
+            raise RuntimeError(f"Fp8Linear: {name} requires grad, but fp8 layers are for inference "
+                               "(quantize_dit_fp8): run under torch.no_grad(), or train the unquantised DiT")
         lora = bool(self.lora_active and not self.lora_fused)
         act = to_fp8_activation(x, lora)
         K = act.q.shape[-1]
