@@ -98,12 +98,20 @@ def slug(text: str) -> str:
     return text[:40] or "unknown"
 
 
+def results_folder(gpu: str | None, cpu: str | None) -> str | None:
+    """Folder name under bench/results/ of a device named ``gpu`` (the GPU model alone, "h100": the folder
+    the team's other results use) or, without one, ``cpu`` ("cpu-<slug>"); None without either. What
+    ``device_slug`` names for the machine it runs on, and ``bench.writer`` checks a result header's against."""
+    if gpu:
+        return slug(gpu).split("-")[0]
+    return None if cpu is None else "cpu-" + slug(cpu)
+
+
 def device_slug(device: torch.device) -> str:
     """Folder name under bench/results/ for results measured on ``device``."""
     if device.type == "cuda":
-        # the GPU model alone ("h100"), the folder the team's other results use
-        return slug(torch.cuda.get_device_name(device)).split("-")[0]
-    return "cpu-" + slug(cpu_name())
+        return results_folder(torch.cuda.get_device_name(device), None)
+    return results_folder(None, cpu_name())
 
 
 def _backends() -> dict[str, str | None] | None:

@@ -151,11 +151,9 @@ def _check_device(m: dict, path: Path | str) -> None:
 
 def device_folder(m: dict) -> str | None:
     """The results folder of the device a machine header names (``bench.machine.device_slug``), or None."""
-    from bench.machine import slug  # noqa: PLC0415
+    from bench.machine import results_folder  # noqa: PLC0415
 
-    if m.get("gpu"):
-        return slug(str(m["gpu"])).split("-")[0]
-    return "cpu-" + slug(str(m["cpu"])) if m.get("cpu") else None
+    return results_folder(str(m["gpu"]) if m.get("gpu") else None, str(m["cpu"]) if m.get("cpu") else None)
 
 
 def _finite_time(v, zero: bool = False) -> bool:
