@@ -369,6 +369,28 @@ def check_op_kv(op: str, q: torch.Tensor, pairs: Sequence[tuple], gqa: bool = Fa
             raise ValueError(f"{op}: {kn}: expected head_dim {D} (q's), got shape {tuple(k.shape)}")
 
 
+def check_op_grad_inputs(op: str, q: torch.Tensor, do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         dlse: Optional[torch.Tensor] = None) -> None:
+    """A backward op's saved and incoming tensors: ``do`` and ``out`` of q's shape, dtype and device, ``lse``
+    ``[B, H, Sq]`` float32 and ``dlse`` (if any) ``[B, H, Sq]`` floating, on q's device (the kernels index them with q's strides and
+    sizes: a direct ``torch.ops`` call with a transposed ``do`` or a ``[B, Sq, H]`` lse read out of bounds or
+    the wrong rows, silently)."""
+    for n, t in (("do", do), ("out", out)):
+        if tuple(t.shape) != tuple(q.shape) or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{op}: {n}: expected q's shape {tuple(q.shape)}, dtype {q.dtype} on {q.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    B, Sq, H, _ = q.shape
+    for n, t in (("lse", lse), ("dlse", dlse)):
+        # lse as the forward wrote it (fp32: a half copy moves every row's exp by up to 2^-8 relative)
+        if t is None:
+            continue
+        ok_dtype = t.dtype == torch.float32 if n == "lse" else t.dtype.is_floating_point
+        if tuple(t.shape) != (B, H, Sq) or not ok_dtype or t.device != q.device:
+            want = "float32" if n == "lse" else "floating"
+            raise ValueError(f"{op}: {n}: expected a {want} [B, H, Sq] = {[B, H, Sq]} tensor on {q.device}, got "
+                             f"{list(t.shape)} {t.dtype} on {t.device}")
+
+
 def check_op_block_geometry(op: str, q: torch.Tensor, seq_k: int, grid_q, grid_k, chunk_q, chunk_k,
                             indices: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None) -> None:
     """Grids and chunks of 3 positive ints, ``grid_q`` covering q's seq and ``grid_k`` the ``seq_k`` keys with

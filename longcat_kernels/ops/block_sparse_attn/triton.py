@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from longcat_kernels._validate import check_op_block_geometry, check_op_kv, needs_grad
+from longcat_kernels._validate import check_op_block_geometry, check_op_grad_inputs, check_op_kv, needs_grad
 from longcat_kernels.dispatch import triton_interpret, triton_tile_size
 
 from . import _triton_kernels as K
@@ -174,6 +174,7 @@ def bsa_bwd(
     ``[B,H,Sq]``: the gradient reaching lse too, if any. ``deterministic``: the caller's request
     (``_deterministic``); every launch here is deterministic, so it changes nothing."""
     check_op_kv("bsa_bwd", q, [("k", k, "v", v, False)])
+    check_op_grad_inputs("bsa_bwd", q, do, out, lse, dlse)
     check_op_block_geometry("bsa_bwd", q, k.shape[1], grid_q, grid_k, chunk_q, chunk_k, indices, counts)
     _check_tile_head_dim("bsa_bwd", q)
     do, q, k, v, out = (_last_dim_contig(x) for x in (do, q, k, v, out))  # unit strides, as in bsa_fwd
@@ -412,6 +413,8 @@ def bsa_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
     ties go to the lower index, as a stable descending sort would (-0.0 == +0.0)."""
     if scores.dtype != torch.float32:
         raise TypeError(f"bsa_topk: scores must be float32, got {scores.dtype}")
+    if scores.dim() == 0:  # rows of scores, as the fake's shape[:-1] assumes (an IndexError otherwise)
+        raise ValueError("bsa_topk: scores: expected [..., Nk] rows of scores, got a 0-dim tensor")
     nk = scores.shape[-1]
     if not 1 <= n <= nk or nk > _TOPK_MAX_ROW:
         raise ValueError(f"bsa_topk: need 1 <= n <= Nk <= {_TOPK_MAX_ROW}, got n={n}, Nk={nk}")
