@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .grid import Triple, as_triple
+from .grid import Triple, as_triple, total_blocks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP32_MAX = 3.4028234663852886e38
@@ -189,6 +189,12 @@ def check_scale(scale, name: str = "scale") -> None:
     if scale > MAX_SCALE:
         raise ValueError(f"{name}: expected at most the fp32 maximum / log2(e) = {MAX_SCALE!r} (the kernels scale "
                          f"by scale * log2(e) in fp32), got {scale}")
+
+
+def default_scale(q: torch.Tensor, scale) -> float:
+    """The softmax scale an attention op runs with: ``head_dim ** -0.5`` for None (SPEC's default), else
+    ``float(scale)`` (checked by ``check_scale``)."""
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def check_prefix_len(prefix_len, seq: int) -> None:
@@ -411,9 +417,7 @@ def check_op_block_geometry(op: str, q: torch.Tensor, seq_k: int, grid_q, grid_k
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{op}: {n}: expected an integer dtype (torch.int32), got {t.dtype}")
     B, _, H, _ = q.shape
-    nq = 1
-    for g, c in zip(gq, cq):
-        nq *= -(-g // c)
+    nq = total_blocks(gq, cq)
     if indices.dim() != 4 or tuple(indices.shape[:3]) != (B, H, nq):
         raise ValueError(f"{op}: indices: expected shape [{B}, {H}, {nq}, max_sel] (batch, heads, query blocks of "
                          f"grid_q {list(gq)} / chunk_q {list(cq)}), got {list(indices.shape)}")

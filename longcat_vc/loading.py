@@ -287,6 +287,8 @@ def _is_fastvideo(keys: Iterable[str], expected: Optional[Iterable[str]] = None)
 
 # ---------------------------------------------------------------------- loading
 def _list(names: List[str], limit: int = 30) -> str:
+    """The first ``limit`` names, comma-separated, and how many more: every "these names" message of
+    longcat_vc (the loaders, the LoRA matcher, the pipeline's VAE / text-encoder checks) uses this one."""
     return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 

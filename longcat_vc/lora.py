@@ -68,6 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kv_cache import tensor_version
+from .loading import _list
 
 __all__ = [
     "LoRALinear",
@@ -374,10 +375,6 @@ _FASTVIDEO_TO_LONGCAT: Sequence[Tuple[re.Pattern, str, Optional[Tuple[int, int]]
 ]
 
 
-def _short_list(names: List[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def _fastvideo_module(path: str) -> Optional[Tuple[str, Optional[Tuple[int, int]]]]:
     for pattern, repl, rows in _FASTVIDEO_TO_LONGCAT:
         if pattern.match(path):
@@ -649,13 +646,11 @@ def _build_adapters(model: nn.Module, fmt: str, tensors: Dict[str, torch.Tensor]
         if unmatched:
             show = sorted(unmatched)
             lines.append(
-                f"{len(show)} key(s) match no Linear module of the model: "
-                + ", ".join(show[:20]) + (" ..." if len(show) > 20 else "")
-            )
+                f"{len(show)} key(s) match no Linear module of the model: {_list(show, 20)}")
             if fmt != "longcat" and upstream_named:
                 # (the message said only "match no Linear module", of a module the model has under that name)
                 one = len(upstream_named) == 1
-                lines.append(f"{_short_list(upstream_named)} {'is' if one else 'are'} this model's (upstream) module "
+                lines.append(f"{_list(upstream_named, 5)} {'is' if one else 'are'} this model's (upstream) module "
                              f"name{'' if one else 's'}; lora_A/lora_B files are read with FastVideo's module names (SPEC 9: attn.qkv -> self_attn.to_q/to_k/"
                              "to_v, attn.proj -> self_attn.to_out, ...); for upstream names use the LongCat format "
                              f"({LORA_PREFIX}<path>.lora_down.weight / .lora_up.weight / .alpha_scale)")

@@ -46,7 +46,7 @@ from longcat_kernels._validate import check_bool, user_stacklevel
 
 from .schedule import check_distill_steps, check_scheduler_config, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
-from .loading import CheckpointError
+from .loading import CheckpointError, _list
 from .lora import fused_loras
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
@@ -1393,7 +1393,7 @@ def _check_finite_weights(what: str, path: str, model: torch.nn.Module) -> None:
     bad = sorted(n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if _has_non_finite(t))
     if bad:
         raise CheckpointError(f"{path}: the {what} checkpoint holds non-finite values (NaN/Inf) in "
-                              + ", ".join(bad[:10]) + (f" ... (+{len(bad) - 10} more)" if len(bad) > 10 else ""))
+                              + _list(bad, 10))
 
 
 def _check_no_missing_tensors(what: str, path: str, info, unused_ok: Tuple[str, ...] = ()) -> None:
@@ -1402,14 +1402,11 @@ def _check_no_missing_tensors(what: str, path: str, info, unused_ok: Tuple[str, 
     a text encoder or VAE folder of another model ran as a random one. Likewise for checkpoint tensors
     the model has no place for (prefixes ``unused_ok`` excepted): a 2-layer encoder under a 1-layer
     config.json loaded as the 1-layer one, the rest dropped. The DiT loads strictly too."""
-    def shown(keys):
-        return ", ".join(keys[:20]) + (f" ... (+{len(keys) - 20} more)" if len(keys) > 20 else "")
-
     missing = sorted((info or {}).get("missing_keys") or [])
     if missing:
         raise CheckpointError(f"{path}: the {what} checkpoint lacks {len(missing)} tensor(s) of the model, which would "
-                              f"be initialised at random: {shown(missing)}")
+                              f"be initialised at random: {_list(missing, 20)}")
     unexpected = sorted(k for k in (info or {}).get("unexpected_keys") or [] if not k.startswith(unused_ok))
     if unexpected:
         raise CheckpointError(f"{path}: the {what} checkpoint holds {len(unexpected)} tensor(s) not in the model built "
-                              f"from its config.json, which would be dropped: {shown(unexpected)}")
+                              f"from its config.json, which would be dropped: {_list(unexpected, 20)}")

@@ -22,6 +22,7 @@ from ..._validate import (
     check_qkv,
     check_bool,
     check_scale,
+    default_scale,
     check_sparsity,
     compiling,
     has_values,
@@ -143,10 +144,6 @@ def _check_selection_values(sel: BlockSelection) -> None:
         object.__setattr__(sel, "_values_checked", stamp)
 
 
-def _default_scale(q: torch.Tensor, scale: Optional[float]) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
-
-
 def check_no_rule_beside_selection(sparsity, cdf_threshold, name: str) -> None:
     """A precomputed selection replaces the rules: a sparsity other than the default (or None), or a
     cdf_threshold, passed beside it would be ignored, so it raises (``name``: the argument named)."""
@@ -244,7 +241,7 @@ def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold,
             q, k, grid_q=gq, grid_k=gk, chunk_q=cq, chunk_k=ck, sparsity=sparsity, cdf_threshold=cdf_threshold,
             backend=gb,
         )
-    return selection, _default_scale(q, scale)
+    return selection, default_scale(q, scale)
 
 
 def block_sparse_attn(

@@ -21,6 +21,7 @@ import torch
 
 from longcat_kernels._validate import check_op_block_geometry, check_op_grad_inputs, check_op_kv, needs_grad
 from longcat_kernels.dispatch import triton_interpret, triton_tile_size
+from longcat_kernels.grid import num_blocks
 
 from . import _triton_kernels as K
 
@@ -68,7 +69,7 @@ def _geom(grid, chunk):
     """(nT, nH, nW, padded block size, divisible-and-unpadded flag)."""
     t, h, w = (int(x) for x in grid)
     ct, ch, cw = (int(x) for x in chunk)
-    n = (-(-t // ct), -(-h // ch), -(-w // cw))
+    n = num_blocks((t, h, w), (ct, ch, cw))
     blk = ct * ch * cw
     pb = triton_tile_size(blk)
     even = t % ct == 0 and h % ch == 0 and w % cw == 0 and pb == blk

@@ -29,6 +29,7 @@ from ..._validate import (
     check_same_device,
     check_same_dtype,
     check_scale,
+    default_scale,
     check_sparsity,
     check_tensor,
     compiling,
@@ -106,7 +107,7 @@ def prefix_attn(
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"k: expected seq {q.shape[1]} (same as q), got {k.shape[1]}")
         check_prefix_len(prefix_len, q.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     c = choose("prefix_attn", q, k, v, requested=backend)
     if c.impl != "torch_reference":
         fn = impl_fn("prefix_attn", c.impl)
@@ -311,7 +312,7 @@ def attn_with_kv_cache(
             c = Sc // rope.tokens_per_frame
             q, k = apply_rope_3d(q, rope, frame_offset=c), apply_rope_3d(k, rope, frame_offset=c)
         rope = None
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     if block_sparse is None:
         c = choose("attn_with_kv_cache", q, k, v, k_cache, v_cache, requested=backend)
     else:

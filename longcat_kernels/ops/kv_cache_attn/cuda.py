@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..._validate import default_scale
 from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, ops, selection_args
 from .api import _split_aligned
 
@@ -64,7 +65,7 @@ def attn_with_kv_cache_cuda(q, k, v, k_cache=None, v_cache=None, rope=None, scal
         return_lse (bool): also return ``lse [B, H, Sn]`` fp32 (not asked: the kernels skip its store).
         kernel (str | None): csrc kernel family; None: the dispatcher's choice.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     tabs, gh, gw = _rope_args(rope)
     if block_sparse is None:
         kernel = csrc_kernel("attn_with_kv_cache", kernel, q, k, v, k_cache, v_cache, needs_grad=False)
@@ -112,7 +113,7 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kern
 def prefix_attn_cuda(q, k, v, prefix_len, scale=None, return_lse: bool = False, *, kernel: Optional[str] = None):
     """Queries ``[:P]`` attend keys ``[:P]``, the rest attend all keys; ``[B, S, H, D]``
     (with ``return_lse``: ``(out, lse [B, H, S] fp32)``)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     kernel = csrc_kernel("prefix_attn", kernel, q, k, v, needs_grad=False)
     q, (k, v), _ = _tma_batches(kernel, q, (k, v))
     out, lse = ops().prefix_attn_fwd_cuda(q, k, v, int(prefix_len), scale, kernel, bool(return_lse))

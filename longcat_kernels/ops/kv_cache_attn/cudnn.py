@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels import dispatch
-from longcat_kernels._validate import check_op_cache_rope, check_op_kv, check_op_prefix
+from longcat_kernels._validate import check_op_cache_rope, check_op_kv, check_op_prefix, default_scale
 from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
@@ -201,7 +201,7 @@ def attn_with_kv_cache_cudnn(q, k, v, k_cache=None, v_cache=None, rope=None, sca
                                       "of compute capability 8.0+")
     _refuse_gqa("attn_with_kv_cache", q, k)
     check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     Sc = 0 if k_cache is None else k_cache.shape[1]
     tabs, gh, gw = rope_tables_for(rope, q, Sc)
     out, lse = torch.ops.longcat_kernels.kv_cache_attn_cudnn_fwd(q, k, v, k_cache, v_cache, *tabs, gh,
@@ -241,6 +241,6 @@ def prefix_attn_cudnn(q, k, v, prefix_len, scale=None, return_lse=False):
                                       "head_dim <= 128 (a multiple of 8), cuDNN and a GPU of compute capability 8.0+")
     _refuse_gqa("prefix_attn", q, k)
     check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     out, lse = torch.ops.longcat_kernels.prefix_attn_cudnn_fwd(q, k, v, int(prefix_len), scale, return_lse)
     return (out, lse) if return_lse else out

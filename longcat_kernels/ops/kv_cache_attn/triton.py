@@ -34,8 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_kernels._validate import check_op_block_geometry, check_op_cache_rope, check_op_kv, check_op_prefix
+from longcat_kernels._validate import (check_op_block_geometry, check_op_cache_rope, check_op_kv, check_op_prefix,
+                                       default_scale)
 from longcat_kernels.dispatch import triton_interpret
+from longcat_kernels.grid import num_blocks
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
@@ -411,10 +413,6 @@ def _(q, k, v, prefix_len, scale, return_lse=False):
     return q.new_empty(q.shape), new_lse(q, return_lse)
 
 
-def _nblk(grid, chunk):
-    return tuple(-(-g // c) for g, c in zip(grid, chunk))
-
-
 @torch.library.custom_op("longcat_kernels::kv_cache_bsa_fwd", mutates_args=())
 def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_cache: Optional[torch.Tensor], v_cache: Optional[torch.Tensor],
@@ -431,7 +429,7 @@ def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if k_cache is None:
         k_cache, v_cache = k[:, :0], v[:, :0]
     Sc = k_cache.shape[1]
-    nq, nk = _nblk(grid_q, chunk_q), _nblk(grid_k, chunk_k)
+    nq, nk = num_blocks(grid_q, chunk_q), num_blocks(grid_k, chunk_k)
     NQ = nq[0] * nq[1] * nq[2]
     if B * H * NQ == 0:
         return out.zero_(), lse.fill_(float("-inf"))
@@ -495,7 +493,7 @@ def _select_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsi
         BlockSelection, select_rows, block_scores, pool_blocks, warn_if_keeps_nothing,
     )
     B, _, H, D = q.shape
-    nT, nH, nW = _nblk(grid_k, chunk_k)
+    nT, nH, nW = num_blocks(grid_k, chunk_k)
     warn_if_keeps_nothing(sparsity, cdf, nT * nH * nW, grid_k, chunk_k)
     q_blk = pool_blocks(q, grid_q, chunk_q)  # [B, H, Nq, D]
     sums = torch.zeros((B, nT, nH, nW, H, D), dtype=torch.float32, device=q.device)
@@ -601,7 +599,7 @@ def attn_with_kv_cache_triton(q, k, v, k_cache=None, v_cache=None, rope=None, sc
     Forward only.
     """
     check_no_grad_triton("attn_with_kv_cache", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     if block_sparse is not None:
         return _attn_with_kv_cache_bsa(q, k, v, k_cache, v_cache, rope, scale, block_sparse, return_lse)
     Sc = 0 if k_cache is None else k_cache.shape[1]
@@ -617,6 +615,6 @@ def prefix_attn_triton(q, k, v, prefix_len, scale=None, return_lse=False):
     q, k, v: [B, S, H, D], any strides. Returns [B, S, H, D] BSHD-contiguous. Forward only.
     """
     check_no_grad_triton("prefix_attn", q=q, k=k, v=v)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = default_scale(q, scale)
     out, lse = torch.ops.longcat_kernels.prefix_attn_fwd(q, k, v, int(prefix_len), scale, return_lse)
     return (out, lse) if return_lse else out
