@@ -2,7 +2,8 @@
 # The device tool's check run: install the project (builds the extension), diffusers from wheels carried in,
 # the environment report, then every device-marked test in three parts, logs under $OUT.
 #
-# Prepare here (the device has no registry access), then run with carry [".gpu_carry"]:
+# Prepare here (the device has no registry access: bash bench/dev/prepare_carry.sh does the two lines below),
+# then run with carry [".gpu_carry"]:
 #   mkdir -p .gpu_carry/wheels && pip download diffusers -d .gpu_carry/wheels   # minus numpy: the device has it
 #   (plus the cp310/312/313 wheels of regex, pillow, pyyaml, charset_normalizer: the device's Python may differ)
 #   HEAD=<commit> bash bench/dev/device_checks.sh
