@@ -112,7 +112,7 @@ class LoRAPart:
         # Device moves and the block streamer bypass this with object.__setattr__.
         ref = self.__dict__.get("_adapter")
         adapter = ref() if ref is not None else None
-        if key == "scale" and "scale" in self.__dict__:
+        if key == "scale":  # at construction too: a NaN / bool / tensor scale passed LoRAPart(...) unchecked
             _check_multiplier(value, "LoRAPart.scale")
             value = float(value)
         if adapter is not None and key in ("scale", "up"):

@@ -319,3 +319,15 @@ def test_dit_activation_checkpointing_input_and_param_grads_match_fp64():
         got = grads[1][n]
         assert got is not None and torch.isfinite(got).all(), n
         assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1e-6), n
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), True, "0.5", "tensor", "tensor_grad"])
+def test_lora_part_scale_checked_at_construction_fix(scale):
+    """``LoRAPart(..., scale)`` took any value (only a later assignment was checked): NaN gave a NaN output
+    silently, a trainable 0-d tensor failed inside ``add_`` ("argument 'alpha' must be Number")."""
+    if scale in ("tensor", "tensor_grad"):
+        scale = torch.tensor(0.5, requires_grad=scale == "tensor_grad")
+    with pytest.raises((TypeError, ValueError), match="LoRAPart.scale"):
+        LoRAPart(0, 4, 0, 2, torch.randn(4, 2), scale)
+    p = LoRAPart(0, 4, 0, 2, torch.randn(4, 2), __import__("numpy").float32(0.5))  # a real number: stored as float
+    assert type(p.scale) is float and p.scale == 0.5
