@@ -1,8 +1,9 @@
 """Autograd used as training code uses it (round 55): packed q/k/v views, partial requires_grad, retain_graph
 and accumulation, activation checkpointing (reentrant and not), in-place edits after the forward, hooks,
 grad-mode nesting, odd ``grad_output`` strides, double backward and zero-size batches, on the differentiable
-public ops and the DiT. Every gradient is compared with an fp64 reference. No bug was found: these pin
-verified behaviour.
+public ops and the DiT. Every gradient is compared with an fp64 reference. These pin verified behaviour,
+except ``*_fix``: ``LoRAPart(..., scale)`` was checked only on reassignment, so a NaN scale gave NaN outputs
+silently and a 0-d tensor scale (e.g. a trainable one) failed inside ``add_``.
 """
 
 import os
