@@ -216,3 +216,23 @@ def test_cache_gating_equals_gating_over_the_concatenated_keys():
                                     chunk_k=(2, 2, 3), sparsity=sp, cdf_threshold=cdf, backend="torch")
             got = gate_two_segments(q, k, kc, (2, 3, 5), (5, 3, 5), (2, 2, 2), (2, 2, 3), sp, cdf, impl="torch")
             assert torch.equal(got.counts, want.counts) and torch.equal(got.to_mask(), want.to_mask())
+
+
+@pytest.mark.parametrize("backend", ["torch", _TRITON])
+def test_padded_head_dim_strided_inputs_and_empty_cdf_selection(backend):
+    """head_dim 24 (zero-padded to 32 in Triton; the cdf softmax still divides by sqrt(24)) on
+    transposed [B, H, S, D] inputs: the oracle's selection. cdf_threshold=0 keeps nothing: output exactly
+    0 and lse -inf, never NaN."""
+    backend = _backend(backend)
+    g = torch.Generator().manual_seed(5507)
+    q = torch.randn(2, 2, 30, 24, generator=g).transpose(1, 2)
+    k = torch.randn(2, 2, 30, 24, generator=g).transpose(1, 2)
+    v = torch.randn(2, 2, 30, 24, generator=g).transpose(1, 2)
+    for sp, cdf in ((0.5, None), (None, 0.7), (0.25, 0.4)):
+        sel = lk.select_blocks(q, k, grid_q=(2, 3, 5), chunk_q=(1, 2, 2), sparsity=sp, cdf_threshold=cdf,
+                               backend=backend)
+        mask, cnt = _oracle(q, k, (2, 3, 5), (2, 3, 5), (1, 2, 2), (1, 2, 2), sp, cdf)
+        assert torch.equal(sel.to_mask(), mask) and torch.equal(sel.counts.long(), cnt)
+    out, lse = lk.block_sparse_attn(q, k, v, grid_q=(2, 3, 5), chunk_q=(1, 2, 2), sparsity=None,
+                                    cdf_threshold=0.0, backend=backend, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
