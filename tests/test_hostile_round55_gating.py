@@ -136,7 +136,7 @@ def test_nan_in_one_token_stays_in_its_row(backend, rule):
     and its NaN reaches only that row's output; other batches and heads are unchanged and finite."""
     backend = _backend(backend)
     g = torch.Generator().manual_seed(5503)
-    q, k, v = torch.randn(2, 8, 2, 16, generator=g), torch.randn(2, 16, 2, 16, generator=g), None
+    q, k = torch.randn(2, 8, 2, 16, generator=g), torch.randn(2, 16, 2, 16, generator=g)
     v = torch.randn(2, 16, 2, 16, generator=g)
     kw = dict(grid_q=(2, 2, 2), grid_k=(4, 2, 2), chunk_q=(1, 2, 2), backend=backend, **rule)
     base = lk.select_blocks(q, k, **kw).to_mask()
