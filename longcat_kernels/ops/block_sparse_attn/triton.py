@@ -460,7 +460,9 @@ def selection_from_scores(scores: torch.Tensor, head_dim: int, sparsity, cdf_thr
         if NKb <= _TOPK_MAX_ROW:
             idx = torch.ops.longcat_kernels.bsa_topk(scores, n)
         else:
-            idx = torch.topk(scores, n, dim=-1, sorted=False).indices.to(torch.int32)
+            # a stable sort, not torch.topk: topk breaks ties in any order, the kernel (and the torch
+            # gating) keep the lower block id
+            idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n].to(torch.int32)
         return idx, torch.full((B, NH, NQ), n, dtype=torch.int32, device=scores.device)
     from .selection import select_rows
 
