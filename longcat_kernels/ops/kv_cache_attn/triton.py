@@ -53,13 +53,18 @@ def _attn_segment(acc, l_i, m_i, q, K, V, lo, hi, L, q_prefix, qk_scale, offs_m,
                   DOT_PREC: tl.constexpr, WS: tl.constexpr):
     """Online-softmax update over key tiles [lo, hi) of one segment of length L."""
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # the tile's first row in int64 (one scalar multiply; offsets inside the tile stay int32):
+        # row * stride in int32 wrapped past 2**31 elements, e.g. v a view of a fused qkv (row
+        # stride 3*H*D = 12288) over 175k+ keys (720p, 50+ latent frames)
+        Kt = K + tl.cast(start_n, tl.int64) * stride_kn
+        Vt = V + tl.cast(start_n, tl.int64) * stride_vn
+        offs_t = tl.arange(0, BLOCK_N)
         if MASK_N:
-            m_n = offs_n < L
-            b_k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            m_n = (start_n + offs_t) < L
+            b_k = tl.load(Kt + offs_t[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                           mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
         else:
-            b_k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            b_k = tl.load(Kt + offs_t[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                           mask=m_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
         b_s = tl.dot(q, b_k, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASK_N:
@@ -73,10 +78,10 @@ def _attn_segment(acc, l_i, m_i, q, K, V, lo, hi, L, q_prefix, qk_scale, offs_m,
         l_i = l_i * alpha + tl.sum(b_p, axis=1)
         acc = acc * alpha[:, None]
         if MASK_N:
-            b_v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            b_v = tl.load(Vt + offs_t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                           mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
-            b_v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            b_v = tl.load(Vt + offs_t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                           mask=m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(b_p.to(b_v.dtype), b_v, acc, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_D]
         m_i = m_new
