@@ -70,12 +70,14 @@ def test_kv_cache_attn_over_fused_qkv_views_past_2_31(backend, mode):
     on fused-qkv views whose key rows pass 2**31 elements. Before the fix the Triton kernel's
     ``row * stride`` wrapped in int32 past row 3641 (an illegal address or another row's values)."""
     buf, (q, k, v) = _fused(seed=1)
-    P = HW  # one cond frame
+    # one cond frame (segment 2 rows pass 2**31); block-sparse: four, a key-block boundary (the sm90_ws split)
+    c = 4 if mode == "block_sparse" else 1
+    P = c * HW
     rope = Rope3D(GRID, D, device=DEV) if mode == "rope" else None
     sel = bs = None
     if mode == "block_sparse":
         # one selection for the kernel and the oracle (noisy queries against [cond; noisy] keys)
-        sel = select_blocks(q[:, P:], k, grid_q=(GRID[0] - 1,) + GRID[1:], grid_k=GRID, sparsity=0.75,
+        sel = select_blocks(q[:, P:], k, grid_q=(GRID[0] - c,) + GRID[1:], grid_k=GRID, sparsity=0.75,
                             backend="torch")
         bs = BlockSparseParams(sparsity=None, selection=sel)
     out, lse = attn_with_kv_cache(q[:, P:], k[:, P:], v[:, P:], k[:, :P], v[:, :P], rope=rope, block_sparse=bs,
@@ -85,7 +87,7 @@ def test_kv_cache_attn_over_fused_qkv_views_past_2_31(backend, mode):
     _free()
     qr, kr = qc[:, P:], kc
     if rope is not None:
-        qr, kr = lk.apply_rope_3d(qr, rope, 1), torch.cat([kc[:, :P], lk.apply_rope_3d(kc[:, P:], rope, 1)], 1)
+        qr, kr = lk.apply_rope_3d(qr, rope, c), torch.cat([kc[:, :P], lk.apply_rope_3d(kc[:, P:], rope, c)], 1)
     if sel is None:
         exp, exp_lse = attention_oracle(qr, kr, vc)
         base = attention_lowp(qr, kr, vc)
