@@ -220,6 +220,25 @@ def test_offloading_hooks(how):
     _close(_run(m, inp), ref)
 
 
+@pytest.mark.parametrize("how", ["leaf_level", "block_level", "accelerate"])
+def test_offloading_enabled_before_apply_at_sparsity_half_then_remove(how):
+    params = lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2))
+    inp = _inputs()
+    want = _run(apply_block_sparse_attention(_wan(), params, backend="torch", fused_prologue=False), inp)
+    m = _wan()
+    ref = _run(m, inp)
+    if how == "accelerate":
+        pytest.importorskip("accelerate").cpu_offload(m, execution_device=torch.device("cpu"))
+    else:
+        m.enable_group_offload(torch.device("cpu"), offload_type=how, num_blocks_per_group=1)
+    apply_block_sparse_attention(m, params, backend="torch", fused_prologue=True)
+    out = _run(m, inp)
+    _close(out, want)
+    assert (out - ref).abs().max() > 1e-3
+    remove_block_sparse_attention(m)
+    _close(_run(m, inp), ref, atol=0)
+
+
 def test_gradient_checkpointing_toggled_after_apply():
     inp = _inputs()
 
