@@ -309,6 +309,24 @@ def _check_transformer(transformer) -> Tuple[int, int, int]:
     return patch
 
 
+def _unwrap(transformer):
+    """The model under ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and peft's ``PeftModel``
+    (``get_base_model()``) wrappers: the hooks, processors and marker go on the model that owns ``blocks`` (on
+    the wrapper, the hooks did not run when the model was called directly, and ``remove_block_sparse_attention``
+    of the model, or of a wrapper made after apply, left the processors in or failed halfway). Both wrappers
+    call the model as a module, so its hooks run."""
+    seen = set()
+    while isinstance(transformer, torch.nn.Module) and "blocks" not in transformer._modules and id(transformer) not in seen:
+        seen.add(id(transformer))
+        inner = transformer._modules.get("_orig_mod")
+        if inner is None and callable(getattr(type(transformer), "get_base_model", None)):
+            inner = transformer.get_base_model()
+        if not isinstance(inner, torch.nn.Module):
+            break
+        transformer = inner
+    return transformer
+
+
 def _check_layers(layers, n: int):
     """Distinct block indices in [0, n) as a list, at least one (a float or a str would silently pick other
     blocks; an empty list, or a model without blocks, installed nothing and reported success)."""
@@ -389,7 +407,8 @@ def apply_block_sparse_attention(
     """Swap the self-attention of Wan blocks for LongCat block-sparse 3D attention.
 
     Args:
-        transformer: a diffusers ``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V or I2V).
+        transformer: a diffusers ``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V or I2V), also under
+            ``torch.compile`` or peft's ``get_peft_model`` (the model inside is changed, the wrapper returned).
         params (BlockSparseParams): selection rule and chunks (``sparsity``, ``cdf_threshold``,
             ``chunk_q``, ``chunk_k``; checked here); ``frame_hw`` and ``selection`` must be None. A
             chunk longer than a forward's grid axis (e.g. 1 latent frame) is capped at that axis.
@@ -419,6 +438,7 @@ def apply_block_sparse_attention(
     inside the graph, untagged: its blocks read the current forward's grid, and a recompute is part of that
     forward's compiled graph.
     """
+    given, transformer = transformer, _unwrap(transformer)
     p_t, p_h, p_w = _check_transformer(transformer)
     if not isinstance(params, BlockSparseParams):
         raise TypeError(f"params: expected a longcat_kernels.BlockSparseParams, got {type(params).__name__}")
@@ -482,7 +502,7 @@ def apply_block_sparse_attention(
             BlockSparseWanAttnProcessor(state, params, attn.processor, backend, dense_at_zero, fused_prologue)
         )
     setattr(transformer, _ATTR, inst)
-    return transformer
+    return given
 
 
 def remove_block_sparse_attention(transformer):
@@ -493,9 +513,10 @@ def remove_block_sparse_attention(transformer):
     originals, which carry them back.
     Returns the transformer; a transformer without our attention is returned unchanged.
     """
+    given, transformer = transformer, _unwrap(transformer)
     inst = getattr(transformer, _ATTR, None)
     if inst is None:
-        return transformer
+        return given
     for i, proc in inst.originals.items():
         attn = transformer.blocks[i].attn1
         cur = attn.processor
@@ -507,4 +528,4 @@ def remove_block_sparse_attention(transformer):
         if h is not None:  # an _Installed pickled before it had one
             h.remove()
     delattr(transformer, _ATTR)
-    return transformer
+    return given
