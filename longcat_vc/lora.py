@@ -217,11 +217,19 @@ class LoRAAdapter:
         return self
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Adds the adapter's output to ``y`` (the base output, a fresh tensor) in place and returns it."""
+        """Adds the adapter's output to ``y`` (the base output, a fresh tensor) in place and returns it.
+
+        A scale of at most 1 in magnitude (``alpha_scale * multiplier``) is applied to the rank-sized
+        ``down(x)`` before ``up``: applied after it, ``up(down(x))`` overflowed fp16 to Inf where the scaled
+        update fits (alpha_scale 1/128, or multiplier 0.01), while the fused weights (an fp32 delta) were finite."""
         h = F.linear(x, self.down.to(x.dtype))  # [..., R]
         for p in self.parts:
-            d = F.linear(h[..., p.rank_start:p.rank_end], p.up.to(x.dtype))
-            y[..., p.out_start:p.out_end].add_(d, alpha=p.scale * self.multiplier)
+            s = p.scale * self.multiplier
+            hp = h[..., p.rank_start:p.rank_end]
+            if abs(s) <= 1:
+                y[..., p.out_start:p.out_end].add_(F.linear(hp * s, p.up.to(x.dtype)))
+            else:
+                y[..., p.out_start:p.out_end].add_(F.linear(hp, p.up.to(x.dtype)), alpha=s)
         return y
 
 
