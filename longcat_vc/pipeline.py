@@ -741,6 +741,11 @@ class VideoContinuationPipeline:
         vae_param = next(self.vae.parameters())
         z = self.denormalize_latents(latents).to(device=vae_param.device, dtype=vae_param.dtype)
         video = self.vae.decode(z, return_dict=False)[0]  # [1, 3, F, H, W]
+        if not bool(torch.isfinite(video).all()):
+            # finite latents, NaN/Inf pixels (an fp16 VAE overflowing): cast to uint8 they became black frames
+            raise FloatingPointError(
+                f"the VAE decoded finite latents to NaN/Inf pixels (an overflow in the VAE's {vae_param.dtype}); "
+                "load the pipeline in a wider dtype (bfloat16 or float32)")
         video = (video[0].float() / 2 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)
         return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
