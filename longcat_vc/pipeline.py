@@ -737,7 +737,17 @@ class VideoContinuationPipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """``[1, 16, T, h, w]`` normalised latents -> ``[F, h*8, w*8, 3]`` uint8 (truncating as upstream)."""
+        """``[1, 16, T, h, w]`` normalised latents -> ``[F, h*8, w*8, 3]`` uint8 (truncating as upstream).
+
+        Raises:
+            ValueError: ``latents`` is not one clip ``[1, z_dim, T, h, w]`` (a batch of clips came back as its
+                first clip's frames, the others dropped without a word)."""
+        z_dim = int(self.vae.config.z_dim)
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[0] != 1 \
+                or latents.shape[1] != z_dim:
+            got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents: expected one clip [1, {z_dim}, T, h, w] (decode a batch one sample at a time: "
+                             f"latents[i:i+1]), got {got}")
         vae_param = next(self.vae.parameters())
         z = self.denormalize_latents(latents).to(device=vae_param.device, dtype=vae_param.dtype)
         video = self.vae.decode(z, return_dict=False)[0]  # [1, 3, F, H, W]
