@@ -192,10 +192,13 @@ def test_unfused_fp16_lora_with_a_small_scale_does_not_overflow(scale, multiplie
     assert ref.abs().max() < 10000
     y = lin(x)
     assert torch.isfinite(y).all()
-    assert ((y.double() - ref).abs() <= 2e-3 * ref.abs() + 2e-2).all()
+    # against the largest entry (fp16 rounds each of the few-thousand terms and the output to ~1e-3 of it:
+    # an elementwise relative bound failed where the terms cancel to a small entry)
+    top = ref.abs().max()
+    assert (y.double() - ref).abs().max() <= 3e-3 * top
     lin._fuse()
     yf = lin(x)
-    assert torch.isfinite(yf).all() and ((yf.double() - ref).abs() <= 4e-3 * ref.abs() + 5e-2).all()
+    assert torch.isfinite(yf).all() and (yf.double() - ref).abs().max() <= 5e-3 * top
 
 
 @pytest.mark.parametrize("scale, multiplier", [(0.5, 1.0), (1.0, 4.0), (2.0, -3.0)])
