@@ -205,7 +205,7 @@ def test_unfused_fp16_lora_with_a_small_scale_does_not_overflow(scale, multiplie
 def test_unfused_fp16_lora_matches_fp64_for_any_scale(scale, multiplier):
     lin, x, ref = _lora_linear(scale, multiplier, up_mag=1.0)
     y = lin(x)
-    assert torch.isfinite(y).all() and ((y.double() - ref).abs() <= 2e-3 * ref.abs() + 1e-2).all()
+    assert torch.isfinite(y).all() and (y.double() - ref).abs().max() <= 3e-3 * ref.abs().max()
 
 
 def test_decode_refuses_nan_pixels_of_an_overflowing_fp16_vae(tmp_path):
