@@ -252,6 +252,8 @@ class LongCatDiT(nn.Module):
         # do not (exact; the cache's device is checked).
         before = [t.dtype for t in itertools.chain(self.parameters(), self.buffers())]
         out = super()._apply(fn, recurse)
+        # the RoPE tables made for the old device: ``dit.to("cpu")`` kept up to 17 grids' tables alive on the GPU
+        self._ropes = {}
         if before != [t.dtype for t in itertools.chain(self.parameters(), self.buffers())]:
             self._state_version += 1
         return out
@@ -280,7 +282,8 @@ class LongCatDiT(nn.Module):
             raise ValueError("LongCatDiT: cannot copy or pickle a DiT that runs context parallel (its process group "
                              "cannot be copied): call disable_context_parallel() first, then copy, and "
                              "enable_context_parallel() on each model")
-        return super().__getstate__()
+        # the RoPE tables cached per grid are rebuilt on use: a deep copy duplicated them, torch.save wrote them
+        return {**super().__getstate__(), "_ropes": {}}
 
     def __setstate__(self, state) -> None:
         # unpickled (torch.save of the whole model) or deep-copied: its LoRA adapters report their changes to it again

@@ -65,6 +65,8 @@ def warn_if_keeps_nothing(sparsity: Optional[float], cdf_threshold: Optional[flo
     key = (tuple(grid_k), tuple(chunk_k), float(sparsity))
     if key in _WARNED_EMPTY:
         return
+    if len(_WARNED_EMPTY) >= 256:  # one key per grid/chunk/sparsity seen: bounded in a long-running process
+        _WARNED_EMPTY.clear()
     _WARNED_EMPTY.add(key)
     need = math.ceil(1.0 / (1.0 - sparsity)) if sparsity < 1 else float("inf")
     warnings.warn(
