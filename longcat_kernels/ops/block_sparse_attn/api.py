@@ -162,7 +162,7 @@ def gating_backend(backend: str, q: torch.Tensor) -> str:
         return backend
     try:
         # a question only: the select_blocks call that runs records its own choice
-        choose("select_blocks", q, requested=backend, needs_grad=False, record=False)
+        choose("select_blocks", q.detach(), requested=backend, needs_grad=False, record=False)
     except BackendUnavailableError:
         return "auto"
     return backend
@@ -215,10 +215,14 @@ def select_blocks(
         check_qkv(q, k, k, names=("q", "k", "k"))
         check_sparsity(sparsity, cdf_threshold)
     gq, gk, cq, ck = _resolve_grids(q, k, grid_q, grid_k, chunk_q, chunk_k)
+    # detached before dispatch too: no gradient flows through a selection, so a torch.func transform or
+    # forward-mode AD over q (e.g. the gating of block_sparse_attn inside torch.func.grad) is no reason to
+    # refuse the Triton gating (explicit "triton" raised; "auto" on CUDA fell back to the torch gating)
+    q, k = q.detach(), k.detach()
     c = choose("select_blocks", q, k, requested=backend, needs_grad=False)
     if c.impl != "torch_reference":
-        return impl_fn("select_blocks", c.impl)(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
-    return select_blocks_reference(q.detach(), k.detach(), gq, gk, cq, ck, sparsity, cdf_threshold)
+        return impl_fn("select_blocks", c.impl)(q, k, gq, gk, cq, ck, sparsity, cdf_threshold)
+    return select_blocks_reference(q, k, gq, gk, cq, ck, sparsity, cdf_threshold)
 
 
 def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold, selection, scale, backend):
