@@ -76,11 +76,13 @@ def test_attention_ops_keep_fp16_scores_past_65504_in_fp32(backend, mag):
             assert o.dtype == torch.float16 and lse.dtype == torch.float32, name
             assert torch.isfinite(o).all() and torch.isfinite(lse).all(), name
             assert (o.double() - ro).abs().max() <= 2e-3, name
-            assert ((lse.double() - rl).abs() <= 1e-6 * rl.abs() + 1e-4).all(), name
+            # fp32 scores sum terms of up to |q||k| ~ 4e4 that can cancel to a small lse: bound by the largest lse
+            # (fp16 scores would be off by ulp(65504) = 32)
+            assert ((lse.double() - rl).abs() <= 1e-6 * rl.abs().max() + 1e-4).all(), name
         o, lse = lk.prefix_attn(q, k, v, 8, scale=scale, backend=be, return_lse=True)
         ro, rl = _ref(q, k, v, sc, prefix=8)
         assert torch.isfinite(o).all() and (o.double() - ro).abs().max() <= 2e-3
-        assert ((lse.double() - rl).abs() <= 1e-6 * rl.abs() + 1e-4).all()
+        assert ((lse.double() - rl).abs() <= 1e-6 * rl.abs().max() + 1e-4).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", _TRITON])
@@ -114,7 +116,7 @@ def test_fp16_partial_results_merge_through_lse(backend):
     out = o1.float() * w1 + o2.float() * w2
     ro, rl = _ref(q, k, v, 1.0)
     assert torch.isfinite(out).all() and (out.double() - ro).abs().max() <= 2e-3
-    assert ((lse.double() - rl).abs() <= 1e-6 * rl.abs() + 1e-4).all()
+    assert ((lse.double() - rl).abs() <= 1e-6 * rl.abs().max() + 1e-4).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", _TRITON])
@@ -158,7 +160,13 @@ def test_fp16_rope_is_fp32_math_rounded_once():
     x = _rand(1, 32, 2, D, mag=100.0)
     o = lk.apply_rope_3d(x, rope)
     r = lk.apply_rope_3d(x.double(), rope)
-    assert o.dtype == torch.float16 and torch.equal(o, r.half())
+    assert o.dtype == torch.float16
+    # fp32 math rounded once: the fp64 result rounded to fp16, except where the fp64 value sits within fp32's
+    # error of an fp16 rounding boundary (one ulp off, rare); fp16 math rounds every product
+    same = o == r.half()
+    assert same.float().mean() >= 0.99
+    # (plus fp32's error on the terms, ~|x| 2^-23, where x cos - y sin cancels to a small value)
+    assert ((o.double() - r).abs() <= r.abs() * 2 ** -10 + 2 ** -20 * x.abs().max().double()).all()
 
 
 # ---------------------------------------------------------------------- longcat_vc in fp16
