@@ -6,6 +6,9 @@ Not part of the product: nothing under ``longcat_kernels`` imports this."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -120,3 +123,12 @@ def tiny_wan(num_layers: int = 2, head_dim: int = 16, ffn_dim: int = 48, rope_ma
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * scale)
     return m
+
+
+def folder_module(folder: str, module: str):
+    """A helper module of another test folder (``tests/<folder>/<module>.py``): pytest puts only the running
+    file's folder on sys.path."""
+    path = str(Path(__file__).resolve().parent / folder)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(module)

@@ -2,28 +2,20 @@
 peft, and the bench CLI / report. Each test failed before its fix (the comment says how)."""
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import folder_module
 
 HERE = Path(__file__).resolve().parent
 
-
-def _helpers(folder: str, module: str):
-    """A helper module of another test folder (pytest puts only this file's folder on sys.path)."""
-    path = str(HERE / folder)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module(module)
 
 
 # ---------------------------------------------------------------------- diffusers processor
 def _wan():
     pytest.importorskip("diffusers")
-    return _helpers("integrations", "test_diffusers_hostile")
+    return folder_module("integrations", "test_diffusers_hostile")
 
 
 @pytest.mark.parametrize("shapes", [
@@ -64,7 +56,7 @@ def _peft_model(init=False):
     pytest.importorskip("peft")
     from longcat_vc import training as tr
 
-    tc = _helpers("vc", "tiny_ckpt")
+    tc = folder_module("vc", "tiny_ckpt")
     cfg = tc.tiny_config(enable_bsa=False, attn_backend="torch")
     dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3)).train()
     return cfg, tr.add_lora(dit, tr.lora_config(rank=4, alpha=8, init_lora_weights=init))
@@ -101,7 +93,7 @@ def test_an_fp8_lora_file_is_refused_when_saved_and_when_read(tmp_path):
     sd = tr.longcat_lora_state_dict(model)
     key = next(k for k in sd if k.endswith("lora_down.weight"))
     save_file({k: v.to(torch.float8_e4m3fn) if k == key else v for k, v in sd.items()}, str(path))
-    tc = _helpers("vc", "tiny_ckpt")
+    tc = folder_module("vc", "tiny_ckpt")
     dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3))
     with pytest.raises(ValueError, match=rf"holds tensor\(s\) of a dtype other than .*{key} \(torch\.float8_e4m3fn\)"):
         dit.load_lora(path, "x")
@@ -113,7 +105,7 @@ def test_targets_that_also_match_a_non_linear_module_are_refused_before_training
     peft = pytest.importorskip("peft")
     from longcat_vc import training as tr
 
-    tc = _helpers("vc", "tiny_ckpt")
+    tc = folder_module("vc", "tiny_ckpt")
     cfg = tc.tiny_config(enable_bsa=False, attn_backend="torch")
     dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3))
     with pytest.raises(ValueError, match=r"^add_lora: targets \['proj'\] also match \['x_embedder\.proj \(Conv3d\)'\]"):
@@ -138,7 +130,7 @@ def test_a_hand_made_peft_config_the_file_cannot_hold_is_refused_before_training
     peft = pytest.importorskip("peft")
     from longcat_vc import training as tr
 
-    tc = _helpers("vc", "tiny_ckpt")
+    tc = folder_module("vc", "tiny_ckpt")
     cfg = tc.tiny_config(enable_bsa=False, attn_backend="torch")
     dit = tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=3))
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(tr.LORA_TARGETS_CFG_STEP), **kw)

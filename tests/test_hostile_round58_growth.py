@@ -5,31 +5,21 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import io
-import sys
 import warnings
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import folder_module
 
 import longcat_kernels as lk
 from longcat_kernels import dispatch
 from longcat_kernels import grid as grid_mod
 from longcat_kernels.ops.block_sparse_attn import selection as selection_mod
 
-HERE = Path(__file__).resolve().parent
 
-
-def _helpers(folder: str, module: str):
-    """A helper module of another test folder (pytest puts only this file's folder on sys.path)."""
-    path = str(HERE / folder)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    return importlib.import_module(module)
 
 
 def _seed() -> int:
@@ -37,7 +27,7 @@ def _seed() -> int:
 
 
 def _tiny_dit(seed=None):
-    tc = _helpers("vc", "tiny_ckpt")
+    tc = folder_module("vc", "tiny_ckpt")
     cfg = tc.tiny_config()
     return cfg, tc.model_from_state_dict(cfg, tc.random_state_dict(cfg, seed=_seed() if seed is None else seed))
 
@@ -227,7 +217,7 @@ def test_pipeline_and_its_dit_are_freed_after_calls(tmp_path):
     from longcat_vc.kv_cache import KVCache
     from longcat_vc.pipeline import VideoContinuationPipeline
 
-    vc = _helpers("vc", "vc_components")
+    vc = folder_module("vc", "vc_components")
     vc.write_full_checkpoint(str(tmp_path))
     pipe = VideoContinuationPipeline.from_pretrained(str(tmp_path), dtype=torch.float32, device="cpu",
                                                      attn_backend="torch")
