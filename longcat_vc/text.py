@@ -177,4 +177,3 @@ def _warn_truncated(tokenizer, prompts: List[str], max_length: int, names: Seque
         # pipeline.py when the pipeline encoded, so a filter on the caller's module missed it
         warnings.warn(f"{which}; the text encoder takes {max_length} tokens, the rest is dropped (as upstream): "
                       f"shorten the prompt", UserWarning, stacklevel=user_stacklevel(os.path.dirname(__file__)))
-

@@ -37,7 +37,7 @@ import triton.language as tl
 from longcat_kernels._validate import (check_op_block_geometry, check_op_cache_rope, check_op_kv, check_op_prefix,
                                        default_scale)
 from longcat_kernels.dispatch import triton_interpret
-from longcat_kernels.grid import num_blocks
+from longcat_kernels.grid import num_blocks, total_blocks
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
@@ -435,7 +435,7 @@ def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache, v_cache = k[:, :0], v[:, :0]
     Sc = k_cache.shape[1]
     nq, nk = num_blocks(grid_q, chunk_q), num_blocks(grid_k, chunk_k)
-    NQ = nq[0] * nq[1] * nq[2]
+    NQ = total_blocks(grid_q, chunk_q)
     if B * H * NQ == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     idx = indices.to(torch.int32).contiguous()
