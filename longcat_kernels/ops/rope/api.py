@@ -243,6 +243,11 @@ def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
         raise TypeError(f"{name}: expected dtype {like.dtype} (same as {like_name}), got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{name}: expected device {like.device} (same as {like_name}), got {out.device}")
+    if out.is_leaf and out.requires_grad and torch.is_grad_enabled():
+        # torch's own error ("a leaf Variable that requires grad is being used in an in-place operation") named
+        # no argument, and the Triton kernel wrote such a leaf (an nn.Parameter) without a word
+        raise ValueError(f"{name}: expected a tensor that autograd lets us write (not a leaf that requires grad, "
+                         "e.g. an nn.Parameter), got one; write it under torch.no_grad() or pass None")
     _check_no_internal_overlap(out, name)
 
 
@@ -385,7 +390,9 @@ def qk_norm_rope(
     all_heads = (q_weight.shape[0] != q.shape[3] or k_weight.shape[0] != k.shape[3]) and not (
         q.shape[2] == 1 and k.shape[2] == 1)
     # the weights count for requires_grad too (trained norm weights): the Triton prologue is forward only
-    c = choose("qk_norm_rope", q, k, q_weight, k_weight, requested=backend, norm_all_heads=all_heads,
+    # and so do outputs that require grad (a view of a training KV buffer): the reference's copy_ into them
+    # is recorded, the Triton kernel's write was not (their old values kept their gradient, silently)
+    c = choose("qk_norm_rope", q, k, q_weight, k_weight, out_q, out_k, requested=backend, norm_all_heads=all_heads,
                rope_pairs=rope.pairs if rope is not None else "interleaved")
     # outputs over the inputs (other than in place): the Triton op computes into temporaries itself
     # (_qk_norm_rope_op, also for torch.ops callers and unfunctionalised graphs); the reference below

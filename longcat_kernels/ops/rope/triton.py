@@ -369,7 +369,7 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
 
     Returns (out_q, out_k). Forward only.
     """
-    check_no_grad_triton("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight)
+    check_no_grad_triton("qk_norm_rope", q=q, k=k, q_weight=q_weight, k_weight=k_weight, out_q=out_q, out_k=out_k)
     if rope is not None and getattr(rope, "pairs", "interleaved") != "interleaved":
         from longcat_kernels.dispatch import BackendUnavailableError
         raise BackendUnavailableError(f"qk_norm_rope: the Triton prologue rotates interleaved pairs, got "
@@ -386,10 +386,18 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
         tabs, gh, gw = [None] * 6, 1, 1
     qw = q_weight.to(device=q.device, dtype=q.dtype).contiguous()
     kw = k_weight.to(device=k.device, dtype=k.dtype).contiguous()
-    if out_q is None:
-        out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out_k is None:
-        out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    # an output that is a lazy negation (torch._neg_view) cannot be handed to the op: torch's negation fallback
+    # refuses a mutated argument with one ("Expected Tensor but got None"); it gets a temporary, copied in below
+    # (copy_ writes through the negation)
+    def own(out, like):
+        if out is None or (not torch.compiler.is_compiling() and out.is_neg()):
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return out
+
+    dst_q, dst_k = own(out_q, q), own(out_k, k)
     torch.ops.longcat_kernels.qk_norm_rope(q, k, qw, kw, *tabs, gh, gw, int(frame_offset),
-                                           float(eps), out_q, out_k)
-    return out_q, out_k
+                                           float(eps), dst_q, dst_k)
+    for out, dst in ((out_q, dst_q), (out_k, dst_k)):
+        if out is not None and dst is not out:
+            out.copy_(dst)
+    return (dst_q if out_q is None else out_q), (dst_k if out_k is None else out_k)
