@@ -103,9 +103,13 @@ def _merge_two_kernel(o1, l1, o2, l2, out, S, H,
 def merge_partial_attention(o1, lse1, o2, lse2) -> torch.Tensor:
     """Combine two attentions of the same queries over disjoint key sets.
 
-    ``o_i [B, S, H, D]`` (any strides, unit last stride), ``lse_i [B, H, S]`` fp32 natural-log
+    ``o_i [B, S, H, D]`` (any strides), ``lse_i [B, H, S]`` fp32 natural-log
     (any strides) -> contiguous ``[B, S, H, D]`` in o1's dtype, weights computed in fp32.
     """
+    # the kernel reads raw memory with a unit head_dim stride: a lazy negation (torch._neg_view) or another last
+    # stride gave wrong values silently (a direct call: inside the registered op torch resolves negations)
+    o1, lse1, o2, lse2 = (x.resolve_neg() for x in (o1, lse1, o2, lse2))
+    o1, o2 = (x if x.stride(-1) == 1 else x.contiguous() for x in (o1, o2))
     B, S, H, D = o1.shape
     out = torch.empty((B, S, H, D), dtype=o1.dtype, device=o1.device)
     block_s = 16 if _INTERPRET else 32
