@@ -321,6 +321,10 @@ def _convert(mod: LoRALinear, work_device: torch.device) -> None:
     mod.__class__ = Fp8Linear
     mod.act_dtype = w.dtype
     mod.weight = nn.Parameter(wq, requires_grad=False)
+    if mod.bias is not None:
+        # frozen with the weight: fp8 linears are inference only, and a bias left requiring grad (every fresh
+        # nn.Linear's) made the converted layer refuse a forward outside torch.no_grad()
+        mod.bias.requires_grad_(False)
     mod.register_buffer("weight_scale", s)
 
 

@@ -168,12 +168,24 @@ def test_training_at_sparsity_zero_runs_sdpa_and_cuda_refuses():
 
 def test_torch_compile_of_applied_model_matches_eager():
     """``torch.compile`` of the whole applied transformer (the ops are ``torch.library`` ops) gives the eager
-    result on the GPU, at sparsity 0.75 on ``"auto"``."""
+    answer on the GPU, at sparsity 0.75 on ``"auto"``: both against the reference backend (fp32 from the same
+    bf16 activations, the same blocks selected) within the tolerance rule of ``test_auto_bf16_matches_reference``.
+    (Compiled against eager directly, bounded by 1e-2, failed at 1.4e-2 on the H100, session 29: inductor's bf16
+    fusions of the norms and projections round differently from eager, on top of the attention.)"""
     m = _bf16(_model(layers=2).cuda())
     inp = _inputs(torch.bfloat16, F=4, H=16, W=16)
-    apply_block_sparse_attention(m, lk.BlockSparseParams(sparsity=0.75, chunk_q=CHUNK))
-    eager = _run(m, inp)
+    base_err = rel_l2(_run(m, inp), _run(copy.deepcopy(m).float(), _to(inp, torch.float32)))
+    params = lk.BlockSparseParams(sparsity=0.75, chunk_q=CHUNK)
+    mref = copy.deepcopy(m)
+    apply_block_sparse_attention(mref, params, backend="torch")
+    apply_block_sparse_attention(m, params)
+    ref = _run(mref, inp)
     compiled = torch.compile(m)
+    with record_choices() as got:
+        eager = _run(m, inp)
+    ran = _kernels(got, "block_sparse_attn")
+    assert ran and "torch_reference" not in ran, got
     out = _run(compiled, inp)
     assert not torch.isnan(out).any()
-    assert rel_l2(out, eager) <= 1e-2
+    assert rel_l2(eager, ref) <= 2 * base_err + 4e-3, (rel_l2(eager, ref), base_err)
+    assert rel_l2(out, ref) <= 2 * base_err + 4e-3, (rel_l2(out, ref), base_err)

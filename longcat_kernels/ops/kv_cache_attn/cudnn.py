@@ -86,17 +86,20 @@ def _merge_two_kernel(o1, l1, o2, l2, out, S, H,
     o_d = tl.arange(0, BLOCK_D)
     m_s = o_s < S
     m = m_s[:, None] & (o_d[None, :] < D)
-    a = tl.load(l1 + i_b * s_l1b + i_h * s_l1h + o_s * s_l1s, mask=m_s, other=0.0)
-    b = tl.load(l2 + i_b * s_l2b + i_h * s_l2h + o_s * s_l2s, mask=m_s, other=0.0)
+    # row offsets in int64: o_s * s_o1s is a 32-bit product when the stride fits int32, and rows of a fused-qkv
+    # view past 2^31 elements wrapped to an illegal address (round 56's GPU test)
+    r = o_s.to(tl.int64)
+    a = tl.load(l1 + i_b * s_l1b + i_h * s_l1h + r * s_l1s, mask=m_s, other=0.0)
+    b = tl.load(l2 + i_b * s_l2b + i_h * s_l2h + r * s_l2s, mask=m_s, other=0.0)
     mx = tl.maximum(a, b)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     wa = tl.exp(a - mx)
     wb = tl.exp(b - mx)
     inv = 1.0 / (wa + wb)
-    x1 = tl.load(o1 + i_b * s_o1b + i_h * s_o1h + o_s[:, None] * s_o1s + o_d[None, :], mask=m, other=0.0)
-    x2 = tl.load(o2 + i_b * s_o2b + i_h * s_o2h + o_s[:, None] * s_o2s + o_d[None, :], mask=m, other=0.0)
+    x1 = tl.load(o1 + i_b * s_o1b + i_h * s_o1h + r[:, None] * s_o1s + o_d[None, :], mask=m, other=0.0)
+    x2 = tl.load(o2 + i_b * s_o2b + i_h * s_o2h + r[:, None] * s_o2s + o_d[None, :], mask=m, other=0.0)
     y = (x1.to(tl.float32) * (wa * inv)[:, None] + x2.to(tl.float32) * (wb * inv)[:, None])
-    p_out = out + ((i_b * S + o_s[:, None]) * H + i_h) * D + o_d[None, :]
+    p_out = out + ((i_b * S + r[:, None]) * H + i_h) * D + o_d[None, :]
     tl.store(p_out, y.to(out.dtype.element_ty), mask=m)
 
 
