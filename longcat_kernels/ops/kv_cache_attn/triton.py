@@ -41,6 +41,7 @@ from longcat_kernels.grid import num_blocks, total_blocks
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
+from longcat_kernels.ops.kv_cache_attn.reference import cat_cache
 
 _INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
 _LOG2E = 1.4426950408889634
@@ -533,7 +534,7 @@ def gate_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsity,
     if impl != "triton":
         raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
     from longcat_kernels.ops.block_sparse_attn.triton import select_blocks_triton
-    k_all = k if k_cache is None else torch.cat([k_cache.expand(k.shape[0], -1, -1, -1), k], dim=1)
+    k_all = cat_cache(k_cache, k)
     return select_blocks_triton(q, k_all, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf)
 
 
