@@ -39,7 +39,7 @@ from longcat_kernels._validate import (check_op_block_geometry, check_op_cache_r
 from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.grid import num_blocks, total_blocks
 from longcat_kernels.ops.rope.triton import (
-    check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
+    check_no_grad_triton, kernel_tables, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
 from longcat_kernels.ops.kv_cache_attn.reference import cat_cache
 
@@ -246,7 +246,7 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
     rope_q = tables is not None
     if rope_q:
         dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])  # Rope3D.axis_dims
-        t_args = tables
+        t_args = kernel_tables(tables, q)
     else:
         dt, dh = D, 0
         t_args = [q] * 6

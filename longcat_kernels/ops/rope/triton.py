@@ -192,6 +192,13 @@ def rope_table_args(rope) -> tuple[list[torch.Tensor], int, int]:
     return tabs, int(gh), int(gw)
 
 
+def kernel_tables(tables, x: torch.Tensor) -> list[torch.Tensor]:
+    """The six rope tables as the kernels read them, as the CUDA extension converts them: fp32, contiguous
+    ``[positions, dims]`` rows, on x's device. A strided table (a transposed or sliced view) passed to the
+    registered ops was read as if contiguous (silently wrong angles), an fp16/bf16 one rounded the rotation."""
+    return [t.to(device=x.device, dtype=torch.float32).contiguous() for t in tables]
+
+
 def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
                      out_q=None, out_k=None, tables=None, gh=1, gw=1,
                      frame_offset=0, eps=1e-6) -> None:
@@ -214,7 +221,7 @@ def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
             raise ValueError(f"rope: head_dim must be even, got {D}")
         # the split comes from the tables' widths (Rope3D.axis_dims), even so pairs never straddle
         dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])
-        t_args = tables
+        t_args = kernel_tables(tables, ref)
     else:
         dt, dh = D, 0
         t_args = [ref] * 6  # unused pointers
