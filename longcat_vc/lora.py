@@ -67,6 +67,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longcat_kernels._validate import autocast_off
+
 from .kv_cache import tensor_version
 from .loading import _list
 
@@ -206,8 +208,11 @@ class LoRAAdapter:
             out = out_features
         d = torch.zeros(out, self.down.shape[1], dtype=dtype, device=self.down.device)
         down = self.down.to(dtype)
-        for p in self.parts:
-            d[p.out_start:p.out_end] += (p.up.to(dtype) @ down[p.rank_start:p.rank_end]) * (p.scale * self.multiplier)
+        # in ``dtype`` also under torch.autocast: a fuse_lora inside a bf16 autocast merged a bf16 product (7e-4
+        # off in fp32 weights) and the unfuse_lora after it left the base weights that far from the originals
+        with autocast_off(self.down.device):
+            for p in self.parts:
+                d[p.out_start:p.out_end] += (p.up.to(dtype) @ down[p.rank_start:p.rank_end]) * (p.scale * self.multiplier)
         return d
 
     def to_(self, device=None, dtype=None) -> "LoRAAdapter":

@@ -41,7 +41,7 @@ from ..block_sparse_attn.api import check_no_rule_beside_selection, check_select
 from ..block_sparse_attn.reference import block_sparse_attn_reference
 from ..block_sparse_attn.selection import BlockSelection
 from ..rope.api import Rope3D, apply_rope_3d, check_rope_device
-from .reference import kv_cache_attn_reference, prefix_attn_reference
+from .reference import cat_cache, kv_cache_attn_reference, prefix_attn_reference
 
 __all__ = ["BlockSparseParams", "attn_with_kv_cache", "prefix_attn", "flash_attn_with_kvcache"]
 
@@ -336,12 +336,7 @@ def attn_with_kv_cache(
         if block_sparse is None:
             return kv_cache_attn_reference(q, k, v, k_cache, v_cache, scale, return_lse)
         # reference BSA over the explicit concatenation (a batch-1 cache is expanded into it)
-        if k_cache is not None:
-            B = q.shape[0]
-            k_all = torch.cat([k_cache.expand(B, -1, -1, -1), k], dim=1)
-            v_all = torch.cat([v_cache.expand(B, -1, -1, -1), v], dim=1)
-        else:
-            k_all, v_all = k, v
+        k_all, v_all = cat_cache(k_cache, k), cat_cache(v_cache, v)
         sel = block_sparse.selection
         if sel is None:
             Hf, Wf = block_sparse.frame_hw

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ..._validate import default_scale
 from ..block_sparse_attn.cuda import bsa_forward_segments_cuda, csrc_kernel, ops, selection_args
 from .api import _split_aligned
+from .reference import cat_cache
 
 __all__ = ["attn_with_kv_cache_cuda", "prefix_attn_cuda"]
 
@@ -99,8 +98,7 @@ def _block_sparse(q, k, v, k_cache, v_cache, rope, scale, bs, tabs, gh, gw, kern
 
         Hf, Wf = bs.frame_hw
         n = Hf * Wf
-        B = q.shape[0]
-        k_all = k if k_cache is None else torch.cat([k_cache.expand(B, -1, -1, -1), k], dim=1)
+        k_all = cat_cache(k_cache, k)
         sel = select_blocks(
             q, k_all, grid_q=(q.shape[1] // n, Hf, Wf), grid_k=(k_all.shape[1] // n, Hf, Wf),
             chunk_q=bs.chunk_q, chunk_k=bs.chunk_k, sparsity=bs.sparsity, cdf_threshold=bs.cdf_threshold,

@@ -13,10 +13,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..._validate import autocast_off
 from ..block_sparse_attn.reference import compute_dtype, stats_dtype
 from ..block_sparse_attn.selection import ieee_fp32_matmul
 
-__all__ = ["prefix_attn_reference", "kv_cache_attn_reference", "sdpa_bshd"]
+__all__ = ["prefix_attn_reference", "kv_cache_attn_reference", "sdpa_bshd", "cat_cache"]
+
+
+def cat_cache(cache: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``[cache; x]`` along the sequence, a batch-1 cache expanded over x's batch (x alone without a cache).
+    Autocast off: torch.cat under an autocast of the other half dtype (fp16 tensors in a bf16 autocast)
+    raised "Unexpected floating ScalarType in at::autocast::prioritize"."""
+    if cache is None:
+        return x
+    with autocast_off(x.device):
+        return torch.cat([cache.expand(x.shape[0], -1, -1, -1), x], dim=1)
 
 
 def expand_heads(x: Optional[torch.Tensor], heads: int) -> Optional[torch.Tensor]:
@@ -41,6 +52,13 @@ def prefix_attn_reference(
 
     With ``return_lse``: ``(out, lse [B, H, S])`` (fp32; fp64 for fp64 inputs).
     """
+    # autocast off: the parts are joined with torch.cat, which raised under an autocast of the other half
+    # dtype (fp16 inputs in a bf16 autocast: "Unexpected floating ScalarType in at::autocast::prioritize")
+    with autocast_off(q.device):
+        return _prefix_attn_reference(q, k, v, prefix_len, scale, return_lse)
+
+
+def _prefix_attn_reference(q, k, v, prefix_len: int, scale: float, return_lse: bool):
     S = q.shape[1]
     if return_lse:
         parts = []

@@ -39,8 +39,9 @@ from longcat_kernels._validate import (check_op_block_geometry, check_op_cache_r
 from longcat_kernels.dispatch import triton_interpret
 from longcat_kernels.grid import num_blocks, total_blocks
 from longcat_kernels.ops.rope.triton import (
-    check_no_grad_triton, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
+    check_no_grad_triton, kernel_tables, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
 )
+from longcat_kernels.ops.kv_cache_attn.reference import cat_cache
 
 _INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
 _LOG2E = 1.4426950408889634
@@ -245,7 +246,7 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
     rope_q = tables is not None
     if rope_q:
         dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])  # Rope3D.axis_dims
-        t_args = tables
+        t_args = kernel_tables(tables, q)
     else:
         dt, dh = D, 0
         t_args = [q] * 6
@@ -533,7 +534,7 @@ def gate_two_segments(q, k, k_cache, grid_q, grid_k, chunk_q, chunk_k, sparsity,
     if impl != "triton":
         raise ValueError(f"impl: expected 'auto', 'triton' or 'torch', got {impl!r}")
     from longcat_kernels.ops.block_sparse_attn.triton import select_blocks_triton
-    k_all = k if k_cache is None else torch.cat([k_cache.expand(k.shape[0], -1, -1, -1), k], dim=1)
+    k_all = cat_cache(k_cache, k)
     return select_blocks_triton(q, k_all, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf)
 
 

@@ -192,6 +192,13 @@ def rope_table_args(rope) -> tuple[list[torch.Tensor], int, int]:
     return tabs, int(gh), int(gw)
 
 
+def kernel_tables(tables, x: torch.Tensor) -> list[torch.Tensor]:
+    """The six rope tables as the kernels read them, as the CUDA extension converts them: fp32, contiguous
+    ``[positions, dims]`` rows, on x's device. A strided table (a transposed or sliced view) passed to the
+    registered ops was read as if contiguous (silently wrong angles), an fp16/bf16 one rounded the rotation."""
+    return [t.to(device=x.device, dtype=torch.float32).contiguous() for t in tables]
+
+
 def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
                      out_q=None, out_k=None, tables=None, gh=1, gw=1,
                      frame_offset=0, eps=1e-6) -> None:
@@ -205,6 +212,13 @@ def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
     if B * S * H == 0:
         return
     has_norm = q_weight is not None or k_weight is not None
+    # the kernel reads a weight with unit stride, in its tensor's dtype (SPEC 6: ``* weight.to(x.dtype)``): a
+    # strided weight passed to the registered op was read as if contiguous (silently wrong), an fp32 master
+    # weight beside fp16/bf16 q/k multiplied unrounded (not the reference's result)
+    if q_weight is not None:
+        q_weight = q_weight.to(device=q.device, dtype=q.dtype).contiguous()
+    if k_weight is not None:
+        k_weight = k_weight.to(device=k.device, dtype=k.dtype).contiguous()
     w_ref = q_weight if q_weight is not None else k_weight
     # a [H*D] weight: RMSNorm over all heads of a token (Wan); [D]: over each head (LongCat)
     norm_all = has_norm and H > 1 and w_ref.numel() == H * D
@@ -214,7 +228,7 @@ def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
             raise ValueError(f"rope: head_dim must be even, got {D}")
         # the split comes from the tables' widths (Rope3D.axis_dims), even so pairs never straddle
         dt, dh = int(tables[0].shape[1]), int(tables[2].shape[1])
-        t_args = tables
+        t_args = kernel_tables(tables, ref)
     else:
         dt, dh = D, 0
         t_args = [ref] * 6  # unused pointers
@@ -278,6 +292,15 @@ def _(x, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, grid_h, grid_w, frame_offset,
     return None
 
 
+def _check_op_weight(w: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    """A norm weight of the registered op: 1-D, head_dim (per head) or heads*head_dim (all heads) elements; the
+    kernel reads that many, so another size read past the weight or a part of it, silently."""
+    H, D = x.shape[2], x.shape[3]
+    if w.dim() != 1 or w.numel() not in (D, H * D):
+        raise ValueError(f"qk_norm_rope: {name}: expected shape [{D}] (head_dim) or [{H * D}] (heads*head_dim), "
+                         f"got {list(w.shape)}")
+
+
 @torch.library.custom_op("longcat_kernels::qk_norm_rope", mutates_args=("out_q", "out_k"))
 def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
                      k_weight: torch.Tensor, cos_t: Optional[torch.Tensor],
@@ -290,6 +313,12 @@ def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
 
     check_op_rope_tables("qk_norm_rope", q, tables, grid_h, grid_w, frame_offset, "q")
     check_op_rope_tables("qk_norm_rope", k, tables, grid_h, grid_w, frame_offset, "k")
+    _check_op_weight(q_weight, "q_weight", q)
+    _check_op_weight(k_weight, "k_weight", k)
+    if q.shape == k.shape and q.shape[2] > 1 and q_weight.numel() != k_weight.numel():
+        # one launch normalises both with q_weight's kind: a k_weight of the other kind was misread
+        raise ValueError(f"qk_norm_rope: k_weight: expected {q_weight.numel()} elements (the norm kind of q_weight), "
+                         f"got {k_weight.numel()}")
 
     # qk_norm_rope routes outputs over its inputs through temporaries, but not while dynamo traces: a graph
     # run without functionalization (torch.compile(backend="eager")) or a direct call reaches here with them
