@@ -432,6 +432,27 @@ def triton_interpret() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else False
 
 
+# The Triton CPU interpreter keeps a launch's state in module globals (the program id and grid, the patched
+# ``tl`` functions): two threads launching interpreted kernels at once failed ("x >= grid_dim[0]") or mixed
+# up their programs. Interpreted launches run one at a time (compiled kernels are not held).
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def launcher(kernel, grid) -> Callable:
+    """``kernel[grid]``, held under a process-wide lock while it runs when ``kernel`` runs in the Triton
+    CPU interpreter (``TRITON_INTERPRET=1`` at its ``@triton.jit``); every launch of the package's kernels
+    goes through it."""
+    launch = kernel[grid]
+    if torch.compiler.is_compiling() or not type(kernel).__module__.startswith("triton.runtime.interpreter"):
+        return launch
+
+    def run(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return launch(*args, **kwargs)
+
+    return run
+
+
 def triton_status() -> Optional[str]:
     """None if ``import triton`` works, else the reason. The import is attempted once."""
     if "error" not in _TRITON:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
@@ -29,6 +30,7 @@ import torch
 # id -> (weak reference, stamp); the entry goes when its tensor is freed.
 _TENSOR_STAMPS: Dict[int, Tuple[weakref.ref, int]] = {}
 _STAMP_COUNTER = itertools.count()
+_STAMPS_LOCK = threading.Lock()
 
 
 def _drop_stamp(key: int, ref: weakref.ref) -> None:
@@ -42,7 +44,14 @@ def tensor_stamp(t: torch.Tensor) -> int:
     key = id(t)
     entry = _TENSOR_STAMPS.get(key)
     if entry is None or entry[0]() is not t:
-        entry = _TENSOR_STAMPS[key] = (weakref.ref(t, functools.partial(_drop_stamp, key)), next(_STAMP_COUNTER))
+        # a new stamp under the lock: two threads stamping a tensor the first time at once (two requests'
+        # first build_kv_cache on a fresh model) each gave it their own, one of them replaced in the table,
+        # and that thread's cache was then refused as stale ("the weights changed")
+        with _STAMPS_LOCK:
+            entry = _TENSOR_STAMPS.get(key)
+            if entry is None or entry[0]() is not t:
+                entry = _TENSOR_STAMPS[key] = (weakref.ref(t, functools.partial(_drop_stamp, key)),
+                                               next(_STAMP_COUNTER))
     return entry[1]
 
 

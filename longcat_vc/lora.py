@@ -59,6 +59,7 @@ import math
 import numbers
 import os
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -94,6 +95,36 @@ LORA_FILE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LORA_PREFIX = "lora___lorahyphen___"
 LORA_HYPHEN = "___lorahyphen___"
 DEFAULT_ALPHA_SCALE = 0.5  # upstream network default alpha / rank = 64 / 128
+
+
+# One lock per model for its LoRA state: ``fuse_lora`` from two threads at once both found nothing fused and
+# both added the delta (W + 2 delta; the unfuse took one back: base weights lost without a word), two unfuses
+# subtracted it twice. The LoRA functions below hold it; the pipeline's calls hold it for their length (an
+# RLock: they change the LoRA state inside).
+_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+_FALLBACK_LOCK = threading.RLock()  # a model that cannot be weakly referenced
+
+
+def model_lock(model) -> "threading.RLock":
+    """The re-entrant lock that serialises changes of ``model``'s LoRA state (and the pipeline calls on it)."""
+    with _MODEL_LOCKS_GUARD:
+        try:
+            lock = _MODEL_LOCKS.get(model)
+            if lock is None:
+                lock = _MODEL_LOCKS[model] = threading.RLock()
+        except TypeError:
+            lock = _FALLBACK_LOCK
+    return lock
+
+
+def _holding_model_lock(fn):
+    """Runs a LoRA function (first argument: the model) holding ``model_lock(model)``."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with model_lock(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
 
 
 @dataclass
@@ -710,6 +741,7 @@ def carries_peft_adapters(model: nn.Module) -> bool:
     return any(is_peft_module(m) for m in model.modules())
 
 
+@_holding_model_lock
 def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multiplier: float = 1.0) -> List[str]:
     """Reads a LoRA file (LongCat or FastVideo format) into ``model`` under ``name`` (not enabled).
 
@@ -775,6 +807,7 @@ def _check_adapters_fit_dtype(adapters: Dict[str, LoRAAdapter], path: str) -> No
                          + "; load the model in a wider dtype (bfloat16 or float32)")
 
 
+@_holding_model_lock
 def enable_loras(model: nn.Module, names: Sequence[str]) -> None:
     """Makes exactly ``names`` active (in that order; their outputs add up). Unfuses first."""
     if isinstance(names, str):
@@ -795,6 +828,7 @@ def enable_loras(model: nn.Module, names: Sequence[str]) -> None:
     _bump_state(model)
 
 
+@_holding_model_lock
 def disable_loras(model: nn.Module) -> None:
     """No adapter active (weights restored if they were fused)."""
     unfuse_lora(model)
@@ -804,6 +838,7 @@ def disable_loras(model: nn.Module) -> None:
     _bump_state(model)
 
 
+@_holding_model_lock
 def fuse_lora(model: nn.Module) -> None:
     """Merges the active adapters into the weights (``W += delta`` computed in fp32, in fp64 for fp64
     weights). A refusal (fp8 weights: ``longcat_vc.fp8``; merged weights not finite in the weight dtype)
@@ -838,6 +873,7 @@ def _check_fuse_fits_dtype(model: nn.Module) -> None:
                          + "; nothing was fused: lower the multiplier or load the model in a wider dtype")
 
 
+@_holding_model_lock
 def unfuse_lora(model: nn.Module) -> None:
     """Undoes ``fuse_lora`` (``W -= delta``; within 1 ulp of the weight dtype). A refusal
     (fp8 weights quantised with the LoRA fused in) comes before any module changed."""

@@ -34,7 +34,6 @@ import itertools
 import math
 import numbers
 import os
-import threading
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -47,7 +46,7 @@ from longcat_kernels._validate import check_bool, user_stacklevel
 from .schedule import check_distill_steps, check_scheduler_config, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError, _list
-from .lora import fused_loras
+from .lora import fused_loras, model_lock
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, BUCKETS, _denoise,
@@ -86,20 +85,8 @@ MODE_DEFAULTS = {
 # ``set_mode``, the eval-mode switch), so a second call on the same DiT from another thread (the same
 # pipeline, or another one built on that DiT) ran with the first one's settings and returned other
 # latents without a word. Calls on one DiT run one after the other; an RLock: ``extend`` refines inside.
-_DIT_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_DIT_LOCKS_GUARD = threading.Lock()
-_FALLBACK_LOCK = threading.RLock()  # a DiT that cannot be weakly referenced
-
-
-def _dit_lock(dit) -> "threading.RLock":
-    with _DIT_LOCKS_GUARD:
-        try:
-            lock = _DIT_LOCKS.get(dit)
-            if lock is None:
-                lock = _DIT_LOCKS[dit] = threading.RLock()
-        except TypeError:
-            lock = _FALLBACK_LOCK
-    return lock
+# The DiT's LoRA lock (``lora.model_lock``): a ``dit.fuse_lora()`` from another thread waits for the call.
+_dit_lock = model_lock
 
 
 def _one_call_per_dit(fn, take_dit: bool = True):

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from longcat_kernels._validate import check_op_block_geometry, check_op_grad_inputs, check_op_kv, needs_grad
-from longcat_kernels.dispatch import triton_interpret, triton_tile_size
+from longcat_kernels.dispatch import launcher, triton_interpret, triton_tile_size
 from longcat_kernels.grid import num_blocks
 
 from . import _triton_kernels as K
@@ -52,7 +52,7 @@ def _launch(kernel, grid, *args, num_warps, num_stages, **meta):
     stages = _STAGES_OK.get(key, num_stages)
     while True:
         try:
-            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **meta)
+            launcher(kernel, grid)(*args, num_warps=num_warps, num_stages=stages, **meta)
             _STAGES_OK[key] = stages
             return
         except OutOfResources:
@@ -189,7 +189,7 @@ def bsa_bwd(
     ieee = q.dtype == torch.float32
     delta = torch.empty((B, NH, Sq), dtype=torch.float32, device=q.device)
     pre_block = 64
-    K.bsa_bwd_preprocess_kernel[(triton_cdiv(Sq, pre_block), B * NH)](
+    launcher(K.bsa_bwd_preprocess_kernel, (triton_cdiv(Sq, pre_block), B * NH))(
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         Sq, NH, BLOCK=pre_block, D=D, num_warps=4,
     )
@@ -365,7 +365,7 @@ def bsa_pool_scores(
         (nT, nH, nW), pb, even = _geom(grid, chunk)
         N = nT * nH * nW
         p = torch.empty((B, NH, N, D), dtype=x.dtype, device=x.device)
-        K.bsa_pool_kernel[(N, B * NH)](
+        launcher(K.bsa_pool_kernel, (N, B * NH))(
             x, p, x.stride(0), x.stride(1), x.stride(2), grid[0], grid[1], grid[2], nH, nW, N, NH,
             CT=chunk[0], CH=chunk[1], CW=chunk[2], BLOCK=pb, D=D, EVEN=even, num_warps=4,
         )
@@ -374,7 +374,7 @@ def bsa_pool_scores(
     NQ, NKb = pq.shape[2], pk.shape[2]
     scores = torch.empty((B, NH, NQ, NKb), dtype=torch.float32, device=q.device)
     bm, bn, nw = _GATING_CONFIG["scores"]
-    K.bsa_scores_kernel[(triton_cdiv(NQ, bm), triton_cdiv(NKb, bn), B * NH)](
+    launcher(K.bsa_scores_kernel, (triton_cdiv(NQ, bm), triton_cdiv(NKb, bn), B * NH))(
         pq, pk, scores, NQ, NKb, BM=bm, BN=bn, D=D, IEEE=q.dtype == torch.float32, num_warps=nw,
     )
     return pq, pk, scores
@@ -429,12 +429,12 @@ def bsa_topk(scores: torch.Tensor, n: int) -> torch.Tensor:
         g, cap = plan
         nw = _TOPK_WARPS["pruned"]
         scratch = torch.empty((rows, cap), dtype=torch.int16, device=scores.device)
-        K.bsa_topk_kernel[(rows,)](scores, idx, scratch, nk, n, G=g, CAP=cap, VEC=4 if nk % 4 == 0 else 1,
+        launcher(K.bsa_topk_kernel, (rows,))(scores, idx, scratch, nk, n, G=g, CAP=cap, VEC=4 if nk % 4 == 0 else 1,
                                    LANES=32 * nw, num_warps=nw)
     else:
         block = max(32, 1 << (nk - 1).bit_length())
         nw_big, nw_small = _TOPK_WARPS["bisect"]
-        K.bsa_topk_bisect_kernel[(rows,)](scores, idx, nk, n, BLOCK=block,
+        launcher(K.bsa_topk_bisect_kernel, (rows,))(scores, idx, nk, n, BLOCK=block,
                                           num_warps=nw_big if block >= 2048 else nw_small)
     return idx
 

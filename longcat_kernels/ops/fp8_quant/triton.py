@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longcat_kernels.dispatch import launcher
+
 PROLOGUES = {"none": 0, "layer_norm": 1, "modulate": 2, "silu_mul": 3}
 
 
@@ -163,7 +165,7 @@ def _fp8_quantize_rows_op(x: torch.Tensor, x2: Optional[torch.Tensor], shift: Op
         sc_b, sc_t = scale.stride(0), scale.stride(1)
     block = triton.next_power_of_2(C)
     dummy = x
-    fp8_rows_kernel[(M,)](
+    launcher(fp8_rows_kernel, (M,))(
         x, x2 if x2 is not None else dummy, shift if shift is not None else dummy,
         scale if scale is not None else dummy, weight if weight is not None else dummy,
         bias if bias is not None else dummy, q, s, y if return_input else dummy,

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from longcat_kernels import dispatch
 from longcat_kernels._validate import check_op_cache_rope, check_op_kv, check_op_prefix, default_scale
-from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, triton_interpret
+from longcat_kernels.dispatch import _dtype_name, cudnn_sdpa_takes, launcher, triton_interpret
 from longcat_kernels.ops.kv_cache_attn.triton import new_lse, rope_tables_for
 from longcat_kernels.ops.rope.triton import check_no_grad_triton, launch_norm_rope
 
@@ -117,7 +117,7 @@ def merge_partial_attention(o1, lse1, o2, lse2) -> torch.Tensor:
     out = torch.empty((B, S, H, D), dtype=o1.dtype, device=o1.device)
     block_s = 16 if _INTERPRET else 32
     grid = (triton.cdiv(S, block_s), B * H)
-    _merge_two_kernel[grid](
+    launcher(_merge_two_kernel, grid)(
         o1, lse1, o2, lse2, out, S, H,
         o1.stride(0), o1.stride(1), o1.stride(2), o2.stride(0), o2.stride(1), o2.stride(2),
         lse1.stride(0), lse1.stride(1), lse1.stride(2), lse2.stride(0), lse2.stride(1), lse2.stride(2),

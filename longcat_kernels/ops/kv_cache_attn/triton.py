@@ -36,7 +36,7 @@ import triton.language as tl
 
 from longcat_kernels._validate import (check_op_block_geometry, check_op_cache_rope, check_op_kv, check_op_prefix,
                                        default_scale)
-from longcat_kernels.dispatch import triton_interpret
+from longcat_kernels.dispatch import launcher, triton_interpret
 from longcat_kernels.grid import num_blocks, total_blocks
 from longcat_kernels.ops.rope.triton import (
     check_no_grad_triton, kernel_tables, launch_norm_rope, rope_apply, rope_cos_sin, rope_table_args,
@@ -254,7 +254,7 @@ def _launch_attn(q, k1, v1, k2, v2, out, q_prefix, scale, tables=None, gh=1, gw=
     bm, bn, warps, stages, ws = _attn_config(D, q.device, q.dtype)
     grid = (triton.cdiv(SQ, bm), B * H)
     write_lse = lse is not None
-    kv_cache_attn_fwd_kernel[grid](
+    launcher(kv_cache_attn_fwd_kernel, grid)(
         q, k1, v1, k2, v2, out, lse if write_lse else out, *t_args,
         H, H // k2.shape[2], SQ, L1, L2, int(q_prefix), float(scale) * _LOG2E, int(q_frame) * gh * gw, gh, gw,
         lse.stride(0) if write_lse else 0, lse.stride(1) if write_lse else 0,
@@ -451,7 +451,7 @@ def _kv_cache_bsa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bm = max(16, triton.next_power_of_2(chunk_q[0] * chunk_q[1] * chunk_q[2]))
     bn = max(16, triton.next_power_of_2(chunk_k[0] * chunk_k[1] * chunk_k[2]))
     bd = max(16, triton.next_power_of_2(D))
-    kv_cache_bsa_fwd_kernel[(NQ, B * H)](
+    launcher(kv_cache_bsa_fwd_kernel, (NQ, B * H))(
         q, k_cache, v_cache, k, v, out, lse if return_lse else out, idx, cnt,
         H, grid_q[0], grid_k[0], grid_q[1], grid_q[2], nq[1], nq[2], nk[1], nk[2], NQ,
         idx.shape[-1], Sc, float(scale) * _LOG2E,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from longcat_kernels._validate import check_op_rope_tables
-from longcat_kernels.dispatch import triton_interpret
+from longcat_kernels.dispatch import launcher, triton_interpret
 
 _INTERPRET = triton_interpret()  # at import, as Triton decides at the @triton.jit of the kernels
 # launch shape of the prologue (module-level so the GPU bench can sweep them). H100 sweep, B2 H32
@@ -242,7 +242,7 @@ def launch_norm_rope(*, q=None, k=None, q_weight=None, k_weight=None,
     # heads per program: the tile's RoPE table loads (from L2) are shared by this many heads
     hpp = H if norm_all else (2 if _INTERPRET else min(H, PROLOGUE_HEADS_PER_PROG))
     grid = (triton.cdiv(S, block_s), triton.cdiv(H, hpp), B)
-    norm_rope_fwd_kernel[grid](
+    launcher(norm_rope_fwd_kernel, grid)(
         q if q is not None else dummy, k if k is not None else dummy,
         q_weight if q_weight is not None else dummy, k_weight if k_weight is not None else dummy,
         out_q if out_q is not None else dummy, out_k if out_k is not None else dummy,
