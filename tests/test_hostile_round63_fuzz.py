@@ -436,7 +436,7 @@ def case_fp8(r, backends):
 
 _SEED = int.from_bytes(os.urandom(4), "little")
 _TRITON = pytest.param("triton", marks=pytest.mark.triton_interpret)
-CASES = dict(bsa=(case_bsa, 5), kv=(case_kv, 10), prefix=(case_prefix, 10), rope=(case_rope, 10), fp8=(case_fp8, 10))
+CASES = dict(bsa=(case_bsa, 4), kv=(case_kv, 10), prefix=(case_prefix, 10), rope=(case_rope, 10), fp8=(case_fp8, 10))
 
 
 @pytest.mark.parametrize("backend", ["torch", _TRITON])
@@ -489,7 +489,7 @@ def test_topk_count_is_upstreams_python_formula(backend):
     arithmetic would round the other way (0.9 * 10, 0.8 * 5, 1 - 1/Nk)."""
     if backend == "triton":
         pytest.importorskip("triton")
-    for nk in (3, 5, 7, 10, 12):
+    for nk in (3, 5, 10):
         g = (1, 1, nk)
         q, k = torch.randn(1, nk, 1, 16), torch.randn(1, nk, 1, 16)
         for sp in (0.1, 0.2, 0.3, 0.7, 0.8, 0.9, 1 - 1 / nk, 1 - 2 / nk):
