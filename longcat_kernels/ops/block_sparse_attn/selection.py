@@ -69,10 +69,14 @@ def warn_if_keeps_nothing(sparsity: Optional[float], cdf_threshold: Optional[flo
         _WARNED_EMPTY.clear()
     _WARNED_EMPTY.add(key)
     need = math.ceil(1.0 / (1.0 - sparsity)) if sparsity < 1 else float("inf")
+    # the advised bound itself keeps a block: 1 - 1/Nk rounded (0.9 for Nk=10) kept 0 ((1 - 0.9) * 10 < 1)
+    most = math.floor((1.0 - 1.0 / num_k_blocks) * 1e4) / 1e4
+    while most > 0 and int((1.0 - most) * num_k_blocks) == 0:
+        most = round(most - 1e-4, 4)
     warnings.warn(
         f"block-sparse gating: sparsity={sparsity} keeps int((1 - sparsity) * Nk) = 0 of the Nk={num_k_blocks} "
         f"key blocks of grid_k={tuple(grid_k)} with chunk_k={tuple(chunk_k)}: every query block selects nothing "
-        f"and outputs zeros (upstream's formula). Use sparsity <= {1.0 - 1.0 / num_k_blocks:.4f} for this grid, "
+        f"and outputs zeros (upstream's formula). Use sparsity <= {most:.4f} for this grid, "
         f"a smaller chunk (>= {need} key blocks needed), a cdf_threshold, or dense attention.",
         RuntimeWarning,
         stacklevel=user_stacklevel(_PACKAGE_DIR),
