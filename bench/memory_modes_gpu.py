@@ -608,8 +608,9 @@ def main(argv=None):
     stage_table(b, out)
     out["total_s"] = time.perf_counter() - t_all
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2, default=str)
+    from bench.writer import write_json
+
+    write_json(args.out, out, indent=2, default=str)
     print_table(out)
     print(f"wrote {args.out} ({out['total_s']:.0f} s)")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -323,8 +322,9 @@ def main(argv=None):
     }
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = os.path.join(args.out, f"pipeline_e2e_depth{dcfg.depth}_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
+    from bench.writer import write_json
+
+    write_json(path, doc, indent=2, default=str)
     print(f"wrote {path}")
     return doc
 

@@ -415,6 +415,8 @@ def main(argv=None):
         machine = machine_header(device)
     except Exception as e:
         machine = {"error": str(e)}
+    from bench.writer import write_json
+
     doc = {"benchmark": "refine_step", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": machine,
            "smoke": args.smoke}
     depths = args.depth_list
@@ -423,8 +425,7 @@ def main(argv=None):
 
     def save():  # after every part: a time-out keeps what ran
         doc["notes"] = NOTES
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        write_json(args.out, doc, indent=2, default=str)  # whole: a kill mid-write kept the parts before
 
     doc["check"] = check(args, device)
     doc["ok"] = all(r["ok"] for r in doc["check"].values())

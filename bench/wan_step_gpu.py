@@ -181,13 +181,14 @@ def main(argv=None) -> int:
     from longcat_kernels.integrations import diffusers as integ
 
     from bench.machine import machine_header
+    from bench.writer import write_json
 
     t0 = time.time()
     res = {"machine": machine_header(torch.device("cuda")), "backends": lk.available_backends()}
     res["check"] = check(WanTransformer3DModel, lk, integ)
     print("check:", json.dumps(res["check"]), flush=True)
     if not res["check"]["ok"]:
-        json.dump(res, open(args.out, "w"), indent=1, default=str)
+        write_json(args.out, res, default=str)
         print("parity check FAILED: not timing", file=sys.stderr)
         return 1
     res["step"] = time_step(WanTransformer3DModel, lk, integ, args.layers, args.reps)
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     res["lse"] = lse_cost(lk, args.reps)
     print("lse:", json.dumps(res["lse"]), flush=True)
     res["wall_s"] = time.time() - t0
-    json.dump(res, open(args.out, "w"), indent=1, default=str)
+    write_json(args.out, res, default=str)
     print(f"wrote {args.out} in {res['wall_s']:.0f} s")
     return 0
 

@@ -52,6 +52,29 @@ def result_stem(suites: list[str], quick: bool, stamp: str, commit: str | None) 
     return f"bench-{'-'.join(suites)}{'-quick' if quick else ''}_{stamp}{tail}"
 
 
+def replace_file(path: Path | str, write) -> None:
+    """Writes ``path`` whole or not at all: ``write(f)`` fills a temporary file beside it (text, newline=""),
+    which then replaces ``path``. An exception or a KeyboardInterrupt while writing leaves ``path`` as it
+    was and removes the temporary file (a half-written ``.tmp`` was left in the results folder)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path | str, doc, *, indent: int = 1, default=None) -> None:
+    """``doc`` as JSON into ``path`` through ``replace_file``: the GPU scripts rewrite their result file after
+    each part ("a time-out keeps what ran"), and ``json.dump`` into the file opened with "w" truncated it
+    first: a run killed while writing (or a value whose ``str()`` failed) lost the parts written before."""
+    text = json.dumps(doc, indent=indent, default=default)  # first: a value JSON cannot write touches no file
+    replace_file(path, lambda f: f.write(text + "\n"))
+
+
 def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[dict], stem: str) -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.csv`` under ``out_dir``; returns both paths."""
     out_dir = Path(out_dir)
@@ -59,9 +82,7 @@ def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[d
     doc = {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
     jpath = out_dir / f"{stem}.json"
     # rewritten after every suite: a run killed mid-write must leave the previous whole file, not half of it
-    tmp = jpath.with_name(jpath.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, jpath)
+    write_json(jpath, _clean(doc))
 
     cols: list[str] = [c for c in _LEAD_COLUMNS if any(c in r for r in rows)]
     for r in rows:
@@ -70,14 +91,15 @@ def write_results(out_dir: Path | str, machine: dict, config: dict, rows: list[d
                 cols.append(k)
     cols += ["device", "commit", "date"]
     cpath = out_dir / f"{stem}.csv"
-    ctmp = cpath.with_name(cpath.name + ".tmp")  # replaced whole, as the JSON (it was cut short in place)
-    with ctmp.open("w", newline="") as f:
+
+    def write_csv(f) -> None:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         dev = machine.get("gpu") or machine.get("cpu")
         for r in rows:
             w.writerow({**r, "device": dev, "commit": machine.get("commit"), "date": machine.get("date")})
-    os.replace(ctmp, cpath)
+
+    replace_file(cpath, write_csv)  # replaced whole, as the JSON (it was cut short in place)
     return jpath, cpath
 
 

@@ -822,20 +822,24 @@ def enable_loras(model: nn.Module, names: Sequence[str]) -> None:
     if dup:  # each occurrence would add the adapter's output once more
         raise ValueError(f"enable_loras: name(s) {dup} given more than once; got {list(names)}")
     unfuse_lora(model)
-    for _, mod in _lora_linears(model):
-        mod.lora_active = [mod.lora_adapters[n] for n in names if n in mod.lora_adapters]
-    model._lora_active_names = list(names)
-    _bump_state(model)
+    try:
+        for _, mod in _lora_linears(model):
+            mod.lora_active = [mod.lora_adapters[n] for n in names if n in mod.lora_adapters]
+        model._lora_active_names = list(names)
+    finally:  # (see fuse_lora)
+        _bump_state(model)
 
 
 @_holding_model_lock
 def disable_loras(model: nn.Module) -> None:
     """No adapter active (weights restored if they were fused)."""
     unfuse_lora(model)
-    for _, mod in _lora_linears(model):
-        mod.lora_active = []
-    model._lora_active_names = []
-    _bump_state(model)
+    try:
+        for _, mod in _lora_linears(model):
+            mod.lora_active = []
+        model._lora_active_names = []
+    finally:  # (see fuse_lora)
+        _bump_state(model)
 
 
 @_holding_model_lock
@@ -846,9 +850,15 @@ def fuse_lora(model: nn.Module) -> None:
     for _, mod in _lora_linears(model):
         mod._check_fuse()
     _check_fuse_fits_dtype(model)
-    for _, mod in _lora_linears(model):
-        mod._fuse()
-    _bump_state(model)
+    try:
+        for _, mod in _lora_linears(model):
+            mod._fuse()
+    finally:
+        # also after a failure part way (out of memory for a module's delta, a KeyboardInterrupt): the modules
+        # fused so far changed the weights, and a KV cache built before stayed "fresh" for a compiled forward,
+        # which checks this counter only (each module keeps its own fused state: fuse_lora() again completes
+        # the fuse, unfuse_lora() takes back what was fused)
+        _bump_state(model)
 
 
 @torch.no_grad()
@@ -879,6 +889,8 @@ def unfuse_lora(model: nn.Module) -> None:
     (fp8 weights quantised with the LoRA fused in) comes before any module changed."""
     for _, mod in _lora_linears(model):
         mod._check_unfuse()
-    for _, mod in _lora_linears(model):
-        mod._unfuse()
-    _bump_state(model)
+    try:
+        for _, mod in _lora_linears(model):
+            mod._unfuse()
+    finally:  # (see fuse_lora)
+        _bump_state(model)

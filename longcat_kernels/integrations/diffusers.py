@@ -490,18 +490,25 @@ def apply_block_sparse_attention(
     state = _GridState()
 
     handle = transformer.register_forward_pre_hook(functools.partial(_grid_hook, (p_t, p_h, p_w)), with_kwargs=True)
-    inst = _Installed(state=state, hook=handle,
-                      end_hook=transformer.register_forward_hook(_end_hook, always_call=True))
-    rope = getattr(transformer, "rope", None)
-    if isinstance(rope, torch.nn.Module):  # every model of _WAN_SELF_ATTN has one, called on hidden_states
-        inst.rope_hook = rope.register_forward_hook(functools.partial(_rope_hook, (p_t, p_h, p_w), state))
-    for i in idx:
-        attn = transformer.blocks[i].attn1
-        inst.originals[i] = attn.processor
-        attn.set_processor(
-            BlockSparseWanAttnProcessor(state, params, attn.processor, backend, dense_at_zero, fused_prologue)
-        )
-    setattr(transformer, _ATTR, inst)
+    inst = _Installed(state=state, hook=handle)
+    # all or nothing: an exception or a KeyboardInterrupt part way left the hooks registered and some blocks on
+    # our processor without the record, and both apply (refused: "a copy of an applied model?") and remove (a
+    # no-op without the record) left the model half-applied for good
+    try:
+        inst.end_hook = transformer.register_forward_hook(_end_hook, always_call=True)
+        rope = getattr(transformer, "rope", None)
+        if isinstance(rope, torch.nn.Module):  # every model of _WAN_SELF_ATTN has one, called on hidden_states
+            inst.rope_hook = rope.register_forward_hook(functools.partial(_rope_hook, (p_t, p_h, p_w), state))
+        for i in idx:
+            attn = transformer.blocks[i].attn1
+            inst.originals[i] = attn.processor
+            attn.set_processor(
+                BlockSparseWanAttnProcessor(state, params, attn.processor, backend, dense_at_zero, fused_prologue)
+            )
+        setattr(transformer, _ATTR, inst)
+    except BaseException:
+        _uninstall(transformer, inst)
+        raise
     return given
 
 
@@ -517,6 +524,12 @@ def remove_block_sparse_attention(transformer):
     inst = getattr(transformer, _ATTR, None)
     if inst is None:
         return given
+    _uninstall(transformer, inst)
+    return given
+
+
+def _uninstall(transformer, inst: "_Installed") -> None:
+    """Puts back the processors and removes the hooks ``inst`` records, then the record itself (if set)."""
     for i, proc in inst.originals.items():
         attn = transformer.blocks[i].attn1
         cur = attn.processor
@@ -527,5 +540,5 @@ def remove_block_sparse_attention(transformer):
     for h in (getattr(inst, "end_hook", None), getattr(inst, "rope_hook", None)):
         if h is not None:  # an _Installed pickled before it had one
             h.remove()
-    delattr(transformer, _ATTR)
-    return given
+    if getattr(transformer, _ATTR, None) is inst:
+        delattr(transformer, _ATTR)
