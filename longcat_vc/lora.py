@@ -68,7 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longcat_kernels._validate import autocast_off
+from longcat_kernels._validate import autocast_off, cache_mode
 
 from .kv_cache import tensor_version
 from .loading import _list
@@ -758,11 +758,15 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
         # its Linear layers are wrapped by peft: every key would "match no Linear module"
         raise ValueError("load_lora: the model carries peft adapters (add_lora); save them with save_longcat_lora and "
                          "load the file into a DiT without peft adapters (or unload them first)")
-    fmt, tensors = read_lora_file(path)
-    adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
-    for module_path, adapter in adapters.items():  # converted before the model changes: a refusal leaves it as it was
-        mod = model.get_submodule(module_path)
-        adapter.to_(device=mod.weight.device, dtype=_adapter_dtype(mod))
+    # normal tensors also when called under torch.inference_mode: inference-tensor adapters broke every later
+    # forward that autograd records (training, or an input needing grad) with torch's "Inference tensors cannot
+    # be saved for backward", naming neither the adapter nor load_lora
+    with cache_mode():
+        fmt, tensors = read_lora_file(path)
+        adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
+        for module_path, adapter in adapters.items():  # converted before the model changes: a refusal leaves it as it was
+            mod = model.get_submodule(module_path)
+            adapter.to_(device=mod.weight.device, dtype=_adapter_dtype(mod))
     _check_adapters_fit_dtype(adapters, os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
     was_active = name in getattr(model, "_lora_active_names", [])

@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 
 from ..._validate import compiling, has_values, needs_grad
 from ...grid import block_token_index, token_to_slot
-from .selection import BlockSelection, ieee_fp32_matmul
+from .selection import BlockSelection, exact_matmul
 
 __all__ = ["block_sparse_attn_reference"]
 
@@ -103,8 +103,8 @@ def block_sparse_attn_reference(
         kv_ok = kvalid.reshape(B, H, g, L, 1)
         kb = torch.where(kv_ok, kb, torch.zeros((), dtype=kb.dtype, device=dev))
         vb = torch.where(kv_ok, vb, torch.zeros((), dtype=vb.dtype, device=dev))
-        with ieee_fp32_matmul(dev):  # an fp32 reference stays fp32 (no TF32) on GPU
-            s = torch.matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
+        # an fp32 reference stays fp32 (no TF32 on GPU, no bf16 under torch.autocast), in backward too
+        s = exact_matmul(qb.to(cd), kb.to(cd).transpose(-1, -2)).to(sd) * scale  # [B, H, g, bq, L]
         s = s.masked_fill(~kvalid.reshape(B, H, g, 1, L), float("-inf"))
         m = s.amax(dim=-1, keepdim=True).detach()
         # a max of -inf: no selected key (out 0, lse -inf), unless the row has selected keys whose
@@ -117,8 +117,7 @@ def block_sparse_attn_reference(
         den = p.sum(dim=-1, keepdim=True)
         safe = torch.where(den == 0, torch.ones_like(den), den)  # a NaN den stays NaN (no 1 in its place)
         p = p / safe
-        with ieee_fp32_matmul(dev):
-            o = torch.matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
+        o = exact_matmul(p.to(cd), vb.to(cd))  # [B, H, g, bq, D]
         # differentiable (d lse / d s = p, m being detached): a loss that uses lse (merging partial
         # results, SPEC 12) gets its gradient; log(1) where nothing is selected keeps that branch finite
         lse = torch.where(den == 0, float("-inf"), m + torch.log(safe))

@@ -40,6 +40,7 @@ __all__ = [
     "block_scores",
     "select_blocks_reference",
     "ieee_fp32_matmul",
+    "exact_matmul",
     "warn_if_keeps_nothing",
     "empty_selection",
 ]
@@ -130,6 +131,49 @@ def ieee_fp32_matmul(device: torch.device):
                 _IEEE_STATE["depth"] -= 1
                 if _IEEE_STATE["depth"] == 0:
                     _cuda_fp32_setting(_IEEE_STATE["prev"])
+
+
+class _ExactMatmul(torch.autograd.Function):
+    """``a @ b`` (same batch dims) under ``ieee_fp32_matmul`` in forward, backward and forward-mode alike.
+
+    The autograd engine runs a backward under the autocast state of ``loss.backward()``'s caller, not the
+    forward's: a backward called inside ``torch.autocast`` (as training loops write it) ran the reference's
+    fp32 ``MmBackward`` in bf16, gradients ~1e-2 off, while the kernels stayed exact. The gradient products
+    call this Function again, so double backward and ``torch.func`` (grad, jacrev, jvp, vmap) still work."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a, b):
+        with ieee_fp32_matmul(a.device):
+            return torch.matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b = inputs
+        ctx.save_for_backward(a, b)
+        ctx.save_for_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        ga = exact_matmul(g, b.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        gb = exact_matmul(a.transpose(-1, -2), g) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+    @staticmethod
+    def jvp(ctx, ta, tb):
+        a, b = ctx.saved_tensors
+        out = None if ta is None else exact_matmul(ta, b)
+        if tb is not None:
+            out = exact_matmul(a, tb) if out is None else out + exact_matmul(a, tb)
+        return out
+
+
+def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in the dtype given (``ieee_fp32_matmul``), its gradients too: ``[..., m, k] @ [..., k, n]``
+    with the same leading dims (no broadcasting)."""
+    return _ExactMatmul.apply(a, b)
 
 
 @dataclass(frozen=True, eq=False)
