@@ -53,12 +53,14 @@ about a third of the entries, max 3e-8 in fp32 and 2e-3 in bf16; further round t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import numbers
 import os
 import re
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -106,8 +108,22 @@ _MODEL_LOCKS_GUARD = threading.Lock()
 _FALLBACK_LOCK = threading.RLock()  # a model that cannot be weakly referenced
 
 
+def compiled_original(model):
+    """``model`` itself for ``torch.compile(model)`` (an ``OptimizedModule``, whose attributes and LoRA methods
+    reach the model it wraps): the key of the per-model state here and in the pipeline. Keyed on the wrapper, a
+    pipeline on ``torch.compile(dit)`` and one on ``dit`` took two locks and tracked two LoRA owners for one DiT
+    (the basic pipeline's calls ran with the distill pipeline's cfg-step LoRA, rel. L2 0.17, without a word)."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # loaded by any torch.compile: not imported here
+    wrapper = getattr(frames, "OptimizedModule", None)
+    while wrapper is not None and isinstance(model, wrapper):
+        model = model._orig_mod
+    return model
+
+
 def model_lock(model) -> "threading.RLock":
-    """The re-entrant lock that serialises changes of ``model``'s LoRA state (and the pipeline calls on it)."""
+    """The re-entrant lock that serialises changes of ``model``'s LoRA state (and the pipeline calls on it);
+    the same for ``torch.compile(model)``."""
+    model = compiled_original(model)
     with _MODEL_LOCKS_GUARD:
         try:
             lock = _MODEL_LOCKS.get(model)
@@ -125,6 +141,14 @@ def _holding_model_lock(fn):
         with model_lock(model):
             return fn(model, *args, **kwargs)
     return wrapper
+
+
+def _owner_lock(model):
+    """``model_lock(model)``, or no lock for None. An adapter's multiplier / tensors set from another thread
+    while ``fuse_lora`` ran went in between the module's delta and its fused flag (or after the overflow
+    check): the weights held W + delta(old value), the unfuse took delta(new value) off, and the base
+    weights were lost without a word. The change now waits for the fuse (and is then refused as fused)."""
+    return model_lock(model) if model is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -148,16 +172,17 @@ class LoRAPart:
         if key == "scale":  # at construction too: a NaN / bool / tensor scale passed LoRAPart(...) unchecked
             _check_multiplier(value, "LoRAPart.scale")
             value = float(value)
-        if adapter is not None and key in ("scale", "up"):
-            if adapter.__dict__.get("_fused"):
-                raise RuntimeError(
-                    f"LoRA {adapter.name!r}: a part's {key} cannot change while the adapter is fused into the "
-                    "weights; call unfuse_lora() first (and fuse_lora() again after the change)")
-        super().__setattr__(key, value)
         owner = adapter.__dict__.get("_owner") if adapter is not None else None
         model = owner() if owner is not None else None
-        if model is not None and key in ("scale", "up"):
-            _bump_state(model)
+        with _owner_lock(model if key in ("scale", "up") else None):
+            if adapter is not None and key in ("scale", "up"):
+                if adapter.__dict__.get("_fused"):
+                    raise RuntimeError(
+                        f"LoRA {adapter.name!r}: a part's {key} cannot change while the adapter is fused into the "
+                        "weights; call unfuse_lora() first (and fuse_lora() again after the change)")
+            super().__setattr__(key, value)
+            if model is not None and key in ("scale", "up"):
+                _bump_state(model)
 
     def __getstate__(self) -> dict:
         # a weak reference cannot be pickled (torch.save of a model with a LoRA loaded failed with
@@ -182,19 +207,20 @@ class LoRAAdapter:
         if key == "multiplier":
             _check_multiplier(value, "multiplier")
             value = float(value)
-        if key in ("multiplier", "down", "parts") and self.__dict__.get("_fused"):
-            # the weights hold W + delta(old value): unfusing would subtract delta(new value)
-            raise RuntimeError(
-                f"LoRA {self.name!r}: {key} cannot change while the adapter is fused into the weights; "
-                "call unfuse_lora() first (and fuse_lora() again after the change)")
-        super().__setattr__(key, value)
-        if key == "parts":  # each part reports a change of its scale / up matrix (LoRAPart.__setattr__)
-            for p in value:
-                object.__setattr__(p, "_adapter", weakref.ref(self))
         owner = self.__dict__.get("_owner")
         model = owner() if owner is not None else None
-        if model is not None and key in ("multiplier", "down", "parts"):
-            _bump_state(model)
+        with _owner_lock(model if key in ("multiplier", "down", "parts") else None):
+            if key in ("multiplier", "down", "parts") and self.__dict__.get("_fused"):
+                # the weights hold W + delta(old value): unfusing would subtract delta(new value)
+                raise RuntimeError(
+                    f"LoRA {self.name!r}: {key} cannot change while the adapter is fused into the weights; "
+                    "call unfuse_lora() first (and fuse_lora() again after the change)")
+            super().__setattr__(key, value)
+            if key == "parts":  # each part reports a change of its scale / up matrix (LoRAPart.__setattr__)
+                for p in value:
+                    object.__setattr__(p, "_adapter", weakref.ref(self))
+            if model is not None and key in ("multiplier", "down", "parts"):
+                _bump_state(model)
 
     def __getstate__(self) -> dict:
         # (pickling, as LoRAPart.__getstate__) without the owner: a module pickled alone would drag the whole

@@ -46,7 +46,7 @@ from longcat_kernels._validate import check_bool, user_stacklevel
 from .schedule import check_distill_steps, check_scheduler_config, read_scheduler_config, vc_timesteps
 from .text import DEFAULT_NEGATIVE_PROMPT, MAX_SEQUENCE_LENGTH, encode_prompts
 from .loading import CheckpointError, _list
-from .lora import fused_loras, model_lock
+from .lora import compiled_original, fused_loras, model_lock
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 from .stages import (  # noqa: F401 (re-exported)
     VCOutOfMemoryError, VideoContinuationOutput, _check_flags, _check_int, _check_not_ignored, BUCKETS, _denoise,
@@ -130,7 +130,7 @@ def _apply_lora_state(dit, state: Tuple[Tuple[str, ...], bool]) -> None:
 def _lora_owner(dit) -> Optional["VideoContinuationPipeline"]:
     """The pipeline (alive) whose LoRA state ``dit`` holds (``_DIT_LORA_OWNERS``), or None."""
     try:
-        ref = _DIT_LORA_OWNERS.get(dit)
+        ref = _DIT_LORA_OWNERS.get(compiled_original(dit))  # (torch.compile(dit) is that DiT)
     except TypeError:  # a DiT that cannot be weakly referenced
         return None
     return ref() if ref is not None else None
@@ -547,11 +547,12 @@ class VideoContinuationPipeline:
         state = _lora_state(self.dit)
         if state is None:  # (a DiT without the LoRA API: not tracked)
             return
+        dit = compiled_original(self.dit)  # (a pipeline on torch.compile(dit) and one on dit share that DiT)
         if owner is not None:
-            owner._saved_lora_state = (weakref.ref(self.dit), state)
+            owner._saved_lora_state = (weakref.ref(dit), state)
         saved = self._saved_lora_state
         # (one saved for another DiT, were pipe.dit replaced since, is not this one's)
-        mine = saved[1] if saved is not None and saved[0]() is self.dit else None
+        mine = saved[1] if saved is not None and saved[0]() is dit else None
         if restore and mine is not None and mine != state:
             if mine[1] or state[1]:
                 raise RuntimeError(
@@ -560,7 +561,7 @@ class VideoContinuationPipeline:
                     "not switched per call (un/fusing is not exact): build the pipelines on separate DiTs, or call "
                     "set_mode() on this pipeline to take the DiT over")
             _apply_lora_state(self.dit, mine)
-        _DIT_LORA_OWNERS[self.dit] = weakref.ref(self)
+        _DIT_LORA_OWNERS[dit] = weakref.ref(self)
 
     @property
     def memory(self) -> str:
