@@ -87,16 +87,45 @@ def warn_if_keeps_nothing(sparsity: Optional[float], cdf_threshold: Optional[flo
 # threads inside ieee_fp32_matmul on CUDA, and the precision setting the first of them found: the last
 # one out restores it (each thread restoring what it found left "ieee" behind when two overlapped)
 _IEEE_LOCK = threading.Lock()
-_IEEE_STATE = {"depth": 0, "prev": None}
+_IEEE_STATE = {"depth": 0, "restore": None}
 
 
-def _cuda_fp32_setting(value=None):
+def _cuda_fp32_ieee():
+    """Sets CUDA fp32 matmuls to full IEEE precision (no TF32); returns the function that restores the setting.
+
+    The legacy switch (``torch.set_float32_matmul_precision``) and the per-backend one
+    (``torch.backends.cuda.matmul.fp32_precision``) must agree: torch checks them against each other on every
+    cuBLAS handle it hands out ("mix of the legacy and new APIs"), so after a user's
+    ``set_float32_matmul_precision("high")`` (the common call) setting only the new switch to "ieee" made every
+    cuBLAS call inside the block raise. A legacy setting other than "highest" is switched through the legacy
+    API (which sets both), and restored the same way, then the per-backend values found are put back."""
     m = torch.backends.cuda.matmul
-    attr = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"  # older torch: allow_tf32
-    if value is None:
-        return getattr(m, attr)
-    setattr(m, attr, value)
-    return value
+    if not hasattr(m, "fp32_precision"):  # older torch: the legacy switch only
+        prev_tf32 = m.allow_tf32
+        m.allow_tf32 = False
+
+        def restore_old():
+            m.allow_tf32 = prev_tf32
+        return restore_old
+    mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    prev_cuda = m.fp32_precision
+    prev_mk = getattr(mk, "fp32_precision", None)
+    try:
+        prev_legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # already mixed by the caller: the legacy value cannot be read, nor restored
+        prev_legacy = None
+    if prev_legacy not in (None, "highest"):
+        torch.set_float32_matmul_precision("highest")  # legacy "highest", cuda and mkldnn "ieee"
+    else:
+        m.fp32_precision = "ieee"
+
+    def restore():
+        if prev_legacy not in (None, "highest"):
+            torch.set_float32_matmul_precision(prev_legacy)
+            if prev_mk is not None:
+                mk.fp32_precision = prev_mk
+        m.fp32_precision = prev_cuda
+    return restore
 
 
 @contextlib.contextmanager
@@ -110,27 +139,25 @@ def ieee_fp32_matmul(device: torch.device):
         if dev_type != "cuda":
             yield
             return
-        ieee = "ieee" if hasattr(torch.backends.cuda.matmul, "fp32_precision") else False
         if compiling():  # traced as before: no lock in the graph
-            prev = _cuda_fp32_setting()
-            _cuda_fp32_setting(ieee)
+            restore = _cuda_fp32_ieee()
             try:
                 yield
             finally:
-                _cuda_fp32_setting(prev)
+                restore()
             return
         with _IEEE_LOCK:
             if _IEEE_STATE["depth"] == 0:
-                _IEEE_STATE["prev"] = _cuda_fp32_setting()
+                _IEEE_STATE["restore"] = _cuda_fp32_ieee()
             _IEEE_STATE["depth"] += 1
-            _cuda_fp32_setting(ieee)
         try:
             yield
         finally:
             with _IEEE_LOCK:
                 _IEEE_STATE["depth"] -= 1
                 if _IEEE_STATE["depth"] == 0:
-                    _cuda_fp32_setting(_IEEE_STATE["prev"])
+                    restore, _IEEE_STATE["restore"] = _IEEE_STATE["restore"], None
+                    restore()
 
 
 class _ExactMatmul(torch.autograd.Function):
