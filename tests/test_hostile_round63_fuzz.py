@@ -190,6 +190,15 @@ def rand_chunk(r, g):
     return tuple(r.randint(1, x) for x in g)
 
 
+def _random_axis_dims(r, D, p):
+    """With probability p, a random even split of head_dim D over (t, h, w) (zeros allowed), else None."""
+    if r.random() >= p:
+        return None
+    a = r.randrange(0, D // 2 + 1) * 2
+    b = r.randrange(0, (D - a) // 2 + 1) * 2
+    return (a, b, D - a - b)
+
+
 def case_bsa(r, backends):
     gq = rand_grid(r)
     Tk = r.choice([gq[0], gq[0] + r.randint(0, 3)])
@@ -256,11 +265,7 @@ def case_kv(r, backends):
     pairs = r.choice(["interleaved", "half"])
     extra = r.randint(0, 2)
     theta = r.choice([10000.0, r.uniform(2, 1e5)])
-    dims = None
-    if r.random() < 0.3:
-        a = r.randrange(0, D // 2 + 1) * 2
-        b = r.randrange(0, (D - a) // 2 + 1) * 2
-        dims = (a, b, D - a - b)
+    dims = _random_axis_dims(r, D, 0.3)
     rope = lk.Rope3D((c + tn + extra, Hf, Wf), D, theta=theta, axis_dims=dims, pairs=pairs) if use_rope else None
     n = Hf * Wf
     Sc, Sn = c * n, tn * n
@@ -355,11 +360,7 @@ def case_rope(r, backends):
     D = r.choice([6, 8, 16, 32, 64, 12, 18])
     pairs = r.choice(["interleaved", "half"])
     theta = r.choice([10000.0, r.uniform(1.5, 1e6)])
-    dims = None
-    if r.random() < 0.4:
-        a = r.randrange(0, D // 2 + 1) * 2
-        b = r.randrange(0, (D - a) // 2 + 1) * 2
-        dims = (a, b, D - a - b)
+    dims = _random_axis_dims(r, D, 0.4)
     rope = lk.Rope3D((T, Hg, Wg), D, theta=theta, axis_dims=dims, pairs=pairs)
     nf = r.randint(1, T)
     fo = r.randint(0, T - nf)
