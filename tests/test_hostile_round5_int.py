@@ -148,17 +148,35 @@ def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
     jpath, _ = writer.write_results(tmp_path, _doc("d")["machine"], {}, [{"suite": "a", "status": "ok"}], "s")
     before = jpath.read_text()
-    real = Path.write_text
+    real_open = Path.open
 
-    def killed_halfway(self, text, *a, **k):  # the run dies while the file is written
-        real(self, text[: len(text) // 2], *a, **k)
-        raise KeyboardInterrupt
+    class _DiesHalfway:  # the run dies while the file is written
+        def __init__(self, f):
+            self.f = f
 
-    monkeypatch.setattr(Path, "write_text", killed_halfway)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            raise KeyboardInterrupt
+
+    def open_for_writing_dies(self, mode="r", *a, **k):
+        f = real_open(self, mode, *a, **k)
+        return _DiesHalfway(f) if "w" in mode else f
+
+    # (it patched Path.write_text, which the writer stopped using with round 66's replace_file: the patch
+    # then caught nothing and the test failed "DID NOT RAISE")
+    monkeypatch.setattr(Path, "open", open_for_writing_dies)
     with pytest.raises(KeyboardInterrupt):
         writer.write_results(tmp_path, _doc("d")["machine"], {}, [{"suite": "b", "status": "ok"}] * 50, "s")
     monkeypatch.undo()
     assert jpath.read_text() == before  # the previous suites' results, whole
+    assert not list(tmp_path.glob("*.tmp"))  # and no half-written temporary left beside them
 
 
 def test_results_record_the_imported_package_version(monkeypatch):

@@ -200,7 +200,34 @@ class _ExactMatmul(torch.autograd.Function):
 def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in the dtype given (``ieee_fp32_matmul``), its gradients too: ``[..., m, k] @ [..., k, n]``
     with the same leading dims (no broadcasting)."""
+    if compiling():
+        # dynamo cannot trace an autograd.Function with a custom jvp (a graph break; under fullgraph=True an
+        # error: compile_repeated_blocks(fullgraph=True) of a model on the torch backend failed)
+        return _ExactMatmulTraced.apply(a, b)
     return _ExactMatmul.apply(a, b)
+
+
+class _ExactMatmulTraced(torch.autograd.Function):
+    """``_ExactMatmul`` as dynamo traces it: no jvp (forward-mode AD does not run under torch.compile) and a
+    backward of plain matmuls under ``ieee_fp32_matmul`` (a compiled graph's backward traced from plain forward
+    matmuls took the autocast of the compiled call: bf16 gradients, as in eager)."""
+
+    @staticmethod
+    def forward(a, b):
+        with ieee_fp32_matmul(a.device):
+            return torch.matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        with ieee_fp32_matmul(g.device):
+            ga = torch.matmul(g, b.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+            gb = torch.matmul(a.transpose(-1, -2), g) if ctx.needs_input_grad[1] else None
+        return ga, gb
 
 
 @dataclass(frozen=True, eq=False)
