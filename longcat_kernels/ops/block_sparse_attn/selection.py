@@ -160,7 +160,31 @@ def ieee_fp32_matmul(device: torch.device):
                     restore()
 
 
-class _ExactMatmul(torch.autograd.Function):
+class _ExactMatmulTraced(torch.autograd.Function):
+    """``a @ b`` under ``ieee_fp32_matmul``: the base of ``_ExactMatmul`` and what dynamo traces of it. No jvp
+    (forward-mode AD does not run under torch.compile) and a backward of plain matmuls under ``ieee_fp32_matmul``
+    (a compiled graph's backward traced from plain forward matmuls took the autocast of the compiled call: bf16
+    gradients, as in eager)."""
+
+    @staticmethod
+    def forward(a, b):
+        with ieee_fp32_matmul(a.device):
+            return torch.matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        with ieee_fp32_matmul(g.device):
+            ga = torch.matmul(g, b.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+            gb = torch.matmul(a.transpose(-1, -2), g) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+class _ExactMatmul(_ExactMatmulTraced):
     """``a @ b`` (same batch dims) under ``ieee_fp32_matmul`` in forward, backward and forward-mode alike.
 
     The autograd engine runs a backward under the autocast state of ``loss.backward()``'s caller, not the
@@ -171,15 +195,9 @@ class _ExactMatmul(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a, b):
-        with ieee_fp32_matmul(a.device):
-            return torch.matmul(a, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        a, b = inputs
-        ctx.save_for_backward(a, b)
-        ctx.save_for_forward(a, b)
+    def setup_context(ctx, inputs, output):  # (the forward is the base class's)
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
@@ -205,29 +223,6 @@ def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # error: compile_repeated_blocks(fullgraph=True) of a model on the torch backend failed)
         return _ExactMatmulTraced.apply(a, b)
     return _ExactMatmul.apply(a, b)
-
-
-class _ExactMatmulTraced(torch.autograd.Function):
-    """``_ExactMatmul`` as dynamo traces it: no jvp (forward-mode AD does not run under torch.compile) and a
-    backward of plain matmuls under ``ieee_fp32_matmul`` (a compiled graph's backward traced from plain forward
-    matmuls took the autocast of the compiled call: bf16 gradients, as in eager)."""
-
-    @staticmethod
-    def forward(a, b):
-        with ieee_fp32_matmul(a.device):
-            return torch.matmul(a, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        with ieee_fp32_matmul(g.device):
-            ga = torch.matmul(g, b.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-            gb = torch.matmul(a.transpose(-1, -2), g) if ctx.needs_input_grad[1] else None
-        return ga, gb
 
 
 @dataclass(frozen=True, eq=False)
