@@ -536,8 +536,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 _LAST: Dict[str, KernelChoice] = {}
+# copy on write: registering or unregistering a recorder binds a new list (under the lock), never edits the
+# one a `choose` in another thread may be iterating (an in-place removal shifted the later recorders down one
+# index under that loop: the next recorder missed the choice)
 _RECORDERS: List[List[KernelChoice]] = []
-_RECORDERS_LOCK = threading.Lock()  # registering / unregistering a recorder from several threads
+_RECORDERS_LOCK = threading.Lock()
 
 
 def choose(
@@ -624,16 +627,17 @@ def record_choices() -> Iterator[List[KernelChoice]]:
     of the process (the recorders are process-wide: another thread's op calls during the block are listed
     too; a per-thread list would need thread-local state, which ``torch.compile`` traces of ``choose``
     would have to guard on)."""
+    global _RECORDERS
     rec: List[KernelChoice] = []
     with _RECORDERS_LOCK:
-        _RECORDERS.append(rec)
+        _RECORDERS = [*_RECORDERS, rec]
     try:
         yield rec
     finally:
         # by identity: ``list.remove`` compares by equality, and a nested recorder that saw the same choices
         # as the outer one removed the outer list (which then missed the later choices; its own exit raised)
         with _RECORDERS_LOCK:
-            _RECORDERS[:] = [r for r in _RECORDERS if r is not rec]
+            _RECORDERS = [r for r in _RECORDERS if r is not rec]
 
 
 # ----------------------------------------------------------------------------------------------

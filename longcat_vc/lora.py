@@ -359,12 +359,17 @@ class LoRALinear(nn.Linear):
             return
         acc = _merge_dtype(self.weight.dtype)
         delta = sum(a.delta_weight(acc, self.out_features) for a in self.lora_active)
-        self.weight.copy_((self.weight.to(acc) + delta.to(self.weight.device)).to(self.weight.dtype))
-        self.lora_fused = list(self.lora_active)
-        for a in self.lora_fused:
-            object.__setattr__(a, "_fused", True)
-            # what _check_unfuse compares: an in-place edit while fused
-            object.__setattr__(a, "_fused_tensors", tuple((weakref.ref(u), tensor_version(u)) for u in _adapter_tensors(a)))
+        fused = (self.weight.to(acc) + delta.to(self.weight.device)).to(self.weight.dtype)
+
+        def record():
+            self.lora_fused = list(self.lora_active)
+            for a in self.lora_fused:
+                object.__setattr__(a, "_fused", True)
+                # what _check_unfuse compares: an in-place edit while fused
+                object.__setattr__(a, "_fused_tensors",
+                                   tuple((weakref.ref(u), tensor_version(u)) for u in _adapter_tensors(a)))
+
+        _write_then_record(self.weight, fused, record)
 
     @torch.no_grad()
     def _unfuse(self) -> None:
@@ -372,10 +377,29 @@ class LoRALinear(nn.Linear):
             return
         acc = _merge_dtype(self.weight.dtype)
         delta = sum(a.delta_weight(acc, self.out_features) for a in self.lora_fused)
-        self.weight.copy_((self.weight.to(acc) - delta.to(self.weight.device)).to(self.weight.dtype))
-        for a in self.lora_fused:
-            object.__setattr__(a, "_fused", False)
-        self.lora_fused = []
+        unfused = (self.weight.to(acc) - delta.to(self.weight.device)).to(self.weight.dtype)
+
+        def record():
+            for a in self.lora_fused:
+                object.__setattr__(a, "_fused", False)
+            self.lora_fused = []
+
+        _write_then_record(self.weight, unfused, record)
+
+
+def _write_then_record(weight: torch.Tensor, value: torch.Tensor, record) -> None:
+    """``weight.copy_(value)``, then ``record()``: also when an exception (a KeyboardInterrupt) lands between
+    the two, while it does not when the write did not happen. A write left unrecorded fused the delta twice on
+    the next ``fuse_lora()`` and took none back on ``unfuse_lora()``. (The write is seen by the weight's version
+    counter; an inference tensor keeps none, and relies on the flag alone.)"""
+    before = tensor_version(weight)
+    done = False
+    try:
+        weight.copy_(value)
+        done = True
+    finally:
+        if done or (before != -1 and tensor_version(weight) != before):
+            record()
 
 
 def _merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:

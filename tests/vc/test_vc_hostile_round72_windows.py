@@ -1,0 +1,120 @@
+"""Windows between a write and its record (round 72, left open by rounds 64 and 66): an interrupt that
+lands right after a LoRA module's weight write, or a recorder leaving while another thread's ``choose``
+walks the recorder list. Each test fails on the code before."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
+
+from longcat_kernels import dispatch
+
+QKV = "blocks.0.attn.qkv"
+
+
+def _model(tmp_path):
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ())))
+    m = model_from_state_dict(cfg, copy.deepcopy(sd))
+    path = str(tmp_path / "a.safetensors")
+    write_longcat_lora(path, cfg, rank=4)
+    m.load_lora(path, "a")
+    m.enable_loras(["a"])
+    return m, sd
+
+
+def _interrupt_after_write(w):
+    """``w.copy_`` writes, then raises KeyboardInterrupt (what a Ctrl-C between two statements does)."""
+    real = w.copy_
+
+    def copy_then_interrupt(src):
+        real(src)
+        del w.copy_
+        raise KeyboardInterrupt
+
+    w.copy_ = copy_then_interrupt
+
+
+def _interrupt_before_write(w):
+    def interrupt(src):
+        del w.copy_
+        raise KeyboardInterrupt
+
+    w.copy_ = interrupt
+
+
+def test_fuse_interrupted_after_the_write_is_recorded(tmp_path):
+    m, sd = _model(tmp_path)
+    mod = m.get_submodule(QKV)
+    delta = mod.lora_adapters["a"].delta_weight()
+    _interrupt_after_write(mod.weight)
+    with pytest.raises(KeyboardInterrupt):
+        m.fuse_lora()
+    assert [a.name for a in mod.lora_fused] == ["a"]
+    torch.testing.assert_close(mod.weight, sd[QKV + ".weight"] + delta, rtol=0, atol=1e-6)
+    m.fuse_lora()  # completes the other modules; this one is not fused twice
+    torch.testing.assert_close(mod.weight, sd[QKV + ".weight"] + delta, rtol=0, atol=1e-6)
+    m.unfuse_lora()
+    for k, v in m.state_dict().items():
+        if k in sd:
+            torch.testing.assert_close(v, sd[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_fuse_interrupted_before_the_write_records_nothing(tmp_path):
+    m, sd = _model(tmp_path)
+    mod = m.get_submodule(QKV)
+    _interrupt_before_write(mod.weight)
+    with pytest.raises(KeyboardInterrupt):
+        m.fuse_lora()
+    assert mod.lora_fused == [] and torch.equal(mod.weight, sd[QKV + ".weight"])
+    m.fuse_lora()
+    m.unfuse_lora()
+    torch.testing.assert_close(mod.weight, sd[QKV + ".weight"], rtol=0, atol=1e-6)
+
+
+def test_unfuse_interrupted_after_the_write_is_recorded(tmp_path):
+    m, sd = _model(tmp_path)
+    m.fuse_lora()
+    mod = m.get_submodule(QKV)
+    _interrupt_after_write(mod.weight)
+    with pytest.raises(KeyboardInterrupt):
+        m.unfuse_lora()
+    assert mod.lora_fused == [] and not mod.lora_adapters["a"]._fused
+    torch.testing.assert_close(mod.weight, sd[QKV + ".weight"], rtol=0, atol=1e-6)
+    m.unfuse_lora()  # the rest; this module's delta is not taken twice
+    for k, v in m.state_dict().items():
+        if k in sd:
+            torch.testing.assert_close(v, sd[k], rtol=0, atol=1e-6, msg=k)
+
+
+class _LeavesOnAppend(list):
+    """A recorder whose append makes an earlier recorder leave (its ``with`` block ends in another thread
+    while this thread's ``choose`` walks the list)."""
+
+    def __init__(self, leave):
+        super().__init__()
+        self.leave = leave
+
+    def append(self, item):
+        super().append(item)
+        if self.leave is not None:
+            leave, self.leave = self.leave, None
+            leave()
+
+
+def test_a_recorder_leaving_during_a_choice_does_not_hide_it_from_the_next():
+    q = torch.randn(1, 8, 2, 4)
+    first = dispatch.record_choices()
+    first.__enter__()
+    hook = _LeavesOnAppend(lambda: first.__exit__(None, None, None))
+    dispatch._RECORDERS = [*dispatch._RECORDERS, hook]
+    try:
+        with dispatch.record_choices() as last:
+            dispatch.choose("attn_with_kv_cache", q, q, q, requested="torch")
+        assert len(hook) == 1 and len(last) == 1, (len(hook), len(last))
+    finally:
+        dispatch._RECORDERS = [r for r in dispatch._RECORDERS if r is not hook]
+    assert dispatch._RECORDERS == []
