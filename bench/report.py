@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write or args.check:
         if args.write:
             if new != old:
-                Path(args.readme).write_text(new)
+                writer.replace_file(args.readme, lambda f: f.write(new))  # whole or not at all
             print(f"{args.readme}: benchmark table {'updated' if new != old else 'already up to date'}")
         elif new != old:
             print(f"{args.readme}: benchmark table is out of date; run python -m bench.report --write")

@@ -19,6 +19,7 @@ neither merge FastVideo's ``num_attention_heads`` spelling nor validate the fiel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -307,5 +308,15 @@ class DiTConfig:
         else:
             d["_class_name"] = "LongCatVideoTransformer3DModel"
         text = json.dumps(d, indent=2)  # first: a value JSON cannot write left the old file truncated
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
-            f.write(text)
+        # whole or not at all: written beside, then renamed over (an interrupt or a full disk while writing
+        # truncated the old config.json, which the checkpoint folder then failed to load)
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise

@@ -23,6 +23,10 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("TRITON_INTERPRET", None)  # the CLI times the CPU reference, not the interpreter
+    for k in [k for k in env if k.startswith("PYTEST_XDIST")]:
+        # run under `pytest -n 2`, the child pytest saw a worker's variables and turned pytest-benchmark off
+        # ("Can't have both --benchmark-only and --benchmark-disable")
+        del env[k]
     return env
 
 
