@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .loading import CheckpointError
-from .lora import fused_loras
+from .lora import compiled_original, fused_loras
 from .video_io import VideoFrames, as_video_frames, read_video, subsample_to_fps
 
 __all__ = [
@@ -296,7 +296,7 @@ def _refinement_lora_to_load(pipe, lora_path: Optional[str]) -> bool:
     pipeline on the same DiT with another ``refinement_lora_path`` refined with the first one's LoRA."""
     if REFINEMENT_LORA not in getattr(pipe.dit, "lora_names", []):
         return True
-    source = getattr(pipe.dit, _REFINEMENT_SOURCE, None)
+    source = getattr(compiled_original(pipe.dit), _REFINEMENT_SOURCE, None)
     if source is None or lora_path is None:
         return False
     try:
@@ -352,12 +352,14 @@ def refine_state(pipe, lora_path: Optional[str]):
                     dit.load_lora(lora_path, REFINEMENT_LORA)
                 except Exception as e:
                     raise CheckpointError(f"failed to load the refinement LoRA {lora_path}: {e}") from e
-            setattr(dit, _REFINEMENT_SOURCE, source)
-        elif getattr(dit, _REFINEMENT_SOURCE, None) is None and lora_path is not None:
+            # on the DiT itself, not a torch.compile wrapper: a pipeline on the bare DiT did not see the record,
+            # took the LoRA for one loaded by hand and refined with another file's LoRA
+            setattr(compiled_original(dit), _REFINEMENT_SOURCE, source)
+        elif getattr(compiled_original(dit), _REFINEMENT_SOURCE, None) is None and lora_path is not None:
             # one loaded by hand before any refinement: kept while the path and its file stay as they are now
             # (with nothing recorded, a later pipe.refinement_lora_path was ignored without a word)
             try:
-                setattr(dit, _REFINEMENT_SOURCE, _lora_file_id(lora_path))
+                setattr(compiled_original(dit), _REFINEMENT_SOURCE, _lora_file_id(lora_path))
             except OSError:  # no such file: the hand-loaded LoRA is used; a path set later is compared then
                 pass
         dit.disable_loras()

@@ -118,3 +118,28 @@ def test_a_recorder_leaving_during_a_choice_does_not_hide_it_from_the_next():
     finally:
         dispatch._RECORDERS = [r for r in dispatch._RECORDERS if r is not hook]
     assert dispatch._RECORDERS == []
+
+
+def test_refinement_lora_source_is_recorded_on_the_dit_not_a_compile_wrapper(tmp_path):
+    """A refine through ``torch.compile(dit)`` recorded which file its refinement LoRA came from on the
+    wrapper: a pipeline on the bare DiT with another ``refinement_lora_path`` saw no record, took the loaded
+    LoRA for one loaded by hand and refined with the first file's LoRA without a word."""
+    import types
+
+    from longcat_vc.pipeline import VideoContinuationPipeline
+    from longcat_vc.refine import _refinement_lora_to_load, refine_state
+    from vc_components import write_refine_checkpoint, write_refinement_lora
+
+    root = str(tmp_path / "ckpt")
+    cfg = write_refine_checkpoint(root)
+    other = write_refinement_lora(str(tmp_path / "other"), cfg, seed=int(torch.randint(0, 2**31, ())))
+    pipe = VideoContinuationPipeline.from_pretrained(root, dtype=torch.float32, device="cpu", attn_backend="torch",
+                                                     progress=False)
+    compiled = types.SimpleNamespace(dit=torch.compile(pipe.dit))
+    bare = types.SimpleNamespace(dit=pipe.dit)
+    with refine_state(compiled, pipe.refinement_lora_path):
+        pass
+    assert not _refinement_lora_to_load(compiled, pipe.refinement_lora_path)
+    assert not _refinement_lora_to_load(bare, pipe.refinement_lora_path)
+    assert _refinement_lora_to_load(bare, other)
+    assert _refinement_lora_to_load(compiled, other)
