@@ -124,7 +124,8 @@ class LongCatDiT(nn.Module):
         per parameter and buffer (and ``down`` / ``up`` tensor of an active, unfused LoRA adapter), its identity
         (a stamp no other tensor object gets, not the ``id()`` CPython reuses) and in-place version counter (a replaced parameter, e.g. FP8 quantisation;
         in-place edits and optimizer steps; not edits through ``.data``, which bypass the counter, nor those of
-        inference tensors, which have none),
+        inference tensors, which have none) and dtype (a submodule converted alone, ``dit.blocks.half()``; a round trip of the linears, which count
+        their conversions),
         the state of peft adapters injected into the DiT (``longcat_vc.training.add_lora``: which
         are active, disabled or merged, and their scaling) and the number of dropout modules in
         training mode with ``p > 0`` (peft's ``lora_dropout``: ``build_kv_cache`` refuses them, a cache
@@ -140,7 +141,11 @@ class LongCatDiT(nn.Module):
         for i, mod in enumerate(self.modules()):  # one pass (parameters() and buffers() walk the modules too)
             for t in itertools.chain(mod._parameters.values(), mod._buffers.values()):
                 if t is not None:
-                    tensors.append((tensor_stamp(t), tensor_version(t)))
+                    # the dtype too: a submodule's conversion (``dit.blocks.half()``) swaps ``.data``, keeping
+                    # identity and version counter, and the DiT's own ``_apply`` (the state counter) never ran
+                    tensors.append((tensor_stamp(t), tensor_version(t), t.dtype))
+            if isinstance(mod, _lora.LoRALinear) and "_dtype_conversions" in mod.__dict__:
+                tensors.append(("dtype conversions", mod.__dict__["_dtype_conversions"]))
             if isinstance(mod, _lora.LoRALinear) and mod.lora_active and not mod.lora_fused:
                 # the active adapters' down / up matrices: plain attributes, not parameters (an in-place
                 # edit changed the output and the cache stayed "fresh"); fused ones are in the weight
@@ -680,7 +685,7 @@ class LongCatDiT(nn.Module):
             what.append("the attention configuration changed (config.enable_bsa / bsa_params: the cond "
                         "tokens' K/V depend on it)")
         if cache.source[3] != now[3]:
-            what.append("the weights changed (loaded, replaced or edited in place)")
+            what.append("the weights changed (loaded, replaced, edited in place or converted to another dtype)")
         if cache.source[4:5] != now[4:5]:
             what.append("the peft adapters changed (enabled, disabled, switched, merged or rescaled)")
         if cache.source[5:] != now[5:]:

@@ -325,8 +325,21 @@ class LoRALinear(nn.Linear):
         # ``.to(device)`` / ``.cuda()`` / ``.cpu()`` move the weight, and the adapters (plain attributes)
         # stayed behind: the first forward failed deep in F.linear on mixed devices. They follow the
         # weight's device (their dtype is cast per call). ``object.__setattr__``: a move is no state change.
+        dtype = self.weight.dtype
         super()._apply(fn, recurse)
+        if self.weight.dtype != dtype:
+            # counted for ``LongCatDiT.state_fingerprint``: a round trip of a submodule alone (``dit.blocks.half()
+            # .float()``: rounded weights, same dtype, identity and version) left the DiT's KV caches "fresh"
+            self.__dict__["_dtype_conversions"] = self.__dict__.get("_dtype_conversions", 0) + 1
         dev = self.weight.device
+        lost = sorted(a.name for a in self.lora_adapters.values() if dev.type != "meta"
+                      and any(u.is_meta for u in _adapter_tensors(a)))
+        if lost:
+            # (torch's "Cannot copy out of meta tensor; no data!" named neither the LoRA nor what to do)
+            raise RuntimeError(
+                f"LoRALinear: LoRA {lost} moved to the meta device with the weights (.to('meta')) and has no values "
+                f"to bring to {dev}; a LoRA is not in the state dict, so to_empty() / load_state_dict() cannot restore "
+                "it: build the model again and load_lora() after its weights are loaded")
         for a in self.lora_adapters.values():
             if a.down.device != dev:
                 object.__setattr__(a, "down", a.down.to(dev))
@@ -769,10 +782,24 @@ def _lora_linears(model: nn.Module) -> Iterable[Tuple[str, LoRALinear]]:
 
 def relink_adapters(model: nn.Module) -> None:
     """Makes ``model`` the owner of the adapters its modules carry (after unpickling, which drops the
-    weak references): their multiplier/scale changes bump its state counter again."""
-    for _, mod in _lora_linears(model):
+    weak references): their multiplier/scale changes bump its state counter again. An adapter whose owner is
+    alive and holds the same module keeps it: a shallow ``copy.copy(model)`` shares its modules with the original,
+    and took the original's adapters over (once the copy was gone, a multiplier change bumped no model, and the
+    original's KV caches stayed "fresh")."""
+    for path, mod in _lora_linears(model):
         for a in mod.lora_adapters.values():
+            ref = a.__dict__.get("_owner")
+            owner = ref() if ref is not None else None
+            if owner is not None and owner is not model and _holds_module(owner, path, mod):
+                continue
             a.__dict__["_owner"] = weakref.ref(model)
+
+
+def _holds_module(model: nn.Module, path: str, mod: nn.Module) -> bool:
+    try:
+        return model.get_submodule(path) is mod
+    except AttributeError:
+        return False
 
 
 def fused_loras(model: nn.Module) -> List[str]:
@@ -816,6 +843,12 @@ def load_lora(model: nn.Module, path: "str | os.PathLike[str]", name: str, multi
         adapters = _build_adapters(model, fmt, tensors, name, float(multiplier), os.fspath(path))
         for module_path, adapter in adapters.items():  # converted before the model changes: a refusal leaves it as it was
             mod = model.get_submodule(module_path)
+            if mod.weight.is_meta:
+                # the adapters were moved there and lost their values (then "Tensor.item() cannot be called on meta
+                # tensors" from the overflow check); a later load_state_dict(assign=True) does not bring them back
+                raise ValueError(f"load_lora({os.fspath(path)!r}): the weights of {module_path} are on the meta device "
+                                 "(a skeleton, or after .to('meta')), where the LoRA would lose its values; load the "
+                                 "weights first (load_state_dict(..., assign=True) or to_empty()), then load_lora")
             adapter.to_(device=mod.weight.device, dtype=_adapter_dtype(mod))
     _check_adapters_fit_dtype(adapters, os.fspath(path))
     # Replacing an adapter of the same name: unfuse everything first so weights stay exact.
