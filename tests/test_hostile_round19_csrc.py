@@ -235,6 +235,68 @@ def test_sm90ws_bsa_takes_odd_strides_of_size1_dims(monkeypatch):
     assert_close(out, ref, low, name="sm90_ws BSA, odd size-1 strides")
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("which", ["kv", "q", "cache"])
+def test_sm90ws_head_expanded_inputs_parity(monkeypatch, which):
+    """Head stride 0 (one head expanded over H, ``x[:, :, :1].expand(-1, -1, H, -1)``: MQA keys handed to an
+    MHA kernel): the TMA maps get a head stride of 0 (rows16 passes it: 0 % 8 == 0). Either the driver's
+    encoder refuses it (then a loud error naming the kernel) or the map reads the one head H times: never a
+    wrong answer. Written in session 30 without a device: first GPU run owed."""
+    import longcat_kernels as lk
+    from longcat_kernels.testing.oracle import attention_lowp, attention_oracle
+    from longcat_kernels.testing.tolerance import assert_close
+
+    _sm90ws_or_skip(monkeypatch)
+    Hx, Sn, Sc = 4, 200, 136
+
+    def r(s, heads=Hx):
+        return torch.randn(B, s, heads, D, dtype=torch.bfloat16, device="cuda")
+
+    def one_head(s):
+        return r(s, 1).expand(-1, -1, Hx, -1)
+
+    q, k, v, kc, vc = r(Sn), r(Sn), r(Sn), r(Sc), r(Sc)
+    if which == "kv":
+        k, v = one_head(Sn), one_head(Sn)
+    elif which == "q":
+        q = one_head(Sn)
+    else:
+        kc, vc = one_head(Sc), one_head(Sc)
+    try:
+        with record_choices() as ch:
+            out = lk.attn_with_kv_cache(q, k, v, kc, vc, backend="cuda")
+    except RuntimeError as e:  # the encoder refused the map: loud, names the kernel
+        assert "sm90_ws" in str(e), e
+        return
+    assert ch[-1].impl == "csrc_sm90_ws"
+    k_all, v_all = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
+    ref, _ = attention_oracle(q, k_all, v_all, None, D**-0.5)
+    assert_close(out, ref, attention_lowp(q, k_all, v_all, None, D**-0.5), name=f"sm90_ws head-expanded {which}")
+
+
+@pytest.mark.ext
+def test_sm90ws_bsa_head_expanded_kv_parity(monkeypatch):
+    import longcat_kernels as lk
+    from helpers import bsa_oracle  # noqa: PLC0415
+    from longcat_kernels.testing.tolerance import assert_close
+
+    _sm90ws_or_skip(monkeypatch)
+    grid, Hx = (4, 8, 8), 4
+    q = torch.randn(1, 256, Hx, D, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(1, 256, 1, D, dtype=torch.bfloat16, device="cuda").expand(-1, -1, Hx, -1) for _ in range(2))
+    sel = lk.select_blocks(q, k.contiguous(), grid_q=grid, grid_k=grid, chunk_q=(4, 4, 4), sparsity=0.5,
+                           backend="torch")
+    try:
+        with torch.no_grad(), record_choices() as ch:
+            out = lk.block_sparse_attn(q, k, v, selection=sel, backend="cuda")
+    except RuntimeError as e:
+        assert "sm90_ws" in str(e), e
+        return
+    assert ch[-1].impl == "csrc_sm90_ws"
+    ref, _, low, _ = bsa_oracle(q, k, v, sel, D**-0.5)
+    assert_close(out, ref, low, name="sm90_ws BSA, head-expanded k/v")
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. the sm90 families only for tensors on a 9.x device
 # ---------------------------------------------------------------------------------------------
