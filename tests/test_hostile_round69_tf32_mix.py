@@ -66,3 +66,28 @@ def test_cpu_blocks_leave_every_setting_alone(restore_precision):
     got = selection.exact_matmul(a.float(), b.float())
     assert torch.allclose(got.double(), a.float().double() @ b.float().double(), rtol=1e-5, atol=1e-5)
     assert _state() == found
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("user", ["high", "highest"])
+def test_torch_reference_on_cuda_after_a_legacy_setting(user, restore_precision):
+    """The GPU run of the above: after ``set_float32_matmul_precision(user)`` the BSA torch reference (gating,
+    attention, backward) on CUDA fp32 raises nothing and is IEEE fp32 (TF32 would be ~1e-3 off); the user's
+    setting is back afterwards, and cuBLAS matmuls outside run. Written in session 30 without a device."""
+    import longcat_kernels as lk
+    from helpers import bsa_oracle  # noqa: PLC0415
+    from longcat_kernels.testing.tolerance import rel_l2
+
+    torch.set_float32_matmul_precision(user)
+    found = _state()
+    grid = (4, 8, 8)
+    q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", requires_grad=True) for _ in range(3))
+    sel = lk.select_blocks(q, k, grid_q=grid, grid_k=grid, chunk_q=(4, 4, 4), sparsity=0.5, backend="torch")
+    out = lk.block_sparse_attn(q, k, v, selection=sel, backend="torch")
+    out.square().sum().backward()
+    assert _state() == found
+    assert all(t.grad is not None and bool(t.grad.isfinite().all()) for t in (q, k, v))
+    ref, _, _, _ = bsa_oracle(q.detach(), k.detach(), v.detach(), sel, 64**-0.5)
+    assert not out.isnan().any() and rel_l2(out.detach(), ref) < 2e-5, rel_l2(out.detach(), ref)
+    a = torch.randn(64, 64, device="cuda")
+    assert torch.isfinite(a @ a).all()
