@@ -129,10 +129,7 @@ def _sm90ws_or_skip(monkeypatch):
 @pytest.mark.ext
 @pytest.mark.parametrize("case", ["q", "fresh", "k_cache", "v_cache"])
 def test_sm90ws_expanded_batch_parity(monkeypatch, case):
-    import longcat_kernels as lk
     from helpers import poison_allocator  # noqa: PLC0415
-    from longcat_kernels.testing.oracle import attention_lowp, attention_oracle
-    from longcat_kernels.testing.tolerance import assert_close
 
     _sm90ws_or_skip(monkeypatch)
     dev = "cuda"
@@ -151,12 +148,20 @@ def test_sm90ws_expanded_batch_parity(monkeypatch, case):
     else:
         vc = r(1, Sc).expand(B, -1, -1, -1)
     poison_allocator(q)
+    _sm90ws_dense_matches_oracle(q, k, v, kc, vc, f"sm90_ws expanded {case}")
+
+
+def _sm90ws_dense_matches_oracle(q, k, v, kc, vc, name):
+    import longcat_kernels as lk
+    from longcat_kernels.testing.oracle import attention_lowp, attention_oracle
+    from longcat_kernels.testing.tolerance import assert_close
+
     with record_choices() as ch:
         out = lk.attn_with_kv_cache(q, k, v, kc, vc, backend="cuda")
     assert ch[-1].impl == "csrc_sm90_ws"
     k_all, v_all = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
     ref, _ = attention_oracle(q, k_all, v_all, None, D**-0.5)
-    assert_close(out, ref, attention_lowp(q, k_all, v_all, None, D**-0.5), name=f"sm90_ws expanded {case}")
+    assert_close(out, ref, attention_lowp(q, k_all, v_all, None, D**-0.5), name=name)
 
 
 @pytest.mark.ext
@@ -242,9 +247,6 @@ def test_sm90ws_head_expanded_inputs_parity(monkeypatch, which):
     MHA kernel): the TMA maps get a head stride of 0 (rows16 passes it: 0 % 8 == 0). Either the driver's
     encoder refuses it (then a loud error naming the kernel) or the map reads the one head H times: never a
     wrong answer. Written in session 30 without a device: first GPU run owed."""
-    import longcat_kernels as lk
-    from longcat_kernels.testing.oracle import attention_lowp, attention_oracle
-    from longcat_kernels.testing.tolerance import assert_close
 
     _sm90ws_or_skip(monkeypatch)
     Hx, Sn, Sc = 4, 200, 136
@@ -263,15 +265,9 @@ def test_sm90ws_head_expanded_inputs_parity(monkeypatch, which):
     else:
         kc, vc = one_head(Sc), one_head(Sc)
     try:
-        with record_choices() as ch:
-            out = lk.attn_with_kv_cache(q, k, v, kc, vc, backend="cuda")
+        _sm90ws_dense_matches_oracle(q, k, v, kc, vc, f"sm90_ws head-expanded {which}")
     except RuntimeError as e:  # the encoder refused the map: loud, names the kernel
         assert "sm90_ws" in str(e), e
-        return
-    assert ch[-1].impl == "csrc_sm90_ws"
-    k_all, v_all = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
-    ref, _ = attention_oracle(q, k_all, v_all, None, D**-0.5)
-    assert_close(out, ref, attention_lowp(q, k_all, v_all, None, D**-0.5), name=f"sm90_ws head-expanded {which}")
 
 
 @pytest.mark.ext

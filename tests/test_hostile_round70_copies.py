@@ -63,6 +63,14 @@ def _model(tmp_path, lora=True):
     return cfg, sd, m, path
 
 
+def _copies(m):
+    """``copy.deepcopy(m)`` and ``m`` through ``torch.save`` / ``torch.load(weights_only=False)``."""
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return copy.deepcopy(m), torch.load(buf, weights_only=False)
+
+
 def _run(m, inp, **kw):
     with torch.no_grad():
         out = m(*inp, **kw)
@@ -132,10 +140,7 @@ def test_c_deepcopy_and_pickle_relink_to_the_copy(tmp_path):
     cfg, sd, m, _ = _model(tmp_path)
     inp = _inputs(cfg)
     ref = _run(m, inp)
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    for c in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+    for c in _copies(m):
         torch.testing.assert_close(_run(c, inp), ref, rtol=0, atol=0)
         a = c.blocks[0].attn.qkv.lora_adapters["a"]
         v, vm = c._state_version, m._state_version
@@ -188,10 +193,7 @@ def test_fused_copies_unfuse_to_the_base_and_keep_upstream_names(tmp_path):
     base = _run(model_from_state_dict(cfg, sd), inp)
     m.fuse_lora()
     assert set(m.state_dict()) == set(sd)  # no adapter keys; fused weights under the base names
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    for c in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+    for c in _copies(m):
         torch.testing.assert_close(_run(c, inp), ref, rtol=1e-5, atol=1e-5)
         c.disable_loras()  # unfuses the copy only
         torch.testing.assert_close(_run(c, inp), base, rtol=1e-5, atol=1e-5)
@@ -206,10 +208,7 @@ def test_fp8_copies_and_state_dict_round_trip(tmp_path):
     quantize_dit_fp8(m, emulate=True)
     inp = _inputs(cfg)
     ref = _run(m, inp)
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    for c in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+    for c in _copies(m):
         torch.testing.assert_close(_run(c, inp), ref, rtol=0, atol=0)
     for assign in (False, True):
         other = model_from_state_dict(cfg, random_state_dict(cfg, seed=_seed()))

@@ -5,26 +5,16 @@ forward meanwhile ignored the change. Both are refused; each test fails on the c
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
+from tiny_ckpt import tiny_model_with_lora
 
 QKV = "blocks.0.attn.qkv"
 
 
 @pytest.fixture()
 def fused(tmp_path):
-    cfg = tiny_config()
-    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ())))
-    m = model_from_state_dict(cfg, copy.deepcopy(sd))
-    path = str(tmp_path / "a.safetensors")
-    write_longcat_lora(path, cfg, rank=4)
-    m.load_lora(path, "a")
-    m.enable_loras(["a"])
-    m.fuse_lora()
-    return m, sd
+    return tiny_model_with_lora(tmp_path, fuse=True)
 
 
 def test_multiplier_change_while_fused_is_refused(fused):

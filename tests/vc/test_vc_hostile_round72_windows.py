@@ -4,26 +4,13 @@ walks the recorder list. Each test fails on the code before."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from tiny_ckpt import model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
+from tiny_ckpt import tiny_model_with_lora
 
 from longcat_kernels import dispatch
 
 QKV = "blocks.0.attn.qkv"
-
-
-def _model(tmp_path):
-    cfg = tiny_config()
-    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ())))
-    m = model_from_state_dict(cfg, copy.deepcopy(sd))
-    path = str(tmp_path / "a.safetensors")
-    write_longcat_lora(path, cfg, rank=4)
-    m.load_lora(path, "a")
-    m.enable_loras(["a"])
-    return m, sd
 
 
 def _interrupt_after_write(w):
@@ -47,7 +34,7 @@ def _interrupt_before_write(w):
 
 
 def test_fuse_interrupted_after_the_write_is_recorded(tmp_path):
-    m, sd = _model(tmp_path)
+    m, sd = tiny_model_with_lora(tmp_path)
     mod = m.get_submodule(QKV)
     delta = mod.lora_adapters["a"].delta_weight()
     _interrupt_after_write(mod.weight)
@@ -64,7 +51,7 @@ def test_fuse_interrupted_after_the_write_is_recorded(tmp_path):
 
 
 def test_fuse_interrupted_before_the_write_records_nothing(tmp_path):
-    m, sd = _model(tmp_path)
+    m, sd = tiny_model_with_lora(tmp_path)
     mod = m.get_submodule(QKV)
     _interrupt_before_write(mod.weight)
     with pytest.raises(KeyboardInterrupt):
@@ -76,7 +63,7 @@ def test_fuse_interrupted_before_the_write_records_nothing(tmp_path):
 
 
 def test_unfuse_interrupted_after_the_write_is_recorded(tmp_path):
-    m, sd = _model(tmp_path)
+    m, sd = tiny_model_with_lora(tmp_path)
     m.fuse_lora()
     mod = m.get_submodule(QKV)
     _interrupt_after_write(mod.weight)

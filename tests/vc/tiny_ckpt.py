@@ -327,3 +327,20 @@ def lora_merged_state_dict(state_dict: Dict[str, torch.Tensor], longcat: Dict[st
         else:
             W += e["lora_up.weight"] @ down * s * multiplier
     return sd
+
+
+def tiny_model_with_lora(tmp_path, name: str = "a", fuse: bool = False):
+    """``(model, state_dict)``: a tiny fp32 DiT from fresh random weights with a random rank-4 LoRA ``name``
+    loaded from ``tmp_path`` and enabled (fused with ``fuse=True``); ``state_dict`` holds the base weights."""
+    import copy
+
+    cfg = tiny_config()
+    sd = random_state_dict(cfg, seed=int(torch.randint(0, 2**31, ())))
+    m = model_from_state_dict(cfg, copy.deepcopy(sd))
+    path = str(tmp_path / f"{name}.safetensors")
+    write_longcat_lora(path, cfg, rank=4)
+    m.load_lora(path, name)
+    m.enable_loras([name])
+    if fuse:
+        m.fuse_lora()
+    return m, sd
