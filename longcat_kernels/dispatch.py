@@ -439,18 +439,40 @@ _INTERPRETER_LOCK = threading.RLock()
 
 
 def launcher(kernel, grid) -> Callable:
-    """``kernel[grid]``, held under a process-wide lock while it runs when ``kernel`` runs in the Triton
-    CPU interpreter (``TRITON_INTERPRET=1`` at its ``@triton.jit``); every launch of the package's kernels
-    goes through it."""
+    """``kernel[grid]``, launched with the device of its first CUDA tensor argument current, and held under a
+    process-wide lock while it runs when ``kernel`` runs in the Triton CPU interpreter (``TRITON_INTERPRET=1``
+    at its ``@triton.jit``); every launch of the package's kernels goes through it.
+
+    Triton compiles for and launches on the *current* device's stream: tensors on ``cuda:1`` while ``cuda:0``
+    was current (``model.to("cuda:1")`` without ``torch.cuda.set_device``, diffusers' ``device_map``) failed
+    with "Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)". Under ``torch.compile`` the
+    launch is returned as it is (the compiled graph sets the device)."""
     launch = kernel[grid]
-    if torch.compiler.is_compiling() or not type(kernel).__module__.startswith("triton.runtime.interpreter"):
+    if torch.compiler.is_compiling():
         return launch
+    if type(kernel).__module__.startswith("triton.runtime.interpreter"):
+        def run_interpreted(*args, **kwargs):
+            with _INTERPRETER_LOCK:
+                return launch(*args, **kwargs)
+
+        return run_interpreted
 
     def run(*args, **kwargs):
-        with _INTERPRETER_LOCK:
+        index = _launch_device(args)
+        if index is None or index == torch.cuda.current_device():
+            return launch(*args, **kwargs)
+        with torch.cuda.device(index):
             return launch(*args, **kwargs)
 
     return run
+
+
+def _launch_device(args) -> Optional[int]:
+    """The index of the first CUDA tensor among a launch's arguments (None without one)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return None
 
 
 def triton_status() -> Optional[str]:

@@ -148,12 +148,12 @@ def test_interpreted_block_sparse_forward_backward_from_threads():
         _assert_same(got, r)
 
 
-def test_launcher_is_the_plain_launch_for_compiled_kernels():
-    class Kernel:  # a stand-in compiled kernel: kernel[grid] is returned as it is
+def test_launcher_takes_no_lock_for_compiled_kernels():
+    class Kernel:  # a stand-in compiled kernel
         def __getitem__(self, grid):
-            return ("launch", grid)
+            return lambda *a: ("launch", grid, dispatch._INTERPRETER_LOCK._is_owned())
 
-    assert dispatch.launcher(Kernel(), (3,)) == ("launch", (3,))
+    assert dispatch.launcher(Kernel(), (3,))(torch.zeros(1)) == ("launch", (3,), False)
 
 
 # ---------------------------------------------------------------------- torch reference ops, choices
