@@ -163,3 +163,25 @@ def test_oom_hint_does_not_ask_for_expandable_segments_already_set(monkeypatch, 
     monkeypatch.setenv(var, "max_split_size_mb:512, expandable_segments:True")
     msg = str(_oom_error("denoising", **kw))
     assert "fragmentation" not in msg and "offload_kv_cache=True" in msg
+
+
+def test_bench_run_with_every_case_skipped_exits_1_naming_the_reason(capsys):
+    """README: a run in which no case was timed exits 1; the cases are skipped with the reason (not ERROR)."""
+    from bench.cli import main
+
+    rc = main(["--quick", "--suite", "cached-attn", "--cond-frames", "93", "--shapes", "24x2x4", "--no-write"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "ERROR" not in out and "93 cond frames = 24 cond latents leave no noisy latent" in out, out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_cache_is_no_cache_with_rope_and_block_sparse(backend):
+    """README: a cache of 0 tokens is the same as no cache (rope frames from 0, block-sparse key grid = fresh)."""
+    rope, q, k, v, _, _ = _cache_inputs(Tn=2, Tc=1)
+    empty = torch.randn(1, 0, q.shape[2], q.shape[3])
+    for bs in (None, lk.BlockSparseParams(sparsity=0.5, chunk_q=(1, 2, 2))):
+        a = lk.attn_with_kv_cache(q, k, v, empty, empty, rope=rope, block_sparse=bs, backend=backend)
+        b = lk.attn_with_kv_cache(q, k, v, rope=rope, block_sparse=bs, backend=backend)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
