@@ -85,7 +85,9 @@ def _oom_error(stage: str, *, use_kv_cache: bool, offload_kv_cache: bool, memory
     10.4 GiB fragmented), that comes first, with torch's remedy (``expandable_segments``)."""
     hints = []
     frag = _fragmented_gib(cause)
-    if frag >= 1.0 and "expandable_segments:true" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
+    # torch reads either variable (PYTORCH_ALLOC_CONF is the newer name): one already set needs no hint
+    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")).lower()
+    if frag >= 1.0 and "expandable_segments:true" not in conf.replace(" ", ""):
         hints.append(f"{frag:.1f} GiB were reserved but unallocated (fragmentation): set "
                      "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the process starts")
     if use_kv_cache and not offload_kv_cache:

@@ -56,9 +56,8 @@ def cases(ctx) -> list[Case]:
 
 def _grid_cases(ctx, bc, prefix: str) -> list[Case]:
     ctx.log(bc.describe())
+    # values leaving no noisy latent are reported as skipped below (all of them too: the other grids still run)
     pairs = cond_latents_for(bc.grid, ctx.cond_frames)
-    if not pairs:
-        raise ValueError(f"cond frames {ctx.cond_frames} leave no noisy latent on grid {bc.grid}")
     n_sets = 2
     pol = ctx.policy(warmup=1, min_reps=3, max_reps=20, budget_s=3.0)
     out = []

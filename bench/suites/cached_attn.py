@@ -171,8 +171,10 @@ def cases(ctx) -> list[Case]:
 
 def _grid_cases(ctx, grid, bhd, prefix: str) -> list[Case]:
     pairs = cond_latents_for(grid, ctx.cond_frames)
-    if not pairs:
-        raise ValueError(f"cond frames {ctx.cond_frames} leave no noisy latent on grid {grid}")
+    if not pairs:  # every value skipped with its reason; the other grids still run
+        return [kc.skipped(NAME, f"{prefix}c{c}/kv-cache", "-", dict(grid=str(grid), cond_frames=frames, cond_latents=c,
+                                                                    op="kv-cache"), reason)
+                for frames, c, reason in cond_frames_left_out(grid, ctx.cond_frames)]
     if ctx.quick and len(pairs) > 2 and tuple(ctx.cond_frames) == COND_FRAMES:
         # smoke run: shortest and longest conditioning (the values --cond-frames names all run)
         pairs = [pairs[0], pairs[-1]]

@@ -68,6 +68,11 @@ def check_selection(selection, q, k, grid_q, grid_k, chunk_q=None, chunk_k=None,
         raise TypeError(f"{prefix}selection: expected a BlockSelection, got {type(selection).__name__}")
     B, Sq, H, _ = q.shape
     gq, gk = selection.grid_q, selection.grid_k
+    if prefix:  # attn_with_kv_cache: the grids are the call's (q's frames, the [cache; fresh] keys), not arguments
+        for name, grid, own, what in (("grid_q", grid_q, gq, "q's grid (fresh frames, H, W)"),
+                                      ("grid_k", grid_k, gk, "the key grid ([cache; fresh] frames, H, W)")):
+            if own != as_triple(grid, name):
+                raise ValueError(f"{prefix}selection.{name}: expected {what} {as_triple(grid, name)}, got {own}")
     for name, given, own in (("grid_q", grid_q, gq), ("grid_k", grid_k, gk),
                              (prefix + "chunk_q", chunk_q, selection.chunk_q),
                              (prefix + "chunk_k", chunk_k, selection.chunk_k)):

@@ -247,8 +247,9 @@ def attn_with_kv_cache(
         queries: q (B, Sn) at frames c..c+Tn-1, attend to all keys (optionally block-sparse)
 
     Args:
-        q, k, v (Tensor): ``[batch, seq_new, heads, head_dim]``, any strides.
-        k_cache, v_cache (Tensor | None): ``[Bc, seq_cache, heads, head_dim]``, Bc in {1, batch};
+        q, k, v (Tensor): ``[batch, seq_new, heads, head_dim]``, any strides; k and v (and the cache) may
+            have fewer heads than q, dividing them (GQA/MQA: kv head ``h // group``; dense attention only).
+        k_cache, v_cache (Tensor | None): ``[Bc, seq_cache, heads_kv, head_dim]``, Bc in {1, batch};
             both or neither; ``seq_cache`` 0 is the same as no cache.
         rope (Rope3D | None): tables for a grid covering cache + fresh frames (fused into the
             kernels for ``pairs="interleaved"``; ``pairs="half"`` rotates q/k in torch first).
