@@ -189,7 +189,7 @@ def env_flag(name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name}: expected 0 or 1, got {os.environ[name]!r}")
+    raise ValueError(f"{name}: expected 0 or 1 (or false/true, no/yes, off/on), got {os.environ[name]!r}")
 
 
 def backend_override() -> Optional[str]:

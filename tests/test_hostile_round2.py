@@ -188,5 +188,5 @@ def test_bad_flag_value_raises_on_any_call(monkeypatch, name):
     # DETERMINISTIC used to be parsed only inside a Triton BSA backward: elsewhere "2" passed silently
     monkeypatch.setenv(name, "2")
     q = torch.randn(1, 8, 1, 8)
-    with pytest.raises(ValueError, match=rf"^{name}: expected 0 or 1, got '2'"):
+    with pytest.raises(ValueError, match=rf"^{name}: expected 0 or 1 \(or false/true, no/yes, off/on\), got '2'"):
         lk.prefix_attn(q, q, q, 0)

@@ -223,7 +223,7 @@ def test_bad_names_raise():
                                       ("LONGCAT_KERNELS_VERBOSE_BUILD", "x"), ("LONGCAT_KERNELS_SKIP_CUDA_BUILD", "on!")])
 def test_bad_flag_values_raise(monkeypatch, name, bad):
     monkeypatch.setenv(name, bad)
-    with pytest.raises(ValueError, match=rf"{name}: expected 0 or 1, got '{bad}'"):
+    with pytest.raises(ValueError, match=rf"{name}: expected 0 or 1 \(or false/true, no/yes, off/on\), got '{bad}'"):
         _envvars.env_flag(name, False)
 
 

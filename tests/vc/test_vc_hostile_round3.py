@@ -169,7 +169,7 @@ def test_fuse_islands_read_where_used(monkeypatch):
     from longcat_vc.modules import norms
 
     monkeypatch.setenv("LONGCAT_KERNELS_FUSE_ISLANDS", "maybe")
-    with pytest.raises(ValueError, match=r"^LONGCAT_KERNELS_FUSE_ISLANDS: expected 0 or 1, got 'maybe'"):
+    with pytest.raises(ValueError, match=r"^LONGCAT_KERNELS_FUSE_ISLANDS: expected 0 or 1 \(or false/true, no/yes, off/on\), got 'maybe'"):
         norms.fused_islands_enabled()
     monkeypatch.setenv("LONGCAT_KERNELS_FUSE_ISLANDS", "0")
     assert norms.fused_islands_enabled() is False
