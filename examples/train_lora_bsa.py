@@ -197,6 +197,8 @@ def main(argv=None) -> int:
         p.error("--depth, --steps, --batch, --rank, --text-len, --grid and --chunk must be positive")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite positive number, got {args.lr}")
+    if not 0.0 <= args.sparsity < 1.0:  # (a traceback from deep in the first BSA call, not a usage error)
+        p.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
     # the outputs, before any training: a bad path used to fail after every mode had trained
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} exists and is not a folder")

@@ -37,6 +37,15 @@ def test_train_example_json_records_the_arguments_it_ran_with(tmp_path):
     assert json.load(open(tmp_path / "r.json"))["header"]["argv"] == argv
 
 
+@pytest.mark.parametrize("bad", ["1.5", "-0.1", "1", "nan"])
+def test_train_example_refuses_a_sparsity_outside_0_1_as_a_usage_error(bad, capsys):
+    """(round 74) ``--sparsity 1.5`` trained nothing and ended in a traceback from the first BSA call."""
+    ex = _load("train_lora_bsa")
+    with pytest.raises(SystemExit) as e:
+        ex.main(["--tiny", "--attn", "bsa", "--steps", "1", "--sparsity", bad])
+    assert e.value.code == 2 and "--sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_wan_example_layers_is_not_silently_ignored():
     """--layers was ignored on the CPU (always 2 blocks) and with --model-id (all of the model's blocks)."""
     import argparse
