@@ -116,10 +116,10 @@ def test_resident_is_refused_where_another_pipeline_made_the_shared_components_s
     b = VideoContinuationPipeline(a.dit, a.vae, a.text_encoder, a.tokenizer, a.scheduler_config)
     apply_memory_mode(b, "balanced", "cpu")
     streamer = a.dit._block_streamer
-    assert streamer is not None and a.memory == "resident"
-    with pytest.raises(ValueError, match=r"DiT blocks and text encoder stream .*switching to 'resident' needs a fresh"):
+    assert streamer is not None and a.memory == "balanced"  # (F below)
+    with pytest.raises(ValueError, match=r"switching to 'resident' needs a fresh"):
         apply_memory_mode(a, "resident", "cpu")
-    assert a.memory == "resident" and a.dit._block_streamer is streamer
+    assert a.memory == "balanced" and a.dit._block_streamer is streamer
     _equal(_run(a, video), ref)
     assert apply_memory_mode(a, "low", "cpu").name == "low" and a.memory == "low"
     _equal(_run(a, video), ref)
@@ -316,3 +316,22 @@ def test_compiled_streamed_dit_equals_the_resident_one():
     x, t, y, mask = make_inputs(cfg, B=1, T=2, shared_cond=1)
     with torch.no_grad():
         _equal(ref(x, t, y, mask), torch.compile(model, backend="eager")(x, t, y, mask))
+
+
+def test_a_resident_pipeline_whose_dit_another_pipeline_made_stream_reports_a_streaming_mode(ckpt):
+    """F. ``memory`` said "resident" (and refine's fit check counted the whole DiT on the device) for a pipeline
+    whose DiT another pipeline switched to ``balanced`` after it was built; at construction it already said
+    "balanced"."""
+    from longcat_vc import refine as rf
+    from longcat_vc.pipeline import VideoContinuationPipeline
+
+    a = _load(ckpt)
+    b = VideoContinuationPipeline(a.dit, a.vae, a.text_encoder, a.tokenizer, a.scheduler_config)
+    apply_memory_mode(b, "low", "cpu")
+    assert a.memory == "balanced" and b.memory == "low"
+    c = VideoContinuationPipeline(a.dit, a.vae, a.text_encoder, a.tokenizer, a.scheduler_config)
+    assert c.memory == a.memory
+    budget = 2**50  # (a budget: the check runs on the CPU too)
+    got = rf.check_refine_fits(a, (64, 128), 16, 5, offload_kv_cache=False, budget_bytes=budget)
+    assert got is not None and got == rf.check_refine_fits(c, (64, 128), 16, 5, offload_kv_cache=False,
+                                                           budget_bytes=budget)
