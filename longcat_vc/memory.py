@@ -31,6 +31,7 @@ estimate (``bench/memory_modes_gpu.py``); CPU tests check order, freeing and exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import numbers
@@ -201,8 +202,14 @@ class BlockStreamer:
             raise TypeError(f"BlockStreamer: dit must have a non-empty nn.ModuleList 'blocks', got {type(blocks).__name__}")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"BlockStreamer: prefetch must be an int >= 0, got {prefetch!r}")
+        from .loading import check_device
+
         self.dit = dit
-        self.device = torch.device(device)
+        # meta moved the embedders and final layer onto it at attach() (their weights gone, detach() could not bring
+        # them back); an unavailable CUDA device or an int failed in torch.cuda.Stream naming no argument
+        if device is None:  # (check_device's message offers None: the pipeline's default, not one here)
+            raise TypeError("BlockStreamer: device: expected a str or torch.device (e.g. 'cuda:0'), got None")
+        self.device = check_device(device, "BlockStreamer: device")
         self.prefetch = prefetch
         if pin is not None:
             check_bool(pin, "BlockStreamer: pin")  # pin="no" pinned every block (tens of GiB of page-locked memory)
@@ -213,6 +220,7 @@ class BlockStreamer:
         self._active: Dict[int, _Loaded] = {}
         self._handles: List[Any] = []
         self._own_attrs: List[Dict[str, Any]] = []  # per block: its own forward/forward_kv_only before attach()
+        self._own_root: Optional[Dict[str, Any]] = None  # the same for the DiT's forward/build_kv_cache
         self._attached = False
         self.log: Optional[List[Tuple[str, int]]] = None
 
@@ -240,6 +248,7 @@ class BlockStreamer:
                     undo.children.append((child, None if first is None else first.device))
                     child.to(self.device)
             self._attach_blocks(blocks, undo)
+            self._wrap_root()
         except BaseException:
             undo.run()
             raise
@@ -269,6 +278,33 @@ class BlockStreamer:
             if hasattr(block, "forward_kv_only"):
                 block.forward_kv_only = self._wrap_kv_only(block, i)
 
+    def _wrap_root(self) -> None:
+        """Wraps the DiT's ``forward`` and ``build_kv_cache``: when they return or raise, no block is left on its
+        device copies. A KeyboardInterrupt between a block's pre-hook and its forward wrapper (in
+        ``nn.Module.__call__``), or in a hook of the user's, skips the post-hook (torch runs ``always_call`` hooks
+        on an Exception only): the block stayed on its device copies, a ``fuse_lora`` after it wrote into them
+        and the next call put the unfused CPU copies back (fused and unfused results wrong from then on)."""
+        dit = self.dit
+        self._own_root = {n: dit.__dict__[n] for n in ("forward", "build_kv_cache") if n in dit.__dict__}
+        for name in ("forward", "build_kv_cache"):
+            inner = getattr(dit, name, None)
+            if inner is None:
+                continue
+
+            @functools.wraps(inner)
+            def call(*args, _inner=inner, **kwargs):
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    self._settle()
+
+            setattr(dit, name, call)
+
+    def _settle(self) -> None:
+        """Puts back at home every block left on its device copies (see ``_wrap_root``)."""
+        for j in list(self._active):
+            self._after(j)
+
     def detach(self, device=None) -> None:
         """Removes the hooks and puts the blocks on ``device`` (default: the streamer's device)."""
         if not self._attached:
@@ -290,6 +326,13 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._own_root is not None:
+            for name in ("forward", "build_kv_cache"):
+                if name in self._own_root:
+                    setattr(self.dit, name, self._own_root[name])
+                else:
+                    self.dit.__dict__.pop(name, None)
+            self._own_root = None
         for block, own in zip(self.dit.blocks, self._own_attrs):
             for name in ("forward", "forward_kv_only"):
                 if name in own:
@@ -301,7 +344,9 @@ class BlockStreamer:
         self._attached = False
 
     def release(self) -> None:
-        """Drops every prefetched device copy (e.g. before the VAE decode)."""
+        """Drops every prefetched device copy (e.g. before the VAE decode), and puts back at home a block an
+        interrupted call left on its device copies."""
+        self._settle()
         self._loaded.clear()
 
     def _home(self, t: torch.Tensor) -> torch.Tensor:
@@ -409,7 +454,7 @@ class BlockStreamer:
                 self._issue(j)
 
     def _after(self, i: int) -> None:
-        homes = self._active.pop(i, None)
+        homes = self._active.get(i)
         if homes is None:
             return
         block = self.dit.blocks[i]
@@ -417,6 +462,9 @@ class BlockStreamer:
             t.data = homes.tensors[n]
         for o, a, t in homes.lora:
             _move(o, a, t)
+        # forgotten only once every tensor is back: an interrupt part way left some on their device copies with no
+        # record of their homes (the next call then took the device copies for the homes)
+        del self._active[i]
         if self.log is not None:
             self.log.append(("free", i))
 
@@ -767,9 +815,12 @@ def check_memory_fits(config, mode: str, device, *, budget_bytes: Optional[int] 
 
 # ============================================================================ apply
 def _device_key(device: torch.device) -> Tuple[str, Optional[int]]:
-    """``(type, index)`` with CUDA's current device for a bare ``cuda`` (the device it means)."""
+    """``(type, index)`` with CUDA's current device for a bare ``cuda`` (the device it means); ``cpu:0`` is
+    ``cpu`` (one CPU device: a pipeline loaded with ``device="cpu:0"`` was refused its own device)."""
     if device.type == "cuda" and device.index is None:
         return "cuda", torch.cuda.current_device()
+    if device.type == "cpu":
+        return "cpu", None
     return device.type, device.index
 
 
@@ -794,18 +845,31 @@ def refuse_streaming_with_context_parallel(mode: str, what: str) -> None:
 def apply_memory_mode(pipe, mode: str, device) -> MemoryPlan:
     """Puts the components of ``pipe`` (loaded on the CPU, or anywhere) where ``mode`` wants them
     and records the plan on ``pipe._memory``. Returns the plan."""
+    from .loading import check_device
+
     plan = memory_plan(mode)
     device = torch.device(device)
     prev = getattr(pipe, "_memory", None)
+    dit = pipe.dit
     if prev is not None and ((prev.stream_dit_blocks and not plan.stream_dit_blocks)
                              or (prev.stream_text_encoder and not plan.stream_text_encoder)):
         # the streaming hooks of the previous mode would stay attached under a plan that says resident
         raise ValueError(f"apply_memory_mode: the pipeline streams (memory={prev.name!r}); switching to {mode!r} "
                          f"needs a fresh VideoContinuationPipeline.from_pretrained(..., memory={mode!r})")
-    dit = pipe.dit
+    # the same for components another pipeline made stream since this one recorded its mode (two pipelines on
+    # one DiT / text encoder): 'resident' was recorded over the attached hooks
+    offloaded = getattr(pipe, "text_encoder", None) in _OFFLOADED_TEXT_ENCODERS
+    streams = [what for what, on in (("DiT blocks", getattr(dit, "_block_streamer", None) is not None),
+                                     ("text encoder", offloaded)) if on]
+    if streams and not (plan.stream_dit_blocks and plan.stream_text_encoder):
+        raise ValueError(f"apply_memory_mode: the pipeline's {' and '.join(streams)} stream (another pipeline on them "
+                         f"runs memory='balanced' or 'low'); switching to {mode!r} needs a fresh "
+                         f"VideoContinuationPipeline.from_pretrained(..., memory={mode!r})")
     if getattr(dit, "context_parallel", None) is not None:
         refuse_streaming_with_context_parallel(plan.name, "a DiT that runs context parallel")
     _check_stream_device(dit, device)
+    # meta: 'resident' moved every weight onto it (gone); CUDA unavailable or not visible: torch's error named nothing
+    device = check_device(device, "apply_memory_mode: device")
     if plan.stream_text_encoder:
         # before anything moves: missing accelerate left the DiT's block streamer attached under the
         # previous plan (recorded 'resident' while the blocks streamed)

@@ -569,6 +569,22 @@ class VideoContinuationPipeline:
         return self._memory.name
 
     @property
+    def _memory(self):
+        """The memory plan recorded by ``apply_memory_mode``; "balanced" where it says "resident" but the DiT streams
+        its blocks: another pipeline on this DiT switched it since this one recorded its mode (``memory`` kept
+        saying "resident", and refine's fit check counted the whole DiT on the device), as at construction."""
+        plan = self._memory_plan
+        if not plan.stream_dit_blocks and getattr(self.dit, "_block_streamer", None) is not None:
+            from .memory import memory_plan
+
+            return memory_plan("balanced")
+        return plan
+
+    @_memory.setter
+    def _memory(self, plan) -> None:
+        self._memory_plan = plan
+
+    @property
     def mode(self) -> str:
         return self._mode
 
