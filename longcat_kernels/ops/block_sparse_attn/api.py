@@ -237,10 +237,10 @@ def _prepare(q, k, v, grid_q, grid_k, chunk_q, chunk_k, sparsity, cdf_threshold,
         check_scale(scale)
         if selection is not None:
             check_no_rule_beside_selection(sparsity, cdf_threshold, "selection")
-            # chunk_q at its default counts as not passed (as sparsity does above)
-            check_selection(selection, q, k, grid_q, grid_k,
-                            None if chunk_q is None or as_triple(chunk_q, "chunk_q") == DEFAULT_CHUNK else chunk_q,
-                            chunk_k)
+            # chunk_q left at its default (the very object) counts as not passed; one passed, even (4, 4, 4), must
+            # be the selection's (an explicit chunk_q=(4, 4, 4) beside a 2x2x2 selection was ignored without a word)
+            check_selection(selection, q, k, grid_q, grid_k, None if chunk_q is None or chunk_q is DEFAULT_CHUNK
+                            else chunk_q, chunk_k)
         else:
             check_sparsity(sparsity, cdf_threshold)
     if selection is None:

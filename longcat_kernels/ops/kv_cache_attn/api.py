@@ -171,9 +171,10 @@ def _frame_hw(hw) -> Tuple[int, int]:
 
 
 def _check_params_selection(bs: BlockSparseParams, q, k, grid_q, grid_k) -> None:
-    """``bs.selection`` against q, the key grid and ``bs``'s chunks (chunk_q at its default counts as
-    not given), with errors named ``block_sparse.*``."""
-    default_chunk_q = as_triple(bs.chunk_q, "block_sparse.chunk_q") == BlockSparseParams.chunk_q
+    """``bs.selection`` against q, the key grid and ``bs``'s chunks (chunk_q left at its default, the very
+    object, counts as not given; one given, even (4, 4, 4), must be the selection's), with errors named
+    ``block_sparse.*``."""
+    default_chunk_q = bs.chunk_q is BlockSparseParams.chunk_q
     check_selection(bs.selection, q, k, grid_q, grid_k, None if default_chunk_q else bs.chunk_q, bs.chunk_k,
                     prefix="block_sparse.")
 
