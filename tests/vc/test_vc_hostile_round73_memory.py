@@ -335,3 +335,27 @@ def test_a_resident_pipeline_whose_dit_another_pipeline_made_stream_reports_a_st
     got = rf.check_refine_fits(a, (64, 128), 16, 5, offload_kv_cache=False, budget_bytes=budget)
     assert got is not None and got == rf.check_refine_fits(c, (64, 128), 16, 5, offload_kv_cache=False,
                                                            budget_bytes=budget)
+
+
+@pytest.mark.cuda
+def test_backward_through_blocks_streamed_to_cuda_is_right_or_refused_clearly():
+    """(session 30, no device; first GPU run owed) Round 73 suspected that a backward through a DiT whose blocks
+    stream from the CPU to CUDA fails: autograd saves the weights themselves, whose ``.data`` the post-hook points
+    back at the CPU copies. Either the gradients equal the resident model's, or the forward refuses with an
+    error that names streaming; never a device-mismatch error from inside backward."""
+    cfg, ref, model, _ = _pair()
+    ref.cuda()
+    streamer = BlockStreamer(model, "cuda")
+    streamer.attach()
+    x, t, y, mask = (u.cuda() for u in make_inputs(cfg, B=2, T=3, shared_cond=1))
+    ref.requires_grad_(True)
+    model.requires_grad_(True)
+    ref(x, t, y, mask).square().mean().backward()
+    try:
+        model(x, t, y, mask).square().mean().backward()
+    except (RuntimeError, ValueError) as e:
+        assert "stream" in str(e).lower(), e
+        return
+    for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        assert q.grad is not None, n
+        torch.testing.assert_close(q.grad.to(p.grad.device), p.grad, rtol=1e-5, atol=1e-6, msg=n)
