@@ -293,12 +293,27 @@ class BlockStreamer:
 
             @functools.wraps(inner)
             def call(*args, _inner=inner, **kwargs):
+                self._refuse_backward(args, kwargs)
                 try:
                     return _inner(*args, **kwargs)
                 finally:
                     self._settle()
 
             setattr(dit, name, call)
+
+    def _refuse_backward(self, args, kwargs) -> None:
+        """A forward that autograd records, with the blocks streamed to another device than their CPU homes, is
+        refused before it runs: autograd saves the weights themselves, and the post-hook points their ``.data``
+        back at the CPU copies, so the backward met CPU weights beside device gradients (a device-mismatch error
+        from deep inside ``backward()``, after the whole forward)."""
+        if not torch.is_grad_enabled() or self.device.type == "cpu":
+            return
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.dit.blocks.parameters()):
+            raise RuntimeError(
+                f"the DiT streams its blocks to {self.device} (memory='balanced' / 'low', BlockStreamer): a forward "
+                "that autograd records cannot run through streamed weights (the backward would meet their CPU "
+                "copies); train with memory='resident', or run the forward under torch.no_grad()")
 
     def _settle(self) -> None:
         """Puts back at home every block left on its device copies (see ``_wrap_root``)."""

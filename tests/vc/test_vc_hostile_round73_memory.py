@@ -337,6 +337,32 @@ def test_a_resident_pipeline_whose_dit_another_pipeline_made_stream_reports_a_st
                                                            budget_bytes=budget)
 
 
+def test_a_recorded_forward_through_blocks_streamed_to_another_device_is_refused_before_it_runs():
+    """(session 30) Streamed to CUDA, the post-hook points each weight's ``.data`` back at its CPU copy, which
+    autograd saved: the backward met CPU weights beside CUDA gradients, after the whole forward. Refused
+    up front now (host logic: the streamer's device is set to CUDA after attaching on the CPU; the refusal
+    comes before any block moves)."""
+    cfg, _, model, _ = _pair(depth=2)
+    streamer = BlockStreamer(model, "cpu")
+    streamer.attach()
+    x, t, y, mask = make_inputs(cfg, B=1, T=2, shared_cond=1)
+    streamer.device = torch.device("cuda")
+    model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"streams its blocks to cuda .* train with memory='resident'"):
+        model(x, t, y, mask)
+    model.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="streams its blocks"):
+        model.build_kv_cache(x[:, :, :1].detach().requires_grad_(True))  # a grad-requiring input alone
+    # nothing recorded: no refusal (the CPU streamer's own forward runs on)
+    streamer._refuse_backward((x, t, y, mask), {})
+    with torch.no_grad():
+        model.requires_grad_(True)
+        streamer._refuse_backward((x, t, y, mask), {})
+    streamer.device = torch.device("cpu")
+    out = model(x, t, y, mask)  # the CPU homes are the device: backward works (pinned above)
+    assert out.requires_grad and torch.isfinite(out).all()
+
+
 @pytest.mark.cuda
 def test_backward_through_blocks_streamed_to_cuda_is_right_or_refused_clearly():
     """(session 30, no device; first GPU run owed) Round 73 suspected that a backward through a DiT whose blocks
