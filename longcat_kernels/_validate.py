@@ -106,10 +106,23 @@ def plain_float(value):
     return value
 
 
+def check_dense(x: torch.Tensor, name: str) -> None:
+    """``x`` is a dense strided tensor: the kernels and references index strided memory (a sparse tensor failed
+    deep inside torch or Triton, "expand is unsupported for Sparse tensors"; a jagged nested q was taken for a
+    batch of its sequences and k was blamed)."""
+    if x.is_nested or x.layout != torch.strided:
+        if x.is_nested:
+            got, fix = "a nested tensor", f"pad it ({name}.to_padded_tensor(0.0)) or make one call per sequence"
+        else:
+            got, fix = f"layout {x.layout}", f"pass {name}.to_dense()"
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got {got}; {fix}")
+
+
 def check_tensor(x, name: str, ndim: Optional[int] = 4, layout: str = "[batch, seq, heads, head_dim]") -> None:
     """``x`` is a floating tensor of rank ``ndim``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    check_dense(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: expected a floating dtype (float16, bfloat16, float32; float64 on the torch backend), got {x.dtype}"
@@ -313,6 +326,26 @@ def _func_differentiated(ts) -> bool:
             if torch._C._functorch.is_gradtrackingtensor(x) and x.requires_grad and torch.is_grad_enabled():
                 return True
             x = torch._C._functorch.get_unwrapped(x)
+    return False
+
+
+def func_batched(*ts) -> bool:
+    """Some tensor among ``ts`` is batched by ``torch.func.vmap`` (a functorch batched tensor anywhere in its
+    wrapping, e.g. under ``grad(vmap(...))``): ops that write a preallocated output in place have no vmap rule
+    (torch's fallback refuses them: "Batching rule not implemented"). Metadata only."""
+    if compiling():  # dynamo cannot trace the functorch queries; it batches through its own rules
+        return False
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is None:
+            return False
+        for t in ts:
+            x = t
+            while isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
+                if torch._C._functorch.is_batchedtensor(x):
+                    return True
+                x = torch._C._functorch.get_unwrapped(x)
+    except AttributeError:  # private functorch queries moved in another torch: as before them
+        return False
     return False
 
 

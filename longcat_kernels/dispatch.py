@@ -44,6 +44,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from ._envvars import backend_override, check_environment
+from ._validate import func_batched as _func_batched
 from ._validate import func_differentiated as _func_differentiated
 from ._validate import needs_grad as _needs_grad
 
@@ -123,6 +124,7 @@ class Facts(NamedTuple):
         requires_grad: some input requires grad and grad mode is on (or ``func_transform``).
         func_transform: a ``torch.func`` grad/jvp transform or forward-mode AD differentiates some input
             (``_validate.func_differentiated``): the Triton and csrc ops have no rule for them.
+        func_vmap: some input is batched by ``torch.func.vmap`` (``_validate.func_batched``).
         block_sparse: the call is block-sparse (BSA ops; ``attn_with_kv_cache(block_sparse=)``).
         block_tokens: block-sparse: (query block tokens, key block tokens); None if unknown.
         key_segments: block-sparse: 1 (one key tensor) or 2 (``[cache; fresh]``).
@@ -148,6 +150,7 @@ class Facts(NamedTuple):
     cudnn: bool = True
     requires_grad: bool = False
     func_transform: bool = False
+    func_vmap: bool = False
     block_sparse: bool = False
     block_tokens: Optional[Tuple[int, int]] = None
     key_segments: int = 1
@@ -189,6 +192,10 @@ def _triton_reason(op: str, f: Facts) -> Optional[str]:
         # the autograd rules are registered with torch.library, which torch.func (grad, jacrev, jvp) and
         # forward-mode AD cannot run: an unrelated functorch error, or a zero jvp tangent, silently
         return "torch.func grad/jvp transforms and forward-mode AD cannot differentiate the Triton kernels; use backend='torch'"
+    if f.func_vmap and (op == "qk_norm_rope" or (op == "attn_with_kv_cache" and f.block_sparse)):
+        # their registered ops write preallocated outputs in place (qk_norm_rope, the rope_3d prologue) or gate
+        # into buffers: vmap has no rule for that ("Batching rule not implemented", a broadcast error)
+        return "torch.func.vmap cannot batch its Triton ops (they write preallocated outputs); use backend='torch'"
     if f.requires_grad and op in TRITON_FORWARD_ONLY:
         # "auto" then takes the differentiable reference (e.g. LoRA training); explicit triton raises
         return "forward only (no backward kernel); use backend='torch' for gradients"
@@ -604,7 +611,7 @@ def choose(
         requested == "auto" and not torch.compiler.is_compiling() and backend_override() == "triton")
     f = machine_facts(q.device.type, q.device, probe_triton=probe)._replace(
         dtype=_dtype_name(q.dtype), head_dim=int(q.shape[-1]), requires_grad=bool(needs_grad) or func_transform,
-        func_transform=func_transform,
+        func_transform=func_transform, func_vmap=_func_batched(*ts),
         block_sparse=bool(block_sparse), block_tokens=block_tokens, key_segments=int(key_segments),
         key_split_aligned=bool(key_split_aligned),
         gqa=bool(gqa), rope_pairs=str(rope_pairs), norm_all_heads=bool(norm_all_heads),

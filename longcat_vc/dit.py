@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from longcat_kernels._validate import autocast_dtype, autocast_off, check_bool
+from longcat_kernels._validate import autocast_dtype, autocast_off, check_bool, check_dense
 
 from . import lora as _lora
 from .config import DiTConfig
@@ -358,6 +358,7 @@ class LongCatDiT(nn.Module):
     def _check_latents(self, x, name: str) -> Tuple[int, int, int, int]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a Tensor [B, {self.config.in_channels}, T, H, W], got {type(x).__name__}")
+        check_dense(x, name)  # a sparse one failed deep in the patch embedder ("Could not run 'aten::view'")
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"{name}: expected shape [B, {self.config.in_channels}, T, H, W], got {list(x.shape)}")
         if not x.is_floating_point():
@@ -382,6 +383,8 @@ class LongCatDiT(nn.Module):
         c = self.config
         if not isinstance(enc, torch.Tensor):
             raise TypeError(f"encoder_hidden_states: expected a Tensor [B, 1, L, {c.caption_channels}], got {type(enc).__name__}")
+        # padded + encoder_attention_mask, not a jagged nested batch (it failed inside a Linear)
+        check_dense(enc, "encoder_hidden_states")
         if not enc.is_floating_point():  # (token ids or a mask in this slot ran as embeddings)
             raise TypeError(f"encoder_hidden_states: expected floating text states, got {enc.dtype}")
         if enc.ndim == 3:
@@ -396,6 +399,7 @@ class LongCatDiT(nn.Module):
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"encoder_attention_mask: expected a Tensor [B, L] or None, got {type(mask).__name__}")
+            check_dense(mask, "encoder_attention_mask")
             if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
                 mask = mask[:, 0, 0]
             if mask.ndim != 2 or tuple(mask.shape) != (B, L):
@@ -438,6 +442,7 @@ class LongCatDiT(nn.Module):
                 # DiT saw 987.654 as 988. float64 (on the CPU: not every device has it) holds every Python /
                 # numpy float exactly; rounded once, to the weight dtype, as below
                 timestep = torch.as_tensor(given, dtype=torch.float64).to(self.dtype).to(self.device)
+        check_dense(timestep, "timestep")
         if timestep.dtype == torch.bool or timestep.is_complex():
             # (a bool ran as t = 1 / 0, a complex one lost its imaginary part with only a warning)
             raise TypeError(f"timestep: expected real (int or float) timesteps in [0, 1000], got {timestep.dtype}")

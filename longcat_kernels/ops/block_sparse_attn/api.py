@@ -17,6 +17,7 @@ import torch
 from ...dispatch import BackendUnavailableError, choose, impl_fn
 from ..._validate import (
     check_backend_name,
+    check_dense,
     check_chunk,
     check_grid,
     check_qkv,
@@ -94,6 +95,7 @@ def check_selection(selection, q, k, grid_q, grid_k, chunk_q=None, chunk_k=None,
             f"selection.indices: expected shape {(B, H, Nq)} + (max_sel,), got {tuple(selection.indices.shape)}"
         )
     for name, t in (("selection.indices", selection.indices), ("selection.counts", selection.counts)):
+        check_dense(t, name)
         if t.dtype != torch.int32:
             raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
         if t.device != q.device:

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from ...dispatch import choose, impl_fn
-from ..._validate import (cache_mode, check_backend_name, check_eps, check_same_device, check_tensor, compiling,
+from ..._validate import (cache_mode, check_backend_name, check_dense, check_eps, check_same_device, check_tensor, compiling,
                           has_values, plain_float, plain_int)
 from ...grid import Triple, as_triple
 from . import reference as ref
@@ -237,12 +237,18 @@ def _check_out(out, name: str, like: torch.Tensor, like_name: str) -> None:
         return
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(out).__name__}")
+    check_dense(out, name)
     if out.shape != like.shape:
         raise ValueError(f"{name}: expected shape {tuple(like.shape)} (same as {like_name}), got {tuple(out.shape)}")
     if out.dtype != like.dtype:
         raise TypeError(f"{name}: expected dtype {like.dtype} (same as {like_name}), got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{name}: expected device {like.device} (same as {like_name}), got {out.device}")
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses this write ("Inplace update to inference tensor outside InferenceMode", naming no
+        # argument) on the torch path, the Triton kernel made it without a word
+        raise ValueError(f"{name}: expected a tensor writable outside torch.inference_mode, got an inference "
+                         "tensor; write it inside torch.inference_mode() or pass a normal tensor (or None)")
     if out.is_leaf and out.requires_grad and torch.is_grad_enabled():
         # torch's own error ("a leaf Variable that requires grad is being used in an in-place operation") named
         # no argument, and the Triton kernel wrote such a leaf (an nn.Parameter) without a word
