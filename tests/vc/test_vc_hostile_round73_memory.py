@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from longcat_vc.memory import BlockStreamer, apply_memory_mode, offload_text_encoder
+from vc_components import fused_and_unfused_equal
 from test_dit import make_inputs
 from tiny_ckpt import LORA_TARGETS_REFINEMENT, model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
 
@@ -56,23 +57,6 @@ def _equal(a, b):
 
 def _homes(model):
     return [{n: p.data_ptr() for n, p in blk.named_parameters()} for blk in model.blocks]
-
-
-def _fused_and_unfused_equal(ref, model, lora, x, t, y, mask):
-    """What an interrupted user does next: fuse a LoRA, run, unfuse, run; both must equal the reference."""
-    for m in (ref, model):
-        m.load_lora(lora, "r")
-        m.enable_loras(["r"])
-        m.fuse_lora()
-    with torch.no_grad():
-        fused_r, fused_s = ref(x, t, y, mask), model(x, t, y, mask)
-    for m in (ref, model):
-        m.disable_loras()
-    with torch.no_grad():
-        base_r, base_s = ref(x, t, y, mask), model(x, t, y, mask)
-    assert not torch.allclose(fused_r, base_r, atol=1e-4)
-    _equal(fused_r, fused_s)
-    _equal(base_r, base_s)
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -191,7 +175,7 @@ def test_interrupt_between_a_blocks_hooks_and_its_forward_leaves_no_block_on_its
         model(x, t, y, mask) if where == "forward" else model.build_kv_cache(x[:1, :, :1])
     h.remove()
     assert not streamer._active and _homes(model) == homes
-    _fused_and_unfused_equal(ref, model, lora, x, t, y, mask)
+    fused_and_unfused_equal(ref, model, lora, x, t, y, mask)
 
 
 def test_release_puts_back_a_block_called_alone_and_interrupted(tmp_path):
@@ -207,7 +191,7 @@ def test_release_puts_back_a_block_called_alone_and_interrupted(tmp_path):
     h.remove()
     streamer.release()
     assert not streamer._active and not streamer._loaded and _homes(model) == homes
-    _fused_and_unfused_equal(ref, model, lora, x, t, y, mask)
+    fused_and_unfused_equal(ref, model, lora, x, t, y, mask)
 
 
 class _InterruptedItems(dict):
@@ -236,7 +220,7 @@ def test_interrupt_part_way_through_putting_a_block_back(tmp_path, monkeypatch):
         model(x, t, y, mask)
     assert not armed[0]
     assert not streamer._active and _homes(model) == homes
-    _fused_and_unfused_equal(ref, model, lora, x, t, y, mask)
+    fused_and_unfused_equal(ref, model, lora, x, t, y, mask)
 
 
 # ----------------------------------------------------------------------------- devices

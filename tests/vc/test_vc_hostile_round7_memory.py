@@ -28,7 +28,7 @@ import torch
 
 from longcat_vc import refine as rf
 from longcat_vc.memory import BlockStreamer, GiB, MemoryModeError
-from vc_components import released_pipeline_stand_in
+from vc_components import fused_and_unfused_equal, released_pipeline_stand_in
 from test_dit import make_inputs
 from tiny_ckpt import LORA_TARGETS_REFINEMENT, model_from_state_dict, random_state_dict, tiny_config, write_longcat_lora
 
@@ -73,20 +73,7 @@ def test_keyboard_interrupt_in_a_streamed_block_leaves_it_at_home(tmp_path, monk
             model(x, t, y, mask)
     assert not streamer._active
     assert [{n: p.data_ptr() for n, p in blk.named_parameters()} for blk in model.blocks] == homes
-    # what the interrupted user does next: fuse a LoRA, run, unfuse, run
-    for m in (ref, model):
-        m.load_lora(lora, "r")
-        m.enable_loras(["r"])
-        m.fuse_lora()
-    with torch.no_grad():
-        fused_r, fused_s = ref(x, t, y, mask), model(x, t, y, mask)
-    for m in (ref, model):
-        m.disable_loras()
-    with torch.no_grad():
-        base_r, base_s = ref(x, t, y, mask), model(x, t, y, mask)
-    assert torch.isfinite(fused_s).all() and not torch.allclose(fused_r, base_r, atol=1e-4)
-    assert torch.equal(fused_r, fused_s), f"fused: max |diff| {(fused_r - fused_s).abs().max().item()}"
-    assert torch.equal(base_r, base_s), f"unfused: max |diff| {(base_r - base_s).abs().max().item()}"
+    fused_and_unfused_equal(ref, model, lora, x, t, y, mask)  # what the interrupted user does next
 
 
 def test_keyboard_interrupt_during_refine_of_a_fused_streamed_dit(tmp_path, monkeypatch):

@@ -442,3 +442,22 @@ def released_pipeline_stand_in(mode: str):
 
     return types.SimpleNamespace(device=torch.device("cpu"), dit=_Dit(), _memory=memory_plan(mode),
                                  vae_scale_temporal=4, dtype=torch.bfloat16)
+
+
+def fused_and_unfused_equal(ref, model, lora, x, t, y, mask):
+    """What a user does after an interrupted streamed call: load, enable and fuse the LoRA file ``lora`` as "r" on
+    both models, run, disable (unfuse), run; the streamed ``model`` must equal ``ref`` bit for bit both times."""
+    for m in (ref, model):
+        m.load_lora(lora, "r")
+        m.enable_loras(["r"])
+        m.fuse_lora()
+    with torch.no_grad():
+        fused_r, fused_s = ref(x, t, y, mask), model(x, t, y, mask)
+    for m in (ref, model):
+        m.disable_loras()
+    with torch.no_grad():
+        base_r, base_s = ref(x, t, y, mask), model(x, t, y, mask)
+    assert torch.isfinite(fused_s).all() and torch.isfinite(base_s).all()
+    assert not torch.allclose(fused_r, base_r, atol=1e-4)
+    assert torch.equal(fused_r, fused_s), f"fused: max |diff| {(fused_r - fused_s).abs().max().item()}"
+    assert torch.equal(base_r, base_s), f"unfused: max |diff| {(base_r - base_s).abs().max().item()}"
