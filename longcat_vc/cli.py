@@ -942,6 +942,11 @@ def _run(args) -> int:
         ref = dict(refine=True, spatial_refine_only=args.spatial_only, t_thresh=args.t_thresh) if refine else {}
         out = pipe.extend(video30 if refine else video, args.prompt, args.negative_prompt, segments=args.segments,
                           **ref, **common)
+        if refine:
+            # reported as continue --refine: a stage-1 line, then the refinement's sums over its windows (the
+            # "refine (720p)" line showed the 480p segments' timings and steps, the windows' in no line)
+            out.timings = _split_extend_refine_timings(out.timings)
+            print("stage 1 (480p) " + _summary(out.timings["stage1"], load_s, 0.0), file=log)
 
     if not main_rank:  # rank 0 writes the video and reports
         run.close()
@@ -951,6 +956,22 @@ def _run(args) -> int:
     if run is not None:
         run.close()
     return 0
+
+
+def _split_extend_refine_timings(t: dict) -> dict:
+    """``extend(refine=True)``'s timings (the stage-1 segments' sums, ``refine``: one dict per window, ``total``: the
+    whole call) in ``continue --refine``'s layout: the refinement's sums over its windows, ``refine`` kept, and
+    ``stage1`` the segments' part, whose ``total`` is the call's less the windows' (the two add up to the call)."""
+    wins = t["refine"]
+    out = {key: float(sum(w[key] for w in wins)) for key in ("text", "vae_encode", "cache_build", "denoise", "decode")}
+    out["steps"] = int(sum(w["steps"] for w in wins))
+    out["kv_cache_bytes"] = max(w["kv_cache_bytes"] for w in wins)
+    out["denoise_steps"] = [s for w in wins for s in w["denoise_steps"]]
+    out["refine"] = wins
+    out["total"] = float(sum(w["total"] for w in wins))
+    out["stage1"] = {key: v for key, v in t.items() if key != "refine"}
+    out["stage1"]["total"] = t["total"] - out["total"]
+    return out
 
 
 def _allocator_default(environ=os.environ) -> None:
