@@ -532,10 +532,11 @@ class LongCatDiT(nn.Module):
             elif kv_cache is not None and check:
                 self._check_cache(kv_cache, B, Nh, Nw)
             elif kv_cache is not None and cp is None:
-                # traced (torch.compile): the full check is skipped, but a stale cache would be used
-                # silently; the model-level counter and the attention settings are plain Python
-                # values the trace guards on (a change re-traces and raises here)
-                self._check_cache_counter(kv_cache)
+                # traced (torch.compile): the per-tensor freshness check is skipped, but a stale or
+                # misfitting cache would be used silently (another token grid, batch or autocast dtype
+                # ran without a word); its metadata, the model-level counter and the attention settings
+                # are values the trace guards on (a change re-traces and raises here)
+                self._check_cache(kv_cache, B, Nh, Nw, traced=True)
 
             # Text and timestep embeddings on the whole batch, so validation messages name B.
             t = self._embed_timestep(timestep, B, T)
@@ -610,10 +611,11 @@ class LongCatDiT(nn.Module):
         )
 
     def _check_cache(self, cache: KVCache, B: int, Nh: int, Nw: int, *, heads: Optional[int] = None,
-                     problems: Sequence[str] = ()) -> None:
+                     problems: Sequence[str] = (), traced: bool = False) -> None:
         """ValueError listing every way ``cache`` does not fit this model and a batch of ``B`` on
         an ``Nh x Nw`` token grid. ``heads``: the heads its tensors hold (default all);
-        ``problems``: ones the caller found already (listed first)."""
+        ``problems``: ones the caller found already (listed first); ``traced``: under torch.compile,
+        freshness by ``_check_cache_counter`` (no per-tensor fingerprint)."""
         cfg = self.config
         problems = list(problems)
         if heads is None and getattr(cache, "sp_size", 1) > 1:
@@ -624,7 +626,9 @@ class LongCatDiT(nn.Module):
         if cache.depth != cfg.depth:
             problems.append(f"built for depth {cache.depth}, model depth {cfg.depth}")
         if tuple(cache.grid_hw) != (Nh, Nw):
-            problems.append(f"built for a token grid {tuple(cache.grid_hw)} per frame, hidden_states give {(Nh, Nw)}")
+            # (traced: the grid may be symbolic, which dynamo cannot format under fullgraph=True)
+            problems.append("built for another token grid per frame than hidden_states give" if traced else
+                            f"built for a token grid {tuple(cache.grid_hw)} per frame, hidden_states give {(Nh, Nw)}")
         want = self._compute_dtype()
         if cache.dtype != want:
             problems.append(f"dtype {cache.dtype}, model dtype {self.dtype}"
@@ -639,7 +643,10 @@ class LongCatDiT(nn.Module):
             problems.append(f"tensors of shape {list(cache.keys[0].shape)}, expected {list(shape)}")
         if problems:
             raise ValueError("kv_cache: " + "; ".join(problems))
-        self._check_cache_fresh(cache)  # fits, but was it built from this state of the model?
+        if traced:
+            self._check_cache_counter(cache)
+        else:
+            self._check_cache_fresh(cache)  # fits, but was it built from this state of the model?
 
     def _check_cache_counter(self, cache: KVCache) -> None:
         """The traceable part of ``_check_cache_fresh``: ValueError when ``cache`` was built by this
