@@ -714,7 +714,9 @@ def _fail_early(args) -> None:
         raise UsageError(f"--cond-frames must be 4k+1 (1, 5, 9, 13, ...), got {args.cond_frames}")
     frames = (args.frames - 1) // 4 * 4 + 1
     if frames <= args.cond_frames:
-        raise UsageError(f"--frames ({args.frames}) must be greater than --cond-frames ({args.cond_frames})")
+        # "--frames (7) must be greater than --cond-frames (5)" contradicted itself: 7 is used as 5 (4k+1)
+        used = f", used as {frames} (frame counts are 4k+1)" if frames != args.frames else ""
+        raise UsageError(f"--frames ({args.frames}{used}) must be greater than --cond-frames ({args.cond_frames})")
     if frames != args.frames:
         print(f"{PROG}: --frames {args.frames} is not 4k+1; using {frames}", file=sys.stderr)
         args.frames = frames

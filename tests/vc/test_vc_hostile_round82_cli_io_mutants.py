@@ -172,3 +172,69 @@ def test_imageio_ffmpeg_short_file_is_an_error_and_keeps_the_old_output(tmp_path
         write_video(str(target), fr, backend="imageio-ffmpeg")
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["o.mp4"]
+
+
+# ---- cli.py: the cheap argument checks run before any model load -------------------------------------
+
+def _args(tmp_path, cmd, *extra):
+    from longcat_vc import cli
+
+    (tmp_path / "in.mp4").write_bytes(b"not read by the checks")
+    base = [cmd, str(tmp_path / "in.mp4"), "--prompt", "a", "--checkpoint", str(tmp_path / "no_ckpt"),
+            "--out", str(tmp_path / "o.mp4")]
+    return cli.build_parser().parse_args(base + list(extra))
+
+
+@pytest.mark.parametrize("cmd", ["continue", "extend"])
+@pytest.mark.parametrize("extra, message", [
+    (["--input-fps", "0"], "--input-fps must be a positive finite number"),
+    (["--input-fps", "inf"], "--input-fps must be a positive finite number"),
+    (["--guidance", "0.999"], "--guidance must be >= 1"),
+    (["--negative-prompt", "blurry", "--guidance", "1"], "--negative-prompt needs --guidance > 1"),
+    (["--cfg-parallel", "--context-parallel", "3", "--guidance", "4"], "even N >= 2"),
+    (["--cfg-parallel", "--context-parallel", "2", "--guidance", "1"], "--cfg-parallel needs --guidance > 1"),
+    (["--cond-frames", "6"], "--cond-frames must be 4k+1"),
+    (["--frames", "7", "--cond-frames", "5"], "--frames (7, used as 5 (frame counts are 4k+1)) must be greater than --cond-frames (5)"),
+])
+def test_bad_argument_is_a_usage_error_before_loading(tmp_path, cmd, extra, message):
+    from longcat_vc import cli
+
+    args = _args(tmp_path, cmd, *extra)
+    with pytest.raises(cli.UsageError) as e:
+        cli._fail_early(args)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("segments, ok", [("0", False), ("-1", False), ("1", True), ("2", True)])
+def test_extend_segments_must_be_at_least_1(tmp_path, segments, ok):
+    from longcat_vc import cli
+
+    args = _args(tmp_path, "extend", "--segments", segments)
+    if ok:
+        cli._fail_early(args)
+    else:
+        with pytest.raises(cli.UsageError, match="--segments must be >= 1"):
+            cli._fail_early(args)
+
+
+@pytest.mark.parametrize("cmd", ["continue", "extend"])
+def test_boundary_values_are_accepted(tmp_path, cmd):
+    """--guidance 1 (no CFG) is allowed; so is a tiny positive --input-fps."""
+    from longcat_vc import cli
+
+    cli._fail_early(_args(tmp_path, cmd, "--guidance", "1"))
+    cli._fail_early(_args(tmp_path, cmd, "--input-fps", "1e-3"))
+
+
+@pytest.mark.parametrize("t, ok", [("1", True), ("0.5", True), ("1e-6", True), ("0", False), ("1.0001", False),
+                                   ("nan", False)])
+def test_refine_t_thresh_range_is_half_open(tmp_path, t, ok):
+    from longcat_vc import cli
+
+    args = _args(tmp_path, "refine", "--t-thresh", t)
+    if ok:
+        cli._check_refine_args(args)
+        assert args.t_thresh == float(t)
+    else:
+        with pytest.raises(cli.UsageError, match=r"--t-thresh must be in \(0, 1\]"):
+            cli._check_refine_args(args)
