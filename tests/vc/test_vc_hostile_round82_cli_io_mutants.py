@@ -2,7 +2,9 @@
 
 Single-point mutants were applied one at a time and the existing video-io / CLI tests run
 (tests/vc/test_video_io*.py, round 19 / 48 io files; test_cli*.py, round 29/37/42/44/49 cli files,
-with ``-k``). No product bug was found; the surviving gaps are killed by the tests below.
+then all 8 CLI files in full for the survivors). One product bug: ``--frames 7 --cond-frames 5`` said
+"--frames (7) must be greater than --cond-frames (5)" (7 is rounded down to 5 = 4k+1); the message now
+names the count used. Every surviving non-equivalent mutant is killed by the tests below.
 
 | id  | mutant                                                               | before  | now            |
 |-----|----------------------------------------------------------------------|---------|----------------|
@@ -25,7 +27,20 @@ with ``-k``). No product bug was found; the surviving gaps are killed by the tes
 | V17 | frame folder size check dropped                                      | killed  |                |
 | V18 | VideoFrames.stride 0 accepted                                        | SURVIVED| killed (test 9)|
 | V19 | imageio-ffmpeg read-back frame count not checked                     | SURVIVED| killed (test 10)|
-CLI_TABLE
+| C1  | KeyboardInterrupt exit 130 -> 1                                      | killed (round42 piped input) | |
+| C2  | UsageError exit 2 -> 1                                               | killed (test_cli bad_inputs) | |
+| C3  | other error exit 1 -> 2                                              | killed (test_cli oom)        | |
+| C4  | --frames <= --cond-frames check -> <                                 | killed (test_cli bad_inputs) | |
+| C5  | --guidance 1 refused (1 <= g -> 1 < g)                               | SURVIVED| killed         |
+| C6  | --input-fps 0 accepted                                               | SURVIVED| killed         |
+| C7  | --t-thresh 1 refused ((0, 1] -> (0, 1))                              | SURVIVED| killed         |
+| C8  | --cond-frames 4k+1 check dropped                                     | killed (test_cli bad_inputs) | |
+| C9  | --negative-prompt with --guidance 1 accepted                         | SURVIVED| killed         |
+| C10 | --cfg-parallel with odd --context-parallel accepted                  | SURVIVED| killed         |
+| C11 | --segments 0 accepted                                                | SURVIVED| killed         |
+| C12 | --input-fps inf accepted                                             | SURVIVED| killed         |
+| C13 | --cfg-parallel with --guidance 1 accepted                            | SURVIVED| killed         |
+| C14 | --frames not rounded down to 4k+1                                    | killed (test_cli e2e)        | |
 """
 
 import os
