@@ -420,13 +420,20 @@ def case_fp8(r, backends):
             (lambda: lk.fp8_silu_mul_quantize(x, a2, return_input=True, backend=be),
              torch.nn.functional.silu(x.to(F64)) * a2.to(F64)),
         )
+        def kappa(t, eps):  # a LayerNorm row's condition: fp32's x - mean loses log2(max|x| / std) bits
+            t = t.to(F64)
+            return float((t.abs().amax(-1) / torch.sqrt(t.var(-1, unbiased=False) + eps)).max())
+
+        # fp32 prologues are exact to ~1e-5 where rows are well conditioned; a row of near-equal values (C = 2
+        # draws them: seed 4188297073 gave 1.8e-5 at kappa 776) loses accuracy in proportion to its kappa
+        tols = [max(1e-5, 4 * 2.0 ** -24 * k) for k in (kappa(x, 1e-5), kappa(x, 1e-5), kappa(x4, 1e-6))] + [1e-5]
         for i, (call, ey) in enumerate(runs):
             if C == 1 and i < 3:  # a 1-wide LayerNorm is 0 (or the bias) up to rounding: no scale to compare
                 continue
             q, s, y = call()
-            assert rel(y, ey) < 1e-5, (be, "fp8 prologue y", i, rel(y, ey), shape)
+            assert rel(y, ey) < tols[i], (be, "fp8 prologue y", i, rel(y, ey), tols[i], shape)
             es = ey.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
-            assert rel(s, es) < 1e-5, (be, "fp8 prologue s", i, shape)
+            assert rel(s, es) < tols[i], (be, "fp8 prologue s", i, shape)
             deq = q.to(F64) * s.to(F64)
             assert bool((deq - ey).abs().le(ey.abs() / 16 + s.to(F64) / 64 + 1e-6 * es).all()), (be, "fp8 q", i)
 
